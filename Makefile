@@ -1,0 +1,47 @@
+# capsim: `make` lists the targets. Every target sets up what it needs on a fresh machine.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch build to install; override for a GPU machine, e.g. make setup TORCH_SPEC='torch==2.13.0'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.capsim-installed
+
+.PHONY: help setup test test-fast lint bench demo profile clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv with a pinned torch (TORCH_SPEC) and capsim[dev]
+
+test: $(STAMP) ## run the whole test suite (real redis-server tests skip if it is missing, unless CAPSIM_REQUIRE_REDIS=1)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the tests without those marked slow
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff, mypy on src/, and the import contracts
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
+	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
+
+profile: $(STAMP) ## measure the reference model on this machine into data/profiles/ (quick sweep)
+	$(VENV)/bin/capsim profile --quick
+
+demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU)
+	$(VENV)/bin/capsim demo
+
+clean: ## remove caches and benchmark results (keeps .venv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/results/*.json

@@ -1,0 +1,66 @@
+"""Shared helpers for the benchmarks: a printed table and a JSON result file with provenance."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance() -> dict[str, Any]:
+    """Where and with what a result was measured."""
+    import capsim
+
+    info: dict[str, Any] = {
+        "capsim_version": capsim.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "time_unix": time.time(),
+    }
+    try:
+        import os
+
+        info["cpus"] = os.cpu_count()
+    except Exception:  # pragma: no cover
+        pass
+    return info
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print an aligned text table."""
+    cells = [[_fmt(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for n, row in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+        if n == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """Write benchmarks/results/<name>.json with provenance and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "provenance": provenance(), **result}, indent=2))
+    print(f"\nwrote {path.relative_to(RESULTS.parent.parent)}")
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v == 0 or 0.01 <= abs(v) < 1e6:
+            return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+        return f"{v:.3g}"
+    return str(v)

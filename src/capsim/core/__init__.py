@@ -1,0 +1,1 @@
+"""The real serving core: batcher, reference engine, profiler, state store and metrics."""
