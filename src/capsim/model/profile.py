@@ -252,8 +252,8 @@ class ServiceTimeProfile:
         per further token of the longest output.
 
         ``prompt_tokens`` and ``output_tokens`` are the batch's longest. The prefill produces the first
-        token, so a batch generating ``n`` tokens runs ``n - 1`` decode steps, whose context grows from
-        ``prompt_tokens`` to ``prompt_tokens + n - 1``; interpolation is linear in context between
+        token, so a batch generating ``n`` tokens runs ``n - 1`` decode steps, whose context (tokens
+        already cached) grows from ``prompt_tokens`` to ``prompt_tokens + n - 2``; interpolation is linear in context between
         measured points, so the steps are summed exactly by the step at the mean context. With ``rng``,
         each phase's time is drawn from a gamma distribution with the measured mean and spread (the
         decode steps as a sum of independent steps); without it, the means are returned.
@@ -267,11 +267,12 @@ class ServiceTimeProfile:
         steps = output_tokens - 1
         dec_mean = dec_std = 0.0
         if steps:
-            mid = prompt_tokens + steps / 2.0
+            last = prompt_tokens + steps - 1
+            mid = (prompt_tokens + last) / 2.0
             lo, hi = self.token_range("decode")
-            if not extrapolate and (prompt_tokens < lo or prompt_tokens + steps > hi):
+            if not extrapolate and (prompt_tokens < lo or last > hi):
                 raise ProfileRangeError(
-                    f"decode context {prompt_tokens}..{prompt_tokens + steps} tokens is outside the "
+                    f"decode context {prompt_tokens}..{last} tokens is outside the "
                     f"measured range [{lo}, {hi}]; measure a wider profile or pass extrapolate=True"
                 )
             step_mean, step_std = self.phase_ms("decode", batch_size, mid, extrapolate=True)

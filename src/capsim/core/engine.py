@@ -1,0 +1,300 @@
+"""A reference decoder-only transformer with KV-cache generation, the real model capsim batches and profiles.
+
+Weights are random and seeded (nothing is downloaded); what matters is that prefill and decode run
+real kernels of a realistic shape, so batching gains, time to first token and per-token latency are
+measured, not assumed. ``tiny`` runs fast on two CPU cores; ``gpt2-small`` has GPT-2 small's shape
+(12 layers, 768 wide, 12 heads, 50,257-token vocabulary) for GPUs.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the reference model."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_seq_len: int
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"ModelConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig("tiny", vocab_size=512, d_model=128, n_layers=2, n_heads=4, d_ff=512, max_seq_len=4096),
+    "gpt2-small": ModelConfig(
+        "gpt2-small", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=8192
+    ),
+}
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one, else the platform's machine name."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(
+        self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, mask: torch.Tensor
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k_cache[:, :, start : start + t] = k
+        v_cache[:, :, start : start + t] = v
+        keys = k_cache[:, :, : start + t]
+        values = v_cache[:, :, : start + t]
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ReferenceTransformer(nn.Module):
+    """A GPT-style decoder: token + position embeddings, pre-norm blocks, tied output head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        start: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits of the last position for tokens written into cache slots [start, start + T)."""
+        x = self.tok(tokens) + self.pos(positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache.k[i], cache.v[i], start, mask)
+        last = self.ln_f(x[:, -1])
+        return last @ self.tok.weight.T
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values per layer: (batch, heads, slots, head_dim)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, slots: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch, cfg.n_heads, slots, cfg.d_model // cfg.n_heads)
+        return cls(
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: a prompt (token ids) and how many tokens to generate."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("GenerationRequest.prompt must hold at least one token")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerationRequest.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Tokens generated for one request and its timings, in seconds from the batch's start."""
+
+    tokens: list[int]
+    first_token_s: float
+    total_s: float
+    batch_size: int
+    prompt_tokens: int
+    token_times_s: list[float] = field(default_factory=list, repr=False)
+
+
+def synthetic_prompt(n_tokens: int, vocab_size: int, salt: int = 0) -> tuple[int, ...]:
+    """A deterministic prompt of ``n_tokens`` ids (a stand-in for tokenized text)."""
+    if n_tokens < 1:
+        raise ValueError(f"prompt_tokens must be >= 1, got {n_tokens}")
+    return tuple((7919 * i + 104729 * salt + 13) % vocab_size for i in range(n_tokens))
+
+
+class ReferenceEngine:
+    """Runs static-batch greedy generation of the reference model on one device.
+
+    ``device`` 'auto' uses CUDA when present; ``dtype`` is 'float32', 'float16' or 'bfloat16'
+    (half precision only on CUDA). The same seed gives the same weights.
+    """
+
+    def __init__(
+        self, config: ModelConfig | str = "tiny", *, device: str = "auto", dtype: str = "float32", seed: int = 0
+    ) -> None:
+        if isinstance(config, str):
+            if config not in PRESETS:
+                raise ValueError(f"unknown model {config!r}; choose one of {sorted(PRESETS)}")
+            config = PRESETS[config]
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.config = config
+        self.device = resolve_device(device)
+        if self.device.type == "cpu" and dtype != "float32":
+            raise ValueError(f"dtype {dtype} needs a GPU; use float32 on the CPU")
+        self.dtype_name = dtype
+        self.dtype = DTYPES[dtype]
+        gen = torch.Generator().manual_seed(seed)
+        model = ReferenceTransformer(config)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.5 / math.sqrt(p.shape[-1])))
+        self.model = model.to(self.device, self.dtype).eval()
+
+    @property
+    def device_name(self) -> str:
+        if self.device.type == "cuda":
+            return torch.cuda.get_device_name(self.device)
+        return _cpu_name()
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (a no-op on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ---- the two phases, exposed for the profiler -------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, valid: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Run the prompt (batch, T) through the model into cache slots [0, T); return next tokens.
+
+        ``valid`` (batch, slots) is True where a slot holds a real (not padding) token.
+        """
+        _, t = tokens.shape
+        positions = (valid[:, :t].long().cumsum(1) - 1).clamp(min=0)
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        mask = causal[None] & valid[:, None, :t]
+        mask |= torch.eye(t, dtype=torch.bool, device=tokens.device)[None]  # pad rows: attend to self
+        logits = self.model(tokens, positions, cache, 0, mask[:, None])
+        return logits.argmax(-1)
+
+    @torch.inference_mode()
+    def decode(
+        self, token: torch.Tensor, position: torch.Tensor, slot: int, valid: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """One decode step: write ``token`` (batch,) into cache ``slot``; return the next tokens."""
+        mask = valid[:, None, None, : slot + 1]
+        logits = self.model(token[:, None], position[:, None], cache, slot, mask)
+        return logits.argmax(-1)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Greedy static-batch generation: prompts are left-padded, the batch runs until every request
+        has its ``max_new_tokens``. Timings are measured on this device (synchronized on CUDA)."""
+        if not requests:
+            return []
+        cfg = self.config
+        b = len(requests)
+        t = max(len(r.prompt) for r in requests)
+        n = max(r.max_new_tokens for r in requests)
+        if t + n > cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({t}) + new tokens ({n}) exceed the model's max_seq_len ({cfg.max_seq_len})"
+            )
+        dev = self.device
+        tokens = torch.zeros(b, t, dtype=torch.long)
+        valid = torch.zeros(b, t + n, dtype=torch.bool)
+        for i, r in enumerate(requests):
+            tokens[i, t - len(r.prompt) :] = torch.tensor(r.prompt)
+            valid[i, t - len(r.prompt) :] = True  # the prompt, and every generated slot after it
+        tokens, valid = tokens.to(dev), valid.to(dev)
+        cache = KVCache.empty(cfg, b, t + n, dev, self.dtype)
+        lengths = torch.tensor([len(r.prompt) for r in requests], device=dev)
+        start = time.perf_counter()
+        out = [self.prefill(tokens, valid, cache)]
+        self.synchronize()
+        times = [time.perf_counter() - start]
+        for step in range(1, n):
+            out.append(self.decode(out[-1], lengths + step - 1, t + step - 1, valid, cache))
+            if self.device.type == "cuda":
+                self.synchronize()
+            times.append(time.perf_counter() - start)
+        generated = torch.stack(out, dim=1).tolist()
+        return [
+            GenerationResult(
+                tokens=generated[i][: r.max_new_tokens],
+                first_token_s=times[0],
+                total_s=times[r.max_new_tokens - 1],
+                batch_size=b,
+                prompt_tokens=len(r.prompt),
+                token_times_s=times[: r.max_new_tokens],
+            )
+            for i, r in enumerate(requests)
+        ]
+
+    def request(self, prompt_tokens: int, max_new_tokens: int, salt: int = 0) -> GenerationRequest:
+        """A request with a synthetic prompt of ``prompt_tokens`` tokens."""
+        return GenerationRequest(synthetic_prompt(prompt_tokens, self.config.vocab_size, salt), max_new_tokens)
+
+    def runner(self) -> Any:
+        """An async batch runner for ``DynamicBatcher``: generation runs in a worker thread."""
+        from capsim.core.batcher import as_runner
+
+        return as_runner(self.generate)

@@ -1,0 +1,224 @@
+"""Measure the reference engine's prefill and decode kernels into a ``ServiceTimeProfile``.
+
+Each point (phase, batch size, tokens) is warmed up, then timed repeatedly (CUDA events on a GPU,
+``perf_counter`` on the CPU) until the running median settles or a repetition cap is reached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import capsim
+from capsim.core.engine import KVCache, ReferenceEngine
+from capsim.model.profile import ProfilePoint, ServiceTimeProfile, make_profile
+
+
+def powers_of_two(maximum: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``maximum`` (included when it is itself a power of two)."""
+    if maximum < 1:
+        raise ValueError(f"max batch size must be >= 1, got {maximum}")
+    out, b = [], 1
+    while b <= maximum:
+        out.append(b)
+        b *= 2
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """What to sweep and how hard to measure each point."""
+
+    batch_sizes: tuple[int, ...] = powers_of_two(32)
+    prompt_tokens: tuple[int, ...] = (16, 64, 256, 1024)
+    context_tokens: tuple[int, ...] = (16, 64, 256, 1024, 2048, 4000)
+    warmup: int = 3
+    min_reps: int = 10
+    max_reps: int = 100
+    rel_tol: float = 0.02
+    max_point_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_sizes", "prompt_tokens", "context_tokens"):
+            values = getattr(self, name)
+            if not values or any(v < 1 for v in values):
+                raise ValueError(f"ProfileSpec.{name} must be a non-empty list of values >= 1, got {values}")
+        if self.min_reps < 3 or self.max_reps < self.min_reps:
+            raise ValueError(
+                f"ProfileSpec needs 3 <= min_reps <= max_reps, got {self.min_reps} and {self.max_reps}"
+            )
+
+    @classmethod
+    def quick(cls, max_batch_size: int = 32) -> ProfileSpec:
+        """A sweep that takes well under 30 s on two CPU cores with the tiny model."""
+        return cls(
+            batch_sizes=powers_of_two(max_batch_size),
+            prompt_tokens=(16, 128, 512),
+            context_tokens=(16, 256, 1024),
+            warmup=2,
+            min_reps=5,
+            max_reps=15,
+            rel_tol=0.05,
+            max_point_s=0.8,
+        )
+
+
+@dataclass
+class _Timer:
+    """Times one call, with CUDA events on a GPU and perf_counter on the CPU (milliseconds)."""
+
+    engine: ReferenceEngine
+    events: Any = field(default=None)
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        if self.engine.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return float(start.elapsed_time(end))
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000.0
+
+
+def measure(fn: Callable[[], object], timer: _Timer, spec: ProfileSpec) -> list[float]:
+    """Warm up, then time ``fn`` until the median is stable within ``rel_tol`` or a cap is hit."""
+    for _ in range(spec.warmup):
+        timer(fn)
+    samples: list[float] = []
+    started = time.perf_counter()
+    previous = None
+    while len(samples) < spec.max_reps:
+        samples.append(timer(fn))
+        if len(samples) >= spec.min_reps and len(samples) % spec.min_reps == 0:
+            med = statistics.median(samples)
+            if previous is not None and abs(med - previous) <= spec.rel_tol * previous:
+                break
+            previous = med
+            if time.perf_counter() - started > spec.max_point_s:
+                break
+    return samples
+
+
+def _point(phase: str, batch: int, tokens: int, samples: Sequence[float]) -> ProfilePoint:
+    arr = np.asarray(samples)
+    return ProfilePoint(
+        phase=phase,  # type: ignore[arg-type]
+        batch_size=batch,
+        tokens=tokens,
+        count=len(arr),
+        mean_ms=float(arr.mean()),
+        p50_ms=float(np.percentile(arr, 50)),
+        p90_ms=float(np.percentile(arr, 90)),
+        p99_ms=float(np.percentile(arr, 99)),
+        std_ms=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+    )
+
+
+def profile_engine(
+    engine: ReferenceEngine, spec: ProfileSpec | None = None, *, progress: bool = True, quick: bool = False
+) -> ServiceTimeProfile:
+    """Sweep the spec's batch sizes and lengths on ``engine`` and return the measured profile."""
+    from tqdm.auto import tqdm
+
+    spec = spec or ProfileSpec()
+    cfg = engine.config
+    too_long = [t for t in (*spec.prompt_tokens, *spec.context_tokens) if t + 1 > cfg.max_seq_len]
+    if too_long:
+        raise ValueError(f"token counts {too_long} exceed model {cfg.name}'s max_seq_len {cfg.max_seq_len}")
+    timer = _Timer(engine)
+    dev = engine.device
+    gen = torch.Generator().manual_seed(1234)
+    jobs = [("prefill", b, t) for b in spec.batch_sizes for t in spec.prompt_tokens]
+    jobs += [("decode", b, c) for b in spec.batch_sizes for c in spec.context_tokens]
+    points = []
+    started = time.perf_counter()
+    for phase, b, t in tqdm(jobs, desc=f"profiling {cfg.name} on {dev.type}", disable=not progress):
+        if phase == "prefill":
+            tokens = torch.randint(cfg.vocab_size, (b, t), generator=gen).to(dev)
+            valid = torch.ones(b, t, dtype=torch.bool, device=dev)
+            cache = KVCache.empty(cfg, b, t, dev, engine.dtype)
+
+            def run(tokens: torch.Tensor = tokens, valid: torch.Tensor = valid, cache: KVCache = cache) -> object:
+                return engine.prefill(tokens, valid, cache)
+        else:
+            token = torch.randint(cfg.vocab_size, (b,), generator=gen).to(dev)
+            position = torch.full((b,), t, dtype=torch.long, device=dev)
+            valid = torch.ones(b, t + 1, dtype=torch.bool, device=dev)
+            cache = KVCache.empty(cfg, b, t + 1, dev, engine.dtype)
+
+            def run(
+                token: torch.Tensor = token,
+                position: torch.Tensor = position,
+                slot: int = t,
+                valid: torch.Tensor = valid,
+                cache: KVCache = cache,
+            ) -> object:
+                return engine.decode(token, position, slot, valid, cache)
+
+        points.append(_point(phase, b, t, measure(run, timer, spec)))
+        del cache
+    metadata = {
+        "device": dev.type,
+        "device_name": engine.device_name,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "dtype": engine.dtype_name,
+        "model": cfg.as_dict(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "capsim_version": capsim.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "timer": "cuda_events" if dev.type == "cuda" else "perf_counter",
+        "sweep": asdict(spec),
+        "quick": quick,
+        "sweep_wall_s": round(time.perf_counter() - started, 2),
+    }
+    return make_profile(points, metadata)
+
+
+def profile_filename(profile: ServiceTimeProfile) -> str:
+    """``<device>-<model>-<dtype>[-quick].csv``, the device a slug of the GPU's name on CUDA."""
+    meta = profile.metadata
+    device = "cpu" if meta["device"] == "cpu" else re.sub(r"[^a-z0-9]+", "-", str(meta["device_name"]).lower())
+    suffix = "-quick" if meta.get("quick") else ""
+    return f"{device.strip('-')}-{meta['model']['name']}-{meta['dtype']}{suffix}.csv"
+
+
+def run_profile(
+    model: str = "tiny",
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    quick: bool = False,
+    max_batch_size: int = 32,
+    prompt_tokens: Sequence[int] | None = None,
+    context_tokens: Sequence[int] | None = None,
+    out_dir: str | Path = "data/profiles",
+    progress: bool = True,
+) -> Path:
+    """Build the engine, profile it and write ``out_dir/<device>-<model>-<dtype>[-quick].csv``.
+
+    ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full)."""
+    engine = ReferenceEngine(model, device=device, dtype=dtype)
+    spec = ProfileSpec.quick(max_batch_size) if quick else ProfileSpec(batch_sizes=powers_of_two(max_batch_size))
+    overrides: dict[str, Any] = {}
+    if prompt_tokens:
+        overrides["prompt_tokens"] = tuple(prompt_tokens)
+    if context_tokens:
+        overrides["context_tokens"] = tuple(context_tokens)
+    if overrides:
+        spec = replace(spec, **overrides)
+    profile = profile_engine(engine, spec, progress=progress, quick=quick)
+    return profile.to_csv(Path(out_dir) / profile_filename(profile))

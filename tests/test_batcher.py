@@ -1,0 +1,340 @@
+"""DynamicBatcher: dispatch, overflow, cancellation, failures and close, with fake runners.
+
+Waits are extreme (0 or 1000 s) so no test races the clock: a 1000 s wait never expires in a test,
+so a partial batch can only leave because it filled up or because the batcher is draining on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capsim.core.batcher import (
+    BatcherClosedError,
+    BatchResultMismatchError,
+    DynamicBatcher,
+    QueueFullError,
+)
+from capsim.model.settings import BatchSettings
+
+FOREVER_MS = 1_000_000.0
+
+
+class Recorder:
+    """A runner that records its batches and doubles each payload."""
+
+    def __init__(self, gate: asyncio.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = gate
+        self.running = 0
+        self.max_running = 0
+
+    async def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(0)
+            return [2 * i for i in items]
+        finally:
+            self.running -= 1
+
+
+async def test_full_batches_leave_without_waiting():
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=4, max_wait_ms=FOREVER_MS)) as b:
+        out = await asyncio.gather(*[b.submit(i) for i in range(8)])
+    assert out == [2 * i for i in range(8)]
+    assert rec.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+async def test_zero_wait_sends_singletons_in_order():
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=8, max_wait_ms=0)) as b:
+        for i in range(3):
+            assert await b.submit(i) == 2 * i
+    assert rec.batches == [[0], [1], [2]]
+
+
+async def test_partial_batch_leaves_after_max_wait():
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=64, max_wait_ms=20)) as b:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await asyncio.gather(*[b.submit(i) for i in range(3)])
+        waited = loop.time() - t0
+    assert out == [0, 2, 4]
+    assert rec.batches == [[0, 1, 2]]
+    assert 0.015 <= waited < 5.0  # generous upper bound: the point is that it did wait
+
+
+async def test_reject_overflow_raises_queue_full_at_once():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=2, overflow="reject")
+    async with DynamicBatcher(rec, s) as b:
+        running = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.01)  # batch [0] is running and blocked on the gate
+        queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="queue is full") as info:
+            await b.submit(3)
+        assert info.value.retry_after_s >= 1.0
+        gate.set()
+        assert await running == 0
+        assert [await q for q in queued] == [2, 4]
+
+
+async def test_wait_overflow_applies_back_pressure_then_times_out():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="wait")
+    async with DynamicBatcher(rec, s) as b:
+        first = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit(1))  # fills the queue
+        await asyncio.sleep(0)
+        waiting = asyncio.create_task(b.submit(2))  # waits for space
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        with pytest.raises(QueueFullError, match="stayed full"):
+            await b.submit(3, space_timeout_s=0.01)
+        gate.set()
+        assert [await first, await second, await waiting] == [0, 2, 4]
+
+
+async def test_cancelled_submit_never_runs():
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=3, max_wait_ms=FOREVER_MS)) as b:
+        t1 = asyncio.create_task(b.submit(1))
+        t2 = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0)
+        t1.cancel()
+        await asyncio.sleep(0)
+        assert b.queue_depth() == 1
+        rest = await asyncio.gather(b.submit(3), b.submit(4))
+        assert await t2 == 4 and rest == [6, 8]
+        with pytest.raises(asyncio.CancelledError):
+            await t1
+    assert [1 in batch for batch in rec.batches] == [False] * len(rec.batches)
+
+
+async def test_runner_exception_fails_only_its_batch_and_batcher_keeps_serving():
+    calls = 0
+
+    async def flaky(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return items
+
+    async with DynamicBatcher(flaky, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS)) as b:
+        first = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        second = await asyncio.gather(b.submit(3), b.submit(4))
+    assert [type(e) for e in first] == [RuntimeError, RuntimeError]
+    assert second == [3, 4]
+
+
+async def test_item_exception_fails_only_that_item():
+    async def picky(items: list[int]) -> list[int | BaseException]:
+        return [ValueError(f"bad {i}") if i % 2 else i for i in items]
+
+    async with DynamicBatcher(picky, BatchSettings(max_batch_size=4, max_wait_ms=FOREVER_MS)) as b:
+        out = await asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True)
+    assert out[0] == 0 and out[2] == 2
+    assert isinstance(out[1], ValueError) and str(out[1]) == "bad 1"
+    assert isinstance(out[3], ValueError)
+
+
+async def test_wrong_result_count_fails_batch_clearly():
+    async def short(items: list[int]) -> list[int]:
+        return items[:-1]
+
+    async with DynamicBatcher(short, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS)) as b:
+        out = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
+        assert all(isinstance(e, BatchResultMismatchError) for e in out)
+        assert "returned 1 results for a batch of 2" in str(out[0])
+        # still serving: the next batch runs (and fails the same way, since the runner is wrong)
+        again = await asyncio.gather(b.submit(3), b.submit(4), return_exceptions=True)
+        assert all(isinstance(e, BatchResultMismatchError) for e in again)
+        assert not b.closed
+
+
+async def test_close_drains_queued_work_and_rejects_new():
+    rec = Recorder()
+    b = DynamicBatcher(rec, BatchSettings(max_batch_size=10, max_wait_ms=FOREVER_MS))
+    b.start()
+    pending = [asyncio.create_task(b.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)
+    await b.aclose()
+    assert [p.result() for p in pending] == [0, 2, 4]
+    with pytest.raises(BatcherClosedError):
+        await b.submit(9)
+
+
+async def test_close_timeout_fails_what_is_left():
+    gate = asyncio.Event()  # never set: the runner hangs
+    rec = Recorder(gate)
+    b = DynamicBatcher(rec, BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=10))
+    b.start()
+    tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
+    await asyncio.sleep(0.01)
+    await b.aclose(timeout_s=0.05)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, BatcherClosedError) for r in results), results
+
+
+async def test_submit_before_start_is_refused():
+    b = DynamicBatcher(Recorder(), BatchSettings())
+    with pytest.raises(BatcherClosedError, match="not running"):
+        await b.submit(1)
+
+
+async def test_concurrent_batches_are_bounded():
+    gate = asyncio.Event()
+    rec = Recorder(gate)
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, max_concurrent_batches=3)
+    async with DynamicBatcher(rec, s) as b:
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(10)]
+        await asyncio.sleep(0.02)
+        assert rec.running == 3 and b.in_flight_batches == 3
+        gate.set()
+        await asyncio.gather(*tasks)
+    assert rec.max_running == 3
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.depth = None
+        self.batches: list[int] = []
+        self.outcomes: list[str] = []
+        self.ttfts: list[float | None] = []
+
+    def bind_queue_depth(self, read):
+        self.depth = read
+
+    def observe_batch(self, size, service_s):
+        assert service_s >= 0
+        self.batches.append(size)
+
+    def observe_request(self, outcome, queue_wait_s, ttft_s, latency_s):
+        self.outcomes.append(outcome)
+        self.ttfts.append(ttft_s)
+
+
+@dataclass
+class Timed:
+    value: int
+    first_token_s: float
+
+
+async def test_metrics_protocol_sees_batches_outcomes_and_ttft():
+    m = FakeMetrics()
+
+    async def runner(items: list[int]) -> list[Timed | BaseException]:
+        return [Timed(i, 0.5) if i else ValueError("x") for i in items]
+
+    s = BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS, queue_capacity=2)
+    async with DynamicBatcher(runner, s, metrics=m) as b:
+        assert m.depth is not None and m.depth() == 0
+        await asyncio.gather(b.submit(0), b.submit(1), return_exceptions=True)
+    assert m.batches == [2]
+    assert sorted(m.outcomes) == ["failed", "ok"]
+    ok_ttft = m.ttfts[m.outcomes.index("ok")]
+    assert ok_ttft is not None and ok_ttft >= 0.5
+
+
+# ---- property test: every request resolves exactly once, in FIFO batches within the bound ----
+
+FAIL_BATCH = 10_000  # a payload >= this makes the runner raise for its whole batch
+FAIL_ITEM = 20_000  # a payload >= this makes the runner fail that item only
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 40))
+    kinds = draw(st.lists(st.sampled_from(["ok", "ok", "ok", "batch", "item"]), min_size=n, max_size=n))
+    payloads = [i + (FAIL_BATCH if k == "batch" else FAIL_ITEM if k == "item" else 0) for i, k in enumerate(kinds)]
+    cancel = draw(st.sets(st.integers(0, n - 1), max_size=n // 3))
+    pauses = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    s = BatchSettings(
+        max_batch_size=draw(st.integers(1, 8)),
+        max_wait_ms=draw(st.sampled_from([0.0, FOREVER_MS])),
+        queue_capacity=draw(st.integers(1, 50)),
+        overflow=draw(st.sampled_from(["reject", "wait"])),
+        max_concurrent_batches=draw(st.integers(1, 3)),
+    )
+    return s, payloads, cancel, pauses
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_property_every_request_resolves_exactly_once(case):
+    s, payloads, cancel, pauses = case
+    batches: list[list[int]] = []
+    running = 0
+    max_running = 0
+
+    async def runner(items: list[int]) -> list[int | BaseException]:
+        nonlocal running, max_running
+        batches.append(list(items))
+        running += 1
+        max_running = max(max_running, running)
+        await asyncio.sleep(0)
+        running -= 1
+        if any(FAIL_BATCH <= i < FAIL_ITEM for i in items):
+            raise RuntimeError("batch failed")
+        return [ValueError("item failed") if i >= FAIL_ITEM else i for i in items]
+
+    async def main() -> list[asyncio.Task[int]]:
+        b = DynamicBatcher(runner, s, close_timeout_s=5.0)
+        b.start()
+        tasks = []
+        for idx, p in enumerate(payloads):
+            tasks.append(asyncio.create_task(b.submit(p)))
+            if pauses[idx]:
+                await asyncio.sleep(0)
+        for idx in cancel:
+            tasks[idx].cancel()
+        await asyncio.sleep(0)
+        await b.aclose()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return tasks
+
+    tasks = asyncio.run(main())
+    ran = [p for batch in batches for p in batch]
+    # nothing runs twice; batches respect the bound and the concurrency limit
+    assert len(ran) == len(set(ran))
+    assert all(1 <= len(batch) <= s.max_batch_size for batch in batches)
+    assert max_running <= s.max_concurrent_batches
+    # FIFO: requests run in submission order
+    assert ran == sorted(ran, key=payloads.index)
+    position = {p: bi for bi, batch in enumerate(batches) for p in batch}
+    for t, p in zip(tasks, payloads, strict=True):
+        assert t.done()  # resolved: nothing left hanging
+        if t.cancelled():
+            continue
+        exc = t.exception()
+        if p not in position:
+            # never ran: rejected by a full queue or failed by close
+            assert isinstance(exc, QueueFullError | BatcherClosedError), exc
+            continue
+        batch = batches[position[p]]
+        if any(FAIL_BATCH <= i < FAIL_ITEM for i in batch):
+            assert isinstance(exc, RuntimeError) and str(exc) == "batch failed"
+        elif p >= FAIL_ITEM:
+            assert isinstance(exc, ValueError)
+        else:
+            assert exc is None and t.result() == p
+    # with 'wait' overflow and no timeout, nothing is rejected
+    if s.overflow == "wait":
+        assert not any(
+            not t.cancelled() and isinstance(t.exception(), QueueFullError) for t in tasks
+        )

@@ -1,0 +1,93 @@
+"""The profiler: a small real sweep yields a valid, loadable profile whose numbers behave."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.core.engine import ReferenceEngine
+from capsim.core.profiler import ProfileSpec, measure, powers_of_two, profile_engine, profile_filename
+from capsim.model.profile import ServiceTimeProfile
+
+SMALL = ProfileSpec(
+    batch_sizes=(1, 8),
+    prompt_tokens=(8, 64),
+    context_tokens=(8, 128),
+    warmup=1,
+    min_reps=3,
+    max_reps=6,
+    max_point_s=0.2,
+)
+
+
+def test_powers_of_two():
+    assert powers_of_two(1) == (1,)
+    assert powers_of_two(48) == (1, 2, 4, 8, 16, 32)
+    with pytest.raises(ValueError):
+        powers_of_two(0)
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="ProfileSpec.batch_sizes"):
+        ProfileSpec(batch_sizes=())
+    with pytest.raises(ValueError, match="min_reps"):
+        ProfileSpec(min_reps=2)
+
+
+def test_measure_stops_at_cap():
+    calls = []
+    from capsim.core.profiler import _Timer
+
+    class FakeTimer(_Timer):
+        def __call__(self, fn):
+            fn()
+            return float(len(calls))  # ever-growing: never stable
+
+    samples = measure(lambda: calls.append(1), FakeTimer(None), SMALL)  # type: ignore[arg-type]
+    assert len(samples) == SMALL.max_reps
+    assert len(calls) == SMALL.max_reps + SMALL.warmup
+
+
+def test_profile_engine_writes_a_loadable_profile(tmp_path):
+    engine = ReferenceEngine("tiny", device="cpu")
+    prof = profile_engine(engine, SMALL, progress=False)
+    assert len(prof.points) == 2 * 2 + 2 * 2
+    assert prof.metadata["device"] == "cpu" and prof.metadata["timer"] == "perf_counter"
+    assert prof.metadata["model"]["name"] == "tiny"
+    assert profile_filename(prof) == "cpu-tiny-float32.csv"
+    back = ServiceTimeProfile.from_csv(prof.to_csv(tmp_path / profile_filename(prof)))
+    for p in back.points:
+        assert p.count >= SMALL.min_reps
+        assert 0 < p.p50_ms <= p.p99_ms
+    # longer prompts cost more to prefill than short ones at the largest batch
+    assert back.phase_ms("prefill", 8, 64)[0] > back.phase_ms("prefill", 8, 8)[0]
+
+
+def test_cli_profile_quick_with_small_sweep(tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "profile",
+            "--quick",
+            "--max-batch-size",
+            "2",
+            "--prompt-tokens",
+            "8,16",
+            "--context-tokens",
+            "8,16",
+            "--out-dir",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    path = Path(tmp_path) / "cpu-tiny-float32-quick.csv"
+    assert path.exists()
+    assert "median latency" in result.output
+    assert ServiceTimeProfile.from_csv(path).metadata["quick"] is True
+
+
+def test_cli_profile_rejects_bad_lists(tmp_path):
+    result = CliRunner().invoke(app, ["profile", "--prompt-tokens", "a,b", "--out-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "--prompt-tokens takes comma-separated integers" in result.output
