@@ -28,46 +28,75 @@ def m(milli: int) -> float:
     return milli / 1000
 
 
-def pods(levels: list[int], ready: list[bool] | None = None, phases: list[str] | None = None,
-         deleting: list[bool] | None = None, count: int | None = None) -> list[PodSample]:
+def pods(
+    levels: list[int],
+    ready: list[bool] | None = None,
+    phases: list[str] | None = None,
+    deleting: list[bool] | None = None,
+    count: int | None = None,
+) -> list[PodSample]:
     """Build pods the way upstream's fake clients do: pod i gets levels[i] if there is one."""
     n = count if count is not None else max(len(levels), len(phases or []))
     out = []
     for i in range(n):
-        out.append(PodSample(
-            value=m(levels[i]) if i < len(levels) else None,
-            phase=phases[i] if phases else "Running",  # type: ignore[arg-type]
-            ready=ready[i] if ready and i < len(ready) else True,
-            deleting=bool(deleting[i]) if deleting else False,
-        ))
+        out.append(
+            PodSample(
+                value=m(levels[i]) if i < len(levels) else None,
+                phase=phases[i] if phases else "Running",  # type: ignore[arg-type]
+                ready=ready[i] if ready and i < len(ready) else True,
+                deleting=bool(deleting[i]) if deleting else False,
+            )
+        )
     return out
 
 
-# --- Pods metric, AverageValue target (GetMetricReplicas / calcPlainMetricReplicas) ----------------------
+# --- Pods metric, AverageValue target (GetMetricReplicas / calcPlainMetricReplicas)
 PODS_CASES = [
     # name, current, pods, target (milli), tolerance, expected
     ("TestReplicaCalcScaleUpCM", 3, pods([20000, 10000, 30000]), 15000, DEFAULT, 4),
-    ("TestReplicaCalcScaleUpCMUnreadyHotCpuNoLessScale", 3,
-     pods([50000, 10000, 30000], ready=[True, True, False]), 15000, DEFAULT, 6),
-    ("TestReplicaCalcScaleUpCMUnreadyHotCpuScaleWouldScaleDown", 3,
-     pods([50000, 15000, 30000], ready=[False, True, False]), 15000, DEFAULT, 7),
+    (
+        "TestReplicaCalcScaleUpCMUnreadyHotCpuNoLessScale",
+        3,
+        pods([50000, 10000, 30000], ready=[True, True, False]),
+        15000,
+        DEFAULT,
+        6,
+    ),
+    (
+        "TestReplicaCalcScaleUpCMUnreadyHotCpuScaleWouldScaleDown",
+        3,
+        pods([50000, 15000, 30000], ready=[False, True, False]),
+        15000,
+        DEFAULT,
+        7,
+    ),
     ("TestReplicaCalcScaleDownCM", 5, pods([12000] * 5), 20000, DEFAULT, 3),
     ("TestReplicaCalcToleranceCM", 3, pods([20000, 21000, 21000]), 20000, DEFAULT, 3),
     ("TestReplicaCalcConfigurableToleranceCM", 3, pods([20000, 21000, 21000]), 20000, UP_1PCT, 4),
-    ("TestPlainMetricReplicaCalcMissingMetricsNoChangeEq", 5, pods([20000, 19000, 21000], count=5), 20000,
-     DEFAULT, 5),
+    (
+        "TestPlainMetricReplicaCalcMissingMetricsNoChangeEq",
+        5,
+        pods([20000, 19000, 21000], count=5),
+        20000,
+        DEFAULT,
+        5,
+    ),
     ("TestReplicaCalcDuringRollingUpdateWithMaxSurgeCM", 2, pods([10000, 10000], count=3), 17000, DEFAULT, 2),
 ]
 
 
-@pytest.mark.parametrize(("name", "current", "samples", "target", "tolerance", "expected"), PODS_CASES,
-                         ids=[c[0] for c in PODS_CASES])
-def test_pods_metric_upstream(name: str, current: int, samples: list[PodSample], target: int,
-                              tolerance: Tolerance, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "current", "samples", "target", "tolerance", "expected"),
+    PODS_CASES,
+    ids=[c[0] for c in PODS_CASES],
+)
+def test_pods_metric_upstream(
+    name: str, current: int, samples: list[PodSample], target: int, tolerance: Tolerance, expected: int
+) -> None:
     assert pods_metric_replicas(current, samples, m(target), tolerance) == expected
 
 
-# --- Resource (CPU) cases whose utilization arithmetic equals the AverageValue arithmetic -----------------
+# --- Resource (CPU) cases whose utilization arithmetic equals the AverageValue arithmetic
 # Upstream's CPU path also treats not-ready Running pods as unready; honor_readiness=True reproduces that.
 # Requests are 1.0 CPU per container and two containers per pod (so 2000m per pod); a utilization target
 # of u% is an average-value target of u% of the mean request. Only cases where the two paths coincide
@@ -77,57 +106,156 @@ def cpu(levels: list[int]) -> list[int]:
 
 
 CPU_CASES = [
-    ("scale up: unready pod scales less", 3, pods(cpu([300, 500, 700]), ready=[False, True, True]), 600,
-     DEFAULT, 4),
-    ("no scale: unready pods ignored", 3, pods(cpu([400, 500, 700]), ready=[True, False, False]), 600,
-     DEFAULT, 3),
-    ("scale up: failed pods ignored", 2,
-     pods(cpu([500, 700]), ready=[True, True, False, False], phases=["Running", "Running", "Failed", "Failed"]),
-     600, DEFAULT, 4),
-    ("scale up: pods being deleted are ignored", 2,
-     pods(cpu([500, 700]), ready=[True, True, False, False], phases=["Running"] * 4,
-          deleting=[False, False, True, True]), 600, DEFAULT, 4),
+    (
+        "scale up: unready pod scales less",
+        3,
+        pods(cpu([300, 500, 700]), ready=[False, True, True]),
+        600,
+        DEFAULT,
+        4,
+    ),
+    (
+        "no scale: unready pods ignored",
+        3,
+        pods(cpu([400, 500, 700]), ready=[True, False, False]),
+        600,
+        DEFAULT,
+        3,
+    ),
+    (
+        "scale up: failed pods ignored",
+        2,
+        pods(
+            cpu([500, 700]),
+            ready=[True, True, False, False],
+            phases=["Running", "Running", "Failed", "Failed"],
+        ),
+        600,
+        DEFAULT,
+        4,
+    ),
+    (
+        "scale up: pods being deleted are ignored",
+        2,
+        pods(
+            cpu([500, 700]),
+            ready=[True, True, False, False],
+            phases=["Running"] * 4,
+            deleting=[False, False, True, True],
+        ),
+        600,
+        DEFAULT,
+        4,
+    ),
     ("scale down", 5, pods(cpu([100, 300, 500, 250, 250])), 1000, DEFAULT, 3),
-    ("scale down: exclude unready pods", 5,
-     pods(cpu([100, 300, 500, 250, 250]), ready=[True, True, True, False, False]), 1000, DEFAULT, 2),
-    ("scale down: exclude unscheduled pods", 5,
-     pods(cpu([100]), ready=[True, False, False, False, False], phases=["Running"] + ["Pending"] * 4), 1000,
-     DEFAULT, 1),
-    ("scale down: failed pods ignored", 5,
-     pods(cpu([100, 300, 500, 250, 250]), phases=["Running"] * 5 + ["Failed"] * 2), 1000, DEFAULT, 3),
-    ("scale down: pods being deleted are ignored", 5,
-     pods(cpu([100, 300, 500, 250, 250]), phases=["Running"] * 7, deleting=[False] * 5 + [True] * 2), 1000,
-     DEFAULT, 3),
+    (
+        "scale down: exclude unready pods",
+        5,
+        pods(cpu([100, 300, 500, 250, 250]), ready=[True, True, True, False, False]),
+        1000,
+        DEFAULT,
+        2,
+    ),
+    (
+        "scale down: exclude unscheduled pods",
+        5,
+        pods(cpu([100]), ready=[True, False, False, False, False], phases=["Running"] + ["Pending"] * 4),
+        1000,
+        DEFAULT,
+        1,
+    ),
+    (
+        "scale down: failed pods ignored",
+        5,
+        pods(cpu([100, 300, 500, 250, 250]), phases=["Running"] * 5 + ["Failed"] * 2),
+        1000,
+        DEFAULT,
+        3,
+    ),
+    (
+        "scale down: pods being deleted are ignored",
+        5,
+        pods(cpu([100, 300, 500, 250, 250]), phases=["Running"] * 7, deleting=[False] * 5 + [True] * 2),
+        1000,
+        DEFAULT,
+        3,
+    ),
     ("TestReplicaCalcTolerance", 3, pods(cpu([1010, 1030, 1020])), 2000, DEFAULT, 3),
     ("TestReplicaCalcMissingMetricsNoChangeEq", 2, pods(cpu([1000]), count=2), 2000, DEFAULT, 2),
     ("TestReplicaCalcMissingMetricsNoChangeGt", 2, pods(cpu([1900]), count=2), 2000, DEFAULT, 2),
     ("TestReplicaCalcMissingMetricsNoChangeLt", 2, pods(cpu([600]), count=2), 2000, DEFAULT, 2),
-    ("TestReplicaCalcMissingMetricsUnreadyChange", 3, pods(cpu([100, 450]), ready=[False, True, True], count=3),
-     1000, DEFAULT, 3),
-    ("TestReplicaCalcMissingMetricsUnreadyScaleUp", 3,
-     pods(cpu([100, 2000]), ready=[False, True, True], count=3), 1000, DEFAULT, 4),
+    (
+        "TestReplicaCalcMissingMetricsUnreadyChange",
+        3,
+        pods(cpu([100, 450]), ready=[False, True, True], count=3),
+        1000,
+        DEFAULT,
+        3,
+    ),
+    (
+        "TestReplicaCalcMissingMetricsUnreadyScaleUp",
+        3,
+        pods(cpu([100, 2000]), ready=[False, True, True], count=3),
+        1000,
+        DEFAULT,
+        4,
+    ),
     ("TestReplicaCalcDuringRollingUpdateWithMaxSurge", 2, pods(cpu([100, 100]), count=3), 1000, DEFAULT, 2),
-    ("configurable tolerance: outside of a 0% tolerance", 3, pods(cpu([909, 1010, 1111])), 2000,
-     Tolerance(0.0, 0.0), 4),
-    ("configurable tolerance: within a 200% scale-up tolerance", 3, pods(cpu([1890, 1910, 1900])), 2000,
-     Tolerance(0.1, 2.0), 3),
-    ("configurable tolerance: outside 8% scale-up tolerance", 3, pods(cpu([1100, 1080, 1090])), 2000,
-     Tolerance(2.0, 0.08), 4),
-    ("configurable tolerance: within a 36% scale-down tolerance", 3, pods(cpu([660, 640, 650])), 2000,
-     Tolerance(0.36, 0.1), 3),
-    ("configurable tolerance: outside a 34% scale-down tolerance", 3, pods(cpu([660, 640, 650])), 2000,
-     Tolerance(0.34, 0.1), 2),
+    (
+        "configurable tolerance: outside of a 0% tolerance",
+        3,
+        pods(cpu([909, 1010, 1111])),
+        2000,
+        Tolerance(0.0, 0.0),
+        4,
+    ),
+    (
+        "configurable tolerance: within a 200% scale-up tolerance",
+        3,
+        pods(cpu([1890, 1910, 1900])),
+        2000,
+        Tolerance(0.1, 2.0),
+        3,
+    ),
+    (
+        "configurable tolerance: outside 8% scale-up tolerance",
+        3,
+        pods(cpu([1100, 1080, 1090])),
+        2000,
+        Tolerance(2.0, 0.08),
+        4,
+    ),
+    (
+        "configurable tolerance: within a 36% scale-down tolerance",
+        3,
+        pods(cpu([660, 640, 650])),
+        2000,
+        Tolerance(0.36, 0.1),
+        3,
+    ),
+    (
+        "configurable tolerance: outside a 34% scale-down tolerance",
+        3,
+        pods(cpu([660, 640, 650])),
+        2000,
+        Tolerance(0.34, 0.1),
+        2,
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "current", "samples", "target", "tolerance", "expected"), CPU_CASES,
-                         ids=[c[0] for c in CPU_CASES])
-def test_cpu_average_value_upstream(name: str, current: int, samples: list[PodSample], target: int,
-                                    tolerance: Tolerance, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "current", "samples", "target", "tolerance", "expected"),
+    CPU_CASES,
+    ids=[c[0] for c in CPU_CASES],
+)
+def test_cpu_average_value_upstream(
+    name: str, current: int, samples: list[PodSample], target: int, tolerance: Tolerance, expected: int
+) -> None:
     assert pods_metric_replicas(current, samples, m(target), tolerance, honor_readiness=True) == expected
 
 
-# --- Object / External metric, Value target (getUsageRatioReplicaCount) --------------------------------
+# --- Object / External metric, Value target (getUsageRatioReplicaCount)
 VALUE_CASES = [
     # name, current, value (milli), target (milli), ready pods, tolerance, expected
     ("TestReplicaCalcScaleUpCMObject", 3, 20000, 15000, 3, DEFAULT, 4),
@@ -144,14 +272,18 @@ VALUE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "current", "value", "target", "ready", "tolerance", "expected"), VALUE_CASES,
-                         ids=[c[0] for c in VALUE_CASES])
-def test_value_metric_upstream(name: str, current: int, value: int, target: int, ready: int,
-                               tolerance: Tolerance, expected: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "current", "value", "target", "ready", "tolerance", "expected"),
+    VALUE_CASES,
+    ids=[c[0] for c in VALUE_CASES],
+)
+def test_value_metric_upstream(
+    name: str, current: int, value: int, target: int, ready: int, tolerance: Tolerance, expected: int
+) -> None:
     assert value_metric_replicas(current, m(value), m(target), ready, tolerance) == expected
 
 
-# --- Object / External metric, AverageValue target (Get{Object,External}PerPodMetricReplicas) ----------------
+# --- Object / External metric, AverageValue target (Get{Object,External}PerPodMetricReplicas)
 AVERAGE_CASES = [
     # name, status replicas, total (milli), per-pod target (milli), tolerance, expected
     ("TestReplicaCalcScaleUpCMPerPodObject", 3, 20000, 5000, DEFAULT, 4),
@@ -167,18 +299,27 @@ AVERAGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "status", "total", "target", "tolerance", "expected"), AVERAGE_CASES,
-                         ids=[c[0] for c in AVERAGE_CASES])
-def test_average_value_metric_upstream(name: str, status: int, total: int, target: int, tolerance: Tolerance,
-                                       expected: int) -> None:
+@pytest.mark.parametrize(
+    ("name", "status", "total", "target", "tolerance", "expected"),
+    AVERAGE_CASES,
+    ids=[c[0] for c in AVERAGE_CASES],
+)
+def test_average_value_metric_upstream(
+    name: str, status: int, total: int, target: int, tolerance: Tolerance, expected: int
+) -> None:
     assert average_value_metric_replicas(status, m(total), m(target), tolerance) == expected
 
 
-# --- groupPods: which pods count (TestGroupPods, non-CPU resource) -------------------------------------
+# --- groupPods: which pods count (TestGroupPods, non-CPU resource)
 def test_group_pods_pending_unready_failed_and_deleting_ignored() -> None:
     # Scale-up: a Pending pod counts as 0; the Failed and deleting pods are not counted at all.
-    samples = [PodSample(2.0), PodSample(2.0), PodSample(None, phase="Pending"),
-               PodSample(9.0, phase="Failed"), PodSample(9.0, deleting=True)]
+    samples = [
+        PodSample(2.0),
+        PodSample(2.0),
+        PodSample(None, phase="Pending"),
+        PodSample(9.0, phase="Failed"),
+        PodSample(9.0, deleting=True),
+    ]
     # ready avg 2.0 / 1.0 -> ratio 2; with the Pending pod at 0: 4/3 -> ceil(1.333 * 3) = 4
     assert pods_metric_replicas(3, samples, 1.0) == 4
     # Scale-down: the Pending pod is left out (not counted as the target): 0.5 * 2 ready -> 1
@@ -187,8 +328,13 @@ def test_group_pods_pending_unready_failed_and_deleting_ignored() -> None:
 
 
 def test_ready_pod_count_counts_running_and_ready() -> None:
-    samples = [PodSample(1.0), PodSample(1.0, ready=False), PodSample(None, phase="Pending"),
-               PodSample(1.0, phase="Failed", ready=False), PodSample(None)]
+    samples = [
+        PodSample(1.0),
+        PodSample(1.0, ready=False),
+        PodSample(None, phase="Pending"),
+        PodSample(1.0, phase="Failed", ready=False),
+        PodSample(None),
+    ]
     assert ready_pod_count(samples) == 2
 
 

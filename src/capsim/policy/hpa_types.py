@@ -53,8 +53,8 @@ def check_number(label: str, value: object, *, minimum: float | None = None) -> 
 def check_choice(label: str, value: object, choices: tuple[str, ...]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise naming ``label`` and the choices."""
     if value not in choices:
-        spelled = " or ".join(f"'{c}'" for c in choices) if len(choices) == 2 else ", ".join(
-            f"'{c}'" for c in choices[:-1]) + f" or '{choices[-1]}'"
+        quoted = [f"'{c}'" for c in choices]
+        spelled = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
         raise ValueError(f"{label} must be {spelled}, got {_quote(value)}")
     return str(value)
 
