@@ -72,7 +72,8 @@ def _profile_summary(prof: object) -> str:
     assert isinstance(prof, ServiceTimeProfile)
     frame = prof.to_frame()
     table = frame.pivot_table(index="batch_size", columns=["phase", "tokens"], values="p50_ms")
-    return "median latency (ms) by batch size (rows) and phase/tokens (columns):\n" + table.round(3).to_string()
+    text: str = table.round(3).to_string()
+    return "median latency (ms) by batch size (rows) and phase/tokens (columns):\n" + text
 
 
 if __name__ == "__main__":  # pragma: no cover

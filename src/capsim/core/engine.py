@@ -101,7 +101,8 @@ class _Block(nn.Module):
         values = v_cache[:, :, : start + t]
         att = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         x = x + self.proj(att.transpose(1, 2).reshape(b, t, d))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        out: torch.Tensor = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return out
 
 
 class ReferenceTransformer(nn.Module):
@@ -128,7 +129,8 @@ class ReferenceTransformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache.k[i], cache.v[i], start, mask)
         last = self.ln_f(x[:, -1])
-        return last @ self.tok.weight.T
+        logits: torch.Tensor = last @ self.tok.weight.T
+        return logits
 
 
 @dataclass
@@ -233,7 +235,7 @@ class ReferenceEngine:
         mask = causal[None] & valid[:, None, :t]
         mask |= torch.eye(t, dtype=torch.bool, device=tokens.device)[None]  # pad rows: attend to self
         logits = self.model(tokens, positions, cache, 0, mask[:, None])
-        return logits.argmax(-1)
+        return torch.argmax(logits, -1)
 
     @torch.inference_mode()
     def decode(
@@ -242,7 +244,7 @@ class ReferenceEngine:
         """One decode step: write ``token`` (batch,) into cache ``slot``; return the next tokens."""
         mask = valid[:, None, None, : slot + 1]
         logits = self.model(token[:, None], position[:, None], cache, slot, mask)
-        return logits.argmax(-1)
+        return torch.argmax(logits, -1)
 
     # ---- generation ----------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

@@ -11,7 +11,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +77,11 @@ class _Timer:
     """Times one call, with CUDA events on a GPU and perf_counter on the CPU (milliseconds)."""
 
     engine: ReferenceEngine
-    events: Any = field(default=None)
 
     def __call__(self, fn: Callable[[], object]) -> float:
         if self.engine.device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
             start.record()
             fn()
             end.record()
@@ -127,6 +126,25 @@ def _point(phase: str, batch: int, tokens: int, samples: Sequence[float]) -> Pro
     )
 
 
+def _prefill_call(engine: ReferenceEngine, batch: int, tokens: int, gen: torch.Generator) -> Callable[[], object]:
+    """A call that prefills ``batch`` prompts of ``tokens`` tokens into a fresh cache."""
+    cfg, dev = engine.config, engine.device
+    ids = torch.randint(cfg.vocab_size, (batch, tokens), generator=gen).to(dev)
+    valid = torch.ones(batch, tokens, dtype=torch.bool, device=dev)
+    cache = KVCache.empty(cfg, batch, tokens, dev, engine.dtype)
+    return lambda: engine.prefill(ids, valid, cache)
+
+
+def _decode_call(engine: ReferenceEngine, batch: int, context: int, gen: torch.Generator) -> Callable[[], object]:
+    """A call that runs one decode step for ``batch`` sequences with ``context`` tokens cached."""
+    cfg, dev = engine.config, engine.device
+    token = torch.randint(cfg.vocab_size, (batch,), generator=gen).to(dev)
+    position = torch.full((batch,), context, dtype=torch.long, device=dev)
+    valid = torch.ones(batch, context + 1, dtype=torch.bool, device=dev)
+    cache = KVCache.empty(cfg, batch, context + 1, dev, engine.dtype)
+    return lambda: engine.decode(token, position, context, valid, cache)
+
+
 def profile_engine(
     engine: ReferenceEngine, spec: ProfileSpec | None = None, *, progress: bool = True, quick: bool = False
 ) -> ServiceTimeProfile:
@@ -146,30 +164,9 @@ def profile_engine(
     points = []
     started = time.perf_counter()
     for phase, b, t in tqdm(jobs, desc=f"profiling {cfg.name} on {dev.type}", disable=not progress):
-        if phase == "prefill":
-            tokens = torch.randint(cfg.vocab_size, (b, t), generator=gen).to(dev)
-            valid = torch.ones(b, t, dtype=torch.bool, device=dev)
-            cache = KVCache.empty(cfg, b, t, dev, engine.dtype)
-
-            def run(tokens: torch.Tensor = tokens, valid: torch.Tensor = valid, cache: KVCache = cache) -> object:
-                return engine.prefill(tokens, valid, cache)
-        else:
-            token = torch.randint(cfg.vocab_size, (b,), generator=gen).to(dev)
-            position = torch.full((b,), t, dtype=torch.long, device=dev)
-            valid = torch.ones(b, t + 1, dtype=torch.bool, device=dev)
-            cache = KVCache.empty(cfg, b, t + 1, dev, engine.dtype)
-
-            def run(
-                token: torch.Tensor = token,
-                position: torch.Tensor = position,
-                slot: int = t,
-                valid: torch.Tensor = valid,
-                cache: KVCache = cache,
-            ) -> object:
-                return engine.decode(token, position, slot, valid, cache)
-
+        run = _prefill_call(engine, b, t, gen) if phase == "prefill" else _decode_call(engine, b, t, gen)
         points.append(_point(phase, b, t, measure(run, timer, spec)))
-        del cache
+        del run  # frees the point's KV cache before the next one is allocated
     metadata = {
         "device": dev.type,
         "device_name": engine.device_name,
