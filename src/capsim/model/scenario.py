@@ -1,0 +1,447 @@
+"""The scenario a simulation runs: workload, service model, pods, router, autoscaler, faults and SLO.
+
+A ``Scenario`` is frozen and validated; ``Scenario.from_yaml(path)`` loads the YAML an analyst writes and
+``Scenario.model_validate(dict)`` the same as a mapping. Every error names the field path and the bad
+value (``batching.max_batch_size must be >= 1, got 0``), prefixed by the file name when loaded from
+YAML. Where a section mirrors Kubernetes (the autoscaler) the Kubernetes spelling is accepted as is.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from capsim.model.settings import BatchSettings, SettingsError, format_validation_error
+
+#: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
+#: The short names are accepted as aliases.
+POD_METRICS: dict[str, str] = {
+    "capsim_queue_depth": "queue_depth",  # gauge: requests waiting in the pod's batcher queue
+    "capsim_requests_in_flight": "in_flight",  # gauge: requests accepted and not yet answered
+    "capsim_time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
+    "capsim_gpu_busy_ratio": "busy",  # counter of busy seconds: rate over the query window
+}
+POD_METRIC_ALIASES: dict[str, str] = {
+    "queue_depth": "queue_depth",
+    "requests_in_flight": "in_flight",
+    "in_flight": "in_flight",
+    "time_to_first_token_seconds": "ttft",
+    "ttft": "ttft",
+    "gpu_busy_fraction": "busy",
+    "gpu_busy_ratio": "busy",
+    **POD_METRICS,
+}
+
+
+class _Section(BaseModel):
+    """A scenario section: frozen, no unknown keys; its errors are reported by the Scenario with full paths."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ---- workload ---------------------------------------------------------------------------------------
+class PoissonArrivals(_Section):
+    """Sessions start as a Poisson process of constant rate."""
+
+    kind: Literal["poisson"]
+    rate_per_s: float = Field(gt=0, description="sessions started per second")
+
+
+class PiecewiseArrivals(_Section):
+    """A Poisson process whose rate steps at given times: ``[[time_s, rate_per_s], ...]``."""
+
+    kind: Literal["piecewise"]
+    rate_per_s: tuple[tuple[float, float], ...] = Field(min_length=1)
+
+    @field_validator("rate_per_s")
+    @classmethod
+    def _steps(cls, v: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+        times = [t for t, _ in v]
+        if times[0] != 0:
+            raise ValueError(f"the first step must start at time 0, got {times[0]}")
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise ValueError(f"step times must increase strictly, got {times}")
+        if any(r < 0 for _, r in v):
+            raise ValueError(f"rates must be >= 0, got {[r for _, r in v]}")
+        if not any(r > 0 for _, r in v):
+            raise ValueError("at least one rate must be > 0")
+        return v
+
+
+class TraceArrivals(_Section):
+    """Replay a trace in the Azure LLM inference format: one request per row."""
+
+    kind: Literal["trace"]
+    path: Path
+    speedup: float = Field(1.0, gt=0, description="arrival times are divided by this")
+
+
+Arrivals = Annotated[PoissonArrivals | PiecewiseArrivals | TraceArrivals, Field(discriminator="kind")]
+
+
+class ConstantTokens(_Section):
+    kind: Literal["constant"]
+    value: int = Field(ge=1)
+
+
+class LognormalTokens(_Section):
+    """Lognormal token counts with the given mean; ``sigma`` is that of the underlying normal."""
+
+    kind: Literal["lognormal"]
+    mean: float = Field(gt=0)
+    sigma: float = Field(0.5, ge=0, le=5)
+    max: int | None = Field(None, ge=1, description="counts are clipped to this")
+
+
+Tokens = Annotated[ConstantTokens | LognormalTokens, Field(discriminator="kind")]
+
+
+class Sessions(_Section):
+    """Multi-turn conversations: each session sends ``turns`` requests, ``think_time_s`` apart."""
+
+    turns: int = Field(1, ge=1, le=10_000)
+    think_time_s: float = Field(0.0, ge=0)
+
+
+class Workload(_Section):
+    arrivals: Arrivals
+    prompt_tokens: Tokens = ConstantTokens(kind="constant", value=256)
+    output_tokens: Tokens = ConstantTokens(kind="constant", value=64)
+    sessions: Sessions = Sessions()
+
+    @model_validator(mode="after")
+    def _trace_is_single_turn(self) -> Self:
+        if isinstance(self.arrivals, TraceArrivals) and self.sessions.turns != 1:
+            raise ValueError(f"sessions.turns must be 1 with a trace (one request per row), got {self.sessions.turns}")
+        return self
+
+
+# ---- service and pods -------------------------------------------------------------------------------
+class Service(_Section):
+    """How long a batch takes: a measured profile, or an exponential or deterministic time per batch."""
+
+    kind: Literal["profile", "exponential", "deterministic"]
+    profile: Path | None = None
+    mean_s: float | None = Field(None, gt=0, description="seconds per batch (exponential, deterministic)")
+    noise: bool = Field(True, description="profile: draw times with the measured spread")
+    extrapolate: bool = Field(False, description="profile: allow sizes outside the measured range")
+
+    @model_validator(mode="after")
+    def _needs(self) -> Self:
+        if self.kind == "profile" and self.profile is None:
+            raise ValueError("profile is required when kind is 'profile'")
+        if self.kind != "profile" and self.mean_s is None:
+            raise ValueError(f"mean_s is required when kind is {self.kind!r}")
+        return self
+
+
+class ConstantDuration(_Section):
+    kind: Literal["constant"]
+    value_s: float = Field(ge=0)
+
+
+class UniformDuration(_Section):
+    kind: Literal["uniform"]
+    low_s: float = Field(ge=0)
+    high_s: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if self.high_s < self.low_s:
+            raise ValueError(f"high_s must be >= low_s ({self.low_s}), got {self.high_s}")
+        return self
+
+
+class LognormalDuration(_Section):
+    kind: Literal["lognormal"]
+    mean_s: float = Field(gt=0)
+    sigma: float = Field(0.3, ge=0, le=5)
+
+
+def _number_as_constant(v: Any) -> Any:
+    # a bare number (``startup_s: 60``) is the common spelling of a constant duration
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return {"kind": "constant", "value_s": v}
+    return v
+
+
+Duration = Annotated[
+    ConstantDuration | UniformDuration | LognormalDuration,
+    Field(discriminator="kind"),
+    BeforeValidator(_number_as_constant),
+]
+
+
+class Pods(_Section):
+    replicas: int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
+    startup_s: Duration = Field(
+        ConstantDuration(kind="constant", value_s=60.0), description="cold start: image pull, model load, warm-up"
+    )
+    gpu_cost_per_hour: float = Field(0.0, ge=0)
+    termination_grace_s: float = Field(30.0, ge=0, description="a terminating pod's time to drain")
+
+
+class Router(_Section):
+    kind: Literal["random", "round_robin", "least_outstanding", "session_affinity"] = "least_outstanding"
+
+
+# ---- autoscaler ---------------------------------------------------------------------------------------
+class Autoscaler(_Section):
+    """An autoscaling/v2 HPA ``spec`` (Kubernetes spelling) plus the metric pipeline around it.
+
+    The pipeline: Prometheus scrapes every pod each ``scrape_interval_s``; the adapter answers the HPA
+    with the samples of the last ``query_window_s`` (gauges averaged, counters as a rate) as they were
+    ``adapter_lag_s`` ago; the controller syncs every ``sync_period_s``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+    min_replicas: int = Field(1, ge=0, alias="minReplicas")
+    max_replicas: int = Field(ge=1, alias="maxReplicas")
+    metrics: tuple[dict[str, Any], ...] = Field(min_length=1)
+    behavior: dict[str, Any] | None = None
+    scale_target_ref: dict[str, Any] | None = Field(None, alias="scaleTargetRef")
+    sync_period_s: float = Field(15.0, gt=0)
+    scrape_interval_s: float = Field(15.0, gt=0)
+    query_window_s: float = Field(60.0, gt=0)
+    adapter_lag_s: float = Field(0.0, ge=0)
+    tolerance: float = Field(0.1, ge=0, lt=1)
+    downscale_window_s: float = Field(300.0, ge=0, description="controller default scale-down window")
+
+    @model_validator(mode="after")
+    def _k8s(self) -> Self:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"maxReplicas must be >= minReplicas ({self.min_replicas}), got {self.max_replicas}")
+        hpa = self.to_hpa()  # validates metrics and behavior with the policy's own messages
+        for i, m in enumerate(hpa.metrics):
+            if m.type != "Pods":
+                raise ValueError(f"metrics[{i}].type must be 'Pods' in the simulator, got {m.type!r}")
+            if m.name not in POD_METRIC_ALIASES:
+                raise ValueError(
+                    f"metrics[{i}].pods.metric.name must be one of {sorted(POD_METRICS)}, got {m.name!r}"
+                )
+        return self
+
+    def k8s_spec(self) -> dict[str, Any]:
+        """The HPA ``spec`` in Kubernetes spelling."""
+        spec: dict[str, Any] = {"minReplicas": self.min_replicas, "maxReplicas": self.max_replicas,
+                                "metrics": [dict(m) for m in self.metrics]}
+        if self.behavior is not None:
+            spec["behavior"] = self.behavior
+        if self.scale_target_ref is not None:
+            spec["scaleTargetRef"] = self.scale_target_ref
+        return spec
+
+    def to_hpa(self) -> Any:
+        """A fresh ``capsim.policy.autoscaling.HorizontalPodAutoscaler`` for this spec."""
+        from capsim.policy.autoscaling import HorizontalPodAutoscaler, Tolerance
+
+        return HorizontalPodAutoscaler.from_k8s(
+            self.k8s_spec(),
+            downscale_window_seconds=self.downscale_window_s,
+            tolerance=Tolerance(scale_down=self.tolerance, scale_up=self.tolerance),
+        )
+
+
+class ClusterSpec(_Section):
+    """GPU nodes: pods wait Pending for a free GPU; missing nodes are provisioned up to ``max_gpus``."""
+
+    max_gpus: int = Field(ge=1)
+    node_gpus: int = Field(8, ge=1)
+    node_provision_s: float = Field(240.0, ge=0)
+
+
+# ---- faults, state, client, SLO ------------------------------------------------------------------------
+class Crash(_Section):
+    at_s: float = Field(ge=0)
+    pods: int = Field(1, ge=1, description="how many ready pods crash (chosen by the crash stream)")
+    pod: int | None = Field(None, ge=0, description="crash this pod id instead")
+
+
+class RedisOutage(_Section):
+    at_s: float = Field(ge=0)
+    duration_s: float = Field(gt=0)
+
+
+class Faults(_Section):
+    pod_mtbf_s: float | None = Field(None, gt=0, description="mean time between crashes of one pod")
+    crashes: tuple[Crash, ...] = ()
+    restart_s: float = Field(20.0, ge=0, description="crash to container restart; a cold start follows")
+    redis_outages: tuple[RedisOutage, ...] = ()
+
+
+class State(_Section):
+    store: Literal["redis", "pod_local"] = "redis"
+
+
+class Client(_Section):
+    """The agent's HTTP client: gives up after ``timeout_s``, retries with exponential backoff."""
+
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=100)
+    backoff_s: float = Field(1.0, ge=0, description="wait before the first retry")
+    backoff_multiplier: float = Field(2.0, ge=1)
+
+
+class Slo(_Section):
+    ttft_p99_s: float = Field(1.0, gt=0)
+    max_error_rate: float = Field(0.001, ge=0, le=1)
+
+
+class Scenario(BaseModel):
+    """Everything one simulation run needs besides the seed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    horizon_s: float = Field(gt=0, le=10_000_000)
+    warmup_s: float = Field(0.0, ge=0)
+    workload: Workload
+    service: Service
+    batching: BatchSettings = BatchSettings()
+    pods: Pods = Pods()
+    router: Router = Router()
+    autoscaler: Autoscaler | None = None
+    cluster: ClusterSpec | None = None
+    faults: Faults | None = None
+    state: State = State()
+    client: Client = Client()
+    slo: Slo = Slo()
+    timeseries_interval_s: float = Field(10.0, gt=0)
+    name: str = ""
+    description: str = ""
+
+    _source: Path | None = PrivateAttr(None)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise SettingsError(_format(exc)) from None
+
+    @model_validator(mode="after")
+    def _cross(self) -> Self:
+        if self.warmup_s >= self.horizon_s:
+            raise ValueError(f"warmup_s must be < horizon_s ({self.horizon_s}), got {self.warmup_s}")
+        if self.autoscaler is None and self.pods.replicas < 1:
+            raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
+        return self
+
+    # ---- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:  # type: ignore[override]
+        """Validate a mapping; errors are ``SettingsError`` naming the field path and the value."""
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise SettingsError(_format(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Scenario:
+        """Load a scenario file; relative paths inside resolve as :meth:`resolve` says."""
+        import yaml
+
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise SettingsError(f"scenario file not found: {path}") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise SettingsError(f"{path}: must be a mapping of settings, got {type(data).__name__}")
+        try:
+            scenario = cls.model_validate(data)
+        except SettingsError as exc:
+            raise SettingsError(f"{path}: {exc}") from None
+        scenario._source = path.resolve()
+        return scenario
+
+    @property
+    def source(self) -> Path | None:
+        """The YAML file this scenario came from, if any."""
+        return self._source
+
+    def resolve(self, path: Path) -> Path:
+        """Resolve a path named in the scenario.
+
+        Absolute paths stand. A relative one resolves against the working directory if it exists there,
+        else against the scenario file's folder and then its parents, so ``data/traces/x.csv`` works
+        from the repository root and from a scenario file inside ``data/scenarios/``.
+        """
+        if path.is_absolute() or path.exists() or self._source is None:
+            return path
+        for base in (self._source.parent, *self._source.parent.parents):
+            if (base / path).exists():
+                return base / path
+        return path
+
+    def override(self, changes: Mapping[str, Any]) -> Scenario:
+        """A validated copy with dotted-path changes applied: ``{"pods.replicas": 2, "horizon_s": 60}``."""
+        data = self.model_dump(mode="python", by_alias=True, exclude_none=False)
+        for dotted, value in changes.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+            node[leaf] = value
+        new = type(self).model_validate(data)
+        new._source = self._source
+        return new
+
+
+def _format(exc: ValidationError) -> str:
+    """Render a pydantic error as ``path must ..., got X`` lines, the paths as the user wrote them.
+
+    Section-level checks raise messages that start with a field of the section (``maxReplicas must be
+    >= minReplicas (3), got 2``): they are prefixed with the section path. Field-level checks say what is
+    wrong with the value and are joined with a colon.
+    """
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
+        if err["type"] == "value_error":
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            if not path or msg.startswith(path + "."):
+                lines.append(msg)
+            elif isinstance(err.get("input"), Mapping):
+                lines.append(f"{path}.{msg}")
+            else:
+                lines.append(f"{path}: {msg}")
+        else:
+            lines.append(format_validation_error(_OneError({**err, "loc": tuple(path.split(".")) if path else ()})))  # type: ignore[arg-type]
+    return "; ".join(lines)
+
+
+class _OneError:
+    """Quacks like a ValidationError holding one error, for ``format_validation_error``."""
+
+    def __init__(self, err: Any) -> None:
+        self._err = err
+
+    def errors(self) -> list[Any]:
+        return [self._err]
+
+
+def _is_union_tag(part: object) -> bool:
+    # discriminated unions add the tag ('poisson', 'lognormal', ...) to the error path; users never write it
+    return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("tagged-union", "function-")))
+
+
+_UNION_TAGS = frozenset({"poisson", "piecewise", "trace", "constant", "lognormal", "uniform"})

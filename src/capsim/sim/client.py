@@ -1,0 +1,300 @@
+"""The agents' side of a run: sends requests in time order, gives up after a timeout, retries with backoff.
+
+One SimPy process walks the arrivals (the workload's session starts, merged with a heap of follow-ups:
+retries and later turns of sessions). It does not sleep until each arrival: it hands every arrival that
+comes before the next scheduled event to the router at the arrival's own time, then sleeps until the
+next arrival or event. Nothing else can happen between two events, so this is exact, and it makes a
+request cost no SimPy event of its own. Anything that schedules a follow-up earlier than the process's
+wake-up interrupts its sleep.
+
+Timeouts are watched lazily by a second process: a pod's queue is FIFO by send time and every attempt
+has the same timeout, so only queue heads can be due; batches with a request that will be due before
+they end are put on a heap when they start. Retries are follow-ups at ``t + backoff * multiplier**k``.
+
+Sessions: with ``state: pod_local`` (and with session affinity) a session's turns go to its home pod,
+the pod of its first turn. When that pod crashes or goes away, the sessions living on it (started, not
+finished) are lost: their requests fail without retry and their later turns are never sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import math
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import simpy
+
+from capsim.sim.arrivals import Workload
+from capsim.sim.pod import Batch, Pod, PodState
+from capsim.sim.recorder import FAILED, REJECTED, TIMED_OUT
+
+if TYPE_CHECKING:
+    from capsim.sim.simulate import Simulation
+
+# session states (only tracked when sessions matter: pod-local state, affinity, or several turns)
+_IDLE, _ACTIVE, _DONE, _LOST, _ABANDONED = 0, 1, 2, 3, 4
+_CHUNK = 8192  # session starts converted to Python floats this many at a time
+
+
+class Client:
+    """The clients of all sessions, and the counters the run's invariant is checked with."""
+
+    def __init__(self, sim: Simulation, workload: Workload) -> None:
+        self.sim = sim
+        self.env = sim.env
+        self.rec = sim.records
+        sc = sim.scenario
+        self.horizon = sc.horizon_s
+        self.turns = workload.turns
+        self.think_s = workload.think_time_s
+        self._starts = workload.session_start_s
+        cl = sc.client
+        self.timeout_s = cl.timeout_s
+        self.max_retries = cl.max_retries
+        self.backoff_s = cl.backoff_s
+        self.backoff_mult = cl.backoff_multiplier
+        self._cap = sim.batching.queue_capacity if sim.batching.overflow == "reject" else math.inf
+        self.pod_local = sc.state.store == "pod_local"
+        self.sticky = self.pod_local or sc.router.kind == "session_affinity"
+        n_sessions = workload.n_sessions
+        self.track_sessions = self.sticky or self.turns > 1
+        self.home = np.full(n_sessions if self.sticky else 0, -1, dtype=np.int32)
+        self.session = np.zeros(n_sessions if self.track_sessions else 0, dtype=np.int8)
+        # counters: arrived = ok + failed + timed_out + rejected + in flight, checked at the horizon
+        self.n_arrived = 0
+        self.n_ok = 0
+        self.n_failed = 0
+        self.n_timed_out = 0
+        self.n_rejected = 0
+        self.n_retries = 0
+        self.n_retry_pending = 0
+        self.n_lost_sessions = 0
+        self.followups: list[tuple[float, int, bool]] = []  # (time, request, is_retry)
+        self._inflight_due: list[tuple[float, int, int, Batch]] = []  # (due, seq, request, batch)
+        self._seq = 0
+        self._sleeping = False
+        self._wake_at = math.inf
+        self.proc = self.env.process(self._arrivals())
+        self.env.process(self._watch_timeouts())
+
+    # ---- the arrival process ----------------------------------------------------------------------
+    def _arrivals(self) -> Generator[Any, Any, None]:
+        env = self.env
+        peek = env.peek
+        heap = self.followups
+        horizon = self.horizon
+        starts = self._starts
+        turns = self.turns
+        send = self._send
+        n = len(starts)
+        pos = base = k = 0
+        times: list[float] = []
+        while True:
+            if k >= len(times) and pos < n:
+                times = starts[pos : pos + _CHUNK].tolist()
+                base = pos
+                pos += len(times)
+                k = 0
+            t_main = times[k] if k < len(times) else math.inf
+            if heap and heap[0][0] < t_main:
+                t = heap[0][0]
+                from_heap = True
+            else:
+                t = t_main
+                from_heap = False
+            if t >= horizon:
+                t = horizon
+            if t >= peek() or t >= horizon:
+                # another event comes first (or nothing is left before the horizon): sleep until t
+                yield from self._sleep(t)
+                if env.now >= horizon:
+                    return
+                continue
+            if from_heap:
+                _, i, is_retry = heapq.heappop(heap)
+                self._send_followup(i, t, is_retry)
+            else:
+                i = (base + k) * turns
+                k += 1
+                self.n_arrived += 1
+                if self.track_sessions:
+                    self.session[i // turns] = _ACTIVE
+                send(i, t)
+
+    def _sleep(self, until: float) -> Generator[Any, Any, None]:
+        self._sleeping = True
+        self._wake_at = until
+        with contextlib.suppress(simpy.Interrupt):  # an earlier follow-up was scheduled
+            yield self.env.timeout(max(until - self.env.now, 0.0))
+        self._sleeping = False
+
+    def _push(self, t: float, i: int, is_retry: bool) -> None:
+        heapq.heappush(self.followups, (t, i, is_retry))
+        if self._sleeping and t < self._wake_at:
+            self._sleeping = False
+            self.proc.interrupt()
+
+    def _send_followup(self, i: int, t: float, is_retry: bool) -> None:
+        rec = self.rec
+        s = i // self.turns
+        if is_retry:
+            self.n_retry_pending -= 1
+            if self.track_sessions and self.session[s] == _LOST:
+                self._finish(i, t, FAILED, -1)
+                return
+            rec.attempts[i] += 1
+            self.n_retries += 1
+        else:
+            if self.session[s] != _ACTIVE:  # lost while thinking
+                return
+            rec.arrival[i] = t
+            self.n_arrived += 1
+        rec.send[i] = t
+        self._send(i, t)
+
+    # ---- one attempt ---------------------------------------------------------------------------------
+    def _send(self, i: int, t: float) -> None:
+        """Send attempt of request ``i`` at ``t``: route, admit or reject, enqueue."""
+        sim = self.sim
+        if sim.faults.has_redis_outages and sim.faults.redis_down(t):
+            self._attempt_failed(i, t, FAILED, -1)  # the pod cannot read the session: 503
+            return
+        pod = self._home_pod(i) if self.sticky else sim.router.pick()
+        if pod is None:
+            if not (self.pod_local and self.session[i // self.turns] == _LOST):
+                self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            return
+        if len(pod.queue) >= self._cap:
+            self._attempt_failed(i, t, REJECTED, pod.id)  # 429
+            return
+        pod.enqueue(i, t)
+
+    def _home_pod(self, i: int) -> Pod | None:
+        s = i // self.turns
+        h = int(self.home[s])
+        if h >= 0:
+            pod = self.sim.cluster.pods[h]
+            if pod.state == PodState.READY:
+                return pod
+            if self.pod_local:  # the session's state went with its pod
+                self._lose_sessions(np.array([s]), self.rec.send[i])
+                self._finish(i, float(self.rec.send[i]), FAILED, h)
+                return None
+        picked = self.sim.router.pick()
+        if picked is not None:
+            self.home[s] = picked.id
+        return picked
+
+    def _attempt_failed(self, i: int, t: float, outcome: int, pod_id: int) -> None:
+        """An attempt ended badly at ``t``: retry after backoff, or give up."""
+        k = int(self.rec.attempts[i])
+        if k <= self.max_retries:
+            self.rec.bid[i] = -1
+            self.n_retry_pending += 1
+            self._push(t + self.backoff_s * self.backoff_mult ** (k - 1), i, True)
+        else:
+            self._finish(i, t, outcome, pod_id)
+
+    def _finish(self, i: int, t: float, outcome: int, pod_id: int) -> None:
+        self.rec.finish(i, t, outcome, pod_id)
+        if outcome == FAILED:
+            self.n_failed += 1
+        elif outcome == TIMED_OUT:
+            self.n_timed_out += 1
+        else:
+            self.n_rejected += 1
+        if self.track_sessions:
+            s = i // self.turns
+            if self.session[s] == _ACTIVE:
+                self.session[s] = _ABANDONED
+
+    # ---- events from pods and the cluster -------------------------------------------------------------
+    def on_batch_done(self, batch: Batch, now: float) -> None:
+        """A batch finished at ``now``: its live requests are answered."""
+        self.n_ok += batch.live_size
+        if not self.track_sessions:
+            return
+        idx = batch.idx
+        if batch.cancelled:
+            idx = idx[~np.isin(idx, list(batch.cancelled))]
+        turns = self.turns
+        if turns == 1:
+            self.session[idx] = _DONE
+            return
+        last = idx % turns == turns - 1
+        self.session[idx[last] // turns] = _DONE
+        for i in idx[~last].tolist():
+            if self.session[i // turns] == _ACTIVE:
+                self._push(now + self.think_s, i + 1, False)
+
+    def watch_batch(self, batch: Batch, sends: np.ndarray) -> None:
+        """A batch starts that will end after some of its clients time out: watch those."""
+        due = sends + self.timeout_s
+        for j in np.flatnonzero(due < batch.end).tolist():
+            self._seq += 1
+            heapq.heappush(self._inflight_due, (float(due[j]), self._seq, int(batch.idx[j]), batch))
+
+    def pod_lost(self, pod: Pod, held: list[int], now: float, crashed: bool) -> None:
+        """A pod crashed or was killed at ``now`` holding requests ``held``: they fail."""
+        if self.pod_local:
+            self._lose_sessions(np.flatnonzero((self.home == pod.id) & (self.session == _ACTIVE)), now)
+        for i in held:
+            if self.pod_local and self.session[i // self.turns] == _LOST:
+                self._finish(i, now, FAILED, pod.id)
+            else:
+                self._attempt_failed(i, now, FAILED, pod.id)
+
+    def pod_gone(self, pod: Pod, now: float) -> None:
+        """A pod is gone for good (deleted): with pod-local state its sessions are lost."""
+        if self.pod_local:
+            self._lose_sessions(np.flatnonzero((self.home == pod.id) & (self.session == _ACTIVE)), now)
+
+    def _lose_sessions(self, sessions: np.ndarray, now: float) -> None:
+        active = sessions[self.session[sessions] == _ACTIVE]
+        self.session[active] = _LOST
+        self.n_lost_sessions += len(active)
+
+    # ---- timeouts ---------------------------------------------------------------------------------------
+    def _watch_timeouts(self) -> Generator[Any, Any, None]:
+        env = self.env
+        rec = self.rec
+        timeout = self.timeout_s
+        due_heap = self._inflight_due
+        while True:
+            now = env.now
+            while due_heap and due_heap[0][0] <= now:
+                due, _, i, batch = heapq.heappop(due_heap)
+                if batch.dead or rec.bid[i] != batch.bid or rec.batch_done[batch.bid]:
+                    continue
+                if batch.cancelled is None:
+                    batch.cancelled = set()
+                batch.cancelled.add(i)
+                batch.pod.outstanding -= 1
+                self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
+            nxt = now + timeout  # anything sent from now on is due later than this
+            for pod in self.sim.cluster.pods:
+                q = pod.queue
+                while q and rec.send[q[0]] + timeout <= now:
+                    i = pod.drop_head()
+                    self._attempt_failed(i, float(rec.send[i]) + timeout, TIMED_OUT, pod.id)
+                    if pod.state == PodState.TERMINATING and pod.outstanding == 0 and not pod.running:
+                        self.sim.cluster.pod_drained(pod, now)
+                if q:
+                    nxt = min(nxt, float(rec.send[q[0]]) + timeout)
+            if due_heap:
+                nxt = min(nxt, due_heap[0][0])
+            if nxt >= self.horizon:
+                yield env.timeout(self.horizon - now)
+                return
+            yield env.timeout(nxt - now)
+
+    # ---- the horizon ---------------------------------------------------------------------------------
+    def in_flight(self) -> int:
+        """Requests arrived and not finished: queued, in a running batch, or waiting to retry."""
+        n = self.n_retry_pending
+        for pod in self.sim.cluster.pods:
+            n += len(pod.queue) + sum(b.live_size for b in pod.running)
+        return n

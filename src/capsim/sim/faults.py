@@ -1,0 +1,78 @@
+"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, and Redis outages.
+
+A random crash is drawn per ready period of a pod: when a pod becomes ready it draws its time to
+failure from an exponential of mean ``pod_mtbf_s`` (the ``crashes`` stream); if it is still in the same
+life then, it crashes. A scheduled crash picks its victims among the ready pods with the same stream
+(or takes the pod id given). What a crash does to requests and sessions is the client's business
+(``client.py``); what it does to the pod (restart, cold start) the cluster's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import TYPE_CHECKING, cast
+
+from simpy.events import Timeout
+
+from capsim.model.scenario import Crash
+from capsim.sim.pod import Pod, PodState
+
+if TYPE_CHECKING:
+    from capsim.sim.simulate import Simulation
+
+
+class Faults:
+    """Schedules the crashes of a scenario and answers whether Redis is up."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        spec = sim.scenario.faults
+        self._mtbf = spec.pod_mtbf_s if spec else None
+        self._gen = sim.streams["crashes"]
+        outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
+        self._out_start = [a for a, _ in outages]
+        self._out_end = [b for _, b in outages]
+        self.has_redis_outages = bool(outages) and sim.scenario.state.store == "redis"
+        self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
+        if spec:
+            for crash in spec.crashes:
+                ev = Timeout(sim.env, crash.at_s, crash)
+                ev.callbacks.append(self._scheduled)
+
+    def pod_ready(self, pod: Pod, now: float) -> None:
+        """Draw the random crash of this ready period, if crashes are random."""
+        if self._mtbf is None:
+            return
+        delay = float(self._gen.exponential(self._mtbf))
+        ev = Timeout(self.sim.env, delay, (pod, pod.incarnation))
+        ev.callbacks.append(self._random)
+
+    def _random(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.incarnation == incarnation and pod.state in (PodState.READY, PodState.TERMINATING):
+            self._crash(pod, "random")
+
+    def _scheduled(self, ev: Timeout) -> None:
+        crash = cast(Crash, ev.value)
+        cluster = self.sim.cluster
+        if crash.pod is not None:
+            if crash.pod < len(cluster.pods):
+                self._crash(cluster.pods[crash.pod], "scheduled")
+            return
+        ready = list(cluster.endpoints)
+        k = min(crash.pods, len(ready))
+        if k == 0:
+            return
+        picks = self._gen.choice(len(ready), size=k, replace=False)
+        for j in sorted(int(x) for x in picks):
+            self._crash(ready[j], "scheduled")
+
+    def _crash(self, pod: Pod, why: str) -> None:
+        now = self.sim.env.now
+        self.crash_log.append((now, pod.id, why))
+        self.sim.cluster.crash(pod, now)
+
+    def redis_down(self, t: float) -> bool:
+        """Whether Redis is unreachable at time ``t`` (s)."""
+        k = bisect.bisect_right(self._out_start, t) - 1
+        return k >= 0 and t < self._out_end[k]

@@ -1,0 +1,188 @@
+"""One simulated agent pod: its lifecycle, its bounded queue, and the batches it runs with the shared rule.
+
+A ready pod queues the requests the router sends it and asks ``capsim.policy.batching.decide`` -- the
+rule the real asyncio batcher uses -- when to send the head of the queue to the model as one batch. The
+batch's duration comes from the service model. The pod is driven by SimPy events with callbacks
+(a batch's completion, the batching rule's wake-up) rather than a generator per request, so a batch of
+32 costs a few events, not a few per request. Methods take the simulated time ``now`` explicitly: the
+client may hand a pod an arrival before the SimPy clock has reached it (see ``client.py``), and every
+event a pod schedules is placed at an absolute time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import IntEnum
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+from simpy.events import Timeout
+
+from capsim.policy.batching import decide
+
+if TYPE_CHECKING:
+    from capsim.sim.simulate import Simulation
+
+
+class PodState(IntEnum):
+    """Where a pod is in its life (the Kubernetes words)."""
+
+    PENDING = 0  # waiting for a GPU on a node
+    STARTING = 1  # cold start: image pull, model load, warm-up
+    READY = 2  # receives traffic
+    CRASHED = 3  # container died; restarts after restart_s, then cold-starts
+    TERMINATING = 4  # removed from the endpoints; drains its queue within the grace period
+    GONE = 5
+
+
+class Batch:
+    """One batch on the model: its requests (in queue order) and its times (s)."""
+
+    __slots__ = ("bid", "cancelled", "dead", "end", "first", "idx", "pod", "start")
+
+    def __init__(self, bid: int, idx: np.ndarray, start: float, first: float, end: float, pod: Pod) -> None:
+        self.bid = bid
+        self.idx = idx
+        self.start = start
+        self.first = first
+        self.end = end
+        self.pod = pod
+        self.cancelled: set[int] | None = None  # requests whose client gave up while the batch ran
+        self.dead = False  # the pod crashed or was killed under it
+
+    @property
+    def live_size(self) -> int:
+        """Requests of the batch whose client still waits for it."""
+        return len(self.idx) - (len(self.cancelled) if self.cancelled else 0)
+
+
+class Pod:
+    """A pod's state, queue and counters; ``Cluster`` moves it through its lifecycle."""
+
+    def __init__(self, sim: Simulation, pod_id: int, created_s: float) -> None:
+        self.sim = sim
+        self.id = pod_id
+        self.state = PodState.PENDING
+        self.created_s = created_s
+        self.incarnation = 0  # bumped by each crash, so stale timers of a former life are ignored
+        self.queue: deque[int] = deque()
+        self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
+        self.running: list[Batch] = []
+        self.max_running = sim.batching.max_concurrent_batches
+        self._timer_at: float | None = None
+        # counters the pod's /metrics endpoint exports (scraped by the HPA pipeline)
+        self.busy_s = 0.0  # closed busy intervals: time with at least one batch on the model
+        self._busy_since = 0.0
+        self.ttft_sum_s = 0.0
+        self.ttft_count = 0
+        # GPU holding time, for cost
+        self.gpu_since: float | None = None
+        self.gpu_s = 0.0
+        self.samples: deque[tuple[float, int, int, float, float, int]] = deque()  # scraped by hpa.py
+
+    def __repr__(self) -> str:
+        return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"
+
+    # ---- traffic ---------------------------------------------------------------------------------
+    def enqueue(self, i: int, now: float) -> None:
+        """Queue request ``i`` at ``now``; the caller has checked capacity and readiness."""
+        q = self.queue
+        q.append(i)
+        self.outstanding += 1
+        if len(self.running) < self.max_running:
+            n = len(q)
+            # only these two changes can alter the rule's answer: a first request starts the wait,
+            # a full batch ends it
+            if n == 1 or n >= self.sim.batching.max_batch_size:
+                self.pump(now)
+
+    def pump(self, now: float) -> None:
+        """Ask the batching rule what to do at ``now`` and do it: start batches, or set the wake-up."""
+        q = self.queue
+        send = self.sim.records.send
+        while q:
+            d = decide(now, len(q), float(send[q[0]]), self.sim.batching, len(self.running))
+            if d.size:
+                self._start_batch(now, d.size)
+                continue
+            if d.wake_at is not None and (self._timer_at is None or d.wake_at < self._timer_at):
+                self._timer_at = d.wake_at
+                ev = Timeout(self.sim.env, max(d.wake_at - self.sim.env.now, 0.0), d.wake_at)
+                ev.callbacks.append(self._on_timer)
+            return
+
+    def _on_timer(self, ev: Timeout) -> None:
+        if ev.value != self._timer_at:  # superseded by an earlier wake-up, or the pod was killed
+            return
+        now = cast(float, ev.value)
+        self._timer_at = None
+        self.pump(now)
+
+    def _start_batch(self, now: float, size: int) -> None:
+        sim = self.sim
+        q = self.queue
+        if size == len(q):
+            idx = np.array(q, dtype=np.int64)
+            q.clear()
+        else:
+            idx = np.array([q.popleft() for _ in range(size)], dtype=np.int64)
+        rec = sim.records
+        if sim.constant_lengths:
+            p, o = sim.constant_lengths
+        else:
+            p, o = int(rec.prompt[idx].max()), int(rec.output[idx].max())
+        prefill_s, total_s = sim.service.batch_time(size, p, o)
+        end = now + total_s
+        if not self.running:
+            self._busy_since = now
+        bid = rec.add_batch(idx, now, now + prefill_s, end, self.id)
+        batch = Batch(bid, idx, now, now + prefill_s, end, self)
+        self.running.append(batch)
+        ev = Timeout(sim.env, max(end - sim.env.now, 0.0), batch)
+        ev.callbacks.append(self._on_complete)
+        sends = rec.send[idx]
+        self.ttft_sum_s += size * batch.first - float(sends.sum())
+        self.ttft_count += size
+        if float(sends[0]) + sim.timeout_s < end:  # FIFO: the head was sent first
+            sim.client.watch_batch(batch, sends)
+
+    def _on_complete(self, ev: Timeout) -> None:
+        batch = cast(Batch, ev.value)
+        if batch.dead:
+            return
+        now = batch.end
+        self.running.remove(batch)
+        if not self.running:
+            self.busy_s += now - self._busy_since
+        self.outstanding -= batch.live_size
+        self.sim.records.batch_done[batch.bid] = True
+        self.sim.client.on_batch_done(batch, now)
+        if self.queue:
+            self.pump(now)
+        if self.state == PodState.TERMINATING and self.outstanding == 0 and not self.running:
+            self.sim.cluster.pod_drained(self, now)
+
+    # ---- metrics and failures ------------------------------------------------------------------------
+    def busy_total_s(self, now: float) -> float:
+        """Busy seconds up to ``now`` (the counter a scrape reads)."""
+        return self.busy_s + (now - self._busy_since if self.running else 0.0)
+
+    def drop_head(self) -> int:
+        """Remove and return the head of the queue (its client gave up)."""
+        self.outstanding -= 1
+        return self.queue.popleft()
+
+    def kill(self, now: float) -> list[int]:
+        """Stop everything at ``now`` (crash or kill after the grace period); return the requests it held."""
+        held = list(self.queue)
+        for b in self.running:
+            b.dead = True
+            held.extend(int(i) for i in b.idx if not b.cancelled or int(i) not in b.cancelled)
+        if self.running:
+            self.busy_s += now - self._busy_since
+        self.queue.clear()
+        self.running.clear()
+        self.outstanding = 0
+        self._timer_at = None
+        self.incarnation += 1
+        return held

@@ -1,0 +1,175 @@
+"""The one entry point of the simulator: ``simulate(scenario, seed) -> SimResult``.
+
+``Simulation`` wires the parts on one SimPy environment -- client (arrivals, timeouts, retries), router,
+pods, cluster, faults, HPA and the time-series sampler -- runs it to the horizon, checks the invariant
+``arrived = completed + failed + timed out + rejected + in flight`` against the records, and builds the
+frames. The same scenario and seed give identical frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simpy
+
+import capsim
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.scenario import ConstantTokens, Scenario
+from capsim.sim.arrivals import make_workload
+from capsim.sim.client import Client
+from capsim.sim.cluster import Cluster
+from capsim.sim.faults import Faults
+from capsim.sim.hpa import Autoscaling
+from capsim.sim.pod import PodState
+from capsim.sim.recorder import Records, Timeseries
+from capsim.sim.router import Router
+from capsim.sim.service import make_service
+from capsim.sim.streams import BufferedDraws, Streams
+from capsim.sim.summary import Summary, summarize
+
+
+class InvariantError(AssertionError):
+    """The run's books do not balance: a simulator bug, never a property of the scenario."""
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """What a run produced, with its provenance."""
+
+    requests: Any  # DataFrame, capsim.model.request schema
+    timeseries: Any  # DataFrame, Timeseries.COLUMNS
+    summary: Summary
+    scale_events: Any  # DataFrame: time_s, from_replicas, to_replicas
+    crashes: Any  # DataFrame: time_s, pod, kind
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class Simulation:
+    """One run of a scenario under one seed; ``run()`` once."""
+
+    def __init__(self, scenario: Scenario, seed: int = 0, profile: ServiceTimeProfile | None = None) -> None:
+        self.scenario = scenario
+        self.seed = seed
+        self.streams = Streams(seed)
+        self.env = simpy.Environment()
+        self.batching = scenario.batching
+        self.timeout_s = scenario.client.timeout_s
+        workload = make_workload(scenario, self.streams)
+        self.workload = workload
+        self.records = Records(workload.prompt_tokens, workload.output_tokens, workload.turns)
+        first = np.arange(workload.n_sessions, dtype=np.int64) * workload.turns
+        self.records.arrival[first] = workload.session_start_s
+        self.records.send[first] = workload.session_start_s
+        wl = scenario.workload
+        self.constant_lengths: tuple[int, int] | None = None
+        if (isinstance(wl.prompt_tokens, ConstantTokens) and isinstance(wl.output_tokens, ConstantTokens)
+                and wl.arrivals.kind != "trace"):
+            self.constant_lengths = (wl.prompt_tokens.value, wl.output_tokens.value)
+        self.service = make_service(scenario, self.streams, profile)
+        self.profile_path = None
+        if scenario.service.kind == "profile":
+            self.profile_path = str(profile.source if profile is not None else scenario.service.profile)
+        self.faults = Faults(self)
+        self.cluster = Cluster(self)
+        self.router = Router(scenario.router.kind, self.cluster.endpoints, BufferedDraws(self.streams["routing"]))
+        self.client = Client(self, workload)
+        self.cluster.start(scenario.pods.replicas)
+        self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
+        self.timeseries = Timeseries()
+        self.env.process(self._sample())
+        self._ran = False
+
+    def _sample(self) -> Generator[Any, Any, None]:
+        """Every ``timeseries_interval_s``: one row of the time series (values at the row's time)."""
+        env = self.env
+        every = self.scenario.timeseries_interval_s
+        client = self.client
+        last = (0, 0, 0, 0.0)
+        while True:
+            yield env.timeout(every)
+            now = env.now
+            pods = self.cluster.pods
+            states = [p.state for p in pods]
+            serving = [p for p in pods if p.state in (PodState.READY, PodState.TERMINATING)]
+            busy = sum(p.busy_total_s(now) for p in pods)
+            errors = client.n_failed + client.n_timed_out + client.n_rejected
+            n_ready = states.count(PodState.READY)
+            busy_frac = (busy - last[3]) / (every * n_ready) if n_ready else float("nan")
+            self.timeseries.add((
+                now, client.n_arrived - last[0], (client.n_arrived - last[0]) / every, client.n_ok - last[1],
+                errors - last[2], self.cluster.desired, n_ready,
+                states.count(PodState.STARTING) + states.count(PodState.CRASHED),
+                states.count(PodState.PENDING), states.count(PodState.TERMINATING),
+                sum(len(p.queue) for p in serving), sum(p.outstanding for p in serving), busy_frac,
+                self.autoscaling.last_value if self.autoscaling else float("nan"),
+            ))
+            last = (client.n_arrived, client.n_ok, errors, busy)
+
+    def run(self) -> SimResult:
+        """Run to the horizon and return the result."""
+        if self._ran:
+            raise RuntimeError("a Simulation runs once; make a new one")
+        self._ran = True
+        sc = self.scenario
+        self.env.run(until=sc.horizon_s)
+        cols = self._close_books()
+        import pandas as pd
+
+        from capsim.model.request import requests_frame
+
+        batch_sizes = np.asarray(self.records.b_size, dtype=np.int32)
+        summary = summarize(
+            cols, warmup_s=sc.warmup_s, horizon_s=sc.horizon_s, retries=self.client.n_retries,
+            lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s),
+            gpu_cost_per_hour=sc.pods.gpu_cost_per_hour, batch_sizes=batch_sizes,
+            scale_events=len(self.cluster.scale_events),
+            max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
+            crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
+            max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
+        )
+        return SimResult(
+            requests=requests_frame(cols),
+            timeseries=self.timeseries.frame(),
+            summary=summary,
+            scale_events=pd.DataFrame(self.cluster.scale_events, columns=["time_s", "from_replicas", "to_replicas"]),
+            crashes=pd.DataFrame(self.faults.crash_log, columns=["time_s", "pod", "kind"]),
+            provenance={
+                "scenario": sc.model_dump(mode="json", by_alias=True),
+                "scenario_file": str(sc.source) if sc.source else None,
+                "seed": self.seed,
+                "capsim_version": capsim.__version__,
+                "profile": self.profile_path,
+            },
+        )
+
+    def _close_books(self) -> dict[str, np.ndarray]:
+        """Check the invariant two ways (live counters, records) and return the request columns."""
+        c = self.client
+        in_flight = c.in_flight()
+        total = c.n_ok + c.n_failed + c.n_timed_out + c.n_rejected + in_flight
+        if c.n_arrived != total:
+            raise InvariantError(
+                f"arrived {c.n_arrived} != completed {c.n_ok} + failed {c.n_failed} + timed out "
+                f"{c.n_timed_out} + rejected {c.n_rejected} + in flight {in_flight}"
+            )
+        cols = self.records.columns()
+        out = cols["outcome"]
+        from_records = (len(out), int((out == 0).sum()), int((out < 0).sum()))
+        if from_records != (c.n_arrived, c.n_ok, in_flight):
+            raise InvariantError(
+                f"records say (arrived, completed, in flight) = {from_records}, "
+                f"counters say {(c.n_arrived, c.n_ok, in_flight)}"
+            )
+        return cols
+
+
+def simulate(scenario: Scenario | str | Path, seed: int = 0, *,
+             profile: ServiceTimeProfile | None = None) -> SimResult:
+    """Run ``scenario`` (a Scenario or a YAML path) with ``seed``; ``profile`` overrides the service profile."""
+    if not isinstance(scenario, Scenario):
+        scenario = Scenario.from_yaml(scenario)
+    return Simulation(scenario, seed, profile).run()

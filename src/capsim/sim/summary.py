@@ -1,0 +1,98 @@
+"""The headline numbers of a run, computed once from the request columns and the run's counters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from capsim.sim.recorder import FAILED, OK, REJECTED, TIMED_OUT, percentiles
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Client-side latencies (s) and rates over requests that arrived after the warm-up.
+
+    TTFT and end-to-end latency run from a request's first send to its first token / answer, retries
+    included (what the agent feels). ``error_rate`` is the share of finished measured requests that did
+    not end ok. Counts without ``measured_`` cover the whole run.
+    """
+
+    arrived: int
+    completed: int
+    failed: int
+    timed_out: int
+    rejected: int
+    in_flight: int
+    retries: int
+    measured: int
+    ttft_p50_s: float
+    ttft_p95_s: float
+    ttft_p99_s: float
+    e2e_p50_s: float
+    e2e_p95_s: float
+    e2e_p99_s: float
+    throughput_per_s: float
+    error_rate: float
+    lost_sessions: int
+    abandoned_sessions: int
+    gpu_hours: float
+    cost: float
+    mean_batch_size: float
+    scale_events: int
+    max_replicas: int
+    crashes: int
+    slo_met: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float, retries: int,
+              lost_sessions: int, gpu_seconds: float, gpu_cost_per_hour: float, batch_sizes: np.ndarray,
+              scale_events: int, max_replicas: int, crashes: int, ttft_slo_s: float,
+              max_error_rate: float, turns: int) -> Summary:
+    """The summary of a run from its request columns (``Records.columns()``)."""
+    outcome = cols["outcome"]
+    arrival = cols["arrival_s"]
+    m = arrival >= warmup_s
+    mo = outcome[m]
+    ok = mo == OK
+    finished = int(np.count_nonzero(mo >= 0))
+    bad = finished - int(np.count_nonzero(ok))
+    ttft = (cols["first_token_s"] - arrival)[m][ok]
+    e2e = (cols["end_s"] - arrival)[m][ok]
+    t50, t95, t99 = percentiles(ttft)
+    e50, e95, e99 = percentiles(e2e)
+    error_rate = bad / finished if finished else 0.0
+    # a session is abandoned when one of its requests finally failed
+    failed_rows = outcome >= 0
+    failed_rows &= outcome != OK
+    abandoned = len(np.unique(cols["session_id"][failed_rows]))
+    gpu_hours = gpu_seconds / 3600.0
+    slo_met = (not math.isnan(t99)) and t99 <= ttft_slo_s and error_rate <= max_error_rate
+    return Summary(
+        arrived=len(outcome),
+        completed=int(np.count_nonzero(outcome == OK)),
+        failed=int(np.count_nonzero(outcome == FAILED)),
+        timed_out=int(np.count_nonzero(outcome == TIMED_OUT)),
+        rejected=int(np.count_nonzero(outcome == REJECTED)),
+        in_flight=int(np.count_nonzero(outcome < 0)),
+        retries=retries,
+        measured=int(np.count_nonzero(m)),
+        ttft_p50_s=t50, ttft_p95_s=t95, ttft_p99_s=t99,
+        e2e_p50_s=e50, e2e_p95_s=e95, e2e_p99_s=e99,
+        throughput_per_s=int(np.count_nonzero(ok)) / (horizon_s - warmup_s),
+        error_rate=error_rate,
+        lost_sessions=lost_sessions,
+        abandoned_sessions=abandoned,
+        gpu_hours=gpu_hours,
+        cost=gpu_hours * gpu_cost_per_hour,
+        mean_batch_size=float(batch_sizes.mean()) if len(batch_sizes) else math.nan,
+        scale_events=scale_events,
+        max_replicas=max_replicas,
+        crashes=crashes,
+        slo_met=bool(slo_met),
+    )
