@@ -66,6 +66,16 @@ def profile(
     typer.echo(_profile_summary(prof))
 
 
+@app.command()
+def demo(
+    profile_dir: Annotated[Path, typer.Option(help="where the quick profile is written")] = Path("data/profiles"),
+) -> None:
+    """The main job on embedded defaults: profile this machine, show batching, plan with the simulator."""
+    from capsim.demo import run_demo
+
+    run_demo(typer.echo, profile_dir)
+
+
 def _profile_summary(prof: object) -> str:
     from capsim.model.profile import ServiceTimeProfile
 

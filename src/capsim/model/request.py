@@ -32,8 +32,6 @@ REQUEST_COLUMNS: Final[dict[str, str]] = {
 
 def empty_requests_frame() -> Any:
     """An empty DataFrame with the request columns and dtypes."""
-    import pandas as pd
-
     return requests_frame({name: np.empty(0, dtype=_numpy_dtype(d)) for name, d in REQUEST_COLUMNS.items()})
 
 
