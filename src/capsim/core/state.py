@@ -1,0 +1,137 @@
+"""The session-state store's public face: the SessionStore protocol and open_store(url).
+
+Agents are stateful during a session; pods are not. Every turn is written to the store before it is
+acknowledged, so the next request, on any pod, resumes the session. See ``docs/state.md``.
+
+    async with open_store("redis://127.0.0.1:6379/0") as store:
+        state = await store.update("chat-42", lambda s: s.with_message("user", "hi", tokens=1))
+
+URLs: ``redis://`` and ``rediss://`` (TLS) ``[user:password@]host:port/db``, ``unix:///path/redis.sock``,
+and ``memory://`` (an embedded fakeredis server private to this store) or ``memory://name`` (one
+fakeredis server shared by every store opened with that name in this process).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from capsim.core.state_model import (
+    ConflictError,
+    CorruptStateError,
+    InvalidSessionIdError,
+    Message,
+    SessionState,
+    StateStoreError,
+    StateTooLargeError,
+    StoreUnavailableError,
+    ToolOutput,
+    validate_session_id,
+)
+from capsim.core.state_redis import RedisSessionStore, StoreMetrics, StoreSettings
+
+__all__ = [
+    "ConflictError",
+    "CorruptStateError",
+    "InvalidSessionIdError",
+    "Message",
+    "RedisSessionStore",
+    "SessionState",
+    "SessionStore",
+    "StateStoreError",
+    "StateTooLargeError",
+    "StoreMetrics",
+    "StoreSettings",
+    "StoreUnavailableError",
+    "ToolOutput",
+    "open_store",
+    "validate_session_id",
+]
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """What a pod needs from a session store; tests may swap in any object with these methods."""
+
+    async def get(self, session_id: str) -> SessionState | None: ...
+
+    async def put(self, state: SessionState) -> SessionState: ...
+
+    async def update(self, session_id: str, fn: Callable[[SessionState], SessionState]) -> SessionState: ...
+
+    async def delete(self, session_id: str) -> bool: ...
+
+    async def aclose(self) -> None: ...
+
+
+# Named in-process fakeredis servers for memory://name; unnamed memory:// gets a private one.
+_MEMORY_SERVERS: dict[str, Any] = {}
+
+
+def open_store(
+    url: str = "memory://",
+    settings: StoreSettings | None = None,
+    *,
+    metrics: StoreMetrics | None = None,
+    **overrides: Any,
+) -> RedisSessionStore:
+    """Open a store at ``url`` (no network traffic until the first operation; call ``ping`` to check).
+
+    ``overrides`` are :class:`StoreSettings` fields (``key_prefix=...``, ``sliding_ttl_s=...``) applied
+    on top of ``settings``. Raises ``SettingsError`` for a bad setting and ``ValueError`` for an
+    unsupported URL scheme.
+    """
+    if overrides:
+        base = settings.model_dump() if settings is not None else {}
+        settings = StoreSettings(**{**base, **overrides})
+    s = settings or StoreSettings()
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return _open_memory(parts.netloc + parts.path, s, metrics)
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(
+            f"state store URL must start with redis://, rediss://, unix:// or memory://, got {url!r}"
+        )
+    client = Redis.from_url(
+        url,
+        socket_timeout=s.socket_timeout_s,
+        socket_connect_timeout=s.connect_timeout_s,
+        retry=Retry(
+            ExponentialWithJitterBackoff(base=s.retry_backoff_base_s, cap=s.retry_backoff_cap_s), s.retries
+        ),
+        decode_responses=False,
+    )
+    return RedisSessionStore(client, s, metrics=metrics, where=_redact(parts.geturl(), scheme))
+
+
+def _open_memory(name: str, s: StoreSettings, metrics: StoreMetrics | None) -> RedisSessionStore:
+    import fakeredis  # imported here: only notebooks, demos and tests need it
+
+    has_lua = importlib.util.find_spec("lupa") is not None
+    if s.scripting == "lua" and not has_lua:
+        raise StateStoreError(
+            "memory:// with scripting='lua' needs the 'lupa' package (pip install 'fakeredis[lua]'); "
+            "use scripting='auto' or 'watch'"
+        )
+    server = _MEMORY_SERVERS.setdefault(name, fakeredis.FakeServer()) if name else fakeredis.FakeServer()
+    client = fakeredis.FakeAsyncRedis(server=server)
+    if not has_lua:
+        s = StoreSettings(**{**s.model_dump(), "scripting": "watch"})
+    return RedisSessionStore(client, s, metrics=metrics, where=f"memory://{name}")
+
+
+def _redact(url: str, scheme: str) -> str:
+    """The URL without credentials or query, for error messages."""
+    parts = urlsplit(url)
+    if scheme == "unix":
+        return f"unix://{parts.path}"
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{scheme}://{host}{port}{parts.path}"

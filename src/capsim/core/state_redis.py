@@ -1,0 +1,463 @@
+"""RedisSessionStore keeps session state in Redis with atomic compare-and-set, sliding TTLs and deadlines.
+
+One key per session (``key_prefix + session_id``) holds the state's JSON. Reads refresh the TTL in the
+same atomic step (``GETEX``, or a script when an absolute expiry caps the TTL). Writes are one atomic
+compare-and-set that also sets the TTL: a Lua script, or a WATCH/MULTI/EXEC transaction where scripting
+is unavailable (fakeredis without ``lupa``, or a server with EVAL disabled). No write leaves a key
+without a TTL. Every network round trip runs under a deadline, so a dead or frozen server becomes a
+:class:`StoreUnavailableError` within ``op_deadline_s`` (1.5 s by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
+
+from pydantic import Field
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from capsim.core.state_model import (
+    ConflictError,
+    CorruptStateError,
+    InvalidSessionIdError,
+    SessionState,
+    StateStoreError,
+    StateTooLargeError,
+    StoreUnavailableError,
+    decode_state,
+    encode_state,
+    head_created_at_s,
+    head_version,
+    validate_session_id,
+)
+from capsim.model.settings import FrozenModel
+
+T = TypeVar("T")
+
+# The Lua head pattern mirrors state_model.HEAD_RE.
+_HEAD = '^{"session_id":"[^"]*","version":(%d+),"created_at_s":([-%d.eE+]+),'
+
+# KEYS[1]: session key. ARGV: expected version (0 = must be absent), new value, TTL in ms.
+# Returns 1 (written), -1 (conflict), -2 (stored value is not ours). A value byte-identical to the new
+# one means this very write already landed (redis-py retried after a lost reply): report success.
+CAS_LUA = f"""
+local cur = redis.call('GET', KEYS[1])
+local want = tonumber(ARGV[1])
+if cur then
+  if cur == ARGV[2] then return 1 end
+  local v = string.match(cur, '{_HEAD}')
+  if not v then return -2 end
+  if tonumber(v) ~= want then return -1 end
+elseif want ~= 0 then
+  return -1
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS[1]: session key. ARGV: sliding TTL ms, absolute TTL ms, client now in ms.
+# Reads and refreshes the TTL, capped by created_at + absolute TTL; deletes a session past its cap.
+READ_CAPPED_LUA = f"""
+local cur = redis.call('GET', KEYS[1])
+if not cur then return false end
+local ttl = tonumber(ARGV[1])
+local _, created = string.match(cur, '{_HEAD}')
+if created then
+  local left = math.floor(tonumber(created) * 1000 + tonumber(ARGV[2]) - tonumber(ARGV[3]))
+  if left <= 0 then
+    redis.call('DEL', KEYS[1])
+    return false
+  end
+  if left < ttl then ttl = left end
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return cur
+"""
+
+# Server replies that mean "not able to serve now" rather than "you sent something wrong".
+_UNAVAILABLE_PREFIXES = (
+    "LOADING",
+    "READONLY",
+    "MASTERDOWN",
+    "OOM",
+    "BUSY",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "MISCONF",
+)
+
+Outcome = Literal[
+    "ok", "not_found", "conflict", "unavailable", "corrupt", "too_large", "invalid_id", "error", "cancelled"
+]
+
+
+class StoreMetrics(Protocol):
+    """Where the store reports each operation (implemented by capsim.core.metrics.InferenceMetrics)."""
+
+    def observe_store_op(self, op: str, outcome: str, seconds: float) -> None: ...
+
+
+class StoreSettings(FrozenModel):
+    """How the session-state store names keys, expires sessions, and bounds every network call."""
+
+    _error_prefix: ClassVar[str] = "state_store"
+
+    key_prefix: str = Field(default="capsim:session:", max_length=256, description="prefix of session keys")
+    sliding_ttl_s: float = Field(default=1800.0, gt=0, le=365 * 86400, description="idle time to expiry")
+    absolute_ttl_s: float | None = Field(default=None, gt=0, description="cap on life from creation")
+    socket_timeout_s: float = Field(default=1.0, gt=0, le=60, description="socket read/write timeout")
+    connect_timeout_s: float = Field(default=1.0, gt=0, le=60, description="connect timeout")
+    op_deadline_s: float = Field(default=1.5, gt=0, le=60, description="one round trip, retries included")
+    retries: int = Field(default=2, ge=0, le=10, description="redis-py retries on connection errors")
+    retry_backoff_base_s: float = Field(default=0.02, ge=0, le=10, description="first retry backoff")
+    retry_backoff_cap_s: float = Field(default=0.25, ge=0, le=60, description="largest retry backoff")
+    max_state_bytes: int = Field(default=1 << 20, ge=256, description="largest encoded state accepted")
+    max_update_attempts: int = Field(default=64, ge=1, le=10_000, description="CAS attempts per update")
+    conflict_backoff_base_s: float = Field(default=0.0005, ge=0, le=10, description="smallest backoff slot")
+    conflict_backoff_cap_s: float = Field(default=0.25, ge=0, le=60, description="largest conflict backoff")
+    scripting: Literal["auto", "lua", "watch"] = Field(
+        default="auto", description="auto: Lua, falling back to WATCH/MULTI if the server refuses scripts"
+    )
+
+
+class RedisSessionStore:
+    """Session state in one Redis (or fakeredis) database; use as ``async with open_store(url) as store``."""
+
+    def __init__(
+        self,
+        client: Redis,
+        settings: StoreSettings | None = None,
+        *,
+        metrics: StoreMetrics | None = None,
+        where: str = "redis",
+    ) -> None:
+        self._client = client
+        self._s = settings or StoreSettings()
+        self._metrics = metrics
+        self._where = where
+        self._mode: Literal["auto", "lua", "watch"] = self._s.scripting
+        self._cas_script = client.register_script(CAS_LUA)
+        self._read_script = client.register_script(READ_CAPPED_LUA)
+        self._sliding_ms = max(1, round(self._s.sliding_ttl_s * 1000))
+        self._rng = random.Random()
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._closed = False
+        # Updates of one session from this store take turns: racing them would only waste
+        # decode/encode work on compare-and-sets that must lose. Other processes still race (CAS).
+        self._locks: dict[str, _KeyLock] = {}
+
+    @property
+    def settings(self) -> StoreSettings:
+        return self._s
+
+    @property
+    def scripting(self) -> Literal["auto", "lua", "watch"]:
+        """The write path in use: 'lua', 'watch', or 'auto' until the first write decides."""
+        return self._mode
+
+    def key(self, session_id: str) -> str:
+        """The Redis key that holds a session."""
+        return self._s.key_prefix + validate_session_id(session_id)
+
+    async def __aenter__(self) -> RedisSessionStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Wait for abandoned round trips to unwind, then close the client and its connections."""
+        if self._closed:
+            return
+        self._closed = True
+        for fut in list(self._inflight):
+            fut.cancel()
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=self._s.socket_timeout_s + 1.0)
+        await self._client.aclose()
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailableError` unless the server answers within the deadline."""
+        with self._observed("ping"):
+            await self._net(lambda: self._client.ping())
+
+    async def get(self, session_id: str) -> SessionState | None:
+        """The stored state (refreshing its TTL), or None if there is no such session or it expired."""
+        with self._observed("get") as box:
+            key = self.key(session_id)
+            state = await self._read(key, session_id)
+            if state is None:
+                box[0] = "not_found"
+            return state
+
+    async def put(self, state: SessionState) -> SessionState:
+        """Write ``state`` if the stored version is still ``state.version``; return it at version + 1.
+
+        Raises :class:`ConflictError` if another writer got there first (a stale writer never
+        overwrites a newer version), :class:`StateTooLargeError` before any network call.
+        """
+        with self._observed("put"):
+            key = self.key(state.session_id)
+            new = state.model_copy(update={"version": state.version + 1, "updated_at_s": time.time()})
+            raw = encode_state(new, self._s.max_state_bytes)
+            if not await self._cas(key, state.version, raw, new.created_at_s):
+                raise ConflictError(
+                    f"session {state.session_id!r} changed since version {state.version} was read "
+                    "(or passed its absolute expiry); read it again and reapply the change"
+                )
+            return new
+
+    async def update(self, session_id: str, fn: Callable[[SessionState], SessionState]) -> SessionState:
+        """Read, apply ``fn``, and compare-and-set, retrying on conflict; return the committed state.
+
+        ``fn`` gets the stored state, or a new empty one (version 0) if there is none; it may run more
+        than once, so it must be a pure function of its argument. Raises :class:`ConflictError` after
+        ``max_update_attempts`` lost races.
+        """
+        with self._observed("update"):
+            key = self.key(session_id)
+            async with self._serialized(key):
+                return await self._update(key, session_id, fn)
+
+    async def _update(
+        self, key: str, session_id: str, fn: Callable[[SessionState], SessionState]
+    ) -> SessionState:
+        for attempt in range(self._s.max_update_attempts):
+            t0 = time.perf_counter()
+            base = await self._read(key, session_id) or SessionState.new(session_id)
+            changed = fn(base)
+            if not isinstance(changed, SessionState) or changed.session_id != session_id:
+                raise TypeError(
+                    f"update fn must return the state of session {session_id!r}, got {changed!r:.80}"
+                )
+            new = changed.model_copy(
+                update={
+                    "version": base.version + 1,
+                    "created_at_s": base.created_at_s,
+                    "updated_at_s": time.time(),
+                }
+            )
+            raw = encode_state(new, self._s.max_state_bytes)
+            if await self._cas(key, base.version, raw, new.created_at_s):
+                return new
+            # Binary exponential backoff in slots of one attempt's duration (as Ethernet does): the
+            # losers spread out over the time a winner needs, so few attempts are wasted.
+            slot = max(self._s.conflict_backoff_base_s, time.perf_counter() - t0)
+            delay = min(self._s.conflict_backoff_cap_s, slot * 2 ** min(attempt + 1, 10))
+            await asyncio.sleep(self._rng.uniform(0, delay))
+        raise ConflictError(
+            f"session {session_id!r}: {self._s.max_update_attempts} compare-and-set attempts all lost to "
+            "concurrent writers; retry later or raise max_update_attempts"
+        )
+
+    async def delete(self, session_id: str) -> bool:
+        """Remove a session; True if it existed."""
+        with self._observed("delete") as box:
+            key = self.key(session_id)
+            n = await self._net(lambda: self._client.delete(key))
+            if not n:
+                box[0] = "not_found"
+            return bool(n)
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    async def _read(self, key: str, session_id: str) -> SessionState | None:
+        raw = await self._read_raw(key)
+        return None if raw is None else decode_state(key, raw, session_id)
+
+    async def _read_raw(self, key: str) -> bytes | None:
+        abs_s = self._s.absolute_ttl_s
+        if abs_s is None:
+            return cast(bytes | None, await self._net(lambda: self._client.getex(key, px=self._sliding_ms)))
+        if self._mode != "watch":
+            args = [self._sliding_ms, round(abs_s * 1000), round(time.time() * 1000)]
+            try:
+                return cast(bytes | None, await self._net(lambda: self._read_script(keys=[key], args=args)))
+            except ResponseError as exc:
+                self._scripting_refused(exc)
+        return await self._net(lambda: self._read_capped_watch(key), detach=True)
+
+    async def _read_capped_watch(self, key: str) -> bytes | None:
+        for _ in range(self._s.max_update_attempts):
+            async with self._client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                cur = cast(bytes | None, await pipe.get(key))
+                if cur is None:
+                    return None
+                created = head_created_at_s(cur)
+                ttl = self._sliding_ms if created is None else self._ttl_ms(created)
+                pipe.multi()  # type: ignore[no-untyped-call]
+                if ttl <= 0:
+                    pipe.delete(key)
+                else:
+                    pipe.pexpire(key, ttl)
+                try:
+                    await pipe.execute()
+                except WatchError:
+                    continue  # written meanwhile, which set a fresh TTL: read again
+                return cur if ttl > 0 else None
+        raise ConflictError(f"key {key!r} changed under every one of {self._s.max_update_attempts} reads")
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def _ttl_ms(self, created_at_s: float) -> int:
+        """Sliding TTL, capped by the absolute expiry; <= 0 means the session is past its cap."""
+        if self._s.absolute_ttl_s is None:
+            return self._sliding_ms
+        left = int((created_at_s + self._s.absolute_ttl_s - time.time()) * 1000)
+        return min(self._sliding_ms, left)
+
+    async def _cas(self, key: str, expected: int, raw: bytes, created_at_s: float) -> bool:
+        """One atomic compare-and-set with TTL; False on conflict."""
+        ttl = self._ttl_ms(created_at_s)
+        if ttl <= 0:
+            return False
+        if self._mode != "watch":
+            try:
+                res = await self._net(lambda: self._cas_script(keys=[key], args=[expected, raw, ttl]))
+            except ResponseError as exc:
+                self._scripting_refused(exc)
+            else:
+                self._mode = "lua"
+                if res == -2:
+                    raise CorruptStateError(key, "stored value does not start with a capsim state head")
+                return bool(res == 1)
+        outcome = await self._net(lambda: self._cas_watch(key, expected, raw, ttl), detach=True)
+        if outcome == "corrupt":
+            raise CorruptStateError(key, "stored value does not start with a capsim state head")
+        return outcome == "ok"
+
+    async def _cas_watch(self, key: str, expected: int, raw: bytes, ttl_ms: int) -> str:
+        async with self._client.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            cur = cast(bytes | None, await pipe.get(key))
+            if cur is not None:
+                if cur == raw:
+                    return "ok"
+                version = head_version(cur)
+                if version is None:
+                    return "corrupt"
+                if version != expected:
+                    return "conflict"
+            elif expected != 0:
+                return "conflict"
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(key, raw, px=ttl_ms)
+            try:
+                await pipe.execute()
+            except WatchError:
+                return "conflict"
+            return "ok"
+
+    def _scripting_refused(self, exc: ResponseError) -> None:
+        """Switch to WATCH/MULTI if the server refuses scripts (in 'auto' mode); else re-raise."""
+        msg = str(exc).lower()
+        refused = "unknown command" in msg or "noperm" in msg or "scripting" in msg
+        if self._mode == "auto" and refused:
+            self._mode = "watch"
+            return
+        raise StateStoreError(f"{self._where} refused a script: {exc}") from exc
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    async def _net(self, make: Callable[[], Awaitable[T]], *, detach: bool = False) -> T:
+        """Run one round trip under the deadline, mapping transport failures to StoreUnavailableError.
+
+        With ``detach``, the call runs as its own task: on timeout the caller gets its answer at the
+        deadline while the task unwinds in the background (a WATCH transaction's cleanup may otherwise
+        wait a further socket timeout); ``aclose`` waits for such tasks.
+        """
+        if self._closed:
+            raise StateStoreError(f"the store for {self._where} is closed")
+        deadline = self._s.op_deadline_s
+        try:
+            if not detach:
+                async with asyncio.timeout(deadline):
+                    return await make()
+            task: asyncio.Future[T] = asyncio.ensure_future(make())
+            self._inflight.add(task)
+            task.add_done_callback(_forget(self._inflight))
+            try:
+                return await asyncio.wait_for(asyncio.shield(task), deadline)
+            except BaseException:
+                task.cancel()
+                raise
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"{self._where} did not answer within {deadline:g} s (frozen, overloaded or unreachable)"
+            ) from exc
+        except (RedisConnectionError, OSError) as exc:
+            raise StoreUnavailableError(f"{self._where} is unreachable: {exc}") from exc
+        except ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
+                raise StoreUnavailableError(f"{self._where} cannot serve now: {exc}") from exc
+            raise
+        except RedisError as exc:
+            raise StateStoreError(f"{self._where} failed: {exc!r}") from exc
+
+    @asynccontextmanager
+    async def _serialized(self, key: str) -> AsyncIterator[None]:
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = _KeyLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[key]
+
+    @contextmanager
+    def _observed(self, op: str) -> Iterator[list[Outcome]]:
+        box: list[Outcome] = ["ok"]
+        t0 = time.perf_counter()
+        try:
+            yield box
+        except BaseException as exc:
+            box[0] = _outcome_of(exc)
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe_store_op(op, box[0], time.perf_counter() - t0)
+
+
+class _KeyLock:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+def _outcome_of(exc: BaseException) -> Outcome:
+    if isinstance(exc, StoreUnavailableError):
+        return "unavailable"
+    if isinstance(exc, ConflictError):
+        return "conflict"
+    if isinstance(exc, CorruptStateError):
+        return "corrupt"
+    if isinstance(exc, StateTooLargeError):
+        return "too_large"
+    if isinstance(exc, InvalidSessionIdError):
+        return "invalid_id"
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    return "error"
+
+
+def _forget(inflight: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(fut: asyncio.Future[Any]) -> None:
+        inflight.discard(fut)
+        if not fut.cancelled():
+            fut.exception()  # retrieved, so an abandoned call's error is not logged as unhandled
+
+    return done
