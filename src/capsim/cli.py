@@ -76,6 +76,42 @@ def demo(
     run_demo(typer.echo, profile_dir)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(envvar="CAPSIM_HOST", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="CAPSIM_PORT", help="port to listen on")] = 8000,
+    model: Annotated[str, typer.Option(envvar="CAPSIM_MODEL", help="reference model preset")] = "tiny",
+    device: Annotated[str, typer.Option(envvar="CAPSIM_DEVICE", help="auto, cpu, cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(envvar="CAPSIM_DTYPE", help="float32, float16, bfloat16")] = "float32",
+    max_batch_size: Annotated[int, typer.Option(envvar="CAPSIM_MAX_BATCH_SIZE")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(envvar="CAPSIM_MAX_WAIT_MS")] = 10.0,
+    queue_capacity: Annotated[int, typer.Option(envvar="CAPSIM_QUEUE_CAPACITY")] = 1024,
+    overflow: Annotated[str, typer.Option(envvar="CAPSIM_OVERFLOW", help="reject or wait")] = "reject",
+    max_concurrent_batches: Annotated[int, typer.Option(envvar="CAPSIM_MAX_CONCURRENT_BATCHES")] = 1,
+    redis_url: Annotated[str, typer.Option(envvar="CAPSIM_REDIS_URL", help="session store URL")] = "memory://",
+    max_prompt_tokens: Annotated[int, typer.Option(envvar="CAPSIM_MAX_PROMPT_TOKENS")] = 2048,
+    max_new_tokens: Annotated[int, typer.Option(envvar="CAPSIM_MAX_NEW_TOKENS")] = 512,
+    drain_timeout_s: Annotated[float, typer.Option(envvar="CAPSIM_DRAIN_TIMEOUT_S", help="SIGTERM grace")] = 25.0,
+    pod_name: Annotated[str | None, typer.Option(envvar="CAPSIM_POD_NAME", help="name in metrics and records")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run the agent pod: session turns through the batcher on the reference model, with /metrics."""
+    from capsim.core.service import PodConfig
+    from capsim.core.service import serve as run_server
+    from capsim.model.settings import SettingsError
+
+    try:
+        config = PodConfig(
+            model=model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+            queue_capacity=queue_capacity, overflow=overflow, max_concurrent_batches=max_concurrent_batches,
+            redis_url=redis_url, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+            drain_timeout_s=drain_timeout_s, **({"pod_name": pod_name} if pod_name else {}),
+        )
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run_server(config, host=host, port=port, log_level=log_level)
+
+
 def _profile_summary(prof: object) -> str:
     from capsim.model.profile import ServiceTimeProfile
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,12 +149,17 @@ class KVCache:
         )
 
 
+TokenCallback = Callable[[int, int, float], None]
+"""Called from the generating thread as ``(index, token, seconds_from_batch_start)`` for each token."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One request: a prompt (token ids) and how many tokens to generate."""
+    """One request: a prompt (token ids), how many tokens to generate, and an optional streaming hook."""
 
     prompt: tuple[int, ...]
     max_new_tokens: int
+    on_token: TokenCallback | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -165,7 +170,10 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """Tokens generated for one request and its timings, in seconds from the batch's start."""
+    """Tokens generated for one request and its timings, in seconds from the batch's start.
+
+    ``started_at`` is the batch's start on the ``time.perf_counter`` clock, so a caller who noted when
+    it submitted the request can tell its queue wait."""
 
     tokens: list[int]
     first_token_s: float
@@ -173,6 +181,19 @@ class GenerationResult:
     batch_size: int
     prompt_tokens: int
     token_times_s: list[float] = field(default_factory=list, repr=False)
+    started_at: float = 0.0
+
+
+def _stream(
+    streaming: list[tuple[int, GenerationRequest]], step: int, tokens: torch.Tensor, t_s: float
+) -> None:
+    """Hand token ``step`` to the requests that stream and still want it."""
+    if not streaming:
+        return
+    values = tokens.tolist()
+    for i, req in streaming:
+        if step < req.max_new_tokens and req.on_token is not None:
+            req.on_token(step, int(values[i]), t_s)
 
 
 def synthetic_prompt(n_tokens: int, vocab_size: int, salt: int = 0) -> tuple[int, ...]:
@@ -269,15 +290,18 @@ class ReferenceEngine:
         tokens, valid = tokens.to(dev), valid.to(dev)
         cache = KVCache.empty(cfg, b, t + n, dev, self.dtype)
         lengths = torch.tensor([len(r.prompt) for r in requests], device=dev)
+        streaming = [(i, r) for i, r in enumerate(requests) if r.on_token is not None]
         start = time.perf_counter()
         out = [self.prefill(tokens, valid, cache)]
         self.synchronize()
         times = [time.perf_counter() - start]
+        _stream(streaming, 0, out[-1], times[-1])
         for step in range(1, n):
             out.append(self.decode(out[-1], lengths + step - 1, t + step - 1, valid, cache))
             if self.device.type == "cuda":
                 self.synchronize()
             times.append(time.perf_counter() - start)
+            _stream(streaming, step, out[-1], times[-1])
         generated = torch.stack(out, dim=1).tolist()
         return [
             GenerationResult(
@@ -287,6 +311,7 @@ class ReferenceEngine:
                 batch_size=b,
                 prompt_tokens=len(r.prompt),
                 token_times_s=times[: r.max_new_tokens],
+                started_at=start,
             )
             for i, r in enumerate(requests)
         ]

@@ -1,0 +1,392 @@
+"""The agent pod: an ASGI app (FastAPI) that serves session turns through the batcher and the store.
+
+``POST /v1/sessions/{session_id}/turns`` loads the session, runs the turn through the dynamic batcher
+on the reference engine, appends the turn to the session (compare-and-set) and only then answers.
+``GET /metrics`` is Prometheus text, ``/healthz`` liveness, ``/readyz`` readiness (after warm-up, while
+the store answers, and not while draining). Configuration comes from ``PodConfig``: flags or the
+``CAPSIM_*`` environment variables the exporter writes into the Deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from capsim.core.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine, synthetic_prompt
+from capsim.core.metrics import InferenceMetrics
+from capsim.core.state import SessionState, SessionStore, StateStoreError, StoreUnavailableError, open_store
+from capsim.core.state_model import InvalidSessionIdError, StateTooLargeError, validate_session_id
+from capsim.model.settings import BatchSettings, FrozenModel
+
+
+class PodConfig(FrozenModel):
+    """Everything a pod is configured with; each field also reads from ``CAPSIM_<FIELD>``."""
+
+    _error_prefix: ClassVar[str] = "pod"
+
+    model: str = Field("tiny", description="reference model preset")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    queue_capacity: int = Field(1024, ge=1)
+    overflow: Literal["reject", "wait"] = "reject"
+    max_concurrent_batches: int = Field(1, ge=1)
+    redis_url: str = Field("memory://", description="session store: redis://, rediss://, unix://, memory://")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts get 413")
+    max_new_tokens: int = Field(512, ge=1, description="larger max_new_tokens get 413")
+    drain_timeout_s: float = Field(25.0, ge=0, description="SIGTERM grace for in-flight work")
+    warmup: bool = True
+    pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
+    seed: int = 0
+
+    ENV_PREFIX: ClassVar[str] = "CAPSIM_"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PodConfig:
+        """Read ``CAPSIM_*`` variables (e.g. ``CAPSIM_MAX_BATCH_SIZE``), then apply ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            key = cls.ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def batch_settings(self) -> BatchSettings:
+        return BatchSettings(
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            queue_capacity=self.queue_capacity,
+            overflow=self.overflow,
+            max_concurrent_batches=self.max_concurrent_batches,
+        )
+
+    def env(self) -> dict[str, str]:
+        """The ``CAPSIM_*`` variables that reproduce this configuration."""
+        return {self.ENV_PREFIX + k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in self.model_dump().items()}
+
+
+class TurnRequest(BaseModel):
+    """The body of a turn: a prompt (a token count for a synthetic prompt, or token ids)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_tokens: int | list[int] = Field(..., description="a token count, or the prompt's token ids")
+    max_new_tokens: int = Field(16, ge=1)
+    stream: bool = Field(False, description="answer with server-sent events, one per token")
+
+
+@dataclass
+class PodState:
+    """The pod's live parts, created by the app's lifespan."""
+
+    config: PodConfig
+    engine: ReferenceEngine
+    store: SessionStore
+    batcher: DynamicBatcher[GenerationRequest, GenerationResult]
+    metrics: InferenceMetrics
+    ready: bool = False
+    draining: bool = False
+    store_ok_until: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+def create_app(
+    config: PodConfig | None = None,
+    *,
+    engine: ReferenceEngine | None = None,
+    store: SessionStore | None = None,
+) -> FastAPI:
+    """Build the pod's app. ``engine`` and ``store`` may be injected (tests, notebooks); otherwise the
+    lifespan builds them from ``config`` and closes what it opened."""
+    cfg = config or PodConfig.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        eng = engine or ReferenceEngine(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        metrics = InferenceMetrics()
+        st = store or open_store(cfg.redis_url, metrics=metrics)
+        batcher: DynamicBatcher[GenerationRequest, GenerationResult] = DynamicBatcher(
+            eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s
+        )
+        pod = PodState(cfg, eng, st, batcher, metrics)
+        app.state.pod = pod
+        async with batcher:
+            if cfg.warmup:
+                await asyncio.to_thread(eng.generate, [eng.request(8, 2)])
+            pod.ready = True
+            try:
+                yield
+            finally:
+                pod.ready = False
+                pod.draining = True
+        if store is None:
+            await st.aclose()
+
+    app = FastAPI(title="capsim agent pod", version="1", lifespan=lifespan)
+
+    @app.exception_handler(_HTTPError)
+    async def _http_error(request: Request, exc: _HTTPError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors():
+            if err["type"] == "json_invalid":
+                problems.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+                continue
+            loc = ".".join(str(p) for p in err["loc"][1:] if not str(p).startswith(("int", "list[")))
+            problems.append(f"{loc or 'body'}: {err['msg']}")
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        pod: PodState = request.app.state.pod
+        if not pod.ready or pod.draining:
+            return JSONResponse({"ready": False, "reason": "draining" if pod.draining else "warming up"}, 503)
+        now = time.monotonic()
+        if now >= pod.store_ok_until:
+            try:
+                await asyncio.wait_for(_ping(pod.store), 2.0)
+            except (TimeoutError, StateStoreError) as exc:
+                return JSONResponse({"ready": False, "reason": f"session store unavailable: {exc}"}, 503)
+            pod.store_ok_until = now + 1.0  # at most one ping a second, however often probes come
+        return JSONResponse({"ready": True})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        pod: PodState = request.app.state.pod
+        return PlainTextResponse(pod.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/sessions/{session_id}/turns", response_model=None)
+    async def turn(session_id: str, body: TurnRequest, request: Request) -> Response | dict[str, Any]:
+        pod: PodState = request.app.state.pod
+        if pod.draining:
+            raise _HTTPError(503, "pod is draining; retry on another pod", {"Retry-After": "1"})
+        try:
+            validate_session_id(session_id)
+        except InvalidSessionIdError as exc:
+            raise _HTTPError(422, f"session_id: {exc}") from None
+        prompt = _prompt(body, pod)
+        if body.max_new_tokens > pod.config.max_new_tokens:
+            raise _HTTPError(
+                413, f"max_new_tokens {body.max_new_tokens} is over this pod's limit {pod.config.max_new_tokens}"
+            )
+        received = time.perf_counter()
+        await _store_call(pod.store.get(session_id))  # fail fast (503) while the store is out
+        if body.stream:
+            stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received)
+            try:
+                first = await stream.first()
+            except BaseException:
+                stream.task.cancel()
+                raise
+            return StreamingResponse(stream.events(first), media_type="text/event-stream")
+        result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
+        saved = await _save_turn(pod, session_id, prompt, result)
+        return _answer(session_id, result, saved, received)
+
+    return app
+
+
+def _prompt(body: TurnRequest, pod: PodState) -> tuple[int, ...]:
+    limit = pod.config.max_prompt_tokens
+    vocab = pod.engine.config.vocab_size
+    if isinstance(body.prompt_tokens, int):
+        if body.prompt_tokens < 1:
+            raise _HTTPError(422, f"prompt_tokens: must be >= 1, got {body.prompt_tokens}")
+        if body.prompt_tokens > limit:
+            raise _HTTPError(413, f"prompt of {body.prompt_tokens} tokens is over this pod's limit {limit}")
+        return synthetic_prompt(body.prompt_tokens, vocab)
+    ids = body.prompt_tokens
+    if not ids:
+        raise _HTTPError(422, "prompt_tokens: the token list is empty")
+    if len(ids) > limit:
+        raise _HTTPError(413, f"prompt of {len(ids)} tokens is over this pod's limit {limit}")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise _HTTPError(422, f"prompt_tokens: token ids must be in [0, {vocab}), got {bad[0]}")
+    return tuple(ids)
+
+
+async def _ping(store: SessionStore) -> None:
+    ping = getattr(store, "ping", None)
+    if ping is not None:
+        await ping()
+    else:
+        await store.get("capsim-readiness-probe")
+
+
+async def _store_call(coro: Any) -> Any:
+    try:
+        return await coro
+    except StoreUnavailableError as exc:
+        raise _HTTPError(503, f"session store unavailable: {exc}", {"Retry-After": "1"}) from None
+    except StateTooLargeError as exc:
+        raise _HTTPError(413, str(exc)) from None
+    except StateStoreError as exc:
+        raise _HTTPError(500, f"session store error: {exc}") from None
+
+
+async def _generate(pod: PodState, req: GenerationRequest) -> GenerationResult:
+    try:
+        return await pod.batcher.submit(req)
+    except QueueFullError as exc:
+        retry = max(1, round(exc.retry_after_s))
+        raise _HTTPError(429, str(exc), {"Retry-After": str(retry)}) from None
+    except BatcherClosedError:
+        raise _HTTPError(503, "pod is shutting down; retry on another pod", {"Retry-After": "1"}) from None
+
+
+async def _save_turn(
+    pod: PodState, session_id: str, prompt: tuple[int, ...], result: GenerationResult
+) -> SessionState:
+    def append(state: SessionState) -> SessionState:
+        return state.with_message("user", _describe(prompt), tokens=len(prompt)).with_message(
+            "assistant", " ".join(map(str, result.tokens)), tokens=len(result.tokens)
+        )
+
+    saved: SessionState = await _store_call(pod.store.update(session_id, append))
+    return saved
+
+
+def _describe(prompt: tuple[int, ...]) -> str:
+    return " ".join(map(str, prompt))
+
+
+def _answer(session_id: str, result: GenerationResult, saved: SessionState, received: float) -> dict[str, Any]:
+    """The turn's answer; timings are seconds from when the pod received the request."""
+    queue_s = max(result.started_at - received, 0.0)
+    return {
+        "session_id": session_id,
+        "turn": len(saved.messages) // 2,
+        "version": saved.version,
+        "tokens": result.tokens,
+        "batch_size": result.batch_size,
+        "timings": {
+            "queue_s": queue_s,
+            "ttft_s": queue_s + result.first_token_s,
+            "model_s": result.total_s,
+            "total_s": time.perf_counter() - received,
+        },
+    }
+
+
+class _TurnStream:
+    """A streaming turn: generation runs as a task, tokens arrive through a queue from the engine."""
+
+    def __init__(self, pod: PodState, session_id: str, prompt: tuple[int, ...], max_new: int, received: float):
+        self.pod, self.session_id, self.prompt, self.max_new, self.received = pod, session_id, prompt, max_new, received
+        loop = asyncio.get_running_loop()
+        self.tokens: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+
+        def on_token(index: int, token: int, t_s: float) -> None:
+            loop.call_soon_threadsafe(self.tokens.put_nowait, (index, token, t_s))
+
+        self.task = asyncio.create_task(_generate(pod, GenerationRequest(prompt, max_new, on_token=on_token)))
+
+    async def next_token(self) -> tuple[int, int, float] | None:
+        """The next token, or None once generation has ended (successfully or not) without one."""
+        getter = asyncio.ensure_future(self.tokens.get())
+        done, _ = await asyncio.wait({getter, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        if not self.tokens.empty():
+            return self.tokens.get_nowait()
+        return None
+
+    async def first(self) -> tuple[int, int, float]:
+        """Wait for the first token; a queue-full or closing error surfaces here, before any byte."""
+        token = await self.next_token()
+        if token is None:
+            await self.task  # raises the _HTTPError that ended it
+            raise _HTTPError(500, "generation ended without a token")
+        return token
+
+    async def events(self, first: tuple[int, int, float]) -> AsyncIterator[bytes]:
+        try:
+            token: tuple[int, int, float] | None = first
+            sent = 0
+            while token is not None:
+                index, value, _ = token
+                yield _sse("token", {"index": index, "token": value, "t_s": time.perf_counter() - self.received})
+                sent += 1
+                if sent >= self.max_new:
+                    break
+                token = await self.next_token()
+            result = await self.task
+            saved = await _save_turn(self.pod, self.session_id, self.prompt, result)
+            yield _sse("done", _answer(self.session_id, result, saved, self.received))
+        except _HTTPError as exc:
+            yield _sse("error", {"status": exc.status, "detail": exc.detail})
+        finally:
+            if not self.task.done():
+                self.task.cancel()
+
+
+def _sse(event: str, data: Mapping[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def serve(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the pod on uvicorn until SIGTERM/SIGINT: readiness goes false at once, intake stops, in-flight
+    work drains within ``config.drain_timeout_s``, then the process exits 0."""
+    import uvicorn
+
+    app = create_app(config)
+
+    class PodServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            pod = getattr(app.state, "pod", None)
+            if pod is not None:
+                pod.ready = False
+                pod.draining = True
+            super().handle_exit(sig, frame)
+
+    server = PodServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=max(int(config.drain_timeout_s), 1),
+            access_log=False,
+        )
+    )
+    # uvicorn re-raises a caught SIGTERM once it has shut down gracefully; by then the work is drained,
+    # so the handler it restores and re-triggers is this one: exit 0, as Kubernetes expects of a drain.
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run()
