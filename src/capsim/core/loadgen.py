@@ -1,0 +1,255 @@
+"""An open-loop HTTP load generator for agent pods that writes the simulator's request records.
+
+Sessions start at the workload's times whether or not earlier requests have been answered (open loop);
+a session's later turns follow its previous answer after the think time. Each attempt has a timeout;
+failed, rejected (429) and timed-out attempts are retried with exponential backoff, as the simulated
+client does. Every request becomes one row with the columns of ``capsim.model.request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+
+from capsim.model.request import OUTCOMES, requests_frame
+
+Routing = Literal["round_robin", "random", "session_affinity"]
+
+
+class WorkloadLike(Protocol):
+    """What the load generator needs of a workload (``capsim.model.workload.Workload`` has it)."""
+
+    @property
+    def session_start_s(self) -> np.ndarray: ...
+    @property
+    def turns(self) -> int: ...
+    @property
+    def think_time_s(self) -> float: ...
+    @property
+    def prompt_tokens(self) -> np.ndarray: ...
+    @property
+    def output_tokens(self) -> np.ndarray: ...
+
+
+class LoadgenError(ValueError):
+    """Bad load-generator input: a target off loopback without ``allow_remote``, a bad bound."""
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """The simulated client's settings: per-attempt timeout and retries with backoff."""
+
+    timeout_s: float = 60.0
+    max_retries: int = 2
+    backoff_s: float = 1.0
+    backoff_multiplier: float = 2.0
+
+
+def check_targets(targets: Sequence[str], allow_remote: bool = False) -> list[str]:
+    """Normalize target base URLs; refuse anything but loopback unless ``allow_remote``."""
+    if not targets:
+        raise LoadgenError("at least one target URL is needed")
+    out = []
+    for url in targets:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LoadgenError(f"target must be an http(s) URL with a host, got {url!r}")
+        if not allow_remote and not _is_loopback(parts.hostname):
+            raise LoadgenError(f"target {url!r} is not on loopback; pass allow_remote to send load elsewhere")
+        out.append(url.rstrip("/"))
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+_OK, _REJECTED, _TIMED_OUT, _FAILED = (OUTCOMES.index(o) for o in ("ok", "rejected", "timed_out", "failed"))
+
+
+class _Records:
+    """Preallocated columns, one row per request."""
+
+    def __init__(self, n: int, prompt: np.ndarray, output: np.ndarray, turns: int) -> None:
+        self.request_id = np.arange(n, dtype=np.int64)
+        self.session_id = self.request_id // turns
+        self.pod = np.full(n, -1, dtype=np.int32)
+        self.arrival_s = np.full(n, np.nan)
+        self.start_s = np.full(n, np.nan)
+        self.first_token_s = np.full(n, np.nan)
+        self.end_s = np.full(n, np.nan)
+        self.batch_size = np.zeros(n, dtype=np.int32)
+        self.prompt_tokens = prompt[:n].astype(np.int32)
+        self.output_tokens = output[:n].astype(np.int32)
+        self.attempts = np.zeros(n, dtype=np.int32)
+        self.outcome = np.full(n, -1, dtype=np.int8)  # -1: never sent (bounded run ended first)
+
+    def frame(self) -> Any:
+        sent = self.outcome >= 0
+        cols = {k: getattr(self, k)[sent] for k in (
+            "request_id", "session_id", "pod", "arrival_s", "start_s", "first_token_s", "end_s",
+            "batch_size", "prompt_tokens", "output_tokens", "attempts", "outcome")}
+        return requests_frame(cols)
+
+
+async def run_load(
+    targets: Sequence[str],
+    workload: WorkloadLike,
+    *,
+    client: ClientPolicy | None = None,
+    routing: Routing = "round_robin",
+    max_requests: int | None = None,
+    max_duration_s: float = 600.0,
+    stream: bool = False,
+    allow_remote: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> Any:
+    """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
+
+    Bounded: at most ``max_requests`` requests are sent, and no new request starts after
+    ``max_duration_s`` seconds; requests still open then are awaited up to their timeout.
+    """
+    urls = check_targets(targets, allow_remote)
+    policy = client or ClientPolicy()
+    if max_duration_s <= 0:
+        raise LoadgenError(f"max_duration_s must be > 0, got {max_duration_s}")
+    turns = workload.turns
+    n = len(workload.prompt_tokens)
+    if max_requests is not None:
+        if max_requests < 1:
+            raise LoadgenError(f"max_requests must be >= 1, got {max_requests}")
+        n = min(n, max_requests)
+    rec = _Records(n, workload.prompt_tokens, workload.output_tokens, turns)
+    rng = random.Random(seed)
+    rr = 0
+    t0 = time.perf_counter()
+    deadline = t0 + max_duration_s
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc="requests", disable=not progress)
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
+    timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
+
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+
+        def pick(session: int) -> int:
+            nonlocal rr
+            if routing == "session_affinity":
+                return session % len(urls)
+            if routing == "random":
+                return rng.randrange(len(urls))
+            rr += 1
+            return (rr - 1) % len(urls)
+
+        async def attempt(r: int, pod: int) -> tuple[int, float, float, int]:
+            """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size) with times from sending."""
+            url = f"{urls[pod]}/v1/sessions/s{rec.session_id[r]}/turns"
+            body = {"prompt_tokens": int(rec.prompt_tokens[r]), "max_new_tokens": int(rec.output_tokens[r])}
+            try:
+                if stream:
+                    return await _attempt_stream(http, url, body, policy.timeout_s)
+                resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
+            except TimeoutError:
+                return _TIMED_OUT, np.nan, np.nan, 0
+            except httpx.TimeoutException:
+                return _TIMED_OUT, np.nan, np.nan, 0
+            except httpx.HTTPError:
+                return _FAILED, np.nan, np.nan, 0
+            if resp.status_code == 429:
+                return _REJECTED, np.nan, np.nan, 0
+            if resp.status_code != 200:
+                return _FAILED, np.nan, np.nan, 0
+            data = resp.json()
+            return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"])
+
+        async def request(r: int) -> bool:
+            """Send request ``r`` with retries; True when it succeeded."""
+            session = int(rec.session_id[r])
+            rec.arrival_s[r] = time.perf_counter() - t0
+            for k in range(policy.max_retries + 1):
+                pod = pick(session)
+                sent = time.perf_counter() - t0
+                outcome, queue_s, ttft_s, batch = await attempt(r, pod)
+                rec.attempts[r] = k + 1
+                rec.pod[r] = pod
+                rec.outcome[r] = outcome
+                if outcome == _OK:
+                    rec.start_s[r] = sent + queue_s
+                    rec.first_token_s[r] = sent + ttft_s
+                    rec.batch_size[r] = batch
+                    break
+                if k < policy.max_retries:
+                    await asyncio.sleep(policy.backoff_s * policy.backoff_multiplier**k)
+            rec.end_s[r] = time.perf_counter() - t0
+            bar.update(1)
+            return rec.outcome[r] == _OK
+
+        async def session(s: int) -> None:
+            await asyncio.sleep(max(float(workload.session_start_s[s]) - (time.perf_counter() - t0), 0.0))
+            for turn in range(turns):
+                r = s * turns + turn
+                if r >= n or time.perf_counter() > deadline:
+                    return
+                if not await request(r):
+                    return  # a failed turn ends the conversation, as in the simulator
+                if turn + 1 < turns and workload.think_time_s > 0:
+                    await asyncio.sleep(workload.think_time_s)
+
+        sessions = [s for s in range(len(workload.session_start_s)) if s * turns < n
+                    and workload.session_start_s[s] <= max_duration_s]
+        await asyncio.gather(*[session(s) for s in sessions])
+    bar.close()
+    return rec.frame()
+
+
+async def _attempt_stream(
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float
+) -> tuple[int, float, float, int]:
+    """A streaming attempt: the time to first token is when the first token event arrives."""
+    import json
+
+    start = time.perf_counter()
+    ttft = np.nan
+    try:
+        async with asyncio.timeout(timeout_s), http.stream("POST", url, json={**body, "stream": True}) as resp:
+            if resp.status_code == 429:
+                return _REJECTED, np.nan, np.nan, 0
+            if resp.status_code != 200:
+                return _FAILED, np.nan, np.nan, 0
+            event = None
+            async for line in resp.aiter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                    if event == "token" and np.isnan(ttft):
+                        ttft = time.perf_counter() - start
+                elif line.startswith("data: ") and event == "done":
+                    data = json.loads(line[6:])
+                    return _OK, data["timings"]["queue_s"], ttft, int(data["batch_size"])
+                elif line.startswith("data: ") and event == "error":
+                    return _FAILED, np.nan, np.nan, 0
+    except TimeoutError:
+        return _TIMED_OUT, np.nan, np.nan, 0
+    except httpx.TimeoutException:
+        return _TIMED_OUT, np.nan, np.nan, 0
+    except httpx.HTTPError:
+        return _FAILED, np.nan, np.nan, 0
+    return _FAILED, np.nan, np.nan, 0

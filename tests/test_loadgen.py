@@ -1,0 +1,94 @@
+"""The load generator against a real pod: open loop, records in the simulator's schema, retries, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from capsim.core.loadgen import ClientPolicy, LoadgenError, check_targets, run_load
+from capsim.model.request import REQUEST_COLUMNS
+from podproc import PodProcess
+
+
+@dataclass(frozen=True)
+class Plan:
+    session_start_s: np.ndarray
+    turns: int
+    think_time_s: float
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+
+
+def plan(n_sessions: int, turns: int = 1, rate: float = 50.0, prompt: int = 16, output: int = 4) -> Plan:
+    rng = np.random.default_rng(0)
+    starts = np.cumsum(rng.exponential(1 / rate, n_sessions))
+    n = n_sessions * turns
+    return Plan(starts, turns, 0.0, np.full(n, prompt), np.full(n, output))
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory):
+    p = PodProcess(tmp_path_factory.mktemp("lg"), max_wait_ms=5).start()
+    yield p
+    p.stop()
+
+
+def test_records_have_the_simulator_columns_and_sane_times(pod):
+    df = asyncio.run(run_load([pod.url], plan(30, turns=2), seed=1))
+    assert list(df.columns) == list(REQUEST_COLUMNS)
+    assert len(df) == 60
+    assert (df.outcome == "ok").all()
+    assert (df.attempts == 1).all()
+    ok = df
+    assert (ok.arrival_s <= ok.start_s + 1e-3).all()
+    assert (ok.start_s <= ok.first_token_s).all() and (ok.first_token_s <= ok.end_s).all()
+    # turn 2 of a session is sent after turn 1 is answered
+    by = df.set_index("request_id")
+    for s in range(30):
+        assert by.loc[2 * s + 1, "arrival_s"] >= by.loc[2 * s, "end_s"]
+    assert set(df.session_id) == set(range(30))
+    assert (df.batch_size >= 1).all()
+
+
+def test_open_loop_sends_on_schedule_not_on_answers(pod):
+    p = plan(20, rate=200.0, output=32)
+    df = asyncio.run(run_load([pod.url], p))
+    lag = df.sort_values("request_id").arrival_s.to_numpy() - p.session_start_s
+    assert np.median(lag) < 0.05  # sessions start when scheduled, even while earlier ones are in flight
+
+
+def test_streaming_measures_time_to_first_token_on_the_client(pod):
+    df = asyncio.run(run_load([pod.url], plan(5, output=16), stream=True))
+    assert (df.outcome == "ok").all()
+    assert (df.first_token_s < df.end_s).all()
+
+
+def test_bounds_are_respected(pod):
+    df = asyncio.run(run_load([pod.url], plan(50), max_requests=7))
+    assert len(df) == 7
+    df = asyncio.run(run_load([pod.url], plan(200, rate=20.0), max_duration_s=0.5))
+    assert 0 < len(df) < 200
+    assert df.arrival_s.max() <= 0.6
+
+
+def test_unreachable_pod_is_retried_then_failed(tmp_path):
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    client = ClientPolicy(timeout_s=2.0, max_retries=2, backoff_s=0.01)
+    df = asyncio.run(run_load([dead], plan(3), client=client))
+    assert (df.outcome == "failed").all()
+    assert (df.attempts == 3).all()
+    assert df.first_token_s.isna().all()
+
+
+def test_targets_must_be_loopback_unless_allowed():
+    assert check_targets(["http://localhost:8000/"]) == ["http://localhost:8000"]
+    with pytest.raises(LoadgenError, match="not on loopback"):
+        check_targets(["http://10.0.0.5:8000"])
+    with pytest.raises(LoadgenError, match="http\\(s\\) URL"):
+        check_targets(["ftp://127.0.0.1"])
+    assert check_targets(["http://10.0.0.5:8000"], allow_remote=True)
+    with pytest.raises(LoadgenError, match="max_requests"):
+        asyncio.run(run_load(["http://127.0.0.1:1"], plan(1), max_requests=0))
