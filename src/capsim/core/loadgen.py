@@ -201,7 +201,7 @@ async def run_load(
                     await asyncio.sleep(policy.backoff_s * policy.backoff_multiplier**k)
             rec.end_s[r] = time.perf_counter() - t0
             bar.update(1)
-            return rec.outcome[r] == _OK
+            return bool(rec.outcome[r] == _OK)
 
         async def session(s: int) -> None:
             await asyncio.sleep(max(float(workload.session_start_s[s]) - (time.perf_counter() - t0), 0.0))
