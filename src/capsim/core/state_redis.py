@@ -158,6 +158,11 @@ class RedisSessionStore:
         return self._s
 
     @property
+    def client(self) -> Redis:
+        """The underlying redis-py client, for diagnostics and tests (bypasses every check)."""
+        return self._client
+
+    @property
     def scripting(self) -> Literal["auto", "lua", "watch"]:
         """The write path in use: 'lua', 'watch', or 'auto' until the first write decides."""
         return self._mode
@@ -408,9 +413,30 @@ class RedisSessionStore:
         if entry is None:
             entry = self._locks[key] = _KeyLock()
         entry.users += 1
+        entered = time.monotonic()
         try:
-            async with entry.lock:
-                yield
+            # Waiting in line counts against the deadline too: behind a call stuck on a frozen
+            # server, the caller still learns within op_deadline_s.
+            try:
+                async with asyncio.timeout(self._s.op_deadline_s):
+                    await entry.lock.acquire()
+            except TimeoutError:
+                raise StoreUnavailableError(
+                    f"{self._where}: waited {self._s.op_deadline_s:g} s behind other updates of {key!r} "
+                    "(the server is slow or not answering)"
+                ) from None
+            try:
+                if entry.failed_at is not None and entry.failed_at >= entered:
+                    # The update ahead of us just found the server unavailable: say so now
+                    # rather than spend a second deadline finding out again.
+                    raise StoreUnavailableError(entry.failure)
+                try:
+                    yield
+                except StoreUnavailableError as exc:
+                    entry.failed_at, entry.failure = time.monotonic(), str(exc)
+                    raise
+            finally:
+                entry.lock.release()
         finally:
             entry.users -= 1
             if entry.users == 0:
@@ -431,11 +457,13 @@ class RedisSessionStore:
 
 
 class _KeyLock:
-    __slots__ = ("lock", "users")
+    __slots__ = ("failed_at", "failure", "lock", "users")
 
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0
+        self.failed_at: float | None = None  # when an update holding the lock found Redis unavailable
+        self.failure = ""
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
