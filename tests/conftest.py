@@ -1,0 +1,177 @@
+"""Shared pytest fixtures: generic helpers only (a private redis-server on loopback, ...)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# ---------------------------------------------------------------------------------------------
+# A private redis-server
+# ---------------------------------------------------------------------------------------------
+
+REDIS_START_TIMEOUT_S = 10.0
+
+
+class RedisServer:
+    """One redis-server process on 127.0.0.1 that a test may kill, freeze, thaw and restart.
+
+    ``url`` (TCP) and ``unix_url`` (Unix socket) stay the same across restarts; so does the data
+    directory, which is what makes an AOF restart meaningful.
+    """
+
+    def __init__(self, binary: str, directory: Path, *, aof: bool = False) -> None:
+        self.binary = binary
+        self.dir = directory
+        self.aof = aof
+        self.port = _free_port()
+        self.socket_path = directory / "redis.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.frozen = False
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket_path}?db=0"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "redis-server is not running"
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Start the server and wait (bounded) until it answers PING."""
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        durability = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        )
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--protected-mode", "yes",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.dir),
+            "--save", "",
+            *durability,
+            "--daemonize", "no",
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.frozen = False
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}\n{log}")
+            if _answers_ping(self.port):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(
+            f"redis-server on port {self.port} did not answer within {REDIS_START_TIMEOUT_S} s"
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final fsync; whatever the AOF holds is what survives."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.frozen = False
+
+    def freeze(self) -> None:
+        """SIGSTOP: the kernel still accepts connections, but nothing ever answers."""
+        os.kill(self.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """SIGCONT after freeze()."""
+        os.kill(self.pid, signal.SIGCONT)
+        self.frozen = False
+
+    def restart(self) -> None:
+        """kill -9, then start again on the same port and data directory."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        """Stop gracefully if possible (SIGTERM), else SIGKILL; safe to call twice."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if self.frozen:
+            self.thaw()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    """Path of redis-server; skips the test without it, or fails it when CAPSIM_REQUIRE_REDIS=1."""
+    found = shutil.which("redis-server")
+    if found is None:
+        msg = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CAPSIM_REQUIRE_REDIS") == "1":
+            pytest.fail(f"{msg}, and CAPSIM_REQUIRE_REDIS=1 requires it")
+        pytest.skip(msg)
+    return found
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server shared by the session (no persistence); tests isolate themselves by key prefix.
+
+    Do not kill or freeze it: use ``redis_server_factory`` for a private one.
+    """
+    server = RedisServer(redis_binary, tmp_path_factory.mktemp("redis-shared"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server_factory(
+    redis_binary: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., RedisServer]]:
+    """Make private, started redis-servers (``aof=True``: append-only file, fsync always); stops them."""
+    servers: list[RedisServer] = []
+
+    def make(*, aof: bool = False) -> RedisServer:
+        server = RedisServer(redis_binary, tmp_path_factory.mktemp("redis"), aof=aof)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
