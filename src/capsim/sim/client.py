@@ -1,11 +1,10 @@
 """The agents' side of a run: sends requests in time order, gives up after a timeout, retries with backoff.
 
-One SimPy process walks the arrivals (the workload's session starts, merged with a heap of follow-ups:
-retries and later turns of sessions). It does not sleep until each arrival: it hands every arrival that
-comes before the next scheduled event to the router at the arrival's own time, then sleeps until the
-next arrival or event. Nothing else can happen between two events, so this is exact, and it makes a
-request cost no SimPy event of its own. Anything that schedules a follow-up earlier than the process's
-wake-up interrupts its sleep.
+The client drives the run (``Client.run``): it walks the arrivals -- the workload's session starts,
+merged with a heap of follow-ups (retries and later turns of sessions) -- and steps the SimPy
+environment in between, handing every arrival that comes before the next scheduled event to the router
+at the arrival's own time. Nothing else can happen between two events, so this is exact, and a request
+costs no SimPy event of its own: a batch of 32 costs two or three events, not a hundred.
 
 Timeouts are watched lazily by a second process: a pod's queue is FIFO by send time and every attempt
 has the same timeout, so only queue heads can be due; batches with a request that will be due before
@@ -18,14 +17,12 @@ finished) are lost: their requests fail without retry and their later turns are 
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import math
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import simpy
 
 from capsim.sim.arrivals import Workload
 from capsim.sim.pod import Batch, Pod, PodState
@@ -56,6 +53,8 @@ class Client:
         self.max_retries = cl.max_retries
         self.backoff_s = cl.backoff_s
         self.backoff_mult = cl.backoff_multiplier
+        self._max_batch = sim.batching.max_batch_size
+        self._pick = sim.router.pick
         self._cap = sim.batching.queue_capacity if sim.batching.overflow == "reject" else math.inf
         self.pod_local = sc.state.store == "pod_local"
         self.sticky = self.pod_local or sc.router.kind == "session_affinity"
@@ -64,7 +63,8 @@ class Client:
         self.home = np.full(n_sessions if self.sticky else 0, -1, dtype=np.int32)
         self.session = np.zeros(n_sessions if self.track_sessions else 0, dtype=np.int8)
         # counters: arrived = ok + failed + timed_out + rejected + in flight, checked at the horizon
-        self.n_arrived = 0
+        self._main_sent = 0  # first turns sent (the arrival process updates it before it sleeps)
+        self._later_sent = 0  # later turns sent
         self.n_ok = 0
         self.n_failed = 0
         self.n_timed_out = 0
@@ -75,67 +75,62 @@ class Client:
         self.followups: list[tuple[float, int, bool]] = []  # (time, request, is_retry)
         self._inflight_due: list[tuple[float, int, int, Batch]] = []  # (due, seq, request, batch)
         self._seq = 0
-        self._sleeping = False
-        self._wake_at = math.inf
-        self.proc = self.env.process(self._arrivals())
         self.env.process(self._watch_timeouts())
 
     # ---- the arrival process ----------------------------------------------------------------------
-    def _arrivals(self) -> Generator[Any, Any, None]:
+    def run(self) -> None:
+        """Run the simulation to the horizon: arrivals interleaved with the SimPy events in time order.
+
+        This replaces ``env.run(until=horizon)``: before each event is stepped, every arrival that comes
+        earlier is handed to the router at its own time. Sending may schedule events earlier than the
+        next one (a batch starting), so the next event time is read again after each send.
+        """
         env = self.env
         peek = env.peek
+        step = env.step
         heap = self.followups
         horizon = self.horizon
         starts = self._starts
         turns = self.turns
-        send = self._send
+        # without sticky sessions or Redis outages, a first send needs only the router and the queue
+        plain = not self.sticky and not self.sim.faults.has_redis_outages
+        send = self._send_plain if plain else self._send
+        session = self.session if self.track_sessions else None
         n = len(starts)
         pos = base = k = 0
         times: list[float] = []
         while True:
-            if k >= len(times) and pos < n:
-                times = starts[pos : pos + _CHUNK].tolist()
-                base = pos
-                pos += len(times)
-                k = 0
-            t_main = times[k] if k < len(times) else math.inf
-            if heap and heap[0][0] < t_main:
-                t = heap[0][0]
-                from_heap = True
-            else:
-                t = t_main
-                from_heap = False
-            if t >= horizon:
-                t = horizon
-            if t >= peek() or t >= horizon:
-                # another event comes first (or nothing is left before the horizon): sleep until t
-                yield from self._sleep(t)
-                if env.now >= horizon:
-                    return
-                continue
-            if from_heap:
-                _, i, is_retry = heapq.heappop(heap)
-                self._send_followup(i, t, is_retry)
-            else:
+            if k >= len(times):
+                self._main_sent = base + k
+                if pos < n:
+                    times = starts[pos : pos + _CHUNK].tolist()
+                    base = pos
+                    pos += len(times)
+                    k = 0
+            t = times[k] if k < len(times) else math.inf
+            t_event = peek()
+            if heap and heap[0][0] < t:
+                t, i, is_retry = heap[0]
+                if t < t_event and t < horizon:
+                    heapq.heappop(heap)
+                    self._send_followup(i, t, is_retry)
+                    continue
+            elif t < t_event and t < horizon:
+                # the hot path: a new session's first turn, before anything else happens
                 i = (base + k) * turns
                 k += 1
-                self.n_arrived += 1
-                if self.track_sessions:
-                    self.session[i // turns] = _ACTIVE
+                if session is not None:
+                    session[i // turns] = _ACTIVE
                 send(i, t)
-
-    def _sleep(self, until: float) -> Generator[Any, Any, None]:
-        self._sleeping = True
-        self._wake_at = until
-        with contextlib.suppress(simpy.Interrupt):  # an earlier follow-up was scheduled
-            yield self.env.timeout(max(until - self.env.now, 0.0))
-        self._sleeping = False
+                continue
+            if t_event >= horizon:
+                self._main_sent = base + k
+                return
+            self._main_sent = base + k  # the time-series sampler may read it in this step
+            step()
 
     def _push(self, t: float, i: int, is_retry: bool) -> None:
         heapq.heappush(self.followups, (t, i, is_retry))
-        if self._sleeping and t < self._wake_at:
-            self._sleeping = False
-            self.proc.interrupt()
 
     def _send_followup(self, i: int, t: float, is_retry: bool) -> None:
         rec = self.rec
@@ -151,9 +146,14 @@ class Client:
             if self.session[s] != _ACTIVE:  # lost while thinking
                 return
             rec.arrival[i] = t
-            self.n_arrived += 1
+            self._later_sent += 1
         rec.send[i] = t
         self._send(i, t)
+
+    @property
+    def n_arrived(self) -> int:
+        """Requests sent at least once so far."""
+        return self._main_sent + self._later_sent
 
     # ---- one attempt ---------------------------------------------------------------------------------
     def _send(self, i: int, t: float) -> None:
@@ -168,9 +168,30 @@ class Client:
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
         if len(pod.queue) >= self._cap:
+            sim.router.touch(pod)  # picked, but its count did not change
             self._attempt_failed(i, t, REJECTED, pod.id)  # 429
             return
         pod.enqueue(i, t)
+        if self.sticky:
+            sim.router.touch(pod)  # a home pod was not picked by the router
+
+    def _send_plain(self, i: int, t: float) -> None:
+        """``_send`` without sessions or outages, with ``Pod.enqueue`` inlined: the hot path."""
+        pod = self._pick()
+        if pod is None:
+            self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            return
+        q = pod.queue
+        if len(q) >= self._cap:
+            self.sim.router.touch(pod)
+            self._attempt_failed(i, t, REJECTED, pod.id)  # 429
+            return
+        q.append(i)
+        pod.outstanding += 1
+        if len(pod.running) < pod.max_running:
+            n = len(q)
+            if n == 1 or n >= self._max_batch:
+                pod.pump(t)
 
     def _home_pod(self, i: int) -> Pod | None:
         s = i // self.turns
@@ -267,12 +288,13 @@ class Client:
             now = env.now
             while due_heap and due_heap[0][0] <= now:
                 due, _, i, batch = heapq.heappop(due_heap)
-                if batch.dead or rec.bid[i] != batch.bid or rec.batch_done[batch.bid]:
+                if batch.dead or batch.done or rec.bid[i] != batch.bid:
                     continue
                 if batch.cancelled is None:
                     batch.cancelled = set()
                 batch.cancelled.add(i)
                 batch.pod.outstanding -= 1
+                self.sim.router.touch(batch.pod)
                 self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
             nxt = now + timeout  # anything sent from now on is due later than this
             for pod in self.sim.cluster.pods:

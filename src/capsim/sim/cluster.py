@@ -135,6 +135,7 @@ class Cluster:
         pod.state = PodState.READY
         self.endpoints.append(pod)
         self.endpoints.sort(key=lambda p: p.id)
+        self.sim.router.touch(pod)
         self.sim.faults.pod_ready(pod, now)
 
     def _leave_endpoints(self, pod: Pod) -> None:

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 
+_NO_REQUESTS = np.empty(0, dtype=np.int64)
+
+
 class PodState(IntEnum):
     """Where a pod is in its life (the Kubernetes words)."""
 
@@ -38,22 +41,24 @@ class PodState(IntEnum):
 class Batch:
     """One batch on the model: its requests (in queue order) and its times (s)."""
 
-    __slots__ = ("bid", "cancelled", "dead", "end", "first", "idx", "pod", "start")
+    __slots__ = ("bid", "cancelled", "dead", "done", "end", "first", "idx", "pod", "size", "start")
 
-    def __init__(self, bid: int, idx: np.ndarray, start: float, first: float, end: float, pod: Pod) -> None:
-        self.bid = bid
-        self.idx = idx
+    def __init__(self, idx: np.ndarray, start: float, first: float, end: float, pod: Pod) -> None:
+        self.bid = -1  # set by Records.add_batch
+        self.idx = idx  # released when the batch is over
+        self.size = len(idx)
         self.start = start
         self.first = first
         self.end = end
         self.pod = pod
         self.cancelled: set[int] | None = None  # requests whose client gave up while the batch ran
         self.dead = False  # the pod crashed or was killed under it
+        self.done = False  # finished normally
 
     @property
     def live_size(self) -> int:
         """Requests of the batch whose client still waits for it."""
-        return len(self.idx) - (len(self.cancelled) if self.cancelled else 0)
+        return self.size - (len(self.cancelled) if self.cancelled else 0)
 
 
 class Pod:
@@ -69,6 +74,11 @@ class Pod:
         self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
         self.running: list[Batch] = []
         self.max_running = sim.batching.max_concurrent_batches
+        self._max_batch = sim.batching.max_batch_size
+        self._batching = sim.batching
+        self._env = sim.env
+        self._rec = sim.records
+        self._batch_time = sim.service.batch_time
         self._timer_at: float | None = None
         # counters the pod's /metrics endpoint exports (scraped by the HPA pipeline)
         self.busy_s = 0.0  # closed busy intervals: time with at least one batch on the model
@@ -93,21 +103,21 @@ class Pod:
             n = len(q)
             # only these two changes can alter the rule's answer: a first request starts the wait,
             # a full batch ends it
-            if n == 1 or n >= self.sim.batching.max_batch_size:
+            if n == 1 or n >= self._max_batch:
                 self.pump(now)
 
     def pump(self, now: float) -> None:
         """Ask the batching rule what to do at ``now`` and do it: start batches, or set the wake-up."""
         q = self.queue
-        send = self.sim.records.send
+        send = self._rec.send
         while q:
-            d = decide(now, len(q), float(send[q[0]]), self.sim.batching, len(self.running))
+            d = decide(now, len(q), float(send[q[0]]), self._batching, len(self.running))
             if d.size:
                 self._start_batch(now, d.size)
                 continue
             if d.wake_at is not None and (self._timer_at is None or d.wake_at < self._timer_at):
                 self._timer_at = d.wake_at
-                ev = Timeout(self.sim.env, max(d.wake_at - self.sim.env.now, 0.0), d.wake_at)
+                ev = Timeout(self._env, max(d.wake_at - self._env.now, 0.0), d.wake_at)
                 ev.callbacks.append(self._on_timer)
             return
 
@@ -126,25 +136,25 @@ class Pod:
             q.clear()
         else:
             idx = np.array([q.popleft() for _ in range(size)], dtype=np.int64)
-        rec = sim.records
+        rec = self._rec
         if sim.constant_lengths:
             p, o = sim.constant_lengths
         else:
             p, o = int(rec.prompt[idx].max()), int(rec.output[idx].max())
-        prefill_s, total_s = sim.service.batch_time(size, p, o)
+        prefill_s, total_s = self._batch_time(size, p, o)
         end = now + total_s
         if not self.running:
             self._busy_since = now
-        bid = rec.add_batch(idx, now, now + prefill_s, end, self.id)
-        batch = Batch(bid, idx, now, now + prefill_s, end, self)
+        batch = Batch(idx, now, now + prefill_s, end, self)
+        rec.add_batch(batch)
         self.running.append(batch)
-        ev = Timeout(sim.env, max(end - sim.env.now, 0.0), batch)
+        ev = Timeout(self._env, max(end - self._env.now, 0.0), batch)
         ev.callbacks.append(self._on_complete)
-        sends = rec.send[idx]
-        self.ttft_sum_s += size * batch.first - float(sends.sum())
-        self.ttft_count += size
-        if float(sends[0]) + sim.timeout_s < end:  # FIFO: the head was sent first
-            sim.client.watch_batch(batch, sends)
+        if sim.track_ttft:  # only an HPA on TTFT reads it: skip the sum otherwise
+            self.ttft_sum_s += size * batch.first - float(rec.send[idx].sum())
+            self.ttft_count += size
+        if rec.send[idx[0]] + sim.timeout_s < end:  # FIFO: the head was sent first
+            sim.client.watch_batch(batch, rec.send[idx])
 
     def _on_complete(self, ev: Timeout) -> None:
         batch = cast(Batch, ev.value)
@@ -155,8 +165,10 @@ class Pod:
         if not self.running:
             self.busy_s += now - self._busy_since
         self.outstanding -= batch.live_size
-        self.sim.records.batch_done[batch.bid] = True
+        self.sim.router.touch(self)
+        batch.done = True
         self.sim.client.on_batch_done(batch, now)
+        batch.idx = _NO_REQUESTS  # the records keep the batch: let its index array go
         if self.queue:
             self.pump(now)
         if self.state == PodState.TERMINATING and self.outstanding == 0 and not self.running:
@@ -170,6 +182,7 @@ class Pod:
     def drop_head(self) -> int:
         """Remove and return the head of the queue (its client gave up)."""
         self.outstanding -= 1
+        self.sim.router.touch(self)
         return self.queue.popleft()
 
     def kill(self, now: float) -> list[int]:
@@ -177,7 +190,8 @@ class Pod:
         held = list(self.queue)
         for b in self.running:
             b.dead = True
-            held.extend(int(i) for i in b.idx if not b.cancelled or int(i) not in b.cancelled)
+            held.extend(i for i in b.idx.tolist() if not b.cancelled or i not in b.cancelled)
+            b.idx = _NO_REQUESTS
         if self.running:
             self.busy_s += now - self._busy_since
         self.queue.clear()

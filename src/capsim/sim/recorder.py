@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capsim.model.request import OUTCOMES, requests_frame
+
+if TYPE_CHECKING:
+    from capsim.sim.pod import Batch
 
 OK, REJECTED, TIMED_OUT, FAILED = (OUTCOMES.index(o) for o in ("ok", "rejected", "timed_out", "failed"))
 PENDING = -1  # no final outcome (yet): served ones are resolved through their batch
@@ -36,24 +39,13 @@ class Records:
         self.outcome = np.full(n, PENDING, dtype=np.int8)  # set only for outcomes other than ok
         self.end = np.full(n, np.nan)  # end of requests that did not end in their batch
         self.pod = np.full(n, -1, dtype=np.int32)  # pod of requests that did not end in a batch
-        self.b_start: list[float] = []
-        self.b_first: list[float] = []
-        self.b_end: list[float] = []
-        self.b_pod: list[int] = []
-        self.b_size: list[int] = []
-        self.batch_done: list[bool] = []
+        self.batches: list[Batch] = []
 
-    def add_batch(self, idx: np.ndarray, start: float, first: float, end: float, pod: int) -> int:
-        """Record a batch starting now; returns its id."""
-        b = len(self.b_start)
-        self.b_start.append(start)
-        self.b_first.append(first)
-        self.b_end.append(end)
-        self.b_pod.append(pod)
-        self.b_size.append(len(idx))
-        self.batch_done.append(False)
-        self.bid[idx] = b
-        return b
+    def add_batch(self, batch: Batch) -> None:
+        """Record a batch as it starts, giving it its id."""
+        batch.bid = len(self.batches)
+        self.batches.append(batch)
+        self.bid[batch.idx] = batch.bid
 
     def finish(self, i: int, t: float, outcome: int, pod: int) -> None:
         """Give request ``i`` a final outcome other than ok at time ``t``."""
@@ -67,13 +59,15 @@ class Records:
         ``outcome`` is -1 (missing) for requests still in flight at the horizon.
         """
         sent = np.flatnonzero(~np.isnan(self.arrival))
-        nb = len(self.b_start)
-        b_start = np.append(np.asarray(self.b_start, dtype=float), np.nan)  # index -1 -> NaN
-        b_first = np.append(np.asarray(self.b_first, dtype=float), np.nan)
-        b_end = np.append(np.asarray(self.b_end, dtype=float), np.nan)
-        b_pod = np.append(np.asarray(self.b_pod, dtype=np.int32), -1)
-        b_size = np.append(np.asarray(self.b_size, dtype=np.int32), 0)
-        b_done = np.append(np.asarray(self.batch_done, dtype=bool), False)
+        nb = len(self.batches)
+        bs = self.batches
+        # one extra slot at the end stands for "no batch" (bid -1)
+        b_start = _column(bs, "start", float, np.nan)
+        b_first = _column(bs, "first", float, np.nan)
+        b_end = _column(bs, "end", float, np.nan)
+        b_size = _column(bs, "size", np.int32, 0)
+        b_done = _column(bs, "done", bool, False)
+        b_pod = np.append(np.fromiter((b.pod.id for b in bs), np.int32, nb), np.int32(-1))
         bid = self.bid[sent]
         bidx = np.where(bid >= 0, bid, nb)
         outcome = self.outcome[sent].copy()
@@ -101,6 +95,12 @@ class Records:
     def frame(self) -> Any:
         """The requests DataFrame (``capsim.model.request`` schema)."""
         return requests_frame(self.columns())
+
+
+def _column(batches: list[Batch], name: str, dtype: Any, missing: Any) -> np.ndarray:
+    """One attribute of every batch as an array, plus ``missing`` at the end (for bid -1)."""
+    col = np.fromiter((getattr(b, name) for b in batches), dtype, len(batches))
+    return np.append(col, np.array(missing, dtype=dtype))
 
 
 def percentiles(values: np.ndarray, qs: Sequence[float] = (50, 95, 99)) -> list[float]:

@@ -3,39 +3,67 @@
 The router sees only pods that receive traffic (ready and not terminating), as a Kubernetes Service
 sees its endpoints. Session affinity (and pod-local session state, which requires it) sends a session's
 later turns to the pod that served its first; the first turn is placed at random, as kube-proxy does.
+
+Least outstanding picks the endpoint with the fewest requests queued or running, ties to the lowest pod
+id -- exactly ``min(endpoints, key=outstanding)``, but kept in a heap of ``(outstanding, pod id)`` that
+pods refresh (``touch``) whenever their count changes, with stale entries dropped when met: a scan over
+dozens of pods per request would cost more than the rest of the request's simulation.
 """
 
 from __future__ import annotations
 
-from operator import attrgetter
-from typing import Literal
+import heapq
+from typing import TYPE_CHECKING, Literal
 
-from capsim.sim.pod import Pod
 from capsim.sim.streams import BufferedDraws
 
+if TYPE_CHECKING:
+    from capsim.sim.pod import Pod
+
 RouterKind = Literal["random", "round_robin", "least_outstanding", "session_affinity"]
-_OUTSTANDING = attrgetter("outstanding")
+_READY = 2  # PodState.READY, without importing pod.py here
 
 
 class Router:
-    """Picks a pod from ``endpoints`` (kept sorted by pod id by the cluster)."""
+    """Picks a pod from ``endpoints`` (kept sorted by pod id by the cluster) among ``pods`` (all, by id)."""
 
-    def __init__(self, kind: RouterKind, endpoints: list[Pod], draws: BufferedDraws) -> None:
+    def __init__(self, kind: RouterKind, endpoints: list[Pod], pods: list[Pod], draws: BufferedDraws) -> None:
         if kind not in ("random", "round_robin", "least_outstanding", "session_affinity"):
-            raise ValueError(f"router.kind must be random, round_robin, least_outstanding or session_affinity, got {kind!r}")
+            raise ValueError(
+                f"router.kind must be random, round_robin, least_outstanding or session_affinity, got {kind!r}"
+            )
         self.kind = kind
         self.endpoints = endpoints
+        self._pods = pods
         self._draws = draws
         self._next = 0
+        self.least = kind == "least_outstanding"
+        self._heap: list[tuple[int, int]] = []
+
+    def touch(self, pod: Pod) -> None:
+        """A pod's outstanding count changed, or it became an endpoint."""
+        if self.least:
+            heapq.heappush(self._heap, (pod.outstanding, pod.id))
 
     def pick(self) -> Pod | None:
-        """A pod for a request without a home pod; ``None`` when there is no endpoint."""
+        """A pod for a request without a home pod; ``None`` when there is no endpoint.
+
+        With least outstanding the caller must enqueue on the pod, or ``touch`` it if it does not.
+        """
         eps = self.endpoints
         if not eps:
             return None
-        if self.kind == "least_outstanding":
-            # ties go to the lowest pod id: deterministic, and what a scan over endpoints does
-            return min(eps, key=_OUTSTANDING)
+        if self.least:
+            heap = self._heap
+            pods = self._pods
+            while heap:
+                out, pid = heap[0]
+                pod = pods[pid]
+                if pod.outstanding == out and pod.state == _READY:
+                    heapq.heapreplace(heap, (out + 1, pid))  # the enqueue that follows
+                    return pod
+                heapq.heappop(heap)
+            raise AssertionError("least-outstanding heap lost an endpoint")  # every change is touched
         if self.kind == "round_robin":
             self._next = (self._next + 1) % len(eps)
             return eps[self._next]

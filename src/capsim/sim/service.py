@@ -8,12 +8,13 @@ size and its longest prompt and output; the first token of every request in the 
 
 from __future__ import annotations
 
-from functools import lru_cache
+import bisect
+import math
 from typing import Protocol
 
 import numpy as np
 
-from capsim.model.profile import ServiceTimeProfile
+from capsim.model.profile import Phase, ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.sim.streams import BufferedDraws, Streams
 
@@ -50,26 +51,113 @@ class DeterministicService:
 
 
 class ProfileService:
-    """Batch times from a measured ``ServiceTimeProfile`` (``batch_timing``), with its noise if asked."""
+    """Batch times from a measured ``ServiceTimeProfile``, with its noise if asked.
+
+    ``ServiceTimeProfile.batch_timing`` is the definition; a batch costs ~12 us there, more than the
+    rest of the batch's simulation, so inside the measured grid this class evaluates the same formula
+    from tables compiled per integer batch size (bilinear interpolation = linear in batch size, done once,
+    then linear in tokens) and draws the same gamma noise from the same generator. Outside the grid (and
+    for extrapolation) it calls ``batch_timing`` itself. ``tests/test_sim_service.py`` pins the two to
+    agree to 1e-9.
+    """
 
     def __init__(self, profile: ServiceTimeProfile, gen: np.random.Generator | None,
                  extrapolate: bool = False) -> None:
         self.profile = profile
         self._gen = gen
         self._extrapolate = extrapolate
-        # without noise a batch's time depends on three integers only: cache it
-        self._mean = lru_cache(maxsize=65536)(self._mean_uncached)
+        self._pre = _compile(profile, "prefill")
+        self._dec = _compile(profile, "decode")
 
-    def _mean_uncached(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
-        bt = self.profile.batch_timing(size, prompt_tokens, output_tokens, extrapolate=self._extrapolate)
-        return bt.prefill_s, bt.total_s
-
-    def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
-        if self._gen is None:
-            return self._mean(size, prompt_tokens, output_tokens)  # type: ignore[no-any-return]
+    def _slow(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
         bt = self.profile.batch_timing(size, prompt_tokens, output_tokens, rng=self._gen,
                                        extrapolate=self._extrapolate)
         return bt.prefill_s, bt.total_s
+
+    def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
+        pre, dec = self._pre, self._dec
+        steps = output_tokens - 1
+        if (pre is None or dec is None or size >= len(pre.mean) or size >= len(dec.mean)
+                or prompt_tokens < pre.lo or prompt_tokens > pre.hi
+                or (steps and (prompt_tokens < dec.lo or prompt_tokens + steps - 1 > dec.hi))):
+            return self._slow(size, prompt_tokens, output_tokens)
+        t = pre.tokens
+        x: float = prompt_tokens
+        j = min(max(bisect.bisect_right(t, x) - 1, 0), len(t) - 2)
+        w = (x - t[j]) / (t[j + 1] - t[j])
+        m = pre.mean[size]
+        sd = pre.std[size]
+        pre_mean = max(m[j] * (1 - w) + m[j + 1] * w, 0.0)
+        pre_std = max(sd[j] * (1 - w) + sd[j + 1] * w, 0.0)
+        dec_mean = dec_std = 0.0
+        if steps:
+            # the steps' contexts run from the prompt to prompt + steps - 1; linear, so the mean step
+            t = dec.tokens
+            x = (2 * prompt_tokens + steps - 1) / 2.0
+            j = min(max(bisect.bisect_right(t, x) - 1, 0), len(t) - 2)
+            w = (x - t[j]) / (t[j + 1] - t[j])
+            m = dec.mean[size]
+            sd = dec.std[size]
+            dec_mean = steps * max(m[j] * (1 - w) + m[j + 1] * w, 0.0)
+            dec_std = math.sqrt(steps) * max(sd[j] * (1 - w) + sd[j + 1] * w, 0.0)
+        gen = self._gen
+        if gen is not None:  # as capsim.model.profile._gamma: a gamma with the mean and spread
+            if pre_mean > 0.0 and pre_std > 0.0:
+                shape = (pre_mean / pre_std) ** 2
+                pre_mean = float(gen.gamma(shape, pre_mean / shape))
+            if dec_mean > 0.0 and dec_std > 0.0:
+                shape = (dec_mean / dec_std) ** 2
+                dec_mean = float(gen.gamma(shape, dec_mean / shape))
+        prefill_s = pre_mean / 1000.0
+        return prefill_s, prefill_s + dec_mean / 1000.0
+
+
+class _PhaseTable:
+    """One phase's mean and std (ms) per integer batch size, as piecewise-linear functions of tokens."""
+
+    __slots__ = ("hi", "lo", "mean", "std", "tokens")
+
+    def __init__(self, tokens: list[float], mean: list[list[float]], std: list[list[float]]) -> None:
+        self.tokens = tokens
+        self.lo = tokens[0]
+        self.hi = tokens[-1]
+        self.mean = mean  # mean[b][j], b = 0 unused
+        self.std = std
+
+    def at(self, size: int, x: float) -> tuple[float, float]:
+        t = self.tokens
+        j = min(max(bisect.bisect_right(t, x) - 1, 0), len(t) - 2)
+        w = (x - t[j]) / (t[j + 1] - t[j])
+        m = self.mean[size]
+        s = self.std[size]
+        return max(m[j] * (1 - w) + m[j + 1] * w, 0.0), max(s[j] * (1 - w) + s[j + 1] * w, 0.0)
+
+
+def _compile(profile: ServiceTimeProfile, phase: Phase) -> _PhaseTable | None:
+    """Tables for batch sizes 1..largest measured; ``None`` when the grid is too small to interpolate."""
+    sizes = profile.batch_sizes(phase)
+    grid = profile.to_frame()
+    grid = grid[grid["phase"] == phase]
+    tokens = sorted(set(grid["tokens"].tolist()))
+    if len(sizes) < 2 or len(tokens) < 2:
+        return None
+    mean = np.full((len(sizes), len(tokens)), np.nan)
+    std = np.full_like(mean, np.nan)
+    bi = {b: k for k, b in enumerate(sizes)}
+    ti = {t: k for k, t in enumerate(tokens)}
+    for row in grid.itertuples(index=False):
+        mean[bi[row.batch_size], ti[row.tokens]] = row.mean_ms
+        std[bi[row.batch_size], ti[row.tokens]] = row.std_ms
+    rows_m: list[list[float]] = [[]]
+    rows_s: list[list[float]] = [[]]
+    for b in range(1, sizes[-1] + 1):
+        if b < sizes[0]:  # below the smallest measured size: leave it to batch_timing
+            return None
+        i = min(max(bisect.bisect_right(sizes, b) - 1, 0), len(sizes) - 2)
+        w = (b - sizes[i]) / (sizes[i + 1] - sizes[i])
+        rows_m.append(list(mean[i] * (1 - w) + mean[i + 1] * w))
+        rows_s.append(list(std[i] * (1 - w) + std[i + 1] * w))
+    return _PhaseTable([float(t) for t in tokens], rows_m, rows_s)
 
 
 def make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> ServiceModel:

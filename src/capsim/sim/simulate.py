@@ -70,12 +70,17 @@ class Simulation:
                 and wl.arrivals.kind != "trace"):
             self.constant_lengths = (wl.prompt_tokens.value, wl.output_tokens.value)
         self.service = make_service(scenario, self.streams, profile)
+        self.track_ttft = scenario.autoscaler is not None and any(
+            m.name in ("capsim_time_to_first_token_seconds", "time_to_first_token_seconds", "ttft")
+            for m in scenario.autoscaler.to_hpa().metrics
+        )
         self.profile_path = None
         if scenario.service.kind == "profile":
             self.profile_path = str(profile.source if profile is not None else scenario.service.profile)
         self.faults = Faults(self)
         self.cluster = Cluster(self)
-        self.router = Router(scenario.router.kind, self.cluster.endpoints, BufferedDraws(self.streams["routing"]))
+        self.router = Router(scenario.router.kind, self.cluster.endpoints, self.cluster.pods,
+                             BufferedDraws(self.streams["routing"]))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
@@ -98,7 +103,7 @@ class Simulation:
             busy = sum(p.busy_total_s(now) for p in pods)
             errors = client.n_failed + client.n_timed_out + client.n_rejected
             n_ready = states.count(PodState.READY)
-            busy_frac = (busy - last[3]) / (every * n_ready) if n_ready else float("nan")
+            busy_frac = (busy - last[3]) / (every * len(serving)) if serving else float("nan")
             self.timeseries.add((
                 now, client.n_arrived - last[0], (client.n_arrived - last[0]) / every, client.n_ok - last[1],
                 errors - last[2], self.cluster.desired, n_ready,
@@ -115,13 +120,13 @@ class Simulation:
             raise RuntimeError("a Simulation runs once; make a new one")
         self._ran = True
         sc = self.scenario
-        self.env.run(until=sc.horizon_s)
+        self.client.run()
         cols = self._close_books()
         import pandas as pd
 
         from capsim.model.request import requests_frame
 
-        batch_sizes = np.asarray(self.records.b_size, dtype=np.int32)
+        batch_sizes = np.fromiter((b.size for b in self.records.batches), np.int32, len(self.records.batches))
         summary = summarize(
             cols, warmup_s=sc.warmup_s, horizon_s=sc.horizon_s, retries=self.client.n_retries,
             lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s),
