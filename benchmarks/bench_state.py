@@ -1,0 +1,210 @@
+"""Benchmark the session store's update (read, compare-and-set, TTL) against raw GET+SET on real Redis.
+
+Starts a private redis-server on loopback, then for 1 and 8 concurrent writers (each on its own session,
+through one store, as the concurrent requests of one pod) measures per-operation latency (p50, p99)
+and throughput of ``RedisSessionStore.update`` and of a raw redis-py ``GET`` + ``SET`` of the same
+payload bytes, in the same run. Also reported, outside the targets: the WATCH/MULTI fallback, and 8
+writers contending on one session. Targets (issue 3): update at most 1.5x the raw pair, p99 under
+2 ms at 8 writers.
+
+    python benchmarks/bench_state.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from redis.asyncio import Redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, write_result
+from capsim.core.state import Message, SessionState, open_store
+from capsim.core.state_model import encode_state
+
+MESSAGES = 12  # a short conversation: ~1.5 KB of JSON
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("bench_state needs redis-server on PATH (apt-get install redis-server)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    sys.exit("redis-server did not start within 10 s")
+
+
+def conversation(session_id: str) -> SessionState:
+    state = SessionState.new(session_id)
+    for i in range(MESSAGES):
+        role = "user" if i % 2 == 0 else "assistant"
+        state = state.with_message(role, f"turn {i}: " + "lorem ipsum dolor sit amet " * 4, tokens=30)
+    return state
+
+
+def next_turn(state: SessionState) -> SessionState:
+    """Append a turn and drop the oldest, so the payload keeps its size across the run."""
+    msg = Message(role="user", content=state.messages[0].content, tokens=30)
+    return state.model_copy(update={"messages": (*state.messages[1:], msg)})
+
+
+async def run_writers(writers: int, ops: int, op: Callable[[int], Awaitable[Any]]) -> dict[str, float]:
+    """``writers`` tasks each run ``op(writer)`` ``ops`` times; latency per call, and total ops/s."""
+    lat = np.empty((writers, ops))
+
+    async def writer(w: int) -> None:
+        for i in range(ops):
+            t0 = time.perf_counter()
+            await op(w)
+            lat[w, i] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(writers)))
+    wall = time.perf_counter() - t0
+    ms = lat.ravel() * 1000
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "ops_per_s": writers * ops / wall,
+    }
+
+
+async def measure(url: str, writers: int, ops: int, warmup: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    tag = f"{writers}w"
+    payload = encode_state(conversation("raw").model_copy(update={"version": 1}), 1 << 20)
+
+    raw = Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    raw_keys = [f"bench:raw:{tag}:{w}" for w in range(writers)]
+
+    async def raw_pair(w: int) -> None:
+        await raw.get(raw_keys[w])
+        await raw.set(raw_keys[w], payload, px=1_800_000)
+
+    for mode in ("lua", "watch"):
+        async with open_store(url, key_prefix=f"bench:{mode}:{tag}:", scripting=mode) as store:
+            for w in range(writers):
+                await store.put(conversation(f"s{w}"))
+
+            async def update(w: int, store: Any = store) -> None:
+                await store.update(f"s{w}", next_turn)
+
+            # Interleave raw and update in rounds so drift on a shared machine hits both alike.
+            rounds = 3
+            parts: dict[str, list[dict[str, float]]] = {"raw": [], mode: []}
+            await run_writers(writers, warmup, raw_pair)
+            await run_writers(writers, warmup, update)
+            for _ in range(rounds):
+                parts["raw"].append(await run_writers(writers, ops // rounds, raw_pair))
+                parts[mode].append(await run_writers(writers, ops // rounds, update))
+            for name, results in parts.items():
+                if name == "raw" and "raw" in out:
+                    continue
+                out[name] = {k: float(np.median([r[k] for r in results])) for k in results[0]}
+
+            if writers > 1 and mode == "lua":  # everyone on one session: the CAS retry path
+                await store.put(conversation("hot"))
+
+                async def contended(w: int, store: Any = store) -> None:
+                    await store.update("hot", next_turn)
+
+                async with open_store(url, key_prefix=f"bench:{mode}:{tag}:") as other:
+
+                    async def two_pods(w: int, other: Any = other) -> None:
+                        await (store if w % 2 else other).update("hot", next_turn)
+
+                    out["lua_one_session_2_pods"] = await run_writers(writers, ops // 3, two_pods)
+    await raw.aclose()
+    return out
+
+
+async def main_async(quick: bool) -> dict[str, Any]:
+    ops = 600 if quick else 6000
+    warmup = 50 if quick else 300
+    rows: list[list[Any]] = []
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="capsim-bench-redis-") as tmp:
+        proc, port = start_redis(Path(tmp))
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            for writers in (1, 8):
+                res = await measure(url, writers, ops, warmup)
+                raw = res["raw"]
+                for name, r in res.items():
+                    rows.append(
+                        [
+                            name,
+                            writers,
+                            round(r["p50_ms"], 3),
+                            round(r["p99_ms"], 3),
+                            round(r["ops_per_s"]),
+                            round(r["p50_ms"] / raw["p50_ms"], 2),
+                            round(raw["ops_per_s"] / r["ops_per_s"], 2),
+                        ]
+                    )
+                results[f"writers_{writers}"] = res
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print_table(
+        "session store update vs raw GET+SET (real redis-server, loopback)",
+        ["path", "writers", "p50 ms", "p99 ms", "ops/s", "p50 / raw", "time / raw"],
+        rows,
+    )
+    lua8, raw8 = results["writers_8"]["lua"], results["writers_8"]["raw"]
+    lua1, raw1 = results["writers_1"]["lua"], results["writers_1"]["raw"]
+    targets = {
+        "ratio_p50_1_writer": lua1["p50_ms"] / raw1["p50_ms"],
+        "ratio_p50_8_writers": lua8["p50_ms"] / raw8["p50_ms"],
+        "ratio_throughput_8_writers": raw8["ops_per_s"] / lua8["ops_per_s"],
+        "p99_ms_8_writers": lua8["p99_ms"],
+        "target_ratio_max": 1.5,
+        "target_p99_ms_max": 2.0,
+    }
+    print(
+        f"\nupdate / raw pair: p50 x{targets['ratio_p50_1_writer']:.2f} (1 writer), "
+        f"x{targets['ratio_p50_8_writers']:.2f} (8 writers); p99 at 8 writers "
+        f"{targets['p99_ms_8_writers']:.2f} ms (targets: <= 1.5x, < 2 ms)"
+    )
+    return {"results": results, "targets": targets, "payload_messages": MESSAGES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run (CI, make bench BENCH_ARGS=--quick)"
+    )
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args.quick))
+    result["quick"] = args.quick
+    result["cpus"] = os.cpu_count()
+    write_result("state", result)
+
+
+if __name__ == "__main__":
+    main()
