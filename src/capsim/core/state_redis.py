@@ -326,7 +326,7 @@ class RedisSessionStore:
             return False
         if self._mode != "watch":
             try:
-                res = await self._net(lambda: self._cas_script(keys=[key], args=[expected, raw, ttl]))
+                res = await self._net(lambda: self._cas_script(keys=(key,), args=(expected, raw, ttl)))
             except ResponseError as exc:
                 self._scripting_refused(exc)
             else:
@@ -418,8 +418,11 @@ class RedisSessionStore:
             # Waiting in line counts against the deadline too: behind a call stuck on a frozen
             # server, the caller still learns within op_deadline_s.
             try:
-                async with asyncio.timeout(self._s.op_deadline_s):
-                    await entry.lock.acquire()
+                if entry.lock.locked():
+                    async with asyncio.timeout(self._s.op_deadline_s):
+                        await entry.lock.acquire()
+                else:
+                    await entry.lock.acquire()  # free: no timer to arm
             except TimeoutError:
                 raise StoreUnavailableError(
                     f"{self._where}: waited {self._s.op_deadline_s:g} s behind other updates of {key!r} "
