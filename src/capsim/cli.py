@@ -43,6 +43,7 @@ def profile(
     prompt_tokens: Annotated[str | None, typer.Option(help="prompt lengths, e.g. 16,64,256")] = None,
     context_tokens: Annotated[str | None, typer.Option(help="decode context lengths, e.g. 16,256,1024")] = None,
     out_dir: Annotated[Path, typer.Option(help="folder for the profile CSV")] = Path("data/profiles"),
+    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: one per core)")] = None,
 ) -> None:
     """Measure the reference model's prefill and decode kernels into a service-time profile."""
     from capsim.core.profiler import run_profile
@@ -58,6 +59,7 @@ def profile(
             prompt_tokens=_ints(prompt_tokens, "--prompt-tokens"),
             context_tokens=_ints(context_tokens, "--context-tokens"),
             out_dir=out_dir,
+            threads=threads,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -93,6 +95,7 @@ def serve(
     max_new_tokens: Annotated[int, typer.Option(envvar="CAPSIM_MAX_NEW_TOKENS")] = 512,
     drain_timeout_s: Annotated[float, typer.Option(envvar="CAPSIM_DRAIN_TIMEOUT_S", help="SIGTERM grace")] = 25.0,
     pod_name: Annotated[str | None, typer.Option(envvar="CAPSIM_POD_NAME", help="name in metrics and records")] = None,
+    torch_threads: Annotated[int | None, typer.Option(envvar="CAPSIM_TORCH_THREADS", help="torch intra-op threads")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the agent pod: session turns through the batcher on the reference model, with /metrics."""
@@ -105,7 +108,8 @@ def serve(
             model=model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             queue_capacity=queue_capacity, overflow=overflow, max_concurrent_batches=max_concurrent_batches,
             redis_url=redis_url, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-            drain_timeout_s=drain_timeout_s, **({"pod_name": pod_name} if pod_name else {}),
+            drain_timeout_s=drain_timeout_s, torch_threads=torch_threads,
+            **({"pod_name": pod_name} if pod_name else {}),
         )
     except SettingsError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -207,11 +207,18 @@ class ReferenceEngine:
     """Runs static-batch greedy generation of the reference model on one device.
 
     ``device`` 'auto' uses CUDA when present; ``dtype`` is 'float32', 'float16' or 'bfloat16'
-    (half precision only on CUDA). The same seed gives the same weights.
+    (half precision only on CUDA). The same seed gives the same weights. ``threads`` sets torch's
+    intra-op thread count for the whole process (None: torch's default, one per core).
     """
 
     def __init__(
-        self, config: ModelConfig | str = "tiny", *, device: str = "auto", dtype: str = "float32", seed: int = 0
+        self,
+        config: ModelConfig | str = "tiny",
+        *,
+        device: str = "auto",
+        dtype: str = "float32",
+        seed: int = 0,
+        threads: int | None = None,
     ) -> None:
         if isinstance(config, str):
             if config not in PRESETS:
@@ -219,6 +226,10 @@ class ReferenceEngine:
             config = PRESETS[config]
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)  # process-wide: a pod process runs one engine
         self.config = config
         self.device = resolve_device(device)
         if self.device.type == "cpu" and dtype != "float32":

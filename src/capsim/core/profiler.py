@@ -204,11 +204,12 @@ def run_profile(
     context_tokens: Sequence[int] | None = None,
     out_dir: str | Path = "data/profiles",
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Build the engine, profile it and write ``out_dir/<device>-<model>-<dtype>[-quick].csv``.
 
     ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full)."""
-    engine = ReferenceEngine(model, device=device, dtype=dtype)
+    engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
     spec = ProfileSpec.quick(max_batch_size) if quick else ProfileSpec(batch_sizes=powers_of_two(max_batch_size))
     overrides: dict[str, Any] = {}
     if prompt_tokens:

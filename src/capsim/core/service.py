@@ -51,6 +51,7 @@ class PodConfig(FrozenModel):
     warmup: bool = True
     pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
     seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
 
     ENV_PREFIX: ClassVar[str] = "CAPSIM_"
 
@@ -78,7 +79,7 @@ class PodConfig(FrozenModel):
     def env(self) -> dict[str, str]:
         """The ``CAPSIM_*`` variables that reproduce this configuration."""
         return {self.ENV_PREFIX + k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
-                for k, v in self.model_dump().items()}
+                for k, v in self.model_dump().items() if v is not None}
 
 
 class TurnRequest(BaseModel):
@@ -126,7 +127,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        eng = engine or ReferenceEngine(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        eng = engine or ReferenceEngine(
+            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads
+        )
         metrics = InferenceMetrics()
         st = store or open_store(cfg.redis_url, metrics=metrics)
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] = DynamicBatcher(

@@ -1,0 +1,271 @@
+"""Sim-versus-real validation: drive the real pod and the simulator with the same workload and compare.
+
+The pod runs as its own process pinned to one core with one torch thread, the load generator on the
+other core; the profile is measured under the same conditions. For each load level (a fraction of the
+capacity the profile implies) the same Poisson workload (same seed, same arrival times) goes to the
+real pod over HTTP and to the simulator, and the two request frames are summarized the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import capsim
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.scenario import Scenario
+from capsim.model.settings import BatchSettings
+
+METRICS: tuple[str, ...] = (
+    "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+    "throughput_per_s", "mean_batch_size",
+)
+TARGETS: dict[str, float] = {"p50": 0.10, "p99": 0.15, "throughput_per_s": 0.03}
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """What to validate: the workload, the pod's batch settings, the load levels and run lengths."""
+
+    levels: tuple[float, ...] = (0.3, 0.6, 0.85)
+    requests_per_level: int = 3000
+    prompt_tokens: int = 16
+    output_tokens: int = 32
+    batching: BatchSettings = field(default_factory=lambda: BatchSettings(max_batch_size=16, max_wait_ms=5))
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    model: str = "tiny"
+    threads: int = 1
+
+    @classmethod
+    def quick(cls) -> ValidationSpec:
+        return cls(levels=(0.3, 0.85), requests_per_level=300)
+
+
+def capacity_per_s(profile: ServiceTimeProfile, batching: BatchSettings, prompt: int, output: int) -> float:
+    """Requests per second one pod serves at best: max over batch sizes of size / batch time."""
+    sizes = [b for b in range(1, batching.max_batch_size + 1) if b <= profile.batch_sizes("decode")[-1]]
+    return max(b / profile.batch_timing(b, prompt, output).total_s for b in sizes)
+
+
+def summarize_frame(df: Any, warmup_s: float, end_s: float) -> dict[str, float]:
+    """The compared metrics over requests that arrived in [warmup_s, end_s) and succeeded."""
+    window = df[(df.arrival_s >= warmup_s) & (df.arrival_s < end_s)]
+    ok = window[window.outcome == "ok"]
+    ttft = (ok.first_token_s - ok.arrival_s).to_numpy()
+    e2e = (ok.end_s - ok.arrival_s).to_numpy()
+    span = end_s - warmup_s
+    out = {"requests": float(len(window)), "ok": float(len(ok))}
+    for name, values in (("ttft", ttft), ("e2e", e2e)):
+        for q in (50, 95, 99):
+            out[f"{name}_p{q}_s"] = float(np.percentile(values, q)) if len(values) else float("nan")
+    out["throughput_per_s"] = len(ok) / span
+    out["mean_batch_size"] = float(ok.batch_size.mean()) if len(ok) else float("nan")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _pinned(cmd: list[str], core: int | None) -> list[str]:
+    return (["taskset", "-c", str(core)] + cmd) if core is not None and _has_taskset() else cmd
+
+
+def _has_taskset() -> bool:
+    from shutil import which
+
+    return which("taskset") is not None
+
+
+def measure_profile(spec: ValidationSpec, out_dir: Path, core: int | None) -> Path:
+    """Profile the model in a fresh process pinned like the pod, over the lengths the workload needs."""
+    p, o = spec.prompt_tokens, spec.output_tokens
+    prompts = sorted({max(p // 2, 1), p, 2 * p})
+    contexts = sorted({max(p // 2, 1), p, p + o, 2 * (p + o)})
+    cmd = [sys.executable, "-m", "capsim.cli", "profile", "--quick", "--model", spec.model, "--device", "cpu",
+           "--max-batch-size", str(spec.batching.max_batch_size), "--threads", str(spec.threads),
+           "--prompt-tokens", ",".join(map(str, prompts)), "--context-tokens", ",".join(map(str, contexts)),
+           "--out-dir", str(out_dir)]
+    subprocess.run(_pinned(cmd, core), check=True, capture_output=True, timeout=600)
+    return out_dir / f"cpu-{spec.model}-float32-quick.csv"
+
+
+class _Pod:
+    """The real pod in its own process, pinned to one core."""
+
+    def __init__(self, spec: ValidationSpec, core: int | None, log: Path) -> None:
+        self.port = _free_port()
+        b = spec.batching
+        env = dict(os.environ, CAPSIM_DEVICE="cpu", CAPSIM_TORCH_THREADS=str(spec.threads),
+                   CAPSIM_MAX_BATCH_SIZE=str(b.max_batch_size), CAPSIM_MAX_WAIT_MS=str(b.max_wait_ms),
+                   CAPSIM_QUEUE_CAPACITY=str(b.queue_capacity), CAPSIM_OVERFLOW=b.overflow,
+                   CAPSIM_MAX_CONCURRENT_BATCHES=str(b.max_concurrent_batches), CAPSIM_MODEL=spec.model)
+        cmd = [sys.executable, "-m", "capsim.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
+        with open(log, "ab") as f:
+            self.proc = subprocess.Popen(_pinned(cmd, core), env=env, stdout=f, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pod exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"pod not ready within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float) -> Scenario:
+    """The simulator's view of one load level: one always-ready pod, the same batching, no faults."""
+    horizon = spec.requests_per_level / rate
+    return Scenario.model_validate({
+        "horizon_s": horizon,
+        "warmup_s": horizon * spec.warmup_fraction,
+        "workload": {
+            "arrivals": {"kind": "poisson", "rate_per_s": rate},
+            "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
+            "output_tokens": {"kind": "constant", "value": spec.output_tokens},
+        },
+        "service": {"kind": "profile", "profile": str(profile_path)},
+        "batching": spec.batching.model_dump(),
+        "pods": {"replicas": 1, "startup_s": 0},
+        "router": {"kind": "random"},
+        "client": {"timeout_s": 600, "max_retries": 0},
+    })
+
+
+def run_validation(
+    spec: ValidationSpec | None = None,
+    *,
+    out_dir: str | Path = "data/validation",
+    echo: Callable[[str], None] = print,
+) -> Any:
+    """Run the validation; write ``results.csv``, ``validation.png`` and ``provenance.json`` under
+    ``out_dir`` and return the results frame (one row per level and metric)."""
+    import pandas as pd
+
+    from capsim.core.loadgen import ClientPolicy, run_load
+    from capsim.sim.arrivals import make_workload
+    from capsim.sim.simulate import simulate
+    from capsim.sim.streams import Streams
+
+    spec = spec or ValidationSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = _cores()
+    pod_core = cores[0] if len(cores) > 1 else None
+    gen_core = cores[1] if len(cores) > 1 else None
+    work = Path(tempfile.mkdtemp(prefix="capsim-validate-"))
+    echo(f"profiling {spec.model} with {spec.threads} thread(s) on core {pod_core} ...")
+    profile_path = measure_profile(spec, work, pod_core)
+    profile = ServiceTimeProfile.from_csv(profile_path)
+    kept_profile = out / "profile.csv"
+    profile.to_csv(kept_profile)
+    cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens)
+    echo(f"profile capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
+    if gen_core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {gen_core})
+    rows = []
+    pod = _Pod(spec, pod_core, work / "pod.log")
+    try:
+        pod.wait_ready()
+        for level in spec.levels:
+            rate = level * cap
+            scenario = level_scenario(spec, kept_profile, rate)
+            workload = make_workload(scenario, Streams(spec.seed))
+            echo(f"level {level:.0%}: {rate:.1f} requests/s, {workload.n_requests} requests ...")
+            real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
+                                           max_duration_s=scenario.horizon_s + 5, seed=spec.seed))
+            sim = simulate(scenario, seed=spec.seed)
+            real = summarize_frame(real_df, scenario.warmup_s, scenario.horizon_s)
+            simulated = summarize_frame(sim.requests, scenario.warmup_s, scenario.horizon_s)
+            for metric in METRICS:
+                r, s = real[metric], simulated[metric]
+                rows.append({"level": level, "rate_per_s": rate, "metric": metric, "real": r, "sim": s,
+                             "rel_error": (s - r) / r if r else float("nan")})
+    finally:
+        pod.stop()
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    _plot(results, out / "validation.png")
+    provenance = {
+        "capsim_version": capsim.__version__,
+        "spec": {**asdict(spec), "batching": spec.batching.model_dump()},
+        "profile": str(kept_profile),
+        "profile_metadata": dict(profile.metadata),
+        "capacity_per_s": cap,
+        "cores": {"pod": pod_core, "loadgen": gen_core},
+        "created_unix": time.time(),
+        "targets": TARGETS,
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    echo(format_results(results))
+    return results
+
+
+def format_results(results: Any) -> str:
+    """A text table: one row per level and metric, real vs simulated with the relative error."""
+    lines = [f"{'level':>6} {'metric':>18} {'real':>10} {'sim':>10} {'error':>8}"]
+    for r in results.itertuples():
+        lines.append(f"{r.level:>6.0%} {r.metric:>18} {r.real:>10.4g} {r.sim:>10.4g} {r.rel_error:>+8.1%}")
+    return "\n".join(lines)
+
+
+def _plot(results: Any, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, kind in zip(axes, ("ttft", "e2e"), strict=True):
+        for q, marker in ((50, "o"), (95, "s"), (99, "^")):
+            sub = results[results.metric == f"{kind}_p{q}_s"]
+            ax.plot(sub.level, sub.real * 1000, marker=marker, label=f"real p{q}")
+            ax.plot(sub.level, sub.sim * 1000, marker=marker, linestyle="--", label=f"sim p{q}")
+        ax.set_xlabel("load (fraction of profile capacity)")
+        ax.set_ylabel("ms")
+        ax.set_title("time to first token" if kind == "ttft" else "end-to-end latency")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """The largest absolute relative error of each metric across levels."""
+    return {m: float(results[results.metric == m].rel_error.abs().max()) for m in metrics}
