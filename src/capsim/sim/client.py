@@ -123,7 +123,7 @@ class Client:
                     session[i // turns] = _ACTIVE
                 send(i, t)
                 continue
-            if t_event >= horizon:
+            if t_event > horizon:  # events at the horizon itself still happen (the last sample)
                 self._main_sent = base + k
                 return
             self._main_sent = base + k  # the time-series sampler may read it in this step

@@ -1,0 +1,101 @@
+"""Invariants of every run: the books balance, the same seed gives the same frames, arrivals are shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capsim.model.request import REQUEST_COLUMNS
+from capsim.model.scenario import Scenario
+from capsim.sim import Simulation, simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
+QUEUE_METRIC = {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                         "target": {"type": "AverageValue", "averageValue": "4"}}}
+
+
+def busy_scenario(**changes: object) -> Scenario:
+    s = Scenario.model_validate({
+        "horizon_s": 300,
+        "warmup_s": 30,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, 30], [100, 90], [200, 30]]},
+                     "prompt_tokens": {"kind": "lognormal", "mean": 200, "sigma": 0.5, "max": 1000},
+                     "output_tokens": {"kind": "lognormal", "mean": 40, "sigma": 0.5, "max": 200}},
+        "service": {"kind": "exponential", "mean_s": 0.3},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 20, "queue_capacity": 40},
+        "pods": {"replicas": 3, "startup_s": 20},
+        "autoscaler": {"minReplicas": 2, "maxReplicas": 12, "metrics": [QUEUE_METRIC]},
+        "faults": {"pod_mtbf_s": 300, "crashes": [{"at_s": 150, "pods": 1}], "restart_s": 5},
+        "client": {"timeout_s": 1.5, "max_retries": 2, "backoff_s": 0.5},
+    })
+    return s.override(changes) if changes else s
+
+
+def test_books_balance_and_frame_has_the_shared_schema() -> None:
+    r = simulate(busy_scenario(), seed=0)
+    df, s = r.requests, r.summary
+    assert list(df.columns) == list(REQUEST_COLUMNS)
+    assert s.arrived == len(df) == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
+    assert s.timed_out > 0 and s.rejected > 0 and s.crashes > 0 and s.scale_events > 0  # all paths ran
+    assert df["request_id"].is_unique
+    ok = df[df["outcome"] == "ok"]
+    assert (ok["arrival_s"] <= ok["start_s"]).all()
+    assert (ok["start_s"] < ok["first_token_s"]).all() and (ok["first_token_s"] <= ok["end_s"]).all()
+    assert ok["batch_size"].between(1, 8).all()
+    assert df["attempts"].between(1, 3).all()
+    assert df.loc[df["outcome"].isna(), "end_s"].isna().all()
+    assert (df["end_s"].dropna() <= 300).all()
+    assert r.provenance["seed"] == 0 and r.provenance["capsim_version"]
+
+
+def test_same_seed_same_frames_different_seed_differs() -> None:
+    a = simulate(busy_scenario(), seed=11)
+    b = simulate(busy_scenario(), seed=11)
+    pd.testing.assert_frame_equal(a.requests, b.requests)
+    pd.testing.assert_frame_equal(a.timeseries, b.timeseries)
+    assert a.summary == b.summary
+    c = simulate(busy_scenario(), seed=12)
+    assert not a.requests["arrival_s"].equals(c.requests["arrival_s"])
+
+
+def test_changing_only_the_hpa_leaves_the_arrival_stream_identical() -> None:
+    base = busy_scenario()
+    other = base.override({"autoscaler.metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "capsim_requests_in_flight"},
+                                  "target": {"type": "AverageValue", "averageValue": "2"}}}],
+        "autoscaler.maxReplicas": 30, "autoscaler.sync_period_s": 5})
+    a = Simulation(base, seed=4)
+    b = Simulation(other, seed=4)
+    np.testing.assert_array_equal(a.workload.session_start_s, b.workload.session_start_s)
+    np.testing.assert_array_equal(a.workload.prompt_tokens, b.workload.prompt_tokens)
+    np.testing.assert_array_equal(a.workload.output_tokens, b.workload.output_tokens)
+    ra, rb = a.run(), b.run()
+    assert not ra.scale_events.equals(rb.scale_events)  # the change mattered
+    first_a = ra.requests.set_index("request_id")["arrival_s"]
+    first_b = rb.requests.set_index("request_id")["arrival_s"]
+    np.testing.assert_array_equal(first_a.to_numpy(), first_b.to_numpy())
+
+
+def test_timeseries_rows_and_columns() -> None:
+    r = simulate(busy_scenario(), seed=0)
+    ts = r.timeseries
+    assert len(ts) == 30 and ts["time_s"].iloc[-1] == 300
+    assert ts["arrivals"].sum() == r.summary.arrived
+    assert (ts["ready_replicas"] >= 0).all() and ts["hpa_metric"].notna().any()
+    for col in ("desired_replicas", "starting_replicas", "pending_replicas", "queue_depth", "in_flight",
+                "busy_fraction", "arrival_rate_per_s"):
+        assert col in ts.columns
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
+def test_shipped_scenarios_run(path: Path) -> None:
+    s = Scenario.from_yaml(path)
+    short = s.override({"horizon_s": min(s.horizon_s, 240.0), "warmup_s": 20})
+    r = simulate(short, seed=0)
+    assert r.summary.arrived > 100
+    assert r.summary.completed > 0.5 * r.summary.arrived
+    assert r.provenance["profile"] is not None
