@@ -88,7 +88,7 @@ def _cores() -> list[int]:
 
 
 def _pinned(cmd: list[str], core: int | None) -> list[str]:
-    return (["taskset", "-c", str(core)] + cmd) if core is not None and _has_taskset() else cmd
+    return ["taskset", "-c", str(core), *cmd] if core is not None and _has_taskset() else cmd
 
 
 def _has_taskset() -> bool:
