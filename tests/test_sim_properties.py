@@ -1,0 +1,92 @@
+"""Property tier (Hypothesis): over random small scenarios nothing is lost, nothing duplicated, bounds hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from capsim.model.scenario import Scenario
+from capsim.sim import simulate
+
+HORIZON = 60.0
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    turns = draw(st.integers(1, 3))
+    store = draw(st.sampled_from(["redis", "pod_local"]))
+    router = draw(st.sampled_from(["random", "round_robin", "least_outstanding", "session_affinity"]))
+    faults: dict[str, Any] = {
+        "crashes": [{"at_s": draw(st.floats(0, HORIZON)), "pods": draw(st.integers(1, 2))}
+                    for _ in range(draw(st.integers(0, 2)))],
+        "restart_s": draw(st.floats(0, 10)),
+        "redis_outages": [{"at_s": draw(st.floats(0, HORIZON)), "duration_s": draw(st.floats(0.1, 10))}
+                          for _ in range(draw(st.integers(0, 1)))],
+    }
+    if draw(st.booleans()):
+        faults["pod_mtbf_s"] = draw(st.floats(20, 200))
+    data: dict[str, Any] = {
+        "horizon_s": HORIZON,
+        "workload": {
+            "arrivals": {"kind": "poisson", "rate_per_s": draw(st.floats(1, 40))},
+            "output_tokens": {"kind": "lognormal", "mean": 20, "sigma": 0.5, "max": 100},
+            "sessions": {"turns": turns, "think_time_s": draw(st.floats(0, 3))},
+        },
+        "service": {"kind": draw(st.sampled_from(["exponential", "deterministic"])),
+                    "mean_s": draw(st.floats(0.01, 1.0))},
+        "batching": {"max_batch_size": draw(st.integers(1, 16)), "max_wait_ms": draw(st.floats(0, 200)),
+                     "queue_capacity": draw(st.integers(1, 50)),
+                     "overflow": draw(st.sampled_from(["reject", "wait"])),
+                     "max_concurrent_batches": draw(st.integers(1, 3))},
+        "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
+                 "termination_grace_s": draw(st.floats(0, 10))},
+        "router": {"kind": router},
+        "faults": faults,
+        "state": {"store": store},
+        "client": {"timeout_s": draw(st.floats(0.2, 20)), "max_retries": draw(st.integers(0, 3)),
+                   "backoff_s": draw(st.floats(0, 2))},
+    }
+    if draw(st.booleans()):
+        data["autoscaler"] = {
+            "minReplicas": 1, "maxReplicas": draw(st.integers(1, 6)), "sync_period_s": 5,
+            "scrape_interval_s": 5, "query_window_s": 15,
+            "metrics": [{"type": "Pods", "pods": {
+                "metric": {"name": draw(st.sampled_from(["capsim_queue_depth", "capsim_requests_in_flight",
+                                                         "capsim_gpu_busy_ratio",
+                                                         "capsim_time_to_first_token_seconds"]))},
+                "target": {"type": "AverageValue", "averageValue": draw(st.sampled_from(["500m", "2", "5"]))}}}],
+        }
+    return Scenario.model_validate(data)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=scenarios(), seed=st.integers(0, 2**16))
+def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
+    r = simulate(scenario, seed=seed)  # raises InvariantError if the books do not balance
+    df, s = r.requests, r.summary
+    # every request that arrived has exactly one row
+    assert df["request_id"].is_unique
+    assert s.arrived == len(df) == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
+    turns = scenario.workload.sessions.turns
+    assert (df["session_id"] == df["request_id"] // turns).all()
+    # a later turn only after the previous turn of its session was answered
+    later = df[df["request_id"] % turns != 0].set_index("request_id")
+    prev = df.set_index("request_id").reindex(later.index - 1)
+    assert (prev["outcome"] == "ok").all()
+    assert (later["arrival_s"].to_numpy() >= prev["end_s"].to_numpy()).all()
+    # bounds
+    assert df["attempts"].between(1, scenario.client.max_retries + 1).all()
+    assert (df["arrival_s"] < HORIZON).all() and (df["end_s"].dropna() <= HORIZON + 1e-9).all()
+    ok = df[df["outcome"] == "ok"]
+    assert (ok["batch_size"] >= 1).all() and (ok["batch_size"] <= scenario.batching.max_batch_size).all()
+    assert (ok["arrival_s"] <= ok["start_s"] + 1e-12).all() and (ok["first_token_s"] <= ok["end_s"]).all()
+    assert (ok["pod"] >= 0).all()
+    gave_up = df[df["outcome"] == "timed_out"]
+    assert np.all(gave_up["end_s"] - gave_up["arrival_s"] >= scenario.client.timeout_s - 1e-9)
+    assert df.loc[df["outcome"].isna(), "end_s"].isna().all()
+    if scenario.state.store == "redis":
+        assert s.lost_sessions == 0
+    assert s.lost_sessions <= df["session_id"].nunique()
