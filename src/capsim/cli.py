@@ -126,5 +126,35 @@ def _profile_summary(prof: object) -> str:
     return "median latency (ms) by batch size (rows) and phase/tokens (columns):\n" + text
 
 
+@app.command()
+def simulate(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (see data/scenarios/)")],
+    seed: Annotated[int, typer.Option(help="root seed of the run's random streams")] = 0,
+    out: Annotated[Path | None, typer.Option(help="write requests.csv, timeseries.csv, summary.json here")] = None,
+) -> None:
+    """Simulate a scenario: print the summary; with --out, write the request and time-series frames."""
+    import json
+
+    from capsim.model.settings import SettingsError
+    from capsim.sim import simulate as run_simulation
+
+    try:
+        result = run_simulation(scenario, seed=seed)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    summary = result.summary.to_dict()
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        typer.echo(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        result.requests.to_csv(out / "requests.csv", index=False)
+        result.timeseries.to_csv(out / "timeseries.csv", index=False)
+        result.scale_events.to_csv(out / "scale_events.csv", index=False)
+        (out / "summary.json").write_text(json.dumps(
+            {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
+        typer.echo(f"wrote {out}/requests.csv, timeseries.csv, scale_events.csv, summary.json")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
