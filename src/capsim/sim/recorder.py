@@ -34,11 +34,12 @@ class Records:
         self.output = output
         self.arrival = np.full(n, np.nan)  # first send by the client; NaN: never sent
         self.send = np.full(n, np.nan)  # send time of the current attempt
-        self.bid = np.full(n, -1, dtype=np.int64)  # batch of the current attempt
+        self.bid = np.full(n, -1, dtype=np.int32)  # batch of the current attempt
         self.attempts = np.ones(n, dtype=np.int32)
         self.outcome = np.full(n, PENDING, dtype=np.int8)  # set only for outcomes other than ok
-        self.end = np.full(n, np.nan)  # end of requests that did not end in their batch
-        self.pod = np.full(n, -1, dtype=np.int32)  # pod of requests that did not end in a batch
+        # end and pod of requests that did not end in a batch: few, so kept sparse
+        self.end_of: dict[int, float] = {}
+        self.pod_of: dict[int, int] = {}
         self.batches: list[Batch] = []
 
     def add_batch(self, batch: Batch) -> None:
@@ -50,51 +51,74 @@ class Records:
     def finish(self, i: int, t: float, outcome: int, pod: int) -> None:
         """Give request ``i`` a final outcome other than ok at time ``t``."""
         self.outcome[i] = outcome
-        self.end[i] = t
-        self.pod[i] = pod
+        self.end_of[i] = t
+        self.pod_of[i] = pod
 
     def columns(self) -> dict[str, np.ndarray]:
         """The request columns of every request that was sent (``REQUEST_COLUMNS``; outcome as codes).
 
-        ``outcome`` is -1 (missing) for requests still in flight at the horizon.
+        ``outcome`` is -1 (missing) for requests still in flight at the horizon. This consumes the
+        records: the per-request arrays and the batch table are released as the columns are built, so
+        ten million requests never exist three times over.
         """
-        sent = np.flatnonzero(~np.isnan(self.arrival))
-        nb = len(self.batches)
+        mask = ~np.isnan(self.arrival)
+        everyone = bool(mask.all())
+        sent = np.arange(self.n, dtype=np.int64) if everyone else np.flatnonzero(mask)
+        del mask
+
+        def pick(a: np.ndarray) -> np.ndarray:
+            return a if everyone else a[sent]
+
         bs = self.batches
-        # one extra slot at the end stands for "no batch" (bid -1)
-        b_start = _column(bs, "start", float, np.nan)
-        b_first = _column(bs, "first", float, np.nan)
-        b_end = _column(bs, "end", float, np.nan)
-        b_size = _column(bs, "size", np.int32, 0)
-        b_done = _column(bs, "done", bool, False)
-        b_pod = np.append(np.fromiter((b.pod.id for b in bs), np.int32, nb), np.int32(-1))
-        bid = self.bid[sent]
-        bidx = np.where(bid >= 0, bid, nb)
-        outcome = self.outcome[sent].copy()
-        served = (outcome == PENDING) & b_done[bidx]
+        nb = len(bs)
+        bid = pick(self.bid)
+        self.bid = _RELEASED
+        bidx = np.where(bid >= 0, bid, nb)  # slot nb stands for "no batch"
+        del bid
+        outcome = pick(self.outcome)
+        self.outcome = _RELEASED.astype(np.int8)
+        served = (outcome == PENDING) & _column(bs, "done", bool, False)[bidx]
         outcome[served] = OK
-        end = np.where(served, b_end[bidx], self.end[sent])
-        first = b_first[bidx]
-        first = np.where(first <= end, first, np.nan)  # a client gone before the first token never saw it
-        pod = np.where(self.pod[sent] >= 0, self.pod[sent], b_pod[bidx])
-        return {
+        end = np.where(served, _column(bs, "end", float, np.nan)[bidx], np.nan)
+        del served
+        own_pod = np.full(len(sent), -1, dtype=np.int32)
+        if self.end_of:
+            keys = np.fromiter(self.end_of, np.int64, len(self.end_of))
+            rows = keys if everyone else np.searchsorted(sent, keys)
+            end[rows] = np.fromiter(self.end_of.values(), float, len(keys))
+            own_pod[rows] = np.fromiter(self.pod_of.values(), np.int32, len(keys))
+        self.end_of, self.pod_of = {}, {}
+        first = _column(bs, "first", float, np.nan)[bidx]
+        first[~(first <= end)] = np.nan  # a client gone before the first token never saw it
+        b_pod = np.append(np.fromiter((b.pod.id for b in bs), np.int32, nb), np.int32(-1))
+        pod = np.where(own_pod >= 0, own_pod, b_pod[bidx])
+        del own_pod, b_pod
+        start = _column(bs, "start", float, np.nan)[bidx]
+        size = _column(bs, "size", np.int32, 0)[bidx]
+        del bidx
+        self.send = _RELEASED.astype(float)
+        cols = {
             "request_id": sent,
-            "session_id": sent // self.turns,
+            "session_id": sent // self.turns if self.turns > 1 else sent,
             "pod": pod,
-            "arrival_s": self.arrival[sent],
-            "start_s": b_start[bidx],
+            "arrival_s": pick(self.arrival),
+            "start_s": start,
             "first_token_s": first,
             "end_s": end,
-            "batch_size": b_size[bidx],
-            "prompt_tokens": self.prompt[sent],
-            "output_tokens": self.output[sent],
-            "attempts": self.attempts[sent],
+            "batch_size": size,
+            "prompt_tokens": pick(self.prompt),
+            "output_tokens": pick(self.output),
+            "attempts": pick(self.attempts),
             "outcome": outcome,
         }
+        return cols
 
     def frame(self) -> Any:
         """The requests DataFrame (``capsim.model.request`` schema)."""
         return requests_frame(self.columns())
+
+
+_RELEASED = np.empty(0, dtype=np.int64)
 
 
 def _column(batches: list[Batch], name: str, dtype: Any, missing: Any) -> np.ndarray:

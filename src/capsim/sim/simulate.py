@@ -127,6 +127,7 @@ class Simulation:
         from capsim.model.request import requests_frame
 
         batch_sizes = np.fromiter((b.size for b in self.records.batches), np.int32, len(self.records.batches))
+        self.records.batches = []  # the columns hold what the requests need of them
         summary = summarize(
             cols, warmup_s=sc.warmup_s, horizon_s=sc.horizon_s, retries=self.client.n_retries,
             lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s),
@@ -136,8 +137,10 @@ class Simulation:
             crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
         )
+        requests = requests_frame(cols)
+        del cols
         return SimResult(
-            requests=requests_frame(cols),
+            requests=requests,
             timeseries=self.timeseries.frame(),
             summary=summary,
             scale_events=pd.DataFrame(self.cluster.scale_events, columns=["time_s", "from_replicas", "to_replicas"]),
