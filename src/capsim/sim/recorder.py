@@ -72,7 +72,7 @@ class Records:
         bs = self.batches
         nb = len(bs)
         bid = pick(self.bid)
-        self.bid = _RELEASED
+        self.bid = _RELEASED.astype(np.int32)
         bidx = np.where(bid >= 0, bid, nb)  # slot nb stands for "no batch"
         del bid
         outcome = pick(self.outcome)
