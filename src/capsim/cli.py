@@ -156,5 +156,75 @@ def simulate(
         typer.echo(f"wrote {out}/requests.csv, timeseries.csv, scale_events.csv, summary.json")
 
 
+@app.command()
+def loadgen(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML whose workload (and client section) to replay")],
+    target: Annotated[list[str], typer.Option(help="pod base URL; repeat for several pods")] = ["http://127.0.0.1:8000"],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="seed of the workload's random streams (as in simulate)")] = 0,
+    max_requests: Annotated[int, typer.Option(help="stop after this many requests")] = 1000,
+    max_duration_s: Annotated[float, typer.Option(help="start no request after this many seconds")] = 60.0,
+    routing: Annotated[str, typer.Option(help="round_robin, random or session_affinity")] = "round_robin",
+    stream: Annotated[bool, typer.Option(help="stream tokens (measures time to first token on the client)")] = False,
+    allow_remote: Annotated[bool, typer.Option(help="allow targets that are not on loopback")] = False,
+    out: Annotated[Path | None, typer.Option(help="write the request records to this CSV")] = None,
+) -> None:
+    """Replay a scenario's workload against real pods, open loop; records use the simulator's columns."""
+    import asyncio
+
+    from capsim.core.loadgen import ClientPolicy, LoadgenError, run_load
+    from capsim.model.scenario import Scenario
+    from capsim.model.settings import SettingsError
+    from capsim.sim.arrivals import make_workload
+    from capsim.sim.streams import Streams
+
+    if routing not in ("round_robin", "random", "session_affinity"):
+        raise typer.BadParameter(f"--routing must be round_robin, random or session_affinity, got {routing!r}")
+    try:
+        sc = Scenario.from_yaml(scenario)
+        workload = make_workload(sc, Streams(seed))
+        c = sc.client
+        frame = asyncio.run(run_load(
+            target, workload, client=ClientPolicy(c.timeout_s, c.max_retries, c.backoff_s, c.backoff_multiplier),
+            routing=routing,  # type: ignore[arg-type]
+            max_requests=max_requests, max_duration_s=max_duration_s, stream=stream,
+            allow_remote=allow_remote, seed=seed, progress=True,
+        ))
+    except (SettingsError, LoadgenError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    ok = frame[frame.outcome == "ok"]
+    ttft = (ok.first_token_s - ok.arrival_s).quantile([0.5, 0.99])
+    e2e = (ok.end_s - ok.arrival_s).quantile([0.5, 0.99])
+    typer.echo(f"requests {len(frame)}, ok {len(ok)}, outcomes {frame.outcome.value_counts().to_dict()}")
+    if len(ok):
+        typer.echo(f"ttft p50 {ttft.iloc[0] * 1000:.1f} ms, p99 {ttft.iloc[1] * 1000:.1f} ms; "
+                   f"e2e p50 {e2e.iloc[0] * 1000:.1f} ms, p99 {e2e.iloc[1] * 1000:.1f} ms")
+    if out is not None:
+        frame.to_csv(out, index=False)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def validate(
+    quick: Annotated[bool, typer.Option(help="two load levels, 300 requests each")] = False,
+    out_dir: Annotated[Path, typer.Option(help="where results.csv, validation.png, provenance.json go")] = Path(
+        "data/validation"),
+    requests_per_level: Annotated[int | None, typer.Option(help="requests per load level")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help="prompt tokens of every request")] = None,
+    output_tokens: Annotated[int | None, typer.Option(help="output tokens of every request")] = None,
+) -> None:
+    """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
+    from dataclasses import replace
+
+    from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
+
+    spec = ValidationSpec.quick() if quick else ValidationSpec()
+    changes = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
+                                 "output_tokens": output_tokens}.items() if v is not None}
+    results = run_validation(replace(spec, **changes), out_dir=out_dir, echo=typer.echo)
+    worst = worst_errors(results)
+    typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
+    typer.echo(f"wrote {out_dir}/results.csv, validation.png, provenance.json")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

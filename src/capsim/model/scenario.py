@@ -138,6 +138,10 @@ class Service(_Section):
     mean_s: float | None = Field(None, gt=0, description="seconds per batch (exponential, deterministic)")
     noise: bool = Field(True, description="profile: draw times with the measured spread")
     extrapolate: bool = Field(False, description="profile: allow sizes outside the measured range")
+    request_overhead_ms: float = Field(
+        0.0, ge=0, description="pod CPU time per request outside the model (HTTP, session store), spent on the "
+        "same core as the model: each batch is longer by size x this; `capsim validate` measures it"
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> Self:

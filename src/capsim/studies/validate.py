@@ -42,23 +42,28 @@ class ValidationSpec:
 
     levels: tuple[float, ...] = (0.3, 0.6, 0.85)
     requests_per_level: int = 3000
-    prompt_tokens: int = 16
-    output_tokens: int = 32
+    prompt_tokens: int = 64
+    output_tokens: int = 128
     batching: BatchSettings = field(default_factory=lambda: BatchSettings(max_batch_size=16, max_wait_ms=5))
     warmup_fraction: float = 0.1
     seed: int = 0
     model: str = "tiny"
     threads: int = 1
+    model_overhead: bool = True  # measure the pod's per-request CPU outside the model and simulate it
+    overhead_probe_s: float = 4.0
 
     @classmethod
     def quick(cls) -> ValidationSpec:
-        return cls(levels=(0.3, 0.85), requests_per_level=300)
+        return cls(levels=(0.3, 0.85), requests_per_level=300, overhead_probe_s=2.0)
 
 
-def capacity_per_s(profile: ServiceTimeProfile, batching: BatchSettings, prompt: int, output: int) -> float:
-    """Requests per second one pod serves at best: max over batch sizes of size / batch time."""
+def capacity_per_s(
+    profile: ServiceTimeProfile, batching: BatchSettings, prompt: int, output: int, overhead_s: float = 0.0
+) -> float:
+    """Requests per second one pod serves at best: max over batch sizes of size / batch time, where a
+    batch also carries ``overhead_s`` of pod CPU per request."""
     sizes = [b for b in range(1, batching.max_batch_size + 1) if b <= profile.batch_sizes("decode")[-1]]
-    return max(b / profile.batch_timing(b, prompt, output).total_s for b in sizes)
+    return max(b / (profile.batch_timing(b, prompt, output).total_s + b * overhead_s) for b in sizes)
 
 
 def summarize_frame(df: Any, warmup_s: float, end_s: float) -> dict[str, float]:
@@ -149,7 +154,59 @@ class _Pod:
                 self.proc.kill()
 
 
-def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float) -> Scenario:
+def measure_overhead(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> float:
+    """The pod's CPU seconds per request outside the model: drive it closed-loop with one-token answers,
+    take its process CPU time per request, and subtract the model's share from the profile."""
+    import httpx
+    import psutil
+
+    proc = psutil.Process(pod.proc.pid)
+    clients = 2 * spec.batching.max_batch_size
+
+    async def drive() -> int:
+        done = 0
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=4 * clients)) as c:
+            stop = time.perf_counter() + duration_s
+
+            async def one(k: int) -> None:
+                nonlocal done
+                i = 0
+                while time.perf_counter() < stop:
+                    r = await c.post(f"{pod.url}/v1/sessions/overhead-{k}-{i}/turns",
+                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": 1})
+                    r.raise_for_status()
+                    done += 1
+                    i += 1
+
+            await asyncio.gather(*[one(k) for k in range(clients)])
+        return done
+
+    before = _batches(pod.url)
+    cpu0 = sum(proc.cpu_times()[:2])
+    n = asyncio.run(drive())
+    cpu = sum(proc.cpu_times()[:2]) - cpu0
+    after = _batches(pod.url)
+    batches = max(after[0] - before[0], 1.0)
+    mean_batch = (after[1] - before[1]) / batches
+    size = max(1, min(round(mean_batch), profile.batch_sizes("prefill")[-1]))
+    model_per_request = profile.batch_timing(size, spec.prompt_tokens, 1).total_s / size
+    return max(cpu / n - model_per_request, 0.0)
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """(batches, requests in batches) so far, from the pod's /metrics."""
+    import httpx
+
+    count = total = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("capsim_batch_size_count"):
+            count = float(line.split()[-1])
+        elif line.startswith("capsim_batch_size_sum"):
+            total = float(line.split()[-1])
+    return count, total
+
+
+def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float, overhead_s: float = 0.0) -> Scenario:
     """The simulator's view of one load level: one always-ready pod, the same batching, no faults."""
     horizon = spec.requests_per_level / rate
     return Scenario.model_validate({
@@ -160,7 +217,7 @@ def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float) -> Sce
             "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
             "output_tokens": {"kind": "constant", "value": spec.output_tokens},
         },
-        "service": {"kind": "profile", "profile": str(profile_path)},
+        "service": {"kind": "profile", "profile": str(profile_path), "request_overhead_ms": overhead_s * 1000},
         "batching": spec.batching.model_dump(),
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -195,17 +252,19 @@ def run_validation(
     profile = ServiceTimeProfile.from_csv(profile_path)
     kept_profile = out / "profile.csv"
     profile.to_csv(kept_profile)
-    cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens)
-    echo(f"profile capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
     if gen_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {gen_core})
     rows = []
     pod = _Pod(spec, pod_core, work / "pod.log")
     try:
         pod.wait_ready()
+        overhead_s = measure_overhead(pod, spec, profile, duration_s=spec.overhead_probe_s) if spec.model_overhead else 0.0
+        cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, overhead_s)
+        echo(f"pod overhead outside the model: {overhead_s * 1000:.2f} ms of CPU per request")
+        echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
         for level in spec.levels:
             rate = level * cap
-            scenario = level_scenario(spec, kept_profile, rate)
+            scenario = level_scenario(spec, kept_profile, rate, overhead_s)
             workload = make_workload(scenario, Streams(spec.seed))
             echo(f"level {level:.0%}: {rate:.1f} requests/s, {workload.n_requests} requests ...")
             real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
@@ -228,6 +287,7 @@ def run_validation(
         "profile": str(kept_profile),
         "profile_metadata": dict(profile.metadata),
         "capacity_per_s": cap,
+        "request_overhead_s": overhead_s,
         "cores": {"pod": pod_core, "loadgen": gen_core},
         "created_unix": time.time(),
         "targets": TARGETS,
