@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -218,7 +218,7 @@ def validate(
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
     spec = ValidationSpec.quick() if quick else ValidationSpec()
-    changes = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
+    changes: dict[str, Any] = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
                                  "output_tokens": output_tokens}.items() if v is not None}
     results = run_validation(replace(spec, **changes), out_dir=out_dir, echo=typer.echo)
     worst = worst_errors(results)

@@ -190,20 +190,38 @@ def measure_overhead(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfil
     mean_batch = (after[1] - before[1]) / batches
     size = max(1, min(round(mean_batch), profile.batch_sizes("prefill")[-1]))
     model_per_request = profile.batch_timing(size, spec.prompt_tokens, 1).total_s / size
-    return max(cpu / n - model_per_request, 0.0)
+    return max(float(cpu) / n - model_per_request, 0.0)
 
 
-def _batches(url: str) -> tuple[float, float]:
-    """(batches, requests in batches) so far, from the pod's /metrics."""
+def _batches(url: str) -> tuple[float, float, float]:
+    """(batches, requests in batches, seconds the runner spent) so far, from the pod's /metrics."""
     import httpx
 
-    count = total = 0.0
+    values = {"capsim_batch_size_count": 0.0, "capsim_batch_size_sum": 0.0, "capsim_batch_service_seconds_sum": 0.0}
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith("capsim_batch_size_count"):
-            count = float(line.split()[-1])
-        elif line.startswith("capsim_batch_size_sum"):
-            total = float(line.split()[-1])
-    return count, total
+        name = line.split(" ", 1)[0]
+        if name in values:
+            values[name] = float(line.split()[-1])
+    return (values["capsim_batch_size_count"], values["capsim_batch_size_sum"],
+            values["capsim_batch_service_seconds_sum"])
+
+
+def sim_batches(requests: Any) -> tuple[float, float]:
+    """(mean batch size, mean batch service seconds) of a simulated run's batches."""
+    ok = requests[requests.outcome == "ok"]
+    batches = ok.groupby(["pod", "start_s"]).agg(size=("batch_size", "first"), end=("end_s", "max"))
+    if batches.empty:
+        return float("nan"), float("nan")
+    starts = batches.index.get_level_values("start_s").to_numpy()
+    return float(batches["size"].mean()), float((batches["end"].to_numpy() - starts).mean())
+
+
+def _profile_ms(profile: ServiceTimeProfile, size: float, spec: ValidationSpec) -> float:
+    """The profile's mean batch time (ms) at a fractional batch size (interpolated)."""
+    lo, hi = int(np.floor(size)), int(np.ceil(size))
+    t_lo = profile.batch_timing(max(lo, 1), spec.prompt_tokens, spec.output_tokens).total_s
+    t_hi = profile.batch_timing(max(hi, 1), spec.prompt_tokens, spec.output_tokens).total_s
+    return 1000 * (t_lo + (size - lo) * (t_hi - t_lo))
 
 
 def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float, overhead_s: float = 0.0) -> Scenario:
@@ -267,9 +285,17 @@ def run_validation(
             scenario = level_scenario(spec, kept_profile, rate, overhead_s)
             workload = make_workload(scenario, Streams(spec.seed))
             echo(f"level {level:.0%}: {rate:.1f} requests/s, {workload.n_requests} requests ...")
+            before = _batches(pod.url)
             real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
                                            max_duration_s=scenario.horizon_s + 5, seed=spec.seed))
+            after = _batches(pod.url)
             sim = simulate(scenario, seed=spec.seed)
+            n_batches = max(after[0] - before[0], 1.0)
+            real_size, real_batch_s = (after[1] - before[1]) / n_batches, (after[2] - before[2]) / n_batches
+            sim_size, sim_batch_s = sim_batches(sim.requests)
+            echo(f"  batches: real mean size {real_size:.2f}, {real_batch_s * 1000:.1f} ms each "
+                 f"(profile at that size: {_profile_ms(profile, real_size, spec):.1f} ms); "
+                 f"sim mean size {sim_size:.2f}, {sim_batch_s * 1000:.1f} ms each")
             real = summarize_frame(real_df, scenario.warmup_s, scenario.horizon_s)
             simulated = summarize_frame(sim.requests, scenario.warmup_s, scenario.horizon_s)
             for metric in METRICS:
