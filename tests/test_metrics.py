@@ -163,3 +163,29 @@ async def test_the_store_reports_into_it() -> None:
     assert value(m, "capsim_state_store_operations_total", op="update", outcome="ok") == 1
     assert value(m, "capsim_state_store_operations_total", op="get", outcome="ok") == 1
     assert value(m, "capsim_state_store_operations_total", op="get", outcome="not_found") == 1
+
+
+def test_in_flight_and_busy_ratio_are_the_names_the_simulated_hpa_scales_on():
+    import math
+    import time
+
+    from capsim.core.metrics import InferenceMetrics
+
+    m = InferenceMetrics()
+
+    def value(name: str) -> float:
+        for line in m.render().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not exposed")
+
+    assert math.isnan(value("capsim_gpu_busy_ratio"))  # every render is a scrape; the first opens the interval
+    m.request_started()
+    m.request_started()
+    m.request_finished()
+    assert value("capsim_requests_in_flight") == 1
+    time.sleep(0.05)
+    m.observe_batch(4, 0.02)
+    ratio = value("capsim_gpu_busy_ratio")
+    assert 0.0 < ratio <= 1.0
+    assert value("capsim_gpu_busy_ratio") == 0.0  # nothing ran since the previous scrape

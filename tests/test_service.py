@@ -91,7 +91,8 @@ def test_health_readiness_and_metrics(pod):
     post(pod.url, "chat-m", {"prompt_tokens": 3, "max_new_tokens": 2})
     text = httpx.get(f"{pod.url}/metrics").text
     for name in ("capsim_requests_total", "capsim_time_to_first_token_seconds_bucket", "capsim_queue_depth",
-                 "capsim_batch_size_bucket", "capsim_state_store_operations_total"):
+                 "capsim_batch_size_bucket", "capsim_state_store_operations_total",
+                 "capsim_requests_in_flight", "capsim_gpu_busy_ratio"):
         assert name in text
     ok = [line for line in text.splitlines() if line.startswith('capsim_requests_total{outcome="ok"}')]
     assert ok and float(ok[0].split()[-1]) >= 1

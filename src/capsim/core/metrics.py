@@ -8,6 +8,7 @@ scrape (``render()``) reads the queue depth at that moment. Every metric is defi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -96,6 +97,17 @@ class InferenceMetrics:
             "queue_depth", "Requests waiting in the batcher queue at scrape time.", **kw
         )
         self._queue_depth.set_function(lambda: math.nan)  # until a batcher binds its queue
+        self._in_flight = Gauge(
+            "requests_in_flight", "Requests the pod has accepted and not yet answered.", **kw
+        )
+        self._busy_s = 0.0  # runner seconds so far
+        self._busy_mark: tuple[float, float] | None = None  # (monotonic time, busy seconds) at last scrape
+        self._busy_ratio = Gauge(
+            "gpu_busy_ratio",
+            "Share of wall time the model ran batches since the previous scrape (the accelerator's duty cycle).",
+            **kw,
+        )
+        self._busy_ratio.set_function(self._busy_since_last_scrape)
         self._requests = Counter(
             "requests", "Requests that left the pod, by outcome.", labelnames=("outcome",), **kw
         )
@@ -140,6 +152,24 @@ class InferenceMetrics:
             raise ValueError(f"batch size must be >= 1, got {size}")
         self._batch_size.observe(size)
         self._batch_service.observe(service_s)
+        self._busy_s += service_s
+
+    def _busy_since_last_scrape(self) -> float:
+        now = time.monotonic()
+        mark, self._busy_mark = self._busy_mark, (now, self._busy_s)
+        if mark is None or now <= mark[0]:
+            return math.nan  # the first scrape has no interval yet
+        return min(max((self._busy_s - mark[1]) / (now - mark[0]), 0.0), 1.0)
+
+    # -- the pod's own gauges ------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        """The pod accepted a request (``capsim_requests_in_flight`` goes up)."""
+        self._in_flight.inc()
+
+    def request_finished(self) -> None:
+        """The pod answered (or failed) a request it had accepted."""
+        self._in_flight.dec()
 
     def observe_request(
         self,

@@ -204,20 +204,37 @@ def create_app(
                 413, f"max_new_tokens {body.max_new_tokens} is over this pod's limit {pod.config.max_new_tokens}"
             )
         received = time.perf_counter()
-        await _store_call(pod.store.get(session_id))  # fail fast (503) while the store is out
-        if body.stream:
-            stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received)
-            try:
-                first = await stream.first()
-            except BaseException:
-                stream.task.cancel()
-                raise
-            return StreamingResponse(stream.events(first), media_type="text/event-stream")
-        result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
-        saved = await _save_turn(pod, session_id, prompt, result)
-        return _answer(session_id, result, saved, received)
+        pod.metrics.request_started()
+        streaming = False
+        try:
+            response = await _serve_turn(pod, session_id, prompt, body, received)
+            streaming = isinstance(response, StreamingResponse)  # the stream ends the request itself
+            return response
+        finally:
+            if not streaming:
+                pod.metrics.request_finished()
 
     return app
+
+
+async def _serve_turn(
+    pod: PodState, session_id: str, prompt: tuple[int, ...], body: TurnRequest, received: float
+) -> Response | dict[str, Any]:
+    """Load the session, run the turn, store it, answer (or stream the answer)."""
+    await _store_call(pod.store.get(session_id))  # fail fast (503) while the store is out
+    if body.stream:
+        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received)
+        try:
+            first = await stream.first()
+        except BaseException:
+            stream.task.cancel()
+            raise
+        return StreamingResponse(stream.events(first), media_type="text/event-stream")
+    result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
+    saved = await _save_turn(pod, session_id, prompt, result)
+    return _answer(session_id, result, saved, received)
+
+
 
 
 def _prompt(body: TurnRequest, pod: PodState) -> tuple[int, ...]:
@@ -352,6 +369,7 @@ class _TurnStream:
         except _HTTPError as exc:
             yield _sse("error", {"status": exc.status, "detail": exc.detail})
         finally:
+            self.pod.metrics.request_finished()
             if not self.task.done():
                 self.task.cancel()
 
