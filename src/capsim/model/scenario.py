@@ -142,6 +142,10 @@ class Service(_Section):
         0.0, ge=0, description="pod CPU time per request outside the model (HTTP, session store), spent on the "
         "same core as the model: each batch is longer by size x this; `capsim validate` measures it"
     )
+    time_scale: float = Field(
+        1.0, gt=0, le=100, description="multiplies every batch time: calibrates a profile measured on an idle "
+        "device to a pod under load (`capsim validate` fits it)"
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> Self:

@@ -161,29 +161,32 @@ def _compile(profile: ServiceTimeProfile, phase: Phase) -> _PhaseTable | None:
 
 
 class OverheadService:
-    """A service model plus the pod's per-request CPU work outside the model (HTTP, session store).
+    """A service model calibrated to a pod under load: times scaled by ``scale``, plus the pod's
+    per-request CPU work outside the model (HTTP, session store).
 
     On a CPU pod that work runs on the same core as the model, so a batch of ``size`` requests keeps the
     pod busy ``size x overhead_s`` longer. Half of it lands before the first token: the previous batch's
     answers (store writes, responses) and this batch's arrivals (parsing, store reads) are handled while
-    the prefill runs; the other half during decoding. ``capsim validate`` measures ``overhead_s``.
+    the prefill runs; the other half during decoding. ``capsim validate`` fits both numbers.
     """
 
-    def __init__(self, inner: ServiceModel, overhead_s: float) -> None:
+    def __init__(self, inner: ServiceModel, overhead_s: float, scale: float = 1.0) -> None:
         self.inner = inner
         self.overhead_s = overhead_s
+        self.scale = scale
 
     def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
         pre, total = self.inner.batch_time(size, prompt_tokens, output_tokens)
         extra = size * self.overhead_s
-        return pre + 0.5 * extra, total + extra
+        return self.scale * pre + 0.5 * extra, self.scale * total + extra
 
 
 def make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> ServiceModel:
     """The service model a scenario asks for; ``profile`` overrides loading ``service.profile``."""
     model = _make_service(scenario, streams, profile)
     overhead_s = scenario.service.request_overhead_ms / 1000.0
-    return OverheadService(model, overhead_s) if overhead_s > 0 else model
+    scale = scenario.service.time_scale
+    return OverheadService(model, overhead_s, scale) if overhead_s > 0 or scale != 1.0 else model
 
 
 def _make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None) -> ServiceModel:

@@ -49,21 +49,26 @@ class ValidationSpec:
     seed: int = 0
     model: str = "tiny"
     threads: int = 1
-    model_overhead: bool = True  # measure the pod's per-request CPU outside the model and simulate it
-    overhead_probe_s: float = 4.0
+    calibrate: bool = True  # fit the pod's batch cycle under load (scale, per-request overhead) first
+    calibration_s: float = 5.0
 
     @classmethod
     def quick(cls) -> ValidationSpec:
-        return cls(levels=(0.3, 0.85), requests_per_level=300, overhead_probe_s=2.0)
+        return cls(levels=(0.3, 0.85), requests_per_level=300, calibration_s=3.0)
 
 
 def capacity_per_s(
-    profile: ServiceTimeProfile, batching: BatchSettings, prompt: int, output: int, overhead_s: float = 0.0
+    profile: ServiceTimeProfile,
+    batching: BatchSettings,
+    prompt: int,
+    output: int,
+    calibration: Calibration | None = None,
 ) -> float:
-    """Requests per second one pod serves at best: max over batch sizes of size / batch time, where a
-    batch also carries ``overhead_s`` of pod CPU per request."""
+    """Requests per second one pod serves at best: max over batch sizes of size / batch time (with the
+    calibration's scale and per-request overhead, if given)."""
+    scale, overhead = (calibration.time_scale, calibration.overhead_s) if calibration else (1.0, 0.0)
     sizes = [b for b in range(1, batching.max_batch_size + 1) if b <= profile.batch_sizes("decode")[-1]]
-    return max(b / (profile.batch_timing(b, prompt, output).total_s + b * overhead_s) for b in sizes)
+    return max(b / (scale * profile.batch_timing(b, prompt, output).total_s + b * overhead) for b in sizes)
 
 
 def summarize_frame(df: Any, warmup_s: float, end_s: float) -> dict[str, float]:
@@ -154,43 +159,56 @@ class _Pod:
                 self.proc.kill()
 
 
-def measure_overhead(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> float:
-    """The pod's CPU seconds per request outside the model: drive it closed-loop with one-token answers,
-    take its process CPU time per request, and subtract the model's share from the profile."""
+@dataclass(frozen=True)
+class Calibration:
+    """The pod's batch cycle under load, ``W(b) = time_scale x T_profile(b) + b x overhead_s``."""
+
+    time_scale: float
+    overhead_s: float
+    points: tuple[tuple[float, float, float], ...]  # (mean batch size, profile batch s, pod cycle s)
+
+
+def calibrate(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> Calibration:
+    """Fit how much longer a batch cycle takes in the pod than on the idle engine.
+
+    Two closed-loop runs (2 clients, then 2 x max_batch_size clients) with the validation's own request
+    shape keep the pod saturated at a small and a large batch size; the pod's /metrics give the batches
+    and their sizes, so the wall time per batch is the pod's batch cycle (model, HTTP and store work on
+    the same core). Two points fix the scale of the profile's times and the CPU cost per request.
+    """
     import httpx
-    import psutil
 
-    proc = psutil.Process(pod.proc.pid)
-    clients = 2 * spec.batching.max_batch_size
-
-    async def drive() -> int:
-        done = 0
-        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=4 * clients)) as c:
+    async def drive(clients: int) -> float:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
             stop = time.perf_counter() + duration_s
 
             async def one(k: int) -> None:
-                nonlocal done
                 i = 0
                 while time.perf_counter() < stop:
-                    r = await c.post(f"{pod.url}/v1/sessions/overhead-{k}-{i}/turns",
-                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": 1})
+                    r = await c.post(f"{pod.url}/v1/sessions/calibrate-{clients}-{k}-{i}/turns",
+                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": spec.output_tokens})
                     r.raise_for_status()
-                    done += 1
                     i += 1
 
+            t0 = time.perf_counter()
             await asyncio.gather(*[one(k) for k in range(clients)])
-        return done
+            return time.perf_counter() - t0
 
-    before = _batches(pod.url)
-    cpu0 = sum(proc.cpu_times()[:2])
-    n = asyncio.run(drive())
-    cpu = sum(proc.cpu_times()[:2]) - cpu0
-    after = _batches(pod.url)
-    batches = max(after[0] - before[0], 1.0)
-    mean_batch = (after[1] - before[1]) / batches
-    size = max(1, min(round(mean_batch), profile.batch_sizes("prefill")[-1]))
-    model_per_request = profile.batch_timing(size, spec.prompt_tokens, 1).total_s / size
-    return max(float(cpu) / n - model_per_request, 0.0)
+    points = []
+    for clients in (2, 2 * spec.batching.max_batch_size):
+        before = _batches(pod.url)
+        wall = asyncio.run(drive(clients))
+        after = _batches(pod.url)
+        n = max(after[0] - before[0], 1.0)
+        size = (after[1] - before[1]) / n
+        points.append((size, _profile_ms(profile, size, spec) / 1000.0, wall / n))
+    (b1, t1, w1), (b2, t2, w2) = points
+    det = t1 * b2 - t2 * b1
+    scale = (w1 * b2 - w2 * b1) / det if det else w1 / t1
+    overhead = (t1 * w2 - t2 * w1) / det if det else 0.0
+    if overhead < 0 or scale <= 0:  # noise: fall back to a pure scale
+        scale, overhead = (w1 / t1 + w2 / t2) / 2, 0.0
+    return Calibration(scale, overhead, tuple(points))
 
 
 def _batches(url: str) -> tuple[float, float, float]:
@@ -224,7 +242,9 @@ def _profile_ms(profile: ServiceTimeProfile, size: float, spec: ValidationSpec) 
     return 1000 * (t_lo + (size - lo) * (t_hi - t_lo))
 
 
-def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float, overhead_s: float = 0.0) -> Scenario:
+def level_scenario(
+    spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None
+) -> Scenario:
     """The simulator's view of one load level: one always-ready pod, the same batching, no faults."""
     horizon = spec.requests_per_level / rate
     return Scenario.model_validate({
@@ -235,7 +255,12 @@ def level_scenario(spec: ValidationSpec, profile_path: Path, rate: float, overhe
             "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
             "output_tokens": {"kind": "constant", "value": spec.output_tokens},
         },
-        "service": {"kind": "profile", "profile": str(profile_path), "request_overhead_ms": overhead_s * 1000},
+        "service": {
+            "kind": "profile",
+            "profile": str(profile_path),
+            "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
+            "time_scale": calibration.time_scale if calibration else 1.0,
+        },
         "batching": spec.batching.model_dump(),
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -276,13 +301,16 @@ def run_validation(
     pod = _Pod(spec, pod_core, work / "pod.log")
     try:
         pod.wait_ready()
-        overhead_s = measure_overhead(pod, spec, profile, duration_s=spec.overhead_probe_s) if spec.model_overhead else 0.0
-        cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, overhead_s)
-        echo(f"pod overhead outside the model: {overhead_s * 1000:.2f} ms of CPU per request")
+        calibration = calibrate(pod, spec, profile, spec.calibration_s) if spec.calibrate else None
+        if calibration is not None:
+            echo(f"calibration: pod batch cycle = {calibration.time_scale:.3f} x profile + "
+                 f"{calibration.overhead_s * 1000:.2f} ms per request "
+                 f"(points: {[(round(b, 2), round(t * 1e3, 1), round(w * 1e3, 1)) for b, t, w in calibration.points]})")
+        cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
         for level in spec.levels:
             rate = level * cap
-            scenario = level_scenario(spec, kept_profile, rate, overhead_s)
+            scenario = level_scenario(spec, kept_profile, rate, calibration)
             workload = make_workload(scenario, Streams(spec.seed))
             echo(f"level {level:.0%}: {rate:.1f} requests/s, {workload.n_requests} requests ...")
             before = _batches(pod.url)
@@ -313,7 +341,7 @@ def run_validation(
         "profile": str(kept_profile),
         "profile_metadata": dict(profile.metadata),
         "capacity_per_s": cap,
-        "request_overhead_s": overhead_s,
+        "calibration": asdict(calibration) if calibration else None,
         "cores": {"pod": pod_core, "loadgen": gen_core},
         "created_unix": time.time(),
         "targets": TARGETS,
