@@ -5,11 +5,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The torch build to install; override for a GPU machine, e.g. make setup TORCH_SPEC='torch==2.13.0'
+# The torch build to install; override it for a GPU machine, e.g. make setup TORCH_SPEC='torch==2.9.1'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
 
-.PHONY: help setup test test-fast lint bench demo profile clean
+.PHONY: help setup test test-fast lint bench demo profile validate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in
 
 profile: $(STAMP) ## measure the reference model on this machine into data/profiles/ (quick sweep)
 	$(VENV)/bin/capsim profile --quick
+
+validate: $(STAMP) ## the real pod vs the simulator at 30/60/85% load (about 6 min; results in data/validation/)
+	$(VENV)/bin/capsim validate
 
 demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU)
 	$(VENV)/bin/capsim demo

@@ -111,8 +111,14 @@ def measure(fn: Callable[[], object], timer: _Timer, spec: ProfileSpec) -> list[
     return samples
 
 
+OUTLIER_FACTOR = 5.0
+"""A sample over this many times the point's median is interference (the thread was descheduled, another
+process held the core), not the kernel: it is left out of the statistics."""
+
+
 def _point(phase: str, batch: int, tokens: int, samples: Sequence[float]) -> ProfilePoint:
     arr = np.asarray(samples)
+    arr = arr[arr <= OUTLIER_FACTOR * np.median(arr)]
     return ProfilePoint(
         phase=phase,  # type: ignore[arg-type]
         batch_size=batch,

@@ -202,11 +202,17 @@ def calibrate(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfile, dura
         n = max(after[0] - before[0], 1.0)
         size = (after[1] - before[1]) / n
         points.append((size, _profile_ms(profile, size, spec) / 1000.0, wall / n))
+    return fit_cycle(points)
+
+
+def fit_cycle(points: Sequence[tuple[float, float, float]]) -> Calibration:
+    """Solve ``cycle = scale x profile + size x overhead`` through two (size, profile s, cycle s) points;
+    where noise makes the overhead negative, fall back to a pure scale (the mean ratio)."""
     (b1, t1, w1), (b2, t2, w2) = points
     det = t1 * b2 - t2 * b1
     scale = (w1 * b2 - w2 * b1) / det if det else w1 / t1
     overhead = (t1 * w2 - t2 * w1) / det if det else 0.0
-    if overhead < 0 or scale <= 0:  # noise: fall back to a pure scale
+    if overhead < 0 or scale <= 0:
         scale, overhead = (w1 / t1 + w2 / t2) / 2, 0.0
     return Calibration(scale, overhead, tuple(points))
 
@@ -371,7 +377,7 @@ def _plot(results: Any, path: Path) -> None:
             sub = results[results.metric == f"{kind}_p{q}_s"]
             ax.plot(sub.level, sub.real * 1000, marker=marker, label=f"real p{q}")
             ax.plot(sub.level, sub.sim * 1000, marker=marker, linestyle="--", label=f"sim p{q}")
-        ax.set_xlabel("load (fraction of profile capacity)")
+        ax.set_xlabel("load (fraction of the calibrated capacity)")
         ax.set_ylabel("ms")
         ax.set_title("time to first token" if kind == "ttft" else "end-to-end latency")
         ax.legend(fontsize=7)
