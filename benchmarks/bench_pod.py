@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
-from capsim.studies.validate import _free_port, _pinned
+from capsim.studies.pods import PodProcess, pinned
 
 PROMPT, OUTPUT = 64, 128
 
@@ -66,7 +67,7 @@ asyncio.run(main())
 
 def engine_only(batch: int, clients: int, duration: float, core: int | None) -> dict[str, float]:
     cmd = [sys.executable, "-c", ENGINE_ONLY, str(batch), str(clients), str(duration), str(PROMPT), str(OUTPUT)]
-    out = subprocess.run(_pinned(cmd, core), capture_output=True, text=True, check=True, timeout=600)
+    out = subprocess.run(pinned(cmd, core), capture_output=True, text=True, check=True, timeout=600)
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return _row(batch, data["n"], data["wall"], np.asarray(data["lat"]), data["busy"] / data["wall"])
 
@@ -77,48 +78,37 @@ def _row(batch: int, n: int, wall: float, lat: np.ndarray, busy: float) -> dict[
 
 
 def pod_run(batch: int, clients: int, duration: float, core: int | None) -> dict[str, float]:
-    port = _free_port()
-    env = dict(os.environ, CAPSIM_DEVICE="cpu", CAPSIM_TORCH_THREADS="1", CAPSIM_MAX_BATCH_SIZE=str(batch),
-               CAPSIM_MAX_WAIT_MS="2", CAPSIM_QUEUE_CAPACITY="4096")
-    cmd = [sys.executable, "-m", "capsim.cli", "serve", "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(_pinned(cmd, core), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        lat: list[float] = []
+    with tempfile.TemporaryDirectory() as logs:
+        pod = PodProcess(Path(logs), "bench", core=core, torch_threads=1, max_batch_size=batch, max_wait_ms=2,
+                         queue_capacity=4096).start()
+        try:
+            lat: list[float] = []
 
-        async def main() -> float:
-            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=512)) as c:
-                stop = time.perf_counter() + duration
+            async def main() -> float:
+                async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=512)) as c:
+                    stop = time.perf_counter() + duration
 
-                async def client(k: int) -> None:
-                    i = 0
-                    while time.perf_counter() < stop:
-                        t0 = time.perf_counter()
-                        r = await c.post(f"{url}/v1/sessions/b{k}-{i}/turns",
-                                         json={"prompt_tokens": PROMPT, "max_new_tokens": OUTPUT})
-                        r.raise_for_status()
-                        lat.append(time.perf_counter() - t0)
-                        i += 1
+                    async def client(k: int) -> None:
+                        i = 0
+                        while time.perf_counter() < stop:
+                            t0 = time.perf_counter()
+                            r = await c.post(f"{pod.url}/v1/sessions/b{k}-{i}/turns",
+                                             json={"prompt_tokens": PROMPT, "max_new_tokens": OUTPUT})
+                            r.raise_for_status()
+                            lat.append(time.perf_counter() - t0)
+                            i += 1
 
-                t0 = time.perf_counter()
-                await asyncio.gather(*[client(k) for k in range(clients)])
-                return time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*[client(k) for k in range(clients)])
+                    return time.perf_counter() - t0
 
-        wall = asyncio.run(main())
-        metrics = httpx.get(f"{url}/metrics").text
-        service = _metric_sum(metrics, "capsim_batch_service_seconds_sum")
-        busy = service / wall if service is not None else float("nan")
-        return _row(batch, len(lat), wall, np.asarray(lat), busy)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+            wall = asyncio.run(main())
+            metrics = httpx.get(f"{pod.url}/metrics", timeout=5).text
+            service = _metric_sum(metrics, "capsim_batch_service_seconds_sum")
+            busy = service / wall if service is not None else float("nan")
+            return _row(batch, len(lat), wall, np.asarray(lat), busy)
+        finally:
+            pod.stop()
 
 
 def _metric_sum(text: str, name: str) -> float | None:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import capsim
 from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
+from capsim.studies.pods import PodProcess, pinned
 
 METRICS: tuple[str, ...] = (
     "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
@@ -87,24 +86,8 @@ def summarize_frame(df: Any, warmup_s: float, end_s: float) -> dict[str, float]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-
-
-def _pinned(cmd: list[str], core: int | None) -> list[str]:
-    return ["taskset", "-c", str(core), *cmd] if core is not None and _has_taskset() else cmd
-
-
-def _has_taskset() -> bool:
-    from shutil import which
-
-    return which("taskset") is not None
 
 
 def measure_profile(spec: ValidationSpec, out_dir: Path, core: int | None) -> Path:
@@ -116,47 +99,8 @@ def measure_profile(spec: ValidationSpec, out_dir: Path, core: int | None) -> Pa
            "--max-batch-size", str(spec.batching.max_batch_size), "--threads", str(spec.threads),
            "--prompt-tokens", ",".join(map(str, prompts)), "--context-tokens", ",".join(map(str, contexts)),
            "--out-dir", str(out_dir)]
-    subprocess.run(_pinned(cmd, core), check=True, capture_output=True, timeout=600)
+    subprocess.run(pinned(cmd, core), check=True, capture_output=True, timeout=600)
     return out_dir / f"cpu-{spec.model}-float32-quick.csv"
-
-
-class _Pod:
-    """The real pod in its own process, pinned to one core."""
-
-    def __init__(self, spec: ValidationSpec, core: int | None, log: Path) -> None:
-        self.port = _free_port()
-        b = spec.batching
-        env = dict(os.environ, CAPSIM_DEVICE="cpu", CAPSIM_TORCH_THREADS=str(spec.threads),
-                   CAPSIM_MAX_BATCH_SIZE=str(b.max_batch_size), CAPSIM_MAX_WAIT_MS=str(b.max_wait_ms),
-                   CAPSIM_QUEUE_CAPACITY=str(b.queue_capacity), CAPSIM_OVERFLOW=b.overflow,
-                   CAPSIM_MAX_CONCURRENT_BATCHES=str(b.max_concurrent_batches), CAPSIM_MODEL=spec.model)
-        cmd = [sys.executable, "-m", "capsim.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
-        with open(log, "ab") as f:
-            self.proc = subprocess.Popen(_pinned(cmd, core), env=env, stdout=f, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pod exited with code {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"pod not ready within {timeout_s} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 @dataclass(frozen=True)
@@ -168,7 +112,7 @@ class Calibration:
     points: tuple[tuple[float, float, float], ...]  # (mean batch size, profile batch s, pod cycle s)
 
 
-def calibrate(pod: _Pod, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> Calibration:
+def calibrate(pod: PodProcess, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> Calibration:
     """Fit how much longer a batch cycle takes in the pod than on the idle engine.
 
     Two closed-loop runs (2 clients, then 2 x max_batch_size clients) with the validation's own request
@@ -304,9 +248,12 @@ def run_validation(
     if gen_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {gen_core})
     rows = []
-    pod = _Pod(spec, pod_core, work / "pod.log")
+    b = spec.batching
+    pod = PodProcess(work, "validate", core=pod_core, torch_threads=spec.threads, model=spec.model,
+                     max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
+                     overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
     try:
-        pod.wait_ready()
+        pod.start()
         calibration = calibrate(pod, spec, profile, spec.calibration_s) if spec.calibrate else None
         if calibration is not None:
             echo(f"calibration: pod batch cycle = {calibration.time_scale:.3f} x profile + "
