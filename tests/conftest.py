@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from capsim.studies.pods import free_port
+
 # ---------------------------------------------------------------------------------------------
 # A private redis-server
 # ---------------------------------------------------------------------------------------------
@@ -31,7 +33,7 @@ class RedisServer:
         self.binary = binary
         self.dir = directory
         self.aof = aof
-        self.port = _free_port()
+        self.port = free_port()
         self.socket_path = directory / "redis.sock"
         self.proc: subprocess.Popen[bytes] | None = None
         self.frozen = False
@@ -118,12 +120,6 @@ class RedisServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _answers_ping(port: int) -> bool:
