@@ -85,6 +85,17 @@ def _is_loopback(host: str) -> bool:
 _OK, _REJECTED, _TIMED_OUT, _FAILED = (OUTCOMES.index(o) for o in ("ok", "rejected", "timed_out", "failed"))
 
 
+# An attempt that produced no answer: (outcome, queue_s, ttft_s, batch_size)
+_NOTHING: dict[int, tuple[int, float, float, int]] = {
+    o: (o, float("nan"), float("nan"), 0) for o in (_REJECTED, _TIMED_OUT, _FAILED)
+}
+
+
+def _status_outcome(status: int) -> int:
+    """A non-200 answer: 429 is a rejection (the client may retry later), anything else a failure."""
+    return _REJECTED if status == 429 else _FAILED
+
+
 class _Records:
     """Preallocated columns, one row per request."""
 
@@ -168,16 +179,12 @@ async def run_load(
                 if stream:
                     return await _attempt_stream(http, url, body, policy.timeout_s)
                 resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
-            except TimeoutError:
-                return _TIMED_OUT, np.nan, np.nan, 0
-            except httpx.TimeoutException:
-                return _TIMED_OUT, np.nan, np.nan, 0
+            except (TimeoutError, httpx.TimeoutException):
+                return _NOTHING[_TIMED_OUT]
             except httpx.HTTPError:
-                return _FAILED, np.nan, np.nan, 0
-            if resp.status_code == 429:
-                return _REJECTED, np.nan, np.nan, 0
+                return _NOTHING[_FAILED]
             if resp.status_code != 200:
-                return _FAILED, np.nan, np.nan, 0
+                return _NOTHING[_status_outcome(resp.status_code)]
             data = resp.json()
             return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"])
 
@@ -231,10 +238,8 @@ async def _attempt_stream(
     ttft = np.nan
     try:
         async with asyncio.timeout(timeout_s), http.stream("POST", url, json={**body, "stream": True}) as resp:
-            if resp.status_code == 429:
-                return _REJECTED, np.nan, np.nan, 0
             if resp.status_code != 200:
-                return _FAILED, np.nan, np.nan, 0
+                return _NOTHING[_status_outcome(resp.status_code)]
             event = None
             async for line in resp.aiter_lines():
                 if line.startswith("event: "):
@@ -245,11 +250,9 @@ async def _attempt_stream(
                     data = json.loads(line[6:])
                     return _OK, data["timings"]["queue_s"], ttft, int(data["batch_size"])
                 elif line.startswith("data: ") and event == "error":
-                    return _FAILED, np.nan, np.nan, 0
-    except TimeoutError:
-        return _TIMED_OUT, np.nan, np.nan, 0
-    except httpx.TimeoutException:
-        return _TIMED_OUT, np.nan, np.nan, 0
+                    return _NOTHING[_FAILED]
+    except (TimeoutError, httpx.TimeoutException):
+        return _NOTHING[_TIMED_OUT]
     except httpx.HTTPError:
-        return _FAILED, np.nan, np.nan, 0
-    return _FAILED, np.nan, np.nan, 0
+        return _NOTHING[_FAILED]
+    return _NOTHING[_FAILED]
