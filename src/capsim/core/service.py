@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from capsim.core.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine, synthetic_prompt
 from capsim.core.metrics import InferenceMetrics
-from capsim.core.state import SessionState, SessionStore, StateStoreError, StoreUnavailableError, open_store
+from capsim.core.state import (
+    ConflictError,
+    SessionState,
+    SessionStore,
+    StateStoreError,
+    StoreUnavailableError,
+    open_store,
+)
 from capsim.core.state_model import InvalidSessionIdError, StateTooLargeError, validate_session_id
 from capsim.model.settings import BatchSettings, FrozenModel
 
@@ -221,9 +228,9 @@ async def _serve_turn(
     pod: PodState, session_id: str, prompt: tuple[int, ...], body: TurnRequest, received: float
 ) -> Response | dict[str, Any]:
     """Load the session, run the turn, store it, answer (or stream the answer)."""
-    await _store_call(pod.store.get(session_id))  # fail fast (503) while the store is out
+    loaded = await _store_call(pod.store.get(session_id)) or SessionState.new(session_id)  # 503 if it is out
     if body.stream:
-        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received)
+        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received, loaded)
         try:
             first = await stream.first()
         except BaseException:
@@ -231,8 +238,8 @@ async def _serve_turn(
             raise
         return StreamingResponse(stream.events(first), media_type="text/event-stream")
     result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
-    saved = await _save_turn(pod, session_id, prompt, result)
-    return _answer(session_id, result, saved, received)
+    saved = await _save_turn(pod, session_id, prompt, result, loaded)
+    return JSONResponse(_answer(session_id, result, saved, received))
 
 
 
@@ -287,14 +294,23 @@ async def _generate(pod: PodState, req: GenerationRequest) -> GenerationResult:
 
 
 async def _save_turn(
-    pod: PodState, session_id: str, prompt: tuple[int, ...], result: GenerationResult
+    pod: PodState, session_id: str, prompt: tuple[int, ...], result: GenerationResult, loaded: SessionState
 ) -> SessionState:
+    """Append the turn to the session: one compare-and-set against the version read at the start of the
+    turn; if another writer got there first (a client retried elsewhere), read again and reapply."""
+
     def append(state: SessionState) -> SessionState:
         return state.with_message("user", _describe(prompt), tokens=len(prompt)).with_message(
             "assistant", " ".join(map(str, result.tokens)), tokens=len(result.tokens)
         )
 
-    saved: SessionState = await _store_call(pod.store.update(session_id, append))
+    async def put_or_update() -> SessionState:
+        try:
+            return await pod.store.put(append(loaded))
+        except ConflictError:
+            return await pod.store.update(session_id, append)
+
+    saved: SessionState = await _store_call(put_or_update())
     return saved
 
 
@@ -323,8 +339,17 @@ def _answer(session_id: str, result: GenerationResult, saved: SessionState, rece
 class _TurnStream:
     """A streaming turn: generation runs as a task, tokens arrive through a queue from the engine."""
 
-    def __init__(self, pod: PodState, session_id: str, prompt: tuple[int, ...], max_new: int, received: float):
+    def __init__(
+        self,
+        pod: PodState,
+        session_id: str,
+        prompt: tuple[int, ...],
+        max_new: int,
+        received: float,
+        loaded: SessionState,
+    ) -> None:
         self.pod, self.session_id, self.prompt, self.max_new, self.received = pod, session_id, prompt, max_new, received
+        self.loaded = loaded
         loop = asyncio.get_running_loop()
         self.tokens: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
 
@@ -364,7 +389,7 @@ class _TurnStream:
                     break
                 token = await self.next_token()
             result = await self.task
-            saved = await _save_turn(self.pod, self.session_id, self.prompt, result)
+            saved = await _save_turn(self.pod, self.session_id, self.prompt, result, self.loaded)
             yield _sse("done", _answer(self.session_id, result, saved, self.received))
         except _HTTPError as exc:
             yield _sse("error", {"status": exc.status, "detail": exc.detail})
