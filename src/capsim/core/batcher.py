@@ -297,6 +297,17 @@ class DynamicBatcher(Generic[P, R]):
                 self._batches.add(task)
                 task.add_done_callback(self._batch_done)
 
+    def _release_slot(self) -> None:
+        """The model is free: let the dispatcher start the next batch before this batch's callers resume.
+
+        Waking the dispatcher first puts it ahead of the callers' continuations in the loop's queue, so
+        the model starts on the next batch while the loop answers this one (store writes, responses).
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            self._batches.discard(task)  # type: ignore[arg-type]
+        self._poke()
+
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         self._poke()
@@ -318,11 +329,13 @@ class DynamicBatcher(Generic[P, R]):
         except Exception as exc:
             self.batches_run += 1
             ended = loop.time()
+            self._release_slot()
             self._observe_batch(len(batch), ended - started)
             for entry in batch:
                 self._fail(entry, exc, "failed", started - entry.enqueued_at, ended - entry.enqueued_at)
             return
         self.batches_run += 1
+        self._release_slot()
         if self._metrics is None:  # the hot path: no timing bookkeeping per request
             for entry, result in zip(batch, results, strict=True):
                 if entry.future.done():
