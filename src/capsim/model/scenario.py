@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from capsim.model.settings import BatchSettings, SettingsError, format_validation_error
+from capsim.model.settings import BatchSettings, SettingsError, format_error
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -433,18 +433,8 @@ def _format(exc: ValidationError) -> str:
             else:
                 lines.append(f"{path}: {msg}")
         else:
-            lines.append(format_validation_error(_OneError({**err, "loc": tuple(path.split(".")) if path else ()})))  # type: ignore[arg-type]
+            lines.append(format_error({**err, "loc": tuple(path.split(".")) if path else ()}))
     return "; ".join(lines)
-
-
-class _OneError:
-    """Quacks like a ValidationError holding one error, for ``format_validation_error``."""
-
-    def __init__(self, err: Any) -> None:
-        self._err = err
-
-    def errors(self) -> list[Any]:
-        return [self._err]
 
 
 def _is_union_tag(part: object) -> bool:

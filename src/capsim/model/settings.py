@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -13,26 +14,26 @@ class SettingsError(ValueError):
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     """Render a pydantic error as 'a.b must ..., got X' lines, one per problem."""
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"])
-        if prefix:
-            path = f"{prefix}.{path}" if path else prefix
-        msg = err["msg"]
-        if msg.startswith("Input should be"):
-            msg = "must be" + msg[len("Input should be") :]
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        for long, short in _COMPARISONS:
-            msg = msg.replace(long, short)
-        got = err.get("input")
-        if err["type"] == "missing":
-            lines.append(f"{path} is required")
-        elif err["type"] == "extra_forbidden":
-            lines.append(f"{path} is not a known setting")
-        else:
-            lines.append(f"{path} {msg}, got {got!r}")
-    return "; ".join(lines)
+    return "; ".join(format_error(err, prefix) for err in exc.errors())
+
+
+def format_error(err: Mapping[str, Any], prefix: str = "") -> str:
+    """One pydantic error (an item of ``ValidationError.errors()``) as 'a.b must ..., got X'."""
+    path = ".".join(str(p) for p in err["loc"])
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    msg = err["msg"]
+    if msg.startswith("Input should be"):
+        msg = "must be" + msg[len("Input should be") :]
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    for long, short in _COMPARISONS:
+        msg = msg.replace(long, short)
+    if err["type"] == "missing":
+        return f"{path} is required"
+    if err["type"] == "extra_forbidden":
+        return f"{path} is not a known setting"
+    return f"{path} {msg}, got {err.get('input')!r}"
 
 
 _COMPARISONS = (

@@ -61,6 +61,20 @@ def scale_down_window(rules: ScalingRules | None, default: float = DEFAULT_DOWNS
     return rules.stabilization_window_seconds
 
 
+def _period_start(
+    current_replicas: int,
+    period_seconds: int,
+    scale_up_events: Sequence[ScaleEvent],
+    scale_down_events: Sequence[ScaleEvent],
+    now: float,
+) -> int:
+    """The replica count at the start of a policy's period: ``current - added + removed`` over the events
+    inside it (scale-downs count against the scale-up limit and the reverse, as upstream)."""
+    added = _change_in_period(period_seconds, scale_up_events, now)
+    removed = _change_in_period(period_seconds, scale_down_events, now)
+    return current_replicas - added + removed
+
+
 def _change_in_period(period_seconds: int, events: Sequence[ScaleEvent], now: float) -> int:
     """Sum of replica changes recorded less than ``period_seconds`` ago (getReplicasChangePerPeriod)."""
     return sum(e.replica_change for e in events if now - e.timestamp < period_seconds)
@@ -92,9 +106,7 @@ def scale_up_limit(
         return current_replicas
     proposals = []
     for policy in scale_up_policies(rules):
-        added = _change_in_period(policy.period_seconds, scale_up_events, now)
-        removed = _change_in_period(policy.period_seconds, scale_down_events, now)
-        period_start = current_replicas - added + removed
+        period_start = _period_start(current_replicas, policy.period_seconds, scale_up_events, scale_down_events, now)
         if policy.type == "Pods":
             proposals.append(period_start + policy.value)
         else:
@@ -122,9 +134,7 @@ def scale_down_limit(
         return current_replicas
     proposals = []
     for policy in scale_down_policies(rules):
-        added = _change_in_period(policy.period_seconds, scale_up_events, now)
-        removed = _change_in_period(policy.period_seconds, scale_down_events, now)
-        period_start = current_replicas - added + removed
+        period_start = _period_start(current_replicas, policy.period_seconds, scale_up_events, scale_down_events, now)
         if policy.type == "Pods":
             proposals.append(period_start - policy.value)
         else:
