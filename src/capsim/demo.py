@@ -85,12 +85,16 @@ RUSH_VARIANTS: dict[str, dict[str, object]] = {
 
 
 async def _store_demo(echo: Callable[[str], None]) -> int:
-    from capsim.core.state import open_store
+    from capsim.core.state import SessionState, open_store
+
+    def turn(t: int) -> Callable[[SessionState], SessionState]:
+        return lambda s: s.with_message("user", f"question {t}", tokens=8).with_message(
+            "assistant", f"answer {t}", tokens=16
+        )
 
     async with open_store("memory://demo") as pod_a:
-        for turn in range(1, 3):
-            await pod_a.update("agent-7", lambda s, t=turn: s.with_message("user", f"question {t}", tokens=8)
-                               .with_message("assistant", f"answer {t}", tokens=16))
+        for t in range(1, 3):
+            await pod_a.update("agent-7", turn(t))
         echo("  pod A answered two turns of session agent-7, then crashed (its store client is gone)")
     async with open_store("memory://demo") as pod_b:
         state = await pod_b.get("agent-7")
