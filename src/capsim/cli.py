@@ -226,5 +226,24 @@ def validate(
     typer.echo(f"wrote {out_dir}/results.csv, validation.png, provenance.json")
 
 
+@app.command()
+def check(scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tune's best.yaml)")]) -> None:
+    """Check a scenario for settings that cannot work; print each finding with its field path.
+
+    Exit code 1 when any check fails (warnings do not fail), so CI can gate on it.
+    """
+    from capsim.model.scenario import Scenario
+    from capsim.model.settings import SettingsError
+    from capsim.studies.checks import failed, format_findings, run_checks
+
+    try:
+        findings = run_checks(Scenario.from_yaml(scenario))
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(format_findings(findings))
+    if failed(findings):
+        raise typer.Exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,236 @@
+"""Checks before deploy: settings of a scenario that cannot work, each named by its field path and reason.
+
+``run_checks(scenario)`` is pure arithmetic on the scenario (and the mean batch times of its service
+model, from the profile when it has one): no simulation, a millisecond or so, so ``tune`` runs it on
+every candidate and ``capsim check`` gates CI on it. Each check below says what it compares and why the
+setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`` one is suspicious.
+
+* ``hpa-target-unreachable``: a Pods metric can never rise far enough above its target to scale up. The
+  HPA scales up only when value / target > 1 + scale-up tolerance (upstream
+  ``pkg/controller/podautoscaler/replica_calculator.go``); a pod's queue depth never exceeds the queue
+  capacity and its busy ratio never exceeds 1, so a target above ``bound / (1 + tolerance)`` never scales.
+* ``max-wait-over-slo``: the batcher may hold the first request of a batch ``max_wait_ms`` before the
+  batch starts; at light load every batch waits that long, so ``max_wait + first token of a one-request
+  batch >= slo.ttft_p99_s`` misses the SLO for nearly every request.
+* ``queue-below-batch``: a queue holding fewer requests than ``max_batch_size`` never fills a batch.
+* ``client-timeout-below-batch``: a client that gives up before one batch at ``max_batch_size`` has run
+  times out on every full batch (and retries into the next one).
+* ``max-replicas-over-gpus``: ``maxReplicas`` above the GPUs the cluster section can hold (one GPU per
+  pod, whole nodes of ``node_gpus`` within ``max_gpus``) leaves the extra pods Pending for ever.
+* ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
+  the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
+* ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
+  the SLO is already broken.
+* ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from capsim.model.profile import ProfileError, ServiceTimeProfile
+from capsim.model.scenario import POD_METRIC_ALIASES, Scenario, Tokens
+
+Level = Literal["fail", "warn"]
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem: the dotted field path (as ``Scenario.override`` takes it) and the reason."""
+
+    path: str
+    message: str
+    level: Level = "fail"
+    check: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.level.upper()} {self.path}: {self.message}"
+
+
+def failed(findings: Iterable[Finding]) -> bool:
+    """True when any finding is a failure (``warn`` findings do not fail)."""
+    return any(f.level == "fail" for f in findings)
+
+
+def run_checks(scenario: Scenario) -> list[Finding]:
+    """Every check on ``scenario``; an empty list means none fired. Order: the module docstring's."""
+    findings: list[Finding] = []
+    findings += _hpa_targets(scenario)
+    times = _BatchTimes.of(scenario)
+    if isinstance(times, Finding):
+        findings.append(times)
+    else:
+        findings += _max_wait(scenario, times)
+    findings += _queue_capacity(scenario)
+    if not isinstance(times, Finding):
+        findings += _client_timeout(scenario, times)
+    findings += _gpus(scenario)
+    findings += _scale_down_window(scenario)
+    return findings
+
+
+# ---- the service model's mean batch times -----------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _BatchTimes:
+    """Mean (prefill_s, total_s) of a batch of the workload's mean request, by size, as the pod runs it."""
+
+    scenario: Scenario
+    profile: ServiceTimeProfile | None
+
+    @classmethod
+    def of(cls, scenario: Scenario) -> _BatchTimes | Finding:
+        svc = scenario.service
+        if svc.kind != "profile":
+            return cls(scenario, None)
+        assert svc.profile is not None
+        path = scenario.resolve(svc.profile)
+        try:
+            profile = _load_profile(str(path.resolve()), path.stat().st_mtime_ns)
+        except (OSError, ProfileError) as exc:
+            return Finding("service.profile", f"cannot read the profile {path}: {exc}", check="service-model")
+        times = cls(scenario, profile)
+        try:
+            times.at(scenario.batching.max_batch_size)
+        except ProfileError as exc:
+            return Finding("service.profile", f"no batch time at batching.max_batch_size: {exc}",
+                           check="service-model")
+        return times
+
+    def at(self, size: int) -> tuple[float, float]:
+        """Mean seconds to the first token and to the end of a batch of ``size`` mean requests."""
+        svc = self.scenario.service
+        if self.profile is None:
+            assert svc.mean_s is not None
+            pre = total = svc.mean_s  # exponential and deterministic: the answer comes at the end
+        else:
+            wl = self.scenario.workload
+            bt = self.profile.batch_timing(size, _mean_tokens(wl.prompt_tokens), _mean_tokens(wl.output_tokens),
+                                           extrapolate=svc.extrapolate)
+            pre, total = bt.prefill_s, bt.total_s
+        extra = size * svc.request_overhead_ms / 1000.0  # as the simulator's OverheadService
+        return svc.time_scale * pre + 0.5 * extra, svc.time_scale * total + extra
+
+
+@functools.lru_cache(maxsize=16)
+def _load_profile(path: str, mtime_ns: int) -> ServiceTimeProfile:
+    # keyed by the modification time too, so an edited profile is read again
+    return ServiceTimeProfile.from_csv(Path(path))
+
+
+def _mean_tokens(tokens: Tokens) -> int:
+    if tokens.kind == "constant":
+        return tokens.value
+    mean = round(tokens.mean)
+    return max(1, min(mean, tokens.max) if tokens.max is not None else mean)
+
+
+# ---- the checks ---------------------------------------------------------------------------------------
+def _hpa_targets(scenario: Scenario) -> list[Finding]:
+    auto = scenario.autoscaler
+    if auto is None:
+        return []
+    hpa = auto.to_hpa()
+    up_tol = hpa.metric_tolerance.scale_up
+    batching = scenario.batching
+    out: list[Finding] = []
+    for i, metric in enumerate(hpa.metrics):
+        kind = POD_METRIC_ALIASES[metric.name]
+        path = f"autoscaler.metrics.{i}.pods.target.averageValue"
+        if kind == "queue_depth":
+            bound, what = float(batching.queue_capacity), f"batching.queue_capacity ({batching.queue_capacity})"
+        elif kind == "busy":
+            bound, what = 1.0, "1 (the share of time the model runs)"
+        else:
+            if kind == "ttft" and metric.target > scenario.slo.ttft_p99_s:
+                out.append(Finding(
+                    path, f"a mean TTFT target of {metric.target:g} s is above slo.ttft_p99_s "
+                    f"({scenario.slo.ttft_p99_s:g} s): the HPA scales up only once the SLO is already broken",
+                    level="warn", check="ttft-target-over-slo"))
+            continue
+        reach = bound / (1.0 + up_tol)
+        if metric.target >= reach:
+            out.append(Finding(
+                path, f"{metric.name} can never exceed {what}, and the HPA scales up only when the value "
+                f"is above target x (1 + tolerance {up_tol:g}); a target of {metric.target:g} needs a value "
+                f"above {metric.target * (1 + up_tol):g}, so it never scales up (keep it below {reach:.4g})",
+                check="hpa-target-unreachable"))
+    return out
+
+
+def _max_wait(scenario: Scenario, times: _BatchTimes) -> list[Finding]:
+    wait_s = scenario.batching.max_wait_s
+    first_s, _ = times.at(1)
+    slo = scenario.slo.ttft_p99_s
+    if wait_s + first_s < slo:
+        return []
+    return [Finding(
+        "batching.max_wait_ms", f"a batch may wait {wait_s:g} s for company and its first token then takes "
+        f"{first_s:.4g} s even with one request: {wait_s + first_s:.4g} s, no room under slo.ttft_p99_s "
+        f"({slo:g} s); keep max_wait_ms below {max(slo - first_s, 0.0) * 1000:.4g}", check="max-wait-over-slo")]
+
+
+def _queue_capacity(scenario: Scenario) -> list[Finding]:
+    b = scenario.batching
+    if b.queue_capacity >= b.max_batch_size:
+        return []
+    return [Finding(
+        "batching.queue_capacity", f"{b.queue_capacity} is below batching.max_batch_size ({b.max_batch_size}): "
+        "the queue can never hold a full batch", check="queue-below-batch")]
+
+
+def _client_timeout(scenario: Scenario, times: _BatchTimes) -> list[Finding]:
+    size = scenario.batching.max_batch_size
+    _, total_s = times.at(size)
+    timeout = scenario.client.timeout_s
+    if timeout > total_s:
+        return []
+    return [Finding(
+        "client.timeout_s", f"{timeout:g} s is not longer than one batch at batching.max_batch_size ({size}): "
+        f"{total_s:.4g} s for the workload's mean request; every full batch times out",
+        check="client-timeout-below-batch")]
+
+
+def _gpus(scenario: Scenario) -> list[Finding]:
+    auto, cluster = scenario.autoscaler, scenario.cluster
+    if auto is None or cluster is None:
+        return []
+    whole_nodes = cluster.max_gpus // cluster.node_gpus * cluster.node_gpus
+    at_start = min(math.ceil(scenario.pods.replicas / cluster.node_gpus) * cluster.node_gpus, cluster.max_gpus)
+    holds = max(whole_nodes, at_start)
+    if auto.max_replicas <= holds:
+        return []
+    return [Finding(
+        "autoscaler.maxReplicas", f"{auto.max_replicas} pods of one GPU each, but the cluster holds {holds} "
+        f"(cluster.max_gpus {cluster.max_gpus} in nodes of {cluster.node_gpus}): the rest stay Pending",
+        check="max-replicas-over-gpus")]
+
+
+def _scale_down_window(scenario: Scenario) -> list[Finding]:
+    auto = scenario.autoscaler
+    if auto is None:
+        return []
+    hpa = auto.to_hpa()
+    rules = hpa.behavior.scale_down if hpa.behavior is not None else None
+    if rules is not None and rules.select_policy == "Disabled":
+        return []  # it never scales down
+    if rules is not None and rules.stabilization_window_seconds is not None:
+        window, path = float(rules.stabilization_window_seconds), "autoscaler.behavior.scaleDown.stabilizationWindowSeconds"
+    else:
+        window, path = auto.downscale_window_s, "autoscaler.downscale_window_s"
+    lag = auto.scrape_interval_s + auto.adapter_lag_s
+    if window >= lag:
+        return []
+    return [Finding(
+        path, f"a scale-down window of {window:g} s is shorter than the age of the data the HPA reads: "
+        f"autoscaler.scrape_interval_s + adapter_lag_s = {lag:g} s; it scales down on numbers older than "
+        "the window", check="scale-down-window-below-lag")]
+
+
+def format_findings(findings: Sequence[Finding]) -> str:
+    """One line per finding, ``FAIL path: reason``; ``no problems found`` when there are none."""
+    return "\n".join(str(f) for f in findings) if findings else "no problems found"

@@ -1,0 +1,188 @@
+"""Checks before deploy: each check fires on a setting that cannot work and stays quiet just inside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.model.scenario import Scenario
+from capsim.studies.checks import Finding, failed, run_checks
+
+RUSH = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "friday_rush.yaml"
+
+
+@pytest.fixture(scope="module")
+def rush() -> Scenario:
+    return Scenario.from_yaml(RUSH)
+
+
+def _metric(name: str, value: str) -> list[dict[str, Any]]:
+    return [{"type": "Pods", "pods": {"metric": {"name": name}, "target": {"type": "AverageValue", "averageValue": value}}}]
+
+
+def _fired(scenario: Scenario, check: str) -> list[Finding]:
+    return [f for f in run_checks(scenario) if f.check == check]
+
+
+def test_shipped_scenarios_pass() -> None:
+    for path in sorted(RUSH.parent.glob("*.yaml")):
+        findings = run_checks(Scenario.from_yaml(path))
+        assert not failed(findings), (path.name, findings)
+
+
+def test_finding_is_frozen_and_failed_ignores_warnings() -> None:
+    f = Finding("a.b", "why")
+    with pytest.raises(AttributeError):
+        f.path = "c"  # type: ignore[misc]
+    assert failed([f]) and not failed([]) and not failed([Finding("a", "b", level="warn")])
+    assert str(f) == "FAIL a.b: why"
+
+
+# ---- HPA target the metric can never reach -------------------------------------------------------------
+def test_queue_depth_target_above_capacity_fires(rush: Scenario) -> None:
+    s = rush.override({"autoscaler.metrics": _metric("capsim_queue_depth", "600")})  # capacity 512
+    (f,) = _fired(s, "hpa-target-unreachable")
+    assert f.path == "autoscaler.metrics.0.pods.target.averageValue" and f.level == "fail"
+    assert "queue_capacity (512)" in f.message
+
+
+def test_queue_depth_target_within_tolerance_of_capacity_fires(rush: Scenario) -> None:
+    # 480 x 1.1 = 528 > 512: the queue can never be deep enough to leave the tolerance band
+    s = rush.override({"autoscaler.metrics": _metric("capsim_queue_depth", "480")})
+    assert _fired(s, "hpa-target-unreachable")
+    assert not _fired(rush.override({"autoscaler.metrics": _metric("capsim_queue_depth", "460")}),
+                      "hpa-target-unreachable")
+
+
+def test_busy_ratio_target_above_one_fires(rush: Scenario) -> None:
+    s = rush.override({"autoscaler.metrics": _metric("capsim_gpu_busy_ratio", "1.2")})
+    (f,) = _fired(s, "hpa-target-unreachable")
+    assert "never scales up" in f.message
+    assert not _fired(rush.override({"autoscaler.metrics": _metric("capsim_gpu_busy_ratio", "800m")}),
+                      "hpa-target-unreachable")
+
+
+def test_busy_target_uses_the_behavior_tolerance(rush: Scenario) -> None:
+    # 0.85 x 1.1 < 1 passes with the default tolerance; a scale-up tolerance of 0.2 makes 0.85 x 1.2 > 1
+    base = rush.override({"autoscaler.metrics": _metric("capsim_gpu_busy_ratio", "0.85")})
+    assert not _fired(base, "hpa-target-unreachable")
+    behavior = dict(rush.autoscaler.behavior or {})  # type: ignore[union-attr]
+    behavior["scaleUp"] = {**behavior["scaleUp"], "tolerance": 0.2}
+    assert _fired(base.override({"autoscaler.behavior": behavior}), "hpa-target-unreachable")
+
+
+def test_ttft_target_above_slo_warns(rush: Scenario) -> None:
+    s = rush.override({"autoscaler.metrics": _metric("capsim_time_to_first_token_seconds", "2")})
+    (f,) = _fired(s, "ttft-target-over-slo")
+    assert f.level == "warn" and not failed(run_checks(s))
+    assert not _fired(rush.override({"autoscaler.metrics": _metric("ttft", "500m")}), "ttft-target-over-slo")
+
+
+# ---- max wait leaves no room in the SLO ------------------------------------------------------------------
+def test_max_wait_over_slo_fires(rush: Scenario) -> None:
+    (f,) = _fired(rush.override({"batching.max_wait_ms": 1000}), "max-wait-over-slo")
+    assert f.path == "batching.max_wait_ms"
+
+
+def test_max_wait_counts_the_batch_itself() -> None:
+    # deterministic 0.3 s batches, SLO 1 s: 0.6 s of wait fits, 0.75 s does not
+    s = Scenario.model_validate({
+        "horizon_s": 10, "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 1}},
+        "service": {"kind": "deterministic", "mean_s": 0.3}, "batching": {"max_wait_ms": 600},
+        "slo": {"ttft_p99_s": 1.0}})
+    assert not _fired(s, "max-wait-over-slo")
+    assert _fired(s.override({"batching.max_wait_ms": 750}), "max-wait-over-slo")
+    # the pod's per-request overhead and the calibration scale count too
+    assert _fired(s.override({"service.time_scale": 1.5}), "max-wait-over-slo")
+
+
+# ---- queue capacity below the batch size -----------------------------------------------------------------
+def test_queue_below_batch_fires(rush: Scenario) -> None:
+    s = rush.override({"batching.queue_capacity": 16, "autoscaler.metrics": _metric("capsim_queue_depth", "4")})
+    (f,) = _fired(s, "queue-below-batch")
+    assert f.path == "batching.queue_capacity" and "max_batch_size (32)" in f.message
+    assert not _fired(s.override({"batching.queue_capacity": 32}), "queue-below-batch")
+
+
+# ---- client timeout shorter than one full batch ----------------------------------------------------------
+def test_client_timeout_below_full_batch_fires(rush: Scenario) -> None:
+    (f,) = _fired(rush.override({"client.timeout_s": 0.05}), "client-timeout-below-batch")
+    assert f.path == "client.timeout_s"
+    assert not _fired(rush, "client-timeout-below-batch")
+
+
+def test_client_timeout_uses_the_full_batch() -> None:
+    s = Scenario.model_validate({
+        "horizon_s": 10, "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 1}},
+        "service": {"kind": "deterministic", "mean_s": 0.5, "request_overhead_ms": 10},
+        "batching": {"max_batch_size": 50, "max_wait_ms": 0}, "client": {"timeout_s": 0.99},
+        "slo": {"ttft_p99_s": 5}})
+    # one full batch: 0.5 s + 50 x 10 ms = 1.0 s
+    assert _fired(s, "client-timeout-below-batch")
+    assert not _fired(s.override({"client.timeout_s": 1.01}), "client-timeout-below-batch")
+
+
+# ---- maxReplicas the cluster cannot hold -----------------------------------------------------------------
+def test_max_replicas_over_gpus_fires(rush: Scenario) -> None:
+    s = rush.override({"autoscaler.maxReplicas": 40})  # 32 GPUs
+    (f,) = _fired(s, "max-replicas-over-gpus")
+    assert f.path == "autoscaler.maxReplicas" and "holds 32" in f.message
+    assert not _fired(rush.override({"autoscaler.maxReplicas": 32}), "max-replicas-over-gpus")
+
+
+def test_gpus_count_whole_nodes(rush: Scenario) -> None:
+    # 30 GPUs in nodes of 8: only 3 nodes can be provisioned, 24 pods
+    s = rush.override({"cluster.max_gpus": 30})
+    assert not _fired(s, "max-replicas-over-gpus")  # maxReplicas 24
+    assert _fired(s.override({"autoscaler.maxReplicas": 25}), "max-replicas-over-gpus")
+
+
+# ---- scale-down window shorter than the metric lag -------------------------------------------------------
+def test_scale_down_window_below_lag_fires(rush: Scenario) -> None:
+    behavior = dict(rush.autoscaler.behavior or {})  # type: ignore[union-attr]
+    behavior["scaleDown"] = {**behavior["scaleDown"], "stabilizationWindowSeconds": 20}  # lag 15 + 15
+    (f,) = _fired(rush.override({"autoscaler.behavior": behavior}), "scale-down-window-below-lag")
+    assert f.path == "autoscaler.behavior.scaleDown.stabilizationWindowSeconds" and "30 s" in f.message
+    behavior["scaleDown"]["stabilizationWindowSeconds"] = 30
+    assert not _fired(rush.override({"autoscaler.behavior": behavior}), "scale-down-window-below-lag")
+
+
+def test_legacy_scale_down_window_is_checked(rush: Scenario) -> None:
+    s = rush.override({"autoscaler.behavior": None, "autoscaler.downscale_window_s": 10})
+    (f,) = _fired(s, "scale-down-window-below-lag")
+    assert f.path == "autoscaler.downscale_window_s"
+    behavior = {"scaleDown": {"selectPolicy": "Disabled"}}
+    assert not _fired(s.override({"autoscaler.behavior": behavior}), "scale-down-window-below-lag")
+
+
+# ---- service model -----------------------------------------------------------------------------------------
+def test_missing_profile_is_a_finding(rush: Scenario, tmp_path: Path) -> None:
+    (f,) = _fired(rush.override({"service.profile": str(tmp_path / "nope.csv")}), "service-model")
+    assert f.path == "service.profile" and "nope.csv" in f.message
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+def test_check_command_exit_codes(tmp_path: Path, rush: Scenario) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(app, ["check", str(RUSH)])
+    assert ok.exit_code == 0, ok.output
+    assert "no problems found" in ok.output
+    bad = rush.override({"batching.queue_capacity": 16, "client.timeout_s": 0.05,
+                         "autoscaler.metrics": _metric("capsim_queue_depth", "4")})
+    path = tmp_path / "bad.yaml"
+    path.write_text(_yaml(bad, RUSH))
+    out = runner.invoke(app, ["check", str(path)])
+    assert out.exit_code == 1, out.output
+    assert "FAIL batching.queue_capacity:" in out.output and "FAIL client.timeout_s:" in out.output
+
+
+def _yaml(scenario: Scenario, source: Path) -> str:
+    import yaml
+
+    data = scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data["service"]["profile"] = str(scenario.resolve(Path(data["service"]["profile"])).resolve())
+    return yaml.safe_dump(data, sort_keys=False)
