@@ -399,19 +399,59 @@ class Scenario(BaseModel):
         return path
 
     def override(self, changes: Mapping[str, Any]) -> Scenario:
-        """A validated copy with dotted-path changes applied: ``{"pods.replicas": 2, "horizon_s": 60}``."""
+        """A validated copy with dotted-path changes applied: ``{"pods.replicas": 2, "horizon_s": 60}``.
+
+        A path goes through lists by index (``autoscaler.metrics.0.pods.target.averageValue``); an index
+        equal to the list's length appends. A missing or null section on the way is created as a mapping.
+        Paths use the names the YAML uses (the Kubernetes spelling in the autoscaler). A path that cannot
+        be followed raises ``SettingsError`` naming it.
+        """
         data = self.model_dump(mode="python", by_alias=True, exclude_none=False)
         for dotted, value in changes.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                if node.get(key) is None:
-                    node[key] = {}
-                node = node[key]
-            node[leaf] = value
+            _set_path(data, dotted, value)
         new = type(self).model_validate(data)
         new._source = self._source
         return new
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``dotted`` (keys and list indices) in the nested ``data`` to ``value``, in place."""
+    parts = dotted.split(".")
+    if not dotted or any(not p for p in parts):
+        raise SettingsError(f"override path {dotted!r}: empty part")
+    node: Any = data
+    for depth, key in enumerate(parts):
+        leaf = depth == len(parts) - 1
+        where = ".".join(parts[:depth]) or "the scenario"
+        if isinstance(node, list):
+            if not key.isdigit():
+                raise SettingsError(f"override path {dotted!r}: {where} is a list, {key!r} is not an index")
+            i = int(key)
+            if i > len(node):
+                raise SettingsError(f"override path {dotted!r}: index {i} is past the end of {where} "
+                                    f"(length {len(node)})")
+            if i == len(node):
+                node.append(None)
+            if leaf:
+                node[i] = value
+                return
+            if isinstance(node[i], tuple):
+                node[i] = list(node[i])
+            elif node[i] is None:
+                node[i] = {}
+            node = node[i]
+        elif isinstance(node, dict):
+            if leaf:
+                node[key] = value
+                return
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif isinstance(child, tuple):
+                child = node[key] = list(child)
+            node = child
+        else:
+            raise SettingsError(f"override path {dotted!r}: {where} is a {type(node).__name__}, not a section")
 
 
 def _format(exc: ValidationError) -> str:
