@@ -2,12 +2,19 @@
 
 Waits are extreme (0 or 1000 s) so no test races the clock: a 1000 s wait never expires in a test,
 so a partial batch can only leave because it filled up or because the batcher is draining on close.
+The timer tests at the end use real finite waits and assert only lower bounds and generous upper ones.
+
+Every await on a request goes through ``within``: a request the batcher loses fails the test in
+seconds with a message naming it, instead of hanging the run (pytest-timeout is the backstop).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +27,28 @@ from capsim.core.batcher import (
     QueueFullError,
 )
 from capsim.model.settings import BatchSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+RESOLVE_WITHIN_S = 5.0  # a request the runner has answered resolves in a few loop turns; 5 s is generous
+
+
+async def within(aw: Awaitable[T], seconds: float = RESOLVE_WITHIN_S) -> T:
+    """Await ``aw``, failing (not hanging) if it does not finish in ``seconds``."""
+    try:
+        return await asyncio.wait_for(aw, seconds)
+    except TimeoutError:
+        raise AssertionError(f"not resolved within {seconds} s: the batcher lost a request") from None
+
+
+async def all_resolved(tasks: list[asyncio.Task[Any]], seconds: float = RESOLVE_WITHIN_S) -> None:
+    """Assert every task finishes within ``seconds`` (results and errors alike), naming those that did not."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    assert not pending, f"{len(pending)} of {len(tasks)} requests never resolved: {sorted(tasks.index(t) for t in pending)}"
+
 
 FOREVER_MS = 1_000_000.0
 
@@ -49,7 +78,7 @@ class Recorder:
 async def test_full_batches_leave_without_waiting():
     rec = Recorder()
     async with DynamicBatcher(rec, BatchSettings(max_batch_size=4, max_wait_ms=FOREVER_MS)) as b:
-        out = await asyncio.gather(*[b.submit(i) for i in range(8)])
+        out = await within(asyncio.gather(*[b.submit(i) for i in range(8)]))
     assert out == [2 * i for i in range(8)]
     assert rec.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
@@ -58,7 +87,7 @@ async def test_zero_wait_sends_singletons_in_order():
     rec = Recorder()
     async with DynamicBatcher(rec, BatchSettings(max_batch_size=8, max_wait_ms=0)) as b:
         for i in range(3):
-            assert await b.submit(i) == 2 * i
+            assert await within(b.submit(i)) == 2 * i
     assert rec.batches == [[0], [1], [2]]
 
 
@@ -67,7 +96,7 @@ async def test_partial_batch_leaves_after_max_wait():
     async with DynamicBatcher(rec, BatchSettings(max_batch_size=64, max_wait_ms=20)) as b:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        out = await asyncio.gather(*[b.submit(i) for i in range(3)])
+        out = await within(asyncio.gather(*[b.submit(i) for i in range(3)]))
         waited = loop.time() - t0
     assert out == [0, 2, 4]
     assert rec.batches == [[0, 1, 2]]
@@ -84,11 +113,11 @@ async def test_reject_overflow_raises_queue_full_at_once():
         queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="queue is full") as info:
-            await b.submit(3)
+            await within(b.submit(3))
         assert info.value.retry_after_s >= 1.0
         gate.set()
-        assert await running == 0
-        assert [await q for q in queued] == [2, 4]
+        assert await within(running) == 0
+        assert await within(asyncio.gather(*queued)) == [2, 4]
 
 
 async def test_wait_overflow_applies_back_pressure_then_times_out():
@@ -104,9 +133,9 @@ async def test_wait_overflow_applies_back_pressure_then_times_out():
         await asyncio.sleep(0.01)
         assert not waiting.done()
         with pytest.raises(QueueFullError, match="stayed full"):
-            await b.submit(3, space_timeout_s=0.01)
+            await within(b.submit(3, space_timeout_s=0.01))
         gate.set()
-        assert [await first, await second, await waiting] == [0, 2, 4]
+        assert await within(asyncio.gather(first, second, waiting)) == [0, 2, 4]
 
 
 async def test_cancelled_submit_never_runs():
@@ -118,10 +147,10 @@ async def test_cancelled_submit_never_runs():
         t1.cancel()
         await asyncio.sleep(0)
         assert b.queue_depth() == 1
-        rest = await asyncio.gather(b.submit(3), b.submit(4))
-        assert await t2 == 4 and rest == [6, 8]
-        with pytest.raises(asyncio.CancelledError):
-            await t1
+        rest = await within(asyncio.gather(b.submit(3), b.submit(4)))
+        assert await within(t2) == 4 and rest == [6, 8]
+        await all_resolved([t1])
+        assert t1.cancelled()
     assert [1 in batch for batch in rec.batches] == [False] * len(rec.batches)
 
 
@@ -136,9 +165,10 @@ async def test_runner_exception_fails_only_its_batch_and_batcher_keeps_serving()
         return items
 
     async with DynamicBatcher(flaky, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS)) as b:
-        first = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
-        second = await asyncio.gather(b.submit(3), b.submit(4))
+        first = await within(asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True))
+        second = await within(asyncio.gather(b.submit(3), b.submit(4)))
     assert [type(e) for e in first] == [RuntimeError, RuntimeError]
+    assert first[0] is first[1]  # each request of the batch gets the batch's own exception
     assert second == [3, 4]
 
 
@@ -147,7 +177,7 @@ async def test_item_exception_fails_only_that_item():
         return [ValueError(f"bad {i}") if i % 2 else i for i in items]
 
     async with DynamicBatcher(picky, BatchSettings(max_batch_size=4, max_wait_ms=FOREVER_MS)) as b:
-        out = await asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True)
+        out = await within(asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True))
     assert out[0] == 0 and out[2] == 2
     assert isinstance(out[1], ValueError) and str(out[1]) == "bad 1"
     assert isinstance(out[3], ValueError)
@@ -158,12 +188,12 @@ async def test_wrong_result_count_fails_batch_clearly():
         return items[:-1]
 
     async with DynamicBatcher(short, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS)) as b:
-        out = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
-        assert all(isinstance(e, BatchResultMismatchError) for e in out)
+        out = await within(asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True))
+        assert len(out) == 2 and all(isinstance(e, BatchResultMismatchError) for e in out)
         assert "returned 1 results for a batch of 2" in str(out[0])
         # still serving: the next batch runs (and fails the same way, since the runner is wrong)
-        again = await asyncio.gather(b.submit(3), b.submit(4), return_exceptions=True)
-        assert all(isinstance(e, BatchResultMismatchError) for e in again)
+        again = await within(asyncio.gather(b.submit(3), b.submit(4), return_exceptions=True))
+        assert len(again) == 2 and all(isinstance(e, BatchResultMismatchError) for e in again)
         assert not b.closed
 
 
@@ -173,10 +203,11 @@ async def test_close_drains_queued_work_and_rejects_new():
     b.start()
     pending = [asyncio.create_task(b.submit(i)) for i in range(3)]
     await asyncio.sleep(0)
-    await b.aclose()
+    await within(b.aclose())
+    await all_resolved(pending)
     assert [p.result() for p in pending] == [0, 2, 4]
     with pytest.raises(BatcherClosedError):
-        await b.submit(9)
+        await within(b.submit(9))
 
 
 async def test_close_timeout_fails_what_is_left():
@@ -186,15 +217,18 @@ async def test_close_timeout_fails_what_is_left():
     b.start()
     tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
     await asyncio.sleep(0.01)
-    await b.aclose(timeout_s=0.05)
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+    await within(b.aclose(timeout_s=0.05))
+    await all_resolved(tasks)
+    results = [t.exception() for t in tasks]
     assert all(isinstance(r, BatcherClosedError) for r in results), results
+    assert "while the batch was running" in str(results[0])  # the one that was running
+    assert all("before the request ran" in str(r) for r in results[1:])  # the queued leftovers
 
 
 async def test_submit_before_start_is_refused():
     b = DynamicBatcher(Recorder(), BatchSettings())
     with pytest.raises(BatcherClosedError, match="not running"):
-        await b.submit(1)
+        await within(b.submit(1))
 
 
 async def test_concurrent_batches_are_bounded():
@@ -206,7 +240,7 @@ async def test_concurrent_batches_are_bounded():
         await asyncio.sleep(0.02)
         assert rec.running == 3 and b.in_flight_batches == 3
         gate.set()
-        await asyncio.gather(*tasks)
+        await within(asyncio.gather(*tasks))
     assert rec.max_running == 3
 
 
@@ -244,7 +278,7 @@ async def test_metrics_protocol_sees_batches_outcomes_and_ttft():
     s = BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS, queue_capacity=2)
     async with DynamicBatcher(runner, s, metrics=m) as b:
         assert m.depth is not None and m.depth() == 0
-        await asyncio.gather(b.submit(0), b.submit(1), return_exceptions=True)
+        await within(asyncio.gather(b.submit(0), b.submit(1), return_exceptions=True))
     assert m.batches == [2]
     assert sorted(m.outcomes) == ["failed", "ok"]
     ok_ttft = m.ttfts[m.outcomes.index("ok")]
@@ -293,22 +327,38 @@ def test_property_every_request_resolves_exactly_once(case):
             raise RuntimeError("batch failed")
         return [ValueError("item failed") if i >= FAIL_ITEM else i for i in items]
 
-    async def main() -> list[asyncio.Task[int]]:
-        b = DynamicBatcher(runner, s, close_timeout_s=5.0)
+    metrics = FakeMetrics()
+    entered: list[int] = []
+
+    async def main() -> tuple[list[asyncio.Task[int]], list[int]]:
+        b = DynamicBatcher(runner, s, metrics=metrics, close_timeout_s=5.0)
         b.start()
         tasks = []
+
+        async def submit(p: int) -> int:
+            entered.append(p)  # a task cancelled before it starts never submits anything
+            return await b.submit(p)
+
         for idx, p in enumerate(payloads):
-            tasks.append(asyncio.create_task(b.submit(p)))
+            tasks.append(asyncio.create_task(submit(p)))
             if pauses[idx]:
                 await asyncio.sleep(0)
         for idx in cancel:
             tasks[idx].cancel()
         await asyncio.sleep(0)
         await b.aclose()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return tasks
+        # aclose has resolved every request's future; each task needs one loop turn to see it. Checking
+        # after a few turns (not a timeout) keeps a lost request a fast, deterministic failure, which
+        # matters because Hypothesis replays a failing case many times while shrinking it.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        lost = [i for i, t in enumerate(tasks) if not t.done()]
+        for t in tasks:
+            t.cancel()  # so asyncio.run can finish even when a request was lost
+        return tasks, lost
 
-    tasks = asyncio.run(main())
+    tasks, lost = asyncio.run(asyncio.wait_for(main(), 30))
+    assert not lost, f"requests never resolved after aclose: {lost} of {len(payloads)}"
     ran = [p for batch in batches for p in batch]
     # nothing runs twice; batches respect the bound and the concurrency limit
     assert len(ran) == len(set(ran))
@@ -333,8 +383,135 @@ def test_property_every_request_resolves_exactly_once(case):
             assert isinstance(exc, ValueError)
         else:
             assert exc is None and t.result() == p
+    # one metrics outcome per request, and the outcome is the request's fate (a cancelled caller's
+    # request may have ended any way, but is still counted once)
+    assert len(metrics.outcomes) == len(entered), Counter(metrics.outcomes)
+    fate: Counter[str] = Counter()
+    for t in tasks:
+        if t.cancelled():
+            continue
+        exc = t.exception()
+        fate[
+            "ok" if exc is None
+            else "rejected" if isinstance(exc, QueueFullError)
+            else "closed" if isinstance(exc, BatcherClosedError)
+            else "failed"
+        ] += 1
+    observed = Counter(metrics.outcomes)
+    assert all(observed[k] >= n for k, n in fate.items()), (observed, fate)
+    assert observed["cancelled"] <= sum(t.cancelled() for t in tasks)
+    assert sorted(metrics.batches) == sorted(len(batch) for batch in batches)
     # with 'wait' overflow and no timeout, nothing is rejected
     if s.overflow == "wait":
         assert not any(
             not t.cancelled() and isinstance(t.exception(), QueueFullError) for t in tasks
         )
+
+
+# ---- one metrics outcome per request, on every path that ends one ----
+
+
+async def test_cancelled_while_queued_is_counted_once_even_when_the_dispatcher_pops_it_first():
+    # The issue's reproduction: the dispatcher takes the full queue off before the cancelled task's
+    # handler runs, so the handler sees its request dispatched; it used to leave no outcome at all.
+    m = FakeMetrics()
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS), metrics=m) as b:
+        t1 = asyncio.create_task(b.submit(1))
+        t2 = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0)
+        t1.cancel()
+        t3 = asyncio.create_task(b.submit(3))
+        await all_resolved([t1, t2])
+    await all_resolved([t3])
+    assert t1.cancelled() and t2.result() == 4 and t3.result() == 6
+    assert sorted(m.outcomes) == ["cancelled", "ok", "ok"]
+    assert rec.batches == [[2, 3]]
+
+
+async def test_cancelled_while_its_batch_runs_is_counted_once_as_cancelled():
+    m = FakeMetrics()
+    gate = asyncio.Event()
+    async with DynamicBatcher(Recorder(gate), BatchSettings(max_batch_size=2, max_wait_ms=0), metrics=m) as b:
+        t1 = asyncio.create_task(b.submit(1))
+        t2 = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)  # the batch [1, 2] is running, blocked on the gate
+        assert b.in_flight_batches == 1
+        t1.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        await all_resolved([t1, t2])
+    assert t1.cancelled() and t2.result() == 4
+    assert sorted(m.outcomes) == ["cancelled", "ok"]
+
+
+async def test_every_way_out_is_counted_once():
+    # rejected at intake, rejected after a space timeout, cancelled while waiting for space, closed
+    # while waiting for space, closed while queued, closed while running: six requests, six outcomes.
+    m = FakeMetrics()
+    gate = asyncio.Event()  # never set: the first batch hangs until close cancels it
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="wait")
+    b = DynamicBatcher(Recorder(gate), s, metrics=m)
+    b.start()
+    running = asyncio.create_task(b.submit(0))
+    await asyncio.sleep(0.01)
+    queued = asyncio.create_task(b.submit(1))
+    await asyncio.sleep(0)
+    expired = asyncio.create_task(b.submit(2, space_timeout_s=0.01))
+    await all_resolved([expired])
+    cancelled = asyncio.create_task(b.submit(3))
+    closed_waiting = asyncio.create_task(b.submit(4))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    await all_resolved([cancelled])
+    b.settings = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="reject")
+    with pytest.raises(QueueFullError):
+        await within(b.submit(5))
+    await within(b.aclose(timeout_s=0.05))
+    await all_resolved([running, queued, closed_waiting])
+    assert isinstance(expired.exception(), QueueFullError)
+    for t in (running, queued, closed_waiting):
+        assert isinstance(t.exception(), BatcherClosedError)
+    assert sorted(m.outcomes) == sorted(["closed", "closed", "closed", "rejected", "rejected", "cancelled"])
+
+
+# ---- the timer path: real, finite waits ----
+
+
+async def test_a_lone_request_leaves_after_max_wait_not_before():
+    m = FakeMetrics()
+    rec = Recorder()
+    waits: list[float | None] = []
+    m.observe_request = lambda outcome, wait, ttft, latency: waits.append(wait)  # type: ignore[method-assign]
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=8, max_wait_ms=50), metrics=m) as b:
+        loop = asyncio.get_running_loop()
+        for i in range(3):  # the timer re-arms for each new lone request
+            t0 = loop.time()
+            assert await within(b.submit(i)) == 2 * i
+            assert loop.time() - t0 >= 0.05
+    assert rec.batches == [[0], [1], [2]]
+    assert all(w is not None and 0.05 <= w < 5.0 for w in waits), waits
+
+
+async def test_the_deadline_is_the_oldest_requests():
+    # r1 at 0 s, r2 at 0.6 s, max_wait 1 s: the batch leaves at about 1 s, so r2 waited about 0.4 s.
+    # Were the deadline taken from the newest request, r2 would wait the full second. The bound
+    # (0.9 s) leaves half a second for a slow machine to fire the timer late.
+    waits: dict[str, float] = {}
+    m = FakeMetrics()
+    outcomes: list[float] = []
+    m.observe_request = lambda outcome, wait, ttft, latency: outcomes.append(wait)  # type: ignore[method-assign]
+    rec = Recorder()
+    async with DynamicBatcher(rec, BatchSettings(max_batch_size=8, max_wait_ms=1000), metrics=m) as b:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r1 = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.6)
+        r2 = asyncio.create_task(b.submit(2))
+        await all_resolved([r1, r2])
+        waits["batch"] = loop.time() - t0
+    assert rec.batches == [[1, 2]]
+    assert waits["batch"] >= 1.0
+    first, second = outcomes
+    assert first >= 1.0
+    assert second < 0.9, f"the second request waited {second:.3f} s: the deadline was not the oldest's"

@@ -3,7 +3,8 @@
 Requests wait in a bounded FIFO queue; ``capsim.policy.batching.decide`` (the same rule the simulated
 pod runs) says, on the loop's monotonic clock, when the head of the queue leaves as one batch.
 Every submitted request resolves exactly once: with its result, its own exception, its batch's
-exception, or ``BatcherClosedError``.
+exception, or ``BatcherClosedError``; and it reports exactly one outcome to the metrics, whichever
+of the caller, the dispatcher, a batch or ``aclose`` ends it first (a cancelled request included).
 """
 
 from __future__ import annotations
@@ -65,13 +66,21 @@ class BatcherMetrics(Protocol):
 
 
 class _Entry(Generic[P, R]):
-    __slots__ = ("dispatched", "enqueued_at", "future", "payload")
+    """One submitted request.
+
+    ``dispatched``: the batcher took it off the queue (or the waiter line), so the caller's cancel
+    handler must not touch the queue. ``settled``: its one metrics outcome has been reported; every
+    path that ends a request reports through ``DynamicBatcher._settle``, which reports only once.
+    """
+
+    __slots__ = ("dispatched", "enqueued_at", "future", "payload", "settled")
 
     def __init__(self, payload: P, future: asyncio.Future[R], enqueued_at: float) -> None:
         self.payload = payload
         self.future = future
         self.enqueued_at = enqueued_at
         self.dispatched = False
+        self.settled = False
 
 
 class DynamicBatcher(Generic[P, R]):
@@ -152,6 +161,7 @@ class DynamicBatcher(Generic[P, R]):
             await asyncio.gather(*self._batches, return_exceptions=True)
         while self._queue:
             entry = self._queue.popleft()
+            entry.dispatched = True
             self._fail(entry, BatcherClosedError("batcher closed before the request ran"), "closed")
         self._closed = True
 
@@ -206,7 +216,7 @@ class DynamicBatcher(Generic[P, R]):
                 with contextlib.suppress(ValueError):
                     self._queue.remove(entry)
                     self._release_space(1)
-                self._observe("cancelled", None, None, None)
+                self._settle(entry, "cancelled", None, None, None)
             raise
         finally:
             if timer is not None:
@@ -219,7 +229,8 @@ class DynamicBatcher(Generic[P, R]):
         except ValueError:
             return  # already queued, or gone
         if not entry.future.done():
-            self._observe("rejected", None, None, None)
+            entry.dispatched = True
+            self._settle(entry, "rejected", None, None, None)
             entry.future.set_exception(
                 QueueFullError(f"queue stayed full ({self.settings.queue_capacity} requests) for {timeout_s:g} s")
             )
@@ -253,7 +264,9 @@ class DynamicBatcher(Generic[P, R]):
         except Exception as exc:  # a bug here must not leave callers hanging
             self._closing = True
             while self._queue:
-                self._fail(self._queue.popleft(), BatcherClosedError(f"batcher failed: {exc!r}"), "closed")
+                entry = self._queue.popleft()
+                entry.dispatched = True
+                self._fail(entry, BatcherClosedError(f"batcher failed: {exc!r}"), "closed")
             raise
 
     async def _dispatch_forever(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -275,7 +288,9 @@ class DynamicBatcher(Generic[P, R]):
         queue = self._queue
         while True:
             while queue and queue[0].future.done():  # cancelled before its coroutine could unqueue it
-                queue.popleft().dispatched = True
+                entry = queue.popleft()
+                entry.dispatched = True
+                self._settle(entry, "cancelled", None, None, None)  # its handler will see it dispatched
                 self._release_space(1)
             if not queue:
                 return None
@@ -289,7 +304,9 @@ class DynamicBatcher(Generic[P, R]):
             for _ in range(size):
                 entry = queue.popleft()
                 entry.dispatched = True
-                if not entry.future.done():
+                if entry.future.done():
+                    self._settle(entry, "cancelled", None, None, None)
+                else:
                     batch.append(entry)
             self._release_space(size)
             if batch:
@@ -353,12 +370,12 @@ class DynamicBatcher(Generic[P, R]):
                 self._fail(entry, result, "failed", wait, ended - entry.enqueued_at)
                 continue
             if entry.future.done():  # cancelled by its caller while the batch ran
-                self._observe("cancelled", wait, None, None)
+                self._settle(entry, "cancelled", wait, None, None)
                 continue
             entry.future.set_result(result)  # type: ignore[arg-type]
             first = getattr(result, "first_token_s", None)
             ttft = wait + first if isinstance(first, int | float) else None
-            self._observe("ok", wait, ttft, ended - entry.enqueued_at)
+            self._settle(entry, "ok", wait, ttft, ended - entry.enqueued_at)
 
     def _fail(
         self,
@@ -368,9 +385,27 @@ class DynamicBatcher(Generic[P, R]):
         wait: float | None = None,
         latency: float | None = None,
     ) -> None:
+        """Fail one request with ``exc`` (unless its caller cancelled it first) and report it once."""
+        if entry.future.cancelled():
+            self._settle(entry, "cancelled", wait, None, None)
+            return
         if not entry.future.done():
             entry.future.set_exception(exc)
-        self._observe(outcome, wait, None, latency)
+        self._settle(entry, outcome, wait, None, latency)
+
+    def _settle(
+        self,
+        entry: _Entry[P, R],
+        outcome: str,
+        wait: float | None,
+        ttft: float | None,
+        latency: float | None,
+    ) -> None:
+        """Report ``entry``'s one outcome; a second report of the same request is dropped."""
+        if entry.settled:
+            return
+        entry.settled = True
+        self._observe(outcome, wait, ttft, latency)
 
     def _observe(self, outcome: str, wait: float | None, ttft: float | None, latency: float | None) -> None:
         if self._metrics is not None:
