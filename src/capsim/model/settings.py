@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from capsim.model.kv_cache import ModelShape, kv_cache_blocks
 
 
 class SettingsError(ValueError):
@@ -70,8 +73,56 @@ class BatchSettings(FrozenModel):
     queue_capacity: int = Field(1024, ge=1, description="requests a pod queues before overflow applies")
     overflow: Literal["reject", "wait"] = Field("reject", description="full queue: reject at once, or wait")
     max_concurrent_batches: int = Field(1, ge=1, le=64, description="batches in flight at once")
+    # continuous batching (vLLM's names and defaults; see capsim.policy.scheduling and docs/continuous.md)
+    mode: Literal["static", "continuous"] = Field("static", description="static batches, or per-step scheduling")
+    max_num_seqs: int = Field(256, ge=1, le=65536, description="continuous: requests running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="continuous: tokens one step computes")
+    block_size: int = Field(16, ge=1, le=4096, description="continuous: tokens per KV-cache block")
+    num_blocks: int | None = Field(None, ge=1, description="continuous: KV-cache blocks (or gpu_memory_gb + model)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="continuous: GPU memory (GiB) the cache is sized from")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="continuous: share of GPU memory vLLM takes")
+    model: ModelShape | None = Field(None, description="continuous: the model's shape, for gpu_memory_gb")
+    max_model_len: int = Field(8192, ge=2, description="continuous: longest prompt + output a request may have")
+    long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
+
+    @model_validator(mode="after")
+    def _cache_size(self) -> Self:
+        if self.mode != "continuous":
+            return self
+        if self.num_blocks is not None and self.gpu_memory_gb is not None:
+            _field_error(self, "gpu_memory_gb", "and num_blocks are exclusive: give the blocks or the memory, "
+                         f"got {self.gpu_memory_gb} with num_blocks {self.num_blocks}")
+        if self.num_blocks is None:
+            if self.gpu_memory_gb is None or self.model is None:
+                _field_error(self, "num_blocks", "(or gpu_memory_gb with model) is required in continuous mode, "
+                             f"got num_blocks={self.num_blocks}, gpu_memory_gb={self.gpu_memory_gb}, "
+                             f"model={'set' if self.model else None}")
+            if self.kv_cache_blocks() < 1:
+                m = self.model
+                assert m is not None
+                _field_error(self, "gpu_memory_gb", (
+                    f"leaves no KV cache: {self.gpu_memory_gb} GiB x {self.gpu_memory_utilization} - weights "
+                    f"{m.weights_gb} - activations {m.activation_peak_gb} holds no block of {self.block_size} "
+                    f"tokens, got {self.gpu_memory_gb}"))
+        return self
+
 
     @property
     def max_wait_s(self) -> float:
         """The wait bound in seconds."""
         return self.max_wait_ms / 1000.0
+
+    def kv_cache_blocks(self) -> int:
+        """KV-cache blocks per pod: ``num_blocks``, or those ``gpu_memory_gb`` leaves for ``model``."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.gpu_memory_gb is None or self.model is None:
+            raise SettingsError("batching.num_blocks (or gpu_memory_gb with model) is required in continuous mode")
+        return kv_cache_blocks(self.gpu_memory_gb, self.gpu_memory_utilization, self.model, self.block_size)
+
+
+def _field_error(model: BaseModel, name: str, message: str) -> NoReturn:
+    """Fail a cross-field check at field ``name``, so the error names it as a field error does."""
+    raise ValidationError.from_exception_data(type(model).__name__, [InitErrorDetails(
+        type=PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}")),
+        loc=(name,), input=getattr(model, name))])

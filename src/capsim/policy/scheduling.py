@@ -1,0 +1,311 @@
+"""Continuous batching: one engine step under a token budget and a KV-block cache, as vLLM V1 schedules it.
+
+The same deterministic, clock-free scheduler drives the real engine and the simulated pod: a shell adds
+requests, asks :meth:`Scheduler.step` what runs next, runs or times that step, and repeats. Semantics
+follow vLLM V1's ``Scheduler.schedule`` (vllm/v1/core/sched/scheduler.py, FCFS policy, prefix caching
+off), as summarised in ``/work/shared/reference/serving_engines.md``:
+
+- A request tracks only ``num_computed_tokens`` and ``num_tokens`` (prompt plus generated). A decode
+  asks for one token; a partly computed prompt for its next chunk. No separate phases.
+- Running requests are served first, in order, each taking ``min(num_tokens - num_computed_tokens,
+  long_prefill_token_threshold (if > 0), token budget)`` tokens and the KV blocks those tokens need.
+  When a block is missing, the *last* running request is preempted by recompute (its blocks freed,
+  its computed tokens reset to 0, put back at the head of the waiting queue) until the block fits; if
+  the victim is the request itself, phase 1 stops.
+- Only in a step with no preemption, waiting requests are admitted first come, first served, while
+  the token budget is positive, fewer than ``max_num_seqs`` run and their first chunk's blocks are free.
+  Admission never preempts.
+- After the step, a request whose known tokens are all computed emits one token; it finishes when it
+  has emitted its ``max_tokens``, and its blocks return at once.
+
+Unlike vLLM, which truncates generation at ``max_model_len``, a request whose prompt plus output could
+never fit (longer than ``max_model_len``, or more blocks than the whole cache) is rejected when added,
+with a typed :class:`Rejection`, so no request starves. The scheduler allocates blocks by count (no
+block ids, no prefix cache): enough for timing and for the engine's per-request caches.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from capsim.model.settings import BatchSettings
+
+
+class Rejection(StrEnum):
+    """Why a request can never be served by this engine configuration."""
+
+    TOO_LONG = "longer_than_max_model_len"  # prompt + max_tokens > max_model_len
+    EXCEEDS_CACHE = "more_blocks_than_cache"  # its KV blocks alone outgrow the whole cache
+
+
+class SchedulerError(ValueError):
+    """A shell used the scheduler wrongly (a duplicate id, an unknown id); the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    """The engine limits one step respects (vLLM's names); all counts, ``>= 1`` unless said."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_blocks: int = 1024
+    max_model_len: int = 8192
+    long_prefill_token_threshold: int = 0  # 0: off
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+
+    @classmethod
+    def from_settings(cls, s: BatchSettings) -> SchedulerLimits:
+        """The limits of a ``batching`` section in continuous mode (blocks derived as it says)."""
+        return cls(s.max_num_seqs, s.max_num_batched_tokens, s.block_size, s.kv_cache_blocks(),
+                   s.max_model_len, s.long_prefill_token_threshold)
+
+    def rejection(self, prompt_tokens: int, max_tokens: int) -> Rejection | None:
+        """Why a request of this size can never run, or ``None`` when it can."""
+        if prompt_tokens + max_tokens > self.max_model_len:
+            return Rejection.TOO_LONG
+        # the last emitted token is never fed back, so its KV is never stored
+        if -(-(prompt_tokens + max_tokens - 1) // self.block_size) > self.num_blocks:
+            return Rejection.EXCEEDS_CACHE
+        return None
+
+
+class Request:
+    """One request's scheduling state (``num_tokens`` = prompt + generated so far)."""
+
+    __slots__ = ("blocks", "computed", "generated", "max_tokens", "num_tokens", "preemptions", "prompt",
+                 "request_id", "started")
+
+    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int) -> None:
+        self.request_id = request_id
+        self.prompt = prompt_tokens
+        self.max_tokens = max_tokens
+        self.num_tokens = prompt_tokens
+        self.computed = 0  # num_computed_tokens
+        self.generated = 0
+        self.blocks = 0  # KV blocks held
+        self.preemptions = 0
+        self.started = False  # scheduled at least once
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id}, computed={self.computed}/{self.num_tokens}, "
+                f"generated={self.generated}/{self.max_tokens}, blocks={self.blocks})")
+
+
+@dataclass(slots=True)
+class Step:
+    """What runs in one engine step, and what it produced (the scheduler has already applied it).
+
+    ``request_ids``/``num_tokens``/``contexts`` list every scheduled request in running order with the
+    tokens it computes this step and the tokens already in its cache (its context). The aggregates are
+    what a step-time model needs: prefill chunks (requests computing prompt or recomputed tokens, i.e.
+    more than a decode's one token or a first chunk) and decodes. ``first_token`` lists requests that
+    emitted their first token, ``finished`` those that emitted their last (their blocks are free),
+    ``preempted`` those sent back to waiting, ``started`` those scheduled for the first time.
+    """
+
+    request_ids: list[int] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    contexts: list[int] = field(default_factory=list)
+    prefills: int = 0
+    prefill_tokens: int = 0
+    prefill_max_tokens: int = 0
+    prefill_context: int = 0  # sum over prefill chunks of tokens x context (attention work)
+    decodes: int = 0
+    decode_context: int = 0  # sum of the decodes' contexts
+    first_token: list[int] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
+    preempted: list[int] = field(default_factory=list)
+    started: list[int] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens computed in this step (at most ``max_num_batched_tokens``)."""
+        return self.prefill_tokens + self.decodes
+
+    @property
+    def empty(self) -> bool:
+        return not self.request_ids
+
+
+class Scheduler:
+    """The waiting and running queues and the block pool of one engine; see the module docstring."""
+
+    def __init__(self, limits: SchedulerLimits) -> None:
+        self.limits = limits
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[int, Request] = {}
+        self.free_blocks = limits.num_blocks
+        self.num_preemptions = 0  # counter, as vllm:num_preemptions
+        self.steps = 0
+
+    # ---- queue ------------------------------------------------------------------------------------
+    def add(self, request_id: int, prompt_tokens: int, max_tokens: int) -> Rejection | None:
+        """Queue a request at the tail of waiting, or say why it can never run (then it is not queued)."""
+        if prompt_tokens < 1 or max_tokens < 1:
+            raise SchedulerError(f"request {request_id}: prompt_tokens and max_tokens must be >= 1, "
+                                 f"got {prompt_tokens} and {max_tokens}")
+        if request_id in self.requests:
+            raise SchedulerError(f"request {request_id} is already queued or running")
+        why = self.limits.rejection(prompt_tokens, max_tokens)
+        if why is None:
+            r = Request(request_id, prompt_tokens, max_tokens)
+            self.requests[request_id] = r
+            self.waiting.append(r)
+        return why
+
+    def remove(self, request_id: int) -> Request:
+        """Abort a request (its client went away, or the engine stopped it early); frees its blocks."""
+        r = self.requests.pop(request_id, None)
+        if r is None:
+            raise SchedulerError(f"request {request_id} is not queued or running")
+        if r.blocks:
+            self.free_blocks += r.blocks
+            r.blocks = 0
+        try:
+            self.running.remove(r)
+        except ValueError:
+            self.waiting.remove(r)
+        return r
+
+    def clear(self) -> list[int]:
+        """Drop every request (the engine died); return their ids, running first, then waiting."""
+        ids = [r.request_id for r in self.running] + [r.request_id for r in self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        self.requests.clear()
+        self.free_blocks = self.limits.num_blocks
+        return ids
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.limits.num_blocks - self.free_blocks
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """One minus free over total blocks (vllm:kv_cache_usage_perc, 0-1)."""
+        return 1.0 - self.free_blocks / self.limits.num_blocks
+
+    # ---- one step ---------------------------------------------------------------------------------
+    def step(self) -> Step:
+        """Schedule one step, apply its result (tokens computed and emitted), and return it.
+
+        An empty step (nothing scheduled) means there is no work: with any request queued or running,
+        at least the head of ``running`` (or of ``waiting``) is always scheduled.
+        """
+        lim = self.limits
+        bs = lim.block_size
+        thr = lim.long_prefill_token_threshold
+        budget = lim.max_num_batched_tokens
+        free = self.free_blocks
+        running = self.running
+        waiting = self.waiting
+        out = Step()
+        ids, toks, ctxs = out.request_ids, out.num_tokens, out.contexts
+        scheduled: list[Request] = []
+        preempted = out.preempted
+        # phase 1: running requests, in order
+        i = 0
+        while i < len(running) and budget > 0:
+            r = running[i]
+            c = r.computed
+            n = r.num_tokens - c
+            if thr and n > thr:
+                n = thr
+            if n > budget:
+                n = budget
+            need = -(-(c + n) // bs) - r.blocks
+            if need > free:
+                victim = None
+                while need > free:
+                    victim = running.pop()
+                    free += victim.blocks
+                    victim.blocks = 0
+                    victim.computed = 0
+                    victim.num_tokens = victim.prompt + victim.generated
+                    victim.preemptions += 1
+                    self.num_preemptions += 1
+                    waiting.appendleft(victim)
+                    preempted.append(victim.request_id)
+                    if victim is r:
+                        break
+                if victim is r:
+                    break
+            free -= need
+            r.blocks += need
+            scheduled.append(r)
+            ids.append(r.request_id)
+            toks.append(n)
+            ctxs.append(c)
+            budget -= n
+            i += 1
+        # phase 2: admission, first come first served, only if nothing was preempted
+        if not preempted:
+            max_seqs = lim.max_num_seqs
+            while waiting and budget > 0 and len(running) < max_seqs:
+                r = waiting[0]
+                c = r.computed
+                n = r.num_tokens - c
+                if thr and n > thr:
+                    n = thr
+                if n > budget:
+                    n = budget
+                need = -(-(c + n) // bs) - r.blocks
+                if need > free:
+                    break
+                waiting.popleft()
+                free -= need
+                r.blocks += need
+                running.append(r)
+                scheduled.append(r)
+                ids.append(r.request_id)
+                toks.append(n)
+                ctxs.append(c)
+                budget -= n
+                if not r.started:
+                    r.started = True
+                    out.started.append(r.request_id)
+        # apply: tokens computed, tokens emitted, finished requests leave at once
+        done = False
+        for r, n, c in zip(scheduled, toks, ctxs, strict=True):
+            if n == 1 and c == r.num_tokens - 1 and r.generated:
+                out.decodes += 1
+                out.decode_context += c
+            else:
+                out.prefills += 1
+                out.prefill_tokens += n
+                out.prefill_context += n * c
+                if n > out.prefill_max_tokens:
+                    out.prefill_max_tokens = n
+            c += n
+            r.computed = c
+            if c == r.num_tokens:
+                r.generated += 1
+                r.num_tokens += 1
+                if r.generated == 1:
+                    out.first_token.append(r.request_id)
+                if r.generated == r.max_tokens:
+                    free += r.blocks
+                    r.blocks = 0
+                    out.finished.append(r.request_id)
+                    del self.requests[r.request_id]
+                    done = True
+        if done:
+            self.running = [r for r in running if r.generated < r.max_tokens]
+        self.free_blocks = free
+        self.steps += 1
+        return out
