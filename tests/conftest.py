@@ -10,10 +10,62 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from capsim.studies.pods import free_port
+
+# ---------------------------------------------------------------------------------------------
+# Time limits and a loud report of skipped real-Redis tests
+# ---------------------------------------------------------------------------------------------
+
+# pytest-timeout's default (pyproject) is generous; the store's tests get a tighter bound, so a lost
+# reply fails in a minute. (The batcher's own file sets its bound with ``pytestmark``.)
+TIGHT_TIMEOUTS_S: dict[str, float] = {"test_state.py": 60.0, "test_state_faults.py": 60.0}
+REDIS_FIXTURES = frozenset({"redis_binary", "redis_server", "redis_server_factory"})
+_redis_items: set[str] = set()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        bound = TIGHT_TIMEOUTS_S.get(item.path.name)
+        if bound is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(bound))
+
+
+@pytest.fixture(autouse=True)
+def _note_real_redis(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remember which tests asked for a real redis-server (getfixturevalue included)."""
+    yield
+    if REDIS_FIXTURES & set(request.fixturenames):
+        _redis_items.add(request.node.nodeid)
+
+
+def _skipped_for_redis(report: pytest.TestReport) -> bool:
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return "redis-server" in reason
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Say how many real-Redis tests ran and how many were skipped, and why, so a green run without
+    a redis-server cannot pass for a full one."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if _skipped_for_redis(r)]
+    ran = len(_redis_items - {r.nodeid for r in skipped})
+    if not skipped:
+        if ran:
+            terminalreporter.write_line(f"real-Redis tests: {ran} ran, none skipped")
+        return
+    reasons = sorted({r.longrepr[2] if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
+    terminalreporter.write_sep("!", f"{len(skipped)} REAL-REDIS TESTS SKIPPED", red=True, bold=True)
+    for reason in reasons:
+        terminalreporter.write_line(f"  {reason}", red=True)
+    terminalreporter.write_line(
+        "  The production Lua path and the fault tests did not run. Install redis-server and run "
+        "`make test-all` (sets CAPSIM_REQUIRE_REDIS=1, which fails instead of skipping).",
+        red=True,
+    )
+
 
 # ---------------------------------------------------------------------------------------------
 # A private redis-server
