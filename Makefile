@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
 
-.PHONY: help setup test test-fast lint bench demo profile validate clean
+.PHONY: help setup test test-all test-fast lint bench demo profile validate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv with a pinned torch (TORCH_SPEC) and capsim[dev]
 
-test: $(STAMP) ## run the whole test suite (real redis-server tests skip if it is missing, unless CAPSIM_REQUIRE_REDIS=1)
+test: $(STAMP) ## run the whole test suite (real redis-server tests skip, loudly, if it is missing)
 	$(PY) -m pytest -q
+
+test-all: $(STAMP) ## the whole suite with the real-Redis tests required (fails, not skips, without redis-server)
+	CAPSIM_REQUIRE_REDIS=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"
