@@ -14,11 +14,12 @@ fakeredis server shared by every store opened with that name in this process).
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
@@ -30,8 +31,11 @@ from capsim.core.state_model import (
     SessionState,
     StateStoreError,
     StateTooLargeError,
+    StoreReplyError,
     StoreUnavailableError,
+    StoreURLError,
     ToolOutput,
+    WriteRecord,
     validate_session_id,
 )
 from capsim.core.state_redis import RedisSessionStore, StoreMetrics, StoreSettings
@@ -47,9 +51,12 @@ __all__ = [
     "StateStoreError",
     "StateTooLargeError",
     "StoreMetrics",
+    "StoreReplyError",
     "StoreSettings",
+    "StoreURLError",
     "StoreUnavailableError",
     "ToolOutput",
+    "WriteRecord",
     "open_store",
     "validate_session_id",
 ]
@@ -63,7 +70,13 @@ class SessionStore(Protocol):
 
     async def put(self, state: SessionState) -> SessionState: ...
 
-    async def update(self, session_id: str, fn: Callable[[SessionState], SessionState]) -> SessionState: ...
+    async def update(
+        self,
+        session_id: str,
+        fn: Callable[[SessionState], SessionState],
+        *,
+        idempotency_key: str | None = None,
+    ) -> SessionState: ...
 
     async def delete(self, session_id: str) -> bool: ...
 
@@ -84,8 +97,11 @@ def open_store(
     """Open a store at ``url`` (no network traffic until the first operation; call ``ping`` to check).
 
     ``overrides`` are :class:`StoreSettings` fields (``key_prefix=...``, ``sliding_ttl_s=...``) applied
-    on top of ``settings``. Raises ``SettingsError`` for a bad setting and ``ValueError`` for an
-    unsupported URL scheme.
+    on top of ``settings``. Raises ``SettingsError`` for a bad setting and :class:`StoreURLError` (a
+    ``ValueError``) for an unsupported scheme or a database that is not a number.
+
+    The connection pool holds at most ``max_connections``; callers beyond that wait for a free
+    connection within the operation's deadline rather than fail.
     """
     if overrides:
         base = settings.model_dump() if settings is not None else {}
@@ -96,19 +112,41 @@ def open_store(
     if scheme == "memory":
         return _open_memory(parts.netloc + parts.path, s, metrics)
     if scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(
-            f"state store URL must start with redis://, rediss://, unix:// or memory://, got {url!r}"
+        raise StoreURLError(
+            f"state store URL must start with redis://, rediss://, unix:// or memory://, got {_redact(url, scheme)!r}"
         )
-    client = Redis.from_url(
-        url,
-        socket_timeout=s.socket_timeout_s,
-        socket_connect_timeout=s.connect_timeout_s,
-        retry=Retry(
-            ExponentialWithJitterBackoff(base=s.retry_backoff_base_s, cap=s.retry_backoff_cap_s), s.retries
-        ),
-        decode_responses=False,
-    )
-    return RedisSessionStore(client, s, metrics=metrics, where=_redact(parts.geturl(), scheme))
+    where = _redact(parts.geturl(), scheme)
+    _check_database(parts.path if scheme != "unix" else "", parts.query, where)
+    try:
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=s.max_connections,
+            timeout=None,  # the wait for a connection is bounded by the operation's deadline
+            socket_timeout=s.socket_timeout_s,
+            socket_connect_timeout=s.connect_timeout_s,
+            retry=Retry(
+                ExponentialWithJitterBackoff(base=s.retry_backoff_base_s, cap=s.retry_backoff_cap_s), s.retries
+            ),
+            decode_responses=False,
+        )
+    except ValueError as exc:
+        raise StoreURLError(f"state store URL {where!r}: {exc}") from None
+    client = Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # the store owns the pool: aclose() closes it
+    return RedisSessionStore(client, s, metrics=metrics, where=where)
+
+
+_DB_PATH = re.compile(r"/?(\d*)")
+
+
+def _check_database(path: str, query: str, where: str) -> None:
+    """A database is a number, in the path (``/0``) or the query (``?db=0``); refuse anything else
+    (redis-py reads ``/abc`` as database 0 and ``/3/4`` as database 34)."""
+    if not _DB_PATH.fullmatch(path):
+        raise StoreURLError(f"state store URL {where!r}: the database must be a number such as /0, got {path!r}")
+    for db in parse_qs(query).get("db", []):
+        if not db.isdigit():
+            raise StoreURLError(f"state store URL {where!r}: db must be a number, got {db!r}")
 
 
 def _open_memory(name: str, s: StoreSettings, metrics: StoreMetrics | None) -> RedisSessionStore:
@@ -121,7 +159,9 @@ def _open_memory(name: str, s: StoreSettings, metrics: StoreMetrics | None) -> R
             "use scripting='auto' or 'watch'"
         )
     server = _MEMORY_SERVERS.setdefault(name, fakeredis.FakeServer()) if name else fakeredis.FakeServer()
-    client = fakeredis.FakeAsyncRedis(server=server)
+    client = fakeredis.FakeAsyncRedis(
+        server=server, connection_pool_class=BlockingConnectionPool, max_connections=s.max_connections, timeout=None
+    )
     if not has_lua:
         s = StoreSettings(**{**s.model_dump(), "scripting": "watch"})
     return RedisSessionStore(client, s, metrics=metrics, where=f"memory://{name}")

@@ -61,6 +61,23 @@ class StateTooLargeError(StateStoreError):
         self.max_bytes = max_bytes
 
 
+class StoreReplyError(StateStoreError):
+    """The server refused a command for a reason that retrying will not fix (WRONGTYPE, a refused script).
+
+    ``key`` names the session key (or the store's URL where no key was involved); ``reply`` is the
+    server's error text.
+    """
+
+    def __init__(self, key: str, reply: str) -> None:
+        super().__init__(f"the session store refused a command on {key!r}: {reply}")
+        self.key = key
+        self.reply = reply
+
+
+class StoreURLError(StateStoreError, ValueError):
+    """A store URL that cannot be right: an unknown scheme, or a database that is not a number."""
+
+
 class InvalidSessionIdError(StateStoreError, ValueError):
     """A session id is not 1 to 128 characters of letters, digits and ``._:-``."""
 
@@ -97,6 +114,19 @@ class ToolOutput(BaseModel):
     is_error: bool = False
 
 
+MAX_WRITE_RECORDS = 32  # idempotency keys remembered per session (the most recent writes)
+
+
+class WriteRecord(BaseModel):
+    """An idempotent write: its key, the version it produced, and the answer its writer gave."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    key: str = Field(min_length=1, max_length=256)
+    version: int = Field(ge=1)
+    reply: JsonValue = None
+
+
 class SessionState(BaseModel):
     """Everything a pod needs to resume a conversation; immutable, so an update returns a new state.
 
@@ -113,6 +143,10 @@ class SessionState(BaseModel):
     updated_at_s: float
     messages: tuple[Message, ...] = ()
     tool_outputs: tuple[ToolOutput, ...] = ()
+    # The id of the write that produced this version: unique per write attempt, so two writers never
+    # store byte-identical values and the compare-and-set can tell "my write landed" from "another did".
+    write_id: str = Field(default="", max_length=64)
+    writes: tuple[WriteRecord, ...] = Field(default=(), description="the most recent idempotent writes")
 
     @classmethod
     def new(cls, session_id: str, now_s: float | None = None) -> SessionState:
@@ -131,6 +165,16 @@ class SessionState(BaseModel):
         """A copy with one more tool output appended."""
         out = ToolOutput(call_id=call_id, tool=tool, output=output, is_error=is_error)
         return self.model_copy(update={"tool_outputs": (*self.tool_outputs, out)})
+
+    def with_write(self, key: str, reply: JsonValue = None) -> SessionState:
+        """A copy that remembers an idempotent write with ``key`` (the one that will store this copy,
+        at ``version + 1``) and the answer its writer gave; only the last 32 keys are kept."""
+        rec = WriteRecord(key=key, version=self.version + 1, reply=reply)
+        return self.model_copy(update={"writes": (*self.writes, rec)[-MAX_WRITE_RECORDS:]})
+
+    def write_for(self, key: str) -> WriteRecord | None:
+        """The remembered write with ``key``, or None."""
+        return next((w for w in reversed(self.writes) if w.key == key), None)
 
     @property
     def total_tokens(self) -> int:

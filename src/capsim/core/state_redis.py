@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
@@ -30,6 +31,7 @@ from capsim.core.state_model import (
     SessionState,
     StateStoreError,
     StateTooLargeError,
+    StoreReplyError,
     StoreUnavailableError,
     decode_state,
     encode_state,
@@ -45,8 +47,10 @@ T = TypeVar("T")
 _HEAD = '^{"session_id":"[^"]*","version":(%d+),"created_at_s":([-%d.eE+]+),'
 
 # KEYS[1]: session key. ARGV: expected version (0 = must be absent), new value, TTL in ms.
-# Returns 1 (written), -1 (conflict), -2 (stored value is not ours). A value byte-identical to the new
-# one means this very write already landed (redis-py retried after a lost reply): report success.
+# Returns 1 (written), -1 (conflict), -2 (stored value is not ours). A stored value byte-identical to the
+# new one means this very write already landed (redis-py retried after a lost reply): report success.
+# Every write carries a fresh random write_id, so two different writers never produce identical bytes,
+# however coarse or equal their clocks.
 CAS_LUA = f"""
 local cur = redis.call('GET', KEYS[1])
 local want = tonumber(ARGV[1])
@@ -119,6 +123,10 @@ class StoreSettings(FrozenModel):
     retry_backoff_base_s: float = Field(default=0.02, ge=0, le=10, description="first retry backoff")
     retry_backoff_cap_s: float = Field(default=0.25, ge=0, le=60, description="largest retry backoff")
     max_state_bytes: int = Field(default=1 << 20, ge=256, description="largest encoded state accepted")
+    max_connections: int = Field(
+        default=64, ge=1, le=10_000,
+        description="pooled connections; callers beyond it wait for one (within op_deadline_s)",
+    )
     max_update_attempts: int = Field(default=64, ge=1, le=10_000, description="CAS attempts per update")
     conflict_backoff_base_s: float = Field(default=0.0005, ge=0, le=10, description="smallest backoff slot")
     conflict_backoff_cap_s: float = Field(default=0.25, ge=0, le=60, description="largest conflict backoff")
@@ -210,7 +218,9 @@ class RedisSessionStore:
         """
         with self._observed("put"):
             key = self.key(state.session_id)
-            new = state.model_copy(update={"version": state.version + 1, "updated_at_s": time.time()})
+            new = state.model_copy(
+                update={"version": state.version + 1, "updated_at_s": time.time(), "write_id": _write_id()}
+            )
             raw = encode_state(new, self._s.max_state_bytes)
             if not await self._cas(key, state.version, raw, new.created_at_s):
                 raise ConflictError(
@@ -219,24 +229,38 @@ class RedisSessionStore:
                 )
             return new
 
-    async def update(self, session_id: str, fn: Callable[[SessionState], SessionState]) -> SessionState:
+    async def update(
+        self,
+        session_id: str,
+        fn: Callable[[SessionState], SessionState],
+        *,
+        idempotency_key: str | None = None,
+    ) -> SessionState:
         """Read, apply ``fn``, and compare-and-set, retrying on conflict; return the committed state.
 
         ``fn`` gets the stored state, or a new empty one (version 0) if there is none; it may run more
-        than once, so it must be a pure function of its argument. Raises :class:`ConflictError` after
-        ``max_update_attempts`` lost races.
+        than once, so it must be a pure function of its argument. With ``idempotency_key``, a stored
+        state that already remembers that key (``SessionState.write_for``; ``fn`` records it with
+        ``with_write``) is returned as it is, without calling ``fn`` or writing. Raises
+        :class:`ConflictError` after ``max_update_attempts`` lost races.
         """
         with self._observed("update"):
             key = self.key(session_id)
             async with self._serialized(key):
-                return await self._update(key, session_id, fn)
+                return await self._update(key, session_id, fn, idempotency_key)
 
     async def _update(
-        self, key: str, session_id: str, fn: Callable[[SessionState], SessionState]
+        self,
+        key: str,
+        session_id: str,
+        fn: Callable[[SessionState], SessionState],
+        idempotency_key: str | None = None,
     ) -> SessionState:
         for attempt in range(self._s.max_update_attempts):
             t0 = time.perf_counter()
             base = await self._read(key, session_id) or SessionState.new(session_id)
+            if idempotency_key is not None and base.write_for(idempotency_key) is not None:
+                return base  # this write already landed: answer as it did, write nothing
             changed = fn(base)
             if not isinstance(changed, SessionState) or changed.session_id != session_id:
                 raise TypeError(
@@ -247,6 +271,7 @@ class RedisSessionStore:
                     "version": base.version + 1,
                     "created_at_s": base.created_at_s,
                     "updated_at_s": time.time(),
+                    "write_id": _write_id(),
                 }
             )
             raw = encode_state(new, self._s.max_state_bytes)
@@ -266,7 +291,7 @@ class RedisSessionStore:
         """Remove a session; True if it existed."""
         with self._observed("delete") as box:
             key = self.key(session_id)
-            n = await self._net(lambda: self._client.delete(key))
+            n = await self._net(lambda: self._client.delete(key), key=key)
             if not n:
                 box[0] = "not_found"
             return bool(n)
@@ -280,14 +305,18 @@ class RedisSessionStore:
     async def _read_raw(self, key: str) -> bytes | None:
         abs_s = self._s.absolute_ttl_s
         if abs_s is None:
-            return cast(bytes | None, await self._net(lambda: self._client.getex(key, px=self._sliding_ms)))
+            return cast(
+                bytes | None, await self._net(lambda: self._client.getex(key, px=self._sliding_ms), key=key)
+            )
         if self._mode != "watch":
             args = [self._sliding_ms, round(abs_s * 1000), round(time.time() * 1000)]
             try:
-                return cast(bytes | None, await self._net(lambda: self._read_script(keys=[key], args=args)))
-            except ResponseError as exc:
+                return cast(
+                    bytes | None, await self._net(lambda: self._read_script(keys=[key], args=args), key=key)
+                )
+            except StoreReplyError as exc:
                 self._scripting_refused(exc)
-        return await self._net(lambda: self._read_capped_watch(key), detach=True)
+        return await self._net(lambda: self._read_capped_watch(key), detach=True, key=key)
 
     async def _read_capped_watch(self, key: str) -> bytes | None:
         for _ in range(self._s.max_update_attempts):
@@ -326,15 +355,15 @@ class RedisSessionStore:
             return False
         if self._mode != "watch":
             try:
-                res = await self._net(lambda: self._cas_script(keys=(key,), args=(expected, raw, ttl)))
-            except ResponseError as exc:
+                res = await self._net(lambda: self._cas_script(keys=(key,), args=(expected, raw, ttl)), key=key)
+            except StoreReplyError as exc:
                 self._scripting_refused(exc)
             else:
                 self._mode = "lua"
                 if res == -2:
                     raise CorruptStateError(key, "stored value does not start with a capsim state head")
                 return bool(res == 1)
-        outcome = await self._net(lambda: self._cas_watch(key, expected, raw, ttl), detach=True)
+        outcome = await self._net(lambda: self._cas_watch(key, expected, raw, ttl), detach=True, key=key)
         if outcome == "corrupt":
             raise CorruptStateError(key, "stored value does not start with a capsim state head")
         return outcome == "ok"
@@ -361,19 +390,24 @@ class RedisSessionStore:
                 return "conflict"
             return "ok"
 
-    def _scripting_refused(self, exc: ResponseError) -> None:
+    def _scripting_refused(self, exc: StoreReplyError) -> None:
         """Switch to WATCH/MULTI if the server refuses scripts (in 'auto' mode); else re-raise."""
-        msg = str(exc).lower()
-        refused = "unknown command" in msg or "noperm" in msg or "scripting" in msg
+        msg = exc.reply.lower()
+        # redis-py strips the NOPERM prefix ("this user has no permissions to run the 'evalsha' command")
+        refused = any(m in msg for m in ("unknown command", "noperm", "no permissions", "scripting"))
         if self._mode == "auto" and refused:
             self._mode = "watch"
             return
-        raise StateStoreError(f"{self._where} refused a script: {exc}") from exc
+        raise StoreReplyError(exc.key, f"script refused by {self._where}: {exc.reply}") from exc
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    async def _net(self, make: Callable[[], Awaitable[T]], *, detach: bool = False) -> T:
-        """Run one round trip under the deadline, mapping transport failures to StoreUnavailableError.
+    async def _net(self, make: Callable[[], Awaitable[T]], *, detach: bool = False, key: str | None = None) -> T:
+        """Run one round trip under the deadline, mapping transport failures to StoreUnavailableError
+        and any other refusal to :class:`StoreReplyError` naming ``key`` (or the URL).
+
+        Waiting for a pooled connection counts against the deadline: under load a caller queues for a
+        connection instead of failing, and only a server that does not answer becomes unavailable.
 
         With ``detach``, the call runs as its own task: on timeout the caller gets its answer at the
         deadline while the task unwinds in the background (a WATCH transaction's cleanup may otherwise
@@ -403,7 +437,7 @@ class RedisSessionStore:
         except ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_PREFIXES):
                 raise StoreUnavailableError(f"{self._where} cannot serve now: {exc}") from exc
-            raise
+            raise StoreReplyError(key or self._where, _explain(str(exc))) from exc
         except RedisError as exc:
             raise StateStoreError(f"{self._where} failed: {exc!r}") from exc
 
@@ -483,6 +517,19 @@ def _outcome_of(exc: BaseException) -> Outcome:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
     return "error"
+
+
+def _explain(reply: str) -> str:
+    """The server's error text, with what it means for a session key where that is not obvious."""
+    if reply.startswith("WRONGTYPE"):
+        return f"the key holds a value that is not a string, so not a session ({reply})"
+    if "DB index is out of range" in reply:
+        return f"the URL's database number does not exist on this server ({reply})"
+    return reply
+
+
+def _write_id() -> str:
+    return uuid.uuid4().hex
 
 
 def _forget(inflight: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
