@@ -1,0 +1,101 @@
+"""Study results on disk: a scenario YAML that runs as is, CSV tables, a front figure and provenance."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from capsim.model.scenario import Scenario
+
+if TYPE_CHECKING:
+    from capsim.studies.tune import TuneResult
+
+
+def scenario_yaml(scenario: Scenario, folder: Path, header: str = "") -> str:
+    """The scenario as YAML for a file in ``folder``: the files it names are written relative to that
+    folder (``Scenario.resolve`` finds them from the file's folder), so the file runs from anywhere."""
+    import yaml
+
+    data = scenario.model_dump(mode="json", by_alias=True)
+    if scenario.service.profile is not None:
+        data["service"]["profile"] = _relative(scenario.resolve(scenario.service.profile), folder)
+    if data["workload"]["arrivals"]["kind"] == "trace":
+        data["workload"]["arrivals"]["path"] = _relative(scenario.resolve(Path(data["workload"]["arrivals"]["path"])),
+                                                         folder)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
+    lines = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return lines + text
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return os.path.relpath(path.resolve(), folder.resolve())
+    except ValueError:  # another drive
+        return str(path.resolve())
+
+
+def write_tune_result(result: TuneResult, out: Path) -> list[Path]:
+    """best.yaml, trials.csv, front.csv, front.png, provenance.json in ``out`` (created)."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    prov = result.provenance
+    if result.best is not None:
+        header = (f"capsim tune: the cheapest setting that met the SLO in every stress and seed\n"
+                  f"chosen: {json.dumps(result.best_params, default=str)}\n"
+                  f"stresses: {', '.join(result.stresses)}; seeds: {prov.get('seeds')}; "
+                  f"capsim {prov.get('capsim_version')}; profile sha256 {prov.get('profile_sha256', '-')}")
+        path = out / "best.yaml"
+        path.write_text(scenario_yaml(result.best, out, header), encoding="utf-8")
+        written.append(path)
+    else:  # no setting passed: leave no best.yaml from an earlier run behind
+        (out / "best.yaml").unlink(missing_ok=True)
+    for name, frame in (("trials.csv", result.trials), ("front.csv", result.front)):
+        frame.to_csv(out / name, index=False)
+        written.append(out / name)
+    written.append(front_figure(result, out / "front.png"))
+    (out / "provenance.json").write_text(json.dumps(prov, indent=2, default=str), encoding="utf-8")
+    written.append(out / "provenance.json")
+    return written
+
+
+def front_figure(result: TuneResult, path: Path) -> Path:
+    """Cost against worst p99 TTFT: every trial that ran, the feasible ones, the front and the SLO line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = result.trials
+    per = t.groupby("trial").agg(cost=("cost", "mean"), ttft=("ttft_p99_s", "max"), status=("status", "first"))
+    per = per.dropna()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    rej = per[per["status"] != "accepted"]
+    acc = per[per["status"] == "accepted"]
+    ax.scatter(rej["cost"], rej["ttft"], s=14, c="0.7", label="rejected (runs until the first miss)")
+    ax.scatter(acc["cost"], acc["ttft"], s=18, c="C0", label="met the SLO in every run")
+    if len(result.front):
+        f = result.front
+        ax.step(f["cost"], f["ttft_p99_s"], where="post", c="C3", lw=1.5, label="Pareto front")
+        ax.scatter(f["cost"], f["ttft_p99_s"], s=30, c="C3", zorder=3)
+    slo = _slo(result)
+    if slo is not None:
+        ax.axhline(slo, ls="--", c="k", lw=1, label=f"SLO p99 TTFT {slo:g} s")
+    ax.set_xlabel("cost per run (mean over stresses and seeds)")
+    ax.set_ylabel("worst p99 TTFT (s)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("capsim tune: cost against p99 TTFT")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _slo(result: TuneResult) -> float | None:
+    sc: Any = result.provenance.get("scenario")
+    try:
+        return float(sc["slo"]["ttft_p99_s"])
+    except (TypeError, KeyError):
+        return None
