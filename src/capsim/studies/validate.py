@@ -313,24 +313,9 @@ def format_results(results: Any) -> str:
 
 
 def _plot(results: Any, path: Path) -> None:
-    import matplotlib
+    from capsim import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, kind in zip(axes, ("ttft", "e2e"), strict=True):
-        for q, marker in ((50, "o"), (95, "s"), (99, "^")):
-            sub = results[results.metric == f"{kind}_p{q}_s"]
-            ax.plot(sub.level, sub.real * 1000, marker=marker, label=f"real p{q}")
-            ax.plot(sub.level, sub.sim * 1000, marker=marker, linestyle="--", label=f"sim p{q}")
-        ax.set_xlabel("load (fraction of the calibrated capacity)")
-        ax.set_ylabel("ms")
-        ax.set_title("time to first token" if kind == "ttft" else "end-to-end latency")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plots.save(plots.sim_vs_real(results), path)
 
 
 def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, float]:
