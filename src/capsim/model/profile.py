@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from capsim.errors import CapsimError
+
 SCHEMA_VERSION = 1
 PHASES: tuple[str, ...] = ("prefill", "decode")
 COLUMNS: tuple[str, ...] = (
@@ -43,7 +45,7 @@ _REQUIRED_META = ("device", "device_name", "model", "dtype", "torch_version", "c
 Phase = Literal["prefill", "decode"]
 
 
-class ProfileError(ValueError):
+class ProfileError(CapsimError, ValueError):
     """A profile file or table is unusable; the message names the file, line or column."""
 
 
@@ -149,8 +151,12 @@ class ServiceTimeProfile:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ProfileError(f"profile file not found: {path}") from None
+        except IsADirectoryError:
+            raise ProfileError(f"profile {path} is a directory, not a CSV file") from None
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"profile {path} is not UTF-8 text (byte {exc.start}); is it a CSV file?") from None
         except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc}") from None
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
         return cls.from_text(text, source=str(path))
 
     @classmethod
@@ -220,6 +226,28 @@ class ServiceTimeProfile:
         """The smallest and largest measured token count of a phase."""
         t = self._grid(phase).tokens
         return t[0], t[-1]
+
+    def coverage_gaps(self, *, max_batch_size: int, prompt_tokens: tuple[int, int], max_output_tokens: int) -> list[str]:
+        """What a static-batching workload can ask that this profile did not measure (empty if nothing).
+
+        Batches hold 1 to ``max_batch_size`` requests; a batch's prefill is its longest prompt (within
+        ``prompt_tokens``, the workload's shortest and longest), its decode context runs from that prompt
+        to prompt + longest output - 2. ``batch_timing`` without ``extrapolate`` refuses anything outside.
+        """
+        gaps = []
+        for phase in PHASES:
+            sizes = self._grid(phase).batch_sizes
+            if sizes[0] > 1 or max_batch_size > sizes[-1]:
+                gaps.append(f"{phase} batch sizes 1..{max_batch_size} (measured {sizes[0]}..{sizes[-1]})")
+        lo, hi = self.token_range("prefill")
+        if prompt_tokens[0] < lo or prompt_tokens[1] > hi:
+            gaps.append(f"prompts of {prompt_tokens[0]}..{prompt_tokens[1]} tokens (measured {lo}..{hi})")
+        if max_output_tokens > 1:
+            lo, hi = self.token_range("decode")
+            last = prompt_tokens[1] + max_output_tokens - 2
+            if prompt_tokens[0] < lo or last > hi:
+                gaps.append(f"decode contexts of {prompt_tokens[0]}..{last} tokens (measured {lo}..{hi})")
+        return gaps
 
     def _grid(self, phase: str) -> _Grid:
         grids: dict[str, _Grid] = self._grids  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from capsim.model.settings import BatchSettings, SettingsError, format_error
+from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, format_error
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -57,14 +57,14 @@ class PoissonArrivals(_Section):
     """Sessions start as a Poisson process of constant rate."""
 
     kind: Literal["poisson"]
-    rate_per_s: float = Field(gt=0, description="sessions started per second")
+    rate_per_s: Float = Field(gt=0, description="sessions started per second")
 
 
 class PiecewiseArrivals(_Section):
     """A Poisson process whose rate steps at given times: ``[[time_s, rate_per_s], ...]``."""
 
     kind: Literal["piecewise"]
-    rate_per_s: tuple[tuple[float, float], ...] = Field(min_length=1)
+    rate_per_s: tuple[tuple[Float, Float], ...] = Field(min_length=1)
 
     @field_validator("rate_per_s")
     @classmethod
@@ -86,7 +86,7 @@ class TraceArrivals(_Section):
 
     kind: Literal["trace"]
     path: Path
-    speedup: float = Field(1.0, gt=0, description="arrival times are divided by this")
+    speedup: Float = Field(1.0, gt=0, description="arrival times are divided by this")
 
 
 Arrivals = Annotated[PoissonArrivals | PiecewiseArrivals | TraceArrivals, Field(discriminator="kind")]
@@ -94,16 +94,16 @@ Arrivals = Annotated[PoissonArrivals | PiecewiseArrivals | TraceArrivals, Field(
 
 class ConstantTokens(_Section):
     kind: Literal["constant"]
-    value: int = Field(ge=1)
+    value: Int = Field(ge=1)
 
 
 class LognormalTokens(_Section):
     """Lognormal token counts with the given mean; ``sigma`` is that of the underlying normal."""
 
     kind: Literal["lognormal"]
-    mean: float = Field(gt=0)
-    sigma: float = Field(0.5, ge=0, le=5)
-    max: int | None = Field(None, ge=1, description="counts are clipped to this")
+    mean: Float = Field(gt=0)
+    sigma: Float = Field(0.5, ge=0, le=5)
+    max: Int | None = Field(None, ge=1, description="counts are clipped to this")
 
 
 Tokens = Annotated[ConstantTokens | LognormalTokens, Field(discriminator="kind")]
@@ -112,8 +112,8 @@ Tokens = Annotated[ConstantTokens | LognormalTokens, Field(discriminator="kind")
 class Sessions(_Section):
     """Multi-turn conversations: each session sends ``turns`` requests, ``think_time_s`` apart."""
 
-    turns: int = Field(1, ge=1, le=10_000)
-    think_time_s: float = Field(0.0, ge=0)
+    turns: Int = Field(1, ge=1, le=10_000)
+    think_time_s: Float = Field(0.0, ge=0)
 
 
 class Workload(_Section):
@@ -135,14 +135,14 @@ class Service(_Section):
 
     kind: Literal["profile", "exponential", "deterministic"]
     profile: Path | None = None
-    mean_s: float | None = Field(None, gt=0, description="seconds per batch (exponential, deterministic)")
-    noise: bool = Field(True, description="profile: draw times with the measured spread")
-    extrapolate: bool = Field(False, description="profile: allow sizes outside the measured range")
-    request_overhead_ms: float = Field(
+    mean_s: Float | None = Field(None, gt=0, description="seconds per batch (exponential, deterministic)")
+    noise: Bool = Field(True, description="profile: draw times with the measured spread")
+    extrapolate: Bool = Field(False, description="profile: allow sizes outside the measured range")
+    request_overhead_ms: Float = Field(
         0.0, ge=0, description="pod CPU time per request outside the model (HTTP, session store), spent on the "
         "same core as the model: each batch is longer by size x this; `capsim validate` measures it"
     )
-    time_scale: float = Field(
+    time_scale: Float = Field(
         1.0, gt=0, le=100, description="multiplies every batch time: calibrates a profile measured on an idle "
         "device to a pod under load (`capsim validate` fits it)"
     )
@@ -158,13 +158,13 @@ class Service(_Section):
 
 class ConstantDuration(_Section):
     kind: Literal["constant"]
-    value_s: float = Field(ge=0)
+    value_s: Float = Field(ge=0)
 
 
 class UniformDuration(_Section):
     kind: Literal["uniform"]
-    low_s: float = Field(ge=0)
-    high_s: float = Field(ge=0)
+    low_s: Float = Field(ge=0)
+    high_s: Float = Field(ge=0)
 
     @model_validator(mode="after")
     def _order(self) -> Self:
@@ -175,8 +175,8 @@ class UniformDuration(_Section):
 
 class LognormalDuration(_Section):
     kind: Literal["lognormal"]
-    mean_s: float = Field(gt=0)
-    sigma: float = Field(0.3, ge=0, le=5)
+    mean_s: Float = Field(gt=0)
+    sigma: Float = Field(0.3, ge=0, le=5)
 
 
 def _number_as_constant(v: Any) -> Any:
@@ -194,12 +194,12 @@ Duration = Annotated[
 
 
 class Pods(_Section):
-    replicas: int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
+    replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
     startup_s: Duration = Field(
         ConstantDuration(kind="constant", value_s=60.0), description="cold start: image pull, model load, warm-up"
     )
-    gpu_cost_per_hour: float = Field(0.0, ge=0)
-    termination_grace_s: float = Field(30.0, ge=0, description="a terminating pod's time to drain")
+    gpu_cost_per_hour: Float = Field(0.0, ge=0)
+    termination_grace_s: Float = Field(30.0, ge=0, description="a terminating pod's time to drain")
 
 
 class Router(_Section):
@@ -217,17 +217,17 @@ class Autoscaler(_Section):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
-    min_replicas: int = Field(1, ge=0, alias="minReplicas")
-    max_replicas: int = Field(ge=1, alias="maxReplicas")
+    min_replicas: Int = Field(1, ge=0, alias="minReplicas")
+    max_replicas: Int = Field(ge=1, alias="maxReplicas")
     metrics: tuple[dict[str, Any], ...] = Field(min_length=1)
     behavior: dict[str, Any] | None = None
     scale_target_ref: dict[str, Any] | None = Field(None, alias="scaleTargetRef")
-    sync_period_s: float = Field(15.0, gt=0)
-    scrape_interval_s: float = Field(15.0, gt=0)
-    query_window_s: float = Field(60.0, gt=0)
-    adapter_lag_s: float = Field(0.0, ge=0)
-    tolerance: float = Field(0.1, ge=0, lt=1)
-    downscale_window_s: float = Field(300.0, ge=0, description="controller default scale-down window")
+    sync_period_s: Float = Field(15.0, gt=0)
+    scrape_interval_s: Float = Field(15.0, gt=0)
+    query_window_s: Float = Field(60.0, gt=0)
+    adapter_lag_s: Float = Field(0.0, ge=0)
+    tolerance: Float = Field(0.1, ge=0, lt=1)
+    downscale_window_s: Float = Field(300.0, ge=0, description="controller default scale-down window")
 
     @model_validator(mode="after")
     def _k8s(self) -> Self:
@@ -267,27 +267,27 @@ class Autoscaler(_Section):
 class ClusterSpec(_Section):
     """GPU nodes: pods wait Pending for a free GPU; missing nodes are provisioned up to ``max_gpus``."""
 
-    max_gpus: int = Field(ge=1)
-    node_gpus: int = Field(8, ge=1)
-    node_provision_s: float = Field(240.0, ge=0)
+    max_gpus: Int = Field(ge=1)
+    node_gpus: Int = Field(8, ge=1)
+    node_provision_s: Float = Field(240.0, ge=0)
 
 
 # ---- faults, state, client, SLO ------------------------------------------------------------------------
 class Crash(_Section):
-    at_s: float = Field(ge=0)
-    pods: int = Field(1, ge=1, description="how many ready pods crash (chosen by the crash stream)")
-    pod: int | None = Field(None, ge=0, description="crash this pod id instead")
+    at_s: Float = Field(ge=0)
+    pods: Int = Field(1, ge=1, description="how many ready pods crash (chosen by the crash stream)")
+    pod: Int | None = Field(None, ge=0, description="crash this pod id instead")
 
 
 class RedisOutage(_Section):
-    at_s: float = Field(ge=0)
-    duration_s: float = Field(gt=0)
+    at_s: Float = Field(ge=0)
+    duration_s: Float = Field(gt=0)
 
 
 class Faults(_Section):
-    pod_mtbf_s: float | None = Field(None, gt=0, description="mean time between crashes of one pod")
+    pod_mtbf_s: Float | None = Field(None, gt=0, description="mean time between crashes of one pod")
     crashes: tuple[Crash, ...] = ()
-    restart_s: float = Field(20.0, ge=0, description="crash to container restart; a cold start follows")
+    restart_s: Float = Field(20.0, ge=0, description="crash to container restart; a cold start follows")
     redis_outages: tuple[RedisOutage, ...] = ()
 
 
@@ -298,15 +298,15 @@ class State(_Section):
 class Client(_Section):
     """The agent's HTTP client: gives up after ``timeout_s``, retries with exponential backoff."""
 
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(2, ge=0, le=100)
-    backoff_s: float = Field(1.0, ge=0, description="wait before the first retry")
-    backoff_multiplier: float = Field(2.0, ge=1)
+    timeout_s: Float = Field(60.0, gt=0)
+    max_retries: Int = Field(2, ge=0, le=100)
+    backoff_s: Float = Field(1.0, ge=0, description="wait before the first retry")
+    backoff_multiplier: Float = Field(2.0, ge=1)
 
 
 class Slo(_Section):
-    ttft_p99_s: float = Field(1.0, gt=0)
-    max_error_rate: float = Field(0.001, ge=0, le=1)
+    ttft_p99_s: Float = Field(1.0, gt=0)
+    max_error_rate: Float = Field(0.001, ge=0, le=1)
 
 
 class Scenario(BaseModel):
@@ -314,8 +314,8 @@ class Scenario(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    horizon_s: float = Field(gt=0, le=10_000_000)
-    warmup_s: float = Field(0.0, ge=0)
+    horizon_s: Float = Field(gt=0, le=10_000_000)
+    warmup_s: Float = Field(0.0, ge=0)
     workload: Workload
     service: Service
     batching: BatchSettings = BatchSettings()
@@ -327,7 +327,7 @@ class Scenario(BaseModel):
     state: State = State()
     client: Client = Client()
     slo: Slo = Slo()
-    timeseries_interval_s: float = Field(10.0, gt=0)
+    timeseries_interval_s: Float = Field(10.0, gt=0)
     name: str = ""
     description: str = ""
 
@@ -345,7 +345,25 @@ class Scenario(BaseModel):
             raise ValueError(f"warmup_s must be < horizon_s ({self.horizon_s}), got {self.warmup_s}")
         if self.autoscaler is None and self.pods.replicas < 1:
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
+        self._check_crash_pods()
+        from capsim.model.scenario_limits import check_limits
+
+        problems = check_limits(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _check_crash_pods(self) -> None:
+        """A scheduled crash of pod ``k`` needs a pod ``k``: pods are numbered 0, 1, ... as they are created."""
+        if self.faults is None:
+            return
+        most = self.pods.replicas if self.autoscaler is None else max(self.pods.replicas,
+                                                                      self.autoscaler.max_replicas)
+        for i, crash in enumerate(self.faults.crashes):
+            if crash.pod is not None and crash.pod >= most:
+                why = (f"the scenario runs pods 0..{most - 1}" if most else "the scenario starts no pod")
+                raise ValueError(f"faults.crashes.{i}.pod must name a pod the scenario can have ({why}), "
+                                 f"got {crash.pod}")
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod
@@ -359,17 +377,13 @@ class Scenario(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> Scenario:
         """Load a scenario file; relative paths inside resolve as :meth:`resolve` says."""
-        import yaml
+        from capsim.model.yaml_load import YamlFileError, load_yaml_file
 
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SettingsError(f"scenario file not found: {path}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+            data = load_yaml_file(path, "scenario file")
+        except YamlFileError as exc:
+            raise SettingsError(str(exc)) from None
         if not isinstance(data, Mapping):
             raise SettingsError(f"{path}: must be a mapping of settings, got {type(data).__name__}")
         try:
@@ -385,18 +399,23 @@ class Scenario(BaseModel):
         return self._source
 
     def resolve(self, path: Path) -> Path:
-        """Resolve a path named in the scenario.
+        """Resolve a path named in the scenario, never against the working directory first.
 
-        Absolute paths stand. A relative one resolves against the working directory if it exists there,
-        else against the scenario file's folder and then its parents, so ``data/traces/x.csv`` works
-        from the repository root and from a scenario file inside ``data/scenarios/``.
+        Absolute paths stand. A relative one resolves against the scenario file's folder and then its
+        parents (so ``data/traces/x.csv`` works from a scenario inside ``data/scenarios/``), then against
+        the data shipped with capsim (:mod:`capsim.paths`), and last, for a scenario built in memory,
+        against the working directory. A path found nowhere comes back as the scenario folder would
+        have it, so the error names a place the user can check.
         """
-        if path.is_absolute() or path.exists() or self._source is None:
+        from capsim.paths import PROJECT_ROOT
+
+        if path.is_absolute():
             return path
-        for base in (self._source.parent, *self._source.parent.parents):
+        bases = [self._source.parent, *self._source.parent.parents] if self._source is not None else []
+        for base in (*bases, PROJECT_ROOT, Path.cwd()):
             if (base / path).exists():
                 return base / path
-        return path
+        return bases[0] / path if bases else path
 
     def override(self, changes: Mapping[str, Any]) -> Scenario:
         """A validated copy with dotted-path changes applied: ``{"pods.replicas": 2, "horizon_s": 60}``.

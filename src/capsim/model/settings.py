@@ -2,17 +2,53 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, NoReturn, Self
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from capsim.errors import CapsimError
 from capsim.model.kv_cache import ModelShape, kv_cache_blocks
 
 
-class SettingsError(ValueError):
+class SettingsError(CapsimError, ValueError):
     """A setting has a bad value; the message names the field path and the value."""
+
+
+def _number(v: Any) -> Any:
+    # Pydantic's lax mode reads YAML ``true`` as 1 and the string "16" as 16; strict mode would also refuse
+    # numpy's integers, which sweeps pass. So: any number type, but neither a boolean nor a string.
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        raise ValueError(f"must be a number, not a boolean (got {v!r})")
+    if isinstance(v, str | bytes):
+        raise ValueError(f"must be a number, not a string (got {v!r}); write it without quotes")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"must be a finite number, got {v!r}")
+    return v
+
+
+def _boolean(v: Any) -> Any:
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return bool(v)
+    raise ValueError(f"must be true or false, got {v!r}")
+
+
+#: Numbers and flags for settings read from YAML, environment or JSON: a boolean is not a number (YAML
+#: ``true`` is not a rate of 1) and a string is not one either (``"16"`` is not 16 tokens); a float with a
+#: fraction is not an integer; ``Float`` refuses NaN and infinity. numpy scalars pass (sweeps use them).
+Int = Annotated[int, BeforeValidator(_number)]
+Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]
+Bool = Annotated[bool, BeforeValidator(_boolean)]
 
 
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
@@ -36,6 +72,8 @@ def format_error(err: Mapping[str, Any], prefix: str = "") -> str:
         return f"{path} is required"
     if err["type"] == "extra_forbidden":
         return f"{path} is not a known setting"
+    if err["type"] == "value_error" and "got " in msg:  # the check already names the value
+        return f"{path} {msg}"
     return f"{path} {msg}, got {err.get('input')!r}"
 
 
@@ -68,22 +106,22 @@ class BatchSettings(FrozenModel):
 
     _error_prefix: ClassVar[str] = "batching"
 
-    max_batch_size: int = Field(32, ge=1, le=65536, description="largest batch one forward pass takes")
-    max_wait_ms: float = Field(10.0, ge=0.0, le=3_600_000.0, description="longest the oldest queued request waits")
-    queue_capacity: int = Field(1024, ge=1, description="requests a pod queues before overflow applies")
+    max_batch_size: Int = Field(32, ge=1, le=65536, description="largest batch one forward pass takes")
+    max_wait_ms: Float = Field(10.0, ge=0.0, le=3_600_000.0, description="longest the oldest queued request waits")
+    queue_capacity: Int = Field(1024, ge=1, description="requests a pod queues before overflow applies")
     overflow: Literal["reject", "wait"] = Field("reject", description="full queue: reject at once, or wait")
-    max_concurrent_batches: int = Field(1, ge=1, le=64, description="batches in flight at once")
+    max_concurrent_batches: Int = Field(1, ge=1, le=64, description="batches in flight at once")
     # continuous batching (vLLM's names and defaults; see capsim.policy.scheduling and docs/continuous.md)
     mode: Literal["static", "continuous"] = Field("static", description="static batches, or per-step scheduling")
-    max_num_seqs: int = Field(256, ge=1, le=65536, description="continuous: requests running at once")
-    max_num_batched_tokens: int = Field(2048, ge=1, description="continuous: tokens one step computes")
-    block_size: int = Field(16, ge=1, le=4096, description="continuous: tokens per KV-cache block")
-    num_blocks: int | None = Field(None, ge=1, description="continuous: KV-cache blocks (or gpu_memory_gb + model)")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="continuous: GPU memory (GiB) the cache is sized from")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="continuous: share of GPU memory vLLM takes")
+    max_num_seqs: Int = Field(256, ge=1, le=65536, description="continuous: requests running at once")
+    max_num_batched_tokens: Int = Field(2048, ge=1, description="continuous: tokens one step computes")
+    block_size: Int = Field(16, ge=1, le=4096, description="continuous: tokens per KV-cache block")
+    num_blocks: Int | None = Field(None, ge=1, description="continuous: KV-cache blocks (or gpu_memory_gb + model)")
+    gpu_memory_gb: Float | None = Field(None, gt=0, description="continuous: GPU memory (GiB) the cache is sized from")
+    gpu_memory_utilization: Float = Field(0.9, gt=0, le=1, description="continuous: share of GPU memory vLLM takes")
     model: ModelShape | None = Field(None, description="continuous: the model's shape, for gpu_memory_gb")
-    max_model_len: int = Field(8192, ge=2, description="continuous: longest prompt + output a request may have")
-    long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
+    max_model_len: Int = Field(8192, ge=2, description="continuous: longest prompt + output a request may have")
+    long_prefill_token_threshold: Int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
 
     @model_validator(mode="after")
     def _cache_size(self) -> Self:
@@ -105,7 +143,6 @@ class BatchSettings(FrozenModel):
                     f"{m.weights_gb} - activations {m.activation_peak_gb} holds no block of {self.block_size} "
                     f"tokens, got {self.gpu_memory_gb}"))
         return self
-
 
     @property
     def max_wait_s(self) -> float:

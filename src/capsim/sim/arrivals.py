@@ -9,9 +9,11 @@ previous turn is answered, so only first turns have an arrival time here.
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -123,42 +125,73 @@ def read_trace(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     7 fractional digits. Rows must be in time order. A bad row raises ``TraceError`` naming file and line.
     """
     try:
-        f = path.open(newline="", encoding="utf-8")
+        f = path.open("rb")
     except FileNotFoundError:
         raise TraceError(f"trace file not found: {path}") from None
+    except IsADirectoryError:
+        raise TraceError(f"trace {path} is a directory, not a CSV file") from None
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    with f:
+        try:
+            return _read_rows(csv.reader(_text_lines(f, path)), path)
+        except csv.Error as exc:
+            raise TraceError(f"{path}: not a valid CSV file: {exc}") from None
+
+
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+def _text_lines(f: BinaryIO, path: Path) -> Iterator[str]:
+    """The file's lines as text; a line that is not UTF-8 raises ``TraceError`` naming it."""
+    for lineno, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{path}: line {lineno}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                             "is it a CSV file?") from None
+
+
+def _read_rows(reader: Iterator[list[str]], path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
-    with f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        want = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-        if header is None or [h.strip() for h in header[:3]] != want:
-            raise TraceError(f"{path}: line 1: header must be {','.join(want)}, got {header!r}")
-        first: datetime | None = None
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) < 3:
-                raise TraceError(f"{path}: line {lineno}: expected 3 columns, got {len(row)}: {row!r}")
-            try:
-                ts = _parse_timestamp(row[0])
-            except ValueError:
-                raise TraceError(f"{path}: line {lineno}: TIMESTAMP is not a date and time: {row[0]!r}") from None
-            try:
-                p, o = int(row[1]), int(row[2])
-            except ValueError:
-                raise TraceError(f"{path}: line {lineno}: token counts must be integers, got {row[1:3]!r}") from None
-            if p < 1 or o < 1:
-                raise TraceError(f"{path}: line {lineno}: token counts must be >= 1, got {row[1:3]!r}")
-            if first is None:
-                first = ts
-            t = (ts - first).total_seconds()
-            if times and t < times[-1]:
-                raise TraceError(f"{path}: line {lineno}: TIMESTAMP goes back in time ({row[0]!r})")
-            times.append(t)
-            prompt.append(p)
-            output.append(o)
+    header = next(reader, None)
+    want = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+    if header is None or [h.strip() for h in header[:3]] != want:
+        raise TraceError(f"{path}: line 1: header must be {','.join(want)}, got {header!r}")
+    first: datetime | None = None
+    for lineno, row in enumerate(reader, start=2):
+        if not row:
+            continue
+        if len(row) < 3:
+            raise TraceError(f"{path}: line {lineno}: expected 3 columns, got {len(row)}: {row!r}")
+        try:
+            ts = _parse_timestamp(row[0])
+        except ValueError:
+            raise TraceError(f"{path}: line {lineno}: TIMESTAMP is not a date and time: {row[0]!r}") from None
+        try:
+            p, o = int(row[1]), int(row[2])
+        except ValueError:
+            raise TraceError(f"{path}: line {lineno}: token counts must be integers, got {row[1:3]!r}") from None
+        if p < 1 or o < 1:
+            raise TraceError(f"{path}: line {lineno}: token counts must be >= 1, got {row[1:3]!r}")
+        if p > _INT32_MAX or o > _INT32_MAX:
+            raise TraceError(f"{path}: line {lineno}: token counts must be <= {_INT32_MAX}, got {row[1:3]!r}")
+        if first is None:
+            first = ts
+        elif (ts.tzinfo is None) != (first.tzinfo is None):
+            raise TraceError(
+                f"{path}: line {lineno}: TIMESTAMP {row[0].strip()!r} "
+                f"{'has no' if ts.tzinfo is None else 'has a'} time zone and the first row's "
+                f"{'has one' if ts.tzinfo is None else 'has none'}; give every row the same form"
+            )
+        t = (ts - first).total_seconds()
+        if times and t < times[-1]:
+            raise TraceError(f"{path}: line {lineno}: TIMESTAMP goes back in time ({row[0]!r})")
+        times.append(t)
+        prompt.append(p)
+        output.append(o)
     if not times:
         raise TraceError(f"{path}: no rows")
     return np.array(times), np.array(prompt, dtype=np.int32), np.array(output, dtype=np.int32)

@@ -1,0 +1,147 @@
+"""How much work a scenario asks of the simulator, and the limits that keep every run bounded.
+
+A schema-valid scenario can still ask for a run that never ends or does not fit in memory: a time-series
+row every nanosecond, a crash loop with no restart or startup time, an HPA syncing every microsecond,
+ten million seconds at 40 requests per second. ``check_limits`` refuses such a scenario before the run
+and says which setting to change and to what; ``event_budget`` gives the simulator a cap on SimPy events
+so that anything these estimates miss ends with ``SimulationBudgetError`` instead of a hang.
+
+The estimates are expectations (a Poisson workload makes about ``rate x horizon`` sessions); the limits
+are far above every study capsim ships (the largest, 10^7 requests, is what ``docs/performance`` calls the
+ten-million-request run) and far below what makes a run last hours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from capsim.model.scenario import Duration, Scenario
+
+#: Requests one run may expect. The run keeps ~40 bytes of columns per request while it runs and builds a
+#: ~100-byte-per-request frame at the end (measured: tests/test_inputs_sim.py), so 2e7 is a few GB.
+MAX_REQUESTS = 20_000_000
+#: Rows of the time series (one per ``timeseries_interval_s``), HPA syncs, and metric scrapes.
+MAX_TIMESERIES_ROWS = 1_000_000
+MAX_HPA_SYNCS = 1_000_000
+MAX_SCRAPES = 1_000_000
+#: Pod crashes one run may expect (random crashes with ``faults.pod_mtbf_s``).
+MAX_CRASHES = 1_000_000
+#: SimPy events per request attempt in the shipped scenarios are about 2 (scripts measured 1.8 to 2.0); the
+#: budget allows this many times the estimate before it calls the run runaway.
+BUDGET_FACTOR = 20
+BUDGET_FLOOR = 1_000_000
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The expected size of a run: requests, time-series rows, HPA syncs and scrapes, crashes."""
+
+    requests: float
+    timeseries_rows: float
+    hpa_syncs: float
+    scrapes: float
+    crashes: float
+
+
+def _mean_s(d: Duration) -> float:
+    kind = d.kind
+    if kind == "constant":
+        return float(d.value_s)  # type: ignore[union-attr]
+    if kind == "uniform":
+        return (d.low_s + d.high_s) / 2.0  # type: ignore[union-attr]
+    return float(d.mean_s)  # type: ignore[union-attr]
+
+
+def expected_sessions(scenario: Scenario) -> float | None:
+    """Sessions a Poisson or piecewise workload starts in the horizon (mean); None for a trace."""
+    arrivals = scenario.workload.arrivals
+    horizon = scenario.horizon_s
+    if arrivals.kind == "poisson":
+        return float(arrivals.rate_per_s) * horizon  # type: ignore[union-attr]
+    if arrivals.kind == "piecewise":
+        steps = list(arrivals.rate_per_s)  # type: ignore[union-attr]
+        total = 0.0
+        for k, (t, rate) in enumerate(steps):
+            end = steps[k + 1][0] if k + 1 < len(steps) else horizon
+            total += rate * max(0.0, min(end, horizon) - t)
+        return total
+    return None
+
+
+def max_pods(scenario: Scenario) -> int:
+    """The most replicas the scenario can run at once."""
+    n = scenario.pods.replicas
+    if scenario.autoscaler is not None:
+        n = max(n, scenario.autoscaler.max_replicas)
+    return max(n, 1)
+
+
+def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
+    """The expected size of a run of ``scenario``; ``n_requests`` when known (a trace's rows)."""
+    horizon = scenario.horizon_s
+    if n_requests is None:
+        sessions = expected_sessions(scenario)
+        n_requests = 0.0 if sessions is None else sessions * scenario.workload.sessions.turns
+    hpa = scenario.autoscaler
+    crashes = 0.0
+    faults = scenario.faults
+    if faults is not None and faults.pod_mtbf_s is not None:
+        cycle = faults.pod_mtbf_s + faults.restart_s + _mean_s(scenario.pods.startup_s)
+        crashes = max_pods(scenario) * horizon / cycle
+    return Workload(
+        requests=n_requests,
+        timeseries_rows=horizon / scenario.timeseries_interval_s,
+        hpa_syncs=horizon / hpa.sync_period_s if hpa else 0.0,
+        scrapes=horizon / hpa.scrape_interval_s if hpa else 0.0,
+        crashes=crashes,
+    )
+
+
+def check_limits(scenario: Scenario) -> list[str]:
+    """What makes ``scenario`` too big to simulate, one message per problem naming the setting and limit."""
+    w = estimate(scenario)
+    h = scenario.horizon_s
+    problems = []
+    if w.requests > MAX_REQUESTS:
+        problems.append(
+            f"workload: about {w.requests:.3g} requests in horizon_s {h:g}, over the limit of {MAX_REQUESTS:.0e} "
+            "per run (memory: ~150 bytes each); shorten horizon_s or lower the arrival rate, or split the study"
+        )
+    if w.timeseries_rows > MAX_TIMESERIES_ROWS:
+        problems.append(
+            f"timeseries_interval_s {scenario.timeseries_interval_s:g} makes {w.timeseries_rows:.3g} time-series "
+            f"rows in horizon_s {h:g}, over the limit of {MAX_TIMESERIES_ROWS:.0e}; "
+            f"use at least {h / MAX_TIMESERIES_ROWS:.3g} s"
+        )
+    if scenario.autoscaler is not None:
+        a = scenario.autoscaler
+        if w.hpa_syncs > MAX_HPA_SYNCS:
+            problems.append(
+                f"autoscaler.sync_period_s {a.sync_period_s:g} makes {w.hpa_syncs:.3g} HPA syncs in horizon_s "
+                f"{h:g}, over the limit of {MAX_HPA_SYNCS:.0e}; use at least {h / MAX_HPA_SYNCS:.3g} s "
+                "(Kubernetes syncs every 15 s)"
+            )
+        if w.scrapes > MAX_SCRAPES:
+            problems.append(
+                f"autoscaler.scrape_interval_s {a.scrape_interval_s:g} makes {w.scrapes:.3g} metric scrapes in "
+                f"horizon_s {h:g}, over the limit of {MAX_SCRAPES:.0e}; use at least {h / MAX_SCRAPES:.3g} s"
+            )
+    if w.crashes > MAX_CRASHES:
+        f = scenario.faults
+        assert f is not None
+        problems.append(
+            f"faults.pod_mtbf_s {f.pod_mtbf_s:g} with restart_s {f.restart_s:g} and pods.startup_s makes about "
+            f"{w.crashes:.3g} crashes on {max_pods(scenario)} pods in horizon_s {h:g} (a crash loop), over the "
+            f"limit of {MAX_CRASHES:.0e}; raise pod_mtbf_s"
+        )
+    return problems
+
+
+def event_budget(scenario: Scenario, n_requests: int) -> int:
+    """The most SimPy events a run of ``scenario`` with ``n_requests`` requests may take before it is runaway."""
+    w = estimate(scenario, float(n_requests))
+    attempts = w.requests * (1 + scenario.client.max_retries)
+    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes + 4 * w.crashes
+    return int(BUDGET_FACTOR * expected) + BUDGET_FLOOR
