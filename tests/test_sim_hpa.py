@@ -1,11 +1,17 @@
-"""HPA step response: no scale-up before the metric pipeline can show the step, scale-down only after
-the stabilization window."""
+"""The simulated HPA: its step response (no scale-up before the metric pipeline can show the step,
+scale-down only after the stabilization window), and its tolerance and every decision, checked against
+``capsim.policy.autoscaling`` called directly on the samples the simulator handed it."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
+
+import capsim.sim.hpa as sim_hpa
 from capsim.model.scenario import Scenario
+from capsim.policy import autoscaling
+from capsim.policy.autoscaling import PodSample, Tolerance
 from capsim.sim import Simulation
 
 STEP_UP, STEP_DOWN = 600.0, 1500.0
@@ -68,3 +74,96 @@ def test_scale_up_waits_for_the_pipeline_and_scale_down_for_the_window() -> None
     assert before and max(before) < 0.5
     assert r.timeseries.loc[r.timeseries["time_s"].between(1200, 1500), "desired_replicas"].ge(6).all()
     assert r.summary.max_replicas > 2 and r.timeseries["desired_replicas"].iloc[-1] < r.summary.max_replicas
+
+
+# ---- what the HPA decides inside the simulator, against the policy called directly ----
+
+LOAD_PER_S, SERVICE_S, PODS, TARGET = 20.0, 0.1, 4, 0.5  # busy per pod = 20 * 0.1 / 4 = 0.5: ratio 1.0
+
+
+def steady_scenario(tolerance: float | None = None, **autoscaler: object) -> Scenario:
+    """Four pods whose busy ratio sits at the target: the metric ratio hovers around 1.0. A 240 s query
+    window averages about 4800 requests, so the ratio stays within a couple of percent of 1.0, far inside
+    a 0.1 tolerance and outside a zero one."""
+    spec: dict[str, object] = {
+        "minReplicas": 1, "maxReplicas": 12,
+        "metrics": [{"type": "Pods", "pods": {"metric": {"name": "capsim_gpu_busy_ratio"},
+                                              "target": {"type": "AverageValue", "averageValue": "500m"}}}],
+        "scrape_interval_s": 15, "query_window_s": 240, "sync_period_s": 15,
+        **autoscaler,
+    }
+    if tolerance is not None:
+        spec["tolerance"] = tolerance
+    return Scenario.model_validate({
+        "horizon_s": 1500,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": LOAD_PER_S}},
+        "service": {"kind": "deterministic", "mean_s": SERVICE_S},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0, "queue_capacity": 100000},
+        "pods": {"replicas": PODS, "startup_s": 5},
+        "router": {"kind": "least_outstanding"},
+        "autoscaler": spec,
+        "client": {"timeout_s": 1e6},
+    })
+
+
+def metric_ratios(sim: Simulation) -> list[float]:
+    assert sim.autoscaling is not None
+    return [v / TARGET for t, _, _, v in sim.autoscaling.syncs if t > 300 and not math.isnan(v)]
+
+
+def test_inside_the_default_tolerance_the_hpa_holds_still() -> None:
+    sim = Simulation(steady_scenario(), seed=0)
+    r = sim.run()
+    ratios = metric_ratios(sim)
+    assert ratios and max(ratios) > 1.0 and min(ratios) > 0.9 and max(ratios) < 1.1  # the band is used
+    assert r.scale_events.empty, r.scale_events  # the 0.1 tolerance absorbs it: no action
+
+
+def test_with_zero_tolerance_the_same_run_scales_up() -> None:
+    sim = Simulation(steady_scenario(tolerance=0.0), seed=0)
+    r = sim.run()
+    assert not r.scale_events.empty
+    first = r.scale_events.iloc[0]
+    assert (first["from_replicas"], first["to_replicas"]) == (PODS, PODS + 1)  # ceil(4 * 1.0x) = 5
+
+
+class PolicySpy:
+    """Wraps ``pods_metric_replicas`` where the simulator's HPA looks it up, recording every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[PodSample], float, Tolerance]] = []
+
+    def __call__(self, current: int, samples: list[PodSample], target: float, tol: Tolerance) -> int:
+        self.calls.append((current, list(samples), target, tol))
+        return autoscaling.pods_metric_replicas(current, samples, target, tol)
+
+
+@pytest.mark.parametrize("tolerance", [None, 0.0, 0.05, 0.25])
+def test_every_decision_matches_the_policy_replayed_on_the_same_samples(
+    tolerance: float | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replays each sync through ``capsim.policy.autoscaling`` with the tolerance and target written in
+    the scenario (not read back from the simulator) and a fresh HPA built from the same spec."""
+    spy = PolicySpy()
+    monkeypatch.setattr(sim_hpa, "pods_metric_replicas", spy)
+    scenario = steady_scenario(tolerance, behavior={"scaleDown": {"stabilizationWindowSeconds": 60}})
+    sim = Simulation(scenario, seed=1)
+    sim.run()
+    assert sim.autoscaling is not None
+    syncs = sim.autoscaling.syncs
+    assert len(spy.calls) == len(syncs) > 50  # one metric: one policy call per sync
+    written = 0.1 if tolerance is None else tolerance
+    expected_tol = autoscaling.Tolerance(scale_down=written, scale_up=written)
+    replay = autoscaling.HorizontalPodAutoscaler.from_k8s(
+        scenario.autoscaler.k8s_spec() if scenario.autoscaler else {},
+        downscale_window_seconds=300.0,
+        tolerance=expected_tol,
+    )
+    for (t, current, desired, _), (seen_current, samples, target, tol) in zip(syncs, spy.calls, strict=True):
+        assert seen_current == current
+        assert target == TARGET
+        assert tol == expected_tol, f"at {t} s the simulator's HPA used {tol}, the scenario says {written}"
+        proposal = autoscaling.pods_metric_replicas(current, samples, TARGET, expected_tol)
+        assert replay.reconcile(t, current, [proposal]) == desired, f"decision at {t} s"
+    changes = sum(1 for _, c, d, _ in syncs if c != d)
+    assert (changes == 0) == (written >= 0.05), (written, changes)  # only a tight band makes it act
