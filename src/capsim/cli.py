@@ -245,5 +245,60 @@ def check(scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tun
         raise typer.Exit(1)
 
 
+@app.command()
+def export(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tune's best.yaml)")],
+    out: Annotated[Path, typer.Option(help="folder to write the YAML files and README.md into")],
+    name: Annotated[str, typer.Option(help="the Deployment (and its container) to patch and scale")] = "capsim-agent",
+    namespace: Annotated[str, typer.Option(help="the Deployment's namespace")] = "default",
+    container: Annotated[str | None, typer.Option(help="container name in the Deployment (default: --name)")] = None,
+    port: Annotated[int, typer.Option(help="port the pod serves on")] = 8000,
+    redis_url: Annotated[str, typer.Option(help="session store the pods use (state.store: redis)")] = "redis://redis:6379/0",
+    prometheus_url: Annotated[str, typer.Option(help="Prometheus server KEDA queries")] = (
+        "http://prometheus-operated.monitoring.svc:9090"),
+    adapter_namespace: Annotated[str, typer.Option(help="namespace of prometheus-adapter")] = "monitoring",
+    seed: Annotated[int, typer.Option(help="seed of the simulation whose numbers the README reports")] = 0,
+    simulate: Annotated[bool, typer.Option(help="simulate the scenario for the README's numbers")] = True,
+    summary: Annotated[Path | None, typer.Option(
+        help="take the README's numbers from this summary.json (capsim simulate --out) instead")] = None,
+    force: Annotated[bool, typer.Option(help="write even when a check fails")] = False,
+) -> None:
+    """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml
+    and README.md for a scenario; `capsim check` runs first and a failure stops the export unless --force."""
+    import json
+
+    from capsim.export import ChecksFailedError, DeployTarget, export_scenario, simulated_numbers
+    from capsim.model.scenario import Scenario
+    from capsim.model.settings import SettingsError
+    from capsim.studies.checks import failed, format_findings, run_checks
+
+    try:
+        target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
+                              prometheus_url=prometheus_url, adapter_namespace=adapter_namespace)
+        scen = Scenario.from_yaml(scenario)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    numbers = None
+    if summary is not None:
+        try:
+            numbers = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise typer.BadParameter(f"--summary {summary}: {exc}") from None
+    elif simulate and (force or not failed(run_checks(scen))):
+        typer.echo(f"simulating {scenario} with seed {seed} for the README's numbers ...")
+        numbers = simulated_numbers(scen, seed)
+    try:
+        result = export_scenario(scen, out, target, numbers=numbers, force=force)
+    except ChecksFailedError as exc:
+        typer.echo(format_findings(exc.findings), err=True)
+        typer.echo("capsim check failed: nothing written (--force writes anyway)", err=True)
+        raise typer.Exit(1) from None
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if result.findings:
+        typer.echo(format_findings(result.findings))
+    typer.echo("wrote " + ", ".join(str(p) for p in result.files))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -1,0 +1,50 @@
+"""prometheus-adapter rules that serve the pods' capsim series as the Pods metrics the HPA asks for.
+
+The adapter's configuration format (kubernetes-sigs/prometheus-adapter, docs/config.md): each rule says
+how to discover the series (``seriesQuery``), which labels name the Kubernetes objects (``resources``),
+the name the custom metrics API gives it (``name.matches``/``name.as``) and how to compute it
+(``metricsQuery``). The rules are written inside a ConfigMap under ``config.yaml``, the file the adapter
+reads with ``--config``; merge them into an existing adapter's rules rather than replacing those.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+
+from capsim.export.hpa import require_autoscaler
+from capsim.export.promql import PodQuery
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Scenario
+
+ADAPTER_CONFIGMAP = "prometheus-adapter"
+CONFIG_KEY = "config.yaml"
+
+
+def hpa_queries(scenario: Scenario) -> list[PodQuery]:
+    """One query per metric of the scenario's HPA, over the simulated adapter's window."""
+    auto = require_autoscaler(scenario)
+    return [PodQuery.of(m.name, auto.query_window_s) for m in auto.to_hpa().metrics]
+
+
+def adapter_rules(scenario: Scenario) -> dict[str, Any]:
+    """The adapter configuration: ``{"rules": [...]}``, one rule per HPA metric."""
+    rules = []
+    for q in hpa_queries(scenario):
+        rules.append({
+            "seriesQuery": f'{q.series}{{namespace!="",pod!=""}}',
+            "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+            "name": {"matches": f"^{re.escape(q.series)}$", "as": q.metric},
+            "metricsQuery": q.adapter_query(),
+        })
+    return {"rules": rules}
+
+
+def build_adapter_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
+    """The ConfigMap with the adapter configuration, in the adapter's namespace."""
+    config = yaml.safe_dump(adapter_rules(scenario), sort_keys=False)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": target.metadata(ADAPTER_CONFIGMAP, target.adapter_namespace),
+            "data": {CONFIG_KEY: config}}

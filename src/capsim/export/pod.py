@@ -1,0 +1,103 @@
+"""The pod's side of an export: the ``CAPSIM_*`` environment as a ConfigMap and the Deployment patch that
+mounts it, with the probes and the termination grace the pod's drain needs.
+
+Only variables the pod reads are written: the batcher's settings and the drain timeout are
+``capsim.core.service.PodConfig`` fields (read as ``CAPSIM_<FIELD>``), the store URL is
+``CAPSIM_REDIS_URL``, and ``CAPSIM_HOST``/``CAPSIM_PORT`` are read by ``capsim serve``, the container's
+entry point. ``tests/test_export.py`` reads the ConfigMap back through ``PodConfig.from_env``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import ConstantDuration, LognormalDuration, Scenario, UniformDuration
+
+#: The batcher settings the pod reads, by ``BatchSettings`` field (same names in ``PodConfig``).
+POD_BATCH_FIELDS: tuple[str, ...] = (
+    "max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches",
+)
+ENV_PREFIX = "CAPSIM_"
+#: Probe timings (s). The readiness probe's timeout is above the pod's 2 s store ping.
+PROBE_PERIOD_S = 5
+READINESS_TIMEOUT_S = 3
+LIVENESS_PERIOD_S = 10
+LIVENESS_FAILURES = 3
+#: Seconds on top of the worst-case drain before the kubelet's SIGKILL.
+GRACE_MARGIN_S = 5
+
+
+def _value(v: object) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def pod_env(scenario: Scenario, target: DeployTarget) -> dict[str, str]:
+    """The ``CAPSIM_*`` variables for the scenario's batcher, store and drain (ConfigMap values: strings)."""
+    env = {ENV_PREFIX + f.upper(): _value(getattr(scenario.batching, f)) for f in POD_BATCH_FIELDS}
+    store = scenario.state.store
+    env[ENV_PREFIX + "REDIS_URL"] = target.redis_url if store == "redis" else "memory://"
+    env[ENV_PREFIX + "DRAIN_TIMEOUT_S"] = _value(drain_timeout_s(scenario))
+    env[ENV_PREFIX + "HOST"] = "0.0.0.0"  # all interfaces, so the kubelet's probes and the Service reach it
+    env[ENV_PREFIX + "PORT"] = str(target.port)
+    return env
+
+
+def drain_timeout_s(scenario: Scenario) -> float:
+    """The pod's drain timeout: the scenario's ``pods.termination_grace_s`` (its modelled drain)."""
+    return float(scenario.pods.termination_grace_s)
+
+
+def termination_grace_s(scenario: Scenario) -> int:
+    """``terminationGracePeriodSeconds``: uvicorn's graceful shutdown waits up to the drain timeout for
+    open requests, then the batcher's close up to the drain timeout again; plus a margin."""
+    return math.ceil(2 * drain_timeout_s(scenario)) + GRACE_MARGIN_S
+
+
+def startup_bound_s(scenario: Scenario) -> float:
+    """A cold start's upper bound (s): the constant, the uniform's top, a lognormal's 99.9th percentile."""
+    d = scenario.pods.startup_s
+    if isinstance(d, ConstantDuration):
+        return d.value_s
+    if isinstance(d, UniformDuration):
+        return d.high_s
+    assert isinstance(d, LognormalDuration)
+    median = d.mean_s * math.exp(-d.sigma**2 / 2)
+    return median * math.exp(3.09 * d.sigma)  # z(0.999) = 3.09
+
+
+def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
+    """The ConfigMap holding :func:`pod_env`."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": target.metadata(target.configmap_name),
+            "data": pod_env(scenario, target)}
+
+
+def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
+    """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
+    (startup and liveness on /healthz, readiness on /readyz) and the termination grace period."""
+    http = {"port": "http"}
+    startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
+    container = {
+        "name": target.container_name,
+        "envFrom": [{"configMapRef": {"name": target.configmap_name}}],
+        "ports": [{"name": "http", "containerPort": target.port, "protocol": "TCP"}],
+        # /healthz answers once the model is loaded and warmed up: give the cold start its time
+        "startupProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": PROBE_PERIOD_S,
+                         "failureThreshold": startup_failures},
+        # /readyz is false while warming up, while the session store does not answer, and while draining
+        "readinessProbe": {"httpGet": {**http, "path": "/readyz"}, "periodSeconds": PROBE_PERIOD_S,
+                           "timeoutSeconds": READINESS_TIMEOUT_S, "failureThreshold": 1},
+        "livenessProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": LIVENESS_PERIOD_S,
+                          "timeoutSeconds": READINESS_TIMEOUT_S, "failureThreshold": LIVENESS_FAILURES},
+    }
+    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(target.port),
+                   "prometheus.io/path": "/metrics"}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": target.name, "namespace": target.namespace},
+        "spec": {"template": {
+            "metadata": {"annotations": annotations},
+            "spec": {"terminationGracePeriodSeconds": termination_grace_s(scenario), "containers": [container]},
+        }},
+    }

@@ -1,0 +1,71 @@
+"""The PromQL that turns a pod's Prometheus series into the per-pod value the simulated HPA reads.
+
+The simulator's adapter (``capsim.sim.hpa``) averages gauges over the query window and takes counters as
+a rate over it; these queries say the same to a real Prometheus, so the exported autoscaler sees the
+numbers the simulated one saw. Each metric has two spellings: a prometheus-adapter ``metricsQuery``
+(``<<.LabelMatchers>>`` and ``<<.GroupBy>>`` are filled in by the adapter) and a KEDA query, one number
+for the whole Deployment (the sum over its pods; KEDA's ``AverageValue`` divides it by the pod count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capsim.model.scenario import POD_METRIC_ALIASES
+
+_TTFT = "capsim_time_to_first_token_seconds"
+#: The series each simulated metric kind comes from (names as docs/metrics.md defines them).
+SERIES: dict[str, str] = {
+    "queue_depth": "capsim_queue_depth",
+    "in_flight": "capsim_requests_in_flight",
+    "busy": "capsim_gpu_busy_ratio",
+    "ttft": f"{_TTFT}_count",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PodQuery:
+    """How one HPA metric name is computed from the pods' series over a window of ``window_s``."""
+
+    metric: str  # the name the HPA asks for (as written in the scenario)
+    kind: str  # queue_depth, in_flight, busy, ttft
+    window_s: float
+
+    @classmethod
+    def of(cls, metric: str, window_s: float) -> PodQuery:
+        return cls(metric, POD_METRIC_ALIASES[metric], window_s)
+
+    @property
+    def series(self) -> str:
+        """The series prometheus-adapter discovers the metric by."""
+        return SERIES[self.kind]
+
+    @property
+    def window(self) -> str:
+        return _duration(self.window_s)
+
+    def per_pod(self, matchers: str, by: str) -> str:
+        """The value per ``by`` group (pods) over the series selected by ``matchers``."""
+        w = self.window
+        if self.kind == "ttft":  # the mean TTFT: increase of the sum over increase of the count
+            return (f"sum(rate({_TTFT}_sum{{{matchers}}}[{w}])) by ({by}) / "
+                    f"sum(rate({_TTFT}_count{{{matchers}}}[{w}])) by ({by})")
+        # gauges: the mean of the scrapes in the window, as the simulated adapter's avg_over_time
+        return f"sum(avg_over_time({self.series}{{{matchers}}}[{w}])) by ({by})"
+
+    def adapter_query(self) -> str:
+        """prometheus-adapter's ``metricsQuery`` for this metric."""
+        return self.per_pod("<<.LabelMatchers>>", "<<.GroupBy>>")
+
+    def deployment_total(self, namespace: str, deployment: str) -> str:
+        """One number for KEDA: the per-pod values of the Deployment's pods, summed."""
+        # a Deployment's pods are named <deployment>-<replicaset hash>-<5 characters>
+        matchers = f'namespace="{namespace}",pod=~"{deployment}-[a-z0-9]+-[a-z0-9]{{5}}"'
+        return f"sum({self.per_pod(matchers, 'pod')})"
+
+
+def _duration(seconds: float) -> str:
+    """A PromQL duration (``60s``, ``1500ms``)."""
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    return f"{round(seconds * 1000)}ms"

@@ -1,0 +1,126 @@
+"""The export folder's README.md: what each file is, how to apply it, and the simulated numbers behind it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Scenario
+from capsim.studies.checks import Finding
+
+#: Each file of the folder and what it is, in the order to apply them.
+FILES: dict[str, str] = {
+    "configmap.yaml": "ConfigMap `{cm}`: the batcher, session-store and drain settings as the `CAPSIM_*` "
+                      "environment the pod reads",
+    "deployment-patch.yaml": "strategic-merge patch for Deployment `{name}`: `envFrom` the ConfigMap, port "
+                             "`http` ({port}), startup/liveness probes on `/healthz`, readiness on `/readyz`, "
+                             "`terminationGracePeriodSeconds: {grace}`",
+    "prometheus-adapter.yaml": "ConfigMap `prometheus-adapter` (namespace `{adapter_ns}`): the adapter rules that "
+                               "serve the pods' series as the Pods metric{s} {metrics}",
+    "hpa.yaml": "autoscaling/v2 HorizontalPodAutoscaler `{name}`: the metric and target, min/max replicas and "
+                "behavior that were simulated",
+    "keda-scaledobject.yaml": "KEDA ScaledObject `{name}`: the alternative to `hpa.yaml` + the adapter, one "
+                              "Prometheus trigger per metric on the same query",
+}
+
+#: Summary fields shown, with their labels and units.
+_NUMBERS: tuple[tuple[str, str], ...] = (
+    ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"),
+    ("error_rate", "error rate"), ("throughput_per_s", "throughput (requests/s)"),
+    ("mean_batch_size", "mean batch size"), ("max_replicas", "most replicas"), ("scale_events", "scale events"),
+    ("gpu_hours", "GPU hours"), ("cost", "cost"), ("lost_sessions", "lost sessions"), ("slo_met", "SLO met"),
+)
+
+
+def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[str, Any] | None,
+                  findings: Sequence[Finding], forced: bool = False) -> str:
+    """The README text. ``numbers`` is ``{"summary": {...}, "provenance": {...}}`` as ``capsim simulate
+    --out`` writes summary.json (``None``: say that no simulation backs the files)."""
+    auto = scenario.autoscaler
+    assert auto is not None
+    metrics = [m.name for m in auto.to_hpa().metrics]
+    fmt = {"cm": target.configmap_name, "name": target.name, "port": target.port,
+           "grace": termination_grace_s(scenario), "adapter_ns": target.adapter_namespace,
+           "s": "s" if len(metrics) > 1 else "", "metrics": ", ".join(f"`{m}`" for m in metrics)}
+    title = scenario.name or (scenario.source.stem if scenario.source else "scenario")
+    lines = [f"# Deploy files for {title}", ""]
+    lines += [f"Written by `capsim export` from `{scenario.source or '<in memory>'}` for Deployment "
+              f"`{target.name}` in namespace `{target.namespace}`.", ""]
+    lines += ["## Files", "", "| file | what it is |", "|---|---|"]
+    lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in FILES.items()]
+    lines += ["", "## Apply", "", "```sh",
+              "kubectl apply -f configmap.yaml",
+              f"kubectl -n {target.namespace} patch deployment {target.name} --patch-file deployment-patch.yaml",
+              "# either the HPA, fed by prometheus-adapter (merge the rules into the adapter's own config.yaml",
+              "# if it has some, then restart the adapter):",
+              "kubectl apply -f prometheus-adapter.yaml -f hpa.yaml",
+              "# or KEDA instead (never both: two controllers would fight over the replica count):",
+              "# kubectl apply -f keda-scaledobject.yaml",
+              "```", ""]
+    lines += _settings(scenario, auto)
+    lines += _numbers(scenario, numbers)
+    lines += _assumptions(scenario, auto, target)
+    lines += ["## Checks", ""]
+    if findings:
+        lines += [f"- {'**FAIL**' if f.level == 'fail' else 'warn'} `{f.path}`: {f.message}" for f in findings]
+        if forced:
+            lines += ["", "**Written with `--force` although a check failed.**"]
+    else:
+        lines.append("`capsim check` found no problems.")
+    return "\n".join(lines) + "\n"
+
+
+def _settings(scenario: Scenario, auto: Any) -> list[str]:
+    b = scenario.batching
+    lines = ["## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| `batching.{k}` | {getattr(b, k)} |" for k in
+              ("max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches")]
+    for i, m in enumerate(auto.to_hpa().metrics):
+        lines.append(f"| HPA metric {i} | `{m.name}`, {m.target_type} {m.target:g} |")
+    lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
+              f"| session store | {scenario.state.store} |",
+              f"| drain timeout / grace period | {drain_timeout_s(scenario):g} s / {termination_grace_s(scenario)} s |"]
+    mode = getattr(b, "mode", "static")
+    if mode != "static":
+        lines += ["", f"Note: the scenario simulates `batching.mode: {mode}`; the pod runs the static "
+                  "batcher, configured with the settings above."]
+    return [*lines, ""]
+
+
+def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Simulated numbers behind the choice", ""]
+    if numbers is None:
+        return [*lines, "No simulation was run for this export (`--no-simulate`).", ""]
+    summary: Mapping[str, Any] = numbers.get("summary", {})
+    prov: Mapping[str, Any] = numbers.get("provenance", {})
+    slo = scenario.slo
+    lines += [f"capsim {prov.get('capsim_version', '?')}, seed {prov.get('seed', '?')}, "
+              f"profile `{prov.get('profile') or scenario.service.kind}`, horizon {scenario.horizon_s:g} s "
+              f"(first {scenario.warmup_s:g} s not measured). SLO: TTFT p99 <= {slo.ttft_p99_s:g} s, "
+              f"error rate <= {slo.max_error_rate:g}.", "", "| metric | simulated |", "|---|---|"]
+    for key, label in _NUMBERS:
+        if key in summary:
+            v = summary[key]
+            lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
+    return [*lines, ""]
+
+
+def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
+    lines = ["## What the cluster must match for the numbers to hold", "",
+             f"- kube-controller-manager: `--horizontal-pod-autoscaler-sync-period={auto.sync_period_s:g}s`, "
+             f"`--horizontal-pod-autoscaler-tolerance={auto.tolerance:g}`"
+             + ("" if auto.behavior else
+                f", `--horizontal-pod-autoscaler-downscale-stabilization={auto.downscale_window_s:g}s`"),
+             f"- Prometheus scrapes the pods every {auto.scrape_interval_s:g} s; the adapter's answers lag "
+             f"{auto.adapter_lag_s:g} s and average over {auto.query_window_s:g} s",
+             f"- one GPU per pod; a cold start takes at most {startup_bound_s(scenario):g} s "
+             "(the startup probe allows that)"]
+    if scenario.cluster is not None:
+        c = scenario.cluster
+        lines.append(f"- at most {c.max_gpus} GPUs, in nodes of {c.node_gpus}, a new node ready in "
+                     f"{c.node_provision_s:g} s")
+    if scenario.state.store == "redis":
+        lines.append(f"- the session store answers at `{target.redis_url}`")
+    return [*lines, ""]

@@ -1,0 +1,73 @@
+"""Where the export deploys to: the Deployment's name, namespace, container, port and the services it talks to."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from capsim.model.settings import SettingsError
+
+# RFC 1123 label, as Kubernetes checks names of namespaces, containers and (with dots) most objects
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+#: Longest NAME: object names get suffixes (``-capsim``), and a Deployment's pods ``-<hash>-<5 chars>``.
+MAX_NAME_LEN = 47
+
+
+@dataclass(frozen=True, slots=True)
+class DeployTarget:
+    """The cluster side of an export; every field has a default that matches ``capsim serve``.
+
+    ``name`` is the Deployment (and its container) the files patch and scale; ``redis_url`` the session
+    store the pods use when the scenario's ``state.store`` is ``redis``; ``prometheus_url`` the server
+    KEDA queries; ``adapter_namespace`` where prometheus-adapter runs.
+    """
+
+    name: str = "capsim-agent"
+    namespace: str = "default"
+    container: str | None = None
+    port: int = 8000
+    redis_url: str = "redis://redis:6379/0"
+    prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
+    adapter_namespace: str = "monitoring"
+
+    def __post_init__(self) -> None:
+        for field in ("name", "namespace", "adapter_namespace"):
+            _label(field, getattr(self, field))
+        if self.container is not None:
+            _label("container", self.container)
+        if len(self.name) > MAX_NAME_LEN:
+            raise SettingsError(f"name must be at most {MAX_NAME_LEN} characters (suffixes are added), "
+                                f"got {len(self.name)}: {self.name!r}")
+        if not isinstance(self.port, int) or isinstance(self.port, bool) or not 1 <= self.port <= 65535:
+            raise SettingsError(f"port must be an integer in [1, 65535], got {self.port!r}")
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise SettingsError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if not self.prometheus_url.startswith(("http://", "https://")):
+            raise SettingsError(f"prometheus_url must start with http:// or https://, got {self.prometheus_url!r}")
+
+    @property
+    def container_name(self) -> str:
+        return self.container or self.name
+
+    @property
+    def configmap_name(self) -> str:
+        return f"{self.name}-capsim"
+
+    def labels(self) -> dict[str, str]:
+        return {"app.kubernetes.io/name": self.name, "app.kubernetes.io/managed-by": "capsim"}
+
+    def metadata(self, name: str | None = None, namespace: str | None = None,
+                 annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        """An object's ``metadata``: its name (default ``self.name``), namespace, labels, annotations."""
+        meta: dict[str, Any] = {"name": name or self.name, "namespace": namespace or self.namespace,
+                                "labels": self.labels()}
+        if annotations:
+            meta["annotations"] = annotations
+        return meta
+
+
+def _label(field: str, value: object) -> None:
+    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.match(value):
+        raise SettingsError(f"{field} must be a DNS-1123 label (lower-case letters, digits and '-', at most 63, "
+                            f"starting and ending with a letter or digit), got {value!r}")

@@ -1,0 +1,409 @@
+"""Export: every built-in kind validates against the Kubernetes schemas, the KEDA object against the fields of
+KEDA's CRD, the HPA round-trips to the scenario's autoscaler, the pod reads the ConfigMap, checks gate writing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.export import (
+    BUILDERS,
+    ChecksFailedError,
+    DeployTarget,
+    autoscaler_from_hpa,
+    build_all,
+    dump_yaml,
+    export_scenario,
+    pod_env,
+)
+from capsim.export.promql import PodQuery
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.policy.autoscaling import HorizontalPodAutoscaler
+
+ROOT = Path(__file__).resolve().parents[1]
+RUSH = ROOT / "data" / "scenarios" / "friday_rush.yaml"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "export" / "friday_rush"
+#: The Kubernetes versions the exported objects are validated against (kubernetes-validate's strict schemas):
+#: an old still-supported minor and a recent one.
+K8S_VERSIONS = ("1.30.0", "1.34.0")
+TARGET = DeployTarget(name="agent", namespace="agents")
+
+
+@pytest.fixture(scope="module")
+def rush() -> Scenario:
+    return Scenario.from_yaml(RUSH)
+
+
+def _metric(name: str, value: str) -> dict[str, Any]:
+    return {"type": "Pods", "pods": {"metric": {"name": name}, "target": {"type": "AverageValue", "averageValue": value}}}
+
+
+@pytest.fixture(scope="module")
+def variants(rush: Scenario) -> dict[str, Scenario]:
+    """The rush as shipped, with two metrics and no behavior (legacy), with a lognormal cold start and a
+    pod-local store, and with a fractional target and window."""
+    two = rush.override({"autoscaler.metrics": [_metric("capsim_queue_depth", "8"),
+                                                _metric("capsim_time_to_first_token_seconds", "500m")]})
+    legacy = rush.override({"autoscaler.behavior": None, "autoscaler.metrics": [_metric("gpu_busy_ratio", "0.7")],
+                            "pods.startup_s": {"kind": "lognormal", "mean_s": 60, "sigma": 0.3},
+                            "state.store": "pod_local"})
+    odd = rush.override({"autoscaler.metrics": [_metric("requests_in_flight", "12.5")],
+                         "autoscaler.query_window_s": 45.5, "autoscaler.minReplicas": 1})
+    return {"rush": rush, "two-metrics": two, "legacy": legacy, "odd": odd}
+
+
+# ---- schemas -----------------------------------------------------------------------------------------------
+def _merge(base: Any, patch: Any) -> Any:
+    """Strategic merge for the fields the patch sets: maps merge, lists of named items merge by ``name``
+    (``containers``, ``ports``), other lists are replaced (as ``envFrom``, which has no merge key)."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        out = dict(base)
+        for k, v in patch.items():
+            out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if (isinstance(base, list) and isinstance(patch, list) and patch
+            and all(isinstance(i, dict) and "name" in i for i in base + patch)):
+        merged = {i["name"]: i for i in base}
+        for item in patch:
+            merged[item["name"]] = _merge(merged[item["name"]], item) if item["name"] in merged else item
+        return list(merged.values())
+    return copy.deepcopy(patch)
+
+
+def _user_deployment(target: DeployTarget) -> dict[str, Any]:
+    """A Deployment as a user writes it before the export patches it."""
+    labels = {"app": target.name}
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": target.name, "namespace": target.namespace},
+            "spec": {"replicas": 3, "selector": {"matchLabels": labels},
+                     "template": {"metadata": {"labels": labels},
+                                  "spec": {"containers": [{"name": target.container_name,
+                                                           "image": "registry.example/capsim:0.1.0",
+                                                           "command": ["capsim", "serve"],
+                                                           "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}}}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_builtin_kinds_validate_strictly(variants: dict[str, Scenario], version: str) -> None:
+    for label, scenario in variants.items():
+        objects = build_all(scenario, TARGET)
+        for file in ("configmap.yaml", "prometheus-adapter.yaml", "hpa.yaml"):
+            obj = yaml.safe_load(dump_yaml(objects[file]))  # validate what is written, not the dict
+            kubernetes_validate.validate(obj, version, strict=True)
+        patch = yaml.safe_load(dump_yaml(objects["deployment-patch.yaml"]))
+        patched = _merge(_user_deployment(TARGET), patch)
+        kubernetes_validate.validate(patched, version, strict=True)
+        container = patched["spec"]["template"]["spec"]["containers"][0]
+        assert container["image"] and container["envFrom"], label  # merged into, not replaced
+
+
+def test_strict_validation_catches_a_misspelt_field(rush: Scenario) -> None:
+    # the validator is strict for real: a field the API does not know fails
+    hpa = build_all(rush, TARGET)["hpa.yaml"]
+    hpa["spec"]["maxReplica"] = hpa["spec"].pop("maxReplicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(hpa, K8S_VERSIONS[-1], strict=True)
+
+
+# The ScaledObject fields capsim writes, as KEDA's CRD (kedacore/keda config/crd/bases/keda.sh_scaledobjects.yaml,
+# Apache-2.0) defines them: spec.scaleTargetRef (name required) and spec.triggers (type and metadata required,
+# metadata a map of strings) are required; the counts are int32; metricType is Value, AverageValue or
+# Utilization. kubernetes-validate has no CRD schemas, so this schema is written here from those facts;
+# additionalProperties is false to be strict about the fields capsim writes. The behavior is the HPA's own
+# type and is validated against the Kubernetes schema below.
+_INT32 = {"type": "integer", "minimum": -(2**31), "maximum": 2**31 - 1}
+KEDA_SCALED_OBJECT = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "required": ["scaleTargetRef", "triggers"],
+            "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                   "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                                                  "name": {"type": "string"}}},
+                "pollingInterval": _INT32, "cooldownPeriod": _INT32,
+                "minReplicaCount": _INT32, "maxReplicaCount": _INT32,
+                "advanced": {"type": "object", "additionalProperties": False, "properties": {
+                    "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
+                                                      "properties": {"behavior": {"type": "object"}}}}},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                    "properties": {
+                        "type": {"const": "prometheus"},
+                        "name": {"type": "string"},
+                        "metricType": {"enum": ["Value", "AverageValue", "Utilization"]},
+                        # the Prometheus scaler's required metadata (keda.sh/docs/latest/scalers/prometheus)
+                        "metadata": {"type": "object", "required": ["serverAddress", "query", "threshold"],
+                                     "additionalProperties": {"type": "string"}},
+                    }}},
+            },
+        },
+    },
+}
+
+
+def test_keda_scaled_object_structure(variants: dict[str, Scenario]) -> None:
+    for label, scenario in variants.items():
+        obj = yaml.safe_load(dump_yaml(build_all(scenario, TARGET)["keda-scaledobject.yaml"]))
+        jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+        auto = scenario.autoscaler
+        assert auto is not None
+        spec = obj["spec"]
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (auto.min_replicas, auto.max_replicas), label
+        assert len(spec["triggers"]) == len(auto.metrics)
+        behavior = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior")
+        assert behavior == auto.behavior
+        if behavior is not None:  # the same type as the HPA's: validate it inside an HPA
+            hpa = build_all(scenario, TARGET)["hpa.yaml"]
+            hpa["spec"]["behavior"] = behavior
+            kubernetes_validate.validate(hpa, K8S_VERSIONS[-1], strict=True)
+
+
+def test_keda_query_is_the_adapter_query_summed_over_the_deployment(rush: Scenario) -> None:
+    objects = build_all(rush, TARGET)
+    trigger = objects["keda-scaledobject.yaml"]["spec"]["triggers"][0]
+    rules = yaml.safe_load(objects["prometheus-adapter.yaml"]["data"]["config.yaml"])["rules"]
+    adapter = rules[0]["metricsQuery"]
+    matchers = 'namespace="agents",pod=~"agent-[a-z0-9]+-[a-z0-9]{5}"'
+    assert trigger["metadata"]["query"] == "sum(" + adapter.replace("<<.LabelMatchers>>", matchers).replace(
+        "<<.GroupBy>>", "pod") + ")"
+    assert trigger["metadata"]["threshold"] == "8" and trigger["metricType"] == "AverageValue"
+
+
+# ---- HPA round trip ----------------------------------------------------------------------------------------
+def test_hpa_round_trips_to_the_scenario_autoscaler(variants: dict[str, Scenario]) -> None:
+    for label, scenario in variants.items():
+        source = scenario.autoscaler
+        assert source is not None
+        manifest = yaml.safe_load(dump_yaml(build_all(scenario, TARGET)["hpa.yaml"]))
+        loaded = autoscaler_from_hpa(manifest)
+        ref = {"apiVersion": "apps/v1", "kind": "Deployment", "name": "agent"}
+        assert manifest["spec"]["scaleTargetRef"] == ref
+        assert loaded == source.model_copy(update={"scale_target_ref": ref}), label
+        # and the policy loads the same HPA from both
+        spec = dict(manifest["spec"])
+        del spec["scaleTargetRef"]
+        assert HorizontalPodAutoscaler.from_k8s(spec).to_k8s() == source.to_hpa().to_k8s()
+        # the round-tripped scenario is the source scenario
+        back = scenario.override({"autoscaler": loaded.model_dump(by_alias=True)})
+        assert back.autoscaler == loaded
+
+
+def test_hpa_keeps_the_scenario_scale_target_ref(rush: Scenario) -> None:
+    ref = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "agents"}
+    scenario = rush.override({"autoscaler.scaleTargetRef": ref})
+    manifest = build_all(scenario, TARGET)["hpa.yaml"]
+    assert manifest["spec"]["scaleTargetRef"] == ref
+    assert autoscaler_from_hpa(manifest) == scenario.autoscaler
+
+
+def test_hpa_load_errors_name_the_field(rush: Scenario) -> None:
+    manifest = build_all(rush, TARGET)["hpa.yaml"]
+    bad = copy.deepcopy(manifest)
+    bad["spec"]["behavior"]["scaleUp"]["policies"][0]["type"] = "Nodes"
+    with pytest.raises(SettingsError, match=r"hpa.yaml: spec.behavior.scaleUp.policies\[0\].type"):
+        autoscaler_from_hpa(bad)
+    bad = copy.deepcopy(manifest)
+    bad["metadata"]["annotations"]["capsim.io/adapter-lag-s"] = "soon"
+    with pytest.raises(SettingsError, match="capsim.io/adapter-lag-s must be a number"):
+        autoscaler_from_hpa(bad)
+    with pytest.raises(SettingsError, match="apiVersion/kind"):
+        autoscaler_from_hpa({**manifest, "apiVersion": "autoscaling/v1"})
+
+
+# ---- the pod reads what is exported ------------------------------------------------------------------------
+def test_pod_reads_every_exported_variable(variants: dict[str, Scenario]) -> None:
+    from typer.main import get_command
+
+    from capsim.core.service import PodConfig
+
+    serve = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    serve_env = {p.envvar for p in serve.params if p.envvar}
+    pod_env_names = {PodConfig.ENV_PREFIX + f.upper() for f in PodConfig.model_fields}
+    for label, scenario in variants.items():
+        data = build_all(scenario, TARGET)["configmap.yaml"]["data"]
+        assert all(isinstance(v, str) for v in data.values())
+        assert set(data) <= pod_env_names | serve_env, (label, set(data) - pod_env_names - serve_env)
+        config = PodConfig.from_env(data)
+        b = scenario.batching
+        assert config.batch_settings() == type(config.batch_settings())(
+            max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
+            overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
+        assert config.drain_timeout_s == scenario.pods.termination_grace_s
+        assert config.redis_url == ("memory://" if scenario.state.store == "pod_local" else TARGET.redis_url)
+
+
+def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> None:
+    rush = variants["rush"]
+    patch = build_all(rush, TARGET)["deployment-patch.yaml"]
+    pod = patch["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "agent-capsim"}}]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert pod["terminationGracePeriodSeconds"] >= rush.pods.termination_grace_s
+    # the startup probe outlasts the slowest cold start (uniform 45..90 s)
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 90
+    legacy = build_all(variants["legacy"], TARGET)["deployment-patch.yaml"]
+    lstartup = legacy["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert lstartup["periodSeconds"] * lstartup["failureThreshold"] >= 60  # above a lognormal's mean
+
+
+def test_adapter_rules_serve_the_hpa_metric_names(variants: dict[str, Scenario]) -> None:
+    for scenario in variants.values():
+        objects = build_all(scenario, TARGET)
+        hpa_names = [m["pods"]["metric"]["name"] for m in objects["hpa.yaml"]["spec"]["metrics"]]
+        rules = yaml.safe_load(objects["prometheus-adapter.yaml"]["data"]["config.yaml"])["rules"]
+        assert [r["name"]["as"] for r in rules] == hpa_names
+        for rule in rules:
+            assert set(rule) == {"seriesQuery", "resources", "name", "metricsQuery"}
+            assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
+                                                      "pod": {"resource": "pod"}}
+            assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
+            window = f"[{PodQuery.of(rule['name']['as'], scenario.autoscaler.query_window_s).window}]"  # type: ignore[union-attr]
+            assert window in rule["metricsQuery"]
+
+
+def test_promql_windows_and_ttft_ratio() -> None:
+    assert PodQuery.of("capsim_queue_depth", 60).window == "60s"
+    assert PodQuery.of("queue_depth", 45.5).window == "45500ms"
+    ttft = PodQuery.of("ttft", 30).adapter_query()
+    assert "rate(capsim_time_to_first_token_seconds_sum{<<.LabelMatchers>>}[30s])" in ttft
+    assert " / " in ttft and "_count{" in ttft
+
+
+def test_target_names_are_checked() -> None:
+    with pytest.raises(SettingsError, match="name must be a DNS-1123 label"):
+        DeployTarget(name="Agent_1")
+    with pytest.raises(SettingsError, match="namespace must be a DNS-1123 label"):
+        DeployTarget(namespace="-x")
+    with pytest.raises(SettingsError, match="port must be an integer"):
+        DeployTarget(port=0)
+    with pytest.raises(SettingsError, match="redis_url must start with"):
+        DeployTarget(redis_url="localhost:6379")
+
+
+def test_no_autoscaler_is_an_error(tmp_path: Path) -> None:
+    s = Scenario.from_yaml(ROOT / "data" / "scenarios" / "steady_poisson.yaml")
+    assert s.autoscaler is None
+    with pytest.raises(SettingsError, match="autoscaler is required"):
+        export_scenario(s, tmp_path)
+
+
+# ---- writing: checks gate, README, golden files ------------------------------------------------------------
+def test_failed_check_stops_the_export(rush: Scenario, tmp_path: Path) -> None:
+    bad = rush.override({"autoscaler.maxReplicas": 40})
+    with pytest.raises(ChecksFailedError, match="autoscaler.maxReplicas") as info:
+        export_scenario(bad, tmp_path / "out")
+    assert [f.check for f in info.value.findings] == ["max-replicas-over-gpus"]
+    assert not (tmp_path / "out").exists()
+    result = export_scenario(bad, tmp_path / "out", force=True)
+    assert [p.name for p in result.files] == [*BUILDERS, "README.md"]
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "--force" in readme and "autoscaler.maxReplicas" in readme
+
+
+def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:
+    numbers = {"summary": {"ttft_p99_s": 0.8125, "error_rate": 0.0004, "cost": 12.5, "slo_met": True},
+               "provenance": {"seed": 7, "capsim_version": "9.9", "profile": "p.csv"}}
+    export_scenario(rush, tmp_path, TARGET, numbers=numbers)
+    readme = (tmp_path / "README.md").read_text()
+    for file in BUILDERS:
+        assert f"`{file}`" in readme
+    assert "| TTFT p99 (s) | 0.8125 |" in readme and "| cost | 12.5 |" in readme and "seed 7" in readme
+    assert "kubectl -n agents patch deployment agent" in readme
+
+
+def test_golden_files(rush: Scenario, tmp_path: Path) -> None:
+    """The rush's export, pinned; regenerate with CAPSIM_UPDATE_GOLDEN=1 after an intended change."""
+    export_scenario(rush, tmp_path, DeployTarget())
+    for file in BUILDERS:
+        text = (tmp_path / file).read_text()
+        golden = GOLDEN / file
+        if os.environ.get("CAPSIM_UPDATE_GOLDEN"):
+            golden.parent.mkdir(parents=True, exist_ok=True)
+            golden.write_text(text)
+        assert text == golden.read_text(), f"{file} differs from {golden}"
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+def _small_hpa_scenario(tmp_path: Path) -> Path:
+    data = {
+        "name": "small", "horizon_s": 120, "warmup_s": 10,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20}},
+        "service": {"kind": "deterministic", "mean_s": 0.05},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 5, "queue_capacity": 64},
+        "pods": {"replicas": 1, "startup_s": 10, "gpu_cost_per_hour": 1.0},
+        "autoscaler": {"minReplicas": 1, "maxReplicas": 4,
+                       "metrics": [_metric("capsim_queue_depth", "4")]},
+        "client": {"timeout_s": 10},
+    }
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_export_command_simulates_for_the_readme(tmp_path: Path) -> None:
+    from capsim.sim import simulate
+
+    path = _small_hpa_scenario(tmp_path)
+    out = tmp_path / "deploy"
+    result = CliRunner().invoke(app, ["export", str(path), "--out", str(out), "--name", "small-agent",
+                                      "--namespace", "team-a", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([*BUILDERS, "README.md"])
+    expected = simulate(Scenario.from_yaml(path), seed=3).summary
+    readme = (out / "README.md").read_text()
+    assert f"| TTFT p99 (s) | {expected.ttft_p99_s:.4g} |" in readme and "seed 3" in readme
+    assert yaml.safe_load((out / "hpa.yaml").read_text())["metadata"]["namespace"] == "team-a"
+
+
+def test_export_command_gates_on_checks(tmp_path: Path, rush: Scenario) -> None:
+    path = _small_hpa_scenario(tmp_path)
+    bad = yaml.safe_load(path.read_text())
+    bad["client"]["timeout_s"] = 0.01
+    bad_path = tmp_path / "bad.yaml"
+    bad_path.write_text(yaml.safe_dump(bad))
+    runner = CliRunner()
+    out = tmp_path / "deploy"
+    failed = runner.invoke(app, ["export", str(bad_path), "--out", str(out)])
+    assert failed.exit_code == 1 and not out.exists()
+    assert "client.timeout_s" in failed.output
+    forced = runner.invoke(app, ["export", str(bad_path), "--out", str(out), "--force", "--no-simulate"])
+    assert forced.exit_code == 0, forced.output
+    assert "No simulation was run" in (out / "README.md").read_text()
+
+
+def test_export_command_takes_numbers_from_a_summary(tmp_path: Path) -> None:
+    path = _small_hpa_scenario(tmp_path)
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"summary": {"ttft_p99_s": 0.123}, "provenance": {"seed": 11}}))
+    out = tmp_path / "deploy"
+    result = CliRunner().invoke(app, ["export", str(path), "--out", str(out), "--summary", str(summary)])
+    assert result.exit_code == 0, result.output
+    assert "simulating" not in result.output
+    assert "| TTFT p99 (s) | 0.123 |" in (out / "README.md").read_text()
+
+
+def test_pod_env_is_strings_for_every_store(variants: dict[str, Scenario]) -> None:
+    env = pod_env(variants["legacy"], TARGET)
+    assert env["CAPSIM_REDIS_URL"] == "memory://" and env["CAPSIM_HOST"] == "0.0.0.0"
