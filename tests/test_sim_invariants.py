@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -99,3 +100,73 @@ def test_shipped_scenarios_run(path: Path) -> None:
     assert r.summary.arrived > 100
     assert r.summary.completed > 0.5 * r.summary.arrived
     assert r.provenance["profile"] is not None
+
+
+# ---- conservation from the request frame, independently of the simulator's live counters ----
+
+
+def test_conservation_holds_in_the_frame_and_the_live_series_agree_with_it() -> None:
+    """The frame alone: every sent request has exactly one fate, in one consistent shape. Then the time
+    series (built from the client's live counters) must agree with the frame row by row: a counter that
+    double-counts, or misses, shows up here even with the simulator's own check switched off."""
+    r = simulate(busy_scenario(**{"client.max_retries": 0}), seed=3)  # no retries: crashes fail requests
+    df, ts = r.requests, r.timeseries
+    horizon = 300.0
+    outcome = df["outcome"].astype("string")
+    fates = outcome.fillna("in_flight").value_counts().to_dict()
+    assert set(fates) <= {"ok", "failed", "timed_out", "rejected", "in_flight"}
+    assert sum(fates.values()) == len(df) == df["request_id"].nunique()
+    for name in ("ok", "failed", "timed_out", "rejected"):
+        assert fates.get(name, 0) > 0, f"the busy scenario should exercise {name}"
+    # each fate has its own shape
+    ok = df[outcome == "ok"]
+    assert ok[["start_s", "first_token_s", "end_s"]].notna().all().all()
+    finished_badly = df[outcome.isin(["failed", "timed_out", "rejected"]).fillna(False)]
+    assert finished_badly["end_s"].notna().all() and (finished_badly["end_s"] >= finished_badly["arrival_s"]).all()
+    in_flight = df[outcome.isna()]
+    assert in_flight["end_s"].isna().all() and (in_flight["arrival_s"] <= horizon).all()
+    assert (df["end_s"].dropna() <= horizon).all()
+    # a batch never answers more requests than it held
+    per_batch = ok.groupby(["pod", "start_s"])["batch_size"].agg(["size", "min", "max"])
+    assert (per_batch["min"] == per_batch["max"]).all() and (per_batch["size"] <= per_batch["max"]).all()
+    # the summary is the frame's
+    s = r.summary
+    assert (s.arrived, s.completed, s.failed, s.timed_out, s.rejected, s.in_flight) == (
+        len(df), fates.get("ok", 0), fates.get("failed", 0), fates.get("timed_out", 0),
+        fates.get("rejected", 0), fates.get("in_flight", 0))
+    # the live counters, sampled every interval, against the frame at each sample time
+    arrivals_by = np.searchsorted(np.sort(df["arrival_s"].to_numpy()), ts["time_s"].to_numpy(), side="right")
+    np.testing.assert_array_equal(ts["arrivals"].cumsum().to_numpy(), arrivals_by)
+    ok_by = np.searchsorted(np.sort(ok["end_s"].to_numpy()), ts["time_s"].to_numpy(), side="right")
+    np.testing.assert_array_equal(ts["completed"].cumsum().to_numpy(), ok_by)
+    assert ts["errors"].sum() == len(finished_badly)
+
+
+def test_the_runtime_invariant_check_fires_on_a_double_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsim.sim.client import Client
+    from capsim.sim.simulate import InvariantError
+
+    real = Client.on_batch_done
+
+    def twice(self: Client, batch: Any, now: float) -> None:
+        real(self, batch, now)
+        self.n_ok += batch.live_size  # a completion counted twice
+
+    monkeypatch.setattr(Client, "on_batch_done", twice)
+    with pytest.raises(InvariantError, match=r"arrived \d+ != completed \d+ \+ failed"):
+        simulate(busy_scenario(), seed=0)
+
+
+def test_the_runtime_check_compares_the_records_with_the_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capsim.sim.recorder import PENDING, Records
+    from capsim.sim.simulate import InvariantError
+
+    real = Records.finish
+
+    def forgetful(self: Records, i: int, t: float, outcome: int, pod: int) -> None:
+        real(self, i, t, outcome, pod)
+        self.outcome[i] = PENDING  # the counters balance, but the records lose the request's fate
+
+    monkeypatch.setattr(Records, "finish", forgetful)
+    with pytest.raises(InvariantError, match="records say"):
+        simulate(busy_scenario(), seed=0)
