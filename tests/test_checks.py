@@ -186,3 +186,14 @@ def _yaml(scenario: Scenario, source: Path) -> str:
     data = scenario.model_dump(mode="json", by_alias=True, exclude_none=True)
     data["service"]["profile"] = str(scenario.resolve(Path(data["service"]["profile"])).resolve())
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def test_batch_checks_skip_continuous_batching(rush: Scenario) -> None:
+    continuous = RUSH.parent / "friday_rush_continuous.yaml"
+    if not continuous.exists():
+        pytest.skip("no continuous-batching scenario in data/scenarios")
+    s = Scenario.from_yaml(continuous)
+    bad = {"batching.max_wait_ms": 5000, "client.timeout_s": 0.001}
+    assert not [f for f in run_checks(s.override(bad)) if f.path in bad]
+    # the same settings fire under static batching
+    assert {f.path for f in run_checks(rush.override(bad))} >= set(bad)

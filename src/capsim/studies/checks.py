@@ -22,6 +22,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
   the SLO is already broken.
 * ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
+
+The batch checks (max wait, queue below batch, client timeout, service model) apply to static batching
+(``batching.mode: static``, the default); continuous batching has no max wait or batch size.
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     """Every check on ``scenario``; an empty list means none fired. Order: the module docstring's."""
     findings: list[Finding] = []
     findings += _hpa_targets(scenario)
-    times = _BatchTimes.of(scenario)
+    # max wait, batch size and a batch's time are static batching's; continuous batching schedules per step
+    static = getattr(scenario.batching, "mode", "static") == "static"
+    times = _BatchTimes.of(scenario) if static else None
     if isinstance(times, Finding):
         findings.append(times)
-    else:
+    elif times is not None:
         findings += _max_wait(scenario, times)
-    findings += _queue_capacity(scenario)
-    if not isinstance(times, Finding):
+        findings += _queue_capacity(scenario)
         findings += _client_timeout(scenario, times)
     findings += _gpus(scenario)
     findings += _scale_down_window(scenario)
