@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import math
 
 import pandas as pd
@@ -24,11 +25,22 @@ def value(m: InferenceMetrics, sample: str, **labels: str) -> float:
     raise KeyError(f"{sample} {labels}")
 
 
-def test_implements_the_batcher_and_store_protocols() -> None:
+@pytest.mark.parametrize("protocol", [BatcherMetrics, StoreMetrics], ids=lambda p: p.__name__)
+def test_implements_the_batcher_and_store_protocols(protocol: type) -> None:
+    # mypy checks the assignment statically; this checks at run time that every method the protocol
+    # declares exists on InferenceMetrics with the same parameters, so a renamed or dropped method fails
+    declared = {
+        name: member
+        for name, member in vars(protocol).items()
+        if callable(member) and not name.startswith("_")
+    }
+    assert declared, f"{protocol.__name__} declares no methods?"
     m = InferenceMetrics()
-    as_batcher: BatcherMetrics = m
-    as_store: StoreMetrics = m
-    assert as_batcher is as_store
+    for name, member in declared.items():
+        impl = getattr(m, name, None)
+        assert callable(impl), f"InferenceMetrics lacks {protocol.__name__}.{name}"
+        want = list(inspect.signature(member).parameters)[1:]  # without self
+        assert list(inspect.signature(impl).parameters) == want, name
 
 
 def test_every_metric_has_its_prometheus_name_and_type() -> None:

@@ -1,5 +1,6 @@
 """BatchSettings: defaults, validation messages that name the field and the value, immutability."""
 
+import pydantic
 import pytest
 
 from capsim.model.settings import BatchSettings, SettingsError
@@ -15,8 +16,10 @@ def test_defaults_are_valid_and_frozen():
         1,
     )
     assert s.max_wait_s == pytest.approx(0.01)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen") as info:
         s.max_batch_size = 4  # type: ignore[misc]
+    assert [e["type"] for e in info.value.errors()] == ["frozen_instance"]
+    assert s.max_batch_size == 32  # and the value did not change
 
 
 @pytest.mark.parametrize(

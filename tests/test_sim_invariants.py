@@ -92,6 +92,14 @@ def test_timeseries_rows_and_columns() -> None:
         assert col in ts.columns
 
 
+SHIPPED = {"crash_study", "friday_rush", "steady_poisson", "trace_replay"}
+
+
+def test_the_shipped_scenarios_are_all_found() -> None:
+    # an empty or moved directory would otherwise parametrize the next test into zero cases, silently
+    assert {p.stem for p in SCENARIOS} >= SHIPPED, sorted(p.stem for p in SCENARIOS)
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_shipped_scenarios_run(path: Path) -> None:
     s = Scenario.from_yaml(path)
