@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from typing import Any
 
+from capsim.model.settings import SettingsError
+
 ExecutorSpec = Executor | str | Any | None
 
 
@@ -83,7 +85,7 @@ def open_executor(spec: ExecutorSpec, tasks: int | None = None) -> Iterator[Exec
         with client_cls(spec) as client:
             yield client.get_executor(pure=False)
         return
-    raise ValueError(f"executor spec must be 'serial', 'processes[:N]', 'local:N' or a scheduler address "
+    raise SettingsError(f"executor spec must be 'serial', 'processes[:N]', 'local:N' or a scheduler address "
                      f"like tcp://host:8786, got {spec!r}")
 
 
@@ -91,7 +93,7 @@ def _count(text: str, what: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise ValueError(f"{what}:N takes a number of workers, got {text!r}") from None
+        raise SettingsError(f"{what}:N takes a number of workers, got {text!r}") from None
     if n < 1:
-        raise ValueError(f"{what}:N needs at least 1 worker, got {n}")
+        raise SettingsError(f"{what}:N needs at least 1 worker, got {n}")
     return n

@@ -101,11 +101,11 @@ def seed_list(seeds: int | Iterable[int]) -> list[int]:
     """``3`` means seeds 0, 1, 2; a sequence is taken as is."""
     if isinstance(seeds, int):
         if seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {seeds}")
+            raise SettingsError(f"seeds must be >= 1, got {seeds}")
         return list(range(seeds))
     out = [int(s) for s in seeds]
     if not out:
-        raise ValueError("seeds must not be empty")
+        raise SettingsError("seeds must not be empty")
     return out
 
 

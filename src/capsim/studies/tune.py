@@ -70,7 +70,7 @@ def tune(scenario: Scenario | str | Path, space: Space | Mapping[str, Any] | str
     seeds_ = seed_list(seeds if seeds is not None else (sp.seeds or 3))
     objective = objective or sp.objective or "cost"
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+        raise SettingsError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     stress_map = _stresses(stresses, sp)
     for name, changes in stress_map.items():  # a stress that does not apply to the base is a user error
         try:

@@ -1,0 +1,142 @@
+"""Capacity: the highest arrival rate a pod (or a fixed fleet) sustains while meeting the SLO.
+
+The number every capacity plan starts from. ``capacity(scenario, replicas=N)`` turns the scenario into a
+steady Poisson load on a fixed fleet of N pods (no autoscaler, the scenario's batching, service, client,
+faults and SLO unchanged) and bisects on the session rate, as Vidur's capacity search does
+(microsoft/vidur, ``vidur/config_optimizer/config_explorer/capacity_search.py``: the largest QPS whose
+scheduling delay stays under the SLO, by binary search). A rate passes when every seed meets the SLO
+(TTFT p99 and error rate). The search assumes that passing is monotone in the rate: it first doubles an
+upper bound until a rate fails, then halves the bracket until it is narrower than ``rel_tol``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.studies.executors import ExecutorSpec, open_executor
+from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, run_one
+from capsim.studies.sweep import seed_list
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One rate tried: sessions per second, whether every seed met the SLO, and the worst seed's numbers."""
+
+    rate_per_s: float
+    passed: bool
+    ttft_p99_s: float
+    error_rate: float
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CapacityResult:
+    """``rate_per_s``: the highest session rate that passed (0 when even the lowest failed);
+    ``requests_per_s``: the same in requests (sessions x turns); ``proof``: the summaries of the passing
+    runs at that rate (one per seed); ``scenario``: the steady scenario at that rate, to re-run."""
+
+    rate_per_s: float
+    requests_per_s: float
+    replicas: int
+    scenario: Scenario
+    proof: list[dict[str, Any]]
+    probes: list[Probe]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def steady(scenario: Scenario, rate_per_s: float, replicas: int | None = None) -> Scenario:
+    """The scenario with a constant Poisson session rate on a fixed fleet (no autoscaler)."""
+    n = replicas if replicas is not None else scenario.pods.replicas
+    if scenario.autoscaler is not None and replicas is None:
+        n = max(scenario.autoscaler.min_replicas, 1)
+    return scenario.override({
+        "workload.arrivals": {"kind": "poisson", "rate_per_s": rate_per_s},
+        "autoscaler": None, "cluster": None, "pods.replicas": n,
+    })
+
+
+def capacity(scenario: Scenario | str | Path, *, replicas: int | None = None, seeds: int | Iterable[int] = 1,
+             start_rate: float | None = None, rel_tol: float = 0.02, max_probes: int = 30,
+             executor: ExecutorSpec = "serial", cache: bool | str | Path = True) -> CapacityResult:
+    """Bisect on the session rate (see the module docstring). ``replicas`` defaults to the scenario's
+    (its ``minReplicas`` when it has an autoscaler); ``start_rate`` to the fleet's throughput at full
+    batches estimated from the service model; the seeds of one rate run on ``executor``."""
+    base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
+    base = portable(base)
+    if base.workload.arrivals.kind == "trace":
+        raise SettingsError("capacity needs a rate to vary: the scenario replays a trace; use a poisson workload")
+    seeds_ = seed_list(seeds)
+    cache_root = None if cache is False else str(DEFAULT_CACHE if cache is True else Path(cache))
+    n = steady(base, 1.0, replicas).pods.replicas
+    turns = base.workload.sessions.turns
+    probes: list[Probe] = []
+    proofs: dict[float, list[dict[str, Any]]] = {}
+
+    with open_executor(executor, tasks=len(seeds_)) as ex:
+        def probe(rate: float) -> bool:
+            sc = steady(base, rate, replicas)
+            futs = [ex.submit(run_one, sc, s, run_key(sc, s), cache_root) for s in seeds_]
+            outs = [f.result() for f in futs]
+            errors = [o["error"] for o in outs if o["error"]]
+            sums = [o["summary"] for o in outs if o["summary"] is not None]
+            passed = not errors and all(s["slo_met"] for s in sums)
+            worst_t = max((s["ttft_p99_s"] for s in sums), default=math.nan)
+            worst_e = max((s["error_rate"] for s in sums), default=math.nan)
+            probes.append(Probe(rate, passed, worst_t, worst_e, errors[0] if errors else None))
+            if passed:
+                proofs[rate] = sums
+            return passed
+
+        hi = start_rate or _throughput_guess(base, n) / turns
+        lo = 0.0
+        while probe(hi):  # grow until a rate fails
+            lo, hi = hi, hi * 2
+            if len(probes) >= max_probes:
+                break
+        while hi - lo > rel_tol * hi and len(probes) < max_probes:
+            mid = (lo + hi) / 2 if lo > 0 else hi / 2
+            if probe(mid):
+                lo = mid
+            else:
+                hi = mid
+            if lo == 0 and hi < 1e-6:
+                break
+    rate = lo
+    final = steady(base, rate if rate > 0 else 1.0, replicas)
+    return CapacityResult(rate, rate * turns, n, final, proofs.get(rate, []), probes,
+                          {**provenance(final), "seeds": seeds_, "rel_tol": rel_tol})
+
+
+def _throughput_guess(sc: Scenario, replicas: int) -> float:
+    """Requests per second the fleet serves at full batches of the mean request (the service model's
+    mean batch time): a starting upper bound for the search; 10/s a pod when it cannot be estimated."""
+    svc = sc.service
+    b = sc.batching.max_batch_size
+    try:
+        if svc.kind == "profile":
+            from capsim.model.profile import ServiceTimeProfile
+
+            assert svc.profile is not None
+            prof = ServiceTimeProfile.from_csv(sc.resolve(svc.profile))
+            wl = sc.workload
+            total = prof.batch_timing(b, _mean(wl.prompt_tokens), _mean(wl.output_tokens),
+                                      extrapolate=svc.extrapolate).total_s
+        else:
+            assert svc.mean_s is not None
+            total = svc.mean_s
+        total = svc.time_scale * total + b * svc.request_overhead_ms / 1000.0
+        if total > 0:
+            return replicas * b / total
+    except Exception:  # only a starting point: the doubling finds a failing rate anyway
+        pass
+    return 10.0 * replicas
+
+
+def _mean(tokens: Any) -> int:
+    return int(tokens.value if tokens.kind == "constant" else tokens.mean)
