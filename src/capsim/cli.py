@@ -81,7 +81,7 @@ def demo(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(envvar="CAPSIM_HOST", help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="CAPSIM_PORT", help="port to listen on")] = 8000,
+    port: Annotated[int, typer.Option(envvar="CAPSIM_PORT", min=1, max=65535, help="port to listen on")] = 8000,
     model: Annotated[str, typer.Option(envvar="CAPSIM_MODEL", help="reference model preset")] = "tiny",
     device: Annotated[str, typer.Option(envvar="CAPSIM_DEVICE", help="auto, cpu, cuda")] = "auto",
     dtype: Annotated[str, typer.Option(envvar="CAPSIM_DTYPE", help="float32, float16, bfloat16")] = "float32",
@@ -140,8 +140,9 @@ def simulate(
 
     try:
         result = run_simulation(scenario, seed=seed)
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except SettingsError as exc:  # checked before the model loads: name the option that was wrong
+        field = str(exc).removeprefix("pod.").split(" ", 1)[0].split(".", 1)[0]
+        raise typer.BadParameter(str(exc), param_hint=f"--{field.replace('_', '-')}") from None
     summary = result.summary.to_dict()
     width = max(len(k) for k in summary)
     for key, value in summary.items():

@@ -5,26 +5,33 @@ on the reference engine, appends the turn to the session (compare-and-set) and o
 ``GET /metrics`` is Prometheus text, ``/healthz`` liveness, ``/readyz`` readiness (after warm-up, while
 the store answers, and not while draining). Configuration comes from ``PodConfig``: flags or the
 ``CAPSIM_*`` environment variables the exporter writes into the Deployment.
+
+Failure answers are JSON ``{"detail": ...}``, and every 503 carries ``Retry-After``. A turn with an
+``Idempotency-Key`` header is stored once however often it is retried; a retry gets the first answer.
+On SIGTERM every turn in flight is bounded by ``drain_timeout_s``: it finishes, or answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import re
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from capsim.core.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
-from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine, synthetic_prompt
+from capsim.core.engine import PRESETS, GenerationRequest, GenerationResult, ReferenceEngine, synthetic_prompt
 from capsim.core.metrics import InferenceMetrics
 from capsim.core.state import (
     ConflictError,
@@ -32,10 +39,16 @@ from capsim.core.state import (
     SessionStore,
     StateStoreError,
     StoreUnavailableError,
+    StoreURLError,
+    check_store_url,
     open_store,
 )
 from capsim.core.state_model import InvalidSessionIdError, StateTooLargeError, validate_session_id
 from capsim.model.settings import BatchSettings, FrozenModel
+
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+RETRY_AFTER = {"Retry-After": "1"}  # on every 503: the pod or its store should be back, or another pod up
+_IDEMPOTENCY_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
 
 
 class PodConfig(FrozenModel):
@@ -61,6 +74,30 @@ class PodConfig(FrozenModel):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
 
     ENV_PREFIX: ClassVar[str] = "CAPSIM_"
+
+    # Checked here, so `capsim serve` refuses a bad value before it loads a model or opens a port.
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"must be one of {', '.join(sorted(PRESETS))}, got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not _DEVICE_RE.fullmatch(v):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        try:
+            check_store_url(v)
+        except StoreURLError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PodConfig:
@@ -90,9 +127,12 @@ class PodConfig(FrozenModel):
 
 
 class TurnRequest(BaseModel):
-    """The body of a turn: a prompt (a token count for a synthetic prompt, or token ids)."""
+    """The body of a turn: a prompt (a token count for a synthetic prompt, or token ids).
 
-    model_config = ConfigDict(extra="forbid")
+    Strict: ``"16"``, ``true`` and ``16.0`` are not token counts, and ``"yes"`` is not a boolean.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt_tokens: int | list[int] = Field(..., description="a token count, or the prompt's token ids")
     max_new_tokens: int = Field(16, ge=1)
@@ -112,6 +152,52 @@ class PodState:
     draining: bool = False
     store_ok_until: float = 0.0
     started: float = field(default_factory=time.monotonic)
+    loop: asyncio.AbstractEventLoop | None = None
+    drain_deadline: float | None = None  # loop time at which turns still running answer 503
+    bounds: set[asyncio.Timeout] = field(default_factory=set)  # one per turn in flight
+
+    def begin_drain(self) -> None:
+        """Go unready and refuse new turns at once; bound every turn in flight by ``drain_timeout_s``.
+
+        Safe to call from a signal handler: it only sets flags and hands the rest to the event loop.
+        """
+        self.ready = False
+        self.draining = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._bound_in_flight)
+
+    def _bound_in_flight(self) -> None:
+        if self.drain_deadline is None:
+            self.drain_deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+        for bound in list(self.bounds):
+            bound.reschedule(self.drain_deadline)
+
+    def drain_left_s(self) -> float:
+        """Seconds left of the drain budget (the whole budget before a drain began)."""
+        if self.drain_deadline is None or self.loop is None:
+            return self.config.drain_timeout_s
+        return max(0.0, self.drain_deadline - self.loop.time())
+
+    @asynccontextmanager
+    async def drain_bound(self) -> AsyncIterator[None]:
+        """Run a turn; if the pod drains and the budget runs out first, raise the documented 503."""
+        bound: asyncio.Timeout | None = None
+        try:
+            async with asyncio.timeout(self.drain_deadline) as bound:
+                self.bounds.add(bound)
+                yield
+        except TimeoutError:
+            if bound is None or not bound.expired():
+                raise
+            raise _HTTPError(
+                503,
+                f"pod drained (drain_timeout_s={self.config.drain_timeout_s:g}) before this turn finished; "
+                "retry on another pod (with the same Idempotency-Key, a turn that was stored is not stored twice)",
+                RETRY_AFTER,
+            ) from None
+        finally:
+            if bound is not None:
+                self.bounds.discard(bound)
 
 
 class _HTTPError(Exception):
@@ -142,7 +228,7 @@ def create_app(
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] = DynamicBatcher(
             eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s
         )
-        pod = PodState(cfg, eng, st, batcher, metrics)
+        pod = PodState(cfg, eng, st, batcher, metrics, loop=asyncio.get_running_loop())
         app.state.pod = pod
         async with batcher:
             if cfg.warmup:
@@ -153,6 +239,9 @@ def create_app(
             finally:
                 pod.ready = False
                 pod.draining = True
+                # the turns are answered by now (finished or 503); what is left of the budget goes to
+                # queued work that no one waits for any more
+                await batcher.aclose(timeout_s=pod.drain_left_s())
         if store is None:
             await st.aclose()
 
@@ -161,6 +250,11 @@ def create_app(
     @app.exception_handler(_HTTPError)
     async def _http_error(request: Request, exc: _HTTPError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # a bug, not a client error: still JSON, and named, so a client can log something useful
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,14 +291,23 @@ def create_app(
         return PlainTextResponse(pod.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/sessions/{session_id}/turns", response_model=None)
-    async def turn(session_id: str, body: TurnRequest, request: Request) -> Response | dict[str, Any]:
+    async def turn(
+        session_id: str,
+        body: TurnRequest,
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(description="retries with this key are stored once")] = None,
+    ) -> Response | dict[str, Any]:
         pod: PodState = request.app.state.pod
         if pod.draining:
-            raise _HTTPError(503, "pod is draining; retry on another pod", {"Retry-After": "1"})
+            raise _HTTPError(503, "pod is draining; retry on another pod", RETRY_AFTER)
         try:
             validate_session_id(session_id)
         except InvalidSessionIdError as exc:
             raise _HTTPError(422, f"session_id: {exc}") from None
+        if idempotency_key is not None and not (
+            1 <= len(idempotency_key) <= 256 and set(idempotency_key) <= _IDEMPOTENCY_KEY_CHARS
+        ):
+            raise _HTTPError(422, "Idempotency-Key: must be 1 to 256 printable ASCII characters without spaces")
         prompt = _prompt(body, pod)
         if body.max_new_tokens > pod.config.max_new_tokens:
             raise _HTTPError(
@@ -214,7 +317,8 @@ def create_app(
         pod.metrics.request_started()
         streaming = False
         try:
-            response = await _serve_turn(pod, session_id, prompt, body, received)
+            async with pod.drain_bound():
+                response = await _serve_turn(pod, session_id, prompt, body, received, idempotency_key)
             streaming = isinstance(response, StreamingResponse)  # the stream ends the request itself
             return response
         finally:
@@ -225,12 +329,23 @@ def create_app(
 
 
 async def _serve_turn(
-    pod: PodState, session_id: str, prompt: tuple[int, ...], body: TurnRequest, received: float
+    pod: PodState,
+    session_id: str,
+    prompt: tuple[int, ...],
+    body: TurnRequest,
+    received: float,
+    key: str | None = None,
 ) -> Response | dict[str, Any]:
-    """Load the session, run the turn, store it, answer (or stream the answer)."""
+    """Load the session, run the turn, store it, answer (or stream the answer).
+
+    With an idempotency ``key`` that the session already remembers, answer what the first attempt
+    answered, without running the model or writing."""
     loaded = await _store_call(pod.store.get(session_id)) or SessionState.new(session_id)  # 503 if it is out
+    done = loaded.write_for(key) if key is not None else None
+    if done is not None:
+        return JSONResponse(done.reply, headers={"Idempotent-Replayed": "true"})
     if body.stream:
-        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received, loaded)
+        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received, loaded, key)
         try:
             first = await stream.first()
         except BaseException:
@@ -238,8 +353,7 @@ async def _serve_turn(
             raise
         return StreamingResponse(stream.events(first), media_type="text/event-stream")
     result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
-    saved = await _save_turn(pod, session_id, prompt, result, loaded)
-    return JSONResponse(_answer(session_id, result, saved, received))
+    return JSONResponse(await _save_turn(pod, session_id, prompt, result, loaded, received, key))
 
 
 
@@ -276,7 +390,7 @@ async def _store_call(coro: Any) -> Any:
     try:
         return await coro
     except StoreUnavailableError as exc:
-        raise _HTTPError(503, f"session store unavailable: {exc}", {"Retry-After": "1"}) from None
+        raise _HTTPError(503, f"session store unavailable: {exc}", RETRY_AFTER) from None
     except StateTooLargeError as exc:
         raise _HTTPError(413, str(exc)) from None
     except StateStoreError as exc:
@@ -290,41 +404,64 @@ async def _generate(pod: PodState, req: GenerationRequest) -> GenerationResult:
         retry = max(1, round(exc.retry_after_s))
         raise _HTTPError(429, str(exc), {"Retry-After": str(retry)}) from None
     except BatcherClosedError:
-        raise _HTTPError(503, "pod is shutting down; retry on another pod", {"Retry-After": "1"}) from None
+        raise _HTTPError(503, "pod is shutting down; retry on another pod", RETRY_AFTER) from None
 
 
 async def _save_turn(
-    pod: PodState, session_id: str, prompt: tuple[int, ...], result: GenerationResult, loaded: SessionState
-) -> SessionState:
-    """Append the turn to the session: one compare-and-set against the version read at the start of the
-    turn; if another writer got there first (a client retried elsewhere), read again and reapply."""
+    pod: PodState,
+    session_id: str,
+    prompt: tuple[int, ...],
+    result: GenerationResult,
+    loaded: SessionState,
+    received: float,
+    key: str | None = None,
+) -> dict[str, Any]:
+    """Append the turn to the session and return its answer: one compare-and-set against the version
+    read at the start of the turn; if another writer got there first (a client retried elsewhere), read
+    again and reapply, unless that writer was an earlier attempt of this very turn (the same
+    idempotency ``key``): then nothing is written and that attempt's answer is returned."""
 
     def append(state: SessionState) -> SessionState:
-        return state.with_message("user", _describe(prompt), tokens=len(prompt)).with_message(
+        new = state.with_message("user", _describe(prompt), tokens=len(prompt)).with_message(
             "assistant", " ".join(map(str, result.tokens)), tokens=len(result.tokens)
         )
+        if key is None:
+            return new
+        turn, version = len(state.messages) // 2 + 1, state.version + 1
+        return new.with_write(key, _answer(session_id, result, turn, version, received))
 
     async def put_or_update() -> SessionState:
         try:
             return await pod.store.put(append(loaded))
         except ConflictError:
-            return await pod.store.update(session_id, append)
+            if key is None:
+                return await pod.store.update(session_id, append)
+            return await pod.store.update(session_id, append, idempotency_key=key)
 
     saved: SessionState = await _store_call(put_or_update())
-    return saved
+    if key is None:
+        return _answer(session_id, result, len(saved.messages) // 2, saved.version, received)
+    done = saved.write_for(key)
+    assert done is not None and isinstance(done.reply, dict)
+    reply: dict[str, Any] = done.reply
+    if done.version != saved.version:  # an earlier attempt's write, answered as it was then
+        return reply
+    return {**reply, "timings": {**reply["timings"], "total_s": time.perf_counter() - received}}
 
 
 def _describe(prompt: tuple[int, ...]) -> str:
     return " ".join(map(str, prompt))
 
 
-def _answer(session_id: str, result: GenerationResult, saved: SessionState, received: float) -> dict[str, Any]:
+def _answer(
+    session_id: str, result: GenerationResult, turn: int, version: int, received: float
+) -> dict[str, Any]:
     """The turn's answer; timings are seconds from when the pod received the request."""
     queue_s = max(result.started_at - received, 0.0)
     return {
         "session_id": session_id,
-        "turn": len(saved.messages) // 2,
-        "version": saved.version,
+        "turn": turn,
+        "version": version,
         "tokens": result.tokens,
         "batch_size": result.batch_size,
         "timings": {
@@ -347,9 +484,11 @@ class _TurnStream:
         max_new: int,
         received: float,
         loaded: SessionState,
+        key: str | None = None,
     ) -> None:
         self.pod, self.session_id, self.prompt, self.max_new, self.received = pod, session_id, prompt, max_new, received
         self.loaded = loaded
+        self.key = key
         loop = asyncio.get_running_loop()
         self.tokens: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
 
@@ -379,18 +518,21 @@ class _TurnStream:
 
     async def events(self, first: tuple[int, int, float]) -> AsyncIterator[bytes]:
         try:
-            token: tuple[int, int, float] | None = first
-            sent = 0
-            while token is not None:
-                index, value, _ = token
-                yield _sse("token", {"index": index, "token": value, "t_s": time.perf_counter() - self.received})
-                sent += 1
-                if sent >= self.max_new:
-                    break
-                token = await self.next_token()
-            result = await self.task
-            saved = await _save_turn(self.pod, self.session_id, self.prompt, result, self.loaded)
-            yield _sse("done", _answer(self.session_id, result, saved, self.received))
+            async with self.pod.drain_bound():
+                token: tuple[int, int, float] | None = first
+                sent = 0
+                while token is not None:
+                    index, value, _ = token
+                    yield _sse("token", {"index": index, "token": value, "t_s": time.perf_counter() - self.received})
+                    sent += 1
+                    if sent >= self.max_new:
+                        break
+                    token = await self.next_token()
+                result = await self.task
+                answer = await _save_turn(
+                    self.pod, self.session_id, self.prompt, result, self.loaded, self.received, self.key
+                )
+            yield _sse("done", answer)
         except _HTTPError as exc:
             yield _sse("error", {"status": exc.status, "detail": exc.detail})
         finally:
@@ -403,36 +545,55 @@ def _sse(event: str, data: Mapping[str, Any]) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-def serve(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the pod on uvicorn until SIGTERM/SIGINT: readiness goes false at once, intake stops, in-flight
-    work drains within ``config.drain_timeout_s``, then the process exits 0."""
+DRAIN_MARGIN_S = 3.0  # SIGTERM to exit takes at most drain_timeout_s plus this (uvicorn's steps, close)
+
+
+def make_server(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
+    """The pod's uvicorn server: SIGTERM/SIGINT start the drain (``PodState.begin_drain``) at once.
+
+    uvicorn's own graceful-shutdown limit is a backstop a second past the drain budget: the pod's
+    bounds answer every turn first, so uvicorn never has to cancel one (which would be a plain 500).
+    """
     import uvicorn
 
     app = create_app(config)
 
     class PodServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            pod = getattr(app.state, "pod", None)
+            pod: PodState | None = getattr(app.state, "pod", None)
             if pod is not None:
-                pod.ready = False
-                pod.draining = True
+                pod.begin_drain()
             super().handle_exit(sig, frame)
 
-    server = PodServer(
+    return PodServer(
         uvicorn.Config(
             app,
             host=host,
             port=port,
             log_level=log_level,
             lifespan="on",
-            timeout_graceful_shutdown=max(int(config.drain_timeout_s), 1),
+            timeout_graceful_shutdown=math.ceil(config.drain_timeout_s) + 1,
             access_log=False,
         )
     )
-    # uvicorn re-raises a caught SIGTERM once it has shut down gracefully; by then the work is drained,
-    # so the handler it restores and re-triggers is this one: exit 0, as Kubernetes expects of a drain.
-    import signal
-    import sys
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+def serve(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the pod on uvicorn until SIGTERM/SIGINT: readiness goes false at once, intake stops, turns in
+    flight finish or answer 503 within ``config.drain_timeout_s``, and the process exits 0 within
+    ``drain_timeout_s + DRAIN_MARGIN_S``."""
+    import signal
+
+    server = make_server(config, host, port, log_level)
+    # uvicorn re-raises a caught SIGTERM once it has shut down gracefully; by then every turn has been
+    # answered and the store closed, so the handler it restores and re-triggers is this one: exit 0, as
+    # Kubernetes expects of a drain, without waiting for the model's worker thread to finish a batch
+    # whose callers have all been answered.
+    signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
     server.run()
+
+
+def _exit_now(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

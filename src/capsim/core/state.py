@@ -57,6 +57,7 @@ __all__ = [
     "StoreUnavailableError",
     "ToolOutput",
     "WriteRecord",
+    "check_store_url",
     "open_store",
     "validate_session_id",
 ]
@@ -111,12 +112,7 @@ def open_store(
     scheme = parts.scheme.lower()
     if scheme == "memory":
         return _open_memory(parts.netloc + parts.path, s, metrics)
-    if scheme not in ("redis", "rediss", "unix"):
-        raise StoreURLError(
-            f"state store URL must start with redis://, rediss://, unix:// or memory://, got {_redact(url, scheme)!r}"
-        )
-    where = _redact(parts.geturl(), scheme)
-    _check_database(parts.path if scheme != "unix" else "", parts.query, where)
+    where = check_store_url(url)
     try:
         pool = BlockingConnectionPool.from_url(
             url,
@@ -134,6 +130,24 @@ def open_store(
     client = Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # the store owns the pool: aclose() closes it
     return RedisSessionStore(client, s, metrics=metrics, where=where)
+
+
+def check_store_url(url: str) -> str:
+    """Check a store URL without connecting; return it without credentials, for messages.
+
+    Raises :class:`StoreURLError` for an unsupported scheme or a database that is not a number.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme == "memory":
+        return f"memory://{parts.netloc}{parts.path}"
+    if scheme not in ("redis", "rediss", "unix"):
+        raise StoreURLError(
+            f"state store URL must start with redis://, rediss://, unix:// or memory://, got {_redact(url, scheme)!r}"
+        )
+    where = _redact(parts.geturl(), scheme)
+    _check_database(parts.path if scheme != "unix" else "", parts.query, where)
+    return where
 
 
 _DB_PATH = re.compile(r"/?(\d*)")

@@ -1,0 +1,264 @@
+"""The pod's promises when things go wrong: drain, readiness, idempotent retries, typed store errors, 413/503.
+
+Real pod processes where the promise is about the process (SIGTERM, exit time); the app in this process
+(FastAPI's TestClient, or uvicorn on a thread) where the test must reach a state HTTP cannot (a closed
+batcher, the instant after SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from capsim.cli import app as cli_app
+from capsim.core.service import DRAIN_MARGIN_S, PodConfig, create_app, make_server
+from capsim.core.state import open_store
+from podproc import PodProcess, free_port
+
+pytestmark = pytest.mark.timeout(180)
+
+LONG = {"prompt_tokens": 64, "max_new_tokens": 400}  # about 0.8 s of model time on one CPU core
+
+
+def turn_url(base: str, session: str) -> str:
+    return f"{base}/v1/sessions/{session}/turns"
+
+
+def in_flight(base: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    m = re.search(r"^capsim_requests_in_flight(?:\{[^}]*\})? (\S+)$", text, re.MULTILINE)
+    assert m, "capsim_requests_in_flight missing from /metrics"
+    return float(m.group(1))
+
+
+def wait_in_flight(base: str, n: int, timeout_s: float = 30.0) -> None:
+    """Block until the pod reports ``n`` requests in flight (proof that they reached it)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if in_flight(base) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the pod never had {n} requests in flight (last: {in_flight(base)})")
+
+
+def assert_503(resp: httpx.Response) -> None:
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    assert int(resp.headers["retry-after"]) >= 1
+    assert resp.json()["detail"]
+
+
+# -- drain ---------------------------------------------------------------------------------------
+
+
+def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp_path: Any) -> None:
+    """8 turns of ~0.8 s each, one at a time, and a drain budget of 1 s: the ones that cannot finish get
+    a JSON 503 with Retry-After (never a 500), and the process exits 0 within the budget + margin."""
+    drain_s = 1.0
+    p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1).start()
+
+    async def run() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            tasks = [asyncio.create_task(c.post(turn_url(p.url, f"drain-{i}"), json=LONG)) for i in range(8)]
+            await asyncio.to_thread(wait_in_flight, p.url, 8)
+            p.signal(signal.SIGTERM)
+            sent = time.monotonic()
+            responses = await asyncio.gather(*tasks)
+            code = await asyncio.to_thread(p.wait, 30)
+            assert code == 0, p.log()
+            return responses, time.monotonic() - sent
+
+    responses, exit_s = asyncio.run(run())
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    assert codes.count(503) >= 1, codes  # 8 x 0.8 s of serial work cannot fit in 1 s
+    for r in responses:
+        if r.status_code == 503:
+            assert_503(r)
+            assert "drained" in r.json()["detail"]
+    assert exit_s <= drain_s + DRAIN_MARGIN_S, f"exit took {exit_s:.2f} s"
+    log = p.log()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+
+
+def test_sigterm_makes_the_pod_unready_and_refuse_new_turns() -> None:
+    """uvicorn in this process: a long turn is in flight, SIGTERM arrives (the server's own handler),
+    and at once /readyz is 503 and a new turn is 503 with Retry-After; the long turn still gets 200."""
+    port = free_port()
+    config = PodConfig(device="cpu", max_batch_size=1, max_wait_ms=0, drain_timeout_s=20, torch_threads=1)
+    server = make_server(config, port=port, log_level="warning")
+    runner = threading.Thread(target=server.run, daemon=True)
+    runner.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    app = server.config.app
+    long_result: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: long_result.append(httpx.post(turn_url(base, "long"), json=LONG, timeout=60)))
+    sender.start()
+    wait_in_flight(base, 1)
+
+    server.handle_exit(signal.SIGTERM, None)  # what the signal does
+
+    async def probe() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pod") as c:
+            return await c.get("/readyz"), await c.post("/v1/sessions/new/turns", json={"prompt_tokens": 4})
+
+    ready, new_turn = asyncio.run_coroutine_threadsafe(probe(), app.state.pod.loop).result(timeout=30)
+    assert ready.status_code == 503 and ready.json() == {"ready": False, "reason": "draining"}
+    assert_503(new_turn)
+    assert "draining" in new_turn.json()["detail"]
+    sender.join(timeout=60)
+    runner.join(timeout=60)
+    assert long_result and long_result[0].status_code == 200  # in flight at SIGTERM: finished
+    assert not runner.is_alive()
+
+
+# -- the app in this process: states HTTP alone cannot reach -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_store_client() -> Any:
+    """The app with a store whose state cap is 6 KiB (a few long turns)."""
+    store = open_store("memory://", max_state_bytes=6 * 1024)
+    app = create_app(PodConfig(device="cpu", max_wait_ms=0, warmup=False, torch_threads=1), store=store)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_an_oversized_session_is_413_not_500(small_store_client: TestClient) -> None:
+    codes = []
+    for _ in range(12):
+        r = small_store_client.post("/v1/sessions/big/turns", json={"prompt_tokens": 200, "max_new_tokens": 2})
+        codes.append(r.status_code)
+        if r.status_code != 200:
+            break
+    assert codes[0] == 200 and codes[-1] == 413, codes
+    assert "over the cap" in r.json()["detail"]
+
+
+def test_a_closed_batcher_answers_503() -> None:
+    app = create_app(PodConfig(device="cpu", warmup=False, torch_threads=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        pod = app.state.pod
+        client.portal.call(pod.batcher.aclose)  # the batcher closed while the pod still takes turns
+        r = client.post("/v1/sessions/c/turns", json={"prompt_tokens": 4, "max_new_tokens": 2})
+    assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+    assert "shutting down" in r.json()["detail"]
+
+
+def test_a_draining_pod_refuses_turns_and_is_not_ready() -> None:
+    app = create_app(PodConfig(device="cpu", warmup=False, torch_threads=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/sessions/d/turns", json={"prompt_tokens": 4}).status_code == 200
+        app.state.pod.begin_drain()
+        r = client.post("/v1/sessions/d/turns", json={"prompt_tokens": 4})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert client.get("/readyz").json() == {"ready": False, "reason": "draining"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"prompt_tokens": "16"}, {"prompt_tokens": True}, {"prompt_tokens": 16.0}, {"prompt_tokens": [1, True]},
+     {"prompt_tokens": ["1"]}, {"prompt_tokens": 4, "max_new_tokens": "4"},
+     {"prompt_tokens": 4, "max_new_tokens": False}, {"prompt_tokens": 4, "stream": "yes"}, {"prompt_tokens": None}],
+    ids=repr,
+)
+def test_strings_and_booleans_are_not_token_counts(small_store_client: TestClient, body: dict[str, Any]) -> None:
+    r = small_store_client.post("/v1/sessions/strict/turns", json=body)
+    assert r.status_code == 422, r.text
+    field = next(k for k in body if k != "prompt_tokens" or len(body) == 1)
+    assert field in r.json()["detail"]
+
+
+# -- idempotent retries --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    p = PodProcess(tmp_path_factory.mktemp("relpod"), max_wait_ms=0, torch_threads=1).start()
+    yield p
+    p.stop()
+
+
+def test_a_retried_turn_with_the_same_idempotency_key_is_stored_once(pod: PodProcess) -> None:
+    """The client gives up after 0.1 s (the turn takes ~0.8 s) and retries with the same key."""
+    session, key = f"idem-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    headers = {"Idempotency-Key": key}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(turn_url(pod.url, session), json=LONG, headers=headers, timeout=0.1)
+    retry = httpx.post(turn_url(pod.url, session), json=LONG, headers=headers, timeout=60)
+    assert retry.status_code == 200, retry.text
+    first = retry.json()
+    assert first["turn"] == 1 and first["version"] == 1
+    again = httpx.post(turn_url(pod.url, session), json=LONG, headers=headers, timeout=60)
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == retry.json() or again.json()["tokens"] == first["tokens"]
+    assert again.json()["turn"] == 1 and again.json()["version"] == 1
+    # the session holds one turn: the next one is turn 2
+    nxt = httpx.post(turn_url(pod.url, session), json={"prompt_tokens": 4, "max_new_tokens": 1}, timeout=60)
+    assert nxt.json()["turn"] == 2 and nxt.json()["version"] == 2
+
+
+def test_without_a_key_a_retry_is_a_new_turn(pod: PodProcess) -> None:
+    session = f"nokey-{uuid.uuid4().hex[:8]}"
+    a = httpx.post(turn_url(pod.url, session), json={"prompt_tokens": 4, "max_new_tokens": 1}, timeout=60)
+    b = httpx.post(turn_url(pod.url, session), json={"prompt_tokens": 4, "max_new_tokens": 1}, timeout=60)
+    assert (a.json()["turn"], b.json()["turn"]) == (1, 2)
+
+
+@pytest.mark.parametrize("key", ["", "a b", "x" * 257, "é"])
+def test_a_bad_idempotency_key_is_422(pod: PodProcess, key: str) -> None:
+    r = httpx.post(turn_url(pod.url, "k"), json={"prompt_tokens": 4}, headers={"Idempotency-Key": key.encode()},
+                   timeout=30)
+    assert r.status_code == 422 and "Idempotency-Key" in r.json()["detail"]
+
+
+# -- typed store errors --------------------------------------------------------------------------
+
+
+def test_a_store_error_is_json_naming_the_key(tmp_path: Any, redis_server: Any) -> None:
+    p = PodProcess(tmp_path, redis_url=redis_server.url, torch_threads=1).start()
+    try:
+        session = f"wrongtype-{uuid.uuid4().hex[:8]}"
+
+        async def plant() -> None:
+            async with open_store(redis_server.url) as store:
+                await store.client.lpush(store.key(session), "a list, not a session")
+
+        asyncio.run(plant())
+        r = httpx.post(turn_url(p.url, session), json={"prompt_tokens": 4}, timeout=30)
+        assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+        assert f"capsim:session:{session}" in r.json()["detail"] and "not a string" in r.json()["detail"]
+    finally:
+        p.stop()
+
+
+# -- capsim serve checks its arguments first -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["--model", "gpt5"], "--model"), (["--dtype", "float8"], "--dtype"), (["--device", "tpu"], "--device"),
+     (["--port", "70000"], "--port"), (["--redis-url", "redis://h:1/abc"], "--redis-url"),
+     (["--redis-url", "http://h"], "--redis-url")],
+)
+def test_serve_checks_its_arguments_before_loading(args: list[str], needle: str) -> None:
+    result = CliRunner().invoke(cli_app, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
