@@ -294,6 +294,7 @@ class Client:
                     batch.cancelled = set()
                 batch.cancelled.add(i)
                 batch.pod.outstanding -= 1
+                batch.pod.cancel(batch, i)
                 self.sim.router.touch(batch.pod)
                 self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
             nxt = now + timeout  # anything sent from now on is due later than this

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, cast
 from simpy.events import Timeout
 
 from capsim.model.scenario import ConstantDuration, LognormalDuration, UniformDuration
+from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
 
 if TYPE_CHECKING:
@@ -74,7 +75,8 @@ class Cluster:
                 self.terminate(pod, now)
 
     def _new_pod(self, now: float) -> Pod:
-        pod = Pod(self.sim, len(self.pods), now)
+        cls = ContinuousPod if self.sim.continuous is not None else Pod
+        pod = cls(self.sim, len(self.pods), now)
         self.pods.append(pod)
         return pod
 

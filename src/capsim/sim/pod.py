@@ -185,6 +185,9 @@ class Pod:
         self.sim.router.touch(self)
         return self.queue.popleft()
 
+    def cancel(self, batch: Batch, i: int) -> None:
+        """The client of request ``i`` in ``batch`` gave up: a static batch runs on to its end regardless."""
+
     def kill(self, now: float) -> list[int]:
         """Stop everything at ``now`` (crash or kill after the grace period); return the requests it held."""
         held = list(self.queue)

@@ -142,8 +142,9 @@ class Timeseries:
                "ready_replicas", "starting_replicas", "pending_replicas", "terminating_replicas",
                "queue_depth", "in_flight", "busy_fraction", "hpa_metric")
 
-    def __init__(self) -> None:
+    def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.rows: list[tuple[float, ...]] = []
+        self.columns = self.COLUMNS + extra  # a mode's own columns (continuous batching: KV-cache use)
 
     def add(self, row: tuple[float, ...]) -> None:
         self.rows.append(row)
@@ -151,4 +152,4 @@ class Timeseries:
     def frame(self) -> Any:
         import pandas as pd
 
-        return pd.DataFrame(self.rows, columns=list(self.COLUMNS))
+        return pd.DataFrame(self.rows, columns=list(self.columns))

@@ -45,6 +45,14 @@ class Summary:
     max_replicas: int
     crashes: int
     slo_met: bool
+    # continuous batching only (NaN / 0 in static mode): inter-token latency (the mean per request, over
+    # measured ok requests of 2+ tokens), preemptions, engine steps, KV-cache use weighted by step time
+    itl_p50_s: float = math.nan
+    itl_p99_s: float = math.nan
+    preemptions: int = 0
+    steps: int = 0
+    kv_cache_usage_mean: float = math.nan
+    kv_cache_usage_peak: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

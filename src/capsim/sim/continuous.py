@@ -1,0 +1,286 @@
+"""A simulated pod in continuous-batching mode: one SimPy event per engine step, the shared scheduler deciding.
+
+The pod hands arrivals to ``capsim.policy.scheduling.Scheduler`` -- the scheduler the real engine uses --
+and runs its steps back to back while there is work: each step is one SimPy timeout whose length the
+step-time model gives from the step's composition (``capsim.sim.step_time``), for all its running
+requests at once, not one event per token per request. A request's stay on the pod is a :class:`Run`, a
+one-request ``Batch``, so the client, the records, timeouts and crashes treat it as they treat a static
+batch: it starts when the scheduler first admits it, its first token is the end of the step that
+completes its prompt, and it ends at the end of the step that emits its last token.
+
+``queue`` holds the requests that arrived and were never admitted, oldest first (what the client's
+queue-capacity check and its timeout watcher look at); its first ``fed`` entries are already queued in
+the scheduler, behind any preempted requests. A request that can never fit the engine (longer than
+``max_model_len``, more KV blocks than the cache) is rejected as unservable when it is handed over,
+without retry: it would fail on every pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+from simpy.events import Timeout
+
+from capsim.policy.scheduling import Scheduler, SchedulerLimits, Step
+from capsim.sim.pod import Batch, Pod, PodState
+from capsim.sim.recorder import REJECTED, percentiles
+from capsim.sim.summary import Summary
+
+if TYPE_CHECKING:
+    from capsim.sim.simulate import Simulation
+    from capsim.sim.step_time import StepTimeModel
+
+_NO_REQUESTS = np.empty(0, dtype=np.int64)
+
+
+class ContinuousStats:
+    """Per-request columns and run-wide counters of continuous-mode pods (``Simulation.continuous``)."""
+
+    def __init__(self, n: int, limits: SchedulerLimits, step_time: StepTimeModel) -> None:
+        self.limits = limits
+        self.step_time = step_time
+        self.preemptions = np.zeros(n, dtype=np.int32)  # per request, over all its attempts
+        self.unservable = np.zeros(n, dtype=bool)
+        self.steps = 0
+        self.n_preemptions = 0
+        self.kv_area = 0.0  # sum over steps of KV-cache use x step time (s)
+        self.busy_s = 0.0  # sum of step times
+        self.kv_peak = 0.0
+
+
+class Run(Batch):
+    """One request's stay on a continuous pod, as a one-request batch (``size`` = requests running when
+    it was admitted, which is what the ``batch_size`` column reports in this mode)."""
+
+    __slots__ = ()
+
+    @property
+    def live_size(self) -> int:
+        return 0 if self.cancelled else 1
+
+
+class ContinuousPod(Pod):
+    """A pod whose engine schedules per step; ``Cluster`` moves it through its life as any pod."""
+
+    def __init__(self, sim: Simulation, pod_id: int, created_s: float) -> None:
+        super().__init__(sim, pod_id, created_s)
+        stats = sim.continuous
+        assert stats is not None
+        self.stats = stats
+        self.sched = Scheduler(stats.limits)
+        self.max_running = 1 << 30  # the client pumps on a first arrival; the step loop takes the rest
+        self.fed = 0
+        self.runs: dict[int, Run] = {}
+        self.stepping = False
+        self._step_s = stats.step_time.step_s
+        # vLLM-style counters for the /metrics a scrape reads
+        self.itl_sum_s = 0.0
+        self.itl_count = 0
+
+    def __repr__(self) -> str:
+        return (f"ContinuousPod({self.id}, {self.state.name}, queued={len(self.queue)}, "
+                f"running={len(self.sched.running)}, waiting={len(self.sched.waiting)})")
+
+    # ---- gauges ------------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for the engine: never admitted, or preempted (vllm:num_requests_waiting)."""
+        return len(self.queue) - self.fed + len(self.sched.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the engine's running set (vllm:num_requests_running)."""
+        return len(self.sched.running)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """One minus free over total KV blocks (vllm:kv_cache_usage_perc, 0-1)."""
+        return self.sched.kv_cache_usage
+
+    def busy_total_s(self, now: float) -> float:
+        return self.busy_s + (now - self._busy_since if self.stepping else 0.0)
+
+    # ---- traffic -------------------------------------------------------------------------------------
+    def enqueue(self, i: int, now: float) -> None:
+        self.queue.append(i)
+        self.outstanding += 1
+        if not self.stepping:
+            self.pump(now)
+
+    def pump(self, now: float) -> None:
+        """Start the step loop at ``now`` unless a step is already running (it picks up new arrivals)."""
+        if not self.stepping:
+            self._busy_since = now
+            self.stepping = True
+            self._step(now)
+
+    def _feed(self, now: float) -> None:
+        """Hand the arrivals the scheduler has not seen to it, rejecting the unservable ones."""
+        q = self.queue
+        rec = self._rec
+        add = self.sched.add
+        while self.fed < len(q):
+            i = q[self.fed]
+            if add(i, int(rec.prompt[i]), int(rec.output[i])) is None:
+                self.fed += 1
+                continue
+            del q[self.fed]
+            self.outstanding -= 1
+            self.sim.router.touch(self)
+            self.stats.unservable[i] = True
+            # the engine's API server checks the length as the request arrives: the answer is at once
+            self.sim.client._finish(i, float(rec.send[i]), REJECTED, self.id)
+
+    def _step(self, now: float) -> None:
+        if len(self.queue) > self.fed:
+            self._feed(now)
+        sched = self.sched
+        step = sched.step()
+        if step.empty:
+            self.stepping = False
+            self.busy_s += now - self._busy_since
+            if self.state == PodState.TERMINATING and self.outstanding == 0:
+                self.sim.cluster.pod_drained(self, now)
+            return
+        stats = self.stats
+        dt = self._step_s(step)
+        end = now + dt
+        if step.started:
+            self._admit(step, now)
+        if step.preempted:
+            for i in step.preempted:
+                stats.preemptions[i] += 1
+            stats.n_preemptions += len(step.preempted)
+        stats.steps += 1
+        stats.busy_s += dt
+        use = sched.kv_cache_usage
+        stats.kv_area += use * dt
+        if use > stats.kv_peak:
+            stats.kv_peak = use
+        ev = Timeout(self._env, max(end - self._env.now, 0.0), (step, end, self.incarnation))
+        ev.callbacks.append(self._on_step)
+
+    def _admit(self, step: Step, now: float) -> None:
+        q = self.queue
+        rec = self._rec
+        runs = self.runs
+        size = len(self.sched.running)
+        timeout = self.sim.timeout_s
+        watch = self.sim.client.watch_batch
+        for i in step.started:
+            head = q.popleft()
+            assert head == i, f"pod {self.id}: scheduler admitted {i} ahead of {head}"
+            self.fed -= 1
+            run = Run(np.array((i,), dtype=np.int64), now, math.nan, math.inf, self)
+            run.size = size
+            rec.add_batch(run)
+            runs[i] = run
+            self.running.append(run)
+            if math.isfinite(timeout):
+                watch(run, rec.send[run.idx])
+
+    def _on_step(self, ev: Timeout) -> None:
+        step, now, incarnation = cast(tuple[Step, float, int], ev.value)
+        if incarnation != self.incarnation:  # the pod crashed or was killed under this step
+            return
+        runs = self.runs
+        sim = self.sim
+        if step.first_token:
+            send = self._rec.send
+            for i in step.first_token:
+                run = runs.get(i)
+                if run is not None:
+                    run.first = now
+                    if sim.track_ttft:
+                        self.ttft_sum_s += now - float(send[i])
+                        self.ttft_count += 1
+        if step.finished:
+            client = sim.client
+            output = self._rec.output
+            for i in step.finished:
+                run = runs.pop(i, None)
+                if run is None:  # its client gave up while the step ran
+                    continue
+                run.end = now
+                run.done = True
+                self.outstanding -= run.live_size
+                n = int(output[i])
+                if n > 1:
+                    self.itl_sum_s += now - run.first
+                    self.itl_count += n - 1
+                client.on_batch_done(run, now)
+                run.idx = _NO_REQUESTS
+            self.running = [r for r in self.running if not r.done]
+            sim.router.touch(self)
+        self._step(now)
+
+    # ---- failures and timeouts ------------------------------------------------------------------------
+    def drop_head(self) -> int:
+        i = super().drop_head()
+        if self.fed:
+            self.sched.remove(i)
+            self.fed -= 1
+        return i
+
+    def cancel(self, batch: Batch, i: int) -> None:
+        """The client of request ``i`` gave up while it was admitted: the engine aborts it."""
+        if self.runs.pop(i, None) is not None:
+            self.sched.remove(i)
+            self.running.remove(cast(Run, batch))
+
+    def kill(self, now: float) -> list[int]:
+        held = list(self.queue)
+        for run in self.running:
+            run.dead = True
+            if not run.cancelled:
+                held.extend(run.idx.tolist())
+            run.idx = _NO_REQUESTS
+        if self.stepping:
+            self.busy_s += now - self._busy_since
+        self.sched.clear()
+        self.queue.clear()
+        self.fed = 0
+        self.runs.clear()
+        self.running.clear()
+        self.outstanding = 0
+        self.stepping = False
+        self.incarnation += 1
+        return held
+
+
+# ---- results ---------------------------------------------------------------------------------------------
+#: Time-series columns of a continuous-mode run: KV-cache use (mean and max over serving pods), and the
+#: engines' running and waiting requests (summed), as vLLM's gauges name them.
+CONTINUOUS_COLUMNS = ("kv_cache_usage", "kv_cache_usage_max", "num_requests_running", "num_requests_waiting")
+
+
+def continuous_row(serving: list[Pod]) -> tuple[float, ...]:
+    """The ``CONTINUOUS_COLUMNS`` of one time-series row, from the serving pods."""
+    pods = [p for p in serving if isinstance(p, ContinuousPod)]
+    if not pods:
+        return (math.nan, math.nan, 0, 0)
+    use = [p.kv_cache_usage for p in pods]
+    return (sum(use) / len(use), max(use), sum(p.num_running for p in pods), sum(p.num_waiting for p in pods))
+
+
+def continuous_results(stats: ContinuousStats, requests: Any, summary: Summary, warmup_s: float) -> Summary:
+    """Add the per-request columns ``itl_s``, ``preemptions`` and ``unservable`` to the requests frame (in
+    place) and return the summary with the continuous-mode numbers filled in."""
+    ids = requests["request_id"].to_numpy()
+    out = requests["output_tokens"].to_numpy()
+    span = requests["end_s"].to_numpy() - requests["first_token_s"].to_numpy()
+    ok = (requests["outcome"] == "ok").to_numpy()
+    itl = np.where(ok & (out > 1), span / np.maximum(out - 1, 1), np.nan)
+    requests["itl_s"] = itl
+    requests["preemptions"] = stats.preemptions[ids]
+    requests["unservable"] = stats.unservable[ids]
+    measured = itl[requests["arrival_s"].to_numpy() >= warmup_s]
+    p50, p99 = percentiles(measured, (50, 99))
+    return dataclasses.replace(
+        summary, itl_p50_s=p50, itl_p99_s=p99, preemptions=stats.n_preemptions, steps=stats.steps,
+        kv_cache_usage_mean=stats.kv_area / stats.busy_s if stats.busy_s > 0 else math.nan,
+        kv_cache_usage_peak=stats.kv_peak,
+    )

@@ -1,0 +1,118 @@
+"""How long one continuous-batching engine step takes in the simulator, from the step's composition.
+
+A step computes prefill chunks (``prefills`` requests, ``prefill_tokens`` tokens, the longest chunk
+``prefill_max_tokens``) and ``decodes`` single-token decodes whose contexts sum to ``decode_context``.
+Until the profiler fits a step-time model (issue 13, section 4), :class:`ProfileStepTime` derives the
+step time from the static profile's two kernels, and says so in its name: the prefill kernel for a padded
+batch of ``prefills`` prompts of the longest chunk's length, plus one decode kernel for ``decodes``
+requests at their mean context. It ignores a chunk's earlier context (the static profile never measured
+it), and it charges the measured per-call overhead once per kernel. Batch sizes and lengths outside the
+measured grid are extrapolated linearly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Protocol
+
+import numpy as np
+
+from capsim.model.profile import Phase, ServiceTimeProfile
+from capsim.model.scenario import Scenario
+from capsim.policy.scheduling import Step
+from capsim.sim.streams import BufferedDraws, Streams
+
+
+class StepTimeModel(Protocol):
+    """Seconds one engine step takes."""
+
+    def step_s(self, step: Step) -> float: ...
+
+
+class ConstantStepTime:
+    """Every step takes ``mean_s`` (``service.kind: deterministic``)."""
+
+    def __init__(self, mean_s: float) -> None:
+        self.mean_s = mean_s
+
+    def step_s(self, step: Step) -> float:
+        return self.mean_s
+
+
+class ExponentialStepTime:
+    """Exponentially distributed step times of mean ``mean_s`` (``service.kind: exponential``)."""
+
+    def __init__(self, mean_s: float, gen: np.random.Generator) -> None:
+        self.mean_s = mean_s
+        self._draws = BufferedDraws(gen, "exponential")
+
+    def step_s(self, step: Step) -> float:
+        return self._draws.next() * self.mean_s
+
+
+class LinearStepTime:
+    """``t = c0 + c1 x prefill_tokens + c2 x prefill_tokens x context + c3 x decodes + c4 x decode_context``
+    (seconds; DistServe's simulator uses this family). ``c0`` is the per-step overhead."""
+
+    def __init__(self, c0: float, c1: float, c2: float, c3: float, c4: float) -> None:
+        self.c = (c0, c1, c2, c3, c4)
+
+    def step_s(self, step: Step) -> float:
+        c0, c1, c2, c3, c4 = self.c
+        return (c0 + c1 * step.prefill_tokens + c2 * step.prefill_context + c3 * step.decodes
+                + c4 * step.decode_context)
+
+
+class ProfileStepTime:
+    """The adapter from a static ``ServiceTimeProfile`` to step times (see the module docstring).
+
+    For speed, each batch size's kernel means over the measured token grid are computed once
+    (``ServiceTimeProfile.phase_ms``, extrapolating in batch size) and then interpolated linearly in
+    tokens, extrapolating past both ends as ``phase_ms`` does; ``scale`` multiplies the result
+    (``service.time_scale``).
+    """
+
+    def __init__(self, profile: ServiceTimeProfile, scale: float = 1.0) -> None:
+        self.profile = profile
+        self.scale = scale / 1000.0  # ms -> s
+        grid = profile.to_frame()
+        self._tokens = {ph: [float(t) for t in sorted(set(grid.loc[grid["phase"] == ph, "tokens"]))]
+                        for ph in ("prefill", "decode")}
+        self._rows: dict[tuple[str, int], list[float]] = {}
+
+    def kernel_ms(self, phase: Phase, batch_size: int, tokens: float) -> float:
+        """Mean kernel time (ms) of ``phase`` for ``batch_size`` requests at ``tokens``; never negative."""
+        ts = self._tokens[phase]
+        row = self._rows.get((phase, batch_size))
+        if row is None:
+            row = self._rows[(phase, batch_size)] = [
+                self.profile.phase_ms(phase, batch_size, t, extrapolate=True)[0] for t in ts]
+        if len(ts) == 1:
+            return row[0]
+        j = min(max(bisect.bisect_right(ts, tokens) - 1, 0), len(ts) - 2)
+        w = (tokens - ts[j]) / (ts[j + 1] - ts[j])
+        return max(row[j] + (row[j + 1] - row[j]) * w, 0.0)
+
+    def step_s(self, step: Step) -> float:
+        ms = 0.0
+        if step.prefills:
+            ms += self.kernel_ms("prefill", step.prefills, step.prefill_max_tokens)
+        d = step.decodes
+        if d:
+            ms += self.kernel_ms("decode", d, step.decode_context / d)
+        return ms * self.scale
+
+
+def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> StepTimeModel:
+    """The step-time model a continuous-mode scenario's ``service`` section asks for."""
+    svc = scenario.service
+    if svc.kind == "exponential":
+        assert svc.mean_s is not None
+        return ExponentialStepTime(svc.mean_s * svc.time_scale, streams["service"])
+    if svc.kind == "deterministic":
+        assert svc.mean_s is not None
+        return ConstantStepTime(svc.mean_s * svc.time_scale)
+    if profile is None:
+        assert svc.profile is not None
+        profile = ServiceTimeProfile.from_csv(scenario.resolve(svc.profile))
+    return ProfileStepTime(profile, svc.time_scale)

@@ -1,0 +1,131 @@
+"""The simulated pod in continuous-batching mode: exact timings, preemption, rejection, faults, invariants."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.sim.simulate import simulate
+
+
+def scenario(**over: Any) -> Scenario:
+    base: dict[str, Any] = {
+        "horizon_s": 60,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 5},
+                     "prompt_tokens": {"kind": "constant", "value": 100},
+                     "output_tokens": {"kind": "constant", "value": 10}},
+        "service": {"kind": "deterministic", "mean_s": 0.01},
+        "batching": {"mode": "continuous", "num_blocks": 1000, "max_num_seqs": 16,
+                     "max_num_batched_tokens": 512},
+        "pods": {"replicas": 1},
+        "client": {"timeout_s": 30, "max_retries": 0},
+    }
+    sc = Scenario.model_validate(base)
+    return sc.override(over) if over else sc
+
+
+def test_a_lone_request_takes_one_prefill_step_then_one_step_per_token() -> None:
+    sc = scenario(**{"workload.arrivals.rate_per_s": 0.01, "horizon_s": 2000})
+    r = simulate(sc, 3)
+    req = r.requests
+    assert len(req) > 5
+    lone = req[req["outcome"] == "ok"]
+    # each request is alone on the pod (arrivals are ~100 s apart): TTFT one step, end after 10 steps
+    assert np.allclose(lone["first_token_s"] - lone["arrival_s"], 0.01)
+    assert np.allclose(lone["end_s"] - lone["arrival_s"], 0.10)
+    assert np.allclose(lone["itl_s"], 0.01)
+    assert (lone["batch_size"] == 1).all() and (lone["preemptions"] == 0).all()
+    assert r.summary.itl_p50_s == pytest.approx(0.01)
+    assert r.summary.steps == 10 * len(lone)
+
+
+def test_requests_join_a_running_batch_at_the_next_step() -> None:
+    # 100/s at 10 ms per step: requests arrive while others decode and are admitted at once
+    r = simulate(scenario(**{"workload.arrivals.rate_per_s": 100, "batching.max_num_seqs": 64,
+                             "batching.max_num_batched_tokens": 8192}), 1)
+    ok = r.requests[r.requests["outcome"] == "ok"]
+    ttft = ok["first_token_s"] - ok["arrival_s"]
+    assert (ttft >= 0.01 - 1e-9).all() and (ttft <= 0.02 + 1e-9).all()  # never waits for a batch to end
+    assert ok["batch_size"].max() > 1
+    assert r.summary.mean_batch_size > 1
+    # a running request emits one token per step of 10 ms
+    assert np.allclose(ok["itl_s"], 0.01)
+
+
+def test_same_seed_same_frames_and_static_mode_is_untouched() -> None:
+    sc = scenario(**{"workload.arrivals.rate_per_s": 50})
+    a, b = simulate(sc, 7), simulate(sc, 7)
+    assert a.requests.equals(b.requests) and a.timeseries.equals(b.timeseries)
+    assert a.summary == b.summary
+    static = simulate(sc.override({"batching.mode": "static"}), 7)
+    assert "itl_s" not in static.requests and "kv_cache_usage" not in static.timeseries
+    assert math.isnan(static.summary.itl_p50_s) and static.summary.steps == 0
+
+
+def test_a_small_cache_preempts_and_every_request_still_ends_with_its_tokens() -> None:
+    sc = scenario(**{"workload.arrivals.rate_per_s": 40, "batching.num_blocks": 40, "batching.block_size": 16,
+                     "workload.output_tokens": {"kind": "constant", "value": 200}, "horizon_s": 30})
+    r = simulate(sc, 2)
+    s = r.summary
+    assert s.preemptions > 0 and r.requests["preemptions"].sum() == s.preemptions
+    assert s.kv_cache_usage_peak == pytest.approx(1.0, abs=0.03)
+    ok = r.requests[r.requests["outcome"] == "ok"]
+    assert len(ok) > 0 and (ok["end_s"] >= ok["first_token_s"]).all()
+    # a preempted request recomputes: it takes longer than one that never was
+    pre = ok[ok["preemptions"] > 0]
+    assert len(pre) > 0
+    assert (pre["end_s"] - pre["first_token_s"]).mean() > 199 * 0.01
+    ts = r.timeseries
+    assert ((ts["kv_cache_usage"] >= 0) & (ts["kv_cache_usage_max"] <= 1)).all()
+
+
+def test_unservable_requests_are_rejected_at_once_without_retry() -> None:
+    sc = scenario(**{"batching.max_model_len": 105, "client.max_retries": 3,
+                     "workload.prompt_tokens": {"kind": "lognormal", "mean": 100, "sigma": 0.3}})
+    r = simulate(sc, 4)
+    req = r.requests
+    bad = req[req["unservable"]]
+    assert len(bad) > 0
+    assert (bad["prompt_tokens"] + bad["output_tokens"] > 105).all()
+    assert (bad["outcome"] == "rejected").all() and (bad["attempts"] == 1).all()
+    assert (bad["end_s"] == bad["arrival_s"]).all()
+    fine = req[~req["unservable"]]
+    assert (fine["prompt_tokens"] + fine["output_tokens"] <= 105).all()
+    assert (fine["outcome"] == "ok").sum() > 0
+
+
+def test_timeouts_abort_requests_in_the_engine_and_the_books_balance() -> None:
+    # 10 ms steps, one sequence at a time, 100 tokens each: 1 s per request at 5/s: a queue builds
+    sc = scenario(**{"batching.max_num_seqs": 1, "workload.output_tokens": {"kind": "constant", "value": 100},
+                     "client.timeout_s": 3, "horizon_s": 60})
+    r = simulate(sc, 5)
+    s = r.summary
+    assert s.timed_out > 0 and s.completed > 0
+    done = r.requests[r.requests["outcome"] == "timed_out"]
+    assert np.allclose(done["end_s"] - done["arrival_s"], 3.0)
+    assert s.arrived == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
+
+
+def test_a_crash_fails_the_running_requests_and_the_pod_serves_again_after_its_restart() -> None:
+    sc = scenario(**{"pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}], "restart_s": 5},
+                     "pods.startup_s": 5, "client.max_retries": 2, "workload.arrivals.rate_per_s": 50})
+    r = simulate(sc, 6)
+    assert len(r.crashes) == 1
+    req = r.requests
+    assert r.summary.retries > 0
+    assert ((req["pod"] == 0) & (req["arrival_s"] > 40) & (req["outcome"] == "ok")).any()
+    assert r.summary.in_flight + r.summary.completed + r.summary.failed + r.summary.timed_out \
+        + r.summary.rejected == r.summary.arrived
+
+
+def test_the_profile_adapter_runs_the_friday_rush_in_continuous_mode() -> None:
+    sc = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml").override(
+        {"horizon_s": 120, "warmup_s": 10})
+    r = simulate(sc, 0)
+    s = r.summary
+    assert s.completed > 0 and s.steps > 0 and not math.isnan(s.itl_p50_s)
+    assert 0 < s.kv_cache_usage_mean <= s.kv_cache_usage_peak <= 1
