@@ -2,19 +2,73 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 import capsim
+from capsim.errors import CapsimError
+
+
+class CommandLineError(CapsimError, ValueError):
+    """A command's options do not fit together or name an unusable path; the message names the option."""
+
+
+class _Commands(TyperGroup):
+    """capsim's commands, with one error policy for all of them.
+
+    Every ``CapsimError`` (settings, scenarios, profiles, traces, stores, the load generator, budgets), every
+    ``OSError`` on a path the user gave, and every bad option becomes ONE line on stderr,
+    ``capsim <command>: error: <message naming the file, field or line>``, and exit code 2. A command adds
+    nothing for this: it lets the error propagate. ``CAPSIM_DEBUG=1`` shows the traceback instead.
+    """
+
+    def invoke(self, ctx: Any) -> Any:  # the Context of the click that typer vendors
+        try:
+            return super().invoke(ctx)
+        except TyperException as exc:  # typer's (vendored click's) usage errors: a bad or missing option
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            _fail(ctx, f"{message} (see capsim {ctx.invoked_subcommand or ''} --help)".replace("  ", " "))
+        except CapsimError as exc:
+            _fail(ctx, str(exc), exc)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _fail(ctx, f"{where}{exc.strerror or exc}", exc)
+
+
+def _fail(ctx: Any, message: str, exc: BaseException | None = None) -> NoReturn:
+    if exc is not None and os.environ.get("CAPSIM_DEBUG"):
+        raise exc
+    command = f"capsim {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "capsim"
+    typer.echo(f"{command}: error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(2)
+
 
 app = typer.Typer(
     name="capsim",
+    cls=_Commands,
     help="Capacity planning for containerized AI agents: measure, simulate, study, export.",
     no_args_is_help=True,
     add_completion=False,
 )
+
+
+def _output_dir(path: Path, option: str) -> Path:
+    """Check, before any work, that ``path`` can be the output folder: it is a folder or does not exist."""
+    if path.exists() and not path.is_dir():
+        raise CommandLineError(f"{option} {path} is a file; give a folder (it is created if missing)")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandLineError(f"{option} {path}: {parent} is a file, not a folder")
+            if not os.access(parent if not path.exists() else path, os.W_OK):
+                raise CommandLineError(f"{option} {path} is not writable")
+            break
+    return path
 
 
 @app.command()
@@ -23,32 +77,28 @@ def version() -> None:
     typer.echo(capsim.__version__)
 
 
-def _ints(text: str | None, option: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{option} takes comma-separated integers, got {text!r}") from None
-    return values
-
-
 @app.command()
 def profile(
     model: Annotated[str, typer.Option(help="reference model preset: tiny or gpt2-small")] = "tiny",
     device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (half precision on GPUs)")] = "float32",
     quick: Annotated[bool, typer.Option(help="a short sweep (under 30 s on 2 CPU cores)")] = False,
-    max_batch_size: Annotated[int, typer.Option(help="largest batch size (powers of two up to it)")] = 32,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="largest batch size (powers of two up to it)")] = 32,
     prompt_tokens: Annotated[str | None, typer.Option(help="prompt lengths, e.g. 16,64,256")] = None,
     context_tokens: Annotated[str | None, typer.Option(help="decode context lengths, e.g. 16,256,1024")] = None,
-    out_dir: Annotated[Path, typer.Option(help="folder for the profile CSV")] = Path("data/profiles"),
-    threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: one per core)")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="folder for the profile CSV [default: data/profiles, where an existing profile is kept unless --force]")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing profile in the default folder")] = False,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch intra-op threads (default: one per core)")] = None,
 ) -> None:
     """Measure the reference model's prefill and decode kernels into a service-time profile."""
-    from capsim.core.profiler import run_profile
+    from capsim.core.profiler import parse_lengths, run_profile
     from capsim.model.profile import ServiceTimeProfile
 
+    prompts = parse_lengths(prompt_tokens, "--prompt-tokens")
+    contexts = parse_lengths(context_tokens, "--context-tokens")
+    folder = _output_dir(out_dir if out_dir is not None else Path("data/profiles"), "--out-dir")
     try:
         path = run_profile(
             model,
@@ -56,13 +106,16 @@ def profile(
             dtype=dtype,
             quick=quick,
             max_batch_size=max_batch_size,
-            prompt_tokens=_ints(prompt_tokens, "--prompt-tokens"),
-            context_tokens=_ints(context_tokens, "--context-tokens"),
-            out_dir=out_dir,
+            prompt_tokens=prompts,
+            context_tokens=contexts,
+            out_dir=folder,
             threads=threads,
+            overwrite=force or out_dir is not None,
         )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except CapsimError:
+        raise
+    except ValueError as exc:  # the engine's checks of --model, --device, --dtype
+        raise CommandLineError(str(exc)) from None
     prof = ServiceTimeProfile.from_csv(path)
     typer.echo(f"wrote {path}")
     typer.echo(_profile_summary(prof))
@@ -75,7 +128,7 @@ def demo(
     """The main job on embedded defaults: profile this machine, show batching, plan with the simulator."""
     from capsim.demo import run_demo
 
-    run_demo(typer.echo, profile_dir)
+    run_demo(typer.echo, _output_dir(profile_dir, "--profile-dir"))
 
 
 @app.command()
@@ -129,20 +182,17 @@ def _profile_summary(prof: object) -> str:
 @app.command()
 def simulate(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML (see data/scenarios/)")],
-    seed: Annotated[int, typer.Option(help="root seed of the run's random streams")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="root seed of the run's random streams")] = 0,
     out: Annotated[Path | None, typer.Option(help="write requests.csv, timeseries.csv, summary.json here")] = None,
 ) -> None:
     """Simulate a scenario: print the summary; with --out, write the request and time-series frames."""
     import json
 
-    from capsim.model.settings import SettingsError
     from capsim.sim import simulate as run_simulation
 
-    try:
-        result = run_simulation(scenario, seed=seed)
-    except SettingsError as exc:  # checked before the model loads: name the option that was wrong
-        field = str(exc).removeprefix("pod.").split(" ", 1)[0].split(".", 1)[0]
-        raise typer.BadParameter(str(exc), param_hint=f"--{field.replace('_', '-')}") from None
+    if out is not None:
+        _output_dir(out, "--out")
+    result = run_simulation(scenario, seed=seed)
     summary = result.summary.to_dict()
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -207,24 +257,32 @@ def loadgen(
 @app.command()
 def validate(
     quick: Annotated[bool, typer.Option(help="two load levels, 300 requests each")] = False,
-    out_dir: Annotated[Path, typer.Option(help="where results.csv, validation.png, provenance.json go")] = Path(
-        "data/validation"),
-    requests_per_level: Annotated[int | None, typer.Option(help="requests per load level")] = None,
-    prompt_tokens: Annotated[int | None, typer.Option(help="prompt tokens of every request")] = None,
-    output_tokens: Annotated[int | None, typer.Option(help="output tokens of every request")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="where results.csv, validation.png, provenance.json go [default: data/validation, kept unless --force]")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="overwrite the results in the default folder")] = False,
+    requests_per_level: Annotated[int | None, typer.Option(min=1, help="requests per load level")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(min=1, help="prompt tokens of every request")] = None,
+    output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens of every request")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
 
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
+    # every argument is checked here, before the 20 s of profiling
+    folder = _output_dir(out_dir if out_dir is not None else Path("data/validation"), "--out-dir")
+    existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]
+    if existing and out_dir is None and not force:
+        raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
+                               "or --out-dir to write elsewhere")
     spec = ValidationSpec.quick() if quick else ValidationSpec()
     changes: dict[str, Any] = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
                                  "output_tokens": output_tokens}.items() if v is not None}
-    results = run_validation(replace(spec, **changes), out_dir=out_dir, echo=typer.echo)
+    results = run_validation(replace(spec, **changes), out_dir=folder, echo=typer.echo)
     worst = worst_errors(results)
     typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
-    typer.echo(f"wrote {out_dir}/results.csv, validation.png, provenance.json")
+    typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
 
 
 @app.command()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from capsim.paths import shipped
+
 
 def _say(echo: Callable[[str], None], title: str) -> None:
     echo("")
@@ -75,7 +77,7 @@ def run_demo(echo: Callable[[str], None] = print, profile_dir: str | Path = "dat
     return results
 
 
-RUSH_SCENARIO = "data/scenarios/friday_rush.yaml"
+RUSH_SCENARIO = str(shipped("data/scenarios/friday_rush.yaml"))  # from any working directory
 RUSH_PROFILE = "data/profiles/cpu-tiny-float32.csv"
 RUSH_VARIANTS: dict[str, dict[str, object]] = {
     "as configured (HPA 3..24 pods)": {},

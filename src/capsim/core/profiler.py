@@ -20,7 +20,7 @@ import torch
 
 import capsim
 from capsim.core.engine import KVCache, ReferenceEngine
-from capsim.model.profile import ProfilePoint, ServiceTimeProfile, make_profile
+from capsim.model.profile import ProfileError, ProfilePoint, ServiceTimeProfile, make_profile
 
 
 def powers_of_two(maximum: int) -> tuple[int, ...]:
@@ -194,9 +194,39 @@ def profile_engine(
 def profile_filename(profile: ServiceTimeProfile) -> str:
     """``<device>-<model>-<dtype>[-quick].csv``, the device a slug of the GPU's name on CUDA."""
     meta = profile.metadata
-    device = "cpu" if meta["device"] == "cpu" else re.sub(r"[^a-z0-9]+", "-", str(meta["device_name"]).lower())
-    suffix = "-quick" if meta.get("quick") else ""
-    return f"{device.strip('-')}-{meta['model']['name']}-{meta['dtype']}{suffix}.csv"
+    return _filename(str(meta["device"]), str(meta["device_name"]), str(meta["model"]["name"]),
+                     str(meta["dtype"]), bool(meta.get("quick")))
+
+
+def _filename(device_type: str, device_name: str, model: str, dtype: str, quick: bool) -> str:
+    device = "cpu" if device_type == "cpu" else re.sub(r"[^a-z0-9]+", "-", device_name.lower())
+    suffix = "-quick" if quick else ""
+    return f"{device.strip('-')}-{model}-{dtype}{suffix}.csv"
+
+
+def parse_lengths(text: str | None, option: str) -> tuple[int, ...] | None:
+    """Token lengths from a comma-separated option (``"16,64,256"``); None when not given.
+
+    An option given but holding no value (``","``), a value that is not an integer, or one below 1 raises
+    ``ProfileError`` naming the option: it would otherwise be dropped and the default sweep run instead.
+    """
+    if text is None:
+        return None
+    parts = [v.strip() for v in text.split(",")]
+    values = []
+    for part in parts:
+        if not part:
+            continue
+        try:
+            value = int(part)
+        except ValueError:
+            raise ProfileError(f"{option} takes comma-separated integers, got {part!r} in {text!r}") from None
+        if value < 1:
+            raise ProfileError(f"{option} values must be >= 1, got {value} in {text!r}")
+        values.append(value)
+    if not values:
+        raise ProfileError(f"{option} holds no lengths, got {text!r}; give e.g. 16,64,256 or leave it out")
+    return tuple(sorted(set(values)))
 
 
 def run_profile(
@@ -211,11 +241,19 @@ def run_profile(
     out_dir: str | Path = "data/profiles",
     progress: bool = True,
     threads: int | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Build the engine, profile it and write ``out_dir/<device>-<model>-<dtype>[-quick].csv``.
 
-    ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full)."""
+    ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full). Without
+    ``overwrite``, an existing file at that path raises ``ProfileError`` before anything is measured."""
     engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
+    target = Path(out_dir) / _filename(engine.device.type, engine.device_name, engine.config.name,
+                                       engine.dtype_name, quick)
+    if target.exists() and not overwrite:
+        raise ProfileError(f"{target} exists; pass --force to measure it again, or --out-dir to write elsewhere")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ProfileError(f"out_dir {out_dir} is a file, not a folder")
     spec = ProfileSpec.quick(max_batch_size) if quick else ProfileSpec(batch_sizes=powers_of_two(max_batch_size))
     overrides: dict[str, Any] = {}
     if prompt_tokens:
@@ -225,4 +263,4 @@ def run_profile(
     if overrides:
         spec = replace(spec, **overrides)
     profile = profile_engine(engine, spec, progress=progress, quick=quick)
-    return profile.to_csv(Path(out_dir) / profile_filename(profile))
+    return profile.to_csv(target)
