@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Generic, Protocol, TypeVar
 
+from capsim.errors import CapsimError
 from capsim.model.settings import BatchSettings
 from capsim.policy.batching import decide
 
@@ -28,7 +29,7 @@ Runner = Callable[[list[P]], Awaitable[Sequence[R | BaseException]]]
 A result that is an exception instance fails only that request."""
 
 
-class BatcherError(RuntimeError):
+class BatcherError(CapsimError, RuntimeError):
     """Base class of the batcher's own errors."""
 
 

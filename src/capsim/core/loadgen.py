@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
+from capsim.errors import CapsimError
 from capsim.model.request import OUTCOMES, requests_frame
 
 Routing = Literal["round_robin", "random", "session_affinity"]
@@ -41,7 +42,7 @@ class WorkloadLike(Protocol):
     def output_tokens(self) -> np.ndarray: ...
 
 
-class LoadgenError(ValueError):
+class LoadgenError(CapsimError, ValueError):
     """Bad load-generator input: a target off loopback without ``allow_remote``, a bad bound."""
 
 

@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from capsim.errors import CapsimError
+
 SESSION_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 _SESSION_ID_RE = re.compile(SESSION_ID_PATTERN)
 
@@ -24,7 +26,7 @@ HEAD_RE = re.compile(rb'^\{"session_id":"[^"]*","version":(\d+),"created_at_s":(
 Role = Literal["system", "user", "assistant", "tool"]
 
 
-class StateStoreError(Exception):
+class StateStoreError(CapsimError):
     """Base of every error the session-state store raises."""
 
 
