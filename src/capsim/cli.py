@@ -356,6 +356,10 @@ def export(
         raise typer.BadParameter(str(exc)) from None
     if result.findings:
         typer.echo(format_findings(result.findings))
+    if numbers is not None and numbers.get("summary", {}).get("slo_met") is False:
+        from capsim.export.readme import SLO_MISSED
+
+        typer.echo(f"warning: {SLO_MISSED}", err=True)
     typer.echo("wrote " + ", ".join(str(p) for p in result.files))
 
 

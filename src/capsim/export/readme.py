@@ -25,6 +25,9 @@ FILES: dict[str, str] = {
                               "Prometheus trigger per metric on the same query",
 }
 
+SLO_MISSED = ("The simulated run does not meet the SLO: these settings are not a safe choice "
+              "(`capsim tune` searches for ones that are).")
+
 #: Summary fields shown, with their labels and units.
 _NUMBERS: tuple[tuple[str, str], ...] = (
     ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"),
@@ -104,6 +107,8 @@ def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]
         if key in summary:
             v = summary[key]
             lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
+    if summary.get("slo_met") is False:
+        lines += ["", f"**{SLO_MISSED}**"]
     return [*lines, ""]
 
 
