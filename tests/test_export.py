@@ -411,3 +411,17 @@ def test_export_command_takes_numbers_from_a_summary(tmp_path: Path) -> None:
 def test_pod_env_is_strings_for_every_store(variants: dict[str, Scenario]) -> None:
     env = pod_env(variants["legacy"], TARGET)
     assert env["CAPSIM_REDIS_URL"] == "memory://" and env["CAPSIM_HOST"] == "0.0.0.0"
+
+
+def test_export_command_bad_inputs_are_one_line_exit_2(tmp_path: Path) -> None:
+    path = _small_hpa_scenario(tmp_path)
+    runner = CliRunner()
+    bad_name = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "o"), "--name", "Bad_Name"])
+    assert bad_name.exit_code == 2 and "name must be a DNS-1123 label" in bad_name.output
+    summary = tmp_path / "summary.json"
+    summary.write_text("{not json")
+    bad_json = runner.invoke(app, ["export", str(path), "--out", str(tmp_path / "o"), "--summary", str(summary)])
+    assert bad_json.exit_code == 2 and "--summary" in bad_json.output and "not JSON" in bad_json.output
+    missing = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "nope.yaml" in missing.output
+    assert not (tmp_path / "o").exists()

@@ -292,13 +292,9 @@ def check(scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tun
     Exit code 1 when any check fails (warnings do not fail), so CI can gate on it.
     """
     from capsim.model.scenario import Scenario
-    from capsim.model.settings import SettingsError
     from capsim.studies.checks import failed, format_findings, run_checks
 
-    try:
-        findings = run_checks(Scenario.from_yaml(scenario))
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    findings = run_checks(Scenario.from_yaml(scenario))  # a bad scenario: the error policy's one line, exit 2
     typer.echo(format_findings(findings))
     if failed(findings):
         raise typer.Exit(1)
@@ -328,32 +324,28 @@ def export(
 
     from capsim.export import ChecksFailedError, DeployTarget, export_scenario, simulated_numbers
     from capsim.model.scenario import Scenario
-    from capsim.model.settings import SettingsError
     from capsim.studies.checks import failed, format_findings, run_checks
 
-    try:
-        target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
-                              prometheus_url=prometheus_url, adapter_namespace=adapter_namespace)
-        scen = Scenario.from_yaml(scenario)
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    # bad options, a bad scenario or an unreadable --summary: the error policy's one line, exit 2
+    target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
+                          prometheus_url=prometheus_url, adapter_namespace=adapter_namespace)
+    scen = Scenario.from_yaml(scenario)
+    _output_dir(out, "--out")
     numbers = None
     if summary is not None:
         try:
             numbers = json.loads(summary.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise typer.BadParameter(f"--summary {summary}: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise CommandLineError(f"--summary {summary}: not JSON ({exc})") from None
     elif simulate and (force or not failed(run_checks(scen))):
         typer.echo(f"simulating {scenario} with seed {seed} for the README's numbers ...")
         numbers = simulated_numbers(scen, seed)
     try:
         result = export_scenario(scen, out, target, numbers=numbers, force=force)
-    except ChecksFailedError as exc:
+    except ChecksFailedError as exc:  # exit 1, as capsim check: CI tells a failed check from a bad input
         typer.echo(format_findings(exc.findings), err=True)
         typer.echo("capsim check failed: nothing written (--force writes anyway)", err=True)
         raise typer.Exit(1) from None
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
     if result.findings:
         typer.echo(format_findings(result.findings))
     if numbers is not None and numbers.get("summary", {}).get("slo_met") is False:
