@@ -161,8 +161,12 @@ def test_legacy_scale_down_window_is_checked(rush: Scenario) -> None:
 
 # ---- service model -----------------------------------------------------------------------------------------
 def test_missing_profile_is_a_finding(rush: Scenario, tmp_path: Path) -> None:
-    (f,) = _fired(rush.override({"service.profile": str(tmp_path / "nope.csv")}), "service-model")
+    s = rush.override({"service.profile": str(tmp_path / "nope.csv")})
+    (f,) = _fired(s, "service-model")
     assert f.path == "service.profile" and "nope.csv" in f.message
+    # the checks that need no batch time still run
+    assert _fired(s.override({"batching.queue_capacity": 16, "autoscaler.metrics": _metric("queue_depth", "4")}),
+                  "queue-below-batch")
 
 
 # ---- the command -------------------------------------------------------------------------------------------

@@ -85,9 +85,8 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
               f"| session store | {scenario.state.store} |",
               f"| drain timeout / grace period | {drain_timeout_s(scenario):g} s / {termination_grace_s(scenario)} s |"]
-    mode = getattr(b, "mode", "static")
-    if mode != "static":
-        lines += ["", f"Note: the scenario simulates `batching.mode: {mode}`; the pod runs the static "
+    if b.mode != "static":
+        lines += ["", f"Note: the scenario simulates `batching.mode: {b.mode}`; the pod runs the static "
                   "batcher, configured with the settings above."]
     return [*lines, ""]
 

@@ -61,18 +61,18 @@ def failed(findings: Iterable[Finding]) -> bool:
 
 
 def run_checks(scenario: Scenario) -> list[Finding]:
-    """Every check on ``scenario``; an empty list means none fired. Order: the module docstring's."""
+    """Every check on ``scenario``; an empty list means none fired."""
     findings: list[Finding] = []
     findings += _hpa_targets(scenario)
     # max wait, batch size and a batch's time are static batching's; continuous batching schedules per step
-    static = getattr(scenario.batching, "mode", "static") == "static"
-    times = _BatchTimes.of(scenario) if static else None
-    if isinstance(times, Finding):
-        findings.append(times)
-    elif times is not None:
-        findings += _max_wait(scenario, times)
+    if scenario.batching.mode == "static":
         findings += _queue_capacity(scenario)
-        findings += _client_timeout(scenario, times)
+        times = _BatchTimes.of(scenario)
+        if isinstance(times, Finding):
+            findings.append(times)
+        else:
+            findings += _max_wait(scenario, times)
+            findings += _client_timeout(scenario, times)
     findings += _gpus(scenario)
     findings += _scale_down_window(scenario)
     return findings
