@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from capsim.model.scenario import Duration, Scenario
 
-#: Requests one run may expect. The run keeps ~40 bytes of columns per request while it runs and builds a
-#: ~100-byte-per-request frame at the end (measured: tests/test_inputs_sim.py), so 2e7 is a few GB.
+#: Requests one run may expect. A run's peak memory grows by ~350 bytes per request (measured: 400,000
+#: requests on 20 pods raised the peak RSS by 140 MB), so 2e7 requests take ~7 GB; benchmarks/bench_sim.py
+#: runs 1e7.
 MAX_REQUESTS = 20_000_000
 #: Rows of the time series (one per ``timeseries_interval_s``), HPA syncs, and metric scrapes.
 MAX_TIMESERIES_ROWS = 1_000_000
@@ -107,7 +108,7 @@ def check_limits(scenario: Scenario) -> list[str]:
     if w.requests > MAX_REQUESTS:
         problems.append(
             f"workload: about {w.requests:.3g} requests in horizon_s {h:g}, over the limit of {MAX_REQUESTS:.0e} "
-            "per run (memory: ~150 bytes each); shorten horizon_s or lower the arrival rate, or split the study"
+            "per run (~350 bytes of memory each); shorten horizon_s or lower the arrival rate, or split the study"
         )
     if w.timeseries_rows > MAX_TIMESERIES_ROWS:
         problems.append(

@@ -73,7 +73,7 @@ class Simulation:
         self.batching = scenario.batching
         self.timeout_s = scenario.client.timeout_s
         workload = make_workload(scenario, self.streams)
-        if workload.n_requests > MAX_REQUESTS:
+        if scenario.workload.arrivals.kind == "trace" and workload.n_requests > MAX_REQUESTS:
             raise SettingsError(
                 f"workload: {workload.n_requests} requests in horizon_s {scenario.horizon_s:g}, over the limit "
                 f"of {MAX_REQUESTS:.0e} per run; shorten horizon_s or split the trace"
