@@ -1,0 +1,78 @@
+"""Capacity search: bisection on the rate agrees with the M/M/1 formula and proves its answer with runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.studies.capacity import capacity, steady
+
+MU = 100.0  # batches per second
+SLO_S = 0.2
+
+
+def mm1(**extra: Any) -> Scenario:
+    """One pod, batch size 1, exponential service: TTFT (first token at the end) is the M/M/1 sojourn time."""
+    data: dict[str, Any] = {
+        "horizon_s": 300.0, "warmup_s": 20.0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 10}},
+        "service": {"kind": "exponential", "mean_s": 1 / MU},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0, "queue_capacity": 100_000},
+        "pods": {"replicas": 1},
+        "client": {"timeout_s": 600},
+        "slo": {"ttft_p99_s": SLO_S, "max_error_rate": 0.001},
+    }
+    data.update(extra)
+    return Scenario.model_validate(data)
+
+
+def test_capacity_matches_the_mm1_formula() -> None:
+    # M/M/1 sojourn time is exponential with rate mu - lambda: p99 = ln(100) / (mu - lambda), so the
+    # highest rate with p99 <= SLO is mu - ln(100) / SLO (Kleinrock, Queueing Systems vol. 1, sec. 3.2)
+    expected = MU - math.log(100) / SLO_S  # 76.97 per second
+    result = capacity(mm1(), seeds=2, rel_tol=0.01, cache=False)
+    assert result.rate_per_s == pytest.approx(expected, rel=0.05)
+    assert result.requests_per_s == result.rate_per_s  # one turn per session
+    # the proof: every seed's run at the answer met the SLO, and a probe just above failed
+    assert len(result.proof) == 2 and all(s["slo_met"] for s in result.proof)
+    failing = [p.rate_per_s for p in result.probes if not p.passed]
+    assert failing and min(failing) <= result.rate_per_s * 1.03
+    assert all(p.passed for p in result.probes if p.rate_per_s <= result.rate_per_s)
+
+
+def test_more_replicas_carry_more_and_the_fleet_is_fixed() -> None:
+    one = capacity(mm1(horizon_s=120.0), rel_tol=0.05, cache=False)
+    two = capacity(mm1(horizon_s=120.0), replicas=2, rel_tol=0.05, cache=False)
+    assert two.replicas == 2 and two.scenario.pods.replicas == 2 and two.scenario.autoscaler is None
+    assert two.rate_per_s > 1.6 * one.rate_per_s
+
+
+def test_steady_drops_the_autoscaler_and_keeps_min_replicas() -> None:
+    rush = Scenario.from_yaml(Path(__file__).resolve().parent.parent / "data" / "scenarios" / "friday_rush.yaml")
+    s = steady(rush, 5.0)
+    assert s.autoscaler is None and s.cluster is None and s.pods.replicas == 3
+    assert s.workload.arrivals.kind == "poisson" and s.workload.arrivals.rate_per_s == 5.0
+    assert s.batching == rush.batching and s.slo == rush.slo
+
+
+def test_a_trace_has_no_rate_to_vary() -> None:
+    trace = Scenario.from_yaml(Path(__file__).resolve().parent.parent / "data" / "scenarios" / "trace_replay.yaml")
+    with pytest.raises(SettingsError, match="replays a trace"):
+        capacity(trace, cache=False)
+
+
+def test_capsim_capacity_prints_the_rate_and_its_proof(tmp_path: Path) -> None:
+    path = tmp_path / "mm1.yaml"
+    path.write_text(yaml.safe_dump(mm1().model_dump(mode="json", by_alias=True)))
+    out = CliRunner().invoke(app, ["capacity", str(path), "--horizon-s", "60", "--no-cache"])
+    assert out.exit_code == 0, out.output
+    assert "capacity of 1 pod(s):" in out.output and "proof, seed 0:" in out.output
+    assert "meets the SLO" in out.output and "fails" in out.output
