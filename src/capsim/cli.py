@@ -285,6 +285,66 @@ def validate(
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
 
 
+def _executor_spec(dask: str | None, workers: int | None) -> str | None:
+    if dask:
+        return dask
+    return f"processes:{workers}" if workers else None
+
+
+@app.command()
+def sweep(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (see data/scenarios/)")],
+    grid: Annotated[Path, typer.Option(help="grid YAML: dotted paths to lists of values (data/studies/)")],
+    seeds: Annotated[int, typer.Option(help="replications per setting (seeds 0..N-1)")] = 3,
+    out: Annotated[Path, typer.Option(help="folder for runs.csv, settings.csv, provenance.json")] = Path("sweep-out"),
+    dask: Annotated[str | None, typer.Option(help="local:N starts a Dask LocalCluster; tcp://host:8786 uses one")] = None,
+    workers: Annotated[int | None, typer.Option(help="local worker processes (default: every core)")] = None,
+    cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+) -> None:
+    """Simulate every setting of a grid under every seed; write one row per run and one per setting."""
+    from capsim.studies.study_cli import run_sweep
+
+    run_sweep(scenario, grid, seeds, _output_dir(out, "--out"), _executor_spec(dask, workers), cache, typer.echo)
+
+
+@app.command()
+def capacity(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML; its arrivals become a steady Poisson rate")],
+    replicas: Annotated[int | None, typer.Option(help="fixed fleet size (default: the scenario's)")] = None,
+    seeds: Annotated[int, typer.Option(help="every seed must meet the SLO at a rate")] = 1,
+    horizon_s: Annotated[float | None, typer.Option(help="simulated seconds per probe (default: the scenario's)")] = None,
+    rel_tol: Annotated[float, typer.Option(help="stop when the bracket is narrower than this fraction")] = 0.02,
+    cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+) -> None:
+    """The highest arrival rate a pod (or --replicas N pods) sustains within the SLO, by bisection."""
+    from capsim.studies.study_cli import run_capacity
+
+    run_capacity(scenario, replicas, seeds, horizon_s, rel_tol, cache, typer.echo)
+
+
+@app.command()
+def tune(
+    scenario: Annotated[Path | None, typer.Argument(help="scenario YAML (default: the one the space file names)")] = None,
+    space: Annotated[Path, typer.Option(help="space YAML: params with choices or ranges, and stresses")] = Path(
+        "data/studies/friday_space.yaml"),
+    out: Annotated[Path, typer.Option(help="folder for best.yaml, trials.csv, front.csv, front.png")] = Path("tune-out"),
+    seeds: Annotated[int | None, typer.Option(help="seeds every candidate must pass (default: the space's, or 3)")] = None,
+    budget: Annotated[int | None, typer.Option(help="settings to try (default: the space's)")] = None,
+    objective: Annotated[str | None, typer.Option(help="cost or ttft (default: the space's, or cost)")] = None,
+    stress: Annotated[list[str] | None, typer.Option(help="only these stresses of the space file; repeat")] = None,
+    dask: Annotated[str | None, typer.Option(help="local:N starts a Dask LocalCluster; tcp://host:8786 uses one")] = None,
+    workers: Annotated[int | None, typer.Option(help="local worker processes (default: every core)")] = None,
+    sampler_seed: Annotated[int, typer.Option(help="seed of the search itself")] = 0,
+    cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+) -> None:
+    """Find the cheapest settings that meet the SLO under every stress and seed; write best.yaml and the trials."""
+    from capsim.studies.study_cli import run_tune
+
+    run_tune(scenario, space, _output_dir(out, "--out"), seeds=seeds, budget=budget, objective=objective,
+             stresses=stress or [], executor=_executor_spec(dask, workers), sampler_seed=sampler_seed, cache=cache,
+             echo=typer.echo)
+
+
 @app.command()
 def check(scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tune's best.yaml)")]) -> None:
     """Check a scenario for settings that cannot work; print each finding with its field path.
