@@ -13,6 +13,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from capsim.cli import app
@@ -425,3 +427,47 @@ def test_export_command_bad_inputs_are_one_line_exit_2(tmp_path: Path) -> None:
     missing = runner.invoke(app, ["check", str(tmp_path / "nope.yaml")])
     assert missing.exit_code == 2 and "nope.yaml" in missing.output
     assert not (tmp_path / "o").exists()
+
+
+# ---- property: any valid autoscaler exports to a valid HPA that loads back equal ---------------------------
+_quantity = st.one_of(st.integers(1, 500).map(str), st.integers(1, 999).map(lambda m: f"{m}m"),
+                      st.integers(1, 500))
+_policy = st.fixed_dictionaries({"type": st.sampled_from(["Pods", "Percent"]), "value": st.integers(1, 100),
+                                 "periodSeconds": st.integers(1, 1800)})
+_rules = st.fixed_dictionaries({}, optional={"stabilizationWindowSeconds": st.integers(0, 3600),
+                                             "policies": st.lists(_policy, min_size=1, max_size=3),
+                                             "selectPolicy": st.sampled_from(["Max", "Min", "Disabled"])})
+_behavior = st.one_of(st.none(), st.fixed_dictionaries({}, optional={"scaleUp": _rules, "scaleDown": _rules}))
+_seconds = st.integers(1, 120).map(float) | st.floats(0.5, 120, allow_nan=False).map(lambda x: round(x, 3))
+
+
+@st.composite
+def _autoscalers(draw: st.DrawFn) -> dict[str, Any]:
+    low = draw(st.integers(0, 5))
+    names = draw(st.lists(st.sampled_from(["capsim_queue_depth", "capsim_requests_in_flight", "capsim_gpu_busy_ratio",
+                                           "capsim_time_to_first_token_seconds", "queue_depth", "ttft"]),
+                          min_size=1, max_size=2, unique=True))
+    auto: dict[str, Any] = {
+        "minReplicas": low, "maxReplicas": draw(st.integers(max(low, 1), 64)),
+        "metrics": [{"type": "Pods", "pods": {"metric": {"name": n},
+                                              "target": {"type": "AverageValue", "averageValue": draw(_quantity)}}}
+                    for n in names],
+        "behavior": draw(_behavior), "sync_period_s": draw(_seconds), "scrape_interval_s": draw(_seconds),
+        "query_window_s": draw(_seconds), "adapter_lag_s": draw(_seconds),
+        "tolerance": draw(st.floats(0, 0.5, allow_nan=False)), "downscale_window_s": draw(_seconds),
+    }
+    return auto
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(auto=_autoscalers())
+def test_any_autoscaler_exports_valid_and_round_trips(rush: Scenario, auto: dict[str, Any]) -> None:
+    scenario = rush.override({"autoscaler": auto})
+    objects = {k: yaml.safe_load(dump_yaml(v)) for k, v in build_all(scenario, TARGET).items()}
+    kubernetes_validate.validate(objects["hpa.yaml"], K8S_VERSIONS[-1], strict=True)
+    kubernetes_validate.validate(objects["prometheus-adapter.yaml"], K8S_VERSIONS[-1], strict=True)
+    jsonschema.validate(objects["keda-scaledobject.yaml"], KEDA_SCALED_OBJECT)
+    source = scenario.autoscaler
+    assert source is not None
+    loaded = autoscaler_from_hpa(objects["hpa.yaml"])
+    assert loaded == source.model_copy(update={"scale_target_ref": objects["hpa.yaml"]["spec"]["scaleTargetRef"]})
