@@ -253,3 +253,62 @@ def test_a_small_cache_does_preempt() -> None:
     while s.has_work:
         s.step()
     assert s.num_preemptions > 0
+
+
+# ---- runs of decode steps ----------------------------------------------------------------------------
+def state(s: Scheduler) -> tuple[object, ...]:
+    reqs = tuple((r.request_id, r.computed, r.generated, r.num_tokens, r.blocks) for r in s.running)
+    return reqs, tuple(r.request_id for r in s.waiting), s.free_blocks, s.steps
+
+
+@settings(max_examples=200, deadline=None)
+@given(limits_st, workload_st, st.integers(1, 50))
+def test_a_decode_run_equals_that_many_steps(limits: SchedulerLimits, workload: list[tuple[int, int, int]],
+                                             cap: int) -> None:
+    """Two schedulers fed alike: one takes every decode run in one go, the other step by step."""
+    fast, slow = Scheduler(limits), Scheduler(limits)
+    arrivals = sorted(workload, key=lambda x: x[0])
+    k = t = runs = 0
+    finished_fast: list[int] = []
+    finished_slow: list[int] = []
+    while t < 10_000:
+        while k < len(arrivals) and arrivals[k][0] <= t:
+            _, p, o = arrivals[k]
+            assert fast.add(k, p, o) == slow.add(k, p, o)
+            k += 1
+        n = fast.decode_run_length(cap)
+        if n >= 1:
+            runs += 1
+            assert len(fast.running) <= limits.max_num_batched_tokens
+            ctx = fast.decode_context
+            finished_fast += fast.advance_decodes(n)
+            for j in range(n):
+                step = slow.step()
+                assert (step.decodes, step.prefills, step.decode_context) == (len(step.request_ids), 0,
+                                                                              ctx + j * step.decodes)
+                assert not step.preempted and not step.started
+                finished_slow += step.finished
+        else:
+            finished_fast += fast.step().finished
+            finished_slow += slow.step().finished
+        assert state(fast) == state(slow)
+        assert finished_fast == finished_slow
+        t += n if n else 1
+        if k == len(arrivals) and not fast.has_work:
+            break
+    assert not fast.has_work
+
+
+def test_a_decode_run_stops_where_blocks_run_out_and_at_the_first_finish() -> None:
+    s = Scheduler(lim(num_blocks=6, block_size=4))
+    s.add(1, 4, 20)
+    s.add(2, 4, 5)
+    s.step()  # both prefilled: 1 block each, 4 free; contexts 4 and 4
+    assert s.decode_run_length(100) == 4  # request 2 finishes at its 4th further token
+    s2 = Scheduler(lim(num_blocks=3, block_size=4))
+    s2.add(1, 4, 20)
+    s2.add(2, 4, 20)
+    s2.step()  # 1 free block: the next step needs 2 (both cross into a new block)
+    assert s2.decode_run_length(100) == 0
+    s2.add(3, 1, 1)
+    assert s2.decode_run_length(100) == 0  # something waits

@@ -129,3 +129,38 @@ def test_the_profile_adapter_runs_the_friday_rush_in_continuous_mode() -> None:
     s = r.summary
     assert s.completed > 0 and s.steps > 0 and not math.isnan(s.itl_p50_s)
     assert 0 < s.kv_cache_usage_mean <= s.kv_cache_usage_peak <= 1
+
+
+@pytest.mark.parametrize("over", [
+    {"workload.arrivals.rate_per_s": 100, "batching.max_num_seqs": 64},
+    {"workload.arrivals.rate_per_s": 40, "batching.num_blocks": 40,
+     "workload.output_tokens": {"kind": "lognormal", "mean": 150, "sigma": 0.5, "max": 400}, "horizon_s": 30,
+     "batching.max_model_len": 600},
+    {"batching.max_num_seqs": 2, "workload.output_tokens": {"kind": "constant", "value": 60}, "client.timeout_s": 2,
+     "pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}], "restart_s": 5}, "pods.startup_s": 5,
+     "client.max_retries": 1},
+    {"service": {"kind": "profile", "profile": "data/profiles/cpu-tiny-float32.csv", "extrapolate": True,
+                 "noise": False},
+     "workload.arrivals.rate_per_s": 30,
+     "workload.prompt_tokens": {"kind": "lognormal", "mean": 300, "sigma": 0.6, "max": 1024},
+     "workload.output_tokens": {"kind": "lognormal", "mean": 48, "sigma": 0.5, "max": 256}},
+])
+def test_runs_of_decode_steps_in_one_event_give_the_frames_of_one_event_per_step(over: dict[str, Any]) -> None:
+    from capsim.sim.simulate import Simulation
+
+    sc = scenario(**over)
+    fast = Simulation(sc, 11)
+    slow = Simulation(sc, 11)
+    assert slow.continuous is not None and fast.continuous is not None
+    slow.continuous.max_run_steps = 1
+    a, b = fast.run(), slow.run()
+    assert fast.continuous.events < slow.continuous.events
+    ra, rb = a.requests, b.requests
+    assert list(ra["outcome"]) == list(rb["outcome"]) and (ra["pod"] == rb["pod"]).all()
+    for col in ("start_s", "first_token_s", "end_s", "itl_s"):
+        assert np.allclose(ra[col], rb[col], rtol=0, atol=1e-9, equal_nan=True), col
+    assert (ra["preemptions"] == rb["preemptions"]).all()
+    sa, sb = a.summary, b.summary
+    assert (sa.preemptions, sa.completed, sa.timed_out) == (sb.preemptions, sb.completed, sb.timed_out)
+    # a run's steps are counted when it ends: a run cut short by a crash or the horizon is not
+    assert sa.steps == pytest.approx(sb.steps, rel=0.01)

@@ -309,3 +309,74 @@ class Scheduler:
         self.free_blocks = free
         self.steps += 1
         return out
+
+    # ---- runs of identical decode steps (a shell may take them in one go) ------------------------------
+    def decode_run_length(self, max_steps: int) -> int:
+        """How many of the next steps (at most ``max_steps``) are plain decode steps of the same requests.
+
+        That is: nothing waits, every running request is decoding (one token a step), they fit the token
+        budget, none finishes before the last of those steps, and the KV blocks they need meanwhile are
+        free. Then each of those steps is what :meth:`step` would return, with ``decodes`` equal to the
+        running count and the decode context growing by that count each step, and
+        :meth:`advance_decodes` applies them at once. 0 when the next step is not such a step.
+        """
+        running = self.running
+        if self.waiting or not running or len(running) > self.limits.max_num_batched_tokens:
+            return 0
+        k = max_steps
+        for r in running:
+            if r.computed != r.num_tokens - 1 or not r.generated:
+                return 0
+            left = r.max_tokens - r.generated
+            if left < k:
+                k = left
+        if k < 1:
+            return 0
+        bs = self.limits.block_size
+        free = self.free_blocks
+
+        def need(m: int) -> int:
+            return sum(-(-(r.computed + m) // bs) - r.blocks for r in running)
+
+        if need(k) <= free:
+            return k
+        lo, hi = 0, k  # need(lo) <= free < need(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if need(mid) <= free:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    @property
+    def decode_context(self) -> int:
+        """The running requests' contexts summed (the ``decode_context`` of a decode step now)."""
+        return sum(r.computed for r in self.running)
+
+    def advance_decodes(self, steps: int) -> list[int]:
+        """Apply ``steps`` plain decode steps (at most :meth:`decode_run_length` said, fewer if requests
+        were removed meanwhile); return the requests that finished, in running order."""
+        bs = self.limits.block_size
+        free = self.free_blocks
+        finished = []
+        for r in self.running:
+            c = r.computed + steps
+            r.computed = c
+            r.generated += steps
+            r.num_tokens += steps
+            b = -(-c // bs)
+            free -= b - r.blocks
+            r.blocks = b
+            if r.generated >= r.max_tokens:
+                free += b
+                r.blocks = 0
+                finished.append(r.request_id)
+                del self.requests[r.request_id]
+        if finished:
+            self.running = [r for r in self.running if r.generated < r.max_tokens]
+        if free < 0:
+            raise SchedulerError(f"advance_decodes({steps}) needs {-free} more KV blocks than are free")
+        self.free_blocks = free
+        self.steps += steps
+        return finished

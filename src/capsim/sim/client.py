@@ -251,6 +251,24 @@ class Client:
             if self.session[i // turns] == _ACTIVE:
                 self._push(now + self.think_s, i + 1, False)
 
+    def on_request_done(self, batch: Batch, i: int, now: float) -> None:
+        """``on_batch_done`` for a one-request batch (a continuous-batching pod's request), without arrays."""
+        if batch.cancelled:
+            return
+        self.n_ok += 1
+        if not self.track_sessions:
+            return
+        turns = self.turns
+        if turns == 1 or i % turns == turns - 1:
+            self.session[i // turns] = _DONE
+        elif self.session[i // turns] == _ACTIVE:
+            self._push(now + self.think_s, i + 1, False)
+
+    def watch_request(self, batch: Batch, i: int, due: float) -> None:
+        """Watch request ``i`` of a one-request batch whose end is not known yet: it times out at ``due``."""
+        self._seq += 1
+        heapq.heappush(self._inflight_due, (due, self._seq, i, batch))
+
     def watch_batch(self, batch: Batch, sends: np.ndarray) -> None:
         """A batch starts that will end after some of its clients time out: watch those."""
         due = sends + self.timeout_s

@@ -49,6 +49,8 @@ class ContinuousStats:
         self.kv_area = 0.0  # sum over steps of KV-cache use x step time (s)
         self.busy_s = 0.0  # sum of step times
         self.kv_peak = 0.0
+        self.events = 0  # SimPy events the step loops used (a run of decode steps is one)
+        self.max_run_steps = 4096  # longest run of decode steps taken as one event; 1: one event per step
 
 
 class Run(Batch):
@@ -76,6 +78,9 @@ class ContinuousPod(Pod):
         self.runs: dict[int, Run] = {}
         self.stepping = False
         self._step_s = stats.step_time.step_s
+        self._run_s = stats.step_time.decode_run_s
+        self._run: tuple[float, int, int, int] | None = None  # (start, decodes, context, steps) in flight
+        self._run_token = 0
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
         self.itl_count = 0
@@ -107,15 +112,17 @@ class ContinuousPod(Pod):
     def enqueue(self, i: int, now: float) -> None:
         self.queue.append(i)
         self.outstanding += 1
-        if not self.stepping:
-            self.pump(now)
+        self.pump(now)
 
     def pump(self, now: float) -> None:
-        """Start the step loop at ``now`` unless a step is already running (it picks up new arrivals)."""
+        """A request arrived at ``now``: start the step loop, or end a run of decode steps at the step
+        in progress so the next step can admit it (a step already running picks up new arrivals)."""
         if not self.stepping:
             self._busy_since = now
             self.stepping = True
             self._step(now)
+        elif self._run is not None:
+            self._cut_run(now)
 
     def _feed(self, now: float) -> None:
         """Hand the arrivals the scheduler has not seen to it, rejecting the unservable ones."""
@@ -138,6 +145,13 @@ class ContinuousPod(Pod):
         if len(self.queue) > self.fed:
             self._feed(now)
         sched = self.sched
+        stats = self.stats
+        stats.events += 1
+        if stats.max_run_steps > 1:
+            k = sched.decode_run_length(stats.max_run_steps)
+            if k > 1:
+                self._start_run(now, k)
+                return
         step = sched.step()
         if step.empty:
             self.stepping = False
@@ -145,7 +159,6 @@ class ContinuousPod(Pod):
             if self.state == PodState.TERMINATING and self.outstanding == 0:
                 self.sim.cluster.pod_drained(self, now)
             return
-        stats = self.stats
         dt = self._step_s(step)
         end = now + dt
         if step.started:
@@ -163,13 +176,62 @@ class ContinuousPod(Pod):
         ev = Timeout(self._env, max(end - self._env.now, 0.0), (step, end, self.incarnation))
         ev.callbacks.append(self._on_step)
 
+    # ---- runs of plain decode steps, one event each ------------------------------------------------------
+    def _start_run(self, now: float, steps: int) -> None:
+        sched = self.sched
+        self._run = (now, len(sched.running), sched.decode_context, steps)
+        self._schedule_run(now + self._run_s(len(sched.running), sched.decode_context, steps))
+
+    def _schedule_run(self, end: float) -> None:
+        self._run_token += 1
+        ev = Timeout(self._env, max(end - self._env.now, 0.0), (self._run_token, end, self.incarnation))
+        ev.callbacks.append(self._on_run)
+
+    def _cut_run(self, now: float) -> None:
+        """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
+        assert self._run is not None
+        start, d, c, k = self._run
+        run_s = self._run_s
+        lo, hi = 0, k  # start + T(lo) <= now < start + T(hi)
+        if start + run_s(d, c, k) <= now:
+            return  # the run's end event is due now; it has not been processed yet
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if start + run_s(d, c, mid) <= now:
+                lo = mid
+            else:
+                hi = mid
+        if hi < k:
+            self._run = (start, d, c, hi)
+            self._schedule_run(start + run_s(d, c, hi))
+
+    def _on_run(self, ev: Timeout) -> None:
+        token, now, incarnation = cast(tuple[int, float, int], ev.value)
+        if incarnation != self.incarnation or token != self._run_token or self._run is None:
+            return  # superseded by a shorter run, or the pod died under it
+        start, _, _, k = self._run
+        self._run = None
+        sched = self.sched
+        stats = self.stats
+        finished = sched.advance_decodes(k)
+        stats.steps += k
+        stats.busy_s += now - start
+        use = sched.kv_cache_usage  # the run's last (highest) use: KV use is sampled per event
+        stats.kv_area += use * (now - start)
+        if use > stats.kv_peak:
+            stats.kv_peak = use
+        if finished:
+            self._finish(finished, now)
+        self._step(now)
+
     def _admit(self, step: Step, now: float) -> None:
         q = self.queue
         rec = self._rec
         runs = self.runs
         size = len(self.sched.running)
         timeout = self.sim.timeout_s
-        watch = self.sim.client.watch_batch
+        watch = self.sim.client.watch_request
+        send = rec.send
         for i in step.started:
             head = q.popleft()
             assert head == i, f"pod {self.id}: scheduler admitted {i} ahead of {head}"
@@ -179,8 +241,7 @@ class ContinuousPod(Pod):
             rec.add_batch(run)
             runs[i] = run
             self.running.append(run)
-            if math.isfinite(timeout):
-                watch(run, rec.send[run.idx])
+            watch(run, i, float(send[i]) + timeout)
 
     def _on_step(self, ev: Timeout) -> None:
         step, now, incarnation = cast(tuple[Step, float, int], ev.value)
@@ -198,24 +259,30 @@ class ContinuousPod(Pod):
                         self.ttft_sum_s += now - float(send[i])
                         self.ttft_count += 1
         if step.finished:
-            client = sim.client
-            output = self._rec.output
-            for i in step.finished:
-                run = runs.pop(i, None)
-                if run is None:  # its client gave up while the step ran
-                    continue
-                run.end = now
-                run.done = True
-                self.outstanding -= run.live_size
-                n = int(output[i])
-                if n > 1:
-                    self.itl_sum_s += now - run.first
-                    self.itl_count += n - 1
-                client.on_batch_done(run, now)
-                run.idx = _NO_REQUESTS
-            self.running = [r for r in self.running if not r.done]
-            sim.router.touch(self)
+            self._finish(step.finished, now)
         self._step(now)
+
+    def _finish(self, finished: list[int], now: float) -> None:
+        """Requests ``finished`` emitted their last token at ``now``: answer their clients."""
+        runs = self.runs
+        sim = self.sim
+        client = sim.client
+        output = self._rec.output
+        for i in finished:
+            run = runs.pop(i, None)
+            if run is None:  # its client gave up while the step ran
+                continue
+            run.end = now
+            run.done = True
+            self.outstanding -= run.live_size
+            n = int(output[i])
+            if n > 1:
+                self.itl_sum_s += now - run.first
+                self.itl_count += n - 1
+            client.on_request_done(run, i, now)
+            run.idx = _NO_REQUESTS
+        self.running = [r for r in self.running if not r.done]
+        sim.router.touch(self)
 
     # ---- failures and timeouts ------------------------------------------------------------------------
     def drop_head(self) -> int:
@@ -228,7 +295,10 @@ class ContinuousPod(Pod):
     def cancel(self, batch: Batch, i: int) -> None:
         """The client of request ``i`` gave up while it was admitted: the engine aborts it."""
         if self.runs.pop(i, None) is not None:
-            self.sched.remove(i)
+            if self._run is not None:
+                self._cut_run(self._env.now)  # the run's request count changes after the step in progress
+            if i in self.sched.requests:  # else its last step is running: the engine lets it end
+                self.sched.remove(i)
             self.running.remove(cast(Run, batch))
 
     def kill(self, now: float) -> list[int]:
@@ -247,6 +317,7 @@ class ContinuousPod(Pod):
         self.running.clear()
         self.outstanding = 0
         self.stepping = False
+        self._run = None
         self.incarnation += 1
         return held
 

@@ -13,6 +13,7 @@ measured grid are extrapolated linearly.
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Protocol
 
 import numpy as np
@@ -24,9 +25,14 @@ from capsim.sim.streams import BufferedDraws, Streams
 
 
 class StepTimeModel(Protocol):
-    """Seconds one engine step takes."""
+    """Seconds one engine step takes, and a run of plain decode steps (``Scheduler.decode_run_length``)."""
 
     def step_s(self, step: Step) -> float: ...
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        """Seconds of ``steps`` decode steps of ``decodes`` requests whose contexts sum to ``context`` at
+        the first step and grow by ``decodes`` each step: the sum of what ``step_s`` says for each."""
+        ...
 
 
 class ConstantStepTime:
@@ -38,6 +44,9 @@ class ConstantStepTime:
     def step_s(self, step: Step) -> float:
         return self.mean_s
 
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        return self.mean_s * steps
+
 
 class ExponentialStepTime:
     """Exponentially distributed step times of mean ``mean_s`` (``service.kind: exponential``)."""
@@ -48,6 +57,9 @@ class ExponentialStepTime:
 
     def step_s(self, step: Step) -> float:
         return self._draws.next() * self.mean_s
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        return sum(self._draws.next() for _ in range(steps)) * self.mean_s
 
 
 class LinearStepTime:
@@ -61,6 +73,10 @@ class LinearStepTime:
         c0, c1, c2, c3, c4 = self.c
         return (c0 + c1 * step.prefill_tokens + c2 * step.prefill_context + c3 * step.decodes
                 + c4 * step.decode_context)
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        c0, _, _, c3, c4 = self.c
+        return steps * (c0 + c3 * decodes + c4 * context) + c4 * decodes * steps * (steps - 1) / 2
 
 
 class ProfileStepTime:
@@ -100,6 +116,22 @@ class ProfileStepTime:
         d = step.decodes
         if d:
             ms += self.kernel_ms("decode", d, step.decode_context / d)
+        return ms * self.scale
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        # the mean context runs x0, x0 + 1, ...: the kernel is linear in it on each measured interval,
+        # so each interval's steps sum to their count times the kernel at their middle
+        x0 = context / decodes
+        ts = self._tokens["decode"]
+        if len(ts) == 1 or steps <= 4:
+            return sum(self.kernel_ms("decode", decodes, x0 + j) for j in range(steps)) * self.scale
+        ms = 0.0
+        last = len(ts) - 2
+        for seg in range(last + 1):
+            lo = 0 if seg == 0 else max(0, math.ceil(ts[seg] - x0))
+            hi = steps - 1 if seg == last else min(steps - 1, math.ceil(ts[seg + 1] - x0) - 1)
+            if hi >= lo:
+                ms += (hi - lo + 1) * self.kernel_ms("decode", decodes, x0 + (lo + hi) / 2)
         return ms * self.scale
 
 
