@@ -32,10 +32,11 @@ test-all: $(STAMP) ## the whole suite with the real-Redis tests required (fails,
 test-fast: $(STAMP) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(STAMP) ## ruff, mypy on src/, and the import contracts
+lint: $(STAMP) ## ruff, mypy on src/, the import contracts, and capsim check on the shipped scenarios
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/capsim check data/scenarios/*.yaml
 
 bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done

@@ -182,6 +182,8 @@ def test_check_command_exit_codes(tmp_path: Path, rush: Scenario) -> None:
     out = runner.invoke(app, ["check", str(path)])
     assert out.exit_code == 1, out.output
     assert "FAIL batching.queue_capacity:" in out.output and "FAIL client.timeout_s:" in out.output
+    both = runner.invoke(app, ["check", str(RUSH), str(path)])
+    assert both.exit_code == 1 and f"== {RUSH}" in both.output and f"== {path}" in both.output
 
 
 def _yaml(scenario: Scenario, source: Path) -> str:

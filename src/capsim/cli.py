@@ -346,17 +346,21 @@ def tune(
 
 
 @app.command()
-def check(scenario: Annotated[Path, typer.Argument(help="scenario YAML (or a tune's best.yaml)")]) -> None:
-    """Check a scenario for settings that cannot work; print each finding with its field path.
+def check(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAMLs (or a tune's best.yaml)")]) -> None:
+    """Check scenarios for settings that cannot work; print each finding with its field path.
 
     Exit code 1 when any check fails (warnings do not fail), so CI can gate on it.
     """
     from capsim.model.scenario import Scenario
     from capsim.studies.checks import failed, format_findings, run_checks
 
-    findings = run_checks(Scenario.from_yaml(scenario))  # a bad scenario: the error policy's one line, exit 2
-    typer.echo(format_findings(findings))
-    if failed(findings):
+    # a bad scenario: the error policy's one line, exit 2
+    results = [(path, run_checks(Scenario.from_yaml(path))) for path in scenarios]
+    for path, findings in results:
+        if len(results) > 1:
+            typer.echo(f"== {path}")
+        typer.echo(format_findings(findings))
+    if any(failed(findings) for _, findings in results):
         raise typer.Exit(1)
 
 
