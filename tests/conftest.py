@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import Phase
+from hypothesis import settings as hypothesis_settings
 
 from capsim.studies.pods import free_port
+
+# Mutation testing (scripts/mutate.py) only needs a failing example, not the smallest one: its profile
+# skips shrinking, so a mutant that breaks a property is reported in seconds.
+hypothesis_settings.register_profile(
+    "mutation", phases=(Phase.explicit, Phase.reuse, Phase.generate), print_blob=False
+)
+hypothesis_settings.load_profile(os.environ.get("CAPSIM_HYPOTHESIS_PROFILE", "default"))
 
 # ---------------------------------------------------------------------------------------------
 # Time limits and a loud report of skipped real-Redis tests

@@ -25,6 +25,7 @@ from capsim.core.batcher import (
     BatchResultMismatchError,
     DynamicBatcher,
     QueueFullError,
+    as_runner,
 )
 from capsim.model.settings import BatchSettings
 
@@ -515,3 +516,19 @@ async def test_the_deadline_is_the_oldest_requests():
     first, second = outcomes
     assert first >= 1.0
     assert second < 0.9, f"the second request waited {second:.3f} s: the deadline was not the oldest's"
+
+
+async def test_as_runner_runs_a_blocking_function_off_the_loop():
+    import threading
+
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def blocking(items: list[int]) -> list[int | BaseException]:
+        seen.append(threading.get_ident())
+        return [ValueError("odd") if i % 2 else i * 10 for i in items]
+
+    async with DynamicBatcher(as_runner(blocking), BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS)) as b:
+        out = await within(asyncio.gather(b.submit(2), b.submit(3), return_exceptions=True))
+    assert out[0] == 20 and isinstance(out[1], ValueError)
+    assert seen and all(t != loop_thread for t in seen)

@@ -230,7 +230,6 @@ class DynamicBatcher(Generic[P, R]):
         except ValueError:
             return  # already queued, or gone
         if not entry.future.done():
-            entry.dispatched = True
             self._settle(entry, "rejected", None, None, None)
             entry.future.set_exception(
                 QueueFullError(f"queue stayed full ({self.settings.queue_capacity} requests) for {timeout_s:g} s")
