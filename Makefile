@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
 
-.PHONY: help setup test test-all test-fast lint bench demo profile validate clean
+.PHONY: help setup test test-all test-fast mutate lint bench demo profile validate clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ lint: $(STAMP) ## ruff, mypy on src/, the import contracts, and capsim check on 
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/capsim check data/scenarios/*.yaml
 
+mutate: $(STAMP) ## mutation testing (mutmut) of the promise-carrying modules; MUTATE='batcher policy-batching' picks targets (slow, not CI; docs/testing.md)
+	$(PY) scripts/mutate.py $(MUTATE) $(MUTATE_ARGS)
+
 bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
 
@@ -51,4 +54,4 @@ demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if
 	$(VENV)/bin/capsim demo
 
 clean: ## remove caches and benchmark results (keeps .venv)
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis benchmarks/results/*.json
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .mutmut benchmarks/results/*.json
