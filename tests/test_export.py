@@ -179,6 +179,14 @@ def test_keda_scaled_object_structure(variants: dict[str, Scenario]) -> None:
             kubernetes_validate.validate(hpa, K8S_VERSIONS[-1], strict=True)
 
 
+def test_keda_cooldown_only_when_scaling_to_zero(rush: Scenario) -> None:
+    assert "cooldownPeriod" not in build_all(rush, TARGET)["keda-scaledobject.yaml"]["spec"]
+    to_zero = rush.override({"autoscaler.minReplicas": 0})
+    assert build_all(to_zero, TARGET)["keda-scaledobject.yaml"]["spec"]["cooldownPeriod"] == 300
+    legacy = to_zero.override({"autoscaler.behavior": None, "autoscaler.downscale_window_s": 120.5})
+    assert build_all(legacy, TARGET)["keda-scaledobject.yaml"]["spec"]["cooldownPeriod"] == 121
+
+
 def test_keda_query_is_the_adapter_query_summed_over_the_deployment(rush: Scenario) -> None:
     objects = build_all(rush, TARGET)
     trigger = objects["keda-scaledobject.yaml"]["spec"]["triggers"][0]

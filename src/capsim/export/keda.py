@@ -16,6 +16,7 @@ from capsim.export.adapter import hpa_queries
 from capsim.export.hpa import require_autoscaler, scale_target_ref
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
+from capsim.policy.hpa_behavior import scale_down_window
 
 API_VERSION = "keda.sh/v1alpha1"
 
@@ -44,6 +45,10 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         "maxReplicaCount": auto.max_replicas,
         "triggers": triggers,
     }
+    if auto.min_replicas == 0:
+        # KEDA itself takes the last pod away, cooldownPeriod after the metric went idle: the scale-down window
+        rules = hpa.behavior.scale_down if hpa.behavior is not None else None
+        spec["cooldownPeriod"] = math.ceil(scale_down_window(rules, auto.downscale_window_s))
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}
     return {"apiVersion": API_VERSION, "kind": "ScaledObject",
