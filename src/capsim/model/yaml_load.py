@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 from yaml.nodes import MappingNode
 
-from capsim.errors import CapsimError
+from capsim.model.settings import SettingsError
 
 
-class YamlFileError(CapsimError, ValueError):
+class YamlFileError(SettingsError):
     """A YAML file cannot be read or parsed; the message names the file and the line."""
 
 

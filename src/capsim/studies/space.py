@@ -130,15 +130,10 @@ OBJECTIVES = {"cost": "cost", "ttft": "ttft_p99_s"}
 
 def load_space(path: str | Path) -> Space:
     """Read and validate a space YAML file."""
-    import yaml
+    from capsim.model.yaml_load import load_yaml_file
 
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SettingsError(f"space file not found: {p}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{p}: not valid YAML: {exc}") from None
+    data = load_yaml_file(p, "space file")  # a SettingsError naming the file and line; duplicate keys refused
     if not isinstance(data, Mapping):
         raise SettingsError(f"{p}: a space is a mapping with params (and stresses), got {type(data).__name__}")
     return parse_space(data, where=str(p), base_dir=p.parent)

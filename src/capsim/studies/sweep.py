@@ -78,15 +78,10 @@ def expand_grid(grid: Grid) -> list[Setting]:
 
 def load_grid(path: str | Path) -> dict[str, list[Any]]:
     """Read a grid YAML: a mapping of dotted paths to lists (optionally under a top-level ``grid:``)."""
-    import yaml
+    from capsim.model.yaml_load import load_yaml_file
 
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SettingsError(f"grid file not found: {p}") from None
-    except yaml.YAMLError as exc:
-        raise SettingsError(f"{p}: not valid YAML: {exc}") from None
+    data = load_yaml_file(p, "grid file")  # a SettingsError naming the file and line; duplicate keys refused
     if isinstance(data, Mapping) and set(data) == {"grid"}:
         data = data["grid"]
     if not isinstance(data, Mapping):
