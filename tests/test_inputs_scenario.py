@@ -54,6 +54,11 @@ def refused(message: str, **changes: Any) -> str:
         ({"batching": {"max_batch_size": "16"}}, "must be a number, not a string (got '16')"),
         ({"workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, True]]}}},
          "workload.arrivals.rate_per_s.0.1: must be a number, not a boolean"),
+        ({"workload": {"arrivals": {"kind": "poisson", "rate_per_s": 5},
+                       "prompt_tokens": {"kind": "constant", "value": 3_000_000_000}}},
+         "workload.prompt_tokens.value must be <= 2147483647"),  # stored as int32
+        ({"autoscaler": {"minReplicas": 1, "maxReplicas": 10**9, "metrics": [QUEUE_METRIC]}},
+         "autoscaler.maxReplicas must be <= 100000"),  # the spelling the user wrote
     ],
 )
 def test_a_boolean_or_a_string_is_not_a_number(changes: dict[str, Any], message: str) -> None:

@@ -46,6 +46,10 @@ POD_METRIC_ALIASES: dict[str, str] = {
 }
 
 
+#: Token counts are stored as int32 (``capsim.model.request``): a count must fit.
+TOKENS_MAX = 2**31 - 1
+
+
 class _Section(BaseModel):
     """A scenario section: frozen, no unknown keys; its errors are reported by the Scenario with full paths."""
 
@@ -94,7 +98,7 @@ Arrivals = Annotated[PoissonArrivals | PiecewiseArrivals | TraceArrivals, Field(
 
 class ConstantTokens(_Section):
     kind: Literal["constant"]
-    value: Int = Field(ge=1)
+    value: Int = Field(ge=1, le=TOKENS_MAX)
 
 
 class LognormalTokens(_Section):
@@ -103,7 +107,7 @@ class LognormalTokens(_Section):
     kind: Literal["lognormal"]
     mean: Float = Field(gt=0)
     sigma: Float = Field(0.5, ge=0, le=5)
-    max: Int | None = Field(None, ge=1, description="counts are clipped to this")
+    max: Int | None = Field(None, ge=1, le=TOKENS_MAX, description="counts are clipped to this")
 
 
 Tokens = Annotated[ConstantTokens | LognormalTokens, Field(discriminator="kind")]
@@ -218,7 +222,7 @@ class Autoscaler(_Section):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
 
     min_replicas: Int = Field(1, ge=0, alias="minReplicas")
-    max_replicas: Int = Field(ge=1, alias="maxReplicas")
+    max_replicas: Int = Field(ge=1, le=100_000, alias="maxReplicas")
     metrics: tuple[dict[str, Any], ...] = Field(min_length=1)
     behavior: dict[str, Any] | None = None
     scale_target_ref: dict[str, Any] | None = Field(None, alias="scaleTargetRef")
