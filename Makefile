@@ -44,11 +44,11 @@ mutate: $(STAMP) ## mutation testing (mutmut) of the promise-carrying modules; M
 bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
 
-profile: $(STAMP) ## measure the reference model on this machine into data/profiles/ (quick sweep)
-	$(VENV)/bin/capsim profile --quick
+profile: $(STAMP) ## measure the reference model on this machine into data/profiles/ (quick sweep; replaces the quick profile)
+	$(VENV)/bin/capsim profile --quick --force
 
-validate: $(STAMP) ## the real pod vs the simulator at 30/60/85% load (about 6 min; results in data/validation/)
-	$(VENV)/bin/capsim validate
+validate: $(STAMP) ## the real pod vs the simulator at 30/60/85% load (about 6 min; replaces data/validation/)
+	$(VENV)/bin/capsim validate --force
 
 demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU)
 	$(VENV)/bin/capsim demo
