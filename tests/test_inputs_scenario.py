@@ -133,6 +133,14 @@ def test_hpa_intervals_of_a_microsecond_are_refused() -> None:
     assert "autoscaler.scrape_interval_s 1e-06" in msg  # both problems in one message
 
 
+def test_a_time_series_over_many_pods_is_refused() -> None:
+    hpa = {"minReplicas": 1, "maxReplicas": 1000, "metrics": [QUEUE_METRIC]}
+    msg = refused("visit up to 1000 pods", horizon_s=1e7, autoscaler=hpa,
+                  workload={"arrivals": {"kind": "poisson", "rate_per_s": 0.1}})
+    assert "timeseries_interval_s 10 and autoscaler.scrape_interval_s 15" in msg
+    Scenario.model_validate(data(horizon_s=1e5, autoscaler=hpa))  # a day on a thousand pods is fine
+
+
 def test_ten_million_seconds_at_40_per_second_is_refused() -> None:
     msg = refused("about 4e+08 requests in horizon_s 1e+07", horizon_s=1e7,
                   workload={"arrivals": {"kind": "poisson", "rate_per_s": 40}})

@@ -27,6 +27,9 @@ MAX_REQUESTS = 20_000_000
 MAX_TIMESERIES_ROWS = 1_000_000
 MAX_HPA_SYNCS = 1_000_000
 MAX_SCRAPES = 1_000_000
+#: Per-pod samples: every time-series row and every scrape visits each pod, so their count times the most
+#: pods the scenario can run bounds that work (a million rows on 200 pods; ~2 minutes of Python).
+MAX_POD_SAMPLES = 200_000_000
 #: Pod crashes one run may expect (random crashes with ``faults.pod_mtbf_s``).
 MAX_CRASHES = 1_000_000
 #: SimPy events per request attempt in the shipped scenarios are about 2 (scripts measured 1.8 to 2.0); the
@@ -129,6 +132,16 @@ def check_limits(scenario: Scenario) -> list[str]:
                 f"autoscaler.scrape_interval_s {a.scrape_interval_s:g} makes {w.scrapes:.3g} metric scrapes in "
                 f"horizon_s {h:g}, over the limit of {MAX_SCRAPES:.0e}; use at least {h / MAX_SCRAPES:.3g} s"
             )
+    pod_samples = (w.timeseries_rows + w.scrapes) * max_pods(scenario)
+    if pod_samples > MAX_POD_SAMPLES and not problems:
+        problems.append(
+            f"timeseries_interval_s {scenario.timeseries_interval_s:g}"
+            + (f" and autoscaler.scrape_interval_s {scenario.autoscaler.scrape_interval_s:g}"
+               if scenario.autoscaler is not None else "")
+            + f" visit up to {max_pods(scenario)} pods {w.timeseries_rows + w.scrapes:.3g} times in horizon_s "
+            f"{h:g}: {pod_samples:.3g} pod samples, over the limit of {MAX_POD_SAMPLES:.0e}; raise the intervals "
+            "or shorten horizon_s"
+        )
     if w.crashes > MAX_CRASHES:
         f = scenario.faults
         assert f is not None
