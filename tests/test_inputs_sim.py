@@ -131,3 +131,17 @@ def test_trace_rows_are_checked_with_their_line(tmp_path: Path, rows: str, messa
 def test_trace_time_zones_that_agree_are_fine(tmp_path: Path) -> None:
     sim = Simulation(trace(tmp_path, "2023-11-16 18:15:46+00:00,374,44\n2023-11-16 19:15:47+01:00,30,4\n"), 0)
     assert list(sim.workload.session_start_s) == [0.0, 1.0]
+
+
+def test_a_scheduled_crash_with_no_pod_to_crash_is_logged_not_dropped() -> None:
+    hpa = {"minReplicas": 1, "maxReplicas": 6, "metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                  "target": {"type": "AverageValue", "averageValue": "1000"}}}]}
+    sc = scenario(autoscaler=hpa, pods={"replicas": 2, "startup_s": 1},
+                  faults={"crashes": [{"at_s": 5, "pod": 5}, {"at_s": 10, "pods": 3}], "restart_s": 1})
+    result = simulate(sc, 0)
+    log = result.crashes
+    assert list(log.kind) == ["skipped", "scheduled", "scheduled", "skipped"]
+    pods = list(log.pod)
+    assert pods[0] == 5 and pods[-1] == -1
+    assert result.summary.crashes == 2  # only crashes that happened count

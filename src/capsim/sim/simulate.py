@@ -168,7 +168,7 @@ class Simulation:
             gpu_cost_per_hour=sc.pods.gpu_cost_per_hour, batch_sizes=batch_sizes,
             scale_events=len(self.cluster.scale_events),
             max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
-            crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
+            crashes=sum(1 for _, _, kind in self.faults.crash_log if kind != "skipped"), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
         )
         requests = requests_frame(cols)
