@@ -33,9 +33,9 @@ class Faults:
         self._out_start = [a for a, _ in outages]
         self._out_end = [b for _, b in outages]
         self.has_redis_outages = bool(outages) and sim.scenario.state.store == "redis"
-        # (time, pod, "random" | "scheduled" | "skipped"); a skipped scheduled crash found no pod to crash
-        # (pod -1: fewer ready pods than it asked for)
-        self.crash_log: list[tuple[float, int, str]] = []
+        self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
+        # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
+        self.skipped: list[tuple[float, int, str]] = []
         if spec:
             for crash in spec.crashes:
                 ev = Timeout(sim.env, crash.at_s, crash)
@@ -60,8 +60,8 @@ class Faults:
         if crash.pod is not None:
             if crash.pod < len(cluster.pods):
                 self._crash(cluster.pods[crash.pod], "scheduled")
-            else:  # the autoscaler has not created that pod (yet): said in the crash log, not dropped
-                self.crash_log.append((self.sim.env.now, crash.pod, "skipped"))
+            else:
+                self.skipped.append((self.sim.env.now, crash.pod, f"pod {crash.pod} not created (yet)"))
             return
         ready = list(cluster.endpoints)
         k = min(crash.pods, len(ready))
@@ -69,8 +69,8 @@ class Faults:
             picks = self._gen.choice(len(ready), size=k, replace=False)
             for j in sorted(int(x) for x in picks):
                 self._crash(ready[j], "scheduled")
-        for _ in range(crash.pods - k):  # fewer ready pods than the crash asks for
-            self.crash_log.append((self.sim.env.now, -1, "skipped"))
+        if k < crash.pods:
+            self.skipped.append((self.sim.env.now, -1, f"{crash.pods} pods asked, {k} ready"))
 
     def _crash(self, pod: Pod, why: str) -> None:
         now = self.sim.env.now

@@ -52,6 +52,7 @@ class SimResult:
     scale_events: Any  # DataFrame: time_s, from_replicas, to_replicas
     crashes: Any  # DataFrame: time_s, pod, kind
     provenance: dict[str, Any] = field(default_factory=dict)
+    skipped_crashes: Any = None  # DataFrame: time_s, pod (-1: any), why; scheduled crashes with no pod to crash
 
 
 class Simulation:
@@ -168,7 +169,7 @@ class Simulation:
             gpu_cost_per_hour=sc.pods.gpu_cost_per_hour, batch_sizes=batch_sizes,
             scale_events=len(self.cluster.scale_events),
             max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
-            crashes=sum(1 for _, _, kind in self.faults.crash_log if kind != "skipped"), ttft_slo_s=sc.slo.ttft_p99_s,
+            crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
         )
         requests = requests_frame(cols)
@@ -181,6 +182,7 @@ class Simulation:
             summary=summary,
             scale_events=pd.DataFrame(self.cluster.scale_events, columns=["time_s", "from_replicas", "to_replicas"]),
             crashes=pd.DataFrame(self.faults.crash_log, columns=["time_s", "pod", "kind"]),
+            skipped_crashes=pd.DataFrame(self.faults.skipped, columns=["time_s", "pod", "why"]),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
