@@ -197,6 +197,8 @@ def simulate(
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         typer.echo(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    for row in result.skipped_crashes.itertuples():
+        typer.echo(f"note: the crash scheduled at {row.time_s:g} s found no pod to crash: {row.why}")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.requests.to_csv(out / "requests.csv", index=False)
