@@ -166,3 +166,12 @@ def test_validate_checks_its_arguments_before_profiling(tmp_path: Path, monkeypa
     one_line_error(["validate", "--quick", "--out-dir", str(tmp_path / "file")], "--out-dir", "is a file")
     one_line_error(["validate", "--requests-per-level", "0", "--out-dir", str(tmp_path / "v")], "--requests-per-level")
     assert not (tmp_path / "v").exists()
+
+
+def test_simulate_says_when_a_scheduled_crash_found_no_pod(tmp_path: Path) -> None:
+    hpa = ("autoscaler: {minReplicas: 1, maxReplicas: 4, metrics: [{type: Pods, pods: {metric: {name: "
+           "capsim_queue_depth}, target: {type: AverageValue, averageValue: '100'}}}]}\n")
+    s = scenario(tmp_path, extra=hpa + "faults: {crashes: [{at_s: 5, pod: 3}]}\n")
+    code, out, err = run(["simulate", str(s)])
+    assert code == 0, err
+    assert "note: the crash scheduled at 5 s found no pod to crash: pod 3 not created (yet)" in out
