@@ -181,6 +181,7 @@ class Oracle:
 
 def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) -> None:
     s = Scheduler(limits)
+    lean = Scheduler(limits, detail=False)  # the simulator's: aggregates only, the same decisions
     oracle = Oracle()
     arrivals = sorted(enumerate(workload), key=lambda x: x[1][0])
     added: list[int] = []
@@ -195,6 +196,7 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
             i, (_, p, o) = arrivals[k]
             k += 1
             why = s.add(i, p, o)
+            assert lean.add(i, p, o) == why
             expect_reject = p + o > limits.max_model_len or math.ceil((p + o - 1) / limits.block_size) > limits.num_blocks
             assert (why is not None) == expect_reject
             if why is None:
@@ -203,6 +205,12 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
             else:
                 rejected.append(i)
         step = s.step()
+        other = lean.step()
+        assert not other.request_ids and (other.decodes, other.decode_context, other.prefills, other.prefill_tokens,
+                                          other.prefill_context, other.first_token, other.finished, other.preempted,
+                                          other.started) == (
+            step.decodes, step.decode_context, step.prefills, step.prefill_tokens, step.prefill_context,
+            step.first_token, step.finished, step.preempted, step.started)
         # never over the token budget, the sequence limit or the block count
         assert step.total_tokens == sum(step.num_tokens) <= limits.max_num_batched_tokens
         assert len(s.running) <= limits.max_num_seqs

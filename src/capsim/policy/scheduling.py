@@ -106,7 +106,8 @@ class Step:
     """What runs in one engine step, and what it produced (the scheduler has already applied it).
 
     ``request_ids``/``num_tokens``/``contexts`` list every scheduled request in running order with the
-    tokens it computes this step and the tokens already in its cache (its context). The aggregates are
+    tokens it computes this step and the tokens already in its cache (its context); a scheduler made with
+    ``detail=False`` leaves them empty. The aggregates are
     what a step-time model needs: prefill chunks (requests computing prompt or recomputed tokens, i.e.
     more than a decode's one token or a first chunk) and decodes. ``first_token`` lists requests that
     emitted their first token, ``finished`` those that emitted their last (their blocks are free),
@@ -134,14 +135,16 @@ class Step:
 
     @property
     def empty(self) -> bool:
-        return not self.request_ids
+        """Nothing was scheduled: the engine has no work."""
+        return not (self.decodes or self.prefills)
 
 
 class Scheduler:
     """The waiting and running queues and the block pool of one engine; see the module docstring."""
 
-    def __init__(self, limits: SchedulerLimits) -> None:
+    def __init__(self, limits: SchedulerLimits, detail: bool = True) -> None:
         self.limits = limits
+        self.detail = detail  # list every scheduled request in Step (an engine needs it; a timer does not)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[int, Request] = {}
@@ -205,7 +208,9 @@ class Scheduler:
         """Schedule one step, apply its result (tokens computed and emitted), and return it.
 
         An empty step (nothing scheduled) means there is no work: with any request queued or running,
-        at least the head of ``running`` (or of ``waiting``) is always scheduled.
+        at least the head of ``running`` (or of ``waiting``) is always scheduled. Each scheduled
+        request's result is applied as it is scheduled (a scheduled request is never preempted later in
+        the same step); blocks of requests that finish return after the step, as in vLLM.
         """
         lim = self.limits
         bs = lim.block_size
@@ -214,21 +219,26 @@ class Scheduler:
         free = self.free_blocks
         running = self.running
         waiting = self.waiting
+        detail = self.detail
         out = Step()
         ids, toks, ctxs = out.request_ids, out.num_tokens, out.contexts
-        scheduled: list[Request] = []
         preempted = out.preempted
+        first, finished = out.first_token, out.finished
+        requests = self.requests
+        freed = 0
+        decodes = decode_ctx = prefills = pre_tokens = pre_max = pre_ctx = 0
         # phase 1: running requests, in order
         i = 0
         while i < len(running) and budget > 0:
             r = running[i]
             c = r.computed
             n = r.num_tokens - c
-            if thr and n > thr:
-                n = thr
-            if n > budget:
-                n = budget
-            need = -(-(c + n) // bs) - r.blocks
+            if n > 1:
+                if thr and n > thr:
+                    n = thr
+                if n > budget:
+                    n = budget
+            need = (c + n + bs - 1) // bs - r.blocks
             if need > free:
                 victim = None
                 while need > free:
@@ -245,13 +255,37 @@ class Scheduler:
                         break
                 if victim is r:
                     break
-            free -= need
-            r.blocks += need
-            scheduled.append(r)
-            ids.append(r.request_id)
-            toks.append(n)
-            ctxs.append(c)
+                r.blocks += need
+                free -= need
+            elif need:
+                r.blocks += need
+                free -= need
             budget -= n
+            if detail:
+                ids.append(r.request_id)
+                toks.append(n)
+                ctxs.append(c)
+            if n == 1 and r.generated and c + 1 == r.num_tokens:
+                decodes += 1
+                decode_ctx += c
+            else:
+                prefills += 1
+                pre_tokens += n
+                pre_ctx += n * c
+                if n > pre_max:
+                    pre_max = n
+            c += n
+            r.computed = c
+            if c == r.num_tokens:
+                g = r.generated = r.generated + 1
+                r.num_tokens = c + 1
+                if g == 1:
+                    first.append(r.request_id)
+                if g == r.max_tokens:
+                    freed += r.blocks
+                    r.blocks = 0
+                    finished.append(r.request_id)
+                    del requests[r.request_id]
             i += 1
         # phase 2: admission, first come first served, only if nothing was preempted
         if not preempted:
@@ -264,49 +298,44 @@ class Scheduler:
                     n = thr
                 if n > budget:
                     n = budget
-                need = -(-(c + n) // bs) - r.blocks
+                need = (c + n + bs - 1) // bs - r.blocks
                 if need > free:
                     break
                 waiting.popleft()
                 free -= need
                 r.blocks += need
                 running.append(r)
-                scheduled.append(r)
-                ids.append(r.request_id)
-                toks.append(n)
-                ctxs.append(c)
                 budget -= n
+                if detail:
+                    ids.append(r.request_id)
+                    toks.append(n)
+                    ctxs.append(c)
                 if not r.started:
                     r.started = True
                     out.started.append(r.request_id)
-        # apply: tokens computed, tokens emitted, finished requests leave at once
-        done = False
-        for r, n, c in zip(scheduled, toks, ctxs, strict=True):
-            if n == 1 and c == r.num_tokens - 1 and r.generated:
-                out.decodes += 1
-                out.decode_context += c
-            else:
-                out.prefills += 1
-                out.prefill_tokens += n
-                out.prefill_context += n * c
-                if n > out.prefill_max_tokens:
-                    out.prefill_max_tokens = n
-            c += n
-            r.computed = c
-            if c == r.num_tokens:
-                r.generated += 1
-                r.num_tokens += 1
-                if r.generated == 1:
-                    out.first_token.append(r.request_id)
-                if r.generated == r.max_tokens:
-                    free += r.blocks
-                    r.blocks = 0
-                    out.finished.append(r.request_id)
-                    del self.requests[r.request_id]
-                    done = True
-        if done:
+                prefills += 1
+                pre_tokens += n
+                pre_ctx += n * c
+                if n > pre_max:
+                    pre_max = n
+                c += n
+                r.computed = c
+                if c == r.num_tokens:
+                    g = r.generated = r.generated + 1
+                    r.num_tokens = c + 1
+                    if g == 1:
+                        first.append(r.request_id)
+                    if g == r.max_tokens:
+                        freed += r.blocks
+                        r.blocks = 0
+                        finished.append(r.request_id)
+                        del requests[r.request_id]
+        out.decodes, out.decode_context = decodes, decode_ctx
+        out.prefills, out.prefill_tokens, out.prefill_max_tokens, out.prefill_context = (
+            prefills, pre_tokens, pre_max, pre_ctx)
+        if finished:
             self.running = [r for r in running if r.generated < r.max_tokens]
-        self.free_blocks = free
+        self.free_blocks = free + freed
         self.steps += 1
         return out
 

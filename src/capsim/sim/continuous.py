@@ -72,7 +72,7 @@ class ContinuousPod(Pod):
         stats = sim.continuous
         assert stats is not None
         self.stats = stats
-        self.sched = Scheduler(stats.limits)
+        self.sched = Scheduler(stats.limits, detail=False)
         self.max_running = 1 << 30  # the client pumps on a first arrival; the step loop takes the rest
         self.fed = 0
         self.runs: dict[int, Run] = {}
@@ -192,15 +192,15 @@ class ContinuousPod(Pod):
         assert self._run is not None
         start, d, c, k = self._run
         run_s = self._run_s
-        lo, hi = 0, k  # start + T(lo) <= now < start + T(hi)
-        if start + run_s(d, c, k) <= now:
+        total = run_s(d, c, k)
+        if start + total <= now:
             return  # the run's end event is due now; it has not been processed yet
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if start + run_s(d, c, mid) <= now:
-                lo = mid
-            else:
-                hi = mid
+        # the steps of a run take about as long each: guess the step in progress, then walk to it
+        hi = min(max(int((now - start) / total * k) + 1, 1), k)  # want: start + T(hi - 1) <= now < start + T(hi)
+        while hi < k and start + run_s(d, c, hi) <= now:
+            hi += 1
+        while hi > 1 and start + run_s(d, c, hi - 1) > now:
+            hi -= 1
         if hi < k:
             self._run = (start, d, c, hi)
             self._schedule_run(start + run_s(d, c, hi))
