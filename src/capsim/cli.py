@@ -124,11 +124,12 @@ def profile(
 @app.command()
 def demo(
     profile_dir: Annotated[Path, typer.Option(help="where the quick profile is written")] = Path("data/profiles"),
+    out: Annotated[Path, typer.Option(help="where report.md, the PNGs and the k8s/ files go")] = Path("out"),
 ) -> None:
-    """The main job on embedded defaults: profile this machine, show batching, plan with the simulator."""
+    """The main job on embedded defaults: profile, batch, plan, tune and export; writes out/report.md."""
     from capsim.demo import run_demo
 
-    run_demo(typer.echo, _output_dir(profile_dir, "--profile-dir"))
+    run_demo(typer.echo, _output_dir(profile_dir, "--profile-dir"), _output_dir(out, "--out"))
 
 
 @app.command()
@@ -164,8 +165,9 @@ def serve(
             drain_timeout_s=drain_timeout_s, torch_threads=torch_threads,
             **({"pod_name": pod_name} if pod_name else {}),
         )
-    except SettingsError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except SettingsError as exc:  # checked before the model loads: name the option that was wrong
+        field = str(exc).removeprefix("pod.").split(" ", 1)[0].split(".", 1)[0]
+        raise typer.BadParameter(str(exc), param_hint=f"--{field.replace('_', '-')}") from None
     run_server(config, host=host, port=port, log_level=log_level)
 
 
@@ -215,7 +217,8 @@ def loadgen(
     target: Annotated[list[str], typer.Option(help="pod base URL; repeat for several pods")] = ["http://127.0.0.1:8000"],  # noqa: B006
     seed: Annotated[int, typer.Option(help="seed of the workload's random streams (as in simulate)")] = 0,
     max_requests: Annotated[int, typer.Option(help="stop after this many requests")] = 1000,
-    max_duration_s: Annotated[float, typer.Option(help="start no request after this many seconds")] = 60.0,
+    max_duration_s: Annotated[float, typer.Option(
+        help="end the whole run, requests in flight included, after this many seconds")] = 60.0,
     routing: Annotated[str, typer.Option(help="round_robin, random or session_affinity")] = "round_robin",
     stream: Annotated[bool, typer.Option(help="stream tokens (measures time to first token on the client)")] = False,
     allow_remote: Annotated[bool, typer.Option(help="allow targets that are not on loopback")] = False,
@@ -248,6 +251,9 @@ def loadgen(
     ttft = (ok.first_token_s - ok.arrival_s).quantile([0.5, 0.99])
     e2e = (ok.end_s - ok.arrival_s).quantile([0.5, 0.99])
     typer.echo(f"requests {len(frame)}, ok {len(ok)}, outcomes {frame.outcome.value_counts().to_dict()}")
+    failures = frame.attrs.get("failures", {})
+    if failures:
+        typer.echo("failed attempts by reason: " + ", ".join(f"{why} {n}" for why, n in failures.items()))
     if len(ok):
         typer.echo(f"ttft p50 {ttft.iloc[0] * 1000:.1f} ms, p99 {ttft.iloc[1] * 1000:.1f} ms; "
                    f"e2e p50 {e2e.iloc[0] * 1000:.1f} ms, p99 {e2e.iloc[1] * 1000:.1f} ms")
