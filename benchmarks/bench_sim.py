@@ -6,6 +6,11 @@ compared, in the same process, with two bare M/M/1 models of one queue written h
 a SimPy process per request (``simpy.Resource``), and a deque-based one (one server process, a deque of
 arrival times). Peak memory is measured for 10M requests in a child process (``ru_maxrss``).
 
+Low load (issue 9): a tuning run spends most settings at small batches, so the same M/M/1 (one pod,
+Poisson arrivals at rho = 0.8, exponential batch times, no wait) is also simulated by capsim with
+``max_batch_size: 1`` (every batch one request: the per-request path) and ``max_batch_size: 32``
+(batches form only when the queue grows), against the naive model in the same run.
+
     python benchmarks/bench_sim.py            # full (a few minutes)
     python benchmarks/bench_sim.py --quick    # short runs, no 10M memory run
 """
@@ -164,6 +169,29 @@ def deque_mm1(n: int, lam: float = 0.8, mu: float = 1.0, seed: int = 0) -> float
     return time.perf_counter() - t0
 
 
+def light_load_scenario(max_batch_size: int, n: int, lam: float = 0.8) -> Scenario:
+    """capsim's M/M/1: one pod, Poisson arrivals at ``lam``, exponential batch times of mean 1 s."""
+    return Scenario.model_validate({
+        "horizon_s": n / lam,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": lam}},
+        "service": {"kind": "exponential", "mean_s": 1.0},
+        "batching": {"max_batch_size": max_batch_size, "max_wait_ms": 0, "queue_capacity": 100_000},
+        "pods": {"replicas": 1},
+        "client": {"timeout_s": 1e9, "max_retries": 0},
+        "timeseries_interval_s": 1000.0,
+    })
+
+
+def run_light_load(max_batch_size: int, n: int) -> dict[str, Any]:
+    sim = Simulation(light_load_scenario(max_batch_size, n), seed=0)
+    t0 = time.perf_counter()
+    result = sim.run()
+    wall = time.perf_counter() - t0
+    s = result.summary
+    return {"requests": s.arrived, "wall_s": wall, "requests_per_s": s.arrived / wall,
+            "mean_batch_size": s.mean_batch_size}
+
+
 def peak_memory_10m() -> dict[str, Any]:
     """Run 10M requests in a child process and report its peak resident memory."""
     code = (
@@ -203,6 +231,15 @@ def main() -> None:
                 ["model", "requests", "wall s", "requests/s", "capsim / this"], rows)
     print(f"  reference: mean batch {ref['mean_batch_size']:.1f}, up to {ref['max_replicas']} replicas, "
           f"{ref['scale_events']} scale events, {ref['crashes']} crashes, TTFT p99 {ref['ttft_p99_s']:.3f} s")
+    light = {}
+    for b in (1, 32):
+        light[b] = max((run_light_load(b, n_base) for _ in range(args.repeat)), key=lambda r: r["requests_per_s"])
+    rows = [[f"capsim M/M/1, max_batch_size {b} (mean batch {light[b]['mean_batch_size']:.2f})",
+             light[b]["requests"], light[b]["wall_s"], light[b]["requests_per_s"],
+             light[b]["requests_per_s"] / naive_rate] for b in (1, 32)]
+    rows.append(["naive SimPy M/M/1 (process/request)", n_base, naive_s, naive_rate, 1.0])
+    print_table("Low load, rho = 0.8 (targets: batch 1 at least 2x naive; reference at least 3x naive)",
+                ["model", "requests", "wall s", "requests/s", "ratio to naive"], rows)
     mem: dict[str, Any] | None = None
     if not args.quick:
         mem = peak_memory_10m()
@@ -215,6 +252,10 @@ def main() -> None:
         "deque_mm1_requests_per_s": deque_rate,
         "ratio_to_naive": ref["requests_per_s"] / naive_rate,
         "ratio_to_deque": ref["requests_per_s"] / deque_rate,
+        "light_load": {str(b): {**light[b], "ratio_to_naive": light[b]["requests_per_s"] / naive_rate}
+                       for b in (1, 32)},
+        "target_batch1_ratio_to_naive": 2.0,
+        "target_reference_ratio_to_naive": 3.0,
         "target_requests_per_s": 250_000,
         "memory_10m": mem,
         "self_rusage_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
