@@ -76,3 +76,15 @@ def test_capsim_capacity_prints_the_rate_and_its_proof(tmp_path: Path) -> None:
     assert out.exit_code == 0, out.output
     assert "capacity of 1 pod(s):" in out.output and "proof, seed 0:" in out.output
     assert "meets the SLO" in out.output and "fails" in out.output
+
+
+def test_capacity_per_setting_of_a_grid() -> None:
+    from capsim.studies.capacity import capacity_per_setting
+
+    # a slower server carries less; a setting that does not validate reports its error
+    table = capacity_per_setting(mm1(horizon_s=120.0), {"service.mean_s": [0.01, 0.02, -1.0]}, rel_tol=0.05,
+                                 executor="serial", cache=False, progress=False)
+    assert table["service.mean_s"].tolist() == [0.01, 0.02, -1.0]
+    fast, slow, bad = table.to_dict("records")
+    assert fast["rate_per_s"] > 1.5 * slow["rate_per_s"] > 0
+    assert math.isnan(bad["rate_per_s"]) and "service.mean_s" in bad["error"]

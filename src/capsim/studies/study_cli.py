@@ -38,13 +38,19 @@ def run_sweep(scenario: Path, grid: Path, seeds: int, out: Path, executor: str |
 
 
 def run_capacity(scenario: Path, replicas: int | None, seeds: int, horizon_s: float | None, rel_tol: float,
-                 cache: bool, echo: Echo) -> None:
-    """Bisect, then print the rate with the runs that prove it."""
-    from capsim.studies.capacity import capacity
+                 cache: bool, echo: Echo, grid: Path | None = None) -> None:
+    """Bisect, then print the rate with the runs that prove it (with a grid: one rate per setting)."""
+    from capsim.studies.capacity import capacity, capacity_per_setting
+    from capsim.studies.sweep import load_grid
 
     sc = Scenario.from_yaml(scenario)
     if horizon_s is not None:
         sc = sc.override({"horizon_s": horizon_s, "warmup_s": min(sc.warmup_s, horizon_s / 10)})
+    if grid is not None:
+        table = capacity_per_setting(sc, load_grid(grid), replicas=replicas, seeds=seeds, rel_tol=rel_tol,
+                                     cache=cache)
+        echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        return
     result = capacity(sc, replicas=replicas, seeds=seeds, rel_tol=rel_tol, cache=cache)
     for p in result.probes:
         verdict = "meets the SLO" if p.passed else ("fails: " + (p.error or "misses the SLO"))
