@@ -322,12 +322,13 @@ def capacity(
     seeds: Annotated[int, typer.Option(help="every seed must meet the SLO at a rate")] = 1,
     horizon_s: Annotated[float | None, typer.Option(help="simulated seconds per probe (default: the scenario's)")] = None,
     rel_tol: Annotated[float, typer.Option(help="stop when the bracket is narrower than this fraction")] = 0.02,
+    grid: Annotated[Path | None, typer.Option(help="a sweep grid YAML: one capacity per setting")] = None,
     cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
 ) -> None:
     """The highest arrival rate a pod (or --replicas N pods) sustains within the SLO, by bisection."""
     from capsim.studies.study_cli import run_capacity
 
-    run_capacity(scenario, replicas, seeds, horizon_s, rel_tol, cache, typer.echo)
+    run_capacity(scenario, replicas, seeds, horizon_s, rel_tol, cache, typer.echo, grid=grid)
 
 
 @app.command()
