@@ -56,3 +56,13 @@ def test_run_profile_refuses_to_overwrite_before_measuring(tmp_path: Path) -> No
     (tmp_path / "file").write_text("")
     with pytest.raises(ProfileError, match="is a file, not a folder"):
         run_profile("tiny", device="cpu", quick=True, out_dir=tmp_path / "file", progress=False)
+
+
+@pytest.mark.parametrize("device", ["tpu", "xyz", "cuda:99"])
+def test_a_device_torch_does_not_know_or_this_machine_lacks_is_refused(device: str) -> None:
+    from capsim.core.profiler import check_device
+
+    with pytest.raises(ProfileError, match="--device"):
+        check_device(device)
+    check_device("cpu")
+    check_device("auto")

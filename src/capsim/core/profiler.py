@@ -204,6 +204,27 @@ def _filename(device_type: str, device_name: str, model: str, dtype: str, quick:
     return f"{device.strip('-')}-{model}-{dtype}{suffix}.csv"
 
 
+def check_device(device: str) -> None:
+    """Refuse, with a ``ProfileError`` naming it, a device torch does not know or this machine does not have."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ProfileError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ProfileError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); "
+                               "use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ProfileError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ProfileError(f"--device {device}: MPS is not available here; use cpu or auto")
+    elif dev.type != "cpu":
+        raise ProfileError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
+
+
 def parse_lengths(text: str | None, option: str) -> tuple[int, ...] | None:
     """Token lengths from a comma-separated option (``"16,64,256"``); None when not given.
 
@@ -247,6 +268,7 @@ def run_profile(
 
     ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full). Without
     ``overwrite``, an existing file at that path raises ``ProfileError`` before anything is measured."""
+    check_device(device)
     engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
     target = Path(out_dir) / _filename(engine.device.type, engine.device_name, engine.config.name,
                                        engine.dtype_name, quick)
