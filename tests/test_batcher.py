@@ -115,7 +115,7 @@ async def test_reject_overflow_raises_queue_full_at_once():
         await asyncio.sleep(0)
         with pytest.raises(QueueFullError, match="queue is full") as info:
             await within(b.submit(3))
-        assert info.value.retry_after_s >= 1.0
+        assert info.value.retry_after_s == 1.0  # max(max_wait, 1 s)
         gate.set()
         assert await within(running) == 0
         assert await within(asyncio.gather(*queued)) == [2, 4]
@@ -133,8 +133,9 @@ async def test_wait_overflow_applies_back_pressure_then_times_out():
         waiting = asyncio.create_task(b.submit(2))  # waits for space
         await asyncio.sleep(0.01)
         assert not waiting.done()
-        with pytest.raises(QueueFullError, match="stayed full"):
+        with pytest.raises(QueueFullError, match="stayed full") as info:
             await within(b.submit(3, space_timeout_s=0.01))
+        assert info.value.retry_after_s == 1.0  # the same hint as a rejection: max(max_wait, 1 s)
         gate.set()
         assert await within(asyncio.gather(first, second, waiting)) == [0, 2, 4]
 
@@ -251,6 +252,7 @@ class FakeMetrics:
         self.batches: list[int] = []
         self.outcomes: list[str] = []
         self.ttfts: list[float | None] = []
+        self.calls: list[tuple[str, float | None, float | None, float | None]] = []
 
     def bind_queue_depth(self, read):
         self.depth = read
@@ -262,6 +264,7 @@ class FakeMetrics:
     def observe_request(self, outcome, queue_wait_s, ttft_s, latency_s):
         self.outcomes.append(outcome)
         self.ttfts.append(ttft_s)
+        self.calls.append((outcome, queue_wait_s, ttft_s, latency_s))
 
 
 @dataclass
@@ -532,3 +535,45 @@ async def test_as_runner_runs_a_blocking_function_off_the_loop():
         out = await within(asyncio.gather(b.submit(2), b.submit(3), return_exceptions=True))
     assert out[0] == 20 and isinstance(out[1], ValueError)
     assert seen and all(t != loop_thread for t in seen)
+
+
+async def test_failed_requests_report_their_wait_and_latency():
+    m = FakeMetrics()
+
+    async def runner(items: list[int]) -> list[int | BaseException]:
+        await asyncio.sleep(0.01)
+        if 0 in items:
+            raise RuntimeError("batch failed")
+        return [ValueError("item") if i == 3 else i for i in items]
+
+    async with DynamicBatcher(runner, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS), metrics=m) as b:
+        await within(asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True))
+    assert sorted(c[0] for c in m.calls) == ["failed", "failed", "failed", "ok"]
+    for outcome, wait, ttft, latency in m.calls:
+        assert wait is not None and latency is not None, outcome
+        assert wait >= 0 and latency >= wait + 0.009  # the runner's 10 ms are in the latency
+        assert ttft is None  # no result, no first token (and an ok int carries none)
+
+
+async def test_cancelled_while_its_failing_batch_runs_is_counted_as_cancelled_with_its_wait():
+    m = FakeMetrics()
+    gate = asyncio.Event()
+
+    async def runner(items: list[int]) -> list[int]:
+        await gate.wait()
+        raise RuntimeError("batch failed")
+
+    async with DynamicBatcher(runner, BatchSettings(max_batch_size=2, max_wait_ms=0), metrics=m) as b:
+        t1 = asyncio.create_task(b.submit(1))
+        t2 = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)
+        assert b.in_flight_batches == 1
+        t1.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        await all_resolved([t1, t2])
+    assert t1.cancelled() and isinstance(t2.exception(), RuntimeError)
+    by_outcome = {c[0]: c for c in m.calls}
+    assert sorted(by_outcome) == ["cancelled", "failed"] and len(m.calls) == 2
+    assert by_outcome["cancelled"][1] is not None  # it did wait in the queue: that is reported
+    assert by_outcome["failed"][3] is not None

@@ -232,7 +232,10 @@ class DynamicBatcher(Generic[P, R]):
         if not entry.future.done():
             self._settle(entry, "rejected", None, None, None)
             entry.future.set_exception(
-                QueueFullError(f"queue stayed full ({self.settings.queue_capacity} requests) for {timeout_s:g} s")
+                QueueFullError(
+                    f"queue stayed full ({self.settings.queue_capacity} requests) for {timeout_s:g} s",
+                    retry_after_s=max(self.settings.max_wait_s, 1.0),
+                )
             )
 
     def _release_space(self, n: int) -> None:
