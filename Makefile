@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
 
-.PHONY: help setup test test-all test-fast mutate lint bench demo profile validate clean
+.PHONY: help setup test test-all test-fast mutate lint bench demo profile validate lab notebooks kernel clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,11 +32,12 @@ test-all: $(STAMP) ## the whole suite with the real-Redis tests required (fails,
 test-fast: $(STAMP) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"
 
-lint: $(STAMP) ## ruff, mypy on src/, the import contracts, and capsim check on the shipped scenarios
+lint: $(STAMP) ## ruff, mypy on src/, the import contracts, capsim check on the shipped scenarios, no stored notebook outputs
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/capsim check data/scenarios/*.yaml
+	@$(PY) -c 'import sys, nbformat; bad = sorted({p for p in sys.argv[1:] for c in nbformat.read(p, 4).cells if c.cell_type == "code" and (c.outputs or c.execution_count)}); sys.exit("notebooks stored with outputs (clear them before committing): " + ", ".join(bad) if bad else 0)' notebooks/*.ipynb
 
 mutate: $(STAMP) ## mutation testing (mutmut) of the promise-carrying modules; MUTATE='batcher policy-batching' picks targets (slow, not CI; docs/testing.md)
 	$(PY) scripts/mutate.py $(MUTATE) $(MUTATE_ARGS)
@@ -50,8 +51,20 @@ profile: $(STAMP) ## measure the reference model on this machine into data/profi
 validate: $(STAMP) ## the real pod vs the simulator at 30/60/85% load (about 6 min; replaces data/validation/)
 	$(VENV)/bin/capsim validate --force
 
-demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU)
+demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU); writes out/report.md
 	$(VENV)/bin/capsim demo
+
+kernel: $(STAMP) ## register the venv's Python as the Jupyter kernel "capsim" (inside .venv, not per user)
+	$(PY) -m ipykernel install --sys-prefix --name capsim --display-name "capsim (.venv)" >/dev/null
+
+lab: kernel ## JupyterLab on the project's venv, kernel "capsim", opened on notebooks/
+	$(VENV)/bin/jupyter lab notebooks/
+
+notebooks: kernel ## execute every notebook (papermill; CAPSIM_QUICK=1 for quick mode) and render HTML under build/notebooks/
+	@mkdir -p build/notebooks
+	@set -e; for nb in notebooks/[0-9][0-9]_*.ipynb; do echo "== $$nb"; \
+	  $(VENV)/bin/papermill -k capsim --cwd . "$$nb" "build/notebooks/$$(basename $$nb)"; done
+	$(VENV)/bin/jupyter nbconvert --to html --output-dir build/notebooks build/notebooks/[0-9][0-9]_*.ipynb
 
 clean: ## remove caches and benchmark results (keeps .venv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .mutmut benchmarks/results/*.json
