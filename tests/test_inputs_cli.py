@@ -165,6 +165,10 @@ def test_validate_checks_its_arguments_before_profiling(tmp_path: Path, monkeypa
     (tmp_path / "file").write_text("")
     one_line_error(["validate", "--quick", "--out-dir", str(tmp_path / "file")], "--out-dir", "is a file")
     one_line_error(["validate", "--requests-per-level", "0", "--out-dir", str(tmp_path / "v")], "--requests-per-level")
+    one_line_error(["validate", "--prompt-tokens", "3000", "--out-dir", str(tmp_path / "v")],
+                   "--prompt-tokens must be <= 2048 (the validated pod's limit), got 3000")
+    one_line_error(["validate", "--prompt-tokens", "2048", "--output-tokens", "512", "--out-dir", str(tmp_path / "v")],
+                   "--prompt-tokens + --output-tokens must be <= 2047", "got 2560")
     assert not (tmp_path / "v").exists()
 
 

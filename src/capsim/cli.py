@@ -287,10 +287,29 @@ def validate(
     spec = ValidationSpec.quick() if quick else ValidationSpec()
     changes: dict[str, Any] = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
                                  "output_tokens": output_tokens}.items() if v is not None}
-    results = run_validation(replace(spec, **changes), out_dir=folder, echo=typer.echo)
+    spec = replace(spec, **changes)
+    _check_validation_lengths(spec.model, spec.prompt_tokens, spec.output_tokens)
+    results = run_validation(spec, out_dir=folder, echo=typer.echo)
     worst = worst_errors(results)
     typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
+
+
+def _check_validation_lengths(model: str, prompt_tokens: int, output_tokens: int) -> None:
+    """The pod the validation starts answers 413 past its default limits; say so before profiling."""
+    from capsim.core.engine import PRESETS
+    from capsim.core.service import PodConfig
+
+    limits = {"--prompt-tokens": (prompt_tokens, PodConfig.model_fields["max_prompt_tokens"].default),
+              "--output-tokens": (output_tokens, PodConfig.model_fields["max_new_tokens"].default)}
+    for option, (value, most) in limits.items():
+        if value > most:
+            raise CommandLineError(f"{option} must be <= {most} (the validated pod's limit), got {value}")
+    most = (PRESETS[model].max_seq_len - 1) // 2  # the validation profiles contexts up to twice the request's
+    if prompt_tokens + output_tokens > most:
+        raise CommandLineError(f"--prompt-tokens + --output-tokens must be <= {most} (the validation profiles "
+                               f"contexts up to twice that; model {model} holds {PRESETS[model].max_seq_len} "
+                               f"tokens), got {prompt_tokens + output_tokens}")
 
 
 def _executor_spec(dask: str | None, workers: int | None) -> str | None:
