@@ -407,16 +407,17 @@ class Scenario(BaseModel):
 
         Absolute paths stand. A relative one resolves against the scenario file's folder and then its
         parents (so ``data/traces/x.csv`` works from a scenario inside ``data/scenarios/``), then against
-        the data shipped with capsim (:mod:`capsim.paths`), and last, for a scenario built in memory,
-        against the working directory. A path found nowhere comes back as the scenario folder would
-        have it, so the error names a place the user can check.
+        the data shipped with capsim (:mod:`capsim.paths`), and last against the working directory. A
+        scenario built in memory (no file) tries the working directory first, then the shipped data. A
+        path found nowhere comes back as the scenario folder would have it, so the error names a place
+        the user can check.
         """
         from capsim.paths import PROJECT_ROOT
 
         if path.is_absolute():
             return path
         bases = [self._source.parent, *self._source.parent.parents] if self._source is not None else []
-        for base in (*bases, PROJECT_ROOT, Path.cwd()):
+        for base in (*bases, PROJECT_ROOT, Path.cwd()) if bases else (Path.cwd(), PROJECT_ROOT):
             if (base / path).exists():
                 return base / path
         return bases[0] / path if bases else path
