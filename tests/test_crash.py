@@ -4,6 +4,11 @@ Two real pod processes on loopback share a real redis-server. Multi-turn session
 pod and stay with the pod that answers; a failed attempt is retried on the other pod. Pod A is killed
 while requests are in flight, then restarted and shown to resume a session. The same crash is then
 simulated, and the failed-request counts compared.
+
+The assertions are the system's promises, not the operating system's scheduling: no acknowledged turn
+is lost, every failure is on the killed pod and at or after the kill, a session fails at most once and
+then continues on the survivor. Which of the killed pod's requests were sent just before the kill and
+which in the instant after it is the scheduler's business, and is not asserted (issue 12, section 6).
 """
 
 from __future__ import annotations
@@ -92,15 +97,16 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
 
     failed = [a for a in attempts if not a.ok]
     acked = [a for a in attempts if a.ok]
+    # closed-loop sessions with no think time always have a request on each pod: the kill finds some
     assert failed, "the kill should have caught some requests in flight"
-    # the failures are the requests on the killed pod when it died: in flight at the kill, or sent in
-    # the instant before the client saw it was gone; one per session living there, none elsewhere
+    # the failures are the requests on the killed pod when it died (in flight at the kill, or sent in
+    # the instant after it, before the client saw it was gone): one per session living there, none
+    # elsewhere, none before the kill (killed_at is read after the signal, in the clients' own loop)
     in_flight = [a for a in failed if a.sent <= killed_at]
     for a in failed:
         assert a.pod == 0, a
-        assert a.ended >= killed_at - 0.05, a
+        assert a.ended >= killed_at, a
     assert len({a.session for a in failed}) == len(failed) <= SESSIONS // 2
-    assert len(in_flight) >= len(failed) // 2
     assert resumed.status_code == 200 and resumed.json()["turn"] >= TURNS + 1
     # each session finished all its turns despite the crash: its retries went to the other pod
     for s in range(SESSIONS):
@@ -148,18 +154,24 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
         "batching": {"max_batch_size": 8, "max_wait_ms": 5},
         "pods": {"replicas": 2, "startup_s": 1.5},
         "router": {"kind": "session_affinity"},
-        "faults": {"crashes": [{"at_s": 1.0, "pods": 1}], "restart_s": 0.5},
+        "faults": {"crashes": [{"at_s": 1.0, "pods": 1}]},
         "state": {"store": "redis"},
         "client": {"timeout_s": 20, "max_retries": 3, "backoff_s": 0.05},
     })
     sim = simulate(scenario, seed=0)
     sim_failed_attempts = int(sim.summary.retries)
-    print(f"\nfailed requests at the crash: real {len(failed)} ({len(in_flight)} in flight at the kill), "
+    print(f"\nfailed requests at the crash: real {len(failed)} ({len(in_flight)} sent before the kill), "
           f"simulated {sim_failed_attempts} "
           f"(sessions {SESSIONS} x {TURNS} turns, 2 pods, one killed at 1.0 s)")
     assert sim.summary.crashes == 1
     done = sim.requests[sim.requests.outcome.notna()]
     assert (done.outcome == "ok").all()  # with retries and Redis state, nobody loses a turn
     assert sim.summary.lost_sessions == 0
-    # closed-loop sessions have one request each in flight: both lose the killed pod's share
-    assert 0 < sim_failed_attempts <= SESSIONS // 2
+    # the model and the real pods agree on the mechanism: a crash fails at most one request per
+    # session living on the killed pod (closed-loop sessions have one request each in flight), and the
+    # retries then succeed. How many of those sessions had a request out at the instant of the kill
+    # differs run to run in both (the real one by scheduling), so the counts share a bound, not a value.
+    living_on_killed_pod = SESSIONS // 2
+    assert 0 < sim_failed_attempts <= living_on_killed_pod
+    assert 0 < len(failed) <= living_on_killed_pod
+    assert sim_failed_attempts == int((sim.requests.attempts - 1).sum())  # the frame agrees with the counter

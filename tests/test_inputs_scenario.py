@@ -120,10 +120,10 @@ def test_a_time_series_row_every_nanosecond_is_refused() -> None:
 
 def test_a_crash_loop_is_refused() -> None:
     msg = refused("faults.pod_mtbf_s 1e-06", pods={"replicas": 2, "startup_s": 0},
-                  faults={"pod_mtbf_s": 1e-6, "restart_s": 0})
+                  faults={"pod_mtbf_s": 1e-6})
     assert "crash loop" in msg and f"{MAX_CRASHES:.0e}" in msg
     # a realistic MTBF passes
-    Scenario.model_validate(data(faults={"pod_mtbf_s": 7200, "restart_s": 0}, pods={"startup_s": 0}))
+    Scenario.model_validate(data(faults={"pod_mtbf_s": 7200}, pods={"startup_s": 0}))
 
 
 def test_hpa_intervals_of_a_microsecond_are_refused() -> None:

@@ -138,7 +138,7 @@ def test_a_scheduled_crash_with_no_pod_to_crash_is_logged_not_dropped() -> None:
         {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
                                   "target": {"type": "AverageValue", "averageValue": "1000"}}}]}
     sc = scenario(autoscaler=hpa, pods={"replicas": 2, "startup_s": 1},
-                  faults={"crashes": [{"at_s": 5, "pod": 5}, {"at_s": 10, "pods": 3}], "restart_s": 1})
+                  faults={"crashes": [{"at_s": 5, "pod": 5}, {"at_s": 10, "pods": 3}]})
     result = simulate(sc, 0)
     assert list(result.crashes.kind) == ["scheduled", "scheduled"] and result.summary.crashes == 2
     skipped = result.skipped_crashes

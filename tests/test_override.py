@@ -48,7 +48,7 @@ def test_missing_section_is_created(rush: Scenario) -> None:
     assert rush.faults is None
     new = rush.override({"faults.crashes": [{"at_s": 1900, "pods": 2}]})
     assert new.faults is not None and new.faults.crashes[0].pods == 2
-    assert new.faults.restart_s == 20.0  # the rest of the section keeps its defaults
+    assert new.faults.pod_mtbf_s is None and new.faults.redis_outages == ()  # the rest keeps its defaults
 
 
 @pytest.mark.parametrize(("path", "words"), [

@@ -111,7 +111,7 @@ def test_timeouts_abort_requests_in_the_engine_and_the_books_balance() -> None:
 
 
 def test_a_crash_fails_the_running_requests_and_the_pod_serves_again_after_its_restart() -> None:
-    sc = scenario(**{"pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}], "restart_s": 5},
+    sc = scenario(**{"pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}]},
                      "pods.startup_s": 5, "client.max_retries": 2, "workload.arrivals.rate_per_s": 50})
     r = simulate(sc, 6)
     assert len(r.crashes) == 1
@@ -137,7 +137,7 @@ def test_the_profile_adapter_runs_the_friday_rush_in_continuous_mode() -> None:
      "workload.output_tokens": {"kind": "lognormal", "mean": 150, "sigma": 0.5, "max": 400}, "horizon_s": 30,
      "batching.max_model_len": 600},
     {"batching.max_num_seqs": 2, "workload.output_tokens": {"kind": "constant", "value": 60}, "client.timeout_s": 2,
-     "pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}], "restart_s": 5}, "pods.startup_s": 5,
+     "pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}]}, "pods.startup_s": 5,
      "client.max_retries": 1},
     {"service": {"kind": "profile", "profile": "data/profiles/cpu-tiny-float32.csv", "extrapolate": True,
                  "noise": False},

@@ -20,7 +20,7 @@ def sessions_scenario(store: str, **changes: object) -> Scenario:
         "batching": {"max_batch_size": 8, "max_wait_ms": 10},
         "pods": {"replicas": 4, "startup_s": 30},
         "router": {"kind": "session_affinity"},
-        "faults": {"crashes": [{"at_s": CRASH_AT, "pod": 1}], "restart_s": 10},
+        "faults": {"crashes": [{"at_s": CRASH_AT, "pod": 1}]},
         "state": {"store": store},
         "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
     })
@@ -98,9 +98,9 @@ def test_overload_times_out_and_retries_with_backoff() -> None:
 
 def test_random_crashes_restart_and_cold_start() -> None:
     s = sessions_scenario("redis").override({
-        "faults": {"pod_mtbf_s": 100, "restart_s": 10}, "horizon_s": 400, "workload.sessions.turns": 1})
+        "faults": {"pod_mtbf_s": 100}, "horizon_s": 400, "workload.sessions.turns": 1})
     r = simulate(s, seed=2)
     assert r.summary.crashes >= 5
     ts = r.timeseries
     assert (ts["starting_replicas"] > 0).any()  # crashed pods restart and cold-start
-    assert (ts["ready_replicas"] + ts["starting_replicas"] == 4).all()
+    assert (ts["ready_replicas"] + ts["starting_replicas"] + ts["crashed_replicas"] == 4).all()

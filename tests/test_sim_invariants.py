@@ -30,7 +30,7 @@ def busy_scenario(**changes: object) -> Scenario:
         "batching": {"max_batch_size": 8, "max_wait_ms": 20, "queue_capacity": 40},
         "pods": {"replicas": 3, "startup_s": 20},
         "autoscaler": {"minReplicas": 2, "maxReplicas": 12, "metrics": [QUEUE_METRIC]},
-        "faults": {"pod_mtbf_s": 300, "crashes": [{"at_s": 150, "pods": 1}], "restart_s": 5},
+        "faults": {"pod_mtbf_s": 300, "crashes": [{"at_s": 150, "pods": 1}]},
         "client": {"timeout_s": 1.5, "max_retries": 2, "backoff_s": 0.5},
     })
     return s.override(changes) if changes else s

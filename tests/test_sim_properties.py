@@ -22,7 +22,6 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     faults: dict[str, Any] = {
         "crashes": [{"at_s": draw(st.floats(0, HORIZON)), "pods": draw(st.integers(1, 2))}
                     for _ in range(draw(st.integers(0, 2)))],
-        "restart_s": draw(st.floats(0, 10)),
         "redis_outages": [{"at_s": draw(st.floats(0, HORIZON)), "duration_s": draw(st.floats(0.1, 10))}
                           for _ in range(draw(st.integers(0, 1)))],
     }

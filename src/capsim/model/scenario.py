@@ -197,11 +197,31 @@ Duration = Annotated[
 ]
 
 
+class CrashLoopBackOff(_Section):
+    """The kubelet's restart delays (client-go ``flowcontrol.Backoff``; see ``capsim.sim.kubelet``)."""
+
+    initial_s: Float = Field(10.0, ge=0, description="kubelet backOffPeriod: the delay after the 2nd quick exit")
+    max_s: Float = Field(300.0, ge=0, description="kubelet MaxContainerBackOff: the delay doubles up to this")
+    reset_s: Float = Field(600.0, ge=0, description="an exit this long after the last restart starts over")
+
+    @model_validator(mode="after")
+    def _order(self) -> Self:
+        if self.max_s < self.initial_s:
+            raise ValueError(f"max_s must be >= initial_s ({self.initial_s}), got {self.max_s}")
+        return self
+
+
 class Pods(_Section):
     replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
-    startup_s: Duration = Field(
-        ConstantDuration(kind="constant", value_s=60.0), description="cold start: image pull, model load, warm-up"
+    image_pull_s: Duration = Field(
+        ConstantDuration(kind="constant", value_s=0.0),
+        description="pulling the image, once per node (a restart on the same node reuses it)",
     )
+    startup_s: Duration = Field(
+        ConstantDuration(kind="constant", value_s=60.0),
+        description="container start to ready: model load and warm-up, paid by every start including restarts",
+    )
+    crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
     gpu_cost_per_hour: Float = Field(0.0, ge=0)
     termination_grace_s: Float = Field(30.0, ge=0, description="a terminating pod's time to drain")
 
@@ -289,10 +309,28 @@ class RedisOutage(_Section):
 
 
 class Faults(_Section):
-    pod_mtbf_s: Float | None = Field(None, gt=0, description="mean time between crashes of one pod")
+    pod_mtbf_s: Float | None = Field(
+        None, gt=0, description="mean time between crashes of one running container (starting or ready)"
+    )
     crashes: tuple[Crash, ...] = ()
-    restart_s: Float = Field(20.0, ge=0, description="crash to container restart; a cold start follows")
     redis_outages: tuple[RedisOutage, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _restart_s_is_gone(cls, data: Any) -> Any:
+        # ``restart_s`` (a constant crash-to-restart delay) was replaced by the kubelet's CrashLoopBackOff
+        # (``pods.crash_loop_backoff``); older scenario files still load, with a warning, and it has no effect
+        if isinstance(data, Mapping) and "restart_s" in data:
+            import warnings
+
+            warnings.warn(
+                f"faults.restart_s ({data['restart_s']!r}) is deprecated and ignored: a crashed container "
+                "restarts as the kubelet restarts it (pods.crash_loop_backoff: at once, then 10, 20, 40 ... "
+                "300 s); remove it from the scenario",
+                DeprecationWarning, stacklevel=2,
+            )
+            data = {k: v for k, v in data.items() if k != "restart_s"}
+        return data
 
 
 class State(_Section):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from capsim.model.scenario import Duration, Scenario
+    from capsim.model.scenario import Scenario
 
 #: Requests one run may expect. A run's peak memory grows by ~350 bytes per request (measured: 400,000
 #: requests on 20 pods raised the peak RSS by 140 MB), so 2e7 requests take ~7 GB; benchmarks/bench_sim.py
@@ -47,15 +47,6 @@ class Workload:
     hpa_syncs: float
     scrapes: float
     crashes: float
-
-
-def _mean_s(d: Duration) -> float:
-    kind = d.kind
-    if kind == "constant":
-        return float(d.value_s)  # type: ignore[union-attr]
-    if kind == "uniform":
-        return (d.low_s + d.high_s) / 2.0  # type: ignore[union-attr]
-    return float(d.mean_s)  # type: ignore[union-attr]
 
 
 def expected_sessions(scenario: Scenario) -> float | None:
@@ -92,8 +83,9 @@ def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
     crashes = 0.0
     faults = scenario.faults
     if faults is not None and faults.pod_mtbf_s is not None:
-        cycle = faults.pod_mtbf_s + faults.restart_s + _mean_s(scenario.pods.startup_s)
-        crashes = max_pods(scenario) * horizon / cycle
+        # a container may crash while it starts and the first restart is immediate (CrashLoopBackOff):
+        # one crash per MTBF per pod is the most a crash loop makes on average
+        crashes = max_pods(scenario) * horizon / faults.pod_mtbf_s
     return Workload(
         requests=n_requests,
         timeseries_rows=horizon / scenario.timeseries_interval_s,
@@ -146,7 +138,7 @@ def check_limits(scenario: Scenario) -> list[str]:
         f = scenario.faults
         assert f is not None
         problems.append(
-            f"faults.pod_mtbf_s {f.pod_mtbf_s:g} with restart_s {f.restart_s:g} and pods.startup_s makes about "
+            f"faults.pod_mtbf_s {f.pod_mtbf_s:g} makes up to about "
             f"{w.crashes:.3g} crashes on {max_pods(scenario)} pods in horizon_s {h:g} (a crash loop), over the "
             f"limit of {MAX_CRASHES:.0e}; raise pod_mtbf_s"
         )

@@ -1,10 +1,12 @@
-"""The Deployment and the GPU nodes under it: creates and deletes pods and moves them through their lives.
+"""The Deployment and the kubelets under it: creates and deletes pods and moves them through their lives.
 
 ``scale_to(n)`` is what the HPA (or the initial spec) asks; the cluster adds pods (Pending until a GPU is
-free, then a cold start) or removes them (the least useful first: pending, then starting, then the
-newest ready ones, as a ReplicaSet does). With a ``cluster`` section the GPUs are finite: missing nodes
-are provisioned, ``node_provision_s`` later, up to ``max_gpus``; without one a GPU is always free.
-Nodes are never removed within a run. A pod holds its GPU from its cold start until it is gone.
+free) or removes them (the least useful first: pending, then starting, then the newest ready ones, as a
+ReplicaSet does). Where GPUs come from is ``nodes.py``. A placed pod pulls its image unless its node has
+it (``pods.image_pull_s``), then its container starts and is ready ``pods.startup_s`` later. A container
+can crash while it starts or serves; the kubelet restarts it in place (same node, image already there)
+after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``startup_s``). A pod holds its
+GPU from its placement until it is gone.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
 
-from capsim.model.scenario import ConstantDuration, LognormalDuration, UniformDuration
+from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, UniformDuration
 from capsim.sim.continuous import ContinuousPod
+from capsim.sim.kubelet import ContainerBackOff
+from capsim.sim.nodes import Node, NodePool
 from capsim.sim.pod import Pod, PodState
 
 if TYPE_CHECKING:
@@ -32,27 +36,25 @@ class Cluster:
         self.pods: list[Pod] = []
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
-        spec = sim.scenario.cluster
-        self._node_gpus = spec.node_gpus if spec else 0
-        self._max_gpus = spec.max_gpus if spec else math.inf
-        self._provision_s = spec.node_provision_s if spec else 0.0
-        self.gpus = math.inf if spec is None else 0  # GPUs on provisioned nodes
-        self.gpus_used = 0
-        self._provisioning = 0  # GPUs on nodes being provisioned
+        self.nodes = NodePool(sim, self._place)
         self._pending: list[Pod] = []
+        self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
+        self._backoff: dict[int, ContainerBackOff] = {}  # pod id -> the kubelet's backoff entry
+        self._running: set[int] = set()  # pods whose container runs (started, not crashed)
+        self.restarts = 0  # container restarts by the kubelet
         self.scale_events: list[tuple[float, int, int]] = []
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
         """Time 0: ``replicas`` pods already ready (warm), on enough nodes for them."""
-        if self._node_gpus:
-            nodes = math.ceil(replicas / self._node_gpus)
-            self.gpus = min(nodes * self._node_gpus, self._max_gpus)
+        self.nodes.start(replicas)
         self.desired = replicas
         for _ in range(replicas):
             pod = self._new_pod(0.0)
-            if self.gpus_used < self.gpus:
+            if self.nodes.has_free():
                 self._take_gpu(pod, 0.0)
+                self._running.add(pod.id)
+                self.sim.faults.container_started(pod, 0.0)
                 self._ready(pod, 0.0)
             else:
                 self._pending.append(pod)
@@ -82,44 +84,51 @@ class Cluster:
 
     def _place(self, now: float) -> None:
         """Start pending pods on free GPUs; provision nodes for the rest, within max_gpus."""
-        while self._pending and self.gpus_used < self.gpus:
+        while self._pending and self.nodes.has_free():
             pod = self._pending.pop(0)
             self._take_gpu(pod, now)
             self._cold_start(pod, now)
-        if self._pending and self._node_gpus:
-            short = len(self._pending) - self._provisioning
-            room = self._max_gpus - self.gpus - self._provisioning
-            nodes = min(math.ceil(max(short, 0) / self._node_gpus), int(room // self._node_gpus))
-            for _ in range(max(nodes, 0)):
-                self._provisioning += self._node_gpus
-                ev = Timeout(self.sim.env, self._provision_s)
-                ev.callbacks.append(self._node_ready)
-
-    def _node_ready(self, ev: Timeout) -> None:
-        self._provisioning -= self._node_gpus
-        self.gpus += self._node_gpus
-        self._place(self.sim.env.now)
+        self.nodes.provision_for(len(self._pending), now)
 
     def _take_gpu(self, pod: Pod, now: float) -> None:
-        self.gpus_used += 1
+        self._node[pod.id] = self.nodes.take()
         pod.gpu_since = now
 
     def _release_gpu(self, pod: Pod, now: float) -> None:
         if pod.gpu_since is not None:
             pod.gpu_s += now - pod.gpu_since
             pod.gpu_since = None
-            self.gpus_used -= 1
+            self.nodes.release(self._node.pop(pod.id, None))
             self._place(now)
 
     # ---- a pod's life -------------------------------------------------------------------------------
-    def _cold_start(self, pod: Pod, now: float, delay_s: float = 0.0) -> None:
+    def _cold_start(self, pod: Pod, now: float) -> None:
+        """A placed pod: it pulls the image unless its node has it, then its container starts."""
         pod.state = PodState.STARTING
-        ev = Timeout(self.sim.env, delay_s + self._startup_s(), (pod, pod.incarnation))
+        wait = self.nodes.image_wait_s(self._node.get(pod.id), now,
+                                       lambda: self._draw(self.sim.scenario.pods.image_pull_s, "image_pull"))
+        if wait > 0.0:
+            ev = Timeout(self.sim.env, wait, (pod, pod.incarnation))
+            ev.callbacks.append(self._pulled)
+        else:
+            self._start_container(pod, now)
+
+    def _pulled(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.STARTING and pod.incarnation == incarnation:
+            self._start_container(pod, self.sim.env.now)
+
+    def _start_container(self, pod: Pod, now: float) -> None:
+        """The container starts (a first start or a kubelet restart): it is ready ``startup_s`` later,
+        and may crash from now on."""
+        pod.state = PodState.STARTING
+        self._running.add(pod.id)
+        self.sim.faults.container_started(pod, now)
+        ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
         ev.callbacks.append(self._started)
 
-    def _startup_s(self) -> float:
-        d = self.sim.scenario.pods.startup_s
-        gen = self.sim.streams["startup"]
+    def _draw(self, d: Duration, stream: str) -> float:
+        gen = self.sim.streams[stream]
         if isinstance(d, ConstantDuration):
             return d.value_s
         if isinstance(d, UniformDuration):
@@ -138,16 +147,18 @@ class Cluster:
         self.endpoints.append(pod)
         self.endpoints.sort(key=lambda p: p.id)
         self.sim.router.touch(pod)
-        self.sim.faults.pod_ready(pod, now)
 
     def _leave_endpoints(self, pod: Pod) -> None:
         if pod in self.endpoints:
             self.endpoints.remove(pod)
 
     def crash(self, pod: Pod, now: float) -> None:
-        """The pod's container dies at ``now``: its requests fail; it restarts and cold-starts."""
-        if pod.state not in (PodState.READY, PodState.STARTING, PodState.TERMINATING):
-            return
+        """The pod's container dies at ``now`` (starting or serving): its requests fail; the kubelet
+        restarts it after the CrashLoopBackOff delay, CRASHED until then."""
+        if pod.id not in self._running or pod.state not in (PodState.READY, PodState.STARTING,
+                                                              PodState.TERMINATING):
+            return  # no container runs: still pulling its image, or waiting for a restart
+        self._running.discard(pod.id)
         terminating = pod.state == PodState.TERMINATING
         self._leave_endpoints(pod)
         held = pod.kill(now)
@@ -156,7 +167,25 @@ class Cluster:
             self._gone(pod, now)
             return
         pod.state = PodState.CRASHED
-        self._cold_start(pod, now, delay_s=self.sim.scenario.faults.restart_s if self.sim.scenario.faults else 0.0)
+        backoff = self._backoff.get(pod.id)
+        if backoff is None:
+            b = self.sim.scenario.pods.crash_loop_backoff
+            backoff = self._backoff[pod.id] = ContainerBackOff(b.initial_s, b.max_s, b.reset_s)
+        delay = backoff.exited(now)
+        if delay == 0.0:
+            self._restart(pod, now)
+        else:
+            ev = Timeout(self.sim.env, delay, (pod, pod.incarnation))
+            ev.callbacks.append(self._backoff_over)
+
+    def _backoff_over(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.CRASHED and pod.incarnation == incarnation:
+            self._restart(pod, self.sim.env.now)
+
+    def _restart(self, pod: Pod, now: float) -> None:
+        self.restarts += 1
+        self._start_container(pod, now)
 
     def terminate(self, pod: Pod, now: float) -> None:
         """Delete a pod: it leaves the endpoints, drains its queue, and is killed after the grace period."""
@@ -190,6 +219,7 @@ class Cluster:
 
     def _gone(self, pod: Pod, now: float) -> None:
         pod.state = PodState.GONE
+        self._running.discard(pod.id)
         self._release_gpu(pod, now)
         self.sim.client.pod_gone(pod, now)
 

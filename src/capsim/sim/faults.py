@@ -1,10 +1,12 @@
 """Faults injected into a run: random pod crashes (MTBF), scheduled crashes, and Redis outages.
 
-A random crash is drawn per ready period of a pod: when a pod becomes ready it draws its time to
-failure from an exponential of mean ``pod_mtbf_s`` (the ``crashes`` stream); if it is still in the same
-life then, it crashes. A scheduled crash picks its victims among the ready pods with the same stream
-(or takes the pod id given). What a crash does to requests and sessions is the client's business
-(``client.py``); what it does to the pod (restart, cold start) the cluster's.
+A random crash is drawn per run of a container: when a pod's container starts (a first start or a
+kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
+``crashes`` stream); if the container still runs then (starting, ready or draining), it crashes. A
+container can so crash before it is ready, and a flaky pod crash-loops. A scheduled crash picks its
+victims among the ready pods with the same stream (or takes the pod id given). What a crash does to
+requests and sessions is the client's business (``client.py``); what it does to the pod (the kubelet's
+restart) the cluster's.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class Faults:
                 ev = Timeout(sim.env, crash.at_s, crash)
                 ev.callbacks.append(self._scheduled)
 
-    def pod_ready(self, pod: Pod, now: float) -> None:
-        """Draw the random crash of this ready period, if crashes are random."""
+    def container_started(self, pod: Pod, now: float) -> None:
+        """Draw the random crash of this container run, if crashes are random."""
         if self._mtbf is None:
             return
         delay = float(self._gen.exponential(self._mtbf))
@@ -51,7 +53,8 @@ class Faults:
 
     def _random(self, ev: Timeout) -> None:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
-        if pod.incarnation == incarnation and pod.state in (PodState.READY, PodState.TERMINATING):
+        if pod.incarnation == incarnation and pod.state in (PodState.STARTING, PodState.READY,
+                                                            PodState.TERMINATING):
             self._crash(pod, "random")
 
     def _scheduled(self, ev: Timeout) -> None:

@@ -138,10 +138,11 @@ class Simulation:
             row: tuple[float, ...] = (
                 now, client.n_arrived - last[0], (client.n_arrived - last[0]) / every, client.n_ok - last[1],
                 errors - last[2], self.cluster.desired, n_ready,
-                states.count(PodState.STARTING) + states.count(PodState.CRASHED),
+                states.count(PodState.STARTING),
                 states.count(PodState.PENDING), states.count(PodState.TERMINATING),
                 sum(len(p.queue) for p in serving), sum(p.outstanding for p in serving), busy_frac,
                 self.autoscaling.last_value if self.autoscaling else float("nan"),
+                states.count(PodState.CRASHED),
             )
             if self.continuous is not None:
                 row += continuous_row(serving)

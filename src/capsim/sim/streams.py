@@ -22,6 +22,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "startup",  # cold-start durations
     "retries",  # reserved for retry jitter
     "sessions",  # reserved for per-session draws (think times)
+    "image_pull",  # image pull durations (once per node)
 )
 
 

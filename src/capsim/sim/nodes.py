@@ -1,0 +1,136 @@
+"""The GPU nodes under the Deployment: where a pod gets its GPU, which nodes hold the image, node provisioning.
+
+With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`` GPUs (the last one smaller
+when ``max_gpus`` is not a multiple). A pending pod takes a free GPU on the oldest ready node that has one
+(a bin-packing placement, as kube-scheduler's ``MostAllocated`` scoring would give; the default profile
+scores CPU and memory only). Missing nodes are provisioned, ``node_provision_s`` later, up to ``max_gpus``,
+as cluster-autoscaler scales a node group up. A new node has no image: the first pod placed on it pulls it
+(``pods.image_pull_s``), and pods placed while the pull runs wait for the same pull. Without a ``cluster``
+section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from simpy.events import Timeout
+
+if TYPE_CHECKING:
+    from capsim.sim.simulate import Simulation
+
+
+class Node:
+    """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
+
+    __slots__ = ("cordoned", "created_s", "gpus", "id", "image_at_s", "ready_s", "removed_s", "unneeded_since",
+                 "used")
+
+    def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None) -> None:
+        self.id = node_id
+        self.gpus = gpus
+        self.used = 0
+        self.created_s = created_s  # billed from here
+        self.ready_s = ready_s  # None while it is provisioned
+        self.removed_s: float | None = None  # billed until here
+        self.image_at_s: float | None = None  # when the image is (or will be) on the node
+        self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
+        self.unneeded_since: float | None = None
+
+    @property
+    def free(self) -> int:
+        return self.gpus - self.used if self.ready_s is not None and not self.cordoned and self.removed_s is None \
+            else 0
+
+    def __repr__(self) -> str:
+        return f"Node({self.id}, {self.used}/{self.gpus} GPUs)"
+
+
+class NodePool:
+    """The nodes of the cluster section, or an unlimited supply of GPUs without one."""
+
+    def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None]) -> None:
+        self.sim = sim
+        spec = sim.scenario.cluster
+        self.limited = spec is not None
+        self.node_gpus = spec.node_gpus if spec else 0
+        self.max_gpus = spec.max_gpus if spec else 0
+        self.provision_s = spec.node_provision_s if spec else 0.0
+        self.nodes: list[Node] = []
+        self._on_node_ready = on_node_ready
+
+    # ---- capacity --------------------------------------------------------------------------------
+    def _live(self) -> list[Node]:
+        return [n for n in self.nodes if n.removed_s is None]
+
+    def _add(self, now: float, ready: bool) -> Node | None:
+        room = self.max_gpus - sum(n.gpus for n in self._live())
+        if room <= 0:
+            return None
+        node = Node(len(self.nodes), min(self.node_gpus, room), now, now if ready else None)
+        self.nodes.append(node)
+        return node
+
+    def start(self, replicas: int) -> None:
+        """Time 0: enough ready nodes, with the image, for ``replicas`` pods (within ``max_gpus``)."""
+        if not self.limited:
+            return
+        while sum(n.gpus for n in self.nodes) < replicas:
+            node = self._add(0.0, ready=True)
+            if node is None:
+                break
+            node.image_at_s = 0.0
+
+    def take(self) -> Node | None:
+        """A free GPU for a pod: its node (``None`` without a cluster section); raises if there is none."""
+        if not self.limited:
+            return None
+        for node in self.nodes:
+            if node.free > 0:
+                node.used += 1
+                node.unneeded_since = None
+                return node
+        raise LookupError("no free GPU")  # callers ask has_free() first
+
+    def has_free(self) -> bool:
+        return not self.limited or any(n.free > 0 for n in self.nodes)
+
+    def release(self, node: Node | None) -> None:
+        """A pod on ``node`` gave its GPU back."""
+        if node is not None:
+            node.used -= 1
+
+    def provision_for(self, waiting: int, now: float) -> None:
+        """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
+        if not self.limited or waiting <= 0:
+            return
+        coming = sum(n.gpus for n in self.nodes if n.ready_s is None and n.removed_s is None)
+        short = waiting - coming
+        for _ in range(math.ceil(max(short, 0) / self.node_gpus)):
+            node = self._add(now, ready=False)
+            if node is None:
+                return
+            ev = Timeout(self.sim.env, self.provision_s, node)
+            ev.callbacks.append(self._node_ready)
+
+    def _node_ready(self, ev: Timeout) -> None:
+        node = cast(Node, ev.value)
+        now = self.sim.env.now
+        node.ready_s = now
+        self._on_node_ready(now)
+
+    # ---- the image -------------------------------------------------------------------------------
+    def image_wait_s(self, node: Node | None, now: float, pull_s: Callable[[], float]) -> float:
+        """How long a pod placed on ``node`` at ``now`` waits for the image (pulls it if nobody has)."""
+        if node is None:
+            return pull_s()
+        if node.image_at_s is None:
+            node.image_at_s = now + pull_s()
+        return max(node.image_at_s - now, 0.0)
+
+    # ---- accounting ------------------------------------------------------------------------------
+    def node_gpu_seconds(self, now: float) -> float:
+        """GPU-seconds of the nodes from their creation to their removal (or ``now``)."""
+        return sum(n.gpus * (min(n.removed_s if n.removed_s is not None else now, now) - n.created_s)
+                   for n in self.nodes if n.created_s < now)
