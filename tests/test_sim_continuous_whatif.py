@@ -1,0 +1,32 @@
+"""The batch-mode what-if: the fewest fixed pods meeting the SLO, static against continuous batching."""
+
+from __future__ import annotations
+
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.studies.batch_modes import compare_batch_modes, fixed_fleet, pods_needed
+
+SHORT = {"horizon_s": 90, "warmup_s": 10, "workload.arrivals.rate_per_s": [[0, 8], [30, 40], [60, 8]]}
+
+
+def test_the_fewest_pods_pass_and_one_fewer_fails() -> None:
+    sc = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml").override(SHORT)
+    r = pods_needed(sc, max_replicas=8)
+    assert r.mode == "continuous" and r.pods is not None
+    assert r.probes[r.pods] and r.summary["slo_met"]
+    if r.pods > 1:
+        assert r.probes[r.pods - 1] is False
+    fleet = fixed_fleet(sc, 3)
+    assert fleet.autoscaler is None and fleet.cluster is None and fleet.pods.replicas == 3
+
+
+def test_compare_takes_static_then_continuous() -> None:
+    st = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override(SHORT)
+    co = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml").override(SHORT)
+    with pytest.raises(ValueError, match="static-mode scenario, then a continuous-mode one"):
+        compare_batch_modes(co, st)
+    static, continuous = compare_batch_modes(st, co, max_replicas=8)
+    assert (static.mode, continuous.mode) == ("static", "continuous")
+    # continuous batching never needs more pods here: finished requests leave at once
+    assert static.pods is not None and continuous.pods is not None and continuous.pods <= static.pods
