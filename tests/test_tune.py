@@ -20,7 +20,7 @@ from capsim.studies.tune import _changes, evaluate, pareto, tune
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "data" / "profiles" / "cpu-tiny-float32.csv"
-STRESSES = {"crash": {"faults.crashes": [{"at_s": 30, "pods": 1}], "faults.restart_s": 5},
+STRESSES = {"crash": {"faults.crashes": [{"at_s": 30, "pods": 1}]},
             "steady": {}}
 SPACE = {"params": {"pods.replicas": {"low": 1, "high": 3},
                     "batching.max_batch_size": {"choices": [4, 16]},
@@ -65,7 +65,7 @@ def test_trials_record_every_run_and_why_a_candidate_was_rejected(result: Any) -
     # an accepted candidate ran every stress under every seed
     for _, runs in accepted.groupby("trial"):
         assert len(runs) == len(STRESSES) * 2 and runs["slo_met"].astype(bool).all()
-    rejected = t[t["status"] == "rejected"].drop_duplicates("trial")
+    rejected = t[t["status"] != "accepted"].drop_duplicates("trial")
     assert (rejected["reason"].str.len() > 0).all()
     checked = rejected[rejected["batching.queue_capacity"] == 2]
     assert len(checked) and checked["reason"].str.startswith("check: batching.queue_capacity").all()
@@ -81,6 +81,17 @@ def test_a_candidate_stops_at_its_first_missed_run() -> None:
     ok = evaluate(small(), {"pods.replicas": 3}, STRESSES, [0, 1], None)
     assert ok["status"] == "accepted" and len(ok["runs"]) == 4 and ok["constraint"] == 0
     assert ok["ttft_p99_s"] == max(r["ttft_p99_s"] for r in ok["runs"])
+
+
+def test_a_passing_candidate_beaten_by_an_accepted_one_stops_after_one_seed() -> None:
+    ok = evaluate(small(), {"pods.replicas": 3}, STRESSES, [0, 1], None)
+    cheaper_and_faster = [(ok["cost"] / 2, ok["ttft_p99_s"] / 2)]
+    out = evaluate(small(), {"pods.replicas": 3}, STRESSES, [0, 1], None, front=cheaper_and_faster)
+    assert out["status"] == "dominated" and out["reason"].startswith("after seed 0:")
+    assert len(out["runs"]) == len(STRESSES) and out["constraint"] == 0
+    # not beaten on both: it goes on to every seed
+    cheaper_only = [(ok["cost"] / 2, ok["ttft_p99_s"] * 10)]
+    assert evaluate(small(), {"pods.replicas": 3}, STRESSES, [0, 1], None, front=cheaper_only)["status"] == "accepted"
 
 
 def test_front_is_the_pareto_front_and_the_best_is_the_cheapest(result: Any) -> None:

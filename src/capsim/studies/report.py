@@ -71,9 +71,12 @@ def front_figure(result: TuneResult, path: Path) -> Path:
     per = t.groupby("trial").agg(cost=("cost", "mean"), ttft=("ttft_p99_s", "max"), status=("status", "first"))
     per = per.dropna()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    rej = per[per["status"] != "accepted"]
+    rej = per[per["status"] == "rejected"]
+    dom = per[per["status"] == "dominated"]
     acc = per[per["status"] == "accepted"]
     ax.scatter(rej["cost"], rej["ttft"], s=14, c="0.7", label="rejected (runs until the first miss)")
+    if len(dom):
+        ax.scatter(dom["cost"], dom["ttft"], s=14, c="C9", marker="x", label="dominated after one seed")
     ax.scatter(acc["cost"], acc["ttft"], s=18, c="C0", label="met the SLO in every run")
     if len(result.front):
         f = result.front

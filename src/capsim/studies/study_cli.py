@@ -81,7 +81,7 @@ def run_tune(scenario: Path | None, space: Path, out: Path, *, seeds: int | None
     files = result.write(out)
     p = result.provenance
     echo(f"{p['budget']} settings: {p['accepted']} met the SLO in every stress and seed, {p['rejected']} "
-         f"rejected; {p['runs']} runs")
+         f"rejected, {p['dominated']} stopped as dominated; {p['runs']} runs")
     if result.best is None:
         echo("no setting met the SLO under every stress: widen the space (more replicas, lower targets)")
         reasons = result.trials.drop_duplicates("trial")["reason"].value_counts().head(5)

@@ -92,6 +92,7 @@ def tune(scenario: Scenario | str | Path, space: Space | Mapping[str, Any] | str
         width = max(1, workers_of(ex))
         done = 0
         while done < n_trials:
+            front = [(r["cost"], r["ttft_p99_s"]) for r in records if r["status"] == "accepted"]
             round_ = [study.ask() for _ in range(min(width, n_trials - done))]
             jobs: list[tuple[Any, dict[str, Any], str, Future[dict[str, Any]] | None]] = []
             for trial in round_:
@@ -101,7 +102,7 @@ def tune(scenario: Scenario | str | Path, space: Space | Mapping[str, Any] | str
                 if ident in evaluated:
                     jobs.append((trial, params, ident, None))
                 else:
-                    fut = ex.submit(evaluate, base, changes, stress_map, seeds_, cache_root)
+                    fut = ex.submit(evaluate, base, changes, stress_map, seeds_, cache_root, front)
                     evaluated[ident] = {}  # placeholder: a twin in the same round waits for this one
                     jobs.append((trial, params, ident, fut))
             for _, _, ident, pending in jobs:
@@ -119,9 +120,14 @@ def tune(scenario: Scenario | str | Path, space: Space | Mapping[str, Any] | str
 
 
 def evaluate(base: Scenario, changes: dict[str, Any], stresses: dict[str, dict[str, Any]], seeds: list[int],
-             cache_root: str | None) -> dict[str, Any]:
+             cache_root: str | None, front: Sequence[tuple[float, float]] = ()) -> dict[str, Any]:
     """One candidate: checks, then runs seed by seed through every stress until one misses (the worker's
-    task). Returns status, reason, the runs, the mean cost and the worst p99 TTFT of the runs made."""
+    task). Returns status, reason, the runs, the mean cost and the worst p99 TTFT of the runs made.
+
+    ``front`` holds (cost, worst p99 TTFT) of candidates already accepted: a candidate that passed its
+    first seed but is already beaten on both by one of them stops there (status ``dominated``). Its worst
+    TTFT can only grow with more seeds and its cost hardly moves (the fleet, not the noise, sets it), so
+    it could be neither the cheapest nor on the front; the runs it skips are most of a late search."""
     from capsim.studies.checks import failed, run_checks
 
     try:
@@ -147,6 +153,14 @@ def evaluate(base: Scenario, changes: dict[str, Any], stresses: dict[str, dict[s
             why, violation = _miss(s, slo.ttft_p99_s, slo.max_error_rate)
             if why:
                 return _verdict(runs, "rejected", f"stress {name!r} seed {seed}: {why}", violation)
+        if seed != seeds[-1] and front:
+            so_far = _verdict(runs, "", "", 0.0)
+            c, t = so_far["cost"], so_far["ttft_p99_s"]
+            beaten = [(fc, ft) for fc, ft in front if fc <= c and ft <= t and (fc < c or ft < t)]
+            if beaten:
+                fc, ft = min(beaten)
+                return _verdict(runs, "dominated", f"after seed {seed}: cost {c:.4g} and p99 TTFT {t:.3g} s, "
+                                f"beaten by an accepted setting (cost {fc:.4g}, p99 TTFT {ft:.3g} s)", 0.0)
     return _verdict(runs, "accepted", "", 0.0)
 
 
@@ -258,7 +272,8 @@ def _result(base: Scenario, sp: Space, records: list[dict[str, Any]], stresses: 
             "sampler": f"optuna {_optuna_version()} TPESampler(seed={sampler_seed}), two objectives "
                        "(cost, worst p99 TTFT) with a feasibility constraint",
             "capsim_version": capsim.__version__,
-            "accepted": len(ok), "rejected": len(table) - len(ok),
+            "accepted": len(ok), "dominated": int((table["status"] == "dominated").sum()),
+            "rejected": int((table["status"] == "rejected").sum()),
             "runs": sum(len(r["runs"]) for r in records)}
     return TuneResult(best, best_params, trials, front, stresses, prov)
 
