@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from capsim.core.loadgen import ClientPolicy, LoadgenError, check_targets, run_load
+from capsim.core.loadgen import CUT_OFF, ClientPolicy, LoadgenError, check_targets, run_load
 from capsim.model.request import REQUEST_COLUMNS
 from podproc import PodProcess
 
@@ -96,3 +98,50 @@ def test_targets_must_be_loopback_unless_allowed():
     assert check_targets(["http://10.0.0.5:8000"], allow_remote=True)
     with pytest.raises(LoadgenError, match="max_requests"):
         asyncio.run(run_load(["http://127.0.0.1:1"], plan(1), max_requests=0))
+
+
+def _silent_server() -> tuple[socket.socket, str]:
+    """A TCP server that accepts connections and never answers (the kernel does the accepting)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(128)
+    return srv, f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+
+def test_max_duration_bounds_requests_in_flight() -> None:
+    """A target that never answers and a client timeout of 60 s: the run still ends at 1 s."""
+    srv, url = _silent_server()
+    try:
+        t0 = time.monotonic()
+        df = asyncio.run(run_load([url], plan(5, rate=100.0), client=ClientPolicy(timeout_s=60.0),
+                                  max_duration_s=1.0))
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert took < 5.0, f"the run took {took:.1f} s"
+    assert len(df) == 5 and (df.outcome == "timed_out").all()
+    assert (df.end_s <= 1.5).all()
+    assert df.attrs["failures"] == {CUT_OFF: 5}
+
+
+def test_failures_are_explained(tmp_path) -> None:
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    df = asyncio.run(run_load([dead], plan(2), client=ClientPolicy(timeout_s=2.0, max_retries=1, backoff_s=0.01)))
+    assert df.attrs["failures"] == {"connection refused": 4}
+    srv, url = _silent_server()
+    try:
+        df = asyncio.run(run_load([url], plan(2), client=ClientPolicy(timeout_s=0.3, max_retries=0)))
+    finally:
+        srv.close()
+    assert df.attrs["failures"] == {"timeout": 2}
+
+
+def test_failures_name_the_http_status(tmp_path) -> None:
+    # a pod whose queue holds one request: a burst gets 429s, counted by status
+    p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, queue_capacity=1, torch_threads=1).start()
+    try:
+        df = asyncio.run(run_load([p.url], plan(12, rate=10_000.0, prompt=64, output=200),
+                                  client=ClientPolicy(timeout_s=30.0, max_retries=0)))
+    finally:
+        p.stop()
+    assert df.attrs["failures"].get("HTTP 429", 0) == (df.outcome == "rejected").sum() >= 1

@@ -3,7 +3,8 @@
 Sessions start at the workload's times whether or not earlier requests have been answered (open loop);
 a session's later turns follow its previous answer after the think time. Each attempt has a timeout;
 failed, rejected (429) and timed-out attempts are retried with exponential backoff, as the simulated
-client does. Every request becomes one row with the columns of ``capsim.model.request``.
+client does. Every request becomes one row with the columns of ``capsim.model.request``; why attempts
+failed (connection refused, timeout, HTTP status) is counted in ``frame.attrs["failures"]``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import ipaddress
 import random
 import socket
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -86,15 +88,41 @@ def _is_loopback(host: str) -> bool:
 _OK, _REJECTED, _TIMED_OUT, _FAILED = (OUTCOMES.index(o) for o in ("ok", "rejected", "timed_out", "failed"))
 
 
-# An attempt that produced no answer: (outcome, queue_s, ttft_s, batch_size)
-_NOTHING: dict[int, tuple[int, float, float, int]] = {
-    o: (o, float("nan"), float("nan"), 0) for o in (_REJECTED, _TIMED_OUT, _FAILED)
-}
+# One attempt: (outcome, queue_s, ttft_s, batch_size, why it failed or None)
+_Result = tuple[int, float, float, int, str | None]
+CUT_OFF = "cut off at max_duration_s"
 
 
-def _status_outcome(status: int) -> int:
+def _nothing(outcome: int, why: str) -> _Result:
+    """An attempt that produced no answer."""
+    return outcome, float("nan"), float("nan"), 0, why
+
+
+def _status(status: int) -> _Result:
     """A non-200 answer: 429 is a rejection (the client may retry later), anything else a failure."""
-    return _REJECTED if status == 429 else _FAILED
+    return _nothing(_REJECTED if status == 429 else _FAILED, f"HTTP {status}")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and its causes (httpx wraps the OS error in its own)."""
+    out: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(out) < 10:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def _transport_failure(exc: BaseException) -> _Result:
+    """A request that got no HTTP answer, with the reason a person would want in the summary."""
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return _nothing(_TIMED_OUT, "timeout")
+    if isinstance(exc, httpx.ConnectError):
+        refused = any(isinstance(e, ConnectionRefusedError) or "refused" in str(e).lower() for e in _chain(exc))
+        return _nothing(_FAILED, "connection refused" if refused else f"cannot connect ({exc})")
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return _nothing(_FAILED, "connection closed by the server")
+    return _nothing(_FAILED, f"{type(exc).__name__}: {exc}")
 
 
 class _Records:
@@ -137,8 +165,9 @@ async def run_load(
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
-    Bounded: at most ``max_requests`` requests are sent, and no new request starts after
-    ``max_duration_s`` seconds; requests still open then are awaited up to their timeout.
+    Bounded: at most ``max_requests`` requests are sent, and the whole run, requests in flight
+    included, ends after ``max_duration_s`` seconds: a request still open then is recorded as
+    timed out (reason ``CUT_OFF``). ``frame.attrs["failures"]`` counts failed attempts by reason.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -158,6 +187,8 @@ async def run_load(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, desc="requests", disable=not progress)
+    failures: Counter[str] = Counter()
+    open_requests: set[int] = set()
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
     timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
 
@@ -172,34 +203,35 @@ async def run_load(
             rr += 1
             return (rr - 1) % len(urls)
 
-        async def attempt(r: int, pod: int) -> tuple[int, float, float, int]:
-            """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size) with times from sending."""
+        async def attempt(r: int, pod: int) -> _Result:
+            """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size, why) with times from sending."""
             url = f"{urls[pod]}/v1/sessions/s{rec.session_id[r]}/turns"
             body = {"prompt_tokens": int(rec.prompt_tokens[r]), "max_new_tokens": int(rec.output_tokens[r])}
             try:
                 if stream:
                     return await _attempt_stream(http, url, body, policy.timeout_s)
                 resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
-            except (TimeoutError, httpx.TimeoutException):
-                return _NOTHING[_TIMED_OUT]
-            except httpx.HTTPError:
-                return _NOTHING[_FAILED]
+            except (TimeoutError, httpx.HTTPError) as exc:
+                return _transport_failure(exc)
             if resp.status_code != 200:
-                return _NOTHING[_status_outcome(resp.status_code)]
+                return _status(resp.status_code)
             data = resp.json()
-            return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"])
+            return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"]), None
 
         async def request(r: int) -> bool:
             """Send request ``r`` with retries; True when it succeeded."""
             session = int(rec.session_id[r])
             rec.arrival_s[r] = time.perf_counter() - t0
+            open_requests.add(r)
             for k in range(policy.max_retries + 1):
                 pod = pick(session)
                 sent = time.perf_counter() - t0
-                outcome, queue_s, ttft_s, batch = await attempt(r, pod)
-                rec.attempts[r] = k + 1
-                rec.pod[r] = pod
+                # what the row says if the run's bound cuts this attempt off
+                rec.attempts[r], rec.pod[r], rec.outcome[r] = k + 1, pod, _TIMED_OUT
+                outcome, queue_s, ttft_s, batch, why = await attempt(r, pod)
                 rec.outcome[r] = outcome
+                if why is not None:
+                    failures[why] += 1
                 if outcome == _OK:
                     rec.start_s[r] = sent + queue_s
                     rec.first_token_s[r] = sent + ttft_s
@@ -208,6 +240,7 @@ async def run_load(
                 if k < policy.max_retries:
                     await asyncio.sleep(policy.backoff_s * policy.backoff_multiplier**k)
             rec.end_s[r] = time.perf_counter() - t0
+            open_requests.discard(r)
             bar.update(1)
             return bool(rec.outcome[r] == _OK)
 
@@ -224,14 +257,23 @@ async def run_load(
 
         sessions = [s for s in range(len(workload.session_start_s)) if s * turns < n
                     and workload.session_start_s[s] <= max_duration_s]
-        await asyncio.gather(*[session(s) for s in sessions])
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+                await asyncio.gather(*[session(s) for s in sessions])
+        except TimeoutError:
+            ended = time.perf_counter() - t0
+            for r in open_requests:
+                rec.end_s[r] = ended
+            failures[CUT_OFF] += len(open_requests)
     bar.close()
-    return rec.frame()
+    frame = rec.frame()
+    frame.attrs["failures"] = dict(failures.most_common())
+    return frame
 
 
 async def _attempt_stream(
     http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float
-) -> tuple[int, float, float, int]:
+) -> _Result:
     """A streaming attempt: the time to first token is when the first token event arrives."""
     import json
 
@@ -240,7 +282,7 @@ async def _attempt_stream(
     try:
         async with asyncio.timeout(timeout_s), http.stream("POST", url, json={**body, "stream": True}) as resp:
             if resp.status_code != 200:
-                return _NOTHING[_status_outcome(resp.status_code)]
+                return _status(resp.status_code)
             event = None
             async for line in resp.aiter_lines():
                 if line.startswith("event: "):
@@ -249,11 +291,9 @@ async def _attempt_stream(
                         ttft = time.perf_counter() - start
                 elif line.startswith("data: ") and event == "done":
                     data = json.loads(line[6:])
-                    return _OK, data["timings"]["queue_s"], ttft, int(data["batch_size"])
+                    return _OK, data["timings"]["queue_s"], ttft, int(data["batch_size"]), None
                 elif line.startswith("data: ") and event == "error":
-                    return _NOTHING[_FAILED]
-    except (TimeoutError, httpx.TimeoutException):
-        return _NOTHING[_TIMED_OUT]
-    except httpx.HTTPError:
-        return _NOTHING[_FAILED]
-    return _NOTHING[_FAILED]
+                    return _nothing(_FAILED, f"stream error {json.loads(line[6:]).get('status', '')}".strip())
+    except (TimeoutError, httpx.HTTPError) as exc:
+        return _transport_failure(exc)
+    return _nothing(_FAILED, "stream ended without a done event")

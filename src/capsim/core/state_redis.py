@@ -116,7 +116,10 @@ class StoreSettings(FrozenModel):
     key_prefix: str = Field(default="capsim:session:", max_length=256, description="prefix of session keys")
     sliding_ttl_s: float = Field(default=1800.0, gt=0, le=365 * 86400, description="idle time to expiry")
     absolute_ttl_s: float | None = Field(default=None, gt=0, description="cap on life from creation")
-    socket_timeout_s: float = Field(default=1.0, gt=0, le=60, description="socket read/write timeout")
+    socket_timeout_s: float = Field(
+        default=10.0, gt=0, le=60,
+        description="redis-py's socket timeout, a backstop: op_deadline_s and the server's silence decide",
+    )
     connect_timeout_s: float = Field(default=1.0, gt=0, le=60, description="connect timeout")
     op_deadline_s: float = Field(default=1.5, gt=0, le=60, description="one round trip, retries included")
     retries: int = Field(default=2, ge=0, le=10, description="redis-py retries on connection errors")
@@ -125,7 +128,11 @@ class StoreSettings(FrozenModel):
     max_state_bytes: int = Field(default=1 << 20, ge=256, description="largest encoded state accepted")
     max_connections: int = Field(
         default=64, ge=1, le=10_000,
-        description="pooled connections; callers beyond it wait for one (within op_deadline_s)",
+        description="pooled connections; callers beyond it wait for one (up to pool_wait_s)",
+    )
+    pool_wait_s: float = Field(
+        default=60.0, gt=0, le=600,
+        description="longest wait for a free connection under load (an outage fails waiters at once)",
     )
     max_update_attempts: int = Field(default=64, ge=1, le=10_000, description="CAS attempts per update")
     conflict_backoff_base_s: float = Field(default=0.0005, ge=0, le=10, description="smallest backoff slot")
@@ -157,6 +164,13 @@ class RedisSessionStore:
         self._rng = random.Random()
         self._inflight: set[asyncio.Future[Any]] = set()
         self._closed = False
+        # One slot per pooled connection: a caller waits for a slot (overload) apart from its round
+        # trip's deadline (outage); when a round trip finds the server unavailable, callers that were
+        # waiting meanwhile fail at once instead of each spending a deadline to learn the same.
+        self._slots = asyncio.Semaphore(self._s.max_connections)
+        self._unavailable_at = float("-inf")
+        self._last_reply = float("-inf")  # loop time of the server's latest answer to this store
+        self._unavailable = ""
         # Updates of one session from this store take turns: racing them would only waste
         # decode/encode work on compare-and-sets that must lose. Other processes still race (CAS).
         self._locks: dict[str, _KeyLock] = {}
@@ -406,25 +420,86 @@ class RedisSessionStore:
         """Run one round trip under the deadline, mapping transport failures to StoreUnavailableError
         and any other refusal to :class:`StoreReplyError` naming ``key`` (or the URL).
 
-        Waiting for a pooled connection counts against the deadline: under load a caller queues for a
-        connection instead of failing, and only a server that does not answer becomes unavailable.
+        Under load a caller first waits for one of ``max_connections`` slots (up to ``pool_wait_s``;
+        overload is not an outage), then its round trip runs under ``op_deadline_s``: only a server
+        that does not answer, or refuses connections, becomes unavailable.
 
-        With ``detach``, the call runs as its own task: on timeout the caller gets its answer at the
-        deadline while the task unwinds in the background (a WATCH transaction's cleanup may otherwise
-        wait a further socket timeout); ``aclose`` waits for such tasks.
+        The call runs as its own task (see :meth:`_round_trip`): on timeout the caller gets its answer
+        at the deadline while the task unwinds in the background (a WATCH transaction's cleanup may
+        otherwise wait a further socket timeout); ``aclose`` waits for such tasks. ``detach`` is kept
+        for the callers' clarity (the WATCH transactions); every call is detached.
         """
         if self._closed:
             raise StateStoreError(f"the store for {self._where} is closed")
-        deadline = self._s.op_deadline_s
-        try:
-            if not detach:
-                async with asyncio.timeout(deadline):
-                    return await make()
-            task: asyncio.Future[T] = asyncio.ensure_future(make())
-            self._inflight.add(task)
-            task.add_done_callback(_forget(self._inflight))
+        async with self._slot():
             try:
-                return await asyncio.wait_for(asyncio.shield(task), deadline)
+                return await self._round_trip(make, key)
+            except StoreUnavailableError as exc:
+                self._unavailable_at, self._unavailable = time.monotonic(), str(exc)
+                raise
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``max_connections`` slots for a round trip."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: no timer to arm
+        else:
+            entered = time.monotonic()
+            try:
+                async with asyncio.timeout(self._s.pool_wait_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise StoreUnavailableError(
+                    f"{self._where}: waited {self._s.pool_wait_s:g} s for one of {self._s.max_connections} "
+                    "connections (overloaded; raise max_connections or pool_wait_s)"
+                ) from None
+            if self._unavailable_at >= entered:
+                self._slots.release()
+                raise StoreUnavailableError(self._unavailable)
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _round_trip(self, make: Callable[[], Awaitable[T]], key: str | None) -> T:
+        """One round trip as its own task, judged unavailable by the server's silence, not by our delay.
+
+        A busy event loop (a pod taking 1,000 requests at once spends over a second in one loop turn)
+        delays every reply it has already received, and opening a connection takes several turns; a
+        timer alone would call that an outage. So at the deadline the call is given one more loop turn;
+        then the server is unavailable only if the loop is responsive (that turn, and the timer's own
+        lateness, under a tenth of ``op_deadline_s``) and the server answered no call of this store
+        within the last ``op_deadline_s``. Otherwise the call waits another deadline, up to
+        ``pool_wait_s`` in all. An idle pod thus learns of a frozen server in ``op_deadline_s``; a
+        saturated one once its loop catches its breath.
+        """
+        deadline = self._s.op_deadline_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        task: asyncio.Future[T] = asyncio.ensure_future(make())
+        self._inflight.add(task)
+        task.add_done_callback(_forget(self._inflight))
+        try:
+            try:
+                due = started + deadline
+                while True:
+                    await asyncio.wait((task,), timeout=max(0.0, due - loop.time()))
+                    if task.done():
+                        break
+                    before = loop.time()
+                    await asyncio.sleep(0)  # one loop turn: read what arrived with the timer, and time it
+                    now = loop.time()
+                    if task.done():
+                        break
+                    busy = max(now - before, before - due) > 0.1 * deadline
+                    silent = self._last_reply < now - deadline
+                    if (silent and not busy) or now - started >= self._s.pool_wait_s:
+                        raise TimeoutError
+                    due = now + deadline
+                exc = task.exception()
+                if exc is None or isinstance(exc, ResponseError):
+                    self._last_reply = loop.time()  # the server answered
+                return task.result()
             except BaseException:
                 task.cancel()
                 raise
