@@ -150,3 +150,28 @@ def test_grid_file_loads(tmp_path: Path) -> None:
     bad.write_text("batching.max_batch_size: 8\n")
     with pytest.raises(SettingsError, match=r"g.yaml: grid.batching.max_batch_size must be a non-empty list"):
         load_grid(bad)
+
+
+def test_capsim_sweep_writes_runs_settings_and_provenance(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    scenario = tmp_path / "small.yaml"
+    scenario.write_text(yaml.safe_dump(small(horizon_s=10.0).model_dump(mode="json", by_alias=True)))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("grid:\n  batching.max_batch_size: [1, 8]\n")
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["sweep", str(scenario), "--grid", str(grid), "--seeds", "2", "--out", str(out),
+                                   "--workers", "1", "--no-cache"])
+    assert run.exit_code == 0, run.output
+    runs = pd.read_csv(out / "runs.csv")
+    settings = pd.read_csv(out / "settings.csv")
+    assert len(runs) == 4 and len(settings) == 2
+    assert settings["n"].tolist() == [2, 2]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seeds"] == [0, 1] and prov["runs"]["computed"] == 4
+    assert "4 runs: 4 computed, 0 from the cache, 0 failed" in run.output
