@@ -233,6 +233,67 @@ async def test_submit_before_start_is_refused():
         await within(b.submit(1))
 
 
+async def test_start_twice_or_after_close_is_refused_and_the_dispatcher_is_named():
+    b = DynamicBatcher(Recorder(), BatchSettings())
+    b.start()
+    assert any(t.get_name() == "capsim-batcher" for t in asyncio.all_tasks())  # findable in task dumps
+    with pytest.raises(RuntimeError, match="^batcher already started$"):
+        b.start()
+    await within(b.aclose())
+    fresh = DynamicBatcher(Recorder(), BatchSettings())
+    await within(fresh.aclose())  # closed before it ever started
+    with pytest.raises(BatcherClosedError, match="^batcher is closed$"):
+        fresh.start()
+    with pytest.raises(BatcherClosedError, match="^batcher is closed$"):
+        await within(b.submit(1))
+
+
+@pytest.mark.parametrize("with_metrics", [False, True])
+async def test_the_next_batch_is_dispatched_before_the_finished_batchs_callers_resume(with_metrics):
+    # the model starts on the next batch while the loop answers this one (store writes, responses)
+    rec = Recorder()
+    s = BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS, max_concurrent_batches=1)
+    seen: list[int] = []
+    async with DynamicBatcher(rec, s, metrics=FakeMetrics() if with_metrics else None) as b:
+
+        async def first() -> int:
+            result = await b.submit(0)
+            seen.append(b.queue_depth())  # what is still queued when the first caller resumes
+            return result
+
+        out = await within(asyncio.gather(first(), b.submit(1), b.submit(2), b.submit(3)))
+    assert out == [0, 2, 4, 6]
+    assert seen == [0]  # [2, 3] had already left as the next batch
+    assert rec.batches == [[0, 1], [2, 3]]
+
+
+async def test_a_caller_cancelled_as_its_space_wait_expires_is_counted_once():
+    # The expiry rejects the request; the caller is cancelled before it resumes to see that. The
+    # metrics hook cancels it at exactly that moment (just after the rejection is reported).
+    gate = asyncio.Event()
+    waiting: list[asyncio.Task[int]] = []
+
+    class CancelOnReject(FakeMetrics):
+        def observe_request(self, outcome, queue_wait_s, ttft_s, latency_s):
+            super().observe_request(outcome, queue_wait_s, ttft_s, latency_s)
+            if outcome == "rejected":
+                waiting[0].cancel()
+
+    m = CancelOnReject()
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="wait")
+    async with DynamicBatcher(Recorder(gate), s, metrics=m) as b:
+        running = asyncio.create_task(b.submit(0))
+        await asyncio.sleep(0.01)
+        queued = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0)
+        waiting.append(asyncio.create_task(b.submit(2, space_timeout_s=0.01)))
+        await all_resolved(waiting)
+        gate.set()
+        await all_resolved([running, queued])
+    assert waiting[0].cancelled()
+    assert sorted(m.outcomes) == ["ok", "ok", "rejected"]
+
+
 async def test_concurrent_batches_are_bounded():
     gate = asyncio.Event()
     rec = Recorder(gate)
@@ -287,6 +348,8 @@ async def test_metrics_protocol_sees_batches_outcomes_and_ttft():
     assert sorted(m.outcomes) == ["failed", "ok"]
     ok_ttft = m.ttfts[m.outcomes.index("ok")]
     assert ok_ttft is not None and ok_ttft >= 0.5
+    _, wait, _, latency = m.calls[m.outcomes.index("ok")]
+    assert wait is not None and latency is not None and latency >= wait  # arrival to last token
 
 
 # ---- property test: every request resolves exactly once, in FIFO batches within the bound ----

@@ -164,6 +164,7 @@ async def test_the_batcher_reports_into_it() -> None:
     assert value(m, "capsim_requests_total", outcome="ok") == 16
     assert value(m, "capsim_batch_size_count") == 4 and value(m, "capsim_batch_size_sum") == 16
     assert value(m, "capsim_queue_wait_seconds_count") == 16
+    assert value(m, "capsim_request_latency_seconds_count") == 16  # every ok request has a latency
 
 
 async def test_the_store_reports_into_it() -> None:

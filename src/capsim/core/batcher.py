@@ -230,13 +230,14 @@ class DynamicBatcher(Generic[P, R]):
         except ValueError:
             return  # already queued, or gone
         if not entry.future.done():
-            self._settle(entry, "rejected", None, None, None)
             entry.future.set_exception(
                 QueueFullError(
                     f"queue stayed full ({self.settings.queue_capacity} requests) for {timeout_s:g} s",
                     retry_after_s=max(self.settings.max_wait_s, 1.0),
                 )
             )
+            # its caller may still be cancelled before it resumes; _settle keeps this the one outcome
+            self._settle(entry, "rejected", None, None, None)
 
     def _release_space(self, n: int) -> None:
         """Move up to ``n`` waiting 'wait' callers into freed queue slots, oldest first."""
