@@ -2,7 +2,8 @@
 
 A run is a scenario (after overrides) and a seed. Its key hashes what determines its result: the
 scenario with every file it names replaced by that file's SHA-256 (so moving the profile does not
-invalidate the cache and editing it does), the seed and the capsim version. ``RunCache`` keeps one JSON
+invalidate the cache and editing it does), the seed, the capsim version and the SHA-256 of the
+simulator's own source (so a changed model never answers from an old result). ``RunCache`` keeps one JSON
 file per key under ``.capsim/cache/`` by default; ``run_one`` is the function executors run.
 """
 
@@ -74,9 +75,23 @@ def fingerprint(scenario: Scenario) -> dict[str, Any]:
     return data
 
 
+@functools.lru_cache(maxsize=1)
+def code_hash() -> str:
+    """SHA-256 of the simulator's source (``capsim.sim``, ``capsim.policy``, ``capsim.model``): an edit to
+    the model invalidates the cache even when the version number did not move."""
+    root = Path(capsim.__file__).resolve().parent
+    h = hashlib.sha256()
+    for sub in ("sim", "policy", "model"):
+        for path in sorted((root / sub).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def run_key(scenario: Scenario, seed: int) -> str:
     """The content address of one run (hex SHA-256)."""
-    payload = {"scenario": fingerprint(scenario), "seed": int(seed), "capsim": capsim.__version__}
+    payload = {"scenario": fingerprint(scenario), "seed": int(seed), "capsim": capsim.__version__,
+               "code": code_hash()}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -87,6 +102,7 @@ def provenance(scenario: Scenario, seed: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "scenario": scenario.model_dump(mode="json", by_alias=True),
         "capsim_version": capsim.__version__,
+        "capsim_code_sha256": code_hash(),
     }
     if seed is not None:
         out["seed"] = int(seed)
