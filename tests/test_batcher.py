@@ -212,19 +212,29 @@ async def test_close_drains_queued_work_and_rejects_new():
         await within(b.submit(9))
 
 
-async def test_close_timeout_fails_what_is_left():
+@pytest.mark.parametrize("where", ["argument", "constructor"])
+async def test_close_timeout_fails_what_is_left(where):
     gate = asyncio.Event()  # never set: the runner hangs
     rec = Recorder(gate)
-    b = DynamicBatcher(rec, BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=10))
+    m = FakeMetrics()
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=10)
+    b = DynamicBatcher(rec, s, metrics=m, close_timeout_s=0.05 if where == "constructor" else 30.0)
     b.start()
     tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
     await asyncio.sleep(0.01)
-    await within(b.aclose(timeout_s=0.05))
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    if where == "argument":
+        await b.aclose(timeout_s=0.05)  # not wrapped: what aclose promises holds the moment it returns
+    else:
+        await b.aclose()  # the constructor's close_timeout_s bounds it
+    assert loop.time() - t0 < 5.0
+    assert sorted(m.outcomes) == ["closed"] * 3  # every request ended, the running one included
     await all_resolved(tasks)
     results = [t.exception() for t in tasks]
     assert all(isinstance(r, BatcherClosedError) for r in results), results
-    assert "while the batch was running" in str(results[0])  # the one that was running
-    assert all("before the request ran" in str(r) for r in results[1:])  # the queued leftovers
+    assert str(results[0]) == "batcher closed while the batch was running"
+    assert [str(r) for r in results[1:]] == ["batcher closed before the request ran"] * 2  # queued leftovers
 
 
 async def test_submit_before_start_is_refused():
@@ -539,6 +549,7 @@ async def test_every_way_out_is_counted_once():
     assert isinstance(expired.exception(), QueueFullError)
     for t in (running, queued, closed_waiting):
         assert isinstance(t.exception(), BatcherClosedError)
+    assert str(closed_waiting.exception()) == "batcher closed while waiting for queue space"
     assert sorted(m.outcomes) == sorted(["closed", "closed", "closed", "rejected", "rejected", "cancelled"])
 
 
@@ -640,3 +651,46 @@ async def test_cancelled_while_its_failing_batch_runs_is_counted_as_cancelled_wi
     assert sorted(by_outcome) == ["cancelled", "failed"] and len(m.calls) == 2
     assert by_outcome["cancelled"][1] is not None  # it did wait in the queue: that is reported
     assert by_outcome["failed"][3] is not None
+
+
+async def test_freed_space_admits_exactly_as_many_waiters_as_it_frees():
+    gate = asyncio.Event()
+    depths: list[int] = []
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="wait")
+    b: DynamicBatcher[int, int]
+
+    async def runner(items: list[int]) -> list[int]:
+        depths.append(b.queue_depth())  # a batch just left the queue and a waiter took its place
+        await gate.wait()
+        return items
+
+    async with DynamicBatcher(runner, s) as b:
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.01)
+        assert b.queue_depth() == 1  # [0] runs, [1] queued, [2, 3] wait for space
+        gate.set()
+        assert await within(asyncio.gather(*tasks)) == [0, 1, 2, 3]
+    assert depths and max(depths) <= s.queue_capacity, depths
+
+
+async def test_a_waiter_cancelled_as_space_frees_does_not_hold_up_those_behind_it():
+    # The cancelled waiter's future is done but its handler has not run when the dispatcher frees a
+    # slot; the slot must go to the next live waiter. The metrics hook cancels it at that moment.
+    gate = asyncio.Event()
+    tasks: list[asyncio.Task[int]] = []
+
+    class CancelOnFirstBatch(FakeMetrics):
+        def observe_batch(self, size, service_s):
+            super().observe_batch(size, service_s)
+            if len(self.batches) == 1:
+                tasks[2].cancel()  # the first waiter, just as batch [0]'s slot frees the queue
+
+    s = BatchSettings(max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="wait")
+    async with DynamicBatcher(Recorder(gate), s, metrics=CancelOnFirstBatch()) as b:
+        for i in range(4):
+            tasks.append(asyncio.create_task(b.submit(i)))
+            await asyncio.sleep(0.01)  # [0] runs, [1] queued, [2, 3] wait for space, in that order
+        gate.set()
+        await all_resolved(tasks)
+        assert tasks[2].cancelled()
+        assert [tasks[i].result() for i in (0, 1, 3)] == [0, 2, 6]  # 3 ran: it was not stuck behind 2

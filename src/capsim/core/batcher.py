@@ -69,9 +69,10 @@ class BatcherMetrics(Protocol):
 class _Entry(Generic[P, R]):
     """One submitted request.
 
-    ``dispatched``: the batcher took it off the queue (or the waiter line), so the caller's cancel
-    handler must not touch the queue. ``settled``: its one metrics outcome has been reported; every
-    path that ends a request reports through ``DynamicBatcher._settle``, which reports only once.
+    ``dispatched``: the dispatcher took it off the queue into a batch (or dropped it as cancelled),
+    so a cancelled caller's handler leaves the queue alone. ``settled``: its one metrics outcome has
+    been reported; every path that ends a request reports through ``DynamicBatcher._settle``, which
+    reports only once (so a caller cancelled after ``aclose`` or an expiry failed it counts once).
     """
 
     __slots__ = ("dispatched", "enqueued_at", "future", "payload", "settled")
@@ -147,7 +148,6 @@ class DynamicBatcher(Generic[P, R]):
         timeout = self._close_timeout_s if timeout_s is None else timeout_s
         while self._space_waiters:
             entry = self._space_waiters.popleft()
-            entry.dispatched = True
             self._fail(entry, BatcherClosedError("batcher closed while waiting for queue space"), "closed")
         self._poke()
         if self._dispatcher is not None:
@@ -162,7 +162,6 @@ class DynamicBatcher(Generic[P, R]):
             await asyncio.gather(*self._batches, return_exceptions=True)
         while self._queue:
             entry = self._queue.popleft()
-            entry.dispatched = True
             self._fail(entry, BatcherClosedError("batcher closed before the request ran"), "closed")
         self._closed = True
 
@@ -268,9 +267,7 @@ class DynamicBatcher(Generic[P, R]):
         except Exception as exc:  # a bug here must not leave callers hanging
             self._closing = True
             while self._queue:
-                entry = self._queue.popleft()
-                entry.dispatched = True
-                self._fail(entry, BatcherClosedError(f"batcher failed: {exc!r}"), "closed")
+                self._fail(self._queue.popleft(), BatcherClosedError(f"batcher failed: {exc!r}"), "closed")
             raise
 
     async def _dispatch_forever(self, loop: asyncio.AbstractEventLoop) -> None:
