@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from capsim.plots.common import COLORS, CRASH, DOWN, UP, column, figure
 
@@ -40,6 +41,7 @@ def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bi
     reps.step(t, column(ts, "desired_replicas", "run_timeline"), where="post", color=COLORS[1], label="desired")
     reps.step(t, column(ts, "ready_replicas", "run_timeline"), where="post", color=COLORS[2], label="ready")
     reps.set_ylabel("replicas\n(pods)")
+    reps.yaxis.set_major_locator(MaxNLocator(integer=True))
     reps.legend(fontsize=7, loc="upper left")
     queue.plot(t, column(ts, "queue_depth", "run_timeline"), color=COLORS[4], lw=1)
     queue.set_ylabel("queue depth\n(requests)")
@@ -49,9 +51,9 @@ def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bi
     ttft.step(p99.time_s.to_numpy()[finite] / 60.0, values[finite], where="pre", color=COLORS[3],
               label=f"p99 TTFT per {bin_s:g} s of arrivals")
     failed = p99.time_s.to_numpy()[~finite] / 60.0
-    if len(failed):
-        ttft.plot(failed, np.full(len(failed), np.nanmax(values[finite]) if finite.any() else 1.0), "x",
-                  color=CRASH, label="over 1% failed")
+    if len(failed):  # no finite p99: drawn at the panel's top edge, whatever its scale
+        ttft.plot(failed - bin_s / 120.0, np.full(len(failed), 0.97), "x", color=CRASH,
+                  transform=ttft.get_xaxis_transform(), clip_on=False, label="over 1% failed (p99 = never)")
     if slo_s is not None:
         ttft.axhline(slo_s, color="k", linestyle="--", lw=1, label=f"SLO {slo_s:g} s")
     ttft.set_yscale("log")

@@ -65,10 +65,11 @@ def cost_vs_ttft(points: Any, *, cost: str = "cost", ttft: str = "ttft_p99_s", l
     y = column(points, cost, "cost_vs_ttft")
     fig, (ax,) = figure(1, 1, height_in=4.6, width_in=8.0)
     ok = np.asarray(points[feasible], dtype=bool) if feasible else np.ones(len(x), dtype=bool)
-    ax.scatter(x[ok], y[ok], s=22, color=COLORS[0], alpha=0.7, label=f"settings ({ok.sum()})")
+    ax.scatter(x[ok], y[ok], s=22, color=COLORS[0], alpha=0.7,
+               label=f"{feasible}: yes ({ok.sum()})" if feasible else f"settings ({ok.sum()})")
     if (~ok).any():
         ax.scatter(x[~ok], y[~ok], s=22, facecolors="none", edgecolors=COLORS[0], alpha=0.6,
-                   label=f"{feasible} false ({(~ok).sum()})")
+                   label=f"{feasible}: no ({(~ok).sum()})")
     front = pareto_mask(x, y)
     order = np.argsort(x[front])
     ax.plot(x[front][order], y[front][order], color=COLORS[1], marker="D", ms=5, drawstyle="steps-post",
