@@ -694,3 +694,36 @@ async def test_a_waiter_cancelled_as_space_frees_does_not_hold_up_those_behind_i
         await all_resolved(tasks)
         assert tasks[2].cancelled()
         assert [tasks[i].result() for i in (0, 1, 3)] == [0, 2, 6]  # 3 ran: it was not stuck behind 2
+
+
+async def test_a_crashed_dispatcher_fails_what_is_queued_and_refuses_new_work():
+    # A bug in the dispatch path (here: settings that blow up when the policy reads them) must not
+    # leave callers hanging: the queued requests fail at once, the batcher refuses new work, and
+    # aclose surfaces the bug instead of hiding it.
+    class PolicyBug:
+        queue_capacity = 100
+        overflow = "reject"
+        max_wait_s = 0.0
+
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError(f"policy bug reading {name}")
+
+    m = FakeMetrics()
+    b = DynamicBatcher(Recorder(), BatchSettings(max_batch_size=8, max_wait_ms=FOREVER_MS), metrics=m)
+    b.start()
+    queued = [asyncio.create_task(b.submit(i)) for i in range(2)]
+    await asyncio.sleep(0.01)  # queued; the dispatcher has looked and waits for more
+    assert b.queue_depth() == 2
+    b.settings = PolicyBug()  # type: ignore[assignment]
+    third = asyncio.create_task(b.submit(2))  # wakes the dispatcher, which crashes
+    await all_resolved([*queued, third])
+    for t in (*queued, third):
+        exc = t.exception()
+        assert isinstance(exc, BatcherClosedError)
+        assert str(exc).startswith("batcher failed: RuntimeError('policy bug reading")
+    assert m.outcomes == ["closed"] * 3
+    assert b.closed
+    with pytest.raises(BatcherClosedError, match="^batcher is closed$"):
+        await within(b.submit(3))
+    with pytest.raises(RuntimeError, match="policy bug"):
+        await within(b.aclose())
