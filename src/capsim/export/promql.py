@@ -20,6 +20,12 @@ SERIES: dict[str, str] = {
     "in_flight": "capsim_requests_in_flight",
     "busy": "capsim_gpu_busy_ratio",
     "ttft": f"{_TTFT}_count",
+    # vLLM's series (a capsim pod in continuous mode exports the same names)
+    "waiting": "vllm:num_requests_waiting",
+    "running": "vllm:num_requests_running",
+    "kv_cache": "vllm:kv_cache_usage_perc",
+    "itl": "vllm:inter_token_latency_seconds_count",
+    "preemptions": "vllm:num_preemptions_total",
 }
 
 
@@ -50,6 +56,12 @@ class PodQuery:
         if self.kind == "ttft":  # the mean TTFT: increase of the sum over increase of the count
             return (f"sum(rate({_TTFT}_sum{{{matchers}}}[{w}])) by ({by}) / "
                     f"sum(rate({_TTFT}_count{{{matchers}}}[{w}])) by ({by})")
+        if self.kind == "itl":  # the mean inter-token latency, as the TTFT
+            itl = "vllm:inter_token_latency_seconds"
+            return (f"sum(rate({itl}_sum{{{matchers}}}[{w}])) by ({by}) / "
+                    f"sum(rate({itl}_count{{{matchers}}}[{w}])) by ({by})")
+        if self.kind == "preemptions":  # a counter: its rate over the window
+            return f"sum(rate({self.series}{{{matchers}}}[{w}])) by ({by})"
         # gauges: the mean of the scrapes in the window, as the simulated adapter's avg_over_time
         return f"sum(avg_over_time({self.series}{{{matchers}}}[{w}])) by ({by})"
 

@@ -33,7 +33,16 @@ POD_METRICS: dict[str, str] = {
     "capsim_requests_in_flight": "in_flight",  # gauge: requests accepted and not yet answered
     "capsim_time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
     "capsim_gpu_busy_ratio": "busy",  # counter of busy seconds: rate over the query window
+    # vLLM's names and meanings (docs/metrics.md), so an HPA or KEDA object written for vLLM loads unchanged
+    "vllm:num_requests_waiting": "waiting",  # gauge: requests waiting for the engine (new or preempted)
+    "vllm:num_requests_running": "running",  # gauge: requests in the engine's running batch
+    "vllm:kv_cache_usage_perc": "kv_cache",  # gauge: 1 - free / total KV blocks (continuous mode)
+    "vllm:time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
+    "vllm:inter_token_latency_seconds": "itl",  # histogram: mean over the query window (continuous mode)
+    "vllm:num_preemptions_total": "preemptions",  # counter: rate over the query window (continuous mode)
 }
+#: Metric kinds only a continuous-batching pod has.
+CONTINUOUS_METRIC_KINDS = frozenset({"kv_cache", "itl", "preemptions"})
 POD_METRIC_ALIASES: dict[str, str] = {
     "queue_depth": "queue_depth",
     "requests_in_flight": "in_flight",
@@ -42,6 +51,9 @@ POD_METRIC_ALIASES: dict[str, str] = {
     "ttft": "ttft",
     "gpu_busy_fraction": "busy",
     "gpu_busy_ratio": "busy",
+    "vllm:gpu_cache_usage_perc": "kv_cache",  # vLLM's names before V1
+    "vllm:time_per_output_token_seconds": "itl",
+    "vllm:num_preemptions": "preemptions",
     **POD_METRICS,
 }
 
@@ -388,6 +400,11 @@ class Scenario(BaseModel):
         if self.autoscaler is None and self.pods.replicas < 1:
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
+        if self.autoscaler is not None and self.batching.mode != "continuous":
+            for i, m in enumerate(self.autoscaler.to_hpa().metrics):
+                if POD_METRIC_ALIASES.get(m.name) in CONTINUOUS_METRIC_KINDS:
+                    raise ValueError(f"autoscaler.metrics[{i}].pods.metric.name {m.name!r} needs batching.mode: "
+                                     "continuous (a static pod has no KV cache and no per-token steps)")
         from capsim.model.scenario_limits import check_limits
 
         problems = check_limits(self)

@@ -18,12 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 from capsim.model.scenario import POD_METRIC_ALIASES
 from capsim.policy.autoscaling import PodSample, pods_metric_replicas
+from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 _SERVING = (PodState.READY, PodState.TERMINATING)
+#: sample fields of vLLM's gauges: waiting, running, KV-cache use (then ITL sum, ITL count, preemptions)
+_GAUGES = {"waiting": 6, "running": 7, "kv_cache": 8}
+
+
+def _engine_gauges(pod: Pod) -> tuple[float, float, float, float, float, float]:
+    """vLLM's view of a pod: waiting, running, KV-cache use, ITL sum (s) and count, preemptions."""
+    if isinstance(pod, ContinuousPod):
+        return (pod.num_waiting, pod.num_running, pod.kv_cache_usage, pod.itl_sum_s, pod.itl_count,
+                pod.sched.num_preemptions)
+    running = sum(b.live_size for b in pod.running)  # a static pod: its batches are what runs
+    return (len(pod.queue), running, math.nan, 0.0, 0, 0)
 
 
 class Autoscaling:
@@ -50,7 +62,7 @@ class Autoscaling:
             for pod in self.sim.cluster.pods:
                 if pod.state in _SERVING:
                     pod.samples.append((now, len(pod.queue), pod.outstanding, pod.busy_total_s(now),
-                                        pod.ttft_sum_s, pod.ttft_count))
+                                        pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod)))
                 while pod.samples and pod.samples[0][0] < now - self._keep_s:
                     pod.samples.popleft()
             yield env.timeout(every)
@@ -66,11 +78,19 @@ class Autoscaling:
             return sum(s[1] for s in sel) / len(sel)
         if metric == "in_flight":
             return sum(s[2] for s in sel) / len(sel)
+        if metric in _GAUGES:
+            k = _GAUGES[metric]
+            return sum(s[k] for s in sel) / len(sel)
         if len(sel) < 2:  # a rate needs two samples, as rate() does
             return None
         first, last = sel[0], sel[-1]
         if metric == "busy":
             return (last[3] - first[3]) / (last[0] - first[0])
+        if metric == "preemptions":
+            return (last[11] - first[11]) / (last[0] - first[0])
+        if metric == "itl":
+            count = last[10] - first[10]
+            return (last[9] - first[9]) / count if count > 0 else None
         count = last[5] - first[5]
         return (last[4] - first[4]) / count if count > 0 else None
 

@@ -88,7 +88,7 @@ class Pod:
         # GPU holding time, for cost
         self.gpu_since: float | None = None
         self.gpu_s = 0.0
-        self.samples: deque[tuple[float, int, int, float, float, int]] = deque()  # scraped by hpa.py
+        self.samples: deque[tuple[float, ...]] = deque()  # scraped by hpa.py
 
     def __repr__(self) -> str:
         return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"

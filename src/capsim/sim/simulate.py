@@ -19,7 +19,7 @@ import simpy
 import capsim
 from capsim.errors import SimulationBudgetError
 from capsim.model.profile import ProfileRangeError, ServiceTimeProfile
-from capsim.model.scenario import ConstantTokens, Scenario
+from capsim.model.scenario import POD_METRIC_ALIASES, ConstantTokens, Scenario
 from capsim.model.scenario_limits import MAX_REQUESTS, event_budget
 from capsim.model.settings import SettingsError
 from capsim.policy.scheduling import SchedulerLimits
@@ -102,7 +102,7 @@ class Simulation:
             self.continuous = ContinuousStats(self.records.n, SchedulerLimits.from_settings(scenario.batching),
                                               make_step_time(scenario, self.streams, profile))
         self.track_ttft = scenario.autoscaler is not None and any(
-            m.name in ("capsim_time_to_first_token_seconds", "time_to_first_token_seconds", "ttft")
+            POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics
         )
         self.profile_path = None

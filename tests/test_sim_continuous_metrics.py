@@ -1,0 +1,75 @@
+"""vLLM's metric names in the simulated HPA: an autoscaler written for a vLLM deployment loads and scales."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from capsim.export.promql import PodQuery
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.sim.simulate import simulate
+
+
+def rush(metric: str, value: str, mode: str = "continuous", **over: Any) -> Scenario:
+    batching: dict[str, Any] = {"mode": mode, "queue_capacity": 100000}
+    if mode == "continuous":
+        batching.update({"num_blocks": 400, "max_num_seqs": 32, "block_size": 16})
+    sc = Scenario.model_validate({
+        "horizon_s": 300, "warmup_s": 10,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, 5], [60, 60]]},
+                     "prompt_tokens": {"kind": "constant", "value": 200},
+                     "output_tokens": {"kind": "constant", "value": 100}},
+        "service": {"kind": "deterministic", "mean_s": 0.01},
+        "batching": batching,
+        "pods": {"replicas": 1, "startup_s": 10},
+        "autoscaler": {"minReplicas": 1, "maxReplicas": 10,
+                       "metrics": [{"type": "Pods", "pods": {"metric": {"name": metric},
+                                                             "target": {"type": "AverageValue", "averageValue": value}}}],
+                       "scrape_interval_s": 5, "sync_period_s": 5, "query_window_s": 15},
+        "client": {"timeout_s": 120, "max_retries": 0},
+    })
+    return sc.override(over) if over else sc
+
+
+@pytest.mark.parametrize(("metric", "value"), [
+    ("vllm:num_requests_waiting", "5"),
+    ("vllm:num_requests_running", "16"),
+    ("vllm:kv_cache_usage_perc", "500m"),
+    ("vllm:time_to_first_token_seconds", "100m"),
+    ("vllm:inter_token_latency_seconds", "9m"),  # steps of 10 ms: always above target
+])
+def test_an_hpa_on_a_vllm_metric_scales_the_continuous_pods_up_under_a_rush(metric: str, value: str) -> None:
+    r = simulate(rush(metric, value), 0)
+    assert r.summary.max_replicas > 1, f"{metric} never scaled up"
+    hpa = r.timeseries["hpa_metric"].dropna()
+    assert len(hpa) > 0 and (hpa >= 0).all()
+    if metric == "vllm:inter_token_latency_seconds":  # the mean time per output token: the step time
+        assert hpa.to_numpy() == pytest.approx(0.01)
+
+
+def test_kv_cache_use_is_a_fraction_and_preemptions_a_rate() -> None:
+    r = simulate(rush("vllm:kv_cache_usage_perc", "900m"), 1)
+    kv = r.timeseries["hpa_metric"].dropna()
+    assert ((kv >= 0) & (kv <= 1)).all() and kv.max() > 0.3
+    p = simulate(rush("vllm:num_preemptions_total", "1", **{"batching.num_blocks": 200}), 1)
+    assert p.summary.preemptions > 0 and p.timeseries["hpa_metric"].max() > 0
+
+
+def test_queue_metrics_work_for_static_pods_and_engine_metrics_need_continuous_mode() -> None:
+    # a static batch of up to 32 takes 1 s here: 60 requests/s queue up
+    r = simulate(rush("vllm:num_requests_waiting", "5", mode="static", **{"service.mean_s": 1.0}), 0)
+    assert r.summary.max_replicas > 1
+    for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:inter_token_latency_seconds",
+                 "vllm:num_preemptions_total"):
+        with pytest.raises(SettingsError, match=rf"autoscaler.metrics\[0\].pods.metric.name '{name}' needs "
+                                                r"batching.mode: continuous"):
+            rush(name, "1", mode="static")
+
+
+def test_the_exported_queries_read_vllm_series() -> None:
+    assert "vllm:kv_cache_usage_perc" in PodQuery.of("vllm:kv_cache_usage_perc", 60).adapter_query()
+    itl = PodQuery.of("vllm:inter_token_latency_seconds", 60).adapter_query()
+    assert "rate(vllm:inter_token_latency_seconds_sum" in itl and "_count" in itl
+    assert "rate(vllm:num_preemptions_total" in PodQuery.of("vllm:num_preemptions", 30).adapter_query()
