@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -333,17 +334,21 @@ def test_failed_check_stops_the_export(rush: Scenario, tmp_path: Path) -> None:
 
 
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:
-    numbers = {"summary": {"ttft_p99_s": 0.8125, "error_rate": 0.0004, "cost": 12.5, "slo_met": True},
+    numbers = {"summary": {"ttft_p99_s": 0.8125, "error_rate": 0.0004, "cost": 12.5, "slo_met": True,
+                           "gpu_hours": 5.0, "node_gpu_hours": 13.5},
                "provenance": {"seed": 7, "capsim_version": "9.9", "profile": "p.csv"}}
     export_scenario(rush, tmp_path, TARGET, numbers=numbers)
     readme = (tmp_path / "README.md").read_text()
     for file in BUILDERS:
         assert f"`{file}`" in readme
-    assert "| TTFT p99 (s) | 0.8125 |" in readme and "| cost | 12.5 |" in readme and "seed 7" in readme
+    assert "| TTFT p99 (s) | 0.8125 |" in readme and "| cost (as the cluster bills) | 12.5 |" in readme
+    assert "| GPU hours held by pods | 5 |" in readme and "| GPU hours of the nodes (created to removed) | 13.5 |" \
+        in readme and "seed 7" in readme
     assert "kubectl -n agents patch deployment agent" in readme
     assert "does not meet the SLO" not in readme
-    export_scenario(rush, tmp_path, TARGET, numbers={"summary": {"slo_met": False}})
-    assert "does not meet the SLO" in (tmp_path / "README.md").read_text()
+    export_scenario(rush, tmp_path, TARGET, numbers={"summary": {"slo_met": False, "node_gpu_hours": math.nan}})
+    readme = (tmp_path / "README.md").read_text()
+    assert "does not meet the SLO" in readme and "GPU hours of the nodes" not in readme  # NaN: no row
 
 
 def test_golden_files(tmp_path: Path) -> None:

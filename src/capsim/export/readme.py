@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,7 +34,8 @@ _NUMBERS: tuple[tuple[str, str], ...] = (
     ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"),
     ("error_rate", "error rate"), ("throughput_per_s", "throughput (requests/s)"),
     ("mean_batch_size", "mean batch size"), ("max_replicas", "most replicas"), ("scale_events", "scale events"),
-    ("gpu_hours", "GPU hours"), ("cost", "cost"), ("lost_sessions", "lost sessions"), ("slo_met", "SLO met"),
+    ("gpu_hours", "GPU hours held by pods"), ("node_gpu_hours", "GPU hours of the nodes (created to removed)"),
+    ("cost", "cost (as the cluster bills)"), ("lost_sessions", "lost sessions"), ("slo_met", "SLO met"),
 )
 
 
@@ -103,7 +105,7 @@ def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]
               f"(first {scenario.warmup_s:g} s not measured). SLO: TTFT p99 <= {slo.ttft_p99_s:g} s, "
               f"error rate <= {slo.max_error_rate:g}.", "", "| metric | simulated |", "|---|---|"]
     for key, label in _NUMBERS:
-        if key in summary:
+        if key in summary and not (isinstance(summary[key], float) and math.isnan(summary[key])):
             v = summary[key]
             lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
     if summary.get("slo_met") is False:

@@ -301,11 +301,22 @@ class Autoscaler(_Section):
 
 
 class ClusterSpec(_Section):
-    """GPU nodes: pods wait Pending for a free GPU; missing nodes are provisioned up to ``max_gpus``."""
+    """GPU nodes: pods wait Pending for a free GPU; missing nodes are provisioned up to ``max_gpus``, and
+    cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
 
     max_gpus: Int = Field(ge=1)
     node_gpus: Int = Field(8, ge=1)
     node_provision_s: Float = Field(240.0, ge=0)
+    billing: Literal["node", "pod"] = Field(
+        "node", description="node: every GPU of a node from its creation to its removal; pod: GPUs pods hold"
+    )
+    scale_down_enabled: Bool = Field(True, description="cluster-autoscaler --scale-down-enabled")
+    scale_down_unneeded_time_s: Float = Field(600.0, ge=0, description="--scale-down-unneeded-time")
+    scale_down_utilization_threshold: Float = Field(
+        0.5, ge=0, le=1, description="--scale-down-gpu-utilization-threshold: GPUs requested / GPUs of the node"
+    )
+    scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
+    scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
 
 
 # ---- faults, state, client, SLO ------------------------------------------------------------------------

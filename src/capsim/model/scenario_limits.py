@@ -124,6 +124,12 @@ def check_limits(scenario: Scenario) -> list[str]:
                 f"autoscaler.scrape_interval_s {a.scrape_interval_s:g} makes {w.scrapes:.3g} metric scrapes in "
                 f"horizon_s {h:g}, over the limit of {MAX_SCRAPES:.0e}; use at least {h / MAX_SCRAPES:.3g} s"
             )
+    if scenario.cluster is not None and h / scenario.cluster.scan_interval_s > MAX_HPA_SYNCS:
+        problems.append(
+            f"cluster.scan_interval_s {scenario.cluster.scan_interval_s:g} makes {h / scenario.cluster.scan_interval_s:.3g} "
+            f"cluster-autoscaler scans in horizon_s {h:g}, over the limit of {MAX_HPA_SYNCS:.0e}; use at least "
+            f"{h / MAX_HPA_SYNCS:.3g} s (cluster-autoscaler scans every 10 s)"
+        )
     pod_samples = (w.timeseries_rows + w.scrapes) * max_pods(scenario)
     if pod_samples > MAX_POD_SAMPLES and not problems:
         problems.append(
@@ -149,5 +155,7 @@ def event_budget(scenario: Scenario, n_requests: int) -> int:
     """The most SimPy events a run of ``scenario`` with ``n_requests`` requests may take before it is runaway."""
     w = estimate(scenario, float(n_requests))
     attempts = w.requests * (1 + scenario.client.max_retries)
-    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes + 4 * w.crashes
+    # cluster-autoscaler scans (``capsim.sim.nodes``): one event each, bounded like the HPA's syncs
+    scans = scenario.horizon_s / scenario.cluster.scan_interval_s if scenario.cluster is not None else 0.0
+    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes + 4 * w.crashes + scans
     return int(BUDGET_FACTOR * expected) + BUDGET_FLOOR

@@ -36,7 +36,7 @@ class Cluster:
         self.pods: list[Pod] = []
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
-        self.nodes = NodePool(sim, self._place)
+        self.nodes = NodePool(sim, self._place, self._evict)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
         self._backoff: dict[int, ContainerBackOff] = {}  # pod id -> the kubelet's backoff entry
@@ -98,8 +98,16 @@ class Cluster:
         if pod.gpu_since is not None:
             pod.gpu_s += now - pod.gpu_since
             pod.gpu_since = None
-            self.nodes.release(self._node.pop(pod.id, None))
+            self.nodes.release(self._node.pop(pod.id, None), now)
             self._place(now)
+
+    def _evict(self, node: Node, now: float) -> None:
+        """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)
+        and the ReplicaSet replaces them on other nodes."""
+        evicted = (PodState.STARTING, PodState.READY, PodState.CRASHED)  # terminating ones are leaving already
+        for pod in [p for p in self.pods if p.state in evicted and self._node.get(p.id) is node]:
+            self.terminate(pod, now)
+        self.scale_to(self.desired, now)
 
     # ---- a pod's life -------------------------------------------------------------------------------
     def _cold_start(self, pod: Pod, now: float) -> None:

@@ -7,13 +7,24 @@ scores CPU and memory only). Missing nodes are provisioned, ``node_provision_s``
 as cluster-autoscaler scales a node group up. A new node has no image: the first pod placed on it pulls it
 (``pods.image_pull_s``), and pods placed while the pull runs wait for the same pull. Without a ``cluster``
 section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
+
+Scale-down follows cluster-autoscaler (``cluster-autoscaler/FAQ.md``, "How does scale-down work?", and its
+flags; Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented, no code copied): every
+``scan_interval_s`` (``--scan-interval``, 10 s) a ready node whose pods request less than
+``scale_down_utilization_threshold`` of its GPUs (``--scale-down-gpu-utilization-threshold``, 0.5) is
+unneeded; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
+removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
+10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes, one at
+a time: it is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet
+replaces them elsewhere, with a cold start), and it goes when the last one has left. A node is billed
+from its creation (booting included) to its removal. A later burst waits for new nodes again.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
 
@@ -50,7 +61,8 @@ class Node:
 class NodePool:
     """The nodes of the cluster section, or an unlimited supply of GPUs without one."""
 
-    def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None]) -> None:
+    def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None],
+                 evict: Callable[[Node, float], None]) -> None:
         self.sim = sim
         spec = sim.scenario.cluster
         self.limited = spec is not None
@@ -59,6 +71,12 @@ class NodePool:
         self.provision_s = spec.node_provision_s if spec else 0.0
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
+        self._evict = evict
+        self._spec = spec
+        self.last_add_s = -math.inf  # the last scale-up (a node added), for the delay after add
+        self.removals: list[tuple[float, int]] = []  # (time, node id) when a node went
+        if spec is not None and spec.scale_down_enabled:
+            sim.env.process(self._scan())
 
     # ---- capacity --------------------------------------------------------------------------------
     def _live(self) -> list[Node]:
@@ -96,10 +114,12 @@ class NodePool:
     def has_free(self) -> bool:
         return not self.limited or any(n.free > 0 for n in self.nodes)
 
-    def release(self, node: Node | None) -> None:
-        """A pod on ``node`` gave its GPU back."""
+    def release(self, node: Node | None, now: float) -> None:
+        """A pod on ``node`` gave its GPU back at ``now``; a drained node goes with its last pod."""
         if node is not None:
             node.used -= 1
+            if node.cordoned and node.used == 0 and node.removed_s is None:
+                self._remove(node, now)
 
     def provision_for(self, waiting: int, now: float) -> None:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
@@ -111,6 +131,7 @@ class NodePool:
             node = self._add(now, ready=False)
             if node is None:
                 return
+            self.last_add_s = now
             ev = Timeout(self.sim.env, self.provision_s, node)
             ev.callbacks.append(self._node_ready)
 
@@ -119,6 +140,51 @@ class NodePool:
         now = self.sim.env.now
         node.ready_s = now
         self._on_node_ready(now)
+
+    # ---- cluster-autoscaler's scale-down ------------------------------------------------------------
+    def _scan(self) -> Generator[Any, Any, None]:
+        spec = self._spec
+        assert spec is not None
+        env = self.sim.env
+        while True:
+            yield env.timeout(spec.scan_interval_s)
+            self.scale_down(env.now)
+
+    def scale_down(self, now: float) -> None:
+        """One scan: mark unneeded nodes, and remove those unneeded long enough (see the module doc)."""
+        spec = self._spec
+        assert spec is not None
+        live = [n for n in self.nodes if n.removed_s is None and n.ready_s is not None and not n.cordoned]
+        for n in live:
+            if n.used / n.gpus < spec.scale_down_utilization_threshold:
+                if n.unneeded_since is None:
+                    n.unneeded_since = now
+            else:
+                n.unneeded_since = None
+        if now - self.last_add_s < spec.scale_down_delay_after_add_s:
+            return
+        due = [n for n in live if n.unneeded_since is not None
+               and now - n.unneeded_since >= spec.scale_down_unneeded_time_s]
+        for n in due:
+            if n.used == 0:
+                self._remove(n, now)
+        # a node with pods: only if they fit on the nodes that stay, one drain at a time
+        if any(n.cordoned and n.removed_s is None for n in self.nodes):
+            return
+        for n in due:
+            if n.used == 0:
+                continue
+            room = sum(m.free for m in self.nodes if m is not n and m.removed_s is None
+                       and not (m in due and m.used == 0))
+            if room >= n.used:
+                n.cordoned = True
+                self._evict(n, now)
+                return
+
+    def _remove(self, node: Node, now: float) -> None:
+        node.removed_s = now
+        node.cordoned = True
+        self.removals.append((now, node.id))
 
     # ---- the image -------------------------------------------------------------------------------
     def image_wait_s(self, node: Node | None, now: float, pull_s: Callable[[], float]) -> float:

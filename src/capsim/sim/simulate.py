@@ -172,6 +172,8 @@ class Simulation:
             max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
             crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
+            node_gpu_seconds=self.cluster.nodes.node_gpu_seconds(sc.horizon_s) if sc.cluster else None,
+            billing=sc.cluster.billing if sc.cluster else "pod",
         )
         requests = requests_frame(cols)
         del cols

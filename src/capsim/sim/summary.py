@@ -18,6 +18,10 @@ class Summary:
     TTFT and end-to-end latency run from a request's first send to its first token / answer, retries
     included (what the agent feels). ``error_rate`` is the share of finished measured requests that did
     not end ok. Counts without ``measured_`` cover the whole run.
+
+    ``gpu_hours`` are the GPUs pods held; ``node_gpu_hours`` the GPUs of the nodes from their creation to
+    their removal (NaN without a ``cluster`` section); ``cost`` bills the one ``cluster.billing`` names
+    (pods without a cluster section), both over the whole run.
     """
 
     arrived: int
@@ -53,6 +57,7 @@ class Summary:
     steps: int = 0
     kv_cache_usage_mean: float = math.nan
     kv_cache_usage_peak: float = math.nan
+    node_gpu_hours: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,7 +66,8 @@ class Summary:
 def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float, retries: int,
               lost_sessions: int, gpu_seconds: float, gpu_cost_per_hour: float, batch_sizes: np.ndarray,
               scale_events: int, max_replicas: int, crashes: int, ttft_slo_s: float,
-              max_error_rate: float, turns: int) -> Summary:
+              max_error_rate: float, turns: int, node_gpu_seconds: float | None = None,
+              billing: str = "pod") -> Summary:
     """The summary of a run from its request columns (``Records.columns()``)."""
     outcome = cols["outcome"]
     arrival = cols["arrival_s"]
@@ -80,6 +86,8 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
     failed_rows &= outcome != OK
     abandoned = len(np.unique(cols["session_id"][failed_rows]))
     gpu_hours = gpu_seconds / 3600.0
+    node_gpu_hours = node_gpu_seconds / 3600.0 if node_gpu_seconds is not None else math.nan
+    billed = node_gpu_hours if billing == "node" and node_gpu_seconds is not None else gpu_hours
     slo_met = (not math.isnan(t99)) and t99 <= ttft_slo_s and error_rate <= max_error_rate
     return Summary(
         arrived=len(outcome),
@@ -97,10 +105,11 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
         lost_sessions=lost_sessions,
         abandoned_sessions=abandoned,
         gpu_hours=gpu_hours,
-        cost=gpu_hours * gpu_cost_per_hour,
+        cost=billed * gpu_cost_per_hour,
         mean_batch_size=float(batch_sizes.mean()) if len(batch_sizes) else math.nan,
         scale_events=scale_events,
         max_replicas=max_replicas,
         crashes=crashes,
         slo_met=bool(slo_met),
+        node_gpu_hours=node_gpu_hours,
     )

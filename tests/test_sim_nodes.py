@@ -1,0 +1,116 @@
+"""GPU nodes: billed from creation to removal, removed as cluster-autoscaler removes them, a later burst waits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator
+from typing import Any
+
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.sim.simulate import Simulation
+
+
+def idle(horizon_s: float = 2000, **changes: Any) -> Scenario:
+    """No traffic to speak of; pods start in 10 s; nodes of 4 GPUs, provisioned in 30 s."""
+    s = Scenario.model_validate({
+        "horizon_s": horizon_s,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 0.001}},
+        "service": {"kind": "deterministic", "mean_s": 0.1},
+        "pods": {"replicas": 1, "startup_s": 10, "gpu_cost_per_hour": 2.0},
+        "cluster": {"max_gpus": 8, "node_gpus": 4, "node_provision_s": 30},
+        "timeseries_interval_s": 1,
+    })
+    return s.override(changes) if changes else s
+
+
+def at(sim: Simulation, *steps: tuple[float, Callable[[], None]]) -> None:
+    """Run each action at its time (s)."""
+    def proc() -> Generator[Any, Any, None]:
+        for t, action in steps:
+            yield sim.env.timeout(t - sim.env.now)
+            action()
+    sim.env.process(proc())
+
+
+def test_nodes_are_billed_whole_and_pods_by_the_gpu() -> None:
+    # one pod on a 4-GPU node for 2000 s: the node is the only one, so nothing can be removed
+    r = Simulation(idle(), seed=0).run().summary
+    assert r.gpu_hours == pytest.approx(2000 / 3600)
+    assert r.node_gpu_hours == pytest.approx(4 * 2000 / 3600)
+    assert r.cost == pytest.approx(2.0 * 4 * 2000 / 3600)  # billing: node (the default)
+    pod_billed = Simulation(idle(**{"cluster.billing": "pod"}), seed=0).run().summary
+    assert pod_billed.cost == pytest.approx(2.0 * 2000 / 3600)
+    assert pod_billed.node_gpu_hours == r.node_gpu_hours  # both numbers are reported either way
+    without = Simulation(idle(cluster=None), seed=0).run().summary
+    assert math.isnan(without.node_gpu_hours) and without.cost == pytest.approx(2.0 * 2000 / 3600)
+
+
+def test_a_node_is_billed_while_it_boots_and_goes_10_minutes_after_it_is_unneeded() -> None:
+    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)),  # pods 4-6 need node 1: created at 0, ready at 30
+       (105.0, lambda: sim.cluster.scale_to(4, 105.0)))  # the newest pods (on node 1) go: node 1 is empty
+    ts = sim.run().timeseries.set_index("time_s")
+    assert ts["pending_replicas"][29] == 3 and ts["ready_replicas"][41] == 7
+    assert sim.cluster.nodes.removals == [(710.0, 1)]  # unneeded at the scan of 110 s, gone 600 s later
+    assert sim.cluster.nodes.node_gpu_seconds(2000) == pytest.approx(4 * 2000 + 4 * 710)
+
+
+def test_unneeded_time_counts_from_when_utilization_fell_under_the_threshold() -> None:
+    # node 1 holds one pod of 4 GPUs from 30 s: unneeded from that scan on, though not empty
+    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(5, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
+    sim.run()
+    assert sim.cluster.nodes.removals == [(630.0, 1)]
+
+
+def test_a_node_at_the_utilization_threshold_stays() -> None:
+    # node 1 keeps 2 of its 4 GPUs busy: 0.5 is not under the threshold
+    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(6, 105.0)))
+    sim.run()
+    assert sim.cluster.nodes.removals == []
+    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0,
+                             "cluster.scale_down_utilization_threshold": 0.6}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(6, 105.0)))
+    sim.run()  # 0.5 < 0.6: unneeded, but its two pods cannot fit on the full node 0: it stays
+    assert sim.cluster.nodes.removals == []
+
+
+def test_no_scale_down_within_the_delay_after_a_node_was_added() -> None:
+    sim = Simulation(idle(**{"cluster.scale_down_unneeded_time_s": 60}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
+    sim.run()
+    # unneeded since 110 s, due at 170 s, but node 1 was added at 0 s: nothing goes before 600 s
+    assert sim.cluster.nodes.removals == [(600.0, 1)]
+
+
+def test_a_node_with_pods_is_drained_when_they_fit_elsewhere() -> None:
+    # node 0: pods 0-3, node 1: pod 4. Pod 1 crashes and restarts (Starting), so the ReplicaSet deletes it
+    # first when the Deployment goes to 4: node 0 has a free GPU, node 1 one pod (0.25, unneeded).
+    sim = Simulation(idle(**{"pods.replicas": 5}), seed=0)
+    pods = sim.cluster.pods
+    at(sim, (50.0, lambda: sim.cluster.crash(pods[1], 50.0)), (55.0, lambda: sim.cluster.scale_to(4, 55.0)))
+    ts = sim.run().timeseries.set_index("time_s")
+    # unneeded from the first scan (10 s); at 610 s its pod fits in node 0's free GPU: drained
+    assert sim.cluster.nodes.removals == [(610.0, 1)]
+    assert len(pods) == 6 and pods[5].created_s == 610.0  # the evicted pod 4 was replaced on node 0
+    assert ts["ready_replicas"][609] == 4 and ts["ready_replicas"][615] == 3 and ts["ready_replicas"][621] == 4
+    no_room = Simulation(idle(**{"pods.replicas": 5}), seed=0)  # node 0 full: node 1 stays
+    no_room.run()
+    assert no_room.cluster.nodes.removals == []
+
+
+def test_a_burst_after_a_node_was_removed_waits_for_a_new_node() -> None:
+    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
+    at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)),
+       (800.0, lambda: sim.cluster.scale_to(5, 800.0)))
+    ts = sim.run().timeseries.set_index("time_s")
+    assert sim.cluster.nodes.removals == [(710.0, 1)]
+    assert ts["pending_replicas"][829] == 1 and ts["ready_replicas"][839] == 4 and ts["ready_replicas"][841] == 5
+    never = Simulation(idle(**{"cluster.scale_down_enabled": False}), seed=0)
+    at(never, (0.0, lambda: never.cluster.scale_to(7, 0.0)), (105.0, lambda: never.cluster.scale_to(4, 105.0)),
+       (800.0, lambda: never.cluster.scale_to(5, 800.0)))
+    ts = never.run().timeseries.set_index("time_s")
+    assert never.cluster.nodes.removals == [] and ts["ready_replicas"][811] == 5  # the old model: at once
