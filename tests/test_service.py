@@ -119,6 +119,8 @@ def test_queue_full_gives_429_with_retry_after(tmp_path):
 
 
 def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path):
+    from test_reliability_pod import wait_in_flight
+
     p = PodProcess(tmp_path, max_batch_size=4, max_wait_ms=0, drain_timeout_s=20).start()
 
     async def in_flight() -> list[httpx.Response]:
@@ -126,12 +128,14 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path):
             tasks = [asyncio.create_task(c.post(f"{p.url}/v1/sessions/d{i}/turns",
                                                 json={"prompt_tokens": 64, "max_new_tokens": 256}))
                      for i in range(8)]
-            await asyncio.sleep(0.3)  # the requests are queued or running
+            # proof, not hope, that all 8 reached the pod before SIGTERM (its in-flight gauge)
+            await asyncio.to_thread(wait_in_flight, p.url, 8)
             p.signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(in_flight())
     assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.json()["turn"] == 1 and len(r.json()["tokens"]) == 256 for r in responses)
     assert p.wait(timeout_s=30) == 0
 
 
@@ -146,6 +150,7 @@ def test_store_outage_gives_503_fast_and_readiness_false(tmp_path, redis_server_
         elapsed = time.monotonic() - t0
         assert resp.status_code == 503
         assert "session store unavailable" in resp.json()["detail"]
+        assert int(resp.headers["retry-after"]) >= 1
         assert elapsed < 5.0
         time.sleep(1.1)  # past the readiness cache
         assert httpx.get(f"{p.url}/readyz", timeout=10).status_code == 503
