@@ -109,14 +109,17 @@ def prepare(name: str, target: Target) -> Path:
     return work
 
 
-def run(name: str, target: Target, budget_s: float, max_children: int) -> dict[str, object]:
-    """Run mutmut on one target within ``budget_s`` seconds and return its tally."""
+def run(
+    name: str, target: Target, budget_s: float, max_children: int, only: list[str] | None = None
+) -> dict[str, object]:
+    """Run mutmut on one target within ``budget_s`` seconds and return its tally (over every mutant
+    mutmut has a result for, from this run or an earlier one; ``only``: globs of mutants to retest)."""
     work = prepare(name, target)
     mutmut = str(Path(sys.executable).with_name("mutmut"))
     started = time.monotonic()
     # a session of its own, so the budget can stop mutmut and every worker it forked, and only those
     proc = subprocess.Popen(
-        [mutmut, "run", "--max-children", str(max_children)],
+        [mutmut, "run", "--max-children", str(max_children), *(only or [])],
         cwd=work,
         start_new_session=True,
         env={**os.environ, "PYTHONHASHSEED": "0", "CAPSIM_HYPOTHESIS_PROFILE": "mutation"},
@@ -164,13 +167,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("targets", nargs="*", help=f"default: all of {', '.join(TARGETS)}")
     parser.add_argument("--budget-s", type=float, default=1200.0, help="wall-clock cap per target (s)")
     parser.add_argument("--max-children", type=int, default=1, help="parallel mutant workers")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[],
+        metavar="GLOB",
+        help="(re)test only the mutants matching these globs, e.g. 'capsim.core.batcher.*_run_batch*'",
+    )
     args = parser.parse_args(argv)
     names = args.targets or list(TARGETS)
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)}")
     for name in names:
-        s = run(name, TARGETS[name], args.budget_s, args.max_children)
+        s = run(name, TARGETS[name], args.budget_s, args.max_children, args.only)
         done = "" if s["finished"] else f" (stopped at the {args.budget_s:g} s budget)"
         print(f"== {name}: score {s['score']} {s['tally']} in {s['wall_s']} s{done}")
         for survivor in s["survivors"]:  # type: ignore[attr-defined]
