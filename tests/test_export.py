@@ -180,12 +180,11 @@ def test_keda_scaled_object_structure(variants: dict[str, Scenario]) -> None:
             kubernetes_validate.validate(hpa, K8S_VERSIONS[-1], strict=True)
 
 
-def test_keda_cooldown_only_when_scaling_to_zero(rush: Scenario) -> None:
-    assert "cooldownPeriod" not in build_all(rush, TARGET)["keda-scaledobject.yaml"]["spec"]
-    to_zero = rush.override({"autoscaler.minReplicas": 0})
-    assert build_all(to_zero, TARGET)["keda-scaledobject.yaml"]["spec"]["cooldownPeriod"] == 300
-    legacy = to_zero.override({"autoscaler.behavior": None, "autoscaler.downscale_window_s": 120.5})
-    assert build_all(legacy, TARGET)["keda-scaledobject.yaml"]["spec"]["cooldownPeriod"] == 121
+def test_keda_never_scales_to_zero_on_pod_metrics(rush: Scenario) -> None:
+    spec = build_all(rush, TARGET)["keda-scaledobject.yaml"]["spec"]
+    assert spec["minReplicaCount"] == 3 and "cooldownPeriod" not in spec
+    with pytest.raises(SettingsError, match="at least one Object or External metric to support scaling to zero"):
+        rush.override({"autoscaler.minReplicas": 0})
 
 
 def test_keda_query_is_the_adapter_query_summed_over_the_deployment(rush: Scenario) -> None:
@@ -456,7 +455,7 @@ _seconds = st.integers(1, 120).map(float) | st.floats(0.5, 120, allow_nan=False)
 
 @st.composite
 def _autoscalers(draw: st.DrawFn) -> dict[str, Any]:
-    low = draw(st.integers(0, 5))
+    low = draw(st.integers(1, 5))  # 0 needs an Object or External metric (refused on Pods metrics)
     names = draw(st.lists(st.sampled_from(["capsim_queue_depth", "capsim_requests_in_flight", "capsim_gpu_busy_ratio",
                                            "capsim_time_to_first_token_seconds", "queue_depth", "ttft"]),
                           min_size=1, max_size=2, unique=True))

@@ -4,6 +4,8 @@ KEDA (keda.sh/v1alpha1) creates and drives the HPA itself; its Prometheus scaler
 return one number, compared with ``threshold``. With ``metricType: AverageValue`` the HPA divides that
 number by the pod count, so the query sums the per-pod values the simulated HPA averaged
 (``capsim.export.promql``). The HPA's ``behavior`` goes to ``advanced.horizontalPodAutoscalerConfig``.
+``minReplicaCount`` is never 0: a scenario cannot scale to zero on Pods metrics alone (the API server's
+rule, ``capsim.policy.autoscaling``), and with no pod the summed pod metric could never wake it again.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
@@ -16,7 +18,6 @@ from capsim.export.adapter import hpa_queries
 from capsim.export.hpa import require_autoscaler, scale_target_ref
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
-from capsim.policy.hpa_behavior import scale_down_window
 
 API_VERSION = "keda.sh/v1alpha1"
 
@@ -45,10 +46,6 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         "maxReplicaCount": auto.max_replicas,
         "triggers": triggers,
     }
-    if auto.min_replicas == 0:
-        # KEDA itself takes the last pod away, cooldownPeriod after the metric went idle: the scale-down window
-        rules = hpa.behavior.scale_down if hpa.behavior is not None else None
-        spec["cooldownPeriod"] = math.ceil(scale_down_window(rules, auto.downscale_window_s))
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}
     return {"apiVersion": API_VERSION, "kind": "ScaledObject",

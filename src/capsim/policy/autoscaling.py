@@ -271,6 +271,11 @@ class HorizontalPodAutoscaler:
         if isinstance(raw_metrics, (str, bytes, Mapping)) or not isinstance(raw_metrics, Sequence):
             raise ValueError(f"metrics must be a list, got {raw_metrics!r}")
         metrics = [MetricSpec.from_k8s(m, f"metrics[{i}]") for i, m in enumerate(raw_metrics)]
+        if min_replicas == 0 and not any(m.type in ("Object", "External") for m in metrics):
+            # the API server's rule (pkg/apis/autoscaling/validation: validateMetrics): with no pods there
+            # is no Pods or Resource metric to scale back up from, so such an HPA would stay at zero
+            raise ValueError("metrics must specify at least one Object or External metric to support scaling "
+                             "to zero replicas (minReplicas is 0; Kubernetes refuses this HPA)")
         behavior = None if spec.get("behavior") is None else Behavior.from_k8s(spec["behavior"], "behavior")
         ref = spec.get("scaleTargetRef")
         if ref is not None and not isinstance(ref, Mapping):
