@@ -1,0 +1,172 @@
+"""The reference model served by continuous batching: each engine step, as the shared scheduler decides it,
+is one forward pass over every scheduled prefill chunk and decode token.
+
+``ContinuousEngine`` wraps a ``ReferenceEngine``'s model. Each request keeps its own KV cache in plain
+torch (one ``(1, heads, slots, head_dim)`` tensor per layer for keys and for values, sized for its prompt
+plus its output), freed when it finishes or is preempted; the scheduler (``capsim.policy.scheduling``)
+counts the same cache in blocks. A step builds one padded batch: each row's cached context is copied in
+right-aligned to a common slot, its new tokens follow it (padded to the step's longest chunk), the model's
+blocks run once with a mask that lets each token see its own context and the new tokens before it, and the
+new keys and values are copied back into the row's cache. A request whose computed tokens reach its known
+tokens emits the greedy next token, streamed through its ``on_token`` hook. A preempted request is
+recomputed from its prompt and the tokens it already emitted, so its output is what it would have been.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from capsim.core.engine import GenerationRequest, ReferenceEngine
+from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits
+
+
+@dataclass
+class _Active:
+    """A request's tokens so far and its own KV cache (``None`` while it holds none)."""
+
+    request: GenerationRequest
+    tokens: list[int]  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    k: list[torch.Tensor] | None = None
+    v: list[torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did: tokens emitted (request id -> token), and who finished or was preempted."""
+
+    emitted: dict[int, int]
+    finished: list[int]
+    preempted: list[int]
+    scheduled_tokens: int
+    seconds: float
+
+
+class ContinuousEngine:
+    """Continuous-batching greedy generation of the reference model (see the module docstring)."""
+
+    def __init__(self, engine: ReferenceEngine, limits: SchedulerLimits) -> None:
+        cfg = engine.config
+        if limits.max_model_len > cfg.max_seq_len:
+            raise ValueError(f"max_model_len ({limits.max_model_len}) exceeds the model's max_seq_len "
+                             f"({cfg.max_seq_len})")
+        self.engine = engine
+        self.model = engine.model
+        self.scheduler = Scheduler(limits)
+        self.active: dict[int, _Active] = {}
+        self.results: dict[int, list[int]] = {}
+        self._heads = cfg.n_heads
+        self._head_dim = cfg.d_model // cfg.n_heads
+
+    # ---- queue -------------------------------------------------------------------------------------
+    def add(self, request_id: int, request: GenerationRequest) -> Rejection | None:
+        """Queue a request; the reason it can never run when it cannot (then it is not queued)."""
+        why = self.scheduler.add(request_id, len(request.prompt), request.max_new_tokens)
+        if why is None:
+            self.active[request_id] = _Active(request, list(request.prompt))
+        return why
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request (its client went away): its cache is freed at once."""
+        self.scheduler.remove(request_id)
+        del self.active[request_id]
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # ---- one step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> StepReport:
+        """Run one engine step: schedule, one forward pass, emit and stream tokens, free finished caches."""
+        t0 = time.perf_counter()
+        plan = self.scheduler.step()
+        for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
+            a = self.active[rid]
+            a.k = a.v = None
+        emitted: dict[int, int] = {}
+        if plan.request_ids:
+            nxt = self._forward(plan.request_ids, plan.num_tokens, plan.contexts)
+            for rid, n, c, tok in zip(plan.request_ids, plan.num_tokens, plan.contexts, nxt, strict=True):
+                a = self.active[rid]
+                if c + n == len(a.tokens):  # every known token is computed: the next one is emitted
+                    a.tokens.append(tok)
+                    a.generated.append(tok)
+                    emitted[rid] = tok
+        self.engine.synchronize()
+        seconds = time.perf_counter() - t0
+        for rid, tok in emitted.items():
+            req = self.active[rid].request
+            if req.on_token is not None:
+                req.on_token(len(self.active[rid].generated) - 1, tok, seconds)
+        for rid in plan.finished:
+            self.results[rid] = self.active.pop(rid).generated
+        return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds)
+
+    def _forward(self, ids: list[int], counts: list[int], contexts: list[int]) -> list[int]:
+        """One padded forward pass; the greedy next token at each row's last new position."""
+        model = self.model
+        dev = self.engine.device
+        dtype = self.engine.dtype
+        rows = len(ids)
+        ctx = max(contexts)  # new tokens start at this slot in every row
+        t = max(counts)
+        slots = ctx + t
+        tokens = torch.zeros(rows, t, dtype=torch.long)
+        positions = torch.zeros(rows, t, dtype=torch.long)
+        keep = torch.zeros(rows, t, slots, dtype=torch.bool)  # query i of a row may see slot s
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        for j, (rid, n, c) in enumerate(zip(ids, counts, contexts, strict=True)):
+            seq = self.active[rid].tokens
+            tokens[j, :n] = torch.tensor(seq[c : c + n])
+            positions[j, :n] = torch.arange(c, c + n)
+            keep[j, :, ctx - c : ctx] = True
+            keep[j, :, ctx:] = causal
+            keep[j, n:, :] = False
+            keep[j, torch.arange(n, t), ctx + torch.arange(n, t)] = True  # padding queries see themselves
+        n_layers = len(model.blocks)
+        k_all = [torch.zeros(rows, self._heads, slots, self._head_dim, device=dev, dtype=dtype)
+                 for _ in range(n_layers)]
+        v_all = [torch.zeros_like(k_all[0]) for _ in range(n_layers)]
+        for j, (rid, c) in enumerate(zip(ids, contexts, strict=True)):
+            a = self.active[rid]
+            if c:
+                assert a.k is not None and a.v is not None
+                for layer in range(n_layers):
+                    k_all[layer][j, :, ctx - c : ctx] = a.k[layer][0, :, :c]
+                    v_all[layer][j, :, ctx - c : ctx] = a.v[layer][0, :, :c]
+        tokens, positions, mask = tokens.to(dev), positions.to(dev), keep.to(dev)[:, None]
+        x = model.tok(tokens) + model.pos(positions)
+        for layer, block in enumerate(model.blocks):
+            x = block(x, k_all[layer], v_all[layer], ctx, mask)
+        last = torch.tensor([n - 1 for n in counts], device=dev)
+        h = model.ln_f(x[torch.arange(rows, device=dev), last])
+        nxt = torch.argmax(h @ model.tok.weight.T, -1).tolist()
+        # the new keys and values go back into each request's own cache
+        for j, (rid, n, c) in enumerate(zip(ids, counts, contexts, strict=True)):
+            a = self.active[rid]
+            if a.k is None or a.v is None:
+                cap = len(a.request.prompt) + a.request.max_new_tokens
+                shape = (1, self._heads, cap, self._head_dim)
+                a.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
+                a.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
+            for layer in range(n_layers):
+                a.k[layer][0, :, c : c + n] = k_all[layer][j, :, ctx : ctx + n]
+                a.v[layer][0, :, c : c + n] = v_all[layer][j, :, ctx : ctx + n]
+        return [int(v) for v in nxt]
+
+    # ---- convenience ---------------------------------------------------------------------------------
+    def generate(self, requests: list[GenerationRequest]) -> list[list[int] | Rejection]:
+        """Add ``requests`` (ids 0..n-1) and step until every one has finished; their tokens in order."""
+        out: dict[int, Rejection] = {}
+        for i, r in enumerate(requests):
+            why = self.add(i, r)
+            if why is not None:
+                out[i] = why
+        while self.has_work:
+            self.step()
+        return [out[i] if i in out else self.results.pop(i) for i in range(len(requests))]
+
