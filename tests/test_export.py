@@ -289,8 +289,13 @@ def test_adapter_rules_serve_the_hpa_metric_names(variants: dict[str, Scenario])
             assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"},
                                                       "pod": {"resource": "pod"}}
             assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "<<.GroupBy>>" in rule["metricsQuery"]
-            window = f"[{PodQuery.of(rule['name']['as'], scenario.autoscaler.query_window_s).window}]"  # type: ignore[union-attr]
-            assert window in rule["metricsQuery"]
+            auto = scenario.autoscaler
+            assert auto is not None
+            query, window_s, _ = auto.query_of(rule["name"]["as"])
+            if query == "instant":  # the adapter's default rule for a gauge: no window
+                assert rule["metricsQuery"].startswith(f"sum({PodQuery.of(rule['name']['as'], window_s).series}{{")
+            else:
+                assert f"[{PodQuery.of(rule['name']['as'], window_s).window}]" in rule["metricsQuery"]
 
 
 def test_promql_windows_and_ttft_ratio() -> None:

@@ -16,6 +16,8 @@ import pandas as pd
 from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from capsim.model.buckets import TTFT_BUCKETS_S as SHARED_TTFT_BUCKETS_S
+
 CONTENT_TYPE: Final[str] = _CONTENT_TYPE
 """The HTTP Content-Type of ``render()``'s text."""
 
@@ -39,11 +41,8 @@ LATENCY_BUCKETS_S: Final = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
-# Time to first token is prefill plus queueing: the SLO region (50 ms to 2 s) is finely split.
-TTFT_BUCKETS_S: Final = (
-    0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75,
-    1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0,
-)  # fmt: skip
+# Time to first token: the simulated pod counts its observations in the same buckets (capsim.model.buckets).
+TTFT_BUCKETS_S: Final = SHARED_TTFT_BUCKETS_S
 # Queue wait is often sub-millisecond when idle and bounded by max_wait plus backlog when busy.
 QUEUE_WAIT_BUCKETS_S: Final = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

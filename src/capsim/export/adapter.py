@@ -24,9 +24,13 @@ CONFIG_KEY = "config.yaml"
 
 
 def hpa_queries(scenario: Scenario) -> list[PodQuery]:
-    """One query per metric of the scenario's HPA, over the simulated adapter's window."""
+    """One query per metric of the scenario's HPA, as the simulated adapter runs it (``Autoscaler.query_of``)."""
     auto = require_autoscaler(scenario)
-    return [PodQuery.of(m.name, auto.query_window_s) for m in auto.to_hpa().metrics]
+    queries = []
+    for m in auto.to_hpa().metrics:
+        query, window_s, quantile = auto.query_of(m.name)
+        queries.append(PodQuery.of(m.name, window_s, query, quantile))
+    return queries
 
 
 def adapter_rules(scenario: Scenario) -> dict[str, Any]:

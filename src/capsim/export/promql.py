@@ -1,8 +1,9 @@
 """The PromQL that turns a pod's Prometheus series into the per-pod value the simulated HPA reads.
 
-The simulator's adapter (``capsim.sim.hpa``) averages gauges over the query window and takes counters as
-a rate over it; these queries say the same to a real Prometheus, so the exported autoscaler sees the
-numbers the simulated one saw. Each metric has two spellings: a prometheus-adapter ``metricsQuery``
+The simulator's adapter (``capsim.sim.hpa``) evaluates each metric's query (``autoscaler.queries``: a
+gauge's instant value or its average over a window, a counter's rate, a histogram's mean or quantile over a
+window); these queries say the same to a real Prometheus, so the exported autoscaler sees the numbers the
+simulated one saw. Each metric has two spellings: a prometheus-adapter ``metricsQuery``
 (``<<.LabelMatchers>>`` and ``<<.GroupBy>>`` are filled in by the adapter) and a KEDA query, one number
 for the whole Deployment (the sum over its pods; KEDA's ``AverageValue`` divides it by the pod count).
 """
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capsim.model.scenario import POD_METRIC_ALIASES
+from capsim.model.scenario import METRIC_TYPES, POD_METRIC_ALIASES, QUERIES
 
 _TTFT = "capsim_time_to_first_token_seconds"
+#: The histograms a quantile can be taken of.
+_HISTOGRAMS = {"ttft": _TTFT, "itl": "vllm:inter_token_latency_seconds"}
 #: The series each simulated metric kind comes from (names as docs/metrics.md defines them).
 SERIES: dict[str, str] = {
     "queue_depth": "capsim_queue_depth",
@@ -36,10 +39,13 @@ class PodQuery:
     metric: str  # the name the HPA asks for (as written in the scenario)
     kind: str  # queue_depth, in_flight, busy, ttft
     window_s: float
+    query: str = ""  # instant, avg_over_time, rate, histogram_quantile ("": the kind's default)
+    quantile: float = 0.99
 
     @classmethod
-    def of(cls, metric: str, window_s: float) -> PodQuery:
-        return cls(metric, POD_METRIC_ALIASES[metric], window_s)
+    def of(cls, metric: str, window_s: float, query: str | None = None, quantile: float = 0.99) -> PodQuery:
+        kind = POD_METRIC_ALIASES[metric]
+        return cls(metric, kind, window_s, query or QUERIES[METRIC_TYPES.get(kind, "gauge")][0], quantile)
 
     @property
     def series(self) -> str:
@@ -53,6 +59,12 @@ class PodQuery:
     def per_pod(self, matchers: str, by: str) -> str:
         """The value per ``by`` group (pods) over the series selected by ``matchers``."""
         w = self.window
+        if self.query == "instant":  # prometheus-adapter's default rule for a series not named *_total
+            return f"sum({self.series}{{{matchers}}}) by ({by})"
+        if self.query == "histogram_quantile":
+            hist = _HISTOGRAMS[self.kind]
+            return (f"histogram_quantile({self.quantile:g}, "
+                    f"sum(rate({hist}_bucket{{{matchers}}}[{w}])) by (le, {by}))")
         if self.kind == "ttft":  # the mean TTFT: increase of the sum over increase of the count
             return (f"sum(rate({_TTFT}_sum{{{matchers}}}[{w}])) by ({by}) / "
                     f"sum(rate({_TTFT}_count{{{matchers}}}[{w}])) by ({by})")

@@ -31,8 +31,8 @@ from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError
 POD_METRICS: dict[str, str] = {
     "capsim_queue_depth": "queue_depth",  # gauge: requests waiting in the pod's batcher queue
     "capsim_requests_in_flight": "in_flight",  # gauge: requests accepted and not yet answered
-    "capsim_time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
-    "capsim_gpu_busy_ratio": "busy",  # counter of busy seconds: rate over the query window
+    "capsim_time_to_first_token_seconds": "ttft",  # histogram, observed when the pod answers
+    "capsim_gpu_busy_ratio": "busy",  # gauge: busy share of the time since the previous scrape
     # vLLM's names and meanings (docs/metrics.md), so an HPA or KEDA object written for vLLM loads unchanged
     "vllm:num_requests_waiting": "waiting",  # gauge: requests waiting for the engine (new or preempted)
     "vllm:num_requests_running": "running",  # gauge: requests in the engine's running batch
@@ -56,6 +56,25 @@ POD_METRIC_ALIASES: dict[str, str] = {
     "vllm:num_preemptions": "preemptions",
     **POD_METRICS,
 }
+
+
+#: What kind of Prometheus series each metric is; it decides which queries fit it (docs/metrics.md).
+METRIC_TYPES: dict[str, Literal["gauge", "counter", "histogram"]] = {
+    "queue_depth": "gauge", "in_flight": "gauge", "busy": "gauge", "ttft": "histogram",
+    "waiting": "gauge", "running": "gauge", "kv_cache": "gauge", "itl": "histogram", "preemptions": "counter",
+}
+#: The queries that fit each kind of series, the first the default. prometheus-adapter's default rules
+#: (kubernetes-sigs/prometheus-adapter, pkg/config/default.go, Apache-2.0) read a series whose name does not
+#: end in ``_total`` as an instant value (``sum(<<.Series>>{...})``) and a ``_total`` counter as
+#: ``rate(...[5m])`` (the ``--rate-interval``); a histogram has no default rule, and capsim's export writes
+#: the mean over the window (``rate`` of ``_sum`` over ``rate`` of ``_count``) unless a quantile is asked.
+QUERIES: dict[str, tuple[str, ...]] = {
+    "gauge": ("instant", "avg_over_time"),
+    "counter": ("rate",),
+    "histogram": ("rate", "histogram_quantile"),
+}
+#: The adapter's default ``--rate-interval``: the window of a counter's ``rate`` unless set.
+ADAPTER_RATE_INTERVAL_S = 300.0
 
 
 #: Token counts are stored as int32 (``capsim.model.request``): a count must fit.
@@ -243,12 +262,29 @@ class Router(_Section):
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------
+class MetricQuery(_Section):
+    """How the adapter computes one metric from the scraped series (``autoscaler.queries``).
+
+    ``instant``: the newest sample (a gauge); ``avg_over_time``: the mean of the samples in the window (a
+    gauge); ``rate``: a counter's increase per second over the window, or for a histogram the increase of
+    its sum over the increase of its count (the mean observation); ``histogram_quantile``: the
+    ``quantile`` of a histogram's observations in the window. ``window_s`` defaults to ``query_window_s``
+    (``rate`` of a counter: the adapter's 5 minutes).
+    """
+
+    query: Literal["instant", "avg_over_time", "rate", "histogram_quantile"]
+    window_s: Float | None = Field(None, gt=0)
+    quantile: Float = Field(0.99, gt=0, lt=1)
+
+
 class Autoscaler(_Section):
     """An autoscaling/v2 HPA ``spec`` (Kubernetes spelling) plus the metric pipeline around it.
 
-    The pipeline: Prometheus scrapes every pod each ``scrape_interval_s``; the adapter answers the HPA
-    with the samples of the last ``query_window_s`` (gauges averaged, counters as a rate) as they were
-    ``adapter_lag_s`` ago; the controller syncs every ``sync_period_s``.
+    The pipeline, with phases as in a cluster: Prometheus scrapes each pod every ``scrape_interval_s`` at
+    the pod's own random offset; the adapter answers the HPA with the query of each metric (``queries``,
+    the adapter's defaults otherwise: a gauge's instant value, a histogram's mean over ``query_window_s``)
+    over the samples as they were ``adapter_lag_s`` ago (any real number of seconds); the controller syncs
+    every ``sync_period_s`` from its own random phase.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_by_name=True, validate_by_alias=True)
@@ -262,6 +298,9 @@ class Autoscaler(_Section):
     scrape_interval_s: Float = Field(15.0, gt=0)
     query_window_s: Float = Field(60.0, gt=0)
     adapter_lag_s: Float = Field(0.0, ge=0)
+    queries: dict[str, MetricQuery] = Field(
+        default_factory=dict, description="metric name (as in metrics) -> its query; the adapter's default otherwise"
+    )
     tolerance: Float = Field(0.1, ge=0, lt=1)
     downscale_window_s: Float = Field(300.0, ge=0, description="controller default scale-down window")
 
@@ -277,7 +316,24 @@ class Autoscaler(_Section):
                 raise ValueError(
                     f"metrics[{i}].pods.metric.name must be one of {sorted(POD_METRICS)}, got {m.name!r}"
                 )
+        names = [m.name for m in hpa.metrics]
+        for name, q in self.queries.items():
+            if name not in names:
+                raise ValueError(f"queries.{name}: no metric of this name in metrics (names: {names})")
+            kind = METRIC_TYPES.get(POD_METRIC_ALIASES[name], "gauge")
+            if q.query not in QUERIES[kind]:
+                raise ValueError(f"queries.{name}.query must be one of {list(QUERIES[kind])} for a {kind}, "
+                                 f"got {q.query!r}")
         return self
+
+    def query_of(self, name: str) -> tuple[str, float, float]:
+        """The query of metric ``name``: (query, window in seconds, quantile), defaults filled in."""
+        kind = METRIC_TYPES.get(POD_METRIC_ALIASES[name], "gauge")
+        q = self.queries.get(name)
+        query = q.query if q is not None else QUERIES[kind][0]
+        default_window = ADAPTER_RATE_INTERVAL_S if kind == "counter" else self.query_window_s
+        window = q.window_s if q is not None and q.window_s is not None else default_window
+        return query, window, q.quantile if q is not None else 0.99
 
     def k8s_spec(self) -> dict[str, Any]:
         """The HPA ``spec`` in Kubernetes spelling."""
@@ -372,6 +428,9 @@ class Client(_Section):
 class Slo(_Section):
     ttft_p99_s: Float = Field(1.0, gt=0)
     max_error_rate: Float = Field(0.001, ge=0, le=1)
+    max_session_failure_rate: Float = Field(
+        0.001, ge=0, le=1, description="sessions that failed a request or were lost in a crash, per session"
+    )
 
 
 class Scenario(BaseModel):

@@ -256,8 +256,7 @@ class ContinuousPod(Pod):
                 if run is not None:
                     run.first = now
                     if sim.track_ttft:
-                        self.ttft_sum_s += now - float(send[i])
-                        self.ttft_count += 1
+                        self.observe_ttft(now - float(send[i]))
         if step.finished:
             self._finish(step.finished, now)
         self._step(now)

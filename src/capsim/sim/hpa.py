@@ -1,22 +1,37 @@
 """The HPA in a run: the metric pipeline that feeds it and the controller loop that calls the policy.
 
-Pipeline, as in a cluster with Prometheus and prometheus-adapter: every ``scrape_interval_s`` each
-serving pod's /metrics is scraped (queue depth and requests in flight as gauges; busy seconds, TTFT sum
-and count as counters). At each sync (every ``sync_period_s``) the HPA asks the adapter for each pod's
-value, and the adapter answers from the samples in the window ``(a - query_window_s, a]`` with
-``a = now - adapter_lag_s``: gauges averaged (``avg_over_time``), counters as a rate over the window
-(busy fraction = increase of busy seconds / elapsed; TTFT = increase of the sum / increase of the count).
-A pod without samples there has no value. The per-metric proposals come from
-``capsim.policy.autoscaling.pods_metric_replicas`` and the decision from ``HorizontalPodAutoscaler``.
+Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phases:
+
+* Prometheus scrapes each serving pod every ``scrape_interval_s`` at the pod's own offset within the
+  interval (Prometheus spreads its targets: ``scrape/target.go``, ``offset`` = a hash of the target modulo
+  the interval; here a uniform draw per pod from the ``scrape_offsets`` stream, in pod id order). A sample
+  holds what the pod's /metrics shows at that instant: queue depth and requests in flight (gauges), the
+  busy ratio (a gauge: busy seconds of the batches finished since the previous scrape over the time since
+  it, NaN at a container's first scrape, as ``capsim.core.metrics``), the TTFT histogram's sum and count
+  (observed when the pod answers a request, as the real batcher does) and vLLM's series of a
+  continuous-batching pod.
+* At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
+  (``Autoscaler.query_of``: instant, avg_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
+  over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
+  Prometheus's 5-minute lookback. A pod without a value there (or a NaN) has none.
+* The controller syncs every ``sync_period_s`` from its own phase (the first sync a uniform draw in
+  ``(0, sync_period_s]`` from the ``hpa_phase`` stream): the kube-controller-manager's resync period runs
+  from when it picked the HPA up, not from when Prometheus scraped.
+
+The per-metric proposals come from ``capsim.policy.autoscaling.pods_metric_replicas`` and the decision from
+``HorizontalPodAutoscaler``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from capsim.model.scenario import POD_METRIC_ALIASES
+from simpy.events import Timeout
+
+from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
+from capsim.model.scenario import METRIC_TYPES, POD_METRIC_ALIASES, QUERIES
 from capsim.policy.autoscaling import PodSample, pods_metric_replicas
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
@@ -24,9 +39,18 @@ from capsim.sim.pod import Pod, PodState
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
+#: Prometheus's lookback delta (``--query.lookback-delta``, 5 minutes): an instant query returns the newest
+#: sample at most this old.
+LOOKBACK_S = 300.0
+#: Fields of a sample: time, queue depth, in flight, busy ratio, TTFT sum and count, then vLLM's waiting,
+#: running, KV-cache use, ITL sum and count, preemptions, then the TTFT bucket counts (or None).
+_FIELD = {"queue_depth": 1, "in_flight": 2, "busy": 3, "waiting": 6, "running": 7, "kv_cache": 8}
+_HISTOGRAM = {"ttft": (4, 5), "itl": (9, 10)}
+_PREEMPTIONS = 11
+_BUCKETS = 12
+_DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
+
 _SERVING = (PodState.READY, PodState.TERMINATING)
-#: sample fields of vLLM's gauges: waiting, running, KV-cache use (then ITL sum, ITL count, preemptions)
-_GAUGES = {"waiting": 6, "running": 7, "kv_cache": 8}
 
 
 def _engine_gauges(pod: Pod) -> tuple[float, float, float, float, float, float]:
@@ -47,65 +71,115 @@ class Autoscaling:
         self.sim = sim
         self.spec = spec
         self.hpa = spec.to_hpa()
-        self.metrics = [(POD_METRIC_ALIASES[m.name], m.target) for m in self.hpa.metrics]
+        #: (kind, target, query, window_s, quantile) per HPA metric
+        self.metrics = [(POD_METRIC_ALIASES[m.name], m.target, *spec.query_of(m.name)) for m in self.hpa.metrics]
         self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
         self.syncs: list[tuple[float, int, int, float]] = []  # (time, current, desired, first metric)
-        self._keep_s = spec.query_window_s + spec.adapter_lag_s + spec.scrape_interval_s
-        sim.env.process(self._scrape())
-        sim.env.process(self._sync())
+        longest = max([spec.query_window_s] + [w for _, _, _, w, _ in self.metrics])
+        self._keep_s = max(longest, LOOKBACK_S) + spec.adapter_lag_s + spec.scrape_interval_s
+        self._offsets = sim.streams["scrape_offsets"]
+        self.scrape_offset_s: list[float] = []  # per pod id: its scrape offset within the interval
+        self._busy_mark: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
+        self.discover(sim.env.now)
+        first_sync = spec.sync_period_s * (1.0 - float(sim.streams["hpa_phase"].random()))
+        sim.env.process(self._sync(first_sync))
 
-    def _scrape(self) -> Generator[Any, Any, None]:
-        env = self.sim.env
+    # ---- Prometheus -------------------------------------------------------------------------------------
+    def discover(self, now: float) -> None:
+        """Give every pod created since the last call its scrape offset and schedule its first scrape.
+
+        Called at the start, after each scale, and at each sync (pods a node's eviction replaced)."""
+        pods = self.sim.cluster.pods
         every = self.spec.scrape_interval_s
-        while True:
-            now = env.now
-            for pod in self.sim.cluster.pods:
-                if pod.state in _SERVING:
-                    pod.samples.append((now, len(pod.queue), pod.outstanding, pod.busy_total_s(now),
-                                        pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod)))
-                while pod.samples and pod.samples[0][0] < now - self._keep_s:
-                    pod.samples.popleft()
-            yield env.timeout(every)
+        env = self.sim.env
+        for pod in pods[len(self.scrape_offset_s):]:
+            offset = every * float(self._offsets.random())
+            self.scrape_offset_s.append(offset)
+            # the first time on the pod's grid (offset + k x interval) at or after now
+            at = offset + max(0.0, math.ceil((now - offset) / every)) * every
+            ev = Timeout(env, at - env.now, (pod, at))
+            ev.callbacks.append(self._scrape)
 
-    def value(self, pod: Pod, metric: str, now: float) -> float | None:
-        """The metric value of ``pod`` the adapter reports at ``now`` (``None``: no sample)."""
+    def _scrape(self, ev: Timeout) -> None:
+        pod, at = cast(tuple[Pod, float], ev.value)
+        if pod.state == PodState.GONE:
+            pod.samples.clear()
+            self._busy_mark.pop(pod.id, None)
+            return  # a deleted pod leaves Prometheus's targets
+        if pod.state in _SERVING:
+            pod.samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
+                                pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod),
+                                tuple(pod.ttft_buckets) if pod.ttft_buckets is not None else None))
+        samples = pod.samples
+        while samples and samples[0][0] < at - self._keep_s:
+            samples.popleft()
+        nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
+        nxt.callbacks.append(self._scrape)
+
+    def _busy_ratio(self, pod: Pod, now: float) -> float:
+        """``capsim_gpu_busy_ratio`` as the pod computes it when scraped (``InferenceMetrics``): busy seconds
+        of the batches finished since the previous scrape over the time since it, within [0, 1]; NaN at the
+        first scrape of a container (a restarted container starts its counters afresh)."""
+        # a continuous pod's steps are milliseconds long: its busy time so far is what it has counted
+        busy = pod.busy_total_s(now) if isinstance(pod, ContinuousPod) else pod.busy_observed_s(now)
+        mark = self._busy_mark.get(pod.id)
+        self._busy_mark[pod.id] = (pod.incarnation, now, busy)
+        if mark is None or mark[0] != pod.incarnation or now <= mark[1]:
+            return math.nan
+        return min(max((busy - mark[2]) / (now - mark[1]), 0.0), 1.0)
+
+    # ---- prometheus-adapter -----------------------------------------------------------------------------
+    def value(self, pod: Pod, metric: str, now: float, query: str | None = None, window_s: float | None = None,
+              quantile: float = 0.99) -> float | None:
+        """The value of ``metric`` (a kind: ``queue_depth``, ``busy``, ``ttft`` ...) for ``pod`` that the
+        adapter reports at ``now`` under ``query`` (default: the metric's default query); ``None``: no value."""
+        if query is None or window_s is None:
+            query, window_s = _DEFAULT_QUERY.get(METRIC_TYPES.get(metric, "gauge"), "instant"), self.spec.query_window_s
         a = now - self.spec.adapter_lag_s
-        lo = a - self.spec.query_window_s
+        if query == "instant":
+            lo = a - LOOKBACK_S
+            for s in reversed(pod.samples):
+                if s[0] <= a:
+                    v = s[_FIELD[metric]] if s[0] > lo else None
+                    return None if v is None or math.isnan(v) else float(v)
+            return None
+        lo = a - window_s
         sel = [s for s in pod.samples if lo < s[0] <= a]
         if not sel:
             return None
-        if metric == "queue_depth":
-            return sum(s[1] for s in sel) / len(sel)
-        if metric == "in_flight":
-            return sum(s[2] for s in sel) / len(sel)
-        if metric in _GAUGES:
-            k = _GAUGES[metric]
-            return sum(s[k] for s in sel) / len(sel)
+        if query == "avg_over_time":
+            k = _FIELD[metric]
+            mean = float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample (a busy ratio's first) makes it NaN
+            return None if math.isnan(mean) else mean
         if len(sel) < 2:  # a rate needs two samples, as rate() does
             return None
         first, last = sel[0], sel[-1]
-        if metric == "busy":
-            return (last[3] - first[3]) / (last[0] - first[0])
-        if metric == "preemptions":
-            return (last[11] - first[11]) / (last[0] - first[0])
-        if metric == "itl":
-            count = last[10] - first[10]
-            return (last[9] - first[9]) / count if count > 0 else None
-        count = last[5] - first[5]
-        return (last[4] - first[4]) / count if count > 0 else None
+        if query == "histogram_quantile":
+            b0, b1 = first[_BUCKETS], last[_BUCKETS]
+            if b0 is None or b1 is None:
+                return None
+            v = bucket_quantile(quantile, TTFT_BUCKETS_S, [y - x for x, y in zip(b0, b1, strict=True)])
+            return None if math.isnan(v) else v
+        if metric == "preemptions":  # a counter: its increase per second
+            return float((last[_PREEMPTIONS] - first[_PREEMPTIONS]) / (last[0] - first[0]))
+        s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation in the window
+        count = last[c_k] - first[c_k]
+        return float((last[s_k] - first[s_k]) / count) if count > 0 else None
 
-    def _sync(self) -> Generator[Any, Any, None]:
+    # ---- the controller ---------------------------------------------------------------------------------
+    def _sync(self, first_s: float) -> Generator[Any, Any, None]:
         env = self.sim.env
         cluster = self.sim.cluster
         tol = self.hpa.metric_tolerance
+        yield env.timeout(first_s)
         while True:
-            yield env.timeout(self.spec.sync_period_s)
             now = env.now
+            self.discover(now)
             current = cluster.desired
             pods = [p for p in cluster.pods if p.state != PodState.GONE]
             proposals: list[int | None] = []
-            for k, (metric, target) in enumerate(self.metrics):
-                samples = [self._sample(p, metric, now) for p in pods]
+            for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
+                samples = [self._sample(p, metric, now, query, window_s, quantile) for p in pods]
                 if k == 0:
                     vals = [s.value for s in samples if s.value is not None]
                     self.last_value = sum(vals) / len(vals) if vals else math.nan
@@ -117,11 +191,14 @@ class Autoscaling:
             self.syncs.append((now, current, desired, self.last_value))
             if desired != current:
                 cluster.scale_to(desired, now)
+                self.discover(now)
+            yield env.timeout(self.spec.sync_period_s)
 
-    def _sample(self, pod: Pod, metric: str, now: float) -> PodSample:
+    def _sample(self, pod: Pod, metric: str, now: float, query: str, window_s: float, quantile: float) -> PodSample:
         st = pod.state
         if st == PodState.PENDING:
             return PodSample(None, "Pending", ready=False)
+        v = self.value(pod, metric, now, query, window_s, quantile)
         if st == PodState.TERMINATING:
-            return PodSample(self.value(pod, metric, now), "Running", ready=False, deleting=True)
-        return PodSample(self.value(pod, metric, now), "Running", ready=st == PodState.READY)
+            return PodSample(v, "Running", ready=False, deleting=True)
+        return PodSample(v, "Running", ready=st == PodState.READY)

@@ -11,13 +11,15 @@ event a pod schedules is placed at an absolute time.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from enum import IntEnum
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from simpy.events import Timeout
 
+from capsim.model.buckets import TTFT_BUCKETS_S
 from capsim.policy.batching import decide
 
 if TYPE_CHECKING:
@@ -83,12 +85,16 @@ class Pod:
         # counters the pod's /metrics endpoint exports (scraped by the HPA pipeline)
         self.busy_s = 0.0  # closed busy intervals: time with at least one batch on the model
         self._busy_since = 0.0
+        self.batch_s = 0.0  # service seconds of finished batches (the real pod's busy counter)
+        # the TTFT histogram, observed when the pod answers (the real batcher's moment): sum, count and,
+        # when a query takes its quantile, the observations per bucket of TTFT_BUCKETS_S (the last +Inf)
         self.ttft_sum_s = 0.0
         self.ttft_count = 0
+        self.ttft_buckets: list[int] | None = [0] * (len(TTFT_BUCKETS_S) + 1) if sim.track_ttft_buckets else None
         # GPU holding time, for cost
         self.gpu_since: float | None = None
         self.gpu_s = 0.0
-        self.samples: deque[tuple[float, ...]] = deque()  # scraped by hpa.py
+        self.samples: deque[tuple[Any, ...]] = deque()  # scraped by hpa.py
 
     def __repr__(self) -> str:
         return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"
@@ -153,9 +159,6 @@ class Pod:
         self.running.append(batch)
         ev = Timeout(self._env, max(end - self._env.now, 0.0), batch)
         ev.callbacks.append(self._on_complete)
-        if sim.track_ttft:  # only an HPA on TTFT reads it: skip the sum otherwise
-            self.ttft_sum_s += size * batch.first - float(rec.send[idx].sum())
-            self.ttft_count += size
         if rec.send[idx[0]] + sim.timeout_s < end:  # FIFO: the head was sent first
             sim.client.watch_batch(batch, rec.send[idx])
 
@@ -182,9 +185,6 @@ class Pod:
         ev = Timeout(self._env, max(end - self._env.now, 0.0), batch)
         ev.callbacks.append(self._on_complete)
         sent = float(rec.send[i])
-        if sim.track_ttft:
-            self.ttft_sum_s += batch.first - sent
-            self.ttft_count += 1
         if sent + sim.timeout_s < end:
             sim.client.watch_batch(batch, rec.send[batch.idx])
 
@@ -199,6 +199,9 @@ class Pod:
         self.outstanding -= batch.live_size
         self.sim.router.touch(self)
         batch.done = True
+        self.batch_s += batch.end - batch.start
+        if self.sim.track_ttft:  # only an HPA on TTFT reads it: skip the histogram otherwise
+            self._observe_ttft(batch)
         if batch.size == 1:
             self.sim.client.on_request_done(batch, int(batch.idx[0]), now)
         else:
@@ -210,6 +213,32 @@ class Pod:
             self.sim.cluster.pod_drained(self, now)
 
     # ---- metrics and failures ------------------------------------------------------------------------
+    def _observe_ttft(self, batch: Batch) -> None:
+        """The batch's answered requests (not those whose client gave up) enter the TTFT histogram now,
+        when the pod answers them, as the real batcher observes them when the batch returns."""
+        sent = self._rec.send[batch.idx]
+        if batch.cancelled:
+            keep = [k for k, i in enumerate(batch.idx.tolist()) if i not in batch.cancelled]
+            sent = sent[keep]
+        if self.ttft_buckets is None:
+            self.ttft_sum_s += batch.first * len(sent) - float(sent.sum())
+            self.ttft_count += len(sent)
+            return
+        for v in (batch.first - sent).tolist():
+            self.observe_ttft(v)
+
+    def observe_ttft(self, ttft_s: float) -> None:
+        """One TTFT observation (seconds) into the pod's histogram."""
+        self.ttft_sum_s += ttft_s
+        self.ttft_count += 1
+        if self.ttft_buckets is not None:
+            self.ttft_buckets[bisect_left(TTFT_BUCKETS_S, ttft_s)] += 1
+
+    def busy_observed_s(self, now: float) -> float:
+        """The busy seconds the pod's /metrics counts at ``now``: service time of the batches finished so
+        far (``InferenceMetrics.observe_batch``); a batch still running counts when it ends."""
+        return self.batch_s
+
     def busy_total_s(self, now: float) -> float:
         """Busy seconds up to ``now`` (the counter a scrape reads)."""
         return self.busy_s + (now - self._busy_since if self.running else 0.0)

@@ -105,6 +105,11 @@ class Simulation:
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics
         )
+        # a histogram_quantile query needs the TTFT observations per bucket, not only their sum and count
+        self.track_ttft_buckets = scenario.autoscaler is not None and any(
+            POD_METRIC_ALIASES.get(m.name) == "ttft" and scenario.autoscaler.query_of(m.name)[0] == "histogram_quantile"
+            for m in scenario.autoscaler.to_hpa().metrics
+        )
         self.profile_path = None
         if scenario.service.kind == "profile":
             self.profile_path = str(profile.source if profile is not None else scenario.service.profile)

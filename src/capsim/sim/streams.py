@@ -23,6 +23,8 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "retries",  # reserved for retry jitter
     "sessions",  # reserved for per-session draws (think times)
     "image_pull",  # image pull durations (once per node)
+    "scrape_offsets",  # each pod's scrape offset within the scrape interval (Prometheus), by pod id
+    "hpa_phase",  # the HPA controller's sync phase within its sync period
 )
 
 
