@@ -110,6 +110,7 @@ def test_run_timeline_marks_every_scale_event_and_crash(rush, tmp_path):
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["scale up", "scale down", "crash"]
     assert any("SLO" in t.get_text() for t in ttft.get_legend().get_texts())
+    assert len(ttft.patches) == 0  # no Redis outage in this run
     _png(fig, tmp_path, "timeline")
 
 
@@ -123,6 +124,17 @@ def test_ttft_p99_over_time_matches_numpy(rush):
     assert np.isinf(p99.ttft_p99_s).any()  # the rush rejects requests: those minutes fail the SLO outright
 
 
+def test_run_timeline_shades_redis_outages():
+    sc = Scenario.from_yaml("data/scenarios/crash_study.yaml").override({
+        "horizon_s": 300, "warmup_s": 30, "faults.pod_mtbf_s": None, "faults.crashes": [],
+        "faults.redis_outages": [{"at_s": 120, "duration_s": 30}]})
+    fig = plots.run_timeline(simulate(sc, seed=0))
+    for ax in fig.axes:
+        (span,) = ax.patches
+        assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx((2.0, 2.5))
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Redis outage"]
+
+
 def test_latency_cdfs_end_at_the_share_that_succeeded(rush, tmp_path):
     req = rush.requests
     calm = req[req.arrival_s < 60]
@@ -133,6 +145,7 @@ def test_latency_cdfs_end_at_the_share_that_succeeded(rush, tmp_path):
     assert whole.get_ydata()[-1] == pytest.approx((req.outcome == "ok").sum() / finished.sum())
     assert first.get_ydata()[-1] == pytest.approx(1.0)
     assert "(s)" in left.get_xlabel() and "(s)" in right.get_xlabel()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["whole run", "first minute", "SLO 1 s"]
     _png(fig, tmp_path, "cdf")
 
 

@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 
 WIDTH_IN = 10.0  # fits a notebook column at the default 100 dpi, and a README at 110 dpi
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-UP, DOWN, CRASH = "#2ca02c", "#7f7f7f", "#d62728"
+UP, DOWN, CRASH, OUTAGE = "#2ca02c", "#7f7f7f", "#d62728", "#ff7f0e"
 
 
 def figure(nrows: int, ncols: int, *, height_in: float, sharex: bool | Literal["none", "all", "row", "col"] = False,

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from capsim.plots.common import COLORS, CRASH, DOWN, UP, column, figure
+from capsim.plots.common import COLORS, CRASH, DOWN, OUTAGE, UP, column, figure
 
 
 def ttft_p99_over_time(requests: Any, bin_s: float = 60.0, horizon_s: float | None = None) -> Any:
@@ -80,17 +80,25 @@ def _mark_events(result: Any, axes: tuple[Any, ...]) -> None:
         marks += [(x / 60.0, UP if up else DOWN) for x, up in zip(events.time_s.to_numpy(), ups, strict=True)]
     if crashes is not None and len(crashes):
         marks += [(x / 60.0, CRASH) for x in crashes.time_s.to_numpy()]
+    faults = (getattr(result, "provenance", None) or {}).get("scenario", {}).get("faults") or {}
+    outages = [(o["at_s"] / 60.0, (o["at_s"] + o["duration_s"]) / 60.0) for o in faults.get("redis_outages", ())]
     for ax in axes:
         for x, color in marks:
             ax.axvline(x, color=color, lw=0.8, alpha=0.6, linestyle=":" if color == DOWN else "-")
+        for lo, hi in outages:
+            ax.axvspan(lo, max(hi, lo + 0.1), color=OUTAGE, alpha=0.25, lw=0)
     labels = {UP: "scale up", DOWN: "scale down", CRASH: "crash"}
     seen = sorted({c for _, c in marks}, key=list(labels).index)
-    if seen:
+    if seen or outages:
         from matplotlib.lines import Line2D
+        from matplotlib.patches import Patch
 
-        handles = [Line2D([], [], color=c, lw=1, linestyle=":" if c == DOWN else "-") for c in seen]
-        axes[1].figure.legend(handles, [labels[c] for c in seen], loc="outside upper right", fontsize=7,
-                              ncols=len(seen))
+        handles: list[Any] = [Line2D([], [], color=c, lw=1, linestyle=":" if c == DOWN else "-") for c in seen]
+        names = [labels[c] for c in seen]
+        if outages:
+            handles.append(Patch(color=OUTAGE, alpha=0.25))
+            names.append("Redis outage")
+        axes[1].figure.legend(handles, names, loc="outside upper right", fontsize=7, ncols=len(names))
 
 
 def latency_cdfs(runs: Mapping[str, Any], *, slo_s: float | None = None, warmup_s: float = 0.0,
@@ -123,5 +131,6 @@ def latency_cdfs(runs: Mapping[str, Any], *, slo_s: float | None = None, warmup_
         ax.set_ylim(0, 1.02)
         ax.grid(True, alpha=0.3)
         ax.set_title(what, fontsize=10)
-    left.legend(fontsize=7, loc="upper left")
+    handles, names = left.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", fontsize=7, ncols=min(len(names), 3))
     return fig
