@@ -468,7 +468,7 @@ class RedisSessionStore:
         delays every reply it has already received, and opening a connection takes several turns; a
         timer alone would call that an outage. So at the deadline the call is given one more loop turn;
         then the server is unavailable only if the loop is responsive (that turn, and the timer's own
-        lateness, under a tenth of ``op_deadline_s``) and the server answered no call of this store
+        lateness, under a quarter of ``op_deadline_s``: more than an OS scheduler's hiccup) and the server answered no call of this store
         within the last ``op_deadline_s``. Otherwise the call waits another deadline, up to
         ``pool_wait_s`` in all. An idle pod thus learns of a frozen server in ``op_deadline_s``; a
         saturated one once its loop catches its breath.
@@ -491,7 +491,7 @@ class RedisSessionStore:
                     now = loop.time()
                     if task.done():
                         break
-                    busy = max(now - before, before - due) > 0.1 * deadline
+                    busy = max(now - before, before - due) > 0.25 * deadline
                     silent = self._last_reply < now - deadline
                     if (silent and not busy) or now - started >= self._s.pool_wait_s:
                         raise TimeoutError
