@@ -35,7 +35,9 @@ _NUMBERS: tuple[tuple[str, str], ...] = (
     ("error_rate", "error rate"), ("throughput_per_s", "throughput (requests/s)"),
     ("mean_batch_size", "mean batch size"), ("max_replicas", "most replicas"), ("scale_events", "scale events"),
     ("gpu_hours", "GPU hours held by pods"), ("node_gpu_hours", "GPU hours of the nodes (created to removed)"),
-    ("cost", "cost (as the cluster bills)"), ("lost_sessions", "lost sessions"), ("slo_met", "SLO met"),
+    ("cost", "cost (as the cluster bills)"), ("lost_sessions", "lost sessions"),
+    ("lost_turns", "turns lost sessions never sent"), ("session_failure_rate", "failed or lost sessions (share)"),
+    ("slo_met", "SLO met"),
 )
 
 

@@ -291,6 +291,15 @@ class Client:
         if self.pod_local:
             self._lose_sessions(np.flatnonzero((self.home == pod.id) & (self.session == _ACTIVE)), now)
 
+    def lost_sessions(self) -> tuple[np.ndarray, int]:
+        """The ids of the sessions lost (pod-local state on a pod that crashed or went), and how many of their
+        turns were never sent; call before the records' columns are built."""
+        if not self.pod_local:
+            return np.empty(0, dtype=np.int64), 0
+        lost = np.flatnonzero(self.session == _LOST)
+        turns = self.rec.arrival[: len(self.session) * self.turns].reshape(-1, self.turns)[lost]
+        return lost, int(np.isnan(turns).sum())
+
     def _lose_sessions(self, sessions: np.ndarray, now: float) -> None:
         active = sessions[self.session[sessions] == _ACTIVE]
         self.session[active] = _LOST

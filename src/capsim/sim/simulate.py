@@ -162,6 +162,7 @@ class Simulation:
         sc = self.scenario
         self.env.step = _budgeted(self.env, self.max_events)  # type: ignore[method-assign]
         self.client.run()
+        lost_ids, lost_turns = self.client.lost_sessions()
         cols = self._close_books()
         import pandas as pd
 
@@ -179,6 +180,8 @@ class Simulation:
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
             node_gpu_seconds=self.cluster.nodes.node_gpu_seconds(sc.horizon_s) if sc.cluster else None,
             billing=sc.cluster.billing if sc.cluster else "pod",
+            lost_session_ids=lost_ids, lost_turns=lost_turns, session_start_s=self.workload.session_start_s,
+            max_session_failure_rate=sc.slo.max_session_failure_rate,
         )
         requests = requests_frame(cols)
         del cols

@@ -22,6 +22,12 @@ class Summary:
     ``gpu_hours`` are the GPUs pods held; ``node_gpu_hours`` the GPUs of the nodes from their creation to
     their removal (NaN without a ``cluster`` section); ``cost`` bills the one ``cluster.billing`` names
     (pods without a cluster section), both over the whole run.
+
+    A session fails when one of its requests finally failed or it was lost in a crash (pod-local state: it
+    never sends its next turns, so no request records it). ``session_failure_rate`` is the share of the
+    sessions started after the warm-up that failed; ``lost_turns`` counts the turns lost sessions never
+    sent. ``slo_met`` needs the request-level SLO (TTFT p99, error rate) and the session-level one
+    (``session_failure_rate <= slo.max_session_failure_rate``); ``session_slo_met`` is the latter alone.
     """
 
     arrived: int
@@ -58,6 +64,9 @@ class Summary:
     kv_cache_usage_mean: float = math.nan
     kv_cache_usage_peak: float = math.nan
     node_gpu_hours: float = math.nan
+    lost_turns: int = 0
+    session_failure_rate: float = math.nan
+    session_slo_met: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,7 +76,8 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
               lost_sessions: int, gpu_seconds: float, gpu_cost_per_hour: float, batch_sizes: np.ndarray,
               scale_events: int, max_replicas: int, crashes: int, ttft_slo_s: float,
               max_error_rate: float, turns: int, node_gpu_seconds: float | None = None,
-              billing: str = "pod") -> Summary:
+              billing: str = "pod", lost_session_ids: np.ndarray | None = None, lost_turns: int = 0,
+              session_start_s: np.ndarray | None = None, max_session_failure_rate: float = 1.0) -> Summary:
     """The summary of a run from its request columns (``Records.columns()``)."""
     outcome = cols["outcome"]
     arrival = cols["arrival_s"]
@@ -88,7 +98,19 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
     gpu_hours = gpu_seconds / 3600.0
     node_gpu_hours = node_gpu_seconds / 3600.0 if node_gpu_seconds is not None else math.nan
     billed = node_gpu_hours if billing == "node" and node_gpu_seconds is not None else gpu_hours
-    slo_met = (not math.isnan(t99)) and t99 <= ttft_slo_s and error_rate <= max_error_rate
+    session_failure_rate = math.nan
+    if session_start_s is not None and len(session_start_s):
+        failed_sessions = np.zeros(len(session_start_s), dtype=bool)
+        failed_sessions[cols["session_id"][failed_rows]] = True
+        if lost_session_ids is not None:
+            failed_sessions[lost_session_ids] = True
+        measured_sessions = session_start_s >= warmup_s
+        n_sessions = int(np.count_nonzero(measured_sessions))
+        if n_sessions:
+            session_failure_rate = int(np.count_nonzero(failed_sessions & measured_sessions)) / n_sessions
+    session_slo_met = math.isnan(session_failure_rate) or session_failure_rate <= max_session_failure_rate
+    slo_met = ((not math.isnan(t99)) and t99 <= ttft_slo_s and error_rate <= max_error_rate
+               and session_slo_met)
     return Summary(
         arrived=len(outcome),
         completed=int(np.count_nonzero(outcome == OK)),
@@ -112,4 +134,7 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
         crashes=crashes,
         slo_met=bool(slo_met),
         node_gpu_hours=node_gpu_hours,
+        lost_turns=lost_turns,
+        session_failure_rate=session_failure_rate,
+        session_slo_met=bool(session_slo_met),
     )
