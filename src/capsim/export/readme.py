@@ -115,6 +115,16 @@ def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]
     return [*lines, ""]
 
 
+def _query(auto: Any, name: str) -> str:
+    """How the adapter reads metric ``name`` (as in the exported rules)."""
+    query, window_s, quantile = auto.query_of(name)
+    if query == "instant":
+        return f"`{name}` its newest sample"
+    if query == "histogram_quantile":
+        return f"`{name}` the {quantile:g} quantile over {window_s:g} s"
+    return f"`{name}` {query} over {window_s:g} s"
+
+
 def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
     lines = ["## What the cluster must match for the numbers to hold", "",
              f"- kube-controller-manager: `--horizontal-pod-autoscaler-sync-period={auto.sync_period_s:g}s`, "
@@ -122,7 +132,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              + ("" if auto.behavior else
                 f", `--horizontal-pod-autoscaler-downscale-stabilization={auto.downscale_window_s:g}s`"),
              f"- Prometheus scrapes the pods every {auto.scrape_interval_s:g} s; the adapter's answers lag "
-             f"{auto.adapter_lag_s:g} s and average over {auto.query_window_s:g} s",
+             f"{auto.adapter_lag_s:g} s; its queries: " + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
              f"- one GPU per pod; a cold start takes at most {startup_bound_s(scenario):g} s "
              "(the startup probe allows that)"]
     if scenario.cluster is not None:

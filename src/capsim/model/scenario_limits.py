@@ -157,5 +157,6 @@ def event_budget(scenario: Scenario, n_requests: int) -> int:
     attempts = w.requests * (1 + scenario.client.max_retries)
     # cluster-autoscaler scans (``capsim.sim.nodes``): one event each, bounded like the HPA's syncs
     scans = scenario.horizon_s / scenario.cluster.scan_interval_s if scenario.cluster is not None else 0.0
-    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes + 4 * w.crashes + scans
+    # each pod is scraped at its own offset (``capsim.sim.hpa``): one event per pod per scrape
+    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes * max_pods(scenario) + 4 * w.crashes + scans
     return int(BUDGET_FACTOR * expected) + BUDGET_FLOOR
