@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from capsim.core.engine import GenerationRequest, ReferenceEngine
-from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits
+from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits, Step
 
 
 @dataclass
@@ -42,14 +42,20 @@ class StepReport:
     finished: list[int]
     preempted: list[int]
     scheduled_tokens: int
-    seconds: float
+    seconds: float  # scheduling, the forward pass and the bookkeeping: the whole step
+    plan: Step  # the scheduler's step: its composition, for the step-time model
 
 
 class ContinuousEngine:
     """Continuous-batching greedy generation of the reference model (see the module docstring)."""
 
-    def __init__(self, engine: ReferenceEngine, limits: SchedulerLimits) -> None:
+    def __init__(self, engine: ReferenceEngine, limits: SchedulerLimits, *, cpu_clock: bool = False) -> None:
+        """``cpu_clock``: time steps with this thread's CPU time (``time.thread_time``) instead of the wall
+        clock -- on a shared CPU with torch on one thread, what the step would take on an idle machine."""
         cfg = engine.config
+        if cpu_clock and (engine.device.type != "cpu" or torch.get_num_threads() != 1):
+            raise ValueError("cpu_clock needs the CPU with torch on one thread (ReferenceEngine(threads=1))")
+        self._clock = time.thread_time if cpu_clock else time.perf_counter
         if limits.max_model_len > cfg.max_seq_len:
             raise ValueError(f"max_model_len ({limits.max_model_len}) exceeds the model's max_seq_len "
                              f"({cfg.max_seq_len})")
@@ -82,7 +88,7 @@ class ContinuousEngine:
     @torch.inference_mode()
     def step(self) -> StepReport:
         """Run one engine step: schedule, one forward pass, emit and stream tokens, free finished caches."""
-        t0 = time.perf_counter()
+        t0 = self._clock()
         plan = self.scheduler.step()
         for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
             a = self.active[rid]
@@ -97,14 +103,14 @@ class ContinuousEngine:
                     a.generated.append(tok)
                     emitted[rid] = tok
         self.engine.synchronize()
-        seconds = time.perf_counter() - t0
+        seconds = self._clock() - t0
         for rid, tok in emitted.items():
             req = self.active[rid].request
             if req.on_token is not None:
                 req.on_token(len(self.active[rid].generated) - 1, tok, seconds)
         for rid in plan.finished:
             self.results[rid] = self.active.pop(rid).generated
-        return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds)
+        return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds, plan)
 
     def _forward(self, ids: list[int], counts: list[int], contexts: list[int]) -> list[int]:
         """One padded forward pass; the greedy next token at each row's last new position."""
