@@ -36,6 +36,10 @@ def require_autoscaler(scenario: Scenario) -> Autoscaler:
     if scenario.autoscaler is None:
         raise SettingsError("autoscaler is required to export an HPA (the scenario runs a fixed "
                             f"pods.replicas = {scenario.pods.replicas}); add an autoscaler section")
+    for i, m in enumerate(scenario.autoscaler.metrics):
+        if m.get("type") != "Pods":
+            raise SettingsError(f"autoscaler.metrics.{i}: capsim exports Pods metrics only (prometheus-adapter "
+                                f"rules, KEDA triggers); an {m.get('type')} metric is simulated, not exported")
     return scenario.autoscaler
 
 

@@ -5,7 +5,7 @@ return one number, compared with ``threshold``. With ``metricType: AverageValue`
 number by the pod count, so the query sums the per-pod values the simulated HPA averaged
 (``capsim.export.promql``). The HPA's ``behavior`` goes to ``advanced.horizontalPodAutoscalerConfig``.
 ``minReplicaCount`` is never 0: a scenario cannot scale to zero on Pods metrics alone (the API server's
-rule, ``capsim.policy.autoscaling``), and with no pod the summed pod metric could never wake it again.
+rule, ``capsim.policy.autoscaling``), and scenarios with External metrics are not exported.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 

@@ -58,10 +58,16 @@ POD_METRIC_ALIASES: dict[str, str] = {
 }
 
 
+#: Series an External metric may name besides the pods' own (which an External metric sums over the
+#: Deployment's pods, as a KEDA prometheus trigger's ``sum(...)`` does): the gateway in front of the pods
+#: counts every attempt sent to the Service, answered or not, so it can wake a Deployment with no pod.
+EXTERNAL_METRICS: dict[str, str] = {"capsim_gateway_requests_total": "gateway"}
+
 #: What kind of Prometheus series each metric is; it decides which queries fit it (docs/metrics.md).
 METRIC_TYPES: dict[str, Literal["gauge", "counter", "histogram"]] = {
     "queue_depth": "gauge", "in_flight": "gauge", "busy": "gauge", "ttft": "histogram",
     "waiting": "gauge", "running": "gauge", "kv_cache": "gauge", "itl": "histogram", "preemptions": "counter",
+    "gateway": "counter",
 }
 #: The queries that fit each kind of series, the first the default. prometheus-adapter's default rules
 #: (kubernetes-sigs/prometheus-adapter, pkg/config/default.go, Apache-2.0) read a series whose name does not
@@ -310,8 +316,15 @@ class Autoscaler(_Section):
             raise ValueError(f"maxReplicas must be >= minReplicas ({self.min_replicas}), got {self.max_replicas}")
         hpa = self.to_hpa()  # validates metrics and behavior with the policy's own messages
         for i, m in enumerate(hpa.metrics):
+            if m.type == "External":
+                if m.name not in POD_METRIC_ALIASES and m.name not in EXTERNAL_METRICS:
+                    raise ValueError(
+                        f"metrics[{i}].external.metric.name must be a pod metric (summed over the Deployment's "
+                        f"pods) or one of {sorted(EXTERNAL_METRICS)}, got {m.name!r}"
+                    )
+                continue
             if m.type != "Pods":
-                raise ValueError(f"metrics[{i}].type must be 'Pods' in the simulator, got {m.type!r}")
+                raise ValueError(f"metrics[{i}].type must be 'Pods' or 'External' in the simulator, got {m.type!r}")
             if m.name not in POD_METRIC_ALIASES:
                 raise ValueError(
                     f"metrics[{i}].pods.metric.name must be one of {sorted(POD_METRICS)}, got {m.name!r}"
@@ -320,7 +333,7 @@ class Autoscaler(_Section):
         for name, q in self.queries.items():
             if name not in names:
                 raise ValueError(f"queries.{name}: no metric of this name in metrics (names: {names})")
-            kind = METRIC_TYPES.get(POD_METRIC_ALIASES[name], "gauge")
+            kind = METRIC_TYPES.get(metric_kind(name), "gauge")
             if q.query not in QUERIES[kind]:
                 raise ValueError(f"queries.{name}.query must be one of {list(QUERIES[kind])} for a {kind}, "
                                  f"got {q.query!r}")
@@ -328,7 +341,7 @@ class Autoscaler(_Section):
 
     def query_of(self, name: str) -> tuple[str, float, float]:
         """The query of metric ``name``: (query, window in seconds, quantile), defaults filled in."""
-        kind = METRIC_TYPES.get(POD_METRIC_ALIASES[name], "gauge")
+        kind = METRIC_TYPES.get(metric_kind(name), "gauge")
         q = self.queries.get(name)
         query = q.query if q is not None else QUERIES[kind][0]
         default_window = ADAPTER_RATE_INTERVAL_S if kind == "counter" else self.query_window_s
@@ -354,6 +367,11 @@ class Autoscaler(_Section):
             downscale_window_seconds=self.downscale_window_s,
             tolerance=Tolerance(scale_down=self.tolerance, scale_up=self.tolerance),
         )
+
+
+def metric_kind(name: str) -> str:
+    """What metric ``name`` (a pod metric, an alias, or an External-only series) measures: ``queue_depth`` ..."""
+    return POD_METRIC_ALIASES.get(name) or EXTERNAL_METRICS[name]
 
 
 class ClusterSpec(_Section):

@@ -20,19 +20,34 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
 
 The per-metric proposals come from ``capsim.policy.autoscaling.pods_metric_replicas`` and the decision from
 ``HorizontalPodAutoscaler``.
+
+External metrics (the way KEDA's ScaledObjects scale): a pod metric named by an External metric is the
+sum of the pods' values (a KEDA prometheus trigger's ``sum(...)``; no pod: 0, as KEDA reads an empty
+result), and ``capsim_gateway_requests_total`` counts every attempt sent to the Service at the gateway
+(scraped every ``scrape_interval_s`` at its own offset), answered or not. An ``AverageValue`` target
+proposes ``ceil(total / target)``, a ``Value`` target ``ceil(total / target x ready pods)``
+(``average_value_metric_replicas``, ``value_metric_replicas``); with ``minReplicas: 0`` such a metric
+takes the Deployment to zero and back (the ``HPAScaleToZero`` feature gate, or KEDA).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
 
 from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
-from capsim.model.scenario import METRIC_TYPES, POD_METRIC_ALIASES, QUERIES
-from capsim.policy.autoscaling import PodSample, pods_metric_replicas
+from capsim.model.scenario import METRIC_TYPES, QUERIES, metric_kind
+from capsim.policy.autoscaling import (
+    PodSample,
+    Tolerance,
+    average_value_metric_replicas,
+    pods_metric_replicas,
+    value_metric_replicas,
+)
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
 
@@ -72,7 +87,8 @@ class Autoscaling:
         self.spec = spec
         self.hpa = spec.to_hpa()
         #: (kind, target, query, window_s, quantile) per HPA metric
-        self.metrics = [(POD_METRIC_ALIASES[m.name], m.target, *spec.query_of(m.name)) for m in self.hpa.metrics]
+        self.metrics = [(metric_kind(m.name), m.target, *spec.query_of(m.name)) for m in self.hpa.metrics]
+        self._external = [(m.type == "External", m.target_type) for m in self.hpa.metrics]
         self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
         self.syncs: list[tuple[float, int, int, float]] = []  # (time, current, desired, first metric)
         longest = max([spec.query_window_s] + [w for _, _, _, w, _ in self.metrics])
@@ -82,6 +98,10 @@ class Autoscaling:
         self._busy_mark: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
         self.discover(sim.env.now)
         first_sync = spec.sync_period_s * (1.0 - float(sim.streams["hpa_phase"].random()))
+        self.gateway_samples: deque[tuple[float, int]] = deque()  # (time, attempts sent so far)
+        if any(kind == "gateway" for kind, *_ in self.metrics):
+            offset = spec.scrape_interval_s * float(sim.streams["hpa_phase"].random())
+            Timeout(sim.env, offset).callbacks.append(self._scrape_gateway)
         sim.env.process(self._sync(first_sync))
 
     # ---- Prometheus -------------------------------------------------------------------------------------
@@ -115,6 +135,22 @@ class Autoscaling:
             samples.popleft()
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
+
+    def _scrape_gateway(self, ev: Timeout) -> None:
+        now = self.sim.env.now
+        client = self.sim.client
+        self.gateway_samples.append((now, client.n_arrived + client.n_retries))
+        while self.gateway_samples[0][0] < now - self._keep_s:
+            self.gateway_samples.popleft()
+        Timeout(self.sim.env, self.spec.scrape_interval_s).callbacks.append(self._scrape_gateway)
+
+    def gateway_rate(self, now: float, window_s: float) -> float | None:
+        """``rate(capsim_gateway_requests_total[window])`` as the adapter answers at ``now`` (attempts/s)."""
+        a = now - self.spec.adapter_lag_s
+        sel = [s for s in self.gateway_samples if a - window_s < s[0] <= a]
+        if len(sel) < 2:
+            return None
+        return (sel[-1][1] - sel[0][1]) / (sel[-1][0] - sel[0][0])
 
     def _busy_ratio(self, pod: Pod, now: float) -> float:
         """``capsim_gpu_busy_ratio`` as the pod computes it when scraped (``InferenceMetrics``): busy seconds
@@ -179,6 +215,14 @@ class Autoscaling:
             pods = [p for p in cluster.pods if p.state != PodState.GONE]
             proposals: list[int | None] = []
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
+                external, target_type = self._external[k]
+                if external:
+                    total = self._external_total(pods, metric, now, query, window_s, quantile)
+                    if k == 0:
+                        self.last_value = math.nan if total is None else total
+                    proposals.append(None if total is None else self._external_replicas(
+                        pods, current, total, target, target_type == "Value", tol))
+                    continue
                 samples = [self._sample(p, metric, now, query, window_s, quantile) for p in pods]
                 if k == 0:
                     vals = [s.value for s in samples if s.value is not None]
@@ -193,6 +237,22 @@ class Autoscaling:
                 cluster.scale_to(desired, now)
                 self.discover(now)
             yield env.timeout(self.spec.sync_period_s)
+
+    def _external_total(self, pods: list[Pod], metric: str, now: float, query: str, window_s: float,
+                        quantile: float) -> float | None:
+        """An External metric's value: the gateway's rate, or the sum of the pods' values (0 with none)."""
+        if metric == "gateway":
+            return self.gateway_rate(now, window_s)
+        values = [self.value(p, metric, now, query, window_s, quantile) for p in pods if p.state in _SERVING]
+        return float(sum(v for v in values if v is not None))
+
+    def _external_replicas(self, pods: list[Pod], current: int, total: float, target: float, value_target: bool,
+                           tol: Tolerance) -> int:
+        if value_target:
+            ready = sum(1 for p in pods if p.state == PodState.READY)
+            return value_metric_replicas(current, total, target, ready, tol)
+        existing = sum(1 for p in pods if p.state != PodState.TERMINATING)  # the scale's status.replicas
+        return average_value_metric_replicas(existing, total, target, tol)
 
     def _sample(self, pod: Pod, metric: str, now: float, query: str, window_s: float, quantile: float) -> PodSample:
         st = pod.state

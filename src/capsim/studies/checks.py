@@ -143,6 +143,8 @@ def _hpa_targets(scenario: Scenario) -> list[Finding]:
     batching = scenario.batching
     out: list[Finding] = []
     for i, metric in enumerate(hpa.metrics):
+        if metric.type != "Pods":  # an External metric's target is a total (or a share of one), not a pod's
+            continue
         kind = POD_METRIC_ALIASES[metric.name]
         path = f"autoscaler.metrics.{i}.pods.target.averageValue"
         if kind == "queue_depth":
