@@ -84,6 +84,7 @@ def bench_dask(n_settings: int, horizon_s: float) -> dict[str, Any]:
                 out[f"wall_s_{n}_workers"] = time.perf_counter() - t0
     out["speedup"] = out["wall_s_1_workers"] / out["wall_s_2_workers"]
     out["identical_frames"] = bool(frames[1].equals(frames[2]))
+    out["differing_columns"] = [c for c in frames[1].columns if not frames[1][c].equals(frames[2][c])]
     return out
 
 
@@ -101,7 +102,8 @@ def main() -> None:
                 ["workers", "runs", "wall s", "speedup"],
                 [[1, dask["runs"], dask["wall_s_1_workers"], 1.0],
                  [2, dask["runs"], dask["wall_s_2_workers"], dask["speedup"]]])
-    print(f"  frames identical on 1 and 2 workers: {dask['identical_frames']}")
+    print(f"  frames identical on 1 and 2 workers: {dask['identical_frames']}"
+          + (f" (columns {dask['differing_columns']} differ)" if dask["differing_columns"] else ""))
 
     t = bench_tune(budget, args.seeds, args.workers)
     print_table(f"Tuning the Friday rush ({', '.join(t['stresses'])}; {t['seeds']} seeds; {t['workers']} processes)",
