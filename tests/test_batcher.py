@@ -80,8 +80,10 @@ async def test_full_batches_leave_without_waiting():
     rec = Recorder()
     async with DynamicBatcher(rec, BatchSettings(max_batch_size=4, max_wait_ms=FOREVER_MS)) as b:
         out = await within(asyncio.gather(*[b.submit(i) for i in range(8)]))
-    assert out == [2 * i for i in range(8)]
-    assert rec.batches == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        out += await within(asyncio.gather(*[b.submit(i) for i in range(8, 12)]))
+    assert out == [2 * i for i in range(12)]
+    assert rec.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert b.batches_run == 3
 
 
 async def test_zero_wait_sends_singletons_in_order():
@@ -329,7 +331,7 @@ class FakeMetrics:
         self.depth = read
 
     def observe_batch(self, size, service_s):
-        assert service_s >= 0
+        assert 0 <= service_s < RESOLVE_WITHIN_S  # the runner's time, not a clock reading
         self.batches.append(size)
 
     def observe_request(self, outcome, queue_wait_s, ttft_s, latency_s):
@@ -506,20 +508,25 @@ async def test_cancelled_while_queued_is_counted_once_even_when_the_dispatcher_p
     assert rec.batches == [[2, 3]]
 
 
-async def test_cancelled_while_its_batch_runs_is_counted_once_as_cancelled():
+@pytest.mark.parametrize("with_metrics", [True, False])  # without metrics the batcher takes a leaner path
+async def test_cancelled_while_its_batch_runs_is_counted_once_as_cancelled(with_metrics):
     m = FakeMetrics()
     gate = asyncio.Event()
-    async with DynamicBatcher(Recorder(gate), BatchSettings(max_batch_size=2, max_wait_ms=0), metrics=m) as b:
+    s = BatchSettings(max_batch_size=3, max_wait_ms=0)
+    async with DynamicBatcher(Recorder(gate), s, metrics=m if with_metrics else None) as b:
+        t0 = asyncio.create_task(b.submit(0))
         t1 = asyncio.create_task(b.submit(1))
         t2 = asyncio.create_task(b.submit(2))
-        await asyncio.sleep(0.01)  # the batch [1, 2] is running, blocked on the gate
+        await asyncio.sleep(0.01)  # the batch [0, 1, 2] is running, blocked on the gate
         assert b.in_flight_batches == 1
         t1.cancel()
         await asyncio.sleep(0)
         gate.set()
-        await all_resolved([t1, t2])
-    assert t1.cancelled() and t2.result() == 4
-    assert sorted(m.outcomes) == ["cancelled", "ok"]
+        await all_resolved([t0, t1, t2])
+    assert t1.cancelled() and t0.result() == 0 and t2.result() == 4  # the one after it still resolves
+    assert b.batches_run == 1
+    if with_metrics:
+        assert sorted(m.outcomes) == ["cancelled", "ok", "ok"]
 
 
 async def test_every_way_out_is_counted_once():
@@ -623,9 +630,10 @@ async def test_failed_requests_report_their_wait_and_latency():
     async with DynamicBatcher(runner, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS), metrics=m) as b:
         await within(asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True))
     assert sorted(c[0] for c in m.calls) == ["failed", "failed", "failed", "ok"]
+    assert b.batches_run == 2  # a batch that failed still ran
     for outcome, wait, ttft, latency in m.calls:
         assert wait is not None and latency is not None, outcome
-        assert wait >= 0 and latency >= wait + 0.009  # the runner's 10 ms are in the latency
+        assert wait >= 0 and wait + 0.009 <= latency < RESOLVE_WITHIN_S  # the runner's 10 ms, not a clock reading
         assert ttft is None  # no result, no first token (and an ok int carries none)
 
 
