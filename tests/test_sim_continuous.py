@@ -164,3 +164,25 @@ def test_runs_of_decode_steps_in_one_event_give_the_frames_of_one_event_per_step
     assert (sa.preemptions, sa.completed, sa.timed_out) == (sb.preemptions, sb.completed, sb.timed_out)
     # a run's steps are counted when it ends: a run cut short by a crash or the horizon is not
     assert sa.steps == pytest.approx(sb.steps, rel=0.01)
+
+
+def test_a_profile_with_a_fitted_step_model_times_steps_with_it(tmp_path: Any) -> None:
+    from capsim.core.step_profile import with_step_model
+    from capsim.model.profile import ServiceTimeProfile
+    from capsim.model.step_model import StepTimeFit
+
+    base = ServiceTimeProfile.from_csv("data/profiles/cpu-tiny-float32.csv")
+    fit = StepTimeFit((0.004, 1e-5, 0.0, 2e-4, 1e-7), 1e-4, 0.99, 100,
+                      {"prefill_tokens": (0, 512), "prefill_context": (0, 1e5), "decodes": (0, 32),
+                       "decode_context": (0, 1e4)}, 1e-4)
+    path = with_step_model(base, fit).to_csv(tmp_path / "fitted.csv")
+    sc = scenario(**{"service": {"kind": "profile", "profile": str(path), "noise": False},
+                     "workload.arrivals.rate_per_s": 0.01, "horizon_s": 1000})
+    r = simulate(sc, 3)
+    ok = r.requests[r.requests["outcome"] == "ok"]
+    assert len(ok) > 2
+    # alone: a prefill step of 100 tokens, then 9 decode steps at contexts 100..108
+    prefill = 0.004 + 100 * 1e-5
+    decodes = sum(0.004 + 2e-4 + 1e-7 * c for c in range(100, 109))
+    assert np.allclose(ok["first_token_s"] - ok["arrival_s"], prefill)
+    assert np.allclose(ok["end_s"] - ok["arrival_s"], prefill + decodes)

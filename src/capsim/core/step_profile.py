@@ -16,6 +16,7 @@ import torch
 
 from capsim.core.continuous import ContinuousEngine
 from capsim.core.engine import ReferenceEngine
+from capsim.model.profile import ServiceTimeProfile
 from capsim.model.step_model import StepTimeFit, fit_step_time
 from capsim.policy.scheduling import SchedulerLimits, Step
 
@@ -88,3 +89,9 @@ def fit_steps(samples: list[StepSample]) -> StepTimeFit:
     x = np.array([[s.prefill_tokens, s.prefill_context, s.decodes, s.decode_context] for s in samples], float)
     y = np.array([s.seconds for s in samples], float)
     return fit_step_time(x, y)
+
+
+def with_step_model(profile: ServiceTimeProfile, fit: StepTimeFit) -> ServiceTimeProfile:
+    """The profile with the fitted step-time model in its metadata (``step_model``), which the simulator's
+    continuous pods then use instead of deriving step times from the static kernels."""
+    return ServiceTimeProfile(profile.points, {**profile.metadata, "step_model": fit.to_dict()}, profile.source)

@@ -20,6 +20,7 @@ import numpy as np
 
 from capsim.model.profile import Phase, ServiceTimeProfile
 from capsim.model.scenario import Scenario
+from capsim.model.step_model import StepTimeFit
 from capsim.policy.scheduling import Step
 from capsim.sim.streams import BufferedDraws, Streams
 
@@ -136,7 +137,8 @@ class ProfileStepTime:
 
 
 def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> StepTimeModel:
-    """The step-time model a continuous-mode scenario's ``service`` section asks for."""
+    """The step-time model a continuous-mode scenario's ``service`` section asks for: with a profile, its
+    fitted ``step_model`` (``LinearStepTime``) when it has one, else the ``ProfileStepTime`` adapter."""
     svc = scenario.service
     if svc.kind == "exponential":
         assert svc.mean_s is not None
@@ -147,4 +149,8 @@ def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimePro
     if profile is None:
         assert svc.profile is not None
         profile = ServiceTimeProfile.from_csv(scenario.resolve(svc.profile))
+    fitted = profile.metadata.get("step_model")
+    if fitted:  # measured steps of mixed composition (capsim.core.step_profile): the model itself
+        c = StepTimeFit.from_dict(fitted).coefficients
+        return LinearStepTime(*(svc.time_scale * x for x in c))
     return ProfileStepTime(profile, svc.time_scale)
