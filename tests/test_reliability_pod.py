@@ -8,6 +8,7 @@ batcher, the instant after SIGTERM).
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import threading
@@ -62,14 +63,16 @@ def assert_503(resp: httpx.Response) -> None:
 
 
 def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp_path: Any) -> None:
-    """8 turns of ~0.8 s each, one at a time, and a drain budget of 1 s: the ones that cannot finish get
+    """8 turns of ~3 s each, one at a time, and a drain budget of 1 s: the ones that cannot finish get
     a JSON 503 with Retry-After (never a 500), and the process exits 0 within the budget + margin."""
     drain_s = 1.0
-    p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1).start()
+    p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1,
+                   max_new_tokens=2000).start()
+    long = {"prompt_tokens": 64, "max_new_tokens": 1500}  # all 8 are in flight long before one ends
 
     async def run() -> tuple[list[httpx.Response], float]:
         async with httpx.AsyncClient(timeout=60) as c:
-            tasks = [asyncio.create_task(c.post(turn_url(p.url, f"drain-{i}"), json=LONG)) for i in range(8)]
+            tasks = [asyncio.create_task(c.post(turn_url(p.url, f"drain-{i}"), json=long)) for i in range(8)]
             await asyncio.to_thread(wait_in_flight, p.url, 8)
             p.signal(signal.SIGTERM)
             sent = time.monotonic()
@@ -81,7 +84,7 @@ def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp
     responses, exit_s = asyncio.run(run())
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 1, codes  # 8 x 0.8 s of serial work cannot fit in 1 s
+    assert codes.count(503) >= 1, codes  # 8 x 3 s of serial work cannot fit in 1 s
     for r in responses:
         if r.status_code == 503:
             assert_503(r)
@@ -91,11 +94,56 @@ def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp
     assert "Traceback" not in log and "CancelledError" not in log, log
 
 
+def test_streams_that_outlast_the_drain_end_with_a_503_event(tmp_path: Any) -> None:
+    """Streaming turns at SIGTERM: one already streaming, two queued. Each ends with `done`, an `error`
+    event of status 503 (the stream had begun), or a JSON 503 with Retry-After (it had not), never a cut
+    connection; and the pod exits in time."""
+    drain_s = 1.0
+    p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1,
+                   max_new_tokens=2000).start()
+    body = {"prompt_tokens": 64, "max_new_tokens": 1500, "stream": True}  # ~3 s of model time each
+
+    async def stream(c: httpx.AsyncClient, i: int, first: asyncio.Event) -> list[str]:
+        events = []
+        async with c.stream("POST", turn_url(p.url, f"sd-{i}"), json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                assert_503(resp)
+                return ["http 503"]
+            async for line in resp.aiter_lines():
+                if line.startswith("event: "):
+                    events.append(line[7:])
+                    first.set()
+                elif line.startswith("data: ") and events[-1] == "error":
+                    events[-1] = f"error {json.loads(line[6:])['status']}"
+        return events
+
+    async def run() -> tuple[list[list[str]], float]:
+        async with httpx.AsyncClient(timeout=60) as c:
+            streaming = asyncio.Event()
+            tasks = [asyncio.create_task(stream(c, i, streaming)) for i in range(3)]
+            await asyncio.wait_for(streaming.wait(), 30)  # one is streaming, two wait in the queue
+            await asyncio.to_thread(wait_in_flight, p.url, 3)
+            p.signal(signal.SIGTERM)
+            sent = time.monotonic()
+            results = await asyncio.gather(*tasks)
+            assert await asyncio.to_thread(p.wait, 30) == 0
+            return results, time.monotonic() - sent
+
+    streams, exit_s = asyncio.run(run())
+    ends = [events[-1] for events in streams]
+    assert set(ends) <= {"done", "error 503", "http 503"}, streams
+    assert "error 503" in ends  # the one streaming at SIGTERM needs ~3 s, the budget is 1 s
+    assert exit_s <= drain_s + DRAIN_MARGIN_S
+    assert "Traceback" not in p.log()
+
+
 def test_sigterm_makes_the_pod_unready_and_refuse_new_turns() -> None:
     """uvicorn in this process: a long turn is in flight, SIGTERM arrives (the server's own handler),
     and at once /readyz is 503 and a new turn is 503 with Retry-After; the long turn still gets 200."""
     port = free_port()
-    config = PodConfig(device="cpu", max_batch_size=1, max_wait_ms=0, drain_timeout_s=20, torch_threads=1)
+    config = PodConfig(device="cpu", max_batch_size=1, max_wait_ms=0, drain_timeout_s=20, torch_threads=1,
+                       max_new_tokens=2000)
     server = make_server(config, port=port, log_level="warning")
     runner = threading.Thread(target=server.run, daemon=True)
     runner.start()
@@ -107,7 +155,8 @@ def test_sigterm_makes_the_pod_unready_and_refuse_new_turns() -> None:
     app = server.config.app
     long_result: list[httpx.Response] = []
     sender = threading.Thread(
-        target=lambda: long_result.append(httpx.post(turn_url(base, "long"), json=LONG, timeout=60)))
+        target=lambda: long_result.append(httpx.post(
+            turn_url(base, "long"), json={"prompt_tokens": 64, "max_new_tokens": 1500}, timeout=60)))
     sender.start()
     wait_in_flight(base, 1)
 

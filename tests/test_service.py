@@ -121,12 +121,12 @@ def test_queue_full_gives_429_with_retry_after(tmp_path):
 def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path):
     from test_reliability_pod import wait_in_flight
 
-    p = PodProcess(tmp_path, max_batch_size=4, max_wait_ms=0, drain_timeout_s=20).start()
+    p = PodProcess(tmp_path, max_batch_size=4, max_wait_ms=0, drain_timeout_s=30).start()
 
     async def in_flight() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as c:
             tasks = [asyncio.create_task(c.post(f"{p.url}/v1/sessions/d{i}/turns",
-                                                json={"prompt_tokens": 64, "max_new_tokens": 256}))
+                                                json={"prompt_tokens": 64, "max_new_tokens": 512}))
                      for i in range(8)]
             # proof, not hope, that all 8 reached the pod before SIGTERM (its in-flight gauge)
             await asyncio.to_thread(wait_in_flight, p.url, 8)
@@ -135,8 +135,8 @@ def test_sigterm_drains_in_flight_work_and_exits_zero(tmp_path):
 
     responses = asyncio.run(in_flight())
     assert [r.status_code for r in responses] == [200] * 8
-    assert all(r.json()["turn"] == 1 and len(r.json()["tokens"]) == 256 for r in responses)
-    assert p.wait(timeout_s=30) == 0
+    assert all(r.json()["turn"] == 1 and len(r.json()["tokens"]) == 512 for r in responses)
+    assert p.wait(timeout_s=40) == 0
 
 
 def test_store_outage_gives_503_fast_and_readiness_false(tmp_path, redis_server_factory):
