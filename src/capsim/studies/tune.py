@@ -176,6 +176,10 @@ def _miss(s: Mapping[str, Any], ttft_slo: float, max_err: float) -> tuple[str, f
                 s["error_rate"] / max_err - 1.0 if max_err > 0 else 1.0)
     if s["lost_sessions"] > 0:
         return f"{s['lost_sessions']} sessions lost", float(s["lost_sessions"])
+    if not s.get("slo_met", True):  # any further SLO the summary judges (the session failure rate)
+        rate = s.get("session_failure_rate")
+        return (f"session failure rate {rate:.3%} over the SLO" if isinstance(rate, float) and rate == rate
+                else "the run's summary says the SLO was not met"), 1.0
     return "", 0.0
 
 
