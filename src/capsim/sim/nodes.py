@@ -106,8 +106,7 @@ class NodePool:
             return None
         for node in self.nodes:
             if node.free > 0:
-                node.used += 1
-                node.unneeded_since = None
+                node.used += 1  # the next scan decides whether it is still unneeded
                 return node
         raise LookupError("no free GPU")  # callers ask has_free() first
 
