@@ -75,7 +75,7 @@ def reference_scenario(horizon_s: float = 3600.0, scale: float = 1.0) -> Scenari
             # in flight per pod is far from proportional to load under batching: scale down gently
             "behavior": {"scaleDown": {"policies": [{"type": "Percent", "value": 10, "periodSeconds": 60}]}},
         },
-        "faults": {"pod_mtbf_s": 3600, "restart_s": 20},
+        "faults": {"pod_mtbf_s": 3600},
         "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 1.0},
         "slo": {"ttft_p99_s": 2.0, "max_error_rate": 0.01},
     })
