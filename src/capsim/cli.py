@@ -121,6 +121,33 @@ def profile(
     typer.echo(_profile_summary(prof))
 
 
+@app.command("profile-steps")
+def profile_steps(
+    profile_path: Annotated[Path, typer.Argument(help="the service-time profile CSV to add the step model to")],
+    out: Annotated[Path, typer.Option(help="where to write the profile with its step model")],
+    model: Annotated[str, typer.Option(help="reference model preset: tiny or gpt2-small")] = "tiny",
+    device: Annotated[str, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16 (half precision on GPUs)")] = "float32",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch intra-op threads (1: time by CPU time)")] = None,
+    workloads: Annotated[int, typer.Option(min=1, help="random continuous-batching workloads to time")] = 6,
+) -> None:
+    """Time continuous-batching steps of mixed composition and fit the step-time model (docs/continuous.md)."""
+    from capsim.core.step_profile import run_step_profile
+
+    try:
+        path, fit = run_step_profile(profile_path, out, model=model, device=device, dtype=dtype, threads=threads,
+                                     workloads=workloads)
+    except CapsimError:
+        raise
+    except ValueError as exc:
+        raise CommandLineError(str(exc)) from None
+    c0, c1, c2, c3, c4 = fit.coefficients
+    typer.echo(f"wrote {path}")
+    typer.echo(f"step = {c0 * 1e3:.3f} ms + {c1 * 1e6:.3f} us/prefill token + {c2 * 1e9:.3f} ns/(token x context) "
+               f"+ {c3 * 1e6:.3f} us/decode + {c4 * 1e9:.3f} ns/context token; overhead +- "
+               f"{fit.c0_stderr_s * 1e3:.3f} ms, R2 {fit.r2:.3f}, {fit.n_steps} steps")
+
+
 @app.command()
 def demo(
     profile_dir: Annotated[Path, typer.Option(help="where the quick profile is written")] = Path("data/profiles"),

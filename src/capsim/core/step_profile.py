@@ -10,6 +10,7 @@ per-step overhead ``c0`` fitted, not assumed. The first steps of each workload w
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -95,3 +96,14 @@ def with_step_model(profile: ServiceTimeProfile, fit: StepTimeFit) -> ServiceTim
     """The profile with the fitted step-time model in its metadata (``step_model``), which the simulator's
     continuous pods then use instead of deriving step times from the static kernels."""
     return ServiceTimeProfile(profile.points, {**profile.metadata, "step_model": fit.to_dict()}, profile.source)
+
+
+def run_step_profile(profile_path: Path, out_path: Path, *, model: str = "tiny", device: str = "auto",
+                     dtype: str = "float32", threads: int | None = None, workloads: int = 6, seed: int = 0,
+                     ) -> tuple[Path, StepTimeFit]:
+    """Measure steps of ``model`` in continuous mode, fit the step-time model, and write ``profile_path``'s
+    profile with it (``step_model`` in its metadata) to ``out_path``."""
+    base = ServiceTimeProfile.from_csv(profile_path)
+    engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
+    fit = fit_steps(measure_steps(engine, workloads=workloads, seed=seed))
+    return with_step_model(base, fit).to_csv(out_path), fit
