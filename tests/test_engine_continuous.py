@@ -56,3 +56,34 @@ def test_tokens_stream_as_they_are_made_and_unservable_requests_are_refused(engi
     assert [i for i, _ in seen] == [0, 1, 2, 3, 4] and [tok for _, tok in seen] == out[0] == alone(engine, r)
     with pytest.raises(ValueError, match="max_model_len"):
         ContinuousEngine(engine, SchedulerLimits(max_model_len=10**6))
+
+
+def test_the_async_batcher_answers_concurrent_requests_as_each_alone(engine: ReferenceEngine) -> None:
+    import asyncio
+
+    from capsim.core.batcher import BatcherClosedError, QueueFullError
+    from capsim.core.continuous import ContinuousBatcher
+
+    reqs = make(engine)
+    limits = SchedulerLimits(max_num_seqs=3, max_num_batched_tokens=48, block_size=4, num_blocks=40,
+                             max_model_len=128)
+
+    async def main() -> None:
+        async with ContinuousBatcher(engine, limits, queue_capacity=64) as b:
+            results = await asyncio.gather(*(b.submit(r) for r in reqs))
+            assert [res.tokens for res in results] == [alone(engine, r) for r in reqs]
+            for res, r in zip(results, reqs, strict=True):
+                assert res.prompt_tokens == len(r.prompt) and len(res.token_times_s) == r.max_new_tokens
+                assert 0 < res.first_token_s <= res.total_s and 1 <= res.batch_size <= 3
+            with pytest.raises(ValueError, match="longer_than_max_model_len"):
+                await b.submit(engine.request(120, 20))
+        with pytest.raises(BatcherClosedError):
+            await b.submit(reqs[0])
+        async with ContinuousBatcher(engine, limits, queue_capacity=1) as small:
+            # the second submit runs before the step loop has taken the first: the queue is full
+            first, second = await asyncio.gather(small.submit(reqs[0]), small.submit(reqs[1]),
+                                                 return_exceptions=True)
+            assert isinstance(second, QueueFullError)
+            assert not isinstance(first, BaseException) and first.tokens == alone(engine, reqs[0])
+
+    asyncio.run(main())

@@ -14,12 +14,14 @@ recomputed from its prompt and the tokens it already emitted, so its output is w
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from capsim.core.engine import GenerationRequest, ReferenceEngine
+from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits, Step
 
 
@@ -176,3 +178,138 @@ class ContinuousEngine:
             self.step()
         return [out[i] if i in out else self.results.pop(i) for i in range(len(requests))]
 
+
+
+# ---- the asyncio shell: a drop-in for the pod's DynamicBatcher ---------------------------------------------
+class ContinuousBatcher:
+    """Serves ``submit(request)`` with continuous batching: one task steps the engine (each step in a
+    worker thread) while there is work; requests join at the next step and are answered as they finish.
+
+    Same surface as ``DynamicBatcher`` where the pod uses it (``async with``, ``submit``, ``aclose``,
+    ``queue_depth``, ``closed``): a full waiting queue raises ``QueueFullError`` (429), a closed batcher
+    ``BatcherClosedError`` (503), a request the engine can never fit ``ValueError`` with the reason.
+    ``GenerationResult`` times run from the request's first step; ``batch_size`` is the number running
+    when it was admitted. New requests are handed to the engine between steps, on the event loop, so the
+    engine is only ever touched by one thread at a time.
+    """
+
+    def __init__(self, engine: ReferenceEngine, limits: SchedulerLimits, *, queue_capacity: int = 1024,
+                 metrics: Any = None) -> None:
+        self.engine = ContinuousEngine(engine, limits)
+        self.queue_capacity = queue_capacity
+        self._metrics = metrics
+        self._incoming: list[tuple[int, GenerationRequest, asyncio.Future[GenerationResult], float]] = []
+        self._futures: dict[int, tuple[asyncio.Future[GenerationResult], float]] = {}
+        self._started: dict[int, tuple[float, int]] = {}  # request -> (perf_counter at first step, running)
+        self._first: dict[int, float] = {}
+        self._times: dict[int, list[float]] = {}
+        self._prompt_len: dict[int, int] = {}
+        self._next_id = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> ContinuousBatcher:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def queue_depth(self) -> int:
+        """Requests waiting for the engine (never admitted, or preempted): vllm:num_requests_waiting."""
+        return len(self._incoming) + len(self.engine.scheduler.waiting)
+
+    def in_flight_batches(self) -> int:
+        return 1 if self.engine.scheduler.running else 0
+
+    async def submit(self, request: GenerationRequest, *, space_timeout_s: float | None = None) -> GenerationResult:
+        from capsim.core.batcher import BatcherClosedError, QueueFullError
+
+        if self._closed:
+            raise BatcherClosedError("the batcher is closed")
+        why = self.engine.scheduler.limits.rejection(len(request.prompt), request.max_new_tokens)
+        if why is not None:
+            raise ValueError(f"request can never run on this engine: {why.value}")
+        if self.queue_depth() >= self.queue_capacity:
+            raise QueueFullError(f"queue full ({self.queue_capacity} waiting)")
+        fut: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
+        rid = self._next_id
+        self._next_id += 1
+        self._incoming.append((rid, request, fut, time.perf_counter()))
+        assert self._wake is not None, "use the batcher inside 'async with' (or call start())"
+        self._wake.set()
+        return await fut
+
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests; let the engine finish what it holds (within ``timeout_s``), then stop."""
+        from capsim.core.batcher import BatcherClosedError
+
+        self._closed = True
+        if self._task is None:
+            return
+        assert self._wake is not None
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+        for fut, _ in self._futures.values():
+            if not fut.done():
+                fut.set_exception(BatcherClosedError("the pod shut down before the answer"))
+        self._futures.clear()
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        ce = self.engine
+        while True:
+            for rid, req, fut, received in self._incoming:
+                if fut.cancelled():
+                    continue
+                ce.add(rid, req)  # submit checked that it fits
+                self._futures[rid] = (fut, received)
+                self._prompt_len[rid] = len(req.prompt)
+            self._incoming.clear()
+            for rid in [r for r, (f, _) in self._futures.items() if f.cancelled()]:  # clients gone
+                ce.abort(rid)
+                del self._futures[rid]
+                self._started.pop(rid, None)
+                self._times.pop(rid, None)
+                self._prompt_len.pop(rid, None)
+            if not ce.has_work:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            t0 = time.perf_counter()
+            report = await asyncio.to_thread(ce.step)
+            now = time.perf_counter()
+            for rid in report.plan.started:
+                self._started[rid] = (t0, len(ce.scheduler.running))
+            for rid in report.emitted:
+                self._times.setdefault(rid, []).append(now)
+            for rid in report.finished:
+                self._answer(rid, now)
+
+    def _answer(self, rid: int, now: float) -> None:
+        fut, received = self._futures.pop(rid)
+        start, running = self._started.pop(rid)
+        times = self._times.pop(rid)
+        tokens = self.engine.results.pop(rid)
+        result = GenerationResult(tokens=tokens, first_token_s=times[0] - start, total_s=now - start,
+                                  batch_size=running, prompt_tokens=self._prompt_len.pop(rid), token_times_s=[t - start for t in times],
+                                  started_at=start)
+        if self._metrics is not None:
+            self._metrics.observe_request("ok", start - received, times[0] - received, now - received)
+        if not fut.done():
+            fut.set_result(result)
