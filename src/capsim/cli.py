@@ -267,7 +267,8 @@ def loadgen(
         workload = make_workload(sc, Streams(seed))
         c = sc.client
         frame = asyncio.run(run_load(
-            target, workload, client=ClientPolicy(c.timeout_s, c.max_retries, c.backoff_s, c.backoff_multiplier),
+            target, workload, client=ClientPolicy(c.timeout_s, c.max_retries, c.backoff_s, c.backoff_multiplier,
+                                                  c.backoff_jitter),
             routing=routing,  # type: ignore[arg-type]
             max_requests=max_requests, max_duration_s=max_duration_s, stream=stream,
             allow_remote=allow_remote, seed=seed, progress=True,

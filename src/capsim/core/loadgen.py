@@ -25,6 +25,7 @@ import numpy as np
 
 from capsim.errors import CapsimError
 from capsim.model.request import OUTCOMES, requests_frame
+from capsim.policy.retry import retry_delay_s
 
 Routing = Literal["round_robin", "random", "session_affinity"]
 
@@ -56,6 +57,7 @@ class ClientPolicy:
     max_retries: int = 2
     backoff_s: float = 1.0
     backoff_multiplier: float = 2.0
+    backoff_jitter: float = 0.0  # share of each backoff drawn at random (capsim.policy.retry)
 
 
 def check_targets(targets: Sequence[str], allow_remote: bool = False) -> list[str]:
@@ -181,6 +183,7 @@ async def run_load(
         n = min(n, max_requests)
     rec = _Records(n, workload.prompt_tokens, workload.output_tokens, turns)
     rng = random.Random(seed)
+    jitter_rng = random.Random(f"{seed}:retries")  # its own stream: jitter leaves the routing draws alone
     rr = 0
     t0 = time.perf_counter()
     deadline = t0 + max_duration_s
@@ -238,7 +241,9 @@ async def run_load(
                     rec.batch_size[r] = batch
                     break
                 if k < policy.max_retries:
-                    await asyncio.sleep(policy.backoff_s * policy.backoff_multiplier**k)
+                    u = jitter_rng.random() if policy.backoff_jitter > 0 else 0.0
+                    await asyncio.sleep(retry_delay_s(k + 1, policy.backoff_s, policy.backoff_multiplier,
+                                                      policy.backoff_jitter, u))
             rec.end_s[r] = time.perf_counter() - t0
             open_requests.discard(r)
             bar.update(1)

@@ -260,7 +260,11 @@ class Pods(_Section):
     )
     crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
     gpu_cost_per_hour: Float = Field(0.0, ge=0)
-    termination_grace_s: Float = Field(30.0, ge=0, description="a terminating pod's time to drain")
+    termination_grace_s: Float = Field(
+        25.0, ge=0,
+        description="a terminating pod's time to drain before what it still runs fails: the real pod's drain "
+                    "timeout (capsim.core.service.PodConfig.drain_timeout_s, 25 s), which the export writes",
+    )
 
 
 class Router(_Section):
@@ -441,6 +445,10 @@ class Client(_Section):
     max_retries: Int = Field(2, ge=0, le=100)
     backoff_s: Float = Field(1.0, ge=0, description="wait before the first retry")
     backoff_multiplier: Float = Field(2.0, ge=1)
+    backoff_jitter: Float = Field(
+        0.0, ge=0, le=1,
+        description="share of each backoff drawn at random (capsim.policy.retry): 1 full jitter, 0.5 equal jitter",
+    )
 
 
 class Slo(_Section):

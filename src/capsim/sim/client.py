@@ -8,7 +8,8 @@ costs no SimPy event of its own: a batch of 32 costs two or three events, not a 
 
 Timeouts are watched lazily by a second process: a pod's queue is FIFO by send time and every attempt
 has the same timeout, so only queue heads can be due; batches with a request that will be due before
-they end are put on a heap when they start. Retries are follow-ups at ``t + backoff * multiplier**k``.
+they end are put on a heap when they start. Retries are follow-ups at ``t + backoff * multiplier**k``, less a random share ``backoff_jitter`` of it
+(``capsim.policy.retry``, draws from the ``retries`` stream).
 
 Sessions: with ``state: pod_local`` (and with session affinity) a session's turns go to its home pod,
 the pod of its first turn. When that pod crashes or goes away, the sessions living on it (started, not
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from capsim.policy.retry import retry_delay_s
 from capsim.sim.arrivals import Workload
 from capsim.sim.pod import Batch, Pod, PodState
 from capsim.sim.recorder import FAILED, REJECTED, TIMED_OUT
+from capsim.sim.streams import BufferedDraws
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
@@ -53,6 +56,8 @@ class Client:
         self.max_retries = cl.max_retries
         self.backoff_s = cl.backoff_s
         self.backoff_mult = cl.backoff_multiplier
+        self.backoff_jitter = cl.backoff_jitter
+        self._jitter = BufferedDraws(sim.streams["retries"]) if cl.backoff_jitter > 0 else None
         self._max_batch = sim.batching.max_batch_size
         self._pick = sim.router.pick
         self._cap = sim.batching.queue_capacity if sim.batching.overflow == "reject" else math.inf
@@ -215,7 +220,8 @@ class Client:
         if k <= self.max_retries:
             self.rec.bid[i] = -1
             self.n_retry_pending += 1
-            self._push(t + self.backoff_s * self.backoff_mult ** (k - 1), i, True)
+            u = self._jitter.next() if self._jitter is not None else 0.0
+            self._push(t + retry_delay_s(k, self.backoff_s, self.backoff_mult, self.backoff_jitter, u), i, True)
         else:
             self._finish(i, t, outcome, pod_id)
 

@@ -122,7 +122,17 @@ class Simulation:
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
         self.timeseries = Timeseries(CONTINUOUS_COLUMNS if self.continuous is not None else ())
         self.env.process(self._sample())
+        # cost is measured over the window the latencies are: from warmup_s to the horizon
+        self._gpu_s_at_warmup = (0.0, 0.0)
+        if scenario.warmup_s > 0:
+            ev = self.env.timeout(scenario.warmup_s)
+            ev.callbacks.append(self._warmup_over)
         self._ran = False
+
+    def _warmup_over(self, _: Any) -> None:
+        now = self.env.now
+        nodes = self.cluster.nodes.node_gpu_seconds(now) if self.scenario.cluster else 0.0
+        self._gpu_s_at_warmup = (self.cluster.gpu_seconds(now), nodes)
 
     def _sample(self) -> Generator[Any, Any, None]:
         """Every ``timeseries_interval_s``: one row of the time series (values at the row's time)."""
@@ -172,13 +182,14 @@ class Simulation:
         self.records.batches = []  # the columns hold what the requests need of them
         summary = summarize(
             cols, warmup_s=sc.warmup_s, horizon_s=sc.horizon_s, retries=self.client.n_retries,
-            lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s),
+            lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s) - self._gpu_s_at_warmup[0],
             gpu_cost_per_hour=sc.pods.gpu_cost_per_hour, batch_sizes=batch_sizes,
             scale_events=len(self.cluster.scale_events),
             max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
             crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
-            node_gpu_seconds=self.cluster.nodes.node_gpu_seconds(sc.horizon_s) if sc.cluster else None,
+            node_gpu_seconds=(self.cluster.nodes.node_gpu_seconds(sc.horizon_s) - self._gpu_s_at_warmup[1]
+                              if sc.cluster else None),
             billing=sc.cluster.billing if sc.cluster else "pod",
             lost_session_ids=lost_ids, lost_turns=lost_turns, session_start_s=self.workload.session_start_s,
             max_session_failure_rate=sc.slo.max_session_failure_rate,

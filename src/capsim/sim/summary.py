@@ -21,7 +21,8 @@ class Summary:
 
     ``gpu_hours`` are the GPUs pods held; ``node_gpu_hours`` the GPUs of the nodes from their creation to
     their removal (NaN without a ``cluster`` section); ``cost`` bills the one ``cluster.billing`` names
-    (pods without a cluster section), both over the whole run.
+    (pods without a cluster section), all three over the window the latencies cover: from ``warmup_s`` to
+    the horizon (``Simulation`` subtracts what was held at the warm-up's end).
 
     A session fails when one of its requests finally failed or it was lost in a crash (pod-local state: it
     never sends its next turns, so no request records it). ``session_failure_rate`` is the share of the
