@@ -232,6 +232,10 @@ class Cluster:
         self.sim.client.pod_gone(pod, now)
 
     # ---- accounting ---------------------------------------------------------------------------------
+    def container_running(self, pod: Pod) -> bool:
+        """Whether ``pod``'s container runs: started, not crashed (the pod's phase is Running, not Pending)."""
+        return pod.id in self._running
+
     def count(self, state: PodState) -> int:
         return sum(1 for p in self.pods if p.state == state)
 

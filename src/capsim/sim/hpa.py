@@ -256,7 +256,9 @@ class Autoscaling:
 
     def _sample(self, pod: Pod, metric: str, now: float, query: str, window_s: float, quantile: float) -> PodSample:
         st = pod.state
-        if st == PodState.PENDING:
+        # upstream's phase: Pending until a container runs (waiting for a node, pulling the image), Running
+        # after (loading the model, CrashLoopBackOff); groupPods leaves Pending pods out of a scale-down
+        if st == PodState.PENDING or (st == PodState.STARTING and not self.sim.cluster.container_running(pod)):
             return PodSample(None, "Pending", ready=False)
         v = self.value(pod, metric, now, query, window_s, quantile)
         if st == PodState.TERMINATING:
