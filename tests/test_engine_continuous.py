@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from capsim.core.continuous import ContinuousEngine
@@ -87,3 +89,34 @@ def test_the_async_batcher_answers_concurrent_requests_as_each_alone(engine: Ref
             assert not isinstance(first, BaseException) and first.tokens == alone(engine, reqs[0])
 
     asyncio.run(main())
+
+
+def test_a_pod_with_capsim_batch_mode_continuous_serves_turns_and_streams(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    from capsim.core.service import PodConfig
+    from capsim.studies.pods import PodProcess
+
+    cfg = PodConfig.from_env({"CAPSIM_BATCH_MODE": "continuous", "CAPSIM_NUM_BLOCKS": "64",
+                              "CAPSIM_MAX_MODEL_LEN": "300"})
+    assert cfg.batch_mode == "continuous" and cfg.scheduler_limits().num_blocks == 64
+    pod = PodProcess(tmp_path, batch_mode="continuous", num_blocks=256, max_num_seqs=8, max_model_len=200,
+                     max_prompt_tokens=256, max_new_tokens=64).start()
+    try:
+        url = f"{pod.url}/v1/sessions"
+        a = httpx.post(f"{url}/c-1/turns", json={"prompt_tokens": 12, "max_new_tokens": 5}, timeout=60)
+        assert a.status_code == 200, a.text
+        body = a.json()
+        assert len(body["tokens"]) == 5 and body["batch_size"] >= 1
+        # too long for max_model_len (200) though within the pod's own limits: 413, named
+        big = httpx.post(f"{url}/c-2/turns", json={"prompt_tokens": 190, "max_new_tokens": 20}, timeout=60)
+        assert big.status_code == 413 and "longer_than_max_model_len" in big.text
+        with httpx.stream("POST", f"{url}/s-1/turns", json={"prompt_tokens": 8, "max_new_tokens": 4, "stream": True},
+                          timeout=60) as resp:
+            assert resp.status_code == 200
+            data = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+        assert [d["index"] for d in data[:-1]] == [0, 1, 2, 3] and [d["token"] for d in data[:-1]] == data[-1]["tokens"]
+    finally:
+        pod.stop()

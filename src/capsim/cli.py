@@ -185,12 +185,13 @@ def serve(
     from capsim.model.settings import SettingsError
 
     try:
-        config = PodConfig(
+        # from_env: the settings without an option here (CAPSIM_BATCH_MODE and the engine's limits) too
+        config = PodConfig.from_env(
             model=model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             queue_capacity=queue_capacity, overflow=overflow, max_concurrent_batches=max_concurrent_batches,
             redis_url=redis_url, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
             drain_timeout_s=drain_timeout_s, torch_threads=torch_threads,
-            **({"pod_name": pod_name} if pod_name else {}),
+            pod_name=pod_name,  # from_env drops None: the default name stands
         )
     except SettingsError as exc:  # checked before the model loads: name the option that was wrong
         field = str(exc).removeprefix("pod.").split(" ", 1)[0].split(".", 1)[0]

@@ -25,6 +25,11 @@ from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEng
 from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits, Step
 
 
+class RequestTooLargeError(ValueError):
+    """A request can never run on this engine (longer than ``max_model_len``, or more KV blocks than the
+    cache holds); the pod answers 413."""
+
+
 @dataclass
 class _Active:
     """A request's tokens so far and its own KV cache (``None`` while it holds none)."""
@@ -198,6 +203,8 @@ class ContinuousBatcher:
         self.engine = ContinuousEngine(engine, limits)
         self.queue_capacity = queue_capacity
         self._metrics = metrics
+        if metrics is not None and hasattr(metrics, "bind_queue_depth"):
+            metrics.bind_queue_depth(self.queue_depth)
         self._incoming: list[tuple[int, GenerationRequest, asyncio.Future[GenerationResult], float]] = []
         self._futures: dict[int, tuple[asyncio.Future[GenerationResult], float]] = {}
         self._started: dict[int, tuple[float, int]] = {}  # request -> (perf_counter at first step, running)
@@ -239,7 +246,8 @@ class ContinuousBatcher:
             raise BatcherClosedError("the batcher is closed")
         why = self.engine.scheduler.limits.rejection(len(request.prompt), request.max_new_tokens)
         if why is not None:
-            raise ValueError(f"request can never run on this engine: {why.value}")
+            raise RequestTooLargeError(f"request can never run on this engine: {why.value} "
+                                       f"({len(request.prompt)} prompt + {request.max_new_tokens} new tokens)")
         if self.queue_depth() >= self.queue_capacity:
             raise QueueFullError(f"queue full ({self.queue_capacity} waiting)")
         fut: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()

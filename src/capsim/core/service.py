@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from capsim.core.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from capsim.core.continuous import ContinuousBatcher, RequestTooLargeError
 from capsim.core.engine import PRESETS, GenerationRequest, GenerationResult, ReferenceEngine, synthetic_prompt
 from capsim.core.metrics import InferenceMetrics
 from capsim.core.state import (
@@ -45,6 +46,7 @@ from capsim.core.state import (
 )
 from capsim.core.state_model import InvalidSessionIdError, StateTooLargeError, validate_session_id
 from capsim.model.settings import BatchSettings, FrozenModel
+from capsim.policy.scheduling import SchedulerLimits
 
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 RETRY_AFTER = {"Retry-After": "1"}  # on every 503: the pod or its store should be back, or another pod up
@@ -72,6 +74,14 @@ class PodConfig(FrozenModel):
     pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
+    # continuous batching (docs/continuous.md): CAPSIM_BATCH_MODE=continuous and vLLM's engine limits
+    batch_mode: Literal["static", "continuous"] = Field("static", description="static batches or per-step")
+    max_num_seqs: int = Field(256, ge=1, description="continuous: requests running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="continuous: tokens one step computes")
+    block_size: int = Field(16, ge=1, description="continuous: tokens per KV-cache block")
+    num_blocks: int = Field(4096, ge=1, description="continuous: KV-cache blocks")
+    max_model_len: int = Field(4096, ge=2, description="continuous: longest prompt + output")
+    long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
 
     ENV_PREFIX: ClassVar[str] = "CAPSIM_"
 
@@ -120,6 +130,11 @@ class PodConfig(FrozenModel):
             max_concurrent_batches=self.max_concurrent_batches,
         )
 
+    def scheduler_limits(self) -> SchedulerLimits:
+        """The continuous-batching engine's limits."""
+        return SchedulerLimits(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.num_blocks,
+                               self.max_model_len, self.long_prefill_token_threshold)
+
     def env(self) -> dict[str, str]:
         """The ``CAPSIM_*`` variables that reproduce this configuration."""
         return {self.ENV_PREFIX + k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
@@ -146,7 +161,7 @@ class PodState:
     config: PodConfig
     engine: ReferenceEngine
     store: SessionStore
-    batcher: DynamicBatcher[GenerationRequest, GenerationResult]
+    batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher
     metrics: InferenceMetrics
     ready: bool = False
     draining: bool = False
@@ -225,9 +240,12 @@ def create_app(
         )
         metrics = InferenceMetrics()
         st = store or open_store(cfg.redis_url, metrics=metrics)
-        batcher: DynamicBatcher[GenerationRequest, GenerationResult] = DynamicBatcher(
-            eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s
-        )
+        batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher
+        if cfg.batch_mode == "continuous":
+            batcher = ContinuousBatcher(eng, cfg.scheduler_limits(), queue_capacity=cfg.queue_capacity,
+                                        metrics=metrics)
+        else:
+            batcher = DynamicBatcher(eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s)
         pod = PodState(cfg, eng, st, batcher, metrics, loop=asyncio.get_running_loop())
         app.state.pod = pod
         async with batcher:
@@ -405,6 +423,8 @@ async def _generate(pod: PodState, req: GenerationRequest) -> GenerationResult:
         raise _HTTPError(429, str(exc), {"Retry-After": str(retry)}) from None
     except BatcherClosedError:
         raise _HTTPError(503, "pod is shutting down; retry on another pod", RETRY_AFTER) from None
+    except RequestTooLargeError as exc:
+        raise _HTTPError(413, str(exc)) from None
 
 
 async def _save_turn(
