@@ -657,9 +657,9 @@ async def test_failed_requests_report_their_wait_and_latency():
 
     async def runner(items: list[int]) -> list[int | BaseException]:
         await asyncio.sleep(0.01)
-        if 0 in items:
+        if 2 in items:  # the last batch fails: its count must still go up by one
             raise RuntimeError("batch failed")
-        return [ValueError("item") if i == 3 else i for i in items]
+        return [ValueError("item") if i == 1 else i for i in items]
 
     async with DynamicBatcher(runner, BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS), metrics=m) as b:
         await within(asyncio.gather(*[b.submit(i) for i in range(4)], return_exceptions=True))
@@ -769,3 +769,18 @@ async def test_a_crashed_dispatcher_fails_what_is_queued_and_refuses_new_work():
         await within(b.submit(3))
     with pytest.raises(RuntimeError, match="policy bug"):
         await within(b.aclose())
+
+
+async def test_a_leaving_batch_admits_one_waiter_per_freed_slot():
+    # [0, 1] runs; [2, 3] fill the queue; 4 and 5 wait. When [2, 3] leaves, both waiters must enter,
+    # or the lone one left never makes a full batch and (with an endless max_wait) never runs.
+    gate = asyncio.Event()
+    s = BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS, queue_capacity=2, overflow="wait")
+    rec = Recorder(gate)
+    async with DynamicBatcher(rec, s) as b:
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        assert b.queue_depth() == 2 and rec.batches == [[0, 1]]
+        gate.set()
+        assert await within(asyncio.gather(*tasks)) == [0, 2, 4, 6, 8, 10]
+    assert rec.batches == [[0, 1], [2, 3], [4, 5]]
