@@ -168,11 +168,11 @@ def test_no_lost_updates_across_processes(redis_server: Any, mode: str) -> None:
         assert [c for c in contents if c.startswith(f"w{w}-")] == [f"w{w}-{i}" for i in range(per)]
 
 
-async def test_writers_on_separate_event_loops_in_threads(store_url: tuple[str, str]) -> None:
-    """Two threads, each with its own loop and store, race on one session (no shared lock)."""
-    url, mode = store_url
-    if url.startswith("memory://"):
-        pytest.skip("a fakeredis server is bound to one event loop")
+@pytest.mark.parametrize("mode", ["lua", "watch"])
+async def test_writers_on_separate_event_loops_in_threads(redis_server: Any, mode: str) -> None:
+    """Three threads, each with its own loop and store, race on one session (no shared lock).
+    (A real server only: a fakeredis server belongs to one event loop.)"""
+    url = redis_server.url
     prefix = _prefix()
 
     def thread(w: int) -> None:
