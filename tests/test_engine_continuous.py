@@ -118,5 +118,14 @@ def test_a_pod_with_capsim_batch_mode_continuous_serves_turns_and_streams(tmp_pa
             assert resp.status_code == 200
             data = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
         assert [d["index"] for d in data[:-1]] == [0, 1, 2, 3] and [d["token"] for d in data[:-1]] == data[-1]["tokens"]
+        text = httpx.get(f"{pod.url}/metrics", timeout=30).text
+        for name in ("vllm:num_requests_waiting{", "vllm:num_requests_running{", "vllm:kv_cache_usage_perc{",
+                     "vllm:num_preemptions_total{", "vllm:time_to_first_token_seconds_count{",
+                     "vllm:inter_token_latency_seconds_count{"):
+            assert name in text, name
+        ttft = [ln for ln in text.splitlines() if ln.startswith("vllm:time_to_first_token_seconds_count{")]
+        itl = [ln for ln in text.splitlines() if ln.startswith("vllm:inter_token_latency_seconds_count{")]
+        assert float(ttft[0].split()[-1]) == 2 and float(itl[0].split()[-1]) == 4 + 3  # 2 answers: 5 and 4 tokens
+        assert 'model_name="tiny"' in ttft[0]
     finally:
         pod.stop()

@@ -205,6 +205,9 @@ class ContinuousBatcher:
         self._metrics = metrics
         if metrics is not None and hasattr(metrics, "bind_queue_depth"):
             metrics.bind_queue_depth(self.queue_depth)
+        self.vllm: VllmMetrics | None = None
+        if metrics is not None and hasattr(metrics, "registry"):  # the pod's registry: vLLM's names too
+            self.vllm = VllmMetrics(metrics.registry, engine.config.name, self)
         self._incoming: list[tuple[int, GenerationRequest, asyncio.Future[GenerationResult], float]] = []
         self._futures: dict[int, tuple[asyncio.Future[GenerationResult], float]] = {}
         self._started: dict[int, tuple[float, int]] = {}  # request -> (perf_counter at first step, running)
@@ -305,7 +308,15 @@ class ContinuousBatcher:
             for rid in report.plan.started:
                 self._started[rid] = (t0, len(ce.scheduler.running))
             for rid in report.emitted:
-                self._times.setdefault(rid, []).append(now)
+                times = self._times.setdefault(rid, [])
+                if self.vllm is not None:
+                    if times:
+                        self.vllm.itl.observe(now - times[-1])
+                    elif rid in self._futures:
+                        self.vllm.ttft.observe(now - self._futures[rid][1])
+                times.append(now)
+            if self.vllm is not None and report.preempted:
+                self.vllm.preemptions.inc(len(report.preempted))
             for rid in report.finished:
                 self._answer(rid, now)
 
@@ -321,3 +332,33 @@ class ContinuousBatcher:
             self._metrics.observe_request("ok", start - received, times[0] - received, now - received)
         if not fut.done():
             fut.set_result(result)
+
+
+#: vLLM's TTFT buckets (s), from its V1 metrics (see /work/shared/reference/serving_engines.md).
+VLLM_TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                       20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+#: Inter-token latency buckets (s): milliseconds to seconds, about 2x apart (chosen here).
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+
+
+class VllmMetrics:
+    """vLLM's metric names and meanings on a continuous-batching pod's registry (docs/metrics.md), labelled
+    ``model_name`` as vLLM labels them, so an HPA or KEDA object written for vLLM reads this pod."""
+
+    def __init__(self, registry: Any, model_name: str, batcher: ContinuousBatcher) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        sched = batcher.engine.scheduler
+        lab = {"model_name": model_name}
+        kw: dict[str, Any] = {"registry": registry, "labelnames": ("model_name",)}
+        waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for the engine (new or preempted).", **kw)
+        waiting.labels(**lab).set_function(lambda: float(batcher.queue_depth()))
+        running = Gauge("vllm:num_requests_running", "Requests in the engine's running batch.", **kw)
+        running.labels(**lab).set_function(lambda: float(len(sched.running)))
+        kv = Gauge("vllm:kv_cache_usage_perc", "KV-cache use: 1 - free / total blocks (0-1).", **kw)
+        kv.labels(**lab).set_function(lambda: sched.kv_cache_usage)
+        self.preemptions = Counter("vllm:num_preemptions", "Requests preempted (recompute).", **kw).labels(**lab)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Arrival to first token.",
+                              buckets=VLLM_TTFT_BUCKETS_S, **kw).labels(**lab)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between a request's successive tokens.",
+                             buckets=ITL_BUCKETS_S, **kw).labels(**lab)
