@@ -41,9 +41,11 @@ def test_concurrency_limit_blocks_dispatch():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="queued"):
+    with pytest.raises(ValueError, match=r"^queued and in_flight must be >= 0, got -1 and 0$"):
         decide(0.0, -1, None, S)
-    with pytest.raises(ValueError, match="oldest_enqueued_at"):
+    with pytest.raises(ValueError, match=r"^queued and in_flight must be >= 0, got 2 and -1$"):
+        decide(0.0, 2, 0.0, S, in_flight=-1)  # either one alone is refused
+    with pytest.raises(ValueError, match=r"^oldest_enqueued_at is required when the queue is not empty$"):
         decide(0.0, 2, None, S)
 
 
