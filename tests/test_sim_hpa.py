@@ -48,10 +48,12 @@ def test_scale_up_waits_for_the_pipeline_and_scale_down_for_the_window() -> None
     ups = ev[ev["to_replicas"] > ev["from_replicas"]]
     downs = ev[ev["to_replicas"] < ev["from_replicas"]]
     assert not ups.empty and not downs.empty
-    # the first scrape that can see the step is the first after it; the adapter shows it LAG later;
-    # the controller acts at its next sync
-    first_scrape = math.floor(STEP_UP / SCRAPE) * SCRAPE + SCRAPE
-    earliest_up = math.ceil((first_scrape + LAG) / SYNC) * SYNC
+    # the first scrape that can see the step is the first after it (each pod scraped at its own offset);
+    # the adapter shows it LAG later; the controller acts at its next sync (at its own phase)
+    assert sim.autoscaling is not None
+    first_scrape = min(o + math.floor((STEP_UP - o) / SCRAPE) * SCRAPE + SCRAPE
+                       for o in sim.autoscaling.scrape_offset_s[:2])
+    earliest_up = min(t for t, *_ in sim.autoscaling.syncs if t >= first_scrape + LAG)
     assert ups["time_s"].min() >= earliest_up
     assert ups["time_s"].min() <= earliest_up + WINDOW  # and it does react within one window
     assert (ev["time_s"] < STEP_UP).sum() == 0
