@@ -167,3 +167,18 @@ def test_a_stress_that_does_not_apply_is_an_error() -> None:
         tune(small(), {"params": {"pods.replicas": {"low": 1, "high": 2}},
                        "stresses": {"bad": {"pods.replicas": -1}}}, budget=1, executor="serial", cache=False,
              progress=False)
+
+
+def test_capsim_tune_writes_its_files_from_a_space_that_names_the_scenario(tmp_path: Path) -> None:
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small().model_dump(mode="json", by_alias=True)))
+    space = {"scenario": "small.yaml", "seeds": 1, "budget": 3, **SPACE}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(out),
+                                   "--workers", "1", "--no-cache", "--stress", "steady"])
+    assert run.exit_code == 0, run.output
+    assert "3 settings:" in run.output and "wrote" in run.output
+    for name in ("trials.csv", "front.csv", "front.png", "provenance.json"):
+        assert (out / name).exists()
+    prov = yaml.safe_load((out / "provenance.json").read_text())
+    assert list(prov["stresses"]) == ["steady"] and prov["seeds"] == [0] and prov["budget"] == 3
