@@ -36,6 +36,13 @@ def _value(v: object) -> str:
 def pod_env(scenario: Scenario, target: DeployTarget) -> dict[str, str]:
     """The ``CAPSIM_*`` variables for the scenario's batcher, store and drain (ConfigMap values: strings)."""
     env = {ENV_PREFIX + f.upper(): _value(getattr(scenario.batching, f)) for f in POD_BATCH_FIELDS}
+    b = scenario.batching
+    if b.mode == "continuous":  # the pod's continuous engine with the scenario's limits (docs/continuous.md)
+        env[ENV_PREFIX + "BATCH_MODE"] = "continuous"
+        for f in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len",
+                  "long_prefill_token_threshold"):
+            env[ENV_PREFIX + f.upper()] = _value(getattr(b, f))
+        env[ENV_PREFIX + "NUM_BLOCKS"] = str(b.kv_cache_blocks())
     store = scenario.state.store
     env[ENV_PREFIX + "REDIS_URL"] = target.redis_url if store == "redis" else "memory://"
     env[ENV_PREFIX + "DRAIN_TIMEOUT_S"] = _value(drain_timeout_s(scenario))

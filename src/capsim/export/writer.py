@@ -79,6 +79,20 @@ def simulated_numbers(scenario: Scenario, seed: int) -> dict[str, Any]:
     return {"summary": result.summary.to_dict(), "provenance": result.provenance}
 
 
+def vllm_args(scenario: Scenario) -> list[str]:
+    """A continuous-batching scenario's engine settings as ``vllm serve`` arguments (vLLM's flag names)."""
+    b = scenario.batching
+    args = ["--max-num-seqs", str(b.max_num_seqs), "--max-num-batched-tokens", str(b.max_num_batched_tokens),
+            "--block-size", str(b.block_size), "--max-model-len", str(b.max_model_len)]
+    if b.gpu_memory_gb is not None:  # vLLM sizes the cache itself from the same share of memory
+        args += ["--gpu-memory-utilization", str(b.gpu_memory_utilization)]
+    else:
+        args += ["--num-gpu-blocks-override", str(b.kv_cache_blocks())]
+    if b.long_prefill_token_threshold:
+        args += ["--long-prefill-token-threshold", str(b.long_prefill_token_threshold)]
+    return args
+
+
 def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | None = None, *,
                     numbers: Mapping[str, Any] | None = None, force: bool = False) -> ExportResult:
     """Check the scenario, then write the export folder ``out``.
@@ -98,6 +112,10 @@ def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | 
         path = out / name
         path.write_text(dump_yaml(obj), encoding="utf-8")
         files.append(path)
+    if scenario.batching.mode == "continuous":  # the same engine settings for a vLLM deployment
+        args = out / "vllm-args.yaml"
+        args.write_text(dump_yaml({"args": vllm_args(scenario)}), encoding="utf-8")
+        files.append(args)
     readme = out / "README.md"
     readme.write_text(render_readme(scenario, target, numbers=numbers, findings=findings,
                                     forced=force and failed(findings)), encoding="utf-8")

@@ -1,0 +1,40 @@
+"""Exporting a continuous-batching scenario: the pod's engine settings, and the same as vLLM arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from capsim.core.service import PodConfig
+from capsim.export.pod import pod_env
+from capsim.export.target import DeployTarget
+from capsim.export.writer import export_scenario, vllm_args
+from capsim.model.scenario import Scenario
+
+
+def test_the_pod_reads_the_exported_engine_settings_and_vllm_gets_the_same(tmp_path: Path) -> None:
+    sc = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml")
+    env = pod_env(sc, DeployTarget())
+    cfg = PodConfig.from_env(env)
+    assert cfg.batch_mode == "continuous"
+    lim = cfg.scheduler_limits()
+    b = sc.batching
+    assert (lim.max_num_seqs, lim.max_num_batched_tokens, lim.block_size, lim.num_blocks, lim.max_model_len) == (
+        b.max_num_seqs, b.max_num_batched_tokens, b.block_size, b.kv_cache_blocks(), b.max_model_len)
+    assert vllm_args(sc) == ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--block-size", "16",
+                             "--max-model-len", "2048", "--num-gpu-blocks-override", "1024"]
+    sized = sc.override({"batching.num_blocks": None, "batching.gpu_memory_gb": 80, "batching.gpu_memory_utilization": 0.85,
+                         "batching.model": {"n_layers": 32, "n_kv_heads": 8, "head_dim": 128, "weights_gb": 15}})
+    assert vllm_args(sized)[-2:] == ["--gpu-memory-utilization", "0.85"]
+    res = export_scenario(sc, tmp_path / "out", force=True)
+    args = tmp_path / "out" / "vllm-args.yaml"
+    assert args in res.files
+    assert yaml.safe_load(args.read_text())["args"] == vllm_args(sc)
+
+
+def test_a_static_scenario_exports_no_engine_settings(tmp_path: Path) -> None:
+    sc = Scenario.from_yaml("data/scenarios/friday_rush.yaml")
+    assert "CAPSIM_BATCH_MODE" not in pod_env(sc, DeployTarget())
+    export_scenario(sc, tmp_path / "out", force=True)
+    assert not (tmp_path / "out" / "vllm-args.yaml").exists()
