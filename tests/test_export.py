@@ -268,6 +268,10 @@ def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> Non
     (container,) = pod["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": "agent-capsim"}}]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # the probe the simulator modelled (pods.readiness_probe), not another one
+    probe = rush.pods.readiness_probe
+    assert (container["readinessProbe"]["periodSeconds"], container["readinessProbe"]["failureThreshold"]) == (
+        probe.period_s, probe.failure_threshold)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["terminationGracePeriodSeconds"] >= rush.pods.termination_grace_s
     # the startup probe outlasts the slowest cold start (uniform 45..90 s)
@@ -350,6 +354,11 @@ def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> Non
         in readme and "seed 7" in readme
     assert "kubectl -n agents patch deployment agent" in readme
     assert "does not meet the SLO" not in readme
+    # the cluster-autoscaler flags and the readiness probe the simulated cost and failures assumed
+    assert rush.cluster is not None and rush.cluster.scale_down_enabled
+    assert f"`--scale-down-unneeded-time={rush.cluster.scale_down_unneeded_time_s:g}s`" in readme
+    assert "`--scale-down-gpu-utilization-threshold=" in readme and "`--scan-interval=" in readme
+    assert f"readiness probe runs every {rush.pods.readiness_probe.period_s} s" in readme
     export_scenario(rush, tmp_path, TARGET, numbers={"summary": {"slo_met": False, "node_gpu_hours": math.nan}})
     readme = (tmp_path / "README.md").read_text()
     assert "does not meet the SLO" in readme and "GPU hours of the nodes" not in readme  # NaN: no row

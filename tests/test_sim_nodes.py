@@ -50,10 +50,12 @@ def test_nodes_are_billed_whole_and_pods_by_the_gpu() -> None:
 def test_a_node_is_billed_while_it_boots_and_goes_10_minutes_after_it_is_unneeded() -> None:
     sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
     at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)),  # pods 4-6 need node 1: created at 0, ready at 30
-       (105.0, lambda: sim.cluster.scale_to(4, 105.0)))  # the newest pods (on node 1) go: node 1 is empty
+       (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
+    # the ReplicaSet deletes from the more crowded node (node 0: 4 pods, node 1: 3; replicaset.py), so node 0
+    # keeps one pod (0.25 of its GPUs), which fits on node 1: unneeded at the scan of 110 s, drained 600 s later
     ts = sim.run().timeseries.set_index("time_s")
     assert ts["pending_replicas"][29] == 3 and ts["ready_replicas"][41] == 7
-    assert sim.cluster.nodes.removals == [(710.0, 1)]  # unneeded at the scan of 110 s, gone 600 s later
+    assert sim.cluster.nodes.removals == [(710.0, 0)]
     assert sim.cluster.nodes.node_gpu_seconds(2000) == pytest.approx(4 * 2000 + 4 * 710)
 
 
@@ -82,8 +84,9 @@ def test_no_scale_down_within_the_delay_after_a_node_was_added() -> None:
     sim = Simulation(idle(**{"cluster.scale_down_unneeded_time_s": 60}), seed=0)
     at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
     sim.run()
-    # unneeded since 110 s, due at 170 s, but node 1 was added at 0 s: nothing goes before 600 s
-    assert sim.cluster.nodes.removals == [(600.0, 1)]
+    # node 0 (one pod left, see above) unneeded since 110 s, due at 170 s, but node 1 was added at 0 s:
+    # nothing goes before 600 s
+    assert sim.cluster.nodes.removals == [(600.0, 0)]
 
 
 def test_a_node_with_pods_is_drained_when_they_fit_elsewhere() -> None:
@@ -107,7 +110,7 @@ def test_a_burst_after_a_node_was_removed_waits_for_a_new_node() -> None:
     at(sim, (0.0, lambda: sim.cluster.scale_to(7, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)),
        (800.0, lambda: sim.cluster.scale_to(5, 800.0)))
     ts = sim.run().timeseries.set_index("time_s")
-    assert sim.cluster.nodes.removals == [(710.0, 1)]
+    assert sim.cluster.nodes.removals == [(710.0, 0)]  # its pod moved to node 1, which is now full
     assert ts["pending_replicas"][829] == 1 and ts["ready_replicas"][839] == 4 and ts["ready_replicas"][841] == 5
     never = Simulation(idle(**{"cluster.scale_down_enabled": False}), seed=0)
     at(never, (0.0, lambda: never.cluster.scale_to(7, 0.0)), (105.0, lambda: never.cluster.scale_to(4, 105.0)),

@@ -15,6 +15,7 @@ from capsim.model.scenario import Scenario
 from capsim.policy.autoscaling import PodSample, pods_metric_replicas
 from capsim.sim import Simulation
 from capsim.sim.pod import Pod, PodState
+from capsim.sim.replicaset import RankedPod, pods_to_delete
 
 
 def hpa_scenario(**pods: Any) -> Scenario:
@@ -68,3 +69,145 @@ def test_pods_loading_the_model_are_running_without_metrics_as_upstream_counts_t
     assert [s.phase for s in samples] == ["Running"] * 8
     assert [s.value for s in samples[4:]] == [None] * 4
     assert pods_metric_replicas(8, samples, 2.0) == 6
+
+
+# ---- the readiness probe and the endpoints ----------------------------------------------------------------
+def probe_scenario(**changes: Any) -> Scenario:
+    s = Scenario.model_validate({
+        "horizon_s": 300,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 2.0}},
+        "service": {"kind": "deterministic", "mean_s": 4.0},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 0, "queue_capacity": 100000},
+        "pods": {"replicas": 2, "startup_s": 25},
+        "state": {"store": "redis"},
+        "client": {"timeout_s": 1e6, "max_retries": 0},
+    })
+    return s.override(changes) if changes else s
+
+
+def test_a_started_pod_is_ready_at_its_next_probe_and_gets_traffic_one_propagation_later() -> None:
+    # placed at 0, the model loaded at 25: probes at 0, 10, 20 fail, the one at 30 passes (Kubernetes
+    # defaults: every 10 s); the endpoints carry it from 31. The old model sent it traffic from 25.
+    sim = Simulation(probe_scenario(), seed=0)
+    sim.cluster.scale_to(3, 0.0)
+    pod = sim.cluster.pods[2]
+    seen = []
+    for t in (29.5, 30.5, 31.5):
+        sim.env.run(until=t)
+        seen.append((pod.state, pod.ready_s, pod in sim.cluster.endpoints, pod.routable))
+    assert seen == [(PodState.STARTING, None, False, False), (PodState.READY, 30.0, False, False),
+                    (PodState.READY, 30.0, True, True)]
+
+
+def test_probe_settings_move_readiness() -> None:
+    s = probe_scenario().override({"pods.readiness_probe.period_s": 4, "pods.endpoints_propagation_s": 0.0})
+    sim = Simulation(s, seed=0)
+    sim.cluster.scale_to(3, 0.0)
+    sim.env.run(until=28.5)  # probes at 24 (fails), 28 (passes)
+    assert sim.cluster.pods[2].ready_s == 28.0 and sim.cluster.pods[2] in sim.cluster.endpoints
+
+
+def _endpoints_at(sim: Simulation, times: list[float]) -> list[int]:
+    out = []
+    for t in times:
+        sim.env.run(until=t)
+        out.append(len(sim.cluster.endpoints))
+    return out
+
+
+def test_a_redis_outage_takes_pods_out_after_three_failed_probes_and_back_at_the_first_probe_after() -> None:
+    # pods probed at 0, 10, 20 ...: the probes at 100, 110, 120 fail, so the pods are not ready at 120
+    # and leave the endpoints at 121; the probe at 160 finds Redis back: ready, in the endpoints at 161
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}]}), seed=0)
+    assert _endpoints_at(sim, [119.5, 120.5, 121.5, 159.5, 160.5, 161.5]) == [2, 2, 0, 0, 0, 2]
+    assert all(p.probe_failing is False and p.state == PodState.READY for p in sim.cluster.pods)
+
+
+def test_an_outage_shorter_than_the_failure_threshold_keeps_the_pods_in_the_endpoints() -> None:
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 95, "duration_s": 20}]}), seed=0)
+    # failed probes at 100 and 110 only: two of three
+    assert _endpoints_at(sim, [101.0, 111.0, 116.0, 125.0]) == [2, 2, 2, 2]
+
+
+def test_answers_in_an_outage_fail_at_the_store_write_and_pods_rejoin_one_probe_later() -> None:
+    r = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}]}), seed=0).run()
+    q = r.requests
+    ok = q["outcome"] == "ok"
+    # a request whose batch ran on the GPU and ended while Redis was out failed at its final store write
+    in_flight = q[(q["start_s"] < 100) & (q["end_s"] >= 100) & (q["end_s"] < 160) & q["start_s"].notna()]
+    assert len(in_flight) > 0
+    assert (in_flight["outcome"] == "failed").all() and (in_flight["pod"] >= 0).all()
+    assert (in_flight["end_s"] - in_flight["start_s"] >= 4.0 - 1e-9).all()  # the whole batch ran
+    assert not (ok & (q["end_s"] >= 100) & (q["end_s"] < 160)).any()
+    # sent after Redis came back but before the pods rejoined the endpoints (160 to 161): no endpoint, 503
+    gap = q[(q["arrival_s"] >= 160) & (q["arrival_s"] < 161)]
+    assert len(gap) > 0 and (gap["outcome"] == "failed").all() and (gap["pod"] == -1).all()
+    later = q[(q["arrival_s"] >= 162) & (q["arrival_s"] < 250)]
+    assert later["outcome"].eq("ok").all()
+
+
+# ---- which pods a scale-down deletes -----------------------------------------------------------------------
+def _ranked(key: int, **kw: Any) -> RankedPod:
+    base: dict[str, Any] = {"assigned": True, "phase": "Running", "ready": True, "rank": 1, "ready_s": 100.0,
+                            "restarts": 0, "created_s": 50.0, "uid": key}
+    base.update(kw)
+    return RankedPod(key=key, **base)
+
+
+def test_the_replicaset_ranks_unassigned_pending_not_ready_then_ready_pods() -> None:
+    pods = [
+        _ranked(0),
+        _ranked(1, ready=False, ready_s=None),
+        _ranked(2, phase="Pending", ready=False, ready_s=None),
+        _ranked(3, assigned=False, phase="Pending", ready=False, ready_s=None, rank=0),
+    ]
+    assert [p.key for p in pods_to_delete(pods, 4, 1000.0)] == [3, 2, 1, 0]
+
+
+def test_ready_pods_go_by_log2_buckets_of_their_ready_time_then_uid() -> None:
+    now = 1000.0
+    # 1000 - 600 = 400 s and 1000 - 500 = 500 s: both in bucket floor(log2(4e11)) = floor(log2(5e11)) = 38,
+    # so the UID decides, not which became ready last; 1000 - 990 = 10 s is bucket 33: deleted first
+    a, b, c = _ranked(0, ready_s=600.0, uid=9), _ranked(1, ready_s=500.0, uid=2), _ranked(2, ready_s=990.0, uid=5)
+    assert [p.key for p in pods_to_delete([a, b, c], 3, now)] == [2, 1, 0]
+    assert int(math.log2(400e9)) == int(math.log2(500e9)) == 38 and int(math.log2(10e9)) == 33
+
+
+def test_more_pods_on_the_node_and_more_restarts_go_first() -> None:
+    crowded, alone = _ranked(0, rank=3, uid=9), _ranked(1, rank=1, uid=1)
+    assert pods_to_delete([alone, crowded], 1, 1000.0)[0].key == 0
+    flaky, steady = _ranked(0, ready_s=None, ready=False, restarts=4, uid=9), _ranked(1, ready=False, ready_s=None)
+    assert pods_to_delete([steady, flaky], 1, 1000.0)[0].key == 0
+
+
+def test_scale_down_victims_are_not_simply_the_newest_ids() -> None:
+    # 4 pods ready at 0, 2 more ready about 70 s later; at 1000 s all six are in the same log2 bucket of
+    # time since ready (2^39 ns = 550 s to 1100 s), so the ReplicaSet's victims are the two lowest UIDs:
+    # random pods. The old rule always deleted the newest ids (4 and 5).
+    victim_sets = set()
+    for seed in range(12):
+        sim = Simulation(probe_scenario(), seed=seed)
+        sim.cluster.scale_to(6, 0.0)
+        sim.env.run(until=1000.0)
+        live = [p for p in sim.cluster.pods if p.state == PodState.READY]
+        assert len(live) == 6
+        uids = sorted(sim.cluster._uid[p.id] for p in live)
+        sim.cluster.scale_to(4, 1000.0)
+        victims = {p.id for p in sim.cluster.pods if p.state in (PodState.TERMINATING, PodState.GONE)}
+        assert {sim.cluster._uid[v] for v in victims} == set(uids[:2])
+        victim_sets.add(frozenset(victims))
+    assert len(victim_sets) > 3  # the victims vary with the seed: not always the newest ids, 4 and 5
+
+
+def test_a_scale_down_takes_a_pod_from_the_most_crowded_node() -> None:
+    # 4 pods on a 4-GPU node, a fifth on a second node: upstream deletes one of the four (rank 4 > 1), and
+    # a ready one whose node keeps pods; the old rule deleted the newest id, the only pod on node 2
+    s = probe_scenario().override({"cluster": {"max_gpus": 8, "node_gpus": 4, "node_provision_s": 10},
+                                   "pods.replicas": 4})
+    sim = Simulation(s, seed=0)
+    sim.cluster.scale_to(5, 0.0)
+    sim.env.run(until=1000.0)
+    assert [p.state for p in sim.cluster.pods] == [PodState.READY] * 5
+    sim.cluster.scale_to(4, 1000.0)
+    gone = [p.id for p in sim.cluster.pods if p.state != PodState.READY]
+    assert len(gone) == 1 and gone[0] in (0, 1, 2, 3)

@@ -93,8 +93,11 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
         "startupProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": PROBE_PERIOD_S,
                          "failureThreshold": startup_failures},
         # /readyz is false while warming up, while the session store does not answer, and while draining
-        "readinessProbe": {"httpGet": {**http, "path": "/readyz"}, "periodSeconds": PROBE_PERIOD_S,
-                           "timeoutSeconds": READINESS_TIMEOUT_S, "failureThreshold": 1},
+        # the simulated probe's period and threshold (pods.readiness_probe; Kubernetes defaults 10 s, 3)
+        "readinessProbe": {"httpGet": {**http, "path": "/readyz"},
+                           "periodSeconds": scenario.pods.readiness_probe.period_s,
+                           "timeoutSeconds": READINESS_TIMEOUT_S,
+                           "failureThreshold": scenario.pods.readiness_probe.failure_threshold},
         "livenessProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": LIVENESS_PERIOD_S,
                           "timeoutSeconds": READINESS_TIMEOUT_S, "failureThreshold": LIVENESS_FAILURES},
     }

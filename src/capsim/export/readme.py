@@ -139,6 +139,19 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
         c = scenario.cluster
         lines.append(f"- at most {c.max_gpus} GPUs, in nodes of {c.node_gpus}, a new node ready in "
                      f"{c.node_provision_s:g} s")
+        if c.scale_down_enabled:
+            lines.append(
+                "- cluster-autoscaler: `--scale-down-enabled=true`, "
+                f"`--scale-down-unneeded-time={c.scale_down_unneeded_time_s:g}s`, "
+                f"`--scale-down-gpu-utilization-threshold={c.scale_down_utilization_threshold:g}`, "
+                f"`--scale-down-delay-after-add={c.scale_down_delay_after_add_s:g}s`, "
+                f"`--scan-interval={c.scan_interval_s:g}s`")
+        else:
+            lines.append("- cluster-autoscaler: `--scale-down-enabled=false` (nodes are never removed)")
+    probe = scenario.pods.readiness_probe
+    lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
+                 f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "
+                 f"a change of readiness within {scenario.pods.endpoints_propagation_s:g} s")
     if scenario.state.store == "redis":
         lines.append(f"- the session store answers at `{target.redis_url}`")
     return [*lines, ""]

@@ -248,6 +248,15 @@ class CrashLoopBackOff(_Section):
         return self
 
 
+class ReadinessProbe(_Section):
+    """The kubelet's readiness probe on ``/readyz`` (Kubernetes defaults; see ``capsim.sim.cluster``)."""
+
+    period_s: Int = Field(10, ge=1, description="periodSeconds: a probe every this many seconds from the "
+                                                 "pod's start on its node")
+    failure_threshold: Int = Field(3, ge=1, description="failureThreshold: consecutive failed probes that "
+                                                         "make a ready pod not ready")
+
+
 class Pods(_Section):
     replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
     image_pull_s: Duration = Field(
@@ -259,6 +268,12 @@ class Pods(_Section):
         description="container start to ready: model load and warm-up, paid by every start including restarts",
     )
     crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
+    readiness_probe: ReadinessProbe = ReadinessProbe()
+    endpoints_propagation_s: Float = Field(
+        1.0, ge=0,
+        description="a change of readiness reaches the Service's endpoints (EndpointSlice controller, "
+                    "kube-proxy) this much later",
+    )
     gpu_cost_per_hour: Float = Field(0.0, ge=0)
     termination_grace_s: Float = Field(
         25.0, ge=0,

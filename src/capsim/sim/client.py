@@ -63,6 +63,7 @@ class Client:
         self._cap = sim.batching.queue_capacity if sim.batching.overflow == "reject" else math.inf
         self.pod_local = sc.state.store == "pod_local"
         self.sticky = self.pod_local or sc.router.kind == "session_affinity"
+        self._outages = sim.faults.has_redis_outages  # an answer in an outage fails at its store write
         n_sessions = workload.n_sessions
         self.track_sessions = self.sticky or self.turns > 1
         self.home = np.full(n_sessions if self.sticky else 0, -1, dtype=np.int32)
@@ -203,8 +204,10 @@ class Client:
         h = int(self.home[s])
         if h >= 0:
             pod = self.sim.cluster.pods[h]
-            if pod.state == PodState.READY:
+            if pod.routable:  # in the Service's endpoints
                 return pod
+            if self.pod_local and pod.state == PodState.READY:  # ready, not in the endpoints yet: 503
+                return None
             if self.pod_local:  # the session's state went with its pod
                 self._lose_sessions(np.array([s]), self.rec.send[i])
                 self._finish(i, float(self.rec.send[i]), FAILED, h)
@@ -240,7 +243,10 @@ class Client:
 
     # ---- events from pods and the cluster -------------------------------------------------------------
     def on_batch_done(self, batch: Batch, now: float) -> None:
-        """A batch finished at ``now``: its live requests are answered."""
+        """A batch finished at ``now``: its live requests are answered (or fail at their store write)."""
+        if self._outages and self.sim.faults.redis_down(now):
+            self._store_write_failed(batch, batch.idx.tolist(), now)
+            return
         self.n_ok += batch.live_size
         if not self.track_sessions:
             return
@@ -261,6 +267,9 @@ class Client:
         """``on_batch_done`` for a one-request batch (a continuous-batching pod's request), without arrays."""
         if batch.cancelled:
             return
+        if self._outages and self.sim.faults.redis_down(now):
+            self._store_write_failed(batch, [i], now)
+            return
         self.n_ok += 1
         if not self.track_sessions:
             return
@@ -269,6 +278,13 @@ class Client:
             self.session[i // turns] = _DONE
         elif self.session[i // turns] == _ACTIVE:
             self._push(now + self.think_s, i + 1, False)
+
+    def _store_write_failed(self, batch: Batch, idx: list[int], now: float) -> None:
+        """The model answered at ``now`` while Redis is out: the pod's final store write fails, so each live
+        request of ``batch`` gets a 503 after having used the GPU (``_save_turn`` in ``capsim.core.service``)."""
+        for i in idx:
+            if not batch.cancelled or i not in batch.cancelled:
+                self._attempt_failed(i, now, FAILED, batch.pod.id)
 
     def watch_request(self, batch: Batch, i: int, due: float) -> None:
         """Watch request ``i`` of a one-request batch whose end is not known yet: it times out at ``due``."""

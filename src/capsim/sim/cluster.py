@@ -1,12 +1,24 @@
 """The Deployment and the kubelets under it: creates and deletes pods and moves them through their lives.
 
 ``scale_to(n)`` is what the HPA (or the initial spec) asks; the cluster adds pods (Pending until a GPU is
-free) or removes them (the least useful first: pending, then starting, then the newest ready ones, as a
-ReplicaSet does). Where GPUs come from is ``nodes.py``. A placed pod pulls its image unless its node has
+free) or removes them in the ReplicaSet's order (``replicaset.py``: unassigned, Pending, not ready, then
+ready pods by the log2 bucket of their time since ready, ties at random). Where GPUs come from is ``nodes.py``. A placed pod pulls its image unless its node has
 it (``pods.image_pull_s``), then its container starts and is ready ``pods.startup_s`` later. A container
 can crash while it starts or serves; the kubelet restarts it in place (same node, image already there)
 after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``startup_s``). A pod holds its
 GPU from its placement until it is gone.
+
+Readiness, as the kubelet and the endpoints controller run it: the readiness probe (``/readyz``) runs every
+``pods.readiness_probe.period_s`` from the pod's admission on its node (the prober worker's ticker starts
+with the pod and probes at once; initialDelaySeconds 0). A started container is ready at the first probe
+after its ``startup_s`` (its Ready condition: ``READY``) and receives traffic ``pods.endpoints_propagation_s``
+later (EndpointSlice controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
+does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes; after
+``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
+propagation later; it is ready again at its first probe after the outage. Upstream:
+``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1),
+``pkg/apis/core/v1/defaults.go`` (periodSeconds 10, failureThreshold 3). Kubernetes is Apache-2.0 (c) The
+Kubernetes Authors; the rules are re-implemented from its source, no code is copied.
 """
 
 from __future__ import annotations
@@ -21,6 +33,7 @@ from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
 from capsim.sim.nodes import Node, NodePool
 from capsim.sim.pod import Pod, PodState
+from capsim.sim.replicaset import RankedPod, pods_to_delete
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
@@ -42,6 +55,17 @@ class Cluster:
         self._backoff: dict[int, ContainerBackOff] = {}  # pod id -> the kubelet's backoff entry
         self._running: set[int] = set()  # pods whose container runs (started, not crashed)
         self.restarts = 0  # container restarts by the kubelet
+        self._restarts_of: dict[int, int] = {}  # pod id -> its container's restart count
+        self._uids = sim.streams["pod_uids"]
+        self._uid: list[int] = []  # per pod id: its random UID (a 62-bit integer)
+        probe = sim.scenario.pods.readiness_probe
+        self._probe_period = float(probe.period_s)
+        self._probe_failures = probe.failure_threshold
+        self._propagation_s = sim.scenario.pods.endpoints_propagation_s
+        self._probe_origin: dict[int, float] = {}  # pod id -> when its prober started (its placement)
+        self._outages = sim.faults.outages()  # (start, end): /readyz fails while Redis is out
+        for a, b in self._outages:
+            Timeout(sim.env, a, (a, b)).callbacks.append(self._outage_begins)
         self.scale_events: list[tuple[float, int, int]] = []
 
     # ---- the Deployment ---------------------------------------------------------------------------
@@ -55,7 +79,7 @@ class Cluster:
                 self._take_gpu(pod, 0.0)
                 self._running.add(pod.id)
                 self.sim.faults.container_started(pod, 0.0)
-                self._ready(pod, 0.0)
+                self._ready(pod, 0.0, join_after_s=0.0)
             else:
                 self._pending.append(pod)
 
@@ -70,16 +94,28 @@ class Cluster:
                 self._pending.append(self._new_pod(now))
             self._place(now)
         elif len(live) > n:
-            # a ReplicaSet deletes unscheduled pods first, then not-ready ones, then the newest ready ones
-            rank = {PodState.PENDING: 0, PodState.STARTING: 1, PodState.CRASHED: 1, PodState.READY: 2}
-            victims = sorted(live, key=lambda p: (rank[p.state], -p.id))[: len(live) - n]
-            for pod in victims:
-                self.terminate(pod, now)
+            for victim in pods_to_delete([self._ranked(p, live) for p in live], len(live) - n, now):
+                self.terminate(self.pods[victim.key], now)
+
+    def _ranked(self, pod: Pod, live: list[Pod]) -> RankedPod:
+        """``pod`` as the ReplicaSet controller ranks it among the ``live`` (active) pods."""
+        assigned = pod.state != PodState.PENDING
+        node = self._node.get(pod.id)
+        pulling = pod.state == PodState.STARTING and pod.id not in self._running
+        ready = pod.state == PodState.READY and not pod.probe_failing
+        return RankedPod(
+            key=pod.id, assigned=assigned, phase="Running" if assigned and not pulling else "Pending",
+            ready=ready, rank=sum(1 for p in live if p.state != PodState.PENDING and self._node.get(p.id) is node)
+            if assigned else 0,
+            ready_s=pod.ready_s if ready else None, restarts=self._restarts_of.get(pod.id, 0),
+            created_s=pod.created_s, uid=self._uid[pod.id],
+        )
 
     def _new_pod(self, now: float) -> Pod:
         cls = ContinuousPod if self.sim.continuous is not None else Pod
         pod = cls(self.sim, len(self.pods), now)
         self.pods.append(pod)
+        self._uid.append(int(self._uids.integers(0, 2**62)))
         return pod
 
     def _place(self, now: float) -> None:
@@ -93,6 +129,7 @@ class Cluster:
     def _take_gpu(self, pod: Pod, now: float) -> None:
         self._node[pod.id] = self.nodes.take()
         pod.gpu_since = now
+        self._probe_origin[pod.id] = now
 
     def _release_gpu(self, pod: Pod, now: float) -> None:
         if pod.gpu_since is not None:
@@ -130,6 +167,7 @@ class Cluster:
         """The container starts (a first start or a kubelet restart): it is ready ``startup_s`` later,
         and may crash from now on."""
         pod.state = PodState.STARTING
+        pod.probe_failing = False
         self._running.add(pod.id)
         self.sim.faults.container_started(pod, now)
         ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
@@ -146,19 +184,100 @@ class Cluster:
         return float(gen.lognormal(mu, d.sigma))
 
     def _started(self, ev: Timeout) -> None:
+        """The model is loaded: the pod is ready at its first passing readiness probe from now."""
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.STARTING and pod.incarnation == incarnation:
+            now = self.sim.env.now
+            at = self._passing_probe(pod, now)
+            if at <= now:
+                self._ready(pod, now)
+            else:
+                probe = Timeout(self.sim.env, at - now, (pod, incarnation))
+                probe.callbacks.append(self._probe_passed)
+
+    def _probe_passed(self, ev: Timeout) -> None:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             self._ready(pod, self.sim.env.now)
 
-    def _ready(self, pod: Pod, now: float) -> None:
+    def _next_probe(self, pod: Pod, t: float) -> float:
+        """The time of ``pod``'s first readiness probe at or after ``t``."""
+        origin = self._probe_origin.get(pod.id, 0.0)
+        k = math.ceil((t - origin) / self._probe_period - 1e-9)
+        return origin + max(k, 0) * self._probe_period
+
+    def _passing_probe(self, pod: Pod, t: float) -> float:
+        """The first probe at or after ``t`` that finds the session store up (``/readyz`` pings it)."""
+        at = self._next_probe(pod, t)
+        for a, b in self._outages:  # in time order
+            if a <= at < b:
+                at = self._next_probe(pod, b)
+        return at
+
+    def _ready(self, pod: Pod, now: float, join_after_s: float | None = None) -> None:
+        """The Ready condition turns true at ``now``; the pod joins the endpoints after the propagation."""
         pod.state = PodState.READY
-        self.endpoints.append(pod)
-        self.endpoints.sort(key=lambda p: p.id)
-        self.sim.router.touch(pod)
+        pod.ready_s = now
+        pod.probe_failing = False
+        self._join_later(pod, self._propagation_s if join_after_s is None else join_after_s)
+
+    def _join_later(self, pod: Pod, after_s: float) -> None:
+        if after_s <= 0.0:
+            self._join(pod)
+            return
+        ev = Timeout(self.sim.env, after_s, (pod, pod.incarnation))
+        ev.callbacks.append(self._join_event)
+
+    def _join_event(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.incarnation == incarnation:
+            self._join(pod)
+
+    def _join(self, pod: Pod) -> None:
+        if pod.state == PodState.READY and not pod.probe_failing and not pod.routable:
+            pod.routable = True
+            self.endpoints.append(pod)
+            self.endpoints.sort(key=lambda p: p.id)
+            self.sim.router.touch(pod)
 
     def _leave_endpoints(self, pod: Pod) -> None:
+        pod.routable = False
         if pod in self.endpoints:
             self.endpoints.remove(pod)
+
+    # ---- readiness during a Redis outage --------------------------------------------------------------
+    def _outage_begins(self, ev: Timeout) -> None:
+        """Redis is out from now to ``end``: each ready pod fails ``failure_threshold`` probes in a row
+        (if the outage lasts that long) and is not ready from the last of them."""
+        start, end = cast(tuple[float, float], ev.value)
+        env = self.sim.env
+        for pod in self.pods:
+            if pod.state == PodState.READY and not pod.probe_failing:
+                at = self._next_probe(pod, start) + (self._probe_failures - 1) * self._probe_period
+                if at < end:
+                    fail = Timeout(env, at - env.now, (pod, pod.incarnation))
+                    fail.callbacks.append(self._probe_failed)
+
+    def _probe_failed(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state != PodState.READY or pod.incarnation != incarnation or pod.probe_failing:
+            return
+        env = self.sim.env
+        pod.probe_failing = True
+        leave = Timeout(env, self._propagation_s, (pod, incarnation))
+        leave.callbacks.append(self._leave_event)
+        back = Timeout(env, self._passing_probe(pod, env.now) - env.now, (pod, incarnation))
+        back.callbacks.append(self._probe_recovered)
+
+    def _leave_event(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.READY and pod.incarnation == incarnation and pod.probe_failing:
+            self._leave_endpoints(pod)
+
+    def _probe_recovered(self, ev: Timeout) -> None:
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.READY and pod.incarnation == incarnation and pod.probe_failing:
+            self._ready(pod, self.sim.env.now)
 
     def crash(self, pod: Pod, now: float) -> None:
         """The pod's container dies at ``now`` (starting or serving): its requests fail; the kubelet
@@ -193,6 +312,7 @@ class Cluster:
 
     def _restart(self, pod: Pod, now: float) -> None:
         self.restarts += 1
+        self._restarts_of[pod.id] = self._restarts_of.get(pod.id, 0) + 1
         self._start_container(pod, now)
 
     def terminate(self, pod: Pod, now: float) -> None:

@@ -84,3 +84,7 @@ class Faults:
         """Whether Redis is unreachable at time ``t`` (s)."""
         k = bisect.bisect_right(self._out_start, t) - 1
         return k >= 0 and t < self._out_end[k]
+
+    def outages(self) -> list[tuple[float, float]]:
+        """The Redis outages that pods see, as (start, end) (s), in time order (none without a Redis store)."""
+        return list(zip(self._out_start, self._out_end, strict=True)) if self.has_redis_outages else []

@@ -72,6 +72,11 @@ class Pod:
         self.state = PodState.PENDING
         self.created_s = created_s
         self.incarnation = 0  # bumped by each crash, so stale timers of a former life are ignored
+        # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe
+        # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
+        self.routable = False
+        self.probe_failing = False
+        self.ready_s: float | None = None
         self.queue: deque[int] = deque()
         self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
         self.running: list[Batch] = []
@@ -116,8 +121,18 @@ class Pod:
         """Ask the batching rule what to do at ``now`` and do it: start batches, or set the wake-up."""
         q = self.queue
         send = self._rec.send
+        running = self.running
+        max_batch = self._max_batch
         while q:
-            d = decide(now, len(q), float(send[q[0]]), self._batching, len(self.running))
+            # decide's first answers, without its call and its Dispatch: a pod with no free slot waits for
+            # a completion; a full batch leaves now (the hot path at max_batch_size 1, where every
+            # request is a full batch)
+            if len(running) >= self.max_running:
+                return
+            if len(q) >= max_batch:
+                self._start_batch(now, max_batch)
+                continue
+            d = decide(now, len(q), float(send[q[0]]), self._batching, len(running))
             if d.size:
                 self._start_batch(now, d.size)
                 continue

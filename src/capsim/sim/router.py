@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from capsim.sim.pod import Pod
 
 RouterKind = Literal["random", "round_robin", "least_outstanding", "session_affinity"]
-_READY = 2  # PodState.READY, without importing pod.py here
 
 
 class Router:
@@ -59,7 +58,7 @@ class Router:
             while heap:
                 out, pid = heap[0]
                 pod = pods[pid]
-                if pod.outstanding == out and pod.state == _READY:
+                if pod.outstanding == out and pod.routable:
                     heapq.heapreplace(heap, (out + 1, pid))  # the enqueue that follows
                     return pod
                 heapq.heappop(heap)

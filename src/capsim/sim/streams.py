@@ -25,6 +25,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "image_pull",  # image pull durations (once per node)
     "scrape_offsets",  # each pod's scrape offset within the scrape interval (Prometheus), by pod id
     "hpa_phase",  # the HPA controller's sync phase within its sync period
+    "pod_uids",  # each pod's UID (a ReplicaSet's tie-break among scale-down victims), by pod id
 )
 
 
