@@ -14,6 +14,10 @@ they end are put on a heap when they start. Retries are follow-ups at ``t + back
 Sessions: with ``state: pod_local`` (and with session affinity) a session's turns go to its home pod,
 the pod of its first turn. When that pod crashes or goes away, the sessions living on it (started, not
 finished) are lost: their requests fail without retry and their later turns are never sent.
+
+Redis outages: a request sent while Redis is out fails when the pod reads its session (503), and an
+answer that ends while Redis is out fails at the pod's final store write, after its batch used the GPU
+(503); both are retried. Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
 """
 
 from __future__ import annotations
