@@ -784,3 +784,19 @@ async def test_a_leaving_batch_admits_one_waiter_per_freed_slot():
         gate.set()
         assert await within(asyncio.gather(*tasks)) == [0, 2, 4, 6, 8, 10]
     assert rec.batches == [[0, 1], [2, 3], [4, 5]]
+
+
+async def test_a_full_queue_hints_a_retry_after_the_longer_of_max_wait_and_one_second():
+    # max_wait 2.5 s: a lone queued request holds the only slot (its batch is not full and not due)
+    s = BatchSettings(max_batch_size=2, max_wait_ms=2500, queue_capacity=1, overflow="wait")
+    async with DynamicBatcher(Recorder(), s) as b:
+        held = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError, match="stayed full") as expired:
+            await within(b.submit(2, space_timeout_s=0.01))
+        b.settings = BatchSettings(max_batch_size=2, max_wait_ms=2500, queue_capacity=1, overflow="reject")
+        with pytest.raises(QueueFullError, match="is full") as rejected:
+            await within(b.submit(3))
+    await all_resolved([held])
+    assert held.result() == 2
+    assert expired.value.retry_after_s == rejected.value.retry_after_s == 2.5
