@@ -106,8 +106,10 @@ def batching_speedup(measured: Any, profile: ServiceTimeProfile | None = None, *
     left.set_ylabel(f"throughput / throughput at {int(b.min())}  (x)")
     left.set_title("batching speedup", fontsize=10)
     left.legend(fontsize=7)
-    for x, y, r in zip(b, rps / base, rps, strict=True):
-        left.annotate(f"{r:.0f}/s", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for k, (x, y, r) in enumerate(zip(b, rps / base, rps, strict=True)):
+        last = k == len(b) - 1  # the last label goes left of its point, inside the axes
+        left.annotate(f"{r:.0f}/s", (x, y), textcoords="offset points", xytext=(-5 if last else 5, -11),
+                      ha="right" if last else "left", fontsize=7)
     right.plot(b, p50 * 1000, marker="o")
     log2_axis(right)
     right.set_xlabel("max_batch_size (requests)")
