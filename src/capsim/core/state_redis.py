@@ -424,19 +424,34 @@ class RedisSessionStore:
         overload is not an outage), then its round trip runs under ``op_deadline_s``: only a server
         that does not answer, or refuses connections, becomes unavailable.
 
-        The call runs as its own task (see :meth:`_round_trip`): on timeout the caller gets its answer
-        at the deadline while the task unwinds in the background (a WATCH transaction's cleanup may
-        otherwise wait a further socket timeout); ``aclose`` waits for such tasks. ``detach`` is kept
-        for the callers' clarity (the WATCH transactions); every call is detached.
+        How the deadline is judged, and what ``detach`` does: :meth:`_round_trip_raw`.
         """
         if self._closed:
             raise StateStoreError(f"the store for {self._where} is closed")
         async with self._slot():
             try:
-                return await self._round_trip(make, key)
+                return await self._round_trip_typed(make, key, detach)
             except StoreUnavailableError as exc:
                 self._unavailable_at, self._unavailable = time.monotonic(), str(exc)
                 raise
+
+    async def _round_trip_typed(self, make: Callable[[], Awaitable[T]], key: str | None, detach: bool) -> T:
+        """:meth:`_round_trip_raw` with redis-py's errors mapped to the store's own."""
+        deadline = self._s.op_deadline_s
+        try:
+            return await self._round_trip_raw(make, detach)
+        except (TimeoutError, RedisTimeoutError) as exc:
+            raise StoreUnavailableError(
+                f"{self._where} did not answer within {deadline:g} s (frozen, overloaded or unreachable)"
+            ) from exc
+        except (RedisConnectionError, OSError) as exc:
+            raise StoreUnavailableError(f"{self._where} is unreachable: {exc}") from exc
+        except ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
+                raise StoreUnavailableError(f"{self._where} cannot serve now: {exc}") from exc
+            raise StoreReplyError(key or self._where, _explain(str(exc))) from exc
+        except RedisError as exc:
+            raise StateStoreError(f"{self._where} failed: {exc!r}") from exc
 
     @asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -461,60 +476,71 @@ class RedisSessionStore:
         finally:
             self._slots.release()
 
-    async def _round_trip(self, make: Callable[[], Awaitable[T]], key: str | None) -> T:
-        """One round trip as its own task, judged unavailable by the server's silence, not by our delay.
+    async def _round_trip_raw(self, make: Callable[[], Awaitable[T]], detach: bool) -> T:
+        """One round trip, judged unavailable by the server's silence, not by our own delay.
 
         A busy event loop (a pod taking 1,000 requests at once spends over a second in one loop turn)
         delays every reply it has already received, and opening a connection takes several turns; a
         timer alone would call that an outage. So at the deadline the call is given one more loop turn;
         then the server is unavailable only if the loop is responsive (that turn, and the timer's own
-        lateness, under a quarter of ``op_deadline_s``: more than an OS scheduler's hiccup) and the server answered no call of this store
-        within the last ``op_deadline_s``. Otherwise the call waits another deadline, up to
-        ``pool_wait_s`` in all. An idle pod thus learns of a frozen server in ``op_deadline_s``; a
-        saturated one once its loop catches its breath.
+        lateness, under a quarter of ``op_deadline_s``: more than an OS scheduler's hiccup) and the
+        server answered no call of this store within the last ``op_deadline_s``. Otherwise the call
+        waits another deadline, up to ``pool_wait_s`` in all. An idle pod thus learns of a frozen
+        server in ``op_deadline_s``; a saturated one once its loop catches its breath.
+
+        The call runs in the caller's task under a watchdog (no task of its own: the hot path), or,
+        with ``detach``, as its own task, so that a WATCH transaction's cleanup on a frozen server
+        cannot hold the caller past the deadline (``aclose`` waits for such tasks).
         """
-        deadline = self._s.op_deadline_s
         loop = asyncio.get_running_loop()
+        try:
+            if not detach:
+                async with asyncio.timeout(None) as timeout:
+                    watchdog = _Watchdog(self, loop, timeout)
+                    try:
+                        result = await make()
+                    finally:
+                        watchdog.cancel()
+                self._last_reply = loop.time()  # the server answered
+                return result
+            return await self._detached(make, loop)
+        except ResponseError:
+            self._last_reply = loop.time()  # a refusal is an answer too
+            raise
+
+    def _gives_up(self, started: float, due: float, before: float, now: float) -> bool:
+        """At a deadline: is the server silent while the loop is responsive (or the wait too long)?"""
+        deadline = self._s.op_deadline_s
+        busy = max(now - before, before - due) > 0.25 * deadline
+        silent = self._last_reply < now - deadline
+        return (silent and not busy) or now - started >= self._s.pool_wait_s
+
+    async def _detached(self, make: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop) -> T:
+        deadline = self._s.op_deadline_s
         started = loop.time()
         task: asyncio.Future[T] = asyncio.ensure_future(make())
         self._inflight.add(task)
         task.add_done_callback(_forget(self._inflight))
         try:
-            try:
-                due = started + deadline
-                while True:
-                    await asyncio.wait((task,), timeout=max(0.0, due - loop.time()))
-                    if task.done():
-                        break
-                    before = loop.time()
-                    await asyncio.sleep(0)  # one loop turn: read what arrived with the timer, and time it
-                    now = loop.time()
-                    if task.done():
-                        break
-                    busy = max(now - before, before - due) > 0.25 * deadline
-                    silent = self._last_reply < now - deadline
-                    if (silent and not busy) or now - started >= self._s.pool_wait_s:
-                        raise TimeoutError
-                    due = now + deadline
-                exc = task.exception()
-                if exc is None or isinstance(exc, ResponseError):
-                    self._last_reply = loop.time()  # the server answered
-                return task.result()
-            except BaseException:
-                task.cancel()
-                raise
-        except (TimeoutError, RedisTimeoutError) as exc:
-            raise StoreUnavailableError(
-                f"{self._where} did not answer within {deadline:g} s (frozen, overloaded or unreachable)"
-            ) from exc
-        except (RedisConnectionError, OSError) as exc:
-            raise StoreUnavailableError(f"{self._where} is unreachable: {exc}") from exc
-        except ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
-                raise StoreUnavailableError(f"{self._where} cannot serve now: {exc}") from exc
-            raise StoreReplyError(key or self._where, _explain(str(exc))) from exc
-        except RedisError as exc:
-            raise StateStoreError(f"{self._where} failed: {exc!r}") from exc
+            due = started + deadline
+            while True:
+                await asyncio.wait((task,), timeout=max(0.0, due - loop.time()))
+                if task.done():
+                    break
+                before = loop.time()
+                await asyncio.sleep(0)  # one loop turn: read what arrived with the timer, and time it
+                if task.done():
+                    break
+                now = loop.time()
+                if self._gives_up(started, due, before, now):
+                    raise TimeoutError
+                due = now + deadline
+            result = task.result()
+            self._last_reply = loop.time()
+            return result
+        except BaseException:
+            task.cancel()
+            raise
 
     @asynccontextmanager
     async def _serialized(self, key: str) -> AsyncIterator[None]:
@@ -566,6 +592,35 @@ class RedisSessionStore:
         finally:
             if self._metrics is not None:
                 self._metrics.observe_store_op(op, box[0], time.perf_counter() - t0)
+
+
+class _Watchdog:
+    """The deadline of a round trip that runs in the caller's task (see ``_round_trip_raw``): at the
+    deadline it looks again one loop turn later, then expires the caller's timeout or re-arms."""
+
+    __slots__ = ("before", "due", "handle", "loop", "started", "store", "timeout")
+
+    def __init__(self, store: RedisSessionStore, loop: asyncio.AbstractEventLoop, timeout: asyncio.Timeout) -> None:
+        self.store, self.loop, self.timeout = store, loop, timeout
+        self.started = loop.time()
+        self.due = self.started + store.settings.op_deadline_s
+        self.before = self.due
+        self.handle: asyncio.Handle = loop.call_at(self.due, self._look)
+
+    def _look(self) -> None:
+        self.before = self.loop.time()
+        self.handle = self.loop.call_soon(self._judge)  # after the replies this loop turn read
+
+    def _judge(self) -> None:
+        now = self.loop.time()
+        if self.store._gives_up(self.started, self.due, self.before, now):
+            self.timeout.reschedule(now)  # the caller gets TimeoutError
+        else:
+            self.due = now + self.store.settings.op_deadline_s
+            self.handle = self.loop.call_at(self.due, self._look)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class _KeyLock:
