@@ -111,26 +111,36 @@ def _endpoints_at(sim: Simulation, times: list[float]) -> list[int]:
     out = []
     for t in times:
         sim.env.run(until=t)
-        out.append(len(sim.cluster.endpoints))
+        out.append(sum(1 for p in sim.cluster.endpoints if p.id > 0))  # the pods started at 0
     return out
 
 
 def test_a_redis_outage_takes_pods_out_after_three_failed_probes_and_back_at_the_first_probe_after() -> None:
     # pods probed at 0, 10, 20 ...: the probes at 100, 110, 120 fail, so the pods are not ready at 120
     # and leave the endpoints at 121; the probe at 160 finds Redis back: ready, in the endpoints at 161
-    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}]}), seed=0)
+    # (pods 1 and 2, started at 0 and ready at 30; the warm pod 0 probes at a random phase)
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}],
+                                       "pods.replicas": 1}), seed=0)
+    sim.cluster.scale_to(3, 0.0)
     assert _endpoints_at(sim, [119.5, 120.5, 121.5, 159.5, 160.5, 161.5]) == [2, 2, 0, 0, 0, 2]
-    assert all(p.probe_failing is False and p.state == PodState.READY for p in sim.cluster.pods)
+    assert all(p.probe_failing is False and p.state == PodState.READY for p in sim.cluster.pods[1:])
+    # the warm pod 0 probes at its own phase: out and back at its own probes, within one period of the others
+    sim.env.run(until=172.0)
+    assert sim.cluster.pods[0].routable and sim.cluster.pods[0].ready_s is not None
+    assert 160.0 <= sim.cluster.pods[0].ready_s < 170.0
 
 
 def test_an_outage_shorter_than_the_failure_threshold_keeps_the_pods_in_the_endpoints() -> None:
-    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 95, "duration_s": 20}]}), seed=0)
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 95, "duration_s": 20}],
+                                       "pods.replicas": 1}), seed=0)
+    sim.cluster.scale_to(3, 0.0)
     # failed probes at 100 and 110 only: two of three
     assert _endpoints_at(sim, [101.0, 111.0, 116.0, 125.0]) == [2, 2, 2, 2]
 
 
 def test_answers_in_an_outage_fail_at_the_store_write_and_pods_rejoin_one_probe_later() -> None:
-    r = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}]}), seed=0).run()
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}]}), seed=0)
+    r = sim.run()
     q = r.requests
     ok = q["outcome"] == "ok"
     # a request whose batch ran on the GPU and ended while Redis was out failed at its final store write
@@ -139,11 +149,15 @@ def test_answers_in_an_outage_fail_at_the_store_write_and_pods_rejoin_one_probe_
     assert (in_flight["outcome"] == "failed").all() and (in_flight["pod"] >= 0).all()
     assert (in_flight["end_s"] - in_flight["start_s"] >= 4.0 - 1e-9).all()  # the whole batch ran
     assert not (ok & (q["end_s"] >= 100) & (q["end_s"] < 160)).any()
-    # sent after Redis came back but before the pods rejoined the endpoints (160 to 161): no endpoint, 503
-    gap = q[(q["arrival_s"] >= 160) & (q["arrival_s"] < 161)]
+    # each warm pod probes at its own phase: it is back at its first probe from 160 on, in the endpoints
+    # one second later; a request sent after Redis came back but before the first pod rejoined finds no
+    # endpoint (503), and every request sent once they are all back is served
+    back = [sim.cluster._next_probe(p, 160.0) + 1.0 for p in sim.cluster.pods]
+    assert all(160.0 < b <= 171.0 for b in back)
+    gap = q[(q["arrival_s"] >= 160) & (q["arrival_s"] < min(back))]
     assert len(gap) > 0 and (gap["outcome"] == "failed").all() and (gap["pod"] == -1).all()
-    later = q[(q["arrival_s"] >= 162) & (q["arrival_s"] < 250)]
-    assert later["outcome"].eq("ok").all()
+    later = q[(q["arrival_s"] >= max(back)) & (q["arrival_s"] < 250)]
+    assert len(later) > 100 and later["outcome"].eq("ok").all()
 
 
 # ---- which pods a scale-down deletes -----------------------------------------------------------------------

@@ -10,7 +10,8 @@ GPU from its placement until it is gone.
 
 Readiness, as the kubelet and the endpoints controller run it: the readiness probe (``/readyz``) runs every
 ``pods.readiness_probe.period_s`` from the pod's admission on its node (the prober worker's ticker starts
-with the pod and probes at once; initialDelaySeconds 0). A started container is ready at the first probe
+with the pod and probes at once; initialDelaySeconds 0; the pods already running at time 0 probe at
+random phases). A started container is ready at the first probe
 after its ``startup_s`` (its Ready condition: ``READY``) and receives traffic ``pods.endpoints_propagation_s``
 later (EndpointSlice controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
 does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes; after
@@ -77,6 +78,9 @@ class Cluster:
             pod = self._new_pod(0.0)
             if self.nodes.has_free():
                 self._take_gpu(pod, 0.0)
+                # a warm pod was admitted to its node some time before: its probes run at a random phase
+                phase = float(self.sim.streams["probe_phases"].random())
+                self._probe_origin[pod.id] = -self._probe_period * phase
                 self._running.add(pod.id)
                 self.sim.faults.container_started(pod, 0.0)
                 self._ready(pod, 0.0, join_after_s=0.0)

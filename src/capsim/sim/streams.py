@@ -26,6 +26,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "scrape_offsets",  # each pod's scrape offset within the scrape interval (Prometheus), by pod id
     "hpa_phase",  # the HPA controller's sync phase within its sync period
     "pod_uids",  # each pod's UID (a ReplicaSet's tie-break among scale-down victims), by pod id
+    "probe_phases",  # the readiness-probe phase of each pod already running at time 0, by pod id
 )
 
 
