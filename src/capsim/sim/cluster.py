@@ -25,6 +25,7 @@ Kubernetes Authors; the rules are re-implemented from its source, no code is cop
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
@@ -98,19 +99,19 @@ class Cluster:
                 self._pending.append(self._new_pod(now))
             self._place(now)
         elif len(live) > n:
-            for victim in pods_to_delete([self._ranked(p, live) for p in live], len(live) - n, now):
+            on_node = Counter(id(self._node.get(p.id)) for p in live if p.state != PodState.PENDING)
+            for victim in pods_to_delete([self._ranked(p, on_node) for p in live], len(live) - n, now):
                 self.terminate(self.pods[victim.key], now)
 
-    def _ranked(self, pod: Pod, live: list[Pod]) -> RankedPod:
-        """``pod`` as the ReplicaSet controller ranks it among the ``live`` (active) pods."""
+    def _ranked(self, pod: Pod, on_node: Counter[int]) -> RankedPod:
+        """``pod`` as the ReplicaSet controller ranks it; ``on_node``: active pods per node (by ``id``)."""
         assigned = pod.state != PodState.PENDING
         node = self._node.get(pod.id)
         pulling = pod.state == PodState.STARTING and pod.id not in self._running
         ready = pod.state == PodState.READY and not pod.probe_failing
         return RankedPod(
             key=pod.id, assigned=assigned, phase="Running" if assigned and not pulling else "Pending",
-            ready=ready, rank=sum(1 for p in live if p.state != PodState.PENDING and self._node.get(p.id) is node)
-            if assigned else 0,
+            ready=ready, rank=on_node[id(node)] if assigned else 0,
             ready_s=pod.ready_s if ready else None, restarts=self._restarts_of.get(pod.id, 0),
             created_s=pod.created_s, uid=self._uid[pod.id],
         )
