@@ -48,7 +48,7 @@ def test_run_works_inside_a_running_loop():
 @pytest.mark.slow
 def test_demo_writes_the_report_the_figures_and_the_manifests(tmp_path):
     rush = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override({
-        "horizon_s": 600, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 8], [60, 96], [240, 8]]})
+        "horizon_s": 900, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 8], [300, 96], [480, 8]]})
     lines: list[str] = []
     out = tmp_path / "out"
     results = run_demo(lines.append, tmp_path / "profiles", out, rush_scenario=rush, progress=False)

@@ -1,7 +1,7 @@
 """The main job on embedded defaults: measure this machine, show what batching buys, plan, tune, export.
 
 ``make demo`` runs it. Every step uses the real parts (the reference model on this machine's CPU or
-GPU, the dynamic batcher, the ``memory://`` state store, the simulator, the sweep and the exporter) and
+GPU, the dynamic batcher, the ``memory://`` state store, the simulator and the exporter) and
 writes what a person keeps into one folder (``out/``): ``report.md`` with its tables and figures, the
 PNGs, and the Kubernetes files of the tuned setting.
 """
@@ -21,7 +21,7 @@ from capsim.paths import shipped
 RUSH_SCENARIO = str(shipped("data/scenarios/friday_rush.yaml"))  # from any working directory
 RUSH_PROFILE = "data/profiles/cpu-tiny-float32.csv"
 BASELINE = "as configured (HPA 3..24 pods)"
-#: The settings the demo sweeps on the rush: the configured HPA and higher floors under it.
+#: The settings the demo tries on the rush: the configured HPA and higher floors under it.
 RUSH_VARIANTS: dict[str, dict[str, object]] = {
     BASELINE: {},
     "HPA minReplicas 4": {"autoscaler.minReplicas": 4},
@@ -114,26 +114,27 @@ async def _store_demo(echo: Echo) -> int:
 
 def _rush_demo(echo: Echo, scenario: Any = RUSH_SCENARIO,
                variants: Mapping[str, Mapping[str, object]] = RUSH_VARIANTS,
-               progress: bool = False) -> list[dict[str, Any]]:
-    """Sweep the variants on the rush (``capsim.studies.sweep``, one seed, common random numbers) and
-    return one row per variant: its name, changes and summary numbers."""
+               progress: bool = False, runs: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Simulate the rush under each variant (one seed: the same arrivals for every setting) and return
+    one row per variant: its name, changes and summary numbers. ``runs`` (if given) receives each
+    variant's ``SimResult`` by name, for the figures."""
     from capsim.model.scenario import Scenario
-    from capsim.studies.sweep import sweep
+    from capsim.sim import simulate
 
     base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
-    bundles = [{"name": name, "set": dict(changes)} for name, changes in variants.items()]
-    frame = sweep(base, {"setting_name": bundles}, seeds=[0], executor="serial", progress=progress, cache=False)
-    bad = frame[frame.error.notna()]
-    if len(bad):
-        raise RuntimeError(f"rush sweep failed for {list(bad.setting_name)}: {list(bad.error)}")
+    results = {name: simulate(base.override(changes), seed=0)
+               for name, changes in _bar(list(variants.items()), progress, "simulate")}
     echo(f"  {'setting':<38} {'p99 TTFT':>9} {'errors':>8} {'max pods':>9} {'GPU cost':>9}  SLO")
     rows = []
-    for (name, changes), r in zip(variants.items(), frame.itertuples(), strict=True):
+    for name, changes in variants.items():
+        r = results[name].summary
         rows.append({"setting": name, "changes": dict(changes), "ttft_p99_s": r.ttft_p99_s,
                      "error_rate": r.error_rate, "max_replicas": int(r.max_replicas), "cost": r.cost,
                      "slo_met": bool(r.slo_met)})
         echo(f"  {name:<38} {r.ttft_p99_s:>8.2f}s {r.error_rate:>8.2%} {r.max_replicas:>9} "
              f"{r.cost:>8.2f}$  {'met' if r.slo_met else 'MISSED'}")
+    if runs is not None:
+        runs.update(results)
     return rows
 
 
@@ -169,7 +170,6 @@ def run_demo(echo: Echo = print, profile_dir: str | Path = "data/profiles", out_
     from capsim.core.profiler import run_profile
     from capsim.model.profile import ServiceTimeProfile
     from capsim.model.scenario import Scenario
-    from capsim.sim import simulate
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,8 @@ def run_demo(echo: Echo = print, profile_dir: str | Path = "data/profiles", out_
     _say(echo, f"4. The Friday-night rush, simulated (SimPy) with the profile in {base.service.profile}")
     echo(f"  {base.description.strip() or base.name}")
     echo(f"  SLO: p99 TTFT <= {base.slo.ttft_p99_s:g} s, errors <= {base.slo.max_error_rate:.1%}")
-    rows = _rush_demo(echo, base, variants, progress=progress)
+    all_runs: dict[str, Any] = {}
+    rows = _rush_demo(echo, base, variants, progress=progress, runs=all_runs)
     results["rush"] = rows
     tuned = pick_tuned(rows)
     results["tuned"] = tuned
@@ -217,9 +218,7 @@ def run_demo(echo: Echo = print, profile_dir: str | Path = "data/profiles", out_
 
     _say(echo, "5. Baseline against the tuned setting, over time")
     chosen = [baseline] + ([tuned] if tuned is not None and tuned is not baseline else [])
-    runs = {}
-    for row in _bar(chosen, progress, "simulate"):
-        runs[row["setting"]] = simulate(base.override(row["changes"]), seed=0)
+    runs = {row["setting"]: all_runs[row["setting"]] for row in chosen}
     slo = base.slo.ttft_p99_s
     for k, (name, run) in enumerate(runs.items()):
         label = "baseline" if k == 0 else "tuned"
