@@ -242,8 +242,32 @@ async def test_close_timeout_fails_what_is_left(where):
 
 async def test_submit_before_start_is_refused():
     b = DynamicBatcher(Recorder(), BatchSettings())
-    with pytest.raises(BatcherClosedError, match="not running"):
+    with pytest.raises(BatcherClosedError, match="^batcher is not running$"):
         await within(b.submit(1))
+
+
+@pytest.mark.parametrize("bad", [-0.5, -1])
+def test_a_negative_close_timeout_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match=rf"^close_timeout_s must be >= 0, got {bad}$"):
+        DynamicBatcher(Recorder(), BatchSettings(), close_timeout_s=bad)
+    DynamicBatcher(Recorder(), BatchSettings(), close_timeout_s=0)  # zero: fail at once on close
+
+
+async def test_a_cancelled_queued_request_gives_its_slot_to_the_next_waiter():
+    # the caller's own handler (not the dispatcher) takes the request off the queue
+    s = BatchSettings(max_batch_size=2, max_wait_ms=FOREVER_MS, queue_capacity=1, overflow="wait")
+    async with DynamicBatcher(Recorder(), s) as b:
+        first = asyncio.create_task(b.submit(1))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(b.submit(2))
+        await asyncio.sleep(0.01)
+        assert b.queue_depth() == 1 and not second.done()  # 2 waits for space
+        first.cancel()
+        await all_resolved([first])
+        await asyncio.sleep(0.01)
+        assert b.queue_depth() == 1  # 2 took the freed slot
+    await all_resolved([second])
+    assert second.result() == 4  # drained by close, not failed as a waiter
 
 
 async def test_start_twice_or_after_close_is_refused_and_the_dispatcher_is_named():
