@@ -14,6 +14,11 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   (``Autoscaler.query_of``: instant, avg_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
   over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
   Prometheus's 5-minute lookback. A pod without a value there (or a NaN) has none.
+* Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
+  Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
+  query at or after the marker returns nothing for the pod until it is scraped again, while a range query
+  (``avg_over_time``, ``rate``, ``histogram_quantile``) still uses the real samples in its window
+  (markers are skipped). Prometheus is Apache-2.0 (c) The Prometheus Authors; the rule is re-implemented.
 * The controller syncs every ``sync_period_s`` from its own phase (the first sync a uniform draw in
   ``(0, sync_period_s]`` from the ``hpa_phase`` stream): the kube-controller-manager's resync period runs
   from when it picked the HPA up, not from when Prometheus scraped.
@@ -126,11 +131,13 @@ class Autoscaling:
             pod.samples.clear()
             self._busy_mark.pop(pod.id, None)
             return  # a deleted pod leaves Prometheus's targets
-        if pod.state in _SERVING:
-            pod.samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
-                                pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod),
-                                tuple(pod.ttft_buckets) if pod.ttft_buckets is not None else None))
         samples = pod.samples
+        if pod.state in _SERVING:
+            samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
+                            pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod),
+                            tuple(pod.ttft_buckets) if pod.ttft_buckets is not None else None))
+        elif samples and len(samples[-1]) > 1:  # the scrape fails: one stale marker, as Prometheus writes
+            samples.append((at,))
         while samples and samples[0][0] < at - self._keep_s:
             samples.popleft()
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
@@ -176,11 +183,13 @@ class Autoscaling:
             lo = a - LOOKBACK_S
             for s in reversed(pod.samples):
                 if s[0] <= a:
+                    if len(s) == 1:  # a stale marker: the series ended
+                        return None
                     v = s[_FIELD[metric]] if s[0] > lo else None
                     return None if v is None or math.isnan(v) else float(v)
             return None
         lo = a - window_s
-        sel = [s for s in pod.samples if lo < s[0] <= a]
+        sel = [s for s in pod.samples if lo < s[0] <= a and len(s) > 1]  # stale markers skipped
         if not sel:
             return None
         if query == "avg_over_time":
