@@ -51,5 +51,5 @@ def test_a_crashed_pods_series_is_stale_for_an_instant_query() -> None:
     # one marker per failed series, and the pod's series resumes when it serves again
     assert sum(1 for s in pod.samples if len(s) == 1) == 1
     sim.env.run(until=140.0)
-    assert pod.state == PodState.READY
+    assert sim.cluster.pods[0].state == PodState.READY  # (read again: mypy narrowed pod.state above)
     assert auto.value(pod, "queue_depth", 140.0, "instant", 60.0) == 0.0
