@@ -53,3 +53,54 @@ def test_a_crashed_pods_series_is_stale_for_an_instant_query() -> None:
     sim.env.run(until=140.0)
     assert sim.cluster.pods[0].state == PodState.READY  # (read again: mypy narrowed pod.state above)
     assert auto.value(pod, "queue_depth", 140.0, "instant", 60.0) == 0.0
+
+
+def _served_scenario(**pods: Any) -> Scenario:
+    return Scenario.model_validate({
+        "horizon_s": 60,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 50}},
+        "service": {"kind": "deterministic", "mean_s": 0.02},
+        "pods": {"replicas": 4, "startup_s": 60, **pods},
+        "router": {"kind": "random"},
+    })
+
+
+def test_a_crashed_pod_stays_in_the_endpoints_until_the_kubelet_and_the_endpoints_see_it() -> None:
+    sim = Simulation(_served_scenario(), seed=0)  # crash_detection_s 1 + endpoints_propagation_s 1
+    sim.env.run(until=10.0)
+    pod = sim.cluster.pods[0]
+    sim.cluster.crash(pod, 10.0)
+    assert pod.state == PodState.STARTING and pod in sim.cluster.endpoints  # before: gone from them at once
+    sim.env.run(until=11.99)
+    assert pod in sim.cluster.endpoints
+    sim.env.run(until=12.01)
+    assert pod not in sim.cluster.endpoints and not pod.routable
+
+
+def test_a_deleted_pod_leaves_one_propagation_later_and_refuses_what_it_gets_meanwhile() -> None:
+    sim = Simulation(_served_scenario(), seed=0)
+    sim.env.run(until=10.0)
+    pod = sim.cluster.pods[0]
+    sim.cluster.terminate(pod, 10.0)
+    assert pod in sim.cluster.endpoints
+    sim.env.run(until=11.01)
+    assert pod not in sim.cluster.endpoints
+
+
+def _retries_after_a_crash(**pods: Any) -> tuple[int, int]:
+    """Run 60 s at 50 requests/s on 4 pods (random routing), pod 0 crashing at 10 s; retries and final
+    failures."""
+    sc = _served_scenario(**pods).model_copy(update={"faults": None})
+    sc = Scenario.model_validate({**sc.model_dump(), "faults": {"crashes": [{"at_s": 10.0, "pod": 0}]}})
+    sim = Simulation(sc, seed=0)
+    sim.run()
+    return sim.client.n_retries, sim.client.n_failed
+
+
+def test_requests_routed_to_a_crashed_pod_meanwhile_are_refused_and_retried() -> None:
+    late, late_failed = _retries_after_a_crash()
+    instant, instant_failed = _retries_after_a_crash(crash_detection_s=0.0, endpoints_propagation_s=0.0)
+    # the pod gets a quarter of 50/s for the 2 s it stays: about 25 refusals, each retried once (1 s backoff,
+    # by when the pod has left or is about to); the requests it held at the crash are retried in both runs
+    assert 10 <= late - instant <= 45
+    assert late_failed == instant_failed == 0  # a retry on another pod succeeds

@@ -274,6 +274,12 @@ class Pods(_Section):
         description="a change of readiness reaches the Service's endpoints (EndpointSlice controller, "
                     "kube-proxy) this much later",
     )
+    crash_detection_s: Float = Field(
+        1.0, ge=0,
+        description="a crashed container is seen by the kubelet this much later (its PLEG relist period, 1 s), "
+                    "and leaves the endpoints endpoints_propagation_s after that; requests sent to it "
+                    "meanwhile are refused",
+    )
     gpu_cost_per_hour: Float = Field(0.0, ge=0)
     termination_grace_s: Float = Field(
         25.0, ge=0,

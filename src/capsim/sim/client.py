@@ -18,6 +18,8 @@ finished) are lost: their requests fail without retry and their later turns are 
 Redis outages: a request sent while Redis is out fails when the pod reads its session (503), and an
 answer that ends while Redis is out fails at the pod's final store write, after its batch used the GPU
 (503); both are retried. Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
+A crashed or deleted pod stays in the endpoints for a moment (``cluster.py``): a request sent to it then
+is refused at once (503 from a draining pod, a refused connection from a dead container) and retried.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 
 # session states (only tracked when sessions matter: pod-local state, affinity, or several turns)
 _IDLE, _ACTIVE, _DONE, _LOST, _ABANDONED = 0, 1, 2, 3, 4
+_READY = PodState.READY
 _CHUNK = 8192  # session starts converted to Python floats this many at a time
 
 
@@ -177,6 +180,10 @@ class Client:
             if not (self.pod_local and self.session[i // self.turns] == _LOST):
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
+        if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
+            sim.router.touch(pod)
+            self._attempt_failed(i, t, FAILED, pod.id)
+            return
         if len(pod.queue) >= self._cap:
             sim.router.touch(pod)  # picked, but its count did not change
             self._attempt_failed(i, t, REJECTED, pod.id)  # 429
@@ -190,6 +197,10 @@ class Client:
         pod = self._pick()
         if pod is None:
             self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            return
+        if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
+            self.sim.router.touch(pod)
+            self._attempt_failed(i, t, FAILED, pod.id)
             return
         q = pod.queue
         if len(q) >= self._cap:
@@ -217,7 +228,7 @@ class Client:
                 self._finish(i, float(self.rec.send[i]), FAILED, h)
                 return None
         picked = self.sim.router.pick()
-        if picked is not None:
+        if picked is not None and picked.state is _READY:  # a refusing pod does not become the home
             self.home[s] = picked.id
         return picked
 

@@ -18,8 +18,15 @@ does not answer (``capsim.core.service``), so during a Redis outage a ready pod 
 ``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
 propagation later; it is ready again at its first probe after the outage. Upstream:
 ``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1),
-``pkg/apis/core/v1/defaults.go`` (periodSeconds 10, failureThreshold 3). Kubernetes is Apache-2.0 (c) The
-Kubernetes Authors; the rules are re-implemented from its source, no code is copied.
+``pkg/apis/core/v1/defaults.go`` (periodSeconds 10, failureThreshold 3).
+
+A crashed or deleted pod leaves the endpoints late too. A deleted pod is marked terminating at once and
+leaves the endpoints ``endpoints_propagation_s`` later; a crashed container is seen by the kubelet at
+its next PLEG relist (``pods.crash_detection_s``, ``plegRelistPeriod`` 1 s in ``pkg/kubelet/kubelet.go``),
+which turns the pod not ready, and it leaves one propagation after that. Meanwhile the router still
+sends it requests, which are refused at once (the real pod answers 503 while it drains; a dead
+container refuses the connection) and retried by the client (``client.py``). Kubernetes is Apache-2.0
+(c) The Kubernetes Authors; the rules are re-implemented from its source, no code is copied.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class Cluster:
         self._probe_period = float(probe.period_s)
         self._probe_failures = probe.failure_threshold
         self._propagation_s = sim.scenario.pods.endpoints_propagation_s
+        self._crash_leave_s = sim.scenario.pods.crash_detection_s + self._propagation_s
         self._probe_origin: dict[int, float] = {}  # pod id -> when its prober started (its placement)
         self._outages = sim.faults.outages()  # (start, end): /readyz fails while Redis is out
         for a, b in self._outages:
@@ -250,6 +258,19 @@ class Cluster:
         if pod in self.endpoints:
             self.endpoints.remove(pod)
 
+    def _leave_later(self, pod: Pod, after_s: float) -> None:
+        """A crashed or deleted pod leaves the endpoints ``after_s`` from now, unless it is ready again by
+        then (a restarted container that passed its probe stays)."""
+        if after_s <= 0.0 or not pod.routable:
+            self._leave_endpoints(pod)
+            return
+        Timeout(self.sim.env, after_s, pod).callbacks.append(self._left)
+
+    def _left(self, ev: Timeout) -> None:
+        pod = cast(Pod, ev.value)
+        if pod.routable and (pod.state != PodState.READY or pod.probe_failing):
+            self._leave_endpoints(pod)
+
     # ---- readiness during a Redis outage --------------------------------------------------------------
     def _outage_begins(self, ev: Timeout) -> None:
         """Redis is out from now to ``end``: each ready pod fails ``failure_threshold`` probes in a row
@@ -292,7 +313,8 @@ class Cluster:
             return  # no container runs: still pulling its image, or waiting for a restart
         self._running.discard(pod.id)
         terminating = pod.state == PodState.TERMINATING
-        self._leave_endpoints(pod)
+        if not terminating:  # a terminating pod is on its way out already
+            self._leave_later(pod, self._crash_leave_s)
         held = pod.kill(now)
         self.sim.client.pod_lost(pod, held, now, crashed=True)
         if terminating:
@@ -330,7 +352,7 @@ class Cluster:
             pod.kill(now)
             self._gone(pod, now)
             return
-        self._leave_endpoints(pod)
+        self._leave_later(pod, self._propagation_s)
         pod.state = PodState.TERMINATING
         if pod.outstanding == 0 and not pod.running:
             self._gone(pod, now)

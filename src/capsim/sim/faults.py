@@ -66,7 +66,7 @@ class Faults:
             else:
                 self.skipped.append((self.sim.env.now, crash.pod, f"pod {crash.pod} not created (yet)"))
             return
-        ready = list(cluster.endpoints)
+        ready = [p for p in cluster.endpoints if p.state == PodState.READY]  # not one on its way out
         k = min(crash.pods, len(ready))
         if k:
             picks = self._gen.choice(len(ready), size=k, replace=False)
