@@ -4,7 +4,9 @@ The client drives the run (``Client.run``): it walks the arrivals -- the workloa
 merged with a heap of follow-ups (retries and later turns of sessions) -- and steps the SimPy
 environment in between, handing every arrival that comes before the next scheduled event to the router
 at the arrival's own time. Nothing else can happen between two events, so this is exact, and a request
-costs no SimPy event of its own: a batch of 32 costs two or three events, not a hundred.
+costs no SimPy event of its own: a batch of 32 costs two or three events, not a hundred. A static batch's
+end is not a SimPy event either: it waits on ``Records.ending``, keyed by the time and event id its
+``Timeout`` would have had, and the loop takes it when it is the earliest, in the order SimPy would.
 
 Timeouts are watched lazily by a second process: a pod's queue is FIFO by send time and every attempt
 has the same timeout, so only queue heads can be due; batches with a request that will be due before
@@ -101,6 +103,8 @@ class Client:
         env = self.env
         peek = env.peek
         step = env.step
+        queue = env._queue  # SimPy's (time, priority, id, event) heap, merged with the batches' ends
+        ending = self.rec.ending  # (end, id, batch): Pod._end_at
         heap = self.followups
         horizon = self.horizon
         starts = self._starts
@@ -122,6 +126,12 @@ class Client:
                     k = 0
             t = times[k] if k < len(times) else math.inf
             t_event = peek()
+            end_next = False  # whether the next event is a batch's end (priority NORMAL, its own id)
+            if ending:
+                e = ending[0]
+                if e[0] < t_event or (e[0] == t_event and queue[0][1] and e[1] < queue[0][2]):
+                    t_event = e[0]
+                    end_next = True
             if heap and heap[0][0] < t:
                 t, i, is_retry = heap[0]
                 if t < t_event and t < horizon:
@@ -140,7 +150,13 @@ class Client:
                 self._main_sent = base + k
                 return
             self._main_sent = base + k  # the time-series sampler may read it in this step
-            step()
+            if end_next:  # what env.step does for the batch's Timeout, without the event
+                heapq.heappop(ending)
+                env._now = t_event
+                batch = e[2]
+                batch.pod.complete(batch)
+            else:
+                step()
 
     def _push(self, t: float, i: int, is_retry: bool) -> None:
         heapq.heappush(self.followups, (t, i, is_retry))

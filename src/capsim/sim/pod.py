@@ -2,9 +2,10 @@
 
 A ready pod queues the requests the router sends it and asks ``capsim.policy.batching.decide`` -- the
 rule the real asyncio batcher uses -- when to send the head of the queue to the model as one batch. The
-batch's duration comes from the service model. The pod is driven by SimPy events with callbacks
-(a batch's completion, the batching rule's wake-up) rather than a generator per request, so a batch of
-32 costs a few events, not a few per request. Methods take the simulated time ``now`` explicitly: the
+batch's duration comes from the service model. The pod is driven by callbacks rather than a generator
+per request: the batching rule's wake-up is a SimPy event, and a batch's completion is an entry on a heap
+that ``Client.run`` merges with SimPy's queue in SimPy's own order (``Pod._end_at``), so a batch costs
+no SimPy event at all. Methods take the simulated time ``now`` explicitly: the
 client may hand a pod an arrival before the SimPy clock has reached it (see ``client.py``), and every
 event a pod schedules is placed at an absolute time.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections import deque
 from enum import IntEnum
+from heapq import heappush
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -86,6 +88,10 @@ class Pod:
         self._env = sim.env
         self._rec = sim.records
         self._batch_time = sim.service.batch_time
+        self._ending = sim.records.ending
+        # SimPy's event counter: a batch's end takes the id its Timeout event would have taken, so that
+        # Client.run completes it in exactly the order SimPy would have (see ``_end_at``)
+        self._eid = sim.env._eid
         self._timer_at: float | None = None
         # counters the pod's /metrics endpoint exports (scraped by the HPA pipeline)
         self.busy_s = 0.0  # closed busy intervals: time with at least one batch on the model
@@ -172,8 +178,7 @@ class Pod:
         batch = Batch(idx, now, now + prefill_s, end, self)
         rec.add_batch(batch)
         self.running.append(batch)
-        ev = Timeout(self._env, max(end - self._env.now, 0.0), batch)
-        ev.callbacks.append(self._on_complete)
+        self._end_at(end, batch)
         if rec.send[idx[0]] + sim.timeout_s < end:  # FIFO: the head was sent first
             sim.client.watch_batch(batch, rec.send[idx])
 
@@ -197,35 +202,48 @@ class Pod:
         rec.batches.append(batch)
         rec.bid[i] = bid
         self.running.append(batch)
-        ev = Timeout(self._env, max(end - self._env.now, 0.0), batch)
-        ev.callbacks.append(self._on_complete)
+        t = self._env._now  # self._end_at(end, batch), inlined; max(d, 0.0) spelled out
+        d = end - t
+        heappush(self._ending, (t + (0.0 if d < 0.0 else d), next(self._eid), batch))
         sent = float(rec.send[i])
         if sent + sim.timeout_s < end:
             sim.client.watch_batch(batch, rec.send[batch.idx])
 
-    def _on_complete(self, ev: Timeout) -> None:
-        batch = cast(Batch, ev.value)
+    def _end_at(self, end: float, batch: Batch) -> None:
+        """Schedule ``batch``'s completion at ``end``, outside SimPy's event queue: on ``Records.ending``, a
+        heap that ``Client.run`` merges with SimPy's queue. The entry holds what a ``Timeout`` would
+        have held in that queue -- the time SimPy would compute (``now + max(end - now, 0)``, rounding
+        included) and the next event id (priority is always NORMAL) -- so the order of events, and with
+        it every frame, is the same as with a SimPy event; what is saved is the event object, its
+        scheduling and its step."""
+        now = self._env._now
+        heappush(self._ending, (now + max(end - now, 0.0), next(self._eid), batch))
+
+    def complete(self, batch: Batch) -> None:
+        """``batch`` ends now (``Client.run`` has set the clock to its end): answer its requests."""
         if batch.dead:
             return
+        sim = self.sim
         now = batch.end
-        self.running.remove(batch)
-        if not self.running:
+        running = self.running
+        running.remove(batch)
+        if not running:
             self.busy_s += now - self._busy_since
         self.outstanding -= batch.live_size
-        self.sim.router.touch(self)
+        sim.router.touch(self)
         batch.done = True
-        self.batch_s += batch.end - batch.start
-        if self.sim.track_ttft:  # only an HPA on TTFT reads it: skip the histogram otherwise
+        self.batch_s += now - batch.start
+        if sim.track_ttft:  # only an HPA on TTFT reads it: skip the histogram otherwise
             self._observe_ttft(batch)
         if batch.size == 1:
-            self.sim.client.on_request_done(batch, int(batch.idx[0]), now)
+            sim.client.on_request_done(batch, int(batch.idx[0]), now)
         else:
-            self.sim.client.on_batch_done(batch, now)
+            sim.client.on_batch_done(batch, now)
         batch.idx = _NO_REQUESTS  # the records keep the batch: let its index array go
         if self.queue:
             self.pump(now)
-        if self.state == PodState.TERMINATING and self.outstanding == 0 and not self.running:
-            self.sim.cluster.pod_drained(self, now)
+        elif self.outstanding == 0 and not running and self.state == PodState.TERMINATING:
+            sim.cluster.pod_drained(self, now)
 
     # ---- metrics and failures ------------------------------------------------------------------------
     def _observe_ttft(self, batch: Batch) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +42,9 @@ class Records:
         self.end_of: dict[int, float] = {}
         self.pod_of: dict[int, int] = {}
         self.batches: list[Batch] = []
+        # running static batches by (end, SimPy event id, batch): completed by Client.run, outside SimPy's
+        # event queue (Pod._end_at)
+        self.ending: list[tuple[float, int, Batch]] = []
 
     def add_batch(self, batch: Batch) -> None:
         """Record a batch as it starts, giving it its id."""
@@ -123,7 +127,7 @@ _RELEASED = np.empty(0, dtype=np.int64)
 
 def _column(batches: list[Batch], name: str, dtype: Any, missing: Any) -> np.ndarray:
     """One attribute of every batch as an array, plus ``missing`` at the end (for bid -1)."""
-    col = np.fromiter((getattr(b, name) for b in batches), dtype, len(batches))
+    col = np.fromiter(map(attrgetter(name), batches), dtype, len(batches))
     return np.append(col, np.array(missing, dtype=dtype))
 
 
