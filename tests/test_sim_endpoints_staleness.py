@@ -1,4 +1,4 @@
-"""Issue 15 §8 and the stale samples: endpoints after a crash or delete, and Prometheus's stale markers.
+"""Issue 15 §8 and the stale samples: endpoints after a crash or delete, cancel on timeout, stale series.
 
 Upstream: a crashed or deleted pod leaves the Service's endpoints only when the endpoints controller and
 kube-proxy have seen it (``pkg/controller/endpointslice``, kube-proxy's sync), about a second later; a
@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
 from capsim.sim import Simulation
 from capsim.sim.pod import PodState
 
@@ -104,3 +107,47 @@ def test_requests_routed_to_a_crashed_pod_meanwhile_are_refused_and_retried() ->
     # by when the pod has left or is about to); the requests it held at the crash are retried in both runs
     assert 10 <= late - instant <= 45
     assert late_failed == instant_failed == 0  # a retry on another pod succeeds
+
+
+def _burst(cancel: str) -> tuple[Simulation, Any]:
+    """One pod serving 1 request/s (batches of one, 1 s each): a burst of 4/s for 10 s, then 0.5/s for
+    50 s; clients give up after 5 s, without retrying."""
+    sc = Scenario.model_validate({
+        "horizon_s": 60,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, 4], [10, 0.5]]}},
+        "service": {"kind": "deterministic", "mean_s": 1.0},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0},
+        "pods": {"replicas": 1},
+        "client": {"timeout_s": 5, "max_retries": 0, "cancel_on_timeout": cancel},
+    })
+    sim = Simulation(sc, seed=0)
+    return sim, sim.run()  # run() checks that arrived = answered + failed + timed out + in flight
+
+
+def test_a_request_whose_client_left_still_runs_when_the_pod_does_not_cancel_it() -> None:
+    (cancel_sim, cancel), (keep_sim, keep) = _burst("all"), _burst("none")
+    after = {name: r.requests[r.requests["arrival_s"].between(15.0, 35.0)]
+             for name, r in (("all", cancel), ("none", keep))}
+    assert len(after["all"]) == len(after["none"]) >= 5  # the same workload
+    # removed from the queue (the old, default model), the burst's timed-out requests cost nothing: 5 s
+    # after it the pod is free, and the later requests are answered
+    assert (after["all"]["outcome"] == "ok").mean() >= 0.9
+    # left queued (the reference pod), the ~30 orphans of the burst run first: the pod is busy with
+    # answers nobody reads until ~40 s, and the requests sent meanwhile time out behind them
+    assert (after["none"]["outcome"] == "ok").mean() <= 0.2
+    assert keep_sim.cluster.pods[0].batch_s > cancel_sim.cluster.pods[0].batch_s + 15
+    # the orphans are not requests: none appears in the frame, and the books balance (checked by run())
+    assert len(keep.requests) == keep.summary.arrived
+    assert keep.requests["request_id"].max() < keep.summary.arrived
+
+
+def test_orphans_are_refused_for_continuous_batching() -> None:
+    sc = Scenario.model_validate({
+        "horizon_s": 10,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 1}},
+        "service": {"kind": "deterministic", "mean_s": 0.1},
+        "batching": {"mode": "continuous", "num_blocks": 64},
+        "client": {"cancel_on_timeout": "none"},
+    })
+    with pytest.raises(SettingsError, match="client.cancel_on_timeout"):
+        Simulation(sc, seed=0)

@@ -470,6 +470,12 @@ class Client(_Section):
         0.0, ge=0, le=1,
         description="share of each backoff drawn at random (capsim.policy.retry): 1 full jitter, 0.5 equal jitter",
     )
+    cancel_on_timeout: Literal["all", "none"] = Field(
+        "all",
+        description="all: a request whose client timed out leaves the pod's queue; none: it stays queued and "
+                    "runs, using capacity, its answer discarded (the reference pod: its handler is not "
+                    "cancelled by a disconnect before the response starts; static batching only)",
+    )
 
 
 class Slo(_Section):

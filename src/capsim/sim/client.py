@@ -22,6 +22,13 @@ answer that ends while Redis is out fails at the pod's final store write, after 
 (503); both are retried. Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
 A crashed or deleted pod stays in the endpoints for a moment (``cluster.py``): a request sent to it then
 is refused at once (503 from a draining pod, a refused connection from a dead container) and retried.
+
+A client that times out on a queued request: with ``client.cancel_on_timeout: all`` (the default) the
+request leaves the pod's queue. With ``none`` it stays queued and runs, as on the reference pod, whose
+handler a disconnect does not cancel before the response starts (Starlette cancels only a streaming
+response, after its first byte): its slot in the queue becomes an orphan (a spare request slot past the
+workload's, with the same token counts and enqueue time, ``_orphan``), which the pod batches and runs like
+any request, and whose answer nobody reads. A static batch runs to its end in either case.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from capsim.errors import SimulationBudgetError
 from capsim.policy.retry import retry_delay_s
 from capsim.sim.arrivals import Workload
 from capsim.sim.pod import Batch, Pod, PodState
@@ -68,6 +76,10 @@ class Client:
         self.backoff_jitter = cl.backoff_jitter
         self._jitter = BufferedDraws(sim.streams["retries"]) if cl.backoff_jitter > 0 else None
         self._max_batch = sim.batching.max_batch_size
+        n_real = workload.n_requests
+        self._n_real = n_real  # request ids from here on are orphans (cancel_on_timeout: none)
+        self._cancel_queued = cl.cancel_on_timeout == "all"
+        self._free_orphans = [] if self._cancel_queued else list(range(sim.records.n - 1, n_real - 1, -1))
         self._pick = sim.router.pick
         self._cap = sim.batching.queue_capacity if sim.batching.overflow == "reject" else math.inf
         self.pod_local = sc.state.store == "pod_local"
@@ -275,6 +287,8 @@ class Client:
     # ---- events from pods and the cluster -------------------------------------------------------------
     def on_batch_done(self, batch: Batch, now: float) -> None:
         """A batch finished at ``now``: its live requests are answered (or fail at their store write)."""
+        if not self._cancel_queued:
+            self._drop_orphans(batch)
         if self._outages and self.sim.faults.redis_down(now):
             self._store_write_failed(batch, batch.idx.tolist(), now)
             return
@@ -297,6 +311,9 @@ class Client:
     def on_request_done(self, batch: Batch, i: int, now: float) -> None:
         """``on_batch_done`` for a one-request batch (a continuous-batching pod's request), without arrays."""
         if batch.cancelled:
+            return
+        if i >= self._n_real:  # an orphan: nobody reads its answer
+            self._free_orphans.append(i)
             return
         if self._outages and self.sim.faults.redis_down(now):
             self._store_write_failed(batch, [i], now)
@@ -334,7 +351,9 @@ class Client:
         if self.pod_local:
             self._lose_sessions(np.flatnonzero((self.home == pod.id) & (self.session == _ACTIVE)), now)
         for i in held:
-            if self.pod_local and self.session[i // self.turns] == _LOST:
+            if i >= self._n_real:  # an orphan: nobody waits for it
+                self._free_orphans.append(i)
+            elif self.pod_local and self.session[i // self.turns] == _LOST:
                 self._finish(i, now, FAILED, pod.id)
             else:
                 self._attempt_failed(i, now, FAILED, pod.id)
@@ -368,7 +387,7 @@ class Client:
             now = env.now
             while due_heap and due_heap[0][0] <= now:
                 due, _, i, batch = heapq.heappop(due_heap)
-                if batch.dead or batch.done or rec.bid[i] != batch.bid:
+                if batch.dead or batch.done or rec.bid[i] != batch.bid or i >= self._n_real:
                     continue
                 if batch.cancelled is None:
                     batch.cancelled = set()
@@ -380,6 +399,9 @@ class Client:
             nxt = now + timeout  # anything sent from now on is due later than this
             for pod in self.sim.cluster.pods:
                 q = pod.queue
+                if not self._cancel_queued:
+                    nxt = min(nxt, self._orphan_due(pod, now))
+                    continue
                 while q and rec.send[q[0]] + timeout <= now:
                     i = pod.drop_head()
                     self._attempt_failed(i, float(rec.send[i]) + timeout, TIMED_OUT, pod.id)
@@ -394,10 +416,54 @@ class Client:
                 return
             yield env.timeout(nxt - now)
 
+    def _orphan_due(self, pod: Pod, now: float) -> float:
+        """``cancel_on_timeout: none``: the queued requests of ``pod`` whose client gave up by ``now`` become
+        orphans in place; return when the next one is due. The orphans are a prefix of the queue (it is
+        FIFO by send time, and every attempt has the same timeout)."""
+        q = pod.queue
+        rec = self.rec
+        n_real = self._n_real
+        k = 0
+        while k < len(q) and q[k] >= n_real:
+            k += 1
+        while k < len(q) and rec.send[q[k]] + self.timeout_s <= now:
+            i = q[k]
+            q[k] = self._orphan(i)
+            self._attempt_failed(i, float(rec.send[i]) + self.timeout_s, TIMED_OUT, pod.id)
+            k += 1
+        return float(rec.send[q[k]]) + self.timeout_s if k < len(q) else math.inf
+
+    def _orphan(self, i: int) -> int:
+        """A spare request slot standing for request ``i``'s attempt after its client left."""
+        if not self._free_orphans:
+            raise SimulationBudgetError(
+                f"client.cancel_on_timeout: none: more than {self.rec.n - self._n_real} requests whose client "
+                "left are queued at once; the run is far past saturation"
+            )
+        g = self._free_orphans.pop()
+        rec = self.rec
+        rec.prompt[g], rec.output[g], rec.send[g] = rec.prompt[i], rec.output[i], rec.send[i]
+        return g
+
+    def _drop_orphans(self, batch: Batch) -> None:
+        """A finished batch's orphans are cancelled: their answers are discarded, their slots reused."""
+        orphans = batch.idx[batch.idx >= self._n_real].tolist()
+        if orphans:
+            if batch.cancelled is None:
+                batch.cancelled = set()
+            batch.cancelled.update(orphans)
+            self._free_orphans.extend(orphans)
+
     # ---- the horizon ---------------------------------------------------------------------------------
     def in_flight(self) -> int:
-        """Requests arrived and not finished: queued, in a running batch, or waiting to retry."""
+        """Requests arrived and not finished: queued, in a running batch, or waiting to retry (orphans of
+        requests whose client left are not requests)."""
         n = self.n_retry_pending
+        n_real = self._n_real
         for pod in self.sim.cluster.pods:
-            n += len(pod.queue) + sum(b.live_size for b in pod.running)
+            if self._cancel_queued:
+                n += len(pod.queue) + sum(b.live_size for b in pod.running)
+            else:
+                n += sum(1 for i in pod.queue if i < n_real)
+                n += sum(b.live_size - int((b.idx >= n_real).sum()) for b in pod.running)
         return n

@@ -87,7 +87,16 @@ class Simulation:
                 profile = ServiceTimeProfile.from_csv(scenario.resolve(scenario.service.profile))
             if not scenario.service.extrapolate:
                 _check_coverage(profile, scenario, workload)
-        self.records = Records(workload.prompt_tokens, workload.output_tokens, workload.turns)
+        prompt, output = workload.prompt_tokens, workload.output_tokens
+        if scenario.client.cancel_on_timeout == "none":
+            if scenario.batching.mode == "continuous":
+                raise SettingsError("client.cancel_on_timeout: 'none' is modelled for static batching only "
+                                    "(batching.mode is continuous, whose engine aborts a request its client left)")
+            # slots for the requests whose client left while they were queued (Client._orphan): as many
+            # again as there are requests, reused as they finish
+            pad = np.zeros(max(len(prompt), 1024), dtype=prompt.dtype)
+            prompt, output = np.concatenate([prompt, pad]), np.concatenate([output, pad.astype(output.dtype)])
+        self.records = Records(prompt, output, workload.turns)
         first = np.arange(workload.n_sessions, dtype=np.int64) * workload.turns
         self.records.arrival[first] = workload.session_start_s
         self.records.send[first] = workload.session_start_s
