@@ -151,3 +151,20 @@ def test_orphans_are_refused_for_continuous_batching() -> None:
     })
     with pytest.raises(SettingsError, match="client.cancel_on_timeout"):
         Simulation(sc, seed=0)
+
+
+def test_least_outstanding_routes_to_a_crashed_pod_still_in_the_endpoints() -> None:
+    # one pod, busy when it crashes: the router's heap must learn its new count (0) while it stays in the
+    # endpoints, or the pick finds no valid entry (the bug this test caught: an AssertionError)
+    sc = Scenario.model_validate({
+        "horizon_s": 30,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20}},
+        "service": {"kind": "deterministic", "mean_s": 0.5},
+        "batching": {"max_batch_size": 4, "max_wait_ms": 10},
+        "pods": {"replicas": 1, "startup_s": 5},
+        "router": {"kind": "least_outstanding"},
+        "faults": {"crashes": [{"at_s": 10.0, "pod": 0}]},
+    })
+    r = Simulation(sc, seed=0).run()
+    refused = r.requests[(r.requests["outcome"] == "failed")]
+    assert r.summary.failed > 0 and (refused["end_s"] >= 10.0).all()

@@ -315,7 +315,7 @@ class Cluster:
         terminating = pod.state == PodState.TERMINATING
         if not terminating:  # a terminating pod is on its way out already
             self._leave_later(pod, self._crash_leave_s)
-        held = pod.kill(now)
+        held = self._kill(pod, now)
         self.sim.client.pod_lost(pod, held, now, crashed=True)
         if terminating:
             self._gone(pod, now)
@@ -349,7 +349,7 @@ class Cluster:
             pod.state = PodState.GONE
             return
         if pod.state != PodState.READY:  # starting or crashed: nothing to drain
-            pod.kill(now)
+            self._kill(pod, now)
             self._gone(pod, now)
             return
         self._leave_later(pod, self._propagation_s)
@@ -364,9 +364,17 @@ class Cluster:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
         if pod.state == PodState.TERMINATING and pod.incarnation == incarnation:
             now = self.sim.env.now
-            held = pod.kill(now)
+            held = self._kill(pod, now)
             self.sim.client.pod_lost(pod, held, now, crashed=False)
             self._gone(pod, now)
+
+    def _kill(self, pod: Pod, now: float) -> list[int]:
+        """``pod.kill``; a pod still in the endpoints (until they see it) is touched: the router's
+        least-outstanding heap learns its count, now 0."""
+        held = pod.kill(now)
+        if pod.routable:
+            self.sim.router.touch(pod)
+        return held
 
     def pod_drained(self, pod: Pod, now: float) -> None:
         """A terminating pod finished its last batch."""
