@@ -57,7 +57,9 @@ def crash_retries(jitter: float, monkeypatch: pytest.MonkeyPatch) -> np.ndarray:
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 10.0}},
         "service": {"kind": "deterministic", "mean_s": 1.0},
         "batching": {"max_batch_size": 4, "max_wait_ms": 0, "queue_capacity": 100000},
-        "pods": {"replicas": 2, "startup_s": 5},
+        # the crashed pod leaves the endpoints at once, so that no retry is refused by it (see
+        # test_sim_endpoints_staleness.py for the delay) and only the crash's own failures are retried
+        "pods": {"replicas": 2, "startup_s": 5, "crash_detection_s": 0, "endpoints_propagation_s": 0},
         "faults": {"crashes": [{"at_s": 60, "pod": 0}]},
         "client": {"timeout_s": 1e6, "max_retries": 3, "backoff_s": 2.0, "backoff_jitter": jitter},
     })
