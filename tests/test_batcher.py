@@ -48,7 +48,10 @@ async def all_resolved(tasks: list[asyncio.Task[Any]], seconds: float = RESOLVE_
     if not tasks:
         return
     _, pending = await asyncio.wait(tasks, timeout=seconds)
-    assert not pending, f"{len(pending)} of {len(tasks)} requests never resolved: {sorted(tasks.index(t) for t in pending)}"
+    lost = sorted(tasks.index(t) for t in pending)
+    for t in pending:
+        t.cancel()  # do not leave them to the loop's shutdown
+    assert not lost, f"{len(lost)} of {len(tasks)} requests never resolved: {lost}"
 
 
 FOREVER_MS = 1_000_000.0
