@@ -152,7 +152,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
         },
         "service": {"kind": "profile", "profile": "data/profiles/cpu-tiny-float32.csv"},
         "batching": {"max_batch_size": 8, "max_wait_ms": 5},
-        "pods": {"replicas": 2, "startup_s": 1.5},
+        # the test's clients know both pods directly: no Service endpoints to wait for after the kill
+        "pods": {"replicas": 2, "startup_s": 1.5, "crash_detection_s": 0, "endpoints_propagation_s": 0},
         "router": {"kind": "session_affinity"},
         "faults": {"crashes": [{"at_s": 1.0, "pods": 1}]},
         "state": {"store": "redis"},
