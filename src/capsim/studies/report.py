@@ -62,15 +62,14 @@ def write_tune_result(result: TuneResult, out: Path) -> list[Path]:
 
 def front_figure(result: TuneResult, path: Path) -> Path:
     """Cost against worst p99 TTFT: every trial that ran, the feasible ones, the front and the SLO line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure of its own, not pyplot: writing a tune result must not switch a notebook's backend
+    from matplotlib.figure import Figure
 
     t = result.trials
     per = t.groupby("trial").agg(cost=("cost", "mean"), ttft=("ttft_p99_s", "max"), status=("status", "first"))
     per = per.dropna()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4))
+    ax = fig.subplots()
     rej = per[per["status"] == "rejected"]
     dom = per[per["status"] == "dominated"]
     acc = per[per["status"] == "accepted"]
@@ -92,7 +91,6 @@ def front_figure(result: TuneResult, path: Path) -> Path:
     ax.set_title("capsim tune: cost against p99 TTFT")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
