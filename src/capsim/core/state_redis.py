@@ -14,22 +14,19 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Any, ClassVar, Literal, Protocol, TypeVar, cast
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ClassVar, Literal, Protocol, cast
 
 from pydantic import Field
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from capsim.core.state_model import (
     ConflictError,
     CorruptStateError,
     InvalidSessionIdError,
     SessionState,
-    StateStoreError,
     StateTooLargeError,
     StoreReplyError,
     StoreUnavailableError,
@@ -39,9 +36,8 @@ from capsim.core.state_model import (
     head_version,
     validate_session_id,
 )
+from capsim.core.state_transport import KeyLocks, Transport
 from capsim.model.settings import FrozenModel
-
-T = TypeVar("T")
 
 # The Lua head pattern mirrors state_model.HEAD_RE.
 _HEAD = '^{"session_id":"[^"]*","version":(%d+),"created_at_s":([-%d.eE+]+),'
@@ -84,18 +80,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return cur
 """
-
-# Server replies that mean "not able to serve now" rather than "you sent something wrong".
-_UNAVAILABLE_PREFIXES = (
-    "LOADING",
-    "READONLY",
-    "MASTERDOWN",
-    "OOM",
-    "BUSY",
-    "TRYAGAIN",
-    "CLUSTERDOWN",
-    "MISCONF",
-)
 
 Outcome = Literal[
     "ok", "not_found", "conflict", "unavailable", "corrupt", "too_large", "invalid_id", "error", "cancelled"
@@ -162,18 +146,10 @@ class RedisSessionStore:
         self._read_script = client.register_script(READ_CAPPED_LUA)
         self._sliding_ms = max(1, round(self._s.sliding_ttl_s * 1000))
         self._rng = random.Random()
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._io = Transport(self._s, where)
+        self._net = self._io.call
+        self._locks = KeyLocks(self._s.op_deadline_s, where)
         self._closed = False
-        # One slot per pooled connection: a caller waits for a slot (overload) apart from its round
-        # trip's deadline (outage); when a round trip finds the server unavailable, callers that were
-        # waiting meanwhile fail at once instead of each spending a deadline to learn the same.
-        self._slots = asyncio.Semaphore(self._s.max_connections)
-        self._unavailable_at = float("-inf")
-        self._last_reply = float("-inf")  # loop time of the server's latest answer to this store
-        self._unavailable = ""
-        # Updates of one session from this store take turns: racing them would only waste
-        # decode/encode work on compare-and-sets that must lose. Other processes still race (CAS).
-        self._locks: dict[str, _KeyLock] = {}
 
     @property
     def settings(self) -> StoreSettings:
@@ -204,10 +180,7 @@ class RedisSessionStore:
         if self._closed:
             return
         self._closed = True
-        for fut in list(self._inflight):
-            fut.cancel()
-        if self._inflight:
-            await asyncio.wait(self._inflight, timeout=self._s.socket_timeout_s + 1.0)
+        await self._io.aclose()
         await self._client.aclose()
 
     async def ping(self) -> None:
@@ -260,7 +233,7 @@ class RedisSessionStore:
         """
         with self._observed("update"):
             key = self.key(session_id)
-            async with self._serialized(key):
+            async with self._locks.hold(key):
                 return await self._update(key, session_id, fn, idempotency_key)
 
     async def _update(
@@ -414,171 +387,7 @@ class RedisSessionStore:
             return
         raise StoreReplyError(exc.key, f"script refused by {self._where}: {exc.reply}") from exc
 
-    # -- plumbing ---------------------------------------------------------------------------------
-
-    async def _net(self, make: Callable[[], Awaitable[T]], *, detach: bool = False, key: str | None = None) -> T:
-        """Run one round trip under the deadline, mapping transport failures to StoreUnavailableError
-        and any other refusal to :class:`StoreReplyError` naming ``key`` (or the URL).
-
-        Under load a caller first waits for one of ``max_connections`` slots (up to ``pool_wait_s``;
-        overload is not an outage), then its round trip runs under ``op_deadline_s``: only a server
-        that does not answer, or refuses connections, becomes unavailable.
-
-        How the deadline is judged, and what ``detach`` does: :meth:`_round_trip_raw`.
-        """
-        if self._closed:
-            raise StateStoreError(f"the store for {self._where} is closed")
-        async with self._slot():
-            try:
-                return await self._round_trip_typed(make, key, detach)
-            except StoreUnavailableError as exc:
-                self._unavailable_at, self._unavailable = time.monotonic(), str(exc)
-                raise
-
-    async def _round_trip_typed(self, make: Callable[[], Awaitable[T]], key: str | None, detach: bool) -> T:
-        """:meth:`_round_trip_raw` with redis-py's errors mapped to the store's own."""
-        deadline = self._s.op_deadline_s
-        try:
-            return await self._round_trip_raw(make, detach)
-        except (TimeoutError, RedisTimeoutError) as exc:
-            raise StoreUnavailableError(
-                f"{self._where} did not answer within {deadline:g} s (frozen, overloaded or unreachable)"
-            ) from exc
-        except (RedisConnectionError, OSError) as exc:
-            raise StoreUnavailableError(f"{self._where} is unreachable: {exc}") from exc
-        except ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_PREFIXES):
-                raise StoreUnavailableError(f"{self._where} cannot serve now: {exc}") from exc
-            raise StoreReplyError(key or self._where, _explain(str(exc))) from exc
-        except RedisError as exc:
-            raise StateStoreError(f"{self._where} failed: {exc!r}") from exc
-
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Hold one of the ``max_connections`` slots for a round trip."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: no timer to arm
-        else:
-            entered = time.monotonic()
-            try:
-                async with asyncio.timeout(self._s.pool_wait_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise StoreUnavailableError(
-                    f"{self._where}: waited {self._s.pool_wait_s:g} s for one of {self._s.max_connections} "
-                    "connections (overloaded; raise max_connections or pool_wait_s)"
-                ) from None
-            if self._unavailable_at >= entered:
-                self._slots.release()
-                raise StoreUnavailableError(self._unavailable)
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-    async def _round_trip_raw(self, make: Callable[[], Awaitable[T]], detach: bool) -> T:
-        """One round trip, judged unavailable by the server's silence, not by our own delay.
-
-        A busy event loop (a pod taking 1,000 requests at once spends over a second in one loop turn)
-        delays every reply it has already received, and opening a connection takes several turns; a
-        timer alone would call that an outage. So at the deadline the call is given one more loop turn;
-        then the server is unavailable only if the loop is responsive (that turn, and the timer's own
-        lateness, under a quarter of ``op_deadline_s``: more than an OS scheduler's hiccup) and the
-        server answered no call of this store within the last ``op_deadline_s``. Otherwise the call
-        waits another deadline, up to ``pool_wait_s`` in all. An idle pod thus learns of a frozen
-        server in ``op_deadline_s``; a saturated one once its loop catches its breath.
-
-        The call runs in the caller's task under a watchdog (no task of its own: the hot path), or,
-        with ``detach``, as its own task, so that a WATCH transaction's cleanup on a frozen server
-        cannot hold the caller past the deadline (``aclose`` waits for such tasks).
-        """
-        loop = asyncio.get_running_loop()
-        try:
-            if not detach:
-                async with asyncio.timeout(None) as timeout:
-                    watchdog = _Watchdog(self, loop, timeout)
-                    try:
-                        result = await make()
-                    finally:
-                        watchdog.cancel()
-                self._last_reply = loop.time()  # the server answered
-                return result
-            return await self._detached(make, loop)
-        except ResponseError:
-            self._last_reply = loop.time()  # a refusal is an answer too
-            raise
-
-    def _gives_up(self, started: float, due: float, before: float, now: float) -> bool:
-        """At a deadline: is the server silent while the loop is responsive (or the wait too long)?"""
-        deadline = self._s.op_deadline_s
-        busy = max(now - before, before - due) > 0.25 * deadline
-        silent = self._last_reply < now - deadline
-        return (silent and not busy) or now - started >= self._s.pool_wait_s
-
-    async def _detached(self, make: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop) -> T:
-        deadline = self._s.op_deadline_s
-        started = loop.time()
-        task: asyncio.Future[T] = asyncio.ensure_future(make())
-        self._inflight.add(task)
-        task.add_done_callback(_forget(self._inflight))
-        try:
-            due = started + deadline
-            while True:
-                await asyncio.wait((task,), timeout=max(0.0, due - loop.time()))
-                if task.done():
-                    break
-                before = loop.time()
-                await asyncio.sleep(0)  # one loop turn: read what arrived with the timer, and time it
-                if task.done():
-                    break
-                now = loop.time()
-                if self._gives_up(started, due, before, now):
-                    raise TimeoutError
-                due = now + deadline
-            result = task.result()
-            self._last_reply = loop.time()
-            return result
-        except BaseException:
-            task.cancel()
-            raise
-
-    @asynccontextmanager
-    async def _serialized(self, key: str) -> AsyncIterator[None]:
-        entry = self._locks.get(key)
-        if entry is None:
-            entry = self._locks[key] = _KeyLock()
-        entry.users += 1
-        entered = time.monotonic()
-        try:
-            # Waiting in line counts against the deadline too: behind a call stuck on a frozen
-            # server, the caller still learns within op_deadline_s.
-            try:
-                if entry.lock.locked():
-                    async with asyncio.timeout(self._s.op_deadline_s):
-                        await entry.lock.acquire()
-                else:
-                    await entry.lock.acquire()  # free: no timer to arm
-            except TimeoutError:
-                raise StoreUnavailableError(
-                    f"{self._where}: waited {self._s.op_deadline_s:g} s behind other updates of {key!r} "
-                    "(the server is slow or not answering)"
-                ) from None
-            try:
-                if entry.failed_at is not None and entry.failed_at >= entered:
-                    # The update ahead of us just found the server unavailable: say so now
-                    # rather than spend a second deadline finding out again.
-                    raise StoreUnavailableError(entry.failure)
-                try:
-                    yield
-                except StoreUnavailableError as exc:
-                    entry.failed_at, entry.failure = time.monotonic(), str(exc)
-                    raise
-            finally:
-                entry.lock.release()
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._locks[key]
+    # -- metrics ---------------------------------------------------------------------------------
 
     @contextmanager
     def _observed(self, op: str) -> Iterator[list[Outcome]]:
@@ -592,45 +401,6 @@ class RedisSessionStore:
         finally:
             if self._metrics is not None:
                 self._metrics.observe_store_op(op, box[0], time.perf_counter() - t0)
-
-
-class _Watchdog:
-    """The deadline of a round trip that runs in the caller's task (see ``_round_trip_raw``): at the
-    deadline it looks again one loop turn later, then expires the caller's timeout or re-arms."""
-
-    __slots__ = ("before", "due", "handle", "loop", "started", "store", "timeout")
-
-    def __init__(self, store: RedisSessionStore, loop: asyncio.AbstractEventLoop, timeout: asyncio.Timeout) -> None:
-        self.store, self.loop, self.timeout = store, loop, timeout
-        self.started = loop.time()
-        self.due = self.started + store.settings.op_deadline_s
-        self.before = self.due
-        self.handle: asyncio.Handle = loop.call_at(self.due, self._look)
-
-    def _look(self) -> None:
-        self.before = self.loop.time()
-        self.handle = self.loop.call_soon(self._judge)  # after the replies this loop turn read
-
-    def _judge(self) -> None:
-        now = self.loop.time()
-        if self.store._gives_up(self.started, self.due, self.before, now):
-            self.timeout.reschedule(now)  # the caller gets TimeoutError
-        else:
-            self.due = now + self.store.settings.op_deadline_s
-            self.handle = self.loop.call_at(self.due, self._look)
-
-    def cancel(self) -> None:
-        self.handle.cancel()
-
-
-class _KeyLock:
-    __slots__ = ("failed_at", "failure", "lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-        self.failed_at: float | None = None  # when an update holding the lock found Redis unavailable
-        self.failure = ""
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
@@ -649,23 +419,5 @@ def _outcome_of(exc: BaseException) -> Outcome:
     return "error"
 
 
-def _explain(reply: str) -> str:
-    """The server's error text, with what it means for a session key where that is not obvious."""
-    if reply.startswith("WRONGTYPE"):
-        return f"the key holds a value that is not a string, so not a session ({reply})"
-    if "DB index is out of range" in reply:
-        return f"the URL's database number does not exist on this server ({reply})"
-    return reply
-
-
 def _write_id() -> str:
     return uuid.uuid4().hex
-
-
-def _forget(inflight: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
-    def done(fut: asyncio.Future[Any]) -> None:
-        inflight.discard(fut)
-        if not fut.cancelled():
-            fut.exception()  # retrieved, so an abandoned call's error is not logged as unhandled
-
-    return done
