@@ -5,6 +5,14 @@ through ``ContinuousEngine``; every step's composition -- prefill tokens and the
 their context -- and its measured time become one row, and ``capsim.model.step_model.fit_step_time``
 fits ``t = c0 + c1 prefill_tokens + c2 prefill_context + c3 decodes + c4 decode_context`` with its
 per-step overhead ``c0`` fitted, not assumed. The first steps of each workload warm up and are dropped.
+
+Probe steps (``probe_steps``) pin the overhead: decode-only steps of 1, 2, 4, ... requests and single
+prefills, the steps with the fewest tokens. Without them the random workloads' steps, almost all with many
+requests, leave ``c0`` to be extrapolated from far away -- and ``ContinuousEngine`` pads a step's rows to its
+longest chunk, so a mixed step (one prompt chunk joining ``d`` decodes) costs about ``d x chunk`` padded
+tokens, which no sum-of-tokens model fits; least squares then pays for the mixed steps with a negative
+decode term and a negative intercept, which non-negative least squares clamps to 0. That was why the
+first CPU profile's ``c0`` came out 0 (docs/continuous.md, "Step time").
 """
 
 from __future__ import annotations
@@ -64,6 +72,49 @@ def measure_steps(engine: ReferenceEngine, *, workloads: int = 6, requests: int 
     return samples
 
 
+def probe_steps(engine: ReferenceEngine, *, max_decodes: int = 32, contexts: tuple[int, ...] = (8, 128),
+                prompts: tuple[int, ...] = (1, 16, 64, 256), repeats: int = 5) -> list[StepSample]:
+    """The steps with the fewest tokens, which fix the per-step overhead: decode-only steps of 1, 2, 4, ...
+    ``max_decodes`` requests at each prompt length in ``contexts``, and a single prompt's prefill of each
+    length in ``prompts``; each timed ``repeats`` times, the fastest kept (as ``measure_steps``)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    longest = max(max(contexts), max(prompts)) + 8
+    # a budget that prefills every prompt in one step, so that the timed step decodes all of them
+    limits = SchedulerLimits(max_num_seqs=max(max_decodes, 1), max_num_batched_tokens=longest * max(max_decodes, 1),
+                             block_size=16, num_blocks=16384, max_model_len=longest + 17)
+    cpu = engine.device.type == "cpu" and torch.get_num_threads() == 1
+    samples: list[StepSample] = []
+    sizes = [d for d in (1, 2, 4, 8, 16, 32, 64, 128, 256) if d <= max_decodes]
+    for ctx in contexts:
+        for d in sizes:
+            best: tuple[Step, float] | None = None
+            for r in range(repeats):
+                ce = ContinuousEngine(engine, limits, cpu_clock=cpu)
+                for i in range(d):
+                    ce.add(i, engine.request(ctx, 8, salt=7919 * r + i))
+                while ce.step().plan.prefill_tokens:  # the prompts' prefill, then one decode step to warm up
+                    pass
+                report = ce.step()
+                if best is None or report.seconds < best[1]:
+                    best = (report.plan, report.seconds)
+            assert best is not None and best[0].decodes == d and best[0].prefill_tokens == 0
+            samples.append(_sample(*best))
+    for p in prompts:
+        times = []
+        for r in range(repeats):
+            ce = ContinuousEngine(engine, limits, cpu_clock=cpu)
+            ce.add(0, engine.request(p, 2, salt=r))
+            report = ce.step()
+            times.append((report.plan, report.seconds))
+        samples.append(_sample(*min(times, key=lambda t: t[1])))
+    return samples
+
+
+def _sample(plan: Step, seconds: float) -> StepSample:
+    return StepSample(plan.prefill_tokens, plan.prefill_context, plan.decodes, plan.decode_context, seconds)
+
+
 def _run_workload(engine: ReferenceEngine, limits: SchedulerLimits, pending: list[tuple[int, int]],
                   bursts: list[int], salt: int) -> list[tuple[Step, float]]:
     """One workload through a fresh engine: each step's plan and seconds."""
@@ -101,9 +152,11 @@ def with_step_model(profile: ServiceTimeProfile, fit: StepTimeFit) -> ServiceTim
 def run_step_profile(profile_path: Path, out_path: Path, *, model: str = "tiny", device: str = "auto",
                      dtype: str = "float32", threads: int | None = None, workloads: int = 6, seed: int = 0,
                      ) -> tuple[Path, StepTimeFit]:
-    """Measure steps of ``model`` in continuous mode, fit the step-time model, and write ``profile_path``'s
+    """Measure steps of ``model`` in continuous mode (random workloads and the probe steps), fit the
+    step-time model, and write ``profile_path``'s
     profile with it (``step_model`` in its metadata) to ``out_path``."""
     base = ServiceTimeProfile.from_csv(profile_path)
     engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
-    fit = fit_steps(measure_steps(engine, workloads=workloads, seed=seed))
+    samples = measure_steps(engine, workloads=workloads, seed=seed) + probe_steps(engine)
+    fit = fit_steps(samples)
     return with_step_model(base, fit).to_csv(out_path), fit
