@@ -150,26 +150,6 @@ class LognormalTokens(_Section):
 Tokens = Annotated[ConstantTokens | LognormalTokens, Field(discriminator="kind")]
 
 
-class Sessions(_Section):
-    """Multi-turn conversations: each session sends ``turns`` requests, ``think_time_s`` apart."""
-
-    turns: Int = Field(1, ge=1, le=10_000)
-    think_time_s: Float = Field(0.0, ge=0)
-
-
-class Workload(_Section):
-    arrivals: Arrivals
-    prompt_tokens: Tokens = ConstantTokens(kind="constant", value=256)
-    output_tokens: Tokens = ConstantTokens(kind="constant", value=64)
-    sessions: Sessions = Sessions()
-
-    @model_validator(mode="after")
-    def _trace_is_single_turn(self) -> Self:
-        if isinstance(self.arrivals, TraceArrivals) and self.sessions.turns != 1:
-            raise ValueError(f"sessions.turns must be 1 with a trace (one request per row), got {self.sessions.turns}")
-        return self
-
-
 # ---- service and pods -------------------------------------------------------------------------------
 class Service(_Section):
     """How long a batch takes: a measured profile, or an exponential or deterministic time per batch."""
@@ -234,6 +214,61 @@ Duration = Annotated[
 ]
 
 
+class ExponentialDuration(_Section):
+    kind: Literal["exponential"]
+    mean_s: Float = Field(gt=0)
+
+
+#: A think or tool time: a bare number is a constant (``think_time_s: 2``), as before it was a distribution.
+ThinkTime = Annotated[
+    ConstantDuration | UniformDuration | LognormalDuration | ExponentialDuration,
+    Field(discriminator="kind"),
+    BeforeValidator(_number_as_constant),
+]
+
+
+class Sessions(_Section):
+    """Multi-turn conversations (docs/sessions.md): each session sends ``turns`` requests.
+
+    ``mode: closed`` (default): turn k+1 is sent when turn k is answered plus a think (or tool) time;
+    ``open``: turn k+1 is sent a think time after turn k was sent, answered or not. With ``new_tokens``
+    a session grows: turn k's prompt is the session's history (every earlier prompt and answer) plus a new
+    message of ``new_tokens``; the first turn's prompt is drawn from ``prompt_tokens``. A turn whose
+    prompt and answer would pass ``batching.max_model_len`` ends the session (``end``) or drops the oldest
+    turns of the history until it fits (``truncate_oldest``). Without ``new_tokens`` every turn's prompt is
+    drawn independently (the behaviour before growing sessions).
+    """
+
+    turns: Int = Field(1, ge=1, le=10_000)
+    think_time_s: ThinkTime = Field(ConstantDuration(kind="constant", value_s=0.0))
+    mode: Literal["closed", "open"] = "closed"
+    new_tokens: Tokens | None = Field(None, description="tokens of each later turn's new message (grows sessions)")
+    on_context_overflow: Literal["end", "truncate_oldest"] = "end"
+
+    @property
+    def think_mean_s(self) -> float:
+        """The mean think time (s)."""
+        t = self.think_time_s
+        if isinstance(t, ConstantDuration):
+            return t.value_s
+        if isinstance(t, UniformDuration):
+            return (t.low_s + t.high_s) / 2.0
+        return t.mean_s
+
+
+class Workload(_Section):
+    arrivals: Arrivals
+    prompt_tokens: Tokens = ConstantTokens(kind="constant", value=256)
+    output_tokens: Tokens = ConstantTokens(kind="constant", value=64)
+    sessions: Sessions = Sessions()
+
+    @model_validator(mode="after")
+    def _trace_is_single_turn(self) -> Self:
+        if isinstance(self.arrivals, TraceArrivals) and self.sessions.turns != 1:
+            raise ValueError(f"sessions.turns must be 1 with a trace (one request per row), got {self.sessions.turns}")
+        return self
+
+
 class CrashLoopBackOff(_Section):
     """The kubelet's restart delays (client-go ``flowcontrol.Backoff``; see ``capsim.sim.kubelet``)."""
 
@@ -289,7 +324,14 @@ class Pods(_Section):
 
 
 class Router(_Section):
-    kind: Literal["random", "round_robin", "least_outstanding", "session_affinity"] = "least_outstanding"
+    """Which pod gets a request (docs/sessions.md): ``prefix_aware`` scores pods as the Kubernetes inference
+    gateway's endpoint picker does, by the expected prefix-cache hit, the queue and the KV-cache use."""
+
+    kind: Literal["random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = \
+        "least_outstanding"
+    prefix_weight: Float = Field(3.0, ge=0, description="prefix_aware: weight of the expected prefix hit")
+    queue_weight: Float = Field(1.0, ge=0, description="prefix_aware: weight of the (short) queue")
+    kv_cache_weight: Float = Field(1.0, ge=0, description="prefix_aware: weight of the free KV cache")
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------
@@ -456,7 +498,17 @@ class Faults(_Section):
 
 
 class State(_Section):
+    """Where sessions live (docs/state.md, docs/sessions.md).
+
+    ``ttl_s``: the store's sliding expiry; a session idle longer loses its history and its next turn starts
+    fresh (None: never). ``on_unavailable``: what a pod does when the store is out: ``fail`` the turn (503),
+    or ``serve_local`` from its own cache of the session when it served the session's last turn (else 503),
+    marking the session at risk.
+    """
+
     store: Literal["redis", "pod_local"] = "redis"
+    ttl_s: Float | None = Field(None, gt=0)
+    on_unavailable: Literal["fail", "serve_local"] = "fail"
 
 
 class Client(_Section):
@@ -684,4 +736,4 @@ def _is_union_tag(part: object) -> bool:
     return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("tagged-union", "function-")))
 
 
-_UNION_TAGS = frozenset({"poisson", "piecewise", "trace", "constant", "lognormal", "uniform"})
+_UNION_TAGS = frozenset({"poisson", "piecewise", "trace", "constant", "lognormal", "uniform", "exponential"})

@@ -3,14 +3,15 @@
 Everything here is vectorized and depends only on the workload section, the horizon and the seed's
 ``arrivals`` and ``lengths`` streams, so settings elsewhere (pods, autoscaler, faults) never change it.
 Request ``r`` is turn ``r % turns`` of session ``r // turns``; later turns are sent by the client when the
-previous turn is answered, so only first turns have an arrival time here.
+previous turn is answered (or on a schedule, ``sessions.mode: open``), so only first turns have an arrival
+time here. A growing session's later prompts are set by the client too (``capsim.sim.sessions``).
 """
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -26,6 +27,8 @@ from capsim.model.scenario import (
     TraceArrivals,
 )
 from capsim.model.settings import SettingsError
+from capsim.sim.prefix import NoPrefix, PrefixSource
+from capsim.sim.sessions import SessionPrefix
 from capsim.sim.streams import Streams
 
 
@@ -35,13 +38,20 @@ class TraceError(SettingsError):
 
 @dataclass(frozen=True)
 class Workload:
-    """Session start times (s, sorted) and per-request token counts (``n_sessions * turns`` each)."""
+    """Session start times (s, sorted) and per-request token counts (``n_sessions * turns`` each).
+
+    Growing sessions (``message_tokens`` set): ``prompt_tokens`` starts as each turn's new message, and the
+    client sets a later turn's prompt (history plus message) when it sends it (``capsim.sim.sessions``).
+    ``prefix`` gives each request's KV-block hashes to a continuous pod's prefix cache.
+    """
 
     session_start_s: np.ndarray  # float64, one per session, sorted
     turns: int
-    think_time_s: float
+    think_time_s: float  # the mean think time
     prompt_tokens: np.ndarray  # int32, one per request
     output_tokens: np.ndarray  # int32, one per request
+    message_tokens: np.ndarray | None = None  # int32, one per request: growing sessions only
+    prefix: PrefixSource = field(default_factory=NoPrefix)
 
     @property
     def n_sessions(self) -> int:
@@ -69,7 +79,14 @@ def make_workload(scenario: Scenario, streams: Streams) -> Workload:
     # prompts are drawn before outputs, each as one block, so one setting never shifts the other
     prompt = draw_tokens(wl.prompt_tokens, n, gen)
     output = draw_tokens(wl.output_tokens, n, gen)
-    return Workload(starts, turns, wl.sessions.think_time_s, prompt, output)
+    think = wl.sessions.think_mean_s
+    if wl.sessions.new_tokens is None:
+        return Workload(starts, turns, think, prompt, output)
+    # a growing session's later turns carry a new message; drawn after the rest, so it shifts nothing
+    new = draw_tokens(wl.sessions.new_tokens, n, gen)
+    message = np.where(np.arange(n) % turns == 0, prompt, new).astype(np.int32)
+    prefix = SessionPrefix(turns, n, seed=int(streams.seed))
+    return Workload(starts, turns, think, message.copy(), output, message, prefix)
 
 
 def session_starts(arrivals: PoissonArrivals | PiecewiseArrivals, horizon_s: float,

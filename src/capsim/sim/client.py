@@ -19,7 +19,12 @@ finished) are lost: their requests fail without retry and their later turns are 
 
 Redis outages: a request sent while Redis is out fails when the pod reads its session (503), and an
 answer that ends while Redis is out fails at the pod's final store write, after its batch used the GPU
-(503); both are retried. Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
+(503); both are retried. With ``state.on_unavailable: serve_local`` a pod that served the session's last
+turn (and has lived since) serves it from its own copy instead, and the session is marked at risk.
+
+Growing sessions, TTL expiry, think-time distributions, open-loop turns and the counters of where turns
+went (affinity misses, history re-prefilled after a pod lost its cache) are kept by a
+``capsim.sim.sessions.SessionBook`` when sessions have several turns (docs/sessions.md). Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
 A crashed or deleted pod stays in the endpoints for a moment (``cluster.py``): a request sent to it then
 is refused at once (503 from a draining pod, a refused connection from a dead container) and retried.
 
@@ -45,6 +50,7 @@ from capsim.policy.retry import retry_delay_s
 from capsim.sim.arrivals import Workload
 from capsim.sim.pod import Batch, Pod, PodState
 from capsim.sim.recorder import FAILED, REJECTED, TIMED_OUT
+from capsim.sim.sessions import SessionBook, SessionPrefix, ThinkTimes
 from capsim.sim.streams import BufferedDraws
 
 if TYPE_CHECKING:
@@ -100,6 +106,19 @@ class Client:
         self.n_retry_pending = 0
         self.n_lost_sessions = 0
         self.followups: list[tuple[float, int, bool]] = []  # (time, request, is_retry)
+        # sessions of several turns: their history, think times, and where their turns went
+        ss = sc.workload.sessions
+        self.open_loop = ss.mode == "open" and self.turns > 1
+        self.serve_local = sc.state.on_unavailable == "serve_local"
+        self.scored = sc.router.kind == "prefix_aware"
+        self.book: SessionBook | None = None
+        self._think = ThinkTimes(ss, sim.streams["sessions"])
+        if self.turns > 1:
+            prefix = workload.prefix if isinstance(workload.prefix, SessionPrefix) else None
+            self.book = SessionBook(self.turns, workload.message_tokens, sim.records.prompt, sim.records.output,
+                                    sc.batching.max_model_len, ss.on_context_overflow, sc.state.ttl_s, prefix)
+            if prefix is not None:
+                prefix.bind(sim.records.prompt, sim.records.output)
         self._inflight_due: list[tuple[float, int, int, Batch]] = []  # (due, seq, request, batch)
         self._seq = 0
         self.env.process(self._watch_timeouts())
@@ -122,8 +141,9 @@ class Client:
         starts = self._starts
         turns = self.turns
         # without sticky sessions or Redis outages, a first send needs only the router and the queue
-        plain = not self.sticky and not self.sim.faults.has_redis_outages
+        plain = not self.sticky and not self.sim.faults.has_redis_outages and not self.scored
         send = self._send_plain if plain else self._send
+        open_loop = self.open_loop
         session = self.session if self.track_sessions else None
         n = len(starts)
         pos = base = k = 0
@@ -157,6 +177,8 @@ class Client:
                 if session is not None:
                     session[i // turns] = _ACTIVE
                 send(i, t)
+                if open_loop:  # the next turn follows on a schedule, answered or not
+                    self._push(t + self._think.next(), i + 1, False)
                 continue
             if t_event > horizon:  # events at the horizon itself still happen (the last sample)
                 self._main_sent = base + k
@@ -186,6 +208,12 @@ class Client:
         else:
             if self.session[s] != _ACTIVE:  # lost while thinking
                 return
+            book = self.book
+            if book is not None and not book.begin_turn(i, t):
+                self.session[s] = _DONE  # its context would pass max_model_len: the session ends here
+                return
+            if self.open_loop and (i + 1) % self.turns:
+                self._push(t + self._think.next(), i + 1, False)
             rec.arrival[i] = t
             self._later_sent += 1
         rec.send[i] = t
@@ -200,10 +228,21 @@ class Client:
     def _send(self, i: int, t: float) -> None:
         """Send attempt of request ``i`` at ``t``: route, admit or reject, enqueue."""
         sim = self.sim
+        book = self.book
         if sim.faults.has_redis_outages and sim.faults.redis_down(t):
-            self._attempt_failed(i, t, FAILED, -1)  # the pod cannot read the session: 503
-            return
-        pod = self._home_pod(i) if self.sticky else sim.router.pick()
+            pod = self._local_copy(i) if self.serve_local else None
+            if pod is None:
+                self._attempt_failed(i, t, FAILED, -1)  # the pod cannot read the session: 503
+                return
+        elif self.sticky:
+            pod = self._home_pod(i)
+        elif self.scored and book is not None and i % self.turns:
+            s = i // self.turns
+            hist = book.history_tokens(i)
+            hit = hist / max(int(self.rec.prompt[i]), 1)
+            pod = sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit)
+        else:
+            pod = sim.router.pick()
         if pod is None:
             if not (self.pod_local and self.session[i // self.turns] == _LOST):
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
@@ -217,8 +256,27 @@ class Client:
             self._attempt_failed(i, t, REJECTED, pod.id)  # 429
             return
         pod.enqueue(i, t)
-        if self.sticky:
+        if self.sticky or self.scored:
             sim.router.touch(pod)  # a home pod was not picked by the router
+        if book is not None and i % self.turns:
+            book.placed(i, pod, sim.cluster.pods)
+
+    def _local_copy(self, i: int) -> Pod | None:
+        """``serve_local`` in a Redis outage: the pod that served the session's last turn, if it still holds
+        the session (same life, in the endpoints); it serves the turn and the session is at risk."""
+        book = self.book
+        if book is None or not i % self.turns:
+            return None
+        s = i // self.turns
+        p = int(book.last_pod[s])
+        if p < 0:
+            return None
+        pod = self.sim.cluster.pods[p]
+        if not (pod.routable and book.cached_on(s, pod)):
+            return None
+        book.served_local += 1
+        book.at_risk[s] = True
+        return pod
 
     def _send_plain(self, i: int, t: float) -> None:
         """``_send`` without sessions or outages, with ``Pod.enqueue`` inlined: the hot path."""
@@ -290,8 +348,10 @@ class Client:
         if not self._cancel_queued:
             self._drop_orphans(batch)
         if self._outages and self.sim.faults.redis_down(now):
-            self._store_write_failed(batch, batch.idx.tolist(), now)
-            return
+            if not self.serve_local:
+                self._store_write_failed(batch, batch.idx.tolist(), now)
+                return
+            self._kept_locally(batch.idx)
         self.n_ok += batch.live_size
         if not self.track_sessions:
             return
@@ -302,11 +362,17 @@ class Client:
         if turns == 1:
             self.session[idx] = _DONE
             return
+        book = self.book
+        if book is not None:
+            for i in idx.tolist():
+                book.answered(i, now, batch.pod)
         last = idx % turns == turns - 1
         self.session[idx[last] // turns] = _DONE
+        if self.open_loop:
+            return
         for i in idx[~last].tolist():
             if self.session[i // turns] == _ACTIVE:
-                self._push(now + self.think_s, i + 1, False)
+                self._push(now + self._think.next(), i + 1, False)
 
     def on_request_done(self, batch: Batch, i: int, now: float) -> None:
         """``on_batch_done`` for a one-request batch (a continuous-batching pod's request), without arrays."""
@@ -316,16 +382,27 @@ class Client:
             self._free_orphans.append(i)
             return
         if self._outages and self.sim.faults.redis_down(now):
-            self._store_write_failed(batch, [i], now)
-            return
+            if not self.serve_local:
+                self._store_write_failed(batch, [i], now)
+                return
+            self._kept_locally(batch.idx)
         self.n_ok += 1
         if not self.track_sessions:
             return
         turns = self.turns
+        if self.book is not None:
+            self.book.answered(i, now, batch.pod)
         if turns == 1 or i % turns == turns - 1:
             self.session[i // turns] = _DONE
-        elif self.session[i // turns] == _ACTIVE:
-            self._push(now + self.think_s, i + 1, False)
+        elif self.session[i // turns] == _ACTIVE and not self.open_loop:
+            self._push(now + self._think.next(), i + 1, False)
+
+    def _kept_locally(self, idx: np.ndarray) -> None:
+        """``serve_local``: the answers' store write failed; the pod keeps the turns and answers anyway."""
+        if self.book is not None:
+            idx = idx[idx < self._n_real]  # orphans: nobody reads their answers
+            self.book.served_local += len(idx)
+            self.book.at_risk[idx // self.turns] = True
 
     def _store_write_failed(self, batch: Batch, idx: list[int], now: float) -> None:
         """The model answered at ``now`` while Redis is out: the pod's final store write fails, so each live

@@ -22,6 +22,7 @@ from capsim.model.profile import ProfileRangeError, ServiceTimeProfile
 from capsim.model.scenario import POD_METRIC_ALIASES, ConstantTokens, Scenario
 from capsim.model.scenario_limits import MAX_REQUESTS, event_budget
 from capsim.model.settings import SettingsError
+from capsim.policy.routing import Weights
 from capsim.policy.scheduling import SchedulerLimits
 from capsim.sim.arrivals import make_workload
 from capsim.sim.client import Client
@@ -35,7 +36,7 @@ from capsim.sim.router import Router
 from capsim.sim.service import make_service
 from capsim.sim.step_time import make_step_time
 from capsim.sim.streams import BufferedDraws, Streams
-from capsim.sim.summary import Summary, summarize
+from capsim.sim.summary import Summary, session_results, summarize
 
 
 class InvariantError(AssertionError):
@@ -124,8 +125,10 @@ class Simulation:
             self.profile_path = str(profile.source if profile is not None else scenario.service.profile)
         self.faults = Faults(self)
         self.cluster = Cluster(self)
-        self.router = Router(scenario.router.kind, self.cluster.endpoints, self.cluster.pods,
-                             BufferedDraws(self.streams["routing"]))
+        rs = scenario.router
+        self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
+                             BufferedDraws(self.streams["routing"]),
+                             Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
@@ -207,6 +210,7 @@ class Simulation:
         del cols
         if self.continuous is not None:
             summary = continuous_results(self.continuous, requests, summary, sc.warmup_s)
+        summary = session_results(summary, requests, self.client.book, sc.warmup_s)
         return SimResult(
             requests=requests,
             timeseries=self.timeseries.frame(),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from capsim.sim.recorder import FAILED, OK, REJECTED, TIMED_OUT, percentiles
+
+if TYPE_CHECKING:
+    from capsim.sim.sessions import SessionBook
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,18 @@ class Summary:
     lost_turns: int = 0
     session_failure_rate: float = math.nan
     session_slo_met: bool = True
+    # sessions (docs/sessions.md): prompt tokens served from a pod's prefix cache over prompt tokens (measured
+    # ok requests; 0 without prefix caching), history tokens re-prefilled because the pod that cached them
+    # crashed, restarted or went, later turns that did not go to the pod of their session's last turn, and
+    # what happened to sessions' histories
+    prefix_hit_rate: float = 0.0
+    reprefill_tokens: int = 0
+    affinity_misses: int = 0
+    sessions_expired: int = 0
+    sessions_truncated: int = 0
+    sessions_ended_on_overflow: int = 0
+    sessions_at_risk: int = 0
+    served_local: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,4 +154,22 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
         lost_turns=lost_turns,
         session_failure_rate=session_failure_rate,
         session_slo_met=bool(session_slo_met),
+    )
+
+
+def session_results(summary: Summary, requests: Any, book: SessionBook | None, warmup_s: float) -> Summary:
+    """The summary with the session numbers filled in: the prefix-cache hit rate (from the requests'
+    ``cached_tokens`` column, if the run has one) and the counters of ``book``."""
+    hit = 0.0
+    if "cached_tokens" in requests.columns and len(requests):
+        m = ((requests["outcome"] == "ok") & (requests["arrival_s"] >= warmup_s)).to_numpy()
+        prompt = float(requests["prompt_tokens"].to_numpy()[m].sum())
+        hit = float(requests["cached_tokens"].to_numpy()[m].sum()) / prompt if prompt > 0 else 0.0
+    if book is None:
+        return dataclasses.replace(summary, prefix_hit_rate=hit)
+    return dataclasses.replace(
+        summary, prefix_hit_rate=hit, reprefill_tokens=book.reprefill_tokens,
+        affinity_misses=book.affinity_misses, sessions_expired=book.expired, sessions_truncated=book.truncated,
+        sessions_ended_on_overflow=book.ended_on_overflow, sessions_at_risk=int(book.at_risk.sum()),
+        served_local=book.served_local,
     )

@@ -1,0 +1,225 @@
+"""Sessions that grow: each turn's prompt from the session's history, its block hashes, and what a turn costs.
+
+A growing session (``workload.sessions.new_tokens``) keeps an append-only token stream: turn k's prompt is
+every earlier prompt and answer plus the new message, so the stream's full blocks are shared by all later
+turns and :class:`SessionPrefix` can hash block ``j`` of session ``s`` from ``(seed, s, epoch, j)`` alone.
+The epoch counts the session's history losses (TTL expiry, the oldest turns dropped to fit
+``max_model_len``): after one the prompt's tokens no longer start as before, so every block hashes anew.
+
+:class:`SessionBook` is the client's record of each session (its context, epoch, the pod and pod life that
+served its last turn, when that turn was answered) and the run's session counters.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from capsim.model.scenario import (
+    ConstantDuration,
+    ExponentialDuration,
+    LognormalDuration,
+    Sessions,
+    UniformDuration,
+)
+
+if TYPE_CHECKING:
+    from capsim.sim.pod import Pod
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection of uint64 that spreads every input bit (no collisions)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def stream_hashes(seed: int, session: int, epoch: int, n: int) -> np.ndarray:
+    """The hashes (int64) of blocks ``0 .. n-1`` of session ``session``'s stream in epoch ``epoch``."""
+    with np.errstate(over="ignore"):
+        key = _mix(np.array([(seed << 40) ^ (session << 12) ^ epoch], dtype=np.uint64))
+        out = _mix(key + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64))
+    # the top bit cleared: positive int64, and never one of a trace's small ids
+    return (out >> np.uint64(1)).astype(np.int64) | np.int64(1 << 61)
+
+
+class SessionPrefix:
+    """``PrefixSource`` of growing sessions: request ``i`` is turn ``i % turns`` of session ``i // turns``;
+    its blocks cover its prompt and answer (the answer is known in advance in the simulator)."""
+
+    def __init__(self, turns: int, n_requests: int, seed: int) -> None:
+        self.turns = turns
+        self.seed = seed
+        self.epoch = np.zeros(n_requests, dtype=np.int32)  # the session's epoch when the request was sent
+        self.prompt: np.ndarray | None = None
+        self.output: np.ndarray | None = None
+
+    def bind(self, prompt: np.ndarray, output: np.ndarray) -> None:
+        """Read the token counts from these (the run's records, whose prompts the client sets per turn)."""
+        self.prompt, self.output = prompt, output
+
+    def block_hashes(self, request: int, block_size: int) -> np.ndarray:
+        if self.prompt is None or self.output is None or request >= len(self.epoch):
+            return _EMPTY  # not bound, or a spare slot: nothing shared
+        n = (int(self.prompt[request]) + int(self.output[request])) // block_size
+        return stream_hashes(self.seed, request // self.turns, int(self.epoch[request]), n)
+
+    def __repr__(self) -> str:
+        return f"SessionPrefix(turns={self.turns}, seed={self.seed})"
+
+
+class ThinkTimes:
+    """Think (or tool) times drawn one at a time, in vectorized blocks, from the ``sessions`` stream."""
+
+    def __init__(self, spec: Sessions, gen: np.random.Generator, block: int = 4096) -> None:
+        self.spec = spec.think_time_s
+        self.constant = self.spec.value_s if isinstance(self.spec, ConstantDuration) else None
+        self._gen = gen
+        self._block = block
+        self._buf: list[float] = []
+        self._pos = 0
+
+    def next(self) -> float:
+        if self.constant is not None:
+            return self.constant
+        if self._pos >= len(self._buf):
+            self._buf = self._draw(self._block).tolist()
+            self._pos = 0
+        v = self._buf[self._pos]
+        self._pos += 1
+        return v
+
+    def _draw(self, n: int) -> np.ndarray:
+        s, g = self.spec, self._gen
+        if isinstance(s, UniformDuration):
+            return g.uniform(s.low_s, s.high_s, n)
+        if isinstance(s, ExponentialDuration):
+            return g.exponential(s.mean_s, n)
+        assert isinstance(s, LognormalDuration)
+        return g.lognormal(np.log(s.mean_s) - s.sigma**2 / 2.0, s.sigma, n)  # mean s.mean_s
+
+
+class SessionBook:
+    """Per-session state of the client and the session counters of the run.
+
+    ``message[i]`` is request ``i``'s new message (turn 0: its whole first prompt). ``prompt`` and ``output``
+    are the run's record columns; ``begin_turn`` writes a later turn's prompt there when it is first sent.
+    """
+
+    def __init__(self, turns: int, message: np.ndarray | None, prompt: np.ndarray, output: np.ndarray,
+                 max_model_len: int, policy: str, ttl_s: float | None, prefix: SessionPrefix | None) -> None:
+        n_sessions = len(prompt) // turns if turns else 0
+        self.turns = turns
+        self.message = message  # None: prompts do not grow
+        self.prompt = prompt
+        self.output = output
+        self.max_len = max_model_len
+        self.truncate = policy == "truncate_oldest"
+        self.ttl_s = ttl_s
+        self.prefix = prefix
+        self.context = np.zeros(n_sessions, dtype=np.int64)  # history tokens of the current epoch
+        self.first_kept = np.zeros(n_sessions, dtype=np.int32)  # the oldest turn still in the history
+        self.epoch = np.zeros(n_sessions, dtype=np.int32)
+        self.answered_at = np.full(n_sessions, np.nan)  # when the last turn was answered (the store's write)
+        self.last_pod = np.full(n_sessions, -1, dtype=np.int32)  # the pod that served the last turn ...
+        self.last_life = np.zeros(n_sessions, dtype=np.int32)  # ... and its incarnation then
+        self._routed = np.zeros(len(prompt), dtype=bool)  # a later turn's first placement was counted
+        self.expired = 0
+        self.truncated = 0
+        self.ended_on_overflow = 0
+        self.reprefill_tokens = 0
+        self.affinity_misses = 0
+        self.served_local = 0
+        self.at_risk = np.zeros(n_sessions, dtype=bool)
+
+    # ---- a later turn is sent ---------------------------------------------------------------------------
+    def begin_turn(self, i: int, t: float) -> bool:
+        """Turn ``i`` (not a first turn) is sent for the first time at ``t``: expire an idle history, set its
+        prompt; False when the session ends here instead (it would pass ``max_model_len``)."""
+        s = i // self.turns
+        k = i - s * self.turns
+        if self.ttl_s is not None and t - self.answered_at[s] > self.ttl_s:
+            # the store dropped the history: the turn starts a fresh conversation
+            self.expired += 1
+            self.context[s] = 0
+            self.first_kept[s] = k
+            self.epoch[s] += 1
+        if self.message is None:
+            self._stamp(i, s)
+            return True
+        msg = int(self.message[i])
+        ctx = int(self.context[s])
+        if ctx + msg + int(self.output[i]) > self.max_len:
+            if not self.truncate:
+                self.ended_on_overflow += 1
+                return False
+            first = int(self.first_kept[s])
+            base = s * self.turns
+            while ctx > 0 and ctx + msg + int(self.output[i]) > self.max_len and first < k:
+                ctx -= int(self.message[base + first]) + int(self.output[base + first])
+                first += 1
+            ctx = max(ctx, 0)
+            if ctx + msg + int(self.output[i]) > self.max_len:
+                self.ended_on_overflow += 1  # the new message alone does not fit
+                return False
+            self.truncated += 1
+            self.first_kept[s] = first
+            self.context[s] = ctx
+            self.epoch[s] += 1  # the prompt's first tokens changed: no block is shared any more
+        self.prompt[i] = ctx + msg
+        self._stamp(i, s)
+        return True
+
+    def _stamp(self, i: int, s: int) -> None:
+        if self.prefix is not None:
+            self.prefix.epoch[i] = self.epoch[s]
+
+    def history_tokens(self, i: int) -> int:
+        """Tokens of turn ``i``'s prompt that an earlier turn of its session put there."""
+        if self.message is None:
+            return 0
+        return max(int(self.prompt[i]) - int(self.message[i]), 0)
+
+    # ---- where the turn goes ------------------------------------------------------------------------------
+    def cached_on(self, s: int, pod: Pod) -> bool:
+        """Whether ``pod`` served session ``s``'s last turn and has lived since (its cache may still hold it)."""
+        return int(self.last_pod[s]) == pod.id and int(self.last_life[s]) == pod.incarnation
+
+    def cache_alive(self, s: int, pods: list[Pod]) -> bool:
+        """Whether the pod that served session ``s``'s last turn still runs the life it served it in."""
+        p = int(self.last_pod[s])
+        if p < 0:
+            return False
+        pod = pods[p]
+        return pod.incarnation == int(self.last_life[s]) and pod.state.name in ("READY", "TERMINATING")
+
+    def placed(self, i: int, pod: Pod, pods: list[Pod]) -> None:
+        """Later turn ``i`` was queued on ``pod``: count, once per turn, a move away from the pod that served
+        the session's last turn, and the history re-prefilled because that pod lost its cache."""
+        if self._routed[i]:
+            return
+        self._routed[i] = True
+        s = i // self.turns
+        if self.last_pod[s] < 0:
+            return
+        if not self.cached_on(s, pod):
+            self.affinity_misses += 1
+            if not self.cache_alive(s, pods):
+                self.reprefill_tokens += self.history_tokens(i)
+
+    def answered(self, i: int, now: float, pod: Pod) -> None:
+        """Turn ``i`` was answered by ``pod`` at ``now``: the store holds its prompt and answer."""
+        s = i // self.turns
+        if self.message is not None:
+            self.context[s] = int(self.prompt[i]) + int(self.output[i])
+        self.answered_at[s] = now
+        self.last_pod[s] = pod.id
+        self.last_life[s] = pod.incarnation
