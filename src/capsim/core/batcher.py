@@ -14,7 +14,7 @@ import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 from capsim.errors import CapsimError
 from capsim.model.settings import BatchSettings
@@ -49,6 +49,22 @@ class BatcherClosedError(BatcherError):
 
 class BatchResultMismatchError(BatcherError):
     """The runner returned a different number of results than the batch had payloads."""
+
+
+TRACE_BATCHES = 8192  # the last batches kept for ``DynamicBatcher.trace`` (about 2 minutes at full load)
+
+
+class BatchRecord(NamedTuple):
+    """One finished batch, on the loop's clock (``time.monotonic``, the clock ``time.perf_counter`` also
+    reads on Linux, so other processes can line it up with theirs): what ``capsim validate`` reads to
+    see the pod's batch cycle and which requests each batch took."""
+
+    start: float  # the dispatcher handed it to the runner
+    end: float  # the loop saw the runner return
+    size: int
+    enqueued: tuple[float, ...]  # when each of its requests entered the queue
+    engine_start: float  # the engine's own start and end (perf_counter; 0 if the results do not say)
+    engine_end: float
 
 
 class BatcherMetrics(Protocol):
@@ -117,6 +133,8 @@ class DynamicBatcher(Generic[P, R]):
         self._closing = False
         self._closed = False
         self.batches_run = 0
+        # a ring of the last batches (one tuple per batch, not per request: cheap enough to keep on)
+        self.trace: deque[BatchRecord] = deque(maxlen=TRACE_BATCHES)
         if metrics is not None:
             metrics.bind_queue_depth(self.queue_depth)
 
@@ -354,6 +372,7 @@ class DynamicBatcher(Generic[P, R]):
             return
         self.batches_run += 1
         self._release_slot()
+        self._record(batch, started, loop.time(), results)
         if self._metrics is None:  # the hot path: no timing bookkeeping per request
             for entry, result in zip(batch, results, strict=True):
                 if entry.future.done():
@@ -377,6 +396,18 @@ class DynamicBatcher(Generic[P, R]):
             first = getattr(result, "first_token_s", None)
             ttft = wait + first if isinstance(first, int | float) else None
             self._settle(entry, "ok", wait, ttft, ended - entry.enqueued_at)
+
+    def _record(self, batch: list[_Entry[P, R]], started: float, ended: float,
+                results: Sequence[R | BaseException]) -> None:
+        first = results[0] if results else None
+        engine_start = getattr(first, "started_at", None)
+        total = getattr(first, "total_s", None)
+        if isinstance(engine_start, float) and isinstance(total, float):
+            engine_end = engine_start + total
+        else:
+            engine_start = engine_end = 0.0
+        self.trace.append(BatchRecord(started, ended, len(batch), tuple(e.enqueued_at for e in batch),
+                                      engine_start, engine_end))
 
     def _fail(
         self,
@@ -427,6 +458,7 @@ def as_runner(fn: Callable[[list[P]], Sequence[R | BaseException]]) -> Runner[P,
 
 
 __all__: list[str] = [
+    "BatchRecord",
     "BatchResultMismatchError",
     "BatcherClosedError",
     "BatcherError",

@@ -143,6 +143,8 @@ class _Records:
         self.output_tokens = output[:n].astype(np.int32)
         self.attempts = np.zeros(n, dtype=np.int32)
         self.outcome = np.full(n, -1, dtype=np.int8)  # -1: never sent (bounded run ended first)
+        # the schedule of each session's first turn, against which its send time is late (or not)
+        self.scheduled_s = np.full(n, np.nan)
 
     def frame(self) -> Any:
         sent = self.outcome >= 0
@@ -251,6 +253,8 @@ async def run_load(
 
         async def session(s: int) -> None:
             await asyncio.sleep(max(float(workload.session_start_s[s]) - (time.perf_counter() - t0), 0.0))
+            if s * turns < n:
+                rec.scheduled_s[s * turns] = workload.session_start_s[s]
             for turn in range(turns):
                 r = s * turns + turn
                 if r >= n or time.perf_counter() > deadline:
@@ -273,6 +277,11 @@ async def run_load(
     bar.close()
     frame = rec.frame()
     frame.attrs["failures"] = dict(failures.most_common())
+    # how late each session's first request left against its schedule (s; the generator's own lag), and
+    # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
+    sent = rec.outcome >= 0
+    frame.attrs["send_error_s"] = (rec.arrival_s - rec.scheduled_s)[sent].tolist()  # a list: pandas compares attrs
+    frame.attrs["t0_monotonic"] = t0
     return frame
 
 

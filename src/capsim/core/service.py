@@ -308,6 +308,13 @@ def create_app(
         pod: PodState = request.app.state.pod
         return PlainTextResponse(pod.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/debug/batches")
+    async def debug_batches(request: Request) -> JSONResponse:
+        """The batcher's last batches (``BatchRecord``, monotonic clock); ``capsim validate`` reads them."""
+        pod: PodState = request.app.state.pod
+        trace = getattr(pod.batcher, "trace", ())
+        return JSONResponse({"clock": "monotonic", "batches": [list(r) for r in trace]})
+
     @app.post("/v1/sessions/{session_id}/turns", response_model=None)
     async def turn(
         session_id: str,
