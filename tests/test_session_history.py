@@ -1,0 +1,182 @@
+"""The pod prefills a session's stored history + the new message: prompt lengths, expiry, a store outage."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from capsim.core.engine import GenerationRequest, ReferenceEngine
+from capsim.core.service import PodConfig, create_app
+from capsim.core.session_history import HistoryTooLongError, fit_history, message_tokens
+from capsim.core.state import SessionState, StoreUnavailableError, open_store
+from capsim.core.state_model import Message
+
+
+@pytest.fixture(scope="module")
+def engine() -> ReferenceEngine:
+    return ReferenceEngine("tiny", device="cpu", seed=0)
+
+
+class Switchable:
+    """A real in-memory store that a test can take down: every call then raises StoreUnavailableError."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise StoreUnavailableError("redis at memory:// did not answer within 1.5 s (test outage)")
+
+    async def get(self, session_id: str) -> SessionState | None:
+        self._check()
+        return await self.inner.get(session_id)  # type: ignore[no-any-return]
+
+    async def put(self, state: SessionState) -> SessionState:
+        self._check()
+        return await self.inner.put(state)  # type: ignore[no-any-return]
+
+    async def update(self, session_id: str, fn: Callable[..., SessionState], **kw: Any) -> SessionState:
+        self._check()
+        return await self.inner.update(session_id, fn, **kw)  # type: ignore[no-any-return]
+
+    async def delete(self, session_id: str) -> bool:
+        return await self.inner.delete(session_id)  # type: ignore[no-any-return]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def client_for(engine: ReferenceEngine, store: Any = None, **config: Any) -> TestClient:
+    cfg = PodConfig(device="cpu", max_wait_ms=0, warmup=False, **config)
+    return TestClient(create_app(cfg, engine=engine, store=store), raise_server_exceptions=False)
+
+
+def turn(client: TestClient, session: str, prompt: int | list[int], new: int) -> dict[str, Any]:
+    resp = client.post(f"/v1/sessions/{session}/turns", json={"prompt_tokens": prompt, "max_new_tokens": new})
+    assert resp.status_code == 200, resp.text
+    out: dict[str, Any] = resp.json()
+    return out
+
+
+def metric(client: TestClient, name: str) -> float:
+    text = client.get("/metrics").text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_turn_three_prefills_turns_one_and_two(engine: ReferenceEngine, mode: str) -> None:
+    with client_for(engine, batch_mode=mode) as client:
+        one = turn(client, "s1", 10, 3)
+        two = turn(client, "s1", [1, 2, 3, 4], 4)
+        three = turn(client, "s1", [5, 6, 7, 8, 9], 2)
+    assert one["history"]["prompt_tokens"] == 10 and one["history"]["source"] == "fresh"
+    assert two["history"]["prompt_tokens"] == 10 + 3 + 4
+    h = three["history"]
+    assert h["source"] == "store" and h["history_tokens"] == 10 + 3 + 4 + 4
+    assert h["prompt_tokens"] == 10 + 3 + 4 + 4 + 5  # what the engine saw
+    assert three["turn"] == 3
+    # the very tokens: turn 3's answer is the model's answer to the whole conversation so far
+    prompt1 = engine.request(10, 1).prompt
+    whole = (*prompt1, *one["tokens"], 1, 2, 3, 4, *two["tokens"], 5, 6, 7, 8, 9)
+    assert engine.generate([GenerationRequest(whole, 2)])[0].tokens == three["tokens"]
+
+
+def test_streamed_turns_prefill_the_history_too(engine: ReferenceEngine) -> None:
+    with client_for(engine) as client:
+        turn(client, "st", 6, 2)
+        with client.stream("POST", "/v1/sessions/st/turns",
+                           json={"prompt_tokens": [3, 4], "max_new_tokens": 3, "stream": True}) as resp:
+            assert resp.status_code == 200
+            body = "".join(resp.iter_text())
+        assert "event: done" in body
+        assert metric(client, "capsim_session_history_tokens_total") == 6 + 2
+        third = turn(client, "st", [1], 1)
+    assert third["history"]["history_tokens"] == 6 + 2 + 2 + 3  # the stream stored [3, 4], not the history
+
+
+def test_an_expired_session_starts_fresh_and_is_counted(engine: ReferenceEngine) -> None:
+    store = open_store("memory://", sliding_ttl_s=0.3)
+    with client_for(engine, store=store) as client:
+        turn(client, "ttl", 8, 2)
+        kept = turn(client, "ttl", 4, 2)  # within the TTL: the history is there
+        assert kept["history"]["history_tokens"] == 10
+        time.sleep(1.0)  # > 0.3 s idle: the store drops the session
+        fresh = turn(client, "ttl", 4, 2)
+        assert fresh["turn"] == 1 and fresh["history"]["source"] == "fresh"
+        assert fresh["history"]["fresh_reason"] == "expired" and fresh["history"]["prompt_tokens"] == 4
+        assert metric(client, 'capsim_session_fresh_starts_total{reason="expired"}') == 1
+        assert metric(client, 'capsim_session_fresh_starts_total{reason="new"}') == 1
+
+
+def test_store_outage_serve_local_serves_from_the_copy_at_risk(
+    engine: ReferenceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPSIM_ON_UNAVAILABLE", "serve_local")
+    store = Switchable(open_store("memory://"))
+    with client_for(engine, store=store) as client:
+        turn(client, "out", 8, 2)
+        store.down = True
+        local = turn(client, "out", 4, 2)
+        assert local["history"]["source"] == "local" and local["history"]["at_risk"] is True
+        assert local["history"]["history_tokens"] == 10 and local["turn"] == 2
+        again = turn(client, "out", 4, 2)  # the local copy holds the turn served locally
+        assert again["history"]["history_tokens"] == 16 and again["history"]["at_risk"] is True
+        unknown = client.post("/v1/sessions/never-seen/turns", json={"prompt_tokens": 4})
+        assert unknown.status_code == 503 and "no local copy" in unknown.json()["detail"]
+        assert metric(client, "capsim_session_local_writes_total") == 2
+        store.down = False
+        back = turn(client, "out", 4, 2)  # the store's history wins; the local turns are counted lost
+        assert back["history"]["source"] == "store" and back["history"]["history_tokens"] == 10
+        assert back["history"]["at_risk"] is False
+        assert metric(client, "capsim_session_local_turns_lost_total") == 2
+
+
+def test_store_outage_fail_is_a_503_with_the_reason(engine: ReferenceEngine) -> None:
+    store = Switchable(open_store("memory://"))
+    with client_for(engine, store=store) as client:
+        turn(client, "f", 8, 2)
+        store.down = True
+        resp = client.post("/v1/sessions/f/turns", json={"prompt_tokens": 4})
+    assert resp.status_code == 503 and resp.headers["Retry-After"]
+    assert "session store unavailable" in resp.json()["detail"]
+    assert "on_unavailable=fail" in resp.json()["detail"]
+
+
+def test_long_history_drops_oldest_turns_or_rejects(engine: ReferenceEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    with client_for(engine, max_prompt_tokens=40) as client:
+        turn(client, "long", 20, 4)
+        turn(client, "long", 10, 2)
+        cut = turn(client, "long", 8, 2)  # 20+4+10+2+8 = 44 > 40: the first turn goes
+        assert cut["history"]["dropped_messages"] == 2 and cut["history"]["prompt_tokens"] == 10 + 2 + 8
+    monkeypatch.setenv("CAPSIM_HISTORY_OVERFLOW", "reject")
+    with client_for(engine, max_prompt_tokens=40) as client:
+        turn(client, "long", 20, 4)
+        turn(client, "long", 10, 2)
+        resp = client.post("/v1/sessions/long/turns", json={"prompt_tokens": 8, "max_new_tokens": 2})
+    assert resp.status_code == 413 and "history_overflow=reject" in resp.json()["detail"]
+
+
+def test_message_tokens_are_read_back_from_the_content() -> None:
+    assert message_tokens(Message(role="user", content="1 2 511", tokens=3), 512) == (1, 2, 511)
+    text = Message(role="user", content="hello there", tokens=5)
+    assert len(message_tokens(text, 512)) == 5
+    assert message_tokens(text, 512) == message_tokens(Message(role="user", content="hello there", tokens=5), 512)
+    assert message_tokens(text, 512) != message_tokens(Message(role="user", content="hello here", tokens=5), 512)
+    assert message_tokens(Message(role="user", content="", tokens=0), 512) == ()
+
+
+def test_fit_history_drops_whole_turns_from_the_front() -> None:
+    msgs = [(1,) * 5, (2,) * 3, (3,) * 4, (4,) * 2]
+    assert fit_history(msgs, (9,), 100) == ((1,) * 5 + (2,) * 3 + (3,) * 4 + (4,) * 2 + (9,), 0)
+    assert fit_history(msgs, (9,), 8) == ((3,) * 4 + (4,) * 2 + (9,), 2)
+    assert fit_history(msgs, (9,) * 3, 3) == ((9,) * 3, 4)
+    with pytest.raises(HistoryTooLongError):
+        fit_history(msgs, (9,) * 4, 3)
+
