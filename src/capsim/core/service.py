@@ -365,20 +365,30 @@ async def _serve_turn(
 
     With an idempotency ``key`` that the session already remembers, answer what the first attempt
     answered, without running the model or writing."""
-    loaded = await _store_call(pod.store.get(session_id)) or SessionState.new(session_id)  # 503 if it is out
+    from capsim.core import session_history  # the engine prefills the stored history + the new message
+
+    history = session_history.for_pod(pod)  # from here on pod.store keeps a local copy (on_unavailable)
+    found = await _store_call(history.load(session_id))  # 503 if the store is out (and no local copy serves)
+    loaded = found.state
     done = loaded.write_for(key) if key is not None else None
     if done is not None:
         return JSONResponse(done.reply, headers={"Idempotent-Replayed": "true"})
+    try:
+        turn = history.turn(found, prompt, body.max_new_tokens)
+    except session_history.HistoryTooLongError as exc:
+        raise _HTTPError(413, str(exc)) from None
     if body.stream:
-        stream = _TurnStream(pod, session_id, prompt, body.max_new_tokens, received, loaded, key)
+        stream = _TurnStream(pod, session_id, turn.prompt, body.max_new_tokens, received, loaded, key)
+        stream.prompt = prompt  # the session stores the new message; its history is there already
         try:
             first = await stream.first()
         except BaseException:
             stream.task.cancel()
             raise
         return StreamingResponse(stream.events(first), media_type="text/event-stream")
-    result = await _generate(pod, GenerationRequest(prompt, body.max_new_tokens))
-    return JSONResponse(await _save_turn(pod, session_id, prompt, result, loaded, received, key))
+    result = await _generate(pod, GenerationRequest(turn.prompt, body.max_new_tokens))
+    answer = await _save_turn(pod, session_id, prompt, result, loaded, received, key)
+    return JSONResponse({**answer, "history": history.report(turn, result)})
 
 
 
