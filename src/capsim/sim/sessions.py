@@ -39,7 +39,8 @@ def _mix(x: np.ndarray) -> np.ndarray:
     x = x * _M1
     x = x ^ (x >> np.uint64(27))
     x = x * _M2
-    return x ^ (x >> np.uint64(31))
+    out: np.ndarray = x ^ (x >> np.uint64(31))
+    return out
 
 
 def stream_hashes(seed: int, session: int, epoch: int, n: int) -> np.ndarray:
@@ -131,7 +132,7 @@ class SessionBook:
         self.answered_at = np.full(n_sessions, np.nan)  # when the last turn was answered (the store's write)
         self.last_pod = np.full(n_sessions, -1, dtype=np.int32)  # the pod that served the last turn ...
         self.last_life = np.zeros(n_sessions, dtype=np.int32)  # ... and its incarnation then
-        self._routed = np.zeros(len(prompt), dtype=bool)  # a later turn's first placement was counted
+        self._routed = np.zeros(len(prompt), dtype=bool)  # a later turn's move was counted
         self.expired = 0
         self.truncated = 0
         self.ended_on_overflow = 0
@@ -202,18 +203,18 @@ class SessionBook:
         return pod.incarnation == int(self.last_life[s]) and pod.state.name in ("READY", "TERMINATING")
 
     def placed(self, i: int, pod: Pod, pods: list[Pod]) -> None:
-        """Later turn ``i`` was queued on ``pod``: count, once per turn, a move away from the pod that served
-        the session's last turn, and the history re-prefilled because that pod lost its cache."""
+        """An attempt of later turn ``i`` was queued on ``pod``: count, once per turn, a move away from the pod
+        that served the session's last turn, and the history re-prefilled because that pod lost its cache
+        (a retry after the crash of the pod the first attempt went to counts too)."""
         if self._routed[i]:
             return
-        self._routed[i] = True
         s = i // self.turns
-        if self.last_pod[s] < 0:
+        if self.last_pod[s] < 0 or self.cached_on(s, pod):
             return
-        if not self.cached_on(s, pod):
-            self.affinity_misses += 1
-            if not self.cache_alive(s, pods):
-                self.reprefill_tokens += self.history_tokens(i)
+        self._routed[i] = True
+        self.affinity_misses += 1
+        if not self.cache_alive(s, pods):
+            self.reprefill_tokens += self.history_tokens(i)
 
     def answered(self, i: int, now: float, pod: Pod) -> None:
         """Turn ``i`` was answered by ``pod`` at ``now``: the store holds its prompt and answer."""

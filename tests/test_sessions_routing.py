@@ -1,0 +1,97 @@
+"""Where a session's turns go: the endpoint-picker scorer, affinity, a crash's re-prefill, a Redis outage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.policy.routing import Candidate, Weights, pick, scores
+from capsim.sim import simulate
+
+TURNS = 5
+CRASH_AT = 300.0
+
+
+# ---- the pure scorer ---------------------------------------------------------------------------------------
+def test_the_scorer_weighs_prefix_queue_and_kv_cache() -> None:
+    w = Weights(prefix=3, queue=1, kv_cache=1)
+    home = Candidate(queue=4, kv_cache_usage=0.5, prefix_hit=0.9)
+    idle = Candidate(queue=0, kv_cache_usage=0.0, prefix_hit=0.0)
+    # 3 * 0.9 + 0 + 0.5 = 3.2 against 0 + 1 + 1 = 2: the cached history wins over an idle pod
+    assert scores([home, idle], w) == pytest.approx([3.2, 2.0])
+    assert pick([home, idle], w) == 0
+    # a small expected hit does not: 3 * 0.2 + 0.5 = 1.1
+    assert pick([Candidate(4, 0.5, 0.2), idle], w) == 1
+    # without a prefix, the shorter queue and the emptier cache win; ties to the first
+    assert pick([Candidate(3, 0.2, 0), Candidate(1, 0.2, 0), Candidate(1, 0.2, 0)], w) == 1
+    assert pick([Candidate(2, 0.9, 0), Candidate(2, 0.1, 0)], w) == 1
+    with pytest.raises(ValueError, match="no candidate"):
+        pick([], w)
+
+
+# ---- the simulator -----------------------------------------------------------------------------------------
+def agents(router: str, crash: bool = False, **over: Any) -> Scenario:
+    """Growing agent sessions (history 400 tokens + 50 per turn) on 4 continuous pods."""
+    sc = Scenario.model_validate({
+        "horizon_s": 600,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 1.0},
+                     "prompt_tokens": {"kind": "constant", "value": 400},
+                     "output_tokens": {"kind": "constant", "value": 30},
+                     "sessions": {"turns": TURNS, "think_time_s": {"kind": "exponential", "mean_s": 3.0},
+                                  "new_tokens": {"kind": "constant", "value": 50}}},
+        "service": {"kind": "deterministic", "mean_s": 0.02},
+        "batching": {"mode": "continuous", "max_num_seqs": 16, "max_num_batched_tokens": 2048,
+                     "block_size": 16, "num_blocks": 4096, "max_model_len": 4096},
+        "pods": {"replicas": 4, "startup_s": 20},
+        "router": {"kind": router},
+        "faults": {"crashes": [{"at_s": CRASH_AT, "pod": 1}]} if crash else None,
+        "client": {"timeout_s": 30, "max_retries": 3, "backoff_s": 0.5},
+    })
+    return sc.override(over) if over else sc
+
+
+@pytest.mark.parametrize("router", ["session_affinity", "prefix_aware"])
+def test_affinity_keeps_a_session_on_its_pod(router: str) -> None:
+    r = simulate(agents(router), seed=2)
+    df = r.requests[r.requests["outcome"] == "ok"]
+    pods_per_session = df.groupby("session_id")["pod"].nunique()
+    assert (pods_per_session == 1).mean() > 0.95
+    assert r.summary.affinity_misses <= 0.05 * (df["request_id"] % TURNS > 0).sum()
+    assert r.summary.reprefill_tokens == 0
+    rr = simulate(agents("round_robin"), seed=2)
+    assert rr.summary.affinity_misses > 0.5 * (df["request_id"] % TURNS > 0).sum()
+
+
+def test_round_robin_without_a_crash_re_prefills_nothing_lost() -> None:
+    assert simulate(agents("round_robin"), seed=2).summary.reprefill_tokens == 0
+
+
+@pytest.mark.parametrize("router", ["session_affinity", "prefix_aware"])
+def test_a_crash_makes_its_sessions_re_prefill_their_history_elsewhere(router: str) -> None:
+    r = simulate(agents(router, crash=True), seed=2)
+    s, df = r.summary, r.requests
+    assert s.crashes == 1 and s.reprefill_tokens > 0
+    # the turns whose previous turn was answered on pod 1 before the crash and that finished after it:
+    # those sent after the crash to another pod re-prefill their whole history (prompt less the message)
+    ok = df[df["outcome"] == "ok"].set_index("request_id")
+    prev = ok[(ok["pod"] == 1) & (ok["end_s"] < CRASH_AT)].index
+    nxt = ok.reindex(prev + 1).dropna(subset=["end_s"])
+    nxt = nxt[nxt["end_s"] > CRASH_AT]
+    surely = nxt[(nxt["arrival_s"] > CRASH_AT) & (nxt["pod"] != 1)]
+    assert len(surely) > 0
+    assert int((surely["prompt_tokens"] - 50).sum()) <= s.reprefill_tokens <= int((nxt["prompt_tokens"] - 50).sum())
+    assert s.affinity_misses >= len(surely)
+    # without the crash nothing is re-prefilled
+    assert simulate(agents(router), seed=2).summary.reprefill_tokens == 0
+
+def test_serve_local_answers_through_a_redis_outage_from_the_pods_own_copy() -> None:
+    outage = {"faults": {"redis_outages": [{"at_s": 200, "duration_s": 60}]}}
+    fail = simulate(agents("session_affinity").override(outage), seed=2).summary
+    local = simulate(agents("session_affinity").override({**outage, "state.on_unavailable": "serve_local"}),
+                     seed=2).summary
+    assert fail.served_local == 0 and fail.sessions_at_risk == 0
+    assert local.served_local > 0 and local.sessions_at_risk > 0
+    # a first turn has no copy anywhere: it still fails (503) and is retried, but far fewer do
+    assert local.retries < fail.retries

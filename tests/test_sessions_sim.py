@@ -1,0 +1,131 @@
+"""Growing sessions in the simulator: exact prompt lengths, closed and open loop, TTL expiry, context overflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.sim import simulate
+from capsim.sim.sessions import SessionPrefix, stream_hashes
+
+TURNS = 4
+
+
+def scenario(**over: Any) -> Scenario:
+    """Sessions of 4 turns, constant lengths (first prompt 100, new messages 10, answers 20), one pod that
+    answers in 0.1 s, few sessions: nothing queues, so every time is known."""
+    base: dict[str, Any] = {
+        "horizon_s": 400,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 0.05},
+                     "prompt_tokens": {"kind": "constant", "value": 100},
+                     "output_tokens": {"kind": "constant", "value": 20},
+                     "sessions": {"turns": TURNS, "think_time_s": 2.0,
+                                  "new_tokens": {"kind": "constant", "value": 10}}},
+        "service": {"kind": "deterministic", "mean_s": 0.1},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0},
+        "pods": {"replicas": 1},
+    }
+    sc = Scenario.model_validate(base)
+    return sc.override(over) if over else sc
+
+
+def by_turn(df: Any) -> Any:
+    df = df.sort_values("request_id")
+    return df.assign(turn=df["request_id"] % TURNS)
+
+
+def test_a_turns_prompt_is_its_sessions_history_plus_the_new_message() -> None:
+    df = by_turn(simulate(scenario(), seed=3).requests)
+    done = df[df.groupby("session_id")["turn"].transform("max") == TURNS - 1]
+    assert len(done) >= 4 * TURNS
+    # 100; 100 + 20 + 10; 130 + 20 + 10; ...
+    for k, want in enumerate([100, 130, 160, 190]):
+        assert (done[done["turn"] == k]["prompt_tokens"] == want).all()
+
+
+def test_without_new_tokens_prompts_are_drawn_per_turn_as_before() -> None:
+    df = simulate(scenario(**{"workload.sessions.new_tokens": None}), seed=3).requests
+    assert (df["prompt_tokens"] == 100).all()
+
+
+def test_closed_loop_the_next_turn_is_sent_a_think_time_after_the_answer() -> None:
+    df = by_turn(simulate(scenario(), seed=3).requests).set_index("request_id")
+    later = df[df["turn"] > 0]
+    prev_end = df.loc[later.index - 1, "end_s"].to_numpy()
+    np.testing.assert_allclose(later["arrival_s"].to_numpy(), prev_end + 2.0)
+
+
+def test_open_loop_the_next_turn_is_sent_a_think_time_after_the_previous_send() -> None:
+    df = by_turn(simulate(scenario(**{"workload.sessions.mode": "open"}), seed=3).requests).set_index("request_id")
+    later = df[df["turn"] > 0]
+    prev_send = df.loc[later.index - 1, "arrival_s"].to_numpy()
+    np.testing.assert_allclose(later["arrival_s"].to_numpy(), prev_send + 2.0)
+
+
+def test_think_time_may_be_a_distribution() -> None:
+    sc = scenario(**{"workload.sessions.think_time_s": {"kind": "exponential", "mean_s": 2.0}})
+    df = by_turn(simulate(sc, seed=3).requests).set_index("request_id")
+    later = df[df["turn"] > 0]
+    gaps = later["arrival_s"].to_numpy() - df.loc[later.index - 1, "end_s"].to_numpy()
+    assert (gaps >= 0).all() and len(np.unique(np.round(gaps, 9))) == len(gaps)
+    assert 1.0 < gaps.mean() < 3.5
+
+
+def test_an_idle_session_past_the_ttl_loses_its_history_and_starts_fresh() -> None:
+    # think 10 s, ttl 5 s: every later turn finds its history expired, so it is only its new message
+    sc = scenario(**{"workload.sessions.think_time_s": 10.0, "state.ttl_s": 5.0})
+    r = simulate(sc, seed=3)
+    df = by_turn(r.requests)
+    later = df[df["turn"] > 0]
+    assert (later["prompt_tokens"] == 10).all()
+    assert r.summary.sessions_expired == len(later) > 0
+    # a ttl longer than the think time keeps every history
+    r2 = simulate(scenario(**{"workload.sessions.think_time_s": 10.0, "state.ttl_s": 30.0}), seed=3)
+    assert r2.summary.sessions_expired == 0
+    assert (by_turn(r2.requests).query("turn == 3")["prompt_tokens"] == 190).all()
+
+
+def test_a_session_that_would_pass_max_model_len_ends_or_drops_its_oldest_turns() -> None:
+    # turn 2 would need 160 + 20 = 180 tokens > 170
+    r = simulate(scenario(**{"batching.max_model_len": 170}), seed=3)
+    df = by_turn(r.requests)
+    assert df["turn"].max() == 1
+    n_sessions = df["session_id"].nunique()
+    assert r.summary.sessions_ended_on_overflow == n_sessions - int(df["arrival_s"].isna().sum())
+    assert r.summary.sessions_ended_on_overflow > 0 and r.summary.completed == len(df)
+    r = simulate(scenario(**{"batching.max_model_len": 170,
+                             "workload.sessions.on_context_overflow": "truncate_oldest"}), seed=3)
+    df = by_turn(r.requests)
+    # turn 2: drop turn 0 (100 + 20): 10 + 20 + 10 = 40; turn 3: 40 + 20 + 10 = 70
+    done = df[df.groupby("session_id")["turn"].transform("max") == TURNS - 1]
+    assert len(done) > 0
+    assert (done[done["turn"] == 2]["prompt_tokens"] == 40).all()
+    assert (done[done["turn"] == 3]["prompt_tokens"] == 70).all()
+    assert r.summary.sessions_truncated == (df["turn"] == 2).sum() and r.summary.sessions_ended_on_overflow == 0
+
+
+def test_session_prefix_turns_share_their_sessions_leading_blocks() -> None:
+    p = SessionPrefix(turns=TURNS, n_requests=8, seed=7)
+    prompt = np.array([100, 130, 160, 190, 100, 130, 160, 190], dtype=np.int32)
+    p.bind(prompt, np.full(8, 20, dtype=np.int32))
+    a, b = p.block_hashes(0, 16), p.block_hashes(1, 16)
+    assert len(a) == 120 // 16 and len(b) == 150 // 16
+    np.testing.assert_array_equal(a, b[: len(a)])
+    assert not set(a) & set(p.block_hashes(4, 16))  # another session shares nothing
+    p.epoch[1] = 1  # the history was lost: the stream starts anew
+    assert not set(a) & set(p.block_hashes(1, 16))
+    h = stream_hashes(7, 0, 0, 10_000)
+    assert len(np.unique(h)) == len(h) and (h > 0).all()
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(SettingsError, match="think_time_s"):
+        scenario(**{"workload.sessions.think_time_s": -1})
+    with pytest.raises(SettingsError, match="on_context_overflow"):
+        scenario(**{"workload.sessions.on_context_overflow": "drop"})
+    with pytest.raises(SettingsError, match="ttl_s"):
+        scenario(**{"state.ttl_s": 0})
