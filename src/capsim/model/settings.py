@@ -122,6 +122,7 @@ class BatchSettings(FrozenModel):
     model: ModelShape | None = Field(None, description="continuous: the model's shape, for gpu_memory_gb")
     max_model_len: Int = Field(8192, ge=2, description="continuous: longest prompt + output a request may have")
     long_prefill_token_threshold: Int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
+    enable_prefix_caching: bool = Field(True, description="continuous: reuse cached KV blocks by hash (vLLM V1 default)")
 
     @model_validator(mode="after")
     def _cache_size(self) -> Self:

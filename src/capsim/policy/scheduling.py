@@ -2,8 +2,7 @@
 
 The same deterministic, clock-free scheduler drives the real engine and the simulated pod: a shell adds
 requests, asks :meth:`Scheduler.step` what runs next, runs or times that step, and repeats. Semantics
-follow vLLM V1's ``Scheduler.schedule`` (vllm/v1/core/sched/scheduler.py, FCFS policy, prefix caching
-off), as summarised in ``/work/shared/reference/serving_engines.md``:
+follow vLLM V1's ``Scheduler.schedule`` (vllm/v1/core/sched/scheduler.py, FCFS policy), as summarised in ``/work/shared/reference/serving_engines.md``:
 
 - A request tracks only ``num_computed_tokens`` and ``num_tokens`` (prompt plus generated). A decode
   asks for one token; a partly computed prompt for its next chunk. No separate phases.
@@ -18,19 +17,30 @@ off), as summarised in ``/work/shared/reference/serving_engines.md``:
 - After the step, a request whose known tokens are all computed emits one token; it finishes when it
   has emitted its ``max_tokens``, and its blocks return at once.
 
+Prefix caching (``enable_prefix_caching``): a shell gives each request the chained hashes of its full
+blocks (:meth:`Scheduler.add`, :meth:`Scheduler.extend_hashes`). An admission with no computed token
+reuses the longest run of leading cached blocks, capped so one token is computed
+(``num_computed_tokens`` starts at the hit, reported in ``Step.cached``); blocks register their hash
+once computed and full, and freed ones stay cached in :class:`~capsim.policy.block_pool.BlockPool`'s
+LRU list until reallocated. Unlike vLLM, which registers a block as it is allocated (a request admitted
+later in the same step may hit it), blocks register after the step: the real engine copies a hit's KV
+from blocks already computed.
+
 Unlike vLLM, which truncates generation at ``max_model_len``, a request whose prompt plus output could
 never fit (longer than ``max_model_len``, or more blocks than the whole cache) is rejected when added,
 with a typed :class:`Rejection`, so no request starves. The scheduler allocates blocks by count (no
-block ids, no prefix cache): enough for timing and for the engine's per-request caches.
+block ids): enough for timing and for the engine's per-request caches.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from capsim.model.settings import BatchSettings
+from capsim.policy.block_pool import BlockPool
 
 
 class Rejection(StrEnum):
@@ -54,6 +64,7 @@ class SchedulerLimits:
     num_blocks: int = 1024
     max_model_len: int = 8192
     long_prefill_token_threshold: int = 0  # 0: off
+    enable_prefix_caching: bool = False  # off unless asked (BatchSettings turns it on, as vLLM V1)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
@@ -67,7 +78,7 @@ class SchedulerLimits:
     def from_settings(cls, s: BatchSettings) -> SchedulerLimits:
         """The limits of a ``batching`` section in continuous mode (blocks derived as it says)."""
         return cls(s.max_num_seqs, s.max_num_batched_tokens, s.block_size, s.kv_cache_blocks(),
-                   s.max_model_len, s.long_prefill_token_threshold)
+                   s.max_model_len, s.long_prefill_token_threshold, s.enable_prefix_caching)
 
     def rejection(self, prompt_tokens: int, max_tokens: int) -> Rejection | None:
         """Why a request of this size can never run, or ``None`` when it can."""
@@ -82,10 +93,10 @@ class SchedulerLimits:
 class Request:
     """One request's scheduling state (``num_tokens`` = prompt + generated so far)."""
 
-    __slots__ = ("blocks", "computed", "generated", "max_tokens", "num_tokens", "preemptions", "prompt",
-                 "request_id", "started")
+    __slots__ = ("blocks", "cached", "computed", "generated", "hashes", "max_tokens", "num_tokens", "preemptions",
+                 "prompt", "refs", "reg", "request_id", "started")
 
-    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int) -> None:
+    def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int, hashes: list[int] | None = None) -> None:
         self.request_id = request_id
         self.prompt = prompt_tokens
         self.max_tokens = max_tokens
@@ -95,6 +106,10 @@ class Request:
         self.blocks = 0  # KV blocks held
         self.preemptions = 0
         self.started = False  # scheduled at least once
+        self.hashes: list[int] = hashes if hashes is not None else []  # chained hashes of full blocks
+        self.refs: list[int] = []  # hashes of cached blocks it holds (see BlockPool)
+        self.reg = 0  # blocks looked at for registration
+        self.cached = 0  # tokens served from the prefix cache at its first admission
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id}, computed={self.computed}/{self.num_tokens}, "
@@ -111,7 +126,8 @@ class Step:
     what a step-time model needs: prefill chunks (requests computing prompt or recomputed tokens, i.e.
     more than a decode's one token or a first chunk) and decodes. ``first_token`` lists requests that
     emitted their first token, ``finished`` those that emitted their last (their blocks are free),
-    ``preempted`` those sent back to waiting, ``started`` those scheduled for the first time.
+    ``preempted`` those sent back to waiting, ``started`` those scheduled for the first time, ``cached``
+    the admissions that hit the prefix cache (request id -> tokens reused; the shell copies their KV).
     """
 
     request_ids: list[int] = field(default_factory=list)
@@ -127,6 +143,7 @@ class Step:
     finished: list[int] = field(default_factory=list)
     preempted: list[int] = field(default_factory=list)
     started: list[int] = field(default_factory=list)
+    cached: dict[int, int] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -151,10 +168,16 @@ class Scheduler:
         self.free_blocks = limits.num_blocks
         self.num_preemptions = 0  # counter, as vllm:num_preemptions
         self.steps = 0
+        #: the prefix cache (``None`` with caching off); a shell keeping KV by hash sets ``pool.evicted``
+        self.pool: BlockPool | None = BlockPool() if limits.enable_prefix_caching else None
 
     # ---- queue ------------------------------------------------------------------------------------
-    def add(self, request_id: int, prompt_tokens: int, max_tokens: int) -> Rejection | None:
-        """Queue a request at the tail of waiting, or say why it can never run (then it is not queued)."""
+    def add(self, request_id: int, prompt_tokens: int, max_tokens: int,
+            block_hashes: Iterable[int] = ()) -> Rejection | None:
+        """Queue a request at the tail of waiting, or say why it can never run (then it is not queued).
+
+        ``block_hashes[j]``: chained hash of full block ``j`` of its tokens (prompt, then output), as far
+        as known; ignored with prefix caching off."""
         if prompt_tokens < 1 or max_tokens < 1:
             raise SchedulerError(f"request {request_id}: prompt_tokens and max_tokens must be >= 1, "
                                  f"got {prompt_tokens} and {max_tokens}")
@@ -162,19 +185,34 @@ class Scheduler:
             raise SchedulerError(f"request {request_id} is already queued or running")
         why = self.limits.rejection(prompt_tokens, max_tokens)
         if why is None:
-            r = Request(request_id, prompt_tokens, max_tokens)
+            hs = None
+            if self.pool is not None:
+                tolist = getattr(block_hashes, "tolist", None)  # a numpy array: plain ints hash faster
+                hs = tolist() if tolist is not None else list(block_hashes)
+            r = Request(request_id, prompt_tokens, max_tokens, hs)
             self.requests[request_id] = r
             self.waiting.append(r)
         return why
+
+    def extend_hashes(self, request_id: int, more: Iterable[int]) -> None:
+        """Append hashes of further full blocks of a request (the engine hashes tokens as it emits them)."""
+        r = self.requests.get(request_id)
+        if r is None:
+            raise SchedulerError(f"request {request_id} is not queued or running")
+        if self.pool is not None:
+            r.hashes.extend(more)
 
     def remove(self, request_id: int) -> Request:
         """Abort a request (its client went away, or the engine stopped it early); frees its blocks."""
         r = self.requests.pop(request_id, None)
         if r is None:
             raise SchedulerError(f"request {request_id} is not queued or running")
-        if r.blocks:
+        if self.pool is not None:
+            self.pool.register(r, r.computed // self.limits.block_size)
+            self.free_blocks += self.pool.release(r)
+        elif r.blocks:
             self.free_blocks += r.blocks
-            r.blocks = 0
+        r.blocks = 0
         try:
             self.running.remove(r)
         except ValueError:
@@ -188,6 +226,8 @@ class Scheduler:
         self.waiting.clear()
         self.requests.clear()
         self.free_blocks = self.limits.num_blocks
+        if self.pool is not None:
+            self.pool.reset()
         return ids
 
     @property
@@ -197,6 +237,16 @@ class Scheduler:
     @property
     def used_blocks(self) -> int:
         return self.limits.num_blocks - self.free_blocks
+
+    @property
+    def prefix_queries_tokens(self) -> int:
+        """Prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries, cumulative)."""
+        return self.pool.queries if self.pool is not None else 0
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Of those, tokens served from the cache (vllm:prefix_cache_hits, cumulative)."""
+        return self.pool.hits if self.pool is not None else 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -225,6 +275,9 @@ class Scheduler:
         preempted = out.preempted
         first, finished = out.first_token, out.finished
         requests = self.requests
+        pool = self.pool
+        pending: list[Request] = []  # requests that may have new full blocks to register
+        done: list[Request] = []  # finished requests, released after registration
         freed = 0
         decodes = decode_ctx = prefills = pre_tokens = pre_max = pre_ctx = 0
         # phase 1: running requests, in order
@@ -243,7 +296,7 @@ class Scheduler:
                 victim = None
                 while need > free:
                     victim = running.pop()
-                    free += victim.blocks
+                    free += victim.blocks if pool is None else pool.release(victim)
                     victim.blocks = 0
                     victim.computed = 0
                     victim.num_tokens = victim.prompt + victim.generated
@@ -260,6 +313,8 @@ class Scheduler:
             elif need:
                 r.blocks += need
                 free -= need
+            if pool is not None and len(pool.lru) > free:
+                pool.evict(len(pool.lru) - free)
             budget -= n
             if detail:
                 ids.append(r.request_id)
@@ -276,14 +331,19 @@ class Scheduler:
                     pre_max = n
             c += n
             r.computed = c
+            if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+                pending.append(r)
             if c == r.num_tokens:
                 g = r.generated = r.generated + 1
                 r.num_tokens = c + 1
                 if g == 1:
                     first.append(r.request_id)
                 if g == r.max_tokens:
-                    freed += r.blocks
-                    r.blocks = 0
+                    if pool is None:
+                        freed += r.blocks
+                        r.blocks = 0
+                    else:
+                        done.append(r)  # released after the step's registrations
                     finished.append(r.request_id)
                     del requests[r.request_id]
             i += 1
@@ -293,17 +353,33 @@ class Scheduler:
             while waiting and budget > 0 and len(running) < max_seqs:
                 r = waiting[0]
                 c = r.computed
+                hit = hit_free = 0
+                if pool is not None and not c and r.hashes:
+                    hit, hit_free = pool.lookup(r.hashes, (r.num_tokens - 1) // bs)
+                    c = hit * bs
                 n = r.num_tokens - c
                 if thr and n > thr:
                     n = thr
                 if n > budget:
                     n = budget
-                need = (c + n + bs - 1) // bs - r.blocks
-                if need > free:
+                need = (c + n + bs - 1) // bs - r.blocks - hit
+                if need + hit_free > free:
                     break
                 waiting.popleft()
+                if pool is not None:
+                    if hit:
+                        pool.acquire(r, hit)
+                        r.blocks = hit
+                        free -= hit_free
+                        out.cached[r.request_id] = c
+                    pool.queries += r.num_tokens
+                    pool.hits += c
+                    if not r.started:
+                        r.cached = c
                 free -= need
                 r.blocks += need
+                if pool is not None and len(pool.lru) > free:
+                    pool.evict(len(pool.lru) - free)
                 running.append(r)
                 budget -= n
                 if detail:
@@ -320,16 +396,27 @@ class Scheduler:
                     pre_max = n
                 c += n
                 r.computed = c
+                if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+                    pending.append(r)
                 if c == r.num_tokens:
                     g = r.generated = r.generated + 1
                     r.num_tokens = c + 1
                     if g == 1:
                         first.append(r.request_id)
                     if g == r.max_tokens:
-                        freed += r.blocks
-                        r.blocks = 0
+                        if pool is None:
+                            freed += r.blocks
+                            r.blocks = 0
+                        else:
+                            done.append(r)
                         finished.append(r.request_id)
                         del requests[r.request_id]
+        if pool is not None:
+            for r in pending:
+                pool.register(r, r.computed // bs)
+            for r in done:
+                freed += pool.release(r)
+                r.blocks = 0
         out.decodes, out.decode_context = decodes, decode_ctx
         out.prefills, out.prefill_tokens, out.prefill_max_tokens, out.prefill_context = (
             prefills, pre_tokens, pre_max, pre_ctx)
@@ -388,7 +475,9 @@ class Scheduler:
         were removed meanwhile); return the requests that finished, in running order."""
         bs = self.limits.block_size
         free = self.free_blocks
+        pool = self.pool
         finished = []
+        done = []
         for r in self.running:
             c = r.computed + steps
             r.computed = c
@@ -397,15 +486,28 @@ class Scheduler:
             b = -(-c // bs)
             free -= b - r.blocks
             r.blocks = b
+            if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+                pool.register(r, c // bs)
             if r.generated >= r.max_tokens:
-                free += b
-                r.blocks = 0
+                if pool is None:
+                    free += b
+                    r.blocks = 0
+                else:
+                    done.append(r)
                 finished.append(r.request_id)
                 del self.requests[r.request_id]
         if finished:
             self.running = [r for r in self.running if r.generated < r.max_tokens]
         if free < 0:
             raise SchedulerError(f"advance_decodes({steps}) needs {-free} more KV blocks than are free")
+        if pool is not None:
+            # blocks allocated in these steps came from hashless ones, then from the LRU head; the
+            # finished requests' blocks return after the last step, as in step()
+            if len(pool.lru) > free:
+                pool.evict(len(pool.lru) - free)
+            for r in done:
+                free += pool.release(r)
+                r.blocks = 0
         self.free_blocks = free
         self.steps += steps
         return finished
