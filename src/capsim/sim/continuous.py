@@ -26,6 +26,7 @@ from simpy.events import Timeout
 
 from capsim.policy.scheduling import Scheduler, SchedulerLimits, Step
 from capsim.sim.pod import Batch, Pod, PodState
+from capsim.sim.prefix import NoPrefix, PrefixSource
 from capsim.sim.recorder import REJECTED, percentiles
 from capsim.sim.summary import Summary
 
@@ -39,10 +40,14 @@ _NO_REQUESTS = np.empty(0, dtype=np.int64)
 class ContinuousStats:
     """Per-request columns and run-wide counters of continuous-mode pods (``Simulation.continuous``)."""
 
-    def __init__(self, n: int, limits: SchedulerLimits, step_time: StepTimeModel) -> None:
+    def __init__(self, n: int, limits: SchedulerLimits, step_time: StepTimeModel,
+                 prefix: PrefixSource | None = None) -> None:
         self.limits = limits
         self.step_time = step_time
         self.preemptions = np.zeros(n, dtype=np.int32)  # per request, over all its attempts
+        self.cached = np.zeros(n, dtype=np.int32)  # prompt tokens its (last) admission found in the prefix cache
+        #: each request's full-block hashes for the prefix cache (``None``: caching off or nothing shared)
+        self.prefix: PrefixSource | None = None
         self.unservable = np.zeros(n, dtype=bool)
         self.steps = 0
         self.n_preemptions = 0
@@ -51,6 +56,8 @@ class ContinuousStats:
         self.kv_peak = 0.0
         self.events = 0  # SimPy events the step loops used (a run of decode steps is one)
         self.max_run_steps = 4096  # longest run of decode steps taken as one event; 1: one event per step
+        if limits.enable_prefix_caching and prefix is not None and not isinstance(prefix, NoPrefix):
+            self.prefix = prefix
 
 
 class Run(Batch):
@@ -129,9 +136,12 @@ class ContinuousPod(Pod):
         q = self.queue
         rec = self._rec
         add = self.sched.add
+        prefix = self.stats.prefix
+        bs = self.stats.limits.block_size
         while self.fed < len(q):
             i = q[self.fed]
-            if add(i, int(rec.prompt[i]), int(rec.output[i])) is None:
+            hashes = prefix.block_hashes(i, bs) if prefix is not None else ()
+            if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
                 self.fed += 1
                 continue
             del q[self.fed]
@@ -232,6 +242,11 @@ class ContinuousPod(Pod):
         timeout = self.sim.timeout_s
         watch = self.sim.client.watch_request
         send = rec.send
+        cached = step.cached
+        if cached:
+            hits = self.stats.cached
+            for i, c in cached.items():
+                hits[i] = c
         for i in step.started:
             head = q.popleft()
             assert head == i, f"pod {self.id}: scheduler admitted {i} ahead of {head}"
@@ -324,21 +339,24 @@ class ContinuousPod(Pod):
 # ---- results ---------------------------------------------------------------------------------------------
 #: Time-series columns of a continuous-mode run: KV-cache use (mean and max over serving pods), and the
 #: engines' running and waiting requests (summed), as vLLM's gauges name them.
-CONTINUOUS_COLUMNS = ("kv_cache_usage", "kv_cache_usage_max", "num_requests_running", "num_requests_waiting")
+CONTINUOUS_COLUMNS = ("kv_cache_usage", "kv_cache_usage_max", "num_requests_running", "num_requests_waiting",
+                      "prefix_cache_queries", "prefix_cache_hits")
 
 
 def continuous_row(serving: list[Pod]) -> tuple[float, ...]:
     """The ``CONTINUOUS_COLUMNS`` of one time-series row, from the serving pods."""
     pods = [p for p in serving if isinstance(p, ContinuousPod)]
     if not pods:
-        return (math.nan, math.nan, 0, 0)
+        return (math.nan, math.nan, 0, 0, 0, 0)
     use = [p.kv_cache_usage for p in pods]
-    return (sum(use) / len(use), max(use), sum(p.num_running for p in pods), sum(p.num_waiting for p in pods))
+    # the prefix counters are the pods' own (vLLM's, cumulative per engine: a restarted pod starts at 0)
+    return (sum(use) / len(use), max(use), sum(p.num_running for p in pods), sum(p.num_waiting for p in pods),
+            sum(p.sched.prefix_queries_tokens for p in pods), sum(p.sched.prefix_hit_tokens for p in pods))
 
 
 def continuous_results(stats: ContinuousStats, requests: Any, summary: Summary, warmup_s: float) -> Summary:
-    """Add the per-request columns ``itl_s``, ``preemptions`` and ``unservable`` to the requests frame (in
-    place) and return the summary with the continuous-mode numbers filled in."""
+    """Add the per-request columns ``itl_s``, ``preemptions``, ``unservable`` and ``cached_tokens`` (prompt
+    tokens the last admission reused from the prefix cache) to the requests frame (in place) and return the summary with the continuous-mode numbers filled in."""
     ids = requests["request_id"].to_numpy()
     out = requests["output_tokens"].to_numpy()
     span = requests["end_s"].to_numpy() - requests["first_token_s"].to_numpy()
@@ -347,6 +365,7 @@ def continuous_results(stats: ContinuousStats, requests: Any, summary: Summary, 
     requests["itl_s"] = itl
     requests["preemptions"] = stats.preemptions[ids]
     requests["unservable"] = stats.unservable[ids]
+    requests["cached_tokens"] = stats.cached[ids]
     measured = itl[requests["arrival_s"].to_numpy() >= warmup_s]
     p50, p99 = percentiles(measured, (50, 99))
     return dataclasses.replace(
