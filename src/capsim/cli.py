@@ -199,6 +199,31 @@ def serve(
     run_server(config, host=host, port=port, log_level=log_level)
 
 
+@app.command()
+def router(
+    pod: Annotated[list[str], typer.Option(help="a pod's base URL (repeat for each pod)")],
+    policy: Annotated[str, typer.Option(help="session_affinity, round_robin, least_outstanding, prefix_aware")]
+    = "session_affinity",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port to listen on")] = 8080,
+    timeout_s: Annotated[float, typer.Option(help="a turn's deadline at a pod (then 504)")] = 60.0,
+    connect_timeout_s: Annotated[float, typer.Option(help="a pod not accepting by then is skipped")] = 1.0,
+    down_s: Annotated[float, typer.Option(help="a pod that refused a connection is skipped this long")] = 5.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run a router in front of real pods: places each session turn by a policy, fails over a dead pod."""
+    from capsim.core.router import RouterConfig, serve_router
+    from capsim.model.settings import SettingsError
+
+    try:
+        config = RouterConfig(pods=tuple(pod), policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
+                              connect_timeout_s=connect_timeout_s, down_s=down_s)
+    except SettingsError as exc:
+        field = str(exc).removeprefix("router.").split(" ", 1)[0].split(".", 1)[0]
+        raise typer.BadParameter(str(exc), param_hint=f"--{field.replace('_', '-')}") from None
+    serve_router(config, host=host, port=port, log_level=log_level)
+
+
 def _profile_summary(prof: object) -> str:
     from capsim.model.profile import ServiceTimeProfile
 

@@ -1,0 +1,309 @@
+"""A small HTTP router in front of N real pods that places each session turn by a policy, as issue 14 §3's
+routers do in the simulator (``capsim.sim.router``).
+
+Policies: ``session_affinity`` (the session's pod by rendezvous hashing over the pods, so a session stays on
+one pod and only the sessions of a pod that goes away move), ``round_robin``, ``least_outstanding`` (the
+fewest turns this router has in flight there, ties to the first pod) and ``prefix_aware`` (the Kubernetes
+inference gateway's scorers, ``capsim.policy.routing``: the pod that served the session's last turn is
+expected to hold the history's share of the prompt, weighed against each pod's turns in flight).
+
+Each policy gives an order of preference, not one pod. A pod that refuses the connection (or does not
+accept it within ``connect_timeout_s``) has received nothing, so the turn goes to the next pod in that
+order, the fallback counted in ``/metrics``, and the pod is skipped for ``down_s``. Every call to a pod has
+a deadline: a pod that accepted the turn but does not answer within ``timeout_s`` gets the client a
+**504** (the turn is not retried elsewhere: it may have been stored; a client with an ``Idempotency-Key``
+may retry it safely). No pod reachable: **502**. Answers are passed through with the pod's status and
+the header ``X-Capsim-Pod`` naming the pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import Field, field_validator
+
+from capsim.model.settings import FrozenModel
+from capsim.policy.routing import Candidate, Weights, scores
+
+Policy = Literal["session_affinity", "round_robin", "least_outstanding", "prefix_aware"]
+POLICIES: tuple[Policy, ...] = ("session_affinity", "round_robin", "least_outstanding", "prefix_aware")
+_PASSED_HEADERS = ("retry-after", "idempotent-replayed", "content-type")
+
+
+class RouterConfig(FrozenModel):
+    """The router's pods, policy and deadlines."""
+
+    _error_prefix: ClassVar[str] = "router"
+
+    pods: tuple[str, ...] = Field(..., min_length=1, description="pod base URLs, e.g. http://127.0.0.1:8001")
+    policy: Policy = "session_affinity"
+    timeout_s: float = Field(60.0, gt=0, description="a turn's whole call to a pod (a stream: each read)")
+    connect_timeout_s: float = Field(1.0, gt=0, description="a pod that does not accept by then is skipped")
+    down_s: float = Field(5.0, ge=0, description="a pod that refused a connection is skipped this long")
+    sessions: int = Field(100_000, ge=1, description="sessions whose last pod and length the router keeps")
+    prefix_weight: float = Field(3.0, ge=0, description="prefix_aware: weight of the expected prefix hit")
+    queue_weight: float = Field(1.0, ge=0, description="prefix_aware: weight of a short queue")
+
+    @field_validator("pods")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"a pod is an http(s) base URL, got {url!r}")
+        if len(set(v)) != len(v):
+            raise ValueError("a pod is listed twice")
+        return tuple(u.rstrip("/") for u in v)
+
+
+# ---- the decision: pure, no clock and no I/O ---------------------------------------------------------------
+@dataclass(frozen=True)
+class PodView:
+    """What the router knows of a pod when it places a turn."""
+
+    outstanding: int  # turns this router has in flight there
+    up: bool  # not skipped after a refused connection
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """What the router remembers of a session: the pod of its last turn and its tokens after that turn."""
+
+    last_pod: int
+    tokens: int
+
+
+def rendezvous(session_id: str, pods: Sequence[str]) -> list[int]:
+    """Pods in the session's rendezvous-hash order (highest-random-weight): stable per session, and removing
+    a pod moves only its own sessions."""
+    def weight(i: int) -> bytes:
+        return hashlib.blake2b(f"{session_id}\x00{pods[i]}".encode(), digest_size=8).digest()
+
+    return sorted(range(len(pods)), key=weight, reverse=True)
+
+
+def preference(policy: Policy, session_id: str, urls: Sequence[str], pods: Sequence[PodView],
+               session: SessionView | None, new_tokens: int, turn_number: int,
+               weights: Weights | None = None) -> list[int]:
+    """Every pod in the policy's order of preference (the router then tries the pods that are up first)."""
+    n = len(pods)
+    if policy == "session_affinity":
+        order = rendezvous(session_id, urls)
+    elif policy == "round_robin":
+        order = [(turn_number + k) % n for k in range(n)]
+    elif policy == "least_outstanding":
+        order = sorted(range(n), key=lambda i: (pods[i].outstanding, i))
+    else:
+        hit = [0.0] * n
+        if session is not None and session.last_pod < n:
+            hit[session.last_pod] = session.tokens / max(1, session.tokens + new_tokens)
+        cands = [Candidate(queue=p.outstanding, kv_cache_usage=0.0, prefix_hit=h) for p, h in zip(pods, hit, strict=True)]
+        s = scores(cands, weights or Weights())
+        order = sorted(range(n), key=lambda i: (-s[i], i))
+    return order
+
+
+# ---- the process ----------------------------------------------------------------------------------------------
+class RouterMetrics:
+    """The router's Prometheus series (docs/pod.md, "Sessions and history")."""
+
+    def __init__(self, pods: Sequence[str]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        kw: dict[str, Any] = {"namespace": "capsim_router", "registry": self.registry}
+        self.turns = Counter("turns", "Turns answered, by pod and HTTP status.", ("pod", "status"), **kw)
+        self.fallbacks = Counter("fallbacks", "Turns sent to a pod other than the policy's first choice because "
+                                 "that pod refused the connection or was down.", ("reason",), **kw)
+        self.timeouts = Counter("timeouts", "Turns a pod did not answer within timeout_s (504).", ("pod",), **kw)
+        self.moved = Counter("session_moves", "Turns of a known session placed on another pod than its last "
+                             "turn's (its prefix cache there is lost).", **kw)
+        self.outstanding = Gauge("outstanding", "Turns in flight per pod.", ("pod",), **kw)
+        for p in pods:
+            self.outstanding.labels(p).set(0)
+
+
+class Router:
+    """The router's live state: outstanding counts, pods down until, sessions' last pods."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.urls = list(config.pods)
+        self.outstanding = [0] * len(self.urls)
+        self.down_until = [0.0] * len(self.urls)
+        self.sessions: OrderedDict[str, SessionView] = OrderedDict()
+        self.turns = 0
+        self.metrics = RouterMetrics(self.urls)
+        self.weights = Weights(prefix=config.prefix_weight, queue=config.queue_weight, kv_cache=0.0)
+        self.http: httpx.AsyncClient | None = None
+
+    def order(self, session_id: str, new_tokens: int) -> tuple[list[int], bool]:
+        """The pods to try, up ones first; and whether the policy's first choice is down."""
+        now = time.monotonic()
+        views = [PodView(o, d <= now) for o, d in zip(self.outstanding, self.down_until, strict=True)]
+        self.turns += 1
+        order = preference(self.config.policy, session_id, self.urls, views, self.sessions.get(session_id),
+                           new_tokens, self.turns - 1, self.weights)
+        return [i for i in order if views[i].up] + [i for i in order if not views[i].up], not views[order[0]].up
+
+    def remember(self, session_id: str, pod: int, answer: Any) -> None:
+        history = answer.get("history") if isinstance(answer, dict) else None
+        tokens = 0
+        if isinstance(history, dict):
+            tokens = int(history.get("prompt_tokens", 0)) + len(answer.get("tokens", ()))
+        last = self.sessions.get(session_id)
+        if last is not None and last.last_pod != pod:
+            self.metrics.moved.inc()
+        self.sessions[session_id] = SessionView(pod, tokens)
+        self.sessions.move_to_end(session_id)
+        while len(self.sessions) > self.config.sessions:
+            self.sessions.popitem(last=False)
+
+    def _begin(self, i: int) -> None:
+        self.outstanding[i] += 1
+        self.metrics.outstanding.labels(self.urls[i]).set(self.outstanding[i])
+
+    def _end(self, i: int) -> None:
+        self.outstanding[i] -= 1
+        self.metrics.outstanding.labels(self.urls[i]).set(self.outstanding[i])
+
+    async def forward(self, session_id: str, body: bytes, payload: Any, headers: dict[str, str]) -> Response:
+        new = payload.get("prompt_tokens") if isinstance(payload, dict) else None
+        new_tokens = new if isinstance(new, int) else len(new) if isinstance(new, list) else 0
+        stream = isinstance(payload, dict) and payload.get("stream") is True
+        order, first_down = self.order(session_id, new_tokens)
+        reason = "down" if first_down else None
+        path = f"/v1/sessions/{session_id}/turns"
+        assert self.http is not None
+        for i in order:
+            url = self.urls[i]
+            if reason is not None:  # not the policy's first choice: counted once, with why
+                self.metrics.fallbacks.labels(reason).inc()
+            self._begin(i)
+            try:
+                if stream:
+                    return await self._stream(i, path, body, headers, session_id, new_tokens)
+                async with asyncio.timeout(self.config.timeout_s):
+                    resp = await self.http.post(url + path, content=body, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                # nothing reached the pod: safe to place the turn on the next pod
+                self.down_until[i] = time.monotonic() + self.config.down_s
+                reason = "refused"
+                continue
+            except (TimeoutError, httpx.TimeoutException):
+                self.metrics.timeouts.labels(url).inc()
+                self.metrics.turns.labels(url, "504").inc()
+                return JSONResponse({"detail": f"pod {url} did not answer within timeout_s="
+                                     f"{self.config.timeout_s:g} s; the turn may have been stored (retry with "
+                                     "the same Idempotency-Key)"}, 504, headers={"X-Capsim-Pod": url})
+            except httpx.HTTPError as exc:
+                self.metrics.turns.labels(url, "502").inc()
+                return JSONResponse({"detail": f"pod {url} failed: {type(exc).__name__}: {exc}"}, 502,
+                                    headers={"X-Capsim-Pod": url})
+            finally:
+                if not stream:
+                    self._end(i)
+            self.metrics.turns.labels(url, str(resp.status_code)).inc()
+            if resp.status_code == 200:
+                with suppress(ValueError):  # a 200 that is not JSON: nothing to remember
+                    self.remember(session_id, i, resp.json())
+            out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
+            return Response(resp.content, resp.status_code, headers={**out, "X-Capsim-Pod": url})
+        self.metrics.turns.labels("none", "502").inc()
+        return JSONResponse({"detail": f"no pod reachable (tried {', '.join(self.urls[i] for i in order)})"},
+                            502, headers={"Retry-After": "1"})
+
+    async def _stream(self, i: int, path: str, body: bytes, headers: dict[str, str], session_id: str,
+                      new_tokens: int) -> Response:
+        """Relay a streamed turn: the pod's status and first bytes within ``timeout_s``, then each read too."""
+        assert self.http is not None
+        url = self.urls[i]
+        req = self.http.build_request("POST", url + path, content=body, headers=headers)
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                resp = await self.http.send(req, stream=True)
+        except BaseException:
+            self._end(i)
+            raise
+        self.metrics.turns.labels(url, str(resp.status_code)).inc()
+        if resp.status_code == 200:  # the answer's length is in its last event: counted as the message's
+            last = self.sessions.get(session_id)
+            self.remember(session_id, i, {"history": {"prompt_tokens": (last.tokens if last else 0) + new_tokens}})
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():  # each read bounded by the client's read timeout
+                    yield chunk
+            except httpx.TimeoutException:
+                self.metrics.timeouts.labels(url).inc()
+                yield (b'event: error\ndata: {"status": 504, "detail": "pod did not answer within timeout_s"}\n\n')
+            finally:
+                await resp.aclose()
+                self._end(i)
+
+        out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
+        return StreamingResponse(relay(), resp.status_code, headers={**out, "X-Capsim-Pod": url})
+
+
+def create_router_app(config: RouterConfig) -> FastAPI:
+    """The router's ASGI app: ``POST /v1/sessions/{id}/turns`` (placed and passed through), ``/metrics``,
+    ``/healthz`` and ``/readyz`` (200 while some pod is not marked down)."""
+    router = Router(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+            router.http = http
+            yield
+        router.http = None
+
+    app = FastAPI(title="capsim router", version="1", lifespan=lifespan)
+    app.state.router = router
+
+    @app.post("/v1/sessions/{session_id}/turns", response_model=None)
+    async def turn(session_id: str, request: Request) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body) if body else None
+        except ValueError:
+            payload = None  # the pod answers the 422 with its reason
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "idempotency-key")}
+        return await router.forward(session_id, body, payload, headers)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import generate_latest
+
+        return PlainTextResponse(generate_latest(router.metrics.registry).decode(),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        now = time.monotonic()
+        up = [u for u, d in zip(router.urls, router.down_until, strict=True) if d <= now]
+        return JSONResponse({"ready": bool(up), "pods_up": up}, 200 if up else 503)
+
+    return app
+
+
+def serve_router(config: RouterConfig, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Run the router on uvicorn until SIGTERM/SIGINT."""
+    import uvicorn
+
+    uvicorn.run(create_router_app(config), host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,203 @@
+"""The router in front of real pods on loopback: policies, affinity, failover when a pod dies, 504 on a hang."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from capsim.core.router import (
+    POLICIES,
+    PodView,
+    RouterConfig,
+    SessionView,
+    create_router_app,
+    preference,
+    rendezvous,
+)
+from podproc import PodProcess, free_port
+
+
+# ---- the decision alone ---------------------------------------------------------------------------------
+def test_rendezvous_is_stable_and_moves_only_a_removed_pods_sessions() -> None:
+    pods = [f"http://127.0.0.1:{8000 + i}" for i in range(4)]
+    first = {f"s{k}": pods[rendezvous(f"s{k}", pods)[0]] for k in range(200)}
+    assert first == {f"s{k}": pods[rendezvous(f"s{k}", pods)[0]] for k in range(200)}
+    assert len(set(first.values())) == 4  # spread over every pod
+    fewer = pods[:2] + pods[3:]
+    moved = {s for s, p in first.items() if fewer[rendezvous(s, fewer)[0]] != p}
+    assert moved == {s for s, p in first.items() if p == pods[2]}
+
+
+def test_round_robin_least_outstanding_and_prefix_aware_orders() -> None:
+    urls = ["a", "b", "c"]
+    idle = [PodView(0, True)] * 3
+    assert [preference("round_robin", "s", urls, idle, None, 4, t)[0] for t in range(4)] == [0, 1, 2, 0]
+    busy = [PodView(3, True), PodView(1, True), PodView(2, True)]
+    assert preference("least_outstanding", "s", urls, busy, None, 4, 0) == [1, 2, 0]
+    # prefix_aware: the last turn's pod holds 90% of the prompt; it wins unless it is far busier
+    last = SessionView(last_pod=2, tokens=90)
+    assert preference("prefix_aware", "s", urls, idle, last, 10, 0)[0] == 2
+    assert preference("prefix_aware", "s", urls, [PodView(0, True), PodView(0, True), PodView(5, True)],
+                      last, 10, 0)[0] == 2  # 3 x 0.9 beats a queue score of 1
+    assert preference("prefix_aware", "s", urls, [PodView(0, True), PodView(0, True), PodView(5, True)],
+                      SessionView(2, 10), 90, 0)[0] == 0  # a small expected hit loses to a short queue
+    assert preference("prefix_aware", "s", urls, busy, None, 4, 0)[0] == 1  # no history: the shortest queue
+    assert set(POLICIES) == {"session_affinity", "round_robin", "least_outstanding", "prefix_aware"}
+
+
+# ---- real servers ---------------------------------------------------------------------------------------
+class Served:
+    """An ASGI app on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Served:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "router did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def router(pods: list[str], **kw: Any) -> Served:
+    return Served(create_router_app(RouterConfig(pods=tuple(pods), **kw)))
+
+
+@pytest.fixture
+def hanging_pod() -> Iterator[str]:
+    """A port that accepts connections (the kernel's backlog) and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def post(url: str, session: str, body: dict[str, Any], timeout: float = 30) -> httpx.Response:
+    return httpx.post(f"{url}/v1/sessions/{session}/turns", json=body, timeout=timeout)
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$", text, re.M))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_hanging_pod_is_a_504_within_the_timeout(hanging_pod: str, stream: bool) -> None:
+    with router([hanging_pod], timeout_s=1.0) as r:
+        t0 = time.monotonic()
+        resp = post(r.url, "h1", {"prompt_tokens": 4, "stream": stream}, timeout=10)
+        took = time.monotonic() - t0
+        assert resp.status_code == 504 and "timeout_s=1" in resp.json()["detail"]
+        assert 1.0 <= took < 3.0  # the router's deadline, not the client's 10 s
+        assert metric(r.url, "capsim_router_timeouts_total") == 1
+
+
+def test_no_pod_reachable_is_a_502(tmp_path: Any) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with router([dead], timeout_s=1.0) as r:
+        resp = post(r.url, "d1", {"prompt_tokens": 4})
+        assert resp.status_code == 502 and "no pod reachable" in resp.json()["detail"]
+        assert httpx.get(f"{r.url}/readyz", timeout=5).status_code == 503
+
+
+@pytest.fixture(scope="module")
+def pods(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[list[PodProcess]]:
+    """Two real pods of the tiny model sharing one real Redis (the seed's design)."""
+    log = tmp_path_factory.mktemp("pods")
+    ps = [PodProcess(log, f"pod{i}", redis_url=redis_server.url, max_wait_ms=0, warmup="false") for i in range(2)]
+    for p in ps:
+        p.start(wait_ready=False)
+    try:
+        for p in ps:
+            p.wait_ready()
+        yield ps
+    finally:
+        for p in ps:
+            p.kill()
+
+
+def sessions_on_each(urls: list[str], n: int) -> list[str]:
+    """Session ids, ``n`` of them placed first on each pod by rendezvous hashing."""
+    out: dict[int, list[str]] = {i: [] for i in range(len(urls))}
+    k = 0
+    while any(len(v) < n for v in out.values()):
+        sid = f"aff-{k}"
+        first = rendezvous(sid, urls)[0]
+        if len(out[first]) < n:
+            out[first].append(sid)
+        k += 1
+    return [s for v in out.values() for s in v]
+
+
+def test_affinity_keeps_a_session_on_its_pod_and_a_dead_pod_fails_over(pods: list[PodProcess]) -> None:
+    urls = [p.url for p in pods]
+    sids = sessions_on_each(urls, 2)
+    with router(urls, policy="session_affinity", timeout_s=20, down_s=30) as r:
+        served: dict[str, set[str]] = {s: set() for s in sids}
+        last: dict[str, dict[str, Any]] = {}
+        for _ in range(3):
+            for sid in sids:
+                resp = post(r.url, sid, {"prompt_tokens": 6, "max_new_tokens": 2})
+                assert resp.status_code == 200, resp.text
+                served[sid].add(resp.headers["X-Capsim-Pod"])
+                last[sid] = resp.json()
+        assert all(len(p) == 1 for p in served.values())
+        assert {next(iter(served[s])) for s in sids} == set(urls)  # both pods serve
+        assert all(a["history"]["history_tokens"] == 2 * (6 + 2) for a in last.values())
+        assert metric(r.url, "capsim_router_fallbacks_total") == 0
+        # pod 1 dies: its sessions go to pod 0, which prefills their whole history from Redis
+        pods[1].kill()
+        on_dead = [s for s in sids if urls[1] in served[s]]
+        for sid in on_dead:
+            resp = post(r.url, sid, {"prompt_tokens": 6, "max_new_tokens": 2})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["X-Capsim-Pod"] == urls[0]
+            assert resp.json()["turn"] == 4 and resp.json()["history"]["history_tokens"] == 3 * (6 + 2)
+        assert metric(r.url, 'capsim_router_fallbacks_total{reason="refused"}') == 1
+        assert metric(r.url, 'capsim_router_fallbacks_total{reason="down"}') == len(on_dead) - 1
+        assert metric(r.url, "capsim_router_session_moves_total") == len(on_dead)
+
+
+def test_capsim_router_command_serves(tmp_path: Any) -> None:
+    port, dead = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "capsim.cli", "router", "--pod", f"http://127.0.0.1:{dead}",
+                             "--policy", "round_robin", "--port", str(port), "--timeout-s", "2",
+                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                resp = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert resp.status_code == 200
+        assert post(f"http://127.0.0.1:{port}", "c1", {"prompt_tokens": 4}).status_code == 502
+    finally:
+        proc.terminate()
+        proc.wait(10)
