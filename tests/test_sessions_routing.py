@@ -83,6 +83,9 @@ def test_a_crash_makes_its_sessions_re_prefill_their_history_elsewhere(router: s
     assert len(surely) > 0
     assert int((surely["prompt_tokens"] - 50).sum()) <= s.reprefill_tokens <= int((nxt["prompt_tokens"] - 50).sum())
     assert s.affinity_misses >= len(surely)
+    # per request too: the turns that paid the crash
+    assert int(df["reprefill_tokens"].sum()) == s.reprefill_tokens
+    assert (df.set_index("request_id").loc[surely.index, "reprefill_tokens"] == surely["prompt_tokens"] - 50).all()
     # without the crash nothing is re-prefilled
     assert simulate(agents(router), seed=2).summary.reprefill_tokens == 0
 

@@ -137,6 +137,7 @@ class SessionBook:
         self.truncated = 0
         self.ended_on_overflow = 0
         self.reprefill_tokens = 0
+        self.reprefill = np.zeros(len(prompt), dtype=np.int32)  # per request: its history re-prefilled
         self.affinity_misses = 0
         self.served_local = 0
         self.at_risk = np.zeros(n_sessions, dtype=bool)
@@ -214,7 +215,9 @@ class SessionBook:
         self._routed[i] = True
         self.affinity_misses += 1
         if not self.cache_alive(s, pods):
-            self.reprefill_tokens += self.history_tokens(i)
+            h = self.history_tokens(i)
+            self.reprefill[i] = h
+            self.reprefill_tokens += h
 
     def answered(self, i: int, now: float, pod: Pod) -> None:
         """Turn ``i`` was answered by ``pod`` at ``now``: the store holds its prompt and answer."""
