@@ -123,10 +123,12 @@ class PiecewiseArrivals(_Section):
 
 
 class TraceArrivals(_Section):
-    """Replay a trace in the Azure LLM inference format: one request per row."""
+    """Replay a trace: Azure LLM inference CSV (one request per row), or Mooncake JSON lines (with the
+    prompt's 512-token block hashes, which feed the prefix cache)."""
 
     kind: Literal["trace"]
     path: Path
+    format: Literal["azure", "mooncake"] = Field("azure", description="azure: CSV; mooncake: JSON lines")
     speedup: Float = Field(1.0, gt=0, description="arrival times are divided by this")
 
 

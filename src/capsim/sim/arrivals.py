@@ -69,6 +69,13 @@ def make_workload(scenario: Scenario, streams: Streams) -> Workload:
     turns = wl.sessions.turns
     if isinstance(arrivals, TraceArrivals):
         path = scenario.resolve(arrivals.path)
+        if arrivals.format == "mooncake":  # its block hashes feed the prefix cache (capsim.sim.trace_mooncake)
+            from capsim.sim.trace_mooncake import read_mooncake
+
+            mc = read_mooncake(path)
+            times = mc.times_s / arrivals.speedup
+            keep = times < scenario.horizon_s
+            return Workload(times[keep], 1, 0.0, mc.prompt[keep], mc.output[keep], prefix=mc.prefix(keep))
         times, prompt, output = read_trace(path)
         times = times / arrivals.speedup
         keep = times < scenario.horizon_s
