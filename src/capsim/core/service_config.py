@@ -1,0 +1,105 @@
+"""The pod's configuration: ``PodConfig``, from flags or the ``CAPSIM_*`` variables the exporter writes."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from capsim.core.engine import PRESETS
+from capsim.core.state import StoreURLError, check_store_url
+from capsim.model.settings import BatchSettings, FrozenModel
+from capsim.policy.scheduling import SchedulerLimits
+
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+class PodConfig(FrozenModel):
+    """Everything a pod is configured with; each field also reads from ``CAPSIM_<FIELD>``."""
+
+    _error_prefix: ClassVar[str] = "pod"
+
+    model: str = Field("tiny", description="reference model preset")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    max_batch_size: int = Field(32, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    queue_capacity: int = Field(1024, ge=1)
+    overflow: Literal["reject", "wait"] = "reject"
+    max_concurrent_batches: int = Field(1, ge=1)
+    redis_url: str = Field("memory://", description="session store: redis://, rediss://, unix://, memory://")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts get 413")
+    max_new_tokens: int = Field(512, ge=1, description="larger max_new_tokens get 413")
+    drain_timeout_s: float = Field(25.0, ge=0, description="SIGTERM grace for in-flight work")
+    warmup: bool = True
+    pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
+    seed: int = 0
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
+    # continuous batching (docs/continuous.md): CAPSIM_BATCH_MODE=continuous and vLLM's engine limits
+    batch_mode: Literal["static", "continuous"] = Field("static", description="static batches or per-step")
+    max_num_seqs: int = Field(256, ge=1, description="continuous: requests running at once")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="continuous: tokens one step computes")
+    block_size: int = Field(16, ge=1, description="continuous: tokens per KV-cache block")
+    num_blocks: int = Field(4096, ge=1, description="continuous: KV-cache blocks")
+    max_model_len: int = Field(4096, ge=2, description="continuous: longest prompt + output")
+    long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
+
+    ENV_PREFIX: ClassVar[str] = "CAPSIM_"
+
+    # Checked here, so `capsim serve` refuses a bad value before it loads a model or opens a port.
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in PRESETS:
+            raise ValueError(f"must be one of {', '.join(sorted(PRESETS))}, got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not _DEVICE_RE.fullmatch(v):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        try:
+            check_store_url(v)
+        except StoreURLError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> PodConfig:
+        """Read ``CAPSIM_*`` variables (e.g. ``CAPSIM_MAX_BATCH_SIZE``), then apply ``overrides``."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            key = cls.ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def batch_settings(self) -> BatchSettings:
+        return BatchSettings(
+            max_batch_size=self.max_batch_size,
+            max_wait_ms=self.max_wait_ms,
+            queue_capacity=self.queue_capacity,
+            overflow=self.overflow,
+            max_concurrent_batches=self.max_concurrent_batches,
+        )
+
+    def scheduler_limits(self) -> SchedulerLimits:
+        """The continuous-batching engine's limits."""
+        return SchedulerLimits(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.num_blocks,
+                               self.max_model_len, self.long_prefill_token_threshold)
+
+    def env(self) -> dict[str, str]:
+        """The ``CAPSIM_*`` variables that reproduce this configuration."""
+        return {self.ENV_PREFIX + k.upper(): str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in self.model_dump().items() if v is not None}
