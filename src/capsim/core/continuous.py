@@ -10,6 +10,12 @@ blocks run once with a mask that lets each token see its own context and the new
 new keys and values are copied back into the row's cache. A request whose computed tokens reach its known
 tokens emits the greedy next token, streamed through its ``on_token`` hook. A preempted request is
 recomputed from its prompt and the tokens it already emitted, so its output is what it would have been.
+
+With prefix caching (``limits.enable_prefix_caching``) the engine hashes each full block of a request's
+tokens, chained (block ``j``'s hash covers blocks ``0..j``), gives the hashes to the scheduler, and keeps
+the keys and values of every computed full block by hash (one ``(heads, block_size, head_dim)`` tensor per
+layer), dropping a hash when the scheduler evicts it. An admission that hits gets those blocks copied
+into its own cache before the step, and computes only the rest of its prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class _Active:
     generated: list[int] = field(default_factory=list)
     k: list[torch.Tensor] | None = None
     v: list[torch.Tensor] | None = None
+    hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
 
 
 @dataclass(frozen=True)
@@ -73,14 +80,36 @@ class ContinuousEngine:
         self.results: dict[int, list[int]] = {}
         self._heads = cfg.n_heads
         self._head_dim = cfg.d_model // cfg.n_heads
+        self._bs = limits.block_size
+        #: keys and values of cached full blocks by hash (prefix caching), per layer
+        self.kv_blocks: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._pool = self.scheduler.pool
+        if self._pool is not None:
+            self._pool.evicted = []  # the scheduler logs evictions so the KV store follows them
 
     # ---- queue -------------------------------------------------------------------------------------
     def add(self, request_id: int, request: GenerationRequest) -> Rejection | None:
         """Queue a request; the reason it can never run when it cannot (then it is not queued)."""
-        why = self.scheduler.add(request_id, len(request.prompt), request.max_new_tokens)
+        a = _Active(request, list(request.prompt))
+        if self._pool is not None:
+            self._hash_blocks(a)
+        why = self.scheduler.add(request_id, len(request.prompt), request.max_new_tokens, a.hashes)
         if why is None:
-            self.active[request_id] = _Active(request, list(request.prompt))
+            self.active[request_id] = a
         return why
+
+    def _hash_blocks(self, a: _Active) -> list[int]:
+        """Hash ``a``'s full blocks not hashed yet (chained: each hash covers the whole prefix); the new ones."""
+        bs = self._bs
+        toks = a.tokens
+        new = []
+        prev = a.hashes[-1] if a.hashes else 0
+        for j in range(len(a.hashes), len(toks) // bs):
+            # Python's hash of a tuple of ints is deterministic across runs (no hash seed for ints)
+            prev = hash((prev, *toks[j * bs : (j + 1) * bs]))
+            new.append(prev)
+        a.hashes.extend(new)
+        return new
 
     def abort(self, request_id: int) -> None:
         """Drop a request (its client went away): its cache is freed at once."""
@@ -100,6 +129,8 @@ class ContinuousEngine:
         for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
             a = self.active[rid]
             a.k = a.v = None
+        for rid, hit in plan.cached.items():  # prefix hits: their cached blocks' KV into their own cache
+            self._load_hit(self.active[rid], hit)
         emitted: dict[int, int] = {}
         if plan.request_ids:
             nxt = self._forward(plan.request_ids, plan.num_tokens, plan.contexts)
@@ -109,6 +140,14 @@ class ContinuousEngine:
                     a.tokens.append(tok)
                     a.generated.append(tok)
                     emitted[rid] = tok
+        if self._pool is not None:
+            self._cache_blocks(plan)
+            ext = self.scheduler.extend_hashes
+            for rid in emitted:
+                if rid in self.scheduler.requests:
+                    more = self._hash_blocks(self.active[rid])
+                    if more:
+                        ext(rid, more)
         self.engine.synchronize()
         seconds = self._clock() - t0
         for rid, tok in emitted.items():
@@ -118,6 +157,44 @@ class ContinuousEngine:
         for rid in plan.finished:
             self.results[rid] = self.active.pop(rid).generated
         return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds, plan)
+
+    def _new_cache(self, a: _Active) -> None:
+        cap = len(a.request.prompt) + a.request.max_new_tokens
+        shape = (1, self._heads, cap, self._head_dim)
+        dev, dtype = self.engine.device, self.engine.dtype
+        n_layers = len(self.model.blocks)
+        a.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
+        a.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
+
+    def _load_hit(self, a: _Active, hit: int) -> None:
+        """Copy the cached KV of ``a``'s first ``hit`` tokens (whole blocks) into a fresh cache of its own."""
+        self._new_cache(a)
+        assert a.k is not None and a.v is not None
+        bs = self._bs
+        for j in range(hit // bs):
+            bk, bv = self.kv_blocks[a.hashes[j]]
+            for layer, (k, v) in enumerate(zip(bk, bv, strict=True)):
+                a.k[layer][0, :, j * bs : (j + 1) * bs] = k
+                a.v[layer][0, :, j * bs : (j + 1) * bs] = v
+
+    def _cache_blocks(self, plan: Step) -> None:
+        """Keep the KV of the full blocks this step computed (by hash), and drop what the scheduler evicted."""
+        pool = self._pool
+        assert pool is not None and pool.evicted is not None
+        store = self.kv_blocks
+        for h in pool.evicted:
+            store.pop(h, None)
+        pool.evicted.clear()
+        bs = self._bs
+        for rid, n, c in zip(plan.request_ids, plan.num_tokens, plan.contexts, strict=True):
+            a = self.active[rid]
+            if a.k is None or a.v is None:
+                continue
+            for j in range(c // bs, min((c + n) // bs, len(a.hashes))):
+                h = a.hashes[j]
+                if h not in store and h in pool.users:
+                    sl = slice(j * bs, (j + 1) * bs)
+                    store[h] = ([k[0, :, sl].clone() for k in a.k], [v[0, :, sl].clone() for v in a.v])
 
     def _forward(self, ids: list[int], counts: list[int], contexts: list[int]) -> list[int]:
         """One padded forward pass; the greedy next token at each row's last new position."""
@@ -162,10 +239,8 @@ class ContinuousEngine:
         for j, (rid, n, c) in enumerate(zip(ids, counts, contexts, strict=True)):
             a = self.active[rid]
             if a.k is None or a.v is None:
-                cap = len(a.request.prompt) + a.request.max_new_tokens
-                shape = (1, self._heads, cap, self._head_dim)
-                a.k = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
-                a.v = [torch.zeros(shape, device=dev, dtype=dtype) for _ in range(n_layers)]
+                self._new_cache(a)
+                assert a.k is not None and a.v is not None
             for layer in range(n_layers):
                 a.k[layer][0, :, c : c + n] = k_all[layer][j, :, ctx : ctx + n]
                 a.v[layer][0, :, c : c + n] = v_all[layer][j, :, ctx : ctx + n]
@@ -315,8 +390,10 @@ class ContinuousBatcher:
                     elif rid in self._futures:
                         self.vllm.ttft.observe(now - self._futures[rid][1])
                 times.append(now)
-            if self.vllm is not None and report.preempted:
-                self.vllm.preemptions.inc(len(report.preempted))
+            if self.vllm is not None:
+                if report.preempted:
+                    self.vllm.preemptions.inc(len(report.preempted))
+                self.vllm.sync_prefix(ce.scheduler)
             for rid in report.finished:
                 self._answer(rid, now)
 
@@ -362,3 +439,18 @@ class VllmMetrics:
                               buckets=VLLM_TTFT_BUCKETS_S, **kw).labels(**lab)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between a request's successive tokens.",
                              buckets=ITL_BUCKETS_S, **kw).labels(**lab)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      **kw).labels(**lab)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.",
+                                   **kw).labels(**lab)
+        self._prefix_seen = (0, 0)
+
+    def sync_prefix(self, sched: Scheduler) -> None:
+        """Bring the prefix-cache counters up to the scheduler's (cumulative) counts."""
+        q, h = sched.prefix_queries_tokens, sched.prefix_hit_tokens
+        q0, h0 = self._prefix_seen
+        if q > q0:
+            self.prefix_queries.inc(q - q0)
+        if h > h0:
+            self.prefix_hits.inc(h - h0)
+        self._prefix_seen = (q, h)
