@@ -326,10 +326,16 @@ def validate(
     requests_per_level: Annotated[int | None, typer.Option(min=1, help="requests per load level")] = None,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, help="prompt tokens of every request")] = None,
     output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens of every request")] = None,
+    mode: Annotated[str, typer.Option(help="static batches, or continuous batching (docs/continuous.md)")] = "static",
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
 
+    if mode not in ("static", "continuous"):
+        raise CommandLineError(f"--mode must be static or continuous, got {mode!r}")
+    if mode == "continuous":
+        _validate_continuous(quick, out_dir, force)
+        return
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
     # every argument is checked here, before the 20 s of profiling
@@ -347,6 +353,19 @@ def validate(
     worst = worst_errors(results)
     typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
+
+
+def _validate_continuous(quick: bool, out_dir: Path | None, force: bool) -> None:
+    """``capsim validate --mode continuous`` (capsim.studies.validate_continuous)."""
+    from capsim.studies.validate_continuous import ContinuousSpec, run_continuous_validation
+
+    folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/continuous"), "--out-dir")
+    existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]
+    if existing and out_dir is None and not force:
+        raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
+                               "or --out-dir to write elsewhere")
+    run_continuous_validation(ContinuousSpec.quick() if quick else ContinuousSpec(), out_dir=folder, echo=typer.echo)
+    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
 
 def _check_validation_lengths(model: str, prompt_tokens: int, output_tokens: int) -> None:

@@ -1,0 +1,379 @@
+"""Sim-versus-real validation in continuous-batching mode: the real pod (``CAPSIM_BATCH_MODE=continuous``)
+against the simulator's continuous pods, with the static validation's method (docs/validation.md).
+
+The step-time model is measured first (``capsim.core.step_profile``: the validation's own lengths and the
+probe steps, in a fresh process pinned like the pod), then calibrated under load: two closed-loop runs
+(2 clients, then ``max_num_seqs`` clients) give the pod's mean step wall time from its
+``vllm:inter_token_latency_seconds`` histogram (between two tokens of a request lies exactly one step), and
+``wall = time_scale x model + extra`` is solved through the two points, the extra going into ``c0``. Each
+load level (a share of the calibrated capacity) runs ``replications`` times with different seeds; the same
+Poisson schedule goes to the real pod and to the simulator. One more level runs on a pod whose KV cache is
+too small for ``max_num_seqs`` requests, so that requests are preempted; preemptions are counted in both
+(the pod's ``vllm:num_preemptions_total``, the simulator's summary). Errors carry the block-bootstrap
+intervals of ``capsim.studies.validate_stats``; the inter-token latency is a request's
+``(end - first token) / (tokens - 1)``, computed the same way from both frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import capsim
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.scenario import Scenario
+from capsim.model.step_model import StepTimeFit
+from capsim.studies import validate_stats as vs
+from capsim.studies.pods import PodProcess, pinned
+from capsim.studies.validate import summarize_frame
+
+METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+                            "throughput_per_s", "itl_p50_s", "itl_p99_s")
+TARGETS: dict[str, float] = {"p50": 0.10, "p95": 0.15, "p99": 0.15, "throughput_per_s": 0.03}
+START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
+BASE_PROFILE = Path("data/profiles/cpu-tiny-float32.csv")
+
+
+@dataclass(frozen=True)
+class ContinuousSpec:
+    """The workload, the engine limits, the levels and the run lengths (defaults: about 6 minutes)."""
+
+    levels: tuple[float, ...] = (0.3, 0.6, 0.85)
+    preemption_level: float = 0.6  # of the full-cache capacity, on the pod with the small cache
+    replications: int = 3
+    seconds_per_run: float = 14.0
+    prompt_tokens: int = 32
+    output_tokens: int = 32
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_blocks: int = 1024
+    small_cache_share: float = 0.5  # the small cache holds this share of max_num_seqs full requests
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    model: str = "tiny"
+    threads: int = 1
+    calibration_s: float = 4.0
+    step_workloads: int = 3
+
+    @classmethod
+    def quick(cls) -> ContinuousSpec:
+        return cls(levels=(0.3, 0.85), replications=2, seconds_per_run=6.0, calibration_s=2.0, step_workloads=1)
+
+    @property
+    def small_cache_blocks(self) -> int:
+        per_request = -(-(self.prompt_tokens + self.output_tokens) // self.block_size)
+        return max(int(self.max_num_seqs * per_request * self.small_cache_share), per_request)
+
+    def limits(self, num_blocks: int) -> dict[str, int]:
+        return {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "block_size": self.block_size, "num_blocks": num_blocks,
+                "max_model_len": self.prompt_tokens + self.output_tokens + 1}
+
+
+@dataclass(frozen=True)
+class StepCalibration:
+    """The pod's step under load: ``wall = time_scale x model(step) + extra_s`` (points: mean requests
+    running, model s, pod's mean step s)."""
+
+    time_scale: float
+    extra_s: float
+    points: tuple[tuple[float, float, float], ...]
+
+
+def closed_loop_step_s(fit: StepTimeFit, clients: float, prompt: int, output: int) -> float:
+    """The model's mean step with ``clients`` requests always running: each step decodes all of them but
+    the ``clients / output`` whose prompt is prefilled in it, at a mean context of ``prompt + output / 2``."""
+    prefills = clients / output
+    decodes = clients - prefills
+    return fit.predict(prefills * prompt, 0.0, decodes, decodes * (prompt + output / 2))
+
+
+def fit_step_calibration(points: list[tuple[float, float, float]]) -> StepCalibration:
+    """Solve ``wall = scale x model + extra`` through two (running, model s, wall s) points; a negative
+    extra or scale (noise) falls back to a pure scale, the mean ratio."""
+    (_, m1, w1), (_, m2, w2) = points
+    if m2 != m1:
+        scale = (w2 - w1) / (m2 - m1)
+        extra = w1 - scale * m1
+    else:
+        scale, extra = w1 / m1, 0.0
+    if scale <= 0 or extra < 0:
+        scale, extra = (w1 / m1 + w2 / m2) / 2, 0.0
+    return StepCalibration(scale, extra, tuple(points))
+
+
+def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
+    """The fit with the pod's extra per-step time in its overhead (the scale stays ``time_scale``)."""
+    c = list(fit.coefficients)
+    c[0] += cal.extra_s / cal.time_scale
+    return replace(fit, coefficients=(c[0], c[1], c[2], c[3], c[4]))
+
+
+def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, spec: ContinuousSpec) -> float:
+    """Requests per second with ``max_num_seqs`` always running: that many per ``output`` steps."""
+    s = spec.max_num_seqs
+    step = cal.time_scale * closed_loop_step_s(fit, s, spec.prompt_tokens, spec.output_tokens) + cal.extra_s
+    return s / (spec.output_tokens * step)
+
+
+def _pod_counters(url: str) -> dict[str, float]:
+    """The vLLM counters this validation reads from the pod's /metrics (summed over labels)."""
+    import httpx
+
+    names = ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
+             "vllm:num_preemptions_total")
+    out = dict.fromkeys(names, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.split()[-1])
+    return out
+
+
+def calibrate_steps(pod: PodProcess, spec: ContinuousSpec, fit: StepTimeFit) -> StepCalibration:
+    """Two closed-loop runs (2, then ``max_num_seqs`` clients): the pod's mean step wall time in each, against
+    the model's step at the mean number of requests running."""
+    import httpx
+
+    async def drive(clients: int) -> float:
+        t0 = time.perf_counter()
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
+            stop = time.perf_counter() + spec.calibration_s
+
+            async def one(k: int) -> None:
+                i = 0
+                while time.perf_counter() < stop:
+                    r = await c.post(f"{pod.url}/v1/sessions/cal-{clients}-{k}-{i}/turns",
+                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": spec.output_tokens})
+                    r.raise_for_status()
+                    i += 1
+
+            await asyncio.gather(*[one(k) for k in range(clients)])
+        return time.perf_counter() - t0
+
+    points = []
+    for clients in (2, spec.max_num_seqs):
+        before = _pod_counters(pod.url)
+        duration = asyncio.run(drive(clients))
+        after = _pod_counters(pod.url)
+        n = after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"]
+        itl_sum = after["vllm:inter_token_latency_seconds_sum"] - before["vllm:inter_token_latency_seconds_sum"]
+        # fewer than `clients` run at once (a finished request's client sends its next one a round trip
+        # later): every running request adds each step's wall time to the ITL sum once, so the sum over
+        # the run's length is the mean number running
+        running = itl_sum / duration
+        points.append((running, closed_loop_step_s(fit, running, spec.prompt_tokens, spec.output_tokens),
+                       itl_sum / n))
+    return fit_step_calibration(points)
+
+
+def measure_step_fit(spec: ContinuousSpec, out: Path, core: int | None) -> Path:
+    """Measure and fit the step model in a fresh process pinned like the pod, over the workload's lengths;
+    the base profile with the fit in its metadata goes to ``out``."""
+    p, o = spec.prompt_tokens, spec.output_tokens
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from capsim.core.engine import ReferenceEngine\n"
+        "from capsim.core.step_profile import fit_steps, measure_steps, probe_steps, with_step_model\n"
+        "from capsim.model.profile import ServiceTimeProfile\n"
+        f"e = ReferenceEngine({spec.model!r}, device='cpu', dtype='float32', seed=0, threads={spec.threads})\n"
+        f"s = measure_steps(e, workloads={spec.step_workloads}, requests={2 * spec.max_num_seqs}, "
+        f"max_prompt={p}, max_output={o}, seed={spec.seed}, repeats=2)\n"
+        f"s += probe_steps(e, max_decodes={spec.max_num_seqs}, contexts=({p}, {p + o}), prompts=(1, {p}), repeats=3)\n"
+        f"with_step_model(ServiceTimeProfile.from_csv({str(BASE_PROFILE)!r}), fit_steps(s)).to_csv(Path({str(out)!r}))\n"
+    )
+    subprocess.run(pinned([sys.executable, "-c", code], core), check=True, capture_output=True, timeout=600)
+    return out
+
+
+def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
+                   num_blocks: int) -> Scenario:
+    """The simulator's view of one run: one always-ready continuous pod, the same engine limits."""
+    horizon = spec.seconds_per_run
+    return Scenario.model_validate({
+        "horizon_s": horizon,
+        "warmup_s": horizon * spec.warmup_fraction,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": rate},
+                     "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
+                     "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
+        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale},
+        "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
+        "pods": {"replicas": 1, "startup_s": 0},
+        "router": {"kind": "random"},
+        "client": {"timeout_s": 600, "max_retries": 0},
+    })
+
+
+def itl_frame(df: Any) -> Any:
+    """The frame with each request's inter-token latency in place of its TTFT (``first_token_s`` moved to
+    ``arrival_s + itl``), so that ``validate_stats`` cuts and resamples it as it does TTFT."""
+    out = df.copy()
+    out["first_token_s"] = out.arrival_s + (df.end_s - df.first_token_s) / np.maximum(df.output_tokens - 1, 1)
+    return out
+
+
+@dataclass
+class _Pool:
+    real: list[vs.Blocks]
+    sim: list[vs.Blocks]
+    real_itl: list[vs.Blocks]
+    sim_itl: list[vs.Blocks]
+    preemptions: list[tuple[float, float]]
+    requests: int = 0
+
+
+def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, scale: float,
+               num_blocks: int, echo: Callable[[str], None]) -> _Pool:
+    from capsim.core.loadgen import ClientPolicy, run_load
+    from capsim.sim.arrivals import make_workload
+    from capsim.sim.simulate import simulate
+    from capsim.sim.streams import Streams
+
+    pool = _Pool([], [], [], [], [])
+    for rep in range(spec.replications):
+        seed = spec.seed + rep
+        scenario = level_scenario(spec, profile_path, rate, scale, num_blocks)
+        workload = make_workload(scenario, Streams(seed))
+        before = _pod_counters(pod.url)
+        real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
+                                       max_duration_s=scenario.horizon_s + 30, seed=seed))
+        real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
+        sim = simulate(scenario, seed=seed)
+        w, end = scenario.warmup_s, scenario.horizon_s
+        pool.real.append(vs.cut_blocks(real_df, w, end))
+        pool.sim.append(vs.cut_blocks(sim.requests, w, end))
+        pool.real_itl.append(vs.cut_blocks(itl_frame(real_df), w, end))
+        pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
+        pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
+        pool.requests += workload.n_requests
+        r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
+        echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
+             f"{r['ttft_p50_s'] * 1e3:.1f} ms sim {s['ttft_p50_s'] * 1e3:.1f} ms; preemptions real {real_pre:.0f} "
+             f"sim {sim.summary.preemptions}")
+    return pool
+
+
+def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
+    real, sim = vs.pool(pool.real), vs.pool(pool.sim)
+    real_itl, sim_itl = vs.pool(pool.real_itl), vs.pool(pool.sim_itl)
+    rows = []
+    for metric in METRICS:
+        if metric.startswith("itl_"):
+            r_b, s_b, m = real_itl, sim_itl, metric.replace("itl_", "ttft_")
+        else:
+            r_b, s_b, m = real, sim, metric
+        ri, si, ei = vs.interval(r_b, m), vs.interval(s_b, m), vs.error_interval(r_b, s_b, m)
+        rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": metric,
+                     "real": ri.value, "real_low": ri.low, "real_high": ri.high,
+                     "sim": si.value, "sim_low": si.low, "sim_high": si.high,
+                     "rel_error": ei.value, "error_low": ei.low, "error_high": ei.high,
+                     "requests": pool.requests})
+    rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
+    rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "preemptions", "real": rp,
+                 "sim": sp, "rel_error": (sp - rp) / rp if rp else float("nan"), "requests": pool.requests})
+    return rows
+
+
+def run_continuous_validation(spec: ContinuousSpec | None = None, *,
+                              out_dir: str | Path = "data/validation/continuous",
+                              echo: Callable[[str], None] = print) -> Any:
+    """Run it; write ``results.csv``, ``profile.csv`` (with the calibrated step model) and
+    ``provenance.json`` under ``out_dir``; return the results frame."""
+    import pandas as pd
+
+    spec = spec or ContinuousSpec()
+    started = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pod_core = cores[0] if len(cores) > 1 else None
+    gen_core = cores[1] if len(cores) > 1 else None
+    work = Path(tempfile.mkdtemp(prefix="capsim-validate-continuous-"))
+    echo(f"measuring {spec.model}'s continuous steps on core {pod_core} ...")
+    measured = ServiceTimeProfile.from_csv(measure_step_fit(spec, work / "steps.csv", pod_core))
+    fit = StepTimeFit.from_dict(measured.metadata["step_model"])
+    echo(f"step fit: c0 {fit.overhead_s * 1e3:.3f} ms +- {fit.c0_stderr_s * 1e3:.3f}, "
+         f"{fit.coefficients[3] * 1e6:.1f} us/decode, {fit.coefficients[1] * 1e6:.2f} us/prefill token, "
+         f"residuals by kind {dict(fit.residuals_by_kind)}")
+    if gen_core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {gen_core})
+    rows: list[dict[str, Any]] = []
+    common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
+              "queue_capacity": 4096}
+    pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
+    profile_path = out / "profile.csv"
+    try:
+        pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
+        cal = calibrate_steps(pod, spec, fit)
+        echo(f"calibration: pod step = {cal.time_scale:.3f} x model + {cal.extra_s * 1e3:.3f} ms "
+             f"(points, running / model ms / pod ms: "
+             f"{[(round(c, 1), round(m * 1e3, 2), round(w * 1e3, 2)) for c, m, w in cal.points]})")
+        ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
+                           measured.source).to_csv(profile_path)
+        cap = capacity_per_s(fit, cal, spec)
+        echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens}, "
+             f"{spec.max_num_seqs} seqs)")
+        for level in spec.levels:
+            echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
+            pool = _run_level(pod, spec, profile_path, level * cap, cal.time_scale, spec.num_blocks, echo)
+            rows += _rows(level, "full", level * cap, pool)
+        pod.stop()
+        small = spec.small_cache_blocks
+        pod = PodProcess(work, "validate-continuous-small", core=pod_core, **common, **spec.limits(small))
+        pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
+        rate = spec.preemption_level * cap
+        echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
+        pool = _run_level(pod, spec, profile_path, rate, cal.time_scale, small, echo)
+        rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
+    finally:
+        pod.stop()
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    import torch
+
+    provenance = {
+        "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
+        "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap,
+        "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
+        "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
+        "method": "docs/continuous.md#validation",
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    echo(format_results(results))
+    echo(f"wall time {time.time() - started:.0f} s; results in {out}")
+    return results
+
+
+def target_for(metric: str) -> float | None:
+    if metric == "throughput_per_s":
+        return TARGETS["throughput_per_s"]
+    for q in ("p50", "p95", "p99"):
+        if metric.endswith(f"_{q}_s"):
+            return TARGETS[q]
+    return None
+
+
+def format_results(results: Any) -> str:
+    """A text table: level, cache, metric, real and sim, the error with its 95% interval, and whether the
+    error meets its target."""
+    lines = [f"{'level':>6} {'cache':>18} {'metric':>17} {'real':>10} {'sim':>10} {'error':>8} "
+             f"{'95% interval':>19} {'target':>7}"]
+    for r in results.itertuples():
+        t = target_for(r.metric)
+        ci = "" if not np.isfinite(getattr(r, "error_low", np.nan)) else f"[{r.error_low:+.1%}, {r.error_high:+.1%}]"
+        ok = "" if t is None or not np.isfinite(r.rel_error) else ("ok" if abs(r.rel_error) <= t else "MISS")
+        lines.append(f"{r.level:>6.0%} {r.cache:>18} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} "
+                     f"{r.rel_error:>+8.1%} {ci:>19} {ok:>7}")
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""The continuous-mode validation: its calibration, the simulator's side of a level (with and without
+preemption), the table, the command line, and a short real run end to end (slow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.step_model import StepTimeFit
+from capsim.sim.simulate import simulate
+from capsim.studies import validate_stats as vs
+from capsim.studies.validate_continuous import (
+    BASE_PROFILE,
+    ContinuousSpec,
+    StepCalibration,
+    _Pool,
+    _rows,
+    calibrated_fit,
+    capacity_per_s,
+    closed_loop_step_s,
+    fit_step_calibration,
+    format_results,
+    itl_frame,
+    level_scenario,
+    run_continuous_validation,
+)
+
+FIT = StepTimeFit((1e-3, 2e-5, 0.0, 1.5e-4, 5e-7), 1e-4, 0.9, 100,
+                  {"prefill_tokens": (0, 64), "prefill_context": (0, 0), "decodes": (0, 16),
+                   "decode_context": (0, 1024)}, 1e-4)
+
+
+@pytest.fixture()
+def fitted_profile(tmp_path: Path) -> Path:
+    base = ServiceTimeProfile.from_csv(BASE_PROFILE)
+    return ServiceTimeProfile(base.points, {**base.metadata, "step_model": FIT.to_dict()}, base.source).to_csv(
+        tmp_path / "steps.csv")
+
+
+def test_the_calibration_recovers_scale_and_extra_per_step() -> None:
+    pts = [(r, closed_loop_step_s(FIT, r, 32, 32), 0.0) for r in (1.5, 12.0)]
+    pts = [(r, m, 1.3 * m + 4e-4) for r, m, _ in pts]
+    cal = fit_step_calibration(pts)
+    assert cal.time_scale == pytest.approx(1.3) and cal.extra_s == pytest.approx(4e-4)
+    # noise that makes the extra negative falls back to the mean ratio
+    cal = fit_step_calibration([(1.0, 2e-3, 2.0e-3), (10.0, 4e-3, 6e-3)])
+    assert cal.extra_s == 0 and cal.time_scale == pytest.approx((1.0 + 1.5) / 2)
+    # the extra goes into the overhead, divided by the scale that multiplies it back in the simulator
+    both = calibrated_fit(FIT, StepCalibration(2.0, 1e-3, ()))
+    assert both.overhead_s == pytest.approx(FIT.overhead_s + 0.5e-3) and both.coefficients[1:] == FIT.coefficients[1:]
+
+
+def test_a_closed_loop_step_and_the_capacity_follow_the_model() -> None:
+    # 16 running, 32-token outputs: half a prompt of 32 tokens per step, 15.5 decodes at context 48
+    assert closed_loop_step_s(FIT, 16, 32, 32) == pytest.approx(FIT.predict(16, 0, 15.5, 15.5 * 48))
+    spec = ContinuousSpec()
+    cap = capacity_per_s(FIT, StepCalibration(1.0, 0.0, ()), spec)
+    assert cap == pytest.approx(16 / (32 * closed_loop_step_s(FIT, 16, 32, 32)))
+    assert capacity_per_s(FIT, StepCalibration(2.0, 0.0, ()), spec) == pytest.approx(cap / 2)
+    assert spec.small_cache_blocks == 32  # 4 blocks a request, half of 16 requests' worth
+
+
+def test_itl_is_the_mean_gap_between_tokens_after_the_first(fitted_profile: Path) -> None:
+    sc = level_scenario(ContinuousSpec(seconds_per_run=5), fitted_profile, 20.0, 1.0, 1024)
+    req = simulate(sc, seed=0).requests
+    ok = req[req.outcome == "ok"]
+    itl = (itl_frame(ok).first_token_s - ok.arrival_s).to_numpy()
+    # the simulator's own column says the same (mean time per output token after the first)
+    assert np.allclose(itl, ok.itl_s.to_numpy(), rtol=1e-9, atol=1e-12)
+    # a step decodes each running request once: an ITL is at least the model's smallest step
+    assert itl.min() >= FIT.predict(0, 0, 1, 33) - 1e-12
+
+
+def test_only_the_small_cache_preempts(fitted_profile: Path) -> None:
+    spec = ContinuousSpec(seconds_per_run=10)
+    full = simulate(level_scenario(spec, fitted_profile, 0.9 * capacity_per_s(FIT, StepCalibration(1, 0, ()), spec),
+                                   1.0, spec.num_blocks), seed=0).summary
+    small = simulate(level_scenario(spec, fitted_profile, 0.6 * capacity_per_s(FIT, StepCalibration(1, 0, ()), spec),
+                                    1.0, spec.small_cache_blocks), seed=0).summary
+    assert full.preemptions == 0
+    assert small.preemptions > 0
+
+
+def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profile: Path) -> None:
+    spec = ContinuousSpec(seconds_per_run=6)
+    sc = level_scenario(spec, fitted_profile, 30.0, 1.0, 1024)
+    a = simulate(sc, seed=0).requests
+    slower = simulate(level_scenario(spec, fitted_profile, 30.0, 1.3, 1024), seed=0).requests
+    w, end = sc.warmup_s, sc.horizon_s
+
+    def pool(real: object, sim: object) -> _Pool:
+        return _Pool([vs.cut_blocks(real, w, end)], [vs.cut_blocks(sim, w, end)],
+                     [vs.cut_blocks(itl_frame(real), w, end)], [vs.cut_blocks(itl_frame(sim), w, end)], [(3.0, 4.0)],
+                     100)
+
+    import pandas as pd
+
+    same = pd.DataFrame(_rows(0.5, "full", 30.0, pool(a, a)))
+    assert np.allclose(same[same.metric != "preemptions"].rel_error, 0.0)
+    pre = same[same.metric == "preemptions"].iloc[0]
+    assert (pre.real, pre.sim, pre.rel_error) == (3.0, 4.0, pytest.approx(1 / 3))
+    off = pd.DataFrame(_rows(0.5, "full", 30.0, pool(a, slower)))
+    itl = off[off.metric == "itl_p50_s"].iloc[0]
+    # every step 1.3x: the ITL at least that much (more, as more requests run at once then)
+    assert 0.29 <= itl.rel_error < 0.6
+    assert itl.error_low <= itl.rel_error <= itl.error_high
+    table = format_results(off)
+    assert "itl_p50_s" in table and "MISS" in table and "preemptions" in table
+
+
+def test_capsim_validate_checks_its_mode() -> None:
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    res = CliRunner().invoke(app, ["validate", "--mode", "paged"])
+    assert res.exit_code != 0 and "--mode must be static or continuous" in res.output
+
+
+@pytest.mark.slow
+def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
+    spec = ContinuousSpec(levels=(0.3,), replications=1, seconds_per_run=3.0, calibration_s=1.0, step_workloads=1)
+    results = run_continuous_validation(spec, out_dir=tmp_path, echo=lambda _: None)
+    assert set(results.cache) == {"full", f"small ({spec.small_cache_blocks} blocks)"}
+    assert {"itl_p50_s", "ttft_p99_s", "throughput_per_s", "preemptions"} <= set(results.metric)
+    assert (tmp_path / "results.csv").exists() and (tmp_path / "provenance.json").exists()
+    fit = StepTimeFit.from_dict(ServiceTimeProfile.from_csv(tmp_path / "profile.csv").metadata["step_model"])
+    assert fit.overhead_s > 0
+    ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]
+    assert ok.real > 0 and ok.sim > 0
