@@ -98,3 +98,27 @@ def test_serve_local_answers_through_a_redis_outage_from_the_pods_own_copy() -> 
     assert local.served_local > 0 and local.sessions_at_risk > 0
     # a first turn has no copy anywhere: it still fails (503) and is retried, but far fewer do
     assert local.retries < fail.retries
+
+
+def test_affinity_hits_the_prefix_cache_more_than_round_robin() -> None:
+    # a small KV cache per pod (256 blocks of 16 tokens): round robin spreads each session's history over
+    # every pod, affinity keeps it where it was computed
+    small = {"batching.num_blocks": 256}
+    hit = {k: simulate(agents(k, **small), seed=2).summary.prefix_hit_rate
+           for k in ("session_affinity", "prefix_aware", "round_robin")}
+    # a later turn's history is ~85% of its prompt, the first turn's nothing: ~70% is the most to hit
+    assert 0.5 < hit["session_affinity"] < 0.9 and 0.5 < hit["prefix_aware"] < 0.9
+    assert hit["round_robin"] < hit["session_affinity"] - 0.1
+    assert hit["round_robin"] < hit["prefix_aware"] - 0.1
+
+
+def test_a_crash_shows_as_a_ttft_spike_on_the_turns_that_re_prefill() -> None:
+    # prefill time that depends on the tokens computed: the measured CPU profile's kernels
+    sc = agents("session_affinity", crash=True, **{"service": {"kind": "profile", "extrapolate": True,
+                                                               "profile": "data/profiles/cpu-tiny-float32.csv"}})
+    df = simulate(sc, seed=2).requests
+    df = df[(df["outcome"] == "ok") & (df["request_id"] % TURNS > 0)]
+    ttft = df["first_token_s"] - df["arrival_s"]
+    paid = df["reprefill_tokens"] > 0
+    assert paid.sum() >= 3
+    assert ttft[paid].median() > 5 * ttft[~paid].median()

@@ -43,11 +43,22 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def stream_hashes(seed: int, session: int, epoch: int, n: int) -> np.ndarray:
-    """The hashes (int64) of blocks ``0 .. n-1`` of session ``session``'s stream in epoch ``epoch``."""
+_MASK = (1 << 64) - 1
+
+
+def _mix_int(x: int) -> int:
+    """``_mix`` of one Python int (no array for a single value)."""
+    x &= _MASK
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def stream_hashes(seed: int, session: int, epoch: int, n: int, start: int = 0) -> np.ndarray:
+    """The hashes (int64) of blocks ``start .. n-1`` of session ``session``'s stream in epoch ``epoch``."""
+    key = np.uint64(_mix_int((seed << 40) ^ (session << 12) ^ epoch))
     with np.errstate(over="ignore"):
-        key = _mix(np.array([(seed << 40) ^ (session << 12) ^ epoch], dtype=np.uint64))
-        out = _mix(key + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64))
+        out = _mix(key + _GOLDEN * np.arange(start + 1, n + 1, dtype=np.uint64))
     # the top bit cleared: positive int64, and never one of a trace's small ids
     return (out >> np.uint64(1)).astype(np.int64) | np.int64(1 << 61)
 
@@ -62,6 +73,7 @@ class SessionPrefix:
         self.epoch = np.zeros(n_requests, dtype=np.int32)  # the session's epoch when the request was sent
         self.prompt: np.ndarray | None = None
         self.output: np.ndarray | None = None
+        self._cache: dict[int, tuple[int, int, np.ndarray]] = {}  # session -> (epoch, block size, hashes)
 
     def bind(self, prompt: np.ndarray, output: np.ndarray) -> None:
         """Read the token counts from these (the run's records, whose prompts the client sets per turn)."""
@@ -71,7 +83,21 @@ class SessionPrefix:
         if self.prompt is None or self.output is None or request >= len(self.epoch):
             return _EMPTY  # not bound, or a spare slot: nothing shared
         n = (int(self.prompt[request]) + int(self.output[request])) // block_size
-        return stream_hashes(self.seed, request // self.turns, int(self.epoch[request]), n)
+        s = request // self.turns
+        epoch = int(self.epoch[request])
+        # a session's turns ask for ever longer prefixes of one stream: extend the last one computed
+        have = self._cache.get(s)
+        if have is None or have[0] != epoch or have[1] != block_size:
+            hashes = stream_hashes(self.seed, s, epoch, n)
+        elif len(have[2]) >= n:
+            hashes = have[2][:n]
+        else:
+            hashes = np.concatenate([have[2], stream_hashes(self.seed, s, epoch, n, len(have[2]))])
+        if request % self.turns == self.turns - 1:
+            self._cache.pop(s, None)  # the session's last turn
+        elif have is None or len(hashes) > len(have[2]) or have[0] != epoch:
+            self._cache[s] = (epoch, block_size, hashes)
+        return hashes
 
     def __repr__(self) -> str:
         return f"SessionPrefix(turns={self.turns}, seed={self.seed})"
