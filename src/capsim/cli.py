@@ -318,12 +318,15 @@ def loadgen(
 
 @app.command()
 def validate(
-    quick: Annotated[bool, typer.Option(help="two load levels, 300 requests each")] = False,
+    quick: Annotated[bool, typer.Option(help="two load levels, 900 requests each")] = False,
     out_dir: Annotated[Path | None, typer.Option(
         help="where results.csv, validation.png, provenance.json go [default: data/validation, kept unless --force]")
     ] = None,
     force: Annotated[bool, typer.Option(help="overwrite the results in the default folder")] = False,
-    requests_per_level: Annotated[int | None, typer.Option(min=1, help="requests per load level")] = None,
+    requests_per_level: Annotated[int | None, typer.Option(
+        min=1, help="requests per load level, split among the replications [default: 4200]")] = None,
+    replications: Annotated[int | None, typer.Option(
+        min=1, help="runs per load level with different seeds (intervals need 3 or more) [default: 3]")] = None,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, help="prompt tokens of every request")] = None,
     output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens of every request")] = None,
     mode: Annotated[str, typer.Option(help="static batches, or continuous batching (docs/continuous.md)")] = "static",
@@ -346,7 +349,7 @@ def validate(
                                "or --out-dir to write elsewhere")
     spec = ValidationSpec.quick() if quick else ValidationSpec()
     changes: dict[str, Any] = {k: v for k, v in {"requests_per_level": requests_per_level, "prompt_tokens": prompt_tokens,
-                                 "output_tokens": output_tokens}.items() if v is not None}
+                                 "output_tokens": output_tokens, "replications": replications}.items() if v is not None}
     spec = replace(spec, **changes)
     _check_validation_lengths(spec.model, spec.prompt_tokens, spec.output_tokens)
     results = run_validation(spec, out_dir=folder, echo=typer.echo)

@@ -169,6 +169,11 @@ class Service(_Section):
         1.0, gt=0, le=100, description="multiplies every batch time: calibrates a profile measured on an idle "
         "device to a pod under load (`capsim validate` fits it)"
     )
+    cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
+        None, min_length=1, max_length=10_000, description="profile: factors (mean 1) one of which, drawn at "
+        "random, multiplies each batch's time instead of the profile's gamma noise: the spread of a pod's batch "
+        "cycle under load (`capsim validate` measures it from the pod's batch trace)"
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> Self:

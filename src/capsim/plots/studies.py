@@ -28,6 +28,10 @@ def sim_vs_real(results: Any) -> Figure:
             color = COLORS[k]
             ax.plot(sub.level * 100, sub.real * 1000, marker="o", color=color, label=f"real p{q}")
             ax.plot(sub.level * 100, sub.sim * 1000, marker="s", color=color, linestyle="--", label=f"sim p{q}")
+            if "real_low" in sub.columns:  # the 95% intervals, as bands (validate_stats)
+                for who, hatch in (("real", None), ("sim", "//")):
+                    ax.fill_between(sub.level * 100, sub[f"{who}_low"] * 1000, sub[f"{who}_high"] * 1000,
+                                    color=color, alpha=0.15, hatch=hatch, linewidth=0)
         ax.set_xlabel("load (% of the pod's capacity)")
         ax.set_ylabel("latency (ms)")
         ax.set_title(title, fontsize=10)
@@ -40,8 +44,11 @@ def sim_vs_real(results: Any) -> Figure:
     y = np.arange(len(metrics))
     for k, level in enumerate(levels):
         sub = results[results.level == level].set_index("metric").reindex(metrics)
+        xerr = None
+        if "err_low" in sub.columns:  # the error's 95% interval as a whisker
+            xerr = np.vstack([(sub.rel_error - sub.err_low).clip(lower=0), (sub.err_high - sub.rel_error).clip(lower=0)]) * 100
         err.barh(y + (k - (len(levels) - 1) / 2) * width, sub.rel_error * 100, height=width,
-                 color=COLORS[k % len(COLORS)], label=f"{level:.0%} load")
+                 color=COLORS[k % len(COLORS)], label=f"{level:.0%} load", xerr=xerr, error_kw={"lw": 0.8})
     err.set_yticks(y, [_METRIC_LABELS.get(m, m) for m in metrics], fontsize=8)
     err.invert_yaxis()
     err.axvline(0, color="k", lw=0.8)

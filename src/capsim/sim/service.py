@@ -181,12 +181,31 @@ class OverheadService:
         return self.scale * pre + 0.5 * extra, self.scale * total + extra
 
 
+class CycleNoiseService:
+    """A batch's time (prefill and total) multiplied by one of ``factors`` drawn at random: the measured
+    spread of a pod's batch cycle under load (``service.cycle_noise``), in place of the profile's gamma
+    noise of an idle core."""
+
+    def __init__(self, inner: ServiceModel, factors: list[float], gen: np.random.Generator) -> None:
+        self.inner = inner
+        self.factors = np.asarray(factors, dtype=float)
+        self._draws = BufferedDraws(gen, "random")
+
+    def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
+        pre, total = self.inner.batch_time(size, prompt_tokens, output_tokens)
+        f = float(self.factors[int(self._draws.next() * len(self.factors))])
+        return pre * f, total * f
+
+
 def make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> ServiceModel:
     """The service model a scenario asks for; ``profile`` overrides loading ``service.profile``."""
     model = _make_service(scenario, streams, profile)
     overhead_s = scenario.service.request_overhead_ms / 1000.0
     scale = scenario.service.time_scale
-    return OverheadService(model, overhead_s, scale) if overhead_s > 0 or scale != 1.0 else model
+    if overhead_s > 0 or scale != 1.0:
+        model = OverheadService(model, overhead_s, scale)
+    noise = scenario.service.cycle_noise
+    return CycleNoiseService(model, noise, streams["service"]) if noise else model
 
 
 def _make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None) -> ServiceModel:
@@ -200,4 +219,5 @@ def _make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProf
     if profile is None:
         assert svc.profile is not None
         profile = ServiceTimeProfile.from_csv(scenario.resolve(svc.profile))
-    return ProfileService(profile, streams["service"] if svc.noise else None, svc.extrapolate)
+    gamma = svc.noise and not svc.cycle_noise  # measured cycle noise replaces the profile's own
+    return ProfileService(profile, streams["service"] if gamma else None, svc.extrapolate)

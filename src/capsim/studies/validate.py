@@ -1,9 +1,12 @@
 """Sim-versus-real validation: drive the real pod and the simulator with the same workload and compare.
 
 The pod runs as its own process pinned to one core with one torch thread, the load generator on the
-other core; the profile is measured under the same conditions. For each load level (a fraction of the
-capacity the profile implies) the same Poisson workload (same seed, same arrival times) goes to the
-real pod over HTTP and to the simulator, and the two request frames are summarized the same way.
+other core; the profile is measured under the same conditions, then calibrated under load
+(``capsim.studies.validate_calibrate``). Each load level (a fraction of the calibrated capacity) runs
+``replications`` times with different seeds; each replication's Poisson schedule goes to the real pod
+over HTTP and to the simulator. Every metric carries a 95% interval (``capsim.studies.validate_stats``:
+a block bootstrap over the pooled replications), and so does the error; the comparison is in
+``capsim.studies.validate_report``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,21 +29,36 @@ import capsim
 from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
+from capsim.studies import validate_stats as vs
 from capsim.studies.pods import PodProcess, pinned
-
-METRICS: tuple[str, ...] = (
-    "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
-    "throughput_per_s", "mean_batch_size",
+from capsim.studies.validate_calibrate import Calibration, calibrate, fetch_trace, fit_cycle
+from capsim.studies.validate_report import (
+    METRICS,
+    TARGETS,
+    compare_level,
+    format_results,
+    trace_diagnostics,
+    worst_errors,
 )
-TARGETS: dict[str, float] = {"p50": 0.10, "p99": 0.15, "throughput_per_s": 0.03}
+
+__all__ = [
+    "METRICS", "TARGETS", "Calibration", "PodProcess", "ValidationSpec", "capacity_per_s", "fit_cycle",
+    "format_results", "level_scenario", "pinned", "run_validation", "sim_batches", "summarize_frame",
+    "worst_errors",
+]
 
 
 @dataclass(frozen=True)
 class ValidationSpec:
-    """What to validate: the workload, the pod's batch settings, the load levels and run lengths."""
+    """What to validate: the workload, the pod's batch settings, the load levels and run lengths.
+
+    ``requests_per_level`` are split evenly among ``replications`` runs (seeds ``seed``, ``seed + 1``...).
+    The default (3 x 1,400 requests a level) keeps a p99's interval within the 15% target and one run of
+    ``capsim validate`` near 6 minutes on a 2-core machine (docs/validation.md, "Noise")."""
 
     levels: tuple[float, ...] = (0.3, 0.6, 0.85)
-    requests_per_level: int = 3000
+    requests_per_level: int = 4200
+    replications: int = 3
     prompt_tokens: int = 64
     output_tokens: int = 128
     batching: BatchSettings = field(default_factory=lambda: BatchSettings(max_batch_size=16, max_wait_ms=5))
@@ -49,11 +67,16 @@ class ValidationSpec:
     model: str = "tiny"
     threads: int = 1
     calibrate: bool = True  # fit the pod's batch cycle under load (scale, per-request overhead) first
-    calibration_s: float = 5.0
+    calibration_s: float = 10.0
+    block_s: float = vs.BLOCK_S
 
     @classmethod
     def quick(cls) -> ValidationSpec:
-        return cls(levels=(0.3, 0.85), requests_per_level=300, calibration_s=3.0)
+        return cls(levels=(0.3, 0.85), requests_per_level=900, calibration_s=5.0)
+
+    @property
+    def requests_per_run(self) -> int:
+        return max(self.requests_per_level // self.replications, 1)
 
 
 def capacity_per_s(
@@ -103,77 +126,6 @@ def measure_profile(spec: ValidationSpec, out_dir: Path, core: int | None) -> Pa
     return out_dir / f"cpu-{spec.model}-float32-quick.csv"
 
 
-@dataclass(frozen=True)
-class Calibration:
-    """The pod's batch cycle under load, ``W(b) = time_scale x T_profile(b) + b x overhead_s``."""
-
-    time_scale: float
-    overhead_s: float
-    points: tuple[tuple[float, float, float], ...]  # (mean batch size, profile batch s, pod cycle s)
-
-
-def calibrate(pod: PodProcess, spec: ValidationSpec, profile: ServiceTimeProfile, duration_s: float) -> Calibration:
-    """Fit how much longer a batch cycle takes in the pod than on the idle engine.
-
-    Two closed-loop runs (2 clients, then 2 x max_batch_size clients) with the validation's own request
-    shape keep the pod saturated at a small and a large batch size; the pod's /metrics give the batches
-    and their sizes, so the wall time per batch is the pod's batch cycle (model, HTTP and store work on
-    the same core). Two points fix the scale of the profile's times and the CPU cost per request.
-    """
-    import httpx
-
-    async def drive(clients: int) -> float:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
-            stop = time.perf_counter() + duration_s
-
-            async def one(k: int) -> None:
-                i = 0
-                while time.perf_counter() < stop:
-                    r = await c.post(f"{pod.url}/v1/sessions/calibrate-{clients}-{k}-{i}/turns",
-                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": spec.output_tokens})
-                    r.raise_for_status()
-                    i += 1
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*[one(k) for k in range(clients)])
-            return time.perf_counter() - t0
-
-    points = []
-    for clients in (2, 2 * spec.batching.max_batch_size):
-        before = _batches(pod.url)
-        wall = asyncio.run(drive(clients))
-        after = _batches(pod.url)
-        n = max(after[0] - before[0], 1.0)
-        size = (after[1] - before[1]) / n
-        points.append((size, _profile_ms(profile, size, spec) / 1000.0, wall / n))
-    return fit_cycle(points)
-
-
-def fit_cycle(points: Sequence[tuple[float, float, float]]) -> Calibration:
-    """Solve ``cycle = scale x profile + size x overhead`` through two (size, profile s, cycle s) points;
-    where noise makes the overhead negative, fall back to a pure scale (the mean ratio)."""
-    (b1, t1, w1), (b2, t2, w2) = points
-    det = t1 * b2 - t2 * b1
-    scale = (w1 * b2 - w2 * b1) / det if det else w1 / t1
-    overhead = (t1 * w2 - t2 * w1) / det if det else 0.0
-    if overhead < 0 or scale <= 0:
-        scale, overhead = (w1 / t1 + w2 / t2) / 2, 0.0
-    return Calibration(scale, overhead, tuple(points))
-
-
-def _batches(url: str) -> tuple[float, float, float]:
-    """(batches, requests in batches, seconds the runner spent) so far, from the pod's /metrics."""
-    import httpx
-
-    values = {"capsim_batch_size_count": 0.0, "capsim_batch_size_sum": 0.0, "capsim_batch_service_seconds_sum": 0.0}
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        name = line.split(" ", 1)[0]
-        if name in values:
-            values[name] = float(line.split()[-1])
-    return (values["capsim_batch_size_count"], values["capsim_batch_size_sum"],
-            values["capsim_batch_service_seconds_sum"])
-
-
 def sim_batches(requests: Any) -> tuple[float, float]:
     """(mean batch size, mean batch service seconds) of a simulated run's batches."""
     ok = requests[requests.outcome == "ok"]
@@ -184,19 +136,12 @@ def sim_batches(requests: Any) -> tuple[float, float]:
     return float(batches["size"].mean()), float((batches["end"].to_numpy() - starts).mean())
 
 
-def _profile_ms(profile: ServiceTimeProfile, size: float, spec: ValidationSpec) -> float:
-    """The profile's mean batch time (ms) at a fractional batch size (interpolated)."""
-    lo, hi = int(np.floor(size)), int(np.ceil(size))
-    t_lo = profile.batch_timing(max(lo, 1), spec.prompt_tokens, spec.output_tokens).total_s
-    t_hi = profile.batch_timing(max(hi, 1), spec.prompt_tokens, spec.output_tokens).total_s
-    return 1000 * (t_lo + (size - lo) * (t_hi - t_lo))
-
-
 def level_scenario(
     spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None
 ) -> Scenario:
-    """The simulator's view of one load level: one always-ready pod, the same batching, no faults."""
-    horizon = spec.requests_per_level / rate
+    """The simulator's view of one replication of a load level: one always-ready pod, the same batching,
+    no faults."""
+    horizon = spec.requests_per_run / rate
     return Scenario.model_validate({
         "horizon_s": horizon,
         "warmup_s": horizon * spec.warmup_fraction,
@@ -210,6 +155,7 @@ def level_scenario(
             "profile": str(profile_path),
             "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
             "time_scale": calibration.time_scale if calibration else 1.0,
+            "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
         },
         "batching": spec.batching.model_dump(),
         "pods": {"replicas": 1, "startup_s": 0},
@@ -224,8 +170,9 @@ def run_validation(
     out_dir: str | Path = "data/validation",
     echo: Callable[[str], None] = print,
 ) -> Any:
-    """Run the validation; write ``results.csv``, ``validation.png`` and ``provenance.json`` under
-    ``out_dir`` and return the results frame (one row per level and metric)."""
+    """Run the validation; write ``results.csv`` (one row per level and metric, with intervals and the
+    targets), ``replications.csv``, ``validation.png`` and ``provenance.json`` under ``out_dir`` and
+    return the results frame."""
     import pandas as pd
 
     from capsim.core.loadgen import ClientPolicy, run_load
@@ -234,6 +181,7 @@ def run_validation(
     from capsim.sim.streams import Streams
 
     spec = spec or ValidationSpec()
+    started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cores = _cores()
@@ -247,46 +195,59 @@ def run_validation(
     profile.to_csv(kept_profile)
     if gen_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {gen_core})
-    rows = []
+    rows: list[dict[str, Any]] = []
+    reps: list[dict[str, Any]] = []
+    diagnostics: dict[str, Any] = {}
     b = spec.batching
     pod = PodProcess(work, "validate", core=pod_core, torch_threads=spec.threads, model=spec.model,
                      max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
                      overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
+    calibration: Calibration | None = None
     try:
         pod.start()
-        calibration = calibrate(pod, spec, profile, spec.calibration_s) if spec.calibrate else None
-        if calibration is not None:
-            echo(f"calibration: pod batch cycle = {calibration.time_scale:.3f} x profile + "
-                 f"{calibration.overhead_s * 1000:.2f} ms per request "
-                 f"(points: {[(round(b, 2), round(t * 1e3, 1), round(w * 1e3, 1)) for b, t, w in calibration.points]})")
+        if spec.calibrate:
+            calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s)
+            echo(f"calibration: {calibration.describe()}")
+            echo("  points (size, profile ms, pod ms, residual ms): " + ", ".join(
+                f"({b_:.0f}, {t * 1e3:.1f}, {w * 1e3:.1f}, {r * 1e3:+.1f})"
+                for (b_, t, w), r in zip(calibration.points, calibration.residuals_s, strict=True)))
+            for warning in calibration.warnings:
+                echo(f"WARNING (CalibrationWarning): {warning}")
         cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
         for level in spec.levels:
             rate = level * cap
             scenario = level_scenario(spec, kept_profile, rate, calibration)
-            workload = make_workload(scenario, Streams(spec.seed))
-            echo(f"level {level:.0%}: {rate:.1f} requests/s, {workload.n_requests} requests ...")
-            before = _batches(pod.url)
-            real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                           max_duration_s=scenario.horizon_s + 5, seed=spec.seed))
-            after = _batches(pod.url)
-            sim = simulate(scenario, seed=spec.seed)
-            n_batches = max(after[0] - before[0], 1.0)
-            real_size, real_batch_s = (after[1] - before[1]) / n_batches, (after[2] - before[2]) / n_batches
-            sim_size, sim_batch_s = sim_batches(sim.requests)
-            echo(f"  batches: real mean size {real_size:.2f}, {real_batch_s * 1000:.1f} ms each "
-                 f"(profile at that size: {_profile_ms(profile, real_size, spec):.1f} ms); "
-                 f"sim mean size {sim_size:.2f}, {sim_batch_s * 1000:.1f} ms each")
-            real = summarize_frame(real_df, scenario.warmup_s, scenario.horizon_s)
-            simulated = summarize_frame(sim.requests, scenario.warmup_s, scenario.horizon_s)
-            for metric in METRICS:
-                r, s = real[metric], simulated[metric]
-                rows.append({"level": level, "rate_per_s": rate, "metric": metric, "real": r, "sim": s,
-                             "rel_error": (s - r) / r if r else float("nan")})
+            echo(f"level {level:.0%}: {rate:.1f} requests/s, {spec.replications} x {spec.requests_per_run} requests ...")
+            real_runs, sim_runs, level_diag = [], [], []
+            for r in range(spec.replications):
+                seed = spec.seed + r
+                workload = make_workload(scenario, Streams(seed))
+                since = time.monotonic()
+                real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
+                                               max_duration_s=scenario.horizon_s + 5, seed=seed))
+                trace = fetch_trace(pod.url, since)
+                sim = simulate(scenario, seed=seed)
+                window = (scenario.warmup_s, scenario.horizon_s)
+                real_runs.append(vs.cut_blocks(real_df, *window, block_s=spec.block_s))
+                sim_runs.append(vs.cut_blocks(sim.requests, *window, block_s=spec.block_s))
+                level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration))
+                real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
+                for metric in METRICS:
+                    rv, sv = real_sum[metric], sim_sum[metric]
+                    reps.append({"level": level, "replication": r, "seed": seed, "metric": metric, "real": rv,
+                                 "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
+            diagnostics[f"{level:g}"] = level_diag
+            d = level_diag[-1]
+            echo(f"  batches (last replication): real mean size {d['real_mean_size']:.2f}, "
+                 f"{d['real_mean_batch_ms']:.1f} ms each; sim {d['sim_mean_size']:.2f}, {d['sim_mean_batch_ms']:.1f} ms")
+            rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
     finally:
         pod.stop()
     results = pd.DataFrame(rows)
+    results.attrs["calibration_warnings"] = list(calibration.warnings) if calibration else []
     results.to_csv(out / "results.csv", index=False)
+    pd.DataFrame(reps).to_csv(out / "replications.csv", index=False)
     _plot(results, out / "validation.png")
     provenance = {
         "capsim_version": capsim.__version__,
@@ -295,29 +256,22 @@ def run_validation(
         "profile_metadata": dict(profile.metadata),
         "capacity_per_s": cap,
         "calibration": asdict(calibration) if calibration else None,
+        "calibration_warnings": list(calibration.warnings) if calibration else [],
         "cores": {"pod": pod_core, "loadgen": gen_core},
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "wall_s": time.perf_counter() - started,
         "created_unix": time.time(),
         "targets": TARGETS,
+        "intervals": {"confidence": vs.CONFIDENCE, "method": "percentile block bootstrap over pooled replications",
+                      "block_s": spec.block_s, "n_resamples": vs.N_RESAMPLES},
+        "diagnostics": diagnostics,
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     echo(format_results(results))
     return results
 
 
-def format_results(results: Any) -> str:
-    """A text table: one row per level and metric, real vs simulated with the relative error."""
-    lines = [f"{'level':>6} {'metric':>18} {'real':>10} {'sim':>10} {'error':>8}"]
-    for r in results.itertuples():
-        lines.append(f"{r.level:>6.0%} {r.metric:>18} {r.real:>10.4g} {r.sim:>10.4g} {r.rel_error:>+8.1%}")
-    return "\n".join(lines)
-
-
 def _plot(results: Any, path: Path) -> None:
     from capsim import plots
 
     plots.save(plots.sim_vs_real(results), path)
-
-
-def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, float]:
-    """The largest absolute relative error of each metric across levels."""
-    return {m: float(results[results.metric == m].rel_error.abs().max()) for m in metrics}

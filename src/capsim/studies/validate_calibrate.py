@@ -1,0 +1,175 @@
+"""The validation's calibration: the pod's batch cycle under load, fitted by least squares over batch sizes.
+
+A profile times the model's kernels on an idle core; in the pod the same core also parses HTTP, reads and
+writes the session store and answers, and the engine's thread shares the GIL with the event loop.
+Closed-loop runs at several client counts keep the pod busy at several batch sizes; the pod's batch trace
+(``GET /debug/batches``) gives every batch's size and wall time, and a least-squares fit of
+``cycle(b) = time_scale x profile(b) + b x overhead_s`` over the mean cycle per batch size gives the two
+numbers the scenario carries. A fit on fewer than ``MIN_SIZES`` sizes is refused; a fit whose overhead
+sits at its bound 0, or whose residuals are large, is kept but carries a ``CalibrationWarning``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from capsim.errors import CapsimError
+from capsim.model.profile import ServiceTimeProfile
+
+MIN_SIZES = 4
+MIN_BATCHES_PER_SIZE = 5
+MAX_REL_RESIDUAL = 0.05  # rms residual over the mean cycle: past this the linear model does not fit
+CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 32)  # closed-loop clients of the calibration runs
+
+
+class CalibrationError(CapsimError, ValueError):
+    """The calibration cannot be fitted (too few batch sizes, or a singular design)."""
+
+
+class CalibrationWarning(UserWarning):
+    """The fit exists but should not be trusted as is (degenerate or poorly fitting)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The pod's batch cycle under load, ``W(b) = time_scale x T_profile(b) + b x overhead_s``."""
+
+    time_scale: float
+    overhead_s: float
+    points: tuple[tuple[float, float, float], ...]  # (batch size, profile batch s, pod cycle s)
+    residuals_s: tuple[float, ...] = ()  # cycle - fit, per point
+    warnings: tuple[str, ...] = ()
+    # the spread of single batches around the fit: quantiles of wall / fit, mean 1 (empty: not measured)
+    cycle_noise: tuple[float, ...] = ()
+
+    @property
+    def rel_rms_residual(self) -> float:
+        if not self.residuals_s:
+            return float("nan")
+        mean_cycle = float(np.mean([w for _, _, w in self.points]))
+        return float(np.sqrt(np.mean(np.square(self.residuals_s))) / mean_cycle)
+
+    def cycle_s(self, size: float, profile_s: float) -> float:
+        return self.time_scale * profile_s + size * self.overhead_s
+
+    def describe(self) -> str:
+        text = (f"pod batch cycle = {self.time_scale:.3f} x profile + {self.overhead_s * 1000:.2f} ms per request "
+                f"over {len(self.points)} batch sizes, rms residual {self.rel_rms_residual:.1%}")
+        if self.cycle_noise:
+            f = np.asarray(self.cycle_noise)
+            text += (f"; single batches: cv {f.std() / f.mean():.1%}, "
+                     f"p99 {np.percentile(f, 99):.3f} x the fit")
+        return text
+
+
+def fit_cycle(points: Sequence[tuple[float, float, float]], *, warn: bool = True) -> Calibration:
+    """Least squares ``cycle = scale x profile + size x overhead`` through (size, profile s, cycle s) points,
+    with ``scale > 0`` and ``overhead >= 0``.
+
+    Refuses (``CalibrationError``) fewer than ``MIN_SIZES`` distinct sizes; warns (``CalibrationWarning``,
+    also kept in ``Calibration.warnings``) when the overhead lands on its bound 0 or the rms residual is
+    over ``MAX_REL_RESIDUAL`` of the mean cycle.
+    """
+    from scipy.optimize import lsq_linear
+
+    sizes = {round(b, 6) for b, _, _ in points}
+    if len(sizes) < MIN_SIZES:
+        raise CalibrationError(f"the cycle fit needs at least {MIN_SIZES} batch sizes, got {len(sizes)}: "
+                               f"{sorted(sizes)}; run the calibration longer or with more client counts")
+    a = np.array([[t, b] for b, t, _ in points], dtype=float)
+    y = np.array([w for _, _, w in points], dtype=float)
+    if np.linalg.matrix_rank(a) < 2:
+        raise CalibrationError("the cycle fit's points are collinear (profile time proportional to size): "
+                               "scale and per-request overhead cannot be told apart")
+    res = lsq_linear(a, y, bounds=([1e-9, 0.0], [np.inf, np.inf]), method="bvls")
+    scale, overhead = (float(v) for v in res.x)
+    if overhead <= 1e-12:  # on the bound, up to the solver's rounding
+        overhead = 0.0
+    residuals = tuple(float(r) for r in y - a @ np.array([scale, overhead]))
+    problems = []
+    if overhead == 0.0:
+        problems.append("degenerate fit: the per-request overhead sits at its bound 0 (the pod's cycle grows "
+                        "no faster with batch size than the profile's); the simulator charges no HTTP work per request")
+    cal = Calibration(scale, overhead, tuple((float(b), float(t), float(w)) for b, t, w in points), residuals)
+    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
+        problems.append(f"poor fit: rms residual {cal.rel_rms_residual:.1%} of the mean cycle "
+                        f"(over {MAX_REL_RESIDUAL:.0%}); the cycle is not linear in the profile and the size")
+    if warn:
+        for p in problems:
+            warnings.warn(p, CalibrationWarning, stacklevel=2)
+    return Calibration(cal.time_scale, cal.overhead_s, cal.points, residuals, tuple(problems))
+
+
+def cycle_points(trace: Sequence[Sequence[float]], profile_s: Any,
+                 min_batches: int = MIN_BATCHES_PER_SIZE) -> list[tuple[float, float, float]]:
+    """(size, profile s, mean wall s) per batch size with at least ``min_batches`` batches, from the pod's
+    batch records (``start, end, size, ...``); ``profile_s(size)`` is the profile's batch time."""
+    sizes = np.array([r[2] for r in trace], dtype=int)
+    walls = np.array([r[1] - r[0] for r in trace], dtype=float)
+    out = []
+    for b in np.unique(sizes):
+        w = walls[sizes == b]
+        if len(w) >= min_batches:
+            out.append((float(b), float(profile_s(int(b))), float(np.mean(w))))
+    return out
+
+
+NOISE_QUANTILES = 400
+
+
+def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: Any,
+                n: int = NOISE_QUANTILES) -> tuple[float, ...]:
+    """``n`` evenly spaced quantiles of each batch's wall time over the fitted cycle at its size, scaled
+    to mean 1: the spread the simulator draws from (``service.cycle_noise``)."""
+    if not trace:
+        return ()
+    ratios = np.array([(r[1] - r[0]) / cal.cycle_s(r[2], profile_s(int(r[2]))) for r in trace], dtype=float)
+    q = np.quantile(ratios, (np.arange(n) + 0.5) / n)
+    return tuple(float(v) for v in q / q.mean())
+
+
+def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
+    """The pod's batch records that started at or after ``since`` (monotonic clock)."""
+    import httpx
+
+    batches = httpx.get(f"{url}/debug/batches", timeout=10).json()["batches"]
+    return [r for r in batches if r[0] >= since]
+
+
+def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
+              duration_s: float, clients: Sequence[int] = CLIENTS) -> Calibration:
+    """Closed-loop runs at each client count (``duration_s`` shared among them) with the validation's
+    request shape; the pod's batch trace gives the cycle per batch size; ``fit_cycle`` fits it."""
+    import httpx
+
+    async def drive(n_clients: int, seconds: float) -> None:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * n_clients)) as c:
+            stop = time.perf_counter() + seconds
+
+            async def one(k: int) -> None:
+                i = 0
+                while time.perf_counter() < stop:
+                    r = await c.post(f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
+                                     json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
+                    r.raise_for_status()
+                    i += 1
+
+            await asyncio.gather(*[one(k) for k in range(n_clients)])
+
+    since = time.monotonic()
+    for n in clients:
+        asyncio.run(drive(n, duration_s / len(clients)))
+    trace = fetch_trace(url, since)
+
+    def profile_s(b: int) -> float:
+        return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
+
+    cal = fit_cycle(cycle_points(trace, profile_s))
+    return replace(cal, cycle_noise=cycle_noise(trace, cal, profile_s))

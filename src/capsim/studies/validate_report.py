@@ -1,0 +1,149 @@
+"""The validation's comparison: per level and metric, real and simulated values with intervals, the error
+with its interval, the targets met or missed, and what the pod's batch trace says about each level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from capsim.studies import validate_stats as vs
+
+METRICS: tuple[str, ...] = (
+    "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+    "throughput_per_s", "mean_batch_size",
+)
+TARGETS: dict[str, float] = {"p50": 0.10, "p95": 0.15, "p99": 0.15, "throughput_per_s": 0.03}
+
+
+def target_of(metric: str) -> float | None:
+    """The largest relative error allowed for ``metric`` (None: reported, not judged)."""
+    if metric in TARGETS:
+        return TARGETS[metric]
+    for key in ("p50", "p95", "p99"):
+        if metric.endswith(f"_{key}_s"):
+            return TARGETS[key]
+    return None
+
+
+def compare_level(level: float, rate: float, real_runs: Sequence[vs.Blocks], sim_runs: Sequence[vs.Blocks],
+                  metrics: Sequence[str] = METRICS, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per metric: real and sim over the pooled replications with their intervals, the paired
+    error with its interval, whether the two intervals overlap, the target and whether it is met."""
+    real, sim = vs.pool(real_runs), vs.pool(sim_runs)
+    rows = []
+    for metric in metrics:
+        r = vs.interval(real, metric, seed=seed)
+        s = vs.interval(sim, metric, seed=seed)
+        e = vs.error_interval(real, sim, metric, seed=seed)
+        target = target_of(metric)
+        rows.append({
+            "level": level, "rate_per_s": rate, "metric": metric,
+            "real": r.value, "real_low": r.low, "real_high": r.high,
+            "sim": s.value, "sim_low": s.low, "sim_high": s.high,
+            "rel_error": e.value, "err_low": e.low, "err_high": e.high,
+            "real_rel_half_width": r.rel_half_width, "overlap": r.overlaps(s),
+            "target": target if target is not None else float("nan"),
+            "met": bool(abs(e.value) <= target) if target is not None else None,
+        })
+    return rows
+
+
+def verdicts(results: Any) -> list[tuple[str, bool]]:
+    """(what, met) per level for each target: the error targets, and the p99 intervals overlapping."""
+    out = []
+    for level in sorted(results.level.unique()):
+        sub = results[results.level == level]
+        for row in sub.itertuples():
+            if row.met is not None and not (isinstance(row.met, float) and np.isnan(row.met)):
+                out.append((f"{level:.0%} {row.metric} within {row.target:.0%}", bool(row.met)))
+        for row in sub[sub.metric.str.endswith("_p99_s")].itertuples():
+            out.append((f"{level:.0%} {row.metric} intervals overlap", bool(row.overlap)))
+    return out
+
+
+def format_results(results: Any) -> str:
+    """A text table: per level and metric, real and sim with their 95% intervals, the error with its
+    interval, and the target met or missed; then the verdicts."""
+    lines = [f"{'level':>5} {'metric':>16} {'real [95% CI]':>28} {'sim [95% CI]':>28} "
+             f"{'error [95% CI]':>26} {'target':>7}"]
+    for r in results.itertuples():
+        scale, unit = (1000.0, "ms") if r.metric.endswith("_s") and "throughput" not in r.metric else (1.0, "")
+        real = f"{r.real * scale:.1f} [{r.real_low * scale:.1f}, {r.real_high * scale:.1f}]{unit}"
+        sim = f"{r.sim * scale:.1f} [{r.sim_low * scale:.1f}, {r.sim_high * scale:.1f}]{unit}"
+        err = f"{r.rel_error:+.1%} [{r.err_low:+.1%}, {r.err_high:+.1%}]"
+        met = "" if r.met is None or (isinstance(r.met, float) and np.isnan(r.met)) else (
+            "PASS" if r.met else "FAIL")
+        lines.append(f"{r.level:>5.0%} {r.metric:>16} {real:>28} {sim:>28} {err:>26} {met:>7}")
+    checks = verdicts(results) if "overlap" in results.columns else []
+    failed = [what for what, ok in checks if not ok]
+    lines.append(f"targets: {len(checks) - len(failed)} of {len(checks)} met" + (
+        "; missed: " + "; ".join(failed) if failed else ""))
+    warnings = results.attrs.get("calibration_warnings") or []
+    lines.extend(f"WARNING (CalibrationWarning): {w}" for w in warnings)
+    return "\n".join(lines)
+
+
+def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, float]:
+    """The largest absolute relative error of each metric across levels."""
+    return {m: float(results[results.metric == m].rel_error.abs().max()) for m in metrics}
+
+
+def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests: Any, profile: Any,
+                      spec: Any, calibration: Any) -> dict[str, float]:
+    """What one replication's batch trace and send times say (docs/validation.md, "Why the tail"): the
+    pod's batch sizes and wall times against the simulator's, the spread of single batches around the
+    calibrated cycle, how a batch's wall time grows with the arrivals during it, the delay from a send
+    to the pod's queue, requests that missed a batch they were sent in time for, the load generator's
+    lateness and the loop's lag at a batch's end."""
+    out: dict[str, float] = {}
+    ok = sim_requests[sim_requests.outcome == "ok"]
+    sim_b = ok.groupby("start_s").agg(size=("batch_size", "first"), end=("end_s", "max"))
+    out["sim_mean_size"] = float(sim_b["size"].mean()) if len(sim_b) else float("nan")
+    out["sim_mean_batch_ms"] = float((sim_b.end.to_numpy() - sim_b.index.to_numpy()).mean() * 1e3) if len(
+        sim_b) else float("nan")
+    send_error = np.asarray(real_df.attrs.get("send_error_s", []), dtype=float)
+    send_error = send_error[np.isfinite(send_error)]
+    if len(send_error):
+        out["send_error_p50_ms"] = float(np.percentile(send_error, 50) * 1e3)
+        out["send_error_p99_ms"] = float(np.percentile(send_error, 99) * 1e3)
+    if len(trace) < 2:
+        return out
+    start = np.array([r[0] for r in trace], dtype=float)
+    end = np.array([r[1] for r in trace], dtype=float)
+    size = np.array([r[2] for r in trace], dtype=int)
+    engine_end = np.array([r[5] for r in trace], dtype=float)
+    wall = end - start
+    out["real_mean_size"] = float(size.mean())
+    out["real_mean_batch_ms"] = float(wall.mean() * 1e3)
+    out["end_lag_p99_ms"] = float(np.percentile((end - engine_end)[engine_end > 0], 99) * 1e3) if (
+        engine_end > 0).any() else float("nan")
+    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
+    during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
+    if calibration is not None:
+        fit = np.array([calibration.cycle_s(b, profile.batch_timing(int(b), spec.prompt_tokens,
+                                                                    spec.output_tokens).total_s) for b in size])
+        ratio = wall / fit
+        out["wall_over_fit_mean"] = float(ratio.mean())
+        out["wall_over_fit_cv"] = float(ratio.std() / ratio.mean())
+        out["wall_over_fit_p99"] = float(np.percentile(ratio, 99))
+        # the residual's growth per arrival during the batch (ms): the feedback a per-request term misses
+        x = during - during.mean()
+        out["ms_per_arrival_during"] = float(np.dot(x, wall - fit) / max(np.dot(x, x), 1e-12) * 1e3)
+    t0 = real_df.attrs.get("t0_monotonic")
+    if t0 is not None and len(real_df):
+        sends = np.sort(t0 + real_df.arrival_s.to_numpy(dtype=float))
+        enq_run = enq[enq >= sends[0]]
+        n = min(len(sends), len(enq_run))
+        ingress = enq_run[:n] - sends[:n]  # FIFO on one connection pool: the k-th sent is the k-th queued
+        out["ingress_p50_ms"] = float(np.percentile(ingress, 50) * 1e3)
+        out["ingress_p99_ms"] = float(np.percentile(ingress, 99) * 1e3)
+        room = size < spec.batching.max_batch_size
+        missed = 0
+        for k in np.flatnonzero(room):
+            lo, hi = np.searchsorted(sends[:n], [start[k] - 1.0, start[k]])
+            missed += int(np.sum(enq_run[lo:hi] > start[k]))
+        out["missed_batch_share"] = missed / n if n else float("nan")
+    return out
