@@ -41,13 +41,17 @@ def fitted_profile(tmp_path: Path) -> Path:
 
 
 def test_the_calibration_recovers_scale_and_extra_per_step() -> None:
-    pts = [(r, closed_loop_step_s(FIT, r, 32, 32), 0.0) for r in (1.5, 12.0)]
+    pts = [(r, closed_loop_step_s(FIT, r, 32, 32), 0.0) for r in (1.5, 3.5, 7.0, 12.0)]
     pts = [(r, m, 1.3 * m + 4e-4) for r, m, _ in pts]
     cal = fit_step_calibration(pts)
     assert cal.time_scale == pytest.approx(1.3) and cal.extra_s == pytest.approx(4e-4)
-    # noise that makes the extra negative falls back to the mean ratio
-    cal = fit_step_calibration([(1.0, 2e-3, 2.0e-3), (10.0, 4e-3, 6e-3)])
-    assert cal.extra_s == 0 and cal.time_scale == pytest.approx((1.0 + 1.5) / 2)
+    assert np.allclose(cal.residuals_s, 0, atol=1e-12) and cal.warnings == ()
+    # walls that grow faster than the model: the extra would be negative, it sits at 0 and says so
+    cal = fit_step_calibration([(1.0, 2e-3, 2.0e-3), (5.0, 3e-3, 4e-3), (10.0, 4e-3, 6e-3)])
+    assert cal.extra_s == 0 and cal.time_scale > 1.2
+    assert any("degenerate" in w for w in cal.warnings)
+    with pytest.raises(ValueError, match="at least 3 points"):
+        fit_step_calibration(pts[:2])
     # the extra goes into the overhead, divided by the scale that multiplies it back in the simulator
     both = calibrated_fit(FIT, StepCalibration(2.0, 1e-3, ()))
     assert both.overhead_s == pytest.approx(FIT.overhead_s + 0.5e-3) and both.coefficients[1:] == FIT.coefficients[1:]

@@ -2,10 +2,10 @@
 against the simulator's continuous pods, with the static validation's method (docs/validation.md).
 
 The step-time model is measured first (``capsim.core.step_profile``: the validation's own lengths and the
-probe steps, in a fresh process pinned like the pod), then calibrated under load: two closed-loop runs
-(2 clients, then ``max_num_seqs`` clients) give the pod's mean step wall time from its
+probe steps, in a fresh process pinned like the pod), then calibrated under load: closed-loop runs
+(2, 4, 8 and 16 clients) give the pod's mean step wall time from its
 ``vllm:inter_token_latency_seconds`` histogram (between two tokens of a request lies exactly one step), and
-``wall = time_scale x model + extra`` is solved through the two points, the extra going into ``c0``. Each
+``wall = time_scale x model + extra`` is fitted through the points, the extra going into ``c0``. Each
 load level (a share of the calibrated capacity) runs ``replications`` times with different seeds; the same
 Poisson schedule goes to the real pod and to the simulator. One more level runs on a pod whose KV cache is
 too small for ``max_num_seqs`` requests, so that requests are preempted; preemptions are counted in both
@@ -64,12 +64,13 @@ class ContinuousSpec:
     seed: int = 0
     model: str = "tiny"
     threads: int = 1
-    calibration_s: float = 4.0
+    calibration_s: float = 3.0  # per client count
+    calibration_clients: tuple[int, ...] = (2, 4, 8, 16)
     step_workloads: int = 3
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
-        return cls(levels=(0.3, 0.85), replications=2, seconds_per_run=6.0, calibration_s=2.0, step_workloads=1)
+        return cls(levels=(0.3, 0.85), replications=2, seconds_per_run=6.0, calibration_s=1.5, step_workloads=1)
 
     @property
     def small_cache_blocks(self) -> int:
@@ -85,11 +86,13 @@ class ContinuousSpec:
 @dataclass(frozen=True)
 class StepCalibration:
     """The pod's step under load: ``wall = time_scale x model(step) + extra_s`` (points: mean requests
-    running, model s, pod's mean step s)."""
+    running, model s, pod's mean step s; residuals: wall - fit, per point; warnings: a degenerate fit)."""
 
     time_scale: float
     extra_s: float
     points: tuple[tuple[float, float, float], ...]
+    residuals_s: tuple[float, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 def closed_loop_step_s(fit: StepTimeFit, clients: float, prompt: int, output: int) -> float:
@@ -100,18 +103,31 @@ def closed_loop_step_s(fit: StepTimeFit, clients: float, prompt: int, output: in
     return fit.predict(prefills * prompt, 0.0, decodes, decodes * (prompt + output / 2))
 
 
+MAX_REL_RESIDUAL = 0.10
+
+
 def fit_step_calibration(points: list[tuple[float, float, float]]) -> StepCalibration:
-    """Solve ``wall = scale x model + extra`` through two (running, model s, wall s) points; a negative
-    extra or scale (noise) falls back to a pure scale, the mean ratio."""
-    (_, m1, w1), (_, m2, w2) = points
-    if m2 != m1:
-        scale = (w2 - w1) / (m2 - m1)
-        extra = w1 - scale * m1
-    else:
-        scale, extra = w1 / m1, 0.0
-    if scale <= 0 or extra < 0:
-        scale, extra = (w1 / m1 + w2 / m2) / 2, 0.0
-    return StepCalibration(scale, extra, tuple(points))
+    """Least squares ``wall = scale x model + extra`` through (running, model s, wall s) points, with
+    ``scale > 0`` and ``extra >= 0``; at least 3 points with distinct model times. A fit whose extra sits
+    on its bound 0, or whose rms residual is over 10% of the mean step, carries a warning."""
+    from scipy.optimize import lsq_linear
+
+    if len({round(m, 12) for _, m, _ in points}) < 3:
+        raise ValueError(f"the step calibration needs at least 3 points with distinct model step times, got "
+                         f"{[(round(r, 2), m) for r, m, _ in points]}")
+    a = np.array([[m, 1.0] for _, m, _ in points])
+    y = np.array([w for _, _, w in points])
+    res = lsq_linear(a, y, bounds=([1e-9, 0.0], [np.inf, np.inf]), method="bvls")
+    scale, extra = (float(v) for v in res.x)
+    extra = 0.0 if extra <= 1e-12 else extra
+    resid = y - a @ np.array([scale, extra])
+    problems = []
+    if extra == 0.0:
+        problems.append("degenerate fit: the pod's extra time per step sits at its bound 0")
+    rel = float(np.sqrt(np.mean(resid**2)) / y.mean())
+    if rel > MAX_REL_RESIDUAL:
+        problems.append(f"poor fit: rms residual {rel:.1%} of the mean step (over {MAX_REL_RESIDUAL:.0%})")
+    return StepCalibration(scale, extra, tuple(points), tuple(float(r) for r in resid), tuple(problems))
 
 
 def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
@@ -143,8 +159,8 @@ def _pod_counters(url: str) -> dict[str, float]:
 
 
 def calibrate_steps(pod: PodProcess, spec: ContinuousSpec, fit: StepTimeFit) -> StepCalibration:
-    """Two closed-loop runs (2, then ``max_num_seqs`` clients): the pod's mean step wall time in each, against
-    the model's step at the mean number of requests running."""
+    """Closed-loop runs (``calibration_clients``): the pod's mean step wall time in each, against the
+    model's step at the mean number of requests running."""
     import httpx
 
     async def drive(clients: int) -> float:
@@ -164,7 +180,7 @@ def calibrate_steps(pod: PodProcess, spec: ContinuousSpec, fit: StepTimeFit) -> 
         return time.perf_counter() - t0
 
     points = []
-    for clients in (2, spec.max_num_seqs):
+    for clients in spec.calibration_clients:
         before = _pod_counters(pod.url)
         duration = asyncio.run(drive(clients))
         after = _pod_counters(pod.url)
@@ -320,6 +336,8 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         echo(f"calibration: pod step = {cal.time_scale:.3f} x model + {cal.extra_s * 1e3:.3f} ms "
              f"(points, running / model ms / pod ms: "
              f"{[(round(c, 1), round(m * 1e3, 2), round(w * 1e3, 2)) for c, m, w in cal.points]})")
+        for warning in cal.warnings:
+            echo(f"WARNING: step calibration: {warning}")
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
                            measured.source).to_csv(profile_path)
         cap = capacity_per_s(fit, cal, spec)
