@@ -32,7 +32,7 @@ def test_the_scorer_weighs_prefix_queue_and_kv_cache() -> None:
 
 
 # ---- the simulator -----------------------------------------------------------------------------------------
-def agents(router: str, crash: bool = False, **over: Any) -> Scenario:
+def agents(router: str, *, crash: bool = False, **over: Any) -> Scenario:
     """Growing agent sessions (history 400 tokens + 50 per turn) on 4 continuous pods."""
     sc = Scenario.model_validate({
         "horizon_s": 600,
@@ -103,8 +103,7 @@ def test_serve_local_answers_through_a_redis_outage_from_the_pods_own_copy() -> 
 def test_affinity_hits_the_prefix_cache_more_than_round_robin() -> None:
     # a small KV cache per pod (256 blocks of 16 tokens): round robin spreads each session's history over
     # every pod, affinity keeps it where it was computed
-    small = {"batching.num_blocks": 256}
-    hit = {k: simulate(agents(k, **small), seed=2).summary.prefix_hit_rate
+    hit = {k: simulate(agents(k, **{"batching.num_blocks": 256}), seed=2).summary.prefix_hit_rate
            for k in ("session_affinity", "prefix_aware", "round_robin")}
     # a later turn's history is ~85% of its prompt, the first turn's nothing: ~70% is the most to hit
     assert 0.5 < hit["session_affinity"] < 0.9 and 0.5 < hit["prefix_aware"] < 0.9
