@@ -103,7 +103,8 @@ def test_serve_local_answers_through_a_redis_outage_from_the_pods_own_copy() -> 
 def test_affinity_hits_the_prefix_cache_more_than_round_robin() -> None:
     # a small KV cache per pod (256 blocks of 16 tokens): round robin spreads each session's history over
     # every pod, affinity keeps it where it was computed
-    hit = {k: simulate(agents(k, **{"batching.num_blocks": 256}), seed=2).summary.prefix_hit_rate
+    small: dict[str, Any] = {"batching.num_blocks": 256}
+    hit = {k: simulate(agents(k, **small), seed=2).summary.prefix_hit_rate
            for k in ("session_affinity", "prefix_aware", "round_robin")}
     # a later turn's history is ~85% of its prompt, the first turn's nothing: ~70% is the most to hit
     assert 0.5 < hit["session_affinity"] < 0.9 and 0.5 < hit["prefix_aware"] < 0.9
