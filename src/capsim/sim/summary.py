@@ -159,8 +159,8 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
 
 def session_results(summary: Summary, requests: Any, book: SessionBook | None, warmup_s: float) -> Summary:
     """The summary with the session numbers filled in: the prefix-cache hit rate (from the requests'
-    ``cached_tokens`` column, if the run has one) and the counters of ``book``; with a book, the requests
-    frame gains the column ``reprefill_tokens`` (in place)."""
+    ``cached_tokens`` column, if the run has one) and the counters of ``book``; with growing sessions the
+    requests frame gains the column ``reprefill_tokens`` (in place)."""
     hit = 0.0
     if "cached_tokens" in requests.columns and len(requests):
         m = ((requests["outcome"] == "ok") & (requests["arrival_s"] >= warmup_s)).to_numpy()
@@ -168,8 +168,8 @@ def session_results(summary: Summary, requests: Any, book: SessionBook | None, w
         hit = float(requests["cached_tokens"].to_numpy()[m].sum()) / prompt if prompt > 0 else 0.0
     if book is None:
         return dataclasses.replace(summary, prefix_hit_rate=hit)
-    # per request, so a crash's TTFT spike can be told from the turns that paid it
-    requests["reprefill_tokens"] = book.reprefill[requests["request_id"].to_numpy()]
+    if book.message is not None:  # growing sessions: per request, so a crash's TTFT spike shows who paid it
+        requests["reprefill_tokens"] = book.reprefill[requests["request_id"].to_numpy()]
     return dataclasses.replace(
         summary, prefix_hit_rate=hit, reprefill_tokens=book.reprefill_tokens,
         affinity_misses=book.affinity_misses, sessions_expired=book.expired, sessions_truncated=book.truncated,
