@@ -82,7 +82,8 @@ def test_only_the_small_cache_preempts(fitted_profile: Path) -> None:
     spec = ContinuousSpec(seconds_per_run=10)
     full = simulate(level_scenario(spec, fitted_profile, 0.9 * capacity_per_s(FIT, StepCalibration(1, 0, ()), spec),
                                    1.0, spec.num_blocks), seed=0).summary
-    small = simulate(level_scenario(spec, fitted_profile, 0.6 * capacity_per_s(FIT, StepCalibration(1, 0, ()), spec),
+    small = simulate(level_scenario(spec, fitted_profile,
+                                    spec.preemption_level * capacity_per_s(FIT, StepCalibration(1, 0, ()), spec),
                                     1.0, spec.small_cache_blocks), seed=0).summary
     assert full.preemptions == 0
     assert small.preemptions > 0

@@ -50,9 +50,11 @@ class ContinuousSpec:
     """The workload, the engine limits, the levels and the run lengths (defaults: about 6 minutes)."""
 
     levels: tuple[float, ...] = (0.3, 0.6, 0.85)
-    preemption_level: float = 0.6  # of the full-cache capacity, on the pod with the small cache
+    # of the full-cache capacity, on the pod whose cache holds half of max_num_seqs requests: about 90% of
+    # what that pod serves, so that more than the cache holds often run and are preempted
+    preemption_level: float = 0.5
     replications: int = 3
-    seconds_per_run: float = 14.0
+    seconds_per_run: float = 20.0
     prompt_tokens: int = 32
     output_tokens: int = 32
     max_num_seqs: int = 16
