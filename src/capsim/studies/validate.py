@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +32,13 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import PodProcess, pinned
-from capsim.studies.validate_calibrate import Calibration, calibrate, fetch_trace, fit_cycle
+from capsim.studies.validate_calibrate import (
+    Calibration,
+    CalibrationWarning,
+    calibrate,
+    fetch_trace,
+    fit_cycle,
+)
 from capsim.studies.validate_report import (
     METRICS,
     TARGETS,
@@ -67,12 +74,12 @@ class ValidationSpec:
     model: str = "tiny"
     threads: int = 1
     calibrate: bool = True  # fit the pod's batch cycle under load (scale, per-request overhead) first
-    calibration_s: float = 10.0
+    calibration_s: float = 40.0  # at most; the runs stop after about 20 batches each (~10 s on 2 quiet cores)
     block_s: float = vs.BLOCK_S
 
     @classmethod
     def quick(cls) -> ValidationSpec:
-        return cls(levels=(0.3, 0.85), requests_per_level=900, calibration_s=5.0)
+        return cls(levels=(0.3, 0.85), requests_per_level=900, calibration_s=20.0)
 
     @property
     def requests_per_run(self) -> int:
@@ -206,7 +213,9 @@ def run_validation(
     try:
         pod.start()
         if spec.calibrate:
-            calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s)
+            with warnings.catch_warnings():  # said once, below, on stdout and in the results
+                warnings.simplefilter("ignore", CalibrationWarning)
+                calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s)
             echo(f"calibration: {calibration.describe()}")
             echo("  points (size, profile ms, pod ms, residual ms): " + ", ".join(
                 f"({b_:.0f}, {t * 1e3:.1f}, {w * 1e3:.1f}, {r * 1e3:+.1f})"

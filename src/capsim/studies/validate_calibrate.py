@@ -144,28 +144,33 @@ def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
 
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
-              duration_s: float, clients: Sequence[int] = CLIENTS) -> Calibration:
-    """Closed-loop runs at each client count (``duration_s`` shared among them) with the validation's
-    request shape; the pod's batch trace gives the cycle per batch size; ``fit_cycle`` fits it."""
+              duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 20) -> Calibration:
+    """Closed-loop runs at each client count with the validation's request shape, each until about
+    ``batches_per_run`` batches have run (at most ``duration_s`` / len(clients) seconds); the pod's batch
+    trace gives the cycle per batch size; ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
     import httpx
 
-    async def drive(n_clients: int, seconds: float) -> None:
+    async def drive(n_clients: int, seconds: float, answers: int) -> None:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * n_clients)) as c:
             stop = time.perf_counter() + seconds
+            done = 0
 
             async def one(k: int) -> None:
+                nonlocal done
                 i = 0
-                while time.perf_counter() < stop:
+                while time.perf_counter() < stop and done < answers:
                     r = await c.post(f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
                                      json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
                     r.raise_for_status()
                     i += 1
+                    done += 1
 
             await asyncio.gather(*[one(k) for k in range(n_clients)])
 
     since = time.monotonic()
     for n in clients:
-        asyncio.run(drive(n, duration_s / len(clients)))
+        # a batch holds up to n requests here (fewer when clients straddle two batches)
+        asyncio.run(drive(n, duration_s / len(clients), batches_per_run * n))
     trace = fetch_trace(url, since)
 
     def profile_s(b: int) -> float:

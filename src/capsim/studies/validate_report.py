@@ -133,10 +133,10 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         x = during - during.mean()
         out["ms_per_arrival_during"] = float(np.dot(x, wall - fit) / max(np.dot(x, x), 1e-12) * 1e3)
     t0 = real_df.attrs.get("t0_monotonic")
-    if t0 is not None and len(real_df):
-        sends = np.sort(t0 + real_df.arrival_s.to_numpy(dtype=float))
-        enq_run = enq[enq >= sends[0]]
-        n = min(len(sends), len(enq_run))
+    sends = np.sort(t0 + real_df.arrival_s.to_numpy(dtype=float)) if t0 is not None else np.empty(0)
+    enq_run = enq[enq >= sends[0]] if len(sends) else enq[:0]
+    n = min(len(sends), len(enq_run))
+    if n:
         ingress = enq_run[:n] - sends[:n]  # FIFO on one connection pool: the k-th sent is the k-th queued
         out["ingress_p50_ms"] = float(np.percentile(ingress, 50) * 1e3)
         out["ingress_p99_ms"] = float(np.percentile(ingress, 99) * 1e3)
