@@ -122,3 +122,19 @@ def test_a_crash_shows_as_a_ttft_spike_on_the_turns_that_re_prefill() -> None:
     paid = df["reprefill_tokens"] > 0
     assert paid.sum() >= 3
     assert ttft[paid].median() > 5 * ttft[~paid].median()
+
+
+def test_session_affinity_places_a_session_whose_pod_went_by_its_fallback() -> None:
+    runs = {fb: simulate(agents("session_affinity", crash=True, **{"router.fallback": fb}), seed=2)
+            for fb in ("random", "least_outstanding")}
+    for r in runs.values():
+        s = r.summary
+        # every move away from the crashed pod is a fallback and re-prefills; no move happens by choice
+        assert 0 < s.affinity_fallbacks == s.affinity_misses
+        assert s.reprefill_tokens > 0
+    # least outstanding puts a new or moved session on the emptiest pod, ties to the lowest id: at this light
+    # load mostly pod 0, where random spreads sessions evenly
+    per_pod = {fb: r.requests.groupby("pod").size() for fb, r in runs.items()}
+    assert per_pod["least_outstanding"].idxmax() == 0
+    assert per_pod["least_outstanding"].is_monotonic_decreasing  # each pod takes what the lower ids leave
+    assert per_pod["random"].max() < 0.3 * per_pod["random"].sum()

@@ -169,6 +169,10 @@ class Service(_Section):
         1.0, gt=0, le=100, description="multiplies every batch time: calibrates a profile measured on an idle "
         "device to a pod under load (`capsim validate` fits it)"
     )
+    arrival_overhead_ms: Float = Field(
+        0.0, ge=0, description="pod CPU time per request spent when it arrives (HTTP parsing) on the model's core: "
+        "the batch running then ends this much later; `capsim validate` fits it from the pod's batch trace"
+    )
     cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, min_length=1, max_length=10_000, description="profile: factors (mean 1) one of which, drawn at "
         "random, multiplies each batch's time instead of the profile's gamma noise: the spread of a pod's batch "
@@ -339,6 +343,10 @@ class Router(_Section):
     prefix_weight: Float = Field(3.0, ge=0, description="prefix_aware: weight of the expected prefix hit")
     queue_weight: Float = Field(1.0, ge=0, description="prefix_aware: weight of the (short) queue")
     kv_cache_weight: Float = Field(1.0, ge=0, description="prefix_aware: weight of the free KV cache")
+    fallback: Literal["random", "least_outstanding"] = Field(
+        "random", description="session_affinity: how a session with no pod that can take it is placed (its "
+        "first turn, or a turn whose pod crashed, went or drains): at random as kube-proxy, or least outstanding",
+    )
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 The router sees only pods that receive traffic (ready and not terminating), as a Kubernetes Service
 sees its endpoints. Session affinity (and pod-local session state, which requires it) sends a session's
-later turns to the pod that served its first; the first turn is placed at random, as kube-proxy does.
+later turns to the pod that served its first; the first turn is placed at random, as kube-proxy does
+(``router.fallback: least_outstanding``: on the endpoint with the fewest requests), and so is a session
+whose pod is gone.
 
 Least outstanding picks the endpoint with the fewest requests queued or running, ties to the lowest pod
 id -- exactly ``min(endpoints, key=outstanding)``, but kept in a heap of ``(outstanding, pod id)`` that
@@ -12,8 +14,8 @@ dozens of pods per request would cost more than the rest of the request's simula
 Prefix-aware scores every endpoint as the Kubernetes inference gateway's endpoint picker does
 (``capsim.policy.routing``): the expected prefix hit (the share of the prompt the pod that served the
 session's last turn still holds, if it has lived since), a short queue and free KV cache. When a session's
-pod is gone (crashed, scaled down, draining) the scorer simply places it elsewhere; the client counts it
-(``affinity_misses``, ``reprefill_tokens``; docs/sessions.md).
+pod is gone (crashed, scaled down, draining) the scorer simply places it elsewhere. The client counts
+such moves (``affinity_fallbacks``) and the history they re-prefill (``reprefill_tokens``; docs/sessions.md).
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ class Router:
     """Picks a pod from ``endpoints`` (kept sorted by pod id by the cluster) among ``pods`` (all, by id)."""
 
     def __init__(self, kind: RouterKind, endpoints: list[Pod], pods: list[Pod], draws: BufferedDraws,
-                 weights: Weights | None = None) -> None:
+                 weights: Weights | None = None, fallback: str = "random") -> None:
         if kind not in KINDS:
             raise ValueError(f"router.kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.weights = weights if weights is not None else Weights()
         self.prefix_aware = kind == "prefix_aware"
+        self.least_fallback = kind == "session_affinity" and fallback == "least_outstanding"
         self.kind = kind
         self.endpoints = endpoints
         self._pods = pods
@@ -74,6 +77,8 @@ class Router:
             raise AssertionError("least-outstanding heap lost an endpoint")  # every change is touched
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
             return self.pick_scored(-1, 0, 0.0)
+        if self.least_fallback:  # a session placed anew, rarely: a scan, no heap to keep
+            return min(eps, key=lambda p: (p.outstanding, p.id))
         if self.kind == "round_robin":
             self._next = (self._next + 1) % len(eps)
             return eps[self._next]

@@ -165,6 +165,7 @@ class SessionBook:
         self.reprefill_tokens = 0
         self.reprefill = np.zeros(len(prompt), dtype=np.int32)  # per request: its history re-prefilled
         self.affinity_misses = 0
+        self.fallbacks = 0
         self.served_local = 0
         self.at_risk = np.zeros(n_sessions, dtype=bool)
 
@@ -221,18 +222,20 @@ class SessionBook:
         """Whether ``pod`` served session ``s``'s last turn and has lived since (its cache may still hold it)."""
         return int(self.last_pod[s]) == pod.id and int(self.last_life[s]) == pod.incarnation
 
-    def cache_alive(self, s: int, pods: list[Pod]) -> bool:
-        """Whether the pod that served session ``s``'s last turn still runs the life it served it in."""
+    def home_usable(self, s: int, pods: list[Pod]) -> bool:
+        """Whether the pod that served session ``s``'s last turn still runs the life it served it in and
+        takes traffic (not crashed, restarted, scaled down, draining or failing its readiness probe)."""
         p = int(self.last_pod[s])
         if p < 0:
             return False
         pod = pods[p]
-        return pod.incarnation == int(self.last_life[s]) and pod.state.name in ("READY", "TERMINATING")
+        return pod.incarnation == int(self.last_life[s]) and pod.routable
 
     def placed(self, i: int, pod: Pod, pods: list[Pod]) -> None:
         """An attempt of later turn ``i`` was queued on ``pod``: count, once per turn, a move away from the pod
-        that served the session's last turn, and the history re-prefilled because that pod lost its cache
-        (a retry after the crash of the pod the first attempt went to counts too)."""
+        that served the session's last turn, and, when that pod could not take it (crashed, restarted, gone,
+        draining), the move as a fallback and the history as re-prefilled (a retry after the crash of the
+        pod the first attempt went to counts too)."""
         if self._routed[i]:
             return
         s = i // self.turns
@@ -240,7 +243,8 @@ class SessionBook:
             return
         self._routed[i] = True
         self.affinity_misses += 1
-        if not self.cache_alive(s, pods):
+        if not self.home_usable(s, pods):
+            self.fallbacks += 1
             h = self.history_tokens(i)
             self.reprefill[i] = h
             self.reprefill_tokens += h

@@ -128,7 +128,7 @@ class Simulation:
         rs = scenario.router
         self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
                              BufferedDraws(self.streams["routing"]),
-                             Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight))
+                             Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight), rs.fallback)
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None

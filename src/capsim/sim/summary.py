@@ -74,11 +74,12 @@ class Summary:
     session_slo_met: bool = True
     # sessions (docs/sessions.md): prompt tokens served from a pod's prefix cache over prompt tokens (measured
     # ok requests; 0 without prefix caching), history tokens re-prefilled because the pod that cached them
-    # crashed, restarted or went, later turns that did not go to the pod of their session's last turn, and
-    # what happened to sessions' histories
+    # crashed, restarted, went or drains, later turns that did not go to the pod of their session's last turn
+    # (and those of them whose pod could not take them), and what happened to sessions' histories
     prefix_hit_rate: float = 0.0
     reprefill_tokens: int = 0
     affinity_misses: int = 0
+    affinity_fallbacks: int = 0
     sessions_expired: int = 0
     sessions_truncated: int = 0
     sessions_ended_on_overflow: int = 0
@@ -172,7 +173,8 @@ def session_results(summary: Summary, requests: Any, book: SessionBook | None, w
         requests["reprefill_tokens"] = book.reprefill[requests["request_id"].to_numpy()]
     return dataclasses.replace(
         summary, prefix_hit_rate=hit, reprefill_tokens=book.reprefill_tokens,
-        affinity_misses=book.affinity_misses, sessions_expired=book.expired, sessions_truncated=book.truncated,
+        affinity_misses=book.affinity_misses, affinity_fallbacks=book.fallbacks, sessions_expired=book.expired,
+        sessions_truncated=book.truncated,
         sessions_ended_on_overflow=book.ended_on_overflow, sessions_at_risk=int(book.at_risk.sum()),
         served_local=book.served_local,
     )
