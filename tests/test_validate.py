@@ -11,6 +11,7 @@ import pytest
 
 from capsim.model.profile import ServiceTimeProfile
 from capsim.model.request import requests_frame
+from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
 from capsim.sim.simulate import simulate
 from capsim.studies.validate import (
@@ -25,7 +26,14 @@ from capsim.studies.validate import (
     summarize_frame,
     worst_errors,
 )
-from capsim.studies.validate_calibrate import CalibrationError, CalibrationWarning, cycle_noise, cycle_points
+from capsim.studies.validate_calibrate import (
+    CalibrationError,
+    CalibrationWarning,
+    cycle_noise,
+    cycle_points,
+    fit_trace,
+    trace_rows,
+)
 
 PROFILE = Path(__file__).resolve().parents[1] / "data" / "profiles" / "cpu-tiny-float32.csv"
 
@@ -180,3 +188,59 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     row = results[results.metric == "ttft_p99_s"].iloc[0]
     assert row.real_low <= row.real <= row.real_high and row.err_low <= row.rel_error <= row.err_high
     assert any(line.startswith("targets: ") for line in lines)
+
+
+def test_fit_trace_recovers_all_three_terms_from_single_batches():
+    rng = np.random.default_rng(0)
+    size = rng.choice([1, 2, 4, 8, 16], 400).astype(float)
+    prof = 0.05 + 0.005 * size + rng.uniform(-0.002, 0.002, 400)  # not proportional to size
+    arrivals = rng.poisson(size)  # arrivals during a batch vary on their own
+    wall = 1.25 * prof + 0.001 * size + 0.002 * arrivals
+    cal = fit_trace(np.column_stack([size, prof, wall, arrivals]))
+    assert (cal.time_scale, cal.overhead_s, cal.arrival_overhead_s) == pytest.approx((1.25, 0.001, 0.002))
+    assert [p[0] for p in cal.points] == [1, 2, 4, 8, 16] and max(map(abs, cal.residuals_s)) < 1e-9
+    assert cal.warnings == () and np.mean(cal.cycle_noise) == pytest.approx(1.0)
+    assert cal.cycle_s(4, 0.07, 3) == pytest.approx(1.25 * 0.07 + 0.004 + 0.006)
+
+
+def test_fit_trace_warns_when_no_per_request_work_shows_and_refuses_few_sizes():
+    rng = np.random.default_rng(1)
+    size = rng.choice([1, 2, 4, 8], 200).astype(float)
+    prof = 0.05 + 0.005 * size + rng.uniform(-0.002, 0.002, 200)
+    arrivals = rng.poisson(size)
+    wall = 1.3 * prof - 0.0005 * size  # less than the profile's growth: both overheads pinned at 0
+    with pytest.warns(CalibrationWarning, match="both per-request overheads sit at their bound 0"):
+        cal = fit_trace(np.column_stack([size, prof, wall, arrivals]))
+    assert cal.overhead_s == 0.0 and cal.arrival_overhead_s == 0.0
+    few = np.column_stack([size, prof, wall, arrivals])[size < 8]
+    with pytest.raises(CalibrationError, match="at least 4 batch sizes with 5\\+ batches each, got 3"):
+        fit_trace(few)
+
+
+def test_trace_rows_count_the_arrivals_during_each_batch():
+    trace = [[1.0, 1.5, 2, [0.9, 0.95]], [1.5, 2.0, 3, [1.1, 1.2, 1.6]], [2.0, 2.2, 1, [1.7]]]
+    rows = trace_rows(trace, lambda b: 0.1 * b)
+    assert rows[:, 0].tolist() == [2, 3, 1] and rows[:, 2] == pytest.approx([0.5, 0.5, 0.2])
+    assert rows[:, 3].tolist() == [2, 2, 0]  # enqueued in [start, end): 1.1, 1.2; then 1.6, 1.7; none
+
+
+def test_arrivals_lengthen_the_simulated_batch_running_when_they_come():
+    sc = Scenario.model_validate({
+        "horizon_s": 30, "warmup_s": 0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 8.0}},
+        "service": {"kind": "deterministic", "mean_s": 0.1, "arrival_overhead_ms": 10.0},
+        "batching": {"max_batch_size": 4, "max_wait_ms": 0},
+        "pods": {"replicas": 1, "startup_s": 0}, "router": {"kind": "random"},
+        "client": {"timeout_s": 600, "max_retries": 0},
+    })
+    df = simulate(sc, seed=3).requests
+    arrivals = np.sort(df.arrival_s.to_numpy())
+    ok = df[df.outcome == "ok"]
+    batches = ok.groupby("start_s").agg(end=("end_s", "max"))
+    starts, ends = batches.index.to_numpy(), batches.end.to_numpy()
+    during = np.searchsorted(arrivals, ends) - np.searchsorted(arrivals, starts, side="right")
+    assert during.max() >= 2
+    assert ends - starts == pytest.approx(0.1 + 0.01 * during, abs=1e-9)
+    plain = simulate(sc.model_copy(update={"service": sc.service.model_copy(update={"arrival_overhead_ms": 0.0})}),
+                     seed=3).requests
+    assert (plain.end_s - plain.start_s).dropna().to_numpy() == pytest.approx(0.1)

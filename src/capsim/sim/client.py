@@ -142,6 +142,7 @@ class Client:
         turns = self.turns
         # without sticky sessions or Redis outages, a first send needs only the router and the queue
         plain = not self.sticky and not self.sim.faults.has_redis_outages and not self.scored
+        plain = plain and not self.sim.scenario.service.arrival_overhead_ms  # Pod.enqueue charges arrivals
         send = self._send_plain if plain else self._send
         open_loop = self.open_loop
         session = self.session if self.track_sessions else None

@@ -45,7 +45,7 @@ class PodState(IntEnum):
 class Batch:
     """One batch on the model: its requests (in queue order) and its times (s)."""
 
-    __slots__ = ("bid", "cancelled", "dead", "done", "end", "first", "idx", "pod", "size", "start")
+    __slots__ = ("bid", "cancelled", "dead", "done", "due", "end", "first", "idx", "pod", "size", "start")
 
     def __init__(self, idx: np.ndarray, start: float, first: float, end: float, pod: Pod) -> None:
         self.bid = -1  # set by Records.add_batch
@@ -58,6 +58,7 @@ class Batch:
         self.cancelled: set[int] | None = None  # requests whose client gave up while the batch ran
         self.dead = False  # the pod crashed or was killed under it
         self.done = False  # finished normally
+        self.due: float | None = None  # its end's time on the ending heap, once arrivals have lengthened it
 
     @property
     def live_size(self) -> int:
@@ -88,6 +89,9 @@ class Pod:
         self._env = sim.env
         self._rec = sim.records
         self._batch_time = sim.service.batch_time
+        # pod CPU per request that lands on the batch running when the request arrives (HTTP parsing on
+        # the model's core): it lengthens that batch, so a batch grows with the arrivals during it
+        self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
         self._ending = sim.records.ending
         # SimPy's event counter: a batch's end takes the id its Timeout event would have taken, so that
         # Client.run completes it in exactly the order SimPy would have (see ``_end_at``)
@@ -116,6 +120,8 @@ class Pod:
         q = self.queue
         q.append(i)
         self.outstanding += 1
+        if self._arrival_s and self.running:
+            self._grow(now)
         if len(self.running) < self.max_running:
             n = len(q)
             # only these two changes can alter the rule's answer: a first request starts the wait,
@@ -209,6 +215,20 @@ class Pod:
         if sent + sim.timeout_s < end:
             sim.client.watch_batch(batch, rec.send[batch.idx])
 
+    def _grow(self, now: float) -> None:
+        """An arrival at ``now`` costs the running batches ``_arrival_s`` of the core: each ends that much
+        later (and its first token too, if still to come). The old entry on the ending heap stays and is
+        skipped by ``complete`` (``Batch.due`` names the live one). A client timeout is watched from the
+        batch's end as it was when the batch started."""
+        cost = self._arrival_s
+        for b in self.running:
+            if now < b.first:
+                b.first += cost
+            b.end += cost
+            t = self._env._now
+            b.due = t + max(b.end - t, 0.0)
+            heappush(self._ending, (b.due, next(self._eid), b))
+
     def _end_at(self, end: float, batch: Batch) -> None:
         """Schedule ``batch``'s completion at ``end``, outside SimPy's event queue: on ``Records.ending``, a
         heap that ``Client.run`` merges with SimPy's queue. The entry holds what a ``Timeout`` would
@@ -221,8 +241,8 @@ class Pod:
 
     def complete(self, batch: Batch) -> None:
         """``batch`` ends now (``Client.run`` has set the clock to its end): answer its requests."""
-        if batch.dead:
-            return
+        if batch.dead or (batch.due is not None and self._env._now != batch.due):
+            return  # killed, or an end that arrivals have since pushed later (``_grow``)
         sim = self.sim
         now = batch.end
         running = self.running

@@ -95,7 +95,9 @@ def capacity_per_s(
 ) -> float:
     """Requests per second one pod serves at best: max over batch sizes of size / batch time (with the
     calibration's scale and per-request overhead, if given)."""
-    scale, overhead = (calibration.time_scale, calibration.overhead_s) if calibration else (1.0, 0.0)
+    # at saturation a batch of b has b arrivals during it, whichever term the pod's HTTP work is charged to
+    scale, overhead = ((calibration.time_scale, calibration.overhead_s + calibration.arrival_overhead_s)
+                       if calibration else (1.0, 0.0))
     sizes = [b for b in range(1, batching.max_batch_size + 1) if b <= profile.batch_sizes("decode")[-1]]
     return max(b / (scale * profile.batch_timing(b, prompt, output).total_s + b * overhead) for b in sizes)
 
@@ -162,6 +164,7 @@ def level_scenario(
             "profile": str(profile_path),
             "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
             "time_scale": calibration.time_scale if calibration else 1.0,
+            "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
             "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
         },
         "batching": spec.batching.model_dump(),

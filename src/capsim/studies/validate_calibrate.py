@@ -1,12 +1,14 @@
-"""The validation's calibration: the pod's batch cycle under load, fitted by least squares over batch sizes.
+"""The validation's calibration: the pod's batch cycle under load, fitted by least squares over its batches.
 
 A profile times the model's kernels on an idle core; in the pod the same core also parses HTTP, reads and
 writes the session store and answers, and the engine's thread shares the GIL with the event loop.
 Closed-loop runs at several client counts keep the pod busy at several batch sizes; the pod's batch trace
-(``GET /debug/batches``) gives every batch's size and wall time, and a least-squares fit of
-``cycle(b) = time_scale x profile(b) + b x overhead_s`` over the mean cycle per batch size gives the two
-numbers the scenario carries. A fit on fewer than ``MIN_SIZES`` sizes is refused; a fit whose overhead
-sits at its bound 0, or whose residuals are large, is kept but carries a ``CalibrationWarning``.
+(``GET /debug/batches``) gives every batch's size, wall time and the requests that arrived while it ran.
+``fit_trace`` fits ``wall = time_scale x profile(b) + b x overhead_s + arrivals x arrival_overhead_s`` over
+single batches (bounded least squares), and keeps the spread of single batches around the fit
+(``cycle_noise``) for the simulator to draw from. A fit on fewer than ``MIN_SIZES`` sizes is refused; a
+degenerate or poorly fitting one is kept but carries a ``CalibrationWarning``. ``fit_cycle`` is the
+two-term fit over (size, profile, mean cycle) points.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from capsim.model.profile import ServiceTimeProfile
 MIN_SIZES = 4
 MIN_BATCHES_PER_SIZE = 5
 MAX_REL_RESIDUAL = 0.05  # rms residual over the mean cycle: past this the linear model does not fit
+NOISE_QUANTILES = 400  # quantiles of the single-batch spread kept for the simulator
 CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 32)  # closed-loop clients of the calibration runs
 
 
@@ -48,6 +51,8 @@ class Calibration:
     warnings: tuple[str, ...] = ()
     # the spread of single batches around the fit: quantiles of wall / fit, mean 1 (empty: not measured)
     cycle_noise: tuple[float, ...] = ()
+    # per request, when it arrives, on the batch running then (``fit_trace``; 0: charged per batch member)
+    arrival_overhead_s: float = 0.0
 
     @property
     def rel_rms_residual(self) -> float:
@@ -56,11 +61,12 @@ class Calibration:
         mean_cycle = float(np.mean([w for _, _, w in self.points]))
         return float(np.sqrt(np.mean(np.square(self.residuals_s))) / mean_cycle)
 
-    def cycle_s(self, size: float, profile_s: float) -> float:
-        return self.time_scale * profile_s + size * self.overhead_s
+    def cycle_s(self, size: float, profile_s: float, arrivals: float = 0.0) -> float:
+        return self.time_scale * profile_s + size * self.overhead_s + arrivals * self.arrival_overhead_s
 
     def describe(self) -> str:
         text = (f"pod batch cycle = {self.time_scale:.3f} x profile + {self.overhead_s * 1000:.2f} ms per request "
+                f"+ {self.arrival_overhead_s * 1000:.2f} ms per arrival during the batch, "
                 f"over {len(self.points)} batch sizes, rms residual {self.rel_rms_residual:.1%}")
         if self.cycle_noise:
             f = np.asarray(self.cycle_noise)
@@ -107,7 +113,21 @@ def fit_cycle(points: Sequence[tuple[float, float, float]], *, warn: bool = True
     return Calibration(cal.time_scale, cal.overhead_s, cal.points, residuals, tuple(problems))
 
 
-def cycle_points(trace: Sequence[Sequence[float]], profile_s: Any,
+def trace_rows(trace: Sequence[Sequence[Any]], profile_s: Any) -> np.ndarray:
+    """One row per batch of the pod's trace (``start, end, size, enqueued, ...``): size, the profile's
+    batch time, the wall time, and the requests that entered the queue while it ran."""
+    if not trace:
+        return np.empty((0, 4))
+    start = np.array([r[0] for r in trace], dtype=float)
+    end = np.array([r[1] for r in trace], dtype=float)
+    size = np.array([r[2] for r in trace], dtype=float)
+    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
+    during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
+    prof = np.array([profile_s(int(b)) for b in size])
+    return np.column_stack([size, prof, end - start, during])
+
+
+def cycle_points(trace: Sequence[Sequence[Any]], profile_s: Any,
                  min_batches: int = MIN_BATCHES_PER_SIZE) -> list[tuple[float, float, float]]:
     """(size, profile s, mean wall s) per batch size with at least ``min_batches`` batches, from the pod's
     batch records (``start, end, size, ...``); ``profile_s(size)`` is the profile's batch time."""
@@ -121,7 +141,48 @@ def cycle_points(trace: Sequence[Sequence[float]], profile_s: Any,
     return out
 
 
-NOISE_QUANTILES = 400
+def fit_trace(rows: np.ndarray, *, warn: bool = True, min_batches: int = MIN_BATCHES_PER_SIZE) -> Calibration:
+    """Least squares over single batches (``trace_rows``): ``wall = scale x profile + size x overhead +
+    arrivals x arrival_overhead``, all three >= 0, on the sizes with at least ``min_batches`` batches.
+
+    The arrival term is the pod's HTTP work for requests that arrive while a batch runs (it shares the
+    core), so a batch grows with the arrivals during it. ``points`` and ``residuals_s`` are per size (mean
+    wall, mean residual); refusal and warnings as ``fit_cycle``, plus the spread of single batches.
+    """
+    from scipy.optimize import lsq_linear
+
+    rows = np.asarray(rows, dtype=float)
+    sizes, counts = np.unique(rows[:, 0], return_counts=True) if len(rows) else (np.empty(0), np.empty(0))
+    kept = sizes[counts >= min_batches]
+    if len(kept) < MIN_SIZES:
+        raise CalibrationError(f"the cycle fit needs at least {MIN_SIZES} batch sizes with {min_batches}+ batches "
+                               f"each, got {len(kept)}: {kept.tolist()}; run the calibration longer")
+    rows = rows[np.isin(rows[:, 0], kept)]
+    a = rows[:, [1, 0, 3]]
+    y = rows[:, 2]
+    if np.linalg.matrix_rank(a) < 3:
+        raise CalibrationError("the cycle fit's batches cannot tell the profile, the size and the arrivals "
+                               "apart (collinear columns)")
+    res = lsq_linear(a, y, bounds=([1e-9, 0.0, 0.0], [np.inf, np.inf, np.inf]), method="bvls")
+    scale, overhead, per_arrival = (float(v) if v > 1e-12 else 0.0 for v in res.x)
+    resid = y - a @ np.array([scale, overhead, per_arrival])
+    points = tuple((float(b), float(rows[rows[:, 0] == b, 1][0]), float(y[rows[:, 0] == b].mean())) for b in kept)
+    residuals = tuple(float(resid[rows[:, 0] == b].mean()) for b in kept)
+    cal = Calibration(scale, overhead, points, residuals, arrival_overhead_s=per_arrival)
+    problems = []
+    if overhead == 0.0 and per_arrival == 0.0:
+        problems.append("degenerate fit: both per-request overheads sit at their bound 0 (the pod's cycle grows "
+                        "no faster with batch size or arrivals than the profile's); the simulator charges no "
+                        "HTTP work per request")
+    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
+        problems.append(f"poor fit: rms residual {cal.rel_rms_residual:.1%} of the mean cycle "
+                        f"(over {MAX_REL_RESIDUAL:.0%}); the cycle is not linear in the profile and the size")
+    if warn:
+        for p in problems:
+            warnings.warn(p, CalibrationWarning, stacklevel=2)
+    ratios = y / (a @ np.array([scale, overhead, per_arrival]))
+    q = np.quantile(ratios, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
+    return replace(cal, warnings=tuple(problems), cycle_noise=tuple(float(v) for v in q / q.mean()))
 
 
 def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: Any,
@@ -176,5 +237,4 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     def profile_s(b: int) -> float:
         return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
 
-    cal = fit_cycle(cycle_points(trace, profile_s))
-    return replace(cal, cycle_noise=cycle_noise(trace, cal, profile_s))
+    return fit_trace(trace_rows(trace, profile_s))

@@ -124,12 +124,13 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
     during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
     if calibration is not None:
         fit = np.array([calibration.cycle_s(b, profile.batch_timing(int(b), spec.prompt_tokens,
-                                                                    spec.output_tokens).total_s) for b in size])
+                                                                    spec.output_tokens).total_s, a)
+                        for b, a in zip(size, during, strict=True)])
         ratio = wall / fit
         out["wall_over_fit_mean"] = float(ratio.mean())
         out["wall_over_fit_cv"] = float(ratio.std() / ratio.mean())
         out["wall_over_fit_p99"] = float(np.percentile(ratio, 99))
-        # the residual's growth per arrival during the batch (ms): the feedback a per-request term misses
+        # the residual's growth per arrival during the batch (ms): what the fitted arrival term leaves
         x = during - during.mean()
         out["ms_per_arrival_during"] = float(np.dot(x, wall - fit) / max(np.dot(x, x), 1e-12) * 1e3)
     t0 = real_df.attrs.get("t0_monotonic")
