@@ -84,8 +84,10 @@ async def drive(pods: list[PodProcess], kill_at: float, restart_at: float) -> tu
 
 def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_factory):
     server = redis_server_factory(aof=True)
+    # max_prompt_tokens bounds each turn's prefill (the pod prefills the session's history, oldest turns
+    # dropped to fit): 40 turns of full history would make this a test of CPU speed, not of a crash
     pods = [PodProcess(tmp_path, name=f"pod{i}", redis_url=server.url, max_batch_size=8, max_wait_ms=5,
-                       torch_threads=1).start()
+                       torch_threads=1, max_prompt_tokens=128).start()
             for i in range(2)]
     try:
         attempts, killed_at = asyncio.run(drive(pods, kill_at=1.0, restart_at=1.5))
