@@ -126,6 +126,7 @@ def test_capsim_validate_checks_its_mode() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # two pod starts, the step measurement and the bootstraps: 5 min on a busy machine
 def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     spec = ContinuousSpec(levels=(0.3,), replications=1, seconds_per_run=3.0, calibration_s=1.0, step_workloads=1)
     results = run_continuous_validation(spec, out_dir=tmp_path, echo=lambda _: None)
