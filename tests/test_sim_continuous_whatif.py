@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from capsim.model.scenario import Scenario
-from capsim.studies.batch_modes import compare_batch_modes, fixed_fleet, pods_needed
+from capsim.studies.batch_modes import compare_batch_modes, fixed_fleet, format_comparison, pods_needed
 
 SHORT = {"horizon_s": 90, "warmup_s": 10, "workload.arrivals.rate_per_s": [[0, 8], [30, 40], [60, 8]]}
 
@@ -30,3 +30,7 @@ def test_compare_takes_static_then_continuous() -> None:
     assert (static.mode, continuous.mode) == ("static", "continuous")
     # continuous batching never needs more pods here: finished requests leave at once
     assert static.pods is not None and continuous.pods is not None and continuous.pods <= static.pods
+    table = format_comparison([static, continuous]).splitlines()
+    assert len(table) == 4 and table[2].startswith(f"| static | {static.pods} |")
+    assert table[3].startswith(f"| continuous | {continuous.pods} |") and " ms |" in table[3]  # its ITL
+    assert f"{continuous.pods}: pass" in table[3]

@@ -4,11 +4,17 @@ For each scenario (the same rush, one with ``batching.mode: static``, one with `
 fixed (autoscaler and GPU limit removed) and the fewest pods that meet the scenario's SLO -- TTFT p99 and
 error rate, over requests after the warm-up -- are found by bisection on the pod count, assuming that more
 pods never hurt. Every probe is one full simulation of the rush under the given seed.
+
+``python -m capsim.studies.batch_modes`` runs the comparison on the Friday rush (shortened, as in
+docs/continuous.md) and prints the table; ``--step-profile`` times the continuous pods with a profile that
+carries a fitted step model instead of the adapter over the static kernels.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from capsim.model.scenario import Scenario
@@ -61,3 +67,44 @@ def compare_batch_modes(static: Scenario, continuous: Scenario, *, max_replicas:
         raise ValueError("compare_batch_modes takes a static-mode scenario, then a continuous-mode one, "
                          f"got {static.batching.mode!r} and {continuous.batching.mode!r}")
     return [pods_needed(sc, max_replicas=max_replicas, seed=seed) for sc in (static, continuous)]
+
+
+#: The Friday rush shortened to 1200 s (8 -> 96 -> 8 sessions/s at 0/300/900 s, warm-up 120 s).
+SHORT_RUSH: dict[str, Any] = {"horizon_s": 1200, "warmup_s": 120,
+                              "workload.arrivals.rate_per_s": [[0, 8], [300, 96], [900, 8]]}
+
+
+def format_comparison(results: list[PodsNeeded]) -> str:
+    """A markdown table: per mode the pods needed, that run's TTFT and E2E p99, errors, GPU-hours, ITL p50,
+    preemptions, and every probe (pods: met the SLO or not)."""
+    lines = ["| mode | pods needed | TTFT p99 | E2E p99 | error rate | GPU-hours | ITL p50 | preemptions | probes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r.summary
+        itl = s.get("itl_p50_s")
+        itl_text = f"{itl * 1e3:.1f} ms" if isinstance(itl, float) and itl == itl else "-"
+        probes = ", ".join(f"{n}: {'pass' if ok else 'fail'}" for n, ok in sorted(r.probes.items()))
+        needed = r.pods if r.pods is not None else f"> {max(r.probes)}"
+        lines.append(f"| {r.mode} | {needed} | {s['ttft_p99_s']:.3f} s | {s['e2e_p99_s']:.3f} s | "
+                     f"{s['error_rate']:.3f} | {s['gpu_hours']:.2f} | {itl_text} | {s.get('preemptions', 0)} | {probes} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="pods needed for the SLO, static against continuous batching")
+    ap.add_argument("--static", type=Path, default=Path("data/scenarios/friday_rush.yaml"))
+    ap.add_argument("--continuous", type=Path, default=Path("data/scenarios/friday_rush_continuous.yaml"))
+    ap.add_argument("--full", action="store_true", help="the whole scenario, not the 1200 s shortened rush")
+    ap.add_argument("--step-profile", type=Path, help="a profile with a fitted step model for the continuous pods")
+    ap.add_argument("--max-replicas", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    short = {} if args.full else SHORT_RUSH
+    static = Scenario.from_yaml(args.static).override(short)
+    extra = {"service.profile": str(args.step_profile.resolve())} if args.step_profile else {}
+    continuous = Scenario.from_yaml(args.continuous).override({**short, **extra})
+    print(format_comparison(compare_batch_modes(static, continuous, max_replicas=args.max_replicas, seed=args.seed)))
+
+
+if __name__ == "__main__":
+    main()
