@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from capsim.core.engine import GenerationRequest, ReferenceEngine
+from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.core.service import PodConfig, create_app
 from capsim.core.session_history import HistoryTooLongError, fit_history, message_tokens
 from capsim.core.state import SessionState, StoreUnavailableError, open_store
@@ -180,3 +180,35 @@ def test_fit_history_drops_whole_turns_from_the_front() -> None:
     with pytest.raises(HistoryTooLongError):
         fit_history(msgs, (9,) * 4, 3)
 
+
+
+@pytest.mark.skipif("cached_tokens" not in GenerationResult.__dataclass_fields__,
+                    reason="the real continuous engine does not report prefix-cache hits yet (issue 14 §2)")
+def test_a_second_turn_on_the_same_pod_reuses_the_first_turns_kv(engine: ReferenceEngine) -> None:
+    with client_for(engine, batch_mode="continuous", block_size=16) as client:
+        one = turn(client, "pc", 40, 8)
+        two = turn(client, "pc", 8, 4)
+        hits = metric(client, 'vllm:prefix_cache_hits_total{model_name="tiny"}')
+    assert one["history"]["cached_tokens"] == 0
+    h = two["history"]
+    assert h["prompt_tokens"] == 40 + 8 + 8
+    # the first turn's prompt blocks at least (its answer's too where the engine hashes output tokens)
+    assert 32 <= h["cached_tokens"] < h["prompt_tokens"]
+    assert hits >= h["cached_tokens"]
+
+
+def test_real_redis_killed_serve_local_keeps_serving_the_session(
+    engine: ReferenceEngine, redis_server_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPSIM_ON_UNAVAILABLE", "serve_local")
+    server = redis_server_factory()
+    with client_for(engine, redis_url=server.url) as client:
+        turn(client, "rk", 8, 2)
+        server.kill()
+        t0 = time.monotonic()
+        local = turn(client, "rk", 4, 2)
+        assert time.monotonic() - t0 < 10  # the store's deadlines, not a hang
+        assert local["history"]["source"] == "local" and local["history"]["at_risk"] is True
+        assert local["history"]["history_tokens"] == 10
+        other = client.post("/v1/sessions/rk-other/turns", json={"prompt_tokens": 4})
+        assert other.status_code == 503 and other.headers["Retry-After"]
