@@ -10,6 +10,7 @@ from capsim.studies.validate_stats import (
     Interval,
     cut_blocks,
     error_interval,
+    iid_sample_needed,
     interval,
     pool,
     statistic,
@@ -114,3 +115,14 @@ def test_tail_sample():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         statistic("queue_p99_s")
+
+
+def test_iid_sample_needed_matches_a_simulated_exponential():
+
+    n = iid_sample_needed(99, 0.15)
+    assert 780 < n < 820  # (1.96 / 0.15)^2 x 99 / ln(100)^2
+    assert iid_sample_needed(50, 0.10) > iid_sample_needed(95, 0.15)
+    rng = np.random.default_rng(7)
+    p99s = np.percentile(rng.exponential(1.0, (2000, n)), 99, axis=1)
+    half = (np.percentile(p99s, 97.5) - np.percentile(p99s, 2.5)) / 2 / np.log(100)
+    assert half == pytest.approx(0.15, rel=0.15)

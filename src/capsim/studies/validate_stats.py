@@ -178,3 +178,15 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
 def tail_sample(n: int, q: float) -> float:
     """How many of ``n`` requests lie beyond the ``q``-th percentile: what a p99 estimate rests on."""
     return n * (1 - q / 100)
+
+
+def iid_sample_needed(q: float, rel_half_width: float, confidence: float = CONFIDENCE) -> int:
+    """Independent draws from an exponential tail that put the ``q``-th percentile's interval within
+    ``+-rel_half_width`` of it: from the quantile's asymptotic variance ``q (1 - q) / (n f(x_q)^2)``, which
+    for an exponential is ``x_q^2 q / ((1 - q) n ln(1 / (1 - q))^2)`` relative. Queueing correlates
+    neighbours, so a run needs more (docs/validation.md measures how many more)."""
+    from scipy import stats
+
+    p = q / 100
+    z = float(stats.norm.ppf((1 + confidence) / 2))
+    return int(np.ceil((z / rel_half_width) ** 2 * p / (1 - p) / np.log(1 / (1 - p)) ** 2))
