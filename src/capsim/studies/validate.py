@@ -250,9 +250,7 @@ def run_validation(
                     reps.append({"level": level, "replication": r, "seed": seed, "metric": metric, "real": rv,
                                  "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
             diagnostics[f"{level:g}"] = level_diag
-            d = level_diag[-1]
-            echo(f"  batches (last replication): real mean size {d['real_mean_size']:.2f}, "
-                 f"{d['real_mean_batch_ms']:.1f} ms each; sim {d['sim_mean_size']:.2f}, {d['sim_mean_batch_ms']:.1f} ms")
+            echo(_describe_diagnostics(level_diag))
             rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
     finally:
         pod.stop()
@@ -281,6 +279,22 @@ def run_validation(
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     echo(format_results(results))
     return results
+
+
+def _describe_diagnostics(runs: list[dict[str, float]]) -> str:
+    """The trace's numbers of a level (median over its replications), two lines."""
+    def med(key: str) -> float:
+        values = [d[key] for d in runs if key in d]
+        return float(np.median(values)) if values else float("nan")
+
+    return (f"  batches: real {med('real_mean_size'):.2f} requests, {med('real_mean_batch_ms'):.1f} ms; "
+            f"sim {med('sim_mean_size'):.2f}, {med('sim_mean_batch_ms'):.1f} ms; real wall / fit: cv "
+            f"{med('wall_over_fit_cv'):.1%}, p99 {med('wall_over_fit_p99'):.3f}, "
+            f"{med('ms_per_arrival_during'):+.2f} ms per arrival left unfitted\n"
+            f"  send -> queue p99 {med('ingress_p99_ms'):.1f} ms, missed a batch {med('missed_batch_share'):.2%}, "
+            f"generator late p99 {med('send_error_p99_ms'):.1f} ms, loop lag at batch end p99 "
+            f"{med('end_lag_p99_ms'):.1f} ms; after the first token p50 real {med('real_after_first_p50_ms'):.1f} "
+            f"/ sim {med('sim_after_first_p50_ms'):.1f} ms")
 
 
 def _plot(results: Any, path: Path) -> None:

@@ -104,6 +104,14 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
     out["sim_mean_size"] = float(sim_b["size"].mean()) if len(sim_b) else float("nan")
     out["sim_mean_batch_ms"] = float((sim_b.end.to_numpy() - sim_b.index.to_numpy()).mean() * 1e3) if len(
         sim_b) else float("nan")
+    # after the first token: decoding, then (real pod only) the answer's way out, which queues behind the
+    # batch's other answers on the pod's loop and the generator's
+    for who, df in (("real", real_df), ("sim", sim_requests)):
+        done = df[df.outcome == "ok"]
+        after = (done.end_s - done.first_token_s).to_numpy(dtype=float)
+        if len(after):
+            out[f"{who}_after_first_p50_ms"] = float(np.percentile(after, 50) * 1e3)
+            out[f"{who}_after_first_p99_ms"] = float(np.percentile(after, 99) * 1e3)
     send_error = np.asarray(real_df.attrs.get("send_error_s", []), dtype=float)
     send_error = send_error[np.isfinite(send_error)]
     if len(send_error):
