@@ -114,6 +114,8 @@ def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profi
     assert itl.error_low <= itl.rel_error <= itl.error_high
     table = format_results(off)
     assert "itl_p50_s" in table and "MISS" in table and "preemptions" in table
+    assert same[same.metric == "ttft_p99_s"].iloc[0].intervals_overlap
+    assert "overlap" in format_results(same)
 
 
 def test_capsim_validate_checks_its_mode() -> None:

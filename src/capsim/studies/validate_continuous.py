@@ -297,7 +297,8 @@ def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, 
                      "real": ri.value, "real_low": ri.low, "real_high": ri.high,
                      "sim": si.value, "sim_low": si.low, "sim_high": si.high,
                      "rel_error": ei.value, "error_low": ei.low, "error_high": ei.high,
-                     "requests": pool.requests})
+                     "intervals_overlap": ri.overlaps(si), "requests": pool.requests,
+                     "measured_ok": float(r_b.ok.sum())})
     rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
     rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "preemptions", "real": rp,
                  "sim": sp, "rel_error": (sp - rp) / rp if rp else float("nan"), "requests": pool.requests})
@@ -386,14 +387,16 @@ def target_for(metric: str) -> float | None:
 
 
 def format_results(results: Any) -> str:
-    """A text table: level, cache, metric, real and sim, the error with its 95% interval, and whether the
-    error meets its target."""
+    """A text table: level, cache, metric, real and sim, the error with its 95% interval, whether the error
+    meets its target, and whether the real and simulated 95% intervals overlap."""
     lines = [f"{'level':>6} {'cache':>18} {'metric':>17} {'real':>10} {'sim':>10} {'error':>8} "
-             f"{'95% interval':>19} {'target':>7}"]
+             f"{'95% interval':>19} {'target':>7} {'CIs':>8}"]
     for r in results.itertuples():
         t = target_for(r.metric)
         ci = "" if not np.isfinite(getattr(r, "error_low", np.nan)) else f"[{r.error_low:+.1%}, {r.error_high:+.1%}]"
         ok = "" if t is None or not np.isfinite(r.rel_error) else ("ok" if abs(r.rel_error) <= t else "MISS")
+        overlap = getattr(r, "intervals_overlap", None)
+        both = "" if not isinstance(overlap, bool | np.bool_) else ("overlap" if overlap else "apart")
         lines.append(f"{r.level:>6.0%} {r.cache:>18} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} "
-                     f"{r.rel_error:>+8.1%} {ci:>19} {ok:>7}")
+                     f"{r.rel_error:>+8.1%} {ci:>19} {ok:>7} {both:>8}")
     return "\n".join(lines)
