@@ -6,11 +6,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.sim import simulate
+from capsim.sim.arrivals import make_workload
 from capsim.sim.sessions import SessionPrefix, stream_hashes
+from capsim.sim.streams import Streams
 
 TURNS = 4
 
@@ -129,3 +133,39 @@ def test_settings_are_checked() -> None:
         scenario(**{"workload.sessions.on_context_overflow": "drop"})
     with pytest.raises(SettingsError, match="ttl_s"):
         scenario(**{"state.ttl_s": 0})
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(max_len=st.integers(200, 2000), policy=st.sampled_from(["end", "truncate_oldest"]),
+       seed=st.integers(0, 1000), mode=st.sampled_from(["closed", "open"]))
+def test_every_prompt_is_the_kept_history_plus_its_message(max_len: int, policy: str, seed: int, mode: str) -> None:
+    sc = scenario(**{
+        "horizon_s": 200, "workload.arrivals.rate_per_s": 0.2, "batching.max_model_len": max_len,
+        "workload.prompt_tokens": {"kind": "lognormal", "mean": 150, "sigma": 0.5, "max": 190},
+        "workload.output_tokens": {"kind": "lognormal", "mean": 30, "sigma": 0.5, "max": 100},
+        "workload.sessions.new_tokens": {"kind": "lognormal", "mean": 40, "sigma": 0.8, "max": 500},
+        "workload.sessions.on_context_overflow": policy, "workload.sessions.mode": mode,
+    })
+    wl = make_workload(sc, Streams(seed))
+    assert wl.message_tokens is not None
+    r = simulate(sc, seed=seed)
+    df = r.requests.set_index("request_id")
+    msg, out = wl.message_tokens, wl.output_tokens
+    for i, row in df.iterrows():
+        k = int(i) % TURNS
+        p = int(row["prompt_tokens"])
+        if k == 0:
+            assert p == msg[i]
+            continue
+        # a later turn fits, and its prompt is its message after a suffix of its session's earlier turns
+        assert p + out[i] <= max_len and p >= msg[i]
+        units = [int(msg[j] + out[j]) for j in range(i - k, i)]
+        kept = p - int(msg[i])
+        if mode == "closed" and policy == "end":
+            assert kept == sum(units)  # every earlier turn was answered before this one was sent
+        else:
+            assert kept in {sum(units[d:e]) for d in range(k + 1) for e in range(d, k + 1)}
+    if policy == "end":
+        assert r.summary.sessions_truncated == 0
+    else:
+        assert r.summary.sessions_ended_on_overflow <= int((df.index % TURNS == 0).sum())
