@@ -212,3 +212,14 @@ def test_real_redis_killed_serve_local_keeps_serving_the_session(
         assert local["history"]["history_tokens"] == 10
         other = client.post("/v1/sessions/rk-other/turns", json={"prompt_tokens": 4})
         assert other.status_code == 503 and other.headers["Retry-After"]
+
+
+def test_history_prefill_off_prefills_the_message_alone(
+    engine: ReferenceEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CAPSIM_HISTORY_PREFILL", "false")
+    with client_for(engine) as client:
+        turn(client, "off", 10, 3)
+        two = turn(client, "off", [1, 2, 3], 2)
+    assert two["turn"] == 2 and two["history"]["prompt_tokens"] == 3 and two["history"]["history_tokens"] == 0
+    assert two["tokens"] == engine.generate([GenerationRequest((1, 2, 3), 2)])[0].tokens

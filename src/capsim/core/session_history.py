@@ -37,6 +37,10 @@ class HistorySettings(FrozenModel):
 
     _error_prefix: ClassVar[str] = "history"
 
+    history_prefill: bool = Field(
+        True, description="prefill the stored history before the new message (False: the message alone, as "
+        "the simulator's sessions without new_tokens)"
+    )
     on_unavailable: Literal["fail", "serve_local"] = Field(
         "fail", description="store out: 503, or serve from the pod's local copy (the session at risk)"
     )
@@ -271,7 +275,8 @@ class SessionHistory:
     def turn(self, loaded: Loaded, message: tuple[int, ...], max_new_tokens: int) -> Turn:
         """The engine prompt for ``message`` after ``loaded``'s history (oldest turns dropped to fit, or
         ``HistoryTooLongError`` under ``history_overflow: reject``)."""
-        history = [message_tokens(m, self.vocab_size) for m in loaded.state.messages]
+        messages = loaded.state.messages if self.settings.history_prefill else ()
+        history = [message_tokens(m, self.vocab_size) for m in messages]
         limit = self.prompt_limit(max_new_tokens)
         if self.settings.history_overflow == "reject" and sum(map(len, history)) + len(message) > limit:
             raise HistoryTooLongError(
