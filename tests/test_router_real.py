@@ -123,6 +123,33 @@ def test_no_pod_reachable_is_a_502(tmp_path: Any) -> None:
         assert httpx.get(f"{r.url}/readyz", timeout=5).status_code == 503
 
 
+def fake_pod(status: int, detail: str) -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/sessions/{sid}/turns")
+    async def turns(sid: str) -> JSONResponse:
+        body = {"detail": detail} if status != 200 else {"session_id": sid, "turn": 1, "tokens": [1]}
+        return JSONResponse(body, status, headers={"Retry-After": "1"} if status == 503 else None)
+
+    return app
+
+
+def test_a_draining_pods_503_goes_to_the_next_pod_but_a_store_503_does_not() -> None:
+    with Served(fake_pod(503, "pod is draining; retry on another pod")) as draining, \
+            Served(fake_pod(200, "")) as ok, Served(fake_pod(503, "session store unavailable: down")) as nostore:
+        with router([draining.url, ok.url], policy="round_robin") as r:
+            resp = post(r.url, "dr", {"prompt_tokens": 4})
+            assert resp.status_code == 200 and resp.headers["X-Capsim-Pod"] == ok.url
+            assert metric(r.url, 'capsim_router_fallbacks_total{reason="draining"}') == 1
+        with router([nostore.url, ok.url], policy="round_robin") as r:
+            resp = post(r.url, "ns", {"prompt_tokens": 4})
+            assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"  # passed through
+            assert metric(r.url, "capsim_router_fallbacks_total") == 0
+
+
 @pytest.fixture(scope="module")
 def pods(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[list[PodProcess]]:
     """Two real pods of the tiny model sharing one real Redis (the seed's design)."""

@@ -9,7 +9,8 @@ expected to hold the history's share of the prompt, weighed against each pod's t
 
 Each policy gives an order of preference, not one pod. A pod that refuses the connection (or does not
 accept it within ``connect_timeout_s``) has received nothing, so the turn goes to the next pod in that
-order, the fallback counted in ``/metrics``, and the pod is skipped for ``down_s``. Every call to a pod has
+order, the fallback counted in ``/metrics``, and the pod is skipped for ``down_s``; so does a turn a pod
+answers 503 "pod is draining" or "pod is shutting down" (it did nothing with it). Every call to a pod has
 a deadline: a pod that accepted the turn but does not answer within ``timeout_s`` gets the client a
 **504** (the turn is not retried elsewhere: it may have been stored; a client with an ``Idempotency-Key``
 may retry it safely). No pod reachable: **502**. Answers are passed through with the pod's status and
@@ -214,6 +215,10 @@ class Router:
                 if not stream:
                     self._end(i)
             self.metrics.turns.labels(url, str(resp.status_code)).inc()
+            if resp.status_code == 503 and _refused_unseen(resp):
+                reason = "draining"  # the pod turned it away before any work: the next choice takes it
+                self.down_until[i] = time.monotonic() + self.config.down_s
+                continue
             if resp.status_code == 200:
                 with suppress(ValueError):  # a 200 that is not JSON: nothing to remember
                     self.remember(session_id, i, resp.json())
@@ -253,6 +258,18 @@ class Router:
 
         out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
         return StreamingResponse(relay(), resp.status_code, headers={**out, "X-Capsim-Pod": url})
+
+
+#: The pod's 503s that say it did nothing with the turn (docs/pod.md): safe to place it on another pod.
+_UNSEEN_503 = ("pod is draining", "pod is shutting down")
+
+
+def _refused_unseen(resp: httpx.Response) -> bool:
+    try:
+        detail = resp.json().get("detail", "")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(detail, str) and detail.startswith(_UNSEEN_503)
 
 
 def create_router_app(config: RouterConfig) -> FastAPI:
