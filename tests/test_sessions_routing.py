@@ -138,3 +138,22 @@ def test_session_affinity_places_a_session_whose_pod_went_by_its_fallback() -> N
     assert per_pod["least_outstanding"].idxmax() == 0
     assert per_pod["least_outstanding"].is_monotonic_decreasing  # each pod takes what the lower ids leave
     assert per_pod["random"].max() < 0.3 * per_pod["random"].sum()
+
+
+def test_turns_kept_locally_in_an_outage_are_lost_when_the_store_is_back() -> None:
+    # growing sessions answered while Redis is out with serve_local: the store never gets those turns, so
+    # the next turn after the outage has a shorter history than the turns before it would make
+    sc = agents("session_affinity").override({
+        "faults": {"redis_outages": [{"at_s": 200, "duration_s": 4}]}, "state.on_unavailable": "serve_local",
+        "workload.sessions.think_time_s": 2.0})
+    r = simulate(sc, seed=2)
+    s = r.summary
+    assert s.served_local > 0 and s.local_turns_lost > 0 and s.local_turns_lost <= s.served_local
+    df = r.requests.sort_values("request_id").set_index("request_id")
+    later = df[(df.index % TURNS > 0) & (df["outcome"] == "ok")]
+    prev = df.reindex(later.index - 1)
+    grown = later["prompt_tokens"].to_numpy() - prev["prompt_tokens"].to_numpy() - 30 - 50
+    # a prompt is the previous one + its answer + the new message, except after lost local turns: shorter
+    assert (grown <= 0).all() and (grown < 0).sum() >= 1
+    shrunk = later[grown < 0]
+    assert (shrunk["arrival_s"] >= 200).all()

@@ -210,7 +210,8 @@ class Client:
             if self.session[s] != _ACTIVE:  # lost while thinking
                 return
             book = self.book
-            if book is not None and not book.begin_turn(i, t):
+            if book is not None and not book.begin_turn(
+                    i, t, not (self.serve_local and self._outages and self.sim.faults.redis_down(t))):
                 self.session[s] = _DONE  # its context would pass max_model_len: the session ends here
                 return
             if self.open_loop and (i + 1) % self.turns:
@@ -264,7 +265,8 @@ class Client:
 
     def _local_copy(self, i: int) -> Pod | None:
         """``serve_local`` in a Redis outage: the pod that served the session's last turn, if it still holds
-        the session (same life, in the endpoints); it serves the turn and the session is at risk."""
+        the session (same life, in the endpoints); it serves the turn (its answer is kept there alone, and
+        the session is at risk: ``SessionBook.answered``)."""
         book = self.book
         if book is None or not i % self.turns:
             return None
@@ -275,8 +277,6 @@ class Client:
         pod = self.sim.cluster.pods[p]
         if not (pod.routable and book.cached_on(s, pod)):
             return None
-        book.served_local += 1
-        book.at_risk[s] = True
         return pod
 
     def _send_plain(self, i: int, t: float) -> None:
@@ -348,11 +348,10 @@ class Client:
         """A batch finished at ``now``: its live requests are answered (or fail at their store write)."""
         if not self._cancel_queued:
             self._drop_orphans(batch)
-        if self._outages and self.sim.faults.redis_down(now):
-            if not self.serve_local:
-                self._store_write_failed(batch, batch.idx.tolist(), now)
-                return
-            self._kept_locally(batch.idx)
+        down = self._outages and self.sim.faults.redis_down(now)
+        if down and not self.serve_local:
+            self._store_write_failed(batch, batch.idx.tolist(), now)
+            return
         self.n_ok += batch.live_size
         if not self.track_sessions:
             return
@@ -364,9 +363,9 @@ class Client:
             self.session[idx] = _DONE
             return
         book = self.book
-        if book is not None:
+        if book is not None:  # in an outage with serve_local the answers are kept on the pod alone
             for i in idx.tolist():
-                book.answered(i, now, batch.pod)
+                book.answered(i, now, batch.pod, not down)
         last = idx % turns == turns - 1
         self.session[idx[last] // turns] = _DONE
         if self.open_loop:
@@ -382,28 +381,21 @@ class Client:
         if i >= self._n_real:  # an orphan: nobody reads its answer
             self._free_orphans.append(i)
             return
-        if self._outages and self.sim.faults.redis_down(now):
-            if not self.serve_local:
-                self._store_write_failed(batch, [i], now)
-                return
-            self._kept_locally(batch.idx)
+        down = self._outages and self.sim.faults.redis_down(now)
+        if down and not self.serve_local:
+            self._store_write_failed(batch, [i], now)
+            return
         self.n_ok += 1
         if not self.track_sessions:
             return
         turns = self.turns
-        if self.book is not None:
-            self.book.answered(i, now, batch.pod)
+        if self.book is not None:  # in an outage with serve_local the answer is kept on the pod alone
+            self.book.answered(i, now, batch.pod, not down)
         if turns == 1 or i % turns == turns - 1:
             self.session[i // turns] = _DONE
         elif self.session[i // turns] == _ACTIVE and not self.open_loop:
             self._push(now + self._think.next(), i + 1, False)
 
-    def _kept_locally(self, idx: np.ndarray) -> None:
-        """``serve_local``: the answers' store write failed; the pod keeps the turns and answers anyway."""
-        if self.book is not None:
-            idx = idx[idx < self._n_real]  # orphans: nobody reads their answers
-            self.book.served_local += len(idx)
-            self.book.at_risk[idx // self.turns] = True
 
     def _store_write_failed(self, batch: Batch, idx: list[int], now: float) -> None:
         """The model answered at ``now`` while Redis is out: the pod's final store write fails, so each live

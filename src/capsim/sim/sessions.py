@@ -152,7 +152,9 @@ class SessionBook:
         self.truncate = policy == "truncate_oldest"
         self.ttl_s = ttl_s
         self.prefix = prefix
-        self.context = np.zeros(n_sessions, dtype=np.int64)  # history tokens of the current epoch
+        self.context = np.zeros(n_sessions, dtype=np.int64)  # history tokens of the current epoch ...
+        self.stored = np.zeros(n_sessions, dtype=np.int64)  # ... of which the store holds these (serve_local)
+        self.local_turns = np.zeros(n_sessions, dtype=np.int32)  # turns only a pod's local copy holds
         self.first_kept = np.zeros(n_sessions, dtype=np.int32)  # the oldest turn still in the history
         self.epoch = np.zeros(n_sessions, dtype=np.int32)
         self.answered_at = np.full(n_sessions, np.nan)  # when the last turn was answered (the store's write)
@@ -167,20 +169,32 @@ class SessionBook:
         self.affinity_misses = 0
         self.fallbacks = 0
         self.served_local = 0
+        self.local_turns_lost = 0
         self.at_risk = np.zeros(n_sessions, dtype=bool)
 
     # ---- a later turn is sent ---------------------------------------------------------------------------
-    def begin_turn(self, i: int, t: float) -> bool:
+    def begin_turn(self, i: int, t: float, store_up: bool = True) -> bool:
         """Turn ``i`` (not a first turn) is sent for the first time at ``t``: expire an idle history, set its
-        prompt; False when the session ends here instead (it would pass ``max_model_len``)."""
+        prompt; False when the session ends here instead (it would pass ``max_model_len``).
+
+        ``store_up`` False (``serve_local`` in an outage): the prompt is built from the pod's local copy,
+        which may hold turns the store does not. With the store up, those turns are gone (the store is
+        the truth, as on the real pod): counted in ``local_turns_lost``."""
         s = i // self.turns
         k = i - s * self.turns
         if self.ttl_s is not None and t - self.answered_at[s] > self.ttl_s:
             # the store dropped the history: the turn starts a fresh conversation
             self.expired += 1
-            self.context[s] = 0
+            self.context[s] = self.stored[s] = 0
+            self.local_turns[s] = 0
             self.first_kept[s] = k
             self.epoch[s] += 1
+        elif store_up and self.local_turns[s]:
+            # the turns served from a local copy in an outage never reached the store: the history is shorter
+            # (its blocks are still a prefix of the stream, so the epoch stays)
+            self.local_turns_lost += int(self.local_turns[s])
+            self.local_turns[s] = 0
+            self.context[s] = self.stored[s]
         if self.message is None:
             self._stamp(i, s)
             return True
@@ -202,6 +216,8 @@ class SessionBook:
             self.truncated += 1
             self.first_kept[s] = first
             self.context[s] = ctx
+            if not self.local_turns[s]:
+                self.stored[s] = ctx
             self.epoch[s] += 1  # the prompt's first tokens changed: no block is shared any more
         self.prompt[i] = ctx + msg
         self._stamp(i, s)
@@ -249,11 +265,19 @@ class SessionBook:
             self.reprefill[i] = h
             self.reprefill_tokens += h
 
-    def answered(self, i: int, now: float, pod: Pod) -> None:
-        """Turn ``i`` was answered by ``pod`` at ``now``: the store holds its prompt and answer."""
+    def answered(self, i: int, now: float, pod: Pod, stored: bool = True) -> None:
+        """Turn ``i`` was answered by ``pod`` at ``now``: the store holds its prompt and answer (``stored``
+        False: only the pod's local copy does, the store being out; ``serve_local``)."""
         s = i // self.turns
         if self.message is not None:
             self.context[s] = int(self.prompt[i]) + int(self.output[i])
-        self.answered_at[s] = now
+        if not stored:
+            self.local_turns[s] += 1
+            self.at_risk[s] = True
+            self.served_local += 1
+        else:
+            self.stored[s] = self.context[s]
+            self.local_turns[s] = 0
+            self.answered_at[s] = now  # the store's sliding expiry restarts at its write
         self.last_pod[s] = pod.id
         self.last_life[s] = pod.incarnation

@@ -85,6 +85,7 @@ class Summary:
     sessions_ended_on_overflow: int = 0
     sessions_at_risk: int = 0
     served_local: int = 0
+    local_turns_lost: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -176,5 +177,5 @@ def session_results(summary: Summary, requests: Any, book: SessionBook | None, w
         affinity_misses=book.affinity_misses, affinity_fallbacks=book.fallbacks, sessions_expired=book.expired,
         sessions_truncated=book.truncated,
         sessions_ended_on_overflow=book.ended_on_overflow, sessions_at_risk=int(book.at_risk.sum()),
-        served_local=book.served_local,
+        served_local=book.served_local, local_turns_lost=book.local_turns_lost,
     )
