@@ -114,7 +114,7 @@ async def test_a_stale_writer_never_overwrites_a_newer_version(make_store: MakeS
 
 async def test_update_retries_a_lost_race_and_reapplies_fn(make_store: MakeStore) -> None:
     a, b = make_store(), make_store()
-    await a.update("race", add("0"))
+    await b.update("race", add("0"))  # written by b: a holds nothing of it, so a reads first
     calls = 0
 
     def slow_fn(s: SessionState) -> SessionState:
@@ -135,6 +135,57 @@ async def test_update_retries_a_lost_race_and_reapplies_fn(make_store: MakeStore
     final = await a.update("race", slow_fn)
     assert calls == 2
     assert [m.content for m in final.messages] == ["0", "b", "a"] and final.version == 3
+
+
+async def test_an_update_from_the_state_held_is_one_round_trip_and_loses_to_any_other_write(
+    make_store: MakeStore,
+) -> None:
+    a, b = make_store(), make_store()
+    await a.update("held", add("0"))  # a holds what it wrote
+    reads = 0
+    orig_read = a._read
+
+    async def counted(key: str, sid: str) -> SessionState | None:
+        nonlocal reads
+        reads += 1
+        return await orig_read(key, sid)
+
+    a._read = counted  # type: ignore[method-assign]
+    await a.update("held", add("1"))
+    assert reads == 0  # written against the bytes a holds, without reading them back
+    await b.update("held", add("b"))  # a does not know
+    calls = 0
+
+    def fn(s: SessionState) -> SessionState:
+        nonlocal calls
+        calls += 1
+        return s.with_message("user", "a")
+
+    final = await a.update("held", fn)
+    assert calls == 2 and reads == 1  # the write against stale bytes lost; a read and reapplied
+    assert [m.content for m in final.messages] == ["0", "1", "b", "a"] and final.version == 4
+
+
+async def test_a_session_recreated_at_the_same_version_is_not_overwritten_from_the_state_held(
+    make_store: MakeStore,
+) -> None:
+    """The session a holds expires (here: is deleted) and another writer creates it again up to the
+    same version: a's update must apply to the new session, not write over it from the old one."""
+    a, b = make_store(), make_store()
+    await a.update("aba", add("old"))
+    assert await b.delete("aba")
+    await b.update("aba", add("new"))  # version 1 again, other bytes
+    final = await a.update("aba", add("a"))
+    assert [m.content for m in final.messages] == ["new", "a"] and final.version == 2
+
+
+async def test_a_read_of_the_bytes_held_skips_decoding(make_store: MakeStore, monkeypatch: Any) -> None:
+    store = make_store()
+    written = await store.update("dec", add("x"))
+    from capsim.core import state_redis
+
+    monkeypatch.setattr(state_redis, "decode_state", lambda *a: pytest.fail("decoded bytes it holds"))
+    assert await store.get("dec") == written
 
 
 @pytest.mark.slow
@@ -174,7 +225,7 @@ async def test_concurrent_updates_through_one_store_take_turns(make_store: MakeS
 
 async def test_conflict_error_after_the_attempt_bound(make_store: MakeStore) -> None:
     a, b = make_store(max_update_attempts=3, conflict_backoff_base_s=0.0), make_store()
-    await a.update("hot", add("0"))
+    await b.update("hot", add("0"))  # a holds nothing of it: every attempt of a reads
     n = 0
 
     def always_loses(s: SessionState) -> SessionState:

@@ -11,9 +11,9 @@ without a TTL. Every network round trip runs under a deadline, so a dead or froz
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import ClassVar, Literal, Protocol, cast
@@ -22,6 +22,8 @@ from pydantic import Field
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from capsim.core.state_cache import StateCache
+from capsim.core.state_lua import CAS_EXACT_LUA, CAS_LUA, READ_CAPPED_LUA
 from capsim.core.state_model import (
     ConflictError,
     CorruptStateError,
@@ -38,48 +40,6 @@ from capsim.core.state_model import (
 )
 from capsim.core.state_transport import KeyLocks, Transport
 from capsim.model.settings import FrozenModel
-
-# The Lua head pattern mirrors state_model.HEAD_RE.
-_HEAD = '^{"session_id":"[^"]*","version":(%d+),"created_at_s":([-%d.eE+]+),'
-
-# KEYS[1]: session key. ARGV: expected version (0 = must be absent), new value, TTL in ms.
-# Returns 1 (written), -1 (conflict), -2 (stored value is not ours). A stored value byte-identical to the
-# new one means this very write already landed (redis-py retried after a lost reply): report success.
-# Every write carries a fresh random write_id, so two different writers never produce identical bytes,
-# however coarse or equal their clocks.
-CAS_LUA = f"""
-local cur = redis.call('GET', KEYS[1])
-local want = tonumber(ARGV[1])
-if cur then
-  if cur == ARGV[2] then return 1 end
-  local v = string.match(cur, '{_HEAD}')
-  if not v then return -2 end
-  if tonumber(v) ~= want then return -1 end
-elseif want ~= 0 then
-  return -1
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
-
-# KEYS[1]: session key. ARGV: sliding TTL ms, absolute TTL ms, client now in ms.
-# Reads and refreshes the TTL, capped by created_at + absolute TTL; deletes a session past its cap.
-READ_CAPPED_LUA = f"""
-local cur = redis.call('GET', KEYS[1])
-if not cur then return false end
-local ttl = tonumber(ARGV[1])
-local _, created = string.match(cur, '{_HEAD}')
-if created then
-  local left = math.floor(tonumber(created) * 1000 + tonumber(ARGV[2]) - tonumber(ARGV[3]))
-  if left <= 0 then
-    redis.call('DEL', KEYS[1])
-    return false
-  end
-  if left < ttl then ttl = left end
-end
-redis.call('PEXPIRE', KEYS[1], ttl)
-return cur
-"""
 
 Outcome = Literal[
     "ok", "not_found", "conflict", "unavailable", "corrupt", "too_large", "invalid_id", "error", "cancelled"
@@ -121,6 +81,11 @@ class StoreSettings(FrozenModel):
     max_update_attempts: int = Field(default=64, ge=1, le=10_000, description="CAS attempts per update")
     conflict_backoff_base_s: float = Field(default=0.0005, ge=0, le=10, description="smallest backoff slot")
     conflict_backoff_cap_s: float = Field(default=0.25, ge=0, le=60, description="largest conflict backoff")
+    cache_sessions: int = Field(
+        default=1024, ge=0, le=1_000_000,
+        description="decoded states kept (64 MiB at most): a read of the same bytes skips decoding, an update "
+        "of a held session starts with one compare-and-set instead of a read (0: off)",
+    )
     scripting: Literal["auto", "lua", "watch"] = Field(
         default="auto", description="auto: Lua, falling back to WATCH/MULTI if the server refuses scripts"
     )
@@ -143,9 +108,12 @@ class RedisSessionStore:
         self._where = where
         self._mode: Literal["auto", "lua", "watch"] = self._s.scripting
         self._cas_script = client.register_script(CAS_LUA)
+        self._cas_exact_script = client.register_script(CAS_EXACT_LUA)
         self._read_script = client.register_script(READ_CAPPED_LUA)
         self._sliding_ms = max(1, round(self._s.sliding_ttl_s * 1000))
         self._rng = random.Random()
+        self._ids = random.Random(os.urandom(32))  # write ids: 128 random bits, seeded by the OS per store
+        self._cache = StateCache(self._s.cache_sessions, 64 << 20)
         self._io = Transport(self._s, where)
         self._net = self._io.call
         self._locks = KeyLocks(self._s.op_deadline_s, where)
@@ -206,14 +174,16 @@ class RedisSessionStore:
         with self._observed("put"):
             key = self.key(state.session_id)
             new = state.model_copy(
-                update={"version": state.version + 1, "updated_at_s": time.time(), "write_id": _write_id()}
+                update={"version": state.version + 1, "updated_at_s": time.time(), "write_id": self._write_id()}
             )
             raw = encode_state(new, self._s.max_state_bytes)
             if not await self._cas(key, state.version, raw, new.created_at_s):
+                self._cache.forget(key)
                 raise ConflictError(
                     f"session {state.session_id!r} changed since version {state.version} was read "
                     "(or passed its absolute expiry); read it again and reapply the change"
                 )
+            self._cache.put(key, raw, new, optimistic=True)
             return new
 
     async def update(
@@ -230,6 +200,10 @@ class RedisSessionStore:
         state that already remembers that key (``SessionState.write_for``; ``fn`` records it with
         ``with_write``) is returned as it is, without calling ``fn`` or writing. Raises
         :class:`ConflictError` after ``max_update_attempts`` lost races.
+
+        When this store holds the exact value it last wrote or read for the session (``cache_sessions``),
+        the first attempt applies ``fn`` to it and writes only if the stored value is still those very
+        bytes: one round trip. Otherwise, or if that write loses, it reads and retries as above.
         """
         with self._observed("update"):
             key = self.key(session_id)
@@ -243,11 +217,16 @@ class RedisSessionStore:
         fn: Callable[[SessionState], SessionState],
         idempotency_key: str | None = None,
     ) -> SessionState:
+        held = self._cache.optimistic(key)
         for attempt in range(self._s.max_update_attempts):
             t0 = time.perf_counter()
-            base = await self._read(key, session_id) or SessionState.new(session_id)
-            if idempotency_key is not None and base.write_for(idempotency_key) is not None:
-                return base  # this write already landed: answer as it did, write nothing
+            expected_raw: bytes | None = None
+            if held is not None and (idempotency_key is None or held[1].write_for(idempotency_key) is None):
+                expected_raw, base = held  # optimistic: what we hold, unless the write may have landed
+            else:
+                base = await self._read(key, session_id) or SessionState.new(session_id)
+                if idempotency_key is not None and base.write_for(idempotency_key) is not None:
+                    return base  # this write already landed: answer as it did, write nothing
             changed = fn(base)
             if not isinstance(changed, SessionState) or changed.session_id != session_id:
                 raise TypeError(
@@ -258,12 +237,17 @@ class RedisSessionStore:
                     "version": base.version + 1,
                     "created_at_s": base.created_at_s,
                     "updated_at_s": time.time(),
-                    "write_id": _write_id(),
+                    "write_id": self._write_id(),
                 }
             )
             raw = encode_state(new, self._s.max_state_bytes)
-            if await self._cas(key, base.version, raw, new.created_at_s):
+            if await self._cas(key, base.version, raw, new.created_at_s, expected_raw):
+                self._cache.put(key, raw, new, optimistic=attempt == 0)  # no race lost: start from it next time
                 return new
+            self._cache.forget(key)
+            if held is not None:
+                held = None  # what we held is stale: read, and retry at once (no race was lost yet)
+                continue
             # Binary exponential backoff in slots of one attempt's duration (as Ethernet does): the
             # losers spread out over the time a winner needs, so few attempts are wasted.
             slot = max(self._s.conflict_backoff_base_s, time.perf_counter() - t0)
@@ -278,6 +262,7 @@ class RedisSessionStore:
         """Remove a session; True if it existed."""
         with self._observed("delete") as box:
             key = self.key(session_id)
+            self._cache.forget(key)
             n = await self._net(lambda: self._client.delete(key), key=key)
             if not n:
                 box[0] = "not_found"
@@ -287,7 +272,14 @@ class RedisSessionStore:
 
     async def _read(self, key: str, session_id: str) -> SessionState | None:
         raw = await self._read_raw(key)
-        return None if raw is None else decode_state(key, raw, session_id)
+        if raw is None:
+            self._cache.forget(key)
+            return None
+        state = self._cache.decoded(key, raw)
+        if state is None:
+            state = decode_state(key, raw, session_id)
+            self._cache.put(key, raw, state)
+        return state
 
     async def _read_raw(self, key: str) -> bytes | None:
         abs_s = self._s.absolute_ttl_s
@@ -335,14 +327,22 @@ class RedisSessionStore:
         left = int((created_at_s + self._s.absolute_ttl_s - time.time()) * 1000)
         return min(self._sliding_ms, left)
 
-    async def _cas(self, key: str, expected: int, raw: bytes, created_at_s: float) -> bool:
-        """One atomic compare-and-set with TTL; False on conflict."""
+    async def _cas(
+        self, key: str, expected: int, raw: bytes, created_at_s: float, expected_raw: bytes | None = None
+    ) -> bool:
+        """One atomic compare-and-set with TTL; False on conflict. The stored version must be
+        ``expected``, or with ``expected_raw`` the stored value must be exactly those bytes."""
         ttl = self._ttl_ms(created_at_s)
         if ttl <= 0:
             return False
         if self._mode != "watch":
+            args: tuple[int | bytes, ...]
+            if expected_raw is None:
+                script, args = self._cas_script, (expected, raw, ttl)
+            else:
+                script, args = self._cas_exact_script, (expected_raw, raw, ttl)
             try:
-                res = await self._net(lambda: self._cas_script(keys=(key,), args=(expected, raw, ttl)), key=key)
+                res = await self._net(lambda: script(keys=(key,), args=args), key=key)
             except StoreReplyError as exc:
                 self._scripting_refused(exc)
             else:
@@ -350,16 +350,25 @@ class RedisSessionStore:
                 if res == -2:
                     raise CorruptStateError(key, "stored value does not start with a capsim state head")
                 return bool(res == 1)
-        outcome = await self._net(lambda: self._cas_watch(key, expected, raw, ttl), detach=True, key=key)
+        outcome = await self._net(
+            lambda: self._cas_watch(key, expected, raw, ttl, expected_raw), detach=True, key=key
+        )
         if outcome == "corrupt":
             raise CorruptStateError(key, "stored value does not start with a capsim state head")
         return outcome == "ok"
 
-    async def _cas_watch(self, key: str, expected: int, raw: bytes, ttl_ms: int) -> str:
+    async def _cas_watch(
+        self, key: str, expected: int, raw: bytes, ttl_ms: int, expected_raw: bytes | None = None
+    ) -> str:
         async with self._client.pipeline(transaction=True) as pipe:
             await pipe.watch(key)
             cur = cast(bytes | None, await pipe.get(key))
-            if cur is not None:
+            if expected_raw is not None:
+                if cur == raw:
+                    return "ok"
+                if cur != expected_raw:
+                    return "conflict"
+            elif cur is not None:
                 if cur == raw:
                     return "ok"
                 version = head_version(cur)
@@ -389,6 +398,9 @@ class RedisSessionStore:
 
     # -- metrics ---------------------------------------------------------------------------------
 
+    def _write_id(self) -> str:
+        return f"{self._ids.getrandbits(128):032x}"
+
     @contextmanager
     def _observed(self, op: str) -> Iterator[list[Outcome]]:
         box: list[Outcome] = ["ok"]
@@ -417,7 +429,3 @@ def _outcome_of(exc: BaseException) -> Outcome:
     if isinstance(exc, asyncio.CancelledError):
         return "cancelled"
     return "error"
-
-
-def _write_id() -> str:
-    return uuid.uuid4().hex
