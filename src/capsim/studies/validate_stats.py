@@ -14,6 +14,7 @@ the workload's own noise, common to both, out of the error's interval.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,24 +118,26 @@ def statistic(metric: str) -> Callable[[Blocks, np.ndarray], float]:
 def interval(blocks: Blocks, metric: str, *, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
              seed: int = 0) -> Interval:
     """``metric`` over all of ``blocks`` with a percentile block-bootstrap interval."""
-    from scipy.stats import bootstrap
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     stat = statistic(metric)
     every = np.arange(len(blocks))
     value = stat(blocks, every)
     if len(blocks) < 2:
         return Interval(value, float("nan"), float("nan"))
-    res = bootstrap((every,), lambda idx: stat(blocks, idx.astype(int)), vectorized=False,
-                    n_resamples=n_resamples, confidence_level=confidence, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return Interval(value, float(res.confidence_interval.low), float(res.confidence_interval.high))
+    with warnings.catch_warnings():  # a constant statistic: scipy warns, the interval is that constant
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap((every,), lambda idx: stat(blocks, idx.astype(int)), vectorized=False,
+                        n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                        random_state=np.random.default_rng(seed))
+    return Interval(value, *_percentiles(res.bootstrap_distribution, confidence))
 
 
 def error_interval(real: Blocks, sim: Blocks, metric: str, *, confidence: float = CONFIDENCE,
                    n_resamples: int = N_RESAMPLES, seed: int = 0) -> Interval:
     """The relative error ``(sim - real) / real`` of ``metric``, resampling the same blocks in both
     (their blocks must cover the same arrivals: the same schedule cut the same way)."""
-    from scipy.stats import bootstrap
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     if len(real) != len(sim):
         raise ValueError(f"real and sim need the same blocks to pair, got {len(real)} and {len(sim)}")
@@ -148,9 +151,23 @@ def error_interval(real: Blocks, sim: Blocks, metric: str, *, confidence: float 
     value = err(every)
     if len(real) < 2:
         return Interval(value, float("nan"), float("nan"))
-    res = bootstrap((every,), lambda idx: err(idx.astype(int)), vectorized=False, n_resamples=n_resamples,
-                    confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
-    return Interval(value, float(res.confidence_interval.low), float(res.confidence_interval.high))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap((every,), lambda idx: err(idx.astype(int)), vectorized=False, n_resamples=n_resamples,
+                        confidence_level=confidence, method="percentile", random_state=np.random.default_rng(seed))
+    return Interval(value, *_percentiles(res.bootstrap_distribution, confidence))
+
+
+def _percentiles(distribution: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The percentile interval of a bootstrap distribution, leaving out resamples whose statistic is
+    undefined (every block drawn empty: a run that served nothing for a while)."""
+    d = np.asarray(distribution, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(d, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def pool(runs: Sequence[Blocks]) -> Blocks:
