@@ -74,7 +74,7 @@ class ValidationSpec:
     model: str = "tiny"
     threads: int = 1
     calibrate: bool = True  # fit the pod's batch cycle under load (scale, per-request overhead) first
-    calibration_s: float = 40.0  # at most; the runs stop after about 20 batches each (~10 s on 2 quiet cores)
+    calibration_s: float = 60.0  # at most; the runs stop after 15 answers a client each (~20 s on 2 quiet cores)
     block_s: float = vs.BLOCK_S
 
     @classmethod

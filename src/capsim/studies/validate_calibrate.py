@@ -29,7 +29,11 @@ MIN_SIZES = 4
 MIN_BATCHES_PER_SIZE = 5
 MAX_REL_RESIDUAL = 0.05  # rms residual over the mean cycle: past this the linear model does not fit
 NOISE_QUANTILES = 400  # quantiles of the single-batch spread kept for the simulator
-CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 32)  # closed-loop clients of the calibration runs
+# closed-loop clients of the calibration runs: up to 16 (max_batch_size) each batch takes every client and
+# the answers come back while the pod idles; past it, batches alternate (20: 16 and 4, 24: 16 and 8) and a
+# batch runs while the other's answers go out and their next turns come in, so its size and the arrivals
+# during it vary apart (with 32 both are 16)
+CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 20, 24, 32)
 
 
 class CalibrationError(CapsimError, ValueError):
@@ -205,9 +209,9 @@ def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
 
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
-              duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 20) -> Calibration:
+              duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 15) -> Calibration:
     """Closed-loop runs at each client count with the validation's request shape, each until about
-    ``batches_per_run`` batches have run (at most ``duration_s`` / len(clients) seconds); the pod's batch
+    ``batches_per_run`` x clients answers (at most ``duration_s`` / len(clients) seconds); the pod's batch
     trace gives the cycle per batch size; ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
     import httpx
 
