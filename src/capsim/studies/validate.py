@@ -20,7 +20,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from capsim.studies import validate_stats as vs
 from capsim.studies.pods import PodProcess, pinned
 from capsim.studies.validate_calibrate import (
     Calibration,
+    CalibrationError,
     CalibrationWarning,
     calibrate,
     fetch_trace,
@@ -208,6 +209,7 @@ def run_validation(
     rows: list[dict[str, Any]] = []
     reps: list[dict[str, Any]] = []
     diagnostics: dict[str, Any] = {}
+    ablation: dict[str, dict[str, dict[str, float]]] = {}
     b = spec.batching
     pod = PodProcess(work, "validate", core=pod_core, torch_threads=spec.threads, model=spec.model,
                      max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
@@ -227,11 +229,13 @@ def run_validation(
                 echo(f"WARNING (CalibrationWarning): {warning}")
         cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens})")
+        variants = _variants(calibration)
         for level in spec.levels:
             rate = level * cap
             scenario = level_scenario(spec, kept_profile, rate, calibration)
             echo(f"level {level:.0%}: {rate:.1f} requests/s, {spec.replications} x {spec.requests_per_run} requests ...")
             real_runs, sim_runs, level_diag = [], [], []
+            variant_runs: dict[str, list[vs.Blocks]] = {name: [] for name in variants}
             for r in range(spec.replications):
                 seed = spec.seed + r
                 workload = make_workload(scenario, Streams(seed))
@@ -244,6 +248,9 @@ def run_validation(
                 real_runs.append(vs.cut_blocks(real_df, *window, block_s=spec.block_s))
                 sim_runs.append(vs.cut_blocks(sim.requests, *window, block_s=spec.block_s))
                 level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration))
+                for name, cal in variants.items():  # the same real run against simpler models of the pod
+                    other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
+                    variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
                 real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
                 for metric in METRICS:
                     rv, sv = real_sum[metric], sim_sum[metric]
@@ -251,6 +258,10 @@ def run_validation(
                                  "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
             diagnostics[f"{level:g}"] = level_diag
             echo(_describe_diagnostics(level_diag))
+            ablation[f"{level:g}"] = _ablation(real_runs, {**variant_runs, "full model": sim_runs})
+            echo("  model parts, error of ttft p50/p99, e2e p99: " + "; ".join(
+                f"{name} {e['ttft_p50_s']:+.1%}/{e['ttft_p99_s']:+.1%}, {e['e2e_p99_s']:+.1%}"
+                for name, e in ablation[f"{level:g}"].items()))
             rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
     finally:
         pod.stop()
@@ -275,10 +286,40 @@ def run_validation(
         "intervals": {"confidence": vs.CONFIDENCE, "method": "percentile block bootstrap over pooled replications",
                       "block_s": spec.block_s, "n_resamples": vs.N_RESAMPLES},
         "diagnostics": diagnostics,
+        "ablation": ablation,
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     echo(format_results(results))
     return results
+
+
+def _variants(calibration: Calibration | None) -> dict[str, Calibration]:
+    """Simpler models of the pod, simulated on the same runs to show what each part of the full one
+    buys: the two-term fit (scale, per-request overhead) with the profile's gamma noise, the issue's
+    model; then with the measured cycle noise; the full model adds the per-arrival term."""
+    if calibration is None or len(calibration.points) < 2:
+        return {}
+    try:
+        two = fit_cycle(calibration.points, warn=False)
+    except CalibrationError:
+        return {}
+    return {"two-term fit, profile noise": two,
+            "two-term fit, measured noise": replace(two, cycle_noise=calibration.cycle_noise)}
+
+
+def _ablation(real_runs: list[vs.Blocks], models: dict[str, list[vs.Blocks]]) -> dict[str, dict[str, float]]:
+    """Each model's error per metric over the pooled replications (point estimates)."""
+    real = vs.pool(real_runs)
+    every = np.arange(len(real))
+    out = {}
+    for name, runs in models.items():
+        sim = vs.pool(runs)
+        errs = {}
+        for metric in METRICS:
+            r = vs.statistic(metric)(real, every)
+            errs[metric] = (vs.statistic(metric)(sim, every) - r) / r if r else float("nan")
+        out[name] = errs
+    return out
 
 
 def _describe_diagnostics(runs: list[dict[str, float]]) -> str:
