@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis._parsers import _AsyncRESP2Parser
+from redis.asyncio import BlockingConnectionPool, Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
