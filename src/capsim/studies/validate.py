@@ -61,11 +61,11 @@ class ValidationSpec:
     """What to validate: the workload, the pod's batch settings, the load levels and run lengths.
 
     ``requests_per_level`` are split evenly among ``replications`` runs (seeds ``seed``, ``seed + 1``...).
-    The default (3 x 1,300 requests a level) keeps a p99's interval within the 15% target and one run of
+    The default (3 x 1,200 requests a level) keeps a p99's interval within the 15% target and one run of
     ``capsim validate`` near 6 minutes on a 2-core machine (docs/validation.md, "Noise")."""
 
     levels: tuple[float, ...] = (0.3, 0.6, 0.85)
-    requests_per_level: int = 3900
+    requests_per_level: int = 3600
     replications: int = 3
     prompt_tokens: int = 64
     output_tokens: int = 128
