@@ -17,6 +17,7 @@ stays the truth; the loss is counted). With ``fail`` (the default) such a turn i
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -65,13 +66,21 @@ class HistoryTooLongError(StateStoreError):
 
 def message_tokens(message: Message, vocab_size: int) -> tuple[int, ...]:
     """The token ids a stored message prefills (see the module docstring)."""
-    words = message.content.split()
-    if words and all(w.isdigit() and int(w) < vocab_size for w in words):
-        return tuple(int(w) for w in words)
-    n = message.tokens or len(words)
+    return _content_tokens(message.content, message.tokens, vocab_size)
+
+
+@functools.lru_cache(maxsize=8192)
+def _content_tokens(content: str, tokens: int, vocab_size: int) -> tuple[int, ...]:
+    # cached: a session's earlier messages come back every turn (hashing the text is cheaper than parsing it)
+    words = content.split()
+    if words and all(w.isdecimal() for w in words):
+        ids = tuple(map(int, words))
+        if max(ids) < vocab_size:
+            return ids
+    n = tokens or len(words)
     if n == 0:
         return ()
-    return synthetic_prompt(n, vocab_size, salt=zlib.crc32(message.content.encode()))
+    return synthetic_prompt(n, vocab_size, salt=zlib.crc32(content.encode()))
 
 
 def fit_history(
