@@ -14,8 +14,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import ClassVar, Literal, Protocol, cast
 
 from pydantic import Field
@@ -162,7 +161,7 @@ class RedisSessionStore:
             key = self.key(session_id)
             state = await self._read(key, session_id)
             if state is None:
-                box[0] = "not_found"
+                box.outcome = "not_found"
             return state
 
     async def put(self, state: SessionState) -> SessionState:
@@ -265,7 +264,7 @@ class RedisSessionStore:
             self._cache.forget(key)
             n = await self._net(lambda: self._client.delete(key), key=key)
             if not n:
-                box[0] = "not_found"
+                box.outcome = "not_found"
             return bool(n)
 
     # -- reads ------------------------------------------------------------------------------------
@@ -401,18 +400,29 @@ class RedisSessionStore:
     def _write_id(self) -> str:
         return f"{self._ids.getrandbits(128):032x}"
 
-    @contextmanager
-    def _observed(self, op: str) -> Iterator[list[Outcome]]:
-        box: list[Outcome] = ["ok"]
-        t0 = time.perf_counter()
-        try:
-            yield box
-        except BaseException as exc:
-            box[0] = _outcome_of(exc)
-            raise
-        finally:
-            if self._metrics is not None:
-                self._metrics.observe_store_op(op, box[0], time.perf_counter() - t0)
+    def _observed(self, op: str) -> _Observed:
+        return _Observed(self._metrics, op)
+
+
+class _Observed:
+    """Times one operation and reports its outcome to the store's metrics (a class, not a generator:
+    it wraps every operation)."""
+
+    __slots__ = ("metrics", "op", "outcome", "t0")
+
+    def __init__(self, metrics: StoreMetrics | None, op: str) -> None:
+        self.metrics, self.op = metrics, op
+        self.outcome: Outcome = "ok"
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> _Observed:
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self.outcome = _outcome_of(exc)
+        if self.metrics is not None:
+            self.metrics.observe_store_op(self.op, self.outcome, time.perf_counter() - self.t0)
 
 
 def _outcome_of(exc: BaseException) -> Outcome:
