@@ -33,14 +33,18 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+_S1, _S27, _S30, _S31 = np.uint64(1), np.uint64(27), np.uint64(30), np.uint64(31)
+_TOP = np.int64(1 << 61)
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a bijection of uint64 that spreads every input bit (no collisions)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * _M1
-    x = x ^ (x >> np.uint64(27))
-    x = x * _M2
-    out: np.ndarray = x ^ (x >> np.uint64(31))
-    return out
+    """splitmix64's finalizer, in place: a bijection of uint64 that spreads every input bit (no collisions)."""
+    x ^= x >> _S30
+    x *= _M1
+    x ^= x >> _S27
+    x *= _M2
+    x ^= x >> _S31
+    return x
 
 
 _MASK = (1 << 64) - 1
@@ -57,10 +61,13 @@ def _mix_int(x: int) -> int:
 def stream_hashes(seed: int, session: int, epoch: int, n: int, start: int = 0) -> np.ndarray:
     """The hashes (int64) of blocks ``start .. n-1`` of session ``session``'s stream in epoch ``epoch``."""
     key = np.uint64(_mix_int((seed << 40) ^ (session << 12) ^ epoch))
-    with np.errstate(over="ignore"):
-        out = _mix(key + _GOLDEN * np.arange(start + 1, n + 1, dtype=np.uint64))
+    # uint64 array arithmetic wraps silently (only scalar overflow warns): no errstate needed
+    out = _mix(key + _GOLDEN * np.arange(start + 1, n + 1, dtype=np.uint64))
     # the top bit cleared: positive int64, and never one of a trace's small ids
-    return (out >> np.uint64(1)).astype(np.int64) | np.int64(1 << 61)
+    out >>= _S1
+    hashes = out.view(np.int64)
+    hashes |= _TOP
+    return hashes
 
 
 class SessionPrefix:
