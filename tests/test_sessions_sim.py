@@ -169,3 +169,13 @@ def test_every_prompt_is_the_kept_history_plus_its_message(max_len: int, policy:
         assert r.summary.sessions_truncated == 0
     else:
         assert r.summary.sessions_ended_on_overflow <= int((df.index % TURNS == 0).sum())
+
+
+def test_stream_hashes_are_splitmix64_of_the_block_index() -> None:
+    from capsim.sim.sessions import _mix_int
+
+    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
+    key = _mix_int((5 << 40) ^ (7 << 12) ^ 2)
+    ref = [(_mix_int((key + golden * j) & mask) >> 1) | (1 << 61) for j in range(1, 301)]
+    assert stream_hashes(5, 7, 2, 300).tolist() == ref
+    assert stream_hashes(5, 7, 2, 300, start=100).tolist() == ref[100:]  # an extension of the stream
