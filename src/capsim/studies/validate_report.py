@@ -141,6 +141,13 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         # the residual's growth per arrival during the batch (ms): what the fitted arrival term leaves
         x = during - during.mean()
         out["ms_per_arrival_during"] = float(np.dot(x, wall - fit) / max(np.dot(x, x), 1e-12) * 1e3)
+        # and per request left waiting when the batch started (a cost of open connections, if any)
+        owner = np.repeat(np.arange(len(trace)), [len(r[3]) for r in trace])
+        flat = np.concatenate([np.asarray(r[3], dtype=float) for r in trace])
+        waiting = np.array([int(np.sum((owner > k) & (flat < start[k]))) for k in range(len(trace))])
+        w = waiting - waiting.mean()
+        out["waiting_at_start_p99"] = float(np.percentile(waiting, 99))
+        out["ms_per_waiting"] = float(np.dot(w, wall - fit) / max(np.dot(w, w), 1e-12) * 1e3)
     t0 = real_df.attrs.get("t0_monotonic")
     sends = np.sort(t0 + real_df.arrival_s.to_numpy(dtype=float)) if t0 is not None else np.empty(0)
     enq_run = enq[enq >= sends[0]] if len(sends) else enq[:0]
