@@ -244,3 +244,38 @@ def test_arrivals_lengthen_the_simulated_batch_running_when_they_come():
     plain = simulate(sc.model_copy(update={"service": sc.service.model_copy(update={"arrival_overhead_ms": 0.0})}),
                      seed=3).requests
     assert (plain.end_s - plain.start_s).dropna().to_numpy() == pytest.approx(0.1)
+
+
+def test_requests_arriving_while_a_batch_runs_reach_the_queue_late_and_can_miss_the_next_batch():
+    lag = 0.02
+    sc = Scenario.model_validate({
+        "horizon_s": 60, "warmup_s": 0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20.0}},
+        "service": {"kind": "deterministic", "mean_s": 0.1, "ingress_ms": lag * 1000},
+        "batching": {"max_batch_size": 16, "max_wait_ms": 0},
+        "pods": {"replicas": 1, "startup_s": 0}, "router": {"kind": "random"},
+        "client": {"timeout_s": 600, "max_retries": 0},
+    })
+    ok = simulate(sc, seed=5).requests.query("outcome == 'ok'").sort_values("arrival_s")
+    starts = np.sort(ok.start_s.unique())
+    ends = np.array([ok[ok.start_s == s].end_s.max() for s in starts])
+    prev_end = np.concatenate([[-1.0], ends[:-1]])
+    k = np.searchsorted(starts, ok.start_s.to_numpy())
+    arrival = ok.arrival_s.to_numpy()
+    # in a batch: parsed by its start (sent lag before), or sent after the model went idle
+    assert np.all((arrival <= starts[k] - lag + 1e-12) | (arrival >= prev_end[k] - 1e-12))
+    # and some were sent before a batch started, but too late to be parsed: they waited for the next one
+    missed = (k > 0) & (arrival < starts[np.maximum(k - 1, 0)]) & (arrival > starts[np.maximum(k - 1, 0)] - lag)
+    assert 0 < missed.sum() < 0.2 * len(ok)
+    plain = simulate(sc.model_copy(update={"service": sc.service.model_copy(update={"ingress_ms": 0.0})}),
+                     seed=5).requests.query("outcome == 'ok'")
+    assert (ok.start_s - ok.arrival_s).mean() > (plain.start_s - plain.arrival_s).mean()
+
+
+def test_ingress_is_the_median_send_to_queue_delay_of_requests_sent_while_a_batch_ran():
+    from capsim.studies.validate_calibrate import ingress_s
+
+    trace = [[1.0, 1.2, 2, [0.905, 0.955]], [1.2, 1.4, 3, [1.108, 1.16, 1.212]], [1.5, 1.6, 1, [1.501]]]
+    sends = [0.90, 0.95, 1.10, 1.15, 1.20, 1.49]  # the first two and the last while idle
+    assert ingress_s(trace, sends) == pytest.approx(0.010)  # 8, 10, 12 ms while busy
+    assert ingress_s([], sends) == 0.0

@@ -173,6 +173,11 @@ class Service(_Section):
         0.0, ge=0, description="pod CPU time per request spent when it arrives (HTTP parsing) on the model's core: "
         "the batch running then ends this much later; `capsim validate` fits it from the pod's batch trace"
     )
+    ingress_ms: Float = Field(
+        0.0, ge=0, le=60_000, description="a request that arrives while the model runs reaches the pod's batch "
+        "queue this much later (its HTTP parsing shares the core), so a batch starting sooner leaves it for the "
+        "next; `capsim validate` measures it"
+    )
     cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, min_length=1, max_length=10_000, description="profile: factors (mean 1) one of which, drawn at "
         "random, multiplies each batch's time instead of the profile's gamma noise: the spread of a pod's batch "

@@ -92,6 +92,10 @@ class Pod:
         # pod CPU per request that lands on the batch running when the request arrives (HTTP parsing on
         # the model's core): it lengthens that batch, so a batch grows with the arrivals during it
         self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
+        # a request that arrives while the model runs reaches the batcher's queue this much later (its HTTP
+        # parsing waits for the core): a batch that starts sooner leaves it for the next one
+        self._ingress_s = sim.scenario.service.ingress_ms / 1000.0
+        self._idle_since = 0.0  # when the last batch ended with none left running
         self._ending = sim.records.ending
         # SimPy's event counter: a batch's end takes the id its Timeout event would have taken, so that
         # Client.run completes it in exactly the order SimPy would have (see ``_end_at``)
@@ -131,6 +135,9 @@ class Pod:
 
     def pump(self, now: float) -> None:
         """Ask the batching rule what to do at ``now`` and do it: start batches, or set the wake-up."""
+        if self._ingress_s:
+            self._pump_parsed(now)
+            return
         q = self.queue
         send = self._rec.send
         running = self.running
@@ -151,6 +158,43 @@ class Pod:
             if d.wake_at is not None and (self._timer_at is None or d.wake_at < self._timer_at):
                 self._timer_at = d.wake_at
                 ev = Timeout(self._env, max(d.wake_at - self._env.now, 0.0), d.wake_at)
+                ev.callbacks.append(self._on_timer)
+            return
+
+    def _pump_parsed(self, now: float) -> None:
+        """``pump`` where the batcher sees only the requests parsed by ``now``: those sent ``_ingress_s``
+        ago, and those sent while the model was idle (parsed at once); the queue stays in send order."""
+        q = self.queue
+        send = self._rec.send
+        running = self.running
+        max_batch = self._max_batch
+        lag = self._ingress_s
+        while q:
+            if len(running) >= self.max_running:
+                return
+            seen = 0
+            for j in q:
+                s = send[j]
+                if s <= now - lag or (not running and s >= self._idle_since):
+                    seen += 1
+                    if seen >= max_batch:
+                        break
+                else:
+                    break
+            if seen >= max_batch:
+                self._start_batch(now, max_batch)
+                continue
+            wake = float(send[q[seen]]) + lag if seen < len(q) else None  # the next one is parsed then
+            if seen:
+                d = decide(now, seen, float(send[q[0]]), self._batching, len(running))
+                if d.size:
+                    self._start_batch(now, d.size)
+                    continue
+                if d.wake_at is not None and (wake is None or d.wake_at < wake):
+                    wake = d.wake_at
+            if wake is not None and (self._timer_at is None or wake < self._timer_at):
+                self._timer_at = wake
+                ev = Timeout(self._env, max(wake - self._env.now, 0.0), wake)
                 ev.callbacks.append(self._on_timer)
             return
 
@@ -249,6 +293,7 @@ class Pod:
         running.remove(batch)
         if not running:
             self.busy_s += now - self._busy_since
+            self._idle_since = now
         self.outstanding -= batch.live_size
         sim.router.touch(self)
         batch.done = True

@@ -166,6 +166,7 @@ def level_scenario(
             "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
             "time_scale": calibration.time_scale if calibration else 1.0,
             "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
+            "ingress_ms": calibration.ingress_s * 1000 if calibration else 0.0,
             "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
         },
         "batching": spec.batching.model_dump(),
@@ -221,7 +222,8 @@ def run_validation(
             with warnings.catch_warnings():  # said once, below, on stdout and in the results
                 warnings.simplefilter("ignore", CalibrationWarning)
                 calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s)
-            echo(f"calibration: {calibration.describe()}")
+            echo(f"calibration: {calibration.describe()}; a request sent while a batch runs reaches the "
+                 f"queue {calibration.ingress_s * 1000:.1f} ms later (median)")
             echo("  points (size, profile ms, pod ms, residual ms): " + ", ".join(
                 f"({b_:.0f}, {t * 1e3:.1f}, {w * 1e3:.1f}, {r * 1e3:+.1f})"
                 for (b_, t, w), r in zip(calibration.points, calibration.residuals_s, strict=True)))
@@ -296,7 +298,8 @@ def run_validation(
 def _variants(calibration: Calibration | None) -> dict[str, Calibration]:
     """Simpler models of the pod, simulated on the same runs to show what each part of the full one
     buys: the two-term fit (scale, per-request overhead) with the profile's gamma noise, the issue's
-    model; then with the measured cycle noise; the full model adds the per-arrival term."""
+    model; then with the measured cycle noise; then the full fit (per-arrival term) without the ingress
+    delay; the full model has all of them."""
     if calibration is None or len(calibration.points) < 2:
         return {}
     try:
@@ -304,7 +307,8 @@ def _variants(calibration: Calibration | None) -> dict[str, Calibration]:
     except CalibrationError:
         return {}
     return {"two-term fit, profile noise": two,
-            "two-term fit, measured noise": replace(two, cycle_noise=calibration.cycle_noise)}
+            "two-term fit, measured noise": replace(two, cycle_noise=calibration.cycle_noise),
+            "full fit, no ingress delay": replace(calibration, ingress_s=0.0)}
 
 
 def _ablation(real_runs: list[vs.Blocks], models: dict[str, list[vs.Blocks]]) -> dict[str, dict[str, float]]:

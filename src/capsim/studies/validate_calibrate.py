@@ -57,6 +57,8 @@ class Calibration:
     cycle_noise: tuple[float, ...] = ()
     # per request, when it arrives, on the batch running then (``fit_trace``; 0: charged per batch member)
     arrival_overhead_s: float = 0.0
+    # median delay from sending to the batcher's queue of requests sent while a batch ran (``ingress_s``)
+    ingress_s: float = 0.0
 
     @property
     def rel_rms_residual(self) -> float:
@@ -215,6 +217,8 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     trace gives the cycle per batch size; ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
     import httpx
 
+    sends: list[float] = []
+
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * n_clients)) as c:
             stop = time.perf_counter() + seconds
@@ -224,6 +228,7 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
                 nonlocal done
                 i = 0
                 while time.perf_counter() < stop and done < answers:
+                    sends.append(time.perf_counter())
                     r = await c.post(f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
                                      json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
                     r.raise_for_status()
@@ -241,4 +246,22 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     def profile_s(b: int) -> float:
         return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
 
-    return fit_trace(trace_rows(trace, profile_s))
+    return replace(fit_trace(trace_rows(trace, profile_s)), ingress_s=ingress_s(trace, sends))
+
+
+def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:
+    """Median delay from a send (monotonic clock) to the pod's queue, over requests sent while a batch
+    ran: the k-th sent is taken as the k-th queued (one client's requests are FIFO; many clients'
+    nearly so). 0 without data."""
+    if not trace or not sends:
+        return 0.0
+    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
+    sent = np.sort(np.asarray(sends, dtype=float))
+    enq = enq[enq >= sent[0]]
+    n = min(len(sent), len(enq))
+    sent, enq = sent[:n], enq[:n]
+    start = np.array([r[0] for r in trace], dtype=float)
+    end = np.array([r[1] for r in trace], dtype=float)
+    k = np.searchsorted(start, sent, side="right") - 1
+    busy = (k >= 0) & (sent < end[np.maximum(k, 0)])
+    return float(np.median(enq[busy] - sent[busy])) if busy.any() else 0.0
