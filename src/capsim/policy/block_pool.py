@@ -73,12 +73,10 @@ class BlockPool:
         users = self.users
         hs = r.hashes
         end = min(full_blocks, len(hs))
-        for j in range(r.reg, end):
-            h = hs[j]
-            if h not in users:
-                users[h] = 1
-                r.refs.append(h)
         if end > r.reg:
+            new = [h for h in hs[r.reg : end] if h not in users]
+            users.update(dict.fromkeys(new, 1))
+            r.refs += new
             r.reg = end
 
     def release(self, r: Cached) -> int:
@@ -86,26 +84,31 @@ class BlockPool:
 
         Its cached blocks that nobody else uses go to the LRU tail, its last blocks first (evicted
         first); shared ones stay in use; hashless ones are simply free."""
-        users, lru = self.users, self.lru
-        freed = r.blocks - len(r.refs)
-        for h in reversed(r.refs):
-            u = users[h] - 1
-            users[h] = u
-            if not u:
-                lru[h] = None
-                freed += 1
+        users = self.users
+        refs = r.refs
+        freed = r.blocks - len(refs)
+        refs.reverse()
+        last = [h for h in refs if users[h] == 1]  # blocks only r uses (nearly all)
+        if len(last) < len(refs):
+            for h in refs:
+                u = users[h]
+                if u > 1:
+                    users[h] = u - 1
+        users.update(dict.fromkeys(last, 0))
+        self.lru.update(dict.fromkeys(last))
+        freed += len(last)
         r.refs = []
         r.reg = 0
         return freed
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
-        users, lru, log = self.users, self.lru, self.evicted
-        for _ in range(count):
-            h, _ = lru.popitem(last=False)
+        users, pop, log = self.users, self.lru.popitem, self.evicted
+        gone = [pop(False)[0] for _ in range(count)]
+        for h in gone:
             del users[h]
-            if log is not None:
-                log.append(h)
+        if log is not None:
+            log += gone
 
     def reset(self) -> None:
         """Forget everything cached (the engine died); counters stay, as a pod's counters would restart."""

@@ -163,6 +163,7 @@ class Scheduler:
         first, finished = out.first_token, out.finished
         requests = self.requests
         pool = self.pool
+        lru = pool.lru if pool is not None else None
         pending: list[Request] = []  # requests that may have new full blocks to register
         done: list[Request] = []  # finished requests, released after registration
         freed = 0
@@ -197,11 +198,13 @@ class Scheduler:
                     break
                 r.blocks += need
                 free -= need
+                if lru is not None and len(lru) > free:
+                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
             elif need:
                 r.blocks += need
                 free -= need
-            if pool is not None and len(pool.lru) > free:
-                pool.evict(len(pool.lru) - free)
+                if lru is not None and len(lru) > free:
+                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
             budget -= n
             if detail:
                 ids.append(r.request_id)
@@ -265,8 +268,8 @@ class Scheduler:
                         r.cached = c
                 free -= need
                 r.blocks += need
-                if pool is not None and len(pool.lru) > free:
-                    pool.evict(len(pool.lru) - free)
+                if lru is not None and len(lru) > free:
+                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
                 running.append(r)
                 budget -= n
                 if detail:
