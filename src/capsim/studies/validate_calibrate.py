@@ -217,8 +217,6 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     trace gives the cycle per batch size; ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
     import httpx
 
-    sends: list[float] = []
-
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * n_clients)) as c:
             stop = time.perf_counter() + seconds
@@ -228,7 +226,6 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
                 nonlocal done
                 i = 0
                 while time.perf_counter() < stop and done < answers:
-                    sends.append(time.perf_counter())
                     r = await c.post(f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
                                      json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
                     r.raise_for_status()
@@ -246,7 +243,7 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     def profile_s(b: int) -> float:
         return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
 
-    return replace(fit_trace(trace_rows(trace, profile_s)), ingress_s=ingress_s(trace, sends))
+    return fit_trace(trace_rows(trace, profile_s))
 
 
 def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:
