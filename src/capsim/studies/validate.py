@@ -235,7 +235,7 @@ def run_validation(
             # the send-to-queue delay under the validation's own open-loop generator (a closed loop sends in
             # bursts, whose client-side wait is no part of it): a short Poisson probe at half the capacity,
             # with a seed of its own
-            probe = level_scenario(replace(spec, requests_per_level=spec.replications * max(int(3 * cap), 50)),
+            probe = level_scenario(replace(spec, requests_per_level=spec.replications * max(int(2 * cap), 50)),
                                    kept_profile, 0.5 * cap, calibration)
             since = time.monotonic()
             probe_df = asyncio.run(run_load([pod.url], make_workload(probe, Streams(spec.seed + 10_000)),
