@@ -159,7 +159,7 @@ def pods(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterato
         p.start(wait_ready=False)
     try:
         for p in ps:
-            p.wait_ready()
+            p.wait_ready(timeout_s=150)  # two model loads at once on a busy 2-core machine
         yield ps
     finally:
         for p in ps:
