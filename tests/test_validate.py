@@ -279,3 +279,18 @@ def test_ingress_is_the_median_send_to_queue_delay_of_requests_sent_while_a_batc
     sends = [0.90, 0.95, 1.10, 1.15, 1.20, 1.49]  # the first two and the last while idle
     assert ingress_s(trace, sends) == pytest.approx(0.010)  # 8, 10, 12 ms while busy
     assert ingress_s([], sends) == 0.0
+
+
+def test_the_open_loop_probe_refits_the_arrival_term_over_the_closed_loop_fit():
+    from capsim.studies.validate_calibrate import refit_arrivals
+
+    rng = np.random.default_rng(2)
+    size = rng.integers(1, 9, 60).astype(float)
+    prof = 0.05 + 0.005 * size
+    arrivals = rng.poisson(4, 60).astype(float)
+    wall = 1.2 * prof + 0.001 * size + 0.005 * arrivals
+    closed = Calibration(1.2, 0.001, (), arrival_overhead_s=0.0004)
+    cal = refit_arrivals(closed, np.column_stack([size, prof, wall, arrivals]))
+    assert cal.arrival_overhead_s == pytest.approx(0.005)
+    assert (cal.time_scale, cal.overhead_s) == (1.2, 0.001) and np.mean(cal.cycle_noise) == pytest.approx(1.0)
+    assert refit_arrivals(closed, np.column_stack([size, prof, wall, arrivals])[:10]) is closed  # too few

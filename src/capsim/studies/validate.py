@@ -40,6 +40,8 @@ from capsim.studies.validate_calibrate import (
     fetch_trace,
     fit_cycle,
     ingress_s,
+    refit_arrivals,
+    trace_rows,
 )
 from capsim.studies.validate_report import (
     METRICS,
@@ -242,9 +244,17 @@ def run_validation(
                                             client=ClientPolicy(timeout_s=60, max_retries=0),
                                             max_duration_s=probe.horizon_s + 5, seed=spec.seed + 10_000))
             sends = (probe_df.attrs["t0_monotonic"] + probe_df.arrival_s).tolist()
-            calibration = replace(calibration, ingress_s=ingress_s(fetch_trace(pod.url, since), sends))
-            echo(f"ingress: a request sent while a batch runs reaches the queue {calibration.ingress_s * 1000:.1f} ms "
-                 f"later (median over a {probe.horizon_s:.0f} s open-loop probe at half the capacity)")
+            probe_trace = fetch_trace(pod.url, since)
+            closed_loop = calibration.arrival_overhead_s
+            calibration = refit_arrivals(calibration, trace_rows(probe_trace, lambda b: profile.batch_timing(
+                b, spec.prompt_tokens, spec.output_tokens).total_s))
+            calibration = replace(calibration, ingress_s=ingress_s(probe_trace, sends))
+            echo(f"open-loop probe ({probe.horizon_s:.0f} s at half the capacity): "
+                 f"{calibration.arrival_overhead_s * 1000:.2f} ms per arrival during a batch (closed loop: "
+                 f"{closed_loop * 1000:.2f}); a request sent while a batch runs reaches the queue "
+                 f"{calibration.ingress_s * 1000:.1f} ms later (median)")
+            cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
+            echo(f"capacity: {cap:.1f} requests/s with the open-loop arrival term")
         variants = _variants(calibration)
         for level in spec.levels:
             rate = level * cap

@@ -246,6 +246,23 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     return fit_trace(trace_rows(trace, profile_s))
 
 
+def refit_arrivals(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -> Calibration:
+    """The per-arrival term again, from open-loop batches (``trace_rows`` of a Poisson probe): what is left
+    of each batch's wall time past ``scale x profile + size x overhead``, by least squares on the
+    arrivals during it (through 0, >= 0). A closed loop sends its next turns in one burst as a batch
+    starts; open-loop arrivals come one by one through the batch, and each interrupts the model's thread,
+    which can cost more than the burst did. The single-batch spread is then taken from these batches."""
+    rows = np.asarray(rows, dtype=float)
+    if len(rows) < min_batches:
+        return cal
+    left = rows[:, 2] - cal.time_scale * rows[:, 1] - cal.overhead_s * rows[:, 0]
+    a = rows[:, 3]
+    per_arrival = max(float(np.dot(a, left) / np.dot(a, a)), 0.0) if np.dot(a, a) > 0 else 0.0
+    fit = cal.time_scale * rows[:, 1] + cal.overhead_s * rows[:, 0] + per_arrival * a
+    q = np.quantile(rows[:, 2] / fit, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
+    return replace(cal, arrival_overhead_s=per_arrival, cycle_noise=tuple(float(v) for v in q / q.mean()))
+
+
 def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:
     """Median delay from a send (monotonic clock) to the pod's queue, over requests sent while a batch
     ran: the k-th sent is taken as the k-th queued (one client's requests are FIFO; many clients'
