@@ -42,7 +42,8 @@ METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s
                             "throughput_per_s", "itl_p50_s", "itl_p99_s")
 TARGETS: dict[str, float] = {"p50": 0.10, "p95": 0.15, "p99": 0.15, "throughput_per_s": 0.03}
 START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
-BASE_PROFILE = Path("data/profiles/cpu-tiny-float32.csv")
+# the measured static profile the step model is added to (its kernels are not used; its metadata is kept)
+BASE_PROFILE = Path(__file__).resolve().parents[3] / "data" / "profiles" / "cpu-tiny-float32.csv"
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def measure_step_fit(spec: ContinuousSpec, out: Path, core: int | None) -> Path:
     the base profile with the fit in its metadata goes to ``out``."""
     p, o = spec.prompt_tokens, spec.output_tokens
     code = (
-        "import sys; from pathlib import Path\n"
+        "from pathlib import Path\n"
         "from capsim.core.engine import ReferenceEngine\n"
         "from capsim.core.step_profile import fit_steps, measure_steps, probe_steps, with_step_model\n"
         "from capsim.model.profile import ServiceTimeProfile\n"
@@ -212,7 +213,9 @@ def measure_step_fit(spec: ContinuousSpec, out: Path, core: int | None) -> Path:
         f"s += probe_steps(e, max_decodes={spec.max_num_seqs}, contexts=({p}, {p + o}), prompts=(1, {p}), repeats=3)\n"
         f"with_step_model(ServiceTimeProfile.from_csv({str(BASE_PROFILE)!r}), fit_steps(s)).to_csv(Path({str(out)!r}))\n"
     )
-    subprocess.run(pinned([sys.executable, "-c", code], core), check=True, capture_output=True, timeout=600)
+    done = subprocess.run(pinned([sys.executable, "-c", code], core), capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the step measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
     return out
 
 
