@@ -7,6 +7,10 @@ step times from the same GPU-shaped profile. Reported: requests and engine steps
 second, the SimPy events the step loops used (a run of plain decode steps is one), and the same run with
 one event per step (``max_run_steps = 1``) on a shorter horizon, for comparison.
 
+Issue 14's speed target: the rush as 4-turn sessions (a quarter of the session rate, ~2 s think time),
+growing (each turn re-sends the history plus ~64 new tokens) with prefix caching on, against the same
+sessions not growing with caching off; CPU seconds of each, the ratio to stay under 1.5.
+
     python benchmarks/bench_sim_continuous.py            # the full hour
     python benchmarks/bench_sim_continuous.py --quick    # ten simulated minutes
 """
@@ -34,6 +38,33 @@ def continuous_reference(horizon_s: float) -> Scenario:
     return reference_scenario(horizon_s).override(CONTINUOUS)
 
 
+def session_scenarios(horizon_s: float) -> dict[str, Scenario]:
+    """The rush as 4-turn sessions: plain (no growth, caching off) and growing with prefix caching."""
+    base = continuous_reference(horizon_s)
+    rate = base.workload.arrivals.rate_per_s  # type: ignore[union-attr]
+    assert isinstance(rate, tuple | list)  # the rush is piecewise
+    sess = {"workload.sessions": {"turns": 4, "think_time_s": {"kind": "exponential", "mean_s": 2.0}},
+            "workload.arrivals.rate_per_s": [[t, r / 4] for t, r in rate]}
+    plain = base.override(sess).override({"batching.enable_prefix_caching": False})
+    grow = base.override(sess).override(
+        {"workload.sessions.new_tokens": {"kind": "lognormal", "mean": 64, "sigma": 0.5, "max": 1024}})
+    return {"sessions, caching off": plain, "growing sessions, prefix caching": grow}
+
+
+def run_sessions(horizon_s: float) -> list[dict[str, Any]]:
+    out = []
+    for name, sc in session_scenarios(horizon_s).items():
+        sim = Simulation(sc, seed=0, profile=gpu_like_profile())
+        c0 = time.process_time()
+        result = sim.run()
+        cpu = time.process_time() - c0
+        req = result.requests
+        out.append({"case": name, "requests": result.summary.arrived, "cpu_s": cpu,
+                    "requests_per_cpu_s": result.summary.arrived / cpu, "steps": result.summary.steps,
+                    "prefix_hit_rate": float(req["cached_tokens"].sum() / req["prompt_tokens"].sum())})
+    return out
+
+
 def run(horizon_s: float, max_run_steps: int | None = None) -> dict[str, Any]:
     sim = Simulation(continuous_reference(horizon_s), seed=0, profile=gpu_like_profile())
     assert sim.continuous is not None
@@ -57,8 +88,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="ten simulated minutes instead of an hour")
     ap.add_argument("--repeat", type=int, default=1, help="runs of the reference; the best is reported")
+    ap.add_argument("--sessions-only", action="store_true", help="only the sessions + prefix caching comparison")
     args = ap.parse_args()
     horizon = 600.0 if args.quick else 3600.0
+    sess_h = min(horizon, 600.0)
+    sess = run_sessions(sess_h)
+    ratio = sess[1]["cpu_s"] / sess[0]["cpu_s"]
+    print_table(f"sessions, {sess_h:.0f} simulated s (issue 14: growing + prefix caching within 1.5x)",
+                ["case", "requests", "steps", "CPU s", "requests/CPU s", "prefix hit rate"],
+                [[r["case"], r["requests"], r["steps"], r["cpu_s"], r["requests_per_cpu_s"], r["prefix_hit_rate"]]
+                 for r in sess])
+    print(f"\nCPU time ratio, growing + prefix caching / plain: {ratio:.2f} (target <= 1.5)")
+    if args.sessions_only:
+        write_result("sim_continuous_sessions", {"sessions": sess, "ratio": ratio})
+        return
     runs = [run(horizon) for _ in range(args.repeat)]
     ref = max(runs, key=lambda r: r["requests_per_s"])
     per_step = run(min(horizon, 300.0), max_run_steps=1)
@@ -72,7 +115,8 @@ def main() -> None:
           f"ITL p50 {ref['itl_p50_s'] * 1000:.2f} ms, TTFT p99 {ref['ttft_p99_s']:.3f} s, "
           f"max replicas {ref['max_replicas']}, error rate {ref['error_rate']:.4f}")
     write_result("sim_continuous" + ("_quick" if args.quick else ""),
-                 {"reference": ref, "one_event_per_step": per_step, "settings": CONTINUOUS})
+                 {"reference": ref, "one_event_per_step": per_step, "settings": CONTINUOUS,
+                  "sessions": sess, "sessions_cpu_ratio": ratio})
 
 
 if __name__ == "__main__":
