@@ -46,7 +46,9 @@ class CalibrationWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Calibration:
-    """The pod's batch cycle under load, ``W(b) = time_scale x T_profile(b) + b x overhead_s``."""
+    """The pod's batch cycle under load, ``W(b, a) = time_scale x T_profile(b) + b x overhead_s +
+    a x arrival_overhead_s`` for a batch of ``b`` with ``a`` arrivals while it runs, each batch's time
+    spread by ``cycle_noise``, and the delay (``ingress_s``) before a request sent meanwhile is queued."""
 
     time_scale: float
     overhead_s: float
