@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
+from capsim.core.engine import GenerationRequest, ReferenceEngine
 from capsim.core.service import PodConfig, create_app
 from capsim.core.session_history import HistoryTooLongError, fit_history, message_tokens
 from capsim.core.state import SessionState, StoreUnavailableError, open_store
@@ -182,19 +182,27 @@ def test_fit_history_drops_whole_turns_from_the_front() -> None:
 
 
 
-@pytest.mark.skipif("cached_tokens" not in GenerationResult.__dataclass_fields__,
-                    reason="the real continuous engine does not report prefix-cache hits yet (issue 14 §2)")
 def test_a_second_turn_on_the_same_pod_reuses_the_first_turns_kv(engine: ReferenceEngine) -> None:
-    with client_for(engine, batch_mode="continuous", block_size=16) as client:
+    hits = 'vllm:prefix_cache_hits_total{model_name="tiny"}'
+    queries = 'vllm:prefix_cache_queries_total{model_name="tiny"}'
+    with client_for(engine, batch_mode="continuous", block_size=16, enable_prefix_caching=True) as client:
         one = turn(client, "pc", 40, 8)
+        after_one = metric(client, hits), metric(client, queries)
         two = turn(client, "pc", 8, 4)
-        hits = metric(client, 'vllm:prefix_cache_hits_total{model_name="tiny"}')
-    assert one["history"]["cached_tokens"] == 0
-    h = two["history"]
-    assert h["prompt_tokens"] == 40 + 8 + 8
-    # the first turn's prompt blocks at least (its answer's too where the engine hashes output tokens)
-    assert 32 <= h["cached_tokens"] < h["prompt_tokens"]
-    assert hits >= h["cached_tokens"]
+        after_two = metric(client, hits), metric(client, queries)
+        other = turn(client, "pc-other", [(3 * i + 1) % 512 for i in range(56)], 4)  # as long, nothing shared
+        after_other = metric(client, hits)
+    assert after_one[0] == 0 and one["history"]["prompt_tokens"] == 40
+    assert two["history"]["prompt_tokens"] == 40 + 8 + 8 and after_two[1] - after_one[1] == 56
+    # turn 2 reuses turn 1's full blocks (its prompt's at least: 32 of 40 tokens; its answer's where
+    # the engine hashed the blocks it completed), so its prefill computes the rest only
+    hit = after_two[0] - after_one[0]
+    assert 32 <= hit < 56
+    assert after_other == after_two[0]  # a prompt sharing no block gets no hit
+    # the greedy answer is the model's answer to the whole conversation, cache or not
+    whole = (*engine.request(40, 1).prompt, *one["tokens"], *engine.request(8, 1).prompt)
+    assert engine.generate([GenerationRequest(whole, 4)])[0].tokens == two["tokens"]
+    assert other["turn"] == 1
 
 
 def test_real_redis_killed_serve_local_keeps_serving_the_session(

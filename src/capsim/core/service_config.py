@@ -46,6 +46,10 @@ class PodConfig(FrozenModel):
     num_blocks: int = Field(4096, ge=1, description="continuous: KV-cache blocks")
     max_model_len: int = Field(4096, ge=2, description="continuous: longest prompt + output")
     long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
+    # off by default for now: a count prompt_tokens is the same synthetic prompt in every request, so every
+    # request would hit the cache, unlike the simulator's workloads without a prefix source
+    enable_prefix_caching: bool = Field(False, description="continuous: reuse the KV blocks of a cached prefix "
+                                        "(vLLM V1 has it on)")
 
     ENV_PREFIX: ClassVar[str] = "CAPSIM_"
 
@@ -97,7 +101,7 @@ class PodConfig(FrozenModel):
     def scheduler_limits(self) -> SchedulerLimits:
         """The continuous-batching engine's limits."""
         return SchedulerLimits(self.max_num_seqs, self.max_num_batched_tokens, self.block_size, self.num_blocks,
-                               self.max_model_len, self.long_prefill_token_threshold)
+                               self.max_model_len, self.long_prefill_token_threshold, self.enable_prefix_caching)
 
     def env(self) -> dict[str, str]:
         """The ``CAPSIM_*`` variables that reproduce this configuration."""
