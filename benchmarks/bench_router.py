@@ -6,7 +6,10 @@ to the pod and through the router, so both see the same machine load; the median
 (target: the router adds at most a few milliseconds, well under a turn's model time). Part 2: one session
 of ``--turns`` turns through the router (96 new tokens, 4 answered each); each turn's engine prompt
 (history + message, from the answer) and its prefill time (time to first token less queue wait), against
-turn 1's: the history the store holds is GPU work.
+turn 1's: the history the store holds is GPU work. Part 3: a continuous pod with prefix caching; a
+session's second turn (``--history`` tokens of its first turn's prompt and answer, then 16 new) against a
+first turn of the same length sharing nothing, alternating: the prefill a cached history saves on the pod
+that served the last turn (what session affinity buys; a turn on another pod pays the miss).
 
     python benchmarks/bench_router.py [--quick] [--rounds N] [--turns N]
 """
@@ -20,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -44,11 +48,39 @@ def start_router(pod_url: str) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError("router did not start")
 
 
+def prefix_pairs(tmp: Path, pairs: int, history: int) -> tuple[tuple[int, float], tuple[int, float]]:
+    """Median prefill of a cached second turn and of an uncached prompt as long (see the docstring)."""
+    pod = PodProcess(tmp, "cpod", batch_mode="continuous", enable_prefix_caching="true", torch_threads=1,
+                     max_prompt_tokens=4096, warmup="false").start()
+
+    def prefill(a: dict[str, Any]) -> float:
+        return float(a["timings"]["ttft_s"] - a["timings"]["queue_s"])
+
+    hit, miss, length = [], [], 0
+    try:
+        with httpx.Client(timeout=120) as c:
+            for k in range(pairs):
+                first = [(k * 131 + 7 * i + 1) % 512 for i in range(history)]  # no two sessions share a block
+                url = f"{pod.url}/v1/sessions/p{k}/turns"
+                c.post(url, json={"prompt_tokens": first, "max_new_tokens": 4}).raise_for_status()
+                two = c.post(url, json={"prompt_tokens": [5] * 16, "max_new_tokens": 1}).json()
+                length = two["history"]["prompt_tokens"]
+                cold = [(k * 257 + 11 * i + 3) % 512 for i in range(length)]
+                three = c.post(f"{pod.url}/v1/sessions/q{k}/turns", json={"prompt_tokens": cold,
+                                                                         "max_new_tokens": 1}).json()
+                hit.append(prefill(two))
+                miss.append(prefill(three))
+    finally:
+        pod.stop()
+    return (length, statistics.median(hit)), (length, statistics.median(miss))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--turns", type=int, default=None)
+    ap.add_argument("--history", type=int, default=1000, help="part 3: the first turn's prompt tokens")
     args = ap.parse_args()
     rounds = args.rounds or (20 if args.quick else 100)
     turns = args.turns or (4 if args.quick else 8)
@@ -75,13 +107,18 @@ def main() -> None:
             router.terminate()
             router.wait(10)
             pod.stop()
+        cached, cold = prefix_pairs(Path(tmp), max(5, rounds // 2), args.history)
     d, r = statistics.median(lat["direct"]), statistics.median(lat["router"])
     print_table(f"one short turn, {rounds} rounds alternating (median)", ["path", "median ms", "p90 ms"],
                 [[n, 1000 * statistics.median(v), 1000 * sorted(v)[int(0.9 * len(v))]] for n, v in lat.items()])
     print(f"  router / direct: {r / d:.2f}x  (+{1000 * (r - d):.1f} ms)")
     print_table("one growing session through the router", ["turn", "engine prompt", "prefill ms", "vs turn 1"],
                 [[t, p, 1000 * m, m / grow[0][2]] for t, p, m in grow])
-    write_result("router", {"rounds": rounds, "direct_median_s": d, "router_median_s": r, "ratio": r / d,
+    print_table(f"continuous pod, prefix caching: second turn vs an uncached prompt as long ({rounds // 2} "
+                "pairs, median prefill ms)", ["prompt", "cached history", "no shared prefix", "ratio"],
+                [[cached[0], 1000 * cached[1], 1000 * cold[1], cached[1] / cold[1]]])
+    write_result("router", {"prefix": {"prompt_tokens": cached[0], "cached_prefill_s": cached[1],
+                                       "uncached_prefill_s": cold[1]},"rounds": rounds, "direct_median_s": d, "router_median_s": r, "ratio": r / d,
                             "growing_session": [{"turn": t, "prompt_tokens": p, "prefill_s": m} for t, p, m in grow]})
 
 
