@@ -135,37 +135,47 @@ async def measure(url: str, writers: int, ops: int, warmup: int) -> dict[str, di
 
         return pair
 
-    parts: dict[str, list[dict[str, float]]] = {}
+    stores: dict[str, RedisSessionStore] = {}
+    prefixes: dict[str, str] = {}
     for name, overrides, python in VARIANTS:
-        prefix = f"bench:{name.replace(' ', '').replace(',', '-')}:{tag}:"
-        opened = python_parser_store(url, key_prefix=prefix, **overrides) if python else open_store(
+        prefixes[name] = prefix = f"bench:{name.replace(' ', '').replace(',', '-')}:{tag}:"
+        stores[name] = python_parser_store(url, key_prefix=prefix, **overrides) if python else open_store(
             url, key_prefix=prefix, **overrides
         )
-        raw_name = "raw, python parser" if python else "raw"
-        async with opened as store:
-            for w in range(writers):
-                await store.put(conversation(f"s{w}"))
+        for w in range(writers):
+            await stores[name].put(conversation(f"s{w}"))
 
-            async def update(w: int, store: Any = store) -> None:
-                await store.update(f"s{w}", next_turn)
+    def update_of(store: RedisSessionStore) -> Callable[[int], Awaitable[None]]:
+        async def update(w: int) -> None:
+            await store.update(f"s{w}", next_turn)
 
-            # Interleave raw and update in rounds so drift on a shared machine hits both alike.
-            rounds = 3
-            raw_op = raw_pair(raws[raw_name])
-            await run_writers(writers, warmup, raw_op)
-            await run_writers(writers, warmup, update)
-            for _ in range(rounds):
-                parts.setdefault(raw_name, []).append(await run_writers(writers, ops // rounds, raw_op))
-                parts.setdefault(name, []).append(await run_writers(writers, ops // rounds, update))
+        return update
 
-            if writers > 1 and name == "lua":  # everyone on one session: the CAS retry path
-                await store.put(conversation("hot"))
-                async with open_store(url, key_prefix=prefix) as other:
+    raw_of = {name: "raw, python parser" if python else "raw" for name, _, python in VARIANTS}
+    for name in stores:
+        await run_writers(writers, warmup, raw_pair(raws[raw_of[name]]))
+        await run_writers(writers, warmup, update_of(stores[name]))
+    # Rounds of every variant, each right after a raw pair with the same parser, the order rotated
+    # each round: drift on a shared machine hits every row alike, and no variant always goes first.
+    rounds = 3
+    parts: dict[str, list[dict[str, float]]] = {}
+    names = list(stores)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            raw_name = raw_of[name]
+            parts.setdefault(raw_name, []).append(await run_writers(writers, ops // rounds, raw_pair(raws[raw_name])))
+            parts.setdefault(name, []).append(await run_writers(writers, ops // rounds, update_of(stores[name])))
 
-                    async def two_pods(w: int, other: Any = other, store: Any = store) -> None:
-                        await (store if w % 2 else other).update("hot", next_turn)
+    if writers > 1:  # everyone on one session: the CAS retry path
+        await stores["lua"].put(conversation("hot"))
+        async with open_store(url, key_prefix=prefixes["lua"]) as other:
 
-                    out["lua_one_session_2_pods"] = await run_writers(writers, ops // 3, two_pods)
+            async def two_pods(w: int, other: Any = other) -> None:
+                await (stores["lua"] if w % 2 else other).update("hot", next_turn)
+
+            out["lua_one_session_2_pods"] = await run_writers(writers, ops // 3, two_pods)
+    for store in stores.values():
+        await store.aclose()
     for name, results in parts.items():
         out[name] = {k: float(np.median([r[k] for r in results])) for k in results[0]}
     for client in raws.values():
