@@ -112,7 +112,7 @@ def test_a_pod_with_capsim_batch_mode_continuous_serves_turns_and_streams(tmp_pa
         assert len(body["tokens"]) == 5 and body["batch_size"] >= 1
         # too long for max_model_len (200) though within the pod's own limits: 413, named
         big = httpx.post(f"{url}/c-2/turns", json={"prompt_tokens": 190, "max_new_tokens": 20}, timeout=60)
-        assert big.status_code == 413 and "longer_than_max_model_len" in big.text
+        assert big.status_code == 413 and "max_model_len" in big.text
         with httpx.stream("POST", f"{url}/s-1/turns", json={"prompt_tokens": 8, "max_new_tokens": 4, "stream": True},
                           timeout=60) as resp:
             assert resp.status_code == 200

@@ -95,7 +95,9 @@ def fit_history(
         total -= sum(len(m) for m in messages[drop : drop + step])
         drop += step
     if total > limit:
-        raise HistoryTooLongError(f"the new message ({len(new)} tokens) is over the prompt limit {limit}")
+        raise HistoryTooLongError(f"the new message ({len(new)} tokens) is over the prompt limit {limit} "
+                                 "(the least of max_prompt_tokens, max_model_len and the model's max_seq_len, "
+                                 "less max_new_tokens)")
     return tuple(t for m in messages[drop:] for t in m) + new, drop
 
 
