@@ -3,7 +3,7 @@ against the simulator's continuous pods, with the static validation's method (do
 
 The step-time model is measured first (``capsim.core.step_profile``: the validation's own lengths and the
 probe steps, in a fresh process pinned like the pod), then calibrated under load: closed-loop runs
-(2, 4, 8 and 16 clients) give the pod's mean step wall time from its
+(2, 8, 24 and 64 clients) give the pod's mean step wall time from its
 ``vllm:inter_token_latency_seconds`` histogram (between two tokens of a request lies exactly one step), and
 ``wall = time_scale x model + extra`` is fitted through the points, the extra going into ``c0``. Each
 load level (a share of the calibrated capacity) runs ``replications`` times with different seeds; the same
@@ -68,7 +68,9 @@ class ContinuousSpec:
     model: str = "tiny"
     threads: int = 1
     calibration_s: float = 3.0  # per client count
-    calibration_clients: tuple[int, ...] = (2, 4, 8, 16)
+    # closed-loop clients: a client waits a round trip between requests, and the pod's HTTP work shares
+    # its core, so 16 clients kept only about 5 requests running; 64 keep max_num_seqs running
+    calibration_clients: tuple[int, ...] = (2, 8, 24, 64)
     step_workloads: int = 3
 
     @classmethod
