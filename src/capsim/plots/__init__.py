@@ -8,18 +8,24 @@ once and leave the figure as a cell's last expression.
 from capsim.plots.common import pareto_mask, save
 from capsim.plots.profiles import batching_speedup, compare_profiles, profile_curves
 from capsim.plots.runs import latency_cdfs, run_timeline, ttft_p99_over_time
+from capsim.plots.sessions import crash_ttft, imbalance, pod_load, router_bars, ttft_around
 from capsim.plots.studies import cost_vs_ttft, front_rows, sim_vs_real
 
 __all__ = [
     "batching_speedup",
     "compare_profiles",
     "cost_vs_ttft",
+    "crash_ttft",
     "front_rows",
+    "imbalance",
     "latency_cdfs",
     "pareto_mask",
+    "pod_load",
     "profile_curves",
+    "router_bars",
     "run_timeline",
     "save",
     "sim_vs_real",
+    "ttft_around",
     "ttft_p99_over_time",
 ]
