@@ -9,8 +9,9 @@ whatever it holds; taking hashless blocks first only spares a reusable block, it
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from itertools import islice
 from typing import Protocol
 
 
@@ -72,9 +73,16 @@ class BlockPool:
         a plain block, as vLLM keeps one block per hash."""
         users = self.users
         hs = r.hashes
+        reg = r.reg
         end = min(full_blocks, len(hs))
-        if end > r.reg:
-            new = [h for h in hs[r.reg : end] if h not in users]
+        if end == reg + 1:  # one new block, as a decode completes one: no slice, no list
+            h = hs[reg]
+            if h not in users:
+                users[h] = 1
+                r.refs.append(h)
+            r.reg = end
+        elif end > reg:
+            new = [h for h in hs[reg:end] if h not in users]
             users.update(dict.fromkeys(new, 1))
             r.refs += new
             r.reg = end
@@ -103,10 +111,11 @@ class BlockPool:
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
-        users, pop, log = self.users, self.lru.popitem, self.evicted
-        gone = [pop(False)[0] for _ in range(count)]
-        for h in gone:
-            del users[h]
+        lru, log = self.lru, self.evicted
+        gone = list(islice(lru, count))
+        # the deletions run in C (map consumed by an empty deque): no Python loop per block
+        deque(map(lru.__delitem__, gone), 0)
+        deque(map(self.users.__delitem__, gone), 0)
         if log is not None:
             log += gone
 

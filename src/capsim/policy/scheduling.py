@@ -221,7 +221,7 @@ class Scheduler:
                     pre_max = n
             c += n
             r.computed = c
-            if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+            if pool is not None and c // bs > r.reg < len(r.hashes):
                 pending.append(r)
             if c == r.num_tokens:
                 g = r.generated = r.generated + 1
@@ -286,7 +286,7 @@ class Scheduler:
                     pre_max = n
                 c += n
                 r.computed = c
-                if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+                if pool is not None and c // bs > r.reg < len(r.hashes):
                     pending.append(r)
                 if c == r.num_tokens:
                     g = r.generated = r.generated + 1
@@ -376,7 +376,7 @@ class Scheduler:
             b = -(-c // bs)
             free -= b - r.blocks
             r.blocks = b
-            if pool is not None and r.reg < len(r.hashes) and c // bs > r.reg:
+            if pool is not None and c // bs > r.reg < len(r.hashes):
                 pool.register(r, c // bs)
             if r.generated >= r.max_tokens:
                 if pool is None:

@@ -137,10 +137,12 @@ class ContinuousPod(Pod):
         rec = self._rec
         add = self.sched.add
         prefix = self.stats.prefix
+        # growing sessions hand over plain lists (no array per request); other sources their arrays
+        hash_of = None if prefix is None else getattr(prefix, "block_hash_list", prefix.block_hashes)
         bs = self.stats.limits.block_size
         while self.fed < len(q):
             i = q[self.fed]
-            hashes = prefix.block_hashes(i, bs) if prefix is not None else ()
+            hashes = hash_of(i, bs) if hash_of is not None else ()
             if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
                 self.fed += 1
                 continue

@@ -70,6 +70,20 @@ def stream_hashes(seed: int, session: int, epoch: int, n: int, start: int = 0) -
     return hashes
 
 
+_G = int(_GOLDEN)
+_TOP_INT = 1 << 61
+
+
+def stream_hash_list(seed: int, session: int, epoch: int, n: int, start: int = 0) -> list[int]:
+    """``stream_hashes`` as a list of Python ints (what the scheduler keeps); a few in plain Python, as
+    a short extension (a turn's new blocks) costs less so than numpy's per-call overhead."""
+    if n - start > 24:
+        out: list[int] = stream_hashes(seed, session, epoch, n, start).tolist()
+        return out
+    key = _mix_int((seed << 40) ^ (session << 12) ^ epoch)
+    return [(_mix_int(key + _G * j) >> 1) | _TOP_INT for j in range(start + 1, n + 1)]
+
+
 class SessionPrefix:
     """``PrefixSource`` of growing sessions: request ``i`` is turn ``i % turns`` of session ``i // turns``;
     its blocks cover its prompt and answer (the answer is known in advance in the simulator)."""
@@ -81,6 +95,7 @@ class SessionPrefix:
         self.prompt: np.ndarray | None = None
         self.output: np.ndarray | None = None
         self._cache: dict[int, tuple[int, int, np.ndarray]] = {}  # session -> (epoch, block size, hashes)
+        self._lists: dict[int, tuple[int, int, list[int]]] = {}  # the same for block_hash_list
 
     def bind(self, prompt: np.ndarray, output: np.ndarray) -> None:
         """Read the token counts from these (the run's records, whose prompts the client sets per turn)."""
@@ -105,6 +120,28 @@ class SessionPrefix:
         elif have is None or len(hashes) > len(have[2]) or have[0] != epoch:
             self._cache[s] = (epoch, block_size, hashes)
         return hashes
+
+    def block_hash_list(self, request: int, block_size: int) -> list[int]:
+        """:meth:`block_hashes` as a new list of Python ints, from a per-session list extended in place
+        (no array copy or conversion per turn: the continuous pod's hot path)."""
+        if self.prompt is None or self.output is None or request >= len(self.epoch):
+            return []
+        n = (int(self.prompt[request]) + int(self.output[request])) // block_size
+        s = request // self.turns
+        epoch = int(self.epoch[request])
+        have = self._lists.get(s)
+        if have is None or have[0] != epoch or have[1] != block_size:
+            hashes = stream_hash_list(self.seed, s, epoch, n)
+            have = (epoch, block_size, hashes)
+        else:
+            hashes = have[2]
+            if len(hashes) < n:
+                hashes += stream_hash_list(self.seed, s, epoch, n, len(hashes))
+        if request % self.turns == self.turns - 1:
+            self._lists.pop(s, None)  # the session's last turn
+        else:
+            self._lists[s] = have
+        return hashes[:n]
 
     def __repr__(self) -> str:
         return f"SessionPrefix(turns={self.turns}, seed={self.seed})"
