@@ -1,13 +1,12 @@
 """The reference model served by continuous batching: each engine step, as the shared scheduler decides it,
-is one forward pass over every scheduled prefill chunk and decode token.
+runs every scheduled prefill chunk and decode token.
 
 ``ContinuousEngine`` wraps a ``ReferenceEngine``'s model. Each request keeps its own KV cache in plain
 torch (one ``(1, heads, slots, head_dim)`` tensor per layer for keys and for values, sized for its prompt
 plus its output), freed when it finishes or is preempted; the scheduler (``capsim.policy.scheduling``)
-counts the same cache in blocks. A step builds one padded batch: each row's cached context is copied in
-right-aligned to a common slot, its new tokens follow it (padded to the step's longest chunk), the model's
-blocks run once with a mask that lets each token see its own context and the new tokens before it, and the
-new keys and values are copied back into the row's cache. A request whose computed tokens reach its known
+counts the same cache in blocks. A step runs its decode rows (one new token each) as one batched pass and
+each prefill chunk as its own pass, every row's new keys and values written into its own cache in place
+(``capsim.core.continuous_forward``). A request whose computed tokens reach its known
 tokens emits the greedy next token, streamed through its ``on_token`` hook. A preempted request is
 recomputed from its prompt and the tokens it already emitted, so its output is what it would have been.
 
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from capsim.core.continuous_forward import Row, forward_split
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.policy.scheduling import Rejection, Scheduler, SchedulerLimits, Step
 
@@ -123,7 +123,7 @@ class ContinuousEngine:
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> StepReport:
-        """Run one engine step: schedule, one forward pass, emit and stream tokens, free finished caches."""
+        """Run one engine step: schedule, the forward passes, emit and stream tokens, free finished caches."""
         t0 = self._clock()
         plan = self.scheduler.step()
         for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
@@ -197,54 +197,19 @@ class ContinuousEngine:
                     store[h] = ([k[0, :, sl].clone() for k in a.k], [v[0, :, sl].clone() for v in a.v])
 
     def _forward(self, ids: list[int], counts: list[int], contexts: list[int]) -> list[int]:
-        """One padded forward pass; the greedy next token at each row's last new position."""
-        model = self.model
-        dev = self.engine.device
-        dtype = self.engine.dtype
-        rows = len(ids)
-        ctx = max(contexts)  # new tokens start at this slot in every row
-        t = max(counts)
-        slots = ctx + t
-        tokens = torch.zeros(rows, t, dtype=torch.long)
-        positions = torch.zeros(rows, t, dtype=torch.long)
-        keep = torch.zeros(rows, t, slots, dtype=torch.bool)  # query i of a row may see slot s
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
-        for j, (rid, n, c) in enumerate(zip(ids, counts, contexts, strict=True)):
-            seq = self.active[rid].tokens
-            tokens[j, :n] = torch.tensor(seq[c : c + n])
-            positions[j, :n] = torch.arange(c, c + n)
-            keep[j, :, ctx - c : ctx] = True
-            keep[j, :, ctx:] = causal
-            keep[j, n:, :] = False
-            keep[j, torch.arange(n, t), ctx + torch.arange(n, t)] = True  # padding queries see themselves
-        n_layers = len(model.blocks)
-        k_all = [torch.zeros(rows, self._heads, slots, self._head_dim, device=dev, dtype=dtype)
-                 for _ in range(n_layers)]
-        v_all = [torch.zeros_like(k_all[0]) for _ in range(n_layers)]
-        for j, (rid, c) in enumerate(zip(ids, contexts, strict=True)):
-            a = self.active[rid]
-            if c:
-                assert a.k is not None and a.v is not None
-                for layer in range(n_layers):
-                    k_all[layer][j, :, ctx - c : ctx] = a.k[layer][0, :, :c]
-                    v_all[layer][j, :, ctx - c : ctx] = a.v[layer][0, :, :c]
-        tokens, positions, mask = tokens.to(dev), positions.to(dev), keep.to(dev)[:, None]
-        x = model.tok(tokens) + model.pos(positions)
-        for layer, block in enumerate(model.blocks):
-            x = block(x, k_all[layer], v_all[layer], ctx, mask)
-        last = torch.tensor([n - 1 for n in counts], device=dev)
-        h = model.ln_f(x[torch.arange(rows, device=dev), last])
-        nxt = torch.argmax(h @ model.tok.weight.T, -1).tolist()
-        # the new keys and values go back into each request's own cache
-        for j, (rid, n, c) in enumerate(zip(ids, counts, contexts, strict=True)):
+        """The step's forward passes (``continuous_forward.forward_split``); each row's greedy next token."""
+        return forward_split(self.model, self._rows(ids, counts, contexts))
+
+    def _rows(self, ids: list[int], counts: list[int], contexts: list[int]) -> list[Row]:
+        """The scheduled rows, each with its own cache (a fresh one for a request that holds none)."""
+        rows = []
+        for rid, n, c in zip(ids, counts, contexts, strict=True):
             a = self.active[rid]
             if a.k is None or a.v is None:
                 self._new_cache(a)
                 assert a.k is not None and a.v is not None
-            for layer in range(n_layers):
-                a.k[layer][0, :, c : c + n] = k_all[layer][j, :, ctx : ctx + n]
-                a.v[layer][0, :, c : c + n] = v_all[layer][j, :, ctx : ctx + n]
-        return [int(v) for v in nxt]
+            rows.append(Row(a.tokens[c : c + n], c, a.k, a.v))
+        return rows
 
     # ---- convenience ---------------------------------------------------------------------------------
     def generate(self, requests: list[GenerationRequest]) -> list[list[int] | Rejection]:
