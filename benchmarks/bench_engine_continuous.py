@@ -5,7 +5,7 @@ split step it runs now (the decodes in one batched pass, the chunk alone on its 
 The engine is brought to the state once: 16 requests with 200-token prompts prefilled (each has emitted
 its first token, so its next step is a decode at context 200) and a 64-token prompt queued. Each
 repetition then times the step's forward passes on those rows, interleaved so drift in machine load hits
-both: padded, split, and for scale the 16 decodes alone and the prompt chunk alone. Re-running a pass
+both: padded, split, and for scale the 16 decodes alone (both ways) and the prompt chunk alone. Re-running a pass
 writes the same keys and values into the same slots, so the state does not change. Times are the
 thread's CPU time with torch on one thread; the table gives medians and the padded/split ratio.
 
@@ -63,8 +63,9 @@ def main() -> None:
     cases: dict[str, Callable[[], object]] = {
         "mixed, one padded pass (before)": lambda: forward_padded(model, decodes + prompt),
         "mixed, split (now)": lambda: forward_split(model, decodes + prompt),
-        f"{DECODES} decodes alone": lambda: forward_split(model, decodes),
-        f"{PROMPT}-token prompt alone": lambda: forward_split(model, prompt),
+        f"{DECODES} decodes alone, padded (before)": lambda: forward_padded(model, decodes),
+        f"{DECODES} decodes alone (now)": lambda: forward_split(model, decodes),
+        f"{PROMPT}-token prompt alone (now)": lambda: forward_split(model, prompt),
     }
     with torch.inference_mode():
         same = forward_padded(model, decodes + prompt) == forward_split(model, decodes + prompt)
@@ -79,7 +80,7 @@ def main() -> None:
     rows = [[name, m * 1000, before / m] for name, m in med.items()]
     print_table(f"{PROMPT}-token prompt + {DECODES} decodes at context {CONTEXT}, {args.model}, "
                 f"CPU ms on one thread, median of {args.repeat} (same tokens: {same})",
-                ["case", "ms", "padded / this"], rows)
+                ["case", "ms", "mixed padded / this"], rows)
     write_result("engine_continuous", {"model": args.model, "repeat": args.repeat, "times_s": times,
                                        "median_s": med, "ratio_padded_over_split": before / now,
                                        "same_tokens": same})
