@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from capsim.core.continuous import ContinuousEngine
 from capsim.core.engine import GenerationRequest, ReferenceEngine
@@ -80,3 +81,22 @@ def test_evicted_blocks_leave_the_kv_store_and_concurrent_hits_stay_exact(engine
     assert pool is not None and len(pool.users) <= lim.num_blocks
     assert set(ce.kv_blocks) == set(pool.users)
     assert ce.scheduler.prefix_hit_tokens > 0
+
+
+def test_a_hits_rest_computed_on_its_cached_context_gives_the_keys_a_full_prefill_does(
+        engine: ReferenceEngine) -> None:
+    # greedy tokens of the tiny random model barely depend on far context, so compare the KV itself
+    _, second, _ = shared(engine)
+    first = GenerationRequest(list(second.prompt[:33]) + [5] * 7, 1)
+    caches = []
+    for lim in (LIMITS, replace(LIMITS, enable_prefix_caching=False)):
+        ce = ContinuousEngine(engine, lim)
+        run_one_by_one(ce, [first])
+        ce.add(1, second)
+        report = ce.step()  # with caching: 32 tokens loaded, 8 computed on them; without: all 40
+        assert report.scheduled_tokens == (8 if lim.enable_prefix_caching else 40)
+        a = ce.active[1]
+        assert a.k is not None and a.v is not None
+        caches.append([t[0, :, :40].clone() for t in a.k + a.v])
+    for hit, full in zip(*caches, strict=True):
+        torch.testing.assert_close(hit, full)
