@@ -9,10 +9,9 @@ whatever it holds; taking hashless blocks first only spares a reusable block, it
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Sequence
-from itertools import islice
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Cached(Protocol):
@@ -25,16 +24,34 @@ class Cached(Protocol):
 
 
 class BlockPool:
-    """Hashes of cached blocks with their user counts, and the free ones in LRU order (head: next evicted)."""
+    """Hashes of cached blocks with their user counts, and the free ones in LRU order (head: next evicted).
 
-    __slots__ = ("evicted", "hits", "lru", "queries", "users")
+    The LRU list is kept as segments, one per release (its blocks in eviction order), and ``idle`` maps
+    each free cached block to the segment that freed it last: a release and an eviction are a few bulk
+    dict operations instead of one ordered-dict node per block. An entry whose block was taken again (a
+    hit) or freed again later is stale and skipped; stale entries are dropped once they outnumber the
+    live ones (then the segments are rewritten, in order).
+    """
+
+    COMPACT_SLACK = 4096  # stale entries tolerated beyond twice the live ones
+
+    __slots__ = ("_entries", "_segments", "_sid", "evicted", "hits", "idle", "queries", "users")
 
     def __init__(self, log_evictions: bool = False) -> None:
-        self.users: dict[int, int] = {}  # hash -> running requests using its block (0: free, in lru)
-        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.users: dict[int, int] = {}  # hash -> running requests using its block (0: free, in idle)
+        self.idle: dict[int, int] = {}  # free cached block's hash -> the segment that holds it
+        self._segments: deque[list[Any]] = deque()  # [segment id, hashes, next entry], oldest first
+        self._sid = 0  # the last segment's id
+        self._entries = 0  # entries in the segments not yet passed by evictions, stale ones included
         self.queries = 0  # prompt tokens looked up (vllm:prefix_cache_queries)
         self.hits = 0  # of those, served from the cache (vllm:prefix_cache_hits)
         self.evicted: list[int] | None = [] if log_evictions else None  # for a shell that keeps the KV
+
+    @property
+    def lru(self) -> list[int]:
+        """The free cached blocks' hashes in eviction order (head first); built on demand (for checks)."""
+        idle = self.idle
+        return list(dict.fromkeys(h for sid, hs, off in self._segments for h in hs[off:] if idle.get(h) == sid))
 
     def __len__(self) -> int:
         """Blocks that hold a hash (in use or free)."""
@@ -56,12 +73,12 @@ class BlockPool:
 
     def acquire(self, r: Cached, blocks: int) -> None:
         """Give ``r`` (holding no block) a reference on its first ``blocks`` cached blocks (a hit)."""
-        users, lru = self.users, self.lru
+        users, idle = self.users, self.idle
         hs = r.hashes[:blocks]
         for h in hs:
             u = users[h]
             if not u:
-                del lru[h]
+                del idle[h]  # its segment's entry goes stale
             users[h] = u + 1
         r.refs = hs
         r.reg = blocks
@@ -102,8 +119,14 @@ class BlockPool:
                 u = users[h]
                 if u > 1:
                     users[h] = u - 1
-        users.update(dict.fromkeys(last, 0))
-        self.lru.update(dict.fromkeys(last))
+        if last:
+            users.update(dict.fromkeys(last, 0))
+            self._sid = sid = self._sid + 1
+            self.idle.update(dict.fromkeys(last, sid))
+            self._segments.append([sid, last, 0])
+            self._entries += len(last)
+            if self._entries > 2 * len(self.idle) + self.COMPACT_SLACK:
+                self._compact()
         freed += len(last)
         r.refs = []
         r.reg = 0
@@ -111,20 +134,42 @@ class BlockPool:
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
-        lru, log = self.lru, self.evicted
-        gone = list(islice(lru, count))
+        idle, segments, log = self.idle, self._segments, self.evicted
+        gone: list[int] = []
+        while len(gone) < count:
+            seg = segments[0]
+            sid, hs, off = seg
+            end = off + count - len(gone)
+            # live entries leave idle as they are taken (pop), so a hash listed twice is taken once
+            gone += [h for h in hs[off:end] if idle.get(h) == sid and idle.pop(h)]
+            if end >= len(hs):
+                segments.popleft()
+                self._entries -= len(hs) - off
+            else:
+                seg[2] = end
+                self._entries -= end - off
         # the deletions run in C (map consumed by an empty deque): no Python loop per block
-        deque(map(lru.__delitem__, gone), 0)
         deque(map(self.users.__delitem__, gone), 0)
         if log is not None:
             log += gone
+
+    def _compact(self) -> None:
+        """Drop the stale entries: one segment of the live ones, in eviction order."""
+        live = self.lru
+        self._sid = sid = self._sid + 1
+        self.idle.clear()  # in place: the scheduler holds it through a step
+        self.idle.update(dict.fromkeys(live, sid))
+        self._segments = deque([[sid, live, 0]]) if live else deque()
+        self._entries = len(live)
 
     def reset(self) -> None:
         """Forget everything cached (the engine died); counters stay, as a pod's counters would restart."""
         if self.evicted is not None:
             self.evicted.extend(self.users)
         self.users.clear()
-        self.lru.clear()
+        self.idle.clear()
+        self._segments.clear()
+        self._entries = 0
 
     @property
     def hit_rate(self) -> float:

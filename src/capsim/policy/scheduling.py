@@ -163,7 +163,7 @@ class Scheduler:
         first, finished = out.first_token, out.finished
         requests = self.requests
         pool = self.pool
-        lru = pool.lru if pool is not None else None
+        lru = pool.idle if pool is not None else None  # the free cached blocks
         pending: list[Request] = []  # requests that may have new full blocks to register
         done: list[Request] = []  # finished requests, released after registration
         freed = 0
@@ -393,8 +393,8 @@ class Scheduler:
         if pool is not None:
             # blocks allocated in these steps came from hashless ones, then from the LRU head; the
             # finished requests' blocks return after the last step, as in step()
-            if len(pool.lru) > free:
-                pool.evict(len(pool.lru) - free)
+            if len(pool.idle) > free:
+                pool.evict(len(pool.idle) - free)
             for r in done:
                 free += pool.release(r)
                 r.blocks = 0

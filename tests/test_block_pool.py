@@ -1,0 +1,114 @@
+"""BlockPool's segmented LRU list behaves exactly as one ordered dict of free cached blocks would."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capsim.policy.block_pool import BlockPool
+from capsim.policy.sched_types import Request
+
+
+class ModelPool:
+    """The plain definition: per-block user counts and one OrderedDict of free cached blocks."""
+
+    def __init__(self) -> None:
+        self.users: dict[int, int] = {}
+        self.lru: OrderedDict[int, None] = OrderedDict()
+        self.evicted: list[int] = []
+
+    def acquire(self, r: Request, blocks: int) -> None:
+        for h in r.hashes[:blocks]:
+            if self.users[h] == 0:
+                del self.lru[h]
+            self.users[h] += 1
+        r.refs, r.reg = r.hashes[:blocks], blocks
+
+    def register(self, r: Request, full: int) -> None:
+        end = min(full, len(r.hashes))
+        if end > r.reg:
+            new = [h for h in r.hashes[r.reg:end] if h not in self.users]
+            for h in new:
+                self.users[h] = 1
+            r.refs, r.reg = r.refs + new, end
+
+    def release(self, r: Request) -> int:
+        freed = r.blocks - len(r.refs)
+        for h in reversed(r.refs):
+            self.users[h] -= 1
+            if self.users[h] == 0:
+                self.lru[h] = None
+                freed += 1
+        r.refs, r.reg = [], 0
+        return freed
+
+    def evict(self, count: int) -> None:
+        for _ in range(count):
+            h = self.lru.popitem(last=False)[0]
+            del self.users[h]
+            self.evicted.append(h)
+
+
+ops = st.lists(st.tuples(st.sampled_from(["admit", "register", "release", "evict"]), st.integers(0, 5),
+                         st.lists(st.integers(0, 9), unique=True, max_size=6), st.integers(0, 6)),
+               max_size=60)
+
+
+class EagerPool(BlockPool):
+    COMPACT_SLACK = 0  # compacts after most releases
+
+
+@pytest.mark.parametrize("kind", [BlockPool, EagerPool])
+@settings(max_examples=500, deadline=None)
+@given(ops=ops)
+def test_segmented_lru_matches_an_ordered_dict(kind: type[BlockPool], ops: list[tuple[str, int, list[int], int]]) -> None:
+    pool, model = kind(log_evictions=True), ModelPool()
+    reqs: dict[int, tuple[Request, Request]] = {}
+    for op, k, hashes, n in ops:
+        if op == "admit" and k not in reqs:  # a new request takes its leading cached blocks
+            a, b = Request(k, 1, 1, list(hashes)), Request(k, 1, 1, list(hashes))
+            hit, free = pool.lookup(a.hashes, len(hashes))
+            assert free == sum(1 for h in hashes[:hit] if model.users[h] == 0)
+            if hit:
+                pool.acquire(a, hit)
+                model.acquire(b, hit)
+            a.blocks = b.blocks = hit
+            reqs[k] = (a, b)
+        elif op == "register" and k in reqs:
+            a, b = reqs[k]
+            pool.register(a, n)
+            model.register(b, n)
+            a.blocks = b.blocks = max(a.blocks, n)
+        elif op == "release" and k in reqs:
+            a, b = reqs.pop(k)
+            assert pool.release(a) == model.release(b)
+        elif op == "evict":
+            m = min(n, len(model.lru))
+            pool.evict(m)
+            model.evict(m)
+        assert pool.users == model.users
+        assert pool.lru == list(model.lru) and len(pool.idle) == len(model.lru)
+        assert pool.evicted == model.evicted
+        assert all(a.refs == b.refs for a, b in reqs.values())
+        probe = hashes or [0]
+        assert pool.lookup(probe, len(probe))[0] == next(
+            (j for j, h in enumerate(probe) if h not in model.users), len(probe))
+
+
+def test_a_block_taken_and_freed_again_moves_to_the_tail() -> None:
+    """A hit makes the block's old entry stale: it is evicted after what was freed meanwhile."""
+    pool = BlockPool(log_evictions=True)
+    r1, r2, r3 = Request(1, 1, 1, [7]), Request(2, 1, 1, [8]), Request(3, 1, 1, [7])
+    for r in (r1, r2):
+        pool.register(r, 1)
+        r.blocks = 1
+        assert pool.release(r) == 1
+    pool.acquire(r3, pool.lookup(r3.hashes, 1)[0])
+    r3.blocks = 1
+    pool.release(r3)
+    assert pool.lru == [8, 7]
+    pool.evict(1)
+    assert pool.evicted == [8] and pool.lru == [7] and 7 in pool.users
