@@ -77,7 +77,7 @@ _TOP_INT = 1 << 61
 def stream_hash_list(seed: int, session: int, epoch: int, n: int, start: int = 0) -> list[int]:
     """``stream_hashes`` as a list of Python ints (what the scheduler keeps); a few in plain Python, as
     a short extension (a turn's new blocks) costs less so than numpy's per-call overhead."""
-    if n - start > 24:
+    if n - start > 12:
         out: list[int] = stream_hashes(seed, session, epoch, n, start).tolist()
         return out
     key = _mix_int((seed << 40) ^ (session << 12) ^ epoch)
@@ -129,15 +129,18 @@ class SessionPrefix:
         n = (int(self.prompt[request]) + int(self.output[request])) // block_size
         s = request // self.turns
         epoch = int(self.epoch[request])
+        last = request % self.turns == self.turns - 1
+        # later turns extend the stream: hash some blocks ahead (one numpy call, not one per turn)
+        upto = n if last else n + 64
         have = self._lists.get(s)
         if have is None or have[0] != epoch or have[1] != block_size:
-            hashes = stream_hash_list(self.seed, s, epoch, n)
+            hashes = stream_hash_list(self.seed, s, epoch, upto)
             have = (epoch, block_size, hashes)
         else:
             hashes = have[2]
             if len(hashes) < n:
-                hashes += stream_hash_list(self.seed, s, epoch, n, len(hashes))
-        if request % self.turns == self.turns - 1:
+                hashes += stream_hash_list(self.seed, s, epoch, upto, len(hashes))
+        if last:
             self._lists.pop(s, None)  # the session's last turn
         else:
             self._lists[s] = have
