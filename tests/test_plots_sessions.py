@@ -77,5 +77,6 @@ def test_crash_ttft_draws_a_line_per_run_and_marks_the_crash(runs, tmp_path):
         assert len(crash) == 1 and crash[0].get_color() == CRASH and list(crash[0].get_xdata()) == [0.0, 0.0]
     drawn = {ln.get_label(): ln for ln in tokens.get_lines()}
     expected = plots.ttft_around(runs["round_robin"].requests, CRASH_AT, before_s=30, after_s=40, bin_s=10)
-    assert list(drawn["round_robin"].get_ydata()) == list(expected.reprefill_tokens)
+    assert list(drawn["round_robin"].get_ydata()[:-1]) == list(expected.reprefill_tokens)
+    assert drawn["round_robin"].get_xdata()[-1] == expected.time_s.iloc[-1] + 10  # the last bin drawn to its end
     assert plots.save(fig, tmp_path / "crash.png").stat().st_size > 10_000

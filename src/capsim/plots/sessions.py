@@ -109,8 +109,11 @@ def crash_ttft(requests: Mapping[str, Any], at_s: float, *, before_s: float = 60
     for k, (name, frame) in enumerate(requests.items()):
         around = ttft_around(frame, at_s, before_s=before_s, after_s=after_s, bin_s=bin_s)
         color = COLORS[k % len(COLORS)]
-        ttft.step(around.time_s, around.ttft_mean_s, where="post", color=color, label=name)
-        tokens.step(around.time_s, around.reprefill_tokens, where="post", color=color, label=name)
+        t = np.append(around.time_s.to_numpy(dtype=float), float(around.time_s.iloc[-1]) + bin_s)  # last bin's end
+        ttft.step(t, np.append(around.ttft_mean_s, around.ttft_mean_s.iloc[-1]), where="post", color=color,
+                  label=name)
+        tokens.step(t, np.append(around.reprefill_tokens, around.reprefill_tokens.iloc[-1]), where="post",
+                    color=color, label=name)
     for ax in (ttft, tokens):
         ax.axvline(0.0, color=CRASH, linestyle=":", lw=1.5, label="crash")
     ttft.set_yscale("log")
