@@ -8,6 +8,7 @@ directory makes ``capsim demo`` and the shipped scenarios work from any director
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 #: The repository root of this capsim (the folder that holds ``src/capsim`` and ``data/``).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -16,3 +17,27 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def shipped(relative: str | Path) -> Path:
     """The shipped file ``relative`` (``"data/scenarios/friday_rush.yaml"``), as an absolute path."""
     return PROJECT_ROOT / relative
+
+
+def open_input(path: Path, what: str, kind: str, error: type[Exception]) -> BinaryIO:
+    """Open the input file ``path`` for reading bytes; a missing, directory or unreadable path raises
+    ``error`` naming ``what`` (``"trace"``) and the path, and ``kind`` (``"a CSV file"``) for a directory."""
+    try:
+        return path.open("rb")
+    except FileNotFoundError:
+        raise error(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a directory, not {kind}") from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_input_text(path: Path, what: str, kind: str, error: type[Exception]) -> str:
+    """The UTF-8 text of the input file ``path``; errors as :func:`open_input`, and a file that is not
+    UTF-8 raises ``error`` with the offending byte's offset."""
+    with open_input(path, what, kind, error) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {path} is not UTF-8 text (byte {exc.start}); is it {kind}?") from None

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import numpy as np
 
 from capsim.errors import CapsimError
+from capsim.paths import read_input_text
 
 SCHEMA_VERSION = 1
 PHASES: tuple[str, ...] = ("prefill", "decode")
@@ -147,16 +148,7 @@ class ServiceTimeProfile:
     def from_csv(cls, path: str | Path) -> ServiceTimeProfile:
         """Load a profile file; a missing file, column or bad row raises ``ProfileError`` naming it."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ProfileError(f"profile file not found: {path}") from None
-        except IsADirectoryError:
-            raise ProfileError(f"profile {path} is a directory, not a CSV file") from None
-        except UnicodeDecodeError as exc:
-            raise ProfileError(f"profile {path} is not UTF-8 text (byte {exc.start}); is it a CSV file?") from None
-        except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+        text = read_input_text(path, "profile", "a CSV file", ProfileError)
         return cls.from_text(text, source=str(path))
 
     @classmethod

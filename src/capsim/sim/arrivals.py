@@ -27,6 +27,7 @@ from capsim.model.scenario import (
     TraceArrivals,
 )
 from capsim.model.settings import SettingsError
+from capsim.paths import open_input
 from capsim.sim.prefix import NoPrefix, PrefixSource
 from capsim.sim.sessions import SessionPrefix
 from capsim.sim.streams import Streams
@@ -148,14 +149,7 @@ def read_trace(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Columns ``TIMESTAMP,ContextTokens,GeneratedTokens``; a timestamp is ISO date and time with up to
     7 fractional digits. Rows must be in time order. A bad row raises ``TraceError`` naming file and line.
     """
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise TraceError(f"trace file not found: {path}") from None
-    except IsADirectoryError:
-        raise TraceError(f"trace {path} is a directory, not a CSV file") from None
-    except OSError as exc:
-        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    f = open_input(path, "trace", "a CSV file", TraceError)
     with f:
         try:
             return _read_rows(csv.reader(_text_lines(f, path)), path)

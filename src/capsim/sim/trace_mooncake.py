@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capsim.paths import open_input
 from capsim.sim.prefix import TracePrefix
 
 #: Tokens per ``hash_ids`` block in Mooncake's traces.
@@ -42,14 +43,7 @@ def read_mooncake(path: Path) -> MooncakeTrace:
     """Read ``path``; a missing file or a malformed line raises ``TraceError`` naming the file and line."""
     from capsim.sim.arrivals import TraceError  # arrivals imports this module lazily: no cycle
 
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        raise TraceError(f"trace file not found: {path}") from None
-    except IsADirectoryError:
-        raise TraceError(f"trace {path} is a directory, not a JSON-lines file") from None
-    except OSError as exc:
-        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    f = open_input(path, "trace", "a JSON-lines file", TraceError)
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
