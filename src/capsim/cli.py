@@ -324,7 +324,7 @@ def validate(
     ] = None,
     force: Annotated[bool, typer.Option(help="overwrite the results in the default folder")] = False,
     requests_per_level: Annotated[int | None, typer.Option(
-        min=1, help="requests per load level, split among the replications [default: 3600]")] = None,
+        min=1, help="requests per load level, split among the replications [default: as many as 290 s of runs take at the measured capacity]")] = None,
     replications: Annotated[int | None, typer.Option(
         min=1, help="runs per load level with different seeds (intervals need 3 or more) [default: 3]")] = None,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, help="prompt tokens of every request")] = None,

@@ -64,11 +64,11 @@ class ValidationSpec:
     """What to validate: the workload, the pod's batch settings, the load levels and run lengths.
 
     ``requests_per_level`` are split evenly among ``replications`` runs (seeds ``seed``, ``seed + 1``...).
-    The default (3 x 1,200 requests a level) keeps a p99's interval within the 15% target and one run of
-    ``capsim validate`` near 6 minutes on a 2-core machine (docs/validation.md, "Noise")."""
+    By default they are sized from the measured capacity so that the levels' runs take ``level_budget_s``
+    and one run of ``capsim validate`` stays under 7 minutes on a 2-core machine (docs/validation.md)."""
 
     levels: tuple[float, ...] = (0.3, 0.6, 0.85)
-    requests_per_level: int = 3600
+    requests_per_level: int | None = None  # None: as many as fit level_budget_s at the measured capacity
     replications: int = 3
     prompt_tokens: int = 64
     output_tokens: int = 128
@@ -80,6 +80,7 @@ class ValidationSpec:
     calibrate: bool = True  # fit the pod's batch cycle under load (scale, per-request overhead) first
     calibration_s: float = 60.0  # at most; the runs stop after 15 answers a client each (~20 s on 2 quiet cores)
     block_s: float = vs.BLOCK_S
+    level_budget_s: float = 290.0  # the levels' real runs together, when requests_per_level is None
 
     @classmethod
     def quick(cls) -> ValidationSpec:
@@ -87,7 +88,18 @@ class ValidationSpec:
 
     @property
     def requests_per_run(self) -> int:
+        if self.requests_per_level is None:
+            raise ValueError("requests_per_level is set from the capacity (sized_for) before any run")
         return max(self.requests_per_level // self.replications, 1)
+
+    def sized_for(self, capacity_per_s: float) -> ValidationSpec:
+        """This spec with ``requests_per_level`` set, if it was not, so that the levels' real runs take
+        ``level_budget_s`` together at ``capacity_per_s`` (the same count at every level)."""
+        if self.requests_per_level is not None:
+            return self
+        seconds_per_request = sum(1 / (level * capacity_per_s) for level in self.levels)
+        n = int(self.level_budget_s / seconds_per_request) // self.replications * self.replications
+        return replace(self, requests_per_level=max(n, 50 * self.replications))
 
 
 def capacity_per_s(
@@ -255,6 +267,11 @@ def run_validation(
                  f"{calibration.ingress_s * 1000:.1f} ms later (median)")
             cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
             echo(f"capacity: {cap:.1f} requests/s with the open-loop arrival term")
+        sized = spec.sized_for(cap)
+        if sized.requests_per_level != spec.requests_per_level:
+            echo(f"{sized.requests_per_level} requests a level ({sized.level_budget_s:.0f} s of real runs at "
+                 f"this capacity; --requests-per-level sets it)")
+        spec = sized
         variants = _variants(calibration)
         for level in spec.levels:
             rate = level * cap
