@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import secrets
 import socket
 import time
 from collections import Counter
@@ -166,15 +167,21 @@ async def run_load(
     allow_remote: bool = False,
     seed: int = 0,
     progress: bool = False,
+    session_tag: str | None = None,
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
     Bounded: at most ``max_requests`` requests are sent, and the whole run, requests in flight
     included, ends after ``max_duration_s`` seconds: a request still open then is recorded as
     timed out (reason ``CUT_OFF``). ``frame.attrs["failures"]`` counts failed attempts by reason.
+
+    Session ``k`` of the run is ``{session_tag}-s{k}`` on the pods; the tag is fresh per run unless given,
+    so a second run against the same pods starts new conversations rather than continuing the first run's
+    (the pod prefills a session's stored history: reused ids would grow every prompt run after run).
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
+    tag = secrets.token_hex(4) if session_tag is None else session_tag
     if max_duration_s <= 0:
         raise LoadgenError(f"max_duration_s must be > 0, got {max_duration_s}")
     turns = workload.turns
@@ -210,7 +217,7 @@ async def run_load(
 
         async def attempt(r: int, pod: int) -> _Result:
             """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size, why) with times from sending."""
-            url = f"{urls[pod]}/v1/sessions/s{rec.session_id[r]}/turns"
+            url = f"{urls[pod]}/v1/sessions/{tag}-s{rec.session_id[r]}/turns"
             body = {"prompt_tokens": int(rec.prompt_tokens[r]), "max_new_tokens": int(rec.output_tokens[r])}
             try:
                 if stream:
