@@ -145,3 +145,25 @@ def test_failures_name_the_http_status(tmp_path) -> None:
     finally:
         p.stop()
     assert df.attrs["failures"].get("HTTP 429", 0) == (df.outcome == "rejected").sum() >= 1
+
+
+def _history_tokens(url: str) -> float:
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("capsim_session_history_tokens_total"))
+
+
+def test_each_run_starts_new_conversations_on_the_same_pod(pod):
+    # the pod prefills a session's stored history: a second run reusing the first run's session ids would
+    # continue those conversations, and every prompt would grow run after run
+    before = _history_tokens(pod.url)
+    for _ in range(2):
+        df = asyncio.run(run_load([pod.url], plan(5), seed=3))
+        assert (df.outcome == "ok").all()
+    assert _history_tokens(pod.url) == before
+    # the same tag twice does continue them (what the fresh tag avoids)
+    for _ in range(2):
+        asyncio.run(run_load([pod.url], plan(5), seed=3, session_tag="same"))
+    assert _history_tokens(pod.url) > before
