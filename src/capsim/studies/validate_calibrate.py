@@ -83,6 +83,19 @@ class Calibration:
         return text
 
 
+def _checked(cal: Calibration, problems: list[str], warn: bool) -> list[str]:
+    """``problems`` plus a poor fit of ``cal``, if any; with ``warn``, each one as a ``CalibrationWarning``
+    attributed to the caller of the fitting function."""
+    problems = [*problems]
+    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
+        problems.append(f"poor fit: rms residual {cal.rel_rms_residual:.1%} of the mean cycle "
+                        f"(over {MAX_REL_RESIDUAL:.0%}); the cycle is not linear in the profile and the size")
+    if warn:
+        for p in problems:
+            warnings.warn(p, CalibrationWarning, stacklevel=3)
+    return problems
+
+
 def fit_cycle(points: Sequence[tuple[float, float, float]], *, warn: bool = True) -> Calibration:
     """Least squares ``cycle = scale x profile + size x overhead`` through (size, profile s, cycle s) points,
     with ``scale > 0`` and ``overhead >= 0``.
@@ -112,12 +125,7 @@ def fit_cycle(points: Sequence[tuple[float, float, float]], *, warn: bool = True
         problems.append("degenerate fit: the per-request overhead sits at its bound 0 (the pod's cycle grows "
                         "no faster with batch size than the profile's); the simulator charges no HTTP work per request")
     cal = Calibration(scale, overhead, tuple((float(b), float(t), float(w)) for b, t, w in points), residuals)
-    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
-        problems.append(f"poor fit: rms residual {cal.rel_rms_residual:.1%} of the mean cycle "
-                        f"(over {MAX_REL_RESIDUAL:.0%}); the cycle is not linear in the profile and the size")
-    if warn:
-        for p in problems:
-            warnings.warn(p, CalibrationWarning, stacklevel=2)
+    problems = _checked(cal, problems, warn)
     return Calibration(cal.time_scale, cal.overhead_s, cal.points, residuals, tuple(problems))
 
 
@@ -182,12 +190,7 @@ def fit_trace(rows: np.ndarray, *, warn: bool = True, min_batches: int = MIN_BAT
         problems.append("degenerate fit: both per-request overheads sit at their bound 0 (the pod's cycle grows "
                         "no faster with batch size or arrivals than the profile's); the simulator charges no "
                         "HTTP work per request")
-    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
-        problems.append(f"poor fit: rms residual {cal.rel_rms_residual:.1%} of the mean cycle "
-                        f"(over {MAX_REL_RESIDUAL:.0%}); the cycle is not linear in the profile and the size")
-    if warn:
-        for p in problems:
-            warnings.warn(p, CalibrationWarning, stacklevel=2)
+    problems = _checked(cal, problems, warn)
     ratios = y / (a @ np.array([scale, overhead, per_arrival]))
     q = np.quantile(ratios, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
     return replace(cal, warnings=tuple(problems), cycle_noise=tuple(float(v) for v in q / q.mean()))
