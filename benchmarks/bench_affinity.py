@@ -61,7 +61,7 @@ def run(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         p.wait_ready(timeout_s=150)
     proc: subprocess.Popen[bytes] | None = None
     try:
-        proc, url = start_router_policy([p.url for p in pods], policy)
+        proc, url = start_router([p.url for p in pods], policy)
         t0 = time.perf_counter()
         prefills = asyncio.run(drive(url, args.sessions, args.turns, args.new))
         took = time.perf_counter() - t0
@@ -78,29 +78,6 @@ def run(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return {"policy": policy, "hit_rate": hits / queries if queries else 0.0,
             "prefill_p50_s": statistics.median(prefills), "prefill_p90_s": prefills[int(0.9 * len(prefills))],
             "turns_per_s": args.sessions * args.turns / took}
-
-
-def start_router_policy(pods: list[str], policy: str) -> tuple[subprocess.Popen[bytes], str]:
-    if len(pods) == 1:
-        return start_router(pods[0])
-    from capsim.studies.pods import free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "capsim.cli", "router", "--policy", policy, "--port", str(port),
-           "--log-level", "warning"]
-    for p in pods:
-        cmd += ["--pod", p]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("router did not start")
 
 
 def main() -> None:

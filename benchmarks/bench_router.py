@@ -32,10 +32,14 @@ from _common import print_table, write_result
 from capsim.studies.pods import PodProcess, free_port
 
 
-def start_router(pod_url: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_router(pod_urls: list[str], policy: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``capsim router`` process in front of ``pod_urls`` (its default policy unless given), once healthy."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "capsim.cli", "router", "--pod", pod_url, "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [sys.executable, "-m", "capsim.cli", "router", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--policy", policy] if policy else []
+    for url in pod_urls:
+        cmd += ["--pod", url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -86,7 +90,7 @@ def main() -> None:
     turns = args.turns or (4 if args.quick else 8)
     with tempfile.TemporaryDirectory() as tmp:
         pod = PodProcess(Path(tmp), "pod", max_wait_ms=0, torch_threads=1).start()
-        router, rurl = start_router(pod.url)
+        router, rurl = start_router([pod.url])
         try:
             with httpx.Client(timeout=60) as c:
                 lat: dict[str, list[float]] = {"direct": [], "router": []}
