@@ -103,6 +103,10 @@ def _cpu_s(pid: int, tid: int | None = None) -> float:
 
 
 def pod_run(batch: int, clients: int, duration: float, core: int | None, store_url: str) -> dict[str, float]:
+    # the pod prefills a session's stored history ahead of the new message, and one redis-server serves every
+    # row: a session name reused by a later row would continue an earlier row's conversation with a longer
+    # prompt than the engine-only baseline's, so every row gets its own (as the load generator's run tags)
+    tag = os.urandom(4).hex()
     with tempfile.TemporaryDirectory() as logs:
         pod = PodProcess(Path(logs), "bench", core=core, torch_threads=1, max_batch_size=batch, max_wait_ms=2,
                          queue_capacity=4096, redis_url=store_url).start(wait_ready=False)
@@ -119,7 +123,7 @@ def pod_run(batch: int, clients: int, duration: float, core: int | None, store_u
                         i = 0
                         while time.perf_counter() < stop:
                             t0 = time.perf_counter()
-                            r = await c.post(f"{pod.url}/v1/sessions/b{k}-{i}/turns",
+                            r = await c.post(f"{pod.url}/v1/sessions/{tag}-b{k}-{i}/turns",
                                              json={"prompt_tokens": PROMPT, "max_new_tokens": OUTPUT})
                             if r.status_code == 200:
                                 lat.append(time.perf_counter() - t0)
