@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -226,6 +227,33 @@ class ContinuousEngine:
 
 
 # ---- the asyncio shell: a drop-in for the pod's DynamicBatcher ---------------------------------------------
+TRACE_STEPS = 16384  # the last steps kept for ``ContinuousBatcher.trace`` (about a minute at full load)
+
+
+class StepRecord(NamedTuple):
+    """One engine step as the pod ran it (``GET /debug/batches``), on ``time.perf_counter``: what the
+    continuous validation fits the pod's step cycle from. Between two steps the event loop does the
+    pod's other work (HTTP parsing, the store, answering); ``start - previous end`` is that gap, and
+    ``engine_s - engine_cpu_s`` what the engine's thread waited (the GIL, the core) while it ran."""
+
+    start: float  # the loop handed the step to the worker thread
+    end: float  # the loop saw it return
+    engine_s: float  # the step's own wall time, in the worker thread
+    engine_cpu_s: float  # the worker thread's CPU time for the step
+    prefill_tokens: int
+    prefill_context: int  # sum over prefill chunks of tokens x context
+    decodes: int
+    decode_context: int
+    arrivals: int  # requests submitted since the previous step ended (their HTTP work ran meanwhile)
+    emitted: int  # tokens this step produced (each handed to its request's stream or answer)
+    finished: int  # requests answered after this step
+    after_idle: bool  # the loop waited for work before this step (the cycle to the previous end is no step)
+
+    @classmethod
+    def fields(cls) -> list[str]:
+        return list(cls._fields)
+
+
 class ContinuousBatcher:
     """Serves ``submit(request)`` with continuous batching: one task steps the engine (each step in a
     worker thread) while there is work; requests join at the next step and are answered as they finish.
@@ -258,6 +286,9 @@ class ContinuousBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: the last ``TRACE_STEPS`` steps (``StepRecord``), served by the pod at ``GET /debug/batches``
+        self.trace: deque[StepRecord] = deque(maxlen=TRACE_STEPS)
+        self._arrivals = 0  # submitted since the last step ended
 
     async def __aenter__(self) -> ContinuousBatcher:
         self.start()
@@ -297,6 +328,7 @@ class ContinuousBatcher:
         rid = self._next_id
         self._next_id += 1
         self._incoming.append((rid, request, fut, time.perf_counter()))
+        self._arrivals += 1
         assert self._wake is not None, "use the batcher inside 'async with' (or call start())"
         self._wake.set()
         return await fut
@@ -319,9 +351,16 @@ class ContinuousBatcher:
                 fut.set_exception(BatcherClosedError("the pod shut down before the answer"))
         self._futures.clear()
 
+    def _timed_step(self) -> tuple[StepReport, float]:
+        """One engine step, in the worker thread, and that thread's CPU seconds for it."""
+        c0 = time.thread_time()
+        report = self.engine.step()
+        return report, time.thread_time() - c0
+
     async def _loop(self) -> None:
         assert self._wake is not None
         ce = self.engine
+        idle = True
         while True:
             for rid, req, fut, received in self._incoming:
                 if fut.cancelled():
@@ -341,10 +380,17 @@ class ContinuousBatcher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+                idle = True
                 continue
             t0 = time.perf_counter()
-            report = await asyncio.to_thread(ce.step)
+            report, cpu_s = await asyncio.to_thread(self._timed_step)
             now = time.perf_counter()
+            plan = report.plan
+            self.trace.append(StepRecord(t0, now, report.seconds, cpu_s, plan.prefill_tokens, plan.prefill_context,
+                                         plan.decodes, plan.decode_context, self._arrivals, len(report.emitted),
+                                         len(report.finished), idle))
+            self._arrivals = 0
+            idle = False
             for rid in report.plan.started:
                 self._started[rid] = (t0, len(ce.scheduler.running))
             for rid in report.emitted:

@@ -130,10 +130,12 @@ def create_app(
 
     @app.get("/debug/batches")
     async def debug_batches(request: Request) -> JSONResponse:
-        """The batcher's last batches (``BatchRecord``, monotonic clock); ``capsim validate`` reads them."""
+        """The batcher's last batches (``BatchRecord``), or in continuous mode its last engine steps
+        (``StepRecord``), monotonic clock, with the records' field names; ``capsim validate`` reads them."""
         pod: PodState = request.app.state.pod
-        trace = getattr(pod.batcher, "trace", ())
-        return JSONResponse({"clock": "monotonic", "batches": [list(r) for r in trace]})
+        trace = list(getattr(pod.batcher, "trace", ()))
+        fields = list(getattr(trace[0], "_fields", ())) if trace else []
+        return JSONResponse({"clock": "monotonic", "fields": fields, "batches": [list(r) for r in trace]})
 
     async def turn(request: Request) -> Response:
         # a plain Starlette route: the body is parsed by msgspec in handle_turn, not by FastAPI's
