@@ -26,7 +26,8 @@ def test_every_step_is_recorded_with_what_it_computed_and_the_arrivals_before_it
     async def main() -> list[StepRecord]:
         async with ContinuousBatcher(engine, LIMITS) as b:
             first = [asyncio.create_task(b.submit(engine.request(p, o, salt=k))) for k, (p, o) in enumerate(shapes[:3])]
-            await asyncio.sleep(0.05)  # the rest arrive while the first ones run
+            while not b.trace:  # the rest arrive once the first step is done, while the first ones run
+                await asyncio.sleep(0.0005)
             rest = [asyncio.create_task(b.submit(engine.request(p, o, salt=9 + k))) for k, (p, o) in enumerate(shapes[3:])]
             await asyncio.gather(*first, *rest)
             return list(b.trace)
