@@ -16,6 +16,7 @@ import msgspec
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from capsim.core import session_history  # the engine prefills the stored history + the new message
 from capsim.core.batcher import BatcherClosedError, QueueFullError
 from capsim.core.continuous import RequestTooLargeError
 from capsim.core.engine import GenerationRequest, GenerationResult, synthetic_prompt
@@ -107,8 +108,6 @@ async def _serve_turn(
 
     With an idempotency ``key`` that the session already remembers, answer what the first attempt
     answered, without running the model or writing."""
-    from capsim.core import session_history  # the engine prefills the stored history + the new message
-
     history = session_history.for_pod(pod)  # from here on pod.store keeps a local copy (on_unavailable)
     found = await _store_call(history.load(session_id))  # 503 if the store is out (and no local copy serves)
     loaded = found.state

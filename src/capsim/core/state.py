@@ -13,6 +13,8 @@ fakeredis server shared by every store opened with that name in this process).
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import re
 from collections.abc import Callable
@@ -124,12 +126,29 @@ def open_store(
                 ExponentialWithJitterBackoff(base=s.retry_backoff_base_s, cap=s.retry_backoff_cap_s), s.retries
             ),
             decode_responses=False,
+            **_client_info(),
         )
     except ValueError as exc:
         raise StoreURLError(f"state store URL {where!r}: {exc}") from None
     client = Redis(connection_pool=pool)
     client.auto_close_connection_pool = True  # the store owns the pool: aclose() closes it
     return RedisSessionStore(client, s, metrics=metrics, where=where)
+
+
+@functools.cache
+def _client_info() -> dict[str, Any]:
+    """What each new connection sends in CLIENT SETINFO, looked up once per process.
+
+    Left to itself, redis-py looks its own version up in the installed packages' metadata for every
+    connection it opens (a scan of site-packages, several ms of the event loop's CPU); a pod opening its
+    pool under a burst of requests paid that per connection, in the requests' way.
+    """
+    version = importlib.metadata.version("redis")
+    try:
+        from redis.driver_info import DriverInfo  # redis-py >= 7 (lib_name/lib_version deprecated there)
+    except ImportError:
+        return {"lib_version": version}
+    return {"driver_info": DriverInfo(lib_version=version)}
 
 
 def check_store_url(url: str) -> str:
