@@ -18,10 +18,8 @@ from capsim.studies.validate_continuous import (
     StepCalibration,
     _Pool,
     _rows,
-    calibrated_fit,
     capacity_per_s,
     closed_loop_step_s,
-    fit_step_calibration,
     format_results,
     itl_frame,
     level_scenario,
@@ -38,23 +36,6 @@ def fitted_profile(tmp_path: Path) -> Path:
     base = ServiceTimeProfile.from_csv(BASE_PROFILE)
     return ServiceTimeProfile(base.points, {**base.metadata, "step_model": FIT.to_dict()}, base.source).to_csv(
         tmp_path / "steps.csv")
-
-
-def test_the_calibration_recovers_scale_and_extra_per_step() -> None:
-    pts = [(r, closed_loop_step_s(FIT, r, 32, 32), 0.0) for r in (1.5, 3.5, 7.0, 12.0)]
-    pts = [(r, m, 1.3 * m + 4e-4) for r, m, _ in pts]
-    cal = fit_step_calibration(pts)
-    assert cal.time_scale == pytest.approx(1.3) and cal.extra_s == pytest.approx(4e-4)
-    assert np.allclose(cal.residuals_s, 0, atol=1e-12) and cal.warnings == ()
-    # walls that grow faster than the model: the extra would be negative, it sits at 0 and says so
-    cal = fit_step_calibration([(1.0, 2e-3, 2.0e-3), (5.0, 3e-3, 4e-3), (10.0, 4e-3, 6e-3)])
-    assert cal.extra_s == 0 and cal.time_scale > 1.2
-    assert any("degenerate" in w for w in cal.warnings)
-    with pytest.raises(ValueError, match="at least 3 points"):
-        fit_step_calibration(pts[:2])
-    # the extra goes into the overhead, divided by the scale that multiplies it back in the simulator
-    both = calibrated_fit(FIT, StepCalibration(2.0, 1e-3, ()))
-    assert both.overhead_s == pytest.approx(FIT.overhead_s + 0.5e-3) and both.coefficients[1:] == FIT.coefficients[1:]
 
 
 def test_a_closed_loop_step_and_the_capacity_follow_the_model() -> None:
@@ -135,6 +116,7 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert set(results.cache) == {"full", f"small ({spec.small_cache_blocks} blocks)"}
     assert {"itl_p50_s", "ttft_p99_s", "throughput_per_s", "preemptions"} <= set(results.metric)
     assert (tmp_path / "results.csv").exists() and (tmp_path / "provenance.json").exists()
+    assert (tmp_path / "calibration_steps.csv").exists()  # the pod's steps the calibration was fitted over
     fit = StepTimeFit.from_dict(ServiceTimeProfile.from_csv(tmp_path / "profile.csv").metadata["step_model"])
     assert fit.overhead_s > 0
     ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]

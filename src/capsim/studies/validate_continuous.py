@@ -2,10 +2,11 @@
 against the simulator's continuous pods, with the static validation's method (docs/validation.md).
 
 The step-time model is measured first (``capsim.core.step_profile``: the validation's own lengths and the
-probe steps, in a fresh process pinned like the pod), then calibrated under load: closed-loop runs
-(2, 8, 24 and 64 clients) give the pod's mean step wall time from its
-``vllm:inter_token_latency_seconds`` histogram (between two tokens of a request lies exactly one step), and
-``wall = time_scale x model + extra`` is fitted through the points, the extra going into ``c0``. Each
+probe steps, in a fresh process pinned like the pod), then calibrated under load over the pod's step trace
+(``capsim.studies.validate_continuous_calibrate``: closed-loop runs from 2 to ``max_num_seqs`` running,
+open-loop runs at the levels' rates; ``cycle = time_scale x model + extra + arrivals x arrival_s +
+tokens x token_s``, the extra into ``c0``, the per-token time into ``c3``, the per-arrival time into
+``service.arrival_overhead_ms``). Each
 load level (a share of the calibrated capacity) runs ``replications`` times with different seeds; the same
 Poisson schedule goes to the real pod and to the simulator. One more level runs on a pod whose KV cache is
 too small for ``max_num_seqs`` requests, so that requests are preempted; preemptions are counted in both
@@ -19,12 +20,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +34,25 @@ from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.step_model import StepTimeFit
 from capsim.studies import validate_stats as vs
-from capsim.studies.pods import PodProcess, pinned
+from capsim.studies.pods import PodProcess
 from capsim.studies.validate import summarize_frame
+from capsim.studies.validate_continuous_calibrate import (
+    BASE_PROFILE,
+    StepCalibration,
+    calibrate_steps,
+    calibrated_fit,
+    closed_loop_step_s,
+    measure_step_fit,
+)
+from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
+
+__all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
+           "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "run_continuous_validation"]
 
 METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
                             "throughput_per_s", "itl_p50_s", "itl_p99_s")
 TARGETS: dict[str, float] = {"p50": 0.10, "p95": 0.15, "p99": 0.15, "throughput_per_s": 0.03}
 START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
-# the measured static profile the step model is added to (its kernels are not used; its metadata is kept)
-BASE_PROFILE = Path(__file__).resolve().parents[3] / "data" / "profiles" / "cpu-tiny-float32.csv"
 
 
 @dataclass(frozen=True)
@@ -67,15 +76,21 @@ class ContinuousSpec:
     seed: int = 0
     model: str = "tiny"
     threads: int = 1
-    calibration_s: float = 3.0  # per client count
+    calibration_s: float = 3.0  # per calibration run
     # closed-loop clients: a client waits a round trip between requests, and the pod's HTTP work shares
     # its core, so 16 clients kept only about 5 requests running; 64 keep max_num_seqs running
-    calibration_clients: tuple[int, ...] = (2, 8, 24, 64)
+    calibration_clients: tuple[int, ...] = (2, 4, 8, 16, 24, 64)
     step_workloads: int = 3
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
         return cls(levels=(0.3, 0.85), replications=2, seconds_per_run=6.0, calibration_s=1.5, step_workloads=1)
+
+    @property
+    def calibration_levels(self) -> tuple[float, ...]:
+        """The open-loop calibration runs' shares of the capacity: the levels and half of it (as the static
+        validation's open-loop probe), so the arrivals per step span what the levels see."""
+        return tuple(sorted({*self.levels, 0.5}))
 
     @property
     def small_cache_blocks(self) -> int:
@@ -88,73 +103,16 @@ class ContinuousSpec:
                 "max_model_len": self.prompt_tokens + self.output_tokens + 1}
 
 
-@dataclass(frozen=True)
-class StepCalibration:
-    """The pod's step under load: ``wall = time_scale x model(step) + extra_s`` (points: mean requests
-    running, model s, pod's mean step s; residuals: wall - fit, per point; warnings: a degenerate fit)."""
-
-    time_scale: float
-    extra_s: float
-    points: tuple[tuple[float, float, float], ...]
-    residuals_s: tuple[float, ...] = ()
-    warnings: tuple[str, ...] = ()
-
-
-def closed_loop_step_s(fit: StepTimeFit, clients: float, prompt: int, output: int) -> float:
-    """The model's mean step with ``clients`` requests always running: each step decodes all of them but
-    the ``clients / output`` whose prompt is prefilled in it, at a mean context of ``prompt + output / 2``."""
-    prefills = clients / output
-    decodes = clients - prefills
-    return fit.predict(prefills * prompt, 0.0, decodes, decodes * (prompt + output / 2))
-
-
-MAX_REL_RESIDUAL = 0.10
-
-
-def fit_step_calibration(points: list[tuple[float, float, float]]) -> StepCalibration:
-    """Least squares ``wall = scale x model + extra`` through (running, model s, wall s) points, with
-    ``scale > 0`` and ``extra >= 0``; at least 3 points with distinct model times. A fit whose extra sits
-    on its bound 0, or whose rms residual is over 10% of the mean step, carries a warning."""
-    from scipy.optimize import lsq_linear
-
-    if len({round(m, 12) for _, m, _ in points}) < 3:
-        raise ValueError(f"the step calibration needs at least 3 points with distinct model step times, got "
-                         f"{[(round(r, 2), m) for r, m, _ in points]}")
-    a = np.array([[m, 1.0] for _, m, _ in points])
-    y = np.array([w for _, _, w in points])
-    res = lsq_linear(a, y, bounds=([1e-9, 0.0], [np.inf, np.inf]), method="bvls")
-    scale, extra = (float(v) for v in res.x)
-    extra = 0.0 if extra <= 1e-12 else extra
-    resid = y - a @ np.array([scale, extra])
-    problems = []
-    if extra == 0.0:
-        problems.append("degenerate fit: the pod's extra time per step sits at its bound 0")
-    rel = float(np.sqrt(np.mean(resid**2)) / y.mean())
-    if rel > MAX_REL_RESIDUAL:
-        problems.append(f"poor fit: rms residual {rel:.1%} of the mean step (over {MAX_REL_RESIDUAL:.0%})")
-    return StepCalibration(scale, extra, tuple(points), tuple(float(r) for r in resid), tuple(problems))
-
-
-def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
-    """The fit with the pod's extra per-step time in its overhead (the scale stays ``time_scale``)."""
-    c = list(fit.coefficients)
-    c[0] += cal.extra_s / cal.time_scale
-    return replace(fit, coefficients=(c[0], c[1], c[2], c[3], c[4]))
-
-
 def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, spec: ContinuousSpec) -> float:
-    """Requests per second with ``max_num_seqs`` always running: that many per ``output`` steps."""
-    s = spec.max_num_seqs
-    step = cal.time_scale * closed_loop_step_s(fit, s, spec.prompt_tokens, spec.output_tokens) + cal.extra_s
-    return s / (spec.output_tokens * step)
+    """Requests per second with ``max_num_seqs`` always running on the calibrated pod."""
+    return _capacity(fit, cal, spec.max_num_seqs, spec.prompt_tokens, spec.output_tokens)
 
 
 def _pod_counters(url: str) -> dict[str, float]:
     """The vLLM counters this validation reads from the pod's /metrics (summed over labels)."""
     import httpx
 
-    names = ("vllm:inter_token_latency_seconds_sum", "vllm:inter_token_latency_seconds_count",
-             "vllm:num_preemptions_total")
+    names = ("vllm:num_preemptions_total",)
     out = dict.fromkeys(names, 0.0)
     for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
@@ -163,67 +121,10 @@ def _pod_counters(url: str) -> dict[str, float]:
     return out
 
 
-def calibrate_steps(pod: PodProcess, spec: ContinuousSpec, fit: StepTimeFit) -> StepCalibration:
-    """Closed-loop runs (``calibration_clients``): the pod's mean step wall time in each, against the
-    model's step at the mean number of requests running."""
-    import httpx
-
-    async def drive(clients: int) -> float:
-        t0 = time.perf_counter()
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
-            stop = time.perf_counter() + spec.calibration_s
-
-            async def one(k: int) -> None:
-                i = 0
-                while time.perf_counter() < stop:
-                    r = await c.post(f"{pod.url}/v1/sessions/cal-{clients}-{k}-{i}/turns",
-                                     json={"prompt_tokens": spec.prompt_tokens, "max_new_tokens": spec.output_tokens})
-                    r.raise_for_status()
-                    i += 1
-
-            await asyncio.gather(*[one(k) for k in range(clients)])
-        return time.perf_counter() - t0
-
-    points = []
-    for clients in spec.calibration_clients:
-        before = _pod_counters(pod.url)
-        duration = asyncio.run(drive(clients))
-        after = _pod_counters(pod.url)
-        n = after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"]
-        itl_sum = after["vllm:inter_token_latency_seconds_sum"] - before["vllm:inter_token_latency_seconds_sum"]
-        # fewer than `clients` run at once (a finished request's client sends its next one a round trip
-        # later): every running request adds each step's wall time to the ITL sum once, so the sum over
-        # the run's length is the mean number running
-        running = itl_sum / duration
-        points.append((running, closed_loop_step_s(fit, running, spec.prompt_tokens, spec.output_tokens),
-                       itl_sum / n))
-    return fit_step_calibration(points)
-
-
-def measure_step_fit(spec: ContinuousSpec, out: Path, core: int | None) -> Path:
-    """Measure and fit the step model in a fresh process pinned like the pod, over the workload's lengths;
-    the base profile with the fit in its metadata goes to ``out``."""
-    p, o = spec.prompt_tokens, spec.output_tokens
-    code = (
-        "from pathlib import Path\n"
-        "from capsim.core.engine import ReferenceEngine\n"
-        "from capsim.core.step_profile import fit_steps, measure_steps, probe_steps, with_step_model\n"
-        "from capsim.model.profile import ServiceTimeProfile\n"
-        f"e = ReferenceEngine({spec.model!r}, device='cpu', dtype='float32', seed=0, threads={spec.threads})\n"
-        f"s = measure_steps(e, workloads={spec.step_workloads}, requests={2 * spec.max_num_seqs}, "
-        f"max_prompt={p}, max_output={o}, seed={spec.seed}, repeats=2)\n"
-        f"s += probe_steps(e, max_decodes={spec.max_num_seqs}, contexts=({p}, {p + o}), prompts=(1, {p}), repeats=3)\n"
-        f"with_step_model(ServiceTimeProfile.from_csv({str(BASE_PROFILE)!r}), fit_steps(s)).to_csv(Path({str(out)!r}))\n"
-    )
-    done = subprocess.run(pinned([sys.executable, "-c", code], core), capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(f"the step measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
-    return out
-
-
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
-                   num_blocks: int) -> Scenario:
-    """The simulator's view of one run: one always-ready continuous pod, the same engine limits."""
+                   num_blocks: int, arrival_overhead_ms: float = 0.0) -> Scenario:
+    """The simulator's view of one run: one always-ready continuous pod, the same engine limits, the pod's
+    time per arrival on the step in progress."""
     horizon = spec.seconds_per_run
     return Scenario.model_validate({
         "horizon_s": horizon,
@@ -231,7 +132,8 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": rate},
                      "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
-        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale},
+        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
+                    "arrival_overhead_ms": arrival_overhead_ms},
         "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -257,7 +159,7 @@ class _Pool:
     requests: int = 0
 
 
-def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, scale: float,
+def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
                num_blocks: int, echo: Callable[[str], None]) -> _Pool:
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
@@ -267,7 +169,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     pool = _Pool([], [], [], [], [])
     for rep in range(spec.replications):
         seed = spec.seed + rep
-        scenario = level_scenario(spec, profile_path, rate, scale, num_blocks)
+        scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3)
         workload = make_workload(scenario, Streams(seed))
         before = _pod_counters(pod.url)
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
@@ -326,7 +228,9 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     gen_core = cores[1] if len(cores) > 1 else None
     work = Path(tempfile.mkdtemp(prefix="capsim-validate-continuous-"))
     echo(f"measuring {spec.model}'s continuous steps on core {pod_core} ...")
-    measured = ServiceTimeProfile.from_csv(measure_step_fit(spec, work / "steps.csv", pod_core))
+    measured = ServiceTimeProfile.from_csv(measure_step_fit(
+        work / "steps.csv", pod_core, model=spec.model, threads=spec.threads, workloads=spec.step_workloads,
+        max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens, output=spec.output_tokens, seed=spec.seed))
     fit = StepTimeFit.from_dict(measured.metadata["step_model"])
     echo(f"step fit: c0 {fit.overhead_s * 1e3:.3f} ms +- {fit.c0_stderr_s * 1e3:.3f}, "
          f"{fit.coefficients[3] * 1e6:.1f} us/decode, {fit.coefficients[1] * 1e6:.2f} us/prefill token, "
@@ -340,10 +244,15 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     profile_path = out / "profile.csv"
     try:
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
-        cal = calibrate_steps(pod, spec, fit)
-        echo(f"calibration: pod step = {cal.time_scale:.3f} x model + {cal.extra_s * 1e3:.3f} ms "
-             f"(points, running / model ms / pod ms: "
-             f"{[(round(c, 1), round(m * 1e3, 2), round(w * 1e3, 2)) for c, m, w in cal.points]})")
+        cal, steps = calibrate_steps(pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
+                                     seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
+                                     prompt=spec.prompt_tokens, output=spec.output_tokens, echo=echo)
+        steps.to_csv(out / "calibration_steps.csv", index=False)
+        echo(f"calibration: {cal.describe()}")
+        echo("  run, running, model ms, pod cycle ms, fit ms, arrivals and tokens per step: " + "; ".join(
+            f"{p[0]} {p[1]:.1f} {p[2] * 1e3:.2f} {p[3] * 1e3:.2f} {p[4] * 1e3:.2f} {p[5]:.3f} {p[6]:.1f}"
+            for p in cal.points))
+        echo("  share of the pod's cycle: " + ", ".join(f"{k} {v:.1%}" for k, v in cal.shares.items()))
         for warning in cal.warnings:
             echo(f"WARNING: step calibration: {warning}")
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
@@ -353,7 +262,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool = _run_level(pod, spec, profile_path, level * cap, cal.time_scale, spec.num_blocks, echo)
+            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo)
             rows += _rows(level, "full", level * cap, pool)
         pod.stop()
         small = spec.small_cache_blocks
@@ -361,7 +270,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool = _run_level(pod, spec, profile_path, rate, cal.time_scale, small, echo)
+        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
     finally:
         pod.stop()

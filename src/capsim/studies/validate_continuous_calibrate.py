@@ -1,0 +1,281 @@
+"""The continuous validation's calibration: the real pod's step cycle under load, fitted over its step trace.
+
+The step model (``StepTimeFit``) times the engine alone, on an idle core. In the pod, the same core also
+parses each arriving request's HTTP and reads its session, answers and stores each finished one, and
+hands every emitted token to its request; the engine's thread and the event loop share the GIL. Between
+two tokens of a running request lies exactly one *cycle*: from the end of one engine step to the end of
+the next (the loop's work in between, then the step). The pod's step trace (``GET /debug/batches`` in
+continuous mode, ``capsim.core.continuous.StepRecord``) gives every step's composition, its arrivals,
+tokens and answers, and its times, so the cycle is fitted step by step:
+
+    cycle = time_scale x model(step) + extra_s + arrivals x arrival_s + emitted x token_s
+
+by bounded least squares (every term >= 0, ``time_scale`` > 0), unweighted: the simulator must get the mean
+cycle right (an ITL, a throughput), and single steps' long tail (the core taken by another process, a
+garbage collection) is part of that mean. Closed-loop runs (a client sends its next request when the last
+is answered) cover 2 to ``max_num_seqs`` requests running; open-loop Poisson runs at the validated levels'
+rates (and half the capacity) give the arrivals per step of each level and separate arrivals from answers
+(in a closed loop each answer brings an arrival). The simulator
+takes ``time_scale`` as ``service.time_scale``, ``extra_s`` into the model's ``c0`` and ``token_s`` into
+its ``c3`` (per decode; both divided by the scale that multiplies them back), and ``arrival_s`` as
+``service.arrival_overhead_ms``, charged to the step in progress when a request arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsim.model.step_model import StepTimeFit
+from capsim.studies.pods import pinned
+
+TERMS: tuple[str, ...] = ("model_s", "one", "arrivals", "emitted")  # the cycle's regressors, in this order
+MAX_REL_RESIDUAL = 0.10  # rms over the runs of (mean cycle - mean fit) / mean cycle past which the fit warns
+MIN_STEPS = 50
+# the measured static profile the step model is added to (its kernels are not used; its metadata is kept)
+BASE_PROFILE = Path(__file__).resolve().parents[3] / "data" / "profiles" / "cpu-tiny-float32.csv"
+
+
+@dataclass(frozen=True)
+class StepCalibration:
+    """The pod's step cycle under load: ``time_scale x model(step) + extra_s + arrivals x arrival_s +
+    emitted x token_s``. ``points``: one per calibration run (label, mean requests running, mean model
+    step s, mean cycle s, mean fitted cycle s, arrivals and tokens per step); ``residuals_s``: each
+    run's mean cycle minus its mean fit; ``warnings``: terms on their bound 0, a poor fit."""
+
+    time_scale: float
+    extra_s: float
+    points: tuple[tuple[Any, ...], ...]
+    residuals_s: tuple[float, ...] = ()
+    warnings: tuple[str, ...] = ()
+    arrival_s: float = 0.0
+    token_s: float = 0.0
+    steps: int = 0
+    median_abs_rel_residual: float = float("nan")  # over single steps (their spread, not the fit's bias)
+    # each term's share of the mean cycle over all the calibration's steps (what explains the cycle)
+    shares: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rel_rms_residual(self) -> float:
+        """The rms over the runs of (mean cycle - mean fit) / mean cycle: how well each load's mean is met."""
+        rel = [r / p[3] for r, p in zip(self.residuals_s, self.points, strict=True)]
+        return float(np.sqrt(np.mean(np.square(rel)))) if rel else float("nan")
+
+    def step_s(self, model_s: float, arrivals: float = 0.0, emitted: float = 0.0) -> float:
+        return self.time_scale * model_s + self.extra_s + arrivals * self.arrival_s + emitted * self.token_s
+
+    def describe(self) -> str:
+        return (f"pod step cycle = {self.time_scale:.3f} x model + {self.extra_s * 1e3:.3f} ms "
+                f"+ {self.arrival_s * 1e3:.3f} ms per arrival + {self.token_s * 1e3:.3f} ms per token, over "
+                f"{self.steps} steps of {len(self.points)} runs; runs' mean cycles met to "
+                f"{self.rel_rms_residual:.1%} rms, single steps' median |residual| "
+                f"{self.median_abs_rel_residual:.1%}")
+
+
+# ---- the trace ----------------------------------------------------------------------------------------------
+def fetch_steps(url: str, since: float = float("-inf"), until: float = float("inf")) -> Any:
+    """The pod's step trace as a frame (``StepRecord``'s fields), steps that ended in ``(since, until]`` on
+    ``time.perf_counter`` (the pod's clock too: both read ``CLOCK_MONOTONIC``)."""
+    import httpx
+    import pandas as pd
+
+    body = httpx.get(f"{url}/debug/batches", timeout=10).json()
+    frame = pd.DataFrame(body["batches"], columns=body["fields"] or None)
+    if frame.empty:
+        return frame
+    return frame[(frame.end > since) & (frame.end <= until)].reset_index(drop=True)
+
+
+def cycles(steps: Any, fit: StepTimeFit) -> Any:
+    """Each step's cycle (previous end to its end), the loop's gap before it, and the model's time for it;
+    steps after the loop went idle, and the first of the frame, have no cycle and are dropped."""
+    df = steps.copy()
+    df["cycle_s"] = df.end - df.end.shift(1)
+    df["gap_s"] = df.start - df.end.shift(1)
+    df["model_s"] = [fit.predict(p, pc, d, dc) for p, pc, d, dc in
+                     zip(df.prefill_tokens, df.prefill_context, df.decodes, df.decode_context, strict=True)]
+    df["one"] = 1.0
+    keep = df.cycle_s.notna() & ~df.after_idle.astype(bool)
+    return df[keep].reset_index(drop=True)
+
+
+def fit_cycle_terms(frame: Any, terms: Sequence[str] = TERMS, target: str = "cycle_s", *,
+                    relative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Bounded least squares of ``target`` on ``terms`` (each coefficient >= 0; ``model_s``'s > 0), plain or,
+    with ``relative``, each row weighted by ``1 / target``; the coefficients and the residuals (target -
+    fit, seconds)."""
+    from scipy.optimize import lsq_linear
+
+    a = frame[list(terms)].to_numpy(dtype=float)
+    y = frame[target].to_numpy(dtype=float)
+    w = 1.0 / y if relative else np.ones_like(y)
+    lower = [1e-9 if t == "model_s" else 0.0 for t in terms]
+    res = lsq_linear(a * w[:, None], y * w, bounds=(lower, [np.inf] * len(terms)), method="bvls")
+    coef = np.where(res.x <= 1e-12, 0.0, res.x)
+    return coef, y - a @ coef
+
+
+def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit) -> StepCalibration:
+    """Fit the cycle over the steps of every run (``(label, step frame)``) at once; see the module docstring."""
+    import pandas as pd
+
+    parts = [cycles(steps, fit).assign(run=label) for label, steps in runs if len(steps) > 1]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(frame) < MIN_STEPS:
+        raise ValueError(f"the step calibration needs at least {MIN_STEPS} steps with a cycle, got {len(frame)}: "
+                         "run the calibration longer")
+    coef, resid = fit_cycle_terms(frame)
+    scale, extra, arrival, token = (float(c) for c in coef)
+    frame["fitted_s"] = frame.cycle_s - resid
+    problems = [f"degenerate fit: the {name} sits at its bound 0" for name, c in
+                (("extra time per step", extra), ("time per arrival", arrival), ("time per token", token)) if c == 0]
+    med = float(np.median(np.abs(resid / frame.cycle_s.to_numpy())))
+    points, residuals = [], []
+    for label, g in frame.groupby("run", sort=False):
+        running = float((g.decodes + (g.prefill_tokens > 0)).mean())
+        points.append((label, running, float(g.model_s.mean()), float(g.cycle_s.mean()), float(g.fitted_s.mean()),
+                       float(g.arrivals.mean()), float(g.emitted.mean())))
+        residuals.append(float(g.cycle_s.mean() - g.fitted_s.mean()))
+    total = float(frame.cycle_s.sum())
+    shares = {t: float(c * frame[t].sum() / total) for t, c in zip(TERMS, coef, strict=True)}
+    shares["unexplained"] = 1.0 - sum(shares.values())
+    cal = StepCalibration(scale, extra, tuple(points), tuple(residuals), (), arrival, token, len(frame), med, shares)
+    if cal.rel_rms_residual > MAX_REL_RESIDUAL:
+        problems.append(f"poor fit: the runs' mean cycles are met to {cal.rel_rms_residual:.1%} rms "
+                        f"(over {MAX_REL_RESIDUAL:.0%})")
+    return replace(cal, warnings=tuple(problems))
+
+
+def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
+    """The step model with the pod's extra per step in ``c0`` and its time per token in ``c3`` (per decode),
+    both divided by ``time_scale``, which the simulator multiplies back in."""
+    c = list(fit.coefficients)
+    c[0] += cal.extra_s / cal.time_scale
+    c[3] += cal.token_s / cal.time_scale
+    return replace(fit, coefficients=(c[0], c[1], c[2], c[3], c[4]))
+
+
+def closed_loop_step_s(fit: StepTimeFit, running: float, prompt: int, output: int) -> float:
+    """The model's mean step with ``running`` requests always running: each step decodes all of them but
+    the ``running / output`` whose prompt is prefilled in it, at a mean context of ``prompt + output / 2``."""
+    prefills = running / output
+    decodes = running - prefills
+    return fit.predict(prefills * prompt, 0.0, decodes, decodes * (prompt + output / 2))
+
+
+def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, max_num_seqs: int, prompt: int, output: int) -> float:
+    """Requests per second with ``max_num_seqs`` always running: that many per ``output`` steps, each step
+    emitting a token for each and carrying ``rate x step`` arrivals; ``rate = s / (output x base + s x
+    arrival_s)`` solves ``rate = s / (output x (base + rate x step x arrival_s / step))``."""
+    s = max_num_seqs
+    base = cal.step_s(closed_loop_step_s(fit, s, prompt, output), 0.0, s)
+    return s / (output * base + s * cal.arrival_s)
+
+
+def measure_step_fit(out: Path, core: int | None, *, model: str, threads: int, workloads: int, max_num_seqs: int,
+                     prompt: int, output: int, seed: int) -> Path:
+    """Measure and fit the step model in a fresh process pinned like the pod, over the workload's lengths;
+    the base profile with the fit in its metadata goes to ``out``."""
+    p, o = prompt, output
+    code = (
+        "from pathlib import Path\n"
+        "from capsim.core.engine import ReferenceEngine\n"
+        "from capsim.core.step_profile import fit_steps, measure_steps, probe_steps, with_step_model\n"
+        "from capsim.model.profile import ServiceTimeProfile\n"
+        f"e = ReferenceEngine({model!r}, device='cpu', dtype='float32', seed=0, threads={threads})\n"
+        f"s = measure_steps(e, workloads={workloads}, requests={2 * max_num_seqs}, "
+        f"max_prompt={p}, max_output={o}, seed={seed}, repeats=2)\n"
+        f"s += probe_steps(e, max_decodes={max_num_seqs}, contexts=({p}, {p + o}), prompts=(1, {p}), repeats=3)\n"
+        f"with_step_model(ServiceTimeProfile.from_csv({str(BASE_PROFILE)!r}), fit_steps(s)).to_csv(Path({str(out)!r}))\n"
+    )
+    done = subprocess.run(pinned([sys.executable, "-c", code], core), capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the step measurement failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return out
+
+
+# ---- the calibration runs ----------------------------------------------------------------------------------
+async def _post(client: Any, url: str, session: str, prompt: int, output: int) -> None:
+    r = await client.post(f"{url}/v1/sessions/{session}/turns",
+                          json={"prompt_tokens": prompt, "max_new_tokens": output})
+    r.raise_for_status()
+
+
+def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
+    """``clients`` closed-loop clients for ``seconds``; the run's start and end (``perf_counter``)."""
+    import httpx
+
+    async def main() -> None:
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
+            stop = time.perf_counter() + seconds
+
+            async def one(k: int) -> None:
+                i = 0
+                while time.perf_counter() < stop:
+                    await _post(c, url, f"cal-{clients}-{k}-{i}-{time.time_ns()}", prompt, output)
+                    i += 1
+
+            await asyncio.gather(*[one(k) for k in range(clients)])
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    return t0, time.perf_counter()
+
+
+def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int, seed: int = 0) -> tuple[float, float]:
+    """Poisson arrivals at ``rate`` per second for ``seconds`` (each request its own session), waiting for
+    the answers; the run's start and end (``perf_counter``)."""
+    import httpx
+
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=max(1, int(rate * seconds * 1.5) + 10))
+    at = np.cumsum(gaps)
+    at = at[at < seconds]
+
+    async def main() -> None:
+        limits = httpx.Limits(max_connections=max(16, int(rate * 2)))
+        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+            t0 = time.perf_counter()
+            tag = time.time_ns()
+            tasks = []
+            for k, t in enumerate(at):
+                delay = t0 + t - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(_post(c, url, f"open-{tag}-{k}", prompt, output)))
+            await asyncio.gather(*tasks)
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    return t0, time.perf_counter()
+
+
+def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
+                    max_num_seqs: int, prompt: int, output: int,
+                    echo: Any = None) -> tuple[StepCalibration, Any]:
+    """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
+    capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
+    calibration and every step's cycle frame (with its run's label)."""
+    import pandas as pd
+
+    runs = []
+    for n in clients:
+        t0, t1 = drive_closed(url, n, seconds, prompt, output)
+        runs.append((f"closed {n}", fetch_steps(url, t0, t1)))
+    first = fit_step_cycles(runs, fit)
+    cap = capacity_per_s(fit, first, max_num_seqs, prompt, output)
+    if echo is not None:
+        echo(f"  closed loop: {first.describe()}; capacity {cap:.1f} requests/s")
+    for k, level in enumerate(levels):
+        t0, t1 = drive_open(url, level * cap, seconds, prompt, output, seed=k)
+        runs.append((f"open {level:.0%}", fetch_steps(url, t0, t1)))
+    cal = fit_step_cycles(runs, fit)
+    frame = pd.concat([cycles(s, fit).assign(run=label) for label, s in runs if len(s) > 1], ignore_index=True)
+    return cal, frame

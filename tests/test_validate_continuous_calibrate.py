@@ -1,0 +1,114 @@
+"""The continuous validation's calibration over the pod's step trace: the cycle of each step, the fit of
+its terms (the model's time, a constant, arrivals, tokens), what goes into the simulator's inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capsim.core.continuous import StepRecord
+from capsim.model.step_model import StepTimeFit
+from capsim.studies.validate_continuous_calibrate import (
+    StepCalibration,
+    calibrated_fit,
+    capacity_per_s,
+    closed_loop_step_s,
+    cycles,
+    fit_step_cycles,
+)
+
+FIT = StepTimeFit((1e-3, 2e-5, 0.0, 1.5e-4, 5e-7), 1e-4, 0.9, 100,
+                  {"prefill_tokens": (0, 64), "prefill_context": (0, 0), "decodes": (0, 16),
+                   "decode_context": (0, 1024)}, 1e-4)
+
+
+def synthetic_run(seed: int, running: int, arrival_rate: float, *, scale: float, extra: float, arrival: float,
+                  token: float, noise: float = 0.05, n: int = 400) -> pd.DataFrame:
+    """A pod's step trace whose cycles follow the calibration's form exactly, up to multiplicative noise."""
+    rng = np.random.default_rng(seed)
+    rows, end = [], 100.0
+    for _ in range(n):
+        decodes = int(rng.integers(max(running - 2, 0), running + 2))
+        prefill = int(rng.choice([0, 32], p=[0.8, 0.2]))
+        arrivals = int(rng.poisson(arrival_rate))
+        emitted = decodes + (prefill > 0)
+        model = FIT.predict(prefill, 0, decodes, decodes * 48)
+        cycle = (scale * model + extra + arrival * arrivals + token * emitted) * rng.lognormal(0, noise)
+        gap = 0.02e-3
+        rows.append(StepRecord(end + gap, end + cycle, cycle - gap, cycle * 0.9, prefill, 0, decodes, decodes * 48,
+                               arrivals, emitted, int(rng.integers(0, 2)), False))
+        end += cycle
+    return pd.DataFrame(rows, columns=StepRecord.fields())
+
+
+TRUE = {"scale": 1.3, "extra": 0.4e-3, "arrival": 1.0e-3, "token": 0.05e-3}
+
+
+def runs(**true: float) -> list[tuple[str, pd.DataFrame]]:
+    closed = [(f"closed {r}", synthetic_run(r, r, 0.05, **true)) for r in (2, 4, 8, 16)]
+    open_ = [(f"open {r}", synthetic_run(100 + k, r, a, **true)) for k, (r, a) in enumerate([(3, 0.1), (8, 0.3), (14, 0.5)])]
+    return closed + open_
+
+
+def test_the_cycle_runs_from_one_step_end_to_the_next_and_skips_idle_steps() -> None:
+    df = synthetic_run(0, 4, 0.2, **TRUE, n=6)
+    df.loc[3, "after_idle"] = True
+    c = cycles(df, FIT)
+    assert len(c) == 4  # the first step has no previous end; the one after idle no cycle
+    assert np.allclose(c.cycle_s, np.diff(df.end)[[0, 1, 3, 4]])
+    assert np.allclose(c.gap_s, 0.02e-3)
+    assert c.model_s.iloc[0] == pytest.approx(FIT.predict(df.prefill_tokens[1], 0, df.decodes[1], df.decode_context[1]))
+
+
+def test_the_fit_recovers_each_term_and_says_what_explains_the_cycle() -> None:
+    cal = fit_step_cycles(runs(**TRUE), FIT)
+    assert cal.time_scale == pytest.approx(TRUE["scale"], rel=0.05)
+    assert cal.extra_s == pytest.approx(TRUE["extra"], rel=0.15)
+    assert cal.arrival_s == pytest.approx(TRUE["arrival"], rel=0.15)
+    assert cal.token_s == pytest.approx(TRUE["token"], rel=0.25)
+    assert cal.warnings == () and cal.rel_rms_residual < 0.02
+    assert sum(cal.shares.values()) == pytest.approx(1.0) and abs(cal.shares["unexplained"]) < 0.02
+    assert [p[0] for p in cal.points] == [label for label, _ in runs(**TRUE)]
+    assert "per arrival" in cal.describe()
+
+
+def test_a_term_the_pod_does_not_pay_sits_at_zero_and_is_named() -> None:
+    cal = fit_step_cycles(runs(**{**TRUE, "arrival": 0.0}), FIT)
+    assert cal.arrival_s < 0.1e-3
+    if cal.arrival_s == 0:
+        assert any("per arrival" in w for w in cal.warnings)
+    with pytest.raises(ValueError, match="at least 50 steps"):
+        fit_step_cycles([("short", synthetic_run(0, 4, 0.1, **TRUE, n=20))], FIT)
+
+
+def test_a_scale_alone_misses_the_runs_an_arrival_term_explains() -> None:
+    # the calibration before the trace: one scale (and a constant) through the runs' mean cycles; with a
+    # real per-arrival cost, the open-loop runs' means are missed, and the full fit meets them
+    from capsim.studies.validate_continuous_calibrate import fit_cycle_terms
+
+    frame = pd.concat([cycles(s, FIT).assign(run=label) for label, s in runs(**TRUE)], ignore_index=True)
+    _, resid = fit_cycle_terms(frame, ("model_s", "one"))
+    per_run = frame.assign(r=resid).groupby("run").apply(lambda g: g.r.mean() / g.cycle_s.mean(), include_groups=False)
+    assert per_run.abs().max() > 0.03  # the open-loop run with the most arrivals: about 4.5%
+    assert fit_step_cycles(runs(**TRUE), FIT).rel_rms_residual < per_run.abs().max() / 3
+
+
+def test_the_simulator_gets_the_extra_in_c0_the_token_time_in_c3() -> None:
+    cal = StepCalibration(2.0, 1e-3, (), token_s=0.2e-3, arrival_s=0.5e-3)
+    both = calibrated_fit(FIT, cal)
+    c, c_ = FIT.coefficients, both.coefficients
+    assert c_[0] == pytest.approx(c[0] + 0.5e-3) and c_[3] == pytest.approx(c[3] + 0.1e-3)
+    assert (c_[1], c_[2], c_[4]) == (c[1], c[2], c[4])
+
+
+def test_the_capacity_carries_each_steps_arrivals() -> None:
+    s, out = 16, 32
+    plain = StepCalibration(1.5, 0.3e-3, (), token_s=0.05e-3)
+    base = plain.step_s(closed_loop_step_s(FIT, s, 32, out), 0, s)
+    assert capacity_per_s(FIT, plain, s, 32, out) == pytest.approx(s / (out * base))
+    cal = StepCalibration(1.5, 0.3e-3, (), token_s=0.05e-3, arrival_s=1e-3)
+    rate = capacity_per_s(FIT, cal, s, 32, out)
+    # at capacity each step carries rate x step arrivals and s / out requests start per step
+    step = base + (s / out) * cal.arrival_s
+    assert rate == pytest.approx(s / (out * step)) and rate < capacity_per_s(FIT, plain, s, 32, out)
