@@ -132,12 +132,12 @@ def test_session_affinity_places_a_session_whose_pod_went_by_its_fallback() -> N
         # every move away from the crashed pod is a fallback and re-prefills; no move happens by choice
         assert 0 < s.affinity_fallbacks == s.affinity_misses
         assert s.reprefill_tokens > 0
-    # least outstanding puts a new or moved session on the emptiest pod, ties to the lowest id: at this light
-    # load mostly pod 0, where random spreads sessions evenly
+    # least outstanding puts a new or moved session on the emptiest pod, at random among equals (at this
+    # light load most pods tie at 0): it spreads sessions as evenly as random does, pod 0 gets no more
+    # (ties to the lowest id gave pod 0 the most and each pod what the lower ids left)
     per_pod = {fb: r.requests.groupby("pod").size() for fb, r in runs.items()}
-    assert per_pod["least_outstanding"].idxmax() == 0
-    assert per_pod["least_outstanding"].is_monotonic_decreasing  # each pod takes what the lower ids leave
-    assert per_pod["random"].max() < 0.3 * per_pod["random"].sum()
+    for counts in per_pod.values():
+        assert counts.max() < 0.3 * counts.sum()  # 4 pods: 0.25 each
 
 
 def test_turns_kept_locally_in_an_outage_are_lost_when_the_store_is_back() -> None:

@@ -3,7 +3,7 @@ routers do in the simulator (``capsim.sim.router``).
 
 Policies: ``session_affinity`` (the session's pod by rendezvous hashing over the pods, so a session stays on
 one pod and only the sessions of a pod that goes away move), ``round_robin``, ``least_outstanding`` (the
-fewest turns this router has in flight there, ties to the first pod) and ``prefix_aware`` (the Kubernetes
+fewest turns this router has in flight there, at random among equals) and ``prefix_aware`` (the Kubernetes
 inference gateway's scorers, ``capsim.policy.routing``: the pod that served the session's last turn is
 expected to hold the history's share of the prompt, weighed against each pod's turns in flight).
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
@@ -95,22 +96,25 @@ def rendezvous(session_id: str, pods: Sequence[str]) -> list[int]:
 
 def preference(policy: Policy, session_id: str, urls: Sequence[str], pods: Sequence[PodView],
                session: SessionView | None, new_tokens: int, turn_number: int,
-               weights: Weights | None = None) -> list[int]:
-    """Every pod in the policy's order of preference (the router then tries the pods that are up first)."""
+               weights: Weights | None = None, tiebreak: Sequence[float] | None = None) -> list[int]:
+    """Every pod in the policy's order of preference (the router then tries the pods that are up first).
+    Least outstanding and prefix-aware order equals by ``tiebreak`` (one uniform draw per pod: at random,
+    as Envoy and the inference gateway's picker do; the pod index without it)."""
     n = len(pods)
+    tie = tiebreak if tiebreak is not None else range(n)
     if policy == "session_affinity":
         order = rendezvous(session_id, urls)
     elif policy == "round_robin":
         order = [(turn_number + k) % n for k in range(n)]
     elif policy == "least_outstanding":
-        order = sorted(range(n), key=lambda i: (pods[i].outstanding, i))
+        order = sorted(range(n), key=lambda i: (pods[i].outstanding, tie[i]))
     else:
         hit = [0.0] * n
         if session is not None and session.last_pod < n:
             hit[session.last_pod] = session.tokens / max(1, session.tokens + new_tokens)
         cands = [Candidate(queue=p.outstanding, kv_cache_usage=0.0, prefix_hit=h) for p, h in zip(pods, hit, strict=True)]
         s = scores(cands, weights or Weights())
-        order = sorted(range(n), key=lambda i: (-s[i], i))
+        order = sorted(range(n), key=lambda i: (-s[i], tie[i]))
     return order
 
 
@@ -146,6 +150,7 @@ class Router:
         self.turns = 0
         self.metrics = RouterMetrics(self.urls)
         self.weights = Weights(prefix=config.prefix_weight, queue=config.queue_weight, kv_cache=0.0)
+        self._rng = random.Random()  # ties at random, not to the first pod (issue 14 §3)
         self.http: httpx.AsyncClient | None = None
 
     def order(self, session_id: str, new_tokens: int) -> tuple[list[int], bool]:
@@ -154,7 +159,7 @@ class Router:
         views = [PodView(o, d <= now) for o, d in zip(self.outstanding, self.down_until, strict=True)]
         self.turns += 1
         order = preference(self.config.policy, session_id, self.urls, views, self.sessions.get(session_id),
-                           new_tokens, self.turns - 1, self.weights)
+                           new_tokens, self.turns - 1, self.weights, [self._rng.random() for _ in self.urls])
         return [i for i in order if views[i].up] + [i for i in order if not views[i].up], not views[order[0]].up
 
     def remember(self, session_id: str, pod: int, answer: Any) -> None:

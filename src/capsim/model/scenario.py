@@ -339,9 +339,22 @@ class Pods(_Section):
     )
 
 
+class OutlierEjection(_Section):
+    """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults: a pod that fails
+    ``consecutive_failures`` requests in a row (refused: crashed, or draining) is ejected for
+    ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
+    ``max_ejection_percent`` of the endpoints at once (but at least one)."""
+
+    consecutive_failures: Int = Field(5, ge=1, description="Envoy's consecutive_5xx")
+    base_ejection_s: Float = Field(30.0, ge=0, description="Envoy's base_ejection_time")
+    max_ejection_s: Float = Field(300.0, ge=0, description="Envoy's max_ejection_time")
+    max_ejection_percent: Float = Field(10.0, ge=0, le=100, description="Envoy's max_ejection_percent")
+
+
 class Router(_Section):
     """Which pod gets a request (docs/sessions.md): ``prefix_aware`` scores pods as the Kubernetes inference
-    gateway's endpoint picker does, by the expected prefix-cache hit, the queue and the KV-cache use."""
+    gateway's endpoint picker does, by the expected prefix-cache hit, the queue and the KV-cache use.
+    Least outstanding and prefix-aware pick at random among equals (seeded), and eject failing pods."""
 
     kind: Literal["random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware"] = \
         "least_outstanding"
@@ -351,6 +364,10 @@ class Router(_Section):
     fallback: Literal["random", "least_outstanding"] = Field(
         "random", description="session_affinity: how a session with no pod that can take it is placed (its "
         "first turn, or a turn whose pod crashed, went or drains): at random as kube-proxy, or least outstanding",
+    )
+    outlier_ejection: OutlierEjection | None = Field(
+        OutlierEjection(), description="least_outstanding and prefix_aware (an Envoy proxy or gateway): eject "
+        "a pod after consecutive refused requests, as Envoy's outlier detection; null: never (docs/reliability.md)",
     )
 
 

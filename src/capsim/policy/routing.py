@@ -4,7 +4,10 @@ The gateway's endpoint picker (gateway-api-inference-extension, its default sche
 weighted scorers, each in [0, 1], and picks the highest total: a prefix-cache scorer (the share of the
 prompt's blocks the pod is expected to hold), a queue scorer (the pod's waiting requests, min-max
 normalised over the candidates: the shortest queue scores 1) and a KV-cache-utilization scorer
-(1 - KV use). Ties go to the first candidate (the lowest pod id), so a choice is reproducible.
+(1 - KV use). The picker chooses at random among the best scores (the endpoint picker's ``max-score``
+picker shuffles the candidates before it takes the best); here the caller passes the random draw ``u``,
+from the simulation's seeded stream, so a run stays reproducible. Ties to the lowest pod id instead would
+send every idle moment's request to pod 0 (2 to 2.3 times the mean load in the simulator, issue 14 §3).
 """
 
 from __future__ import annotations
@@ -44,13 +47,19 @@ def scores(candidates: Sequence[Candidate], weights: Weights) -> list[float]:
     return out
 
 
-def pick(candidates: Sequence[Candidate], weights: Weights) -> int:
-    """The index of the best candidate; the first among equals. ``candidates`` must not be empty."""
+def pick(candidates: Sequence[Candidate], weights: Weights, u: float = 0.0) -> int:
+    """The index of the best candidate; among equals (within 1e-9) the ``int(u * ties)``-th, ``u`` a uniform
+    draw in [0, 1) (0: the first). ``candidates`` must not be empty."""
     if not candidates:
         raise ValueError("no candidate endpoint to pick from")
-    s = scores(candidates, weights)
-    best = 0
-    for j in range(1, len(s)):
-        if s[j] > s[best]:
-            best = j
-    return best
+    return among_best(scores(candidates, weights), u)
+
+
+def among_best(values: Sequence[float], u: float, tol: float = 1e-9) -> int:
+    """The index of a highest value, the ``int(u * ties)``-th of those within ``tol`` of it (``u`` in [0, 1)):
+    a seeded random tie-break, as load balancers pick among equals."""
+    if not values:
+        raise ValueError("no value to pick from")
+    top = max(values)
+    ties = [j for j, v in enumerate(values) if v >= top - tol]
+    return ties[min(int(u * len(ties)), len(ties) - 1)]

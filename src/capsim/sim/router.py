@@ -6,10 +6,23 @@ later turns to the pod that served its first; the first turn is placed at random
 (``router.fallback: least_outstanding``: on the endpoint with the fewest requests), and so is a session
 whose pod is gone.
 
-Least outstanding picks the endpoint with the fewest requests queued or running, ties to the lowest pod
-id -- exactly ``min(endpoints, key=outstanding)``, but kept in a heap of ``(outstanding, pod id)`` that
-pods refresh (``touch``) whenever their count changes, with stale entries dropped when met: a scan over
-dozens of pods per request would cost more than the rest of the request's simulation.
+Least outstanding picks an endpoint with the fewest requests queued or running, at random among equals
+(Envoy's least-request balancer and the inference gateway's picker choose at random among ties; ties to
+the lowest pod id would give pod 0 every request that finds the pods idle: 2 to 2.3 times the mean
+load). The random choice uses the ``routing`` stream, so a seed gives the same assignment. The endpoints
+are filed by count (``capsim.policy.least.LeastBuckets``), and pods refile themselves (``touch``) whenever
+their count changes: a scan over dozens of pods per request would cost more than the rest of the
+request's simulation.
+
+Outlier ejection (``router.outlier_ejection``, least outstanding and prefix-aware, the kinds that stand
+for an Envoy proxy or gateway; kube-proxy's random, round-robin and ClientIP affinity have none): a
+crashed pod still in the endpoints has no outstanding requests, so least outstanding would send it
+everything until the endpoints drop it. Each request it gets is refused at once and retried by the
+client (``client.py``), and after ``consecutive_failures`` refusals in a row the router ejects it for
+``base_ejection_s`` x its ejections (``capsim.policy.outlier``, Envoy's passive outlier detection). Only
+failures the router sees when it connects count (a refused connection, a draining pod's 503), not a
+pod's later 5xx (a store write in a Redis outage). Time is the SimPy clock, the last event's time: at
+most one event gap before the arrival being routed.
 
 Prefix-aware scores every endpoint as the Kubernetes inference gateway's endpoint picker does
 (``capsim.policy.routing``): the expected prefix hit (the share of the prompt the pod that served the
@@ -20,15 +33,20 @@ such moves (``affinity_fallbacks``) and the history they re-prefill (``reprefill
 
 from __future__ import annotations
 
-import heapq
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from capsim.policy.routing import Candidate, Weights, pick
+from capsim.policy.least import LeastBuckets
+from capsim.policy.outlier import OutlierDetector, OutlierSettings
+from capsim.policy.routing import Candidate, Weights, among_best, pick
+from capsim.sim.pod import PodState
 from capsim.sim.streams import BufferedDraws
 
 if TYPE_CHECKING:
+    from capsim.model.scenario import OutlierEjection
     from capsim.sim.pod import Pod
 
+_READY = PodState.READY
 RouterKind = Literal["random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware"]
 KINDS = ("random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware")
 
@@ -37,7 +55,8 @@ class Router:
     """Picks a pod from ``endpoints`` (kept sorted by pod id by the cluster) among ``pods`` (all, by id)."""
 
     def __init__(self, kind: RouterKind, endpoints: list[Pod], pods: list[Pod], draws: BufferedDraws,
-                 weights: Weights | None = None, fallback: str = "random") -> None:
+                 weights: Weights | None = None, fallback: str = "random",
+                 outlier: OutlierSettings | None = None, clock: Callable[[], float] | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"router.kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.weights = weights if weights is not None else Weights()
@@ -49,12 +68,15 @@ class Router:
         self._draws = draws
         self._next = 0
         self.least = kind == "least_outstanding"
-        self._heap: list[tuple[int, int]] = []
+        self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
+        proxied = self.least or self.prefix_aware
+        self.outliers = OutlierDetector(outlier) if outlier is not None and proxied else None
+        self._clock = clock if clock is not None else (lambda: 0.0)
 
     def touch(self, pod: Pod) -> None:
         """A pod's outstanding count changed, or it became an endpoint."""
         if self.least:
-            heapq.heappush(self._heap, (pod.outstanding, pod.id))
+            self._by_count.set(pod.id, pod.outstanding)
 
     def pick(self) -> Pod | None:
         """A pod for a request without a home pod; ``None`` when there is no endpoint.
@@ -65,36 +87,91 @@ class Router:
         if not eps:
             return None
         if self.least:
-            heap = self._heap
-            pods = self._pods
-            while heap:
-                out, pid = heap[0]
-                pod = pods[pid]
-                if pod.outstanding == out and pod.routable:
-                    heapq.heapreplace(heap, (out + 1, pid))  # the enqueue that follows
-                    return pod
-                heapq.heappop(heap)
-            raise AssertionError("least-outstanding heap lost an endpoint")  # every change is touched
+            out = self.outliers
+            if out is None:
+                return self._least(frozenset())
+            ejected = self._ejected()
+            if ejected and out.panic(sum(1 for p in eps if p.id in ejected), len(eps)):
+                return self._observe(self._least(frozenset()))  # Envoy's panic mode: balance over all
+            return self._observe(self._least(ejected))
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
             return self.pick_scored(-1, 0, 0.0)
-        if self.least_fallback:  # a session placed anew, rarely: a scan, no heap to keep
-            return min(eps, key=lambda p: (p.outstanding, p.id))
+        if self.least_fallback:  # a session placed anew, rarely: a scan, no buckets to keep
+            return eps[among_best([-p.outstanding for p in eps], self._draws.next())]
         if self.kind == "round_robin":
             self._next = (self._next + 1) % len(eps)
             return eps[self._next]
         return eps[int(self._draws.next() * len(eps))]
 
+    def _least(self, ejected: frozenset[int] | dict[int, float]) -> Pod:
+        pods = self._pods
+        miscounted: list[int] = []
+
+        def eligible(pid: int, count: int) -> bool:
+            pod = pods[pid]
+            if pod.outstanding != count:  # a change nobody touched: filed again below, never lost
+                miscounted.append(pid)
+                return False
+            return pod.routable and pid not in ejected  # one that left is filed again when it returns
+
+        pid = self._by_count.pick(self._draws.next, eligible)
+        for m in miscounted:
+            if pods[m].routable:
+                self._by_count.set(m, pods[m].outstanding)
+        if pid is None:  # every endpoint ejected or refiled (Envoy's panic mode): a scan over them all
+            eps = self.endpoints
+            pid = eps[among_best([-p.outstanding for p in eps], self._draws.next())].id
+        pod = pods[pid]
+        self._by_count.set(pid, pod.outstanding + 1)  # the enqueue that follows
+        return pod
+
+    def _ejected(self) -> dict[int, float]:
+        """The ejected pods now, after refiling those whose ejection is over."""
+        out = self.outliers
+        assert out is not None
+        if out.ejected_ids:
+            for pid in out.expire(self._clock()):
+                if self.least:
+                    self.touch(self._pods[pid])
+        return out.ejected_ids
+
+    def _observe(self, pod: Pod | None) -> Pod | None:
+        """Outlier detection sees the attempt the caller makes on ``pod``: refused unless it is ready."""
+        out = self.outliers
+        if out is None or pod is None:
+            return pod
+        if pod.state is _READY:
+            out.succeeded(pod.id)
+        else:
+            out.failed(pod.id, self._clock(), len(self.endpoints))
+        return pod
+
     def pick_scored(self, home: int, home_life: int, hit: float) -> Pod | None:
         """Prefix-aware: the best-scored endpoint, where pod ``home`` in incarnation ``home_life`` is
-        expected to hold a share ``hit`` of the prompt (``home`` -1: no pod holds any)."""
+        expected to hold a share ``hit`` of the prompt (``home`` -1: no pod holds any); at random among
+        equal scores. Ejected pods are left out (all of them in Envoy's panic mode)."""
         eps = self.endpoints
         if not eps:
             return None
+        if self.outliers is not None:
+            ejected = self._ejected()
+            if ejected:
+                kept = [p for p in eps if p.id not in ejected]
+                if not self.outliers.panic(len(eps) - len(kept), len(eps)):
+                    eps = kept
         cands = [Candidate(p.outstanding, _kv_use(p), hit if p.id == home and p.incarnation == home_life else 0.0)
                  for p in eps]
-        return eps[pick(cands, self.weights)]
+        return self._observe(eps[pick(cands, self.weights, self._draws.next())])
 
 
 def _kv_use(pod: Pod) -> float:
     use = getattr(pod, "kv_cache_usage", 0.0)  # a static pod has no KV cache to fill
     return float(use)
+
+
+def outlier_settings(section: OutlierEjection | None) -> OutlierSettings | None:
+    """The policy's settings from the scenario's ``router.outlier_ejection`` (None: no ejection)."""
+    if section is None:
+        return None
+    return OutlierSettings(section.consecutive_failures, section.base_ejection_s, section.max_ejection_s,
+                           section.max_ejection_percent)

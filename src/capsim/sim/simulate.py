@@ -32,7 +32,7 @@ from capsim.sim.faults import Faults
 from capsim.sim.hpa import Autoscaling
 from capsim.sim.pod import PodState
 from capsim.sim.recorder import Records, Timeseries
-from capsim.sim.router import Router
+from capsim.sim.router import Router, outlier_settings
 from capsim.sim.service import make_service
 from capsim.sim.step_time import make_step_time
 from capsim.sim.streams import BufferedDraws, Streams
@@ -128,7 +128,8 @@ class Simulation:
         rs = scenario.router
         self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
                              BufferedDraws(self.streams["routing"]),
-                             Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight), rs.fallback)
+                             Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight), rs.fallback,
+                             outlier_settings(rs.outlier_ejection), lambda: float(self.env.now))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None

@@ -1,0 +1,91 @@
+"""Passive outlier detection: which endpoints a proxy stops sending to after consecutive failures, as Envoy's.
+
+Envoy's ``outlier_detection`` (``config.cluster.v3.OutlierDetection``) ejects a host from the load-balancing
+set after ``consecutive_5xx`` failures in a row (default 5; a refused connection counts as one) for
+``base_ejection_time`` x the number of times it has been ejected (default 30 s), capped by
+``max_ejection_time`` (default 300 s), and never ejects more than ``max_ejection_percent`` of the hosts
+(default 10 %, but at least one host). When fewer than ``healthy_panic_threshold`` (50 %) of the hosts
+are left, Envoy is in panic mode and balances over all of them, ejected or not (``panic``).
+
+Differences, on purpose: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s), so a
+host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly.
+Envoy lowers the ejection multiplier again while a host stays healthy; here a success after its return
+resets it. Pure: times are passed in, nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+PANIC_THRESHOLD = 0.5  # Envoy's healthy_panic_threshold default (50 %)
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    """Envoy's defaults; ``consecutive_failures`` is its ``consecutive_5xx``."""
+
+    consecutive_failures: int = 5
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejection_percent: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1:
+            raise ValueError(f"consecutive_failures must be at least 1, got {self.consecutive_failures}")
+        if self.base_ejection_s < 0 or self.max_ejection_s < 0:
+            raise ValueError("ejection times must not be negative")
+        if not 0 <= self.max_ejection_percent <= 100:
+            raise ValueError(f"max_ejection_percent must be in [0, 100], got {self.max_ejection_percent}")
+
+
+@dataclass
+class OutlierDetector:
+    """Per endpoint id: failures in a row, when its ejection ends, and how many times it was ejected."""
+
+    settings: OutlierSettings = field(default_factory=OutlierSettings)
+    _failures: dict[int, int] = field(default_factory=dict)
+    _until: dict[int, float] = field(default_factory=dict)  # ejected endpoints only
+    _times: dict[int, int] = field(default_factory=dict)
+    ejections: int = 0  # ejections so far (Envoy's ejections_enforced_total)
+
+    @property
+    def ejected_ids(self) -> dict[int, float]:
+        """The endpoints ejected now (call ``expire`` first), with when each returns."""
+        return self._until
+
+    def max_ejected(self, n_endpoints: int) -> int:
+        """How many of ``n_endpoints`` may be out at once: the percentage, but at least one."""
+        return max(1, math.floor(n_endpoints * self.settings.max_ejection_percent / 100.0))
+
+    def failed(self, endpoint: int, now: float, n_endpoints: int) -> bool:
+        """A request to ``endpoint`` failed at ``now`` (refused, 5xx). True when this ejects it."""
+        if endpoint in self._until:
+            return False
+        k = self._failures.get(endpoint, 0) + 1
+        self._failures[endpoint] = k
+        if k < self.settings.consecutive_failures or len(self._until) >= self.max_ejected(n_endpoints):
+            return False  # at the cap Envoy keeps counting and ejects once there is room
+        times = self._times.get(endpoint, 0) + 1
+        self._times[endpoint] = times
+        self._until[endpoint] = now + min(self.settings.base_ejection_s * times, self.settings.max_ejection_s)
+        self._failures[endpoint] = 0
+        self.ejections += 1
+        return True
+
+    def succeeded(self, endpoint: int) -> None:
+        """A request to ``endpoint`` got through: the run of failures (and the ejection multiplier) restarts."""
+        if endpoint in self._failures:
+            del self._failures[endpoint]
+            self._times.pop(endpoint, None)
+
+    def expire(self, now: float) -> list[int]:
+        """Return the endpoints whose ejection is over by ``now`` to the set, and list them."""
+        back = [e for e, t in self._until.items() if t <= now]
+        for e in back:
+            del self._until[e]
+        return back
+
+    def panic(self, ejected_endpoints: int, n_endpoints: int) -> bool:
+        """Envoy's panic mode: with fewer than half the endpoints left it balances over all of them."""
+        return n_endpoints > 0 and (n_endpoints - ejected_endpoints) < PANIC_THRESHOLD * n_endpoints
