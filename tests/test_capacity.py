@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from capsim.cli import app
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.studies.capacity import capacity, steady
+from capsim.studies.capacity import _throughput_guess, capacity, steady
 
 MU = 100.0  # batches per second
 SLO_S = 0.2
@@ -88,3 +88,15 @@ def test_capacity_per_setting_of_a_grid() -> None:
     fast, slow, bad = table.to_dict("records")
     assert fast["rate_per_s"] > 1.5 * slow["rate_per_s"] > 0
     assert math.isnan(bad["rate_per_s"]) and "service.mean_s" in bad["error"]
+
+
+def test_a_larger_arrival_overhead_lowers_capacity() -> None:
+    # the pod's CPU per arriving request lands on the batch it arrives during: at 2 ms an arrival, on a
+    # 10-ms batch of one, the pod serves at most 1 / 12 ms; the starting guess and the search both see it
+    base = mm1(horizon_s=120.0)
+    slow = base.override({"service.arrival_overhead_ms": 2.0})
+    assert _throughput_guess(base, 1) == pytest.approx(MU)
+    assert _throughput_guess(slow, 1) == pytest.approx(1 / (1 / MU + 0.002))
+    fast_cap = capacity(base, rel_tol=0.05, cache=False).rate_per_s
+    slow_cap = capacity(slow, rel_tol=0.05, cache=False).rate_per_s
+    assert slow_cap < 0.9 * fast_cap

@@ -126,6 +126,21 @@ def test_client_timeout_uses_the_full_batch() -> None:
     assert not _fired(s.override({"client.timeout_s": 1.01}), "client-timeout-below-batch")
 
 
+def test_client_timeout_counts_the_arrival_overhead_and_the_ingress_delay() -> None:
+    s = Scenario.model_validate({
+        "horizon_s": 10, "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 1}},
+        "service": {"kind": "deterministic", "mean_s": 0.5},
+        "batching": {"max_batch_size": 50, "max_wait_ms": 0}, "client": {"timeout_s": 0.99},
+        "slo": {"ttft_p99_s": 5}})
+    assert not _fired(s, "client-timeout-below-batch")  # 0.5 s
+    # under load: 0.5 s + 50 arrivals x 8 ms on the batch + 100 ms from send to queue = 1.0 s
+    loaded = s.override({"service.arrival_overhead_ms": 8, "service.ingress_ms": 100})
+    (f,) = _fired(loaded, "client-timeout-below-batch")
+    assert "1 s" in f.message
+    assert _fired(s.override({"service.arrival_overhead_ms": 10}), "client-timeout-below-batch")
+    assert not _fired(loaded.override({"client.timeout_s": 1.01}), "client-timeout-below-batch")
+
+
 # ---- maxReplicas the cluster cannot hold -----------------------------------------------------------------
 def test_max_replicas_over_gpus_fires(rush: Scenario) -> None:
     s = rush.override({"autoscaler.maxReplicas": 40})  # 32 GPUs

@@ -152,7 +152,9 @@ def capacity_per_setting(scenario: Scenario | str | Path, grid: Mapping[str, Seq
 
 def _throughput_guess(sc: Scenario, replicas: int) -> float:
     """Requests per second the fleet serves at full batches of the mean request (the service model's
-    mean batch time): a starting upper bound for the search; 10/s a pod when it cannot be estimated."""
+    mean batch time, plus the pod's CPU per request: ``request_overhead_ms`` on its batch and, busy as a
+    pod at capacity is, ``arrival_overhead_ms`` on the batch running when it arrives): a starting upper
+    bound for the search; 10/s a pod when it cannot be estimated."""
     svc = sc.service
     b = sc.batching.max_batch_size
     try:
@@ -167,7 +169,7 @@ def _throughput_guess(sc: Scenario, replicas: int) -> float:
         else:
             assert svc.mean_s is not None
             total = svc.mean_s
-        total = svc.time_scale * total + b * svc.request_overhead_ms / 1000.0
+        total = svc.time_scale * total + b * (svc.request_overhead_ms + svc.arrival_overhead_ms) / 1000.0
         if total > 0:
             return replicas * b / total
     except Exception:  # only a starting point: the doubling finds a failing rate anyway

@@ -14,7 +14,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   batch >= slo.ttft_p99_s`` misses the SLO for nearly every request.
 * ``queue-below-batch``: a queue holding fewer requests than ``max_batch_size`` never fills a batch.
 * ``client-timeout-below-batch``: a client that gives up before one batch at ``max_batch_size`` has run
-  times out on every full batch (and retries into the next one).
+  times out on every full batch (and retries into the next one). Full batches come under load, where
+  every request arrives while a batch runs: the batch is longer by ``arrival_overhead_ms`` per request
+  and a request reaches the queue ``ingress_ms`` late, so both count.
 * ``max-replicas-over-gpus``: ``maxReplicas`` above the GPUs the cluster section can hold (one GPU per
   pod, whole nodes of ``node_gpus`` within ``max_gpus``) leaves the extra pods Pending for ever.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
@@ -192,12 +194,16 @@ def _queue_capacity(scenario: Scenario) -> list[Finding]:
 def _client_timeout(scenario: Scenario, times: _BatchTimes) -> list[Finding]:
     size = scenario.batching.max_batch_size
     _, total_s = times.at(size)
+    svc = scenario.service
+    # under load each request lands on a running batch (lengthening it) and waits ingress_ms to be queued
+    total_s += (size * svc.arrival_overhead_ms + svc.ingress_ms) / 1000.0
     timeout = scenario.client.timeout_s
     if timeout > total_s:
         return []
     return [Finding(
         "client.timeout_s", f"{timeout:g} s is not longer than one batch at batching.max_batch_size ({size}): "
-        f"{total_s:.4g} s for the workload's mean request; every full batch times out",
+        f"{total_s:.4g} s for the workload's mean request (with the per-arrival overhead and ingress delay under "
+        "load); every full batch times out",
         check="client-timeout-below-batch")]
 
 
