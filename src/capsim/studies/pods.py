@@ -2,20 +2,84 @@
 
 Studies (validation), benchmarks and integration tests start pods this way, so they all exercise the
 same command an engineer deploys.
+
+Pods die with their parent, so an interrupted ``capsim validate`` leaves no pod holding its port and its
+core: on Linux each pod asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``: even a
+SIGKILL of the parent, when the pod was started from the main thread, as the signal follows the thread
+that started it); and once a pod or a ``scratch_dir`` exists, SIGTERM to the parent raises ``SystemExit``
+(the default action would skip every ``finally``), so its cleanup runs, and at exit the parent stops the
+pods it started (SIGTERM, SIGKILL after 10 s) and removes its scratch folders. Ctrl-C (SIGINT) raises
+``KeyboardInterrupt`` and ends the same way.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
 
 START_TIMEOUT_S = 60.0
+EXIT_STOP_TIMEOUT_S = 10.0  # at the parent's exit a pod gets this long to drain before SIGKILL
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+_live: set[PodProcess] = set()  # started and not stopped: stopped at exit
+_scratch: list[Path] = []  # removed at exit, after the pods that write their logs there
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new folder under the system's temporary directory, removed when this process exits (normally, by
+    an exception, Ctrl-C or SIGTERM: see the module docstring)."""
+    _exit_on_sigterm()
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _scratch.append(path)
+    return path
+
+
+def remove_scratch(path: Path) -> None:
+    """Remove a ``scratch_dir`` now (a long-lived process, a notebook, should not keep it until exit)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if path in _scratch:
+        _scratch.remove(path)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143), so ``finally`` blocks and exit handlers run; only where SIGTERM
+    still has its default action (an application's own handler is kept) and from the main thread (the
+    only one that may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _raise_exit)
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+_prctl: Any = None  # libc's prctl, looked up in the parent: the child between fork and exec only calls it
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@atexit.register
+def _cleanup_at_exit() -> None:
+    for pod in list(_live):
+        pod.stop(EXIT_STOP_TIMEOUT_S)
+    while _scratch:
+        shutil.rmtree(_scratch.pop(), ignore_errors=True)
 
 
 def free_port() -> int:
@@ -34,7 +98,8 @@ class PodProcess:
     """One pod process; ``url`` is its base URL. ``settings`` become ``CAPSIM_<NAME>`` variables.
 
     ``start()`` launches it (and by default waits until ``/readyz`` answers 200); a restart reuses the
-    port. ``stop()`` sends SIGTERM and waits for the drain; ``kill()`` is SIGKILL.
+    port. ``stop()`` sends SIGTERM and waits for the drain; ``kill()`` is SIGKILL. As a context manager it
+    is started on entry and stopped on exit; a pod still running when the parent exits is stopped then.
     """
 
     def __init__(
@@ -63,8 +128,16 @@ class PodProcess:
         env["CAPSIM_POD_NAME"] = self.name
         cmd = [sys.executable, "-m", "capsim.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--log-level", "warning"]
+        _exit_on_sigterm()
+        # the death signal follows the thread that forks: only the main thread lives as long as the parent
+        linux_main = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+        global _prctl
+        if linux_main and _prctl is None:
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(pinned(cmd, self.core), env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(pinned(cmd, self.core), env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_die_with_parent if linux_main else None)
+        _live.add(self)
         if wait_ready:
             self.wait_ready()
         return self
@@ -98,17 +171,26 @@ class PodProcess:
         assert self.proc is not None
         return self.proc.wait(timeout=timeout_s)
 
+    def __enter__(self) -> PodProcess:
+        return self.start() if self.proc is None or self.proc.poll() is not None else self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        _live.discard(self)
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM, wait for the drain; SIGKILL if it outlasts ``timeout_s``."""
         if self.proc is None or self.proc.poll() is not None:
+            _live.discard(self)
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
+        _live.discard(self)

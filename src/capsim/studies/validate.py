@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
 from capsim.studies import validate_stats as vs
-from capsim.studies.pods import PodProcess, pinned
+from capsim.studies.pods import PodProcess, pinned, remove_scratch, scratch_dir
 from capsim.studies.validate_calibrate import (
     Calibration,
     CalibrationError,
@@ -214,7 +213,7 @@ def run_validation(
     cores = _cores()
     pod_core = cores[0] if len(cores) > 1 else None
     gen_core = cores[1] if len(cores) > 1 else None
-    work = Path(tempfile.mkdtemp(prefix="capsim-validate-"))
+    work = scratch_dir("capsim-validate-")  # removed at exit, also after Ctrl-C or SIGTERM (studies.pods)
     echo(f"profiling {spec.model} with {spec.threads} thread(s) on core {pod_core} ...")
     profile_path = measure_profile(spec, work, pod_core)
     profile = ServiceTimeProfile.from_csv(profile_path)
@@ -308,6 +307,7 @@ def run_validation(
             rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
     finally:
         pod.stop()
+        remove_scratch(work)
     results = pd.DataFrame(rows)
     results.attrs["calibration_warnings"] = list(calibration.warnings) if calibration else []
     results.to_csv(out / "results.csv", index=False)

@@ -1,0 +1,78 @@
+"""Pods die with their parent: a validate-like parent stopped by SIGTERM, Ctrl-C or SIGKILL leaves no pod
+listening on its port, and (when it could run its exit handlers) no scratch folder."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+# what `capsim validate` does: a scratch folder, a pod in it, a long measurement in try/finally
+PARENT = """
+import sys, time
+from capsim.studies.pods import PodProcess, scratch_dir
+work = scratch_dir("capsim-validate-test-")
+pod = PodProcess(work, "validate", max_wait_ms=0, torch_threads=1)
+try:
+    pod.start()
+    print(pod.port, work, flush=True)
+    time.sleep(600)
+finally:
+    pod.stop()
+"""
+
+DEADLINE_S = 40.0  # the pod drains (nothing in flight) and exits; generous for a loaded machine
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_closed(port: int, folder: Path | None) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        if not _listening(port) and (folder is None or not folder.exists()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"port {port} open: {_listening(port)}; folder {folder} left: "
+                         f"{folder is not None and folder.exists()}")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_stopping_the_parent_stops_its_pod_and_removes_its_folder(sig: signal.Signals) -> None:
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline() if parent.stdout else ""
+        assert line, "the parent did not start its pod"
+        port_s, folder_s = line.split()
+        port, folder = int(port_s), Path(folder_s)
+        assert _listening(port) and folder.is_dir()
+        parent.send_signal(sig)
+        parent.wait(timeout=DEADLINE_S)
+        # SIGKILL runs no handler in the parent: the kernel's death signal stops the pod; the folder stays
+        _wait_closed(port, None if sig == signal.SIGKILL else folder)
+        if sig == signal.SIGTERM:
+            assert parent.returncode == 128 + signal.SIGTERM  # SystemExit, as a shell reports a SIGTERM
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if sig == signal.SIGKILL and "folder" in locals():
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_pod_is_a_context_manager(tmp_path: Path) -> None:
+    from capsim.studies.pods import PodProcess
+
+    with PodProcess(tmp_path, max_wait_ms=0, torch_threads=1) as pod:
+        assert _listening(pod.port)
+    assert pod.proc is not None and pod.proc.poll() is not None
+    assert not _listening(pod.port)
