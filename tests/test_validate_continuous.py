@@ -121,3 +121,22 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert fit.overhead_s > 0
     ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]
     assert ok.real > 0 and ok.sim > 0
+
+
+def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_kept_it() -> None:
+    import pandas as pd
+
+    from capsim.studies.validate_continuous import pod_token_span
+
+    # a client that got the answer 12 ms after the pod's last token: the span to the receipt says 31 x 1 ms
+    # + 12 ms, the pod's own span 31 x 1 ms
+    real = pd.DataFrame({"arrival_s": [0.0, 1.0], "first_token_s": [0.005, 1.005], "end_s": [0.048, 1.048],
+                         "output_tokens": [32, 32]})
+    assert np.allclose(itl_frame(real).first_token_s - real.arrival_s, 0.043 / 31)
+    assert pod_token_span(real) is None
+    real.attrs["token_span_s"] = [0.031, 0.031]
+    span = pod_token_span(real)
+    assert span is not None
+    assert np.allclose(itl_frame(real, span).first_token_s - real.arrival_s, 0.001)
+    real.attrs["token_span_s"] = [0.031]  # not one per row: not used
+    assert pod_token_span(real) is None
