@@ -329,15 +329,19 @@ def validate(
         min=1, help="runs per load level with different seeds (intervals need 3 or more) [default: 3]")] = None,
     prompt_tokens: Annotated[int | None, typer.Option(min=1, help="prompt tokens of every request")] = None,
     output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens of every request")] = None,
-    mode: Annotated[str, typer.Option(help="static batches, or continuous batching (docs/continuous.md)")] = "static",
+    mode: Annotated[str, typer.Option(help="static batches, continuous batching (docs/continuous.md), or growing "
+                                      "sessions on two pods per router policy (docs/sessions.md)")] = "static",
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
 
-    if mode not in ("static", "continuous"):
-        raise CommandLineError(f"--mode must be static or continuous, got {mode!r}")
+    if mode not in ("static", "continuous", "sessions"):
+        raise CommandLineError(f"--mode must be static or continuous, or sessions, got {mode!r}")
     if mode == "continuous":
         _validate_continuous(quick, out_dir, force)
+        return
+    if mode == "sessions":
+        _validate_sessions(quick, out_dir, force)
         return
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
@@ -368,6 +372,19 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool) -> None
         raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
                                "or --out-dir to write elsewhere")
     run_continuous_validation(ContinuousSpec.quick() if quick else ContinuousSpec(), out_dir=folder, echo=typer.echo)
+    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
+
+
+def _validate_sessions(quick: bool, out_dir: Path | None, force: bool) -> None:
+    """``capsim validate --mode sessions`` (capsim.studies.validate_sessions)."""
+    from capsim.studies.validate_sessions import SessionsSpec, run_sessions_validation
+
+    folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/sessions"), "--out-dir")
+    existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]
+    if existing and out_dir is None and not force:
+        raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
+                               "or --out-dir to write elsewhere")
+    run_sessions_validation(SessionsSpec.quick() if quick else SessionsSpec(), out_dir=folder, echo=typer.echo)
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
 

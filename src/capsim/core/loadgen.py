@@ -16,7 +16,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -168,6 +168,8 @@ async def run_load(
     seed: int = 0,
     progress: bool = False,
     session_tag: str | None = None,
+    messages: Callable[[int], Sequence[int]] | None = None,
+    think: Callable[[], float] | None = None,
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
@@ -178,6 +180,12 @@ async def run_load(
     Session ``k`` of the run is ``{session_tag}-s{k}`` on the pods; the tag is fresh per run unless given,
     so a second run against the same pods starts new conversations rather than continuing the first run's
     (the pod prefills a session's stored history: reused ids would grow every prompt run after run).
+
+    Growing sessions (``capsim validate --mode sessions``): ``messages(r)`` gives request ``r``'s new message
+    as token ids (its count is then the workload's ``prompt_tokens[r]``); the frame's ``prompt_tokens`` is
+    then what the pod prefilled (history plus message, from the answer) and a column ``cached_tokens`` holds
+    the prompt tokens the pod served from its prefix cache. ``think()`` draws each think time when the
+    previous answer arrives (the simulated client's order), instead of the workload's constant.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -201,6 +209,7 @@ async def run_load(
     bar = tqdm(total=n, desc="requests", disable=not progress)
     failures: Counter[str] = Counter()
     open_requests: set[int] = set()
+    histories: dict[int, dict[str, Any]] = {}  # request -> the answer's "history" (messages given)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
     timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
 
@@ -218,7 +227,8 @@ async def run_load(
         async def attempt(r: int, pod: int) -> _Result:
             """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size, why) with times from sending."""
             url = f"{urls[pod]}/v1/sessions/{tag}-s{rec.session_id[r]}/turns"
-            body = {"prompt_tokens": int(rec.prompt_tokens[r]), "max_new_tokens": int(rec.output_tokens[r])}
+            tokens: int | list[int] = int(rec.prompt_tokens[r]) if messages is None else list(messages(r))
+            body = {"prompt_tokens": tokens, "max_new_tokens": int(rec.output_tokens[r])}
             try:
                 if stream:
                     return await _attempt_stream(http, url, body, policy.timeout_s)
@@ -228,6 +238,8 @@ async def run_load(
             if resp.status_code != 200:
                 return _status(resp.status_code)
             data = resp.json()
+            if messages is not None and isinstance(data.get("history"), dict):
+                histories[r] = data["history"]
             return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"]), None
 
         async def request(r: int) -> bool:
@@ -268,8 +280,9 @@ async def run_load(
                     return
                 if not await request(r):
                     return  # a failed turn ends the conversation, as in the simulator
-                if turn + 1 < turns and workload.think_time_s > 0:
-                    await asyncio.sleep(workload.think_time_s)
+                pause = think() if think is not None and turn + 1 < turns else workload.think_time_s
+                if turn + 1 < turns and pause > 0:
+                    await asyncio.sleep(pause)
 
         sessions = [s for s in range(len(workload.session_start_s)) if s * turns < n
                     and workload.session_start_s[s] <= max_duration_s]
@@ -283,6 +296,11 @@ async def run_load(
             failures[CUT_OFF] += len(open_requests)
     bar.close()
     frame = rec.frame()
+    if messages is not None:  # what the pod prefilled and what of it its prefix cache served
+        ids = frame["request_id"].to_numpy()
+        frame["prompt_tokens"] = [int(histories.get(int(r), {}).get("prompt_tokens", p))
+                                  for r, p in zip(ids, frame["prompt_tokens"], strict=True)]
+        frame["cached_tokens"] = [int(histories.get(int(r), {}).get("cached_tokens", 0)) for r in ids]
     frame.attrs["failures"] = dict(failures.most_common())
     # how late each session's first request left against its schedule (s; the generator's own lag), and
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows

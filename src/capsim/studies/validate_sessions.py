@@ -1,0 +1,271 @@
+"""Sim-versus-real validation of growing sessions (issue 14 §6): two real continuous pods with prefix
+caching behind the real router, against the simulator's two pods, once per router policy.
+
+The workload is the simulator's own (``make_workload`` of :func:`sessions_scenario`): sessions arriving as
+a Poisson process for ``arrival_s`` seconds, ``turns`` turns each, closed loop (a turn is sent when the
+previous answer arrives plus an exponential think time, drawn in answer order from the ``sessions``
+stream in both halves, as the simulated client does), each later turn a new message of distinct tokens
+and a short answer, so every turn prefills its history from the store. The step model is measured and
+calibrated as ``capsim validate --mode continuous`` does (``capsim.studies.validate_sessions_calibrate``);
+the session rate is ``level`` times the two pods' capacity without prefix hits. Per policy: the prefix
+hit rate (prompt tokens served from the cache, from the pods' and the simulator's counters), TTFT
+p50/p99 and turns per second, with the block-bootstrap intervals of ``capsim.studies.validate_stats``
+over the requests that arrive in ``[warmup_s, arrival_s)``. Method and targets: docs/sessions.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import capsim
+from capsim.model.scenario import Scenario
+from capsim.studies import validate_stats as vs
+from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
+
+#: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
+#: its cached history rounded down to a block, so an answer that ends a block early or late moves a
+#: ~300-token turn by 16 tokens (5%); a router that places a few turns differently moves the rate a little
+#: more. A turn that misses its history loses tens of points on its own, so 5 points still tells a routing
+#: or caching difference from block rounding.
+HIT_TARGET_POINTS = 0.05
+
+METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p99_s", "throughput_per_s")
+TARGETS: dict[str, float] = {"ttft_p50_s": 0.10, "ttft_p99_s": 0.15, "throughput_per_s": 0.03,
+                             "hit_rate": HIT_TARGET_POINTS}
+
+
+@dataclass(frozen=True)
+class SessionsSpec:
+    """The workload, the engine limits, the policies and the run lengths (defaults: about 5 minutes)."""
+
+    policies: tuple[str, ...] = ("session_affinity", "round_robin")
+    replications: int = 3
+    level: float = 0.5  # turns per second, as a share of the two pods' capacity without prefix hits
+    arrival_s: float = 20.0  # sessions arrive during this long; the comparison window ends here
+    drain_s: float = 12.0  # the simulation runs this much longer, for the sessions' later turns
+    warmup_s: float = 4.0
+    turns: int = 6
+    first_tokens: float = 192.0  # the first prompt: lognormal with this mean
+    first_sigma: float = 0.3
+    first_max: int = 384
+    new_tokens: float = 32.0  # each later turn's new message: lognormal with this mean
+    new_sigma: float = 0.5
+    new_max: int = 96
+    output_tokens: int = 8  # every answer
+    think_mean_s: float = 0.5  # exponential
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    num_blocks: int = 1024
+    max_model_len: int = 1024
+    seed: int = 0
+    model: str = "tiny"
+    threads: int = 1
+    calibration_s: float = 3.0
+    step_workloads: int = 3
+
+    @classmethod
+    def quick(cls) -> SessionsSpec:
+        return cls(replications=2, arrival_s=8.0, drain_s=10.0, warmup_s=2.0, turns=4, calibration_s=1.5,
+                   step_workloads=1)
+
+    @property
+    def mean_prompt_tokens(self) -> float:
+        """A turn's mean prompt (history plus message) without truncation."""
+        return self.first_tokens + (self.turns - 1) / 2 * (self.output_tokens + self.new_tokens)
+
+    def limits(self) -> dict[str, int]:
+        return {"max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "block_size": self.block_size, "num_blocks": self.num_blocks, "max_model_len": self.max_model_len}
+
+    @property
+    def long_prompt_tokens(self) -> int:
+        """A session's last prompt at the means: the step model is measured up to this prompt length (a
+        fit over short prompts only extrapolates its prefill-times-context term wildly)."""
+        return round(self.first_tokens + (self.turns - 1) * (self.output_tokens + self.new_tokens))
+
+
+def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
+                      arrival_overhead_ms: float = 0.0) -> Scenario:
+    """The simulator's view of one run: two always-ready continuous pods with prefix caching behind
+    ``policy``, sessions arriving at ``rate`` per second until ``arrival_s``."""
+    return Scenario.model_validate({
+        "horizon_s": spec.arrival_s + spec.drain_s,
+        "warmup_s": spec.warmup_s,
+        "workload": {
+            "arrivals": {"kind": "piecewise", "rate_per_s": [[0.0, rate], [spec.arrival_s, 0.0]]},
+            "prompt_tokens": {"kind": "lognormal", "mean": spec.first_tokens, "sigma": spec.first_sigma,
+                              "max": spec.first_max},
+            "output_tokens": {"kind": "constant", "value": spec.output_tokens},
+            "sessions": {"turns": spec.turns, "mode": "closed",
+                         "think_time_s": {"kind": "exponential", "mean_s": spec.think_mean_s},
+                         "new_tokens": {"kind": "lognormal", "mean": spec.new_tokens, "sigma": spec.new_sigma,
+                                        "max": spec.new_max}},
+        },
+        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
+                    "arrival_overhead_ms": arrival_overhead_ms},
+        "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
+        "pods": {"replicas": 2, "startup_s": 0},
+        # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
+        "router": {"kind": policy, "kv_cache_weight": 0.0},
+        "client": {"timeout_s": 600, "max_retries": 0},
+    })
+
+
+@dataclass
+class _Pool:
+    real: list[vs.Blocks]
+    sim: list[vs.Blocks]
+    counters: list[tuple[float, float, float, float]]  # real hits, real queries, sim hits, sim queries
+    preemptions: list[tuple[float, float]]
+    turns: int = 0
+
+
+def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
+                cores: list[int | None], echo: Callable[[str], None]) -> _Pool:
+    from capsim.sim.arrivals import make_workload
+    from capsim.sim.sessions import ThinkTimes
+    from capsim.sim.simulate import simulate
+    from capsim.sim.streams import Streams
+    from capsim.studies.validate_sessions_real import message_ids, run_real, start_fleet
+
+    settings: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
+                                   "queue_capacity": 4096, "enable_prefix_caching": "true", "warmup": "false",
+                                   "max_prompt_tokens": spec.max_model_len, **spec.limits()}
+    from capsim.core.engine import PRESETS
+
+    vocab = PRESETS[spec.model].vocab_size
+    pool = _Pool([], [], [], [])
+    fleet = start_fleet(work, policy, settings, cores)
+    try:
+        for rep in range(spec.replications):
+            seed = spec.seed + rep
+            scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
+                                         cal.arrival_overhead_ms)
+            workload = make_workload(scenario, Streams(seed))
+            msg = workload.message_tokens
+            assert msg is not None
+
+            def messages(r: int, seed: int = seed, msg: Any = msg) -> list[int]:
+                return message_ids(seed, r // spec.turns, r % spec.turns, int(msg[r]), vocab)
+
+            think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
+            real_df, real_c = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
+            sim = simulate(scenario, seed=seed)
+            w, end = spec.warmup_s, spec.arrival_s
+            pool.real.append(vs.cut_blocks(real_df, w, end))
+            pool.sim.append(vs.cut_blocks(sim.requests, w, end))
+            ts = sim.timeseries
+            pool.counters.append((real_c["vllm:prefix_cache_hits_total"], real_c["vllm:prefix_cache_queries_total"],
+                                  float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
+            pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
+            pool.turns += workload.n_requests
+            bad = real_df[real_df.outcome != "ok"]
+            echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
+                 f"{len(real_df)} turns sent ({len(bad)} not ok), hit rate real "
+                 f"{real_c['vllm:prefix_cache_hits_total'] / max(real_c['vllm:prefix_cache_queries_total'], 1):.3f} "
+                 f"sim {pool.counters[-1][2] / max(pool.counters[-1][3], 1):.3f}")
+    finally:
+        fleet.stop()
+    return pool
+
+
+def _rows(policy: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
+    real, sim = vs.pool(pool.real), vs.pool(pool.sim)
+    base = {"policy": policy, "sessions_per_s": rate, "turns": pool.turns}
+    rows = []
+    for metric in METRICS:
+        ri, si, ei = vs.interval(real, metric), vs.interval(sim, metric), vs.error_interval(real, sim, metric)
+        rows.append({**base, "metric": metric, "real": ri.value, "real_low": ri.low, "real_high": ri.high,
+                     "sim": si.value, "sim_low": si.low, "sim_high": si.high, "error": ei.value,
+                     "error_low": ei.low, "error_high": ei.high, "error_kind": "relative",
+                     "intervals_overlap": ri.overlaps(si), "target": TARGETS[metric],
+                     "met": abs(ei.value) <= TARGETS[metric], "measured_ok": float(real.ok.sum())})
+    rows.append({**base, **hit_rate_row(pool.counters)})
+    rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
+    rows.append({**base, "metric": "preemptions", "real": rp, "sim": sp, "error": sp - rp, "error_kind": "count"})
+    return rows
+
+
+def hit_rate_row(counters: list[tuple[float, float, float, float]]) -> dict[str, Any]:
+    """The prefix hit rate over every run (prompt tokens served from the cache over those looked up: the
+    pods' ``vllm:prefix_cache_hits`` / ``queries`` and the simulator's), and ``sim - real`` in points
+    with the t interval over the replications' differences (the counters cover whole runs, so there are
+    no blocks to resample)."""
+    rh, rq, sh, sq = (sum(c[i] for c in counters) for i in range(4))
+    real = [c[0] / c[1] if c[1] else float("nan") for c in counters]
+    sim = [c[2] / c[3] if c[3] else float("nan") for c in counters]
+    r, s = rh / rq if rq else float("nan"), sh / sq if sq else float("nan")
+    ri, si = vs.t_interval(real), vs.t_interval(sim)
+    ei = vs.t_interval([b - a for a, b in zip(real, sim, strict=True)])
+    return {"metric": "hit_rate", "real": r, "real_low": ri.low, "real_high": ri.high, "sim": s,
+            "sim_low": si.low, "sim_high": si.high, "error": s - r, "error_low": ei.low, "error_high": ei.high,
+            "error_kind": "points", "intervals_overlap": ri.overlaps(si), "target": HIT_TARGET_POINTS,
+            "met": abs(s - r) <= HIT_TARGET_POINTS}
+
+
+def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | Path = "data/validation/sessions",
+                            echo: Callable[[str], None] = print) -> Any:
+    """Run it; write ``results.csv``, ``profile.csv`` (the calibrated step model) and ``provenance.json``
+    under ``out_dir``; return the results frame."""
+    import pandas as pd
+
+    spec = spec or SessionsSpec()
+    started = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pod_cores: list[int | None] = [cores[0], cores[1]] if len(cores) > 1 else [None, None]
+    work = Path(tempfile.mkdtemp(prefix="capsim-validate-sessions-"))
+    cal = calibrate(spec, work, out, cores, pod_cores[0], echo)
+    per_pod = cal.per_pod_turns_per_s
+    rate = spec.level * 2 * per_pod / spec.turns
+    echo(f"capacity without prefix hits: {per_pod:.1f} turns/s a pod; {rate:.2f} sessions/s of {spec.turns} "
+         f"turns ({spec.level:.0%})")
+    rows: list[dict[str, Any]] = []
+    for policy in spec.policies:
+        echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
+        pool = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
+        rows += _rows(policy, rate, pool)
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    import torch
+
+    provenance = {
+        "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
+        **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
+        "capacity_per_pod_turns_per_s": per_pod,
+        "sessions_per_s": rate, "cores": {"pods": pod_cores}, "created_unix": time.time(),
+        "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
+        "method": "docs/sessions.md#validated-against-real-pods",
+    }
+    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+    echo(format_results(results))
+    echo(f"wall time {time.time() - started:.0f} s; results in {out}")
+    return results
+
+
+def format_results(results: Any) -> str:
+    """A text table: policy, metric, real and sim, the error (relative, or points for the hit rate) with its
+    95% interval, and whether it meets its target."""
+    import numpy as np
+
+    lines = [f"{'policy':>17} {'metric':>17} {'real':>10} {'sim':>10} {'error':>9} {'95% interval':>19} {'target':>7}"]
+    for r in results.itertuples():
+        pts = r.error_kind == "points"
+
+        def fmt(v: float, pts: bool = pts) -> str:
+            return f"{100 * v:+.1f}pt" if pts else f"{v:+.1%}"
+        err = fmt(r.error) if r.error_kind != "count" else f"{r.error:+.0f}"
+        ci = f"[{fmt(r.error_low)}, {fmt(r.error_high)}]" if np.isfinite(getattr(r, "error_low", np.nan)) else ""
+        met = getattr(r, "met", None)
+        ok = "" if not isinstance(met, bool | np.bool_) else ("ok" if met else "MISS")
+        lines.append(f"{r.policy:>17} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} {err:>9} {ci:>19} {ok:>7}")
+    return "\n".join(lines)

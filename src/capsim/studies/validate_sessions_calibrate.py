@@ -1,0 +1,78 @@
+"""The step model of ``capsim validate --mode sessions``: measured and calibrated as the continuous
+validation does it (its functions, not a copy), over the sessions' prompt lengths.
+
+The measurement runs in a fresh process pinned to the first pod's core, over prompts up to a session's
+last prompt (a fit over short prompts extrapolates its prefill-times-context term wildly: 32-token
+prompts put a 300-token prefill at 1 s). The calibration runs on a pod of its own with prefix caching
+off: its closed loop sends one synthetic prompt over and over, which a caching pod would serve from its
+cache. The calibrated model goes to ``profile.csv``; the simulator takes its ``time_scale`` and, where the
+calibration has one, its per-arrival time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from capsim.studies.validate_sessions import SessionsSpec
+
+CALIBRATION_CLIENTS = (2, 8, 16, 64)  # closed-loop clients: from a few running to max_num_seqs
+CALIBRATION_OUTPUT = 32  # the calibration's answers: a few decodes a request, so steps mix both kinds
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """The calibrated step model (``profile_path``), what the scenario takes from it, and the capacity."""
+
+    profile_path: Path
+    time_scale: float
+    arrival_overhead_ms: float
+    per_pod_turns_per_s: float  # a pod's turns per second at the mean prompt with no prefix hit
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], pod_core: int | None,
+              echo: Callable[[str], None]) -> Calibrated:
+    """Measure the step model, calibrate it on a pod without prefix caching, write ``out / profile.csv``."""
+    from capsim.model.profile import ServiceTimeProfile
+    from capsim.model.step_model import StepTimeFit
+    from capsim.studies import validate_continuous_calibrate as vcc
+    from capsim.studies.pods import PodProcess
+    from capsim.studies.validate_continuous import START_S
+
+    prompt, output = spec.long_prompt_tokens, CALIBRATION_OUTPUT
+    echo(f"measuring {spec.model}'s continuous steps on core {pod_core} (prompts up to {prompt} tokens) ...")
+    measured = ServiceTimeProfile.from_csv(vcc.measure_step_fit(
+        work / "steps.csv", pod_core, model=spec.model, threads=spec.threads, workloads=spec.step_workloads,
+        max_num_seqs=spec.max_num_seqs, prompt=prompt, output=output, seed=spec.seed))
+    fit = StepTimeFit.from_dict(measured.metadata["step_model"])
+    limits = {**spec.limits(), "max_model_len": max(spec.max_model_len, prompt + output + 1)}
+    pod = PodProcess(work, "calibration", core=pod_core, torch_threads=spec.threads, model=spec.model,
+                     batch_mode="continuous", queue_capacity=4096, max_prompt_tokens=prompt, **limits)
+    if len(cores) > 1:
+        os.sched_setaffinity(0, {cores[1]})  # the calibration's clients off the pod's core, as in continuous
+    try:
+        pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
+        cal, steps = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
+                                         seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
+                                         prompt=prompt, output=output, echo=echo)
+    finally:
+        pod.stop()
+        if len(cores) > 1:
+            os.sched_setaffinity(0, set(cores))
+    steps.to_csv(out / "calibration_steps.csv", index=False)
+    echo(f"calibration: {cal.describe()}")
+    for warning in cal.warnings:
+        echo(f"WARNING: step calibration: {warning}")
+    profile_path = out / "profile.csv"
+    ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": vcc.calibrated_fit(fit, cal).to_dict()},
+                       measured.source).to_csv(profile_path)
+    per_pod = vcc.capacity_per_s(fit, cal, spec.max_num_seqs, round(spec.mean_prompt_tokens), spec.output_tokens)
+    return Calibrated(profile_path, cal.time_scale, cal.arrival_s * 1e3, per_pod,
+                      {"step_fit": fit.to_dict(), "calibration": asdict(cal),
+                       "calibration_lengths": {"prompt": prompt, "output": output,
+                                               "clients": list(CALIBRATION_CLIENTS)}})

@@ -1,0 +1,158 @@
+"""The real half of ``capsim validate --mode sessions``: a redis-server, two continuous pods with prefix
+caching and a ``capsim router`` in front of them, and a growing-session workload replayed through it.
+
+Every process is started fresh for each router policy, so each policy starts with empty prefix caches and
+an empty store. The pods share the store (a session's history is in Redis, as the seed's design has it):
+a turn the router sends to the other pod prefills the whole history there. Each message is token ids
+drawn per session and turn (``message_ids``), so no two sessions share a KV block, as the simulator's
+per-session block hashes assume; with counts instead, every prompt would start with the same synthetic
+tokens and hit the cache across sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsim.errors import CapsimError
+from capsim.studies.pods import PodProcess, free_port
+
+START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
+COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total")
+
+
+class SessionsValidationError(CapsimError, RuntimeError):
+    """The sessions validation cannot run here (no redis-server on PATH, a process that did not start)."""
+
+
+def message_ids(seed: int, session: int, turn: int, n: int, vocab: int) -> list[int]:
+    """The token ids of turn ``turn``'s new message in session ``session`` (turn 0: the first prompt):
+    uniform over the vocabulary, from their own generator, so sessions share no block."""
+    gen = np.random.default_rng([seed, session, turn])
+    return [int(t) for t in gen.integers(0, vocab, n)]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A private redis-server on loopback (no persistence) once it answers PING; and its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SessionsValidationError("the sessions validation needs redis-server on PATH (the pods share the "
+                                      "sessions' history through it): apt-get install redis-server")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(workdir), "--logfile", str(workdir / f"redis-{port}.log")]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SessionsValidationError(f"redis-server on port {port} did not answer PING within 10 s")
+
+
+def start_router(pod_urls: Sequence[str], policy: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``capsim router`` process with ``policy`` in front of ``pod_urls``, once ``/healthz`` answers."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "capsim.cli", "router", "--port", str(port), "--log-level", "warning",
+           "--policy", policy]
+    for url in pod_urls:
+        cmd += ["--pod", url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SessionsValidationError(f"capsim router exited with code {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SessionsValidationError("capsim router did not answer /healthz within 60 s")
+
+
+def pod_counters(url: str) -> dict[str, float]:
+    """The prefix-cache and preemption counters of a pod's /metrics (summed over labels)."""
+    import httpx
+
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out:
+            out[name] += float(line.split()[-1])
+    return out
+
+
+@dataclass
+class Fleet:
+    """The store, the two pods and the router of one policy; ``stop()`` ends them all."""
+
+    pods: list[PodProcess]
+    router_url: str
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def counters(self) -> dict[str, float]:
+        per_pod = [pod_counters(p.url) for p in self.pods]
+        return {k: sum(c[k] for c in per_pod) for k in COUNTERS}
+
+    def stop(self) -> None:
+        for p in self.pods:
+            p.stop()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def start_fleet(work: Path, policy: str, settings: dict[str, object], cores: Sequence[int | None]) -> Fleet:
+    """A fresh redis-server, one pod per entry of ``cores`` (pinned there) with ``settings``, and the router."""
+    redis, redis_url = start_redis(work)
+    fleet = Fleet([], "", [redis])
+    try:
+        fleet.pods = [PodProcess(work, f"{policy}-{i}", core=core, redis_url=redis_url, **settings)
+                      for i, core in enumerate(cores)]
+        for p in fleet.pods:
+            p.start(wait_ready=False)
+        for p in fleet.pods:
+            p.wait_ready(timeout_s=START_S)
+        router, fleet.router_url = start_router([p.url for p in fleet.pods], policy)
+        fleet.procs.append(router)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], think: Callable[[], float],
+             max_duration_s: float, seed: int) -> tuple[Any, dict[str, float]]:
+    """Replay ``workload`` through the fleet's router (no retries); the requests frame (with the pods'
+    ``prompt_tokens`` and ``cached_tokens``) and the pods' counters over the run."""
+    from capsim.core.loadgen import ClientPolicy, run_load
+
+    before = fleet.counters()
+    frame = asyncio.run(run_load([fleet.router_url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
+                                 max_duration_s=max_duration_s, seed=seed, messages=messages, think=think))
+    after = fleet.counters()
+    return frame, {k: after[k] - before[k] for k in COUNTERS}
+

@@ -1,0 +1,165 @@
+"""The sessions validation (``capsim validate --mode sessions``): the simulator's side of a policy, the same
+workload for the real side (token ids, think times), the hit-rate row, the table, the command line, the
+real fleet (shared store, router, prefix caching) and a short run end to end (slow)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.step_model import StepTimeFit
+from capsim.sim.arrivals import make_workload
+from capsim.sim.sessions import ThinkTimes
+from capsim.sim.simulate import simulate
+from capsim.sim.streams import Streams
+from capsim.studies import validate_stats as vs
+from capsim.studies.validate_continuous import BASE_PROFILE
+from capsim.studies.validate_sessions import (
+    HIT_TARGET_POINTS,
+    SessionsSpec,
+    _Pool,
+    _rows,
+    format_results,
+    hit_rate_row,
+    sessions_scenario,
+)
+from capsim.studies.validate_sessions_real import message_ids
+
+FIT = StepTimeFit((1e-3, 2e-5, 0.0, 1.5e-4, 5e-7), 1e-4, 0.9, 100,
+                  {"prefill_tokens": (0, 512), "prefill_context": (0, 0), "decodes": (0, 16),
+                   "decode_context": (0, 8192)}, 1e-4)
+SPEC = SessionsSpec.quick()
+
+
+@pytest.fixture()
+def fitted_profile(tmp_path: Path) -> Path:
+    base = ServiceTimeProfile.from_csv(BASE_PROFILE)
+    return ServiceTimeProfile(base.points, {**base.metadata, "step_model": FIT.to_dict()}, base.source).to_csv(
+        tmp_path / "steps.csv")
+
+
+def test_sessions_stop_arriving_and_turns_grow_with_their_history(fitted_profile: Path) -> None:
+    sc = sessions_scenario(SPEC, "session_affinity", fitted_profile, 4.0, 1.0)
+    wl = make_workload(sc, Streams(0))
+    assert wl.n_sessions > 10 and wl.session_start_s.max() < SPEC.arrival_s
+    df = simulate(sc, seed=0).requests
+    assert (df.outcome == "ok").all() and len(df) == wl.n_requests  # every turn of every session, in the horizon
+    one = df[df.session_id == 0].sort_values("request_id")
+    msg = wl.message_tokens
+    assert msg is not None
+    # turn k = turn k-1's prompt + its answer + the new message
+    want = np.cumsum(msg[:SPEC.turns] + np.r_[0, np.full(SPEC.turns - 1, SPEC.output_tokens)])
+    assert one.prompt_tokens.tolist() == want.tolist()
+
+
+def test_affinity_keeps_more_of_the_history_cached_than_round_robin(fitted_profile: Path) -> None:
+    hit = {}
+    for policy in ("session_affinity", "round_robin"):
+        ts = simulate(sessions_scenario(SPEC, policy, fitted_profile, 4.0, 1.0), seed=0).timeseries
+        hit[policy] = ts.prefix_cache_hits.iloc[-1] / ts.prefix_cache_queries.iloc[-1]
+    # a later turn's prompt is mostly history: on its own pod nearly all of it hits; on the other pod only
+    # what an older turn of the session left there
+    assert hit["session_affinity"] > 0.6 and hit["round_robin"] < hit["session_affinity"] - 0.1
+
+
+def test_messages_are_distinct_per_session_and_turn_and_the_same_in_every_call() -> None:
+    a = message_ids(0, 3, 1, 40, 512)
+    assert a == message_ids(0, 3, 1, 40, 512) and len(a) == 40 and all(0 <= t < 512 for t in a)
+    assert a[:16] != message_ids(0, 4, 1, 40, 512)[:16] and a[:16] != message_ids(0, 3, 2, 40, 512)[:16]
+    assert a[:16] != message_ids(1, 3, 1, 40, 512)[:16]
+
+
+def test_think_times_are_the_simulated_clients_draws_in_answer_order(fitted_profile: Path) -> None:
+    sc = sessions_scenario(SPEC, "round_robin", fitted_profile, 4.0, 1.0)
+    real = ThinkTimes(sc.workload.sessions, Streams(5)["sessions"])
+    again = ThinkTimes(sc.workload.sessions, Streams(5)["sessions"])
+    draws = [real.next() for _ in range(200)]
+    assert draws == [again.next() for _ in range(200)]
+    assert 0.3 < np.mean(draws) < 0.7  # exponential, mean think_mean_s = 0.5
+
+
+def test_the_hit_rate_is_pooled_over_runs_in_points_with_its_target() -> None:
+    row = hit_rate_row([(60.0, 100.0, 62.0, 100.0), (140.0, 200.0, 150.0, 200.0)])
+    assert row["real"] == pytest.approx(200 / 300) and row["sim"] == pytest.approx(212 / 300)
+    assert row["error"] == pytest.approx(12 / 300) and row["error_kind"] == "points"
+    assert row["error_low"] < row["error"] < row["error_high"] and row["met"]
+    far = hit_rate_row([(60.0, 100.0, 80.0, 100.0), (70.0, 100.0, 90.0, 100.0)])
+    assert far["error"] == pytest.approx(0.2) and far["error"] > HIT_TARGET_POINTS and not far["met"]
+
+
+def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profile: Path) -> None:
+    sc = sessions_scenario(SPEC, "session_affinity", fitted_profile, 4.0, 1.0)
+    same = simulate(sc, seed=0)
+    slower = simulate(sessions_scenario(SPEC, "session_affinity", fitted_profile, 4.0, 1.5), seed=0)
+    w, end = SPEC.warmup_s, SPEC.arrival_s
+
+    def pool(real: pd.DataFrame, sim: pd.DataFrame) -> _Pool:
+        return _Pool([vs.cut_blocks(real, w, end)], [vs.cut_blocks(sim, w, end)],
+                     [(100.0, 200.0, 100.0, 200.0)], [(0.0, 0.0)], len(real))
+
+    rows = pd.DataFrame(_rows("session_affinity", 4.0, pool(same.requests, same.requests)))
+    assert set(rows.metric) == {"ttft_p50_s", "ttft_p99_s", "throughput_per_s", "hit_rate", "preemptions"}
+    assert (rows.loc[rows.metric != "preemptions", "error"] == 0).all()
+    assert rows.loc[rows.metric != "preemptions", "met"].all()
+    off = pd.DataFrame(_rows("session_affinity", 4.0, pool(same.requests, slower.requests)))
+    p50 = off[off.metric == "ttft_p50_s"].iloc[0]
+    assert p50.error > 0.1 and not p50.met
+    table = format_results(off)
+    assert "MISS" in table and "+0.0pt" in table and "ttft_p99_s" in table
+
+
+def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "validation" / "sessions"
+    folder.mkdir(parents=True)
+    (folder / "results.csv").write_text("x\n")
+    res = CliRunner().invoke(app, ["validate", "--mode", "sessions"])
+    assert res.exit_code != 0 and "--force" in res.output
+    res = CliRunner().invoke(app, ["validate", "--mode", "chats"])
+    assert res.exit_code != 0 and "sessions" in res.output
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+@pytest.mark.timeout(300)
+def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from capsim.studies.validate_sessions_real import run_real, start_fleet
+
+    settings: dict[str, object] = {"torch_threads": 1, "batch_mode": "continuous", "enable_prefix_caching": "true",
+                                   "warmup": "false", "max_prompt_tokens": 1024, "max_model_len": 1024}
+    sc = sessions_scenario(SessionsSpec(turns=3), "round_robin", Path("unused.csv"), 1.0, 1.0)
+    full = make_workload(sc, Streams(0))
+    assert full.message_tokens is not None
+    msg = full.message_tokens[:6]
+    wl = replace(full, session_start_s=full.session_start_s[:2], prompt_tokens=full.prompt_tokens[:6],
+                 output_tokens=full.output_tokens[:6], message_tokens=msg)
+    calls = []
+
+    def think() -> float:
+        calls.append(1)
+        return 0.01
+
+    fleet = start_fleet(tmp_path, "round_robin", settings, [None, None])
+    try:
+        real, counters = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), think,
+                                  120.0, seed=0)
+    finally:
+        fleet.stop()
+    assert (real.outcome == "ok").all() and len(real) == 6
+    # round robin moves the turns between the pods, and every turn still prefilled the whole history
+    # (earlier messages and answers, then the new message): the pods share the store
+    out = SessionsSpec().output_tokens
+    want = np.cumsum(msg.reshape(2, 3) + np.c_[np.zeros(2), np.full((2, 2), out)], axis=1).ravel()
+    assert real.sort_values("request_id").prompt_tokens.tolist() == want.tolist()
+    assert len(calls) == 4  # a think time after each answer but a session's last
+    assert counters["vllm:prefix_cache_queries_total"] == pytest.approx(want.sum())
