@@ -269,13 +269,29 @@ def state(s: Scheduler) -> tuple[object, ...]:
     return reqs, tuple(r.request_id for r in s.waiting), s.free_blocks, s.steps
 
 
+def run_length_from_scratch(s: Scheduler, max_steps: int) -> int:
+    """What ``decode_run_length`` must say, by a pass over every running request (it keeps sums instead)."""
+    if s.waiting or not s.running or len(s.running) > s.limits.max_num_batched_tokens:
+        return 0
+    if any(r.computed != r.num_tokens - 1 or not r.generated for r in s.running):
+        return 0
+    bs = s.limits.block_size
+    k = min([max_steps] + [r.max_tokens - r.generated for r in s.running])
+    while k > 0 and sum(-(-(r.computed + k) // bs) - r.blocks for r in s.running) > s.free_blocks:
+        k -= 1
+    return k
+
+
 @settings(max_examples=200, deadline=None)
-@given(limits_st, workload_st, st.integers(1, 50))
+@given(limits_st, workload_st, st.integers(1, 50), st.lists(st.tuples(st.integers(0, 60), st.integers(0, 24)),
+                                                           max_size=4))
 def test_a_decode_run_equals_that_many_steps(limits: SchedulerLimits, workload: list[tuple[int, int, int]],
-                                             cap: int) -> None:
-    """Two schedulers fed alike: one takes every decode run in one go, the other step by step."""
+                                             cap: int, aborts: list[tuple[int, int]]) -> None:
+    """Two schedulers fed alike: one takes every decode run in one go, the other step by step; ``aborts``
+    (time, request) remove a request still queued or running at the first step from that time on."""
     fast, slow = Scheduler(limits), Scheduler(limits)
     arrivals = sorted(workload, key=lambda x: x[0])
+    aborts = sorted(aborts)
     k = t = runs = 0
     finished_fast: list[int] = []
     finished_slow: list[int] = []
@@ -284,11 +300,18 @@ def test_a_decode_run_equals_that_many_steps(limits: SchedulerLimits, workload: 
             _, p, o = arrivals[k]
             assert fast.add(k, p, o) == slow.add(k, p, o)
             k += 1
+        while aborts and aborts[0][0] <= t:
+            gone = aborts.pop(0)[1]
+            if gone in fast.requests:
+                fast.remove(gone)
+                slow.remove(gone)
         n = fast.decode_run_length(cap)
+        assert n == run_length_from_scratch(fast, cap)
         if n >= 1:
             runs += 1
             assert len(fast.running) <= limits.max_num_batched_tokens
             ctx = fast.decode_context
+            assert ctx == sum(r.computed for r in fast.running)
             finished_fast += fast.advance_decodes(n)
             for j in range(n):
                 step = slow.step()

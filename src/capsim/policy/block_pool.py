@@ -135,6 +135,30 @@ class BlockPool:
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
         idle, segments, log = self.idle, self._segments, self.evicted
+        if count <= 4:
+            # a decode crossing into a new block evicts one or two: a plain walk beats building lists
+            users = self.users
+            while count:
+                seg = segments[0]
+                sid, hs, off = seg
+                j, n = off, len(hs)
+                while j < n:
+                    h = hs[j]
+                    j += 1
+                    if idle.get(h) == sid:
+                        del idle[h]
+                        del users[h]
+                        if log is not None:
+                            log.append(h)
+                        count -= 1
+                        if not count:
+                            break
+                if j >= n:
+                    segments.popleft()
+                else:
+                    seg[2] = j
+                self._entries -= j - off
+            return
         gone: list[int] = []
         while len(gone) < count:
             seg = segments[0]

@@ -57,6 +57,12 @@ class Scheduler:
         self.steps = 0
         #: the prefix cache (``None`` with caching off); a shell keeping KV by hash sets ``pool.evicted``
         self.pool: BlockPool | None = BlockPool() if limits.enable_prefix_caching else None
+        # what the last step or run left, so a shell's next questions cost O(1) instead of a pass over
+        # running: the contexts summed, the fewest tokens any has left to emit, whether all are plain
+        # decodes (``_left`` is 0 when unknown, e.g. after a remove or a step that ran out of budget)
+        self._ctx = 0
+        self._left = 0
+        self._ready = False
 
     # ---- queue ------------------------------------------------------------------------------------
     def add(self, request_id: int, prompt_tokens: int, max_tokens: int,
@@ -102,6 +108,7 @@ class Scheduler:
         r.blocks = 0
         try:
             self.running.remove(r)
+            self._left = 0
         except ValueError:
             self.waiting.remove(r)
         return r
@@ -113,6 +120,7 @@ class Scheduler:
         self.waiting.clear()
         self.requests.clear()
         self.free_blocks = self.limits.num_blocks
+        self._left = 0
         if self.pool is not None:
             self.pool.reset()
         return ids
@@ -168,6 +176,9 @@ class Scheduler:
         done: list[Request] = []  # finished requests, released after registration
         freed = 0
         decodes = decode_ctx = prefills = pre_tokens = pre_max = pre_ctx = 0
+        ctx = 0  # contexts of the requests still running after the step
+        left = 1 << 62  # fewest tokens one of them has left to emit
+        ready = True  # all of them are plain decodes now
         # phase 1: running requests, in order
         i = 0
         while i < len(running) and budget > 0:
@@ -236,7 +247,16 @@ class Scheduler:
                         done.append(r)  # released after the step's registrations
                     finished.append(r.request_id)
                     del requests[r.request_id]
+                else:
+                    ctx += c
+                    if r.max_tokens - g < left:
+                        left = r.max_tokens - g
+            else:
+                ctx += c
+                ready = False
             i += 1
+        if i < len(running):  # the budget ran out before the last running requests: not known
+            left = 0
         # phase 2: admission, first come first served, only if nothing was preempted
         if not preempted:
             max_seqs = lim.max_num_seqs
@@ -301,6 +321,13 @@ class Scheduler:
                             done.append(r)
                         finished.append(r.request_id)
                         del requests[r.request_id]
+                    else:
+                        ctx += c
+                        if r.max_tokens - g < left:
+                            left = r.max_tokens - g
+                else:
+                    ctx += c
+                    ready = False
         if pool is not None:
             for r in pending:
                 pool.register(r, r.computed // bs)
@@ -314,6 +341,7 @@ class Scheduler:
             self.running = [r for r in running if r.generated < r.max_tokens]
         self.free_blocks = free + freed
         self.steps += 1
+        self._ctx, self._left, self._ready = ctx, left, ready
         return out
 
     # ---- runs of identical decode steps (a shell may take them in one go) ------------------------------
@@ -329,17 +357,17 @@ class Scheduler:
         running = self.running
         if self.waiting or not running or len(running) > self.limits.max_num_batched_tokens:
             return 0
-        k = max_steps
-        for r in running:
-            if r.computed != r.num_tokens - 1 or not r.generated:
-                return 0
-            left = r.max_tokens - r.generated
-            if left < k:
-                k = left
+        if not self._left:
+            self._refresh()
+        if not self._ready:
+            return 0
+        k = min(max_steps, self._left)
         if k < 1:
             return 0
         bs = self.limits.block_size
         free = self.free_blocks
+        if len(running) * -(-k // bs) <= free:  # each request crosses at most that many block boundaries
+            return k
 
         def need(m: int) -> int:
             return sum(-(-(r.computed + m) // bs) - r.blocks for r in running)
@@ -355,10 +383,19 @@ class Scheduler:
                 hi = mid
         return lo
 
+    def _refresh(self) -> None:
+        """Recompute what the last step left (after a remove, or a step that did not reach every request)."""
+        running = self.running
+        self._ctx = sum(r.computed for r in running)
+        self._ready = all(r.computed == r.num_tokens - 1 and r.generated for r in running)
+        self._left = min((r.max_tokens - r.generated for r in running), default=1 << 62)
+
     @property
     def decode_context(self) -> int:
         """The running requests' contexts summed (the ``decode_context`` of a decode step now)."""
-        return sum(r.computed for r in self.running)
+        if not self._left:
+            self._refresh()
+        return self._ctx
 
     def advance_decodes(self, steps: int) -> list[int]:
         """Apply ``steps`` plain decode steps (at most :meth:`decode_run_length` said, fewer if requests
@@ -368,17 +405,19 @@ class Scheduler:
         pool = self.pool
         finished = []
         done = []
+        ctx = 0
+        left = 1 << 62
         for r in self.running:
             c = r.computed + steps
             r.computed = c
-            r.generated += steps
+            g = r.generated = r.generated + steps
             r.num_tokens += steps
             b = -(-c // bs)
             free -= b - r.blocks
             r.blocks = b
             if pool is not None and c // bs > r.reg < len(r.hashes):
                 pool.register(r, c // bs)
-            if r.generated >= r.max_tokens:
+            if g >= r.max_tokens:
                 if pool is None:
                     free += b
                     r.blocks = 0
@@ -386,6 +425,10 @@ class Scheduler:
                     done.append(r)
                 finished.append(r.request_id)
                 del self.requests[r.request_id]
+            else:
+                ctx += c
+                if r.max_tokens - g < left:
+                    left = r.max_tokens - g
         if finished:
             self.running = [r for r in self.running if r.generated < r.max_tokens]
         if free < 0:
@@ -400,4 +443,5 @@ class Scheduler:
                 r.blocks = 0
         self.free_blocks = free
         self.steps += steps
+        self._ctx, self._left, self._ready = ctx, left, True
         return finished

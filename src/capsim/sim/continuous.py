@@ -86,7 +86,7 @@ class ContinuousPod(Pod):
         self.stepping = False
         self._step_s = stats.step_time.step_s
         self._run_s = stats.step_time.decode_run_s
-        self._run: tuple[float, int, int, int] | None = None  # (start, decodes, context, steps) in flight
+        self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
@@ -191,8 +191,10 @@ class ContinuousPod(Pod):
     # ---- runs of plain decode steps, one event each ------------------------------------------------------
     def _start_run(self, now: float, steps: int) -> None:
         sched = self.sched
-        self._run = (now, len(sched.running), sched.decode_context, steps)
-        self._schedule_run(now + self._run_s(len(sched.running), sched.decode_context, steps))
+        d, c = len(sched.running), sched.decode_context
+        end = now + self._run_s(d, c, steps)
+        self._run = (now, d, c, steps, end)
+        self._schedule_run(end)
 
     def _schedule_run(self, end: float) -> None:
         self._run_token += 1
@@ -202,26 +204,34 @@ class ContinuousPod(Pod):
     def _cut_run(self, now: float) -> None:
         """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
         assert self._run is not None
-        start, d, c, k = self._run
-        run_s = self._run_s
-        total = run_s(d, c, k)
-        if start + total <= now:
+        start, d, c, k, end = self._run
+        if end <= now:
             return  # the run's end event is due now; it has not been processed yet
+        run_s = self._run_s
         # the steps of a run take about as long each: guess the step in progress, then walk to it
-        hi = min(max(int((now - start) / total * k) + 1, 1), k)  # want: start + T(hi - 1) <= now < start + T(hi)
-        while hi < k and start + run_s(d, c, hi) <= now:
+        hi = min(max(int((now - start) / (end - start) * k) + 1, 1), k)  # want: T(hi - 1) <= now < T(hi)
+        t_hi = start + run_s(d, c, hi) if hi < k else end
+        walked = False
+        while t_hi <= now:  # only while hi < k: T(k) = end > now
             hi += 1
-        while hi > 1 and start + run_s(d, c, hi - 1) > now:
-            hi -= 1
+            t_hi = start + run_s(d, c, hi) if hi < k else end
+            walked = True
+        if not walked:  # else T(hi - 1) <= now is known
+            while hi > 1:
+                t_lo = start + run_s(d, c, hi - 1)
+                if t_lo <= now:
+                    break
+                hi -= 1
+                t_hi = t_lo
         if hi < k:
-            self._run = (start, d, c, hi)
-            self._schedule_run(start + run_s(d, c, hi))
+            self._run = (start, d, c, hi, t_hi)
+            self._schedule_run(t_hi)
 
     def _on_run(self, ev: Timeout) -> None:
         token, now, incarnation = cast(tuple[int, float, int], ev.value)
         if incarnation != self.incarnation or token != self._run_token or self._run is None:
             return  # superseded by a shorter run, or the pod died under it
-        start, _, _, k = self._run
+        start, _, _, k, _ = self._run
         self._run = None
         sched = self.sched
         stats = self.stats

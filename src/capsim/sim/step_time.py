@@ -96,43 +96,75 @@ class ProfileStepTime:
         self._tokens = {ph: [float(t) for t in sorted(set(grid.loc[grid["phase"] == ph, "tokens"]))]
                         for ph in ("prefill", "decode")}
         self._rows: dict[tuple[str, int], list[float]] = {}
+        self._prefill: dict[int, list[float]] = {}  # the same rows by batch size, per phase
+        self._decode: dict[int, list[float]] = {}
+        self._dts = self._tokens["decode"]
+        self._dlast = len(self._dts) - 2  # the last interval's index; -1: one measured length
+
+    def _row(self, phase: Phase, batch_size: int) -> list[float]:
+        """The kernel means (ms) of ``batch_size`` requests at each measured length of ``phase``."""
+        row = self._rows.get((phase, batch_size))
+        if row is None:
+            row = self._rows[(phase, batch_size)] = [
+                self.profile.phase_ms(phase, batch_size, t, extrapolate=True)[0] for t in self._tokens[phase]]
+            (self._prefill if phase == "prefill" else self._decode)[batch_size] = row
+        return row
 
     def kernel_ms(self, phase: Phase, batch_size: int, tokens: float) -> float:
         """Mean kernel time (ms) of ``phase`` for ``batch_size`` requests at ``tokens``; never negative."""
         ts = self._tokens[phase]
-        row = self._rows.get((phase, batch_size))
-        if row is None:
-            row = self._rows[(phase, batch_size)] = [
-                self.profile.phase_ms(phase, batch_size, t, extrapolate=True)[0] for t in ts]
+        row = self._row(phase, batch_size)
         if len(ts) == 1:
             return row[0]
         j = min(max(bisect.bisect_right(ts, tokens) - 1, 0), len(ts) - 2)
         w = (tokens - ts[j]) / (ts[j + 1] - ts[j])
         return max(row[j] + (row[j + 1] - row[j]) * w, 0.0)
 
+    # step_s and decode_run_s are the simulator's inner loop: they compute what kernel_ms would, the same
+    # operations in the same order (bit for bit), without a call and two lookups per kernel
     def step_s(self, step: Step) -> float:
         ms = 0.0
         if step.prefills:
             ms += self.kernel_ms("prefill", step.prefills, step.prefill_max_tokens)
         d = step.decodes
         if d:
-            ms += self.kernel_ms("decode", d, step.decode_context / d)
+            ts = self._dts
+            if self._dlast < 0:
+                return (ms + self.kernel_ms("decode", d, step.decode_context / d)) * self.scale
+            row = self._decode.get(d) or self._row("decode", d)
+            x = step.decode_context / d
+            j = min(max(bisect.bisect_right(ts, x) - 1, 0), self._dlast)
+            v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
+            ms += v if v > 0.0 else 0.0
         return ms * self.scale
 
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         # the mean context runs x0, x0 + 1, ...: the kernel is linear in it on each measured interval,
         # so each interval's steps sum to their count times the kernel at their middle
         x0 = context / decodes
-        ts = self._tokens["decode"]
-        if len(ts) == 1 or steps <= 4:
+        ts = self._dts
+        last = self._dlast
+        if last < 0:
             return sum(self.kernel_ms("decode", decodes, x0 + j) for j in range(steps)) * self.scale
+        row = self._decode.get(decodes) or self._row("decode", decodes)
+        right = bisect.bisect_right
         ms = 0.0
-        last = len(ts) - 2
+        if steps <= 4:
+            for k in range(steps):
+                x = x0 + k
+                j = min(max(right(ts, x) - 1, 0), last)
+                v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
+                ms += v if v > 0.0 else 0.0
+            return ms * self.scale
+        ceil = math.ceil
         for seg in range(last + 1):
-            lo = 0 if seg == 0 else max(0, math.ceil(ts[seg] - x0))
-            hi = steps - 1 if seg == last else min(steps - 1, math.ceil(ts[seg + 1] - x0) - 1)
+            lo = 0 if seg == 0 else max(0, ceil(ts[seg] - x0))
+            hi = steps - 1 if seg == last else min(steps - 1, ceil(ts[seg + 1] - x0) - 1)
             if hi >= lo:
-                ms += (hi - lo + 1) * self.kernel_ms("decode", decodes, x0 + (lo + hi) / 2)
+                x = x0 + (lo + hi) / 2
+                j = min(max(right(ts, x) - 1, 0), last)
+                v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
+                ms += (hi - lo + 1) * (v if v > 0.0 else 0.0)
         return ms * self.scale
 
 
