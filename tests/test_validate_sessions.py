@@ -163,3 +163,25 @@ def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path:
     assert real.sort_values("request_id").prompt_tokens.tolist() == want.tolist()
     assert len(calls) == 4  # a think time after each answer but a session's last
     assert counters["vllm:prefix_cache_queries_total"] == pytest.approx(want.sum())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+@pytest.mark.timeout(900)  # the step measurement, three pod starts per policy, the bootstraps: ~2.5 min idle
+def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from capsim.studies.validate_sessions import run_sessions_validation
+
+    spec = replace(SPEC, replications=1, arrival_s=6.0, warmup_s=1.0, calibration_s=1.0)
+    results = run_sessions_validation(spec, out_dir=tmp_path, echo=lambda _: None)
+    for name in ("results.csv", "provenance.json", "profile.csv"):
+        assert (tmp_path / name).exists()
+    hit = results[results.metric == "hit_rate"].set_index("policy")
+    # both halves see what affinity buys, and agree on it (latencies depend on the machine's load)
+    assert (hit.real > 0).all() and (hit.sim > 0).all()
+    for side in ("real", "sim"):
+        assert hit.loc["session_affinity", side] > hit.loc["round_robin", side] + 0.1
+    assert (hit.error.abs() < 0.1).all()
+    tp = results[results.metric == "throughput_per_s"]
+    assert (tp.real > 0).all() and (tp.sim > 0).all()
