@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from capsim.model.scenario import Scenario
-from capsim.sim.simulate import simulate
+from capsim.sim.simulate import Simulation, simulate
 
 
 def scenario(**over: Any) -> Scenario:
@@ -186,3 +186,28 @@ def test_a_profile_with_a_fitted_step_model_times_steps_with_it(tmp_path: Any) -
     decodes = sum(0.004 + 2e-4 + 1e-7 * c for c in range(100, 109))
     assert np.allclose(ok["first_token_s"] - ok["arrival_s"], prefill)
     assert np.allclose(ok["end_s"] - ok["arrival_s"], prefill + decodes)
+
+
+@pytest.mark.parametrize("overhead_ms", [0.0, 2.0])
+@pytest.mark.parametrize(("b_ms", "b_first", "b_end", "a_first"), [
+    (25, 0.04, 0.13, 0.01),  # B lands on A's third step, in a run of decode steps
+    (5, 0.02, 0.11, 0.01),  # B lands on A's first step (its prefill), a single step
+])
+def test_an_arrival_lengthens_the_step_in_progress_by_the_arrival_overhead(
+        tmp_path: Any, overhead_ms: float, b_ms: int, b_first: float, b_end: float, a_first: float) -> None:
+    trace = tmp_path / "two.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     f"2023-11-16 18:00:00.000,100,10\n2023-11-16 18:00:00.{b_ms:03d},100,10\n")
+    sc = scenario(**{"workload.arrivals": {"kind": "trace", "path": str(trace)}, "horizon_s": 10,
+                     "service.arrival_overhead_ms": overhead_ms})
+    sim = Simulation(sc, 0)
+    req = sim.run().requests.sort_values("arrival_s")
+    a = overhead_ms / 1000
+    assert list(req["outcome"]) == ["ok", "ok"]
+    # A's arrival lengthens the step it starts on the idle pod, B's the step in progress when it comes
+    # (B's prefill then starts 2a late), so every later token of both comes 2a late
+    a_first += a if b_ms == 25 else 2 * a
+    assert np.allclose(req["first_token_s"], [a_first, b_first + 2 * a], rtol=0, atol=1e-12)
+    assert np.allclose(req["end_s"], [0.10 + 2 * a, b_end + 2 * a], rtol=0, atol=1e-12)
+    assert sim.continuous is not None
+    assert sim.continuous.busy_s == pytest.approx(sim.continuous.steps * 0.01 + 2 * a)

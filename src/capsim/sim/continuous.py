@@ -8,6 +8,10 @@ one-request ``Batch``, so the client, the records, timeouts and crashes treat it
 batch: it starts when the scheduler first admits it, its first token is the end of the step that
 completes its prompt, and it ends at the end of the step that emits its last token.
 
+An arrival costs the engine ``service.arrival_overhead_ms`` of its core (HTTP parsing, as the static pod
+charges it): the step in progress ends that much later (a run of decode steps is first cut at its step in
+progress), and an arrival at an idle pod lengthens the step it starts. With 0 (the default) nothing changes.
+
 ``queue`` holds the requests that arrived and were never admitted, oldest first (what the client's
 queue-capacity check and its timeout watcher look at); its first ``fed`` entries are already queued in
 the scheduler, behind any preempted requests. A request that can never fit the engine (longer than
@@ -88,6 +92,12 @@ class ContinuousPod(Pod):
         self._run_s = stats.step_time.decode_run_s
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
+        self._step_token = 0  # a step's event is stale once an arrival lengthened the step (a new event)
+        self._step_end = 0.0  # when the single step in flight ends
+        self._cur_step: Step | None = None  # that step
+        # pod CPU per arriving request on the model's core (not scaled by time_scale, as in the static pod)
+        self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
+        self._debt = 0.0  # arrivals' cost owed by the step about to start
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
         self.itl_count = 0
@@ -119,7 +129,29 @@ class ContinuousPod(Pod):
     def enqueue(self, i: int, now: float) -> None:
         self.queue.append(i)
         self.outstanding += 1
+        if self._arrival_s:
+            if self.stepping:
+                self.pump(now)  # a run ends at its step in progress
+                self._lengthen(now, self._arrival_s)
+                return
+            self._debt += self._arrival_s
         self.pump(now)
+
+    def _lengthen(self, now: float, extra: float) -> None:
+        """The step in progress at ``now`` (the single step, or a run's last) ends ``extra`` s later."""
+        stats = self.stats
+        stats.busy_s += extra if self._run is None else 0.0  # a run's time is counted when it ends
+        stats.kv_area += self.sched.kv_cache_usage * extra if self._run is None else 0.0
+        if self._run is not None:
+            start, d, c, k, end = self._run
+            self._run = (start, d, c, k, end + extra)
+            self._schedule_run(end + extra)
+            return
+        self._step_end += extra
+        self._step_token += 1
+        ev = Timeout(self._env, max(self._step_end - self._env.now, 0.0),
+                     (self._cur_step, self._step_end, self.incarnation, self._step_token))
+        ev.callbacks.append(self._on_step)
 
     def pump(self, now: float) -> None:
         """A request arrived at ``now``: start the step loop, or end a run of decode steps at the step
@@ -167,11 +199,15 @@ class ContinuousPod(Pod):
         step = sched.step()
         if step.empty:
             self.stepping = False
+            self._debt = 0.0  # the arrivals were rejected as unservable: no step to lengthen
             self.busy_s += now - self._busy_since
             if self.state == PodState.TERMINATING and self.outstanding == 0:
                 self.sim.cluster.pod_drained(self, now)
             return
         dt = self._step_s(step)
+        if self._debt:
+            dt += self._debt
+            self._debt = 0.0
         end = now + dt
         if step.started:
             self._admit(step, now)
@@ -185,7 +221,9 @@ class ContinuousPod(Pod):
         stats.kv_area += use * dt
         if use > stats.kv_peak:
             stats.kv_peak = use
-        ev = Timeout(self._env, max(end - self._env.now, 0.0), (step, end, self.incarnation))
+        self._cur_step = step
+        self._step_end = end
+        ev = Timeout(self._env, max(end - self._env.now, 0.0), (step, end, self.incarnation, self._step_token))
         ev.callbacks.append(self._on_step)
 
     # ---- runs of plain decode steps, one event each ------------------------------------------------------
@@ -271,9 +309,9 @@ class ContinuousPod(Pod):
             watch(run, i, float(send[i]) + timeout)
 
     def _on_step(self, ev: Timeout) -> None:
-        step, now, incarnation = cast(tuple[Step, float, int], ev.value)
-        if incarnation != self.incarnation:  # the pod crashed or was killed under this step
-            return
+        step, now, incarnation, token = cast(tuple[Step, float, int, int], ev.value)
+        if incarnation != self.incarnation or token != self._step_token:
+            return  # the pod crashed or was killed under this step, or an arrival lengthened it
         runs = self.runs
         sim = self.sim
         if step.first_token:
@@ -344,6 +382,7 @@ class ContinuousPod(Pod):
         self.outstanding = 0
         self.stepping = False
         self._run = None
+        self._debt = 0.0
         self.incarnation += 1
         return held
 
