@@ -112,3 +112,28 @@ def test_the_capacity_carries_each_steps_arrivals() -> None:
     # at capacity each step carries rate x step arrivals and s / out requests start per step
     step = base + (s / out) * cal.arrival_s
     assert rate == pytest.approx(s / (out * step)) and rate < capacity_per_s(FIT, plain, s, 32, out)
+
+
+def test_the_ablation_shows_which_term_meets_the_runs_means() -> None:
+    from capsim.studies.validate_continuous_calibrate import term_ablation
+
+    frame = pd.concat([cycles(s, FIT).assign(run=label) for label, s in runs(**TRUE)], ignore_index=True)
+    by = {a["terms"]: a for a in term_ablation(frame)}
+    full, no_arrivals = by["model_s+one+arrivals+emitted"], by["model_s+one+emitted"]
+    assert full["arrivals"] == pytest.approx(TRUE["arrival"], rel=0.15)
+    assert full["runs_rms_rel"] < no_arrivals["runs_rms_rel"] / 3 and full["runs_worst_rel"] < 0.02
+    assert "finished" in by["model_s+one+arrivals+emitted+finished"]
+
+
+def test_the_request_split_separates_the_way_in_and_out_from_the_pods_token_gaps() -> None:
+    from capsim.studies.validate_continuous_calibrate import request_split
+
+    # client round trip 50 ms; the pod: queue 1 ms, first token 3 ms after it, last token 31 ms after
+    # that, answer ready 1.5 ms later -> 36.5 ms on the pod, 13.5 ms on the way in and out
+    row = (0.050, 0.001, 0.004, 0.034, 0.0365)
+    sp = request_split([row] * 5, output=32)
+    assert sp["requests"] == 5
+    assert sp["way_in_and_out_s"] == pytest.approx(0.0135) and sp["answer_path_s"] == pytest.approx(0.0015)
+    assert sp["pod_itl_s"] == pytest.approx(0.001) and sp["receipt_itl_s"] == pytest.approx(0.046 / 31)
+    assert sp["receipt_over_pod_itl"] == pytest.approx(0.046 / 31 / 0.001 - 1)
+    assert request_split([], 32) == {}

@@ -43,6 +43,7 @@ from capsim.studies.validate_continuous_calibrate import (
     calibrated_fit,
     closed_loop_step_s,
     measure_step_fit,
+    term_ablation,
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
 
@@ -261,15 +262,25 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     profile_path = out / "profile.csv"
     try:
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
-        cal, steps = calibrate_steps(pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
-                                     seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
-                                     prompt=spec.prompt_tokens, output=spec.output_tokens, echo=echo)
+        cal, steps, splits = calibrate_steps(
+            pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
+            seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens,
+            output=spec.output_tokens, echo=echo)
         steps.to_csv(out / "calibration_steps.csv", index=False)
+        ablation = term_ablation(steps)
         echo(f"calibration: {cal.describe()}")
         echo("  run, running, model ms, pod cycle ms, fit ms, arrivals and tokens per step: " + "; ".join(
             f"{p[0]} {p[1]:.1f} {p[2] * 1e3:.2f} {p[3] * 1e3:.2f} {p[4] * 1e3:.2f} {p[5]:.3f} {p[6]:.1f}"
             for p in cal.points))
         echo("  share of the pod's cycle: " + ", ".join(f"{k} {v:.1%}" for k, v in cal.shares.items()))
+        for a in ablation:
+            echo(f"  terms {a['terms']}: runs' mean cycles met to {a['runs_rms_rel']:.1%} rms, worst "
+                 f"{a['runs_worst_rel']:.1%}")
+        for label, sp in splits.items():
+            if sp:
+                echo(f"  {label}: way in and out {sp['way_in_and_out_s'] * 1e3:.2f} ms, answer path "
+                     f"{sp['answer_path_s'] * 1e3:.2f} ms; ITL pod {sp['pod_itl_s'] * 1e3:.3f} ms, to the receipt "
+                     f"{sp['receipt_itl_s'] * 1e3:.3f} ms ({sp['receipt_over_pod_itl']:+.1%})")
         for warning in cal.warnings:
             echo(f"WARNING: step calibration: {warning}")
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
@@ -298,6 +309,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap,
+        "term_ablation": ablation, "request_split": splits,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",

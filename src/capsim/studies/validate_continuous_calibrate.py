@@ -154,6 +154,24 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit) -> StepCa
     return replace(cal, warnings=tuple(problems))
 
 
+ABLATION: tuple[tuple[str, ...], ...] = (("model_s",), ("model_s", "one"), ("model_s", "one", "arrivals"),
+                                          ("model_s", "one", "emitted"), TERMS, (*TERMS, "finished"))
+
+
+def term_ablation(frame: Any) -> list[dict[str, Any]]:
+    """The cycle fitted with each set of terms in ``ABLATION`` (the calibration's last but one): each term's
+    coefficient and how well the runs' mean cycles are met (rms and worst of (mean - fit) / mean): a term
+    that explains the gap lowers them, one that does not leaves them where they were."""
+    out = []
+    for terms in ABLATION:
+        coef, resid = fit_cycle_terms(frame, terms)
+        g = frame.assign(r=resid).groupby("run", sort=False)
+        rel = (g.r.mean() / g.cycle_s.mean()).to_numpy()
+        out.append({"terms": "+".join(terms), **{t: float(c) for t, c in zip(terms, coef, strict=True)},
+                    "runs_rms_rel": float(np.sqrt(np.mean(rel**2))), "runs_worst_rel": float(np.abs(rel).max())})
+    return out
+
+
 def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
     """The step model with the pod's extra per step in ``c0`` and its time per token in ``c3`` (per decode),
     both divided by ``time_scale``, which the simulator multiplies back in."""
@@ -203,10 +221,32 @@ def measure_step_fit(out: Path, core: int | None, *, model: str, threads: int, w
 
 
 # ---- the calibration runs ----------------------------------------------------------------------------------
-async def _post(client: Any, url: str, session: str, prompt: int, output: int) -> None:
+async def _post(client: Any, url: str, session: str, prompt: int, output: int) -> tuple[float, ...]:
+    """One turn; (client round trip, the answer's queue_s, ttft_s, model_s, total_s), seconds."""
+    sent = time.perf_counter()
     r = await client.post(f"{url}/v1/sessions/{session}/turns",
                           json={"prompt_tokens": prompt, "max_new_tokens": output})
     r.raise_for_status()
+    t = r.json()["timings"]
+    return time.perf_counter() - sent, t["queue_s"], t["ttft_s"], t["model_s"], t["total_s"]
+
+
+def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, float]:
+    """Where requests' time went, medians over ``rows`` of ``_post``: the way in and out (the client's round
+    trip less the pod's ``total_s``: HTTP before the pod's clock starts, the answer's transfer), the pod's
+    answer path after the last token (the store write), and the ITL two ways: the pod's own token span
+    and the span to the client's receipt that a frame of client times gives (``validate_continuous.itl_frame``)."""
+    a = np.asarray(rows, dtype=float)
+    if a.size == 0:
+        return {}
+    client, queue, ttft, model, total = a.T
+    first = ttft - queue
+    n = max(output - 1, 1)
+    pod_itl, receipt_itl = (model - first) / n, (client - ttft) / n
+    return {"requests": float(len(a)), "way_in_and_out_s": float(np.median(client - total)),
+            "answer_path_s": float(np.median(total - queue - model)), "pod_itl_s": float(np.median(pod_itl)),
+            "receipt_itl_s": float(np.median(receipt_itl)),
+            "receipt_over_pod_itl": float(np.median(receipt_itl) / np.median(pod_itl) - 1)}
 
 
 def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
@@ -230,9 +270,10 @@ def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: in
     return t0, time.perf_counter()
 
 
-def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int, seed: int = 0) -> tuple[float, float]:
+def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
+               seed: int = 0) -> tuple[float, float, list[tuple[float, ...]]]:
     """Poisson arrivals at ``rate`` per second for ``seconds`` (each request its own session), waiting for
-    the answers; the run's start and end (``perf_counter``)."""
+    the answers; the run's start and end (``perf_counter``) and each answer's times (``_post``)."""
     import httpx
 
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=max(1, int(rate * seconds * 1.5) + 10))
@@ -244,28 +285,31 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int, 
         async with httpx.AsyncClient(timeout=60, limits=limits) as c:
             t0 = time.perf_counter()
             tag = time.time_ns()
-            tasks = []
+            tasks: list[asyncio.Task[tuple[float, ...]]] = []
             for k, t in enumerate(at):
                 delay = t0 + t - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(_post(c, url, f"open-{tag}-{k}", prompt, output)))
-            await asyncio.gather(*tasks)
+            rows.extend(await asyncio.gather(*tasks))
 
+    rows: list[tuple[float, ...]] = []
     t0 = time.perf_counter()
     asyncio.run(main())
-    return t0, time.perf_counter()
+    return t0, time.perf_counter(), rows
 
 
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
                     max_num_seqs: int, prompt: int, output: int,
-                    echo: Any = None) -> tuple[StepCalibration, Any]:
+                    echo: Any = None) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
-    calibration and every step's cycle frame (with its run's label)."""
+    calibration, every step's cycle frame (with its run's label), and each open-loop run's
+    ``request_split``."""
     import pandas as pd
 
     runs = []
+    splits: dict[str, dict[str, float]] = {}
     for n in clients:
         t0, t1 = drive_closed(url, n, seconds, prompt, output)
         runs.append((f"closed {n}", fetch_steps(url, t0, t1)))
@@ -274,8 +318,9 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     if echo is not None:
         echo(f"  closed loop: {first.describe()}; capacity {cap:.1f} requests/s")
     for k, level in enumerate(levels):
-        t0, t1 = drive_open(url, level * cap, seconds, prompt, output, seed=k)
+        t0, t1, rows = drive_open(url, level * cap, seconds, prompt, output, seed=k)
         runs.append((f"open {level:.0%}", fetch_steps(url, t0, t1)))
+        splits[f"open {level:.0%}"] = request_split(rows, output)
     cal = fit_step_cycles(runs, fit)
     frame = pd.concat([cycles(s, fit).assign(run=label) for label, s in runs if len(s) > 1], ignore_index=True)
-    return cal, frame
+    return cal, frame, splits
