@@ -1,11 +1,12 @@
 """Does session affinity pay on real pods? Two continuous pods with prefix caching behind ``capsim router``.
 
-Closed-loop sessions (each turn sent when the previous answer arrives, no think time), each turn a new
-message of ``--new`` distinct tokens and a short answer, so turn k prefills the whole history. Run once
+The pods share a private redis-server (the sessions' history), as in production. Closed-loop sessions
+(each turn sent when the previous answer arrives, no think time), each turn a new message of ``--new``
+distinct tokens and a short answer, so turn k prefills the whole history. Run once
 per router policy on fresh pods (fresh caches), sessions concurrently. Reports per policy: the pods'
 prefix-cache hit rate (``vllm:prefix_cache_hits / queries``, tokens), the median and p90 prefill time of
 later turns (time to first token less queue wait), and turns per second. The baseline for the ratio is
-round robin in the same run. (A small step toward issue 14 §6: the real half of the comparison.)
+round robin in the same run. (The real half only; ``capsim validate --mode sessions`` compares it with the simulator.)
 
     python benchmarks/bench_affinity.py [--sessions N] [--turns N] [--new N]
 """
@@ -16,7 +17,6 @@ import argparse
 import asyncio
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,8 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
-from bench_router import start_router
-from capsim.studies.pods import PodProcess
+from capsim.studies.validate_sessions_real import start_fleet
 
 
 def counter(text: str, name: str) -> float:
@@ -53,25 +52,18 @@ async def drive(url: str, sessions: int, turns: int, new: int) -> list[float]:
 
 
 def run(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    pods = [PodProcess(tmp, f"{policy}-{i}", batch_mode="continuous", enable_prefix_caching="true",
-                       torch_threads=1, max_prompt_tokens=4096, warmup="false") for i in range(2)]
-    for p in pods:
-        p.start(wait_ready=False)
-    for p in pods:
-        p.wait_ready(timeout_s=150)
-    proc: subprocess.Popen[bytes] | None = None
+    # one redis-server for both pods, as in production: with a store per pod (memory://), a turn on the
+    # other pod found no history and prefilled its message alone, which made round robin look cheap
+    settings: dict[str, object] = {"batch_mode": "continuous", "enable_prefix_caching": "true", "torch_threads": 1,
+                                   "max_prompt_tokens": 4096, "warmup": "false"}
+    fleet = start_fleet(tmp, policy, settings, [None, None])
     try:
-        proc, url = start_router([p.url for p in pods], policy)
         t0 = time.perf_counter()
-        prefills = asyncio.run(drive(url, args.sessions, args.turns, args.new))
+        prefills = asyncio.run(drive(fleet.router_url, args.sessions, args.turns, args.new))
         took = time.perf_counter() - t0
-        texts = [httpx.get(f"{p.url}/metrics", timeout=10).text for p in pods]
+        texts = [httpx.get(f"{p.url}/metrics", timeout=10).text for p in fleet.pods]
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(10)
-        for p in pods:
-            p.stop()
+        fleet.stop()
     hits = sum(counter(t, "vllm:prefix_cache_hits_total") for t in texts)
     queries = sum(counter(t, "vllm:prefix_cache_queries_total") for t in texts)
     prefills.sort()
