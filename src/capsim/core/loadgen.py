@@ -139,6 +139,7 @@ class _Records:
         self.start_s = np.full(n, np.nan)
         self.first_token_s = np.full(n, np.nan)
         self.end_s = np.full(n, np.nan)
+        self.token_span_s = np.full(n, np.nan)  # the pod's own first-to-last-token time (answer timings)
         self.batch_size = np.zeros(n, dtype=np.int32)
         self.prompt_tokens = prompt[:n].astype(np.int32)
         self.output_tokens = output[:n].astype(np.int32)
@@ -238,6 +239,9 @@ async def run_load(
             if resp.status_code != 200:
                 return _status(resp.status_code)
             data = resp.json()
+            t = data["timings"]
+            if "model_s" in t:  # model_s runs from the request's first step; its first token came ttft_s - queue_s in
+                rec.token_span_s[r] = t["model_s"] - (t["ttft_s"] - t["queue_s"])
             if messages is not None and isinstance(data.get("history"), dict):
                 histories[r] = data["history"]
             return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"]), None
@@ -306,6 +310,8 @@ async def run_load(
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
     sent = rec.outcome >= 0
     frame.attrs["send_error_s"] = (rec.arrival_s - rec.scheduled_s)[sent].tolist()  # a list: pandas compares attrs
+    # the pod's own token span per row (NaN: streamed or failed): the continuous validation's real ITL
+    frame.attrs["token_span_s"] = rec.token_span_s[sent].tolist()
     frame.attrs["t0_monotonic"] = t0
     return frame
 
