@@ -57,7 +57,7 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
         os.sched_setaffinity(0, {cores[1]})  # the calibration's clients off the pod's core, as in continuous
     try:
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
-        cal, steps = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
+        cal, steps, *_ = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
                                          seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
                                          prompt=prompt, output=output, echo=echo)
     finally:
