@@ -126,6 +126,8 @@ def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: 
     assert res.exit_code != 0 and "--force" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "chats"])
     assert res.exit_code != 0 and "sessions" in res.output
+    res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--policies", "round_robin,sticky"])
+    assert res.exit_code != 0 and "--policies must name router policies" in res.output
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")

@@ -331,6 +331,8 @@ def validate(
     output_tokens: Annotated[int | None, typer.Option(min=1, help="output tokens of every request")] = None,
     mode: Annotated[str, typer.Option(help="static batches, continuous batching (docs/continuous.md), or growing "
                                       "sessions on two pods per router policy (docs/sessions.md)")] = "static",
+    policies: Annotated[str | None, typer.Option(
+        help="--mode sessions: router policies, comma-separated [default: session_affinity,round_robin]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
@@ -341,7 +343,7 @@ def validate(
         _validate_continuous(quick, out_dir, force)
         return
     if mode == "sessions":
-        _validate_sessions(quick, out_dir, force)
+        _validate_sessions(quick, out_dir, force, replications, policies)
         return
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
@@ -375,16 +377,30 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool) -> None
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
 
-def _validate_sessions(quick: bool, out_dir: Path | None, force: bool) -> None:
+def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replications: int | None,
+                       policies: str | None) -> None:
     """``capsim validate --mode sessions`` (capsim.studies.validate_sessions)."""
+    from dataclasses import replace
+
+    from capsim.core.router import POLICIES
     from capsim.studies.validate_sessions import SessionsSpec, run_sessions_validation
+
+    spec = SessionsSpec.quick() if quick else SessionsSpec()
+    if policies is not None:
+        names = tuple(p.strip() for p in policies.split(",") if p.strip())
+        bad = [p for p in names if p not in POLICIES]
+        if bad or not names:
+            raise CommandLineError(f"--policies must name router policies ({', '.join(POLICIES)}), got {policies!r}")
+        spec = replace(spec, policies=names)
+    if replications is not None:
+        spec = replace(spec, replications=replications)
 
     folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/sessions"), "--out-dir")
     existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]
     if existing and out_dir is None and not force:
         raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
                                "or --out-dir to write elsewhere")
-    run_sessions_validation(SessionsSpec.quick() if quick else SessionsSpec(), out_dir=folder, echo=typer.echo)
+    run_sessions_validation(spec, out_dir=folder, echo=typer.echo)
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
 
