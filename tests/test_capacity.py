@@ -57,8 +57,9 @@ def test_more_replicas_carry_more_and_the_fleet_is_fixed() -> None:
 
 def test_steady_drops_the_autoscaler_and_keeps_min_replicas() -> None:
     rush = Scenario.from_yaml(Path(__file__).resolve().parent.parent / "data" / "scenarios" / "friday_rush.yaml")
+    rush = rush.override({"autoscaler.minReplicas": 5, "pods.replicas": 3})
     s = steady(rush, 5.0)
-    assert s.autoscaler is None and s.cluster is None and s.pods.replicas == 3
+    assert s.autoscaler is None and s.cluster is None and s.pods.replicas == 5  # the floor, not the start
     assert s.workload.arrivals.kind == "poisson" and s.workload.arrivals.rate_per_s == 5.0
     assert s.batching == rush.batching and s.slo == rush.slo
 

@@ -182,7 +182,7 @@ def test_keda_scaled_object_structure(variants: dict[str, Scenario]) -> None:
 
 def test_keda_never_scales_to_zero_on_pod_metrics(rush: Scenario) -> None:
     spec = build_all(rush, TARGET)["keda-scaledobject.yaml"]["spec"]
-    assert spec["minReplicaCount"] == 3 and "cooldownPeriod" not in spec
+    assert spec["minReplicaCount"] == rush.autoscaler.min_replicas == 8 and "cooldownPeriod" not in spec
     with pytest.raises(SettingsError, match="at least one Object or External metric to support scaling to zero"):
         rush.override({"autoscaler.minReplicas": 0})
 

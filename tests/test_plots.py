@@ -23,6 +23,7 @@ def rush():
     sc = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override({
         "horizon_s": 600, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 4], [60, 96], [240, 4]],
         "faults": {"crashes": [{"at_s": 400}]},
+        "autoscaler.minReplicas": 3,  # the floor before tuning: the HPA has to follow the rush
     })
     return simulate(sc, seed=0)
 
