@@ -148,3 +148,16 @@ def test_the_request_split_separates_the_way_in_and_out_from_the_pods_token_gaps
     assert sp["pod_itl_s"] == pytest.approx(0.001) and sp["receipt_itl_s"] == pytest.approx(0.046 / 31)
     assert sp["receipt_over_pod_itl"] == pytest.approx(0.046 / 31 / 0.001 - 1)
     assert request_split([], 32) == {}
+
+
+def test_the_cycle_parts_add_up_to_the_cycle() -> None:
+    from capsim.studies.validate_continuous_calibrate import cycle_parts
+
+    frame = pd.concat([cycles(s, FIT).assign(run=label) for label, s in runs(**TRUE)], ignore_index=True)
+    parts = cycle_parts(frame)
+    assert [p["run"] for p in parts] == [label for label, _ in runs(**TRUE)]
+    for p in parts:
+        # the synthetic trace: gap 0.02 ms, the engine's wall the rest, its CPU 0.9 of the cycle
+        assert p["cycle_s"] == pytest.approx(p["engine_cpu_s"] + p["wait_s"] + p["handoff_s"] + p["gap_s"])
+        assert p["gap_s"] == pytest.approx(0.02) and p["handoff_s"] == pytest.approx(0.0, abs=1e-9)
+        assert p["engine_cpu_s"] == pytest.approx(0.9 * p["cycle_s"])

@@ -42,6 +42,7 @@ from capsim.studies.validate_continuous_calibrate import (
     calibrate_steps,
     calibrated_fit,
     closed_loop_step_s,
+    cycle_parts,
     measure_step_fit,
     term_ablation,
 )
@@ -267,12 +268,16 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens,
             output=spec.output_tokens, echo=echo)
         steps.to_csv(out / "calibration_steps.csv", index=False)
-        ablation = term_ablation(steps)
+        ablation, parts = term_ablation(steps), cycle_parts(steps)
         echo(f"calibration: {cal.describe()}")
         echo("  run, running, model ms, pod cycle ms, fit ms, arrivals and tokens per step: " + "; ".join(
             f"{p[0]} {p[1]:.1f} {p[2] * 1e3:.2f} {p[3] * 1e3:.2f} {p[4] * 1e3:.2f} {p[5]:.3f} {p[6]:.1f}"
             for p in cal.points))
         echo("  share of the pod's cycle: " + ", ".join(f"{k} {v:.1%}" for k, v in cal.shares.items()))
+        echo("  each run's mean cycle, ms: cycle = engine CPU (model) + wait + hand-off + gap; running, arrivals "
+             "per step: " + "; ".join(f"{c['run']} {c['cycle_s']:.2f} = {c['engine_cpu_s']:.2f} ({c['model_s']:.2f}) "
+                                      f"+ {c['wait_s']:.2f} + {c['handoff_s']:.2f} + {c['gap_s']:.2f}; "
+                                      f"{c['running']:.1f}, {c['arrivals']:.3f}" for c in parts))
         for a in ablation:
             echo(f"  terms {a['terms']}: runs' mean cycles met to {a['runs_rms_rel']:.1%} rms, worst "
                  f"{a['runs_worst_rel']:.1%}")
@@ -309,7 +314,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap,
-        "term_ablation": ablation, "request_split": splits,
+        "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",

@@ -179,6 +179,22 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     return replace(cal, warnings=tuple(problems))
 
 
+def cycle_parts(frame: Any) -> list[dict[str, Any]]:
+    """Where each run's mean cycle goes (ms): the engine's CPU (against the model's time for the same
+    steps), its wait while running (its wall less its CPU: the GIL held by the event loop, the core taken),
+    the hand-off around it (the loop's dispatch to the worker thread and back, the token hooks), and the
+    loop's gap between a step's end and the next one's start; with the requests running and the arrivals
+    per step."""
+    f = frame.assign(wait_s=frame.engine_s - frame.engine_cpu_s, handoff_s=frame.end - frame.start - frame.engine_s,
+                     running=frame.decodes + (frame.prefill_tokens > 0))
+    out = []
+    for label, g in f.groupby("run", sort=False):
+        ms = {c: float(g[c].mean() * 1e3) for c in ("cycle_s", "model_s", "engine_cpu_s", "wait_s", "handoff_s",
+                                                    "gap_s")}
+        out.append({"run": str(label), **ms, "running": float(g.running.mean()), "arrivals": float(g.arrivals.mean())})
+    return out
+
+
 ABLATION: tuple[tuple[str, ...], ...] = (("model_s",), ("model_s", "one"), ("model_s", "arrivals"), FIT_TERMS,
                                           ("model_s", "one", "emitted"), TERMS, (*TERMS, "finished"))
 
