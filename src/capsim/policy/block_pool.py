@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any, Protocol
 
 
@@ -99,9 +100,14 @@ class BlockPool:
                 r.refs.append(h)
             r.reg = end
         elif end > reg:
-            new = [h for h in hs[reg:end] if h not in users]
-            users.update(dict.fromkeys(new, 1))
-            r.refs += new
+            seg = hs[reg:end]
+            if users.keys().isdisjoint(seg):  # none cached yet (nearly always): no Python loop per block
+                users.update(dict.fromkeys(seg, 1))
+                r.refs += seg
+            else:
+                new = [h for h in seg if h not in users]
+                users.update(dict.fromkeys(new, 1))
+                r.refs += new
             r.reg = end
 
     def release(self, r: Cached) -> int:
@@ -113,14 +119,22 @@ class BlockPool:
         refs = r.refs
         freed = r.blocks - len(refs)
         refs.reverse()
-        last = [h for h in refs if users[h] == 1]  # blocks only r uses (nearly all)
+        if len(refs) > 1:
+            # blocks only r uses (nearly all): when every count is 1, all of them, without a loop per block
+            counts = itemgetter(*refs)(users)
+            last = refs if max(counts) == 1 else [h for h, u in zip(refs, counts, strict=True) if u == 1]
+        else:
+            last = [h for h in refs if users[h] == 1]
         if len(last) < len(refs):
             for h in refs:
                 u = users[h]
                 if u > 1:
                     users[h] = u - 1
         if last:
-            users.update(dict.fromkeys(last, 0))
+            free = dict.fromkeys(last, 0)
+            users.update(free)
+            if len(free) < len(last):  # a hash listed twice: once in the LRU list (evict takes it once)
+                last = list(free)
             self._sid = sid = self._sid + 1
             self.idle.update(dict.fromkeys(last, sid))
             self._segments.append([sid, last, 0])
@@ -164,8 +178,12 @@ class BlockPool:
             seg = segments[0]
             sid, hs, off = seg
             end = off + count - len(gone)
-            # live entries leave idle as they are taken (pop), so a hash listed twice is taken once
-            gone += [h for h in hs[off:end] if idle.get(h) == sid and idle.pop(h)]
+            chunk = hs[off:end]
+            if list(map(idle.get, chunk)).count(sid) == len(chunk):  # all live (a segment has no repeats)
+                deque(map(idle.__delitem__, chunk), 0)
+                gone += chunk
+            else:  # live entries leave idle as they are taken (pop)
+                gone += [h for h in chunk if idle.get(h) == sid and idle.pop(h)]
             if end >= len(hs):
                 segments.popleft()
                 self._entries -= len(hs) - off

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from heapq import heappush
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
-from simpy.events import Timeout
 
 from capsim.policy.scheduling import Scheduler, SchedulerLimits, Step
 from capsim.sim.pod import Batch, Pod, PodState
@@ -73,6 +74,20 @@ class Run(Batch):
     @property
     def live_size(self) -> int:
         return 0 if self.cancelled else 1
+
+
+class _Wake(Batch):
+    """The end of a step or run on ``Records.ending``, where the static pod's batches end: ``Client.run``
+    calls ``pod.complete`` with it at its time, in the order of the event id a SimPy ``Timeout`` would have
+    taken, so every frame is as with a ``Timeout``, without the event object and its step. Only ``pod``
+    of ``Batch`` is set (``Client.run`` reads it)."""
+
+    __slots__ = ("handler", "value")
+
+    def __init__(self, pod: Pod, handler: Callable[[Any], None], value: Any) -> None:  # no Batch.__init__
+        self.pod = pod
+        self.handler = handler
+        self.value = value
 
 
 class ContinuousPod(Pod):
@@ -149,9 +164,19 @@ class ContinuousPod(Pod):
             return
         self._step_end += extra
         self._step_token += 1
-        ev = Timeout(self._env, max(self._step_end - self._env.now, 0.0),
-                     (self._cur_step, self._step_end, self.incarnation, self._step_token))
-        ev.callbacks.append(self._on_step)
+        self._wake_at(self._step_end, self._on_step, (self._cur_step, self._step_end, self.incarnation,
+                                                      self._step_token))
+
+    def _wake_at(self, end: float, handler: Callable[[Any], None], value: Any) -> None:
+        """Call ``handler(value)`` at ``end`` (see :class:`_Wake`); the time as SimPy would round it."""
+        t = self._env._now
+        d = end - t
+        heappush(self._ending, (t + (d if d > 0.0 else 0.0), next(self._eid), _Wake(self, handler, value)))
+
+    def complete(self, batch: Batch) -> None:
+        """A step or run ends now (``Client.run`` pops its :class:`_Wake` from ``Records.ending``)."""
+        w = cast(_Wake, batch)
+        w.handler(w.value)
 
     def pump(self, now: float) -> None:
         """A request arrived at ``now``: start the step loop, or end a run of decode steps at the step
@@ -223,8 +248,7 @@ class ContinuousPod(Pod):
             stats.kv_peak = use
         self._cur_step = step
         self._step_end = end
-        ev = Timeout(self._env, max(end - self._env.now, 0.0), (step, end, self.incarnation, self._step_token))
-        ev.callbacks.append(self._on_step)
+        self._wake_at(end, self._on_step, (step, end, self.incarnation, self._step_token))
 
     # ---- runs of plain decode steps, one event each ------------------------------------------------------
     def _start_run(self, now: float, steps: int) -> None:
@@ -236,8 +260,7 @@ class ContinuousPod(Pod):
 
     def _schedule_run(self, end: float) -> None:
         self._run_token += 1
-        ev = Timeout(self._env, max(end - self._env.now, 0.0), (self._run_token, end, self.incarnation))
-        ev.callbacks.append(self._on_run)
+        self._wake_at(end, self._on_run, (self._run_token, end, self.incarnation))
 
     def _cut_run(self, now: float) -> None:
         """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
@@ -265,8 +288,8 @@ class ContinuousPod(Pod):
             self._run = (start, d, c, hi, t_hi)
             self._schedule_run(t_hi)
 
-    def _on_run(self, ev: Timeout) -> None:
-        token, now, incarnation = cast(tuple[int, float, int], ev.value)
+    def _on_run(self, value: tuple[int, float, int]) -> None:
+        token, now, incarnation = value
         if incarnation != self.incarnation or token != self._run_token or self._run is None:
             return  # superseded by a shorter run, or the pod died under it
         start, _, _, k, _ = self._run
@@ -308,8 +331,8 @@ class ContinuousPod(Pod):
             self.running.append(run)
             watch(run, i, float(send[i]) + timeout)
 
-    def _on_step(self, ev: Timeout) -> None:
-        step, now, incarnation, token = cast(tuple[Step, float, int, int], ev.value)
+    def _on_step(self, value: tuple[Step, float, int, int]) -> None:
+        step, now, incarnation, token = value
         if incarnation != self.incarnation or token != self._step_token:
             return  # the pod crashed or was killed under this step, or an arrival lengthened it
         runs = self.runs
