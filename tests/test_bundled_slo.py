@@ -12,7 +12,14 @@ from capsim.model.scenario import Scenario
 from capsim.sim import simulate
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = sorted((ROOT / "data" / "scenarios").glob("*.yaml"))
+# Known misses, each with its numbers (seed 0): the scenario shows a fault's cost, and the fault alone breaks
+# the error budget. Strict: when one starts to meet its SLO, this list must lose it.
+KNOWN_MISSES = {
+    "crash_study": "a 60-s Redis outage (and crashes) fail 0.64% of requests, over max_error_rate 0.1%",
+    "chat_sessions": "a 30-s Redis outage fails 0.25% of requests, over max_error_rate 0.1%",
+}
+SCENARIOS = [pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_MISSES[p.stem], strict=True))
+             if p.stem in KNOWN_MISSES else p for p in sorted((ROOT / "data" / "scenarios").glob("*.yaml"))]
 
 
 @pytest.mark.slow
