@@ -161,3 +161,13 @@ def test_the_cycle_parts_add_up_to_the_cycle() -> None:
         assert p["cycle_s"] == pytest.approx(p["engine_cpu_s"] + p["wait_s"] + p["handoff_s"] + p["gap_s"])
         assert p["gap_s"] == pytest.approx(0.02) and p["handoff_s"] == pytest.approx(0.0, abs=1e-9)
         assert p["engine_cpu_s"] == pytest.approx(0.9 * p["cycle_s"])
+
+
+def test_the_rate_that_reached_the_engine_counts_the_steps_arrivals_in_the_window() -> None:
+    from capsim.studies.validate_continuous_calibrate import reached_rate
+
+    df = synthetic_run(3, 4, 0.3, **TRUE, n=500)  # steps from t = 100 s on
+    t0, seconds = 100.2, 0.5
+    inside = df[(df.end > t0) & (df.end <= t0 + seconds)]
+    assert reached_rate(df, t0, seconds) == pytest.approx(inside.arrivals.sum() / seconds) and len(inside) > 10
+    assert reached_rate(df.iloc[:0], t0, seconds) == 0.0

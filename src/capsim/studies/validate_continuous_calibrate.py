@@ -341,6 +341,15 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
     return t0, time.perf_counter(), rows
 
 
+def reached_rate(steps: Any, t0: float, seconds: float) -> float:
+    """Requests per second that reached the pod's engine (``submit``) in the ``seconds`` after ``t0``,
+    counted from its steps' arrivals (a step's arrivals came in since the previous step ended)."""
+    if len(steps) == 0:
+        return 0.0
+    inside = steps[(steps.end > t0) & (steps.end <= t0 + seconds)]
+    return float(inside.arrivals.sum() / seconds)
+
+
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
                     max_num_seqs: int, prompt: int, output: int,
                     echo: Any = None) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
@@ -359,10 +368,17 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     cap = capacity_per_s(fit, first, max_num_seqs, prompt, output)
     if echo is not None:
         echo(f"  closed loop: {first.describe()}; capacity {cap:.1f} requests/s")
+    late = []
     for k, level in enumerate(levels):
         t0, t1, rows = drive_open(url, level * cap, seconds, prompt, output, seed=k)
-        runs.append((f"open {level:.0%}", fetch_steps(url, t0, t1)))
+        steps = fetch_steps(url, t0, t1)
+        runs.append((f"open {level:.0%}", steps))
         splits[f"open {level:.0%}"] = request_split(rows, output)
+        got = reached_rate(steps, t0, seconds)
+        if got < 0.9 * level * cap:
+            late.append(f"the open-loop run at {level:.0%} ({level * cap:.1f} requests/s) reached the engine at "
+                        f"{got:.1f}/s: the load generator or the pod's HTTP fell behind (a busy machine?)")
     cal = fit_step_cycles(runs, fit)
+    cal = replace(cal, warnings=(*cal.warnings, *late))
     frame = pd.concat([cycles(s, fit).assign(run=label) for label, s in runs if len(s) > 1], ignore_index=True)
     return cal, frame, splits
