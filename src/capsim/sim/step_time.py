@@ -157,7 +157,11 @@ class ProfileStepTime:
                 ms += v if v > 0.0 else 0.0
             return ms * self.scale
         ceil = math.ceil
-        for seg in range(last + 1):
+        # only the intervals the contexts x0 .. x0 + steps - 1 touch have steps (one more on each side
+        # against rounding: an interval without steps adds nothing)
+        first = max(right(ts, x0) - 2, 0)
+        stop = min(right(ts, x0 + (steps - 1)), last) + 1
+        for seg in range(first, stop):
             lo = 0 if seg == 0 else max(0, ceil(ts[seg] - x0))
             hi = steps - 1 if seg == last else min(steps - 1, ceil(ts[seg + 1] - x0) - 1)
             if hi >= lo:
