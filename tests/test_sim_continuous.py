@@ -144,6 +144,12 @@ def test_the_profile_adapter_runs_the_friday_rush_in_continuous_mode() -> None:
      "workload.arrivals.rate_per_s": 30,
      "workload.prompt_tokens": {"kind": "lognormal", "mean": 300, "sigma": 0.6, "max": 1024},
      "workload.output_tokens": {"kind": "lognormal", "mean": 48, "sigma": 0.5, "max": 256}},
+    # growing sessions on a small prefix cache (hits, evictions, preemptions), a crash, arrival overhead
+    {"workload.arrivals.rate_per_s": 8, "batching.num_blocks": 120, "batching.enable_prefix_caching": True,
+     "workload.sessions": {"turns": 4, "think_time_s": 0.5, "new_tokens": {"kind": "constant", "value": 40}},
+     "workload.output_tokens": {"kind": "lognormal", "mean": 40, "sigma": 0.5, "max": 200},
+     "pods.replicas": 2, "faults": {"crashes": [{"at_s": 20, "pod": 0}]}, "pods.startup_s": 5,
+     "service.arrival_overhead_ms": 1.5},
 ])
 def test_runs_of_decode_steps_in_one_event_give_the_frames_of_one_event_per_step(over: dict[str, Any]) -> None:
     from capsim.sim.simulate import Simulation
