@@ -171,3 +171,16 @@ def test_the_rate_that_reached_the_engine_counts_the_steps_arrivals_in_the_windo
     inside = df[(df.end > t0) & (df.end <= t0 + seconds)]
     assert reached_rate(df, t0, seconds) == pytest.approx(inside.arrivals.sum() / seconds) and len(inside) > 10
     assert reached_rate(df.iloc[:0], t0, seconds) == 0.0
+
+
+def test_the_pods_cpu_off_the_engine_is_split_per_request_and_per_step() -> None:
+    import os
+
+    from capsim.studies.validate_continuous_calibrate import fit_pod_cpu, process_cpu_s
+
+    runs_ = [(r, n, r * 2.5e-3 + n * 0.3e-3) for r, n in ((10, 900), (40, 1200), (80, 1500), (30, 2000))]
+    per_request, per_step = fit_pod_cpu(runs_)
+    assert per_request == pytest.approx(2.5e-3) and per_step == pytest.approx(0.3e-3)
+    before = process_cpu_s(os.getpid())
+    sum(i * i for i in range(2_000_000))  # burn some CPU in this process
+    assert process_cpu_s(os.getpid()) > before

@@ -266,7 +266,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         cal, steps, splits = calibrate_steps(
             pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
             seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens,
-            output=spec.output_tokens, echo=echo)
+            output=spec.output_tokens, pid=pod.pid, echo=echo)
         steps.to_csv(out / "calibration_steps.csv", index=False)
         ablation, parts = term_ablation(steps), cycle_parts(steps)
         echo(f"calibration: {cal.describe()}")

@@ -26,6 +26,7 @@ its ``c3`` (per decode; both divided by the scale that multiplies them back), an
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -69,6 +70,10 @@ class StepCalibration:
     median_abs_rel_residual: float = float("nan")  # over single steps (their spread, not the fit's bias)
     # each term's share of the mean cycle over all the calibration's steps (what explains the cycle)
     shares: dict[str, float] = field(default_factory=dict)
+    # the pod process's CPU off the engine (HTTP, the store, answering, the loop), per request and per step,
+    # fitted through the runs (``fit_pod_cpu``; NaN: not measured)
+    request_cpu_s: float = float("nan")
+    step_cpu_s: float = float("nan")
 
     @property
     def rel_rms_residual(self) -> float:
@@ -80,11 +85,15 @@ class StepCalibration:
         return self.time_scale * model_s + self.extra_s + arrivals * self.arrival_s + emitted * self.token_s
 
     def describe(self) -> str:
-        return (f"pod step cycle = {self.time_scale:.3f} x model + {self.extra_s * 1e3:.3f} ms "
+        text = (f"pod step cycle = {self.time_scale:.3f} x model + {self.extra_s * 1e3:.3f} ms "
                 f"+ {self.arrival_s * 1e3:.3f} ms per arrival + {self.token_s * 1e3:.3f} ms per token, over "
                 f"{self.steps} steps of {len(self.points)} runs; runs' mean cycles met to "
                 f"{self.rel_rms_residual:.1%} rms, single steps' median |residual| "
                 f"{self.median_abs_rel_residual:.1%}")
+        if np.isfinite(self.request_cpu_s):
+            text += (f"; the pod's CPU off the engine {self.request_cpu_s * 1e3:.2f} ms per request "
+                     f"+ {self.step_cpu_s * 1e3:.3f} ms per step")
+        return text
 
 
 # ---- the trace ----------------------------------------------------------------------------------------------
@@ -341,6 +350,28 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
     return t0, time.perf_counter(), rows
 
 
+def process_cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far, all its threads (user + system, ``/proc/PID/stat``; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fit_pod_cpu(runs: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
+    """``off_engine_cpu = per_request x requests + per_step x steps`` through (requests, steps, the pod's
+    CPU less its engine thread's) per run, bounded least squares (both >= 0), each run weighted by 1 / its
+    CPU; (per request s, per step s)."""
+    from scipy.optimize import lsq_linear
+
+    a = np.array([[r, n] for r, n, _ in runs], dtype=float)
+    y = np.array([c for _, _, c in runs], dtype=float)
+    w = 1.0 / np.maximum(y, 1e-6)
+    res = lsq_linear(a * w[:, None], y * w, bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
+    return float(res.x[0]), float(res.x[1])
+
+
+MAX_ARRIVAL_OVER_CPU = 2.0  # a fitted time per arrival past this many times the pod's CPU per request is doubtful
+
+
 def reached_rate(steps: Any, t0: float, seconds: float) -> float:
     """Requests per second that reached the pod's engine (``submit``) in the ``seconds`` after ``t0``,
     counted from its steps' arrivals (a step's arrivals came in since the previous step ended)."""
@@ -351,27 +382,44 @@ def reached_rate(steps: Any, t0: float, seconds: float) -> float:
 
 
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
-                    max_num_seqs: int, prompt: int, output: int,
+                    max_num_seqs: int, prompt: int, output: int, pid: int | None = None,
                     echo: Any = None) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
     calibration, every step's cycle frame (with its run's label), and each open-loop run's
-    ``request_split``."""
+    ``request_split``. With the pod's ``pid``, each run's CPU of the pod process off its engine thread is
+    fitted per request and per step (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
     import pandas as pd
 
     runs = []
     splits: dict[str, dict[str, float]] = {}
+    cpu_runs: list[tuple[float, float, float]] = []
+
+    def cpu() -> float:
+        return process_cpu_s(pid) if pid is not None else float("nan")
+
+    def keep_cpu(before: float, after: float, steps: Any) -> None:
+        if pid is not None and len(steps):
+            cpu_runs.append((float(steps.arrivals.sum()), float(len(steps)),
+                             after - before - float(steps.engine_cpu_s.sum())))
+
     for n in clients:
+        c0 = cpu()
         t0, t1 = drive_closed(url, n, seconds, prompt, output)
+        c1 = cpu()  # before the trace's fetch, which the pod also serves
         runs.append((f"closed {n}", fetch_steps(url, t0, t1)))
+        keep_cpu(c0, c1, runs[-1][1])
     first = fit_step_cycles(runs, fit)
     cap = capacity_per_s(fit, first, max_num_seqs, prompt, output)
     if echo is not None:
         echo(f"  closed loop: {first.describe()}; capacity {cap:.1f} requests/s")
     late = []
     for k, level in enumerate(levels):
+        c0 = cpu()
         t0, t1, rows = drive_open(url, level * cap, seconds, prompt, output, seed=k)
+        c1 = cpu()
         steps = fetch_steps(url, t0, t1)
+        keep_cpu(c0, c1, steps)
         runs.append((f"open {level:.0%}", steps))
         splits[f"open {level:.0%}"] = request_split(rows, output)
         got = reached_rate(steps, t0, seconds)
@@ -379,6 +427,13 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
             late.append(f"the open-loop run at {level:.0%} ({level * cap:.1f} requests/s) reached the engine at "
                         f"{got:.1f}/s: the load generator or the pod's HTTP fell behind (a busy machine?)")
     cal = fit_step_cycles(runs, fit)
+    if len(cpu_runs) >= 2:
+        per_request, per_step = fit_pod_cpu(cpu_runs)
+        cal = replace(cal, request_cpu_s=per_request, step_cpu_s=per_step)
+        if per_request > 0 and cal.arrival_s > MAX_ARRIVAL_OVER_CPU * per_request:
+            late.append(f"the fitted time per arrival ({cal.arrival_s * 1e3:.2f} ms) is over {MAX_ARRIVAL_OVER_CPU:g} x "
+                        f"the pod's CPU per request off the engine ({per_request * 1e3:.2f} ms): the fit gives the "
+                        "arrivals what something else costs (a busy machine?)")
     cal = replace(cal, warnings=(*cal.warnings, *late))
     frame = pd.concat([cycles(s, fit).assign(run=label) for label, s in runs if len(s) > 1], ignore_index=True)
     return cal, frame, splits
