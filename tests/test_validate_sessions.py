@@ -177,7 +177,7 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
 
     spec = replace(SPEC, replications=1, arrival_s=6.0, warmup_s=1.0, calibration_s=1.0)
     results = run_sessions_validation(spec, out_dir=tmp_path, echo=lambda _: None)
-    for name in ("results.csv", "provenance.json", "profile.csv"):
+    for name in ("results.csv", "replications.csv", "provenance.json", "profile.csv"):
         assert (tmp_path / name).exists()
     hit = results[results.metric == "hit_rate"].set_index("policy")
     # both halves see what affinity buys, and agree on it (latencies depend on the machine's load)
@@ -187,3 +187,5 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert (hit.error.abs() < 0.1).all()
     tp = results[results.metric == "throughput_per_s"]
     assert (tp.real > 0).all() and (tp.sim > 0).all()
+    runs = pd.read_csv(tmp_path / "replications.csv")
+    assert sorted(runs.policy) == ["round_robin", "session_affinity"] and (runs.real_turns == runs.sim_turns).all()

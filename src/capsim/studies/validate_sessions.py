@@ -20,7 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,7 @@ class _Pool:
     counters: list[tuple[float, float, float, float]]  # real hits, real queries, sim hits, sim queries
     preemptions: list[tuple[float, float]]
     turns: int = 0
+    runs: list[dict[str, Any]] = field(default_factory=list)  # one row per replication (replications.csv)
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -167,6 +168,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                                   float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
             pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
             pool.turns += workload.n_requests
+            pool.runs.append(_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec))
             bad = real_df[real_df.outcome != "ok"]
             echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
                  f"{len(real_df)} turns sent ({len(bad)} not ok), hit rate real "
@@ -175,6 +177,22 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     finally:
         fleet.stop()
     return pool
+
+
+def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _Pool,
+             spec: SessionsSpec) -> dict[str, Any]:
+    """One replication's numbers, real and simulated, for ``replications.csv``."""
+    from capsim.studies.validate import summarize_frame
+
+    r, s = (summarize_frame(df, spec.warmup_s, spec.arrival_s) for df in (real, sim))
+    rh, rq, sh, sq = pool.counters[-1]
+    out: dict[str, Any] = {"policy": policy, "seed": seed, "sessions": sessions, "real_turns": len(real),
+                           "sim_turns": len(sim), "real_hit_rate": rh / rq if rq else float("nan"),
+                           "sim_hit_rate": sh / sq if sq else float("nan"), "real_prefix_queries": rq,
+                           "sim_prefix_queries": sq}
+    for metric in METRICS:
+        out[f"real_{metric}"], out[f"sim_{metric}"] = r[metric], s[metric]
+    return out
 
 
 def _rows(policy: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
@@ -230,12 +248,15 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     echo(f"capacity without prefix hits: {per_pod:.1f} turns/s a pod; {rate:.2f} sessions/s of {spec.turns} "
          f"turns ({spec.level:.0%})")
     rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
         pool = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
         rows += _rows(policy, rate, pool)
+        runs += pool.runs
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
+    pd.DataFrame(runs).to_csv(out / "replications.csv", index=False)
     import torch
 
     provenance = {

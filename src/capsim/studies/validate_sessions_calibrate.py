@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from capsim.studies.validate_sessions import SessionsSpec
 
-CALIBRATION_CLIENTS = (2, 8, 16, 64)  # closed-loop clients: from a few running to max_num_seqs
+CALIBRATION_CLIENTS = (2, 4, 8, 16, 64)  # closed-loop clients, a few running to max_num_seqs (the fit needs 5 runs)
 CALIBRATION_OUTPUT = 32  # the calibration's answers: a few decodes a request, so steps mix both kinds
 
 
