@@ -33,20 +33,34 @@ class LeastBuckets:
         return self._count.get(key)
 
     def set(self, key: int, count: int) -> None:
-        """File ``key`` under ``count`` (moving it if filed elsewhere)."""
-        old = self._count.get(key)
+        """File ``key`` under ``count`` (moving it if filed elsewhere). The router's hot path: inlined."""
+        counts = self._count
+        old = counts.get(key)
         if old == count:
             return
+        buckets = self._buckets
+        pos = self._pos
+        emptied = False
         if old is not None:
-            self.remove(key)
-        bucket = self._buckets.get(count)
+            bucket = buckets[old]
+            last = bucket.pop()
+            if last != key:  # the last id takes the moved one's place
+                i = pos[key]
+                bucket[i] = last
+                pos[last] = i
+            if not bucket:
+                del buckets[old]
+                emptied = old == self._low
+        bucket = buckets.get(count)  # type: ignore[assignment]
         if bucket is None:
-            bucket = self._buckets[count] = []
-            if len(self._buckets) == 1 or count < self._low:
-                self._low = count
-        self._pos[key] = len(bucket)
+            bucket = buckets[count] = []
+        pos[key] = len(bucket)
         bucket.append(key)
-        self._count[key] = count
+        counts[key] = count
+        if len(counts) == 1 or count < self._low:
+            self._low = count
+        elif emptied:
+            self._low = min(buckets)
 
     def remove(self, key: int) -> None:
         """Unfile ``key`` (nothing when it is not filed)."""
@@ -63,6 +77,12 @@ class LeastBuckets:
             del self._buckets[count]
             if count == self._low and self._buckets:
                 self._low = min(self._buckets)
+
+    def lowest(self) -> tuple[int, list[int]] | None:
+        """The lowest count and its ids (the bucket itself: do not change it), or None when empty."""
+        if not self._buckets:
+            return None
+        return self._low, self._buckets[self._low]
 
     def pick(self, draw: Callable[[], float], eligible: Callable[[int, int], bool]) -> int | None:
         """A uniform id among those filed under the lowest count, ``draw()`` in [0, 1) per try; an id for

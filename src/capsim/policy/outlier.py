@@ -44,7 +44,7 @@ class OutlierDetector:
     """Per endpoint id: failures in a row, when its ejection ends, and how many times it was ejected."""
 
     settings: OutlierSettings = field(default_factory=OutlierSettings)
-    _failures: dict[int, int] = field(default_factory=dict)
+    failures: dict[int, int] = field(default_factory=dict)  # endpoints with failures in a run: how many
     _until: dict[int, float] = field(default_factory=dict)  # ejected endpoints only
     _times: dict[int, int] = field(default_factory=dict)
     ejections: int = 0  # ejections so far (Envoy's ejections_enforced_total)
@@ -62,21 +62,21 @@ class OutlierDetector:
         """A request to ``endpoint`` failed at ``now`` (refused, 5xx). True when this ejects it."""
         if endpoint in self._until:
             return False
-        k = self._failures.get(endpoint, 0) + 1
-        self._failures[endpoint] = k
+        k = self.failures.get(endpoint, 0) + 1
+        self.failures[endpoint] = k
         if k < self.settings.consecutive_failures or len(self._until) >= self.max_ejected(n_endpoints):
             return False  # at the cap Envoy keeps counting and ejects once there is room
         times = self._times.get(endpoint, 0) + 1
         self._times[endpoint] = times
         self._until[endpoint] = now + min(self.settings.base_ejection_s * times, self.settings.max_ejection_s)
-        self._failures[endpoint] = 0
+        self.failures[endpoint] = 0
         self.ejections += 1
         return True
 
     def succeeded(self, endpoint: int) -> None:
         """A request to ``endpoint`` got through: the run of failures (and the ejection multiplier) restarts."""
-        if endpoint in self._failures:
-            del self._failures[endpoint]
+        if endpoint in self.failures:
+            del self.failures[endpoint]
             self._times.pop(endpoint, None)
 
     def expire(self, now: float) -> list[int]:

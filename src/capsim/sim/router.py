@@ -33,7 +33,7 @@ such moves (``affinity_fallbacks``) and the history they re-prefill (``reprefill
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, Literal
 
 from capsim.policy.least import LeastBuckets
@@ -89,11 +89,20 @@ class Router:
         if self.least:
             out = self.outliers
             if out is None:
-                return self._least(frozenset())
-            ejected = self._ejected()
+                return self._least(())
+            ejected = self._ejected() if out.ejected_ids else out.ejected_ids
             if ejected and out.panic(sum(1 for p in eps if p.id in ejected), len(eps)):
-                return self._observe(self._least(frozenset()))  # Envoy's panic mode: balance over all
-            return self._observe(self._least(ejected))
+                for p in eps:  # Envoy's panic mode: too few left, balance over all (rare: a scan)
+                    if self._by_count.count_of(p.id) is None:
+                        self._by_count.set(p.id, p.outstanding)
+                ejected = {}
+            pod = self._least(ejected)
+            # outlier detection sees the attempt the caller makes: refused unless the pod is ready
+            if pod.state is not _READY:
+                out.failed(pod.id, self._clock(), len(eps))
+            elif pod.id in out.failures:
+                out.succeeded(pod.id)
+            return pod
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
             return self.pick_scored(-1, 0, 0.0)
         if self.least_fallback:  # a session placed anew, rarely: a scan, no buckets to keep
@@ -103,26 +112,27 @@ class Router:
             return eps[self._next]
         return eps[int(self._draws.next() * len(eps))]
 
-    def _least(self, ejected: frozenset[int] | dict[int, float]) -> Pod:
+    def _least(self, ejected: Container[int]) -> Pod:
+        """A uniform pod among the emptiest not ``ejected``, counted as holding one more (the enqueue that
+        follows)."""
+        by_count = self._by_count
         pods = self._pods
-        miscounted: list[int] = []
-
-        def eligible(pid: int, count: int) -> bool:
+        draw = self._draws.next
+        while (low := by_count.lowest()) is not None:
+            count, bucket = low
+            pid = bucket[int(draw() * len(bucket))] if len(bucket) > 1 else bucket[0]
             pod = pods[pid]
-            if pod.outstanding != count:  # a change nobody touched: filed again below, never lost
-                miscounted.append(pid)
-                return False
-            return pod.routable and pid not in ejected  # one that left is filed again when it returns
-
-        pid = self._by_count.pick(self._draws.next, eligible)
-        for m in miscounted:
-            if pods[m].routable:
-                self._by_count.set(m, pods[m].outstanding)
-        if pid is None:  # every endpoint ejected or refiled (Envoy's panic mode): a scan over them all
-            eps = self.endpoints
-            pid = eps[among_best([-p.outstanding for p in eps], self._draws.next())].id
-        pod = pods[pid]
-        self._by_count.set(pid, pod.outstanding + 1)  # the enqueue that follows
+            if pod.outstanding != count:  # a change nobody touched: filed under its count, never lost
+                by_count.set(pid, pod.outstanding)
+            elif pod.routable and pid not in ejected:
+                by_count.set(pid, count + 1)
+                return pod
+            else:
+                by_count.remove(pid)  # gone from the endpoints, or ejected: filed again when it returns
+        # every endpoint ejected, their entries dropped before the panic rule let them back: a scan
+        eps = self.endpoints
+        pod = eps[among_best([-p.outstanding for p in eps], draw())]
+        by_count.set(pod.id, pod.outstanding + 1)
         return pod
 
     def _ejected(self) -> dict[int, float]:
