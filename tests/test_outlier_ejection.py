@@ -48,7 +48,7 @@ def test_at_most_the_percentage_but_at_least_one_is_ejected() -> None:
         OutlierSettings(consecutive_failures=0)
 
 
-def crash_run(ejection: dict[str, Any] | None) -> Any:
+def crash_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:
     # 4 pods at light load; pod 0 crashes at 20 s and stays in the endpoints for 6 s (1 s until the kubelet
     # sees it, 5 s until the endpoints do): with 0 requests outstanding, least outstanding favours it
     sc = Scenario.model_validate({
@@ -57,7 +57,7 @@ def crash_run(ejection: dict[str, Any] | None) -> Any:
         "service": {"kind": "exponential", "mean_s": 0.05},
         "batching": {"max_batch_size": 4, "max_wait_ms": 0},
         "pods": {"replicas": 4, "endpoints_propagation_s": 5.0, "startup_s": 30},
-        "router": {"kind": "least_outstanding", "outlier_ejection": ejection},
+        "router": {"kind": kind, "outlier_ejection": ejection},
         "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
         "faults": {"crashes": [{"at_s": 20.0, "pod": 0}]},
     })
@@ -77,6 +77,13 @@ def test_a_crashed_pod_in_the_endpoints_is_ejected_after_five_refusals() -> None
     assert refused["none"] > 0.3 and runs["none"].summary.failed > 0
     assert runs["envoy"].summary.retries == 5 and runs["envoy"].summary.failed == 0
     assert refused["envoy"] < 0.05
+
+
+def test_prefix_aware_ejects_the_crashed_pod_too() -> None:
+    # no session history here: the queue scorer favours the empty (dead) pod as least outstanding does
+    off, on = crash_run(None, "prefix_aware").summary, crash_run({}, "prefix_aware").summary
+    assert off.retries > 100 and off.failed > 0
+    assert on.retries == 5 and on.failed == 0
 
 
 def test_the_setting_validates_and_can_be_switched_off() -> None:
