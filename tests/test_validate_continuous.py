@@ -140,3 +140,28 @@ def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_ke
     assert np.allclose(itl_frame(real, span).first_token_s - real.arrival_s, 0.001)
     real.attrs["token_span_s"] = [0.031]  # not one per row: not used
     assert pod_token_span(real) is None
+
+
+def test_the_pods_own_end_to_end_is_compared_when_its_span_is_known(fitted_profile: Path) -> None:
+    import pandas as pd
+
+    from capsim.studies.validate_continuous import pod_e2e_frame
+
+    spec = ContinuousSpec(seconds_per_run=6)
+    sc = level_scenario(spec, fitted_profile, 30.0, 1.0, 1024)
+    sim = simulate(sc, seed=0).requests
+    w, end = sc.warmup_s, sc.horizon_s
+    # a "real" frame: the simulator's, answered 12 ms after each last token
+    real = sim.assign(end_s=sim.end_s + 0.012)
+    span = (sim.end_s - sim.first_token_s).to_numpy()
+    assert np.allclose(pod_e2e_frame(real, span).end_s, sim.end_s, equal_nan=True)  # NaN: not answered
+    blocks = [vs.cut_blocks(real, w, end)], [vs.cut_blocks(sim, w, end)]
+    itl = [vs.cut_blocks(itl_frame(real, span), w, end)], [vs.cut_blocks(itl_frame(sim), w, end)]
+    pool = _Pool(*blocks, *itl, [(0.0, 0.0)], 100, [vs.cut_blocks(pod_e2e_frame(real, span), w, end)],
+                 [vs.cut_blocks(sim, w, end)])
+    rows = pd.DataFrame(_rows(0.3, "full", 30.0, pool)).set_index("metric")
+    assert rows.loc["e2e_p50_s"].rel_error < -0.05  # the client's E2E holds the 12 ms the simulator lacks
+    assert rows.loc["pod_e2e_p50_s"].rel_error == pytest.approx(0.0, abs=1e-9)
+    assert rows.loc["itl_p50_s"].rel_error == pytest.approx(0.0, abs=1e-9)
+    without = pd.DataFrame(_rows(0.3, "full", 30.0, _Pool(*blocks, *itl, [(0.0, 0.0)], 100)))
+    assert "pod_e2e_p50_s" not in set(without.metric)

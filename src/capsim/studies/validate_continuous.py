@@ -23,7 +23,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,21 @@ class _Pool:
     sim_itl: list[vs.Blocks]
     preemptions: list[tuple[float, float]]
     requests: int = 0
+    # end to end on the pod's clock (to its last token, not the client's receipt); empty: not measured
+    real_pod_e2e: list[vs.Blocks] = field(default_factory=list)
+    sim_pod_e2e: list[vs.Blocks] = field(default_factory=list)
+
+
+#: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
+POD_E2E_METRICS: tuple[str, ...] = ("pod_e2e_p50_s", "pod_e2e_p99_s")
+
+
+def pod_e2e_frame(df: Any, token_span_s: Any) -> Any:
+    """The real frame with ``end_s`` at the pod's last token (its first token plus the pod's own span):
+    the end to end the simulator's frame has, without the answer's way out to the client."""
+    out = df.copy()
+    out["end_s"] = df.first_token_s + np.asarray(token_span_s, dtype=float)
+    return out
 
 
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
@@ -198,7 +213,11 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         w, end = scenario.warmup_s, scenario.horizon_s
         pool.real.append(vs.cut_blocks(real_df, w, end))
         pool.sim.append(vs.cut_blocks(sim.requests, w, end))
-        pool.real_itl.append(vs.cut_blocks(itl_frame(real_df, pod_token_span(real_df)), w, end))
+        span = pod_token_span(real_df)
+        pool.real_itl.append(vs.cut_blocks(itl_frame(real_df, span), w, end))
+        if span is not None:
+            pool.real_pod_e2e.append(vs.cut_blocks(pod_e2e_frame(real_df, span), w, end))
+            pool.sim_pod_e2e.append(vs.cut_blocks(sim.requests, w, end))
         pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
         pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
         pool.requests += workload.n_requests
@@ -212,10 +231,14 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
 def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)
     real_itl, sim_itl = vs.pool(pool.real_itl), vs.pool(pool.sim_itl)
+    pod_e2e = (vs.pool(pool.real_pod_e2e), vs.pool(pool.sim_pod_e2e)) if pool.real_pod_e2e else None
     rows = []
-    for metric in METRICS:
+    for metric in METRICS + (POD_E2E_METRICS if pod_e2e is not None else ()):
         if metric.startswith("itl_"):
             r_b, s_b, m = real_itl, sim_itl, metric.replace("itl_", "ttft_")
+        elif metric.startswith("pod_e2e_"):
+            assert pod_e2e is not None
+            (r_b, s_b), m = pod_e2e, metric.replace("pod_", "")
         else:
             r_b, s_b, m = real, sim, metric
         ri, si, ei = vs.interval(r_b, m), vs.interval(s_b, m), vs.error_interval(r_b, s_b, m)
