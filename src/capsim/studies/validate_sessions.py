@@ -171,12 +171,18 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             pool.runs.append(_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec))
             bad = real_df[real_df.outcome != "ok"]
             echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
-                 f"{len(real_df)} turns sent ({len(bad)} not ok), hit rate real "
+                 f"{len(real_df)} turns sent ({len(bad)} not ok{_reasons(real_df)}), hit rate real "
                  f"{real_c['vllm:prefix_cache_hits_total'] / max(real_c['vllm:prefix_cache_queries_total'], 1):.3f} "
                  f"sim {pool.counters[-1][2] / max(pool.counters[-1][3], 1):.3f}")
     finally:
         fleet.stop()
     return pool
+
+
+def _reasons(frame: Any) -> str:
+    """The load generator's failed attempts by reason, for the progress line (empty when none failed)."""
+    failures = frame.attrs.get("failures") or {}
+    return (": " + ", ".join(f"{why} {n}" for why, n in failures.items())) if failures else ""
 
 
 def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _Pool,
@@ -189,7 +195,7 @@ def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _
     out: dict[str, Any] = {"policy": policy, "seed": seed, "sessions": sessions, "real_turns": len(real),
                            "sim_turns": len(sim), "real_hit_rate": rh / rq if rq else float("nan"),
                            "sim_hit_rate": sh / sq if sq else float("nan"), "real_prefix_queries": rq,
-                           "sim_prefix_queries": sq}
+                           "sim_prefix_queries": sq, "real_failures": _reasons(real).removeprefix(": ")}
     for metric in METRICS:
         out[f"real_{metric}"], out[f"sim_{metric}"] = r[metric], s[metric]
     return out
