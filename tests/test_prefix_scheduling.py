@@ -147,8 +147,8 @@ def check_pool(s: Scheduler) -> None:
     pool = s.pool
     assert pool is not None
     assert len(pool.lru) <= s.free_blocks, "a cached free block beyond the free count"
-    assert all(pool.users[h] == 0 for h in pool.lru)
-    assert sum(1 for u in pool.users.values() if u == 0) == len(pool.lru)
+    assert all(pool.users[h] <= 0 for h in pool.lru)  # a free block's entry: minus its LRU segment's id
+    assert sum(1 for u in pool.users.values() if u <= 0) == len(pool.lru) == pool.n_idle
     refs: dict[int, int] = {}
     plain = 0
     for r in s.requests.values():
@@ -156,7 +156,7 @@ def check_pool(s: Scheduler) -> None:
             refs[h] = refs.get(h, 0) + 1
         plain += r.blocks - len(r.refs)
         assert len(r.refs) <= r.blocks
-    assert refs == {h: u for h, u in pool.users.items() if u}
+    assert refs == {h: u for h, u in pool.users.items() if u > 0}
     assert s.used_blocks == plain + len(refs), "shared blocks counted once"
 
 

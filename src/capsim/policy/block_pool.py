@@ -27,20 +27,21 @@ class Cached(Protocol):
 class BlockPool:
     """Hashes of cached blocks with their user counts, and the free ones in LRU order (head: next evicted).
 
-    The LRU list is kept as segments, one per release (its blocks in eviction order), and ``idle`` maps
-    each free cached block to the segment that freed it last: a release and an eviction are a few bulk
-    dict operations instead of one ordered-dict node per block. An entry whose block was taken again (a
-    hit) or freed again later is stale and skipped; stale entries are dropped once they outnumber the
-    live ones (then the segments are rewritten, in order).
+    The LRU list is kept as segments, one per release (its blocks in eviction order), and a free cached
+    block's entry in ``users`` is minus the id of the segment that freed it last: a release and an
+    eviction are a few bulk dict operations on one dict instead of one ordered-dict node per block. A
+    segment entry whose block was taken again (a hit) or freed again later is stale and skipped; stale
+    entries are dropped once they outnumber the live ones (then the segments are rewritten, in order).
     """
 
     COMPACT_SLACK = 4096  # stale entries tolerated beyond twice the live ones
 
-    __slots__ = ("_entries", "_segments", "_sid", "evicted", "hits", "idle", "queries", "users")
+    __slots__ = ("_entries", "_segments", "_sid", "evicted", "hits", "n_idle", "queries", "users")
 
     def __init__(self, log_evictions: bool = False) -> None:
-        self.users: dict[int, int] = {}  # hash -> running requests using its block (0: free, in idle)
-        self.idle: dict[int, int] = {}  # free cached block's hash -> the segment that holds it
+        #: hash -> running requests using its block; a free block (in the LRU list): minus its segment's id
+        self.users: dict[int, int] = {}
+        self.n_idle = 0  # free cached blocks (in the LRU list)
         self._segments: deque[list[Any]] = deque()  # [segment id, hashes, next entry], oldest first
         self._sid = 0  # the last segment's id
         self._entries = 0  # entries in the segments not yet passed by evictions, stale ones included
@@ -49,10 +50,15 @@ class BlockPool:
         self.evicted: list[int] | None = [] if log_evictions else None  # for a shell that keeps the KV
 
     @property
+    def idle(self) -> dict[int, int]:
+        """Free cached block's hash -> the id of the LRU segment holding it; built on demand (for checks)."""
+        return {h: -u for h, u in self.users.items() if u <= 0}
+
+    @property
     def lru(self) -> list[int]:
         """The free cached blocks' hashes in eviction order (head first); built on demand (for checks)."""
-        idle = self.idle
-        return list(dict.fromkeys(h for sid, hs, off in self._segments for h in hs[off:] if idle.get(h) == sid))
+        users = self.users
+        return list(dict.fromkeys(h for sid, hs, off in self._segments for h in hs[off:] if users.get(h) == -sid))
 
     def __len__(self) -> int:
         """Blocks that hold a hash (in use or free)."""
@@ -67,20 +73,22 @@ class BlockPool:
             u = users.get(hashes[j])
             if u is None:
                 break
-            if not u:
+            if u <= 0:
                 free += 1
             j += 1
         return j, free
 
     def acquire(self, r: Cached, blocks: int) -> None:
         """Give ``r`` (holding no block) a reference on its first ``blocks`` cached blocks (a hit)."""
-        users, idle = self.users, self.idle
+        users = self.users
         hs = r.hashes[:blocks]
         for h in hs:
             u = users[h]
-            if not u:
-                del idle[h]  # its segment's entry goes stale
-            users[h] = u + 1
+            if u <= 0:  # free: its segment's entry goes stale
+                users[h] = 1
+                self.n_idle -= 1
+            else:
+                users[h] = u + 1
         r.refs = hs
         r.reg = blocks
 
@@ -130,37 +138,37 @@ class BlockPool:
                 u = users[h]
                 if u > 1:
                     users[h] = u - 1
+        freed += len(last)
         if last:
-            free = dict.fromkeys(last, 0)
+            self._sid = sid = self._sid + 1
+            free = dict.fromkeys(last, -sid)
             users.update(free)
             if len(free) < len(last):  # a hash listed twice: once in the LRU list (evict takes it once)
                 last = list(free)
-            self._sid = sid = self._sid + 1
-            self.idle.update(dict.fromkeys(last, sid))
             self._segments.append([sid, last, 0])
             self._entries += len(last)
-            if self._entries > 2 * len(self.idle) + self.COMPACT_SLACK:
+            self.n_idle += len(last)
+            if self._entries > 2 * self.n_idle + self.COMPACT_SLACK:
                 self._compact()
-        freed += len(last)
         r.refs = []
         r.reg = 0
         return freed
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
-        idle, segments, log = self.idle, self._segments, self.evicted
+        users, segments, log = self.users, self._segments, self.evicted
+        self.n_idle -= count
         if count <= 4:
             # a decode crossing into a new block evicts one or two: a plain walk beats building lists
-            users = self.users
             while count:
                 seg = segments[0]
                 sid, hs, off = seg
+                msid = -sid
                 j, n = off, len(hs)
                 while j < n:
                     h = hs[j]
                     j += 1
-                    if idle.get(h) == sid:
-                        del idle[h]
+                    if users.get(h) == msid:
                         del users[h]
                         if log is not None:
                             log.append(h)
@@ -177,21 +185,20 @@ class BlockPool:
         while len(gone) < count:
             seg = segments[0]
             sid, hs, off = seg
+            msid = -sid
             end = off + count - len(gone)
             chunk = hs[off:end]
-            if list(map(idle.get, chunk)).count(sid) == len(chunk):  # all live (a segment has no repeats)
-                deque(map(idle.__delitem__, chunk), 0)
+            if list(map(users.get, chunk)).count(msid) == len(chunk):  # all live (a segment has no repeats)
+                deque(map(users.__delitem__, chunk), 0)  # the deletions run in C: no Python loop per block
                 gone += chunk
-            else:  # live entries leave idle as they are taken (pop)
-                gone += [h for h in chunk if idle.get(h) == sid and idle.pop(h)]
+            else:  # live entries leave users as they are taken (pop)
+                gone += [h for h in chunk if users.get(h) == msid and users.pop(h)]
             if end >= len(hs):
                 segments.popleft()
                 self._entries -= len(hs) - off
             else:
                 seg[2] = end
                 self._entries -= end - off
-        # the deletions run in C (map consumed by an empty deque): no Python loop per block
-        deque(map(self.users.__delitem__, gone), 0)
         if log is not None:
             log += gone
 
@@ -199,8 +206,7 @@ class BlockPool:
         """Drop the stale entries: one segment of the live ones, in eviction order."""
         live = self.lru
         self._sid = sid = self._sid + 1
-        self.idle.clear()  # in place: the scheduler holds it through a step
-        self.idle.update(dict.fromkeys(live, sid))
+        self.users.update(dict.fromkeys(live, -sid))
         self._segments = deque([[sid, live, 0]]) if live else deque()
         self._entries = len(live)
 
@@ -209,7 +215,7 @@ class BlockPool:
         if self.evicted is not None:
             self.evicted.extend(self.users)
         self.users.clear()
-        self.idle.clear()
+        self.n_idle = 0
         self._segments.clear()
         self._entries = 0
 

@@ -171,7 +171,6 @@ class Scheduler:
         first, finished = out.first_token, out.finished
         requests = self.requests
         pool = self.pool
-        lru = pool.idle if pool is not None else None  # the free cached blocks
         pending: list[Request] = []  # requests that may have new full blocks to register
         done: list[Request] = []  # finished requests, released after registration
         freed = 0
@@ -209,13 +208,13 @@ class Scheduler:
                     break
                 r.blocks += need
                 free -= need
-                if lru is not None and len(lru) > free:
-                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
+                if pool is not None and pool.n_idle > free:
+                    pool.evict(pool.n_idle - free)
             elif need:
                 r.blocks += need
                 free -= need
-                if lru is not None and len(lru) > free:
-                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
+                if pool is not None and pool.n_idle > free:
+                    pool.evict(pool.n_idle - free)
             budget -= n
             if detail:
                 ids.append(r.request_id)
@@ -288,8 +287,8 @@ class Scheduler:
                         r.cached = c
                 free -= need
                 r.blocks += need
-                if lru is not None and len(lru) > free:
-                    pool.evict(len(lru) - free)  # type: ignore[union-attr]
+                if pool is not None and pool.n_idle > free:
+                    pool.evict(pool.n_idle - free)
                 running.append(r)
                 budget -= n
                 if detail:
@@ -436,8 +435,8 @@ class Scheduler:
         if pool is not None:
             # blocks allocated in these steps came from hashless ones, then from the LRU head; the
             # finished requests' blocks return after the last step, as in step()
-            if len(pool.idle) > free:
-                pool.evict(len(pool.idle) - free)
+            if pool.n_idle > free:
+                pool.evict(pool.n_idle - free)
             for r in done:
                 free += pool.release(r)
                 r.blocks = 0
