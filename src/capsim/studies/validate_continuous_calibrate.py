@@ -11,7 +11,8 @@ tokens and answers, and its times; per run, the means of these give one point of
     cycle = time_scale x model(step) + extra_s + arrivals x arrival_s  [+ emitted x token_s]
 
 fitted through the runs' points by bounded least squares (every term >= 0, ``time_scale`` > 0), each run
-weighted by ``1 / its mean cycle``. Means, because the simulator must meet the mean cycle of each load (an
+weighted by ``1 / its mean cycle``, the time per arrival first fitted from the steps within each run
+(``arrival_within_runs``: across runs, arrivals a step move with the requests running) and then held. Means, because the simulator must meet the mean cycle of each load (an
 ITL, a throughput), and a single long cycle (the core taken by another process) belongs to its run's mean;
 a step-by-step fit let a few such cycles pull every run's fit (on the shared machine it met the runs' means
 to 27% rms, over-predicting the short runs by up to 40%). Closed-loop runs (a client sends its next request when the last
@@ -148,12 +149,34 @@ def run_means(frame: Any) -> Any:
     return means
 
 
+def arrival_within_runs(frame: Any) -> float:
+    """The time an arrival adds to the cycle it arrives in, from the steps' variation within each run: each
+    step's cycle, model time and arrivals less its run's means, fitted (cycle ~ scale x model + time x
+    arrivals, both >= 0) with a Huber loss, so single long cycles (the core taken by another process)
+    weigh as much as a few ordinary ones. Within the runs, the load and the requests running are the same
+    for all steps and cannot pass for arrivals; across runs they move together (more clients, more
+    running, more arrivals a step), and a fit through the runs' means gave arrivals 7 ms on the shared
+    machine where this gives 1.1 to 1.2 ms."""
+    from scipy.optimize import least_squares
+
+    cols = ["cycle_s", "model_s", "arrivals"]
+    d = frame[cols] - frame.groupby("run", sort=False)[cols].transform("mean")
+    x, y = d[["model_s", "arrivals"]].to_numpy(dtype=float), d.cycle_s.to_numpy(dtype=float)
+    if not np.any(x[:, 1]):
+        return 0.0  # no run's arrivals vary: nothing to fit
+    f_scale = max(float(np.median(np.abs(y))) * 1.5, 1e-6)
+    res = least_squares(lambda b: (x @ b - y) / f_scale, x0=[1.0, 1e-3], bounds=([0.0, 0.0], [np.inf, np.inf]),
+                        loss="huber")
+    return float(res.x[1]) if res.x[1] > 1e-9 else 0.0
+
+
 def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
                     terms: Sequence[str] = FIT_TERMS) -> StepCalibration:
     """Fit the cycle through the runs' means (``(label, step frame)`` each; see the module docstring), each
     run weighted by ``1 / its mean cycle``: every load's mean cycle is met as closely as the others, and a
     run's single long cycles (the core taken by another process) count once, in its mean, instead of
-    pulling a step-by-step fit for every run."""
+    pulling a step-by-step fit for every run. The time per arrival comes first, from within the runs
+    (``arrival_within_runs``), and is held while the rest is fitted."""
     import pandas as pd
 
     parts = [cycles(steps, fit).assign(run=label) for label, steps in runs if len(steps) > 1]
@@ -166,7 +189,17 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
         raise ValueError(f"the step calibration needs at least {MIN_RUNS} runs with steps, got {len(means)}")
     if terms[0] != "model_s" or not set(terms) <= set(TERMS):
         raise ValueError(f"the cycle's terms are model_s first, then any of {TERMS[1:]}; got {tuple(terms)}")
-    coef, resid = fit_cycle_terms(means, terms, relative=True)
+    rest = [t for t in terms if t != "arrivals"]
+    if "arrivals" in terms:  # within the runs first, then the rest through the means with it fixed
+        arrival_s = arrival_within_runs(frame)
+        coef_rest, resid = fit_cycle_terms(means.assign(cycle_s=means.cycle_s - arrival_s * means.arrivals), rest,
+                                           relative=True)
+        by_term = {**dict(zip(rest, coef_rest, strict=True)), "arrivals": arrival_s}
+        coef = np.array([by_term[t] for t in terms])
+        # residuals against the real means (the weights used the means less the arrivals' part)
+        resid = means.cycle_s.to_numpy() - means[list(terms)].to_numpy(dtype=float) @ coef
+    else:
+        coef, resid = fit_cycle_terms(means, terms, relative=True)
     got = dict(zip(terms, (float(c) for c in coef), strict=True))
     scale, extra, arrival, token = (got.get(t, 0.0) for t in TERMS)
     problems = [f"degenerate fit: the {name} sits at its bound 0" for name, t in
