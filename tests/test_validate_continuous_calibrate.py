@@ -184,3 +184,21 @@ def test_the_pods_cpu_off_the_engine_is_split_per_request_and_per_step() -> None
     before = process_cpu_s(os.getpid())
     sum(i * i for i in range(2_000_000))  # burn some CPU in this process
     assert process_cpu_s(os.getpid()) > before
+
+
+def test_the_time_per_arrival_comes_from_within_the_runs_not_from_what_moves_with_them() -> None:
+    from capsim.studies.validate_continuous_calibrate import arrival_within_runs
+
+    # each run's cycles also carry a slowdown that grows with its arrival rate (a busier machine at the
+    # higher loads): through the runs' means it passes for arrivals, within a run it cannot
+    parts = []
+    for k, (running, rate) in enumerate([(2, 0.02), (4, 0.05), (8, 0.1), (12, 0.2), (14, 0.3), (16, 0.4)]):
+        df = synthetic_run(200 + k, running, rate, **TRUE)
+        df["end"] = df.end + np.cumsum(np.full(len(df), rate * 10e-3))  # + 10 ms x the rate on every cycle
+        parts.append(cycles(df, FIT).assign(run=f"r{k}"))
+    frame = pd.concat(parts, ignore_index=True)
+    assert arrival_within_runs(frame) == pytest.approx(TRUE["arrival"], rel=0.2)
+    from capsim.studies.validate_continuous_calibrate import fit_cycle_terms, run_means
+
+    coef, _ = fit_cycle_terms(run_means(frame), ("model_s", "one", "arrivals"), relative=True)
+    assert coef[2] > 3 * TRUE["arrival"]  # the means alone take the slowdown for arrivals
