@@ -185,8 +185,9 @@ async def run_load(
     Growing sessions (``capsim validate --mode sessions``): ``messages(r)`` gives request ``r``'s new message
     as token ids (its count is then the workload's ``prompt_tokens[r]``); the frame's ``prompt_tokens`` is
     then what the pod prefilled (history plus message, from the answer) and a column ``cached_tokens`` holds
-    the prompt tokens the pod served from its prefix cache. ``think()`` draws each think time when the
-    previous answer arrives (the simulated client's order), instead of the workload's constant.
+    the prompt tokens the pod served from its prefix cache (NaN where its answer does not say). ``think()``
+    draws each think time when the previous answer arrives (the simulated client's order), instead of the
+    workload's constant.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -304,7 +305,8 @@ async def run_load(
         ids = frame["request_id"].to_numpy()
         frame["prompt_tokens"] = [int(histories.get(int(r), {}).get("prompt_tokens", p))
                                   for r, p in zip(ids, frame["prompt_tokens"], strict=True)]
-        frame["cached_tokens"] = [int(histories.get(int(r), {}).get("cached_tokens", 0)) for r in ids]
+        # NaN where the answer does not say (a pod whose engine does not report it), never a false 0
+        frame["cached_tokens"] = [float(histories.get(int(r), {}).get("cached_tokens", np.nan)) for r in ids]
     frame.attrs["failures"] = dict(failures.most_common())
     # how late each session's first request left against its schedule (s; the generator's own lag), and
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
