@@ -242,9 +242,9 @@ class Client:
             s = i // self.turns
             hist = book.history_tokens(i)
             hit = hist / max(int(self.rec.prompt[i]), 1)
-            pod = sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit)
+            pod = sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit, t)
         else:
-            pod = sim.router.pick()
+            pod = sim.router.pick(t)
         if pod is None:
             if not (self.pod_local and self.session[i // self.turns] == _LOST):
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
@@ -281,7 +281,7 @@ class Client:
 
     def _send_plain(self, i: int, t: float) -> None:
         """``_send`` without sessions or outages, with ``Pod.enqueue`` inlined: the hot path."""
-        pod = self._pick()
+        pod = self._pick(t)
         if pod is None:
             self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
@@ -314,7 +314,7 @@ class Client:
                 self._lose_sessions(np.array([s]), self.rec.send[i])
                 self._finish(i, float(self.rec.send[i]), FAILED, h)
                 return None
-        picked = self.sim.router.pick()
+        picked = self.sim.router.pick(float(self.rec.send[i]))
         if picked is not None and picked.state is _READY:  # a refusing pod does not become the home
             self.home[s] = picked.id
         return picked

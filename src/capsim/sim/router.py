@@ -21,8 +21,8 @@ everything until the endpoints drop it. Each request it gets is refused at once 
 client (``client.py``), and after ``consecutive_failures`` refusals in a row the router ejects it for
 ``base_ejection_s`` x its ejections (``capsim.policy.outlier``, Envoy's passive outlier detection). Only
 failures the router sees when it connects count (a refused connection, a draining pod's 503), not a
-pod's later 5xx (a store write in a Redis outage). Time is the SimPy clock, the last event's time: at
-most one event gap before the arrival being routed.
+pod's later 5xx (a store write in a Redis outage). Time is the send time the client passes (not the SimPy
+clock, which lags the arrivals by up to an event gap, a gap that depends on how many events the run has).
 
 Prefix-aware scores every endpoint as the Kubernetes inference gateway's endpoint picker does
 (``capsim.policy.routing``): the expected prefix hit (the share of the prompt the pod that served the
@@ -33,7 +33,7 @@ such moves (``affinity_fallbacks``) and the history they re-prefill (``reprefill
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container
+from collections.abc import Container
 from typing import TYPE_CHECKING, Literal
 
 from capsim.policy.least import LeastBuckets
@@ -56,7 +56,7 @@ class Router:
 
     def __init__(self, kind: RouterKind, endpoints: list[Pod], pods: list[Pod], draws: BufferedDraws,
                  weights: Weights | None = None, fallback: str = "random",
-                 outlier: OutlierSettings | None = None, clock: Callable[[], float] | None = None) -> None:
+                 outlier: OutlierSettings | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"router.kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.weights = weights if weights is not None else Weights()
@@ -71,15 +71,14 @@ class Router:
         self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
         proxied = self.least or self.prefix_aware
         self.outliers = OutlierDetector(outlier) if outlier is not None and proxied else None
-        self._clock = clock if clock is not None else (lambda: 0.0)
 
     def touch(self, pod: Pod) -> None:
         """A pod's outstanding count changed, or it became an endpoint."""
         if self.least:
             self._by_count.set(pod.id, pod.outstanding)
 
-    def pick(self) -> Pod | None:
-        """A pod for a request without a home pod; ``None`` when there is no endpoint.
+    def pick(self, now: float) -> Pod | None:
+        """A pod for a request sent at ``now`` without a home pod; ``None`` when there is no endpoint.
 
         With least outstanding the caller must enqueue on the pod, or ``touch`` it if it does not.
         """
@@ -90,7 +89,7 @@ class Router:
             out = self.outliers
             if out is None:
                 return self._least(())
-            ejected = self._ejected() if out.ejected_ids else out.ejected_ids
+            ejected = self._ejected(now) if out.ejected_ids else out.ejected_ids
             if ejected and out.panic(sum(1 for p in eps if p.id in ejected), len(eps)):
                 for p in eps:  # Envoy's panic mode: too few left, balance over all (rare: a scan)
                     if self._by_count.count_of(p.id) is None:
@@ -99,12 +98,12 @@ class Router:
             pod = self._least(ejected)
             # outlier detection sees the attempt the caller makes: refused unless the pod is ready
             if pod.state is not _READY:
-                out.failed(pod.id, self._clock(), len(eps))
+                out.failed(pod.id, now, len(eps))
             elif pod.id in out.failures:
                 out.succeeded(pod.id)
             return pod
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
-            return self.pick_scored(-1, 0, 0.0)
+            return self.pick_scored(-1, 0, 0.0, now)
         if self.least_fallback:  # a session placed anew, rarely: a scan, no buckets to keep
             return eps[among_best([-p.outstanding for p in eps], self._draws.next())]
         if self.kind == "round_robin":
@@ -135,17 +134,17 @@ class Router:
         by_count.set(pod.id, pod.outstanding + 1)
         return pod
 
-    def _ejected(self) -> dict[int, float]:
+    def _ejected(self, now: float) -> dict[int, float]:
         """The ejected pods now, after refiling those whose ejection is over."""
         out = self.outliers
         assert out is not None
         if out.ejected_ids:
-            for pid in out.expire(self._clock()):
+            for pid in out.expire(now):
                 if self.least:
                     self.touch(self._pods[pid])
         return out.ejected_ids
 
-    def _observe(self, pod: Pod | None) -> Pod | None:
+    def _observe(self, pod: Pod | None, now: float) -> Pod | None:
         """Outlier detection sees the attempt the caller makes on ``pod``: refused unless it is ready."""
         out = self.outliers
         if out is None or pod is None:
@@ -153,25 +152,25 @@ class Router:
         if pod.state is _READY:
             out.succeeded(pod.id)
         else:
-            out.failed(pod.id, self._clock(), len(self.endpoints))
+            out.failed(pod.id, now, len(self.endpoints))
         return pod
 
-    def pick_scored(self, home: int, home_life: int, hit: float) -> Pod | None:
-        """Prefix-aware: the best-scored endpoint, where pod ``home`` in incarnation ``home_life`` is
+    def pick_scored(self, home: int, home_life: int, hit: float, now: float) -> Pod | None:
+        """Prefix-aware, at ``now``: the best-scored endpoint, where pod ``home`` in incarnation ``home_life`` is
         expected to hold a share ``hit`` of the prompt (``home`` -1: no pod holds any); at random among
         equal scores. Ejected pods are left out (all of them in Envoy's panic mode)."""
         eps = self.endpoints
         if not eps:
             return None
         if self.outliers is not None:
-            ejected = self._ejected()
+            ejected = self._ejected(now)
             if ejected:
                 kept = [p for p in eps if p.id not in ejected]
                 if not self.outliers.panic(len(eps) - len(kept), len(eps)):
                     eps = kept
         cands = [Candidate(p.outstanding, _kv_use(p), hit if p.id == home and p.incarnation == home_life else 0.0)
                  for p in eps]
-        return self._observe(eps[pick(cands, self.weights, self._draws.next())])
+        return self._observe(eps[pick(cands, self.weights, self._draws.next())], now)
 
 
 def _kv_use(pod: Pod) -> float:

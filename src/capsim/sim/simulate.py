@@ -129,7 +129,7 @@ class Simulation:
         self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
                              BufferedDraws(self.streams["routing"]),
                              Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight), rs.fallback,
-                             outlier_settings(rs.outlier_ejection), lambda: float(self.env.now))
+                             outlier_settings(rs.outlier_ejection))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
