@@ -184,6 +184,7 @@ class Scheduler:
             r = running[i]
             c = r.computed
             n = r.num_tokens - c
+            decode = n == 1 and r.generated  # a plain decode (then c + 1 == num_tokens: it emits)
             if n > 1:
                 if thr and n > thr:
                     n = thr
@@ -220,15 +221,34 @@ class Scheduler:
                 ids.append(r.request_id)
                 toks.append(n)
                 ctxs.append(c)
-            if n == 1 and r.generated and c + 1 == r.num_tokens:
+            if decode:  # the common case, without the prefill's checks (its first token came before)
                 decodes += 1
                 decode_ctx += c
-            else:
-                prefills += 1
-                pre_tokens += n
-                pre_ctx += n * c
-                if n > pre_max:
-                    pre_max = n
+                c += 1
+                r.computed = c
+                if pool is not None and c // bs > r.reg < len(r.hashes):
+                    pending.append(r)
+                g = r.generated = r.generated + 1
+                r.num_tokens = c + 1
+                if g == r.max_tokens:
+                    if pool is None:
+                        freed += r.blocks
+                        r.blocks = 0
+                    else:
+                        done.append(r)  # released after the step's registrations
+                    finished.append(r.request_id)
+                    del requests[r.request_id]
+                else:
+                    ctx += c
+                    if r.max_tokens - g < left:
+                        left = r.max_tokens - g
+                i += 1
+                continue
+            prefills += 1
+            pre_tokens += n
+            pre_ctx += n * c
+            if n > pre_max:
+                pre_max = n
             c += n
             r.computed = c
             if pool is not None and c // bs > r.reg < len(r.hashes):
@@ -252,7 +272,11 @@ class Scheduler:
                         left = r.max_tokens - g
             else:
                 ctx += c
-                ready = False
+                if c + 1 == r.num_tokens and r.generated:  # a preempted one recomputed up to its last token
+                    if r.max_tokens - r.generated < left:
+                        left = r.max_tokens - r.generated
+                else:
+                    ready = False
             i += 1
         if i < len(running):  # the budget ran out before the last running requests: not known
             left = 0
@@ -326,7 +350,11 @@ class Scheduler:
                             left = r.max_tokens - g
                 else:
                     ctx += c
-                    ready = False
+                    if c + 1 == r.num_tokens and r.generated:
+                        if r.max_tokens - r.generated < left:
+                            left = r.max_tokens - r.generated
+                    else:
+                        ready = False
         if pool is not None:
             for r in pending:
                 pool.register(r, r.computed // bs)
