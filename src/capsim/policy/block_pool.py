@@ -123,8 +123,11 @@ class BlockPool:
 
         Its cached blocks that nobody else uses go to the LRU tail, its last blocks first (evicted
         first); shared ones stay in use; hashless ones are simply free."""
-        users = self.users
         refs = r.refs
+        if not refs:  # no cached block (a request without hashes): all simply free
+            r.reg = 0
+            return r.blocks
+        users = self.users
         freed = r.blocks - len(refs)
         refs.reverse()
         if len(refs) > 1:

@@ -99,6 +99,7 @@ class ProfileStepTime:
         self._prefill: dict[int, list[float]] = {}  # the same rows by batch size, per phase
         self._decode: dict[int, list[float]] = {}
         self._dts = self._tokens["decode"]
+        self._pts = self._tokens["prefill"]
         self._dlast = len(self._dts) - 2  # the last interval's index; -1: one measured length
 
     def _row(self, phase: Phase, batch_size: int) -> list[float]:
@@ -124,8 +125,17 @@ class ProfileStepTime:
     # operations in the same order (bit for bit), without a call and two lookups per kernel
     def step_s(self, step: Step) -> float:
         ms = 0.0
-        if step.prefills:
-            ms += self.kernel_ms("prefill", step.prefills, step.prefill_max_tokens)
+        p = step.prefills
+        if p:
+            pts = self._pts
+            if len(pts) == 1:
+                ms += self.kernel_ms("prefill", p, step.prefill_max_tokens)
+            else:
+                row = self._prefill.get(p) or self._row("prefill", p)
+                n = step.prefill_max_tokens
+                j = min(max(bisect.bisect_right(pts, n) - 1, 0), len(pts) - 2)
+                v = row[j] + (row[j + 1] - row[j]) * ((n - pts[j]) / (pts[j + 1] - pts[j]))
+                ms += v if v > 0.0 else 0.0
         d = step.decodes
         if d:
             ts = self._dts
@@ -150,6 +160,13 @@ class ProfileStepTime:
         right = bisect.bisect_right
         ms = 0.0
         if steps <= 4:
+            j = min(max(right(ts, x0) - 1, 0), last)
+            if j == min(max(right(ts, x0 + (steps - 1)) - 1, 0), last):  # one interval for all (nearly always)
+                a, b, t0, w = row[j], row[j + 1] - row[j], ts[j], ts[j + 1] - ts[j]
+                for k in range(steps):
+                    v = a + b * ((x0 + k - t0) / w)
+                    ms += v if v > 0.0 else 0.0
+                return ms * self.scale
             for k in range(steps):
                 x = x0 + k
                 j = min(max(right(ts, x) - 1, 0), last)
