@@ -1,11 +1,11 @@
-"""A simulated pod in continuous-batching mode: one SimPy event per engine step, the shared scheduler deciding.
+"""A simulated pod in continuous-batching mode: one event per engine step, the shared scheduler deciding.
 
 The pod hands arrivals to ``capsim.policy.scheduling.Scheduler`` -- the scheduler the real engine uses --
-and runs its steps back to back while there is work: each step is one SimPy timeout whose length the
-step-time model gives from the step's composition (``capsim.sim.step_time``), for all its running
-requests at once, not one event per token per request. A request's stay on the pod is a :class:`Run`, a
-one-request ``Batch``, so the client, the records, timeouts and crashes treat it as they treat a static
-batch: it starts when the scheduler first admits it, its first token is the end of the step that
+and runs its steps back to back while there is work: each step is one event (on ``Records.ending``, see
+:class:`_Wake`) whose length the step-time model gives from the step's composition
+(``capsim.sim.step_time``), for all its running requests at once, not one event per token per request.
+A request's stay on the pod is a :class:`Run`, a one-request ``Batch``, so the client, the records,
+timeouts and crashes treat it as they treat a static batch: it starts when the scheduler first admits it, its first token is the end of the step that
 completes its prompt, and it ends at the end of the step that emits its last token.
 
 An arrival costs the engine ``service.arrival_overhead_ms`` of its core (HTTP parsing, as the static pod
