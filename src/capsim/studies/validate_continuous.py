@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.step_model import StepTimeFit
 from capsim.studies import validate_stats as vs
-from capsim.studies.pods import PodProcess
+from capsim.studies.pods import PodProcess, scratch_dir
 from capsim.studies.validate import summarize_frame
 from capsim.studies.validate_continuous_calibrate import (
     BASE_PROFILE,
@@ -268,7 +267,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pod_core = cores[0] if len(cores) > 1 else None
     gen_core = cores[1] if len(cores) > 1 else None
-    work = Path(tempfile.mkdtemp(prefix="capsim-validate-continuous-"))
+    work = scratch_dir("capsim-validate-continuous-")  # removed at exit, also after Ctrl-C or SIGTERM (studies.pods)
     echo(f"measuring {spec.model}'s continuous steps on core {pod_core} ...")
     measured = ServiceTimeProfile.from_csv(measure_step_fit(
         work / "steps.csv", pod_core, model=spec.model, threads=spec.threads, workloads=spec.step_workloads,

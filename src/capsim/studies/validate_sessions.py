@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import capsim
 from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
+from capsim.studies.pods import scratch_dir
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
 #: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
@@ -247,7 +247,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     out.mkdir(parents=True, exist_ok=True)
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     pod_cores: list[int | None] = [cores[0], cores[1]] if len(cores) > 1 else [None, None]
-    work = Path(tempfile.mkdtemp(prefix="capsim-validate-sessions-"))
+    work = scratch_dir("capsim-validate-sessions-")  # removed at exit, also after Ctrl-C or SIGTERM (studies.pods)
     cal = calibrate(spec, work, out, cores, pod_cores[0], echo)
     per_pod = cal.per_pod_turns_per_s
     rate = spec.level * 2 * per_pod / spec.turns
