@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from capsim.core.continuous import ContinuousBatcher, StepRecord
+from capsim.core.continuous_batcher import ContinuousBatcher, StepRecord
 from capsim.core.engine import ReferenceEngine
 from capsim.policy.scheduling import SchedulerLimits
 

@@ -66,7 +66,7 @@ def test_the_async_batcher_answers_concurrent_requests_as_each_alone(engine: Ref
     import asyncio
 
     from capsim.core.batcher import BatcherClosedError, QueueFullError
-    from capsim.core.continuous import ContinuousBatcher
+    from capsim.core.continuous_batcher import ContinuousBatcher
 
     reqs = make(engine)
     limits = SchedulerLimits(max_num_seqs=3, max_num_batched_tokens=48, block_size=4, num_blocks=40,

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from capsim.core.continuous import StepRecord
+from capsim.core.continuous_batcher import StepRecord
 from capsim.model.step_model import StepTimeFit
 from capsim.studies.validate_continuous_calibrate import (
     StepCalibration,

@@ -30,7 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from capsim.core.batcher import DynamicBatcher
-from capsim.core.continuous import ContinuousBatcher
+from capsim.core.continuous_batcher import ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.core.metrics import InferenceMetrics
 from capsim.core.service_config import PodConfig

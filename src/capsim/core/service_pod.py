@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from capsim.core.batcher import DynamicBatcher
-from capsim.core.continuous import ContinuousBatcher
+from capsim.core.continuous_batcher import ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.core.metrics import InferenceMetrics
 from capsim.core.service_config import PodConfig

@@ -5,7 +5,7 @@ parses each arriving request's HTTP and reads its session, answers and stores ea
 hands every emitted token to its request; the engine's thread and the event loop share the GIL. Between
 two tokens of a running request lies exactly one *cycle*: from the end of one engine step to the end of
 the next (the loop's work in between, then the step). The pod's step trace (``GET /debug/batches`` in
-continuous mode, ``capsim.core.continuous.StepRecord``) gives every step's composition, its arrivals,
+continuous mode, ``capsim.core.continuous_batcher.StepRecord``) gives every step's composition, its arrivals,
 tokens and answers, and its times; per run, the means of these give one point of
 
     cycle = time_scale x model(step) + extra_s + arrivals x arrival_s  [+ emitted x token_s]
