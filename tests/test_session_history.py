@@ -130,6 +130,8 @@ def test_store_outage_serve_local_serves_from_the_copy_at_risk(
         assert again["history"]["history_tokens"] == 16 and again["history"]["at_risk"] is True
         unknown = client.post("/v1/sessions/never-seen/turns", json={"prompt_tokens": 4})
         assert unknown.status_code == 503 and "no local copy" in unknown.json()["detail"]
+        ready = client.get("/readyz")  # still serving: the pod stays in the Service's endpoints
+        assert ready.status_code == 200 and "serving local copies" in ready.json()["store"]
         assert metric(client, "capsim_session_local_writes_total") == 2
         store.down = False
         back = turn(client, "out", 4, 2)  # the store's history wins; the local turns are counted lost
@@ -144,6 +146,8 @@ def test_store_outage_fail_is_a_503_with_the_reason(engine: ReferenceEngine) -> 
         turn(client, "f", 8, 2)
         store.down = True
         resp = client.post("/v1/sessions/f/turns", json={"prompt_tokens": 4})
+        ready = client.get("/readyz")
+    assert ready.status_code == 503 and "session store unavailable" in ready.json()["reason"]
     assert resp.status_code == 503 and resp.headers["Retry-After"]
     assert "session store unavailable" in resp.json()["detail"]
     assert "on_unavailable=fail" in resp.json()["detail"]

@@ -130,6 +130,16 @@ def test_a_redis_outage_takes_pods_out_after_three_failed_probes_and_back_at_the
     assert 160.0 <= sim.cluster.pods[0].ready_s < 170.0
 
 
+def test_pods_serving_local_copies_stay_ready_through_a_redis_outage() -> None:
+    # the same 60 s outage as above, but state.on_unavailable: serve_local -- the real pod's /readyz passes
+    # while it serves its local copies, so no pod leaves the endpoints
+    sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 100, "duration_s": 60}],
+                                       "pods.replicas": 1, "state.on_unavailable": "serve_local"}), seed=0)
+    sim.cluster.scale_to(3, 0.0)
+    assert _endpoints_at(sim, [119.5, 120.5, 121.5, 159.5, 160.5, 161.5]) == [2, 2, 2, 2, 2, 2]
+    assert not any(p.probe_failing for p in sim.cluster.pods)
+
+
 def test_an_outage_shorter_than_the_failure_threshold_keeps_the_pods_in_the_endpoints() -> None:
     sim = Simulation(probe_scenario(**{"faults.redis_outages": [{"at_s": 95, "duration_s": 20}],
                                        "pods.replicas": 1}), seed=0)

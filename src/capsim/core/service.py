@@ -3,7 +3,8 @@
 ``POST /v1/sessions/{session_id}/turns`` loads the session, runs the turn through the dynamic batcher
 on the reference engine, appends the turn to the session (compare-and-set) and only then answers.
 ``GET /metrics`` is Prometheus text, ``/healthz`` liveness, ``/readyz`` readiness (after warm-up, while
-the store answers, and not while draining). Configuration comes from ``PodConfig``: flags or the
+the store answers or the pod serves its local copies (``CAPSIM_ON_UNAVAILABLE=serve_local``), and not
+while draining). Configuration comes from ``PodConfig``: flags or the
 ``CAPSIM_*`` environment variables the exporter writes into the Deployment.
 
 Failure answers are JSON ``{"detail": ...}``, and every 503 carries ``Retry-After``. A turn with an
@@ -29,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from capsim.core import session_history
 from capsim.core.batcher import DynamicBatcher
 from capsim.core.continuous_batcher import ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
@@ -119,6 +121,8 @@ def create_app(
             try:
                 await asyncio.wait_for(_ping(pod.store), 2.0)
             except (TimeoutError, StateStoreError) as exc:
+                if _serves_locally(pod):  # it still serves the sessions it holds (and new ones): stay in
+                    return JSONResponse({"ready": True, "store": f"unavailable, serving local copies: {exc}"})
                 return JSONResponse({"ready": False, "reason": f"session store unavailable: {exc}"}, 503)
             pod.store_ok_until = now + 1.0  # at most one ping a second, however often probes come
         return JSONResponse({"ready": True})
@@ -174,6 +178,14 @@ def _document_turn_route(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _serves_locally(pod: PodState) -> bool:
+    """``CAPSIM_ON_UNAVAILABLE=serve_local``: the pod answers turns from its local copies while the store is
+    out, so taking it out of the Service's endpoints would only turn a degraded pod into no pod."""
+    history = getattr(pod, "session_history", None)
+    settings = history.settings if history is not None else session_history.HistorySettings.from_env(os.environ)
+    return settings.on_unavailable == "serve_local"
 
 
 async def _ping(store: SessionStore) -> None:

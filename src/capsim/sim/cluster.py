@@ -14,7 +14,8 @@ with the pod and probes at once; initialDelaySeconds 0; the pods already running
 random phases). A started container is ready at the first probe
 after its ``startup_s`` (its Ready condition: ``READY``) and receives traffic ``pods.endpoints_propagation_s``
 later (EndpointSlice controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
-does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes; after
+does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes (not
+with ``state.on_unavailable: serve_local``: such a pod still serves, and stays ready); after
 ``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
 propagation later; it is ready again at its first probe after the outage. Upstream:
 ``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1),
@@ -73,7 +74,9 @@ class Cluster:
         self._propagation_s = sim.scenario.pods.endpoints_propagation_s
         self._crash_leave_s = sim.scenario.pods.crash_detection_s + self._propagation_s
         self._probe_origin: dict[int, float] = {}  # pod id -> when its prober started (its placement)
-        self._outages = sim.faults.outages()  # (start, end): /readyz fails while Redis is out
+        # (start, end): /readyz fails while Redis is out -- unless the pods serve from their local copies
+        # (state.on_unavailable: serve_local), whose /readyz stays passing, as the real pod's does
+        self._outages = sim.faults.outages() if sim.scenario.state.on_unavailable == "fail" else []
         for a, b in self._outages:
             Timeout(sim.env, a, (a, b)).callbacks.append(self._outage_begins)
         self.scale_events: list[tuple[float, int, int]] = []
