@@ -86,6 +86,8 @@ class ContinuousPod(Pod):
         self.stepping = False
         self._step_s = stats.step_time.step_s
         self._run_s = stats.step_time.decode_run_s
+        # one decode step's time, where the model has it (not drawn): a run adds its steps one by one
+        self._dstep = getattr(stats.step_time, "decode_step_s", None)
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
         self._step_token = 0  # a step's event is stale once an arrival lengthened the step (a new event)
@@ -235,7 +237,7 @@ class ContinuousPod(Pod):
     def _start_run(self, now: float, steps: int) -> None:
         sched = self.sched
         d, c = len(sched.running), sched.decode_context
-        end = now + self._run_s(d, c, steps)
+        end = self._run_end(now, d, c, steps)
         self._run = (now, d, c, steps, end)
         self._schedule_run(end)
 
@@ -243,12 +245,34 @@ class ContinuousPod(Pod):
         self._run_token += 1
         self._wake_at(end, self._on_run, (self._run_token, end, self.incarnation))
 
+    def _run_end(self, start: float, d: int, c: int, k: int) -> float:
+        """When ``k`` decode steps of ``d`` requests of contexts ``c`` (summed) started at ``start`` end:
+        their times added one by one, as one event per step adds them (the same float, to the last bit,
+        so an arrival on a step's end is ordered alike in both), where the model gives one step's time."""
+        f = self._dstep
+        if f is None:
+            return start + self._run_s(d, c, k)
+        t = start
+        for j in range(k):
+            t += f(d, c + j * d)
+        return t
+
     def _cut_run(self, now: float) -> None:
         """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
         assert self._run is not None
         start, d, c, k, end = self._run
         if end <= now:
             return  # the run's end event is due now; it has not been processed yet
+        f = self._dstep
+        if f is not None:  # walk the steps' ends as _run_end adds them: T(hi - 1) <= now < T(hi)
+            t = start
+            for hi in range(1, k):
+                t += f(d, c + (hi - 1) * d)
+                if t > now:
+                    self._run = (start, d, c, hi, t)
+                    self._schedule_run(t)
+                    return
+            return  # the step in progress is the run's last
         run_s = self._run_s
         # the steps of a run take about as long each: guess the step in progress, then walk to it
         hi = min(max(int((now - start) / (end - start) * k) + 1, 1), k)  # want: T(hi - 1) <= now < T(hi)

@@ -32,7 +32,11 @@ class StepTimeModel(Protocol):
 
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         """Seconds of ``steps`` decode steps of ``decodes`` requests whose contexts sum to ``context`` at
-        the first step and grow by ``decodes`` each step: the sum of what ``step_s`` says for each."""
+        the first step and grow by ``decodes`` each step: the sum of what ``step_s`` says for each.
+
+        A model whose step times are not drawn also has ``decode_step_s(decodes, context)``: what
+        ``step_s`` says, bit for bit, for one such step; the pod then adds a run's steps one by one, as
+        one event per step would, so both give the same times to the last bit."""
         ...
 
 
@@ -47,6 +51,9 @@ class ConstantStepTime:
 
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         return self.mean_s * steps
+
+    def decode_step_s(self, decodes: int, context: int) -> float:
+        return self.mean_s
 
 
 class ExponentialStepTime:
@@ -78,6 +85,10 @@ class LinearStepTime:
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         c0, _, _, c3, c4 = self.c
         return steps * (c0 + c3 * decodes + c4 * context) + c4 * decodes * steps * (steps - 1) / 2
+
+    def decode_step_s(self, decodes: int, context: int) -> float:
+        c0, c1, c2, c3, c4 = self.c
+        return c0 + c1 * 0 + c2 * 0 + c3 * decodes + c4 * context  # step_s's sum, term by term
 
 
 class ProfileStepTime:
@@ -147,6 +158,16 @@ class ProfileStepTime:
             v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
             ms += v if v > 0.0 else 0.0
         return ms * self.scale
+
+    def decode_step_s(self, decodes: int, context: int) -> float:
+        if self._dlast < 0:
+            return (0.0 + self.kernel_ms("decode", decodes, context / decodes)) * self.scale
+        ts = self._dts
+        row = self._decode.get(decodes) or self._row("decode", decodes)
+        x = context / decodes
+        j = min(max(bisect.bisect_right(ts, x) - 1, 0), self._dlast)
+        v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
+        return (0.0 + (v if v > 0.0 else 0.0)) * self.scale
 
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         # the mean context runs x0, x0 + 1, ...: the kernel is linear in it on each measured interval,
