@@ -247,7 +247,10 @@ def test_pod_reads_every_exported_variable(variants: dict[str, Scenario]) -> Non
 
     serve = get_command(app).commands["serve"]  # type: ignore[attr-defined]
     serve_env = {p.envvar for p in serve.params if p.envvar}
+    from capsim.core.session_history import HistorySettings
+
     pod_env_names = {PodConfig.ENV_PREFIX + f.upper() for f in PodConfig.model_fields}
+    pod_env_names |= {HistorySettings.ENV_PREFIX + f.upper() for f in HistorySettings.model_fields}  # the turns'
     for label, scenario in variants.items():
         data = build_all(scenario, TARGET)["configmap.yaml"]["data"]
         assert all(isinstance(v, str) for v in data.values())
@@ -259,6 +262,7 @@ def test_pod_reads_every_exported_variable(variants: dict[str, Scenario]) -> Non
             overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
         assert config.drain_timeout_s == scenario.pods.termination_grace_s
         assert config.redis_url == ("memory://" if scenario.state.store == "pod_local" else TARGET.redis_url)
+        assert HistorySettings.from_env(data).on_unavailable == scenario.state.on_unavailable
 
 
 def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> None:

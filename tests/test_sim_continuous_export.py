@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from capsim.core.service import PodConfig
+from capsim.core.session_history import HistorySettings
 from capsim.export.pod import pod_env
 from capsim.export.target import DeployTarget
 from capsim.export.writer import export_scenario, vllm_args
@@ -22,15 +23,27 @@ def test_the_pod_reads_the_exported_engine_settings_and_vllm_gets_the_same(tmp_p
     b = sc.batching
     assert (lim.max_num_seqs, lim.max_num_batched_tokens, lim.block_size, lim.num_blocks, lim.max_model_len) == (
         b.max_num_seqs, b.max_num_batched_tokens, b.block_size, b.kv_cache_blocks(), b.max_model_len)
+    assert cfg.enable_prefix_caching is b.enable_prefix_caching is True  # the plan counted prefix hits
     assert vllm_args(sc) == ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--block-size", "16",
-                             "--max-model-len", "2048", "--num-gpu-blocks-override", "1024"]
+                             "--max-model-len", "2048", "--num-gpu-blocks-override", "1024",
+                             "--enable-prefix-caching"]
     sized = sc.override({"batching.num_blocks": None, "batching.gpu_memory_gb": 80, "batching.gpu_memory_utilization": 0.85,
-                         "batching.model": {"n_layers": 32, "n_kv_heads": 8, "head_dim": 128, "weights_gb": 15}})
-    assert vllm_args(sized)[-2:] == ["--gpu-memory-utilization", "0.85"]
+                         "batching.model": {"n_layers": 32, "n_kv_heads": 8, "head_dim": 128, "weights_gb": 15},
+                         "batching.enable_prefix_caching": False})
+    assert vllm_args(sized)[-3:] == ["--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching"]
+    assert PodConfig.from_env(pod_env(sized, DeployTarget())).enable_prefix_caching is False
     res = export_scenario(sc, tmp_path / "out", force=True)
     args = tmp_path / "out" / "vllm-args.yaml"
     assert args in res.files
     assert yaml.safe_load(args.read_text())["args"] == vllm_args(sc)
+
+
+def test_the_pod_gets_the_simulated_behaviour_in_a_store_outage() -> None:
+    sc = Scenario.from_yaml("data/scenarios/chat_sessions.yaml")
+    assert sc.state.on_unavailable == "serve_local"
+    assert HistorySettings.from_env(pod_env(sc, DeployTarget())).on_unavailable == "serve_local"
+    failing = sc.override({"state.on_unavailable": "fail"})
+    assert HistorySettings.from_env(pod_env(failing, DeployTarget())).on_unavailable == "fail"
 
 
 def test_a_static_scenario_exports_no_engine_settings(tmp_path: Path) -> None:

@@ -43,7 +43,11 @@ def pod_env(scenario: Scenario, target: DeployTarget) -> dict[str, str]:
                   "long_prefill_token_threshold"):
             env[ENV_PREFIX + f.upper()] = _value(getattr(b, f))
         env[ENV_PREFIX + "NUM_BLOCKS"] = str(b.kv_cache_blocks())
+        # the plan counted prefix hits when caching is on (the simulator's default, as vLLM V1's): so does the pod
+        env[ENV_PREFIX + "ENABLE_PREFIX_CACHING"] = _value(b.enable_prefix_caching)
     store = scenario.state.store
+    # what the pod does while the store is out (503, or serve its local copies and stay ready), as simulated
+    env[ENV_PREFIX + "ON_UNAVAILABLE"] = scenario.state.on_unavailable
     env[ENV_PREFIX + "REDIS_URL"] = target.redis_url if store == "redis" else "memory://"
     env[ENV_PREFIX + "DRAIN_TIMEOUT_S"] = _value(drain_timeout_s(scenario))
     env[ENV_PREFIX + "HOST"] = "0.0.0.0"  # all interfaces, so the kubelet's probes and the Service reach it

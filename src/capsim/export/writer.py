@@ -90,6 +90,8 @@ def vllm_args(scenario: Scenario) -> list[str]:
         args += ["--num-gpu-blocks-override", str(b.kv_cache_blocks())]
     if b.long_prefill_token_threshold:
         args += ["--long-prefill-token-threshold", str(b.long_prefill_token_threshold)]
+    # explicit either way: the plan's prefix hits exist only with caching on (vLLM V1's default)
+    args.append("--enable-prefix-caching" if b.enable_prefix_caching else "--no-enable-prefix-caching")
     return args
 
 
