@@ -100,3 +100,18 @@ def test_a_hits_rest_computed_on_its_cached_context_gives_the_keys_a_full_prefil
         caches.append([t[0, :, :40].clone() for t in a.k + a.v])
     for hit, full in zip(*caches, strict=True):
         torch.testing.assert_close(hit, full)
+
+
+def test_each_answer_says_how_many_prompt_tokens_its_admission_reused(engine: ReferenceEngine) -> None:
+    import asyncio
+
+    from capsim.core.continuous_batcher import ContinuousBatcher
+
+    first, second, third = shared(engine)
+
+    async def main() -> list[int | None]:
+        async with ContinuousBatcher(engine, LIMITS, queue_capacity=8) as b:
+            return [(await b.submit(r)).cached_tokens for r in (first, second, third)]
+
+    # one after another: none for the first, 8 blocks of 4 for the second, 9 for the whole prompt again
+    assert asyncio.run(main()) == [0, 32, 36]

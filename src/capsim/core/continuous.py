@@ -44,6 +44,7 @@ class _Active:
     k: list[torch.Tensor] | None = None
     v: list[torch.Tensor] | None = None
     hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks so far
+    cached: int = 0  # prompt tokens its (last) admission found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class ContinuousEngine:
         self.scheduler = Scheduler(limits)
         self.active: dict[int, _Active] = {}
         self.results: dict[int, list[int]] = {}
+        self.cached_tokens: dict[int, int] = {}  # finished requests' prefix hits (tokens), beside results
         self._heads = cfg.n_heads
         self._head_dim = cfg.d_model // cfg.n_heads
         self._bs = limits.block_size
@@ -128,7 +130,9 @@ class ContinuousEngine:
             a = self.active[rid]
             a.k = a.v = None
         for rid, hit in plan.cached.items():  # prefix hits: their cached blocks' KV into their own cache
-            self._load_hit(self.active[rid], hit)
+            a = self.active[rid]
+            a.cached = hit
+            self._load_hit(a, hit)
         emitted: dict[int, int] = {}
         if plan.request_ids:
             nxt = self._forward(plan.request_ids, plan.num_tokens, plan.contexts)
@@ -153,7 +157,9 @@ class ContinuousEngine:
             if req.on_token is not None:
                 req.on_token(len(self.active[rid].generated) - 1, tok, seconds)
         for rid in plan.finished:
-            self.results[rid] = self.active.pop(rid).generated
+            done = self.active.pop(rid)
+            self.results[rid] = done.generated
+            self.cached_tokens[rid] = done.cached
         return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds, plan)
 
     def _new_cache(self, a: _Active) -> None:
@@ -219,4 +225,6 @@ class ContinuousEngine:
                 out[i] = why
         while self.has_work:
             self.step()
+        for i in range(len(requests)):
+            self.cached_tokens.pop(i, None)
         return [out[i] if i in out else self.results.pop(i) for i in range(len(requests))]

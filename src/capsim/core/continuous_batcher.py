@@ -203,7 +203,7 @@ class ContinuousBatcher:
         tokens = self.engine.results.pop(rid)
         result = GenerationResult(tokens=tokens, first_token_s=times[0] - start, total_s=now - start,
                                   batch_size=running, prompt_tokens=self._prompt_len.pop(rid), token_times_s=[t - start for t in times],
-                                  started_at=start)
+                                  started_at=start, cached_tokens=self.engine.cached_tokens.pop(rid, 0))
         if self._metrics is not None:
             self._metrics.observe_request("ok", start - received, times[0] - received, now - received)
         if not fut.done():

@@ -182,6 +182,7 @@ class GenerationResult:
     prompt_tokens: int
     token_times_s: list[float] = field(default_factory=list, repr=False)
     started_at: float = 0.0
+    cached_tokens: int | None = None  # continuous mode: prompt tokens reused from the prefix cache
 
 
 def _stream(
