@@ -27,7 +27,12 @@ from capsim.policy.scheduling import SchedulerLimits
 from capsim.sim.arrivals import make_workload
 from capsim.sim.client import Client
 from capsim.sim.cluster import Cluster
-from capsim.sim.continuous import CONTINUOUS_COLUMNS, ContinuousStats, continuous_results, continuous_row
+from capsim.sim.continuous_results import (
+    CONTINUOUS_COLUMNS,
+    ContinuousStats,
+    continuous_results,
+    continuous_row,
+)
 from capsim.sim.faults import Faults
 from capsim.sim.hpa import Autoscaling
 from capsim.sim.pod import PodState
