@@ -43,7 +43,6 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
     from capsim.studies import validate_continuous_calibrate as vcc
     from capsim.studies.pods import PodProcess
     from capsim.studies.validate_continuous import START_S
-    from capsim.studies.validate_continuous_cycle import refit_on_trace
 
     prompt, output = spec.long_prompt_tokens, CALIBRATION_OUTPUT
     echo(f"measuring {spec.model}'s continuous steps on core {pod_core} (prompts up to {prompt} tokens) ...")
@@ -66,9 +65,7 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
         if len(cores) > 1:
             os.sched_setaffinity(0, set(cores))
     steps.to_csv(out / "calibration_steps.csv", index=False)
-    isolated, by_means = fit, cal
-    fit, cal = refit_on_trace(steps, cal)  # as the continuous validation: the pod's own steps (docs/continuous.md)
-    echo(f"calibration: step model refitted over the pod's steps, c0 {fit.overhead_s * 1e3:.3f} ms; {cal.describe()}")
+    echo(f"calibration: {cal.describe()}")
     for warning in cal.warnings:
         echo(f"WARNING: step calibration: {warning}")
     profile_path = out / "profile.csv"
@@ -76,7 +73,6 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                        measured.source).to_csv(profile_path)
     per_pod = vcc.capacity_per_s(fit, cal, spec.max_num_seqs, round(spec.mean_prompt_tokens), spec.output_tokens)
     return Calibrated(profile_path, cal.time_scale, cal.arrival_s * 1e3, per_pod,
-                      {"step_fit": fit.to_dict(), "calibration": asdict(cal), "step_fit_isolated": isolated.to_dict(),
-                       "calibration_by_means": asdict(by_means),
+                      {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}})
