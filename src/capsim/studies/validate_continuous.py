@@ -46,7 +46,6 @@ from capsim.studies.validate_continuous_calibrate import (
     term_ablation,
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
-from capsim.studies.validate_continuous_cycle import refit_on_trace
 
 __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
            "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "run_continuous_validation"]
@@ -310,13 +309,6 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
                      f"{sp['answer_path_s'] * 1e3:.2f} ms; ITL pod {sp['pod_itl_s'] * 1e3:.3f} ms, to the receipt "
                      f"{sp['receipt_itl_s'] * 1e3:.3f} ms ({sp['receipt_over_pod_itl']:+.1%})")
         for warning in cal.warnings:
-            echo(f"WARNING: step calibration (scale and extra over the isolated steps' model): {warning}")
-        isolated, by_means = fit, cal
-        fit, cal = refit_on_trace(steps, cal)
-        echo(f"step model refitted over the pod's {cal.steps} steps: c0 {fit.overhead_s * 1e3:.3f} ms, "
-             f"{fit.coefficients[3] * 1e6:.1f} us/decode, {fit.coefficients[1] * 1e6:.2f} us/prefill token, "
-             f"{fit.coefficients[4] * 1e9:.2f} ns/decode context token; {cal.describe()}")
-        for warning in cal.warnings:
             echo(f"WARNING: step calibration: {warning}")
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
                            measured.source).to_csv(profile_path)
@@ -343,8 +335,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
 
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
-        "step_fit": fit.to_dict(), "step_fit_isolated": isolated.to_dict(), "calibration": asdict(cal),
-        "calibration_by_means": asdict(by_means), "capacity_per_s": cap,
+        "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap,
         "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,

@@ -181,52 +181,6 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     return replace(cal, warnings=tuple(problems))
 
 
-#: the means fit's own warnings, which a refit over the steps replaces (others, about the runs, stay)
-_FIT_WARNINGS = ("degenerate fit: the extra time per step", "degenerate fit: the time per token", "poor fit")
-
-
-def refit_on_trace(frame: Any, cal: StepCalibration) -> tuple[StepTimeFit, StepCalibration]:
-    """The step model fitted again over the pod's own steps (``frame``: ``cycles`` of every calibration run,
-    with ``run``): each step's cycle, less its arrivals' time (``cal.arrival_s``, fitted within the runs),
-    against its composition, the way the profiler fits isolated steps (``fit_step_time``: ``c0`` fitted,
-    each step weighted by ``1 / its time``). The returned calibration is that model with ``time_scale`` 1,
-    no extra and no token term, its points and residuals against the runs' means recomputed.
-
-    Why: a scale and a constant on the isolated steps' model assume the pod stretches every kind of step
-    alike. It does not: a step that prefills the requests just arrived costs the pod's engine 1.6 times the
-    model, a step of decodes alone 1.2 times, and the hand-off to the worker thread and back grows with the
-    tokens a step emits (``cycle_parts``); no scale and constant met the runs' means (15.6% rms, the
-    constant on its bound). The coefficients fitted over the pod's steps carry each kind's own cost."""
-    from capsim.model.step_model import FEATURES, fit_step_time
-
-    x = frame[list(FEATURES)].to_numpy(dtype=float)
-    y = frame.cycle_s.to_numpy(dtype=float) - cal.arrival_s * frame.arrivals.to_numpy(dtype=float)
-    ok = y > 0
-    refit = fit_step_time(x[ok], y[ok], relative=True)
-    c = np.asarray(refit.coefficients)
-    model = c[0] + x @ c[1:]
-    means = run_means(frame.assign(model_s=model))
-    fitted = means.model_s + cal.arrival_s * means.arrivals
-    resid = means.cycle_s - fitted
-    points = tuple((str(label), float(m.decodes + min(m.prefill_tokens, 1.0)), float(m.model_s), float(m.cycle_s),
-                    float(f), float(m.arrivals), float(m.emitted))
-                   for (label, m), f in zip(means.iterrows(), fitted, strict=True))
-    per_step = model + cal.arrival_s * frame.arrivals.to_numpy(dtype=float)
-    med = float(np.median(np.abs(1.0 - per_step / frame.cycle_s.to_numpy())))
-    total = float(means.cycle_s @ means.steps)
-    shares = {"model_s": float(means.model_s @ means.steps) / total,
-              "arrivals": cal.arrival_s * float(means.arrivals @ means.steps) / total}
-    shares["unexplained"] = 1.0 - sum(shares.values())
-    kept = tuple(w for w in cal.warnings if not w.startswith(_FIT_WARNINGS))
-    out = replace(cal, time_scale=1.0, extra_s=0.0, token_s=0.0, points=points,
-                  residuals_s=tuple(float(r) for r in resid), median_abs_rel_residual=med, shares=shares,
-                  warnings=kept)
-    if out.rel_rms_residual > MAX_REL_RESIDUAL:
-        out = replace(out, warnings=(*kept, f"poor fit: the runs' mean cycles are met to {out.rel_rms_residual:.1%} "
-                                            f"rms by the model refitted over the pod's steps (over {MAX_REL_RESIDUAL:.0%})"))
-    return refit, out
-
-
 def cycle_parts(frame: Any) -> list[dict[str, Any]]:
     """Where each run's mean cycle goes (ms): the engine's CPU (against the model's time for the same
     steps), its wait while running (its wall less its CPU: the GIL held by the event loop, the core taken),
