@@ -173,12 +173,11 @@ def main() -> None:
         redis = None
         store_url = "memory://"
         if args.store == "redis":
-            from bench_state import start_redis
+            from capsim.studies.validate_sessions_real import start_redis
 
-            redis, port = start_redis(Path(tmp))
+            redis, store_url = start_redis(Path(tmp))
             if len(cores) > 1:
                 os.sched_setaffinity(redis.pid, {cores[1]})  # on the clients' core, not the pod's
-            store_url = f"redis://127.0.0.1:{port}/0"
         try:
             # each pair runs engine then pod back to back, so the other load on the machine hits both alike
             for batch in (1, *[16] * max(1, args.rounds)):

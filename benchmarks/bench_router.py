@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,27 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
-from capsim.studies.pods import PodProcess, free_port
-
-
-def start_router(pod_urls: list[str], policy: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A ``capsim router`` process in front of ``pod_urls`` (its default policy unless given), once healthy."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "capsim.cli", "router", "--port", str(port), "--log-level", "warning"]
-    cmd += ["--policy", policy] if policy else []
-    for url in pod_urls:
-        cmd += ["--pod", url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("router did not start")
+from capsim.studies.pods import PodProcess
+from capsim.studies.validate_sessions_real import start_router
 
 
 def prefix_pairs(tmp: Path, pairs: int, history: int) -> tuple[tuple[int, float], tuple[int, float]]:

@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,31 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
 from capsim.core.state import Message, RedisSessionStore, SessionState, StoreSettings, open_store
 from capsim.core.state_model import Role, encode_state
+from capsim.studies.validate_sessions_real import start_redis
 
 MESSAGES = 12  # a short conversation: ~1.5 KB of JSON
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("bench_state needs redis-server on PATH (apt-get install redis-server)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir), "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
-                    return proc, port
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    sys.exit("redis-server did not start within 10 s")
 
 
 def conversation(session_id: str) -> SessionState:
@@ -189,9 +164,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
     rows: list[list[Any]] = []
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="capsim-bench-redis-") as tmp:
-        proc, port = start_redis(Path(tmp))
+        proc, url = start_redis(Path(tmp))
         try:
-            url = f"redis://127.0.0.1:{port}/0"
             for writers in (1, 8):
                 res = await measure(url, writers, ops, warmup)
                 for name, r in res.items():

@@ -46,8 +46,8 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """A private redis-server on loopback (no persistence) once it answers PING; and its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise SessionsValidationError("the sessions validation needs redis-server on PATH (the pods share the "
-                                      "sessions' history through it): apt-get install redis-server")
+        raise SessionsValidationError("redis-server is not on PATH (apt-get install redis-server): the pods share "
+                                      "the sessions' history through it")
     port = free_port()
     args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--dir", str(workdir), "--logfile", str(workdir / f"redis-{port}.log")]
@@ -65,13 +65,14 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SessionsValidationError(f"redis-server on port {port} did not answer PING within 10 s")
 
 
-def start_router(pod_urls: Sequence[str], policy: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A ``capsim router`` process with ``policy`` in front of ``pod_urls``, once ``/healthz`` answers."""
+def start_router(pod_urls: Sequence[str], policy: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``capsim router`` process in front of ``pod_urls`` (with ``policy``, else the router's default),
+    once ``/healthz`` answers."""
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "capsim.cli", "router", "--port", str(port), "--log-level", "warning",
-           "--policy", policy]
+    cmd = [sys.executable, "-m", "capsim.cli", "router", "--port", str(port), "--log-level", "warning"]
+    cmd += ["--policy", policy] if policy else []
     for url in pod_urls:
         cmd += ["--pod", url]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
