@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from capsim.policy.scheduling import Scheduler, SchedulerLimits, Step
@@ -265,6 +265,12 @@ def test_caching_on_without_hashes_and_off_with_hashes_schedule_as_before(
 
 @settings(max_examples=200, deadline=None)
 @given(limits_st, workload_st, st.integers(1, 50))
+# found by CI (stop 19): requests 10 and 11 fill a block of the same hash in one run, 11 one step before
+# 10; step() makes 11 its owner, a run that registered in running order made it 10's, and preempting 11
+# then freed a different block
+@example(SchedulerLimits(max_num_seqs=2, max_num_batched_tokens=3, block_size=3, num_blocks=5, max_model_len=10,
+                         long_prefill_token_threshold=0, enable_prefix_caching=True),
+         [(0, 1, 1, 0, 0, False)] * 10 + [(25, 1, 9, 0, 2, True), (26, 5, 5, 0, 2, True)], 2)
 def test_a_decode_run_equals_that_many_steps_with_caching(
         limits: SchedulerLimits, workload: list[tuple[int, int, int, int, int, bool]], cap: int) -> None:
     fast, slow = Scheduler(limits), Scheduler(limits)
@@ -289,3 +295,20 @@ def test_a_decode_run_equals_that_many_steps_with_caching(
         if k == len(arrivals) and not fast.has_work:
             break
     assert not fast.has_work
+
+
+# requests of one family with long shared chains on a small cache: runs in which several requests fill
+# blocks of the same hash, and evictions of free cached blocks in the middle of a run
+shared_limits_st = st.builds(
+    SchedulerLimits, max_num_seqs=st.integers(2, 6), max_num_batched_tokens=st.integers(2, 12),
+    block_size=st.integers(1, 3), num_blocks=st.integers(3, 12), max_model_len=st.integers(10, 40),
+    long_prefill_token_threshold=st.integers(0, 4), enable_prefix_caching=st.just(True))
+shared_workload_st = st.lists(st.tuples(st.integers(0, 12), st.integers(1, 12), st.integers(2, 16), st.just(0),
+                                        st.integers(2, 10), st.just(True)), min_size=2, max_size=12)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(shared_limits_st, shared_workload_st, st.integers(1, 20))
+def test_a_decode_run_equals_that_many_steps_when_requests_share_blocks(
+        limits: SchedulerLimits, workload: list[tuple[int, int, int, int, int, bool]], cap: int) -> None:
+    test_a_decode_run_equals_that_many_steps_with_caching.hypothesis.inner_test(limits, workload, cap)

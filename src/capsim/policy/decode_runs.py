@@ -88,11 +88,13 @@ class DecodeRuns:
         bs = self.limits.block_size
         free = self.free_blocks
         pool = self.pool
+        running = self.running
         finished = []
         done = []
+        regs = []  # requests with blocks to register, in running order (registered after the loop)
         ctx = 0
         left = 1 << 62
-        for r in self.running:
+        for r in running:
             c = r.computed + steps
             r.computed = c
             g = r.generated = r.generated + steps
@@ -101,7 +103,7 @@ class DecodeRuns:
             free -= b - r.blocks
             r.blocks = b
             if pool is not None and c // bs > r.reg < len(r.hashes):
-                pool.register(r, c // bs)
+                regs.append(r)
             if g >= r.max_tokens:
                 if pool is None:
                     free += b
@@ -121,7 +123,15 @@ class DecodeRuns:
         if pool is not None:
             # blocks allocated in these steps came from hashless ones, then from the LRU head; the
             # finished requests' blocks return after the last step, as in step()
-            if pool.n_idle > free:
+            evicting = pool.n_idle > free
+            if regs:
+                if (len(regs) > 1 or evicting) and self._order_matters(regs, evicting):
+                    self._replay_pool(running, steps)
+                    evicting = False
+                else:
+                    for r in regs:
+                        pool.register(r, r.computed // bs)
+            if evicting:
                 pool.evict(pool.n_idle - free)
             for r in done:
                 free += pool.release(r)
@@ -130,3 +140,43 @@ class DecodeRuns:
         self.steps += steps
         self._ctx, self._left, self._ready = ctx, left, True
         return finished
+
+    def _order_matters(self, regs: list[Request], evicting: bool) -> bool:
+        """Whether registering ``regs``' new full blocks at the run's end can differ from step() doing it
+        step by step: two of them fill blocks of the same hash (the earlier one in step order owns it),
+        or a block they fill has the hash of a free cached block that the run's allocations evict first
+        (then step() registers it anew)."""
+        bs = self.limits.block_size
+        new: list[int] = []
+        for r in regs:
+            new += r.hashes[r.reg:r.computed // bs]
+        if len(set(new)) < len(new):
+            return True
+        if evicting:
+            users = self.pool.users  # type: ignore[union-attr]
+            return any(users.get(h, 1) <= 0 for h in new)
+        return False
+
+    def _replay_pool(self, running: list[Request], steps: int) -> None:
+        """Apply the run's block allocations (evicting from the LRU head) and registrations to the pool in
+        the order ``steps`` calls of step() would: step by step; in each, allocations then registrations,
+        each in running order. ``running`` has already advanced ``steps`` tokens; nothing registered yet."""
+        pool = self.pool
+        assert pool is not None
+        bs = self.limits.block_size
+        events: list[tuple[int, int, int, int]] = []  # (step, 0 alloc | 1 register, running index, blocks)
+        for i, r in enumerate(running):
+            c0 = r.computed - steps
+            for m in range(-(-c0 // bs), r.blocks):  # block m is allocated when token m*bs+1 is computed
+                events.append((m * bs + 1 - c0, 0, i, 0))
+            for j in range(r.reg, min(r.computed // bs, len(r.hashes))):  # block j is full at token (j+1)*bs
+                events.append(((j + 1) * bs - c0, 1, i, j + 1))
+        events.sort()
+        free = self.free_blocks
+        for _, kind, i, blocks in events:
+            if kind == 0:
+                free -= 1
+                if pool.n_idle > free:
+                    pool.evict(pool.n_idle - free)
+            else:
+                pool.register(running[i], blocks)
