@@ -228,3 +228,65 @@ def test_an_arrival_lengthens_the_step_in_progress_by_the_arrival_overhead(
     assert np.allclose(req["end_s"], [0.10 + 2 * a, b_end + 2 * a], rtol=0, atol=1e-12)
     assert sim.continuous is not None
     assert sim.continuous.busy_s == pytest.approx(sim.continuous.steps * 0.01 + 2 * a)
+
+
+# ---- measured step noise (service.cycle_noise) ------------------------------------------------------------
+def test_noisy_step_time_draws_one_factor_per_step_and_a_run_gives_its_step_ends() -> None:
+    from capsim.sim.step_time import LinearStepTime, NoisyStepTime
+
+    base = LinearStepTime(0.002, 0.0, 0.0, 0.0005, 1e-6)
+    flat = NoisyStepTime(base, [1.0], np.random.default_rng(0))
+    ends = flat.decode_run_ends(4, 400, 6)
+    expected = np.cumsum([base.decode_step_s(4, 400 + 4 * j) for j in range(6)])
+    assert np.allclose(ends, expected) and flat.decode_run_s(4, 400, 6) == pytest.approx(expected[-1])
+    noisy = NoisyStepTime(base, [0.5, 1.5], np.random.default_rng(1))
+    steps = np.diff(np.concatenate([[0.0], noisy.decode_run_ends(4, 400, 2000)]))
+    one = np.array([base.decode_step_s(4, 400 + 4 * j) for j in range(2000)])
+    factors = steps / one
+    assert np.allclose(np.sort(np.unique(factors.round(9))), [0.5, 1.5])  # each step its own factor
+    assert 0.45 < np.mean(np.isclose(factors, 0.5)) < 0.55
+    assert not hasattr(noisy, "decode_step_s")  # the pod keeps a run's drawn ends instead
+    with pytest.raises(ValueError, match="cycle_noise"):
+        NoisyStepTime(base, [], np.random.default_rng(0))
+
+
+def test_cycle_noise_of_one_changes_nothing_but_the_float_rounding() -> None:
+    over = {"workload.arrivals.rate_per_s": 60, "service.arrival_overhead_ms": 1.0}
+    plain = simulate(scenario(**over), 5)
+    flat = simulate(scenario(**over, **{"service.cycle_noise": [1.0]}), 5)
+    a, b = plain.requests, flat.requests
+    assert a["outcome"].equals(b["outcome"])
+    for col in ("first_token_s", "end_s"):
+        assert np.allclose(a[col], b[col], rtol=0, atol=1e-9, equal_nan=True), col
+
+
+@pytest.mark.parametrize("max_run_steps", [4096, 1])
+def test_a_heavy_tailed_step_spread_keeps_the_mean_and_thickens_the_tail(max_run_steps: int) -> None:
+    over = {"workload.arrivals.rate_per_s": 60, "horizon_s": 200, "service.arrival_overhead_ms": 0.5}
+    heavy = [0.8] * 99 + [20.8]  # mean 1: one step in a hundred takes 26 times the others
+    runs = []
+    for noise in (None, heavy):
+        sim = Simulation(scenario(**over, **({"service.cycle_noise": noise} if noise else {})), 3)
+        assert sim.continuous is not None
+        sim.continuous.max_run_steps = max_run_steps
+        runs.append(sim.run())
+    plain, noisy = runs
+    assert noisy.summary.completed == pytest.approx(plain.summary.completed, rel=0.02)
+    # the pod's busy share stays (the factors' mean is 1); the tails grow
+    assert noisy.summary.itl_p50_s < plain.summary.itl_p50_s < noisy.summary.itl_p99_s
+    assert noisy.summary.ttft_p99_s > 1.5 * plain.summary.ttft_p99_s
+    ok = noisy.requests[noisy.requests["outcome"] == "ok"]
+    assert (ok["first_token_s"] >= ok["start_s"]).all() and (ok["end_s"] >= ok["first_token_s"]).all()
+
+
+def test_runs_and_single_steps_agree_in_distribution_with_step_noise() -> None:
+    over = {"workload.arrivals.rate_per_s": 60, "horizon_s": 400, "service.arrival_overhead_ms": 0.5,
+            "service.cycle_noise": [0.5, 0.75, 1.0, 1.25, 1.5]}
+    fast, slow = Simulation(scenario(**over), 9), Simulation(scenario(**over), 9)
+    assert slow.continuous is not None and fast.continuous is not None
+    slow.continuous.max_run_steps = 1
+    a, b = fast.run().summary, slow.run().summary
+    assert fast.continuous.events < slow.continuous.events
+    assert a.completed == pytest.approx(b.completed, rel=0.01)
+    for q in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "e2e_p50_s"):
+        assert getattr(a, q) == pytest.approx(getattr(b, q), rel=0.08), q

@@ -88,6 +88,9 @@ class ContinuousPod(Pod):
         self._run_s = stats.step_time.decode_run_s
         # one decode step's time, where the model has it (not drawn): a run adds its steps one by one
         self._dstep = getattr(stats.step_time, "decode_step_s", None)
+        # a model that draws each step's time gives a run's step ends, kept while the run lasts (``_ends``)
+        self._run_ends = getattr(stats.step_time, "decode_run_ends", None)
+        self._ends: np.ndarray | None = None
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
         self._step_token = 0  # a step's event is stale once an arrival lengthened the step (a new event)
@@ -143,6 +146,8 @@ class ContinuousPod(Pod):
         if self._run is not None:
             start, d, c, k, end = self._run
             self._run = (start, d, c, k, end + extra)
+            if self._ends is not None:
+                self._ends[k - 1] += extra
             self._schedule_run(end + extra)
             return
         self._step_end += extra
@@ -237,7 +242,11 @@ class ContinuousPod(Pod):
     def _start_run(self, now: float, steps: int) -> None:
         sched = self.sched
         d, c = len(sched.running), sched.decode_context
-        end = self._run_end(now, d, c, steps)
+        if self._run_ends is not None:
+            ends = self._ends = now + self._run_ends(d, c, steps)
+            end = float(ends[-1])
+        else:
+            end = self._run_end(now, d, c, steps)
         self._run = (now, d, c, steps, end)
         self._schedule_run(end)
 
@@ -263,6 +272,14 @@ class ContinuousPod(Pod):
         start, d, c, k, end = self._run
         if end <= now:
             return  # the run's end event is due now; it has not been processed yet
+        ends = self._ends
+        if ends is not None:  # the drawn step ends: the first after now ends the step in progress
+            hi = int(np.searchsorted(ends[:k], now, side="right")) + 1
+            if hi < k:
+                t = float(ends[hi - 1])
+                self._run = (start, d, c, hi, t)
+                self._schedule_run(t)
+            return
         f = self._dstep
         if f is not None:  # walk the steps' ends as _run_end adds them: T(hi - 1) <= now < T(hi)
             t = start
@@ -299,6 +316,7 @@ class ContinuousPod(Pod):
             return  # superseded by a shorter run, or the pod died under it
         start, _, _, k, _ = self._run
         self._run = None
+        self._ends = None
         sched = self.sched
         stats = self.stats
         finished = sched.advance_decodes(k)
@@ -414,6 +432,7 @@ class ContinuousPod(Pod):
         self.outstanding = 0
         self.stepping = False
         self._run = None
+        self._ends = None
         self._debt = 0.0
         self.incarnation += 1
         return held

@@ -210,9 +210,58 @@ class ProfileStepTime:
         return ms * self.scale
 
 
+class NoisyStepTime:
+    """Each step's time from ``inner`` multiplied by one of ``factors`` (mean 1) drawn at random: the spread
+    of a pod's step cycle under load (``service.cycle_noise``; ``capsim validate --mode continuous``
+    measures it from the pod's step trace), as the static pod's ``CycleNoiseService`` does for batches.
+
+    Each step draws its own factor, also inside a run of decode steps: :meth:`decode_run_ends` gives the
+    run's step ends, which the pod keeps, so a run cut at an arrival ends where its step in progress does.
+    Having no ``decode_step_s``, the pod never re-derives a step's time."""
+
+    def __init__(self, inner: StepTimeModel, factors: list[float], gen: np.random.Generator) -> None:
+        self.inner = inner
+        self.factors = np.asarray(factors, dtype=float)
+        if self.factors.ndim != 1 or not len(self.factors) or np.any(self.factors <= 0):
+            raise ValueError("cycle_noise: the factors must be a non-empty list of positive numbers")
+        self._gen = gen
+        self._draws = BufferedDraws(gen, "random")
+        self._one = getattr(inner, "decode_step_s", None)
+
+    def _factor(self) -> float:
+        f = self.factors
+        return float(f[int(self._draws.next() * len(f))])
+
+    def step_s(self, step: Step) -> float:
+        return self.inner.step_s(step) * self._factor()
+
+    def decode_run_ends(self, decodes: int, context: int, steps: int) -> np.ndarray:
+        """The ends of ``steps`` decode steps (seconds from the run's start, increasing), each its model
+        time times a factor of its own."""
+        f = self.factors
+        draws = f[(np.asarray([self._draws.next() for _ in range(steps)]) * len(f)).astype(np.int64)]
+        one = self._one
+        if one is not None:
+            base = np.fromiter((one(decodes, context + j * decodes) for j in range(steps)), float, steps)
+        else:
+            base = np.fromiter((self.inner.decode_run_s(decodes, context + j * decodes, 1) for j in range(steps)),
+                               float, steps)
+        return np.cumsum(base * draws)
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        return float(self.decode_run_ends(decodes, context, steps)[-1])
+
+
 def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> StepTimeModel:
     """The step-time model a continuous-mode scenario's ``service`` section asks for: with a profile, its
-    fitted ``step_model`` (``LinearStepTime``) when it has one, else the ``ProfileStepTime`` adapter."""
+    fitted ``step_model`` (``LinearStepTime``) when it has one, else the ``ProfileStepTime`` adapter;
+    wrapped in ``NoisyStepTime`` when ``service.cycle_noise`` is set."""
+    model = _make_step_time(scenario, streams, profile)
+    noise = scenario.service.cycle_noise
+    return NoisyStepTime(model, list(noise), streams["service"]) if noise else model
+
+
+def _make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None) -> StepTimeModel:
     svc = scenario.service
     if svc.kind == "exponential":
         assert svc.mean_s is not None

@@ -82,6 +82,9 @@ class ContinuousSpec:
     # its core, so 16 clients kept only about 5 requests running; 64 keep max_num_seqs running
     calibration_clients: tuple[int, ...] = (2, 4, 8, 16, 24, 64)
     step_workloads: int = 3
+    # the simulated steps drawn around the fit with the calibration's measured spread (service.cycle_noise);
+    # False: every simulated step takes the fitted time (the validation before stop 20)
+    cycle_noise: bool = True
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
@@ -123,9 +126,10 @@ def _pod_counters(url: str) -> dict[str, float]:
 
 
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
-                   num_blocks: int, arrival_overhead_ms: float = 0.0) -> Scenario:
+                   num_blocks: int, arrival_overhead_ms: float = 0.0,
+                   cycle_noise: tuple[float, ...] = ()) -> Scenario:
     """The simulator's view of one run: one always-ready continuous pod, the same engine limits, the pod's
-    time per arrival on the step in progress."""
+    time per arrival on the step in progress, and each step's spread around the fit (``cycle_noise``)."""
     horizon = spec.seconds_per_run
     return Scenario.model_validate({
         "horizon_s": horizon,
@@ -134,7 +138,8 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
                      "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
-                    "arrival_overhead_ms": arrival_overhead_ms},
+                    "arrival_overhead_ms": arrival_overhead_ms,
+                    "cycle_noise": list(cycle_noise) if cycle_noise else None},
         "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -202,7 +207,8 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     pool = _Pool([], [], [], [], [])
     for rep in range(spec.replications):
         seed = spec.seed + rep
-        scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3)
+        scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
+                                  cal.cycle_noise if spec.cycle_noise else ())
         workload = make_workload(scenario, Streams(seed))
         before = _pod_counters(pod.url)
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
@@ -296,6 +302,12 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             f"{p[0]} {p[1]:.1f} {p[2] * 1e3:.2f} {p[3] * 1e3:.2f} {p[4] * 1e3:.2f} {p[5]:.3f} {p[6]:.1f}"
             for p in cal.points))
         echo("  share of the pod's cycle: " + ", ".join(f"{k} {v:.1%}" for k, v in cal.shares.items()))
+        if cal.cycle_noise:
+            q = np.asarray(cal.cycle_noise)
+            echo(f"  single steps' cycle over the fit (mean 1): p10 {np.quantile(q, 0.1):.2f}, p50 "
+                 f"{np.quantile(q, 0.5):.2f}, p90 {np.quantile(q, 0.9):.2f}, p99 {np.quantile(q, 0.99):.2f}, top "
+                 f"{q.max():.2f}; the simulator draws each step's factor from them"
+                 + ("" if spec.cycle_noise else " (off: cycle_noise=False)"))
         echo("  each run's mean cycle, ms: cycle = engine CPU (model) + wait + hand-off + gap; running, arrivals "
              "per step: " + "; ".join(f"{c['run']} {c['cycle_s']:.2f} = {c['engine_cpu_s']:.2f} ({c['model_s']:.2f}) "
                                       f"+ {c['wait_s']:.2f} + {c['handoff_s']:.2f} + {c['gap_s']:.2f}; "

@@ -26,6 +26,7 @@ FIT_TERMS: tuple[str, ...] = ("model_s", "one", "arrivals")
 MAX_REL_RESIDUAL = 0.10  # rms over the runs of (mean cycle - mean fit) / mean cycle past which the fit warns
 MIN_STEPS = 50
 MIN_RUNS = 5  # the fit's four terms and one more
+NOISE_QUANTILES = 400  # quantiles of the single steps' spread kept for the simulator (as the static mode)
 
 @dataclass(frozen=True)
 class StepCalibration:
@@ -49,6 +50,9 @@ class StepCalibration:
     # fitted through the runs (``fit_pod_cpu``; NaN: not measured)
     request_cpu_s: float = float("nan")
     step_cpu_s: float = float("nan")
+    # evenly spaced quantiles of each step's cycle over its fit, scaled to mean 1: the spread the simulator
+    # draws from (``service.cycle_noise``); empty: none measured
+    cycle_noise: tuple[float, ...] = ()
 
     @property
     def rel_rms_residual(self) -> float:
@@ -174,11 +178,23 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     shares = {t: float(c * (means[t] @ means.steps) / total) for t, c in zip(terms, coef, strict=True)}
     shares["unexplained"] = 1.0 - sum(shares.values())
     cal = StepCalibration(scale, extra, points, tuple(float(r) for r in resid), (), arrival, token, len(frame), med,
-                          shares)
+                          shares, cycle_noise=step_noise(frame.cycle_s.to_numpy(), per_step))
     if cal.rel_rms_residual > MAX_REL_RESIDUAL:
         problems.append(f"poor fit: the runs' mean cycles are met to {cal.rel_rms_residual:.1%} rms "
                         f"(over {MAX_REL_RESIDUAL:.0%})")
     return replace(cal, warnings=tuple(problems))
+
+
+def step_noise(cycle_s: Any, fitted_s: Any, n: int = NOISE_QUANTILES) -> tuple[float, ...]:
+    """``n`` evenly spaced quantiles of each step's cycle over its fitted cycle, scaled to mean 1: the
+    single steps' spread around the fit (long cycles when the core is taken, short ones), which the
+    simulator multiplies each step by (``service.cycle_noise``). Steps without a positive fit are left out."""
+    cycle_s, fitted_s = np.asarray(cycle_s, dtype=float), np.asarray(fitted_s, dtype=float)
+    ok = (fitted_s > 0) & np.isfinite(cycle_s) & (cycle_s > 0)
+    if not ok.any():
+        return ()
+    q = np.quantile(cycle_s[ok] / fitted_s[ok], (np.arange(n) + 0.5) / n)
+    return tuple(float(v) for v in q / q.mean())
 
 
 def cycle_parts(frame: Any) -> list[dict[str, Any]]:
