@@ -217,3 +217,16 @@ def test_the_single_steps_spread_around_the_fit_is_kept_for_the_simulator() -> N
     # a step whose fit is not positive says nothing about the spread
     assert step_noise([1.0, 2.0, 3.0], [0.0, 2.0, 3.0], n=4) == (1.0, 1.0, 1.0, 1.0)
     assert step_noise([1.0], [0.0]) == ()
+
+
+def test_a_levels_steps_are_weighed_against_the_calibrated_model() -> None:
+    from capsim.studies.validate_continuous import level_cycles
+
+    cal = fit_step_cycles(runs(**TRUE, noise=0.01), FIT)
+    same = synthetic_run(7, 8, 0.3, **TRUE, noise=0.01)
+    cyc, fitted, n = level_cycles(same, FIT, cal)
+    assert n == len(same) - 1 and cyc / fitted == pytest.approx(1.0, abs=0.03)
+    slower = synthetic_run(7, 8, 0.3, **{**TRUE, "scale": TRUE["scale"] * 1.25}, noise=0.01)
+    cyc, fitted, _ = level_cycles(slower, FIT, cal)
+    assert cyc / fitted == pytest.approx(1.2, abs=0.05)  # the model part grows by 25%, the constants do not
+    assert level_cycles(same.iloc[:1], FIT, cal) == (0.0, 0.0, 0)

@@ -183,6 +183,8 @@ class _Pool:
     # end to end on the pod's clock (to its last token, not the client's receipt); empty: not measured
     real_pod_e2e: list[vs.Blocks] = field(default_factory=list)
     sim_pod_e2e: list[vs.Blocks] = field(default_factory=list)
+    # the pod's own steps during the runs against the calibrated model: (summed cycle s, summed fit s, steps)
+    cycles: list[tuple[float, float, int]] = field(default_factory=list)
 
 
 #: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
@@ -197,8 +199,21 @@ def pod_e2e_frame(df: Any, token_span_s: Any) -> Any:
     return out
 
 
+def level_cycles(steps: Any, fit: StepTimeFit, cal: StepCalibration) -> tuple[float, float, int]:
+    """The pod's steps during a level's run against what the calibrated model gives each of them (its
+    composition and arrivals): the summed cycle, the summed fit, the steps. The simulator's step model is
+    only as good as this ratio is near 1 *during the runs*, not only during the calibration."""
+    from capsim.studies.validate_continuous_calibrate import cycles
+
+    if len(steps) < 2:
+        return 0.0, 0.0, 0
+    frame = cycles(steps, fit)
+    fitted = cal.time_scale * frame.model_s + cal.extra_s + cal.arrival_s * frame.arrivals
+    return float(frame.cycle_s.sum()), float(fitted.sum()), len(frame)
+
+
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
-               num_blocks: int, echo: Callable[[str], None]) -> _Pool:
+               num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None) -> _Pool:
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.simulate import simulate
@@ -211,9 +226,15 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                                   cal.cycle_noise if spec.cycle_noise else ())
         workload = make_workload(scenario, Streams(seed))
         before = _pod_counters(pod.url)
+        t0 = time.perf_counter()
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
                                        max_duration_s=scenario.horizon_s + 30, seed=seed))
+        t1 = time.perf_counter()
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
+        if fit is not None:
+            from capsim.studies.validate_continuous_calibrate import fetch_steps
+
+            pool.cycles.append(level_cycles(fetch_steps(pod.url, t0, t1), fit, cal))
         sim = simulate(scenario, seed=seed)
         w, end = scenario.warmup_s, scenario.horizon_s
         pool.real.append(vs.cut_blocks(real_df, w, end))
@@ -229,7 +250,10 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
              f"{r['ttft_p50_s'] * 1e3:.1f} ms sim {s['ttft_p50_s'] * 1e3:.1f} ms; preemptions real {real_pre:.0f} "
-             f"sim {sim.summary.preemptions}")
+             f"sim {sim.summary.preemptions}"
+             + (f"; the pod's mean cycle {pool.cycles[-1][0] / pool.cycles[-1][2] * 1e3:.2f} ms, "
+                f"{pool.cycles[-1][0] / pool.cycles[-1][1]:.2f} x the calibrated model's for the same steps"
+                if pool.cycles and pool.cycles[-1][2] else ""))
     return pool
 
 
@@ -256,6 +280,11 @@ def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, 
     rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
     rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "preemptions", "real": rp,
                  "sim": sp, "rel_error": (sp - rp) / rp if rp else float("nan"), "requests": pool.requests})
+    n = sum(c[2] for c in pool.cycles)
+    if n:  # the pod's mean step cycle during the runs, and the calibrated model's for the same steps
+        real_c, fit_c = sum(c[0] for c in pool.cycles) / n, sum(c[1] for c in pool.cycles) / n
+        rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "pod_cycle_mean_s",
+                     "real": real_c, "sim": fit_c, "rel_error": fit_c / real_c - 1, "requests": pool.requests})
     return rows
 
 
@@ -329,7 +358,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo)
+            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit)
             rows += _rows(level, "full", level * cap, pool)
         pod.stop()
         small = spec.small_cache_blocks
@@ -337,7 +366,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo)
+        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
     finally:
         pod.stop()
