@@ -33,6 +33,7 @@ class Calibrated:
     arrival_overhead_ms: float
     per_pod_turns_per_s: float  # a pod's turns per second at the mean prompt with no prefix hit
     provenance: dict[str, Any] = field(default_factory=dict)
+    cycle_noise: tuple[float, ...] = ()  # the single steps' spread around the fit (service.cycle_noise)
 
 
 def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], pod_core: int | None,
@@ -75,4 +76,5 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
     return Calibrated(profile_path, cal.time_scale, cal.arrival_s * 1e3, per_pod,
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
-                                               "clients": list(CALIBRATION_CLIENTS)}})
+                                               "clients": list(CALIBRATION_CLIENTS)}},
+                      cal.cycle_noise)
