@@ -290,3 +290,19 @@ def test_runs_and_single_steps_agree_in_distribution_with_step_noise() -> None:
     assert a.completed == pytest.approx(b.completed, rel=0.01)
     for q in ("ttft_p50_s", "ttft_p99_s", "itl_p50_s", "e2e_p50_s"):
         assert getattr(a, q) == pytest.approx(getattr(b, q), rel=0.08), q
+
+
+def test_the_answer_time_moves_the_end_and_the_next_turn_not_the_engine() -> None:
+    over = {"workload.arrivals.rate_per_s": 0.01, "horizon_s": 2000}
+    plain = simulate(scenario(**over), 3).requests
+    late = simulate(scenario(**over, **{"service.answer_ms": 25.0}), 3)
+    a, b = plain[plain["outcome"] == "ok"], late.requests[late.requests["outcome"] == "ok"]
+    assert np.allclose(b["end_s"] - a["end_s"], 0.025) and np.allclose(b["first_token_s"], a["first_token_s"])
+    assert np.allclose(b["itl_s"], 0.01) and late.summary.itl_p50_s == pytest.approx(0.01)  # tokens keep their pace
+    # a session's next turn leaves after the answer arrives and the think time
+    sess = {"workload.arrivals.rate_per_s": 0.05, "horizon_s": 400,
+            "workload.sessions": {"turns": 3, "think_time_s": 1.0, "new_tokens": {"kind": "constant", "value": 10}}}
+    s0 = simulate(scenario(**sess), 4).requests
+    s1 = simulate(scenario(**sess, **{"service.answer_ms": 25.0}), 4).requests
+    turn2 = (s0["request_id"] % 3 == 1) & (s0["outcome"] == "ok")
+    assert np.allclose(s1.loc[turn2, "arrival_s"] - s0.loc[turn2, "arrival_s"], 0.025)

@@ -230,3 +230,13 @@ def test_a_levels_steps_are_weighed_against_the_calibrated_model() -> None:
     cyc, fitted, _ = level_cycles(slower, FIT, cal)
     assert cyc / fitted == pytest.approx(1.2, abs=0.05)  # the model part grows by 25%, the constants do not
     assert level_cycles(same.iloc[:1], FIT, cal) == (0.0, 0.0, 0)
+
+
+def test_the_answer_time_is_the_way_in_and_out_plus_the_answer_path() -> None:
+    from capsim.studies.validate_continuous import answer_ms
+
+    splits = {"open 30%": {"way_in_and_out_s": 0.005, "answer_path_s": 0.002},
+              "open 60%": {"way_in_and_out_s": 0.009, "answer_path_s": 0.007},
+              "open 85%": {"way_in_and_out_s": 0.008, "answer_path_s": 0.006}, "open 50%": {}}
+    assert answer_ms(splits) == pytest.approx(14.0)
+    assert answer_ms({}) == 0.0

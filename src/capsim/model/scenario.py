@@ -179,9 +179,15 @@ class Service(_Section):
         "next; `capsim validate` measures it"
     )
     cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
-        None, min_length=1, max_length=10_000, description="profile: factors (mean 1) one of which, drawn at "
-        "random, multiplies each batch's time instead of the profile's gamma noise: the spread of a pod's batch "
-        "cycle under load (`capsim validate` measures it from the pod's batch trace)"
+        None, min_length=1, max_length=10_000, description="factors (mean 1) one of which, drawn at random, "
+        "multiplies each batch's time (continuous mode: each step's) instead of the profile's gamma noise: the "
+        "spread of a pod's cycle under load (`capsim validate` measures it from the pod's batch or step trace)"
+    )
+    answer_ms: Float = Field(
+        0.0, ge=0, le=60_000, description="continuous mode: from a request's last token to its answer at the "
+        "client (the pod's answer path: the store write, the response, the way back); the end to end and a "
+        "session's next turn count it, the engine does not wait for it; `capsim validate --mode continuous` "
+        "measures it"
     )
 
     @model_validator(mode="after")

@@ -99,6 +99,8 @@ class ContinuousPod(Pod):
         # pod CPU per arriving request on the model's core (not scaled by time_scale, as in the static pod)
         self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
         self._debt = 0.0  # arrivals' cost owed by the step about to start
+        # from the last token to the answer at the client (service.answer_ms): the engine does not wait
+        self._answer_s = stats.answer_s
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
         self.itl_count = 0
@@ -378,20 +380,21 @@ class ContinuousPod(Pod):
         sim = self.sim
         client = sim.client
         output = self._rec.output
+        answered = now + self._answer_s
         ended = []
         for i in finished:
             run = runs.pop(i, None)
             if run is None:  # its client gave up while the step ran
                 continue
             ended.append(run)
-            run.end = now
+            run.end = answered
             run.done = True
             self.outstanding -= run.live_size
             n = int(output[i])
             if n > 1:
                 self.itl_sum_s += now - run.first
                 self.itl_count += n - 1
-            client.on_request_done(run, i, now)
+            client.on_request_done(run, i, answered)
             run.idx = _NO_REQUESTS
         running = self.running
         for run in ended:  # one or two a step: cheaper than rebuilding the list

@@ -37,6 +37,7 @@ class ContinuousStats:
         self.kv_peak = 0.0
         self.events = 0  # SimPy events the step loops used (a run of decode steps is one)
         self.max_run_steps = 4096  # longest run of decode steps taken as one event; 1: one event per step
+        self.answer_s = 0.0  # service.answer_ms: a request's end_s is its last token plus this (not its ITL)
         if limits.enable_prefix_caching and prefix is not None and not isinstance(prefix, NoPrefix):
             self.prefix = prefix
 
@@ -66,7 +67,7 @@ def continuous_results(stats: ContinuousStats, requests: Any, summary: Summary, 
     tokens the last admission reused from the prefix cache) to the requests frame (in place) and return the summary with the continuous-mode numbers filled in."""
     ids = requests["request_id"].to_numpy()
     out = requests["output_tokens"].to_numpy()
-    span = requests["end_s"].to_numpy() - requests["first_token_s"].to_numpy()
+    span = requests["end_s"].to_numpy() - requests["first_token_s"].to_numpy() - stats.answer_s
     ok = (requests["outcome"] == "ok").to_numpy()
     itl = np.where(ok & (out > 1), span / np.maximum(out - 1, 1), np.nan)
     requests["itl_s"] = itl

@@ -116,6 +116,7 @@ class Simulation:
         if scenario.batching.mode == "continuous":
             self.continuous = ContinuousStats(self.records.n, SchedulerLimits.from_settings(scenario.batching),
                                               make_step_time(scenario, self.streams, profile), workload.prefix)
+            self.continuous.answer_s = scenario.service.answer_ms / 1000.0
         self.track_ttft = scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics

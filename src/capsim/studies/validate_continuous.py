@@ -85,6 +85,9 @@ class ContinuousSpec:
     # the simulated steps drawn around the fit with the calibration's measured spread (service.cycle_noise);
     # False: every simulated step takes the fitted time (the validation before stop 20)
     cycle_noise: bool = True
+    # the simulated requests' answers reach the client service.answer_ms after their last token, measured in
+    # the calibration's open-loop runs; False: at the last token (the validation before stop 20)
+    answer_time: bool = True
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
@@ -127,9 +130,10 @@ def _pod_counters(url: str) -> dict[str, float]:
 
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
                    num_blocks: int, arrival_overhead_ms: float = 0.0,
-                   cycle_noise: tuple[float, ...] = ()) -> Scenario:
+                   cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0) -> Scenario:
     """The simulator's view of one run: one always-ready continuous pod, the same engine limits, the pod's
-    time per arrival on the step in progress, and each step's spread around the fit (``cycle_noise``)."""
+    time per arrival on the step in progress, each step's spread around the fit (``cycle_noise``), and the
+    time from a request's last token to its answer at the client (``answer_ms``)."""
     horizon = spec.seconds_per_run
     return Scenario.model_validate({
         "horizon_s": horizon,
@@ -139,7 +143,7 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms,
-                    "cycle_noise": list(cycle_noise) if cycle_noise else None},
+                    "cycle_noise": list(cycle_noise) if cycle_noise else None, "answer_ms": answer_ms},
         "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -212,8 +216,18 @@ def level_cycles(steps: Any, fit: StepTimeFit, cal: StepCalibration) -> tuple[fl
     return float(frame.cycle_s.sum()), float(fitted.sum()), len(frame)
 
 
+def answer_ms(splits: dict[str, dict[str, float]]) -> float:
+    """From a request's last token to its answer at the client, ms: the median over the open-loop
+    calibration runs of each run's median way in and out plus the pod's answer path (``request_split``).
+    The client's round trip less the pod's own time is the way in and out; the real TTFT is taken on the
+    pod's clock (the send time plus the pod's ``ttft_s``), so all of it lands on the end to end."""
+    parts = [sp["way_in_and_out_s"] + sp["answer_path_s"] for sp in splits.values() if sp]
+    return float(np.median(parts)) * 1e3 if parts else 0.0
+
+
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
-               num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None) -> _Pool:
+               num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
+               answer: float = 0.0) -> _Pool:
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.simulate import simulate
@@ -223,7 +237,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     for rep in range(spec.replications):
         seed = spec.seed + rep
         scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
-                                  cal.cycle_noise if spec.cycle_noise else ())
+                                  cal.cycle_noise if spec.cycle_noise else (), answer)
         workload = make_workload(scenario, Streams(seed))
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
@@ -243,7 +257,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         pool.real_itl.append(vs.cut_blocks(itl_frame(real_df, span), w, end))
         if span is not None:
             pool.real_pod_e2e.append(vs.cut_blocks(pod_e2e_frame(real_df, span), w, end))
-            pool.sim_pod_e2e.append(vs.cut_blocks(sim.requests, w, end))
+            pool.sim_pod_e2e.append(vs.cut_blocks(sim.requests.assign(end_s=sim.requests.end_s - answer / 1e3), w, end))
         pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
         pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
         pool.requests += workload.n_requests
@@ -354,11 +368,15 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
                            measured.source).to_csv(profile_path)
         cap = capacity_per_s(fit, cal, spec)
+        answer = answer_ms(splits) if spec.answer_time else 0.0
+        echo(f"answer time: {answer:.2f} ms from a request's last token to its answer at the client (the way in "
+             "and out and the pod's answer path, median of the open-loop runs)"
+             + ("" if spec.answer_time else " (off: answer_time=False)"))
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens}, "
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit)
+            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
             rows += _rows(level, "full", level * cap, pool)
         pod.stop()
         small = spec.small_cache_blocks
@@ -366,7 +384,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit)
+        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
     finally:
         pod.stop()
@@ -376,7 +394,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
 
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
-        "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap,
+        "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap, "answer_ms": answer,
         "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
