@@ -93,7 +93,8 @@ class SessionsSpec:
 
 
 def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
-                      arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = ()) -> Scenario:
+                      arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = (),
+                      answer_ms: float = 0.0) -> Scenario:
     """The simulator's view of one run: two always-ready continuous pods with prefix caching behind
     ``policy``, sessions arriving at ``rate`` per second until ``arrival_s``."""
     return Scenario.model_validate({
@@ -110,7 +111,8 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
                                         "max": spec.new_max}},
         },
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
-                    "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None},
+                    "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
+                    "answer_ms": answer_ms},
         "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
         "pods": {"replicas": 2, "startup_s": 0},
         # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
@@ -149,7 +151,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
         for rep in range(spec.replications):
             seed = spec.seed + rep
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
-                                         cal.arrival_overhead_ms, cal.cycle_noise)
+                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms)
             workload = make_workload(scenario, Streams(seed))
             msg = workload.message_tokens
             assert msg is not None
@@ -268,6 +270,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
+        "answer_ms": cal.answer_ms,
         "capacity_per_pod_turns_per_s": per_pod,
         "sessions_per_s": rate, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,

@@ -34,6 +34,7 @@ class Calibrated:
     per_pod_turns_per_s: float  # a pod's turns per second at the mean prompt with no prefix hit
     provenance: dict[str, Any] = field(default_factory=dict)
     cycle_noise: tuple[float, ...] = ()  # the single steps' spread around the fit (service.cycle_noise)
+    answer_ms: float = 0.0  # from the last token to the answer at the client (service.answer_ms)
 
 
 def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], pod_core: int | None,
@@ -43,7 +44,7 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
     from capsim.model.step_model import StepTimeFit
     from capsim.studies import validate_continuous_calibrate as vcc
     from capsim.studies.pods import PodProcess
-    from capsim.studies.validate_continuous import START_S
+    from capsim.studies.validate_continuous import START_S, answer_ms
 
     prompt, output = spec.long_prompt_tokens, CALIBRATION_OUTPUT
     echo(f"measuring {spec.model}'s continuous steps on core {pod_core} (prompts up to {prompt} tokens) ...")
@@ -58,7 +59,7 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
         os.sched_setaffinity(0, {cores[1]})  # the calibration's clients off the pod's core, as in continuous
     try:
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
-        cal, steps, *_ = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
+        cal, steps, splits = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
                                          seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
                                          prompt=prompt, output=output, echo=echo)
     finally:
@@ -77,4 +78,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise)
+                      cal.cycle_noise, answer_ms(splits))
