@@ -306,3 +306,30 @@ def test_the_answer_time_moves_the_end_and_the_next_turn_not_the_engine() -> Non
     s1 = simulate(scenario(**sess, **{"service.answer_ms": 25.0}), 4).requests
     turn2 = (s0["request_id"] % 3 == 1) & (s0["outcome"] == "ok")
     assert np.allclose(s1.loc[turn2, "arrival_s"] - s0.loc[turn2, "arrival_s"], 0.025)
+
+
+def test_a_factor_walk_draws_at_random_or_walks_the_measured_order_in_blocks() -> None:
+    from capsim.sim.streams import BufferedDraws, FactorWalk
+
+    f = np.arange(1.0, 101.0)
+    single = FactorWalk(f, 1, BufferedDraws(np.random.default_rng(0)))
+    u = np.random.default_rng(0).random(50)
+    assert [single.next() for _ in range(50)] == list(f[(u * 100).astype(int)])  # one factor at random each
+    walk = FactorWalk(f, 10, BufferedDraws(np.random.default_rng(1)))
+    got = np.array([walk.next() for _ in range(40)]).reshape(4, 10)
+    assert (np.diff(got, axis=1) == 1).all()  # ten in the list's order from each random start
+    again = FactorWalk(f, 10, BufferedDraws(np.random.default_rng(1)))
+    assert np.array_equal(np.concatenate([again.take(7), again.take(25), again.take(8)]), got.ravel())
+    assert FactorWalk(f[:3], 10, BufferedDraws(np.random.default_rng(1))).block == 3
+
+
+def test_walked_slow_spells_widen_the_requests_itl_spread_at_the_same_mean() -> None:
+    spell = [0.5] * 50 + [1.5] * 50  # mean 1: fifty fast steps, then fifty slow ones
+    over = {"workload.arrivals.rate_per_s": 60, "horizon_s": 200, "service.cycle_noise": spell}
+    iid = simulate(scenario(**over), 2)
+    walked = simulate(scenario(**over, **{"service.cycle_noise_block_steps": 50}), 2)
+    assert walked.summary.completed == pytest.approx(iid.summary.completed, rel=0.02)
+    a, b = (r.requests.loc[r.requests["outcome"] == "ok", "itl_s"] for r in (iid, walked))
+    # a request's tokens fall in one spell, not across fifty random factors (and more requests are on the
+    # pod in a slow spell than in a fast one, so the mean request sees slower steps than the mean step)
+    assert b.std() > 2 * a.std() and a.mean() < b.mean() < 1.2 * a.mean()

@@ -183,6 +183,11 @@ class Service(_Section):
         "multiplies each batch's time (continuous mode: each step's) instead of the profile's gamma noise: the "
         "spread of a pod's cycle under load (`capsim validate` measures it from the pod's batch or step trace)"
     )
+    cycle_noise_block_steps: Int = Field(
+        1, ge=1, le=10_000, description="continuous mode: 1 draws each step's `cycle_noise` factor at random; "
+        "more reads `cycle_noise` as a measured sequence and walks it in order this many steps at a time from "
+        "random starts, so slow spells last as long as measured (`capsim validate --mode continuous` sets it)"
+    )
     answer_ms: Float = Field(
         0.0, ge=0, le=60_000, description="continuous mode: from a request's last token to its answer at the "
         "client (the pod's answer path: the store write, the response, the way back); the end to end and a "

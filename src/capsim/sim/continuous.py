@@ -84,12 +84,14 @@ class ContinuousPod(Pod):
         self.fed = 0
         self.runs: dict[int, Run] = {}
         self.stepping = False
-        self._step_s = stats.step_time.step_s
-        self._run_s = stats.step_time.decode_run_s
+        # a model that walks measured factors walks them per pod (NoisyStepTime.for_pod)
+        step_time = stats.step_time.for_pod() if hasattr(stats.step_time, "for_pod") else stats.step_time
+        self._step_s = step_time.step_s
+        self._run_s = step_time.decode_run_s
         # one decode step's time, where the model has it (not drawn): a run adds its steps one by one
-        self._dstep = getattr(stats.step_time, "decode_step_s", None)
+        self._dstep = getattr(step_time, "decode_step_s", None)
         # a model that draws each step's time gives a run's step ends, kept while the run lasts (``_ends``)
-        self._run_ends = getattr(stats.step_time, "decode_run_ends", None)
+        self._run_ends = getattr(step_time, "decode_run_ends", None)
         self._ends: np.ndarray | None = None
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -22,7 +23,7 @@ from capsim.model.profile import Phase, ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.step_model import StepTimeFit
 from capsim.policy.scheduling import Step
-from capsim.sim.streams import BufferedDraws, Streams
+from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 
 
 class StepTimeModel(Protocol):
@@ -211,35 +212,39 @@ class ProfileStepTime:
 
 
 class NoisyStepTime:
-    """Each step's time from ``inner`` multiplied by one of ``factors`` (mean 1) drawn at random: the spread
-    of a pod's step cycle under load (``service.cycle_noise``; ``capsim validate --mode continuous``
-    measures it from the pod's step trace), as the static pod's ``CycleNoiseService`` does for batches.
+    """Each step's time from ``inner`` multiplied by a factor of ``factors`` (mean 1): the spread of a
+    pod's step cycle under load (``service.cycle_noise``; ``capsim validate --mode continuous`` measures
+    it from the pod's step trace), as the static pod's ``CycleNoiseService`` does for batches. With
+    ``block`` 1 each step draws a factor at random; with more, ``factors`` is a measured sequence walked
+    ``block`` steps at a time from random starts (``capsim.sim.streams.FactorWalk``), so slow spells last.
 
     Each step draws its own factor, also inside a run of decode steps: :meth:`decode_run_ends` gives the
     run's step ends, which the pod keeps, so a run cut at an arrival ends where its step in progress does.
-    Having no ``decode_step_s``, the pod never re-derives a step's time."""
+    Having no ``decode_step_s``, the pod never re-derives a step's time. Each pod walks the factors on its
+    own (:meth:`for_pod`): a slow spell is one pod's, not every pod's turn by turn."""
 
-    def __init__(self, inner: StepTimeModel, factors: list[float], gen: np.random.Generator) -> None:
+    def __init__(self, inner: StepTimeModel, factors: Sequence[float] | np.ndarray, gen: np.random.Generator, block: int = 1,
+                 draws: BufferedDraws | None = None) -> None:
         self.inner = inner
         self.factors = np.asarray(factors, dtype=float)
         if self.factors.ndim != 1 or not len(self.factors) or np.any(self.factors <= 0):
             raise ValueError("cycle_noise: the factors must be a non-empty list of positive numbers")
         self._gen = gen
-        self._draws = BufferedDraws(gen, "random")
+        self._draws = draws if draws is not None else BufferedDraws(gen, "random")
+        self._walk = FactorWalk(self.factors, block, self._draws)
         self._one = getattr(inner, "decode_step_s", None)
 
-    def _factor(self) -> float:
-        f = self.factors
-        return float(f[int(self._draws.next() * len(f))])
+    def for_pod(self) -> NoisyStepTime:
+        """The same model with a walk of its own (the draws' stream is shared)."""
+        return NoisyStepTime(self.inner, self.factors, self._gen, self._walk.block, self._draws)
 
     def step_s(self, step: Step) -> float:
-        return self.inner.step_s(step) * self._factor()
+        return self.inner.step_s(step) * self._walk.next()
 
     def decode_run_ends(self, decodes: int, context: int, steps: int) -> np.ndarray:
         """The ends of ``steps`` decode steps (seconds from the run's start, increasing), each its model
         time times a factor of its own."""
-        f = self.factors
-        draws = f[(np.asarray([self._draws.next() for _ in range(steps)]) * len(f)).astype(np.int64)]
+        draws = self._walk.take(steps)
         one = self._one
         if one is not None:
             base = np.fromiter((one(decodes, context + j * decodes) for j in range(steps)), float, steps)
@@ -258,7 +263,9 @@ def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimePro
     wrapped in ``NoisyStepTime`` when ``service.cycle_noise`` is set."""
     model = _make_step_time(scenario, streams, profile)
     noise = scenario.service.cycle_noise
-    return NoisyStepTime(model, list(noise), streams["service"]) if noise else model
+    if not noise:
+        return model
+    return NoisyStepTime(model, list(noise), streams["service"], scenario.service.cycle_noise_block_steps)
 
 
 def _make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None) -> StepTimeModel:

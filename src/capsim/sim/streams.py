@@ -75,3 +75,46 @@ class BufferedDraws:
         v = self._buf[self._pos]
         self._pos += 1
         return v
+
+
+class FactorWalk:
+    """Factors drawn from a list (``service.cycle_noise``): with ``block`` 1, each draw is one of them at
+    random; with ``block`` > 1, the list is a measured sequence and the draws walk it in order, ``block``
+    at a time from a random start, so its slow spells (a run of long cycles) come as spells. With
+    ``block`` 1 the draws are those of ``factors[int(u * len(factors))]`` for uniform ``u``."""
+
+    __slots__ = ("_draws", "_left", "_pos", "block", "factors")
+
+    def __init__(self, factors: np.ndarray, block: int, draws: BufferedDraws) -> None:
+        self.factors = factors
+        self.block = max(1, min(int(block), len(factors)))
+        self._draws = draws
+        self._pos = 0
+        self._left = 0
+
+    def next(self) -> float:
+        if not self._left:
+            self._pos = int(self._draws.next() * (len(self.factors) - self.block + 1))
+            self._left = self.block
+        v = self.factors[self._pos]
+        self._pos += 1
+        self._left -= 1
+        return float(v)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next ``k`` draws."""
+        if self.block == 1:
+            f = self.factors
+            return f[(np.asarray([self._draws.next() for _ in range(k)]) * len(f)).astype(np.int64)]
+        out = np.empty(k)
+        j = 0
+        while j < k:
+            if not self._left:
+                self._pos = int(self._draws.next() * (len(self.factors) - self.block + 1))
+                self._left = self.block
+            n = min(self._left, k - j)
+            out[j:j + n] = self.factors[self._pos:self._pos + n]
+            self._pos += n
+            self._left -= n
+            j += n
+        return out

@@ -46,6 +46,7 @@ from capsim.studies.validate_continuous_calibrate import (
     term_ablation,
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
+from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
 
 __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
            "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "run_continuous_validation"]
@@ -85,6 +86,9 @@ class ContinuousSpec:
     # the simulated steps drawn around the fit with the calibration's measured spread (service.cycle_noise);
     # False: every simulated step takes the fitted time (the validation before stop 20)
     cycle_noise: bool = True
+    # steps in a row the simulator walks the measured sequence (service.cycle_noise_block_steps); 1: each
+    # step's factor at random
+    noise_block_steps: int = NOISE_BLOCK_STEPS
     # the simulated requests' answers reach the client service.answer_ms after their last token, measured in
     # the calibration's open-loop runs; False: at the last token (the validation before stop 20)
     answer_time: bool = True
@@ -130,7 +134,8 @@ def _pod_counters(url: str) -> dict[str, float]:
 
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
                    num_blocks: int, arrival_overhead_ms: float = 0.0,
-                   cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0) -> Scenario:
+                   cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0,
+                   noise_block_steps: int = 1) -> Scenario:
     """The simulator's view of one run: one always-ready continuous pod, the same engine limits, the pod's
     time per arrival on the step in progress, each step's spread around the fit (``cycle_noise``), and the
     time from a request's last token to its answer at the client (``answer_ms``)."""
@@ -143,7 +148,8 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms,
-                    "cycle_noise": list(cycle_noise) if cycle_noise else None, "answer_ms": answer_ms},
+                    "cycle_noise": list(cycle_noise) if cycle_noise else None, "answer_ms": answer_ms,
+                    "cycle_noise_block_steps": noise_block_steps},
         "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -237,7 +243,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     for rep in range(spec.replications):
         seed = spec.seed + rep
         scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
-                                  cal.cycle_noise if spec.cycle_noise else (), answer)
+                                  cal.cycle_noise if spec.cycle_noise else (), answer, spec.noise_block_steps)
         workload = make_workload(scenario, Streams(seed))
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
@@ -349,7 +355,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             q = np.asarray(cal.cycle_noise)
             echo(f"  single steps' cycle over the fit (mean 1): p10 {np.quantile(q, 0.1):.2f}, p50 "
                  f"{np.quantile(q, 0.5):.2f}, p90 {np.quantile(q, 0.9):.2f}, p99 {np.quantile(q, 0.99):.2f}, top "
-                 f"{q.max():.2f}; the simulator draws each step's factor from them"
+                 f"{q.max():.2f}; the simulator walks them {spec.noise_block_steps} steps at a time"
                  + ("" if spec.cycle_noise else " (off: cycle_noise=False)"))
         echo("  each run's mean cycle, ms: cycle = engine CPU (model) + wait + hand-off + gap; running, arrivals "
              "per step: " + "; ".join(f"{c['run']} {c['cycle_s']:.2f} = {c['engine_cpu_s']:.2f} ({c['model_s']:.2f}) "

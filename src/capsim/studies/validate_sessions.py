@@ -27,6 +27,7 @@ import capsim
 from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
+from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
 #: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
@@ -94,7 +95,7 @@ class SessionsSpec:
 
 def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
                       arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = (),
-                      answer_ms: float = 0.0) -> Scenario:
+                      answer_ms: float = 0.0, noise_block_steps: int = 1) -> Scenario:
     """The simulator's view of one run: two always-ready continuous pods with prefix caching behind
     ``policy``, sessions arriving at ``rate`` per second until ``arrival_s``."""
     return Scenario.model_validate({
@@ -112,7 +113,7 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
         },
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
-                    "answer_ms": answer_ms},
+                    "answer_ms": answer_ms, "cycle_noise_block_steps": noise_block_steps},
         "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
         "pods": {"replicas": 2, "startup_s": 0},
         # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
@@ -151,7 +152,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
         for rep in range(spec.replications):
             seed = spec.seed + rep
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
-                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms)
+                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS)
             workload = make_workload(scenario, Streams(seed))
             msg = workload.message_tokens
             assert msg is not None
