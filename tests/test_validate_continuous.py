@@ -14,6 +14,7 @@ from capsim.sim.simulate import simulate
 from capsim.studies import validate_stats as vs
 from capsim.studies.validate_continuous import (
     BASE_PROFILE,
+    METRICS,
     ContinuousSpec,
     StepCalibration,
     _Pool,
@@ -97,6 +98,14 @@ def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profi
     assert "itl_p50_s" in table and "MISS" in table and "preemptions" in table
     assert same[same.metric == "ttft_p99_s"].iloc[0].intervals_overlap
     assert "overlap" in format_results(same)
+    # the rows say which simulation they compare, and the table counts each one's targets (8 a level)
+    both = pd.concat([same, pd.DataFrame(_rows(0.5, "full", 30.0, pool(a, slower), "run speed"))])
+    assert set(both.sim_at) == {"calibration", "run speed"}
+    table = format_results(both)
+    assert "targets met, simulated at calibration: 8 of 8" in table
+    n_ok = sum(1 for r in off.itertuples() if r.metric != "itl_p99_s" and r.metric in METRICS
+               and abs(r.rel_error) <= (0.03 if r.metric == "throughput_per_s" else 0.10 if "p50" in r.metric else 0.15))
+    assert f"targets met, simulated at run speed: {n_ok} of 8" in table and n_ok < 8
 
 
 def test_capsim_validate_checks_its_mode() -> None:
@@ -121,6 +130,10 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert fit.overhead_s > 0
     ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]
     assert ok.real > 0 and ok.sim > 0
+    # each level also simulated at the pod's own speed in its runs, and the pod's cycles weighed
+    assert set(results.sim_at) == {"calibration", "run speed"}
+    cyc = results[(results.metric == "pod_cycle_mean_s") & (results.sim_at == "calibration")]
+    assert len(cyc) == 2 and (cyc.real > 0).all() and (cyc.sim > 0).all()
 
 
 def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_kept_it() -> None:

@@ -54,6 +54,8 @@ __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit"
 METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
                             "throughput_per_s", "itl_p50_s", "itl_p99_s")
 TARGETS: dict[str, float] = {"p50": 0.10, "p95": 0.15, "p99": 0.15, "throughput_per_s": 0.03}
+#: the metrics with a target (the issue: TTFT and end to end p50/p95/p99, throughput, ITL p50): 8 a level
+TARGET_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "itl_p99_s")
 START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
 
 
@@ -89,6 +91,9 @@ class ContinuousSpec:
     # steps in a row the simulator walks the measured sequence (service.cycle_noise_block_steps); 1: each
     # step's factor at random
     noise_block_steps: int = NOISE_BLOCK_STEPS
+    # each run simulated a second time at the pod's own speed in that run (the calibrated model times the
+    # run's measured cycle over it): the simulator's queueing checked apart from the machine's drift
+    run_speed: bool = True
     # the simulated requests' answers reach the client service.answer_ms after their last token, measured in
     # the calibration's open-loop runs; False: at the last token (the validation before stop 20)
     answer_time: bool = True
@@ -233,13 +238,17 @@ def answer_ms(splits: dict[str, dict[str, float]]) -> float:
 
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
                num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
-               answer: float = 0.0) -> _Pool:
+               answer: float = 0.0) -> tuple[_Pool, _Pool | None]:
+    """The level's runs, real and simulated; with ``spec.run_speed`` (and the step fit) also each run
+    simulated at the pod's measured speed in that run, in a second pool sharing the real frames."""
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.simulate import simulate
     from capsim.sim.streams import Streams
 
     pool = _Pool([], [], [], [], [])
+    speed = _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e) \
+        if spec.run_speed and fit is not None else None
     for rep in range(spec.replications):
         seed = spec.seed + rep
         scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
@@ -267,6 +276,19 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
         pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
         pool.requests += workload.n_requests
+        if speed is not None and pool.cycles and pool.cycles[-1][1] > 0:
+            ratio = pool.cycles[-1][0] / pool.cycles[-1][1]
+            fast = level_scenario(spec, profile_path, rate, cal.time_scale * ratio, num_blocks,
+                                  cal.arrival_s * 1e3 * ratio, cal.cycle_noise if spec.cycle_noise else (),
+                                  answer, spec.noise_block_steps)
+            sim2 = simulate(fast, seed=seed)
+            speed.sim.append(vs.cut_blocks(sim2.requests, w, end))
+            speed.sim_itl.append(vs.cut_blocks(itl_frame(sim2.requests), w, end))
+            if span is not None:
+                speed.sim_pod_e2e.append(vs.cut_blocks(sim2.requests.assign(end_s=sim2.requests.end_s - answer / 1e3),
+                                                       w, end))
+            speed.preemptions.append((real_pre, float(sim2.summary.preemptions)))
+            speed.requests += workload.n_requests
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
              f"{r['ttft_p50_s'] * 1e3:.1f} ms sim {s['ttft_p50_s'] * 1e3:.1f} ms; preemptions real {real_pre:.0f} "
@@ -274,10 +296,12 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
              + (f"; the pod's mean cycle {pool.cycles[-1][0] / pool.cycles[-1][2] * 1e3:.2f} ms, "
                 f"{pool.cycles[-1][0] / pool.cycles[-1][1]:.2f} x the calibrated model's for the same steps"
                 if pool.cycles and pool.cycles[-1][2] else ""))
-    return pool
+    return pool, (speed if speed is not None and len(speed.sim) == len(pool.sim) else None)
 
 
-def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
+def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
+    """The level's rows; ``sim_at`` says which simulation they compare: at the calibration's speed (the
+    prediction), or at each run's own measured speed (``run speed``)."""
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)
     real_itl, sim_itl = vs.pool(pool.real_itl), vs.pool(pool.sim_itl)
     pod_e2e = (vs.pool(pool.real_pod_e2e), vs.pool(pool.sim_pod_e2e)) if pool.real_pod_e2e else None
@@ -305,6 +329,8 @@ def _rows(level: float, cache: str, rate: float, pool: _Pool) -> list[dict[str, 
         real_c, fit_c = sum(c[0] for c in pool.cycles) / n, sum(c[1] for c in pool.cycles) / n
         rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "pod_cycle_mean_s",
                      "real": real_c, "sim": fit_c, "rel_error": fit_c / real_c - 1, "requests": pool.requests})
+    for row in rows:
+        row["sim_at"] = sim_at
     return rows
 
 
@@ -382,16 +408,19 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
+            pool, speed = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
             rows += _rows(level, "full", level * cap, pool)
+            rows += _rows(level, "full", level * cap, speed, "run speed") if speed is not None else []
         pod.stop()
         small = spec.small_cache_blocks
         pod = PodProcess(work, "validate-continuous-small", core=pod_core, **common, **spec.limits(small))
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
+        pool, speed = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
+        if speed is not None:
+            rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, speed, "run speed")
     finally:
         pod.stop()
     results = pd.DataFrame(rows)
@@ -422,16 +451,26 @@ def target_for(metric: str) -> float | None:
 
 
 def format_results(results: Any) -> str:
-    """A text table: level, cache, metric, real and sim, the error with its 95% interval, whether the error
-    meets its target, and whether the real and simulated 95% intervals overlap."""
-    lines = [f"{'level':>6} {'cache':>18} {'metric':>17} {'real':>10} {'sim':>10} {'error':>8} "
+    """A text table: level, cache, which simulation (``sim_at``), metric, real and sim, the error with its 95%
+    interval, whether the error meets its target, and whether the real and simulated 95% intervals overlap;
+    then the targets met per simulation."""
+    at = "sim_at" in results.columns
+    lines = [f"{'level':>6} {'cache':>18} {'sim at':>11} {'metric':>17} {'real':>10} {'sim':>10} {'error':>8} "
              f"{'95% interval':>19} {'target':>7} {'CIs':>8}"]
+    met: dict[str, list[int]] = {}
     for r in results.itertuples():
         t = target_for(r.metric)
         ci = "" if not np.isfinite(getattr(r, "error_low", np.nan)) else f"[{r.error_low:+.1%}, {r.error_high:+.1%}]"
         ok = "" if t is None or not np.isfinite(r.rel_error) else ("ok" if abs(r.rel_error) <= t else "MISS")
         overlap = getattr(r, "intervals_overlap", None)
         both = "" if not isinstance(overlap, bool | np.bool_) else ("overlap" if overlap else "apart")
-        lines.append(f"{r.level:>6.0%} {r.cache:>18} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} "
+        which = r.sim_at if at else "calibration"
+        if r.metric in TARGET_METRICS:
+            counts = met.setdefault(which, [0, 0])
+            counts[0] += ok == "ok"
+            counts[1] += 1
+        lines.append(f"{r.level:>6.0%} {r.cache:>18} {which:>11} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} "
                      f"{r.rel_error:>+8.1%} {ci:>19} {ok:>7} {both:>8}")
+    for which, (n_ok, n) in met.items():
+        lines.append(f"targets met, simulated at {which}: {n_ok} of {n}")
     return "\n".join(lines)
