@@ -218,3 +218,12 @@ def test_batch_checks_skip_continuous_batching(rush: Scenario) -> None:
     assert not [f for f in run_checks(s.override(bad)) if f.path in bad]
     # the same settings fire under static batching
     assert {f.path for f in run_checks(rush.override(bad))} >= set(bad)
+
+
+def test_continuous_only_settings_in_a_static_scenario_warn(rush: Scenario) -> None:
+    assert rush.batching.mode == "static" and not _fired(rush, "continuous-only-setting")
+    s = rush.override({"service.answer_ms": 8.0, "service.cycle_noise_block_steps": 64})
+    found = _fired(s, "continuous-only-setting")
+    assert [f.path for f in found] == ["service.answer_ms", "service.cycle_noise_block_steps"]
+    assert all(f.level == "warn" for f in found)
+    assert not _fired(s.override({"batching.mode": "continuous", "batching.num_blocks": 1000}), "continuous-only-setting")
