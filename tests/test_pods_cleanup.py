@@ -76,3 +76,24 @@ def test_a_pod_is_a_context_manager(tmp_path: Path) -> None:
         assert _listening(pod.port)
     assert pod.proc is not None and pod.proc.poll() is not None
     assert not _listening(pod.port)
+
+
+def test_metric_totals_sums_a_counter_over_its_labels_from_a_real_metrics_endpoint() -> None:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+    from capsim.studies.pods import free_port, metric_totals
+
+    reg = CollectorRegistry()
+    hits = Counter("vllm:prefix_cache_hits", "hit tokens", ["model_name", "engine"], registry=reg)
+    hits.labels("tiny", "0").inc(30)
+    hits.labels("tiny", "1").inc(12)
+    Gauge("vllm:num_requests_running", "running", registry=reg).set(3)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=reg)
+    try:
+        got = metric_totals(f"http://127.0.0.1:{port}", ("vllm:prefix_cache_hits_total",
+                                                         "vllm:num_requests_running", "vllm:absent_total"))
+    finally:
+        server.shutdown()
+        thread.join(5)
+    assert got == {"vllm:prefix_cache_hits_total": 42.0, "vllm:num_requests_running": 3.0, "vllm:absent_total": 0.0}

@@ -82,6 +82,21 @@ def _cleanup_at_exit() -> None:
         shutil.rmtree(_scratch.pop(), ignore_errors=True)
 
 
+def metric_totals(url: str, names: Any, timeout_s: float = 5.0) -> dict[str, float]:
+    """The samples named ``names`` on a pod's ``/metrics`` (counters with their ``_total``), each summed over
+    its labels; a name the pod does not export is 0. Parsed with prometheus_client's text parser."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = dict.fromkeys(names, 0.0)
+    text = httpx.get(f"{url}/metrics", timeout=timeout_s).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in out:
+                out[sample.name] += float(sample.value)
+    return out
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

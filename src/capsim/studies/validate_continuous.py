@@ -33,7 +33,7 @@ from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.model.step_model import StepTimeFit
 from capsim.studies import validate_stats as vs
-from capsim.studies.pods import PodProcess, scratch_dir
+from capsim.studies.pods import PodProcess, metric_totals, scratch_dir
 from capsim.studies.validate import summarize_frame
 from capsim.studies.validate_continuous_calibrate import (
     BASE_PROFILE,
@@ -126,15 +126,7 @@ def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, spec: ContinuousSpec)
 
 def _pod_counters(url: str) -> dict[str, float]:
     """The vLLM counters this validation reads from the pod's /metrics (summed over labels)."""
-    import httpx
-
-    names = ("vllm:num_preemptions_total",)
-    out = dict.fromkeys(names, 0.0)
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.split()[-1])
-    return out
+    return metric_totals(url, ("vllm:num_preemptions_total",))
 
 
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from capsim.errors import CapsimError
-from capsim.studies.pods import PodProcess, free_port
+from capsim.studies.pods import PodProcess, free_port, metric_totals
 
 START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
 COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total")
@@ -92,14 +92,7 @@ def start_router(pod_urls: Sequence[str], policy: str | None = None) -> tuple[su
 
 def pod_counters(url: str) -> dict[str, float]:
     """The prefix-cache and preemption counters of a pod's /metrics (summed over labels)."""
-    import httpx
-
-    out = dict.fromkeys(COUNTERS, 0.0)
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.split()[-1])
-    return out
+    return metric_totals(url, COUNTERS)
 
 
 @dataclass
