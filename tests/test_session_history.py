@@ -115,6 +115,17 @@ def test_an_expired_session_starts_fresh_and_is_counted(engine: ReferenceEngine)
         assert metric(client, 'capsim_session_fresh_starts_total{reason="new"}') == 1
 
 
+def test_the_pods_session_ttl_comes_from_its_config(engine: ReferenceEngine) -> None:
+    cfg = PodConfig.from_env({"CAPSIM_SESSION_TTL_S": "2"})
+    assert cfg.session_ttl_s == 2.0 and PodConfig.from_env(cfg.env()) == cfg
+    with client_for(engine, session_ttl_s=cfg.session_ttl_s) as client:  # the pod opens its own store
+        turn(client, "cfg-ttl", 8, 2)
+        assert turn(client, "cfg-ttl", 4, 2)["history"]["history_tokens"] == 10  # within 2 s: kept
+        time.sleep(3.0)  # idle past the TTL: the store drops the session
+        fresh = turn(client, "cfg-ttl", 4, 2)
+    assert fresh["turn"] == 1 and fresh["history"]["fresh_reason"] == "expired"
+
+
 def test_store_outage_serve_local_serves_from_the_copy_at_risk(
     engine: ReferenceEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -61,7 +61,7 @@ def create_app(
             cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads
         )
         metrics = InferenceMetrics()
-        st = store or open_store(cfg.redis_url, metrics=metrics)
+        st = store or open_store(cfg.redis_url, metrics=metrics, sliding_ttl_s=cfg.session_ttl_s)
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher
         if cfg.batch_mode == "continuous":
             batcher = ContinuousBatcher(eng, cfg.scheduler_limits(), queue_capacity=cfg.queue_capacity,

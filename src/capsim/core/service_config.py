@@ -31,6 +31,8 @@ class PodConfig(FrozenModel):
     overflow: Literal["reject", "wait"] = "reject"
     max_concurrent_batches: int = Field(1, ge=1)
     redis_url: str = Field("memory://", description="session store: redis://, rediss://, unix://, memory://")
+    session_ttl_s: float = Field(1800.0, gt=0, le=365 * 86400, description="session store: an idle session's "
+                                 "state expires this long after its last turn (sliding; the scenario's state.ttl_s)")
     max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts get 413")
     max_new_tokens: int = Field(512, ge=1, description="larger max_new_tokens get 413")
     drain_timeout_s: float = Field(25.0, ge=0, description="SIGTERM grace for in-flight work")

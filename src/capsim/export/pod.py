@@ -49,6 +49,8 @@ def pod_env(scenario: Scenario, target: DeployTarget) -> dict[str, str]:
     # what the pod does while the store is out (503, or serve its local copies and stay ready), as simulated
     env[ENV_PREFIX + "ON_UNAVAILABLE"] = scenario.state.on_unavailable
     env[ENV_PREFIX + "REDIS_URL"] = target.redis_url if store == "redis" else "memory://"
+    # the plan's sliding expiry (state.ttl_s; none: the longest the store takes, a year)
+    env[ENV_PREFIX + "SESSION_TTL_S"] = _value(scenario.state.ttl_s if scenario.state.ttl_s else 365 * 86400.0)
     env[ENV_PREFIX + "DRAIN_TIMEOUT_S"] = _value(drain_timeout_s(scenario))
     env[ENV_PREFIX + "HOST"] = "0.0.0.0"  # all interfaces, so the kubelet's probes and the Service reach it
     env[ENV_PREFIX + "PORT"] = str(target.port)
