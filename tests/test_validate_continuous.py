@@ -117,6 +117,26 @@ def test_capsim_validate_checks_its_mode() -> None:
     assert res.exit_code != 0 and "--mode must be static or continuous" in res.output
 
 
+def test_capsim_validate_passes_the_step_spread_choice_to_the_continuous_spec(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import capsim.studies.validate_continuous as vc
+    from capsim.cli import app
+
+    seen: list[ContinuousSpec] = []
+    monkeypatch.setattr(vc, "run_continuous_validation", lambda spec, **_: seen.append(spec))
+    for flag, expected in (("0", (False, 1)), ("1", (True, 1)), ("16", (True, 16))):
+        res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path),
+                                       "--noise-block-steps", flag])
+        assert res.exit_code == 0, res.output
+        assert (seen[-1].cycle_noise, seen[-1].noise_block_steps) == expected
+    res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path)])
+    assert (seen[-1].cycle_noise, seen[-1].noise_block_steps) == (True, 64)
+    res = CliRunner().invoke(app, ["validate", "--noise-block-steps", "4"])
+    assert res.exit_code != 0 and "--mode continuous only" in res.output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two pod starts, the step measurement and the bootstraps: 5 min on a busy machine
 def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:

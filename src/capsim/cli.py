@@ -333,14 +333,19 @@ def validate(
                                       "sessions on two pods per router policy (docs/sessions.md)")] = "static",
     policies: Annotated[str | None, typer.Option(
         help="--mode sessions: router policies, comma-separated [default: session_affinity,round_robin]")] = None,
+    noise_block_steps: Annotated[int | None, typer.Option(
+        min=0, help="--mode continuous: steps the simulator walks the measured step factors in a row; 1: each "
+        "step at random, 0: no step spread [default: 64]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
 
     if mode not in ("static", "continuous", "sessions"):
         raise CommandLineError(f"--mode must be static or continuous, or sessions, got {mode!r}")
+    if noise_block_steps is not None and mode != "continuous":
+        raise CommandLineError("--noise-block-steps applies to --mode continuous only")
     if mode == "continuous":
-        _validate_continuous(quick, out_dir, force)
+        _validate_continuous(quick, out_dir, force, noise_block_steps)
         return
     if mode == "sessions":
         _validate_sessions(quick, out_dir, force, replications, policies)
@@ -364,8 +369,10 @@ def validate(
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
 
 
-def _validate_continuous(quick: bool, out_dir: Path | None, force: bool) -> None:
+def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_block_steps: int | None = None) -> None:
     """``capsim validate --mode continuous`` (capsim.studies.validate_continuous)."""
+    from dataclasses import replace
+
     from capsim.studies.validate_continuous import ContinuousSpec, run_continuous_validation
 
     folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/continuous"), "--out-dir")
@@ -373,7 +380,10 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool) -> None
     if existing and out_dir is None and not force:
         raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
                                "or --out-dir to write elsewhere")
-    run_continuous_validation(ContinuousSpec.quick() if quick else ContinuousSpec(), out_dir=folder, echo=typer.echo)
+    spec = ContinuousSpec.quick() if quick else ContinuousSpec()
+    if noise_block_steps is not None:
+        spec = replace(spec, cycle_noise=noise_block_steps > 0, noise_block_steps=max(noise_block_steps, 1))
+    run_continuous_validation(spec, out_dir=folder, echo=typer.echo)
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
 
