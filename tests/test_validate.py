@@ -188,6 +188,12 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     row = results[results.metric == "ttft_p99_s"].iloc[0]
     assert row.real_low <= row.real <= row.real_high and row.err_low <= row.rel_error <= row.err_high
     assert any("\ntargets: " in line for line in lines)
+    # the full model simulated again at the pod's own speed in each run, in the ablation
+    import json
+
+    from capsim.studies.validate import RUN_SPEED
+    ablation = json.loads((tmp_path / "provenance.json").read_text())["ablation"]["0.4"]
+    assert RUN_SPEED in ablation and math.isfinite(ablation[RUN_SPEED]["ttft_p50_s"])
 
 
 def test_fit_trace_recovers_all_three_terms_from_single_batches():

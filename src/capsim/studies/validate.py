@@ -190,6 +190,10 @@ def level_scenario(
     })
 
 
+#: the ablation's entry for the full model simulated at each run's own measured pod speed
+RUN_SPEED = "full model at the run's speed"
+
+
 def run_validation(
     spec: ValidationSpec | None = None,
     *,
@@ -293,6 +297,16 @@ def run_validation(
                 for name, cal in variants.items():  # the same real run against simpler models of the pod
                     other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
                     variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+                speed = level_diag[-1].get("wall_over_fit_mean", float("nan"))
+                if calibration is not None and np.isfinite(speed) and speed > 0:
+                    # the full model at the pod's own speed in this run (its batches' mean wall over the fit):
+                    # the simulator's queueing apart from the machine's drift (docs/validation.md)
+                    at_speed = replace(calibration, time_scale=calibration.time_scale * speed,
+                                       overhead_s=calibration.overhead_s * speed,
+                                       arrival_overhead_s=calibration.arrival_overhead_s * speed)
+                    other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
+                    variant_runs.setdefault(RUN_SPEED, []).append(
+                        vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
                 real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
                 for metric in METRICS:
                     rv, sv = real_sum[metric], sim_sum[metric]
@@ -300,7 +314,8 @@ def run_validation(
                                  "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
             diagnostics[f"{level:g}"] = level_diag
             echo(_describe_diagnostics(level_diag))
-            ablation[f"{level:g}"] = _ablation(real_runs, {**variant_runs, "full model": sim_runs})
+            whole = {k: v for k, v in variant_runs.items() if len(v) == len(real_runs)}  # every replication
+            ablation[f"{level:g}"] = _ablation(real_runs, {**whole, "full model": sim_runs})
             echo("  model parts, error of ttft p50/p99, e2e p99: " + "; ".join(
                 f"{name} {e['ttft_p50_s']:+.1%}/{e['ttft_p99_s']:+.1%}, {e['e2e_p99_s']:+.1%}"
                 for name, e in ablation[f"{level:g}"].items()))
