@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+STOP_S = 20.0  # PodProcess.stop's promise: SIGTERM, then SIGKILL once the pod outlasts this
+
 # what `capsim validate` does: a scratch folder, a pod in it, a long measurement in try/finally
-PARENT = """
+PARENT = f"""
 import sys, time
 from capsim.studies.pods import PodProcess, scratch_dir
 work = scratch_dir("capsim-validate-test-")
@@ -23,10 +25,14 @@ try:
     print(pod.port, work, flush=True)
     time.sleep(600)
 finally:
-    pod.stop()
+    print("stopping", time.monotonic(), file=sys.stderr, flush=True)
+    pod.stop(timeout_s={STOP_S})
+    print("stopped", time.monotonic(), file=sys.stderr, flush=True)
 """
 
-DEADLINE_S = 40.0  # the pod drains (nothing in flight) and exits; generous for a loaded machine
+# the pod's stop bound plus the parent's own exit, with room for a loaded machine (a CI run once took
+# over 40 s here, where an idle machine takes 4): the test asserts the bound, not how fast the OS is
+DEADLINE_S = STOP_S + 40.0
 
 
 def _listening(port: int) -> bool:
@@ -47,15 +53,23 @@ def _wait_closed(port: int, folder: Path | None) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_stopping_the_parent_stops_its_pod_and_removes_its_folder(sig: signal.Signals) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
     try:
         line = parent.stdout.readline() if parent.stdout else ""
         assert line, "the parent did not start its pod"
         port_s, folder_s = line.split()
         port, folder = int(port_s), Path(folder_s)
         assert _listening(port) and folder.is_dir()
+        sent = time.monotonic()
         parent.send_signal(sig)
-        parent.wait(timeout=DEADLINE_S)
+        try:
+            parent.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            parent.kill()
+            err = parent.stderr.read() if parent.stderr else ""
+            raise AssertionError(f"the parent outlived {DEADLINE_S} s after {sig.name} (sent at {sent:.1f}); "
+                                 f"its stderr: {err[-3000:]}") from None
         # SIGKILL runs no handler in the parent: the kernel's death signal stops the pod; the folder stays
         _wait_closed(port, None if sig == signal.SIGKILL else folder)
         if sig == signal.SIGTERM:
