@@ -16,7 +16,11 @@ STOP_S = 20.0  # PodProcess.stop's promise: SIGTERM, then SIGKILL once the pod o
 
 # what `capsim validate` does: a scratch folder, a pod in it, a long measurement in try/finally
 PARENT = f"""
-import sys, time
+import signal, sys, time
+# Ctrl-C as a terminal delivers it: a shell without job control starts background commands with SIGINT
+# ignored, and Python then keeps ignoring it (CI launched that way failed this test, the parent never saw
+# the signal)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from capsim.studies.pods import PodProcess, scratch_dir
 work = scratch_dir("capsim-validate-test-")
 pod = PodProcess(work, "validate", max_wait_ms=0, torch_threads=1)
