@@ -16,7 +16,7 @@ import numpy as np
 
 from capsim.model.profile import Phase, ServiceTimeProfile
 from capsim.model.scenario import Scenario
-from capsim.sim.streams import BufferedDraws, Streams
+from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 
 
 class ServiceModel(Protocol):
@@ -189,11 +189,11 @@ class CycleNoiseService:
     def __init__(self, inner: ServiceModel, factors: list[float], gen: np.random.Generator) -> None:
         self.inner = inner
         self.factors = np.asarray(factors, dtype=float)
-        self._draws = BufferedDraws(gen, "random")
+        self._walk = FactorWalk(self.factors, 1, BufferedDraws(gen, "random"))  # one factor at random a batch
 
     def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
         pre, total = self.inner.batch_time(size, prompt_tokens, output_tokens)
-        f = float(self.factors[int(self._draws.next() * len(self.factors))])
+        f = self._walk.next()
         return pre * f, total * f
 
 

@@ -92,10 +92,14 @@ class FactorWalk:
         self._pos = 0
         self._left = 0
 
+    def _start(self) -> None:
+        """A new block: a random start, ``block`` draws to walk from it."""
+        self._pos = int(self._draws.next() * (len(self.factors) - self.block + 1))
+        self._left = self.block
+
     def next(self) -> float:
         if not self._left:
-            self._pos = int(self._draws.next() * (len(self.factors) - self.block + 1))
-            self._left = self.block
+            self._start()
         v = self.factors[self._pos]
         self._pos += 1
         self._left -= 1
@@ -110,8 +114,7 @@ class FactorWalk:
         j = 0
         while j < k:
             if not self._left:
-                self._pos = int(self._draws.next() * (len(self.factors) - self.block + 1))
-                self._left = self.block
+                self._start()
             n = min(self._left, k - j)
             out[j:j + n] = self.factors[self._pos:self._pos + n]
             self._pos += n
