@@ -321,6 +321,10 @@ def test_a_factor_walk_draws_at_random_or_walks_the_measured_order_in_blocks() -
     again = FactorWalk(f, 10, BufferedDraws(np.random.default_rng(1)))
     assert np.array_equal(np.concatenate([again.take(7), again.take(25), again.take(8)]), got.ravel())
     assert FactorWalk(f[:3], 10, BufferedDraws(np.random.default_rng(1))).block == 3
+    # a block as long as the list replays it from its first factor, and again from the first when it ends
+    # (the continuous validation's "run replay": a run's own steps, in order)
+    replay = FactorWalk(f, 100, BufferedDraws(np.random.default_rng(2)))
+    assert np.array_equal(replay.take(250), np.concatenate([f, f, f[:50]]))
 
 
 def test_walked_slow_spells_widen_the_requests_itl_spread_at_the_same_mean() -> None:

@@ -237,6 +237,26 @@ def test_a_levels_steps_are_weighed_against_the_calibrated_model() -> None:
     assert level_cycles(same.iloc[:1], FIT, cal) == (0.0, 0.0, 0)
 
 
+def test_a_runs_replay_is_each_step_it_ran_in_order_over_the_calibrated_model() -> None:
+    from capsim.studies.validate_continuous_cycle import REPLAY_STEPS, replay_noise
+
+    cal = fit_step_cycles(runs(**TRUE, noise=0.01), FIT)
+    run = synthetic_run(7, 8, 0.3, **TRUE, noise=0.01, n=200)
+    # a slow spell in the middle of the run: steps 80-119 take twice their time, later steps move with them
+    slow = np.zeros(len(run))
+    slow[80:120] = (run.end - run.start).to_numpy()[80:120]
+    run["end"] += np.cumsum(slow)
+    run["start"] += np.concatenate([[0.0], np.cumsum(slow)[:-1]])
+    run.loc[150, "after_idle"] = True  # an idle wait before step 150: its factor is its own time, not the wait
+    run.loc[150:, ["start", "end"]] += 1.0
+    got = np.asarray(replay_noise(run, FIT, cal))
+    assert len(got) == len(run) and got.mean() == pytest.approx(1.0, abs=1e-3)
+    assert got[80:120].mean() / np.delete(got, range(80, 120)).mean() == pytest.approx(2.0, rel=0.05)
+    assert got[150] == pytest.approx(np.median(got[121:200]), rel=0.1)
+    assert len(replay_noise(run, FIT, cal, n=50)) == 50 and REPLAY_STEPS <= 10_000
+    assert replay_noise(run.iloc[:1], FIT, cal) == ()
+
+
 def test_the_answer_time_is_the_way_in_and_out_plus_the_answer_path() -> None:
     from capsim.studies.validate_continuous import answer_ms
 

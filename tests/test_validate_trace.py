@@ -56,3 +56,48 @@ def test_trace_diagnostics_find_a_request_that_missed_a_batch_it_was_sent_in_tim
     assert d["ingress_p50_ms"] == pytest.approx(10.0) and d["ingress_p99_ms"] == pytest.approx(19.7)
     assert d["real_mean_size"] == pytest.approx(4 / 3) and d["real_after_first_p50_ms"] == pytest.approx(100.0)
     assert d["send_error_p99_ms"] == pytest.approx(2.97)
+
+
+def test_a_runs_replay_is_each_batch_it_ran_in_order_over_the_calibrated_cycle_and_the_simulator_walks_it():
+    import numpy as np
+    import pytest
+
+    from capsim.model.profile import ServiceTimeProfile
+    from capsim.sim.simulate import simulate
+    from capsim.studies.validate import ValidationSpec, level_scenario
+    from capsim.studies.validate_calibrate import Calibration
+    from capsim.studies.validate_report import batch_fit, replay_factors
+
+    path = Path(__file__).parents[1] / "data" / "profiles" / "cpu-tiny-float32.csv"
+    profile, spec = ServiceTimeProfile.from_csv(path), ValidationSpec()
+    cal = Calibration(1.2, 0.001, ((1.0, 0.05, 0.05),), arrival_overhead_s=0.002)
+    speed = np.array([1.0, 1.0, 2.0, 2.0, 1.0, 0.5])  # a slow spell, then a fast batch
+    sizes, arrivals = [1, 2, 4, 4, 8, 2], [0, 1, 0, 1, 0, 1]  # a request queued during every other batch
+    walls = [f * cal.cycle_s(b, profile.batch_timing(b, spec.prompt_tokens, spec.output_tokens).total_s, a)
+             for b, a, f in zip(sizes, arrivals, speed, strict=True)]
+    starts = 10.0 + np.concatenate([[0.0], np.cumsum(np.add(walls, 0.01))[:-1]])
+    # a batch's own requests' enqueue times; the one queued during batch k (its middle) is batch k+1's
+    queued = [[starts[k - 1] + walls[k - 1] / 2] if k and arrivals[k - 1] else [] for k in range(len(sizes))]
+    trace = [[s0, s0 + w, b, q, 0.0, 0.0] for s0, w, b, q in zip(starts, walls, sizes, queued, strict=True)]
+    wall, fit, during = batch_fit(trace, profile, spec, cal)
+    assert list(during) == [*arrivals[:5], 0]  # the last batch's arrival is queued after the trace
+    got = replay_factors(trace, profile, spec, cal)
+    assert np.asarray(got) / got[0] == pytest.approx(wall / fit / (wall[0] / fit[0]), rel=1e-3)
+    assert np.mean(got) == pytest.approx(1.0, abs=1e-3) and replay_factors(trace[:1], profile, spec, cal) == ()
+    assert len(replay_factors(trace, profile, spec, cal, n=4)) == 4
+
+    # the static simulator replays the factors from its first batch, in order (no random start)
+    factors = [1.0, 2.0, 3.0, 4.0]
+    spec = ValidationSpec(requests_per_level=300)
+    plain = level_scenario(spec, path, rate=5.0, calibration=Calibration(1.0, 0.0, (), cycle_noise=(1.0,)))
+    walked = level_scenario(spec, path, rate=5.0, calibration=Calibration(1.0, 0.0, (), cycle_noise=tuple(factors)),
+                            noise_block=len(factors))
+    batch_walls = []
+    for scenario in (plain, walked):
+        ok = simulate(scenario, seed=3).requests.query("outcome == 'ok'")
+        b = ok.groupby("start_s").agg(end=("end_s", "max")).sort_index()
+        batch_walls.append(b.end.to_numpy() - b.index.to_numpy())
+    n = min(len(w) for w in batch_walls)
+    assert n > 8
+    ratio = batch_walls[1][:8] / batch_walls[0][:8]  # at 5/s the batches are one request each, the same sizes
+    assert ratio == pytest.approx(factors * 2, rel=1e-6)

@@ -184,9 +184,10 @@ class Service(_Section):
         "spread of a pod's cycle under load (`capsim validate` measures it from the pod's batch or step trace)"
     )
     cycle_noise_block_steps: Int = Field(
-        1, ge=1, le=10_000, description="continuous mode: 1 draws each step's `cycle_noise` factor at random; "
-        "more reads `cycle_noise` as a measured sequence and walks it in order this many steps at a time from "
-        "random starts, so slow spells last as long as measured (`capsim validate --mode continuous` sets it)"
+        1, ge=1, le=10_000, description="1 draws each batch's (continuous mode: each step's) `cycle_noise` "
+        "factor at random; more reads `cycle_noise` as a measured sequence and walks it in order this many "
+        "batches (steps) at a time from random starts, so slow spells last as long as measured; as many as "
+        "`cycle_noise` holds replays it from its start (`capsim validate` sets it)"
     )
     answer_ms: Float = Field(
         0.0, ge=0, le=60_000, description="continuous mode: from a request's last token to its answer at the "

@@ -182,14 +182,16 @@ class OverheadService:
 
 
 class CycleNoiseService:
-    """A batch's time (prefill and total) multiplied by one of ``factors`` drawn at random: the measured
-    spread of a pod's batch cycle under load (``service.cycle_noise``), in place of the profile's gamma
-    noise of an idle core."""
+    """A batch's time (prefill and total) multiplied by one of ``factors``: the measured spread of a pod's
+    batch cycle under load (``service.cycle_noise``), in place of the profile's gamma noise of an idle core.
+    With ``block`` 1 each batch draws its factor at random; with more, ``factors`` is a measured sequence
+    walked ``block`` batches at a time from random starts (``capsim.sim.streams.FactorWalk``), so slow
+    spells last; with ``block`` = the sequence's length it is replayed from its first batch."""
 
-    def __init__(self, inner: ServiceModel, factors: list[float], gen: np.random.Generator) -> None:
+    def __init__(self, inner: ServiceModel, factors: list[float], gen: np.random.Generator, block: int = 1) -> None:
         self.inner = inner
         self.factors = np.asarray(factors, dtype=float)
-        self._walk = FactorWalk(self.factors, 1, BufferedDraws(gen, "random"))  # one factor at random a batch
+        self._walk = FactorWalk(self.factors, block, BufferedDraws(gen, "random"))
 
     def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
         pre, total = self.inner.batch_time(size, prompt_tokens, output_tokens)
@@ -205,7 +207,9 @@ def make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfi
     if overhead_s > 0 or scale != 1.0:
         model = OverheadService(model, overhead_s, scale)
     noise = scenario.service.cycle_noise
-    return CycleNoiseService(model, noise, streams["service"]) if noise else model
+    if not noise:
+        return model
+    return CycleNoiseService(model, noise, streams["service"], scenario.service.cycle_noise_block_steps)
 
 
 def _make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None) -> ServiceModel:

@@ -47,6 +47,7 @@ from capsim.studies.validate_report import (
     TARGETS,
     compare_level,
     format_results,
+    replay_factors,
     trace_diagnostics,
     worst_errors,
 )
@@ -161,10 +162,11 @@ def sim_batches(requests: Any) -> tuple[float, float]:
 
 
 def level_scenario(
-    spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None
+    spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None,
+    noise_block: int = 1,
 ) -> Scenario:
     """The simulator's view of one replication of a load level: one always-ready pod, the same batching,
-    no faults."""
+    no faults; the calibration's ``cycle_noise`` walked ``noise_block`` batches at a time (1: at random)."""
     horizon = spec.requests_per_run / rate
     return Scenario.model_validate({
         "horizon_s": horizon,
@@ -182,6 +184,7 @@ def level_scenario(
             "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
             "ingress_ms": calibration.ingress_s * 1000 if calibration else 0.0,
             "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
+            "cycle_noise_block_steps": noise_block,
         },
         "batching": spec.batching.model_dump(),
         "pods": {"replicas": 1, "startup_s": 0},
@@ -192,6 +195,8 @@ def level_scenario(
 
 #: the ablation's entry for the full model simulated at each run's own measured pod speed
 RUN_SPEED = "full model at the run's speed"
+#: and replaying each run's speed batch by batch (its batches' wall over the fit, in order, from the first)
+RUN_REPLAY = "full model replaying the run's batches"
 
 
 def run_validation(
@@ -307,6 +312,12 @@ def run_validation(
                     other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
                     variant_runs.setdefault(RUN_SPEED, []).append(
                         vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+                    replay = replay_factors(trace, profile, spec, calibration)
+                    if replay:  # and its slow spells where they came: the run's own batches in order
+                        other = simulate(level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
+                                                        noise_block=len(replay)), seed=seed)
+                        variant_runs.setdefault(RUN_REPLAY, []).append(
+                            vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
                 real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
                 for metric in METRICS:
                     rv, sv = real_sum[metric], sim_sum[metric]

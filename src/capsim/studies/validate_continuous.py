@@ -94,6 +94,13 @@ class ContinuousSpec:
     # each run simulated a second time at the pod's own speed in that run (the calibrated model times the
     # run's measured cycle over it): the simulator's queueing checked apart from the machine's drift
     run_speed: bool = True
+    # seconds of a closed-loop probe (``calibration_clients``' most) just before each run, whose steps give the
+    # pod's speed then: each run also simulated at it (``probe speed``), a prediction that follows the machine's
+    # drift from run to run without using the run itself; 0: no probe
+    probe_s: float = 2.0
+    # each run simulated a third time replaying the pod's speed step by step in that run (its own steps'
+    # cycle over the calibrated model, in order, walked from the first step): the run's slow spells too
+    run_replay: bool = True
     # the simulated requests' answers reach the client service.answer_ms after their last token, measured in
     # the calibration's open-loop runs; False: at the last token (the validation before stop 20)
     answer_time: bool = True
@@ -228,72 +235,107 @@ def answer_ms(splits: dict[str, dict[str, float]]) -> float:
     return float(np.median(parts)) * 1e3 if parts else 0.0
 
 
+def _simulate_into(pool: _Pool, scenario: Scenario, seed: int, real_pre: float, n_requests: int, answer: float,
+                   pod_e2e: bool) -> Any:
+    """Simulate one run of the level and add its cut frames to ``pool``'s simulated side; the result."""
+    from capsim.sim.simulate import simulate
+
+    sim = simulate(scenario, seed=seed)
+    w, end = scenario.warmup_s, scenario.horizon_s
+    pool.sim.append(vs.cut_blocks(sim.requests, w, end))
+    pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
+    if pod_e2e:
+        pool.sim_pod_e2e.append(vs.cut_blocks(sim.requests.assign(end_s=sim.requests.end_s - answer / 1e3), w, end))
+    pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
+    pool.requests += n_requests
+    return sim
+
+
+#: the simulations of each run beside the calibration's prediction (``sim_at``): at the pod's speed in a
+#: short probe just before the run (a prediction too), at the pod's mean speed in that run, and replaying its
+#: speed step by step (the run's own steps' cycle over the model, walked from its first step)
+PROBE_SPEED, RUN_SPEED, RUN_REPLAY = "probe speed", "run speed", "run replay"
+
+
+def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalibration) -> float | None:
+    """The pod's speed now: its steps' cycle over the calibrated model in ``spec.probe_s`` seconds of the
+    calibration's largest closed loop; ``None`` without steps."""
+    from capsim.studies.validate_continuous_calibrate import drive_closed, fetch_steps
+
+    t0, t1 = drive_closed(url, max(spec.calibration_clients), spec.probe_s, spec.prompt_tokens, spec.output_tokens)
+    cyc, fitted, _ = level_cycles(fetch_steps(url, t0, t1), fit, cal)
+    return cyc / fitted if fitted > 0 else None
+
+
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
                num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
-               answer: float = 0.0) -> tuple[_Pool, _Pool | None]:
-    """The level's runs, real and simulated; with ``spec.run_speed`` (and the step fit) also each run
-    simulated at the pod's measured speed in that run, in a second pool sharing the real frames."""
+               answer: float = 0.0) -> tuple[_Pool, dict[str, _Pool]]:
+    """The level's runs, real and simulated at the calibration's speed; with the step fit, also each run
+    simulated at the pod's speed in a probe just before it (``spec.probe_s``), at its measured mean speed in
+    that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
+    a pool of its own sharing the real frames."""
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
-    from capsim.sim.simulate import simulate
     from capsim.sim.streams import Streams
+    from capsim.studies.validate_continuous_calibrate import fetch_steps
+    from capsim.studies.validate_continuous_cycle import replay_noise
 
     pool = _Pool([], [], [], [], [])
-    speed = _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e) \
-        if spec.run_speed and fit is not None else None
+    wanted = [name for name, on in ((PROBE_SPEED, spec.probe_s > 0), (RUN_SPEED, spec.run_speed),
+                                    (RUN_REPLAY, spec.run_replay)) if on]
+    extra = {name: _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e)
+             for name in (wanted if fit is not None else [])}
+    noise = cal.cycle_noise if spec.cycle_noise else ()
     for rep in range(spec.replications):
         seed = spec.seed + rep
         scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
-                                  cal.cycle_noise if spec.cycle_noise else (), answer, spec.noise_block_steps)
+                                  noise, answer, spec.noise_block_steps)
         workload = make_workload(scenario, Streams(seed))
+        probed = probe_speed(pod.url, spec, fit, cal) if fit is not None and PROBE_SPEED in extra else None
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
                                        max_duration_s=scenario.horizon_s + 30, seed=seed))
         t1 = time.perf_counter()
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
+        steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
         if fit is not None:
-            from capsim.studies.validate_continuous_calibrate import fetch_steps
-
-            pool.cycles.append(level_cycles(fetch_steps(pod.url, t0, t1), fit, cal))
-        sim = simulate(scenario, seed=seed)
+            pool.cycles.append(level_cycles(steps, fit, cal))
         w, end = scenario.warmup_s, scenario.horizon_s
         pool.real.append(vs.cut_blocks(real_df, w, end))
-        pool.sim.append(vs.cut_blocks(sim.requests, w, end))
         span = pod_token_span(real_df)
         pool.real_itl.append(vs.cut_blocks(itl_frame(real_df, span), w, end))
         if span is not None:
             pool.real_pod_e2e.append(vs.cut_blocks(pod_e2e_frame(real_df, span), w, end))
-            pool.sim_pod_e2e.append(vs.cut_blocks(sim.requests.assign(end_s=sim.requests.end_s - answer / 1e3), w, end))
-        pool.sim_itl.append(vs.cut_blocks(itl_frame(sim.requests), w, end))
-        pool.preemptions.append((real_pre, float(sim.summary.preemptions)))
-        pool.requests += workload.n_requests
-        if speed is not None and pool.cycles and pool.cycles[-1][1] > 0:
-            ratio = pool.cycles[-1][0] / pool.cycles[-1][1]
-            fast = level_scenario(spec, profile_path, rate, cal.time_scale * ratio, num_blocks,
-                                  cal.arrival_s * 1e3 * ratio, cal.cycle_noise if spec.cycle_noise else (),
-                                  answer, spec.noise_block_steps)
-            sim2 = simulate(fast, seed=seed)
-            speed.sim.append(vs.cut_blocks(sim2.requests, w, end))
-            speed.sim_itl.append(vs.cut_blocks(itl_frame(sim2.requests), w, end))
-            if span is not None:
-                speed.sim_pod_e2e.append(vs.cut_blocks(sim2.requests.assign(end_s=sim2.requests.end_s - answer / 1e3),
-                                                       w, end))
-            speed.preemptions.append((real_pre, float(sim2.summary.preemptions)))
-            speed.requests += workload.n_requests
+        sim = _simulate_into(pool, scenario, seed, real_pre, workload.n_requests, answer, span is not None)
+        ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
+        replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra else ()
+        # each variant: the speed it simulates at, and the step factors it walks (how many steps at a time)
+        how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps), RUN_SPEED: (ratio, noise, spec.noise_block_steps),
+               RUN_REPLAY: (ratio if replay else None, replay, len(replay))}
+        for name, other in extra.items():
+            speed, factors, block = how[name]
+            if speed is None:
+                continue
+            at = level_scenario(spec, profile_path, rate, cal.time_scale * speed, num_blocks,
+                                cal.arrival_s * 1e3 * speed, factors, answer, max(block, 1))
+            _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
              f"{r['ttft_p50_s'] * 1e3:.1f} ms sim {s['ttft_p50_s'] * 1e3:.1f} ms; preemptions real {real_pre:.0f} "
              f"sim {sim.summary.preemptions}"
              + (f"; the pod's mean cycle {pool.cycles[-1][0] / pool.cycles[-1][2] * 1e3:.2f} ms, "
                 f"{pool.cycles[-1][0] / pool.cycles[-1][1]:.2f} x the calibrated model's for the same steps"
-                if pool.cycles and pool.cycles[-1][2] else ""))
-    return pool, (speed if speed is not None and len(speed.sim) == len(pool.sim) else None)
+                if pool.cycles and pool.cycles[-1][2] else "")
+             + (f" (the probe before it: {probed:.2f} x)" if probed is not None else ""))
+    return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
 
 def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
     """The level's rows; ``sim_at`` says which simulation they compare: at the calibration's speed (the
-    prediction), or at each run's own measured speed (``run speed``)."""
+    prediction), at the pod's speed in a probe just before each run (``probe speed``, a prediction too), at
+    each run's own measured mean speed (``run speed``), or replaying each run's speed step by step (``run
+    replay``)."""
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)
     real_itl, sim_itl = vs.pool(pool.real_itl), vs.pool(pool.sim_itl)
     pod_e2e = (vs.pool(pool.real_pod_e2e), vs.pool(pool.sim_pod_e2e)) if pool.real_pod_e2e else None
@@ -400,19 +442,20 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool, speed = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
+            pool, others = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
             rows += _rows(level, "full", level * cap, pool)
-            rows += _rows(level, "full", level * cap, speed, "run speed") if speed is not None else []
+            for name, other in others.items():
+                rows += _rows(level, "full", level * cap, other, name)
         pod.stop()
         small = spec.small_cache_blocks
         pod = PodProcess(work, "validate-continuous-small", core=pod_core, **common, **spec.limits(small))
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool, speed = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
+        pool, others = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
-        if speed is not None:
-            rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, speed, "run speed")
+        for name, other in others.items():
+            rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
     finally:
         pod.stop()
     results = pd.DataFrame(rows)

@@ -209,6 +209,35 @@ def step_noise(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STE
     return tuple(float(v) for v in np.round(seq / seq.mean(), 4))
 
 
+#: the most steps of a run's own trace the replay keeps (``service.cycle_noise_block_steps``' bound)
+REPLAY_STEPS = 10_000
+
+
+def replay_noise(steps: Any, fit: StepTimeFit, cal: StepCalibration, n: int = REPLAY_STEPS) -> tuple[float, ...]:
+    """A run's own steps, in the order they ran, each its cycle over the calibrated model's time for it,
+    scaled to mean 1: the pod's speed step by step through the run, which the simulator walks from its first
+    step (``cycle_noise_block_steps`` = the sequence's length) to replay the run's slow and fast spells, not
+    only its mean speed. Unlike :func:`cycles`, a step after the loop went idle keeps its own time (start to
+    end), so the sequence has a factor for each step the pod ran and the simulated pod, running the same
+    arrivals through the same scheduler, stays about in step with it. At most the first ``n``; empty when no
+    step has a positive fit."""
+    if len(steps) < 2:
+        return ()
+    end = steps.end.to_numpy(dtype=float)
+    start = steps.start.to_numpy(dtype=float)
+    prev = np.concatenate([[start[0]], end[:-1]])  # the first step: from its own start
+    cycle = end - np.where(steps.after_idle.astype(bool).to_numpy(), start, prev)
+    model = np.array([fit.predict(p, pc, d, dc) for p, pc, d, dc in
+                      zip(steps.prefill_tokens, steps.prefill_context, steps.decodes, steps.decode_context,
+                          strict=True)])
+    fitted = cal.time_scale * model + cal.extra_s + cal.arrival_s * steps.arrivals.to_numpy(dtype=float)
+    ok = (fitted > 0) & np.isfinite(cycle) & (cycle > 0)
+    if not ok.any():
+        return ()
+    ratio = (cycle[ok] / fitted[ok])[:n]
+    return tuple(float(v) for v in np.round(ratio / ratio.mean(), 4))
+
+
 def cycle_parts(frame: Any) -> list[dict[str, Any]]:
     """Where each run's mean cycle goes (ms): the engine's CPU (against the model's time for the same
     steps), its wait while running (its wall less its CPU: the GIL held by the event loop, the core taken),

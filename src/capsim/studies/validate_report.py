@@ -91,6 +91,40 @@ def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, fl
     return {m: float(results[results.metric == m].rel_error.abs().max()) for m in metrics}
 
 
+def batch_fit(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibration: Any) -> tuple[Any, Any, Any]:
+    """Each batch of the pod's trace (in order): its wall time, the calibrated cycle for its size and the
+    arrivals during it (seconds), and those arrivals."""
+    start = np.array([r[0] for r in trace], dtype=float)
+    end = np.array([r[1] for r in trace], dtype=float)
+    size = np.array([r[2] for r in trace], dtype=int)
+    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace])) if len(trace) else np.empty(0)
+    during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
+    fit = np.array([calibration.cycle_s(b, profile.batch_timing(int(b), spec.prompt_tokens,
+                                                                spec.output_tokens).total_s, a)
+                    for b, a in zip(size, during, strict=True)])
+    return end - start, fit, during
+
+
+#: the most batches of a run's trace the replay keeps (``service.cycle_noise``'s bound)
+REPLAY_BATCHES = 10_000
+
+
+def replay_factors(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibration: Any,
+                   n: int = REPLAY_BATCHES) -> tuple[float, ...]:
+    """A run's own batches, in the order they ran, each its wall time over the calibrated cycle, scaled to
+    mean 1: the pod's speed batch by batch through the run, which the simulator replays from its first
+    batch (``service.cycle_noise`` with ``cycle_noise_block_steps`` = its length) on top of the run's mean
+    speed. At most the first ``n``; empty without batches of a positive fit."""
+    if len(trace) < 2:
+        return ()
+    wall, fit, _ = batch_fit(trace, profile, spec, calibration)
+    ok = (fit > 0) & (wall > 0)
+    if not ok.any():
+        return ()
+    ratio = (wall[ok] / fit[ok])[:n]
+    return tuple(float(v) for v in np.round(ratio / ratio.mean(), 4))
+
+
 def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests: Any, profile: Any,
                       spec: Any, calibration: Any) -> dict[str, float]:
     """What one replication's batch trace and send times say (docs/validation.md, "Why the tail"): the
@@ -129,11 +163,8 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
     out["end_lag_p99_ms"] = float(np.percentile((end - engine_end)[engine_end > 0], 99) * 1e3) if (
         engine_end > 0).any() else float("nan")
     enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
-    during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
     if calibration is not None:
-        fit = np.array([calibration.cycle_s(b, profile.batch_timing(int(b), spec.prompt_tokens,
-                                                                    spec.output_tokens).total_s, a)
-                        for b, a in zip(size, during, strict=True)])
+        _, fit, during = batch_fit(trace, profile, spec, calibration)
         ratio = wall / fit
         out["wall_over_fit_mean"] = float(ratio.mean())
         out["wall_over_fit_cv"] = float(ratio.std() / ratio.mean())
