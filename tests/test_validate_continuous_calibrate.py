@@ -237,22 +237,32 @@ def test_a_levels_steps_are_weighed_against_the_calibrated_model() -> None:
     assert level_cycles(same.iloc[:1], FIT, cal) == (0.0, 0.0, 0)
 
 
-def test_a_runs_replay_is_each_step_it_ran_in_order_over_the_calibrated_model() -> None:
-    from capsim.studies.validate_continuous_cycle import REPLAY_STEPS, replay_noise
+def test_a_runs_replay_is_its_speed_in_windows_of_steps_in_order_over_the_calibrated_model() -> None:
+    from capsim.studies.validate_continuous_cycle import REPLAY_STEPS, REPLAY_WINDOW, replay_noise
 
     cal = fit_step_cycles(runs(**TRUE, noise=0.01), FIT)
     run = synthetic_run(7, 8, 0.3, **TRUE, noise=0.01, n=200)
-    # a slow spell in the middle of the run: steps 80-119 take twice their time, later steps move with them
+    # a slow spell: steps 64-127 (two windows) take twice their time, later steps move with them
     slow = np.zeros(len(run))
-    slow[80:120] = (run.end - run.start).to_numpy()[80:120]
+    slow[64:128] = (run.end - run.start).to_numpy()[64:128]
     run["end"] += np.cumsum(slow)
     run["start"] += np.concatenate([[0.0], np.cumsum(slow)[:-1]])
     run.loc[150, "after_idle"] = True  # an idle wait before step 150: its factor is its own time, not the wait
     run.loc[150:, ["start", "end"]] += 1.0
+    each = np.asarray(replay_noise(run, FIT, cal, window=1))  # each step its own ratio
+    assert len(each) == len(run) and each.mean() == pytest.approx(1.0, abs=1e-3)
+    assert each[64:128].mean() / np.delete(each, range(64, 128)).mean() == pytest.approx(2.0, rel=0.05)
+    assert each[150] == pytest.approx(np.median(each[129:200]), rel=0.1)
     got = np.asarray(replay_noise(run, FIT, cal))
-    assert len(got) == len(run) and got.mean() == pytest.approx(1.0, abs=1e-3)
-    assert got[80:120].mean() / np.delete(got, range(80, 120)).mean() == pytest.approx(2.0, rel=0.05)
-    assert got[150] == pytest.approx(np.median(got[121:200]), rel=0.1)
+    assert REPLAY_WINDOW == 32 and len(got) == len(run) and got.mean() == pytest.approx(1.0, abs=1e-3)
+    windows = [got[k:k + 32] for k in range(0, len(got), 32)]
+    assert all(np.ptp(w) == 0 for w in windows)  # one speed a window
+    assert got[64] / got[0] == pytest.approx(2.0, rel=0.05) and got[128] == pytest.approx(got[0], rel=0.05)
+    # a single long pause on one small step moves its window's speed by its share of the window's time
+    pause = run.copy()
+    pause.loc[10:, ["start", "end"]] += 0.02
+    bumped = np.asarray(replay_noise(pause, FIT, cal))
+    assert bumped[0] / bumped[40] > got[0] / got[40]
     assert len(replay_noise(run, FIT, cal, n=50)) == 50 and REPLAY_STEPS <= 10_000
     assert replay_noise(run.iloc[:1], FIT, cal) == ()
 
