@@ -151,7 +151,7 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]
     assert ok.real > 0 and ok.sim > 0
     # each level also simulated at the pod's own speed in its runs, and the pod's cycles weighed
-    assert set(results.sim_at) == {"calibration", "probe speed", "run speed", "run replay"}
+    assert set(results.sim_at) == {"calibration", "probe speed", "level probe speed", "run speed", "run replay"}
     cyc = results[(results.metric == "pod_cycle_mean_s") & (results.sim_at == "calibration")]
     assert len(cyc) == 2 and (cyc.real > 0).all() and (cyc.sim > 0).all()
 

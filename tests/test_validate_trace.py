@@ -66,7 +66,7 @@ def test_a_runs_replay_is_each_batch_it_ran_in_order_over_the_calibrated_cycle_a
     from capsim.sim.simulate import simulate
     from capsim.studies.validate import ValidationSpec, level_scenario
     from capsim.studies.validate_calibrate import Calibration
-    from capsim.studies.validate_report import batch_fit, replay_factors
+    from capsim.studies.validate_report import REPLAY_WINDOW_BATCHES, batch_fit, replay_factors
 
     path = Path(__file__).parents[1] / "data" / "profiles" / "cpu-tiny-float32.csv"
     profile, spec = ServiceTimeProfile.from_csv(path), ValidationSpec()
@@ -81,9 +81,14 @@ def test_a_runs_replay_is_each_batch_it_ran_in_order_over_the_calibrated_cycle_a
     trace = [[s0, s0 + w, b, q, 0.0, 0.0] for s0, w, b, q in zip(starts, walls, sizes, queued, strict=True)]
     wall, fit, during = batch_fit(trace, profile, spec, cal)
     assert list(during) == [*arrivals[:5], 0]  # the last batch's arrival is queued after the trace
-    got = replay_factors(trace, profile, spec, cal)
-    assert np.asarray(got) / got[0] == pytest.approx(wall / fit / (wall[0] / fit[0]), rel=1e-3)
-    assert np.mean(got) == pytest.approx(1.0, abs=1e-3) and replay_factors(trace[:1], profile, spec, cal) == ()
+    each = replay_factors(trace, profile, spec, cal, window=1)  # each batch its own wall over its fit
+    assert np.asarray(each) / each[0] == pytest.approx(wall / fit / (wall[0] / fit[0]), rel=1e-3)
+    assert np.mean(each) == pytest.approx(1.0, abs=1e-3) and replay_factors(trace[:1], profile, spec, cal) == ()
+    # by default one speed for each 4 batches in a row: their summed wall over their summed fit
+    got = np.asarray(replay_factors(trace, profile, spec, cal))
+    assert REPLAY_WINDOW_BATCHES == 4 and np.ptp(got[:4]) == 0 and np.ptp(got[4:]) == 0
+    assert got[4] / got[0] == pytest.approx((wall[4:].sum() / fit[4:].sum()) / (wall[:4].sum() / fit[:4].sum()),
+                                            rel=1e-3)
     assert len(replay_factors(trace, profile, spec, cal, n=4)) == 4
 
     # the static simulator replays the factors from its first batch, in order (no random start)

@@ -94,9 +94,11 @@ class ContinuousSpec:
     # each run simulated a second time at the pod's own speed in that run (the calibrated model times the
     # run's measured cycle over it): the simulator's queueing checked apart from the machine's drift
     run_speed: bool = True
-    # seconds of a closed-loop probe (``calibration_clients``' most) just before each run, whose steps give the
-    # pod's speed then: each run also simulated at it (``probe speed``), a prediction that follows the machine's
-    # drift from run to run without using the run itself; 0: no probe
+    # seconds of two probes just before each run, whose steps give the pod's speed then (their cycle over the
+    # calibrated model): a closed loop of ``calibration_clients``' most (``probe speed``) and Poisson arrivals
+    # at the level's rate with a seed of their own (``level probe speed``); each run is also simulated at
+    # each, a prediction that follows the machine's drift from run to run without using the run itself;
+    # 0: no probes
     probe_s: float = 2.0
     # each run simulated a third time replaying the pod's speed step by step in that run (its own steps'
     # cycle over the calibrated model, in order, walked from the first step): the run's slow spells too
@@ -251,18 +253,26 @@ def _simulate_into(pool: _Pool, scenario: Scenario, seed: int, real_pre: float, 
     return sim
 
 
-#: the simulations of each run beside the calibration's prediction (``sim_at``): at the pod's speed in a
-#: short probe just before the run (a prediction too), at the pod's mean speed in that run, and replaying its
-#: speed step by step (the run's own steps' cycle over the model, walked from its first step)
-PROBE_SPEED, RUN_SPEED, RUN_REPLAY = "probe speed", "run speed", "run replay"
+#: the simulations of each run beside the calibration's prediction (``sim_at``): at the pod's speed in two
+#: short probes just before the run (predictions too: a closed loop at full load, and the level's own rate),
+#: at the pod's mean speed in that run, and replaying its speed spell by spell (the run's own steps' cycle
+#: over the model in windows, walked from its first step)
+PROBE_SPEED, LEVEL_PROBE_SPEED = "probe speed", "level probe speed"
+RUN_SPEED, RUN_REPLAY = "run speed", "run replay"
 
 
-def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalibration) -> float | None:
+def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalibration,
+                rate: float | None = None, seed: int = 0) -> float | None:
     """The pod's speed now: its steps' cycle over the calibrated model in ``spec.probe_s`` seconds of the
-    calibration's largest closed loop; ``None`` without steps."""
-    from capsim.studies.validate_continuous_calibrate import drive_closed, fetch_steps
+    calibration's largest closed loop, or with ``rate`` of Poisson arrivals at that rate (``seed``);
+    ``None`` without steps."""
+    from capsim.studies.validate_continuous_calibrate import drive_closed, drive_open, fetch_steps
 
-    t0, t1 = drive_closed(url, max(spec.calibration_clients), spec.probe_s, spec.prompt_tokens, spec.output_tokens)
+    if rate is None:
+        t0, t1 = drive_closed(url, max(spec.calibration_clients), spec.probe_s, spec.prompt_tokens,
+                              spec.output_tokens)
+    else:
+        t0, t1, _ = drive_open(url, rate, spec.probe_s, spec.prompt_tokens, spec.output_tokens, seed=seed)
     cyc, fitted, _ = level_cycles(fetch_steps(url, t0, t1), fit, cal)
     return cyc / fitted if fitted > 0 else None
 
@@ -271,7 +281,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
                answer: float = 0.0) -> tuple[_Pool, dict[str, _Pool]]:
     """The level's runs, real and simulated at the calibration's speed; with the step fit, also each run
-    simulated at the pod's speed in a probe just before it (``spec.probe_s``), at its measured mean speed in
+    simulated at the pod's speed in two probes just before it (``spec.probe_s``), at its measured mean speed in
     that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
     a pool of its own sharing the real frames."""
     from capsim.core.loadgen import ClientPolicy, run_load
@@ -281,8 +291,8 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     from capsim.studies.validate_continuous_cycle import replay_noise
 
     pool = _Pool([], [], [], [], [])
-    wanted = [name for name, on in ((PROBE_SPEED, spec.probe_s > 0), (RUN_SPEED, spec.run_speed),
-                                    (RUN_REPLAY, spec.run_replay)) if on]
+    wanted = [name for name, on in ((PROBE_SPEED, spec.probe_s > 0), (LEVEL_PROBE_SPEED, spec.probe_s > 0),
+                                    (RUN_SPEED, spec.run_speed), (RUN_REPLAY, spec.run_replay)) if on]
     extra = {name: _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e)
              for name in (wanted if fit is not None else [])}
     noise = cal.cycle_noise if spec.cycle_noise else ()
@@ -292,6 +302,9 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                                   noise, answer, spec.noise_block_steps)
         workload = make_workload(scenario, Streams(seed))
         probed = probe_speed(pod.url, spec, fit, cal) if fit is not None and PROBE_SPEED in extra else None
+        # the level's rate, a seed no run uses (the runs' are spec.seed + replication)
+        level_probed = probe_speed(pod.url, spec, fit, cal, rate, seed=spec.seed + 1000 + rep) \
+            if fit is not None and LEVEL_PROBE_SPEED in extra else None
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
@@ -311,7 +324,9 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
         replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra else ()
         # each variant: the speed it simulates at, and the step factors it walks (how many steps at a time)
-        how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps), RUN_SPEED: (ratio, noise, spec.noise_block_steps),
+        how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps),
+               LEVEL_PROBE_SPEED: (level_probed, noise, spec.noise_block_steps),
+               RUN_SPEED: (ratio, noise, spec.noise_block_steps),
                RUN_REPLAY: (ratio if replay else None, replay, len(replay))}
         for name, other in extra.items():
             speed, factors, block = how[name]
@@ -327,13 +342,15 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
              + (f"; the pod's mean cycle {pool.cycles[-1][0] / pool.cycles[-1][2] * 1e3:.2f} ms, "
                 f"{pool.cycles[-1][0] / pool.cycles[-1][1]:.2f} x the calibrated model's for the same steps"
                 if pool.cycles and pool.cycles[-1][2] else "")
-             + (f" (the probe before it: {probed:.2f} x)" if probed is not None else ""))
+             + (f" (the probes before it: {probed:.2f} x closed loop, {level_probed:.2f} x at the level's rate)"
+                if probed is not None and level_probed is not None else ""))
     return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
 
 def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
     """The level's rows; ``sim_at`` says which simulation they compare: at the calibration's speed (the
-    prediction), at the pod's speed in a probe just before each run (``probe speed``, a prediction too), at
+    prediction), at the pod's speed in a probe just before each run (``probe speed``: a closed loop; ``level
+    probe speed``: the level's rate; predictions too), at
     each run's own measured mean speed (``run speed``), or replaying each run's speed step by step (``run
     replay``)."""
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)

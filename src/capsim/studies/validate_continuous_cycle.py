@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from capsim.model.step_model import StepTimeFit
+from capsim.studies.validate_report import replay_speed
 
 TERMS: tuple[str, ...] = ("model_s", "one", "arrivals", "emitted")  # the cycle's regressors, in this order
 # what the calibration fits by default: through the runs' means, the tokens a step emits move with its
@@ -217,14 +218,13 @@ REPLAY_WINDOW = 32
 
 def replay_noise(steps: Any, fit: StepTimeFit, cal: StepCalibration, n: int = REPLAY_STEPS,
                  window: int = REPLAY_WINDOW) -> tuple[float, ...]:
-    """A run's own speed through the run, in the order its steps ran, scaled to mean 1: for each ``window``
-    steps in a row their summed cycle over the calibrated model's summed time for them, one factor per step
-    (the window's), which the simulator walks from its first step (``cycle_noise_block_steps`` = the
-    sequence's length) to replay the run's slow and fast spells, not only its mean speed. A window, not each
-    step's own ratio: a single long cycle is mostly a pause of its own length (the core taken, a
-    collection), so its ratio is large on a small step and small on a large one, and moved onto a simulated
-    step of another size it would stretch that step by the wrong amount (measured: the calibration steps'
-    p99 ratio falls from 2.8 on 1-ms steps to 1.7 on 17-ms steps). Unlike :func:`cycles`, a step after the
+    """A run's own speed through the run, in the order its steps ran (``capsim.studies.validate_report.
+    replay_speed`` of each step's cycle over the calibrated model's time for it, ``window`` steps at a time),
+    which the simulator walks from its first step (``cycle_noise_block_steps`` = the sequence's length) to
+    replay the run's slow and fast spells, not only its mean speed. Windows, because a single long cycle is
+    mostly a pause of its own length: the calibration steps' p99 ratio fell from 2.8 on 1-ms steps to 1.7 on
+    17-ms steps (a quick run, 2026-11-30), and each step's own ratio, replayed, came out 2 to 3 times heavy
+    in the tail. Unlike :func:`cycles`, a step after the
     loop went idle keeps its own time (start to end), so the sequence has a factor for each step the pod ran
     and the simulated pod, running the same arrivals through the same scheduler, stays about in step with
     it. At most the first ``n``; empty when no step has a positive fit."""
@@ -238,15 +238,7 @@ def replay_noise(steps: Any, fit: StepTimeFit, cal: StepCalibration, n: int = RE
                       zip(steps.prefill_tokens, steps.prefill_context, steps.decodes, steps.decode_context,
                           strict=True)])
     fitted = cal.time_scale * model + cal.extra_s + cal.arrival_s * steps.arrivals.to_numpy(dtype=float)
-    ok = (fitted > 0) & np.isfinite(cycle) & (cycle > 0)
-    if not ok.any():
-        return ()
-    cycle, fitted = cycle[ok][:n], fitted[ok][:n]
-    w = max(int(window), 1)
-    edges = np.arange(0, len(cycle), w)
-    speed = np.add.reduceat(cycle, edges) / np.add.reduceat(fitted, edges)
-    ratio = np.repeat(speed, np.diff(np.append(edges, len(cycle))))
-    return tuple(float(v) for v in np.round(ratio / ratio.mean(), 4))
+    return replay_speed(cycle, fitted, window, n)
 
 
 def cycle_parts(frame: Any) -> list[dict[str, Any]]:

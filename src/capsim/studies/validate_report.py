@@ -107,22 +107,37 @@ def batch_fit(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibrati
 
 #: the most batches of a run's trace the replay keeps (``service.cycle_noise``'s bound)
 REPLAY_BATCHES = 10_000
+#: batches a replayed speed holds (a batch is tens of steps: a spell is a few of them)
+REPLAY_WINDOW_BATCHES = 4
+
+
+def replay_speed(took_s: Any, fit_s: Any, window: int, n: int) -> tuple[float, ...]:
+    """The speed of a run through time, for the simulator to replay: for each ``window`` batches (or steps)
+    in a row, in order, their summed time over their summed fit, one factor for each of them, scaled to
+    mean 1 and rounded to 4 digits. Those without a positive time and fit are left out; at most the first
+    ``n``. A window, not each one's own ratio: a single long one is mostly a pause of its own length (the
+    core taken, a collection), whose ratio is large on a short batch or step and small on a long one, and
+    moved onto a simulated one of another size it would stretch it by the wrong amount."""
+    took, fit = np.asarray(took_s, dtype=float), np.asarray(fit_s, dtype=float)
+    ok = (fit > 0) & np.isfinite(took) & (took > 0)
+    took, fit = took[ok][:n], fit[ok][:n]
+    if not len(took):
+        return ()
+    edges = np.arange(0, len(took), max(int(window), 1))
+    speed = np.repeat(np.add.reduceat(took, edges) / np.add.reduceat(fit, edges), np.diff(np.append(edges, len(took))))
+    return tuple(float(v) for v in np.round(speed / speed.mean(), 4))
 
 
 def replay_factors(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibration: Any,
-                   n: int = REPLAY_BATCHES) -> tuple[float, ...]:
-    """A run's own batches, in the order they ran, each its wall time over the calibrated cycle, scaled to
-    mean 1: the pod's speed batch by batch through the run, which the simulator replays from its first
+                   n: int = REPLAY_BATCHES, window: int = REPLAY_WINDOW_BATCHES) -> tuple[float, ...]:
+    """A run's own batches' speed, in the order they ran (:func:`replay_speed` of each batch's wall time
+    over the calibrated cycle, ``window`` batches at a time), which the simulator replays from its first
     batch (``service.cycle_noise`` with ``cycle_noise_block_steps`` = its length) on top of the run's mean
-    speed. At most the first ``n``; empty without batches of a positive fit."""
+    speed. Empty under two batches."""
     if len(trace) < 2:
         return ()
     wall, fit, _ = batch_fit(trace, profile, spec, calibration)
-    ok = (fit > 0) & (wall > 0)
-    if not ok.any():
-        return ()
-    ratio = (wall[ok] / fit[ok])[:n]
-    return tuple(float(v) for v in np.round(ratio / ratio.mean(), 4))
+    return replay_speed(wall, fit, window, n)
 
 
 def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests: Any, profile: Any,
