@@ -224,7 +224,7 @@ def level_cycles(steps: Any, fit: StepTimeFit, cal: StepCalibration) -> tuple[fl
     if len(steps) < 2:
         return 0.0, 0.0, 0
     frame = cycles(steps, fit)
-    fitted = cal.time_scale * frame.model_s + cal.extra_s + cal.arrival_s * frame.arrivals
+    fitted = cal.step_s(frame.model_s, frame.arrivals)
     return float(frame.cycle_s.sum()), float(fitted.sum()), len(frame)
 
 
@@ -333,7 +333,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             if speed is None:
                 continue
             at = level_scenario(spec, profile_path, rate, cal.time_scale * speed, num_blocks,
-                                cal.arrival_s * 1e3 * speed, factors, answer, max(block, 1))
+                                cal.arrival_s * 1e3 * speed, factors, answer, block)
             _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
@@ -350,9 +350,8 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
 def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
     """The level's rows; ``sim_at`` says which simulation they compare: at the calibration's speed (the
     prediction), at the pod's speed in a probe just before each run (``probe speed``: a closed loop; ``level
-    probe speed``: the level's rate; predictions too), at
-    each run's own measured mean speed (``run speed``), or replaying each run's speed step by step (``run
-    replay``)."""
+    probe speed``: the level's rate; predictions too), at each run's own measured mean speed (``run speed``),
+    or replaying each run's speed in windows of steps (``run replay``)."""
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)
     real_itl, sim_itl = vs.pool(pool.real_itl), vs.pool(pool.sim_itl)
     pod_e2e = (vs.pool(pool.real_pod_e2e), vs.pool(pool.sim_pod_e2e)) if pool.real_pod_e2e else None

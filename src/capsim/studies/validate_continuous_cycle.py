@@ -65,7 +65,8 @@ class StepCalibration:
         rel = [r / p[3] for r, p in zip(self.residuals_s, self.points, strict=True)]
         return float(np.sqrt(np.mean(np.square(rel)))) if rel else float("nan")
 
-    def step_s(self, model_s: float, arrivals: float = 0.0, emitted: float = 0.0) -> float:
+    def step_s(self, model_s: Any, arrivals: Any = 0.0, emitted: Any = 0.0) -> Any:
+        """The fitted cycle of steps (floats, or arrays of one value a step)."""
         return self.time_scale * model_s + self.extra_s + arrivals * self.arrival_s + emitted * self.token_s
 
     def describe(self) -> str:
@@ -80,14 +81,19 @@ class StepCalibration:
         return text
 
 
+def model_times(steps: Any, fit: StepTimeFit) -> list[float]:
+    """The step model's time for each step of a trace frame, from its composition."""
+    return [fit.predict(p, pc, d, dc) for p, pc, d, dc in
+            zip(steps.prefill_tokens, steps.prefill_context, steps.decodes, steps.decode_context, strict=True)]
+
+
 def cycles(steps: Any, fit: StepTimeFit) -> Any:
     """Each step's cycle (previous end to its end), the loop's gap before it, and the model's time for it;
     steps after the loop went idle, and the first of the frame, have no cycle and are dropped."""
     df = steps.copy()
     df["cycle_s"] = df.end - df.end.shift(1)
     df["gap_s"] = df.start - df.end.shift(1)
-    df["model_s"] = [fit.predict(p, pc, d, dc) for p, pc, d, dc in
-                     zip(df.prefill_tokens, df.prefill_context, df.decodes, df.decode_context, strict=True)]
+    df["model_s"] = model_times(df, fit)
     df["one"] = 1.0
     keep = df.cycle_s.notna() & ~df.after_idle.astype(bool)
     return df[keep].reset_index(drop=True)
@@ -224,20 +230,17 @@ def replay_noise(steps: Any, fit: StepTimeFit, cal: StepCalibration, n: int = RE
     replay the run's slow and fast spells, not only its mean speed. Windows, because a single long cycle is
     mostly a pause of its own length: the calibration steps' p99 ratio fell from 2.8 on 1-ms steps to 1.7 on
     17-ms steps (a quick run, 2026-11-30), and each step's own ratio, replayed, came out 2 to 3 times heavy
-    in the tail. Unlike :func:`cycles`, a step after the
-    loop went idle keeps its own time (start to end), so the sequence has a factor for each step the pod ran
-    and the simulated pod, running the same arrivals through the same scheduler, stays about in step with
-    it. At most the first ``n``; empty when no step has a positive fit."""
+    in the tail. Unlike :func:`cycles`, a step after the loop went idle keeps its own time (start to end), so
+    the sequence has a factor for each step the pod ran and the simulated pod, running the same arrivals
+    through the same scheduler, stays about in step with it. At most the first ``n``; empty when no step has a
+    positive fit."""
     if len(steps) < 2:
         return ()
     end = steps.end.to_numpy(dtype=float)
     start = steps.start.to_numpy(dtype=float)
     prev = np.concatenate([[start[0]], end[:-1]])  # the first step: from its own start
     cycle = end - np.where(steps.after_idle.astype(bool).to_numpy(), start, prev)
-    model = np.array([fit.predict(p, pc, d, dc) for p, pc, d, dc in
-                      zip(steps.prefill_tokens, steps.prefill_context, steps.decodes, steps.decode_context,
-                          strict=True)])
-    fitted = cal.time_scale * model + cal.extra_s + cal.arrival_s * steps.arrivals.to_numpy(dtype=float)
+    fitted = cal.step_s(np.asarray(model_times(steps, fit)), steps.arrivals.to_numpy(dtype=float))
     return replay_speed(cycle, fitted, window, n)
 
 
@@ -299,7 +302,7 @@ def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, max_num_seqs: int, pr
     arrival_s)`` solves ``rate = s / (output x (base + rate x step x arrival_s / step))``."""
     s = max_num_seqs
     base = cal.step_s(closed_loop_step_s(fit, s, prompt, output), 0.0, s)
-    return s / (output * base + s * cal.arrival_s)
+    return float(s / (output * base + s * cal.arrival_s))
 
 
 def fit_pod_cpu(runs: Sequence[tuple[float, float, float]]) -> tuple[float, float]:
