@@ -308,6 +308,55 @@ def test_the_answer_time_moves_the_end_and_the_next_turn_not_the_engine() -> Non
     assert np.allclose(s1.loc[turn2, "arrival_s"] - s0.loc[turn2, "arrival_s"], 0.025)
 
 
+def test_the_ingress_delays_when_the_engine_sees_a_request_not_the_steps() -> None:
+    # alone on the pod: the first step starts ingress_ms after the arrival, then runs as without it
+    over = {"workload.arrivals.rate_per_s": 0.01, "horizon_s": 2000}
+    plain = simulate(scenario(**over), 3).requests
+    late = simulate(scenario(**over, **{"service.ingress_ms": 4.0}), 3).requests
+    a, b = plain[plain["outcome"] == "ok"], late[late["outcome"] == "ok"]
+    assert len(a) > 5 and len(a) == len(b)
+    assert np.allclose(b["start_s"] - a["start_s"], 0.004) and np.allclose(b["end_s"] - a["end_s"], 0.004)
+    assert np.allclose(b["itl_s"], 0.01)
+    # under load no request is admitted before its ingress is over, and each still joins the next step after
+    # that (never a whole batch later): steps of 10 ms, requests every ~10 ms, cut runs and all
+    busy = {"workload.arrivals.rate_per_s": 100, "batching.max_num_seqs": 64, "batching.max_num_batched_tokens": 8192}
+    r = simulate(scenario(**busy, **{"service.ingress_ms": 15.0}), 1).requests
+    ok = r[r["outcome"] == "ok"]
+    wait = ok["start_s"] - ok["arrival_s"]
+    assert (wait >= 0.015 - 1e-9).all() and (wait <= 0.025 + 1e-9).all()
+    assert ok["batch_size"].max() > 1
+
+
+def test_the_ingress_survives_crashes_and_loses_nothing() -> None:
+    over = {"workload.arrivals.rate_per_s": 50, "horizon_s": 300, "faults": {"pod_mtbf_s": 60},
+            "pods.replicas": 3, "client.max_retries": 2}
+    base = simulate(scenario(**over), 5)
+    r = simulate(scenario(**over, **{"service.ingress_ms": 30.0}), 5)
+    req = r.requests
+    assert r.summary.crashes > 0  # pods crashed with requests on their way in
+    # every request that arrived well before the horizon has an outcome: none is lost in the ingress
+    assert req.loc[req["arrival_s"] < 290, "outcome"].notna().all()
+    ok = req[req["outcome"] == "ok"]
+    assert (ok["start_s"] - ok["arrival_s"] >= 0.030 - 1e-9).all()
+    assert len(ok) == pytest.approx((base.requests["outcome"] == "ok").sum(), rel=0.02)
+
+
+def test_a_prefix_hit_costs_its_admitting_step_the_cached_tokens_copy() -> None:
+    # 3-turn growing sessions, one at a time on the pod: later turns hit their history; with cached_token_us
+    # the step that admits a hit is longer by its cached tokens x that, and nothing else changes
+    over = {"workload.arrivals.rate_per_s": 0.02, "horizon_s": 1000, "batching.enable_prefix_caching": True,
+            "batching.block_size": 16,
+            "workload.sessions": {"turns": 3, "think_time_s": 1.0, "new_tokens": {"kind": "constant", "value": 40}}}
+    a = simulate(scenario(**over), 2).requests
+    b = simulate(scenario(**over, **{"service.cached_token_us": 50.0}), 2).requests
+    a, b = a[a["outcome"] == "ok"], b[b["outcome"] == "ok"]
+    hits = a["cached_tokens"] > 0
+    assert hits.sum() > 5 and (~hits).sum() > 5 and (b["cached_tokens"].to_numpy() == a["cached_tokens"].to_numpy()).all()
+    ttft_a, ttft_b = a["first_token_s"] - a["arrival_s"], b["first_token_s"] - b["arrival_s"]
+    assert np.allclose(ttft_b - ttft_a, a["cached_tokens"] * 50e-6)
+    assert np.allclose(b["itl_s"], a["itl_s"])  # the decode steps keep their pace
+
+
 def test_a_factor_walk_draws_at_random_or_walks_the_measured_order_in_blocks() -> None:
     from capsim.sim.streams import BufferedDraws, FactorWalk
 

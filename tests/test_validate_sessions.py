@@ -110,7 +110,8 @@ def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profi
     p50 = off[off.metric == "ttft_p50_s"].iloc[0]
     assert p50.error > 0.1 and not p50.met
     table = format_results(off)
-    assert "MISS" in table and "+0.0pt" in table and "ttft_p99_s" in table
+    assert "MISS" in table and "+0.0pt" in table and "ttft_p99_s" in table and "calibration" in table
+    assert (off.sim_at == "calibration").all()
 
 
 def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: Path, monkeypatch) -> None:
@@ -165,6 +166,9 @@ def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path:
     assert real.sort_values("request_id").prompt_tokens.tolist() == want.tolist()
     assert len(calls) == 4  # a think time after each answer but a session's last
     assert counters["vllm:prefix_cache_queries_total"] == pytest.approx(want.sum())
+    # each answer says how long the pod read the session's history before its engine saw the turn: part of
+    # the pod's queue time, which the TTFT counts
+    assert (real.load_s > 0).all() and (real.load_s <= real.start_s - real.arrival_s + 1e-3).all()
 
 
 @pytest.mark.slow
@@ -191,4 +195,14 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     tp = results[results.metric == "throughput_per_s"]
     assert (tp.real > 0).all() and (tp.sim > 0).all()
     runs = pd.read_csv(tmp_path / "replications.csv")
-    assert sorted(runs.policy) == ["round_robin", "session_affinity"] and (runs.real_turns == runs.sim_turns).all()
+    assert (runs.real_turns == runs.sim_turns).all()
+    # every replication simulated with the calibration alone and with what the fleet probe measured
+    assert sorted(runs.policy) == ["round_robin"] * 2 + ["session_affinity"] * 2
+    assert set(runs.sim_at) == set(results.sim_at) == {"calibration", "fleet probe"}
+    import json
+
+    probes = json.loads((tmp_path / "provenance.json").read_text())["fleet_probes"]
+    assert set(probes) == {"round_robin", "session_affinity"}
+    for p in probes.values():
+        assert p["turns"] > 0 and 0.2 < p["speed"] < 5 and p["answer_ms"] > 0 and p["ingress_ms"] > 0
+        assert p["cached_token_us"] >= 0 and p["hit_steps"] > 0

@@ -36,6 +36,7 @@ class StepRecord(NamedTuple):
     emitted: int  # tokens this step produced (each handed to its request's stream or answer)
     finished: int  # requests answered after this step
     after_idle: bool  # the loop waited for work before this step (the cycle to the previous end is no step)
+    cached_tokens: int = 0  # prompt tokens this step's admissions found in the prefix cache (their KV copied in)
 
     @classmethod
     def fields(cls) -> list[str]:
@@ -176,7 +177,7 @@ class ContinuousBatcher:
             plan = report.plan
             self.trace.append(StepRecord(t0, now, report.seconds, cpu_s, plan.prefill_tokens, plan.prefill_context,
                                          plan.decodes, plan.decode_context, self._arrivals, len(report.emitted),
-                                         len(report.finished), idle))
+                                         len(report.finished), idle, sum(plan.cached.values())))
             self._arrivals = 0
             idle = False
             for rid in report.plan.started:

@@ -307,6 +307,8 @@ async def run_load(
                                   for r, p in zip(ids, frame["prompt_tokens"], strict=True)]
         # NaN where the answer does not say (a pod whose engine does not report it), never a false 0
         frame["cached_tokens"] = [float(histories.get(int(r), {}).get("cached_tokens", np.nan)) for r in ids]
+        # how long the pod took to read the session's history from its store, before the engine saw the turn
+        frame["load_s"] = [float(histories.get(int(r), {}).get("load_s", np.nan)) for r in ids]
     frame.attrs["failures"] = dict(failures.most_common())
     # how late each session's first request left against its schedule (s; the generator's own lag), and
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows

@@ -127,9 +127,10 @@ async def _serve_turn(
             stream.task.cancel()
             raise
         return StreamingResponse(stream.events(first), media_type="text/event-stream")
+    load_s = time.perf_counter() - received  # reading the history from the store, before the engine sees it
     result = await _generate(pod, GenerationRequest(turn.prompt, body.max_new_tokens))
     answer = await _save_turn(pod, session_id, prompt, result, loaded, received, key)
-    return json_response({**answer, "history": history.report(turn, result)})
+    return json_response({**answer, "history": {**history.report(turn, result), "load_s": load_s}})
 
 
 def _prompt(body: TurnRequest, pod: PodState) -> tuple[int, ...]:

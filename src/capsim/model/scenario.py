@@ -176,7 +176,15 @@ class Service(_Section):
     ingress_ms: Float = Field(
         0.0, ge=0, le=60_000, description="a request that arrives while the model runs reaches the pod's batch "
         "queue this much later (its HTTP parsing shares the core), so a batch starting sooner leaves it for the "
-        "next; `capsim validate` measures it"
+        "next; `capsim validate` measures it. Continuous mode: every request reaches the engine's scheduler this "
+        "much after it arrives (the pod reads the session's history from the store first), whether a step runs "
+        "or not; `capsim validate --mode sessions` measures it (the pods' `load_s`)"
+    )
+    cached_token_us: Float = Field(
+        0.0, ge=0, le=10_000, description="continuous mode with prefix caching: engine time per prompt token "
+        "served from the prefix cache, added to the step that admits the request (capsim's plain-torch engine "
+        "copies a hit's cached KV into the request's own cache; a paged engine such as vLLM's does not copy); "
+        "`capsim validate --mode sessions` measures it from the pods' steps"
     )
     cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
         None, min_length=1, max_length=10_000, description="factors (mean 1) one of which, drawn at random, "

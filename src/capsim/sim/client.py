@@ -143,6 +143,8 @@ class Client:
         # without sticky sessions or Redis outages, a first send needs only the router and the queue
         plain = not self.sticky and not self.sim.faults.has_redis_outages and not self.scored
         plain = plain and not self.sim.scenario.service.arrival_overhead_ms  # Pod.enqueue charges arrivals
+        # a continuous pod's enqueue holds each request back for service.ingress_ms
+        plain = plain and not (self.sim.continuous is not None and self.sim.scenario.service.ingress_ms)
         send = self._send_plain if plain else self._send
         open_loop = self.open_loop
         session = self.session if self.track_sessions else None

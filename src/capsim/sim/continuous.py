@@ -101,6 +101,11 @@ class ContinuousPod(Pod):
         # pod CPU per arriving request on the model's core (not scaled by time_scale, as in the static pod)
         self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
         self._debt = 0.0  # arrivals' cost owed by the step about to start
+        # service.ingress_ms: every request reaches the scheduler this long after it arrives (the pod reads
+        # the session's history from the store first), whether or not a step runs meanwhile
+        self._ingress_s = sim.scenario.service.ingress_ms / 1000.0
+        # service.cached_token_us: a step admitting prefix hits copies their cached KV (the real engine's cost)
+        self._cached_s = sim.scenario.service.cached_token_us / 1e6
         # from the last token to the answer at the client (service.answer_ms): the engine does not wait
         self._answer_s = stats.answer_s
         # vLLM-style counters for the /metrics a scrape reads
@@ -134,6 +139,9 @@ class ContinuousPod(Pod):
     def enqueue(self, i: int, now: float) -> None:
         self.queue.append(i)
         self.outstanding += 1
+        if self._ingress_s:
+            self._enqueue_later(now)
+            return
         if self._arrival_s:
             if self.stepping:
                 self.pump(now)  # a run ends at its step in progress
@@ -141,6 +149,22 @@ class ContinuousPod(Pod):
                 return
             self._debt += self._arrival_s
         self.pump(now)
+
+    def _enqueue_later(self, now: float) -> None:
+        """An arrival with ``service.ingress_ms``: its HTTP parsing costs the step in progress now (as without
+        ingress), and the scheduler sees it ``_ingress_s`` later (``_feed`` holds it back until then)."""
+        if self._arrival_s:
+            if self.stepping:
+                self.pump(now)  # a run ends at its step in progress
+                self._lengthen(now, self._arrival_s)
+            else:
+                self._debt += self._arrival_s  # the step it starts pays it
+        self._wake_at(now + self._ingress_s, self._on_ingress, self.incarnation)
+
+    def _on_ingress(self, incarnation: int) -> None:
+        """A request reached the scheduler: start the step loop, or cut a run so the next step admits it."""
+        if incarnation == self.incarnation:  # not a pod that crashed meanwhile (its queue is gone)
+            self.pump(self._env._now)
 
     def _lengthen(self, now: float, extra: float) -> None:
         """The step in progress at ``now`` (the single step, or a run's last) ends ``extra`` s later."""
@@ -189,8 +213,12 @@ class ContinuousPod(Pod):
         # growing sessions hand over plain lists (no array per request); other sources their arrays
         hash_of = None if prefix is None else getattr(prefix, "block_hash_list", prefix.block_hashes)
         bs = self.stats.limits.block_size
+        ready = now - self._ingress_s + 1e-12  # sent by then (service.ingress_ms; 0: every request)
+        send = rec.send
         while self.fed < len(q):
             i = q[self.fed]
+            if send[i] > ready:
+                break  # still on its way in: arrivals are in send order, so the rest are too
             hashes = hash_of(i, bs) if hash_of is not None else ()
             if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
                 self.fed += 1
@@ -222,6 +250,8 @@ class ContinuousPod(Pod):
                 self.sim.cluster.pod_drained(self, now)
             return
         dt = self._step_s(step)
+        if self._cached_s and step.cached:
+            dt += self._cached_s * sum(step.cached.values())
         if self._debt:
             dt += self._debt
             self._debt = 0.0

@@ -71,11 +71,16 @@ class SessionsSpec:
     threads: int = 1
     calibration_s: float = 3.0
     step_workloads: int = 3
+    # seconds of session arrivals through each policy's fresh fleet before its replications (seed + 1000):
+    # the fleet's own speed, answer time and history load under the workload, which the lone calibration pod
+    # cannot see (the router, the store and the load generator share the pods' cores); every replication is
+    # also simulated with them (``sim_at`` "fleet probe"). 0: no probe
+    probe_s: float = 6.0
 
     @classmethod
     def quick(cls) -> SessionsSpec:
         return cls(replications=2, arrival_s=8.0, drain_s=10.0, warmup_s=2.0, turns=4, calibration_s=1.5,
-                   step_workloads=1)
+                   step_workloads=1, probe_s=3.0)
 
     @property
     def mean_prompt_tokens(self) -> float:
@@ -95,7 +100,8 @@ class SessionsSpec:
 
 def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
                       arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = (),
-                      answer_ms: float = 0.0, noise_block_steps: int = 1) -> Scenario:
+                      answer_ms: float = 0.0, noise_block_steps: int = 1, ingress_ms: float = 0.0,
+                      cached_token_us: float = 0.0) -> Scenario:
     """The simulator's view of one run: two always-ready continuous pods with prefix caching behind
     ``policy``, sessions arriving at ``rate`` per second until ``arrival_s``."""
     return Scenario.model_validate({
@@ -113,13 +119,51 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
         },
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
-                    "answer_ms": answer_ms, "cycle_noise_block_steps": noise_block_steps},
+                    "answer_ms": answer_ms, "cycle_noise_block_steps": noise_block_steps,
+                    "ingress_ms": ingress_ms, "cached_token_us": cached_token_us},
         "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
         "pods": {"replicas": 2, "startup_s": 0},
         # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
         "router": {"kind": policy, "kv_cache_weight": 0.0},
         "client": {"timeout_s": 600, "max_retries": 0},
     })
+
+
+#: each replication is simulated twice (``sim_at``): with the calibration alone (the lone pod's step model,
+#: per-arrival time and answer time), and with what a probe of the policy's fleet measured just before its
+#: replications (:class:`FleetProbe`; a prediction too: its sessions are not the measured ones)
+CALIBRATION, FLEET_PROBE = "calibration", "fleet probe"
+
+
+@dataclass(frozen=True)
+class FleetProbe:
+    """What ``probe_s`` seconds of the workload (its own seed) through a policy's fresh fleet measured.
+
+    What the simulation at ``sim_at`` "fleet probe" takes from it, on top of the calibration: ``answer_ms``,
+    the mean time from a turn's last token to its answer at the client (the store write, the answer, the
+    router's way back; the calibration's lone pod measures only its own); ``ingress_ms``, the mean time a pod
+    took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``,
+    ``service.ingress_ms``); ``cached_token_us``, what each prompt token served from the prefix cache adds to
+    the step admitting it (the engine copies the hit's KV; the calibration's pod runs without caching): the
+    slope of the hit steps' cycle minus the calibrated model's, over their cached tokens (least squares with
+    an intercept, at least 0; ``service.cached_token_us``).
+
+    Reported, not simulated: ``speed``, the pods' summed step cycle over what the calibrated model gives
+    those steps (the router, the store and the load generator share the pods' cores). Simulating at it
+    overshot the real TTFT p50 by 46% in the one run tried (2026-12-01): the probe's sessions ramp up and
+    drain, and the calibrated cycle's per-arrival term already charges much of what it measures."""
+
+    speed: float
+    answer_ms: float
+    ingress_ms: float
+    cached_token_us: float
+    turns: int
+    hit_steps: int
+
+    def describe(self) -> str:
+        return (f"fleet probe: {self.turns} turns; answer {self.answer_ms:.1f} ms after the last token, history "
+                f"read {self.ingress_ms:.1f} ms, {self.cached_token_us:.1f} us per cached token over "
+                f"{self.hit_steps} hit steps; (reported only) steps {self.speed:.2f} x the calibrated model")
 
 
 @dataclass
@@ -130,10 +174,64 @@ class _Pool:
     preemptions: list[tuple[float, float]]
     turns: int = 0
     runs: list[dict[str, Any]] = field(default_factory=list)  # one row per replication (replications.csv)
+    probe: FleetProbe | None = None  # what this pool's simulations took from the fleet probe (None: calibration)
+
+
+def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rate: float,
+                vocab: int) -> FleetProbe | None:
+    """Run ``spec.probe_s`` seconds of sessions (seed ``spec.seed + 1000``) through ``fleet`` and measure
+    :class:`FleetProbe`; ``None`` when it gave nothing to measure (no answered turn, no step)."""
+    from dataclasses import replace
+
+    import numpy as np
+    import pandas as pd
+
+    from capsim.sim.arrivals import make_workload
+    from capsim.sim.sessions import ThinkTimes
+    from capsim.sim.streams import Streams
+    from capsim.studies.validate_continuous import pod_token_span
+    from capsim.studies.validate_continuous_calibrate import cycles, fetch_steps
+    from capsim.studies.validate_sessions_real import message_ids, run_real
+
+    seed = spec.seed + 1000
+    scenario = sessions_scenario(replace(spec, arrival_s=spec.probe_s, warmup_s=0.0), policy, cal.profile_path,
+                                 rate, cal.time_scale)
+    workload = make_workload(scenario, Streams(seed))
+    msg = workload.message_tokens
+    assert msg is not None
+
+    def messages(r: int) -> list[int]:
+        return message_ids(seed, r // spec.turns, r % spec.turns, int(msg[r]), vocab)
+
+    think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
+    t0 = time.perf_counter()
+    real, _ = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
+    t1 = time.perf_counter()
+    if cal.fit is None or cal.cal is None:
+        return None
+    steps = [cycles(fetch_steps(pod.url, t0, t1), cal.fit) for pod in fleet.pods]
+    frame = pd.concat([s for s in steps if len(s)], ignore_index=True) if any(len(s) for s in steps) else None
+    span = pod_token_span(real)
+    ok = (real.outcome == "ok").to_numpy()
+    if frame is None or not ok.any() or span is None or "load_s" not in real:
+        return None
+    fitted = cal.cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy())
+    hit = frame.cached_tokens.to_numpy() > 0 if "cached_tokens" in frame else np.zeros(len(frame), bool)
+    per_token = 0.0
+    if hit.sum() >= 20 and np.ptp(frame.cached_tokens.to_numpy()[hit]) > 0:
+        x = frame.cached_tokens.to_numpy()[hit].astype(float)
+        coef, *_ = np.linalg.lstsq(np.c_[np.ones(len(x)), x], frame.cycle_s.to_numpy()[hit] - fitted[hit], rcond=None)
+        per_token = max(float(coef[1]), 0.0)
+    answer = (real.end_s - real.first_token_s).to_numpy() - span
+    return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
+                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, per_token * 1e6, int(ok.sum()),
+                      int(hit.sum()))
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
-                cores: list[int | None], echo: Callable[[str], None]) -> _Pool:
+                cores: list[int | None], echo: Callable[[str], None]) -> dict[str, _Pool]:
+    """The policy's replications on a fresh fleet (after its probe, when ``spec.probe_s``), each simulated
+    per ``sim_at``: one pool per ``sim_at``, the same real half in each."""
     from capsim.sim.arrivals import make_workload
     from capsim.sim.sessions import ThinkTimes
     from capsim.sim.simulate import simulate
@@ -146,9 +244,15 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     from capsim.core.engine import PRESETS
 
     vocab = PRESETS[spec.model].vocab_size
-    pool = _Pool([], [], [], [])
+    pools: dict[str, _Pool] = {CALIBRATION: _Pool([], [], [], [])}
     fleet = start_fleet(work, policy, settings, cores)
     try:
+        probe = fleet_probe(fleet, spec, policy, cal, rate, vocab) if spec.probe_s > 0 else None
+        if probe is not None:
+            echo(f"  {policy} {probe.describe()}")
+            pools[FLEET_PROBE] = _Pool([], [], [], [], probe=probe)
+        elif spec.probe_s > 0:
+            echo(f"  {policy}: the fleet probe measured nothing (no answered turn or no step); no probe row")
         for rep in range(spec.replications):
             seed = spec.seed + rep
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
@@ -162,24 +266,32 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
 
             think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
             real_df, real_c = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
-            sim = simulate(scenario, seed=seed)
             w, end = spec.warmup_s, spec.arrival_s
-            pool.real.append(vs.cut_blocks(real_df, w, end))
-            pool.sim.append(vs.cut_blocks(sim.requests, w, end))
-            ts = sim.timeseries
-            pool.counters.append((real_c["vllm:prefix_cache_hits_total"], real_c["vllm:prefix_cache_queries_total"],
-                                  float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
-            pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
-            pool.turns += workload.n_requests
-            pool.runs.append(_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec))
+            real_blocks = vs.cut_blocks(real_df, w, end)
+            for sim_at, pool in pools.items():
+                sc = scenario if pool.probe is None else sessions_scenario(
+                    spec, policy, cal.profile_path, rate, cal.time_scale, cal.arrival_overhead_ms, cal.cycle_noise,
+                    pool.probe.answer_ms, NOISE_BLOCK_STEPS, pool.probe.ingress_ms, pool.probe.cached_token_us)
+                sim = simulate(sc, seed=seed)
+                pool.real.append(real_blocks)
+                pool.sim.append(vs.cut_blocks(sim.requests, w, end))
+                ts = sim.timeseries
+                pool.counters.append((real_c["vllm:prefix_cache_hits_total"],
+                                      real_c["vllm:prefix_cache_queries_total"],
+                                      float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
+                pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
+                pool.turns += workload.n_requests
+                pool.runs.append({**_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec),
+                                  "sim_at": sim_at})
+            first = pools[CALIBRATION]
             bad = real_df[real_df.outcome != "ok"]
             echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
                  f"{len(real_df)} turns sent ({len(bad)} not ok{_reasons(real_df)}), hit rate real "
                  f"{real_c['vllm:prefix_cache_hits_total'] / max(real_c['vllm:prefix_cache_queries_total'], 1):.3f} "
-                 f"sim {pool.counters[-1][2] / max(pool.counters[-1][3], 1):.3f}")
+                 f"sim {first.counters[-1][2] / max(first.counters[-1][3], 1):.3f}")
     finally:
         fleet.stop()
-    return pool
+    return pools
 
 
 def _reasons(frame: Any) -> str:
@@ -204,9 +316,9 @@ def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _
     return out
 
 
-def _rows(policy: str, rate: float, pool: _Pool) -> list[dict[str, Any]]:
+def _rows(policy: str, rate: float, pool: _Pool, sim_at: str = CALIBRATION) -> list[dict[str, Any]]:
     real, sim = vs.pool(pool.real), vs.pool(pool.sim)
-    base = {"policy": policy, "sessions_per_s": rate, "turns": pool.turns}
+    base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns}
     rows = []
     for metric in METRICS:
         ri, si, ei = vs.interval(real, metric), vs.interval(sim, metric), vs.error_interval(real, sim, metric)
@@ -258,11 +370,15 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
          f"turns ({spec.level:.0%})")
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    probes: dict[str, dict[str, Any]] = {}
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
-        pool = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
-        rows += _rows(policy, rate, pool)
-        runs += pool.runs
+        pools = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
+        for sim_at, pool in pools.items():
+            rows += _rows(policy, rate, pool, sim_at)
+            runs += pool.runs
+            if pool.probe is not None:
+                probes[policy] = asdict(pool.probe)
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
     pd.DataFrame(runs).to_csv(out / "replications.csv", index=False)
@@ -271,7 +387,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
-        "answer_ms": cal.answer_ms,
+        "answer_ms": cal.answer_ms, "fleet_probes": probes,
         "capacity_per_pod_turns_per_s": per_pod,
         "sessions_per_s": rate, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
@@ -288,7 +404,8 @@ def format_results(results: Any) -> str:
     95% interval, and whether it meets its target."""
     import numpy as np
 
-    lines = [f"{'policy':>17} {'metric':>17} {'real':>10} {'sim':>10} {'error':>9} {'95% interval':>19} {'target':>7}"]
+    lines = [f"{'policy':>17} {'sim at':>12} {'metric':>17} {'real':>10} {'sim':>10} {'error':>9} {'95% interval':>19} "
+             f"{'target':>7}"]
     for r in results.itertuples():
         pts = r.error_kind == "points"
 
@@ -298,5 +415,7 @@ def format_results(results: Any) -> str:
         ci = f"[{fmt(r.error_low)}, {fmt(r.error_high)}]" if np.isfinite(getattr(r, "error_low", np.nan)) else ""
         met = getattr(r, "met", None)
         ok = "" if not isinstance(met, bool | np.bool_) else ("ok" if met else "MISS")
-        lines.append(f"{r.policy:>17} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} {err:>9} {ci:>19} {ok:>7}")
+        sim_at = getattr(r, "sim_at", CALIBRATION)
+        lines.append(f"{r.policy:>17} {sim_at:>12} {r.metric:>17} {r.real:>10.4g} {r.sim:>10.4g} {err:>9} {ci:>19} "
+                     f"{ok:>7}")
     return "\n".join(lines)

@@ -35,6 +35,8 @@ class Calibrated:
     provenance: dict[str, Any] = field(default_factory=dict)
     cycle_noise: tuple[float, ...] = ()  # the single steps' spread around the fit (service.cycle_noise)
     answer_ms: float = 0.0  # from the last token to the answer at the client (service.answer_ms)
+    fit: Any = None  # the measured step model (StepTimeFit), for the fleet probe's speed
+    cal: Any = None  # the calibration (StepCalibration), idem
 
 
 def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], pod_core: int | None,
@@ -78,4 +80,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits))
+                      cal.cycle_noise, answer_ms(splits), fit, cal)
