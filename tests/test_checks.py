@@ -222,9 +222,9 @@ def test_batch_checks_skip_continuous_batching(rush: Scenario) -> None:
 
 def test_continuous_only_settings_in_a_static_scenario_warn(rush: Scenario) -> None:
     assert rush.batching.mode == "static" and not _fired(rush, "continuous-only-setting")
-    s = rush.override({"service.answer_ms": 8.0, "service.cycle_noise_block_steps": 64})
+    s = rush.override({"service.answer_ms": 8.0, "service.cycle_noise_block_steps": 64, "service.cached_token_us": 9.0})
     found = _fired(s, "continuous-only-setting")
-    # the factors' walk in blocks applies to static batches too (CycleNoiseService): only answer_ms is ignored
-    assert [f.path for f in found] == ["service.answer_ms"]
+    # the factors' walk in blocks applies to static batches too (CycleNoiseService): the other two are ignored
+    assert [f.path for f in found] == ["service.answer_ms", "service.cached_token_us"]
     assert all(f.level == "warn" for f in found)
     assert not _fired(s.override({"batching.mode": "continuous", "batching.num_blocks": 1000}), "continuous-only-setting")

@@ -24,8 +24,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
   the SLO is already broken.
 * ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
-* ``continuous-only-setting`` (warn): ``service.answer_ms`` set in a static-batching scenario, where the
-  simulator ignores it.
+* ``continuous-only-setting`` (warn): ``service.answer_ms`` or ``service.cached_token_us`` set in a
+  static-batching scenario, where the simulator ignores it.
 
 The batch checks (max wait, queue below batch, client timeout, service model) apply to static batching
 (``batching.mode: static``, the default); continuous batching has no max wait or batch size.
@@ -88,7 +88,7 @@ def _continuous_only(scenario: Scenario) -> list[Finding]:
     svc = scenario.service
     return [Finding(f"service.{name}", f"{value} is ignored: only continuous batching (batching.mode: continuous) "
                     "reads it", level="warn", check="continuous-only-setting")
-            for name, value, default in (("answer_ms", svc.answer_ms, 0.0),)
+            for name, value, default in (("answer_ms", svc.answer_ms, 0.0), ("cached_token_us", svc.cached_token_us, 0.0))
             if value != default]
 
 

@@ -139,31 +139,23 @@ CALIBRATION, FLEET_PROBE = "calibration", "fleet probe"
 class FleetProbe:
     """What ``probe_s`` seconds of the workload (its own seed) through a policy's fresh fleet measured.
 
-    What the simulation at ``sim_at`` "fleet probe" takes from it, on top of the calibration: ``answer_ms``,
+    What the simulation at ``sim_at`` "fleet probe" takes from it, on top of the calibration: ``speed``, the
+    pods' summed step cycle over what the calibrated model gives those same steps (the router, the store and
+    the load generator share the pods' cores, which the calibration's lone pod had to itself), multiplying
+    the calibrated step model and per-arrival time as the continuous validation's probes do; ``answer_ms``,
     the mean time from a turn's last token to its answer at the client (the store write, the answer, the
     router's way back; the calibration's lone pod measures only its own); ``ingress_ms``, the mean time a pod
     took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``,
-    ``service.ingress_ms``); ``cached_token_us``, what each prompt token served from the prefix cache adds to
-    the step admitting it (the engine copies the hit's KV; the calibration's pod runs without caching): the
-    slope of the hit steps' cycle minus the calibrated model's, over their cached tokens (least squares with
-    an intercept, at least 0; ``service.cached_token_us``).
-
-    Reported, not simulated: ``speed``, the pods' summed step cycle over what the calibrated model gives
-    those steps (the router, the store and the load generator share the pods' cores). Simulating at it
-    overshot the real TTFT p50 by 46% in the one run tried (2026-12-01): the probe's sessions ramp up and
-    drain, and the calibrated cycle's per-arrival term already charges much of what it measures."""
+    ``service.ingress_ms``)."""
 
     speed: float
     answer_ms: float
     ingress_ms: float
-    cached_token_us: float
     turns: int
-    hit_steps: int
 
     def describe(self) -> str:
-        return (f"fleet probe: {self.turns} turns; answer {self.answer_ms:.1f} ms after the last token, history "
-                f"read {self.ingress_ms:.1f} ms, {self.cached_token_us:.1f} us per cached token over "
-                f"{self.hit_steps} hit steps; (reported only) steps {self.speed:.2f} x the calibrated model")
+        return (f"fleet probe: {self.turns} turns; steps {self.speed:.2f} x the calibrated model, answer "
+                f"{self.answer_ms:.1f} ms after the last token, history read {self.ingress_ms:.1f} ms")
 
 
 @dataclass
@@ -216,16 +208,9 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     if frame is None or not ok.any() or span is None or "load_s" not in real:
         return None
     fitted = cal.cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy())
-    hit = frame.cached_tokens.to_numpy() > 0 if "cached_tokens" in frame else np.zeros(len(frame), bool)
-    per_token = 0.0
-    if hit.sum() >= 20 and np.ptp(frame.cached_tokens.to_numpy()[hit]) > 0:
-        x = frame.cached_tokens.to_numpy()[hit].astype(float)
-        coef, *_ = np.linalg.lstsq(np.c_[np.ones(len(x)), x], frame.cycle_s.to_numpy()[hit] - fitted[hit], rcond=None)
-        per_token = max(float(coef[1]), 0.0)
     answer = (real.end_s - real.first_token_s).to_numpy() - span
     return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
-                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, per_token * 1e6, int(ok.sum()),
-                      int(hit.sum()))
+                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()))
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -256,7 +241,8 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
         for rep in range(spec.replications):
             seed = spec.seed + rep
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
-                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS)
+                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS,
+                                         cached_token_us=cal.cached_token_us)
             workload = make_workload(scenario, Streams(seed))
             msg = workload.message_tokens
             assert msg is not None
@@ -270,8 +256,9 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             real_blocks = vs.cut_blocks(real_df, w, end)
             for sim_at, pool in pools.items():
                 sc = scenario if pool.probe is None else sessions_scenario(
-                    spec, policy, cal.profile_path, rate, cal.time_scale, cal.arrival_overhead_ms, cal.cycle_noise,
-                    pool.probe.answer_ms, NOISE_BLOCK_STEPS, pool.probe.ingress_ms, pool.probe.cached_token_us)
+                    spec, policy, cal.profile_path, rate, cal.time_scale * pool.probe.speed,
+                    cal.arrival_overhead_ms * pool.probe.speed, cal.cycle_noise, pool.probe.answer_ms, NOISE_BLOCK_STEPS,
+                    pool.probe.ingress_ms, cal.cached_token_us)
                 sim = simulate(sc, seed=seed)
                 pool.real.append(real_blocks)
                 pool.sim.append(vs.cut_blocks(sim.requests, w, end))
@@ -387,7 +374,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     provenance = {
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
-        "answer_ms": cal.answer_ms, "fleet_probes": probes,
+        "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
         "capacity_per_pod_turns_per_s": per_pod,
         "sessions_per_s": rate, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,

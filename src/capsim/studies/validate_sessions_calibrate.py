@@ -37,6 +37,52 @@ class Calibrated:
     answer_ms: float = 0.0  # from the last token to the answer at the client (service.answer_ms)
     fit: Any = None  # the measured step model (StepTimeFit), for the fleet probe's speed
     cal: Any = None  # the calibration (StepCalibration), idem
+    cached_token_us: float = 0.0  # a prefix hit's KV copy per cached token (service.cached_token_us)
+
+
+def measure_hit_copy_us(model: str, threads: int, limits: dict[str, int], prompt: int, core: int | None,
+                        repeats: int = 15) -> float:
+    """Microseconds per cached token that the real engine spends copying a prefix hit's KV into the request's
+    own cache (``ContinuousEngine._load_hit``), which the step model (measured without prefix caching) does
+    not have: the same ``prompt``-token prompt generated again hits its cached blocks, and each hit's copy is
+    timed; the median over ``repeats`` hits. In this process, pinned to ``core`` (the pods' core) with
+    ``threads`` torch threads, both restored after."""
+    import statistics
+    import time
+
+    import numpy as np
+    import torch
+
+    from capsim.core.continuous import ContinuousEngine
+    from capsim.core.engine import GenerationRequest, ReferenceEngine
+    from capsim.policy.sched_types import SchedulerLimits
+
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    torch_threads = torch.get_num_threads()
+    try:
+        if core is not None and affinity is not None:
+            os.sched_setaffinity(0, {core})
+        ref = ReferenceEngine(model, device="cpu", threads=threads)
+        eng = ContinuousEngine(ref, SchedulerLimits(limits["max_num_seqs"], limits["max_num_batched_tokens"],
+                                                    limits["block_size"], limits["num_blocks"], limits["max_model_len"],
+                                                    enable_prefix_caching=True))
+        per_token: list[float] = []
+        copy = eng._load_hit
+
+        def timed(a: Any, hit: int) -> None:
+            t0 = time.perf_counter()
+            copy(a, hit)
+            per_token.append((time.perf_counter() - t0) / hit)
+
+        eng._load_hit = timed  # type: ignore[method-assign]
+        ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, prompt).tolist()
+        for _ in range(repeats + 1):  # the first run fills the cache; each later one hits it
+            eng.generate([GenerationRequest(tuple(ids), 1)])
+    finally:
+        torch.set_num_threads(torch_threads)
+        if core is not None and affinity is not None:
+            os.sched_setaffinity(0, affinity)
+    return statistics.median(per_token) * 1e6 if per_token else 0.0
 
 
 def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], pod_core: int | None,
@@ -76,8 +122,10 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
     ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": vcc.calibrated_fit(fit, cal).to_dict()},
                        measured.source).to_csv(profile_path)
     per_pod = vcc.capacity_per_s(fit, cal, spec.max_num_seqs, round(spec.mean_prompt_tokens), spec.output_tokens)
+    copy_us = measure_hit_copy_us(spec.model, spec.threads, spec.limits(), prompt, pod_core)
+    echo(f"a prefix hit's KV copy: {copy_us:.2f} us per cached token (ContinuousEngine._load_hit, on core {pod_core})")
     return Calibrated(profile_path, cal.time_scale, cal.arrival_s * 1e3, per_pod,
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits), fit, cal)
+                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us)
