@@ -195,11 +195,14 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
 
     from capsim.studies.validate_sessions import run_sessions_validation
 
-    spec = replace(SPEC, replications=1, arrival_s=6.0, warmup_s=1.0, calibration_s=1.0)
+    # at 30% of the calibrated capacity: a 1-s calibration can overstate it, and a fleet pushed past its own
+    # capacity turns its caches over before sessions come back, even under affinity (docs/sessions.md, the
+    # 2026-12-01 runs: 0.62 real against 0.77 simulated in one)
+    spec = replace(SPEC, replications=1, arrival_s=6.0, warmup_s=1.0, calibration_s=1.0, level=0.3)
     results = run_sessions_validation(spec, out_dir=tmp_path, echo=lambda _: None)
     for name in ("results.csv", "replications.csv", "provenance.json", "profile.csv"):
         assert (tmp_path / name).exists()
-    hit = results[results.metric == "hit_rate"].set_index("policy")
+    hit = results[(results.metric == "hit_rate") & (results.sim_at == "calibration")].set_index("policy")
     # both halves see what affinity buys, and agree on it (latencies depend on the machine's load)
     assert (hit.real > 0).all() and (hit.sim > 0).all()
     for side in ("real", "sim"):
@@ -208,7 +211,7 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     # round robin's hit rate depends on how fast the pods free and reuse blocks (docs/sessions.md), so on a
     # loaded machine its real side drifts from the simulator's: only the ordering above is promised there
     assert abs(hit.loc["session_affinity", "error"]) < 0.05
-    tp = results[results.metric == "throughput_per_s"]
+    tp = results[results.metric == "throughput_per_s"]  # both simulations
     assert (tp.real > 0).all() and (tp.sim > 0).all()
     runs = pd.read_csv(tmp_path / "replications.csv")
     assert (runs.real_turns == runs.sim_turns).all()
