@@ -21,9 +21,11 @@ from capsim.studies import validate_stats as vs
 from capsim.studies.validate_continuous import BASE_PROFILE
 from capsim.studies.validate_sessions import (
     HIT_TARGET_POINTS,
+    FleetProbe,
     SessionsSpec,
     _Pool,
     _rows,
+    fleet_rate,
     format_results,
     hit_rate_row,
     sessions_scenario,
@@ -92,6 +94,32 @@ def test_the_hit_rate_is_pooled_over_runs_in_points_with_its_target() -> None:
     assert far["error"] == pytest.approx(0.2) and far["error"] > HIT_TARGET_POINTS and not far["met"]
 
 
+def test_the_fleet_rate_keeps_a_slower_fleet_at_the_calibrations_share_of_its_own_capacity(
+        fitted_profile: Path) -> None:
+    from dataclasses import replace
+
+    from capsim.sim.simulate import Simulation
+
+    probe = FleetProbe(speed=1.6, answer_ms=10.0, ingress_ms=1.0, turns=100, sessions_per_s=4.0)
+    assert fleet_rate(4.0, None) == 4.0  # no probe: the calibration's rate
+    assert fleet_rate(4.0, replace(probe, speed=0.9)) == 4.0  # not faster than the lone pod on its own core
+    sized = fleet_rate(4.0, probe)
+    assert sized == pytest.approx(2.5)
+
+    def busy(rate: float, speed: float) -> float:
+        """The pods' busy time over the turns' arrival window: the share of the fleet's capacity used."""
+        sim = Simulation(sessions_scenario(SPEC, "session_affinity", fitted_profile, rate, speed), seed=0)
+        sim.run()
+        assert sim.continuous is not None
+        return sim.continuous.busy_s
+
+    base, slow, sized_slow = busy(4.0, 1.0), busy(4.0, 1.6), busy(sized, 1.6)
+    # the calibration's rate on a fleet 1.6x slower uses 1.6x the pods' time; the sized rate about as much
+    # as the calibration's rate on the calibrated fleet (batches are smaller at a lower rate: not exactly)
+    assert slow / base == pytest.approx(1.6, rel=0.1)
+    assert sized_slow / base == pytest.approx(1.0, rel=0.15)
+
+
 def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profile: Path) -> None:
     sc = sessions_scenario(SPEC, "session_affinity", fitted_profile, 4.0, 1.0)
     same = simulate(sc, seed=0)
@@ -145,6 +173,19 @@ def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: 
     assert res.exit_code != 0 and "sessions" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--policies", "round_robin,sticky"])
     assert res.exit_code != 0 and "--policies must name router policies" in res.output
+    for flag, value in (("--level", "0.3"), ("--probe-s", "2"), ("--policies", "round_robin")):
+        res = CliRunner().invoke(app, ["validate", "--mode", "continuous", flag, value])
+        assert res.exit_code != 0 and f"{flag} applies to --mode sessions only" in res.output
+    res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--level", "1.5"])
+    assert res.exit_code != 0 and "--level" in res.output
+    # the flags reach the spec the validation runs with
+    seen: list[SessionsSpec] = []
+    monkeypatch.setattr("capsim.studies.validate_sessions.run_sessions_validation",
+                        lambda spec, **_: seen.append(spec))
+    res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--out-dir", str(tmp_path / "o"), "--level",
+                                   "0.3", "--probe-s", "0", "--replications", "2"])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].level, seen[0].probe_s, seen[0].replications) == (0.3, 0.0, 2)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
@@ -220,8 +261,21 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert set(runs.sim_at) == set(results.sim_at) == {"calibration", "fleet probe"}
     import json
 
-    probes = json.loads((tmp_path / "provenance.json").read_text())["fleet_probes"]
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    probes = prov["fleet_probes"]
     assert set(probes) == {"round_robin", "session_affinity"}
     for p in probes.values():
         assert p["turns"] > 0 and 0.2 < p["speed"] < 5 and p["answer_ms"] > 0 and p["ingress_ms"] > 0
+    # each policy ran at the rate its first probe sized (at most the calibration's), and said so everywhere
+    for policy, rate in prov["sessions_per_s_by_policy"].items():
+        first = prov["sizing_probes"].get(policy, probes[policy])
+        assert first["sessions_per_s"] == pytest.approx(prov["sessions_per_s"])
+        sized = fleet_rate(prov["sessions_per_s"], FleetProbe(**first))
+        if policy in prov["sizing_probes"]:  # it moved the rate by more than 5%: a second probe at the new one
+            assert rate == pytest.approx(sized) and rate < 0.95 * prov["sessions_per_s"]
+        else:
+            assert rate == pytest.approx(prov["sessions_per_s"]) and sized >= 0.95 * rate
+        assert probes[policy]["sessions_per_s"] == pytest.approx(rate)
+        assert np.allclose(results[results.policy == policy].sessions_per_s, rate)
+        assert np.allclose(runs[runs.policy == policy].sessions_per_s, rate)
     assert json.loads((tmp_path / "provenance.json").read_text())["cached_token_us"] > 0

@@ -336,6 +336,12 @@ def validate(
     noise_block_steps: Annotated[int | None, typer.Option(
         min=0, help="--mode continuous: steps the simulator walks the measured step factors in a row; 1: each "
         "step at random, 0: no step spread [default: 64]")] = None,
+    level: Annotated[float | None, typer.Option(
+        min=0.01, max=1.0, help="--mode sessions: the session rate as a share of the fleet's capacity without "
+        "prefix hits [default: 0.5]")] = None,
+    probe_s: Annotated[float | None, typer.Option(
+        min=0.0, help="--mode sessions: seconds of each policy's fleet probe, which sizes the rate to the fleet "
+        "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
@@ -344,11 +350,14 @@ def validate(
         raise CommandLineError(f"--mode must be static or continuous, or sessions, got {mode!r}")
     if noise_block_steps is not None and mode != "continuous":
         raise CommandLineError("--noise-block-steps applies to --mode continuous only")
+    for name, given in (("--level", level), ("--probe-s", probe_s), ("--policies", policies)):
+        if given is not None and mode != "sessions":
+            raise CommandLineError(f"{name} applies to --mode sessions only")
     if mode == "continuous":
         _validate_continuous(quick, out_dir, force, noise_block_steps)
         return
     if mode == "sessions":
-        _validate_sessions(quick, out_dir, force, replications, policies)
+        _validate_sessions(quick, out_dir, force, replications, policies, level, probe_s)
         return
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
@@ -388,7 +397,7 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_b
 
 
 def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replications: int | None,
-                       policies: str | None) -> None:
+                       policies: str | None, level: float | None = None, probe_s: float | None = None) -> None:
     """``capsim validate --mode sessions`` (capsim.studies.validate_sessions)."""
     from dataclasses import replace
 
@@ -404,6 +413,10 @@ def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replicati
         spec = replace(spec, policies=names)
     if replications is not None:
         spec = replace(spec, replications=replications)
+    if level is not None:
+        spec = replace(spec, level=level)
+    if probe_s is not None:
+        spec = replace(spec, probe_s=probe_s)
 
     folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/sessions"), "--out-dir")
     existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]

@@ -7,7 +7,8 @@ previous answer arrives plus an exponential think time, drawn in answer order fr
 stream in both halves, as the simulated client does), each later turn a new message of distinct tokens
 and a short answer, so every turn prefills its history from the store. The step model is measured and
 calibrated as ``capsim validate --mode continuous`` does (``capsim.studies.validate_sessions_calibrate``);
-the session rate is ``level`` times the two pods' capacity without prefix hits. Per policy: the prefix
+the session rate is ``level`` times the fleet's capacity without prefix hits: the two pods' as the lone
+calibration pod gives it, divided by the speed a first fleet probe measures (:func:`fleet_rate`). Per policy: the prefix
 hit rate (prompt tokens served from the cache, from the pods' and the simulator's counters), TTFT
 p50/p99 and turns per second, with the block-bootstrap intervals of ``capsim.studies.validate_stats``
 over the requests that arrive in ``[warmup_s, arrival_s)``. Method and targets: docs/sessions.md.
@@ -48,7 +49,10 @@ class SessionsSpec:
 
     policies: tuple[str, ...] = ("session_affinity", "round_robin")
     replications: int = 3
-    level: float = 0.5  # turns per second, as a share of the two pods' capacity without prefix hits
+    # turns per second, as a share of the fleet's capacity without prefix hits: the two pods' capacity from the
+    # calibration, over the first fleet probe's speed when it is slower (``fleet_rate``; without a probe: the
+    # calibration's alone)
+    level: float = 0.5
     arrival_s: float = 20.0  # sessions arrive during this long; the comparison window ends here
     drain_s: float = 12.0  # the simulation runs this much longer, for the sessions' later turns
     warmup_s: float = 4.0
@@ -73,8 +77,10 @@ class SessionsSpec:
     step_workloads: int = 3
     # seconds of session arrivals through each policy's fresh fleet before its replications (seed + 1000):
     # the fleet's own speed, answer time and history load under the workload, which the lone calibration pod
-    # cannot see (the router, the store and the load generator share the pods' cores); every replication is
-    # also simulated with them (``sim_at`` "fleet probe"). 0: no probe
+    # cannot see (the router, the store and the load generator share the pods' cores); its speed sizes the
+    # session rate (``fleet_rate``); when that moved the rate, a second probe at the new rate (seed + 2000)
+    # measures them again; every replication is also simulated with them (``sim_at`` "fleet probe"). 0: no
+    # probe, the rate from the calibration alone
     probe_s: float = 6.0
 
     @classmethod
@@ -152,9 +158,11 @@ class FleetProbe:
     answer_ms: float
     ingress_ms: float
     turns: int
+    sessions_per_s: float = float("nan")  # the rate it ran at
 
     def describe(self) -> str:
-        return (f"fleet probe: {self.turns} turns; steps {self.speed:.2f} x the calibrated model, answer "
+        return (f"fleet probe at {self.sessions_per_s:.2f} sessions/s: {self.turns} turns; steps {self.speed:.2f} "
+                f"x the calibrated model, answer "
                 f"{self.answer_ms:.1f} ms after the last token, history read {self.ingress_ms:.1f} ms")
 
 
@@ -169,10 +177,25 @@ class _Pool:
     probe: FleetProbe | None = None  # what this pool's simulations took from the fleet probe (None: calibration)
 
 
+def fleet_rate(rate: float, probe: FleetProbe | None) -> float:
+    """The session rate at ``level`` of the fleet's capacity, from ``rate`` (the same level of the lone
+    calibration pod's capacity, two pods' worth) and the first fleet probe: a fleet whose steps run
+    ``speed`` times the calibrated model's has ``1 / speed`` of the capacity (the speed multiplies the step
+    model and the per-arrival time alike). A probe that measured a fleet faster than the lone pod on its
+    own core (``speed`` < 1, noise) leaves the rate as it is: the calibration's capacity is the ceiling."""
+    if probe is None or not probe.speed > 1.0:
+        return rate
+    return rate / probe.speed
+
+
+#: fleet probes' seeds, after the replications' own: the first (it sizes the rate), the second (at that rate)
+PROBE_SEED, SECOND_PROBE_SEED = 1000, 2000
+
+
 def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rate: float,
-                vocab: int) -> FleetProbe | None:
-    """Run ``spec.probe_s`` seconds of sessions (seed ``spec.seed + 1000``) through ``fleet`` and measure
-    :class:`FleetProbe`; ``None`` when it gave nothing to measure (no answered turn, no step)."""
+                vocab: int, seed_offset: int = PROBE_SEED) -> FleetProbe | None:
+    """Run ``spec.probe_s`` seconds of sessions at ``rate`` (seed ``spec.seed + seed_offset``) through ``fleet``
+    and measure :class:`FleetProbe`; ``None`` when it gave nothing to measure (no answered turn, no step)."""
     from dataclasses import replace
 
     import numpy as np
@@ -185,7 +208,7 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     from capsim.studies.validate_continuous_calibrate import cycles, fetch_steps
     from capsim.studies.validate_sessions_real import message_ids, run_real
 
-    seed = spec.seed + 1000
+    seed = spec.seed + seed_offset
     scenario = sessions_scenario(replace(spec, arrival_s=spec.probe_s, warmup_s=0.0), policy, cal.profile_path,
                                  rate, cal.time_scale)
     workload = make_workload(scenario, Streams(seed))
@@ -210,13 +233,25 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     fitted = cal.cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy())
     answer = (real.end_s - real.first_token_s).to_numpy() - span
     return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
-                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()))
+                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()), rate)
+
+
+@dataclass
+class _Policy:
+    """One policy's replications: a pool per ``sim_at`` (the same real half in each), the session rate they
+    ran at, and the first probe when a second one replaced it (it sized the rate)."""
+
+    pools: dict[str, _Pool]
+    rate: float
+    sizing: FleetProbe | None = None
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
-                cores: list[int | None], echo: Callable[[str], None]) -> dict[str, _Pool]:
-    """The policy's replications on a fresh fleet (after its probe, when ``spec.probe_s``), each simulated
-    per ``sim_at``: one pool per ``sim_at``, the same real half in each."""
+                cores: list[int | None], echo: Callable[[str], None]) -> _Policy:
+    """The policy's replications on a fresh fleet, each simulated per ``sim_at``. With ``spec.probe_s`` the
+    fleet is probed first at ``rate`` (the calibration's), the rate sized to the fleet by :func:`fleet_rate`,
+    and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
+    probe" takes)."""
     from capsim.sim.arrivals import make_workload
     from capsim.sim.sessions import ThinkTimes
     from capsim.sim.simulate import simulate
@@ -231,8 +266,16 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     vocab = PRESETS[spec.model].vocab_size
     pools: dict[str, _Pool] = {CALIBRATION: _Pool([], [], [], [])}
     fleet = start_fleet(work, policy, settings, cores)
+    sizing = None
     try:
         probe = fleet_probe(fleet, spec, policy, cal, rate, vocab) if spec.probe_s > 0 else None
+        sized = fleet_rate(rate, probe)
+        if sized < 0.95 * rate:
+            assert probe is not None
+            echo(f"  {policy} first {probe.describe()}; the fleet's capacity is {1 / probe.speed:.0%} of the "
+                 f"calibration's: {sized:.2f} sessions/s, probed again")
+            sizing, rate = probe, sized
+            probe = fleet_probe(fleet, spec, policy, cal, rate, vocab, SECOND_PROBE_SEED)
         if probe is not None:
             echo(f"  {policy} {probe.describe()}")
             pools[FLEET_PROBE] = _Pool([], [], [], [], probe=probe)
@@ -269,7 +312,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                 pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
                 pool.turns += workload.n_requests
                 pool.runs.append({**_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec),
-                                  "sim_at": sim_at})
+                                  "sim_at": sim_at, "sessions_per_s": rate})
             first = pools[CALIBRATION]
             bad = real_df[real_df.outcome != "ok"]
             echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
@@ -278,7 +321,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                  f"sim {first.counters[-1][2] / max(first.counters[-1][3], 1):.3f}")
     finally:
         fleet.stop()
-    return pools
+    return _Policy(pools, rate, sizing)
 
 
 def _reasons(frame: Any) -> str:
@@ -354,15 +397,20 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     per_pod = cal.per_pod_turns_per_s
     rate = spec.level * 2 * per_pod / spec.turns
     echo(f"capacity without prefix hits: {per_pod:.1f} turns/s a pod; {rate:.2f} sessions/s of {spec.turns} "
-         f"turns ({spec.level:.0%})")
+         f"turns ({spec.level:.0%})" + (", until a fleet probe sizes it" if spec.probe_s > 0 else ""))
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     probes: dict[str, dict[str, Any]] = {}
+    sizing: dict[str, dict[str, Any]] = {}
+    rates: dict[str, float] = {}
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
-        pools = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
-        for sim_at, pool in pools.items():
-            rows += _rows(policy, rate, pool, sim_at)
+        done = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
+        rates[policy] = done.rate
+        if done.sizing is not None:
+            sizing[policy] = asdict(done.sizing)
+        for sim_at, pool in done.pools.items():
+            rows += _rows(policy, done.rate, pool, sim_at)
             runs += pool.runs
             if pool.probe is not None:
                 probes[policy] = asdict(pool.probe)
@@ -375,8 +423,8 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
-        "capacity_per_pod_turns_per_s": per_pod,
-        "sessions_per_s": rate, "cores": {"pods": pod_cores}, "created_unix": time.time(),
+        "sizing_probes": sizing, "capacity_per_pod_turns_per_s": per_pod,
+        "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/sessions.md#validated-against-real-pods",
     }
