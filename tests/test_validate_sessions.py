@@ -256,9 +256,10 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert (tp.real > 0).all() and (tp.sim > 0).all()
     runs = pd.read_csv(tmp_path / "replications.csv")
     assert (runs.real_turns == runs.sim_turns).all()
-    # every replication simulated with the calibration alone and with what the fleet probe measured
-    assert sorted(runs.policy) == ["round_robin"] * 2 + ["session_affinity"] * 2
-    assert set(runs.sim_at) == set(results.sim_at) == {"calibration", "fleet probe"}
+    # every replication simulated with the calibration alone, with what the fleet probe measured and at the
+    # fleet's speed in the replication itself
+    assert sorted(runs.policy) == ["round_robin"] * 3 + ["session_affinity"] * 3
+    assert set(runs.sim_at) == set(results.sim_at) == {"calibration", "fleet probe", "run speed"}
     import json
 
     prov = json.loads((tmp_path / "provenance.json").read_text())
@@ -266,6 +267,10 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert set(probes) == {"round_robin", "session_affinity"}
     for p in probes.values():
         assert p["turns"] > 0 and 0.2 < p["speed"] < 5 and p["answer_ms"] > 0 and p["ingress_ms"] > 0
+    # every replication also simulated at the fleet's speed measured in it (its step traces, its own turns)
+    for policy, speeds in prov["run_speeds"].items():
+        assert len(speeds) == 1 and 0.2 < speeds[0] < 5
+        assert (runs[(runs.policy == policy)].sim_at == "run speed").sum() == 1
     # each policy ran at the rate its first probe sized (at most the calibration's), and said so everywhere
     for policy, rate in prov["sessions_per_s_by_policy"].items():
         first = prov["sizing_probes"].get(policy, probes[policy])

@@ -135,10 +135,13 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
     })
 
 
-#: each replication is simulated twice (``sim_at``): with the calibration alone (the lone pod's step model,
+#: each replication is simulated up to three times (``sim_at``): with the calibration alone (the lone pod's step model,
 #: per-arrival time and answer time), and with what a probe of the policy's fleet measured just before its
 #: replications (:class:`FleetProbe`; a prediction too: its sessions are not the measured ones)
 CALIBRATION, FLEET_PROBE = "calibration", "fleet probe"
+#: ... and a third time with what the fleet's step traces and the turns of that replication itself measured
+#: (:func:`measure_fleet`): not a prediction, a diagnosis: what is left at the fleet's own speed is the model's
+RUN_SPEED = "run speed"
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,9 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     and measure :class:`FleetProbe`; ``None`` when it gave nothing to measure (no answered turn, no step)."""
     from dataclasses import replace
 
-    import numpy as np
-    import pandas as pd
-
     from capsim.sim.arrivals import make_workload
     from capsim.sim.sessions import ThinkTimes
     from capsim.sim.streams import Streams
-    from capsim.studies.validate_continuous import pod_token_span
-    from capsim.studies.validate_continuous_calibrate import cycles, fetch_steps
     from capsim.studies.validate_sessions_real import message_ids, run_real
 
     seed = spec.seed + seed_offset
@@ -221,7 +219,18 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
     t0 = time.perf_counter()
     real, _ = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
-    t1 = time.perf_counter()
+    return measure_fleet(fleet, real, t0, time.perf_counter(), cal, rate)
+
+
+def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float) -> FleetProbe | None:
+    """What the fleet's step traces between ``t0`` and ``t1`` (``perf_counter``) and the turns ``real`` that ran
+    then say (:class:`FleetProbe`); ``None`` when there is nothing to measure (no answered turn, no step)."""
+    import numpy as np
+    import pandas as pd
+
+    from capsim.studies.validate_continuous import pod_token_span
+    from capsim.studies.validate_continuous_calibrate import cycles, fetch_steps
+
     if cal.fit is None or cal.cal is None:
         return None
     steps = [cycles(fetch_steps(pod.url, t0, t1), cal.fit) for pod in fleet.pods]
@@ -244,6 +253,7 @@ class _Policy:
     pools: dict[str, _Pool]
     rate: float
     sizing: FleetProbe | None = None
+    run_speeds: list[float] = field(default_factory=list)  # the fleet's speed in each replication
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -267,6 +277,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     pools: dict[str, _Pool] = {CALIBRATION: _Pool([], [], [], [])}
     fleet = start_fleet(work, policy, settings, cores)
     sizing = None
+    own_speeds: list[float] = []
     try:
         probe = fleet_probe(fleet, spec, policy, cal, rate, vocab) if spec.probe_s > 0 else None
         sized = fleet_rate(rate, probe)
@@ -294,14 +305,22 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                 return message_ids(seed, r // spec.turns, r % spec.turns, int(msg[r]), vocab)
 
             think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
+            t0 = time.perf_counter()
             real_df, real_c = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
+            own = measure_fleet(fleet, real_df, t0, time.perf_counter(), cal, rate)
+            if own is not None:
+                pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
+                own_speeds.append(own.speed)
             w, end = spec.warmup_s, spec.arrival_s
             real_blocks = vs.cut_blocks(real_df, w, end)
             for sim_at, pool in pools.items():
-                sc = scenario if pool.probe is None else sessions_scenario(
-                    spec, policy, cal.profile_path, rate, cal.time_scale * pool.probe.speed,
-                    cal.arrival_overhead_ms * pool.probe.speed, cal.cycle_noise, pool.probe.answer_ms, NOISE_BLOCK_STEPS,
-                    pool.probe.ingress_ms, cal.cached_token_us)
+                probe = own if sim_at == RUN_SPEED else pool.probe
+                if sim_at == RUN_SPEED and own is None:
+                    continue  # nothing measured in this replication: the pool has the others'
+                sc = scenario if probe is None else sessions_scenario(
+                    spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
+                    cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms, NOISE_BLOCK_STEPS,
+                    probe.ingress_ms, cal.cached_token_us)
                 sim = simulate(sc, seed=seed)
                 pool.real.append(real_blocks)
                 pool.sim.append(vs.cut_blocks(sim.requests, w, end))
@@ -318,10 +337,12 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             echo(f"  {policy} run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_sessions} sessions, "
                  f"{len(real_df)} turns sent ({len(bad)} not ok{_reasons(real_df)}), hit rate real "
                  f"{real_c['vllm:prefix_cache_hits_total'] / max(real_c['vllm:prefix_cache_queries_total'], 1):.3f} "
-                 f"sim {first.counters[-1][2] / max(first.counters[-1][3], 1):.3f}")
+                 f"sim {first.counters[-1][2] / max(first.counters[-1][3], 1):.3f}"
+                 + (f"; the fleet's steps {own.speed:.2f} x the calibrated model, answer {own.answer_ms:.1f} ms"
+                    if own is not None else ""))
     finally:
         fleet.stop()
-    return _Policy(pools, rate, sizing)
+    return _Policy(pools, rate, sizing, own_speeds)
 
 
 def _reasons(frame: Any) -> str:
@@ -403,10 +424,12 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     probes: dict[str, dict[str, Any]] = {}
     sizing: dict[str, dict[str, Any]] = {}
     rates: dict[str, float] = {}
+    run_speeds: dict[str, list[float]] = {}
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
         done = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
         rates[policy] = done.rate
+        run_speeds[policy] = done.run_speeds
         if done.sizing is not None:
             sizing[policy] = asdict(done.sizing)
         for sim_at, pool in done.pools.items():
@@ -423,7 +446,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
-        "sizing_probes": sizing, "capacity_per_pod_turns_per_s": per_pod,
+        "sizing_probes": sizing, "run_speeds": run_speeds, "capacity_per_pod_turns_per_s": per_pod,
         "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/sessions.md#validated-against-real-pods",
