@@ -137,29 +137,23 @@ class ContinuousPod(Pod):
 
     # ---- traffic -------------------------------------------------------------------------------------
     def enqueue(self, i: int, now: float) -> None:
+        """An arrival: its HTTP parsing (``service.arrival_overhead_ms``) lengthens the step in progress, or
+        is owed by the step it starts; the scheduler sees it at once, or ``service.ingress_ms`` later (``_feed``
+        holds it back until then)."""
         self.queue.append(i)
         self.outstanding += 1
-        if self._ingress_s:
-            self._enqueue_later(now)
-            return
+        lengthened = False
         if self._arrival_s:
             if self.stepping:
                 self.pump(now)  # a run ends at its step in progress
                 self._lengthen(now, self._arrival_s)
-                return
-            self._debt += self._arrival_s
-        self.pump(now)
-
-    def _enqueue_later(self, now: float) -> None:
-        """An arrival with ``service.ingress_ms``: its HTTP parsing costs the step in progress now (as without
-        ingress), and the scheduler sees it ``_ingress_s`` later (``_feed`` holds it back until then)."""
-        if self._arrival_s:
-            if self.stepping:
-                self.pump(now)  # a run ends at its step in progress
-                self._lengthen(now, self._arrival_s)
+                lengthened = True  # the step in progress picks it up when it ends
             else:
                 self._debt += self._arrival_s  # the step it starts pays it
-        self._wake_at(now + self._ingress_s, self._on_ingress, self.incarnation)
+        if self._ingress_s:
+            self._wake_at(now + self._ingress_s, self._on_ingress, self.incarnation)
+        elif not lengthened:
+            self.pump(now)
 
     def _on_ingress(self, incarnation: int) -> None:
         """A request reached the scheduler: start the step loop, or cut a run so the next step admits it."""
@@ -213,11 +207,12 @@ class ContinuousPod(Pod):
         # growing sessions hand over plain lists (no array per request); other sources their arrays
         hash_of = None if prefix is None else getattr(prefix, "block_hash_list", prefix.block_hashes)
         bs = self.stats.limits.block_size
-        ready = now - self._ingress_s + 1e-12  # sent by then (service.ingress_ms; 0: every request)
+        hold = self._ingress_s > 0  # service.ingress_ms: only requests sent by ``ready`` have reached it
+        ready = now - self._ingress_s + 1e-12
         send = rec.send
         while self.fed < len(q):
             i = q[self.fed]
-            if send[i] > ready:
+            if hold and send[i] > ready:
                 break  # still on its way in: arrivals are in send order, so the rest are too
             hashes = hash_of(i, bs) if hash_of is not None else ()
             if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
