@@ -201,25 +201,43 @@ def fleet_probe(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, ra
     and measure :class:`FleetProbe`; ``None`` when it gave nothing to measure (no answered turn, no step)."""
     from dataclasses import replace
 
+    scenario = sessions_scenario(replace(spec, arrival_s=spec.probe_s, warmup_s=0.0), policy, cal.profile_path,
+                                 rate, cal.time_scale)
+    sent = send_sessions(fleet, scenario, spec.seed + seed_offset, spec.turns, vocab)
+    return measure_fleet(fleet, sent.real, sent.t0, sent.t1, cal, rate)
+
+
+@dataclass
+class _Sent:
+    """The simulator's workload of a scenario and seed, and what the real fleet made of it between ``t0`` and
+    ``t1`` (``perf_counter``): its turns (``real``) and the pods' counters after it."""
+
+    workload: Any
+    real: Any
+    counters: dict[str, float]
+    t0: float
+    t1: float
+
+
+def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: int) -> _Sent:
+    """Send ``scenario``'s sessions (seed ``seed``) through the real ``fleet``: each message as the token ids of
+    its session and turn, each think time from the simulator's ``sessions`` stream in answer order."""
     from capsim.sim.arrivals import make_workload
     from capsim.sim.sessions import ThinkTimes
     from capsim.sim.streams import Streams
     from capsim.studies.validate_sessions_real import message_ids, run_real
 
-    seed = spec.seed + seed_offset
-    scenario = sessions_scenario(replace(spec, arrival_s=spec.probe_s, warmup_s=0.0), policy, cal.profile_path,
-                                 rate, cal.time_scale)
     workload = make_workload(scenario, Streams(seed))
     msg = workload.message_tokens
     assert msg is not None
 
     def messages(r: int) -> list[int]:
-        return message_ids(seed, r // spec.turns, r % spec.turns, int(msg[r]), vocab)
+        return message_ids(seed, r // turns, r % turns, int(msg[r]), vocab)
 
     think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
     t0 = time.perf_counter()
-    real, _ = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
-    return measure_fleet(fleet, real, t0, time.perf_counter(), cal, rate)
+    real, counters = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
+    return _Sent(workload, real, counters, t0, time.perf_counter())
 
 
 def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float) -> FleetProbe | None:
@@ -262,11 +280,8 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     fleet is probed first at ``rate`` (the calibration's), the rate sized to the fleet by :func:`fleet_rate`,
     and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
     probe" takes)."""
-    from capsim.sim.arrivals import make_workload
-    from capsim.sim.sessions import ThinkTimes
     from capsim.sim.simulate import simulate
-    from capsim.sim.streams import Streams
-    from capsim.studies.validate_sessions_real import message_ids, run_real, start_fleet
+    from capsim.studies.validate_sessions_real import start_fleet
 
     settings: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
                                    "queue_capacity": 4096, "enable_prefix_caching": "true", "warmup": "false",
@@ -297,17 +312,9 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
                                          cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS,
                                          cached_token_us=cal.cached_token_us)
-            workload = make_workload(scenario, Streams(seed))
-            msg = workload.message_tokens
-            assert msg is not None
-
-            def messages(r: int, seed: int = seed, msg: Any = msg) -> list[int]:
-                return message_ids(seed, r // spec.turns, r % spec.turns, int(msg[r]), vocab)
-
-            think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
-            t0 = time.perf_counter()
-            real_df, real_c = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
-            own = measure_fleet(fleet, real_df, t0, time.perf_counter(), cal, rate)
+            sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
+            workload, real_df, real_c = sent.workload, sent.real, sent.counters
+            own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
             if own is not None:
                 pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
                 own_speeds.append(own.speed)
