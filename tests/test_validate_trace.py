@@ -6,6 +6,9 @@ import asyncio
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from capsim.core.batcher import TRACE_BATCHES, BatchRecord, DynamicBatcher
 from capsim.model.settings import BatchSettings
 
@@ -106,3 +109,18 @@ def test_a_runs_replay_is_each_batch_it_ran_in_order_over_the_calibrated_cycle_a
     assert n > 8
     ratio = batch_walls[1][:8] / batch_walls[0][:8]  # at 5/s the batches are one request each, the same sizes
     assert ratio == pytest.approx(factors * 2, rel=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 0.5), st.lists(st.floats(-1.0, 3.0), max_size=5)), max_size=12))
+def test_requests_waiting_at_a_batch_start_are_those_of_later_batches_queued_before_it(
+        batches: list[tuple[float, list[float]]]) -> None:
+    """The one-pass count equals the definition, batch by batch (ties: queued at the start is not before)."""
+    import numpy as np
+
+    from capsim.studies.validate_report import waiting_at_start
+
+    start = np.cumsum([gap for gap, _ in batches])  # batches start in order (equal starts allowed)
+    queued = [[*q, float(start[k])] if k % 3 == 0 else q for k, (_, q) in enumerate(batches)]  # exact ties too
+    want = [sum(1 for j in range(k + 1, len(queued)) for t in queued[j] if t < start[k]) for k in range(len(queued))]
+    assert list(waiting_at_start(start, queued)) == want

@@ -45,6 +45,7 @@ from capsim.studies.validate_calibrate import (
 from capsim.studies.validate_report import (
     METRICS,
     TARGETS,
+    batch_fit,
     compare_level,
     format_results,
     replay_factors,
@@ -298,7 +299,11 @@ def run_validation(
                 window = (scenario.warmup_s, scenario.horizon_s)
                 real_runs.append(vs.cut_blocks(real_df, *window, block_s=spec.block_s))
                 sim_runs.append(vs.cut_blocks(sim.requests, *window, block_s=spec.block_s))
-                level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration))
+                # each batch's wall and calibrated cycle, once for the diagnostics and the replay
+                fitted = batch_fit(trace, profile, spec, calibration) if calibration is not None and len(
+                    trace) >= 2 else None
+                level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration,
+                                                    fitted=fitted))
                 for name, cal in variants.items():  # the same real run against simpler models of the pod
                     other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
                     variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
@@ -312,7 +317,7 @@ def run_validation(
                     other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
                     variant_runs.setdefault(RUN_SPEED, []).append(
                         vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
-                    replay = replay_factors(trace, profile, spec, calibration)
+                    replay = replay_factors(trace, profile, spec, calibration, fitted=fitted)
                     if replay:  # and its slow spells where they came: the run's own batches in order
                         other = simulate(level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
                                                         noise_block=len(replay)), seed=seed)

@@ -129,24 +129,41 @@ def replay_speed(took_s: Any, fit_s: Any, window: int, n: int) -> tuple[float, .
 
 
 def replay_factors(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibration: Any,
-                   n: int = REPLAY_BATCHES, window: int = REPLAY_WINDOW_BATCHES) -> tuple[float, ...]:
+                   n: int = REPLAY_BATCHES, window: int = REPLAY_WINDOW_BATCHES,
+                   fitted: tuple[Any, Any, Any] | None = None) -> tuple[float, ...]:
     """A run's own batches' speed, in the order they ran (:func:`replay_speed` of each batch's wall time
     over the calibrated cycle, ``window`` batches at a time), which the simulator replays from its first
     batch (``service.cycle_noise`` with ``cycle_noise_block_steps`` = its length) on top of the run's mean
-    speed. Empty under two batches."""
+    speed. Empty under two batches. ``fitted``: :func:`batch_fit`'s answer for this trace, if at hand."""
     if len(trace) < 2:
         return ()
-    wall, fit, _ = batch_fit(trace, profile, spec, calibration)
+    wall, fit, _ = fitted if fitted is not None else batch_fit(trace, profile, spec, calibration)
     return replay_speed(wall, fit, window, n)
 
 
+def waiting_at_start(start: Any, queued: Sequence[Any]) -> Any:
+    """For each batch ``k`` (``start`` in order): the requests of later batches already queued when it
+    started (``queued[j]``: batch ``j``'s requests' enqueue times). A request of batch ``j`` queued at
+    ``q`` waited through the batches from the first one started after ``q`` up to ``j - 1``: one pass
+    over the requests (a difference array), not one per batch."""
+    start = np.asarray(start, dtype=float)
+    owner = np.repeat(np.arange(len(queued)), [len(q) for q in queued])
+    flat = np.concatenate([np.asarray(q, dtype=float) for q in queued]) if len(queued) else np.empty(0)
+    first = np.searchsorted(start, flat, side="right")  # the first batch started after the request queued
+    keep = first < owner
+    diff = np.zeros(len(start) + 1, dtype=np.int64)
+    np.add.at(diff, first[keep], 1)
+    np.add.at(diff, owner[keep], -1)
+    return np.cumsum(diff[:-1])
+
+
 def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests: Any, profile: Any,
-                      spec: Any, calibration: Any) -> dict[str, float]:
+                      spec: Any, calibration: Any, fitted: tuple[Any, Any, Any] | None = None) -> dict[str, float]:
     """What one replication's batch trace and send times say (docs/validation.md, "Why the tail"): the
     pod's batch sizes and wall times against the simulator's, the spread of single batches around the
     calibrated cycle, how a batch's wall time grows with the arrivals during it, the delay from a send
     to the pod's queue, requests that missed a batch they were sent in time for, the load generator's
-    lateness and the loop's lag at a batch's end."""
+    lateness and the loop's lag at a batch's end. ``fitted``: :func:`batch_fit`'s answer, if at hand."""
     out: dict[str, float] = {}
     ok = sim_requests[sim_requests.outcome == "ok"]
     sim_b = ok.groupby("start_s").agg(size=("batch_size", "first"), end=("end_s", "max"))
@@ -179,7 +196,7 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         engine_end > 0).any() else float("nan")
     enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
     if calibration is not None:
-        _, fit, during = batch_fit(trace, profile, spec, calibration)
+        _, fit, during = fitted if fitted is not None else batch_fit(trace, profile, spec, calibration)
         ratio = wall / fit
         out["wall_over_fit_mean"] = float(ratio.mean())
         out["wall_over_fit_cv"] = float(ratio.std() / ratio.mean())
@@ -188,9 +205,7 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         x = during - during.mean()
         out["ms_per_arrival_during"] = float(np.dot(x, wall - fit) / max(np.dot(x, x), 1e-12) * 1e3)
         # and per request left waiting when the batch started (a cost of open connections, if any)
-        owner = np.repeat(np.arange(len(trace)), [len(r[3]) for r in trace])
-        flat = np.concatenate([np.asarray(r[3], dtype=float) for r in trace])
-        waiting = np.array([int(np.sum((owner > k) & (flat < start[k]))) for k in range(len(trace))])
+        waiting = waiting_at_start(start, [r[3] for r in trace])
         w = waiting - waiting.mean()
         out["waiting_at_start_p99"] = float(np.percentile(waiting, 99))
         out["ms_per_waiting"] = float(np.dot(w, wall - fit) / max(np.dot(w, w), 1e-12) * 1e3)
