@@ -117,7 +117,7 @@ def test_capsim_validate_checks_its_mode() -> None:
     assert res.exit_code != 0 and "--mode must be static or continuous" in res.output
 
 
-def test_capsim_validate_passes_the_step_spread_choice_to_the_continuous_spec(
+def test_capsim_validate_passes_the_step_spread_and_probe_choices_to_the_continuous_spec(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -132,7 +132,10 @@ def test_capsim_validate_passes_the_step_spread_choice_to_the_continuous_spec(
         assert res.exit_code == 0, res.output
         assert (seen[-1].cycle_noise, seen[-1].noise_block_steps) == expected
     res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path)])
-    assert (seen[-1].cycle_noise, seen[-1].noise_block_steps) == (True, 64)
+    assert (seen[-1].cycle_noise, seen[-1].noise_block_steps, seen[-1].probe_s) == (True, 64, 2.0)
+    res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path), "--probe-s", "0"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1].probe_s == 0.0  # no probes: the runs simulated without the two probe speeds
     res = CliRunner().invoke(app, ["validate", "--noise-block-steps", "4"])
     assert res.exit_code != 0 and "--mode continuous only" in res.output
 

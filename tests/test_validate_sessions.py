@@ -173,9 +173,11 @@ def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: 
     assert res.exit_code != 0 and "sessions" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--policies", "round_robin,sticky"])
     assert res.exit_code != 0 and "--policies must name router policies" in res.output
-    for flag, value in (("--level", "0.3"), ("--probe-s", "2"), ("--policies", "round_robin")):
+    for flag, value in (("--level", "0.3"), ("--policies", "round_robin")):
         res = CliRunner().invoke(app, ["validate", "--mode", "continuous", flag, value])
         assert res.exit_code != 0 and f"{flag} applies to --mode sessions only" in res.output
+    res = CliRunner().invoke(app, ["validate", "--probe-s", "2"])  # the static validation has no probe
+    assert res.exit_code != 0 and "--probe-s applies to --mode sessions and --mode continuous only" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--level", "1.5"])
     assert res.exit_code != 0 and "--level" in res.output
     # the flags reach the spec the validation runs with

@@ -341,7 +341,9 @@ def validate(
         "prefix hits [default: 0.5]")] = None,
     probe_s: Annotated[float | None, typer.Option(
         min=0.0, help="--mode sessions: seconds of each policy's fleet probe, which sizes the rate to the fleet "
-        "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]")] = None,
+        "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]. "
+        "--mode continuous: seconds of each of the two probes before a run, simulated beside it; 0: none "
+        "[default: 2]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
@@ -350,11 +352,13 @@ def validate(
         raise CommandLineError(f"--mode must be static or continuous, or sessions, got {mode!r}")
     if noise_block_steps is not None and mode != "continuous":
         raise CommandLineError("--noise-block-steps applies to --mode continuous only")
-    for name, given in (("--level", level), ("--probe-s", probe_s), ("--policies", policies)):
+    for name, given in (("--level", level), ("--policies", policies)):
         if given is not None and mode != "sessions":
             raise CommandLineError(f"{name} applies to --mode sessions only")
+    if probe_s is not None and mode == "static":
+        raise CommandLineError("--probe-s applies to --mode sessions and --mode continuous only")
     if mode == "continuous":
-        _validate_continuous(quick, out_dir, force, noise_block_steps)
+        _validate_continuous(quick, out_dir, force, noise_block_steps, probe_s)
         return
     if mode == "sessions":
         _validate_sessions(quick, out_dir, force, replications, policies, level, probe_s)
@@ -378,7 +382,8 @@ def validate(
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
 
 
-def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_block_steps: int | None = None) -> None:
+def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_block_steps: int | None = None,
+                         probe_s: float | None = None) -> None:
     """``capsim validate --mode continuous`` (capsim.studies.validate_continuous)."""
     from dataclasses import replace
 
@@ -392,6 +397,8 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_b
     spec = ContinuousSpec.quick() if quick else ContinuousSpec()
     if noise_block_steps is not None:
         spec = replace(spec, cycle_noise=noise_block_steps > 0, noise_block_steps=max(noise_block_steps, 1))
+    if probe_s is not None:
+        spec = replace(spec, probe_s=probe_s)
     run_continuous_validation(spec, out_dir=folder, echo=typer.echo)
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
