@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from capsim.model.step_model import StepTimeFit
+    from capsim.studies.validate_continuous_cycle import StepCalibration
     from capsim.studies.validate_sessions import SessionsSpec
 
 CALIBRATION_CLIENTS = (2, 4, 8, 16, 64)  # closed-loop clients, a few running to max_num_seqs (the fit needs 5 runs)
@@ -35,8 +37,8 @@ class Calibrated:
     provenance: dict[str, Any] = field(default_factory=dict)
     cycle_noise: tuple[float, ...] = ()  # the single steps' spread around the fit (service.cycle_noise)
     answer_ms: float = 0.0  # from the last token to the answer at the client (service.answer_ms)
-    fit: Any = None  # the measured step model (StepTimeFit), for the fleet probe's speed
-    cal: Any = None  # the calibration (StepCalibration), idem
+    fit: StepTimeFit | None = None  # the measured step model, for the fleet probe's speed
+    cal: StepCalibration | None = None  # the calibration, idem
     cached_token_us: float = 0.0  # a prefix hit's KV copy per cached token (service.cached_token_us)
 
 
