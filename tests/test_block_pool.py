@@ -1,4 +1,4 @@
-"""BlockPool's segmented LRU list behaves exactly as one ordered dict of free cached blocks would."""
+"""BlockPool's runs of blocks behave exactly as per-block counters and one ordered dict of free blocks would."""
 
 from __future__ import annotations
 
@@ -52,8 +52,22 @@ class ModelPool:
             self.evicted.append(h)
 
 
+_ids: dict[tuple[int, ...], int] = {}
+
+
+def chain(path: list[int]) -> list[int]:
+    """Chained hashes of a path in a tree of token streams (branch choices): block j's hash fixes blocks
+    0..j, as vLLM's parent-chained hashes do. Small ints, so that streams share and diverge often."""
+    return [_ids.setdefault(tuple(path[:j + 1]), len(_ids)) for j in range(len(path))]
+
+
+def held(r: Request) -> list[int]:
+    """The hashes of the blocks ``r`` references, in block order (the pool keeps stretches)."""
+    return [r.hashes[j] for i in range(0, len(r.refs), 2) for j in range(r.refs[i], r.refs[i + 1])]
+
+
 ops = st.lists(st.tuples(st.sampled_from(["admit", "register", "release", "evict"]), st.integers(0, 5),
-                         st.lists(st.integers(0, 9), unique=True, max_size=6), st.integers(0, 6)),
+                         st.lists(st.integers(0, 2), max_size=7), st.integers(0, 7)),
                max_size=60)
 
 
@@ -69,7 +83,8 @@ def test_segmented_lru_matches_an_ordered_dict(kind: type[BlockPool], log: bool,
                                                ops: list[tuple[str, int, list[int], int]]) -> None:
     pool, model = kind(log_evictions=log), ModelPool()
     reqs: dict[int, tuple[Request, Request]] = {}
-    for op, k, hashes, n in ops:
+    for op, k, path, n in ops:
+        hashes = chain(path)
         if op == "admit" and k not in reqs:  # a new request takes its leading cached blocks
             a, b = Request(k, 1, 1, list(hashes)), Request(k, 1, 1, list(hashes))
             hit, free = pool.lookup(a.hashes, len(hashes))
@@ -91,11 +106,15 @@ def test_segmented_lru_matches_an_ordered_dict(kind: type[BlockPool], log: bool,
             m = min(n, len(model.lru))
             pool.evict(m)
             model.evict(m)
-        assert {h: max(u, 0) for h, u in pool.users.items()} == model.users  # free: minus a segment id
+        assert {h: max(u, 0) for h, u in pool.users.items()} == model.users  # free: 0
         assert pool.lru == list(model.lru) and len(pool.idle) == pool.n_idle == len(model.lru)
         assert pool.evicted == (model.evicted if log else None)
-        assert all(a.refs == b.refs for a, b in reqs.values())
-        probe = hashes or [0]
+        assert all(held(a) == b.refs for a, b in reqs.values())
+        assert len(pool) == len(model.users) and pool.cached == set(model.users)
+        for a, _ in reqs.values():  # the decode runs' question: is one of its next blocks cached and free?
+            for end in range(a.reg, len(a.hashes) + 1):
+                assert pool.any_free(a, end) == any(model.users.get(h) == 0 for h in a.hashes[a.reg:end])
+        probe = hashes or chain([0])
         assert pool.lookup(probe, len(probe))[0] == next(
             (j for j, h in enumerate(probe) if h not in model.users), len(probe))
 
@@ -114,3 +133,21 @@ def test_a_block_taken_and_freed_again_moves_to_the_tail() -> None:
     assert pool.lru == [8, 7]
     pool.evict(1)
     assert pool.evicted == [8] and pool.lru == [7] and 7 in pool.users and 8 not in pool.users
+
+
+def test_a_hit_that_ends_inside_a_run_splits_it_and_the_release_keeps_block_order() -> None:
+    """B's hit on A's first 3 of 5 blocks splits A's run; once both leave, A's blocks are freed last first
+    (the back part before the front), as one release of 5 plain blocks would."""
+    pool = BlockPool(log_evictions=True)
+    hs = chain([1, 1, 1, 1, 1])
+    a, b = Request(1, 1, 1, list(hs)), Request(2, 1, 1, chain([1, 1, 1, 2]))  # b diverges at block 3
+    pool.register(a, 5)
+    a.blocks = 5
+    assert pool.lookup(b.hashes, 4) == (3, 0)
+    pool.acquire(b, 3)
+    b.blocks = 3
+    assert len(pool.start) == 2 and pool.users == {**dict.fromkeys(hs[:3], 2), **dict.fromkeys(hs[3:], 1)}
+    assert pool.release(b) == 0 and pool.release(a) == 5
+    assert pool.lru == hs[::-1]
+    pool.evict(4)
+    assert pool.evicted == hs[:0:-1] and pool.lookup(hs, 5) == (1, 1)

@@ -147,15 +147,16 @@ def check_pool(s: Scheduler) -> None:
     pool = s.pool
     assert pool is not None
     assert len(pool.lru) <= s.free_blocks, "a cached free block beyond the free count"
-    assert all(pool.users[h] <= 0 for h in pool.lru)  # a free block's entry: minus its LRU segment's id
+    assert all(pool.users[h] <= 0 for h in pool.lru)  # a free block has no user
     assert sum(1 for u in pool.users.values() if u <= 0) == len(pool.lru) == pool.n_idle
     refs: dict[int, int] = {}
     plain = 0
     for r in s.requests.values():
-        for h in r.refs:
+        held = [r.hashes[j] for i in range(0, len(r.refs), 2) for j in range(r.refs[i], r.refs[i + 1])]
+        for h in held:
             refs[h] = refs.get(h, 0) + 1
-        plain += r.blocks - len(r.refs)
-        assert len(r.refs) <= r.blocks
+        plain += r.blocks - len(held)
+        assert len(held) <= r.blocks
     assert refs == {h: u for h, u in pool.users.items() if u > 0}
     assert s.used_blocks == plain + len(refs), "shared blocks counted once"
 

@@ -85,7 +85,7 @@ class ContinuousEngine:
         self.kv_blocks: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._pool = self.scheduler.pool
         if self._pool is not None:
-            self._pool.evicted = []  # the scheduler logs evictions so the KV store follows them
+            self._pool.log_evictions()  # the scheduler logs evictions so the KV store follows them
 
     # ---- queue -------------------------------------------------------------------------------------
     def add(self, request_id: int, request: GenerationRequest) -> Rejection | None:
@@ -189,6 +189,7 @@ class ContinuousEngine:
         for h in pool.evicted:
             store.pop(h, None)
         pool.evicted.clear()
+        cached = pool.cached
         bs = self._bs
         for rid, n, c in zip(plan.request_ids, plan.num_tokens, plan.contexts, strict=True):
             a = self.active[rid]
@@ -196,7 +197,7 @@ class ContinuousEngine:
                 continue
             for j in range(c // bs, min((c + n) // bs, len(a.hashes))):
                 h = a.hashes[j]
-                if h not in store and h in pool.users:
+                if h not in store and h in cached:
                     sl = slice(j * bs, (j + 1) * bs)
                     store[h] = ([k[0, :, sl].clone() for k in a.k], [v[0, :, sl].clone() for v in a.v])
 

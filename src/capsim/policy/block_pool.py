@@ -1,122 +1,264 @@
 """The prefix cache of a KV-block pool: full blocks by chained hash, and a least-recently-used free list.
 
 vLLM V1's ``BlockPool`` (vllm/v1/core/block_pool.py) in counts: the scheduler keeps the number of free
-blocks; this pool keeps the hashes of cached blocks, how many running requests use each, and which of
-them are free (no user) in eviction order. A free cached block still counts as free and is evicted
-only when a new block is needed and no block without a hash is free (vLLM takes the free queue's head
-whatever it holds; taking hashless blocks first only spares a reusable block, it never changes counts).
+blocks; this pool keeps which blocks hold a hash, how many running requests use each, and which of them
+are free (no user) in eviction order. A free cached block still counts as free and is evicted only when
+a new block is needed and no block without a hash is free (vLLM takes the free queue's head whatever it
+holds; taking hashless blocks first only spares a reusable block, it never changes counts). The
+semantics are per block (``tests/test_block_pool.py`` holds the plain definition, one counter per block
+and one ordered dict of free ones); the state is kept per run of blocks, so that a request's whole
+prompt is registered, released and evicted in a few operations instead of a few per block.
+
+Blocks are identified by chained hashes: a hash fixes its block's place in the token stream and every
+block before it (vLLM hashes each block with its parent's hash; capsim's simulated streams and the
+Mooncake trace's ids have the same property). So the cached blocks form a tree of chains, and a
+:class:`Run` is a stretch ``lo .. hi-1`` of one chain whose blocks share their users (the same running
+requests hold all of them) or, free, one place in the LRU list (evicted from ``hi - 1`` down, as a release
+frees a request's last blocks first). Runs are found by the hash of their first block only: the run
+holding block ``j`` of a chain starts at ``j`` or also holds block ``j - 1``. A request's references are
+stretches of its own chain (``Request.refs``: flat ``[lo0, hi0, lo1, hi1, ...]``); every run lies
+inside or outside each of them (a run is split where a hit ends inside it).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from operator import itemgetter
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class Cached(Protocol):
     """What the pool reads and writes on a request (``capsim.policy.scheduling.Request``)."""
 
     hashes: list[int]  # chained hashes of the request's full blocks, as far as known
-    refs: list[int]  # hashes of its blocks it holds a reference on, in block order
+    refs: list[int]  # the stretches of its blocks it holds a reference on: [lo0, hi0, lo1, hi1, ...]
+    tail: Run | None  # the run holding its last referenced block (it may extend it)
     reg: int  # blocks considered for registration so far
     blocks: int  # blocks it holds, shared ones included
 
 
+class Run:
+    """Blocks ``lo .. hi-1`` of the chain ``hs`` (a list holding their hashes at those places): all used by
+    ``users`` running requests, or free (``users`` 0) at one place in the LRU list (``gen``: which)."""
+
+    __slots__ = ("gen", "hi", "hs", "lo", "users")
+
+    def __init__(self, hs: list[int], lo: int, hi: int, users: int) -> None:
+        self.hs = hs
+        self.lo = lo
+        self.hi = hi
+        self.users = users
+        self.gen = 0  # bumped each time the run is freed; an LRU entry with an older one is stale
+
+    def __repr__(self) -> str:
+        return f"Run({self.lo}..{self.hi}, users={self.users})"
+
+
+def _diverge(a: Sequence[int], b: Sequence[int], j: int, k: int) -> int:
+    """The first place in ``j+1 .. k`` where the chains ``a`` and ``b`` differ, given that they agree at ``j``
+    and differ at ``k`` (chained hashes: they agree up to a place, and differ from there on)."""
+    lo, hi = j, k
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[mid] == b[mid]:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 class BlockPool:
-    """Hashes of cached blocks with their user counts, and the free ones in LRU order (head: next evicted).
+    """The cached blocks as runs keyed by their first block's hash, and the free runs in LRU order."""
 
-    The LRU list is kept as segments, one per release (its blocks in eviction order), and a free cached
-    block's entry in ``users`` is minus the id of the segment that freed it last: a release and an
-    eviction are a few bulk dict operations on one dict instead of one ordered-dict node per block. A
-    segment entry whose block was taken again (a hit) or freed again later is stale and skipped; stale
-    entries are dropped once they outnumber the live ones (then the segments are rewritten, in order).
-    """
+    COMPACT_SLACK = 4096  # stale LRU entries tolerated beyond twice the free runs
 
-    COMPACT_SLACK = 4096  # stale entries tolerated beyond twice the live ones
-
-    __slots__ = ("_entries", "_segments", "_sid", "evicted", "hits", "n_idle", "queries", "users")
+    __slots__ = ("_free_runs", "_lru", "_set", "evicted", "hits", "n_idle", "queries", "start")
 
     def __init__(self, log_evictions: bool = False) -> None:
-        #: hash -> running requests using its block; a free block (in the LRU list): minus its segment's id
-        self.users: dict[int, int] = {}
+        #: the hash of each run's first block -> the run
+        self.start: dict[int, Run] = {}
+        self._lru: deque[tuple[Run, int]] = deque()  # (run, its gen when freed), head: next evicted
+        self._free_runs = 0
         self.n_idle = 0  # free cached blocks (in the LRU list)
-        self._segments: deque[list[Any]] = deque()  # [segment id, hashes, next entry], oldest first
-        self._sid = 0  # the last segment's id
-        self._entries = 0  # entries in the segments not yet passed by evictions, stale ones included
         self.queries = 0  # prompt tokens looked up (vllm:prefix_cache_queries)
         self.hits = 0  # of those, served from the cache (vllm:prefix_cache_hits)
         self.evicted: list[int] | None = [] if log_evictions else None  # for a shell that keeps the KV
+        self._set: set[int] | None = set() if log_evictions else None  # every cached hash, for that shell
+
+    def log_evictions(self) -> None:
+        """From now on, list evicted hashes in ``evicted`` and keep ``cached`` as blocks come and go."""
+        if self.evicted is None:
+            self.evicted = []
+            self._set = set(self.users)
+
+    # ---- views for checks and for a shell ------------------------------------------------------------
+    @property
+    def users(self) -> dict[int, int]:
+        """Cached block's hash -> running requests using it (0: free); built on demand (for checks)."""
+        return {h: r.users for r in self.start.values() for h in r.hs[r.lo:r.hi]}
 
     @property
     def idle(self) -> dict[int, int]:
-        """Free cached block's hash -> the id of the LRU segment holding it; built on demand (for checks)."""
-        return {h: -u for h, u in self.users.items() if u <= 0}
+        """The free cached blocks' hashes (-> 0); built on demand (for checks)."""
+        return {h: 0 for r in self.start.values() if not r.users for h in r.hs[r.lo:r.hi]}
 
     @property
     def lru(self) -> list[int]:
         """The free cached blocks' hashes in eviction order (head first); built on demand (for checks)."""
-        users = self.users
-        return list(dict.fromkeys(h for sid, hs, off in self._segments for h in hs[off:] if users.get(h) == -sid))
+        out: list[int] = []
+        for r, g in self._lru:
+            if g == r.gen and not r.users and r.lo < r.hi:
+                out += reversed(r.hs[r.lo:r.hi])
+        return out
+
+    @property
+    def cached(self) -> set[int]:
+        """Every cached block's hash (kept as it changes when evictions are logged, else built)."""
+        return self._set if self._set is not None else set(self.users)
 
     def __len__(self) -> int:
         """Blocks that hold a hash (in use or free)."""
-        return len(self.users)
+        return sum(r.hi - r.lo for r in self.start.values())
 
+    # ---- finding blocks ------------------------------------------------------------------------------
     def lookup(self, hashes: Sequence[int], max_blocks: int) -> tuple[int, int]:
         """The longest run of leading cached blocks (at most ``max_blocks``) and how many of them are free."""
-        users = self.users
-        j = free = 0
+        start = self.start
         n = min(len(hashes), max_blocks)
+        j = free = 0
         while j < n:
-            u = users.get(hashes[j])
-            if u is None:
+            r = start.get(hashes[j])
+            if r is None:
                 break
-            if u <= 0:
-                free += 1
-            j += 1
+            e = r.hi if r.hi < n else n
+            if e - j > 1 and hashes[e - 1] != r.hs[e - 1]:
+                e = _diverge(hashes, r.hs, j, e - 1)
+            if not r.users:
+                free += e - j
+            j = e
         return j, free
 
+    def _run_at(self, hashes: Sequence[int], k: int) -> Run | None:
+        """The run holding block ``k`` of the chain ``hashes``, if it is cached (the nearest run starting at
+        or before ``k`` on the chain is the only one that can)."""
+        start = self.start
+        for i in range(k, -1, -1):
+            r = start.get(hashes[i])
+            if r is not None:
+                return r if r.hi > k and r.hs[k] == hashes[k] else None
+        return None
+
+    def any_free(self, r: Cached, end: int) -> bool:
+        """Whether one of ``r``'s blocks ``r.reg .. end-1`` (not yet registered) is cached and free."""
+        hashes, start, refs = r.hashes, self.start, r.refs
+        k = r.reg
+        end = min(end, len(hashes))
+        p = None if not k or (refs and refs[-1] == k) else self._run_at(hashes, k - 1)
+        while k < end:
+            h = hashes[k]
+            if p is None or k >= p.hi or p.hs[k] != h:
+                p = start.get(h)
+            if p is not None and not p.users:
+                return True
+            k += 1
+        return False
+
+    # ---- a request's references ----------------------------------------------------------------------
     def acquire(self, r: Cached, blocks: int) -> None:
         """Give ``r`` (holding no block) a reference on its first ``blocks`` cached blocks (a hit)."""
-        users = self.users
-        hs = r.hashes[:blocks]
-        for h in hs:
-            u = users[h]
-            if u <= 0:  # free: its segment's entry goes stale
-                users[h] = 1
-                self.n_idle -= 1
-            else:
-                users[h] = u + 1
-        r.refs = hs
+        hashes, start = r.hashes, self.start
+        j = 0
+        run = None
+        while j < blocks:
+            run = start[hashes[j]]
+            e = run.hi if run.hi < blocks else blocks
+            if e - j > 1 and hashes[e - 1] != run.hs[e - 1]:
+                e = _diverge(hashes, run.hs, j, e - 1)
+            if e < run.hi:  # the hit ends inside the run: its front becomes a run of its own
+                front = Run(hashes, j, e, run.users + 1)
+                if not run.users:
+                    self.n_idle -= e - j  # the rest stays free, at its place in the LRU list
+                start[hashes[j]] = front
+                run.lo = e
+                start[run.hs[e]] = run
+                run = front
+            elif run.users:
+                run.users += 1
+            else:  # a free run taken whole: its LRU entry goes stale
+                run.users = 1
+                run.hs = hashes
+                self.n_idle -= e - j
+                self._free_runs -= 1
+            j = e
+        r.refs = [0, blocks] if blocks else []
         r.reg = blocks
+        r.tail = run
 
     def register(self, r: Cached, full_blocks: int) -> None:
         """Cache ``r``'s blocks up to ``full_blocks`` (computed, full) whose hashes are known.
 
         A hash already cached (another request computed the same block meanwhile) leaves ``r``'s copy
         a plain block, as vLLM keeps one block per hash."""
-        users = self.users
-        hs = r.hashes
-        reg = r.reg
-        end = min(full_blocks, len(hs))
-        if end == reg + 1:  # one new block, as a decode completes one: no slice, no list
-            h = hs[reg]
-            if h not in users:
-                users[h] = 1
-                r.refs.append(h)
-            r.reg = end
-        elif end > reg:
-            seg = hs[reg:end]
-            if users.keys().isdisjoint(seg):  # none cached yet (nearly always): no Python loop per block
-                users.update(dict.fromkeys(seg, 1))
-                r.refs += seg
+        hashes = r.hashes
+        k = r.reg
+        end = min(full_blocks, len(hashes))
+        if end <= k:
+            return
+        refs = r.refs
+        t = r.tail
+        if end == k + 1:  # one block, as a decode fills one: its own run grows (nearly always)
+            h = hashes[k]
+            if (refs and refs[-1] == k and t is not None and t.hi == k and t.users == 1 and t.hs is hashes
+                    and h not in self.start):
+                t.hi = end
+                refs[-1] = end
+                r.reg = end
+                if self._set is not None:
+                    self._set.add(h)
+                return
+        # r holds block k-1 (its tail run ends at k), so a cached block k would start a run: one check
+        # for the whole stretch, in C, instead of one per block
+        if (k and not (refs and refs[-1] == k)) or not self.start.keys().isdisjoint(hashes[k:end]):
+            self._register_each(r, end)
+            return
+        if refs and t is not None and t.hi == k and t.users == 1 and t.hs is hashes:
+            t.hi = end
+            refs[-1] = end
+        else:
+            t = r.tail = Run(hashes, k, end, 1)
+            self.start[hashes[k]] = t
+            refs += (k, end)
+        r.reg = end
+        if self._set is not None:
+            self._set.update(hashes[k:end])
+
+    def _register_each(self, r: Cached, end: int) -> None:
+        """``register`` block by block, for a stretch with blocks already cached elsewhere (plain copies)."""
+        hashes, start, refs = r.hashes, self.start, r.refs
+        k = r.reg
+        own = bool(refs) and refs[-1] == k  # r holds block k-1
+        p = None if own or not k else self._run_at(hashes, k - 1)  # the run elsewhere holding block k-1
+        while k < end:
+            h = hashes[k]
+            if p is None or k >= p.hi or p.hs[k] != h:
+                p = start.get(h)
+            if p is not None:  # cached already: r's copy is plain
+                own = False
+                k += 1
+                continue
+            t = r.tail
+            if own and t is not None and t.hi == k and t.users == 1 and t.hs is hashes:
+                t.hi = k + 1
+                refs[-1] = k + 1
             else:
-                new = [h for h in seg if h not in users]
-                users.update(dict.fromkeys(new, 1))
-                r.refs += new
-            r.reg = end
+                t = r.tail = Run(hashes, k, k + 1, 1)
+                start[h] = t
+                refs += (k, k + 1)
+            own = True
+            if self._set is not None:
+                self._set.add(h)
+            k += 1
+        r.reg = end
 
     def release(self, r: Cached) -> int:
         """Drop ``r``'s blocks (``r.blocks`` is left to the caller); return how many became free.
@@ -126,101 +268,80 @@ class BlockPool:
         refs = r.refs
         if not refs:  # no cached block (a request without hashes): all simply free
             r.reg = 0
+            r.tail = None
             return r.blocks
-        users = self.users
-        freed = r.blocks - len(refs)
-        refs.reverse()
-        if len(refs) > 1:
-            # blocks only r uses (nearly all): when every count is 1, all of them, without a loop per block
-            counts = itemgetter(*refs)(users)
-            last = refs if max(counts) == 1 else [h for h, u in zip(refs, counts, strict=True) if u == 1]
-        else:
-            last = [h for h in refs if users[h] == 1]
-        if len(last) < len(refs):
-            for h in refs:
-                u = users[h]
-                if u > 1:
-                    users[h] = u - 1
-        freed += len(last)
-        if last:
-            self._sid = sid = self._sid + 1
-            free = dict.fromkeys(last, -sid)
-            users.update(free)
-            if len(free) < len(last):  # a hash listed twice: once in the LRU list (evict takes it once)
-                last = list(free)
-            self._segments.append([sid, last, 0])
-            self._entries += len(last)
-            self.n_idle += len(last)
-            if self._entries > 2 * self.n_idle + self.COMPACT_SLACK:
-                self._compact()
+        hashes, start, lru = r.hashes, self.start, self._lru
+        freed = r.blocks
+        for i in range(len(refs) - 2, -1, -2):
+            a, b = refs[i], refs[i + 1]
+            freed -= b - a
+            run = start[hashes[a]]
+            if run.hi == b:
+                runs = [run]
+            else:  # the stretch spans runs (split where other requests' hits ended): last first
+                runs = [run]
+                while run.hi < b:
+                    run = start[hashes[run.hi]]
+                    runs.append(run)
+                runs.reverse()
+            for run in runs:
+                u = run.users = run.users - 1
+                if not u:
+                    run.gen = g = run.gen + 1
+                    lru.append((run, g))
+                    n = run.hi - run.lo
+                    freed += n
+                    self.n_idle += n
+                    self._free_runs += 1
         r.refs = []
         r.reg = 0
+        r.tail = None
+        if len(lru) > 2 * self._free_runs + self.COMPACT_SLACK:
+            self._lru = deque(e for e in lru if e[1] == e[0].gen and not e[0].users and e[0].lo < e[0].hi)
         return freed
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
-        users, segments, log = self.users, self._segments, self.evicted
         self.n_idle -= count
-        if count <= 4:
-            # a decode crossing into a new block evicts one or two: a plain walk beats building lists
-            while count:
-                seg = segments[0]
-                sid, hs, off = seg
-                msid = -sid
-                j, n = off, len(hs)
-                while j < n:
-                    h = hs[j]
-                    j += 1
-                    if users.get(h) == msid:
-                        del users[h]
-                        if log is not None:
-                            log.append(h)
-                        count -= 1
-                        if not count:
-                            break
-                if j >= n:
-                    segments.popleft()
-                else:
-                    seg[2] = j
-                self._entries -= j - off
-            return
-        gone: list[int] = []
-        while len(gone) < count:
-            seg = segments[0]
-            sid, hs, off = seg
-            msid = -sid
-            end = off + count - len(gone)
-            chunk = hs[off:end]
-            if list(map(users.get, chunk)).count(msid) == len(chunk):  # all live (a segment has no repeats)
-                deque(map(users.__delitem__, chunk), 0)  # the deletions run in C: no Python loop per block
-                gone += chunk
-            else:  # live entries leave users as they are taken (pop)
-                gone += [h for h in chunk if users.get(h) == msid and users.pop(h)]
-            if end >= len(hs):
-                segments.popleft()
-                self._entries -= len(hs) - off
-            else:
-                seg[2] = end
-                self._entries -= end - off
-        if log is not None:
-            log += gone
-
-    def _compact(self) -> None:
-        """Drop the stale entries: one segment of the live ones, in eviction order."""
-        live = self.lru
-        self._sid = sid = self._sid + 1
-        self.users.update(dict.fromkeys(live, -sid))
-        self._segments = deque([[sid, live, 0]]) if live else deque()
-        self._entries = len(live)
+        lru, log, cached = self._lru, self.evicted, self._set
+        while count:
+            run, g = lru[0]
+            lo, hi = run.lo, run.hi
+            if g != run.gen or run.users or lo >= hi:  # stale: taken (or freed again) since
+                lru.popleft()
+                continue
+            if hi - lo > count:  # its last blocks go first
+                run.hi = hi - count
+                if log is not None:
+                    gone = run.hs[hi - count:hi]
+                    gone.reverse()
+                    log += gone
+                    if cached is not None:
+                        cached.difference_update(gone)
+                return
+            lru.popleft()
+            del self.start[run.hs[lo]]
+            run.hi = lo
+            self._free_runs -= 1
+            count -= hi - lo
+            if log is not None:
+                gone = run.hs[lo:hi]
+                gone.reverse()
+                log += gone
+                if cached is not None:
+                    cached.difference_update(gone)
 
     def reset(self) -> None:
         """Forget everything cached (the engine died); counters stay, as a pod's counters would restart."""
         if self.evicted is not None:
-            self.evicted.extend(self.users)
-        self.users.clear()
+            for r in self.start.values():
+                self.evicted.extend(r.hs[r.lo:r.hi])
+        if self._set is not None:
+            self._set.clear()
+        self.start.clear()
+        self._lru.clear()
+        self._free_runs = 0
         self.n_idle = 0
-        self._segments.clear()
-        self._entries = 0
 
     @property
     def hit_rate(self) -> float:

@@ -153,8 +153,9 @@ class DecodeRuns:
         if len(set(new)) < len(new):
             return True
         if evicting:
-            users = self.pool.users  # type: ignore[union-attr]
-            return any(users.get(h, 1) <= 0 for h in new)
+            pool = self.pool
+            assert pool is not None
+            return any(pool.any_free(r, r.computed // bs) for r in regs)
         return False
 
     def _replay_pool(self, running: list[Request], steps: int) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from capsim.model.settings import BatchSettings
+
+if TYPE_CHECKING:
+    from capsim.policy.block_pool import Run
 
 
 class Rejection(StrEnum):
@@ -60,7 +64,7 @@ class Request:
     """One request's scheduling state (``num_tokens`` = prompt + generated so far)."""
 
     __slots__ = ("blocks", "cached", "computed", "generated", "hashes", "max_tokens", "num_tokens", "preemptions",
-                 "prompt", "refs", "reg", "request_id", "started")
+                 "prompt", "refs", "reg", "request_id", "started", "tail")
 
     def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int, hashes: list[int] | None = None) -> None:
         self.request_id = request_id
@@ -73,7 +77,8 @@ class Request:
         self.preemptions = 0
         self.started = False  # scheduled at least once
         self.hashes: list[int] = hashes if hashes is not None else []  # chained hashes of full blocks
-        self.refs: list[int] = []  # hashes of cached blocks it holds (see BlockPool)
+        self.refs: list[int] = []  # the stretches of its blocks it holds in the prefix cache (see BlockPool)
+        self.tail: Run | None = None  # the cache's run holding its last referenced block
         self.reg = 0  # blocks looked at for registration
         self.cached = 0  # tokens served from the prefix cache at its first admission
 

@@ -57,7 +57,7 @@ class Scheduler(DecodeRuns):
         self.free_blocks = limits.num_blocks
         self.num_preemptions = 0  # counter, as vllm:num_preemptions
         self.steps = 0
-        #: the prefix cache (``None`` with caching off); a shell keeping KV by hash sets ``pool.evicted``
+        #: the prefix cache (``None`` with caching off); a shell keeping KV by hash calls ``pool.log_evictions()``
         self.pool: BlockPool | None = BlockPool() if limits.enable_prefix_caching else None
         # what the last step or run left, so a shell's next questions cost O(1) instead of a pass over
         # running: the contexts summed, the fewest tokens any has left to emit, whether all are plain
