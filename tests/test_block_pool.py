@@ -67,7 +67,7 @@ def held(r: Request) -> list[int]:
 
 
 ops = st.lists(st.tuples(st.sampled_from(["admit", "register", "release", "evict"]), st.integers(0, 5),
-                         st.lists(st.integers(0, 2), max_size=7), st.integers(0, 7)),
+                         st.lists(st.integers(0, 1), max_size=6), st.integers(0, 7)),
                max_size=60)
 
 
@@ -111,6 +111,9 @@ def test_segmented_lru_matches_an_ordered_dict(kind: type[BlockPool], log: bool,
         assert pool.evicted == (model.evicted if log else None)
         assert all(held(a) == b.refs for a, b in reqs.values())
         assert len(pool) == len(model.users) and pool.cached == set(model.users)
+        if pool.closed:  # what the flag promises: no cached block without its parent
+            paths = {v: p for p, v in _ids.items()}
+            assert all(len(paths[h]) == 1 or _ids[paths[h][:-1]] in model.users for h in model.users)
         for a, _ in reqs.values():  # the decode runs' question: is one of its next blocks cached and free?
             for end in range(a.reg, len(a.hashes) + 1):
                 assert pool.any_free(a, end) == any(model.users.get(h) == 0 for h in a.hashes[a.reg:end])
@@ -151,3 +154,25 @@ def test_a_hit_that_ends_inside_a_run_splits_it_and_the_release_keeps_block_orde
     assert pool.lru == hs[::-1]
     pool.evict(4)
     assert pool.evicted == hs[:0:-1] and pool.lookup(hs, 5) == (1, 1)
+
+
+def test_a_block_registered_after_a_plain_copy_can_outlive_its_parent() -> None:
+    """B computes A's chain alongside A (no hit), so its first blocks are plain copies and only its third is
+    cached by it. Once A leaves and its blocks are evicted, B's block is cached without its parent: the pool
+    stops assuming prefix-closure, and a later request on the chain registers its first two blocks and
+    keeps a plain copy of the third."""
+    hs = chain([4, 4, 4])
+    pool = BlockPool()
+    a, b, d = Request(1, 1, 1, hs[:2]), Request(2, 1, 1, list(hs)), Request(3, 1, 1, list(hs))
+    pool.register(a, 2)
+    a.blocks = 2
+    assert pool.closed
+    pool.register(b, 3)
+    b.blocks = 3
+    assert held(b) == hs[2:] and not pool.closed
+    assert pool.release(a) == 2
+    pool.evict(2)
+    assert pool.users == {hs[2]: 1} and pool.lookup(d.hashes, 3) == (0, 0)
+    pool.register(d, 3)
+    d.blocks = 3
+    assert held(d) == hs[:2] and pool.users == {hs[0]: 1, hs[1]: 1, hs[2]: 1}

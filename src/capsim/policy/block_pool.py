@@ -72,13 +72,17 @@ class BlockPool:
 
     COMPACT_SLACK = 4096  # stale LRU entries tolerated beyond twice the free runs
 
-    __slots__ = ("_free_runs", "_lru", "_set", "evicted", "hits", "n_idle", "queries", "start")
+    __slots__ = ("_free_runs", "_lru", "_set", "closed", "evicted", "hits", "n_idle", "queries", "start")
 
     def __init__(self, log_evictions: bool = False) -> None:
         #: the hash of each run's first block -> the run
         self.start: dict[int, Run] = {}
         self._lru: deque[tuple[Run, int]] = deque()  # (run, its gen when freed), head: next evicted
         self._free_runs = 0
+        #: every cached block's parent is cached: true while every request's references are a prefix of its
+        #: chain (a release frees a block no later than its parent, and evicts deeper blocks first); false
+        #: for good once a request registers a block after a plain copy of a block cached elsewhere
+        self.closed = True
         self.n_idle = 0  # free cached blocks (in the LRU list)
         self.queries = 0  # prompt tokens looked up (vllm:prefix_cache_queries)
         self.hits = 0  # of those, served from the cache (vllm:prefix_cache_hits)
@@ -154,10 +158,13 @@ class BlockPool:
         k = r.reg
         end = min(end, len(hashes))
         p = None if not k or (refs and refs[-1] == k) else self._run_at(hashes, k - 1)
+        closed = self.closed
         while k < end:
             h = hashes[k]
             if p is None or k >= p.hi or p.hs[k] != h:
                 p = start.get(h)
+                if p is None and closed:  # block k is not cached, nor is any block after it
+                    return False
             if p is not None and not p.users:
                 return True
             k += 1
@@ -216,9 +223,10 @@ class BlockPool:
                 if self._set is not None:
                     self._set.add(h)
                 return
-        # r holds block k-1 (its tail run ends at k), so a cached block k would start a run: one check
-        # for the whole stretch, in C, instead of one per block
-        if (k and not (refs and refs[-1] == k)) or not self.start.keys().isdisjoint(hashes[k:end]):
+        # r holds block k-1 (its tail run ends at k), so a cached block k would start a run; and while
+        # the cache is prefix-closed, block k uncached means none after it is: one check, not one a block
+        if ((k and not (refs and refs[-1] == k))
+                or (hashes[k] in self.start if self.closed else not self.start.keys().isdisjoint(hashes[k:end]))):
             self._register_each(r, end)
             return
         if refs and t is not None and t.hi == k and t.users == 1 and t.hs is hashes:
@@ -251,6 +259,8 @@ class BlockPool:
                 t.hi = k + 1
                 refs[-1] = k + 1
             else:
+                if k and not own:  # r holds block k but not block k-1: the cache may have holes from now on
+                    self.closed = False
                 t = r.tail = Run(hashes, k, k + 1, 1)
                 start[h] = t
                 refs += (k, k + 1)

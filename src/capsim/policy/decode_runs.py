@@ -147,11 +147,14 @@ class DecodeRuns:
         or a block they fill has the hash of a free cached block that the run's allocations evict first
         (then step() registers it anew)."""
         bs = self.limits.block_size
-        new: list[int] = []
-        for r in regs:
-            new += r.hashes[r.reg:r.computed // bs]
-        if len(set(new)) < len(new):
-            return True
+        # chained hashes: two requests with a block hash in common agree from their first block on, so
+        # requests whose first blocks all differ (sessions, nearly always) cannot fill the same hash
+        if len({r.hashes[0] for r in regs}) < len(regs):
+            new: list[int] = []
+            for r in regs:
+                new += r.hashes[r.reg:r.computed // bs]
+            if len(set(new)) < len(new):
+                return True
         if evicting:
             pool = self.pool
             assert pool is not None
