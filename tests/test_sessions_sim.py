@@ -13,7 +13,7 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.sim import simulate
 from capsim.sim.arrivals import make_workload
-from capsim.sim.sessions import SessionPrefix, stream_hashes
+from capsim.sim.sessions import SessionPrefix, stream_hash_list, stream_hashes
 from capsim.sim.streams import Streams
 
 TURNS = 4
@@ -113,7 +113,7 @@ def test_a_session_that_would_pass_max_model_len_ends_or_drops_its_oldest_turns(
 
 
 def test_session_prefix_turns_share_their_sessions_leading_blocks() -> None:
-    p = SessionPrefix(turns=TURNS, n_requests=8, seed=7)
+    p = SessionPrefix(turns=TURNS, n_requests=8)
     prompt = np.array([100, 130, 160, 190, 100, 130, 160, 190], dtype=np.int32)
     p.bind(prompt, np.full(8, 20, dtype=np.int32))
     a, b = p.block_hashes(0, 16), p.block_hashes(1, 16)
@@ -122,7 +122,7 @@ def test_session_prefix_turns_share_their_sessions_leading_blocks() -> None:
     assert not set(a) & set(p.block_hashes(4, 16))  # another session shares nothing
     p.epoch[1] = 1  # the history was lost: the stream starts anew
     assert not set(a) & set(p.block_hashes(1, 16))
-    h = stream_hashes(7, 0, 0, 10_000)
+    h = stream_hashes(0, 0, 10_000)
     assert len(np.unique(h)) == len(h) and (h > 0).all()
 
 
@@ -171,11 +171,13 @@ def test_every_prompt_is_the_kept_history_plus_its_message(max_len: int, policy:
         assert r.summary.sessions_ended_on_overflow <= int((df.index % TURNS == 0).sum())
 
 
-def test_stream_hashes_are_splitmix64_of_the_block_index() -> None:
-    from capsim.sim.sessions import _mix_int
-
-    mask, golden = (1 << 64) - 1, 0x9E3779B97F4A7C15
-    key = _mix_int((5 << 40) ^ (7 << 12) ^ 2)
-    ref = [(_mix_int((key + golden * j) & mask) >> 1) | (1 << 61) for j in range(1, 301)]
-    assert stream_hashes(5, 7, 2, 300).tolist() == ref
-    assert stream_hashes(5, 7, 2, 300, start=100).tolist() == ref[100:]  # an extension of the stream
+def test_stream_hashes_are_distinct_per_session_epoch_and_block_and_checked_at_their_bounds() -> None:
+    ref = [(1 << 61) + (j << 39) + (7 << 12 | 2) for j in range(1, 301)]
+    assert stream_hashes(7, 2, 300).tolist() == ref
+    assert stream_hashes(7, 2, 300, start=100).tolist() == ref[100:]  # an extension of the stream
+    streams = [(s, e) for s in (0, 1, 2**27 - 1) for e in (0, 1, 4095)]
+    every = [h for s, e in streams for h in stream_hash_list(s, e, 50)]
+    assert len(set(every)) == len(every) and min(every) >= 1 << 61 and max(every) < 1 << 63
+    for bad, what in (((2**27, 0, 1), "sessions"), ((0, 4096, 1), "epoch"), ((0, 0, 2**22), "KV blocks")):
+        with pytest.raises(ValueError, match=what):
+            stream_hash_list(*bad)

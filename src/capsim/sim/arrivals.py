@@ -93,7 +93,7 @@ def make_workload(scenario: Scenario, streams: Streams) -> Workload:
     # a growing session's later turns carry a new message; drawn after the rest, so it shifts nothing
     new = draw_tokens(wl.sessions.new_tokens, n, gen)
     message = np.where(np.arange(n) % turns == 0, prompt, new).astype(np.int32)
-    prefix = SessionPrefix(turns, n, seed=int(streams.seed))
+    prefix = SessionPrefix(turns, n)
     return Workload(starts, turns, think, message.copy(), output, message, prefix)
 
 

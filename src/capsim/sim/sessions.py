@@ -2,7 +2,7 @@
 
 A growing session (``workload.sessions.new_tokens``) keeps an append-only token stream: turn k's prompt is
 every earlier prompt and answer plus the new message, so the stream's full blocks are shared by all later
-turns and :class:`SessionPrefix` can hash block ``j`` of session ``s`` from ``(seed, s, epoch, j)`` alone.
+turns and :class:`SessionPrefix` can hash block ``j`` of session ``s`` from ``(s, epoch, j)`` alone.
 The epoch counts the session's history losses (TTL expiry, the oldest turns dropped to fit
 ``max_model_len``): after one the prompt's tokens no longer start as before, so every block hashes anew.
 
@@ -28,74 +28,47 @@ if TYPE_CHECKING:
     from capsim.sim.pod import Pod
 
 _EMPTY = np.zeros(0, dtype=np.int64)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TOP = 1 << 61  # every stream hash is at least this: never one of a trace's ids (capsim.sim.prefix)
+_INDEX = 39  # bits below a block's index: the stream's id
+_EPOCH_BITS, _SESSION_BITS, _INDEX_BITS = 12, 27, 22
 
 
-_S1, _S27, _S30, _S31 = np.uint64(1), np.uint64(27), np.uint64(30), np.uint64(31)
-_TOP = np.int64(1 << 61)
+def _stream_id(session: int, epoch: int, n: int) -> int:
+    """The id (below 2**39) of session ``session``'s stream in epoch ``epoch``, checking that its hashes
+    stay distinct and within int64 for blocks up to ``n``."""
+    if not 0 <= session < 1 << _SESSION_BITS:
+        raise ValueError(f"session {session}: block hashes cover sessions 0 .. {(1 << _SESSION_BITS) - 1}")
+    if not 0 <= epoch < 1 << _EPOCH_BITS:
+        raise ValueError(f"session {session}: epoch {epoch} (history losses) past {(1 << _EPOCH_BITS) - 1}")
+    if n >= 1 << _INDEX_BITS:
+        raise ValueError(f"session {session}: {n} KV blocks in one stream, past {(1 << _INDEX_BITS) - 1}")
+    return session << _EPOCH_BITS | epoch
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer, in place: a bijection of uint64 that spreads every input bit (no collisions)."""
-    x ^= x >> _S30
-    x *= _M1
-    x ^= x >> _S27
-    x *= _M2
-    x ^= x >> _S31
-    return x
+def stream_hash_list(session: int, epoch: int, n: int, start: int = 0) -> list[int]:
+    """The hashes of blocks ``start .. n-1`` of session ``session``'s stream in epoch ``epoch``:
+    ``2**61 + (j + 1) * 2**39 + id`` for block ``j``, with the stream's id ``session * 4096 + epoch``. Distinct
+    for distinct (session, epoch, block) (no collision to rule out), positive int64, and a block's index
+    fixes its place, as a chained hash does. The id sits in the low bits, so that a dict spreads the
+    streams' blocks (Python hashes an int by its value)."""
+    base = _TOP + _stream_id(session, epoch, n)
+    return list(range(base + (start + 1 << _INDEX), base + (n + 1 << _INDEX), 1 << _INDEX))
 
 
-_MASK = (1 << 64) - 1
-
-
-def _mix_int(x: int) -> int:
-    """``_mix`` of one Python int (no array for a single value)."""
-    x &= _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
-    return x ^ (x >> 31)
-
-
-def stream_hashes(seed: int, session: int, epoch: int, n: int, start: int = 0) -> np.ndarray:
-    """The hashes (int64) of blocks ``start .. n-1`` of session ``session``'s stream in epoch ``epoch``."""
-    key = np.uint64(_mix_int((seed << 40) ^ (session << 12) ^ epoch))
-    # uint64 array arithmetic wraps silently (only scalar overflow warns): no errstate needed
-    out = _mix(key + _GOLDEN * np.arange(start + 1, n + 1, dtype=np.uint64))
-    # the top bit cleared: positive int64, and never one of a trace's small ids
-    out >>= _S1
-    hashes = out.view(np.int64)
-    hashes |= _TOP
-    return hashes
-
-
-_G = int(_GOLDEN)
-_TOP_INT = 1 << 61
-
-
-def stream_hash_list(seed: int, session: int, epoch: int, n: int, start: int = 0) -> list[int]:
-    """``stream_hashes`` as a list of Python ints (what the scheduler keeps); a few in plain Python, as
-    a short extension (a turn's new blocks) costs less so than numpy's per-call overhead."""
-    if n - start > 12:
-        out: list[int] = stream_hashes(seed, session, epoch, n, start).tolist()
-        return out
-    key = _mix_int((seed << 40) ^ (session << 12) ^ epoch)
-    return [(_mix_int(key + _G * j) >> 1) | _TOP_INT for j in range(start + 1, n + 1)]
+def stream_hashes(session: int, epoch: int, n: int, start: int = 0) -> np.ndarray:
+    """``stream_hash_list`` as an int64 array."""
+    return np.array(stream_hash_list(session, epoch, n, start), dtype=np.int64)
 
 
 class SessionPrefix:
     """``PrefixSource`` of growing sessions: request ``i`` is turn ``i % turns`` of session ``i // turns``;
     its blocks cover its prompt and answer (the answer is known in advance in the simulator)."""
 
-    def __init__(self, turns: int, n_requests: int, seed: int) -> None:
+    def __init__(self, turns: int, n_requests: int) -> None:
         self.turns = turns
-        self.seed = seed
         self.epoch = np.zeros(n_requests, dtype=np.int32)  # the session's epoch when the request was sent
         self.prompt: np.ndarray | None = None
         self.output: np.ndarray | None = None
-        self._cache: dict[int, tuple[int, int, np.ndarray]] = {}  # session -> (epoch, block size, hashes)
-        self._lists: dict[int, tuple[int, int, list[int]]] = {}  # the same for block_hash_list
 
     def bind(self, prompt: np.ndarray, output: np.ndarray) -> None:
         """Read the token counts from these (the run's records, whose prompts the client sets per turn)."""
@@ -104,50 +77,17 @@ class SessionPrefix:
     def block_hashes(self, request: int, block_size: int) -> np.ndarray:
         if self.prompt is None or self.output is None or request >= len(self.epoch):
             return _EMPTY  # not bound, or a spare slot: nothing shared
-        n = (int(self.prompt[request]) + int(self.output[request])) // block_size
-        s = request // self.turns
-        epoch = int(self.epoch[request])
-        # a session's turns ask for ever longer prefixes of one stream: extend the last one computed
-        have = self._cache.get(s)
-        if have is None or have[0] != epoch or have[1] != block_size:
-            hashes = stream_hashes(self.seed, s, epoch, n)
-        elif len(have[2]) >= n:
-            hashes = have[2][:n]
-        else:
-            hashes = np.concatenate([have[2], stream_hashes(self.seed, s, epoch, n, len(have[2]))])
-        if request % self.turns == self.turns - 1:
-            self._cache.pop(s, None)  # the session's last turn
-        elif have is None or len(hashes) > len(have[2]) or have[0] != epoch:
-            self._cache[s] = (epoch, block_size, hashes)
-        return hashes
+        return np.array(self.block_hash_list(request, block_size), dtype=np.int64)
 
     def block_hash_list(self, request: int, block_size: int) -> list[int]:
-        """:meth:`block_hashes` as a new list of Python ints, from a per-session list extended in place
-        (no array copy or conversion per turn: the continuous pod's hot path)."""
+        """:meth:`block_hashes` as a new list of Python ints (the continuous pod's hot path: one ``range``)."""
         if self.prompt is None or self.output is None or request >= len(self.epoch):
             return []
         n = (int(self.prompt[request]) + int(self.output[request])) // block_size
-        s = request // self.turns
-        epoch = int(self.epoch[request])
-        last = request % self.turns == self.turns - 1
-        # later turns extend the stream: hash some blocks ahead (one numpy call, not one per turn)
-        upto = n if last else n + 64
-        have = self._lists.get(s)
-        if have is None or have[0] != epoch or have[1] != block_size:
-            hashes = stream_hash_list(self.seed, s, epoch, upto)
-            have = (epoch, block_size, hashes)
-        else:
-            hashes = have[2]
-            if len(hashes) < n:
-                hashes += stream_hash_list(self.seed, s, epoch, upto, len(hashes))
-        if last:
-            self._lists.pop(s, None)  # the session's last turn
-        else:
-            self._lists[s] = have
-        return hashes[:n]
+        return stream_hash_list(request // self.turns, int(self.epoch[request]), n)
 
     def __repr__(self) -> str:
-        return f"SessionPrefix(turns={self.turns}, seed={self.seed})"
+        return f"SessionPrefix(turns={self.turns})"
 
 
 class ThinkTimes:
