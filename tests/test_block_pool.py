@@ -176,3 +176,5 @@ def test_a_block_registered_after_a_plain_copy_can_outlive_its_parent() -> None:
     pool.register(d, 3)
     d.blocks = 3
     assert held(d) == hs[:2] and pool.users == {hs[0]: 1, hs[1]: 1, hs[2]: 1}
+    pool.reset()  # the engine died: nothing cached, nobody holding, so prefix-closed again
+    assert pool.closed and not pool.users and pool.n_idle == 0 and not pool.lru

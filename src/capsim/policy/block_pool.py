@@ -352,6 +352,7 @@ class BlockPool:
         self._lru.clear()
         self._free_runs = 0
         self.n_idle = 0
+        self.closed = True  # nothing cached, no request left holding blocks
 
     @property
     def hit_rate(self) -> float:
