@@ -115,3 +115,16 @@ def test_each_answer_says_how_many_prompt_tokens_its_admission_reused(engine: Re
 
     # one after another: none for the first, 8 blocks of 4 for the second, 9 for the whole prompt again
     assert asyncio.run(main()) == [0, 32, 36]
+
+
+def test_a_hits_kv_copy_is_reported_as_part_of_its_step(engine: ReferenceEngine) -> None:
+    p = list(engine.request(40, 1, salt=9).prompt)
+    ce = ContinuousEngine(engine, LIMITS)
+    ce.add(0, GenerationRequest(p, 1))
+    miss = ce.step()
+    assert not miss.plan.cached and miss.hit_copy_s == 0.0
+    while ce.has_work:
+        ce.step()
+    ce.add(1, GenerationRequest([*p, 5, 6], 1))
+    hit = ce.step()
+    assert hit.plan.cached == {1: 40} and 0.0 < hit.hit_copy_s <= hit.seconds

@@ -57,6 +57,7 @@ class StepReport:
     scheduled_tokens: int
     seconds: float  # scheduling, the forward pass and the bookkeeping: the whole step
     plan: Step  # the scheduler's step: its composition, for the step-time model
+    hit_copy_s: float = 0.0  # of ``seconds``, copying prefix hits' cached KV (``plan.cached``) into their caches
 
 
 class ContinuousEngine:
@@ -129,10 +130,14 @@ class ContinuousEngine:
         for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
             a = self.active[rid]
             a.k = a.v = None
-        for rid, hit in plan.cached.items():  # prefix hits: their cached blocks' KV into their own cache
-            a = self.active[rid]
-            a.cached = hit
-            self._load_hit(a, hit)
+        copy_s = 0.0
+        if plan.cached:  # prefix hits: their cached blocks' KV into their own cache
+            t1 = self._clock()
+            for rid, hit in plan.cached.items():
+                a = self.active[rid]
+                a.cached = hit
+                self._load_hit(a, hit)
+            copy_s = self._clock() - t1
         emitted: dict[int, int] = {}
         if plan.request_ids:
             nxt = self._forward(plan.request_ids, plan.num_tokens, plan.contexts)
@@ -160,7 +165,8 @@ class ContinuousEngine:
             done = self.active.pop(rid)
             self.results[rid] = done.generated
             self.cached_tokens[rid] = done.cached
-        return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds, plan)
+        return StepReport(emitted, list(plan.finished), list(plan.preempted), plan.total_tokens, seconds, plan,
+                          copy_s)
 
     def _new_cache(self, a: _Active) -> None:
         cap = len(a.request.prompt) + a.request.max_new_tokens

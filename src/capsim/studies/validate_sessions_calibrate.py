@@ -45,12 +45,11 @@ class Calibrated:
 def measure_hit_copy_us(model: str, threads: int, limits: dict[str, int], prompt: int, core: int | None,
                         repeats: int = 15) -> float:
     """Microseconds per cached token that the real engine spends copying a prefix hit's KV into the request's
-    own cache (``ContinuousEngine._load_hit``), which the step model (measured without prefix caching) does
+    own cache (``StepReport.hit_copy_s``), which the step model (measured without prefix caching) does
     not have: the same ``prompt``-token prompt generated again hits its cached blocks, and each hit's copy is
     timed; the median over ``repeats`` hits. In this process, pinned to ``core`` (the pods' core) with
     ``threads`` torch threads, both restored after."""
     import statistics
-    import time
 
     import numpy as np
     import torch
@@ -69,17 +68,17 @@ def measure_hit_copy_us(model: str, threads: int, limits: dict[str, int], prompt
                                                     limits["block_size"], limits["num_blocks"], limits["max_model_len"],
                                                     enable_prefix_caching=True))
         per_token: list[float] = []
-        copy = eng._load_hit
-
-        def timed(a: Any, hit: int) -> None:
-            t0 = time.perf_counter()
-            copy(a, hit)
-            per_token.append((time.perf_counter() - t0) / hit)
-
-        eng._load_hit = timed  # type: ignore[method-assign]
         ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, prompt).tolist()
-        for _ in range(repeats + 1):  # the first run fills the cache; each later one hits it
-            eng.generate([GenerationRequest(tuple(ids), 1)])
+        for k in range(repeats + 1):  # the first run fills the cache; each later one hits it
+            if eng.add(k, GenerationRequest(tuple(ids), 1)) is not None:
+                raise ValueError(f"a {prompt}-token prompt does not fit the engine's limits {limits}")
+            while eng.has_work:
+                rep = eng.step()
+                hit = sum(rep.plan.cached.values())
+                if hit:
+                    per_token.append(rep.hit_copy_s / hit)
+            eng.results.pop(k, None)
+            eng.cached_tokens.pop(k, None)
     finally:
         torch.set_num_threads(torch_threads)
         if core is not None and affinity is not None:
@@ -125,7 +124,7 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                        measured.source).to_csv(profile_path)
     per_pod = vcc.capacity_per_s(fit, cal, spec.max_num_seqs, round(spec.mean_prompt_tokens), spec.output_tokens)
     copy_us = measure_hit_copy_us(spec.model, spec.threads, spec.limits(), prompt, pod_core)
-    echo(f"a prefix hit's KV copy: {copy_us:.2f} us per cached token (ContinuousEngine._load_hit, on core {pod_core})")
+    echo(f"a prefix hit's KV copy: {copy_us:.2f} us per cached token (StepReport.hit_copy_s, on core {pod_core})")
     return Calibrated(profile_path, cal.time_scale, cal.arrival_s * 1e3, per_pod,
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
