@@ -67,6 +67,11 @@ def _diverge(a: Sequence[int], b: Sequence[int], j: int, k: int) -> int:
     return hi
 
 
+def _live(run: Run, gen: int) -> bool:
+    """Whether an LRU entry still stands for its run: freed no later than that entry, and not emptied."""
+    return gen == run.gen and not run.users and run.lo < run.hi
+
+
 class BlockPool:
     """The cached blocks as runs keyed by their first block's hash, and the free runs in LRU order."""
 
@@ -111,7 +116,7 @@ class BlockPool:
         """The free cached blocks' hashes in eviction order (head first); built on demand (for checks)."""
         out: list[int] = []
         for r, g in self._lru:
-            if g == r.gen and not r.users and r.lo < r.hi:
+            if _live(r, g):
                 out += reversed(r.hs[r.lo:r.hi])
         return out
 
@@ -211,30 +216,22 @@ class BlockPool:
         end = min(full_blocks, len(hashes))
         if end <= k:
             return
-        refs = r.refs
-        t = r.tail
-        if end == k + 1:  # one block, as a decode fills one: its own run grows (nearly always)
-            h = hashes[k]
-            if (refs and refs[-1] == k and t is not None and t.hi == k and t.users == 1 and t.hs is hashes
-                    and h not in self.start):
-                t.hi = end
-                refs[-1] = end
-                r.reg = end
-                if self._set is not None:
-                    self._set.add(h)
-                return
-        # r holds block k-1 (its tail run ends at k), so a cached block k would start a run; and while
-        # the cache is prefix-closed, block k uncached means none after it is: one check, not one a block
-        if ((k and not (refs and refs[-1] == k))
-                or (hashes[k] in self.start if self.closed else not self.start.keys().isdisjoint(hashes[k:end]))):
+        refs, start = r.refs, self.start
+        own = bool(refs) and refs[-1] == k  # r holds block k-1 (its tail run ends at k)
+        # a cached block k would then start a run; and while the cache is prefix-closed (or for one block),
+        # block k uncached means none after it is: one check, not one a block
+        if ((k and not own)
+                or (hashes[k] in start if self.closed or end == k + 1
+                    else not start.keys().isdisjoint(hashes[k:end]))):
             self._register_each(r, end)
             return
-        if refs and t is not None and t.hi == k and t.users == 1 and t.hs is hashes:
-            t.hi = end
+        t = r.tail
+        if own and t is not None and t.hi == k and t.users == 1 and t.hs is hashes:
+            t.hi = end  # its own run grows (nearly always: a decode fills one block after another)
             refs[-1] = end
         else:
             t = r.tail = Run(hashes, k, end, 1)
-            self.start[hashes[k]] = t
+            start[hashes[k]] = t
             refs += (k, end)
         r.reg = end
         if self._set is not None:
@@ -286,10 +283,8 @@ class BlockPool:
             a, b = refs[i], refs[i + 1]
             freed -= b - a
             run = start[hashes[a]]
-            if run.hi == b:
-                runs = [run]
-            else:  # the stretch spans runs (split where other requests' hits ended): last first
-                runs = [run]
+            runs = [run]
+            if run.hi < b:  # the stretch spans runs (split where other requests' hits ended): last first
                 while run.hi < b:
                     run = start[hashes[run.hi]]
                     runs.append(run)
@@ -307,13 +302,13 @@ class BlockPool:
         r.reg = 0
         r.tail = None
         if len(lru) > 2 * self._free_runs + self.COMPACT_SLACK:
-            self._lru = deque(e for e in lru if e[1] == e[0].gen and not e[0].users and e[0].lo < e[0].hi)
+            self._lru = deque(e for e in lru if _live(*e))
         return freed
 
     def evict(self, count: int) -> None:
         """Forget the hashes of the ``count`` least recently freed cached blocks (they are reallocated)."""
         self.n_idle -= count
-        lru, log, cached = self._lru, self.evicted, self._set
+        lru, log = self._lru, self.evicted
         while count:
             run, g = lru[0]
             lo, hi = run.lo, run.hi
@@ -323,11 +318,7 @@ class BlockPool:
             if hi - lo > count:  # its last blocks go first
                 run.hi = hi - count
                 if log is not None:
-                    gone = run.hs[hi - count:hi]
-                    gone.reverse()
-                    log += gone
-                    if cached is not None:
-                        cached.difference_update(gone)
+                    self._forget(run.hs, hi - count, hi)
                 return
             lru.popleft()
             del self.start[run.hs[lo]]
@@ -335,11 +326,16 @@ class BlockPool:
             self._free_runs -= 1
             count -= hi - lo
             if log is not None:
-                gone = run.hs[lo:hi]
-                gone.reverse()
-                log += gone
-                if cached is not None:
-                    cached.difference_update(gone)
+                self._forget(run.hs, lo, hi)
+
+    def _forget(self, hs: list[int], lo: int, hi: int) -> None:
+        """Log the eviction of blocks ``lo .. hi-1`` of the chain ``hs``, last first (evictions are logged)."""
+        gone = hs[lo:hi]
+        gone.reverse()
+        assert self.evicted is not None
+        self.evicted += gone
+        if self._set is not None:
+            self._set.difference_update(gone)
 
     def reset(self) -> None:
         """Forget everything cached (the engine died); counters stay, as a pod's counters would restart."""

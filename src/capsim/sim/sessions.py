@@ -27,7 +27,6 @@ from capsim.model.scenario import (
 if TYPE_CHECKING:
     from capsim.sim.pod import Pod
 
-_EMPTY = np.zeros(0, dtype=np.int64)
 _TOP = 1 << 61  # every stream hash is at least this: never one of a trace's ids (capsim.sim.prefix)
 _INDEX = 39  # bits below a block's index: the stream's id
 _EPOCH_BITS, _SESSION_BITS, _INDEX_BITS = 12, 27, 22
@@ -75,14 +74,12 @@ class SessionPrefix:
         self.prompt, self.output = prompt, output
 
     def block_hashes(self, request: int, block_size: int) -> np.ndarray:
-        if self.prompt is None or self.output is None or request >= len(self.epoch):
-            return _EMPTY  # not bound, or a spare slot: nothing shared
         return np.array(self.block_hash_list(request, block_size), dtype=np.int64)
 
     def block_hash_list(self, request: int, block_size: int) -> list[int]:
         """:meth:`block_hashes` as a new list of Python ints (the continuous pod's hot path: one ``range``)."""
         if self.prompt is None or self.output is None or request >= len(self.epoch):
-            return []
+            return []  # not bound, or a spare slot: nothing shared
         n = (int(self.prompt[request]) + int(self.output[request])) // block_size
         return stream_hash_list(request // self.turns, int(self.epoch[request]), n)
 
