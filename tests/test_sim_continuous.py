@@ -260,6 +260,27 @@ def test_cycle_noise_of_one_changes_nothing_but_the_float_rounding() -> None:
         assert np.allclose(a[col], b[col], rtol=0, atol=1e-9, equal_nan=True), col
 
 
+def test_each_models_step_ends_are_its_step_times_added_one_by_one_to_the_last_bit() -> None:
+    """``decode_step_ends`` (a run's step ends, the pod's fast path) gives exactly the floats that adding
+    ``decode_step_s`` step by step gives, as one event per step would: inside the profile's grid, past both
+    of its ends (extrapolated), across measured intervals, for any start."""
+    from capsim.model.profile import ServiceTimeProfile
+    from capsim.sim.step_time import ConstantStepTime, LinearStepTime, ProfileStepTime, step_ends
+
+    models = [ConstantStepTime(0.0123), LinearStepTime(8e-4, 3.4e-5, 1.5e-10, 1.05e-4, 8.9e-7),
+              ProfileStepTime(ServiceTimeProfile.from_csv("data/profiles/cpu-tiny-float32.csv"), 1.3)]
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        d = int(rng.integers(1, 80))
+        c = d * int(rng.integers(0, 5000))  + int(rng.integers(0, d))  # mean contexts from 0 to past the grid
+        k = int(rng.integers(1, 700))
+        start = float(rng.uniform(0, 1e4))
+        for m in models:
+            want = step_ends(m.decode_step_s, start, d, c, k)
+            got = m.decode_step_ends(start, d, c, k)
+            assert got == want, (type(m).__name__, d, c, k, start)
+
+
 @pytest.mark.parametrize("max_run_steps", [4096, 1])
 def test_a_heavy_tailed_step_spread_keeps_the_mean_and_thickens_the_tail(max_run_steps: int) -> None:
     over = {"workload.arrivals.rate_per_s": 60, "horizon_s": 200, "service.arrival_overhead_ms": 0.5}

@@ -22,7 +22,9 @@ without retry: it would fail on every pod.
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from collections.abc import Callable
+from functools import partial
 from heapq import heappush
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +41,7 @@ from capsim.sim.continuous_results import (  # noqa: F401
 )
 from capsim.sim.pod import Batch, Pod, PodState
 from capsim.sim.recorder import REJECTED
+from capsim.sim.step_time import step_ends
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
@@ -88,11 +91,15 @@ class ContinuousPod(Pod):
         step_time = stats.step_time.for_pod() if hasattr(stats.step_time, "for_pod") else stats.step_time
         self._step_s = step_time.step_s
         self._run_s = step_time.decode_run_s
-        # one decode step's time, where the model has it (not drawn): a run adds its steps one by one
-        self._dstep = getattr(step_time, "decode_step_s", None)
-        # a model that draws each step's time gives a run's step ends, kept while the run lasts (``_ends``)
+        # a run's step ends, kept while the run lasts (``_ends``): a model whose step times are not drawn
+        # adds its steps' times one by one (``decode_step_ends``), as one event per step would; one that
+        # draws them gives the ends it drew (``decode_run_ends``); any other times the run as a whole
+        self._step_ends = getattr(step_time, "decode_step_ends", None)
+        dstep = getattr(step_time, "decode_step_s", None)
+        if self._step_ends is None and dstep is not None:
+            self._step_ends = partial(step_ends, dstep)
         self._run_ends = getattr(step_time, "decode_run_ends", None)
-        self._ends: np.ndarray | None = None
+        self._ends: list[float] | None = None
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
         self._step_token = 0  # a step's event is stale once an arrival lengthened the step (a new event)
@@ -271,29 +278,20 @@ class ContinuousPod(Pod):
     def _start_run(self, now: float, steps: int) -> None:
         sched = self.sched
         d, c = len(sched.running), sched.decode_context
-        if self._run_ends is not None:
-            ends = self._ends = now + self._run_ends(d, c, steps)
-            end = float(ends[-1])
+        if self._step_ends is not None:
+            ends = self._ends = self._step_ends(now, d, c, steps)
+            end = ends[-1]
+        elif self._run_ends is not None:
+            ends = self._ends = (now + self._run_ends(d, c, steps)).tolist()
+            end = ends[-1]
         else:
-            end = self._run_end(now, d, c, steps)
+            end = now + self._run_s(d, c, steps)
         self._run = (now, d, c, steps, end)
         self._schedule_run(end)
 
     def _schedule_run(self, end: float) -> None:
         self._run_token += 1
         self._wake_at(end, self._on_run, (self._run_token, end, self.incarnation))
-
-    def _run_end(self, start: float, d: int, c: int, k: int) -> float:
-        """When ``k`` decode steps of ``d`` requests of contexts ``c`` (summed) started at ``start`` end:
-        their times added one by one, as one event per step adds them (the same float, to the last bit,
-        so an arrival on a step's end is ordered alike in both), where the model gives one step's time."""
-        f = self._dstep
-        if f is None:
-            return start + self._run_s(d, c, k)
-        t = start
-        for j in range(k):
-            t += f(d, c + j * d)
-        return t
 
     def _cut_run(self, now: float) -> None:
         """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
@@ -302,23 +300,13 @@ class ContinuousPod(Pod):
         if end <= now:
             return  # the run's end event is due now; it has not been processed yet
         ends = self._ends
-        if ends is not None:  # the drawn step ends: the first after now ends the step in progress
-            hi = int(np.searchsorted(ends[:k], now, side="right")) + 1
+        if ends is not None:  # the steps' ends: the first after now ends the step in progress
+            hi = bisect_right(ends, now, 0, k) + 1
             if hi < k:
-                t = float(ends[hi - 1])
+                t = ends[hi - 1]
                 self._run = (start, d, c, hi, t)
                 self._schedule_run(t)
             return
-        f = self._dstep
-        if f is not None:  # walk the steps' ends as _run_end adds them: T(hi - 1) <= now < T(hi)
-            t = start
-            for hi in range(1, k):
-                t += f(d, c + (hi - 1) * d)
-                if t > now:
-                    self._run = (start, d, c, hi, t)
-                    self._schedule_run(t)
-                    return
-            return  # the step in progress is the run's last
         run_s = self._run_s
         # the steps of a run take about as long each: guess the step in progress, then walk to it
         hi = min(max(int((now - start) / (end - start) * k) + 1, 1), k)  # want: T(hi - 1) <= now < T(hi)

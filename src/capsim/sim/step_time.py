@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -36,9 +36,23 @@ class StepTimeModel(Protocol):
         the first step and grow by ``decodes`` each step: the sum of what ``step_s`` says for each.
 
         A model whose step times are not drawn also has ``decode_step_s(decodes, context)``: what
-        ``step_s`` says, bit for bit, for one such step; the pod then adds a run's steps one by one, as
-        one event per step would, so both give the same times to the last bit."""
+        ``step_s`` says, bit for bit, for one such step, and ``decode_step_ends(start, decodes, context,
+        steps)``: the run's step ends, those times added to ``start`` one by one (:func:`step_ends`), as one
+        event per step adds them, so both give the same times to the last bit."""
         ...
+
+
+def step_ends(step_s: Callable[[int, int], float], start: float, decodes: int, context: int,
+              steps: int) -> list[float]:
+    """The ends of ``steps`` decode steps started at ``start``: ``start + t0``, ``start + t0 + t1``, ...
+    added one by one, ``t_j = step_s(decodes, context + j * decodes)`` (a model's ``decode_step_s``; its
+    own ``decode_step_ends`` gives the same floats faster)."""
+    out = []
+    t = start
+    for j in range(steps):
+        t += step_s(decodes, context + j * decodes)
+        out.append(t)
+    return out
 
 
 class ConstantStepTime:
@@ -55,6 +69,15 @@ class ConstantStepTime:
 
     def decode_step_s(self, decodes: int, context: int) -> float:
         return self.mean_s
+
+    def decode_step_ends(self, start: float, decodes: int, context: int, steps: int) -> list[float]:
+        m = self.mean_s
+        out = []
+        t = start
+        for _ in range(steps):
+            t += m
+            out.append(t)
+        return out
 
 
 class ExponentialStepTime:
@@ -90,6 +113,16 @@ class LinearStepTime:
     def decode_step_s(self, decodes: int, context: int) -> float:
         c0, c1, c2, c3, c4 = self.c
         return c0 + c1 * 0 + c2 * 0 + c3 * decodes + c4 * context  # step_s's sum, term by term
+
+    def decode_step_ends(self, start: float, decodes: int, context: int, steps: int) -> list[float]:
+        c0, c1, c2, c3, c4 = self.c
+        head = c0 + c1 * 0 + c2 * 0 + c3 * decodes  # decode_step_s's sum up to its last term
+        out = []
+        t = start
+        for j in range(steps):
+            t += head + c4 * (context + j * decodes)
+            out.append(t)
+        return out
 
 
 class ProfileStepTime:
@@ -169,6 +202,27 @@ class ProfileStepTime:
         j = min(max(bisect.bisect_right(ts, x) - 1, 0), self._dlast)
         v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
         return (0.0 + (v if v > 0.0 else 0.0)) * self.scale
+
+    def decode_step_ends(self, start: float, decodes: int, context: int, steps: int) -> list[float]:
+        # decode_step_s for each step, inline: the row looked up once, the interval followed as the mean
+        # context grows (bisect's answer, as it only moves right)
+        last = self._dlast
+        if last < 0:
+            return step_ends(self.decode_step_s, start, decodes, context, steps)
+        ts = self._dts
+        scale = self.scale
+        row = self._decode.get(decodes) or self._row("decode", decodes)
+        j = min(max(bisect.bisect_right(ts, context / decodes) - 1, 0), last)
+        out = []
+        t = start
+        for m in range(steps):
+            x = (context + m * decodes) / decodes
+            while j < last and ts[j + 1] <= x:
+                j += 1
+            v = row[j] + (row[j + 1] - row[j]) * ((x - ts[j]) / (ts[j + 1] - ts[j]))
+            t += (0.0 + (v if v > 0.0 else 0.0)) * scale
+            out.append(t)
+        return out
 
     def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
         # the mean context runs x0, x0 + 1, ...: the kernel is linear in it on each measured interval,
