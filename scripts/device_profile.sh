@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a lent GPU machine (H100/H200, through the device tool): profile the GPU-sized reference model and
-# benchmark the engine; everything lands in $OUT. Uses that machine's python3 and torch; pydantic and its
+# On a lent GPU machine (H100/H200, through the device tool): profile the GPU-sized reference model, fit its
+# continuous-batching step model, and benchmark the engine; everything lands in $OUT. Uses that machine's python3 and torch; pydantic and its
 # needs travel as wheels in .whl/ (see docs/profiles.md, "On a lent GPU machine").
 #   MODEL=gpt2-small DTYPE=bfloat16 MAXB=64 bash scripts/device_profile.sh
 set -euo pipefail
@@ -24,10 +24,17 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-}
 } > "$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt"
 
-# The profile first: it is what analysts plan with. Then the engine benchmark (batching speedup, busy share).
-timeout 360 "$PY" -m capsim.cli profile --model "$MODEL" --dtype "$DTYPE" --max-batch-size "$MAXB" \
+# The profile first: it is what analysts plan with. Then the continuous engine's steps fitted onto it
+# (capsim profile-steps: the step-time model continuous-mode scenarios read), then the engine benchmark
+# (batching speedup, busy share). The timeouts sum to 540 s, inside one device call's 600 s.
+timeout 300 "$PY" -m capsim.cli profile --model "$MODEL" --dtype "$DTYPE" --max-batch-size "$MAXB" \
     --out-dir "$OUT" 2>&1 | grep -v '^profiling' | tail -20
-timeout 180 "$PY" benchmarks/bench_engine.py --model "$MODEL" --dtype "$DTYPE" --quick 2>&1 | tail -15 \
+for prof in "$OUT"/*-"$MODEL"-"$DTYPE".csv; do
+    [ -e "$prof" ] || continue
+    timeout 120 "$PY" -m capsim.cli profile-steps "$prof" --model "$MODEL" --dtype "$DTYPE" \
+        --out "${prof%.csv}-steps.csv" 2>&1 | tail -5 | tee "$OUT/profile_steps.txt"
+done
+timeout 120 "$PY" benchmarks/bench_engine.py --model "$MODEL" --dtype "$DTYPE" --quick 2>&1 | tail -15 \
     | tee "$OUT/bench_engine.txt"
 cp benchmarks/results/engine-*.json "$OUT/" 2>/dev/null || true
 ls -la "$OUT"
