@@ -191,9 +191,34 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     # the full model simulated again at the pod's own speed in each run, in the ablation
     import json
 
-    from capsim.studies.validate import RUN_SPEED
+    from capsim.studies.validate import RUN_SENDS, RUN_SPEED
     ablation = json.loads((tmp_path / "provenance.json").read_text())["ablation"]["0.4"]
     assert RUN_SPEED in ablation and math.isfinite(ablation[RUN_SPEED]["ttft_p50_s"])
+    assert RUN_SENDS in ablation and math.isfinite(ablation[RUN_SENDS]["ttft_p99_s"])
+
+
+def test_a_run_replayed_on_its_actual_sends_arrives_when_the_real_requests_were_sent(tmp_path):
+    """The ablation's sends: the simulator's arrivals are the real run's send times (late and bunched where
+    the load generator was), not the Poisson schedule, and the shifted frame lines up with the real one."""
+    from capsim.studies.validate import on_sends, shifted
+
+    spec = ValidationSpec(requests_per_level=300)
+    sc = level_scenario(spec, PROFILE, rate=50.0, calibration=Calibration(1.0, 0.0, ()))
+    rng = np.random.default_rng(3)
+    sends = np.sort(0.05 + rng.uniform(0, 1.8, 80))
+    sends[40:50] = sends[40]  # a burst: ten requests sent at once after the generator fell behind
+    real = pd.DataFrame({"arrival_s": np.concatenate([sends[::-1], [np.nan]])})  # unsorted, one never sent
+    trace, first = on_sends(sc, real, tmp_path / "sends.csv")
+    assert first == pytest.approx(sends[0])
+    assert trace.workload.arrivals.kind == "trace" and trace.horizon_s == pytest.approx(sc.horizon_s - first)
+    sim = shifted(simulate(trace, seed=0).requests, first).sort_values("arrival_s")
+    assert len(sim) == 80
+    assert np.allclose(sim.arrival_s, sends, atol=2e-6)  # the trace keeps microseconds
+    assert (sim.prompt_tokens == spec.prompt_tokens).all() and (sim.output_tokens == spec.output_tokens).all()
+    ok = sim[sim.outcome == "ok"]
+    assert len(ok) and (ok.first_token_s > ok.arrival_s).all()
+    with pytest.raises(ValueError, match="no request"):
+        on_sends(sc, pd.DataFrame({"arrival_s": [np.nan]}), tmp_path / "none.csv")
 
 
 def test_fit_trace_recovers_all_three_terms_from_single_batches():

@@ -27,7 +27,7 @@ import numpy as np
 
 import capsim
 from capsim.model.profile import ServiceTimeProfile
-from capsim.model.scenario import Scenario
+from capsim.model.scenario import ConstantTokens, Scenario
 from capsim.model.settings import BatchSettings
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import PodProcess, pinned, remove_scratch, scratch_dir
@@ -198,6 +198,40 @@ def level_scenario(
 RUN_SPEED = "full model at the run's speed"
 #: and replaying each run's speed batch by batch (its batches' wall over the fit, in order, from the first)
 RUN_REPLAY = "full model replaying the run's batches"
+#: and also on the load generator's actual send times instead of the schedule it was late on
+RUN_SENDS = "full model replaying the run's batches and sends"
+#: the time columns of a request frame, shifted together when a simulated frame is moved in time
+_TIME_COLUMNS = ("arrival_s", "start_s", "first_token_s", "end_s")
+
+
+def on_sends(scenario: Scenario, real_df: Any, path: Path) -> tuple[Scenario, float]:
+    """``scenario`` with its arrivals replaced by the real run's actual sends (``real_df.arrival_s``, each
+    request's send time from the run's start, late where the load generator was) and its requests' token
+    counts, written to ``path`` as an Azure-format trace; and the first send's time, which the trace's
+    times count from (add it to a simulated frame's times to compare it with the real one)."""
+    import datetime as dt
+
+    sent = real_df[np.isfinite(real_df.arrival_s.to_numpy(dtype=float))].sort_values("arrival_s", kind="stable")
+    if sent.empty:
+        raise ValueError("the run sent no request: no sends to replay")
+    base = dt.datetime(2000, 1, 1)
+    prompt, output = scenario.workload.prompt_tokens, scenario.workload.output_tokens
+    if not isinstance(prompt, ConstantTokens) or not isinstance(output, ConstantTokens):
+        raise ValueError("replaying sends needs constant prompt and output tokens (the validation's)")
+    with open(path, "w") as f:
+        f.write("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+        for t in sent.arrival_s.to_numpy(dtype=float):
+            f.write(f"{(base + dt.timedelta(seconds=float(t))).isoformat(sep=' ', timespec='microseconds')},"
+                    f"{prompt.value},{output.value}\n")
+    first = float(sent.arrival_s.iloc[0])
+    trace = scenario.override({"workload.arrivals": {"kind": "trace", "path": str(path)},
+                               "horizon_s": scenario.horizon_s - first})
+    return trace, first
+
+
+def shifted(df: Any, by: float) -> Any:
+    """A request frame with its times moved ``by`` seconds later."""
+    return df.assign(**{c: df[c] + by for c in _TIME_COLUMNS if c in df})
 
 
 def run_validation(
@@ -319,10 +353,16 @@ def run_validation(
                         vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
                     replay = replay_factors(trace, profile, spec, calibration, fitted=fitted)
                     if replay:  # and its slow spells where they came: the run's own batches in order
-                        other = simulate(level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
-                                                        noise_block=len(replay)), seed=seed)
+                        replayed = level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
+                                                  noise_block=len(replay))
+                        other = simulate(replayed, seed=seed)
                         variant_runs.setdefault(RUN_REPLAY, []).append(
                             vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+                        # and the requests when they were really sent (the generator runs late under load)
+                        sends, first = on_sends(replayed, real_df, work / f"sends-{level:g}-{r}.csv")
+                        other = simulate(sends, seed=seed)
+                        variant_runs.setdefault(RUN_SENDS, []).append(
+                            vs.cut_blocks(shifted(other.requests, first), *window, block_s=spec.block_s))
                 real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
                 for metric in METRICS:
                     rv, sv = real_sum[metric], sim_sum[metric]
