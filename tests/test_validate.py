@@ -191,10 +191,11 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     # the full model simulated again at the pod's own speed in each run, in the ablation
     import json
 
-    from capsim.studies.validate import RUN_SENDS, RUN_SPEED
+    from capsim.studies.validate import RUN_PARSED, RUN_SENDS, RUN_SPEED
     ablation = json.loads((tmp_path / "provenance.json").read_text())["ablation"]["0.4"]
     assert RUN_SPEED in ablation and math.isfinite(ablation[RUN_SPEED]["ttft_p50_s"])
-    assert RUN_SENDS in ablation and math.isfinite(ablation[RUN_SENDS]["ttft_p99_s"])
+    for name in (RUN_SENDS, RUN_PARSED):
+        assert name in ablation and math.isfinite(ablation[name]["ttft_p99_s"])
 
 
 def test_a_run_replayed_on_its_actual_sends_arrives_when_the_real_requests_were_sent(tmp_path):
@@ -219,6 +220,33 @@ def test_a_run_replayed_on_its_actual_sends_arrives_when_the_real_requests_were_
     assert len(ok) and (ok.first_token_s > ok.arrival_s).all()
     with pytest.raises(ValueError, match="no request"):
         on_sends(sc, pd.DataFrame({"arrival_s": [np.nan]}), tmp_path / "none.csv")
+
+
+def test_a_run_replayed_on_its_queue_times_counts_each_latency_from_the_real_send(tmp_path):
+    """The ablation's queue times: the simulator's batcher sees each request when the real pod's did (the
+    trace's queue times, matched to the sends in order), and each latency still counts from the real send,
+    so requests the pod parsed late (its loop busy for half a second) are late in the simulation too."""
+    from capsim.studies.validate import on_parsed
+
+    spec = ValidationSpec(requests_per_level=300)
+    sc = level_scenario(spec, PROFILE, rate=50.0, calibration=Calibration(1.0, 0.0, ()))
+    rng = np.random.default_rng(4)
+    sends = np.sort(0.05 + rng.uniform(0, 1.8, 60))
+    t0 = 1000.0
+    queued = sends + 0.002
+    blocked = (sends >= sends[30]) & (sends < sends[30] + 0.5)  # sent while the pod's loop was busy
+    queued[blocked] = sends[30] + 0.5 + 1e-4 * np.arange(blocked.sum())  # parsed together, in order, after it
+    trace = [[0.0, 0.0, 1, [t0 - 5.0]]] + [[0.0, 0.0, 1, [t0 + q]] for q in queued]  # one from an earlier run
+    real = pd.DataFrame({"arrival_s": sends[::-1]})
+    real.attrs["t0_monotonic"] = t0
+    sim = on_parsed(sc, real, trace, tmp_path / "parsed.csv", seed=0)
+    assert sim is not None and len(sim) == 60
+    assert np.array_equal(sim.arrival_s.to_numpy(), sends)  # latencies count from the real sends
+    ttft = (sim.first_token_s - sim.arrival_s).to_numpy()
+    assert blocked.sum() >= 5 and (ttft[blocked] >= (queued - sends)[blocked]).all()
+    assert (ttft > 0).all() and np.median(ttft[~blocked]) < np.median(ttft[blocked])
+    real.attrs.pop("t0_monotonic")
+    assert on_parsed(sc, real, trace, tmp_path / "none.csv", seed=0) is None  # no clock: nothing to match
 
 
 def test_fit_trace_recovers_all_three_terms_from_single_batches():

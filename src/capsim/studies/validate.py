@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,8 @@ RUN_SPEED = "full model at the run's speed"
 RUN_REPLAY = "full model replaying the run's batches"
 #: and also on the load generator's actual send times instead of the schedule it was late on
 RUN_SENDS = "full model replaying the run's batches and sends"
+#: and on the times the pod's batcher queued each request (sent, read and parsed), its latency from the send
+RUN_PARSED = "full model replaying the run's batches and queue times"
 #: the time columns of a request frame, shifted together when a simulated frame is moved in time
 _TIME_COLUMNS = ("arrival_s", "start_s", "first_token_s", "end_s")
 
@@ -232,6 +234,38 @@ def on_sends(scenario: Scenario, real_df: Any, path: Path) -> tuple[Scenario, fl
 def shifted(df: Any, by: float) -> Any:
     """A request frame with its times moved ``by`` seconds later."""
     return df.assign(**{c: df[c] + by for c in _TIME_COLUMNS if c in df})
+
+
+def on_parsed(scenario: Scenario, real_df: Any, trace: Sequence[Sequence[Any]], path: Path, seed: int) -> Any | None:
+    """Simulate ``scenario`` with each request arriving when the real pod's batcher queued it (the pod's
+    trace: sent, then read and parsed by its HTTP server, however late that came), without the simulator's
+    own ``ingress_ms``; then give each simulated request the real send time of the same rank (the k-th sent
+    is the k-th queued, as ``trace_diagnostics`` matches them), so its latencies count from the send as the
+    real ones do. ``None`` when the run's frame has no clock (``t0_monotonic``) or the trace no request."""
+    import pandas as pd
+
+    t0 = real_df.attrs.get("t0_monotonic")
+    sends = np.sort(real_df.arrival_s.to_numpy(dtype=float))
+    sends = sends[np.isfinite(sends)]
+    queued = [np.asarray(r[3], dtype=float) for r in trace]
+    if t0 is None or not len(sends) or not sum(len(q) for q in queued):
+        return None
+    enq = np.sort(np.concatenate(queued)) - t0
+    enq = enq[enq >= sends[0]]  # requests of an earlier run that the trace's first batches still held
+    n = min(len(sends), len(enq))
+    if not n:
+        return None
+    parsed, first = on_sends(scenario.override({"service.ingress_ms": 0.0}),
+                             pd.DataFrame({"arrival_s": enq[:n]}), path)
+    sim = shifted(simulate_requests(parsed, seed), first).sort_values("arrival_s", kind="stable")
+    return sim.assign(arrival_s=sends[:len(sim)])
+
+
+def simulate_requests(scenario: Scenario, seed: int) -> Any:
+    """The request frame of ``scenario`` simulated with ``seed``."""
+    from capsim.sim.simulate import simulate
+
+    return simulate(scenario, seed=seed).requests
 
 
 def run_validation(
@@ -363,6 +397,11 @@ def run_validation(
                         other = simulate(sends, seed=seed)
                         variant_runs.setdefault(RUN_SENDS, []).append(
                             vs.cut_blocks(shifted(other.requests, first), *window, block_s=spec.block_s))
+                        # and when the pod's batcher saw each request (its parsing, late under load)
+                        seen = on_parsed(replayed, real_df, trace, work / f"parsed-{level:g}-{r}.csv", seed)
+                        if seen is not None:
+                            variant_runs.setdefault(RUN_PARSED, []).append(
+                                vs.cut_blocks(seen, *window, block_s=spec.block_s))
                 real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
                 for metric in METRICS:
                     rv, sv = real_sum[metric], sim_sum[metric]
