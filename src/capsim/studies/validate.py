@@ -48,6 +48,8 @@ from capsim.studies.validate_report import (
     batch_fit,
     compare_level,
     format_results,
+    matched_sends,
+    queue_times,
     replay_factors,
     trace_diagnostics,
     worst_errors,
@@ -244,28 +246,15 @@ def on_parsed(scenario: Scenario, real_df: Any, trace: Sequence[Sequence[Any]], 
     real ones do. ``None`` when the run's frame has no clock (``t0_monotonic``) or the trace no request."""
     import pandas as pd
 
-    t0 = real_df.attrs.get("t0_monotonic")
-    sends = np.sort(real_df.arrival_s.to_numpy(dtype=float))
-    sends = sends[np.isfinite(sends)]
-    queued = [np.asarray(r[3], dtype=float) for r in trace]
-    if t0 is None or not len(sends) or not sum(len(q) for q in queued):
-        return None
-    enq = np.sort(np.concatenate(queued)) - t0
-    enq = enq[enq >= sends[0]]  # requests of an earlier run that the trace's first batches still held
-    n = min(len(sends), len(enq))
-    if not n:
-        return None
-    parsed, first = on_sends(scenario.override({"service.ingress_ms": 0.0}),
-                             pd.DataFrame({"arrival_s": enq[:n]}), path)
-    sim = shifted(simulate_requests(parsed, seed), first).sort_values("arrival_s", kind="stable")
-    return sim.assign(arrival_s=sends[:len(sim)])
-
-
-def simulate_requests(scenario: Scenario, seed: int) -> Any:
-    """The request frame of ``scenario`` simulated with ``seed``."""
     from capsim.sim.simulate import simulate
 
-    return simulate(scenario, seed=seed).requests
+    sends, queued = matched_sends(queue_times(trace), real_df)
+    if not len(sends):
+        return None
+    parsed, first = on_sends(scenario.override({"service.ingress_ms": 0.0}),
+                             pd.DataFrame({"arrival_s": queued}), path)
+    sim = shifted(simulate(parsed, seed=seed).requests, first).sort_values("arrival_s", kind="stable")
+    return sim.assign(arrival_s=sends[:len(sim)])
 
 
 def run_validation(

@@ -91,13 +91,35 @@ def worst_errors(results: Any, metrics: Sequence[str] = METRICS) -> dict[str, fl
     return {m: float(results[results.metric == m].rel_error.abs().max()) for m in metrics}
 
 
+def queue_times(trace: Sequence[Sequence[Any]]) -> Any:
+    """When each request of the trace's batches reached the pod's queue (its monotonic clock), sorted."""
+    queued = [np.asarray(r[3], dtype=float) for r in trace]
+    return np.sort(np.concatenate(queued)) if queued else np.empty(0)
+
+
+def matched_sends(enq: Any, real_df: Any) -> tuple[Any, Any]:
+    """The run's send times and queue times (``enq``, sorted, from :func:`queue_times`), both from the run's
+    start (``real_df.attrs["t0_monotonic"]``), matched in order: on one connection pool the k-th sent is the
+    k-th queued. Queue times before the first send (an earlier run's requests) are left out, and so are
+    requests never sent; as many of each as both have, none without the run's clock."""
+    t0 = real_df.attrs.get("t0_monotonic")
+    sends = np.sort(real_df.arrival_s.to_numpy(dtype=float))
+    sends = sends[np.isfinite(sends)]
+    if t0 is None or not len(sends):
+        return np.empty(0), np.empty(0)
+    queued = enq - t0
+    queued = queued[queued >= sends[0]]
+    n = min(len(sends), len(queued))
+    return sends[:n], queued[:n]
+
+
 def batch_fit(trace: Sequence[Sequence[Any]], profile: Any, spec: Any, calibration: Any) -> tuple[Any, Any, Any]:
     """Each batch of the pod's trace (in order): its wall time, the calibrated cycle for its size and the
     arrivals during it (seconds), and those arrivals."""
     start = np.array([r[0] for r in trace], dtype=float)
     end = np.array([r[1] for r in trace], dtype=float)
     size = np.array([r[2] for r in trace], dtype=int)
-    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace])) if len(trace) else np.empty(0)
+    enq = queue_times(trace)
     during = np.searchsorted(enq, end) - np.searchsorted(enq, start)
     fit = np.array([calibration.cycle_s(b, profile.batch_timing(int(b), spec.prompt_tokens,
                                                                 spec.output_tokens).total_s, a)
@@ -194,7 +216,7 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
     out["real_mean_batch_ms"] = float(wall.mean() * 1e3)
     out["end_lag_p99_ms"] = float(np.percentile((end - engine_end)[engine_end > 0], 99) * 1e3) if (
         engine_end > 0).any() else float("nan")
-    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
+    enq = queue_times(trace)
     if calibration is not None:
         _, fit, during = fitted if fitted is not None else batch_fit(trace, profile, spec, calibration)
         ratio = wall / fit
@@ -209,18 +231,17 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         w = waiting - waiting.mean()
         out["waiting_at_start_p99"] = float(np.percentile(waiting, 99))
         out["ms_per_waiting"] = float(np.dot(w, wall - fit) / max(np.dot(w, w), 1e-12) * 1e3)
-    t0 = real_df.attrs.get("t0_monotonic")
-    sends = np.sort(t0 + real_df.arrival_s.to_numpy(dtype=float)) if t0 is not None else np.empty(0)
-    enq_run = enq[enq >= sends[0]] if len(sends) else enq[:0]
-    n = min(len(sends), len(enq_run))
+    sends, queued = matched_sends(enq, real_df)  # from the run's start
+    n = len(sends)
     if n:
-        ingress = enq_run[:n] - sends[:n]  # FIFO on one connection pool: the k-th sent is the k-th queued
+        ingress = queued - sends
         out["ingress_p50_ms"] = float(np.percentile(ingress, 50) * 1e3)
         out["ingress_p99_ms"] = float(np.percentile(ingress, 99) * 1e3)
         room = size < spec.batching.max_batch_size
+        begun = start - real_df.attrs["t0_monotonic"]
         missed = 0
         for k in np.flatnonzero(room):
-            lo, hi = np.searchsorted(sends[:n], [start[k] - 1.0, start[k]])
-            missed += int(np.sum(enq_run[lo:hi] > start[k]))
-        out["missed_batch_share"] = missed / n if n else float("nan")
+            lo, hi = np.searchsorted(sends, [begun[k] - 1.0, begun[k]])
+            missed += int(np.sum(queued[lo:hi] > begun[k]))
+        out["missed_batch_share"] = missed / n
     return out
