@@ -170,6 +170,13 @@ def test_validate_checks_its_arguments_before_profiling(tmp_path: Path, monkeypa
     one_line_error(["validate", "--prompt-tokens", "2048", "--output-tokens", "512", "--out-dir", str(tmp_path / "v")],
                    "--prompt-tokens + --output-tokens must be <= 2047", "got 2560")
     assert not (tmp_path / "v").exists()
+    # simulating a validation's kept runs again takes their folder and an output folder only
+    one_line_error(["validate", "--from-runs", str(tmp_path / "v"), "--quick"], "--from-runs", "not --quick")
+    one_line_error(["validate", "--from-runs", str(tmp_path / "v"), "--mode", "continuous"], "--from-runs")
+    one_line_error(["validate", "--from-runs", str(tmp_path), "--out-dir", str(tmp_path)], "--out-dir must differ")
+    one_line_error(["validate", "--from-runs", str(tmp_path / "v"), "--out-dir", str(tmp_path / "w")],
+                   "provenance.json", "cannot read")
+    assert not (tmp_path / "w").exists()
 
 
 def test_simulate_says_when_a_scheduled_crash_found_no_pod(tmp_path: Path) -> None:

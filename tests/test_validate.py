@@ -196,6 +196,18 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     assert RUN_SPEED in ablation and math.isfinite(ablation[RUN_SPEED]["ttft_p50_s"])
     for name in (RUN_SENDS, RUN_PARSED):
         assert name in ablation and math.isfinite(ablation[name]["ttft_p99_s"])
+    # the real runs are kept: simulated again from them alone, every number comes out the same
+    from capsim.studies.validate import resimulate
+    from capsim.studies.validate_runs import load_runs
+
+    assert [(r.level, r.replication) for r in load_runs(tmp_path)] == [(0.4, 0), (0.4, 1), (0.4, 2)]
+    again = resimulate(tmp_path, tmp_path / "again", echo=lines.append)
+    pd.testing.assert_frame_equal(again, results)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "replications.csv"),
+                                  pd.read_csv(tmp_path / "replications.csv"))
+    prov_again = json.loads((tmp_path / "again" / "provenance.json").read_text())
+    assert prov_again["ablation"]["0.4"] == ablation
+    assert prov_again["resimulated"]["from"] == str(tmp_path)
 
 
 def test_a_run_replayed_on_its_actual_sends_arrives_when_the_real_requests_were_sent(tmp_path):

@@ -344,12 +344,26 @@ def validate(
         "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]. "
         "--mode continuous: seconds of each of the two probes before a run, simulated beside it; 0: none "
         "[default: 2]")] = None,
+    from_runs: Annotated[Path | None, typer.Option(
+        help="simulate again the real runs that an earlier static validation kept in DIR/runs, with its "
+        "profile and calibration (no pod; seconds), writing the results to --out-dir [default: "
+        "DIR/resimulated]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
     from dataclasses import replace
 
     if mode not in ("static", "continuous", "sessions"):
         raise CommandLineError(f"--mode must be static or continuous, or sessions, got {mode!r}")
+    if from_runs is not None:
+        refused = [name for name, v in (("--quick", quick or None), ("--force", force or None),
+                                      ("--requests-per-level", requests_per_level), ("--replications", replications),
+                                      ("--prompt-tokens", prompt_tokens), ("--output-tokens", output_tokens))
+                 if v is not None]
+        if mode != "static" or refused:
+            raise CommandLineError("--from-runs simulates a static validation's kept runs as they were: it takes "
+                                   "--out-dir only" + (f", not {', '.join(refused)}" if refused else ""))
+        _resimulate(from_runs, out_dir)
+        return
     if noise_block_steps is not None and mode != "continuous":
         raise CommandLineError("--noise-block-steps applies to --mode continuous only")
     for name, given in (("--level", level), ("--policies", policies)):
@@ -377,6 +391,19 @@ def validate(
     spec = replace(spec, **changes)
     _check_validation_lengths(spec.model, spec.prompt_tokens, spec.output_tokens)
     results = run_validation(spec, out_dir=folder, echo=typer.echo)
+    worst = worst_errors(results)
+    typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
+    typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")
+
+
+def _resimulate(from_runs: Path, out_dir: Path | None) -> None:
+    """``capsim validate --from-runs DIR``: the simulated side again on the kept real runs."""
+    from capsim.studies.validate import resimulate, worst_errors
+
+    folder = _output_dir(out_dir if out_dir is not None else from_runs / "resimulated", "--out-dir")
+    if folder.resolve() == from_runs.resolve():
+        raise CommandLineError("--out-dir must differ from --from-runs: the measured results stay as they were")
+    results = resimulate(from_runs, folder, echo=typer.echo)  # a KeptRunsError names the file
     worst = worst_errors(results)
     typer.echo("worst relative error per metric: " + ", ".join(f"{k} {v:.1%}" for k, v in worst.items()))
     typer.echo(f"wrote {folder}/results.csv, validation.png, provenance.json")

@@ -54,10 +54,20 @@ from capsim.studies.validate_report import (
     trace_diagnostics,
     worst_errors,
 )
+from capsim.studies.validate_runs import (
+    RUNS_DIR,
+    KeptRunsError,
+    RealRun,
+    calibration_fields,
+    load_runs,
+    read_provenance,
+    save_run,
+    spec_fields,
+)
 
 __all__ = [
     "METRICS", "TARGETS", "Calibration", "PodProcess", "ValidationSpec", "capacity_per_s", "fit_cycle",
-    "format_results", "level_scenario", "pinned", "run_validation", "sim_batches", "summarize_frame",
+    "format_results", "level_scenario", "pinned", "resimulate", "run_validation", "sim_batches", "summarize_frame",
     "worst_errors",
 ]
 
@@ -264,13 +274,10 @@ def run_validation(
     echo: Callable[[str], None] = print,
 ) -> Any:
     """Run the validation; write ``results.csv`` (one row per level and metric, with intervals and the
-    targets), ``replications.csv``, ``validation.png`` and ``provenance.json`` under ``out_dir`` and
-    return the results frame."""
-    import pandas as pd
-
+    targets), ``replications.csv``, ``validation.png``, ``provenance.json`` and the real runs
+    (``runs/``, :mod:`capsim.studies.validate_runs`) under ``out_dir`` and return the results frame."""
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
-    from capsim.sim.simulate import simulate
     from capsim.sim.streams import Streams
 
     spec = spec or ValidationSpec()
@@ -288,10 +295,6 @@ def run_validation(
     profile.to_csv(kept_profile)
     if gen_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {gen_core})
-    rows: list[dict[str, Any]] = []
-    reps: list[dict[str, Any]] = []
-    diagnostics: dict[str, Any] = {}
-    ablation: dict[str, dict[str, dict[str, float]]] = {}
     b = spec.batching
     pod = PodProcess(work, "validate", core=pod_core, torch_threads=spec.threads, model=spec.model,
                      max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
@@ -338,80 +341,24 @@ def run_validation(
             echo(f"{sized.requests_per_level} requests a level ({sized.level_budget_s:.0f} s of real runs at "
                  f"this capacity; --requests-per-level sets it)")
         spec = sized
-        variants = _variants(calibration)
+        levels = _Levels(spec, profile, kept_profile, calibration, work, echo)
         for level in spec.levels:
             rate = level * cap
             scenario = level_scenario(spec, kept_profile, rate, calibration)
             echo(f"level {level:.0%}: {rate:.1f} requests/s, {spec.replications} x {spec.requests_per_run} requests ...")
-            real_runs, sim_runs, level_diag = [], [], []
-            variant_runs: dict[str, list[vs.Blocks]] = {name: [] for name in variants}
+            runs = []
             for r in range(spec.replications):
                 seed = spec.seed + r
                 workload = make_workload(scenario, Streams(seed))
                 since = time.monotonic()
                 real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
                                                max_duration_s=scenario.horizon_s + 5, seed=seed))
-                trace = fetch_trace(pod.url, since)
-                sim = simulate(scenario, seed=seed)
-                window = (scenario.warmup_s, scenario.horizon_s)
-                real_runs.append(vs.cut_blocks(real_df, *window, block_s=spec.block_s))
-                sim_runs.append(vs.cut_blocks(sim.requests, *window, block_s=spec.block_s))
-                # each batch's wall and calibrated cycle, once for the diagnostics and the replay
-                fitted = batch_fit(trace, profile, spec, calibration) if calibration is not None and len(
-                    trace) >= 2 else None
-                level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration,
-                                                    fitted=fitted))
-                for name, cal in variants.items():  # the same real run against simpler models of the pod
-                    other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
-                    variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
-                speed = level_diag[-1].get("wall_over_fit_mean", float("nan"))
-                if calibration is not None and np.isfinite(speed) and speed > 0:
-                    # the full model at the pod's own speed in this run (its batches' mean wall over the fit):
-                    # the simulator's queueing apart from the machine's drift (docs/validation.md)
-                    at_speed = replace(calibration, time_scale=calibration.time_scale * speed,
-                                       overhead_s=calibration.overhead_s * speed,
-                                       arrival_overhead_s=calibration.arrival_overhead_s * speed)
-                    other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
-                    variant_runs.setdefault(RUN_SPEED, []).append(
-                        vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
-                    replay = replay_factors(trace, profile, spec, calibration, fitted=fitted)
-                    if replay:  # and its slow spells where they came: the run's own batches in order
-                        replayed = level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
-                                                  noise_block=len(replay))
-                        other = simulate(replayed, seed=seed)
-                        variant_runs.setdefault(RUN_REPLAY, []).append(
-                            vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
-                        # and the requests when they were really sent (the generator runs late under load)
-                        sends, first = on_sends(replayed, real_df, work / f"sends-{level:g}-{r}.csv")
-                        other = simulate(sends, seed=seed)
-                        variant_runs.setdefault(RUN_SENDS, []).append(
-                            vs.cut_blocks(shifted(other.requests, first), *window, block_s=spec.block_s))
-                        # and when the pod's batcher saw each request (its parsing, late under load)
-                        seen = on_parsed(replayed, real_df, trace, work / f"parsed-{level:g}-{r}.csv", seed)
-                        if seen is not None:
-                            variant_runs.setdefault(RUN_PARSED, []).append(
-                                vs.cut_blocks(seen, *window, block_s=spec.block_s))
-                real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
-                for metric in METRICS:
-                    rv, sv = real_sum[metric], sim_sum[metric]
-                    reps.append({"level": level, "replication": r, "seed": seed, "metric": metric, "real": rv,
-                                 "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
-            diagnostics[f"{level:g}"] = level_diag
-            echo(_describe_diagnostics(level_diag))
-            whole = {k: v for k, v in variant_runs.items() if len(v) == len(real_runs)}  # every replication
-            ablation[f"{level:g}"] = _ablation(real_runs, {**whole, "full model": sim_runs})
-            echo("  model parts, error of ttft p50/p99, e2e p99: " + "; ".join(
-                f"{name} {e['ttft_p50_s']:+.1%}/{e['ttft_p99_s']:+.1%}, {e['e2e_p99_s']:+.1%}"
-                for name, e in ablation[f"{level:g}"].items()))
-            rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
+                runs.append(RealRun(level, r, seed, rate, real_df, fetch_trace(pod.url, since)))
+                save_run(out, runs[-1])
+            levels.add(level, rate, runs)
     finally:
         pod.stop()
         remove_scratch(work)
-    results = pd.DataFrame(rows)
-    results.attrs["calibration_warnings"] = list(calibration.warnings) if calibration else []
-    results.to_csv(out / "results.csv", index=False)
-    pd.DataFrame(reps).to_csv(out / "replications.csv", index=False)
-    _plot(results, out / "validation.png")
     provenance = {
         "capsim_version": capsim.__version__,
         "spec": {**asdict(spec), "batching": spec.batching.model_dump()},
@@ -427,12 +374,140 @@ def run_validation(
         "targets": TARGETS,
         "intervals": {"confidence": vs.CONFIDENCE, "method": "percentile block bootstrap over pooled replications",
                       "block_s": spec.block_s, "n_resamples": vs.N_RESAMPLES},
-        "diagnostics": diagnostics,
-        "ablation": ablation,
+        "runs": RUNS_DIR,
     }
-    (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
-    echo(format_results(results))
-    return results
+    return levels.write(out, provenance, calibration)
+
+
+def resimulate(from_dir: str | Path, out_dir: str | Path, echo: Callable[[str], None] = print) -> Any:
+    """Simulate a validation's kept real runs again (``from_dir/runs/``, with the profile and calibration
+    it kept) and write the results as :func:`run_validation` does under ``out_dir``; the real side is the
+    same, so a change of the simulator is judged on the same runs. Returns the results frame."""
+    src, out = Path(from_dir), Path(out_dir)
+    prov = read_provenance(src)
+    try:
+        spec = ValidationSpec(**spec_fields(prov["spec"]))
+        calibration = Calibration(**calibration_fields(prov["calibration"])) if prov["calibration"] else None
+    except (TypeError, ValueError, KeyError) as exc:
+        raise KeptRunsError(f"{src / 'provenance.json'}: its spec or calibration does not fit this capsim "
+                            f"({type(exc).__name__}: {exc})") from exc
+    runs = load_runs(src)
+    try:
+        profile = ServiceTimeProfile.from_csv(src / "profile.csv")
+    except (OSError, ValueError) as exc:
+        raise KeptRunsError(f"{src / 'profile.csv'}: cannot read the validation's profile ({exc})") from exc
+    out.mkdir(parents=True, exist_ok=True)
+    kept_profile = out / "profile.csv"
+    profile.to_csv(kept_profile)
+    work = scratch_dir("capsim-resimulate-")
+    try:
+        levels = _Levels(spec, profile, kept_profile, calibration, work, echo)
+        for level in sorted({r.level for r in runs}):
+            these = [r for r in runs if r.level == level]
+            echo(f"level {level:.0%}: {these[0].rate_per_s:.1f} requests/s, {len(these)} kept runs ...")
+            levels.add(level, these[0].rate_per_s, these)
+    finally:
+        remove_scratch(work)
+    if out.resolve() != src.resolve():
+        for run in runs:
+            save_run(out, run)
+    prov.update({"profile": str(kept_profile), "capsim_version": capsim.__version__,
+                 "resimulated": {"from": str(src), "created_unix": time.time()}})
+    return levels.write(out, prov, calibration)
+
+
+class _Levels:
+    """The simulated side of a validation, level by level: each kept real run simulated (the full model on
+    its schedule, and the ablation's simpler and run-replaying models), compared, and written."""
+
+    def __init__(self, spec: ValidationSpec, profile: ServiceTimeProfile, kept_profile: Path,
+                 calibration: Calibration | None, work: Path, echo: Callable[[str], None]) -> None:
+        self.spec, self.profile, self.kept_profile = spec, profile, kept_profile
+        self.calibration, self.work, self.echo = calibration, work, echo
+        self.variants = _variants(calibration)
+        self.rows: list[dict[str, Any]] = []
+        self.reps: list[dict[str, Any]] = []
+        self.diagnostics: dict[str, Any] = {}
+        self.ablation: dict[str, dict[str, dict[str, float]]] = {}
+
+    def add(self, level: float, rate: float, runs: Sequence[RealRun]) -> None:
+        """Simulate and compare one level's real runs (its replications)."""
+        from capsim.sim.simulate import simulate
+
+        spec, profile, kept_profile, calibration, work = (self.spec, self.profile, self.kept_profile,
+                                                          self.calibration, self.work)
+        scenario = level_scenario(spec, kept_profile, rate, calibration)
+        window = (scenario.warmup_s, scenario.horizon_s)
+        real_runs, sim_runs, level_diag = [], [], []
+        variant_runs: dict[str, list[vs.Blocks]] = {name: [] for name in self.variants}
+        for run in runs:
+            real_df, trace, seed, r = run.requests, run.trace, run.seed, run.replication
+            sim = simulate(scenario, seed=seed)
+            real_runs.append(vs.cut_blocks(real_df, *window, block_s=spec.block_s))
+            sim_runs.append(vs.cut_blocks(sim.requests, *window, block_s=spec.block_s))
+            # each batch's wall and calibrated cycle, once for the diagnostics and the replay
+            fitted = batch_fit(trace, profile, spec, calibration) if calibration is not None and len(
+                trace) >= 2 else None
+            level_diag.append(trace_diagnostics(trace, real_df, sim.requests, profile, spec, calibration,
+                                                fitted=fitted))
+            for name, cal in self.variants.items():  # the same real run against simpler models of the pod
+                other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
+                variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+            speed = level_diag[-1].get("wall_over_fit_mean", float("nan"))
+            if calibration is not None and np.isfinite(speed) and speed > 0:
+                # the full model at the pod's own speed in this run (its batches' mean wall over the fit):
+                # the simulator's queueing apart from the machine's drift (docs/validation.md)
+                at_speed = replace(calibration, time_scale=calibration.time_scale * speed,
+                                   overhead_s=calibration.overhead_s * speed,
+                                   arrival_overhead_s=calibration.arrival_overhead_s * speed)
+                other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
+                variant_runs.setdefault(RUN_SPEED, []).append(
+                    vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+                replay = replay_factors(trace, profile, spec, calibration, fitted=fitted)
+                if replay:  # and its slow spells where they came: the run's own batches in order
+                    replayed = level_scenario(spec, kept_profile, rate, replace(at_speed, cycle_noise=replay),
+                                              noise_block=len(replay))
+                    other = simulate(replayed, seed=seed)
+                    variant_runs.setdefault(RUN_REPLAY, []).append(
+                        vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
+                    # and the requests when they were really sent (the generator runs late under load)
+                    sends, first = on_sends(replayed, real_df, work / f"sends-{level:g}-{r}.csv")
+                    other = simulate(sends, seed=seed)
+                    variant_runs.setdefault(RUN_SENDS, []).append(
+                        vs.cut_blocks(shifted(other.requests, first), *window, block_s=spec.block_s))
+                    # and when the pod's batcher saw each request (its parsing, late under load)
+                    seen = on_parsed(replayed, real_df, trace, work / f"parsed-{level:g}-{r}.csv", seed)
+                    if seen is not None:
+                        variant_runs.setdefault(RUN_PARSED, []).append(
+                            vs.cut_blocks(seen, *window, block_s=spec.block_s))
+            real_sum, sim_sum = summarize_frame(real_df, *window), summarize_frame(sim.requests, *window)
+            for metric in METRICS:
+                rv, sv = real_sum[metric], sim_sum[metric]
+                self.reps.append({"level": level, "replication": r, "seed": seed, "metric": metric, "real": rv,
+                                  "sim": sv, "rel_error": (sv - rv) / rv if rv else float("nan")})
+        self.diagnostics[f"{level:g}"] = level_diag
+        self.echo(_describe_diagnostics(level_diag))
+        whole = {k: v for k, v in variant_runs.items() if len(v) == len(real_runs)}  # every replication
+        self.ablation[f"{level:g}"] = _ablation(real_runs, {**whole, "full model": sim_runs})
+        self.echo("  model parts, error of ttft p50/p99, e2e p99: " + "; ".join(
+            f"{name} {e['ttft_p50_s']:+.1%}/{e['ttft_p99_s']:+.1%}, {e['e2e_p99_s']:+.1%}"
+            for name, e in self.ablation[f"{level:g}"].items()))
+        self.rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
+
+    def write(self, out: Path, provenance: dict[str, Any], calibration: Calibration | None) -> Any:
+        """``results.csv``, ``replications.csv``, ``validation.png`` and ``provenance.json`` (``provenance``
+        with this side's diagnostics and ablation) under ``out``; the results frame, also printed."""
+        import pandas as pd
+
+        results = pd.DataFrame(self.rows)
+        results.attrs["calibration_warnings"] = list(calibration.warnings) if calibration else []
+        results.to_csv(out / "results.csv", index=False)
+        pd.DataFrame(self.reps).to_csv(out / "replications.csv", index=False)
+        _plot(results, out / "validation.png")
+        provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation}
+        (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+        self.echo(format_results(results))
+        return results
 
 
 def _variants(calibration: Calibration | None) -> dict[str, Calibration]:

@@ -1,0 +1,137 @@
+"""A validation's real runs, kept beside its results so its simulated side can be run again offline.
+
+``capsim validate`` spends minutes on the real pod and a second on the simulator. It keeps each real
+replication in ``runs/`` under its output folder: the load generator's request frame
+(``{level}-{replication}.csv``) and the pod's batch trace with the run's clock and seed
+(``{level}-{replication}.json``). :func:`load_runs` reads them back exactly (the frame's dtypes and
+``attrs`` included), and ``capsim validate --from-runs DIR`` simulates them again with the calibration
+and profile that ``provenance.json`` and ``profile.csv`` kept, so a change of the model is judged on the
+same real runs instead of new ones, whose machine drifts between them (docs/validation.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from capsim.errors import CapsimError
+from capsim.model.request import REQUEST_COLUMNS, requests_frame
+from capsim.model.settings import BatchSettings
+
+#: the folder under a validation's output that holds its real runs
+RUNS_DIR = "runs"
+#: the request frame's ``attrs`` a kept run carries (what the validation's diagnostics read)
+KEPT_ATTRS = ("t0_monotonic", "send_error_s", "token_span_s", "failures")
+
+
+class KeptRunsError(CapsimError, ValueError):
+    """A validation folder's kept runs or provenance cannot be read back (names the file and what is wrong)."""
+
+
+@dataclass(frozen=True)
+class RealRun:
+    """One replication of a load level on the real pod: the load generator's request frame (with its
+    ``attrs``: the run's zero on the monotonic clock, the sends' lateness) and the pod's batch trace
+    (``GET /debug/batches`` rows since the run began)."""
+
+    level: float
+    replication: int
+    seed: int
+    rate_per_s: float
+    requests: Any
+    trace: list[list[Any]]
+
+    @property
+    def stem(self) -> str:
+        return f"{self.level:g}-{self.replication}"
+
+
+def save_run(out_dir: Path, run: RealRun) -> None:
+    """Write ``run`` under ``out_dir/runs/`` (two files, named by level and replication)."""
+    folder = Path(out_dir) / RUNS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    run.requests.to_csv(folder / f"{run.stem}.csv", index=False)
+    attrs = {k: run.requests.attrs[k] for k in KEPT_ATTRS if k in run.requests.attrs}
+    meta = {"level": run.level, "replication": run.replication, "seed": run.seed, "rate_per_s": run.rate_per_s,
+            "attrs": attrs, "trace": run.trace}
+    (folder / f"{run.stem}.json").write_text(json.dumps(meta, default=_plain))
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as JSON's numbers and lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def load_runs(out_dir: Path) -> list[RealRun]:
+    """The real runs kept under ``out_dir/runs/``, ordered by level, then replication."""
+    import pandas as pd
+
+    folder = Path(out_dir) / RUNS_DIR
+    metas = sorted(folder.glob("*.json"))
+    if not metas:
+        raise KeptRunsError(f"{folder}: no kept runs (a validation writes them since 2026-12-01; rerun it)")
+    runs = []
+    for path in metas:
+        try:
+            meta = json.loads(path.read_text())
+            level, rep = float(meta["level"]), int(meta["replication"])
+            seed, rate, trace, attrs = int(meta["seed"]), float(meta["rate_per_s"]), meta["trace"], meta["attrs"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KeptRunsError(f"{path}: not a kept run ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(trace, list) or not isinstance(attrs, dict):
+            raise KeptRunsError(f"{path}: 'trace' must be a list and 'attrs' an object")
+        csv = path.with_suffix(".csv")
+        try:
+            raw = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+        except (OSError, ValueError) as exc:
+            raise KeptRunsError(f"{csv}: cannot read the run's requests ({type(exc).__name__}: {exc})") from exc
+        missing = [c for c in REQUEST_COLUMNS if c not in raw.columns]
+        if missing:
+            raise KeptRunsError(f"{csv}: lacks the request columns {', '.join(missing)}")
+        frame = requests_frame({c: raw[c].to_numpy() for c in REQUEST_COLUMNS})
+        for c in raw.columns:
+            if c not in REQUEST_COLUMNS:
+                frame[c] = raw[c].to_numpy()
+        frame.attrs.update(attrs)
+        runs.append(RealRun(level, rep, seed, rate, frame, trace))
+    runs.sort(key=lambda r: (r.level, r.replication))
+    return runs
+
+
+def read_provenance(out_dir: Path) -> dict[str, Any]:
+    """``provenance.json`` of a validation folder."""
+    path = Path(out_dir) / "provenance.json"
+    try:
+        prov = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KeptRunsError(f"{path}: cannot read the validation's provenance ({type(exc).__name__}: {exc})") from exc
+    for key in ("spec", "calibration", "capacity_per_s"):
+        if key not in prov:
+            raise KeptRunsError(f"{path}: lacks {key!r}")
+    return dict(prov)
+
+
+def spec_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """A ``ValidationSpec``'s fields from its ``asdict`` in the provenance (tuples and batch settings back)."""
+    out = dict(spec)
+    out["levels"] = tuple(float(v) for v in out["levels"])
+    out["batching"] = BatchSettings(**out["batching"])
+    return out
+
+
+def calibration_fields(cal: dict[str, Any]) -> dict[str, Any]:
+    """A ``Calibration``'s fields from its ``asdict`` in the provenance (its tuples back)."""
+    out = dict(cal)
+    out["points"] = tuple(tuple(float(x) for x in p) for p in out.get("points", ()))
+    for key in ("residuals_s", "cycle_noise"):
+        out[key] = tuple(float(x) for x in out.get(key, ()))
+    out["warnings"] = tuple(out.get("warnings", ()))
+    return out

@@ -1,0 +1,84 @@
+"""A validation's kept real runs: written and read back exactly, bad files named, and simulated again."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from capsim.model.request import requests_frame
+from capsim.studies.validate_runs import (
+    RUNS_DIR,
+    KeptRunsError,
+    RealRun,
+    calibration_fields,
+    load_runs,
+    save_run,
+    spec_fields,
+)
+
+
+def frame(n: int = 5) -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    arrival = np.sort(rng.random(n)) * 10
+    cols = {"request_id": np.arange(n), "session_id": np.arange(n), "pod": np.zeros(n, dtype=np.int32),
+            "arrival_s": arrival, "start_s": arrival + 0.1, "first_token_s": arrival + 1 / 3,
+            "end_s": arrival + 0.7, "batch_size": np.full(n, 4), "prompt_tokens": np.full(n, 64),
+            "output_tokens": np.full(n, 128), "attempts": np.ones(n, dtype=np.int32),
+            "outcome": ["ok"] * (n - 1) + ["timed_out"]}
+    df = requests_frame(cols)
+    df.loc[n - 1, ["start_s", "first_token_s"]] = np.nan  # a request that never started
+    df.attrs.update({"t0_monotonic": 12345.678901234, "send_error_s": [0.001, 1e-7, 0.25],
+                     "token_span_s": [0.5, float("nan")], "failures": {"timed_out": 1}})
+    return df
+
+
+def test_a_kept_run_reads_back_exactly_its_frame_its_clock_and_its_trace(tmp_path: Path) -> None:
+    trace = [[100.0, 100.2, 2, [99.9, 100.05], 100.01, 100.19], [100.2, 100.4, 1, [100.1], 0.0, 0.0]]
+    runs = [RealRun(0.85, 1, 1, 31.835747276849144, frame(), trace), RealRun(0.3, 0, 0, 11.2, frame(3), [])]
+    for run in runs:
+        save_run(tmp_path, run)
+    back = load_runs(tmp_path)
+    assert [(r.level, r.replication) for r in back] == [(0.3, 0), (0.85, 1)]  # by level, then replication
+    got, want = back[1], runs[0]
+    pd.testing.assert_frame_equal(got.requests, want.requests)  # every float to the last bit, and the dtypes
+    assert got.requests.outcome.dtype == want.requests.outcome.dtype
+    assert got.seed == 1 and got.rate_per_s == want.rate_per_s and got.trace == trace
+    assert got.requests.attrs["t0_monotonic"] == want.requests.attrs["t0_monotonic"]
+    assert got.requests.attrs["send_error_s"] == want.requests.attrs["send_error_s"]
+    assert got.requests.attrs["failures"] == {"timed_out": 1}
+    assert math.isnan(got.requests.attrs["token_span_s"][1])
+
+
+def test_unreadable_kept_runs_name_the_file_and_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(KeptRunsError, match=f"{tmp_path / RUNS_DIR}: no kept runs"):
+        load_runs(tmp_path)
+    save_run(tmp_path, RealRun(0.6, 0, 0, 20.0, frame(), []))
+    meta = tmp_path / RUNS_DIR / "0.6-0.json"
+    good = meta.read_text()
+    meta.write_text(json.dumps({k: v for k, v in json.loads(good).items() if k != "seed"}))
+    with pytest.raises(KeptRunsError, match=r"0\.6-0\.json: not a kept run \(KeyError: 'seed'\)"):
+        load_runs(tmp_path)
+    meta.write_text(good)
+    csv = tmp_path / RUNS_DIR / "0.6-0.csv"
+    csv.write_text(pd.read_csv(csv).drop(columns=["end_s"]).to_csv(index=False))
+    with pytest.raises(KeptRunsError, match=r"0\.6-0\.csv: lacks the request columns end_s"):
+        load_runs(tmp_path)
+
+
+def test_the_spec_and_calibration_come_back_from_the_provenance_as_they_were() -> None:
+    from dataclasses import asdict
+
+    from capsim.studies.validate import Calibration, ValidationSpec
+
+    spec = ValidationSpec(levels=(0.3, 0.85), requests_per_level=300)
+    cal = Calibration(1.1, 0.002, ((1.0, 0.05, 0.06), (4.0, 0.07, 0.08)), (0.001, -0.001), ("poor fit",),
+                      (0.9, 1.0, 1.1), 0.003, 0.004)
+    prov = json.loads(json.dumps({"spec": {**asdict(spec), "batching": spec.batching.model_dump()},
+                                  "calibration": asdict(cal)}))
+    assert ValidationSpec(**spec_fields(prov["spec"])) == spec
+    assert Calibration(**calibration_fields(prov["calibration"])) == cal
