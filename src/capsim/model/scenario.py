@@ -602,6 +602,13 @@ class Scenario(BaseModel):
 
     horizon_s: Float = Field(gt=0, le=10_000_000)
     warmup_s: Float = Field(0.0, ge=0)
+    drain_s: Float = Field(
+        0.0, ge=0, le=10_000_000,
+        description="after the horizon nothing new is sent (no arrival, retry or next turn), and the run goes on "
+                    "this long so that requests in flight finish, as a load generator waits for its last answers; "
+                    "the summary still measures the requests sent before the horizon. 0: the run stops at the "
+                    "horizon and what is in flight there is left out of the latencies (the slowest requests of a "
+                    "backlog, so a short run near saturation reads a light tail)")
     workload: Workload
     service: Service
     batching: BatchSettings = BatchSettings()

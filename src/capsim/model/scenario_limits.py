@@ -75,7 +75,7 @@ def max_pods(scenario: Scenario) -> int:
 
 def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
     """The expected size of a run of ``scenario``; ``n_requests`` when known (a trace's rows)."""
-    horizon = scenario.horizon_s
+    horizon = scenario.horizon_s + scenario.drain_s  # the run's length; sessions start before the horizon
     if n_requests is None:
         sessions = expected_sessions(scenario)
         n_requests = 0.0 if sessions is None else sessions * scenario.workload.sessions.turns

@@ -71,6 +71,7 @@ class Client:
         self.rec = sim.records
         sc = sim.scenario
         self.horizon = sc.horizon_s
+        self.until = sc.horizon_s + sc.drain_s  # scenario.drain_s: nothing is sent after the horizon
         self.turns = workload.turns
         self.think_s = workload.think_time_s
         self._starts = workload.session_start_s
@@ -125,7 +126,8 @@ class Client:
 
     # ---- the arrival process ----------------------------------------------------------------------
     def run(self) -> None:
-        """Run the simulation to the horizon: arrivals interleaved with the SimPy events in time order.
+        """Run the simulation to the horizon (and ``scenario.drain_s`` past it, sending nothing new): arrivals
+        interleaved with the SimPy events in time order.
 
         This replaces ``env.run(until=horizon)``: before each event is stepped, every arrival that comes
         earlier is handed to the router at its own time. Sending may schedule events earlier than the
@@ -138,6 +140,7 @@ class Client:
         ending = self.rec.ending  # (end, id, batch): Pod._end_at
         heap = self.followups
         horizon = self.horizon
+        until = self.until
         starts = self._starts
         turns = self.turns
         # without sticky sessions or Redis outages, a first send needs only the router and the queue
@@ -183,7 +186,7 @@ class Client:
                 if open_loop:  # the next turn follows on a schedule, answered or not
                     self._push(t + self._think.next(), i + 1, False)
                 continue
-            if t_event > horizon:  # events at the horizon itself still happen (the last sample)
+            if t_event > until:  # events at the end itself still happen (the last sample)
                 self._main_sent = base + k
                 return
             self._main_sent = base + k  # the time-series sampler may read it in this step
@@ -483,8 +486,8 @@ class Client:
                     nxt = min(nxt, float(rec.send[q[0]]) + timeout)
             if due_heap:
                 nxt = min(nxt, due_heap[0][0])
-            if nxt >= self.horizon:
-                yield env.timeout(self.horizon - now)
+            if nxt >= self.until:
+                yield env.timeout(self.until - now)
                 return
             yield env.timeout(nxt - now)
 

@@ -61,9 +61,9 @@ class Records:
     def columns(self) -> dict[str, np.ndarray]:
         """The request columns of every request that was sent (``REQUEST_COLUMNS``; outcome as codes).
 
-        ``outcome`` is -1 (missing) for requests still in flight at the horizon. This consumes the
-        records: the per-request arrays and the batch table are released as the columns are built, so
-        ten million requests never exist three times over.
+        ``outcome`` is -1 (missing) for requests still in flight when the run ended (the horizon, plus
+        ``scenario.drain_s``). This consumes the records: the per-request arrays and the batch table are
+        released as the columns are built, so ten million requests never exist three times over.
         """
         mask = ~np.isnan(self.arrival)
         everyone = bool(mask.all())
