@@ -191,11 +191,18 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     # the full model simulated again at the pod's own speed in each run, in the ablation
     import json
 
-    from capsim.studies.validate import RUN_PARSED, RUN_SENDS, RUN_SPEED
-    ablation = json.loads((tmp_path / "provenance.json").read_text())["ablation"]["0.4"]
+    from capsim.studies.validate import JUDGED, RUN_PARSED, RUN_PREVIOUS, RUN_SENDS, RUN_SPEED
+    from capsim.studies.validate_report import verdicts
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    ablation = provenance["ablation"]["0.4"]
     assert RUN_SPEED in ablation and math.isfinite(ablation[RUN_SPEED]["ttft_p50_s"])
-    for name in (RUN_SENDS, RUN_PARSED):
+    for name in (RUN_SENDS, RUN_PARSED, RUN_PREVIOUS):
         assert name in ablation and math.isfinite(ablation[name]["ttft_p99_s"])
+    # the targets are also counted on the entries that take the pod's speed from its own trace
+    judged = provenance["targets_by_entry"]
+    assert set(judged) == set(JUDGED)
+    assert all(v["of"] == len(verdicts(results)) and v["met"] + len(v["missed"]) == v["of"] for v in judged.values())
+    assert any(line.startswith("targets met by the entries") for line in lines)
     # the real runs are kept: simulated again from them alone, every number comes out the same
     from capsim.studies.validate import resimulate
     from capsim.studies.validate_runs import load_runs
@@ -272,6 +279,32 @@ def test_fit_trace_recovers_all_three_terms_from_single_batches():
     assert [p[0] for p in cal.points] == [1, 2, 4, 8, 16] and max(map(abs, cal.residuals_s)) < 1e-9
     assert cal.warnings == () and np.mean(cal.cycle_noise) == pytest.approx(1.0)
     assert cal.cycle_s(4, 0.07, 3) == pytest.approx(1.25 * 0.07 + 0.004 + 0.006)
+
+
+def test_the_calibration_runs_each_size_forward_then_back_so_a_drift_does_not_tilt_the_fit():
+    from capsim.studies.validate_calibrate import CLIENTS, calibration_order
+
+    order = calibration_order(CLIENTS)
+    assert order == [*CLIENTS, *CLIENTS[::-1]]
+    rng = np.random.default_rng(0)
+
+    def rows_for(segments: list[int], per_segment: int) -> np.ndarray:
+        """Single batches of the closed-loop segments run in this order while the machine slows by 40%."""
+        rows = []
+        for k, n in enumerate(segments):
+            drift = 1 + 0.4 * (k + 0.5) / len(segments)
+            b = min(n, 16)
+            for _ in range(per_segment):
+                a = int(rng.integers(0, 4))
+                t = 0.05 + 0.005 * b  # the profile's batch time
+                rows.append((b, t, drift * (1.2 * t + b * 0.002 + a * 0.003), a))
+        return np.array(rows, dtype=float)
+
+    truth = 0.002 / 1.2  # per-request overhead over scale: the shape of the cycle across batch sizes
+    once = fit_trace(rows_for(list(CLIENTS), 16), warn=False)
+    twice = fit_trace(rows_for(order, 8), warn=False)  # the same batches, in the calibration's order
+    assert once.overhead_s / once.time_scale > 3 * truth  # forward only: the late, large batches read slow
+    assert twice.overhead_s / twice.time_scale == pytest.approx(truth, rel=0.05)
 
 
 def test_fit_trace_warns_when_no_per_request_work_shows_and_refuses_few_sizes():

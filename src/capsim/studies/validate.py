@@ -52,6 +52,7 @@ from capsim.studies.validate_report import (
     queue_times,
     replay_factors,
     trace_diagnostics,
+    verdicts,
     worst_errors,
 )
 from capsim.studies.validate_runs import (
@@ -174,6 +175,11 @@ def sim_batches(requests: Any) -> tuple[float, float]:
     return float(batches["size"].mean()), float((batches["end"].to_numpy() - starts).mean())
 
 
+#: seconds the load generator waits for answers after a run's last send, and the simulator runs on after
+#: its horizon (``Scenario.drain_s``): both count the requests sent before the horizon that finish by then
+DRAIN_S = 5.0
+
+
 def level_scenario(
     spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None,
     noise_block: int = 1,
@@ -184,6 +190,7 @@ def level_scenario(
     return Scenario.model_validate({
         "horizon_s": horizon,
         "warmup_s": horizon * spec.warmup_fraction,
+        "drain_s": DRAIN_S,
         "workload": {
             "arrivals": {"kind": "poisson", "rate_per_s": rate},
             "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
@@ -208,8 +215,12 @@ def level_scenario(
 
 #: the ablation's entry for the full model simulated at each run's own measured pod speed
 RUN_SPEED = "full model at the run's speed"
+#: the full model at the speed the pod kept in the replication before (its batches' mean wall over the fit)
+RUN_PREVIOUS = "full model at the previous replication's speed"
 #: and replaying each run's speed batch by batch (its batches' wall over the fit, in order, from the first)
 RUN_REPLAY = "full model replaying the run's batches"
+#: the ablation's entries whose targets are counted too (``provenance.json``, ``targets_by_entry``)
+JUDGED = (RUN_PREVIOUS, RUN_SPEED, RUN_REPLAY)
 #: and also on the load generator's actual send times instead of the schedule it was late on
 RUN_SENDS = "full model replaying the run's batches and sends"
 #: and on the times the pod's batcher queued each request (sent, read and parsed), its latency from the send
@@ -352,7 +363,7 @@ def run_validation(
                 workload = make_workload(scenario, Streams(seed))
                 since = time.monotonic()
                 real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                               max_duration_s=scenario.horizon_s + 5, seed=seed))
+                                               max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed))
                 runs.append(RealRun(level, r, seed, rate, real_df, fetch_trace(pod.url, since)))
                 save_run(out, runs[-1])
             levels.add(level, rate, runs)
@@ -429,6 +440,8 @@ class _Levels:
         self.reps: list[dict[str, Any]] = []
         self.diagnostics: dict[str, Any] = {}
         self.ablation: dict[str, dict[str, dict[str, float]]] = {}
+        self.last_speed = 1.0  # the pod's speed over the calibration in the last replication simulated
+        self.judged: dict[str, list[dict[str, Any]]] = {}  # compare_level's rows of the JUDGED entries
 
     def add(self, level: float, rate: float, runs: Sequence[RealRun]) -> None:
         """Simulate and compare one level's real runs (its replications)."""
@@ -454,12 +467,18 @@ class _Levels:
                 other = simulate(level_scenario(spec, kept_profile, rate, cal), seed=seed)
                 variant_runs[name].append(vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
             speed = level_diag[-1].get("wall_over_fit_mean", float("nan"))
+            if calibration is not None:
+                # the full model at the speed the pod kept in the replication before this one (the
+                # calibration's for the first): measured before this run, so still a prediction of it
+                other = simulate(level_scenario(spec, kept_profile, rate, _at_speed(calibration, self.last_speed)),
+                                 seed=seed)
+                variant_runs.setdefault(RUN_PREVIOUS, []).append(
+                    vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
             if calibration is not None and np.isfinite(speed) and speed > 0:
+                self.last_speed = speed
                 # the full model at the pod's own speed in this run (its batches' mean wall over the fit):
                 # the simulator's queueing apart from the machine's drift (docs/validation.md)
-                at_speed = replace(calibration, time_scale=calibration.time_scale * speed,
-                                   overhead_s=calibration.overhead_s * speed,
-                                   arrival_overhead_s=calibration.arrival_overhead_s * speed)
+                at_speed = _at_speed(calibration, speed)
                 other = simulate(level_scenario(spec, kept_profile, rate, at_speed), seed=seed)
                 variant_runs.setdefault(RUN_SPEED, []).append(
                     vs.cut_blocks(other.requests, *window, block_s=spec.block_s))
@@ -493,6 +512,10 @@ class _Levels:
             f"{name} {e['ttft_p50_s']:+.1%}/{e['ttft_p99_s']:+.1%}, {e['e2e_p99_s']:+.1%}"
             for name, e in self.ablation[f"{level:g}"].items()))
         self.rows.extend(compare_level(level, rate, real_runs, sim_runs, seed=spec.seed))
+        for name in JUDGED:  # the targets on the entries that take the pod's speed from its trace, too
+            if name in whole:
+                self.judged.setdefault(name, []).extend(compare_level(level, rate, real_runs, whole[name],
+                                                                      seed=spec.seed))
 
     def write(self, out: Path, provenance: dict[str, Any], calibration: Calibration | None) -> Any:
         """``results.csv``, ``replications.csv``, ``validation.png`` and ``provenance.json`` (``provenance``
@@ -504,10 +527,25 @@ class _Levels:
         results.to_csv(out / "results.csv", index=False)
         pd.DataFrame(self.reps).to_csv(out / "replications.csv", index=False)
         _plot(results, out / "validation.png")
-        provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation}
+        judged = {}
+        for name, rows in self.judged.items():
+            checks = verdicts(pd.DataFrame(rows))
+            judged[name] = {"met": sum(ok for _, ok in checks), "of": len(checks),
+                            "missed": [what for what, ok in checks if not ok]}
+        provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation,
+                      "targets_by_entry": judged}
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
         self.echo(format_results(results))
+        if judged:
+            self.echo("targets met by the entries that take the pod's speed from its trace: " + "; ".join(
+                f"{name} {v['met']} of {v['of']}" for name, v in judged.items()))
         return results
+
+
+def _at_speed(calibration: Calibration, speed: float) -> Calibration:
+    """``calibration`` with the pod running ``speed`` times as long: its scale and both overheads."""
+    return replace(calibration, time_scale=calibration.time_scale * speed, overhead_s=calibration.overhead_s * speed,
+                   arrival_overhead_s=calibration.arrival_overhead_s * speed)
 
 
 def _variants(calibration: Calibration | None) -> dict[str, Calibration]:

@@ -217,9 +217,10 @@ def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
               duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 15) -> Calibration:
-    """Closed-loop runs at each client count with the validation's request shape, each until about
-    ``batches_per_run`` x clients answers (at most ``duration_s`` / len(clients) seconds); the pod's batch
-    trace gives the cycle per batch size; ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
+    """Closed-loop runs at each client count with the validation's request shape, twice (in the order of
+    :func:`calibration_order`), each until about ``batches_per_run`` x clients / 2 answers (at most
+    ``duration_s`` / (2 x len(clients)) seconds); the pod's batch trace gives the cycle per batch size;
+    ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
     import httpx
 
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
@@ -240,15 +241,24 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
             await asyncio.gather(*[one(k) for k in range(n_clients)])
 
     since = time.monotonic()
-    for n in clients:
+    # each client count twice, in order and back (A B C ... C B A): the machine's speed drifts over the
+    # calibration's seconds, and a drift linear in time then weighs on every batch size alike instead of
+    # tilting the fit's scale against its per-request term
+    order = calibration_order(clients)
+    for n in order:
         # a batch holds up to n requests here (fewer when clients straddle two batches)
-        asyncio.run(drive(n, duration_s / len(clients), batches_per_run * n))
+        asyncio.run(drive(n, duration_s / len(order), -(-batches_per_run * n // 2)))
     trace = fetch_trace(url, since)
 
     def profile_s(b: int) -> float:
         return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
 
     return fit_trace(trace_rows(trace, profile_s))
+
+
+def calibration_order(clients: Sequence[int]) -> list[int]:
+    """The client counts in the order the calibration runs them: forward, then back."""
+    return [*clients, *reversed(clients)]
 
 
 def refit_arrivals(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -> Calibration:

@@ -138,6 +138,11 @@ def _pod_counters(url: str) -> dict[str, float]:
     return metric_totals(url, ("vllm:num_preemptions_total",))
 
 
+#: seconds the load generator waits for answers after a run's last send, and the simulator runs on after
+#: its horizon (``Scenario.drain_s``): both count the requests sent before the horizon that finish by then
+DRAIN_S = 30.0
+
+
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
                    num_blocks: int, arrival_overhead_ms: float = 0.0,
                    cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0,
@@ -149,6 +154,7 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
     return Scenario.model_validate({
         "horizon_s": horizon,
         "warmup_s": horizon * spec.warmup_fraction,
+        "drain_s": DRAIN_S,
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": rate},
                      "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
@@ -308,7 +314,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                       max_duration_s=scenario.horizon_s + 30, seed=seed))
+                                       max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed))
         t1 = time.perf_counter()
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
