@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -387,7 +388,7 @@ def run_validation(
                       "block_s": spec.block_s, "n_resamples": vs.N_RESAMPLES},
         "runs": RUNS_DIR,
     }
-    return levels.write(out, provenance, calibration)
+    return levels.write(out, provenance)
 
 
 def resimulate(from_dir: str | Path, out_dir: str | Path, echo: Callable[[str], None] = print) -> Any:
@@ -419,12 +420,11 @@ def resimulate(from_dir: str | Path, out_dir: str | Path, echo: Callable[[str], 
             levels.add(level, these[0].rate_per_s, these)
     finally:
         remove_scratch(work)
-    if out.resolve() != src.resolve():
-        for run in runs:
-            save_run(out, run)
+    if out.resolve() != src.resolve():  # the kept runs go with the results, byte for byte
+        shutil.copytree(src / RUNS_DIR, out / RUNS_DIR, dirs_exist_ok=True)
     prov.update({"profile": str(kept_profile), "capsim_version": capsim.__version__,
                  "resimulated": {"from": str(src), "created_unix": time.time()}})
-    return levels.write(out, prov, calibration)
+    return levels.write(out, prov)
 
 
 class _Levels:
@@ -517,12 +517,13 @@ class _Levels:
                 self.judged.setdefault(name, []).extend(compare_level(level, rate, real_runs, whole[name],
                                                                       seed=spec.seed))
 
-    def write(self, out: Path, provenance: dict[str, Any], calibration: Calibration | None) -> Any:
+    def write(self, out: Path, provenance: dict[str, Any]) -> Any:
         """``results.csv``, ``replications.csv``, ``validation.png`` and ``provenance.json`` (``provenance``
         with this side's diagnostics and ablation) under ``out``; the results frame, also printed."""
         import pandas as pd
 
         results = pd.DataFrame(self.rows)
+        calibration = self.calibration
         results.attrs["calibration_warnings"] = list(calibration.warnings) if calibration else []
         results.to_csv(out / "results.csv", index=False)
         pd.DataFrame(self.reps).to_csv(out / "replications.csv", index=False)

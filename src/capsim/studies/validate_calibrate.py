@@ -24,6 +24,7 @@ import numpy as np
 
 from capsim.errors import CapsimError
 from capsim.model.profile import ServiceTimeProfile
+from capsim.studies.validate_report import in_order, queue_times
 
 MIN_SIZES = 4
 MIN_BATCHES_PER_SIZE = 5
@@ -284,11 +285,7 @@ def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:
     nearly so). 0 without data."""
     if not trace or not sends:
         return 0.0
-    enq = np.sort(np.concatenate([np.asarray(r[3], dtype=float) for r in trace]))
-    sent = np.sort(np.asarray(sends, dtype=float))
-    enq = enq[enq >= sent[0]]
-    n = min(len(sent), len(enq))
-    sent, enq = sent[:n], enq[:n]
+    sent, enq = in_order(np.sort(np.asarray(sends, dtype=float)), queue_times(trace))
     start = np.array([r[0] for r in trace], dtype=float)
     end = np.array([r[1] for r in trace], dtype=float)
     k = np.searchsorted(start, sent, side="right") - 1

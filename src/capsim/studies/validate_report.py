@@ -107,7 +107,13 @@ def matched_sends(enq: Any, real_df: Any) -> tuple[Any, Any]:
     sends = sends[np.isfinite(sends)]
     if t0 is None or not len(sends):
         return np.empty(0), np.empty(0)
-    queued = enq - t0
+    return in_order(sends, enq - t0)
+
+
+def in_order(sends: Any, queued: Any) -> tuple[Any, Any]:
+    """Sorted send times and sorted queue times on one clock, matched in order (the k-th sent is the k-th
+    queued): queue times before the first send (an earlier run's requests) left out, as many of each as
+    both have. ``sends`` must not be empty."""
     queued = queued[queued >= sends[0]]
     n = min(len(sends), len(queued))
     return sends[:n], queued[:n]
