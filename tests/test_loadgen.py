@@ -12,7 +12,7 @@ import pytest
 
 from capsim.core.loadgen import CUT_OFF, ClientPolicy, LoadgenError, check_targets, run_load
 from capsim.model.request import REQUEST_COLUMNS
-from podproc import PodProcess
+from podproc import PodProcess, Served
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,68 @@ def test_open_loop_sends_on_schedule_not_on_answers(pod):
     serial_s = (df.end_s - df.arrival_s).sum()  # what sending one at a time would take at least
     assert serial_s > 0.5
     assert lag.max() < 0.25 * serial_s
+
+
+def test_on_the_pods_clock_every_answer_lines_up_with_the_send(pod):
+    df = asyncio.run(run_load([pod.url], plan(20), pod_clock=True))
+    assert (df.outcome == "ok").all()
+    assert df.attrs["pod_clock_rows"] == 20 and df.attrs["pod_clock_rejected"] == 0
+    assert (df.arrival_s <= df.start_s).all()
+    assert (df.start_s <= df.first_token_s).all() and (df.first_token_s <= df.end_s).all()
+
+
+#: a stand-in pod's way in: it takes this long to receive a request (an HTTP server whose loop is busy)
+WAY_IN_S = 0.05
+#: the stand-in pod's own time to first token, from its receipt
+POD_TTFT_S = 0.002
+
+
+def stand_in_pod(clock_offset_s: float = 0.0):
+    """A pod that receives each request ``WAY_IN_S`` after it arrives and answers 3 ms later, with the real
+    pod's timings; its ``received_at`` is on this process's ``perf_counter`` plus ``clock_offset_s``."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/sessions/{session_id}/turns")
+    async def turn(session_id: str) -> dict:
+        await asyncio.sleep(WAY_IN_S)
+        received = time.perf_counter()
+        await asyncio.sleep(0.003)  # its total_s: the first token comes before the answer leaves
+        return {"session_id": session_id, "turn": 1, "version": 1, "tokens": [1], "batch_size": 1,
+                "timings": {"queue_s": 0.001, "ttft_s": POD_TTFT_S, "model_s": 0.002, "total_s": 0.003,
+                            "received_at": received + clock_offset_s}}
+
+    return Served(app)
+
+
+def test_the_pods_clock_puts_the_way_in_into_the_time_to_first_token():
+    with stand_in_pod() as p:
+        on_receipt = asyncio.run(run_load([p.url], plan(5, rate=20.0)))
+        from_send = asyncio.run(run_load([p.url], plan(5, rate=20.0), pod_clock=True))
+    # by default the pod's timings count from its receipt: the way in is left out
+    assert (on_receipt.first_token_s - on_receipt.arrival_s).max() < WAY_IN_S
+    assert on_receipt.attrs["pod_clock_rows"] == 0
+    # on its clock they count from the send: the way in is in, and the answer still comes after
+    ttft = from_send.first_token_s - from_send.arrival_s
+    assert (ttft >= WAY_IN_S + POD_TTFT_S).all()
+    assert (from_send.first_token_s <= from_send.end_s).all()
+    assert from_send.attrs["pod_clock_rows"] == 5 and from_send.attrs["pod_clock_rejected"] == 0
+    way_in = np.array(from_send.attrs["way_in_s"])
+    assert len(way_in) == 5 and (way_in >= WAY_IN_S).all()
+    # the way in is what pod_clock adds: the rest is the pod's own TTFT and the send's lag behind the arrival
+    assert (ttft.to_numpy() - way_in - POD_TTFT_S >= -1e-9).all()
+    assert np.isnan(on_receipt.attrs["way_in_s"]).all()
+
+
+def test_a_receipt_off_this_hosts_clock_keeps_the_send_time():
+    # a pod on another host (a port forward looks like loopback): its clock reads an hour off ours
+    with stand_in_pod(clock_offset_s=3600.0) as p:
+        df = asyncio.run(run_load([p.url], plan(4, rate=20.0), pod_clock=True))
+    assert (df.outcome == "ok").all()
+    assert df.attrs["pod_clock_rows"] == 0 and df.attrs["pod_clock_rejected"] == 4
+    assert ((df.first_token_s - df.arrival_s) < WAY_IN_S).all()  # the send plus the pod's own timings
+    assert np.isnan(df.attrs["way_in_s"]).all()
 
 
 def test_streaming_measures_time_to_first_token_on_the_client(pod):

@@ -6,14 +6,12 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from capsim.core.router import (
     POLICIES,
@@ -24,7 +22,7 @@ from capsim.core.router import (
     preference,
     rendezvous,
 )
-from podproc import PodProcess, free_port
+from podproc import PodProcess, Served, free_port
 
 
 # ---- the decision alone ---------------------------------------------------------------------------------
@@ -56,32 +54,6 @@ def test_round_robin_least_outstanding_and_prefix_aware_orders() -> None:
 
 
 # ---- real servers ---------------------------------------------------------------------------------------
-class Served:
-    """An ASGI app on uvicorn in a thread, on a free loopback port."""
-
-    def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> Served:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "router did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def router(pods: list[str], **kw: Any) -> Served:
     return Served(create_router_app(RouterConfig(pods=tuple(pods), **kw)))
 

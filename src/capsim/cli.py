@@ -275,6 +275,9 @@ def loadgen(
     routing: Annotated[str, typer.Option(help="round_robin, random or session_affinity")] = "round_robin",
     stream: Annotated[bool, typer.Option(help="stream tokens (measures time to first token on the client)")] = False,
     allow_remote: Annotated[bool, typer.Option(help="allow targets that are not on loopback")] = False,
+    pod_clock: Annotated[bool, typer.Option(
+        help="pods on this host: place their timings on this host's clock, so the time to first token counts "
+             "from the send (the way into the pod included), as the simulator's does")] = False,
     out: Annotated[Path | None, typer.Option(help="write the request records to this CSV")] = None,
 ) -> None:
     """Replay a scenario's workload against real pods, open loop; records use the simulator's columns."""
@@ -297,7 +300,7 @@ def loadgen(
                                                   c.backoff_jitter),
             routing=routing,  # type: ignore[arg-type]
             max_requests=max_requests, max_duration_s=max_duration_s, stream=stream,
-            allow_remote=allow_remote, seed=seed, progress=True,
+            allow_remote=allow_remote, seed=seed, progress=True, pod_clock=pod_clock,
         ))
     except (SettingsError, LoadgenError) as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -308,6 +311,10 @@ def loadgen(
     failures = frame.attrs.get("failures", {})
     if failures:
         typer.echo("failed attempts by reason: " + ", ".join(f"{why} {n}" for why, n in failures.items()))
+    if pod_clock and not stream and frame.attrs["pod_clock_rows"] < len(ok):
+        typer.echo(f"WARNING: {len(ok) - frame.attrs['pod_clock_rows']} of {len(ok)} answers not on this host's clock "
+                   f"({frame.attrs['pod_clock_rejected']} with a receipt outside their send and answer): their TTFT "
+                   "counts from the pod's receipt")
     if len(ok):
         typer.echo(f"ttft p50 {ttft.iloc[0] * 1000:.1f} ms, p99 {ttft.iloc[1] * 1000:.1f} ms; "
                    f"e2e p50 {e2e.iloc[0] * 1000:.1f} ms, p99 {e2e.iloc[1] * 1000:.1f} ms")

@@ -140,6 +140,8 @@ class _Records:
         self.first_token_s = np.full(n, np.nan)
         self.end_s = np.full(n, np.nan)
         self.token_span_s = np.full(n, np.nan)  # the pod's own first-to-last-token time (answer timings)
+        self.received_s = np.full(n, np.nan)  # when the pod received the last attempt, on its clock less t0
+        self.way_in_s = np.full(n, np.nan)  # its send to that receipt, where the row is on the pod's clock
         self.batch_size = np.zeros(n, dtype=np.int32)
         self.prompt_tokens = prompt[:n].astype(np.int32)
         self.output_tokens = output[:n].astype(np.int32)
@@ -171,6 +173,7 @@ async def run_load(
     session_tag: str | None = None,
     messages: Callable[[int], Sequence[int]] | None = None,
     think: Callable[[], float] | None = None,
+    pod_clock: bool = False,
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
@@ -188,6 +191,17 @@ async def run_load(
     the prompt tokens the pod served from its prefix cache (NaN where its answer does not say). ``think()``
     draws each think time when the previous answer arrives (the simulated client's order), instead of the
     workload's constant.
+
+    A row's ``start_s`` and ``first_token_s`` are its send time plus the pod's ``queue_s`` and ``ttft_s``,
+    which the pod counts from when it received the request: the way in (the pod's HTTP server reading and
+    parsing the request, late when its event loop is busy) is left out of the time to first token. With
+    ``pod_clock`` (a pod on this host, whose ``perf_counter`` is the same monotonic clock) they are the
+    pod's own receipt (its answer's ``timings.received_at``) plus those timings, so the time to first token
+    counts from the send, as a client sees it and as the simulator counts it. A receipt before the send or
+    after the answer came back is not this clock: that row keeps the send time, and
+    ``frame.attrs["pod_clock_rejected"]`` counts such rows (``["pod_clock_rows"]`` those on the pod's clock;
+    ``["way_in_s"]``, per sent row, the send to the receipt, NaN off the pod's clock).
+    A streamed row's time to first token is the client's own in either case.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -211,6 +225,7 @@ async def run_load(
     bar = tqdm(total=n, desc="requests", disable=not progress)
     failures: Counter[str] = Counter()
     open_requests: set[int] = set()
+    clock = [0, 0]  # rows placed on the pod's clock, rows whose receipt was not on this host's clock
     histories: dict[int, dict[str, Any]] = {}  # request -> the answer's "history" (messages given)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
     timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
@@ -243,6 +258,8 @@ async def run_load(
             t = data["timings"]
             if "model_s" in t:  # model_s runs from the request's first step; its first token came ttft_s - queue_s in
                 rec.token_span_s[r] = t["model_s"] - (t["ttft_s"] - t["queue_s"])
+            if isinstance(t.get("received_at"), int | float):
+                rec.received_s[r] = float(t["received_at"]) - t0
             if messages is not None and isinstance(data.get("history"), dict):
                 histories[r] = data["history"]
             return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"]), None
@@ -257,13 +274,23 @@ async def run_load(
                 sent = time.perf_counter() - t0
                 # what the row says if the run's bound cuts this attempt off
                 rec.attempts[r], rec.pod[r], rec.outcome[r] = k + 1, pod, _TIMED_OUT
+                rec.received_s[r] = np.nan
                 outcome, queue_s, ttft_s, batch, why = await attempt(r, pod)
                 rec.outcome[r] = outcome
                 if why is not None:
                     failures[why] += 1
                 if outcome == _OK:
-                    rec.start_s[r] = sent + queue_s
-                    rec.first_token_s[r] = sent + ttft_s
+                    base = _receipt(rec.received_s[r], sent, time.perf_counter() - t0) if pod_clock else None
+                    if base is None:
+                        if pod_clock and np.isfinite(rec.received_s[r]):
+                            clock[1] += 1
+                        base = sent
+                    else:
+                        clock[0] += 1
+                        rec.way_in_s[r] = base - sent
+                    rec.start_s[r] = base + queue_s
+                    # streamed: the client's own time to first token, from its send
+                    rec.first_token_s[r] = (sent if stream else base) + ttft_s
                     rec.batch_size[r] = batch
                     break
                 if k < policy.max_retries:
@@ -317,7 +344,22 @@ async def run_load(
     # the pod's own token span per row (NaN: streamed or failed): the continuous validation's real ITL
     frame.attrs["token_span_s"] = rec.token_span_s[sent].tolist()
     frame.attrs["t0_monotonic"] = t0
+    frame.attrs["pod_clock_rows"], frame.attrs["pod_clock_rejected"] = clock
+    # per sent row, the way in (send to the pod's receipt, s; NaN off the pod's clock), what pod_clock adds
+    frame.attrs["way_in_s"] = rec.way_in_s[sent].tolist()
     return frame
+
+
+#: how far before its send a pod's receipt may read and still be on this host's clock (rounding)
+_CLOCK_SLACK_S = 1e-3
+
+
+def _receipt(received: float, sent: float, answered: float) -> float | None:
+    """The pod's receipt of an attempt on the run's clock, when it lies between the attempt's send and its
+    answer (less :data:`_CLOCK_SLACK_S`); ``None`` otherwise (absent, or the pod's clock is not this host's)."""
+    if np.isfinite(received) and sent - _CLOCK_SLACK_S <= received <= answered + _CLOCK_SLACK_S:
+        return max(float(received), sent)
+    return None
 
 
 async def _attempt_stream(

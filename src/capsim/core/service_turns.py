@@ -225,7 +225,9 @@ def _describe(prompt: tuple[int, ...]) -> str:
 def _answer(
     session_id: str, result: GenerationResult, turn: int, version: int, received: float
 ) -> dict[str, Any]:
-    """The turn's answer; timings are seconds from when the pod received the request."""
+    """The turn's answer; timings are seconds from when the pod received the request, and ``received_at``
+    is that moment on the pod's ``perf_counter`` (the host's monotonic clock on Linux, so a load generator on
+    the same host can place the pod's times on its own clock: ``run_load(pod_clock=True)``)."""
     queue_s = max(result.started_at - received, 0.0)
     return {
         "session_id": session_id,
@@ -238,6 +240,7 @@ def _answer(
             "ttft_s": queue_s + result.first_token_s,
             "model_s": result.total_s,
             "total_s": time.perf_counter() - received,
+            "received_at": received,
         },
     }
 
