@@ -203,6 +203,10 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     assert set(judged) == set(JUDGED)
     assert all(v["of"] == len(verdicts(results)) and v["met"] + len(v["missed"]) == v["of"] for v in judged.values())
     assert any(line.startswith("targets met by the entries") for line in lines)
+    # the real TTFT counts from the send, as the simulator's: every answer on the pod's clock (one host)
+    assert provenance["real_ttft_from"] == "send"
+    assert not any("WARNING" in line and "pod's clock" in line for line in lines)
+    assert any("send -> receipt (in the real TTFT) p50 " in line for line in lines)
     # the real runs are kept: simulated again from them alone, every number comes out the same
     from capsim.studies.validate import resimulate
     from capsim.studies.validate_runs import load_runs
@@ -215,6 +219,7 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     prov_again = json.loads((tmp_path / "again" / "provenance.json").read_text())
     assert prov_again["ablation"]["0.4"] == ablation
     assert prov_again["resimulated"]["from"] == str(tmp_path)
+    assert prov_again["real_ttft_from"] == "send" and not any(line.startswith("note: these runs") for line in lines)
 
 
 def test_a_run_replayed_on_its_actual_sends_arrives_when_the_real_requests_were_sent(tmp_path):

@@ -19,6 +19,7 @@ from capsim.studies.validate_runs import (
     load_runs,
     save_run,
     spec_fields,
+    ttft_from,
 )
 
 
@@ -82,3 +83,23 @@ def test_the_spec_and_calibration_come_back_from_the_provenance_as_they_were() -
                                   "calibration": asdict(cal)}))
     assert ValidationSpec(**spec_fields(prov["spec"])) == spec
     assert Calibration(**calibration_fields(prov["calibration"])) == cal
+
+
+def test_the_real_ttft_counts_from_the_send_only_when_every_answer_is_on_the_pods_clock() -> None:
+    def run(rows: int | None) -> RealRun:
+        df = frame()  # 4 answered, 1 timed out
+        if rows is not None:
+            df.attrs.update({"pod_clock_rows": rows, "pod_clock_rejected": 0})
+        return RealRun(0.3, 0, 0, 10.0, df, [])
+
+    assert ttft_from([run(4), run(4)]) == "send"
+    assert ttft_from([run(4), run(3)]) == "the pod's receipt"  # one answer left on the pod's receipt
+    assert ttft_from([run(None)]) == "the pod's receipt"  # kept before the pod's clock was used
+
+
+def test_the_pod_clocks_counts_are_kept(tmp_path: Path) -> None:
+    df = frame()
+    df.attrs.update({"pod_clock_rows": 4, "pod_clock_rejected": 1})
+    save_run(tmp_path, RealRun(0.3, 0, 0, 10.0, df, []))
+    attrs = load_runs(tmp_path)[0].requests.attrs
+    assert (attrs["pod_clock_rows"], attrs["pod_clock_rejected"]) == (4, 1)

@@ -58,6 +58,7 @@ from capsim.studies.validate_report import (
 )
 from capsim.studies.validate_runs import (
     RUNS_DIR,
+    TTFT_FROM_SEND,
     KeptRunsError,
     RealRun,
     calibration_fields,
@@ -65,6 +66,7 @@ from capsim.studies.validate_runs import (
     read_provenance,
     save_run,
     spec_fields,
+    ttft_from,
 )
 
 __all__ = [
@@ -354,6 +356,7 @@ def run_validation(
                  f"this capacity; --requests-per-level sets it)")
         spec = sized
         levels = _Levels(spec, profile, kept_profile, calibration, work, echo)
+        kept: list[RealRun] = []
         for level in spec.levels:
             rate = level * cap
             scenario = level_scenario(spec, kept_profile, rate, calibration)
@@ -363,11 +366,18 @@ def run_validation(
                 seed = spec.seed + r
                 workload = make_workload(scenario, Streams(seed))
                 since = time.monotonic()
+                # the pod's times on this host's clock: the real TTFT counts from the send, as the simulator's
                 real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                               max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed))
+                                               max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed,
+                                               pod_clock=True))
                 runs.append(RealRun(level, r, seed, rate, real_df, fetch_trace(pod.url, since)))
+                if ttft_from(runs[-1:]) != TTFT_FROM_SEND:
+                    echo(f"  WARNING: {real_df.attrs['pod_clock_rows']} of {int((real_df.outcome == 'ok').sum())} "
+                         f"answers placed on the pod's clock ({real_df.attrs['pod_clock_rejected']} off this host's "
+                         "clock); the others' TTFT counts from the pod's receipt")
                 save_run(out, runs[-1])
             levels.add(level, rate, runs)
+            kept += runs
     finally:
         pod.stop()
         remove_scratch(work)
@@ -387,6 +397,7 @@ def run_validation(
         "intervals": {"confidence": vs.CONFIDENCE, "method": "percentile block bootstrap over pooled replications",
                       "block_s": spec.block_s, "n_resamples": vs.N_RESAMPLES},
         "runs": RUNS_DIR,
+        "real_ttft_from": ttft_from(kept),
     }
     return levels.write(out, provenance)
 
@@ -422,8 +433,11 @@ def resimulate(from_dir: str | Path, out_dir: str | Path, echo: Callable[[str], 
         remove_scratch(work)
     if out.resolve() != src.resolve():  # the kept runs go with the results, byte for byte
         shutil.copytree(src / RUNS_DIR, out / RUNS_DIR, dirs_exist_ok=True)
-    prov.update({"profile": str(kept_profile), "capsim_version": capsim.__version__,
+    prov.update({"profile": str(kept_profile), "capsim_version": capsim.__version__, "real_ttft_from": ttft_from(runs),
                  "resimulated": {"from": str(src), "created_unix": time.time()}})
+    if prov["real_ttft_from"] != TTFT_FROM_SEND:
+        echo(f"note: these runs' real TTFT counts from {prov['real_ttft_from']}, not from the send as the simulator's "
+             "does (kept before the load generator placed the pod's times on the host's clock)")
     return levels.write(out, prov)
 
 
@@ -591,7 +605,8 @@ def _describe_diagnostics(runs: list[dict[str, float]]) -> str:
             f"{med('wall_over_fit_cv'):.1%}, p99 {med('wall_over_fit_p99'):.3f}, "
             f"{med('ms_per_arrival_during'):+.2f} ms per arrival and {med('ms_per_waiting'):+.2f} ms per "
             f"waiting request left unfitted (waiting p99 {med('waiting_at_start_p99'):.0f})\n"
-            f"  send -> queue p99 {med('ingress_p99_ms'):.1f} ms, missed a batch {med('missed_batch_share'):.2%}, "
+            f"  send -> receipt (in the real TTFT) p50 {med('way_in_p50_ms'):.1f} / p99 {med('way_in_p99_ms'):.1f} ms, "
+            f"send -> queue p99 {med('ingress_p99_ms'):.1f} ms, missed a batch {med('missed_batch_share'):.2%}, "
             f"generator late p99 {med('send_error_p99_ms'):.1f} ms, loop lag at batch end p99 "
             f"{med('end_lag_p99_ms'):.1f} ms; after the first token p50 real {med('real_after_first_p50_ms'):.1f} "
             f"/ sim {med('sim_after_first_p50_ms'):.1f} ms")

@@ -237,6 +237,11 @@ def trace_diagnostics(trace: Sequence[Sequence[Any]], real_df: Any, sim_requests
         w = waiting - waiting.mean()
         out["waiting_at_start_p99"] = float(np.percentile(waiting, 99))
         out["ms_per_waiting"] = float(np.dot(w, wall - fit) / max(np.dot(w, w), 1e-12) * 1e3)
+    way_in = np.asarray(real_df.attrs.get("way_in_s", []), dtype=float)
+    way_in = way_in[np.isfinite(way_in)]
+    if len(way_in):  # send to the pod's receipt, per request (the load generator on the pod's clock)
+        out["way_in_p50_ms"] = float(np.percentile(way_in, 50) * 1e3)
+        out["way_in_p99_ms"] = float(np.percentile(way_in, 99) * 1e3)
     sends, queued = matched_sends(enq, real_df)  # from the run's start
     n = len(sends)
     if n:

@@ -25,7 +25,12 @@ from capsim.model.settings import BatchSettings
 #: the folder under a validation's output that holds its real runs
 RUNS_DIR = "runs"
 #: the request frame's ``attrs`` a kept run carries (what the validation's diagnostics read)
-KEPT_ATTRS = ("t0_monotonic", "send_error_s", "token_span_s", "failures")
+KEPT_ATTRS = ("t0_monotonic", "send_error_s", "token_span_s", "failures", "pod_clock_rows", "pod_clock_rejected",
+              "way_in_s")
+#: what a real run's time to first token counts from (``provenance.json``'s ``real_ttft_from``): the client's
+#: send, the pod's times placed on the host's clock (``run_load(pod_clock=True)``, since stop 28), as the
+#: simulator counts it; or, in runs kept before, the pod's receipt of the request (the way in left out)
+TTFT_FROM_SEND, TTFT_FROM_RECEIPT = "send", "the pod's receipt"
 
 
 class KeptRunsError(CapsimError, ValueError):
@@ -104,6 +109,16 @@ def load_runs(out_dir: Path) -> list[RealRun]:
         runs.append(RealRun(level, rep, seed, rate, frame, trace))
     runs.sort(key=lambda r: (r.level, r.replication))
     return runs
+
+
+def ttft_from(runs: list[RealRun]) -> str:
+    """What the runs' real time to first token counts from: :data:`TTFT_FROM_SEND` when every answered
+    request of every run was placed on the pod's clock, else :data:`TTFT_FROM_RECEIPT`."""
+    for run in runs:
+        ok = int((run.requests.outcome == "ok").sum())
+        if int(run.requests.attrs.get("pod_clock_rows", 0)) < ok:
+            return TTFT_FROM_RECEIPT
+    return TTFT_FROM_SEND
 
 
 def read_provenance(out_dir: Path) -> dict[str, Any]:
