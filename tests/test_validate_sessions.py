@@ -269,6 +269,9 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert set(probes) == {"round_robin", "session_affinity"}
     for p in probes.values():
         assert p["turns"] > 0 and 0.2 < p["speed"] < 5 and p["answer_ms"] > 0 and p["ingress_ms"] > 0
+        # the turns' TTFT counts from the send: the way in through the router is measured, and simulated
+        assert p["way_in_ms"] > 0
+    assert prov["real_ttft_from"] == "send"
     # every replication also simulated at the fleet's speed measured in it (its step traces, its own turns)
     for policy, speeds in prov["run_speeds"].items():
         assert len(speeds) == 1 and 0.2 < speeds[0] < 5

@@ -29,6 +29,7 @@ from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
+from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
 #: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
@@ -154,19 +155,29 @@ class FleetProbe:
     the calibrated step model and per-arrival time as the continuous validation's probes do; ``answer_ms``,
     the mean time from a turn's last token to its answer at the client (the store write, the answer, the
     router's way back; the calibration's lone pod measures only its own); ``ingress_ms``, the mean time a pod
-    took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``,
-    ``service.ingress_ms``)."""
+    took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``); and
+    ``way_in_ms``, the mean time from a turn's send to the pod's receipt (through the router; the load
+    generator on the pods' clock, ``run_load(pod_clock=True)``, since stop 28). A turn reaches the simulated
+    engine ``way_in_ms + ingress_ms`` after its send (``service.ingress_ms``), as the real turn's TTFT,
+    counted from the send, includes both."""
 
     speed: float
     answer_ms: float
     ingress_ms: float
     turns: int
     sessions_per_s: float = float("nan")  # the rate it ran at
+    way_in_ms: float = 0.0
+
+    @property
+    def reach_ms(self) -> float:
+        """From a turn's send to its engine (``service.ingress_ms``): the way in, then the history read."""
+        return self.way_in_ms + self.ingress_ms
 
     def describe(self) -> str:
         return (f"fleet probe at {self.sessions_per_s:.2f} sessions/s: {self.turns} turns; steps {self.speed:.2f} "
                 f"x the calibrated model, answer "
-                f"{self.answer_ms:.1f} ms after the last token, history read {self.ingress_ms:.1f} ms")
+                f"{self.answer_ms:.1f} ms after the last token, way in {self.way_in_ms:.1f} ms, history read "
+                f"{self.ingress_ms:.1f} ms")
 
 
 @dataclass
@@ -258,9 +269,13 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
     if frame is None or not ok.any() or span is None or "load_s" not in real:
         return None
     fitted = cal.cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy())
+    # on the pods' clock the first token is the pod's: what follows it is the way out, not the way in too
     answer = (real.end_s - real.first_token_s).to_numpy() - span
+    way_in = np.asarray(real.attrs.get("way_in_s", []), dtype=float)
+    way_in = way_in[ok] if len(way_in) == len(real) else np.empty(0)
+    way_in_ms = float(np.mean(way_in[np.isfinite(way_in)])) * 1e3 if np.isfinite(way_in).any() else 0.0
     return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
-                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()), rate)
+                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()), rate, way_in_ms)
 
 
 @dataclass
@@ -272,6 +287,7 @@ class _Policy:
     rate: float
     sizing: FleetProbe | None = None
     run_speeds: list[float] = field(default_factory=list)  # the fleet's speed in each replication
+    ttft_from: str = TTFT_FROM_SEND  # what the real turns' TTFT counts from (validate_runs.ttft_from)
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -293,6 +309,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     fleet = start_fleet(work, policy, settings, cores)
     sizing = None
     own_speeds: list[float] = []
+    ttft_from = TTFT_FROM_SEND
     try:
         probe = fleet_probe(fleet, spec, policy, cal, rate, vocab) if spec.probe_s > 0 else None
         sized = fleet_rate(rate, probe)
@@ -315,6 +332,10 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
             workload, real_df, real_c = sent.workload, sent.real, sent.counters
             own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
+            if int(real_df.attrs.get("pod_clock_rows", 0)) < int((real_df.outcome == "ok").sum()):
+                ttft_from = TTFT_FROM_RECEIPT
+                echo(f"  WARNING: {real_df.attrs.get('pod_clock_rows', 0)} answered turns on the pods' clock of "
+                     f"{int((real_df.outcome == 'ok').sum())}; the others' TTFT counts from the pod's receipt")
             if own is not None:
                 pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
                 own_speeds.append(own.speed)
@@ -327,7 +348,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                 sc = scenario if probe is None else sessions_scenario(
                     spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
                     cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms, NOISE_BLOCK_STEPS,
-                    probe.ingress_ms, cal.cached_token_us)
+                    probe.reach_ms, cal.cached_token_us)
                 sim = simulate(sc, seed=seed)
                 pool.real.append(real_blocks)
                 pool.sim.append(vs.cut_blocks(sim.requests, w, end))
@@ -349,7 +370,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                     if own is not None else ""))
     finally:
         fleet.stop()
-    return _Policy(pools, rate, sizing, own_speeds)
+    return _Policy(pools, rate, sizing, own_speeds, ttft_from)
 
 
 def _reasons(frame: Any) -> str:
@@ -432,11 +453,14 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     sizing: dict[str, dict[str, Any]] = {}
     rates: dict[str, float] = {}
     run_speeds: dict[str, list[float]] = {}
+    ttft_from_all = TTFT_FROM_SEND
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
         done = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
         rates[policy] = done.rate
         run_speeds[policy] = done.run_speeds
+        if done.ttft_from != TTFT_FROM_SEND:
+            ttft_from_all = done.ttft_from
         if done.sizing is not None:
             sizing[policy] = asdict(done.sizing)
         for sim_at, pool in done.pools.items():
@@ -454,7 +478,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
         "sizing_probes": sizing, "run_speeds": run_speeds, "capacity_per_pod_turns_per_s": per_pod,
-        "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "cores": {"pods": pod_cores}, "created_unix": time.time(),
+        "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "real_ttft_from": ttft_from_all, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/sessions.md#validated-against-real-pods",
     }

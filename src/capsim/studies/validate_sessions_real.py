@@ -145,8 +145,11 @@ def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], 
     from capsim.core.loadgen import ClientPolicy, run_load
 
     before = fleet.counters()
+    # the pods' timings on this host's clock: a turn's TTFT counts from its send, the way in through the router
+    # included, as the simulator's does (``FleetProbe.way_in_ms``)
     frame = asyncio.run(run_load([fleet.router_url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                 max_duration_s=max_duration_s, seed=seed, messages=messages, think=think))
+                                 max_duration_s=max_duration_s, seed=seed, messages=messages, think=think,
+                                 pod_clock=True))
     after = fleet.counters()
     return frame, {k: after[k] - before[k] for k in COUNTERS}
 
