@@ -353,7 +353,7 @@ def validate(
         "[default: 2]")] = None,
     from_runs: Annotated[Path | None, typer.Option(
         help="simulate again the real runs that an earlier static validation kept in DIR/runs, with its "
-        "profile and calibration (no pod; seconds), writing the results to --out-dir [default: "
+        "profile and calibration (no pod; about 50 s for a default run), writing the results to --out-dir [default: "
         "DIR/resimulated]")] = None,
 ) -> None:
     """Measure this machine, run the real pod at 30/60/85% load and the simulator on the same workload."""
