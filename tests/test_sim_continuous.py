@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
 from capsim.sim.simulate import Simulation, simulate
 
 
@@ -360,6 +361,67 @@ def test_the_ingress_survives_crashes_and_loses_nothing() -> None:
     ok = req[req["outcome"] == "ok"]
     assert (ok["start_s"] - ok["arrival_s"] >= 0.030 - 1e-9).all()
     assert len(ok) == pytest.approx((base.requests["outcome"] == "ok").sum(), rel=0.02)
+
+
+def test_ingress_noise_draws_each_requests_ingress_from_the_factors_scaled_to_mean_one() -> None:
+    over = {"workload.arrivals.rate_per_s": 0.01, "horizon_s": 20_000, "service.ingress_ms": 40.0}
+    plain = simulate(scenario(**over), 3).requests
+    # factors of mean 2 are scaled to mean 1: each lone request's first step starts 20 or 60 ms after it arrives
+    noisy = simulate(scenario(**over, **{"service.ingress_noise": [1.0, 3.0]}), 3).requests
+    a, b = plain[plain["outcome"] == "ok"], noisy[noisy["outcome"] == "ok"]
+    assert len(a) > 100 and len(a) == len(b)
+    wait = (b["start_s"] - b["arrival_s"]).to_numpy()
+    short, long = np.isclose(wait, 0.020), np.isclose(wait, 0.060)
+    assert (short | long).all() and 0.35 < short.mean() < 0.65
+    assert np.allclose(b["end_s"] - b["start_s"], a["end_s"] - a["start_s"])  # the steps are as without it
+    # one factor (any value) is the constant ingress: the same run, request for request
+    one = simulate(scenario(**over, **{"service.ingress_noise": [7.0]}), 3).requests
+    for col in ("arrival_s", "start_s", "first_token_s", "end_s"):
+        assert np.allclose(one[col].to_numpy(), plain[col].to_numpy(), equal_nan=True), col
+
+
+def test_with_ingress_noise_requests_reach_the_engine_in_the_order_their_ingress_ends() -> None:
+    # ingress 10 or 90 ms, steps of 10 ms, a request every ~10 ms: a request with the short ingress is not
+    # held behind an earlier one still on its way in; each joins the first step after its own ingress ends
+    busy = {"workload.arrivals.rate_per_s": 100, "batching.max_num_seqs": 64, "batching.max_num_batched_tokens": 8192,
+            "service.ingress_ms": 50.0, "service.ingress_noise": [0.2, 1.8]}
+    r = simulate(scenario(**busy), 1).requests
+    ok = r[r["outcome"] == "ok"]
+    wait = (ok["start_s"] - ok["arrival_s"]).to_numpy()
+    short = (wait >= 0.010 - 1e-9) & (wait <= 0.020 + 1e-9)
+    long = (wait >= 0.090 - 1e-9) & (wait <= 0.100 + 1e-9)
+    assert (short | long).all() and 0.4 < short.mean() < 0.6
+    assert ok["batch_size"].max() > 1
+    # so the engine starts some requests before others sent earlier
+    order = ok.sort_values("arrival_s")["start_s"].to_numpy()
+    assert (np.diff(order) < 0).any()
+
+
+def test_ingress_noise_loses_nothing_to_crashes_or_timeouts() -> None:
+    over = {"workload.arrivals.rate_per_s": 50, "horizon_s": 300, "faults": {"pod_mtbf_s": 60},
+            "pods.replicas": 3, "client.max_retries": 2, "service.ingress_ms": 30.0,
+            "service.ingress_noise": [0.1, 0.5, 1.0, 4.0]}
+    r = simulate(scenario(**over), 5)
+    req = r.requests
+    assert r.summary.crashes > 0
+    assert req.loc[req["arrival_s"] < 290, "outcome"].notna().all()
+    # past saturation with short timeouts: queued requests whose client left leave the queue, some on their
+    # way in (the queue's order is not the send order there)
+    sat = {"workload.arrivals.rate_per_s": 400, "horizon_s": 60, "client.timeout_s": 0.5,
+           "batching.max_num_seqs": 4, "service.ingress_ms": 30.0, "service.ingress_noise": [0.1, 3.9]}
+    s = simulate(scenario(**sat), 2)
+    out = s.requests.loc[s.requests["arrival_s"] < 55, "outcome"]
+    assert out.notna().all() and (out == "timed_out").any() and (out == "ok").any()
+
+
+def test_ingress_noise_needs_continuous_mode_and_a_positive_factor() -> None:
+    with pytest.raises(SettingsError, match="ingress_noise needs batching.mode: continuous"):
+        scenario(**{"batching": {"mode": "static", "max_batch_size": 8}, "service.ingress_ms": 5.0,
+                    "service.ingress_noise": [1.0, 2.0]})
+    with pytest.raises(SettingsError, match="ingress_noise must have a positive factor"):
+        scenario(**{"service.ingress_noise": [0.0, 0.0]})
+    with pytest.raises(SettingsError, match="ingress_noise"):
+        scenario(**{"service.ingress_noise": [1.0, -1.0]})
 
 
 def test_a_prefix_hit_costs_its_admitting_step_the_cached_tokens_copy() -> None:

@@ -28,6 +28,7 @@ from capsim.studies.validate_sessions import (
     fleet_rate,
     format_results,
     hit_rate_row,
+    reach_factors,
     sessions_scenario,
 )
 from capsim.studies.validate_sessions_real import message_ids
@@ -92,6 +93,23 @@ def test_the_hit_rate_is_pooled_over_runs_in_points_with_its_target() -> None:
     assert row["error_low"] < row["error"] < row["error_high"] and row["met"]
     far = hit_rate_row([(60.0, 100.0, 80.0, 100.0), (70.0, 100.0, 90.0, 100.0)])
     assert far["error"] == pytest.approx(0.2) and far["error"] > HIT_TARGET_POINTS and not far["met"]
+
+
+def test_reach_factors_are_each_turns_way_in_and_history_read_over_their_mean() -> None:
+    from capsim.studies import validate_sessions as vsn
+
+    f = reach_factors([0.004, 0.006, 0.020, np.nan], [0.001, 0.001, 0.003, 0.001])
+    assert f == pytest.approx(tuple(np.array([5, 7, 23]) / (35 / 3)), abs=1e-4)  # sorted; the turn without a way in is out
+    assert reach_factors([0.004, 0.006], [0.001]) == ()  # the way in not measured turn by turn
+    assert reach_factors([], []) == () and reach_factors([0.0], [0.0]) == ()
+    many = np.random.default_rng(1).lognormal(0, 1, 25_000)
+    thin = reach_factors(many, np.zeros_like(many))
+    assert len(thin) == vsn.REACH_FACTORS_MAX and np.mean(thin) == pytest.approx(1, abs=0.01)
+    assert np.percentile(thin, 99) == pytest.approx(np.percentile(many, 99) / many.mean(), rel=0.01)
+    # the simulation takes them as its ingress spread; the probe's p99 send-to-engine time reads them
+    probe = FleetProbe(speed=1.0, answer_ms=5.0, ingress_ms=2.0, turns=3, way_in_ms=8.0, reach_noise=f)
+    assert probe.reach_p99_ms == pytest.approx(10.0 * np.percentile(f, 99))
+    assert "p99" in probe.describe()
 
 
 def test_the_fleet_rate_keeps_a_slower_fleet_at_the_calibrations_share_of_its_own_capacity(
@@ -271,6 +289,8 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         assert p["turns"] > 0 and 0.2 < p["speed"] < 5 and p["answer_ms"] > 0 and p["ingress_ms"] > 0
         # the turns' TTFT counts from the send: the way in through the router is measured, and simulated
         assert p["way_in_ms"] > 0
+        # and each turn's send to its engine, over the mean: the simulated turns' ingress spread
+        assert len(p["reach_noise"]) == p["turns"] and np.mean(p["reach_noise"]) == pytest.approx(1, abs=1e-3)
     assert prov["real_ttft_from"] == "send"
     # every replication also simulated at the fleet's speed measured in it (its step traces, its own turns)
     for policy, speeds in prov["run_speeds"].items():

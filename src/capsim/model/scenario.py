@@ -178,7 +178,14 @@ class Service(_Section):
         "queue this much later (its HTTP parsing shares the core), so a batch starting sooner leaves it for the "
         "next; `capsim validate` measures it. Continuous mode: every request reaches the engine's scheduler this "
         "much after it arrives (the pod reads the session's history from the store first), whether a step runs "
-        "or not; `capsim validate --mode sessions` measures it (the pods' `load_s`)"
+        "or not; `capsim validate --mode sessions` measures it (the way in to the pod and the pods' `load_s`)"
+    )
+    ingress_noise: list[Annotated[float, Field(ge=0)]] | None = Field(
+        None, min_length=1, max_length=10_000, description="continuous mode: factors (scaled to mean 1) one "
+        "of which, drawn at random for each request, multiplies its `ingress_ms`, so `ingress_ms` stays the "
+        "mean: the spread of the way in (a turn sent while the host is busy reaches its engine late); requests "
+        "reach the scheduler in the order their ingress ends, not the order they were sent; `capsim validate "
+        "--mode sessions` measures it (each turn's time from its send to its engine over their mean)"
     )
     cached_token_us: Float = Field(
         0.0, ge=0, le=10_000, description="continuous mode with prefix caching: engine time per prompt token "
@@ -639,6 +646,11 @@ class Scenario(BaseModel):
         if self.autoscaler is None and self.pods.replicas < 1:
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
+        if self.service.ingress_noise is not None and self.batching.mode != "continuous":
+            raise ValueError("service.ingress_noise needs batching.mode: continuous (a static pod's ingress "
+                             "is the constant service.ingress_ms)")
+        if self.service.ingress_noise is not None and not sum(self.service.ingress_noise) > 0:
+            raise ValueError("service.ingress_noise must have a positive factor (they are scaled to mean 1)")
         if self.autoscaler is not None and self.batching.mode != "continuous":
             for i, m in enumerate(self.autoscaler.to_hpa().metrics):
                 if POD_METRIC_ALIASES.get(m.name) in CONTINUOUS_METRIC_KINDS:

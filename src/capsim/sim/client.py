@@ -9,7 +9,9 @@ end is not a SimPy event either: it waits on ``Records.ending``, keyed by the ti
 ``Timeout`` would have had, and the loop takes it when it is the earliest, in the order SimPy would.
 
 Timeouts are watched lazily by a second process: a pod's queue is FIFO by send time and every attempt
-has the same timeout, so only queue heads can be due; batches with a request that will be due before
+has the same timeout, so only queue heads can be due (with ``service.ingress_noise`` a continuous pod's
+unfed requests are in the order they reach its engine instead: one sent earlier than the head times out
+when it is the head, at most the ingress' spread late); batches with a request that will be due before
 they end are put on a heap when they start. Retries are follow-ups at ``t + backoff * multiplier**k``, less a random share ``backoff_jitter`` of it
 (``capsim.policy.retry``, draws from the ``retries`` stream).
 

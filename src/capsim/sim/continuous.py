@@ -111,6 +111,10 @@ class ContinuousPod(Pod):
         # service.ingress_ms: every request reaches the scheduler this long after it arrives (the pod reads
         # the session's history from the store first), whether or not a step runs meanwhile
         self._ingress_s = sim.scenario.service.ingress_ms / 1000.0
+        # service.ingress_noise: each request's own ingress (ingress_ms x a factor), so requests reach the
+        # scheduler in the order their ingress ends; ``_reach`` holds when each queued, unfed request does
+        self._ingress_walk = stats.ingress if self._ingress_s else None
+        self._reach: dict[int, float] = {}
         # service.cached_token_us: a step admitting prefix hits copies their cached KV (the real engine's cost)
         self._cached_s = sim.scenario.service.cached_token_us / 1e6
         # from the last token to the answer at the client (service.answer_ms): the engine does not wait
@@ -147,7 +151,16 @@ class ContinuousPod(Pod):
         """An arrival: its HTTP parsing (``service.arrival_overhead_ms``) lengthens the step in progress, or
         is owed by the step it starts; the scheduler sees it at once, or ``service.ingress_ms`` later (``_feed``
         holds it back until then)."""
-        self.queue.append(i)
+        walk = self._ingress_walk
+        if walk is None:
+            self.queue.append(i)
+            reach = now + self._ingress_s
+        else:
+            # the unfed part of the queue stays in reach order: the scheduler takes it from the front
+            reach = now + self._ingress_s * walk.next()
+            self._reach[i] = reach
+            at = self._reach_index(reach)
+            self.queue.insert(at, i)
         self.outstanding += 1
         lengthened = False
         if self._arrival_s:
@@ -158,9 +171,23 @@ class ContinuousPod(Pod):
             else:
                 self._debt += self._arrival_s  # the step it starts pays it
         if self._ingress_s:
-            self._wake_at(now + self._ingress_s, self._on_ingress, self.incarnation)
+            self._wake_at(reach, self._on_ingress, self.incarnation)
         elif not lengthened:
             self.pump(now)
+
+    def _reach_index(self, reach: float) -> int:
+        """Where a request reaching the scheduler at ``reach`` goes in the queue: after the fed requests and
+        every unfed one reaching it by then (ties keep their arrival order)."""
+        q = self.queue
+        r = self._reach
+        lo, hi = self.fed, len(q)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if r[q[mid]] <= reach:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def _on_ingress(self, incarnation: int) -> None:
         """A request reached the scheduler: start the step loop, or cut a run so the next step admits it."""
@@ -217,9 +244,14 @@ class ContinuousPod(Pod):
         hold = self._ingress_s > 0  # service.ingress_ms: only requests sent by ``ready`` have reached it
         ready = now - self._ingress_s + 1e-12
         send = rec.send
+        reach = self._reach if self._ingress_walk is not None else None
         while self.fed < len(q):
             i = q[self.fed]
-            if hold and send[i] > ready:
+            if reach is not None:
+                if reach[i] > now + 1e-12:
+                    break  # still on its way in: the unfed requests are in reach order
+                del reach[i]
+            elif hold and send[i] > ready:
                 break  # still on its way in: arrivals are in send order, so the rest are too
             hashes = hash_of(i, bs) if hash_of is not None else ()
             if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
@@ -422,8 +454,9 @@ class ContinuousPod(Pod):
         if self.fed:
             self.sched.remove(i)
             self.fed -= 1
+        else:
+            self._reach.pop(i, None)
         return i
-
     def cancel(self, batch: Batch, i: int) -> None:
         """The client of request ``i`` gave up while it was admitted: the engine aborts it."""
         if self.runs.pop(i, None) is not None:
@@ -444,6 +477,7 @@ class ContinuousPod(Pod):
             self.busy_s += now - self._busy_since
         self.sched.clear()
         self.queue.clear()
+        self._reach.clear()
         self.fed = 0
         self.runs.clear()
         self.running.clear()

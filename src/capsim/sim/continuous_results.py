@@ -16,6 +16,7 @@ from capsim.sim.summary import Summary
 if TYPE_CHECKING:
     from capsim.sim.pod import Pod
     from capsim.sim.step_time import StepTimeModel
+    from capsim.sim.streams import FactorWalk
 
 
 class ContinuousStats:
@@ -38,6 +39,7 @@ class ContinuousStats:
         self.events = 0  # SimPy events the step loops used (a run of decode steps is one)
         self.max_run_steps = 4096  # longest run of decode steps taken as one event; 1: one event per step
         self.answer_s = 0.0  # service.answer_ms: a request's end_s is its last token plus this (not its ITL)
+        self.ingress: FactorWalk | None = None  # service.ingress_noise: each request's factor on ingress_ms
         if limits.enable_prefix_caching and prefix is not None and not isinstance(prefix, NoPrefix):
             self.prefix = prefix
 

@@ -40,7 +40,7 @@ from capsim.sim.recorder import Records, Timeseries
 from capsim.sim.router import Router, outlier_settings
 from capsim.sim.service import make_service
 from capsim.sim.step_time import make_step_time
-from capsim.sim.streams import BufferedDraws, Streams
+from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 from capsim.sim.summary import Summary, session_results, summarize
 
 
@@ -117,6 +117,11 @@ class Simulation:
             self.continuous = ContinuousStats(self.records.n, SchedulerLimits.from_settings(scenario.batching),
                                               make_step_time(scenario, self.streams, profile), workload.prefix)
             self.continuous.answer_s = scenario.service.answer_ms / 1000.0
+            noise = scenario.service.ingress_noise
+            if noise is not None and scenario.service.ingress_ms:
+                # each request's ingress: ingress_ms times one of the factors (scaled to mean 1) at random
+                f = np.asarray(noise, dtype=float)
+                self.continuous.ingress = FactorWalk(f / f.mean(), 1, BufferedDraws(self.streams["ingress"]))
         self.track_ttft = scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics

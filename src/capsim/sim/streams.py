@@ -27,6 +27,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "hpa_phase",  # the HPA controller's sync phase within its sync period
     "pod_uids",  # each pod's UID (a ReplicaSet's tie-break among scale-down victims), by pod id
     "probe_phases",  # the readiness-probe phase of each pod already running at time 0, by pod id
+    "ingress",  # each request's ingress factor (service.ingress_noise)
 )
 
 

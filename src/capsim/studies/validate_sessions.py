@@ -108,7 +108,7 @@ class SessionsSpec:
 def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
                       arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = (),
                       answer_ms: float = 0.0, noise_block_steps: int = 1, ingress_ms: float = 0.0,
-                      cached_token_us: float = 0.0) -> Scenario:
+                      cached_token_us: float = 0.0, ingress_noise: tuple[float, ...] = ()) -> Scenario:
     """The simulator's view of one run: two always-ready continuous pods with prefix caching behind
     ``policy``, sessions arriving at ``rate`` per second until ``arrival_s``."""
     return Scenario.model_validate({
@@ -127,7 +127,8 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
                     "answer_ms": answer_ms, "cycle_noise_block_steps": noise_block_steps,
-                    "ingress_ms": ingress_ms, "cached_token_us": cached_token_us},
+                    "ingress_ms": ingress_ms, "cached_token_us": cached_token_us,
+                    "ingress_noise": list(ingress_noise) or None},
         "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
         "pods": {"replicas": 2, "startup_s": 0},
         # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
@@ -158,8 +159,11 @@ class FleetProbe:
     took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``); and
     ``way_in_ms``, the mean time from a turn's send to the pod's receipt (through the router; the load
     generator on the pods' clock, ``run_load(pod_clock=True)``, since stop 28). A turn reaches the simulated
-    engine ``way_in_ms + ingress_ms`` after its send (``service.ingress_ms``), as the real turn's TTFT,
-    counted from the send, includes both."""
+    engine ``way_in_ms + ingress_ms`` after its send (``service.ingress_ms``) on average, as the real turn's
+    TTFT, counted from the send, includes both; ``reach_noise`` (since stop 29) is each measured turn's
+    way in plus history read over their mean (``service.ingress_noise``), so the simulated turns reach
+    their engines with the measured spread, whose tail (a turn sent while the host is busy) is the way in's,
+    not the mean's."""
 
     speed: float
     answer_ms: float
@@ -167,6 +171,7 @@ class FleetProbe:
     turns: int
     sessions_per_s: float = float("nan")  # the rate it ran at
     way_in_ms: float = 0.0
+    reach_noise: tuple[float, ...] = ()
 
     @property
     def reach_ms(self) -> float:
@@ -177,7 +182,15 @@ class FleetProbe:
         return (f"fleet probe at {self.sessions_per_s:.2f} sessions/s: {self.turns} turns; steps {self.speed:.2f} "
                 f"x the calibrated model, answer "
                 f"{self.answer_ms:.1f} ms after the last token, way in {self.way_in_ms:.1f} ms, history read "
-                f"{self.ingress_ms:.1f} ms")
+                f"{self.ingress_ms:.1f} ms" + (f" (send to engine p99 {self.reach_p99_ms:.1f} ms)"
+                                                 if self.reach_noise else ""))
+
+    @property
+    def reach_p99_ms(self) -> float:
+        """The measured turns' send-to-engine time at p99 (``reach_noise`` on ``reach_ms``)."""
+        import numpy as np
+
+        return float(np.percentile(self.reach_noise, 99)) * self.reach_ms if self.reach_noise else self.reach_ms
 
 
 @dataclass
@@ -274,8 +287,33 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
     way_in = np.asarray(real.attrs.get("way_in_s", []), dtype=float)
     way_in = way_in[ok] if len(way_in) == len(real) else np.empty(0)
     way_in_ms = float(np.mean(way_in[np.isfinite(way_in)])) * 1e3 if np.isfinite(way_in).any() else 0.0
+    load = real.load_s.to_numpy(dtype=float)[ok]
     return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
-                      float(np.nanmean(real.load_s.to_numpy()[ok])) * 1e3, int(ok.sum()), rate, way_in_ms)
+                      float(np.nanmean(load)) * 1e3, int(ok.sum()), rate, way_in_ms,
+                      reach_factors(way_in, load))
+
+
+#: the most factors a probe keeps (``service.ingress_noise`` holds at most 10,000)
+REACH_FACTORS_MAX = 10_000
+
+
+def reach_factors(way_in_s: Any, load_s: Any) -> tuple[float, ...]:
+    """Each answered turn's time from its send to its engine (its way in plus its history read) over their
+    mean, for ``service.ingress_noise``; sorted, rounded to 4 digits, and thinned evenly to
+    ``REACH_FACTORS_MAX``. Empty when the way in was not measured turn by turn (``way_in_s`` not one per
+    turn) or no turn has both."""
+    import numpy as np
+
+    way_in, load = np.asarray(way_in_s, dtype=float), np.asarray(load_s, dtype=float)
+    if len(way_in) != len(load):
+        return ()
+    reach = way_in + load
+    reach = np.sort(reach[np.isfinite(reach) & (reach >= 0)])
+    if not len(reach) or not reach.mean() > 0:
+        return ()
+    if len(reach) > REACH_FACTORS_MAX:
+        reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
+    return tuple(np.round(reach / reach.mean(), 4).tolist())
 
 
 @dataclass
@@ -348,7 +386,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                 sc = scenario if probe is None else sessions_scenario(
                     spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
                     cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms, NOISE_BLOCK_STEPS,
-                    probe.reach_ms, cal.cached_token_us)
+                    probe.reach_ms, cal.cached_token_us, probe.reach_noise)
                 sim = simulate(sc, seed=seed)
                 pool.real.append(real_blocks)
                 pool.sim.append(vs.cut_blocks(sim.requests, w, end))
