@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from capsim.core.loadgen import CUT_OFF, ClientPolicy, LoadgenError, check_targets, run_load
+from capsim.core.loadgen import CUT_OFF, ClientPolicy, LoadgenError, check_targets, off_pod_clock, run_load
 from capsim.model.request import REQUEST_COLUMNS
 from podproc import PodProcess, Served
 
@@ -111,6 +111,8 @@ def test_the_pods_clock_puts_the_way_in_into_the_time_to_first_token():
     assert (ttft >= WAY_IN_S + POD_TTFT_S).all()
     assert (from_send.first_token_s <= from_send.end_s).all()
     assert from_send.attrs["pod_clock_rows"] == 5 and from_send.attrs["pod_clock_rejected"] == 0
+    assert off_pod_clock(from_send) is None
+    assert off_pod_clock(on_receipt) == "5 of 5 answers not on this host's clock: their TTFT counts from the pod's receipt"
     way_in = np.array(from_send.attrs["way_in_s"])
     assert len(way_in) == 5 and (way_in >= WAY_IN_S).all()
     # the way in is what pod_clock adds: the rest is the pod's own TTFT and the send's lag behind the arrival
@@ -124,6 +126,8 @@ def test_a_receipt_off_this_hosts_clock_keeps_the_send_time():
         df = asyncio.run(run_load([p.url], plan(4, rate=20.0), pod_clock=True))
     assert (df.outcome == "ok").all()
     assert df.attrs["pod_clock_rows"] == 0 and df.attrs["pod_clock_rejected"] == 4
+    assert off_pod_clock(df) == ("4 of 4 answers not on this host's clock (4 with a receipt outside their send and "
+                                 "answer): their TTFT counts from the pod's receipt")
     assert ((df.first_token_s - df.arrival_s) < WAY_IN_S).all()  # the send plus the pod's own timings
     assert np.isnan(df.attrs["way_in_s"]).all()
 

@@ -283,7 +283,7 @@ def loadgen(
     """Replay a scenario's workload against real pods, open loop; records use the simulator's columns."""
     import asyncio
 
-    from capsim.core.loadgen import ClientPolicy, LoadgenError, run_load
+    from capsim.core.loadgen import ClientPolicy, LoadgenError, off_pod_clock, run_load
     from capsim.model.scenario import Scenario
     from capsim.model.settings import SettingsError
     from capsim.sim.arrivals import make_workload
@@ -311,10 +311,9 @@ def loadgen(
     failures = frame.attrs.get("failures", {})
     if failures:
         typer.echo("failed attempts by reason: " + ", ".join(f"{why} {n}" for why, n in failures.items()))
-    if pod_clock and not stream and frame.attrs["pod_clock_rows"] < len(ok):
-        typer.echo(f"WARNING: {len(ok) - frame.attrs['pod_clock_rows']} of {len(ok)} answers not on this host's clock "
-                   f"({frame.attrs['pod_clock_rejected']} with a receipt outside their send and answer): their TTFT "
-                   "counts from the pod's receipt")
+    off = off_pod_clock(frame) if pod_clock and not stream else None
+    if off is not None:
+        typer.echo(f"WARNING: {off}")
     if len(ok):
         typer.echo(f"ttft p50 {ttft.iloc[0] * 1000:.1f} ms, p99 {ttft.iloc[1] * 1000:.1f} ms; "
                    f"e2e p50 {e2e.iloc[0] * 1000:.1f} ms, p99 {e2e.iloc[1] * 1000:.1f} ms")

@@ -354,6 +354,19 @@ async def run_load(
 _CLOCK_SLACK_S = 1e-3
 
 
+def off_pod_clock(frame: Any) -> str | None:
+    """``None`` when every answered row of a ``run_load(pod_clock=True)`` frame was placed on the pod's clock
+    (its TTFT counts from the send); else what to warn: how many were not, whose TTFT counts from the pod's
+    receipt. A frame without the counts (a run kept before stop 28) has no row on the pod's clock."""
+    ok = int((frame.outcome == "ok").sum())
+    on = int(frame.attrs.get("pod_clock_rows", 0))
+    if on >= ok:
+        return None
+    rejected = frame.attrs.get("pod_clock_rejected")
+    why = f" ({rejected} with a receipt outside their send and answer)" if rejected else ""
+    return f"{ok - on} of {ok} answers not on this host's clock{why}: their TTFT counts from the pod's receipt"
+
+
 def _receipt(received: float, sent: float, answered: float) -> float | None:
     """The pod's receipt of an attempt on the run's clock, when it lies between the attempt's send and its
     answer (less :data:`_CLOCK_SLACK_S`); ``None`` otherwise (absent, or the pod's clock is not this host's)."""

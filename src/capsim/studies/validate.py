@@ -290,7 +290,7 @@ def run_validation(
     """Run the validation; write ``results.csv`` (one row per level and metric, with intervals and the
     targets), ``replications.csv``, ``validation.png``, ``provenance.json`` and the real runs
     (``runs/``, :mod:`capsim.studies.validate_runs`) under ``out_dir`` and return the results frame."""
-    from capsim.core.loadgen import ClientPolicy, run_load
+    from capsim.core.loadgen import ClientPolicy, off_pod_clock, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
 
@@ -371,10 +371,9 @@ def run_validation(
                                                max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed,
                                                pod_clock=True))
                 runs.append(RealRun(level, r, seed, rate, real_df, fetch_trace(pod.url, since)))
-                if ttft_from(runs[-1:]) != TTFT_FROM_SEND:
-                    echo(f"  WARNING: {real_df.attrs['pod_clock_rows']} of {int((real_df.outcome == 'ok').sum())} "
-                         f"answers placed on the pod's clock ({real_df.attrs['pod_clock_rejected']} off this host's "
-                         "clock); the others' TTFT counts from the pod's receipt")
+                off = off_pod_clock(real_df)
+                if off is not None:
+                    echo(f"  WARNING: {off}")
                 save_run(out, runs[-1])
             levels.add(level, rate, runs)
             kept += runs

@@ -114,11 +114,9 @@ def load_runs(out_dir: Path) -> list[RealRun]:
 def ttft_from(runs: list[RealRun]) -> str:
     """What the runs' real time to first token counts from: :data:`TTFT_FROM_SEND` when every answered
     request of every run was placed on the pod's clock, else :data:`TTFT_FROM_RECEIPT`."""
-    for run in runs:
-        ok = int((run.requests.outcome == "ok").sum())
-        if int(run.requests.attrs.get("pod_clock_rows", 0)) < ok:
-            return TTFT_FROM_RECEIPT
-    return TTFT_FROM_SEND
+    from capsim.core.loadgen import off_pod_clock
+
+    return TTFT_FROM_SEND if all(off_pod_clock(run.requests) is None for run in runs) else TTFT_FROM_RECEIPT
 
 
 def read_provenance(out_dir: Path) -> dict[str, Any]:

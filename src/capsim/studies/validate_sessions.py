@@ -334,6 +334,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     fleet is probed first at ``rate`` (the calibration's), the rate sized to the fleet by :func:`fleet_rate`,
     and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
     probe" takes)."""
+    from capsim.core.loadgen import off_pod_clock
     from capsim.sim.simulate import simulate
     from capsim.studies.validate_sessions_real import start_fleet
 
@@ -370,10 +371,10 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
             workload, real_df, real_c = sent.workload, sent.real, sent.counters
             own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
-            if int(real_df.attrs.get("pod_clock_rows", 0)) < int((real_df.outcome == "ok").sum()):
+            off = off_pod_clock(real_df)
+            if off is not None:
                 ttft_from = TTFT_FROM_RECEIPT
-                echo(f"  WARNING: {real_df.attrs.get('pod_clock_rows', 0)} answered turns on the pods' clock of "
-                     f"{int((real_df.outcome == 'ok').sum())}; the others' TTFT counts from the pod's receipt")
+                echo(f"  WARNING: {off}")
             if own is not None:
                 pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
                 own_speeds.append(own.speed)
