@@ -380,6 +380,26 @@ def test_ingress_noise_draws_each_requests_ingress_from_the_factors_scaled_to_me
         assert np.allclose(one[col].to_numpy(), plain[col].to_numpy(), equal_nan=True), col
 
 
+def test_an_ingress_noise_block_walks_the_factors_in_send_order() -> None:
+    # block as long as the list: the walk replays it from its start, request after request in send order
+    over = {"workload.arrivals.rate_per_s": 0.01, "horizon_s": 5000, "service.ingress_ms": 25.0,
+            "service.ingress_noise": [1.0, 2.0, 3.0, 4.0], "service.ingress_noise_block": 4}
+    r = simulate(scenario(**over), 3).requests
+    ok = r[r["outcome"] == "ok"].sort_values("arrival_s")
+    assert len(ok) > 20
+    wait = (ok["start_s"] - ok["arrival_s"]).to_numpy()
+    expect = np.resize([0.010, 0.020, 0.030, 0.040], len(wait))
+    assert np.allclose(wait, expect)
+    # shorter blocks from random starts: runs of consecutive factors, each factor as often as another
+    walk = simulate(scenario(**{**over, "service.ingress_noise": [1.0, 2.0, 3.0, 4.0] * 50,
+                                "service.ingress_noise_block": 3, "horizon_s": 40_000}), 3).requests
+    w = walk[walk["outcome"] == "ok"].sort_values("arrival_s")
+    f = np.round((w["start_s"] - w["arrival_s"]).to_numpy() / 0.010).astype(int)
+    steps = np.diff(f) % 4
+    assert (steps == 1).mean() > 0.6  # within a block the next factor follows (2 of 3 steps)
+    assert all(0.15 < (f == k).mean() < 0.35 for k in (1, 2, 3, 4))
+
+
 def test_with_ingress_noise_requests_reach_the_engine_in_the_order_their_ingress_ends() -> None:
     # ingress 10 or 90 ms, steps of 10 ms, a request every ~10 ms: a request with the short ingress is not
     # held behind an earlier one still on its way in; each joins the first step after its own ingress ends

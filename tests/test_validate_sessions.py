@@ -98,8 +98,10 @@ def test_the_hit_rate_is_pooled_over_runs_in_points_with_its_target() -> None:
 def test_reach_factors_are_each_turns_way_in_and_history_read_over_their_mean() -> None:
     from capsim.studies import validate_sessions as vsn
 
-    f = reach_factors([0.004, 0.006, 0.020, np.nan], [0.001, 0.001, 0.003, 0.001])
-    assert f == pytest.approx(tuple(np.array([5, 7, 23]) / (35 / 3)), abs=1e-4)  # sorted; the turn without a way in is out
+    f = reach_factors([0.020, 0.004, np.nan, 0.006], [0.003, 0.001, 0.001, 0.001], [3.0, 1.0, 0.5, 2.0])
+    # in send order; the turn without a way in is out
+    assert f == pytest.approx(tuple(np.array([5, 7, 23]) / (35 / 3)), abs=1e-4)
+    assert reach_factors([0.004, 0.006], [0.001, 0.001], [1.0]) == ()
     assert reach_factors([0.004, 0.006], [0.001]) == ()  # the way in not measured turn by turn
     assert reach_factors([], []) == () and reach_factors([0.0], [0.0]) == ()
     many = np.random.default_rng(1).lognormal(0, 1, 25_000)

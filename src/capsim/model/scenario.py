@@ -187,6 +187,12 @@ class Service(_Section):
         "reach the scheduler in the order their ingress ends, not the order they were sent; `capsim validate "
         "--mode sessions` measures it (each turn's time from its send to its engine over their mean)"
     )
+    ingress_noise_block: Int = Field(
+        1, ge=1, le=10_000, description="1 draws each request's `ingress_noise` factor at random; more reads "
+        "`ingress_noise` as a measured sequence (in send order) and walks it this many requests at a time "
+        "from random starts, one walk for the whole fleet, so a spell of slow ingress (a busy host) hits "
+        "consecutive requests as measured"
+    )
     cached_token_us: Float = Field(
         0.0, ge=0, le=10_000, description="continuous mode with prefix caching: engine time per prompt token "
         "served from the prefix cache, added to the step that admits the request (capsim's plain-torch engine "

@@ -119,9 +119,11 @@ class Simulation:
             self.continuous.answer_s = scenario.service.answer_ms / 1000.0
             noise = scenario.service.ingress_noise
             if noise is not None and scenario.service.ingress_ms:
-                # each request's ingress: ingress_ms times one of the factors (scaled to mean 1) at random
+                # each request's ingress: ingress_ms times one of the factors (scaled to mean 1), at random
+                # or walked in blocks (service.ingress_noise_block), one walk for the fleet
                 f = np.asarray(noise, dtype=float)
-                self.continuous.ingress = FactorWalk(f / f.mean(), 1, BufferedDraws(self.streams["ingress"]))
+                self.continuous.ingress = FactorWalk(f / f.mean(), scenario.service.ingress_noise_block,
+                                                     BufferedDraws(self.streams["ingress"]))
         self.track_ttft = scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics

@@ -290,25 +290,28 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
     load = real.load_s.to_numpy(dtype=float)[ok]
     return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
                       float(np.nanmean(load)) * 1e3, int(ok.sum()), rate, way_in_ms,
-                      reach_factors(way_in, load))
+                      reach_factors(way_in, load, real.arrival_s.to_numpy(dtype=float)[ok]))
 
 
 #: the most factors a probe keeps (``service.ingress_noise`` holds at most 10,000)
 REACH_FACTORS_MAX = 10_000
 
 
-def reach_factors(way_in_s: Any, load_s: Any) -> tuple[float, ...]:
+def reach_factors(way_in_s: Any, load_s: Any, send_s: Any = None) -> tuple[float, ...]:
     """Each answered turn's time from its send to its engine (its way in plus its history read) over their
-    mean, for ``service.ingress_noise``; sorted, rounded to 4 digits, and thinned evenly to
-    ``REACH_FACTORS_MAX``. Empty when the way in was not measured turn by turn (``way_in_s`` not one per
-    turn) or no turn has both."""
+    mean, for ``service.ingress_noise``: in the order of the turns' sends ``send_s`` (as given without
+    them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow spells as they came;
+    rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the way in was not
+    measured turn by turn (``way_in_s`` not one per turn) or no turn has both."""
     import numpy as np
 
     way_in, load = np.asarray(way_in_s, dtype=float), np.asarray(load_s, dtype=float)
-    if len(way_in) != len(load):
+    if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
         return ()
     reach = way_in + load
-    reach = np.sort(reach[np.isfinite(reach) & (reach >= 0)])
+    if send_s is not None:
+        reach = reach[np.argsort(np.asarray(send_s, dtype=float), kind="stable")]
+    reach = reach[np.isfinite(reach) & (reach >= 0)]
     if not len(reach) or not reach.mean() > 0:
         return ()
     if len(reach) > REACH_FACTORS_MAX:
