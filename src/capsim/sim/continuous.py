@@ -457,6 +457,7 @@ class ContinuousPod(Pod):
         else:
             self._reach.pop(i, None)
         return i
+
     def cancel(self, batch: Batch, i: int) -> None:
         """The client of request ``i`` gave up while it was admitted: the engine aborts it."""
         if self.runs.pop(i, None) is not None:
