@@ -157,6 +157,14 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert set(results.sim_at) == {"calibration", "probe speed", "level probe speed", "run speed", "run replay"}
     cyc = results[(results.metric == "pod_cycle_mean_s") & (results.sim_at == "calibration")]
     assert len(cyc) == 2 and (cyc.real > 0).all() and (cyc.sim > 0).all()
+    # the real TTFT counts from the send, and the calibration measured the way in the simulator gives
+    import json
+
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["real_ttft_from"] == "send" and prov["off_pod_clock"] == []
+    way_in = prov["calibration"]["way_in_s"]
+    assert set(way_in) == {"open 30%", "open 50%"} and all(len(v) > 0 and min(v) >= 0 for v in way_in.values())
+    assert all(0 < sp["way_in_s"] < sp["way_in_and_out_s"] for sp in prov["request_split"].values())
 
 
 def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_kept_it() -> None:
@@ -176,6 +184,30 @@ def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_ke
     assert np.allclose(itl_frame(real, span).first_token_s - real.arrival_s, 0.001)
     real.attrs["token_span_s"] = [0.031]  # not one per row: not used
     assert pod_token_span(real) is None
+
+
+def test_the_simulated_way_in_delays_each_first_token_and_a_runs_own_is_read_from_its_frame(
+        fitted_profile: Path) -> None:
+    import pandas as pd
+
+    from capsim.studies.validate_continuous import own_ingress
+
+    spec = ContinuousSpec(seconds_per_run=6)
+    plain = simulate(level_scenario(spec, fitted_profile, 20.0, 1.0, 1024), seed=0).requests
+    factors = (0.5, 0.5, 0.5, 2.5)
+    late = simulate(level_scenario(spec, fitted_profile, 20.0, 1.0, 1024, ingress_ms=8.0, ingress_noise=factors),
+                    seed=0).requests
+    ttft = (plain.first_token_s - plain.arrival_s).median(), (late.first_token_s - late.arrival_s)
+    # at 20 requests/s the pod is mostly idle: the way in adds to the TTFT (4 ms for most, 20 ms for some)
+    assert ttft[1].median() - ttft[0] == pytest.approx(4e-3, abs=1.5e-3)
+    assert ttft[1].quantile(0.95) - ttft[0] > 15e-3
+    # a real run's own way in: its mean and each request's over it, in send order
+    real = pd.DataFrame({"arrival_s": [0.2, 0.1, 0.3], "first_token_s": [0.21, 0.11, 0.31]})
+    real.attrs["way_in_s"] = [0.006, 0.002, np.nan]
+    assert own_ingress(real) == (pytest.approx(4.0), pytest.approx((0.5, 1.5)))
+    real.attrs["way_in_s"] = [0.006]  # not one per row (a run kept before stop 28): none
+    assert own_ingress(real) == (0.0, ())
+    assert own_ingress(real.iloc[:0]) == (0.0, ())
 
 
 def test_the_pods_own_end_to_end_is_compared_when_its_span_is_known(fitted_profile: Path) -> None:

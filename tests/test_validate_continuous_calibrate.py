@@ -148,6 +148,34 @@ def test_the_request_split_separates_the_way_in_and_out_from_the_pods_token_gaps
     assert sp["pod_itl_s"] == pytest.approx(0.001) and sp["receipt_itl_s"] == pytest.approx(0.046 / 31)
     assert sp["receipt_over_pod_itl"] == pytest.approx(0.046 / 31 / 0.001 - 1)
     assert request_split([], 32) == {}
+    assert "way_in_s" not in sp  # rows without the way in (five columns) do not split it
+
+
+def test_the_way_in_is_split_from_the_way_out_where_the_pods_receipt_is_on_this_clock() -> None:
+    from capsim.studies.validate_continuous_calibrate import request_split
+
+    # the 13.5 ms of the way in and out above: 4 ms in, 9.5 ms out; one row's receipt not on this clock
+    rows = [(0.050, 0.001, 0.004, 0.034, 0.0365, 0.004)] * 4 + [(0.050, 0.001, 0.004, 0.034, 0.0365, np.nan)]
+    sp = request_split(rows, output=32)
+    assert sp["way_in_s"] == pytest.approx(0.004) and sp["way_out_s"] == pytest.approx(0.0095)
+    assert sp["way_in_and_out_s"] == pytest.approx(0.0135)  # over all five rows, as before
+    assert "way_in_s" not in request_split([rows[-1]] * 3, output=32)
+
+
+def test_the_simulated_way_in_is_the_levels_open_loop_runs_mean_and_spread() -> None:
+    from capsim.studies.validate_continuous_cycle import StepCalibration
+
+    cal = StepCalibration(1.0, 0.0, (), way_in_s={"open 30%": (0.002, 0.002, 0.008), "open 85%": (0.010, 0.030)})
+    ms, factors = cal.ingress("open 30%")
+    assert ms == pytest.approx(4.0) and factors == pytest.approx((0.5, 0.5, 2.0))  # in send order, mean 1
+    ms, factors = cal.ingress("open 85%")
+    assert ms == pytest.approx(20.0) and factors == pytest.approx((0.5, 1.5))
+    # a level without its own run (or none asked for): all runs pooled
+    ms, factors = cal.ingress("open 50%")
+    assert ms == pytest.approx(52 / 5) and len(factors) == 5 and np.mean(factors) == pytest.approx(1, abs=1e-3)
+    assert cal.ingress() == (ms, factors)
+    assert StepCalibration(1.0, 0.0, ()).ingress("open 30%") == (0.0, ())
+    assert StepCalibration(1.0, 0.0, (), way_in_s={"open 30%": (0.0, 0.0)}).ingress() == (0.0, ())
 
 
 def test_the_cycle_parts_add_up_to_the_cycle() -> None:
@@ -275,3 +303,8 @@ def test_the_answer_time_is_the_way_in_and_out_plus_the_answer_path() -> None:
               "open 85%": {"way_in_and_out_s": 0.008, "answer_path_s": 0.006}, "open 50%": {}}
     assert answer_ms(splits) == pytest.approx(14.0)
     assert answer_ms({}) == 0.0
+    # the way in measured apart (the simulator's ingress, the real TTFT from the send): only the way out
+    # lands on the answer, unless the caller puts the way in there too
+    apart = {k: {**v, "way_in_s": 0.003, "way_out_s": v["way_in_and_out_s"] - 0.003} for k, v in splits.items() if v}
+    assert answer_ms(apart) == pytest.approx(11.0)
+    assert answer_ms(apart, way_in_apart=False) == pytest.approx(14.0)

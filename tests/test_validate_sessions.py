@@ -96,7 +96,7 @@ def test_the_hit_rate_is_pooled_over_runs_in_points_with_its_target() -> None:
 
 
 def test_reach_factors_are_each_turns_way_in_and_history_read_over_their_mean() -> None:
-    from capsim.studies import validate_sessions as vsn
+    from capsim.studies.validate_continuous_cycle import REACH_FACTORS_MAX
 
     f = reach_factors([0.020, 0.004, np.nan, 0.006], [0.003, 0.001, 0.001, 0.001], [3.0, 1.0, 0.5, 2.0])
     # in send order; the turn without a way in is out
@@ -106,7 +106,7 @@ def test_reach_factors_are_each_turns_way_in_and_history_read_over_their_mean() 
     assert reach_factors([], []) == () and reach_factors([0.0], [0.0]) == ()
     many = np.random.default_rng(1).lognormal(0, 1, 25_000)
     thin = reach_factors(many, np.zeros_like(many))
-    assert len(thin) == vsn.REACH_FACTORS_MAX and np.mean(thin) == pytest.approx(1, abs=0.01)
+    assert len(thin) == REACH_FACTORS_MAX and np.mean(thin) == pytest.approx(1, abs=0.01)
     assert np.percentile(thin, 99) == pytest.approx(np.percentile(many, 99) / many.mean(), rel=0.01)
     # the simulation takes them as its ingress spread; the probe's p99 send-to-engine time reads them
     probe = FleetProbe(speed=1.0, answer_ms=5.0, ingress_ms=2.0, turns=3, way_in_ms=8.0, reach_noise=f)
@@ -294,6 +294,8 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         # and each turn's send to its engine, over the mean: the simulated turns' ingress spread
         assert len(p["reach_noise"]) == p["turns"] and np.mean(p["reach_noise"]) == pytest.approx(1, abs=1e-3)
     assert prov["real_ttft_from"] == "send"
+    # the calibration's own simulation has the lone pod's measured way in (its open-loop run's requests)
+    assert prov["ingress_ms"] > 0 and len(prov["calibration"]["way_in_s"]["open 50%"]) > 0
     # every replication also simulated at the fleet's speed measured in it (its step traces, its own turns)
     for policy, speeds in prov["run_speeds"].items():
         assert len(speeds) == 1 and 0.2 < speeds[0] < 5

@@ -280,7 +280,7 @@ async def run_load(
                 if why is not None:
                     failures[why] += 1
                 if outcome == _OK:
-                    base = _receipt(rec.received_s[r], sent, time.perf_counter() - t0) if pod_clock else None
+                    base = pod_receipt(rec.received_s[r], sent, time.perf_counter() - t0) if pod_clock else None
                     if base is None:
                         if pod_clock and np.isfinite(rec.received_s[r]):
                             clock[1] += 1
@@ -367,7 +367,7 @@ def off_pod_clock(frame: Any) -> str | None:
     return f"{ok - on} of {ok} answers not on this host's clock{why}: their TTFT counts from the pod's receipt"
 
 
-def _receipt(received: float, sent: float, answered: float) -> float | None:
+def pod_receipt(received: float, sent: float, answered: float) -> float | None:
     """The pod's receipt of an attempt on the run's clock, when it lies between the attempt's send and its
     answer (less :data:`_CLOCK_SLACK_S`); ``None`` otherwise (absent, or the pod's clock is not this host's)."""
     if np.isfinite(received) and sent - _CLOCK_SLACK_S <= received <= answered + _CLOCK_SLACK_S:

@@ -47,9 +47,11 @@ from capsim.studies.validate_continuous_calibrate import (
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
+from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND
 
 __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
-           "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "run_continuous_validation"]
+           "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "own_ingress",
+           "run_continuous_validation"]
 
 METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
                             "throughput_per_s", "itl_p50_s", "itl_p99_s")
@@ -106,6 +108,11 @@ class ContinuousSpec:
     # the simulated requests' answers reach the client service.answer_ms after their last token, measured in
     # the calibration's open-loop runs; False: at the last token (the validation before stop 20)
     answer_time: bool = True
+    # the real TTFT counts from the send (the load generator on the pod's clock, ``run_load(pod_clock=True)``)
+    # and the simulated requests reach the engine the measured way in after their send (``service.ingress_ms``
+    # and ``ingress_noise``: the level's open-loop calibration run for the prediction, the run's own requests
+    # at the run's speed), as a client counts it; False: both from the pod's receipt (before stop 30)
+    ttft_from_send: bool = True
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
@@ -146,10 +153,12 @@ DRAIN_S = 30.0
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
                    num_blocks: int, arrival_overhead_ms: float = 0.0,
                    cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0,
-                   noise_block_steps: int = 1) -> Scenario:
+                   noise_block_steps: int = 1, ingress_ms: float = 0.0,
+                   ingress_noise: tuple[float, ...] = ()) -> Scenario:
     """The simulator's view of one run: one always-ready continuous pod, the same engine limits, the pod's
-    time per arrival on the step in progress, each step's spread around the fit (``cycle_noise``), and the
-    time from a request's last token to its answer at the client (``answer_ms``)."""
+    time per arrival on the step in progress, each step's spread around the fit (``cycle_noise``), the time
+    from a request's send to the engine (``ingress_ms``, each request's drawn from ``ingress_noise``), and
+    from its last token to its answer at the client (``answer_ms``)."""
     horizon = spec.seconds_per_run
     return Scenario.model_validate({
         "horizon_s": horizon,
@@ -161,7 +170,8 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
         "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
                     "arrival_overhead_ms": arrival_overhead_ms,
                     "cycle_noise": list(cycle_noise) if cycle_noise else None, "answer_ms": answer_ms,
-                    "cycle_noise_block_steps": noise_block_steps},
+                    "cycle_noise_block_steps": noise_block_steps, "ingress_ms": ingress_ms,
+                    "ingress_noise": list(ingress_noise) or None},
         "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -207,6 +217,8 @@ class _Pool:
     sim_pod_e2e: list[vs.Blocks] = field(default_factory=list)
     # the pod's own steps during the runs against the calibrated model: (summed cycle s, summed fit s, steps)
     cycles: list[tuple[float, float, int]] = field(default_factory=list)
+    # runs whose real TTFT counts from the pod's receipt though the spec wanted the send (loadgen.off_pod_clock)
+    off_clock: list[str] = field(default_factory=list)
 
 
 #: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
@@ -234,13 +246,29 @@ def level_cycles(steps: Any, fit: StepTimeFit, cal: StepCalibration) -> tuple[fl
     return float(frame.cycle_s.sum()), float(fitted.sum()), len(frame)
 
 
-def answer_ms(splits: dict[str, dict[str, float]]) -> float:
+def answer_ms(splits: dict[str, dict[str, float]], way_in_apart: bool = True) -> float:
     """From a request's last token to its answer at the client, ms: the median over the open-loop
-    calibration runs of each run's median way in and out plus the pod's answer path (``request_split``).
-    The client's round trip less the pod's own time is the way in and out; the real TTFT is taken on the
-    pod's clock (the send time plus the pod's ``ttft_s``), so all of it lands on the end to end."""
-    parts = [sp["way_in_and_out_s"] + sp["answer_path_s"] for sp in splits.values() if sp]
+    calibration runs of each run's median way out plus the pod's answer path (``request_split``). The
+    client's round trip less the pod's own time is the way in and out; where the way in was measured apart
+    (``way_out_s``) and ``way_in_apart`` (the simulator gives the way in as ``service.ingress_ms``, the real
+    TTFT counts from the send) only the way out lands here; else all of it (the real TTFT then counts from
+    the pod's receipt, and the way in lands on the end to end alone)."""
+    parts = [(sp["way_out_s"] if way_in_apart and "way_out_s" in sp else sp["way_in_and_out_s"])
+             + sp["answer_path_s"] for sp in splits.values() if sp]
     return float(np.median(parts)) * 1e3 if parts else 0.0
+
+
+def own_ingress(real_df: Any) -> tuple[float, tuple[float, ...]]:
+    """A real run's own way in, as :meth:`StepCalibration.ingress` gives the calibration's: the mean of
+    its requests' send to the pod's receipt (ms, ``frame.attrs["way_in_s"]`` of ``run_load(pod_clock=True)``)
+    and each one's over that mean, in send order; ``(0.0, ())`` when not measured."""
+    from capsim.studies.validate_continuous_cycle import reach_factors
+
+    way_in = np.asarray(real_df.attrs.get("way_in_s", []), dtype=float)
+    if len(way_in) != len(real_df):
+        return 0.0, ()
+    factors = reach_factors(way_in, np.zeros_like(way_in), real_df.arrival_s.to_numpy(dtype=float))
+    return (float(np.nanmean(way_in[way_in >= 0])) * 1e3, factors) if factors else (0.0, ())
 
 
 def _simulate_into(pool: _Pool, scenario: Scenario, seed: int, real_pre: float, n_requests: int, answer: float,
@@ -285,12 +313,14 @@ def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalib
 
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
                num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
-               answer: float = 0.0) -> tuple[_Pool, dict[str, _Pool]]:
+               answer: float = 0.0, ingress: tuple[float, tuple[float, ...]] = (0.0, ())
+               ) -> tuple[_Pool, dict[str, _Pool]]:
     """The level's runs, real and simulated at the calibration's speed; with the step fit, also each run
     simulated at the pod's speed in two probes just before it (``spec.probe_s``), at its measured mean speed in
     that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
-    a pool of its own sharing the real frames."""
-    from capsim.core.loadgen import ClientPolicy, run_load
+    a pool of its own sharing the real frames. ``ingress``: the simulated way in, ``(ms, factors)``, of the
+    prediction and the probes' simulations; those at the run's speed take the run's own (``own_ingress``)."""
+    from capsim.core.loadgen import ClientPolicy, off_pod_clock, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
     from capsim.studies.validate_continuous_calibrate import fetch_steps
@@ -305,7 +335,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     for rep in range(spec.replications):
         seed = spec.seed + rep
         scenario = level_scenario(spec, profile_path, rate, cal.time_scale, num_blocks, cal.arrival_s * 1e3,
-                                  noise, answer, spec.noise_block_steps)
+                                  noise, answer, spec.noise_block_steps, *ingress)
         workload = make_workload(scenario, Streams(seed))
         probed = probe_speed(pod.url, spec, fit, cal) if fit is not None and PROBE_SPEED in extra else None
         # the level's rate, a seed no run uses (the runs' are spec.seed + replication)
@@ -314,8 +344,14 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         before = _pod_counters(pod.url)
         t0 = time.perf_counter()
         real_df = asyncio.run(run_load([pod.url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                       max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed))
+                                       max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed,
+                                       pod_clock=spec.ttft_from_send))
         t1 = time.perf_counter()
+        off = off_pod_clock(real_df) if spec.ttft_from_send else None
+        if off is not None:
+            pool.off_clock.append(off)
+            echo(f"  WARNING: {off}")
+        own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
         if fit is not None:
@@ -329,17 +365,17 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         sim = _simulate_into(pool, scenario, seed, real_pre, workload.n_requests, answer, span is not None)
         ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
         replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra else ()
-        # each variant: the speed it simulates at, and the step factors it walks (how many steps at a time)
-        how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps),
-               LEVEL_PROBE_SPEED: (level_probed, noise, spec.noise_block_steps),
-               RUN_SPEED: (ratio, noise, spec.noise_block_steps),
-               RUN_REPLAY: (ratio if replay else None, replay, len(replay))}
+        # each variant: the speed it simulates at, the step factors it walks (how many steps at a time), its way in
+        how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps, ingress),
+               LEVEL_PROBE_SPEED: (level_probed, noise, spec.noise_block_steps, ingress),
+               RUN_SPEED: (ratio, noise, spec.noise_block_steps, own),
+               RUN_REPLAY: (ratio if replay else None, replay, len(replay), own)}
         for name, other in extra.items():
-            speed, factors, block = how[name]
+            speed, factors, block, way_in = how[name]
             if speed is None:
                 continue
             at = level_scenario(spec, profile_path, rate, cal.time_scale * speed, num_blocks,
-                                cal.arrival_s * 1e3 * speed, factors, answer, block)
+                                cal.arrival_s * 1e3 * speed, factors, answer, block, *way_in)
             _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
@@ -349,7 +385,9 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                 f"{pool.cycles[-1][0] / pool.cycles[-1][1]:.2f} x the calibrated model's for the same steps"
                 if pool.cycles and pool.cycles[-1][2] else "")
              + (f" (the probes before it: {probed:.2f} x closed loop, {level_probed:.2f} x at the level's rate)"
-                if probed is not None and level_probed is not None else ""))
+                if probed is not None and level_probed is not None else "")
+             + (f"; way in {own[0]:.2f} ms mean, p99 {np.percentile(own[1], 99) * own[0]:.1f} ms (simulated: "
+                f"{ingress[0]:.2f} ms)" if own[1] else ""))
     return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
 
@@ -416,6 +454,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     if gen_core is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {gen_core})
     rows: list[dict[str, Any]] = []
+    off_clock: list[str] = []
     common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
               "queue_capacity": 4096}
     pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
@@ -456,15 +495,28 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         ServiceTimeProfile(measured.points, {**measured.metadata, "step_model": calibrated_fit(fit, cal).to_dict()},
                            measured.source).to_csv(profile_path)
         cap = capacity_per_s(fit, cal, spec)
-        answer = answer_ms(splits) if spec.answer_time else 0.0
-        echo(f"answer time: {answer:.2f} ms from a request's last token to its answer at the client (the way in "
-             "and out and the pod's answer path, median of the open-loop runs)"
+        answer = answer_ms(splits, spec.ttft_from_send) if spec.answer_time else 0.0
+        apart = spec.ttft_from_send and bool(cal.way_in_s)
+        echo(f"answer time: {answer:.2f} ms from a request's last token to its answer at the client (the way "
+             + ("out" if apart else "in and out") + " and the pod's answer path, median of the open-loop runs)"
              + ("" if spec.answer_time else " (off: answer_time=False)"))
+        if spec.ttft_from_send:
+            echo("way in (send to the pod's receipt, simulated as service.ingress_ms and ingress_noise), mean "
+                 "and p99 ms by open-loop run: " + ", ".join(
+                     f"{label} {w[0]:.2f} {np.percentile(w[1], 99) * w[0]:.1f}"
+                     for label, w in ((label, cal.ingress(label)) for label in cal.way_in_s) if w[1])
+                 + ("" if apart else " none measured: the simulated TTFT lacks it (WARNING)"))
+
+        def way_in(level: float) -> tuple[float, tuple[float, ...]]:
+            return cal.ingress(f"open {level:.0%}") if spec.ttft_from_send else (0.0, ())
+
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens}, "
              f"{spec.max_num_seqs} seqs)")
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
-            pool, others = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer)
+            pool, others = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer,
+                                      way_in(level))
+            off_clock += pool.off_clock
             rows += _rows(level, "full", level * cap, pool)
             for name, other in others.items():
                 rows += _rows(level, "full", level * cap, other, name)
@@ -474,7 +526,9 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
-        pool, others = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer)
+        pool, others = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer,
+                                  way_in(spec.preemption_level))
+        off_clock += pool.off_clock
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
         for name, other in others.items():
             rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
@@ -488,6 +542,9 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         "step_fit": fit.to_dict(), "calibration": asdict(cal), "capacity_per_s": cap, "answer_ms": answer,
         "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
+        # what the real TTFT counts from (validate_runs.ttft_from's names), and the runs that were not on the clock
+        "real_ttft_from": TTFT_FROM_SEND if spec.ttft_from_send and not off_clock else TTFT_FROM_RECEIPT,
+        "off_pod_clock": off_clock,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",

@@ -139,31 +139,47 @@ def measure_step_fit(out: Path, core: int | None, *, model: str, threads: int, w
 
 # ---- the calibration runs ----------------------------------------------------------------------------------
 async def _post(client: Any, url: str, session: str, prompt: int, output: int) -> tuple[float, ...]:
-    """One turn; (client round trip, the answer's queue_s, ttft_s, model_s, total_s), seconds."""
+    """One turn; (client round trip, the answer's queue_s, ttft_s, model_s, total_s, the way in), seconds.
+    The way in is the send to the pod's receipt (its answer's ``received_at`` on this host's monotonic
+    clock, ``loadgen.pod_receipt``); NaN when the answer has none or it is not on this clock."""
+    from capsim.core.loadgen import pod_receipt
+
     sent = time.perf_counter()
     r = await client.post(f"{url}/v1/sessions/{session}/turns",
                           json={"prompt_tokens": prompt, "max_new_tokens": output})
+    answered = time.perf_counter()
     r.raise_for_status()
     t = r.json()["timings"]
-    return time.perf_counter() - sent, t["queue_s"], t["ttft_s"], t["model_s"], t["total_s"]
+    got = t.get("received_at")
+    receipt = pod_receipt(float(got), sent, answered) if isinstance(got, int | float) else None
+    return (answered - sent, t["queue_s"], t["ttft_s"], t["model_s"], t["total_s"],
+            float("nan") if receipt is None else receipt - sent)
 
 
 def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, float]:
     """Where requests' time went, medians over ``rows`` of ``_post``: the way in and out (the client's round
     trip less the pod's ``total_s``: HTTP before the pod's clock starts, the answer's transfer), the pod's
     answer path after the last token (the store write), and the ITL two ways: the pod's own token span
-    and the span to the client's receipt that a frame of client times gives (``validate_continuous.itl_frame``)."""
+    and the span to the client's receipt that a frame of client times gives (``validate_continuous.itl_frame``).
+    Rows with the way in (a sixth column, since stop 30) also give it and the way out apart (``way_in_s``,
+    ``way_out_s``: medians over the rows that have it)."""
     a = np.asarray(rows, dtype=float)
     if a.size == 0:
         return {}
-    client, queue, ttft, model, total = a.T
+    client, queue, ttft, model, total = a.T[:5]
     first = ttft - queue
     n = max(output - 1, 1)
     pod_itl, receipt_itl = (model - first) / n, (client - ttft) / n
-    return {"requests": float(len(a)), "way_in_and_out_s": float(np.median(client - total)),
-            "answer_path_s": float(np.median(total - queue - model)), "pod_itl_s": float(np.median(pod_itl)),
-            "receipt_itl_s": float(np.median(receipt_itl)),
-            "receipt_over_pod_itl": float(np.median(receipt_itl) / np.median(pod_itl) - 1)}
+    split = {"requests": float(len(a)), "way_in_and_out_s": float(np.median(client - total)),
+             "answer_path_s": float(np.median(total - queue - model)), "pod_itl_s": float(np.median(pod_itl)),
+             "receipt_itl_s": float(np.median(receipt_itl)),
+             "receipt_over_pod_itl": float(np.median(receipt_itl) / np.median(pod_itl) - 1)}
+    way_in = a[:, 5] if a.shape[1] > 5 else np.full(len(a), np.nan)
+    on = np.isfinite(way_in)
+    if on.any():
+        split["way_in_s"] = float(np.median(way_in[on]))
+        split["way_out_s"] = float(np.median((client - total - way_in)[on]))
+    return split
 
 
 def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
@@ -231,13 +247,14 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
     calibration, every step's cycle frame (with its run's label), and each open-loop run's
-    ``request_split``. With the pod's ``pid``, each run's CPU of the pod process off its engine thread is
+    ``request_split`` (and its requests' way in: ``StepCalibration.way_in_s``). With the pod's ``pid``, each run's CPU of the pod process off its engine thread is
     fitted per request and per step (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
     import pandas as pd
 
     runs = []
     splits: dict[str, dict[str, float]] = {}
     cpu_runs: list[tuple[float, float, float]] = []
+    ways: dict[str, tuple[float, ...]] = {}  # each open-loop run's way in per request (StepCalibration.way_in_s)
 
     def cpu() -> float:
         return process_cpu_s(pid) if pid is not None else float("nan")
@@ -266,11 +283,14 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
         keep_cpu(c0, c1, steps)
         runs.append((f"open {level:.0%}", steps))
         splits[f"open {level:.0%}"] = request_split(rows, output)
+        way_in = np.asarray([row[5] for row in rows], dtype=float)  # the rows are in send order
+        if np.isfinite(way_in).any():
+            ways[f"open {level:.0%}"] = tuple(np.round(way_in[np.isfinite(way_in)], 6).tolist())
         got, scheduled = reached_rate(steps, t0, seconds), len(rows) / seconds  # the schedule, not rate x s
         if got < 0.9 * scheduled:
             late.append(f"the open-loop run at {level:.0%} ({scheduled:.1f} requests/s scheduled) reached the "
                         f"engine at {got:.1f}/s: the load generator or the pod's HTTP fell behind (a busy machine?)")
-    cal = fit_step_cycles(runs, fit)
+    cal = replace(fit_step_cycles(runs, fit), way_in_s=ways)
     if len(cpu_runs) >= 2:
         per_request, per_step = fit_pod_cpu(cpu_runs)
         cal = replace(cal, request_cpu_s=per_request, step_cpu_s=per_step)

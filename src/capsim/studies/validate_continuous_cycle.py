@@ -58,6 +58,19 @@ class StepCalibration:
     # each step's cycle over its fit, in order (a contiguous stretch of each run), scaled to mean 1: what
     # the simulator walks (``service.cycle_noise``); empty: none measured
     cycle_noise: tuple[float, ...] = ()
+    # each open-loop run's requests' way in (the send to the pod's receipt, seconds, in send order; NaN
+    # dropped), by run label (``"open 30%"``): what the simulated requests take from their send to the
+    # engine (``service.ingress_ms`` and ``ingress_noise``, :meth:`ingress`); empty: not measured
+    way_in_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def ingress(self, label: str | None = None) -> tuple[float, tuple[float, ...]]:
+        """The simulated way in, ``(service.ingress_ms, service.ingress_noise)``: the mean way in of the
+        open-loop run ``label`` (all of them pooled when it is absent or not given) and each request's over
+        that mean (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
+        runs = [self.way_in_s[label]] if label in self.way_in_s else list(self.way_in_s.values())
+        way_in = np.concatenate([np.asarray(r, dtype=float) for r in runs]) if runs else np.empty(0)
+        factors = reach_factors(way_in, np.zeros_like(way_in))
+        return (float(way_in[way_in >= 0].mean()) * 1e3, factors) if factors else (0.0, ())
 
     @property
     def rel_rms_residual(self) -> float:
@@ -325,3 +338,27 @@ def reached_rate(steps: Any, t0: float, seconds: float) -> float:
         return 0.0
     inside = steps[(steps.end > t0) & (steps.end <= t0 + seconds)]
     return float(inside.arrivals.sum() / seconds)
+
+
+#: the most factors kept for ``service.ingress_noise`` (which holds at most 10,000)
+REACH_FACTORS_MAX = 10_000
+
+
+def reach_factors(way_in_s: Any, load_s: Any, send_s: Any = None) -> tuple[float, ...]:
+    """Each answered request's time from its send to its engine (its way in plus its history read) over
+    their mean, for ``service.ingress_noise``: in the order of the sends ``send_s`` (as given without
+    them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow spells as they came;
+    rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the way in was not
+    measured request by request (``way_in_s`` not one per request) or no request has both."""
+    way_in, load = np.asarray(way_in_s, dtype=float), np.asarray(load_s, dtype=float)
+    if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
+        return ()
+    reach = way_in + load
+    if send_s is not None:
+        reach = reach[np.argsort(np.asarray(send_s, dtype=float), kind="stable")]
+    reach = reach[np.isfinite(reach) & (reach >= 0)]
+    if not len(reach) or not reach.mean() > 0:
+        return ()
+    if len(reach) > REACH_FACTORS_MAX:
+        reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
+    return tuple(np.round(reach / reach.mean(), 4).tolist())

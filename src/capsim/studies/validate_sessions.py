@@ -28,7 +28,7 @@ import capsim
 from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
-from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
+from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, reach_factors
 from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
@@ -293,32 +293,6 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
                       reach_factors(way_in, load, real.arrival_s.to_numpy(dtype=float)[ok]))
 
 
-#: the most factors a probe keeps (``service.ingress_noise`` holds at most 10,000)
-REACH_FACTORS_MAX = 10_000
-
-
-def reach_factors(way_in_s: Any, load_s: Any, send_s: Any = None) -> tuple[float, ...]:
-    """Each answered turn's time from its send to its engine (its way in plus its history read) over their
-    mean, for ``service.ingress_noise``: in the order of the turns' sends ``send_s`` (as given without
-    them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow spells as they came;
-    rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the way in was not
-    measured turn by turn (``way_in_s`` not one per turn) or no turn has both."""
-    import numpy as np
-
-    way_in, load = np.asarray(way_in_s, dtype=float), np.asarray(load_s, dtype=float)
-    if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
-        return ()
-    reach = way_in + load
-    if send_s is not None:
-        reach = reach[np.argsort(np.asarray(send_s, dtype=float), kind="stable")]
-    reach = reach[np.isfinite(reach) & (reach >= 0)]
-    if not len(reach) or not reach.mean() > 0:
-        return ()
-    if len(reach) > REACH_FACTORS_MAX:
-        reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
-    return tuple(np.round(reach / reach.mean(), 4).tolist())
-
-
 @dataclass
 class _Policy:
     """One policy's replications: a pool per ``sim_at`` (the same real half in each), the session rate they
@@ -370,7 +344,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             seed = spec.seed + rep
             scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
                                          cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS,
-                                         cached_token_us=cal.cached_token_us)
+                                         cal.ingress_ms, cal.cached_token_us, cal.ingress_noise)
             sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
             workload, real_df, real_c = sent.workload, sent.real, sent.counters
             own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
@@ -519,6 +493,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         "capsim_version": capsim.__version__, "torch": torch.__version__, "spec": asdict(spec),
         **cal.provenance, "time_scale": cal.time_scale, "arrival_overhead_ms": cal.arrival_overhead_ms,
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
+        "ingress_ms": cal.ingress_ms,  # the calibration's simulated way in (its spread: calibration.way_in_s)
         "sizing_probes": sizing, "run_speeds": run_speeds, "capacity_per_pod_turns_per_s": per_pod,
         "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "real_ttft_from": ttft_from_all, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,

@@ -40,6 +40,11 @@ class Calibrated:
     fit: StepTimeFit | None = None  # the measured step model, for the fleet probe's speed
     cal: StepCalibration | None = None  # the calibration, idem
     cached_token_us: float = 0.0  # a prefix hit's KV copy per cached token (service.cached_token_us)
+    # the calibration's open-loop requests' way in (send to the pod's receipt): its mean, ms, and each one's
+    # over it (service.ingress_ms and ingress_noise; since stop 30, before which the calibration's simulated
+    # TTFT had no way in and its answer_ms held it)
+    ingress_ms: float = 0.0
+    ingress_noise: tuple[float, ...] = ()
 
 
 def measure_hit_copy_us(model: str, threads: int, limits: dict[str, int], prompt: int, core: int | None,
@@ -129,4 +134,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us)
+                      cal.cycle_noise, answer_ms(splits, bool(cal.way_in_s)), fit, cal, copy_us, *cal.ingress())
