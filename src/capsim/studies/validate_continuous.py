@@ -487,7 +487,9 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
                  f"{a['runs_worst_rel']:.1%}")
         for label, sp in splits.items():
             if sp:
-                echo(f"  {label}: way in and out {sp['way_in_and_out_s'] * 1e3:.2f} ms, answer path "
+                echo(f"  {label}: way in and out {sp['way_in_and_out_s'] * 1e3:.2f} ms"
+                     + (f" (in {sp['way_in_s'] * 1e3:.2f}, out {sp['way_out_s'] * 1e3:.2f})" if "way_in_s" in sp else "")
+                     + f", answer path "
                      f"{sp['answer_path_s'] * 1e3:.2f} ms; ITL pod {sp['pod_itl_s'] * 1e3:.3f} ms, to the receipt "
                      f"{sp['receipt_itl_s'] * 1e3:.3f} ms ({sp['receipt_over_pod_itl']:+.1%})")
         for warning in cal.warnings:
