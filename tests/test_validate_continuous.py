@@ -136,8 +136,14 @@ def test_capsim_validate_passes_the_step_spread_and_probe_choices_to_the_continu
     res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path), "--probe-s", "0"])
     assert res.exit_code == 0, res.output
     assert seen[-1].probe_s == 0.0  # no probes: the runs simulated without the two probe speeds
-    res = CliRunner().invoke(app, ["validate", "--noise-block-steps", "4"])
-    assert res.exit_code != 0 and "--mode continuous only" in res.output
+    assert seen[-1].ttft_from_send  # the TTFT from the client's send, by default
+    res = CliRunner().invoke(app, ["validate", "--mode", "continuous", "--out-dir", str(tmp_path),
+                                   "--ttft-from-receipt"])
+    assert res.exit_code == 0, res.output
+    assert not seen[-1].ttft_from_send
+    for flag in (["--noise-block-steps", "4"], ["--ttft-from-receipt"]):
+        res = CliRunner().invoke(app, ["validate", *flag])
+        assert res.exit_code != 0 and "--mode continuous only" in res.output
 
 
 @pytest.mark.slow

@@ -350,6 +350,9 @@ def validate(
         "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]. "
         "--mode continuous: seconds of each of the two probes before a run, simulated beside it; 0: none "
         "[default: 2]")] = None,
+    ttft_from_receipt: Annotated[bool, typer.Option(
+        help="--mode continuous: count the real and simulated TTFT from the pod's receipt, without the way in "
+        "(as before stop 30; by default both count from the client's send)")] = False,
     from_runs: Annotated[Path | None, typer.Option(
         help="simulate again the real runs that an earlier static validation kept in DIR/runs, with its "
         "profile and calibration (no pod; about 50 s for a default run), writing the results to --out-dir [default: "
@@ -370,15 +373,16 @@ def validate(
                                    "--out-dir only" + (f", not {', '.join(refused)}" if refused else ""))
         _resimulate(from_runs, out_dir)
         return
-    if noise_block_steps is not None and mode != "continuous":
-        raise CommandLineError("--noise-block-steps applies to --mode continuous only")
+    for name, on in (("--noise-block-steps", noise_block_steps is not None), ("--ttft-from-receipt", ttft_from_receipt)):
+        if on and mode != "continuous":
+            raise CommandLineError(f"{name} applies to --mode continuous only")
     for name, given in (("--level", level), ("--policies", policies)):
         if given is not None and mode != "sessions":
             raise CommandLineError(f"{name} applies to --mode sessions only")
     if probe_s is not None and mode == "static":
         raise CommandLineError("--probe-s applies to --mode sessions and --mode continuous only")
     if mode == "continuous":
-        _validate_continuous(quick, out_dir, force, noise_block_steps, probe_s)
+        _validate_continuous(quick, out_dir, force, noise_block_steps, probe_s, ttft_from_receipt)
         return
     if mode == "sessions":
         _validate_sessions(quick, out_dir, force, replications, policies, level, probe_s)
@@ -416,7 +420,7 @@ def _resimulate(from_runs: Path, out_dir: Path | None) -> None:
 
 
 def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_block_steps: int | None = None,
-                         probe_s: float | None = None) -> None:
+                         probe_s: float | None = None, ttft_from_receipt: bool = False) -> None:
     """``capsim validate --mode continuous`` (capsim.studies.validate_continuous)."""
     from dataclasses import replace
 
@@ -432,6 +436,7 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_b
         spec = replace(spec, cycle_noise=noise_block_steps > 0, noise_block_steps=max(noise_block_steps, 1))
     if probe_s is not None:
         spec = replace(spec, probe_s=probe_s)
+    spec = replace(spec, ttft_from_send=not ttft_from_receipt)
     run_continuous_validation(spec, out_dir=folder, echo=typer.echo)
     typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
 
