@@ -145,6 +145,10 @@ def _pod_counters(url: str) -> dict[str, float]:
     return metric_totals(url, ("vllm:num_preemptions_total",))
 
 
+#: a run's mean way in past this many times the calibration's (and 1 ms) is warned: the pod's front end
+#: queued (stop 30: 25 ms to 11 s at 60% and 85% of the calibrated capacity, against 3 to 10 ms)
+FRONT_END_QUEUE = 5.0
+
 #: seconds the load generator waits for answers after a run's last send, and the simulator runs on after
 #: its horizon (``Scenario.drain_s``): both count the requests sent before the horizon that finish by then
 DRAIN_S = 30.0
@@ -219,6 +223,10 @@ class _Pool:
     cycles: list[tuple[float, float, int]] = field(default_factory=list)
     # runs whose real TTFT counts from the pod's receipt though the spec wanted the send (loadgen.off_pod_clock)
     off_clock: list[str] = field(default_factory=list)
+    # per run, the real requests' mean way in and the one simulated (s); empty: not measured
+    way_in: list[tuple[float, float]] = field(default_factory=list)
+    # runs whose mean way in was FRONT_END_QUEUE times the calibration's or more: the pod's front end queued
+    front_end: list[str] = field(default_factory=list)
 
 
 #: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
@@ -331,6 +339,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                                     (RUN_SPEED, spec.run_speed), (RUN_REPLAY, spec.run_replay)) if on]
     extra = {name: _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e)
              for name in (wanted if fit is not None else [])}
+    ways = {PROBE_SPEED: ingress, LEVEL_PROBE_SPEED: ingress, RUN_SPEED: None, RUN_REPLAY: None}
     noise = cal.cycle_noise if spec.cycle_noise else ()
     for rep in range(spec.replications):
         seed = spec.seed + rep
@@ -352,6 +361,15 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             pool.off_clock.append(off)
             echo(f"  WARNING: {off}")
         own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
+        if own[1]:
+            pool.way_in.append((own[0] / 1e3, ingress[0] / 1e3))
+            for name, other in extra.items():
+                other.way_in.append((own[0] / 1e3, (ways[name] or own)[0] / 1e3))
+            if own[0] > FRONT_END_QUEUE * max(ingress[0], 1.0):
+                pool.front_end.append(f"{rate:.1f} requests/s, seed {seed}: the requests' mean way in was "
+                                      f"{own[0]:.0f} ms against the calibration's {ingress[0]:.1f} ms")
+                echo(f"  WARNING: {pool.front_end[-1]}: the pod's front end queued (its HTTP loop shares the "
+                     "engine's core; the simulator has no such queue, docs/continuous.md)")
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
         if fit is not None:
@@ -418,6 +436,11 @@ def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "cal
     rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
     rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "preemptions", "real": rp,
                  "sim": sp, "rel_error": (sp - rp) / rp if rp else float("nan"), "requests": pool.requests})
+    if pool.way_in:  # the mean way in, real and simulated: a front end that queued shows here
+        real_w, sim_w = (float(np.mean([w[i] for w in pool.way_in])) for i in (0, 1))
+        rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "way_in_mean_s", "real": real_w,
+                     "sim": sim_w, "rel_error": sim_w / real_w - 1 if real_w > 0 else float("nan"),
+                     "requests": pool.requests})
     n = sum(c[2] for c in pool.cycles)
     if n:  # the pod's mean step cycle during the runs, and the calibrated model's for the same steps
         real_c, fit_c = sum(c[0] for c in pool.cycles) / n, sum(c[1] for c in pool.cycles) / n
@@ -455,6 +478,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         os.sched_setaffinity(0, {gen_core})
     rows: list[dict[str, Any]] = []
     off_clock: list[str] = []
+    front_end: list[str] = []  # runs whose pod's front end queued (_Pool.front_end)
     common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
               "queue_capacity": 4096}
     pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
@@ -519,6 +543,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             pool, others = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer,
                                       way_in(level))
             off_clock += pool.off_clock
+            front_end += pool.front_end
             rows += _rows(level, "full", level * cap, pool)
             for name, other in others.items():
                 rows += _rows(level, "full", level * cap, other, name)
@@ -531,6 +556,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pool, others = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer,
                                   way_in(spec.preemption_level))
         off_clock += pool.off_clock
+        front_end += pool.front_end
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
         for name, other in others.items():
             rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
@@ -546,7 +572,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
         # what the real TTFT counts from (validate_runs.ttft_from's names), and the runs that were not on the clock
         "real_ttft_from": TTFT_FROM_SEND if spec.ttft_from_send and not off_clock else TTFT_FROM_RECEIPT,
-        "off_pod_clock": off_clock,
+        "off_pod_clock": off_clock, "front_end_queued": front_end,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",
