@@ -267,16 +267,15 @@ def answer_ms(splits: dict[str, dict[str, float]], way_in_apart: bool = True) ->
 
 
 def own_ingress(real_df: Any) -> tuple[float, tuple[float, ...]]:
-    """A real run's own way in, as :meth:`StepCalibration.ingress` gives the calibration's: the mean of
-    its requests' send to the pod's receipt (ms, ``frame.attrs["way_in_s"]`` of ``run_load(pod_clock=True)``)
-    and each one's over that mean, in send order; ``(0.0, ())`` when not measured."""
-    from capsim.studies.validate_continuous_cycle import reach_factors
+    """A real run's own way in, as :meth:`StepCalibration.ingress` gives the calibration's (``ingress_from``):
+    its requests' send to the pod's receipt (``frame.attrs["way_in_s"]`` of ``run_load(pod_clock=True)``),
+    in send order; ``(0.0, ())`` when not measured one per row."""
+    from capsim.studies.validate_continuous_cycle import ingress_from
 
-    way_in = np.asarray(real_df.attrs.get("way_in_s", []), dtype=float)
+    way_in = real_df.attrs.get("way_in_s", [])
     if len(way_in) != len(real_df):
         return 0.0, ()
-    factors = reach_factors(way_in, np.zeros_like(way_in), real_df.arrival_s.to_numpy(dtype=float))
-    return (float(np.nanmean(way_in[way_in >= 0])) * 1e3, factors) if factors else (0.0, ())
+    return ingress_from(way_in, real_df.arrival_s.to_numpy(dtype=float))
 
 
 def _simulate_into(pool: _Pool, scenario: Scenario, seed: int, real_pre: float, n_requests: int, answer: float,
@@ -339,7 +338,6 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                                     (RUN_SPEED, spec.run_speed), (RUN_REPLAY, spec.run_replay)) if on]
     extra = {name: _Pool(pool.real, [], pool.real_itl, [], [], real_pod_e2e=pool.real_pod_e2e)
              for name in (wanted if fit is not None else [])}
-    ways = {PROBE_SPEED: ingress, LEVEL_PROBE_SPEED: ingress, RUN_SPEED: None, RUN_REPLAY: None}
     noise = cal.cycle_noise if spec.cycle_noise else ()
     for rep in range(spec.replications):
         seed = spec.seed + rep
@@ -363,8 +361,6 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
         if own[1]:
             pool.way_in.append((own[0] / 1e3, ingress[0] / 1e3))
-            for name, other in extra.items():
-                other.way_in.append((own[0] / 1e3, (ways[name] or own)[0] / 1e3))
             if own[0] > FRONT_END_QUEUE * max(ingress[0], 1.0):
                 pool.front_end.append(f"{rate:.1f} requests/s, seed {seed}: the requests' mean way in was "
                                       f"{own[0]:.0f} ms against the calibration's {ingress[0]:.1f} ms")
@@ -395,6 +391,8 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             at = level_scenario(spec, profile_path, rate, cal.time_scale * speed, num_blocks,
                                 cal.arrival_s * 1e3 * speed, factors, answer, block, *way_in)
             _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
+            if own[1]:
+                other.way_in.append((own[0] / 1e3, way_in[0] / 1e3))
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
         echo(f"  run {rep + 1}/{spec.replications} (seed {seed}): {workload.n_requests} requests, TTFT p50 real "
              f"{r['ttft_p50_s'] * 1e3:.1f} ms sim {s['ttft_p50_s'] * 1e3:.1f} ms; preemptions real {real_pre:.0f} "

@@ -247,8 +247,9 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
     calibration, every step's cycle frame (with its run's label), and each open-loop run's
-    ``request_split`` (and its requests' way in: ``StepCalibration.way_in_s``). With the pod's ``pid``, each run's CPU of the pod process off its engine thread is
-    fitted per request and per step (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
+    ``request_split`` (its requests' way in: ``StepCalibration.way_in_s``). With the pod's ``pid``, each
+    run's CPU of the pod process off its engine thread is fitted per request and per step
+    (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
     import pandas as pd
 
     runs = []

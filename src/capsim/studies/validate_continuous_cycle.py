@@ -64,13 +64,10 @@ class StepCalibration:
     way_in_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def ingress(self, label: str | None = None) -> tuple[float, tuple[float, ...]]:
-        """The simulated way in, ``(service.ingress_ms, service.ingress_noise)``: the mean way in of the
-        open-loop run ``label`` (all of them pooled when it is absent or not given) and each request's over
-        that mean (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
+        """The simulated way in (:func:`ingress_from`) of the open-loop run ``label``, or of all of them
+        pooled when it is absent or not given."""
         runs = [self.way_in_s[label]] if label in self.way_in_s else list(self.way_in_s.values())
-        way_in = np.concatenate([np.asarray(r, dtype=float) for r in runs]) if runs else np.empty(0)
-        factors = reach_factors(way_in, np.zeros_like(way_in))
-        return (float(way_in[way_in >= 0].mean()) * 1e3, factors) if factors else (0.0, ())
+        return ingress_from(np.concatenate([np.asarray(r, dtype=float) for r in runs]) if runs else ())
 
     @property
     def rel_rms_residual(self) -> float:
@@ -344,13 +341,14 @@ def reached_rate(steps: Any, t0: float, seconds: float) -> float:
 REACH_FACTORS_MAX = 10_000
 
 
-def reach_factors(way_in_s: Any, load_s: Any, send_s: Any = None) -> tuple[float, ...]:
-    """Each answered request's time from its send to its engine (its way in plus its history read) over
-    their mean, for ``service.ingress_noise``: in the order of the sends ``send_s`` (as given without
-    them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow spells as they came;
-    rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the way in was not
-    measured request by request (``way_in_s`` not one per request) or no request has both."""
-    way_in, load = np.asarray(way_in_s, dtype=float), np.asarray(load_s, dtype=float)
+def reach_factors(way_in_s: Any, load_s: Any = None, send_s: Any = None) -> tuple[float, ...]:
+    """Each answered request's time from its send to its engine (its way in plus its history read, none
+    without ``load_s``) over their mean, for ``service.ingress_noise``: in the order of the sends ``send_s``
+    (as given without them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow
+    spells as they came; rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the
+    way in was not measured request by request (``way_in_s`` not one per request) or no request has both."""
+    way_in = np.asarray(way_in_s, dtype=float)
+    load = np.zeros_like(way_in) if load_s is None else np.asarray(load_s, dtype=float)
     if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
         return ()
     reach = way_in + load
@@ -362,3 +360,14 @@ def reach_factors(way_in_s: Any, load_s: Any, send_s: Any = None) -> tuple[float
     if len(reach) > REACH_FACTORS_MAX:
         reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
     return tuple(np.round(reach / reach.mean(), 4).tolist())
+
+
+def ingress_from(way_in_s: Any, send_s: Any = None) -> tuple[float, tuple[float, ...]]:
+    """The simulated way in, ``(service.ingress_ms, service.ingress_noise)``, from requests' measured way in
+    (send to the pod's receipt, seconds; NaN where not measured): their mean in ms and each one's over it,
+    in the order of ``send_s`` (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
+    factors = reach_factors(way_in_s, send_s=send_s)
+    if not factors:
+        return 0.0, ()
+    way_in = np.asarray(way_in_s, dtype=float)
+    return float(way_in[np.isfinite(way_in) & (way_in >= 0)].mean()) * 1e3, factors

@@ -134,4 +134,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits, bool(cal.way_in_s)), fit, cal, copy_us, *cal.ingress())
+                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us, *cal.ingress())
