@@ -10,7 +10,15 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from capsim.core.loadgen import CUT_OFF, ClientPolicy, LoadgenError, check_targets, off_pod_clock, run_load
+from capsim.core.loadgen import (
+    CUT_OFF,
+    ClientPolicy,
+    ConnectionPools,
+    LoadgenError,
+    check_targets,
+    off_pod_clock,
+    run_load,
+)
 from capsim.model.request import REQUEST_COLUMNS
 from podproc import PodProcess, Served
 
@@ -136,6 +144,21 @@ def test_streaming_measures_time_to_first_token_on_the_client(pod):
     df = asyncio.run(run_load([pod.url], plan(5, output=16), stream=True))
     assert (df.outcome == "ok").all()
     assert (df.first_token_s < df.end_s).all()
+
+
+def test_the_connection_layout_bounds_what_is_in_flight(pod):
+    # 12 requests due at once over 2 pools of 1 connection: never more than 2 at the pod, so no batch of the
+    # pod's (it batches whatever is waiting within 5 ms) holds more than 2; every request is still answered
+    p = Plan(np.zeros(12), 1, 0.0, np.full(12, 16), np.full(12, 16))
+    df = asyncio.run(run_load([pod.url], p, pools=ConnectionPools(shards=2, connections=1, keepalive=1)))
+    assert (df.outcome == "ok").all() and len(df) == 12
+    assert df.batch_size.max() <= 2
+
+
+@pytest.mark.parametrize("field", ["shards", "connections", "keepalive"])
+def test_a_connection_layout_below_one_names_the_field(field):
+    with pytest.raises(LoadgenError, match=f"ConnectionPools.{field} must be >= 1, got 0"):
+        ConnectionPools(**{field: 0})
 
 
 def test_bounds_are_respected(pod):

@@ -10,6 +10,7 @@ failed (connection refused, timeout, HTTP status) is counted in ``frame.attrs["f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 import secrets
@@ -29,6 +30,33 @@ from capsim.model.request import OUTCOMES, requests_frame
 from capsim.policy.retry import retry_delay_s
 
 Routing = Literal["round_robin", "random", "session_affinity"]
+
+
+@dataclass(frozen=True)
+class ConnectionPools:
+    """How the load generator holds its connections: ``shards`` httpx clients (request ``r`` on client
+    ``r % shards``), each with at most ``connections`` open and ``keepalive`` idle.
+
+    httpcore (1.0.9, the newest release) walks every connection a pool holds, and polls each idle one, on
+    every request's enqueue and release, so a pool's CPU per request grows with the connections it holds.
+    With one pool of 2048 connections keeping 512 idle, a burst left hundreds open, every later request
+    cost more of the generator's core, and past a tipping point (about 45 requests a second against the
+    continuous pod, stop 31) the generator saturated its core and fell behind its schedule by seconds, a
+    queue that looked like the pod's (``benchmarks/bench_loadgen.py``; encode/httpcore#1035, pydantic/httpx2#1169).
+    Several small pools keep each walk short."""
+
+    shards: int = 16
+    connections: int = 128
+    keepalive: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "connections", "keepalive"):
+            if getattr(self, name) < 1:
+                raise LoadgenError(f"ConnectionPools.{name} must be >= 1, got {getattr(self, name)}")
+
+
+#: the layout before stop 31: one pool (kept for the benchmark's baseline)
+ONE_POOL = ConnectionPools(shards=1, connections=2048, keepalive=512)
 
 
 class WorkloadLike(Protocol):
@@ -174,6 +202,7 @@ async def run_load(
     messages: Callable[[int], Sequence[int]] | None = None,
     think: Callable[[], float] | None = None,
     pod_clock: bool = False,
+    pools: ConnectionPools | None = None,
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
@@ -202,6 +231,10 @@ async def run_load(
     ``frame.attrs["pod_clock_rejected"]`` counts such rows (``["pod_clock_rows"]`` those on the pod's clock;
     ``["way_in_s"]``, per sent row, the send to the receipt, NaN off the pod's clock).
     A streamed row's time to first token is the client's own in either case.
+
+    ``pools``: how the generator holds its connections (``ConnectionPools``; default 16 pools of 128). The
+    send time is taken before the client's own work on the request, so a generator short of CPU shows up in
+    the way in, and in ``frame.attrs["send_error_s"]`` when it falls behind its schedule.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -218,8 +251,6 @@ async def run_load(
     rng = random.Random(seed)
     jitter_rng = random.Random(f"{seed}:retries")  # its own stream: jitter leaves the routing draws alone
     rr = 0
-    t0 = time.perf_counter()
-    deadline = t0 + max_duration_s
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, desc="requests", disable=not progress)
@@ -227,10 +258,18 @@ async def run_load(
     open_requests: set[int] = set()
     clock = [0, 0]  # rows placed on the pod's clock, rows whose receipt was not on this host's clock
     histories: dict[int, dict[str, Any]] = {}  # request -> the answer's "history" (messages given)
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=512)
+    layout = pools or ConnectionPools()
+    limits = httpx.Limits(max_connections=layout.connections, max_keepalive_connections=layout.keepalive)
     timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
+    verify = httpx.create_ssl_context()  # one for all the pools: each client would build its own (ms apiece)
+
+    async with contextlib.AsyncExitStack() as stack:
+        shards = [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, verify=verify))
+                 for _ in range(layout.shards)]
+        # the schedule's zero once the clients are built, so building them delays no request
+        t0 = time.perf_counter()
+        deadline = t0 + max_duration_s
 
         def pick(session: int) -> int:
             nonlocal rr
@@ -243,6 +282,7 @@ async def run_load(
 
         async def attempt(r: int, pod: int) -> _Result:
             """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size, why) with times from sending."""
+            http = shards[r % len(shards)]
             url = f"{urls[pod]}/v1/sessions/{tag}-s{rec.session_id[r]}/turns"
             tokens: int | list[int] = int(rec.prompt_tokens[r]) if messages is None else list(messages(r))
             body = {"prompt_tokens": tokens, "max_new_tokens": int(rec.output_tokens[r])}
