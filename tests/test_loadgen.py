@@ -16,6 +16,7 @@ from capsim.core.loadgen import (
     ConnectionPools,
     LoadgenError,
     check_targets,
+    generator_saturated,
     off_pod_clock,
     run_load,
 )
@@ -153,6 +154,27 @@ def test_the_connection_layout_bounds_what_is_in_flight(pod):
     df = asyncio.run(run_load([pod.url], p, pools=ConnectionPools(shards=2, connections=1, keepalive=1)))
     assert (df.outcome == "ok").all() and len(df) == 12
     assert df.batch_size.max() <= 2
+
+
+def test_the_generator_measures_its_own_cpu(pod):
+    df = asyncio.run(run_load([pod.url], plan(30, rate=20.0)))
+    busy = df.attrs["generator_busy"]
+    assert len(busy) >= 1  # one window a second over a run of about 1.5 s, and the last part
+    assert all(0.0 <= b <= 1.5 for b in busy)  # a share of a core (a bit over 1 where other threads ran)
+    assert df.attrs["generator_cpu_s"] > 0.0
+
+
+def test_a_saturated_generator_is_named_and_an_idle_one_is_not():
+    import pandas as pd
+
+    frame = pd.DataFrame({"outcome": ["ok"] * 4})
+    assert generator_saturated(frame) is None  # kept before the measurement: nothing to say
+    frame.attrs.update(generator_busy=[0.3, 0.5, 0.2], generator_cpu_s=0.02, send_error_s=[0.001] * 4)
+    assert generator_saturated(frame) is None
+    frame.attrs.update(generator_busy=[0.3, 0.97, 1.0], send_error_s=[0.001, 0.002, 0.5, 1.2])
+    why = generator_saturated(frame)
+    assert why is not None and "in 2 of 3 1-s windows" in why and "5.0 ms CPU a request" in why
+    assert "sends late by 1179 ms at p99" in why
 
 
 @pytest.mark.parametrize("field", ["shards", "connections", "keepalive"])

@@ -283,7 +283,7 @@ def loadgen(
     """Replay a scenario's workload against real pods, open loop; records use the simulator's columns."""
     import asyncio
 
-    from capsim.core.loadgen import ClientPolicy, LoadgenError, off_pod_clock, run_load
+    from capsim.core.loadgen import ClientPolicy, LoadgenError, generator_saturated, off_pod_clock, run_load
     from capsim.model.scenario import Scenario
     from capsim.model.settings import SettingsError
     from capsim.sim.arrivals import make_workload
@@ -314,6 +314,9 @@ def loadgen(
     off = off_pod_clock(frame) if pod_clock and not stream else None
     if off is not None:
         typer.echo(f"WARNING: {off}")
+    busy = generator_saturated(frame)
+    if busy is not None:
+        typer.echo(f"WARNING: {busy}")
     if len(ok):
         typer.echo(f"ttft p50 {ttft.iloc[0] * 1000:.1f} ms, p99 {ttft.iloc[1] * 1000:.1f} ms; "
                    f"e2e p50 {e2e.iloc[0] * 1000:.1f} ms, p99 {e2e.iloc[1] * 1000:.1f} ms")

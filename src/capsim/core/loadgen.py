@@ -17,7 +17,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -57,6 +57,21 @@ class ConnectionPools:
 
 #: the layout before stop 31: one pool (kept for the benchmark's baseline)
 ONE_POOL = ConnectionPools(shards=1, connections=2048, keepalive=512)
+
+
+@contextlib.asynccontextmanager
+async def http_clients(pools: ConnectionPools | None = None,
+                       timeout: httpx.Timeout | float = 60.0) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """The httpx clients of a ``ConnectionPools`` layout (default: ``ConnectionPools()``), sharing one SSL
+    context (each client would build its own, milliseconds apiece); put request ``k`` on
+    ``clients[k % len(clients)]``. What every driver of load uses: ``run_load`` and the validations'
+    calibration loops."""
+    layout = pools or ConnectionPools()
+    limits = httpx.Limits(max_connections=layout.connections, max_keepalive_connections=layout.keepalive)
+    verify = httpx.create_ssl_context()
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, verify=verify))
+               for _ in range(layout.shards)]
 
 
 class WorkloadLike(Protocol):
@@ -234,7 +249,9 @@ async def run_load(
 
     ``pools``: how the generator holds its connections (``ConnectionPools``; default 16 pools of 128). The
     send time is taken before the client's own work on the request, so a generator short of CPU shows up in
-    the way in, and in ``frame.attrs["send_error_s"]`` when it falls behind its schedule.
+    the way in, and in ``frame.attrs["send_error_s"]`` when it falls behind its schedule;
+    ``["generator_cpu_s"]`` and ``["generator_busy"]`` (the process's share of a core per
+    ``GENERATOR_WINDOW_S``) say whether it was, and ``generator_saturated(frame)`` words it.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -258,15 +275,9 @@ async def run_load(
     open_requests: set[int] = set()
     clock = [0, 0]  # rows placed on the pod's clock, rows whose receipt was not on this host's clock
     histories: dict[int, dict[str, Any]] = {}  # request -> the answer's "history" (messages given)
-    layout = pools or ConnectionPools()
-    limits = httpx.Limits(max_connections=layout.connections, max_keepalive_connections=layout.keepalive)
     timeout = httpx.Timeout(policy.timeout_s, connect=min(policy.timeout_s, 5.0))
 
-    verify = httpx.create_ssl_context()  # one for all the pools: each client would build its own (ms apiece)
-
-    async with contextlib.AsyncExitStack() as stack:
-        shards = [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, verify=verify))
-                 for _ in range(layout.shards)]
+    async with http_clients(pools, timeout) as shards:
         # the schedule's zero once the clients are built, so building them delays no request
         t0 = time.perf_counter()
         deadline = t0 + max_duration_s
@@ -358,6 +369,14 @@ async def run_load(
 
         sessions = [s for s in range(len(workload.session_start_s)) if s * turns < n
                     and workload.session_start_s[s] <= max_duration_s]
+        busy = [(time.perf_counter(), time.process_time())]
+
+        async def watch() -> None:  # the generator's own CPU, a point a window (late when its loop is saturated)
+            while True:
+                await asyncio.sleep(GENERATOR_WINDOW_S)
+                busy.append((time.perf_counter(), time.process_time()))
+
+        watcher = asyncio.create_task(watch())
         try:
             async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
                 await asyncio.gather(*[session(s) for s in sessions])
@@ -366,6 +385,9 @@ async def run_load(
             for r in open_requests:
                 rec.end_s[r] = ended
             failures[CUT_OFF] += len(open_requests)
+        finally:
+            watcher.cancel()
+            busy.append((time.perf_counter(), time.process_time()))
     bar.close()
     frame = rec.frame()
     if messages is not None:  # what the pod prefilled and what of it its prefix cache served
@@ -387,7 +409,34 @@ async def run_load(
     frame.attrs["pod_clock_rows"], frame.attrs["pod_clock_rejected"] = clock
     # per sent row, the way in (send to the pod's receipt, s; NaN off the pod's clock), what pod_clock adds
     frame.attrs["way_in_s"] = rec.way_in_s[sent].tolist()
+    # the generator process's CPU seconds over the run and its busy share per window (generator_saturated)
+    points = np.asarray(busy)
+    frame.attrs["generator_cpu_s"] = float(points[-1, 1] - points[0, 1])
+    frame.attrs["generator_busy"] = (np.diff(points[:, 1]) / np.maximum(np.diff(points[:, 0]), 1e-9)).tolist()
     return frame
+
+
+#: the windows over which the generator's busy share is measured (s)
+GENERATOR_WINDOW_S = 1.0
+#: a window in which the generator's process used this share of a core or more counts as saturated
+GENERATOR_SATURATED = 0.9
+
+
+def generator_saturated(frame: Any) -> str | None:
+    """What to warn when the load generator itself was short of CPU in a ``run_load`` frame: windows in which
+    its process used ``GENERATOR_SATURATED`` of a core or more (its asyncio loop then sends late and reads
+    answers late, a queue that looks like the target's); ``None`` otherwise, and for a frame without the
+    measurement (kept before stop 31)."""
+    shares = np.asarray(frame.attrs.get("generator_busy", ()), dtype=float)
+    hot = int((shares >= GENERATOR_SATURATED).sum())
+    if hot == 0:
+        return None
+    lag = np.asarray(frame.attrs.get("send_error_s", ()), dtype=float)
+    late = f", sends late by {np.percentile(lag, 99) * 1e3:.0f} ms at p99" if lag.size else ""
+    n = max(len(frame), 1)
+    return (f"the load generator used {GENERATOR_SATURATED:.0%} of a core or more in {hot} of {shares.size} "
+            f"{GENERATOR_WINDOW_S:g}-s windows ({frame.attrs.get('generator_cpu_s', 0.0) / n * 1e3:.1f} ms CPU a "
+            f"request{late}): its own queue is in the way in and the answers")
 
 
 #: how far before its send a pod's receipt may read and still be on this host's clock (rounding)

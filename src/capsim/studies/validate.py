@@ -290,7 +290,7 @@ def run_validation(
     """Run the validation; write ``results.csv`` (one row per level and metric, with intervals and the
     targets), ``replications.csv``, ``validation.png``, ``provenance.json`` and the real runs
     (``runs/``, :mod:`capsim.studies.validate_runs`) under ``out_dir`` and return the results frame."""
-    from capsim.core.loadgen import ClientPolicy, off_pod_clock, run_load
+    from capsim.core.loadgen import ClientPolicy, generator_saturated, off_pod_clock, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
 
@@ -357,6 +357,7 @@ def run_validation(
         spec = sized
         levels = _Levels(spec, profile, kept_profile, calibration, work, echo)
         kept: list[RealRun] = []
+        saturated: list[str] = []
         for level in spec.levels:
             rate = level * cap
             scenario = level_scenario(spec, kept_profile, rate, calibration)
@@ -374,6 +375,10 @@ def run_validation(
                 off = off_pod_clock(real_df)
                 if off is not None:
                     echo(f"  WARNING: {off}")
+                busy = generator_saturated(real_df)
+                if busy is not None:
+                    saturated.append(f"{level:.0%}, seed {seed}: {busy}")
+                    echo(f"  WARNING: {busy}")
                 save_run(out, runs[-1])
             levels.add(level, rate, runs)
             kept += runs
@@ -388,6 +393,7 @@ def run_validation(
         "capacity_per_s": cap,
         "calibration": asdict(calibration) if calibration else None,
         "calibration_warnings": list(calibration.warnings) if calibration else [],
+        "generator_saturated": saturated,  # runs whose load generator was short of CPU (loadgen.generator_saturated)
         "cores": {"pod": pod_core, "loadgen": gen_core},
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "wall_s": time.perf_counter() - started,

@@ -222,10 +222,10 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     :func:`calibration_order`), each until about ``batches_per_run`` x clients / 2 answers (at most
     ``duration_s`` / (2 x len(clients)) seconds); the pod's batch trace gives the cycle per batch size;
     ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
-    import httpx
+    from capsim.core.loadgen import http_clients
 
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * n_clients)) as c:
+        async with http_clients() as cs:
             stop = time.perf_counter() + seconds
             done = 0
 
@@ -233,8 +233,9 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
                 nonlocal done
                 i = 0
                 while time.perf_counter() < stop and done < answers:
-                    r = await c.post(f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
-                                     json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
+                    r = await cs[k % len(cs)].post(
+                        f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
+                        json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
                     r.raise_for_status()
                     i += 1
                     done += 1

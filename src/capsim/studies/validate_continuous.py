@@ -145,8 +145,9 @@ def _pod_counters(url: str) -> dict[str, float]:
     return metric_totals(url, ("vllm:num_preemptions_total",))
 
 
-#: a run's mean way in past this many times the calibration's (and 1 ms) is warned: the pod's front end
-#: queued (stop 30: 25 ms to 11 s at 60% and 85% of the calibrated capacity, against 3 to 10 ms)
+#: a run's mean way in past this many times the calibration's (and 1 ms) is warned: the way in queued (stop
+#: 30: 25 ms to 11 s at 60% and 85% of the calibrated capacity, against 3 to 10 ms; stop 31 found that queue
+#: in the load generator, whose one connection pool had saturated its core: loadgen.ConnectionPools)
 FRONT_END_QUEUE = 5.0
 
 #: seconds the load generator waits for answers after a run's last send, and the simulator runs on after
@@ -225,8 +226,10 @@ class _Pool:
     off_clock: list[str] = field(default_factory=list)
     # per run, the real requests' mean way in and the one simulated (s); empty: not measured
     way_in: list[tuple[float, float]] = field(default_factory=list)
-    # runs whose mean way in was FRONT_END_QUEUE times the calibration's or more: the pod's front end queued
+    # runs whose mean way in was FRONT_END_QUEUE times the calibration's or more: the way in queued
     front_end: list[str] = field(default_factory=list)
+    # runs whose load generator was short of CPU (loadgen.generator_saturated)
+    generator: list[str] = field(default_factory=list)
 
 
 #: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
@@ -327,7 +330,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
     a pool of its own sharing the real frames. ``ingress``: the simulated way in, ``(ms, factors)``, of the
     prediction and the probes' simulations; those at the run's speed take the run's own (``own_ingress``)."""
-    from capsim.core.loadgen import ClientPolicy, off_pod_clock, run_load
+    from capsim.core.loadgen import ClientPolicy, generator_saturated, off_pod_clock, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
     from capsim.studies.validate_continuous_calibrate import fetch_steps
@@ -358,14 +361,19 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         if off is not None:
             pool.off_clock.append(off)
             echo(f"  WARNING: {off}")
+        busy = generator_saturated(real_df)
+        if busy is not None:
+            pool.generator.append(f"{rate:.1f} requests/s, seed {seed}: {busy}")
+            echo(f"  WARNING: {busy}")
         own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
         if own[1]:
             pool.way_in.append((own[0] / 1e3, ingress[0] / 1e3))
             if own[0] > FRONT_END_QUEUE * max(ingress[0], 1.0):
                 pool.front_end.append(f"{rate:.1f} requests/s, seed {seed}: the requests' mean way in was "
                                       f"{own[0]:.0f} ms against the calibration's {ingress[0]:.1f} ms")
-                echo(f"  WARNING: {pool.front_end[-1]}: the pod's front end queued (its HTTP loop shares the "
-                     "engine's core; the simulator has no such queue, docs/continuous.md)")
+                echo(f"  WARNING: {pool.front_end[-1]}: the way in queued, in the load generator (when it was "
+                     "short of CPU, warned above) or the pod's front end (its HTTP loop shares the engine's core); "
+                     "the simulator has no such queue, docs/continuous.md)")
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
         if fit is not None:
@@ -476,7 +484,8 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         os.sched_setaffinity(0, {gen_core})
     rows: list[dict[str, Any]] = []
     off_clock: list[str] = []
-    front_end: list[str] = []  # runs whose pod's front end queued (_Pool.front_end)
+    front_end: list[str] = []  # runs whose way in queued (_Pool.front_end)
+    generator: list[str] = []  # runs whose load generator was short of CPU (_Pool.generator)
     common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
               "queue_capacity": 4096}
     pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
@@ -542,6 +551,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
                                       way_in(level))
             off_clock += pool.off_clock
             front_end += pool.front_end
+            generator += pool.generator
             rows += _rows(level, "full", level * cap, pool)
             for name, other in others.items():
                 rows += _rows(level, "full", level * cap, other, name)
@@ -555,6 +565,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
                                   way_in(spec.preemption_level))
         off_clock += pool.off_clock
         front_end += pool.front_end
+        generator += pool.generator
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
         for name, other in others.items():
             rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
@@ -570,7 +581,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         "term_ablation": ablation, "request_split": splits, "cycle_parts": parts,
         # what the real TTFT counts from (validate_runs.ttft_from's names), and the runs that were not on the clock
         "real_ttft_from": TTFT_FROM_SEND if spec.ttft_from_send and not off_clock else TTFT_FROM_RECEIPT,
-        "off_pod_clock": off_clock, "front_end_queued": front_end,
+        "off_pod_clock": off_clock, "front_end_queued": front_end, "generator_saturated": generator,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",

@@ -184,16 +184,16 @@ def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, f
 
 def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
     """``clients`` closed-loop clients for ``seconds``; the run's start and end (``perf_counter``)."""
-    import httpx
+    from capsim.core.loadgen import http_clients
 
     async def main() -> None:
-        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=4 * clients)) as c:
+        async with http_clients() as cs:
             stop = time.perf_counter() + seconds
 
             async def one(k: int) -> None:
                 i = 0
                 while time.perf_counter() < stop:
-                    await _post(c, url, f"cal-{clients}-{k}-{i}-{time.time_ns()}", prompt, output)
+                    await _post(cs[k % len(cs)], url, f"cal-{clients}-{k}-{i}-{time.time_ns()}", prompt, output)
                     i += 1
 
             await asyncio.gather(*[one(k) for k in range(clients)])
@@ -207,15 +207,14 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                seed: int = 0) -> tuple[float, float, list[tuple[float, ...]]]:
     """Poisson arrivals at ``rate`` per second for ``seconds`` (each request its own session), waiting for
     the answers; the run's start and end (``perf_counter``) and each answer's times (``_post``)."""
-    import httpx
+    from capsim.core.loadgen import http_clients
 
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=max(1, int(rate * seconds * 1.5) + 10))
     at = np.cumsum(gaps)
     at = at[at < seconds]
 
     async def main() -> None:
-        limits = httpx.Limits(max_connections=max(16, int(rate * 2)))
-        async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        async with http_clients() as cs:
             t0 = time.perf_counter()
             tag = time.time_ns()
             tasks: list[asyncio.Task[tuple[float, ...]]] = []
@@ -223,7 +222,7 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                 delay = t0 + t - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_post(c, url, f"open-{tag}-{k}", prompt, output)))
+                tasks.append(asyncio.create_task(_post(cs[k % len(cs)], url, f"open-{tag}-{k}", prompt, output)))
             rows.extend(await asyncio.gather(*tasks))
 
     rows: list[tuple[float, ...]] = []

@@ -303,6 +303,7 @@ class _Policy:
     sizing: FleetProbe | None = None
     run_speeds: list[float] = field(default_factory=list)  # the fleet's speed in each replication
     ttft_from: str = TTFT_FROM_SEND  # what the real turns' TTFT counts from (validate_runs.ttft_from)
+    generator: list[str] = field(default_factory=list)  # runs whose load generator was short of CPU
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -311,7 +312,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     fleet is probed first at ``rate`` (the calibration's), the rate sized to the fleet by :func:`fleet_rate`,
     and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
     probe" takes)."""
-    from capsim.core.loadgen import off_pod_clock
+    from capsim.core.loadgen import generator_saturated, off_pod_clock
     from capsim.sim.simulate import simulate
     from capsim.studies.validate_sessions_real import start_fleet
 
@@ -326,6 +327,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     sizing = None
     own_speeds: list[float] = []
     ttft_from = TTFT_FROM_SEND
+    generator: list[str] = []
     try:
         probe = fleet_probe(fleet, spec, policy, cal, rate, vocab) if spec.probe_s > 0 else None
         sized = fleet_rate(rate, probe)
@@ -352,6 +354,10 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             if off is not None:
                 ttft_from = TTFT_FROM_RECEIPT
                 echo(f"  WARNING: {off}")
+            busy = generator_saturated(real_df)
+            if busy is not None:
+                generator.append(f"{policy}, seed {seed}: {busy}")
+                echo(f"  WARNING: {busy}")
             if own is not None:
                 pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
                 own_speeds.append(own.speed)
@@ -386,7 +392,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                     if own is not None else ""))
     finally:
         fleet.stop()
-    return _Policy(pools, rate, sizing, own_speeds, ttft_from)
+    return _Policy(pools, rate, sizing, own_speeds, ttft_from, generator)
 
 
 def _reasons(frame: Any) -> str:
@@ -470,11 +476,13 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     rates: dict[str, float] = {}
     run_speeds: dict[str, list[float]] = {}
     ttft_from_all = TTFT_FROM_SEND
+    generator: list[str] = []  # runs whose load generator was short of CPU (loadgen.generator_saturated)
     for policy in spec.policies:
         echo(f"{policy}: fresh redis-server, pods and router; {spec.replications} runs ...")
         done = _run_policy(policy, spec, work, cal, rate, pod_cores, echo)
         rates[policy] = done.rate
         run_speeds[policy] = done.run_speeds
+        generator += done.generator
         if done.ttft_from != TTFT_FROM_SEND:
             ttft_from_all = done.ttft_from
         if done.sizing is not None:
@@ -495,7 +503,8 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
         "ingress_ms": cal.ingress_ms,  # the calibration's simulated way in (its spread: calibration.way_in_s)
         "sizing_probes": sizing, "run_speeds": run_speeds, "capacity_per_pod_turns_per_s": per_pod,
-        "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "real_ttft_from": ttft_from_all, "cores": {"pods": pod_cores}, "created_unix": time.time(),
+        "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "real_ttft_from": ttft_from_all,
+        "generator_saturated": generator, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/sessions.md#validated-against-real-pods",
     }
