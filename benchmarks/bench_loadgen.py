@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
-from capsim.core.loadgen import ONE_POOL, ConnectionPools, run_load
+from capsim.core.http_pools import ONE_POOL, ConnectionPools
+from capsim.core.loadgen import run_load
 from capsim.studies.pods import free_port, pinned
 
 STUB = r"""

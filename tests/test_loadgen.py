@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from capsim.core.http_pools import ConnectionPools, HttpPoolsError
 from capsim.core.loadgen import (
     CUT_OFF,
     ClientPolicy,
-    ConnectionPools,
     LoadgenError,
     check_targets,
     generator_saturated,
@@ -179,7 +179,7 @@ def test_a_saturated_generator_is_named_and_an_idle_one_is_not():
 
 @pytest.mark.parametrize("field", ["shards", "connections", "keepalive"])
 def test_a_connection_layout_below_one_names_the_field(field):
-    with pytest.raises(LoadgenError, match=f"ConnectionPools.{field} must be >= 1, got 0"):
+    with pytest.raises(HttpPoolsError, match=f"ConnectionPools.{field} must be >= 1, got 0"):
         ConnectionPools(**{field: 0})
 
 

@@ -35,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import Field, field_validator
 
+from capsim.core.http_pools import ConnectionPools, http_clients
 from capsim.model.settings import FrozenModel
 from capsim.policy.routing import Candidate, Weights, scores
 
@@ -151,7 +152,18 @@ class Router:
         self.metrics = RouterMetrics(self.urls)
         self.weights = Weights(prefix=config.prefix_weight, queue=config.queue_weight, kv_cache=0.0)
         self._rng = random.Random()  # ties at random, not to the first pod (issue 14 §3)
-        self.http: httpx.AsyncClient | None = None
+        # the forwarding clients (``http_pools.http_clients``), one per turn in turn: several small pools,
+        # since httpcore walks every connection of a pool on each request
+        self.clients: list[httpx.AsyncClient] = []
+        self._next_client = 0
+
+    @property
+    def http(self) -> httpx.AsyncClient | None:
+        """The client for the next forward (``None`` outside the app's lifespan)."""
+        if not self.clients:
+            return None
+        self._next_client = (self._next_client + 1) % len(self.clients)
+        return self.clients[self._next_client]
 
     def order(self, session_id: str, new_tokens: int) -> tuple[list[int], bool]:
         """The pods to try, up ones first; and whether the policy's first choice is down."""
@@ -190,7 +202,8 @@ class Router:
         order, first_down = self.order(session_id, new_tokens)
         reason = "down" if first_down else None
         path = f"/v1/sessions/{session_id}/turns"
-        assert self.http is not None
+        http = self.http
+        assert http is not None
         for i in order:
             url = self.urls[i]
             if reason is not None:  # not the policy's first choice: counted once, with why
@@ -200,7 +213,7 @@ class Router:
                 if stream:
                     return await self._stream(i, path, body, headers, session_id, new_tokens)
                 async with asyncio.timeout(self.config.timeout_s):
-                    resp = await self.http.post(url + path, content=body, headers=headers)
+                    resp = await http.post(url + path, content=body, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 # nothing reached the pod: safe to place the turn on the next pod
                 self.down_until[i] = time.monotonic() + self.config.down_s
@@ -236,12 +249,13 @@ class Router:
     async def _stream(self, i: int, path: str, body: bytes, headers: dict[str, str], session_id: str,
                       new_tokens: int) -> Response:
         """Relay a streamed turn: the pod's status and first bytes within ``timeout_s``, then each read too."""
-        assert self.http is not None
+        http = self.http
+        assert http is not None
         url = self.urls[i]
-        req = self.http.build_request("POST", url + path, content=body, headers=headers)
+        req = http.build_request("POST", url + path, content=body, headers=headers)
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                resp = await self.http.send(req, stream=True)
+                resp = await http.send(req, stream=True)
         except BaseException:
             self._end(i)
             raise
@@ -285,11 +299,10 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
-        async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-            router.http = http
+        async with http_clients(ConnectionPools(shards=16, connections=64, keepalive=16), timeout) as clients:
+            router.clients = clients
             yield
-        router.http = None
+        router.clients = []
 
     app = FastAPI(title="capsim router", version="1", lifespan=lifespan)
     app.state.router = router

@@ -222,7 +222,7 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     :func:`calibration_order`), each until about ``batches_per_run`` x clients / 2 answers (at most
     ``duration_s`` / (2 x len(clients)) seconds); the pod's batch trace gives the cycle per batch size;
     ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
-    from capsim.core.loadgen import http_clients
+    from capsim.core.http_pools import http_clients
 
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
         async with http_clients() as cs:

@@ -184,7 +184,7 @@ def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, f
 
 def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
     """``clients`` closed-loop clients for ``seconds``; the run's start and end (``perf_counter``)."""
-    from capsim.core.loadgen import http_clients
+    from capsim.core.http_pools import http_clients
 
     async def main() -> None:
         async with http_clients() as cs:
@@ -207,7 +207,7 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                seed: int = 0) -> tuple[float, float, list[tuple[float, ...]]]:
     """Poisson arrivals at ``rate`` per second for ``seconds`` (each request its own session), waiting for
     the answers; the run's start and end (``perf_counter``) and each answer's times (``_post``)."""
-    from capsim.core.loadgen import http_clients
+    from capsim.core.http_pools import http_clients
 
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=max(1, int(rate * seconds * 1.5) + 10))
     at = np.cumsum(gaps)
