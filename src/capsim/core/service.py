@@ -18,6 +18,7 @@ This module builds the app and runs it; the parts live in ``service_config`` (``
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import os
 import sys
@@ -73,6 +74,14 @@ def create_app(
         async with batcher:
             if cfg.warmup:
                 await asyncio.to_thread(eng.generate, [eng.request(8, 2)])
+            if cfg.gc_freeze:
+                # CPython's full collections walk every tracked object: about 230,000 here once torch, the
+                # model and the app are loaded, 100 to 230 ms a pass on this machine, stalling the engine's
+                # step in progress; under load they came more often and the pod fell behind (stop 31). The
+                # start-up heap is never garbage, so it leaves the collector's view (vllm-project/vllm#14902,
+                # #24008; sgl-project/sglang#34999)
+                gc.collect()
+                gc.freeze()
             pod.ready = True
             try:
                 yield
@@ -82,6 +91,8 @@ def create_app(
                 # the turns are answered by now (finished or 503); what is left of the budget goes to
                 # queued work that no one waits for any more
                 await batcher.aclose(timeout_s=pod.drain_left_s())
+                if cfg.gc_freeze:
+                    gc.unfreeze()  # a process that builds more apps (tests, notebooks) gets them back
         if store is None:
             await st.aclose()
 

@@ -37,6 +37,9 @@ class PodConfig(FrozenModel):
     max_new_tokens: int = Field(512, ge=1, description="larger max_new_tokens get 413")
     drain_timeout_s: float = Field(25.0, ge=0, description="SIGTERM grace for in-flight work")
     warmup: bool = True
+    gc_freeze: bool = Field(True, description="freeze the start-up heap (gc.collect, gc.freeze) once the pod is "
+                            "ready, as vLLM and SGLang do: the collector's full passes then skip the model's and "
+                            "the libraries' objects")
     pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
