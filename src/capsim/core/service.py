@@ -76,10 +76,9 @@ def create_app(
                 await asyncio.to_thread(eng.generate, [eng.request(8, 2)])
             if cfg.gc_freeze:
                 # CPython's full collections walk every tracked object: about 230,000 here once torch, the
-                # model and the app are loaded, 100 to 230 ms a pass on this machine, stalling the engine's
-                # step in progress; under load they came more often and the pod fell behind (stop 31). The
-                # start-up heap is never garbage, so it leaves the collector's view (vllm-project/vllm#14902,
-                # #24008; sgl-project/sglang#34999)
+                # model and the app are loaded, 160 ms a pass on this machine, stalling the engine's step in
+                # progress. The start-up heap is never garbage, so it leaves the collector's view
+                # (vllm-project/vllm#14902, #24008; sgl-project/sglang#34999)
                 gc.collect()
                 gc.freeze()
             pod.ready = True
