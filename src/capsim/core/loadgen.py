@@ -371,6 +371,8 @@ async def run_load(
     frame.attrs["way_in_s"] = rec.way_in_s[sent].tolist()
     # the generator process's CPU seconds over the run and its busy share per window (generator_saturated)
     points = np.asarray(busy)
+    if len(points) > 2 and points[-1, 0] - points[-2, 0] < GENERATOR_WINDOW_S / 2:
+        points = np.delete(points, -2, axis=0)  # a short last window joins the one before: no share of a sliver
     frame.attrs["generator_cpu_s"] = float(points[-1, 1] - points[0, 1])
     frame.attrs["generator_busy"] = (np.diff(points[:, 1]) / np.maximum(np.diff(points[:, 0]), 1e-9)).tolist()
     return frame
