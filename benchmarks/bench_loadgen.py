@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, write_result
 from capsim.core.http_pools import ONE_POOL, ConnectionPools
 from capsim.core.loadgen import run_load
+from capsim.sim.arrivals import Workload
 from capsim.studies.pods import free_port, pinned
 
 STUB = r"""
@@ -56,20 +56,11 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", b
 """
 
 
-@dataclass(frozen=True)
-class Plan:
-    session_start_s: np.ndarray
-    prompt_tokens: np.ndarray
-    output_tokens: np.ndarray
-    turns: int = 1
-    think_time_s: float = 0.0
-
-
-def schedule(rate: float, seconds: float, seed: int) -> Plan:
+def schedule(rate: float, seconds: float, seed: int) -> Workload:
     rng = np.random.default_rng(seed)
     t = np.cumsum(rng.exponential(1 / rate, int(rate * seconds * 1.5) + 10))
     t = t[t < seconds]
-    return Plan(t, np.full(len(t), 16), np.full(len(t), 4))
+    return Workload(t, 1, 0.0, np.full(len(t), 16), np.full(len(t), 4))
 
 
 def wait_port(port: int, timeout_s: float = 60.0) -> None:

@@ -13,30 +13,21 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from capsim.core.http_pools import ONE_POOL, ConnectionPools
 from capsim.core.loadgen import ClientPolicy, run_load
+from capsim.sim.arrivals import Workload
 from capsim.studies.pods import PodProcess, scratch_dir
 from capsim.studies.validate_continuous_calibrate import fetch_steps, process_cpu_s
 
 
-@dataclass
-class Plan:
-    session_start_s: np.ndarray
-    prompt_tokens: np.ndarray
-    output_tokens: np.ndarray
-    turns: int = 1
-    think_time_s: float = 0.0
-
-
-def plan(rate: float, seconds: float, seed: int) -> Plan:
+def plan(rate: float, seconds: float, seed: int) -> Workload:
     t = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, int(rate * seconds * 1.5) + 10))
     t = t[t < seconds]
-    return Plan(t, np.full(len(t), 32), np.full(len(t), 32))
+    return Workload(t, 1, 0.0, np.full(len(t), 32), np.full(len(t), 32))
 
 
 def main() -> None:
