@@ -148,6 +148,20 @@ def test_streaming_measures_time_to_first_token_on_the_client(pod):
     assert (df.first_token_s < df.end_s).all()
 
 
+def test_a_streamed_answer_is_placed_on_the_pods_clock_as_an_unstreamed_one(pod):
+    # the stream's done event carries the answer: its receipt puts the start on the pod's clock and its
+    # timings give the pod's own token span, while the time to first token stays the client's
+    df = asyncio.run(run_load([pod.url], plan(5, output=16), stream=True, pod_clock=True))
+    assert (df.outcome == "ok").all()
+    assert df.attrs["pod_clock_rows"] == 5 and df.attrs["pod_clock_rejected"] == 0
+    way_in = np.array(df.attrs["way_in_s"])
+    assert np.isfinite(way_in).all() and (way_in >= 0).all()
+    span = np.array(df.attrs["token_span_s"])
+    assert np.isfinite(span).all() and (span > 0).all()  # 15 tokens after the first take time
+    assert (df.start_s >= df.arrival_s + way_in - 1e-9).all()  # the receipt, then the pod's queue
+    assert (df.first_token_s < df.end_s).all()
+
+
 def test_the_connection_layout_bounds_what_is_in_flight(pod):
     # 12 requests due at once over 2 pools of 1 connection: never more than 2 at the pod, so no batch of the
     # pod's (it batches whatever is waiting within 5 ms) holds more than 2; every request is still answered

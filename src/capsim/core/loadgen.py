@@ -205,7 +205,8 @@ async def run_load(
     after the answer came back is not this clock: that row keeps the send time, and
     ``frame.attrs["pod_clock_rejected"]`` counts such rows (``["pod_clock_rows"]`` those on the pod's clock;
     ``["way_in_s"]``, per sent row, the send to the receipt, NaN off the pod's clock).
-    A streamed row's time to first token is the client's own in either case.
+    A streamed row's time to first token is the client's own in either case (its start, receipt, way in and
+    the pod's token span come from the stream's done event, as from an unstreamed answer).
 
     ``pools``: how the generator holds its connections (``ConnectionPools``; default 16 pools of 128). The
     send time is taken before the client's own work on the request, so a generator short of CPU shows up in
@@ -257,15 +258,21 @@ async def run_load(
             url = f"{urls[pod]}/v1/sessions/{tag}-s{rec.session_id[r]}/turns"
             tokens: int | list[int] = int(rec.prompt_tokens[r]) if messages is None else list(messages(r))
             body = {"prompt_tokens": tokens, "max_new_tokens": int(rec.output_tokens[r])}
-            try:
-                if stream:
-                    return await _attempt_stream(http, url, body, policy.timeout_s)
-                resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
-            except (TimeoutError, httpx.HTTPError) as exc:
-                return _transport_failure(exc)
-            if resp.status_code != 200:
-                return _status(resp.status_code)
-            data = resp.json()
+            client_ttft: float | None = None  # streamed: the client's own, from its send
+            if stream:
+                got = await _attempt_stream(http, url, body, policy.timeout_s)
+                if len(got) != 2:
+                    return got  # a failure
+                data, client_ttft = got
+            else:
+                try:
+                    resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
+                except (TimeoutError, httpx.HTTPError) as exc:
+                    return _transport_failure(exc)
+                if resp.status_code != 200:
+                    return _status(resp.status_code)
+                data = resp.json()
+            # the same answer either way (a stream's done event carries it): its timings, receipt and history
             t = data["timings"]
             if "model_s" in t:  # model_s runs from the request's first step; its first token came ttft_s - queue_s in
                 rec.token_span_s[r] = t["model_s"] - (t["ttft_s"] - t["queue_s"])
@@ -273,7 +280,8 @@ async def run_load(
                 rec.received_s[r] = float(t["received_at"]) - t0
             if messages is not None and isinstance(data.get("history"), dict):
                 histories[r] = data["history"]
-            return _OK, data["timings"]["queue_s"], data["timings"]["ttft_s"], int(data["batch_size"]), None
+            ttft_s = t["ttft_s"] if client_ttft is None else client_ttft
+            return _OK, t["queue_s"], ttft_s, int(data["batch_size"]), None
 
         async def request(r: int) -> bool:
             """Send request ``r`` with retries; True when it succeeded."""
@@ -363,7 +371,7 @@ async def run_load(
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
     sent = rec.outcome >= 0
     frame.attrs["send_error_s"] = (rec.arrival_s - rec.scheduled_s)[sent].tolist()  # a list: pandas compares attrs
-    # the pod's own token span per row (NaN: streamed or failed): the continuous validation's real ITL
+    # the pod's own token span per row (NaN: failed, or an answer without model_s): the continuous validation's real ITL
     frame.attrs["token_span_s"] = rec.token_span_s[sent].tolist()
     frame.attrs["t0_monotonic"] = t0
     frame.attrs["pod_clock_rows"], frame.attrs["pod_clock_rejected"] = clock
@@ -445,8 +453,9 @@ def pod_receipt(received: float, sent: float, answered: float) -> float | None:
 
 async def _attempt_stream(
     http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float
-) -> _Result:
-    """A streaming attempt: the time to first token is when the first token event arrives."""
+) -> _Result | tuple[dict[str, Any], float]:
+    """A streaming attempt: its done event's answer (the same as an unstreamed answer: timings, receipt,
+    history) and the client's time to first token, when the first token event arrived; or a failure."""
     import json
 
     start = time.perf_counter()
@@ -462,8 +471,7 @@ async def _attempt_stream(
                     if event == "token" and np.isnan(ttft):
                         ttft = time.perf_counter() - start
                 elif line.startswith("data: ") and event == "done":
-                    data = json.loads(line[6:])
-                    return _OK, data["timings"]["queue_s"], ttft, int(data["batch_size"]), None
+                    return json.loads(line[6:]), ttft
                 elif line.startswith("data: ") and event == "error":
                     return _nothing(_FAILED, f"stream error {json.loads(line[6:]).get('status', '')}".strip())
     except (TimeoutError, httpx.HTTPError) as exc:
