@@ -157,11 +157,10 @@ class Router:
         self.clients: list[httpx.AsyncClient] = []
         self._next_client = 0
 
-    @property
-    def http(self) -> httpx.AsyncClient | None:
-        """The client for the next forward (``None`` outside the app's lifespan)."""
+    def next_client(self) -> httpx.AsyncClient:
+        """The client for the next forward, in turn over ``clients`` (each call moves on to the next)."""
         if not self.clients:
-            return None
+            raise RuntimeError("the router's clients exist only inside the app's lifespan")
         self._next_client = (self._next_client + 1) % len(self.clients)
         return self.clients[self._next_client]
 
@@ -202,8 +201,7 @@ class Router:
         order, first_down = self.order(session_id, new_tokens)
         reason = "down" if first_down else None
         path = f"/v1/sessions/{session_id}/turns"
-        http = self.http
-        assert http is not None
+        http = self.next_client()
         for i in order:
             url = self.urls[i]
             if reason is not None:  # not the policy's first choice: counted once, with why
@@ -211,7 +209,7 @@ class Router:
             self._begin(i)
             try:
                 if stream:
-                    return await self._stream(i, path, body, headers, session_id, new_tokens)
+                    return await self._stream(http, i, path, body, headers, session_id, new_tokens)
                 async with asyncio.timeout(self.config.timeout_s):
                     resp = await http.post(url + path, content=body, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout):
@@ -246,11 +244,9 @@ class Router:
         return JSONResponse({"detail": f"no pod reachable (tried {', '.join(self.urls[i] for i in order)})"},
                             502, headers={"Retry-After": "1"})
 
-    async def _stream(self, i: int, path: str, body: bytes, headers: dict[str, str], session_id: str,
-                      new_tokens: int) -> Response:
+    async def _stream(self, http: httpx.AsyncClient, i: int, path: str, body: bytes, headers: dict[str, str],
+                      session_id: str, new_tokens: int) -> Response:
         """Relay a streamed turn: the pod's status and first bytes within ``timeout_s``, then each read too."""
-        http = self.http
-        assert http is not None
         url = self.urls[i]
         req = http.build_request("POST", url + path, content=body, headers=headers)
         try:
