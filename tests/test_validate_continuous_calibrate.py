@@ -308,3 +308,26 @@ def test_the_answer_time_is_the_way_in_and_out_plus_the_answer_path() -> None:
     apart = {k: {**v, "way_in_s": 0.003, "way_out_s": v["way_in_and_out_s"] - 0.003} for k, v in splits.items() if v}
     assert answer_ms(apart) == pytest.approx(11.0)
     assert answer_ms(apart, way_in_apart=False) == pytest.approx(14.0)
+
+
+def test_a_driven_runs_span_holds_every_request_it_sent(tmp_path) -> None:
+    # the real pod in continuous mode, an open and a closed run: the span each returns (from once the clients
+    # are built to the last answer) holds the engine steps of all their requests, and the open run's span
+    # starts at its schedule's zero (every request reached the engine within the run's seconds)
+    from capsim.studies.pods import PodProcess
+    from capsim.studies.validate_continuous_calibrate import drive_closed, drive_open, fetch_steps, reached_rate
+
+    pod = PodProcess(tmp_path, batch_mode="continuous", num_blocks=256, max_num_seqs=8, max_model_len=200,
+                     max_prompt_tokens=256, max_new_tokens=64).start()
+    try:
+        t0, t1, rows = drive_open(pod.url, 20.0, 1.0, 8, 4, seed=3)
+        assert len(rows) >= 5 and t1 > t0
+        steps = fetch_steps(pod.url, t0, t1)
+        assert int(steps.arrivals.sum()) == len(rows)  # none of them before the span, none after
+        assert reached_rate(steps, t0, t1 - t0) == pytest.approx(len(rows) / (t1 - t0))
+        c0, c1 = drive_closed(pod.url, 2, 0.5, 8, 4)
+        assert t1 <= c0 < c1 and c1 - c0 >= 0.5
+        closed = fetch_steps(pod.url, c0, c1)
+        assert len(closed) > 0 and int(closed.arrivals.sum()) >= 2
+    finally:
+        pod.stop()

@@ -183,12 +183,16 @@ def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, f
 
 
 def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: int) -> tuple[float, float]:
-    """``clients`` closed-loop clients for ``seconds``; the run's start and end (``perf_counter``)."""
+    """``clients`` closed-loop clients for ``seconds``; the run's start and end (``perf_counter``: from once
+    the clients are built to the last answer, so neither building nor closing them is in the run's span)."""
     from capsim.core.http_pools import http_clients
+
+    span: list[float] = []
 
     async def main() -> None:
         async with http_clients() as cs:
-            stop = time.perf_counter() + seconds
+            span.append(time.perf_counter())
+            stop = span[0] + seconds
 
             async def one(k: int) -> None:
                 i = 0
@@ -197,25 +201,29 @@ def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: in
                     i += 1
 
             await asyncio.gather(*[one(k) for k in range(clients)])
+            span.append(time.perf_counter())
 
-    t0 = time.perf_counter()
     asyncio.run(main())
-    return t0, time.perf_counter()
+    return span[0], span[1]
 
 
 def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                seed: int = 0) -> tuple[float, float, list[tuple[float, ...]]]:
     """Poisson arrivals at ``rate`` per second for ``seconds`` (each request its own session), waiting for
-    the answers; the run's start and end (``perf_counter``) and each answer's times (``_post``)."""
+    the answers; the run's start (the schedule's zero, once the clients are built) and end (the last answer;
+    ``perf_counter``) and each answer's times (``_post``)."""
     from capsim.core.http_pools import http_clients
 
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=max(1, int(rate * seconds * 1.5) + 10))
     at = np.cumsum(gaps)
     at = at[at < seconds]
 
+    span: list[float] = []
+
     async def main() -> None:
         async with http_clients() as cs:
             t0 = time.perf_counter()
+            span.append(t0)
             tag = time.time_ns()
             tasks: list[asyncio.Task[tuple[float, ...]]] = []
             for k, t in enumerate(at):
@@ -224,11 +232,11 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(_post(cs[k % len(cs)], url, f"open-{tag}-{k}", prompt, output)))
             rows.extend(await asyncio.gather(*tasks))
+            span.append(time.perf_counter())
 
     rows: list[tuple[float, ...]] = []
-    t0 = time.perf_counter()
     asyncio.run(main())
-    return t0, time.perf_counter(), rows
+    return span[0], span[1], rows
 
 
 def process_cpu_s(pid: int) -> float:
