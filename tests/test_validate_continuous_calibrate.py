@@ -315,7 +315,12 @@ def test_a_driven_runs_span_holds_every_request_it_sent(tmp_path) -> None:
     # are built to the last answer) holds the engine steps of all their requests, and the open run's span
     # starts at its schedule's zero (every request reached the engine within the run's seconds)
     from capsim.studies.pods import PodProcess
-    from capsim.studies.validate_continuous_calibrate import drive_closed, drive_open, fetch_steps, reached_rate
+    from capsim.studies.validate_continuous_calibrate import (
+        drive_closed,
+        drive_open,
+        fetch_steps,
+        reached_rate,
+    )
 
     pod = PodProcess(tmp_path, batch_mode="continuous", num_blocks=256, max_num_seqs=8, max_model_len=200,
                      max_prompt_tokens=256, max_new_tokens=64).start()
