@@ -17,6 +17,7 @@ from capsim.studies.validate_runs import (
     RealRun,
     calibration_fields,
     load_runs,
+    run_caveats,
     save_run,
     spec_fields,
     ttft_from,
@@ -103,3 +104,21 @@ def test_the_pod_clocks_counts_are_kept(tmp_path: Path) -> None:
     save_run(tmp_path, RealRun(0.3, 0, 0, 10.0, df, []))
     attrs = load_runs(tmp_path)[0].requests.attrs
     assert (attrs["pod_clock_rows"], attrs["pod_clock_rejected"]) == (4, 1)
+
+
+def test_the_generators_own_cpu_is_kept_and_its_caveats_are_warned_and_named(tmp_path: Path) -> None:
+    df = frame()
+    df.attrs.update({"pod_clock_rows": 2, "pod_clock_rejected": 0, "generator_cpu_s": 0.02,
+                     "generator_busy": [0.4, 0.95, 0.3]})
+    save_run(tmp_path, RealRun(0.6, 0, 7, 10.0, df, []))
+    back = load_runs(tmp_path)[0].requests
+    assert back.attrs["generator_busy"] == [0.4, 0.95, 0.3] and back.attrs["generator_cpu_s"] == 0.02
+    said: list[str] = []
+    off, busy = run_caveats(back, "60%, seed 7", said.append)
+    assert off is not None and "2 of 4 answers not on this host's clock" in off
+    assert busy is not None and busy.startswith("60%, seed 7: the load generator used 90% of a core or more in 1 of 3")
+    assert said == [f"  WARNING: {off}", f"  WARNING: {busy.removeprefix('60%, seed 7: ')}"]
+    # a run that did not ask for the pod's clock is not warned about it; a calm generator is not named
+    df.attrs.update({"generator_busy": [0.4, 0.5]})
+    said.clear()
+    assert run_caveats(df, "x", said.append, pod_clock=False) == (None, None) and said == []

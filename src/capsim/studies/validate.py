@@ -64,6 +64,7 @@ from capsim.studies.validate_runs import (
     calibration_fields,
     load_runs,
     read_provenance,
+    run_caveats,
     save_run,
     spec_fields,
     ttft_from,
@@ -290,7 +291,7 @@ def run_validation(
     """Run the validation; write ``results.csv`` (one row per level and metric, with intervals and the
     targets), ``replications.csv``, ``validation.png``, ``provenance.json`` and the real runs
     (``runs/``, :mod:`capsim.studies.validate_runs`) under ``out_dir`` and return the results frame."""
-    from capsim.core.loadgen import ClientPolicy, generator_saturated, off_pod_clock, run_load
+    from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
 
@@ -372,13 +373,9 @@ def run_validation(
                                                max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed,
                                                pod_clock=True))
                 runs.append(RealRun(level, r, seed, rate, real_df, fetch_trace(pod.url, since)))
-                off = off_pod_clock(real_df)
-                if off is not None:
-                    echo(f"  WARNING: {off}")
-                busy = generator_saturated(real_df)
+                _, busy = run_caveats(real_df, f"{level:.0%}, seed {seed}", echo)
                 if busy is not None:
-                    saturated.append(f"{level:.0%}, seed {seed}: {busy}")
-                    echo(f"  WARNING: {busy}")
+                    saturated.append(busy)
                 save_run(out, runs[-1])
             levels.add(level, rate, runs)
             kept += runs

@@ -47,7 +47,7 @@ from capsim.studies.validate_continuous_calibrate import (
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
-from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND
+from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND, run_caveats
 
 __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
            "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "own_ingress",
@@ -330,7 +330,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
     a pool of its own sharing the real frames. ``ingress``: the simulated way in, ``(ms, factors)``, of the
     prediction and the probes' simulations; those at the run's speed take the run's own (``own_ingress``)."""
-    from capsim.core.loadgen import ClientPolicy, generator_saturated, off_pod_clock, run_load
+    from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
     from capsim.studies.validate_continuous_calibrate import fetch_steps
@@ -357,14 +357,11 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                                        max_duration_s=scenario.horizon_s + DRAIN_S, seed=seed,
                                        pod_clock=spec.ttft_from_send))
         t1 = time.perf_counter()
-        off = off_pod_clock(real_df) if spec.ttft_from_send else None
+        off, busy = run_caveats(real_df, f"{rate:.1f} requests/s, seed {seed}", echo, pod_clock=spec.ttft_from_send)
         if off is not None:
             pool.off_clock.append(off)
-            echo(f"  WARNING: {off}")
-        busy = generator_saturated(real_df)
         if busy is not None:
-            pool.generator.append(f"{rate:.1f} requests/s, seed {seed}: {busy}")
-            echo(f"  WARNING: {busy}")
+            pool.generator.append(busy)
         own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
         if own[1]:
             pool.way_in.append((own[0] / 1e3, ingress[0] / 1e3))

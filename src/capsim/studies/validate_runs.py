@@ -12,6 +12,7 @@ same real runs instead of new ones, whose machine drifts between them (docs/vali
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from capsim.model.settings import BatchSettings
 RUNS_DIR = "runs"
 #: the request frame's ``attrs`` a kept run carries (what the validation's diagnostics read)
 KEPT_ATTRS = ("t0_monotonic", "send_error_s", "token_span_s", "failures", "pod_clock_rows", "pod_clock_rejected",
-              "way_in_s")
+              "way_in_s", "generator_cpu_s", "generator_busy")
 #: what a real run's time to first token counts from (``provenance.json``'s ``real_ttft_from``): the client's
 #: send, the pod's times placed on the host's clock (``run_load(pod_clock=True)``, since stop 28), as the
 #: simulator counts it; or, in runs kept before, the pod's receipt of the request (the way in left out)
@@ -117,6 +118,23 @@ def ttft_from(runs: list[RealRun]) -> str:
     from capsim.core.loadgen import off_pod_clock
 
     return TTFT_FROM_SEND if all(off_pod_clock(run.requests) is None for run in runs) else TTFT_FROM_RECEIPT
+
+
+def run_caveats(frame: Any, where: str, echo: Callable[[str], None], *, pod_clock: bool = True
+                ) -> tuple[str | None, str | None]:
+    """The load generator's two caveats on a real run's frame, each echoed as a ``WARNING``: its answers not
+    on this host's clock (``loadgen.off_pod_clock``; only asked when the run wanted ``pod_clock``), and the
+    generator itself short of CPU (``loadgen.generator_saturated``), prefixed with ``where`` (the run's level
+    or policy and seed) for ``provenance.json``'s ``generator_saturated``. ``None`` for each that is not so."""
+    from capsim.core.loadgen import generator_saturated, off_pod_clock
+
+    off = off_pod_clock(frame) if pod_clock else None
+    if off is not None:
+        echo(f"  WARNING: {off}")
+    busy = generator_saturated(frame)
+    if busy is not None:
+        echo(f"  WARNING: {busy}")
+    return off, None if busy is None else f"{where}: {busy}"
 
 
 def read_provenance(out_dir: Path) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, reach_factors
-from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND
+from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND, run_caveats
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
 #: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
@@ -312,7 +312,6 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     fleet is probed first at ``rate`` (the calibration's), the rate sized to the fleet by :func:`fleet_rate`,
     and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
     probe" takes)."""
-    from capsim.core.loadgen import generator_saturated, off_pod_clock
     from capsim.sim.simulate import simulate
     from capsim.studies.validate_sessions_real import start_fleet
 
@@ -350,14 +349,11 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
             workload, real_df, real_c = sent.workload, sent.real, sent.counters
             own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
-            off = off_pod_clock(real_df)
+            off, busy = run_caveats(real_df, f"{policy}, seed {seed}", echo)
             if off is not None:
                 ttft_from = TTFT_FROM_RECEIPT
-                echo(f"  WARNING: {off}")
-            busy = generator_saturated(real_df)
             if busy is not None:
-                generator.append(f"{policy}, seed {seed}: {busy}")
-                echo(f"  WARNING: {busy}")
+                generator.append(busy)
             if own is not None:
                 pools.setdefault(RUN_SPEED, _Pool([], [], [], []))
                 own_speeds.append(own.speed)
