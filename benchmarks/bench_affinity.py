@@ -8,7 +8,7 @@ prefix-cache hit rate (``vllm:prefix_cache_hits / queries``, tokens), the median
 later turns (time to first token less queue wait), and turns per second. The baseline for the ratio is
 round robin in the same run. (The real half only; ``capsim validate --mode sessions`` compares it with the simulator.)
 
-    python benchmarks/bench_affinity.py [--sessions N] [--turns N] [--new N]
+    python benchmarks/bench_affinity.py [--quick] [--sessions N] [--turns N] [--new N]
 """
 
 from __future__ import annotations
@@ -74,10 +74,13 @@ def run(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sessions", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--quick", action="store_true", help="4 sessions of 3 turns (make bench BENCH_ARGS=--quick)")
+    ap.add_argument("--sessions", type=int, default=None, help="default 8 (--quick: 4)")
+    ap.add_argument("--turns", type=int, default=None, help="default 6 (--quick: 3)")
     ap.add_argument("--new", type=int, default=96)
     args = ap.parse_args()
+    args.sessions = args.sessions or (4 if args.quick else 8)
+    args.turns = args.turns or (3 if args.quick else 6)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(p, args, Path(tmp)) for p in ("round_robin", "session_affinity", "prefix_aware")]
     base = rows[0]

@@ -9,7 +9,7 @@ both: padded, split, and for scale the 16 decodes alone (both ways) and the prom
 writes the same keys and values into the same slots, so the state does not change. Times are the
 thread's CPU time with torch on one thread; the table gives medians and the padded/split ratio.
 
-    python benchmarks/bench_engine_continuous.py [--model tiny] [--repeat 21]
+    python benchmarks/bench_engine_continuous.py [--quick] [--model tiny] [--repeat 21]
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ def cpu_seconds(fn: Callable[[], object]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--repeat", type=int, default=21)
+    ap.add_argument("--quick", action="store_true", help="5 repeats (make bench BENCH_ARGS=--quick)")
+    ap.add_argument("--repeat", type=int, default=None, help="default 21 (--quick: 5)")
     args = ap.parse_args()
+    args.repeat = args.repeat or (5 if args.quick else 21)
     engine = ReferenceEngine(args.model, device="cpu", dtype="float32", seed=0, threads=1)
     decodes, prompt = mixed_rows(engine)
     model = engine.model

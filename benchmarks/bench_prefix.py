@@ -7,7 +7,7 @@ tokens reused, 32 computed). The miss is the same request's first step on an eng
 1,056 tokens computed). Times are the step's CPU time on one torch thread (``cpu_clock``), so a busy
 machine slows both alike; the table gives medians and the miss/hit ratio.
 
-    python benchmarks/bench_prefix.py [--model tiny] [--repeat 7]
+    python benchmarks/bench_prefix.py [--quick] [--model tiny] [--repeat 7]
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def first_step(engine: ReferenceEngine, limits: SchedulerLimits, prefix: list[in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--quick", action="store_true", help="3 repeats (make bench BENCH_ARGS=--quick)")
+    ap.add_argument("--repeat", type=int, default=None, help="default 7 (--quick: 3)")
     args = ap.parse_args()
+    args.repeat = args.repeat or (3 if args.quick else 7)
     engine = ReferenceEngine(args.model, device="cpu", dtype="float32", seed=0, threads=1)
     on = SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=4096, block_size=16, num_blocks=1024,
                          max_model_len=2048, enable_prefix_caching=True)
