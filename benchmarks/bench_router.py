@@ -91,18 +91,20 @@ def main() -> None:
             router.terminate()
             router.wait(10)
             pod.stop()
-        cached, cold = prefix_pairs(Path(tmp), max(5, rounds // 2), args.history)
+        pairs = max(5, rounds // 2)
+        cached, cold = prefix_pairs(Path(tmp), pairs, args.history)
     d, r = statistics.median(lat["direct"]), statistics.median(lat["router"])
     print_table(f"one short turn, {rounds} rounds alternating (median)", ["path", "median ms", "p90 ms"],
                 [[n, 1000 * statistics.median(v), 1000 * sorted(v)[int(0.9 * len(v))]] for n, v in lat.items()])
     print(f"  router / direct: {r / d:.2f}x  (+{1000 * (r - d):.1f} ms)")
     print_table("one growing session through the router", ["turn", "engine prompt", "prefill ms", "vs turn 1"],
                 [[t, p, 1000 * m, m / grow[0][2]] for t, p, m in grow])
-    print_table(f"continuous pod, prefix caching: second turn vs an uncached prompt as long ({rounds // 2} "
+    print_table(f"continuous pod, prefix caching: second turn vs an uncached prompt as long ({pairs} "
                 "pairs, median prefill ms)", ["prompt", "cached history", "no shared prefix", "ratio"],
                 [[cached[0], 1000 * cached[1], 1000 * cold[1], cached[1] / cold[1]]])
     write_result("router", {"prefix": {"prompt_tokens": cached[0], "cached_prefill_s": cached[1],
-                                       "uncached_prefill_s": cold[1]},"rounds": rounds, "direct_median_s": d, "router_median_s": r, "ratio": r / d,
+                                       "uncached_prefill_s": cold[1], "pairs": pairs},
+                            "rounds": rounds, "direct_median_s": d, "router_median_s": r, "ratio": r / d,
                             "growing_session": [{"turn": t, "prompt_tokens": p, "prefill_s": m} for t, p, m in grow]})
 
 
