@@ -36,6 +36,12 @@ def test_the_pod_reads_the_exported_engine_settings_and_vllm_gets_the_same(tmp_p
     args = tmp_path / "out" / "vllm-args.yaml"
     assert args in res.files
     assert yaml.safe_load(args.read_text())["args"] == vllm_args(sc)
+    # the README names the file and the engine limits the pod runs with, not the static batcher's settings
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "| `vllm-args.yaml` |" in readme and "static batcher" not in readme
+    assert "| `batching.mode` | continuous |" in readme and "| `batching.max_num_seqs` | 32 |" in readme
+    assert "| KV-cache blocks | 1024 |" in readme and "| `batching.enable_prefix_caching` | True |" in readme
+    assert "batching.max_wait_ms" not in readme  # the static batcher's, which the continuous pod does not read
 
 
 def test_the_pod_gets_the_simulated_behaviour_in_a_store_outage() -> None:
@@ -51,3 +57,5 @@ def test_a_static_scenario_exports_no_engine_settings(tmp_path: Path) -> None:
     assert "CAPSIM_BATCH_MODE" not in pod_env(sc, DeployTarget())
     export_scenario(sc, tmp_path / "out", force=True)
     assert not (tmp_path / "out" / "vllm-args.yaml").exists()
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "vllm-args.yaml" not in readme and "| `batching.max_wait_ms` |" in readme

@@ -25,6 +25,12 @@ FILES: dict[str, str] = {
     "keda-scaledobject.yaml": "KEDA ScaledObject `{name}`: the alternative to `hpa.yaml` + the adapter, one "
                               "Prometheus trigger per metric on the same query",
 }
+#: written for a continuous-batching scenario only
+VLLM_ARGS_FILE = ("vllm-args.yaml", "the same engine settings as `vllm serve` arguments, for a Deployment that "
+                  "runs vLLM instead of capsim's pod (not applied by kubectl: the container's `args`)")
+#: the continuous engine's limits, as the pod reads them and the plan simulated them
+CONTINUOUS_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len",
+                     "long_prefill_token_threshold", "enable_prefix_caching")
 
 SLO_MISSED = ("The simulated run does not meet the SLO: these settings are not a safe choice "
               "(`capsim tune` searches for ones that are).")
@@ -56,7 +62,10 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     lines += [f"Written by `capsim export` from `{scenario.source or '<in memory>'}` for Deployment "
               f"`{target.name}` in namespace `{target.namespace}`.", ""]
     lines += ["## Files", "", "| file | what it is |", "|---|---|"]
-    lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in FILES.items()]
+    files = dict(FILES)
+    if scenario.batching.mode == "continuous":
+        files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
+    lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in files.items()]
     lines += ["", "## Apply", "", "```sh",
               "kubectl apply -f configmap.yaml",
               f"kubectl -n {target.namespace} patch deployment {target.name} --patch-file deployment-patch.yaml",
@@ -82,16 +91,22 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
 def _settings(scenario: Scenario, auto: Any) -> list[str]:
     b = scenario.batching
     lines = ["## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| `batching.{k}` | {getattr(b, k)} |" for k in
-              ("max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches")]
+    if b.mode == "continuous":  # the pod's continuous engine (CAPSIM_BATCH_MODE=continuous), as simulated
+        lines += ["| `batching.mode` | continuous |"]
+        lines += [f"| `batching.{k}` | {getattr(b, k)} |" for k in CONTINUOUS_FIELDS]
+        lines += [f"| KV-cache blocks | {b.kv_cache_blocks()} |",
+                  f"| `batching.queue_capacity` | {b.queue_capacity} |"]
+    else:
+        lines += [f"| `batching.{k}` | {getattr(b, k)} |" for k in
+                  ("max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches")]
     for i, m in enumerate(auto.to_hpa().metrics):
         lines.append(f"| HPA metric {i} | `{m.name}`, {m.target_type} {m.target:g} |")
     lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
               f"| session store | {scenario.state.store} |",
               f"| drain timeout / grace period | {drain_timeout_s(scenario):g} s / {termination_grace_s(scenario)} s |"]
-    if b.mode != "static":
-        lines += ["", f"Note: the scenario simulates `batching.mode: {b.mode}`; the pod runs the static "
-                  "batcher, configured with the settings above."]
+    if b.mode == "continuous":
+        lines += ["", "The pod runs its continuous engine with these limits (`configmap.yaml`); a vLLM "
+                  "Deployment takes the same as the arguments in `vllm-args.yaml`."]
     return [*lines, ""]
 
 
