@@ -43,6 +43,22 @@ async def within(aw: Awaitable[T], seconds: float = RESOLVE_WITHIN_S) -> T:
         raise AssertionError(f"not resolved within {seconds} s: the batcher lost a request") from None
 
 
+async def settled(cond: Any, seconds: float = RESOLVE_WITHIN_S) -> None:
+    """Wait until ``cond()`` holds, a millisecond at a time, failing after ``seconds``: a state the batcher
+    reaches in a few turns of the event loop, however long the OS holds the process off its core meanwhile
+    (a fixed sleep guessed at the time those turns take)."""
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.001)
+
+    try:
+        await asyncio.wait_for(poll(), seconds)
+    except TimeoutError:
+        raise AssertionError(f"not reached within {seconds} s") from None
+    for _ in range(20):  # and it stays so for more turns: a bound that is passed a turn later fails the caller
+        await asyncio.sleep(0)
+
+
 async def all_resolved(tasks: list[asyncio.Task[Any]], seconds: float = RESOLVE_WITHIN_S) -> None:
     """Assert every task finishes within ``seconds`` (results and errors alike), naming those that did not."""
     if not tasks:
@@ -340,7 +356,7 @@ async def test_concurrent_batches_are_bounded():
     s = BatchSettings(max_batch_size=1, max_wait_ms=0, max_concurrent_batches=3)
     async with DynamicBatcher(rec, s) as b:
         tasks = [asyncio.create_task(b.submit(i)) for i in range(10)]
-        await asyncio.sleep(0.02)
+        await settled(lambda: rec.running >= 3)
         assert rec.running == 3 and b.in_flight_batches == 3
         gate.set()
         await within(asyncio.gather(*tasks))
@@ -806,7 +822,7 @@ async def test_a_leaving_batch_admits_one_waiter_per_freed_slot():
     rec = Recorder(gate)
     async with DynamicBatcher(rec, s) as b:
         tasks = [asyncio.create_task(b.submit(i)) for i in range(6)]
-        await asyncio.sleep(0.01)
+        await settled(lambda: len(rec.batches) >= 1 and b.queue_depth() >= 2)
         assert b.queue_depth() == 2 and rec.batches == [[0, 1]]
         gate.set()
         assert await within(asyncio.gather(*tasks)) == [0, 2, 4, 6, 8, 10]

@@ -268,7 +268,8 @@ def test_max_duration_bounds_requests_in_flight() -> None:
         srv.close()
     assert took < 5.0, f"the run took {took:.1f} s"
     assert len(df) == 5 and (df.outcome == "timed_out").all()
-    assert (df.end_s <= 1.5).all()
+    # cut off together at the bound (and not much later: the run's clock, not the 60-s client timeout)
+    assert df.end_s.nunique() == 1 and 1.0 <= df.end_s.iloc[0] < 3.0
     assert df.attrs["failures"] == {CUT_OFF: 5}
 
 

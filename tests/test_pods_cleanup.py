@@ -115,3 +115,15 @@ def test_metric_totals_sums_a_counter_over_its_labels_from_a_real_metrics_endpoi
         server.shutdown()
         thread.join(5)
     assert got == {"vllm:prefix_cache_hits_total": 42.0, "vllm:num_requests_running": 3.0, "vllm:absent_total": 0.0}
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # the kernel may pick a closed probe's port again; two pods made one after the other must not share one
+    import socket
+
+    from capsim.studies.pods import free_port
+
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", ports[-1]))  # and each is free to bind

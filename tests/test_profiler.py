@@ -60,8 +60,11 @@ def test_profile_engine_writes_a_loadable_profile(tmp_path):
     for p in back.points:
         assert p.count >= SMALL.min_reps
         assert 0 < p.p50_ms <= p.p99_ms
-    # longer prompts cost more to prefill than short ones at the largest batch
-    assert back.phase_ms("prefill", 8, 64)[0] > back.phase_ms("prefill", 8, 8)[0]
+    # longer prompts cost more to prefill than short ones at the largest batch (about 2.8 against 1.1 ms), read
+    # from the points' medians: a mean of 3 to 6 wall-clock samples moves by a few ms when the OS holds the
+    # process off its core during some of them, which the median of the short point shrugs off
+    p50 = {(p.phase, p.batch_size, p.tokens): p.p50_ms for p in back.points}
+    assert p50[("prefill", 8, 64)] > p50[("prefill", 8, 8)]
 
 
 def test_cli_profile_quick_with_small_sweep(tmp_path):

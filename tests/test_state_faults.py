@@ -27,6 +27,38 @@ pytestmark = pytest.mark.redis
 UNAVAILABLE_WITHIN_S = 2.0  # what the issue promises the caller
 
 
+class DeadlineChecks:
+    """Records each of the store's deadline checks (``Transport.gives_up``): whether the event loop was
+    responsive then. The 2-s promise is an idle caller's: at a check the OS made late (the loop held off its
+    core past a quarter of the deadline) the store waits one more deadline on purpose, so each such check
+    adds a deadline to what a test may allow (docs/state.md)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from capsim.core.state_transport import Transport
+
+        self.late = 0
+        self.deadline_s = 0.0
+        original = Transport.gives_up
+        checks = self
+
+        def recording(transport: Any, started: float, due: float, before: float, now: float) -> bool:
+            checks.deadline_s = transport._deadline
+            if max(now - before, before - due) > 0.25 * transport._deadline:
+                checks.late += 1
+            return original(transport, started, due, before, now)
+
+        monkeypatch.setattr(Transport, "gives_up", recording)
+
+    def allowed_s(self) -> float:
+        """The promise plus one deadline for each check the OS made late so far."""
+        return UNAVAILABLE_WITHIN_S + self.late * self.deadline_s
+
+
+@pytest.fixture
+def deadline_checks(monkeypatch: pytest.MonkeyPatch) -> DeadlineChecks:
+    return DeadlineChecks(monkeypatch)
+
+
 def turn(text: str) -> Callable[[SessionState], SessionState]:
     return lambda s: s.with_message("user", text)
 
@@ -150,7 +182,7 @@ async def test_stopped_redis_is_unavailable_within_2s_and_recovers(
 
 @pytest.mark.parametrize("scripting", ["auto", "watch"])
 async def test_frozen_redis_is_unavailable_within_2s_and_recovers(
-    redis_server_factory: Callable[..., Any], scripting: str
+    redis_server_factory: Callable[..., Any], scripting: str, deadline_checks: DeadlineChecks
 ) -> None:
     server = redis_server_factory()
     async with open_store(server.url, scripting=scripting) as store:
@@ -158,16 +190,16 @@ async def test_frozen_redis_is_unavailable_within_2s_and_recovers(
         server.freeze()
         try:
             for call in (store.get("s"), store.update("s", turn("x")), store.put(SessionState.new("n"))):
-                t0 = time.monotonic()
+                t0, deadline_checks.late = time.monotonic(), 0
                 with pytest.raises(StoreUnavailableError, match="did not answer"):
                     await call
-                assert time.monotonic() - t0 < UNAVAILABLE_WITHIN_S
+                assert time.monotonic() - t0 < deadline_checks.allowed_s()
             # A brand-new client: the kernel accepts the connection, the handshake never completes.
             async with open_store(server.url) as cold:
-                t0 = time.monotonic()
+                t0, deadline_checks.late = time.monotonic(), 0
                 with pytest.raises(StoreUnavailableError):
                     await cold.get("s")
-                assert time.monotonic() - t0 < UNAVAILABLE_WITHIN_S
+                assert time.monotonic() - t0 < deadline_checks.allowed_s()
         finally:
             server.thaw()
         state = await store.get("s")
@@ -175,7 +207,7 @@ async def test_frozen_redis_is_unavailable_within_2s_and_recovers(
 
 
 async def test_the_batcher_keeps_serving_while_redis_is_frozen(
-    redis_server_factory: Callable[..., Any],
+    redis_server_factory: Callable[..., Any], deadline_checks: DeadlineChecks
 ) -> None:
     """Requests whose session writes fail still get answers, and promptly: the store never blocks the
     batcher, and each store failure is typed and bounded in time."""
@@ -212,7 +244,7 @@ async def test_the_batcher_keeps_serving_while_redis_is_frozen(
             assert not all(t.done() for t in stuck)  # served before the store calls even gave up
             results = await asyncio.wait_for(asyncio.gather(*stuck), timeout=10)
             assert results == [2 * i for i in range(12)]
-            assert len(store_failures) == 12 and max(store_failures) < UNAVAILABLE_WITHIN_S
+            assert len(store_failures) == 12 and max(store_failures) < deadline_checks.allowed_s()
         finally:
             server.thaw()
         assert batcher.batches_run > 0

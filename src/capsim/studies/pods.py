@@ -97,11 +97,22 @@ def metric_totals(url: str, names: Any, timeout_s: float = 5.0) -> dict[str, flo
     return out
 
 
+#: the ports free_port has handed out in this process (the kernel may pick a port again once its probe
+#: socket is closed, before whoever was given it binds it: two pods made one after the other could share one)
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on right now and that this process has not been given
+    before."""
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
+    raise OSError("no loopback port left that this process was not given before (64 tries)")
 
 
 def pinned(cmd: list[str], core: int | None) -> list[str]:
