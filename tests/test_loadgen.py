@@ -52,6 +52,9 @@ def test_records_have_the_simulator_columns_and_sane_times(pod):
     df = asyncio.run(run_load([pod.url], plan(30, turns=2), seed=1))
     assert list(df.columns) == list(REQUEST_COLUMNS)
     assert len(df) == 60
+    # each answer's history read (the pod's receipt to its engine), kept per row beside the columns
+    load = np.array(df.attrs["load_s"])
+    assert len(load) == 60 and np.isfinite(load).all() and (load >= 0).all()
     assert (df.outcome == "ok").all()
     assert (df.attempts == 1).all()
     ok = df

@@ -169,7 +169,7 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["real_ttft_from"] == "send" and prov["off_pod_clock"] == []
     assert isinstance(prov["front_end_queued"], list)  # runs whose way in queued (none expected at 30%)
-    way = results[(results.metric == "way_in_mean_s") & (results.sim_at == "calibration")]
+    way = results[(results.metric == "reach_mean_s") & (results.sim_at == "calibration")]
     assert len(way) == 2 and (way.real > 0).all() and (way.sim > 0).all()
     way_in = prov["calibration"]["way_in_s"]
     assert set(way_in) == {"open 30%", "open 50%"} and all(len(v) > 0 and min(v) >= 0 for v in way_in.values())
@@ -214,6 +214,12 @@ def test_the_simulated_way_in_delays_each_first_token_and_a_runs_own_is_read_fro
     real = pd.DataFrame({"arrival_s": [0.2, 0.1, 0.3], "first_token_s": [0.21, 0.11, 0.31]})
     real.attrs["way_in_s"] = [0.006, 0.002, np.nan]
     assert own_ingress(real) == (pytest.approx(4.0), pytest.approx((0.5, 1.5)))
+    # with the pod's history read after its receipt (the answers' load_s), the way to the engine is both
+    real.attrs["load_s"] = [0.002, 0.002, 0.001]
+    assert own_ingress(real) == (pytest.approx(6.0), pytest.approx((4 / 6, 8 / 6), abs=1e-4))
+    assert own_ingress(real, history_read=False) == (pytest.approx(4.0), pytest.approx((0.5, 1.5)))
+    real.attrs["load_s"] = [0.002]  # not one per row: the way in alone
+    assert own_ingress(real) == (pytest.approx(4.0), pytest.approx((0.5, 1.5)))
     real.attrs["way_in_s"] = [0.006]  # not one per row (a run kept before stop 28): none
     assert own_ingress(real) == (0.0, ())
     assert own_ingress(real.iloc[:0]) == (0.0, ())
@@ -239,10 +245,10 @@ def test_the_pods_own_end_to_end_is_compared_when_its_span_is_known(fitted_profi
     rows = pd.DataFrame(_rows(0.3, "full", 30.0, pool)).set_index("metric")
     assert rows.loc["e2e_p50_s"].rel_error < -0.05  # the client's E2E holds the 12 ms the simulator lacks
     assert rows.loc["pod_e2e_p50_s"].rel_error == pytest.approx(0.0, abs=1e-9)
-    assert "way_in_mean_s" not in rows.index  # the way in not measured: no row
+    assert "reach_mean_s" not in rows.index  # the way in not measured: no row
     # measured: the runs' mean way in against the simulated one, where a front end that queued shows
     pool.way_in += [(0.004, 0.003), (0.300, 0.003)]
-    way = pd.DataFrame(_rows(0.3, "full", 30.0, pool)).set_index("metric").loc["way_in_mean_s"]
+    way = pd.DataFrame(_rows(0.3, "full", 30.0, pool)).set_index("metric").loc["reach_mean_s"]
     assert (way.real, way.sim) == (pytest.approx(0.152), pytest.approx(0.003))
     assert way.rel_error == pytest.approx(0.003 / 0.152 - 1)
     assert rows.loc["itl_p50_s"].rel_error == pytest.approx(0.0, abs=1e-9)

@@ -145,6 +145,7 @@ class _Records:
         self.token_span_s = np.full(n, np.nan)  # the pod's own first-to-last-token time (answer timings)
         self.received_s = np.full(n, np.nan)  # when the pod received the last attempt, on its clock less t0
         self.way_in_s = np.full(n, np.nan)  # its send to that receipt, where the row is on the pod's clock
+        self.load_s = np.full(n, np.nan)  # the pod's receipt to its engine (the history read; answer's history)
         self.batch_size = np.zeros(n, dtype=np.int32)
         self.prompt_tokens = prompt[:n].astype(np.int32)
         self.output_tokens = output[:n].astype(np.int32)
@@ -204,7 +205,8 @@ async def run_load(
     counts from the send, as a client sees it and as the simulator counts it. A receipt before the send or
     after the answer came back is not this clock: that row keeps the send time, and
     ``frame.attrs["pod_clock_rejected"]`` counts such rows (``["pod_clock_rows"]`` those on the pod's clock;
-    ``["way_in_s"]``, per sent row, the send to the receipt, NaN off the pod's clock).
+    ``["way_in_s"]``, per sent row, the send to the receipt, NaN off the pod's clock; ``["load_s"]``, per sent
+    row, the pod's receipt to its engine, the history read its answer reports, on any clock).
     A streamed row's time to first token is the client's own in either case (its start, receipt, way in and
     the pod's token span come from the stream's done event, as from an unstreamed answer).
 
@@ -278,8 +280,12 @@ async def run_load(
                 rec.token_span_s[r] = t["model_s"] - (t["ttft_s"] - t["queue_s"])
             if isinstance(t.get("received_at"), int | float):
                 rec.received_s[r] = float(t["received_at"]) - t0
-            if messages is not None and isinstance(data.get("history"), dict):
-                histories[r] = data["history"]
+            history = data.get("history")
+            if isinstance(history, dict):
+                if isinstance(history.get("load_s"), int | float):
+                    rec.load_s[r] = float(history["load_s"])
+                if messages is not None:
+                    histories[r] = history
             ttft_s = t["ttft_s"] if client_ttft is None else client_ttft
             return _OK, t["queue_s"], ttft_s, int(data["batch_size"]), None
 
@@ -293,7 +299,7 @@ async def run_load(
                 sent = time.perf_counter() - t0
                 # what the row says if the run's bound cuts this attempt off
                 rec.attempts[r], rec.pod[r], rec.outcome[r] = k + 1, pod, _TIMED_OUT
-                rec.received_s[r] = np.nan
+                rec.received_s[r] = rec.load_s[r] = np.nan
                 outcome, queue_s, ttft_s, batch, why = await attempt(r, pod)
                 rec.outcome[r] = outcome
                 if why is not None:
@@ -365,7 +371,7 @@ async def run_load(
         # NaN where the answer does not say (a pod whose engine does not report it), never a false 0
         frame["cached_tokens"] = [float(histories.get(int(r), {}).get("cached_tokens", np.nan)) for r in ids]
         # how long the pod took to read the session's history from its store, before the engine saw the turn
-        frame["load_s"] = [float(histories.get(int(r), {}).get("load_s", np.nan)) for r in ids]
+        frame["load_s"] = rec.load_s[rec.outcome >= 0]
     frame.attrs["failures"] = dict(failures.most_common())
     # how late each session's first request left against its schedule (s; the generator's own lag), and
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
@@ -377,6 +383,8 @@ async def run_load(
     frame.attrs["pod_clock_rows"], frame.attrs["pod_clock_rejected"] = clock
     # per sent row, the way in (send to the pod's receipt, s; NaN off the pod's clock), what pod_clock adds
     frame.attrs["way_in_s"] = rec.way_in_s[sent].tolist()
+    # per sent row, the pod's receipt to its engine (reading the session's history; NaN where the answer lacks it)
+    frame.attrs["load_s"] = rec.load_s[sent].tolist()
     # the generator process's CPU seconds over the run and its busy share per window (generator_saturated)
     points = np.asarray(busy)
     if len(points) > 2 and points[-1, 0] - points[-2, 0] < GENERATOR_WINDOW_S / 2:

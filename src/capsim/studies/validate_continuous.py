@@ -113,6 +113,10 @@ class ContinuousSpec:
     # and ``ingress_noise``: the level's open-loop calibration run for the prediction, the run's own requests
     # at the run's speed), as a client counts it; False: both from the pod's receipt (before stop 30)
     ttft_from_send: bool = True
+    # the simulated requests' way to the engine includes the pod's history read after its receipt (the
+    # answers' ``history.load_s``; since stop 32: at 60 requests/s a mean of 0.65 ms, p90 1.6 ms, which the
+    # simulated TTFT lacked); False: the way in alone (before stop 32)
+    history_read: bool = True
 
     @classmethod
     def quick(cls) -> ContinuousSpec:
@@ -224,7 +228,8 @@ class _Pool:
     cycles: list[tuple[float, float, int]] = field(default_factory=list)
     # runs whose real TTFT counts from the pod's receipt though the spec wanted the send (loadgen.off_pod_clock)
     off_clock: list[str] = field(default_factory=list)
-    # per run, the real requests' mean way in and the one simulated (s); empty: not measured
+    # per run, the real requests' mean way to the engine (the way in, and the history read with
+    # ``history_read``) and the one simulated (s); empty: not measured
     way_in: list[tuple[float, float]] = field(default_factory=list)
     # runs whose mean way in was FRONT_END_QUEUE times the calibration's or more: the way in queued
     front_end: list[str] = field(default_factory=list)
@@ -269,16 +274,19 @@ def answer_ms(splits: dict[str, dict[str, float]], way_in_apart: bool = True) ->
     return float(np.median(parts)) * 1e3 if parts else 0.0
 
 
-def own_ingress(real_df: Any) -> tuple[float, tuple[float, ...]]:
-    """A real run's own way in, as :meth:`StepCalibration.ingress` gives the calibration's (``ingress_from``):
-    its requests' send to the pod's receipt (``frame.attrs["way_in_s"]`` of ``run_load(pod_clock=True)``),
-    in send order; ``(0.0, ())`` when not measured one per row."""
+def own_ingress(real_df: Any, history_read: bool = True) -> tuple[float, tuple[float, ...]]:
+    """A real run's own way to the engine, as :meth:`StepCalibration.ingress` gives the calibration's
+    (``ingress_from``): its requests' send to the pod's receipt (``frame.attrs["way_in_s"]`` of
+    ``run_load(pod_clock=True)``) plus, with ``history_read`` and where the frame has it, the pod's history
+    read (``["load_s"]``), in send order; ``(0.0, ())`` when not measured one per row."""
     from capsim.studies.validate_continuous_cycle import ingress_from
 
     way_in = real_df.attrs.get("way_in_s", [])
     if len(way_in) != len(real_df):
         return 0.0, ()
-    return ingress_from(way_in, real_df.arrival_s.to_numpy(dtype=float))
+    load = real_df.attrs.get("load_s", []) if history_read else []
+    return ingress_from(way_in, real_df.arrival_s.to_numpy(dtype=float),
+                        load if len(load) == len(real_df) else None)
 
 
 def _simulate_into(pool: _Pool, scenario: Scenario, seed: int, real_pre: float, n_requests: int, answer: float,
@@ -362,11 +370,11 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             pool.off_clock.append(off)
         if busy is not None:
             pool.generator.append(busy)
-        own = own_ingress(real_df) if spec.ttft_from_send else (0.0, ())
+        own = own_ingress(real_df, spec.history_read) if spec.ttft_from_send else (0.0, ())
         if own[1]:
             pool.way_in.append((own[0] / 1e3, ingress[0] / 1e3))
             if own[0] > FRONT_END_QUEUE * max(ingress[0], 1.0):
-                pool.front_end.append(f"{rate:.1f} requests/s, seed {seed}: the requests' mean way in was "
+                pool.front_end.append(f"{rate:.1f} requests/s, seed {seed}: the requests' mean way to the engine was "
                                       f"{own[0]:.0f} ms against the calibration's {ingress[0]:.1f} ms")
                 echo(f"  WARNING: {pool.front_end[-1]}: the way in queued, in the load generator (when it was "
                      "short of CPU, warned above) or the pod's front end (its HTTP loop shares the engine's core); "
@@ -407,7 +415,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                 if pool.cycles and pool.cycles[-1][2] else "")
              + (f" (the probes before it: {probed:.2f} x closed loop, {level_probed:.2f} x at the level's rate)"
                 if probed is not None and level_probed is not None else "")
-             + (f"; way in {own[0]:.2f} ms mean, p99 {np.percentile(own[1], 99) * own[0]:.1f} ms (simulated: "
+             + (f"; way to the engine {own[0]:.2f} ms mean, p99 {np.percentile(own[1], 99) * own[0]:.1f} ms (simulated: "
                 f"{ingress[0]:.2f} ms)" if own[1] else ""))
     return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
@@ -439,9 +447,9 @@ def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "cal
     rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
     rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "preemptions", "real": rp,
                  "sim": sp, "rel_error": (sp - rp) / rp if rp else float("nan"), "requests": pool.requests})
-    if pool.way_in:  # the mean way in, real and simulated: a front end that queued shows here
+    if pool.way_in:  # the mean way to the engine, real and simulated: a front end that queued shows here
         real_w, sim_w = (float(np.mean([w[i] for w in pool.way_in])) for i in (0, 1))
-        rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "way_in_mean_s", "real": real_w,
+        rows.append({"level": level, "cache": cache, "rate_per_s": rate, "metric": "reach_mean_s", "real": real_w,
                      "sim": sim_w, "rel_error": sim_w / real_w - 1 if real_w > 0 else float("nan"),
                      "requests": pool.requests})
     n = sum(c[2] for c in pool.cycles)
@@ -492,7 +500,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         cal, steps, splits = calibrate_steps(
             pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
             seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens,
-            output=spec.output_tokens, pid=pod.pid, echo=echo)
+            output=spec.output_tokens, pid=pod.pid, echo=echo, history_read=spec.history_read)
         steps.to_csv(out / "calibration_steps.csv", index=False)
         ablation, parts = term_ablation(steps), cycle_parts(steps)
         echo(f"calibration: {cal.describe()}")
@@ -531,8 +539,8 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
              + ("out" if apart else "in and out") + " and the pod's answer path, median of the open-loop runs)"
              + ("" if spec.answer_time else " (off: answer_time=False)"))
         if spec.ttft_from_send:
-            echo("way in (send to the pod's receipt, simulated as service.ingress_ms and ingress_noise), mean "
-                 "and p99 ms by open-loop run: " + ", ".join(
+            echo("way to the engine (send to the pod's receipt" + (" and its history read" if spec.history_read else "")
+                 + ", simulated as service.ingress_ms and ingress_noise), mean and p99 ms by open-loop run: " + ", ".join(
                      f"{label} {w[0]:.2f} {np.percentile(w[1], 99) * w[0]:.1f}"
                      for label, w in ((label, cal.ingress(label)) for label in cal.way_in_s) if w[1])
                  + ("" if apart else " none measured: the simulated TTFT lacks it (WARNING)"))

@@ -139,9 +139,10 @@ def measure_step_fit(out: Path, core: int | None, *, model: str, threads: int, w
 
 # ---- the calibration runs ----------------------------------------------------------------------------------
 async def _post(client: Any, url: str, session: str, prompt: int, output: int) -> tuple[float, ...]:
-    """One turn; (client round trip, the answer's queue_s, ttft_s, model_s, total_s, the way in), seconds.
-    The way in is the send to the pod's receipt (its answer's ``received_at`` on this host's monotonic
-    clock, ``loadgen.pod_receipt``); NaN when the answer has none or it is not on this clock."""
+    """One turn; (client round trip, the answer's queue_s, ttft_s, model_s, total_s, the way in, the history
+    read), seconds. The way in is the send to the pod's receipt (its answer's ``received_at`` on this host's
+    monotonic clock, ``loadgen.pod_receipt``); NaN when the answer has none or it is not on this clock. The
+    history read is the pod's receipt to its engine (the answer's ``history.load_s``; NaN without it)."""
     from capsim.core.loadgen import pod_receipt
 
     sent = time.perf_counter()
@@ -149,11 +150,14 @@ async def _post(client: Any, url: str, session: str, prompt: int, output: int) -
                           json={"prompt_tokens": prompt, "max_new_tokens": output})
     answered = time.perf_counter()
     r.raise_for_status()
-    t = r.json()["timings"]
+    answer = r.json()
+    t = answer["timings"]
     got = t.get("received_at")
     receipt = pod_receipt(float(got), sent, answered) if isinstance(got, int | float) else None
+    load = (answer.get("history") or {}).get("load_s")
     return (answered - sent, t["queue_s"], t["ttft_s"], t["model_s"], t["total_s"],
-            float("nan") if receipt is None else receipt - sent)
+            float("nan") if receipt is None else receipt - sent,
+            float(load) if isinstance(load, int | float) else float("nan"))
 
 
 def request_split(rows: Sequence[tuple[float, ...]], output: int) -> dict[str, float]:
@@ -250,11 +254,13 @@ MAX_ARRIVAL_OVER_CPU = 2.0  # a fitted time per arrival past this many times the
 
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
                     max_num_seqs: int, prompt: int, output: int, pid: int | None = None,
-                    echo: Any = None) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
+                    echo: Any = None, history_read: bool = True
+                    ) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
     calibration, every step's cycle frame (with its run's label), and each open-loop run's
-    ``request_split`` (its requests' way in: ``StepCalibration.way_in_s``). With the pod's ``pid``, each
+    ``request_split`` (its requests' way in, plus with ``history_read`` the pod's history read before its
+    engine: ``StepCalibration.way_in_s``). With the pod's ``pid``, each
     run's CPU of the pod process off its engine thread is fitted per request and per step
     (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
     import pandas as pd
@@ -292,6 +298,8 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
         runs.append((f"open {level:.0%}", steps))
         splits[f"open {level:.0%}"] = request_split(rows, output)
         way_in = np.asarray([row[5] for row in rows], dtype=float)  # the rows are in send order
+        if history_read:  # to the engine: the pod reads the session's history after its receipt
+            way_in = way_in + np.asarray([row[6] for row in rows], dtype=float)
         if np.isfinite(way_in).any():
             ways[f"open {level:.0%}"] = tuple(np.round(way_in[np.isfinite(way_in)], 6).tolist())
         got, scheduled = reached_rate(steps, t0, seconds), len(rows) / seconds  # the schedule, not rate x s

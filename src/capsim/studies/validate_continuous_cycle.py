@@ -58,9 +58,10 @@ class StepCalibration:
     # each step's cycle over its fit, in order (a contiguous stretch of each run), scaled to mean 1: what
     # the simulator walks (``service.cycle_noise``); empty: none measured
     cycle_noise: tuple[float, ...] = ()
-    # each open-loop run's requests' way in (the send to the pod's receipt, seconds, in send order; NaN
-    # dropped), by run label (``"open 30%"``): what the simulated requests take from their send to the
-    # engine (``service.ingress_ms`` and ``ingress_noise``, :meth:`ingress`); empty: not measured
+    # each open-loop run's requests' way to the engine (the send to the pod's receipt, and since stop 32 plus
+    # the pod's history read before its engine sees the request, seconds, in send order; NaN dropped), by run
+    # label (``"open 30%"``): what the simulated requests take from their send to the engine
+    # (``service.ingress_ms`` and ``ingress_noise``, :meth:`ingress`); empty: not measured
     way_in_s: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def ingress(self, label: str | None = None) -> tuple[float, tuple[float, ...]]:
@@ -362,12 +363,13 @@ def reach_factors(way_in_s: Any, load_s: Any = None, send_s: Any = None) -> tupl
     return tuple(np.round(reach / reach.mean(), 4).tolist())
 
 
-def ingress_from(way_in_s: Any, send_s: Any = None) -> tuple[float, tuple[float, ...]]:
-    """The simulated way in, ``(service.ingress_ms, service.ingress_noise)``, from requests' measured way in
-    (send to the pod's receipt, seconds; NaN where not measured): their mean in ms and each one's over it,
-    in the order of ``send_s`` (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
-    factors = reach_factors(way_in_s, send_s=send_s)
+def ingress_from(way_in_s: Any, send_s: Any = None, load_s: Any = None) -> tuple[float, tuple[float, ...]]:
+    """The simulated way to the engine, ``(service.ingress_ms, service.ingress_noise)``, from requests'
+    measured way in (send to the pod's receipt, seconds; NaN where not measured) plus, with ``load_s``, the
+    pod's receipt to its engine (the history read): their mean in ms and each one's over it, in the order of
+    ``send_s`` (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
+    factors = reach_factors(way_in_s, load_s, send_s=send_s)
     if not factors:
         return 0.0, ()
-    way_in = np.asarray(way_in_s, dtype=float)
-    return float(way_in[np.isfinite(way_in) & (way_in >= 0)].mean()) * 1e3, factors
+    reach = np.asarray(way_in_s, dtype=float) + (0.0 if load_s is None else np.asarray(load_s, dtype=float))
+    return float(reach[np.isfinite(reach) & (reach >= 0)].mean()) * 1e3, factors

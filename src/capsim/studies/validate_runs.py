@@ -27,7 +27,7 @@ from capsim.model.settings import BatchSettings
 RUNS_DIR = "runs"
 #: the request frame's ``attrs`` a kept run carries (what the validation's diagnostics read)
 KEPT_ATTRS = ("t0_monotonic", "send_error_s", "token_span_s", "failures", "pod_clock_rows", "pod_clock_rejected",
-              "way_in_s", "generator_cpu_s", "generator_busy")
+              "way_in_s", "load_s", "generator_cpu_s", "generator_busy")
 #: what a real run's time to first token counts from (``provenance.json``'s ``real_ttft_from``): the client's
 #: send, the pod's times placed on the host's clock (``run_load(pod_clock=True)``, since stop 28), as the
 #: simulator counts it; or, in runs kept before, the pod's receipt of the request (the way in left out)
