@@ -364,6 +364,7 @@ async def run_load(
             busy.append((time.perf_counter(), time.process_time()))
     bar.close()
     frame = rec.frame()
+    sent = rec.outcome >= 0  # the frame's rows
     if messages is not None:  # what the pod prefilled and what of it its prefix cache served
         ids = frame["request_id"].to_numpy()
         frame["prompt_tokens"] = [int(histories.get(int(r), {}).get("prompt_tokens", p))
@@ -371,11 +372,10 @@ async def run_load(
         # NaN where the answer does not say (a pod whose engine does not report it), never a false 0
         frame["cached_tokens"] = [float(histories.get(int(r), {}).get("cached_tokens", np.nan)) for r in ids]
         # how long the pod took to read the session's history from its store, before the engine saw the turn
-        frame["load_s"] = rec.load_s[rec.outcome >= 0]
+        frame["load_s"] = rec.load_s[sent]
     frame.attrs["failures"] = dict(failures.most_common())
     # how late each session's first request left against its schedule (s; the generator's own lag), and
     # the run's zero on the monotonic clock, so a pod's own timings can be lined up with these rows
-    sent = rec.outcome >= 0
     frame.attrs["send_error_s"] = (rec.arrival_s - rec.scheduled_s)[sent].tolist()  # a list: pandas compares attrs
     # the pod's own token span per row (NaN: failed, or an answer without model_s): the continuous validation's real ITL
     frame.attrs["token_span_s"] = rec.token_span_s[sent].tolist()

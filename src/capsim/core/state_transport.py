@@ -153,12 +153,15 @@ class Transport:
             self.last_reply = loop.time()  # a refusal is an answer too
             raise
 
+    def loop_was_busy(self, due: float, before: float, now: float) -> bool:
+        """At a deadline check: did the loop run it late, or take long over its one turn (more than a quarter
+        of the deadline, past an OS scheduler's hiccup)? Then the check waits another deadline."""
+        return max(now - before, before - due) > 0.25 * self._deadline
+
     def gives_up(self, started: float, due: float, before: float, now: float) -> bool:
         """At a deadline: is the server silent while the loop is responsive (or the wait too long)?"""
-        deadline = self._deadline
-        busy = max(now - before, before - due) > 0.25 * deadline
-        silent = self.last_reply < now - deadline
-        return (silent and not busy) or now - started >= self.settings.pool_wait_s
+        silent = self.last_reply < now - self._deadline
+        return (silent and not self.loop_was_busy(due, before, now)) or now - started >= self.settings.pool_wait_s
 
     async def _detached(self, make: Callable[[], Awaitable[T]], loop: asyncio.AbstractEventLoop) -> T:
         deadline = self._deadline

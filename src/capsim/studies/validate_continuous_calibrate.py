@@ -191,12 +191,10 @@ def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: in
     the clients are built to the last answer, so neither building nor closing them is in the run's span)."""
     from capsim.core.http_pools import http_clients
 
-    span: list[float] = []
-
-    async def main() -> None:
+    async def main() -> tuple[float, float]:
         async with http_clients() as cs:
-            span.append(time.perf_counter())
-            stop = span[0] + seconds
+            start = time.perf_counter()
+            stop = start + seconds
 
             async def one(k: int) -> None:
                 i = 0
@@ -205,10 +203,9 @@ def drive_closed(url: str, clients: int, seconds: float, prompt: int, output: in
                     i += 1
 
             await asyncio.gather(*[one(k) for k in range(clients)])
-            span.append(time.perf_counter())
+            return start, time.perf_counter()
 
-    asyncio.run(main())
-    return span[0], span[1]
+    return asyncio.run(main())
 
 
 def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
@@ -222,12 +219,9 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
     at = np.cumsum(gaps)
     at = at[at < seconds]
 
-    span: list[float] = []
-
-    async def main() -> None:
+    async def main() -> tuple[float, float, list[tuple[float, ...]]]:
         async with http_clients() as cs:
             t0 = time.perf_counter()
-            span.append(t0)
             tag = time.time_ns()
             tasks: list[asyncio.Task[tuple[float, ...]]] = []
             for k, t in enumerate(at):
@@ -235,12 +229,10 @@ def drive_open(url: str, rate: float, seconds: float, prompt: int, output: int,
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(_post(cs[k % len(cs)], url, f"open-{tag}-{k}", prompt, output)))
-            rows.extend(await asyncio.gather(*tasks))
-            span.append(time.perf_counter())
+            rows = list(await asyncio.gather(*tasks))
+            return t0, time.perf_counter(), rows
 
-    rows: list[tuple[float, ...]] = []
-    asyncio.run(main())
-    return span[0], span[1], rows
+    return asyncio.run(main())
 
 
 def process_cpu_s(pid: int) -> float:
