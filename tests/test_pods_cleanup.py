@@ -127,3 +127,31 @@ def test_free_port_never_hands_out_a_port_twice() -> None:
     assert len(set(ports)) == len(ports)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", ports[-1]))  # and each is free to bind
+
+
+def test_a_first_start_whose_port_was_taken_moves_to_a_fresh_one_and_a_restart_keeps_its_port(tmp_path: Path) -> None:
+    # another process may bind the port free_port gave before the pod does (CI runs several suites at once)
+    from capsim.studies.pods import PodProcess, PortTakenError
+
+    pod = PodProcess(tmp_path, max_wait_ms=0, torch_threads=1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", pod.port))
+        squatter.listen()
+        taken = pod.port
+        try:
+            pod.start()
+            assert pod.port != taken and _listening(pod.port)
+            assert f"-{pod.port}.log" in pod.log_path.name
+            first = pod.port
+            pod.stop()
+            squatter.close()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as again:
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                again.bind(("127.0.0.1", first))
+                again.listen()
+                with pytest.raises(PortTakenError, match="address already in use"):
+                    pod.start()  # its clients know this port: a restart does not move
+            assert pod.port == first
+        finally:
+            pod.stop()

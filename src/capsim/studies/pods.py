@@ -30,11 +30,16 @@ from types import FrameType, TracebackType
 from typing import Any
 
 START_TIMEOUT_S = 60.0
+PORT_TRIES = 3  # a first start whose port another process took before the pod bound it tries fresh ones
 EXIT_STOP_TIMEOUT_S = 10.0  # at the parent's exit a pod gets this long to drain before SIGKILL
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _live: set[PodProcess] = set()  # started and not stopped: stopped at exit
 _scratch: list[Path] = []  # removed at exit, after the pods that write their logs there
+
+
+class PortTakenError(RuntimeError):
+    """The pod exited at start because its port was already in use."""
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -137,6 +142,7 @@ class PodProcess:
         self.settings = settings
         self.log_path = Path(log_dir) / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._was_ready = False  # once ready, a restart keeps the port its clients know
 
     @property
     def url(self) -> str:
@@ -148,6 +154,26 @@ class PodProcess:
         return self.proc.pid
 
     def start(self, wait_ready: bool = True) -> PodProcess:
+        """Launch the pod and, with ``wait_ready``, wait until it answers ``/readyz``. A first start whose
+        port was taken between ``free_port`` and the pod's bind (another process on this host got it)
+        moves to a fresh port, up to ``PORT_TRIES`` times; a restart keeps its port, which its clients know."""
+        for tries_left in range(PORT_TRIES - 1, -1, -1):
+            self._launch()
+            if not wait_ready:
+                return self
+            try:
+                self.wait_ready()
+            except PortTakenError:
+                if self._was_ready or tries_left == 0:
+                    raise
+                self.port = free_port()
+                self.log_path = self.log_path.with_name(f"{self.name}-{self.port}.log")
+                continue
+            self._was_ready = True
+            return self
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _launch(self) -> None:
         env = dict(os.environ)
         env.setdefault("CAPSIM_DEVICE", "cpu")
         env.update({f"CAPSIM_{k.upper()}": str(v) for k, v in self.settings.items()})
@@ -164,9 +190,6 @@ class PodProcess:
             self.proc = subprocess.Popen(pinned(cmd, self.core), env=env, stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=_die_with_parent if linux_main else None)
         _live.add(self)
-        if wait_ready:
-            self.wait_ready()
-        return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Poll ``/readyz`` (each probe bounded by 1 s) until 200, the process dies, or the timeout."""
@@ -176,7 +199,10 @@ class PodProcess:
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise RuntimeError(f"pod exited with code {self.proc.returncode}: {self.log()}")
+                _live.discard(self)
+                log = self.log()
+                kind = PortTakenError if "address already in use" in log.lower() else RuntimeError
+                raise kind(f"pod exited with code {self.proc.returncode}: {log}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
                     return
