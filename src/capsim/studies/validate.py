@@ -40,7 +40,7 @@ from capsim.studies.validate_calibrate import (
     fetch_trace,
     fit_cycle,
     ingress_s,
-    refit_arrivals,
+    open_loop_noise,
     trace_rows,
 )
 from capsim.studies.validate_report import (
@@ -58,6 +58,7 @@ from capsim.studies.validate_report import (
 )
 from capsim.studies.validate_runs import (
     RUNS_DIR,
+    TRACES_FILE,
     TTFT_FROM_SEND,
     KeptRunsError,
     RealRun,
@@ -66,6 +67,7 @@ from capsim.studies.validate_runs import (
     read_provenance,
     run_caveats,
     save_run,
+    save_traces,
     spec_fields,
     ttft_from,
 )
@@ -315,12 +317,16 @@ def run_validation(
                      max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
                      overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
     calibration: Calibration | None = None
+    kept_traces: dict[str, Any] = {}  # the calibration's and the probe's batch traces (``save_traces``)
     try:
         pod.start()
         if spec.calibrate:
             with warnings.catch_warnings():  # said once, below, on stdout and in the results
                 warnings.simplefilter("ignore", CalibrationWarning)
-                calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s)
+                cal_since = time.monotonic()
+                calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s,
+                                        seed=spec.seed)
+                kept_traces["calibration"] = fetch_trace(pod.url, cal_since)
             echo(f"calibration: {calibration.describe()}")
             echo("  points (size, profile ms, pod ms, residual ms): " + ", ".join(
                 f"({b_:.0f}, {t * 1e3:.1f}, {w * 1e3:.1f}, {r * 1e3:+.1f})"
@@ -341,16 +347,13 @@ def run_validation(
                                             max_duration_s=probe.horizon_s + 5, seed=spec.seed + 10_000))
             sends = (probe_df.attrs["t0_monotonic"] + probe_df.arrival_s).tolist()
             probe_trace = fetch_trace(pod.url, since)
-            closed_loop = calibration.arrival_overhead_s
-            calibration = refit_arrivals(calibration, trace_rows(probe_trace, lambda b: profile.batch_timing(
-                b, spec.prompt_tokens, spec.output_tokens).total_s))
+            kept_traces.update(probe=probe_trace, probe_sends=sends)
+            calibration, probe_speed = open_loop_noise(calibration, trace_rows(
+                probe_trace, lambda b: profile.batch_timing(b, spec.prompt_tokens, spec.output_tokens).total_s))
             calibration = replace(calibration, ingress_s=ingress_s(probe_trace, sends))
-            echo(f"open-loop probe ({probe.horizon_s:.0f} s at half the capacity): "
-                 f"{calibration.arrival_overhead_s * 1000:.2f} ms per arrival during a batch (closed loop: "
-                 f"{closed_loop * 1000:.2f}); a request sent while a batch runs reaches the queue "
-                 f"{calibration.ingress_s * 1000:.1f} ms later (median)")
-            cap = capacity_per_s(profile, spec.batching, spec.prompt_tokens, spec.output_tokens, calibration)
-            echo(f"capacity: {cap:.1f} requests/s with the open-loop arrival term")
+            echo(f"open-loop probe ({probe.horizon_s:.0f} s at half the capacity): its batches took "
+                 f"{probe_speed:.3f} x the fit (the spread of single batches is taken from them); a request sent "
+                 f"while a batch runs reaches the queue {calibration.ingress_s * 1000:.1f} ms later (median)")
         sized = spec.sized_for(cap)
         if sized.requests_per_level != spec.requests_per_level:
             echo(f"{sized.requests_per_level} requests a level ({sized.level_budget_s:.0f} s of real runs at "
@@ -382,6 +385,8 @@ def run_validation(
     finally:
         pod.stop()
         remove_scratch(work)
+        if kept_traces:
+            save_traces(out, kept_traces)
     provenance = {
         "capsim_version": capsim.__version__,
         "spec": {**asdict(spec), "batching": spec.batching.model_dump()},
@@ -435,6 +440,8 @@ def resimulate(from_dir: str | Path, out_dir: str | Path, echo: Callable[[str], 
         remove_scratch(work)
     if out.resolve() != src.resolve():  # the kept runs go with the results, byte for byte
         shutil.copytree(src / RUNS_DIR, out / RUNS_DIR, dirs_exist_ok=True)
+        if (src / TRACES_FILE).exists():
+            shutil.copyfile(src / TRACES_FILE, out / TRACES_FILE)
     prov.update({"profile": str(kept_profile), "capsim_version": capsim.__version__, "real_ttft_from": ttft_from(runs),
                  "resimulated": {"from": str(src), "created_unix": time.time()}})
     if prov["real_ttft_from"] != TTFT_FROM_SEND:

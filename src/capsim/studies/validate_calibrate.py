@@ -35,6 +35,7 @@ NOISE_QUANTILES = 400  # quantiles of the single-batch spread kept for the simul
 # batch runs while the other's answers go out and their next turns come in, so its size and the arrivals
 # during it vary apart (with 32 both are 16)
 CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 20, 24, 32)
+ROUNDS = 3  # each client count runs this many times, the counts shuffled in each round (``calibration_order``)
 
 
 class CalibrationError(CapsimError, ValueError):
@@ -217,11 +218,12 @@ def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
 
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
-              duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 15) -> Calibration:
-    """Closed-loop runs at each client count with the validation's request shape, twice (in the order of
-    :func:`calibration_order`), each until about ``batches_per_run`` x clients / 2 answers (at most
-    ``duration_s`` / (2 x len(clients)) seconds); the pod's batch trace gives the cycle per batch size;
-    ``fit_cycle`` fits it and ``cycle_noise`` measures the spread."""
+              duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 15,
+              rounds: int = ROUNDS, seed: int = 0) -> Calibration:
+    """Closed-loop runs at each client count with the validation's request shape, ``rounds`` times (in the
+    shuffled order of :func:`calibration_order`), each until about ``batches_per_run`` x clients / ``rounds``
+    answers (at most ``duration_s`` / (``rounds`` x len(clients)) seconds); the pod's batch trace gives
+    every batch's size, wall time and arrivals, and ``fit_trace`` fits them and measures the spread."""
     from capsim.core.http_pools import http_clients
 
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
@@ -243,13 +245,10 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
             await asyncio.gather(*[one(k) for k in range(n_clients)])
 
     since = time.monotonic()
-    # each client count twice, in order and back (A B C ... C B A): the machine's speed drifts over the
-    # calibration's seconds, and a drift linear in time then weighs on every batch size alike instead of
-    # tilting the fit's scale against its per-request term
-    order = calibration_order(clients)
+    order = calibration_order(clients, rounds, seed)
     for n in order:
         # a batch holds up to n requests here (fewer when clients straddle two batches)
-        asyncio.run(drive(n, duration_s / len(order), -(-batches_per_run * n // 2)))
+        asyncio.run(drive(n, duration_s / len(order), -(-batches_per_run * n // rounds)))
     trace = fetch_trace(url, since)
 
     def profile_s(b: int) -> float:
@@ -258,26 +257,36 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     return fit_trace(trace_rows(trace, profile_s))
 
 
-def calibration_order(clients: Sequence[int]) -> list[int]:
-    """The client counts in the order the calibration runs them: forward, then back."""
-    return [*clients, *reversed(clients)]
+def calibration_order(clients: Sequence[int], rounds: int = ROUNDS, seed: int = 0) -> list[int]:
+    """The client counts in the order the calibration runs them: ``rounds`` rounds, each a shuffle of
+    ``clients`` (seeded). This machine's speed drifts by up to 2x within seconds, in humps as well as
+    trends; run in a fixed order, each client count (and so each batch size) meets the speed of its place
+    in the order, and the fit reads the drift as the cycle's shape (stop 32: sizes 4 and 9, run in the
+    middle, 20% slow; stop 33: every batch of 16 in a slow spell, the per-request term doubled). Spread
+    over the whole calibration in random order, the drift is noise common to every size instead."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    rng = np.random.default_rng(seed)
+    return [int(n) for _ in range(rounds) for n in rng.permutation(np.asarray(clients))]
 
 
-def refit_arrivals(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -> Calibration:
-    """The per-arrival term again, from open-loop batches (``trace_rows`` of a Poisson probe): what is left
-    of each batch's wall time past ``scale x profile + size x overhead``, by least squares on the
-    arrivals during it (through 0, >= 0). A closed loop sends its next turns in one burst as a batch
-    starts; open-loop arrivals come one by one through the batch, and each interrupts the model's thread,
-    which can cost more than the burst did. The single-batch spread is then taken from these batches."""
+def open_loop_noise(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -> tuple[Calibration, float]:
+    """``cal`` with the single-batch spread taken from open-loop batches (``trace_rows`` of a Poisson
+    probe), and the probe's mean wall time over the fit (its speed against the calibration's).
+
+    The fit's terms stay the closed loop's. A probe cannot measure the per-arrival term: in an open loop
+    the arrivals during a batch grow with its wall time (at ``rate`` per second), so any slow batch, or a
+    probe run a few percent slower than the calibration, reads as a cost per arrival; at half the
+    capacity that bias is about ``rate x var(wall) / E[arrivals]``, 2 to 4 ms here, the size of the
+    terms the probe used to fit (0 to 3.8 ms, run to run). ``cal`` unchanged (and ratio nan) with fewer
+    than ``min_batches`` batches."""
     rows = np.asarray(rows, dtype=float)
     if len(rows) < min_batches:
-        return cal
-    left = rows[:, 2] - cal.time_scale * rows[:, 1] - cal.overhead_s * rows[:, 0]
-    a = rows[:, 3]
-    per_arrival = max(float(np.dot(a, left) / np.dot(a, a)), 0.0) if np.dot(a, a) > 0 else 0.0
-    fit = cal.time_scale * rows[:, 1] + cal.overhead_s * rows[:, 0] + per_arrival * a
-    q = np.quantile(rows[:, 2] / fit, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
-    return replace(cal, arrival_overhead_s=per_arrival, cycle_noise=tuple(float(v) for v in q / q.mean()))
+        return cal, float("nan")
+    fit = cal.time_scale * rows[:, 1] + cal.overhead_s * rows[:, 0] + cal.arrival_overhead_s * rows[:, 3]
+    ratio = rows[:, 2] / fit
+    q = np.quantile(ratio, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
+    return replace(cal, cycle_noise=tuple(float(v) for v in q / q.mean())), float(ratio.mean())
 
 
 def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:

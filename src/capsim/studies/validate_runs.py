@@ -67,6 +67,29 @@ def save_run(out_dir: Path, run: RealRun) -> None:
     (folder / f"{run.stem}.json").write_text(json.dumps(meta, default=_plain))
 
 
+#: the calibration's batch traces beside a validation's results: the closed-loop runs' (``calibration``), the
+#: open-loop probe's (``probe``) and the probe's sends on the monotonic clock (``probe_sends``)
+TRACES_FILE = "calibration_traces.json"
+
+
+def save_traces(out_dir: Path, traces: dict[str, Any]) -> None:
+    """Write the calibration's batch traces (:data:`TRACES_FILE`) under ``out_dir``, so its fit can be
+    studied again offline (``load_traces``)."""
+    (Path(out_dir) / TRACES_FILE).write_text(json.dumps(traces, default=_plain))
+
+
+def load_traces(out_dir: Path) -> dict[str, Any]:
+    """The calibration's batch traces a validation kept (:func:`save_traces`)."""
+    path = Path(out_dir) / TRACES_FILE
+    try:
+        traces = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise KeptRunsError(f"{path}: cannot read the calibration's traces ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(traces, dict) or not all(isinstance(v, list) for v in traces.values()):
+        raise KeptRunsError(f"{path}: must be an object of lists (batch traces, sends)")
+    return traces
+
+
 def _plain(value: Any) -> Any:
     """numpy scalars and arrays as JSON's numbers and lists."""
     if isinstance(value, np.generic):
