@@ -342,25 +342,37 @@ def reached_rate(steps: Any, t0: float, seconds: float) -> float:
 REACH_FACTORS_MAX = 10_000
 
 
+def _reach(way_in_s: Any, load_s: Any, send_s: Any) -> Any:
+    """Each request's way in plus its history read (none without ``load_s``), in the order of the sends
+    ``send_s`` (as given without them), the unmeasured (NaN, negative) left out; ``None`` when the way in was
+    not measured request by request (the lengths differ)."""
+    way_in = np.asarray(way_in_s, dtype=float)
+    load = np.zeros_like(way_in) if load_s is None else np.asarray(load_s, dtype=float)
+    if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
+        return None
+    reach = way_in + load
+    if send_s is not None:
+        reach = reach[np.argsort(np.asarray(send_s, dtype=float), kind="stable")]
+    return reach[np.isfinite(reach) & (reach >= 0)]
+
+
+def _factors(reach: Any) -> tuple[float, ...]:
+    """``reach`` over its mean, thinned evenly to ``REACH_FACTORS_MAX``, rounded to 4 digits; empty when
+    there is none or its mean is not positive."""
+    if reach is None or not len(reach) or not reach.mean() > 0:
+        return ()
+    if len(reach) > REACH_FACTORS_MAX:
+        reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
+    return tuple(np.round(reach / reach.mean(), 4).tolist())
+
+
 def reach_factors(way_in_s: Any, load_s: Any = None, send_s: Any = None) -> tuple[float, ...]:
     """Each answered request's time from its send to its engine (its way in plus its history read, none
     without ``load_s``) over their mean, for ``service.ingress_noise``: in the order of the sends ``send_s``
     (as given without them), so a walk of the sequence (``service.ingress_noise_block``) meets the slow
     spells as they came; rounded to 4 digits, and thinned evenly to ``REACH_FACTORS_MAX``. Empty when the
     way in was not measured request by request (``way_in_s`` not one per request) or no request has both."""
-    way_in = np.asarray(way_in_s, dtype=float)
-    load = np.zeros_like(way_in) if load_s is None else np.asarray(load_s, dtype=float)
-    if len(way_in) != len(load) or (send_s is not None and len(send_s) != len(load)):
-        return ()
-    reach = way_in + load
-    if send_s is not None:
-        reach = reach[np.argsort(np.asarray(send_s, dtype=float), kind="stable")]
-    reach = reach[np.isfinite(reach) & (reach >= 0)]
-    if not len(reach) or not reach.mean() > 0:
-        return ()
-    if len(reach) > REACH_FACTORS_MAX:
-        reach = reach[np.linspace(0, len(reach) - 1, REACH_FACTORS_MAX).round().astype(int)]
-    return tuple(np.round(reach / reach.mean(), 4).tolist())
+    return _factors(_reach(way_in_s, load_s, send_s))
 
 
 def ingress_from(way_in_s: Any, send_s: Any = None, load_s: Any = None) -> tuple[float, tuple[float, ...]]:
@@ -368,8 +380,6 @@ def ingress_from(way_in_s: Any, send_s: Any = None, load_s: Any = None) -> tuple
     measured way in (send to the pod's receipt, seconds; NaN where not measured) plus, with ``load_s``, the
     pod's receipt to its engine (the history read): their mean in ms and each one's over it, in the order of
     ``send_s`` (:func:`reach_factors`); ``(0.0, ())`` when none was measured."""
-    factors = reach_factors(way_in_s, load_s, send_s=send_s)
-    if not factors:
-        return 0.0, ()
-    reach = np.asarray(way_in_s, dtype=float) + (0.0 if load_s is None else np.asarray(load_s, dtype=float))
-    return float(reach[np.isfinite(reach) & (reach >= 0)].mean()) * 1e3, factors
+    reach = _reach(way_in_s, load_s, send_s)
+    factors = _factors(reach)
+    return (float(reach.mean()) * 1e3, factors) if factors else (0.0, ())
