@@ -91,6 +91,9 @@ def profile(
     ] = None,
     force: Annotated[bool, typer.Option(help="overwrite an existing profile in the default folder")] = False,
     threads: Annotated[int | None, typer.Option(min=1, help="torch intra-op threads (default: one per core)")] = None,
+    interleave: Annotated[bool, typer.Option(
+        help="time the points in shuffled rounds of short visits, all held in memory at once, so a machine whose "
+             "speed drifts spreads it over every point instead of bending the profile")] = False,
 ) -> None:
     """Measure the reference model's prefill and decode kernels into a service-time profile."""
     from capsim.core.profiler import parse_lengths, run_profile
@@ -111,6 +114,7 @@ def profile(
             out_dir=folder,
             threads=threads,
             overwrite=force or out_dir is not None,
+            interleave=interleave,
         )
     except CapsimError:
         raise

@@ -46,6 +46,10 @@ class ProfileSpec:
     max_reps: int = 100
     rel_tol: float = 0.02
     max_point_s: float = 5.0
+    # time the points in shuffled rounds, a short visit to each a round, all held at once (``measure_rounds``),
+    # instead of each to the end before the next: a machine whose speed moves in spells spreads them over
+    # every point instead of bending the profile's shape; every point's KV cache is in memory together
+    interleave: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_sizes", "prompt_tokens", "context_tokens"):
@@ -111,6 +115,38 @@ def measure(fn: Callable[[], object], timer: _Timer, spec: ProfileSpec) -> list[
     return samples
 
 
+def measure_rounds(fns: Sequence[Callable[[], object]], timer: _Timer, spec: ProfileSpec,
+                   seed: int = 0) -> list[list[float]]:
+    """Time ``fns`` in rounds: each round visits every one once, in a shuffled order (seeded), and a visit
+    is one untimed call (the caches warm to this point's shapes, as back-to-back decode steps keep them in a
+    pod) then ``min_reps`` timed ones. Rounds go on until every median is stable within ``rel_tol`` from one
+    round to the next (after two), ``max_reps`` samples each, or ``max_point_s`` per function in all; each
+    one's samples. ``warmup`` untimed calls of each come first."""
+    import random
+
+    for fn in fns:
+        for _ in range(spec.warmup):
+            timer(fn)
+    samples: list[list[float]] = [[] for _ in fns]
+    previous: list[float | None] = [None] * len(fns)
+    order = list(range(len(fns)))
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    while len(samples[0]) < spec.max_reps:
+        rng.shuffle(order)
+        for i in order:
+            timer(fns[i])
+            samples[i] += [timer(fns[i]) for _ in range(min(spec.min_reps, spec.max_reps - len(samples[i])))]
+        settled = True
+        for i, got in enumerate(samples):
+            med, last = statistics.median(got), previous[i]
+            settled &= last is not None and abs(med - last) <= spec.rel_tol * last
+            previous[i] = med
+        if settled or time.perf_counter() - started > spec.max_point_s * len(fns):
+            break
+    return samples
+
+
 OUTLIER_FACTOR = 5.0
 """A sample over this many times the point's median is interference (the thread was descheduled, another
 process held the core), not the kernel: it is left out of the statistics."""
@@ -169,10 +205,20 @@ def profile_engine(
     jobs += [("decode", b, c) for b in spec.batch_sizes for c in spec.context_tokens]
     points = []
     started = time.perf_counter()
-    for phase, b, t in tqdm(jobs, desc=f"profiling {cfg.name} on {dev.type}", disable=not progress):
-        run = _prefill_call(engine, b, t, gen) if phase == "prefill" else _decode_call(engine, b, t, gen)
-        points.append(_point(phase, b, t, measure(run, timer, spec)))
-        del run  # frees the point's KV cache before the next one is allocated
+
+    def call(phase: str, b: int, t: int) -> Callable[[], object]:
+        return _prefill_call(engine, b, t, gen) if phase == "prefill" else _decode_call(engine, b, t, gen)
+
+    if spec.interleave:
+        runs = [call(*job) for job in jobs]
+        measured = measure_rounds(runs, timer, spec)
+        points = [_point(phase, b, t, got) for (phase, b, t), got in zip(jobs, measured, strict=True)]
+        del runs
+    else:
+        for phase, b, t in tqdm(jobs, desc=f"profiling {cfg.name} on {dev.type}", disable=not progress):
+            run = call(phase, b, t)
+            points.append(_point(phase, b, t, measure(run, timer, spec)))
+            del run  # frees the point's KV cache before the next one is allocated
     metadata = {
         "device": dev.type,
         "device_name": engine.device_name,
@@ -263,10 +309,12 @@ def run_profile(
     progress: bool = True,
     threads: int | None = None,
     overwrite: bool = True,
+    interleave: bool = False,
 ) -> Path:
     """Build the engine, profile it and write ``out_dir/<device>-<model>-<dtype>[-quick].csv``.
 
-    ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full). Without
+    ``prompt_tokens`` and ``context_tokens`` override the sweep's lengths (quick or full); ``interleave``
+    times the points in shuffled rounds (``ProfileSpec.interleave``). Without
     ``overwrite``, an existing file at that path raises ``ProfileError`` before anything is measured."""
     check_device(device)
     engine = ReferenceEngine(model, device=device, dtype=dtype, threads=threads)
@@ -282,6 +330,8 @@ def run_profile(
         overrides["prompt_tokens"] = tuple(prompt_tokens)
     if context_tokens:
         overrides["context_tokens"] = tuple(context_tokens)
+    if interleave:
+        overrides["interleave"] = True
     if overrides:
         spec = replace(spec, **overrides)
     profile = profile_engine(engine, spec, progress=progress, quick=quick)

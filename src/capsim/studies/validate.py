@@ -159,12 +159,14 @@ def _cores() -> list[int]:
 
 
 def measure_profile(spec: ValidationSpec, out_dir: Path, core: int | None) -> Path:
-    """Profile the model in a fresh process pinned like the pod, over the lengths the workload needs."""
+    """Profile the model in a fresh process pinned like the pod, over the lengths the workload needs, its
+    points timed in shuffled rounds (``capsim profile --interleave``: this machine's speed moves in spells,
+    which a one-pass sweep bends into the profile's shape, since stop 33)."""
     p, o = spec.prompt_tokens, spec.output_tokens
     prompts = sorted({max(p // 2, 1), p, 2 * p})
     contexts = sorted({max(p // 2, 1), p, p + o, 2 * (p + o)})
     cmd = [sys.executable, "-m", "capsim.cli", "profile", "--quick", "--model", spec.model, "--device", "cpu",
-           "--max-batch-size", str(spec.batching.max_batch_size), "--threads", str(spec.threads),
+           "--max-batch-size", str(spec.batching.max_batch_size), "--threads", str(spec.threads), "--interleave",
            "--prompt-tokens", ",".join(map(str, prompts)), "--context-tokens", ",".join(map(str, contexts)),
            "--out-dir", str(out_dir)]
     subprocess.run(pinned(cmd, core), check=True, capture_output=True, timeout=600)
