@@ -1,0 +1,38 @@
+"""Profile stability: the validation's quick CPU profile, one pass against shuffled rounds, alternating.
+
+    .venv/bin/python data/validation/stop33/profile_stability.py [PAIRS] [OUT_DIR]   # about 12 s a pair here
+"""
+import subprocess, sys, json, time
+from pathlib import Path
+import numpy as np
+from capsim.model.profile import ServiceTimeProfile
+
+n = int(sys.argv[1]) if len(sys.argv) > 1 else 4
+out = Path(sys.argv[2] if len(sys.argv) > 2 else "profile-stability-out"); out.mkdir(exist_ok=True)
+P, O = 64, 128
+res = {"one pass": [], "rounds": []}
+for k in range(n):
+    for mode in (("one pass", "rounds") if k % 2 == 0 else ("rounds", "one pass")):
+        d = out / f"{k}-{mode.replace(' ', '')}"
+        cmd = [sys.executable, "-m", "capsim.cli", "profile", "--quick", "--model", "tiny", "--device", "cpu",
+               "--max-batch-size", "16", "--threads", "1", "--prompt-tokens", "32,64,128",
+               "--context-tokens", "32,64,192,384", "--out-dir", str(d)]
+        if mode == "rounds":
+            cmd.append("--interleave")
+        t0 = time.perf_counter()
+        subprocess.run(["taskset", "-c", "0", *cmd], check=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        prof = ServiceTimeProfile.from_csv(d / "cpu-tiny-float32-quick.csv")
+        t = np.array([prof.batch_timing(b, P, O).total_s for b in range(1, 17)]) * 1e3
+        bs = np.arange(1, 17)
+        coef = np.polyfit(bs, t, 1)
+        rms = float(np.sqrt(np.mean((np.polyval(coef, bs) - t) ** 2)) / t.mean())
+        drops = int(np.sum(np.diff(t) < 0))
+        res[mode].append({"wall_s": wall, "t1": t[0], "t16": t[15], "rms": rms, "drops": drops, "t": t.tolist()})
+        print(f"{k} {mode:8s} wall {wall:5.1f} s  batch 1 {t[0]:6.1f} ms  16 {t[15]:6.1f} ms  16/1 {t[15]/t[0]:.2f}  "
+              f"linear-fit rms {rms:.1%}  decreasing steps {drops}", flush=True)
+json.dump(res, open(out / "results.json", "w"))
+for mode, rs in res.items():
+    r = np.array([x["t16"] / x["t1"] for x in rs]); rms = np.array([x["rms"] for x in rs]); dr = [x["drops"] for x in rs]
+    print(f"{mode:8s} 16/1 median {np.median(r):.2f} (range {r.min():.2f}-{r.max():.2f}); linear rms median {np.median(rms):.1%} "
+          f"(range {rms.min():.1%}-{rms.max():.1%}); decreasing steps {dr}")
