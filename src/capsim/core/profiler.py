@@ -124,6 +124,8 @@ def measure_rounds(fns: Sequence[Callable[[], object]], timer: _Timer, spec: Pro
     one's samples. ``warmup`` untimed calls of each come first."""
     import random
 
+    if not fns:
+        return []
     for fn in fns:
         for _ in range(spec.warmup):
             timer(fn)
