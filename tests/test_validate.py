@@ -167,6 +167,20 @@ def test_summaries_use_the_window_and_successes_only():
     assert size == pytest.approx(1.5) and seconds == pytest.approx((0.3 + 0.4) / 2)
 
 
+def test_a_level_whose_pod_ran_off_the_calibrated_cycle_is_warned_of():
+    from capsim.studies.validate import speed_warnings
+
+    diagnostics = {"0.3": [{"wall_over_fit_mean": 1.28}, {"wall_over_fit_mean": 1.39}, {"wall_over_fit_mean": 1.05}],
+                   "0.6": [{"wall_over_fit_mean": 1.04}, {"wall_over_fit_mean": 0.93}, {}],  # within 10%, one unmeasured
+                   "0.85": [{"wall_over_fit_mean": 0.84}, {"wall_over_fit_mean": float("nan")}]}
+    lines = speed_warnings(diagnostics)
+    assert len(lines) == 2
+    assert lines[0].startswith("at 30% load the pod ran its batches at 1.28, 1.39, 1.05 times the calibrated cycle")
+    assert "2 more than 10% off" in lines[0] and "full model at the run's speed" in lines[0]
+    assert lines[1].startswith("at 85% load") and "0.84, nan" in lines[1] and "1 more than 10% off" in lines[1]
+    assert speed_warnings(diagnostics, tolerance=0.5) == [] and speed_warnings({}) == []
+
+
 def test_worst_errors():
     results = pd.DataFrame({"metric": ["a", "a", "b"], "rel_error": [0.1, -0.3, 0.05]})
     assert worst_errors(results, ["a", "b"]) == {"a": pytest.approx(0.3), "b": pytest.approx(0.05)}
@@ -203,6 +217,16 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     assert set(judged) == set(JUDGED)
     assert all(v["of"] == len(verdicts(results)) and v["met"] + len(v["missed"]) == v["of"] for v in judged.values())
     assert any(line.startswith("targets met by the entries") for line in lines)
+    # a pod off its calibrated cycle by over 10% in a replication is warned of, in the output and the provenance
+    from capsim.studies.validate import speed_warnings
+
+    assert provenance["speed_warnings"] == speed_warnings(provenance["diagnostics"])
+    assert sum("WARNING (the pod's speed)" in line for line in lines) == len(provenance["speed_warnings"])
+    # the calibration's and the probe's traces are kept beside the results
+    from capsim.studies.validate_runs import load_traces
+
+    traces = load_traces(tmp_path)
+    assert traces["calibration"] and traces["probe"] and len(traces["probe_sends"]) > 0
     # the real TTFT counts from the send, as the simulator's: every answer on the pod's clock (one host)
     assert provenance["real_ttft_from"] == "send"
     assert not any("WARNING" in line and "pod's clock" in line for line in lines)

@@ -558,14 +558,41 @@ class _Levels:
             checks = verdicts(pd.DataFrame(rows))
             judged[name] = {"met": sum(ok for _, ok in checks), "of": len(checks),
                             "missed": [what for what, ok in checks if not ok]}
+        drift = speed_warnings(self.diagnostics)
         provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation,
-                      "targets_by_entry": judged}
+                      "targets_by_entry": judged, "speed_warnings": drift}
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
         self.echo(format_results(results))
         if judged:
             self.echo("targets met by the entries that take the pod's speed from its trace: " + "; ".join(
                 f"{name} {v['met']} of {v['of']}" for name, v in judged.items()))
+        for line in drift:
+            self.echo(f"WARNING (the pod's speed): {line}")
         return results
+
+
+#: a replication whose pod ran its batches more than this far off the calibrated cycle, on the mean, is warned of
+SPEED_TOLERANCE = 0.10
+
+
+def speed_warnings(diagnostics: dict[str, list[dict[str, float]]],
+                   tolerance: float = SPEED_TOLERANCE) -> list[str]:
+    """One line per level in which the real pod ran off the calibrated batch cycle by more than ``tolerance``
+    in some replication (its batches' mean wall over the fit, ``wall_over_fit_mean``, per replication).
+
+    The full model runs at the calibration's speed; a pod 10% slower at 85% load runs at 94%, and the
+    full model's errors there measure the machine's drift more than the model (stop 33: 1.4 times at 30%
+    in one run). ``provenance.json`` keeps the lines (``speed_warnings``)."""
+    out = []
+    for level, runs in diagnostics.items():
+        speeds = [float(d.get("wall_over_fit_mean", float("nan"))) for d in runs]
+        off = [v for v in speeds if np.isfinite(v) and abs(v - 1.0) > tolerance]
+        if off:
+            out.append(f"at {float(level):.0%} load the pod ran its batches at "
+                       f"{', '.join(f'{v:.2f}' for v in speeds)} times the calibrated cycle (replication by "
+                       f"replication; {len(off)} more than {tolerance:.0%} off): the full model's errors there are "
+                       "mostly the machine's drift; 'full model at the run's speed' takes it out")
+    return out
 
 
 def _at_speed(calibration: Calibration, speed: float) -> Calibration:
