@@ -96,6 +96,11 @@ class _Timer:
         return (time.perf_counter() - t0) * 1000.0
 
 
+def _holds(median: float, previous: float | None, rel_tol: float) -> bool:
+    """Has a point's median held within ``rel_tol`` of its previous check's?"""
+    return previous is not None and abs(median - previous) <= rel_tol * previous
+
+
 def measure(fn: Callable[[], object], timer: _Timer, spec: ProfileSpec) -> list[float]:
     """Warm up, then time ``fn`` until the median is stable within ``rel_tol`` or a cap is hit."""
     for _ in range(spec.warmup):
@@ -107,7 +112,7 @@ def measure(fn: Callable[[], object], timer: _Timer, spec: ProfileSpec) -> list[
         samples.append(timer(fn))
         if len(samples) >= spec.min_reps and len(samples) % spec.min_reps == 0:
             med = statistics.median(samples)
-            if previous is not None and abs(med - previous) <= spec.rel_tol * previous:
+            if _holds(med, previous, spec.rel_tol):
                 break
             previous = med
             if time.perf_counter() - started > spec.max_point_s:
@@ -141,8 +146,8 @@ def measure_rounds(fns: Sequence[Callable[[], object]], timer: _Timer, spec: Pro
             samples[i] += [timer(fns[i]) for _ in range(min(spec.min_reps, spec.max_reps - len(samples[i])))]
         settled = True
         for i, got in enumerate(samples):
-            med, last = statistics.median(got), previous[i]
-            settled &= last is not None and abs(med - last) <= spec.rel_tol * last
+            med = statistics.median(got)
+            settled &= _holds(med, previous[i], spec.rel_tol)
             previous[i] = med
         if settled or time.perf_counter() - started > spec.max_point_s * len(fns):
             break

@@ -169,7 +169,6 @@ class PodProcess:
                 self.port = free_port()
                 self.log_path = self.log_path.with_name(f"{self.name}-{self.port}.log")
                 continue
-            self._was_ready = True
             return self
         raise AssertionError("unreachable")  # the loop returns or raises
 
@@ -205,6 +204,7 @@ class PodProcess:
                 raise kind(f"pod exited with code {self.proc.returncode}: {log}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    self._was_ready = True
                     return
             except httpx.HTTPError:
                 pass

@@ -325,10 +325,8 @@ def run_validation(
         if spec.calibrate:
             with warnings.catch_warnings():  # said once, below, on stdout and in the results
                 warnings.simplefilter("ignore", CalibrationWarning)
-                cal_since = time.monotonic()
-                calibration = calibrate(pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s,
-                                        seed=spec.seed)
-                kept_traces["calibration"] = fetch_trace(pod.url, cal_since)
+                calibration, kept_traces["calibration"] = calibrate(
+                    pod.url, profile, spec.prompt_tokens, spec.output_tokens, spec.calibration_s, seed=spec.seed)
             echo(f"calibration: {calibration.describe()}")
             echo("  points (size, profile ms, pod ms, residual ms): " + ", ".join(
                 f"({b_:.0f}, {t * 1e3:.1f}, {w * 1e3:.1f}, {r * 1e3:+.1f})"

@@ -194,8 +194,14 @@ def fit_trace(rows: np.ndarray, *, warn: bool = True, min_batches: int = MIN_BAT
                         "HTTP work per request")
     problems = _checked(cal, problems, warn)
     ratios = y / (a @ np.array([scale, overhead, per_arrival]))
-    q = np.quantile(ratios, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
-    return replace(cal, warnings=tuple(problems), cycle_noise=tuple(float(v) for v in q / q.mean()))
+    return replace(cal, warnings=tuple(problems), cycle_noise=spread(ratios))
+
+
+def spread(ratios: Any, n: int = NOISE_QUANTILES) -> tuple[float, ...]:
+    """``n`` evenly spaced quantiles of single batches' wall over the fit, scaled to mean 1: the spread
+    the simulator draws each batch's factor from (``service.cycle_noise``)."""
+    q = np.quantile(np.asarray(ratios, dtype=float), (np.arange(n) + 0.5) / n)
+    return tuple(float(v) for v in q / q.mean())
 
 
 def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: Any,
@@ -204,9 +210,7 @@ def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: A
     to mean 1: the spread the simulator draws from (``service.cycle_noise``)."""
     if not trace:
         return ()
-    ratios = np.array([(r[1] - r[0]) / cal.cycle_s(r[2], profile_s(int(r[2]))) for r in trace], dtype=float)
-    q = np.quantile(ratios, (np.arange(n) + 0.5) / n)
-    return tuple(float(v) for v in q / q.mean())
+    return spread([(r[1] - r[0]) / cal.cycle_s(r[2], profile_s(int(r[2]))) for r in trace], n)
 
 
 def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
@@ -219,11 +223,12 @@ def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
               duration_s: float, clients: Sequence[int] = CLIENTS, batches_per_run: int = 15,
-              rounds: int = ROUNDS, seed: int = 0) -> Calibration:
+              rounds: int = ROUNDS, seed: int = 0) -> tuple[Calibration, list[list[float]]]:
     """Closed-loop runs at each client count with the validation's request shape, ``rounds`` times (in the
     shuffled order of :func:`calibration_order`), each until about ``batches_per_run`` x clients / ``rounds``
     answers (at most ``duration_s`` / (``rounds`` x len(clients)) seconds); the pod's batch trace gives
-    every batch's size, wall time and arrivals, and ``fit_trace`` fits them and measures the spread."""
+    every batch's size, wall time and arrivals, and ``fit_trace`` fits them and measures the spread. The
+    calibration and the trace it was fitted on."""
     from capsim.core.http_pools import http_clients
 
     async def drive(n_clients: int, seconds: float, answers: int) -> None:
@@ -254,7 +259,7 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     def profile_s(b: int) -> float:
         return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
 
-    return fit_trace(trace_rows(trace, profile_s))
+    return fit_trace(trace_rows(trace, profile_s)), trace
 
 
 def calibration_order(clients: Sequence[int], rounds: int = ROUNDS, seed: int = 0) -> list[int]:
@@ -285,8 +290,7 @@ def open_loop_noise(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -
         return cal, float("nan")
     fit = cal.time_scale * rows[:, 1] + cal.overhead_s * rows[:, 0] + cal.arrival_overhead_s * rows[:, 3]
     ratio = rows[:, 2] / fit
-    q = np.quantile(ratio, (np.arange(NOISE_QUANTILES) + 0.5) / NOISE_QUANTILES)
-    return replace(cal, cycle_noise=tuple(float(v) for v in q / q.mean())), float(ratio.mean())
+    return replace(cal, cycle_noise=spread(ratio)), float(ratio.mean())
 
 
 def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:
