@@ -152,6 +152,60 @@ def profile_steps(
                f"{fit.c0_stderr_s * 1e3:.3f} ms, R2 {fit.r2:.3f}, {fit.n_steps} steps")
 
 
+@app.command("estimate-profile")
+def estimate_profile(
+    gpu: Annotated[str, typer.Option(help="a100-80gb, h100, h200, l40s or l4 (datasheet peaks)")] = "h100",
+    model: Annotated[str, typer.Option(
+        help="llama-3-8b, llama-3-70b, mistral-7b, qwen2.5-7b, or a Hugging Face config.json (or its folder)")
+    ] = "llama-3-8b",
+    mfu: Annotated[float | None, typer.Option(help="share of the peak FLOPs the kernels reach [assumed 0.5]")] = None,
+    mbu: Annotated[float | None, typer.Option(help="share of the bandwidth the kernels reach [assumed 0.7]")] = None,
+    overhead_ms: Annotated[float | None, typer.Option(help="engine time per step besides kernels [assumed 1.0]")] = None,
+    tensor_parallel: Annotated[int, typer.Option(min=1, help="GPUs a pod splits the model over (vLLM's "
+                                                              "--tensor-parallel-size)")] = 1,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="largest batch size (powers of two up to it)")] = 256,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="folder for the profile CSV [default: data/profiles, where an existing profile is kept unless --force]")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing profile in the default folder")] = False,
+) -> None:
+    """Estimate a GPU's service-time profile from its datasheet and the model's shape (a roofline, not a
+    measurement: docs/profiles.md); the simulator reads it as it reads a measured one."""
+    from capsim.model.kv_cache import kv_cache_blocks
+    from capsim.model.roofline import load_gpu, load_model, roofline_profile
+
+    spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
+    arch = load_model(model)
+    memory = round(spec.memory_gib * tensor_parallel, 3)
+    blocks = kv_cache_blocks(memory, 0.9, arch.shape(), 16)
+    if blocks < 1:
+        raise CommandLineError(f"--tensor-parallel {tensor_parallel}: {arch.name}'s {arch.weights_gib:.1f} GiB of "
+                               f"weights leave no KV cache in {memory} GiB at gpu_memory_utilization 0.9; split it "
+                               "over more GPUs")
+    folder = _output_dir(out_dir if out_dir is not None else Path("data/profiles"), "--out-dir")
+    gpus = gpu if tensor_parallel == 1 else f"{gpu}x{tensor_parallel}"
+    path = folder / f"roofline-{gpus}-{arch.name}-{arch.dtype}.csv"
+    if path.exists() and not (force or out_dir is not None):
+        raise CommandLineError(f"{path} exists and is kept: give --force to overwrite it, or --out-dir")
+    prof = roofline_profile(spec, arch, tensor_parallel=tensor_parallel, max_batch_size=max_batch_size)
+    prof.to_csv(path)
+    fit = prof.metadata["estimate"]["linear_fit"]
+    c0, c1, _, c3, c4 = fit["coefficients"]
+    shape = arch.shape()
+    typer.echo(f"wrote {path} (ESTIMATED by a roofline, not measured: mfu {spec.mfu}, mbu {spec.mbu}, "
+               f"{spec.step_overhead_ms} ms a step are assumptions)")
+    typer.echo(f"{arch.name}: {arch.params / 1e9:.2f}B parameters, {arch.weights_gib:.1f} GiB of weights, "
+               f"{arch.kv_bytes_per_token / 1024:.0f} KiB of KV cache a token; on {tensor_parallel} x {spec.name} "
+               f"({memory} GiB) at gpu_memory_utilization 0.9 and no activation peak, {blocks:,} blocks of 16 tokens "
+               f"({blocks * 16:,} tokens); a scenario sizes it with batching.gpu_memory_gb {memory} and "
+               f"batching.model {shape.model_dump()}")
+    typer.echo("a linear step model fitted to it (for reading; the simulator takes the roofline itself): "
+               f"{c0 * 1e3:.2f} ms + {c1 * 1e6:.2f} us/prefill token + {c3 * 1e6:.2f} us/decode + "
+               f"{c4 * 1e9:.2f} ns/context token, R2 {fit['r2']:.3f}, relative residual by kind (median, p90) "
+               + ", ".join(f"{k} {v[1]:+.1%} {v[2]:.1%}" for k, v in fit["residuals_by_kind"].items()))
+    typer.echo(_profile_summary(prof))
+
+
 @app.command()
 def demo(
     profile_dir: Annotated[Path, typer.Option(help="where the quick profile is written")] = Path("data/profiles"),

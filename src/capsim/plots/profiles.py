@@ -53,19 +53,23 @@ def profile_curves(profile: ServiceTimeProfile, *, title: str | None = None) -> 
 def compare_profiles(profiles: Mapping[str, ServiceTimeProfile], *, prompt_tokens: int = 256,
                      context_tokens: int = 256) -> Figure:
     """Several profiles side by side at one prompt and one context length: per phase, median latency
-    (ms) and throughput (tokens/s) against batch size (interpolated where a length was not measured)."""
+    (ms) and throughput (tokens/s) against batch size (interpolated where a length was not measured).
+    An estimated profile (``capsim estimate-profile``) is drawn dashed and labelled so."""
+    from capsim.model.roofline import is_estimate
+
     if not profiles:
         raise ValueError("compare_profiles needs at least one profile")
     fig, axes = figure(2, 2, height_in=6.5, sharex=True)
     phases: tuple[tuple[Phase, int], ...] = (("prefill", prompt_tokens), ("decode", context_tokens))
     for k, (name, prof) in enumerate(profiles.items()):
         color = COLORS[k % len(COLORS)]
+        ls, label = ("--", f"{name} (estimated)") if is_estimate(prof) else ("-", name)
         for col, (phase, tokens) in enumerate(phases):
             b = np.array([float(x) for x in prof.batch_sizes(phase)])
             ms = np.array([prof.phase_ms(phase, x, tokens, extrapolate=True)[0] for x in b])
-            axes[col].plot(b, ms, marker="o", ms=3, color=color, label=name)
-            axes[2 + col].plot(b, _throughput(phase, b, float(tokens), ms), marker="o", ms=3, color=color,
-                               label=name)
+            axes[col].plot(b, ms, marker="o", ms=3, color=color, ls=ls, label=label)
+            axes[2 + col].plot(b, _throughput(phase, b, float(tokens), ms), marker="o", ms=3, color=color, ls=ls,
+                               label=label)
     for col, (phase, tokens) in enumerate(phases):
         what = "prompt" if phase == "prefill" else "context"
         axes[col].set_title(f"{phase}, {tokens} {what} tokens", fontsize=10)
@@ -77,7 +81,8 @@ def compare_profiles(profiles: Mapping[str, ServiceTimeProfile], *, prompt_token
         ax.set_yscale("log")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper left")
-    fig.suptitle("measured profiles compared")
+    fig.suptitle("profiles compared" + (" (dashed: estimated, not measured)"
+                                         if any(is_estimate(p) for p in profiles.values()) else ""))
     return fig
 
 

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from capsim.model.profile import Phase, ServiceTimeProfile
+from capsim.model.roofline import Roofline, is_estimate
 from capsim.model.scenario import Scenario
 from capsim.model.step_model import StepTimeFit
 from capsim.policy.scheduling import Step
@@ -121,6 +122,52 @@ class LinearStepTime:
         t = start
         for j in range(steps):
             t += head + c4 * (context + j * decodes)
+            out.append(t)
+        return out
+
+
+class RooflineStepTime:
+    """A roofline estimate's step times (``capsim.model.roofline``, ``capsim estimate-profile``), from the
+    step's sums, times ``scale`` (``service.time_scale``). Not linear in the composition: a small decode
+    step is bound by the weights' read and grows with the batch only past the GPU's ridge point, which a
+    linear fit to the roofline misses by 15% at the small steps low load runs.
+
+    A plain decode step's attention reads and computes over the same ``context + decodes`` tokens, so for
+    a given number of decodes its time is affine in the context: ``head(decodes) + per_token x (context +
+    decodes)``, the head kept per batch size; runs of decode steps follow it as ``LinearStepTime`` does."""
+
+    def __init__(self, roofline: Roofline, scale: float = 1.0) -> None:
+        self.roofline = roofline
+        self.scale = scale
+        self._f = roofline.aggregate_s
+        self._heads: dict[int, float] = {}
+        self._per_token = scale * roofline.decode_attention_s_per_token
+
+    def _head(self, decodes: int) -> float:
+        head = self._heads.get(decodes)
+        if head is None:
+            head = self._heads[decodes] = self.scale * self.roofline.decode_head_s(decodes)
+        return head
+
+    def step_s(self, step: Step) -> float:
+        if not step.prefill_tokens:
+            return self.decode_step_s(step.decodes, step.decode_context)
+        return self.scale * self._f(step.prefills, step.prefill_tokens, step.prefill_max_tokens, step.prefill_context,
+                                    step.decodes, step.decode_context)
+
+    def decode_step_s(self, decodes: int, context: int) -> float:
+        return self._head(decodes) + self._per_token * (context + decodes)
+
+    def decode_run_s(self, decodes: int, context: int, steps: int) -> float:
+        return steps * (self._head(decodes) + self._per_token * (context + decodes)) + \
+            self._per_token * decodes * steps * (steps - 1) / 2
+
+    def decode_step_ends(self, start: float, decodes: int, context: int, steps: int) -> list[float]:
+        head, k = self._head(decodes), self._per_token  # decode_step_s's terms
+        out = []
+        t = start
+        for j in range(steps):
+            t += head + k * (context + j * decodes + decodes)
             out.append(t)
         return out
 
@@ -312,8 +359,9 @@ class NoisyStepTime:
 
 
 def make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> StepTimeModel:
-    """The step-time model a continuous-mode scenario's ``service`` section asks for: with a profile, its
-    fitted ``step_model`` (``LinearStepTime``) when it has one, else the ``ProfileStepTime`` adapter;
+    """The step-time model a continuous-mode scenario's ``service`` section asks for: with a profile, the
+    roofline when it is an estimate (``RooflineStepTime``), its fitted ``step_model`` (``LinearStepTime``)
+    when it has one, else the ``ProfileStepTime`` adapter;
     wrapped in ``NoisyStepTime`` when ``service.cycle_noise`` is set."""
     model = _make_step_time(scenario, streams, profile)
     noise = scenario.service.cycle_noise
@@ -333,6 +381,8 @@ def _make_step_time(scenario: Scenario, streams: Streams, profile: ServiceTimePr
     if profile is None:
         assert svc.profile is not None
         profile = ServiceTimeProfile.from_csv(scenario.resolve(svc.profile))
+    if is_estimate(profile):  # a roofline estimate: the roofline itself, not a fit to it
+        return RooflineStepTime(Roofline.from_profile(profile), svc.time_scale)
     fitted = profile.metadata.get("step_model")
     if fitted:  # measured steps of mixed composition (capsim.core.step_profile): the model itself
         c = StepTimeFit.from_dict(fitted).coefficients

@@ -26,6 +26,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
 * ``continuous-only-setting`` (warn): ``service.answer_ms`` or ``service.cached_token_us`` set in a
   static-batching scenario, where the simulator ignores it.
+* ``estimated-profile`` (warn): the service profile was estimated (``capsim estimate-profile``, a roofline
+  of the GPU's datasheet), not measured: its efficiencies and step overhead are assumptions.
 
 The batch checks (max wait, queue below batch, client timeout, service model) apply to static batching
 (``batching.mode: static``, the default); continuous batching has no max wait or batch size.
@@ -78,9 +80,33 @@ def run_checks(scenario: Scenario) -> list[Finding]:
             findings += _max_wait(scenario, times)
             findings += _client_timeout(scenario, times)
         findings += _continuous_only(scenario)
+    findings += _estimated_profile(scenario)
     findings += _gpus(scenario)
     findings += _scale_down_window(scenario)
     return findings
+
+
+def _estimated_profile(scenario: Scenario) -> list[Finding]:
+    """A warning when the scenario's profile is a roofline estimate (an unreadable one is the service
+    model check's to report)."""
+    from capsim.model.roofline import is_estimate
+
+    svc = scenario.service
+    if svc.kind != "profile" or svc.profile is None:
+        return []
+    path = scenario.resolve(svc.profile)
+    try:
+        profile = _load_profile(str(path.resolve()), path.stat().st_mtime_ns)
+    except (OSError, ProfileError):
+        return []
+    if not is_estimate(profile):
+        return []
+    est = profile.metadata["estimate"]
+    gpu = est.get("gpu", {})
+    return [Finding("service.profile", f"{svc.profile} is estimated by a {est.get('method', 'roofline')} of "
+                    f"{gpu.get('name', 'a GPU')}'s datasheet, not measured (mfu {gpu.get('mfu')}, mbu "
+                    f"{gpu.get('mbu')}, {gpu.get('step_overhead_ms')} ms a step assumed): measure the GPU before "
+                    "deploying on this plan", level="warn", check="estimated-profile")]
 
 
 def _continuous_only(scenario: Scenario) -> list[Finding]:

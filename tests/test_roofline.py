@@ -1,0 +1,255 @@
+"""The roofline estimate of a GPU's service times (capsim.model.roofline, capsim estimate-profile)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.roofline import (
+    GPUS,
+    MODELS,
+    ModelArch,
+    Roofline,
+    RooflineError,
+    is_estimate,
+    load_gpu,
+    load_model,
+    roofline_profile,
+)
+from capsim.model.scenario import Scenario
+from capsim.model.step_model import StepTimeFit
+from capsim.policy.scheduling import Step
+from capsim.sim import simulate
+from capsim.sim.step_time import RooflineStepTime, step_ends
+from capsim.studies.checks import run_checks
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "data" / "profiles" / "roofline-h100-llama-3-8b-bfloat16.csv"
+LLAMA3_8B_CONFIG = {  # the keys of meta-llama/Meta-Llama-3-8B's config.json that size it
+    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "vocab_size": 128256, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "rope_theta": 500000.0,
+}
+
+
+def test_parameter_counts_match_the_published_models() -> None:
+    # the models' published totals (their safetensors index), norms included
+    assert MODELS["llama-3-8b"].params == 8_030_261_248
+    assert MODELS["llama-3-70b"].params == 70_553_706_496
+    assert MODELS["mistral-7b"].params == 7_241_732_096
+    assert MODELS["llama-3-8b"].kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+
+
+def test_a_config_json_reads_as_the_preset(tmp_path: Path) -> None:
+    folder = tmp_path / "Meta-Llama-3-8B"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA3_8B_CONFIG))
+    got = load_model(str(folder))
+    assert got.name == "Meta-Llama-3-8B"
+    assert got.model_copy(update={"name": "llama-3-8b"}) == MODELS["llama-3-8b"]
+    assert load_model(str(folder / "config.json")) == got
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ('{"hidden_size": 4096}', "'num_attention_heads' must be a positive integer, got None"),
+    (json.dumps({**LLAMA3_8B_CONFIG, "num_hidden_layers": "32"}), "'num_hidden_layers' must be a positive integer"),
+    (json.dumps({**LLAMA3_8B_CONFIG, "torch_dtype": "int4"}), "'torch_dtype' must be one of"),
+    ('{"hidden_size": 4096,\n oops}', "line 2: not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+])
+def test_a_bad_config_names_the_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(RooflineError, match=str(path)) as err:
+        load_model(str(path))
+    assert needle in str(err.value)
+
+
+def test_unknown_gpu_or_model_and_bad_shares_are_named() -> None:
+    with pytest.raises(RooflineError, match="GPU 'h999' is not one of"):
+        load_gpu("h999")
+    with pytest.raises(RooflineError, match="neither one of"):
+        load_model("no-such-model")
+    with pytest.raises(RooflineError, match="mfu must be <= 1, got 2"):
+        load_gpu("h100", mfu=2.0)
+    assert load_gpu("h100", mbu=None).mbu == GPUS["h100"].mbu  # None keeps the default
+    with pytest.raises(RooflineError, match="tensor_parallel must be >= 1"):
+        Roofline(GPUS["h100"], MODELS["llama-3-8b"], tensor_parallel=0)
+
+
+def test_a_small_decode_is_the_weights_over_the_bandwidth() -> None:
+    gpu, m = GPUS["h100"], MODELS["llama-3-8b"]
+    weights = (m.layer_params + m.head_params) * 2
+    expected = gpu.step_overhead_ms / 1e3 + weights / gpu.bytes_per_s
+    rl = Roofline(gpu, m)
+    assert rl.decode_s(1, 1) == pytest.approx(expected, rel=1e-3)
+    # below the ridge point the batch rides on the same weight read: 8 decodes cost what 1 does, but the cache
+    assert rl.decode_s(8, 1) == pytest.approx(rl.decode_s(1, 1), rel=1e-3)
+    assert rl.decode_s(1, 8192) > rl.decode_s(1, 1) * 1.02
+
+
+def test_a_long_prefill_is_bound_by_the_arithmetic() -> None:
+    gpu, m = GPUS["h100"], MODELS["llama-3-8b"]
+    rl = Roofline(gpu, m)
+    t = 8192
+    linear = 2 * (m.layer_params * t + m.head_params) / gpu.flops_per_s
+    attention = 4 * m.n_layers * m.n_heads * m.head_dim * t * (t + 1) / 2 / gpu.flops_per_s
+    assert rl.prefill_s(1, t) == pytest.approx(gpu.step_overhead_ms / 1e3 + linear + attention, rel=1e-9)
+    # quadratic attention: twice the prompt costs a little over twice as much
+    assert 2.0 < (rl.prefill_s(1, t) - 1e-3) / (rl.prefill_s(1, t // 2) - 1e-3) < 2.3
+    # a faster memory does not speed up a compute-bound prefill, and it does speed up a small decode
+    h200 = Roofline(GPUS["h200"], m)
+    assert h200.prefill_s(1, t) == pytest.approx(rl.prefill_s(1, t), rel=1e-3)
+    assert h200.decode_s(1, 1024) < 0.8 * rl.decode_s(1, 1024)
+
+
+def test_tensor_parallel_splits_the_weights_and_pays_the_links() -> None:
+    m = MODELS["llama-3-70b"]
+    one, four = Roofline(GPUS["h100"], m), Roofline(GPUS["h100"], m, tensor_parallel=4)
+    overhead = GPUS["h100"].step_overhead_ms / 1e3
+    # a small decode reads a quarter of the weights per GPU, plus the all-reduces
+    ratio = (four.decode_s(1, 1) - overhead) / (one.decode_s(1, 1) - overhead)
+    assert 0.25 < ratio < 0.3
+    # 8 KV heads over 16 GPUs: each GPU still holds one head's cache (replicated), not half of one
+    sixteen = Roofline(GPUS["h100"], m, tensor_parallel=16)
+    assert sixteen._kv_bytes == four._kv_bytes / 2 == m.kv_bytes_per_token / 8
+    # over PCIe the all-reduces of a long prefill cost much more than over NVLink
+    pcie = Roofline(GPUS["h100"].model_copy(update={"link_gb_s": 32.0}), m, tensor_parallel=4)
+    assert pcie.prefill_s(1, 4096) > 1.1 * four.prefill_s(1, 4096)
+
+
+@given(decodes=st.lists(st.integers(0, 8192), max_size=64), chunk=st.integers(1, 4096),
+       context=st.integers(0, 4096), tp=st.sampled_from([1, 2, 8]))
+def test_more_work_never_takes_less_time(decodes: list[int], chunk: int, context: int, tp: int) -> None:
+    rl = Roofline(GPUS["l40s"], MODELS["qwen2.5-7b"], tensor_parallel=tp)
+    base = rl.step_s([(chunk, context)], decodes)
+    assert base >= rl.step_s([], decodes)
+    assert rl.step_s([(chunk, context)], [*decodes, 0]) >= base
+    assert rl.step_s([(chunk + 1, context)], decodes) >= base
+    assert rl.step_s([(chunk, context + 1)], decodes) >= base
+    assert rl.step_s() == pytest.approx(GPUS["l40s"].step_overhead_ms / 1e3)
+
+
+def test_the_profile_is_complete_marked_estimated_and_fits_its_steps() -> None:
+    prof = roofline_profile(GPUS["h100"], MODELS["llama-3-8b"], max_batch_size=64)
+    again = ServiceTimeProfile.from_text(prof.to_text(), "<roofline>")
+    assert again.batch_sizes("decode") == again.batch_sizes("prefill") == (1, 2, 4, 8, 16, 32, 64)
+    assert is_estimate(again) and not is_estimate(ServiceTimeProfile.from_csv(ROOT / "data/profiles/cpu-tiny-float32.csv"))
+    assert again.metadata["estimate"]["gpu"]["mfu"] == 0.5
+    assert "step_model" not in again.metadata  # the simulator takes the roofline, not a fit to it
+    fit = StepTimeFit.from_dict(again.metadata["estimate"]["linear_fit"])
+    assert fit.r2 > 0.97 and set(fit.residuals_by_kind) == {"decode", "prefill", "mixed"}
+    # the fit's overhead carries the weights' read, which every step pays, and misses small decode steps
+    rl = Roofline(GPUS["h100"], MODELS["llama-3-8b"])
+    assert fit.overhead_s == pytest.approx(rl.decode_s(1, 1), rel=0.35)
+    assert fit.predict(0, 0, 4, 4 * 1500) < 0.95 * rl.decode_s(4, 1500)
+    assert Roofline.from_profile(again).decode_s(4, 1500) == rl.decode_s(4, 1500)
+
+
+def test_the_simulator_takes_each_step_from_the_roofline() -> None:
+    prof = roofline_profile(GPUS["l40s"], MODELS["mistral-7b"], tensor_parallel=2, max_batch_size=4)
+    rl = Roofline.from_profile(prof)
+    sim = RooflineStepTime(rl, scale=1.5)
+    step = Step(prefills=1, prefill_tokens=300, prefill_max_tokens=300, prefill_context=300 * 700, decodes=12,
+                decode_context=12 * 900)
+    assert sim.step_s(step) == 1.5 * rl.step_s([(300, 700)], [900] * 12)
+    plain = Step(decodes=5, decode_context=5 * 100)
+    assert sim.decode_step_s(5, 500) == sim.step_s(plain)  # bit for bit, as the pod's decode runs need
+    for decodes, context in ((1, 0), (5, 500), (64, 64 * 3000), (256, 256 * 8000)):  # both sides of the ridge
+        assert sim.decode_step_s(decodes, context) == pytest.approx(1.5 * rl.aggregate_s(0, 0, 0, 0, decodes, context),
+                                                                    rel=1e-12)
+    ends = sim.decode_step_ends(2.0, 5, 500, 4)
+    assert ends == step_ends(sim.decode_step_s, 2.0, 5, 500, 4)
+    assert sim.decode_run_s(5, 500, 4) == pytest.approx(ends[-1] - 2.0, rel=1e-12)
+    with pytest.raises(RooflineError, match="not a roofline estimate"):
+        Roofline.from_profile(ServiceTimeProfile.from_csv(ROOT / "data/profiles/cpu-tiny-float32.csv"))
+
+
+def test_the_shipped_profile_is_what_the_command_writes() -> None:
+    shipped = ServiceTimeProfile.from_csv(SHIPPED)
+    fresh = ServiceTimeProfile.from_text(roofline_profile(GPUS["h100"], MODELS["llama-3-8b"]).to_text())
+    assert [(p.phase, p.batch_size, p.tokens, p.mean_ms) for p in shipped.points] == \
+        [(p.phase, p.batch_size, p.tokens, p.mean_ms) for p in fresh.points]
+    old, new = dict(shipped.metadata["estimate"]), dict(fresh.metadata["estimate"])
+    assert old.pop("linear_fit")["coefficients"] == pytest.approx(new.pop("linear_fit")["coefficients"], rel=1e-6)
+    assert old == new
+    assert shipped.metadata["model"]["params"] == MODELS["llama-3-8b"].params
+
+
+def test_the_gpu_scenario_simulates_and_check_warns_it_is_estimated() -> None:
+    sc = Scenario.from_yaml(ROOT / "data" / "scenarios" / "h100_llama3_8b_rush.yaml")
+    findings = [f for f in run_checks(sc) if f.check == "estimated-profile"]
+    assert len(findings) == 1 and findings[0].level == "warn" and findings[0].path == "service.profile"
+    assert "not measured" in findings[0].message
+    assert sc.batching.kv_cache_blocks() == 27_997  # (79.6 GiB x 0.9 - 15 GiB of weights - 2 GiB) / 2 MiB a block
+    short = sc.override({"horizon_s": 240, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 4]]})
+    s = simulate(short, seed=0).summary
+    assert s.completed > 500 and s.error_rate == 0
+    # a GPU-sized step: tokens come every 7 to 30 ms, not the CPU model's fraction of a millisecond
+    assert 0.007 < s.itl_p50_s < 0.03
+
+
+def test_check_is_quiet_on_a_measured_profile() -> None:
+    sc = Scenario.from_yaml(ROOT / "data" / "scenarios" / "friday_rush_continuous.yaml")
+    assert not [f for f in run_checks(sc) if f.check == "estimated-profile"]
+
+
+def test_the_command_writes_keeps_and_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    out = tmp_path / "p"
+    got = runner.invoke(app, ["estimate-profile", "--gpu", "l40s", "--model", "mistral-7b", "--max-batch-size", "8",
+                              "--out-dir", str(out)])
+    assert got.exit_code == 0, got.output
+    path = out / "roofline-l40s-mistral-7b-bfloat16.csv"
+    assert "ESTIMATED" in got.output and path.exists()
+    assert ServiceTimeProfile.from_csv(path).batch_sizes("decode") == (1, 2, 4, 8)
+    got = runner.invoke(app, ["estimate-profile", "--model", "llama-3-70b", "--tensor-parallel", "4",
+                              "--mbu", "0.6", "--max-batch-size", "4", "--out-dir", str(out)])
+    assert got.exit_code == 0, got.output
+    prof = ServiceTimeProfile.from_csv(out / "roofline-h100x4-llama-3-70b-bfloat16.csv")
+    assert prof.metadata["estimate"]["tensor_parallel"] == 4 and prof.metadata["estimate"]["gpu"]["mbu"] == 0.6
+    # the default folder keeps what is there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "profiles").mkdir(parents=True)
+    kept = tmp_path / "data" / "profiles" / "roofline-h100-llama-3-8b-bfloat16.csv"
+    kept.write_text("mine")
+    got = runner.invoke(app, ["estimate-profile", "--max-batch-size", "2"])
+    assert got.exit_code == 2 and "exists and is kept" in got.output and kept.read_text() == "mine"
+    got = runner.invoke(app, ["estimate-profile", "--model", "llama-3-70b"])
+    assert got.exit_code == 2 and "--tensor-parallel 1" in got.output and "leave no KV cache" in got.output
+    got = runner.invoke(app, ["estimate-profile", "--gpu", "tpu"])
+    assert got.exit_code == 2 and "GPU 'tpu' is not one of" in got.output
+
+
+def test_model_arch_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="n_layers"):
+        ModelArch(name="x", n_layers=0, d_model=1, n_heads=1, n_kv_heads=1, head_dim=1, d_ff=1, vocab_size=1)
+
+
+def test_compare_profiles_draws_an_estimate_dashed() -> None:
+    from capsim import plots
+
+    measured = ServiceTimeProfile.from_csv(ROOT / "data/profiles/cpu-tiny-float32.csv")
+    fig = plots.compare_profiles({"cpu": measured, "h100": ServiceTimeProfile.from_csv(SHIPPED)})
+    lines = {line.get_label(): line.get_linestyle() for line in fig.axes[0].get_lines()}
+    assert lines == {"cpu": "-", "h100 (estimated)": "--"}
+    assert "estimated, not measured" in fig.get_suptitle()
+
+
+def test_exporting_the_gpu_plan_carries_the_warning(tmp_path: Path) -> None:
+    from capsim.export.writer import export_scenario
+
+    sc = Scenario.from_yaml(ROOT / "data" / "scenarios" / "h100_llama3_8b_rush.yaml")
+    result = export_scenario(sc, tmp_path / "deploy")
+    assert [f.check for f in result.findings] == ["estimated-profile"]
+    readme = (tmp_path / "deploy" / "README.md").read_text()
+    assert "not measured" in readme
+    args = (tmp_path / "deploy" / "vllm-args.yaml").read_text()
+    assert "--max-num-seqs" in args and "'1024'" in args and "--gpu-memory-utilization" in args
