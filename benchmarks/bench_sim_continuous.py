@@ -11,6 +11,11 @@ Issue 13's target is 50,000 simulated requests per CPU second on one core; CPU s
 are what the table reports, as the machine is shared (wall seconds are in the JSON). ``--repeat N`` runs
 each case N times and reports the median.
 
+The roofline's step times (``capsim estimate-profile``, docs/profiles.md) are not linear, so a run of
+decode steps sums them one by one: the H100 scenario (``data/scenarios/h100_llama3_8b_rush.yaml`` at a
+steady 12 sessions a second) with its roofline against the same with the linear fit to it, CPU seconds
+of each and their ratio, and what the fit changes in the answer (ITL p50, TTFT p99).
+
 Issue 14's speed target: the rush as 4-turn sessions (a quarter of the session rate, ~2 s think time),
 growing (each turn re-sends the history plus ~64 new tokens) with prefix caching on, against the same
 sessions not growing with caching off; CPU seconds of each, the ratio to stay under 1.5.
@@ -79,6 +84,32 @@ def run_sessions(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def run_roofline(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
+    """The H100 scenario with its roofline and with the linear fit to it, interleaved ``repeat`` times;
+    the median CPU time of each."""
+    from capsim.model.profile import ServiceTimeProfile
+
+    root = Path(__file__).resolve().parent.parent
+    sc = Scenario.from_yaml(root / "data" / "scenarios" / "h100_llama3_8b_rush.yaml").override(
+        {"horizon_s": horizon_s, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 12]]})
+    roof = ServiceTimeProfile.from_csv(root / "data" / "profiles" / "roofline-h100-llama-3-8b-bfloat16.csv")
+    meta = {k: v for k, v in roof.metadata.items() if k != "estimate"}
+    linear = ServiceTimeProfile(roof.points, {**meta, "step_model": roof.metadata["estimate"]["linear_fit"]})
+    out: dict[str, dict[str, Any]] = {}
+    for _ in range(repeat):
+        for name, prof in (("roofline", roof), ("linear fit to it", linear)):
+            sim = Simulation(sc, seed=0, profile=prof)
+            c0 = time.process_time()
+            s = sim.run().summary
+            row = out.setdefault(name, {"case": name, "requests": s.arrived, "steps": s.steps, "cpu_runs": [],
+                                        "itl_p50_s": s.itl_p50_s, "ttft_p99_s": s.ttft_p99_s})
+            row["cpu_runs"].append(time.process_time() - c0)
+    for row in out.values():
+        row["cpu_s"] = median(row["cpu_runs"])
+        row["requests_per_cpu_s"] = row["requests"] / row["cpu_s"]
+    return list(out.values())
+
+
 def run(horizon_s: float, max_run_steps: int | None = None) -> dict[str, Any]:
     sim = Simulation(continuous_reference(horizon_s), seed=0, profile=gpu_like_profile())
     assert sim.continuous is not None
@@ -117,6 +148,14 @@ def main() -> None:
     if args.sessions_only:
         write_result("sim_continuous_sessions", {"sessions": sess, "ratio": ratio})
         return
+    roof = run_roofline(min(horizon, 300.0), args.repeat)
+    roof_ratio = roof[0]["cpu_s"] / roof[1]["cpu_s"]
+    print_table(f"H100 scenario, {min(horizon, 300.0):.0f} simulated s: the roofline's step times against the "
+                "linear fit to them", ["step time", "requests", "steps", "CPU s", "requests/CPU s", "ITL p50 ms",
+                                       "TTFT p99 s"],
+                [[r["case"], r["requests"], r["steps"], r["cpu_s"], r["requests_per_cpu_s"], r["itl_p50_s"] * 1e3,
+                  r["ttft_p99_s"]] for r in roof])
+    print(f"\nCPU time ratio, roofline / linear fit: {roof_ratio:.2f}")
     runs = sorted((run(horizon) for _ in range(args.repeat)), key=lambda r: r["cpu_s"])
     ref = runs[(len(runs) - 1) // 2]  # the median (the lower one of an even count)
     ref["cpu_runs"] = [r["cpu_s"] for r in runs]
@@ -133,7 +172,8 @@ def main() -> None:
           f"max replicas {ref['max_replicas']}, error rate {ref['error_rate']:.4f}")
     write_result("sim_continuous" + ("_quick" if args.quick else ""),
                  {"reference": ref, "one_event_per_step": per_step, "settings": CONTINUOUS,
-                  "sessions": sess, "sessions_cpu_ratio": ratio})
+                  "sessions": sess, "sessions_cpu_ratio": ratio, "roofline": roof,
+                  "roofline_cpu_ratio": roof_ratio})
 
 
 if __name__ == "__main__":
