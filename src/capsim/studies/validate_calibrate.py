@@ -229,9 +229,30 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
     answers (at most ``duration_s`` / (``rounds`` x len(clients)) seconds); the pod's batch trace gives
     every batch's size, wall time and arrivals, and ``fit_trace`` fits them and measures the spread. The
     calibration and the trace it was fitted on."""
+    since = time.monotonic()
+    order = calibration_order(clients, rounds, seed)
+    drive_closed_loops(url, order, duration_s / len(order), [-(-batches_per_run * n // rounds) for n in order],
+                       prompt_tokens, output_tokens)
+    trace = fetch_trace(url, since)
+
+    def profile_s(b: int) -> float:
+        return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
+
+    return fit_trace(trace_rows(trace, profile_s)), trace
+
+
+def drive_closed_loops(url: str, order: Sequence[int], seconds: float, answers: Sequence[int], prompt_tokens: int,
+                       output_tokens: int, tag: str | None = None) -> None:
+    """One closed-loop run per entry of ``order`` (its client count), each for at most ``seconds`` or until
+    its entry of ``answers`` answers. Every request is a new session (``calib-{tag}-{run}-{client}-{turn}``,
+    the tag fresh per call unless given): the pod prefills a session's stored history, so a session id used
+    again in a later run would send a longer prompt than ``prompt_tokens`` (until stop 34 the ids repeated
+    in every round, and a later visit's batches of 16 took 2 to 3 times the first's)."""
     from capsim.core.http_pools import http_clients
 
-    async def drive(n_clients: int, seconds: float, answers: int) -> None:
+    tag = tag if tag is not None else str(time.time_ns())
+
+    async def drive(run: int, n_clients: int, most: int) -> None:
         async with http_clients() as cs:
             stop = time.perf_counter() + seconds
             done = 0
@@ -239,9 +260,9 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
             async def one(k: int) -> None:
                 nonlocal done
                 i = 0
-                while time.perf_counter() < stop and done < answers:
+                while time.perf_counter() < stop and done < most:
                     r = await cs[k % len(cs)].post(
-                        f"{url}/v1/sessions/calibrate-{n_clients}-{k}-{i}/turns",
+                        f"{url}/v1/sessions/calib-{tag}-{run}-{k}-{i}/turns",
                         json={"prompt_tokens": prompt_tokens, "max_new_tokens": output_tokens})
                     r.raise_for_status()
                     i += 1
@@ -249,17 +270,9 @@ def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_
 
             await asyncio.gather(*[one(k) for k in range(n_clients)])
 
-    since = time.monotonic()
-    order = calibration_order(clients, rounds, seed)
-    for n in order:
+    for run, (n, most) in enumerate(zip(order, answers, strict=True)):
         # a batch holds up to n requests here (fewer when clients straddle two batches)
-        asyncio.run(drive(n, duration_s / len(order), -(-batches_per_run * n // rounds)))
-    trace = fetch_trace(url, since)
-
-    def profile_s(b: int) -> float:
-        return profile.batch_timing(b, prompt_tokens, output_tokens).total_s
-
-    return fit_trace(trace_rows(trace, profile_s)), trace
+        asyncio.run(drive(run, n, most))
 
 
 def calibration_order(clients: Sequence[int], rounds: int = ROUNDS, seed: int = 0) -> list[int]:
