@@ -279,9 +279,11 @@ def calibration_order(clients: Sequence[int], rounds: int = ROUNDS, seed: int = 
     """The client counts in the order the calibration runs them: ``rounds`` rounds, each a shuffle of
     ``clients`` (seeded). This machine's speed drifts by up to 2x within seconds, in humps as well as
     trends; run in a fixed order, each client count (and so each batch size) meets the speed of its place
-    in the order, and the fit reads the drift as the cycle's shape (stop 33's first run: its batches of 16
-    at 188 ms for 3 s, then at 441 ms for 5 s, in the middle of the forward-and-back order this replaced).
-    Spread over the whole calibration in random order, the drift is noise common to every size instead."""
+    in the order, and the fit reads the drift as the cycle's shape (a synthetic spell in the middle of the
+    forward-and-back order this replaced doubled the per-request term, tests/test_validate.py). Spread over
+    the whole calibration in random order, the drift is noise common to every size instead. (Stop 33's
+    batches of 16 at 188 ms, then 441 ms, in that order's middle, first read as drift, were its repeated
+    session ids: ``drive_closed_loops``.)"""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     rng = np.random.default_rng(seed)
