@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +65,25 @@ def _fmt(v: Any) -> str:
             return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
         return f"{v:.3g}"
     return str(v)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a size of 0 would run nothing, or be read as unset)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def sized_option(ap: argparse.ArgumentParser, flag: str, full: int, quick: int,
+                 what: str) -> Callable[[argparse.Namespace], int]:
+    """Add ``flag`` (a count: ``what``) whose default is ``full``, or ``quick`` under ``--quick``; returns
+    the function that reads its value from the parsed arguments."""
+    dest = flag.lstrip("-").replace("-", "_")
+    ap.add_argument(flag, type=positive_int, default=None, help=f"{what} (default {full}; --quick: {quick})")
+
+    def value(args: argparse.Namespace) -> int:
+        given = getattr(args, dest)
+        return int(given) if given is not None else (quick if args.quick else full)
+
+    return value

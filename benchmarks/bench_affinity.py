@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import print_table, sized_option, write_result
 from capsim.studies.validate_sessions_real import start_fleet
 
 
@@ -75,12 +75,11 @@ def run(policy: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="4 sessions of 3 turns (make bench BENCH_ARGS=--quick)")
-    ap.add_argument("--sessions", type=int, default=None, help="default 8 (--quick: 4)")
-    ap.add_argument("--turns", type=int, default=None, help="default 6 (--quick: 3)")
+    sessions = sized_option(ap, "--sessions", 8, 4, "sessions")
+    turns = sized_option(ap, "--turns", 6, 3, "turns a session")
     ap.add_argument("--new", type=int, default=96)
     args = ap.parse_args()
-    args.sessions = args.sessions or (4 if args.quick else 8)
-    args.turns = args.turns or (3 if args.quick else 6)
+    args.sessions, args.turns = sessions(args), turns(args)
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(p, args, Path(tmp)) for p in ("round_robin", "session_affinity", "prefix_aware")]
     base = rows[0]

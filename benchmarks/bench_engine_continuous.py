@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, print_table, write_result
+from _common import median, print_table, sized_option, write_result
 from capsim.core.continuous import ContinuousEngine
 from capsim.core.continuous_forward import Row, forward_padded, forward_split
 from capsim.core.engine import GenerationRequest, ReferenceEngine
@@ -56,9 +56,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--quick", action="store_true", help="5 repeats (make bench BENCH_ARGS=--quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="default 21 (--quick: 5)")
+    repeat = sized_option(ap, "--repeat", 21, 5, "timed repeats")
     args = ap.parse_args()
-    args.repeat = args.repeat or (5 if args.quick else 21)
+    args.repeat = repeat(args)
     engine = ReferenceEngine(args.model, device="cpu", dtype="float32", seed=0, threads=1)
     decodes, prompt = mixed_rows(engine)
     model = engine.model

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median, print_table, write_result
+from _common import median, print_table, sized_option, write_result
 from capsim.core.continuous import ContinuousEngine
 from capsim.core.engine import GenerationRequest, ReferenceEngine
 from capsim.policy.scheduling import SchedulerLimits
@@ -41,9 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--quick", action="store_true", help="3 repeats (make bench BENCH_ARGS=--quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="default 7 (--quick: 3)")
+    repeat = sized_option(ap, "--repeat", 7, 3, "timed repeats")
     args = ap.parse_args()
-    args.repeat = args.repeat or (3 if args.quick else 7)
+    args.repeat = repeat(args)
     engine = ReferenceEngine(args.model, device="cpu", dtype="float32", seed=0, threads=1)
     on = SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=4096, block_size=16, num_blocks=1024,
                          max_model_len=2048, enable_prefix_caching=True)

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import print_table, sized_option, write_result
 from capsim.studies.pods import PodProcess
 from capsim.studies.validate_sessions_real import start_router
 
@@ -62,12 +62,11 @@ def prefix_pairs(tmp: Path, pairs: int, history: int) -> tuple[tuple[int, float]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--turns", type=int, default=None)
+    rounds_of = sized_option(ap, "--rounds", 100, 20, "rounds of each part")
+    turns_of = sized_option(ap, "--turns", 8, 4, "turns of the growing session")
     ap.add_argument("--history", type=int, default=1000, help="part 3: the first turn's prompt tokens")
     args = ap.parse_args()
-    rounds = args.rounds or (20 if args.quick else 100)
-    turns = args.turns or (4 if args.quick else 8)
+    rounds, turns = rounds_of(args), turns_of(args)
     with tempfile.TemporaryDirectory() as tmp:
         pod = PodProcess(Path(tmp), "pod", max_wait_ms=0, torch_threads=1).start()
         router, rurl = start_router([pod.url])

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, write_result
+from _common import print_table, sized_option, write_result
 from capsim.model.scenario import Scenario
 from capsim.studies.space import load_space
 from capsim.studies.sweep import sweep
@@ -91,11 +91,11 @@ def bench_dask(n_settings: int, horizon_s: float) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="4 settings and a short sweep")
-    ap.add_argument("--budget", type=int, help="settings to tune (default 16, quick 4; 200 is the target)")
+    budget_of = sized_option(ap, "--budget", 8, 4, "settings to tune (200 is the target)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    budget = args.budget or (4 if args.quick else 8)
+    budget = budget_of(args)
 
     dask = bench_dask(8 if args.quick else 12, 300.0 if args.quick else 900.0)
     print_table("Dask LocalCluster sweep (steady Poisson, one seed per setting; target 2 workers >= 1.7x)",
