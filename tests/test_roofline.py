@@ -45,6 +45,16 @@ def test_parameter_counts_match_the_published_models() -> None:
     assert MODELS["llama-3-70b"].params == 70_553_706_496
     assert MODELS["mistral-7b"].params == 7_241_732_096
     assert MODELS["llama-3-8b"].kv_bytes_per_token == 2 * 32 * 8 * 128 * 2  # 128 KiB
+    # GPT-2 small (124,439,808 with its 786,432 position embeddings and its biases, which are left out)
+    assert MODELS["gpt2-small"].params == pytest.approx(124_439_808, rel=0.01)
+
+
+def test_the_gpt2_preset_has_capsims_reference_shape() -> None:
+    from capsim.core.engine import PRESETS
+
+    ref, arch = PRESETS["gpt2-small"], MODELS["gpt2-small"]
+    assert (arch.vocab_size, arch.d_model, arch.n_layers, arch.n_heads, arch.d_ff) == \
+        (ref.vocab_size, ref.d_model, ref.n_layers, ref.n_heads, ref.d_ff)
 
 
 def test_a_config_json_reads_as_the_preset(tmp_path: Path) -> None:

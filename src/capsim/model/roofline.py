@@ -157,8 +157,12 @@ class ModelArch(BaseModel):
 
 
 #: Published configs (their Hugging Face ``config.json``): Meta's Llama 3 8B and 70B, Mistral 7B v0.1,
-#: Qwen2.5 7B.
+#: Qwen2.5 7B; and GPT-2 small's shape, which capsim's own ``gpt2-small`` reference model has
+#: (``capsim.core.engine``), so a GPU profile measured by ``scripts/device_profile.sh`` can be set beside
+#: its estimate (position embeddings and biases, 0.7% of its weights, are left out).
 MODELS: dict[str, ModelArch] = {
+    "gpt2-small": ModelArch(name="gpt2-small", n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, head_dim=64,
+                            d_ff=3072, vocab_size=50257, gated_mlp=False, tied_embeddings=True),
     "llama-3-8b": ModelArch(name="llama-3-8b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128,
                             d_ff=14336, vocab_size=128256),
     "llama-3-70b": ModelArch(name="llama-3-70b", n_layers=80, d_model=8192, n_heads=64, n_kv_heads=8,
