@@ -11,8 +11,8 @@ Issue 13's target is 50,000 simulated requests per CPU second on one core; CPU s
 are what the table reports, as the machine is shared (wall seconds are in the JSON). ``--repeat N`` runs
 each case N times and reports the median.
 
-The roofline's step times (``capsim estimate-profile``, docs/profiles.md) are not linear, so a run of
-decode steps sums them one by one: the H100 scenario (``data/scenarios/h100_llama3_8b_rush.yaml`` at a
+The roofline's step times (``capsim estimate-profile``, docs/profiles.md) are not linear in a step's
+composition (a plain decode step's is affine in its context for a given batch, kept per batch size): the H100 scenario (``data/scenarios/h100_llama3_8b_rush.yaml`` at a
 steady 12 sessions a second) with its roofline against the same with the linear fit to it, CPU seconds
 of each and their ratio, and what the fit changes in the answer (ITL p50, TTFT p99).
 
@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, print_table, write_result
 from bench_sim import gpu_like_profile, reference_scenario
+from capsim.model.profile import ServiceTimeProfile
 from capsim.model.scenario import Scenario
 from capsim.sim import Simulation
 
@@ -61,22 +63,20 @@ def session_scenarios(horizon_s: float) -> dict[str, Scenario]:
     return {"sessions, caching off": plain, "growing sessions, prefix caching": grow}
 
 
-def run_sessions(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
-    """Each session case ``repeat`` times, the runs interleaved (so a load change hits both); the median
-    CPU time of each (``cpu_runs`` lists them all)."""
-    cases = session_scenarios(horizon_s)
+def interleaved(cases: dict[str, tuple[Scenario, ServiceTimeProfile]], repeat: int,
+                describe: Callable[[Any], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each case (scenario, profile) ``repeat`` times, the runs interleaved (so a load change hits every
+    case), seed 0: per case its requests, steps and ``describe(result)`` of its first run, and the median
+    CPU time (``cpu_runs`` lists them all)."""
     out: dict[str, dict[str, Any]] = {}
     for _ in range(repeat):
-        for name, sc in cases.items():
-            sim = Simulation(sc, seed=0, profile=gpu_like_profile())
+        for name, (sc, prof) in cases.items():
+            sim = Simulation(sc, seed=0, profile=prof)
             c0 = time.process_time()
             result = sim.run()
             cpu = time.process_time() - c0
-            req = result.requests
             row = out.setdefault(name, {"case": name, "requests": result.summary.arrived,
-                                        "steps": result.summary.steps, "cpu_runs": [],
-                                        "prefix_hit_rate": float(req["cached_tokens"].sum()
-                                                                 / req["prompt_tokens"].sum())})
+                                        "steps": result.summary.steps, "cpu_runs": [], **describe(result)})
             row["cpu_runs"].append(cpu)
     for row in out.values():
         row["cpu_s"] = median(row["cpu_runs"])
@@ -84,30 +84,27 @@ def run_sessions(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
     return list(out.values())
 
 
+def run_sessions(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
+    """Each session case ``repeat`` times, interleaved; the median CPU time of each."""
+    def hit_rate(result: Any) -> dict[str, Any]:
+        req = result.requests
+        return {"prefix_hit_rate": float(req["cached_tokens"].sum() / req["prompt_tokens"].sum())}
+
+    profile = gpu_like_profile()
+    return interleaved({name: (sc, profile) for name, sc in session_scenarios(horizon_s).items()}, repeat, hit_rate)
+
+
 def run_roofline(horizon_s: float, repeat: int = 1) -> list[dict[str, Any]]:
     """The H100 scenario with its roofline and with the linear fit to it, interleaved ``repeat`` times;
     the median CPU time of each."""
-    from capsim.model.profile import ServiceTimeProfile
-
     root = Path(__file__).resolve().parent.parent
     sc = Scenario.from_yaml(root / "data" / "scenarios" / "h100_llama3_8b_rush.yaml").override(
         {"horizon_s": horizon_s, "warmup_s": 30, "workload.arrivals.rate_per_s": [[0, 12]]})
     roof = ServiceTimeProfile.from_csv(root / "data" / "profiles" / "roofline-h100-llama-3-8b-bfloat16.csv")
     meta = {k: v for k, v in roof.metadata.items() if k != "estimate"}
     linear = ServiceTimeProfile(roof.points, {**meta, "step_model": roof.metadata["estimate"]["linear_fit"]})
-    out: dict[str, dict[str, Any]] = {}
-    for _ in range(repeat):
-        for name, prof in (("roofline", roof), ("linear fit to it", linear)):
-            sim = Simulation(sc, seed=0, profile=prof)
-            c0 = time.process_time()
-            s = sim.run().summary
-            row = out.setdefault(name, {"case": name, "requests": s.arrived, "steps": s.steps, "cpu_runs": [],
-                                        "itl_p50_s": s.itl_p50_s, "ttft_p99_s": s.ttft_p99_s})
-            row["cpu_runs"].append(time.process_time() - c0)
-    for row in out.values():
-        row["cpu_s"] = median(row["cpu_runs"])
-        row["requests_per_cpu_s"] = row["requests"] / row["cpu_s"]
-    return list(out.values())
+    return interleaved({"roofline": (sc, roof), "linear fit to it": (sc, linear)}, repeat,
+                       lambda r: {"itl_p50_s": r.summary.itl_p50_s, "ttft_p99_s": r.summary.ttft_p99_s})
 
 
 def run(horizon_s: float, max_run_steps: int | None = None) -> dict[str, Any]:

@@ -177,8 +177,8 @@ def estimate_profile(
 
     spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
     arch = load_model(model)
-    memory = round(spec.memory_gib * tensor_parallel, 3)
-    blocks = kv_cache_blocks(memory, 0.9, arch.shape(), 16)
+    memory, shape = round(spec.memory_gib * tensor_parallel, 3), arch.shape()
+    blocks = kv_cache_blocks(memory, 0.9, shape, 16)
     if blocks < 1:
         raise CommandLineError(f"--tensor-parallel {tensor_parallel}: {arch.name}'s {arch.weights_gib:.1f} GiB of "
                                f"weights leave no KV cache in {memory} GiB at gpu_memory_utilization 0.9; split it "
@@ -192,7 +192,6 @@ def estimate_profile(
     prof.to_csv(path)
     fit = prof.metadata["estimate"]["linear_fit"]
     c0, c1, _, c3, c4 = fit["coefficients"]
-    shape = arch.shape()
     typer.echo(f"wrote {path} (ESTIMATED by a roofline, not measured: mfu {spec.mfu}, mbu {spec.mbu}, "
                f"{spec.step_overhead_ms} ms a step are assumptions)")
     typer.echo(f"{arch.name}: {arch.params / 1e9:.2f}B parameters, {arch.weights_gib:.1f} GiB of weights, "

@@ -20,18 +20,7 @@ import torch
 
 import capsim
 from capsim.core.engine import KVCache, ReferenceEngine
-from capsim.model.profile import ProfileError, ProfilePoint, ServiceTimeProfile, make_profile
-
-
-def powers_of_two(maximum: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to ``maximum`` (included when it is itself a power of two)."""
-    if maximum < 1:
-        raise ValueError(f"max batch size must be >= 1, got {maximum}")
-    out, b = [], 1
-    while b <= maximum:
-        out.append(b)
-        b *= 2
-    return tuple(out)
+from capsim.model.profile import ProfileError, ProfilePoint, ServiceTimeProfile, make_profile, powers_of_two
 
 
 @dataclass(frozen=True)

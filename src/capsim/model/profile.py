@@ -351,6 +351,17 @@ def _parse_row(row: Mapping[str, str | None], source: str, lineno: int) -> Profi
     return ProfilePoint(**values)
 
 
+def powers_of_two(maximum: int) -> tuple[int, ...]:
+    """1, 2, 4, ... up to ``maximum`` (included when it is itself a power of two): a profile's batch sizes."""
+    if maximum < 1:
+        raise ValueError(f"max batch size must be >= 1, got {maximum}")
+    out, b = [], 1
+    while b <= maximum:
+        out.append(b)
+        b *= 2
+    return tuple(out)
+
+
 def make_profile(points: Iterable[ProfilePoint], metadata: Mapping[str, Any]) -> ServiceTimeProfile:
     """Build a profile from measured points, filling the schema version if absent."""
     meta = {"schema_version": SCHEMA_VERSION, **metadata}

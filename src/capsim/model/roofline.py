@@ -30,14 +30,14 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capsim.errors import CapsimError
 from capsim.model.kv_cache import DTYPE_BYTES, ModelShape
-from capsim.model.profile import ProfilePoint, ServiceTimeProfile, make_profile
+from capsim.model.profile import ProfilePoint, ServiceTimeProfile, make_profile, powers_of_two
 from capsim.model.settings import format_validation_error
 from capsim.model.step_model import StepTimeFit, fit_step_time
 
@@ -94,7 +94,7 @@ class ModelArch(BaseModel):
     vocab_size: int = Field(ge=1)
     gated_mlp: bool = True  # SwiGLU (gate, up, down): three matrices; else two
     tied_embeddings: bool = False
-    dtype: str = "bfloat16"
+    dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "bfloat16"  # weights' and KV cache's
 
     @property
     def layer_params(self) -> int:
@@ -129,9 +129,8 @@ class ModelArch(BaseModel):
 
     def shape(self, activation_peak_gb: float = 0.0) -> ModelShape:
         """The scenario's ``batching.model`` for this model (its KV cache's size follows from it)."""
-        kv = self.dtype if self.dtype in ("float32", "float16", "bfloat16", "fp8") else "float16"
         return ModelShape(n_layers=self.n_layers, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                          kv_dtype=kv, weights_gb=round(self.weights_gib, 3), activation_peak_gb=activation_peak_gb)
+                          kv_dtype=self.dtype, weights_gb=round(self.weights_gib, 3), activation_peak_gb=activation_peak_gb)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], name: str, source: str = "config") -> ModelArch:
@@ -252,30 +251,30 @@ class Roofline:
         and per decode. Exact for one chunk or chunks of one size and context; otherwise a chunk's own
         attention counts as if every chunk were the longest (an upper bound) and the cached tokens it
         reads as the token-weighted mean context."""
-        g, m = self.gpu, self.model
+        g = self.gpu
         tokens = prefill_tokens + decodes
         if tokens == 0:
             return g.step_overhead_ms / 1e3
-        sequences = prefills + decodes
-        linear_flops = 2.0 * (m.layer_params * tokens + m.head_params * sequences) / self.tp
         pairs = prefill_context + prefill_tokens * (prefill_max_tokens + 1) / 2 + decode_context + decodes
         cached = prefills * prefill_context / prefill_tokens if prefill_tokens else 0.0
         kv_tokens = cached + prefill_tokens + decode_context + decodes
-        linear = max(linear_flops / g.flops_per_s, self._weight_bytes / g.bytes_per_s)
         attention = max(self._attn_flops * pairs / g.flops_per_s, self._kv_bytes * kv_tokens / g.bytes_per_s)
-        link = self._link_bytes * tokens / (g.link_gb_s * 1e9)
-        return g.step_overhead_ms / 1e3 + linear + attention + link
+        return g.step_overhead_ms / 1e3 + self._dense_s(tokens, prefills + decodes) + attention
+
+    def _dense_s(self, tokens: int, sequences: int) -> float:
+        """The linear layers (the LM head once per sequence), bound by their FLOPs or the weights' read,
+        and the all-reduces of ``tokens`` activations over the links."""
+        g, m = self.gpu, self.model
+        linear_flops = 2.0 * (m.layer_params * tokens + m.head_params * sequences) / self.tp
+        linear = max(linear_flops / g.flops_per_s, self._weight_bytes / g.bytes_per_s)
+        return linear + self._link_bytes * tokens / (g.link_gb_s * 1e9)
 
     def decode_head_s(self, decodes: int) -> float:
         """A plain decode step of ``decodes`` sequences less its attention: the overhead, the linear
         layers and the links (``aggregate_s`` of such a step is this plus ``decode_attention_s_per_token x
         (context + decodes)``, up to rounding)."""
-        g, m = self.gpu, self.model
-        if not decodes:
-            return g.step_overhead_ms / 1e3
-        linear_flops = 2.0 * (m.layer_params * decodes + m.head_params * decodes) / self.tp
-        linear = max(linear_flops / g.flops_per_s, self._weight_bytes / g.bytes_per_s)
-        return g.step_overhead_ms / 1e3 + linear + self._link_bytes * decodes / (g.link_gb_s * 1e9)
+        overhead = self.gpu.step_overhead_ms / 1e3
+        return overhead + self._dense_s(decodes, decodes) if decodes else overhead
 
     @property
     def decode_attention_s_per_token(self) -> float:
@@ -291,14 +290,6 @@ class Roofline:
     def decode_s(self, batch_size: int, context: int) -> float:
         """One decode step of ``batch_size`` sequences whose caches hold ``context`` tokens."""
         return self.step_s((), [context] * batch_size)
-
-
-def _pow2_up_to(n: int) -> list[int]:
-    out, b = [], 1
-    while b < n:
-        out.append(b)
-        b *= 2
-    return [*out, n]
 
 
 def synthetic_steps(roofline: Roofline, *, n: int = 600, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
@@ -335,7 +326,7 @@ def roofline_profile(gpu: GpuSpec, model: ModelArch, *, tensor_parallel: int = 1
         raise RooflineError("the grid needs max_batch_size >= 1 and at least one prompt and one context length")
     rl = Roofline(gpu, model, tensor_parallel)
     points = []
-    for b in _pow2_up_to(max_batch_size):
+    for b in powers_of_two(max_batch_size):
         for phase, lengths, f in (("prefill", prompt_tokens, rl.prefill_s), ("decode", context_tokens, rl.decode_s)):
             for t in sorted(set(lengths)):
                 ms = f(b, t) * 1e3
