@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from capsim.cli import app
+from capsim.model.kv_cache import kv_cache_blocks
 from capsim.model.profile import ServiceTimeProfile
 from capsim.model.roofline import (
     GPUS,
@@ -225,6 +226,10 @@ def test_the_command_writes_keeps_and_refuses(tmp_path: Path, monkeypatch: pytes
     assert got.exit_code == 0, got.output
     prof = ServiceTimeProfile.from_csv(out / "roofline-h100x4-llama-3-70b-bfloat16.csv")
     assert prof.metadata["estimate"]["tensor_parallel"] == 4 and prof.metadata["estimate"]["gpu"]["mbu"] == 0.6
+    # the cache of a pod of 4: each GPU's 79.6 GiB less a quarter of the weights, for 2 of the 8 KV heads
+    blocks = kv_cache_blocks(79.6, 0.9, MODELS["llama-3-70b"].shape(), 16, 4)
+    assert f"(79.6 GiB each) at gpu_memory_utilization 0.9 and no activation peak, {blocks:,} blocks" in got.output
+    assert "batching.gpu_memory_gb 79.6, batching.tensor_parallel_size 4" in got.output
     # the default folder keeps what is there
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "profiles").mkdir(parents=True)

@@ -25,7 +25,7 @@ def test_the_pod_reads_the_exported_engine_settings_and_vllm_gets_the_same(tmp_p
         b.max_num_seqs, b.max_num_batched_tokens, b.block_size, b.kv_cache_blocks(), b.max_model_len)
     assert cfg.enable_prefix_caching is b.enable_prefix_caching is True  # the plan counted prefix hits
     assert vllm_args(sc) == ["--max-num-seqs", "32", "--max-num-batched-tokens", "2048", "--block-size", "16",
-                             "--max-model-len", "2048", "--num-gpu-blocks-override", "1024",
+                             "--max-model-len", "2048", "--tensor-parallel-size", "1", "--num-gpu-blocks-override", "1024",
                              "--enable-prefix-caching"]
     sized = sc.override({"batching.num_blocks": None, "batching.gpu_memory_gb": 80, "batching.gpu_memory_utilization": 0.85,
                          "batching.model": {"n_layers": 32, "n_kv_heads": 8, "head_dim": 128, "weights_gb": 15},

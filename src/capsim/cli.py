@@ -177,12 +177,12 @@ def estimate_profile(
 
     spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
     arch = load_model(model)
-    memory, shape = round(spec.memory_gib * tensor_parallel, 3), arch.shape()
-    blocks = kv_cache_blocks(memory, 0.9, shape, 16)
+    memory, shape = round(spec.memory_gib, 3), arch.shape()
+    blocks = kv_cache_blocks(memory, 0.9, shape, 16, tensor_parallel)
     if blocks < 1:
         raise CommandLineError(f"--tensor-parallel {tensor_parallel}: {arch.name}'s {arch.weights_gib:.1f} GiB of "
-                               f"weights leave no KV cache in {memory} GiB at gpu_memory_utilization 0.9; split it "
-                               "over more GPUs")
+                               f"weights over {tensor_parallel} GPU(s) leave no KV cache in {memory} GiB a GPU at "
+                               "gpu_memory_utilization 0.9; split it over more GPUs")
     folder = _output_dir(out_dir if out_dir is not None else Path("data/profiles"), "--out-dir")
     gpus = gpu if tensor_parallel == 1 else f"{gpu}x{tensor_parallel}"
     path = folder / f"roofline-{gpus}-{arch.name}-{arch.dtype}.csv"
@@ -196,9 +196,9 @@ def estimate_profile(
                f"{spec.step_overhead_ms} ms a step are assumptions)")
     typer.echo(f"{arch.name}: {arch.params / 1e9:.2f}B parameters, {arch.weights_gib:.1f} GiB of weights, "
                f"{arch.kv_bytes_per_token / 1024:.0f} KiB of KV cache a token; on {tensor_parallel} x {spec.name} "
-               f"({memory} GiB) at gpu_memory_utilization 0.9 and no activation peak, {blocks:,} blocks of 16 tokens "
-               f"({blocks * 16:,} tokens); a scenario sizes it with batching.gpu_memory_gb {memory} and "
-               f"batching.model {shape.model_dump()}")
+               f"({memory} GiB each) at gpu_memory_utilization 0.9 and no activation peak, {blocks:,} blocks of 16 "
+               f"tokens ({blocks * 16:,} tokens); a scenario sizes it with batching.gpu_memory_gb {memory}, "
+               f"batching.tensor_parallel_size {tensor_parallel} and batching.model {shape.model_dump()}")
     typer.echo("a linear step model fitted to it (for reading; the simulator takes the roofline itself): "
                f"{c0 * 1e3:.2f} ms + {c1 * 1e6:.2f} us/prefill token + {c3 * 1e6:.2f} us/decode + "
                f"{c4 * 1e9:.2f} ns/context token, R2 {fit['r2']:.3f}, relative residual by kind (median, p90) "

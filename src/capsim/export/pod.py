@@ -20,6 +20,8 @@ POD_BATCH_FIELDS: tuple[str, ...] = (
     "max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches",
 )
 ENV_PREFIX = "CAPSIM_"
+#: The extended resource NVIDIA's device plugin advertises (a container's GPUs come from its node).
+GPU_RESOURCE = "nvidia.com/gpu"
 #: Probe timings (s). The readiness probe's timeout is above the pod's 2 s store ping.
 PROBE_PERIOD_S = 5
 READINESS_TIMEOUT_S = 3
@@ -88,7 +90,7 @@ def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
 
 def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
-    (startup and liveness on /healthz, readiness on /readyz) and the termination grace period."""
+    (startup and liveness on /healthz, readiness on /readyz), the GPUs and the termination grace period."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {
@@ -107,6 +109,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
         "livenessProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": LIVENESS_PERIOD_S,
                           "timeoutSeconds": READINESS_TIMEOUT_S, "failureThreshold": LIVENESS_FAILURES},
     }
+    # the pod's GPUs (batching.tensor_parallel_size), as planned: the device plugin serves them from one node
+    container["resources"] = {"limits": {GPU_RESOURCE: scenario.batching.tensor_parallel_size}}
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(target.port),
                    "prometheus.io/path": "/metrics"}
     return {

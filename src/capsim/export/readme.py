@@ -99,6 +99,7 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     else:
         lines += [f"| `batching.{k}` | {getattr(b, k)} |" for k in
                   ("max_batch_size", "max_wait_ms", "queue_capacity", "overflow", "max_concurrent_batches")]
+    lines.append(f"| `batching.tensor_parallel_size` (GPUs a pod) | {b.tensor_parallel_size} |")
     for i, m in enumerate(auto.to_hpa().metrics):
         lines.append(f"| HPA metric {i} | `{m.name}`, {m.target_type} {m.target:g} |")
     lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
@@ -140,6 +141,11 @@ def _query(auto: Any, name: str) -> str:
     return f"`{name}` {query} over {window_s:g} s"
 
 
+def _gpus_per_pod(scenario: Scenario) -> str:
+    tp = scenario.batching.tensor_parallel_size
+    return "one GPU" if tp == 1 else f"{tp} GPUs on one node (tensor parallel)"
+
+
 def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
     lines = ["## What the cluster must match for the numbers to hold", "",
              f"- kube-controller-manager: `--horizontal-pod-autoscaler-sync-period={auto.sync_period_s:g}s`, "
@@ -148,12 +154,13 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                 f", `--horizontal-pod-autoscaler-downscale-stabilization={auto.downscale_window_s:g}s`"),
              f"- Prometheus scrapes the pods every {auto.scrape_interval_s:g} s; the adapter's answers lag "
              f"{auto.adapter_lag_s:g} s; its queries: " + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
-             f"- one GPU per pod; a cold start takes at most {startup_bound_s(scenario):g} s "
+             f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
+             f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
              "(the startup probe allows that)"]
     if scenario.cluster is not None:
         c = scenario.cluster
-        lines.append(f"- at most {c.max_gpus} GPUs, in nodes of {c.node_gpus}, a new node ready in "
-                     f"{c.node_provision_s:g} s")
+        lines.append(f"- at most {c.max_gpus} GPUs (cluster-autoscaler's `--gpu-total` maximum), in whole nodes of "
+                     f"{c.node_gpus}, a new node ready in {c.node_provision_s:g} s")
         if c.scale_down_enabled:
             lines.append(
                 "- cluster-autoscaler: `--scale-down-enabled=true`, "

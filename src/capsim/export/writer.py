@@ -83,7 +83,8 @@ def vllm_args(scenario: Scenario) -> list[str]:
     """A continuous-batching scenario's engine settings as ``vllm serve`` arguments (vLLM's flag names)."""
     b = scenario.batching
     args = ["--max-num-seqs", str(b.max_num_seqs), "--max-num-batched-tokens", str(b.max_num_batched_tokens),
-            "--block-size", str(b.block_size), "--max-model-len", str(b.max_model_len)]
+            "--block-size", str(b.block_size), "--max-model-len", str(b.max_model_len),
+            "--tensor-parallel-size", str(b.tensor_parallel_size)]
     if b.gpu_memory_gb is not None:  # vLLM sizes the cache itself from the same share of memory
         args += ["--gpu-memory-utilization", str(b.gpu_memory_utilization)]
     else:

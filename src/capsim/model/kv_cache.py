@@ -4,6 +4,11 @@ vLLM sizes its cache the same way (``num_gpu_blocks`` in vllm/v1/worker/gpu_work
 ``/work/shared/reference/serving_engines.md``): it takes ``gpu_memory_gb x gpu_memory_utilization``, subtracts
 the weights and the activation peak measured in a profiling run, and divides the rest by the bytes one
 block of ``block_size`` tokens holds: ``2 (K and V) x layers x kv_heads x head_dim x dtype bytes`` per token.
+
+With tensor parallelism over ``tp`` GPUs every GPU holds ``1/tp`` of the weights and ``max(1, kv_heads // tp)``
+of the KV heads (a head is replicated where there are fewer heads than GPUs: vLLM's ``get_num_kv_heads``), and
+every GPU holds the same number of blocks, each for its own heads: the cache holds what one GPU's share leaves,
+``gpu_memory_gb`` being one GPU's memory and ``activation_peak_gb`` one GPU's peak.
 """
 
 from __future__ import annotations
@@ -33,13 +38,23 @@ class ModelShape(BaseModel):
     @property
     def kv_bytes_per_token(self) -> int:
         """Bytes of K and V one token stores across all layers."""
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * DTYPE_BYTES[self.kv_dtype]
+        return self.kv_bytes_per_token_per_gpu(1)
+
+    def kv_bytes_per_token_per_gpu(self, tensor_parallel_size: int) -> int:
+        """Bytes of K and V one token stores on each of ``tensor_parallel_size`` GPUs (its share of the heads)."""
+        heads = max(1, self.n_kv_heads // tensor_parallel_size)
+        return 2 * self.n_layers * heads * self.head_dim * DTYPE_BYTES[self.kv_dtype]
 
 
-def kv_cache_blocks(gpu_memory_gb: float, gpu_memory_utilization: float, model: ModelShape, block_size: int) -> int:
+def kv_cache_blocks(gpu_memory_gb: float, gpu_memory_utilization: float, model: ModelShape, block_size: int,
+                    tensor_parallel_size: int = 1) -> int:
     """Whole blocks of ``block_size`` tokens that fit in the GPU memory left to the cache (may be <= 0).
 
-    ``gpu_memory_gb`` is in GiB, as vLLM and ``nvidia-smi`` count it; the result is floored.
+    ``gpu_memory_gb`` is one GPU's, in GiB, as vLLM and ``nvidia-smi`` count it; with ``tensor_parallel_size``
+    GPUs each holds its share of the weights and of every block (see the module doc). The result is floored.
     """
-    free = (gpu_memory_gb * gpu_memory_utilization - model.weights_gb - model.activation_peak_gb) * GIB
-    return int(free // (block_size * model.kv_bytes_per_token))
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    weights = model.weights_gb / tensor_parallel_size
+    free = (gpu_memory_gb * gpu_memory_utilization - weights - model.activation_peak_gb) * GIB
+    return int(free // (block_size * model.kv_bytes_per_token_per_gpu(tensor_parallel_size)))

@@ -364,7 +364,8 @@ class Pods(_Section):
                     "and leaves the endpoints endpoints_propagation_s after that; requests sent to it "
                     "meanwhile are refused",
     )
-    gpu_cost_per_hour: Float = Field(0.0, ge=0)
+    gpu_cost_per_hour: Float = Field(0.0, ge=0, description="price of one GPU-hour (a pod of "
+                                     "batching.tensor_parallel_size GPUs costs that many)")
     termination_grace_s: Float = Field(
         25.0, ge=0,
         description="a terminating pod's time to drain before what it still runs fails: the real pod's drain "
@@ -512,11 +513,12 @@ def metric_kind(name: str) -> str:
 
 
 class ClusterSpec(_Section):
-    """GPU nodes: pods wait Pending for a free GPU; missing nodes are provisioned up to ``max_gpus``, and
-    cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
+    """GPU nodes: pods wait Pending for free GPUs on one node; missing nodes are provisioned, whole, up to
+    ``max_gpus``, and cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
 
-    max_gpus: Int = Field(ge=1)
-    node_gpus: Int = Field(8, ge=1)
+    max_gpus: Int = Field(ge=1, description="GPUs the node group may have (cluster-autoscaler's --gpu-total "
+                                            "maximum): whole nodes of node_gpus within it")
+    node_gpus: Int = Field(8, ge=1, description="GPUs of one node (its instance type)")
     node_provision_s: Float = Field(240.0, ge=0)
     billing: Literal["node", "pod"] = Field(
         "node", description="node: every GPU of a node from its creation to its removal; pod: GPUs pods hold"
@@ -528,6 +530,13 @@ class ClusterSpec(_Section):
     )
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
+
+    @model_validator(mode="after")
+    def _whole_node(self) -> Self:
+        if self.max_gpus < self.node_gpus:
+            raise ValueError(f"max_gpus must hold one whole node of node_gpus ({self.node_gpus}) GPUs, got "
+                             f"{self.max_gpus}")
+        return self
 
 
 # ---- faults, state, client, SLO ------------------------------------------------------------------------
@@ -652,6 +661,10 @@ class Scenario(BaseModel):
         if self.autoscaler is None and self.pods.replicas < 1:
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
+        tp = self.batching.tensor_parallel_size
+        if self.cluster is not None and tp > self.cluster.node_gpus:
+            raise ValueError(f"batching.tensor_parallel_size must fit on one node: a pod's GPUs share a node "
+                             f"(cluster.node_gpus {self.cluster.node_gpus}), got {tp}")
         if self.service.ingress_noise is not None and self.batching.mode != "continuous":
             raise ValueError("service.ingress_noise needs batching.mode: continuous (a static pod's ingress "
                              "is the constant service.ingress_ms)")

@@ -111,6 +111,10 @@ class BatchSettings(FrozenModel):
     queue_capacity: Int = Field(1024, ge=1, description="requests a pod queues before overflow applies")
     overflow: Literal["reject", "wait"] = Field("reject", description="full queue: reject at once, or wait")
     max_concurrent_batches: Int = Field(1, ge=1, le=64, description="batches in flight at once")
+    tensor_parallel_size: Int = Field(
+        1, ge=1, le=64, description="GPUs a pod holds and splits the model over (vLLM's --tensor-parallel-size): "
+        "it requests, is placed on one node with, and is billed for this many GPUs; each GPU holds its share "
+        "of the weights and the KV cache (gpu_memory_gb is one GPU's)")
     # continuous batching (vLLM's names and defaults; see capsim.policy.scheduling and docs/continuous.md)
     mode: Literal["static", "continuous"] = Field("static", description="static batches, or per-step scheduling")
     max_num_seqs: Int = Field(256, ge=1, le=65536, description="continuous: requests running at once")
@@ -141,8 +145,8 @@ class BatchSettings(FrozenModel):
                 assert m is not None
                 _field_error(self, "gpu_memory_gb", (
                     f"leaves no KV cache: {self.gpu_memory_gb} GiB x {self.gpu_memory_utilization} - weights "
-                    f"{m.weights_gb} - activations {m.activation_peak_gb} holds no block of {self.block_size} "
-                    f"tokens, got {self.gpu_memory_gb}"))
+                    f"{m.weights_gb}{self._weights_share()} - activations {m.activation_peak_gb} holds no block of "
+                    f"{self.block_size} tokens, got {self.gpu_memory_gb}"))
         return self
 
     @property
@@ -156,7 +160,12 @@ class BatchSettings(FrozenModel):
             return self.num_blocks
         if self.gpu_memory_gb is None or self.model is None:
             raise SettingsError("batching.num_blocks (or gpu_memory_gb with model) is required in continuous mode")
-        return kv_cache_blocks(self.gpu_memory_gb, self.gpu_memory_utilization, self.model, self.block_size)
+        return kv_cache_blocks(self.gpu_memory_gb, self.gpu_memory_utilization, self.model, self.block_size,
+                               self.tensor_parallel_size)
+
+    def _weights_share(self) -> str:
+        tp = self.tensor_parallel_size
+        return f" / {tp} GPUs (tensor_parallel_size)" if tp > 1 else ""
 
 
 def _field_error(model: BaseModel, name: str, message: str) -> NoReturn:

@@ -6,7 +6,7 @@ ready pods by the log2 bucket of their time since ready, ties at random). Where 
 it (``pods.image_pull_s``), then its container starts and is ready ``pods.startup_s`` later. A container
 can crash while it starts or serves; the kubelet restarts it in place (same node, image already there)
 after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``startup_s``). A pod holds its
-GPU from its placement until it is gone.
+GPUs (``batching.tensor_parallel_size``, all on its node) from its placement until it is gone.
 
 Readiness, as the kubelet and the endpoints controller run it: the readiness probe (``/readyz``) runs every
 ``pods.readiness_probe.period_s`` from the pod's admission on its node (the prober worker's ticker starts
@@ -398,5 +398,6 @@ class Cluster:
         return sum(1 for p in self.pods if p.state == state)
 
     def gpu_seconds(self, now: float) -> float:
-        """GPU-seconds held by all pods up to ``now``."""
-        return sum(p.gpu_s + (now - p.gpu_since if p.gpu_since is not None else 0.0) for p in self.pods)
+        """GPU-seconds held by all pods up to ``now`` (each holds ``tensor_parallel_size`` GPUs)."""
+        held = sum(p.gpu_s + (now - p.gpu_since if p.gpu_since is not None else 0.0) for p in self.pods)
+        return held * self.nodes.pod_gpus

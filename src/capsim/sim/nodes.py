@@ -1,10 +1,13 @@
 """The GPU nodes under the Deployment: where a pod gets its GPU, which nodes hold the image, node provisioning.
 
-With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`` GPUs (the last one smaller
-when ``max_gpus`` is not a multiple). A pending pod takes a free GPU on the oldest ready node that has one
-(a bin-packing placement, as kube-scheduler's ``MostAllocated`` scoring would give; the default profile
-scores CPU and memory only). Missing nodes are provisioned, ``node_provision_s`` later, up to ``max_gpus``,
-as cluster-autoscaler scales a node group up. A new node has no image: the first pod placed on it pulls it
+With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`` GPUs. A pod holds
+``batching.tensor_parallel_size`` GPUs (one by default), all on one node (``nvidia.com/gpu: N`` is one
+container's request, which the kubelet's device plugin serves from its own node). A pending pod takes free
+GPUs on the oldest ready node that has enough (a bin-packing placement, as kube-scheduler's
+``MostAllocated`` scoring would give; the default profile scores CPU and memory only). Missing nodes are
+provisioned, ``node_provision_s`` later, as cluster-autoscaler scales a node group up: whole nodes, as many as
+the waiting pods need, while their GPUs stay within ``max_gpus`` (its ``--gpu-total`` maximum; a node that
+would pass it is not added, so ``max_gpus`` not a multiple of ``node_gpus`` leaves the rest unused). A new node has no image: the first pod placed on it pulls it
 (``pods.image_pull_s``), and pods placed while the pull runs wait for the same pull. Without a ``cluster``
 section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
 
@@ -36,7 +39,7 @@ class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "gpus", "id", "image_at_s", "ready_s", "removed_s", "unneeded_since",
-                 "used")
+                 "used")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None) -> None:
         self.id = node_id
@@ -59,7 +62,7 @@ class Node:
 
 
 class NodePool:
-    """The nodes of the cluster section, or an unlimited supply of GPUs without one."""
+    """The nodes of the cluster section, or an unlimited supply of GPUs without one; a pod takes ``pod_gpus``."""
 
     def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None],
                  evict: Callable[[Node, float], None]) -> None:
@@ -69,6 +72,8 @@ class NodePool:
         self.node_gpus = spec.node_gpus if spec else 0
         self.max_gpus = spec.max_gpus if spec else 0
         self.provision_s = spec.node_provision_s if spec else 0.0
+        self.pod_gpus = sim.scenario.batching.tensor_parallel_size
+        self.pods_per_node = self.node_gpus // self.pod_gpus  # >= 1: the scenario checks that a pod fits
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
@@ -83,10 +88,9 @@ class NodePool:
         return [n for n in self.nodes if n.removed_s is None]
 
     def _add(self, now: float, ready: bool) -> Node | None:
-        room = self.max_gpus - sum(n.gpus for n in self._live())
-        if room <= 0:
-            return None
-        node = Node(len(self.nodes), min(self.node_gpus, room), now, now if ready else None)
+        if sum(n.gpus for n in self._live()) + self.node_gpus > self.max_gpus:
+            return None  # a whole node more would pass max_gpus
+        node = Node(len(self.nodes), self.node_gpus, now, now if ready else None)
         self.nodes.append(node)
         return node
 
@@ -94,29 +98,30 @@ class NodePool:
         """Time 0: enough ready nodes, with the image, for ``replicas`` pods (within ``max_gpus``)."""
         if not self.limited:
             return
-        while sum(n.gpus for n in self.nodes) < replicas:
+        while len(self.nodes) * self.pods_per_node < replicas:
             node = self._add(0.0, ready=True)
             if node is None:
                 break
             node.image_at_s = 0.0
 
     def take(self) -> Node | None:
-        """A free GPU for a pod: its node (``None`` without a cluster section); raises if there is none."""
+        """Free GPUs for a pod: its node (``None`` without a cluster section); raises if none has enough."""
         if not self.limited:
             return None
         for node in self.nodes:
-            if node.free > 0:
-                node.used += 1  # the next scan decides whether it is still unneeded
+            if node.free >= self.pod_gpus:
+                node.used += self.pod_gpus  # the next scan decides whether it is still unneeded
                 return node
-        raise LookupError("no free GPU")  # callers ask has_free() first
+        raise LookupError("no node with free GPUs for a pod")  # callers ask has_free() first
 
     def has_free(self) -> bool:
-        return not self.limited or any(n.free > 0 for n in self.nodes)
+        """Whether a pod can be placed now."""
+        return not self.limited or any(n.free >= self.pod_gpus for n in self.nodes)
 
     def release(self, node: Node | None, now: float) -> None:
-        """A pod on ``node`` gave its GPU back at ``now``; a drained node goes with its last pod."""
+        """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
         if node is not None:
-            node.used -= 1
+            node.used -= self.pod_gpus
             if node.cordoned and node.used == 0 and node.removed_s is None:
                 self._remove(node, now)
 
@@ -124,9 +129,9 @@ class NodePool:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
         if not self.limited or waiting <= 0:
             return
-        coming = sum(n.gpus for n in self.nodes if n.ready_s is None and n.removed_s is None)
+        coming = sum(n.gpus // self.pod_gpus for n in self.nodes if n.ready_s is None and n.removed_s is None)
         short = waiting - coming
-        for _ in range(math.ceil(max(short, 0) / self.node_gpus)):
+        for _ in range(math.ceil(max(short, 0) / self.pods_per_node)):
             node = self._add(now, ready=False)
             if node is None:
                 return
@@ -173,9 +178,9 @@ class NodePool:
         for n in due:
             if n.used == 0:
                 continue
-            room = sum(m.free for m in self.nodes if m is not n and m.removed_s is None
-                       and not (m in due and m.used == 0))
-            if room >= n.used:
+            room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
+                       and not (m in due and m.used == 0))  # pods the other nodes can take
+            if room >= n.used // self.pod_gpus:
                 n.cordoned = True
                 self._evict(n, now)
                 return

@@ -17,8 +17,12 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   times out on every full batch (and retries into the next one). Full batches come under load, where
   every request arrives while a batch runs: the batch is longer by ``arrival_overhead_ms`` per request
   and a request reaches the queue ``ingress_ms`` late, so both count.
-* ``max-replicas-over-gpus``: ``maxReplicas`` above the GPUs the cluster section can hold (one GPU per
-  pod, whole nodes of ``node_gpus`` within ``max_gpus``) leaves the extra pods Pending for ever.
+* ``max-replicas-over-gpus``: ``maxReplicas`` above the pods the cluster section can hold (whole nodes of
+  ``node_gpus`` within ``max_gpus``, each holding ``node_gpus // tensor_parallel_size`` pods) leaves the
+  extra pods Pending for ever.
+* ``profile-tensor-parallel`` (fail): an estimated profile made for N GPUs a pod
+  (``capsim estimate-profile --tensor-parallel N``) in a scenario whose pods hold another number
+  (``batching.tensor_parallel_size``): the step times would be one pod's and the GPUs another's.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -36,7 +40,6 @@ The batch checks (max wait, queue below batch, client timeout, service model) ap
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +90,8 @@ def run_checks(scenario: Scenario) -> list[Finding]:
 
 
 def _estimated_profile(scenario: Scenario) -> list[Finding]:
-    """A warning when the scenario's profile is a roofline estimate (an unreadable one is the service
-    model check's to report)."""
+    """A warning when the scenario's profile is a roofline estimate, and a failure when the estimate is for
+    another number of GPUs a pod than the scenario's (an unreadable profile is the service model check's)."""
     from capsim.model.roofline import is_estimate
 
     svc = scenario.service
@@ -103,10 +106,17 @@ def _estimated_profile(scenario: Scenario) -> list[Finding]:
         return []
     est = profile.metadata["estimate"]
     gpu = est.get("gpu", {})
-    return [Finding("service.profile", f"{svc.profile} is estimated by a {est.get('method', 'roofline')} of "
-                    f"{gpu.get('name', 'a GPU')}'s datasheet, not measured (mfu {gpu.get('mfu')}, mbu "
-                    f"{gpu.get('mbu')}, {gpu.get('step_overhead_ms')} ms a step assumed): measure the GPU before "
-                    "deploying on this plan", level="warn", check="estimated-profile")]
+    findings = [Finding("service.profile", f"{svc.profile} is estimated by a {est.get('method', 'roofline')} of "
+                        f"{gpu.get('name', 'a GPU')}'s datasheet, not measured (mfu {gpu.get('mfu')}, mbu "
+                        f"{gpu.get('mbu')}, {gpu.get('step_overhead_ms')} ms a step assumed): measure the GPU "
+                        "before deploying on this plan", level="warn", check="estimated-profile")]
+    tp, pod_tp = int(est.get("tensor_parallel", 1)), scenario.batching.tensor_parallel_size
+    if tp != pod_tp:
+        findings.append(Finding(
+            "batching.tensor_parallel_size", f"{pod_tp}, but {svc.profile} estimates pods of {tp} GPU"
+            f"{'s' if tp > 1 else ''} (--tensor-parallel {tp}): set it to {tp}, or estimate the profile for "
+            f"{pod_tp}", check="profile-tensor-parallel"))
+    return findings
 
 
 def _continuous_only(scenario: Scenario) -> list[Finding]:
@@ -249,14 +259,14 @@ def _gpus(scenario: Scenario) -> list[Finding]:
     auto, cluster = scenario.autoscaler, scenario.cluster
     if auto is None or cluster is None:
         return []
-    whole_nodes = cluster.max_gpus // cluster.node_gpus * cluster.node_gpus
-    at_start = min(math.ceil(scenario.pods.replicas / cluster.node_gpus) * cluster.node_gpus, cluster.max_gpus)
-    holds = max(whole_nodes, at_start)
+    tp = scenario.batching.tensor_parallel_size
+    holds = cluster.max_gpus // cluster.node_gpus * (cluster.node_gpus // tp)  # pods on whole nodes
     if auto.max_replicas <= holds:
         return []
+    each = "one GPU" if tp == 1 else f"{tp} GPUs (batching.tensor_parallel_size)"
     return [Finding(
-        "autoscaler.maxReplicas", f"{auto.max_replicas} pods of one GPU each, but the cluster holds {holds} "
-        f"(cluster.max_gpus {cluster.max_gpus} in nodes of {cluster.node_gpus}): the rest stay Pending",
+        "autoscaler.maxReplicas", f"{auto.max_replicas} pods of {each} each, but the cluster holds {holds} "
+        f"(cluster.max_gpus {cluster.max_gpus} in whole nodes of {cluster.node_gpus}): the rest stay Pending",
         check="max-replicas-over-gpus")]
 
 
