@@ -9,7 +9,7 @@ from capsim.plots.common import pareto_mask, save
 from capsim.plots.profiles import batching_speedup, compare_profiles, profile_curves
 from capsim.plots.runs import latency_cdfs, run_timeline, ttft_p99_over_time
 from capsim.plots.sessions import crash_ttft, imbalance, pod_load, router_bars, ttft_around
-from capsim.plots.studies import cost_vs_ttft, front_rows, sim_vs_real
+from capsim.plots.studies import cost_vs_ttft, front_rows, pod_shapes, sim_vs_real
 
 __all__ = [
     "batching_speedup",
@@ -21,6 +21,7 @@ __all__ = [
     "latency_cdfs",
     "pareto_mask",
     "pod_load",
+    "pod_shapes",
     "profile_curves",
     "router_bars",
     "run_timeline",

@@ -107,3 +107,37 @@ def front_rows(points: Any, cost: str = "cost", ttft: str = "ttft_p99_s") -> Seq
     y = column(points, cost, "front_rows")
     rows = np.flatnonzero(pareto_mask(x, y))
     return [int(i) for i in rows[np.argsort(y[rows])]]
+
+
+def pod_shapes(frame: Any, *, title: str = "") -> Figure:
+    """``capsim.studies.pod_shapes.compare_pod_shapes``'s frame: per shape (medians over seeds) the GPUs the
+    fleet holds and is billed for (left), and its cost an hour by either billing against its ITL p50
+    (right). Shapes whose service times were estimated are marked so."""
+    med = frame.groupby("shape", sort=False).median(numeric_only=True)
+    est = frame.groupby("shape", sort=False)["estimated"].all()
+    names = [f"{s}{' (est.)' if est[s] else ''}" for s in med.index]
+    fig, (left, right) = figure(1, 2, height_in=3.8, width_in=10.0)
+    x = np.arange(len(med))
+    left.bar(x - 0.2, med["gpus_held"], width=0.4, color=COLORS[0], label="GPUs held by the pods")
+    left.bar(x + 0.2, med["gpus_billed"], width=0.4, color=COLORS[1], label="GPUs billed (whole nodes)")
+    for i, pods in enumerate(med["pods"]):
+        left.annotate(f"{pods:g} pods", (x[i], med["gpus_held"].iloc[i]), textcoords="offset points",
+                      xytext=(-12, 3), fontsize=7)
+    left.set_xticks(x, names, fontsize=8)
+    left.set_ylabel("GPUs for the SLO")
+    left.set_ylim(0, float(np.nanmax(med[["gpus_held", "gpus_billed"]].to_numpy(dtype=float), initial=1.0)) * 1.3)
+    left.legend(fontsize=7, loc="upper left")
+    left.grid(True, axis="y", alpha=0.3)
+    itl_ms = med["itl_p50_s"] * 1e3
+    right.scatter(itl_ms, med["cost_per_hour_pod_billing"], color=COLORS[0], label="billed by the pod")
+    right.scatter(itl_ms, med["cost_per_hour_node_billing"], color=COLORS[1], marker="s",
+                  label="billed by the node")
+    for i, name in enumerate(names):
+        right.annotate(name, (itl_ms.iloc[i], med["cost_per_hour_node_billing"].iloc[i]),
+                       textcoords="offset points", xytext=(5, 4), fontsize=7)
+    right.set_xlabel("ITL p50 (ms)")
+    right.set_ylabel("fleet cost ($ an hour)")
+    right.legend(fontsize=7)
+    right.grid(True, alpha=0.3)
+    fig.suptitle(title or "pod shapes: GPUs and cost for the SLO", fontsize=11)
+    return fig

@@ -1,0 +1,162 @@
+"""What-if: which pod shape -- which GPU, how many of them a pod (tensor parallelism) -- carries a rush for the
+fewest GPUs and the lowest cost.
+
+For each :class:`PodShape` the scenario is given that shape's service times (a measured profile, or a
+roofline estimate of the GPU and the model, ``capsim.model.roofline``, marked as one), its
+``batching.tensor_parallel_size``, one GPU's memory for the KV cache, and its price; then
+``capsim.studies.batch_modes.pods_needed`` finds, per seed, the fewest pods of a fixed fleet that meet the
+scenario's SLO through the rush. The GPUs follow: held (pods x GPUs a pod) and, with a ``cluster`` section,
+billed as whole nodes (each node holds ``node_gpus // tensor_parallel_size`` pods). A fleet carries the
+rush without waiting for an autoscaler, so this sizes the floor a plan needs, not what an HPA adds to it.
+
+``python -m capsim.studies.pod_shapes`` runs it on ``data/scenarios/h100x4_llama3_70b_rush.yaml`` for
+Llama 3 70B on 4 and 8 H100s and on 2 H200s (docs/continuous.md, "Pods of several GPUs").
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from capsim.model.roofline import GPUS, ModelArch, load_gpu, load_model, roofline_profile
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.studies.batch_modes import pods_needed
+
+
+@dataclass(frozen=True)
+class PodShape:
+    """A pod of ``tensor_parallel`` GPUs of kind ``gpu`` (a key of ``capsim.model.roofline.GPUS``) at
+    ``price_per_gpu_hour``; ``profile``: its measured service times (``None``: a roofline estimate)."""
+
+    gpu: str
+    tensor_parallel: int
+    price_per_gpu_hour: float
+    profile: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.tensor_parallel} x {self.gpu}"
+
+
+def shape_scenario(scenario: Scenario, shape: PodShape, model: ModelArch, profile_dir: Path) -> Scenario:
+    """``scenario`` on pods of ``shape``: its profile (estimated into ``profile_dir`` unless measured), GPUs a
+    pod, one GPU's memory for the KV cache, and its price. Raises ``SettingsError`` naming the shape."""
+    spec = load_gpu(shape.gpu)
+    path = shape.profile
+    if path is None:
+        path = Path(profile_dir) / f"roofline-{shape.gpu}x{shape.tensor_parallel}-{model.name}.csv"
+        roofline_profile(spec, model, tensor_parallel=shape.tensor_parallel).to_csv(path)
+    changes: dict[str, Any] = {"service.profile": str(Path(path).resolve()),
+                               "batching.tensor_parallel_size": shape.tensor_parallel,
+                               "pods.gpu_cost_per_hour": shape.price_per_gpu_hour}
+    if scenario.batching.mode == "continuous" and scenario.batching.gpu_memory_gb is not None:
+        changes["batching.gpu_memory_gb"] = spec.memory_gib
+    try:
+        return scenario.override(changes)
+    except SettingsError as exc:
+        raise SettingsError(f"pod shape {shape.name}: {exc}") from None
+
+
+def billed_gpus(scenario: Scenario, pods: int) -> int:
+    """GPUs ``pods`` pods of the scenario's shape are billed for: whole nodes with a ``cluster`` section."""
+    tp = scenario.batching.tensor_parallel_size
+    if scenario.cluster is None:
+        return pods * tp
+    per_node = scenario.cluster.node_gpus // tp
+    return math.ceil(pods / per_node) * scenario.cluster.node_gpus
+
+
+def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: ModelArch | str, *,
+                       profile_dir: Path, seeds: Iterable[int] = (0,), max_pods: int = 32) -> pd.DataFrame:
+    """One row per shape and seed: the fewest pods meeting the SLO (NaN: not even ``max_pods``), the GPUs
+    they hold and are billed for, the fleet's cost an hour either way, and that run's TTFT p99, ITL p50 and
+    KV-cache blocks a pod; ``estimated`` says whether the service times were a roofline's."""
+    arch = load_model(model) if isinstance(model, str) else model
+    rows = []
+    for shape in shapes:
+        sc = shape_scenario(scenario, shape, arch, profile_dir)
+        blocks = sc.batching.kv_cache_blocks() if sc.batching.mode == "continuous" else math.nan
+        for seed in seeds:
+            found = pods_needed(sc, max_replicas=max_pods, seed=seed)
+            pods = found.pods
+            s = found.summary
+            held = pods * shape.tensor_parallel if pods is not None else math.nan
+            billed = billed_gpus(sc, pods) if pods is not None else math.nan
+            rows.append({
+                "shape": shape.name, "gpu": shape.gpu, "tensor_parallel": shape.tensor_parallel, "seed": seed,
+                "pods": pods if pods is not None else math.nan, "gpus_held": held, "gpus_billed": billed,
+                "cost_per_hour_pod_billing": held * shape.price_per_gpu_hour,
+                "cost_per_hour_node_billing": billed * shape.price_per_gpu_hour,
+                "ttft_p99_s": s["ttft_p99_s"], "itl_p50_s": s.get("itl_p50_s", math.nan),
+                "kv_blocks_per_pod": blocks, "estimated": shape.profile is None,
+            })
+    return pd.DataFrame(rows)
+
+
+def format_shapes(frame: pd.DataFrame) -> str:
+    """A markdown table: per shape the median over seeds (and the range of the pods); TTFT and ITL are those
+    of the run at the fleet found (or at the largest fleet tried, when none was)."""
+    lines = ["| pods of | pods (range over seeds) | GPUs held | GPUs billed (whole nodes) | $/h pod billing | "
+             "$/h node billing | TTFT p99 s | ITL p50 ms | KV blocks a pod |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, g in frame.groupby("shape", sort=False):
+        med = g.median(numeric_only=True)
+        pods = g["pods"]
+        shape = f"{name}{' (estimated)' if g['estimated'].all() else ''}"
+        if pods.isna().any():  # some seed found no fleet: the medians would mix fleets and failures
+            lines.append(f"| {shape} | none within the largest fleet tried ({pods.notna().sum()} of {len(pods)} "
+                         f"seeds found one) | - | - | - | - | {med['ttft_p99_s']:.2f} | {med['itl_p50_s'] * 1e3:.1f} | "
+                         f"{med['kv_blocks_per_pod']:,.0f} |")
+            continue
+        lines.append(f"| {shape} | {med['pods']:g} ({pods.min():g}-{pods.max():g}) | {med['gpus_held']:g} | "
+                     f"{med['gpus_billed']:g} | {med['cost_per_hour_pod_billing']:.2f} | "
+                     f"{med['cost_per_hour_node_billing']:.2f} | {med['ttft_p99_s']:.2f} | "
+                     f"{med['itl_p50_s'] * 1e3:.1f} | {med['kv_blocks_per_pod']:,.0f} |")
+    return "\n".join(lines)
+
+
+#: The shapes of the shipped 70B what-if, at assumed prices a GPU-hour (edit them for your cloud).
+DEFAULT_SHAPES = (PodShape("h100", 4, 4.0), PodShape("h100", 8, 4.0), PodShape("h200", 2, 5.0))
+
+
+def main(argv: list[str] | None = None) -> None:
+    import tempfile
+
+    ap = argparse.ArgumentParser(description="the fewest pods of each shape (GPU x tensor parallel) for a rush")
+    ap.add_argument("--scenario", type=Path, default=Path("data/scenarios/h100x4_llama3_70b_rush.yaml"))
+    ap.add_argument("--model", default="llama-3-70b", help="a roofline preset or a Hugging Face config.json")
+    ap.add_argument("--shape", action="append", metavar="GPU:TP:PRICE",
+                    help=f"a pod shape, e.g. h100:4:4.0 (GPUs: {', '.join(sorted(GPUS))}); repeat; default: "
+                         + ", ".join(f"{s.gpu}:{s.tensor_parallel}:{s.price_per_gpu_hour:g}" for s in DEFAULT_SHAPES))
+    ap.add_argument("--seeds", default="0,1,2,3,4")
+    ap.add_argument("--max-pods", type=int, default=32)
+    args = ap.parse_args(argv)
+    shapes = [_parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        frame = compare_pod_shapes(Scenario.from_yaml(args.scenario), shapes, args.model, profile_dir=Path(tmp),
+                                   seeds=seeds, max_pods=args.max_pods)
+    print(format_shapes(frame))
+    for name, g in frame.groupby("shape", sort=False):
+        print(f"{name}: pods by seed {dict(zip(g['seed'], g['pods'], strict=True))}, "
+              f"TTFT p99 {statistics.median(g['ttft_p99_s']):.2f} s (median)")
+
+
+def _parse_shape(text: str) -> PodShape:
+    parts = text.split(":")
+    try:
+        gpu, tp, price = parts
+        return PodShape(gpu, int(tp), float(price))
+    except ValueError:
+        raise SystemExit(f"--shape {text!r}: expected GPU:TP:PRICE, e.g. h100:4:4.0") from None
+
+
+if __name__ == "__main__":
+    main()
