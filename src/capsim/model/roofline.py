@@ -214,6 +214,13 @@ class Roofline:
     def __init__(self, gpu: GpuSpec, model: ModelArch, tensor_parallel: int = 1) -> None:
         if tensor_parallel < 1:
             raise RooflineError(f"tensor_parallel must be >= 1, got {tensor_parallel}")
+        # vLLM's rules for splitting the heads (its ModelConfig and QKVParallelLinear): the query heads evenly,
+        # the KV heads evenly or each replicated on a whole number of GPUs
+        kv = model.n_kv_heads
+        if model.n_heads % tensor_parallel or (kv % tensor_parallel and tensor_parallel % kv):
+            raise RooflineError(
+                f"tensor_parallel {tensor_parallel} does not split {model.name}'s heads: its {model.n_heads} attention "
+                f"heads must divide evenly, and its {kv} KV heads evenly or replicated evenly (vLLM refuses it)")
         self.gpu, self.model, self.tp = gpu, model, tensor_parallel
         self._weight_bytes = (model.layer_params + model.head_params) * model.bytes_per_param / tensor_parallel
         self._attn_flops = 4 * model.n_layers * model.n_heads * model.head_dim / tensor_parallel  # per pair
