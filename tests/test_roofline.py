@@ -275,3 +275,15 @@ def test_exporting_the_gpu_plan_carries_the_warning(tmp_path: Path) -> None:
     assert "not measured" in readme
     args = (tmp_path / "deploy" / "vllm-args.yaml").read_text()
     assert "--max-num-seqs" in args and "'1024'" in args and "--gpu-memory-utilization" in args
+
+
+def test_the_defaults_are_a_little_slow_against_published_single_stream_decodes() -> None:
+    # Llama 3.1 8B, bf16, vLLM, concurrency 1 (docs/profiles.md, "Against published measurements"):
+    # InferenceBench on one H100 80GB: TPOT p50 6.48 ms; J. Musgrave on one A100 40GB: ~75 tokens/s
+    m = MODELS["llama-3-8b"]
+    h100 = Roofline(GPUS["h100"], m).step_s([], [200])
+    a100_40gb = GPUS["a100-80gb"].model_copy(update={"name": "NVIDIA A100 40GB SXM", "hbm_gb_s": 1555.0,
+                                                     "memory_gib": 39.6})
+    a100 = Roofline(a100_40gb, m).step_s([], [1024 + 64])  # mid-answer of a 1,024-token prompt
+    for estimate, published in ((h100, 6.48e-3), (a100, 1 / 75)):
+        assert 1.05 < estimate / published < 1.25, (estimate, published)
