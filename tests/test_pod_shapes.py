@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from capsim.cli import app
 from capsim.errors import CapsimError
 from capsim.model.profile import ServiceTimeProfile
 from capsim.model.roofline import GPUS, MODELS
@@ -16,10 +19,11 @@ from capsim.studies.batch_modes import fixed_fleet
 from capsim.studies.checks import run_checks
 from capsim.studies.pod_shapes import (
     PodShape,
+    ShapeError,
     billed_gpus,
     compare_pod_shapes,
     format_shapes,
-    main,
+    parse_shape,
     shape_scenario,
 )
 
@@ -85,14 +89,26 @@ def test_the_fewest_pods_meet_the_slo_and_one_fewer_does_not(rush: Scenario, tmp
     assert frame["estimated"].all()
 
 
-def test_the_command_prints_the_table(rush: Scenario, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_command_prints_the_table_and_writes_the_frame(tmp_path: Path) -> None:
     path = tmp_path / "rush.yaml"
     rush_file = (ROOT / "data/scenarios/h100_llama3_8b_rush.yaml").read_text()
     path.write_text(rush_file.replace("horizon_s: 3600", "horizon_s: 300").replace("warmup_s: 300", "warmup_s: 30")
                     .replace("profile: data/profiles/", f"profile: {ROOT}/data/profiles/"))
-    main(["--scenario", str(path), "--model", "llama-3-8b", "--shape", "h100:1:4", "--seeds", "0",
-          "--max-pods", "4"])
-    out = capsys.readouterr().out
-    assert "| 1 x h100 (estimated) |" in out and "pods by seed {0:" in out
-    with pytest.raises(SystemExit, match="expected GPU:TP:PRICE"):
-        main(["--scenario", str(path), "--shape", "h100:1"])
+    runner = CliRunner()
+    got = runner.invoke(app, ["pod-shapes", str(path), "--model", "llama-3-8b", "--shape", "h100:1:4", "--seeds", "1",
+                              "--max-pods", "4", "--out", str(tmp_path / "out")])
+    assert got.exit_code == 0, got.output
+    assert "| 1 x h100 (estimated) |" in got.output and "pods by seed {0:" in got.output
+    frame = pd.read_csv(tmp_path / "out" / "shapes.csv")
+    assert list(frame["shape"]) == ["1 x h100"] and (tmp_path / "out" / "shapes.png").stat().st_size > 0
+    assert (tmp_path / "out" / "roofline-h100x1-llama-3-8b.csv").exists()
+    for bad, says in (("h100:1", "expected GPU:TP:PRICE"), ("tpu:1:1", "the GPU must be one of"),
+                      ("h100:0:1", "TP at least 1")):
+        got = runner.invoke(app, ["pod-shapes", str(path), "--shape", bad])
+        assert got.exit_code == 2 and says in got.output and f"pod shape {bad!r}" in got.output, got.output
+
+
+def test_parse_shape() -> None:
+    assert parse_shape("h200:2:5.5") == PodShape("h200", 2, 5.5)
+    with pytest.raises(ShapeError, match="expected GPU:TP:PRICE"):
+        parse_shape("h200:two:5")

@@ -588,6 +588,43 @@ def capacity(
     run_capacity(scenario, replicas, seeds, horizon_s, rel_tol, cache, typer.echo, grid=grid)
 
 
+@app.command("pod-shapes")
+def pod_shapes(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML with the rush (its SLO decides)")] = Path(
+        "data/scenarios/h100x4_llama3_70b_rush.yaml"),
+    model: Annotated[str, typer.Option(help="a roofline preset or a Hugging Face config.json")] = "llama-3-70b",
+    shape: Annotated[list[str] | None, typer.Option(
+        help="GPU:TP:PRICE, a pod of TP GPUs at PRICE a GPU-hour; repeat [default: h100:4:4, h100:8:4, h200:2:5]")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1, a fleet found for each")] = 5,
+    max_pods: Annotated[int, typer.Option(min=1, help="the largest fleet tried")] = 32,
+    out: Annotated[Path | None, typer.Option(help="folder for shapes.csv, shapes.png and the estimated profiles")] = None,
+) -> None:
+    """The fewest pods of each shape (GPU x tensor parallelism) that carry the scenario's rush within its SLO,
+    from roofline-estimated step times: GPUs held and billed by whole nodes, cost an hour (docs/continuous.md)."""
+    import tempfile
+
+    from capsim.model.scenario import Scenario
+    from capsim.studies.pod_shapes import DEFAULT_SHAPES, compare_pod_shapes, format_shapes, parse_shape
+
+    shapes = [parse_shape(s) for s in shape] if shape else list(DEFAULT_SHAPES)
+    folder = _output_dir(out, "--out") if out is not None else None
+    sc = Scenario.from_yaml(scenario)
+    with tempfile.TemporaryDirectory() as tmp:
+        profiles = folder if folder is not None else Path(tmp)
+        profiles.mkdir(parents=True, exist_ok=True)
+        frame = compare_pod_shapes(sc, shapes, model, profile_dir=profiles, seeds=range(seeds), max_pods=max_pods)
+    typer.echo(format_shapes(frame))
+    for name, g in frame.groupby("shape", sort=False):
+        typer.echo(f"{name}: pods by seed {dict(zip(g['seed'], g['pods'], strict=True))}")
+    if folder is not None:
+        from capsim import plots
+
+        frame.to_csv(folder / "shapes.csv", index=False)
+        plots.save(plots.pod_shapes(frame), folder / "shapes.png")
+        typer.echo(f"wrote {folder / 'shapes.csv'}, {folder / 'shapes.png'}")
+
+
 @app.command()
 def tune(
     scenario: Annotated[Path | None, typer.Argument(help="scenario YAML (default: the one the space file names)")] = None,

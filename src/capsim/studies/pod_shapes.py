@@ -9,15 +9,13 @@ scenario's SLO through the rush. The GPUs follow: held (pods x GPUs a pod) and, 
 billed as whole nodes (each node holds ``node_gpus // tensor_parallel_size`` pods). A fleet carries the
 rush without waiting for an autoscaler, so this sizes the floor a plan needs, not what an HPA adds to it.
 
-``python -m capsim.studies.pod_shapes`` runs it on ``data/scenarios/h100x4_llama3_70b_rush.yaml`` for
-Llama 3 70B on 4 and 8 H100s and on 2 H200s (docs/continuous.md, "Pods of several GPUs").
+``capsim pod-shapes`` runs it (by default on ``data/scenarios/h100x4_llama3_70b_rush.yaml`` for Llama 3 70B
+on 4 and 8 H100s and on 2 H200s: docs/continuous.md, "Pods of several GPUs").
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import pandas as pd
 
+from capsim.errors import CapsimError
 from capsim.model.roofline import GPUS, ModelArch, load_gpu, load_model, roofline_profile
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
@@ -126,37 +125,19 @@ def format_shapes(frame: pd.DataFrame) -> str:
 DEFAULT_SHAPES = (PodShape("h100", 4, 4.0), PodShape("h100", 8, 4.0), PodShape("h200", 2, 5.0))
 
 
-def main(argv: list[str] | None = None) -> None:
-    import tempfile
-
-    ap = argparse.ArgumentParser(description="the fewest pods of each shape (GPU x tensor parallel) for a rush")
-    ap.add_argument("--scenario", type=Path, default=Path("data/scenarios/h100x4_llama3_70b_rush.yaml"))
-    ap.add_argument("--model", default="llama-3-70b", help="a roofline preset or a Hugging Face config.json")
-    ap.add_argument("--shape", action="append", metavar="GPU:TP:PRICE",
-                    help=f"a pod shape, e.g. h100:4:4.0 (GPUs: {', '.join(sorted(GPUS))}); repeat; default: "
-                         + ", ".join(f"{s.gpu}:{s.tensor_parallel}:{s.price_per_gpu_hour:g}" for s in DEFAULT_SHAPES))
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--max-pods", type=int, default=32)
-    args = ap.parse_args(argv)
-    shapes = [_parse_shape(s) for s in args.shape] if args.shape else list(DEFAULT_SHAPES)
-    seeds = [int(s) for s in args.seeds.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        frame = compare_pod_shapes(Scenario.from_yaml(args.scenario), shapes, args.model, profile_dir=Path(tmp),
-                                   seeds=seeds, max_pods=args.max_pods)
-    print(format_shapes(frame))
-    for name, g in frame.groupby("shape", sort=False):
-        print(f"{name}: pods by seed {dict(zip(g['seed'], g['pods'], strict=True))}, "
-              f"TTFT p99 {statistics.median(g['ttft_p99_s']):.2f} s (median)")
+class ShapeError(CapsimError, ValueError):
+    """A pod shape written as text is not ``GPU:TP:PRICE``; the message quotes it."""
 
 
-def _parse_shape(text: str) -> PodShape:
+def parse_shape(text: str) -> PodShape:
+    """``"h100:4:4.0"`` -> 4 H100s a pod at $4.00 a GPU-hour (the GPU must be one of ``GPUS``)."""
     parts = text.split(":")
     try:
         gpu, tp, price = parts
-        return PodShape(gpu, int(tp), float(price))
+        shape = PodShape(gpu, int(tp), float(price))
     except ValueError:
-        raise SystemExit(f"--shape {text!r}: expected GPU:TP:PRICE, e.g. h100:4:4.0") from None
-
-
-if __name__ == "__main__":
-    main()
+        raise ShapeError(f"pod shape {text!r}: expected GPU:TP:PRICE, e.g. h100:4:4.0") from None
+    if gpu not in GPUS or shape.tensor_parallel < 1 or shape.price_per_gpu_hour < 0:
+        raise ShapeError(f"pod shape {text!r}: the GPU must be one of {sorted(GPUS)}, TP at least 1 and the price "
+                         "not negative")
+    return shape
