@@ -3,7 +3,6 @@ what they cost, what the checks say and what the export asks Kubernetes and vLLM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import BatchSettings
 from capsim.sim.simulate import Simulation
 from capsim.studies.checks import run_checks
+from test_sim_nodes import at
+from test_sim_nodes import idle as idle_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Llama 3 70B's KV shape (80 layers, 8 KV heads of 128) with 131.4 GiB of bf16 weights
@@ -62,27 +63,10 @@ def test_a_pod_must_fit_on_one_node_and_nodes_are_whole() -> None:
 
 
 # ---- placement, provisioning and cost -----------------------------------------------------------------
-def idle(horizon_s: float = 2000, **changes: Any) -> Scenario:
-    """No traffic to speak of; pods of 2 GPUs start in 10 s; nodes of 4 GPUs (2 pods), provisioned in 30 s."""
-    s = Scenario.model_validate({
-        "horizon_s": horizon_s,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 0.001}},
-        "service": {"kind": "deterministic", "mean_s": 0.1},
-        "batching": {"tensor_parallel_size": 2},
-        "pods": {"replicas": 3, "startup_s": 10, "gpu_cost_per_hour": 2.0},
-        "cluster": {"max_gpus": 8, "node_gpus": 4, "node_provision_s": 30},
-        "timeseries_interval_s": 1,
-    })
-    return s.override(changes) if changes else s
-
-
-def at(sim: Simulation, *steps: tuple[float, Callable[[], None]]) -> None:
-    """Run each action at its time (s)."""
-    def proc() -> Generator[Any, Any, None]:
-        for t, action in steps:
-            yield sim.env.timeout(t - sim.env.now)
-            action()
-    sim.env.process(proc())
+def idle(**changes: Any) -> Scenario:
+    """test_sim_nodes' idle cluster (nodes of 4 GPUs, 8 at most, provisioned in 30 s; pods start in 10 s) with
+    3 pods of 2 GPUs: two a node."""
+    return idle_cluster(**{"batching.tensor_parallel_size": 2, "pods.replicas": 3, **changes})
 
 
 def test_pods_hold_and_pay_for_all_their_gpus() -> None:
