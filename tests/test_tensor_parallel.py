@@ -79,7 +79,9 @@ def test_pods_hold_and_pay_for_all_their_gpus() -> None:
     assert r.cost == pytest.approx(2.0 * 8 * 2000 / 3600)  # billing: node
     pod_billed = Simulation(idle(**{"cluster.billing": "pod"}), seed=0).run().summary
     assert pod_billed.cost == pytest.approx(2.0 * 3 * 2 * 2000 / 3600)
-    no_cluster = Simulation(idle(cluster=None, **{"batching.tensor_parallel_size": 4}), seed=0).run().summary
+    no_cluster_run = Simulation(idle(cluster=None, **{"batching.tensor_parallel_size": 4}), seed=0).run()
+    no_cluster = no_cluster_run.summary
+    assert (no_cluster_run.timeseries["gpus_held"] == 12).all() and no_cluster_run.timeseries["node_gpus"].isna().all()
     assert no_cluster.gpu_hours == pytest.approx(3 * 4 * 2000 / 3600)
     assert no_cluster.cost == pytest.approx(2.0 * 3 * 4 * 2000 / 3600)
 
@@ -94,6 +96,8 @@ def test_a_pod_waits_for_a_node_with_enough_free_gpus() -> None:
     # the third can never be placed: a third node would pass max_gpus, and no node has 2 GPUs free
     assert ts["pending_replicas"][29] == 2 and ts["pending_replicas"][45] == 1 and ts["ready_replicas"][45] == 2
     assert ts["pending_replicas"].iloc[-1] == 1
+    # the time series: the second node is billed while it boots; its pod holds its GPUs once placed (30 s)
+    assert (ts["node_gpus"][29], ts["gpus_held"][29]) == (6, 2) and (ts["node_gpus"][45], ts["gpus_held"][45]) == (6, 4)
 
 
 def test_nodes_are_whole_within_max_gpus() -> None:
@@ -116,6 +120,7 @@ def test_a_node_is_drained_when_its_pods_fit_elsewhere_by_whole_pods() -> None:
     assert sim.cluster.nodes.removals == [(610.0, 1)]
     assert [(n.gpus, n.used) for n in sim.cluster.nodes.nodes] == [(4, 4), (4, 0)]
     assert ts["ready_replicas"][609] == 2 and ts["ready_replicas"].iloc[-1] == 2
+    assert (ts["node_gpus"][609], ts["node_gpus"].iloc[-1]) == (8, 4) and ts["gpus_held"].iloc[-1] == 4
     # without the scale-in node 1's pod has nowhere to go: two GPUs are free, but on node 1 itself
     full = Simulation(idle(**{"cluster.scale_down_utilization_threshold": 0.6}), seed=0)
     full.run()

@@ -397,6 +397,10 @@ class Cluster:
     def count(self, state: PodState) -> int:
         return sum(1 for p in self.pods if p.state == state)
 
+    def gpus_held(self) -> int:
+        """GPUs the pods hold now: placed, not yet gone (``tensor_parallel_size`` each)."""
+        return sum(1 for p in self.pods if p.gpu_since is not None) * self.nodes.pod_gpus
+
     def gpu_seconds(self, now: float) -> float:
         """GPU-seconds held by all pods up to ``now`` (each holds ``tensor_parallel_size`` GPUs)."""
         held = sum(p.gpu_s + (now - p.gpu_since if p.gpu_since is not None else 0.0) for p in self.pods)

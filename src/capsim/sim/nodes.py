@@ -200,6 +200,10 @@ class NodePool:
         return max(node.image_at_s - now, 0.0)
 
     # ---- accounting ------------------------------------------------------------------------------
+    def gpus_now(self) -> float:
+        """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
+        return float(sum(n.gpus for n in self._live())) if self.limited else math.nan
+
     def node_gpu_seconds(self, now: float) -> float:
         """GPU-seconds of the nodes from their creation to their removal (or ``now``)."""
         return sum(n.gpus * (min(n.removed_s if n.removed_s is not None else now, now) - n.created_s)

@@ -144,7 +144,8 @@ class Timeseries:
 
     COLUMNS = ("time_s", "arrivals", "arrival_rate_per_s", "completed", "errors", "desired_replicas",
                "ready_replicas", "starting_replicas", "pending_replicas", "terminating_replicas",
-               "queue_depth", "in_flight", "busy_fraction", "hpa_metric", "crashed_replicas")
+               "queue_depth", "in_flight", "busy_fraction", "hpa_metric", "crashed_replicas", "gpus_held",
+               "node_gpus")
 
     def __init__(self, extra: tuple[str, ...] = ()) -> None:
         self.rows: list[tuple[float, ...]] = []

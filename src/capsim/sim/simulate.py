@@ -183,7 +183,7 @@ class Simulation:
                 states.count(PodState.PENDING), states.count(PodState.TERMINATING),
                 sum(len(p.queue) for p in serving), sum(p.outstanding for p in serving), busy_frac,
                 self.autoscaling.last_value if self.autoscaling else float("nan"),
-                states.count(PodState.CRASHED),
+                states.count(PodState.CRASHED), self.cluster.gpus_held(), self.cluster.nodes.gpus_now(),
             )
             if self.continuous is not None:
                 row += continuous_row(serving)
