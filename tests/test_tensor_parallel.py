@@ -161,6 +161,10 @@ def test_an_estimate_for_other_gpus_a_pod_fails_the_checks() -> None:
     assert "profile-tensor-parallel" not in _checks(h100)
     found = _checks(h100.override({"batching.tensor_parallel_size": 2}))["profile-tensor-parallel"]
     assert found.startswith("batching.tensor_parallel_size: 2, but") and "pods of 1 GPU" in found
+    # the KV cache sized for an H200's memory with an H100's step times: a warning
+    assert "profile-gpu-memory" not in _checks(h100)  # 79.6 GiB, as the estimate's H100
+    found = _checks(h100.override({"batching.gpu_memory_gb": 139.8}))["profile-gpu-memory"]
+    assert found.startswith("batching.gpu_memory_gb: 139.8 GiB, but") and "NVIDIA H100 SXM of 79.6 GiB" in found
 
 
 def test_the_export_asks_for_the_pods_gpus(tmp_path: Path) -> None:
@@ -176,6 +180,10 @@ def test_the_export_asks_for_the_pods_gpus(tmp_path: Path) -> None:
     readme = (tmp_path / "README.md").read_text()
     assert "2 GPUs on one node (tensor parallel) per pod" in readme and "`nvidia.com/gpu: 2`" in readme
     assert "| `batching.tensor_parallel_size` (GPUs a pod) | 2 |" in readme
+    assert "capsim's own pod runs its model on one device" in readme
+    one = tmp_path / "one"
+    export_scenario(sc.override({"batching.tensor_parallel_size": 1}), one)
+    assert "capsim's own pod runs its model on one device" not in (one / "README.md").read_text()
 
 
 def test_a_drain_never_splits_a_pod_over_the_free_gpus_of_several_nodes() -> None:

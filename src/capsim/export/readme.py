@@ -108,6 +108,10 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     if b.mode == "continuous":
         lines += ["", "The pod runs its continuous engine with these limits (`configmap.yaml`); a vLLM "
                   "Deployment takes the same as the arguments in `vllm-args.yaml`."]
+    if b.tensor_parallel_size > 1:
+        lines += ["", f"Each pod holds {b.tensor_parallel_size} GPUs (the patch requests them). capsim's own pod "
+                  "runs its model on one device and does not split it: the plan's step times are those of an engine "
+                  f"that does, such as vLLM with `--tensor-parallel-size {b.tensor_parallel_size}`."]
     return [*lines, ""]
 
 

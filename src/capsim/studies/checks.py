@@ -20,6 +20,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``max-replicas-over-gpus``: ``maxReplicas`` above the pods the cluster section can hold (whole nodes of
   ``node_gpus`` within ``max_gpus``, each holding ``node_gpus // tensor_parallel_size`` pods) leaves the
   extra pods Pending for ever.
+* ``profile-gpu-memory`` (warn): a continuous scenario sizes its KV cache from ``batching.gpu_memory_gb``
+  more than 1% away from the memory of the GPU its estimated profile was made for.
 * ``profile-tensor-parallel`` (fail): an estimated profile made for N GPUs a pod
   (``capsim estimate-profile --tensor-parallel N``) in a scenario whose pods hold another number
   (``batching.tensor_parallel_size``): the step times would be one pod's and the GPUs another's.
@@ -116,6 +118,12 @@ def _estimated_profile(scenario: Scenario) -> list[Finding]:
             "batching.tensor_parallel_size", f"{pod_tp}, but {svc.profile} estimates pods of {tp} GPU"
             f"{'s' if tp > 1 else ''} (--tensor-parallel {tp}): set it to {tp}, or estimate the profile for "
             f"{pod_tp}", check="profile-tensor-parallel"))
+    memory, gib = scenario.batching.gpu_memory_gb, gpu.get("memory_gib")
+    if scenario.batching.mode == "continuous" and memory is not None and gib and abs(memory - gib) > 0.01 * gib:
+        findings.append(Finding(
+            "batching.gpu_memory_gb", f"{memory:g} GiB, but {svc.profile} estimates {gpu.get('name', 'a GPU')} of "
+            f"{gib:g} GiB: the KV cache is sized for another GPU than the step times", level="warn",
+            check="profile-gpu-memory"))
     return findings
 
 
