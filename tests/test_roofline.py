@@ -144,9 +144,10 @@ def test_tensor_parallel_splits_the_weights_and_pays_the_links() -> None:
 
 
 @given(decodes=st.lists(st.integers(0, 8192), max_size=64), chunk=st.integers(1, 4096),
-       context=st.integers(0, 4096), tp=st.sampled_from([1, 2, 4]))
-def test_more_work_never_takes_less_time(decodes: list[int], chunk: int, context: int, tp: int) -> None:
-    rl = Roofline(GPUS["l40s"], MODELS["qwen2.5-7b"], tensor_parallel=tp)
+       context=st.integers(0, 4096), tp=st.sampled_from([1, 2, 4]),
+       model=st.sampled_from(["qwen2.5-7b", "mixtral-8x7b"]))
+def test_more_work_never_takes_less_time(decodes: list[int], chunk: int, context: int, tp: int, model: str) -> None:
+    rl = Roofline(GPUS["l40s"], MODELS[model], tensor_parallel=tp)
     base = rl.step_s([(chunk, context)], decodes)
     assert base >= rl.step_s([], decodes)
     assert rl.step_s([(chunk, context)], [*decodes, 0]) >= base
@@ -287,3 +288,65 @@ def test_the_defaults_are_a_little_slow_against_published_single_stream_decodes(
     a100 = Roofline(a100_40gb, m).step_s([], [1024 + 64])  # mid-answer of a 1,024-token prompt
     for estimate, published in ((h100, 6.48e-3), (a100, 1 / 75)):
         assert 1.05 < estimate / published < 1.25, (estimate, published)
+
+
+# ---- mixtures of experts ---------------------------------------------------------------------------------
+MIXTRAL_CONFIG = {  # mistralai/Mixtral-8x7B-v0.1's config.json, the keys that size it
+    "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "vocab_size": 32000, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "num_local_experts": 8, "num_experts_per_tok": 2,
+}
+QWEN3_30B_A3B_CONFIG = {  # Qwen/Qwen3-30B-A3B's config.json, the keys that size it
+    "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_attention_heads": 32,
+    "num_hidden_layers": 48, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "num_experts": 128, "num_experts_per_tok": 8,
+    "decoder_sparse_step": 1, "mlp_only_layers": [],
+}
+
+
+def test_mixture_of_experts_counts_every_expert_and_runs_a_few(tmp_path: Path) -> None:
+    mixtral = MODELS["mixtral-8x7b"]
+    assert mixtral.params == 46_702_792_704  # the published total (its safetensors index)
+    active = mixtral.active_layer_params + mixtral.head_params + mixtral.vocab_size * mixtral.d_model
+    assert active == pytest.approx(12.9e9, rel=0.01)  # "12.9B active parameters"
+    (tmp_path / "Mixtral").mkdir()
+    (tmp_path / "Mixtral" / "config.json").write_text(json.dumps(MIXTRAL_CONFIG))
+    assert load_model(str(tmp_path / "Mixtral")).model_copy(update={"name": "mixtral-8x7b"}) == mixtral
+    (tmp_path / "config.json").write_text(json.dumps(QWEN3_30B_A3B_CONFIG))
+    qwen = load_model(str(tmp_path / "config.json"))
+    assert (qwen.n_experts, qwen.experts_per_token, qwen.d_ff) == (128, 8, 768)
+    assert qwen.params == pytest.approx(30.5e9, rel=0.005)  # "30.5B in total, 3.3B activated"
+    assert qwen.active_layer_params + 2 * qwen.head_params == pytest.approx(3.3e9, rel=0.03)
+    (tmp_path / "config.json").write_text(json.dumps({**QWEN3_30B_A3B_CONFIG, "shared_expert_intermediate_size": 5632}))
+    with pytest.raises(RooflineError, match="'shared_expert_intermediate_size' = 5632: shared experts"):
+        load_model(str(tmp_path / "config.json"))
+    with pytest.raises(ValueError, match="experts_per_token must be <= n_experts"):
+        mixtral.model_copy(update={}).model_validate({**mixtral.model_dump(), "experts_per_token": 9})
+
+
+def test_a_mixture_reads_the_experts_its_tokens_were_routed_to() -> None:
+    m = MODELS["mixtral-8x7b"]
+    # each token picks 2 of 8: one token reads 2 experts a layer, 8 tokens 8 x (1 - 0.75^8) = 7.2, many all 8
+    assert [m.experts_read(n) for n in (0, 1)] == [0.0, 2.0]
+    assert m.experts_read(8) == pytest.approx(8 * (1 - 0.75**8)) and m.experts_read(200) == pytest.approx(8.0)
+    h100 = GPUS["h100"]
+    rl = Roofline(h100, m, tensor_parallel=2)
+    bw = h100.hbm_gb_s * 1e9 * h100.mbu
+    # one decode: the shared weights (attention, router, norms, LM head) and 2 experts of 3 x 4096 x 14336 a
+    # layer, over 2 GPUs, plus the overhead; its attention (one token over 512) is small beside them
+    shared = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 4096 * 8 + 2 * 4096) + 32000 * 4096
+    expert = 32 * 3 * 4096 * 14336
+    link_s = 2 * 32 * 2 * (1 / 2) * 4096 * 2 / (h100.link_gb_s * 1e9)  # a token's 2 all-reduces a layer
+    expected = h100.step_overhead_ms / 1e3 + (shared + 2 * expert) * 2 / 2 / bw + link_s
+    assert rl.decode_head_s(1) == pytest.approx(expected, rel=1e-9)
+    assert rl.decode_s(1, 512) == pytest.approx(expected, rel=0.02)
+    # a batch of 64 reads all 8 experts: its weights take (shared + 8 experts) / (shared + 2 experts) longer
+    dense_read = (shared + 8 * expert) * 2 / 2 / bw
+    assert rl.decode_head_s(64) == pytest.approx(h100.step_overhead_ms / 1e3 + dense_read + 64 * link_s, rel=1e-6)
+    # a dense model of the same weights (no router) reads them all at any batch: at batch 1 the mixture's
+    # step is 3.2 times shorter
+    dense = Roofline(h100, m.model_copy(update={"n_experts": 1, "experts_per_token": 1,
+                                                "d_ff": 14336 * 8}), tensor_parallel=2)
+    dense_s = h100.step_overhead_ms / 1e3 + (shared - 32 * 4096 * 8 + 8 * expert) * 2 / 2 / bw + link_s
+    assert dense.decode_head_s(1) == pytest.approx(dense_s, rel=1e-9)
+    assert dense.decode_head_s(1) / rl.decode_head_s(1) == pytest.approx(3.24, abs=0.01)

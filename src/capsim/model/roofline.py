@@ -12,6 +12,10 @@ the slower of its arithmetic and its memory traffic:
 - the **attention** over the KV cache: ``4 x layers x heads x head_dim`` FLOPs per (query, key) pair, and
   the cache read once per sequence (its context) plus the new tokens' K and V written.
 
+A mixture of experts (``ModelArch.n_experts`` > 1) runs ``experts_per_token`` experts a token: its FLOPs are
+the active weights', and a step reads the weights every token runs plus the experts its tokens were routed
+to (their expected number under uniform routing, ``ModelArch.experts_read``).
+
 ``seconds = overhead + max(linear FLOPs / (peak x mfu), weight bytes / (bandwidth x mbu))
 + max(attention FLOPs / (peak x mfu), KV bytes / (bandwidth x mbu))``.
 
@@ -30,10 +34,10 @@ import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from capsim.errors import CapsimError
 from capsim.model.kv_cache import DTYPE_BYTES, ModelShape
@@ -95,14 +99,50 @@ class ModelArch(BaseModel):
     gated_mlp: bool = True  # SwiGLU (gate, up, down): three matrices; else two
     tied_embeddings: bool = False
     dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "bfloat16"  # weights' and KV cache's
+    # mixture of experts: every layer's MLP is n_experts experts of d_ff each (and a router); a token runs
+    # experts_per_token of them. 1 expert: a dense model
+    n_experts: int = Field(1, ge=1)
+    experts_per_token: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _experts(self) -> Self:
+        if self.experts_per_token > self.n_experts:
+            raise ValueError(f"experts_per_token must be <= n_experts ({self.n_experts}), got {self.experts_per_token}")
+        return self
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 1
+
+    @property
+    def expert_params(self) -> int:
+        """One expert's weights in one layer (the dense MLP of a dense model)."""
+        return (3 if self.gated_mlp else 2) * self.d_model * self.d_ff
+
+    @property
+    def shared_layer_params(self) -> int:
+        """Weights every token runs in the transformer layers: projections, norms, the router."""
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        attention = self.d_model * q_out + 2 * self.d_model * kv_out + q_out * self.d_model
+        router = self.d_model * self.n_experts if self.is_moe else 0
+        return self.n_layers * (attention + router + 2 * self.d_model)
 
     @property
     def layer_params(self) -> int:
-        """Weights of the transformer layers (projections and MLP; norms are negligible)."""
-        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        attention = self.d_model * q_out + 2 * self.d_model * kv_out + q_out * self.d_model
-        mlp = (3 if self.gated_mlp else 2) * self.d_model * self.d_ff
-        return self.n_layers * (attention + mlp + 2 * self.d_model)
+        """Weights of the transformer layers (projections, MLP or experts, norms)."""
+        return self.shared_layer_params + self.n_layers * self.n_experts * self.expert_params
+
+    @property
+    def active_layer_params(self) -> int:
+        """Weights of the transformer layers one token runs (``layer_params`` for a dense model)."""
+        return self.shared_layer_params + self.n_layers * self.experts_per_token * self.expert_params
+
+    def experts_read(self, tokens: int) -> float:
+        """Experts a layer reads for ``tokens`` tokens, each routed to ``experts_per_token`` of them
+        uniformly: ``n_experts x (1 - (1 - k / n_experts)^tokens)``, the expected number touched."""
+        if not self.is_moe:
+            return 1.0 if tokens > 0 else 0.0
+        return self.n_experts * (1.0 - (1.0 - self.experts_per_token / self.n_experts) ** tokens)
 
     @property
     def head_params(self) -> int:
@@ -144,15 +184,26 @@ class ModelArch(BaseModel):
 
         d_model, n_heads = need("hidden_size"), need("num_attention_heads")
         n_kv = need("num_key_value_heads") if "num_key_value_heads" in config else n_heads
+        experts_key = next((k for k in ("num_local_experts", "num_experts") if config.get(k)), None)
+        n_experts, per_token, d_ff_key = 1, 1, "intermediate_size"
+        if experts_key is not None:  # Mixtral's or Qwen-MoE's spelling
+            n_experts, per_token = need(experts_key), need("num_experts_per_tok")
+            d_ff_key = "moe_intermediate_size" if "moe_intermediate_size" in config else "intermediate_size"
+            for key, allowed in (("shared_expert_intermediate_size", (None, 0)), ("mlp_only_layers", (None, [])),
+                                 ("decoder_sparse_step", (None, 1)), ("n_shared_experts", (None, 0))):
+                if config.get(key) not in allowed:
+                    raise RooflineError(f"{source}: {key!r} = {config.get(key)!r}: shared experts and dense layers "
+                                        "among the expert ones are not modelled (every layer routed, no shared expert)")
         head_dim = need("head_dim") if config.get("head_dim") is not None else d_model // n_heads
         dtype = str(config.get("torch_dtype") or "bfloat16")
         if dtype not in DTYPE_BYTES:
             raise RooflineError(f"{source}: 'torch_dtype' must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
         act = str(config.get("hidden_act", "silu"))
         return cls(name=name, n_layers=need("num_hidden_layers"), d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
-                   head_dim=head_dim, d_ff=need("intermediate_size"), vocab_size=need("vocab_size"),
+                   head_dim=head_dim, d_ff=need(d_ff_key), vocab_size=need("vocab_size"),
                    gated_mlp=act in ("silu", "swiglu", "gelu_pytorch_tanh") or "glu" in act,
-                   tied_embeddings=bool(config.get("tie_word_embeddings", False)), dtype=dtype)
+                   tied_embeddings=bool(config.get("tie_word_embeddings", False)), dtype=dtype,
+                   n_experts=n_experts, experts_per_token=per_token)
 
 
 #: Published configs (their Hugging Face ``config.json``): Meta's Llama 3 8B and 70B, Mistral 7B v0.1,
@@ -170,6 +221,9 @@ MODELS: dict[str, ModelArch] = {
                             d_ff=14336, vocab_size=32000),
     "qwen2.5-7b": ModelArch(name="qwen2.5-7b", n_layers=28, d_model=3584, n_heads=28, n_kv_heads=4, head_dim=128,
                             d_ff=18944, vocab_size=152064),
+    # a mixture of experts: 8 experts of 14,336 a layer, 2 a token (46.7B weights, 12.9B run per token)
+    "mixtral-8x7b": ModelArch(name="mixtral-8x7b", n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
+                              head_dim=128, d_ff=14336, vocab_size=32000, n_experts=8, experts_per_token=2),
 }
 
 
@@ -223,6 +277,10 @@ class Roofline:
                 f"heads must divide evenly, and its {kv} KV heads evenly or replicated evenly (vLLM refuses it)")
         self.gpu, self.model, self.tp = gpu, model, tensor_parallel
         self._weight_bytes = (model.layer_params + model.head_params) * model.bytes_per_param / tensor_parallel
+        # a mixture of experts reads the weights every token runs, and the experts its tokens were routed to
+        # (each GPU a 1/tp slice of every expert, as vLLM shards experts without expert parallelism)
+        self._shared_bytes = (model.shared_layer_params + model.head_params) * model.bytes_per_param / tensor_parallel
+        self._expert_bytes = model.n_layers * model.expert_params * model.bytes_per_param / tensor_parallel
         self._attn_flops = 4 * model.n_layers * model.n_heads * model.head_dim / tensor_parallel  # per pair
         # KV heads split over the GPUs, each replicated where there are fewer heads than GPUs (as vLLM does)
         self._kv_bytes = model.kv_bytes_per_token / min(tensor_parallel, model.n_kv_heads)
@@ -272,8 +330,13 @@ class Roofline:
         """The linear layers (the LM head once per sequence), bound by their FLOPs or the weights' read,
         and the all-reduces of ``tokens`` activations over the links."""
         g, m = self.gpu, self.model
-        linear_flops = 2.0 * (m.layer_params * tokens + m.head_params * sequences) / self.tp
-        linear = max(linear_flops / g.flops_per_s, self._weight_bytes / g.bytes_per_s)
+        if m.is_moe:
+            linear_flops = 2.0 * (m.active_layer_params * tokens + m.head_params * sequences) / self.tp
+            weights = self._shared_bytes + self._expert_bytes * m.experts_read(tokens)
+        else:  # the same arithmetic, written as it was (the shipped profiles' digits)
+            linear_flops = 2.0 * (m.layer_params * tokens + m.head_params * sequences) / self.tp
+            weights = self._weight_bytes
+        linear = max(linear_flops / g.flops_per_s, weights / g.bytes_per_s)
         return linear + self._link_bytes * tokens / (g.link_gb_s * 1e9)
 
     def decode_head_s(self, decodes: int) -> float:
