@@ -45,6 +45,11 @@ def test_a_shape_gets_its_profile_gpus_memory_and_price(rush: Scenario, tmp_path
     assert est["tensor_parallel"] == 2 and est["gpu"]["name"] == GPUS["l4"].name
     # the estimate is for the pod's GPUs; the HPA's 32 pods would now need 64 GPUs, over the cluster's 32
     assert [f.check for f in run_checks(sc)] == ["estimated-profile", "max-replicas-over-gpus"]
+    # another model than the scenario's: the cache is sized for its weights and heads (the activations kept)
+    mixtral = shape_scenario(rush, PodShape("h100", 2, 4.0), MODELS["mixtral-8x7b"], tmp_path)
+    assert rush.batching.model is not None and mixtral.batching.model is not None
+    assert mixtral.batching.model.weights_gb == round(MODELS["mixtral-8x7b"].weights_gib, 3)
+    assert mixtral.batching.model.activation_peak_gb == rush.batching.model.activation_peak_gb
     measured = ROOT / "data/profiles/cpu-tiny-float32.csv"
     kept = shape_scenario(rush, PodShape("h100", 1, 4.0, profile=measured), MODELS["llama-3-8b"], tmp_path / "x")
     assert Path(kept.service.profile) == measured and not (tmp_path / "x").exists()

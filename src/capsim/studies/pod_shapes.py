@@ -47,7 +47,8 @@ class PodShape:
 
 def shape_scenario(scenario: Scenario, shape: PodShape, model: ModelArch, profile_dir: Path) -> Scenario:
     """``scenario`` on pods of ``shape``: its profile (estimated into ``profile_dir`` unless measured), GPUs a
-    pod, one GPU's memory for the KV cache, and its price. Raises ``SettingsError`` naming the shape."""
+    pod, its price, and, when the scenario sizes its KV cache from memory, one GPU's memory and ``model``'s
+    shape (the activation peak kept). Raises ``SettingsError`` naming the shape."""
     spec = load_gpu(shape.gpu)
     path = shape.profile
     if path is None:
@@ -56,8 +57,11 @@ def shape_scenario(scenario: Scenario, shape: PodShape, model: ModelArch, profil
     changes: dict[str, Any] = {"service.profile": str(Path(path).resolve()),
                                "batching.tensor_parallel_size": shape.tensor_parallel,
                                "pods.gpu_cost_per_hour": shape.price_per_gpu_hour}
-    if scenario.batching.mode == "continuous" and scenario.batching.gpu_memory_gb is not None:
+    b = scenario.batching
+    if b.mode == "continuous" and b.gpu_memory_gb is not None:  # the cache from this GPU's memory and this model
+        peak = b.model.activation_peak_gb if b.model is not None else 0.0
         changes["batching.gpu_memory_gb"] = spec.memory_gib
+        changes["batching.model"] = model.shape(activation_peak_gb=peak).model_dump()
     try:
         return scenario.override(changes)
     except SettingsError as exc:
