@@ -53,6 +53,9 @@ def test_a_shape_gets_its_profile_gpus_memory_and_price(rush: Scenario, tmp_path
     measured = ROOT / "data/profiles/cpu-tiny-float32.csv"
     kept = shape_scenario(rush, PodShape("h100", 1, 4.0, profile=measured), MODELS["llama-3-8b"], tmp_path / "x")
     assert Path(kept.service.profile) == measured and not (tmp_path / "x").exists()
+    frame = compare_pod_shapes(rush, [PodShape("h100", 1, 4.0, profile=measured)], "llama-3-8b",
+                               profile_dir=tmp_path / "x", seeds=[0], max_pods=1)
+    assert not frame["estimated"].any()  # a measured profile's times, said so
 
 
 def test_a_shape_that_cannot_be_is_named(rush: Scenario, tmp_path: Path) -> None:
@@ -108,12 +111,14 @@ def test_the_command_prints_the_table_and_writes_the_frame(tmp_path: Path) -> No
     assert list(frame["shape"]) == ["1 x h100"] and (tmp_path / "out" / "shapes.png").stat().st_size > 0
     assert (tmp_path / "out" / "roofline-h100x1-llama-3-8b.csv").exists()
     for bad, says in (("h100:1", "expected GPU:TP:PRICE"), ("tpu:1:1", "the GPU must be one of"),
-                      ("h100:0:1", "TP at least 1")):
+                      ("h100:0:1", "TP at least 1"), ("h100:1:4:nowhere.csv", "the profile nowhere.csv is not a file")):
         got = runner.invoke(app, ["pod-shapes", str(path), "--shape", bad])
         assert got.exit_code == 2 and says in got.output and f"pod shape {bad!r}" in got.output, got.output
 
 
 def test_parse_shape() -> None:
     assert parse_shape("h200:2:5.5") == PodShape("h200", 2, 5.5)
+    measured = ROOT / "data/profiles/cpu-tiny-float32.csv"
+    assert parse_shape(f"h100:1:4:{measured}") == PodShape("h100", 1, 4.0, measured)
     with pytest.raises(ShapeError, match="expected GPU:TP:PRICE"):
         parse_shape("h200:two:5")

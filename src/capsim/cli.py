@@ -594,14 +594,16 @@ def pod_shapes(
         "data/scenarios/h100x4_llama3_70b_rush.yaml"),
     model: Annotated[str, typer.Option(help="a roofline preset or a Hugging Face config.json")] = "llama-3-70b",
     shape: Annotated[list[str] | None, typer.Option(
-        help="GPU:TP:PRICE, a pod of TP GPUs at PRICE a GPU-hour; repeat [default: h100:4:4, h100:8:4, h200:2:5]")
+        help="GPU:TP:PRICE[:PROFILE], a pod of TP GPUs at PRICE a GPU-hour, timed by a roofline estimate or by the "
+             "PROFILE measured on such a pod; repeat [default: h100:4:4, h100:8:4, h200:2:5]")
     ] = None,
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1, a fleet found for each")] = 5,
     max_pods: Annotated[int, typer.Option(min=1, help="the largest fleet tried")] = 32,
     out: Annotated[Path | None, typer.Option(help="folder for shapes.csv, shapes.png and the estimated profiles")] = None,
 ) -> None:
     """The fewest pods of each shape (GPU x tensor parallelism) that carry the scenario's rush within its SLO,
-    from roofline-estimated step times: GPUs held and billed by whole nodes, cost an hour (docs/continuous.md)."""
+    from roofline-estimated (or measured) step times: GPUs held and billed by whole nodes, cost an hour
+    (docs/continuous.md)."""
     import tempfile
 
     from capsim.model.scenario import Scenario

@@ -24,7 +24,8 @@ from typing import Any
 import pandas as pd
 
 from capsim.errors import CapsimError
-from capsim.model.roofline import GPUS, ModelArch, load_gpu, load_model, roofline_profile
+from capsim.model.profile import ServiceTimeProfile
+from capsim.model.roofline import GPUS, ModelArch, is_estimate, load_gpu, load_model, roofline_profile
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.studies.batch_modes import pods_needed
@@ -81,12 +82,15 @@ def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: Mo
                        profile_dir: Path, seeds: Iterable[int] = (0,), max_pods: int = 32) -> pd.DataFrame:
     """One row per shape and seed: the fewest pods meeting the SLO (NaN: not even ``max_pods``), the GPUs
     they hold and are billed for, the fleet's cost an hour either way, and that run's TTFT p99, ITL p50 and
-    KV-cache blocks a pod; ``estimated`` says whether the service times were a roofline's."""
+    KV-cache blocks a pod; ``estimated`` says whether the service times were an estimate's (the profile's
+    metadata says so), not a measurement's."""
     arch = load_model(model) if isinstance(model, str) else model
     rows = []
     for shape in shapes:
         sc = shape_scenario(scenario, shape, arch, profile_dir)
         blocks = sc.batching.kv_cache_blocks() if sc.batching.mode == "continuous" else math.nan
+        assert sc.service.profile is not None  # shape_scenario sets it
+        estimated = is_estimate(ServiceTimeProfile.from_csv(sc.resolve(sc.service.profile)))
         for seed in seeds:
             found = pods_needed(sc, max_replicas=max_pods, seed=seed)
             pods = found.pods
@@ -99,7 +103,7 @@ def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: Mo
                 "cost_per_hour_pod_billing": held * shape.price_per_gpu_hour,
                 "cost_per_hour_node_billing": billed * shape.price_per_gpu_hour,
                 "ttft_p99_s": s["ttft_p99_s"], "itl_p50_s": s.get("itl_p50_s", math.nan),
-                "kv_blocks_per_pod": blocks, "estimated": shape.profile is None,
+                "kv_blocks_per_pod": blocks, "estimated": estimated,
             })
     return pd.DataFrame(rows)
 
@@ -134,13 +138,16 @@ class ShapeError(CapsimError, ValueError):
 
 
 def parse_shape(text: str) -> PodShape:
-    """``"h100:4:4.0"`` -> 4 H100s a pod at $4.00 a GPU-hour (the GPU must be one of ``GPUS``)."""
-    parts = text.split(":")
+    """``"h100:4:4.0"`` -> 4 H100s a pod at $4.00 a GPU-hour (the GPU must be one of ``GPUS``), timed by a
+    roofline estimate; ``"h100:4:4.0:PATH"`` times it by the profile at PATH (measured on such a pod)."""
+    parts = text.split(":", 3)
     try:
-        gpu, tp, price = parts
-        shape = PodShape(gpu, int(tp), float(price))
+        gpu, tp, price, *profile = parts
+        shape = PodShape(gpu, int(tp), float(price), Path(profile[0]) if profile else None)
     except ValueError:
-        raise ShapeError(f"pod shape {text!r}: expected GPU:TP:PRICE, e.g. h100:4:4.0") from None
+        raise ShapeError(f"pod shape {text!r}: expected GPU:TP:PRICE[:PROFILE], e.g. h100:4:4.0") from None
+    if shape.profile is not None and not shape.profile.is_file():
+        raise ShapeError(f"pod shape {text!r}: the profile {shape.profile} is not a file")
     if gpu not in GPUS or shape.tensor_parallel < 1 or shape.price_per_gpu_hour < 0:
         raise ShapeError(f"pod shape {text!r}: the GPU must be one of {sorted(GPUS)}, TP at least 1 and the price "
                          "not negative")
