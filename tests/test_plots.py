@@ -108,6 +108,11 @@ def test_run_timeline_marks_every_scale_event_and_crash(rush, tmp_path):
     assert ttft.get_xlabel() == "time (min)"
     desired = reps.lines[0].get_ydata()
     assert max(desired) == rush.summary.max_replicas
+    # the cluster's room, in pods: whole 8-GPU nodes of one-GPU pods, never below the ready pods
+    (room,) = [line for line in reps.lines if line.get_label() == "pods the nodes hold (booting ones too)"]
+    held = np.asarray(room.get_ydata(), dtype=float)
+    assert set(held) <= {8.0, 16.0, 24.0, 32.0} and max(held) > min(held)  # nodes came (and went)
+    assert (held >= rush.timeseries["ready_replicas"].to_numpy()).all()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["scale up", "scale down", "crash"]
     assert any("SLO" in t.get_text() for t in ttft.get_legend().get_texts())
@@ -130,6 +135,7 @@ def test_run_timeline_shades_redis_outages():
         "horizon_s": 300, "warmup_s": 30, "faults.pod_mtbf_s": None, "faults.crashes": [],
         "faults.redis_outages": [{"at_s": 120, "duration_s": 30}]})
     fig = plots.run_timeline(simulate(sc, seed=0))
+    assert not [line for line in fig.axes[1].lines if line.get_label() == "pods the nodes hold (booting ones too)"]  # no cluster
     for ax in fig.axes:
         (span,) = ax.patches
         assert (span.get_x(), span.get_x() + span.get_width()) == pytest.approx((2.0, 2.5))

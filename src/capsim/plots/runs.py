@@ -31,8 +31,9 @@ def ttft_p99_over_time(requests: Any, bin_s: float = 60.0, horizon_s: float | No
 
 
 def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bin_s: float = 60.0) -> Figure:
-    """Four panels over time (minutes) from a ``SimResult``: the arrival rate, replicas (desired, ready),
-    queue depth, and p99 TTFT per ``bin_s`` of arrivals; every scale event and crash is marked."""
+    """Four panels over time (minutes) from a ``SimResult``: the arrival rate, replicas (desired, ready, and
+    with a cluster section the pods its nodes hold, booting nodes included, as they are billed), queue depth,
+    and p99 TTFT per ``bin_s`` of arrivals; every scale event and crash is marked."""
     ts = result.timeseries
     t = column(ts, "time_s", "run_timeline") / 60.0
     fig, (load, reps, queue, ttft) = figure(4, 1, height_in=8.5, sharex=True)
@@ -40,6 +41,10 @@ def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bi
     load.set_ylabel("arrivals\n(requests/s)")
     reps.step(t, column(ts, "desired_replicas", "run_timeline"), where="post", color=COLORS[1], label="desired")
     reps.step(t, column(ts, "ready_replicas", "run_timeline"), where="post", color=COLORS[2], label="ready")
+    room = _node_room(result, ts)
+    if room is not None:  # a cluster section: the pods its nodes hold now (booting nodes included)
+        reps.step(t, room, where="post", color=COLORS[5], lw=1, linestyle="--",
+                  label="pods the nodes hold (booting ones too)")
     reps.set_ylabel("replicas\n(pods)")
     reps.yaxis.set_major_locator(MaxNLocator(integer=True))
     reps.legend(fontsize=7, loc="upper left")
@@ -68,6 +73,22 @@ def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bi
         ax.set_ylim(bottom=0)
     fig.suptitle(title or "simulated run")
     return fig
+
+
+def _node_room(result: Any, ts: Any) -> np.ndarray | None:
+    """Pods of ``tensor_parallel_size`` GPUs the nodes hold at each row (whole pods a node), or ``None``
+    without a cluster section (or a time series from before the column)."""
+    if "node_gpus" not in getattr(ts, "columns", ()):
+        return None
+    gpus = np.asarray(ts["node_gpus"], dtype=float)
+    if not np.isfinite(gpus).any():
+        return None
+    scenario = (getattr(result, "provenance", None) or {}).get("scenario", {})
+    tp = int((scenario.get("batching") or {}).get("tensor_parallel_size", 1))
+    node = int((scenario.get("cluster") or {}).get("node_gpus", 0)) or None
+    if node is None:
+        return np.floor(gpus / tp)
+    return np.floor(gpus / node) * (node // tp)
 
 
 def _mark_events(result: Any, axes: tuple[Any, ...]) -> None:
