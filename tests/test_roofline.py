@@ -350,3 +350,22 @@ def test_a_mixture_reads_the_experts_its_tokens_were_routed_to() -> None:
     dense_s = h100.step_overhead_ms / 1e3 + (shared - 32 * 4096 * 8 + 8 * expert) * 2 / 2 / bw + link_s
     assert dense.decode_head_s(1) == pytest.approx(dense_s, rel=1e-9)
     assert dense.decode_head_s(1) / rl.decode_head_s(1) == pytest.approx(3.24, abs=0.01)
+
+
+def test_an_fp8_kv_cache_holds_twice_the_tokens(tmp_path: Path) -> None:
+    m = MODELS["llama-3-8b"]
+    fp8 = m.model_copy(update={"kv_dtype": "fp8"})
+    assert fp8.kv_bytes_per_token == m.kv_bytes_per_token // 2 and fp8.params == m.params
+    assert fp8.shape().kv_dtype == "fp8" and m.shape().kv_dtype == "bfloat16"
+    assert Roofline(GPUS["h100"], fp8)._kv_bytes == Roofline(GPUS["h100"], m)._kv_bytes / 2
+    runner = CliRunner()
+    got = runner.invoke(app, ["estimate-profile", "--kv-cache-dtype", "fp8", "--max-batch-size", "2",
+                              "--out-dir", str(tmp_path)])
+    assert got.exit_code == 0, got.output
+    prof = ServiceTimeProfile.from_csv(tmp_path / "roofline-h100-llama-3-8b-bfloat16-kvfp8.csv")
+    assert Roofline.from_profile(prof).model.kv_dtype == "fp8"  # the simulator's steps read the fp8 cache
+    blocks = kv_cache_blocks(79.6, 0.9, fp8.shape(), 16)
+    bf16 = kv_cache_blocks(79.6, 0.9, m.shape(), 16)
+    assert blocks in (2 * bf16, 2 * bf16 + 1) and f"{blocks:,} blocks" in got.output  # twice, floored once
+    got = runner.invoke(app, ["estimate-profile", "--kv-cache-dtype", "int4", "--out-dir", str(tmp_path)])
+    assert got.exit_code == 2 and "--kv-cache-dtype 'int4'" in got.output

@@ -31,6 +31,10 @@ def test_the_pod_reads_the_exported_engine_settings_and_vllm_gets_the_same(tmp_p
                          "batching.model": {"n_layers": 32, "n_kv_heads": 8, "head_dim": 128, "weights_gb": 15},
                          "batching.enable_prefix_caching": False})
     assert vllm_args(sized)[-3:] == ["--gpu-memory-utilization", "0.85", "--no-enable-prefix-caching"]
+    # a cache planned in fp8 must be fp8 in vLLM too, or it holds half the tokens the plan counted
+    fp8 = sized.override({"batching.model.kv_dtype": "fp8"})
+    assert vllm_args(fp8)[-5:-1] == ["--gpu-memory-utilization", "0.85", "--kv-cache-dtype", "fp8"]
+    assert "--kv-cache-dtype" not in vllm_args(sized)
     assert PodConfig.from_env(pod_env(sized, DeployTarget())).enable_prefix_caching is False
     res = export_scenario(sc, tmp_path / "out", force=True)
     args = tmp_path / "out" / "vllm-args.yaml"

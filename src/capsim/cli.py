@@ -162,6 +162,9 @@ def estimate_profile(
     mfu: Annotated[float | None, typer.Option(help="share of the peak FLOPs the kernels reach [assumed 0.5]")] = None,
     mbu: Annotated[float | None, typer.Option(help="share of the bandwidth the kernels reach [assumed 0.7]")] = None,
     overhead_ms: Annotated[float | None, typer.Option(help="engine time per step besides kernels [assumed 1.0]")] = None,
+    kv_cache_dtype: Annotated[str | None, typer.Option(
+        help="the KV cache's dtype, as vLLM's --kv-cache-dtype: fp8, bfloat16, float16 [default: the weights']")
+    ] = None,
     tensor_parallel: Annotated[int, typer.Option(min=1, help="GPUs a pod splits the model over (vLLM's "
                                                               "--tensor-parallel-size)")] = 1,
     max_batch_size: Annotated[int, typer.Option(min=1, help="largest batch size (powers of two up to it)")] = 256,
@@ -177,6 +180,10 @@ def estimate_profile(
 
     spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
     arch = load_model(model)
+    if kv_cache_dtype is not None:
+        if kv_cache_dtype not in ("fp8", "bfloat16", "float16", "float32"):
+            raise CommandLineError(f"--kv-cache-dtype {kv_cache_dtype!r}: one of fp8, bfloat16, float16, float32")
+        arch = arch.model_copy(update={"kv_dtype": kv_cache_dtype})
     memory, shape = round(spec.memory_gib, 3), arch.shape()
     blocks = kv_cache_blocks(memory, 0.9, shape, 16, tensor_parallel)
     if blocks < 1:
@@ -185,7 +192,8 @@ def estimate_profile(
                                "gpu_memory_utilization 0.9; split it over more GPUs")
     folder = _output_dir(out_dir if out_dir is not None else Path("data/profiles"), "--out-dir")
     gpus = gpu if tensor_parallel == 1 else f"{gpu}x{tensor_parallel}"
-    path = folder / f"roofline-{gpus}-{arch.name}-{arch.dtype}.csv"
+    kv = f"-kv{arch.kv_dtype}" if arch.kv_dtype not in (None, arch.dtype) else ""
+    path = folder / f"roofline-{gpus}-{arch.name}-{arch.dtype}{kv}.csv"
     if path.exists() and not (force or out_dir is not None):
         raise CommandLineError(f"{path} exists and is kept: give --force to overwrite it, or --out-dir")
     prof = roofline_profile(spec, arch, tensor_parallel=tensor_parallel, max_batch_size=max_batch_size)

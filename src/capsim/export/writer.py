@@ -89,6 +89,8 @@ def vllm_args(scenario: Scenario) -> list[str]:
         args += ["--gpu-memory-utilization", str(b.gpu_memory_utilization)]
     else:
         args += ["--num-gpu-blocks-override", str(b.kv_cache_blocks())]
+    if b.model is not None and b.model.kv_dtype == "fp8":  # the plan's cache holds twice the bf16 tokens
+        args += ["--kv-cache-dtype", "fp8"]
     if b.long_prefill_token_threshold:
         args += ["--long-prefill-token-threshold", str(b.long_prefill_token_threshold)]
     # explicit either way: the plan's prefix hits exist only with caching on (vLLM V1's default)

@@ -98,7 +98,9 @@ class ModelArch(BaseModel):
     vocab_size: int = Field(ge=1)
     gated_mlp: bool = True  # SwiGLU (gate, up, down): three matrices; else two
     tied_embeddings: bool = False
-    dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "bfloat16"  # weights' and KV cache's
+    dtype: Literal["float32", "float16", "bfloat16", "fp8"] = "bfloat16"  # the weights'
+    # the KV cache's (vLLM's --kv-cache-dtype; None: the weights' dtype, vLLM's "auto")
+    kv_dtype: Literal["float32", "float16", "bfloat16", "fp8"] | None = None
     # mixture of experts: every layer's MLP is n_experts experts of d_ff each (and a router); a token runs
     # experts_per_token of them. 1 expert: a dense model
     n_experts: int = Field(1, ge=1)
@@ -165,12 +167,17 @@ class ModelArch(BaseModel):
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.bytes_per_param
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * DTYPE_BYTES[self.cache_dtype]
+
+    @property
+    def cache_dtype(self) -> Literal["float32", "float16", "bfloat16", "fp8"]:
+        """The KV cache's dtype: ``kv_dtype``, else the weights'."""
+        return self.kv_dtype or self.dtype
 
     def shape(self, activation_peak_gb: float = 0.0) -> ModelShape:
         """The scenario's ``batching.model`` for this model (its KV cache's size follows from it)."""
         return ModelShape(n_layers=self.n_layers, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                          kv_dtype=self.dtype, weights_gb=round(self.weights_gib, 3), activation_peak_gb=activation_peak_gb)
+                          kv_dtype=self.cache_dtype, weights_gb=round(self.weights_gib, 3), activation_peak_gb=activation_peak_gb)
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any], name: str, source: str = "config") -> ModelArch:
