@@ -3,11 +3,14 @@ what they cost, what the checks say and what the export asks Kubernetes and vLLM
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from capsim.errors import CapsimError
 from capsim.export.pod import build_deployment_patch
@@ -194,3 +197,64 @@ def test_a_drain_never_splits_a_pod_over_the_free_gpus_of_several_nodes() -> Non
     sim.run()
     assert [(n.gpus, n.used) for n in sim.cluster.nodes.nodes] == [(3, 2)] * 3
     assert sim.cluster.nodes.removals == []
+
+
+# ---- placement invariants over random cluster histories --------------------------------------------------
+@st.composite
+def cluster_histories(draw: st.DrawFn) -> tuple[Scenario, list[tuple[float, int]], list[tuple[float, int]]]:
+    """A cluster of random node size, pod size and limit; a Deployment scaled at random times; random crashes."""
+    node_gpus = draw(st.sampled_from([2, 3, 4, 8]))
+    tp = draw(st.integers(1, node_gpus))
+    s = idle_cluster(**{
+        "batching.tensor_parallel_size": tp, "pods.replicas": draw(st.integers(1, 4)),
+        "cluster.node_gpus": node_gpus, "cluster.max_gpus": node_gpus * draw(st.integers(1, 4)) + draw(st.integers(0, 1)),
+        "cluster.node_provision_s": draw(st.sampled_from([0, 5, 30])),
+        "cluster.scale_down_unneeded_time_s": draw(st.sampled_from([0, 30, 600])),
+        "cluster.scale_down_delay_after_add_s": draw(st.sampled_from([0, 60])),
+        "cluster.scale_down_utilization_threshold": draw(st.sampled_from([0.5, 0.75, 1.0])),
+        "horizon_s": 900})
+    scales = sorted((draw(st.floats(0, 800)), draw(st.integers(0, 12))) for _ in range(draw(st.integers(1, 6))))
+    crashes = sorted((draw(st.floats(0, 800)), draw(st.integers(0, 20))) for _ in range(draw(st.integers(0, 3))))
+    return s, scales, crashes
+
+
+@settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+@given(cluster_histories())
+def test_pods_always_sit_whole_on_nodes_within_the_limit(history: tuple[Scenario, list[Any], list[Any]]) -> None:
+    scenario, scales, crashes = history
+    sim = Simulation(scenario, seed=0)
+    cluster, nodes = sim.cluster, sim.cluster.nodes
+    tp, node_gpus, max_gpus = nodes.pod_gpus, nodes.node_gpus, nodes.max_gpus
+    seen: list[str] = []
+
+    def check() -> None:
+        live = [n for n in nodes.nodes if n.removed_s is None]
+        assert sum(n.gpus for n in live) <= max_gpus and all(n.gpus == node_gpus for n in nodes.nodes)
+        for n in nodes.nodes:
+            assert 0 <= n.used <= n.gpus and n.used % tp == 0, n
+        placed = [p for p in cluster.pods if p.gpu_since is not None]
+        assert sum(n.used for n in nodes.nodes) == len(placed) * tp == cluster.gpus_held()
+        for p in placed:  # every placed pod on a node that is there
+            node = cluster._node.get(p.id)
+            assert node is not None and node.removed_s is None, (p.id, node)
+        seen.append("ok")
+
+    def crash(k: int) -> None:
+        ready = [p for p in cluster.pods if p.state.name == "READY"]
+        if ready:
+            cluster.crash(ready[k % len(ready)], sim.env.now)
+
+    def every_second() -> Generator[Any, Any, None]:
+        while True:
+            yield sim.env.timeout(1.0)
+            check()
+
+    events = [(t, (lambda n=n: cluster.scale_to(n, sim.env.now))) for t, n in scales]
+    events += [(t, (lambda k=k: crash(k))) for t, k in crashes]
+    at(sim, *sorted(events, key=lambda e: e[0]))
+    sim.env.process(every_second())
+    ts = sim.run().timeseries
+    assert len(seen) >= 899
+    assert (ts["gpus_held"] <= ts["node_gpus"]).all()
+    pods_room = (ts["node_gpus"] // node_gpus) * (node_gpus // tp)
+    assert (ts["ready_replicas"] <= pods_room).all()
