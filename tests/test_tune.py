@@ -153,6 +153,23 @@ def test_the_friday_space_file_applies_to_its_scenario() -> None:
     assert math.isinf(sp.size()) or sp.size() > 1000
 
 
+def test_the_llama70b_space_tries_three_pod_shapes_that_each_pass_the_checks() -> None:
+    from capsim.studies.checks import run_checks
+
+    sp = load_space(ROOT / "data" / "studies" / "llama70b_space.yaml")
+    assert sp.scenario is not None
+    base = Scenario.from_yaml(sp.scenario)
+    (shapes,) = [p for p in sp.params if p.path == "pod_shape"]
+    assert shapes.labels() == ["4xh100", "8xh100", "2xh200"] and shapes.choices is not None
+    for bundle in shapes.choices:
+        shaped = base.override(bundle["set"])
+        # each bundle's profile was estimated for its pod's GPUs, its cache sized for its GPU, and its
+        # maxReplicas fits the 64 GPUs: nothing fails, only the estimate is flagged
+        assert [f.check for f in run_checks(shaped)] == ["estimated-profile"], bundle["name"]
+        for changes in sp.stresses.values():
+            shaped.override(changes)
+
+
 @pytest.mark.parametrize(("space", "words"), [
     ({"params": {"pods.replicas": {"low": 3, "high": 1}}}, "high must be >= low"),
     ({"params": {"pods.replicas": {"choices": []}}}, "choices must be a non-empty list"),
