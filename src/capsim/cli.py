@@ -156,8 +156,8 @@ def profile_steps(
 def estimate_profile(
     gpu: Annotated[str, typer.Option(help="a100-80gb, h100, h200, l40s or l4 (datasheet peaks)")] = "h100",
     model: Annotated[str, typer.Option(
-        help="llama-3-8b, llama-3-70b, mistral-7b, qwen2.5-7b, mixtral-8x7b, gpt2-small, or a Hugging Face config.json (or its "
-             "folder)")
+        help="llama-3-8b, llama-3-70b, mistral-7b, qwen2.5-7b, mixtral-8x7b, gpt2-small, or a Hugging Face "
+             "config.json (or its folder)")
     ] = "llama-3-8b",
     mfu: Annotated[float | None, typer.Option(help="share of the peak FLOPs the kernels reach [assumed 0.5]")] = None,
     mbu: Annotated[float | None, typer.Option(help="share of the bandwidth the kernels reach [assumed 0.7]")] = None,

@@ -5,10 +5,11 @@ With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`
 container's request, which the kubelet's device plugin serves from its own node). A pending pod takes free
 GPUs on the oldest ready node that has enough (a bin-packing placement, as kube-scheduler's
 ``MostAllocated`` scoring would give; the default profile scores CPU and memory only). Missing nodes are
-provisioned, ``node_provision_s`` later, as cluster-autoscaler scales a node group up: whole nodes, as many as
-the waiting pods need, while their GPUs stay within ``max_gpus`` (its ``--gpu-total`` maximum; a node that
-would pass it is not added, so ``max_gpus`` not a multiple of ``node_gpus`` leaves the rest unused). A new node has no image: the first pod placed on it pulls it
-(``pods.image_pull_s``), and pods placed while the pull runs wait for the same pull. Without a ``cluster``
+provisioned, ``node_provision_s`` later, as cluster-autoscaler scales a node group up: whole nodes, as many
+as the waiting pods need, while their GPUs stay within ``max_gpus`` (its ``--gpu-total`` maximum; a node
+that would pass it is not added, so ``max_gpus`` not a multiple of ``node_gpus`` leaves the rest unused). A
+new node has no image: the first pod placed on it pulls it (``pods.image_pull_s``), and pods placed while the
+pull runs wait for the same pull. Without a ``cluster``
 section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
 
 Scale-down follows cluster-autoscaler (``cluster-autoscaler/FAQ.md``, "How does scale-down work?", and its
