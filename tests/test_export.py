@@ -501,3 +501,27 @@ def test_any_autoscaler_exports_valid_and_round_trips(rush: Scenario, auto: dict
     assert source is not None
     loaded = autoscaler_from_hpa(objects["hpa.yaml"])
     assert loaded == source.model_copy(update={"scale_target_ref": objects["hpa.yaml"]["spec"]["scaleTargetRef"]})
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_a_disruption_budget_is_exported_and_selects_the_patched_pods(rush: Scenario, tmp_path: Path,
+                                                                      version: str) -> None:
+    budgeted = rush.override({"pods.disruption_budget": {"max_unavailable": 1}})
+    result = export_scenario(budgeted, tmp_path, TARGET)
+    pdb = yaml.safe_load((tmp_path / "pdb.yaml").read_text())
+    assert tmp_path / "pdb.yaml" in result.files
+    kubernetes_validate.validate(pdb, version, strict=True)
+    assert pdb["kind"] == "PodDisruptionBudget" and pdb["spec"]["maxUnavailable"] == 1
+    patched = _merge(_user_deployment(TARGET), yaml.safe_load((tmp_path / "deployment-patch.yaml").read_text()))
+    kubernetes_validate.validate(patched, version, strict=True)
+    labels = patched["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()  # it selects the pods
+    readme = (tmp_path / "README.md").read_text()
+    assert "| `pdb.yaml` |" in readme and "kubectl apply -f configmap.yaml -f pdb.yaml" in readme
+    # minAvailable as written; no budget: no file, and the patch leaves the pods' labels alone
+    export_scenario(rush.override({"pods.disruption_budget": {"min_available": 2}}), tmp_path / "min", TARGET)
+    assert yaml.safe_load((tmp_path / "min" / "pdb.yaml").read_text())["spec"]["minAvailable"] == 2
+    export_scenario(rush, tmp_path / "none", TARGET)
+    assert not (tmp_path / "none" / "pdb.yaml").exists()
+    assert "labels" not in yaml.safe_load((tmp_path / "none" / "deployment-patch.yaml").read_text())[
+        "spec"]["template"]["metadata"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from capsim.errors import CapsimError
 from capsim.model.scenario import Scenario
 from capsim.sim.simulate import Simulation
 
@@ -117,3 +118,45 @@ def test_a_burst_after_a_node_was_removed_waits_for_a_new_node() -> None:
        (800.0, lambda: never.cluster.scale_to(5, 800.0)))
     ts = never.run().timeseries.set_index("time_s")
     assert never.cluster.nodes.removals == [] and ts["ready_replicas"][811] == 5  # the old model: at once
+
+
+# ---- a PodDisruptionBudget on the drains ------------------------------------------------------------------
+def _drained(**changes: Any) -> list[tuple[float, int]]:
+    """The drain of test_a_node_with_pods_is_drained_when_they_fit_elsewhere (4 ready pods wanted, node 1's
+    one pod fits on node 0 from 610 s) under ``changes``: the nodes removed."""
+    sim = Simulation(idle(**{"pods.replicas": 5, **changes}), seed=0)
+    pods = sim.cluster.pods
+    at(sim, (50.0, lambda: sim.cluster.crash(pods[1], 50.0)), (55.0, lambda: sim.cluster.scale_to(4, 55.0)))
+    sim.run()
+    return sim.cluster.nodes.removals
+
+
+def test_a_disruption_budget_lets_a_drain_take_only_what_it_allows() -> None:
+    assert _drained() == [(610.0, 1)]  # no budget
+    # 4 ready of 4 desired: maxUnavailable 1 allows evicting the one pod, 0 allows nothing
+    assert _drained(**{"pods.disruption_budget": {"max_unavailable": 1}}) == [(610.0, 1)]
+    assert _drained(**{"pods.disruption_budget": {"max_unavailable": 0}}) == []
+    assert _drained(**{"pods.disruption_budget": {"min_available": 4}}) == []
+    assert _drained(**{"pods.disruption_budget": {"min_available": 3}}) == [(610.0, 1)]
+
+
+def test_a_budget_waits_for_the_pods_to_be_ready_again() -> None:
+    # the rush: without a budget cluster-autoscaler drains two nodes 10 s apart and 2 of the 3 pods are down
+    # at once; with maxUnavailable 1 the second waits until the first one's pod is ready elsewhere
+    rush = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override({"autoscaler.minReplicas": 3})
+    runs = {}
+    for name, budget in (("none", None), ("one", {"max_unavailable": 1})):
+        sim = Simulation(rush.override({"pods.disruption_budget": budget}), seed=0)
+        ts = sim.run().timeseries
+        runs[name] = (sim.cluster.nodes.removals, int(ts[ts.time_s >= 3000].ready_replicas.min()))
+    (first, second), least = runs["none"]
+    assert second[0] - first[0] == 10.0 and least == 1
+    (first_b, second_b), least_b = runs["one"]
+    assert first_b == first and second_b[0] > second[0] and least_b == 2
+
+
+def test_a_budget_is_one_of_its_two_forms() -> None:
+    with pytest.raises(CapsimError, match="give exactly one of max_unavailable and min_available"):
+        idle(**{"pods.disruption_budget": {}})
+    with pytest.raises(CapsimError, match="give exactly one"):
+        idle(**{"pods.disruption_budget": {"max_unavailable": 1, "min_available": 2}})

@@ -82,6 +82,25 @@ def startup_bound_s(scenario: Scenario) -> float:
     return median * math.exp(3.09 * d.sigma)  # z(0.999) = 3.09
 
 
+def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
+    """The scenario's PodDisruptionBudget (policy/v1) on the Deployment's pods, which the Deployment patch
+    labels ``app.kubernetes.io/name: NAME`` so that its selector finds them."""
+    budget = scenario.pods.disruption_budget
+    if budget is None:
+        raise ValueError("the scenario has no pods.disruption_budget")
+    spec: dict[str, Any] = {"selector": {"matchLabels": pod_labels(target)}}
+    if budget.min_available is not None:
+        spec["minAvailable"] = budget.min_available
+    else:
+        spec["maxUnavailable"] = budget.max_unavailable
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": target.metadata(), "spec": spec}
+
+
+def pod_labels(target: DeployTarget) -> dict[str, str]:
+    """The label the Deployment patch gives the pods and the PodDisruptionBudget selects them by."""
+    return {"app.kubernetes.io/name": target.name}
+
+
 def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """The ConfigMap holding :func:`pod_env`."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": target.metadata(target.configmap_name),
@@ -113,11 +132,14 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     container["resources"] = {"limits": {GPU_RESOURCE: scenario.batching.tensor_parallel_size}}
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(target.port),
                    "prometheus.io/path": "/metrics"}
+    template_meta: dict[str, Any] = {"annotations": annotations}
+    if scenario.pods.disruption_budget is not None:  # the label pdb.yaml selects the pods by
+        template_meta["labels"] = pod_labels(target)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},
         "spec": {"template": {
-            "metadata": {"annotations": annotations},
+            "metadata": template_meta,
             "spec": {"terminationGracePeriodSeconds": termination_grace_s(scenario), "containers": [container]},
         }},
     }

@@ -26,6 +26,8 @@ FILES: dict[str, str] = {
                               "Prometheus trigger per metric on the same query",
 }
 #: written for a continuous-batching scenario only
+PDB_FILE = ("pdb.yaml", "PodDisruptionBudget on the pods (the patch labels them `app.kubernetes.io/name: "
+            "{name}`): cluster-autoscaler drains a node only when evicting its pods keeps it, as simulated")
 VLLM_ARGS_FILE = ("vllm-args.yaml", "the same engine settings as `vllm serve` arguments, for a Deployment that "
                   "runs vLLM instead of capsim's pod (not applied by kubectl: the container's `args`)")
 #: the continuous engine's limits, as the pod reads them and the plan simulated them
@@ -65,9 +67,11 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     files = dict(FILES)
     if scenario.batching.mode == "continuous":
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
+    if scenario.pods.disruption_budget is not None:
+        files[PDB_FILE[0]] = PDB_FILE[1]
     lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in files.items()]
     lines += ["", "## Apply", "", "```sh",
-              "kubectl apply -f configmap.yaml",
+              "kubectl apply -f configmap.yaml" + (" -f pdb.yaml" if scenario.pods.disruption_budget else ""),
               f"kubectl -n {target.namespace} patch deployment {target.name} --patch-file deployment-patch.yaml",
               "# either the HPA, fed by prometheus-adapter (merge the rules into the adapter's own config.yaml",
               "# if it has some, then restart the adapter):",

@@ -12,7 +12,7 @@ import yaml
 from capsim.export.adapter import build_adapter_configmap
 from capsim.export.hpa import build_hpa, require_autoscaler
 from capsim.export.keda import build_scaled_object
-from capsim.export.pod import build_configmap, build_deployment_patch
+from capsim.export.pod import build_configmap, build_deployment_patch, build_pdb
 from capsim.export.readme import render_readme
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
@@ -117,6 +117,10 @@ def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | 
         path = out / name
         path.write_text(dump_yaml(obj), encoding="utf-8")
         files.append(path)
+    if scenario.pods.disruption_budget is not None:  # the budget the simulated drains kept
+        pdb = out / "pdb.yaml"
+        pdb.write_text(dump_yaml(build_pdb(scenario, target)), encoding="utf-8")
+        files.append(pdb)
     if scenario.batching.mode == "continuous":  # the same engine settings for a vLLM deployment
         args = out / "vllm-args.yaml"
         args.write_text(dump_yaml({"args": vllm_args(scenario)}), encoding="utf-8")

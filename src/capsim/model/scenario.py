@@ -341,6 +341,29 @@ class ReadinessProbe(_Section):
                                                          "make a ready pod not ready")
 
 
+class DisruptionBudget(_Section):
+    """A PodDisruptionBudget on the Deployment's pods (policy/v1; integers, not percentages): evictions,
+    cluster-autoscaler's drains among them, may take a node's pods only while at least ``min_available``
+    (or all but ``max_unavailable`` of the desired replicas) stay ready. The HPA's own scale-down is not
+    bound by it, as in Kubernetes. Give exactly one."""
+
+    max_unavailable: Int | None = Field(None, ge=0, description="maxUnavailable: desired replicas less this stay ready")
+    min_available: Int | None = Field(None, ge=0, description="minAvailable: this many stay ready")
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if (self.max_unavailable is None) == (self.min_available is None):
+            raise ValueError("give exactly one of max_unavailable and min_available, got "
+                             f"max_unavailable={self.max_unavailable}, min_available={self.min_available}")
+        return self
+
+    def disruptions_allowed(self, ready: int, desired: int) -> int:
+        """Pods that may be evicted now: ready ones above the desired healthy (the disruption controller's
+        ``status.disruptionsAllowed``)."""
+        healthy = self.min_available if self.min_available is not None else desired - (self.max_unavailable or 0)
+        return max(ready - healthy, 0)
+
+
 class Pods(_Section):
     replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
     image_pull_s: Duration = Field(
@@ -364,6 +387,9 @@ class Pods(_Section):
                     "and leaves the endpoints endpoints_propagation_s after that; requests sent to it "
                     "meanwhile are refused",
     )
+    disruption_budget: DisruptionBudget | None = Field(
+        None, description="a PodDisruptionBudget: cluster-autoscaler drains a node only when evicting its pods "
+        "keeps it (docs/simulator.md); none: drains evict at will, as without a PDB")
     gpu_cost_per_hour: Float = Field(0.0, ge=0, description="price of one GPU-hour (a pod of "
                                      "batching.tensor_parallel_size GPUs costs that many)")
     termination_grace_s: Float = Field(

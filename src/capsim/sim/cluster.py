@@ -59,7 +59,7 @@ class Cluster:
         self.pods: list[Pod] = []
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
-        self.nodes = NodePool(sim, self._place, self._evict)
+        self.nodes = NodePool(sim, self._place, self._evict, self._may_evict)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
         self._backoff: dict[int, ContainerBackOff] = {}  # pod id -> the kubelet's backoff entry
@@ -153,6 +153,15 @@ class Cluster:
             pod.gpu_since = None
             self.nodes.release(self._node.pop(pod.id, None), now)
             self._place(now)
+
+    def _may_evict(self, pods: int) -> bool:
+        """Whether ``pods`` pods may be evicted now: the PodDisruptionBudget's allowed disruptions (ready pods
+        above the desired healthy) cover them; without a budget, always."""
+        budget = self.sim.scenario.pods.disruption_budget
+        if budget is None:
+            return True
+        ready = sum(1 for p in self.pods if p.state == PodState.READY and not p.probe_failing)
+        return budget.disruptions_allowed(ready, self.desired) >= pods
 
     def _evict(self, node: Node, now: float) -> None:
         """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)

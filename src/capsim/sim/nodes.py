@@ -18,8 +18,8 @@ flags; Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented, no code c
 ``scale_down_utilization_threshold`` of its GPUs (``--scale-down-gpu-utilization-threshold``, 0.5) is
 unneeded; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
 removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
-10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes, one at
-a time: it is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet
+10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes and the
+Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet
 replaces them elsewhere, with a cold start), and it goes when the last one has left. A node is billed
 from its creation (booting included) to its removal. A later burst waits for new nodes again.
 """
@@ -66,7 +66,7 @@ class NodePool:
     """The nodes of the cluster section, or an unlimited supply of GPUs without one; a pod takes ``pod_gpus``."""
 
     def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None],
-                 evict: Callable[[Node, float], None]) -> None:
+                 evict: Callable[[Node, float], None], may_evict: Callable[[int], bool] = lambda _: True) -> None:
         self.sim = sim
         spec = sim.scenario.cluster
         self.limited = spec is not None
@@ -78,6 +78,7 @@ class NodePool:
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
+        self._may_evict = may_evict  # whether k of the Deployment's pods may be evicted now (its PDB)
         self._spec = spec
         self.last_add_s = -math.inf  # the last scale-up (a node added), for the delay after add
         self.removals: list[tuple[float, int]] = []  # (time, node id) when a node went
@@ -181,7 +182,7 @@ class NodePool:
                 continue
             room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
                        and not (m in due and m.used == 0))  # pods the other nodes can take
-            if room >= n.used // self.pod_gpus:
+            if room >= n.used // self.pod_gpus and self._may_evict(n.used // self.pod_gpus):
                 n.cordoned = True
                 self._evict(n, now)
                 return
