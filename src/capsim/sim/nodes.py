@@ -19,8 +19,9 @@ flags; Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented, no code c
 unneeded; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
 removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
 10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes and the
-Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet
-replaces them elsewhere, with a cold start), and it goes when the last one has left. A node is billed
+Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it
+is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet replaces them
+elsewhere, with a cold start), and it goes when the last one has left. A node is billed
 from its creation (booting included) to its removal. A later burst waits for new nodes again.
 """
 
