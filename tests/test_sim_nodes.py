@@ -160,3 +160,16 @@ def test_a_budget_is_one_of_its_two_forms() -> None:
         idle(**{"pods.disruption_budget": {}})
     with pytest.raises(CapsimError, match="give exactly one"):
         idle(**{"pods.disruption_budget": {"max_unavailable": 1, "min_available": 2}})
+
+
+def test_a_budget_that_forbids_every_drain_is_flagged() -> None:
+    from capsim.studies.checks import run_checks
+
+    def fired(**changes: Any) -> list[str]:
+        return [f.message for f in run_checks(idle(**changes)) if f.check == "pdb-blocks-drains"]
+
+    assert fired(**{"pods.disruption_budget": {"max_unavailable": 0}})
+    assert fired(**{"pods.disruption_budget": {"min_available": 1}})  # the one pod must stay
+    assert not fired(**{"pods.disruption_budget": {"max_unavailable": 1}})
+    assert not fired(**{"pods.replicas": 2, "pods.disruption_budget": {"min_available": 1}})
+    assert not fired(**{"pods.disruption_budget": {"max_unavailable": 0}, "cluster.scale_down_enabled": False})

@@ -25,6 +25,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``profile-tensor-parallel`` (fail): an estimated profile made for N GPUs a pod
   (``capsim estimate-profile --tensor-parallel N``) in a scenario whose pods hold another number
   (``batching.tensor_parallel_size``): the step times would be one pod's and the GPUs another's.
+* ``pdb-blocks-drains`` (warn): a PodDisruptionBudget (``pods.disruption_budget``) that allows no eviction
+  even with all the HPA's floor of pods ready: cluster-autoscaler never drains a node with a pod.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -87,6 +89,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
         findings += _continuous_only(scenario)
     findings += _estimated_profile(scenario)
     findings += _gpus(scenario)
+    findings += _disruption_budget(scenario)
     findings += _scale_down_window(scenario)
     return findings
 
@@ -276,6 +279,21 @@ def _gpus(scenario: Scenario) -> list[Finding]:
         "autoscaler.maxReplicas", f"{auto.max_replicas} pods of {each} each, but the cluster holds {holds} "
         f"(cluster.max_gpus {cluster.max_gpus} in whole nodes of {cluster.node_gpus}): the rest stay Pending",
         check="max-replicas-over-gpus")]
+
+
+def _disruption_budget(scenario: Scenario) -> list[Finding]:
+    """A PodDisruptionBudget that never allows an eviction at the HPA's floor keeps every node that holds a
+    pod: cluster-autoscaler cannot drain one, and the nodes stay billed."""
+    budget, cluster = scenario.pods.disruption_budget, scenario.cluster
+    if budget is None or cluster is None or not cluster.scale_down_enabled:
+        return []
+    floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    if budget.disruptions_allowed(floor, floor) > 0:
+        return []
+    return [Finding(
+        "pods.disruption_budget", f"{budget.model_dump(exclude_none=True)} allows no eviction with all {floor} pods "
+        "of the floor ready: cluster-autoscaler can never drain a node that holds a pod, so partly used nodes "
+        "stay billed", level="warn", check="pdb-blocks-drains")]
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
