@@ -155,6 +155,15 @@ def test_a_budget_waits_for_the_pods_to_be_ready_again() -> None:
     assert first_b == first and second_b[0] > second[0] and least_b == 2
 
 
+def test_disruptions_allowed_as_the_disruption_controller_counts_them() -> None:
+    from capsim.model.scenario import DisruptionBudget
+
+    one = DisruptionBudget(max_unavailable=1)
+    assert [one.disruptions_allowed(ready, 4) for ready in (2, 3, 4)] == [0, 0, 1]
+    assert DisruptionBudget(min_available=2).disruptions_allowed(4, 4) == 2
+    assert DisruptionBudget(max_unavailable=3).disruptions_allowed(1, 0) == 0  # expectedCount 0: none
+
+
 def test_a_budget_is_one_of_its_two_forms() -> None:
     with pytest.raises(CapsimError, match="give exactly one of max_unavailable and min_available"):
         idle(**{"pods.disruption_budget": {}})

@@ -358,8 +358,12 @@ class DisruptionBudget(_Section):
         return self
 
     def disruptions_allowed(self, ready: int, desired: int) -> int:
-        """Pods that may be evicted now: ready ones above the desired healthy (the disruption controller's
-        ``status.disruptionsAllowed``)."""
+        """Pods that may be evicted now: ready ones above the desired healthy, none while the Deployment wants
+        no pod (the disruption controller's ``status.disruptionsAllowed``, ``pkg/controller/disruption/
+        disruption.go``: ``currentHealthy - desiredHealthy``, 0 when that or ``expectedCount`` is not positive;
+        Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented)."""
+        if desired <= 0:
+            return 0
         healthy = self.min_available if self.min_available is not None else desired - (self.max_unavailable or 0)
         return max(ready - healthy, 0)
 
