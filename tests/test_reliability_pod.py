@@ -63,8 +63,9 @@ def assert_503(resp: httpx.Response) -> None:
 
 
 def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp_path: Any) -> None:
-    """8 turns of ~3 s each, one at a time, and a drain budget of 1 s: the ones that cannot finish get
-    a JSON 503 with Retry-After (never a 500), and the process exits 0 within the budget + margin."""
+    """8 turns of about 1 s each (1,500 tokens of the tiny model, 1.1 s measured on 2026-12-02), one at a time,
+    and a drain budget of 1 s: the ones that cannot finish get a JSON 503 with Retry-After (never a 500), and
+    the process exits 0 within the budget + margin."""
     drain_s = 1.0
     p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1,
                    max_new_tokens=2000).start()
@@ -84,7 +85,7 @@ def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp
     responses, exit_s = asyncio.run(run())
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503}, codes
-    assert codes.count(503) >= 1, codes  # 8 x 3 s of serial work cannot fit in 1 s
+    assert codes.count(503) >= 1, codes  # 8 x 1 s of serial work cannot fit in the drain (at most 2 x 1 s)
     for r in responses:
         if r.status_code == 503:
             assert_503(r)
@@ -97,11 +98,16 @@ def test_turns_that_outlast_the_drain_get_503_json_and_the_pod_exits_in_time(tmp
 def test_streams_that_outlast_the_drain_end_with_a_503_event(tmp_path: Any) -> None:
     """Streaming turns at SIGTERM: one already streaming, two queued. Each ends with `done`, an `error`
     event of status 503 (the stream had begun), or a JSON 503 with Retry-After (it had not), never a cut
-    connection; and the pod exits in time."""
-    drain_s = 1.0
+    connection; and the pod exits in time.
+
+    The stream at SIGTERM must outlast the drain whatever the machine's speed: a drain takes at most twice its
+    budget (uvicorn waits for open requests up to it, then the batcher's close up to it again), 1 s here,
+    and a stream of 4,000 tokens took 3.4 to 4.0 s on 2026-12-02 (1,500 tokens, 1.1 s, had let it finish
+    inside a 1 s budget's 2 s: a CI run saw it end `done`)."""
+    drain_s = 0.5
     p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, drain_timeout_s=drain_s, torch_threads=1,
-                   max_new_tokens=2000).start()
-    body = {"prompt_tokens": 64, "max_new_tokens": 1500, "stream": True}  # ~3 s of model time each
+                   max_new_tokens=4000).start()
+    body = {"prompt_tokens": 64, "max_new_tokens": 4000, "stream": True}  # 3.4-4 s of model time each
 
     async def stream(c: httpx.AsyncClient, i: int, first: asyncio.Event) -> list[str]:
         events = []
@@ -133,7 +139,7 @@ def test_streams_that_outlast_the_drain_end_with_a_503_event(tmp_path: Any) -> N
     streams, exit_s = asyncio.run(run())
     ends = [events[-1] for events in streams]
     assert set(ends) <= {"done", "error 503", "http 503"}, streams
-    assert "error 503" in ends  # the one streaming at SIGTERM needs ~3 s, the budget is 1 s
+    assert "error 503" in ends  # the one streaming at SIGTERM needs 3 s more, the drain at most 1 s
     assert exit_s <= drain_s + DRAIN_MARGIN_S
     assert "Traceback" not in p.log()
 
