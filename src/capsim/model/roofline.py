@@ -283,14 +283,19 @@ class Roofline:
                 f"tensor_parallel {tensor_parallel} does not split {model.name}'s heads: its {model.n_heads} attention "
                 f"heads must divide evenly, and its {kv} KV heads evenly or replicated evenly (vLLM refuses it)")
         self.gpu, self.model, self.tp = gpu, model, tensor_parallel
-        self._weight_bytes = (model.layer_params + model.head_params) * model.bytes_per_param / tensor_parallel
-        # a mixture of experts reads the weights every token runs, and the experts its tokens were routed to
-        # (each GPU a 1/tp slice of every expert, as vLLM shards experts without expert parallelism)
-        self._shared_bytes = (model.shared_layer_params + model.head_params) * model.bytes_per_param / tensor_parallel
-        self._expert_bytes = model.n_layers * model.expert_params * model.bytes_per_param / tensor_parallel
+        # a step reads the weights every token runs, and a mixture of experts the experts its tokens were routed
+        # to (each GPU a 1/tp slice of every expert, as vLLM shards experts without expert parallelism); a dense
+        # model's MLP is in the first term, which keeps its arithmetic (and the shipped profiles' digits)
+        bpp = model.bytes_per_param
+        if model.is_moe:
+            self._shared_bytes = (model.shared_layer_params + model.head_params) * bpp / tensor_parallel
+            self._expert_bytes = model.n_layers * model.expert_params * bpp / tensor_parallel
+        else:
+            self._shared_bytes = (model.layer_params + model.head_params) * bpp / tensor_parallel
+            self._expert_bytes = 0.0
         self._attn_flops = 4 * model.n_layers * model.n_heads * model.head_dim / tensor_parallel  # per pair
-        # KV heads split over the GPUs, each replicated where there are fewer heads than GPUs (as vLLM does)
-        self._kv_bytes = model.kv_bytes_per_token / min(tensor_parallel, model.n_kv_heads)
+        # KV heads split over the GPUs, each replicated where there are fewer heads than GPUs: the cache's rule
+        self._kv_bytes = model.shape().kv_bytes_per_token_per_gpu(tensor_parallel)
         # bytes each GPU sends per token computed: 2 all-reduces a layer of d_model activations
         self._link_bytes = (0.0 if tensor_parallel == 1 else
                             2 * model.n_layers * 2 * (tensor_parallel - 1) / tensor_parallel * model.d_model
@@ -337,12 +342,8 @@ class Roofline:
         """The linear layers (the LM head once per sequence), bound by their FLOPs or the weights' read,
         and the all-reduces of ``tokens`` activations over the links."""
         g, m = self.gpu, self.model
-        if m.is_moe:
-            linear_flops = 2.0 * (m.active_layer_params * tokens + m.head_params * sequences) / self.tp
-            weights = self._shared_bytes + self._expert_bytes * m.experts_read(tokens)
-        else:  # the same arithmetic, written as it was (the shipped profiles' digits)
-            linear_flops = 2.0 * (m.layer_params * tokens + m.head_params * sequences) / self.tp
-            weights = self._weight_bytes
+        linear_flops = 2.0 * (m.active_layer_params * tokens + m.head_params * sequences) / self.tp
+        weights = self._shared_bytes + self._expert_bytes * m.experts_read(tokens)
         linear = max(linear_flops / g.flops_per_s, weights / g.bytes_per_s)
         return linear + self._link_bytes * tokens / (g.link_gb_s * 1e9)
 
