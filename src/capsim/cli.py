@@ -175,14 +175,14 @@ def estimate_profile(
 ) -> None:
     """Estimate a GPU's service-time profile from its datasheet and the model's shape (a roofline, not a
     measurement: docs/profiles.md); the simulator reads it as it reads a measured one."""
-    from capsim.model.kv_cache import kv_cache_blocks
+    from capsim.model.kv_cache import DTYPE_BYTES, kv_cache_blocks
     from capsim.model.roofline import load_gpu, load_model, roofline_profile
 
     spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
     arch = load_model(model)
     if kv_cache_dtype is not None:
-        if kv_cache_dtype not in ("fp8", "bfloat16", "float16", "float32"):
-            raise CommandLineError(f"--kv-cache-dtype {kv_cache_dtype!r}: one of fp8, bfloat16, float16, float32")
+        if kv_cache_dtype not in DTYPE_BYTES:
+            raise CommandLineError(f"--kv-cache-dtype {kv_cache_dtype!r}: one of {', '.join(sorted(DTYPE_BYTES))}")
         arch = arch.model_copy(update={"kv_dtype": kv_cache_dtype})
     memory, shape = round(spec.memory_gib, 3), arch.shape()
     blocks = kv_cache_blocks(memory, 0.9, shape, 16, tensor_parallel)

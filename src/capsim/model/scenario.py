@@ -561,6 +561,14 @@ class ClusterSpec(_Section):
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
 
+    def pods_per_node(self, gpus_per_pod: int) -> int:
+        """Pods of ``gpus_per_pod`` GPUs one node holds (a pod's GPUs share its node)."""
+        return self.node_gpus // gpus_per_pod
+
+    def pods_held(self, gpus_per_pod: int) -> int:
+        """Pods the node group holds at most: whole nodes within ``max_gpus``, each ``pods_per_node``."""
+        return self.max_gpus // self.node_gpus * self.pods_per_node(gpus_per_pod)
+
     @model_validator(mode="after")
     def _whole_node(self) -> Self:
         if self.max_gpus < self.node_gpus:

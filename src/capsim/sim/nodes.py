@@ -75,7 +75,7 @@ class NodePool:
         self.max_gpus = spec.max_gpus if spec else 0
         self.provision_s = spec.node_provision_s if spec else 0.0
         self.pod_gpus = sim.scenario.batching.tensor_parallel_size
-        self.pods_per_node = self.node_gpus // self.pod_gpus  # >= 1: the scenario checks that a pod fits
+        self.pods_per_node = spec.pods_per_node(self.pod_gpus) if spec else 0  # >= 1: the scenario checks a pod fits
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
@@ -132,7 +132,7 @@ class NodePool:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
         if not self.limited or waiting <= 0:
             return
-        coming = sum(n.gpus // self.pod_gpus for n in self.nodes if n.ready_s is None and n.removed_s is None)
+        coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None)
         short = waiting - coming
         for _ in range(math.ceil(max(short, 0) / self.pods_per_node)):
             node = self._add(now, ready=False)

@@ -271,7 +271,7 @@ def _gpus(scenario: Scenario) -> list[Finding]:
     if auto is None or cluster is None:
         return []
     tp = scenario.batching.tensor_parallel_size
-    holds = cluster.max_gpus // cluster.node_gpus * (cluster.node_gpus // tp)  # pods on whole nodes
+    holds = cluster.pods_held(tp)
     if auto.max_replicas <= holds:
         return []
     each = "one GPU" if tp == 1 else f"{tp} GPUs (batching.tensor_parallel_size)"

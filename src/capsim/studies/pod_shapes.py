@@ -74,8 +74,7 @@ def billed_gpus(scenario: Scenario, pods: int) -> int:
     tp = scenario.batching.tensor_parallel_size
     if scenario.cluster is None:
         return pods * tp
-    per_node = scenario.cluster.node_gpus // tp
-    return math.ceil(pods / per_node) * scenario.cluster.node_gpus
+    return math.ceil(pods / scenario.cluster.pods_per_node(tp)) * scenario.cluster.node_gpus
 
 
 def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: ModelArch | str, *,
