@@ -77,18 +77,20 @@ def run_timeline(result: Any, *, title: str = "", slo_s: float | None = None, bi
 
 def _node_room(result: Any, ts: Any) -> np.ndarray | None:
     """Pods of ``tensor_parallel_size`` GPUs the nodes hold at each row (whole pods a node), or ``None``
-    without a cluster section (or a time series from before the column)."""
+    without a cluster section (or a time series from before the column, or a result without provenance)."""
     if "node_gpus" not in getattr(ts, "columns", ()):
         return None
     gpus = np.asarray(ts["node_gpus"], dtype=float)
     if not np.isfinite(gpus).any():
         return None
+    from capsim.model.scenario import ClusterSpec
+
     scenario = (getattr(result, "provenance", None) or {}).get("scenario", {})
+    if not scenario.get("cluster"):
+        return None
+    cluster = ClusterSpec.model_validate(scenario["cluster"])
     tp = int((scenario.get("batching") or {}).get("tensor_parallel_size", 1))
-    node = int((scenario.get("cluster") or {}).get("node_gpus", 0)) or None
-    if node is None:
-        return np.floor(gpus / tp)
-    return np.floor(gpus / node) * (node // tp)
+    return np.floor(gpus / cluster.node_gpus) * cluster.pods_per_node(tp)
 
 
 def _mark_events(result: Any, axes: tuple[Any, ...]) -> None:
