@@ -160,8 +160,11 @@ class Cluster:
         budget = self.sim.scenario.pods.disruption_budget
         if budget is None:
             return True
-        ready = sum(1 for p in self.pods if p.state == PodState.READY and not p.probe_failing)
-        return budget.disruptions_allowed(ready, self.desired) >= pods
+        return budget.disruptions_allowed(self.ready_count(), self.desired) >= pods
+
+    def ready_count(self) -> int:
+        """Pods whose Ready condition holds: ready and not failing their probes."""
+        return sum(1 for p in self.pods if p.state == PodState.READY and not p.probe_failing)
 
     def _evict(self, node: Node, now: float) -> None:
         """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)

@@ -181,9 +181,10 @@ class NodePool:
         for n in due:
             if n.used == 0:
                 continue
+            pods = n.used // self.pod_gpus
             room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
                        and not (m in due and m.used == 0))  # pods the other nodes can take
-            if room >= n.used // self.pod_gpus and self._may_evict(n.used // self.pod_gpus):
+            if room >= pods and self._may_evict(pods):
                 n.cordoned = True
                 self._evict(n, now)
                 return

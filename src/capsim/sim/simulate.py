@@ -174,7 +174,7 @@ class Simulation:
             serving = [p for p in pods if p.state in (PodState.READY, PodState.TERMINATING)]
             busy = sum(p.busy_total_s(now) for p in pods)
             errors = client.n_failed + client.n_timed_out + client.n_rejected
-            n_ready = sum(1 for p in pods if p.state == PodState.READY and not p.probe_failing)
+            n_ready = self.cluster.ready_count()
             busy_frac = (busy - last[3]) / (every * len(serving)) if serving else float("nan")
             row: tuple[float, ...] = (
                 now, client.n_arrived - last[0], (client.n_arrived - last[0]) / every, client.n_ok - last[1],
