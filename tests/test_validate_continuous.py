@@ -25,6 +25,7 @@ from capsim.studies.validate_continuous import (
     itl_frame,
     level_scenario,
     run_continuous_validation,
+    sim_token_span,
 )
 
 FIT = StepTimeFit((1e-3, 2e-5, 0.0, 1.5e-4, 5e-7), 1e-4, 0.9, 100,
@@ -58,6 +59,18 @@ def test_itl_is_the_mean_gap_between_tokens_after_the_first(fitted_profile: Path
     assert np.allclose(itl, ok.itl_s.to_numpy(), rtol=1e-9, atol=1e-12)
     # a step decodes each running request once: an ITL is at least the model's smallest step
     assert itl.min() >= FIT.predict(0, 0, 1, 33) - 1e-12
+
+
+def test_the_simulated_itl_leaves_out_the_answers_way_out(fitted_profile: Path) -> None:
+    # end_s is the answer at the client, answer_ms past the last token: no gap between tokens holds it
+    sc = level_scenario(ContinuousSpec(seconds_per_run=5), fitted_profile, 20.0, 1.0, 1024, answer_ms=2.38)
+    req = simulate(sc, seed=0).requests
+    ok = req[req.outcome == "ok"]
+    itl = (itl_frame(ok, sim_token_span(ok, 2.38)).first_token_s - ok.arrival_s).to_numpy()
+    assert np.allclose(itl, ok.itl_s.to_numpy(), rtol=1e-9, atol=1e-12)
+    # the span to the answer (the validation's ITL until stop 36) is 2.38 ms / 31 gaps longer
+    naive = (itl_frame(ok).first_token_s - ok.arrival_s).to_numpy()
+    assert np.allclose(naive - itl, 2.38e-3 / (sc.workload.output_tokens.value - 1))
 
 
 def test_only_the_small_cache_preempts(fitted_profile: Path) -> None:
