@@ -162,6 +162,10 @@ def estimate_profile(
     mfu: Annotated[float | None, typer.Option(help="share of the peak FLOPs the kernels reach [assumed 0.5]")] = None,
     mbu: Annotated[float | None, typer.Option(help="share of the bandwidth the kernels reach [assumed 0.7]")] = None,
     overhead_ms: Annotated[float | None, typer.Option(help="engine time per step besides kernels [assumed 1.0]")] = None,
+    link_latency_us: Annotated[float | None, typer.Option(
+        help="one all-reduce's time besides its bytes, us (with --tensor-parallel over 1) [8 over NVLink, 20 over "
+             "PCIe: published measurements, docs/profiles.md]")
+    ] = None,
     kv_cache_dtype: Annotated[str | None, typer.Option(
         help="the KV cache's dtype, as vLLM's --kv-cache-dtype: fp8, bfloat16, float16 [default: the weights']")
     ] = None,
@@ -178,7 +182,7 @@ def estimate_profile(
     from capsim.model.kv_cache import DTYPE_BYTES, kv_cache_blocks
     from capsim.model.roofline import load_gpu, load_model, roofline_profile
 
-    spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms)
+    spec = load_gpu(gpu, mfu=mfu, mbu=mbu, step_overhead_ms=overhead_ms, link_latency_us=link_latency_us)
     arch = load_model(model)
     if kv_cache_dtype is not None:
         if kv_cache_dtype not in DTYPE_BYTES:
@@ -201,7 +205,9 @@ def estimate_profile(
     fit = prof.metadata["estimate"]["linear_fit"]
     c0, c1, _, c3, c4 = fit["coefficients"]
     typer.echo(f"wrote {path} (ESTIMATED by a roofline, not measured: mfu {spec.mfu}, mbu {spec.mbu}, "
-               f"{spec.step_overhead_ms} ms a step are assumptions)")
+               f"{spec.step_overhead_ms} ms a step are assumptions"
+               + (f"; {spec.link_latency_us:g} us an all-reduce, {2 * arch.n_layers} all-reduces a step, from "
+                  "published measurements" if tensor_parallel > 1 else "") + ")")
     typer.echo(f"{arch.name}: {arch.params / 1e9:.2f}B parameters, {arch.weights_gib:.1f} GiB of weights, "
                f"{arch.kv_bytes_per_token / 1024:.0f} KiB of KV cache a token; on {tensor_parallel} x {spec.name} "
                f"({memory} GiB each) at gpu_memory_utilization 0.9 and no activation peak, {blocks:,} blocks of 16 "

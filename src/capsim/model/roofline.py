@@ -60,6 +60,8 @@ class GpuSpec(BaseModel):
     hbm_gb_s: float = Field(gt=0, description="memory bandwidth, GB/s (10^9 bytes)")
     memory_gib: float = Field(gt=0, description="memory as nvidia-smi counts it, GiB")
     link_gb_s: float = Field(gt=0, description="GPU-to-GPU bandwidth one way, GB/s (NVLink, else PCIe)")
+    link_latency_us: float = Field(0.0, ge=0, description="one all-reduce's time besides its bytes (launch, "
+                                   "synchronisation), us; 0 in estimates made before it was modelled")
     mfu: float = Field(0.5, gt=0, le=1, description="share of the peak FLOPs the kernels reach (assumed)")
     mbu: float = Field(0.7, gt=0, le=1, description="share of the bandwidth the kernels reach (assumed)")
     step_overhead_ms: float = Field(1.0, ge=0, description="the engine's time per step besides kernels (assumed)")
@@ -73,13 +75,26 @@ class GpuSpec(BaseModel):
         return self.hbm_gb_s * 1e9 * self.mbu
 
 
+#: One small all-reduce's time, us: the floor a decode step's all-reduces meet whatever their bytes. Over
+#: NVLink on H100s vLLM's custom all-reduce takes 9 to 10 us for 1 to 64 KiB at TP 2, 4 and 8 (SGLang PR
+#: #2904's table, no CUDA graph) and 10 us for a 0.5 MiB (32 x 8192 bf16) tensor at TP 4 (vLLM PR #24532);
+#: NCCL's NVLS on two H100s about 6 us in a CUDA graph (NCCL issue #1259): 8 us, for the A100's NVLink too
+#: (assumed, no measurement at hand). Over PCIe NCCL took 19 to 24 us for 4 to 32 KiB on four GPUs behind
+#: one switch, in a CUDA graph (sglang-V100 PR #2): 20 us.
+NVLINK_ALLREDUCE_US, PCIE_ALLREDUCE_US = 8.0, 20.0
+
 #: NVIDIA datasheet figures (SXM parts where there are two): dense BF16/FP16 tensor TFLOPS, GB/s, GiB.
 GPUS: dict[str, GpuSpec] = {
-    "a100-80gb": GpuSpec(name="NVIDIA A100 80GB SXM", peak_tflops=312, hbm_gb_s=2039, memory_gib=79.2, link_gb_s=300),
-    "h100": GpuSpec(name="NVIDIA H100 SXM", peak_tflops=989, hbm_gb_s=3350, memory_gib=79.6, link_gb_s=450),
-    "h200": GpuSpec(name="NVIDIA H200 SXM", peak_tflops=989, hbm_gb_s=4800, memory_gib=139.8, link_gb_s=450),
-    "l40s": GpuSpec(name="NVIDIA L40S", peak_tflops=362, hbm_gb_s=864, memory_gib=44.4, link_gb_s=32),
-    "l4": GpuSpec(name="NVIDIA L4", peak_tflops=121, hbm_gb_s=300, memory_gib=22.0, link_gb_s=32),
+    "a100-80gb": GpuSpec(name="NVIDIA A100 80GB SXM", peak_tflops=312, hbm_gb_s=2039, memory_gib=79.2, link_gb_s=300,
+                         link_latency_us=NVLINK_ALLREDUCE_US),
+    "h100": GpuSpec(name="NVIDIA H100 SXM", peak_tflops=989, hbm_gb_s=3350, memory_gib=79.6, link_gb_s=450,
+                    link_latency_us=NVLINK_ALLREDUCE_US),
+    "h200": GpuSpec(name="NVIDIA H200 SXM", peak_tflops=989, hbm_gb_s=4800, memory_gib=139.8, link_gb_s=450,
+                    link_latency_us=NVLINK_ALLREDUCE_US),
+    "l40s": GpuSpec(name="NVIDIA L40S", peak_tflops=362, hbm_gb_s=864, memory_gib=44.4, link_gb_s=32,
+                    link_latency_us=PCIE_ALLREDUCE_US),
+    "l4": GpuSpec(name="NVIDIA L4", peak_tflops=121, hbm_gb_s=300, memory_gib=22.0, link_gb_s=32,
+                  link_latency_us=PCIE_ALLREDUCE_US),
 }
 
 
@@ -255,7 +270,8 @@ def load_model(spec: str) -> ModelArch:
 
 
 def load_gpu(name: str, **overrides: float | None) -> GpuSpec:
-    """A GPU from ``GPUS`` with any of ``mfu``, ``mbu``, ``step_overhead_ms`` replaced (``None`` keeps it)."""
+    """A GPU from ``GPUS`` with any of ``mfu``, ``mbu``, ``step_overhead_ms``, ``link_latency_us`` replaced
+    (``None`` keeps it)."""
     if name not in GPUS:
         raise RooflineError(f"GPU {name!r} is not one of {sorted(GPUS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
@@ -270,7 +286,8 @@ class Roofline:
     docstring). With tensor parallelism (Megatron-style, as vLLM's ``--tensor-parallel-size``) each GPU
     holds and runs ``1 / tensor_parallel`` of the weights, heads and KV cache (a KV head is replicated
     where there are fewer than GPUs), and each layer adds two
-    all-reduces of the step's activations (a ring moves ``2 (n - 1) / n`` of them over each GPU's link)."""
+    all-reduces of the step's activations (a ring moves ``2 (n - 1) / n`` of them over each GPU's link), each
+    also taking the link's latency (``GpuSpec.link_latency_us``) whatever its bytes."""
 
     def __init__(self, gpu: GpuSpec, model: ModelArch, tensor_parallel: int = 1) -> None:
         if tensor_parallel < 1:
@@ -300,6 +317,8 @@ class Roofline:
         self._link_bytes = (0.0 if tensor_parallel == 1 else
                             2 * model.n_layers * 2 * (tensor_parallel - 1) / tensor_parallel * model.d_model
                             * model.bytes_per_param)
+        # and a step's 2 all-reduces a layer each wait out the link's latency, however few its tokens
+        self._link_latency_s = 0.0 if tensor_parallel == 1 else 2 * model.n_layers * gpu.link_latency_us / 1e6
 
     @classmethod
     def from_profile(cls, profile: ServiceTimeProfile) -> Roofline:
@@ -345,7 +364,7 @@ class Roofline:
         linear_flops = 2.0 * (m.active_layer_params * tokens + m.head_params * sequences) / self.tp
         weights = self._shared_bytes + self._expert_bytes * m.experts_read(tokens)
         linear = max(linear_flops / g.flops_per_s, weights / g.bytes_per_s)
-        return linear + self._link_bytes * tokens / (g.link_gb_s * 1e9)
+        return linear + self._link_latency_s + self._link_bytes * tokens / (g.link_gb_s * 1e9)
 
     def decode_head_s(self, decodes: int) -> float:
         """A plain decode step of ``decodes`` sequences less its attention: the overhead, the linear
