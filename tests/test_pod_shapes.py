@@ -95,6 +95,25 @@ def test_the_fewest_pods_meet_the_slo_and_one_fewer_does_not(rush: Scenario, tmp
     # a pod of two L4s splits the weights: faster steps than one L4 could make, and a cache 7 times as large
     assert rows.loc["2 x l4", "kv_blocks_per_pod"] > 7 * rows.loc["1 x l4", "kv_blocks_per_pod"]
     assert frame["estimated"].all()
+    # the rush's sessions do not grow and carry no block hashes: no prefix hit on any shape
+    assert (frame["prefix_hit_rate"].fillna(0) == 0).all()
+
+
+def test_agents_growing_histories_hit_the_prefix_cache_on_every_shape(tmp_path: Path) -> None:
+    # the 70B agents, shortened: each turn re-sends the conversation, and the pods cache its prefix
+    agents = Scenario.from_yaml(ROOT / "data/scenarios/h100x4_llama3_70b_agents.yaml").override({
+        "horizon_s": 400, "warmup_s": 100, "workload.arrivals.rate_per_s": [[0, 1.0]]})
+    shapes = [PodShape("h100", 4, 4.0), PodShape("h100", 8, 4.0)]
+    frame = compare_pod_shapes(agents, shapes, "llama-3-70b", profile_dir=tmp_path, seeds=[0], max_pods=4)
+    assert frame["pods"].notna().all() and (frame["prefix_hit_rate"] > 0.5).all()
+    assert " | prefix hits | " in format_shapes(frame)
+    # without prefix caching the same fleet prefills every history again: no hits, and a slower first token
+    plain = agents.override({"batching.enable_prefix_caching": False})
+    sc = shape_scenario(plain, shapes[0], MODELS["llama-3-70b"], tmp_path)
+    cached = shape_scenario(agents, shapes[0], MODELS["llama-3-70b"], tmp_path)
+    pods = int(frame.set_index("shape").loc["4 x h100", "pods"])
+    a, b = (simulate(fixed_fleet(x, pods), seed=0).summary for x in (cached, sc))
+    assert b.prefix_hit_rate == 0 and a.prefix_hit_rate > 0.5 and b.ttft_p50_s > 2 * a.ttft_p50_s
 
 
 def test_the_command_prints_the_table_and_writes_the_frame(tmp_path: Path) -> None:

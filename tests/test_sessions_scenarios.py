@@ -1,4 +1,5 @@
-"""The shipped session scenarios (agent, chat) load, pass the checks, and run in continuous mode."""
+"""The shipped session scenarios (agent, chat, 70B agents on GPU pods) load, pass the checks, and run in
+continuous mode."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from capsim.model.scenario import Scenario
 from capsim.paths import PROJECT_ROOT
 from capsim.sim import simulate
 
+SESSION_SCENARIOS = ("agent_sessions", "chat_sessions", "h100x4_llama3_70b_agents")
 
-@pytest.mark.parametrize("name", ["agent_sessions", "chat_sessions"])
+
+@pytest.mark.parametrize("name", SESSION_SCENARIOS)
 def test_session_scenarios_run_continuous_with_growing_sessions(name: str) -> None:
     sc = Scenario.from_yaml(PROJECT_ROOT / "data" / "scenarios" / f"{name}.yaml")
     assert sc.batching.mode == "continuous" and sc.workload.sessions.new_tokens is not None
@@ -26,6 +29,6 @@ def test_session_scenarios_run_continuous_with_growing_sessions(name: str) -> No
 
 
 def test_capsim_check_passes_the_session_scenarios() -> None:
-    paths = [str(PROJECT_ROOT / "data" / "scenarios" / f"{n}.yaml") for n in ("agent_sessions", "chat_sessions")]
+    paths = [str(PROJECT_ROOT / "data" / "scenarios" / f"{n}.yaml") for n in SESSION_SCENARIOS]
     out = CliRunner().invoke(app, ["check", *paths])
     assert out.exit_code == 0, out.output

@@ -80,8 +80,9 @@ def billed_gpus(scenario: Scenario, pods: int) -> int:
 def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: ModelArch | str, *,
                        profile_dir: Path, seeds: Iterable[int] = (0,), max_pods: int = 32) -> pd.DataFrame:
     """One row per shape and seed: the fewest pods meeting the SLO (NaN: not even ``max_pods``), the GPUs
-    they hold and are billed for, the fleet's cost an hour either way, and that run's TTFT p99, ITL p50 and
-    KV-cache blocks a pod; ``estimated`` says whether the service times were an estimate's (the profile's
+    they hold and are billed for, the fleet's cost an hour either way, and that run's TTFT p99, ITL p50,
+    prefix-cache hit rate (cached over prompt tokens; 0 without hashes or prefix caching) and KV-cache blocks
+    a pod; ``estimated`` says whether the service times were an estimate's (the profile's
     metadata says so), not a measurement's."""
     arch = load_model(model) if isinstance(model, str) else model
     rows = []
@@ -102,7 +103,7 @@ def compare_pod_shapes(scenario: Scenario, shapes: Sequence[PodShape], model: Mo
                 "cost_per_hour_pod_billing": held * shape.price_per_gpu_hour,
                 "cost_per_hour_node_billing": billed * shape.price_per_gpu_hour,
                 "ttft_p99_s": s["ttft_p99_s"], "itl_p50_s": s.get("itl_p50_s", math.nan),
-                "kv_blocks_per_pod": blocks, "estimated": estimated,
+                "prefix_hit_rate": s.get("prefix_hit_rate", math.nan), "kv_blocks_per_pod": blocks, "estimated": estimated,
             })
     return pd.DataFrame(rows)
 
@@ -111,7 +112,8 @@ def format_shapes(frame: pd.DataFrame) -> str:
     """A markdown table: per shape the median over seeds (and the range of the pods); TTFT and ITL are those
     of the run at the fleet found (or at the largest fleet tried, when none was)."""
     lines = ["| pods of | pods (range over seeds) | GPUs held | GPUs billed (whole nodes) | $/h pod billing | "
-             "$/h node billing | TTFT p99 s | ITL p50 ms | KV blocks a pod |", "|---|---|---|---|---|---|---|---|---|"]
+             "$/h node billing | TTFT p99 s | ITL p50 ms | prefix hits | KV blocks a pod |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, g in frame.groupby("shape", sort=False):
         med = g.median(numeric_only=True)
         pods = g["pods"]
@@ -119,12 +121,12 @@ def format_shapes(frame: pd.DataFrame) -> str:
         if pods.isna().any():  # some seed found no fleet: the medians would mix fleets and failures
             lines.append(f"| {shape} | none within the largest fleet tried ({pods.notna().sum()} of {len(pods)} "
                          f"seeds found one) | - | - | - | - | {med['ttft_p99_s']:.2f} | {med['itl_p50_s'] * 1e3:.1f} | "
-                         f"{med['kv_blocks_per_pod']:,.0f} |")
+                         f"{med['prefix_hit_rate']:.3f} | {med['kv_blocks_per_pod']:,.0f} |")
             continue
         lines.append(f"| {shape} | {med['pods']:g} ({pods.min():g}-{pods.max():g}) | {med['gpus_held']:g} | "
                      f"{med['gpus_billed']:g} | {med['cost_per_hour_pod_billing']:.2f} | "
                      f"{med['cost_per_hour_node_billing']:.2f} | {med['ttft_p99_s']:.2f} | "
-                     f"{med['itl_p50_s'] * 1e3:.1f} | {med['kv_blocks_per_pod']:,.0f} |")
+                     f"{med['itl_p50_s'] * 1e3:.1f} | {med['prefix_hit_rate']:.3f} | {med['kv_blocks_per_pod']:,.0f} |")
     return "\n".join(lines)
 
 
