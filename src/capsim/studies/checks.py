@@ -111,11 +111,13 @@ def _estimated_profile(scenario: Scenario) -> list[Finding]:
         return []
     est = profile.metadata["estimate"]
     gpu = est.get("gpu", {})
+    tp, pod_tp = int(est.get("tensor_parallel", 1)), scenario.batching.tensor_parallel_size
+    # the all-reduces' latency is a published measurement's, not an assumption, but still not this GPU's
+    link = f", {gpu.get('link_latency_us', 0.0):g} us an all-reduce" if tp > 1 else ""
     findings = [Finding("service.profile", f"{svc.profile} is estimated by a {est.get('method', 'roofline')} of "
                         f"{gpu.get('name', 'a GPU')}'s datasheet, not measured (mfu {gpu.get('mfu')}, mbu "
-                        f"{gpu.get('mbu')}, {gpu.get('step_overhead_ms')} ms a step assumed): measure the GPU "
-                        "before deploying on this plan", level="warn", check="estimated-profile")]
-    tp, pod_tp = int(est.get("tensor_parallel", 1)), scenario.batching.tensor_parallel_size
+                        f"{gpu.get('mbu')}, {gpu.get('step_overhead_ms')} ms a step assumed{link}): measure the "
+                        "GPU before deploying on this plan", level="warn", check="estimated-profile")]
     if tp != pod_tp:
         findings.append(Finding(
             "batching.tensor_parallel_size", f"{pod_tp}, but {svc.profile} estimates pods of {tp} GPU"
