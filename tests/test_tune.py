@@ -170,6 +170,23 @@ def test_the_llama70b_space_tries_three_pod_shapes_that_each_pass_the_checks() -
             shaped.override(changes)
 
 
+def test_the_llama70b_agents_space_tries_three_routers_under_the_same_stresses() -> None:
+    from capsim.studies.checks import run_checks
+
+    sp = load_space(ROOT / "data" / "studies" / "llama70b_agents_space.yaml")
+    assert sp.scenario is not None and sp.scenario.name == "h100x4_llama3_70b_agents.yaml"
+    base = Scenario.from_yaml(sp.scenario)
+    assert base.batching.enable_prefix_caching and base.workload.sessions.new_tokens is not None
+    (routers,) = [p for p in sp.params if p.path == "router.kind"]
+    assert routers.choices == ("prefix_aware", "session_affinity", "least_outstanding")
+    assert list(sp.stresses) == ["pod-crash", "redis-outage", "rush"]
+    for kind in routers.choices:
+        routed = base.override({"router.kind": kind})
+        assert [f.check for f in run_checks(routed)] == ["estimated-profile"], kind
+        for changes in sp.stresses.values():
+            routed.override(changes)
+
+
 @pytest.mark.parametrize(("space", "words"), [
     ({"params": {"pods.replicas": {"low": 3, "high": 1}}}, "high must be >= low"),
     ({"params": {"pods.replicas": {"choices": []}}}, "choices must be a non-empty list"),
