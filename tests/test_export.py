@@ -368,6 +368,24 @@ def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> Non
     assert "does not meet the SLO" in readme and "GPU hours of the nodes" not in readme  # NaN: no row
 
 
+@pytest.mark.parametrize(("kind", "says"), [
+    ("random", "ClusterIP Service"), ("round_robin", "`ROUND_ROBIN`"), ("least_outstanding", "`LEAST_REQUEST`"),
+    ("session_affinity", "consistent hash of the session id"), ("prefix_aware", "`InferencePool`"),
+])
+def test_readme_names_the_router_the_plan_assumed(rush: Scenario, tmp_path: Path, kind: str, says: str) -> None:
+    # with sessions the router decides the prefill a turn costs: the cluster must route as the plan did
+    export_scenario(rush.override({"router.kind": kind}), tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith("- the router ")]
+    assert f"`router.kind: {kind}`" in line and says in line
+    # outlier ejection travels with the proxies that have it, as the plan's settings
+    assert ("`consecutive_5xx: 5`" in line) == (kind in ("least_outstanding", "prefix_aware"))
+    if kind == "prefix_aware":
+        assert "(weights 3, 1, 1)" in line
+    if kind == "session_affinity":
+        assert "at random" in line
+
+
 def test_golden_files(tmp_path: Path) -> None:
     """The export of a copy of the rush (kept with the golden files, so editing data/ does not move them),
     pinned; regenerate with CAPSIM_UPDATE_GOLDEN=1 after an intended change."""

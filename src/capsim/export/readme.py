@@ -154,6 +154,36 @@ def _gpus_per_pod(scenario: Scenario) -> str:
     return "one GPU" if tp == 1 else f"{tp} GPUs on one node (tensor parallel)"
 
 
+def routing(scenario: Scenario) -> str:
+    """How the plan's router (``router.kind``) places requests, and what in a cluster does the same: with
+    sessions and prefix caching the router decides the prefill a turn costs, so a plan made with one router
+    does not hold behind another (docs/continuous.md: the 70B agents fail a pod crash behind least outstanding
+    at 5 pods where session affinity holds at 4)."""
+    r = scenario.router
+    ejection = r.outlier_ejection
+    eject = ("" if ejection is None else
+             f", with outlier detection as the plan's (`consecutive_5xx: {ejection.consecutive_failures}`, "
+             f"`base_ejection_time: {ejection.base_ejection_s:g}s`, `max_ejection_percent: "
+             f"{ejection.max_ejection_percent:g}`)")
+    how = {
+        "random": "each request to a pod at random: a ClusterIP Service (kube-proxy) in front of the pods",
+        "round_robin": "requests to the pods in turn: Envoy's `ROUND_ROBIN` load balancer (Istio "
+                       "`loadBalancer.simple: ROUND_ROBIN`) in front of the pods",
+        "least_outstanding": "each request to the pod with the fewest in flight: Envoy's `LEAST_REQUEST` (Istio "
+                             f"`loadBalancer.simple: LEAST_REQUEST`) in front of the pods{eject}",
+        "session_affinity": "each session's turns to the pod that served its last one (a new session, or one whose "
+                            f"pod is gone or draining, {'at random' if r.fallback == 'random' else 'to the pod with the fewest in flight'}): "
+                            "`capsim router --policy session_affinity`, or a consistent hash of the session id "
+                            "(Envoy `RING_HASH`, Istio `consistentHash.httpHeaderName`), which moves some sessions "
+                            "when pods come and go",
+        "prefix_aware": "each turn to the pod with the best score of the expected prefix-cache hit, the queue and "
+                        f"the free KV cache (weights {r.prefix_weight:g}, {r.queue_weight:g}, {r.kv_cache_weight:g}), "
+                        "as the Gateway API Inference Extension's endpoint picker scores them: an `InferencePool` "
+                        "over the pods with its prefix-cache, queue and KV-cache scorers" + eject,
+    }[r.kind]
+    return f"- the router (`router.kind: {r.kind}`): {how}"
+
+
 def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
     lines = ["## What the cluster must match for the numbers to hold", "",
              f"- kube-controller-manager: `--horizontal-pod-autoscaler-sync-period={auto.sync_period_s:g}s`, "
@@ -182,6 +212,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
     lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "
                  f"a change of readiness within {scenario.pods.endpoints_propagation_s:g} s")
+    lines.append(routing(scenario))
     if scenario.state.store == "redis":
         lines.append(f"- the session store answers at `{target.redis_url}`")
     return [*lines, ""]
