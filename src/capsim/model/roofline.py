@@ -76,8 +76,9 @@ class GpuSpec(BaseModel):
 
 
 #: One small all-reduce's time, us: the floor a decode step's all-reduces meet whatever their bytes. Over
-#: NVLink on H100s vLLM's custom all-reduce takes 9 to 10 us for 1 to 64 KiB at TP 2, 4 and 8 (SGLang PR
-#: #2904's table, no CUDA graph) and 10 us for a 0.5 MiB (32 x 8192 bf16) tensor at TP 4 (vLLM PR #24532);
+#: NVLink on H100s vLLM's custom all-reduce takes 9 to 12 us at the smallest sizes (512 to 32,768) at TP 2,
+#: 4 and 8 (SGLang PR #2904's table, no CUDA graph) and 10 us for a 0.5 MiB (32 x 8192 bf16) tensor at TP 4
+#: (vLLM PR #24532);
 #: NCCL's NVLS on two H100s about 6 us in a CUDA graph (NCCL issue #1259): 8 us, for the A100's NVLink too
 #: (assumed, no measurement at hand). Over PCIe NCCL took 19 to 24 us for 4 to 32 KiB on four GPUs behind
 #: one switch, in a CUDA graph (sglang-V100 PR #2): 20 us.
