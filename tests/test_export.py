@@ -30,6 +30,7 @@ from capsim.export import (
     pod_env,
 )
 from capsim.export.promql import PodQuery
+from capsim.export.routing import routing_file
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.autoscaling import HorizontalPodAutoscaler
@@ -340,7 +341,8 @@ def test_failed_check_stops_the_export(rush: Scenario, tmp_path: Path) -> None:
     assert [f.check for f in info.value.findings] == ["max-replicas-over-gpus"]
     assert not (tmp_path / "out").exists()
     result = export_scenario(bad, tmp_path / "out", force=True)
-    assert [p.name for p in result.files] == [*BUILDERS, "README.md"]
+    # the rush routes least outstanding: its DestinationRule follows the objects every export writes
+    assert [p.name for p in result.files] == [*BUILDERS, "destinationrule.yaml", "README.md"]
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "--force" in readme and "autoscaler.maxReplicas" in readme
 
@@ -389,8 +391,9 @@ def test_readme_names_the_router_the_plan_assumed(rush: Scenario, tmp_path: Path
 def test_golden_files(tmp_path: Path) -> None:
     """The export of a copy of the rush (kept with the golden files, so editing data/ does not move them),
     pinned; regenerate with CAPSIM_UPDATE_GOLDEN=1 after an intended change."""
-    export_scenario(Scenario.from_yaml(GOLDEN / "scenario.yaml"), tmp_path, DeployTarget())
-    for file in BUILDERS:
+    scenario = Scenario.from_yaml(GOLDEN / "scenario.yaml")
+    export_scenario(scenario, tmp_path, DeployTarget())
+    for file in [*BUILDERS, routing_file(scenario)]:
         text = (tmp_path / file).read_text()
         golden = GOLDEN / file
         if os.environ.get("CAPSIM_UPDATE_GOLDEN"):
@@ -424,7 +427,8 @@ def test_export_command_simulates_for_the_readme(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["export", str(path), "--out", str(out), "--name", "small-agent",
                                       "--namespace", "team-a", "--seed", "3"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == sorted([*BUILDERS, "README.md"])
+    # the default router (least outstanding) writes its DestinationRule too
+    assert sorted(p.name for p in out.iterdir()) == sorted([*BUILDERS, "destinationrule.yaml", "README.md"])
     expected = simulate(Scenario.from_yaml(path), seed=3).summary
     readme = (out / "README.md").read_text()
     assert f"| TTFT p99 (s) | {expected.ttft_p99_s:.4g} |" in readme and "seed 3" in readme

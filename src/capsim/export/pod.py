@@ -97,7 +97,7 @@ def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
 
 
 def pod_labels(target: DeployTarget) -> dict[str, str]:
-    """The label the Deployment patch gives the pods and the PodDisruptionBudget selects them by."""
+    """The label the Deployment patch gives the pods and the PodDisruptionBudget and InferencePool select them by."""
     return {"app.kubernetes.io/name": target.name}
 
 
@@ -133,7 +133,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(target.port),
                    "prometheus.io/path": "/metrics"}
     template_meta: dict[str, Any] = {"annotations": annotations}
-    if scenario.pods.disruption_budget is not None:  # the label pdb.yaml selects the pods by
+    # the label pdb.yaml and inferencepool.yaml select the pods by (with neither, the pods' labels are left alone)
+    if scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware":
         template_meta["labels"] = pod_labels(target)
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",

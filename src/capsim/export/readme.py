@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
+from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.studies.checks import Finding
@@ -30,6 +31,13 @@ PDB_FILE = ("pdb.yaml", "PodDisruptionBudget on the pods (the patch labels them 
             "{name}`): cluster-autoscaler drains a node only when evicting its pods keeps it, as simulated")
 VLLM_ARGS_FILE = ("vllm-args.yaml", "the same engine settings as `vllm serve` arguments, for a Deployment that "
                   "runs vLLM instead of capsim's pod (not applied by kubectl: the container's `args`)")
+#: written when the plan's router is not random (capsim.export.routing)
+ROUTING_FILES = {
+    "destinationrule.yaml": "Istio DestinationRule on the pods' Service: the load balancer the plan's router "
+                            "assumed ({balancer}){ejection}",
+    "inferencepool.yaml": "ConfigMap `{epp}-config` (the endpoint picker's scorers at the plan's weights) and the "
+                          "Gateway API Inference Extension's InferencePool `{name}` over the pods",
+}
 #: the continuous engine's limits, as the pod reads them and the plan simulated them
 CONTINUOUS_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len",
                      "long_prefill_token_threshold", "enable_prefix_caching")
@@ -69,6 +77,14 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
     if scenario.pods.disruption_budget is not None:
         files[PDB_FILE[0]] = PDB_FILE[1]
+    routing_name = routing_file(scenario)
+    if routing_name is not None:
+        files[routing_name] = ROUTING_FILES[routing_name]
+        r = scenario.router
+        fmt.update(epp=epp_name(target),
+                   balancer={"round_robin": "`ROUND_ROBIN`", "least_outstanding": "`LEAST_REQUEST`",
+                             "session_affinity": f"a consistent hash of the `{SESSION_HEADER}` header"}.get(r.kind, ""),
+                   ejection=", with its outlier detection" if ejects(r) else "")
     lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in files.items()]
     lines += ["", "## Apply", "", "```sh",
               "kubectl apply -f configmap.yaml" + (" -f pdb.yaml" if scenario.pods.disruption_budget else ""),
@@ -78,6 +94,8 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
               "kubectl apply -f prometheus-adapter.yaml -f hpa.yaml",
               "# or KEDA instead (never both: two controllers would fight over the replica count):",
               "# kubectl apply -f keda-scaledobject.yaml",
+              *(["# the router the plan assumed (what it needs in the cluster: below, under the router)",
+                 f"kubectl apply -f {routing_name}"] if routing_name is not None else []),
               "```", ""]
     lines += _settings(scenario, auto)
     lines += _numbers(scenario, numbers)
@@ -213,6 +231,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "
                  f"a change of readiness within {scenario.pods.endpoints_propagation_s:g} s")
     lines.append(routing(scenario))
+    lines += [f"  - {note}" for note in routing_notes(scenario, target)]
     if scenario.state.store == "redis":
         lines.append(f"- the session store answers at `{target.redis_url}`")
     return [*lines, ""]

@@ -14,6 +14,7 @@ from capsim.export.hpa import build_hpa, require_autoscaler
 from capsim.export.keda import build_scaled_object
 from capsim.export.pod import build_configmap, build_deployment_patch, build_pdb
 from capsim.export.readme import render_readme
+from capsim.export.routing import build_routing, routing_file
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
@@ -125,6 +126,11 @@ def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | 
         args = out / "vllm-args.yaml"
         args.write_text(dump_yaml({"args": vllm_args(scenario)}), encoding="utf-8")
         files.append(args)
+    routing_name = routing_file(scenario)
+    if routing_name is not None:  # the router the plan assumed, as the cluster's objects
+        routing = out / routing_name
+        routing.write_text("---\n".join(dump_yaml(obj) for obj in build_routing(scenario, target)), encoding="utf-8")
+        files.append(routing)
     readme = out / "README.md"
     readme.write_text(render_readme(scenario, target, numbers=numbers, findings=findings,
                                     forced=force and failed(findings)), encoding="utf-8")

@@ -1,0 +1,172 @@
+"""The router the plan assumed, as the objects that route the same way in a cluster.
+
+With sessions and prefix caching the router decides what a turn prefills, so a plan made with one router
+does not hold behind another (docs/export.md). ``router.kind`` maps to:
+
+- ``round_robin``, ``least_outstanding``: an Istio ``DestinationRule`` (``networking.istio.io/v1``) on the
+  pods' Service with ``loadBalancer.simple: ROUND_ROBIN`` or ``LEAST_REQUEST`` (Envoy's load balancers), and
+  for least outstanding the plan's outlier ejection as ``outlierDetection``.
+- ``session_affinity``: the same ``DestinationRule`` with ``consistentHash.httpHeaderName`` on the session id
+  (Envoy's ring hash, as ``capsim router`` hashes sessions onto pods); the clients send that header.
+- ``prefix_aware``: a Gateway API Inference Extension ``InferencePool`` (``inference.networking.k8s.io/v1``)
+  over the pods, and the endpoint picker's ``EndpointPickerConfig`` (``inference.networking.x-k8s.io/v1alpha1``)
+  with the prefix-cache, queue and KV-cache-utilization scorers at the plan's weights, in a ConfigMap.
+- ``random``: nothing to write; a ClusterIP Service (kube-proxy) picks pods at random.
+
+Field names and defaults are from the upstream definitions: Istio's ``networking/v1alpha3/destination_rule.proto``
+(``consecutive5xxErrors``, ``interval`` 10 s, ``baseEjectionTime``, ``maxEjectionPercent`` as an int32,
+``minHealthPercent``, default 0, which Istio passes to Envoy as ``healthy_panic_threshold``), and
+gateway-api-inference-extension's ``api/v1/inferencepool_types.go`` and its Helm chart's EPP config (scorer
+names ``prefix-cache-scorer``, ``queue-scorer``, ``kv-cache-utilization-scorer``, ``max-score-picker``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsim.export.pod import pod_labels
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Router, Scenario
+
+#: The header that carries the session id for a consistent hash (the clients, or the gateway, set it).
+SESSION_HEADER = "x-session-id"
+#: Envoy's ``healthy_panic_threshold`` default, which capsim's outlier detection models (capsim.policy.outlier).
+PANIC_PERCENT = 50
+#: Envoy's ``max_ejection_time`` default; Istio's DestinationRule cannot set another one.
+ENVOY_MAX_EJECTION_S = 300.0
+#: The endpoint picker's ext-proc port (the InferencePool's default, 9002).
+EPP_PORT = 9002
+#: The file inside the EPP ConfigMap.
+EPP_CONFIG_FILE = "capsim-plugins.yaml"
+_SIMPLE = {"round_robin": "ROUND_ROBIN", "least_outstanding": "LEAST_REQUEST"}
+
+
+def routing_file(scenario: Scenario) -> str | None:
+    """The export file for the scenario's router, or ``None`` when a plain Service does the same."""
+    kind = scenario.router.kind
+    if kind == "prefix_aware":
+        return "inferencepool.yaml"
+    if kind == "random":
+        return None
+    return "destinationrule.yaml"
+
+
+def service_host(target: DeployTarget) -> str:
+    """The pods' Service, which the DestinationRule applies to (a Service named as the Deployment)."""
+    return f"{target.name}.{target.namespace}.svc.cluster.local"
+
+
+def epp_name(target: DeployTarget) -> str:
+    """The endpoint picker's Service (and its ConfigMap's prefix)."""
+    return f"{target.name}-epp"
+
+
+def _seconds(value: float) -> str:
+    """A duration as Istio takes it (``1h/1m/1s/1ms``): whole seconds, else milliseconds."""
+    ms = round(value * 1000)
+    return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
+
+
+def ejects(router: Router) -> bool:
+    """Whether the plan's router ejects failing pods (a proxy's outlier detection: least outstanding and
+    prefix-aware, as the simulator's router; capsim.sim.router)."""
+    return router.outlier_ejection is not None and router.kind in ("least_outstanding", "prefix_aware")
+
+
+def outlier_detection(router: Router) -> dict[str, Any]:
+    """The plan's outlier ejection as Istio's ``outlierDetection``. Its percent is an int32 in Istio (rounded
+    here; :func:`routing_notes` says when that changed it) and its ``max_ejection_s`` cannot be set (Envoy's
+    300 s applies)."""
+    e = router.outlier_ejection
+    assert e is not None
+    return {"consecutive5xxErrors": e.consecutive_failures, "interval": "10s",
+            "baseEjectionTime": _seconds(e.base_ejection_s), "maxEjectionPercent": round(e.max_ejection_percent),
+            "minHealthPercent": PANIC_PERCENT}
+
+
+def build_destination_rule(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
+    """An Istio DestinationRule that balances over the pods as the plan's router did."""
+    r = scenario.router
+    if r.kind == "session_affinity":
+        balancer: dict[str, Any] = {"consistentHash": {"httpHeaderName": SESSION_HEADER}}
+    elif r.kind in _SIMPLE:
+        balancer = {"simple": _SIMPLE[r.kind]}
+    else:
+        raise ValueError(f"router.kind {r.kind!r} has no DestinationRule (see routing_file)")
+    policy: dict[str, Any] = {"loadBalancer": balancer}
+    if ejects(r):
+        policy["outlierDetection"] = outlier_detection(r)
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": target.metadata(),
+            "spec": {"host": service_host(target), "trafficPolicy": policy}}
+
+
+def endpoint_picker_config(router: Router) -> dict[str, Any]:
+    """The endpoint picker's plugins: the three scorers at the plan's weights (a zero weight leaves the scorer
+    out) and the max-score picker, in one scheduling profile."""
+    weights = [("prefix-cache-scorer", router.prefix_weight), ("queue-scorer", router.queue_weight),
+               ("kv-cache-utilization-scorer", router.kv_cache_weight)]
+    # the picker takes a weight as a float64 (an int in its first releases): whole weights are written as ints
+    used = [(name, int(w) if float(w).is_integer() else w) for name, w in weights if w > 0]
+    return {"apiVersion": "inference.networking.x-k8s.io/v1alpha1", "kind": "EndpointPickerConfig",
+            "plugins": [{"type": name} for name, _ in used] + [{"type": "max-score-picker"}],
+            "schedulingProfiles": [{"name": "default", "plugins": [
+                *({"pluginRef": name, "weight": w} for name, w in used), {"pluginRef": "max-score-picker"}]}]}
+
+
+def build_inference_pool(scenario: Scenario, target: DeployTarget) -> list[dict[str, Any]]:
+    """The endpoint picker's ConfigMap and the InferencePool over the pods (the pods' label, their port)."""
+    from capsim.export.writer import dump_yaml
+
+    config = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": target.metadata(f"{epp_name(target)}-config"),
+              "data": {EPP_CONFIG_FILE: dump_yaml(endpoint_picker_config(scenario.router))}}
+    pool = {"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": target.metadata(),
+            "spec": {"selector": {"matchLabels": pod_labels(target)}, "targetPorts": [{"number": target.port}],
+                     "endpointPickerRef": {"kind": "Service", "name": epp_name(target), "port": {"number": EPP_PORT},
+                                           "failureMode": "FailClose"}}}
+    return [config, pool]
+
+
+def build_routing(scenario: Scenario, target: DeployTarget) -> list[dict[str, Any]]:
+    """The objects of :func:`routing_file` (empty for ``random``)."""
+    kind = scenario.router.kind
+    if kind == "random":
+        return []
+    if kind == "prefix_aware":
+        return build_inference_pool(scenario, target)
+    return [build_destination_rule(scenario, target)]
+
+
+def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
+    """What the routing file needs besides itself, and where it cannot say what the plan assumed."""
+    r = scenario.router
+    notes: list[str] = []
+    if r.kind in ("round_robin", "least_outstanding", "session_affinity"):
+        notes.append(f"`destinationrule.yaml` applies to the Service `{service_host(target)}` (a Service named as the "
+                     "Deployment, selecting its pods) and needs Istio's sidecars or its ambient waypoint in front "
+                     "of the pods")
+    if r.kind == "session_affinity":
+        notes.append(f"the clients (or the gateway) send each turn's session id in the `{SESSION_HEADER}` header: "
+                     "Envoy's ring hash places the sessions by it, as `capsim router` does (rendezvous hashing); "
+                     "when pods come and go about one session in N moves, as in the plan")
+    if r.kind == "prefix_aware":
+        notes.append(f"`inferencepool.yaml` needs the Gateway API Inference Extension's CRDs, a gateway that "
+                     f"supports it, and its endpoint picker running as the Service `{epp_name(target)}` (port "
+                     f"{EPP_PORT}) with `--pool-name {target.name}` and `--config-file` pointing at `{EPP_CONFIG_FILE}` "
+                     f"from the ConfigMap `{epp_name(target)}-config` (the extension's Helm chart runs it so); the "
+                     "picker reads `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` from the pods, which "
+                     "capsim's pod exports in continuous mode")
+    if ejects(r):
+        e = r.outlier_ejection
+        assert e is not None
+        if r.kind == "prefix_aware":
+            notes.append("the plan ejected failing pods as Envoy's outlier detection does; the InferencePool has no "
+                         "such field, so set it on the gateway (its backend traffic policy) to "
+                         f"`consecutive_5xx: {e.consecutive_failures}`, `base_ejection_time: "
+                         f"{e.base_ejection_s:g}s`, `max_ejection_percent: {e.max_ejection_percent:g}`")
+        if round(e.max_ejection_percent) != e.max_ejection_percent and r.kind != "prefix_aware":
+            notes.append(f"Istio takes `maxEjectionPercent` as a whole number: the plan's "
+                         f"{e.max_ejection_percent:g} is written as {round(e.max_ejection_percent)}")
+        if e.max_ejection_s != ENVOY_MAX_EJECTION_S and r.kind != "prefix_aware":
+            notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
+                         f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
+    return notes
