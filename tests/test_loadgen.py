@@ -319,3 +319,42 @@ def test_each_run_starts_new_conversations_on_the_same_pod(pod):
     for _ in range(2):
         asyncio.run(run_load([pod.url], plan(5), seed=3, session_tag="same"))
     assert _history_tokens(pod.url) > before
+
+
+def test_every_turn_names_its_session_in_a_header_a_proxy_can_hash_on():
+    # the export's DestinationRule for session affinity hashes on this header (Envoy's ring hash): each turn
+    # of a session carries the same value, the session id in its URL, and different sessions differ
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from capsim.policy.routing import SESSION_HEADER
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            seen.append((self.path, self.headers.get(SESSION_HEADER)))
+            body = json.dumps({"timings": {"ttft_s": 0.001, "queue_s": 0.0}, "batch_size": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        df = asyncio.run(run_load([f"http://127.0.0.1:{srv.server_address[1]}"], plan(3, turns=2),
+                                  client=ClientPolicy(timeout_s=10.0)))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert (df.outcome == "ok").all() and len(seen) == 6
+    for path, header in seen:
+        assert path == f"/v1/sessions/{header}/turns"
+    assert len({h for _, h in seen}) == 3  # one value per session, shared by its turns

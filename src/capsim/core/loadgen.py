@@ -30,6 +30,7 @@ from capsim.core.http_pools import ConnectionPools, http_clients
 from capsim.errors import CapsimError
 from capsim.model.request import OUTCOMES, requests_frame
 from capsim.policy.retry import retry_delay_s
+from capsim.policy.routing import SESSION_HEADER
 
 Routing = Literal["round_robin", "random", "session_affinity"]
 
@@ -257,18 +258,20 @@ async def run_load(
         async def attempt(r: int, pod: int) -> _Result:
             """One HTTP attempt: (outcome, queue_s, ttft_s, batch_size, why) with times from sending."""
             http = shards[r % len(shards)]
-            url = f"{urls[pod]}/v1/sessions/{tag}-s{rec.session_id[r]}/turns"
+            session_key = f"{tag}-s{rec.session_id[r]}"
+            url = f"{urls[pod]}/v1/sessions/{session_key}/turns"
+            headers = {SESSION_HEADER: session_key}  # for a proxy that hashes sessions onto pods
             tokens: int | list[int] = int(rec.prompt_tokens[r]) if messages is None else list(messages(r))
             body = {"prompt_tokens": tokens, "max_new_tokens": int(rec.output_tokens[r])}
             client_ttft: float | None = None  # streamed: the client's own, from its send
             if stream:
-                got = await _attempt_stream(http, url, body, policy.timeout_s)
+                got = await _attempt_stream(http, url, body, policy.timeout_s, headers)
                 if len(got) != 2:
                     return got  # a failure
                 data, client_ttft = got
             else:
                 try:
-                    resp = await asyncio.wait_for(http.post(url, json=body), policy.timeout_s)
+                    resp = await asyncio.wait_for(http.post(url, json=body, headers=headers), policy.timeout_s)
                 except (TimeoutError, httpx.HTTPError) as exc:
                     return _transport_failure(exc)
                 if resp.status_code != 200:
@@ -460,7 +463,7 @@ def pod_receipt(received: float, sent: float, answered: float) -> float | None:
 
 
 async def _attempt_stream(
-    http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float
+    http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float, headers: dict[str, str] | None = None
 ) -> _Result | tuple[dict[str, Any], float]:
     """A streaming attempt: its done event's answer (the same as an unstreamed answer: timings, receipt,
     history) and the client's time to first token, when the first token event arrived; or a failure."""
@@ -469,7 +472,8 @@ async def _attempt_stream(
     start = time.perf_counter()
     ttft = np.nan
     try:
-        async with asyncio.timeout(timeout_s), http.stream("POST", url, json={**body, "stream": True}) as resp:
+        async with asyncio.timeout(timeout_s), http.stream("POST", url, json={**body, "stream": True},
+                                                         headers=headers) as resp:
             if resp.status_code != 200:
                 return _status(resp.status_code)
             event = None

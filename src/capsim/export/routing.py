@@ -27,9 +27,10 @@ from typing import Any
 from capsim.export.pod import pod_labels
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Router, Scenario
+from capsim.policy.routing import SESSION_HEADER
 
-#: The header that carries the session id for a consistent hash (the clients, or the gateway, set it).
-SESSION_HEADER = "x-session-id"
+__all__ = ["SESSION_HEADER", "build_routing", "routing_file", "routing_notes"]
+
 #: Envoy's ``healthy_panic_threshold`` default, which capsim's outlier detection models (capsim.policy.outlier).
 PANIC_PERCENT = 50
 #: Envoy's ``max_ejection_time`` default; Istio's DestinationRule cannot set another one.
@@ -145,9 +146,9 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
                      "Deployment, selecting its pods) and needs Istio's sidecars or its ambient waypoint in front "
                      "of the pods")
     if r.kind == "session_affinity":
-        notes.append(f"the clients (or the gateway) send each turn's session id in the `{SESSION_HEADER}` header: "
-                     "Envoy's ring hash places the sessions by it, as `capsim router` does (rendezvous hashing); "
-                     "when pods come and go about one session in N moves, as in the plan")
+        notes.append(f"the clients (or the gateway) send each turn's session id in the `{SESSION_HEADER}` header, as "
+                     "`capsim loadgen` does: Envoy's ring hash places the sessions by it, as `capsim router` does "
+                     "(rendezvous hashing); when pods come and go about one session in N moves, as in the plan")
     if r.kind == "prefix_aware":
         notes.append(f"`inferencepool.yaml` needs the Gateway API Inference Extension's CRDs, a gateway that "
                      f"supports it, and its endpoint picker running as the Service `{epp_name(target)}` (port "

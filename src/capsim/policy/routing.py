@@ -16,6 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+#: The HTTP header that carries a turn's session id, for a proxy that hashes sessions onto pods (Envoy's ring
+#: hash, Istio's ``consistentHash.httpHeaderName``): the load generator sends it, the export's DestinationRule
+#: hashes on it.
+SESSION_HEADER = "x-session-id"
+
 
 @dataclass(frozen=True)
 class Candidate:
