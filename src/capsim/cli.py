@@ -701,8 +701,10 @@ def export(
         help="take the README's numbers from this summary.json (capsim simulate --out) instead")] = None,
     force: Annotated[bool, typer.Option(help="write even when a check fails")] = False,
 ) -> None:
-    """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml
-    and README.md for a scenario; `capsim check` runs first and a failure stops the export unless --force."""
+    """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml,
+    the router's file (destinationrule.yaml or inferencepool.yaml), pdb.yaml and vllm-args.yaml where they
+    apply, and README.md for a scenario; `capsim check` runs first and a failure stops the export unless
+    --force."""
     import json
 
     from capsim.export import ChecksFailedError, DeployTarget, export_scenario, simulated_numbers
