@@ -190,3 +190,5 @@ def test_session_affinity_readme_names_the_header(agents: Scenario, tmp_path: Pa
     export_scenario(agents.override({"router.kind": "session_affinity"}), tmp_path, TARGET, force=True)
     readme = (tmp_path / "README.md").read_text()
     assert f"`{SESSION_HEADER}` header" in readme and "agent.agents.svc.cluster.local" in readme
+    # or capsim's router, which follows the HPA through a headless Service on the pods' port
+    assert "--pods-from-dns agent-pods.agents.svc.cluster.local:8080" in readme

@@ -16,12 +16,15 @@ import pytest
 from capsim.core.router import (
     POLICIES,
     PodView,
+    Router,
     RouterConfig,
     SessionView,
     create_router_app,
     preference,
     rendezvous,
+    resolve_pods,
 )
+from capsim.model.settings import SettingsError
 from podproc import PodProcess, Served, free_port
 
 
@@ -51,6 +54,51 @@ def test_round_robin_least_outstanding_and_prefix_aware_orders() -> None:
                       SessionView(2, 10), 90, 0)[0] == 0  # a small expected hit loses to a short queue
     assert preference("prefix_aware", "s", urls, busy, None, 4, 0)[0] == 1  # no history: the shortest queue
     assert set(POLICIES) == {"session_affinity", "round_robin", "least_outstanding", "prefix_aware"}
+
+
+def test_pods_come_from_a_list_or_a_name_never_both() -> None:
+    assert RouterConfig(pods_from_dns="agent-pods.agents.svc.cluster.local:8000").pods == ()
+    assert RouterConfig(pods_from_dns="[fd00::1]:8000").pods_from_dns == "[fd00::1]:8000"
+    for kw in ({}, {"pods": ("http://127.0.0.1:1",), "pods_from_dns": "pods:1"}):
+        with pytest.raises(SettingsError, match="either pods .* or pods_from_dns"):
+            RouterConfig(**kw)
+    for bad in ("pods", "pods:", ":80", "pods:0", "pods:65536", "pods:http"):
+        with pytest.raises(SettingsError, match="pods_from_dns must be HOST:PORT"):
+            RouterConfig(pods_from_dns=bad)
+
+
+def test_a_lookup_gives_each_address_as_a_pod_and_an_unknown_name_fails() -> None:
+    import asyncio
+
+    port = free_port()
+    # a real lookup through the resolver (localhost is in every /etc/hosts): one pod URL per address
+    urls = asyncio.run(resolve_pods(f"localhost:{port}", 5.0))
+    assert f"http://127.0.0.1:{port}" in urls and urls == sorted(set(urls))
+    assert asyncio.run(resolve_pods("[::1]:8000", 5.0)) == ["http://[::1]:8000"]  # a literal, bracketed
+    with pytest.raises((OSError, TimeoutError)):  # NXDOMAIN, or no DNS server answering within the bound
+        asyncio.run(resolve_pods("no-such-pods.invalid:8000", 5.0))
+
+
+def test_a_new_pod_list_keeps_what_the_router_knew_of_the_pods_that_stay() -> None:
+    a, b, c = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
+    r = Router(RouterConfig(pods_from_dns="pods:8000", policy="session_affinity"))
+    assert r.order("s", 4) == ([], False)  # no pod known yet: nothing to try
+    r.set_pods([a, b])
+    sids = [f"s{k}" for k in range(200)]
+    first = {s: r.order(s, 4)[0][0] for s in sids}
+    r._begin(b)  # a turn in flight on b
+    r.down_until[a] = time.monotonic() + 60
+    r.remember("s0", first["s0"], {"history": {"prompt_tokens": 10}, "tokens": [1, 2]})
+    r.set_pods([a, c])  # b leaves, c comes
+    assert r.outstanding[b] == 1 and not r.is_up(a, time.monotonic())  # a's mark and b's turn survive
+    r._end(b)
+    assert b not in r.outstanding  # b's last turn ended: forgotten
+    r.down_until.clear()
+    moved = {s for s in sids if r.order(s, 4)[0][0] != first[s]}
+    # rendezvous hashing: only b's sessions and those c now wins move; none goes from a to a pod that stayed
+    assert all(first[s] == b or r.order(s, 4)[0][0] == c for s in moved)
+    assert {s for s in sids if first[s] == b} <= moved and len(moved) < len(sids)
+    assert r.sessions["s0"] == (first["s0"], 12)  # sessions are kept by pod URL
 
 
 # ---- real servers ---------------------------------------------------------------------------------------
@@ -138,17 +186,61 @@ def pods(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterato
             p.kill()
 
 
-def sessions_on_each(urls: list[str], n: int) -> list[str]:
+def sessions_on_each(urls: list[str], n: int, prefix: str = "aff") -> list[str]:
     """Session ids, ``n`` of them placed first on each pod by rendezvous hashing."""
     out: dict[int, list[str]] = {i: [] for i in range(len(urls))}
     k = 0
     while any(len(v) < n for v in out.values()):
-        sid = f"aff-{k}"
+        sid = f"{prefix}-{k}"
         first = rendezvous(sid, urls)[0]
         if len(out[first]) < n:
             out[first].append(sid)
         k += 1
     return [s for v in out.values() for s in v]
+
+
+def test_pods_from_a_lookup_follow_the_pods_that_come_and_go(pods: list[PodProcess]) -> None:
+    # the router in front of a Deployment whose HPA adds a pod and then removes the first: the lookup's
+    # answer (here injected; in a cluster a headless Service's addresses) is what the router places on
+    urls = [p.url for p in pods]
+    answer: list[str] = [urls[0]]
+    failing = False
+
+    async def lookup() -> list[str]:
+        if failing:
+            raise OSError("the resolver is down")
+        return list(answer)
+
+    def wait_for(cond: Any) -> None:
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline, "the router did not pick up the lookup"
+            time.sleep(0.05)
+
+    config = RouterConfig(pods_from_dns="agent-pods:8000", refresh_s=0.1, policy="session_affinity",
+                          timeout_s=20, down_s=30)
+    sids = sessions_on_each(urls, 2, prefix="dns")  # not the sessions the affinity test counts turns of
+    with Served(create_router_app(config, resolve=lookup)) as r:
+        assert metric(r.url, "capsim_router_pods") == 1  # looked up before serving
+        for sid in sids:  # one pod: every session on it
+            resp = post(r.url, sid, {"prompt_tokens": 6, "max_new_tokens": 2})
+            assert resp.status_code == 200 and resp.headers["X-Capsim-Pod"] == urls[0], resp.text
+        answer.append(urls[1])  # scaled up
+        wait_for(lambda: metric(r.url, "capsim_router_pods") == 2)
+        placed = {sid: post(r.url, sid, {"prompt_tokens": 6, "max_new_tokens": 2}).headers["X-Capsim-Pod"]
+                  for sid in sids}
+        assert placed == {sid: urls[rendezvous(sid, urls)[0]] for sid in sids}  # only pod 1's sessions moved
+        failing = True  # a failed lookup keeps the pods
+        wait_for(lambda: metric(r.url, 'capsim_router_pod_lookups_total{result="failed"}') >= 1)
+        assert metric(r.url, "capsim_router_pods") == 2
+        failing = False
+        answer.remove(urls[0])  # scaled down: pod 0's sessions go to pod 1 and continue there
+        wait_for(lambda: metric(r.url, "capsim_router_pods") == 1)
+        for sid in sids:
+            resp = post(r.url, sid, {"prompt_tokens": 6, "max_new_tokens": 2})
+            assert resp.status_code == 200 and resp.headers["X-Capsim-Pod"] == urls[1], resp.text
+            assert resp.json()["turn"] == 3  # the history from the shared store, whichever pod had it
+        assert metric(r.url, "capsim_router_fallbacks_total") == 0  # the gone pod was never tried
 
 
 def test_affinity_keeps_a_session_on_its_pod_and_a_dead_pod_fails_over(pods: list[PodProcess]) -> None:

@@ -273,7 +273,11 @@ def serve(
 
 @app.command()
 def router(
-    pod: Annotated[list[str], typer.Option(help="a pod's base URL (repeat for each pod)")],
+    pod: Annotated[list[str] | None, typer.Option(help="a pod's base URL (repeat for each pod)")] = None,
+    pods_from_dns: Annotated[str | None, typer.Option(
+        help="instead of --pod: HOST:PORT of a headless Service; its addresses are the pods, looked up again "
+             "every --refresh-s (so the router follows an HPA)")] = None,
+    refresh_s: Annotated[float, typer.Option(help="--pods-from-dns: seconds between lookups")] = 5.0,
     policy: Annotated[str, typer.Option(help="session_affinity, round_robin, least_outstanding, prefix_aware")]
     = "session_affinity",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
@@ -288,11 +292,13 @@ def router(
     from capsim.model.settings import SettingsError
 
     try:
-        config = RouterConfig(pods=tuple(pod), policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
+        config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
+                              policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
                               connect_timeout_s=connect_timeout_s, down_s=down_s)
     except SettingsError as exc:
         field = str(exc).removeprefix("router.").split(" ", 1)[0].split(".", 1)[0]
-        raise typer.BadParameter(str(exc), param_hint=f"--{field.replace('_', '-')}") from None
+        hint = "--pod / --pods-from-dns" if field in ("", "router", "pods") else f"--{field.replace('_', '-')}"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
     serve_router(config, host=host, port=port, log_level=log_level)
 
 

@@ -15,6 +15,12 @@ a deadline: a pod that accepted the turn but does not answer within ``timeout_s`
 **504** (the turn is not retried elsewhere: it may have been stored; a client with an ``Idempotency-Key``
 may retry it safely). No pod reachable: **502**. Answers are passed through with the pod's status and
 the header ``X-Capsim-Pod`` naming the pod.
+
+The pods are a fixed list (``pods``) or, in a cluster whose HPA adds and removes them, the addresses of a
+headless Service (``pods_from_dns: "NAME.NS.svc.cluster.local:PORT"``), looked up again every ``refresh_s``
+(each lookup bounded by ``connect_timeout_s``; a failed or empty one keeps the last list). The router's
+state is kept by pod URL, so a pod that stays keeps its counts and its sessions; under session affinity a
+pod that comes or goes moves only the sessions rendezvous hashing gives it or took from it.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -33,7 +39,7 @@ from typing import Any, ClassVar, Literal
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from capsim.core.http_pools import ConnectionPools, http_clients
 from capsim.model.settings import FrozenModel
@@ -49,7 +55,10 @@ class RouterConfig(FrozenModel):
 
     _error_prefix: ClassVar[str] = "router"
 
-    pods: tuple[str, ...] = Field(..., min_length=1, description="pod base URLs, e.g. http://127.0.0.1:8001")
+    pods: tuple[str, ...] = Field((), description="pod base URLs, e.g. http://127.0.0.1:8001")
+    pods_from_dns: str | None = Field(None, description="instead of pods: HOST:PORT of a headless Service, whose "
+                                      "addresses are the pods (http://ADDRESS:PORT), looked up every refresh_s")
+    refresh_s: float = Field(5.0, gt=0, description="pods_from_dns: seconds between lookups")
     policy: Policy = "session_affinity"
     timeout_s: float = Field(60.0, gt=0, description="a turn's whole call to a pod (a stream: each read)")
     connect_timeout_s: float = Field(1.0, gt=0, description="a pod that does not accept by then is skipped")
@@ -67,6 +76,44 @@ class RouterConfig(FrozenModel):
         if len(set(v)) != len(v):
             raise ValueError("a pod is listed twice")
         return tuple(u.rstrip("/") for u in v)
+
+    @field_validator("pods_from_dns")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_host_port(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RouterConfig:
+        if bool(self.pods) == (self.pods_from_dns is not None):
+            raise ValueError("give either pods (a list of URLs) or pods_from_dns (HOST:PORT), not both or neither")
+        return self
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for an IPv6 literal) as (host, port); ``ValueError`` naming what is wrong."""
+    host, sep, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"pods_from_dns must be HOST:PORT with a port in [1, 65535], got {address!r}")
+    return host, int(port)
+
+
+def pod_url(address: str, port: int) -> str:
+    """A pod's base URL from its address (an IPv6 one in brackets) and port."""
+    return f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
+
+
+async def resolve_pods(address: str, timeout_s: float) -> list[str]:
+    """The pods behind a headless Service: each address ``HOST`` resolves to, as ``http://ADDRESS:PORT``,
+    sorted; the lookup is bounded by ``timeout_s`` (``TimeoutError``; ``OSError`` when the name is unknown)."""
+    import socket
+
+    host, port = split_host_port(address)
+    async with asyncio.timeout(timeout_s):
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({pod_url(str(info[4][0]), port) for info in infos})
 
 
 # ---- the decision: pure, no clock and no I/O ---------------------------------------------------------------
@@ -135,8 +182,12 @@ class RouterMetrics:
         self.moved = Counter("session_moves", "Turns of a known session placed on another pod than its last "
                              "turn's (its prefix cache there is lost).", **kw)
         self.outstanding = Gauge("outstanding", "Turns in flight per pod.", ("pod",), **kw)
+        self.pods = Gauge("pods", "Pods the router places turns on (the list, or the last lookup's).", **kw)
+        self.lookups = Counter("pod_lookups", "Lookups of pods_from_dns, by result (ok, failed, empty: the "
+                               "last list is kept).", ("result",), **kw)
         for p in pods:
             self.outstanding.labels(p).set(0)
+        self.pods.set(len(pods))
 
 
 class Router:
@@ -144,10 +195,12 @@ class Router:
 
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
-        self.urls = list(config.pods)
-        self.outstanding = [0] * len(self.urls)
-        self.down_until = [0.0] * len(self.urls)
-        self.sessions: OrderedDict[str, SessionView] = OrderedDict()
+        self.urls = list(config.pods)  # the pods now (pods_from_dns: the last lookup's, sorted)
+        # by pod URL, so a new list keeps what it knew of the pods that stay (and a turn in flight on a pod
+        # that left still ends on its own count)
+        self.outstanding: dict[str, int] = dict.fromkeys(self.urls, 0)
+        self.down_until: dict[str, float] = {}
+        self.sessions: OrderedDict[str, tuple[str, int]] = OrderedDict()  # session -> (last pod, tokens)
         self.turns = 0
         self.metrics = RouterMetrics(self.urls)
         self.weights = Weights(prefix=config.prefix_weight, queue=config.queue_weight, kv_cache=0.0)
@@ -164,35 +217,69 @@ class Router:
         self._next_client = (self._next_client + 1) % len(self.clients)
         return self.clients[self._next_client]
 
-    def order(self, session_id: str, new_tokens: int) -> tuple[list[int], bool]:
+    def set_pods(self, urls: Sequence[str]) -> None:
+        """Place turns on ``urls`` from now on (a lookup's answer). Pods that stay keep their counts, down
+        marks and sessions; a pod that left keeps its count until its turns in flight end."""
+        new = list(dict.fromkeys(urls))
+        gone = set(self.urls) - set(new)
+        for url in gone:
+            self.down_until.pop(url, None)
+            if not self.outstanding.get(url):
+                self.outstanding.pop(url, None)
+                with suppress(KeyError):
+                    self.metrics.outstanding.remove(url)
+        for url in new:
+            if url not in self.outstanding:
+                self.outstanding[url] = 0
+                self.metrics.outstanding.labels(url).set(0)
+        self.urls = new
+        self.metrics.pods.set(len(new))
+
+    def is_up(self, url: str, now: float) -> bool:
+        return self.down_until.get(url, 0.0) <= now
+
+    def order(self, session_id: str, new_tokens: int) -> tuple[list[str], bool]:
         """The pods to try, up ones first; and whether the policy's first choice is down."""
         now = time.monotonic()
-        views = [PodView(o, d <= now) for o, d in zip(self.outstanding, self.down_until, strict=True)]
+        urls = self.urls
+        if not urls:
+            return [], False
+        views = [PodView(self.outstanding[u], self.is_up(u, now)) for u in urls]
+        last = self.sessions.get(session_id)
+        session = None
+        if last is not None and last[0] in urls:
+            session = SessionView(urls.index(last[0]), last[1])
         self.turns += 1
-        order = preference(self.config.policy, session_id, self.urls, views, self.sessions.get(session_id),
-                           new_tokens, self.turns - 1, self.weights, [self._rng.random() for _ in self.urls])
-        return [i for i in order if views[i].up] + [i for i in order if not views[i].up], not views[order[0]].up
+        order = preference(self.config.policy, session_id, urls, views, session,
+                           new_tokens, self.turns - 1, self.weights, [self._rng.random() for _ in urls])
+        tried = [urls[i] for i in order if views[i].up] + [urls[i] for i in order if not views[i].up]
+        return tried, not views[order[0]].up
 
-    def remember(self, session_id: str, pod: int, answer: Any) -> None:
+    def remember(self, session_id: str, pod: str, answer: Any) -> None:
         history = answer.get("history") if isinstance(answer, dict) else None
         tokens = 0
         if isinstance(history, dict):
             tokens = int(history.get("prompt_tokens", 0)) + len(answer.get("tokens", ()))
         last = self.sessions.get(session_id)
-        if last is not None and last.last_pod != pod:
+        if last is not None and last[0] != pod:
             self.metrics.moved.inc()
-        self.sessions[session_id] = SessionView(pod, tokens)
+        self.sessions[session_id] = (pod, tokens)
         self.sessions.move_to_end(session_id)
         while len(self.sessions) > self.config.sessions:
             self.sessions.popitem(last=False)
 
-    def _begin(self, i: int) -> None:
-        self.outstanding[i] += 1
-        self.metrics.outstanding.labels(self.urls[i]).set(self.outstanding[i])
+    def _begin(self, url: str) -> None:
+        self.outstanding[url] = n = self.outstanding.get(url, 0) + 1
+        self.metrics.outstanding.labels(url).set(n)
 
-    def _end(self, i: int) -> None:
-        self.outstanding[i] -= 1
-        self.metrics.outstanding.labels(self.urls[i]).set(self.outstanding[i])
+    def _end(self, url: str) -> None:
+        self.outstanding[url] = n = self.outstanding[url] - 1
+        if n == 0 and url not in self.urls:  # a pod that left, its last turn ended: forget it
+            del self.outstanding[url]
+            with suppress(KeyError):
+                self.metrics.outstanding.remove(url)
+        else:
+            self.metrics.outstanding.labels(url).set(n)
 
     async def forward(self, session_id: str, body: bytes, payload: Any, headers: dict[str, str]) -> Response:
         new = payload.get("prompt_tokens") if isinstance(payload, dict) else None
@@ -202,19 +289,18 @@ class Router:
         reason = "down" if first_down else None
         path = f"/v1/sessions/{session_id}/turns"
         http = self.next_client()
-        for i in order:
-            url = self.urls[i]
+        for url in order:
             if reason is not None:  # not the policy's first choice: counted once, with why
                 self.metrics.fallbacks.labels(reason).inc()
-            self._begin(i)
+            self._begin(url)
             try:
                 if stream:
-                    return await self._stream(http, i, path, body, headers, session_id, new_tokens)
+                    return await self._stream(http, url, path, body, headers, session_id, new_tokens)
                 async with asyncio.timeout(self.config.timeout_s):
                     resp = await http.post(url + path, content=body, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 # nothing reached the pod: safe to place the turn on the next pod
-                self.down_until[i] = time.monotonic() + self.config.down_s
+                self.down_until[url] = time.monotonic() + self.config.down_s
                 reason = "refused"
                 continue
             except (TimeoutError, httpx.TimeoutException):
@@ -229,36 +315,36 @@ class Router:
                                     headers={"X-Capsim-Pod": url})
             finally:
                 if not stream:
-                    self._end(i)
+                    self._end(url)
             self.metrics.turns.labels(url, str(resp.status_code)).inc()
             if resp.status_code == 503 and _refused_unseen(resp):
                 reason = "draining"  # the pod turned it away before any work: the next choice takes it
-                self.down_until[i] = time.monotonic() + self.config.down_s
+                self.down_until[url] = time.monotonic() + self.config.down_s
                 continue
             if resp.status_code == 200:
                 with suppress(ValueError):  # a 200 that is not JSON: nothing to remember
-                    self.remember(session_id, i, resp.json())
+                    self.remember(session_id, url, resp.json())
             out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
             return Response(resp.content, resp.status_code, headers={**out, "X-Capsim-Pod": url})
         self.metrics.turns.labels("none", "502").inc()
-        return JSONResponse({"detail": f"no pod reachable (tried {', '.join(self.urls[i] for i in order)})"},
-                            502, headers={"Retry-After": "1"})
+        detail = (f"no pod reachable (tried {', '.join(order)})" if order else
+                  f"no pod known yet (pods_from_dns {self.config.pods_from_dns} gave no address)")
+        return JSONResponse({"detail": detail}, 502, headers={"Retry-After": "1"})
 
-    async def _stream(self, http: httpx.AsyncClient, i: int, path: str, body: bytes, headers: dict[str, str],
+    async def _stream(self, http: httpx.AsyncClient, url: str, path: str, body: bytes, headers: dict[str, str],
                       session_id: str, new_tokens: int) -> Response:
         """Relay a streamed turn: the pod's status and first bytes within ``timeout_s``, then each read too."""
-        url = self.urls[i]
         req = http.build_request("POST", url + path, content=body, headers=headers)
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 resp = await http.send(req, stream=True)
         except BaseException:
-            self._end(i)
+            self._end(url)
             raise
         self.metrics.turns.labels(url, str(resp.status_code)).inc()
         if resp.status_code == 200:  # the answer's length is in its last event: counted as the message's
             last = self.sessions.get(session_id)
-            self.remember(session_id, i, {"history": {"prompt_tokens": (last.tokens if last else 0) + new_tokens}})
+            self.remember(session_id, url, {"history": {"prompt_tokens": (last[1] if last else 0) + new_tokens}})
 
         async def relay() -> AsyncIterator[bytes]:
             try:
@@ -269,7 +355,7 @@ class Router:
                 yield (b'event: error\ndata: {"status": 504, "detail": "pod did not answer within timeout_s"}\n\n')
             finally:
                 await resp.aclose()
-                self._end(i)
+                self._end(url)
 
         out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
         return StreamingResponse(relay(), resp.status_code, headers={**out, "X-Capsim-Pod": url})
@@ -287,17 +373,56 @@ def _refused_unseen(resp: httpx.Response) -> bool:
     return isinstance(detail, str) and detail.startswith(_UNSEEN_503)
 
 
-def create_router_app(config: RouterConfig) -> FastAPI:
+Resolver = Callable[[], Awaitable[list[str]]]
+
+
+async def refresh_pods(router: Router, resolve: Resolver) -> None:
+    """One lookup: its pods replace the router's, unless it failed or found none (then the last list stays)."""
+    try:
+        urls = await resolve()
+    except (OSError, TimeoutError):
+        router.metrics.lookups.labels("failed").inc()
+        return
+    if not urls:
+        router.metrics.lookups.labels("empty").inc()
+        return
+    router.metrics.lookups.labels("ok").inc()
+    router.set_pods(urls)
+
+
+def create_router_app(config: RouterConfig, resolve: Resolver | None = None) -> FastAPI:
     """The router's ASGI app: ``POST /v1/sessions/{id}/turns`` (placed and passed through), ``/metrics``,
-    ``/healthz`` and ``/readyz`` (200 while some pod is not marked down)."""
+    ``/healthz`` and ``/readyz`` (200 while some pod is not marked down). With ``pods_from_dns`` the pods
+    come from ``resolve`` (default :func:`resolve_pods` on it), once before serving and every ``refresh_s``."""
     router = Router(config)
+    if resolve is None and config.pods_from_dns is not None:
+        address = config.pods_from_dns
+
+        async def resolve() -> list[str]:
+            return await resolve_pods(address, config.connect_timeout_s)
+
+    async def keep_looking(lookup: Resolver) -> None:
+        while True:
+            await asyncio.sleep(config.refresh_s)
+            await refresh_pods(router, lookup)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         timeout = httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s)
         async with http_clients(ConnectionPools(shards=16, connections=64, keepalive=16), timeout) as clients:
             router.clients = clients
-            yield
+            looker = None
+            if config.pods_from_dns is not None:
+                assert resolve is not None
+                await refresh_pods(router, resolve)
+                looker = asyncio.create_task(keep_looking(resolve))
+            try:
+                yield
+            finally:
+                if looker is not None:
+                    looker.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await looker
         router.clients = []
 
     app = FastAPI(title="capsim router", version="1", lifespan=lifespan)
@@ -327,7 +452,7 @@ def create_router_app(config: RouterConfig) -> FastAPI:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         now = time.monotonic()
-        up = [u for u, d in zip(router.urls, router.down_until, strict=True) if d <= now]
+        up = [u for u in router.urls if router.is_up(u, now)]
         return JSONResponse({"ready": bool(up), "pods_up": up}, 200 if up else 503)
 
     return app

@@ -147,8 +147,11 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
                      "of the pods")
     if r.kind == "session_affinity":
         notes.append(f"the clients (or the gateway) send each turn's session id in the `{SESSION_HEADER}` header, as "
-                     "`capsim loadgen` does: Envoy's ring hash places the sessions by it, as `capsim router` does "
-                     "(rendezvous hashing); when pods come and go about one session in N moves, as in the plan")
+                     "`capsim loadgen` does: Envoy's ring hash places the sessions by it; when pods come and go "
+                     "about one session in N moves, as in the plan. Without Istio: `capsim router --policy "
+                     f"session_affinity --pods-from-dns {target.name}-pods.{target.namespace}.svc.cluster.local:"
+                     f"{target.port}` behind a headless Service `{target.name}-pods` over the pods hashes sessions "
+                     "the same way (rendezvous) and follows the HPA")
     if r.kind == "prefix_aware":
         notes.append(f"`inferencepool.yaml` needs the Gateway API Inference Extension's CRDs, a gateway that "
                      f"supports it, and its endpoint picker running as the Service `{epp_name(target)}` (port "
