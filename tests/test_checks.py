@@ -224,7 +224,18 @@ def test_continuous_only_settings_in_a_static_scenario_warn(rush: Scenario) -> N
     assert rush.batching.mode == "static" and not _fired(rush, "continuous-only-setting")
     s = rush.override({"service.answer_ms": 8.0, "service.cycle_noise_block_steps": 64, "service.cached_token_us": 9.0})
     found = _fired(s, "continuous-only-setting")
-    # the factors' walk in blocks applies to static batches too (CycleNoiseService): the other two are ignored
-    assert [f.path for f in found] == ["service.answer_ms", "service.cached_token_us"]
+    # the factors' walk in blocks and the way out apply to static batches too: the cached-token time does not
+    assert [f.path for f in found] == ["service.cached_token_us"]
     assert all(f.level == "warn" for f in found)
     assert not _fired(s.override({"batching.mode": "continuous", "batching.num_blocks": 1000}), "continuous-only-setting")
+
+
+def test_static_only_settings_in_a_continuous_scenario_warn(rush: Scenario) -> None:
+    s = rush.override({"service.answer_per_request_ms": 1.0, "service.first_token_scale": 1.5,
+                       "service.answer_ms": 4.0})
+    assert not _fired(s, "static-only-setting")  # read by the static pod
+    c = s.override({"batching.mode": "continuous", "batching.num_blocks": 1000})
+    found = _fired(c, "static-only-setting")
+    assert [f.path for f in found] == ["service.answer_per_request_ms", "service.first_token_scale"]
+    assert all(f.level == "warn" for f in found)
+    assert not _fired(rush.override({"batching.mode": "continuous", "batching.num_blocks": 1000}), "static-only-setting")

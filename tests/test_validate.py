@@ -227,6 +227,24 @@ def test_quick_validation_runs_end_to_end(tmp_path):
 
     traces = load_traces(tmp_path)
     assert traces["calibration"] and traces["probe"] and len(traces["probe_sends"]) > 0
+    # and the probe's requests on the pod's clock, from which the way out and the first token's place come;
+    # the calibration carries them into the simulated pod (stop 38)
+    from dataclasses import replace
+
+    from capsim.studies.validate_calibrate import probe_answers
+    from capsim.studies.validate_runs import calibration_fields, probe_frame
+
+    probe = probe_frame(traces["probe_requests"])
+    assert probe.attrs["pod_clock_rows"] == (probe.outcome == "ok").sum() > 0
+    cal = Calibration(**calibration_fields(provenance["calibration"]))
+    profile = ServiceTimeProfile.from_csv(tmp_path / "profile.csv")
+    again_cal = probe_answers(replace(cal, answer_s=0.0, answer_per_request_s=0.0, first_token_scale=1.0), probe,
+                              traces["probe"], lambda b: profile.batch_timing(b, spec.prompt_tokens,
+                                                                              spec.output_tokens).prefill_s)
+    assert again_cal == cal
+    assert cal.answer_s + cal.answer_per_request_s > 0 and cal.first_token_scale > 0
+    svc = level_scenario(spec, tmp_path / "profile.csv", 10.0, cal).service
+    assert svc.answer_ms == pytest.approx(cal.answer_s * 1000) and svc.first_token_scale == cal.first_token_scale
     # the real TTFT counts from the send, as the simulator's: every answer on the pod's clock (one host)
     assert provenance["real_ttft_from"] == "send"
     assert not any("WARNING" in line and "pod's clock" in line for line in lines)

@@ -211,10 +211,22 @@ class Service(_Section):
         "`cycle_noise` holds replays it from its start (`capsim validate` sets it)"
     )
     answer_ms: Float = Field(
-        0.0, ge=0, le=60_000, description="continuous mode: from a request's last token to its answer at the "
-        "client (the pod's answer path: the store write, the response, the way back); the end to end and a "
-        "session's next turn count it, the engine does not wait for it; `capsim validate --mode continuous` "
-        "measures it"
+        0.0, ge=0, le=60_000, description="from a request's last token to its answer at the client (the pod's "
+        "answer path: the store write, the response, the way back); the end to end and a session's next turn "
+        "count it, the engine does not wait for it; `capsim validate` measures it (static mode: from the "
+        "open-loop probe, with `answer_per_request_ms`; continuous mode: from the calibration's requests)"
+    )
+    answer_per_request_ms: Float = Field(
+        0.0, ge=0, le=60_000, description="static mode: each request of a batch adds this to the way out of "
+        "all the batch's answers (the pod writes and sends them together once the batch ends), so a batch of "
+        "b answers `answer_ms + b x this` after it ends; `capsim validate` measures it from the open-loop probe"
+    )
+    first_token_scale: Float = Field(
+        1.0, gt=0, le=100, description="static mode: multiplies the time from a batch's start to its first "
+        "token (the prefill, as the profile and the calibration split the batch), at most up to the batch's "
+        "end, leaving the batch's time as it is: on a CPU pod the previous batch's answers are written on the "
+        "model's core while the next prefill runs, so the first token comes later in the batch than an idle "
+        "core's profile says; `capsim validate` measures it from the open-loop probe"
     )
 
     @model_validator(mode="after")

@@ -45,6 +45,10 @@ class Records:
         # running static batches by (end, SimPy event id, batch): completed by Client.run, outside SimPy's
         # event queue (Pod._end_at)
         self.ending: list[tuple[float, int, Batch]] = []
+        # static batches: their answers reach the clients answer_s + size x answer_per_request_s after the
+        # batch ends (service.answer_ms, answer_per_request_ms; a continuous pod's runs end at the answer)
+        self.answer_s = 0.0
+        self.answer_per_request_s = 0.0
 
     def add_batch(self, batch: Batch) -> None:
         """Record a batch as it starts, giving it its id."""
@@ -84,6 +88,8 @@ class Records:
         served = (outcome == PENDING) & _column(bs, "done", bool, False)[bidx]
         outcome[served] = OK
         end = np.where(served, _column(bs, "end", float, np.nan)[bidx], np.nan)
+        if self.answer_s or self.answer_per_request_s:  # the way out
+            end += self.answer_s + self.answer_per_request_s * _column(bs, "size", np.int32, 0)[bidx]
         del served
         own_pod = np.full(len(sent), -1, dtype=np.int32)
         if self.end_of:

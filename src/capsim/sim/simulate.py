@@ -113,6 +113,9 @@ class Simulation:
             self.constant_lengths = (wl.prompt_tokens.value, wl.output_tokens.value)
         self.service = make_service(scenario, self.streams, profile)
         self.continuous: ContinuousStats | None = None
+        if scenario.batching.mode == "static":  # the way out of a static batch's answers
+            self.records.answer_s = scenario.service.answer_ms / 1000.0
+            self.records.answer_per_request_s = scenario.service.answer_per_request_ms / 1000.0
         if scenario.batching.mode == "continuous":
             self.continuous = ContinuousStats(self.records.n, SchedulerLimits.from_settings(scenario.batching),
                                               make_step_time(scenario, self.streams, profile), workload.prefix)

@@ -32,8 +32,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
   the SLO is already broken.
 * ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
-* ``continuous-only-setting`` (warn): ``service.answer_ms`` or ``service.cached_token_us`` set in a
-  static-batching scenario, where the simulator ignores it.
+* ``continuous-only-setting`` (warn): ``service.cached_token_us`` set in a static-batching scenario, where
+  the simulator ignores it (``service.answer_ms`` applies to both modes since stop 38).
+* ``static-only-setting`` (warn): ``service.answer_per_request_ms`` or ``service.first_token_scale`` set in
+  a continuous-batching scenario, where the simulator ignores it.
 * ``estimated-profile`` (warn): the service profile was estimated (``capsim estimate-profile``, a roofline
   of the GPU's datasheet), not measured: its efficiencies and step overhead are assumptions.
 
@@ -87,6 +89,8 @@ def run_checks(scenario: Scenario) -> list[Finding]:
             findings += _max_wait(scenario, times)
             findings += _client_timeout(scenario, times)
         findings += _continuous_only(scenario)
+    else:
+        findings += _static_only(scenario)
     findings += _estimated_profile(scenario)
     findings += _gpus(scenario)
     findings += _disruption_budget(scenario)
@@ -137,8 +141,16 @@ def _continuous_only(scenario: Scenario) -> list[Finding]:
     svc = scenario.service
     return [Finding(f"service.{name}", f"{value} is ignored: only continuous batching (batching.mode: continuous) "
                     "reads it", level="warn", check="continuous-only-setting")
-            for name, value, default in (("answer_ms", svc.answer_ms, 0.0), ("cached_token_us", svc.cached_token_us, 0.0))
-            if value != default]
+            for name, value, default in (("cached_token_us", svc.cached_token_us, 0.0),) if value != default]
+
+
+def _static_only(scenario: Scenario) -> list[Finding]:
+    """Settings only the static pod reads, set in a continuous scenario (``run_checks`` calls it for those)."""
+    svc = scenario.service
+    return [Finding(f"service.{name}", f"{value} is ignored: only static batching (batching.mode: static) "
+                    "reads it", level="warn", check="static-only-setting")
+            for name, value, default in (("answer_per_request_ms", svc.answer_per_request_ms, 0.0),
+                                         ("first_token_scale", svc.first_token_scale, 1.0)) if value != default]
 
 
 # ---- the service model's mean batch times -----------------------------------------------------------

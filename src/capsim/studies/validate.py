@@ -41,6 +41,7 @@ from capsim.studies.validate_calibrate import (
     fit_cycle,
     ingress_s,
     open_loop_noise,
+    probe_answers,
     trace_rows,
 )
 from capsim.studies.validate_report import (
@@ -64,6 +65,7 @@ from capsim.studies.validate_runs import (
     RealRun,
     calibration_fields,
     load_runs,
+    probe_requests,
     read_provenance,
     run_caveats,
     save_run,
@@ -211,6 +213,9 @@ def level_scenario(
             "time_scale": calibration.time_scale if calibration else 1.0,
             "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
             "ingress_ms": calibration.ingress_s * 1000 if calibration else 0.0,
+            "answer_ms": calibration.answer_s * 1000 if calibration else 0.0,
+            "answer_per_request_ms": calibration.answer_per_request_s * 1000 if calibration else 0.0,
+            "first_token_scale": calibration.first_token_scale if calibration else 1.0,
             "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
             "cycle_noise_block_steps": noise_block,
         },
@@ -221,6 +226,8 @@ def level_scenario(
     })
 
 
+#: the ablation's entry for the full model without the answers' way out and the first token's place (stop 38)
+NO_ANSWERS = "full fit, no way out, profile's first token"
 #: the ablation's entry for the full model simulated at each run's own measured pod speed
 RUN_SPEED = "full model at the run's speed"
 #: the full model at the speed the pod kept in the replication before (its batches' mean wall over the fit)
@@ -344,16 +351,25 @@ def run_validation(
             since = time.monotonic()
             probe_df = asyncio.run(run_load([pod.url], make_workload(probe, Streams(spec.seed + 10_000)),
                                             client=ClientPolicy(timeout_s=60, max_retries=0),
-                                            max_duration_s=probe.horizon_s + 5, seed=spec.seed + 10_000))
+                                            max_duration_s=probe.horizon_s + 5, seed=spec.seed + 10_000,
+                                            pod_clock=True))
             sends = (probe_df.attrs["t0_monotonic"] + probe_df.arrival_s).tolist()
             probe_trace = fetch_trace(pod.url, since)
-            kept_traces.update(probe=probe_trace, probe_sends=sends)
-            calibration, probe_speed = open_loop_noise(calibration, trace_rows(
-                probe_trace, lambda b: profile.batch_timing(b, spec.prompt_tokens, spec.output_tokens).total_s))
+            kept_traces.update(probe=probe_trace, probe_sends=sends, probe_requests=probe_requests(probe_df))
+            tokens = (spec.prompt_tokens, spec.output_tokens)
+
+            def timing(b: int) -> Any:
+                return profile.batch_timing(b, *tokens)
+
+            calibration, probe_speed = open_loop_noise(calibration, trace_rows(probe_trace, lambda b: timing(b).total_s))
             calibration = replace(calibration, ingress_s=ingress_s(probe_trace, sends))
+            calibration = probe_answers(calibration, probe_df, probe_trace, lambda b: timing(b).prefill_s)
             echo(f"open-loop probe ({probe.horizon_s:.0f} s at half the capacity): its batches took "
                  f"{probe_speed:.3f} x the fit (the spread of single batches is taken from them); a request sent "
-                 f"while a batch runs reaches the queue {calibration.ingress_s * 1000:.1f} ms later (median)")
+                 f"while a batch runs reaches the queue {calibration.ingress_s * 1000:.1f} ms later (median); "
+                 f"a batch of b answers its clients {calibration.answer_s * 1000:.2f} + b x "
+                 f"{calibration.answer_per_request_s * 1000:.2f} ms after it ends; its first token comes "
+                 f"{calibration.first_token_scale:.2f} x as far into it as the fit's split")
         sized = spec.sized_for(cap)
         if sized.requests_per_level != spec.requests_per_level:
             echo(f"{sized.requests_per_level} requests a level ({sized.level_budget_s:.0f} s of real runs at "
@@ -612,7 +628,8 @@ def _variants(calibration: Calibration | None) -> dict[str, Calibration]:
         return {}
     return {"two-term fit, profile noise": two,
             "two-term fit, measured noise": replace(two, cycle_noise=calibration.cycle_noise),
-            "full fit, no ingress delay": replace(calibration, ingress_s=0.0)}
+            "full fit, no ingress delay": replace(calibration, ingress_s=0.0),
+            NO_ANSWERS: replace(calibration, answer_s=0.0, answer_per_request_s=0.0, first_token_scale=1.0)}
 
 
 def _ablation(real_runs: list[vs.Blocks], models: dict[str, list[vs.Blocks]]) -> dict[str, dict[str, float]]:

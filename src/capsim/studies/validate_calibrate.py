@@ -63,6 +63,11 @@ class Calibration:
     arrival_overhead_s: float = 0.0
     # median delay from sending to the batcher's queue of requests sent while a batch ran (``ingress_s``)
     ingress_s: float = 0.0
+    # the answers' way out: a batch of b reaches its clients answer_s + b x answer_per_request_s after it
+    # ends; and its first token first_token_scale times as far into it as the fit's split (``probe_answers``)
+    answer_s: float = 0.0
+    answer_per_request_s: float = 0.0
+    first_token_scale: float = 1.0
 
     @property
     def rel_rms_residual(self) -> float:
@@ -306,6 +311,54 @@ def open_loop_noise(cal: Calibration, rows: np.ndarray, min_batches: int = 20) -
     fit = cal.time_scale * rows[:, 1] + cal.overhead_s * rows[:, 0] + cal.arrival_overhead_s * rows[:, 3]
     ratio = rows[:, 2] / fit
     return replace(cal, cycle_noise=spread(ratio)), float(ratio.mean())
+
+
+def probe_answers(cal: Calibration, frame: Any, trace: Sequence[Sequence[Any]], prefill_s: Any,
+                  min_batches: int = 20) -> Calibration:
+    """``cal`` with the way out of the answers and the first token's place in a batch, from an open-loop
+    probe: its request ``frame`` with the pod's times on the host's clock (``run_load(pod_clock=True)``:
+    ``start_s`` the engine's start, ``first_token_s`` the prefill's end, ``end_s`` the client's receipt,
+    from ``attrs['t0_monotonic']``) and the pod's batch ``trace`` over the same seconds; ``prefill_s(b)`` is
+    the profile's prefill of a batch of ``b``.
+
+    A request is matched with the batch whose engine started at its ``start_s`` (within 0.2 ms, of its
+    size). The way out, each batch's median from its end (the trace's) to its answers at the client, is
+    fitted as ``answer_s + size x answer_per_request_s`` (least squares, both >= 0): the pod writes and
+    sends a batch's answers together once it ends, so they arrive about together, later the larger the
+    batch (stop 38: 4 to 5 ms for one, 15 to 20 for sixteen). ``first_token_scale`` is the batches' time
+    from their start to their first token, summed over their requests, over the calibrated model's
+    (``time_scale x prefill_s(b) + b x overhead_s / 2``). ``cal`` unchanged with fewer than ``min_batches``
+    matched batches, or a frame without the pod's clock."""
+    from scipy.optimize import lsq_linear
+
+    t0 = frame.attrs.get("t0_monotonic") if hasattr(frame, "attrs") else None
+    if t0 is None or not frame.attrs.get("pod_clock_rows") or len(trace) < min_batches:
+        return cal
+    rows = np.array([[r[0], r[1], r[2], r[4] if len(r) > 4 else np.nan] for r in trace], dtype=float)
+    rows[:, :2] -= t0
+    rows[:, 3] -= t0
+    order = np.argsort(rows[:, 3])
+    rows = rows[order]
+    done = frame[frame.outcome == "ok"]
+    start = done.start_s.to_numpy(dtype=float)
+    k = np.clip(np.searchsorted(rows[:, 3], start + 1e-4) - 1, 0, len(rows) - 1)
+    hit = (np.abs(rows[k, 3] - start) < 2e-4) & (done.batch_size.to_numpy() == rows[k, 2])
+    if not hit.any():
+        return cal
+    k = k[hit]
+    way = done.end_s.to_numpy(dtype=float)[hit] - rows[k, 1]
+    first = done.first_token_s.to_numpy(dtype=float)[hit] - rows[k, 0]
+    batches, inverse = np.unique(k, return_inverse=True)
+    if len(batches) < min_batches:
+        return cal
+    size = rows[batches, 2]
+    med_way = np.array([np.median(way[inverse == j]) for j in range(len(batches))])
+    fit = lsq_linear(np.c_[np.ones_like(size), size], med_way, bounds=([0.0, 0.0], [np.inf, np.inf]), method="bvls")
+    answer_s, per_request_s = (float(v) if v > 1e-12 else 0.0 for v in fit.x)
+    model = np.array([cal.time_scale * prefill_s(int(b)) + 0.5 * b * cal.overhead_s for b in rows[k, 2]])
+    ok = np.isfinite(first) & (model > 0)
+    scale = float(first[ok].sum() / model[ok].sum()) if ok.any() else 1.0
+    return replace(cal, answer_s=answer_s, answer_per_request_s=per_request_s, first_token_scale=scale)
 
 
 def ingress_s(trace: Sequence[Sequence[Any]], sends: Sequence[float]) -> float:

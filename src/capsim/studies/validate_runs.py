@@ -78,6 +78,20 @@ def save_traces(out_dir: Path, traces: dict[str, Any]) -> None:
     (Path(out_dir) / TRACES_FILE).write_text(json.dumps(traces, default=_plain))
 
 
+def probe_requests(frame: Any) -> dict[str, Any]:
+    """The open-loop probe's request frame as ``save_traces`` keeps it: its columns and the attrs
+    ``probe_answers`` reads (``t0_monotonic``, ``pod_clock_rows``); ``probe_frame`` reads it back."""
+    return {"columns": {c: frame[c].tolist() for c in REQUEST_COLUMNS if c in frame},
+            "attrs": {k: frame.attrs.get(k) for k in ("t0_monotonic", "pod_clock_rows")}}
+
+
+def probe_frame(kept: dict[str, Any]) -> Any:
+    """A request frame from ``probe_requests``' dict (``load_traces(...)["probe_requests"]``)."""
+    frame = requests_frame({c: np.asarray(v) for c, v in kept["columns"].items()})
+    frame.attrs.update(kept["attrs"])
+    return frame
+
+
 def load_traces(out_dir: Path) -> dict[str, Any]:
     """The calibration's batch traces a validation kept (:func:`save_traces`)."""
     path = Path(out_dir) / TRACES_FILE
@@ -85,8 +99,13 @@ def load_traces(out_dir: Path) -> dict[str, Any]:
         traces = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise KeptRunsError(f"{path}: cannot read the calibration's traces ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(traces, dict) or not all(isinstance(v, list) for v in traces.values()):
-        raise KeptRunsError(f"{path}: must be an object of lists (batch traces, sends)")
+    if not isinstance(traces, dict) or not all(isinstance(v, list) for k, v in traces.items()
+                                               if k != "probe_requests"):
+        raise KeptRunsError(f"{path}: must be an object of lists (batch traces, sends) and the probe's requests")
+    kept = traces.get("probe_requests")
+    if kept is not None and not (isinstance(kept, dict) and isinstance(kept.get("columns"), dict)
+                                 and isinstance(kept.get("attrs"), dict)):
+        raise KeptRunsError(f"{path}: probe_requests must be an object with 'columns' and 'attrs' (probe_requests)")
     return traces
 
 
