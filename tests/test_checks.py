@@ -98,6 +98,10 @@ def test_max_wait_counts_the_batch_itself() -> None:
     assert _fired(s.override({"batching.max_wait_ms": 750}), "max-wait-over-slo")
     # the pod's per-request overhead and the calibration scale count too
     assert _fired(s.override({"service.time_scale": 1.5}), "max-wait-over-slo")
+    # and where the first token falls in the batch: halfway, 0.75 s of wait fits (0.75 + 0.15 s)
+    assert not _fired(s.override({"batching.max_wait_ms": 750, "service.first_token_scale": 0.5}), "max-wait-over-slo")
+    # a scale past the batch's end stops at it: 0.6 s of wait and the 0.3 s batch still fit, as the simulator has it
+    assert not _fired(s.override({"service.first_token_scale": 3.0}), "max-wait-over-slo")
 
 
 # ---- queue capacity below the batch size -----------------------------------------------------------------

@@ -192,7 +192,8 @@ class _BatchTimes:
                                            extrapolate=svc.extrapolate)
             pre, total = bt.prefill_s, bt.total_s
         extra = size * svc.request_overhead_ms / 1000.0  # as the simulator's OverheadService
-        return svc.time_scale * pre + 0.5 * extra, svc.time_scale * total + extra
+        total = svc.time_scale * total + extra  # and its FirstTokenService
+        return min((svc.time_scale * pre + 0.5 * extra) * svc.first_token_scale, total), total
 
 
 @functools.lru_cache(maxsize=16)
