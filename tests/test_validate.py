@@ -228,7 +228,7 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     traces = load_traces(tmp_path)
     assert traces["calibration"] and traces["probe"] and len(traces["probe_sends"]) > 0
     # and the probe's requests on the pod's clock, from which the way out and the first token's place come;
-    # the calibration carries them into the simulated pod (stop 38)
+    # the calibration carries them, at the probe's speed (stop 38), into the simulated pod
     from dataclasses import replace
 
     from capsim.studies.validate_calibrate import probe_answers
@@ -237,6 +237,9 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     probe = probe_frame(traces["probe_requests"])
     assert probe.attrs["pod_clock_rows"] == (probe.outcome == "ok").sum() > 0
     cal = Calibration(**calibration_fields(provenance["calibration"]))
+    assert math.isfinite(cal.open_loop_speed) and cal.open_loop_speed > 0
+    fit = next(line for line in lines if line.startswith("calibration:"))
+    assert f"{cal.time_scale / cal.open_loop_speed:.3f} x profile" in fit
     profile = ServiceTimeProfile.from_csv(tmp_path / "profile.csv")
     again_cal = probe_answers(replace(cal, answer_s=0.0, answer_per_request_s=0.0, first_token_scale=1.0), probe,
                               traces["probe"], lambda b: profile.batch_timing(b, spec.prompt_tokens,

@@ -4,7 +4,8 @@ place (``probe_answers``), and optionally also at the open-loop probe's mean spe
     .venv/bin/python data/validation/stop38/answers_exp.py VALDIR OUTDIR [answers|none|speed]
 
 ``answers`` (the default) as described; ``none`` without them (the model before stop 38, on the same runs);
-``speed`` with them and at the probe's speed.
+``speed`` with them and at the probe's speed (``capsim validate`` since stop 38). A calibration kept at the
+probe's speed (``open_loop_speed``) is taken back to the closed loop's fit first.
 
 VALDIR is a ``capsim validate --mode static --out-dir VALDIR`` folder (it keeps ``runs/``). A folder made
 before stop 38 kept no probe requests: the 60% level's first replication stands in for the probe (an
@@ -27,10 +28,12 @@ profile = ServiceTimeProfile.from_csv(src / "profile.csv")
 timing = lambda b: profile.batch_timing(b, spec.prompt_tokens, spec.output_tokens)
 from capsim.studies.validate_runs import probe_frame
 kept = load_traces(src)
+if cal.open_loop_speed != 1.0:  # kept at the probe's speed (since stop 38): back to the closed loop's fit
+    cal = replace(_at_speed(cal, 1.0 / cal.open_loop_speed), open_loop_speed=1.0)
 if speed:  # the calibration at the probe's speed, and the first token measured against that
     _, ratio = open_loop_noise(cal, trace_rows(kept["probe"], lambda b: timing(b).total_s))
     print("probe speed", ratio)
-    cal = _at_speed(cal, ratio)
+    cal = replace(_at_speed(cal, ratio), open_loop_speed=ratio)
 if "probe_requests" in kept:
     print("the kept probe")
     frame, trace = probe_frame(kept["probe_requests"]), kept["probe"]

@@ -362,10 +362,15 @@ def run_validation(
                 return profile.batch_timing(b, *tokens)
 
             calibration, probe_speed = open_loop_noise(calibration, trace_rows(probe_trace, lambda b: timing(b).total_s))
+            if np.isfinite(probe_speed) and probe_speed > 0:
+                # the levels are open loops: the fit at the probe's speed (the levels' rates stay the closed
+                # loop's capacity times the level); docs/validation.md, stop 38
+                calibration = replace(_at_speed(calibration, probe_speed), open_loop_speed=probe_speed)
             calibration = replace(calibration, ingress_s=ingress_s(probe_trace, sends))
             calibration = probe_answers(calibration, probe_df, probe_trace, lambda b: timing(b).prefill_s)
             echo(f"open-loop probe ({probe.horizon_s:.0f} s at half the capacity): its batches took "
-                 f"{probe_speed:.3f} x the fit (the spread of single batches is taken from them); a request sent "
+                 f"{probe_speed:.3f} x the fit, which the simulator's pod takes on (the spread of single batches is "
+                 f"taken from them too); a request sent "
                  f"while a batch runs reaches the queue {calibration.ingress_s * 1000:.1f} ms later (median); "
                  f"a batch of b answers its clients {calibration.answer_s * 1000:.2f} + b x "
                  f"{calibration.answer_per_request_s * 1000:.2f} ms after it ends; its first token comes "

@@ -68,6 +68,9 @@ class Calibration:
     answer_s: float = 0.0
     answer_per_request_s: float = 0.0
     first_token_scale: float = 1.0
+    # the open-loop probe's mean batch over the closed loop's fit, by which time_scale and both overheads
+    # were multiplied (``run_validation``, since stop 38; 1.0: not applied)
+    open_loop_speed: float = 1.0
 
     @property
     def rel_rms_residual(self) -> float:
