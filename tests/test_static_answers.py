@@ -141,3 +141,40 @@ def test_the_probes_requests_are_kept_with_the_traces(tmp_path: Path) -> None:
     (tmp_path / TRACES_FILE).write_text(json.dumps({"probe": trace, "probe_requests": [1, 2]}))
     with pytest.raises(KeptRunsError, match="probe_requests must be an object"):
         load_traces(tmp_path)
+
+
+def test_the_calibrated_pod_is_written_as_a_scenario_fragment(tmp_path: Path) -> None:
+    import yaml
+
+    from capsim.model.scenario import Scenario
+    from capsim.studies.validate import SERVICE_FILE, write_service
+
+    cal = replace(Calibration(1.08, 0.0004, (), cycle_noise=(0.9, 1.0, 1.1), arrival_overhead_s=0.0007,
+                              ingress_s=0.0018),
+                  answer_s=0.0044, answer_per_request_s=0.00095, first_token_scale=2.02)
+    path = write_service(tmp_path, SPEC, CPU, cal)
+    assert path == tmp_path / SERVICE_FILE
+    assert path.read_text().startswith("# The pod `capsim validate` calibrated (tiny model")
+    fragment = yaml.safe_load(path.read_text())
+    assert set(fragment) == {"service", "batching"}
+    # pasted into a scenario of its own, the pod simulates as the validation's levels did
+    mine = Scenario.model_validate({"horizon_s": 60, "workload": {
+        "arrivals": {"kind": "poisson", "rate_per_s": 30.0}, "prompt_tokens": {"kind": "constant", "value": 64},
+        "output_tokens": {"kind": "constant", "value": 128}}, **fragment})
+    level = level_scenario(SPEC, CPU, 30.0, cal)
+    assert mine.service == level.service
+    assert mine.batching == level.batching
+
+
+def test_the_committed_calibrated_pod_simulates() -> None:
+    import yaml
+
+    from capsim.model.scenario import Scenario
+
+    fragment = yaml.safe_load((ROOT / "data" / "validation" / "service.yaml").read_text())
+    sc = Scenario.model_validate({"horizon_s": 20, "workload": {
+        "arrivals": {"kind": "poisson", "rate_per_s": 40.0}, "prompt_tokens": {"kind": "constant", "value": 64},
+        "output_tokens": {"kind": "constant", "value": 128}}, **fragment})
+    assert sc.service.answer_ms > 0 and sc.service.first_token_scale > 1 and sc.service.cycle_noise
+    df = _ok(simulate(sc, seed=0).requests)
+    assert len(df) > 500 and (df.end_s - df.start_s > sc.service.answer_ms / 1000).all()

@@ -196,7 +196,7 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     # throughput is set by the offered load in both worlds: they must agree closely
     thr = results[results.metric == "throughput_per_s"].iloc[0]
     assert abs(thr.rel_error) < 0.15
-    for name in ("results.csv", "replications.csv", "validation.png", "provenance.json", "profile.csv"):
+    for name in ("results.csv", "replications.csv", "validation.png", "provenance.json", "profile.csv", "service.yaml"):
         assert (tmp_path / name).exists()
     assert any(line.startswith("calibration:") for line in lines)
     row = results[results.metric == "ttft_p99_s"].iloc[0]

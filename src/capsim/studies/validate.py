@@ -190,6 +190,46 @@ def sim_batches(requests: Any) -> tuple[float, float]:
 DRAIN_S = 5.0
 
 
+def calibrated_service(profile_path: Path, calibration: Calibration | None = None,
+                       noise_block: int = 1) -> dict[str, Any]:
+    """A scenario's ``service`` section for the calibrated pod: the profile and every term the calibration
+    measured (``level_scenario``'s, and ``service.yaml``'s beside a validation's results)."""
+    return {
+        "kind": "profile",
+        "profile": str(profile_path),
+        "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
+        "time_scale": calibration.time_scale if calibration else 1.0,
+        "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
+        "ingress_ms": calibration.ingress_s * 1000 if calibration else 0.0,
+        "answer_ms": calibration.answer_s * 1000 if calibration else 0.0,
+        "answer_per_request_ms": calibration.answer_per_request_s * 1000 if calibration else 0.0,
+        "first_token_scale": calibration.first_token_scale if calibration else 1.0,
+        "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
+        "cycle_noise_block_steps": noise_block,
+    }
+
+
+#: the calibrated pod as a scenario fragment, beside a validation's results (``write_service``)
+SERVICE_FILE = "service.yaml"
+
+
+def write_service(out: Path, spec: ValidationSpec, profile_path: Path, calibration: Calibration) -> Path:
+    """``out/service.yaml``: the ``service`` section of the calibrated pod (its profile as the validation
+    named it: under ``--out-dir``, which a scenario's paths resolve against from its folder up, then the
+    working directory) and the ``batching`` it was measured with, to paste into a scenario that plans for
+    this pod."""
+    import yaml
+
+    body = yaml.safe_dump({"service": calibrated_service(Path(profile_path), calibration),
+                           "batching": spec.batching.model_dump()}, sort_keys=False)
+    path = Path(out) / SERVICE_FILE
+    path.write_text(
+        f"# The pod `capsim validate` calibrated ({spec.model} model, {spec.threads} torch thread(s), prompt "
+        f"{spec.prompt_tokens}, output {spec.output_tokens} tokens), capsim {capsim.__version__}:\n"
+        "# paste these sections into a scenario that plans for this pod (docs/validation.md).\n" + body)
+    return path
+
+
 def level_scenario(
     spec: ValidationSpec, profile_path: Path, rate: float, calibration: Calibration | None = None,
     noise_block: int = 1,
@@ -206,19 +246,7 @@ def level_scenario(
             "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
             "output_tokens": {"kind": "constant", "value": spec.output_tokens},
         },
-        "service": {
-            "kind": "profile",
-            "profile": str(profile_path),
-            "request_overhead_ms": calibration.overhead_s * 1000 if calibration else 0.0,
-            "time_scale": calibration.time_scale if calibration else 1.0,
-            "arrival_overhead_ms": calibration.arrival_overhead_s * 1000 if calibration else 0.0,
-            "ingress_ms": calibration.ingress_s * 1000 if calibration else 0.0,
-            "answer_ms": calibration.answer_s * 1000 if calibration else 0.0,
-            "answer_per_request_ms": calibration.answer_per_request_s * 1000 if calibration else 0.0,
-            "first_token_scale": calibration.first_token_scale if calibration else 1.0,
-            "cycle_noise": list(calibration.cycle_noise) if calibration and calibration.cycle_noise else None,
-            "cycle_noise_block_steps": noise_block,
-        },
+        "service": calibrated_service(profile_path, calibration, noise_block),
         "batching": spec.batching.model_dump(),
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
@@ -581,6 +609,8 @@ class _Levels:
         provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation,
                       "targets_by_entry": judged, "speed_warnings": drift}
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+        if calibration is not None:
+            write_service(out, self.spec, self.kept_profile, calibration)
         self.echo(format_results(results))
         if judged:
             self.echo("targets met by the entries that take the pod's speed from its trace: " + "; ".join(
