@@ -95,9 +95,6 @@ class Pod:
         # a request that arrives while the model runs reaches the batcher's queue this much later (its HTTP
         # parsing waits for the core): a batch that starts sooner leaves it for the next one
         self._ingress_s = sim.scenario.service.ingress_ms / 1000.0
-        # a batch's answers reach their clients this long after it ends: the way out (the records add it too)
-        self._answer_s = sim.records.answer_s
-        self._answer_per_request_s = sim.records.answer_per_request_s
         self._idle_since = 0.0  # when the last batch ended with none left running
         self._ending = sim.records.ending
         # SimPy's event counter: a batch's end takes the id its Timeout event would have taken, so that
@@ -304,7 +301,7 @@ class Pod:
         if sim.track_ttft:  # only an HPA on TTFT reads it: skip the histogram otherwise
             self._observe_ttft(batch)
         # the answers reach their clients after the way out (service.answer_ms, answer_per_request_ms)
-        answered = now + self._answer_s + batch.size * self._answer_per_request_s
+        answered = now + self._rec.way_out(batch.size)
         if batch.size == 1:
             sim.client.on_request_done(batch, int(batch.idx[0]), answered)
         else:

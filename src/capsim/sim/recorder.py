@@ -50,6 +50,10 @@ class Records:
         self.answer_s = 0.0
         self.answer_per_request_s = 0.0
 
+    def way_out(self, size: Any) -> Any:
+        """From a static batch's end to its answers at the clients, for a batch of ``size`` (or an array)."""
+        return self.answer_s + self.answer_per_request_s * size
+
     def add_batch(self, batch: Batch) -> None:
         """Record a batch as it starts, giving it its id."""
         batch.bid = len(self.batches)
@@ -87,9 +91,10 @@ class Records:
         self.outcome = _RELEASED.astype(np.int8)
         served = (outcome == PENDING) & _column(bs, "done", bool, False)[bidx]
         outcome[served] = OK
+        size = _column(bs, "size", np.int32, 0)[bidx]
         end = np.where(served, _column(bs, "end", float, np.nan)[bidx], np.nan)
-        if self.answer_s or self.answer_per_request_s:  # the way out
-            end += self.answer_s + self.answer_per_request_s * _column(bs, "size", np.int32, 0)[bidx]
+        if self.answer_s or self.answer_per_request_s:
+            end += self.way_out(size)
         del served
         own_pod = np.full(len(sent), -1, dtype=np.int32)
         if self.end_of:
@@ -104,7 +109,6 @@ class Records:
         pod = np.where(own_pod >= 0, own_pod, b_pod[bidx])
         del own_pod, b_pod
         start = _column(bs, "start", float, np.nan)[bidx]
-        size = _column(bs, "size", np.int32, 0)[bidx]
         del bidx
         self.send = _RELEASED.astype(float)
         cols = {
