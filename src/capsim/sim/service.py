@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from capsim.model.profile import Phase, ServiceTimeProfile
-from capsim.model.scenario import Scenario
+from capsim.model.scenario import Scenario, Service
 from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 
 
@@ -214,15 +214,20 @@ class CycleNoiseService:
         return pre * f, total * f
 
 
+def calibrated(model: ServiceModel, service: Service) -> ServiceModel:
+    """``model`` as a calibrated pod runs it (``service.time_scale``, ``request_overhead_ms``,
+    ``first_token_scale``): the simulator's service and ``capsim check``'s mean batch times."""
+    overhead_s = service.request_overhead_ms / 1000.0
+    if overhead_s > 0 or service.time_scale != 1.0:
+        model = OverheadService(model, overhead_s, service.time_scale)
+    if service.first_token_scale != 1.0:
+        model = FirstTokenService(model, service.first_token_scale)
+    return model
+
+
 def make_service(scenario: Scenario, streams: Streams, profile: ServiceTimeProfile | None = None) -> ServiceModel:
     """The service model a scenario asks for; ``profile`` overrides loading ``service.profile``."""
-    model = _make_service(scenario, streams, profile)
-    overhead_s = scenario.service.request_overhead_ms / 1000.0
-    scale = scenario.service.time_scale
-    if overhead_s > 0 or scale != 1.0:
-        model = OverheadService(model, overhead_s, scale)
-    if scenario.service.first_token_scale != 1.0:
-        model = FirstTokenService(model, scenario.service.first_token_scale)
+    model = calibrated(_make_service(scenario, streams, profile), scenario.service)
     noise = scenario.service.cycle_noise
     if not noise:
         return model

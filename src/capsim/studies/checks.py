@@ -181,19 +181,22 @@ class _BatchTimes:
         return times
 
     def at(self, size: int) -> tuple[float, float]:
-        """Mean seconds to the first token and to the end of a batch of ``size`` mean requests."""
+        """Mean seconds to the first token and to the end of a batch of ``size`` mean requests, with the
+        calibration's terms as the simulator applies them (``capsim.sim.service.calibrated``)."""
+        from capsim.sim.service import calibrated
+
+        wl = self.scenario.workload
+        return calibrated(self, self.scenario.service).batch_time(
+            size, _mean_tokens(wl.prompt_tokens), _mean_tokens(wl.output_tokens))
+
+    def batch_time(self, size: int, prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
+        """The uncalibrated mean batch (a ``ServiceModel``): the profile's, or ``mean_s`` for both."""
         svc = self.scenario.service
         if self.profile is None:
             assert svc.mean_s is not None
-            pre = total = svc.mean_s  # exponential and deterministic: the answer comes at the end
-        else:
-            wl = self.scenario.workload
-            bt = self.profile.batch_timing(size, _mean_tokens(wl.prompt_tokens), _mean_tokens(wl.output_tokens),
-                                           extrapolate=svc.extrapolate)
-            pre, total = bt.prefill_s, bt.total_s
-        extra = size * svc.request_overhead_ms / 1000.0  # as the simulator's OverheadService
-        total = svc.time_scale * total + extra  # and its FirstTokenService
-        return min((svc.time_scale * pre + 0.5 * extra) * svc.first_token_scale, total), total
+            return svc.mean_s, svc.mean_s  # exponential and deterministic: the answer comes at the end
+        bt = self.profile.batch_timing(size, prompt_tokens, output_tokens, extrapolate=svc.extrapolate)
+        return bt.prefill_s, bt.total_s
 
 
 @functools.lru_cache(maxsize=16)
