@@ -129,10 +129,10 @@ def build_inference_pool(scenario: Scenario, target: DeployTarget) -> list[dict[
 
 def build_routing(scenario: Scenario, target: DeployTarget) -> list[dict[str, Any]]:
     """The objects of :func:`routing_file` (empty for ``random``)."""
-    kind = scenario.router.kind
-    if kind == "random":
+    name = routing_file(scenario)
+    if name is None:
         return []
-    if kind == "prefix_aware":
+    if name == "inferencepool.yaml":
         return build_inference_pool(scenario, target)
     return [build_destination_rule(scenario, target)]
 
@@ -141,7 +141,7 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
     """What the routing file needs besides itself, and where it cannot say what the plan assumed."""
     r = scenario.router
     notes: list[str] = []
-    if r.kind in ("round_robin", "least_outstanding", "session_affinity"):
+    if routing_file(scenario) == "destinationrule.yaml":
         notes.append(f"`destinationrule.yaml` applies to the Service `{service_host(target)}` (a Service named as the "
                      "Deployment, selecting its pods) and needs Istio's sidecars or its ambient waypoint in front "
                      "of the pods")
@@ -167,10 +167,11 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
                          "such field, so set it on the gateway (its backend traffic policy) to "
                          f"`consecutive_5xx: {e.consecutive_failures}`, `base_ejection_time: "
                          f"{e.base_ejection_s:g}s`, `max_ejection_percent: {e.max_ejection_percent:g}`")
-        if round(e.max_ejection_percent) != e.max_ejection_percent and r.kind != "prefix_aware":
-            notes.append(f"Istio takes `maxEjectionPercent` as a whole number: the plan's "
-                         f"{e.max_ejection_percent:g} is written as {round(e.max_ejection_percent)}")
-        if e.max_ejection_s != ENVOY_MAX_EJECTION_S and r.kind != "prefix_aware":
-            notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
-                         f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
+        else:  # the DestinationRule's outlierDetection, where Istio cannot say what the plan assumed
+            if round(e.max_ejection_percent) != e.max_ejection_percent:
+                notes.append(f"Istio takes `maxEjectionPercent` as a whole number: the plan's "
+                             f"{e.max_ejection_percent:g} is written as {round(e.max_ejection_percent)}")
+            if e.max_ejection_s != ENVOY_MAX_EJECTION_S:
+                notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
+                             f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
     return notes
