@@ -222,18 +222,22 @@ class Router:
         marks and sessions; a pod that left keeps its count until its turns in flight end."""
         new = list(dict.fromkeys(urls))
         gone = set(self.urls) - set(new)
-        for url in gone:
-            self.down_until.pop(url, None)
-            if not self.outstanding.get(url):
-                self.outstanding.pop(url, None)
-                with suppress(KeyError):
-                    self.metrics.outstanding.remove(url)
         for url in new:
             if url not in self.outstanding:
                 self.outstanding[url] = 0
                 self.metrics.outstanding.labels(url).set(0)
         self.urls = new
+        for url in gone:
+            self.down_until.pop(url, None)
+            self._forget_if_idle(url)
         self.metrics.pods.set(len(new))
+
+    def _forget_if_idle(self, url: str) -> None:
+        """Drop a pod that left the list once no turn of it is in flight (its count and its gauge)."""
+        if url not in self.urls and not self.outstanding.get(url):
+            self.outstanding.pop(url, None)
+            with suppress(KeyError):
+                self.metrics.outstanding.remove(url)
 
     def is_up(self, url: str, now: float) -> bool:
         return self.down_until.get(url, 0.0) <= now
@@ -274,12 +278,8 @@ class Router:
 
     def _end(self, url: str) -> None:
         self.outstanding[url] = n = self.outstanding[url] - 1
-        if n == 0 and url not in self.urls:  # a pod that left, its last turn ended: forget it
-            del self.outstanding[url]
-            with suppress(KeyError):
-                self.metrics.outstanding.remove(url)
-        else:
-            self.metrics.outstanding.labels(url).set(n)
+        self.metrics.outstanding.labels(url).set(n)
+        self._forget_if_idle(url)  # a pod that left, its last turn ended
 
     async def forward(self, session_id: str, body: bytes, payload: Any, headers: dict[str, str]) -> Response:
         new = payload.get("prompt_tokens") if isinstance(payload, dict) else None
