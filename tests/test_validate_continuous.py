@@ -168,6 +168,7 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert {"itl_p50_s", "ttft_p99_s", "throughput_per_s", "preemptions"} <= set(results.metric)
     assert (tmp_path / "results.csv").exists() and (tmp_path / "provenance.json").exists()
     assert (tmp_path / "calibration_steps.csv").exists()  # the pod's steps the calibration was fitted over
+    assert (tmp_path / "service.yaml").exists()  # the calibrated pod, for a scenario
     fit = StepTimeFit.from_dict(ServiceTimeProfile.from_csv(tmp_path / "profile.csv").metadata["step_model"])
     assert fit.overhead_s > 0
     ok = results[(results.metric == "throughput_per_s") & (results.cache == "full")].iloc[0]
@@ -267,3 +268,37 @@ def test_the_pods_own_end_to_end_is_compared_when_its_span_is_known(fitted_profi
     assert rows.loc["itl_p50_s"].rel_error == pytest.approx(0.0, abs=1e-9)
     without = pd.DataFrame(_rows(0.3, "full", 30.0, _Pool(*blocks, *itl, [(0.0, 0.0)], 100)))
     assert "pod_e2e_p50_s" not in set(without.metric)
+
+
+def test_the_calibrated_continuous_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from capsim.model.scenario import Scenario
+    from capsim.studies.validate import SERVICE_FILE
+    from capsim.studies.validate_continuous import write_continuous_service
+
+    spec = ContinuousSpec()
+    # two open-loop runs' way to the engine: the fragment pools them (each level takes its own rate's run)
+    cal = StepCalibration(1.3, 2e-4, (), arrival_s=1.1e-3, cycle_noise=(0.8, 1.0, 1.2),
+                          way_in_s={"open 30%": (0.002, 0.004), "open 85%": (0.006, 0.008, 0.010)})
+    path = write_continuous_service(tmp_path, spec, fitted_profile, cal, answer=2.5)
+    assert path == tmp_path / SERVICE_FILE
+    text = path.read_text()
+    assert text.startswith("# The pod `capsim validate` calibrated (continuous, tiny model")
+    assert "cycle_noise: [0.8, 1.0, 1.2]" in text  # lists of numbers inline, not one line each
+    fragment = yaml.safe_load(text)
+    assert set(fragment) == {"service", "batching"}
+    mine = Scenario.model_validate({"horizon_s": 20, "workload": {
+        "arrivals": {"kind": "poisson", "rate_per_s": 20.0}, "prompt_tokens": {"kind": "constant", "value": 32},
+        "output_tokens": {"kind": "constant", "value": 32}}, **fragment})
+    ms, factors = cal.ingress()
+    assert ms == pytest.approx(6.0)  # the five requests' mean, in ms
+    level = level_scenario(spec, fitted_profile, 20.0, 1.3, spec.num_blocks, 1.1, (0.8, 1.0, 1.2), 2.5,
+                           spec.noise_block_steps, ms, factors)
+    assert mine.service == level.service and mine.batching == level.batching
+    assert mine.batching.mode == "continuous" and mine.batching.num_blocks == spec.num_blocks
+    # without the send-based TTFT the way in is not the simulator's: left out, as the levels leave it out
+    apart = yaml.safe_load(write_continuous_service(tmp_path, ContinuousSpec(ttft_from_send=False), fitted_profile,
+                                                    cal, 2.5).read_text())
+    assert apart["service"]["ingress_ms"] == 0 and apart["service"]["ingress_noise"] is None
+    assert simulate(mine, seed=0).summary.completed > 300

@@ -263,7 +263,7 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     # 2026-12-01 runs: 0.62 real against 0.77 simulated in one)
     spec = replace(SPEC, replications=1, arrival_s=6.0, warmup_s=1.0, calibration_s=1.0, level=0.3)
     results = run_sessions_validation(spec, out_dir=tmp_path, echo=lambda _: None)
-    for name in ("results.csv", "replications.csv", "provenance.json", "profile.csv"):
+    for name in ("results.csv", "replications.csv", "provenance.json", "profile.csv", "service.yaml"):
         assert (tmp_path / name).exists()
     hit = results[(results.metric == "hit_rate") & (results.sim_at == "calibration")].set_index("policy")
     # both halves see what affinity buys, and agree on it (latencies depend on the machine's load)
@@ -313,3 +313,23 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         assert np.allclose(results[results.policy == policy].sessions_per_s, rate)
         assert np.allclose(runs[runs.policy == policy].sessions_per_s, rate)
     assert json.loads((tmp_path / "provenance.json").read_text())["cached_token_us"] > 0
+
+
+def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:
+    import yaml
+
+    from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
+    from capsim.studies.validate_sessions import write_sessions_service
+    from capsim.studies.validate_sessions_calibrate import Calibrated
+
+    cal = Calibrated(fitted_profile, 1.2, 0.9, 40.0, cycle_noise=(0.9, 1.1), answer_ms=3.0, cached_token_us=0.4,
+                     ingress_ms=2.0, ingress_noise=(0.5, 1.5))
+    path = write_sessions_service(tmp_path, SPEC, cal)
+    assert path.read_text().startswith("# The pod `capsim validate` calibrated (continuous with prefix caching")
+    fragment = yaml.safe_load(path.read_text())
+    # what the simulation at the calibration takes: the same service and batching, prefix caching on
+    sc = sessions_scenario(SPEC, "session_affinity", fitted_profile, 1.0, 1.2, 0.9, (0.9, 1.1), 3.0,
+                           NOISE_BLOCK_STEPS, 2.0, 0.4, (0.5, 1.5))
+    mine = sc.model_validate({**sc.model_dump(), **fragment})
+    assert mine.service == sc.service and mine.batching == sc.batching
+    assert fragment["service"]["cached_token_us"] == 0.4 and fragment["batching"]["enable_prefix_caching"] is True

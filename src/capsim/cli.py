@@ -407,7 +407,7 @@ def loadgen(
 def validate(
     quick: Annotated[bool, typer.Option(help="two load levels, 900 requests each")] = False,
     out_dir: Annotated[Path | None, typer.Option(
-        help="where results.csv, validation.png, provenance.json go [default: data/validation, kept unless --force]")
+        help="where results.csv, validation.png, provenance.json and service.yaml (the calibrated pod as a scenario fragment) go [default: data/validation, kept unless --force]")
     ] = None,
     force: Annotated[bool, typer.Option(help="overwrite the results in the default folder")] = False,
     requests_per_level: Annotated[int | None, typer.Option(

@@ -59,6 +59,7 @@ from capsim.studies.validate_report import (
 )
 from capsim.studies.validate_runs import (
     RUNS_DIR,
+    SERVICE_FILE,
     TRACES_FILE,
     TTFT_FROM_SEND,
     KeptRunsError,
@@ -72,10 +73,11 @@ from capsim.studies.validate_runs import (
     save_traces,
     spec_fields,
     ttft_from,
+    write_service_fragment,
 )
 
 __all__ = [
-    "METRICS", "TARGETS", "Calibration", "PodProcess", "ValidationSpec", "capacity_per_s", "fit_cycle",
+    "METRICS", "SERVICE_FILE", "TARGETS", "Calibration", "PodProcess", "ValidationSpec", "capacity_per_s", "fit_cycle",
     "format_results", "level_scenario", "pinned", "resimulate", "run_validation", "sim_batches", "summarize_frame",
     "worst_errors",
 ]
@@ -209,25 +211,12 @@ def calibrated_service(profile_path: Path, calibration: Calibration | None = Non
     }
 
 
-#: the calibrated pod as a scenario fragment, beside a validation's results (``write_service``)
-SERVICE_FILE = "service.yaml"
-
-
 def write_service(out: Path, spec: ValidationSpec, profile_path: Path, calibration: Calibration) -> Path:
-    """``out/service.yaml``: the ``service`` section of the calibrated pod (its profile as the validation
-    named it: under ``--out-dir``, which a scenario's paths resolve against from its folder up, then the
-    working directory) and the ``batching`` it was measured with, to paste into a scenario that plans for
-    this pod."""
-    import yaml
-
-    body = yaml.safe_dump({"service": calibrated_service(Path(profile_path), calibration),
-                           "batching": spec.batching.model_dump()}, sort_keys=False)
-    path = Path(out) / SERVICE_FILE
-    path.write_text(
-        f"# The pod `capsim validate` calibrated ({spec.model} model, {spec.threads} torch thread(s), prompt "
-        f"{spec.prompt_tokens}, output {spec.output_tokens} tokens), capsim {capsim.__version__}:\n"
-        "# paste these sections into a scenario that plans for this pod (docs/validation.md).\n" + body)
-    return path
+    """``out/service.yaml`` (:func:`~capsim.studies.validate_runs.write_service_fragment`): the calibrated pod's
+    ``service`` section and the ``batching`` it was measured with."""
+    return write_service_fragment(
+        out, f"{spec.model} model, {spec.threads} torch thread(s), prompt {spec.prompt_tokens}, output "
+        f"{spec.output_tokens} tokens", calibrated_service(Path(profile_path), calibration), spec.batching.model_dump())
 
 
 def level_scenario(

@@ -47,11 +47,17 @@ from capsim.studies.validate_continuous_calibrate import (
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
-from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND, run_caveats
+from capsim.studies.validate_runs import (
+    TTFT_FROM_RECEIPT,
+    TTFT_FROM_SEND,
+    run_caveats,
+    write_service_fragment,
+)
 
 __all__ = ["BASE_PROFILE", "ContinuousSpec", "StepCalibration", "calibrated_fit", "capacity_per_s",
-           "closed_loop_step_s", "format_results", "itl_frame", "level_scenario", "own_ingress",
-           "run_continuous_validation", "sim_token_span"]
+           "closed_loop_step_s", "continuous_service", "format_results", "itl_frame", "level_batching",
+           "level_scenario", "own_ingress", "run_continuous_validation", "sim_token_span",
+           "write_continuous_service"]
 
 METRICS: tuple[str, ...] = ("ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
                             "throughput_per_s", "itl_p50_s", "itl_p99_s")
@@ -159,6 +165,23 @@ FRONT_END_QUEUE = 5.0
 DRAIN_S = 30.0
 
 
+def continuous_service(profile_path: Path, time_scale: float, arrival_overhead_ms: float = 0.0,
+                       cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0, noise_block_steps: int = 1,
+                       ingress_ms: float = 0.0, ingress_noise: tuple[float, ...] = (),
+                       cached_token_us: float = 0.0) -> dict[str, Any]:
+    """A scenario's ``service`` section for a calibrated continuous pod: its step profile and every term the
+    calibration measured (the levels', the sessions validation's and ``service.yaml``'s)."""
+    return {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
+            "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
+            "cycle_noise_block_steps": noise_block_steps, "answer_ms": answer_ms, "ingress_ms": ingress_ms,
+            "ingress_noise": list(ingress_noise) or None, "cached_token_us": cached_token_us}
+
+
+def level_batching(spec: ContinuousSpec, num_blocks: int) -> dict[str, Any]:
+    """The ``batching`` section of the validation's pod (the engine limits it runs with)."""
+    return {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)}
+
+
 def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_scale: float,
                    num_blocks: int, arrival_overhead_ms: float = 0.0,
                    cycle_noise: tuple[float, ...] = (), answer_ms: float = 0.0,
@@ -176,16 +199,27 @@ def level_scenario(spec: ContinuousSpec, profile_path: Path, rate: float, time_s
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": rate},
                      "prompt_tokens": {"kind": "constant", "value": spec.prompt_tokens},
                      "output_tokens": {"kind": "constant", "value": spec.output_tokens}},
-        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
-                    "arrival_overhead_ms": arrival_overhead_ms,
-                    "cycle_noise": list(cycle_noise) if cycle_noise else None, "answer_ms": answer_ms,
-                    "cycle_noise_block_steps": noise_block_steps, "ingress_ms": ingress_ms,
-                    "ingress_noise": list(ingress_noise) or None},
-        "batching": {"mode": "continuous", "queue_capacity": 4096, **spec.limits(num_blocks)},
+        "service": continuous_service(profile_path, time_scale, arrival_overhead_ms, cycle_noise, answer_ms,
+                                      noise_block_steps, ingress_ms, ingress_noise),
+        "batching": level_batching(spec, num_blocks),
         "pods": {"replicas": 1, "startup_s": 0},
         "router": {"kind": "random"},
         "client": {"timeout_s": 600, "max_retries": 0},
     })
+
+
+def write_continuous_service(out: Path, spec: ContinuousSpec, profile_path: Path, cal: StepCalibration,
+                             answer: float) -> Path:
+    """``out/service.yaml``: the calibrated continuous pod as a scenario fragment, its step spread and its
+    way to the engine pooled over all the calibration's open-loop runs (the levels each take their own
+    rate's run), and the engine limits of the full-cache pod."""
+    noise = cal.cycle_noise if spec.cycle_noise else ()
+    ingress = cal.ingress() if spec.ttft_from_send else (0.0, ())
+    return write_service_fragment(
+        out, f"continuous, {spec.model} model, {spec.threads} torch thread(s), prompt {spec.prompt_tokens}, "
+        f"output {spec.output_tokens} tokens",
+        continuous_service(profile_path, cal.time_scale, cal.arrival_s * 1e3, noise, answer, spec.noise_block_steps,
+                           *ingress), level_batching(spec, spec.num_blocks))
 
 
 def itl_frame(df: Any, token_span_s: Any = None) -> Any:
@@ -553,6 +587,8 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
                      f"{label} {w[0]:.2f} {np.percentile(w[1], 99) * w[0]:.1f}"
                      for label, w in ((label, cal.ingress(label)) for label in cal.way_in_s) if w[1])
                  + ("" if apart else " none measured: the simulated TTFT lacks it (WARNING)"))
+
+        echo(f"the calibrated pod as a scenario fragment: {write_continuous_service(out, spec, profile_path, cal, answer)}")
 
         def way_in(level: float) -> tuple[float, tuple[float, ...]]:
             return cal.ingress(f"open {level:.0%}") if spec.ttft_from_send else (0.0, ())

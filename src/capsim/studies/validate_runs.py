@@ -67,6 +67,26 @@ def save_run(out_dir: Path, run: RealRun) -> None:
     (folder / f"{run.stem}.json").write_text(json.dumps(meta, default=_plain))
 
 
+#: the calibrated pod as a scenario fragment, beside a validation's results (:func:`write_service_fragment`)
+SERVICE_FILE = "service.yaml"
+
+
+def write_service_fragment(out_dir: Path, what: str, service: dict[str, Any], batching: dict[str, Any]) -> Path:
+    """``out_dir/service.yaml``: the ``service`` and ``batching`` sections of the pod a validation calibrated,
+    to paste into a scenario that plans for that pod; ``what`` (one line) says which pod and workload. Its
+    profile is named as the validation named it (under its ``--out-dir``; a scenario's paths resolve against
+    its folder and up, then the working directory). Lists of numbers (the steps' spread) are written inline."""
+    import yaml
+
+    import capsim
+
+    body = yaml.safe_dump({"service": service, "batching": batching}, sort_keys=False, default_flow_style=None)
+    path = Path(out_dir) / SERVICE_FILE
+    path.write_text(f"# The pod `capsim validate` calibrated ({what}), capsim {capsim.__version__}:\n"
+                    "# paste these sections into a scenario that plans for this pod (docs/validation.md).\n" + body)
+    return path
+
+
 #: the calibration's batch traces beside a validation's results: the closed-loop runs' (``calibration``), the
 #: open-loop probe's (``probe``) and the probe's sends on the monotonic clock (``probe_sends``)
 TRACES_FILE = "calibration_traces.json"

@@ -28,8 +28,14 @@ import capsim
 from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
+from capsim.studies.validate_continuous import continuous_service
 from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, reach_factors
-from capsim.studies.validate_runs import TTFT_FROM_RECEIPT, TTFT_FROM_SEND, run_caveats
+from capsim.studies.validate_runs import (
+    TTFT_FROM_RECEIPT,
+    TTFT_FROM_SEND,
+    run_caveats,
+    write_service_fragment,
+)
 from capsim.studies.validate_sessions_calibrate import Calibrated, calibrate
 
 #: Target for the hit rate's difference, in points (0.05 = 5 points). With 16-token blocks a turn's hit is
@@ -105,6 +111,24 @@ class SessionsSpec:
         return round(self.first_tokens + (self.turns - 1) * (self.output_tokens + self.new_tokens))
 
 
+def sessions_batching(spec: SessionsSpec) -> dict[str, Any]:
+    """The ``batching`` section of the validation's pods: continuous, prefix caching on, its engine limits."""
+    return {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()}
+
+
+def write_sessions_service(out: Path, spec: SessionsSpec, cal: Calibrated) -> Path:
+    """``out/service.yaml``: the pod the calibration measured (its step model, time per arrival, steps'
+    spread, answer time, way in and a prefix hit's copy per cached token), as the simulations at
+    ``calibration`` take it, with the pods' engine limits; a plan adds its router (the validation's policies:
+    ``router.kind``)."""
+    return write_service_fragment(
+        out, f"continuous with prefix caching, {spec.model} model, {spec.threads} torch thread(s), sessions of "
+        f"{spec.turns} turns", continuous_service(cal.profile_path, cal.time_scale, cal.arrival_overhead_ms,
+                                                  cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS, cal.ingress_ms,
+                                                  cal.ingress_noise, cal.cached_token_us),
+        sessions_batching(spec))
+
+
 def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate: float, time_scale: float,
                       arrival_overhead_ms: float = 0.0, cycle_noise: tuple[float, ...] = (),
                       answer_ms: float = 0.0, noise_block_steps: int = 1, ingress_ms: float = 0.0,
@@ -124,12 +148,9 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
                          "new_tokens": {"kind": "lognormal", "mean": spec.new_tokens, "sigma": spec.new_sigma,
                                         "max": spec.new_max}},
         },
-        "service": {"kind": "profile", "profile": str(profile_path), "time_scale": time_scale,
-                    "arrival_overhead_ms": arrival_overhead_ms, "cycle_noise": list(cycle_noise) or None,
-                    "answer_ms": answer_ms, "cycle_noise_block_steps": noise_block_steps,
-                    "ingress_ms": ingress_ms, "cached_token_us": cached_token_us,
-                    "ingress_noise": list(ingress_noise) or None},
-        "batching": {"mode": "continuous", "queue_capacity": 4096, "enable_prefix_caching": True, **spec.limits()},
+        "service": continuous_service(profile_path, time_scale, arrival_overhead_ms, cycle_noise, answer_ms,
+                                      noise_block_steps, ingress_ms, ingress_noise, cached_token_us),
+        "batching": sessions_batching(spec),
         "pods": {"replicas": 2, "startup_s": 0},
         # the real router's prefix_aware scorer has no KV-cache term (it cannot see the pods' caches)
         "router": {"kind": policy, "kv_cache_weight": 0.0},
@@ -461,6 +482,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     pod_cores: list[int | None] = [cores[0], cores[1]] if len(cores) > 1 else [None, None]
     work = scratch_dir("capsim-validate-sessions-")  # removed at exit, also after Ctrl-C or SIGTERM (studies.pods)
     cal = calibrate(spec, work, out, cores, pod_cores[0], echo)
+    echo(f"the calibrated pod as a scenario fragment: {write_sessions_service(out, spec, cal)}")
     per_pod = cal.per_pod_turns_per_s
     rate = spec.level * 2 * per_pod / spec.turns
     echo(f"capacity without prefix hits: {per_pod:.1f} turns/s a pod; {rate:.2f} sessions/s of {spec.turns} "
