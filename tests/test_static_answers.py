@@ -163,7 +163,9 @@ def test_the_calibrated_pod_is_written_as_a_scenario_fragment(tmp_path: Path) ->
         "output_tokens": {"kind": "constant", "value": 128}}, **fragment})
     level = level_scenario(SPEC, CPU, 30.0, cal)
     assert mine.service == level.service
-    assert mine.batching == level.batching
+    # the batching it was measured with, less the validation's own queue and max_model_len (left to the plan)
+    assert mine.batching == level.batching.model_copy(update={"max_model_len": 8192, "queue_capacity": 1024})
+    assert "queue_capacity" not in fragment["batching"] and mine.batching.max_batch_size == SPEC.batching.max_batch_size
 
 
 def test_the_committed_calibrated_pod_simulates() -> None:

@@ -295,7 +295,11 @@ def test_the_calibrated_continuous_pod_is_written_as_a_scenario_fragment(fitted_
     assert ms == pytest.approx(6.0)  # the five requests' mean, in ms
     level = level_scenario(spec, fitted_profile, 20.0, 1.3, spec.num_blocks, 1.1, (0.8, 1.0, 1.2), 2.5,
                            spec.noise_block_steps, ms, factors)
-    assert mine.service == level.service and mine.batching == level.batching
+    assert mine.service == level.service
+    # the engine limits the step model was measured with; the validation's deep queue and its max_model_len
+    # (prompt + output + 1, which would reject a plan's longer requests) are left to the plan
+    assert "max_model_len" not in fragment["batching"] and "queue_capacity" not in fragment["batching"]
+    assert mine.batching == level.batching.model_copy(update={"max_model_len": 8192, "queue_capacity": 1024})
     assert mine.batching.mode == "continuous" and mine.batching.num_blocks == spec.num_blocks
     # without the send-based TTFT the way in is not the simulator's: left out, as the levels leave it out
     apart = yaml.safe_load(write_continuous_service(tmp_path, ContinuousSpec(ttft_from_send=False), fitted_profile,

@@ -755,7 +755,8 @@ class Scenario(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Scenario:
-        """Load a scenario file; relative paths inside resolve as :meth:`resolve` says."""
+        """Load a scenario file, with the sections of the files its ``include:`` names under its own
+        (:mod:`capsim.model.includes`); relative paths inside resolve as :meth:`resolve` says."""
         from capsim.model.yaml_load import YamlFileError, load_yaml_file
 
         path = Path(path)
@@ -765,6 +766,9 @@ class Scenario(BaseModel):
             raise SettingsError(str(exc)) from None
         if not isinstance(data, Mapping):
             raise SettingsError(f"{path}: must be a mapping of settings, got {type(data).__name__}")
+        from capsim.model.includes import with_includes
+
+        data = with_includes(path, data)  # include: other files' sections, under this file's own
         try:
             scenario = cls.model_validate(data)
         except SettingsError as exc:

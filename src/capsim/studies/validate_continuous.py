@@ -212,7 +212,7 @@ def write_continuous_service(out: Path, spec: ContinuousSpec, profile_path: Path
                              answer: float) -> Path:
     """``out/service.yaml``: the calibrated continuous pod as a scenario fragment, its step spread and its
     way to the engine pooled over all the calibration's open-loop runs (the levels each take their own
-    rate's run), and the engine limits of the full-cache pod."""
+    rate's run), and the engine limits of the full-cache pod (:func:`~capsim.studies.validate_runs.fragment_batching`)."""
     noise = cal.cycle_noise if spec.cycle_noise else ()
     ingress = cal.ingress() if spec.ttft_from_send else (0.0, ())
     return write_service_fragment(

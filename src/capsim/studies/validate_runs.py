@@ -71,16 +71,29 @@ def save_run(out_dir: Path, run: RealRun) -> None:
 SERVICE_FILE = "service.yaml"
 
 
+#: the validation's own batching keys, which a plan's fragment leaves to the plan: the queue (deep, so the
+#: levels reject nothing) and ``max_model_len`` (the validation's prompt plus output, which would reject a
+#: plan's longer requests); the step model and the profile do not depend on either
+HARNESS_KEYS = ("queue_capacity", "max_model_len")
+
+
+def fragment_batching(batching: dict[str, Any]) -> dict[str, Any]:
+    """A validation pod's ``batching`` as its ``service.yaml`` gives it: without :data:`HARNESS_KEYS`."""
+    return {k: v for k, v in batching.items() if k not in HARNESS_KEYS}
+
+
 def write_service_fragment(out_dir: Path, what: str, service: dict[str, Any], batching: dict[str, Any]) -> Path:
     """``out_dir/service.yaml``: the ``service`` and ``batching`` sections of the pod a validation calibrated,
     to paste into a scenario that plans for that pod; ``what`` (one line) says which pod and workload. Its
     profile is named as the validation named it (under its ``--out-dir``; a scenario's paths resolve against
-    its folder and up, then the working directory). Lists of numbers (the steps' spread) are written inline."""
+    its folder and up, then the working directory; or ``include:`` it, docs/studies.md). ``batching`` goes
+    through :func:`fragment_batching`. Lists of numbers (the steps' spread) are written inline."""
     import yaml
 
     import capsim
 
-    body = yaml.safe_dump({"service": service, "batching": batching}, sort_keys=False, default_flow_style=None)
+    body = yaml.safe_dump({"service": service, "batching": fragment_batching(batching)}, sort_keys=False,
+                          default_flow_style=None)
     path = Path(out_dir) / SERVICE_FILE
     path.write_text(f"# The pod `capsim validate` calibrated ({what}), capsim {capsim.__version__}:\n"
                     "# paste these sections into a scenario that plans for this pod (docs/validation.md).\n" + body)

@@ -119,8 +119,8 @@ def sessions_batching(spec: SessionsSpec) -> dict[str, Any]:
 def write_sessions_service(out: Path, spec: SessionsSpec, cal: Calibrated) -> Path:
     """``out/service.yaml``: the pod the calibration measured (its step model, time per arrival, steps'
     spread, answer time, way in and a prefix hit's copy per cached token), as the simulations at
-    ``calibration`` take it, with the pods' engine limits; a plan adds its router (the validation's policies:
-    ``router.kind``)."""
+    ``calibration`` take it, with the pods' engine limits (:func:`~capsim.studies.validate_runs.fragment_batching`);
+    a plan adds its router (the validation's policies: ``router.kind``)."""
     return write_service_fragment(
         out, f"continuous with prefix caching, {spec.model} model, {spec.threads} torch thread(s), sessions of "
         f"{spec.turns} turns", continuous_service(cal.profile_path, cal.time_scale, cal.arrival_overhead_ms,

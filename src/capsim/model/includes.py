@@ -1,0 +1,96 @@
+"""A scenario file's ``include:``: sections from other YAML files, under the file's own.
+
+``capsim validate`` writes the pod it calibrated as a fragment (``service.yaml``: a ``service`` and a
+``batching`` section). A plan takes it with one line instead of a paste::
+
+    include: [../validation/continuous/service.yaml]   # or one path, without the brackets
+    batching: {max_model_len: 4096}                     # the plan's own keys win
+
+The included files are read in order, then the scenario's own sections; a later mapping section is merged
+key by key into the earlier one of the same name (one level deep: ``batching.max_model_len`` replaces that
+key, ``batching`` keeps the rest), anything else replaces it. An included path resolves as a scenario's
+data paths do (:meth:`capsim.model.scenario.Scenario.resolve`): against the including file's folder and its
+parents, then capsim's shipped data, then the working directory. The paths an included file names
+(``service.profile``, ``workload.arrivals.path``) resolve against *its* folder and parents first, so a
+fragment and the profile beside it move together. An included file cannot include others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from capsim.model.settings import SettingsError
+
+INCLUDE_KEY = "include"
+#: the data paths a fragment may name, as (section, ..., key)
+_PATH_FIELDS: tuple[tuple[str, ...], ...] = (("service", "profile"), ("workload", "arrivals", "path"))
+
+
+def _near(start: Path, name: Path) -> Path | None:
+    """``name`` (relative) found under ``start`` or one of its parents, then the shipped data, then the working
+    directory; ``None`` when it is nowhere."""
+    from capsim.paths import PROJECT_ROOT
+
+    for base in (start, *start.parents, PROJECT_ROOT, Path.cwd()):
+        if (base / name).exists():
+            return (base / name).resolve()
+    return None
+
+
+def merge_sections(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``top``'s keys over it; a mapping over a mapping merges one level deep."""
+    out = dict(base)
+    for key, value in top.items():
+        below = out.get(key)
+        out[key] = {**below, **value} if isinstance(value, Mapping) and isinstance(below, Mapping) else value
+    return out
+
+
+def _anchor_paths(fragment: dict[str, Any], where: Path) -> dict[str, Any]:
+    """The fragment with its relative data paths made absolute where they exist near it."""
+    for fields in _PATH_FIELDS:
+        node: Any = fragment
+        for key in fields[:-1]:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if not isinstance(node, dict):
+            continue
+        value = node.get(fields[-1])
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            found = _near(where.parent, Path(value))
+            if found is not None:
+                node[fields[-1]] = str(found)
+    return fragment
+
+
+def with_includes(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The scenario file ``path``'s settings ``data`` with its ``include:`` files read in under them (see the
+    module's docstring); ``data`` itself when it includes nothing. Errors name the file and the entry."""
+    from capsim.model.yaml_load import YamlFileError, load_yaml_file
+
+    if INCLUDE_KEY not in data:
+        return dict(data)
+    names = data[INCLUDE_KEY]
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise SettingsError(f"{path}: include must be a file path or a list of file paths, got {names!r}")
+    merged: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        where = Path(name) if Path(name).is_absolute() else _near(path.parent, Path(name))
+        if where is None or not where.exists():
+            raise SettingsError(f"{path}: include.{i}: {name} not found (looked in {path.parent} and its parents, "
+                                "the shipped data and the working directory)")
+        try:
+            fragment = load_yaml_file(where, "included file")
+        except YamlFileError as exc:
+            raise SettingsError(f"{path}: include.{i}: {exc}") from None
+        if not isinstance(fragment, dict):
+            raise SettingsError(f"{path}: include.{i}: {where} must be a mapping of settings, "
+                                f"got {type(fragment).__name__}")
+        if INCLUDE_KEY in fragment:
+            raise SettingsError(f"{path}: include.{i}: {where} has an include of its own; an included file "
+                                "cannot include others")
+        merged = merge_sections(merged, _anchor_paths(fragment, where))
+    return merge_sections(merged, {k: v for k, v in data.items() if k != INCLUDE_KEY})
