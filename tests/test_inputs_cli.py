@@ -186,3 +186,19 @@ def test_simulate_says_when_a_scheduled_crash_found_no_pod(tmp_path: Path) -> No
     code, out, err = run(["simulate", str(s)])
     assert code == 0, err
     assert "note: the crash scheduled at 5 s found no pod to crash: pod 3 not created (yet)" in out
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    # `capsim simulate ... | head`: the pipe closes while capsim still writes; a shell tool stops with 141
+    # and says nothing, where capsim printed "capsim simulate: error: Broken pipe"
+    import subprocess
+    import sys
+
+    capsim = Path(sys.executable).parent / "capsim"
+    proc = subprocess.Popen([str(capsim), "simulate", str(scenario(tmp_path))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()  # nobody reads: the command's first write finds the pipe closed
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141, err
+    assert err.decode().strip() == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -24,7 +25,8 @@ class _Commands(TyperGroup):
     Every ``CapsimError`` (settings, scenarios, profiles, traces, stores, the load generator, budgets), every
     ``OSError`` on a path the user gave, and every bad option becomes ONE line on stderr,
     ``capsim <command>: error: <message naming the file, field or line>``, and exit code 2. A command adds
-    nothing for this: it lets the error propagate. ``CAPSIM_DEBUG=1`` shows the traceback instead.
+    nothing for this: it lets the error propagate. ``CAPSIM_DEBUG=1`` shows the traceback instead. A closed
+    stdout (``capsim simulate ... | head``) ends the command quietly with status 141, as a shell tool's.
     """
 
     def invoke(self, ctx: Any) -> Any:  # the Context of the click that typer vendors
@@ -35,6 +37,10 @@ class _Commands(TyperGroup):
             _fail(ctx, f"{message} (see capsim {ctx.invoked_subcommand or ''} --help)".replace("  ", " "))
         except CapsimError as exc:
             _fail(ctx, str(exc), exc)
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as a shell tool does
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's last flush does not raise again
+            raise typer.Exit(128 + 13) from None  # a shell's status for SIGPIPE
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _fail(ctx, f"{where}{exc.strerror or exc}", exc)
