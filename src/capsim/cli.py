@@ -525,7 +525,7 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_b
         spec = replace(spec, probe_s=probe_s)
     spec = replace(spec, ttft_from_send=not ttft_from_receipt)
     run_continuous_validation(spec, out_dir=folder, echo=typer.echo)
-    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
+    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json, service.yaml")
 
 
 def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replications: int | None,
@@ -556,7 +556,7 @@ def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replicati
         raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
                                "or --out-dir to write elsewhere")
     run_sessions_validation(spec, out_dir=folder, echo=typer.echo)
-    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json")
+    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json, service.yaml")
 
 
 def _check_validation_lengths(model: str, prompt_tokens: int, output_tokens: int) -> None:
