@@ -336,3 +336,30 @@ def test_a_driven_runs_span_holds_every_request_it_sent(tmp_path) -> None:
         assert len(closed) > 0 and int(closed.arrivals.sum()) >= 2
     finally:
         pod.stop()
+
+
+def test_a_fit_through_the_open_loop_runs_takes_their_arrival_cost_and_weighs_the_closed_ones() -> None:
+    # the open loops' arrivals cost more than the closed loops' (stop 39: 0.40 against 0.30 ms): a fit through
+    # all runs falls between, a fit through the open ones recovers theirs, and the closed ones show against it
+    closed = [(f"closed {n}", synthetic_run(n, n, 0.4, scale=1.3, extra=2e-4, arrival=0.3e-3, token=0.0)) for n in (2, 4, 8, 16)]
+    opened = [(f"open {k}", synthetic_run(10 + k, n, 0.3, scale=1.3, extra=2e-4, arrival=0.8e-3, token=0.0))
+              for k, n in enumerate((3, 6, 9, 12))]
+    runs = closed + opened
+    everything = fit_step_cycles(runs, FIT)
+    cal = fit_step_cycles(runs, FIT, through=[label for label, _ in opened])
+    assert cal.fitted_runs == ("open 0", "open 1", "open 2", "open 3")
+    assert cal.time_scale == pytest.approx(1.3, rel=0.02) and cal.arrival_s == pytest.approx(0.8e-3, rel=0.1)
+    assert cal.extra_s == pytest.approx(2e-4, rel=0.3)
+    assert abs(everything.arrival_s - 0.8e-3) > 0.1e-3  # the closed runs' cheaper arrivals pull the pooled fit
+    # every run is still weighed against the fit: the open ones met, the closed ones faster than it
+    by_run = {p[0]: p[3] / p[4] for p in cal.points}
+    assert set(by_run) == {label for label, _ in runs}
+    assert all(abs(by_run[label] - 1) < 0.02 for label, _ in opened)
+    assert all(by_run[label] < 0.99 for label, _ in closed)
+    assert "fitted through open 0, open 1, open 2, open 3" in cal.describe()
+    # the steps' spread comes from the fitted runs only (the closed runs' offset is no spread)
+    assert cal.cycle_noise and abs(np.mean(cal.cycle_noise) - 1) < 1e-3
+    with pytest.raises(ValueError, match="no run labelled open 9"):
+        fit_step_cycles(runs, FIT, through=["open 9"])
+    with pytest.raises(ValueError, match="at least 3 runs with steps to fit through"):
+        fit_step_cycles(runs, FIT, through=["open 0", "open 1"])

@@ -49,6 +49,7 @@ from capsim.studies.validate_continuous_cycle import (
     MAX_REL_RESIDUAL,
     MIN_RUNS,
     MIN_STEPS,
+    MIN_THROUGH,
     TERMS,
     StepCalibration,
     arrival_within_runs,
@@ -246,7 +247,7 @@ MAX_ARRIVAL_OVER_CPU = 2.0  # a fitted time per arrival past this many times the
 
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
                     max_num_seqs: int, prompt: int, output: int, pid: int | None = None,
-                    echo: Any = None, history_read: bool = True
+                    echo: Any = None, history_read: bool = True, open_loop_fit: bool = False
                     ) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
@@ -254,7 +255,9 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     ``request_split`` (its requests' way in, plus with ``history_read`` the pod's history read before its
     engine: ``StepCalibration.way_in_s``). With the pod's ``pid``, each
     run's CPU of the pod process off its engine thread is fitted per request and per step
-    (``StepCalibration.request_cpu_s``, ``step_cpu_s``)."""
+    (``StepCalibration.request_cpu_s``, ``step_cpu_s``). With ``open_loop_fit`` and three open-loop runs or
+    more, the final fit goes through those alone (``fit_step_cycles(through=...)``; the closed loops are
+    weighed against it), else through all runs."""
     import pandas as pd
 
     runs = []
@@ -298,7 +301,9 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
         if got < 0.9 * scheduled:
             late.append(f"the open-loop run at {level:.0%} ({scheduled:.1f} requests/s scheduled) reached the "
                         f"engine at {got:.1f}/s: the load generator or the pod's HTTP fell behind (a busy machine?)")
-    cal = replace(fit_step_cycles(runs, fit), way_in_s=ways)
+    opened = [label for label, steps in runs if label.startswith("open") and len(steps) > 1]
+    through = opened if open_loop_fit and len(opened) >= MIN_THROUGH else []
+    cal = replace(fit_step_cycles(runs, fit, through=through), way_in_s=ways)
     if len(cpu_runs) >= 2:
         per_request, per_step = fit_pod_cpu(cpu_runs)
         cal = replace(cal, request_cpu_s=per_request, step_cpu_s=per_step)
