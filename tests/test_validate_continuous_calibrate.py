@@ -363,3 +363,10 @@ def test_a_fit_through_the_open_loop_runs_takes_their_arrival_cost_and_weighs_th
         fit_step_cycles(runs, FIT, through=["open 9"])
     with pytest.raises(ValueError, match="at least 3 runs with steps to fit through"):
         fit_step_cycles(runs, FIT, through=["open 0", "open 1"])
+
+
+def test_a_runs_ratio_to_the_fit_is_read_from_the_calibrations_points() -> None:
+    cal = fit_step_cycles(runs(**TRUE), FIT, through=["open 3", "open 8", "open 14"])
+    p = next(p for p in cal.points if p[0] == "closed 16")
+    assert cal.run_ratio("closed 16") == pytest.approx(p[3] / p[4])
+    assert cal.run_ratio("closed 99") == 1.0  # no such run: no correction

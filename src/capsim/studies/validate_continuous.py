@@ -364,17 +364,20 @@ RUN_SPEED, RUN_REPLAY = "run speed", "run replay"
 def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalibration,
                 rate: float | None = None, seed: int = 0) -> float | None:
     """The pod's speed now: its steps' cycle over the calibrated model in ``spec.probe_s`` seconds of the
-    calibration's largest closed loop, or with ``rate`` of Poisson arrivals at that rate (``seed``);
-    ``None`` without steps."""
+    calibration's largest closed loop, over that closed loop's own in the calibration (since stop 39: a
+    closed loop need not sit on a fit through the open-loop runs, so the probe measures how far the pod has
+    drifted since), or with ``rate`` of Poisson arrivals at that rate (``seed``); ``None`` without steps."""
     from capsim.studies.validate_continuous_calibrate import drive_closed, drive_open, fetch_steps
 
+    base = 1.0
     if rate is None:
-        t0, t1 = drive_closed(url, max(spec.calibration_clients), spec.probe_s, spec.prompt_tokens,
-                              spec.output_tokens)
+        clients = max(spec.calibration_clients)
+        t0, t1 = drive_closed(url, clients, spec.probe_s, spec.prompt_tokens, spec.output_tokens)
+        base = cal.run_ratio(f"closed {clients}")
     else:
         t0, t1, _ = drive_open(url, rate, spec.probe_s, spec.prompt_tokens, spec.output_tokens, seed=seed)
     cyc, fitted, _ = level_cycles(fetch_steps(url, t0, t1), fit, cal)
-    return cyc / fitted if fitted > 0 else None
+    return cyc / fitted / base if fitted > 0 else None
 
 
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,

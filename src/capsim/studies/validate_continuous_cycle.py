@@ -68,6 +68,13 @@ class StepCalibration:
     # still in ``points`` and ``residuals_s``, so a closed loop's distance from an open-loop fit shows
     fitted_runs: tuple[str, ...] = ()
 
+    def run_ratio(self, label: str) -> float:
+        """The calibration run ``label``'s mean cycle over the fit (1.0 when there is no such run)."""
+        for p in self.points:
+            if p[0] == label and p[4] > 0:
+                return float(p[3] / p[4])
+        return 1.0
+
     def ingress(self, label: str | None = None) -> tuple[float, tuple[float, ...]]:
         """The simulated way in (:func:`ingress_from`) of the open-loop run ``label``, or of all of them
         pooled when it is absent or not given."""
