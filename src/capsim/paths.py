@@ -19,6 +19,17 @@ def shipped(relative: str | Path) -> Path:
     return PROJECT_ROOT / relative
 
 
+def find_near(name: Path, start: Path | None) -> Path | None:
+    """Where the relative path ``name`` exists: under ``start`` or one of its parents, then the shipped data
+    (:data:`PROJECT_ROOT`), then the working directory; with no ``start`` (a scenario built in memory) the
+    working directory first, then the shipped data. ``None`` when it is nowhere."""
+    bases = (start, *start.parents, PROJECT_ROOT, Path.cwd()) if start is not None else (Path.cwd(), PROJECT_ROOT)
+    for base in bases:
+        if (base / name).exists():
+            return base / name
+    return None
+
+
 def open_input(path: Path, what: str, kind: str, error: type[Exception]) -> BinaryIO:
     """Open the input file ``path`` for reading bytes; a missing, directory or unreadable path raises
     ``error`` naming ``what`` (``"trace"``) and the path, and ``kind`` (``"a CSV file"``) for a directory."""

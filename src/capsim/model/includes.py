@@ -22,21 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from capsim.model.settings import SettingsError
+from capsim.paths import find_near
 
 INCLUDE_KEY = "include"
 #: the data paths a fragment may name, as (section, ..., key)
 _PATH_FIELDS: tuple[tuple[str, ...], ...] = (("service", "profile"), ("workload", "arrivals", "path"))
-
-
-def _near(start: Path, name: Path) -> Path | None:
-    """``name`` (relative) found under ``start`` or one of its parents, then the shipped data, then the working
-    directory; ``None`` when it is nowhere."""
-    from capsim.paths import PROJECT_ROOT
-
-    for base in (start, *start.parents, PROJECT_ROOT, Path.cwd()):
-        if (base / name).exists():
-            return (base / name).resolve()
-    return None
 
 
 def merge_sections(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
@@ -58,9 +48,9 @@ def _anchor_paths(fragment: dict[str, Any], where: Path) -> dict[str, Any]:
             continue
         value = node.get(fields[-1])
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            found = _near(where.parent, Path(value))
+            found = find_near(Path(value), where.parent)
             if found is not None:
-                node[fields[-1]] = str(found)
+                node[fields[-1]] = str(found.resolve())
     return fragment
 
 
@@ -78,7 +68,7 @@ def with_includes(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
         raise SettingsError(f"{path}: include must be a file path or a list of file paths, got {names!r}")
     merged: dict[str, Any] = {}
     for i, name in enumerate(names):
-        where = Path(name) if Path(name).is_absolute() else _near(path.parent, Path(name))
+        where = Path(name) if Path(name).is_absolute() else find_near(Path(name), path.parent)
         if where is None or not where.exists():
             raise SettingsError(f"{path}: include.{i}: {name} not found (looked in {path.parent} and its parents, "
                                 "the shipped data and the working directory)")

@@ -791,15 +791,15 @@ class Scenario(BaseModel):
         path found nowhere comes back as the scenario folder would have it, so the error names a place
         the user can check.
         """
-        from capsim.paths import PROJECT_ROOT
+        from capsim.paths import find_near
 
         if path.is_absolute():
             return path
-        bases = [self._source.parent, *self._source.parent.parents] if self._source is not None else []
-        for base in (*bases, PROJECT_ROOT, Path.cwd()) if bases else (Path.cwd(), PROJECT_ROOT):
-            if (base / path).exists():
-                return base / path
-        return bases[0] / path if bases else path
+        start = self._source.parent if self._source is not None else None
+        found = find_near(path, start)
+        if found is not None:
+            return found
+        return start / path if start is not None else path
 
     def override(self, changes: Mapping[str, Any]) -> Scenario:
         """A validated copy with dotted-path changes applied: ``{"pods.replicas": 2, "horizon_s": 60}``.
