@@ -214,7 +214,8 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
         resid = means.cycle_s.to_numpy() - means[list(terms)].to_numpy(dtype=float) @ coef
     else:
         coef, resid = fit_cycle_terms(means, terms, relative=True)
-    noise = step_noise(frame.cycle_s.to_numpy(), frame[list(terms)].to_numpy(dtype=float) @ coef, frame.run.to_numpy())
+    per_step = frame[list(terms)].to_numpy(dtype=float) @ coef  # the fitted runs' steps
+    noise = step_noise(frame.cycle_s.to_numpy(), per_step, frame.run.to_numpy())
     if every is not None:  # weigh every run against the fit, the fitted ones and the others
         means = every
         resid = means.cycle_s.to_numpy() - means[list(terms)].to_numpy(dtype=float) @ coef
@@ -223,7 +224,6 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     problems = [f"degenerate fit: the {name} sits at its bound 0" for name, t in
                 (("extra time per step", "one"), ("time per arrival", "arrivals"), ("time per token", "emitted"))
                 if t in got and got[t] == 0]
-    per_step = frame[list(terms)].to_numpy(dtype=float) @ coef
     med = float(np.median(np.abs(1.0 - per_step / frame.cycle_s.to_numpy())))
     means["fitted_s"] = means.cycle_s - resid
     points = tuple((str(label), float(m.decodes + min(m.prefill_tokens, 1.0)), float(m.model_s), float(m.cycle_s),
