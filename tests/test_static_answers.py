@@ -5,6 +5,7 @@ and ``probe_answers`` measures the three from an open-loop probe's requests and 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,6 +77,11 @@ def test_a_closed_loop_session_sends_its_next_turn_after_the_answer_arrives() ->
     assert (nxt.end_s_prev - nxt.first_token_s_prev > 0.05).all()
 
 
+def _prefill_s(profile: ServiceTimeProfile) -> Callable[[int], float]:
+    """The profile's prefill of a batch of ``b`` at the validation's lengths, as probe_answers takes it."""
+    return lambda b: profile.batch_timing(b, SPEC.prompt_tokens, SPEC.output_tokens).prefill_s
+
+
 def _probe(rng: np.random.Generator, answer_s: float, per_request_s: float, scale: float,
            profile: ServiceTimeProfile, n_batches: int = 60) -> tuple[pd.DataFrame, list[list]]:
     """A synthetic probe: batches one after another on the monotonic clock from t0, each request's times as
@@ -104,7 +110,7 @@ def _probe(rng: np.random.Generator, answer_s: float, per_request_s: float, scal
 def test_probe_answers_recovers_the_way_out_and_the_first_token() -> None:
     profile = ServiceTimeProfile.from_csv(CPU)
     frame, trace = _probe(np.random.default_rng(0), 0.0035, 0.001, 1.6, profile)
-    prefill = lambda b: profile.batch_timing(b, SPEC.prompt_tokens, SPEC.output_tokens).prefill_s  # noqa: E731
+    prefill = _prefill_s(profile)
     got = probe_answers(PLAIN, frame, trace, prefill)
     assert got.answer_s == pytest.approx(0.0035, abs=2e-4)
     assert got.answer_per_request_s == pytest.approx(0.001, abs=5e-5)
@@ -118,7 +124,7 @@ def test_probe_answers_recovers_the_way_out_and_the_first_token() -> None:
 
 def test_probe_answers_keeps_the_calibration_without_enough_to_go_on() -> None:
     profile = ServiceTimeProfile.from_csv(CPU)
-    prefill = lambda b: profile.batch_timing(b, SPEC.prompt_tokens, SPEC.output_tokens).prefill_s  # noqa: E731
+    prefill = _prefill_s(profile)
     frame, trace = _probe(np.random.default_rng(1), 0.004, 0.001, 1.3, profile)
     unclocked = frame.copy()
     unclocked.attrs.update(frame.attrs, pod_clock_rows=0)  # times from the send, not the pod's clock
