@@ -81,13 +81,20 @@ def test_the_committed_calibrated_pod_can_be_included_from_any_folder(tmp_path: 
     (3, r"include must be a file path or a list of file paths, got 3"),
     (["ok.yaml", ""], r"include must be a file path or a list of file paths"),
     ("list.yaml", r"include.0: .*list.yaml must be a mapping of settings, got list"),
-    ("nested.yaml", r"include.0: .*nested.yaml has an include of its own"),
+    ("self.yaml", r"include.0: .*self.yaml includes itself \(.*self.yaml -> .*self.yaml\)"),
+    ("loop_a.yaml", r"include.0: .*loop_a.yaml: include.0: .*loop_b.yaml: include.1: .*loop_a.yaml includes "
+                    r"itself \(.*loop_a.yaml -> .*loop_b.yaml -> .*loop_a.yaml\)"),
+    ("deep.yaml", r"include.0: .*deep.yaml: include.1: missing.yaml not found"),
+    ("plan.yaml", r"include.0: .*plan.yaml includes itself \(.*plan.yaml -> .*plan.yaml\)"),
     ("broken.yaml", r"include.0: .*broken.yaml: not valid YAML at line 2"),
 ])
 def test_a_bad_include_names_the_file_and_the_entry(tmp_path: Path, include: object, message: str | None) -> None:
     _write(tmp_path / "ok.yaml", {"pods": {"replicas": 2}})
     _write(tmp_path / "list.yaml", [1, 2])
-    _write(tmp_path / "nested.yaml", {"include": "ok.yaml"})
+    _write(tmp_path / "self.yaml", {"include": "self.yaml"})
+    _write(tmp_path / "loop_a.yaml", {"include": "loop_b.yaml"})
+    _write(tmp_path / "loop_b.yaml", {"include": ["ok.yaml", "loop_a.yaml"]})  # ok.yaml before the loop: read
+    _write(tmp_path / "deep.yaml", {"include": ["ok.yaml", "missing.yaml"]})
     (tmp_path / "broken.yaml").write_text("service: {kind: [\n")
     plan = _write(tmp_path / "plan.yaml", {"include": include, **PLAN,
                                            "service": {"kind": "profile", "profile": str(PROFILE)}})
@@ -104,3 +111,37 @@ def test_a_setting_from_an_include_is_validated_as_the_plans_own(tmp_path: Path)
                                            "service": {"kind": "profile", "profile": str(PROFILE)}})
     with pytest.raises(SettingsError, match=r"plan.yaml: .*batching.max_num_seqs"):
         Scenario.from_yaml(plan)
+
+
+def test_an_included_file_may_include_others_each_level_under_its_includer(tmp_path: Path, fragment: Path) -> None:
+    # base.yaml (beside the calibrated pod's folder) takes the pod and sets a fleet; the plan takes base.yaml
+    base = _write(tmp_path / "runs" / "base.yaml", {
+        "include": "cal/service.yaml", **PLAN,
+        "service": {"time_scale": 1.5}, "pods": {"replicas": 3}, "batching": {"max_num_seqs": 12}})
+    plan = _write(tmp_path / "plans" / "plan.yaml", {
+        "include": str(base), "pods": {"replicas": 2}, "batching": {"max_model_len": 2048}})
+    sc = Scenario.from_yaml(plan)
+    # the plan over base.yaml over the fragment, a mapping merged key by key at each level
+    assert (sc.service.time_scale, sc.service.answer_ms) == (1.5, 2.0)
+    assert (sc.pods.replicas, sc.horizon_s) == (2, 30)
+    assert (sc.batching.mode, sc.batching.max_num_seqs, sc.batching.num_blocks, sc.batching.max_model_len) == (
+        "continuous", 12, 1024, 2048)
+    # the fragment's profile found beside the fragment, two files away from the plan
+    assert Path(sc.service.profile) == (fragment.parent / "profile.csv").resolve()
+    # two files including the same one is no loop
+    _write(tmp_path / "other.yaml", {"include": str(fragment), "pods": {"replicas": 4}})
+    both = _write(tmp_path / "both.yaml", {"include": [str(base), str(tmp_path / "other.yaml")]})
+    assert Scenario.from_yaml(both).pods.replicas == 4
+
+
+def test_a_plan_on_a_shipped_scenario_that_takes_the_calibrated_pod(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = ROOT / "data" / "scenarios" / "calibrated_pod.yaml"
+    plan = _write(tmp_path / "plan.yaml", {"include": str(shipped), "horizon_s": 60, "warmup_s": 10,
+                                           "autoscaler": {"minReplicas": 2}})
+    sc, ref = Scenario.from_yaml(plan), Scenario.from_yaml(shipped)
+    assert (sc.horizon_s, ref.horizon_s) == (60, 1800)
+    assert sc.service == ref.service and sc.batching == ref.batching and sc.workload == ref.workload
+    assert sc.autoscaler.min_replicas == 2 and sc.autoscaler.max_replicas == ref.autoscaler.max_replicas
+    assert simulate(sc, seed=0).summary.completed > 1000

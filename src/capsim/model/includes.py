@@ -12,7 +12,10 @@ key, ``batching`` keeps the rest), anything else replaces it. An included path r
 data paths do (:meth:`capsim.model.scenario.Scenario.resolve`): against the including file's folder and its
 parents, then capsim's shipped data, then the working directory. The paths an included file names
 (``service.profile``, ``workload.arrivals.path``) resolve against *its* folder and parents first, so a
-fragment and the profile beside it move together. An included file cannot include others.
+fragment and the profile beside it move together. An included file may include others in turn (a plan
+on a shipped scenario that takes the calibrated pod): its includes merge under its own sections, as the
+scenario's do under the scenario's; a file that includes itself, directly or through others, is an error
+naming the loop.
 """
 
 from __future__ import annotations
@@ -56,7 +59,14 @@ def _anchor_paths(fragment: dict[str, Any], where: Path) -> dict[str, Any]:
 
 def with_includes(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
     """The scenario file ``path``'s settings ``data`` with its ``include:`` files read in under them (see the
-    module's docstring); ``data`` itself when it includes nothing. Errors name the file and the entry."""
+    module's docstring); ``data`` itself when it includes nothing. Errors name the file and the entry (for a
+    nested include, the chain: ``plan.yaml: include.0: base.yaml: include.1: ...``)."""
+    return _with_includes(path, data, (path.resolve(),), f"{path}")
+
+
+def _with_includes(path: Path, data: Mapping[str, Any], chain: tuple[Path, ...], label: str) -> dict[str, Any]:
+    """``with_includes`` for a file reached through ``chain`` (the files including it, itself last);
+    ``label`` names it in errors."""
     from capsim.model.yaml_load import YamlFileError, load_yaml_file
 
     if INCLUDE_KEY not in data:
@@ -65,22 +75,25 @@ def with_includes(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(names, str):
         names = [names]
     if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-        raise SettingsError(f"{path}: include must be a file path or a list of file paths, got {names!r}")
+        raise SettingsError(f"{label}: include must be a file path or a list of file paths, got {names!r}")
     merged: dict[str, Any] = {}
     for i, name in enumerate(names):
+        entry = f"{label}: include.{i}"
         where = Path(name) if Path(name).is_absolute() else find_near(Path(name), path.parent)
         if where is None or not where.exists():
-            raise SettingsError(f"{path}: include.{i}: {name} not found (looked in {path.parent} and its parents, "
+            raise SettingsError(f"{entry}: {name} not found (looked in {path.parent} and its parents, "
                                 "the shipped data and the working directory)")
+        if where.resolve() in chain:
+            loop = " -> ".join(str(p) for p in (*chain[chain.index(where.resolve()):], where.resolve()))
+            raise SettingsError(f"{entry}: {where} includes itself ({loop})")
         try:
             fragment = load_yaml_file(where, "included file")
         except YamlFileError as exc:
-            raise SettingsError(f"{path}: include.{i}: {exc}") from None
+            raise SettingsError(f"{entry}: {exc}") from None
         if not isinstance(fragment, dict):
-            raise SettingsError(f"{path}: include.{i}: {where} must be a mapping of settings, "
-                                f"got {type(fragment).__name__}")
-        if INCLUDE_KEY in fragment:
-            raise SettingsError(f"{path}: include.{i}: {where} has an include of its own; an included file "
-                                "cannot include others")
-        merged = merge_sections(merged, _anchor_paths(fragment, where))
+            raise SettingsError(f"{entry}: {where} must be a mapping of settings, got {type(fragment).__name__}")
+        # its own paths against its own folder; those of the files it includes against theirs (the recursion)
+        fragment = _with_includes(where, _anchor_paths(fragment, where), (*chain, where.resolve()),
+                                  f"{entry}: {where}")
+        merged = merge_sections(merged, fragment)
     return merge_sections(merged, {k: v for k, v in data.items() if k != INCLUDE_KEY})
