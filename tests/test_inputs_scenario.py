@@ -92,6 +92,29 @@ def test_an_unknown_key_inside_a_fault() -> None:
             faults={"redis_outages": [{"at_s": 5, "length_s": 1}]})
 
 
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"batching": {"max_batch_szie": 8}}, "batching.max_batch_szie is not a known setting (did you mean max_batch_size?)"),
+    ({"batching": {"max-wait-ms": 8}}, "batching.max-wait-ms is not a known setting (did you mean max_wait_ms?)"),
+    ({"pods": {"startup": 30}}, "pods.startup is not a known setting (did you mean startup_s?)"),
+    ({"hpa": {"minReplicas": 2}}, "hpa is not a known setting (did you mean autoscaler?)"),
+    ({"autoscaler": {"minReplica": 1, "maxReplicas": 4, "metrics": [QUEUE_METRIC]}},
+     "autoscaler.minReplica is not a known setting (did you mean minReplicas?)"),  # the Kubernetes spelling
+    ({"workload": {"arrivals": {"kind": "poisson", "rate": 5}}},
+     "workload.arrivals.rate is not a known setting (did you mean rate_per_s?)"),  # inside a union's member
+    ({"faults": {"crashes": [{"at_s": 5, "podd": 1}]}}, "faults.crashes.0.podd is not a known setting (did you mean pod?)"),
+])
+def test_an_unknown_key_names_the_known_one_closest_to_it(changes: dict[str, Any], message: str) -> None:
+    refused(message, **changes)
+
+
+def test_an_unknown_key_far_from_any_gets_no_guess() -> None:
+    text = refused("pods.zzzz is not a known setting", pods={"zzzz": 1})
+    assert "did you mean" not in text
+    with pytest.raises(SettingsError, match=r"^batching.max_batch is not a known setting \(did you mean "
+                                            r"max_batch_size\?\)$"):
+        BatchSettings(max_batch=3)  # the section alone, as the pod reads it from CAPSIM_* variables
+
+
 def test_a_key_given_twice_names_both_lines(tmp_path: Path) -> None:
     path = tmp_path / "twice.yaml"
     path.write_text("horizon_s: 100\nworkload:\n  arrivals: {kind: poisson, rate_per_s: 5, rate_per_s: 50}\n"

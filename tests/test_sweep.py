@@ -102,7 +102,19 @@ def test_a_bad_setting_and_a_failing_run_become_rows(tmp_path: Path) -> None:
     assert "pods.replicas must be >= 1" in errors[(0, str(PROFILE))]
     assert errors[(1, str(broken))].startswith(("ProfileError", "SettingsError", "ValueError", "KeyError"))
     assert frame.loc[frame["pods.replicas"] == 0, "ttft_p99_s"].isna().all()
-    assert frame.attrs["runs"]["failed"] == 1
+    # failed: the run that raised and the two settings that did not validate (their runs never started)
+    assert frame.attrs["runs"] == {"computed": 2, "cached": 0, "failed": 3}
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ({"batching.max_batch_szie": [8, 16]},
+     r"grid.batching.max_batch_szie: batching.max_batch_szie is not a known setting \(did you mean max_batch_size\?\)"),
+    ({"pods.replicas": [1], "hpa": [{"name": "floor-2", "set": {"hpa.minReplicas": 2}}]},
+     r"grid.hpa: bundle 'floor-2': hpa is not a known setting \(did you mean autoscaler\?\)"),
+])
+def test_a_grid_path_that_names_no_setting_is_refused_before_any_run(grid: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        sweep(small(), grid, 3, executor="serial", progress=False, cache=False)
 
 
 def test_cache_reuses_unchanged_runs_and_sees_a_changed_profile(tmp_path: Path) -> None:

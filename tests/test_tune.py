@@ -136,11 +136,11 @@ def test_write_gives_a_best_yaml_that_simulate_runs_from_anywhere(result: Any, t
 def test_quantity_targets_keep_the_kubernetes_spelling() -> None:
     rush = Scenario.from_yaml(ROOT / "data" / "scenarios" / "friday_rush.yaml")
     sp = parse_space({"autoscaler.metrics.0.pods.target.averageValue": {"low": 2, "high": 40, "step": 2},
-                      "busy": {"low": 0.5, "high": 0.9}})
+                      "pods.startup_s": {"low": 0.5, "high": 0.9}})
     dumped = rush.model_dump(mode="json", by_alias=True)
-    ch = _changes(sp.params, {"autoscaler.metrics.0.pods.target.averageValue": 12, "busy": 0.75}, dumped)
+    ch = _changes(sp.params, {"autoscaler.metrics.0.pods.target.averageValue": 12, "pods.startup_s": 0.75}, dumped)
     assert ch["autoscaler.metrics.0.pods.target.averageValue"] == "12"
-    assert ch["busy"] == 0.75  # no string in the base at that path: stays a number
+    assert ch["pods.startup_s"] == 0.75  # no string in the base at that path: stays a number
 
 
 def test_the_friday_space_file_applies_to_its_scenario() -> None:
@@ -192,6 +192,14 @@ def test_the_llama70b_agents_space_tries_three_routers_under_the_same_stresses()
     ({"params": {"pods.replicas": {"choices": []}}}, "choices must be a non-empty list"),
     ({"params": {}, "stresses": {"x": 3}}, "stresses.x must be a mapping"),
     ({"params": {}, "objective": "speed"}, "objective must be one of"),
+    # a path that names no setting: refused before any trial, with the setting closest to it
+    ({"params": {"batching.max_wait": {"low": 1, "high": 5}}},
+     r"space.params.batching.max_wait: batching.max_wait is not a known setting \(did you mean max_wait_ms\?\)"),
+    ({"params": {"pods.replica": [1, 2]}}, r"pods.replica is not a known setting \(did you mean replicas\?\)"),
+    ({"params": {"hpa": {"choices": [{"name": "a", "set": {"autoscaler.minReplicass": 2}}]}}},
+     r"space.params.hpa: bundle 'a': autoscaler.minReplicass is not a known setting \(did you mean minReplicas\?\)"),
+    ({"params": {}, "stresses": {"crash": {"faults.crash.0.at_s": 3}}},
+     r"space.stresses.crash: faults.crash is not a known setting \(did you mean crashes\?\)"),
 ])
 def test_space_errors_name_the_field(space: dict[str, Any], words: str) -> None:
     with pytest.raises(SettingsError, match=words):

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, format_error
+from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, did_you_mean, format_error
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -876,8 +876,14 @@ def _format(exc: ValidationError) -> str:
             else:
                 lines.append(f"{path}: {msg}")
         else:
-            lines.append(format_error({**err, "loc": tuple(path.split(".")) if path else ()}))
+            line = format_error({**err, "loc": tuple(path.split(".")) if path else ()})
+            if err["type"] == "extra_forbidden":
+                hint = did_you_mean(Scenario, tuple(err["loc"]), skip=_is_union_tag)
+                if hint:
+                    line += f" (did you mean {hint}?)"
+            lines.append(line)
     return "; ".join(lines)
+
 
 
 def _is_union_tag(part: object) -> bool:

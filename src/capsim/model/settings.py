@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Mapping
+import typing
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, ClassVar, Literal, NoReturn, Self
 
 from pydantic import (
@@ -51,9 +53,15 @@ Float = Annotated[float, BeforeValidator(_number), AllowInfNan(False)]
 Bool = Annotated[bool, BeforeValidator(_boolean)]
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
-    """Render a pydantic error as 'a.b must ..., got X' lines, one per problem."""
-    return "; ".join(format_error(err, prefix) for err in exc.errors())
+def format_validation_error(exc: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    """Render a pydantic error as 'a.b must ..., got X' lines, one per problem; an unknown key of ``root``'s
+    (or a section's in it) with the known one closest to it."""
+    lines = []
+    for err in exc.errors():
+        line = format_error(err, prefix)
+        hint = did_you_mean(root, tuple(err["loc"])) if root and err["type"] == "extra_forbidden" else None
+        lines.append(f"{line} (did you mean {hint}?)" if hint else line)
+    return "; ".join(lines)
 
 
 def format_error(err: Mapping[str, Any], prefix: str = "") -> str:
@@ -94,7 +102,7 @@ class FrozenModel(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise SettingsError(format_validation_error(exc, _error_prefix(type(self)))) from None
+            raise SettingsError(format_validation_error(exc, _error_prefix(type(self)), type(self))) from None
 
 
 def _error_prefix(cls: type) -> str:
@@ -173,3 +181,77 @@ def _field_error(model: BaseModel, name: str, message: str) -> NoReturn:
     raise ValidationError.from_exception_data(type(model).__name__, [InitErrorDetails(
         type=PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}")),
         loc=(name,), input=getattr(model, name))])
+
+
+#: names people reach for that capsim spells otherwise (a section's own name when it is close is found anyway)
+_SYNONYMS = {"hpa": "autoscaler", "horizontalpodautoscaler": "autoscaler", "scaling": "autoscaler",
+             "batch": "batching", "batcher": "batching", "deployment": "pods", "replicas": "pods"}
+
+
+def did_you_mean(root: type[BaseModel], loc: tuple[Any, ...],
+                 skip: Callable[[object], bool] = lambda part: False) -> str | None:
+    """The known setting closest to the unknown one at ``loc`` (pydantic's error path from ``root``), in the
+    section it was written in; ``None`` when nothing is close. ``skip(part)``: a part of the path that names
+    no field (a discriminated union's tag)."""
+    models: list[type[BaseModel]] = [root]
+    for part in loc[:-1]:
+        inner = [m for model in models for m in _models_in(_field_annotation(model, part))]
+        if inner:
+            models = inner
+        elif not (isinstance(part, int) or skip(part)):
+            return None  # a path through something that is not a section
+    return _closest(str(loc[-1]), _known(models))
+
+
+def unknown_path(root: type[BaseModel], dotted: str) -> str | None:
+    """Why the dotted path of an override (``batching.max_batch_size``, list indices allowed) names no setting
+    of ``root``: its first part that names none, with the closest known one; ``None`` when it names one, or
+    goes into a part whose keys are not fixed (a mapping of free keys)."""
+    parts = dotted.split(".")
+    models: list[type[BaseModel]] = [root]
+    for depth, part in enumerate(parts):
+        if part.isdigit():
+            continue  # an index into a list of sections
+        annotations = [a for m in models if (a := _field_annotation(m, part)) is not None]
+        if not annotations:
+            hint = _closest(part, _known(models))
+            return (f"{'.'.join(parts[:depth + 1])} is not a known setting"
+                    + (f" (did you mean {hint}?)" if hint else ""))
+        models = [m for a in annotations for m in _models_in(a)]
+        if not models:
+            return None  # a value, or a free mapping: what follows is the value's to check
+    return None
+
+
+def _known(models: list[type[BaseModel]]) -> list[str]:
+    return sorted({n for m in models for name, f in m.model_fields.items() for n in (name, f.alias) if n})
+
+
+def _closest(wrote: str, known: list[str]) -> str | None:
+    """The known name closest to ``wrote``: a synonym, the same letters, the name with a unit, a close spelling."""
+    synonym = _SYNONYMS.get(wrote.lower())
+    if synonym in known:
+        return synonym
+    flat = {k.replace("_", "").lower(): k for k in known}
+    same = flat.get(wrote.replace("_", "").replace("-", "").lower())  # case or separators apart
+    if same:
+        return same
+    longer = sorted((k for k in known if k.startswith(wrote + "_")), key=len)  # a unit left off (rate_per_s)
+    if longer:
+        return longer[0]
+    close = difflib.get_close_matches(wrote, known, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _field_annotation(model: type[BaseModel], part: object) -> Any:
+    for name, f in model.model_fields.items():
+        if part in (name, f.alias):
+            return f.annotation
+    return None
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The setting sections an annotation holds: itself, or the members of its union, list or tuple."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]

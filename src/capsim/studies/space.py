@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from capsim.model.settings import SettingsError
-from capsim.studies.sweep import is_bundle
+from capsim.studies.sweep import check_paths, is_bundle
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def parse_space(data: Mapping[str, Any], where: str = "space", base_dir: Path | 
             changes = {}
         if not isinstance(changes, Mapping):
             raise SettingsError(f"{where}.stresses.{name} must be a mapping of dotted overrides, got {changes!r}")
+        check_paths(changes, f"{where}.stresses.{name}")
         stresses[str(name)] = dict(changes)
     scenario = data.get("scenario")
     scenario_path = None
@@ -151,6 +152,11 @@ def _param(path: str, spec: Any, where: str) -> Param:
         labels = [label_of(c) for c in choices]
         if len(set(map(repr, labels))) != len(labels):
             raise SettingsError(f"{where}: choices must be distinct, got {labels}")
+        for c in choices:
+            if is_bundle(c):
+                check_paths(c["set"], f"{where}: bundle {c['name']!r}")
+        if not all(is_bundle(c) for c in choices):
+            check_paths([path], where)
         return Param(path, choices=tuple(choices))
     extra = set(spec) - {"low", "high", "step", "log"}
     if extra or "low" not in spec or "high" not in spec:
@@ -165,6 +171,7 @@ def _param(path: str, spec: Any, where: str) -> Param:
         raise SettingsError(f"{where}.step must be > 0, got {step}")
     if log and (low <= 0 or step is not None):
         raise SettingsError(f"{where}: log ranges need low > 0 and no step, got {spec!r}")
+    check_paths([path], where)
     return Param(path, low=low, high=high, step=step, log=log)
 
 

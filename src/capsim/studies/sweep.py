@@ -22,7 +22,7 @@ from typing import Any
 
 import capsim
 from capsim.model.scenario import Scenario
-from capsim.model.settings import SettingsError
+from capsim.model.settings import SettingsError, unknown_path
 from capsim.studies.executors import ExecutorSpec, open_executor
 from capsim.studies.runs import (
     DEFAULT_CACHE,
@@ -52,14 +52,29 @@ def is_bundle(value: Any) -> bool:
             and isinstance(value["set"], Mapping))
 
 
+def check_paths(changes: Iterable[str], where: str) -> None:
+    """Refuse a dotted override path that names no scenario setting (a typo would fail every run of a study,
+    found only at its end), naming ``where`` and the closest known setting."""
+    for path in changes:
+        why = unknown_path(Scenario, str(path))
+        if why:
+            raise SettingsError(f"{where}: {why}")
+
+
 def expand_grid(grid: Grid) -> list[Setting]:
-    """The cartesian product of the grid's axes, first axis slowest."""
+    """The cartesian product of the grid's axes, first axis slowest. An axis or a bundle's path that names no
+    setting is a ``SettingsError`` before anything runs; a value that does not validate is the run's error."""
     if not grid:
         return [Setting(0, {}, {})]
     axes = []
     for path, values in grid.items():
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
             raise SettingsError(f"grid.{path} must be a non-empty list of values, got {values!r}")
+        for v in values:
+            if is_bundle(v):
+                check_paths(v["set"], f"grid.{path}: bundle {v['name']!r}")
+        if not all(is_bundle(v) for v in values):
+            check_paths([path], f"grid.{path}")
         axes.append([(path, v) for v in values])
     settings = []
     for k, combo in enumerate(itertools.product(*axes)):
@@ -124,17 +139,18 @@ def sweep(scenario: Scenario | str | Path, grid: Grid, seeds: int | Iterable[int
 
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     tasks: list[tuple[int, int, Scenario, str]] = []
+    counts = {"computed": 0, "cached": 0, "failed": 0}  # failed: runs that raised or settings that do not validate
     for s in settings:
         try:
             sc = base.override(s.changes)
         except SettingsError as exc:
             for seed in seeds_:
                 rows[(s.index, seed)] = _row(s, seed, None, f"SettingsError: {exc}", "")
+            counts["failed"] += len(seeds_)
             continue
         for seed in seeds_:
             tasks.append((s.index, seed, sc, run_key(sc, seed)))
 
-    counts = {"computed": 0, "cached": 0, "failed": 0}
     with open_executor(executor, tasks=len(tasks)) as ex:
         futures: dict[Future[dict[str, Any]], tuple[int, int, str]] = {
             ex.submit(run_one, sc, seed, key, cache_root): (k, seed, key) for k, seed, sc, key in tasks
