@@ -52,6 +52,16 @@ def trace_scenario(tmp_path: Path, trace: Path) -> Path:
 def test_missing_profile_names_the_file(tmp_path: Path) -> None:
     s = scenario(tmp_path, service="{kind: profile, profile: missing.csv}")
     one_line_error(["simulate", str(s)], "profile file not found", "missing.csv")
+    assert "capsim ships" not in one_line_error(["simulate", str(s)], "missing.csv")
+
+
+def test_a_shipped_file_named_without_its_folder_is_pointed_to(tmp_path: Path) -> None:
+    # a bare name is looked up by the scenario's folder and up, then the repository root, not data/'s subfolders
+    s = scenario(tmp_path, service="{kind: profile, profile: cpu-tiny-float32.csv}")
+    hint = "profile file not found: {} (capsim ships data/profiles/cpu-tiny-float32.csv: name it by that path)"
+    one_line_error(["simulate", str(s)], hint.format(tmp_path / "cpu-tiny-float32.csv"))
+    code, out, _ = run(["check", str(s)])  # the check reports it as a failed check
+    assert code == 1 and "FAIL service.profile: " + hint.format(tmp_path / "cpu-tiny-float32.csv") in out, out
 
 
 def test_malformed_profile_names_the_file_and_line(tmp_path: Path) -> None:

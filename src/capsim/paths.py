@@ -36,11 +36,24 @@ def open_input(path: Path, what: str, kind: str, error: type[Exception]) -> Bina
     try:
         return path.open("rb")
     except FileNotFoundError:
-        raise error(f"{what} file not found: {path}") from None
+        raise error(f"{what} file not found: {path}{shipped_hint(path)}") from None
     except IsADirectoryError:
         raise error(f"{what} {path} is a directory, not {kind}") from None
     except OSError as exc:
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def shipped_hint(path: Path) -> str:
+    """A shipped data file of the missing file's name, as a hint: a scenario naming ``cpu-tiny-float32.csv``
+    meant ``data/profiles/cpu-tiny-float32.csv`` (a relative path is looked up under the scenario's folder and
+    its parents, then the repository root: a bare name is not searched for in ``data/``'s subfolders)."""
+    data = PROJECT_ROOT / "data"
+    found = sorted(data.rglob(path.name)) if path.name and data.is_dir() else []
+    found = [f for f in found if f.is_file()]
+    if not found:
+        return ""
+    names = ", ".join(str(f.relative_to(PROJECT_ROOT)) for f in found[:3])
+    return f" (capsim ships {names}: name it by that path)"
 
 
 def read_input_text(path: Path, what: str, kind: str, error: type[Exception]) -> str:

@@ -168,6 +168,11 @@ class _BatchTimes:
             return cls(scenario, None)
         assert svc.profile is not None
         path = scenario.resolve(svc.profile)
+        if not path.exists():
+            from capsim.paths import shipped_hint
+
+            return Finding("service.profile", f"profile file not found: {path}{shipped_hint(path)}",
+                           check="service-model")
         try:
             profile = _load_profile(str(path.resolve()), path.stat().st_mtime_ns)
         except (OSError, ProfileError) as exc:
