@@ -106,6 +106,11 @@ def test_a_bad_setting_and_a_failing_run_become_rows(tmp_path: Path) -> None:
     assert frame.attrs["runs"] == {"computed": 2, "cached": 0, "failed": 3}
 
 
+def test_a_deprecated_key_a_section_still_takes_is_a_known_path() -> None:
+    # faults.restart_s loads with a warning and no effect; a grid naming it is not a typo
+    assert expand_grid({"faults.restart_s": [10, 20]})[1].changes == {"faults.restart_s": 20}
+
+
 @pytest.mark.parametrize(("grid", "message"), [
     ({"batching.max_batch_szie": [8, 16]},
      r"grid.batching.max_batch_szie: batching.max_batch_szie is not a known setting \(did you mean max_batch_size\?\)"),

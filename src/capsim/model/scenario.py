@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -607,6 +607,8 @@ class Faults(_Section):
     )
     crashes: tuple[Crash, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
+    #: keys older files hold that still load (with a warning): an override path may name them
+    _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
 
     @model_validator(mode="before")
     @classmethod

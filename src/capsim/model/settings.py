@@ -213,6 +213,8 @@ def unknown_path(root: type[BaseModel], dotted: str) -> str | None:
         if part.isdigit():
             continue  # an index into a list of sections
         annotations = [a for m in models if (a := _field_annotation(m, part)) is not None]
+        if not annotations and any(part in getattr(m, "_deprecated_keys", ()) for m in models):
+            return None  # a key older files hold, which the section still takes (with its warning)
         if not annotations:
             hint = _closest(part, _known(models))
             return (f"{'.'.join(parts[:depth + 1])} is not a known setting"
