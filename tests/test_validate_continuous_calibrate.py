@@ -3,6 +3,8 @@ its terms (the model's time, a constant, arrivals, tokens), what goes into the s
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,16 +26,18 @@ FIT = StepTimeFit((1e-3, 2e-5, 0.0, 1.5e-4, 5e-7), 1e-4, 0.9, 100,
 
 
 def synthetic_run(seed: int, running: int, arrival_rate: float, *, scale: float, extra: float, arrival: float,
-                  token: float, noise: float = 0.05, n: int = 400) -> pd.DataFrame:
-    """A pod's step trace whose cycles follow the calibration's form exactly, up to multiplicative noise."""
+                  token: float, noise: float = 0.05, n: int = 400, prefill_factor: float = 1.0,
+                  prefill_share: float = 0.2, prefill_tokens: int = 32) -> pd.DataFrame:
+    """A pod's step trace whose cycles follow the calibration's form exactly, up to multiplicative noise;
+    ``prefill_factor``: the pod's prefill work against the model's (its prefill term times this)."""
     rng = np.random.default_rng(seed)
     rows, end = [], 100.0
     for _ in range(n):
         decodes = int(rng.integers(max(running - 2, 0), running + 2))
-        prefill = int(rng.choice([0, 32], p=[0.8, 0.2]))
+        prefill = int(rng.choice([0, prefill_tokens], p=[1 - prefill_share, prefill_share]))
         arrivals = int(rng.poisson(arrival_rate))
         emitted = decodes + (prefill > 0)
-        model = FIT.predict(prefill, 0, decodes, decodes * 48)
+        model = FIT.predict(prefill, 0, decodes, decodes * 48) - (1 - prefill_factor) * FIT.coefficients[1] * prefill
         cycle = (scale * model + extra + arrival * arrivals + token * emitted) * rng.lognormal(0, noise)
         gap = 0.02e-3
         rows.append(StepRecord(end + gap, end + cycle, cycle - gap, cycle * 0.9, prefill, 0, decodes, decodes * 48,
@@ -370,3 +374,41 @@ def test_a_runs_ratio_to_the_fit_is_read_from_the_calibrations_points() -> None:
     p = next(p for p in cal.points if p[0] == "closed 16")
     assert cal.run_ratio("closed 16") == pytest.approx(p[3] / p[4])
     assert cal.run_ratio("closed 99") == 1.0  # no such run: no correction
+
+
+def _prefill_ratio(runs: list[tuple[str, pd.DataFrame]], cal: StepCalibration) -> float:
+    """The steps with a prefill chunk: their cycles over the calibrated fit's time for them, summed."""
+    cyc = fitted = 0.0
+    for _, steps in runs:
+        c = cycles(steps, cal.model(FIT))
+        pre = c.prefill_tokens > 0
+        cyc += float(c.cycle_s[pre].sum())
+        fitted += float(cal.step_s(c.model_s[pre], c.arrivals[pre]).sum())
+    return cyc / fitted
+
+
+def test_the_prefill_scale_meets_the_steps_with_a_prefill_as_the_decode_steps() -> None:
+    # the pod's prefill work at 0.6 of what the lone process measured (stop 40's pods: 0.58 to 0.61): with
+    # one scale for the model, the prefill steps run under their fit; the prefill scale finds the 0.6
+    true = {"scale": 1.3, "extra": 2e-4, "arrival": 0.5e-3, "token": 0.0, "prefill_factor": 0.6, "prefill_tokens": 128}
+    runs = [(f"open {n}", synthetic_run(20 + n, n, a, **true)) for n, a in ((3, 0.1), (6, 0.2), (9, 0.3), (12, 0.4), (15, 0.5))]
+    plain = fit_step_cycles(runs, FIT)
+    cal = fit_step_cycles(runs, FIT, prefill_scale=True)
+    assert plain.prefill_scale == 1.0 and _prefill_ratio(runs, plain) < 0.85
+    assert cal.prefill_scale == pytest.approx(0.6, rel=0.08) and cal.time_scale == pytest.approx(1.3, rel=0.03)
+    assert _prefill_ratio(runs, cal) == pytest.approx(1.0, abs=0.01)
+    assert cal.prefill_ratio_before == pytest.approx(_prefill_ratio(runs, plain), rel=1e-6)
+    assert "prefill terms x 0.6" in cal.describe()
+    # the simulator's model carries it (the prefill terms only), as does the capacity
+    c, c0 = calibrated_fit(FIT, cal).coefficients, FIT.coefficients
+    assert c[1] == pytest.approx(c0[1] * cal.prefill_scale) and c[3] == pytest.approx(c0[3])
+    assert capacity_per_s(FIT, cal, 16, 32, 16) > capacity_per_s(FIT, replace(cal, prefill_scale=1.0), 16, 32, 16)
+
+
+def test_the_prefill_scale_stays_near_1_when_the_model_has_the_prefill_right_and_at_1_without_prefills() -> None:
+    true = {"scale": 1.3, "extra": 2e-4, "arrival": 0.5e-3, "token": 0.0}
+    right = [(f"open {n}", synthetic_run(40 + n, n, 0.2, **true)) for n in (3, 6, 9, 12, 15)]
+    assert fit_step_cycles(right, FIT, prefill_scale=True).prefill_scale == pytest.approx(1.0, abs=0.06)
+    none = [(f"open {n}", synthetic_run(60 + n, n, 0.2, **true, prefill_share=0.0)) for n in (3, 6, 9, 12, 15)]
+    cal = fit_step_cycles(none, FIT, prefill_scale=True)
+    assert cal.prefill_scale == 1.0 and cal == fit_step_cycles(none, FIT)

@@ -96,6 +96,9 @@ class ContinuousSpec:
     # the simulated steps drawn around the fit with the calibration's measured spread (service.cycle_noise);
     # False: every simulated step takes the fitted time (the validation before stop 20)
     cycle_noise: bool = True
+    # the calibration scales the step model's prefill terms so that the steps with a prefill chunk are met as
+    # the decode steps are (StepCalibration.prefill_scale); False: the model as the lone process measured it
+    prefill_scale: bool = True
     # steps in a row the simulator walks the measured sequence (service.cycle_noise_block_steps); 1: each
     # step's factor at random
     noise_block_steps: int = NOISE_BLOCK_STEPS
@@ -305,7 +308,7 @@ def level_cycles(steps: Any, fit: StepTimeFit, cal: StepCalibration) -> tuple[fl
 
     if len(steps) < 2:
         return 0.0, 0.0, 0
-    frame = cycles(steps, fit)
+    frame = cycles(steps, cal.model(fit))
     fitted = cal.step_s(frame.model_s, frame.arrivals)
     return float(frame.cycle_s.sum()), float(fitted.sum()), len(frame)
 
@@ -552,7 +555,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             pod.url, fit, clients=spec.calibration_clients, levels=spec.calibration_levels,
             seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs, prompt=spec.prompt_tokens,
             output=spec.output_tokens, pid=pod.pid, echo=echo, history_read=spec.history_read,
-            open_loop_fit=spec.open_loop_fit)
+            open_loop_fit=spec.open_loop_fit, prefill_scale=spec.prefill_scale)
         steps.to_csv(out / "calibration_steps.csv", index=False)
         ablation, parts = term_ablation(steps), cycle_parts(steps)
         echo(f"calibration: {cal.describe()}")

@@ -247,8 +247,8 @@ MAX_ARRIVAL_OVER_CPU = 2.0  # a fitted time per arrival past this many times the
 
 def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], levels: Sequence[float], seconds: float,
                     max_num_seqs: int, prompt: int, output: int, pid: int | None = None,
-                    echo: Any = None, history_read: bool = True, open_loop_fit: bool = False
-                    ) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
+                    echo: Any = None, history_read: bool = True, open_loop_fit: bool = False,
+                    prefill_scale: bool = False) -> tuple[StepCalibration, Any, dict[str, dict[str, float]]]:
     """Closed-loop runs with each of ``clients``, fitted; then open-loop runs at each of ``levels`` of the
     capacity that fit gives, ``seconds`` each; all fitted together over the pod's step trace. The
     calibration, every step's cycle frame (with its run's label), and each open-loop run's
@@ -257,7 +257,8 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
     run's CPU of the pod process off its engine thread is fitted per request and per step
     (``StepCalibration.request_cpu_s``, ``step_cpu_s``). With ``open_loop_fit`` and three open-loop runs or
     more, the final fit goes through those alone (``fit_step_cycles(through=...)``; the closed loops are
-    weighed against it), else through all runs."""
+    weighed against it), else through all runs. With ``prefill_scale``, the final fit first scales the step
+    model's prefill terms to what the fitted runs' prefill steps took (``StepCalibration.prefill_scale``)."""
     import pandas as pd
 
     runs = []
@@ -303,7 +304,7 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
                         f"engine at {got:.1f}/s: the load generator or the pod's HTTP fell behind (a busy machine?)")
     opened = [label for label, steps in runs if label.startswith("open") and len(steps) > 1]
     through = opened if open_loop_fit and len(opened) >= MIN_THROUGH else []
-    cal = replace(fit_step_cycles(runs, fit, through=through), way_in_s=ways)
+    cal = replace(fit_step_cycles(runs, fit, through=through, prefill_scale=prefill_scale), way_in_s=ways)
     if len(cpu_runs) >= 2:
         per_request, per_step = fit_pod_cpu(cpu_runs)
         cal = replace(cal, request_cpu_s=per_request, step_cpu_s=per_step)

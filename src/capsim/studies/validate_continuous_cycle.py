@@ -3,13 +3,15 @@
 
 ``fit_step_cycles`` fits ``cycle = time_scale x model(step) + extra_s + arrivals x arrival_s`` (and
 optionally ``emitted x token_s``) through the calibration runs' means, the time per arrival first from the
-steps within each run (``arrival_within_runs``); ``term_ablation`` and ``cycle_parts`` say which term
-explains the cycle and where its time goes; ``calibrated_fit`` and ``capacity_per_s`` turn the result into
+steps within each run (``arrival_within_runs``); with ``prefill_scale`` the model's prefill terms are scaled
+first so that the steps running a prefill chunk are met as the others (``StepCalibration.prefill_scale``);
+``term_ablation`` and ``cycle_parts`` say which term explains the cycle and where its time goes; ``calibrated_fit`` and ``capacity_per_s`` turn the result into
 the simulator's inputs.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -67,6 +69,22 @@ class StepCalibration:
     # the runs the fit went through (empty: all of them; ``fit_step_cycles(through=...)``); the others are
     # still in ``points`` and ``residuals_s``, so a closed loop's distance from an open-loop fit shows
     fitted_runs: tuple[str, ...] = ()
+    # the step model's prefill terms (c1, c2) times this, the rest as measured, before time_scale: on the pod
+    # a step's prefill chunk costs less against its decodes than the lone profiling process measured (stop 40,
+    # six calibrations: 0.58 to 0.68; with 1, the open-loop runs' steps running a prefill took 0.79 to 0.90 of
+    # their fit and the decode steps 1.01 to 1.09, both rising with the load); 1.0: as measured
+    # (``fit_step_cycles(prefill_scale=False)``)
+    prefill_scale: float = 1.0
+    # the steps with a prefill chunk over their fit (time-weighted) in the fitted runs, before the scale
+    prefill_ratio_before: float = float("nan")
+
+    def model(self, fit: StepTimeFit) -> StepTimeFit:
+        """The step model the calibration's terms apply to: ``fit`` with its prefill terms times
+        ``prefill_scale``."""
+        if self.prefill_scale == 1.0:
+            return fit
+        c = fit.coefficients
+        return replace(fit, coefficients=(c[0], c[1] * self.prefill_scale, c[2] * self.prefill_scale, c[3], c[4]))
 
     def run_ratio(self, label: str) -> float:
         """The calibration run ``label``'s mean cycle over the fit (1.0 when there is no such run)."""
@@ -102,6 +120,9 @@ class StepCalibration:
         if np.isfinite(self.request_cpu_s):
             text += (f"; the pod's CPU off the engine {self.request_cpu_s * 1e3:.2f} ms per request "
                      f"+ {self.step_cpu_s * 1e3:.3f} ms per step")
+        if self.prefill_scale != 1.0:
+            text += (f"; the model's prefill terms x {self.prefill_scale:.3f} (the steps with a prefill ran at "
+                     f"{self.prefill_ratio_before:.3f} of the fit without it)")
         return text
 
 
@@ -170,7 +191,8 @@ def arrival_within_runs(frame: Any) -> float:
 
 
 def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
-                    terms: Sequence[str] = FIT_TERMS, through: Sequence[str] = ()) -> StepCalibration:
+                    terms: Sequence[str] = FIT_TERMS, through: Sequence[str] = (),
+                    prefill_scale: bool = False) -> StepCalibration:
     """Fit the cycle through the runs' means (``(label, step frame)`` each; see the module docstring), each
     run weighted by ``1 / its mean cycle``: every load's mean cycle is met as closely as the others, and a
     run's single long cycles (the core taken by another process) count once, in its mean, instead of
@@ -181,7 +203,13 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     weighed against it (``points``, ``residuals_s``). Empty: all runs. The continuous validation fits
     through its open-loop runs (``ContinuousSpec.open_loop_fit``): its levels are open loops, whose arrivals
     cost more than a closed loop's (stop 39: 0.40 to 0.42 ms within the open runs, 0.29 to 0.31 within the
-    closed ones), and a fit through all runs left the open runs at 60 to 85% 2 to 5% slower than it."""
+    closed ones), and a fit through all runs left the open runs at 60 to 85% 2 to 5% slower than it.
+
+    ``prefill_scale``: first find the factor on the model's prefill terms (c1, c2) with which the fitted runs'
+    steps that run a prefill chunk take, summed, what their fit gives (:func:`fit_prefill_scale`); the
+    calibration is then fitted on that model (``StepCalibration.prefill_scale``, :meth:`StepCalibration.model`)."""
+    if prefill_scale:
+        return fit_prefill_scale(runs, fit, terms, through)
     import pandas as pd
 
     parts = [cycles(steps, fit).assign(run=label) for label, steps in runs if len(steps) > 1]
@@ -239,24 +267,74 @@ def fit_step_cycles(runs: Sequence[tuple[str, Any]], fit: StepTimeFit,
     return replace(cal, warnings=tuple(problems))
 
 
+#: rounds of the prefill scale's fixed point at most (each refits the cycle); it settles within 0.5% in a few
+PREFILL_SCALE_ITERATIONS = 8
+PREFILL_SCALE_BOUNDS = (0.25, 4.0)
+
+
+def fit_prefill_scale(runs: Sequence[tuple[str, Any]], fit: StepTimeFit, terms: Sequence[str] = FIT_TERMS,
+                      through: Sequence[str] = ()) -> StepCalibration:
+    """:func:`fit_step_cycles` on the model with its prefill terms scaled by ``k``, ``k`` found by a fixed point:
+    each round fits the cycle, then sets ``k`` so that the fitted runs' steps with a prefill chunk, summed,
+    take what they took (their cycles less the fit's other parts, over the fit's prefill part), until it moves
+    less than 0.5%. With no prefill step, or a model without prefill terms, ``k`` stays 1."""
+    k = 1.0
+    before = float("nan")
+    cal = fit_step_cycles(runs, fit, terms, through)
+    for _ in range(PREFILL_SCALE_ITERATIONS):
+        model = replace(cal, prefill_scale=k).model(fit)
+        pre_cycle = pre_fit = pre_part = 0.0
+        for label, steps in runs:
+            if (through and label not in through) or len(steps) < 2:
+                continue
+            c = cycles(steps, model)
+            pre = (c.prefill_tokens > 0).to_numpy()
+            if not pre.any():
+                continue
+            fitted = cal.step_s(c.model_s.to_numpy(), c.arrivals.to_numpy(), c.emitted.to_numpy())
+            part = cal.time_scale * (model.coefficients[1] * c.prefill_tokens.to_numpy()
+                                     + model.coefficients[2] * c.prefill_context.to_numpy())
+            pre_cycle += float(c.cycle_s.to_numpy()[pre].sum())
+            pre_fit += float(fitted[pre].sum())
+            pre_part += float(part[pre].sum())
+        if pre_part <= 0:
+            return cal
+        if math.isnan(before):  # the first round: the ratio with the model as measured
+            before = pre_cycle / pre_fit
+        lo, hi = PREFILL_SCALE_BOUNDS
+        new = min(max(k * (pre_cycle - (pre_fit - pre_part)) / pre_part, lo), hi)
+        done = abs(new / k - 1.0) < 0.005
+        k = new
+        cal = replace(fit_step_cycles(runs, replace(cal, prefill_scale=k).model(fit), terms, through),
+                      prefill_scale=k, prefill_ratio_before=before)
+        if done:
+            break
+    return cal
+
+
 def step_noise(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STEPS) -> tuple[float, ...]:
     """Each step's cycle over its fitted cycle, in the order the steps ran, scaled to mean 1: the single
     steps' spread around the fit (long cycles when the core is taken, short ones) and how it lasts, which
     the simulator walks (``service.cycle_noise`` with ``cycle_noise_block_steps``). At most ``n`` values:
     from each run (``runs`` labels the steps) a contiguous stretch from its middle, its share of ``n``.
     Steps without a positive fit are left out. Rounded to 4 digits (it goes into the provenance)."""
+    seq = _noise_sample(cycle_s, fitted_s, runs, n)
+    return tuple(float(v) for v in np.round(seq / seq.mean(), 4)) if len(seq) else ()
+
+
+def _noise_sample(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STEPS) -> Any:
+    """The steps' cycles over their fit that :func:`step_noise` keeps, unscaled."""
     cycle_s, fitted_s = np.asarray(cycle_s, dtype=float), np.asarray(fitted_s, dtype=float)
     labels = np.zeros(len(cycle_s)) if runs is None else np.asarray(runs)
     ok = (fitted_s > 0) & np.isfinite(cycle_s) & (cycle_s > 0)
     if not ok.any():
-        return ()
+        return np.empty(0)
     ratio, labels = cycle_s[ok] / fitted_s[ok], labels[ok]
     _, first = np.unique(labels, return_index=True)
     groups = [ratio[labels == labels[i]] for i in sorted(first)]
     share = max(n // len(groups), 1)
     parts = [g[max((len(g) - share) // 2, 0):][:share] for g in groups]
-    seq = np.concatenate(parts)
-    return tuple(float(v) for v in np.round(seq / seq.mean(), 4))
+    return np.concatenate(parts)
 
 
 #: the most steps of a run's own trace the replay keeps (``service.cycle_noise_block_steps``' bound)
@@ -283,7 +361,7 @@ def replay_noise(steps: Any, fit: StepTimeFit, cal: StepCalibration, n: int = RE
     start = steps.start.to_numpy(dtype=float)
     prev = np.concatenate([[start[0]], end[:-1]])  # the first step: from its own start
     cycle = end - np.where(steps.after_idle.astype(bool).to_numpy(), start, prev)
-    fitted = cal.step_s(np.asarray(model_times(steps, fit)), steps.arrivals.to_numpy(dtype=float))
+    fitted = cal.step_s(np.asarray(model_times(steps, cal.model(fit))), steps.arrivals.to_numpy(dtype=float))
     return replay_speed(cycle, fitted, window, n)
 
 
@@ -324,8 +402,9 @@ def term_ablation(frame: Any) -> list[dict[str, Any]]:
 
 def calibrated_fit(fit: StepTimeFit, cal: StepCalibration) -> StepTimeFit:
     """The step model with the pod's extra per step in ``c0`` and its time per token in ``c3`` (per decode),
-    both divided by ``time_scale``, which the simulator multiplies back in."""
-    c = list(fit.coefficients)
+    both divided by ``time_scale``, which the simulator multiplies back in, and its prefill terms times the
+    calibration's ``prefill_scale``."""
+    c = list(cal.model(fit).coefficients)
     c[0] += cal.extra_s / cal.time_scale
     c[3] += cal.token_s / cal.time_scale
     return replace(fit, coefficients=(c[0], c[1], c[2], c[3], c[4]))
@@ -344,7 +423,7 @@ def capacity_per_s(fit: StepTimeFit, cal: StepCalibration, max_num_seqs: int, pr
     emitting a token for each and carrying ``rate x step`` arrivals; ``rate = s / (output x base + s x
     arrival_s)`` solves ``rate = s / (output x (base + rate x step x arrival_s / step))``."""
     s = max_num_seqs
-    base = cal.step_s(closed_loop_step_s(fit, s, prompt, output), 0.0, s)
+    base = cal.step_s(closed_loop_step_s(cal.model(fit), s, prompt, output), 0.0, s)
     return float(s / (output * base + s * cal.arrival_s))
 
 
