@@ -64,6 +64,19 @@ def test_a_shipped_file_named_without_its_folder_is_pointed_to(tmp_path: Path) -
     assert code == 1 and "FAIL service.profile: " + hint.format(tmp_path / "cpu-tiny-float32.csv") in out, out
 
 
+def test_a_shipped_scenario_or_grid_named_from_elsewhere_is_pointed_to(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # a path on the command line resolves against the working directory alone: the hint names the absolute path
+    monkeypatch.chdir(tmp_path)
+    rush = ROOT / "data" / "scenarios" / "friday_rush.yaml"
+    one_line_error(["simulate", "friday_rush.yaml"], f"scenario file not found: friday_rush.yaml (capsim ships {rush}: "
+                   "name it by that path)")
+    one_line_error(["check", "data/scenarios/friday_rsh.yaml"], f"(did you mean {rush}?)")
+    one_line_error(["sweep", str(rush), "--grid", "batching_grid.yaml", "--out", "x"],
+                   f"grid file not found: batching_grid.yaml (capsim ships {ROOT / 'data' / 'studies' / 'batching_grid.yaml'}")
+    assert "(" not in one_line_error(["simulate", "nothing_like_any.yaml"], "scenario file not found")
+
+
 def test_malformed_profile_names_the_file_and_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
     text = PROFILE.read_text().splitlines()

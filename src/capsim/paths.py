@@ -43,17 +43,28 @@ def open_input(path: Path, what: str, kind: str, error: type[Exception]) -> Bina
         raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
-def shipped_hint(path: Path) -> str:
-    """A shipped data file of the missing file's name, as a hint: a scenario naming ``cpu-tiny-float32.csv``
-    meant ``data/profiles/cpu-tiny-float32.csv`` (a relative path is looked up under the scenario's folder and
-    its parents, then the repository root: a bare name is not searched for in ``data/``'s subfolders)."""
+def shipped_hint(path: Path, absolute: bool = False) -> str:
+    """A hint for a missing input file: a shipped data file of its name (a scenario naming
+    ``cpu-tiny-float32.csv`` meant ``data/profiles/cpu-tiny-float32.csv``: a relative path inside a scenario is
+    looked up under its folder and parents, then the repository root, not in ``data/``'s subfolders), else one
+    whose name is close (``friday_rsh.yaml``); empty when neither. ``absolute``: name it by its absolute path
+    (a path given on the command line resolves against the working directory alone)."""
     data = PROJECT_ROOT / "data"
-    found = sorted(data.rglob(path.name)) if path.name and data.is_dir() else []
-    found = [f for f in found if f.is_file()]
-    if not found:
+    if not path.name or not data.is_dir():
         return ""
-    names = ", ".join(str(f.relative_to(PROJECT_ROOT)) for f in found[:3])
-    return f" (capsim ships {names}: name it by that path)"
+
+    def shown(f: Path) -> str:
+        return str(f) if absolute else str(f.relative_to(PROJECT_ROOT))
+
+    found = [f for f in sorted(data.rglob(path.name)) if f.is_file()]
+    if found:
+        return f" (capsim ships {', '.join(shown(f) for f in found[:3])}: name it by that path)"
+    import difflib
+
+    pattern = f"*{path.suffix}" if path.suffix else "*"
+    by_name = {f.name: f for f in sorted(data.rglob(pattern)) if f.is_file()}
+    close = difflib.get_close_matches(path.name, list(by_name), n=1, cutoff=0.8)
+    return f" (did you mean {shown(by_name[close[0]])}?)" if close else ""
 
 
 def read_input_text(path: Path, what: str, kind: str, error: type[Exception]) -> str:

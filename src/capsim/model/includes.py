@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from capsim.model.settings import SettingsError
-from capsim.paths import find_near
+from capsim.paths import find_near, shipped_hint
 
 INCLUDE_KEY = "include"
 #: the data paths a fragment may name, as (section, ..., key)
@@ -82,7 +82,7 @@ def _with_includes(path: Path, data: Mapping[str, Any], chain: tuple[Path, ...],
         where = Path(name) if Path(name).is_absolute() else find_near(Path(name), path.parent)
         if where is None or not where.exists():
             raise SettingsError(f"{entry}: {name} not found (looked in {path.parent} and its parents, "
-                                "the shipped data and the working directory)")
+                                f"the shipped data and the working directory){shipped_hint(Path(name))}")
         if where.resolve() in chain:
             loop = " -> ".join(str(p) for p in (*chain[chain.index(where.resolve()):], where.resolve()))
             raise SettingsError(f"{entry}: {where} includes itself ({loop})")

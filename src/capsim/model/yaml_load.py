@@ -74,7 +74,9 @@ def load_yaml_file(path: Path, what: str = "YAML file") -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise YamlFileError(f"{what} not found: {path}") from None
+        from capsim.paths import shipped_hint
+
+        raise YamlFileError(f"{what} not found: {path}{shipped_hint(path, absolute=True)}") from None
     except IsADirectoryError:
         raise YamlFileError(f"{what} {path} is a directory, not a file") from None
     except UnicodeDecodeError as exc:
