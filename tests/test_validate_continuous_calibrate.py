@@ -412,3 +412,8 @@ def test_the_prefill_scale_stays_near_1_when_the_model_has_the_prefill_right_and
     none = [(f"open {n}", synthetic_run(60 + n, n, 0.2, **true, prefill_share=0.0)) for n in (3, 6, 9, 12, 15)]
     cal = fit_step_cycles(none, FIT, prefill_scale=True)
     assert cal.prefill_scale == 1.0 and cal == fit_step_cycles(none, FIT)
+    # a pod whose prefill work is far off the model's: the scale stops at its bound, and says so
+    far = [(f"open {n}", synthetic_run(80 + n, n, 0.2, **true, prefill_factor=0.05, prefill_tokens=256))
+           for n in (3, 6, 9, 12, 15)]
+    bounded = fit_step_cycles(far, FIT, prefill_scale=True)
+    assert bounded.prefill_scale == 0.25 and any("prefill scale sits at its bound 0.25" in w for w in bounded.warnings)

@@ -309,6 +309,9 @@ def fit_prefill_scale(runs: Sequence[tuple[str, Any]], fit: StepTimeFit, terms: 
                       prefill_scale=k, prefill_ratio_before=before)
         if done:
             break
+    if k in PREFILL_SCALE_BOUNDS:
+        cal = replace(cal, warnings=(*cal.warnings, f"the prefill scale sits at its bound {k:g}: the steps with a "
+                                     "prefill are not met (a step model whose prefill terms are far off?)"))
     return cal
 
 
