@@ -296,6 +296,10 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert prov["real_ttft_from"] == "send"
     # the calibration's own simulation has the lone pod's measured way in (its open-loop run's requests)
     assert prov["ingress_ms"] > 0 and len(prov["calibration"]["way_in_s"]["open 50%"]) > 0
+    # its fit goes through its three open-loop runs, the step model's prefill terms scaled to the pod's
+    cal = prov["calibration"]
+    assert cal["fitted_runs"] == ["open 30%", "open 50%", "open 70%"] and set(cal["way_in_s"]) == set(cal["fitted_runs"])
+    assert 0.25 <= cal["prefill_scale"] <= 4 and cal["prefill_scale"] != 1.0
     # every replication also simulated at the fleet's speed measured in it (its step traces, its own turns)
     for policy, speeds in prov["run_speeds"].items():
         assert len(speeds) == 1 and 0.2 < speeds[0] < 5

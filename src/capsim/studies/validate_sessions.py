@@ -81,6 +81,14 @@ class SessionsSpec:
     model: str = "tiny"
     threads: int = 1
     calibration_s: float = 3.0
+    # the calibration's open-loop runs, as shares of its closed-loop capacity (``level`` is added when it is not
+    # one of them): three, so that its fit goes through them (``open_loop_fit``), as the continuous
+    # validation's does, and the simulated way in is the run's at ``level`` (before stop 40: one run at 0.5,
+    # the fit through every run, closed loops included)
+    calibration_levels: tuple[float, ...] = (0.3, 0.5, 0.7)
+    open_loop_fit: bool = True
+    # the step model's prefill terms scaled to the pod's (``StepCalibration.prefill_scale``, docs/continuous.md)
+    prefill_scale: bool = True
     step_workloads: int = 3
     # seconds of session arrivals through each policy's fresh fleet before its replications (seed + 1000):
     # the fleet's own speed, answer time and history load under the workload, which the lone calibration pod
@@ -296,7 +304,7 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
 
     if cal.fit is None or cal.cal is None:
         return None
-    steps = [cycles(fetch_steps(pod.url, t0, t1), cal.fit) for pod in fleet.pods]
+    steps = [cycles(fetch_steps(pod.url, t0, t1), cal.cal.model(cal.fit)) for pod in fleet.pods]
     frame = pd.concat([s for s in steps if len(s)], ignore_index=True) if any(len(s) for s in steps) else None
     span = pod_token_span(real)
     ok = (real.outcome == "ok").to_numpy()

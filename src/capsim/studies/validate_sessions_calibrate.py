@@ -113,9 +113,11 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
         os.sched_setaffinity(0, {cores[1]})  # the calibration's clients off the pod's core, as in continuous
     try:
         pod.start(wait_ready=False).wait_ready(timeout_s=START_S)
-        cal, steps, splits = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=(0.5,),
-                                         seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
-                                         prompt=prompt, output=output, echo=echo)
+        levels = tuple(sorted({*spec.calibration_levels, spec.level}))
+        cal, steps, splits = vcc.calibrate_steps(pod.url, fit, clients=CALIBRATION_CLIENTS, levels=levels,
+                                                 seconds=spec.calibration_s, max_num_seqs=spec.max_num_seqs,
+                                                 prompt=prompt, output=output, echo=echo,
+                                                 open_loop_fit=spec.open_loop_fit, prefill_scale=spec.prefill_scale)
     finally:
         pod.stop()
         if len(cores) > 1:
@@ -134,4 +136,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us, *cal.ingress())
+                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us, *cal.ingress(f"open {spec.level:.0%}"))
