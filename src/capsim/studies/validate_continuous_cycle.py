@@ -321,23 +321,18 @@ def step_noise(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STE
     the simulator walks (``service.cycle_noise`` with ``cycle_noise_block_steps``). At most ``n`` values:
     from each run (``runs`` labels the steps) a contiguous stretch from its middle, its share of ``n``.
     Steps without a positive fit are left out. Rounded to 4 digits (it goes into the provenance)."""
-    seq = _noise_sample(cycle_s, fitted_s, runs, n)
-    return tuple(float(v) for v in np.round(seq / seq.mean(), 4)) if len(seq) else ()
-
-
-def _noise_sample(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STEPS) -> Any:
-    """The steps' cycles over their fit that :func:`step_noise` keeps, unscaled."""
     cycle_s, fitted_s = np.asarray(cycle_s, dtype=float), np.asarray(fitted_s, dtype=float)
     labels = np.zeros(len(cycle_s)) if runs is None else np.asarray(runs)
     ok = (fitted_s > 0) & np.isfinite(cycle_s) & (cycle_s > 0)
     if not ok.any():
-        return np.empty(0)
+        return ()
     ratio, labels = cycle_s[ok] / fitted_s[ok], labels[ok]
     _, first = np.unique(labels, return_index=True)
     groups = [ratio[labels == labels[i]] for i in sorted(first)]
     share = max(n // len(groups), 1)
     parts = [g[max((len(g) - share) // 2, 0):][:share] for g in groups]
-    return np.concatenate(parts)
+    seq = np.concatenate(parts)
+    return tuple(float(v) for v in np.round(seq / seq.mean(), 4))
 
 
 #: the most steps of a run's own trace the replay keeps (``service.cycle_noise_block_steps``' bound)
