@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from capsim.model.settings import SettingsError
-from capsim.studies.sweep import check_paths, is_bundle
+from capsim.studies.sweep import check_axis, check_paths, is_bundle
 
 
 @dataclass(frozen=True)
@@ -152,11 +152,7 @@ def _param(path: str, spec: Any, where: str) -> Param:
         labels = [label_of(c) for c in choices]
         if len(set(map(repr, labels))) != len(labels):
             raise SettingsError(f"{where}: choices must be distinct, got {labels}")
-        for c in choices:
-            if is_bundle(c):
-                check_paths(c["set"], f"{where}: bundle {c['name']!r}")
-        if not all(is_bundle(c) for c in choices):
-            check_paths([path], where)
+        check_axis(path, choices, where)
         return Param(path, choices=tuple(choices))
     extra = set(spec) - {"low", "high", "step", "log"}
     if extra or "low" not in spec or "high" not in spec:

@@ -61,6 +61,16 @@ def check_paths(changes: Iterable[str], where: str) -> None:
             raise SettingsError(f"{where}: {why}")
 
 
+def check_axis(path: str, values: Sequence[Any], where: str) -> None:
+    """:func:`check_paths` for one axis of a grid or space: each named bundle's paths, and the axis's own
+    path unless every value is a bundle (then the path is only the column's name)."""
+    for v in values:
+        if is_bundle(v):
+            check_paths(v["set"], f"{where}: bundle {v['name']!r}")
+    if not all(is_bundle(v) for v in values):
+        check_paths([path], where)
+
+
 def expand_grid(grid: Grid) -> list[Setting]:
     """The cartesian product of the grid's axes, first axis slowest. An axis or a bundle's path that names no
     setting is a ``SettingsError`` before anything runs; a value that does not validate is the run's error."""
@@ -70,11 +80,7 @@ def expand_grid(grid: Grid) -> list[Setting]:
     for path, values in grid.items():
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
             raise SettingsError(f"grid.{path} must be a non-empty list of values, got {values!r}")
-        for v in values:
-            if is_bundle(v):
-                check_paths(v["set"], f"grid.{path}: bundle {v['name']!r}")
-        if not all(is_bundle(v) for v in values):
-            check_paths([path], f"grid.{path}")
+        check_axis(path, values, f"grid.{path}")
         axes.append([(path, v) for v in values])
     settings = []
     for k, combo in enumerate(itertools.product(*axes)):
