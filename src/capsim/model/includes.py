@@ -83,8 +83,9 @@ def _with_includes(path: Path, data: Mapping[str, Any], chain: tuple[Path, ...],
         if where is None or not where.exists():
             raise SettingsError(f"{entry}: {name} not found (looked in {path.parent} and its parents, "
                                 f"the shipped data and the working directory){shipped_hint(Path(name))}")
-        if where.resolve() in chain:
-            loop = " -> ".join(str(p) for p in (*chain[chain.index(where.resolve()):], where.resolve()))
+        real = where.resolve()
+        if real in chain:
+            loop = " -> ".join(str(p) for p in (*chain[chain.index(real):], real))
             raise SettingsError(f"{entry}: {where} includes itself ({loop})")
         try:
             fragment = load_yaml_file(where, "included file")
@@ -93,7 +94,6 @@ def _with_includes(path: Path, data: Mapping[str, Any], chain: tuple[Path, ...],
         if not isinstance(fragment, dict):
             raise SettingsError(f"{entry}: {where} must be a mapping of settings, got {type(fragment).__name__}")
         # its own paths against its own folder; those of the files it includes against theirs (the recursion)
-        fragment = _with_includes(where, _anchor_paths(fragment, where), (*chain, where.resolve()),
-                                  f"{entry}: {where}")
+        fragment = _with_includes(where, _anchor_paths(fragment, where), (*chain, real), f"{entry}: {where}")
         merged = merge_sections(merged, fragment)
     return merge_sections(merged, {k: v for k, v in data.items() if k != INCLUDE_KEY})

@@ -887,7 +887,6 @@ def _format(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-
 def _is_union_tag(part: object) -> bool:
     # discriminated unions add the tag ('poisson', 'lognormal', ...) to the error path; users never write it
     return isinstance(part, str) and (part in _UNION_TAGS or part.startswith(("tagged-union", "function-")))

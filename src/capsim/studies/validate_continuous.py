@@ -46,7 +46,7 @@ from capsim.studies.validate_continuous_calibrate import (
     term_ablation,
 )
 from capsim.studies.validate_continuous_calibrate import capacity_per_s as _capacity
-from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS
+from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, open_run_label
 from capsim.studies.validate_runs import (
     TTFT_FROM_RECEIPT,
     TTFT_FROM_SEND,
@@ -603,7 +603,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         echo(f"the calibrated pod as a scenario fragment: {write_continuous_service(out, spec, profile_path, cal, answer)}")
 
         def way_in(level: float) -> tuple[float, tuple[float, ...]]:
-            return cal.ingress(f"open {level:.0%}") if spec.ttft_from_send else (0.0, ())
+            return cal.ingress(open_run_label(level)) if spec.ttft_from_send else (0.0, ())
 
         echo(f"capacity: {cap:.1f} requests/s (prompt {spec.prompt_tokens}, output {spec.output_tokens}, "
              f"{spec.max_num_seqs} seqs)")

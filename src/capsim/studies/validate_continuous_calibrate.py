@@ -61,6 +61,7 @@ from capsim.studies.validate_continuous_cycle import (
     fit_cycle_terms,
     fit_pod_cpu,
     fit_step_cycles,
+    open_run_label,
     reached_rate,
     run_means,
     term_ablation,
@@ -91,6 +92,7 @@ __all__ = [
     "fit_pod_cpu",
     "fit_step_cycles",
     "measure_step_fit",
+    "open_run_label",
     "process_cpu_s",
     "reached_rate",
     "request_split",
@@ -291,13 +293,14 @@ def calibrate_steps(url: str, fit: StepTimeFit, *, clients: Sequence[int], level
         c1 = cpu()
         steps = fetch_steps(url, t0, t1)
         keep_cpu(c0, c1, steps)
-        runs.append((f"open {level:.0%}", steps))
-        splits[f"open {level:.0%}"] = request_split(rows, output)
+        label = open_run_label(level)
+        runs.append((label, steps))
+        splits[label] = request_split(rows, output)
         way_in = np.asarray([row[5] for row in rows], dtype=float)  # the rows are in send order
         if history_read:  # to the engine: the pod reads the session's history after its receipt
             way_in = way_in + np.asarray([row[6] for row in rows], dtype=float)
         if np.isfinite(way_in).any():
-            ways[f"open {level:.0%}"] = tuple(np.round(way_in[np.isfinite(way_in)], 6).tolist())
+            ways[label] = tuple(np.round(way_in[np.isfinite(way_in)], 6).tolist())
         got, scheduled = reached_rate(steps, t0, seconds), len(rows) / seconds  # the schedule, not rate x s
         if got < 0.9 * scheduled:
             late.append(f"the open-loop run at {level:.0%} ({scheduled:.1f} requests/s scheduled) reached the "

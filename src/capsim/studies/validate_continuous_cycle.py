@@ -126,6 +126,12 @@ class StepCalibration:
         return text
 
 
+def open_run_label(level: float) -> str:
+    """The label of the calibration's open-loop run at ``level`` of its capacity (``"open 50%"``): its steps,
+    its way in (:meth:`StepCalibration.ingress`) and its request split are filed under it."""
+    return f"open {level:.0%}"
+
+
 def model_times(steps: Any, fit: StepTimeFit) -> list[float]:
     """The step model's time for each step of a trace frame, from its composition."""
     return [fit.predict(p, pc, d, dc) for p, pc, d, dc in

@@ -136,4 +136,4 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
                       {"step_fit": fit.to_dict(), "calibration": asdict(cal),
                        "calibration_lengths": {"prompt": prompt, "output": output,
                                                "clients": list(CALIBRATION_CLIENTS)}},
-                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us, *cal.ingress(f"open {spec.level:.0%}"))
+                      cal.cycle_noise, answer_ms(splits), fit, cal, copy_us, *cal.ingress(vcc.open_run_label(spec.level)))
