@@ -404,6 +404,23 @@ class Client:
             self._push(now + self._think.next(), i + 1, False)
 
 
+    def time_out_late(self, batch: Batch, now: float, answered: float) -> None:
+        """``batch`` ended at ``now`` and its answers reach their clients at ``answered`` (the way out,
+        ``service.answer_ms``): a client whose timeout falls in between gave up before its answer came, so
+        its request times out then instead of being answered, as the load generator's ``wait_for`` does."""
+        timeout = self.timeout_s
+        send = self.rec.send
+        idx = batch.idx
+        n_real = self._n_real
+        for j in np.flatnonzero(send[idx] + timeout < answered).tolist():
+            i = int(idx[j])
+            if i >= n_real or (batch.cancelled and i in batch.cancelled):
+                continue  # an orphan (nobody waits for it), or a client that gave up earlier
+            if batch.cancelled is None:
+                batch.cancelled = set()
+            batch.cancelled.add(i)
+            self._attempt_failed(i, max(float(send[i]) + timeout, now), TIMED_OUT, batch.pod.id)
+
     def _store_write_failed(self, batch: Batch, idx: list[int], now: float) -> None:
         """The model answered at ``now`` while Redis is out: the pod's final store write fails, so each live
         request of ``batch`` gets a 503 after having used the GPU (``_save_turn`` in ``capsim.core.service``)."""

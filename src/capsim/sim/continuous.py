@@ -428,6 +428,9 @@ class ContinuousPod(Pod):
         client = sim.client
         output = self._rec.output
         answered = now + self._answer_s
+        # a client whose timeout comes before the answer reaches it (the way out) has given up
+        late = answered - sim.timeout_s if answered > now else -math.inf
+        send = self._rec.send
         ended = []
         for i in finished:
             run = runs.pop(i, None)
@@ -437,6 +440,8 @@ class ContinuousPod(Pod):
             run.end = answered
             run.done = True
             self.outstanding -= run.live_size
+            if send[i] < late:
+                client.time_out_late(run, now, answered)
             n = int(output[i])
             if n > 1:
                 self.itl_sum_s += now - run.first

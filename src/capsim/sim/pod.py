@@ -302,6 +302,8 @@ class Pod:
             self._observe_ttft(batch)
         # the answers reach their clients after the way out (service.answer_ms, answer_per_request_ms)
         answered = now + self._rec.way_out(batch.size)
+        if answered > now and self._rec.send[batch.idx[0]] + sim.timeout_s < answered:  # FIFO: the head first
+            sim.client.time_out_late(batch, now, answered)
         if batch.size == 1:
             sim.client.on_request_done(batch, int(batch.idx[0]), answered)
         else:
