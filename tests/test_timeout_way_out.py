@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from capsim.model.scenario import Scenario
-from capsim.sim.simulate import simulate
+from capsim.sim.simulate import Simulation, simulate
 
 CPU = Path(__file__).resolve().parent.parent / "data" / "profiles" / "cpu-tiny-float32.csv"
 
@@ -80,3 +80,15 @@ def test_a_late_answer_is_retried_and_counted_once(mode: str) -> None:
     assert len(df) > 50 and (df.outcome == "timed_out").all()
     assert (df.attempts == 2).all()
     assert res.summary.completed == 0
+
+
+def test_the_timeout_watch_does_not_wake_once_per_request() -> None:
+    # a continuous pod watches every request it admits; entries of requests that ended are dropped when the
+    # watcher wakes, so it wakes about once a timeout, not once per request. The pods' steps are not SimPy
+    # events (Client.run takes them off their own heaps), so the run's SimPy events are the watcher's, the
+    # sampler's and the HPA's: a budget of a tenth of the requests holds (one wake per request overran it)
+    sc = _scenario("continuous", **{"client.timeout_s": 20.0})
+    res = Simulation(sc, seed=3).run()
+    assert res.summary.completed > 3000
+    again = Simulation(sc, seed=3, max_events=res.summary.completed // 10).run()  # SimulationBudgetError past it
+    pd.testing.assert_frame_equal(again.requests, res.requests)

@@ -490,6 +490,13 @@ class Client:
                 batch.pod.cancel(batch, i)
                 self.sim.router.touch(batch.pod)
                 self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
+            # entries of runs that ended (nearly all of a continuous pod's: each request is watched) are
+            # dropped now, so the next wake-up is for one that may still be due, not one per request
+            while due_heap:
+                _, _, i, batch = due_heap[0]
+                if not (batch.dead or batch.done or rec.bid[i] != batch.bid):
+                    break
+                heapq.heappop(due_heap)
             nxt = now + timeout  # anything sent from now on is due later than this
             for pod in self.sim.cluster.pods:
                 q = pod.queue
