@@ -63,6 +63,10 @@ app = typer.Typer(
 )
 
 
+SET_HELP = ("override a setting: PATH=VALUE, the dotted path a grid uses, the value read as YAML "
+            "(--set pods.replicas=4 --set batching.max_wait_ms=5); repeatable")
+
+
 def _output_dir(path: Path, option: str) -> Path:
     """Check, before any work, that ``path`` can be the output folder: it is a folder or does not exist."""
     if path.exists() and not path.is_dir():
@@ -323,15 +327,23 @@ def simulate(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML (see data/scenarios/)")],
     seed: Annotated[int, typer.Option(min=0, help="root seed of the run's random streams")] = 0,
     out: Annotated[Path | None, typer.Option(help="write requests.csv, timeseries.csv, summary.json here")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="run seeds --seed .. --seed+N-1 (in parallel) and print each "
+                                                     "field's median, min and max; --out gets runs.csv")] = 1,
 ) -> None:
     """Simulate a scenario: print the summary; with --out, write the request and time-series frames."""
     import json
 
     from capsim.sim import simulate as run_simulation
+    from capsim.studies.study_cli import load_scenario, run_seeds
 
     if out is not None:
         _output_dir(out, "--out")
-    result = run_simulation(scenario, seed=seed)
+    sc = load_scenario(scenario, set_ or ())
+    if seeds > 1:
+        run_seeds(sc, range(seed, seed + seeds), out, typer.echo)
+        return
+    result = run_simulation(sc, seed=seed)
     summary = result.summary.to_dict()
     width = max(len(k) for k in summary)
     for key, value in summary.items():
@@ -591,11 +603,13 @@ def sweep(
     dask: Annotated[str | None, typer.Option(help="local:N starts a Dask LocalCluster; tcp://host:8786 uses one")] = None,
     workers: Annotated[int | None, typer.Option(help="local worker processes (default: every core)")] = None,
     cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Simulate every setting of a grid under every seed; write one row per run and one per setting."""
-    from capsim.studies.study_cli import run_sweep
+    from capsim.studies.study_cli import load_scenario, run_sweep
 
-    run_sweep(scenario, grid, seeds, _output_dir(out, "--out"), _executor_spec(dask, workers), cache, typer.echo)
+    run_sweep(load_scenario(scenario, set_ or ()), grid, seeds, _output_dir(out, "--out"),
+              _executor_spec(dask, workers), cache, typer.echo)
 
 
 @app.command()
@@ -607,11 +621,13 @@ def capacity(
     rel_tol: Annotated[float, typer.Option(help="stop when the bracket is narrower than this fraction")] = 0.02,
     grid: Annotated[Path | None, typer.Option(help="a sweep grid YAML: one capacity per setting")] = None,
     cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """The highest arrival rate a pod (or --replicas N pods) sustains within the SLO, by bisection."""
-    from capsim.studies.study_cli import run_capacity
+    from capsim.studies.study_cli import load_scenario, run_capacity
 
-    run_capacity(scenario, replicas, seeds, horizon_s, rel_tol, cache, typer.echo, grid=grid)
+    run_capacity(load_scenario(scenario, set_ or ()), replicas, seeds, horizon_s, rel_tol, cache, typer.echo,
+                 grid=grid)
 
 
 @app.command("pod-shapes")

@@ -1,4 +1,5 @@
-"""What ``capsim sweep``, ``capsim capacity`` and ``capsim tune`` do, behind the thin typer shells.
+"""What ``capsim sweep``, ``capsim capacity``, ``capsim tune`` and ``capsim simulate --seeds`` do, behind the
+thin typer shells; ``--set`` overrides (:func:`parse_sets`, :func:`load_scenario`).
 
 Each function takes plain values and an ``echo`` for its report, writes its files and raises
 ``SettingsError`` (or ``ValueError``) for bad input, which the command line turns into a usage error.
@@ -7,6 +8,7 @@ Each function takes plain values and an ``echo`` for its report, writes its file
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,95 @@ from capsim.model.settings import SettingsError
 Echo = Callable[[str], Any]
 
 
-def run_sweep(scenario: Path, grid: Path, seeds: int, out: Path, executor: str | None, cache: bool,
+def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
+    """``--set PATH=VALUE`` options -> dotted overrides; each value is read as YAML (``4`` an int, ``true`` a
+    bool, ``[1, 2]`` a list, ``{kind: constant, value: 8}`` a section). A path that names no setting is a
+    ``SettingsError`` naming the option and the closest known setting; a later ``--set`` of the same path
+    wins, as a later ``include`` does."""
+    import yaml
+
+    from capsim.studies.sweep import check_paths
+
+    out: dict[str, Any] = {}
+    for item in sets:
+        path, eq, text = item.partition("=")
+        path = path.strip()
+        if not eq or not path:
+            raise SettingsError(f"--set {item!r}: expected PATH=VALUE, e.g. --set pods.replicas=4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SettingsError(f"--set {path}: the value {text!r} is not YAML ({why})") from None
+        if value is None:
+            raise SettingsError(f"--set {path}: no value after '=' (write null as the word, not an empty value)"
+                                if not text.strip() else f"--set {path}: null is not a value to set")
+        check_paths([path], f"--set {path}")
+        out[path] = value
+    return out
+
+
+def load_scenario(path: Path, sets: Sequence[str] = ()) -> Scenario:
+    """The scenario file with ``--set`` overrides applied; a value that does not validate names its path."""
+    sc = Scenario.from_yaml(path)
+    changes = parse_sets(sets)
+    if not changes:
+        return sc
+    try:
+        return sc.override(changes)
+    except SettingsError as exc:
+        raise SettingsError(f"{path}: with --set {', '.join(f'{k}={v!r}' for k, v in changes.items())}: {exc}") \
+            from None
+
+
+def run_seeds(sc: Scenario, seeds: Sequence[int], out: Path | None, echo: Echo) -> None:
+    """Simulate ``sc`` under each seed (in parallel, no cache; a progress bar on a terminal); print each summary
+    field's median and range over the seeds (booleans: how many seeds met); with ``out``, write runs.csv (a
+    row per seed) and summary.json. A seed whose run raises is an error naming it, after the others have run;
+    an error every seed shares is the scenario's, told once."""
+    import numpy as np
+    import pandas as pd
+
+    from capsim.studies.sweep import sweep
+
+    frame = sweep(sc, {}, list(seeds), progress=sys.stderr.isatty(), cache=False)
+    provenance = frame.attrs.get("provenance", {})
+    bad = frame[frame["error"].notna()]
+    if len(bad) == len(frame) and bad["error"].nunique() == 1:  # the scenario's, not a seed's: say it once
+        raise SettingsError(str(bad["error"].iloc[0]))
+    if len(bad):
+        raise SettingsError("; ".join(f"seed {r.seed}: {r.error}" for r in bad.itertuples()))
+    frame = frame.drop(columns=["setting", "error", "key"])
+    fields = [c for c in frame.columns if c != "seed"]
+    stats: dict[str, dict[str, Any]] = {}
+    lines = []
+    width = max(len(f) for f in fields)
+    n = len(frame)
+    lines.append(f"{'':<{width}}  {'median':>10}  {'min':>10}  {'max':>10}   ({n} seeds: {', '.join(map(str, seeds))})")
+    for f in fields:
+        col = frame[f]
+        if col.dtype == bool or col.map(lambda v: isinstance(v, bool | np.bool_)).all():
+            met = int(col.astype(bool).sum())
+            stats[f] = {"true": met, "of": n}
+            lines.append(f"{f:<{width}}  {f'{met}/{n}':>10}")
+            continue
+        v = pd.to_numeric(col, errors="coerce").to_numpy(dtype=float)
+        med, lo, hi = (float(np.nanmedian(v)), float(np.nanmin(v)), float(np.nanmax(v))) \
+            if not np.isnan(v).all() else (float("nan"),) * 3
+        stats[f] = {"median": med, "min": lo, "max": hi}
+        lines.append(f"{f:<{width}}  {med:>10.4g}  {lo:>10.4g}  {hi:>10.4g}")
+    for line in lines:
+        echo(line)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(out / "runs.csv", index=False)
+        (out / "summary.json").write_text(json.dumps(
+            {"seeds": list(seeds), "summary": stats, "provenance": provenance},
+            indent=2, default=str))
+        echo(f"wrote {out}/runs.csv, summary.json")
+
+
+def run_sweep(scenario: Path | Scenario, grid: Path, seeds: int, out: Path, executor: str | None, cache: bool,
               echo: Echo) -> None:
     """Sweep, then write runs.csv (one row per setting and seed), settings.csv (aggregated) and provenance."""
     from capsim.studies.sweep import aggregate, load_grid, sweep
@@ -37,13 +127,13 @@ def run_sweep(scenario: Path, grid: Path, seeds: int, out: Path, executor: str |
     echo(f"wrote {out}/runs.csv, settings.csv, provenance.json")
 
 
-def run_capacity(scenario: Path, replicas: int | None, seeds: int, horizon_s: float | None, rel_tol: float,
+def run_capacity(scenario: Path | Scenario, replicas: int | None, seeds: int, horizon_s: float | None, rel_tol: float,
                  cache: bool, echo: Echo, grid: Path | None = None) -> None:
     """Bisect, then print the rate with the runs that prove it (with a grid: one rate per setting)."""
     from capsim.studies.capacity import capacity, capacity_per_setting
     from capsim.studies.sweep import load_grid
 
-    sc = Scenario.from_yaml(scenario)
+    sc = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
     if horizon_s is not None:
         sc = sc.override({"horizon_s": horizon_s, "warmup_s": min(sc.warmup_s, horizon_s / 10)})
     if grid is not None:
