@@ -48,6 +48,15 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         "client": {"timeout_s": draw(st.floats(0.2, 20)), "max_retries": draw(st.integers(0, 3)),
                    "backoff_s": draw(st.floats(0, 2))},
     }
+    if draw(st.booleans()):  # GPU nodes, some of which die (the pods on them blackhole until evicted)
+        data["cluster"] = {"max_gpus": 8, "node_gpus": draw(st.integers(1, 4)),
+                           "node_provision_s": draw(st.floats(0, 20)),
+                           "node_monitor_grace_s": draw(st.floats(0, 10)),
+                           "unreachable_toleration_s": draw(st.floats(0, 20)),
+                           "scale_down_unready_time_s": draw(st.floats(0, 30))}
+        faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))]
+        if draw(st.booleans()):
+            faults["node_mtbf_s"] = draw(st.floats(10, 200))
     if draw(st.booleans()):
         data["autoscaler"] = {
             "minReplicas": 1, "maxReplicas": draw(st.integers(1, 6)), "sync_period_s": 5,

@@ -572,6 +572,16 @@ class ClusterSpec(_Section):
     )
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
+    # a node that fails (faults.node_failures): when its pods leave the endpoints, are replaced, and it goes
+    node_monitor_grace_s: Float = Field(
+        40.0, ge=0, description="kube-controller-manager --node-monitor-grace-period: a node silent this long is "
+                                "NotReady and its pods' Ready condition false")
+    unreachable_toleration_s: Float = Field(
+        300.0, ge=0, description="kube-apiserver --default-unreachable-toleration-seconds: a NotReady node's pods "
+                                 "are evicted (and replaced) this long after")
+    scale_down_unready_time_s: Float = Field(
+        1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "
+                                  "no longer billed) this long after it failed, with scale-down enabled")
 
     def pods_per_node(self, gpus_per_pod: int) -> int:
         """Pods of ``gpus_per_pod`` GPUs one node holds (a pod's GPUs share its node)."""
@@ -596,6 +606,15 @@ class Crash(_Section):
     pod: Int | None = Field(None, ge=0, description="crash this pod id instead")
 
 
+class NodeFailure(_Section):
+    """A GPU node dies at ``at_s`` (a kernel panic, a GPU falling off the bus, lost power): see
+    ``capsim.sim.cluster`` for what Kubernetes does next."""
+
+    at_s: Float = Field(ge=0)
+    node: Int | None = Field(None, ge=0, description="fail this node (numbered 0, 1, ... as created) instead "
+                                                     "of a ready node with pods, chosen by the crash stream")
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -606,6 +625,10 @@ class Faults(_Section):
         None, gt=0, description="mean time between crashes of one running container (starting or ready)"
     )
     crashes: tuple[Crash, ...] = ()
+    node_mtbf_s: Float | None = Field(
+        None, gt=0, description="mean time between failures of one GPU node, from when it is ready (needs a "
+                                "cluster section)")
+    node_failures: tuple[NodeFailure, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
     #: keys older files hold that still load (with a warning): an override path may name them
     _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
@@ -713,6 +736,12 @@ class Scenario(BaseModel):
         if self.autoscaler is None and self.pods.replicas < 1:
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
+        if self.faults is not None and self.cluster is None:
+            for key in ("node_failures", "node_mtbf_s"):
+                if getattr(self.faults, key):
+                    raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
+                                     "(without one every pod has a node of its own; faults.crashes and "
+                                     "pod_mtbf_s crash pods)")
         tp = self.batching.tensor_parallel_size
         if self.cluster is not None and tp > self.cluster.node_gpus:
             raise ValueError(f"batching.tensor_parallel_size must fit on one node: a pod's GPUs share a node "

@@ -40,13 +40,14 @@ BUDGET_FLOOR = 1_000_000
 
 @dataclass(frozen=True)
 class Workload:
-    """The expected size of a run: requests, time-series rows, HPA syncs and scrapes, crashes."""
+    """The expected size of a run: requests, time-series rows, HPA syncs and scrapes, crashes, node failures."""
 
     requests: float
     timeseries_rows: float
     hpa_syncs: float
     scrapes: float
     crashes: float
+    node_failures: float = 0.0
 
 
 def expected_sessions(scenario: Scenario) -> float | None:
@@ -86,12 +87,18 @@ def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
         # a container may crash while it starts and the first restart is immediate (CrashLoopBackOff):
         # one crash per MTBF per pod is the most a crash loop makes on average
         crashes = max_pods(scenario) * horizon / faults.pod_mtbf_s
+    node_failures = 0.0
+    if faults is not None and faults.node_mtbf_s is not None and scenario.cluster is not None:
+        # at most max_gpus / node_gpus nodes live at once (a failed one counts until removed), each failing
+        # once per MTBF on average
+        node_failures = scenario.cluster.max_gpus // scenario.cluster.node_gpus * horizon / faults.node_mtbf_s
     return Workload(
         requests=n_requests,
         timeseries_rows=horizon / scenario.timeseries_interval_s,
         hpa_syncs=horizon / hpa.sync_period_s if hpa else 0.0,
         scrapes=horizon / hpa.scrape_interval_s if hpa else 0.0,
         crashes=crashes,
+        node_failures=node_failures,
     )
 
 
@@ -147,6 +154,13 @@ def check_limits(scenario: Scenario) -> list[str]:
             f"faults.pod_mtbf_s {f.pod_mtbf_s:g} makes up to about "
             f"{w.crashes:.3g} crashes on {max_pods(scenario)} pods in horizon_s {h:g} (a crash loop), over the "
             f"limit of {MAX_CRASHES:.0e}; raise pod_mtbf_s"
+        )
+    if w.node_failures > MAX_CRASHES:
+        f = scenario.faults
+        assert f is not None
+        problems.append(
+            f"faults.node_mtbf_s {f.node_mtbf_s:g} makes up to about {w.node_failures:.3g} node failures in "
+            f"horizon_s {h:g}, over the limit of {MAX_CRASHES:.0e}; raise node_mtbf_s"
         )
     return problems
 

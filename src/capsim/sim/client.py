@@ -43,9 +43,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from simpy.events import Timeout
 
 from capsim.errors import SimulationBudgetError
 from capsim.policy.retry import retry_delay_s
@@ -123,6 +124,8 @@ class Client:
             if prefix is not None:
                 prefix.bind(sim.records.prompt, sim.records.output)
         self._inflight_due: list[tuple[float, int, int, Batch]] = []  # (due, seq, request, batch)
+        self._holes = 0  # requests sent to a pod on a dead node, their timeout still to come (blackhole)
+        self.n_blackholed = 0  # attempts that went to a dead node's pod
         self._seq = 0
         self.env.process(self._watch_timeouts())
 
@@ -257,6 +260,9 @@ class Client:
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
         if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
+            if pod.node_lost:  # its node died: no refusal, no answer
+                self.blackhole(i, t + self.timeout_s, pod)
+                return
             sim.router.touch(pod)
             self._attempt_failed(i, t, FAILED, pod.id)
             return
@@ -293,6 +299,9 @@ class Client:
             self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
         if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
+            if pod.node_lost:  # its node died: no refusal, no answer
+                self.blackhole(i, t + self.timeout_s, pod)
+                return
             self.sim.router.touch(pod)
             self._attempt_failed(i, t, FAILED, pod.id)
             return
@@ -452,6 +461,44 @@ class Client:
             else:
                 self._attempt_failed(i, now, FAILED, pod.id)
 
+    def node_lost(self, pod: Pod, held: list[int], now: float) -> None:
+        """``pod``'s node died at ``now`` while it held requests ``held``: nothing answers or refuses them, so
+        each times out when its client's timeout comes (``blackhole``); with pod-local state its sessions
+        are lost now."""
+        if self.pod_local:
+            self._lose_sessions(np.flatnonzero((self.home == pod.id) & (self.session == _ACTIVE)), now)
+        send = self.rec.send
+        for i in held:
+            if i >= self._n_real:  # an orphan: nobody waits for it
+                self._free_orphans.append(i)
+            else:
+                self.blackhole(i, max(float(send[i]) + self.timeout_s, now), pod)
+
+    def blackhole(self, i: int, due: float, pod: Pod) -> None:
+        """Request ``i`` went to ``pod`` on a dead node: no answer, no refusal. Its client times out at
+        ``due``; until then the request counts as outstanding on the pod (a least-outstanding router, which
+        counts its open requests, sends such a pod less), unless the pod is deleted first."""
+        self.n_blackholed += 1
+        pod.outstanding += 1
+        self.sim.router.touch(pod)
+        self._holes += 1
+        ev = Timeout(self.env, due - self.env.now, (i, pod, pod.incarnation))
+        ev.callbacks.append(self._hole_due)
+
+    def _hole_due(self, ev: Timeout) -> None:
+        i, pod, incarnation = cast(tuple[int, Pod, int], ev.value)
+        now = self.env.now
+        self._holes -= 1
+        if pod.incarnation == incarnation:  # not deleted meanwhile (a deletion resets its count)
+            pod.outstanding -= 1
+            if pod.routable:
+                self.sim.router.touch(pod)
+        self.sim.router.timed_out(pod, now)
+        if self.pod_local and self.session[i // self.turns] == _LOST:
+            self._finish(i, now, TIMED_OUT, pod.id)
+        else:
+            self._attempt_failed(i, now, TIMED_OUT, pod.id)
+
     def pod_gone(self, pod: Pod, now: float) -> None:
         """A pod is gone for good (deleted): with pod-local state its sessions are lost."""
         if self.pod_local:
@@ -559,7 +606,7 @@ class Client:
     def in_flight(self) -> int:
         """Requests arrived and not finished: queued, in a running batch, or waiting to retry (orphans of
         requests whose client left are not requests)."""
-        n = self.n_retry_pending
+        n = self.n_retry_pending + self._holes
         n_real = self._n_real
         for pod in self.sim.cluster.pods:
             if self._cancel_queued:

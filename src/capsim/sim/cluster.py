@@ -21,6 +21,8 @@ propagation later; it is ready again at its first probe after the outage. Upstre
 ``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1),
 ``pkg/apis/core/v1/defaults.go`` (periodSeconds 10, failureThreshold 3).
 
+A failed node (``faults.node_failures``) takes its pods down without a word: see ``node_failed``.
+
 A crashed or deleted pod leaves the endpoints late too. A deleted pod is marked terminating at once and
 leaves the endpoints ``endpoints_propagation_s`` later; a crashed container is seen by the kubelet at
 its next PLEG relist (``pods.crash_detection_s``, ``plegRelistPeriod`` 1 s in ``pkg/kubelet/kubelet.go``),
@@ -356,6 +358,50 @@ class Cluster:
         self.restarts += 1
         self._restarts_of[pod.id] = self._restarts_of.get(pod.id, 0) + 1
         self._start_container(pod, now)
+
+    # ---- a node that dies --------------------------------------------------------------------------
+    def node_failed(self, node: Node, now: float) -> list[Pod]:
+        """``node`` dies at ``now``; returns the pods it held. Their containers stop with it, but nothing says
+        so: the requests they held, and those the endpoints still send them, get no answer (the client times
+        out: ``Client.node_lost``, ``Client.blackhole``). The node lifecycle controller marks the node NotReady
+        after ``cluster.node_monitor_grace_s`` and its pods not ready, which takes them out of the endpoints
+        one propagation later; ``unreachable_toleration_s`` after that the taint manager evicts them and the
+        ReplicaSet replaces them on other nodes (new ones if none is free). Until then they count as
+        replicas, so nothing replaces them sooner unless the HPA asks for more. A pod being deleted already
+        goes at once. (``pkg/controller/nodelifecycle``: ``MarkPodsNotReady``, the NoExecute taint
+        ``node.kubernetes.io/unreachable``; the DefaultTolerationSeconds admission plugin's 300 s;
+        ``FilterActivePods`` in the ReplicaSet controller. Re-implemented, no code copied.)"""
+        spec = self.sim.scenario.cluster
+        assert spec is not None
+        self.nodes.fail(node, now)
+        lost = [p for p in self.pods if self._node.get(p.id) is node and p.state not in (PodState.GONE,
+                                                                                          PodState.PENDING)]
+        for pod in lost:
+            self._running.discard(pod.id)
+            held = self._kill(pod, now)
+            pod.node_lost = True
+            self.sim.client.node_lost(pod, held, now)
+            if pod.state == PodState.TERMINATING:
+                self._gone(pod, now)
+            else:
+                pod.state = PodState.CRASHED  # Running in the API, its container gone; no kubelet to restart it
+        env = self.sim.env
+        Timeout(env, spec.node_monitor_grace_s, lost).callbacks.append(self._node_not_ready)
+        Timeout(env, spec.node_monitor_grace_s + spec.unreachable_toleration_s, lost).callbacks.append(
+            self._node_pods_evicted)
+        return lost
+
+    def _node_not_ready(self, ev: Timeout) -> None:
+        for pod in cast(list[Pod], ev.value):
+            if pod.state != PodState.GONE:
+                self._leave_later(pod, self._propagation_s)
+
+    def _node_pods_evicted(self, ev: Timeout) -> None:
+        now = self.sim.env.now
+        for pod in cast(list[Pod], ev.value):
+            if pod.state != PodState.GONE:
+                self.terminate(pod, now)
+        self.scale_to(self.desired, now)
 
     def terminate(self, pod: Pod, now: float) -> None:
         """Delete a pod: it leaves the endpoints, drains its queue, and is killed after the grace period."""

@@ -1,4 +1,4 @@
-"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, and Redis outages.
+"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node failures, Redis outages.
 
 A random crash is drawn per run of a container: when a pod's container starts (a first start or a
 kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
 
-from capsim.model.scenario import Crash
+from capsim.model.scenario import Crash, NodeFailure
+from capsim.sim.nodes import Node
 from capsim.sim.pod import Pod, PodState
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ class Faults:
         spec = sim.scenario.faults
         self._mtbf = spec.pod_mtbf_s if spec else None
         self._gen = sim.streams["crashes"]
+        self._node_mtbf = spec.node_mtbf_s if spec else None
+        self._node_gen = sim.streams["node_failures"]
         outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
         self._out_start = [a for a, _ in outages]
         self._out_end = [b for _, b in outages]
@@ -42,6 +45,9 @@ class Faults:
             for crash in spec.crashes:
                 ev = Timeout(sim.env, crash.at_s, crash)
                 ev.callbacks.append(self._scheduled)
+            for failure in spec.node_failures:
+                ev = Timeout(sim.env, failure.at_s, failure)
+                ev.callbacks.append(self._node_failure)
 
     def container_started(self, pod: Pod, now: float) -> None:
         """Draw the random crash of this container run, if crashes are random."""
@@ -74,6 +80,45 @@ class Faults:
                 self._crash(ready[j], "scheduled")
         if k < crash.pods:
             self.skipped.append((self.sim.env.now, -1, f"{crash.pods} pods asked, {k} ready"))
+
+    def node_ready(self, node: Node) -> None:
+        """A GPU node is ready: draw when it fails, if nodes fail at random (``faults.node_mtbf_s``)."""
+        if self._node_mtbf is None:
+            return
+        delay = float(self._node_gen.exponential(self._node_mtbf))
+        Timeout(self.sim.env, delay, node).callbacks.append(self._node_random)
+
+    def _node_random(self, ev: Timeout) -> None:
+        node = cast(Node, ev.value)
+        if node.removed_s is None and node.failed_s is None:
+            self._fail_node(node)
+
+    def _fail_node(self, node: Node) -> None:
+        now = self.sim.env.now
+        for pod in self.sim.cluster.node_failed(node, now):
+            self.crash_log.append((now, pod.id, "node"))
+
+    def _node_failure(self, ev: Timeout) -> None:
+        """A node dies (``faults.node_failures``): the one named, or a ready node holding pods drawn from the
+        ``node_failures`` stream; each pod it held is logged as a crash of kind ``node``."""
+        failure = cast(NodeFailure, ev.value)
+        now = self.sim.env.now
+        cluster = self.sim.cluster
+        nodes = cluster.nodes
+        if failure.node is not None:
+            node = nodes.nodes[failure.node] if failure.node < len(nodes.nodes) else None
+            if node is None or node.ready_s is None or node.removed_s is not None or node.failed_s is not None:
+                state = ("not created (yet)" if node is None else "still provisioning" if node.ready_s is None
+                         else "removed" if node.removed_s is not None else "failed already")
+                self.skipped.append((now, -1, f"node {failure.node} {state}"))
+                return
+        else:
+            candidates = nodes.failable()
+            if not candidates:
+                self.skipped.append((now, -1, "no ready node holds a pod"))
+                return
+            node = candidates[int(self._node_gen.integers(len(candidates)))]
+        self._fail_node(node)
 
     def _crash(self, pod: Pod, why: str) -> None:
         now = self.sim.env.now

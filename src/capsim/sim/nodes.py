@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
-    __slots__ = ("cordoned", "created_s", "gpus", "id", "image_at_s", "ready_s", "removed_s", "unneeded_since",
-                 "used")  # used: GPUs its pods hold
+    __slots__ = ("cordoned", "created_s", "failed_s", "gpus", "id", "image_at_s", "ready_s", "removed_s",
+                 "unneeded_since", "used")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None) -> None:
         self.id = node_id
@@ -53,11 +53,12 @@ class Node:
         self.image_at_s: float | None = None  # when the image is (or will be) on the node
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
+        self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
 
     @property
     def free(self) -> int:
         return self.gpus - self.used if self.ready_s is not None and not self.cordoned and self.removed_s is None \
-            else 0
+            and self.failed_s is None else 0
 
     def __repr__(self) -> str:
         return f"Node({self.id}, {self.used}/{self.gpus} GPUs)"
@@ -106,6 +107,7 @@ class NodePool:
             if node is None:
                 break
             node.image_at_s = 0.0
+            self.sim.faults.node_ready(node)
 
     def take(self) -> Node | None:
         """Free GPUs for a pod: its node (``None`` without a cluster section); raises if none has enough."""
@@ -146,6 +148,7 @@ class NodePool:
         node = cast(Node, ev.value)
         now = self.sim.env.now
         node.ready_s = now
+        self.sim.faults.node_ready(node)
         self._on_node_ready(now)
 
     # ---- cluster-autoscaler's scale-down ------------------------------------------------------------
@@ -161,7 +164,8 @@ class NodePool:
         """One scan: mark unneeded nodes, and remove those unneeded long enough (see the module doc)."""
         spec = self._spec
         assert spec is not None
-        live = [n for n in self.nodes if n.removed_s is None and n.ready_s is not None and not n.cordoned]
+        live = [n for n in self.nodes if n.removed_s is None and n.ready_s is not None and not n.cordoned
+                and n.failed_s is None]  # a failed node goes by its own timer (fail)
         for n in live:
             if n.used / n.gpus < spec.scale_down_utilization_threshold:
                 if n.unneeded_since is None:
@@ -188,6 +192,29 @@ class NodePool:
                 n.cordoned = True
                 self._evict(n, now)
                 return
+
+    # ---- a node that dies ---------------------------------------------------------------------------
+    def fail(self, node: Node, now: float) -> None:
+        """``node`` dies at ``now``: it takes no pod from now on; with scale-down enabled cluster-autoscaler
+        removes it (and its billing ends) ``scale_down_unready_time_s`` later; without, it stays, billed. Until
+        it goes it counts toward ``max_gpus``, as the node group's size does."""
+        spec = self._spec
+        assert spec is not None
+        node.failed_s = now
+        if spec.scale_down_enabled:
+            ev = Timeout(self.sim.env, spec.scale_down_unready_time_s, node)
+            ev.callbacks.append(self._unready_gone)
+
+    def _unready_gone(self, ev: Timeout) -> None:
+        node = cast(Node, ev.value)
+        if node.removed_s is None:
+            self._remove(node, self.sim.env.now)
+            self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
+
+    def failable(self) -> list[Node]:
+        """Nodes a node failure may pick: ready, not removed or failed, holding pods."""
+        return [n for n in self.nodes if n.ready_s is not None and n.removed_s is None and n.failed_s is None
+                and n.used > 0]
 
     def _remove(self, node: Node, now: float) -> None:
         node.removed_s = now

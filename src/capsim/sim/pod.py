@@ -78,6 +78,7 @@ class Pod:
         # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
+        self.node_lost = False  # its node died (faults.node_failures): what it is sent gets no answer
         self.probe_failing = False
         self.ready_s: float | None = None
         self.queue: deque[int] = deque()

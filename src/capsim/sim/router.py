@@ -96,9 +96,11 @@ class Router:
                         self._by_count.set(p.id, p.outstanding)
                 ejected = {}
             pod = self._least(ejected)
-            # outlier detection sees the attempt the caller makes: refused unless the pod is ready
+            # outlier detection sees the attempt the caller makes: refused unless the pod is ready (a pod on a
+            # dead node refuses nothing: its attempt fails when it times out, ``timed_out``)
             if pod.state is not _READY:
-                out.failed(pod.id, now, len(eps))
+                if not pod.node_lost:
+                    out.failed(pod.id, now, len(eps))
             elif pod.id in out.failures:
                 out.succeeded(pod.id)
             return pod
@@ -151,9 +153,16 @@ class Router:
             return pod
         if pod.state is _READY:
             out.succeeded(pod.id)
-        else:
+        elif not pod.node_lost:
             out.failed(pod.id, now, len(self.endpoints))
         return pod
+
+    def timed_out(self, pod: Pod, now: float) -> None:
+        """An attempt sent to ``pod`` on a dead node timed out at ``now``: outlier detection counts the failure
+        now (Envoy's 504 at the route's timeout), not when it was sent."""
+        out = self.outliers
+        if out is not None and pod.routable:
+            out.failed(pod.id, now, len(self.endpoints))
 
     def pick_scored(self, home: int, home_life: int, hit: float, now: float) -> Pod | None:
         """Prefix-aware, at ``now``: the best-scored endpoint, where pod ``home`` in incarnation ``home_life`` is

@@ -28,6 +28,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "pod_uids",  # each pod's UID (a ReplicaSet's tie-break among scale-down victims), by pod id
     "probe_phases",  # the readiness-probe phase of each pod already running at time 0, by pod id
     "ingress",  # each request's ingress factor (service.ingress_noise)
+    "node_failures",  # random node failure times (faults.node_mtbf_s) and which node an unnamed failure takes
 )
 
 
