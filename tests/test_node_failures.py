@@ -165,3 +165,16 @@ def test_node_failure_settings_are_checked() -> None:
         _scenario(**{"faults.node_mtbf_s": 1e-6})
     with pytest.raises(SettingsError, match=r"faults\.node_failures\.0\.node must be >= 0"):
         _scenario(**{"faults.node_failures": [{"at_s": 1, "node": -1}]})
+
+
+def test_check_warns_when_no_node_is_left_for_a_replacement() -> None:
+    from capsim.studies.checks import run_checks
+
+    def room(**over: Any) -> list[str]:
+        return [f.message for f in run_checks(_scenario(**over)) if f.check == "node-failure-no-room"]
+
+    assert room() == []  # 8 pods fill two 4-GPU nodes; max_gpus 12 leaves a third
+    (msg,) = room(**{"cluster.max_gpus": 8})
+    assert "8 GPUs hold 2 node(s) of 4, and the peak of 8 pods fills 2" in msg and "500 s after it fails" in msg
+    assert room(**{"cluster.max_gpus": 8, "faults.node_failures": []}) == []  # no node can fail
+    assert room(**{"cluster.max_gpus": 8, "faults.node_failures": [], "faults.node_mtbf_s": 1e5}) != []

@@ -27,6 +27,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   (``batching.tensor_parallel_size``): the step times would be one pod's and the GPUs another's.
 * ``pdb-blocks-drains`` (warn): a PodDisruptionBudget (``pods.disruption_budget``) that allows no eviction
   even with all the HPA's floor of pods ready: cluster-autoscaler never drains a node with a pod.
+* ``node-failure-no-room`` (warn): nodes can fail (``faults.node_failures`` or ``node_mtbf_s``) but
+  ``cluster.max_gpus`` holds no node beyond those the fleet's peak (``maxReplicas``, or ``pods.replicas``)
+  fills. A failed node counts toward ``max_gpus`` until cluster-autoscaler removes it
+  (``scale_down_unready_time_s`` after it failed), so the evicted pods' replacements stay Pending until then.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -94,6 +98,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _estimated_profile(scenario)
     findings += _gpus(scenario)
     findings += _disruption_budget(scenario)
+    findings += _node_failure_room(scenario)
     findings += _scale_down_window(scenario)
     return findings
 
@@ -317,6 +322,26 @@ def _disruption_budget(scenario: Scenario) -> list[Finding]:
         "pods.disruption_budget", f"{budget.model_dump(exclude_none=True)} allows no eviction with all {floor} pods "
         "of the floor ready: cluster-autoscaler can never drain a node that holds a pod, so partly used nodes "
         "stay billed", level="warn", check="pdb-blocks-drains")]
+
+
+def _node_failure_room(scenario: Scenario) -> list[Finding]:
+    """Nodes that can fail with no room for a replacement node: the dead one counts toward ``max_gpus`` until
+    cluster-autoscaler removes it, and the evicted pods wait for that."""
+    faults, cluster = scenario.faults, scenario.cluster
+    if cluster is None or faults is None or not (faults.node_failures or faults.node_mtbf_s):
+        return []
+    peak = scenario.autoscaler.max_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
+    needed = -(-peak // per_node)
+    nodes = cluster.max_gpus // cluster.node_gpus
+    if nodes > needed:
+        return []
+    gone = (f"{cluster.scale_down_unready_time_s:g} s after it fails (cluster.scale_down_unready_time_s)"
+            if cluster.scale_down_enabled else "never (cluster.scale_down_enabled is off)")
+    return [Finding(
+        "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and the peak of "
+        f"{peak} pods fills {needed}: when a node fails, its evicted pods are replaced only once cluster-autoscaler "
+        f"removes the dead node, {gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
