@@ -287,6 +287,16 @@ def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> Non
     assert lstartup["periodSeconds"] * lstartup["failureThreshold"] >= 60  # above a lognormal's mean
 
 
+def test_deployment_patch_writes_the_node_failure_tolerations(rush: Scenario) -> None:
+    spec = build_all(rush, TARGET)["deployment-patch.yaml"]["spec"]["template"]["spec"]
+    assert "tolerations" not in spec  # unset: the cluster's default (DefaultTolerationSeconds) applies
+    tuned = rush.override({"pods.unreachable_toleration_s": 30})
+    spec = build_all(tuned, TARGET)["deployment-patch.yaml"]["spec"]["template"]["spec"]
+    assert spec["tolerations"] == [
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30},
+        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]
+
+
 def test_adapter_rules_serve_the_hpa_metric_names(variants: dict[str, Scenario]) -> None:
     for scenario in variants.values():
         objects = build_all(scenario, TARGET)

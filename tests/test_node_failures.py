@@ -178,3 +178,13 @@ def test_check_warns_when_no_node_is_left_for_a_replacement() -> None:
     assert "8 GPUs hold 2 node(s) of 4, and the peak of 8 pods fills 2" in msg and "500 s after it fails" in msg
     assert room(**{"cluster.max_gpus": 8, "faults.node_failures": []}) == []  # no node can fail
     assert room(**{"cluster.max_gpus": 8, "faults.node_failures": [], "faults.node_mtbf_s": 1e5}) != []
+
+
+def test_the_pods_own_toleration_replaces_them_sooner() -> None:
+    # pods.unreachable_toleration_s (their own tolerations, which the export writes) wins over the cluster's
+    res = simulate(_scenario(**{"pods.unreachable_toleration_s": 30}), seed=1)
+    ts = res.timeseries.set_index("time_s")
+    evicted_s = FAIL_S + GRACE_S + 30
+    assert (ts.loc[:evicted_s - 10, "pending_replicas"] == 0).all()
+    assert ts.loc[evicted_s + 10, "pending_replicas"] == 4
+    assert (ts.loc[evicted_s + 120 + 20 + 30 + 20:, "ready_replicas"] == 8).all()

@@ -109,7 +109,8 @@ def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
 
 def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
-    (startup and liveness on /healthz, readiness on /readyz), the GPUs and the termination grace period."""
+    (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period and,
+    with ``pods.unreachable_toleration_s``, the node-failure tolerations."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {
@@ -136,11 +137,24 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     # the label pdb.yaml and inferencepool.yaml select the pods by (with neither, the pods' labels are left alone)
     if scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware":
         template_meta["labels"] = pod_labels(target)
+    pod_spec: dict[str, Any] = {"terminationGracePeriodSeconds": termination_grace_s(scenario),
+                                "containers": [container]}
+    tolerations = node_failure_tolerations(scenario)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},
-        "spec": {"template": {
-            "metadata": template_meta,
-            "spec": {"terminationGracePeriodSeconds": termination_grace_s(scenario), "containers": [container]},
-        }},
+        "spec": {"template": {"metadata": template_meta, "spec": pod_spec}},
     }
+
+
+def node_failure_tolerations(scenario: Scenario) -> list[dict[str, Any]]:
+    """``pods.unreachable_toleration_s`` as the pod's NoExecute tolerations of an unreachable or not-ready
+    node (the DefaultTolerationSeconds admission plugin adds its 300 s only to a pod without them); none
+    when unset."""
+    seconds = scenario.pods.unreachable_toleration_s
+    if seconds is None:
+        return []
+    return [{"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": int(seconds)}
+            for key in ("node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready")]

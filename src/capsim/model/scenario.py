@@ -413,6 +413,12 @@ class Pods(_Section):
         description="a terminating pod's time to drain before what it still runs fails: the real pod's drain "
                     "timeout (capsim.core.service.PodConfig.drain_timeout_s, 25 s), which the export writes",
     )
+    unreachable_toleration_s: Int | None = Field(
+        None, ge=0,
+        description="the pods' own NoExecute tolerations of node.kubernetes.io/unreachable and not-ready "
+                    "(tolerationSeconds): how long after its node is NotReady a pod is evicted and replaced; "
+                    "none: the cluster's default (cluster.unreachable_toleration_s). The export writes them",
+    )
 
 
 class OutlierEjection(_Section):

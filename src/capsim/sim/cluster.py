@@ -365,7 +365,8 @@ class Cluster:
         so: the requests they held, and those the endpoints still send them, get no answer (the client times
         out: ``Client.node_lost``, ``Client.blackhole``). The node lifecycle controller marks the node NotReady
         after ``cluster.node_monitor_grace_s`` and its pods not ready, which takes them out of the endpoints
-        one propagation later; ``unreachable_toleration_s`` after that the taint manager evicts them and the
+        one propagation later; ``unreachable_toleration_s`` after that (``pods.unreachable_toleration_s``, the pods'
+        own tolerations, when set) the taint manager evicts them and the
         ReplicaSet replaces them on other nodes (new ones if none is free). Until then they count as
         replicas, so nothing replaces them sooner unless the HPA asks for more. A pod being deleted already
         goes at once. (``pkg/controller/nodelifecycle``: ``MarkPodsNotReady``, the NoExecute taint
@@ -386,9 +387,10 @@ class Cluster:
             else:
                 pod.state = PodState.CRASHED  # Running in the API, its container gone; no kubelet to restart it
         env = self.sim.env
+        own = self.sim.scenario.pods.unreachable_toleration_s  # the pods' tolerations win over the default
+        toleration = spec.unreachable_toleration_s if own is None else float(own)
         Timeout(env, spec.node_monitor_grace_s, lost).callbacks.append(self._node_not_ready)
-        Timeout(env, spec.node_monitor_grace_s + spec.unreachable_toleration_s, lost).callbacks.append(
-            self._node_pods_evicted)
+        Timeout(env, spec.node_monitor_grace_s + toleration, lost).callbacks.append(self._node_pods_evicted)
         return lost
 
     def _node_not_ready(self, ev: Timeout) -> None:
