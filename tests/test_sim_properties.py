@@ -57,6 +57,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))]
         if draw(st.booleans()):
             faults["node_mtbf_s"] = draw(st.floats(10, 200))
+        if draw(st.booleans()):  # spread over nodes (topology spread on the hostname)
+            data["pods"]["spread"] = {"max_skew": draw(st.integers(1, 2)),
+                                      "min_nodes": draw(st.one_of(st.none(), st.integers(1, 4)))}
     if draw(st.booleans()):
         data["autoscaler"] = {
             "minReplicas": 1, "maxReplicas": draw(st.integers(1, 6)), "sync_period_s": 5,

@@ -135,13 +135,21 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
                    "prometheus.io/path": "/metrics"}
     template_meta: dict[str, Any] = {"annotations": annotations}
     # the label pdb.yaml and inferencepool.yaml select the pods by (with neither, the pods' labels are left alone)
-    if scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware":
+    spread = scenario.pods.spread
+    if scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware" or spread is not None:
         template_meta["labels"] = pod_labels(target)
     pod_spec: dict[str, Any] = {"terminationGracePeriodSeconds": termination_grace_s(scenario),
                                 "containers": [container]}
     tolerations = node_failure_tolerations(scenario)
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    if spread is not None:  # the rule capsim.sim.nodes places by: DoNotSchedule, failed and cordoned nodes not counted
+        constraint: dict[str, Any] = {"maxSkew": spread.max_skew, "topologyKey": "kubernetes.io/hostname",
+                                      "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
+                                      "labelSelector": {"matchLabels": pod_labels(target)}}
+        if spread.min_nodes is not None:
+            constraint["minDomains"] = spread.min_nodes
+        pod_spec["topologySpreadConstraints"] = [constraint]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},

@@ -380,6 +380,18 @@ class DisruptionBudget(_Section):
         return max(ready - healthy, 0)
 
 
+class Spread(_Section):
+    """A topology spread constraint over nodes on the Deployment's pods (``topologySpreadConstraints`` with
+    ``topologyKey: kubernetes.io/hostname``, ``whenUnsatisfiable: DoNotSchedule``, ``nodeTaintsPolicy:
+    Honor``): a pod goes only to a node where its pods would number at most ``max_skew`` above the fewest
+    on any schedulable node of the group, that fewest counted as 0 while fewer than ``min_nodes`` nodes are
+    schedulable (``minDomains``); cluster-autoscaler adds nodes for pods that fit nowhere else. So a node
+    failure takes fewer pods, at the price of more, emptier nodes (``capsim.sim.nodes``)."""
+
+    max_skew: Int = Field(1, ge=1, description="maxSkew")
+    min_nodes: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many nodes")
+
+
 class Pods(_Section):
     replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
     image_pull_s: Duration = Field(
@@ -413,6 +425,9 @@ class Pods(_Section):
         description="a terminating pod's time to drain before what it still runs fails: the real pod's drain "
                     "timeout (capsim.core.service.PodConfig.drain_timeout_s, 25 s), which the export writes",
     )
+    spread: Spread | None = Field(
+        None, description="spread the pods over nodes (topologySpreadConstraints on the hostname; needs a "
+                          "cluster section to matter): none, packed onto the fewest nodes")
     unreachable_toleration_s: Int | None = Field(
         None, ge=0,
         description="the pods' own NoExecute tolerations of node.kubernetes.io/unreachable and not-ready "

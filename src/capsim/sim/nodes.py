@@ -4,7 +4,11 @@ With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`
 ``batching.tensor_parallel_size`` GPUs (one by default), all on one node (``nvidia.com/gpu: N`` is one
 container's request, which the kubelet's device plugin serves from its own node). A pending pod takes free
 GPUs on the oldest ready node that has enough (a bin-packing placement, as kube-scheduler's
-``MostAllocated`` scoring would give; the default profile scores CPU and memory only). Missing nodes are
+``MostAllocated`` scoring would give; the default profile scores CPU and memory only). With ``pods.spread``
+(a topology spread constraint on the hostname: ``_choose``) it goes only where the Deployment's pods would
+number at most ``max_skew`` above the fewest on a schedulable node, that fewest counted as 0 while fewer
+than ``min_nodes`` count, and to the emptiest such node; provisioning and drains follow the same rule
+(``_new_nodes_for``). Missing nodes are
 provisioned, ``node_provision_s`` later, as cluster-autoscaler scales a node group up: whole nodes, as many
 as the waiting pods need, while their GPUs stay within ``max_gpus`` (its ``--gpu-total`` maximum; a node
 that would pass it is not added, so ``max_gpus`` not a multiple of ``node_gpus`` leaves the rest unused). A
@@ -77,6 +81,11 @@ class NodePool:
         self.provision_s = spec.node_provision_s if spec else 0.0
         self.pod_gpus = sim.scenario.batching.tensor_parallel_size
         self.pods_per_node = spec.pods_per_node(self.pod_gpus) if spec else 0  # >= 1: the scenario checks a pod fits
+        spread = sim.scenario.pods.spread
+        # pods.spread: (maxSkew, minDomains); none packs. Only the Deployment's pods use the GPUs, so a node's
+        # pods are its used GPUs over a pod's
+        self._skew = spread.max_skew if spread is not None else None
+        self._min_nodes = (spread.min_nodes or 0) if spread is not None else 0
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
@@ -99,10 +108,12 @@ class NodePool:
         return node
 
     def start(self, replicas: int) -> None:
-        """Time 0: enough ready nodes, with the image, for ``replicas`` pods (within ``max_gpus``)."""
+        """Time 0: enough ready nodes, with the image, for ``replicas`` pods (within ``max_gpus``; spread
+        over as many as ``pods.spread`` needs)."""
         if not self.limited:
             return
-        while len(self.nodes) * self.pods_per_node < replicas:
+        wanted = self._new_nodes_for(replicas, []) if self._skew is not None else -(-replicas // self.pods_per_node)
+        while len(self.nodes) < wanted:
             node = self._add(0.0, ready=True)
             if node is None:
                 break
@@ -113,15 +124,71 @@ class NodePool:
         """Free GPUs for a pod: its node (``None`` without a cluster section); raises if none has enough."""
         if not self.limited:
             return None
-        for node in self.nodes:
-            if node.free >= self.pod_gpus:
-                node.used += self.pod_gpus  # the next scan decides whether it is still unneeded
-                return node
-        raise LookupError("no node with free GPUs for a pod")  # callers ask has_free() first
+        node = self._choose()
+        if node is None:
+            raise LookupError("no node with free GPUs for a pod")  # callers ask has_free() first
+        node.used += self.pod_gpus  # the next scan decides whether it is still unneeded
+        return node
 
     def has_free(self) -> bool:
         """Whether a pod can be placed now."""
-        return not self.limited or any(n.free >= self.pod_gpus for n in self.nodes)
+        return not self.limited or self._choose() is not None
+
+    def _choose(self) -> Node | None:
+        """The node the next pod goes to: packed, the oldest with room; with ``pods.spread``, among those with
+        room that the skew allows, the one with the fewest pods (the oldest of them), as PodTopologySpread
+        filters and scores (``pkg/scheduler/framework/plugins/podtopologyspread``, re-implemented)."""
+        pg = self.pod_gpus
+        if self._skew is None:
+            for node in self.nodes:
+                if node.free >= pg:
+                    return node
+            return None
+        domains = [n for n in self.nodes if self._domain(n)]
+        floor = self._floor([n.used // pg for n in domains])
+        best = None
+        for n in domains:
+            if n.free >= pg and n.used // pg + 1 - floor <= self._skew and (best is None or n.used < best.used):
+                best = n
+        return best
+
+    @staticmethod
+    def _domain(n: Node) -> bool:
+        """A node the spread counts (nodeTaintsPolicy Honor: not one failed, cordoned or gone; ready)."""
+        return n.ready_s is not None and n.removed_s is None and n.failed_s is None and not n.cordoned
+
+    def _floor(self, counts: list[int]) -> int:
+        """The global minimum the skew is measured from: 0 while fewer than minDomains nodes count."""
+        return 0 if len(counts) < self._min_nodes or not counts else min(counts)
+
+    def _new_nodes_for(self, pods: int, slots: list[list[int]]) -> int:
+        """How many new, empty nodes ``pods`` more pods need under the spread, beyond ``slots`` (one
+        ``[pods on it, free pod slots]`` per node counted; changed in place), as cluster-autoscaler's
+        simulation of the scheduler would find."""
+        assert self._skew is not None
+        new = 0
+        for _ in range(pods):
+            floor = self._floor([c for c, _ in slots])
+            best = None
+            for slot in slots:
+                if slot[1] > 0 and slot[0] + 1 - floor <= self._skew and (best is None or slot[0] < best[0]):
+                    best = slot
+            if best is None:
+                best = [0, self.pods_per_node]
+                slots.append(best)
+                new += 1
+            best[0] += 1
+            best[1] -= 1
+        return new
+
+    def _slots(self) -> list[list[int]]:
+        """``[pods, free pod slots]`` of each counted node and each node being provisioned."""
+        return [s for n in self.nodes if self._domain(n) or (n.ready_s is None and n.removed_s is None)
+                for s in self._slots_of(n)]
+
+    def _slots_of(self, n: Node) -> list[list[int]]:
+        pg = self.pod_gpus
+        return [[n.used // pg, (n.gpus - n.used) // pg]]
 
     def release(self, node: Node | None, now: float) -> None:
         """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
@@ -134,9 +201,12 @@ class NodePool:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
         if not self.limited or waiting <= 0:
             return
-        coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None)
-        short = waiting - coming
-        for _ in range(math.ceil(max(short, 0) / self.pods_per_node)):
+        if self._skew is not None:  # where the skew lets them go, on the nodes there and those coming
+            needed = self._new_nodes_for(waiting, self._slots())
+        else:
+            coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None)
+            needed = math.ceil(max(waiting - coming, 0) / self.pods_per_node)
+        for _ in range(needed):
             node = self._add(now, ready=False)
             if node is None:
                 return
@@ -186,9 +256,14 @@ class NodePool:
             if n.used == 0:
                 continue
             pods = n.used // self.pod_gpus
-            room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
-                       and not (m in due and m.used == 0))  # pods the other nodes can take
-            if room >= pods and self._may_evict(pods):
+            if self._skew is not None:  # they must fit the spread on the nodes that stay
+                fits = self._new_nodes_for(pods, [s for m in self.nodes if m is not n and self._domain(m)
+                                                  and not (m in due and m.used == 0) for s in self._slots_of(m)]) == 0
+            else:
+                room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
+                           and not (m in due and m.used == 0))  # pods the other nodes can take
+                fits = room >= pods
+            if fits and self._may_evict(pods):
                 n.cordoned = True
                 self._evict(n, now)
                 return

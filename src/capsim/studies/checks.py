@@ -31,6 +31,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``cluster.max_gpus`` holds no node beyond those the fleet's peak (``maxReplicas``, or ``pods.replicas``)
   fills. A failed node counts toward ``max_gpus`` until cluster-autoscaler removes it
   (``scale_down_unready_time_s`` after it failed), so the evicted pods' replacements stay Pending until then.
+* ``spread-over-gpus`` (fail): ``pods.spread.min_nodes`` more nodes than ``cluster.max_gpus`` holds: while
+  fewer nodes than that are schedulable the spread counts the fewest pods on a node as 0, so each node
+  takes at most ``max_skew`` pods and the rest of the peak stays Pending.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -99,6 +102,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _gpus(scenario)
     findings += _disruption_budget(scenario)
     findings += _node_failure_room(scenario)
+    findings += _spread_over_gpus(scenario)
     findings += _scale_down_window(scenario)
     return findings
 
@@ -342,6 +346,21 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
         "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and the peak of "
         f"{peak} pods fills {needed}: when a node fails, its evicted pods are replaced only once cluster-autoscaler "
         f"removes the dead node, {gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
+
+
+def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
+    spread, cluster = scenario.pods.spread, scenario.cluster
+    if spread is None or spread.min_nodes is None or cluster is None:
+        return []
+    nodes = cluster.max_gpus // cluster.node_gpus
+    peak = scenario.autoscaler.max_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    if spread.min_nodes <= nodes or peak <= nodes * spread.max_skew:
+        return []
+    return [Finding(
+        "pods.spread.min_nodes", f"{spread.min_nodes} nodes asked, but cluster.max_gpus {cluster.max_gpus} holds "
+        f"{nodes} of {cluster.node_gpus} GPUs: with fewer nodes than min_nodes each takes at most max_skew "
+        f"({spread.max_skew}) pods, {nodes * spread.max_skew} in all, and the rest of the peak of {peak} stays "
+        "Pending", check="spread-over-gpus")]
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:

@@ -1,0 +1,99 @@
+"""``pods.spread``: the pods spread over nodes as a topology spread constraint on the hostname places them
+(maxSkew, minDomains, DoNotSchedule), cluster-autoscaler adds the nodes that needs, a node failure takes
+fewer pods, ``capsim check`` flags a spread the cluster cannot hold, and the export writes the constraint."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from capsim.export import build_all
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Scenario
+from capsim.sim.simulate import SimResult, simulate
+from capsim.studies.checks import run_checks
+
+
+def _scenario(**over: Any) -> Scenario:
+    base: dict[str, Any] = {
+        "horizon_s": 600,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20},
+                     "prompt_tokens": {"kind": "constant", "value": 100},
+                     "output_tokens": {"kind": "constant", "value": 10}},
+        "service": {"kind": "deterministic", "mean_s": 0.05},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 5},
+        "pods": {"replicas": 8, "startup_s": {"kind": "constant", "value_s": 30}},
+        "router": {"kind": "least_outstanding"},
+        "cluster": {"max_gpus": 32, "node_gpus": 4, "node_provision_s": 60, "scale_down_enabled": False},
+        "client": {"timeout_s": 10, "max_retries": 2},
+        "timeseries_interval_s": 10,
+    }
+    sc = Scenario.model_validate(base)
+    return sc.override(over) if over else sc
+
+
+def _nodes_at_start(res: SimResult, node_gpus: int = 4) -> int:
+    return int(res.timeseries["node_gpus"].iloc[0]) // node_gpus
+
+
+@pytest.mark.parametrize(("spread", "nodes"), [
+    (None, 2),  # packed: 8 one-GPU pods fill two 4-GPU nodes
+    ({"max_skew": 1}, 2),  # 4 and 4 already differ by nothing: no node more
+    ({"max_skew": 1, "min_nodes": 4}, 4),  # at least 4 nodes: 2 pods each
+    ({"max_skew": 1, "min_nodes": 6}, 6),  # one each on 6 nodes first, then the skew lets 2 more on
+    ({"max_skew": 2, "min_nodes": 3}, 3),  # 2, 2, 2 while fewer than 3 nodes count, then 3, 3, 2
+])
+def test_the_spread_decides_how_many_nodes_the_pods_take(spread: dict[str, Any] | None, nodes: int) -> None:
+    res = simulate(_scenario(**{"pods.spread": spread}), seed=0)
+    assert _nodes_at_start(res) == nodes
+    assert (res.timeseries["ready_replicas"] == 8).all()
+
+
+def test_a_node_failure_takes_only_the_pods_the_spread_left_on_it() -> None:
+    fail = {"faults.node_failures": [{"at_s": 100, "node": 0}]}
+    packed = simulate(_scenario(**fail), seed=0)
+    spread = simulate(_scenario(**fail, **{"pods.spread": {"min_nodes": 4}}), seed=0)
+    assert (packed.crashes["kind"] == "node").sum() == 4
+    assert (spread.crashes["kind"] == "node").sum() == 2
+
+
+def test_new_pods_follow_the_spread_and_cluster_autoscaler_adds_nodes_for_them() -> None:
+    # the HPA's floor of 12 pods from 8: on 4 nodes of 2 pods the skew allows a third on each (no new node);
+    # with max_skew 1 and 6 nodes asked, 12 pods are 2 on each of 6 nodes
+    grow = {"autoscaler": {"minReplicas": 12, "maxReplicas": 12, "metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                  "target": {"type": "AverageValue", "averageValue": "8"}}}]}}
+    res = simulate(_scenario(**grow, **{"pods.spread": {"min_nodes": 4}}), seed=0)
+    ts = res.timeseries
+    assert ts["ready_replicas"].iloc[-1] == 12
+    assert (ts["node_gpus"] == 16).all()
+    res6 = simulate(_scenario(**grow, **{"pods.spread": {"min_nodes": 6}}), seed=0)
+    ts6 = res6.timeseries
+    assert ts6["ready_replicas"].iloc[-1] == 12
+    assert ts6["node_gpus"].iloc[0] == 24 and ts6["node_gpus"].iloc[-1] == 24
+
+
+def test_too_few_nodes_for_the_spread_leave_pods_pending_and_the_check_says_so() -> None:
+    # max_gpus holds 4 nodes; 6 asked: the fewest is counted as 0, so each node takes max_skew (1) pod
+    sc = _scenario(**{"pods.spread": {"min_nodes": 6}, "cluster.max_gpus": 16})
+    res = simulate(sc, seed=0)
+    assert (res.timeseries["ready_replicas"] == 4).all()
+    assert (res.timeseries["pending_replicas"] == 4).all()
+    (finding,) = [f for f in run_checks(sc) if f.check == "spread-over-gpus"]
+    assert finding.path == "pods.spread.min_nodes" and finding.level == "fail"
+    assert "each takes at most max_skew (1) pods, 4 in all" in finding.message
+    assert not [f for f in run_checks(_scenario(**{"pods.spread": {"min_nodes": 4}})) if f.check == "spread-over-gpus"]
+
+
+def test_the_export_writes_the_constraint_the_simulator_placed_by() -> None:
+    target = DeployTarget(name="agent", namespace="agents")
+    sc = Scenario.from_yaml("data/scenarios/friday_rush.yaml")
+    spec = build_all(sc, target)["deployment-patch.yaml"]["spec"]["template"]
+    assert "topologySpreadConstraints" not in spec["spec"]
+    spec = build_all(sc.override({"pods.spread": {"max_skew": 2, "min_nodes": 3}}), target)[
+        "deployment-patch.yaml"]["spec"]["template"]
+    (c,) = spec["spec"]["topologySpreadConstraints"]
+    assert c == {"maxSkew": 2, "minDomains": 3, "topologyKey": "kubernetes.io/hostname",
+                 "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
+                 "labelSelector": {"matchLabels": spec["metadata"]["labels"]}}
