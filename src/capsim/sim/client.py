@@ -28,7 +28,12 @@ Growing sessions, TTL expiry, think-time distributions, open-loop turns and the 
 went (affinity misses, history re-prefilled after a pod lost its cache) are kept by a
 ``capsim.sim.sessions.SessionBook`` when sessions have several turns (docs/sessions.md). Pods also leave the endpoints while their readiness probe fails (``cluster.py``).
 A crashed or deleted pod stays in the endpoints for a moment (``cluster.py``): a request sent to it then
-is refused at once (503 from a draining pod, a refused connection from a dead container) and retried.
+is refused at once (503 from a draining pod, a refused connection from a dead container) and retried. A
+pod on a dead node (``faults.node_failures``) refuses nothing: what it held and what it is sent time out
+at the client's timeout (``blackhole``), open on the pod until then.
+
+A timeout counts to the answer's arrival at the client: an answer made in time that reaches its client
+after the timeout (``service.answer_ms``, the way out) is a timeout (``time_out_late``).
 
 A client that times out on a queued request: with ``client.cancel_on_timeout: all`` (the default) the
 request leaves the pod's queue. With ``none`` it stays queued and runs, as on the reference pod, whose
