@@ -86,6 +86,14 @@ def test_too_few_nodes_for_the_spread_leave_pods_pending_and_the_check_says_so()
     assert not [f for f in run_checks(_scenario(**{"pods.spread": {"min_nodes": 4}})) if f.check == "spread-over-gpus"]
 
 
+def test_a_spread_without_nodes_to_spread_over_is_flagged() -> None:
+    (finding,) = [f for f in run_checks(_scenario(**{"cluster": None, "pods.spread": {"min_nodes": 2}}))
+                  if f.check == "spread-without-cluster"]
+    assert finding.path == "pods.spread" and finding.level == "warn"
+    assert not [f for f in run_checks(_scenario(**{"pods.spread": {"min_nodes": 2}}))
+                if f.check == "spread-without-cluster"]
+
+
 def test_the_export_writes_the_constraint_the_simulator_placed_by() -> None:
     target = DeployTarget(name="agent", namespace="agents")
     sc = Scenario.from_yaml("data/scenarios/friday_rush.yaml")

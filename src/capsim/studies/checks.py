@@ -34,6 +34,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``spread-over-gpus`` (fail): ``pods.spread.min_nodes`` more nodes than ``cluster.max_gpus`` holds: while
   fewer nodes than that are schedulable the spread counts the fewest pods on a node as 0, so each node
   takes at most ``max_skew`` pods and the rest of the peak stays Pending.
+* ``spread-without-cluster`` (warn): ``pods.spread`` without a ``cluster`` section, where every simulated pod
+  has a node of its own and the spread changes nothing (the export still writes it).
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -350,6 +352,11 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
 
 def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
     spread, cluster = scenario.pods.spread, scenario.cluster
+    if spread is not None and cluster is None:
+        return [Finding(
+            "pods.spread", "set without a cluster section: every simulated pod has a node of its own, so the "
+            "spread changes nothing here (the export still writes it); add a cluster section to plan it",
+            level="warn", check="spread-without-cluster")]
     if spread is None or spread.min_nodes is None or cluster is None:
         return []
     nodes = cluster.max_gpus // cluster.node_gpus
