@@ -226,3 +226,18 @@ def test_capsim_tune_writes_its_files_from_a_space_that_names_the_scenario(tmp_p
         assert (out / name).exists()
     prov = yaml.safe_load((out / "provenance.json").read_text())
     assert list(prov["stresses"]) == ["steady"] and prov["seeds"] == [0] and prov["budget"] == 3
+
+
+def test_capsim_tune_sets_change_the_base_scenario(tmp_path: Path) -> None:
+    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small().model_dump(mode="json", by_alias=True)))
+    space = {"scenario": "small.yaml", "seeds": 1, "budget": 2, **SPACE}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    out = tmp_path / "out"
+    run = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(out),
+                                   "--workers", "1", "--no-cache", "--stress", "steady",
+                                   "--set", "slo.ttft_p99_s=7.5"])
+    assert run.exit_code == 0, run.output
+    assert yaml.safe_load((out / "best.yaml").read_text())["slo"]["ttft_p99_s"] == 7.5
+    bad = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(tmp_path / "o2"),
+                                   "--set", "slo.ttft=1"])
+    assert bad.exit_code == 2 and "did you mean ttft_p99_s?" in bad.output

@@ -683,13 +683,14 @@ def tune(
     workers: Annotated[int | None, typer.Option(help="local worker processes (default: every core)")] = None,
     sampler_seed: Annotated[int, typer.Option(help="seed of the search itself")] = 0,
     cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP + "; on the base scenario")] = None,
 ) -> None:
     """Find the cheapest settings that meet the SLO under every stress and seed; write best.yaml and the trials."""
     from capsim.studies.study_cli import run_tune
 
     run_tune(scenario, space, _output_dir(out, "--out"), seeds=seeds, budget=budget, objective=objective,
              stresses=stress or [], executor=_executor_spec(dask, workers), sampler_seed=sampler_seed, cache=cache,
-             echo=typer.echo)
+             echo=typer.echo, sets=set_ or ())
 
 
 @app.command()

@@ -157,8 +157,9 @@ def run_capacity(scenario: Path | Scenario, replicas: int | None, seeds: int, ho
 
 def run_tune(scenario: Path | None, space: Path, out: Path, *, seeds: int | None, budget: int | None,
              objective: str | None, stresses: Sequence[str], executor: str | None, sampler_seed: int,
-             cache: bool, echo: Echo) -> None:
-    """Tune, write best.yaml, trials.csv, front.csv, front.png and provenance.json, print the choice."""
+             cache: bool, echo: Echo, sets: Sequence[str] = ()) -> None:
+    """Tune, write best.yaml, trials.csv, front.csv, front.png and provenance.json, print the choice; ``sets``
+    (``--set``) change the base scenario before the search."""
     from capsim.studies.space import load_space
     from capsim.studies.tune import tune
 
@@ -166,7 +167,7 @@ def run_tune(scenario: Path | None, space: Path, out: Path, *, seeds: int | None
     path = scenario or sp.scenario
     if path is None:
         raise SettingsError(f"{space} names no scenario: pass SCENARIO")
-    result = tune(path, sp, seeds=seeds, stresses=list(stresses), objective=objective, budget=budget,
+    result = tune(load_scenario(Path(path), sets), sp, seeds=seeds, stresses=list(stresses), objective=objective, budget=budget,
                   executor=executor, sampler_seed=sampler_seed, cache=cache, progress=True)
     files = result.write(out)
     p = result.provenance
