@@ -105,3 +105,23 @@ def test_the_export_writes_the_constraint_the_simulator_placed_by() -> None:
     assert c == {"maxSkew": 2, "minDomains": 3, "topologyKey": "kubernetes.io/hostname",
                  "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
                  "labelSelector": {"matchLabels": spec["metadata"]["labels"]}}
+
+
+def test_a_spread_over_every_node_the_cluster_allows_blocks_placements_after_a_node_failure() -> None:
+    # max_gpus 16 holds 4 nodes and min_nodes asks 4: after node 0 fails 3 nodes count, the fewest pods is
+    # counted as 0, and no node that holds a pod takes another: the evicted pods' replacements wait
+    # (DoNotSchedule with minDomains, as Kubernetes does) until the dead node goes; the check warns. With
+    # room for a fifth node they get one and are ready 60 s (provisioning) + 30 s (start) later
+    sc = _scenario(**{"pods.spread": {"min_nodes": 4}, "cluster.max_gpus": 16,
+                      "faults.node_failures": [{"at_s": 100, "node": 0}]})
+    findings = [f for f in run_checks(sc) if f.check == "node-failure-no-room"]
+    assert len(findings) == 1 and "pods.spread.min_nodes 4 takes every node it allows" in findings[0].message
+    evicted_s = 100 + 40 + 300
+    ts = simulate(sc, seed=0).timeseries.set_index("time_s")
+    assert (ts.loc[evicted_s + 10:, "pending_replicas"] == 2).all()
+    assert (ts.loc[110:, "ready_replicas"] == 6).all()
+    roomy = sc.override({"cluster.max_gpus": 20})
+    assert not [f for f in run_checks(roomy) if f.check == "node-failure-no-room"]
+    ts = simulate(roomy, seed=0).timeseries.set_index("time_s")
+    assert ts.loc[evicted_s + 10, "pending_replicas"] == 2
+    assert (ts.loc[evicted_s + 60 + 30 + 20:, "ready_replicas"] == 8).all()

@@ -29,7 +29,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   even with all the HPA's floor of pods ready: cluster-autoscaler never drains a node with a pod.
 * ``node-failure-no-room`` (warn): nodes can fail (``faults.node_failures`` or ``node_mtbf_s``) but
   ``cluster.max_gpus`` holds no node beyond those the fleet's peak (``maxReplicas``, or ``pods.replicas``)
-  fills. A failed node counts toward ``max_gpus`` until cluster-autoscaler removes it
+  fills, or beyond ``pods.spread.min_nodes`` (then after a failure the spread places no new pod at all). A failed node counts toward ``max_gpus`` until cluster-autoscaler removes it
   (``scale_down_unready_time_s`` after it failed), so the evicted pods' replacements stay Pending until then.
 * ``spread-over-gpus`` (fail): ``pods.spread.min_nodes`` more nodes than ``cluster.max_gpus`` holds: while
   fewer nodes than that are schedulable the spread counts the fewest pods on a node as 0, so each node
@@ -339,15 +339,22 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
     peak = scenario.autoscaler.max_replicas if scenario.autoscaler is not None else scenario.pods.replicas
     per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
     needed = -(-peak // per_node)
+    spread = scenario.pods.spread
+    min_nodes = spread.min_nodes if spread is not None and spread.min_nodes is not None else 0
     nodes = cluster.max_gpus // cluster.node_gpus
-    if nodes > needed:
+    if nodes > max(needed, min_nodes):
         return []
     gone = (f"{cluster.scale_down_unready_time_s:g} s after it fails (cluster.scale_down_unready_time_s)"
             if cluster.scale_down_enabled else "never (cluster.scale_down_enabled is off)")
+    if min_nodes >= nodes and min_nodes > needed:
+        why = (f"pods.spread.min_nodes {min_nodes} takes every node it allows: when a node fails fewer than "
+               f"min_nodes are left, the spread counts the fewest pods as 0 and no node with a pod takes another")
+    else:
+        why = (f"the peak of {peak} pods fills {needed}: when a node fails, its evicted pods are replaced only "
+               "once cluster-autoscaler removes the dead node")
     return [Finding(
-        "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and the peak of "
-        f"{peak} pods fills {needed}: when a node fails, its evicted pods are replaced only once cluster-autoscaler "
-        f"removes the dead node, {gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
+        "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and {why}, "
+        f"{gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
 
 
 def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
