@@ -34,3 +34,20 @@ def test_compare_takes_static_then_continuous() -> None:
     assert len(table) == 4 and table[2].startswith(f"| static | {static.pods} |")
     assert table[3].startswith(f"| continuous | {continuous.pods} |") and " ms |" in table[3]  # its ITL
     assert f"{continuous.pods}: pass" in table[3]
+
+
+def test_a_fleet_that_must_survive_a_node_failure_keeps_its_nodes_and_needs_more_pods() -> None:
+    # the fleet's nodes and one spare (for the replacements), none drained; and the fewest pods meeting the SLO
+    # through a node failure at the peak are at least those without one
+    sc = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml").override(SHORT)
+    tp_nodes = sc.override({"cluster.node_gpus": 2})  # two pods a node, so a failure takes two
+    failing = tp_nodes.override({"faults": {"node_failures": [{"at_s": 35, "node": 0}]}})
+    fleet = fixed_fleet(failing, 5)
+    assert fleet.cluster is not None and fleet.autoscaler is None
+    assert (fleet.cluster.max_gpus, fleet.cluster.scale_down_enabled) == ((3 + 1) * 2, False)
+    spread = fixed_fleet(failing.override({"pods.spread": {"min_nodes": 5}}), 5)
+    assert spread.cluster is not None and spread.cluster.max_gpus == (5 + 1) * 2
+    plain, survive = pods_needed(tp_nodes, max_replicas=8), pods_needed(failing, max_replicas=8)
+    assert plain.pods is not None and survive.pods is not None
+    assert survive.pods > plain.pods  # 1 against 4: a node with the only pod takes the service down
+    assert survive.summary["crashes"] == 2  # the failure took a node's two pods in the run that met the SLO

@@ -642,18 +642,20 @@ def pod_shapes(
     seeds: Annotated[int, typer.Option(min=1, help="seeds 0..N-1, a fleet found for each")] = 5,
     max_pods: Annotated[int, typer.Option(min=1, help="the largest fleet tried")] = 32,
     out: Annotated[Path | None, typer.Option(help="folder for shapes.csv, shapes.png and the estimated profiles")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP + " (a node failure at the peak: "
+                                                   "--set 'faults.node_failures=[{at_s: 600}]')")] = None,
 ) -> None:
     """The fewest pods of each shape (GPU x tensor parallelism) that carry the scenario's rush within its SLO,
     from roofline-estimated (or measured) step times: GPUs held and billed by whole nodes, cost an hour
     (docs/continuous.md)."""
     import tempfile
 
-    from capsim.model.scenario import Scenario
     from capsim.studies.pod_shapes import DEFAULT_SHAPES, compare_pod_shapes, format_shapes, parse_shape
+    from capsim.studies.study_cli import load_scenario
 
     shapes = [parse_shape(s) for s in shape] if shape else list(DEFAULT_SHAPES)
     folder = _output_dir(out, "--out") if out is not None else None
-    sc = Scenario.from_yaml(scenario)
+    sc = load_scenario(scenario, set_ or ())
     with tempfile.TemporaryDirectory() as tmp:
         profiles = folder if folder is not None else Path(tmp)
         profiles.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,19 @@ class PodsNeeded:
 
 
 def fixed_fleet(scenario: Scenario, replicas: int) -> Scenario:
-    """The scenario on ``replicas`` pods, ready from the start, without autoscaler or GPU limit."""
-    return scenario.override({"autoscaler": None, "cluster": None, "pods.replicas": replicas})
+    """The scenario on ``replicas`` pods, ready from the start, without autoscaler or GPU limit. When its nodes
+    can fail (``faults.node_failures``, ``node_mtbf_s``) it keeps its nodes: as many as the fleet fills (or
+    its spread asks) and one more for the replacements, none drained."""
+    changes: dict[str, Any] = {"autoscaler": None, "pods.replicas": replicas}
+    faults, cluster = scenario.faults, scenario.cluster
+    if cluster is not None and faults is not None and (faults.node_failures or faults.node_mtbf_s):
+        spread = scenario.pods.spread
+        nodes = max(-(-replicas // cluster.pods_per_node(scenario.batching.tensor_parallel_size)),
+                    spread.min_nodes or 0 if spread is not None else 0) + 1
+        changes.update({"cluster.max_gpus": nodes * cluster.node_gpus, "cluster.scale_down_enabled": False})
+    else:
+        changes["cluster"] = None
+    return scenario.override(changes)
 
 
 def pods_needed(scenario: Scenario, *, max_replicas: int = 64, seed: int = 0) -> PodsNeeded:
