@@ -188,3 +188,42 @@ def test_the_pods_own_toleration_replaces_them_sooner() -> None:
     assert (ts.loc[:evicted_s - 10, "pending_replicas"] == 0).all()
     assert ts.loc[evicted_s + 10, "pending_replicas"] == 4
     assert (ts.loc[evicted_s + 120 + 20 + 30 + 20:, "ready_replicas"] == 8).all()
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_a_partition_that_heals_before_the_node_is_notready_loses_only_its_requests(mode: str) -> None:
+    res = simulate(_scenario(mode, **{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 20}]}),
+                   seed=1)
+    df = res.requests
+    lost = df[df["pod"].isin([0, 1, 2, 3])]
+    during = lost[(lost["arrival_s"] >= FAIL_S) & (lost["arrival_s"] < FAIL_S + 20)]
+    assert len(during) > 100 and (during["outcome"] == "timed_out").all()
+    after = lost[(lost["arrival_s"] >= FAIL_S + 20) & (lost["arrival_s"] < 800)]
+    assert len(after) > 1000 and (after["outcome"] == "ok").all()  # back in service, never left the endpoints
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[FAIL_S + 30:, "ready_replicas"] == 8).all() and (ts["pending_replicas"] == 0).all()
+
+
+def test_a_partition_that_heals_after_notready_but_before_eviction_brings_the_pods_back() -> None:
+    res = simulate(_scenario(**{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 100}]}),
+                   seed=1)
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[FAIL_S + 10:FAIL_S + 90, "ready_replicas"] == 4).all()
+    assert (ts.loc[FAIL_S + 110:, "ready_replicas"] == 8).all()  # the same pods, ready again: nothing evicted
+    assert (ts["pending_replicas"] == 0).all() and (ts["node_gpus"] == 8).all()
+    df = res.requests
+    back = df[df["pod"].isin([0, 1, 2, 3]) & (df["arrival_s"] > FAIL_S + 100 + PROPAGATION_S)]
+    assert len(back) > 1000 and (back["arrival_s"] < FAIL_S + 100 + PROPAGATION_S + 1).any()
+
+
+def test_a_node_back_after_its_pods_were_replaced_takes_new_pods() -> None:
+    # evicted at 440; the replacements wait for a new node (120 s) until node 0 is back at 500 and free
+    res = simulate(_scenario(**{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 400}]}),
+                   seed=1)
+    ts = res.timeseries.set_index("time_s")
+    evicted_s = FAIL_S + GRACE_S + TOLERATION_S
+    assert ts.loc[evicted_s + 10, "pending_replicas"] == 4
+    # placed on node 0 at 500 (its image is there): started 30 s later, before the new node is even up at 560
+    assert (ts.loc[FAIL_S + 400 + 30 + 20:, "ready_replicas"] == 8).all()
+    assert ts.loc[FAIL_S + 400 + 30 + 20, "node_gpus"] == 12  # the node provisioned meanwhile, still billed
+    assert res.summary.crashes == 4

@@ -54,7 +54,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                            "node_monitor_grace_s": draw(st.floats(0, 10)),
                            "unreachable_toleration_s": draw(st.floats(0, 20)),
                            "scale_down_unready_time_s": draw(st.floats(0, 30))}
-        faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))]
+        faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON)),
+                                    "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
+                                   for _ in range(draw(st.integers(0, 2)))]
         if draw(st.booleans()):
             faults["node_mtbf_s"] = draw(st.floats(10, 200))
         if draw(st.booleans()):  # spread over nodes (topology spread on the hostname)

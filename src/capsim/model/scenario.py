@@ -633,7 +633,10 @@ class NodeFailure(_Section):
 
     at_s: Float = Field(ge=0)
     node: Int | None = Field(None, ge=0, description="fail this node (numbered 0, 1, ... as created) instead "
-                                                     "of a ready node with pods, chosen by the crash stream")
+                                                     "of a ready node with pods, chosen by the node_failures stream")
+    duration_s: Float | None = Field(
+        None, gt=0, description="a network partition: the node is back this long after, its pods with it when "
+                                "they were not evicted yet; none: it is gone for good")
 
 
 class RedisOutage(_Section):

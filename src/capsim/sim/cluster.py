@@ -360,7 +360,7 @@ class Cluster:
         self._start_container(pod, now)
 
     # ---- a node that dies --------------------------------------------------------------------------
-    def node_failed(self, node: Node, now: float) -> list[Pod]:
+    def node_failed(self, node: Node, now: float, duration_s: float | None = None) -> list[Pod]:
         """``node`` dies at ``now``; returns the pods it held. Their containers stop with it, but nothing says
         so: the requests they held, and those the endpoints still send them, get no answer (the client times
         out: ``Client.node_lost``, ``Client.blackhole``). The node lifecycle controller marks the node NotReady
@@ -371,7 +371,12 @@ class Cluster:
         replicas, so nothing replaces them sooner unless the HPA asks for more. A pod being deleted already
         goes at once. (``pkg/controller/nodelifecycle``: ``MarkPodsNotReady``, the NoExecute taint
         ``node.kubernetes.io/unreachable``; the DefaultTolerationSeconds admission plugin's 300 s;
-        ``FilterActivePods`` in the ReplicaSet controller. Re-implemented, no code copied.)"""
+        ``FilterActivePods`` in the ReplicaSet controller. Re-implemented, no code copied.)
+
+        With ``duration_s`` (a network partition) the node is back that long after: its pods not evicted by
+        then are ready again at once (their containers ran on; what they held is lost all the same) and
+        rejoin the endpoints one propagation later, nothing is evicted after; pods evicted before leave the
+        node with free GPUs, schedulable again."""
         spec = self.sim.scenario.cluster
         assert spec is not None
         self.nodes.fail(node, now)
@@ -389,21 +394,43 @@ class Cluster:
         env = self.sim.env
         own = self.sim.scenario.pods.unreachable_toleration_s  # the pods' tolerations win over the default
         toleration = spec.unreachable_toleration_s if own is None else float(own)
-        Timeout(env, spec.node_monitor_grace_s, lost).callbacks.append(self._node_not_ready)
-        Timeout(env, spec.node_monitor_grace_s + toleration, lost).callbacks.append(self._node_pods_evicted)
+        failure = (node, now, lost)
+        Timeout(env, spec.node_monitor_grace_s, failure).callbacks.append(self._node_not_ready)
+        Timeout(env, spec.node_monitor_grace_s + toleration, failure).callbacks.append(self._node_pods_evicted)
+        if duration_s is not None:
+            Timeout(env, duration_s, failure).callbacks.append(self._node_back)
         return lost
 
     def _node_not_ready(self, ev: Timeout) -> None:
-        for pod in cast(list[Pod], ev.value):
+        node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
+        if node.failed_s != failed_s:
+            return  # back before the controller noticed
+        for pod in lost:
             if pod.state != PodState.GONE:
                 self._leave_later(pod, self._propagation_s)
 
     def _node_pods_evicted(self, ev: Timeout) -> None:
+        node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
+        if node.failed_s != failed_s:
+            return  # back before the taint's toleration ran out: nothing is evicted
         now = self.sim.env.now
-        for pod in cast(list[Pod], ev.value):
+        for pod in lost:
             if pod.state != PodState.GONE:
                 self.terminate(pod, now)
         self.scale_to(self.desired, now)
+
+    def _node_back(self, ev: Timeout) -> None:
+        node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
+        if node.failed_s != failed_s or node.removed_s is not None:
+            return  # removed by cluster-autoscaler first: it stays gone
+        now = self.sim.env.now
+        self.nodes.healed(node)
+        for pod in lost:
+            if pod.state == PodState.CRASHED and pod.node_lost:
+                pod.node_lost = False
+                self._running.add(pod.id)
+                self._ready(pod, now)
+        self._place(now)
 
     def terminate(self, pod: Pod, now: float) -> None:
         """Delete a pod: it leaves the endpoints, drains its queue, and is killed after the grace period."""

@@ -93,9 +93,9 @@ class Faults:
         if node.removed_s is None and node.failed_s is None:
             self._fail_node(node)
 
-    def _fail_node(self, node: Node) -> None:
+    def _fail_node(self, node: Node, duration_s: float | None = None) -> None:
         now = self.sim.env.now
-        for pod in self.sim.cluster.node_failed(node, now):
+        for pod in self.sim.cluster.node_failed(node, now, duration_s):
             self.crash_log.append((now, pod.id, "node"))
 
     def _node_failure(self, ev: Timeout) -> None:
@@ -118,7 +118,7 @@ class Faults:
                 self.skipped.append((now, -1, "no ready node holds a pod"))
                 return
             node = candidates[int(self._node_gen.integers(len(candidates)))]
-        self._fail_node(node)
+        self._fail_node(node, failure.duration_s)
 
     def _crash(self, pod: Pod, why: str) -> None:
         now = self.sim.env.now

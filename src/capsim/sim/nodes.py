@@ -277,14 +277,19 @@ class NodePool:
         assert spec is not None
         node.failed_s = now
         if spec.scale_down_enabled:
-            ev = Timeout(self.sim.env, spec.scale_down_unready_time_s, node)
+            ev = Timeout(self.sim.env, spec.scale_down_unready_time_s, (node, now))
             ev.callbacks.append(self._unready_gone)
 
     def _unready_gone(self, ev: Timeout) -> None:
-        node = cast(Node, ev.value)
-        if node.removed_s is None:
+        node, failed_s = cast(tuple[Node, float], ev.value)
+        if node.removed_s is None and node.failed_s == failed_s:  # not back meanwhile
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
+
+    def healed(self, node: Node) -> None:
+        """A failed node is reachable again (a partition healed): schedulable, and it may fail again."""
+        node.failed_s = None
+        self.sim.faults.node_ready(node)
 
     def failable(self) -> list[Node]:
         """Nodes a node failure may pick: ready, not removed or failed, holding pods."""
