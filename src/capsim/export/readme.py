@@ -127,6 +127,12 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
               f"| session store | {scenario.state.store} |",
               f"| drain timeout / grace period | {drain_timeout_s(scenario):g} s / {termination_grace_s(scenario)} s |"]
+    pods = scenario.pods
+    if pods.spread is not None:  # written into the patch's topologySpreadConstraints
+        lines.append(f"| spread over nodes (`topologySpreadConstraints`) | maxSkew {pods.spread.max_skew}"
+                     + (f", minDomains {pods.spread.min_nodes}" if pods.spread.min_nodes is not None else "") + " |")
+    if pods.unreachable_toleration_s is not None:  # the patch's NoExecute tolerations
+        lines.append(f"| evicted from a NotReady node after (`tolerationSeconds`) | {pods.unreachable_toleration_s} s |")
     if b.mode == "continuous":
         lines += ["", "The pod runs its continuous engine with these limits (`configmap.yaml`); a vLLM "
                   "Deployment takes the same as the arguments in `vllm-args.yaml`."]
