@@ -105,6 +105,10 @@ def test_the_export_writes_the_constraint_the_simulator_placed_by() -> None:
     assert c == {"maxSkew": 2, "minDomains": 3, "topologyKey": "kubernetes.io/hostname",
                  "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
                  "labelSelector": {"matchLabels": spec["metadata"]["labels"]}}
+    readme = build_all(sc.override({"pods.spread": {"max_skew": 2, "min_nodes": 3},
+                                    "pods.unreachable_toleration_s": 60}), target)["README.md"]
+    assert "| spread over nodes (`topologySpreadConstraints`) | maxSkew 2, minDomains 3 |" in readme
+    assert "| evicted from a NotReady node after (`tolerationSeconds`) | 60 s |" in readme
 
 
 def test_a_spread_over_every_node_the_cluster_allows_blocks_placements_after_a_node_failure() -> None:
@@ -125,7 +129,3 @@ def test_a_spread_over_every_node_the_cluster_allows_blocks_placements_after_a_n
     ts = simulate(roomy, seed=0).timeseries.set_index("time_s")
     assert ts.loc[evicted_s + 10, "pending_replicas"] == 2
     assert (ts.loc[evicted_s + 60 + 30 + 20:, "ready_replicas"] == 8).all()
-    readme = build_all(sc.override({"pods.spread": {"max_skew": 2, "min_nodes": 3},
-                                    "pods.unreachable_toleration_s": 60}), target)["README.md"]
-    assert "| spread over nodes (`topologySpreadConstraints`) | maxSkew 2, minDomains 3 |" in readme
-    assert "| evicted from a NotReady node after (`tolerationSeconds`) | 60 s |" in readme
