@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from capsim.export import build_all
+from capsim.export.readme import render_readme
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.sim.simulate import SimResult, simulate
@@ -105,8 +106,8 @@ def test_the_export_writes_the_constraint_the_simulator_placed_by() -> None:
     assert c == {"maxSkew": 2, "minDomains": 3, "topologyKey": "kubernetes.io/hostname",
                  "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
                  "labelSelector": {"matchLabels": spec["metadata"]["labels"]}}
-    readme = build_all(sc.override({"pods.spread": {"max_skew": 2, "min_nodes": 3},
-                                    "pods.unreachable_toleration_s": 60}), target)["README.md"]
+    readme = render_readme(sc.override({"pods.spread": {"max_skew": 2, "min_nodes": 3},
+                                        "pods.unreachable_toleration_s": 60}), target, numbers=None, findings=[])
     assert "| spread over nodes (`topologySpreadConstraints`) | maxSkew 2, minDomains 3 |" in readme
     assert "| evicted from a NotReady node after (`tolerationSeconds`) | 60 s |" in readme
 
