@@ -227,3 +227,26 @@ def test_a_node_back_after_its_pods_were_replaced_takes_new_pods() -> None:
     assert (ts.loc[FAIL_S + 400 + 30 + 20:, "ready_replicas"] == 8).all()
     assert ts.loc[FAIL_S + 400 + 30 + 20, "node_gpus"] == 12  # the node provisioned meanwhile, still billed
     assert res.summary.crashes == 4
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+@pytest.mark.parametrize("store", ["redis", "pod_local"])
+@pytest.mark.parametrize("router", ["round_robin", "least_outstanding", "session_affinity"])
+def test_sessions_through_a_node_failure_and_a_partition_balance_their_books(mode: str, store: str,
+                                                                             router: str) -> None:
+    # three-turn sessions with retries: every request that arrived is answered, failed, timed out, rejected or
+    # still in flight, exactly once; with pod-local state the sessions on the dead node are lost
+    over = {"horizon_s": 400, "client.max_retries": 2, "client.backoff_s": 0.5, "router.kind": router,
+            "state.store": store, "workload.arrivals.rate_per_s": 8,
+            "workload.sessions": {"turns": 3, "think_time_s": 2.0},
+            "faults.node_failures": [{"at_s": 100, "node": 0}, {"at_s": 250, "node": 1, "duration_s": 30}]}
+    res = simulate(_scenario(mode, **over), seed=4)
+    s, df = res.summary, res.requests
+    assert df["request_id"].is_unique
+    assert s.arrived == len(df) == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
+    assert (res.crashes["kind"] == "node").sum() == 8
+    assert s.retries > 0
+    if store == "pod_local":
+        assert s.lost_sessions > 0
+    else:
+        assert s.lost_sessions == 0
