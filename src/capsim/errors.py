@@ -14,3 +14,8 @@ class CapsimError(Exception):
 
 class SimulationBudgetError(CapsimError, RuntimeError):
     """A simulation ran past its event budget: a setting makes far more events than the horizon needs."""
+
+
+def did_you_mean(hint: str | None) -> str:
+    """The suffix an error message gives the closest known name: `` (did you mean X?)``, or nothing."""
+    return f" (did you mean {hint}?)" if hint else ""

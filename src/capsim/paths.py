@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO
 
+from capsim.errors import did_you_mean as suggest
+
 #: The repository root of this capsim (the folder that holds ``src/capsim`` and ``data/``).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +66,7 @@ def shipped_hint(path: Path, absolute: bool = False) -> str:
     pattern = f"*{path.suffix}" if path.suffix else "*"
     by_name = {f.name: f for f in sorted(data.rglob(pattern)) if f.is_file()}
     close = difflib.get_close_matches(path.name, list(by_name), n=1, cutoff=0.8)
-    return f" (did you mean {shown(by_name[close[0]])}?)" if close else ""
+    return suggest(shown(by_name[close[0]]) if close else None)
 
 
 def read_input_text(path: Path, what: str, kind: str, error: type[Exception]) -> str:

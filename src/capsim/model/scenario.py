@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from capsim.errors import did_you_mean as suggest
 from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, did_you_mean, format_error
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
@@ -933,9 +934,7 @@ def _format(exc: ValidationError) -> str:
         else:
             line = format_error({**err, "loc": tuple(path.split(".")) if path else ()})
             if err["type"] == "extra_forbidden":
-                hint = did_you_mean(Scenario, tuple(err["loc"]), skip=_is_union_tag)
-                if hint:
-                    line += f" (did you mean {hint}?)"
+                line += suggest(did_you_mean(Scenario, tuple(err["loc"]), skip=_is_union_tag))
             lines.append(line)
     return "; ".join(lines)
 

@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from capsim.errors import CapsimError
+from capsim.errors import did_you_mean as suggest
 from capsim.model.kv_cache import ModelShape, kv_cache_blocks
 
 
@@ -60,7 +61,7 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: type[B
     for err in exc.errors():
         line = format_error(err, prefix)
         hint = did_you_mean(root, tuple(err["loc"])) if root and err["type"] == "extra_forbidden" else None
-        lines.append(f"{line} (did you mean {hint}?)" if hint else line)
+        lines.append(line + suggest(hint))
     return "; ".join(lines)
 
 
@@ -217,8 +218,7 @@ def unknown_path(root: type[BaseModel], dotted: str) -> str | None:
             return None  # a key older files hold, which the section still takes (with its warning)
         if not annotations:
             hint = _closest(part, _known(models))
-            return (f"{'.'.join(parts[:depth + 1])} is not a known setting"
-                    + (f" (did you mean {hint}?)" if hint else ""))
+            return f"{'.'.join(parts[:depth + 1])} is not a known setting" + suggest(hint)
         models = [m for a in annotations for m in _models_in(a)]
         if not models:
             return None  # a value, or a free mapping: what follows is the value's to check
