@@ -130,3 +130,16 @@ def test_a_spread_over_every_node_the_cluster_allows_blocks_placements_after_a_n
     ts = simulate(roomy, seed=0).timeseries.set_index("time_s")
     assert ts.loc[evicted_s + 10, "pending_replicas"] == 2
     assert (ts.loc[evicted_s + 60 + 30 + 20:, "ready_replicas"] == 8).all()
+
+
+def test_cluster_autoscaler_drains_no_node_whose_pods_the_spread_keeps_there() -> None:
+    # three pods, one on each of three 8-GPU nodes (min_nodes 3): every node is under the 0.5 threshold and
+    # unneeded, but draining one would leave two nodes counted, so its pod could go nowhere: none is drained
+    sc = _scenario(**{"pods.replicas": 3, "pods.spread": {"min_nodes": 3},
+                      "cluster": {"max_gpus": 32, "node_gpus": 8, "scale_down_unneeded_time_s": 30,
+                                  "scale_down_delay_after_add_s": 0}})
+    res = simulate(sc, seed=0)
+    assert (res.timeseries["node_gpus"] == 24).all() and (res.timeseries["ready_replicas"] == 3).all()
+    # without the spread the same three pods fill one node, and nothing is left to drain
+    packed = simulate(sc.override({"pods.spread": None}), seed=0)
+    assert (packed.timeseries["node_gpus"] == 8).all()

@@ -183,12 +183,12 @@ class NodePool:
 
     def _slots(self) -> list[list[int]]:
         """``[pods, free pod slots]`` of each counted node and each node being provisioned."""
-        return [s for n in self.nodes if self._domain(n) or (n.ready_s is None and n.removed_s is None)
-                for s in self._slots_of(n)]
+        return [self._slot(n) for n in self.nodes if self._domain(n) or (n.ready_s is None and n.removed_s is None)]
 
-    def _slots_of(self, n: Node) -> list[list[int]]:
+    def _slot(self, n: Node) -> list[int]:
+        """``[pods on n, free pod slots on n]``, for ``_new_nodes_for``."""
         pg = self.pod_gpus
-        return [[n.used // pg, (n.gpus - n.used) // pg]]
+        return [n.used // pg, (n.gpus - n.used) // pg]
 
     def release(self, node: Node | None, now: float) -> None:
         """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
@@ -257,8 +257,9 @@ class NodePool:
                 continue
             pods = n.used // self.pod_gpus
             if self._skew is not None:  # they must fit the spread on the nodes that stay
-                fits = self._new_nodes_for(pods, [s for m in self.nodes if m is not n and self._domain(m)
-                                                  and not (m in due and m.used == 0) for s in self._slots_of(m)]) == 0
+                stay = [self._slot(m) for m in self.nodes if m is not n and self._domain(m)
+                        and not (m in due and m.used == 0)]
+                fits = self._new_nodes_for(pods, stay) == 0
             else:
                 room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
                            and not (m in due and m.used == 0))  # pods the other nodes can take
