@@ -100,3 +100,21 @@ def test_sweep_and_capacity_take_the_sets(tmp_path: Path) -> None:
                           "--set", "slo.ttft_p99_s=0.5", "--set", "horizon_s=30"])
     assert code == 0, err
     assert "SLO p99 TTFT 0.5 s" in out
+
+
+def test_check_and_export_take_the_sets(tmp_path: Path) -> None:
+    rush = Path(__file__).resolve().parent.parent / "data" / "scenarios" / "friday_rush.yaml"
+    assert run(["check", str(rush)])[0] == 0
+    code, out, _err = run(["check", str(rush), "--set", "autoscaler.maxReplicas=40"])  # 4 nodes of 8 hold 32
+    assert code == 1 and "FAIL autoscaler.maxReplicas: 40 pods" in out
+    code, out, err = run(["export", str(rush), "--out", str(tmp_path / "k8s"), "--no-simulate",
+                          "--set", "pods.unreachable_toleration_s=45", "--set", "autoscaler.minReplicas=6"])
+    assert code == 0, err
+    import yaml
+
+    patch = yaml.safe_load((tmp_path / "k8s" / "deployment-patch.yaml").read_text())
+    assert patch["spec"]["template"]["spec"]["tolerations"][0]["tolerationSeconds"] == 45
+    hpa = yaml.safe_load((tmp_path / "k8s" / "hpa.yaml").read_text())
+    assert hpa["spec"]["minReplicas"] == 6
+    one_line_error(["export", str(rush), "--out", str(tmp_path / "k2"), "--set", "pods.tolerations=1"],
+                   "pods.tolerations is not a known setting")

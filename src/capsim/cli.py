@@ -696,16 +696,19 @@ def tune(
 
 
 @app.command()
-def check(scenarios: Annotated[list[Path], typer.Argument(help="scenario YAMLs (or a tune's best.yaml)")]) -> None:
+def check(
+    scenarios: Annotated[list[Path], typer.Argument(help="scenario YAMLs (or a tune's best.yaml)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP + "; on every scenario")] = None,
+) -> None:
     """Check scenarios for settings that cannot work; print each finding with its field path.
 
     Exit code 1 when any check fails (warnings do not fail), so CI can gate on it.
     """
-    from capsim.model.scenario import Scenario
     from capsim.studies.checks import failed, format_findings, run_checks
+    from capsim.studies.study_cli import load_scenario
 
     # a bad scenario: the error policy's one line, exit 2
-    results = [(path, run_checks(Scenario.from_yaml(path))) for path in scenarios]
+    results = [(path, run_checks(load_scenario(path, set_ or ()))) for path in scenarios]
     for path, findings in results:
         if len(results) > 1:
             typer.echo(f"== {path}")
@@ -731,6 +734,7 @@ def export(
     summary: Annotated[Path | None, typer.Option(
         help="take the README's numbers from this summary.json (capsim simulate --out) instead")] = None,
     force: Annotated[bool, typer.Option(help="write even when a check fails")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP + "; what is exported and simulated")] = None,
 ) -> None:
     """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml,
     the router's file (destinationrule.yaml or inferencepool.yaml), pdb.yaml and vllm-args.yaml where they
@@ -739,13 +743,13 @@ def export(
     import json
 
     from capsim.export import ChecksFailedError, DeployTarget, export_scenario, simulated_numbers
-    from capsim.model.scenario import Scenario
     from capsim.studies.checks import failed, format_findings, run_checks
+    from capsim.studies.study_cli import load_scenario
 
     # bad options, a bad scenario or an unreadable --summary: the error policy's one line, exit 2
     target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
                           prometheus_url=prometheus_url, adapter_namespace=adapter_namespace)
-    scen = Scenario.from_yaml(scenario)
+    scen = load_scenario(scenario, set_ or ())
     _output_dir(out, "--out")
     numbers = None
     if summary is not None:
