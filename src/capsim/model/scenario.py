@@ -436,6 +436,11 @@ class Pods(_Section):
                     "none: the cluster's default (cluster.unreachable_toleration_s). The export writes them",
     )
 
+    @property
+    def spread_min_nodes(self) -> int:
+        """The nodes ``spread`` asks the pods over at least (``min_nodes``); 0 without one."""
+        return (self.spread.min_nodes or 0) if self.spread is not None else 0
+
 
 class OutlierEjection(_Section):
     """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults: a pod that fails

@@ -5,7 +5,7 @@ With a ``cluster`` section the GPUs are finite and live on nodes of ``node_gpus`
 container's request, which the kubelet's device plugin serves from its own node). A pending pod takes free
 GPUs on the oldest ready node that has enough (a bin-packing placement, as kube-scheduler's
 ``MostAllocated`` scoring would give; the default profile scores CPU and memory only). With ``pods.spread``
-(a topology spread constraint on the hostname: ``_choose``) it goes only where the Deployment's pods would
+(a topology spread constraint on the hostname: ``_pick``) it goes only where the Deployment's pods would
 number at most ``max_skew`` above the fewest on a schedulable node, that fewest counted as 0 while fewer
 than ``min_nodes`` count, and to the emptiest such node; provisioning and drains follow the same rule
 (``_new_nodes_for``). Missing nodes are
@@ -60,9 +60,14 @@ class Node:
         self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
 
     @property
+    def schedulable(self) -> bool:
+        """Ready and not cordoned, removed or failed: a node that takes pods, and that a spread counts
+        (nodeTaintsPolicy Honor)."""
+        return self.ready_s is not None and not self.cordoned and self.removed_s is None and self.failed_s is None
+
+    @property
     def free(self) -> int:
-        return self.gpus - self.used if self.ready_s is not None and not self.cordoned and self.removed_s is None \
-            and self.failed_s is None else 0
+        return self.gpus - self.used if self.schedulable else 0
 
     def __repr__(self) -> str:
         return f"Node({self.id}, {self.used}/{self.gpus} GPUs)"
@@ -85,7 +90,7 @@ class NodePool:
         # pods.spread: (maxSkew, minDomains); none packs. Only the Deployment's pods use the GPUs, so a node's
         # pods are its used GPUs over a pod's
         self._skew = spread.max_skew if spread is not None else None
-        self._min_nodes = (spread.min_nodes or 0) if spread is not None else 0
+        self._min_nodes = sim.scenario.pods.spread_min_nodes
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
@@ -144,46 +149,41 @@ class NodePool:
                 if node.free >= pg:
                     return node
             return None
-        domains = [n for n in self.nodes if self._domain(n)]
-        floor = self._floor([n.used // pg for n in domains])
+        domains = [n for n in self.nodes if n.schedulable]
+        k = self._pick([self._slot(n) for n in domains])
+        return None if k is None else domains[k]
+
+    def _pick(self, slots: list[list[int]]) -> int | None:
+        """Which of ``slots`` (``[pods on a node, free pod slots]``) the spread puts the next pod on: one with a
+        free slot whose pods would be at most ``max_skew`` above the fewest (0 while fewer than ``min_nodes``
+        nodes count), the one with the fewest pods, the first of those; ``None`` when none may take it."""
+        assert self._skew is not None
+        counts = [c for c, _ in slots]
+        floor = 0 if len(counts) < self._min_nodes or not counts else min(counts)
         best = None
-        for n in domains:
-            if n.free >= pg and n.used // pg + 1 - floor <= self._skew and (best is None or n.used < best.used):
-                best = n
+        for k, (count, room) in enumerate(slots):
+            if room > 0 and count + 1 - floor <= self._skew and (best is None or count < counts[best]):
+                best = k
         return best
-
-    @staticmethod
-    def _domain(n: Node) -> bool:
-        """A node the spread counts (nodeTaintsPolicy Honor: not one failed, cordoned or gone; ready)."""
-        return n.ready_s is not None and n.removed_s is None and n.failed_s is None and not n.cordoned
-
-    def _floor(self, counts: list[int]) -> int:
-        """The global minimum the skew is measured from: 0 while fewer than minDomains nodes count."""
-        return 0 if len(counts) < self._min_nodes or not counts else min(counts)
 
     def _new_nodes_for(self, pods: int, slots: list[list[int]]) -> int:
         """How many new, empty nodes ``pods`` more pods need under the spread, beyond ``slots`` (one
         ``[pods on it, free pod slots]`` per node counted; changed in place), as cluster-autoscaler's
         simulation of the scheduler would find."""
-        assert self._skew is not None
         new = 0
         for _ in range(pods):
-            floor = self._floor([c for c, _ in slots])
-            best = None
-            for slot in slots:
-                if slot[1] > 0 and slot[0] + 1 - floor <= self._skew and (best is None or slot[0] < best[0]):
-                    best = slot
-            if best is None:
-                best = [0, self.pods_per_node]
-                slots.append(best)
+            k = self._pick(slots)
+            if k is None:
+                slots.append([0, self.pods_per_node])
+                k = len(slots) - 1
                 new += 1
-            best[0] += 1
-            best[1] -= 1
+            slots[k][0] += 1
+            slots[k][1] -= 1
         return new
 
     def _slots(self) -> list[list[int]]:
         """``[pods, free pod slots]`` of each counted node and each node being provisioned."""
-        return [self._slot(n) for n in self.nodes if self._domain(n) or (n.ready_s is None and n.removed_s is None)]
+        return [self._slot(n) for n in self.nodes if n.schedulable or (n.ready_s is None and n.removed_s is None)]
 
     def _slot(self, n: Node) -> list[int]:
         """``[pods on n, free pod slots on n]``, for ``_new_nodes_for``."""
@@ -257,7 +257,7 @@ class NodePool:
                 continue
             pods = n.used // self.pod_gpus
             if self._skew is not None:  # they must fit the spread on the nodes that stay
-                stay = [self._slot(m) for m in self.nodes if m is not n and self._domain(m)
+                stay = [self._slot(m) for m in self.nodes if m is not n and m.schedulable
                         and not (m in due and m.used == 0)]
                 fits = self._new_nodes_for(pods, stay) == 0
             else:

@@ -38,9 +38,8 @@ def fixed_fleet(scenario: Scenario, replicas: int) -> Scenario:
     changes: dict[str, Any] = {"autoscaler": None, "pods.replicas": replicas}
     faults, cluster = scenario.faults, scenario.cluster
     if cluster is not None and faults is not None and (faults.node_failures or faults.node_mtbf_s):
-        spread = scenario.pods.spread
         nodes = max(-(-replicas // cluster.pods_per_node(scenario.batching.tensor_parallel_size)),
-                    spread.min_nodes or 0 if spread is not None else 0) + 1
+                    scenario.pods.spread_min_nodes) + 1
         changes.update({"cluster.max_gpus": nodes * cluster.node_gpus, "cluster.scale_down_enabled": False})
     else:
         changes["cluster"] = None

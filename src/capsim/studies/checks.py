@@ -28,7 +28,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``pdb-blocks-drains`` (warn): a PodDisruptionBudget (``pods.disruption_budget``) that allows no eviction
   even with all the HPA's floor of pods ready: cluster-autoscaler never drains a node with a pod.
 * ``node-failure-no-room`` (warn): nodes can fail (``faults.node_failures`` or ``node_mtbf_s``) but
-  ``cluster.max_gpus`` holds no node beyond those the fleet's peak (``maxReplicas``, or ``pods.replicas``)
+  ``cluster.max_gpus`` holds no node beyond those the fleet's peak (``maxReplicas`` or ``pods.replicas``, the larger)
   fills, or beyond ``pods.spread.min_nodes`` (then after a failure the spread places no new pod at all). A failed node counts toward ``max_gpus`` until cluster-autoscaler removes it
   (``scale_down_unready_time_s`` after it failed), so the evicted pods' replacements stay Pending until then.
 * ``spread-over-gpus`` (fail): ``pods.spread.min_nodes`` more nodes than ``cluster.max_gpus`` holds: while
@@ -62,6 +62,7 @@ from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import POD_METRIC_ALIASES, Scenario, Tokens
+from capsim.model.scenario_limits import max_pods
 
 Level = Literal["fail", "warn"]
 
@@ -336,11 +337,10 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
     faults, cluster = scenario.faults, scenario.cluster
     if cluster is None or faults is None or not (faults.node_failures or faults.node_mtbf_s):
         return []
-    peak = scenario.autoscaler.max_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    peak = max_pods(scenario)
     per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
     needed = -(-peak // per_node)
-    spread = scenario.pods.spread
-    min_nodes = spread.min_nodes if spread is not None and spread.min_nodes is not None else 0
+    min_nodes = scenario.pods.spread_min_nodes
     nodes = cluster.max_gpus // cluster.node_gpus
     if nodes > max(needed, min_nodes):
         return []
@@ -367,7 +367,7 @@ def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
     if spread is None or spread.min_nodes is None or cluster is None:
         return []
     nodes = cluster.max_gpus // cluster.node_gpus
-    peak = scenario.autoscaler.max_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    peak = max_pods(scenario)
     if spread.min_nodes <= nodes or peak <= nodes * spread.max_skew:
         return []
     return [Finding(
