@@ -264,12 +264,8 @@ class Client:
             if not (self.pod_local and self.session[i // self.turns] == _LOST):
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
-        if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
-            if pod.node_lost:  # its node died: no refusal, no answer
-                self.blackhole(i, t + self.timeout_s, pod)
-                return
-            sim.router.touch(pod)
-            self._attempt_failed(i, t, FAILED, pod.id)
+        if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
+            self._not_ready(i, t, pod)
             return
         if len(pod.queue) >= self._cap:
             sim.router.touch(pod)  # picked, but its count did not change
@@ -280,6 +276,15 @@ class Client:
             sim.router.touch(pod)  # a home pod was not picked by the router
         if book is not None and i % self.turns:
             book.placed(i, pod, sim.cluster.pods)
+
+    def _not_ready(self, i: int, t: float, pod: Pod) -> None:
+        """Attempt ``i`` sent at ``t`` reached ``pod``, still in the endpoints but not ready: refused at once
+        (a draining pod's 503, a dead container's refused connection), or, on a dead node, unanswered."""
+        if pod.node_lost:
+            self.blackhole(i, t + self.timeout_s, pod)
+            return
+        self.sim.router.touch(pod)
+        self._attempt_failed(i, t, FAILED, pod.id)
 
     def _local_copy(self, i: int) -> Pod | None:
         """``serve_local`` in a Redis outage: the pod that served the session's last turn, if it still holds
@@ -303,12 +308,8 @@ class Client:
         if pod is None:
             self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
-        if pod.state is not _READY:  # crashed or deleted, not out of the endpoints yet: refused
-            if pod.node_lost:  # its node died: no refusal, no answer
-                self.blackhole(i, t + self.timeout_s, pod)
-                return
-            self.sim.router.touch(pod)
-            self._attempt_failed(i, t, FAILED, pod.id)
+        if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
+            self._not_ready(i, t, pod)
             return
         q = pod.queue
         if len(q) >= self._cap:
