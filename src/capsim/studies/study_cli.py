@@ -40,8 +40,8 @@ def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
             why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise SettingsError(f"--set {path}: the value {text!r} is not YAML ({why})") from None
         if value is None:
-            raise SettingsError(f"--set {path}: no value after '=' (write null as the word, not an empty value)"
-                                if not text.strip() else f"--set {path}: null is not a value to set")
+            raise SettingsError(f"--set {path}: no value after '='" if not text.strip()
+                                else f"--set {path}: null is not a value to set")
         check_paths([path], f"--set {path}")
         out[path] = value
     return out
