@@ -213,13 +213,22 @@ def test_a_stress_that_does_not_apply_is_an_error() -> None:
              progress=False)
 
 
-def test_capsim_tune_writes_its_files_from_a_space_that_names_the_scenario(tmp_path: Path) -> None:
+def _space_naming_small(tmp_path: Path, budget: int) -> Path:
+    """A space file that names the small scenario, written beside it; one seed, ``budget`` settings."""
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small().model_dump(mode="json", by_alias=True)))
-    space = {"scenario": "small.yaml", "seeds": 1, "budget": 3, **SPACE}
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"scenario": "small.yaml", "seeds": 1, "budget": budget,
+                                                         **SPACE}))
+    return tmp_path / "space.yaml"
+
+
+def _tune_cli(space: Path, out: Path, *more: str) -> Any:
+    return CliRunner().invoke(app, ["tune", "--space", str(space), "--out", str(out), "--workers", "1",
+                                    "--no-cache", "--stress", "steady", *more])
+
+
+def test_capsim_tune_writes_its_files_from_a_space_that_names_the_scenario(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(out),
-                                   "--workers", "1", "--no-cache", "--stress", "steady"])
+    run = _tune_cli(_space_naming_small(tmp_path, 3), out)
     assert run.exit_code == 0, run.output
     assert "3 settings:" in run.output and "wrote" in run.output
     for name in ("trials.csv", "front.csv", "front.png", "provenance.json"):
@@ -229,15 +238,10 @@ def test_capsim_tune_writes_its_files_from_a_space_that_names_the_scenario(tmp_p
 
 
 def test_capsim_tune_sets_change_the_base_scenario(tmp_path: Path) -> None:
-    (tmp_path / "small.yaml").write_text(yaml.safe_dump(small().model_dump(mode="json", by_alias=True)))
-    space = {"scenario": "small.yaml", "seeds": 1, "budget": 2, **SPACE}
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
-    out = tmp_path / "out"
-    run = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(out),
-                                   "--workers", "1", "--no-cache", "--stress", "steady",
-                                   "--set", "slo.ttft_p99_s=7.5"])
+    space, out = _space_naming_small(tmp_path, 2), tmp_path / "out"
+    run = _tune_cli(space, out, "--set", "slo.ttft_p99_s=7.5")
     assert run.exit_code == 0, run.output
     assert yaml.safe_load((out / "best.yaml").read_text())["slo"]["ttft_p99_s"] == 7.5
-    bad = CliRunner().invoke(app, ["tune", "--space", str(tmp_path / "space.yaml"), "--out", str(tmp_path / "o2"),
+    bad = CliRunner().invoke(app, ["tune", "--space", str(space), "--out", str(tmp_path / "o2"),
                                    "--set", "slo.ttft=1"])
     assert bad.exit_code == 2 and "did you mean ttft_p99_s?" in bad.output
