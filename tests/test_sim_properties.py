@@ -62,6 +62,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         if draw(st.booleans()):  # spread over nodes (topology spread on the hostname)
             data["pods"]["spread"] = {"max_skew": draw(st.integers(1, 2)),
                                       "min_nodes": draw(st.one_of(st.none(), st.integers(1, 4)))}
+        zones = data["cluster"]["zones"] = draw(st.integers(1, 3))
+        if draw(st.booleans()):  # spread over zones, some of which go dark
+            data["pods"]["zone_spread"] = {"max_skew": draw(st.integers(1, 2)),
+                                           "min_zones": draw(st.one_of(st.none(), st.integers(1, 3)))}
+        faults["zone_failures"] = [{"at_s": draw(st.floats(0, HORIZON)), "zone": draw(st.integers(0, zones - 1)),
+                                    "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
+                                   for _ in range(draw(st.integers(0, 2)))]
     if draw(st.booleans()):
         data["autoscaler"] = {
             "minReplicas": 1, "maxReplicas": draw(st.integers(1, 6)), "sync_period_s": 5,

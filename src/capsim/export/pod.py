@@ -135,21 +135,28 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
                    "prometheus.io/path": "/metrics"}
     template_meta: dict[str, Any] = {"annotations": annotations}
     # the label pdb.yaml and inferencepool.yaml select the pods by (with neither, the pods' labels are left alone)
-    spread = scenario.pods.spread
-    if scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware" or spread is not None:
+    spread, zone_spread = scenario.pods.spread, scenario.pods.zone_spread
+    if (scenario.pods.disruption_budget is not None or scenario.router.kind == "prefix_aware" or spread is not None
+            or zone_spread is not None):
         template_meta["labels"] = pod_labels(target)
     pod_spec: dict[str, Any] = {"terminationGracePeriodSeconds": termination_grace_s(scenario),
                                 "containers": [container]}
     tolerations = node_failure_tolerations(scenario)
     if tolerations:
         pod_spec["tolerations"] = tolerations
-    if spread is not None:  # the rule capsim.sim.nodes places by: DoNotSchedule, failed and cordoned nodes not counted
-        constraint: dict[str, Any] = {"maxSkew": spread.max_skew, "topologyKey": "kubernetes.io/hostname",
-                                      "whenUnsatisfiable": "DoNotSchedule", "nodeTaintsPolicy": "Honor",
-                                      "labelSelector": {"matchLabels": pod_labels(target)}}
-        if spread.min_nodes is not None:
-            constraint["minDomains"] = spread.min_nodes
-        pod_spec["topologySpreadConstraints"] = [constraint]
+    # the rules capsim.sim.nodes places by: DoNotSchedule, failed and cordoned nodes not counted
+    constraints = []
+    for key, skew, min_domains in (
+            ("kubernetes.io/hostname", spread and spread.max_skew, spread and spread.min_nodes),
+            ("topology.kubernetes.io/zone", zone_spread and zone_spread.max_skew, zone_spread and zone_spread.min_zones)):
+        if skew:
+            constraint: dict[str, Any] = {"maxSkew": skew, "topologyKey": key, "whenUnsatisfiable": "DoNotSchedule",
+                                          "nodeTaintsPolicy": "Honor", "labelSelector": {"matchLabels": pod_labels(target)}}
+            if min_domains is not None:
+                constraint["minDomains"] = min_domains
+            constraints.append(constraint)
+    if constraints:
+        pod_spec["topologySpreadConstraints"] = constraints
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},

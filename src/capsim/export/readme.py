@@ -131,8 +131,18 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     if pods.spread is not None:  # written into the patch's topologySpreadConstraints
         lines.append(f"| spread over nodes (`topologySpreadConstraints`) | maxSkew {pods.spread.max_skew}"
                      + (f", minDomains {pods.spread.min_nodes}" if pods.spread.min_nodes is not None else "") + " |")
+    if pods.zone_spread is not None:
+        zs = pods.zone_spread
+        lines.append(f"| spread over zones (`topologySpreadConstraints`) | maxSkew {zs.max_skew}"
+                     + (f", minDomains {zs.min_zones}" if zs.min_zones is not None else "") + " |")
     if pods.unreachable_toleration_s is not None:  # the patch's NoExecute tolerations
         lines.append(f"| evicted from a NotReady node after (`tolerationSeconds`) | {pods.unreachable_toleration_s} s |")
+    if pods.spread is not None or pods.zone_spread is not None:
+        lines += ["", "The spreads count, as the simulator does, only the nodes the pods can run on (the GPU nodes; "
+                  "failed and cordoned ones not at all). Kubernetes counts every node that passes the pods' node "
+                  "affinity: if CPU or system nodes do, pin the pods to the GPU node group with a `nodeSelector` "
+                  "(for example `nvidia.com/gpu.present: \"true\"`, set by NVIDIA's GPU feature discovery), "
+                  "or those nodes count as domains with no pod and the skew keeps the pods off the GPU nodes."]
     if b.mode == "continuous":
         lines += ["", "The pod runs its continuous engine with these limits (`configmap.yaml`); a vLLM "
                   "Deployment takes the same as the arguments in `vllm-args.yaml`."]

@@ -393,6 +393,20 @@ class Spread(_Section):
     min_nodes: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many nodes")
 
 
+class ZoneSpread(_Section):
+    """A topology spread constraint over availability zones on the Deployment's pods (``topologyKey:
+    topology.kubernetes.io/zone``, ``whenUnsatisfiable: DoNotSchedule``, ``nodeTaintsPolicy: Honor``): a pod
+    goes only to a zone where the Deployment's pods would number at most ``max_skew`` above the fewest in a
+    zone with a schedulable node, that fewest counted as 0 while fewer than ``min_zones`` zones have one
+    (``minDomains``); cluster-autoscaler adds nodes in a zone the skew allows. So a zone's outage takes about
+    1 / ``cluster.zones`` of the pods. Works beside ``pods.spread`` (both constraints must hold). A zone
+    with no GPU node is no domain (the Deployment's pods go only to GPU nodes): give each zone a node
+    (``cluster.min_nodes_per_zone``) or ``min_zones``, else the pods fill the zones that have nodes first."""
+
+    max_skew: Int = Field(1, ge=1, description="maxSkew")
+    min_zones: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many zones")
+
+
 class Pods(_Section):
     replicas: Int = Field(1, ge=0, le=100_000, description="replicas at time 0 (ready at once)")
     image_pull_s: Duration = Field(
@@ -429,6 +443,9 @@ class Pods(_Section):
     spread: Spread | None = Field(
         None, description="spread the pods over nodes (topologySpreadConstraints on the hostname; needs a "
                           "cluster section to matter): none, packed onto the fewest nodes")
+    zone_spread: ZoneSpread | None = Field(
+        None, description="spread the pods over availability zones (topologySpreadConstraints on "
+                          "topology.kubernetes.io/zone; needs a cluster section of several zones to matter)")
     unreachable_toleration_s: Int | None = Field(
         None, ge=0,
         description="the pods' own NoExecute tolerations of node.kubernetes.io/unreachable and not-ready "
@@ -440,6 +457,11 @@ class Pods(_Section):
     def spread_min_nodes(self) -> int:
         """The nodes ``spread`` asks the pods over at least (``min_nodes``); 0 without one."""
         return (self.spread.min_nodes or 0) if self.spread is not None else 0
+
+    @property
+    def spread_min_zones(self) -> int:
+        """The zones ``zone_spread`` asks the pods over at least (``min_zones``); 0 without one."""
+        return (self.zone_spread.min_zones or 0) if self.zone_spread is not None else 0
 
 
 class OutlierEjection(_Section):
@@ -588,6 +610,14 @@ class ClusterSpec(_Section):
     max_gpus: Int = Field(ge=1, description="GPUs the node group may have (cluster-autoscaler's --gpu-total "
                                             "maximum): whole nodes of node_gpus within it")
     node_gpus: Int = Field(8, ge=1, description="GPUs of one node (its instance type)")
+    zones: Int = Field(1, ge=1, le=64, description="availability zones the nodes span: one node group per zone, "
+                                                   "kept balanced (cluster-autoscaler "
+                                                   "--balance-similar-node-groups); a new node goes to the "
+                                                   "zone with the fewest")
+    min_nodes_per_zone: Int = Field(
+        0, ge=0, description="each zone's node group minimum size: nodes there from the start, empty or not, "
+                             "that scale-down never takes below (a zone with no node is no domain of "
+                             "pods.zone_spread)")
     node_provision_s: Float = Field(240.0, ge=0)
     billing: Literal["node", "pod"] = Field(
         "node", description="node: every GPU of a node from its creation to its removal; pod: GPUs pods hold"
@@ -623,6 +653,9 @@ class ClusterSpec(_Section):
         if self.max_gpus < self.node_gpus:
             raise ValueError(f"max_gpus must hold one whole node of node_gpus ({self.node_gpus}) GPUs, got "
                              f"{self.max_gpus}")
+        if self.min_nodes_per_zone * self.zones * self.node_gpus > self.max_gpus:
+            raise ValueError(f"max_gpus must hold min_nodes_per_zone ({self.min_nodes_per_zone}) nodes of node_gpus "
+                             f"({self.node_gpus}) GPUs in each of the {self.zones} zones, got {self.max_gpus}")
         return self
 
 
@@ -645,6 +678,18 @@ class NodeFailure(_Section):
                                 "they were not evicted yet; none: it is gone for good")
 
 
+class ZoneFailure(_Section):
+    """An availability zone goes dark at ``at_s`` (power, cooling, the zone's network): every node in it
+    fails as one node failure does, nodes booting there fail as they come up, and cluster-autoscaler adds
+    no node there until it is back."""
+
+    at_s: Float = Field(ge=0)
+    zone: Int = Field(0, ge=0, description="the zone (numbered 0 .. cluster.zones - 1)")
+    duration_s: Float | None = Field(
+        None, gt=0, description="the zone is back this long after, with its nodes (those not removed yet) and "
+                                "their pods not evicted yet; none: gone for the rest of the run")
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -659,6 +704,7 @@ class Faults(_Section):
         None, gt=0, description="mean time between failures of one GPU node, from when it is ready (needs a "
                                 "cluster section)")
     node_failures: tuple[NodeFailure, ...] = ()
+    zone_failures: tuple[ZoneFailure, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
     #: keys older files hold that still load (with a warning): an override path may name them
     _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
@@ -767,11 +813,16 @@ class Scenario(BaseModel):
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
         if self.faults is not None and self.cluster is None:
-            for key in ("node_failures", "node_mtbf_s"):
+            for key in ("node_failures", "node_mtbf_s", "zone_failures"):
                 if getattr(self.faults, key):
                     raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
                                      "(without one every pod has a node of its own; faults.crashes and "
                                      "pod_mtbf_s crash pods)")
+        if self.faults is not None and self.cluster is not None:
+            for i, zf in enumerate(self.faults.zone_failures):
+                if zf.zone >= self.cluster.zones:
+                    raise ValueError(f"faults.zone_failures.{i}.zone must name a zone of the cluster (0.."
+                                     f"{self.cluster.zones - 1}, cluster.zones {self.cluster.zones}), got {zf.zone}")
         tp = self.batching.tensor_parallel_size
         if self.cluster is not None and tp > self.cluster.node_gpus:
             raise ValueError(f"batching.tensor_parallel_size must fit on one node: a pod's GPUs share a node "

@@ -424,6 +424,11 @@ class Cluster:
         if node.failed_s != failed_s or node.removed_s is not None:
             return  # removed by cluster-autoscaler first: it stays gone
         now = self.sim.env.now
+        down = self.nodes.zones_down.get(node.zone)
+        if down is not None:  # its partition healed, but its zone is dark: back with the zone, if ever
+            if not math.isinf(down):
+                Timeout(self.sim.env, down - now, ev.value).callbacks.append(self._node_back)
+            return
         self.nodes.healed(node)
         for pod in lost:
             if pod.state == PodState.CRASHED and pod.node_lost:

@@ -1,4 +1,5 @@
-"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node failures, Redis outages.
+"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node and zone failures, Redis
+outages.
 
 A random crash is drawn per run of a container: when a pod's container starts (a first start or a
 kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
 
-from capsim.model.scenario import Crash, NodeFailure
+from capsim.model.scenario import Crash, NodeFailure, ZoneFailure
 from capsim.sim.nodes import Node
 from capsim.sim.pod import Pod, PodState
 
@@ -48,6 +49,9 @@ class Faults:
             for failure in spec.node_failures:
                 ev = Timeout(sim.env, failure.at_s, failure)
                 ev.callbacks.append(self._node_failure)
+            for zone_failure in spec.zone_failures:
+                ev = Timeout(sim.env, zone_failure.at_s, zone_failure)
+                ev.callbacks.append(self._zone_failure)
 
     def container_started(self, pod: Pod, now: float) -> None:
         """Draw the random crash of this container run, if crashes are random."""
@@ -94,6 +98,8 @@ class Faults:
             self._fail_node(node)
 
     def _fail_node(self, node: Node, duration_s: float | None = None) -> None:
+        """``node`` fails now (back ``duration_s`` later, if given); each pod it held is logged as a crash of
+        kind ``node``."""
         now = self.sim.env.now
         for pod in self.sim.cluster.node_failed(node, now, duration_s):
             self.crash_log.append((now, pod.id, "node"))
@@ -119,6 +125,21 @@ class Faults:
                 return
             node = candidates[int(self._node_gen.integers(len(candidates)))]
         self._fail_node(node, failure.duration_s)
+
+    def _zone_failure(self, ev: Timeout) -> None:
+        """A zone goes dark (``faults.zone_failures``): every ready node in it fails, back with the zone; nodes
+        booting there are lost and no node is added there meanwhile (``NodePool.zone_failed``); the pods
+        waiting for the lost nodes get nodes in the other zones."""
+        failure = cast(ZoneFailure, ev.value)
+        now = self.sim.env.now
+        nodes = self.sim.cluster.nodes
+        nodes.zone_failed(failure.zone, now, failure.duration_s)
+        hit = [n for n in nodes.nodes if n.zone == failure.zone and n.ready_s is not None
+               and n.removed_s is None and n.failed_s is None]
+        if not hit:
+            self.skipped.append((now, -1, f"zone {failure.zone} has no ready node"))
+        for node in hit:
+            self._fail_node(node, failure.duration_s)
 
     def _crash(self, pod: Pod, why: str) -> None:
         now = self.sim.env.now

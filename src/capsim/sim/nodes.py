@@ -45,10 +45,11 @@ class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "gpus", "id", "image_at_s", "ready_s", "removed_s",
-                 "unneeded_since", "used")  # used: GPUs its pods hold
+                 "unneeded_since", "used", "zone")  # used: GPUs its pods hold
 
-    def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None) -> None:
+    def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0) -> None:
         self.id = node_id
+        self.zone = zone  # its availability zone (its node group), 0 .. cluster.zones - 1
         self.gpus = gpus
         self.used = 0
         self.created_s = created_s  # billed from here
@@ -70,7 +71,7 @@ class Node:
         return self.gpus - self.used if self.schedulable else 0
 
     def __repr__(self) -> str:
-        return f"Node({self.id}, {self.used}/{self.gpus} GPUs)"
+        return f"Node({self.id}, zone {self.zone}, {self.used}/{self.gpus} GPUs)"
 
 
 class NodePool:
@@ -86,11 +87,16 @@ class NodePool:
         self.provision_s = spec.node_provision_s if spec else 0.0
         self.pod_gpus = sim.scenario.batching.tensor_parallel_size
         self.pods_per_node = spec.pods_per_node(self.pod_gpus) if spec else 0  # >= 1: the scenario checks a pod fits
-        spread = sim.scenario.pods.spread
-        # pods.spread: (maxSkew, minDomains); none packs. Only the Deployment's pods use the GPUs, so a node's
-        # pods are its used GPUs over a pod's
-        self._skew = spread.max_skew if spread is not None else None
-        self._min_nodes = sim.scenario.pods.spread_min_nodes
+        pods = sim.scenario.pods
+        # pods.spread and pods.zone_spread: (maxSkew, minDomains); none packs. Only the Deployment's pods use
+        # the GPUs, so a node's pods are its used GPUs over a pod's
+        self._skew = pods.spread.max_skew if pods.spread is not None else None
+        self._min_nodes = pods.spread_min_nodes
+        self._zskew = pods.zone_spread.max_skew if pods.zone_spread is not None else None
+        self._min_zones = pods.spread_min_zones
+        self._spreading = self._skew is not None or self._zskew is not None
+        self.zones = spec.zones if spec else 1
+        self.zones_down: dict[int, float] = {}  # zone -> when it is back (inf: never), for zones failed now
         self.nodes: list[Node] = []
         self._on_node_ready = on_node_ready
         self._evict = evict
@@ -105,21 +111,55 @@ class NodePool:
     def _live(self) -> list[Node]:
         return [n for n in self.nodes if n.removed_s is None]
 
-    def _add(self, now: float, ready: bool) -> Node | None:
+    def _add(self, now: float, ready: bool, zone: int | None = None) -> Node | None:
+        """A new node (in ``zone``, or the zone with the fewest nodes), or ``None`` when a whole node more
+        would pass ``max_gpus`` or every zone is down."""
         if sum(n.gpus for n in self._live()) + self.node_gpus > self.max_gpus:
             return None  # a whole node more would pass max_gpus
-        node = Node(len(self.nodes), self.node_gpus, now, now if ready else None)
+        if zone is None:
+            zone = self._balanced_zone([])
+            if zone is None:
+                return None
+        node = Node(len(self.nodes), self.node_gpus, now, now if ready else None, zone)
         self.nodes.append(node)
         return node
 
+    def _balanced_zone(self, added: list[int], pods: list[int] | None = None) -> int | None:
+        """The zone cluster-autoscaler adds the next node in: among the zones up, the one with the fewest
+        nodes (the node groups kept balanced), the first of those; with ``pods`` (the Deployment's pods per
+        zone, for ``pods.zone_spread``) the one with the fewest pods first. ``added``: zones of nodes about to
+        be added. ``None`` when every zone is down."""
+        count = [0] * self.zones
+        for n in self.nodes:
+            if n.removed_s is None:
+                count[n.zone] += 1
+        for z in added:
+            count[z] += 1
+        up = [z for z in range(self.zones) if z not in self.zones_down]
+        if not up:
+            return None
+        if pods is None:
+            return min(up, key=lambda z: (count[z], z))
+        return min(up, key=lambda z: (pods[z], count[z], z))
+
     def start(self, replicas: int) -> None:
-        """Time 0: enough ready nodes, with the image, for ``replicas`` pods (within ``max_gpus``; spread
-        over as many as ``pods.spread`` needs)."""
+        """Time 0: each zone's minimum of nodes (``min_nodes_per_zone``), then enough ready nodes, with the
+        image, for ``replicas`` pods (within ``max_gpus``; spread over as many as ``pods.spread`` needs, in
+        the zones ``pods.zone_spread`` needs; balanced over the zones otherwise)."""
         if not self.limited:
             return
-        wanted = self._new_nodes_for(replicas, []) if self._skew is not None else -(-replicas // self.pods_per_node)
-        while len(self.nodes) < wanted:
-            node = self._add(0.0, ready=True)
+        assert self._spec is not None
+        self._ready_nodes([z for z in range(self.zones) for _ in range(self._spec.min_nodes_per_zone)])
+        if self._spreading:
+            more: list[int | None] = list(self._new_nodes_for(replicas, self._slots())[0])
+        else:
+            more = [None] * (-(-replicas // self.pods_per_node) - len(self.nodes))
+        self._ready_nodes(more)
+
+    def _ready_nodes(self, zones: list[int] | list[int | None]) -> None:
+        """Nodes ready at time 0 with the image, one in each of ``zones`` (``None``: balanced)."""
+        for zone in zones:
+            node = self._add(0.0, ready=True, zone=zone)
             if node is None:
                 break
             node.image_at_s = 0.0
@@ -144,7 +184,7 @@ class NodePool:
         room that the skew allows, the one with the fewest pods (the oldest of them), as PodTopologySpread
         filters and scores (``pkg/scheduler/framework/plugins/podtopologyspread``, re-implemented)."""
         pg = self.pod_gpus
-        if self._skew is None:
+        if not self._spreading:
             for node in self.nodes:
                 if node.free >= pg:
                     return node
@@ -153,42 +193,72 @@ class NodePool:
         k = self._pick([self._slot(n) for n in domains])
         return None if k is None else domains[k]
 
+    def _zone_pods(self, slots: list[list[int]]) -> list[int]:
+        """The Deployment's pods in each zone, over ``slots``."""
+        pods = [0] * self.zones
+        for count, _, zone in slots:
+            pods[zone] += count
+        return pods
+
     def _pick(self, slots: list[list[int]]) -> int | None:
-        """Which of ``slots`` (``[pods on a node, free pod slots]``) the spread puts the next pod on: one with a
-        free slot whose pods would be at most ``max_skew`` above the fewest (0 while fewer than ``min_nodes``
-        nodes count), the one with the fewest pods, the first of those; ``None`` when none may take it."""
-        assert self._skew is not None
-        counts = [c for c, _ in slots]
-        floor = 0 if len(counts) < self._min_nodes or not counts else min(counts)
+        """Which of ``slots`` (``[pods on a node, free pod slots, zone]``) the spreads put the next pod on: one
+        with a free slot whose pods would be at most ``pods.spread.max_skew`` above the fewest on a node (0
+        while fewer than ``min_nodes`` nodes count), in a zone whose pods would be at most
+        ``pods.zone_spread.max_skew`` above the fewest in a zone (0 while fewer than ``min_zones`` zones
+        count); with ``pods.spread`` the one with the fewest pods, else (packed within the zones allowed) the
+        first; ``None`` when none may take it."""
+        skew, zskew = self._skew, self._zskew
+        allowed_zone = None
+        if zskew is not None:
+            zpods = self._zone_pods(slots)
+            domains = {zone for _, _, zone in slots}
+            zfloor = 0 if len(domains) < self._min_zones or not domains else min(zpods[z] for z in domains)
+            allowed_zone = [zpods[z] + 1 - zfloor <= zskew for z in range(self.zones)]
+        floor = 0
+        if skew is not None:
+            floor = 0 if len(slots) < self._min_nodes or not slots else min(c for c, _, _ in slots)
         best = None
-        for k, (count, room) in enumerate(slots):
-            if room > 0 and count + 1 - floor <= self._skew and (best is None or count < counts[best]):
+        for k, (count, room, zone) in enumerate(slots):
+            if room <= 0 or (allowed_zone is not None and not allowed_zone[zone]):
+                continue
+            if skew is None:
+                return k  # packed within the zones allowed: the oldest node with room
+            if count + 1 - floor <= skew and (best is None or count < slots[best][0]):
                 best = k
         return best
 
-    def _new_nodes_for(self, pods: int, slots: list[list[int]]) -> int:
-        """How many new, empty nodes ``pods`` more pods need under the spread, beyond ``slots`` (one
-        ``[pods on it, free pod slots]`` per node counted; changed in place), as cluster-autoscaler's
-        simulation of the scheduler would find."""
-        new = 0
-        for _ in range(pods):
+    def _new_nodes_for(self, pods: int, slots: list[list[int]]) -> tuple[list[int], int]:
+        """The zones of the new, empty nodes ``pods`` more pods need under the spreads, beyond ``slots`` (one
+        ``[pods on it, free pod slots, zone]`` per node counted; changed in place), as cluster-autoscaler's
+        simulation of the scheduler would find: a new node goes to the zone with the fewest of the pods
+        (under ``pods.zone_spread``) or the fewest nodes; and how many pods no node could take (every zone
+        down, or the spreads allow none even on a new node)."""
+        new: list[int] = []
+        for placed in range(pods):
             k = self._pick(slots)
             if k is None:
-                slots.append([0, self.pods_per_node])
+                zone = self._balanced_zone(new, self._zone_pods(slots) if self._zskew is not None else None)
+                if zone is None:
+                    return new, pods - placed
+                slots.append([0, self.pods_per_node, zone])
                 k = len(slots) - 1
-                new += 1
+                if self._pick(slots) != k:  # the spreads allow no pod even on a new node
+                    slots.pop()
+                    return new, pods - placed
+                new.append(zone)
             slots[k][0] += 1
             slots[k][1] -= 1
-        return new
+        return new, 0
 
     def _slots(self) -> list[list[int]]:
-        """``[pods, free pod slots]`` of each counted node and each node being provisioned."""
-        return [self._slot(n) for n in self.nodes if n.schedulable or (n.ready_s is None and n.removed_s is None)]
+        """``[pods, free pod slots, zone]`` of each counted node and each node being provisioned in a zone up."""
+        return [self._slot(n) for n in self.nodes if n.schedulable or (
+            n.ready_s is None and n.removed_s is None and n.zone not in self.zones_down)]
 
     def _slot(self, n: Node) -> list[int]:
-        """``[pods on n, free pod slots on n]``, for ``_new_nodes_for``."""
+        """``[pods on n, free pod slots on n, its zone]``, for ``_new_nodes_for``."""
         pg = self.pod_gpus
-        return [n.used // pg, (n.gpus - n.used) // pg]
+        return [n.used // pg, (n.gpus - n.used) // pg, n.zone]
 
     def release(self, node: Node | None, now: float) -> None:
         """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
@@ -201,13 +271,14 @@ class NodePool:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
         if not self.limited or waiting <= 0:
             return
-        if self._skew is not None:  # where the skew lets them go, on the nodes there and those coming
-            needed = self._new_nodes_for(waiting, self._slots())
+        if self._spreading:  # where the skews let them go, on the nodes there and those coming
+            zones: list[int | None] = list(self._new_nodes_for(waiting, self._slots())[0])
         else:
-            coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None)
-            needed = math.ceil(max(waiting - coming, 0) / self.pods_per_node)
-        for _ in range(needed):
-            node = self._add(now, ready=False)
+            coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None
+                                              and n.zone not in self.zones_down)
+            zones = [None] * math.ceil(max(waiting - coming, 0) / self.pods_per_node)
+        for zone in zones:
+            node = self._add(now, ready=False, zone=zone)
             if node is None:
                 return
             self.last_add_s = now
@@ -216,6 +287,8 @@ class NodePool:
 
     def _node_ready(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)
+        if node.removed_s is not None:
+            return  # lost with its zone while it booted
         now = self.sim.env.now
         node.ready_s = now
         self.sim.faults.node_ready(node)
@@ -246,6 +319,17 @@ class NodePool:
             return
         due = [n for n in live if n.unneeded_since is not None
                and now - n.unneeded_since >= spec.scale_down_unneeded_time_s]
+        if spec.min_nodes_per_zone:  # no node group below its minimum size
+            size = [0] * self.zones
+            for n in self.nodes:
+                if n.removed_s is None:
+                    size[n.zone] += 1
+            keep = []
+            for n in due:
+                if size[n.zone] > spec.min_nodes_per_zone:
+                    size[n.zone] -= 1
+                    keep.append(n)
+            due = keep
         for n in due:
             if n.used == 0:
                 self._remove(n, now)
@@ -256,10 +340,11 @@ class NodePool:
             if n.used == 0:
                 continue
             pods = n.used // self.pod_gpus
-            if self._skew is not None:  # they must fit the spread on the nodes that stay
+            if self._spreading:  # they must fit the spreads on the nodes that stay
                 stay = [self._slot(m) for m in self.nodes if m is not n and m.schedulable
                         and not (m in due and m.used == 0)]
-                fits = self._new_nodes_for(pods, stay) == 0
+                new, unplaced = self._new_nodes_for(pods, stay)
+                fits = not new and not unplaced
             else:
                 room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
                            and not (m in due and m.used == 0))  # pods the other nodes can take
@@ -286,6 +371,27 @@ class NodePool:
         if node.removed_s is None and node.failed_s == failed_s:  # not back meanwhile
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
+
+    def zone_failed(self, zone: int, now: float, duration_s: float | None) -> None:
+        """``zone`` is dark from ``now`` (for ``duration_s``, or for good): no node is added there, and the
+        nodes booting there are lost (removed now: the cloud reports the instances failed, and
+        cluster-autoscaler provisions elsewhere for their pods). Its ready nodes are failed by the caller."""
+        back = math.inf if duration_s is None else now + duration_s
+        if back > self.zones_down.get(zone, -math.inf):
+            self.zones_down[zone] = back
+            if duration_s is not None:
+                Timeout(self.sim.env, duration_s, (zone, back)).callbacks.append(self._zone_back)
+        booting = [n for n in self.nodes if n.zone == zone and n.ready_s is None and n.removed_s is None]
+        for n in booting:
+            self._remove(n, now)
+        if booting:
+            self._on_node_ready(now)  # their pods wait for nodes elsewhere
+
+    def _zone_back(self, ev: Timeout) -> None:
+        zone, back = cast(tuple[int, float], ev.value)
+        if self.zones_down.get(zone) == back:  # not failed again for longer meanwhile
+            del self.zones_down[zone]
+            self._on_node_ready(self.sim.env.now)  # nodes may be added there again
 
     def healed(self, node: Node) -> None:
         """A failed node is reachable again (a partition healed): schedulable, and it may fail again."""

@@ -34,8 +34,18 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``spread-over-gpus`` (fail): ``pods.spread.min_nodes`` more nodes than ``cluster.max_gpus`` holds: while
   fewer nodes than that are schedulable the spread counts the fewest pods on a node as 0, so each node
   takes at most ``max_skew`` pods and the rest of the peak stays Pending.
-* ``spread-without-cluster`` (warn): ``pods.spread`` without a ``cluster`` section, where every simulated pod
-  has a node of its own and the spread changes nothing (the export still writes it).
+* ``spread-without-cluster`` (warn): ``pods.spread`` or ``pods.zone_spread`` without a ``cluster`` section,
+  where every simulated pod has a node of its own and the spread changes nothing (the export still writes it).
+* ``spread-over-zones`` (fail): ``pods.zone_spread.min_zones`` more zones than ``cluster.zones``: each zone
+  then takes at most ``max_skew`` pods and the rest of the peak stays Pending.
+* ``zone-spread-one-zone`` (warn): ``pods.zone_spread`` in a cluster of one zone, where it changes nothing.
+* ``zone-spread-empty-zones`` (warn): ``pods.zone_spread`` with neither ``min_zones`` nor
+  ``cluster.min_nodes_per_zone``: a zone with no GPU node is no domain of the constraint, so the pods fill
+  the zones that have nodes before cluster-autoscaler adds one elsewhere.
+* ``zone-failure-no-room`` (warn): a zone can fail (``faults.zone_failures``) but the nodes left beyond those
+  the fleet's peak fills cannot hold the pods of the failed zone (its nodes count toward ``max_gpus`` until
+  cluster-autoscaler removes them), or ``pods.zone_spread.min_zones`` takes every zone (after a zone fails
+  fewer count, and each zone takes at most ``max_skew`` pods), or the cluster has one zone (nothing is left).
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -106,6 +116,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _disruption_budget(scenario)
     findings += _node_failure_room(scenario)
     findings += _spread_over_gpus(scenario)
+    findings += _zones(scenario)
     findings += _scale_down_window(scenario)
     return findings
 
@@ -375,6 +386,65 @@ def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
         f"{nodes} of {cluster.node_gpus} GPUs: with fewer nodes than min_nodes each takes at most max_skew "
         f"({spread.max_skew}) pods, {nodes * spread.max_skew} in all, and the rest of the peak of {peak} stays "
         "Pending", check="spread-over-gpus")]
+
+
+def _zones(scenario: Scenario) -> list[Finding]:
+    """The zone spread against the cluster's zones, and the room a zone's outage leaves."""
+    zs, cluster, faults = scenario.pods.zone_spread, scenario.cluster, scenario.faults
+    if cluster is None:
+        if zs is None:
+            return []
+        return [Finding(
+            "pods.zone_spread", "set without a cluster section: every simulated pod has a node of its own, so "
+            "the spread changes nothing here (the export still writes it); add a cluster section with zones "
+            "to plan it", level="warn", check="spread-without-cluster")]
+    zones = cluster.zones
+    peak = max_pods(scenario)
+    found = []
+    if zs is not None and zs.min_zones is not None and zs.min_zones > zones and peak > zones * zs.max_skew:
+        found.append(Finding(
+            "pods.zone_spread.min_zones", f"{zs.min_zones} zones asked, but cluster.zones is {zones}: with fewer "
+            f"zones than min_zones each takes at most max_skew ({zs.max_skew}) pods, {zones * zs.max_skew} in "
+            f"all, and the rest of the peak of {peak} stays Pending", check="spread-over-zones"))
+    elif zs is not None and zones == 1:
+        found.append(Finding(
+            "pods.zone_spread", "set in a cluster of one zone (cluster.zones 1): it changes nothing here (the "
+            "export still writes it)", level="warn", check="zone-spread-one-zone"))
+    elif zs is not None and zs.min_zones is None and not cluster.min_nodes_per_zone:
+        found.append(Finding(
+            "pods.zone_spread", "without min_zones or cluster.min_nodes_per_zone a zone with no GPU node is not "
+            "counted, so the pods fill the zones that have nodes before cluster-autoscaler adds one elsewhere; "
+            "keep a node in each zone (cluster.min_nodes_per_zone: 1) or set min_zones",
+            level="warn", check="zone-spread-empty-zones"))
+    if faults is None or not faults.zone_failures:
+        return found
+    per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
+    nodes = cluster.max_gpus // cluster.node_gpus
+    if zones == 1:
+        found.append(Finding(
+            "cluster.zones", "1: a zone failure takes every node, and no node can be added until the zone is "
+            "back", level="warn", check="zone-failure-no-room"))
+        return found
+    if zs is not None:  # the peak spread evenly: a zone holds its share, on nodes of its own
+        lost_pods = -(-peak // zones)
+        filled = zones * -(-lost_pods // per_node)
+    else:  # packed on nodes kept balanced over the zones
+        filled = -(-peak // per_node)
+        lost_pods = min(peak, -(-filled // zones) * per_node)
+    if zs is not None and zs.min_zones is not None and zs.min_zones >= zones and peak > (zones - 1) * zs.max_skew:
+        found.append(Finding(
+            "pods.zone_spread.min_zones", f"{zs.min_zones} takes every zone (cluster.zones {zones}): when a zone "
+            f"fails fewer than min_zones are left, the spread counts the fewest pods as 0 and each zone takes at "
+            f"most max_skew ({zs.max_skew}) pods, so the failed zone's pods are not replaced until it is back",
+            level="warn", check="zone-failure-no-room"))
+    elif nodes - filled < -(-lost_pods // per_node):
+        found.append(Finding(
+            "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}; the peak of "
+            f"{peak} pods fills {filled}, and a zone's outage takes about {lost_pods} pods whose replacements "
+            f"need {-(-lost_pods // per_node)} node(s) more: they stay Pending until cluster-autoscaler removes "
+            "the dead nodes (cluster.scale_down_unready_time_s) or the zone is back; leave room for them",
+            level="warn", check="zone-failure-no-room"))
+    return found
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
