@@ -45,6 +45,14 @@ def test_load_scenario_applies_the_sets_and_names_a_value_that_does_not_validate
     assert load_scenario(path) == Scenario.from_yaml(path)
     with pytest.raises(SettingsError, match=r"s\.yaml: with --set pods\.replicas=-1: pods\.replicas must be >= 0"):
         load_scenario(path, ["pods.replicas=-1"])
+    # null clears a setting that may be none, and is refused, naming the field, where one is required
+    assert load_scenario(path, ["autoscaler={minReplicas: 1, maxReplicas: 2, metrics: [{type: Pods, pods: {"
+                                "metric: {name: capsim_queue_depth}, target: {type: AverageValue, "
+                                "averageValue: '4'}}}]}"]).autoscaler is not None
+    sc = load_scenario(path, ["router.outlier_ejection=null"])
+    assert Scenario.from_yaml(path).router.outlier_ejection is not None and sc.router.outlier_ejection is None
+    with pytest.raises(SettingsError, match=r"with --set pods\.replicas=None: pods\.replicas"):
+        load_scenario(path, ["pods.replicas=null"])
 
 
 def test_simulate_with_a_set_is_the_overridden_scenario(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ Echo = Callable[[str], Any]
 
 def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
     """``--set PATH=VALUE`` options -> dotted overrides; each value is read as YAML (``4`` an int, ``true`` a
-    bool, ``[1, 2]`` a list, ``{kind: constant, value: 8}`` a section). A path that names no setting is a
+    bool, ``[1, 2]`` a list, ``{kind: constant, value: 8}`` a section, ``null`` none: a section left out). A path that names no setting is a
     ``SettingsError`` naming the option and the closest known setting; a later ``--set`` of the same path
     wins, as a later ``include`` does."""
     import yaml
@@ -34,14 +34,13 @@ def parse_sets(sets: Sequence[str]) -> dict[str, Any]:
         path = path.strip()
         if not eq or not path:
             raise SettingsError(f"--set {item!r}: expected PATH=VALUE, e.g. --set pods.replicas=4")
+        if not text.strip():
+            raise SettingsError(f"--set {path}: no value after '=' (null clears a setting that may be none)")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = yaml.safe_load(text)  # null: none, for a section or setting that may be left out
         except yaml.YAMLError as exc:
             why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise SettingsError(f"--set {path}: the value {text!r} is not YAML ({why})") from None
-        if value is None:
-            raise SettingsError(f"--set {path}: no value after '='" if not text.strip()
-                                else f"--set {path}: null is not a value to set")
         check_paths([path], f"--set {path}")
         out[path] = value
     return out
