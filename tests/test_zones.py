@@ -63,6 +63,26 @@ def test_new_nodes_go_to_the_zone_with_the_fewest() -> None:
     assert [n.zone for n in sim.cluster.nodes.nodes] == [0, 1, 2, 0, 1]
 
 
+def test_scale_down_keeps_each_zones_minimum_of_nodes() -> None:
+    # two pods on zone 0's first node; three more nodes, empty, are the zones' minimum of 2: every node is
+    # unneeded (under half its GPUs requested), but none goes
+    sc = _scenario(**{"pods.replicas": 2, "cluster.min_nodes_per_zone": 2, "cluster.scale_down_enabled": True,
+                      "cluster.scale_down_unneeded_time_s": 30, "cluster.scale_down_delay_after_add_s": 0,
+                      "horizon_s": 300})
+    sim, res = _run(sc)
+    assert [(n.zone, n.used) for n in sim.cluster.nodes.nodes] == [(0, 2), (0, 0), (1, 0), (1, 0)]
+    assert (res.timeseries["node_gpus"] == 32).all()
+    # 40 pods fill five nodes; the HPA takes them down to 2 and the fifth node, above the minimum, goes
+    sim, res = _run(sc.override({"pods.replicas": 40, "horizon_s": 900,
+                                 "autoscaler": {"minReplicas": 2, "maxReplicas": 40, "metrics": [
+                                     {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                                               "target": {"type": "AverageValue",
+                                                                          "averageValue": "50"}}}]}}))
+    ts = res.timeseries
+    assert ts["node_gpus"].iloc[0] == 40 and ts["node_gpus"].iloc[-1] == 32
+    assert sorted(n.zone for n in sim.cluster.nodes.nodes if n.removed_s is None) == [0, 0, 1, 1]
+
+
 @pytest.mark.parametrize(("zones", "zone_spread", "least", "per_zone"), [
     (2, None, 0, [8, 0]),  # packed: one 8-GPU node holds all 8
     (2, {"max_skew": 1}, 0, [8, 0]),  # zone 1 has no node: no domain, so no skew over it
