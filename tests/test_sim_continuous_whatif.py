@@ -51,3 +51,18 @@ def test_a_fleet_that_must_survive_a_node_failure_keeps_its_nodes_and_needs_more
     assert plain.pods is not None and survive.pods is not None
     assert survive.pods > plain.pods  # 1 against 4: a node with the only pod takes the service down
     assert survive.summary["crashes"] == 2  # the failure took a node's two pods in the run that met the SLO
+
+
+def test_a_fleet_that_must_survive_a_zone_outage_keeps_a_zones_share_of_nodes_spare() -> None:
+    # three zones, two pods a node: 6 pods fill 3 nodes; a zone's outage needs room for a zone's share (one
+    # node); spread over the zones with a node kept in each, 7 pods are 3, 2 and 2: two nodes in each zone
+    sc = Scenario.from_yaml("data/scenarios/friday_rush_continuous.yaml").override(SHORT)
+    failing = sc.override({"cluster.node_gpus": 2, "cluster.zones": 3,
+                           "faults": {"zone_failures": [{"at_s": 35, "zone": 0}]}})
+    fleet = fixed_fleet(failing, 6)
+    assert fleet.cluster is not None and (fleet.cluster.max_gpus, fleet.cluster.scale_down_enabled) == ((3 + 1) * 2, False)
+    spread = fixed_fleet(failing.override({"pods.zone_spread": {"max_skew": 1}, "cluster.min_nodes_per_zone": 1}), 7)
+    assert spread.cluster is not None and spread.cluster.max_gpus == (6 + 2) * 2
+    plain, survive = pods_needed(sc, max_replicas=8), pods_needed(failing, max_replicas=8)
+    assert plain.pods is not None and survive.pods is not None and survive.pods > plain.pods
+    assert survive.summary["crashes"] >= 1 and survive.summary["slo_met"]  # it ran with the zone dark
