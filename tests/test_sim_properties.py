@@ -63,6 +63,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             data["pods"]["spread"] = {"max_skew": draw(st.integers(1, 2)),
                                       "min_nodes": draw(st.one_of(st.none(), st.integers(1, 4)))}
         zones = data["cluster"]["zones"] = draw(st.integers(1, 3))
+        if draw(st.booleans()):  # a zone's stock of GPUs: whole nodes of node_gpus within it
+            data["cluster"]["max_gpus_per_zone"] = data["cluster"]["node_gpus"] * draw(st.integers(1, 2))
         if draw(st.booleans()):  # spread over zones, some of which go dark
             data["pods"]["zone_spread"] = {"max_skew": draw(st.integers(1, 2)),
                                            "min_zones": draw(st.one_of(st.none(), st.integers(1, 3)))}

@@ -232,3 +232,26 @@ def test_the_export_writes_the_zone_constraint_beside_the_hostname_one() -> None
     readme = render_readme(sc, target, numbers=None, findings=[])
     assert "| spread over zones (`topologySpreadConstraints`) | maxSkew 1, minDomains 3 |" in readme
     assert "pin the pods to the GPU node group with a `nodeSelector`" in readme
+    readme = render_readme(sc.override({"cluster.zones": 3, "cluster.min_nodes_per_zone": 1}), target, numbers=None,
+                           findings=[])
+    assert ("- the GPU nodes in 3 availability zones, one node group per zone of minimum size 1, kept balanced "
+            "(cluster-autoscaler `--balance-similar-node-groups=true`)") in readme
+
+
+def test_a_zones_gpu_cap_sends_new_nodes_elsewhere_and_leaves_the_rest_pending() -> None:
+    # 24 one-GPU pods on 8-GPU nodes need three nodes: 16 GPUs a zone allow zones 0, 1, 0; 8 a zone only two
+    # nodes, so 8 pods stay Pending, and the check counts the cap
+    sim, _ = _run(_scenario(**{"pods.replicas": 24, "cluster.max_gpus_per_zone": 16}))
+    assert [n.zone for n in sim.cluster.nodes.nodes] == [0, 1, 0]
+    capped = _scenario(**{"pods.replicas": 24, "cluster.max_gpus_per_zone": 8})
+    sim, res = _run(capped)
+    assert [n.zone for n in sim.cluster.nodes.nodes] == [0, 1]
+    assert (res.timeseries["ready_replicas"] == 16).all() and (res.timeseries["pending_replicas"] == 8).all()
+    assert capped.cluster is not None and capped.cluster.pods_held(1) == 16
+    grow = capped.override({"pods.replicas": 8, "autoscaler": {"minReplicas": 8, "maxReplicas": 24, "metrics": [
+        {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                  "target": {"type": "AverageValue", "averageValue": "8"}}}]}})
+    (f,) = [f for f in run_checks(grow) if f.check == "max-replicas-over-gpus"]
+    assert "the cluster holds 16" in f.message and "at most 8 in each of 2 zones" in f.message
+    with pytest.raises(SettingsError, match="max_gpus_per_zone must hold"):
+        _scenario(**{"cluster.max_gpus_per_zone": 4})

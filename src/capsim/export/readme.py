@@ -242,6 +242,11 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                 f"`--scan-interval={c.scan_interval_s:g}s`")
         else:
             lines.append("- cluster-autoscaler: `--scale-down-enabled=false` (nodes are never removed)")
+        if c.zones > 1:
+            cap = (f" and maximum {c.max_gpus_per_zone // c.node_gpus}" if c.max_gpus_per_zone is not None else "")
+            lines.append(f"- the GPU nodes in {c.zones} availability zones, one node group per zone of minimum size "
+                         f"{c.min_nodes_per_zone}{cap}, kept balanced (cluster-autoscaler "
+                         "`--balance-similar-node-groups=true`)")
     probe = scenario.pods.readiness_probe
     lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "

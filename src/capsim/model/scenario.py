@@ -618,6 +618,9 @@ class ClusterSpec(_Section):
         0, ge=0, description="each zone's node group minimum size: nodes there from the start, empty or not, "
                              "that scale-down never takes below (a zone with no node is no domain of "
                              "pods.zone_spread)")
+    max_gpus_per_zone: Int | None = Field(
+        None, ge=1, description="GPUs one zone's node group may have (its maximum size, or what the zone has in "
+                                "stock): whole nodes within it; none: only max_gpus bounds them")
     node_provision_s: Float = Field(240.0, ge=0)
     billing: Literal["node", "pod"] = Field(
         "node", description="node: every GPU of a node from its creation to its removal; pod: GPUs pods hold"
@@ -644,15 +647,27 @@ class ClusterSpec(_Section):
         """Pods of ``gpus_per_pod`` GPUs one node holds (a pod's GPUs share its node)."""
         return self.node_gpus // gpus_per_pod
 
+    @property
+    def max_nodes(self) -> int:
+        """Nodes the cluster may have at once: whole nodes within ``max_gpus`` and each zone's
+        ``max_gpus_per_zone``."""
+        nodes = self.max_gpus // self.node_gpus
+        if self.max_gpus_per_zone is not None:
+            nodes = min(nodes, self.zones * (self.max_gpus_per_zone // self.node_gpus))
+        return nodes
+
     def pods_held(self, gpus_per_pod: int) -> int:
-        """Pods the node group holds at most: whole nodes within ``max_gpus``, each ``pods_per_node``."""
-        return self.max_gpus // self.node_gpus * self.pods_per_node(gpus_per_pod)
+        """Pods the node groups hold at most: ``max_nodes`` nodes, each ``pods_per_node``."""
+        return self.max_nodes * self.pods_per_node(gpus_per_pod)
 
     @model_validator(mode="after")
     def _whole_node(self) -> Self:
         if self.max_gpus < self.node_gpus:
             raise ValueError(f"max_gpus must hold one whole node of node_gpus ({self.node_gpus}) GPUs, got "
                              f"{self.max_gpus}")
+        if self.max_gpus_per_zone is not None and self.max_gpus_per_zone < max(self.min_nodes_per_zone, 1) * self.node_gpus:
+            raise ValueError(f"max_gpus_per_zone must hold max(min_nodes_per_zone, 1) ({max(self.min_nodes_per_zone, 1)}) "
+                             f"whole nodes of node_gpus ({self.node_gpus}) GPUs, got {self.max_gpus_per_zone}")
         if self.min_nodes_per_zone * self.zones * self.node_gpus > self.max_gpus:
             raise ValueError(f"max_gpus must hold min_nodes_per_zone ({self.min_nodes_per_zone}) nodes of node_gpus "
                              f"({self.node_gpus}) GPUs in each of the {self.zones} zones, got {self.max_gpus}")

@@ -120,27 +120,38 @@ class NodePool:
             zone = self._balanced_zone([])
             if zone is None:
                 return None
+        elif not self._zone_has_room(zone, []):
+            return None
         node = Node(len(self.nodes), self.node_gpus, now, now if ready else None, zone)
         self.nodes.append(node)
         return node
 
     def _balanced_zone(self, added: list[int], pods: list[int] | None = None) -> int | None:
-        """The zone cluster-autoscaler adds the next node in: among the zones up, the one with the fewest
-        nodes (the node groups kept balanced), the first of those; with ``pods`` (the Deployment's pods per
-        zone, for ``pods.zone_spread``) the one with the fewest pods first. ``added``: zones of nodes about to
-        be added. ``None`` when every zone is down."""
+        """The zone cluster-autoscaler adds the next node in: among the zones up with room for a node
+        (``max_gpus_per_zone``), the one with the fewest nodes (the node groups kept balanced), the first of
+        those; with ``pods`` (the Deployment's pods per zone, for ``pods.zone_spread``) the one with the fewest
+        pods first. ``added``: zones of nodes about to be added. ``None`` when no zone can take a node."""
         count = [0] * self.zones
         for n in self.nodes:
             if n.removed_s is None:
                 count[n.zone] += 1
         for z in added:
             count[z] += 1
-        up = [z for z in range(self.zones) if z not in self.zones_down]
+        up = [z for z in range(self.zones) if z not in self.zones_down and self._zone_has_room(z, added)]
         if not up:
             return None
         if pods is None:
             return min(up, key=lambda z: (count[z], z))
         return min(up, key=lambda z: (pods[z], count[z], z))
+
+    def _zone_has_room(self, zone: int, added: list[int]) -> bool:
+        """Whether a whole node more in ``zone`` stays within ``cluster.max_gpus_per_zone`` (``added``: zones of
+        nodes about to be added)."""
+        cap = self._spec.max_gpus_per_zone if self._spec is not None else None
+        if cap is None:
+            return True
+        held = sum(n.gpus for n in self.nodes if n.zone == zone and n.removed_s is None)
+        return held + (added.count(zone) + 1) * self.node_gpus <= cap
 
     def start(self, replicas: int) -> None:
         """Time 0: each zone's minimum of nodes (``min_nodes_per_zone``), then enough ready nodes, with the

@@ -323,7 +323,9 @@ def _gpus(scenario: Scenario) -> list[Finding]:
     each = "one GPU" if tp == 1 else f"{tp} GPUs (batching.tensor_parallel_size)"
     return [Finding(
         "autoscaler.maxReplicas", f"{auto.max_replicas} pods of {each} each, but the cluster holds {holds} "
-        f"(cluster.max_gpus {cluster.max_gpus} in whole nodes of {cluster.node_gpus}): the rest stay Pending",
+        f"(cluster.max_gpus {cluster.max_gpus} in whole nodes of {cluster.node_gpus}"
+        + (f", at most {cluster.max_gpus_per_zone} in each of {cluster.zones} zones"
+           if cluster.max_gpus_per_zone is not None else "") + "): the rest stay Pending",
         check="max-replicas-over-gpus")]
 
 
@@ -352,7 +354,7 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
     per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
     needed = -(-peak // per_node)
     min_nodes = scenario.pods.spread_min_nodes
-    nodes = cluster.max_gpus // cluster.node_gpus
+    nodes = cluster.max_nodes
     if nodes > max(needed, min_nodes):
         return []
     gone = (f"{cluster.scale_down_unready_time_s:g} s after it fails (cluster.scale_down_unready_time_s)"
@@ -377,7 +379,7 @@ def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
             level="warn", check="spread-without-cluster")]
     if spread is None or spread.min_nodes is None or cluster is None:
         return []
-    nodes = cluster.max_gpus // cluster.node_gpus
+    nodes = cluster.max_nodes
     peak = max_pods(scenario)
     if spread.min_nodes <= nodes or peak <= nodes * spread.max_skew:
         return []
@@ -419,7 +421,7 @@ def _zones(scenario: Scenario) -> list[Finding]:
     if faults is None or not faults.zone_failures:
         return found
     per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
-    nodes = cluster.max_gpus // cluster.node_gpus
+    nodes = cluster.max_nodes
     if zones == 1:
         found.append(Finding(
             "cluster.zones", "1: a zone failure takes every node, and no node can be added until the zone is "
