@@ -6,16 +6,21 @@ the constraint."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from capsim.cli import app
 from capsim.export import build_all
 from capsim.export.readme import render_readme
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.sim.simulate import Simulation
+from capsim.sim.nodes import NODE_COLUMNS
+from capsim.sim.simulate import Simulation, simulate
 from capsim.studies.checks import run_checks
 
 FAIL_S = 100.0
@@ -255,3 +260,27 @@ def test_a_zones_gpu_cap_sends_new_nodes_elsewhere_and_leaves_the_rest_pending()
     assert "the cluster holds 16" in f.message and "at most 8 in each of 2 zones" in f.message
     with pytest.raises(SettingsError, match="max_gpus_per_zone must hold"):
         _scenario(**{"cluster.max_gpus_per_zone": 4})
+
+
+def test_the_run_lists_its_nodes_and_where_each_pod_went(tmp_path: Path) -> None:
+    # zone 0 dark at 100 s for good, packed: node 0 (zone 0) fails and stays failed; its 8 pods' replacements
+    # are placed on node 1 (zone 1) after the eviction; the nodes' GPU-hours are the summary's
+    sc = _scenario(**{"faults.zone_failures": [{"at_s": FAIL_S, "zone": 0}], "warmup_s": 0})
+    res = simulate(sc, seed=0)
+    nodes = res.nodes.set_index("node")
+    assert list(nodes["zone"]) == [0, 1] and list(nodes["failures"]) == [1, 0]
+    assert list(nodes["failed_at_end"]) == [True, False] and nodes.loc[1, "ready_s"] == EVICTED_S + 60
+    assert nodes["gpu_hours"].sum() == pytest.approx(res.summary.node_gpu_hours)
+    p = res.placements
+    assert len(p) == 16 and (p.loc[:7, ["time_s", "node", "zone"]].to_numpy() == [0.0, 0, 0]).all()
+    assert (p.loc[8:, "node"] == 1).all() and (p.loc[8:, "time_s"] == EVICTED_S + 60).all()
+    assert set(p.loc[8:, "pod"]) == set(range(8, 16))
+    assert simulate(_scenario(**{"cluster": None}), seed=0).nodes.empty
+    # capsim simulate --out writes both beside the requests
+    result = CliRunner().invoke(app, ["simulate", "data/scenarios/zone_outage.yaml", "--set", "horizon_s=60",
+                                      "--set", "warmup_s=0", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "nodes.csv, placements.csv" in result.output
+    written = pd.read_csv(tmp_path / "nodes.csv")
+    assert list(written.columns) == NODE_COLUMNS and list(written["zone"]) == [0, 1, 2]
+    assert len(pd.read_csv(tmp_path / "placements.csv")) == 9

@@ -355,9 +355,14 @@ def simulate(
         result.requests.to_csv(out / "requests.csv", index=False)
         result.timeseries.to_csv(out / "timeseries.csv", index=False)
         result.scale_events.to_csv(out / "scale_events.csv", index=False)
+        written = ["requests.csv", "timeseries.csv", "scale_events.csv"]
+        if sc.cluster is not None:  # the GPU nodes and where each pod went
+            result.nodes.to_csv(out / "nodes.csv", index=False)
+            result.placements.to_csv(out / "placements.csv", index=False)
+            written += ["nodes.csv", "placements.csv"]
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
-        typer.echo(f"wrote {out}/requests.csv, timeseries.csv, scale_events.csv, summary.json")
+        typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")
 
 
 @app.command()

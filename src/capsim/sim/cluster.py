@@ -64,6 +64,7 @@ class Cluster:
         self.nodes = NodePool(sim, self._place, self._evict, self._may_evict)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
+        self.placements: list[tuple[float, int, int, int]] = []  # (time, pod, node, zone), with a cluster section
         self._backoff: dict[int, ContainerBackOff] = {}  # pod id -> the kubelet's backoff entry
         self._running: set[int] = set()  # pods whose container runs (started, not crashed)
         self.restarts = 0  # container restarts by the kubelet
@@ -145,7 +146,9 @@ class Cluster:
         self.nodes.provision_for(len(self._pending), now)
 
     def _take_gpu(self, pod: Pod, now: float) -> None:
-        self._node[pod.id] = self.nodes.take()
+        node = self._node[pod.id] = self.nodes.take()
+        if node is not None:
+            self.placements.append((now, pod.id, node.id, node.zone))
         pod.gpu_since = now
         self._probe_origin[pod.id] = now
 

@@ -41,11 +41,15 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 
+NODE_COLUMNS = ["node", "zone", "gpus", "created_s", "ready_s", "removed_s", "failures", "failed_at_end",
+                "gpu_hours"]
+
+
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
-    __slots__ = ("cordoned", "created_s", "failed_s", "gpus", "id", "image_at_s", "ready_s", "removed_s",
-                 "unneeded_since", "used", "zone")  # used: GPUs its pods hold
+    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "ready_s",
+                 "removed_s", "unneeded_since", "used", "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0) -> None:
         self.id = node_id
@@ -59,6 +63,7 @@ class Node:
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
         self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
+        self.failures = 0  # how often it failed (a partition that heals may be followed by another)
 
     @property
     def schedulable(self) -> bool:
@@ -373,6 +378,7 @@ class NodePool:
         spec = self._spec
         assert spec is not None
         node.failed_s = now
+        node.failures += 1
         if spec.scale_down_enabled:
             ev = Timeout(self.sim.env, spec.scale_down_unready_time_s, (node, now))
             ev.callbacks.append(self._unready_gone)
@@ -429,6 +435,19 @@ class NodePool:
         return max(node.image_at_s - now, 0.0)
 
     # ---- accounting ------------------------------------------------------------------------------
+    def frame(self, horizon_s: float) -> Any:
+        """The nodes of the run, one row each (``SimResult.nodes``): when each was created, ready and removed
+        (NaN: not in the run), its zone, GPUs, failures and GPU-hours billed to ``horizon_s``."""
+        import pandas as pd
+
+        nan = math.nan
+        rows = [(n.id, n.zone, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
+                 nan if n.removed_s is None else n.removed_s, n.failures, n.failed_s is not None,
+                 n.gpus * (min(horizon_s if n.removed_s is None else n.removed_s, horizon_s) - n.created_s) / 3600.0)
+                for n in self.nodes]
+        return pd.DataFrame(rows, columns=NODE_COLUMNS)
+
+
     def gpus_now(self) -> float:
         """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
         return float(sum(n.gpus for n in self._live())) if self.limited else math.nan

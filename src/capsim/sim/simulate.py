@@ -59,6 +59,8 @@ class SimResult:
     crashes: Any  # DataFrame: time_s, pod, kind
     provenance: dict[str, Any] = field(default_factory=dict)
     skipped_crashes: Any = None  # DataFrame: time_s, pod (-1: any), why; scheduled crashes with no pod to crash
+    nodes: Any = None  # DataFrame, capsim.sim.nodes.NODE_COLUMNS: the GPU nodes (empty without a cluster section)
+    placements: Any = None  # DataFrame: time_s, pod, node, zone; where each pod was placed (with a cluster section)
 
 
 class Simulation:
@@ -235,6 +237,8 @@ class Simulation:
             scale_events=pd.DataFrame(self.cluster.scale_events, columns=["time_s", "from_replicas", "to_replicas"]),
             crashes=pd.DataFrame(self.faults.crash_log, columns=["time_s", "pod", "kind"]),
             skipped_crashes=pd.DataFrame(self.faults.skipped, columns=["time_s", "pod", "why"]),
+            nodes=self.cluster.nodes.frame(sc.horizon_s),
+            placements=pd.DataFrame(self.cluster.placements, columns=["time_s", "pod", "node", "zone"]),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
