@@ -14,24 +14,9 @@ from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.sim.simulate import SimResult, simulate
 from capsim.studies.checks import run_checks
+from cluster_scenarios import cluster_scenario
 
-
-def _scenario(**over: Any) -> Scenario:
-    base: dict[str, Any] = {
-        "horizon_s": 600,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20},
-                     "prompt_tokens": {"kind": "constant", "value": 100},
-                     "output_tokens": {"kind": "constant", "value": 10}},
-        "service": {"kind": "deterministic", "mean_s": 0.05},
-        "batching": {"max_batch_size": 8, "max_wait_ms": 5},
-        "pods": {"replicas": 8, "startup_s": {"kind": "constant", "value_s": 30}},
-        "router": {"kind": "least_outstanding"},
-        "cluster": {"max_gpus": 32, "node_gpus": 4, "node_provision_s": 60, "scale_down_enabled": False},
-        "client": {"timeout_s": 10, "max_retries": 2},
-        "timeseries_interval_s": 10,
-    }
-    sc = Scenario.model_validate(base)
-    return sc.override(over) if over else sc
+_scenario = cluster_scenario
 
 
 def _nodes_at_start(res: SimResult, node_gpus: int = 4) -> int:

@@ -22,28 +22,16 @@ from capsim.model.settings import SettingsError
 from capsim.sim.nodes import NODE_COLUMNS
 from capsim.sim.simulate import Simulation, simulate
 from capsim.studies.checks import run_checks
+from cluster_scenarios import cluster_scenario
 
 FAIL_S = 100.0
 EVICTED_S = FAIL_S + 40 + 300  # node_monitor_grace_s, then the default unreachable toleration
 
 
 def _scenario(**over: Any) -> Scenario:
-    base: dict[str, Any] = {
-        "horizon_s": 900,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20},
-                     "prompt_tokens": {"kind": "constant", "value": 100},
-                     "output_tokens": {"kind": "constant", "value": 10}},
-        "service": {"kind": "deterministic", "mean_s": 0.05},
-        "batching": {"max_batch_size": 8, "max_wait_ms": 5},
-        "pods": {"replicas": 8, "startup_s": {"kind": "constant", "value_s": 30}},
-        "router": {"kind": "least_outstanding"},
-        "cluster": {"max_gpus": 64, "node_gpus": 8, "zones": 2, "node_provision_s": 60,
-                    "scale_down_enabled": False},
-        "client": {"timeout_s": 10, "max_retries": 2},
-        "timeseries_interval_s": 10,
-    }
-    sc = Scenario.model_validate(base)
-    return sc.override(over) if over else sc
+    """``cluster_scenario`` for 15 minutes on 8-GPU nodes over two zones."""
+    return cluster_scenario(**{"horizon_s": 900, "cluster.max_gpus": 64, "cluster.node_gpus": 8, "cluster.zones": 2,
+                               **over})
 
 
 def _run(sc: Scenario) -> tuple[Simulation, Any]:
