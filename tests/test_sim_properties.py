@@ -65,6 +65,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         zones = data["cluster"]["zones"] = draw(st.integers(1, 3))
         if draw(st.booleans()):  # a zone's stock of GPUs: whole nodes of node_gpus within it
             data["cluster"]["max_gpus_per_zone"] = data["cluster"]["node_gpus"] * draw(st.integers(1, 2))
+        if draw(st.booleans()):  # spot nodes, reclaimed on a schedule and at random
+            data["cluster"]["spot"] = {"price_ratio": 0.5, "on_demand_nodes": draw(st.integers(0, 2)),
+                                       "notice_s": draw(st.floats(0, 20)),
+                                       "mtbf_s": draw(st.one_of(st.none(), st.floats(10, 200)))}
+            faults["spot_interruptions"] = [{"at_s": draw(st.floats(0, HORIZON)),
+                                             "node": draw(st.one_of(st.none(), st.integers(0, 3)))}
+                                            for _ in range(draw(st.integers(0, 2)))]
         if draw(st.booleans()):  # spread over zones, some of which go dark
             data["pods"]["zone_spread"] = {"max_skew": draw(st.integers(1, 2)),
                                            "min_zones": draw(st.one_of(st.none(), st.integers(1, 3)))}

@@ -242,6 +242,12 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                 f"`--scan-interval={c.scan_interval_s:g}s`")
         else:
             lines.append("- cluster-autoscaler: `--scale-down-enabled=false` (nodes are never removed)")
+        if c.spot is not None:
+            lines.append(f"- spot GPU nodes beyond an on-demand node group of {c.spot.on_demand_nodes} node(s) "
+                         f"(cluster-autoscaler's priority expander filling the on-demand group first), at "
+                         f"{c.spot.price_ratio:g} of the on-demand price; a termination handler (AWS Node "
+                         "Termination Handler, GKE graceful node shutdown) drains a node on its interruption "
+                         f"notice, which gives it {c.spot.notice_s:g} s")
         if c.zones > 1:
             cap = (f" and maximum {c.max_gpus_per_zone // c.node_gpus}" if c.max_gpus_per_zone is not None else "")
             lines.append(f"- the GPU nodes in {c.zones} availability zones, one node group per zone of minimum size "

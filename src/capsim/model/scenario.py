@@ -603,6 +603,23 @@ def metric_kind(name: str) -> str:
     return POD_METRIC_ALIASES.get(name) or EXTERNAL_METRICS[name]
 
 
+class Spot(_Section):
+    """Spot (preemptible) GPU nodes: cheaper, and reclaimed by the cloud with a short notice. Beyond the first
+    ``on_demand_nodes`` (an on-demand node group that cluster-autoscaler fills first), new nodes are spot.
+    On an interruption's notice the node is cordoned and drained at once (a termination handler: AWS's Node
+    Termination Handler, GKE's graceful node shutdown), its pods are replaced elsewhere, and it is gone
+    ``notice_s`` later, with whatever still runs on it (``capsim.sim.nodes``)."""
+
+    price_ratio: Float = Field(gt=0, le=1, description="a spot GPU-hour's price over pods.gpu_cost_per_hour "
+                                                       "(the on-demand price)")
+    on_demand_nodes: Int = Field(0, ge=0, description="nodes of an on-demand node group: a new node is "
+                                                      "on-demand while fewer than this many are, spot after")
+    notice_s: Float = Field(120.0, ge=0, description="the interruption's notice: the node is gone this long "
+                                                     "after it (AWS 120 s; GCP and Azure 30 s)")
+    mtbf_s: Float | None = Field(None, gt=0, description="mean time between interruptions of one spot node, "
+                                                         "from when it is ready; none: only faults.spot_interruptions")
+
+
 class ClusterSpec(_Section):
     """GPU nodes: pods wait Pending for free GPUs on one node; missing nodes are provisioned, whole, up to
     ``max_gpus``, and cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
@@ -639,6 +656,7 @@ class ClusterSpec(_Section):
     unreachable_toleration_s: Float = Field(
         300.0, ge=0, description="kube-apiserver --default-unreachable-toleration-seconds: a NotReady node's pods "
                                  "are evicted (and replaced) this long after")
+    spot: Spot | None = Field(None, description="spot GPU nodes (billing: node); none: every node on-demand")
     scale_down_unready_time_s: Float = Field(
         1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "
                                   "no longer billed) this long after it failed, with scale-down enabled")
@@ -668,6 +686,8 @@ class ClusterSpec(_Section):
         if self.max_gpus_per_zone is not None and self.max_gpus_per_zone < max(self.min_nodes_per_zone, 1) * self.node_gpus:
             raise ValueError(f"max_gpus_per_zone must hold max(min_nodes_per_zone, 1) ({max(self.min_nodes_per_zone, 1)}) "
                              f"whole nodes of node_gpus ({self.node_gpus}) GPUs, got {self.max_gpus_per_zone}")
+        if self.spot is not None and self.billing != "node":
+            raise ValueError("spot needs billing: node (a spot price is the node's, whatever its pods hold)")
         if self.min_nodes_per_zone * self.zones * self.node_gpus > self.max_gpus:
             raise ValueError(f"max_gpus must hold min_nodes_per_zone ({self.min_nodes_per_zone}) nodes of node_gpus "
                              f"({self.node_gpus}) GPUs in each of the {self.zones} zones, got {self.max_gpus}")
@@ -705,6 +725,14 @@ class ZoneFailure(_Section):
                                 "their pods not evicted yet; none: gone for the rest of the run")
 
 
+class SpotInterruption(_Section):
+    """The cloud reclaims a spot node at ``at_s`` (cluster.spot: its notice, then it is gone)."""
+
+    at_s: Float = Field(ge=0)
+    node: Int | None = Field(None, ge=0, description="this node (numbered 0, 1, ... as created) instead of a "
+                                                     "spot node holding pods, drawn by the spot stream")
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -720,6 +748,7 @@ class Faults(_Section):
                                 "cluster section)")
     node_failures: tuple[NodeFailure, ...] = ()
     zone_failures: tuple[ZoneFailure, ...] = ()
+    spot_interruptions: tuple[SpotInterruption, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
     #: keys older files hold that still load (with a warning): an override path may name them
     _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
@@ -833,6 +862,8 @@ class Scenario(BaseModel):
                     raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
                                      "(without one every pod has a node of its own; faults.crashes and "
                                      "pod_mtbf_s crash pods)")
+        if self.faults is not None and self.faults.spot_interruptions and (self.cluster is None or self.cluster.spot is None):
+            raise ValueError("faults.spot_interruptions needs cluster.spot: the spot nodes the cloud can reclaim")
         if self.faults is not None and self.cluster is not None:
             for i, zf in enumerate(self.faults.zone_failures):
                 if zf.zone >= self.cluster.zones:

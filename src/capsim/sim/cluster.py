@@ -404,6 +404,24 @@ class Cluster:
             Timeout(env, duration_s, failure).callbacks.append(self._node_back)
         return lost
 
+    # ---- a spot node the cloud reclaims ----------------------------------------------------------------
+    def spot_interrupted(self, node: Node, now: float) -> None:
+        """A spot node's interruption notice at ``now``: it is cordoned and drained at once (a termination
+        handler evicts its pods, which drain within their grace period, and the ReplicaSet replaces them
+        elsewhere); at the notice's end the node is gone (``node_gone``)."""
+        node.interrupted_s = now
+        self.nodes.reclaim(node, now)
+        self._evict(node, now)
+
+    def node_gone(self, node: Node, now: float) -> None:
+        """A reclaimed node goes at ``now``: the pods still draining there die with it, their requests failed
+        (logged as crashes of kind ``spot``)."""
+        for pod in [p for p in self.pods if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
+            held = self._kill(pod, now)
+            self.sim.client.pod_lost(pod, held, now, crashed=False)
+            self.sim.faults.crash_log.append((now, pod.id, "spot"))
+            self._gone(pod, now)
+
     def _node_not_ready(self, ev: Timeout) -> None:
         node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
         if node.failed_s != failed_s:

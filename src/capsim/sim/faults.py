@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
 
-from capsim.model.scenario import Crash, NodeFailure, ZoneFailure
+from capsim.model.scenario import Crash, NodeFailure, SpotInterruption, ZoneFailure
 from capsim.sim.nodes import Node
 from capsim.sim.pod import Pod, PodState
 
@@ -35,6 +35,9 @@ class Faults:
         self._gen = sim.streams["crashes"]
         self._node_mtbf = spec.node_mtbf_s if spec else None
         self._node_gen = sim.streams["node_failures"]
+        spot = sim.scenario.cluster.spot if sim.scenario.cluster is not None else None
+        self._spot_mtbf = spot.mtbf_s if spot is not None else None
+        self._spot_gen = sim.streams["spot"]
         outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
         self._out_start = [a for a, _ in outages]
         self._out_end = [b for _, b in outages]
@@ -49,6 +52,9 @@ class Faults:
             for failure in spec.node_failures:
                 ev = Timeout(sim.env, failure.at_s, failure)
                 ev.callbacks.append(self._node_failure)
+            for interruption in spec.spot_interruptions:
+                ev = Timeout(sim.env, interruption.at_s, interruption)
+                ev.callbacks.append(self._spot_interruption)
             for zone_failure in spec.zone_failures:
                 ev = Timeout(sim.env, zone_failure.at_s, zone_failure)
                 ev.callbacks.append(self._zone_failure)
@@ -86,11 +92,43 @@ class Faults:
             self.skipped.append((self.sim.env.now, -1, f"{crash.pods} pods asked, {k} ready"))
 
     def node_ready(self, node: Node) -> None:
-        """A GPU node is ready: draw when it fails, if nodes fail at random (``faults.node_mtbf_s``)."""
+        """A GPU node is ready: draw when it fails, if nodes fail at random (``faults.node_mtbf_s``), and when
+        the cloud reclaims it, if it is a spot node interrupted at random (``cluster.spot.mtbf_s``)."""
+        if self._spot_mtbf is not None and node.spot and node.interrupted_s is None:
+            delay = float(self._spot_gen.exponential(self._spot_mtbf))
+            Timeout(self.sim.env, delay, node).callbacks.append(self._spot_random)
         if self._node_mtbf is None:
             return
         delay = float(self._node_gen.exponential(self._node_mtbf))
         Timeout(self.sim.env, delay, node).callbacks.append(self._node_random)
+
+    def _spot_random(self, ev: Timeout) -> None:
+        node = cast(Node, ev.value)
+        if node.removed_s is None and node.interrupted_s is None:
+            self.sim.cluster.spot_interrupted(node, self.sim.env.now)
+
+    def _spot_interruption(self, ev: Timeout) -> None:
+        """The cloud reclaims a spot node (``faults.spot_interruptions``): the one named, or a spot node holding
+        pods drawn from the ``spot`` stream; one that is not there (or not spot) is reported, not dropped."""
+        interruption = cast(SpotInterruption, ev.value)
+        now = self.sim.env.now
+        nodes = self.sim.cluster.nodes
+        if interruption.node is not None:
+            node = nodes.nodes[interruption.node] if interruption.node < len(nodes.nodes) else None
+            if (node is None or not node.spot or node.ready_s is None or node.removed_s is not None
+                    or node.interrupted_s is not None):
+                state = ("not created (yet)" if node is None else "not spot" if not node.spot
+                         else "still provisioning" if node.ready_s is None
+                         else "removed" if node.removed_s is not None else "interrupted already")
+                self.skipped.append((now, -1, f"spot node {interruption.node} {state}"))
+                return
+        else:
+            candidates = nodes.spot_nodes()
+            if not candidates:
+                self.skipped.append((now, -1, "no ready spot node holds a pod"))
+                return
+            node = candidates[int(self._spot_gen.integers(len(candidates)))]
+        self.sim.cluster.spot_interrupted(node, now)
 
     def _node_random(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)

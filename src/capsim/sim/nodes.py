@@ -41,19 +41,21 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 
-NODE_COLUMNS = ["node", "zone", "gpus", "created_s", "ready_s", "removed_s", "failures", "failed_at_end",
-                "gpu_hours"]
+NODE_COLUMNS = ["node", "zone", "spot", "gpus", "created_s", "ready_s", "removed_s", "failures", "failed_at_end",
+                "interrupted_s", "gpu_hours"]
 
 
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
-    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "ready_s",
-                 "removed_s", "unneeded_since", "used", "zone")  # used: GPUs its pods hold
+    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "interrupted_s",
+                 "ready_s", "removed_s", "spot", "unneeded_since", "used", "zone")  # used: GPUs its pods hold
 
-    def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0) -> None:
+    def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
+                 spot: bool = False) -> None:
         self.id = node_id
         self.zone = zone  # its availability zone (its node group), 0 .. cluster.zones - 1
+        self.spot = spot  # a spot node (cluster.spot): cheaper, and the cloud may reclaim it
         self.gpus = gpus
         self.used = 0
         self.created_s = created_s  # billed from here
@@ -64,6 +66,7 @@ class Node:
         self.unneeded_since: float | None = None
         self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
         self.failures = 0  # how often it failed (a partition that heals may be followed by another)
+        self.interrupted_s: float | None = None  # a spot node's interruption notice (cluster.spot)
 
     @property
     def schedulable(self) -> bool:
@@ -127,7 +130,9 @@ class NodePool:
                 return None
         elif not self._zone_has_room(zone, []):
             return None
-        node = Node(len(self.nodes), self.node_gpus, now, now if ready else None, zone)
+        spot = self._spec is not None and self._spec.spot is not None and sum(
+            1 for n in self.nodes if not n.spot and n.removed_s is None) >= self._spec.spot.on_demand_nodes
+        node = Node(len(self.nodes), self.node_gpus, now, now if ready else None, zone, spot)
         self.nodes.append(node)
         return node
 
@@ -415,6 +420,10 @@ class NodePool:
         node.failed_s = None
         self.sim.faults.node_ready(node)
 
+    def spot_nodes(self) -> list[Node]:
+        """Spot nodes an unnamed interruption may pick: ready, not cordoned, removed or failed, holding pods."""
+        return [n for n in self.failable() if n.spot and not n.cordoned]
+
     def failable(self) -> list[Node]:
         """Nodes a node failure may pick: ready, not removed or failed, holding pods."""
         return [n for n in self.nodes if n.ready_s is not None and n.removed_s is None and n.failed_s is None
@@ -437,12 +446,14 @@ class NodePool:
     # ---- accounting ------------------------------------------------------------------------------
     def frame(self, horizon_s: float) -> Any:
         """The nodes of the run, one row each (``SimResult.nodes``): when each was created, ready and removed
-        (NaN: not in the run), its zone, GPUs, failures and GPU-hours billed to ``horizon_s``."""
+        (NaN: not in the run), its zone, whether it is spot, its GPUs, failures, interruption notice (spot) and
+        GPU-hours to ``horizon_s``."""
         import pandas as pd
 
         nan = math.nan
-        rows = [(n.id, n.zone, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
+        rows = [(n.id, n.zone, n.spot, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
                  nan if n.removed_s is None else n.removed_s, n.failures, n.failed_s is not None,
+                 nan if n.interrupted_s is None else n.interrupted_s,
                  n.gpus * (min(horizon_s if n.removed_s is None else n.removed_s, horizon_s) - n.created_s) / 3600.0)
                 for n in self.nodes]
         return pd.DataFrame(rows, columns=NODE_COLUMNS)
@@ -452,7 +463,29 @@ class NodePool:
         """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
         return float(sum(n.gpus for n in self._live())) if self.limited else math.nan
 
-    def node_gpu_seconds(self, now: float) -> float:
-        """GPU-seconds of the nodes from their creation to their removal (or ``now``)."""
+    def node_gpu_seconds(self, now: float, priced: bool = False) -> float:
+        """GPU-seconds of the nodes from their creation to their removal (or ``now``); ``priced``: a spot
+        node's at ``cluster.spot.price_ratio`` (on-demand GPU-seconds the bill is worth)."""
+        ratio = self._spec.spot.price_ratio if priced and self._spec is not None and self._spec.spot else 1.0
         return sum(n.gpus * (min(n.removed_s if n.removed_s is not None else now, now) - n.created_s)
-                   for n in self.nodes if n.created_s < now)
+                   * (ratio if n.spot else 1.0) for n in self.nodes if n.created_s < now)
+
+    def reclaim(self, node: Node, now: float) -> None:
+        """A spot node's interruption notice: cordoned (no pod placed on it again); it goes when its last pod
+        has left or at the notice's end (``_reclaimed``), whichever comes first."""
+        assert self._spec is not None and self._spec.spot is not None
+        node.cordoned = True
+        node.unneeded_since = None
+        if node.used == 0:
+            self._remove(node, now)
+        else:
+            Timeout(self.sim.env, self._spec.spot.notice_s, node).callbacks.append(self._reclaimed)
+
+    def _reclaimed(self, ev: Timeout) -> None:
+        node = cast(Node, ev.value)
+        if node.removed_s is None:
+            now = self.sim.env.now
+            self.sim.cluster.node_gone(node, now)  # what still runs there dies with it
+            if node.removed_s is None:
+                self._remove(node, now)
+            self._on_node_ready(now)  # max_gpus has room again

@@ -154,7 +154,7 @@ class Simulation:
         self.timeseries = Timeseries(CONTINUOUS_COLUMNS if self.continuous is not None else ())
         self.env.process(self._sample())
         # cost is measured over the window the latencies are: from warmup_s to the horizon
-        self._gpu_s_at_warmup = (0.0, 0.0)
+        self._gpu_s_at_warmup = (0.0, 0.0, 0.0)
         if scenario.warmup_s > 0:
             ev = self.env.timeout(scenario.warmup_s)
             ev.callbacks.append(self._warmup_over)
@@ -162,8 +162,10 @@ class Simulation:
 
     def _warmup_over(self, _: Any) -> None:
         now = self.env.now
-        nodes = self.cluster.nodes.node_gpu_seconds(now) if self.scenario.cluster else 0.0
-        self._gpu_s_at_warmup = (self.cluster.gpu_seconds(now), nodes)
+        nodes = self.cluster.nodes
+        limited = self.scenario.cluster is not None
+        self._gpu_s_at_warmup = (self.cluster.gpu_seconds(now), nodes.node_gpu_seconds(now) if limited else 0.0,
+                                 nodes.node_gpu_seconds(now, priced=True) if limited else 0.0)
 
     def _sample(self) -> Generator[Any, Any, None]:
         """Every ``timeseries_interval_s``: one row of the time series (values at the row's time)."""
@@ -221,6 +223,8 @@ class Simulation:
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
             node_gpu_seconds=(self.cluster.nodes.node_gpu_seconds(sc.horizon_s) - self._gpu_s_at_warmup[1]
                               if sc.cluster else None),
+            node_priced_seconds=(self.cluster.nodes.node_gpu_seconds(sc.horizon_s, priced=True)
+                                 - self._gpu_s_at_warmup[2] if sc.cluster else None),
             billing=sc.cluster.billing if sc.cluster else "pod",
             lost_session_ids=lost_ids, lost_turns=lost_turns, session_start_s=self.workload.session_start_s,
             max_session_failure_rate=sc.slo.max_session_failure_rate,

@@ -29,6 +29,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "probe_phases",  # the readiness-probe phase of each pod already running at time 0, by pod id
     "ingress",  # each request's ingress factor (service.ingress_noise)
     "node_failures",  # random node failure times (faults.node_mtbf_s) and which node an unnamed failure takes
+    "spot",  # random spot interruption times (cluster.spot.mtbf_s) and which node an unnamed one takes
 )
 
 

@@ -25,7 +25,7 @@ class Summary:
 
     ``gpu_hours`` are the GPUs pods held; ``node_gpu_hours`` the GPUs of the nodes from their creation to
     their removal (NaN without a ``cluster`` section); ``cost`` bills the one ``cluster.billing`` names
-    (pods without a cluster section), all three over the window the latencies cover: from ``warmup_s`` to
+    (pods without a cluster section; a spot node's GPU-hours at ``cluster.spot.price_ratio``), all three over the window the latencies cover: from ``warmup_s`` to
     the horizon (``Simulation`` subtracts what was held at the warm-up's end).
 
     A session fails when one of its requests finally failed or it was lost in a crash (pod-local state: it
@@ -96,8 +96,10 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
               scale_events: int, max_replicas: int, crashes: int, ttft_slo_s: float,
               max_error_rate: float, turns: int, node_gpu_seconds: float | None = None,
               billing: str = "pod", lost_session_ids: np.ndarray | None = None, lost_turns: int = 0,
-              session_start_s: np.ndarray | None = None, max_session_failure_rate: float = 1.0) -> Summary:
-    """The summary of a run from its request columns (``Records.columns()``)."""
+              session_start_s: np.ndarray | None = None, max_session_failure_rate: float = 1.0,
+              node_priced_seconds: float | None = None) -> Summary:
+    """The summary of a run from its request columns (``Records.columns()``); ``node_priced_seconds``: the
+    nodes' GPU-seconds with a spot node's at its price ratio (what node billing charges)."""
     outcome = cols["outcome"]
     arrival = cols["arrival_s"]
     m = arrival >= warmup_s
@@ -116,7 +118,9 @@ def summarize(cols: dict[str, np.ndarray], *, warmup_s: float, horizon_s: float,
     abandoned = len(np.unique(cols["session_id"][failed_rows]))
     gpu_hours = gpu_seconds / 3600.0
     node_gpu_hours = node_gpu_seconds / 3600.0 if node_gpu_seconds is not None else math.nan
-    billed = node_gpu_hours if billing == "node" and node_gpu_seconds is not None else gpu_hours
+    billed = gpu_hours
+    if billing == "node" and node_gpu_seconds is not None:
+        billed = (node_priced_seconds if node_priced_seconds is not None else node_gpu_seconds) / 3600.0
     session_failure_rate = math.nan
     if session_start_s is not None and len(session_start_s):
         failed_sessions = np.zeros(len(session_start_s), dtype=bool)

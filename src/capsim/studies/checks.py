@@ -42,6 +42,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``zone-spread-empty-zones`` (warn): ``pods.zone_spread`` with neither ``min_zones`` nor
   ``cluster.min_nodes_per_zone``: a zone with no GPU node is no domain of the constraint, so the pods fill
   the zones that have nodes before cluster-autoscaler adds one elsewhere.
+* ``spot-notice-below-grace`` (warn): ``pods.termination_grace_s`` above ``cluster.spot.notice_s``: a spot
+  node goes at its notice's end, so a pod still draining then dies with it and what it runs fails.
 * ``zone-failure-no-room`` (warn): a zone can fail (``faults.zone_failures``) but the nodes left beyond those
   the fleet's peak fills cannot hold the pods of the failed zone (its nodes count toward ``max_gpus`` until
   cluster-autoscaler removes them), or ``pods.zone_spread.min_zones`` takes every zone (after a zone fails
@@ -117,6 +119,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _node_failure_room(scenario)
     findings += _spread_over_gpus(scenario)
     findings += _zones(scenario)
+    findings += _spot(scenario)
     findings += _scale_down_window(scenario)
     return findings
 
@@ -447,6 +450,19 @@ def _zones(scenario: Scenario) -> list[Finding]:
             "the dead nodes (cluster.scale_down_unready_time_s) or the zone is back; leave room for them",
             level="warn", check="zone-failure-no-room"))
     return found
+
+
+def _spot(scenario: Scenario) -> list[Finding]:
+    cluster = scenario.cluster
+    if cluster is None or cluster.spot is None:
+        return []
+    grace, notice = scenario.pods.termination_grace_s, cluster.spot.notice_s
+    if grace <= notice:
+        return []
+    return [Finding(
+        "pods.termination_grace_s", f"{grace:g} s, above cluster.spot.notice_s ({notice:g} s): a spot node goes at "
+        "its notice's end, so a pod still draining then dies with it and the requests it runs fail",
+        level="warn", check="spot-notice-below-grace")]
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:

@@ -1,0 +1,108 @@
+"""Spot GPU nodes (``cluster.spot``): beyond the on-demand node group's nodes, new nodes are spot and billed at
+the spot price; the cloud reclaims one (``faults.spot_interruptions``, or at random with ``mtbf_s``) with a
+notice: the node is drained at once, its pods replaced elsewhere, and it is gone at the notice's end with
+whatever still runs there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsim.export.readme import render_readme
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.sim.simulate import SimResult, simulate
+from capsim.sim.streams import STREAM_NAMES
+from capsim.studies.checks import run_checks
+from cluster_scenarios import cluster_scenario
+
+NOTICE_S = 120.0
+AT_S = 100.0
+
+
+def _scenario(**over: Any) -> Scenario:
+    """8 one-GPU pods on two 4-GPU nodes: node 0 on-demand, node 1 spot at 40% of the price."""
+    return cluster_scenario(**{"pods.gpu_cost_per_hour": 2.0, "horizon_s": 900,
+                               "cluster.spot": {"price_ratio": 0.4, "on_demand_nodes": 1, "notice_s": NOTICE_S},
+                               **over})
+
+
+def _run(sc: Scenario) -> SimResult:
+    return simulate(sc, seed=0)
+
+
+def test_nodes_beyond_the_on_demand_group_are_spot_and_billed_at_the_spot_price() -> None:
+    res = _run(_scenario(**{"warmup_s": 0}))
+    assert list(res.nodes["spot"]) == [False, True]
+    # two 4-GPU nodes for 900 s: 1 GPU-hour each; the spot one at 0.4 of the 2.0 an hour
+    assert res.summary.node_gpu_hours == pytest.approx(2.0)
+    assert res.summary.cost == pytest.approx((1.0 + 0.4) * 2.0)
+    on_demand = _run(_scenario(**{"warmup_s": 0, "cluster.spot": None}))
+    assert on_demand.summary.cost == pytest.approx(4.0)
+
+
+def test_an_interruption_drains_the_node_at_once_and_its_pods_are_replaced_on_a_new_spot_node() -> None:
+    sc = _scenario(**{"warmup_s": 0, "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]})
+    res = _run(sc)
+    nodes = res.nodes.set_index("node")
+    assert nodes.loc[1, "interrupted_s"] == AT_S
+    assert AT_S <= nodes.loc[1, "removed_s"] < AT_S + 1  # drained in a batch's time: it goes before the notice ends
+    assert bool(nodes.loc[2, "spot"]) and nodes.loc[2, "created_s"] == AT_S  # replacements pending at once
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[AT_S:AT_S + 50, "ready_replicas"] == 4).all()
+    assert (ts.loc[AT_S + 60 + 30 + 10:, "ready_replicas"] == 8).all()  # provisioned, then started
+    assert res.crashes.empty and res.summary.error_rate == 0  # a drain, not a crash: nothing failed
+    assert res.summary.cost == pytest.approx((1.0 + 0.4 * 4 * (nodes.loc[1, "removed_s"]
+                                                                + 900 - AT_S) / 3600) * 2.0)
+
+
+def test_a_pod_still_draining_when_the_notice_ends_dies_with_the_node() -> None:
+    # batches of 20 s, a notice of 5 s and a grace of 25 s: the pods on node 1 are mid-batch when it goes
+    sc = _scenario(**{"service": {"kind": "deterministic", "mean_s": 20.0},
+                      "workload.arrivals.rate_per_s": 0.3, "client.timeout_s": 60,
+                      "cluster.spot.notice_s": 5, "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]})
+    (f,) = [f for f in run_checks(sc) if f.check == "spot-notice-below-grace"]
+    assert f.path == "pods.termination_grace_s" and f.level == "warn"
+    res = _run(sc)
+    killed = res.crashes[res.crashes["kind"] == "spot"]
+    assert len(killed) >= 1 and (killed["time_s"] == AT_S + 5).all()
+    assert res.nodes.set_index("node").loc[1, "removed_s"] == AT_S + 5
+    assert not [f for f in run_checks(_scenario()) if f.check == "spot-notice-below-grace"]
+
+
+def test_random_interruptions_take_spot_nodes_only_after_their_own_exponential_draw() -> None:
+    mtbf = 400.0
+    sc = _scenario(**{"cluster.spot.mtbf_s": mtbf, "cluster.spot.on_demand_nodes": 0, "horizon_s": 300})
+    res = _run(sc)
+    draws = np.random.Generator(np.random.PCG64(np.random.SeedSequence(0).spawn(len(STREAM_NAMES))[
+        STREAM_NAMES.index("spot")]))
+    first = [float(draws.exponential(mtbf)) for _ in range(2)]  # nodes 0 and 1, ready at time 0, in order
+    got = res.nodes.set_index("node")["interrupted_s"]
+    for node, t in enumerate(first):
+        assert (got[node] == pytest.approx(t)) if t < 300 else np.isnan(got[node])
+    on_demand = _run(_scenario(**{"cluster.spot.mtbf_s": 50.0, "cluster.spot.on_demand_nodes": 2}))
+    assert on_demand.nodes["interrupted_s"].isna().all()  # no spot node, nothing to reclaim
+
+
+def test_spot_settings_are_checked_and_a_missing_spot_node_reported() -> None:
+    with pytest.raises(SettingsError, match="spot needs billing: node"):
+        _scenario(**{"cluster.billing": "pod"})
+    with pytest.raises(SettingsError, match="faults.spot_interruptions needs cluster.spot"):
+        _scenario(**{"cluster.spot": None, "faults.spot_interruptions": [{"at_s": 1}]})
+    with pytest.raises(SettingsError, match="price_ratio"):
+        _scenario(**{"cluster.spot.price_ratio": 0})
+    res = _run(_scenario(**{"faults.spot_interruptions": [{"at_s": 10, "node": 0}, {"at_s": 20, "node": 7}]}))
+    assert list(res.skipped_crashes["why"]) == ["spot node 0 not spot", "spot node 7 not created (yet)"]
+
+
+def test_the_export_readme_names_the_spot_node_group_and_its_notice() -> None:
+    sc = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override(
+        {"cluster.spot": {"price_ratio": 0.35, "on_demand_nodes": 1, "notice_s": 30}})
+    readme = render_readme(sc, DeployTarget(name="agent", namespace="agents"), numbers=None, findings=[])
+    assert ("- spot GPU nodes beyond an on-demand node group of 1 node(s) (cluster-autoscaler's priority expander "
+            "filling the on-demand group first), at 0.35 of the on-demand price; a termination handler") in readme
+    assert "which gives it 30 s" in readme
+
