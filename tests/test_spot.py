@@ -16,6 +16,7 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.sim.simulate import SimResult, simulate
 from capsim.sim.streams import STREAM_NAMES
+from capsim.studies.batch_modes import fixed_fleet
 from capsim.studies.checks import run_checks
 from cluster_scenarios import cluster_scenario
 
@@ -106,3 +107,15 @@ def test_the_export_readme_names_the_spot_node_group_and_its_notice() -> None:
             "filling the on-demand group first), at 0.35 of the on-demand price; a termination handler") in readme
     assert "which gives it 30 s" in readme
 
+
+
+def test_a_fixed_fleet_on_spot_keeps_its_nodes_and_a_spare_for_the_reclaims() -> None:
+    # pod-shapes and the batch-mode what-if size a fixed fleet: with reclaims it keeps the cluster (and so the
+    # spot nodes and their price), the nodes it fills and one spare; without, it drops the cluster as before
+    sc = _scenario(**{"faults.spot_interruptions": [{"at_s": AT_S}]})
+    fleet = fixed_fleet(sc, 6)
+    assert fleet.cluster is not None and fleet.cluster.spot is not None
+    assert (fleet.cluster.max_gpus, fleet.cluster.scale_down_enabled) == ((2 + 1) * 4, False)
+    random_only = fixed_fleet(_scenario(**{"cluster.spot.mtbf_s": 600.0}), 6)
+    assert random_only.cluster is not None and random_only.cluster.max_gpus == 12
+    assert fixed_fleet(_scenario(), 6).cluster is None

@@ -33,13 +33,17 @@ class PodsNeeded:
 
 def fixed_fleet(scenario: Scenario, replicas: int) -> Scenario:
     """The scenario on ``replicas`` pods, ready from the start, without autoscaler or GPU limit. When its nodes
-    can fail (``faults.node_failures``, ``node_mtbf_s``, ``zone_failures``) it keeps its nodes: as many as the
-    fleet fills (or its spreads and zones' minimums ask) and room for the replacements (one node more for a
-    node failure; a zone's share of the nodes for a zone's outage), none drained."""
+    can fail (``faults.node_failures``, ``node_mtbf_s``, ``zone_failures``) or be reclaimed (spot:
+    ``faults.spot_interruptions``, ``cluster.spot.mtbf_s``) it keeps its nodes: as many as the fleet fills (or
+    its spreads and zones' minimums ask) and room for the replacements (one node more for a node failure or
+    a reclaim; a zone's share of the nodes for a zone's outage), none drained."""
     changes: dict[str, Any] = {"autoscaler": None, "pods.replicas": replicas}
     faults, cluster = scenario.faults, scenario.cluster
-    if cluster is not None and faults is not None and (faults.node_failures or faults.node_mtbf_s
-                                                       or faults.zone_failures):
+    node_fails = faults is not None and bool(faults.node_failures or faults.node_mtbf_s)
+    zone_fails = faults is not None and bool(faults.zone_failures)
+    reclaims = cluster is not None and cluster.spot is not None and (
+        cluster.spot.mtbf_s is not None or (faults is not None and bool(faults.spot_interruptions)))
+    if cluster is not None and (node_fails or zone_fails or reclaims):
         per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
         zones = cluster.zones
         fills = -(-replicas // per_node)
@@ -47,8 +51,7 @@ def fixed_fleet(scenario: Scenario, replicas: int) -> Scenario:
             share = -(-replicas // zones)
             fills = zones * -(-share // per_node)
         fills = max(fills, scenario.pods.spread_min_nodes, zones * cluster.min_nodes_per_zone)
-        spare = max(1 if faults.node_failures or faults.node_mtbf_s else 0,
-                    -(-fills // zones) if faults.zone_failures else 0)
+        spare = max(1 if node_fails or reclaims else 0, -(-fills // zones) if zone_fails else 0)
         changes.update({"cluster.max_gpus": (fills + spare) * cluster.node_gpus, "cluster.scale_down_enabled": False})
     else:
         changes["cluster"] = None
