@@ -18,6 +18,7 @@ from capsim.sim.simulate import SimResult, simulate
 from capsim.sim.streams import STREAM_NAMES
 from capsim.studies.batch_modes import fixed_fleet
 from capsim.studies.checks import run_checks
+from capsim.studies.sweep import expand_grid, load_grid
 from cluster_scenarios import cluster_scenario
 
 NOTICE_S = 120.0
@@ -91,8 +92,12 @@ def test_random_interruptions_take_spot_nodes_only_after_their_own_exponential_d
 def test_spot_settings_are_checked_and_a_missing_spot_node_reported() -> None:
     with pytest.raises(SettingsError, match="spot needs billing: node"):
         _scenario(**{"cluster.billing": "pod"})
-    with pytest.raises(SettingsError, match="faults.spot_interruptions needs cluster.spot"):
-        _scenario(**{"cluster.spot": None, "faults.spot_interruptions": [{"at_s": 1}]})
+    # interruptions without spot nodes are allowed (a study's stress may meet on-demand candidates), skipped
+    # with their reason, and flagged by the check
+    on_demand = _scenario(**{"cluster.spot": None, "faults.spot_interruptions": [{"at_s": 1}, {"at_s": 2, "node": 0}]})
+    (f,) = [f for f in run_checks(on_demand) if f.check == "spot-interruptions-without-spot"]
+    assert f.path == "faults.spot_interruptions" and f.level == "warn"
+    assert list(_run(on_demand).skipped_crashes["why"]) == ["cluster.spot is not set: no spot node to reclaim"] * 2
     with pytest.raises(SettingsError, match="price_ratio"):
         _scenario(**{"cluster.spot.price_ratio": 0})
     res = _run(_scenario(**{"faults.spot_interruptions": [{"at_s": 10, "node": 0}, {"at_s": 20, "node": 7}]}))
@@ -119,3 +124,13 @@ def test_a_fixed_fleet_on_spot_keeps_its_nodes_and_a_spare_for_the_reclaims() ->
     random_only = fixed_fleet(_scenario(**{"cluster.spot.mtbf_s": 600.0}), 6)
     assert random_only.cluster is not None and random_only.cluster.max_gpus == 12
     assert fixed_fleet(_scenario(), 6).cluster is None
+
+
+def test_the_shipped_spot_grid_makes_nine_valid_rush_scenarios_with_the_same_stress() -> None:
+    rush = Scenario.from_yaml("data/scenarios/friday_rush.yaml")
+    settings = expand_grid(load_grid("data/studies/spot_grid.yaml"))
+    assert len(settings) == 9
+    scenarios = [rush.override(s.changes) for s in settings]
+    assert [sc.cluster.spot is not None for sc in scenarios if sc.cluster] == [False] * 3 + [True] * 6
+    assert all(sc.faults is not None and [i.at_s for i in sc.faults.spot_interruptions] == [1830.0]
+               for sc in scenarios)

@@ -862,8 +862,6 @@ class Scenario(BaseModel):
                     raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
                                      "(without one every pod has a node of its own; faults.crashes and "
                                      "pod_mtbf_s crash pods)")
-        if self.faults is not None and self.faults.spot_interruptions and (self.cluster is None or self.cluster.spot is None):
-            raise ValueError("faults.spot_interruptions needs cluster.spot: the spot nodes the cloud can reclaim")
         if self.faults is not None and self.cluster is not None:
             for i, zf in enumerate(self.faults.zone_failures):
                 if zf.zone >= self.cluster.zones:

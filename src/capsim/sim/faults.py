@@ -35,7 +35,7 @@ class Faults:
         self._gen = sim.streams["crashes"]
         self._node_mtbf = spec.node_mtbf_s if spec else None
         self._node_gen = sim.streams["node_failures"]
-        spot = sim.scenario.cluster.spot if sim.scenario.cluster is not None else None
+        spot = self._spot = sim.scenario.cluster.spot if sim.scenario.cluster is not None else None
         self._spot_mtbf = spot.mtbf_s if spot is not None else None
         self._spot_gen = sim.streams["spot"]
         outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
@@ -113,6 +113,9 @@ class Faults:
         interruption = cast(SpotInterruption, ev.value)
         now = self.sim.env.now
         nodes = self.sim.cluster.nodes
+        if self._spot is None:  # allowed, so that a study's stress can apply to on-demand candidates too
+            self.skipped.append((now, -1, "cluster.spot is not set: no spot node to reclaim"))
+            return
         if interruption.node is not None:
             node = nodes.nodes[interruption.node] if interruption.node < len(nodes.nodes) else None
             if (node is None or not node.spot or node.ready_s is None or node.removed_s is not None

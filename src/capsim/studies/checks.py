@@ -42,6 +42,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``zone-spread-empty-zones`` (warn): ``pods.zone_spread`` with neither ``min_zones`` nor
   ``cluster.min_nodes_per_zone``: a zone with no GPU node is no domain of the constraint, so the pods fill
   the zones that have nodes before cluster-autoscaler adds one elsewhere.
+* ``spot-interruptions-without-spot`` (warn): ``faults.spot_interruptions`` without ``cluster.spot``: each is
+  skipped (allowed so that a study's stress can apply to on-demand candidates).
 * ``spot-notice-below-grace`` (warn): ``pods.termination_grace_s`` above ``cluster.spot.notice_s``: a spot
   node goes at its notice's end, so a pod still draining then dies with it and what it runs fails.
 * ``zone-failure-no-room`` (warn): a zone can fail (``faults.zone_failures``) but the nodes left beyond those
@@ -453,8 +455,13 @@ def _zones(scenario: Scenario) -> list[Finding]:
 
 
 def _spot(scenario: Scenario) -> list[Finding]:
-    cluster = scenario.cluster
+    cluster, faults = scenario.cluster, scenario.faults
     if cluster is None or cluster.spot is None:
+        if faults is not None and faults.spot_interruptions:
+            return [Finding(
+                "faults.spot_interruptions", "set without cluster.spot: there is no spot node to reclaim, so each "
+                "is skipped (a study's stress may apply to on-demand candidates on purpose)", level="warn",
+                check="spot-interruptions-without-spot")]
         return []
     grace, notice = scenario.pods.termination_grace_s, cluster.spot.notice_s
     if grace <= notice:
