@@ -1,5 +1,5 @@
-"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node and zone failures, Redis
-outages.
+"""Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node and zone failures, spot
+nodes reclaimed, Redis outages.
 
 A random crash is drawn per run of a container: when a pod's container starts (a first start or a
 kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
@@ -38,6 +38,7 @@ class Faults:
         spot = self._spot = sim.scenario.cluster.spot if sim.scenario.cluster is not None else None
         self._spot_mtbf = spot.mtbf_s if spot is not None else None
         self._spot_gen = sim.streams["spot"]
+        self._spot_drawn: set[int] = set()  # nodes whose random interruption is drawn
         outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
         self._out_start = [a for a, _ in outages]
         self._out_end = [b for _, b in outages]
@@ -94,7 +95,8 @@ class Faults:
     def node_ready(self, node: Node) -> None:
         """A GPU node is ready: draw when it fails, if nodes fail at random (``faults.node_mtbf_s``), and when
         the cloud reclaims it, if it is a spot node interrupted at random (``cluster.spot.mtbf_s``)."""
-        if self._spot_mtbf is not None and node.spot and node.interrupted_s is None:
+        if self._spot_mtbf is not None and node.spot and node.id not in self._spot_drawn:
+            self._spot_drawn.add(node.id)  # once: a partition that heals does not draw it again
             delay = float(self._spot_gen.exponential(self._spot_mtbf))
             Timeout(self.sim.env, delay, node).callbacks.append(self._spot_random)
         if self._node_mtbf is None:

@@ -27,6 +27,15 @@ Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting th
 is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet replaces them
 elsewhere, with a cold start), and it goes when the last one has left. A node is billed
 from its creation (booting included) to its removal. A later burst waits for new nodes again.
+
+Zones (``cluster.zones``): one node group per zone, kept balanced (``--balance-similar-node-groups``): a
+new node goes to the zone with the fewest nodes (``_balanced_zone``), within each group's minimum
+(``min_nodes_per_zone``, never scaled below) and maximum (``max_gpus_per_zone``). ``pods.zone_spread`` is
+the topology spread on the zone, in ``_pick`` beside the hostname one; a zone with no schedulable node is
+no domain of it. A zone that fails (``zone_failed``) takes no node until it is back, and its booting nodes
+are lost. Spot nodes (``cluster.spot``): beyond ``on_demand_nodes`` a new node is spot, billed at the spot
+price (``node_gpu_seconds(priced=True)``); a reclaimed one is cordoned and goes when its last pod has left
+or at the notice's end (``reclaim``; the cluster drains its pods).
 """
 
 from __future__ import annotations
@@ -457,7 +466,6 @@ class NodePool:
                  n.gpus * (min(horizon_s if n.removed_s is None else n.removed_s, horizon_s) - n.created_s) / 3600.0)
                 for n in self.nodes]
         return pd.DataFrame(rows, columns=NODE_COLUMNS)
-
 
     def gpus_now(self) -> float:
         """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
