@@ -59,9 +59,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                                    for _ in range(draw(st.integers(0, 2)))]
         if draw(st.booleans()):
             faults["node_mtbf_s"] = draw(st.floats(10, 200))
-        if draw(st.booleans()):  # spread over nodes (topology spread on the hostname)
+        if draw(st.booleans()):  # spread over nodes (topology spread on the hostname), hard or soft
+            soft = draw(st.booleans())
             data["pods"]["spread"] = {"max_skew": draw(st.integers(1, 2)),
-                                      "min_nodes": draw(st.one_of(st.none(), st.integers(1, 4)))}
+                                      "when_unsatisfiable": "ScheduleAnyway" if soft else "DoNotSchedule",
+                                      "min_nodes": None if soft else draw(st.one_of(st.none(), st.integers(1, 4)))}
         zones = data["cluster"]["zones"] = draw(st.integers(1, 3))
         if draw(st.booleans()):  # a zone's stock of GPUs: whole nodes of node_gpus within it
             data["cluster"]["max_gpus_per_zone"] = data["cluster"]["node_gpus"] * draw(st.integers(1, 2))
@@ -72,9 +74,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
             faults["spot_interruptions"] = [{"at_s": draw(st.floats(0, HORIZON)),
                                              "node": draw(st.one_of(st.none(), st.integers(0, 3)))}
                                             for _ in range(draw(st.integers(0, 2)))]
-        if draw(st.booleans()):  # spread over zones, some of which go dark
+        if 8 // data["cluster"]["node_gpus"] >= zones:  # a node kept in each zone, or none
+            data["cluster"]["min_nodes_per_zone"] = draw(st.integers(0, 1))
+        if draw(st.booleans()):  # spread over zones, some of which go dark, hard or soft
+            soft = draw(st.booleans())
             data["pods"]["zone_spread"] = {"max_skew": draw(st.integers(1, 2)),
-                                           "min_zones": draw(st.one_of(st.none(), st.integers(1, 3)))}
+                                           "when_unsatisfiable": "ScheduleAnyway" if soft else "DoNotSchedule",
+                                           "min_zones": None if soft else draw(st.one_of(st.none(), st.integers(1, 3)))}
         faults["zone_failures"] = [{"at_s": draw(st.floats(0, HORIZON)), "zone": draw(st.integers(0, zones - 1)),
                                     "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
                                    for _ in range(draw(st.integers(0, 2)))]

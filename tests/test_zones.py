@@ -272,3 +272,35 @@ def test_the_run_lists_its_nodes_and_where_each_pod_went(tmp_path: Path) -> None
     written = pd.read_csv(tmp_path / "nodes.csv")
     assert list(written.columns) == NODE_COLUMNS and list(written["zone"]) == [0, 1, 2]
     assert len(pd.read_csv(tmp_path / "placements.csv")) == 9
+
+
+def test_a_schedule_anyway_zone_spread_prefers_the_emptier_zones_and_strands_nothing() -> None:
+    soft = {"max_skew": 1, "when_unsatisfiable": "ScheduleAnyway"}
+    sim, _ = _run(_scenario(**{"cluster.zones": 3, "cluster.min_nodes_per_zone": 1, "pods.zone_spread": soft}))
+    assert _pods_per_zone(sim, 3) == [3, 3, 2]
+    # zone 0 dark for good: where min_zones 2 (DoNotSchedule) strands the 4 evicted pods' replacements, the
+    # preference places them in zone 1, 30 s (the start) after the eviction
+    fail = {"faults.zone_failures": [{"at_s": FAIL_S, "zone": 0}], "cluster.min_nodes_per_zone": 1}
+    ts = _run(_scenario(**fail, **{"pods.zone_spread": soft}))[1].timeseries.set_index("time_s")
+    assert (ts.loc[FAIL_S + 50:EVICTED_S, "ready_replicas"] == 4).all()
+    assert (ts.loc[EVICTED_S + 30 + 20:, "ready_replicas"] == 8).all() and (ts["pending_replicas"] == 0).all()
+    with pytest.raises(SettingsError, match=r"min_zones \(minDomains\) needs when_unsatisfiable: DoNotSchedule"):
+        _scenario(**{"pods.zone_spread": {**soft, "min_zones": 2}})
+    with pytest.raises(SettingsError, match=r"min_nodes \(minDomains\) needs when_unsatisfiable: DoNotSchedule"):
+        _scenario(**{"pods.spread": {"min_nodes": 2, "when_unsatisfiable": "ScheduleAnyway"}})
+    target = DeployTarget(name="agent", namespace="agents")
+    rush = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override({"pods.zone_spread": soft})
+    spec = build_all(rush, target)["deployment-patch.yaml"]["spec"]["template"]
+    (c,) = spec["spec"]["topologySpreadConstraints"]
+    assert c["whenUnsatisfiable"] == "ScheduleAnyway" and "minDomains" not in c
+
+
+def test_a_schedule_anyway_node_spread_fills_the_emptiest_node_first() -> None:
+    # four empty nodes kept (a minimum of 2 in each zone) and 8 pods: preferred on the emptiest, 2 on each;
+    # DoNotSchedule without min_nodes does the same (the fewest is 0 until each has one); packed, 8 on one
+    soft = {"pods.replicas": 8, "cluster.min_nodes_per_zone": 2,
+            "pods.spread": {"max_skew": 1, "when_unsatisfiable": "ScheduleAnyway"}}
+    sim, _ = _run(_scenario(**soft))
+    assert [n.used for n in sim.cluster.nodes.nodes] == [2, 2, 2, 2]
+    sim, _ = _run(_scenario(**{**soft, "pods.spread": None}))
+    assert [n.used for n in sim.cluster.nodes.nodes] == [8, 0, 0, 0]

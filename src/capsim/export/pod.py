@@ -146,12 +146,13 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
         pod_spec["tolerations"] = tolerations
     # the rules capsim.sim.nodes places by: DoNotSchedule, failed and cordoned nodes not counted
     constraints = []
-    for key, skew, min_domains in (
-            ("kubernetes.io/hostname", spread and spread.max_skew, spread and spread.min_nodes),
-            ("topology.kubernetes.io/zone", zone_spread and zone_spread.max_skew, zone_spread and zone_spread.min_zones)):
-        if skew:
-            constraint: dict[str, Any] = {"maxSkew": skew, "topologyKey": key, "whenUnsatisfiable": "DoNotSchedule",
-                                          "nodeTaintsPolicy": "Honor", "labelSelector": {"matchLabels": pod_labels(target)}}
+    for key, sp, min_domains in (
+            ("kubernetes.io/hostname", spread, spread and spread.min_nodes),
+            ("topology.kubernetes.io/zone", zone_spread, zone_spread and zone_spread.min_zones)):
+        if sp is not None:
+            constraint: dict[str, Any] = {"maxSkew": sp.max_skew, "topologyKey": key,
+                                          "whenUnsatisfiable": sp.when_unsatisfiable, "nodeTaintsPolicy": "Honor",
+                                          "labelSelector": {"matchLabels": pod_labels(target)}}
             if min_domains is not None:
                 constraint["minDomains"] = min_domains
             constraints.append(constraint)

@@ -130,11 +130,13 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     pods = scenario.pods
     if pods.spread is not None:  # written into the patch's topologySpreadConstraints
         lines.append(f"| spread over nodes (`topologySpreadConstraints`) | maxSkew {pods.spread.max_skew}"
-                     + (f", minDomains {pods.spread.min_nodes}" if pods.spread.min_nodes is not None else "") + " |")
+                     + (f", minDomains {pods.spread.min_nodes}" if pods.spread.min_nodes is not None else "")
+                     + (", ScheduleAnyway" if pods.spread.when_unsatisfiable == "ScheduleAnyway" else "") + " |")
     if pods.zone_spread is not None:
         zs = pods.zone_spread
         lines.append(f"| spread over zones (`topologySpreadConstraints`) | maxSkew {zs.max_skew}"
-                     + (f", minDomains {zs.min_zones}" if zs.min_zones is not None else "") + " |")
+                     + (f", minDomains {zs.min_zones}" if zs.min_zones is not None else "")
+                     + (", ScheduleAnyway" if zs.when_unsatisfiable == "ScheduleAnyway" else "") + " |")
     if pods.unreachable_toleration_s is not None:  # the patch's NoExecute tolerations
         lines.append(f"| evicted from a NotReady node after (`tolerationSeconds`) | {pods.unreachable_toleration_s} s |")
     if pods.spread is not None or pods.zone_spread is not None:

@@ -391,6 +391,15 @@ class Spread(_Section):
 
     max_skew: Int = Field(1, ge=1, description="maxSkew")
     min_nodes: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many nodes")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        "DoNotSchedule", description="whenUnsatisfiable: DoNotSchedule filters the nodes (a pod the skew allows "
+        "nowhere stays Pending); ScheduleAnyway only prefers the nodes with fewer of the pods")
+
+    @model_validator(mode="after")
+    def _min_domains_only_hard(self) -> Self:
+        if self.when_unsatisfiable == "ScheduleAnyway" and self.min_nodes is not None:
+            raise ValueError("min_nodes (minDomains) needs when_unsatisfiable: DoNotSchedule, as Kubernetes asks")
+        return self
 
 
 class ZoneSpread(_Section):
@@ -405,6 +414,15 @@ class ZoneSpread(_Section):
 
     max_skew: Int = Field(1, ge=1, description="maxSkew")
     min_zones: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many zones")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        "DoNotSchedule", description="whenUnsatisfiable: DoNotSchedule filters the zones (a pod the skew allows "
+        "nowhere stays Pending); ScheduleAnyway only prefers the zones with fewer of the pods")
+
+    @model_validator(mode="after")
+    def _min_domains_only_hard(self) -> Self:
+        if self.when_unsatisfiable == "ScheduleAnyway" and self.min_zones is not None:
+            raise ValueError("min_zones (minDomains) needs when_unsatisfiable: DoNotSchedule, as Kubernetes asks")
+        return self
 
 
 class Pods(_Section):

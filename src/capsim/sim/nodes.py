@@ -111,6 +111,9 @@ class NodePool:
         self._min_nodes = pods.spread_min_nodes
         self._zskew = pods.zone_spread.max_skew if pods.zone_spread is not None else None
         self._min_zones = pods.spread_min_zones
+        # whenUnsatisfiable ScheduleAnyway: the spread scores the nodes instead of filtering them
+        self._soft = pods.spread is not None and pods.spread.when_unsatisfiable == "ScheduleAnyway"
+        self._zsoft = pods.zone_spread is not None and pods.zone_spread.when_unsatisfiable == "ScheduleAnyway"
         self._spreading = self._skew is not None or self._zskew is not None
         self.zones = spec.zones if spec else 1
         self.zones_down: dict[int, float] = {}  # zone -> when it is back (inf: never), for zones failed now
@@ -231,30 +234,43 @@ class NodePool:
         return pods
 
     def _pick(self, slots: list[list[int]]) -> int | None:
-        """Which of ``slots`` (``[pods on a node, free pod slots, zone]``) the spreads put the next pod on: one
-        with a free slot whose pods would be at most ``pods.spread.max_skew`` above the fewest on a node (0
-        while fewer than ``min_nodes`` nodes count), in a zone whose pods would be at most
-        ``pods.zone_spread.max_skew`` above the fewest in a zone (0 while fewer than ``min_zones`` zones
-        count); with ``pods.spread`` the one with the fewest pods, else (packed within the zones allowed) the
-        first; ``None`` when none may take it."""
+        """Which of ``slots`` (``[pods on a node, free pod slots, zone]``) the spreads put the next pod on, as
+        PodTopologySpread filters and scores (re-implemented): a node with a free slot; under a DoNotSchedule
+        ``pods.spread`` one whose pods would be at most ``max_skew`` above the fewest on a node (0 while fewer
+        than ``min_nodes`` nodes count), under a DoNotSchedule ``pods.zone_spread`` one in a zone whose pods
+        would be at most ``max_skew`` above the fewest in a zone (0 while fewer than ``min_zones`` zones
+        count). Among those, the lowest score of the ScheduleAnyway spreads (the pods in the node's domain
+        times log(domains + 2), summed: upstream's ``scoreForCount``), then with ``pods.spread`` the fewest
+        pods on the node, then the first (packed: the oldest); ``None`` when none may take it."""
         skew, zskew = self._skew, self._zskew
         allowed_zone = None
+        zpods: list[int] = []
         if zskew is not None:
             zpods = self._zone_pods(slots)
             domains = {zone for _, _, zone in slots}
-            zfloor = 0 if len(domains) < self._min_zones or not domains else min(zpods[z] for z in domains)
-            allowed_zone = [zpods[z] + 1 - zfloor <= zskew for z in range(self.zones)]
+            if not self._zsoft:
+                zfloor = 0 if len(domains) < self._min_zones or not domains else min(zpods[z] for z in domains)
+                allowed_zone = [zpods[z] + 1 - zfloor <= zskew for z in range(self.zones)]
+            zweight = math.log(len(domains) + 2)
         floor = 0
-        if skew is not None:
+        if skew is not None and not self._soft:
             floor = 0 if len(slots) < self._min_nodes or not slots else min(c for c, _, _ in slots)
+        nweight = math.log(len(slots) + 2)
         best = None
+        best_key: tuple[float, int] = (0.0, 0)
         for k, (count, room, zone) in enumerate(slots):
             if room <= 0 or (allowed_zone is not None and not allowed_zone[zone]):
                 continue
-            if skew is None:
-                return k  # packed within the zones allowed: the oldest node with room
-            if count + 1 - floor <= skew and (best is None or count < slots[best][0]):
-                best = k
+            if skew is not None and not self._soft and count + 1 - floor > skew:
+                continue
+            score = 0.0
+            if self._zsoft:
+                score += zpods[zone] * zweight
+            if self._soft:
+                score += count * nweight
+            key = (score, count if skew is not None else 0)
+            if best is None or key < best_key:
+                best, best_key = k, key
         return best
 
     def _new_nodes_for(self, pods: int, slots: list[list[int]]) -> tuple[list[int], int]:
