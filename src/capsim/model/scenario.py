@@ -381,7 +381,25 @@ class DisruptionBudget(_Section):
         return max(ready - healthy, 0)
 
 
-class Spread(_Section):
+class _TopologySpread(_Section):
+    """What the two spreads share: ``maxSkew`` and ``whenUnsatisfiable`` (``minDomains``, named per topology
+    by ``_min_key``, only with DoNotSchedule, as the Kubernetes API asks)."""
+
+    _min_key: ClassVar[str]
+    max_skew: Int = Field(1, ge=1, description="maxSkew")
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        "DoNotSchedule", description="whenUnsatisfiable: DoNotSchedule filters the domains (a pod the skew "
+        "allows nowhere stays Pending); ScheduleAnyway only prefers those with fewer of the pods")
+
+    @model_validator(mode="after")
+    def _min_domains_only_hard(self) -> Self:
+        if self.when_unsatisfiable == "ScheduleAnyway" and getattr(self, self._min_key) is not None:
+            raise ValueError(f"{self._min_key} (minDomains) needs when_unsatisfiable: DoNotSchedule, as Kubernetes "
+                             "asks")
+        return self
+
+
+class Spread(_TopologySpread):
     """A topology spread constraint over nodes on the Deployment's pods (``topologySpreadConstraints`` with
     ``topologyKey: kubernetes.io/hostname``, ``whenUnsatisfiable: DoNotSchedule``, ``nodeTaintsPolicy:
     Honor``): a pod goes only to a node where its pods would number at most ``max_skew`` above the fewest
@@ -389,20 +407,11 @@ class Spread(_Section):
     schedulable (``minDomains``); cluster-autoscaler adds nodes for pods that fit nowhere else. So a node
     failure takes fewer pods, at the price of more, emptier nodes (``capsim.sim.nodes``)."""
 
-    max_skew: Int = Field(1, ge=1, description="maxSkew")
+    _min_key: ClassVar[str] = "min_nodes"
     min_nodes: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many nodes")
-    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
-        "DoNotSchedule", description="whenUnsatisfiable: DoNotSchedule filters the nodes (a pod the skew allows "
-        "nowhere stays Pending); ScheduleAnyway only prefers the nodes with fewer of the pods")
-
-    @model_validator(mode="after")
-    def _min_domains_only_hard(self) -> Self:
-        if self.when_unsatisfiable == "ScheduleAnyway" and self.min_nodes is not None:
-            raise ValueError("min_nodes (minDomains) needs when_unsatisfiable: DoNotSchedule, as Kubernetes asks")
-        return self
 
 
-class ZoneSpread(_Section):
+class ZoneSpread(_TopologySpread):
     """A topology spread constraint over availability zones on the Deployment's pods (``topologyKey:
     topology.kubernetes.io/zone``, ``whenUnsatisfiable: DoNotSchedule``, ``nodeTaintsPolicy: Honor``): a pod
     goes only to a zone where the Deployment's pods would number at most ``max_skew`` above the fewest in a
@@ -412,17 +421,8 @@ class ZoneSpread(_Section):
     with no GPU node is no domain (the Deployment's pods go only to GPU nodes): give each zone a node
     (``cluster.min_nodes_per_zone``) or ``min_zones``, else the pods fill the zones that have nodes first."""
 
-    max_skew: Int = Field(1, ge=1, description="maxSkew")
+    _min_key: ClassVar[str] = "min_zones"
     min_zones: Int | None = Field(None, ge=1, description="minDomains: spread over at least this many zones")
-    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
-        "DoNotSchedule", description="whenUnsatisfiable: DoNotSchedule filters the zones (a pod the skew allows "
-        "nowhere stays Pending); ScheduleAnyway only prefers the zones with fewer of the pods")
-
-    @model_validator(mode="after")
-    def _min_domains_only_hard(self) -> Self:
-        if self.when_unsatisfiable == "ScheduleAnyway" and self.min_zones is not None:
-            raise ValueError("min_zones (minDomains) needs when_unsatisfiable: DoNotSchedule, as Kubernetes asks")
-        return self
 
 
 class Pods(_Section):

@@ -13,8 +13,10 @@ restart) the cluster's.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 from simpy.events import Timeout
 
 from capsim.model.scenario import Crash, NodeFailure, SpotInterruption, ZoneFailure
@@ -46,19 +48,14 @@ class Faults:
         self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
         # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
         self.skipped: list[tuple[float, int, str]] = []
-        if spec:
-            for crash in spec.crashes:
-                ev = Timeout(sim.env, crash.at_s, crash)
-                ev.callbacks.append(self._scheduled)
-            for failure in spec.node_failures:
-                ev = Timeout(sim.env, failure.at_s, failure)
-                ev.callbacks.append(self._node_failure)
-            for interruption in spec.spot_interruptions:
-                ev = Timeout(sim.env, interruption.at_s, interruption)
-                ev.callbacks.append(self._spot_interruption)
-            for zone_failure in spec.zone_failures:
-                ev = Timeout(sim.env, zone_failure.at_s, zone_failure)
-                ev.callbacks.append(self._zone_failure)
+        if spec:  # each scheduled fault, in this order when two come at the same time
+            scheduled: tuple[tuple[Sequence[Crash | NodeFailure | SpotInterruption | ZoneFailure],
+                                   Callable[[Timeout], None]], ...] = (
+                (spec.crashes, self._scheduled), (spec.node_failures, self._node_failure),
+                (spec.spot_interruptions, self._spot_interruption), (spec.zone_failures, self._zone_failure))
+            for events, handler in scheduled:
+                for event in events:
+                    Timeout(sim.env, event.at_s, event).callbacks.append(handler)
 
     def container_started(self, pod: Pod, now: float) -> None:
         """Draw the random crash of this container run, if crashes are random."""
@@ -118,22 +115,32 @@ class Faults:
         if self._spot is None:  # allowed, so that a study's stress can apply to on-demand candidates too
             self.skipped.append((now, -1, "cluster.spot is not set: no spot node to reclaim"))
             return
-        if interruption.node is not None:
-            node = nodes.nodes[interruption.node] if interruption.node < len(nodes.nodes) else None
-            if (node is None or not node.spot or node.ready_s is None or node.removed_s is not None
-                    or node.interrupted_s is not None):
-                state = ("not created (yet)" if node is None else "not spot" if not node.spot
-                         else "still provisioning" if node.ready_s is None
-                         else "removed" if node.removed_s is not None else "interrupted already")
-                self.skipped.append((now, -1, f"spot node {interruption.node} {state}"))
-                return
-        else:
-            candidates = nodes.spot_nodes()
-            if not candidates:
-                self.skipped.append((now, -1, "no ready spot node holds a pod"))
-                return
-            node = candidates[int(self._spot_gen.integers(len(candidates)))]
-        self.sim.cluster.spot_interrupted(node, now)
+        node = self._target(interruption.node, "spot node", nodes.spot_nodes, self._spot_gen,
+                            lambda n: ("not spot" if not n.spot else "interrupted already"
+                                       if n.interrupted_s is not None else None))
+        if node is not None:
+            self.sim.cluster.spot_interrupted(node, now)
+
+    def _target(self, named: int | None, what: str, candidates: Callable[[], list[Node]], gen: np.random.Generator,
+                unfit: Callable[[Node], str | None]) -> Node | None:
+        """The node a scheduled fault takes: node ``named``, or one of ``candidates()`` drawn from ``gen``;
+        ``None`` (and a row of ``skipped`` saying why) when the named one is not there or ``unfit`` says why
+        not, or there is no candidate."""
+        now = self.sim.env.now
+        nodes = self.sim.cluster.nodes.nodes
+        if named is None:
+            pool = candidates()
+            if not pool:
+                self.skipped.append((now, -1, f"no ready {what} holds a pod"))
+                return None
+            return pool[int(gen.integers(len(pool)))]
+        node = nodes[named] if named < len(nodes) else None
+        state = ("not created (yet)" if node is None else "still provisioning" if node.ready_s is None
+                 else "removed" if node.removed_s is not None else unfit(node))
+        if state is not None:
+            self.skipped.append((now, -1, f"{what} {named} {state}"))
+            return None
+        return node
 
     def _node_random(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)
@@ -151,23 +158,10 @@ class Faults:
         """A node dies (``faults.node_failures``): the one named, or a ready node holding pods drawn from the
         ``node_failures`` stream; each pod it held is logged as a crash of kind ``node``."""
         failure = cast(NodeFailure, ev.value)
-        now = self.sim.env.now
-        cluster = self.sim.cluster
-        nodes = cluster.nodes
-        if failure.node is not None:
-            node = nodes.nodes[failure.node] if failure.node < len(nodes.nodes) else None
-            if node is None or node.ready_s is None or node.removed_s is not None or node.failed_s is not None:
-                state = ("not created (yet)" if node is None else "still provisioning" if node.ready_s is None
-                         else "removed" if node.removed_s is not None else "failed already")
-                self.skipped.append((now, -1, f"node {failure.node} {state}"))
-                return
-        else:
-            candidates = nodes.failable()
-            if not candidates:
-                self.skipped.append((now, -1, "no ready node holds a pod"))
-                return
-            node = candidates[int(self._node_gen.integers(len(candidates)))]
-        self._fail_node(node, failure.duration_s)
+        node = self._target(failure.node, "node", self.sim.cluster.nodes.failable, self._node_gen,
+                            lambda n: "failed already" if n.failed_s is not None else None)
+        if node is not None:
+            self._fail_node(node, failure.duration_s)
 
     def _zone_failure(self, ev: Timeout) -> None:
         """A zone goes dark (``faults.zone_failures``): every ready node in it fails, back with the zone; nodes
