@@ -100,6 +100,10 @@ def test_spot_settings_are_checked_and_a_missing_spot_node_reported() -> None:
     assert list(_run(on_demand).skipped_crashes["why"]) == ["cluster.spot is not set: no spot node to reclaim"] * 2
     with pytest.raises(SettingsError, match="price_ratio"):
         _scenario(**{"cluster.spot.price_ratio": 0})
+    # reclaims by the million (a runaway of replacements) are refused before the run, as node failures are
+    with pytest.raises(SettingsError, match=r"cluster.spot.mtbf_s 1e-06 makes up to about .* spot reclaims in "
+                                            r"horizon_s 900, over the limit of 1e\+06; raise mtbf_s"):
+        _scenario(**{"cluster.spot.mtbf_s": 1e-6})
     res = _run(_scenario(**{"faults.spot_interruptions": [{"at_s": 10, "node": 0}, {"at_s": 20, "node": 7}]}))
     assert list(res.skipped_crashes["why"]) == ["spot node 0 not spot", "spot node 7 not created (yet)"]
 

@@ -40,7 +40,8 @@ BUDGET_FLOOR = 1_000_000
 
 @dataclass(frozen=True)
 class Workload:
-    """The expected size of a run: requests, time-series rows, HPA syncs and scrapes, crashes, node failures."""
+    """The expected size of a run: requests, time-series rows, HPA syncs and scrapes, crashes, node failures and
+    spot reclaims."""
 
     requests: float
     timeseries_rows: float
@@ -48,6 +49,7 @@ class Workload:
     scrapes: float
     crashes: float
     node_failures: float = 0.0
+    spot_reclaims: float = 0.0
 
 
 def expected_sessions(scenario: Scenario) -> float | None:
@@ -87,11 +89,16 @@ def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
         # a container may crash while it starts and the first restart is immediate (CrashLoopBackOff):
         # one crash per MTBF per pod is the most a crash loop makes on average
         crashes = max_pods(scenario) * horizon / faults.pod_mtbf_s
-    node_failures = 0.0
-    if faults is not None and faults.node_mtbf_s is not None and scenario.cluster is not None:
+    node_failures = spot_reclaims = 0.0
+    cluster = scenario.cluster
+    if cluster is not None:
         # at most max_gpus / node_gpus nodes live at once (a failed one counts until removed), each failing
-        # once per MTBF on average
-        node_failures = scenario.cluster.max_gpus // scenario.cluster.node_gpus * horizon / faults.node_mtbf_s
+        # (or reclaimed, when spot) once per MTBF on average
+        nodes = cluster.max_gpus // cluster.node_gpus
+        if faults is not None and faults.node_mtbf_s is not None:
+            node_failures = nodes * horizon / faults.node_mtbf_s
+        if cluster.spot is not None and cluster.spot.mtbf_s is not None:
+            spot_reclaims = nodes * horizon / cluster.spot.mtbf_s
     return Workload(
         requests=n_requests,
         timeseries_rows=horizon / scenario.timeseries_interval_s,
@@ -99,6 +106,7 @@ def estimate(scenario: Scenario, n_requests: float | None = None) -> Workload:
         scrapes=horizon / hpa.scrape_interval_s if hpa else 0.0,
         crashes=crashes,
         node_failures=node_failures,
+        spot_reclaims=spot_reclaims,
     )
 
 
@@ -155,13 +163,13 @@ def check_limits(scenario: Scenario) -> list[str]:
             f"{w.crashes:.3g} crashes on {max_pods(scenario)} pods in horizon_s {h:g} (a crash loop), over the "
             f"limit of {MAX_CRASHES:.0e}; raise pod_mtbf_s"
         )
-    if w.node_failures > MAX_CRASHES:
-        f = scenario.faults
-        assert f is not None
-        problems.append(
-            f"faults.node_mtbf_s {f.node_mtbf_s:g} makes up to about {w.node_failures:.3g} node failures in "
-            f"horizon_s {h:g}, over the limit of {MAX_CRASHES:.0e}; raise node_mtbf_s"
-        )
+    for count, path, mtbf, what in (
+            (w.node_failures, "faults.node_mtbf_s", scenario.faults and scenario.faults.node_mtbf_s, "node failures"),
+            (w.spot_reclaims, "cluster.spot.mtbf_s",
+             scenario.cluster and scenario.cluster.spot and scenario.cluster.spot.mtbf_s, "spot reclaims")):
+        if count > MAX_CRASHES:
+            problems.append(f"{path} {mtbf:g} makes up to about {count:.3g} {what} in horizon_s {h:g}, over the "
+                            f"limit of {MAX_CRASHES:.0e}; raise {path.rsplit('.', 1)[1]}")
     return problems
 
 
