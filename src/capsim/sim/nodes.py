@@ -83,6 +83,10 @@ class Node:
         (nodeTaintsPolicy Honor)."""
         return self.ready_s is not None and not self.cordoned and self.removed_s is None and self.failed_s is None
 
+    def gpu_seconds(self, now: float) -> float:
+        """GPU-seconds billed from its creation to its removal (or ``now``, if that comes first)."""
+        return self.gpus * (min(self.removed_s if self.removed_s is not None else now, now) - self.created_s)
+
     @property
     def free(self) -> int:
         return self.gpus - self.used if self.schedulable else 0
@@ -153,10 +157,7 @@ class NodePool:
         (``max_gpus_per_zone``), the one with the fewest nodes (the node groups kept balanced), the first of
         those; with ``pods`` (the Deployment's pods per zone, for ``pods.zone_spread``) the one with the fewest
         pods first. ``added``: zones of nodes about to be added. ``None`` when no zone can take a node."""
-        count = [0] * self.zones
-        for n in self.nodes:
-            if n.removed_s is None:
-                count[n.zone] += 1
+        count = self._nodes_per_zone()
         for z in added:
             count[z] += 1
         up = [z for z in range(self.zones) if z not in self.zones_down and self._zone_has_room(z, added)]
@@ -165,6 +166,14 @@ class NodePool:
         if pods is None:
             return min(up, key=lambda z: (count[z], z))
         return min(up, key=lambda z: (pods[z], count[z], z))
+
+    def _nodes_per_zone(self) -> list[int]:
+        """Each zone's node group size: its nodes not removed (booting and failed ones included)."""
+        count = [0] * self.zones
+        for n in self.nodes:
+            if n.removed_s is None:
+                count[n.zone] += 1
+        return count
 
     def _zone_has_room(self, zone: int, added: list[int]) -> bool:
         """Whether a whole node more in ``zone`` stays within ``cluster.max_gpus_per_zone`` (``added``: zones of
@@ -366,10 +375,7 @@ class NodePool:
         due = [n for n in live if n.unneeded_since is not None
                and now - n.unneeded_since >= spec.scale_down_unneeded_time_s]
         if spec.min_nodes_per_zone:  # no node group below its minimum size
-            size = [0] * self.zones
-            for n in self.nodes:
-                if n.removed_s is None:
-                    size[n.zone] += 1
+            size = self._nodes_per_zone()
             keep = []
             for n in due:
                 if size[n.zone] > spec.min_nodes_per_zone:
@@ -478,8 +484,7 @@ class NodePool:
         nan = math.nan
         rows = [(n.id, n.zone, n.spot, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
                  nan if n.removed_s is None else n.removed_s, n.failures, n.failed_s is not None,
-                 nan if n.interrupted_s is None else n.interrupted_s,
-                 n.gpus * (min(horizon_s if n.removed_s is None else n.removed_s, horizon_s) - n.created_s) / 3600.0)
+                 nan if n.interrupted_s is None else n.interrupted_s, n.gpu_seconds(horizon_s) / 3600.0)
                 for n in self.nodes]
         return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
@@ -491,8 +496,7 @@ class NodePool:
         """GPU-seconds of the nodes from their creation to their removal (or ``now``); ``priced``: a spot
         node's at ``cluster.spot.price_ratio`` (on-demand GPU-seconds the bill is worth)."""
         ratio = self._spec.spot.price_ratio if priced and self._spec is not None and self._spec.spot else 1.0
-        return sum(n.gpus * (min(n.removed_s if n.removed_s is not None else now, now) - n.created_s)
-                   * (ratio if n.spot else 1.0) for n in self.nodes if n.created_s < now)
+        return sum(n.gpu_seconds(now) * (ratio if n.spot else 1.0) for n in self.nodes if n.created_s < now)
 
     def reclaim(self, node: Node, now: float) -> None:
         """A spot node's interruption notice: cordoned (no pod placed on it again); it goes when its last pod
