@@ -417,10 +417,8 @@ class Cluster:
         """A reclaimed node goes at ``now``: the pods still draining there die with it, their requests failed
         (logged as crashes of kind ``spot``)."""
         for pod in [p for p in self.pods if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
-            held = self._kill(pod, now)
-            self.sim.client.pod_lost(pod, held, now, crashed=False)
             self.sim.faults.crash_log.append((now, pod.id, "spot"))
-            self._gone(pod, now)
+            self._drain_cut(pod, now)
 
     def _node_not_ready(self, ev: Timeout) -> None:
         node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
@@ -479,10 +477,14 @@ class Cluster:
     def _grace_over(self, ev: Timeout) -> None:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
         if pod.state == PodState.TERMINATING and pod.incarnation == incarnation:
-            now = self.sim.env.now
-            held = self._kill(pod, now)
-            self.sim.client.pod_lost(pod, held, now, crashed=False)
-            self._gone(pod, now)
+            self._drain_cut(pod, self.sim.env.now)
+
+    def _drain_cut(self, pod: Pod, now: float) -> None:
+        """A terminating pod is killed before it drained (its grace period, or its node, ran out): what it
+        still held fails, and it is gone."""
+        held = self._kill(pod, now)
+        self.sim.client.pod_lost(pod, held, now, crashed=False)
+        self._gone(pod, now)
 
     def _kill(self, pod: Pod, now: float) -> list[int]:
         """``pod.kill``; a pod still in the endpoints (until they see it) is touched: the router's
