@@ -59,6 +59,16 @@ def test_the_default_budget_is_far_above_what_shipped_scenarios_use() -> None:
         assert sim.max_events == event_budget(sc, sim.workload.n_requests)
 
 
+def test_the_budget_counts_the_pods_that_node_failures_and_spot_reclaims_replace() -> None:
+    sc = scenario(cluster={"max_gpus": 16, "node_gpus": 4, "billing": "node"})  # 4 nodes of 4 one-GPU pods
+    plain = event_budget(sc, 1200)
+    for path in ("faults.node_mtbf_s", "cluster.spot"):
+        value: Any = 6.0 if path == "faults.node_mtbf_s" else {"price_ratio": 0.4, "mtbf_s": 6.0}
+        more = event_budget(sc.override({path: value}), 1200)
+        # 4 nodes x 60 s / 6 s = 40 expected, 4 pods replaced each, a crash's 4 events a pod, 20x the estimate
+        assert more - plain == 20 * 4 * 4 * 40, path
+
+
 def test_a_profile_that_does_not_cover_the_batch_size_is_refused_before_the_run() -> None:
     sc = scenario(batching={"max_batch_size": 64})
     with pytest.raises(ProfileRangeError, match=r"batch sizes 1\.\.64 \(measured 1\.\.32\).*service\.extrapolate"):

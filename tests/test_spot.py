@@ -14,7 +14,8 @@ from capsim.export.readme import render_readme
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.sim.simulate import SimResult, simulate
+from capsim.sim.pod import PodState
+from capsim.sim.simulate import SimResult, Simulation, simulate
 from capsim.sim.streams import STREAM_NAMES
 from capsim.studies.batch_modes import fixed_fleet
 from capsim.studies.checks import run_checks
@@ -138,3 +139,23 @@ def test_the_shipped_spot_grid_makes_nine_valid_rush_scenarios_with_the_same_str
     assert [sc.cluster.spot is not None for sc in scenarios if sc.cluster] == [False] * 3 + [True] * 6
     assert all(sc.faults is not None and [i.at_s for i in sc.faults.spot_interruptions] == [1830.0]
                for sc in scenarios)
+
+
+def test_a_run_that_replaces_nodes_all_the_time_looks_only_at_the_nodes_and_pods_still_there() -> None:
+    # every node reclaimed about once a minute for an hour: a hundred nodes and hundreds of pods come and go, and
+    # placement, scans and samples look at those not gone (a scan over all of them made such a run quadratic)
+    sc = _scenario(**{"cluster.spot.mtbf_s": 60.0, "cluster.spot.on_demand_nodes": 0, "cluster.spot.notice_s": 30,
+                      "cluster.node_provision_s": 10, "horizon_s": 3600})
+    sim = Simulation(sc, seed=0)
+    res = sim.run()
+    pool, cluster = sim.cluster.nodes, sim.cluster
+    assert len(res.nodes) > 50 and len(cluster.pods) > 200  # the churn the test is about
+    assert pool._up == [n for n in pool.nodes if n.removed_s is None]
+    assert len(pool._up) <= sc.cluster.max_gpus // sc.cluster.node_gpus  # type: ignore[union-attr]
+    assert cluster.live_pods == [p for p in cluster.pods if p.state != PodState.GONE]
+    assert len(cluster.live_pods) <= 2 * sc.pods.replicas  # the replicas and those draining
+    # the busy seconds of the pods gone are kept: the time series' busy fraction counts every pod
+    busy = sum(p.busy_total_s(sc.horizon_s) for p in cluster.pods)
+    assert cluster.gone_busy_s + sum(p.busy_total_s(sc.horizon_s) for p in cluster.live_pods) == pytest.approx(busy)
+    # and the bill still covers every node of the run, the removed ones too
+    assert res.summary.node_gpu_hours == pytest.approx(res.nodes["gpu_hours"].sum())

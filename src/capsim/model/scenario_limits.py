@@ -180,5 +180,10 @@ def event_budget(scenario: Scenario, n_requests: int) -> int:
     # cluster-autoscaler scans (``capsim.sim.nodes``): one event each, bounded like the HPA's syncs
     scans = scenario.horizon_s / scenario.cluster.scan_interval_s if scenario.cluster is not None else 0.0
     # each pod is scraped at its own offset (``capsim.sim.hpa``): one event per pod per scrape
-    expected = 2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes * max_pods(scenario) + 4 * w.crashes + scans
+    # a failed or reclaimed node's pods are replaced: a crash's events for each pod it held
+    cluster = scenario.cluster
+    per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size) if cluster is not None else 0
+    replaced = per_node * (w.node_failures + w.spot_reclaims)
+    expected = (2 * attempts + w.timeseries_rows + w.hpa_syncs + w.scrapes * max_pods(scenario)
+                + 4 * (w.crashes + replaced) + scans)
     return int(BUDGET_FACTOR * expected) + BUDGET_FLOOR

@@ -551,7 +551,7 @@ class Client:
                     break
                 heapq.heappop(due_heap)
             nxt = now + timeout  # anything sent from now on is due later than this
-            for pod in self.sim.cluster.pods:
+            for pod in self.sim.cluster.live_pods:
                 q = pod.queue
                 if not self._cancel_queued:
                     nxt = min(nxt, self._orphan_due(pod, now))

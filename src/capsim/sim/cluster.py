@@ -59,6 +59,8 @@ class Cluster:
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
         self.pods: list[Pod] = []
+        self._alive: dict[int, Pod] = {}  # pods not gone, by id in creation order: what the scans look at
+        self.gone_busy_s = 0.0  # busy seconds of the pods gone (theirs no longer change)
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
         self.nodes = NodePool(sim, self._place, self._evict, self._may_evict)
@@ -107,7 +109,7 @@ class Cluster:
         if n != self.desired:
             self.scale_events.append((now, self.desired, n))
         self.desired = n
-        live = [p for p in self.pods if p.state in _LIVE]
+        live = [p for p in self._alive.values() if p.state in _LIVE]
         if len(live) < n:
             for _ in range(n - len(live)):
                 self._pending.append(self._new_pod(now))
@@ -134,6 +136,7 @@ class Cluster:
         cls = ContinuousPod if self.sim.continuous is not None else Pod
         pod = cls(self.sim, len(self.pods), now)
         self.pods.append(pod)
+        self._alive[pod.id] = pod
         self._uid.append(int(self._uids.integers(0, 2**62)))
         return pod
 
@@ -169,13 +172,13 @@ class Cluster:
 
     def ready_count(self) -> int:
         """Pods whose Ready condition holds: ready and not failing their probes."""
-        return sum(1 for p in self.pods if p.state == PodState.READY and not p.probe_failing)
+        return sum(1 for p in self._alive.values() if p.state == PodState.READY and not p.probe_failing)
 
     def _evict(self, node: Node, now: float) -> None:
         """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)
         and the ReplicaSet replaces them on other nodes."""
         evicted = (PodState.STARTING, PodState.READY, PodState.CRASHED)  # terminating ones are leaving already
-        for pod in [p for p in self.pods if p.state in evicted and self._node.get(p.id) is node]:
+        for pod in [p for p in self._alive.values() if p.state in evicted and self._node.get(p.id) is node]:
             self.terminate(pod, now)
         self.scale_to(self.desired, now)
 
@@ -297,7 +300,7 @@ class Cluster:
         (if the outage lasts that long) and is not ready from the last of them."""
         start, end = cast(tuple[float, float], ev.value)
         env = self.sim.env
-        for pod in self.pods:
+        for pod in list(self._alive.values()):
             if pod.state == PodState.READY and not pod.probe_failing:
                 at = self._next_probe(pod, start) + (self._probe_failures - 1) * self._probe_period
                 if at < end:
@@ -383,8 +386,7 @@ class Cluster:
         spec = self.sim.scenario.cluster
         assert spec is not None
         self.nodes.fail(node, now)
-        lost = [p for p in self.pods if self._node.get(p.id) is node and p.state not in (PodState.GONE,
-                                                                                          PodState.PENDING)]
+        lost = [p for p in self._alive.values() if self._node.get(p.id) is node and p.state != PodState.PENDING]
         for pod in lost:
             self._running.discard(pod.id)
             held = self._kill(pod, now)
@@ -416,7 +418,7 @@ class Cluster:
     def node_gone(self, node: Node, now: float) -> None:
         """A reclaimed node goes at ``now``: the pods still draining there die with it, their requests failed
         (logged as crashes of kind ``spot``)."""
-        for pod in [p for p in self.pods if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
+        for pod in [p for p in self._alive.values() if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
             self.sim.faults.crash_log.append((now, pod.id, "spot"))
             self._drain_cut(pod, now)
 
@@ -461,6 +463,7 @@ class Cluster:
         if pod.state == PodState.PENDING:
             self._pending.remove(pod)
             pod.state = PodState.GONE
+            self._forget(pod, now)
             return
         if pod.state != PodState.READY:  # starting or crashed: nothing to drain
             self._kill(pod, now)
@@ -500,11 +503,23 @@ class Cluster:
 
     def _gone(self, pod: Pod, now: float) -> None:
         pod.state = PodState.GONE
+        self._forget(pod, now)
         self._running.discard(pod.id)
         self._release_gpu(pod, now)
         self.sim.client.pod_gone(pod, now)
 
     # ---- accounting ---------------------------------------------------------------------------------
+    @property
+    def live_pods(self) -> list[Pod]:
+        """The pods not gone, by id: a run that replaces pods often (crashing nodes, spot reclaims) creates
+        tens of thousands, and what looks at pods each event or sample looks at these."""
+        return list(self._alive.values())
+
+    def _forget(self, pod: Pod, now: float) -> None:
+        """``pod`` is gone at ``now``: off the live pods, its busy seconds kept in ``gone_busy_s``."""
+        if self._alive.pop(pod.id, None) is not None:
+            self.gone_busy_s += pod.busy_total_s(now)
+
     def container_running(self, pod: Pod) -> bool:
         """Whether ``pod``'s container runs: started, not crashed (the pod's phase is Running, not Pending)."""
         return pod.id in self._running
@@ -514,7 +529,7 @@ class Cluster:
 
     def gpus_held(self) -> int:
         """GPUs the pods hold now: placed, not yet gone (``tensor_parallel_size`` each)."""
-        return sum(1 for p in self.pods if p.gpu_since is not None) * self.nodes.pod_gpus
+        return sum(1 for p in self._alive.values() if p.gpu_since is not None) * self.nodes.pod_gpus
 
     def gpu_seconds(self, now: float) -> float:
         """GPU-seconds held by all pods up to ``now`` (each holds ``tensor_parallel_size`` GPUs)."""

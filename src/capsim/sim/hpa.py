@@ -221,7 +221,7 @@ class Autoscaling:
             now = env.now
             self.discover(now)
             current = cluster.desired
-            pods = [p for p in cluster.pods if p.state != PodState.GONE]
+            pods = cluster.live_pods
             proposals: list[int | None] = []
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
                 external, target_type = self._external[k]

@@ -121,7 +121,8 @@ class NodePool:
         self._spreading = self._skew is not None or self._zskew is not None
         self.zones = spec.zones if spec else 1
         self.zones_down: dict[int, float] = {}  # zone -> when it is back (inf: never), for zones failed now
-        self.nodes: list[Node] = []
+        self.nodes: list[Node] = []  # every node of the run, by id (the nodes frame, the bill)
+        self._up: list[Node] = []  # those not removed, oldest first: what placement and scans look at
         self._on_node_ready = on_node_ready
         self._evict = evict
         self._may_evict = may_evict  # whether k of the Deployment's pods may be evicted now (its PDB)
@@ -133,7 +134,7 @@ class NodePool:
 
     # ---- capacity --------------------------------------------------------------------------------
     def _live(self) -> list[Node]:
-        return [n for n in self.nodes if n.removed_s is None]
+        return self._up
 
     def _add(self, now: float, ready: bool, zone: int | None = None) -> Node | None:
         """A new node (in ``zone``, or the zone with the fewest nodes), or ``None`` when a whole node more
@@ -147,9 +148,10 @@ class NodePool:
         elif not self._zone_has_room(zone, []):
             return None
         spot = self._spec is not None and self._spec.spot is not None and sum(
-            1 for n in self.nodes if not n.spot and n.removed_s is None) >= self._spec.spot.on_demand_nodes
+            1 for n in self._up if not n.spot) >= self._spec.spot.on_demand_nodes
         node = Node(len(self.nodes), self.node_gpus, now, now if ready else None, zone, spot)
         self.nodes.append(node)
+        self._up.append(node)
         return node
 
     def _balanced_zone(self, added: list[int], pods: list[int] | None = None) -> int | None:
@@ -170,9 +172,8 @@ class NodePool:
     def _nodes_per_zone(self) -> list[int]:
         """Each zone's node group size: its nodes not removed (booting and failed ones included)."""
         count = [0] * self.zones
-        for n in self.nodes:
-            if n.removed_s is None:
-                count[n.zone] += 1
+        for n in self._up:
+            count[n.zone] += 1
         return count
 
     def _zone_has_room(self, zone: int, added: list[int]) -> bool:
@@ -181,7 +182,7 @@ class NodePool:
         cap = self._spec.max_gpus_per_zone if self._spec is not None else None
         if cap is None:
             return True
-        held = sum(n.gpus for n in self.nodes if n.zone == zone and n.removed_s is None)
+        held = sum(n.gpus for n in self._up if n.zone == zone)
         return held + (added.count(zone) + 1) * self.node_gpus <= cap
 
     def start(self, replicas: int) -> None:
@@ -227,11 +228,11 @@ class NodePool:
         filters and scores (``pkg/scheduler/framework/plugins/podtopologyspread``, re-implemented)."""
         pg = self.pod_gpus
         if not self._spreading:
-            for node in self.nodes:
+            for node in self._up:
                 if node.free >= pg:
                     return node
             return None
-        domains = [n for n in self.nodes if n.schedulable]
+        domains = [n for n in self._up if n.schedulable]
         k = self._pick([self._slot(n) for n in domains])
         return None if k is None else domains[k]
 
@@ -307,8 +308,8 @@ class NodePool:
 
     def _slots(self) -> list[list[int]]:
         """``[pods, free pod slots, zone]`` of each counted node and each node being provisioned in a zone up."""
-        return [self._slot(n) for n in self.nodes if n.schedulable or (
-            n.ready_s is None and n.removed_s is None and n.zone not in self.zones_down)]
+        return [self._slot(n) for n in self._up if n.schedulable or (
+            n.ready_s is None and n.zone not in self.zones_down)]
 
     def _slot(self, n: Node) -> list[int]:
         """``[pods on n, free pod slots on n, its zone]``, for ``_new_nodes_for``."""
@@ -329,7 +330,7 @@ class NodePool:
         if self._spreading:  # where the skews let them go, on the nodes there and those coming
             zones: list[int | None] = list(self._new_nodes_for(waiting, self._slots())[0])
         else:
-            coming = self.pods_per_node * sum(1 for n in self.nodes if n.ready_s is None and n.removed_s is None
+            coming = self.pods_per_node * sum(1 for n in self._up if n.ready_s is None
                                               and n.zone not in self.zones_down)
             zones = [None] * math.ceil(max(waiting - coming, 0) / self.pods_per_node)
         for zone in zones:
@@ -362,7 +363,7 @@ class NodePool:
         """One scan: mark unneeded nodes, and remove those unneeded long enough (see the module doc)."""
         spec = self._spec
         assert spec is not None
-        live = [n for n in self.nodes if n.removed_s is None and n.ready_s is not None and not n.cordoned
+        live = [n for n in self._up if n.ready_s is not None and not n.cordoned
                 and n.failed_s is None]  # a failed node goes by its own timer (fail)
         for n in live:
             if n.used / n.gpus < spec.scale_down_utilization_threshold:
@@ -386,19 +387,19 @@ class NodePool:
             if n.used == 0:
                 self._remove(n, now)
         # a node with pods: only if they fit on the nodes that stay, one drain at a time
-        if any(n.cordoned and n.removed_s is None for n in self.nodes):
+        if any(n.cordoned for n in self._up):
             return
         for n in due:
             if n.used == 0:
                 continue
             pods = n.used // self.pod_gpus
             if self._spreading:  # they must fit the spreads on the nodes that stay
-                stay = [self._slot(m) for m in self.nodes if m is not n and m.schedulable
+                stay = [self._slot(m) for m in self._up if m is not n and m.schedulable
                         and not (m in due and m.used == 0)]
                 new, unplaced = self._new_nodes_for(pods, stay)
                 fits = not new and not unplaced
             else:
-                room = sum(m.free // self.pod_gpus for m in self.nodes if m is not n and m.removed_s is None
+                room = sum(m.free // self.pod_gpus for m in self._up if m is not n
                            and not (m in due and m.used == 0))  # pods the other nodes can take
                 fits = room >= pods
             if fits and self._may_evict(pods):
@@ -434,7 +435,7 @@ class NodePool:
             self.zones_down[zone] = back
             if duration_s is not None:
                 Timeout(self.sim.env, duration_s, (zone, back)).callbacks.append(self._zone_back)
-        booting = [n for n in self.nodes if n.zone == zone and n.ready_s is None and n.removed_s is None]
+        booting = [n for n in self._up if n.zone == zone and n.ready_s is None]
         for n in booting:
             self._remove(n, now)
         if booting:
@@ -457,12 +458,13 @@ class NodePool:
 
     def failable(self) -> list[Node]:
         """Nodes a node failure may pick: ready, not removed or failed, holding pods."""
-        return [n for n in self.nodes if n.ready_s is not None and n.removed_s is None and n.failed_s is None
+        return [n for n in self._up if n.ready_s is not None and n.failed_s is None
                 and n.used > 0]
 
     def _remove(self, node: Node, now: float) -> None:
         node.removed_s = now
         node.cordoned = True
+        self._up.remove(node)
         self.removals.append((now, node.id))
 
     # ---- the image -------------------------------------------------------------------------------

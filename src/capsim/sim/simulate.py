@@ -176,10 +176,10 @@ class Simulation:
         while True:
             yield env.timeout(every)
             now = env.now
-            pods = self.cluster.pods
+            pods = self.cluster.live_pods
             states = [p.state for p in pods]
             serving = [p for p in pods if p.state in (PodState.READY, PodState.TERMINATING)]
-            busy = sum(p.busy_total_s(now) for p in pods)
+            busy = self.cluster.gone_busy_s + sum(p.busy_total_s(now) for p in pods)
             errors = client.n_failed + client.n_timed_out + client.n_rejected
             n_ready = self.cluster.ready_count()
             busy_frac = (busy - last[3]) / (every * len(serving)) if serving else float("nan")
