@@ -70,7 +70,10 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         if draw(st.booleans()):  # spot nodes, reclaimed on a schedule and at random
             data["cluster"]["spot"] = {"price_ratio": 0.5, "on_demand_nodes": draw(st.integers(0, 2)),
                                        "notice_s": draw(st.floats(0, 20)),
-                                       "mtbf_s": draw(st.one_of(st.none(), st.floats(10, 200)))}
+                                       "mtbf_s": draw(st.one_of(st.none(), st.floats(10, 200))),
+                                       "drain": draw(st.sampled_from(["force", "eviction"]))}
+            if draw(st.booleans()):  # a budget the eviction drain asks (and cluster-autoscaler's drains)
+                data["pods"]["disruption_budget"] = {"max_unavailable": draw(st.integers(0, 2))}
             faults["spot_interruptions"] = [{"at_s": draw(st.floats(0, HORIZON)),
                                              "node": draw(st.one_of(st.none(), st.integers(0, 3)))}
                                             for _ in range(draw(st.integers(0, 2)))]

@@ -115,7 +115,10 @@ def test_the_export_readme_names_the_spot_node_group_and_its_notice() -> None:
     readme = render_readme(sc, DeployTarget(name="agent", namespace="agents"), numbers=None, findings=[])
     assert ("- spot GPU nodes beyond an on-demand node group of 1 node(s) (cluster-autoscaler's priority expander "
             "filling the on-demand group first), at 0.35 of the on-demand price; a termination handler") in readme
-    assert "which gives it 30 s" in readme
+    assert "which gives it 30 s: every pod deleted at once, whatever the PodDisruptionBudget" in readme
+    evicting = render_readme(sc.override({"cluster.spot.drain": "eviction"}), DeployTarget(name="agent", namespace="agents"),
+                             numbers=None, findings=[])
+    assert "which gives it 30 s: through the eviction API, as AWS Node Termination Handler and Karpenter do" in evicting
 
 
 
@@ -159,3 +162,53 @@ def test_a_run_that_replaces_nodes_all_the_time_looks_only_at_the_nodes_and_pods
     assert cluster.gone_busy_s + sum(p.busy_total_s(sc.horizon_s) for p in cluster.live_pods) == pytest.approx(busy)
     # and the bill still covers every node of the run, the removed ones too
     assert res.summary.node_gpu_hours == pytest.approx(res.nodes["gpu_hours"].sum())
+
+
+def test_an_eviction_drain_takes_only_what_the_disruption_budget_allows_and_the_rest_die_with_the_node() -> None:
+    pdb = {"pods.disruption_budget": {"max_unavailable": 1}, "warmup_s": 0,
+           "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]}
+    force = _run(_scenario(**pdb))
+    evict = _run(_scenario(**pdb, **{"cluster.spot.drain": "eviction"}))
+    # force (the default): the four pods on node 1 go at once, the node with them
+    ts_f, ts_e = force.timeseries.set_index("time_s"), evict.timeseries.set_index("time_s")
+    assert (ts_f.loc[AT_S + 10:AT_S + 50, "ready_replicas"] == 4).all()
+    assert force.nodes.set_index("node").loc[1, "removed_s"] < AT_S + 1
+    # eviction: one pod at a time, the next when the budget allows again (its replacement is ready, on a
+    # node provisioned in 60 s and started in 30); the others serve on until the notice's end
+    assert (ts_e.loc[AT_S + 10:AT_S + 80, "ready_replicas"] == 7).all()
+    node1 = [p for t, p, n, _ in evict.placements.itertuples(index=False) if n == 1]
+    assert len(node1) == 4
+    assert evict.nodes.set_index("node").loc[1, "removed_s"] == AT_S + NOTICE_S
+    # and fewer pods lost at once: the rush keeps more capacity than with force, at the same cost or less
+    assert ts_e.loc[AT_S + 10:AT_S + 80, "ready_replicas"].min() > ts_f.loc[AT_S + 10:AT_S + 80, "ready_replicas"].min()
+    # without a budget an eviction drain is the force one, event for event
+    plain = {"warmup_s": 0, "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]}
+    a, b = _run(_scenario(**plain)), _run(_scenario(**plain, **{"cluster.spot.drain": "eviction"}))
+    assert a.requests.equals(b.requests) and a.timeseries.equals(b.timeseries)
+
+
+def test_pods_a_budget_keeps_on_a_reclaimed_node_die_with_it_and_are_replaced() -> None:
+    # a budget that allows no disruption (min_available: all 8): nothing is evicted; at the notice's end the
+    # node goes with its four pods, which the ReplicaSet replaces on a new node
+    sc = _scenario(**{"pods.disruption_budget": {"min_available": 8}, "warmup_s": 0, "cluster.spot.drain": "eviction",
+                      "service": {"kind": "deterministic", "mean_s": 2.0}, "workload.arrivals.rate_per_s": 3.0,
+                      "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]})
+    res = _run(sc)
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[AT_S + 10:AT_S + NOTICE_S - 10, "ready_replicas"] == 8).all()  # all serve through the notice
+    assert res.nodes.set_index("node").loc[1, "removed_s"] == AT_S + NOTICE_S
+    killed = res.crashes[res.crashes["kind"] == "spot"]
+    assert len(killed) >= 1 and (killed["time_s"] == AT_S + NOTICE_S).all()  # those with requests in flight
+    assert (ts.loc[AT_S + NOTICE_S + 10:AT_S + NOTICE_S + 50, "ready_replicas"] == 4).all()
+    assert (ts.loc[AT_S + NOTICE_S + 60 + 30 + 10:, "ready_replicas"] == 8).all()  # replaced on a new node
+
+
+def test_an_eviction_drain_slower_than_the_notice_is_flagged() -> None:
+    evict = {"cluster.spot.drain": "eviction"}
+    (f,) = [f for f in run_checks(_scenario(**evict, **{"pods.disruption_budget": {"max_unavailable": 1}}))
+            if f.check == "spot-eviction-outlasts-notice"]
+    assert f.path == "cluster.spot.drain" and f.level == "warn" and "lets 1 go at a time, and a node holds 4" in f.message
+    for quiet in ({**evict, "pods.disruption_budget": {"max_unavailable": 4}},  # a whole node at once
+                  {"pods.disruption_budget": {"max_unavailable": 1}},  # force: the budget is not asked
+                  evict):  # no budget
+        assert not [f for f in run_checks(_scenario(**quiet)) if f.check == "spot-eviction-outlasts-notice"], quiet

@@ -247,9 +247,14 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
         if c.spot is not None:
             lines.append(f"- spot GPU nodes beyond an on-demand node group of {c.spot.on_demand_nodes} node(s) "
                          f"(cluster-autoscaler's priority expander filling the on-demand group first), at "
-                         f"{c.spot.price_ratio:g} of the on-demand price; a termination handler (AWS Node "
-                         "Termination Handler, GKE graceful node shutdown) drains a node on its interruption "
-                         f"notice, which gives it {c.spot.notice_s:g} s")
+                         f"{c.spot.price_ratio:g} of the on-demand price; a termination handler drains a node on "
+                         f"its interruption notice, which gives it {c.spot.notice_s:g} s: "
+                         + ("through the eviction API, as AWS Node Termination Handler and Karpenter do (the "
+                            "PodDisruptionBudget holds pods back, and those still there at the notice's end die with "
+                            "the node)" if c.spot.drain == "eviction" else
+                            "every pod deleted at once, whatever the PodDisruptionBudget, as GKE's graceful node "
+                            "shutdown does (the plan assumed it: a handler that evicts, as AWS Node Termination "
+                            "Handler and Karpenter do, is `cluster.spot.drain: eviction`)"))
         if c.zones > 1:
             cap = (f" and maximum {c.max_gpus_per_zone // c.node_gpus}" if c.max_gpus_per_zone is not None else "")
             lines.append(f"- the GPU nodes in {c.zones} availability zones, one node group per zone of minimum size "

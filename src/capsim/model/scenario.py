@@ -377,8 +377,12 @@ class DisruptionBudget(_Section):
         Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented)."""
         if desired <= 0:
             return 0
-        healthy = self.min_available if self.min_available is not None else desired - (self.max_unavailable or 0)
-        return max(ready - healthy, 0)
+        return max(ready - self.desired_healthy(desired), 0)
+
+    def desired_healthy(self, desired: int) -> int:
+        """Ready pods the budget keeps (``status.desiredHealthy``): ``min_available``, or ``desired`` less
+        ``max_unavailable``."""
+        return self.min_available if self.min_available is not None else desired - (self.max_unavailable or 0)
 
 
 class _TopologySpread(_Section):
@@ -624,8 +628,8 @@ def metric_kind(name: str) -> str:
 class Spot(_Section):
     """Spot (preemptible) GPU nodes: cheaper, and reclaimed by the cloud with a short notice. Beyond the first
     ``on_demand_nodes`` (an on-demand node group that cluster-autoscaler fills first), new nodes are spot.
-    On an interruption's notice the node is cordoned and drained at once (a termination handler: AWS's Node
-    Termination Handler, GKE's graceful node shutdown), its pods are replaced elsewhere, and it is gone
+    On an interruption's notice the node is cordoned and drained by a termination handler (``drain``: every
+    pod at once, or those the PodDisruptionBudget lets go), its pods are replaced elsewhere, and it is gone
     ``notice_s`` later, with whatever still runs on it (``capsim.sim.nodes``)."""
 
     price_ratio: Float = Field(gt=0, le=1, description="a spot GPU-hour's price over pods.gpu_cost_per_hour "
@@ -636,6 +640,12 @@ class Spot(_Section):
                                                      "after it (AWS 120 s; GCP and Azure 30 s)")
     mtbf_s: Float | None = Field(None, gt=0, description="mean time between interruptions of one spot node, "
                                                          "from when it is ready; none: only faults.spot_interruptions")
+    drain: Literal["force", "eviction"] = Field(
+        "force", description="how the termination handler drains a reclaimed node: force, every pod deleted at "
+                             "once whatever the PodDisruptionBudget (GKE's graceful node shutdown); eviction, "
+                             "through the eviction API as AWS's Node Termination Handler and Karpenter do: the "
+                             "pods pods.disruption_budget protects wait (asked again every 5 s) and die with the "
+                             "node at the notice's end")
 
 
 class ClusterSpec(_Section):

@@ -51,6 +51,9 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 _LIVE = (PodState.PENDING, PodState.STARTING, PodState.READY, PodState.CRASHED)
+#: kubectl drain asks again for an eviction the PodDisruptionBudget refused after this long
+#: (``k8s.io/kubectl/pkg/drain``: the 429 retry of ``evictPods``)
+EVICTION_RETRY_S = 5.0
 
 
 class Cluster:
@@ -408,19 +411,57 @@ class Cluster:
 
     # ---- a spot node the cloud reclaims ----------------------------------------------------------------
     def spot_interrupted(self, node: Node, now: float) -> None:
-        """A spot node's interruption notice at ``now``: it is cordoned and drained at once (a termination
-        handler evicts its pods, which drain within their grace period, and the ReplicaSet replaces them
-        elsewhere); at the notice's end the node is gone (``node_gone``)."""
+        """A spot node's interruption notice at ``now``: it is cordoned and drained (a termination handler
+        deletes or evicts its pods, which drain within their grace period, and the ReplicaSet replaces them
+        elsewhere); at the notice's end the node is gone (``node_gone``). ``cluster.spot.drain``: ``force``
+        takes every pod at once; ``eviction`` only those the PodDisruptionBudget lets go, the rest retried."""
         node.interrupted_s = now
         self.nodes.reclaim(node, now)
-        self._evict(node, now)
+        spot = self.sim.scenario.cluster.spot  # type: ignore[union-attr]
+        if spot is not None and spot.drain == "eviction" and self.sim.scenario.pods.disruption_budget is not None:
+            self._evict_allowed(node, now)
+        else:
+            self._evict(node, now)
+
+    def _evict_allowed(self, node: Node, now: float) -> None:
+        """kubectl drain's eviction loop (what AWS's Node Termination Handler and Karpenter run): each pod on
+        ``node`` is evicted through the eviction API, which the PodDisruptionBudget refuses (429) while it
+        allows no disruption; a refused one is asked again 5 s later (``drain.Helper``'s retry), until the
+        node is gone. A pod not ready may go while the budget is met (``unhealthyPodEvictionPolicy:
+        IfHealthyBudget``, the default)."""
+        if node.removed_s is not None:
+            return
+        budget = self.sim.scenario.pods.disruption_budget
+        assert budget is not None
+        left = 0
+        for pod in [p for p in self._alive.values() if self._node.get(p.id) is node
+                    and p.state in (PodState.STARTING, PodState.READY, PodState.CRASHED)]:
+            ready = self.ready_count()
+            if pod.state == PodState.READY and not pod.probe_failing:
+                allowed = budget.disruptions_allowed(ready, self.desired) >= 1
+            else:
+                allowed = self.desired > 0 and ready >= budget.desired_healthy(self.desired)
+            if allowed:
+                self.terminate(pod, now)
+            else:
+                left += 1
+        self.scale_to(self.desired, now)
+        if left and node.removed_s is None:
+            Timeout(self.sim.env, EVICTION_RETRY_S, node).callbacks.append(
+                lambda ev: self._evict_allowed(cast(Node, ev.value), self.sim.env.now))
 
     def node_gone(self, node: Node, now: float) -> None:
-        """A reclaimed node goes at ``now``: the pods still draining there die with it, their requests failed
-        (logged as crashes of kind ``spot``)."""
+        """A reclaimed node goes at ``now``: the pods still there die with it, their requests failed (logged as
+        crashes of kind ``spot``): those draining, and those a PodDisruptionBudget kept from being evicted."""
+        kept = [p for p in self._alive.values() if self._node.get(p.id) is node
+                and p.state in (PodState.STARTING, PodState.READY, PodState.CRASHED)]
+        for pod in kept:  # deleted now with their node object: they leave the endpoints and are replaced
+            self.terminate(pod, now)
         for pod in [p for p in self._alive.values() if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
             self.sim.faults.crash_log.append((now, pod.id, "spot"))
             self._drain_cut(pod, now)
+        if kept:
+            self.scale_to(self.desired, now)
 
     def _node_not_ready(self, ev: Timeout) -> None:
         node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)

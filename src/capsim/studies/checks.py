@@ -44,6 +44,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the zones that have nodes before cluster-autoscaler adds one elsewhere.
 * ``spot-interruptions-without-spot`` (warn): ``faults.spot_interruptions`` without ``cluster.spot``: each is
   skipped (allowed so that a study's stress can apply to on-demand candidates).
+* ``spot-eviction-outlasts-notice`` (warn): ``cluster.spot.drain: eviction`` under a PodDisruptionBudget that
+  lets fewer of the floor's pods go at a time than a node holds: a reclaimed node's other pods wait for their
+  replacements, and those still there at the notice's end die with it.
 * ``spot-notice-below-grace`` (warn): ``pods.termination_grace_s`` above ``cluster.spot.notice_s``: a spot
   node goes at its notice's end, so a pod still draining then dies with it and what it runs fails.
 * ``zone-failure-no-room`` (warn): a zone can fail (``faults.zone_failures``) but the nodes left beyond those
@@ -463,13 +466,26 @@ def _spot(scenario: Scenario) -> list[Finding]:
                 "is skipped (a study's stress may apply to on-demand candidates on purpose)", level="warn",
                 check="spot-interruptions-without-spot")]
         return []
+    found = []
     grace, notice = scenario.pods.termination_grace_s, cluster.spot.notice_s
-    if grace <= notice:
-        return []
-    return [Finding(
-        "pods.termination_grace_s", f"{grace:g} s, above cluster.spot.notice_s ({notice:g} s): a spot node goes at "
-        "its notice's end, so a pod still draining then dies with it and the requests it runs fail",
-        level="warn", check="spot-notice-below-grace")]
+    if grace > notice:
+        found.append(Finding(
+            "pods.termination_grace_s", f"{grace:g} s, above cluster.spot.notice_s ({notice:g} s): a spot node goes "
+            "at its notice's end, so a pod still draining then dies with it and the requests it runs fail",
+            level="warn", check="spot-notice-below-grace"))
+    budget = scenario.pods.disruption_budget
+    if cluster.spot.drain == "eviction" and budget is not None:
+        floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+        per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
+        allowed = budget.disruptions_allowed(floor, floor)
+        if allowed < min(per_node, floor):
+            found.append(Finding(
+                "cluster.spot.drain", f"eviction under pods.disruption_budget {budget.model_dump(exclude_none=True)}: "
+                f"with the {floor} pods of the floor ready it lets {allowed} go at a time, and a node holds "
+                f"{per_node}; the rest of a reclaimed node's pods wait for replacements to be ready (a node's "
+                f"provisioning and a cold start) and those still there {notice:g} s after the notice die with it",
+                level="warn", check="spot-eviction-outlasts-notice"))
+    return found
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
