@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 _LIVE = (PodState.PENDING, PodState.STARTING, PodState.READY, PodState.CRASHED)
+#: the pods a drain takes off a node (terminating ones are leaving already)
+_DRAINED = (PodState.STARTING, PodState.READY, PodState.CRASHED)
 #: kubectl drain asks again for an eviction the PodDisruptionBudget refused after this long
 #: (``k8s.io/kubectl/pkg/drain``: the 429 retry of ``evictPods``)
 EVICTION_RETRY_S = 5.0
@@ -180,10 +182,13 @@ class Cluster:
     def _evict(self, node: Node, now: float) -> None:
         """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)
         and the ReplicaSet replaces them on other nodes."""
-        evicted = (PodState.STARTING, PodState.READY, PodState.CRASHED)  # terminating ones are leaving already
-        for pod in [p for p in self._alive.values() if p.state in evicted and self._node.get(p.id) is node]:
+        for pod in self._pods_on(node, _DRAINED):
             self.terminate(pod, now)
         self.scale_to(self.desired, now)
+
+    def _pods_on(self, node: Node, states: tuple[PodState, ...]) -> list[Pod]:
+        """The pods on ``node`` in one of ``states``, by id."""
+        return [p for p in self._alive.values() if p.state in states and self._node.get(p.id) is node]
 
     # ---- a pod's life -------------------------------------------------------------------------------
     def _cold_start(self, pod: Pod, now: float) -> None:
@@ -389,7 +394,7 @@ class Cluster:
         spec = self.sim.scenario.cluster
         assert spec is not None
         self.nodes.fail(node, now)
-        lost = [p for p in self._alive.values() if self._node.get(p.id) is node and p.state != PodState.PENDING]
+        lost = self._pods_on(node, (*_DRAINED, PodState.TERMINATING))
         for pod in lost:
             self._running.discard(pod.id)
             held = self._kill(pod, now)
@@ -434,13 +439,11 @@ class Cluster:
         budget = self.sim.scenario.pods.disruption_budget
         assert budget is not None
         left = 0
-        for pod in [p for p in self._alive.values() if self._node.get(p.id) is node
-                    and p.state in (PodState.STARTING, PodState.READY, PodState.CRASHED)]:
-            ready = self.ready_count()
+        for pod in self._pods_on(node, _DRAINED):
             if pod.state == PodState.READY and not pod.probe_failing:
-                allowed = budget.disruptions_allowed(ready, self.desired) >= 1
+                allowed = self._may_evict(1)
             else:
-                allowed = self.desired > 0 and ready >= budget.desired_healthy(self.desired)
+                allowed = self.desired > 0 and self.ready_count() >= budget.desired_healthy(self.desired)
             if allowed:
                 self.terminate(pod, now)
             else:
@@ -453,15 +456,11 @@ class Cluster:
     def node_gone(self, node: Node, now: float) -> None:
         """A reclaimed node goes at ``now``: the pods still there die with it, their requests failed (logged as
         crashes of kind ``spot``): those draining, and those a PodDisruptionBudget kept from being evicted."""
-        kept = [p for p in self._alive.values() if self._node.get(p.id) is node
-                and p.state in (PodState.STARTING, PodState.READY, PodState.CRASHED)]
-        for pod in kept:  # deleted now with their node object: they leave the endpoints and are replaced
-            self.terminate(pod, now)
-        for pod in [p for p in self._alive.values() if self._node.get(p.id) is node and p.state == PodState.TERMINATING]:
+        if self._pods_on(node, _DRAINED):  # deleted now with their node object: they leave the endpoints
+            self._evict(node, now)  # and are replaced
+        for pod in self._pods_on(node, (PodState.TERMINATING,)):
             self.sim.faults.crash_log.append((now, pod.id, "spot"))
             self._drain_cut(pod, now)
-        if kept:
-            self.scale_to(self.desired, now)
 
     def _node_not_ready(self, ev: Timeout) -> None:
         node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)

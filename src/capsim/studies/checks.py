@@ -337,13 +337,18 @@ def _gpus(scenario: Scenario) -> list[Finding]:
         check="max-replicas-over-gpus")]
 
 
+def _floor(scenario: Scenario) -> int:
+    """The fewest pods the scenario runs: the HPA's minReplicas, or the fixed replicas."""
+    return scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+
+
 def _disruption_budget(scenario: Scenario) -> list[Finding]:
     """A PodDisruptionBudget that never allows an eviction at the HPA's floor keeps every node that holds a
     pod: cluster-autoscaler cannot drain one, and the nodes stay billed."""
     budget, cluster = scenario.pods.disruption_budget, scenario.cluster
     if budget is None or cluster is None or not cluster.scale_down_enabled:
         return []
-    floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    floor = _floor(scenario)
     if budget.disruptions_allowed(floor, floor) > 0:
         return []
     return [Finding(
@@ -475,7 +480,7 @@ def _spot(scenario: Scenario) -> list[Finding]:
             level="warn", check="spot-notice-below-grace"))
     budget = scenario.pods.disruption_budget
     if cluster.spot.drain == "eviction" and budget is not None:
-        floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+        floor = _floor(scenario)
         per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
         allowed = budget.disruptions_allowed(floor, floor)
         if allowed < min(per_node, floor):
