@@ -1,8 +1,9 @@
 """Simulator speed when nodes and pods come and go all the time: CPU seconds per pod replaced.
 
-``data/scenarios/node_failure.yaml`` (8-GPU nodes, an HPA, a node that dies at 1200 s) at a steady 1
-request a second, nodes provisioned in 30 s, with every node a spot node reclaimed at random (``cluster.spot.mtbf_s``), from once an hour per node down to
-every few seconds, against the same scenario without spot nodes in the same run. Each reclaim drains a
+``data/scenarios/node_failure.yaml`` (8-GPU nodes, an HPA, a node that dies at 1200 s) at a steady 20
+requests a second, nodes provisioned at once, with every node a spot node reclaimed at random
+(``cluster.spot.mtbf_s``, 60 s down to 0.1 s per node), against the same scenario without spot nodes in the
+same run. Each reclaim drains a
 node and the ReplicaSet replaces its pods on a new node, so a run at a short MTBF creates tens of
 thousands of nodes and pods. What the placement, the scale-down scan, the time series and the HPA look
 at are the nodes and pods still there, so a replaced pod costs about the same however many were replaced
@@ -35,11 +36,11 @@ from capsim.sim import Simulation
 
 SCENARIO = Path(__file__).resolve().parent.parent / "data" / "scenarios" / "node_failure.yaml"
 MTBFS_S = (60.0, 6.0, 1.0, 0.1)
-RATE = 20.0  # requests a second: so light that the run's work is the churn
+RATE = 20.0  # requests a second: light, so that at the short MTBFs the run's work is the churn
 
 
 def churn_scenario(horizon_s: float, mtbf_s: float | None) -> Scenario:
-    """The node-failure rush on spot nodes reclaimed every ``mtbf_s`` (``None``: on-demand nodes)."""
+    """The node-failure scenario at ``RATE`` on spot nodes reclaimed every ``mtbf_s`` (``None``: on-demand)."""
     over: dict[str, Any] = {"horizon_s": horizon_s, "warmup_s": min(300.0, horizon_s / 10),
                             "workload.arrivals": {"kind": "poisson", "rate_per_s": RATE}, "cluster.node_provision_s": 0}
     if mtbf_s is not None:
