@@ -5,6 +5,7 @@ replaced ``unreachable_toleration_s`` later, and the dead node is billed until c
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
+from capsim.sim.pod import PodState
 from capsim.sim.simulate import SimResult, Simulation, simulate
 
 FAIL_S = 100.0
@@ -98,8 +100,10 @@ def test_the_pods_are_replaced_after_the_toleration_and_the_dead_node_billed_unt
     res = simulate(_scenario(), seed=1)
     ts = res.timeseries.set_index("time_s")
     evicted_s = FAIL_S + GRACE_S + TOLERATION_S
-    # the lost pods count as replicas until evicted: nothing replaces them before
-    assert (ts.loc[FAIL_S + 10:evicted_s - 10, "ready_replicas"] == 4).all()
+    # the lost pods count as replicas until evicted: nothing replaces them before; the API shows them Ready
+    # until the node lifecycle controller marks them NotReady (the grace), as `kubectl get deploy` would
+    assert (ts.loc[FAIL_S + 10:FAIL_S + GRACE_S - 10, "ready_replicas"] == 8).all()
+    assert (ts.loc[FAIL_S + GRACE_S + 10:evicted_s - 10, "ready_replicas"] == 4).all()
     assert (ts.loc[:evicted_s - 10, ["pending_replicas", "starting_replicas"]] == 0).all().all()
     assert (ts.loc[FAIL_S + 10:evicted_s - 10, "crashed_replicas"] == 4).all()
     # evicted: four replacements; node 1's 4 GPUs are taken, the dead node still counts toward max_gpus 12,
@@ -113,6 +117,25 @@ def test_the_pods_are_replaced_after_the_toleration_and_the_dead_node_billed_unt
     assert (ts.loc[:FAIL_S, "node_gpus"] == 8).all()
     assert (ts.loc[evicted_s + 10:gone_s - 10, "node_gpus"] == 12).all()
     assert (ts.loc[gone_s + 10:, "node_gpus"] == 8).all()
+
+
+def test_the_api_shows_the_lost_pods_ready_until_the_node_lifecycle_controller_marks_them_notready() -> None:
+    # a dead kubelet reports nothing: the Ready condition of its pods turns false only when the controller
+    # marks the node NotReady, after the grace. Until then the Deployment's ready count, the
+    # PodDisruptionBudget and the ReplicaSet's ranking (a scale-down deletes not-ready pods first) see them ready
+    def run_to(t: float) -> Simulation:
+        sim = Simulation(_scenario(**{"horizon_s": t}), seed=1)
+        sim.run()
+        return sim
+
+    for sim, ready in ((run_to(FAIL_S + GRACE_S - 5), True), (run_to(FAIL_S + GRACE_S + 5), False)):
+        cluster = sim.cluster
+        lost = cluster.pods[:4]
+        assert all(p.state == PodState.CRASHED and p.node_lost for p in lost)  # their containers are gone either way
+        assert [p.ready_condition for p in lost] == [ready] * 4
+        assert [cluster._ranked(p, Counter()).ready for p in lost] == [ready] * 4
+        assert cluster.ready_count() == (8 if ready else 4)
+        assert all(p.ready_condition for p in cluster.pods[4:])
 
 
 def test_a_least_outstanding_router_sends_a_dead_pod_less() -> None:
@@ -192,8 +215,9 @@ def test_the_pods_own_toleration_replaces_them_sooner() -> None:
 
 @pytest.mark.parametrize("mode", ["static", "continuous"])
 def test_a_partition_that_heals_before_the_node_is_notready_loses_only_its_requests(mode: str) -> None:
-    res = simulate(_scenario(mode, **{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 20}]}),
-                   seed=1)
+    sim = Simulation(_scenario(mode, **{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 20}]}),
+                     seed=1)
+    res = sim.run()
     df = res.requests
     lost = df[df["pod"].isin([0, 1, 2, 3])]
     during = lost[(lost["arrival_s"] >= FAIL_S) & (lost["arrival_s"] < FAIL_S + 20)]
@@ -201,14 +225,18 @@ def test_a_partition_that_heals_before_the_node_is_notready_loses_only_its_reque
     after = lost[(lost["arrival_s"] >= FAIL_S + 20) & (lost["arrival_s"] < 800)]
     assert len(after) > 1000 and (after["outcome"] == "ok").all()  # back in service, never left the endpoints
     ts = res.timeseries.set_index("time_s")
-    assert (ts.loc[FAIL_S + 30:, "ready_replicas"] == 8).all() and (ts["pending_replicas"] == 0).all()
+    assert (ts["ready_replicas"] == 8).all() and (ts["pending_replicas"] == 0).all()  # never NotReady
+    assert [p.ready_s for p in sim.cluster.pods[:4]] == [0.0] * 4  # their Ready condition never changed
 
 
 def test_a_partition_that_heals_after_notready_but_before_eviction_brings_the_pods_back() -> None:
-    res = simulate(_scenario(**{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 100}]}),
-                   seed=1)
+    sim = Simulation(_scenario(**{"faults.node_failures": [{"at_s": FAIL_S, "node": 0, "duration_s": 100}]}),
+                     seed=1)
+    res = sim.run()
+    assert [p.ready_s for p in sim.cluster.pods[:4]] == [FAIL_S + 100] * 4  # Ready again when the kubelet is back
     ts = res.timeseries.set_index("time_s")
-    assert (ts.loc[FAIL_S + 10:FAIL_S + 90, "ready_replicas"] == 4).all()
+    assert (ts.loc[FAIL_S + 10:FAIL_S + GRACE_S - 10, "ready_replicas"] == 8).all()  # Ready in the API until NotReady
+    assert (ts.loc[FAIL_S + GRACE_S + 10:FAIL_S + 90, "ready_replicas"] == 4).all()
     assert (ts.loc[FAIL_S + 110:, "ready_replicas"] == 8).all()  # the same pods, ready again: nothing evicted
     assert (ts["pending_replicas"] == 0).all() and (ts["node_gpus"] == 8).all()
     df = res.requests

@@ -109,7 +109,7 @@ def test_a_spread_over_every_node_the_cluster_allows_blocks_placements_after_a_n
     evicted_s = 100 + 40 + 300
     ts = simulate(sc, seed=0).timeseries.set_index("time_s")
     assert (ts.loc[evicted_s + 10:, "pending_replicas"] == 2).all()
-    assert (ts.loc[110:, "ready_replicas"] == 6).all()
+    assert (ts.loc[150:, "ready_replicas"] == 6).all()  # the lost pods Ready in the API until NotReady at 140
     roomy = sc.override({"cluster.max_gpus": 20})
     assert not [f for f in run_checks(roomy) if f.check == "node-failure-no-room"]
     ts = simulate(roomy, seed=0).timeseries.set_index("time_s")

@@ -203,6 +203,24 @@ def test_pods_a_budget_keeps_on_a_reclaimed_node_die_with_it_and_are_replaced() 
     assert (ts.loc[AT_S + NOTICE_S + 60 + 30 + 10:, "ready_replicas"] == 8).all()  # replaced on a new node
 
 
+def test_the_budget_counts_a_dead_nodes_pods_healthy_until_they_are_notready() -> None:
+    # node 0 dies shortly before node 1's notice: its four pods still show Ready (the node lifecycle
+    # controller marks them NotReady only after the 40 s grace), so the budget (7 of 8 healthy) counts 8
+    # and lets one of node 1's pods go. Had node 0 died 50 s before the notice, it would count 4: none
+    def evicted(fail_s: float) -> int:
+        sc = _scenario(**{"pods.disruption_budget": {"max_unavailable": 1}, "warmup_s": 0, "horizon_s": AT_S + 5,
+                          "cluster.spot.drain": "eviction", "faults.node_failures": [{"at_s": fail_s, "node": 0}],
+                          "faults.spot_interruptions": [{"at_s": AT_S, "node": 1}]})
+        sim = Simulation(sc, seed=0)
+        res = sim.run()
+        node1 = [p for _, p, n, _ in res.placements.itertuples(index=False) if n == 1]
+        assert len(node1) == 4
+        return sum(sim.cluster.pods[p].state in (PodState.TERMINATING, PodState.GONE) for p in node1)
+
+    assert evicted(AT_S - 10) == 1
+    assert evicted(AT_S - 50) == 0
+
+
 def test_an_eviction_drain_slower_than_the_notice_is_flagged() -> None:
     evict = {"cluster.spot.drain": "eviction"}
     (f,) = [f for f in run_checks(_scenario(**evict, **{"pods.disruption_budget": {"max_unavailable": 1}}))

@@ -129,7 +129,7 @@ class Cluster:
         assigned = pod.state != PodState.PENDING
         node = self._node.get(pod.id)
         pulling = pod.state == PodState.STARTING and pod.id not in self._running
-        ready = pod.state == PodState.READY and not pod.probe_failing
+        ready = pod.ready_condition
         return RankedPod(
             key=pod.id, assigned=assigned, phase="Running" if assigned and not pulling else "Pending",
             ready=ready, rank=on_node[id(node)] if assigned else 0,
@@ -176,8 +176,9 @@ class Cluster:
         return budget.disruptions_allowed(self.ready_count(), self.desired) >= pods
 
     def ready_count(self) -> int:
-        """Pods whose Ready condition holds: ready and not failing their probes."""
-        return sum(1 for p in self._alive.values() if p.state == PodState.READY and not p.probe_failing)
+        """Pods whose Ready condition holds (``Pod.ready_condition``): ready and not failing their probes, or
+        on a dead node not yet NotReady."""
+        return sum(1 for p in self._alive.values() if p.ready_condition)
 
     def _evict(self, node: Node, now: float) -> None:
         """cluster-autoscaler drains ``node``: its pods are evicted (terminated with their grace period)
@@ -378,8 +379,8 @@ class Cluster:
         """``node`` dies at ``now``; returns the pods it held. Their containers stop with it, but nothing says
         so: the requests they held, and those the endpoints still send them, get no answer (the client times
         out: ``Client.node_lost``, ``Client.blackhole``). The node lifecycle controller marks the node NotReady
-        after ``cluster.node_monitor_grace_s`` and its pods not ready, which takes them out of the endpoints
-        one propagation later; ``unreachable_toleration_s`` after that (``pods.unreachable_toleration_s``, the pods'
+        after ``cluster.node_monitor_grace_s`` and its pods not ready (until then their Ready condition holds:
+        ``Pod.lost_ready``), which takes them out of the endpoints one propagation later; ``unreachable_toleration_s`` after that (``pods.unreachable_toleration_s``, the pods'
         own tolerations, when set) the taint manager evicts them and the
         ReplicaSet replaces them on other nodes (new ones if none is free). Until then they count as
         replicas, so nothing replaces them sooner unless the HPA asks for more. A pod being deleted already
@@ -396,6 +397,8 @@ class Cluster:
         self.nodes.fail(node, now)
         lost = self._pods_on(node, (*_DRAINED, PodState.TERMINATING))
         for pod in lost:
+            # its Ready condition stays true until the node lifecycle controller marks it NotReady
+            pod.lost_ready = pod.ready_condition
             self._running.discard(pod.id)
             held = self._kill(pod, now)
             pod.node_lost = True
@@ -440,7 +443,7 @@ class Cluster:
         assert budget is not None
         left = 0
         for pod in self._pods_on(node, _DRAINED):
-            if pod.state == PodState.READY and not pod.probe_failing:
+            if pod.ready_condition:
                 allowed = self._may_evict(1)
             else:
                 allowed = self.desired > 0 and self.ready_count() >= budget.desired_healthy(self.desired)
@@ -467,6 +470,7 @@ class Cluster:
         if node.failed_s != failed_s:
             return  # back before the controller noticed
         for pod in lost:
+            pod.lost_ready = False  # MarkPodsNotReady
             if pod.state != PodState.GONE:
                 self._leave_later(pod, self._propagation_s)
 
@@ -495,7 +499,11 @@ class Cluster:
             if pod.state == PodState.CRASHED and pod.node_lost:
                 pod.node_lost = False
                 self._running.add(pod.id)
+                since = pod.ready_s if pod.lost_ready else None
+                pod.lost_ready = False
                 self._ready(pod, now)
+                if since is not None:  # back before NotReady: its Ready condition never changed
+                    pod.ready_s = since
         self._place(now)
 
     def terminate(self, pod: Pod, now: float) -> None:
@@ -543,6 +551,7 @@ class Cluster:
 
     def _gone(self, pod: Pod, now: float) -> None:
         pod.state = PodState.GONE
+        pod.lost_ready = False
         self._forget(pod, now)
         self._running.discard(pod.id)
         self._release_gpu(pod, now)

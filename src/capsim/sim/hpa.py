@@ -258,7 +258,7 @@ class Autoscaling:
     def _external_replicas(self, pods: list[Pod], current: int, total: float, target: float, value_target: bool,
                            tol: Tolerance) -> int:
         if value_target:
-            ready = sum(1 for p in pods if p.state == PodState.READY and not p.probe_failing)
+            ready = sum(1 for p in pods if p.ready_condition)
             return value_metric_replicas(current, total, target, ready, tol)
         existing = sum(1 for p in pods if p.state != PodState.TERMINATING)  # the scale's status.replicas
         return average_value_metric_replicas(existing, total, target, tol)
@@ -272,4 +272,4 @@ class Autoscaling:
         v = self.value(pod, metric, now, query, window_s, quantile)
         if st == PodState.TERMINATING:
             return PodSample(v, "Running", ready=False, deleting=True)
-        return PodSample(v, "Running", ready=st == PodState.READY and not pod.probe_failing)
+        return PodSample(v, "Running", ready=pod.ready_condition)

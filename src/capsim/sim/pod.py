@@ -79,6 +79,9 @@ class Pod:
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
         self.node_lost = False  # its node died (faults.node_failures): what it is sent gets no answer
+        # its node died while it was ready, and the node lifecycle controller has not marked it NotReady yet:
+        # the API server still shows it Ready (see ``ready_condition``)
+        self.lost_ready = False
         self.probe_failing = False
         self.ready_s: float | None = None
         self.queue: deque[int] = deque()
@@ -115,6 +118,13 @@ class Pod:
         self.gpu_since: float | None = None
         self.gpu_s = 0.0
         self.samples: deque[tuple[Any, ...]] = deque()  # scraped by hpa.py
+
+    @property
+    def ready_condition(self) -> bool:
+        """The pod's Ready condition as the API server holds it, which the PodDisruptionBudget, the
+        ReplicaSet's ranking, the HPA's ready count and ``kubectl get deploy`` read: ready and passing its
+        probes, or lost with a dead node its kubelet can no longer report (``lost_ready``)."""
+        return (self.state == PodState.READY and not self.probe_failing) or self.lost_ready
 
     def __repr__(self) -> str:
         return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"
