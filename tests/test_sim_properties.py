@@ -53,7 +53,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                            "node_provision_s": draw(st.floats(0, 20)),
                            "node_monitor_grace_s": draw(st.floats(0, 10)),
                            "unreachable_toleration_s": draw(st.floats(0, 20)),
-                           "scale_down_unready_time_s": draw(st.floats(0, 30))}
+                           "scale_down_unready_time_s": draw(st.floats(0, 30)),
+                           # the node lifecycle controller: zones that stop evicting, every node NotReady
+                           "other_nodes_per_zone": draw(st.integers(0, 2)),
+                           "node_eviction_rate": draw(st.floats(0.05, 2)),
+                           "large_cluster_size_threshold": draw(st.integers(0, 4))}
         faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON)),
                                     "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
                                    for _ in range(draw(st.integers(0, 2)))]

@@ -260,6 +260,18 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
             lines.append(f"- the GPU nodes in {c.zones} availability zones, one node group per zone of minimum size "
                          f"{c.min_nodes_per_zone}{cap}, kept balanced (cluster-autoscaler "
                          "`--balance-similar-node-groups=true`)")
+        f = scenario.faults
+        if f is not None and (f.node_failures or f.node_mtbf_s is not None or f.zone_failures):
+            lines.append(f"- GPU nodes that die: kube-controller-manager's node lifecycle controller at "
+                         f"`--node-monitor-grace-period={c.node_monitor_grace_s:g}s`, "
+                         f"`--node-eviction-rate={c.node_eviction_rate:g}`, "
+                         f"`--secondary-node-eviction-rate={c.secondary_node_eviction_rate:g}`, "
+                         f"`--unhealthy-zone-threshold={c.unhealthy_zone_threshold:g}`, "
+                         f"`--large-cluster-size-threshold={c.large_cluster_size_threshold}` (managed clusters keep "
+                         f"the defaults), counting {c.other_nodes_per_zone} node(s) outside the GPU node group in "
+                         f"each zone; kube-apiserver "
+                         f"`--default-unreachable-toleration-seconds={c.unreachable_toleration_s:g}`; no node "
+                         "auto-repair (a cloud's would replace a node NotReady for long)")
     probe = scenario.pods.readiness_probe
     lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "

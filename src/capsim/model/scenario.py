@@ -683,7 +683,25 @@ class ClusterSpec(_Section):
                                 "NotReady and its pods' Ready condition false")
     unreachable_toleration_s: Float = Field(
         300.0, ge=0, description="kube-apiserver --default-unreachable-toleration-seconds: a NotReady node's pods "
-                                 "are evicted (and replaced) this long after")
+                                 "are evicted (and replaced) this long after it is tainted")
+    # the node lifecycle controller taints NotReady nodes through a rate-limited queue per zone
+    # (capsim.sim.nodelifecycle): its flags, and the nodes outside the GPU node group it counts
+    other_nodes_per_zone: Int = Field(
+        1, ge=0, description="nodes outside the GPU node group in each zone (a system pool, CPU workers), Ready "
+                             "unless their zone is dark: the node lifecycle controller counts them when it judges "
+                             "a zone's health")
+    node_eviction_rate: Float = Field(
+        0.1, gt=0, description="kube-controller-manager --node-eviction-rate: NotReady nodes a second tainted "
+                               "(their pods evicted after the toleration) in a healthy zone")
+    secondary_node_eviction_rate: Float = Field(
+        0.01, ge=0, description="--secondary-node-eviction-rate: the rate in an unhealthy zone larger than "
+                                "large_cluster_size_threshold (a smaller one: none)")
+    unhealthy_zone_threshold: Float = Field(
+        0.55, gt=0, le=1, description="--unhealthy-zone-threshold: a zone with more than 2 nodes NotReady and at "
+                                      "least this share of its nodes is unhealthy (partial disruption)")
+    large_cluster_size_threshold: Int = Field(
+        50, ge=0, description="--large-cluster-size-threshold: an unhealthy zone of at most this many nodes "
+                              "evicts nothing; a larger one at secondary_node_eviction_rate")
     spot: Spot | None = Field(None, description="spot GPU nodes (billing: node); none: every node on-demand")
     scale_down_unready_time_s: Float = Field(
         1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "

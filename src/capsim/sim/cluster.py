@@ -68,7 +68,8 @@ class Cluster:
         self.gone_busy_s = 0.0  # busy seconds of the pods gone (theirs no longer change)
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
-        self.nodes = NodePool(sim, self._place, self._evict, self._may_evict)
+        self.nodes = NodePool(sim, self._place, self._evict, self._may_evict, self._node_tainted)
+        self._lost: dict[int, tuple[Node, float, list[Pod]]] = {}  # node id -> (node, failed at, its pods then)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
         self.placements: list[tuple[float, int, int, int]] = []  # (time, pod, node, zone), with a cluster section
@@ -408,11 +409,8 @@ class Cluster:
             else:
                 pod.state = PodState.CRASHED  # Running in the API, its container gone; no kubelet to restart it
         env = self.sim.env
-        own = self.sim.scenario.pods.unreachable_toleration_s  # the pods' tolerations win over the default
-        toleration = spec.unreachable_toleration_s if own is None else float(own)
-        failure = (node, now, lost)
+        failure = self._lost[node.id] = (node, now, lost)
         Timeout(env, spec.node_monitor_grace_s, failure).callbacks.append(self._node_not_ready)
-        Timeout(env, spec.node_monitor_grace_s + toleration, failure).callbacks.append(self._node_pods_evicted)
         if duration_s is not None:
             Timeout(env, duration_s, failure).callbacks.append(self._node_back)
         return lost
@@ -467,17 +465,35 @@ class Cluster:
 
     def _node_not_ready(self, ev: Timeout) -> None:
         node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
-        if node.failed_s != failed_s:
+        if node.failed_s != failed_s or node.removed_s is not None:
             return  # back before the controller noticed
         for pod in lost:
             pod.lost_ready = False  # MarkPodsNotReady
             if pod.state != PodState.GONE:
                 self._leave_later(pod, self._propagation_s)
+        assert self.nodes.lifecycle is not None
+        self.nodes.lifecycle.mark_not_ready(node, self.sim.env.now)  # queued for the NoExecute taint
+
+    def _node_tainted(self, node: Node, now: float) -> None:
+        """The node lifecycle controller tainted ``node`` unreachable at ``now``: the taint manager evicts its
+        pods their toleration later (``pods.unreachable_toleration_s``, the pods' own, or the cluster's
+        default), unless the taint is gone by then."""
+        failure = self._lost.get(node.id)
+        if failure is None or failure[0].failed_s != failure[1]:
+            return
+        own = self.sim.scenario.pods.unreachable_toleration_s  # the pods' tolerations win over the default
+        spec = self.sim.scenario.cluster
+        assert spec is not None
+        toleration = spec.unreachable_toleration_s if own is None else float(own)
+        Timeout(self.sim.env, toleration, (failure, now)).callbacks.append(self._node_pods_evicted)
 
     def _node_pods_evicted(self, ev: Timeout) -> None:
-        node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
-        if node.failed_s != failed_s:
-            return  # back before the taint's toleration ran out: nothing is evicted
+        failure, tainted_s = cast(tuple[tuple[Node, float, list[Pod]], float], ev.value)
+        node, failed_s, lost = failure
+        lifecycle = self.nodes.lifecycle
+        assert lifecycle is not None
+        if node.failed_s != failed_s or not lifecycle.is_tainted(node, tainted_s):
+            return  # back, or its taint removed, before the toleration ran out: nothing is evicted
         now = self.sim.env.now
         for pod in lost:
             if pod.state != PodState.GONE:
@@ -495,6 +511,8 @@ class Cluster:
                 Timeout(self.sim.env, down - now, ev.value).callbacks.append(self._node_back)
             return
         self.nodes.healed(node)
+        assert self.nodes.lifecycle is not None
+        self.nodes.lifecycle.ready_again(node, now)
         for pod in lost:
             if pod.state == PodState.CRASHED and pod.node_lost:
                 pod.node_lost = False

@@ -46,19 +46,22 @@ from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
 
+from capsim.sim.nodelifecycle import NodeLifecycle
+
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 
 NODE_COLUMNS = ["node", "zone", "spot", "gpus", "created_s", "ready_s", "removed_s", "failures", "failed_at_end",
-                "interrupted_s", "gpu_hours"]
+                "interrupted_s", "tainted_s", "gpu_hours"]
 
 
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "interrupted_s",
-                 "ready_s", "removed_s", "spot", "unneeded_since", "used", "zone")  # used: GPUs its pods hold
+                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unneeded_since", "used",
+                 "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
                  spot: bool = False) -> None:
@@ -76,6 +79,10 @@ class Node:
         self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
         self.failures = 0  # how often it failed (a partition that heals may be followed by another)
         self.interrupted_s: float | None = None  # a spot node's interruption notice (cluster.spot)
+        # a failed node cluster-autoscaler would remove but for the pods still on it (never evicted): it goes
+        # with the last of them
+        self.remove_when_empty = False
+        self.tainted_s: float | None = None  # when the node lifecycle controller last tainted it unreachable
 
     @property
     def schedulable(self) -> bool:
@@ -99,7 +106,8 @@ class NodePool:
     """The nodes of the cluster section, or an unlimited supply of GPUs without one; a pod takes ``pod_gpus``."""
 
     def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None],
-                 evict: Callable[[Node, float], None], may_evict: Callable[[int], bool] = lambda _: True) -> None:
+                 evict: Callable[[Node, float], None], may_evict: Callable[[int], bool] = lambda _: True,
+                 on_taint: Callable[[Node, float], None] = lambda node, now: None) -> None:
         self.sim = sim
         spec = sim.scenario.cluster
         self.limited = spec is not None
@@ -129,6 +137,8 @@ class NodePool:
         self._spec = spec
         self.last_add_s = -math.inf  # the last scale-up (a node added), for the delay after add
         self.removals: list[tuple[float, int]] = []  # (time, node id) when a node went
+        # the node lifecycle controller: which NotReady nodes are tainted (their pods evicted), and when
+        self.lifecycle = NodeLifecycle(self, spec, on_taint) if spec is not None else None
         if spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
 
@@ -320,7 +330,7 @@ class NodePool:
         """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
         if node is not None:
             node.used -= self.pod_gpus
-            if node.cordoned and node.used == 0 and node.removed_s is None:
+            if (node.cordoned or node.remove_when_empty) and node.used == 0 and node.removed_s is None:
                 self._remove(node, now)
 
     def provision_for(self, waiting: int, now: float) -> None:
@@ -348,6 +358,8 @@ class NodePool:
         now = self.sim.env.now
         node.ready_s = now
         self.sim.faults.node_ready(node)
+        if self.lifecycle is not None:
+            self.lifecycle.nodes_changed(node, now)
         self._on_node_ready(now)
 
     # ---- cluster-autoscaler's scale-down ------------------------------------------------------------
@@ -410,8 +422,9 @@ class NodePool:
     # ---- a node that dies ---------------------------------------------------------------------------
     def fail(self, node: Node, now: float) -> None:
         """``node`` dies at ``now``: it takes no pod from now on; with scale-down enabled cluster-autoscaler
-        removes it (and its billing ends) ``scale_down_unready_time_s`` later; without, it stays, billed. Until
-        it goes it counts toward ``max_gpus``, as the node group's size does."""
+        removes it (and its billing ends) ``scale_down_unready_time_s`` later, or when its last pod goes if
+        some are still there then (never evicted: their GPU requests keep it over the utilization threshold);
+        without, it stays, billed. Until it goes it counts toward ``max_gpus``, as the node group's size does."""
         spec = self._spec
         assert spec is not None
         node.failed_s = now
@@ -423,6 +436,9 @@ class NodePool:
     def _unready_gone(self, ev: Timeout) -> None:
         node, failed_s = cast(tuple[Node, float], ev.value)
         if node.removed_s is None and node.failed_s == failed_s:  # not back meanwhile
+            if node.used:
+                node.remove_when_empty = True
+                return
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
 
@@ -435,6 +451,9 @@ class NodePool:
             self.zones_down[zone] = back
             if duration_s is not None:
                 Timeout(self.sim.env, duration_s, (zone, back)).callbacks.append(self._zone_back)
+            assert self._spec is not None
+            grace = self._spec.node_monitor_grace_s  # the zone's other nodes go silent too
+            Timeout(self.sim.env, grace, (zone, back)).callbacks.append(self._zone_not_ready)
         booting = [n for n in self._up if n.zone == zone and n.ready_s is None]
         for n in booting:
             self._remove(n, now)
@@ -445,11 +464,19 @@ class NodePool:
         zone, back = cast(tuple[int, float], ev.value)
         if self.zones_down.get(zone) == back:  # not failed again for longer meanwhile
             del self.zones_down[zone]
+            if self.lifecycle is not None:
+                self.lifecycle.zone_back(zone, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # nodes may be added there again
+
+    def _zone_not_ready(self, ev: Timeout) -> None:
+        zone, back = cast(tuple[int, float], ev.value)
+        if self.zones_down.get(zone) == back and self.lifecycle is not None:  # still dark
+            self.lifecycle.zone_dark(zone, self.sim.env.now)
 
     def healed(self, node: Node) -> None:
         """A failed node is reachable again (a partition healed): schedulable, and it may fail again."""
         node.failed_s = None
+        node.remove_when_empty = False
         self.sim.faults.node_ready(node)
 
     def spot_nodes(self) -> list[Node]:
@@ -466,6 +493,8 @@ class NodePool:
         node.cordoned = True
         self._up.remove(node)
         self.removals.append((now, node.id))
+        if self.lifecycle is not None:
+            self.lifecycle.nodes_changed(node, now)
 
     # ---- the image -------------------------------------------------------------------------------
     def image_wait_s(self, node: Node | None, now: float, pull_s: Callable[[], float]) -> float:
@@ -479,14 +508,16 @@ class NodePool:
     # ---- accounting ------------------------------------------------------------------------------
     def frame(self, horizon_s: float) -> Any:
         """The nodes of the run, one row each (``SimResult.nodes``): when each was created, ready and removed
-        (NaN: not in the run), its zone, whether it is spot, its GPUs, failures, interruption notice (spot) and
-        GPU-hours to ``horizon_s``."""
+        (NaN: not in the run), its zone, whether it is spot, its GPUs, failures, interruption notice (spot), when
+        the node lifecycle controller last tainted it unreachable (NaN: never; its pods are evicted a toleration
+        later unless it is back first) and GPU-hours to ``horizon_s``."""
         import pandas as pd
 
         nan = math.nan
         rows = [(n.id, n.zone, n.spot, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
                  nan if n.removed_s is None else n.removed_s, n.failures, n.failed_s is not None,
-                 nan if n.interrupted_s is None else n.interrupted_s, n.gpu_seconds(horizon_s) / 3600.0)
+                 nan if n.interrupted_s is None else n.interrupted_s, nan if n.tainted_s is None else n.tainted_s,
+                 n.gpu_seconds(horizon_s) / 3600.0)
                 for n in self.nodes]
         return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
