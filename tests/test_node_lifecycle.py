@@ -161,6 +161,28 @@ def test_the_export_readme_names_the_controller_flags_the_plan_assumed() -> None
     text = readme(failing.override({"cluster.other_nodes_per_zone": 2}))
     assert ("`--node-eviction-rate=0.1`, `--secondary-node-eviction-rate=0.01`, `--unhealthy-zone-threshold=0.55`, "
             "`--large-cluster-size-threshold=50`") in text
-    assert "counting 2 node(s) outside the GPU node group in each zone" in text
+    assert "counting 2 node(s) outside the GPU node group in each zone" in text and "no node auto-repair" in text
+    repaired = readme(failing.override({"cluster.node_auto_repair_s": 600}))
+    assert "the cloud's node auto-repair deleting a node NotReady for 600 s" in repaired
     calm = failing.override({"faults.node_failures": []})  # no node dies in the plan: nothing assumed
     assert "--node-eviction-rate" not in readme(calm)
+
+
+def test_a_clouds_node_auto_repair_ends_the_stall() -> None:
+    # the three nodes of the unhealthy zone are never tainted; the cloud deletes each 600 s after it went
+    # NotReady, with its pods, which the ReplicaSet replaces on new nodes (120 s to provision, 30 s to start)
+    sc = _scenario(**_fail(0, 1, 2), **{"cluster.node_auto_repair_s": 600, "horizon_s": 1000})
+    sim, res = _run(sc)
+    repaired_s = FAIL_S + GRACE_S + 600
+    assert _log(sim, "taint") == []
+    assert _log(sim, "auto_repair") == [(repaired_s, 0, f"node {k}") for k in range(3)]
+    nodes = res.nodes.set_index("node")
+    assert list(nodes.loc[[0, 1, 2], "removed_s"]) == [repaired_s] * 3
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[FAIL_S + GRACE_S + 5:repaired_s - 5, "ready_replicas"] == 4).all()
+    assert ts.loc[repaired_s + 5, "pending_replicas"] == 12 and ts.loc[repaired_s + 5, "crashed_replicas"] == 0
+    assert (ts.loc[repaired_s + 120 + 30 + 5:, "ready_replicas"] == 16).all()
+    # a partition that heals first: nothing is repaired
+    healed = _scenario(**_fail(0, 1, 2, duration_s=300), **{"cluster.node_auto_repair_s": 600, "horizon_s": 1000})
+    sim, res = _run(healed)
+    assert _log(sim, "auto_repair") == [] and res.nodes["removed_s"].isna().all()

@@ -270,8 +270,10 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          f"`--large-cluster-size-threshold={c.large_cluster_size_threshold}` (managed clusters keep "
                          f"the defaults), counting {c.other_nodes_per_zone} node(s) outside the GPU node group in "
                          f"each zone; kube-apiserver "
-                         f"`--default-unreachable-toleration-seconds={c.unreachable_toleration_s:g}`; no node "
-                         "auto-repair (a cloud's would replace a node NotReady for long)")
+                         f"`--default-unreachable-toleration-seconds={c.unreachable_toleration_s:g}`; "
+                         + ("no node auto-repair (a cloud's would replace a node NotReady for long)"
+                            if c.node_auto_repair_s is None else
+                            f"the cloud's node auto-repair deleting a node NotReady for {c.node_auto_repair_s:g} s"))
     probe = scenario.pods.readiness_probe
     lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "

@@ -702,6 +702,10 @@ class ClusterSpec(_Section):
     large_cluster_size_threshold: Int = Field(
         50, ge=0, description="--large-cluster-size-threshold: an unhealthy zone of at most this many nodes "
                               "evicts nothing; a larger one at secondary_node_eviction_rate")
+    node_auto_repair_s: Float | None = Field(
+        None, gt=0, description="a managed cloud's node auto-repair: a node NotReady this long is deleted with the "
+                                "pods still on it, which the ReplicaSet replaces, evicted or not (GKE and AKS "
+                                "document about 600 s); none: off, as on a self-managed cluster")
     spot: Spot | None = Field(None, description="spot GPU nodes (billing: node); none: every node on-demand")
     scale_down_unready_time_s: Float = Field(
         1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "

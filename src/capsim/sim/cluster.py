@@ -473,6 +473,23 @@ class Cluster:
                 self._leave_later(pod, self._propagation_s)
         assert self.nodes.lifecycle is not None
         self.nodes.lifecycle.mark_not_ready(node, self.sim.env.now)  # queued for the NoExecute taint
+        repair_s = self.sim.scenario.cluster.node_auto_repair_s  # type: ignore[union-attr]
+        if repair_s is not None:
+            Timeout(self.sim.env, repair_s, ev.value).callbacks.append(self._node_repaired)
+
+    def _node_repaired(self, ev: Timeout) -> None:
+        """The cloud's node auto-repair deletes ``node``, NotReady for ``cluster.node_auto_repair_s``: the pods
+        still there go with it (the pod garbage collector deletes a deleted node's pods) and are replaced, on
+        free GPUs or on new nodes, whatever the taint queue did."""
+        node, failed_s, lost = cast(tuple[Node, float, list[Pod]], ev.value)
+        if node.failed_s != failed_s or node.removed_s is not None:
+            return  # back, or removed by cluster-autoscaler, first
+        now = self.sim.env.now
+        for pod in lost:
+            if pod.state != PodState.GONE:
+                self.terminate(pod, now)
+        self.nodes.repaired(node, now)
+        self.scale_to(self.desired, now)
 
     def _node_tainted(self, node: Node, now: float) -> None:
         """The node lifecycle controller tainted ``node`` unreachable at ``now``: the taint manager evicts its

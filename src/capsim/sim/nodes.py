@@ -442,6 +442,15 @@ class NodePool:
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
 
+    def repaired(self, node: Node, now: float) -> None:
+        """The cloud's node auto-repair deleted the failed ``node`` (its pods are gone): it is no longer billed
+        and leaves room in ``max_gpus`` for a new one."""
+        if node.removed_s is None:
+            self._remove(node, now)
+            if self.lifecycle is not None:
+                self.lifecycle.log.append((now, "auto_repair", node.zone, f"node {node.id}"))
+            self._on_node_ready(now)
+
     def zone_failed(self, zone: int, now: float, duration_s: float | None) -> None:
         """``zone`` is dark from ``now`` (for ``duration_s``, or for good): no node is added there, and the
         nodes booting there are lost (removed now: the cloud reports the instances failed, and
