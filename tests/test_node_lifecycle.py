@@ -162,6 +162,7 @@ def test_the_export_readme_names_the_controller_flags_the_plan_assumed() -> None
     assert ("`--node-eviction-rate=0.1`, `--secondary-node-eviction-rate=0.01`, `--unhealthy-zone-threshold=0.55`, "
             "`--large-cluster-size-threshold=50`") in text
     assert "counting 2 node(s) outside the GPU node group in each zone" in text and "no node auto-repair" in text
+    assert "`--max-total-unready-percentage=45`, `--ok-total-unready-count=3`" in text
     repaired = readme(failing.override({"cluster.node_auto_repair_s": 600}))
     assert "the cloud's node auto-repair deleting a node NotReady for 600 s" in repaired
     calm = failing.override({"faults.node_failures": []})  # no node dies in the plan: nothing assumed
@@ -186,3 +187,28 @@ def test_a_clouds_node_auto_repair_ends_the_stall() -> None:
     healed = _scenario(**_fail(0, 1, 2, duration_s=300), **{"cluster.node_auto_repair_s": 600, "horizon_s": 1000})
     sim, res = _run(healed)
     assert _log(sim, "auto_repair") == [] and res.nodes["removed_s"].isna().all()
+
+
+def test_cluster_autoscaler_halts_while_too_many_nodes_are_notready() -> None:
+    # two zones of 4 GPU nodes and one other node each; zone 0 goes dark: 5 of the 10 nodes NotReady, more
+    # than 3 and than 45%, so cluster-autoscaler adds no node: the 16 evicted pods stay Pending, zone 1 full.
+    # At 60% it would go on, and they run on new nodes in zone 1 by the toleration + 120 s + 30 s
+    sc = _scenario(8, **{"cluster.zones": 2, "pods.zone_spread": {"max_skew": 8}, "horizon_s": 1000, "cluster.max_gpus": 64,
+                         "faults.zone_failures": [{"at_s": FAIL_S, "zone": 0}]})
+    sim, res = _run(sc)
+    assert [(t, e) for t, e, _, _ in sim.cluster.nodes.lifecycle.log if e.startswith("autoscaler")] == [  # type: ignore[union-attr]
+        (FAIL_S + GRACE_S, "autoscaler_halted")]
+    evicted_s = FAIL_S + GRACE_S + 30 + TOLERATION_S  # the zone's four nodes tainted 10 s apart
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[evicted_s + 5:, "pending_replicas"] == 16).all() and (ts.loc[evicted_s + 5:, "ready_replicas"] == 16).all()
+    assert len(res.nodes) == 8
+    sim, res = _run(sc.override({"cluster.max_total_unready_percentage": 60}))
+    assert not [e for _, e, _, _ in sim.cluster.nodes.lifecycle.log if e.startswith("autoscaler")]  # type: ignore[union-attr]
+    ts = res.timeseries.set_index("time_s")
+    assert (ts.loc[evicted_s + 120 + 30 + 10:, "ready_replicas"] == 32).all() and len(res.nodes) == 12
+    # the zone back 600 s later: its nodes Ready again, cluster-autoscaler works again
+    back = sc.override({"faults.zone_failures": [{"at_s": FAIL_S, "zone": 0, "duration_s": 600}]})
+    sim, res = _run(back)
+    assert [(t, e) for t, e, _, _ in sim.cluster.nodes.lifecycle.log if e.startswith("autoscaler")] == [  # type: ignore[union-attr]
+        (FAIL_S + GRACE_S, "autoscaler_halted"), (FAIL_S + 600, "autoscaler_resumed")]
+    assert res.timeseries.set_index("time_s").loc[FAIL_S + 600 + 30 + 10:, "ready_replicas"].eq(32).all()

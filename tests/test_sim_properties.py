@@ -58,7 +58,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                            "other_nodes_per_zone": draw(st.integers(0, 2)),
                            "node_eviction_rate": draw(st.floats(0.05, 2)),
                            "large_cluster_size_threshold": draw(st.integers(0, 4)),
-                           "node_auto_repair_s": draw(st.one_of(st.none(), st.floats(1, 30)))}
+                           "node_auto_repair_s": draw(st.one_of(st.none(), st.floats(1, 30))),
+                           "ok_total_unready_count": draw(st.integers(0, 3)),
+                           "max_total_unready_percentage": draw(st.floats(0, 100))}
         faults["node_failures"] = [{"at_s": draw(st.floats(0, HORIZON)),
                                     "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
                                    for _ in range(draw(st.integers(0, 2)))]

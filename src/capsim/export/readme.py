@@ -271,6 +271,8 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          f"the defaults), counting {c.other_nodes_per_zone} node(s) outside the GPU node group in "
                          f"each zone; kube-apiserver "
                          f"`--default-unreachable-toleration-seconds={c.unreachable_toleration_s:g}`; "
+                         f"cluster-autoscaler `--max-total-unready-percentage={c.max_total_unready_percentage:g}`, "
+                         f"`--ok-total-unready-count={c.ok_total_unready_count}`; "
                          + ("no node auto-repair (a cloud's would replace a node NotReady for long)"
                             if c.node_auto_repair_s is None else
                             f"the cloud's node auto-repair deleting a node NotReady for {c.node_auto_repair_s:g} s"))

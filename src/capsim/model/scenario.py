@@ -702,6 +702,11 @@ class ClusterSpec(_Section):
     large_cluster_size_threshold: Int = Field(
         50, ge=0, description="--large-cluster-size-threshold: an unhealthy zone of at most this many nodes "
                               "evicts nothing; a larger one at secondary_node_eviction_rate")
+    max_total_unready_percentage: Float = Field(
+        45.0, ge=0, le=100, description="cluster-autoscaler --max-total-unready-percentage: with more of the "
+                                        "cluster's nodes NotReady (and more than ok_total_unready_count), it "
+                                        "halts: no node added, none removed")
+    ok_total_unready_count: Int = Field(3, ge=0, description="cluster-autoscaler --ok-total-unready-count")
     node_auto_repair_s: Float | None = Field(
         None, gt=0, description="a managed cloud's node auto-repair: a node NotReady this long is deleted with the "
                                 "pods still on it, which the ReplicaSet replaces, evicted or not (GKE and AKS "

@@ -99,6 +99,7 @@ class NodeLifecycle:
         self.master_disruption = False
         self.log: list[tuple[float, str, int, str]] = []  # (time, event, zone, detail): states and taints
         self._pass_at: float | None = None  # a pass is scheduled at this time
+        self.autoscaler_halted = False  # cluster-autoscaler finds too many nodes NotReady (``unhealthy``)
         self._wake_at = math.inf  # a token is awaited at this time
 
     # ---- what changes ---------------------------------------------------------------------------------
@@ -126,11 +127,12 @@ class NodeLifecycle:
 
     def nodes_changed(self, node: Node, now: float) -> None:
         """A node joined (ready) or left the cluster: the zones' sizes change; a removed node leaves its queue."""
+        had = bool(self.not_ready or self.dark)
         if node.removed_s is not None:
             self.not_ready.discard(node.id)
             self._dequeue(node)
             self.tainted.pop(node.id, None)
-        if self.not_ready or self.dark:
+        if had or self.not_ready or self.dark:
             self._soon(now)
 
     def is_tainted(self, node: Node, since: float) -> bool:
@@ -160,6 +162,30 @@ class NodeLifecycle:
             self._pass_at = None
         self._handle_disruption(now)
         self._taint(now)
+        halted = self.unhealthy()
+        if halted != self.autoscaler_halted:
+            self.autoscaler_halted = halted
+            unready, total = self.unready_of_all()
+            self.log.append((now, "autoscaler_halted" if halted else "autoscaler_resumed", -1,
+                             f"{unready} of {total} nodes NotReady"))
+            if not halted:
+                self.pool.resume(now)  # the pods that waited get nodes
+
+    def unready_of_all(self) -> tuple[int, int]:
+        """(NotReady, all) registered nodes of the cluster, the GPU nodes and the others."""
+        counts = self._counts()
+        return sum(nr for _, nr in counts), sum(r + nr for r, nr in counts)
+
+    def unhealthy(self) -> bool:
+        """cluster-autoscaler's ``IsClusterHealthy``, negated: more than ``ok_total_unready_count`` nodes NotReady
+        and more than ``max_total_unready_percentage`` of the cluster's. Then it adds and removes no node.
+        (Simplified: a node NotReady within 15 minutes of registering, which it counts as not started, counts
+        here.)"""
+        if not (self.not_ready or self.dark):
+            return False
+        unready, total = self.unready_of_all()
+        spec = self.spec
+        return unready > spec.ok_total_unready_count and unready > spec.max_total_unready_percentage / 100.0 * total
 
     def _counts(self) -> list[tuple[int, int]]:
         """(Ready, NotReady) nodes in each zone: the GPU nodes registered and not removed, and the others."""

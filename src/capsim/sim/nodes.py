@@ -334,8 +334,11 @@ class NodePool:
                 self._remove(node, now)
 
     def provision_for(self, waiting: int, now: float) -> None:
-        """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold."""
+        """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold (none while
+        cluster-autoscaler halts on too many NotReady nodes: ``NodeLifecycle.unhealthy``)."""
         if not self.limited or waiting <= 0:
+            return
+        if self.lifecycle is not None and self.lifecycle.autoscaler_halted:
             return
         if self._spreading:  # where the skews let them go, on the nodes there and those coming
             zones: list[int | None] = list(self._new_nodes_for(waiting, self._slots())[0])
@@ -372,9 +375,14 @@ class NodePool:
             self.scale_down(env.now)
 
     def scale_down(self, now: float) -> None:
-        """One scan: mark unneeded nodes, and remove those unneeded long enough (see the module doc)."""
+        """One scan: mark unneeded nodes, and remove those unneeded long enough (see the module doc). While
+        cluster-autoscaler halts on too many NotReady nodes it removes none and forgets which were unneeded."""
         spec = self._spec
         assert spec is not None
+        if self.lifecycle is not None and self.lifecycle.autoscaler_halted:
+            for n in self._up:
+                n.unneeded_since = None
+            return
         live = [n for n in self._up if n.ready_s is not None and not n.cordoned
                 and n.failed_s is None]  # a failed node goes by its own timer (fail)
         for n in live:
@@ -436,11 +444,21 @@ class NodePool:
     def _unready_gone(self, ev: Timeout) -> None:
         node, failed_s = cast(tuple[Node, float], ev.value)
         if node.removed_s is None and node.failed_s == failed_s:  # not back meanwhile
+            if self.lifecycle is not None and self.lifecycle.autoscaler_halted:  # asked again an unready time on
+                spec = self._spec
+                assert spec is not None
+                wait = max(spec.scale_down_unready_time_s, spec.scan_interval_s)  # a scan at the soonest
+                Timeout(self.sim.env, wait, ev.value).callbacks.append(self._unready_gone)
+                return
             if node.used:
                 node.remove_when_empty = True
                 return
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
+
+    def resume(self, now: float) -> None:
+        """cluster-autoscaler works again: pods waiting for a node get one."""
+        self._on_node_ready(now)
 
     def repaired(self, node: Node, now: float) -> None:
         """The cloud's node auto-repair deleted the failed ``node`` (its pods are gone): it is no longer billed
