@@ -5,10 +5,14 @@ is NotReady evicts nothing until one is back."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from capsim.cli import app
 from capsim.export.readme import render_readme
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
@@ -212,3 +216,18 @@ def test_cluster_autoscaler_halts_while_too_many_nodes_are_notready() -> None:
     assert [(t, e) for t, e, _, _ in sim.cluster.nodes.lifecycle.log if e.startswith("autoscaler")] == [  # type: ignore[union-attr]
         (FAIL_S + GRACE_S, "autoscaler_halted"), (FAIL_S + 600, "autoscaler_resumed")]
     assert res.timeseries.set_index("time_s").loc[FAIL_S + 600 + 30 + 10:, "ready_replicas"].eq(32).all()
+
+
+def test_capsim_simulate_says_when_kubernetes_stopped_replacing_and_writes_the_events(tmp_path: Path) -> None:
+    # node_failure.yaml's 12 pods on three 4-GPU nodes, all three dead at once: 3 of the zone's 4 nodes
+    result = CliRunner().invoke(app, [
+        "simulate", "data/scenarios/node_failure.yaml", "--set", "horizon_s=200", "--set", "warmup_s=0",
+        "--set", "cluster.node_gpus=4", "--set", "faults.node_failures=[{at_s: 60, node: 0}, {at_s: 60, node: 1}, "
+        "{at_s: 60, node: 2}]", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert ("note: at 100 s most of zone 0's nodes were NotReady: the node lifecycle controller evicts nothing more "
+            "there") in result.output
+    assert "node_events.csv" in result.output
+    events = pd.read_csv(tmp_path / "node_events.csv")
+    assert list(events.columns) == ["time_s", "event", "zone", "detail"]
+    assert events.values.tolist() == [[100.0, "zone_state", 0, "partial_disruption"]]

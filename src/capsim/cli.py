@@ -350,16 +350,26 @@ def simulate(
         typer.echo(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     for row in result.skipped_crashes.itertuples():
         typer.echo(f"note: the crash scheduled at {row.time_s:g} s found no pod to crash: {row.why}")
+    for row in result.node_events.itertuples():  # when Kubernetes stopped replacing what died
+        if row.event == "zone_state" and row.detail == "partial_disruption":
+            typer.echo(f"note: at {row.time_s:g} s most of zone {row.zone}'s nodes were NotReady: the node lifecycle "
+                       "controller evicts nothing more there while it is small (docs/simulator.md)")
+        elif row.event == "master_disruption":
+            typer.echo(f"note: at {row.time_s:g} s no node was Ready: the node lifecycle controller stopped every "
+                       "eviction until one is")
+        elif row.event == "autoscaler_halted":
+            typer.echo(f"note: at {row.time_s:g} s cluster-autoscaler halted ({row.detail}): no node added or removed")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.requests.to_csv(out / "requests.csv", index=False)
         result.timeseries.to_csv(out / "timeseries.csv", index=False)
         result.scale_events.to_csv(out / "scale_events.csv", index=False)
         written = ["requests.csv", "timeseries.csv", "scale_events.csv"]
-        if sc.cluster is not None:  # the GPU nodes and where each pod went
+        if sc.cluster is not None:  # the GPU nodes, where each pod went, what was done about dead nodes
             result.nodes.to_csv(out / "nodes.csv", index=False)
             result.placements.to_csv(out / "placements.csv", index=False)
-            written += ["nodes.csv", "placements.csv"]
+            result.node_events.to_csv(out / "node_events.csv", index=False)
+            written += ["nodes.csv", "placements.csv", "node_events.csv"]
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")

@@ -61,6 +61,9 @@ class SimResult:
     skipped_crashes: Any = None  # DataFrame: time_s, pod (-1: any), why; scheduled crashes with no pod to crash
     nodes: Any = None  # DataFrame, capsim.sim.nodes.NODE_COLUMNS: the GPU nodes (empty without a cluster section)
     placements: Any = None  # DataFrame: time_s, pod, node, zone; where each pod was placed (with a cluster section)
+    # DataFrame: time_s, event, zone (-1: the cluster), detail; what the node lifecycle controller and
+    # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts)
+    node_events: Any = None
 
 
 class Simulation:
@@ -243,6 +246,8 @@ class Simulation:
             skipped_crashes=pd.DataFrame(self.faults.skipped, columns=["time_s", "pod", "why"]),
             nodes=self.cluster.nodes.frame(sc.horizon_s),
             placements=pd.DataFrame(self.cluster.placements, columns=["time_s", "pod", "node", "zone"]),
+            node_events=pd.DataFrame(self.cluster.nodes.lifecycle.log if self.cluster.nodes.lifecycle else [],
+                                     columns=["time_s", "event", "zone", "detail"]),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
