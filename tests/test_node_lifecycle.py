@@ -20,6 +20,7 @@ from capsim.model.settings import SettingsError
 from capsim.sim.nodelifecycle import TokenBucket, ZoneState, zone_state
 from capsim.sim.pod import PodState
 from capsim.sim.simulate import SimResult, Simulation
+from capsim.studies.checks import run_checks
 
 FAIL_S = 100.0
 GRACE_S = 40.0
@@ -199,6 +200,9 @@ def test_cluster_autoscaler_halts_while_too_many_nodes_are_notready() -> None:
     # At 60% it would go on, and they run on new nodes in zone 1 by the toleration + 120 s + 30 s
     sc = _scenario(8, **{"cluster.zones": 2, "pods.zone_spread": {"max_skew": 8}, "horizon_s": 1000, "cluster.max_gpus": 64,
                          "faults.zone_failures": [{"at_s": FAIL_S, "zone": 0}]})
+    (warned,) = [f for f in run_checks(sc) if f.check == "zone-failure-halts-autoscaler"]
+    assert warned.path == "cluster.zones" and "about 5 of the cluster's 10 nodes NotReady" in warned.message
+    assert not [f for f in run_checks(sc.override({"cluster.zones": 3})) if f.check == "zone-failure-halts-autoscaler"]
     sim, res = _run(sc)
     assert [(t, e) for t, e, _, _ in sim.cluster.nodes.lifecycle.log if e.startswith("autoscaler")] == [  # type: ignore[union-attr]
         (FAIL_S + GRACE_S, "autoscaler_halted")]

@@ -53,6 +53,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the fleet's peak fills cannot hold the pods of the failed zone (its nodes count toward ``max_gpus`` until
   cluster-autoscaler removes them), or ``pods.zone_spread.min_zones`` takes every zone (after a zone fails
   fewer count, and each zone takes at most ``max_skew`` pods), or the cluster has one zone (nothing is left).
+* ``zone-failure-halts-autoscaler`` (warn): a zone can fail and its nodes at the peak (with
+  ``cluster.other_nodes_per_zone``) are more than ``ok_total_unready_count`` and
+  ``max_total_unready_percentage`` of the cluster's: cluster-autoscaler halts while it is dark, so the
+  evicted pods' replacements get no new node.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -459,6 +463,17 @@ def _zones(scenario: Scenario) -> list[Finding]:
             f"need {-(-lost_pods // per_node)} node(s) more: they stay Pending until cluster-autoscaler removes "
             "the dead nodes (cluster.scale_down_unready_time_s) or the zone is back; leave room for them",
             level="warn", check="zone-failure-no-room"))
+    # its nodes NotReady may be too many of the cluster's for cluster-autoscaler, which then halts
+    dark = max(-(-filled // zones), cluster.min_nodes_per_zone) + cluster.other_nodes_per_zone
+    every = max(filled, zones * cluster.min_nodes_per_zone) + zones * cluster.other_nodes_per_zone
+    if dark > cluster.ok_total_unready_count and dark > cluster.max_total_unready_percentage / 100.0 * every:
+        found.append(Finding(
+            "cluster.zones", f"{zones}: a zone's outage leaves about {dark} of the cluster's {every} nodes NotReady "
+            f"(its GPU nodes at the peak of {peak} pods, and cluster.other_nodes_per_zone), more than "
+            f"ok_total_unready_count ({cluster.ok_total_unready_count}) and max_total_unready_percentage "
+            f"({cluster.max_total_unready_percentage:g}%): cluster-autoscaler halts, adding no node for the "
+            "replacements, until the zone is back; with three zones or more one zone stays under it",
+            level="warn", check="zone-failure-halts-autoscaler"))
     return found
 
 
