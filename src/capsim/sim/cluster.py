@@ -381,9 +381,12 @@ class Cluster:
         so: the requests they held, and those the endpoints still send them, get no answer (the client times
         out: ``Client.node_lost``, ``Client.blackhole``). The node lifecycle controller marks the node NotReady
         after ``cluster.node_monitor_grace_s`` and its pods not ready (until then their Ready condition holds:
-        ``Pod.lost_ready``), which takes them out of the endpoints one propagation later; ``unreachable_toleration_s`` after that (``pods.unreachable_toleration_s``, the pods'
-        own tolerations, when set) the taint manager evicts them and the
-        ReplicaSet replaces them on other nodes (new ones if none is free). Until then they count as
+        ``Pod.lost_ready``), which takes them out of the endpoints one propagation later. It taints the node
+        through its zone's rate-limited queue (``capsim.sim.nodelifecycle``: perhaps never, in an unhealthy
+        zone), and ``unreachable_toleration_s`` after the taint (``pods.unreachable_toleration_s``, the pods'
+        own tolerations, when set) the taint manager evicts them and the ReplicaSet replaces them on other
+        nodes (new ones if none is free), as it does when the cloud's node auto-repair deletes the node
+        (``cluster.node_auto_repair_s``). Until then they count as
         replicas, so nothing replaces them sooner unless the HPA asks for more. A pod being deleted already
         goes at once. (``pkg/controller/nodelifecycle``: ``MarkPodsNotReady``, the NoExecute taint
         ``node.kubernetes.io/unreachable``; the DefaultTolerationSeconds admission plugin's 300 s;
