@@ -21,6 +21,7 @@ from capsim.sim.nodelifecycle import TokenBucket, ZoneState, zone_state
 from capsim.sim.pod import PodState
 from capsim.sim.simulate import SimResult, Simulation
 from capsim.studies.checks import run_checks
+from cluster_scenarios import cluster_scenario
 
 FAIL_S = 100.0
 GRACE_S = 40.0
@@ -28,24 +29,13 @@ TOLERATION_S = 300.0
 
 
 def _scenario(nodes: int = 4, **over: Any) -> Scenario:
-    """``nodes`` 4-GPU nodes full of one-GPU pods, room for two more; no autoscaler."""
-    base: dict[str, Any] = {
-        "horizon_s": 900,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 20},
-                     "prompt_tokens": {"kind": "constant", "value": 100},
-                     "output_tokens": {"kind": "constant", "value": 10}},
-        "service": {"kind": "deterministic", "mean_s": 0.05},
-        "batching": {"max_batch_size": 8, "max_wait_ms": 5},
-        "pods": {"replicas": 4 * nodes, "startup_s": {"kind": "constant", "value_s": 30},
-                 "endpoints_propagation_s": 1.0},
-        "router": {"kind": "least_outstanding"},
-        "cluster": {"max_gpus": 4 * (nodes + 2), "node_gpus": 4, "node_provision_s": 120,
-                    "node_monitor_grace_s": GRACE_S, "unreachable_toleration_s": TOLERATION_S},
-        "client": {"timeout_s": 10, "max_retries": 2},
-        "timeseries_interval_s": 5,
-    }
-    sc = Scenario.model_validate(base)
-    return sc.override(over) if over else sc
+    """``nodes`` 4-GPU nodes full of one-GPU pods, room for two more; no autoscaler; cluster-autoscaler's
+    scale-down on (it removes dead nodes)."""
+    return cluster_scenario(**{
+        "horizon_s": 900, "pods.replicas": 4 * nodes, "pods.endpoints_propagation_s": 1.0,
+        "cluster.max_gpus": 4 * (nodes + 2), "cluster.node_provision_s": 120, "cluster.scale_down_enabled": True,
+        "cluster.node_monitor_grace_s": GRACE_S, "cluster.unreachable_toleration_s": TOLERATION_S,
+        "timeseries_interval_s": 5, **over})
 
 
 def _run(sc: Scenario) -> tuple[Simulation, SimResult]:
