@@ -278,3 +278,18 @@ def test_sessions_through_a_node_failure_and_a_partition_balance_their_books(mod
         assert s.lost_sessions > 0
     else:
         assert s.lost_sessions == 0
+
+
+def test_an_external_value_target_multiplies_by_the_pods_the_api_shows_ready() -> None:
+    # upstream multiplies a Value target's ratio by the pods whose Ready condition holds: a dead node's
+    # pods count until the node lifecycle controller marks them NotReady (twice the target: 2 x 8, then 2 x 4)
+    gateway = {"type": "External", "external": {"metric": {"name": "capsim_gateway_requests_total"},
+                                                "target": {"type": "Value", "value": "40"}}}
+    sc = _scenario(**{"autoscaler": {"minReplicas": 8, "maxReplicas": 24, "metrics": [gateway]}})
+    for end_s, ready in ((FAIL_S + GRACE_S - 10, 8), (FAIL_S + GRACE_S + 10, 4)):
+        sim = Simulation(sc.override({"horizon_s": end_s}), seed=1)
+        sim.run()
+        hpa = sim.autoscaling
+        assert hpa is not None
+        proposal = hpa._external_replicas(sim.cluster.live_pods, 8, 80.0, 40.0, True, hpa.hpa.metric_tolerance)
+        assert proposal == 2 * ready
