@@ -160,30 +160,23 @@ class NodeLifecycle:
         now = self._env.now
         if self._pass_at == cast(float, ev.value):
             self._pass_at = None
-        self._handle_disruption(now)
+        counts = self._counts()  # tainting changes no Ready condition: one count serves the whole pass
+        self._handle_disruption(now, counts)
         self._taint(now)
-        halted = self.unhealthy()
+        unready, total = sum(nr for _, nr in counts), sum(r + nr for r, nr in counts)
+        halted = self.unhealthy(unready, total)
         if halted != self.autoscaler_halted:
             self.autoscaler_halted = halted
-            unready, total = self.unready_of_all()
             self.log.append((now, "autoscaler_halted" if halted else "autoscaler_resumed", -1,
                              f"{unready} of {total} nodes NotReady"))
             if not halted:
                 self.pool.resume(now)  # the pods that waited get nodes
 
-    def unready_of_all(self) -> tuple[int, int]:
-        """(NotReady, all) registered nodes of the cluster, the GPU nodes and the others."""
-        counts = self._counts()
-        return sum(nr for _, nr in counts), sum(r + nr for r, nr in counts)
-
-    def unhealthy(self) -> bool:
-        """cluster-autoscaler's ``IsClusterHealthy``, negated: more than ``ok_total_unready_count`` nodes NotReady
-        and more than ``max_total_unready_percentage`` of the cluster's. Then it adds and removes no node.
-        (Simplified: a node NotReady within 15 minutes of registering, which it counts as not started, counts
-        here.)"""
-        if not (self.not_ready or self.dark):
-            return False
-        unready, total = self.unready_of_all()
+    def unhealthy(self, unready: int, total: int) -> bool:
+        """cluster-autoscaler's ``IsClusterHealthy``, negated, for ``unready`` of the cluster's ``total`` registered
+        nodes NotReady: more than ``ok_total_unready_count`` and more than ``max_total_unready_percentage`` of
+        them. Then it adds and removes no node. (Simplified: a node NotReady within 15 minutes of registering,
+        which it counts as not started, counts here.)"""
         spec = self.spec
         return unready > spec.ok_total_unready_count and unready > spec.max_total_unready_percentage / 100.0 * total
 
@@ -196,10 +189,10 @@ class NodeLifecycle:
                 counts[n.zone][1 if n.id in self.not_ready else 0] += 1
         return [(r, nr) for r, nr in counts]
 
-    def _handle_disruption(self, now: float) -> None:
-        """Upstream ``handleDisruption``: each zone's state and its limiter's rate; master disruption."""
+    def _handle_disruption(self, now: float, counts: list[tuple[int, int]]) -> None:
+        """Upstream ``handleDisruption``: each zone's state and its limiter's rate; master disruption.
+        ``counts``: (Ready, NotReady) nodes of each zone (``_counts``)."""
         spec = self.spec
-        counts = self._counts()
         present = [z for z in range(self.zones) if sum(counts[z]) > 0]  # zones with no node are not seen
         new = {z: zone_state(*counts[z], spec.unhealthy_zone_threshold) for z in present}
         all_full = bool(present) and all(s == ZoneState.FULL for s in new.values())
@@ -212,8 +205,7 @@ class NodeLifecycle:
             for z in range(self.zones):
                 self.buckets[z] = self.buckets[z].swapped(0.0, now)
                 self.states[z] = ZoneState.FULL
-            for node_id in list(self.tainted):
-                del self.tainted[node_id]
+            self.tainted.clear()
             for n in self.pool._up:  # re-queued untainted, as the next monitor pass does
                 if n.id in self.not_ready:
                     self._enqueue(n)

@@ -336,9 +336,7 @@ class NodePool:
     def provision_for(self, waiting: int, now: float) -> None:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold (none while
         cluster-autoscaler halts on too many NotReady nodes: ``NodeLifecycle.unhealthy``)."""
-        if not self.limited or waiting <= 0:
-            return
-        if self.lifecycle is not None and self.lifecycle.autoscaler_halted:
+        if not self.limited or waiting <= 0 or self._autoscaler_halted:
             return
         if self._spreading:  # where the skews let them go, on the nodes there and those coming
             zones: list[int | None] = list(self._new_nodes_for(waiting, self._slots())[0])
@@ -379,7 +377,7 @@ class NodePool:
         cluster-autoscaler halts on too many NotReady nodes it removes none and forgets which were unneeded."""
         spec = self._spec
         assert spec is not None
-        if self.lifecycle is not None and self.lifecycle.autoscaler_halted:
+        if self._autoscaler_halted:
             for n in self._up:
                 n.unneeded_since = None
             return
@@ -444,7 +442,7 @@ class NodePool:
     def _unready_gone(self, ev: Timeout) -> None:
         node, failed_s = cast(tuple[Node, float], ev.value)
         if node.removed_s is None and node.failed_s == failed_s:  # not back meanwhile
-            if self.lifecycle is not None and self.lifecycle.autoscaler_halted:  # asked again an unready time on
+            if self._autoscaler_halted:  # asked again an unready time on
                 spec = self._spec
                 assert spec is not None
                 wait = max(spec.scale_down_unready_time_s, spec.scan_interval_s)  # a scan at the soonest
@@ -455,6 +453,11 @@ class NodePool:
                 return
             self._remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
+
+    @property
+    def _autoscaler_halted(self) -> bool:
+        """cluster-autoscaler halts on too many NotReady nodes (``NodeLifecycle.unhealthy``)."""
+        return self.lifecycle is not None and self.lifecycle.autoscaler_halted
 
     def resume(self, now: float) -> None:
         """cluster-autoscaler works again: pods waiting for a node get one."""
