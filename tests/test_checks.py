@@ -243,3 +243,18 @@ def test_static_only_settings_in_a_continuous_scenario_warn(rush: Scenario) -> N
     assert [f.path for f in found] == ["service.answer_per_request_ms", "service.first_token_scale"]
     assert all(f.level == "warn" for f in found)
     assert not _fired(rush.override({"batching.mode": "continuous", "batching.num_blocks": 1000}), "static-only-setting")
+
+
+def test_scale_to_zero_on_the_pods_own_series_cannot_wake() -> None:
+    from test_autoscaler_validation import GATEWAY, QUEUE_SUM, bursts
+
+    def fired(s: Scenario) -> list[str]:
+        return [f.message for f in run_checks(s) if f.check == "scale-to-zero-cannot-wake"]
+
+    (msg,) = fired(bursts(QUEUE_SUM))  # the simulator shows it: tests/test_autoscaler_validation.py
+    assert "the HPA's metrics (capsim_queue_depth)" in msg and "never comes back" in msg
+    (msg,) = fired(bursts(QUEUE_SUM).override({"autoscaler.keda": {}}))
+    assert "KEDA's triggers" in msg
+    assert not fired(bursts(GATEWAY).override({"autoscaler.keda": {}}))
+    assert not fired(bursts(GATEWAY))
+    assert not fired(bursts(QUEUE_SUM, **{"autoscaler.minReplicas": 1}))  # just inside: one pod stays

@@ -100,7 +100,7 @@ def test_run_timeline_marks_every_scale_event_and_crash(rush, tmp_path):
     _load, reps, _queue, ttft = fig.axes
     ev = rush.scale_events
     assert len(ev) >= 3 and len(rush.crashes) == 1
-    expected = sorted([(t / 60, UP if b > a else DOWN) for t, a, b in ev.itertuples(index=False)]
+    expected = sorted([(t / 60, UP if b > a else DOWN) for t, a, b, _by in ev.itertuples(index=False)]
                       + [(t / 60, CRASH) for t in rush.crashes.time_s])
     for ax in fig.axes:
         assert sorted(_vlines(ax)) == expected

@@ -534,6 +534,26 @@ class MetricQuery(_Section):
     quantile: Float = Field(0.99, gt=0, lt=1)
 
 
+class Keda(_Section):
+    """KEDA drives the autoscaler (``autoscaler.keda``): a ScaledObject whose triggers are the External metrics.
+
+    ``minReplicas`` is then KEDA's ``minReplicaCount`` (0 lets the Deployment scale to zero) and
+    ``maxReplicas`` its ``maxReplicaCount``; the HPA that KEDA creates scales between ``max(1, minReplicas)``
+    and ``maxReplicas`` as the scenario's HPA does, and KEDA's operator takes the Deployment from zero to
+    ``max(1, minReplicas)`` when a trigger is active (its value above its ``activation`` threshold) and back
+    to zero ``cooldown_period_s`` after the last poll that found one active (``capsim.policy.keda``).
+    """
+
+    # whole seconds, as KEDA's fields are
+    polling_interval_s: Int = Field(30, ge=1, description="KEDA pollingInterval: how often the operator asks "
+                                                          "the triggers whether they are active")
+    cooldown_period_s: Int = Field(300, ge=0, description="KEDA cooldownPeriod: seconds without an active "
+                                                          "trigger before the Deployment goes to zero")
+    activation: dict[str, Float] = Field(
+        default_factory=dict, description="metric name (as in metrics) -> its trigger's activationThreshold "
+                                          "(default 0: any value above 0 activates)")
+
+
 class Autoscaler(_Section):
     """An autoscaling/v2 HPA ``spec`` (Kubernetes spelling) plus the metric pipeline around it.
 
@@ -560,6 +580,7 @@ class Autoscaler(_Section):
     )
     tolerance: Float = Field(0.1, ge=0, lt=1)
     downscale_window_s: Float = Field(300.0, ge=0, description="controller default scale-down window")
+    keda: Keda | None = Field(None, description="KEDA drives the HPA and the step to and from zero replicas")
 
     @model_validator(mode="after")
     def _k8s(self) -> Self:
@@ -581,6 +602,14 @@ class Autoscaler(_Section):
                     f"metrics[{i}].pods.metric.name must be one of {sorted(POD_METRICS)}, got {m.name!r}"
                 )
         names = [m.name for m in hpa.metrics]
+        if self.keda is not None:
+            for i, m in enumerate(hpa.metrics):
+                if m.type != "External":
+                    raise ValueError(f"metrics[{i}].type must be 'External' with keda (KEDA's triggers are "
+                                     f"External metrics to the HPA it creates), got {m.type!r}")
+            for name in self.keda.activation:
+                if name not in names:
+                    raise ValueError(f"keda.activation.{name}: no metric of this name in metrics (names: {names})")
         for name, q in self.queries.items():
             if name not in names:
                 raise ValueError(f"queries.{name}: no metric of this name in metrics (names: {names})")
@@ -610,11 +639,16 @@ class Autoscaler(_Section):
         return spec
 
     def to_hpa(self) -> Any:
-        """A fresh ``capsim.policy.autoscaling.HorizontalPodAutoscaler`` for this spec."""
+        """A fresh ``capsim.policy.autoscaling.HorizontalPodAutoscaler`` for this spec: with ``keda``, the
+        HPA that KEDA creates (``minReplicas`` at least 1; the step to and from zero is KEDA's own)."""
         from capsim.policy.autoscaling import HorizontalPodAutoscaler, Tolerance
+        from capsim.policy.keda import hpa_min_replicas
 
+        spec = self.k8s_spec()
+        if self.keda is not None:
+            spec["minReplicas"] = hpa_min_replicas(self.min_replicas)
         return HorizontalPodAutoscaler.from_k8s(
-            self.k8s_spec(),
+            spec,
             downscale_window_seconds=self.downscale_window_s,
             tolerance=Tolerance(scale_down=self.tolerance, scale_up=self.tolerance),
         )

@@ -90,7 +90,7 @@ class Cluster:
         self._outages = sim.faults.outages() if sim.scenario.state.on_unavailable == "fail" else []
         for a, b in self._outages:
             Timeout(sim.env, a, (a, b)).callbacks.append(self._outage_begins)
-        self.scale_events: list[tuple[float, int, int]] = []
+        self.scale_events: list[tuple[float, int, int, str]] = []  # (time, from, to, by: hpa or keda)
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -110,10 +110,10 @@ class Cluster:
             else:
                 self._pending.append(pod)
 
-    def scale_to(self, n: int, now: float) -> None:
-        """Set the desired replica count at ``now``."""
+    def scale_to(self, n: int, now: float, by: str = "hpa") -> None:
+        """Set the desired replica count at ``now`` (``by``: the controller that set it, for ``scale_events``)."""
         if n != self.desired:
-            self.scale_events.append((now, self.desired, n))
+            self.scale_events.append((now, self.desired, n, by))
         self.desired = n
         live = [p for p in self._alive.values() if p.state in _LIVE]
         if len(live) < n:

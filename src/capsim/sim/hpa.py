@@ -32,7 +32,11 @@ result), and ``capsim_gateway_requests_total`` counts every attempt sent to the 
 (scraped every ``scrape_interval_s`` at its own offset), answered or not. An ``AverageValue`` target
 proposes ``ceil(total / target)``, a ``Value`` target ``ceil(total / target x ready pods)``
 (``average_value_metric_replicas``, ``value_metric_replicas``); with ``minReplicas: 0`` such a metric
-takes the Deployment to zero and back (the ``HPAScaleToZero`` feature gate, or KEDA).
+takes the Deployment to zero and back (the ``HPAScaleToZero`` feature gate).
+
+KEDA (``autoscaler.keda``): the HPA is the one KEDA creates (``minReplicas`` at least 1), and KEDA's
+operator polls the triggers every ``polling_interval_s`` from its own phase (the ``keda_phase`` stream),
+taking the Deployment to and from zero (``capsim.policy.keda.ScaleExecutor``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from capsim.policy.autoscaling import (
     pods_metric_replicas,
     value_metric_replicas,
 )
+from capsim.policy.keda import ScaleExecutor
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
 
@@ -108,6 +113,18 @@ class Autoscaling:
             offset = spec.scrape_interval_s * float(sim.streams["hpa_phase"].random())
             Timeout(sim.env, offset).callbacks.append(self._scrape_gateway)
         sim.env.process(self._sync(first_sync))
+        self.keda: ScaleExecutor | None = None
+        #: (time, active, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
+        self.keda_polls: list[tuple[float, bool, int, int]] = []
+        if spec.keda is not None:
+            # a run starts from a Deployment already serving: with pods, as if its triggers were last
+            # active at time 0 (else KEDA's first poll, before Prometheus holds two samples of a rate,
+            # would find nothing active and take the Deployment to zero at once)
+            last = 0.0 if sim.scenario.pods.replicas > 0 else None
+            self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last)
+            self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
+            first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
+            sim.env.process(self._keda_loop(first_poll))
 
     # ---- Prometheus -------------------------------------------------------------------------------------
     def discover(self, now: float) -> None:
@@ -246,6 +263,34 @@ class Autoscaling:
                 cluster.scale_to(desired, now)
                 self.discover(now)
             yield env.timeout(self.spec.sync_period_s)
+
+    def _keda_loop(self, first_s: float) -> Generator[Any, Any, None]:
+        """KEDA's operator: every ``polling_interval_s`` (from its own phase) it asks each trigger whether it is
+        active (its value above its activation threshold; a query with no value is not) and takes the
+        Deployment to or from zero (``capsim.policy.keda.ScaleExecutor``); the HPA does the rest."""
+        env = self.sim.env
+        cluster = self.sim.cluster
+        keda = self.keda
+        spec = self.spec
+        assert keda is not None and spec.keda is not None
+        yield env.timeout(first_s)
+        while True:
+            now = env.now
+            self.discover(now)
+            pods = cluster.live_pods
+            active = False
+            for (metric, _, query, window_s, quantile), threshold in zip(self.metrics, self._activation, strict=True):
+                total = self._external_total(pods, metric, now, query, window_s, quantile)
+                if total is not None and total > threshold:
+                    active = True
+                    break
+            current = cluster.desired
+            new = keda.request_scale(now, current, active)
+            self.keda_polls.append((now, active, current, -1 if new is None else new))
+            if new is not None and new != current:
+                cluster.scale_to(new, now, by="keda")
+                self.discover(now)
+            yield env.timeout(spec.keda.polling_interval_s)
 
     def _external_total(self, pods: list[Pod], metric: str, now: float, query: str, window_s: float,
                         quantile: float) -> float | None:

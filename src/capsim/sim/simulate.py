@@ -55,7 +55,7 @@ class SimResult:
     requests: Any  # DataFrame, capsim.model.request schema
     timeseries: Any  # DataFrame, Timeseries.COLUMNS
     summary: Summary
-    scale_events: Any  # DataFrame: time_s, from_replicas, to_replicas
+    scale_events: Any  # DataFrame: time_s, from_replicas, to_replicas, by (hpa, or keda for its step to and from 0)
     crashes: Any  # DataFrame: time_s, pod, kind
     provenance: dict[str, Any] = field(default_factory=dict)
     skipped_crashes: Any = None  # DataFrame: time_s, pod (-1: any), why; scheduled crashes with no pod to crash
@@ -64,6 +64,9 @@ class SimResult:
     # DataFrame: time_s, event, zone (-1: the cluster), detail; what the node lifecycle controller and
     # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts)
     node_events: Any = None
+    # DataFrame: time_s, active, replicas, set_replicas (-1: left alone); each poll of KEDA's operator
+    # (empty without autoscaler.keda)
+    keda_polls: Any = None
 
 
 class Simulation:
@@ -221,7 +224,7 @@ class Simulation:
             lost_sessions=self.client.n_lost_sessions, gpu_seconds=self.cluster.gpu_seconds(sc.horizon_s) - self._gpu_s_at_warmup[0],
             gpu_cost_per_hour=sc.pods.gpu_cost_per_hour, batch_sizes=batch_sizes,
             scale_events=len(self.cluster.scale_events),
-            max_replicas=max([sc.pods.replicas] + [to for _, _, to in self.cluster.scale_events]),
+            max_replicas=max([sc.pods.replicas] + [to for _, _, to, _ in self.cluster.scale_events]),
             crashes=len(self.faults.crash_log), ttft_slo_s=sc.slo.ttft_p99_s,
             max_error_rate=sc.slo.max_error_rate, turns=self.workload.turns,
             node_gpu_seconds=(self.cluster.nodes.node_gpu_seconds(sc.horizon_s) - self._gpu_s_at_warmup[1]
@@ -241,13 +244,16 @@ class Simulation:
             requests=requests,
             timeseries=self.timeseries.frame(),
             summary=summary,
-            scale_events=pd.DataFrame(self.cluster.scale_events, columns=["time_s", "from_replicas", "to_replicas"]),
+            scale_events=pd.DataFrame(self.cluster.scale_events,
+                                      columns=["time_s", "from_replicas", "to_replicas", "by"]),
             crashes=pd.DataFrame(self.faults.crash_log, columns=["time_s", "pod", "kind"]),
             skipped_crashes=pd.DataFrame(self.faults.skipped, columns=["time_s", "pod", "why"]),
             nodes=self.cluster.nodes.frame(sc.horizon_s),
             placements=pd.DataFrame(self.cluster.placements, columns=["time_s", "pod", "node", "zone"]),
             node_events=pd.DataFrame(self.cluster.nodes.lifecycle.log if self.cluster.nodes.lifecycle else [],
                                      columns=["time_s", "event", "zone", "detail"]),
+            keda_polls=pd.DataFrame(self.autoscaling.keda_polls if self.autoscaling else [],
+                                    columns=["time_s", "active", "replicas", "set_replicas"]),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,

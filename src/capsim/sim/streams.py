@@ -30,6 +30,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "ingress",  # each request's ingress factor (service.ingress_noise)
     "node_failures",  # random node failure times (faults.node_mtbf_s) and which node an unnamed failure takes
     "spot",  # random spot interruption times (cluster.spot.mtbf_s) and which node an unnamed one takes
+    "keda_phase",  # the phase of KEDA's polling loop within its polling interval (autoscaler.keda)
 )
 
 

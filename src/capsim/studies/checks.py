@@ -57,6 +57,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``cluster.other_nodes_per_zone``) are more than ``ok_total_unready_count`` and
   ``max_total_unready_percentage`` of the cluster's: cluster-autoscaler halts while it is dark, so the
   evicted pods' replacements get no new node.
+* ``scale-to-zero-cannot-wake`` (fail): ``minReplicas: 0`` (the HPA's ``HPAScaleToZero``, or KEDA's
+  ``minReplicaCount``) with no metric that has a value at zero pods: a pod metric summed over the
+  Deployment's pods is 0 when there is none, so once at zero it never comes back and every later request
+  fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -82,7 +86,7 @@ from pathlib import Path
 from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
-from capsim.model.scenario import POD_METRIC_ALIASES, Scenario, Tokens
+from capsim.model.scenario import EXTERNAL_METRICS, POD_METRIC_ALIASES, Scenario, Tokens
 from capsim.model.scenario_limits import max_pods
 
 Level = Literal["fail", "warn"]
@@ -130,6 +134,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _zones(scenario)
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
+    findings += _scale_to_zero(scenario)
     return findings
 
 
@@ -506,6 +511,21 @@ def _spot(scenario: Scenario) -> list[Finding]:
                 f"provisioning and a cold start) and those still there {notice:g} s after the notice die with it",
                 level="warn", check="spot-eviction-outlasts-notice"))
     return found
+
+
+def _scale_to_zero(scenario: Scenario) -> list[Finding]:
+    auto = scenario.autoscaler
+    if auto is None or auto.min_replicas != 0:
+        return []
+    names = [m.name for m in auto.to_hpa().metrics]
+    if any(EXTERNAL_METRICS.get(n) == "gateway" for n in names):
+        return []
+    who = "KEDA's triggers" if auto.keda is not None else "the HPA's metrics"
+    return [Finding(
+        "autoscaler.minReplicas", f"0, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
+        "when no pod runs: once at zero the Deployment never comes back and every later request fails; add "
+        "the gateway's counter (an External metric capsim_gateway_requests_total) or keep a pod",
+        check="scale-to-zero-cannot-wake")]
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
