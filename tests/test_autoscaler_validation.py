@@ -117,7 +117,7 @@ def test_a_pod_metric_summed_as_an_external_metric_cannot_wake_a_deployment_with
 def test_external_metrics_are_simulated_not_exported(tmp_path: Any) -> None:
     from capsim.export import export_scenario
 
-    with pytest.raises(SettingsError, match="autoscaler.metrics.0: capsim exports Pods metrics only"):
+    with pytest.raises(SettingsError, match="autoscaler.metrics.0: without autoscaler.keda capsim exports Pods metrics only"):
         export_scenario(bursts(GATEWAY), tmp_path / "out")
     with pytest.raises(SettingsError, match=r"metrics\[0\].external.metric.name must be a pod metric"):
         Scenario.model_validate(bursts(GATEWAY).model_dump(by_alias=True) | {"autoscaler": {

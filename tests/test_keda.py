@@ -159,3 +159,75 @@ def test_keda_runs_the_same_frames_for_a_seed() -> None:
 
     a, b = (simulate(keda(), seed=3) for _ in range(2))
     assert a.scale_events.equals(b.scale_events) and a.keda_polls.equals(b.keda_polls)
+
+
+# ---- the export ------------------------------------------------------------------------------------------
+def test_a_keda_plan_exports_the_scaled_object_it_simulated(tmp_path: Any) -> None:
+    import jsonschema
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from test_export import KEDA_SCALED_OBJECT
+
+    s = keda(cooldown_period_s=240, polling_interval_s=20, activation={"capsim_gateway_requests_total": 0.5})
+    result = export_scenario(s, tmp_path, DeployTarget(name="agent", namespace="agents"))
+    names = {p.name for p in result.files}
+    assert "keda-scaledobject.yaml" in names and not names & {"hpa.yaml", "prometheus-adapter.yaml"}
+    obj = yaml.safe_load((tmp_path / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    spec = obj["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 4)
+    assert (spec["pollingInterval"], spec["cooldownPeriod"]) == (20, 240)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"] == s.autoscaler.behavior  # type: ignore[union-attr]
+    (trigger,) = spec["triggers"]
+    assert trigger["metricType"] == "AverageValue" and trigger["name"] == "capsim-gateway-requests-total"
+    meta = trigger["metadata"]
+    assert meta == {
+        "serverAddress": "http://prometheus-operated.monitoring.svc:9090",
+        # the simulated rate's 30 s window, on the requests the clients' sidecars sent to the Service
+        "query": 'sum(rate(istio_requests_total{reporter="source",'
+                 'destination_service="agent.agents.svc.cluster.local"}[30s]))',
+        "threshold": "1", "activationThreshold": "0.5"}
+    readme = (tmp_path / "README.md").read_text()
+    assert "kubectl apply -f keda-scaledobject.yaml" in readme and "hpa.yaml" not in readme
+    assert "| KEDA `pollingInterval` / `cooldownPeriod` | 20 s / 240 s |" in readme
+    assert "to zero 240 s after the last poll" in readme and "--gateway-query" in readme
+
+
+def test_a_pod_metric_trigger_runs_the_summed_pod_query_and_a_value_target_stays_value() -> None:
+    from capsim.export import DeployTarget, build_all
+    from capsim.export.promql import PodQuery
+
+    target = DeployTarget(name="agent", namespace="agents")
+    waiting = {"type": "External", "external": {"metric": {"name": "capsim_queue_depth"},
+                                                "target": {"type": "Value", "value": "6"}}}
+    s = keda(GATEWAY).override({"autoscaler.metrics": [GATEWAY, waiting], "autoscaler.minReplicas": 1})
+    spec = build_all(s, target)["keda-scaledobject.yaml"]["spec"]
+    gateway, queue = spec["triggers"]
+    assert gateway["metricType"] == "AverageValue" and "istio_requests_total" in gateway["metadata"]["query"]
+    assert queue["metricType"] == "Value" and queue["metadata"]["threshold"] == "6"
+    assert "activationThreshold" not in queue["metadata"]
+    assert queue["metadata"]["query"] == PodQuery.of("capsim_queue_depth", 60.0).deployment_total("agents", "agent")
+    assert spec["minReplicaCount"] == 1 and spec["cooldownPeriod"] == 300
+
+
+def test_the_gateway_query_is_a_template_and_a_bad_one_names_the_option(tmp_path: Any) -> None:
+    from capsim.export import DeployTarget, build_all
+    from test_inputs_cli import one_line_error
+
+    nginx = 'sum(rate(nginx_ingress_controller_requests{exported_namespace="$namespace",service="$name"}[$window]))'
+    spec = build_all(keda(), DeployTarget(name="agent", gateway_query=nginx))["keda-scaledobject.yaml"]["spec"]
+    assert spec["triggers"][0]["metadata"]["query"] == (
+        'sum(rate(nginx_ingress_controller_requests{exported_namespace="default",service="agent"}[30s]))')
+    with pytest.raises(SettingsError, match=r"gateway_query: unknown placeholder \$svc"):
+        DeployTarget(gateway_query="sum(rate(x{service=\"$svc\"}[$window]))")
+    path = tmp_path / "keda.yaml"
+    path.write_text(yaml_of(keda()))
+    one_line_error(["export", str(path), "--out", str(tmp_path / "out"), "--no-simulate",
+                    "--gateway-query", "rate(x[$win])"], "gateway_query: unknown placeholder $win")
+
+
+def yaml_of(s: Scenario) -> str:
+    import yaml
+
+    return yaml.safe_dump(s.model_dump(mode="json", by_alias=True, exclude_none=True))

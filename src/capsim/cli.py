@@ -744,6 +744,10 @@ def export(
     prometheus_url: Annotated[str, typer.Option(help="Prometheus server KEDA queries")] = (
         "http://prometheus-operated.monitoring.svc:9090"),
     adapter_namespace: Annotated[str, typer.Option(help="namespace of prometheus-adapter")] = "monitoring",
+    gateway_query: Annotated[str | None, typer.Option(
+        help="PromQL of the requests sent to the Deployment's Service, answered or not, for a KEDA trigger on "
+             "capsim_gateway_requests_total ($name, $namespace, $service, $window are filled in; default: "
+             "Istio's istio_requests_total as the clients' sidecars report it)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the simulation whose numbers the README reports")] = 0,
     simulate: Annotated[bool, typer.Option(help="simulate the scenario for the README's numbers")] = True,
     summary: Annotated[Path | None, typer.Option(
@@ -751,8 +755,8 @@ def export(
     force: Annotated[bool, typer.Option(help="write even when a check fails")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP + "; what is exported and simulated")] = None,
 ) -> None:
-    """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml,
-    the router's file (destinationrule.yaml or inferencepool.yaml), pdb.yaml and vllm-args.yaml where they
+    """Write hpa.yaml, configmap.yaml, deployment-patch.yaml, prometheus-adapter.yaml, keda-scaledobject.yaml
+    (with autoscaler.keda: the ScaledObject without hpa.yaml and the adapter's rules), the router's file (destinationrule.yaml or inferencepool.yaml), pdb.yaml and vllm-args.yaml where they
     apply, and README.md for a scenario; `capsim check` runs first and a failure stops the export unless
     --force."""
     import json
@@ -763,7 +767,8 @@ def export(
 
     # bad options, a bad scenario or an unreadable --summary: the error policy's one line, exit 2
     target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
-                          prometheus_url=prometheus_url, adapter_namespace=adapter_namespace)
+                          prometheus_url=prometheus_url, adapter_namespace=adapter_namespace,
+                          **({"gateway_query": gateway_query} if gateway_query is not None else {}))
     scen = load_scenario(scenario, set_ or ())
     _output_dir(out, "--out")
     numbers = None

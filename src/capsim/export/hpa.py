@@ -36,10 +36,13 @@ def require_autoscaler(scenario: Scenario) -> Autoscaler:
     if scenario.autoscaler is None:
         raise SettingsError("autoscaler is required to export an HPA (the scenario runs a fixed "
                             f"pods.replicas = {scenario.pods.replicas}); add an autoscaler section")
+    if scenario.autoscaler.keda is not None:
+        return scenario.autoscaler  # its External metrics are KEDA's triggers (the scenario checked them)
     for i, m in enumerate(scenario.autoscaler.metrics):
         if m.get("type") != "Pods":
-            raise SettingsError(f"autoscaler.metrics.{i}: capsim exports Pods metrics only (prometheus-adapter "
-                                f"rules, KEDA triggers); an {m.get('type')} metric is simulated, not exported")
+            raise SettingsError(f"autoscaler.metrics.{i}: without autoscaler.keda capsim exports Pods metrics only "
+                                f"(prometheus-adapter rules, KEDA triggers); an {m.get('type')} metric is "
+                                "simulated, not exported (with autoscaler.keda, External metrics are KEDA's triggers)")
     return scenario.autoscaler
 
 

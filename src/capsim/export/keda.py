@@ -1,23 +1,29 @@
-"""The KEDA alternative to the HPA and adapter: a ScaledObject with one Prometheus trigger per metric.
+"""The KEDA ScaledObject: the alternative to the HPA and adapter, or, with ``autoscaler.keda``, the plan itself.
 
 KEDA (keda.sh/v1alpha1) creates and drives the HPA itself; its Prometheus scaler runs a query that must
 return one number, compared with ``threshold``. With ``metricType: AverageValue`` the HPA divides that
 number by the pod count, so the query sums the per-pod values the simulated HPA averaged
 (``capsim.export.promql``). The HPA's ``behavior`` goes to ``advanced.horizontalPodAutoscalerConfig``.
-``minReplicaCount`` is never 0: a scenario cannot scale to zero on Pods metrics alone (the API server's
-rule, ``capsim.policy.autoscaling``), and scenarios with External metrics are not exported.
+
+A scenario without ``autoscaler.keda`` scales on Pods metrics: the ScaledObject is the HPA's equivalent
+(``minReplicaCount`` never 0, the API server's rule for Pods metrics, ``capsim.policy.autoscaling``). A
+scenario with it was simulated as KEDA runs (``capsim.policy.keda``): each External metric is a trigger
+(a pod metric summed over the Deployment's pods, or the gateway's counter as ``DeployTarget.gateway_query``
+asks Prometheus for it), with its ``metricType`` (``AverageValue`` or ``Value``), ``activationThreshold``,
+``pollingInterval``, ``cooldownPeriod`` and ``minReplicaCount`` (0 scales to zero) as simulated.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from capsim.export.adapter import hpa_queries
 from capsim.export.hpa import require_autoscaler, scale_target_ref
+from capsim.export.promql import PodQuery
 from capsim.export.target import DeployTarget
-from capsim.model.scenario import Scenario
+from capsim.model.scenario import EXTERNAL_METRICS, Scenario
 
 API_VERSION = "keda.sh/v1alpha1"
 
@@ -25,27 +31,33 @@ API_VERSION = "keda.sh/v1alpha1"
 def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """The ScaledObject (a dict ready for ``yaml.safe_dump``)."""
     auto = require_autoscaler(scenario)
+    keda = auto.keda
     hpa = auto.to_hpa()
     triggers = []
-    for q, metric in zip(hpa_queries(scenario), hpa.metrics, strict=True):
+    for metric in hpa.metrics:
+        query, window_s, quantile = auto.query_of(metric.name)
+        if EXTERNAL_METRICS.get(metric.name) == "gateway":
+            promql = target.gateway_requests(PodQuery.duration(window_s))
+        else:
+            promql = PodQuery.of(metric.name, window_s, query, quantile).deployment_total(target.namespace,
+                                                                                          target.name)
+        meta = {"serverAddress": target.prometheus_url, "query": promql, "threshold": f"{metric.target:g}"}
+        if keda is not None and metric.name in keda.activation:
+            meta["activationThreshold"] = f"{keda.activation[metric.name]:g}"
         triggers.append({
             "type": "prometheus",
-            "name": q.metric.replace("_", "-"),
-            "metricType": "AverageValue",
-            "metadata": {
-                "serverAddress": target.prometheus_url,
-                "query": q.deployment_total(target.namespace, target.name),
-                "threshold": f"{metric.target:g}",
-            },
+            "name": re.sub(r"[^a-z0-9-]", "-", metric.name.lower()),
+            "metricType": "Value" if metric.target_type == "Value" else "AverageValue",
+            "metadata": meta,
         })
     ref = scale_target_ref(scenario, target)
     spec: dict[str, Any] = {
         "scaleTargetRef": {k: ref[k] for k in ("apiVersion", "kind", "name") if k in ref},
-        "pollingInterval": max(1, math.ceil(auto.sync_period_s)),
-        "minReplicaCount": auto.min_replicas,
-        "maxReplicaCount": auto.max_replicas,
-        "triggers": triggers,
+        "pollingInterval": keda.polling_interval_s if keda is not None else max(1, math.ceil(auto.sync_period_s)),
     }
+    if keda is not None:
+        spec["cooldownPeriod"] = keda.cooldown_period_s
+    spec.update({"minReplicaCount": auto.min_replicas, "maxReplicaCount": auto.max_replicas, "triggers": triggers})
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}
     return {"apiVersion": API_VERSION, "kind": "ScaledObject",

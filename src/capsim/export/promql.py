@@ -56,6 +56,11 @@ class PodQuery:
     def window(self) -> str:
         return _duration(self.window_s)
 
+    @staticmethod
+    def duration(seconds: float) -> str:
+        """A PromQL duration (``60s``, ``1500ms``)."""
+        return _duration(seconds)
+
     def per_pod(self, matchers: str, by: str) -> str:
         """The value per ``by`` group (pods) over the series selected by ``matchers``."""
         w = self.window

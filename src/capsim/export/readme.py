@@ -26,6 +26,9 @@ FILES: dict[str, str] = {
     "keda-scaledobject.yaml": "KEDA ScaledObject `{name}`: the alternative to `hpa.yaml` + the adapter, one "
                               "Prometheus trigger per metric on the same query",
 }
+#: the KEDA ScaledObject of a scenario with ``autoscaler.keda`` (no hpa.yaml, no adapter rules)
+KEDA_FILE = ("keda-scaledobject.yaml", "KEDA ScaledObject `{name}`: the plan's autoscaler, one Prometheus trigger "
+             "per metric, KEDA's polling, cooldown and activation as simulated (KEDA creates the HPA)")
 #: written for a continuous-batching scenario only
 PDB_FILE = ("pdb.yaml", "PodDisruptionBudget on the pods (the patch labels them `app.kubernetes.io/name: "
             "{name}`): cluster-autoscaler drains a node only when evicting its pods keeps it, as simulated")
@@ -73,6 +76,10 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
               f"`{target.name}` in namespace `{target.namespace}`.", ""]
     lines += ["## Files", "", "| file | what it is |", "|---|---|"]
     files = dict(FILES)
+    keda = auto.keda
+    if keda is not None:  # KEDA creates the HPA and queries Prometheus itself
+        files = {k: v for k, v in files.items() if k not in ("prometheus-adapter.yaml", "hpa.yaml")}
+        files[KEDA_FILE[0]] = KEDA_FILE[1]
     if scenario.batching.mode == "continuous":
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
     if scenario.pods.disruption_budget is not None:
@@ -89,11 +96,13 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     lines += ["", "## Apply", "", "```sh",
               "kubectl apply -f configmap.yaml" + (" -f pdb.yaml" if scenario.pods.disruption_budget else ""),
               f"kubectl -n {target.namespace} patch deployment {target.name} --patch-file deployment-patch.yaml",
-              "# either the HPA, fed by prometheus-adapter (merge the rules into the adapter's own config.yaml",
-              "# if it has some, then restart the adapter):",
-              "kubectl apply -f prometheus-adapter.yaml -f hpa.yaml",
-              "# or KEDA instead (never both: two controllers would fight over the replica count):",
-              "# kubectl apply -f keda-scaledobject.yaml",
+              *(["# KEDA (installed in the cluster) creates the HPA; delete any other HPA on the Deployment",
+                 "kubectl apply -f keda-scaledobject.yaml"] if keda is not None else
+                ["# either the HPA, fed by prometheus-adapter (merge the rules into the adapter's own config.yaml",
+                 "# if it has some, then restart the adapter):",
+                 "kubectl apply -f prometheus-adapter.yaml -f hpa.yaml",
+                 "# or KEDA instead (never both: two controllers would fight over the replica count):",
+                 "# kubectl apply -f keda-scaledobject.yaml"]),
               *(["# the router the plan assumed (what it needs in the cluster: below, under the router)",
                  f"kubectl apply -f {routing_name}"] if routing_name is not None else []),
               "```", ""]
@@ -124,7 +133,14 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
     lines.append(f"| `batching.tensor_parallel_size` (GPUs a pod) | {b.tensor_parallel_size} |")
     for i, m in enumerate(auto.to_hpa().metrics):
         lines.append(f"| HPA metric {i} | `{m.name}`, {m.target_type} {m.target:g} |")
-    lines += [f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |",
+    if auto.keda is not None:
+        k = auto.keda
+        lines += [f"| KEDA `minReplicaCount` / `maxReplicaCount` | {auto.min_replicas} / {auto.max_replicas} |",
+                  f"| KEDA `pollingInterval` / `cooldownPeriod` | {k.polling_interval_s} s / {k.cooldown_period_s} s |"]
+        lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
+    else:
+        lines.append(f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |")
+    lines += [
               f"| session store | {scenario.state.store} |",
               f"| drain timeout / grace period | {drain_timeout_s(scenario):g} s / {termination_grace_s(scenario)} s |"]
     pods = scenario.pods
@@ -185,6 +201,28 @@ def _query(auto: Any, name: str) -> str:
     return f"`{name}` {query} over {window_s:g} s"
 
 
+def _keda_assumptions(auto: Any, target: DeployTarget) -> list[str]:
+    """What a plan simulated with KEDA assumed of the cluster (none without ``autoscaler.keda``)."""
+    if auto.keda is None:
+        return []
+    lines = [f"- KEDA's operator polls the triggers every {auto.keda.polling_interval_s} s and takes the Deployment "
+             f"from zero to {max(auto.min_replicas, 1)} on an active trigger"
+             + (f", and to zero {auto.keda.cooldown_period_s} s after the last poll that found one"
+                if auto.min_replicas == 0 else "")
+             + "; between those the HPA it creates scales as simulated"]
+    if any(m.get("external", {}).get("metric", {}).get("name") == "capsim_gateway_requests_total"
+           for m in auto.metrics):
+        lines.append("- the trigger on `capsim_gateway_requests_total` (every request sent to the Service, answered "
+                     f"or not) runs `{target.gateway_requests('<window>')}`: it must count requests that find no "
+                     "pod (Istio's sidecars report them as 503s); give the query of your gateway's counter with "
+                     "`capsim export --gateway-query`")
+    if auto.min_replicas == 0:
+        lines.append("- at zero pods a request waits for a cold start or fails: the plan assumed clients that "
+                     "retry as simulated (`client` section); KEDA's HTTP add-on, which holds requests instead, "
+                     "was not simulated")
+    return lines
+
+
 def _gpus_per_pod(scenario: Scenario) -> str:
     tp = scenario.batching.tensor_parallel_size
     return "one GPU" if tp == 1 else f"{tp} GPUs on one node (tensor parallel)"
@@ -226,8 +264,11 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              f"`--horizontal-pod-autoscaler-tolerance={auto.tolerance:g}`"
              + ("" if auto.behavior else
                 f", `--horizontal-pod-autoscaler-downscale-stabilization={auto.downscale_window_s:g}s`"),
-             f"- Prometheus scrapes the pods every {auto.scrape_interval_s:g} s; the adapter's answers lag "
-             f"{auto.adapter_lag_s:g} s; its queries: " + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
+             f"- Prometheus scrapes the pods every {auto.scrape_interval_s:g} s; "
+             + ("KEDA's" if auto.keda is not None else "the adapter's")
+             + f" answers lag {auto.adapter_lag_s:g} s; its queries: "
+             + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
+             *_keda_assumptions(auto, target),
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
              f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
              "(the startup probe allows that)"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from string import Template
 from typing import Any
 
 from capsim.model.settings import SettingsError
@@ -12,6 +13,12 @@ from capsim.model.settings import SettingsError
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 #: Longest NAME: object names get suffixes (``-capsim``), and a Deployment's pods ``-<hash>-<5 chars>``.
 MAX_NAME_LEN = 47
+#: The query for the simulator's gateway counter (every attempt sent to the Service, answered or not):
+#: Istio's standard request counter as the clients' sidecars report it, which counts a request to a
+#: Service with no pod (a 503) too. ``$name``, ``$namespace``, ``$service`` (the Service's cluster
+#: name) and ``$window`` are filled in.
+GATEWAY_QUERY = 'sum(rate(istio_requests_total{reporter="source",destination_service="$service"}[$window]))'
+_GATEWAY_KEYS = ("name", "namespace", "service", "window")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +27,9 @@ class DeployTarget:
 
     ``name`` is the Deployment (and its container) the files patch and scale; ``redis_url`` the session
     store the pods use when the scenario's ``state.store`` is ``redis``; ``prometheus_url`` the server
-    KEDA queries; ``adapter_namespace`` where prometheus-adapter runs.
+    KEDA queries; ``adapter_namespace`` where prometheus-adapter runs; ``gateway_query`` the PromQL of the
+    requests sent to the Deployment's Service (:data:`GATEWAY_QUERY`), which a KEDA trigger on the
+    simulated gateway counter runs.
     """
 
     name: str = "capsim-agent"
@@ -30,6 +39,7 @@ class DeployTarget:
     redis_url: str = "redis://redis:6379/0"
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     adapter_namespace: str = "monitoring"
+    gateway_query: str = GATEWAY_QUERY
 
     def __post_init__(self) -> None:
         for field in ("name", "namespace", "adapter_namespace"):
@@ -45,6 +55,19 @@ class DeployTarget:
             raise SettingsError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not self.prometheus_url.startswith(("http://", "https://")):
             raise SettingsError(f"prometheus_url must start with http:// or https://, got {self.prometheus_url!r}")
+        self.gateway_requests("60s")  # a bad placeholder fails here, naming the field
+
+    def gateway_requests(self, window: str) -> str:
+        """``gateway_query`` with its placeholders filled in (``window``: a PromQL duration)."""
+        values = {"name": self.name, "namespace": self.namespace, "window": window,
+                  "service": f"{self.name}.{self.namespace}.svc.cluster.local"}
+        try:
+            return Template(self.gateway_query).substitute(values)
+        except KeyError as exc:
+            raise SettingsError(f"gateway_query: unknown placeholder ${exc.args[0]} (use "
+                                f"{', '.join('$' + k for k in _GATEWAY_KEYS)}), got {self.gateway_query!r}") from None
+        except ValueError as exc:
+            raise SettingsError(f"gateway_query: {exc} (a literal $ is written $$), got {self.gateway_query!r}") from None
 
     @property
     def container_name(self) -> str:

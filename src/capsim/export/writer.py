@@ -66,10 +66,15 @@ def dump_yaml(obj: Mapping[str, Any]) -> str:
                      width=10_000)  # no folded lines: queries stay on one line
 
 
+#: Files a scenario with ``autoscaler.keda`` has no use for: KEDA creates the HPA and queries Prometheus itself.
+NOT_WITH_KEDA = ("hpa.yaml", "prometheus-adapter.yaml")
+
+
 def build_all(scenario: Scenario, target: DeployTarget) -> dict[str, dict[str, Any]]:
-    """Every object of the export by file name."""
-    require_autoscaler(scenario)
-    return {name: build(scenario, target) for name, build in BUILDERS.items()}
+    """Every object of the export by file name (with ``autoscaler.keda``, no HPA and no adapter rules)."""
+    auto = require_autoscaler(scenario)
+    skip = NOT_WITH_KEDA if auto.keda is not None else ()
+    return {name: build(scenario, target) for name, build in BUILDERS.items() if name not in skip}
 
 
 def simulated_numbers(scenario: Scenario, seed: int) -> dict[str, Any]:
