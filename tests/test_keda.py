@@ -231,3 +231,17 @@ def yaml_of(s: Scenario) -> str:
     import yaml
 
     return yaml.safe_dump(s.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def test_simulate_says_when_keda_went_to_zero_and_writes_its_polls(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+
+    path = tmp_path / "keda.yaml"
+    path.write_text(yaml_of(keda(cooldown_period_s=300)))
+    code, out, err = run(["simulate", str(path), "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    (note,) = [line for line in out.splitlines() if line.startswith("note: KEDA")]
+    assert note.startswith("note: KEDA took the Deployment to zero at 631 s and back at 1531 s"), note
+    polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
+    assert polls[0] == "time_s,active,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
+    assert (tmp_path / "run" / "scale_events.csv").read_text().startswith("time_s,from_replicas,to_replicas,by\n")

@@ -359,6 +359,12 @@ def simulate(
                        "eviction until one is")
         elif row.event == "autoscaler_halted":
             typer.echo(f"note: at {row.time_s:g} s cluster-autoscaler halted ({row.detail}): no node added or removed")
+    ev = result.scale_events
+    keda = ev[ev["by"] == "keda"]
+    if len(keda):  # KEDA's step to and from zero: when the first requests after a quiet spell waited
+        down = ", ".join(f"{t:.0f}" for t in keda.loc[keda["to_replicas"] == 0, "time_s"]) or "never"
+        up = ", ".join(f"{t:.0f}" for t in keda.loc[keda["from_replicas"] == 0, "time_s"]) or "never"
+        typer.echo(f"note: KEDA took the Deployment to zero at {down} s and back at {up} s (scale_events.csv, by keda)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.requests.to_csv(out / "requests.csv", index=False)
@@ -370,6 +376,9 @@ def simulate(
             result.placements.to_csv(out / "placements.csv", index=False)
             result.node_events.to_csv(out / "node_events.csv", index=False)
             written += ["nodes.csv", "placements.csv", "node_events.csv"]
+        if sc.autoscaler is not None and sc.autoscaler.keda is not None:  # each poll of KEDA's operator
+            result.keda_polls.to_csv(out / "keda_polls.csv", index=False)
+            written.append("keda_polls.csv")
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")
