@@ -245,3 +245,16 @@ def test_simulate_says_when_keda_went_to_zero_and_writes_its_polls(tmp_path: Any
     polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
     assert polls[0] == "time_s,active,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
     assert (tmp_path / "run" / "scale_events.csv").read_text().startswith("time_s,from_replicas,to_replicas,by\n")
+
+
+def test_the_shipped_scale_to_zero_scenario_and_grid_load_as_keda_plans() -> None:
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    auto = base.autoscaler
+    assert auto is not None and auto.keda is not None and auto.min_replicas == 0
+    assert [m["type"] for m in auto.metrics] == ["External", "External"]
+    settings = expand_grid(load_grid("data/studies/scale_to_zero_grid.yaml"))
+    plans = [base.override(s.changes).autoscaler for s in settings]
+    assert [(p.min_replicas, p.keda.cooldown_period_s) for p in plans if p and p.keda] == [
+        (m, c) for m in (0, 1) for c in (60, 300, 900, 1800)]
