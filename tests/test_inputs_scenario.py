@@ -156,6 +156,16 @@ def test_hpa_intervals_of_a_microsecond_are_refused() -> None:
     assert "autoscaler.scrape_interval_s 1e-06" in msg  # both problems in one message
 
 
+def test_keda_polling_every_second_for_years_is_refused() -> None:
+    gateway = {"type": "External", "external": {"metric": {"name": "capsim_gateway_requests_total"},
+                                                "target": {"type": "AverageValue", "averageValue": "1"}}}
+    hpa = {"minReplicas": 0, "maxReplicas": 4, "metrics": [gateway], "keda": {"polling_interval_s": 1},
+           "sync_period_s": 60, "scrape_interval_s": 60}
+    msg = refused("autoscaler.keda.polling_interval_s 1 makes 2e+06 KEDA polls", horizon_s=2e6, autoscaler=hpa,
+                  workload={"arrivals": {"kind": "poisson", "rate_per_s": 0.1}}, timeseries_interval_s=60)
+    assert "use at least 2 s" in msg
+
+
 def test_a_time_series_over_many_pods_is_refused() -> None:
     hpa = {"minReplicas": 1, "maxReplicas": 1000, "metrics": [QUEUE_METRIC]}
     msg = refused("visit up to 1000 pods", horizon_s=1e7, autoscaler=hpa,

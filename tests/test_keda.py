@@ -258,3 +258,73 @@ def test_the_shipped_scale_to_zero_scenario_and_grid_load_as_keda_plans() -> Non
     plans = [base.override(s.changes).autoscaler for s in settings]
     assert [(p.min_replicas, p.keda.cooldown_period_s) for p in plans if p and p.keda] == [
         (m, c) for m in (0, 1) for c in (60, 300, 900, 1800)]
+
+
+# ---- a gateway that holds requests at zero pods (router.hold_when_no_pod_s) ---------------------------------
+def test_a_gateway_that_holds_requests_at_zero_pods_ends_the_retry_storm() -> None:
+    from capsim.sim import simulate
+
+    # the second burst finds no pod: without a hold every request is refused and retried every 5 s (each a
+    # request to the gateway, which the HPA scales on); held, each waits once for the pod KEDA wakes
+    runs = [simulate(keda(cooldown_period_s=300).override({"router.hold_when_no_pod_s": hold, "client.timeout_s": 300}),
+                     seed=0) for hold in (None, 300)]
+    late = [r.requests[r.requests["arrival_s"].between(1500, 1600)] for r in runs]
+    assert all((q["outcome"] == "ok").all() for q in late)
+    assert late[0]["attempts"].max() > 5 and (late[1]["attempts"] == 1).all()
+    assert runs[0].summary.held_at_gateway == 0 < runs[1].summary.held_at_gateway
+    assert runs[1].summary.retries < runs[0].summary.retries / 100
+    assert runs[1].summary.max_replicas < runs[0].summary.max_replicas  # no storm of retried requests to scale on
+    # the first held request waits for KEDA's next poll, the pod's start (20 s) and its readiness probe
+    held = late[1].sort_values("arrival_s").iloc[0]
+    wake = runs[1].scale_events.query("by == 'keda' and from_replicas == 0")["time_s"].iloc[0]
+    assert wake + 20 <= held["first_token_s"] <= wake + 20 + 10 + 1
+
+
+@pytest.mark.parametrize("router", ["session_affinity", "prefix_aware", "round_robin"])
+def test_every_router_behind_the_gateway_is_held_for(router: str) -> None:
+    from capsim.sim import simulate
+
+    sc = keda(cooldown_period_s=300).override({"router.hold_when_no_pod_s": 300, "client.timeout_s": 300,
+                                               "router.kind": router})
+    late = simulate(sc, seed=0).requests.query("arrival_s >= 1500 and arrival_s < 1600")
+    assert (late["outcome"] == "ok").all() and (late["attempts"] == 1).all()
+
+
+def test_a_hold_shorter_than_the_wake_fails_and_the_client_retries_into_the_next_hold() -> None:
+    from capsim.sim import simulate
+
+    # held 10 s at most: the 503 comes 10 s after each attempt, which the client retries (backoff 5 s)
+    r = simulate(keda(cooldown_period_s=300).override({"router.hold_when_no_pod_s": 10, "client.timeout_s": 300}),
+                 seed=0)
+    late = r.requests[r.requests["arrival_s"].between(1500, 1600)]
+    assert (late["outcome"] == "ok").all() and late["attempts"].max() >= 3
+    first = late.sort_values("arrival_s").iloc[0]
+    # each failed attempt took the hold (10 s) and the backoff (5 s)
+    assert first["start_s"] >= first["arrival_s"] + (first["attempts"] - 1) * 15 - 1e-6
+    # a client timeout under the hold: the client gives up first (timed out), and retries
+    t = simulate(keda(cooldown_period_s=300).override({"router.hold_when_no_pod_s": 300, "client.timeout_s": 8}),
+                 seed=0)
+    late = t.requests[t.requests["arrival_s"].between(1500, 1560)]
+    assert t.summary.held_at_gateway > len(late)
+    assert (late["outcome"] == "ok").all() and late["attempts"].max() >= 3  # 8 s held, 5 s backoff, again
+
+
+def test_requests_still_held_at_the_horizon_are_in_flight() -> None:
+    from capsim.sim import simulate
+    from test_autoscaler_validation import QUEUE_SUM
+
+    # on the pods' own queue KEDA never wakes the Deployment: the second burst waits at the gateway to the end
+    r = simulate(keda(QUEUE_SUM).override({"router.hold_when_no_pod_s": 5000, "client.timeout_s": 5000}), seed=0)
+    late = r.requests[r.requests["arrival_s"] >= 1500]
+    assert len(late) > 1000 and late["outcome"].isna().all()  # no outcome yet
+    assert r.summary.in_flight == len(late) and r.summary.held_at_gateway == len(late)
+
+
+def test_the_export_says_the_plan_assumed_a_gateway_that_holds(tmp_path: Any) -> None:
+    from capsim.export import export_scenario
+
+    export_scenario(keda().override({"router.hold_when_no_pod_s": 120}), tmp_path)
+    readme = (tmp_path / "README.md").read_text()
+    assert "held a request up to 120 s" in readme and "`interceptor.replicas.waitTimeout: 120s`" in readme
+    export_scenario(keda(), tmp_path / "plain")
+    assert "held a request" not in (tmp_path / "plain" / "README.md").read_text()

@@ -174,4 +174,9 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
             if e.max_ejection_s != ENVOY_MAX_EJECTION_S:
                 notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
                              f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
+    if r.hold_when_no_pod_s is not None:  # nothing here writes the gateway that holds requests
+        notes.append(f"the plan's gateway held a request up to {r.hold_when_no_pod_s:g} s while the Service had no "
+                     "ready pod and sent it on when one was: KEDA's HTTP add-on interceptor (Helm "
+                     f"`interceptor.replicas.waitTimeout: {r.hold_when_no_pod_s:g}s`, 20 s by default) or Knative's "
+                     "activator do that; a plain Service refuses such a request at once")
     return notes

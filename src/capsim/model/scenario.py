@@ -516,6 +516,10 @@ class Router(_Section):
         OutlierEjection(), description="least_outstanding and prefix_aware (an Envoy proxy or gateway): eject "
         "a pod after consecutive refused requests, as Envoy's outlier detection; null: never (docs/reliability.md)",
     )
+    hold_when_no_pod_s: Float | None = Field(
+        None, gt=0, description="a gateway that holds a request while the Service has no ready pod, up to this "
+        "long, and sends it on when one is (Knative's activator, KEDA's HTTP add-on interceptor); null: a 503 at "
+        "once, which the client retries")
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ ten-million-request run) and far below what makes a run last hours.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -139,6 +140,13 @@ def check_limits(scenario: Scenario) -> list[str]:
                 f"autoscaler.scrape_interval_s {a.scrape_interval_s:g} makes {w.scrapes:.3g} metric scrapes in "
                 f"horizon_s {h:g}, over the limit of {MAX_SCRAPES:.0e}; use at least {h / MAX_SCRAPES:.3g} s"
             )
+    keda = scenario.autoscaler.keda if scenario.autoscaler is not None else None
+    if keda is not None and h / keda.polling_interval_s > MAX_HPA_SYNCS:
+        problems.append(
+            f"autoscaler.keda.polling_interval_s {keda.polling_interval_s} makes {h / keda.polling_interval_s:.3g} "
+            f"KEDA polls in horizon_s {h:g}, over the limit of {MAX_HPA_SYNCS:.0e}; use at least "
+            f"{math.ceil(h / MAX_HPA_SYNCS)} s (KEDA polls every 30 s)"
+        )
     if scenario.cluster is not None and h / scenario.cluster.scan_interval_s > MAX_HPA_SYNCS:
         problems.append(
             f"cluster.scan_interval_s {scenario.cluster.scan_interval_s:g} makes {h / scenario.cluster.scan_interval_s:.3g} "

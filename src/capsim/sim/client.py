@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -132,6 +133,12 @@ class Client:
         self._holes = 0  # requests sent to a pod on a dead node, their timeout still to come (blackhole)
         self.n_blackholed = 0  # attempts that went to a dead node's pod
         self._seq = 0
+        # router.hold_when_no_pod_s: attempts the gateway holds while the Service has no endpoint, as
+        # (request, time held) in that order, and the time its expiry timer is set for (None: none set)
+        self.hold_s = sc.router.hold_when_no_pod_s or 0.0
+        self.held: deque[tuple[int, float]] = deque()
+        self.n_held = 0  # attempts held at some time
+        self._hold_timer: float | None = None
         self.env.process(self._watch_timeouts())
 
     # ---- the arrival process ----------------------------------------------------------------------
@@ -261,7 +268,11 @@ class Client:
         else:
             pod = sim.router.pick(t)
         if pod is None:
-            if not (self.pod_local and self.session[i // self.turns] == _LOST):
+            if self.pod_local and self.session[i // self.turns] == _LOST:
+                return  # failed with its session
+            if self.hold_s and not sim.cluster.endpoints:
+                self._hold(i, t)  # the gateway holds it until a pod is ready (and sends it then, as now)
+            else:
                 self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
         if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
@@ -306,6 +317,9 @@ class Client:
         """``_send`` without sessions or outages, with ``Pod.enqueue`` inlined: the hot path."""
         pod = self._pick(t)
         if pod is None:
+            if self.hold_s and not self.sim.cluster.endpoints:
+                self._hold(i, t)  # the gateway holds it until a pod is ready
+                return
             self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
             return
         if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
@@ -340,6 +354,40 @@ class Client:
         if picked is not None and picked.state is _READY:  # a refusing pod does not become the home
             self.home[s] = picked.id
         return picked
+
+    # ---- a gateway that holds requests while no pod is ready (router.hold_when_no_pod_s) ----------------
+    def _hold(self, i: int, t: float) -> None:
+        """The Service has no endpoint at ``t``: the gateway holds attempt ``i`` until one joins, the hold's
+        limit (a 503) or the client's timeout, whichever comes first."""
+        self.held.append((i, t))
+        self.n_held += 1
+        if self._hold_timer is None:
+            self._set_hold_timer(t + min(self.hold_s, self.timeout_s))
+
+    def _set_hold_timer(self, at: float) -> None:
+        self._hold_timer = at
+        Timeout(self.env, max(at - self.env.now, 0.0)).callbacks.append(self._hold_expired)
+
+    def _hold_expired(self, _: Timeout) -> None:
+        """The held attempts whose wait is over fail (the gateway's 503, or the client gave up) and retry;
+        held in order, all with the same wait, so they are at the head."""
+        self._hold_timer = None
+        now = self.env.now
+        wait = min(self.hold_s, self.timeout_s)
+        outcome = TIMED_OUT if self.timeout_s <= self.hold_s else FAILED
+        held = self.held
+        while held and held[0][1] + wait <= now + 1e-9:
+            i, t = held.popleft()
+            self._attempt_failed(i, t + wait, outcome, -1)
+        if held:
+            self._set_hold_timer(held[0][1] + wait)
+
+    def release_held(self, now: float) -> None:
+        """A pod joined the Service's endpoints at ``now``: the gateway sends what it held, in order."""
+        held = self.held
+        while held and self.sim.cluster.endpoints:
+            i, _ = held.popleft()
+            self._send(i, now)  # its send time stays the client's: the timeout counts from there
 
     def _attempt_failed(self, i: int, t: float, outcome: int, pod_id: int) -> None:
         """An attempt ended badly at ``t``: retry after backoff, or give up."""
@@ -612,7 +660,7 @@ class Client:
     def in_flight(self) -> int:
         """Requests arrived and not finished: queued, in a running batch, or waiting to retry (orphans of
         requests whose client left are not requests)."""
-        n = self.n_retry_pending + self._holes
+        n = self.n_retry_pending + self._holes + len(self.held)
         n_real = self._n_real
         for pod in self.sim.cluster.pods:
             if self._cancel_queued:

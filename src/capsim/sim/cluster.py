@@ -285,6 +285,8 @@ class Cluster:
             self.endpoints.append(pod)
             self.endpoints.sort(key=lambda p: p.id)
             self.sim.router.touch(pod)
+            if self.sim.client.held:  # a gateway held requests while the Service had no endpoint
+                self.sim.client.release_held(self.sim.env.now)
 
     def _leave_endpoints(self, pod: Pod) -> None:
         pod.routable = False

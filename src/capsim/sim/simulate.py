@@ -9,7 +9,7 @@ frames. The same scenario and seed give identical frames.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,8 @@ class Simulation:
         if self.continuous is not None:
             summary = continuous_results(self.continuous, requests, summary, sc.warmup_s)
         summary = session_results(summary, requests, self.client.book, sc.warmup_s)
+        if self.client.n_held:
+            summary = replace(summary, held_at_gateway=self.client.n_held)
         return SimResult(
             requests=requests,
             timeseries=self.timeseries.frame(),

@@ -86,6 +86,8 @@ class Summary:
     sessions_at_risk: int = 0
     served_local: int = 0
     local_turns_lost: int = 0
+    # router.hold_when_no_pod_s: attempts the gateway held while the Service had no ready pod
+    held_at_gateway: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
