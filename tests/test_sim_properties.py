@@ -104,6 +104,16 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                                                          "capsim_time_to_first_token_seconds"]))},
                 "target": {"type": "AverageValue", "averageValue": draw(st.sampled_from(["500m", "2", "5"]))}}}],
         }
+        if draw(st.booleans()):  # KEDA on the gateway's counter, to zero and back
+            data["autoscaler"].update({
+                "minReplicas": 0, "keda": {"polling_interval_s": draw(st.integers(1, 10)),
+                                           "cooldown_period_s": draw(st.integers(0, 30))},
+                "metrics": [{"type": "External", "external": {
+                    "metric": {"name": "capsim_gateway_requests_total"},
+                    "target": {"type": "AverageValue", "averageValue": draw(st.sampled_from(["1", "5"]))}}}],
+                "queries": {"capsim_gateway_requests_total": {"query": "rate", "window_s": 10}}})
+    # a gateway that holds requests while no pod is ready
+    data["router"]["hold_when_no_pod_s"] = draw(st.one_of(st.none(), st.floats(0.5, 30)))
     return Scenario.model_validate(data)
 
 
