@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 
 from capsim.model.scenario import Scenario
@@ -245,6 +246,10 @@ def test_simulate_says_when_keda_went_to_zero_and_writes_its_polls(tmp_path: Any
     polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
     assert polls[0] == "time_s,active,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
     assert (tmp_path / "run" / "scale_events.csv").read_text().startswith("time_s,from_replicas,to_replicas,by\n")
+    (wake,) = [line for line in out.splitlines() if line.startswith("note: a request at")]
+    assert wake.startswith("note: a request at 1500 s found no pod: keda woke the Deployment 31 s later"), wake
+    assert "its pod was ready 20 s after that; first token 53 s after the request" in wake
+    assert (tmp_path / "run" / "wakes.csv").read_text().startswith("to_zero_s,first_request_s,woke_s,by,")
 
 
 def test_the_shipped_scale_to_zero_scenario_and_grid_load_as_keda_plans() -> None:
@@ -328,3 +333,35 @@ def test_the_export_says_the_plan_assumed_a_gateway_that_holds(tmp_path: Any) ->
     assert "held a request up to 120 s" in readme and "`interceptor.replicas.waitTimeout: 120s`" in readme
     export_scenario(keda(), tmp_path / "plain")
     assert "held a request" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+# ---- where a wake's wait goes (SimResult.wakes) -----------------------------------------------------------
+def test_a_wake_from_zero_is_broken_into_the_controller_the_pod_and_the_first_token() -> None:
+    from capsim.sim import simulate
+    from capsim.sim.wakes import WAKE_COLUMNS
+
+    r = simulate(keda(cooldown_period_s=300), seed=0)
+    (w,) = r.wakes.itertuples()
+    ev = r.scale_events
+    assert w.to_zero_s == ev.loc[(ev["by"] == "keda") & (ev["to_replicas"] == 0), "time_s"].iloc[0]
+    assert 1500 <= w.first_request_s < 1501  # the second burst's first request
+    assert w.woke_s == ev.loc[ev["from_replicas"] == 0, "time_s"].iloc[0] and w.by == "keda"
+    assert np.isnan(w.placed_s)  # no cluster section: no node to wait for
+    assert 20 <= w.ready_s - w.woke_s <= 20 + 10  # pods.startup_s, then the readiness probe (every 10 s)
+    assert w.ready_s <= w.first_token_s and w.waited_s == pytest.approx(w.first_token_s - w.first_request_s)
+    assert list(simulate(bursts(GATEWAY, **{"autoscaler.minReplicas": 1}), seed=0).wakes.columns) == list(WAKE_COLUMNS)
+    assert simulate(bursts(GATEWAY, **{"autoscaler.minReplicas": 1}), seed=0).wakes.empty
+
+
+def test_a_wake_on_gpu_nodes_waits_for_a_node_and_a_model_load() -> None:
+    from capsim.sim import simulate
+
+    sc = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    r = simulate(sc, seed=0)
+    assert len(r.wakes) == 2  # after the silent hour, and in the trickle
+    assert sc.cluster is not None
+    for w in r.wakes.itertuples():
+        assert w.first_request_s <= w.woke_s <= w.first_request_s + 30 + 60  # a poll, the rate's window
+        assert w.placed_s - w.woke_s == pytest.approx(sc.cluster.node_provision_s)  # the node went when empty
+        assert 60 <= w.ready_s - w.placed_s <= 120 + 10  # the model load (60-120 s), the probe
+        assert 300 < w.waited_s < 400

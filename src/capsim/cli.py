@@ -333,6 +333,7 @@ def simulate(
 ) -> None:
     """Simulate a scenario: print the summary; with --out, write the request and time-series frames."""
     import json
+    import math
 
     from capsim.sim import simulate as run_simulation
     from capsim.studies.study_cli import load_scenario, run_seeds
@@ -365,6 +366,17 @@ def simulate(
         down = ", ".join(f"{t:.0f}" for t in keda.loc[keda["to_replicas"] == 0, "time_s"]) or "never"
         up = ", ".join(f"{t:.0f}" for t in keda.loc[keda["from_replicas"] == 0, "time_s"]) or "never"
         typer.echo(f"note: KEDA took the Deployment to zero at {down} s and back at {up} s (scale_events.csv, by keda)")
+    for w in result.wakes.itertuples():  # where a wake's wait went
+        if math.isnan(w.first_request_s):
+            continue
+        typer.echo(f"note: a request at {w.first_request_s:.0f} s found no pod: {w.by} woke the Deployment "
+                   f"{w.woke_s - w.first_request_s:.0f} s later, its pod was on a node after "
+                   f"{w.placed_s - w.woke_s:.0f} s more and ready {w.ready_s - max(w.placed_s, w.woke_s):.0f} s "
+                   f"after that; first token {w.waited_s:.0f} s after the request (wakes.csv)"
+                   if not math.isnan(w.placed_s) else
+                   f"note: a request at {w.first_request_s:.0f} s found no pod: {w.by} woke the Deployment "
+                   f"{w.woke_s - w.first_request_s:.0f} s later, its pod was ready {w.ready_s - w.woke_s:.0f} s "
+                   f"after that; first token {w.waited_s:.0f} s after the request (wakes.csv)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.requests.to_csv(out / "requests.csv", index=False)
@@ -379,6 +391,9 @@ def simulate(
         if sc.autoscaler is not None and sc.autoscaler.keda is not None:  # each poll of KEDA's operator
             result.keda_polls.to_csv(out / "keda_polls.csv", index=False)
             written.append("keda_polls.csv")
+        if len(result.wakes):  # each step from zero pods
+            result.wakes.to_csv(out / "wakes.csv", index=False)
+            written.append("wakes.csv")
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")

@@ -264,6 +264,8 @@ class Cluster:
         """The Ready condition turns true at ``now``; the pod joins the endpoints after the propagation."""
         pod.state = PodState.READY
         pod.ready_s = now
+        if pod.first_ready_s is None:
+            pod.first_ready_s = now
         pod.probe_failing = False
         self._join_later(pod, self._propagation_s if join_after_s is None else join_after_s)
 

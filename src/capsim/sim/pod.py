@@ -84,6 +84,7 @@ class Pod:
         self.lost_ready = False
         self.probe_failing = False
         self.ready_s: float | None = None
+        self.first_ready_s: float | None = None  # its first container's first ready (ready_s: the latest)
         self.queue: deque[int] = deque()
         self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
         self.running: list[Batch] = []

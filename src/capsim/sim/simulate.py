@@ -42,6 +42,7 @@ from capsim.sim.service import make_service
 from capsim.sim.step_time import make_step_time
 from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 from capsim.sim.summary import Summary, session_results, summarize
+from capsim.sim.wakes import wakes
 
 
 class InvariantError(AssertionError):
@@ -67,6 +68,8 @@ class SimResult:
     # DataFrame: time_s, active, replicas, set_replicas (-1: left alone); each poll of KEDA's operator
     # (empty without autoscaler.keda)
     keda_polls: Any = None
+    # DataFrame, capsim.sim.wakes.WAKE_COLUMNS: each step from zero replicas and where its wait went
+    wakes: Any = None
 
 
 class Simulation:
@@ -256,6 +259,7 @@ class Simulation:
                                      columns=["time_s", "event", "zone", "detail"]),
             keda_polls=pd.DataFrame(self.autoscaling.keda_polls if self.autoscaling else [],
                                     columns=["time_s", "active", "replicas", "set_replicas"]),
+            wakes=wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
