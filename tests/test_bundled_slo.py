@@ -17,8 +17,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KNOWN_MISSES = {
     "crash_study": "a 60-s Redis outage (and crashes) fail 0.64% of requests, over max_error_rate 0.1%",
     "chat_sessions": "a 30-s Redis outage fails 0.25% of requests, over max_error_rate 0.1%",
-    "scale_to_zero": "the first requests after a quiet spell wait for a node and a model load: p99 TTFT 269 s "
-                     "against 2 s (one warm pod, --set autoscaler.minReplicas=1, meets it at 0.16 s)",
 }
 SCENARIOS = [pytest.param(p, marks=pytest.mark.xfail(reason=KNOWN_MISSES[p.stem], strict=True))
              if p.stem in KNOWN_MISSES else p for p in sorted((ROOT / "data" / "scenarios").glob("*.yaml"))]

@@ -365,3 +365,49 @@ def test_a_wake_on_gpu_nodes_waits_for_a_node_and_a_model_load() -> None:
         assert w.placed_s - w.woke_s == pytest.approx(sc.cluster.node_provision_s)  # the node went when empty
         assert 60 <= w.ready_s - w.placed_s <= 120 + 10  # the model load (60-120 s), the probe
         assert 300 < w.waited_s < 400
+
+
+# ---- a wake budget in the SLO (slo.max_wake_s) and the tune that uses it ------------------------------------
+def test_a_wake_budget_judges_the_wakes_apart_from_the_warm_requests() -> None:
+    from capsim.sim import simulate
+
+    sc = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    assert sc.slo.max_wake_s == 420
+    s = simulate(sc, seed=0).summary
+    assert s.ttft_p99_s > 200 and s.ttft_p99_warm_s < sc.slo.ttft_p99_s  # the wakes are the tail
+    assert 300 < s.longest_wake_s <= 420 and s.wake_slo_met and s.slo_met
+    tight = simulate(sc.override({"slo.max_wake_s": 300}), seed=0).summary
+    assert not tight.wake_slo_met and not tight.slo_met and tight.longest_wake_s == s.longest_wake_s
+    plain = simulate(sc.override({"slo.max_wake_s": None}), seed=0).summary
+    assert not plain.slo_met and plain.wake_slo_met  # the p99 over all requests judges, as before
+    warm = simulate(sc.override({"autoscaler.minReplicas": 1}), seed=0).summary
+    assert np.isnan(warm.longest_wake_s) and warm.ttft_p99_warm_s == warm.ttft_p99_s and warm.slo_met
+    with pytest.raises(SettingsError, match="slo.max_wake_s"):
+        sc.override({"slo.max_wake_s": 0})
+
+
+def test_tune_judges_a_wake_budget_by_the_warm_p99_and_the_longest_wake() -> None:
+    from capsim.studies.tune import _miss
+
+    s = {"ttft_p99_s": 240.0, "ttft_p99_warm_s": 0.2, "longest_wake_s": 360.0, "error_rate": 0.0,
+         "lost_sessions": 0, "slo_met": True}
+    assert _miss(s, 2.0, 0.001)[0] == "TTFT p99 240 s > SLO 2 s"  # no budget: every request counts
+    assert _miss(s, 2.0, 0.001, 420.0) == ("", 0.0)
+    why, by = _miss(s, 2.0, 0.001, 300.0)
+    assert why == "a wake from zero pods kept a request 360 s > max_wake_s 300 s" and by == pytest.approx(0.2)
+    why, _ = _miss({**s, "ttft_p99_warm_s": 3.0}, 2.0, 0.001, 420.0)
+    assert why == "TTFT p99 outside wakes 3 s > SLO 2 s"
+
+
+def test_the_shipped_space_picks_zero_pods_within_the_budget_and_a_warm_pod_under_a_tight_one(tmp_path: Any) -> None:
+    from capsim.studies.space import load_space
+    from capsim.studies.tune import tune
+
+    space = load_space("data/studies/scale_to_zero_space.yaml")
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    small = {"params": {"autoscaler.minReplicas": {"choices": [0, 1]}}, "stresses": {"quiet-hours": {}}}
+    assert {p.path for p in space.params} >= {"autoscaler.minReplicas", "autoscaler.keda.cooldown_period_s"}
+    loose = tune(base, small, seeds=1, budget=2, executor="serial", cache=tmp_path, progress=False)
+    tight = tune(base.override({"slo.max_wake_s": 300}), small, seeds=1, budget=2, executor="serial",
+                 cache=tmp_path, progress=False)
+    assert loose.best_params == {"autoscaler.minReplicas": 0} and tight.best_params == {"autoscaler.minReplicas": 1}

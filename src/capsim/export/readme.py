@@ -50,7 +50,9 @@ SLO_MISSED = ("The simulated run does not meet the SLO: these settings are not a
 
 #: Summary fields shown, with their labels and units.
 _NUMBERS: tuple[tuple[str, str], ...] = (
-    ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)"), ("e2e_p99_s", "end-to-end p99 (s)"),
+    ("ttft_p50_s", "TTFT p50 (s)"), ("ttft_p99_s", "TTFT p99 (s)"),
+    ("ttft_p99_warm_s", "TTFT p99 of the requests that found a pod (s)"),
+    ("longest_wake_s", "longest first token of a request that came at zero pods (s)"), ("e2e_p99_s", "end-to-end p99 (s)"),
     ("error_rate", "error rate"), ("throughput_per_s", "throughput (requests/s)"),
     ("mean_batch_size", "mean batch size"), ("max_replicas", "most replicas"), ("scale_events", "scale events"),
     ("gpu_hours", "GPU hours held by pods"), ("node_gpu_hours", "GPU hours of the nodes (created to removed)"),
@@ -180,8 +182,10 @@ def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]
     slo = scenario.slo
     lines += [f"capsim {prov.get('capsim_version', '?')}, seed {prov.get('seed', '?')}, "
               f"profile `{prov.get('profile') or scenario.service.kind}`, horizon {scenario.horizon_s:g} s "
-              f"(first {scenario.warmup_s:g} s not measured). SLO: TTFT p99 <= {slo.ttft_p99_s:g} s, "
-              f"error rate <= {slo.max_error_rate:g}.", "", "| metric | simulated |", "|---|---|"]
+              f"(first {scenario.warmup_s:g} s not measured). SLO: TTFT p99 <= {slo.ttft_p99_s:g} s"
+              + (f" for the requests that found a pod, the first token within {slo.max_wake_s:g} s for those that "
+                 "came at zero pods" if slo.max_wake_s is not None else "")
+              + f", error rate <= {slo.max_error_rate:g}.", "", "| metric | simulated |", "|---|---|"]
     for key, label in _NUMBERS:
         if key in summary and not (isinstance(summary[key], float) and math.isnan(summary[key])):
             v = summary[key]

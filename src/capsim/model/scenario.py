@@ -900,6 +900,10 @@ class Client(_Section):
 class Slo(_Section):
     ttft_p99_s: Float = Field(1.0, gt=0)
     max_error_rate: Float = Field(0.001, ge=0, le=1)
+    max_wake_s: Float | None = Field(
+        None, gt=0, description="a plan that scales to zero: the longest a request that came while no pod served "
+        "may wait for its first token (a wake: the controller, a node, a cold start); ttft_p99_s then judges "
+        "the other requests. null: every request counts in ttft_p99_s")
     max_session_failure_rate: Float = Field(
         0.001, ge=0, le=1, description="sessions that failed a request or were lost in a crash, per session"
     )

@@ -42,7 +42,7 @@ from capsim.sim.service import make_service
 from capsim.sim.step_time import make_step_time
 from capsim.sim.streams import BufferedDraws, FactorWalk, Streams
 from capsim.sim.summary import Summary, session_results, summarize
-from capsim.sim.wakes import wakes
+from capsim.sim.wakes import wake_results, wakes
 
 
 class InvariantError(AssertionError):
@@ -245,6 +245,9 @@ class Simulation:
         summary = session_results(summary, requests, self.client.book, sc.warmup_s)
         if self.client.n_held:
             summary = replace(summary, held_at_gateway=self.client.n_held)
+        woke = wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests)
+        if len(woke) or sc.slo.max_wake_s is not None:
+            summary = wake_results(summary, requests, woke, sc.slo, sc.warmup_s)
         return SimResult(
             requests=requests,
             timeseries=self.timeseries.frame(),
@@ -259,7 +262,7 @@ class Simulation:
                                      columns=["time_s", "event", "zone", "detail"]),
             keda_polls=pd.DataFrame(self.autoscaling.keda_polls if self.autoscaling else [],
                                     columns=["time_s", "active", "replicas", "set_replicas"]),
-            wakes=wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests),
+            wakes=woke,
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
