@@ -28,9 +28,10 @@ from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, ru
 from capsim.studies.space import OBJECTIVES, Param, Space, as_quantity, load_space, parse_space, value_at
 from capsim.studies.sweep import is_bundle, seed_list
 
-#: the per-run numbers a trial keeps (the rest of the Summary is in the run cache)
+#: the per-run numbers a trial keeps (the rest of the Summary is in the run cache); with ``slo.max_wake_s``
+#: ``ttft_p99_s`` is the p99 that SLO judges (of the requests that found a pod) and ``longest_wake_s`` the wake
 RUN_COLUMNS = ("ttft_p99_s", "error_rate", "lost_sessions", "abandoned_sessions", "cost", "gpu_hours",
-               "max_replicas", "mean_batch_size", "arrived", "slo_met")
+               "max_replicas", "mean_batch_size", "arrived", "slo_met", "longest_wake_s")
 
 
 @dataclass
@@ -149,7 +150,10 @@ def evaluate(base: Scenario, changes: dict[str, Any], stresses: dict[str, dict[s
             if s is None:
                 runs.append({"stress": name, "seed": seed, **dict.fromkeys(RUN_COLUMNS, math.nan)})
                 return _verdict(runs, "rejected", f"stress {name!r} seed {seed}: run failed: {out['error']}", 2.0)
-            runs.append({"stress": name, "seed": seed, **{k: s[k] for k in RUN_COLUMNS}})
+            row = {k: s.get(k, math.nan) for k in RUN_COLUMNS}
+            if slo.max_wake_s is not None:  # the front and the ranking read the p99 the SLO judges
+                row["ttft_p99_s"] = s.get("ttft_p99_warm_s", math.nan)
+            runs.append({"stress": name, "seed": seed, **row})
             why, violation = _miss(s, slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)
             if why:
                 return _verdict(runs, "rejected", f"stress {name!r} seed {seed}: {why}", violation)
