@@ -369,14 +369,12 @@ def simulate(
     for w in result.wakes.itertuples():  # where a wake's wait went
         if math.isnan(w.first_request_s):
             continue
+        node = "" if math.isnan(w.placed_s) else f"on a node after {w.placed_s - w.woke_s:.0f} s more and "
+        started = w.woke_s if math.isnan(w.placed_s) else max(w.placed_s, w.woke_s)
         typer.echo(f"note: a request at {w.first_request_s:.0f} s found no pod: {w.by} woke the Deployment "
-                   f"{w.woke_s - w.first_request_s:.0f} s later, its pod was on a node after "
-                   f"{w.placed_s - w.woke_s:.0f} s more and ready {w.ready_s - max(w.placed_s, w.woke_s):.0f} s "
-                   f"after that; first token {w.waited_s:.0f} s after the request (wakes.csv)"
-                   if not math.isnan(w.placed_s) else
-                   f"note: a request at {w.first_request_s:.0f} s found no pod: {w.by} woke the Deployment "
-                   f"{w.woke_s - w.first_request_s:.0f} s later, its pod was ready {w.ready_s - w.woke_s:.0f} s "
-                   f"after that; first token {w.waited_s:.0f} s after the request (wakes.csv)")
+                   f"{w.woke_s - w.first_request_s:.0f} s later, its pod was {node}ready "
+                   f"{w.ready_s - started:.0f} s after that; first token {w.waited_s:.0f} s after the request "
+                   "(wakes.csv)")
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         result.requests.to_csv(out / "requests.csv", index=False)

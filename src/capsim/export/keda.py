@@ -26,6 +26,8 @@ from capsim.export.target import DeployTarget
 from capsim.model.scenario import EXTERNAL_METRICS, Scenario
 
 API_VERSION = "keda.sh/v1alpha1"
+#: Files a scenario with ``autoscaler.keda`` has no use for: KEDA creates the HPA and queries Prometheus itself.
+NOT_WITH_KEDA = ("hpa.yaml", "prometheus-adapter.yaml")
 
 
 def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
 from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
@@ -80,7 +81,7 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     files = dict(FILES)
     keda = auto.keda
     if keda is not None:  # KEDA creates the HPA and queries Prometheus itself
-        files = {k: v for k, v in files.items() if k not in ("prometheus-adapter.yaml", "hpa.yaml")}
+        files = {k: v for k, v in files.items() if k not in NOT_WITH_KEDA}
         files[KEDA_FILE[0]] = KEDA_FILE[1]
     if scenario.batching.mode == "continuous":
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
@@ -205,7 +206,7 @@ def _query(auto: Any, name: str) -> str:
     return f"`{name}` {query} over {window_s:g} s"
 
 
-def _keda_assumptions(auto: Any, target: DeployTarget) -> list[str]:
+def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> list[str]:
     """What a plan simulated with KEDA assumed of the cluster (none without ``autoscaler.keda``)."""
     if auto.keda is None:
         return []
@@ -214,16 +215,15 @@ def _keda_assumptions(auto: Any, target: DeployTarget) -> list[str]:
              + (f", and to zero {auto.keda.cooldown_period_s} s after the last poll that found one"
                 if auto.min_replicas == 0 else "")
              + "; between those the HPA it creates scales as simulated"]
-    if any(m.get("external", {}).get("metric", {}).get("name") == "capsim_gateway_requests_total"
-           for m in auto.metrics):
+    if auto.can_wake_from_zero:
         lines.append("- the trigger on `capsim_gateway_requests_total` (every request sent to the Service, answered "
                      f"or not) runs `{target.gateway_requests('<window>')}`: it must count requests that find no "
                      "pod (Istio's sidecars report them as 503s); give the query of your gateway's counter with "
                      "`capsim export --gateway-query`")
-    if auto.min_replicas == 0:
-        lines.append("- at zero pods a request waits for a cold start or fails: the plan assumed clients that "
-                     "retry as simulated (`client` section); KEDA's HTTP add-on, which holds requests instead, "
-                     "was not simulated")
+    if auto.min_replicas == 0 and hold_s is None:
+        lines.append("- at zero pods a request is refused at once: the plan assumed clients that retry as "
+                     "simulated (`client` section), not a gateway that holds requests (KEDA's HTTP add-on "
+                     "interceptor, Knative's activator: `router.hold_when_no_pod_s`)")
     return lines
 
 
@@ -272,7 +272,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              + ("KEDA's" if auto.keda is not None else "the adapter's")
              + f" answers lag {auto.adapter_lag_s:g} s; its queries: "
              + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
-             *_keda_assumptions(auto, target),
+             *_keda_assumptions(auto, target, scenario.router.hold_when_no_pod_s),
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
              f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
              "(the startup probe allows that)"]

@@ -11,7 +11,7 @@ import yaml
 
 from capsim.export.adapter import build_adapter_configmap
 from capsim.export.hpa import build_hpa, require_autoscaler
-from capsim.export.keda import build_scaled_object
+from capsim.export.keda import NOT_WITH_KEDA, build_scaled_object
 from capsim.export.pod import build_configmap, build_deployment_patch, build_pdb
 from capsim.export.readme import render_readme
 from capsim.export.routing import build_routing, routing_file
@@ -64,10 +64,6 @@ def dump_yaml(obj: Mapping[str, Any]) -> str:
     """One Kubernetes object as YAML, keys in the order built."""
     return yaml.dump(dict(obj), Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True,
                      width=10_000)  # no folded lines: queries stay on one line
-
-
-#: Files a scenario with ``autoscaler.keda`` has no use for: KEDA creates the HPA and queries Prometheus itself.
-NOT_WITH_KEDA = ("hpa.yaml", "prometheus-adapter.yaml")
 
 
 def build_all(scenario: Scenario, target: DeployTarget) -> dict[str, dict[str, Any]]:

@@ -642,6 +642,11 @@ class Autoscaler(_Section):
             spec["scaleTargetRef"] = self.scale_target_ref
         return spec
 
+    @property
+    def can_wake_from_zero(self) -> bool:
+        """Whether a metric has a value when no pod runs: the gateway's counter (the pods' own series are 0)."""
+        return any(EXTERNAL_METRICS.get(m.name) == "gateway" for m in self.to_hpa().metrics)
+
     def to_hpa(self) -> Any:
         """A fresh ``capsim.policy.autoscaling.HorizontalPodAutoscaler`` for this spec: with ``keda``, the
         HPA that KEDA creates (``minReplicas`` at least 1; the step to and from zero is KEDA's own)."""

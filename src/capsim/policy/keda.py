@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 from capsim.policy.hpa_types import check_int, check_number
 
-#: KEDA's defaults (``pollingInterval`` and ``cooldownPeriod``, seconds).
-DEFAULT_POLLING_INTERVAL_S = 30.0
+#: KEDA's default ``cooldownPeriod`` (seconds).
 DEFAULT_COOLDOWN_PERIOD_S = 300.0
 
 

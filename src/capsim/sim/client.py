@@ -134,11 +134,11 @@ class Client:
         self.n_blackholed = 0  # attempts that went to a dead node's pod
         self._seq = 0
         # router.hold_when_no_pod_s: attempts the gateway holds while the Service has no endpoint, as
-        # (request, time held) in that order, and the time its expiry timer is set for (None: none set)
+        # (request, time held) in that order, and whether its expiry timer is set
         self.hold_s = sc.router.hold_when_no_pod_s or 0.0
         self.held: deque[tuple[int, float]] = deque()
         self.n_held = 0  # attempts held at some time
-        self._hold_timer: float | None = None
+        self._hold_armed = False
         self.env.process(self._watch_timeouts())
 
     # ---- the arrival process ----------------------------------------------------------------------
@@ -268,12 +268,8 @@ class Client:
         else:
             pod = sim.router.pick(t)
         if pod is None:
-            if self.pod_local and self.session[i // self.turns] == _LOST:
-                return  # failed with its session
-            if self.hold_s and not sim.cluster.endpoints:
-                self._hold(i, t)  # the gateway holds it until a pod is ready (and sends it then, as now)
-            else:
-                self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            if not (self.pod_local and self.session[i // self.turns] == _LOST):  # else failed with its session
+                self._no_pod(i, t)
             return
         if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
             self._not_ready(i, t, pod)
@@ -317,10 +313,7 @@ class Client:
         """``_send`` without sessions or outages, with ``Pod.enqueue`` inlined: the hot path."""
         pod = self._pick(t)
         if pod is None:
-            if self.hold_s and not self.sim.cluster.endpoints:
-                self._hold(i, t)  # the gateway holds it until a pod is ready
-                return
-            self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            self._no_pod(i, t)
             return
         if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
             self._not_ready(i, t, pod)
@@ -356,22 +349,26 @@ class Client:
         return picked
 
     # ---- a gateway that holds requests while no pod is ready (router.hold_when_no_pod_s) ----------------
-    def _hold(self, i: int, t: float) -> None:
-        """The Service has no endpoint at ``t``: the gateway holds attempt ``i`` until one joins, the hold's
-        limit (a 503) or the client's timeout, whichever comes first."""
+    def _no_pod(self, i: int, t: float) -> None:
+        """The router found no pod for attempt ``i`` at ``t``: a 503, or, while the Service has no endpoint at
+        all, a gateway that holds requests holds it until one joins, the hold's limit (a 503) or the client's
+        timeout, whichever comes first (and then sends it, as if sent at ``t``)."""
+        if not (self.hold_s and not self.sim.cluster.endpoints):
+            self._attempt_failed(i, t, FAILED, -1)  # no endpoint: 503
+            return
         self.held.append((i, t))
         self.n_held += 1
-        if self._hold_timer is None:
+        if not self._hold_armed:
             self._set_hold_timer(t + min(self.hold_s, self.timeout_s))
 
     def _set_hold_timer(self, at: float) -> None:
-        self._hold_timer = at
+        self._hold_armed = True
         Timeout(self.env, max(at - self.env.now, 0.0)).callbacks.append(self._hold_expired)
 
     def _hold_expired(self, _: Timeout) -> None:
         """The held attempts whose wait is over fail (the gateway's 503, or the client gave up) and retry;
         held in order, all with the same wait, so they are at the head."""
-        self._hold_timer = None
+        self._hold_armed = False
         now = self.env.now
         wait = min(self.hold_s, self.timeout_s)
         outcome = TIMED_OUT if self.timeout_s <= self.hold_s else FAILED

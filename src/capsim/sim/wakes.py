@@ -32,6 +32,8 @@ WAKE_COLUMNS = ("to_zero_s", "first_request_s", "woke_s", "by", "pod", "placed_s
 def wakes(scale_events: Sequence[tuple[float, int, int, str]], pods: Sequence[Pod],
           placements: Sequence[tuple[float, int, int, int]], requests: pd.DataFrame) -> pd.DataFrame:
     """One row per step from zero replicas (``WAKE_COLUMNS``; NaN or -1 where a part did not happen)."""
+    if not any(before == 0 and after > 0 for _, before, after, _ in scale_events):
+        return pd.DataFrame([], columns=list(WAKE_COLUMNS))  # no wake (most runs): nothing to read
     placed: dict[int, float] = {}
     for t, pod_id, _node, _zone in placements:
         placed.setdefault(pod_id, t)  # its first placement
@@ -49,9 +51,7 @@ def wakes(scale_events: Sequence[tuple[float, int, int, str]], pods: Sequence[Po
         # was ready; the wake's pod: the first created at the step
         pod = next((p for p in pods if p.created_s >= t), None)
         ready = pod.first_ready_s if pod is not None and pod.first_ready_s is not None else math.nan
-        lo = to_zero if not math.isnan(to_zero) else -math.inf
-        hi = ready if not math.isnan(ready) else math.inf
-        came = (arrival > lo) & (arrival <= hi)
+        came = _came(arrival, to_zero, ready)
         first_req = float(arrival[came].min()) if came.any() else math.nan
         tokens = first_token[came]
         tokens = tokens[~np.isnan(tokens)]
@@ -63,14 +63,19 @@ def wakes(scale_events: Sequence[tuple[float, int, int, str]], pods: Sequence[Po
     return pd.DataFrame(rows, columns=list(WAKE_COLUMNS))
 
 
+def _came(arrival: np.ndarray, to_zero_s: float, ready_s: float) -> np.ndarray:
+    """Which requests came during one wake: after the step to zero (NaN: from the start) until the wake's pod
+    was first ready (NaN: to the end, it never was)."""
+    lo = to_zero_s if not math.isnan(to_zero_s) else -math.inf
+    hi = ready_s if not math.isnan(ready_s) else math.inf
+    return (arrival > lo) & (arrival <= hi)
+
+
 def wake_mask(arrival: np.ndarray, frame: pd.DataFrame) -> np.ndarray:
-    """Which requests came while the Deployment was at zero or waking: after a step to zero (or from the
-    start) until the wake's pod was first ready (to the end if it never was)."""
+    """Which requests came while the Deployment was at zero or waking (any row of ``frame``, :func:`wakes`)."""
     mask = np.zeros(len(arrival), dtype=bool)
     for w in frame.itertuples():
-        lo = w.to_zero_s if not math.isnan(w.to_zero_s) else -math.inf
-        hi = w.ready_s if not math.isnan(w.ready_s) else math.inf
-        mask |= (arrival > lo) & (arrival <= hi)
+        mask |= _came(arrival, w.to_zero_s, w.ready_s)
     return mask
 
 

@@ -86,7 +86,7 @@ from pathlib import Path
 from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
-from capsim.model.scenario import EXTERNAL_METRICS, POD_METRIC_ALIASES, Scenario, Tokens
+from capsim.model.scenario import POD_METRIC_ALIASES, Scenario, Tokens
 from capsim.model.scenario_limits import max_pods
 
 Level = Literal["fail", "warn"]
@@ -515,11 +515,9 @@ def _spot(scenario: Scenario) -> list[Finding]:
 
 def _scale_to_zero(scenario: Scenario) -> list[Finding]:
     auto = scenario.autoscaler
-    if auto is None or auto.min_replicas != 0:
+    if auto is None or auto.min_replicas != 0 or auto.can_wake_from_zero:
         return []
     names = [m.name for m in auto.to_hpa().metrics]
-    if any(EXTERNAL_METRICS.get(n) == "gateway" for n in names):
-        return []
     who = "KEDA's triggers" if auto.keda is not None else "the HPA's metrics"
     return [Finding(
         "autoscaler.minReplicas", f"0, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
