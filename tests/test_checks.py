@@ -258,3 +258,40 @@ def test_scale_to_zero_on_the_pods_own_series_cannot_wake() -> None:
     assert not fired(bursts(GATEWAY).override({"autoscaler.keda": {}}))
     assert not fired(bursts(GATEWAY))
     assert not fired(bursts(QUEUE_SUM, **{"autoscaler.minReplicas": 1}))  # just inside: one pod stays
+
+
+def test_keda_without_a_fallback_in_a_long_prometheus_outage_goes_to_zero() -> None:
+    from test_autoscaler_validation import GATEWAY, bursts
+
+    def fired(s: Scenario) -> list[str]:
+        return [f.message for f in run_checks(s) if f.check == "keda-outage-to-zero"]
+
+    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300},
+                                  "faults.metrics_outages": [{"at_s": 600, "duration_s": 900}]})
+    (msg,) = fired(s)  # the simulator shows it: tests/test_metrics_outage.py
+    assert msg.startswith("none, and faults.metrics_outages lasts up to 900 s") and "kedacore/keda#965" in msg
+    assert fired(s.override({"autoscaler.keda.fallback": {"replicas": 0}}))[0].startswith("replicas 0")
+    assert not fired(s.override({"autoscaler.keda.fallback": {"replicas": 2}}))
+    assert not fired(s.override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 300}]}))  # not longer
+    assert not fired(s.override({"autoscaler.minReplicas": 1}))
+    assert not fired(bursts(GATEWAY).override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 900}]}))
+
+
+def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:
+    from test_autoscaler_validation import bursts
+
+    def gateway(target: str) -> dict[str, Any]:
+        return {"type": "External", "external": {"metric": {"name": "capsim_gateway_requests_total"},
+                                                 "target": {"type": "AverageValue", "averageValue": target}}}
+
+    def fired(target: str) -> list[Finding]:
+        s = bursts(gateway(target)).override({"autoscaler.keda": {"fallback": {"replicas": 4}}})
+        return [f for f in run_checks(s) if f.check == "keda-fallback-fractional-target"]
+
+    (f,) = fired("1.5")
+    assert f.path == "autoscaler.keda.fallback.replicas" and f.level == "warn"
+    assert "truncates capsim_gateway_requests_total's target (1.5) to 1" in f.message
+    assert "proposes 3 pods, not 4" in f.message  # ceil(1 x 4 / 1.5)
+    (g,) = fired("500m")
+    assert "proposes 0 pods, not 4" in g.message
+    assert not fired("3") and not fired("2.5")  # ceil(2 x 4 / 2.5) = 4: the same count

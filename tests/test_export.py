@@ -144,6 +144,9 @@ KEDA_SCALED_OBJECT = {
                                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
                                                   "name": {"type": "string"}}},
                 "pollingInterval": _INT32, "cooldownPeriod": _INT32,
+                "fallback": {"type": "object", "required": ["failureThreshold", "replicas"],
+                             "additionalProperties": False,
+                             "properties": {"failureThreshold": _INT32, "replicas": _INT32}},
                 "minReplicaCount": _INT32, "maxReplicaCount": _INT32,
                 "advanced": {"type": "object", "additionalProperties": False, "properties": {
                     "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,

@@ -116,7 +116,7 @@ def test_keda_takes_the_deployment_to_zero_a_cooldown_after_the_last_activity_an
     late = r.requests[r.requests["arrival_s"] >= 1500]
     assert (late["outcome"] == "ok").mean() > 0.99  # the first ones retried until a pod was ready
     polls = r.keda_polls
-    assert list(polls.columns) == ["time_s", "active", "replicas", "set_replicas"]
+    assert list(polls.columns) == ["time_s", "active", "error", "replicas", "set_replicas"]
     gaps = polls["time_s"].diff().dropna()
     assert gaps.between(30 - 1e-6, 30 + 1e-6).all()
     assert not polls.loc[polls["time_s"].between(700, 1490), "active"].any()
@@ -195,6 +195,26 @@ def test_a_keda_plan_exports_the_scaled_object_it_simulated(tmp_path: Any) -> No
     assert "to zero 240 s after the last poll" in readme and "--gateway-query" in readme
 
 
+def test_a_fallback_is_exported_as_simulated_and_its_absence_is_named(tmp_path: Any) -> None:
+    import jsonschema
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from test_export import KEDA_SCALED_OBJECT
+
+    target = DeployTarget(name="agent", namespace="agents")
+    export_scenario(keda(fallback={"failure_threshold": 4, "replicas": 2}), tmp_path / "fb", target)
+    obj = yaml.safe_load((tmp_path / "fb" / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert obj["spec"]["fallback"] == {"failureThreshold": 4, "replicas": 2}
+    readme = (tmp_path / "fb" / "README.md").read_text()
+    assert "| KEDA `fallback` (`failureThreshold` / `replicas`) | 4 / 2 |" in readme
+    assert "KEDA holds 2 pods" in readme
+    export_scenario(keda(), tmp_path / "none", target)
+    assert "fallback" not in yaml.safe_load((tmp_path / "none" / "keda-scaledobject.yaml").read_text())["spec"]
+    assert "no `fallback`: if Prometheus stops answering" in (tmp_path / "none" / "README.md").read_text()
+
+
 def test_a_pod_metric_trigger_runs_the_summed_pod_query_and_a_value_target_stays_value() -> None:
     from capsim.export import DeployTarget, build_all
     from capsim.export.promql import PodQuery
@@ -244,7 +264,7 @@ def test_simulate_says_when_keda_went_to_zero_and_writes_its_polls(tmp_path: Any
     (note,) = [line for line in out.splitlines() if line.startswith("note: KEDA")]
     assert note.startswith("note: KEDA took the Deployment to zero at 631 s and back at 1531 s"), note
     polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
-    assert polls[0] == "time_s,active,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
+    assert polls[0] == "time_s,active,error,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
     assert (tmp_path / "run" / "scale_events.csv").read_text().startswith("time_s,from_replicas,to_replicas,by\n")
     (wake,) = [line for line in out.splitlines() if line.startswith("note: a request at")]
     assert wake.startswith("note: a request at 1500 s found no pod: keda woke the Deployment 31 s later"), wake

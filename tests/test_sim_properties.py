@@ -24,6 +24,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                     for _ in range(draw(st.integers(0, 2)))],
         "redis_outages": [{"at_s": draw(st.floats(0, HORIZON)), "duration_s": draw(st.floats(0.1, 10))}
                           for _ in range(draw(st.integers(0, 1)))],
+        # Prometheus down: the HPA holds, KEDA falls back or goes to zero
+        "metrics_outages": [{"at_s": draw(st.floats(0, HORIZON)), "duration_s": draw(st.floats(1, 40))}
+                            for _ in range(draw(st.integers(0, 1)))],
     }
     if draw(st.booleans()):
         faults["pod_mtbf_s"] = draw(st.floats(20, 200))
@@ -112,6 +115,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                     "metric": {"name": "capsim_gateway_requests_total"},
                     "target": {"type": "AverageValue", "averageValue": draw(st.sampled_from(["1", "5"]))}}}],
                 "queries": {"capsim_gateway_requests_total": {"query": "rate", "window_s": 10}}})
+            if draw(st.booleans()):  # replicas to hold while Prometheus is down (0: none, above max allowed)
+                data["autoscaler"]["keda"]["fallback"] = {"failure_threshold": draw(st.integers(0, 3)),
+                                                          "replicas": draw(st.integers(0, 8))}
     # a gateway that holds requests while no pod is ready
     data["router"]["hold_when_no_pod_s"] = draw(st.one_of(st.none(), st.floats(0.5, 30)))
     return Scenario.model_validate(data)

@@ -10,7 +10,7 @@ A scenario without ``autoscaler.keda`` scales on Pods metrics: the ScaledObject 
 scenario with it was simulated as KEDA runs (``capsim.policy.keda``): each External metric is a trigger
 (a pod metric summed over the Deployment's pods, or the gateway's counter as ``DeployTarget.gateway_query``
 asks Prometheus for it), with its ``metricType`` (``AverageValue`` or ``Value``), ``activationThreshold``,
-``pollingInterval``, ``cooldownPeriod`` and ``minReplicaCount`` (0 scales to zero) as simulated.
+``pollingInterval``, ``cooldownPeriod``, ``minReplicaCount`` (0 scales to zero) and ``fallback`` as simulated.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
@@ -59,6 +59,9 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     }
     if keda is not None:
         spec["cooldownPeriod"] = keda.cooldown_period_s
+        if keda.fallback is not None:  # the replicas held while Prometheus is down, as simulated
+            spec["fallback"] = {"failureThreshold": keda.fallback.failure_threshold,
+                                "replicas": keda.fallback.replicas}
     spec.update({"minReplicaCount": auto.min_replicas, "maxReplicaCount": auto.max_replicas, "triggers": triggers})
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}

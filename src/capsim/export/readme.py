@@ -141,6 +141,9 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines += [f"| KEDA `minReplicaCount` / `maxReplicaCount` | {auto.min_replicas} / {auto.max_replicas} |",
                   f"| KEDA `pollingInterval` / `cooldownPeriod` | {k.polling_interval_s} s / {k.cooldown_period_s} s |"]
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
+        if k.fallback is not None:
+            lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas`) | {k.fallback.failure_threshold} / "
+                         f"{k.fallback.replicas} |")
     else:
         lines.append(f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |")
     lines += [
@@ -220,6 +223,14 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                      f"or not) runs `{target.gateway_requests('<window>')}`: it must count requests that find no "
                      "pod (Istio's sidecars report them as 503s); give the query of your gateway's counter with "
                      "`capsim export --gateway-query`")
+    fb = auto.keda.fallback
+    if fb is not None and fb.replicas:
+        lines.append(f"- while Prometheus answers no query KEDA holds {fb.replicas} pods (`fallback`: its operator at "
+                     f"each poll, the HPA after {fb.failure_threshold} failed reads of a metric)")
+    elif auto.min_replicas == 0:
+        lines.append(f"- no `fallback`: if Prometheus stops answering, KEDA finds no trigger active and takes the "
+                     f"Deployment to zero {auto.keda.cooldown_period_s} s after the last poll that found one, "
+                     "traffic or not (kedacore/keda#965); simulate it with `faults.metrics_outages`")
     if auto.min_replicas == 0 and hold_s is None:
         lines.append("- at zero pods a request is refused at once: the plan assumed clients that retry as "
                      "simulated (`client` section), not a gateway that holds requests (KEDA's HTTP add-on "

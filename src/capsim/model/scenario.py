@@ -538,6 +538,16 @@ class MetricQuery(_Section):
     quantile: Float = Field(0.99, gt=0, lt=1)
 
 
+class KedaFallback(_Section):
+    """KEDA's ``fallback`` (``capsim.policy.keda``): while a trigger's query fails, KEDA's operator sets
+    ``replicas`` at each poll that finds no trigger active, and once more than ``failure_threshold``
+    consecutive reads of a metric by the HPA have failed, KEDA answers the HPA ``replicas`` times the
+    metric's target (an ``AverageValue`` target, truncated to an integer as KEDA does)."""
+
+    failure_threshold: Int = Field(3, ge=0, description="KEDA fallback.failureThreshold")
+    replicas: Int = Field(ge=0, description="KEDA fallback.replicas")
+
+
 class Keda(_Section):
     """KEDA drives the autoscaler (``autoscaler.keda``): a ScaledObject whose triggers are the External metrics.
 
@@ -556,6 +566,9 @@ class Keda(_Section):
     activation: dict[str, Float] = Field(
         default_factory=dict, description="metric name (as in metrics) -> its trigger's activationThreshold "
                                           "(default 0: any value above 0 activates)")
+    fallback: KedaFallback | None = Field(
+        None, description="KEDA fallback: the replicas to hold while the triggers' queries fail (None: none, and "
+                          "a Deployment with minReplicas 0 goes to zero a cooldown into a Prometheus outage)")
 
 
 class Autoscaler(_Section):
@@ -614,6 +627,11 @@ class Autoscaler(_Section):
             for name in self.keda.activation:
                 if name not in names:
                     raise ValueError(f"keda.activation.{name}: no metric of this name in metrics (names: {names})")
+            if self.keda.fallback is not None:
+                for i, m in enumerate(hpa.metrics):
+                    if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)
+                        raise ValueError(f"keda.fallback needs every trigger's metric type AverageValue (KEDA refuses "
+                                         f"a fallback otherwise), but metrics[{i}] ({m.name}) targets a {m.target_type}")
         for name, q in self.queries.items():
             if name not in names:
                 raise ValueError(f"queries.{name}: no metric of this name in metrics (names: {names})")
@@ -836,6 +854,15 @@ class RedisOutage(_Section):
     duration_s: Float = Field(gt=0)
 
 
+class MetricsOutage(_Section):
+    """Prometheus is down from ``at_s`` for ``duration_s``: it scrapes nothing and answers no query, so the
+    HPA's metrics (prometheus-adapter's) fail and KEDA's prometheus triggers return errors
+    (``capsim.sim.hpa``); samples scraped before it stay in its storage."""
+
+    at_s: Float = Field(ge=0)
+    duration_s: Float = Field(gt=0)
+
+
 class Faults(_Section):
     pod_mtbf_s: Float | None = Field(
         None, gt=0, description="mean time between crashes of one running container (starting or ready)"
@@ -848,6 +875,8 @@ class Faults(_Section):
     zone_failures: tuple[ZoneFailure, ...] = ()
     spot_interruptions: tuple[SpotInterruption, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
+    metrics_outages: tuple[MetricsOutage, ...] = Field(
+        (), description="Prometheus down: no scrape, and every query of the HPA's adapter and KEDA's triggers fails")
     #: keys older files hold that still load (with a warning): an override path may name them
     _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
 

@@ -1,5 +1,5 @@
 """Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node and zone failures, spot
-nodes reclaimed, Redis outages.
+nodes reclaimed, Redis outages, Prometheus outages (what they do to the autoscalers: ``capsim.sim.hpa``).
 
 A random crash is drawn per run of a container: when a pod's container starts (a first start or a
 kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
@@ -13,7 +13,7 @@ restart) the cluster's.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -27,8 +27,19 @@ if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
 
+def merged_spans(spans: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(start, end) spans in time order, overlapping ones joined (so a bisect on the starts finds the one)."""
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 class Faults:
-    """Schedules the crashes of a scenario and answers whether Redis is up."""
+    """Schedules the crashes of a scenario and answers whether Redis and Prometheus are up."""
 
     def __init__(self, sim: Simulation) -> None:
         self.sim = sim
@@ -41,10 +52,14 @@ class Faults:
         self._spot_mtbf = spot.mtbf_s if spot is not None else None
         self._spot_gen = sim.streams["spot"]
         self._spot_drawn: set[int] = set()  # nodes whose random interruption is drawn
-        outages = sorted((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
+        outages = merged_spans((o.at_s, o.at_s + o.duration_s) for o in spec.redis_outages) if spec else []
         self._out_start = [a for a, _ in outages]
         self._out_end = [b for _, b in outages]
         self.has_redis_outages = bool(outages) and sim.scenario.state.store == "redis"
+        down = merged_spans((o.at_s, o.at_s + o.duration_s) for o in spec.metrics_outages) if spec else []
+        self._m_start = [a for a, _ in down]
+        self._m_end = [b for _, b in down]
+        self.has_metrics_outages = bool(down)
         self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
         # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
         self.skipped: list[tuple[float, int, str]] = []
@@ -187,6 +202,11 @@ class Faults:
         """Whether Redis is unreachable at time ``t`` (s)."""
         k = bisect.bisect_right(self._out_start, t) - 1
         return k >= 0 and t < self._out_end[k]
+
+    def metrics_down(self, t: float) -> bool:
+        """Whether Prometheus is down at time ``t`` (s): no scrape, no query answered."""
+        k = bisect.bisect_right(self._m_start, t) - 1
+        return k >= 0 and t < self._m_end[k]
 
     def outages(self) -> list[tuple[float, float]]:
         """The Redis outages that pods see, as (start, end) (s), in time order (none without a Redis store)."""

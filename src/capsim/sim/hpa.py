@@ -37,6 +37,15 @@ takes the Deployment to zero and back (the ``HPAScaleToZero`` feature gate).
 KEDA (``autoscaler.keda``): the HPA is the one KEDA creates (``minReplicas`` at least 1), and KEDA's
 operator polls the triggers every ``polling_interval_s`` from its own phase (the ``keda_phase`` stream),
 taking the Deployment to and from zero (``capsim.policy.keda.ScaleExecutor``).
+
+A Prometheus outage (``faults.metrics_outages``): Prometheus scrapes nothing (no sample, no stale marker;
+a pod's busy ratio then spans the time since the last scrape it answered) and answers no query. Every
+metric of the HPA fails, so it holds its count (``HorizontalPodAutoscaler.reconcile``: no usable metric;
+it still moves a count outside [min, max] to the bound). Under KEDA each read goes through KEDA's
+metrics server (``capsim.policy.keda.FallbackHealth``: an error, or past ``fallback.failure_threshold``
+failed reads the fallback's value), and each poll of KEDA's operator is in error with no trigger active
+(``ScaleExecutor.request_scale``: ``fallback.replicas``, or without a fallback the way to zero). After
+the outage a range query has only the samples scraped since (and the older ones still in its window).
 """
 
 from __future__ import annotations
@@ -57,7 +66,7 @@ from capsim.policy.autoscaling import (
     pods_metric_replicas,
     value_metric_replicas,
 )
-from capsim.policy.keda import ScaleExecutor
+from capsim.policy.keda import FallbackHealth, ScaleExecutor
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
 
@@ -113,15 +122,22 @@ class Autoscaling:
             offset = spec.scrape_interval_s * float(sim.streams["hpa_phase"].random())
             Timeout(sim.env, offset).callbacks.append(self._scrape_gateway)
         sim.env.process(self._sync(first_sync))
+        faults = sim.faults
+        self._down = faults.metrics_down if faults.has_metrics_outages else None  # Prometheus down at a time
         self.keda: ScaleExecutor | None = None
-        #: (time, active, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
-        self.keda_polls: list[tuple[float, bool, int, int]] = []
+        self.keda_health: FallbackHealth | None = None  # KEDA's metrics server, as the HPA reads it
+        #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
+        self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
         if spec.keda is not None:
             # a run starts from a Deployment already serving: with pods, as if its triggers were last
             # active at time 0 (else KEDA's first poll, before Prometheus holds two samples of a rate,
             # would find nothing active and take the Deployment to zero at once)
             last = 0.0 if sim.scenario.pods.replicas > 0 else None
-            self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last)
+            fb = spec.keda.fallback
+            self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last,
+                                      fb.replicas if fb is not None else None)
+            self.keda_health = FallbackHealth(fb.failure_threshold if fb is not None else None,
+                                              fb.replicas if fb is not None else 0)
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
@@ -149,7 +165,9 @@ class Autoscaling:
             self._busy_mark.pop(pod.id, None)
             return  # a deleted pod leaves Prometheus's targets
         samples = pod.samples
-        if pod.state in _SERVING:
+        if self._down is not None and self._down(at):
+            pass  # Prometheus is down: no scrape
+        elif pod.state in _SERVING:
             samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
                             pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod),
                             tuple(pod.ttft_buckets) if pod.ttft_buckets is not None else None))
@@ -163,8 +181,9 @@ class Autoscaling:
     def _scrape_gateway(self, ev: Timeout) -> None:
         now = self.sim.env.now
         client = self.sim.client
-        self.gateway_samples.append((now, client.n_arrived + client.n_retries))
-        while self.gateway_samples[0][0] < now - self._keep_s:
+        if self._down is None or not self._down(now):
+            self.gateway_samples.append((now, client.n_arrived + client.n_retries))
+        while self.gateway_samples and self.gateway_samples[0][0] < now - self._keep_s:
             self.gateway_samples.popleft()
         Timeout(self.sim.env, self.spec.scrape_interval_s).callbacks.append(self._scrape_gateway)
 
@@ -240,14 +259,23 @@ class Autoscaling:
             current = cluster.desired
             pods = cluster.live_pods
             proposals: list[int | None] = []
+            down = self._down is not None and self._down(now)  # every query fails
+            health = self.keda_health
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
                 external, target_type = self._external[k]
                 if external:
-                    total = self._external_total(pods, metric, now, query, window_s, quantile)
+                    total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
+                    if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
+                        total = health.read(k, total, down, target if target_type == "AverageValue" else None)
                     if k == 0:
                         self.last_value = math.nan if total is None else total
                     proposals.append(None if total is None else self._external_replicas(
                         pods, current, total, target, target_type == "Value", tol))
+                    continue
+                if down:
+                    if k == 0:
+                        self.last_value = math.nan
+                    proposals.append(None)
                     continue
                 samples = [self._sample(p, metric, now, query, window_s, quantile) for p in pods]
                 if k == 0:
@@ -266,8 +294,9 @@ class Autoscaling:
 
     def _keda_loop(self, first_s: float) -> Generator[Any, Any, None]:
         """KEDA's operator: every ``polling_interval_s`` (from its own phase) it asks each trigger whether it is
-        active (its value above its activation threshold; a query with no value is not) and takes the
-        Deployment to or from zero (``capsim.policy.keda.ScaleExecutor``); the HPA does the rest."""
+        active (its value above its activation threshold; a query with no value is not; a failed one, in a
+        Prometheus outage, is not and puts the poll in error) and takes the Deployment to or from zero, or to
+        its fallback (``capsim.policy.keda.ScaleExecutor``); the HPA does the rest."""
         env = self.sim.env
         cluster = self.sim.cluster
         keda = self.keda
@@ -279,14 +308,17 @@ class Autoscaling:
             self.discover(now)
             pods = cluster.live_pods
             active = False
+            error = self._down is not None and self._down(now)  # every trigger's query fails: none is active
             for (metric, _, query, window_s, quantile), threshold in zip(self.metrics, self._activation, strict=True):
+                if error:
+                    break
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
                 if total is not None and total > threshold:
                     active = True
                     break
             current = cluster.desired
-            new = keda.request_scale(now, current, active)
-            self.keda_polls.append((now, active, current, -1 if new is None else new))
+            new = keda.request_scale(now, current, active, error)
+            self.keda_polls.append((now, active, error, current, -1 if new is None else new))
             if new is not None and new != current:
                 cluster.scale_to(new, now, by="keda")
                 self.discover(now)

@@ -65,7 +65,8 @@ class SimResult:
     # DataFrame: time_s, event, zone (-1: the cluster), detail; what the node lifecycle controller and
     # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts)
     node_events: Any = None
-    # DataFrame: time_s, active, replicas, set_replicas (-1: left alone); each poll of KEDA's operator
+    # DataFrame: time_s, active, error (a Prometheus outage), replicas, set_replicas (-1: left alone); each
+    # poll of KEDA's operator
     # (empty without autoscaler.keda)
     keda_polls: Any = None
     # DataFrame, capsim.sim.wakes.WAKE_COLUMNS: each step from zero replicas and where its wait went
@@ -261,7 +262,7 @@ class Simulation:
             node_events=pd.DataFrame(self.cluster.nodes.lifecycle.log if self.cluster.nodes.lifecycle else [],
                                      columns=["time_s", "event", "zone", "detail"]),
             keda_polls=pd.DataFrame(self.autoscaling.keda_polls if self.autoscaling else [],
-                                    columns=["time_s", "active", "replicas", "set_replicas"]),
+                                    columns=["time_s", "active", "error", "replicas", "set_replicas"]),
             wakes=woke,
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),

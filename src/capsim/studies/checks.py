@@ -61,6 +61,14 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``minReplicaCount``) with no metric that has a value at zero pods: a pod metric summed over the
   Deployment's pods is 0 when there is none, so once at zero it never comes back and every later request
   fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
+* ``keda-outage-to-zero`` (warn): KEDA with ``minReplicas: 0`` and no ``fallback`` (or ``replicas: 0``) in a
+  scenario whose Prometheus outage (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose
+  queries fail finds no trigger active, so KEDA takes a serving Deployment to zero mid-outage
+  (kedacore/keda#965) and nothing wakes it until Prometheus is back.
+* ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number: KEDA's
+  fallback value is ``int(target) x replicas``, so the HPA proposes ``ceil(int(target) x replicas /
+  target)`` pods (none for a target below 1) while KEDA's operator sets ``replicas`` at each poll; fires
+  when the two differ.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -80,6 +88,7 @@ The batch checks (max wait, queue below batch, client timeout, service model) ap
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +144,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
     findings += _scale_to_zero(scenario)
+    findings += _keda_fallback(scenario)
     return findings
 
 
@@ -524,6 +534,36 @@ def _scale_to_zero(scenario: Scenario) -> list[Finding]:
         "when no pod runs: once at zero the Deployment never comes back and every later request fails; add "
         "the gateway's counter (an External metric capsim_gateway_requests_total) or keep a pod",
         check="scale-to-zero-cannot-wake")]
+
+
+def _keda_fallback(scenario: Scenario) -> list[Finding]:
+    """KEDA in a Prometheus outage: a Deployment that goes to zero for want of a fallback, and a fallback whose
+    value KEDA truncates (``capsim.policy.keda``)."""
+    auto = scenario.autoscaler
+    if auto is None or auto.keda is None:
+        return []
+    keda, found = auto.keda, []
+    fb = keda.fallback
+    outages = scenario.faults.metrics_outages if scenario.faults is not None else ()
+    longest = max((o.duration_s for o in outages), default=0.0)
+    if auto.min_replicas == 0 and (fb is None or fb.replicas == 0) and longest > keda.cooldown_period_s:
+        found.append(Finding(
+            "autoscaler.keda.fallback", f"{'none' if fb is None else 'replicas 0'}, and faults.metrics_outages lasts "
+            f"up to {longest:g} s, longer than cooldown_period_s ({keda.cooldown_period_s} s): KEDA finds no trigger "
+            "active while Prometheus is down and takes the Deployment to zero, traffic or not (kedacore/keda#965); "
+            "set fallback.replicas to hold pods, or keep minReplicas above 0", level="warn",
+            check="keda-outage-to-zero"))
+    if fb is not None:
+        for m in auto.to_hpa().metrics:
+            proposal = math.ceil(int(m.target) * fb.replicas / m.target)
+            if proposal != fb.replicas:
+                found.append(Finding(
+                    "autoscaler.keda.fallback.replicas", f"{fb.replicas}, but KEDA truncates {m.name}'s target "
+                    f"({m.target:g}) to {int(m.target)} when it makes the fallback's value, so the HPA it creates "
+                    f"proposes {proposal} pods, not {fb.replicas}, once "
+                    "the fallback is on (its operator still sets the replicas at each poll: the two fight); use a "
+                    "whole-number target", level="warn", check="keda-fallback-fractional-target"))
+    return found
 
 
 def _scale_down_window(scenario: Scenario) -> list[Finding]:

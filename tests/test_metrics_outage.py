@@ -1,0 +1,239 @@
+"""A Prometheus outage (``faults.metrics_outages``): the HPA holds, KEDA goes to zero without a fallback and
+to ``fallback.replicas`` with one (``capsim.policy.keda``, ``capsim.sim.hpa``); the checks are in
+``test_checks.py``, the export in ``test_export.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.policy.keda import FallbackHealth, ScaleExecutor
+from capsim.sim import Simulation, simulate
+from test_autoscaler_validation import GATEWAY, bursts
+
+VALUE_GATEWAY = {"type": "External", "external": {"metric": {"name": "capsim_gateway_requests_total"},
+                                                  "target": {"type": "Value", "value": "1"}}}
+
+
+# ---- the scale executor in error (RequestScale with isError) ------------------------------------------------
+def test_a_poll_in_error_sets_the_fallback_replicas_even_when_they_are_the_count() -> None:
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=3)
+    assert ex.request_scale(30.0, 5, active=False, error=True) == 3
+    assert ex.request_scale(60.0, 3, active=False, error=True) == 3
+    assert ex.request_scale(90.0, 0, active=False, error=True) == 3  # even from zero: doFallbackScaling
+    assert ex.last_active_s == 0.0  # a fallback is no activity
+
+
+def test_an_active_trigger_wins_over_an_error_in_another() -> None:
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, fallback_replicas=3)
+    assert ex.request_scale(30.0, 0, active=True, error=True) == 1
+    assert ex.request_scale(60.0, 2, active=True, error=True) is None and ex.last_active_s == 60.0
+
+
+def test_without_a_fallback_an_error_is_an_idle_deployment_and_goes_to_zero_after_the_cooldown() -> None:
+    # kedacore/keda#965: a Prometheus outage longer than the cooldown scales a serving Deployment to zero
+    for fallback in (None, 0):  # fallback.replicas 0 does not fall back (the executor's != 0)
+        ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=100.0,
+                           fallback_replicas=fallback)
+        assert ex.request_scale(390.0, 4, active=False, error=True) is None  # cooling down
+        assert ex.request_scale(401.0, 4, active=False, error=True) == 0
+    with_min = ScaleExecutor(min_replica_count=2, cooldown_period_s=0)
+    assert with_min.request_scale(10.0, 4, active=False, error=True) is None  # the HPA's business
+
+
+def test_fallback_replicas_must_be_a_count() -> None:
+    with pytest.raises(ValueError, match="fallback_replicas"):
+        ScaleExecutor(fallback_replicas=-1)
+
+
+# ---- KEDA's metrics server (status.health and doFallback) --------------------------------------------------
+def test_the_fallback_answers_only_after_more_than_the_threshold_failures_in_a_row() -> None:
+    h = FallbackHealth(failure_threshold=3, replicas=4)
+    assert [h.read(0, None, True, 5.0) for _ in range(3)] == [None, None, None]  # an error to the HPA
+    assert h.read(0, None, True, 5.0) == 20.0  # the 4th: 5 x 4, so the HPA proposes 4 pods
+    assert h.read(0, 7.5, False, 5.0) == 7.5 and h.failures[0] == 0  # a success resets the count
+    assert h.read(0, None, True, 5.0) is None
+    assert h.read(1, None, True, 5.0) is None and h.failures == {0: 1, 1: 1}  # counted per metric
+    assert h.fallbacks == 1
+
+
+def test_a_zero_threshold_falls_back_at_the_first_failure() -> None:
+    assert FallbackHealth(failure_threshold=0, replicas=2).read(0, None, True, 3.0) == 6.0
+
+
+def test_the_fallback_truncates_the_target_to_an_integer_as_keda_does() -> None:
+    h = FallbackHealth(failure_threshold=0, replicas=4)
+    assert h.read(0, None, True, 2.7) == 8.0  # int64(2.7) x 4
+    assert h.read(0, None, True, 0.5) == 0.0  # a target below 1: the HPA goes to its minimum
+
+
+def test_no_fallback_or_a_value_target_is_always_an_error() -> None:
+    assert FallbackHealth(failure_threshold=None, replicas=0).read(0, None, True, 5.0) is None
+    h = FallbackHealth(failure_threshold=0, replicas=3)
+    assert [h.read(0, None, True, None) for _ in range(5)] == [None] * 5
+    assert h.read(0, None, False, None) is None  # a query with no value stays no value (no failure)
+    assert h.failures[0] == 0
+
+
+# ---- the scenario's fields ---------------------------------------------------------------------------------
+def keda_plan(**keda: Any) -> Scenario:
+    """``bursts`` made steady (1.5 req/s throughout) with KEDA on the gateway's rate."""
+    return bursts(GATEWAY).override({"workload.arrivals.rate_per_s": [[0, 1.5]], "horizon_s": 2400,
+                                     "autoscaler.keda": {"cooldown_period_s": 300, **keda}})
+
+
+def test_a_fallback_needs_average_value_targets_and_names_the_metric() -> None:
+    with pytest.raises(SettingsError, match=r"keda.fallback needs every trigger's metric type AverageValue.*"
+                                            r"metrics\[0\] \(capsim_gateway_requests_total\) targets a Value"):
+        bursts(VALUE_GATEWAY).override({"autoscaler.keda": {"fallback": {"replicas": 2}}})
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.replicas"):
+        keda_plan(fallback={"failure_threshold": 3})
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.failure_threshold"):
+        keda_plan(fallback={"failure_threshold": -1, "replicas": 2})
+
+
+def test_an_outage_needs_a_positive_duration_and_names_it() -> None:
+    with pytest.raises(SettingsError, match=r"faults.metrics_outages.0.duration_s"):
+        keda_plan().override({"faults.metrics_outages": [{"at_s": 10, "duration_s": 0}]})
+
+
+# ---- in the simulator --------------------------------------------------------------------------------------
+OUT = (600.0, 1500.0)  # Prometheus down for 15 minutes
+
+
+def outage(s: Scenario) -> Scenario:
+    return s.override({"faults.metrics_outages": [{"at_s": OUT[0], "duration_s": OUT[1] - OUT[0]}]})
+
+
+def test_without_a_fallback_keda_takes_a_serving_deployment_to_zero_a_cooldown_into_the_outage() -> None:
+    r = simulate(outage(keda_plan()), seed=0)
+    polls = r.keda_polls
+    during = polls[polls["time_s"].between(*OUT, inclusive="left")]
+    assert during["error"].all() and not during["active"].any()
+    assert not polls.loc[~polls["time_s"].between(*OUT, inclusive="left"), "error"].any()
+    ev = r.scale_events
+    down = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+    assert len(down) == 1
+    # the last active poll came at most one polling interval before the outage; zero a cooldown after it
+    assert OUT[0] + 300 - 30 < down["time_s"].iloc[0] <= OUT[0] + 300 + 30
+    ts = r.timeseries.set_index("time_s")
+    assert (ts["ready_replicas"].loc[down["time_s"].iloc[0] + 40:OUT[1]] == 0).all()  # nothing can wake it
+    up = ev[(ev["by"] == "keda") & (ev["from_replicas"] == 0)]
+    # back once Prometheus is: two scrapes of the gateway (15 s apart) for the rate, then the next poll
+    assert OUT[1] < up["time_s"].iloc[0] <= OUT[1] + 15 + 15 + 30
+    lost = r.requests[r.requests["arrival_s"].between(OUT[0] + 400, OUT[1] - 100)]
+    assert len(lost) > 500 and (lost["outcome"] != "ok").all()  # 12 retries 5 s apart cannot reach a pod
+
+
+def test_with_a_fallback_keda_holds_the_fallback_replicas_through_the_outage() -> None:
+    r = simulate(outage(keda_plan(fallback={"failure_threshold": 3, "replicas": 2})), seed=0)
+    ev = r.scale_events
+    assert not ((ev["to_replicas"] == 0) & (ev["time_s"] < OUT[1])).any()
+    polls = r.keda_polls
+    during = polls[polls["time_s"].between(*OUT, inclusive="left")]
+    assert (during["set_replicas"] == 2).all()  # every poll in error sets fallback.replicas
+    first = during["time_s"].iloc[0]
+    assert first < OUT[0] + 30
+    ts = r.timeseries.set_index("time_s")
+    assert (ts["desired_replicas"].loc[first + 10:OUT[1]] == 2).all()  # the HPA's fallback proposal agrees
+    held = r.requests[r.requests["arrival_s"].between(OUT[0] + 400, OUT[1] - 100)]
+    assert (held["outcome"] == "ok").mean() > 0.99
+    # and when Prometheus is back: its first poll (1.5 s after, at this seed's phase) finds the gateway's
+    # rate without two fresh samples, so no trigger is active, none was since before the outage, and the
+    # cooldown has long passed: KEDA takes the Deployment to zero, and wakes it at the next poll
+    after = polls[polls["time_s"] >= OUT[1]]
+    assert after["time_s"].iloc[0] < OUT[1] + 15 and not after["active"].iloc[0] and not after["error"].iloc[0]
+    assert after["set_replicas"].iloc[0] == 0 and after["set_replicas"].iloc[1] == 1
+
+
+def test_the_hpa_reads_the_fallback_after_the_threshold_and_errors_before_it() -> None:
+    sim = Simulation(outage(keda_plan(fallback={"failure_threshold": 3, "replicas": 2})), seed=0)
+    sim.run()
+    auto = sim.autoscaling
+    assert auto is not None and auto.keda_health is not None
+    syncs = [s for s in auto.syncs if OUT[0] <= s[0] < OUT[1]]
+    n = len(syncs)
+    assert n == pytest.approx((OUT[1] - OUT[0]) / 15, abs=1)
+    # the HPA sees the metric (the fallback's value 1 x 2) only from the 4th failed read on
+    assert all(np.isnan(s[3]) for s in syncs[:3]) and all(s[3] == 2.0 for s in syncs[3:])
+    assert auto.keda_health.fallbacks == n - 3
+    after = [s for s in auto.syncs if s[0] >= OUT[1] + 60]
+    assert after and not np.isnan(after[0][3])  # back to the gateway's own rate
+
+
+def rush() -> Scenario:
+    """A plain HPA on requests in flight, facing a rush that starts in the outage."""
+    return Scenario.model_validate({
+        "horizon_s": 1800, "timeseries_interval_s": 10,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, 4], [700, 16]]}},
+        "service": {"kind": "deterministic", "mean_s": 0.4},
+        "batching": {"max_batch_size": 1, "queue_capacity": 1000, "overflow": "wait"},
+        "pods": {"replicas": 2, "startup_s": 20},
+        "autoscaler": {"minReplicas": 2, "maxReplicas": 12, "metrics": [
+            {"type": "Pods", "pods": {"metric": {"name": "capsim_requests_in_flight"},
+                                      "target": {"type": "AverageValue", "averageValue": "1"}}}]},
+        "faults": {"metrics_outages": [{"at_s": 600, "duration_s": 600}]},
+    })
+
+
+def test_the_hpa_holds_its_count_while_prometheus_is_down_and_scales_after() -> None:
+    out = simulate(rush(), seed=0)
+    up = simulate(rush().override({"faults.metrics_outages": []}), seed=0)
+    def ups(r: Any, lo: float, hi: float) -> int:
+        ev = r.scale_events
+        return int(((ev["to_replicas"] > ev["from_replicas"]) & ev["time_s"].between(lo, hi)).sum())
+    assert ups(up, 700, 1200) > 0  # without the outage the rush scales up at once
+    assert ups(out, 600, 1200) == 0 and not out.scale_events["time_s"].between(600, 1200).any()
+    assert ups(out, 1200, 1320) > 0  # and after it, at the first syncs with fresh samples
+    def ttft(r: Any) -> float:
+        req = r.requests[r.requests["arrival_s"].between(900, 1200)]
+        return float((req["first_token_s"] - req["arrival_s"]).median())
+    assert ttft(out) > 10 * ttft(up)  # what holding cost
+
+
+def test_prometheus_scrapes_nothing_while_down() -> None:
+    sc = keda_plan().override({"faults.metrics_outages": [{"at_s": 2200, "duration_s": 200}]})
+    sim = Simulation(sc, seed=0)
+    sim.run()
+    auto = sim.autoscaling
+    assert auto is not None
+    gw = [t for t, _ in auto.gateway_samples]
+    assert gw and max(gw) < 2200  # the samples before it are kept; none after
+    pod_times = [s[0] for p in sim.cluster.pods for s in p.samples]
+    assert pod_times and max(pod_times) < 2200
+
+
+def test_overlapping_outages_are_one() -> None:
+    a = simulate(keda_plan().override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 900},
+                                                                  {"at_s": 700, "duration_s": 100}]}), seed=0)
+    b = simulate(outage(keda_plan()), seed=0)
+    assert a.keda_polls.equals(b.keda_polls) and a.scale_events.equals(b.scale_events)
+
+
+def test_simulate_says_what_the_deployment_did_while_prometheus_was_down(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+    from test_keda import yaml_of
+
+    path = tmp_path / "outage.yaml"
+    path.write_text(yaml_of(outage(keda_plan())))
+    code, out, err = run(["simulate", str(path), "--out", str(tmp_path / "run")])
+    assert code == 0, err
+    (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+    assert note == ("note: Prometheus was down from 600 to 1500 s: KEDA's polls were in error (no fallback) and its "
+                    "HPA read no metric; the Deployment went from 2 to 0 pods meanwhile (scale_events.csv)")
+    polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
+    assert polls[0] == "time_s,active,error,replicas,set_replicas" and any(",True," in p for p in polls[1:])
+    path.write_text(yaml_of(rush()))
+    code, out, err = run(["simulate", str(path)])
+    assert code == 0, err
+    (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+    assert note.startswith("note: Prometheus was down from 600 to 1200 s: the HPA read no metric")
+    assert note.endswith("went from 3 to 3 pods meanwhile (scale_events.csv)")  # it held
+    path.write_text(yaml_of(outage(keda_plan(fallback={"replicas": 2}))))
+    code, out, err = run(["simulate", str(path)])
+    (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+    assert "KEDA's polls were in error and set its fallback, 2 pods; the Deployment went from 2 to 2" in note
