@@ -382,9 +382,16 @@ def test_a_wake_on_gpu_nodes_waits_for_a_node_and_a_model_load() -> None:
     assert sc.cluster is not None
     for w in r.wakes.itertuples():
         assert w.first_request_s <= w.woke_s <= w.first_request_s + 30 + 60  # a poll, the rate's window
-        assert w.placed_s - w.woke_s == pytest.approx(sc.cluster.node_provision_s)  # the node went when empty
         assert 60 <= w.ready_s - w.placed_s <= 120 + 10  # the model load (60-120 s), the probe
-        assert 300 < w.waited_s < 400
+    silent, trickle = r.wakes.itertuples()
+    # after the silent hour the node had gone (empty 10 minutes, cluster-autoscaler's unneeded time): a new one
+    assert silent.placed_s - silent.woke_s == pytest.approx(sc.cluster.node_provision_s)
+    assert 300 < silent.waited_s < 400
+    # in the trickle the wake came within 10 minutes of the step to zero: the node was still there
+    assert trickle.woke_s - trickle.to_zero_s < 600 and trickle.placed_s == trickle.woke_s
+    assert trickle.waited_s < 200
+    (removed,) = r.nodes["removed_s"].dropna()
+    assert removed == pytest.approx(silent.to_zero_s + 600, abs=10)  # empty from the step to zero, 10 minutes
 
 
 # ---- a wake budget in the SLO (slo.max_wake_s) and the tune that uses it ------------------------------------

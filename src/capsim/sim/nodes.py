@@ -17,10 +17,12 @@ pull runs wait for the same pull. Without a ``cluster``
 section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
 
 Scale-down follows cluster-autoscaler (``cluster-autoscaler/FAQ.md``, "How does scale-down work?", and its
-flags; Apache-2.0 (c) The Kubernetes Authors, the rule re-implemented, no code copied): every
-``scan_interval_s`` (``--scan-interval``, 10 s) a ready node whose pods request less than
-``scale_down_utilization_threshold`` of its GPUs (``--scale-down-gpu-utilization-threshold``, 0.5) is
-unneeded; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
+flags; ``core/scaledown/planner/planner.go`` ``categorizeNodes``; Apache-2.0 (c) The Kubernetes Authors, the
+rule re-implemented, no code copied): every ``scan_interval_s`` (``--scan-interval``, 10 s) a ready node whose
+pods request less than ``scale_down_utilization_threshold`` of its GPUs
+(``--scale-down-gpu-utilization-threshold``, 0.5) and that the removal simulation finds removable (empty, or
+its pods fit elsewhere and the PodDisruptionBudget has a disruption left: ``NodePool._removable``) is
+unneeded, its unneeded time kept from scan to scan while it stays so; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
 removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
 10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes and the
 Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it
@@ -383,8 +385,12 @@ class NodePool:
             return
         live = [n for n in self._up if n.ready_s is not None and not n.cordoned
                 and n.failed_s is None]  # a failed node goes by its own timer (fail)
-        for n in live:
-            if n.used / n.gpus < spec.scale_down_utilization_threshold:
+        # the candidates under the threshold, those unneeded at the last scan first (the previous-candidates
+        # sorting processor), so a budget or the room a node takes does not reset a running timer
+        under = [n for n in live if n.used / n.gpus < spec.scale_down_utilization_threshold]
+        removable = self._removable(sorted(under, key=lambda n: n.unneeded_since is None))
+        for n in live:  # unneeded: under the threshold and removable (the planner's categorizeNodes)
+            if n in removable:
                 if n.unneeded_since is None:
                     n.unneeded_since = now
             else:
@@ -424,6 +430,32 @@ class NodePool:
                 n.cordoned = True
                 self._evict(n, now)
                 return
+
+    def _removable(self, candidates: list[Node]) -> set[Node]:
+        """The ``candidates`` (nodes under the utilization threshold) that cluster-autoscaler's removal
+        simulation finds removable, in order, as the planner's ``categorizeNodes`` does: a node is, when
+        empty, or when its pods fit on the nodes not already found removable (under the spreads) and the
+        PodDisruptionBudget has a disruption left after the pods of the nodes found before it
+        (``RemainingPdbTracker.CanRemovePods``; the drain itself still waits until the budget covers all of
+        the node's pods). The others are unremovable (``NoPlaceToMovePods``, ``NotEnoughPdb``) and their
+        unneeded time does not run: a lone node's starts when its last pod leaves."""
+        found: set[Node] = set()
+        evicting = 0
+        for n in candidates:
+            if n.used == 0:
+                found.add(n)
+                continue
+            pods = n.used // self.pod_gpus
+            others = [m for m in self._up if m is not n and m not in found]
+            if self._spreading:
+                new, unplaced = self._new_nodes_for(pods, [self._slot(m) for m in others if m.schedulable])
+                fits = not new and not unplaced
+            else:
+                fits = sum(m.free // self.pod_gpus for m in others) >= pods
+            if fits and self._may_evict(evicting + 1):  # the budget left has a disruption (CanRemovePods)
+                found.add(n)
+                evicting += pods  # RemovePods: what the next candidates have left
+        return found
 
     # ---- a node that dies ---------------------------------------------------------------------------
     def fail(self, node: Node, now: float) -> None:
