@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Generator
 from typing import Any
@@ -167,7 +168,7 @@ def test_a_budget_waits_for_the_pods_to_be_ready_again() -> None:
     assert second[0] - first[0] == 10.0 and least == 1
     removals_b, least_b = runs["one"]
     assert removals_b and least_b == 2
-    assert all(b[0] - a[0] > 10.0 for a, b in zip(removals_b, removals_b[1:], strict=False))
+    assert all(b[0] - a[0] > 10.0 for a, b in itertools.pairwise(removals_b))
 
 
 def test_disruptions_allowed_as_the_disruption_controller_counts_them() -> None:
