@@ -237,3 +237,21 @@ def test_simulate_says_what_the_deployment_did_while_prometheus_was_down(tmp_pat
     code, out, err = run(["simulate", str(path)])
     (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
     assert "KEDA's polls were in error and set its fallback, 2 pods; the Deployment went from 2 to 2" in note
+
+
+def test_the_shipped_outage_space_rejects_scaling_to_zero_without_a_fallback(tmp_path: Any) -> None:
+    from capsim.studies.space import load_space
+    from capsim.studies.tune import tune
+
+    space = load_space("data/studies/scale_to_zero_outage_space.yaml")
+    assert "autoscaler.keda.fallback" in {p.path for p in space.params}
+    assert set(space.stresses) == {"quiet-hours", "prometheus-down"}
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    # the outage in the second working spell; zero pods with and without a fallback of one pod
+    small = {"params": {"autoscaler.keda.fallback": {"choices": [None, {"replicas": 1}]}},
+             "stresses": {"prometheus-down": space.stresses["prometheus-down"]}}
+    r = tune(base, small, seeds=1, budget=2, executor="serial", cache=tmp_path, progress=False)
+    assert r.best_params == {"autoscaler.keda.fallback": {"replicas": 1}}
+    bare = r.trials[r.trials["autoscaler.keda.fallback"].isna()]
+    assert (bare["status"] == "rejected").all() and bare["error_rate"].max() > 0.05
+    assert bare["reason"].str.contains("kept a request 600 s > max_wake_s 420 s").all()

@@ -225,8 +225,9 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                      "`capsim export --gateway-query`")
     fb = auto.keda.fallback
     if fb is not None and fb.replicas:
-        lines.append(f"- while Prometheus answers no query KEDA holds {fb.replicas} pods (`fallback`: its operator at "
-                     f"each poll, the HPA after {fb.failure_threshold} failed reads of a metric)")
+        pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
+        lines.append(f"- while Prometheus answers no query KEDA holds {pods} (`fallback`: its operator at each poll, "
+                     f"the HPA after {fb.failure_threshold} failed reads of a metric)")
     elif auto.min_replicas == 0:
         lines.append(f"- no `fallback`: if Prometheus stops answering, KEDA finds no trigger active and takes the "
                      f"Deployment to zero {auto.keda.cooldown_period_s} s after the last poll that found one, "
