@@ -113,17 +113,18 @@ def test_nodes_are_whole_within_max_gpus() -> None:
 
 
 def test_a_node_is_drained_when_its_pods_fit_elsewhere_by_whole_pods() -> None:
-    # 3 pods: node 0 has two, node 1 one pod, 2 of its 4 GPUs (0.5, under a threshold of 0.6): unneeded from
-    # the first scan (10 s), but its pod fits nowhere else. At 55 s the Deployment goes to 2 and the
-    # ReplicaSet deletes from the crowded node 0, which then has two GPUs free: at 610 s node 1 is due, its
-    # pod (two GPUs, whole) fits on node 0, and it is drained.
+    # 3 pods: node 0 has two, node 1 one pod, 2 of its 4 GPUs (0.5, under a threshold of 0.6), but its pod
+    # fits nowhere else: unremovable, so not unneeded. At 55 s the Deployment goes to 2 and the ReplicaSet
+    # deletes from the crowded node 0: both nodes hold one pod (0.5). The scan of 60 s finds node 0 removable
+    # first (its pod, two GPUs whole, fits on node 1's two free ones) and then node 1 not (node 0 is going):
+    # node 0 is unneeded from 60 s and drained at 660 s, its pod moving to node 1.
     sim = Simulation(idle(**{"cluster.scale_down_utilization_threshold": 0.6}), seed=0)
     at(sim, (55.0, lambda: sim.cluster.scale_to(2, 55.0)))
     ts = sim.run().timeseries.set_index("time_s")
-    assert sim.cluster.nodes.removals == [(610.0, 1)]
-    assert [(n.gpus, n.used) for n in sim.cluster.nodes.nodes] == [(4, 4), (4, 0)]
-    assert ts["ready_replicas"][609] == 2 and ts["ready_replicas"].iloc[-1] == 2
-    assert (ts["node_gpus"][609], ts["node_gpus"].iloc[-1]) == (8, 4) and ts["gpus_held"].iloc[-1] == 4
+    assert sim.cluster.nodes.removals == [(660.0, 0)]
+    assert [(n.gpus, n.used) for n in sim.cluster.nodes.nodes] == [(4, 0), (4, 4)]
+    assert ts["ready_replicas"][659] == 2 and ts["ready_replicas"].iloc[-1] == 2
+    assert (ts["node_gpus"][659], ts["node_gpus"].iloc[-1]) == (8, 4) and ts["gpus_held"].iloc[-1] == 4
     # without the scale-in node 1's pod has nowhere to go: two GPUs are free, but on node 1 itself
     full = Simulation(idle(**{"cluster.scale_down_utilization_threshold": 0.6}), seed=0)
     full.run()
