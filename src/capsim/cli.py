@@ -368,17 +368,19 @@ def simulate(
         up = ", ".join(f"{t:.0f}" for t in keda.loc[keda["from_replicas"] == 0, "time_s"]) or "never"
         typer.echo(f"note: KEDA took the Deployment to zero at {down} s and back at {up} s (scale_events.csv, by keda)")
     metrics_down = merged_spans((o.at_s, o.at_s + o.duration_s) for o in sc.faults.metrics_outages) if sc.faults else []
+    keda_spec = sc.autoscaler.keda if sc.autoscaler is not None else None
+    if keda_spec is None:
+        who = "the HPA read no metric"
+    elif keda_spec.fallback is not None and keda_spec.fallback.replicas:
+        who = f"KEDA's polls were in error and set its fallback, {keda_spec.fallback.replicas} pods"
+    else:
+        who = "KEDA's polls were in error (no fallback) and its HPA read no metric"
+
+    def count_at(t: float) -> int:
+        before = ev[ev["time_s"] <= t]
+        return int(before["to_replicas"].iloc[-1]) if len(before) else sc.pods.replicas
+
     for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
-        def count_at(t: float) -> int:
-            before = ev[ev["time_s"] <= t]
-            return int(before["to_replicas"].iloc[-1]) if len(before) else sc.pods.replicas
-        keda_spec = sc.autoscaler.keda if sc.autoscaler is not None else None
-        if keda_spec is None:
-            who = "the HPA read no metric"
-        elif keda_spec.fallback is not None and keda_spec.fallback.replicas:
-            who = f"KEDA's polls were in error and set its fallback, {keda_spec.fallback.replicas} pods"
-        else:
-            who = "KEDA's polls were in error (no fallback) and its HPA read no metric"
         typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
                    f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
     for w in result.wakes.itertuples():  # where a wake's wait went

@@ -38,6 +38,12 @@ def merged_spans(spans: Iterable[tuple[float, float]]) -> list[tuple[float, floa
     return out
 
 
+def _within(starts: list[float], ends: list[float], t: float) -> bool:
+    """Whether ``t`` falls in one of the merged spans ``[starts[k], ends[k])``."""
+    k = bisect.bisect_right(starts, t) - 1
+    return k >= 0 and t < ends[k]
+
+
 class Faults:
     """Schedules the crashes of a scenario and answers whether Redis and Prometheus are up."""
 
@@ -200,13 +206,11 @@ class Faults:
 
     def redis_down(self, t: float) -> bool:
         """Whether Redis is unreachable at time ``t`` (s)."""
-        k = bisect.bisect_right(self._out_start, t) - 1
-        return k >= 0 and t < self._out_end[k]
+        return _within(self._out_start, self._out_end, t)
 
     def metrics_down(self, t: float) -> bool:
         """Whether Prometheus is down at time ``t`` (s): no scrape, no query answered."""
-        k = bisect.bisect_right(self._m_start, t) - 1
-        return k >= 0 and t < self._m_end[k]
+        return _within(self._m_start, self._m_end, t)
 
     def outages(self) -> list[tuple[float, float]]:
         """The Redis outages that pods see, as (start, end) (s), in time order (none without a Redis store)."""

@@ -309,9 +309,8 @@ class Autoscaling:
             pods = cluster.live_pods
             active = False
             error = self._down is not None and self._down(now)  # every trigger's query fails: none is active
-            for (metric, _, query, window_s, quantile), threshold in zip(self.metrics, self._activation, strict=True):
-                if error:
-                    break
+            triggers = () if error else zip(self.metrics, self._activation, strict=True)
+            for (metric, _, query, window_s, quantile), threshold in triggers:
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
                 if total is not None and total > threshold:
                     active = True

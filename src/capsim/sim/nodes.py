@@ -22,8 +22,8 @@ rule re-implemented, no code copied): every ``scan_interval_s`` (``--scan-interv
 pods request less than ``scale_down_utilization_threshold`` of its GPUs
 (``--scale-down-gpu-utilization-threshold``, 0.5) and that the removal simulation finds removable (empty, or
 its pods fit elsewhere and the PodDisruptionBudget has a disruption left: ``NodePool._removable``) is
-unneeded, its unneeded time kept from scan to scan while it stays so; one unneeded for ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is
-removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
+unneeded, its unneeded time kept from scan to scan while it stays so; one unneeded for
+``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
 10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes and the
 Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it
 is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet replaces them
@@ -417,16 +417,8 @@ class NodePool:
             if n.used == 0:
                 continue
             pods = n.used // self.pod_gpus
-            if self._spreading:  # they must fit the spreads on the nodes that stay
-                stay = [self._slot(m) for m in self._up if m is not n and m.schedulable
-                        and not (m in due and m.used == 0)]
-                new, unplaced = self._new_nodes_for(pods, stay)
-                fits = not new and not unplaced
-            else:
-                room = sum(m.free // self.pod_gpus for m in self._up if m is not n
-                           and not (m in due and m.used == 0))  # pods the other nodes can take
-                fits = room >= pods
-            if fits and self._may_evict(pods):
+            stay = [m for m in self._up if m is not n and not (m in due and m.used == 0)]
+            if self._fit_on(pods, stay) and self._may_evict(pods):
                 n.cordoned = True
                 self._evict(n, now)
                 return
@@ -447,15 +439,17 @@ class NodePool:
                 continue
             pods = n.used // self.pod_gpus
             others = [m for m in self._up if m is not n and m not in found]
-            if self._spreading:
-                new, unplaced = self._new_nodes_for(pods, [self._slot(m) for m in others if m.schedulable])
-                fits = not new and not unplaced
-            else:
-                fits = sum(m.free // self.pod_gpus for m in others) >= pods
-            if fits and self._may_evict(evicting + 1):  # the budget left has a disruption (CanRemovePods)
+            if self._fit_on(pods, others) and self._may_evict(evicting + 1):  # a disruption left (CanRemovePods)
                 found.add(n)
                 evicting += pods  # RemovePods: what the next candidates have left
         return found
+
+    def _fit_on(self, pods: int, nodes: list[Node]) -> bool:
+        """Whether ``pods`` pods fit on ``nodes`` (their free GPUs, under the spreads when there are any)."""
+        if self._spreading:
+            new, unplaced = self._new_nodes_for(pods, [self._slot(m) for m in nodes if m.schedulable])
+            return not new and not unplaced
+        return sum(m.free // self.pod_gpus for m in nodes) >= pods
 
     # ---- a node that dies ---------------------------------------------------------------------------
     def fail(self, node: Node, now: float) -> None:
