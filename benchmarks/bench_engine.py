@@ -39,6 +39,11 @@ async def saturate(engine: ReferenceEngine, batch: int, duration_s: float) -> di
     settings = BatchSettings(max_batch_size=batch, max_wait_ms=5.0, queue_capacity=4 * batch)
     latencies: list[float] = []
     async with DynamicBatcher(timed, settings) as b:
+        # One untimed full batch first: each row runs on a fresh event loop, so on a fresh worker thread, and on
+        # a GPU the first pass of a thread and of a batch shape pays one-off costs (cuBLAS handles, lazily
+        # loaded kernels) of seconds, more than a quick row lasts (on the H200, every quick row measured that).
+        await asyncio.gather(*[b.submit(engine.request(PROMPT, OUTPUT, salt=-1 - k)) for k in range(batch)])
+        busy = 0.0
         stop = time.perf_counter() + duration_s
 
         async def client(k: int) -> None:

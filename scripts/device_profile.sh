@@ -26,15 +26,20 @@ cat "$OUT/environment.txt"
 
 # The profile first: it is what analysts plan with. Then the continuous engine's steps fitted onto it
 # (capsim profile-steps: the step-time model continuous-mode scenarios read), then the engine benchmark
-# (batching speedup, busy share). The timeouts sum to 540 s, inside one device call's 600 s.
-timeout 300 "$PY" -m capsim.cli profile --model "$MODEL" --dtype "$DTYPE" --max-batch-size "$MAXB" \
+# (batching speedup, busy share; each row warms up first) and the cold-shape benchmark (which attention
+# backend pays for a shape's first pass; docs/benchmarks.md). The timeouts sum to 570 s, inside one device
+# call's 600 s; on the H200 in stop 47 the first three took about 150 s. Eight files come back at most:
+# this script leaves eight in $OUT.
+timeout 180 "$PY" -m capsim.cli profile --model "$MODEL" --dtype "$DTYPE" --max-batch-size "$MAXB" \
     --out-dir "$OUT" 2>&1 | grep -v '^profiling' | tail -20
 for prof in "$OUT"/*-"$MODEL"-"$DTYPE".csv; do
     [ -e "$prof" ] || continue
     timeout 120 "$PY" -m capsim.cli profile-steps "$prof" --model "$MODEL" --dtype "$DTYPE" \
         --out "${prof%.csv}-steps.csv" 2>&1 | tail -5 | tee "$OUT/profile_steps.txt"
 done
-timeout 120 "$PY" benchmarks/bench_engine.py --model "$MODEL" --dtype "$DTYPE" --quick 2>&1 | tail -15 \
+timeout 120 "$PY" benchmarks/bench_engine.py --model "$MODEL" --dtype "$DTYPE" 2>&1 | tail -15 \
     | tee "$OUT/bench_engine.txt"
+timeout 150 "$PY" benchmarks/bench_engine_cold.py --quick --model "$MODEL" --dtype "$DTYPE" 2>&1 | tail -20 \
+    | tee "$OUT/bench_engine_cold.txt"
 cp benchmarks/results/engine-*.json "$OUT/" 2>/dev/null || true
 ls -la "$OUT"
