@@ -266,7 +266,7 @@ def test_keda_without_a_fallback_in_a_long_prometheus_outage_goes_to_zero() -> N
     def fired(s: Scenario) -> list[str]:
         return [f.message for f in run_checks(s) if f.check == "keda-outage-to-zero"]
 
-    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300},
+    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300, "release": "2.16"},
                                   "faults.metrics_outages": [{"at_s": 600, "duration_s": 900}]})
     (msg,) = fired(s)  # the simulator shows it: tests/test_metrics_outage.py
     assert msg.startswith("none, and faults.metrics_outages lasts up to 900 s") and "kedacore/keda#965" in msg
@@ -275,6 +275,25 @@ def test_keda_without_a_fallback_in_a_long_prometheus_outage_goes_to_zero() -> N
     assert not fired(s.override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 300}]}))  # not longer
     assert not fired(s.override({"autoscaler.minReplicas": 1}))
     assert not fired(bursts(GATEWAY).override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 900}]}))
+    assert not fired(s.override({"autoscaler.keda.release": "2.17"}))  # 2.17 changes nothing in error
+
+
+def test_keda_2_17_at_zero_in_a_prometheus_outage_stays_at_zero() -> None:
+    from test_autoscaler_validation import GATEWAY, bursts
+
+    def fired(s: Scenario) -> list[Finding]:
+        return [f for f in run_checks(s) if f.check == "keda-outage-at-zero"]
+
+    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300},
+                                  "faults.metrics_outages": [{"at_s": 1000, "duration_s": 800}]})
+    (f,) = fired(s)  # the simulator shows it: tests/test_metrics_outage.py
+    assert f.path == "autoscaler.minReplicas" and f.level == "warn"
+    assert "stays there until Prometheus answers again, a fallback or not" in f.message
+    assert "kedacore/keda#7239" in f.message
+    assert "its fallback or not" in fired(s.override({"autoscaler.keda.fallback": {"replicas": 2}}))[0].message
+    assert not fired(s.override({"autoscaler.minReplicas": 1}))
+    assert not fired(s.override({"autoscaler.keda.release": "2.16"}))
+    assert not fired(s.override({"faults.metrics_outages": []}))
 
 
 def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:

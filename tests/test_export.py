@@ -146,7 +146,10 @@ KEDA_SCALED_OBJECT = {
                 "pollingInterval": _INT32, "cooldownPeriod": _INT32,
                 "fallback": {"type": "object", "required": ["failureThreshold", "replicas"],
                              "additionalProperties": False,
-                             "properties": {"failureThreshold": _INT32, "replicas": _INT32}},
+                             "properties": {"failureThreshold": _INT32, "replicas": _INT32,
+                                            "behavior": {"enum": ["static", "currentReplicas",
+                                                                  "currentReplicasIfHigher",
+                                                                  "currentReplicasIfLower"]}}},
                 "minReplicaCount": _INT32, "maxReplicaCount": _INT32,
                 "advanced": {"type": "object", "additionalProperties": False, "properties": {
                     "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,

@@ -208,9 +208,18 @@ def test_a_fallback_is_exported_as_simulated_and_its_absence_is_named(tmp_path: 
     jsonschema.validate(obj, KEDA_SCALED_OBJECT)
     assert obj["spec"]["fallback"] == {"failureThreshold": 4, "replicas": 2}
     readme = (tmp_path / "fb" / "README.md").read_text()
-    assert "| KEDA `fallback` (`failureThreshold` / `replicas`) | 4 / 2 |" in readme
-    assert "KEDA holds 2 pods" in readme
-    export_scenario(keda(), tmp_path / "none", target)
+    assert "| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | 4 / 2 / static |" in readme
+    assert "| KEDA release simulated | 2.17 and later |" in readme
+    assert "the HPA that KEDA creates goes to 2 pods after 4 failed reads" in readme
+    assert "stays at zero until it answers again, fallback or not" in readme  # kedacore/keda#7239
+    export_scenario(keda(fallback={"replicas": 3, "behavior": "currentReplicasIfHigher"}), tmp_path / "hi", target)
+    obj = yaml.safe_load((tmp_path / "hi" / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert obj["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 3, "behavior": "currentReplicasIfHigher"}
+    assert "goes to `currentReplicasIfHigher` of 3 pods" in (tmp_path / "hi" / "README.md").read_text()
+    export_scenario(keda(release="2.16", fallback={"failure_threshold": 4, "replicas": 2}), tmp_path / "old", target)
+    assert "KEDA holds 2 pods" in (tmp_path / "old" / "README.md").read_text()
+    export_scenario(keda(release="2.16"), tmp_path / "none", target)
     assert "fallback" not in yaml.safe_load((tmp_path / "none" / "keda-scaledobject.yaml").read_text())["spec"]
     assert "no `fallback`: if Prometheus stops answering" in (tmp_path / "none" / "README.md").read_text()
 

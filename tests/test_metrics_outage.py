@@ -1,6 +1,7 @@
-"""A Prometheus outage (``faults.metrics_outages``): the HPA holds, KEDA goes to zero without a fallback and
-to ``fallback.replicas`` with one (``capsim.policy.keda``, ``capsim.sim.hpa``); the checks are in
-``test_checks.py``, the export in ``test_export.py``."""
+"""A Prometheus outage (``faults.metrics_outages``): the HPA holds; KEDA 2.17 and later change nothing and let
+the HPA apply the fallback (by its ``behavior``), and a Deployment at zero stays there; KEDA 2.16 goes to zero
+without a fallback and to ``fallback.replicas`` with one (``capsim.policy.keda``, ``capsim.sim.hpa``); the
+checks are in ``test_checks.py``, the export in ``test_export.py``."""
 
 from __future__ import annotations
 
@@ -20,8 +21,31 @@ VALUE_GATEWAY = {"type": "External", "external": {"metric": {"name": "capsim_gat
 
 
 # ---- the scale executor in error (RequestScale with isError) ------------------------------------------------
+def test_from_2_17_a_poll_in_error_changes_nothing_fallback_or_not() -> None:
+    for fallback in (None, 0, 3):
+        ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=fallback)
+        assert ex.release == "2.17"  # the default
+        assert [ex.request_scale(t, n, active=False, error=True) for t, n in ((30.0, 5), (400.0, 5), (900.0, 0))] \
+            == [None, None, None]  # no fallback set, no step to zero past the cooldown, no wake from zero
+        assert ex.last_active_s == 0.0
+        assert ex.request_scale(930.0, 5, active=False, error=False) == 0  # the idle rule, once it answers
+    ex = ScaleExecutor(min_replica_count=2, cooldown_period_s=0)
+    assert ex.request_scale(10.0, 1, active=False, error=True) is None  # not even up to minReplicaCount
+    partial = ScaleExecutor(min_replica_count=0)
+    assert partial.request_scale(10.0, 0, active=True, error=True) == 1 and partial.last_active_s == 10.0
+    # some triggers active, another failing: 2.17 sets the Ready condition Unknown and notes no activity
+    assert partial.request_scale(40.0, 1, active=True, error=True) is None and partial.last_active_s == 10.0
+    assert partial.request_scale(70.0, 1, active=True, error=False) is None and partial.last_active_s == 70.0
+
+
+def test_a_release_is_one_keda_has() -> None:
+    with pytest.raises(ValueError, match=r"release must be one of 2.17, 2.16, got '2.15'"):
+        ScaleExecutor(release="2.15")  # type: ignore[arg-type]
+
+
 def test_a_poll_in_error_sets_the_fallback_replicas_even_when_they_are_the_count() -> None:
-    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=3)
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=3,
+                       release="2.16")
     assert ex.request_scale(30.0, 5, active=False, error=True) == 3
     assert ex.request_scale(60.0, 3, active=False, error=True) == 3
     assert ex.request_scale(90.0, 0, active=False, error=True) == 3  # even from zero: doFallbackScaling
@@ -29,19 +53,19 @@ def test_a_poll_in_error_sets_the_fallback_replicas_even_when_they_are_the_count
 
 
 def test_an_active_trigger_wins_over_an_error_in_another() -> None:
-    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, fallback_replicas=3)
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, fallback_replicas=3, release="2.16")
     assert ex.request_scale(30.0, 0, active=True, error=True) == 1
     assert ex.request_scale(60.0, 2, active=True, error=True) is None and ex.last_active_s == 60.0
 
 
-def test_without_a_fallback_an_error_is_an_idle_deployment_and_goes_to_zero_after_the_cooldown() -> None:
+def test_in_2_16_without_a_fallback_an_error_is_an_idle_deployment_and_goes_to_zero_after_the_cooldown() -> None:
     # kedacore/keda#965: a Prometheus outage longer than the cooldown scales a serving Deployment to zero
     for fallback in (None, 0):  # fallback.replicas 0 does not fall back (the executor's != 0)
         ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=100.0,
-                           fallback_replicas=fallback)
+                           fallback_replicas=fallback, release="2.16")
         assert ex.request_scale(390.0, 4, active=False, error=True) is None  # cooling down
         assert ex.request_scale(401.0, 4, active=False, error=True) == 0
-    with_min = ScaleExecutor(min_replica_count=2, cooldown_period_s=0)
+    with_min = ScaleExecutor(min_replica_count=2, cooldown_period_s=0, release="2.16")
     assert with_min.request_scale(10.0, 4, active=False, error=True) is None  # the HPA's business
 
 
@@ -71,6 +95,25 @@ def test_the_fallback_truncates_the_target_to_an_integer_as_keda_does() -> None:
     assert h.read(0, None, True, 0.5) == 0.0  # a target below 1: the HPA goes to its minimum
 
 
+@pytest.mark.parametrize(("behavior", "current", "proposed"), [
+    ("static", 7, 4), ("static", 1, 4),
+    ("currentReplicas", 7, 7), ("currentReplicas", 1, 1), ("currentReplicas", 0, 0),
+    ("currentReplicasIfHigher", 7, 7), ("currentReplicasIfHigher", 1, 4), ("currentReplicasIfHigher", 4, 4),
+    ("currentReplicasIfLower", 7, 4), ("currentReplicasIfLower", 1, 1), ("currentReplicasIfLower", 4, 4),
+])
+def test_the_fallback_behavior_picks_the_count_from_the_deployment_and_the_replicas(
+        behavior: Any, current: int, proposed: int) -> None:
+    # kedacore/keda pkg/fallback/fallback.go doFallback, 2.17 on; the value is the target times the count
+    h = FallbackHealth(failure_threshold=0, replicas=4, behavior=behavior)
+    assert h.fallback_replicas(current) == proposed
+    assert h.read(0, None, True, 5.0, current_replicas=current) == 5.0 * proposed
+
+
+def test_a_fallback_behavior_is_one_keda_has() -> None:
+    with pytest.raises(ValueError, match=r"behavior must be one of static, currentReplicas"):
+        FallbackHealth(failure_threshold=0, replicas=4, behavior="max")  # type: ignore[arg-type]
+
+
 def test_no_fallback_or_a_value_target_is_always_an_error() -> None:
     assert FallbackHealth(failure_threshold=None, replicas=0).read(0, None, True, 5.0) is None
     h = FallbackHealth(failure_threshold=0, replicas=3)
@@ -96,6 +139,16 @@ def test_a_fallback_needs_average_value_targets_and_names_the_metric() -> None:
         keda_plan(fallback={"failure_threshold": -1, "replicas": 2})
 
 
+def test_a_fallback_behavior_needs_release_2_17_and_says_so() -> None:
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.*fallback.behavior 'currentReplicas' needs release 2.17"):
+        keda_plan(release="2.16", fallback={"replicas": 2, "behavior": "currentReplicas"})
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.behavior"):
+        keda_plan(fallback={"replicas": 2, "behavior": "currentReplica"})
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.release"):
+        keda_plan(release="2.15")
+    assert keda_plan(release="2.16", fallback={"replicas": 2, "behavior": "static"}).autoscaler is not None
+
+
 def test_an_outage_needs_a_positive_duration_and_names_it() -> None:
     with pytest.raises(SettingsError, match=r"faults.metrics_outages.0.duration_s"):
         keda_plan().override({"faults.metrics_outages": [{"at_s": 10, "duration_s": 0}]})
@@ -109,8 +162,59 @@ def outage(s: Scenario) -> Scenario:
     return s.override({"faults.metrics_outages": [{"at_s": OUT[0], "duration_s": OUT[1] - OUT[0]}]})
 
 
-def test_without_a_fallback_keda_takes_a_serving_deployment_to_zero_a_cooldown_into_the_outage() -> None:
+def test_2_17_without_a_fallback_a_serving_deployment_keeps_its_pods_through_the_outage() -> None:
     r = simulate(outage(keda_plan()), seed=0)
+    polls = r.keda_polls
+    during = polls[polls["time_s"].between(*OUT, inclusive="left")]
+    assert len(during) >= 29 and during["error"].all() and (during["set_replicas"] == -1).all()
+    ev = r.scale_events
+    assert not ev["time_s"].between(*OUT).any()  # neither KEDA nor the HPA (it read no metric) moved it
+    ts = r.timeseries.set_index("time_s")
+    assert (ts["ready_replicas"].loc[OUT[0]:OUT[1]] == 2).all()
+    held = r.requests[r.requests["arrival_s"].between(*OUT)]
+    assert len(held) > 1000 and (held["outcome"] == "ok").all()
+
+
+def test_2_17_a_fallback_acts_through_the_hpa_by_its_behavior() -> None:
+    def during(fallback: dict[str, Any]) -> Any:
+        r = simulate(outage(keda_plan(fallback={"failure_threshold": 3, **fallback})), seed=0)
+        polls = r.keda_polls
+        assert (polls.loc[polls["time_s"].between(*OUT, inclusive="left"), "set_replicas"] == -1).all()
+        return r.timeseries.set_index("time_s")["desired_replicas"].loc[OUT[0]:OUT[1]]
+
+    up = during({"replicas": 4})  # 2 pods serve: the HPA scales to 4 once its 4th read has failed
+    assert up.iloc[0] == 2 and (up.loc[OUT[0] + 4 * 15 + 15:] == 4).all()
+    down = during({"replicas": 1})  # and down to 1, after its 60 s scale-down window
+    assert (down.loc[OUT[0] + 4 * 15 + 60 + 15:] == 1).all()
+    kept = during({"replicas": 1, "behavior": "currentReplicasIfHigher"})  # the 2 it has are more than 1
+    assert (kept == 2).all()
+    lower = during({"replicas": 4, "behavior": "currentReplicasIfLower"})  # the 2 it has are fewer than 4
+    assert (lower == 2).all()
+
+
+def test_2_17_a_deployment_at_zero_stays_at_zero_through_the_outage_fallback_or_not() -> None:
+    # bursts: at zero from about 700 s, the second burst at 1500 s; Prometheus down from 1000 to 1800 s
+    def run(**keda: Any) -> Any:
+        return simulate(bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300, **keda},
+                                                  "faults.metrics_outages": [{"at_s": 1000, "duration_s": 800}]}),
+                        seed=0)
+
+    for r in (run(), run(fallback={"replicas": 2})):  # kedacore/keda#7239
+        ts = r.timeseries.set_index("time_s")
+        assert (ts["ready_replicas"].loc[800:1800] == 0).all()
+        woke = r.scale_events[(r.scale_events["from_replicas"] == 0) & (r.scale_events["time_s"] > 1000)]
+        assert 1800 < woke["time_s"].iloc[0] <= 1800 + 15 + 15 + 30  # two fresh scrapes for the rate, a poll
+        early = r.requests[r.requests["arrival_s"].between(1500, 1700)]
+        assert len(early) > 300 and (early["outcome"] != "ok").mean() > 0.5  # 12 retries 5 s apart: 60 s
+    old = run(release="2.16", fallback={"replicas": 2})  # the 2.16 operator sets the fallback at once, from zero
+    woke = old.scale_events[(old.scale_events["from_replicas"] == 0) & (old.scale_events["time_s"] > 1000)]
+    assert woke["time_s"].iloc[0] <= 1000 + 30 and woke["to_replicas"].iloc[0] == 2
+    late = old.requests[old.requests["arrival_s"].between(1500, 1700)]
+    assert (late["outcome"] == "ok").all()
+
+
+def test_2_16_without_a_fallback_takes_a_serving_deployment_to_zero_a_cooldown_into_the_outage() -> None:
+    r = simulate(outage(keda_plan(release="2.16")), seed=0)
     polls = r.keda_polls
     during = polls[polls["time_s"].between(*OUT, inclusive="left")]
     assert during["error"].all() and not during["active"].any()
@@ -129,8 +233,8 @@ def test_without_a_fallback_keda_takes_a_serving_deployment_to_zero_a_cooldown_i
     assert len(lost) > 500 and (lost["outcome"] != "ok").all()  # 12 retries 5 s apart cannot reach a pod
 
 
-def test_with_a_fallback_keda_holds_the_fallback_replicas_through_the_outage() -> None:
-    r = simulate(outage(keda_plan(fallback={"failure_threshold": 3, "replicas": 2})), seed=0)
+def test_2_16_with_a_fallback_holds_the_fallback_replicas_through_the_outage() -> None:
+    r = simulate(outage(keda_plan(release="2.16", fallback={"failure_threshold": 3, "replicas": 2})), seed=0)
     ev = r.scale_events
     assert not ((ev["to_replicas"] == 0) & (ev["time_s"] < OUT[1])).any()
     polls = r.keda_polls
@@ -219,12 +323,13 @@ def test_simulate_says_what_the_deployment_did_while_prometheus_was_down(tmp_pat
     from test_keda import yaml_of
 
     path = tmp_path / "outage.yaml"
-    path.write_text(yaml_of(outage(keda_plan())))
+    path.write_text(yaml_of(outage(keda_plan(release="2.16"))))
     code, out, err = run(["simulate", str(path), "--out", str(tmp_path / "run")])
     assert code == 0, err
     (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
-    assert note == ("note: Prometheus was down from 600 to 1500 s: KEDA's polls were in error (no fallback) and its "
-                    "HPA read no metric; the Deployment went from 2 to 0 pods meanwhile (scale_events.csv)")
+    assert note == ("note: Prometheus was down from 600 to 1500 s: KEDA's polls (release 2.16) were in error (no "
+                    "fallback) and its HPA read no metric; the Deployment went from 2 to 0 pods meanwhile "
+                    "(scale_events.csv)")
     polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
     assert polls[0] == "time_s,active,error,replicas,set_replicas" and any(",True," in p for p in polls[1:])
     path.write_text(yaml_of(rush()))
@@ -233,25 +338,40 @@ def test_simulate_says_what_the_deployment_did_while_prometheus_was_down(tmp_pat
     (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
     assert note.startswith("note: Prometheus was down from 600 to 1200 s: the HPA read no metric")
     assert note.endswith("went from 3 to 3 pods meanwhile (scale_events.csv)")  # it held
-    path.write_text(yaml_of(outage(keda_plan(fallback={"replicas": 2}))))
+    path.write_text(yaml_of(outage(keda_plan(release="2.16", fallback={"replicas": 2}))))
     code, out, err = run(["simulate", str(path)])
     (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
-    assert "KEDA's polls were in error and set its fallback, 2 pods; the Deployment went from 2 to 2" in note
+    assert "KEDA's polls (release 2.16) were in error and set its fallback, 2 pods; the Deployment went from 2 to 2" \
+        in note
+    for keda, said in (({}, "KEDA's polls were in error and changed nothing (no fallback); its HPA read no metric; "
+                            "the Deployment went from 2 to 2 pods"),
+                       ({"fallback": {"replicas": 3, "behavior": "currentReplicasIfHigher"}},
+                        "KEDA's polls were in error and changed nothing; its HPA read the fallback "
+                        "(currentReplicasIfHigher, 3 pods) after 3 failed reads; the Deployment went from 2 to 3")):
+        path.write_text(yaml_of(outage(keda_plan(**keda))))
+        code, out, err = run(["simulate", str(path)])
+        assert code == 0, err
+        (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+        assert said in note, note
 
 
-def test_the_shipped_outage_space_rejects_scaling_to_zero_without_a_fallback(tmp_path: Any) -> None:
+def test_the_shipped_outage_space_keeps_a_pod_on_2_17_and_a_fallback_on_2_16(tmp_path: Any) -> None:
     from capsim.studies.space import load_space
     from capsim.studies.tune import tune
 
     space = load_space("data/studies/scale_to_zero_outage_space.yaml")
     assert "autoscaler.keda.fallback" in {p.path for p in space.params}
-    assert set(space.stresses) == {"quiet-hours", "prometheus-down"}
-    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
-    # the outage in the second working spell; zero pods with and without a fallback of one pod
-    small = {"params": {"autoscaler.keda.fallback": {"choices": [None, {"replicas": 1}]}},
-             "stresses": {"prometheus-down": space.stresses["prometheus-down"]}}
+    assert set(space.stresses) == {"quiet-hours", "prometheus-down", "prometheus-down-at-zero"}
+    # Prometheus down from the end of the quiet hour (at zero pods) into the second working spell
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml").override(
+        {"autoscaler.keda.fallback": {"replicas": 1}})
+    small = {"params": {"autoscaler.minReplicas": {"choices": [0, 1]}},
+             "stresses": {"at-zero": space.stresses["prometheus-down-at-zero"]}}
     r = tune(base, small, seeds=1, budget=2, executor="serial", cache=tmp_path, progress=False)
-    assert r.best_params == {"autoscaler.keda.fallback": {"replicas": 1}}
-    bare = r.trials[r.trials["autoscaler.keda.fallback"].isna()]
-    assert (bare["status"] == "rejected").all() and bare["error_rate"].max() > 0.05
-    assert bare["reason"].str.contains("kept a request 600 s > max_wake_s 420 s").all()
+    assert r.best_params == {"autoscaler.minReplicas": 1}  # 2.17: at zero it stays at zero, fallback or not
+    zero = r.trials[r.trials["autoscaler.minReplicas"] == 0]
+    assert len(zero) and (zero["status"] == "rejected").all()
+    assert zero["reason"].str.contains("kept a request 600 s > max_wake_s 420 s").all()
+    old = tune(base.override({"autoscaler.keda.release": "2.16"}), small, seeds=1, budget=2, executor="serial",
+               cache=tmp_path, progress=False)
+    assert old.best_params == {"autoscaler.minReplicas": 0}  # 2.16: the fallback wakes it at the first poll

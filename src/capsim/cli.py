@@ -369,12 +369,19 @@ def simulate(
         typer.echo(f"note: KEDA took the Deployment to zero at {down} s and back at {up} s (scale_events.csv, by keda)")
     metrics_down = merged_spans((o.at_s, o.at_s + o.duration_s) for o in sc.faults.metrics_outages) if sc.faults else []
     keda_spec = sc.autoscaler.keda if sc.autoscaler is not None else None
+    fb = keda_spec.fallback if keda_spec is not None else None
     if keda_spec is None:
         who = "the HPA read no metric"
-    elif keda_spec.fallback is not None and keda_spec.fallback.replicas:
-        who = f"KEDA's polls were in error and set its fallback, {keda_spec.fallback.replicas} pods"
+    elif keda_spec.release == "2.16":
+        who = (f"KEDA's polls (release 2.16) were in error and set its fallback, {fb.replicas} pods"
+               if fb is not None and fb.replicas else
+               "KEDA's polls (release 2.16) were in error (no fallback) and its HPA read no metric")
+    elif fb is not None:
+        held = f"{fb.replicas} pods" if fb.behavior == "static" else f"{fb.behavior}, {fb.replicas} pods"
+        who = (f"KEDA's polls were in error and changed nothing; its HPA read the fallback ({held}) after "
+               f"{fb.failure_threshold} failed reads")
     else:
-        who = "KEDA's polls were in error (no fallback) and its HPA read no metric"
+        who = "KEDA's polls were in error and changed nothing (no fallback); its HPA read no metric"
 
     def count_at(t: float) -> int:
         before = ev[ev["time_s"] <= t]

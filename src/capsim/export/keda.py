@@ -62,6 +62,8 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         if keda.fallback is not None:  # the replicas held while Prometheus is down, as simulated
             spec["fallback"] = {"failureThreshold": keda.fallback.failure_threshold,
                                 "replicas": keda.fallback.replicas}
+            if keda.fallback.behavior != "static":  # KEDA 2.17 on; static is its default
+                spec["fallback"]["behavior"] = keda.fallback.behavior
     spec.update({"minReplicaCount": auto.min_replicas, "maxReplicaCount": auto.max_replicas, "triggers": triggers})
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}

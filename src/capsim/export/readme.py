@@ -141,9 +141,10 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines += [f"| KEDA `minReplicaCount` / `maxReplicaCount` | {auto.min_replicas} / {auto.max_replicas} |",
                   f"| KEDA `pollingInterval` / `cooldownPeriod` | {k.polling_interval_s} s / {k.cooldown_period_s} s |"]
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
+        lines.append(f"| KEDA release simulated | {k.release}{' and later' if k.release == '2.17' else ' and earlier'} |")
         if k.fallback is not None:
-            lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas`) | {k.fallback.failure_threshold} / "
-                         f"{k.fallback.replicas} |")
+            lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
+                         f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")
     else:
         lines.append(f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |")
     lines += [
@@ -224,14 +225,28 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                      "pod (Istio's sidecars report them as 503s); give the query of your gateway's counter with "
                      "`capsim export --gateway-query`")
     fb = auto.keda.fallback
-    if fb is not None and fb.replicas:
-        pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
-        lines.append(f"- while Prometheus answers no query KEDA holds {pods} (`fallback`: its operator at each poll, "
-                     f"the HPA after {fb.failure_threshold} failed reads of a metric)")
-    elif auto.min_replicas == 0:
-        lines.append(f"- no `fallback`: if Prometheus stops answering, KEDA finds no trigger active and takes the "
-                     f"Deployment to zero {auto.keda.cooldown_period_s} s after the last poll that found one, "
-                     "traffic or not (kedacore/keda#965); simulate it with `faults.metrics_outages`")
+    if auto.keda.release == "2.16":  # the operator acts on a poll in error
+        if fb is not None and fb.replicas:
+            pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
+            lines.append(f"- while Prometheus answers no query KEDA holds {pods} (`fallback`: its operator at each "
+                         f"poll, the HPA after {fb.failure_threshold} failed reads of a metric; KEDA 2.16 and "
+                         "earlier, as simulated: from 2.17 only the HPA applies it, and never from zero)")
+        elif auto.min_replicas == 0:
+            lines.append(f"- no `fallback`: if Prometheus stops answering, KEDA (2.16 and earlier, as simulated) "
+                         f"finds no trigger active and takes the Deployment to zero {auto.keda.cooldown_period_s} s "
+                         "after the last poll that found one, traffic or not (kedacore/keda#965); simulate it with "
+                         "`faults.metrics_outages`")
+    else:  # 2.17 on: a poll in error changes nothing
+        if fb is not None and fb.replicas:
+            pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
+            held = pods if fb.behavior == "static" else f"`{fb.behavior}` of {pods}"
+            lines.append(f"- while Prometheus answers no query the HPA that KEDA creates goes to {held} after "
+                         f"{fb.failure_threshold} failed reads of a metric (`fallback`, through the HPA's behavior), "
+                         "and KEDA's operator changes nothing (KEDA 2.17 and later, as simulated)")
+        if auto.min_replicas == 0:
+            lines.append("- a Deployment at zero pods when Prometheus stops answering stays at zero until it "
+                         "answers again, fallback or not (KEDA 2.17 and later; kedacore/keda#7239): requests "
+                         "meanwhile find no pod; simulate it with `faults.metrics_outages`")
     if auto.min_replicas == 0 and hold_s is None:
         lines.append("- at zero pods a request is refused at once: the plan assumed clients that retry as "
                      "simulated (`client` section), not a gateway that holds requests (KEDA's HTTP add-on "

@@ -26,6 +26,7 @@ from pydantic import (
 
 from capsim.errors import did_you_mean as suggest
 from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, did_you_mean, format_error
+from capsim.policy.keda import FallbackBehavior, Release
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -539,13 +540,16 @@ class MetricQuery(_Section):
 
 
 class KedaFallback(_Section):
-    """KEDA's ``fallback`` (``capsim.policy.keda``): while a trigger's query fails, KEDA's operator sets
-    ``replicas`` at each poll that finds no trigger active, and once more than ``failure_threshold``
-    consecutive reads of a metric by the HPA have failed, KEDA answers the HPA ``replicas`` times the
-    metric's target (an ``AverageValue`` target, truncated to an integer as KEDA does)."""
+    """KEDA's ``fallback`` (``capsim.policy.keda``): once more than ``failure_threshold`` consecutive reads of
+    a metric by the HPA have failed, KEDA answers the HPA the metric's target (an ``AverageValue`` target,
+    truncated to an integer as KEDA does) times ``replicas``, or by ``behavior`` the Deployment's count or
+    the higher or lower of the two; with ``keda.release`` 2.16 its operator also sets ``replicas`` at each
+    poll in error."""
 
     failure_threshold: Int = Field(3, ge=0, description="KEDA fallback.failureThreshold")
     replicas: Int = Field(ge=0, description="KEDA fallback.replicas")
+    behavior: FallbackBehavior = Field("static", description="KEDA fallback.behavior (2.17 on): static, "
+                                       "currentReplicas, currentReplicasIfHigher or currentReplicasIfLower")
 
 
 class Keda(_Section):
@@ -567,8 +571,26 @@ class Keda(_Section):
         default_factory=dict, description="metric name (as in metrics) -> its trigger's activationThreshold "
                                           "(default 0: any value above 0 activates)")
     fallback: KedaFallback | None = Field(
-        None, description="KEDA fallback: the replicas to hold while the triggers' queries fail (None: none, and "
-                          "a Deployment with minReplicas 0 goes to zero a cooldown into a Prometheus outage)")
+        None, description="KEDA fallback: the replicas the HPA is given while the triggers' queries fail (None: "
+                          "none)")
+    release: Release = Field(
+        "2.17", description="the KEDA release whose operator is simulated: 2.17 (and later) changes nothing on a "
+                            "poll in error, so a Prometheus outage keeps a serving Deployment's pods and a Deployment "
+                            "at zero at zero; 2.16 (and earlier) sets fallback.replicas, or without a fallback takes "
+                            "a minReplicas-0 Deployment to zero a cooldown into the outage")
+
+    @field_validator("release", mode="before")
+    @classmethod
+    def _release_as_text(cls, v: Any) -> Any:
+        # YAML reads an unquoted 2.17 as a number
+        return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else v
+
+    @model_validator(mode="after")
+    def _behavior_needs_2_17(self) -> Self:
+        if self.fallback is not None and self.fallback.behavior != "static" and self.release != "2.17":
+            raise ValueError(f"fallback.behavior {self.fallback.behavior!r} needs release 2.17 (KEDA added it in "
+                             f"2.17; release {self.release} knows only static)")
+        return self
 
 
 class Autoscaler(_Section):

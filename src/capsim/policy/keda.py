@@ -16,28 +16,46 @@ fails is not active) and :meth:`ScaleExecutor.request_scale` acts on the answer,
 * no trigger active and fewer replicas than ``minReplicaCount``: set ``minReplicaCount``;
 * a trigger active otherwise: only note the time as the last active one.
 
-A trigger whose query fails (Prometheus down) is not active, and the poll is *in error*. With a
-``fallback`` whose ``replicas`` is not 0, a poll in error with no trigger active sets ``fallback.replicas``
-(``doFallbackScaling``), before any other rule. Without one the rules above apply as to an idle
-Deployment: a ``minReplicaCount`` of 0 goes to zero once the cooldown has passed since the last active
-poll, in the middle of traffic (kedacore/keda#965, open). The rule is re-implemented from the
-``RequestScale`` that takes ``isError`` (recent releases; older ones had no fallback in the executor).
+A trigger whose query fails (Prometheus down) is not active, and the poll is *in error*. What the operator
+does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), so the executor takes a ``release``:
+
+* ``"2.17"`` (2.17 and later, the default): a poll in error with no trigger active changes nothing, fallback
+  or not (``RequestScale``'s ``isError`` cases only log and set the Ready condition). A Deployment serving
+  when Prometheus goes down keeps its pods; one at zero stays at zero, fallback or not (kedacore/keda#7239,
+  open: the HPA, which applies the fallback, is disabled at zero replicas). A poll that finds a trigger
+  active while another fails only sets the Ready condition: it does not count as activity.
+* ``"2.16"`` (the releases before 2.17 whose executor takes ``isError``): with a ``fallback`` whose
+  ``replicas`` is not 0, a poll in error with no trigger active sets ``fallback.replicas``
+  (``doFallbackScaling``), before any other rule, also from zero. Without one the rules above apply as to
+  an idle Deployment: a ``minReplicaCount`` of 0 goes to zero once the cooldown has passed since the last
+  active poll, in the middle of traffic (kedacore/keda#965).
 
 The HPA that KEDA creates reads each trigger's metric from KEDA's metrics server, which counts the
 consecutive failed reads of each metric (``status.health``, ``pkg/fallback/fallback.go``
 ``GetMetricsWithFallback``): a success resets the count; a failure answers the HPA with an error (the HPA
 holds, as with any failed metric), unless a fallback is set, the target is an ``AverageValue`` and the
-count is above ``failureThreshold``: then the answer is ``int(target) x fallback.replicas``
-(:class:`FallbackHealth`), so the HPA proposes ``fallback.replicas`` (for an integer target). KEDA's
-``fallback.behavior`` (recent releases' ``currentReplicas`` and its variants) is not modelled: it is
-``static``, the default. ``idleReplicaCount`` (whose only supported value is 0) is not modelled either.
+count is above ``failureThreshold``: then the answer is ``int(target) x n`` (:class:`FallbackHealth`), so
+the HPA proposes ``n`` (for an integer target), where ``n`` is by ``fallback.behavior`` (``doFallback``,
+2.17 on): ``static`` (the default) ``fallback.replicas``; ``currentReplicas`` the Deployment's count;
+``currentReplicasIfHigher`` the higher of the two; ``currentReplicasIfLower`` the lower. In 2.17 and later
+this is the only way a fallback acts, through the HPA's behavior (its policies and windows).
+``idleReplicaCount`` (whose only supported value is 0) is not modelled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from capsim.policy.hpa_types import check_int, check_number
+
+#: KEDA releases whose operator acts differently on a poll in error (see the module docstring)
+Release = Literal["2.17", "2.16"]
+RELEASES: tuple[Release, ...] = ("2.17", "2.16")
+#: ``fallback.behavior`` (KEDA 2.17 on)
+FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
+FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = ("static", "currentReplicas", "currentReplicasIfHigher",
+                                                    "currentReplicasIfLower")
 
 #: KEDA's default ``cooldownPeriod`` (seconds).
 DEFAULT_COOLDOWN_PERIOD_S = 300.0
@@ -51,19 +69,22 @@ def hpa_min_replicas(min_replica_count: int) -> int:
 @dataclass
 class ScaleExecutor:
     """One ScaledObject's scale executor: ``minReplicaCount``, ``cooldownPeriod``, ``fallback.replicas``
-    (None: no fallback) and its last active time."""
+    (None: no fallback), its last active time and the KEDA ``release`` whose rules it follows."""
 
     min_replica_count: int = 0
     cooldown_period_s: float = DEFAULT_COOLDOWN_PERIOD_S
     #: ``status.lastActiveTime``: the last poll that found a trigger active (None: never)
     last_active_s: float | None = None
     fallback_replicas: int | None = None
+    release: Release = "2.17"
 
     def __post_init__(self) -> None:
         check_int("min_replica_count", self.min_replica_count, minimum=0)
         check_number("cooldown_period_s", self.cooldown_period_s, minimum=0.0)
         if self.fallback_replicas is not None:
             check_int("fallback_replicas", self.fallback_replicas, minimum=0)
+        if self.release not in RELEASES:
+            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {self.release!r}")
 
     def request_scale(self, now: float, current_replicas: int, active: bool, error: bool = False) -> int | None:
         """One poll at ``now``: the replica count KEDA sets, or None when it leaves the count alone.
@@ -75,8 +96,11 @@ class ScaleExecutor:
         if current_replicas == 0 and active:
             self.last_active_s = now
             return low if low > 0 else 1
-        if not active and error and self.fallback_replicas:  # doFallbackScaling: set even when equal
-            return self.fallback_replicas
+        if not active and error:
+            if self.release != "2.16":
+                return None  # 2.17 on: only the conditions change; a fallback acts through the HPA
+            if self.fallback_replicas:  # doFallbackScaling: set even when equal
+                return self.fallback_replicas
         if not active and current_replicas > 0 and low == 0:
             last = self.last_active_s
             if last is None or last + self.cooldown_period_s < now:
@@ -84,7 +108,7 @@ class ScaleExecutor:
             return None  # cooling down
         if not active and current_replicas < low:
             return low
-        if active:
+        if active and not (error and self.release != "2.16"):  # 2.17 on: some trigger failed, only a condition
             self.last_active_s = now
         return None
 
@@ -93,21 +117,38 @@ class FallbackHealth:
     """KEDA's metrics server answering the HPA: the consecutive failed reads of each metric and, past
     ``failure_threshold`` of them, the fallback's value (``GetMetricsWithFallback``, ``doFallback``)."""
 
-    def __init__(self, failure_threshold: int | None, replicas: int) -> None:
+    def __init__(self, failure_threshold: int | None, replicas: int, behavior: FallbackBehavior = "static") -> None:
         """``failure_threshold`` None: no fallback (every failed read is an error to the HPA)."""
         if failure_threshold is not None:
             check_int("failure_threshold", failure_threshold, minimum=0)
         check_int("replicas", replicas, minimum=0)
+        if behavior not in FALLBACK_BEHAVIORS:
+            raise ValueError(f"behavior must be one of {', '.join(FALLBACK_BEHAVIORS)}, got {behavior!r}")
         self.failure_threshold = failure_threshold
         self.replicas = replicas
+        self.behavior: FallbackBehavior = behavior
         #: metric index -> consecutive failed reads (``status.health[metric].numberOfFailures``)
         self.failures: dict[int, int] = {}
         self.fallbacks = 0  # reads answered with the fallback's value
 
-    def read(self, metric: int, value: float | None, failed: bool, average_target: float | None) -> float | None:
+    def fallback_replicas(self, current_replicas: int) -> int:
+        """The count the fallback's value makes the HPA propose, by ``behavior`` (``doFallback``);
+        ``current_replicas`` is the Deployment's (its scale's ``spec.replicas``)."""
+        check_int("current_replicas", current_replicas, minimum=0)
+        if self.behavior == "currentReplicas":
+            return current_replicas
+        if self.behavior == "currentReplicasIfHigher":
+            return max(current_replicas, self.replicas)
+        if self.behavior == "currentReplicasIfLower":
+            return min(current_replicas, self.replicas)
+        return self.replicas
+
+    def read(self, metric: int, value: float | None, failed: bool, average_target: float | None,
+             current_replicas: int = 0) -> float | None:
         """What the HPA gets for ``metric`` whose query gave ``value`` (``failed``: the query failed):
         ``value`` on success; on a failure None (an error) or, with a fallback, an ``AverageValue`` target
-        and more than ``failure_threshold`` failures in a row, ``int(average_target) x replicas``."""
+        and more than ``failure_threshold`` failures in a row, ``int(average_target)`` times the fallback's
+        count (:meth:`fallback_replicas` of ``current_replicas``)."""
         if not failed:
             self.failures[metric] = 0
             return value
@@ -115,4 +156,5 @@ class FallbackHealth:
         if self.failure_threshold is None or average_target is None or n <= self.failure_threshold:
             return None
         self.fallbacks += 1
-        return float(int(average_target) * self.replicas)  # doFallback: int64(target's float) x replicas
+        # doFallback: int64(target's float) x replicas
+        return float(int(average_target) * self.fallback_replicas(current_replicas))

@@ -43,8 +43,9 @@ a pod's busy ratio then spans the time since the last scrape it answered) and an
 metric of the HPA fails, so it holds its count (``HorizontalPodAutoscaler.reconcile``: no usable metric;
 it still moves a count outside [min, max] to the bound). Under KEDA each read goes through KEDA's
 metrics server (``capsim.policy.keda.FallbackHealth``: an error, or past ``fallback.failure_threshold``
-failed reads the fallback's value), and each poll of KEDA's operator is in error with no trigger active
-(``ScaleExecutor.request_scale``: ``fallback.replicas``, or without a fallback the way to zero). After
+failed reads the fallback's value, by its ``behavior``), and each poll of KEDA's operator is in error with
+no trigger active (``ScaleExecutor.request_scale``: by ``keda.release``, no change from 2.17 on; in 2.16
+``fallback.replicas``, or without a fallback the way to zero). After
 the outage a range query has only the samples scraped since (and the older ones still in its window).
 """
 
@@ -135,9 +136,10 @@ class Autoscaling:
             last = 0.0 if sim.scenario.pods.replicas > 0 else None
             fb = spec.keda.fallback
             self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last,
-                                      fb.replicas if fb is not None else None)
+                                      fb.replicas if fb is not None else None, spec.keda.release)
             self.keda_health = FallbackHealth(fb.failure_threshold if fb is not None else None,
-                                              fb.replicas if fb is not None else 0)
+                                              fb.replicas if fb is not None else 0,
+                                              fb.behavior if fb is not None else "static")
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
@@ -266,7 +268,8 @@ class Autoscaling:
                 if external:
                     total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
-                        total = health.read(k, total, down, target if target_type == "AverageValue" else None)
+                        total = health.read(k, total, down, target if target_type == "AverageValue" else None,
+                                            current)
                     if k == 0:
                         self.last_value = math.nan if total is None else total
                     proposals.append(None if total is None else self._external_replicas(

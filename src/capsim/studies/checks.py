@@ -61,14 +61,17 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``minReplicaCount``) with no metric that has a value at zero pods: a pod metric summed over the
   Deployment's pods is 0 when there is none, so once at zero it never comes back and every later request
   fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
-* ``keda-outage-to-zero`` (warn): KEDA with ``minReplicas: 0`` and no ``fallback`` (or ``replicas: 0``) in a
-  scenario whose Prometheus outage (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose
-  queries fail finds no trigger active, so KEDA takes a serving Deployment to zero mid-outage
-  (kedacore/keda#965) and nothing wakes it until Prometheus is back.
+* ``keda-outage-to-zero`` (warn): KEDA 2.16 (``keda.release``) with ``minReplicas: 0`` and no ``fallback``
+  (or ``replicas: 0``) in a scenario whose Prometheus outage (``faults.metrics_outages``) outlasts
+  ``cooldown_period_s``: a poll whose queries fail finds no trigger active, so KEDA takes a serving
+  Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it until Prometheus is back.
+* ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` in a scenario with a
+  Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
+  not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
+  at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
 * ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number: KEDA's
   fallback value is ``int(target) x replicas``, so the HPA proposes ``ceil(int(target) x replicas /
-  target)`` pods (none for a target below 1) while KEDA's operator sets ``replicas`` at each poll; fires
-  when the two differ.
+  target)`` pods (none for a target below 1), not ``replicas``; fires when the two differ.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -546,11 +549,21 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     fb = keda.fallback
     outages = scenario.faults.metrics_outages if scenario.faults is not None else ()
     longest = max((o.duration_s for o in outages), default=0.0)
-    if auto.min_replicas == 0 and (fb is None or fb.replicas == 0) and longest > keda.cooldown_period_s:
+    if keda.release == "2.17" and auto.min_replicas == 0 and outages:
+        found.append(Finding(
+            "autoscaler.minReplicas", f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
+            "if the Deployment is at zero when it does, it stays there until Prometheus answers again, "
+            f"{'its fallback' if fb is not None and fb.replicas else 'a fallback'} or not (KEDA 2.17 and later "
+            "change nothing on a poll in error, and the HPA that applies a fallback is disabled at zero: "
+            "kedacore/keda#7239); keep minReplicas above 0 where that wait is not acceptable", level="warn",
+            check="keda-outage-at-zero"))
+    if (keda.release == "2.16" and auto.min_replicas == 0 and (fb is None or fb.replicas == 0)
+            and longest > keda.cooldown_period_s):
         found.append(Finding(
             "autoscaler.keda.fallback", f"{'none' if fb is None else 'replicas 0'}, and faults.metrics_outages lasts "
             f"up to {longest:g} s, longer than cooldown_period_s ({keda.cooldown_period_s} s): KEDA finds no trigger "
-            "active while Prometheus is down and takes the Deployment to zero, traffic or not (kedacore/keda#965); "
+            "active while Prometheus is down and (release 2.16) takes the Deployment to zero, traffic or not "
+            "(kedacore/keda#965); "
             "set fallback.replicas to hold pods, or keep minReplicas above 0", level="warn",
             check="keda-outage-to-zero"))
     if fb is not None:
@@ -560,9 +573,10 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
                 found.append(Finding(
                     "autoscaler.keda.fallback.replicas", f"{fb.replicas}, but KEDA truncates {m.name}'s target "
                     f"({m.target:g}) to {int(m.target)} when it makes the fallback's value, so the HPA it creates "
-                    f"proposes {proposal} pods, not {fb.replicas}, once "
-                    "the fallback is on (its operator still sets the replicas at each poll: the two fight); use a "
-                    "whole-number target", level="warn", check="keda-fallback-fractional-target"))
+                    f"proposes {proposal} pods, not {fb.replicas}, once the fallback is on"
+                    + (" (its operator still sets the replicas at each poll: the two fight)"
+                       if keda.release == "2.16" else "")
+                    + "; use a whole-number target", level="warn", check="keda-fallback-fractional-target"))
     return found
 
 
