@@ -45,17 +45,16 @@ this is the only way a fallback acts, through the HPA's behavior (its policies a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from capsim.policy.hpa_types import check_int, check_number
 
 #: KEDA releases whose operator acts differently on a poll in error (see the module docstring)
 Release = Literal["2.17", "2.16"]
-RELEASES: tuple[Release, ...] = ("2.17", "2.16")
+RELEASES: tuple[Release, ...] = get_args(Release)
 #: ``fallback.behavior`` (KEDA 2.17 on)
 FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
-FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = ("static", "currentReplicas", "currentReplicasIfHigher",
-                                                    "currentReplicasIfLower")
+FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = get_args(FallbackBehavior)
 
 #: KEDA's default ``cooldownPeriod`` (seconds).
 DEFAULT_COOLDOWN_PERIOD_S = 300.0

@@ -145,6 +145,10 @@ class Autoscaling:
             sim.env.process(self._keda_loop(first_poll))
 
     # ---- Prometheus -------------------------------------------------------------------------------------
+    def _prometheus_down(self, t: float) -> bool:
+        """Whether Prometheus is down at ``t`` (``faults.metrics_outages``): it scrapes and answers nothing."""
+        return self._down is not None and self._down(t)
+
     def discover(self, now: float) -> None:
         """Give every pod created since the last call its scrape offset and schedule its first scrape.
 
@@ -167,7 +171,7 @@ class Autoscaling:
             self._busy_mark.pop(pod.id, None)
             return  # a deleted pod leaves Prometheus's targets
         samples = pod.samples
-        if self._down is not None and self._down(at):
+        if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
         elif pod.state in _SERVING:
             samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
@@ -183,7 +187,7 @@ class Autoscaling:
     def _scrape_gateway(self, ev: Timeout) -> None:
         now = self.sim.env.now
         client = self.sim.client
-        if self._down is None or not self._down(now):
+        if not self._prometheus_down(now):
             self.gateway_samples.append((now, client.n_arrived + client.n_retries))
         while self.gateway_samples and self.gateway_samples[0][0] < now - self._keep_s:
             self.gateway_samples.popleft()
@@ -261,7 +265,7 @@ class Autoscaling:
             current = cluster.desired
             pods = cluster.live_pods
             proposals: list[int | None] = []
-            down = self._down is not None and self._down(now)  # every query fails
+            down = self._prometheus_down(now)  # every query fails
             health = self.keda_health
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
                 external, target_type = self._external[k]
@@ -311,7 +315,7 @@ class Autoscaling:
             self.discover(now)
             pods = cluster.live_pods
             active = False
-            error = self._down is not None and self._down(now)  # every trigger's query fails: none is active
+            error = self._prometheus_down(now)  # every trigger's query fails: none is active
             triggers = () if error else zip(self.metrics, self._activation, strict=True)
             for (metric, _, query, window_s, quantile), threshold in triggers:
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
