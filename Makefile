@@ -8,8 +8,11 @@ PY := $(VENV)/bin/python
 # The torch build to install; override it for a GPU machine, e.g. make setup TORCH_SPEC='torch==2.9.1'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
+# the compiled scheduler and step-time modules (capsim.native): rebuilt when one of their sources changes
+NATIVE := build/native/manifest.json
+NATIVE_SRC := src/capsim/native.py $(addprefix src/capsim/policy/,sched_types.py block_pool.py decode_runs.py scheduling.py least.py) src/capsim/sim/step_time.py
 
-.PHONY: help setup test test-all test-fast mutate lint bench demo profile validate lab notebooks kernel clean
+.PHONY: help setup native test test-all test-fast mutate lint bench demo profile validate lab notebooks kernel clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,15 +24,22 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv with a pinned torch (TORCH_SPEC) and capsim[dev]
+$(NATIVE): $(STAMP) $(NATIVE_SRC)
+	@mkdir -p build
+	@$(PY) -m capsim.native > build/native.log 2>&1 || true
+	@tail -n 1 build/native.log
 
-test: $(STAMP) ## run the whole test suite (real redis-server tests skip, loudly, if it is missing)
+setup: $(STAMP) $(NATIVE) ## create .venv with a pinned torch (TORCH_SPEC) and capsim[dev], and compile capsim.native
+
+native: $(NATIVE) ## compile the scheduler and step-time modules with mypyc (about a minute; pure Python if it fails; CAPSIM_NATIVE=0 turns it off)
+
+test: $(NATIVE) ## run the whole test suite (real redis-server tests skip, loudly, if it is missing)
 	$(PY) -m pytest -q
 
-test-all: $(STAMP) ## the whole suite with the real-Redis tests required (fails, not skips, without redis-server)
+test-all: $(NATIVE) ## the whole suite with the real-Redis tests required (fails, not skips, without redis-server)
 	CAPSIM_REQUIRE_REDIS=1 $(PY) -m pytest -q
 
-test-fast: $(STAMP) ## the tests without those marked slow
+test-fast: $(NATIVE) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP) ## ruff, mypy on src/, the import contracts, capsim check on the shipped scenarios, no stored notebook outputs
@@ -42,19 +52,19 @@ lint: $(STAMP) ## ruff, mypy on src/, the import contracts, capsim check on the 
 mutate: $(STAMP) ## mutation testing (mutmut) of the promise-carrying modules; MUTATE='batcher policy-batching' picks targets (slow, not CI; docs/testing.md)
 	$(PY) scripts/mutate.py $(MUTATE) $(MUTATE_ARGS)
 
-bench: $(STAMP) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
+bench: $(NATIVE) ## run every benchmark in benchmarks/ (tables on stdout, JSON in benchmarks/results/)
 	@set -e; for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b $(BENCH_ARGS); done
 
-profile: $(STAMP) ## measure the reference model on this machine into data/profiles/ (quick sweep; replaces the quick profile)
+profile: $(NATIVE) ## measure the reference model on this machine into data/profiles/ (quick sweep; replaces the quick profile)
 	$(VENV)/bin/capsim profile --quick --force
 
-validate: $(STAMP) ## the real pod vs the simulator at 30/60/85% load (about 6 min; replaces data/validation/)
+validate: $(NATIVE) ## the real pod vs the simulator at 30/60/85% load (about 6 min; replaces data/validation/)
 	$(VENV)/bin/capsim validate --force
 
-demo: $(STAMP) ## the main job on the embedded defaults (memory:// store, CPU if no GPU); writes out/report.md
+demo: $(NATIVE) ## the main job on the embedded defaults (memory:// store, CPU if no GPU); writes out/report.md
 	$(VENV)/bin/capsim demo
 
-kernel: $(STAMP) ## register the venv's Python as the Jupyter kernel "capsim" (inside .venv, not per user)
+kernel: $(NATIVE) ## register the venv's Python as the Jupyter kernel "capsim" (inside .venv, not per user)
 	$(PY) -m ipykernel install --sys-prefix --name capsim --display-name "capsim (.venv)" >/dev/null
 
 lab: kernel ## JupyterLab on the project's venv, kernel "capsim", opened on notebooks/

@@ -18,9 +18,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def provenance() -> dict[str, Any]:
     """Where and with what a result was measured."""
     import capsim
+    import capsim.native
 
     info: dict[str, Any] = {
         "capsim_version": capsim.__version__,
+        "capsim_native": str(capsim.native.status()),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -40,7 +42,10 @@ def median(values: Sequence[float]) -> float:
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print an aligned text table."""
+    """Print an aligned text table (the title says which build of the compiled modules ran: capsim.native)."""
+    import capsim.native
+
+    title = f"{title} [capsim.native: {capsim.native.status()}]"
     cells = [[_fmt(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     print(f"\n{title}")

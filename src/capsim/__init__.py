@@ -4,4 +4,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# the compiled scheduler and step-time modules, when a build matches their source (capsim.native)
+from capsim.native import install as _install_native
+
+_install_native()
+
 __all__ = ["__version__"]

@@ -83,8 +83,11 @@ def _output_dir(path: Path, option: str) -> Path:
 
 @app.command()
 def version() -> None:
-    """Print the capsim version."""
+    """Print the capsim version, and whether the scheduler and step-time modules run compiled (capsim.native)."""
+    from capsim.native import status
+
     typer.echo(capsim.__version__)
+    typer.echo(f"native: {status()}")
 
 
 @app.command()

@@ -75,11 +75,12 @@ def _live(run: Run, gen: int) -> bool:
 class BlockPool:
     """The cached blocks as runs keyed by their first block's hash, and the free runs in LRU order."""
 
-    COMPACT_SLACK = 4096  # stale LRU entries tolerated beyond twice the free runs
+    __slots__ = ("_free_runs", "_lru", "_set", "closed", "compact_slack", "evicted", "hits", "n_idle", "queries",
+                 "start")
 
-    __slots__ = ("_free_runs", "_lru", "_set", "closed", "evicted", "hits", "n_idle", "queries", "start")
-
-    def __init__(self, log_evictions: bool = False) -> None:
+    def __init__(self, log_evictions: bool = False, compact_slack: int = 4096) -> None:
+        # stale LRU entries tolerated beyond twice the free runs (0: compact after most releases)
+        self.compact_slack = compact_slack
         #: the hash of each run's first block -> the run
         self.start: dict[int, Run] = {}
         self._lru: deque[tuple[Run, int]] = deque()  # (run, its gen when freed), head: next evicted
@@ -301,7 +302,7 @@ class BlockPool:
         r.refs = []
         r.reg = 0
         r.tail = None
-        if len(lru) > 2 * self._free_runs + self.COMPACT_SLACK:
+        if len(lru) > 2 * self._free_runs + self.compact_slack:
             self._lru = deque(e for e in lru if _live(*e))
         return freed
 

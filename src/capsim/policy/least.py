@@ -51,11 +51,11 @@ class LeastBuckets:
             if not bucket:
                 del buckets[old]
                 emptied = old == self._low
-        bucket = buckets.get(count)  # type: ignore[assignment]
-        if bucket is None:
-            bucket = buckets[count] = []
-        pos[key] = len(bucket)
-        bucket.append(key)
+        into = buckets.get(count)
+        if into is None:
+            into = buckets[count] = []
+        pos[key] = len(into)
+        into.append(key)
         counts[key] = count
         if len(counts) == 1 or count < self._low:
             self._low = count
