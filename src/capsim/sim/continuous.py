@@ -55,6 +55,19 @@ class Run(Batch):
 
     __slots__ = ()
 
+    def __init__(self, idx: np.ndarray, start: float, pod: Pod, size: int) -> None:  # Batch's, one request
+        self.bid = -1
+        self.idx = idx
+        self.size = size
+        self.start = start
+        self.first = math.nan
+        self.end = math.inf
+        self.pod = pod
+        self.cancelled = None
+        self.dead = False
+        self.done = False
+        self.due = None
+
     @property
     def live_size(self) -> int:
         return 0 if self.cancelled else 1
@@ -119,6 +132,10 @@ class ContinuousPod(Pod):
         self._cached_s = sim.scenario.service.cached_token_us / 1e6
         # from the last token to the answer at the client (service.answer_ms): the engine does not wait
         self._answer_s = stats.answer_s
+        # the blocks' hashes _feed hands the scheduler: growing sessions hand over plain lists (no array per
+        # request), other sources their arrays
+        prefix = stats.prefix
+        self._hash_of = None if prefix is None else getattr(prefix, "block_hash_list", prefix.block_hashes)
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
         self.itl_count = 0
@@ -237,14 +254,13 @@ class ContinuousPod(Pod):
         q = self.queue
         rec = self._rec
         add = self.sched.add
-        prefix = self.stats.prefix
-        # growing sessions hand over plain lists (no array per request); other sources their arrays
-        hash_of = None if prefix is None else getattr(prefix, "block_hash_list", prefix.block_hashes)
+        hash_of = self._hash_of
         bs = self.stats.limits.block_size
         hold = self._ingress_s > 0  # service.ingress_ms: only requests sent by ``ready`` have reached it
         ready = now - self._ingress_s + 1e-12
         send = rec.send
         reach = self._reach if self._ingress_walk is not None else None
+        prompt, output = rec.prompt, rec.output  # sessions set a turn's prompt as it is sent: read them now
         while self.fed < len(q):
             i = q[self.fed]
             if reach is not None:
@@ -254,7 +270,7 @@ class ContinuousPod(Pod):
             elif hold and send[i] > ready:
                 break  # still on its way in: arrivals are in send order, so the rest are too
             hashes = hash_of(i, bs) if hash_of is not None else ()
-            if add(i, int(rec.prompt[i]), int(rec.output[i]), hashes) is None:
+            if add(i, int(prompt[i]), int(output[i]), hashes) is None:
                 self.fed += 1
                 continue
             del q[self.fed]
@@ -392,15 +408,17 @@ class ContinuousPod(Pod):
             hits = self.stats.cached
             for i, c in cached.items():
                 hits[i] = c
+        ids = self.stats.ids
+        add_run = rec.add_run
+        running = self.running
         for i in step.started:
             head = q.popleft()
             assert head == i, f"pod {self.id}: scheduler admitted {i} ahead of {head}"
             self.fed -= 1
-            run = Run(np.array((i,), dtype=np.int64), now, math.nan, math.inf, self)
-            run.size = size
-            rec.add_batch(run)
+            run = Run(ids[i:i + 1], now, self, size)
+            add_run(run, i)
             runs[i] = run
-            self.running.append(run)
+            running.append(run)
             watch(run, i, float(send[i]) + timeout)
 
     def _on_step(self, value: tuple[Step, float, int, int]) -> None:

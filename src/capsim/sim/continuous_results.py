@@ -31,6 +31,7 @@ class ContinuousStats:
         #: each request's full-block hashes for the prefix cache (``None``: caching off or nothing shared)
         self.prefix: PrefixSource | None = None
         self.unservable = np.zeros(n, dtype=bool)
+        self.ids = np.arange(n, dtype=np.int64)  # a Run's idx is its one-element slice (no array per request)
         self.steps = 0
         self.n_preemptions = 0
         self.kv_area = 0.0  # sum over steps of KV-cache use x step time (s)

@@ -60,6 +60,12 @@ class Records:
         self.batches.append(batch)
         self.bid[batch.idx] = batch.bid
 
+    def add_run(self, batch: Batch, i: int) -> None:
+        """:meth:`add_batch` for a one-request batch of request ``i`` (a continuous pod's run)."""
+        batch.bid = bid = len(self.batches)
+        self.batches.append(batch)
+        self.bid[i] = bid
+
     def finish(self, i: int, t: float, outcome: int, pod: int) -> None:
         """Give request ``i`` a final outcome other than ok at time ``t``."""
         self.outcome[i] = outcome
