@@ -151,7 +151,6 @@ class Client:
         next one (a batch starting), so the next event time is read again after each send.
         """
         env = self.env
-        peek = env.peek
         step = env.step
         queue = env._queue  # SimPy's (time, priority, id, event) heap, merged with the batches' ends
         ending = self.rec.ending  # (end, id, batch): Pod._end_at
@@ -180,7 +179,7 @@ class Client:
                     pos += len(times)
                     k = 0
             t = times[k] if k < len(times) else math.inf
-            t_event = peek()
+            t_event = queue[0][0] if queue else math.inf  # env.peek(), inlined
             end_next = False  # whether the next event is a batch's end (priority NORMAL, its own id)
             if ending:
                 e = ending[0]
