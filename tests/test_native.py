@@ -158,3 +158,4 @@ def test_the_scheduler_properties_hold_in_pure_python_too() -> None:
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout.splitlines()[-1]
+

@@ -178,3 +178,35 @@ def test_the_runtime_check_compares_the_records_with_the_counters(monkeypatch: p
     monkeypatch.setattr(Records, "finish", forgetful)
     with pytest.raises(InvariantError, match="records say"):
         simulate(busy_scenario(), seed=0)
+
+
+def test_young_collections_are_spaced_while_runs_last_and_given_back_after() -> None:
+    import gc
+    import threading
+
+    from capsim.sim.simulate import young_collections_spaced
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with young_collections_spaced(50_000):
+            assert gc.get_threshold() == (50_000, 10, 10)
+            inner_done = threading.Event()
+
+            def other_run() -> None:  # a second run in another thread (a Dask worker's) ends first
+                with young_collections_spaced(50_000):
+                    assert gc.get_threshold() == (50_000, 10, 10)
+                inner_done.set()
+
+            t = threading.Thread(target=other_run)
+            t.start()
+            t.join(10)
+            assert inner_done.is_set()
+            assert gc.get_threshold() == (50_000, 10, 10)  # still inside the first run
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(0)  # automatic collection off stays off
+        with young_collections_spaced():
+            assert gc.get_threshold()[0] == 0
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*before)

@@ -8,7 +8,10 @@ frames. The same scenario and seed give identical frames.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+import contextlib
+import gc
+import threading
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,6 +74,35 @@ class SimResult:
     keda_polls: Any = None
     # DataFrame, capsim.sim.wakes.WAKE_COLUMNS: each step from zero replicas and where its wait went
     wakes: Any = None
+
+
+_gc_lock = threading.Lock()
+_gc_runs = 0  # runs inside young_collections_spaced now (threads of one process share the thresholds)
+_gc_saved: tuple[int, int, int] = (700, 10, 10)
+
+
+@contextlib.contextmanager
+def young_collections_spaced(threshold: int = 100_000) -> Iterator[None]:
+    """CPython collects its youngest generation each time 700 container objects more were allocated than
+    freed. A run allocates a few per request and event (runs, wake-ups, tuples), nearly all of which die
+    young and outside any cycle, so those collections find little and cost 8% of the continuous rush's CPU
+    (6 alternating pairs, stop 48). While any run lasts, the youngest generation is collected every
+    ``threshold`` allocations instead; cycles are still collected, and the thresholds are given back when
+    the last run in the process ends. A process that turned automatic collection off keeps it off."""
+    global _gc_runs, _gc_saved
+    with _gc_lock:
+        if _gc_runs == 0:
+            _gc_saved = gc.get_threshold()
+            if _gc_saved[0]:  # 0: automatic collection off
+                gc.set_threshold(max(_gc_saved[0], threshold), *_gc_saved[1:])
+        _gc_runs += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_runs -= 1
+            if _gc_runs == 0:
+                gc.set_threshold(*_gc_saved)
 
 
 class Simulation:
@@ -214,7 +246,8 @@ class Simulation:
         self._ran = True
         sc = self.scenario
         self.env.step = _budgeted(self.env, self.max_events)  # type: ignore[method-assign]
-        self.client.run()
+        with young_collections_spaced():
+            self.client.run()
         lost_ids, lost_turns = self.client.lost_sessions()
         cols = self._close_books()
         import pandas as pd
