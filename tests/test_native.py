@@ -6,6 +6,7 @@ failed or went unused fails these tests instead of skipping them.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import pickle
@@ -92,10 +93,7 @@ def require_compiled() -> None:
 def test_the_compiled_modules_are_the_ones_imported() -> None:
     require_compiled()
     for m in native.MODULES:
-        file = Path(sys.modules[m].__file__ or "") if m in sys.modules else None
-        if file is None:
-            __import__(m)
-            file = Path(sys.modules[m].__file__ or "")
+        file = Path(importlib.import_module(m).__file__ or "")
         assert file.is_relative_to(native.BUILD) and file.name.endswith(sysconfig.get_config_var("EXT_SUFFIX")), m
 
 

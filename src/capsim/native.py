@@ -134,9 +134,7 @@ def install(build: Path = BUILD) -> Status:
         files, why = None, f"{', '.join(loaded)} imported before capsim"
     if files is not None:
         sys.meta_path.insert(0, _Finder(files))
-        _status = Status(True, why)
-    else:
-        _status = Status(False, why)
+    _status = Status(files is not None, why)
     return _status
 
 

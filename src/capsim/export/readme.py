@@ -225,9 +225,10 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                      "pod (Istio's sidecars report them as 503s); give the query of your gateway's counter with "
                      "`capsim export --gateway-query`")
     fb = auto.keda.fallback
+    holds = fb is not None and fb.replicas > 0  # a fallback that holds pods
+    pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}" if holds else ""
     if auto.keda.release == "2.16":  # the operator acts on a poll in error
-        if fb is not None and fb.replicas:
-            pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
+        if holds:
             lines.append(f"- while Prometheus answers no query KEDA holds {pods} (`fallback`: its operator at each "
                          f"poll, the HPA after {fb.failure_threshold} failed reads of a metric; KEDA 2.16 and "
                          "earlier, as simulated: from 2.17 only the HPA applies it, and never from zero)")
@@ -237,8 +238,7 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                          "after the last poll that found one, traffic or not (kedacore/keda#965); simulate it with "
                          "`faults.metrics_outages`")
     else:  # 2.17 on: a poll in error changes nothing
-        if fb is not None and fb.replicas:
-            pods = f"{fb.replicas} pod{'s' if fb.replicas != 1 else ''}"
+        if holds:
             held = pods if fb.behavior == "static" else f"`{fb.behavior}` of {pods}"
             lines.append(f"- while Prometheus answers no query the HPA that KEDA creates goes to {held} after "
                          f"{fb.failure_threshold} failed reads of a metric (`fallback`, through the HPA's behavior), "

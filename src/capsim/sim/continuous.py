@@ -55,19 +55,6 @@ class Run(Batch):
 
     __slots__ = ()
 
-    def __init__(self, idx: np.ndarray, start: float, pod: Pod, size: int) -> None:  # Batch's, one request
-        self.bid = -1
-        self.idx = idx
-        self.size = size
-        self.start = start
-        self.first = math.nan
-        self.end = math.inf
-        self.pod = pod
-        self.cancelled = None
-        self.dead = False
-        self.done = False
-        self.due = None
-
     @property
     def live_size(self) -> int:
         return 0 if self.cancelled else 1
@@ -409,14 +396,14 @@ class ContinuousPod(Pod):
             for i, c in cached.items():
                 hits[i] = c
         ids = self.stats.ids
-        add_run = rec.add_run
+        add_batch = rec.add_batch
         running = self.running
         for i in step.started:
             head = q.popleft()
             assert head == i, f"pod {self.id}: scheduler admitted {i} ahead of {head}"
             self.fed -= 1
-            run = Run(ids[i:i + 1], now, self, size)
-            add_run(run, i)
+            run = Run(ids[i:i + 1], now, math.nan, math.inf, self, size)
+            add_batch(run, i)
             runs[i] = run
             running.append(run)
             watch(run, i, float(send[i]) + timeout)

@@ -47,10 +47,11 @@ class Batch:
 
     __slots__ = ("bid", "cancelled", "dead", "done", "due", "end", "first", "idx", "pod", "size", "start")
 
-    def __init__(self, idx: np.ndarray, start: float, first: float, end: float, pod: Pod) -> None:
+    def __init__(self, idx: np.ndarray, start: float, first: float, end: float, pod: Pod,
+                 size: int | None = None) -> None:
         self.bid = -1  # set by Records.add_batch
         self.idx = idx  # released when the batch is over
-        self.size = len(idx)
+        self.size = len(idx) if size is None else size  # a continuous pod's Run: the requests running
         self.start = start
         self.first = first
         self.end = end

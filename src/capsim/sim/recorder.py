@@ -54,17 +54,11 @@ class Records:
         """From a static batch's end to its answers at the clients, for a batch of ``size`` (or an array)."""
         return self.answer_s + self.answer_per_request_s * size
 
-    def add_batch(self, batch: Batch) -> None:
-        """Record a batch as it starts, giving it its id."""
-        batch.bid = len(self.batches)
-        self.batches.append(batch)
-        self.bid[batch.idx] = batch.bid
-
-    def add_run(self, batch: Batch, i: int) -> None:
-        """:meth:`add_batch` for a one-request batch of request ``i`` (a continuous pod's run)."""
+    def add_batch(self, batch: Batch, i: int | None = None) -> None:
+        """Record a batch as it starts, giving it its id; ``i``: its one request (filed by a scalar index)."""
         batch.bid = bid = len(self.batches)
         self.batches.append(batch)
-        self.bid[i] = bid
+        self.bid[batch.idx if i is None else i] = bid
 
     def finish(self, i: int, t: float, outcome: int, pod: int) -> None:
         """Give request ``i`` a final outcome other than ok at time ``t``."""
