@@ -258,6 +258,10 @@ def test_scale_to_zero_on_the_pods_own_series_cannot_wake() -> None:
     assert not fired(bursts(GATEWAY).override({"autoscaler.keda": {}}))
     assert not fired(bursts(GATEWAY))
     assert not fired(bursts(QUEUE_SUM, **{"autoscaler.minReplicas": 1}))  # just inside: one pod stays
+    idle = bursts(QUEUE_SUM, **{"autoscaler.minReplicas": 2}).override({"autoscaler.keda": {"idle_replica_count": 0}})
+    (f,) = [f for f in run_checks(idle) if f.check == "scale-to-zero-cannot-wake"]  # KEDA's idle mode goes to 0
+    assert f.path == "autoscaler.keda.idle_replica_count" and "never comes back" in f.message
+    assert not fired(idle.override({"autoscaler.keda.idle_replica_count": None}))
 
 
 def test_keda_without_a_fallback_in_a_long_prometheus_outage_goes_to_zero() -> None:
@@ -276,6 +280,12 @@ def test_keda_without_a_fallback_in_a_long_prometheus_outage_goes_to_zero() -> N
     assert not fired(s.override({"autoscaler.minReplicas": 1}))
     assert not fired(bursts(GATEWAY).override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 900}]}))
     assert not fired(s.override({"autoscaler.keda.release": "2.17"}))  # 2.17 changes nothing in error
+    # ... unless its fallback has 0 replicas: such a poll in error is an idle one (capsim.policy.keda)
+    (msg,) = fired(s.override({"autoscaler.keda.release": "2.17", "autoscaler.keda.fallback": {"replicas": 0}}))
+    assert msg.startswith("replicas 0") and "(release 2.17, minReplicas 0)" in msg
+    idle = s.override({"autoscaler.minReplicas": 2, "autoscaler.keda.idle_replica_count": 0})
+    (msg,) = fired(idle)  # KEDA's idle mode goes to zero as minReplicas 0 does
+    assert "(release 2.16, idle_replica_count 0)" in msg and msg.endswith("or drop idle_replica_count")
 
 
 def test_keda_2_17_at_zero_in_a_prometheus_outage_stays_at_zero() -> None:
@@ -294,6 +304,9 @@ def test_keda_2_17_at_zero_in_a_prometheus_outage_stays_at_zero() -> None:
     assert not fired(s.override({"autoscaler.minReplicas": 1}))
     assert not fired(s.override({"autoscaler.keda.release": "2.16"}))
     assert not fired(s.override({"faults.metrics_outages": []}))
+    (f,) = fired(s.override({"autoscaler.minReplicas": 1, "autoscaler.keda.idle_replica_count": 0}))
+    assert f.path == "autoscaler.keda.idle_replica_count" and f.message.endswith(
+        "drop idle_replica_count where that wait is not acceptable")
 
 
 def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:

@@ -150,7 +150,7 @@ KEDA_SCALED_OBJECT = {
                                             "behavior": {"enum": ["static", "currentReplicas",
                                                                   "currentReplicasIfHigher",
                                                                   "currentReplicasIfLower"]}}},
-                "minReplicaCount": _INT32, "maxReplicaCount": _INT32,
+                "minReplicaCount": _INT32, "maxReplicaCount": _INT32, "idleReplicaCount": _INT32,
                 "advanced": {"type": "object", "additionalProperties": False, "properties": {
                     "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
                                                       "properties": {"behavior": {"type": "object"}}}}},

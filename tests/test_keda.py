@@ -62,8 +62,35 @@ def test_a_minimum_above_zero_is_restored_and_never_left_for_zero() -> None:
     assert ex.request_scale(50.0, 5, active=False) is None  # the HPA scales down, not KEDA
 
 
+def test_idle_mode_takes_a_minimum_above_zero_to_zero_after_the_cooldown_and_back_to_the_minimum() -> None:
+    # idleReplicaCount 0 with minReplicaCount 2 (scaleToZeroOrIdle, scaleFromZeroOrIdle)
+    ex = ScaleExecutor(min_replica_count=2, cooldown_period_s=300, idle_replica_count=0)
+    assert ex.request_scale(100.0, 5, active=True) is None and ex.last_active_s == 100.0
+    assert ex.request_scale(130.0, 5, active=False) is None  # cooling down; the HPA scales in meanwhile
+    assert ex.request_scale(400.5, 2, active=False) == 0  # to idle, below the minimum
+    assert ex.request_scale(430.0, 0, active=False) is None  # and not back up to the minimum while idle
+    assert ex.request_scale(460.0, 0, active=True) == 2 and ex.last_active_s == 460.0  # to the minimum
+    assert ex.request_scale(490.0, 1, active=True) == 2  # below the minimum with a trigger active: to it
+    assert ex.request_scale(520.0, 1, active=False) is None  # below it without one: left alone (no idle rule)
+    assert ex.request_scale(800.0, 1, active=False) == 0
+
+
+def test_idle_mode_without_a_minimum_is_plain_scale_to_zero() -> None:
+    plain, idle = ScaleExecutor(min_replica_count=0), ScaleExecutor(min_replica_count=0, idle_replica_count=0)
+    polls = [(0.0, 0, True), (30.0, 2, True), (60.0, 2, False), (400.0, 2, False), (430.0, 0, False),
+             (460.0, 0, True)]
+    assert [plain.request_scale(*p) for p in polls] == [idle.request_scale(*p) for p in polls] \
+        == [1, None, None, 0, None, 1]
+
+
+def test_idle_replica_count_is_zero_only() -> None:
+    with pytest.raises(ValueError, match=r"idle_replica_count must be 0, the only value KEDA supports "
+                                         r"\(kedacore/keda#2314\), got 1"):
+        ScaleExecutor(min_replica_count=3, idle_replica_count=1)
+
+
 @pytest.mark.parametrize("bad", [{"min_replica_count": -1}, {"cooldown_period_s": -1.0},
-                                 {"min_replica_count": 1.5}])
+                                 {"min_replica_count": 1.5}, {"idle_replica_count": -1}])
 def test_bad_executor_settings_name_the_field(bad: dict[str, Any]) -> None:
     with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
         ScaleExecutor(**bad)
@@ -155,6 +182,41 @@ def test_an_activation_threshold_trades_a_trickle_s_requests_for_gpu_time() -> N
     assert len(woke) >= 3  # retries woke it in the quiet spell, not only the second burst
 
 
+def test_idle_mode_keeps_the_minimum_through_the_traffic_and_goes_to_zero_without_it() -> None:
+    from capsim.sim import simulate
+
+    floor2 = bursts(GATEWAY, **{"autoscaler.minReplicas": 2, "pods.replicas": 2})
+    held = simulate(floor2.override({"autoscaler.keda": {"cooldown_period_s": 300}}), seed=0)
+    idle = simulate(floor2.override({"autoscaler.keda": {"cooldown_period_s": 300, "idle_replica_count": 0}}),
+                    seed=0)
+    ts_held, ts_idle = (r.timeseries.set_index("time_s")["desired_replicas"] for r in (held, idle))
+    assert (ts_held >= 2).all()  # minReplicaCount 2 alone never leaves two pods
+    ev = idle.scale_events
+    to_zero = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+    wake = ev[(ev["by"] == "keda") & (ev["from_replicas"] == 0)]
+    assert len(to_zero) == 1 and len(wake) == 1
+    assert 330 + 300 - 30 < to_zero["time_s"].iloc[0] <= 330 + 300 + 30  # as with minReplicaCount 0
+    assert 1500 < wake["time_s"].iloc[0] <= 1500 + 15 + 15 + 30
+    assert wake["to_replicas"].iloc[0] == 2  # back to the minimum, not to one
+    assert len(idle.wakes) == 1 and idle.wakes["ready_s"].iloc[0] > wake["time_s"].iloc[0]
+    assert (ts_idle.loc[700:1490] == 0).all()
+    busy = ts_idle.loc[(ts_idle.index < 600) | (ts_idle.index > wake["time_s"].iloc[0] + 5)]
+    assert (busy >= 2).all()  # the HPA that KEDA creates keeps its minReplicas (2) while serving
+    assert idle.summary.gpu_hours < held.summary.gpu_hours - 2 * 800 / 3600  # two pods idle ~15 min fewer
+    late = idle.requests[idle.requests["arrival_s"] >= 1500]
+    assert (late["outcome"] == "ok").mean() > 0.99
+
+
+def test_idle_mode_is_zero_only_and_named_in_the_scenario() -> None:
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.idle_replica_count: must be 0, the only value "
+                                            r"KEDA supports \(kedacore/keda#2314\), got 1"):
+        bursts(GATEWAY, **{"autoscaler.minReplicas": 2}).override({"autoscaler.keda": {"idle_replica_count": 1}})
+    s = bursts(GATEWAY, **{"autoscaler.minReplicas": 2}).override({"autoscaler.keda": {"idle_replica_count": 0}})
+    assert s.autoscaler is not None and s.autoscaler.goes_to_zero and s.autoscaler.to_hpa().min_replicas == 2
+    assert not bursts(GATEWAY, **{"autoscaler.minReplicas": 2}).override({"autoscaler.keda": {}}) \
+        .autoscaler.goes_to_zero  # type: ignore[union-attr]
+
+
 def test_keda_runs_the_same_frames_for_a_seed() -> None:
     from capsim.sim import simulate
 
@@ -193,6 +255,27 @@ def test_a_keda_plan_exports_the_scaled_object_it_simulated(tmp_path: Any) -> No
     assert "kubectl apply -f keda-scaledobject.yaml" in readme and "hpa.yaml" not in readme
     assert "| KEDA `pollingInterval` / `cooldownPeriod` | 20 s / 240 s |" in readme
     assert "to zero 240 s after the last poll" in readme and "--gateway-query" in readme
+
+
+def test_idle_mode_is_exported_as_simulated(tmp_path: Any) -> None:
+    import jsonschema
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from test_export import KEDA_SCALED_OBJECT
+
+    s = bursts(GATEWAY, **{"autoscaler.minReplicas": 2}).override({"autoscaler.keda": {"idle_replica_count": 0}})
+    export_scenario(s, tmp_path, DeployTarget(name="agent", namespace="agents"))
+    obj = yaml.safe_load((tmp_path / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert (obj["spec"]["idleReplicaCount"], obj["spec"]["minReplicaCount"]) == (0, 2)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("takes the Deployment from zero to 2 on an active trigger, and to zero 300 s after the last poll that "
+            "found one (`idleReplicaCount: 0`, whatever `minReplicaCount` is)") in readme
+    export_scenario(s.override({"autoscaler.keda.idle_replica_count": None}), tmp_path / "plain",
+                    DeployTarget(name="agent", namespace="agents"))
+    plain = yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())
+    assert "idleReplicaCount" not in plain["spec"]
 
 
 def test_a_fallback_is_exported_as_simulated_and_its_absence_is_named(tmp_path: Any) -> None:
@@ -450,3 +533,20 @@ def test_the_shipped_space_picks_zero_pods_within_the_budget_and_a_warm_pod_unde
     # the front's p99 is the one the SLO judges (outside wakes), the wake beside it
     ran = loose.trials.dropna(subset=["cost"])
     assert (ran["ttft_p99_s"] < 2).all() and ran["longest_wake_s"].max() > 300
+
+
+def test_idle_mode_serves_through_a_crash_at_the_cost_of_scaling_to_zero_on_whole_nodes() -> None:
+    """docs/simulator.md's idle-mode table, seed 0: on 8-GPU nodes billed whole, a second pod costs nothing
+    while its node is held, and idle mode releases both in the quiet hours."""
+    from capsim.sim import simulate
+
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml").override(
+        {"faults": {"crashes": [{"at_s": 600, "pods": 1}]}})
+    zero = simulate(base, seed=0).summary
+    idle = simulate(base.override({"autoscaler.minReplicas": 2, "pods.replicas": 2,
+                                   "autoscaler.keda.idle_replica_count": 0}), seed=0).summary
+    assert idle.cost == pytest.approx(zero.cost) and idle.node_gpu_hours == pytest.approx(zero.node_gpu_hours)
+    assert idle.gpu_hours > zero.gpu_hours + 1  # the second pod's hours, on nodes held anyway
+    assert zero.ttft_p99_warm_s > 5 and not zero.slo_met  # the lone pod's crash: nothing serves until it restarts
+    assert idle.ttft_p99_warm_s < 1 and idle.slo_met
+    assert idle.longest_wake_s == pytest.approx(zero.longest_wake_s, abs=30)  # the same wakes from zero

@@ -22,7 +22,7 @@ VALUE_GATEWAY = {"type": "External", "external": {"metric": {"name": "capsim_gat
 
 # ---- the scale executor in error (RequestScale with isError) ------------------------------------------------
 def test_from_2_17_a_poll_in_error_changes_nothing_fallback_or_not() -> None:
-    for fallback in (None, 0, 3):
+    for fallback in (None, 3):
         ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=fallback)
         assert ex.release == "2.17"  # the default
         assert [ex.request_scale(t, n, active=False, error=True) for t, n in ((30.0, 5), (400.0, 5), (900.0, 0))] \
@@ -31,6 +31,20 @@ def test_from_2_17_a_poll_in_error_changes_nothing_fallback_or_not() -> None:
         assert ex.request_scale(930.0, 5, active=False, error=False) == 0  # the idle rule, once it answers
     ex = ScaleExecutor(min_replica_count=2, cooldown_period_s=0)
     assert ex.request_scale(10.0, 1, active=False, error=True) is None  # not even up to minReplicaCount
+
+
+def test_from_2_17_a_fallback_of_zero_replicas_makes_a_poll_in_error_an_idle_one() -> None:
+    """Upstream's switch has a case for an error with a fallback of replicas and one for an error without a
+    fallback; a fallback of ``replicas: 0`` matches neither and falls through to the idle poll's rules."""
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=0)
+    assert [ex.request_scale(t, n, active=False, error=True) for t, n in ((30.0, 5), (400.0, 5), (900.0, 0))] \
+        == [None, 0, None]  # cooling down, then to zero past the cooldown; no wake from zero
+    assert ex.last_active_s == 0.0
+    up = ScaleExecutor(min_replica_count=2, cooldown_period_s=0, fallback_replicas=0)
+    assert up.request_scale(10.0, 1, active=False, error=True) == 2  # up to minReplicaCount, as an idle poll
+    idle = ScaleExecutor(min_replica_count=2, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=0,
+                         idle_replica_count=0)
+    assert [idle.request_scale(t, 2, active=False, error=True) for t in (30.0, 400.0)] == [None, 0]
     partial = ScaleExecutor(min_replica_count=0)
     assert partial.request_scale(10.0, 0, active=True, error=True) == 1 and partial.last_active_s == 10.0
     # some triggers active, another failing: 2.17 sets the Ready condition Unknown and notes no activity
@@ -231,6 +245,19 @@ def test_2_16_without_a_fallback_takes_a_serving_deployment_to_zero_a_cooldown_i
     assert OUT[1] < up["time_s"].iloc[0] <= OUT[1] + 15 + 15 + 30
     lost = r.requests[r.requests["arrival_s"].between(OUT[0] + 400, OUT[1] - 100)]
     assert len(lost) > 500 and (lost["outcome"] != "ok").all()  # 12 retries 5 s apart cannot reach a pod
+
+
+def test_2_17_a_fallback_of_zero_replicas_takes_a_serving_deployment_to_zero_a_cooldown_into_the_outage() -> None:
+    kept = simulate(outage(keda_plan()), seed=0)
+    r = simulate(outage(keda_plan(fallback={"replicas": 0})), seed=0)  # neither of 2.17's error cases
+    ev = r.scale_events
+    down = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+    assert len(down) == 1 and OUT[0] + 300 - 30 < down["time_s"].iloc[0] <= OUT[0] + 300 + 30
+    up = ev[(ev["by"] == "keda") & (ev["from_replicas"] == 0)]
+    assert OUT[1] < up["time_s"].iloc[0] <= OUT[1] + 15 + 15 + 30
+    lost = r.requests[r.requests["arrival_s"].between(OUT[0] + 400, OUT[1] - 100)]
+    assert len(lost) > 500 and (lost["outcome"] != "ok").all()
+    assert (kept.requests["outcome"] == "ok").all()  # no fallback at all: 2.17 keeps the pods
 
 
 def test_2_16_with_a_fallback_holds_the_fallback_replicas_through_the_outage() -> None:

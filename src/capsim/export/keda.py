@@ -10,7 +10,8 @@ A scenario without ``autoscaler.keda`` scales on Pods metrics: the ScaledObject 
 scenario with it was simulated as KEDA runs (``capsim.policy.keda``): each External metric is a trigger
 (a pod metric summed over the Deployment's pods, or the gateway's counter as ``DeployTarget.gateway_query``
 asks Prometheus for it), with its ``metricType`` (``AverageValue`` or ``Value``), ``activationThreshold``,
-``pollingInterval``, ``cooldownPeriod``, ``minReplicaCount`` (0 scales to zero) and ``fallback`` as simulated.
+``pollingInterval``, ``cooldownPeriod``, ``minReplicaCount`` (0 scales to zero), ``idleReplicaCount`` and
+``fallback`` as simulated.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
@@ -64,6 +65,8 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
                                 "replicas": keda.fallback.replicas}
             if keda.fallback.behavior != "static":  # KEDA 2.17 on; static is its default
                 spec["fallback"]["behavior"] = keda.fallback.behavior
+    if keda is not None and keda.idle_replica_count is not None:  # idle mode: to zero whatever the minimum
+        spec["idleReplicaCount"] = keda.idle_replica_count
     spec.update({"minReplicaCount": auto.min_replicas, "maxReplicaCount": auto.max_replicas, "triggers": triggers})
     if auto.behavior is not None:
         spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}

@@ -217,7 +217,8 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
     lines = [f"- KEDA's operator polls the triggers every {auto.keda.polling_interval_s} s and takes the Deployment "
              f"from zero to {max(auto.min_replicas, 1)} on an active trigger"
              + (f", and to zero {auto.keda.cooldown_period_s} s after the last poll that found one"
-                if auto.min_replicas == 0 else "")
+                + (" (`idleReplicaCount: 0`, whatever `minReplicaCount` is)" if auto.min_replicas > 0 else "")
+                if auto.goes_to_zero else "")
              + "; between those the HPA it creates scales as simulated"]
     if auto.can_wake_from_zero:
         lines.append("- the trigger on `capsim_gateway_requests_total` (every request sent to the Service, answered "
@@ -232,7 +233,7 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
             lines.append(f"- while Prometheus answers no query KEDA holds {pods} (`fallback`: its operator at each "
                          f"poll, the HPA after {fb.failure_threshold} failed reads of a metric; KEDA 2.16 and "
                          "earlier, as simulated: from 2.17 only the HPA applies it, and never from zero)")
-        elif auto.min_replicas == 0:
+        elif auto.goes_to_zero:
             lines.append(f"- no `fallback`: if Prometheus stops answering, KEDA (2.16 and earlier, as simulated) "
                          f"finds no trigger active and takes the Deployment to zero {auto.keda.cooldown_period_s} s "
                          "after the last poll that found one, traffic or not (kedacore/keda#965); simulate it with "
@@ -243,11 +244,16 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
             lines.append(f"- while Prometheus answers no query the HPA that KEDA creates goes to {held} after "
                          f"{fb.failure_threshold} failed reads of a metric (`fallback`, through the HPA's behavior), "
                          "and KEDA's operator changes nothing (KEDA 2.17 and later, as simulated)")
-        if auto.min_replicas == 0:
+        if auto.goes_to_zero:
             lines.append("- a Deployment at zero pods when Prometheus stops answering stays at zero until it "
                          "answers again, fallback or not (KEDA 2.17 and later; kedacore/keda#7239): requests "
                          "meanwhile find no pod; simulate it with `faults.metrics_outages`")
-    if auto.min_replicas == 0 and hold_s is None:
+            if fb is not None and fb.replicas == 0:
+                lines.append(f"- `fallback.replicas: 0`: a poll in error is then an idle one to KEDA's operator "
+                             f"(KEDA 2.17 and later, as simulated), so a serving Deployment goes to zero "
+                             f"{auto.keda.cooldown_period_s} s after the last poll that found a trigger active "
+                             "if Prometheus stops answering, traffic or not")
+    if auto.goes_to_zero and hold_s is None:
         lines.append("- at zero pods a request is refused at once: the plan assumed clients that retry as "
                      "simulated (`client` section), not a gateway that holds requests (KEDA's HTTP add-on "
                      "interceptor, Knative's activator: `router.hold_when_no_pod_s`)")

@@ -559,7 +559,9 @@ class Keda(_Section):
     ``maxReplicas`` its ``maxReplicaCount``; the HPA that KEDA creates scales between ``max(1, minReplicas)``
     and ``maxReplicas`` as the scenario's HPA does, and KEDA's operator takes the Deployment from zero to
     ``max(1, minReplicas)`` when a trigger is active (its value above its ``activation`` threshold) and back
-    to zero ``cooldown_period_s`` after the last poll that found one active (``capsim.policy.keda``).
+    to zero ``cooldown_period_s`` after the last poll that found one active (``capsim.policy.keda``). With
+    ``idle_replica_count`` (KEDA's ``idleReplicaCount``, only 0) it goes to zero so whatever ``minReplicas`` is,
+    and an active trigger takes it back to ``minReplicas``.
     """
 
     # whole seconds, as KEDA's fields are
@@ -573,6 +575,10 @@ class Keda(_Section):
     fallback: KedaFallback | None = Field(
         None, description="KEDA fallback: the replicas the HPA is given while the triggers' queries fail (None: "
                           "none)")
+    idle_replica_count: Int | None = Field(
+        None, description="KEDA idleReplicaCount (only 0, the one value KEDA supports): with no trigger active for "
+                          "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "
+                          "trigger takes it back to minReplicas (null: not set)")
     release: Release = Field(
         "2.17", description="the KEDA release whose operator is simulated: 2.17 (and later) changes nothing on a "
                             "poll in error, so a Prometheus outage keeps a serving Deployment's pods and a Deployment "
@@ -584,6 +590,13 @@ class Keda(_Section):
     def _release_as_text(cls, v: Any) -> Any:
         # YAML reads an unquoted 2.17 as a number
         return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else v
+
+    @field_validator("idle_replica_count")
+    @classmethod
+    def _idle_only_zero(cls, v: int | None) -> int | None:
+        if v is not None and v != 0:  # any other count the HPA (minReplicas = minReplicaCount) takes back up
+            raise ValueError(f"must be 0, the only value KEDA supports (kedacore/keda#2314), got {v}")
+        return v
 
     @model_validator(mode="after")
     def _behavior_needs_2_17(self) -> Self:
@@ -681,6 +694,12 @@ class Autoscaler(_Section):
         if self.scale_target_ref is not None:
             spec["scaleTargetRef"] = self.scale_target_ref
         return spec
+
+    @property
+    def goes_to_zero(self) -> bool:
+        """Whether the Deployment can be taken to zero pods: ``minReplicas: 0``, or KEDA's idle mode
+        (``keda.idle_replica_count``)."""
+        return self.min_replicas == 0 or (self.keda is not None and self.keda.idle_replica_count is not None)
 
     @property
     def can_wake_from_zero(self) -> bool:

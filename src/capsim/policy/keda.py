@@ -16,14 +16,26 @@ fails is not active) and :meth:`ScaleExecutor.request_scale` acts on the answer,
 * no trigger active and fewer replicas than ``minReplicaCount``: set ``minReplicaCount``;
 * a trigger active otherwise: only note the time as the last active one.
 
+With ``idleReplicaCount`` set (*idle mode*; its only supported value is 0, kedacore/keda#2314, and it must be
+below the HPA's ``minReplicas``) the Deployment goes to zero whatever ``minReplicaCount`` is: a trigger active
+and fewer replicas than ``minReplicaCount`` scales to ``minReplicaCount`` (from zero too); no trigger active and
+more replicas than ``idleReplicaCount`` scales to it once the cooldown has passed; and ``minReplicaCount`` is
+never set while no trigger is active (``scaleFromZeroOrIdle``, ``scaleToZeroOrIdle``,
+``getIdleOrMinimumReplicaCount``). So ``minReplicaCount: 2`` with ``idleReplicaCount: 0`` keeps at least two
+pods while there is traffic and none after a cooldown without it; between them the HPA, whose
+``minReplicas`` is 2, is disabled at zero.
+
 A trigger whose query fails (Prometheus down) is not active, and the poll is *in error*. What the operator
 does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), so the executor takes a ``release``:
 
-* ``"2.17"`` (2.17 and later, the default): a poll in error with no trigger active changes nothing, fallback
-  or not (``RequestScale``'s ``isError`` cases only log and set the Ready condition). A Deployment serving
-  when Prometheus goes down keeps its pods; one at zero stays at zero, fallback or not (kedacore/keda#7239,
-  open: the HPA, which applies the fallback, is disabled at zero replicas). A poll that finds a trigger
-  active while another fails only sets the Ready condition: it does not count as activity.
+* ``"2.17"`` (2.17 and later, the default): a poll in error with no trigger active changes nothing, with no
+  fallback or one whose ``replicas`` is not 0 (``RequestScale``'s ``isError`` cases only log and set the
+  Ready condition). A Deployment serving when Prometheus goes down keeps its pods; one at zero stays at
+  zero, fallback or not (kedacore/keda#7239, open: the HPA, which applies the fallback, is disabled at zero
+  replicas). A fallback of ``replicas: 0`` matches neither case, so such a poll falls through to the rules
+  above as an idle one: a ``minReplicaCount`` of 0 (or idle mode) goes to zero once the cooldown has passed.
+  A poll that finds a trigger active while another fails only sets the Ready condition: it does not count
+  as activity.
 * ``"2.16"`` (the releases before 2.17 whose executor takes ``isError``): with a ``fallback`` whose
   ``replicas`` is not 0, a poll in error with no trigger active sets ``fallback.replicas``
   (``doFallbackScaling``), before any other rule, also from zero. Without one the rules above apply as to
@@ -39,7 +51,6 @@ the HPA proposes ``n`` (for an integer target), where ``n`` is by ``fallback.beh
 2.17 on): ``static`` (the default) ``fallback.replicas``; ``currentReplicas`` the Deployment's count;
 ``currentReplicasIfHigher`` the higher of the two; ``currentReplicasIfLower`` the lower. In 2.17 and later
 this is the only way a fallback acts, through the HPA's behavior (its policies and windows).
-``idleReplicaCount`` (whose only supported value is 0) is not modelled.
 """
 
 from __future__ import annotations
@@ -68,7 +79,8 @@ def hpa_min_replicas(min_replica_count: int) -> int:
 @dataclass
 class ScaleExecutor:
     """One ScaledObject's scale executor: ``minReplicaCount``, ``cooldownPeriod``, ``fallback.replicas``
-    (None: no fallback), its last active time and the KEDA ``release`` whose rules it follows."""
+    (None: no fallback), its last active time, the KEDA ``release`` whose rules it follows and
+    ``idleReplicaCount`` (None: not set)."""
 
     min_replica_count: int = 0
     cooldown_period_s: float = DEFAULT_COOLDOWN_PERIOD_S
@@ -76,6 +88,7 @@ class ScaleExecutor:
     last_active_s: float | None = None
     fallback_replicas: int | None = None
     release: Release = "2.17"
+    idle_replica_count: int | None = None
 
     def __post_init__(self) -> None:
         check_int("min_replica_count", self.min_replica_count, minimum=0)
@@ -84,6 +97,8 @@ class ScaleExecutor:
             check_int("fallback_replicas", self.fallback_replicas, minimum=0)
         if self.release not in RELEASES:
             raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {self.release!r}")
+        if self.idle_replica_count is not None:
+            check_idle_replica_count(self.idle_replica_count, self.min_replica_count)
 
     def request_scale(self, now: float, current_replicas: int, active: bool, error: bool = False) -> int | None:
         """One poll at ``now``: the replica count KEDA sets, or None when it leaves the count alone.
@@ -92,24 +107,41 @@ class ScaleExecutor:
         check_number("now", now)
         check_int("current_replicas", current_replicas, minimum=0)
         low = self.min_replica_count
-        if current_replicas == 0 and active:
-            self.last_active_s = now
-            return low if low > 0 else 1
-        if not active and error:
-            if self.release != "2.16":
+        idle = self.idle_replica_count
+        if active:
+            if current_replicas == 0 or (idle is not None and current_replicas < low):  # scaleFromZeroOrIdle
+                self.last_active_s = now
+                return low if low > 0 else 1
+            if not (error and self.release != "2.16"):  # 2.17 on: some trigger failed, only a condition
+                self.last_active_s = now
+            return None
+        if error:
+            if self.release == "2.16":
+                if self.fallback_replicas:  # doFallbackScaling: set even when equal
+                    return self.fallback_replicas
+            elif self.fallback_replicas != 0:
                 return None  # 2.17 on: only the conditions change; a fallback acts through the HPA
-            if self.fallback_replicas:  # doFallbackScaling: set even when equal
-                return self.fallback_replicas
-        if not active and current_replicas > 0 and low == 0:
+            # 2.16 without a fallback, or a fallback of 0 replicas: the rules of an idle poll
+        if (idle is not None and current_replicas > idle) or (current_replicas > 0 and low == 0):
             last = self.last_active_s
-            if last is None or last + self.cooldown_period_s < now:
-                return 0
+            if last is None or last + self.cooldown_period_s < now:  # scaleToZeroOrIdle
+                return idle if idle is not None else low
             return None  # cooling down
-        if not active and current_replicas < low:
+        if current_replicas < low and idle is None:
             return low
-        if active and not (error and self.release != "2.16"):  # 2.17 on: some trigger failed, only a condition
-            self.last_active_s = now
         return None
+
+
+def check_idle_replica_count(idle: int, min_replica_count: int) -> None:
+    """``idleReplicaCount`` as KEDA takes it: 0, the only value it supports (kedacore/keda#2314: the HPA, whose
+    ``minReplicas`` is ``minReplicaCount``, would take any other count straight back up), below the HPA's
+    ``minReplicas`` (the admission webhook's ``CheckReplicaCountBoundsAreValid``)."""
+    check_int("idle_replica_count", idle, minimum=0)
+    if idle != 0:
+        raise ValueError(f"idle_replica_count must be 0, the only value KEDA supports (kedacore/keda#2314), "
+                         f"got {idle}")
+    if idle >= hpa_min_replicas(min_replica_count):  # never with 0; kept as KEDA's rule
+        raise ValueError(f"idle_replica_count {idle} must be below minReplicaCount {min_replica_count}")
 
 
 class FallbackHealth:

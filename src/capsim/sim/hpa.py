@@ -136,7 +136,8 @@ class Autoscaling:
             last = 0.0 if sim.scenario.pods.replicas > 0 else None
             fb = spec.keda.fallback
             self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last,
-                                      fb.replicas if fb is not None else None, spec.keda.release)
+                                      fb.replicas if fb is not None else None, spec.keda.release,
+                                      spec.keda.idle_replica_count)
             self.keda_health = FallbackHealth(fb.failure_threshold if fb is not None else None,
                                               fb.replicas if fb is not None else 0,
                                               fb.behavior if fb is not None else "static")

@@ -58,14 +58,16 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``max_total_unready_percentage`` of the cluster's: cluster-autoscaler halts while it is dark, so the
   evicted pods' replacements get no new node.
 * ``scale-to-zero-cannot-wake`` (fail): ``minReplicas: 0`` (the HPA's ``HPAScaleToZero``, or KEDA's
-  ``minReplicaCount``) with no metric that has a value at zero pods: a pod metric summed over the
+  ``minReplicaCount``) or KEDA's ``idle_replica_count`` with no metric that has a value at zero pods: a pod metric summed over the
   Deployment's pods is 0 when there is none, so once at zero it never comes back and every later request
   fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
-* ``keda-outage-to-zero`` (warn): KEDA 2.16 (``keda.release``) with ``minReplicas: 0`` and no ``fallback``
-  (or ``replicas: 0``) in a scenario whose Prometheus outage (``faults.metrics_outages``) outlasts
-  ``cooldown_period_s``: a poll whose queries fail finds no trigger active, so KEDA takes a serving
-  Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it until Prometheus is back.
-* ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` in a scenario with a
+* ``keda-outage-to-zero`` (warn): a Deployment that goes to zero (``minReplicas: 0``, or KEDA's
+  ``idle_replica_count``) under KEDA 2.16 (``keda.release``) with no ``fallback`` (or ``replicas: 0``), or
+  under 2.17 and later with a ``fallback`` of ``replicas: 0``, in a scenario whose Prometheus outage
+  (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose queries fail finds no trigger
+  active, so KEDA takes a serving Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it
+  until Prometheus is back.
+* ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` (or idle mode) in a scenario with a
   Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
@@ -528,12 +530,14 @@ def _spot(scenario: Scenario) -> list[Finding]:
 
 def _scale_to_zero(scenario: Scenario) -> list[Finding]:
     auto = scenario.autoscaler
-    if auto is None or auto.min_replicas != 0 or auto.can_wake_from_zero:
+    if auto is None or not auto.goes_to_zero or auto.can_wake_from_zero:
         return []
     names = [m.name for m in auto.to_hpa().metrics]
     who = "KEDA's triggers" if auto.keda is not None else "the HPA's metrics"
+    field, value = (("autoscaler.minReplicas", "0") if auto.min_replicas == 0 else
+                    ("autoscaler.keda.idle_replica_count", "0 (KEDA takes the Deployment to zero without traffic)"))
     return [Finding(
-        "autoscaler.minReplicas", f"0, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
+        field, f"{value}, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
         "when no pod runs: once at zero the Deployment never comes back and every later request fails; add "
         "the gateway's counter (an External metric capsim_gateway_requests_total) or keep a pod",
         check="scale-to-zero-cannot-wake")]
@@ -549,22 +553,28 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     fb = keda.fallback
     outages = scenario.faults.metrics_outages if scenario.faults is not None else ()
     longest = max((o.duration_s for o in outages), default=0.0)
-    if keda.release == "2.17" and auto.min_replicas == 0 and outages:
+    # how the Deployment goes to zero, and how not to
+    zero, keep = (("minReplicas 0", "keep minReplicas above 0") if auto.min_replicas == 0 else
+                  ("idle_replica_count 0", "drop idle_replica_count"))
+    if keda.release == "2.17" and auto.goes_to_zero and outages:
         found.append(Finding(
-            "autoscaler.minReplicas", f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
+            "autoscaler.minReplicas" if auto.min_replicas == 0 else "autoscaler.keda.idle_replica_count",
+            f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
             "if the Deployment is at zero when it does, it stays there until Prometheus answers again, "
             f"{'its fallback' if fb is not None and fb.replicas else 'a fallback'} or not (KEDA 2.17 and later "
             "change nothing on a poll in error, and the HPA that applies a fallback is disabled at zero: "
-            "kedacore/keda#7239); keep minReplicas above 0 where that wait is not acceptable", level="warn",
+            f"kedacore/keda#7239); {keep} where that wait is not acceptable", level="warn",
             check="keda-outage-at-zero"))
-    if (keda.release == "2.16" and auto.min_replicas == 0 and (fb is None or fb.replicas == 0)
-            and longest > keda.cooldown_period_s):
+    # 2.16 acts on a poll in error only with a fallback of replicas; 2.17 on changes nothing unless the fallback
+    # has 0 replicas, which matches none of its error cases (capsim.policy.keda): an idle poll either way
+    idle_poll = (fb is None or fb.replicas == 0) if keda.release == "2.16" else (fb is not None and fb.replicas == 0)
+    if idle_poll and auto.goes_to_zero and longest > keda.cooldown_period_s:
         found.append(Finding(
             "autoscaler.keda.fallback", f"{'none' if fb is None else 'replicas 0'}, and faults.metrics_outages lasts "
             f"up to {longest:g} s, longer than cooldown_period_s ({keda.cooldown_period_s} s): KEDA finds no trigger "
-            "active while Prometheus is down and (release 2.16) takes the Deployment to zero, traffic or not "
-            "(kedacore/keda#965); "
-            "set fallback.replicas to hold pods, or keep minReplicas above 0", level="warn",
+            f"active while Prometheus is down and (release {keda.release}, {zero}) takes the Deployment to zero, "
+            "traffic or not (kedacore/keda#965); "
+            f"set fallback.replicas to hold pods, or {keep}", level="warn",
             check="keda-outage-to-zero"))
     if fb is not None:
         for m in auto.to_hpa().metrics:
