@@ -380,6 +380,7 @@ def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> Non
     assert rush.cluster is not None and rush.cluster.scale_down_enabled
     assert f"`--scale-down-unneeded-time={rush.cluster.scale_down_unneeded_time_s:g}s`" in readme
     assert "`--scale-down-gpu-utilization-threshold=" in readme and "`--scan-interval=" in readme
+    assert "`--unremovable-node-recheck-timeout=300s`" in readme  # the planner's recheck, as simulated
     assert f"readiness probe runs every {rush.pods.readiness_probe.period_s} s" in readme
     export_scenario(rush, tmp_path, TARGET, numbers={"summary": {"slo_met": False, "node_gpu_hours": math.nan}})
     readme = (tmp_path / "README.md").read_text()

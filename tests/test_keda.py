@@ -476,14 +476,23 @@ def test_a_wake_on_gpu_nodes_waits_for_a_node_and_a_model_load() -> None:
         assert w.first_request_s <= w.woke_s <= w.first_request_s + 30 + 60  # a poll, the rate's window
         assert 60 <= w.ready_s - w.placed_s <= 120 + 10  # the model load (60-120 s), the probe
     silent, trickle = r.wakes.itertuples()
-    # after the silent hour the node had gone (empty 10 minutes, cluster-autoscaler's unneeded time): a new one
+    # after the silent hour the node had gone (empty 10 to 15 minutes, cluster-autoscaler's unneeded time and its
+    # recheck of a node it found unremovable): a new one
     assert silent.placed_s - silent.woke_s == pytest.approx(sc.cluster.node_provision_s)
     assert 300 < silent.waited_s < 400
     # in the trickle the wake came within 10 minutes of the step to zero: the node was still there
     assert trickle.woke_s - trickle.to_zero_s < 600 and trickle.placed_s == trickle.woke_s
     assert trickle.waited_s < 200
     (removed,) = r.nodes["removed_s"].dropna()
-    assert removed == pytest.approx(silent.to_zero_s + 600, abs=10)  # empty from the step to zero, 10 minutes
+    # its lone pod had nowhere to go, so each scan that looked at it found it unremovable and left it alone for
+    # --unremovable-node-recheck-timeout (300 s): its unneeded time began at the first look after the step to
+    # zero, up to 300 s (and a scan) later, and ran 600 s
+    recheck = sc.cluster.unremovable_node_recheck_timeout_s
+    assert silent.to_zero_s + 600 < removed <= silent.to_zero_s + 600 + recheck + sc.cluster.scan_interval_s
+    r0 = simulate(sc.override({"cluster.unremovable_node_recheck_timeout_s": 0}), seed=0)
+    (removed0,) = r0.nodes["removed_s"].dropna()
+    assert removed0 == pytest.approx(silent.to_zero_s + 600, abs=10)  # looked at every scan: 10 minutes
+    assert r0.summary.cost < r.summary.cost
 
 
 # ---- a wake budget in the SLO (slo.max_wake_s) and the tune that uses it ------------------------------------

@@ -64,20 +64,34 @@ def test_a_node_is_billed_while_it_boots_and_goes_10_minutes_after_it_is_unneede
 def test_unneeded_time_counts_from_when_the_node_became_removable() -> None:
     # node 1 holds one pod of 4 GPUs from 30 s, under the threshold, but node 0 is full until the scale-down
     # at 105 s: no place to move the pod, so cluster-autoscaler's planner keeps node 1 among the unremovable
-    # and its unneeded time does not run; from the scan of 110 s the pod fits on node 0: removed 600 s later
-    sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0}), seed=0)
-    at(sim, (0.0, lambda: sim.cluster.scale_to(5, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
-    sim.run()
-    assert sim.cluster.nodes.removals == [(710.0, 1)]
+    # and its unneeded time does not run; the pod fits on node 0 from 105 s, but a node found unremovable (at
+    # the scan of 30 s) is not looked at again for --unremovable-node-recheck-timeout (300 s): unneeded from
+    # the scan of 330 s, removed 600 s later; with no recheck timeout, from the scan of 110 s
+    def removals(**changes: Any) -> list[tuple[float, int]]:
+        sim = Simulation(idle(**{"cluster.scale_down_delay_after_add_s": 0, **changes}), seed=0)
+        at(sim, (0.0, lambda: sim.cluster.scale_to(5, 0.0)), (105.0, lambda: sim.cluster.scale_to(4, 105.0)))
+        sim.run()
+        return sim.cluster.nodes.removals
+
+    assert removals() == [(930.0, 1)]
+    assert removals(**{"cluster.unremovable_node_recheck_timeout_s": 0}) == [(710.0, 1)]
+    # rechecked at 90 s, still no room: again at 150 s, removable then
+    assert removals(**{"cluster.unremovable_node_recheck_timeout_s": 60}) == [(750.0, 1)]
+    assert removals(**{"cluster.unremovable_node_recheck_timeout_s": 100}) == [(730.0, 1)]  # 30 + 100 = 130
 
 
 def test_a_lone_node_is_unneeded_only_once_it_is_empty() -> None:
-    # one node, one pod of 4 GPUs (0.25): under the threshold from the start, but its pod has nowhere to go;
-    # the Deployment goes to zero at 1000 s: the node is empty, unneeded from the scan of 1000 s, gone at 1600 s
-    sim = Simulation(idle(), seed=0)
-    at(sim, (1000.0, lambda: sim.cluster.scale_to(0, 1000.0)))
-    sim.run()
-    assert sim.cluster.nodes.removals == [(1600.0, 0)]
+    # one node, one pod of 4 GPUs (0.25): under the threshold from the start, but its pod has nowhere to go:
+    # unremovable at the scans of 10, 310, 610 and 910 s (each time not rechecked for 300 s); the Deployment
+    # goes to zero at 1000 s, the empty node is next looked at in the scan of 1210 s: gone at 1810 s. Without
+    # the recheck timeout unneeded from the scan of 1000 s, gone at 1600 s
+    def removals(recheck_s: float) -> list[tuple[float, int]]:
+        sim = Simulation(idle(**{"cluster.unremovable_node_recheck_timeout_s": recheck_s}), seed=0)
+        at(sim, (1000.0, lambda: sim.cluster.scale_to(0, 1000.0)))
+        sim.run()
+        return sim.cluster.nodes.removals
+
+    assert removals(300.0) == [(1810.0, 0)] and removals(0.0) == [(1600.0, 0)]
 
 
 def test_a_node_at_the_utilization_threshold_stays() -> None:
@@ -109,11 +123,12 @@ def test_a_node_with_pods_is_drained_when_they_fit_elsewhere() -> None:
     pods = sim.cluster.pods
     at(sim, (50.0, lambda: sim.cluster.crash(pods[1], 50.0)), (55.0, lambda: sim.cluster.scale_to(4, 55.0)))
     ts = sim.run().timeseries.set_index("time_s")
-    # under the threshold from the first scan, but removable (its pod fits in node 0's free GPU) only from the
-    # scan of 60 s: unneeded since then, drained at 660 s
-    assert sim.cluster.nodes.removals == [(660.0, 1)]
-    assert len(pods) == 6 and pods[5].created_s == 660.0  # the evicted pod 4 was replaced on node 0
-    assert ts["ready_replicas"][659] == 4 and ts["ready_replicas"][665] == 3 and ts["ready_replicas"][671] == 4
+    # under the threshold from the first scan (10 s), but unremovable then (node 0 is full), so not looked at
+    # again until the scan of 310 s; its pod fits in node 0's free GPU since 55 s: unneeded from 310 s, drained
+    # at 910 s (with no recheck timeout from the scan of 60 s, at 660 s: _drained)
+    assert sim.cluster.nodes.removals == [(910.0, 1)]
+    assert len(pods) == 6 and pods[5].created_s == 910.0  # the evicted pod 4 was replaced on node 0
+    assert ts["ready_replicas"][909] == 4 and ts["ready_replicas"][915] == 3 and ts["ready_replicas"][921] == 4
     no_room = Simulation(idle(**{"pods.replicas": 5}), seed=0)  # node 0 full: node 1 stays
     no_room.run()
     assert no_room.cluster.nodes.removals == []
@@ -136,8 +151,9 @@ def test_a_burst_after_a_node_was_removed_waits_for_a_new_node() -> None:
 # ---- a PodDisruptionBudget on the drains ------------------------------------------------------------------
 def _drained(**changes: Any) -> list[tuple[float, int]]:
     """The drain of test_a_node_with_pods_is_drained_when_they_fit_elsewhere (4 ready pods wanted, node 1's
-    one pod fits on node 0 from 60 s, drained at 660 s) under ``changes``: the nodes removed."""
-    sim = Simulation(idle(**{"pods.replicas": 5, **changes}), seed=0)
+    one pod fits on node 0 from 60 s, drained at 660 s with no recheck timeout, which these take) under
+    ``changes``: the nodes removed."""
+    sim = Simulation(idle(**{"pods.replicas": 5, "cluster.unremovable_node_recheck_timeout_s": 0, **changes}), seed=0)
     pods = sim.cluster.pods
     at(sim, (50.0, lambda: sim.cluster.crash(pods[1], 50.0)), (55.0, lambda: sim.cluster.scale_to(4, 55.0)))
     sim.run()

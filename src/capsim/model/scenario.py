@@ -779,6 +779,10 @@ class ClusterSpec(_Section):
     )
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
+    unremovable_node_recheck_timeout_s: Float = Field(
+        300.0, ge=0, description="--unremovable-node-recheck-timeout: a node the removal simulation found "
+                                 "unremovable (its pods fit nowhere else, or the PodDisruptionBudget has no "
+                                 "disruption left) is not considered for scale-down again until this long after")
     # a node that fails (faults.node_failures): when its pods leave the endpoints, are replaced, and it goes
     node_monitor_grace_s: Float = Field(
         40.0, ge=0, description="kube-controller-manager --node-monitor-grace-period: a node silent this long is "

@@ -62,8 +62,8 @@ class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "interrupted_s",
-                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unneeded_since", "used",
-                 "zone")  # used: GPUs its pods hold
+                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unneeded_since",
+                 "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
                  spot: bool = False) -> None:
@@ -78,6 +78,8 @@ class Node:
         self.image_at_s: float | None = None  # when the image is (or will be) on the node
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
+        # cluster-autoscaler's removal simulation found it unremovable: no scale-down candidate before this
+        self.unremovable_until = -math.inf
         self.failed_s: float | None = None  # when it died (faults.node_failures): no pod is placed on it again
         self.failures = 0  # how often it failed (a partition that heals may be followed by another)
         self.interrupted_s: float | None = None  # a spot node's interruption notice (cluster.spot)
@@ -387,8 +389,15 @@ class NodePool:
                 and n.failed_s is None]  # a failed node goes by its own timer (fail)
         # the candidates under the threshold, those unneeded at the last scan first (the previous-candidates
         # sorting processor), so a budget or the room a node takes does not reset a running timer
-        under = [n for n in live if n.used / n.gpus < spec.scale_down_utilization_threshold]
+        # (a node found unremovable within --unremovable-node-recheck-timeout is no candidate: the eligibility
+        # checker's RecentlyUnremovable)
+        under = [n for n in live if n.used / n.gpus < spec.scale_down_utilization_threshold
+                 and now >= n.unremovable_until]
         removable = self._removable(sorted(under, key=lambda n: n.unneeded_since is None))
+        recheck = now + spec.unremovable_node_recheck_timeout_s
+        for n in under:
+            if n not in removable:  # the simulation's unremovable: AddTimeout(now + the recheck timeout)
+                n.unremovable_until = recheck
         for n in live:  # unneeded: under the threshold and removable (the planner's categorizeNodes)
             if n in removable:
                 if n.unneeded_since is None:
