@@ -316,8 +316,8 @@ def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:
         return {"type": "External", "external": {"metric": {"name": "capsim_gateway_requests_total"},
                                                  "target": {"type": "AverageValue", "averageValue": target}}}
 
-    def fired(target: str) -> list[Finding]:
-        s = bursts(gateway(target)).override({"autoscaler.keda": {"fallback": {"replicas": 4}}})
+    def fired(target: str, release: str = "2.17") -> list[Finding]:
+        s = bursts(gateway(target)).override({"autoscaler.keda": {"fallback": {"replicas": 4}, "release": release}})
         return [f for f in run_checks(s) if f.check == "keda-fallback-fractional-target"]
 
     (f,) = fired("1.5")
@@ -327,3 +327,5 @@ def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:
     (g,) = fired("500m")
     assert "proposes 0 pods, not 4" in g.message
     assert not fired("3") and not fired("2.5")  # ceil(2 x 4 / 2.5) = 4: the same count
+    assert not fired("1.5", "2.18")  # 2.18 answers 1.5 x 4 = 6: the HPA proposes 4
+    assert "release 2.16" in fired("1.5", "2.16")[0].message

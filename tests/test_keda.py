@@ -292,7 +292,7 @@ def test_a_fallback_is_exported_as_simulated_and_its_absence_is_named(tmp_path: 
     assert obj["spec"]["fallback"] == {"failureThreshold": 4, "replicas": 2}
     readme = (tmp_path / "fb" / "README.md").read_text()
     assert "| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | 4 / 2 / static |" in readme
-    assert "| KEDA release simulated | 2.17 and later |" in readme
+    assert "| KEDA release simulated | 2.18 and later |" in readme
     assert "the HPA that KEDA creates goes to 2 pods after 4 failed reads" in readme
     assert "stays at zero until it answers again, fallback or not" in readme  # kedacore/keda#7239
     export_scenario(keda(fallback={"replicas": 3, "behavior": "currentReplicasIfHigher"}), tmp_path / "hi", target)

@@ -24,7 +24,7 @@ VALUE_GATEWAY = {"type": "External", "external": {"metric": {"name": "capsim_gat
 def test_from_2_17_a_poll_in_error_changes_nothing_fallback_or_not() -> None:
     for fallback in (None, 3):
         ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, last_active_s=0.0, fallback_replicas=fallback)
-        assert ex.release == "2.17"  # the default
+        assert ex.release == "2.18"  # the default: 2.18's operator is 2.17's
         assert [ex.request_scale(t, n, active=False, error=True) for t, n in ((30.0, 5), (400.0, 5), (900.0, 0))] \
             == [None, None, None]  # no fallback set, no step to zero past the cooldown, no wake from zero
         assert ex.last_active_s == 0.0
@@ -53,7 +53,7 @@ def test_from_2_17_a_fallback_of_zero_replicas_makes_a_poll_in_error_an_idle_one
 
 
 def test_a_release_is_one_keda_has() -> None:
-    with pytest.raises(ValueError, match=r"release must be one of 2.17, 2.16, got '2.15'"):
+    with pytest.raises(ValueError, match=r"release must be one of 2.18, 2.17, 2.16, got '2.15'"):
         ScaleExecutor(release="2.15")  # type: ignore[arg-type]
 
 
@@ -103,10 +103,26 @@ def test_a_zero_threshold_falls_back_at_the_first_failure() -> None:
     assert FallbackHealth(failure_threshold=0, replicas=2).read(0, None, True, 3.0) == 6.0
 
 
-def test_the_fallback_truncates_the_target_to_an_integer_as_keda_does() -> None:
-    h = FallbackHealth(failure_threshold=0, replicas=4)
-    assert h.read(0, None, True, 2.7) == 8.0  # int64(2.7) x 4
-    assert h.read(0, None, True, 0.5) == 0.0  # a target below 1: the HPA goes to its minimum
+def test_the_fallback_truncates_the_target_to_an_integer_as_keda_did_before_2_18() -> None:
+    for release in ("2.17", "2.16"):
+        h = FallbackHealth(failure_threshold=0, replicas=4, release=release)  # type: ignore[arg-type]
+        assert h.read(0, None, True, 2.7) == 8.0  # int64(2.7) x 4
+        assert h.read(0, None, True, 0.5) == 0.0  # a target below 1: the HPA goes to its minimum
+    new = FallbackHealth(failure_threshold=0, replicas=4)  # 2.18: NewMilliQuantity(int64(target x 1000 x 4))
+    assert new.read(0, None, True, 2.7) == 10.8 and new.read(0, None, True, 0.5) == 2.0
+    assert FallbackHealth(failure_threshold=0, replicas=3).read(0, None, True, 0.3333) == 0.999  # whole thousandths
+
+
+def test_from_2_18_a_value_target_falls_back_through_the_ready_pods() -> None:
+    # kedacore/keda#6655: target x n / readyReplicas, so the HPA's Value rule (ratio x ready pods) proposes n
+    h = FallbackHealth(failure_threshold=0, replicas=6)
+    assert h.read(0, None, True, 2.0, value_target=True, ready_replicas=4) == 3.0  # 2 x 6 / 4
+    assert h.read(0, None, True, 1.0, value_target=True, ready_replicas=3) == 2.0
+    assert h.read(0, None, True, 1.0, value_target=True, ready_replicas=7) == 0.857  # 6/7 in thousandths
+    assert h.read(0, None, True, 2.0, value_target=True, ready_replicas=0) is None  # no ready pod: an error
+    assert h.fallbacks == 3
+    old = FallbackHealth(failure_threshold=0, replicas=6, release="2.17")
+    assert old.read(0, None, True, 2.0, value_target=True, ready_replicas=4) is None  # none before 2.18
 
 
 @pytest.mark.parametrize(("behavior", "current", "proposed"), [
@@ -128,7 +144,7 @@ def test_a_fallback_behavior_is_one_keda_has() -> None:
         FallbackHealth(failure_threshold=0, replicas=4, behavior="max")  # type: ignore[arg-type]
 
 
-def test_no_fallback_or_a_value_target_is_always_an_error() -> None:
+def test_no_fallback_or_no_target_is_always_an_error() -> None:
     assert FallbackHealth(failure_threshold=None, replicas=0).read(0, None, True, 5.0) is None
     h = FallbackHealth(failure_threshold=0, replicas=3)
     assert [h.read(0, None, True, None) for _ in range(5)] == [None] * 5
@@ -143,10 +159,13 @@ def keda_plan(**keda: Any) -> Scenario:
                                      "autoscaler.keda": {"cooldown_period_s": 300, **keda}})
 
 
-def test_a_fallback_needs_average_value_targets_and_names_the_metric() -> None:
-    with pytest.raises(SettingsError, match=r"keda.fallback needs every trigger's metric type AverageValue.*"
+def test_a_fallback_needs_average_value_targets_before_2_18_and_names_the_metric() -> None:
+    with pytest.raises(SettingsError, match=r"keda.fallback needs every trigger's metric type AverageValue before "
+                                            r"release 2.18 \(KEDA 2.17 refuses.*"
                                             r"metrics\[0\] \(capsim_gateway_requests_total\) targets a Value"):
-        bursts(VALUE_GATEWAY).override({"autoscaler.keda": {"fallback": {"replicas": 2}}})
+        bursts(VALUE_GATEWAY).override({"autoscaler.keda": {"fallback": {"replicas": 2}, "release": "2.17"}})
+    s = bursts(VALUE_GATEWAY).override({"autoscaler.keda": {"fallback": {"replicas": 2}}})  # 2.18 takes it
+    assert s.autoscaler is not None and s.autoscaler.keda is not None and s.autoscaler.keda.release == "2.18"
     with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.replicas"):
         keda_plan(fallback={"failure_threshold": 3})
     with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.failure_threshold"):
@@ -154,7 +173,8 @@ def test_a_fallback_needs_average_value_targets_and_names_the_metric() -> None:
 
 
 def test_a_fallback_behavior_needs_release_2_17_and_says_so() -> None:
-    with pytest.raises(SettingsError, match=r"autoscaler.keda.*fallback.behavior 'currentReplicas' needs release 2.17"):
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.*fallback.behavior 'currentReplicas' needs release "
+                                            r"2.17 or later"):
         keda_plan(release="2.16", fallback={"replicas": 2, "behavior": "currentReplicas"})
     with pytest.raises(SettingsError, match=r"autoscaler.keda.fallback.behavior"):
         keda_plan(fallback={"replicas": 2, "behavior": "currentReplica"})
@@ -204,6 +224,21 @@ def test_2_17_a_fallback_acts_through_the_hpa_by_its_behavior() -> None:
     assert (kept == 2).all()
     lower = during({"replicas": 4, "behavior": "currentReplicasIfLower"})  # the 2 it has are fewer than 4
     assert (lower == 2).all()
+
+
+def test_2_18_a_fallback_on_a_value_target_takes_the_hpa_to_its_replicas() -> None:
+    # the gateway's rate (1.5 requests/s) as a Value target of 1: the HPA multiplies its pods by the rate over the
+    # target and sits at its maximum, 4; in the outage KEDA 2.18 answers target x 2 / ready pods, so the HPA's
+    # Value rule (ceil(value / target x ready pods)) proposes 2 once its 4th read has failed, and it goes there
+    # after its 60 s scale-down window
+    plan = keda_plan(fallback={"failure_threshold": 3, "replicas": 2}).override(
+        {"autoscaler.metrics": [VALUE_GATEWAY]})
+    r = simulate(outage(plan), seed=0)
+    ts = r.timeseries.set_index("time_s")["desired_replicas"]
+    assert ts.loc[OUT[0]] == 4 and (ts.loc[OUT[0] + 4 * 15 + 60 + 15:OUT[1]] == 2).all()
+    without = simulate(outage(plan.override({"autoscaler.keda.fallback": None})), seed=0)
+    held = without.timeseries.set_index("time_s")["desired_replicas"].loc[OUT[0]:OUT[1]]
+    assert (held == 4).all()  # no fallback: every read an error, the HPA holds
 
 
 def test_2_17_a_deployment_at_zero_stays_at_zero_through_the_outage_fallback_or_not() -> None:

@@ -379,6 +379,9 @@ def simulate(
         who = (f"KEDA's polls (release 2.16) were in error and set its fallback, {fb.replicas} pods"
                if fb is not None and fb.replicas else
                "KEDA's polls (release 2.16) were in error (no fallback) and its HPA read no metric")
+    elif fb is not None and fb.replicas == 0:
+        who = (f"KEDA's polls were in error and, with a fallback of 0 replicas, idle ones (to zero a cooldown after "
+               f"the last active poll); its HPA read the fallback after {fb.failure_threshold} failed reads")
     elif fb is not None:
         held = f"{fb.replicas} pods" if fb.behavior == "static" else f"{fb.behavior}, {fb.replicas} pods"
         who = (f"KEDA's polls were in error and changed nothing; its HPA read the fallback ({held}) after "

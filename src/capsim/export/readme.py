@@ -141,7 +141,8 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines += [f"| KEDA `minReplicaCount` / `maxReplicaCount` | {auto.min_replicas} / {auto.max_replicas} |",
                   f"| KEDA `pollingInterval` / `cooldownPeriod` | {k.polling_interval_s} s / {k.cooldown_period_s} s |"]
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
-        lines.append(f"| KEDA release simulated | {k.release}{' and later' if k.release == '2.17' else ' and earlier'} |")
+        lines.append(f"| KEDA release simulated | {k.release}"
+                     f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
                          f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")

@@ -541,10 +541,11 @@ class MetricQuery(_Section):
 
 class KedaFallback(_Section):
     """KEDA's ``fallback`` (``capsim.policy.keda``): once more than ``failure_threshold`` consecutive reads of
-    a metric by the HPA have failed, KEDA answers the HPA the metric's target (an ``AverageValue`` target,
-    truncated to an integer as KEDA does) times ``replicas``, or by ``behavior`` the Deployment's count or
-    the higher or lower of the two; with ``keda.release`` 2.16 its operator also sets ``replicas`` at each
-    poll in error."""
+    a metric by the HPA have failed, KEDA answers the HPA the value that makes it propose ``replicas`` (or by
+    ``behavior`` the Deployment's count, or the higher or lower of the two): from release 2.18 the target times
+    that count (divided by the ready pods for a ``Value`` target); before, an ``AverageValue`` target only,
+    truncated to an integer; with ``keda.release`` 2.16 its operator also sets ``replicas`` at each poll in
+    error."""
 
     failure_threshold: Int = Field(3, ge=0, description="KEDA fallback.failureThreshold")
     replicas: Int = Field(ge=0, description="KEDA fallback.replicas")
@@ -580,10 +581,11 @@ class Keda(_Section):
                           "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "
                           "trigger takes it back to minReplicas (null: not set)")
     release: Release = Field(
-        "2.17", description="the KEDA release whose operator is simulated: 2.17 (and later) changes nothing on a "
-                            "poll in error, so a Prometheus outage keeps a serving Deployment's pods and a Deployment "
-                            "at zero at zero; 2.16 (and earlier) sets fallback.replicas, or without a fallback takes "
-                            "a minReplicas-0 Deployment to zero a cooldown into the outage")
+        "2.18", description="the KEDA release simulated: 2.18 (and later) and 2.17 change nothing on a poll in "
+                            "error, so a Prometheus outage keeps a serving Deployment's pods and a Deployment at zero "
+                            "at zero; 2.16 (and earlier) sets fallback.replicas, or without a fallback takes a "
+                            "minReplicas-0 Deployment to zero a cooldown into the outage; from 2.18 a fallback also "
+                            "covers Value targets and answers the target times its count unrounded")
 
     @field_validator("release", mode="before")
     @classmethod
@@ -600,9 +602,9 @@ class Keda(_Section):
 
     @model_validator(mode="after")
     def _behavior_needs_2_17(self) -> Self:
-        if self.fallback is not None and self.fallback.behavior != "static" and self.release != "2.17":
-            raise ValueError(f"fallback.behavior {self.fallback.behavior!r} needs release 2.17 (KEDA added it in "
-                             f"2.17; release {self.release} knows only static)")
+        if self.fallback is not None and self.fallback.behavior != "static" and self.release == "2.16":
+            raise ValueError(f"fallback.behavior {self.fallback.behavior!r} needs release 2.17 or later (KEDA added "
+                             f"it in 2.17; release {self.release} knows only static)")
         return self
 
 
@@ -662,11 +664,12 @@ class Autoscaler(_Section):
             for name in self.keda.activation:
                 if name not in names:
                     raise ValueError(f"keda.activation.{name}: no metric of this name in metrics (names: {names})")
-            if self.keda.fallback is not None:
+            if self.keda.fallback is not None and self.keda.release != "2.18":
                 for i, m in enumerate(hpa.metrics):
                     if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)
-                        raise ValueError(f"keda.fallback needs every trigger's metric type AverageValue (KEDA refuses "
-                                         f"a fallback otherwise), but metrics[{i}] ({m.name}) targets a {m.target_type}")
+                        raise ValueError(f"keda.fallback needs every trigger's metric type AverageValue before release "
+                                         f"2.18 (KEDA {self.keda.release} refuses a fallback otherwise), but "
+                                         f"metrics[{i}] ({m.name}) targets a {m.target_type}")
         for name, q in self.queries.items():
             if name not in names:
                 raise ValueError(f"queries.{name}: no metric of this name in metrics (names: {names})")

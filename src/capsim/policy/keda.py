@@ -26,9 +26,10 @@ pods while there is traffic and none after a cooldown without it; between them t
 ``minReplicas`` is 2, is disabled at zero.
 
 A trigger whose query fails (Prometheus down) is not active, and the poll is *in error*. What the operator
-does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), so the executor takes a ``release``:
+does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), and what the fallback answers the HPA
+in 2.18, so the executor and :class:`FallbackHealth` take a ``release``:
 
-* ``"2.17"`` (2.17 and later, the default): a poll in error with no trigger active changes nothing, with no
+* ``"2.18"`` (2.18 and later, the default) and ``"2.17"``: a poll in error with no trigger active changes nothing, with no
   fallback or one whose ``replicas`` is not 0 (``RequestScale``'s ``isError`` cases only log and set the
   Ready condition). A Deployment serving when Prometheus goes down keeps its pods; one at zero stays at
   zero, fallback or not (kedacore/keda#7239, open: the HPA, which applies the fallback, is disabled at zero
@@ -45,12 +46,15 @@ does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), so the exe
 The HPA that KEDA creates reads each trigger's metric from KEDA's metrics server, which counts the
 consecutive failed reads of each metric (``status.health``, ``pkg/fallback/fallback.go``
 ``GetMetricsWithFallback``): a success resets the count; a failure answers the HPA with an error (the HPA
-holds, as with any failed metric), unless a fallback is set, the target is an ``AverageValue`` and the
-count is above ``failureThreshold``: then the answer is ``int(target) x n`` (:class:`FallbackHealth`), so
-the HPA proposes ``n`` (for an integer target), where ``n`` is by ``fallback.behavior`` (``doFallback``,
-2.17 on): ``static`` (the default) ``fallback.replicas``; ``currentReplicas`` the Deployment's count;
-``currentReplicasIfHigher`` the higher of the two; ``currentReplicasIfLower`` the lower. In 2.17 and later
-this is the only way a fallback acts, through the HPA's behavior (its policies and windows).
+holds, as with any failed metric), unless a fallback is set and the count is above ``failureThreshold``:
+then the answer is the value that makes the HPA propose ``n`` (:class:`FallbackHealth`). Until 2.17 only an
+``AverageValue`` target has one, ``int(target) x n`` (for an integer target the HPA proposes ``n``); from 2.18
+(kedacore/keda#6655; documented for 2.18 in kedacore/keda-docs#1606) ``target x n`` in whole thousandths, and
+a ``Value`` target has one too, ``target x n / readyReplicas`` (none while no pod is ready). ``n`` is by
+``fallback.behavior`` (``doFallback``, 2.17 on): ``static`` (the default) ``fallback.replicas``;
+``currentReplicas`` the Deployment's count; ``currentReplicasIfHigher`` the higher of the two;
+``currentReplicasIfLower`` the lower. In 2.17 and later this is the only way a fallback acts, through the
+HPA's behavior (its policies and windows).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ from typing import Literal, get_args
 
 from capsim.policy.hpa_types import check_int, check_number
 
-#: KEDA releases whose operator acts differently on a poll in error (see the module docstring)
-Release = Literal["2.17", "2.16"]
+#: KEDA releases whose operator (2.16 against later) or fallback (2.18 against earlier) differ (see the module
+#: docstring)
+Release = Literal["2.18", "2.17", "2.16"]
 RELEASES: tuple[Release, ...] = get_args(Release)
 #: ``fallback.behavior`` (KEDA 2.17 on)
 FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
@@ -87,7 +92,7 @@ class ScaleExecutor:
     #: ``status.lastActiveTime``: the last poll that found a trigger active (None: never)
     last_active_s: float | None = None
     fallback_replicas: int | None = None
-    release: Release = "2.17"
+    release: Release = "2.18"
     idle_replica_count: int | None = None
 
     def __post_init__(self) -> None:
@@ -148,16 +153,20 @@ class FallbackHealth:
     """KEDA's metrics server answering the HPA: the consecutive failed reads of each metric and, past
     ``failure_threshold`` of them, the fallback's value (``GetMetricsWithFallback``, ``doFallback``)."""
 
-    def __init__(self, failure_threshold: int | None, replicas: int, behavior: FallbackBehavior = "static") -> None:
+    def __init__(self, failure_threshold: int | None, replicas: int, behavior: FallbackBehavior = "static",
+                 release: Release = "2.18") -> None:
         """``failure_threshold`` None: no fallback (every failed read is an error to the HPA)."""
         if failure_threshold is not None:
             check_int("failure_threshold", failure_threshold, minimum=0)
         check_int("replicas", replicas, minimum=0)
         if behavior not in FALLBACK_BEHAVIORS:
             raise ValueError(f"behavior must be one of {', '.join(FALLBACK_BEHAVIORS)}, got {behavior!r}")
+        if release not in RELEASES:
+            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {release!r}")
         self.failure_threshold = failure_threshold
         self.replicas = replicas
         self.behavior: FallbackBehavior = behavior
+        self.release: Release = release
         #: metric index -> consecutive failed reads (``status.health[metric].numberOfFailures``)
         self.failures: dict[int, int] = {}
         self.fallbacks = 0  # reads answered with the fallback's value
@@ -174,18 +183,34 @@ class FallbackHealth:
             return min(current_replicas, self.replicas)
         return self.replicas
 
-    def read(self, metric: int, value: float | None, failed: bool, average_target: float | None,
-             current_replicas: int = 0) -> float | None:
+    def read(self, metric: int, value: float | None, failed: bool, target: float | None,
+             current_replicas: int = 0, value_target: bool = False, ready_replicas: int = 0) -> float | None:
         """What the HPA gets for ``metric`` whose query gave ``value`` (``failed``: the query failed):
-        ``value`` on success; on a failure None (an error) or, with a fallback, an ``AverageValue`` target
-        and more than ``failure_threshold`` failures in a row, ``int(average_target)`` times the fallback's
-        count (:meth:`fallback_replicas` of ``current_replicas``)."""
+        ``value`` on success; on a failure None (an error) or, with a fallback and more than
+        ``failure_threshold`` failures in a row, the fallback's value for the metric's ``target`` (None: a
+        target the fallback does not cover), ``n`` being :meth:`fallback_replicas` of ``current_replicas``:
+
+        * before 2.18, an ``AverageValue`` target only (``value_target`` False; a ``Value`` target stays an
+          error): ``int(target) x n``;
+        * from 2.18 (kedacore/keda#6655): ``target x n`` for an ``AverageValue`` target and ``target x n /
+          ready_replicas`` for a ``Value`` one (the HPA multiplies a Value metric's ratio by its ready pods),
+          in whole thousandths (``NewMilliQuantity(int64(target x 1000 x n))``); with no ready pod the
+          fallback itself fails (``getReadyReplicasCount``) and the read is an error."""
         if not failed:
             self.failures[metric] = 0
             return value
         n = self.failures[metric] = self.failures.get(metric, 0) + 1
-        if self.failure_threshold is None or average_target is None or n <= self.failure_threshold:
+        if self.failure_threshold is None or target is None or n <= self.failure_threshold:
             return None
+        replicas: float = self.fallback_replicas(current_replicas)
+        if self.release != "2.18":
+            if value_target:
+                return None  # no fallback for a Value target before 2.18
+            self.fallbacks += 1
+            return float(int(target) * replicas)  # doFallback: int64(target's float) x replicas
+        if value_target:
+            if ready_replicas <= 0:
+                return None  # "status.readyReplicas is 0": the fallback errs, and so does the read
+            replicas /= ready_replicas
         self.fallbacks += 1
-        # doFallback: int64(target's float) x replicas
-        return float(int(average_target) * self.fallback_replicas(current_replicas))
+        return int(target * 1000 * replicas) / 1000

@@ -140,7 +140,7 @@ class Autoscaling:
                                       spec.keda.idle_replica_count)
             self.keda_health = FallbackHealth(fb.failure_threshold if fb is not None else None,
                                               fb.replicas if fb is not None else 0,
-                                              fb.behavior if fb is not None else "static")
+                                              fb.behavior if fb is not None else "static", spec.keda.release)
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
@@ -273,8 +273,9 @@ class Autoscaling:
                 if external:
                     total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
-                        total = health.read(k, total, down, target if target_type == "AverageValue" else None,
-                                            current)
+                        value_target = target_type == "Value"
+                        ready = sum(1 for p in pods if p.ready_condition) if value_target and down else 0
+                        total = health.read(k, total, down, target, current, value_target, ready)
                     if k == 0:
                         self.last_value = math.nan if total is None else total
                     proposals.append(None if total is None else self._external_replicas(

@@ -71,8 +71,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
-* ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number: KEDA's
-  fallback value is ``int(target) x replicas``, so the HPA proposes ``ceil(int(target) x replicas /
+* ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number under KEDA
+  2.17 or 2.16 (``keda.release``): their fallback value is ``int(target) x replicas``, so the HPA proposes ``ceil(int(target) x replicas /
   target)`` pods (none for a target below 1), not ``replicas``; fires when the two differ.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
@@ -556,7 +556,7 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     # how the Deployment goes to zero, and how not to
     zero, keep = (("minReplicas 0", "keep minReplicas above 0") if auto.min_replicas == 0 else
                   ("idle_replica_count 0", "drop idle_replica_count"))
-    if keda.release == "2.17" and auto.goes_to_zero and outages:
+    if keda.release != "2.16" and auto.goes_to_zero and outages:
         found.append(Finding(
             "autoscaler.minReplicas" if auto.min_replicas == 0 else "autoscaler.keda.idle_replica_count",
             f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
@@ -576,7 +576,7 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
             "traffic or not (kedacore/keda#965); "
             f"set fallback.replicas to hold pods, or {keep}", level="warn",
             check="keda-outage-to-zero"))
-    if fb is not None:
+    if fb is not None and keda.release != "2.18":  # from 2.18 the value is not truncated
         for m in auto.to_hpa().metrics:
             proposal = math.ceil(int(m.target) * fb.replicas / m.target)
             if proposal != fb.replicas:
@@ -586,7 +586,8 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
                     f"proposes {proposal} pods, not {fb.replicas}, once the fallback is on"
                     + (" (its operator still sets the replicas at each poll: the two fight)"
                        if keda.release == "2.16" else "")
-                    + "; use a whole-number target", level="warn", check="keda-fallback-fractional-target"))
+                    + f"; use a whole-number target (release {keda.release}; 2.18 and later do not truncate it)",
+                    level="warn", check="keda-fallback-fractional-target"))
     return found
 
 
