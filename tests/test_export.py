@@ -160,6 +160,7 @@ KEDA_SCALED_OBJECT = {
                         "type": {"const": "prometheus"},
                         "name": {"type": "string"},
                         "metricType": {"enum": ["Value", "AverageValue", "Utilization"]},
+                        "useCachedMetrics": {"type": "boolean"},
                         # the Prometheus scaler's required metadata (keda.sh/docs/latest/scalers/prometheus)
                         "metadata": {"type": "object", "required": ["serverAddress", "query", "threshold"],
                                      "additionalProperties": {"type": "string"}},

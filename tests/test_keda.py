@@ -3,6 +3,7 @@ check ``scale-to-zero-cannot-wake`` is in ``test_checks.py``."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -559,3 +560,49 @@ def test_idle_mode_serves_through_a_crash_at_the_cost_of_scaling_to_zero_on_whol
     assert zero.ttft_p99_warm_s > 5 and not zero.slo_met  # the lone pod's crash: nothing serves until it restarts
     assert idle.ttft_p99_warm_s < 1 and idle.slo_met
     assert idle.longest_wake_s == pytest.approx(zero.longest_wake_s, abs=30)  # the same wakes from zero
+
+
+# ---- useCachedMetrics ---------------------------------------------------------------------------------------
+def test_cached_metrics_give_the_hpa_the_value_of_keda_s_last_poll() -> None:
+    from capsim.sim import Simulation
+
+    def run(**keda_settings: Any) -> tuple[Any, Any]:
+        sim = Simulation(keda(**keda_settings), seed=0)
+        return sim, sim.run()
+
+    (cached_sim, cached), (fresh_sim, fresh) = run(use_cached_metrics=True), run()
+    polls = cached.keda_polls["time_s"].to_numpy()
+    assert polls.size > 50
+    def spells(sim: Any) -> list[set[float]]:
+        """The values the HPA read at its syncs, grouped by the KEDA poll before them (after the first)."""
+        groups: dict[int, set[float]] = {}
+        for t, _, _, value in sim.autoscaling.syncs:
+            g = int(np.searchsorted(polls, t, side="right"))
+            if g > 0 and not math.isnan(value):
+                groups.setdefault(g, set()).add(round(value, 9))
+        return list(groups.values())
+    cached_spells, fresh_spells = spells(cached_sim), spells(fresh_sim)
+    assert all(len(v) == 1 for v in cached_spells)  # 30 s polls, 15 s syncs: each poll's value read twice
+    assert sum(len(v) > 1 for v in fresh_spells) > 10  # afresh, two syncs after one poll read different rates
+    # the second burst (1500 s) is seen by the HPA only from the first poll after it: it scales up no sooner
+    first_up = [r.scale_events.query("by == 'hpa' and time_s > 1500 and to_replicas > from_replicas")["time_s"].min()
+                for r in (cached, fresh)]
+    assert first_up[0] >= first_up[1]
+
+
+def test_cached_metrics_are_exported_on_every_trigger(tmp_path: Any) -> None:
+    import jsonschema
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from test_export import KEDA_SCALED_OBJECT
+
+    export_scenario(keda(use_cached_metrics=True), tmp_path, DeployTarget(name="agent", namespace="agents"))
+    obj = yaml.safe_load((tmp_path / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert [t.get("useCachedMetrics") for t in obj["spec"]["triggers"]] == [True]
+    assert "| KEDA `useCachedMetrics` (every trigger) | true: the HPA reads the value of KEDA's last poll" in (
+        tmp_path / "README.md").read_text()
+    export_scenario(keda(), tmp_path / "plain", DeployTarget(name="agent", namespace="agents"))
+    plain = yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())
+    assert all("useCachedMetrics" not in t for t in plain["spec"]["triggers"])

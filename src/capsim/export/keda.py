@@ -47,12 +47,15 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         meta = {"serverAddress": target.prometheus_url, "query": promql, "threshold": f"{metric.target:g}"}
         if keda is not None and metric.name in keda.activation:
             meta["activationThreshold"] = f"{keda.activation[metric.name]:g}"
-        triggers.append({
+        trigger: dict[str, Any] = {
             "type": "prometheus",
             "name": re.sub(r"[^a-z0-9-]", "-", metric.name.lower()),
             "metricType": "Value" if metric.target_type == "Value" else "AverageValue",
             "metadata": meta,
-        })
+        }
+        if keda is not None and keda.use_cached_metrics:  # the HPA reads the value of KEDA's last poll
+            trigger["useCachedMetrics"] = True
+        triggers.append(trigger)
     ref = scale_target_ref(scenario, target)
     spec: dict[str, Any] = {
         "scaleTargetRef": {k: ref[k] for k in ("apiVersion", "kind", "name") if k in ref},

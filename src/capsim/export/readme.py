@@ -143,6 +143,9 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
         lines.append(f"| KEDA release simulated | {k.release}"
                      f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")
+        if k.use_cached_metrics:
+            lines.append(f"| KEDA `useCachedMetrics` (every trigger) | true: the HPA reads the value of KEDA's last "
+                         f"poll, refreshed every {k.polling_interval_s} s |")
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
                          f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")

@@ -576,6 +576,9 @@ class Keda(_Section):
     fallback: KedaFallback | None = Field(
         None, description="KEDA fallback: the replicas the HPA is given while the triggers' queries fail (None: "
                           "none)")
+    use_cached_metrics: Bool = Field(
+        False, description="every trigger's useCachedMetrics: the HPA that KEDA creates reads each metric as KEDA's "
+                           "last poll found it (every polling_interval_s), not afresh at each of its syncs")
     idle_replica_count: Int | None = Field(
         None, description="KEDA idleReplicaCount (only 0, the one value KEDA supports): with no trigger active for "
                           "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "

@@ -127,6 +127,9 @@ class Autoscaling:
         self._down = faults.metrics_down if faults.has_metrics_outages else None  # Prometheus down at a time
         self.keda: ScaleExecutor | None = None
         self.keda_health: FallbackHealth | None = None  # KEDA's metrics server, as the HPA reads it
+        # useCachedMetrics: each trigger's value (None: no value) and whether its query failed, as KEDA's last
+        # poll found them; the HPA reads these (from the first poll on: before it, afresh). None: not cached
+        self._keda_cache: dict[int, tuple[float | None, bool]] | None = None
         #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
         self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
         if spec.keda is not None:
@@ -142,6 +145,8 @@ class Autoscaling:
                                               fb.replicas if fb is not None else 0,
                                               fb.behavior if fb is not None else "static", spec.keda.release)
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
+            if spec.keda.use_cached_metrics:
+                self._keda_cache = {}
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
 
@@ -271,11 +276,16 @@ class Autoscaling:
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
                 external, target_type = self._external[k]
                 if external:
-                    total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
+                    cached = self._keda_cache.get(k) if self._keda_cache is not None else None
+                    if cached is not None:  # useCachedMetrics: what KEDA's last poll found
+                        total, failed = cached
+                    else:
+                        failed = down
+                        total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
-                        ready = sum(1 for p in pods if p.ready_condition) if value_target and down else 0
-                        total = health.read(k, total, down, target, current, value_target, ready)
+                        ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
+                        total = health.read(k, total, failed, target, current, value_target, ready)
                     if k == 0:
                         self.last_value = math.nan if total is None else total
                     proposals.append(None if total is None else self._external_replicas(
@@ -318,7 +328,14 @@ class Autoscaling:
             pods = cluster.live_pods
             active = False
             error = self._prometheus_down(now)  # every trigger's query fails: none is active
-            triggers = () if error else zip(self.metrics, self._activation, strict=True)
+            cache = self._keda_cache
+            if cache is not None:  # useCachedMetrics: every trigger's value is read, and kept for the HPA
+                for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(
+                        zip(self.metrics, self._activation, strict=True)):
+                    total = None if error else self._external_total(pods, metric, now, query, window_s, quantile)
+                    cache[k] = (total, error)
+                    active = active or (total is not None and total > threshold)
+            triggers = () if error or cache is not None else zip(self.metrics, self._activation, strict=True)
             for (metric, _, query, window_s, quantile), threshold in triggers:
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
                 if total is not None and total > threshold:
