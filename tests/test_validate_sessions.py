@@ -25,6 +25,7 @@ from capsim.studies.validate_sessions import (
     SessionsSpec,
     _Pool,
     _rows,
+    cached_agreement,
     fleet_rate,
     format_results,
     hit_rate_row,
@@ -147,19 +148,36 @@ def test_the_rows_compare_like_with_like_and_the_table_flags_misses(fitted_profi
     w, end = SPEC.warmup_s, SPEC.arrival_s
 
     def pool(real: pd.DataFrame, sim: pd.DataFrame) -> _Pool:
+        matched, equal, diff = cached_agreement(real, sim, w, end)
         return _Pool([vs.cut_blocks(real, w, end)], [vs.cut_blocks(sim, w, end)],
-                     [(100.0, 200.0, 100.0, 200.0)], [(0.0, 0.0)], len(real))
+                     [(100.0, 200.0, 100.0, 200.0)], [(0.0, 0.0)], len(real),
+                     [{"cached_turns": matched, "cached_same_turns": equal, "cached_abs_diff_tokens": diff}])
 
     rows = pd.DataFrame(_rows("session_affinity", 4.0, pool(same.requests, same.requests)))
-    assert set(rows.metric) == {"ttft_p50_s", "ttft_p99_s", "throughput_per_s", "hit_rate", "preemptions"}
+    assert set(rows.metric) == {"ttft_p50_s", "ttft_p99_s", "throughput_per_s", "hit_rate", "cached_turns_same",
+                                "preemptions"}
     assert (rows.loc[rows.metric != "preemptions", "error"] == 0).all()
-    assert rows.loc[rows.metric != "preemptions", "met"].all()
+    targeted = ~rows.metric.isin(["preemptions", "cached_turns_same"])  # the per-turn share is a diagnosis
+    assert rows.loc[targeted, "met"].all()
+    cached = rows[rows.metric == "cached_turns_same"].iloc[0]
+    assert cached.sim == 1.0 and cached.turns_compared > 0 and cached.cached_abs_diff_tokens == 0
     off = pd.DataFrame(_rows("session_affinity", 4.0, pool(same.requests, slower.requests)))
     p50 = off[off.metric == "ttft_p50_s"].iloc[0]
     assert p50.error > 0.1 and not p50.met
     table = format_results(off)
     assert "MISS" in table and "+0.0pt" in table and "ttft_p99_s" in table and "calibration" in table
     assert (off.sim_at == "calibration").all()
+
+
+def test_cached_tokens_are_compared_turn_by_turn_over_the_turns_answered_in_both() -> None:
+    real = pd.DataFrame({"request_id": [0, 1, 2, 3, 4, 5], "outcome": ["ok"] * 5 + ["failed"],
+                         "arrival_s": [0.5, 2.0, 3.0, 4.0, 9.0, 5.0], "cached_tokens": [0, 32, 48, np.nan, 64, 16]})
+    sim = pd.DataFrame({"request_id": [5, 4, 3, 2, 1, 0], "outcome": ["ok"] * 6,
+                        "arrival_s": [5.0, 9.0, 4.0, 3.0, 2.0, 0.5], "cached_tokens": [16, 64, 16, 32, 32, 0]})
+    # in [1, 8): turns 1, 2 and 3 (0 before, 4 after, 5 failed on the pods); 3 has no count (an answer that did not
+    # say): 1 the same, 2 off by 16 tokens, matched by id whatever the order
+    assert cached_agreement(real, sim, 1.0, 8.0) == (2, 1, 8.0)
+    assert cached_agreement(real, sim, 20.0, 30.0)[:2] == (0, 0)
 
 
 def test_a_hits_kv_copy_is_timed_per_cached_token_and_the_process_is_left_as_it_was() -> None:
@@ -274,6 +292,9 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     # round robin's hit rate depends on how fast the pods free and reuse blocks (docs/sessions.md), so on a
     # loaded machine its real side drifts from the simulator's: only the ordering above is promised there
     assert abs(hit.loc["session_affinity", "error"]) < 0.05
+    # and turn by turn: each affinity turn's cached history the same on the pods as in the simulator
+    same = results[(results.metric == "cached_turns_same") & (results.sim_at == "calibration")].set_index("policy")
+    assert same.loc["session_affinity", "turns_compared"] > 0 and same.loc["session_affinity", "sim"] > 0.9
     tp = results[results.metric == "throughput_per_s"]  # both simulations
     assert (tp.real > 0).all() and (tp.sim > 0).all()
     runs = pd.read_csv(tmp_path / "replications.csv")

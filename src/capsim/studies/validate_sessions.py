@@ -426,6 +426,24 @@ def _reasons(frame: Any) -> str:
     return (": " + ", ".join(f"{why} {n}" for why, n in failures.items())) if failures else ""
 
 
+def cached_agreement(real: Any, sim: Any, t0: float, t1: float) -> tuple[int, int, float]:
+    """Turn by turn, the prompt tokens the prefix cache served on the pods (the answers' ``cached_tokens``) and
+    in the simulator, matched by request id (the same session's same turn), over the turns answered in both
+    that the real run sent in ``[t0, t1)``: how many, how many served the same count, and the mean absolute
+    difference in tokens (NaN when none). A turn's count is its history found on the pod it went to, rounded
+    down to a block: the router's choice and the cache's evictions, one turn at a time."""
+    import numpy as np
+
+    r = real[(real["outcome"] == "ok") & (real["arrival_s"] >= t0) & (real["arrival_s"] < t1)]
+    s = sim[sim["outcome"] == "ok"]
+    m = r[["request_id", "cached_tokens"]].merge(s[["request_id", "cached_tokens"]], on="request_id",
+                                                  suffixes=("_real", "_sim")).dropna()
+    if m.empty:
+        return 0, 0, float("nan")
+    d = np.abs(m["cached_tokens_real"].to_numpy(float) - m["cached_tokens_sim"].to_numpy(float))
+    return len(m), int((d == 0).sum()), float(d.mean())
+
+
 def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _Pool,
              spec: SessionsSpec) -> dict[str, Any]:
     """One replication's numbers, real and simulated, for ``replications.csv``."""
@@ -433,10 +451,12 @@ def _run_row(policy: str, seed: int, sessions: int, real: Any, sim: Any, pool: _
 
     r, s = (summarize_frame(df, spec.warmup_s, spec.arrival_s) for df in (real, sim))
     rh, rq, sh, sq = pool.counters[-1]
+    matched, same, diff = cached_agreement(real, sim, spec.warmup_s, spec.arrival_s)
     out: dict[str, Any] = {"policy": policy, "seed": seed, "sessions": sessions, "real_turns": len(real),
                            "sim_turns": len(sim), "real_hit_rate": rh / rq if rq else float("nan"),
                            "sim_hit_rate": sh / sq if sq else float("nan"), "real_prefix_queries": rq,
-                           "sim_prefix_queries": sq, "real_failures": _reasons(real).removeprefix(": ")}
+                           "sim_prefix_queries": sq, "real_failures": _reasons(real).removeprefix(": "),
+                           "cached_turns": matched, "cached_same_turns": same, "cached_abs_diff_tokens": diff}
     for metric in METRICS:
         out[f"real_{metric}"], out[f"sim_{metric}"] = r[metric], s[metric]
     return out
@@ -454,6 +474,7 @@ def _rows(policy: str, rate: float, pool: _Pool, sim_at: str = CALIBRATION) -> l
                      "intervals_overlap": ri.overlaps(si), "target": TARGETS[metric],
                      "met": abs(ei.value) <= TARGETS[metric], "measured_ok": float(real.ok.sum())})
     rows.append({**base, **hit_rate_row(pool.counters)})
+    rows.append({**base, **cached_turns_row(pool.runs)})
     rp, sp = (float(sum(p[i] for p in pool.preemptions)) for i in (0, 1))
     rows.append({**base, "metric": "preemptions", "real": rp, "sim": sp, "error": sp - rp, "error_kind": "count"})
     return rows
@@ -474,6 +495,18 @@ def hit_rate_row(counters: list[tuple[float, float, float, float]]) -> dict[str,
             "sim_low": si.low, "sim_high": si.high, "error": s - r, "error_low": ei.low, "error_high": ei.high,
             "error_kind": "points", "intervals_overlap": ri.overlaps(si), "target": HIT_TARGET_POINTS,
             "met": abs(s - r) <= HIT_TARGET_POINTS}
+
+
+def cached_turns_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The share of turns whose cached prompt tokens were the same on the pods and in the simulator, over the
+    replications (:func:`cached_agreement`; ``real`` 1, ``sim`` the share, ``error`` the share that differ,
+    and the mean absolute difference in tokens beside it). No target: a diagnosis of the hit rate, per turn."""
+    n = sum(int(r["cached_turns"]) for r in runs)
+    same = sum(int(r["cached_same_turns"]) for r in runs)
+    diff = sum(float(r["cached_abs_diff_tokens"]) * int(r["cached_turns"]) for r in runs if r["cached_turns"])
+    share = same / n if n else float("nan")
+    return {"metric": "cached_turns_same", "real": 1.0, "sim": share, "error": share - 1.0,
+            "error_kind": "points", "turns_compared": n, "cached_abs_diff_tokens": diff / n if n else float("nan")}
 
 
 def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | Path = "data/validation/sessions",
