@@ -561,7 +561,7 @@ class Keda(_Section):
     and ``maxReplicas`` as the scenario's HPA does, and KEDA's operator takes the Deployment from zero to
     ``max(1, minReplicas)`` when a trigger is active (its value above its ``activation`` threshold) and back
     to zero ``cooldown_period_s`` after the last poll that found one active (``capsim.policy.keda``). With
-    ``idle_replica_count`` (KEDA's ``idleReplicaCount``, only 0) it goes to zero so whatever ``minReplicas`` is,
+    ``idle_replica_count`` (KEDA's ``idleReplicaCount``, only 0) it goes to zero whatever ``minReplicas`` is,
     and an active trigger takes it back to ``minReplicas``.
     """
 

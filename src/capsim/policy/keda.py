@@ -29,8 +29,8 @@ A trigger whose query fails (Prometheus down) is not active, and the poll is *in
 does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), and what the fallback answers the HPA
 in 2.18, so the executor and :class:`FallbackHealth` take a ``release``:
 
-* ``"2.18"`` (2.18 and later, the default) and ``"2.17"``: a poll in error with no trigger active changes nothing, with no
-  fallback or one whose ``replicas`` is not 0 (``RequestScale``'s ``isError`` cases only log and set the
+* ``"2.18"`` (2.18 and later, the default) and ``"2.17"``: a poll in error with no trigger active changes
+  nothing, with no fallback or one whose ``replicas`` is not 0 (``RequestScale``'s ``isError`` cases only log and set the
   Ready condition). A Deployment serving when Prometheus goes down keeps its pods; one at zero stays at
   zero, fallback or not (kedacore/keda#7239, open: the HPA, which applies the fallback, is disabled at zero
   replicas). A fallback of ``replicas: 0`` matches neither case, so such a poll falls through to the rules
@@ -103,7 +103,7 @@ class ScaleExecutor:
         if self.release not in RELEASES:
             raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {self.release!r}")
         if self.idle_replica_count is not None:
-            check_idle_replica_count(self.idle_replica_count, self.min_replica_count)
+            check_idle_replica_count(self.idle_replica_count)
 
     def request_scale(self, now: float, current_replicas: int, active: bool, error: bool = False) -> int | None:
         """One poll at ``now``: the replica count KEDA sets, or None when it leaves the count alone.
@@ -137,16 +137,14 @@ class ScaleExecutor:
         return None
 
 
-def check_idle_replica_count(idle: int, min_replica_count: int) -> None:
+def check_idle_replica_count(idle: int) -> None:
     """``idleReplicaCount`` as KEDA takes it: 0, the only value it supports (kedacore/keda#2314: the HPA, whose
-    ``minReplicas`` is ``minReplicaCount``, would take any other count straight back up), below the HPA's
-    ``minReplicas`` (the admission webhook's ``CheckReplicaCountBoundsAreValid``)."""
+    ``minReplicas`` is ``minReplicaCount``, would take any other count straight back up). 0 is below any HPA's
+    ``minReplicas`` (at least 1), as the admission webhook's ``CheckReplicaCountBoundsAreValid`` asks."""
     check_int("idle_replica_count", idle, minimum=0)
     if idle != 0:
         raise ValueError(f"idle_replica_count must be 0, the only value KEDA supports (kedacore/keda#2314), "
                          f"got {idle}")
-    if idle >= hpa_min_replicas(min_replica_count):  # never with 0; kept as KEDA's rule
-        raise ValueError(f"idle_replica_count {idle} must be below minReplicaCount {min_replica_count}")
 
 
 class FallbackHealth:

@@ -328,19 +328,18 @@ class Autoscaling:
             pods = cluster.live_pods
             active = False
             error = self._prometheus_down(now)  # every trigger's query fails: none is active
-            cache = self._keda_cache
-            if cache is not None:  # useCachedMetrics: every trigger's value is read, and kept for the HPA
-                for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(
-                        zip(self.metrics, self._activation, strict=True)):
-                    total = None if error else self._external_total(pods, metric, now, query, window_s, quantile)
-                    cache[k] = (total, error)
-                    active = active or (total is not None and total > threshold)
-            triggers = () if error or cache is not None else zip(self.metrics, self._activation, strict=True)
-            for (metric, _, query, window_s, quantile), threshold in triggers:
+            cache = self._keda_cache  # useCachedMetrics: every trigger is read, and kept for the HPA
+            triggers = () if error else zip(self.metrics, self._activation, strict=True)
+            for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
+                if cache is not None:
+                    cache[k] = (total, False)
                 if total is not None and total > threshold:
                     active = True
-                    break
+                    if cache is None:
+                        break
+            if error and cache is not None:
+                cache.update(dict.fromkeys(range(len(self.metrics)), (None, True)))
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)
             self.keda_polls.append((now, active, error, current, -1 if new is None else new))

@@ -58,22 +58,23 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``max_total_unready_percentage`` of the cluster's: cluster-autoscaler halts while it is dark, so the
   evicted pods' replacements get no new node.
 * ``scale-to-zero-cannot-wake`` (fail): ``minReplicas: 0`` (the HPA's ``HPAScaleToZero``, or KEDA's
-  ``minReplicaCount``) or KEDA's ``idle_replica_count`` with no metric that has a value at zero pods: a pod metric summed over the
-  Deployment's pods is 0 when there is none, so once at zero it never comes back and every later request
-  fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
+  ``minReplicaCount``) or KEDA's ``idle_replica_count`` with no metric that has a value at zero pods: a pod
+  metric summed over the Deployment's pods is 0 when there is none, so once at zero it never comes back and
+  every later request fails. Only the gateway's counter (``capsim_gateway_requests_total``) counts requests that no pod took.
 * ``keda-outage-to-zero`` (warn): a Deployment that goes to zero (``minReplicas: 0``, or KEDA's
   ``idle_replica_count``) under KEDA 2.16 (``keda.release``) with no ``fallback`` (or ``replicas: 0``), or
   under 2.17 and later with a ``fallback`` of ``replicas: 0``, in a scenario whose Prometheus outage
   (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose queries fail finds no trigger
   active, so KEDA takes a serving Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it
   until Prometheus is back.
-* ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` (or idle mode) in a scenario with a
-  Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
+* ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` (or idle mode) in a scenario
+  with a Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
 * ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number under KEDA
-  2.17 or 2.16 (``keda.release``): their fallback value is ``int(target) x replicas``, so the HPA proposes ``ceil(int(target) x replicas /
-  target)`` pods (none for a target below 1), not ``replicas``; fires when the two differ.
+  2.17 or 2.16 (``keda.release``): their fallback value is ``int(target) x replicas``, so the HPA proposes
+  ``ceil(int(target) x replicas / target)`` pods (none for a target below 1), not ``replicas``; fires when the
+  two differ.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
@@ -586,7 +587,8 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
                     f"proposes {proposal} pods, not {fb.replicas}, once the fallback is on"
                     + (" (its operator still sets the replicas at each poll: the two fight)"
                        if keda.release == "2.16" else "")
-                    + f"; use a whole-number target (release {keda.release}; 2.18 and later do not truncate it)",
+                    + f"; use a whole-number target (release {keda.release}; 2.18 and later do not "
+                      "truncate it)",
                     level="warn", check="keda-fallback-fractional-target"))
     return found
 
