@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
@@ -606,3 +608,40 @@ def test_cached_metrics_are_exported_on_every_trigger(tmp_path: Any) -> None:
     export_scenario(keda(), tmp_path / "plain", DeployTarget(name="agent", namespace="agents"))
     plain = yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())
     assert all("useCachedMetrics" not in t for t in plain["spec"]["triggers"])
+
+
+# ---- the executor's promises over any run of polls (Hypothesis) --------------------------------------------
+_POLL = st.tuples(st.floats(1.0, 400.0), st.integers(0, 6), st.booleans(), st.booleans())
+
+
+@settings(max_examples=300, deadline=None)
+@given(release=st.sampled_from(["2.18", "2.17", "2.16"]), low=st.integers(0, 3), idle=st.sampled_from([None, 0]),
+       fallback=st.sampled_from([None, 0, 2]), cooldown=st.sampled_from([0.0, 60.0, 300.0]),
+       polls=st.lists(_POLL, min_size=1, max_size=40))
+def test_keda_never_takes_an_active_deployment_to_zero_and_waits_a_cooldown(
+        release: Any, low: int, idle: int | None, fallback: int | None, cooldown: float,
+        polls: list[tuple[float, int, bool, bool]]) -> None:
+    ex = ScaleExecutor(min_replica_count=low, cooldown_period_s=cooldown, fallback_replicas=fallback,
+                       release=release, idle_replica_count=idle)
+    now = 0.0
+    for gap, current, active, error in polls:
+        now += gap
+        last = ex.last_active_s
+        new = ex.request_scale(now, current, active, error)
+        allowed = {None, 0, max(low, 1), low} | ({fallback} if fallback else set())
+        assert new in allowed
+        if active:
+            assert new != 0  # an active trigger never takes the Deployment to zero
+            if not error or release == "2.16":
+                assert ex.last_active_s == now
+        else:
+            assert ex.last_active_s == last  # only an active poll is activity
+        if new == 0 and current > 0:
+            # to zero only where the Deployment may go there, and only a full cooldown after the last activity
+            assert low == 0 or idle is not None
+            assert last is None or last + cooldown < now
+        if new is not None and new > current and not active:
+            # up without a trigger: the minimum restored (no idle mode), or 2.16's fallback in error
+            assert (new == low and idle is None) or (release == "2.16" and error and new == fallback)
+        if error and not active and release != "2.16" and fallback != 0:
+            assert new is None  # 2.17 on: a poll in error changes nothing (but a fallback of 0 replicas)
