@@ -437,3 +437,63 @@ def test_the_shipped_outage_space_keeps_a_pod_on_2_17_and_a_fallback_on_2_16(tmp
     old = tune(base.override({"autoscaler.keda.release": "2.16"}), small, seeds=1, budget=2, executor="serial",
                cache=tmp_path, progress=False)
     assert old.best_params == {"autoscaler.minReplicas": 0}  # 2.16: the fallback wakes it at the first poll
+
+
+# ---- a partial outage: one trigger's source fails, the others answer (faults.trigger_outages) -------------
+IN_FLIGHT = {"type": "External", "external": {"metric": {"name": "capsim_requests_in_flight"},
+                                              "target": {"type": "AverageValue", "averageValue": "8"}}}
+
+
+def two_triggers(release: str) -> Scenario:
+    """The steady KEDA plan with a second trigger, the requests in flight summed over the pods (2 s a request at
+    1.5 requests/s: about 3 in flight, so it is active whenever traffic flows), and the gateway's source down
+    from 600 to 1500 s."""
+    return keda_plan(release=release).override({
+        "service.mean_s": 2.0, "autoscaler.metrics": [GATEWAY, IN_FLIGHT],
+        "faults.trigger_outages": [{"at_s": OUT[0], "duration_s": OUT[1] - OUT[0],
+                                    "metrics": ["capsim_gateway_requests_total"]}]})
+
+
+def test_a_partial_outage_errs_only_its_trigger_and_the_other_keeps_the_deployment_active() -> None:
+    for release in ("2.16", "2.17"):
+        sim = Simulation(two_triggers(release), seed=0)
+        r = sim.run()
+        polls = r.keda_polls
+        during = polls[polls["time_s"].between(*OUT, inclusive="left")]
+        assert len(during) >= 29 and during["error"].all()
+        assert during["active"].mean() > 0.9  # the requests in flight answered, and were above 0
+        assert not polls.loc[~polls["time_s"].between(*OUT, inclusive="left"), "error"].any()
+        ev = r.scale_events
+        assert not ((ev["by"] == "keda") & (ev["to_replicas"] == 0)).any()  # never to zero: a trigger was active
+        assert not r.requests["outcome"].isin(["failed", "timed_out", "rejected"]).any()  # (a few still in flight)
+        # stopped in the outage: 2.17 on an active poll with another trigger in error only sets the Ready
+        # condition, so the last activity it noted is from before the outage; 2.16 notes each active poll
+        mid = Simulation(two_triggers(release).override({"horizon_s": 1400}), seed=0)
+        mid.run()
+        last = mid.autoscaling.keda.last_active_s  # type: ignore[union-attr]
+        assert last is not None
+        assert (last < OUT[0]) if release == "2.17" else (last > 1400 - 30)
+    # the same outage of the only trigger: 2.16 takes the serving Deployment to zero a cooldown into it
+    alone = simulate(keda_plan(release="2.16").override({"faults.trigger_outages": [
+        {"at_s": OUT[0], "duration_s": OUT[1] - OUT[0], "metrics": ["capsim_gateway_requests_total"]}]}), seed=0)
+    ev = alone.scale_events
+    down = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+    assert len(down) == 1 and OUT[0] + 300 - 30 < down["time_s"].iloc[0] <= OUT[0] + 300 + 30
+
+
+def test_the_hpa_scales_on_the_metrics_that_answer_but_not_down_while_one_fails() -> None:
+    r = simulate(two_triggers("2.17"), seed=0)
+    syncs = r.timeseries.set_index("time_s")
+    # in the outage the HPA reads the requests in flight alone (its first metric, the gateway's, has no value)
+    assert syncs["hpa_metric"].loc[OUT[0] + 30:OUT[1] - 30].isna().all()
+    ev = r.scale_events
+    during = ev[(ev["by"] == "hpa") & ev["time_s"].between(*OUT)]
+    assert (during["to_replicas"] >= during["from_replicas"]).all()  # upstream: no scale-down with a metric failing
+
+
+def test_a_trigger_outage_names_metrics_of_the_autoscaler() -> None:
+    with pytest.raises(SettingsError, match=r"faults.trigger_outages.0.metrics: 'nope' is not a metric of "
+                                            r"autoscaler.metrics"):
+        keda_plan().override({"faults.trigger_outages": [{"at_s": 10, "duration_s": 5, "metrics": ["nope"]}]})
+    with pytest.raises(SettingsError, match=r"faults.trigger_outages.0.metrics"):
+        keda_plan().override({"faults.trigger_outages": [{"at_s": 10, "duration_s": 5, "metrics": []}]})

@@ -914,6 +914,16 @@ class MetricsOutage(_Section):
     duration_s: Float = Field(gt=0)
 
 
+class TriggerOutage(_Section):
+    """The source of some metrics fails from ``at_s`` for ``duration_s`` (their own Prometheus, a metrics API a
+    KEDA trigger asks): each query of the ``metrics`` named (as in ``autoscaler.metrics``) fails, the HPA's read
+    and KEDA's trigger alike, while the others answer and Prometheus scrapes on (``capsim.sim.hpa``)."""
+
+    at_s: Float = Field(ge=0)
+    duration_s: Float = Field(gt=0)
+    metrics: tuple[str, ...] = Field(min_length=1, description="the metric names whose queries fail")
+
+
 class Faults(_Section):
     pod_mtbf_s: Float | None = Field(
         None, gt=0, description="mean time between crashes of one running container (starting or ready)"
@@ -928,6 +938,8 @@ class Faults(_Section):
     redis_outages: tuple[RedisOutage, ...] = ()
     metrics_outages: tuple[MetricsOutage, ...] = Field(
         (), description="Prometheus down: no scrape, and every query of the HPA's adapter and KEDA's triggers fails")
+    trigger_outages: tuple[TriggerOutage, ...] = Field(
+        (), description="some metrics' source down: their queries fail, the other metrics answer (a partial outage)")
     #: keys older files hold that still load (with a warning): an override path may name them
     _deprecated_keys: ClassVar[frozenset[str]] = frozenset({"restart_s"})
 
@@ -1044,6 +1056,13 @@ class Scenario(BaseModel):
                     raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
                                      "(without one every pod has a node of its own; faults.crashes and "
                                      "pod_mtbf_s crash pods)")
+        if self.faults is not None and self.faults.trigger_outages:
+            names = [m.name for m in self.autoscaler.to_hpa().metrics] if self.autoscaler is not None else []
+            for i, o in enumerate(self.faults.trigger_outages):
+                for name in o.metrics:
+                    if name not in names:
+                        raise ValueError(f"faults.trigger_outages.{i}.metrics: {name!r} is not a metric of "
+                                         f"autoscaler.metrics (names: {names})")
         if self.faults is not None and self.cluster is not None:
             for i, zf in enumerate(self.faults.zone_failures):
                 if zf.zone >= self.cluster.zones:

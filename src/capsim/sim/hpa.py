@@ -47,6 +47,11 @@ failed reads the fallback's value, by its ``behavior``), and each poll of KEDA's
 no trigger active (``ScaleExecutor.request_scale``: by ``keda.release``, no change from 2.17 on; in 2.16
 ``fallback.replicas``, or without a fallback the way to zero). After
 the outage a range query has only the samples scraped since (and the older ones still in its window).
+
+A partial outage (``faults.trigger_outages``): the named metrics' own source fails while Prometheus scrapes on.
+The HPA's read of each fails (it scales on the others, and not down while one fails, as upstream), and so
+does each KEDA trigger on them: a poll with one in error is in error, active if another trigger is (2.17 on
+then notes no activity, only a condition).
 """
 
 from __future__ import annotations
@@ -125,6 +130,10 @@ class Autoscaling:
         sim.env.process(self._sync(first_sync))
         faults = sim.faults
         self._down = faults.metrics_down if faults.has_metrics_outages else None  # Prometheus down at a time
+        # faults.trigger_outages: per metric its name when its source can fail (None: never)
+        failing = {n for o in sim.scenario.faults.trigger_outages for n in o.metrics} if sim.scenario.faults else set()
+        self._outage_names: list[str | None] = [m.name if m.name in failing else None for m in self.hpa.metrics]
+        self._partial = bool(failing)  # a poll reads every trigger: one may err while another is active
         self.keda: ScaleExecutor | None = None
         self.keda_health: FallbackHealth | None = None  # KEDA's metrics server, as the HPA reads it
         # useCachedMetrics: each trigger's value (None: no value) and whether its query failed, as KEDA's last
@@ -151,6 +160,11 @@ class Autoscaling:
             sim.env.process(self._keda_loop(first_poll))
 
     # ---- Prometheus -------------------------------------------------------------------------------------
+    def _query_fails(self, k: int, t: float) -> bool:
+        """Whether metric ``k``'s own source is down at ``t`` (``faults.trigger_outages``)."""
+        name = self._outage_names[k]
+        return name is not None and self.sim.faults.trigger_down(name, t)
+
     def _prometheus_down(self, t: float) -> bool:
         """Whether Prometheus is down at ``t`` (``faults.metrics_outages``): it scrapes and answers nothing."""
         return self._down is not None and self._down(t)
@@ -275,13 +289,14 @@ class Autoscaling:
             health = self.keda_health
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
                 external, target_type = self._external[k]
+                fails = down or self._query_fails(k, now)  # Prometheus down, or this metric's source
                 if external:
                     cached = self._keda_cache.get(k) if self._keda_cache is not None else None
                     if cached is not None:  # useCachedMetrics: what KEDA's last poll found
                         total, failed = cached
                     else:
-                        failed = down
-                        total = None if down else self._external_total(pods, metric, now, query, window_s, quantile)
+                        failed = fails
+                        total = None if fails else self._external_total(pods, metric, now, query, window_s, quantile)
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
                         ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
@@ -291,7 +306,7 @@ class Autoscaling:
                     proposals.append(None if total is None else self._external_replicas(
                         pods, current, total, target, target_type == "Value", tol))
                     continue
-                if down:
+                if fails:
                     if k == 0:
                         self.last_value = math.nan
                     proposals.append(None)
@@ -329,16 +344,22 @@ class Autoscaling:
             active = False
             error = self._prometheus_down(now)  # every trigger's query fails: none is active
             cache = self._keda_cache  # useCachedMetrics: every trigger is read, and kept for the HPA
+            read_all = cache is not None or self._partial  # else the first active trigger settles the poll
             triggers = () if error else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
+                if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
+                    error = True
+                    if cache is not None:
+                        cache[k] = (None, True)
+                    continue
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
                 if cache is not None:
                     cache[k] = (total, False)
                 if total is not None and total > threshold:
                     active = True
-                    if cache is None:
+                    if not read_all:
                         break
-            if error and cache is not None:
+            if cache is not None and self._prometheus_down(now):
                 cache.update(dict.fromkeys(range(len(self.metrics)), (None, True)))
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)
