@@ -66,12 +66,15 @@ class Faults:
         self._m_start = [a for a, _ in down]
         self._m_end = [b for _, b in down]
         self.has_metrics_outages = bool(down)
-        # faults.trigger_outages: metric name -> its query's outages (start, end), merged
+        # faults.trigger_outages: metric name -> its query's outages, merged, as (starts, ends) for _within
         spans: dict[str, list[tuple[float, float]]] = {}
         for o in spec.trigger_outages if spec else ():
             for name in o.metrics:
                 spans.setdefault(name, []).append((o.at_s, o.at_s + o.duration_s))
-        self._trigger_down = {name: merged_spans(v) for name, v in spans.items()}
+        self._trigger_down = {name: ([a for a, _ in m], [b for _, b in m])
+                              for name, m in ((n, merged_spans(v)) for n, v in spans.items())}
+        #: the metrics whose own source can fail (faults.trigger_outages)
+        self.trigger_outage_metrics = frozenset(self._trigger_down)
         self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
         # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
         self.skipped: list[tuple[float, int, str]] = []
@@ -221,7 +224,7 @@ class Faults:
     def trigger_down(self, name: str, t: float) -> bool:
         """Whether metric ``name``'s query fails at ``t`` (``faults.trigger_outages``), Prometheus up or not."""
         spans = self._trigger_down.get(name)
-        return spans is not None and any(a <= t < b for a, b in spans)
+        return spans is not None and _within(*spans, t)
 
     def outages(self) -> list[tuple[float, float]]:
         """The Redis outages that pods see, as (start, end) (s), in time order (none without a Redis store)."""

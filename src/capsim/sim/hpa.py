@@ -131,7 +131,7 @@ class Autoscaling:
         faults = sim.faults
         self._down = faults.metrics_down if faults.has_metrics_outages else None  # Prometheus down at a time
         # faults.trigger_outages: per metric its name when its source can fail (None: never)
-        failing = {n for o in sim.scenario.faults.trigger_outages for n in o.metrics} if sim.scenario.faults else set()
+        failing = faults.trigger_outage_metrics
         self._outage_names: list[str | None] = [m.name if m.name in failing else None for m in self.hpa.metrics]
         self._partial = bool(failing)  # a poll reads every trigger: one may err while another is active
         self.keda: ScaleExecutor | None = None
@@ -342,10 +342,11 @@ class Autoscaling:
             self.discover(now)
             pods = cluster.live_pods
             active = False
-            error = self._prometheus_down(now)  # every trigger's query fails: none is active
+            down = self._prometheus_down(now)  # every trigger's query fails: none is active
+            error = down
             cache = self._keda_cache  # useCachedMetrics: every trigger is read, and kept for the HPA
             read_all = cache is not None or self._partial  # else the first active trigger settles the poll
-            triggers = () if error else zip(self.metrics, self._activation, strict=True)
+            triggers = () if down else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
                     error = True
@@ -359,7 +360,7 @@ class Autoscaling:
                     active = True
                     if not read_all:
                         break
-            if cache is not None and self._prometheus_down(now):
+            if cache is not None and down:
                 cache.update(dict.fromkeys(range(len(self.metrics)), (None, True)))
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)

@@ -101,7 +101,7 @@ from pathlib import Path
 from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
-from capsim.model.scenario import POD_METRIC_ALIASES, Scenario, Tokens
+from capsim.model.scenario import POD_METRIC_ALIASES, Autoscaler, Scenario, Tokens
 from capsim.model.scenario_limits import max_pods
 
 Level = Literal["fail", "warn"]
@@ -529,14 +529,22 @@ def _spot(scenario: Scenario) -> list[Finding]:
     return found
 
 
+def _to_zero(auto: Autoscaler) -> tuple[str, str, str]:
+    """How a Deployment that goes to zero (``Autoscaler.goes_to_zero``) gets there: the field a finding names,
+    the setting in words, and how not to."""
+    if auto.min_replicas == 0:
+        return "autoscaler.minReplicas", "minReplicas 0", "keep minReplicas above 0"
+    return "autoscaler.keda.idle_replica_count", "idle_replica_count 0", "drop idle_replica_count"
+
+
 def _scale_to_zero(scenario: Scenario) -> list[Finding]:
     auto = scenario.autoscaler
     if auto is None or not auto.goes_to_zero or auto.can_wake_from_zero:
         return []
     names = [m.name for m in auto.to_hpa().metrics]
     who = "KEDA's triggers" if auto.keda is not None else "the HPA's metrics"
-    field, value = (("autoscaler.minReplicas", "0") if auto.min_replicas == 0 else
-                    ("autoscaler.keda.idle_replica_count", "0 (KEDA takes the Deployment to zero without traffic)"))
+    field = _to_zero(auto)[0]
+    value = "0" if auto.min_replicas == 0 else "0 (KEDA takes the Deployment to zero without traffic)"
     return [Finding(
         field, f"{value}, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
         "when no pod runs: once at zero the Deployment never comes back and every later request fails; add "
@@ -554,13 +562,10 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     fb = keda.fallback
     outages = scenario.faults.metrics_outages if scenario.faults is not None else ()
     longest = max((o.duration_s for o in outages), default=0.0)
-    # how the Deployment goes to zero, and how not to
-    zero, keep = (("minReplicas 0", "keep minReplicas above 0") if auto.min_replicas == 0 else
-                  ("idle_replica_count 0", "drop idle_replica_count"))
+    field, zero, keep = _to_zero(auto)
     if keda.release != "2.16" and auto.goes_to_zero and outages:
         found.append(Finding(
-            "autoscaler.minReplicas" if auto.min_replicas == 0 else "autoscaler.keda.idle_replica_count",
-            f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
+            field, f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
             "if the Deployment is at zero when it does, it stays there until Prometheus answers again, "
             f"{'its fallback' if fb is not None and fb.replicas else 'a fallback'} or not (KEDA 2.17 and later "
             "change nothing on a poll in error, and the HPA that applies a fallback is disabled at zero: "
