@@ -26,9 +26,11 @@ from capsim.studies.validate_sessions import (
     _Pool,
     _rows,
     cached_agreement,
+    crash_scenario,
     fleet_rate,
     format_results,
     hit_rate_row,
+    moved_turns,
     reach_factors,
     sessions_scenario,
 )
@@ -69,6 +71,47 @@ def test_affinity_keeps_more_of_the_history_cached_than_round_robin(fitted_profi
     # a later turn's prompt is mostly history: on its own pod nearly all of it hits; on the other pod only
     # what an older turn of the session left there
     assert hit["session_affinity"] > 0.6 and hit["round_robin"] < hit["session_affinity"] - 0.1
+
+
+@pytest.mark.parametrize("policy", ["session_affinity", "round_robin", "prefix_aware"])
+def test_a_crash_run_moves_the_crashed_pods_sessions_and_counts_the_history_they_prefill_again(
+        fitted_profile: Path, policy: str) -> None:
+    spec = SessionsSpec()
+    sc = crash_scenario(sessions_scenario(spec, policy, fitted_profile, 4.0, 1.0), 10.0)
+    res = simulate(sc, seed=3000)
+    req = res.requests
+    ok = req.outcome == "ok"
+    # pod 1 crashed at 10 s for good (its restart never gets ready): it serves no turn sent after it
+    assert res.crashes[["time_s", "pod"]].values.tolist() == [[10.0, 1]]
+    assert not (ok & (req.pod == 1) & (req.arrival_s >= 10.0)).any()
+    assert (ok & (req.pod == 0) & (req.arrival_s >= 10.0)).sum() > 20
+    # the count the real crash run takes from the router's X-Capsim-Pod, taken from the simulated pods, is the
+    # simulator's own bookkeeping of the moves and the history they prefill again
+    msg = make_workload(sc, Streams(3000)).message_tokens
+    moved, history = moved_turns(req, req.pod.to_numpy(), 1, 10.0, msg, spec.turns)
+    assert history == int(req.reprefill_tokens[ok].sum()) == res.summary.reprefill_tokens
+    assert moved == int((req.reprefill_tokens[ok] > 0).sum()) > 0
+    # no turn is retried: one the crash caught failed, and its session ended there
+    failed = req[~ok]
+    assert (failed.attempts == 1).all()
+    for sid, turn in zip(failed.session_id, failed.request_id % spec.turns, strict=True):
+        later = req[(req.session_id == sid) & (req.request_id % spec.turns > turn)]
+        assert later.empty
+
+
+def test_moved_turns_are_later_turns_that_left_the_crashed_pod_after_the_crash() -> None:
+    a, b = "http://a", "http://b"
+    # two sessions of three turns; messages 10, 5, 5 tokens, answers 2
+    frame = pd.DataFrame({"request_id": [0, 1, 2, 3, 4, 5], "arrival_s": [0.0, 1.0, 3.0, 0.5, 1.5, 2.5],
+                          "outcome": ["ok", "ok", "ok", "ok", "ok", "failed"],
+                          "prompt_tokens": [10, 17, 24, 10, 17, 24]})
+    msg = np.array([10, 5, 5, 10, 5, 5])
+    # session 0: a, b (a move before the crash at 2 s: not counted), then a again after it: b crashed
+    # session 1: b, then its turn after the crash failed (not answered: nothing moved)
+    served = [a, b, a, b, b, ""]
+    assert moved_turns(frame, served, b, 2.0, msg, 3) == (1, 24 - 5)
+    assert moved_turns(frame, served, a, 2.0, msg, 3) == (0, 0)  # the turn that left a did so before the crash
+    assert moved_turns(frame, served, a, 0.0, msg, 3) == (1, 17 - 5)
 
 
 def test_messages_are_distinct_per_session_and_turn_and_the_same_in_every_call() -> None:
@@ -211,21 +254,25 @@ def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: 
     assert res.exit_code != 0 and "sessions" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--policies", "round_robin,sticky"])
     assert res.exit_code != 0 and "--policies must name router policies" in res.output
-    for flag, value in (("--level", "0.3"), ("--policies", "round_robin")):
+    for flag, value in (("--level", "0.3"), ("--policies", "round_robin"), ("--crash-at", "5")):
         res = CliRunner().invoke(app, ["validate", "--mode", "continuous", flag, value])
         assert res.exit_code != 0 and f"{flag} applies to --mode sessions only" in res.output
     res = CliRunner().invoke(app, ["validate", "--probe-s", "2"])  # the static validation has no probe
     assert res.exit_code != 0 and "--probe-s applies to --mode sessions and --mode continuous only" in res.output
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--level", "1.5"])
     assert res.exit_code != 0 and "--level" in res.output
+    # a crash after the last session arrived would compare nothing
+    res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--quick", "--crash-at", "8", "--out-dir",
+                                   str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--crash-at must fall while sessions arrive (before 8 s)" in res.output
     # the flags reach the spec the validation runs with
     seen: list[SessionsSpec] = []
     monkeypatch.setattr("capsim.studies.validate_sessions.run_sessions_validation",
                         lambda spec, **_: seen.append(spec))
     res = CliRunner().invoke(app, ["validate", "--mode", "sessions", "--out-dir", str(tmp_path / "o"), "--level",
-                                   "0.3", "--probe-s", "0", "--replications", "2"])
+                                   "0.3", "--probe-s", "0", "--replications", "2", "--crash-at", "0"])
     assert res.exit_code == 0, res.output
-    assert (seen[0].level, seen[0].probe_s, seen[0].replications) == (0.3, 0.0, 2)
+    assert (seen[0].level, seen[0].probe_s, seen[0].replications, seen[0].crash_at_s) == (0.3, 0.0, 2, 0.0)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
@@ -251,11 +298,13 @@ def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path:
 
     fleet = start_fleet(tmp_path, "round_robin", settings, [None, None])
     try:
-        real, counters = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), think,
-                                  120.0, seed=0)
+        run = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), think, 120.0, seed=0)
     finally:
         fleet.stop()
+    real, counters = run.frame, run.counters
     assert (real.outcome == "ok").all() and len(real) == 6
+    # the router names the pod that served each turn; round robin used both
+    assert set(real.attrs["served_by"]) == {p.url for p in fleet.pods}
     # round robin moves the turns between the pods, and every turn still prefilled the whole history
     # (earlier messages and answers, then the new message): the pods share the store
     out = SessionsSpec().output_tokens
@@ -266,6 +315,60 @@ def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path:
     # each answer says how long the pod read the session's history before its engine saw the turn: part of
     # the pod's queue time, which the TTFT counts
     assert (real.load_s > 0).all() and (real.load_s <= real.start_s - real.arrival_s + 1e-3).all()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
+@pytest.mark.timeout(300)
+def test_a_real_pod_killed_mid_run_fails_its_turns_and_its_sessions_prefill_their_history_on_the_other(
+        tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from capsim.studies.validate_sessions_real import Crash, run_real, start_fleet
+
+    settings: dict[str, object] = {"torch_threads": 1, "batch_mode": "continuous", "enable_prefix_caching": "true",
+                                   "warmup": "false", "max_prompt_tokens": 1024, "max_model_len": 1024}
+    sc = sessions_scenario(SessionsSpec(turns=3), "round_robin", Path("unused.csv"), 1.0, 1.0)
+    full = make_workload(sc, Streams(0))
+    assert full.message_tokens is not None
+    msg = full.message_tokens[:12]
+    # four sessions at once: round robin puts two first turns on each pod; each session then thinks 6 s (the
+    # crash at 3 s falls while they think, unless a first turn takes 3 s), later turns 0.1 s
+    wl = replace(full, session_start_s=np.zeros(4), prompt_tokens=full.prompt_tokens[:12],
+                 output_tokens=full.output_tokens[:12], message_tokens=msg)
+    thinks = iter([6.0] * 4 + [0.1] * 100)
+    fleet = start_fleet(tmp_path, "round_robin", settings, [None, None])
+    try:
+        run = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), lambda: next(thinks),
+                       120.0, seed=0, crash=Crash(3.0))
+        assert fleet.pods[1].proc is not None and fleet.pods[1].proc.poll() is not None  # killed, not restarted
+    finally:
+        fleet.stop()
+    real, at = run.frame, run.crashed_at_s
+    survivor, crashed = fleet.pods[0].url, fleet.pods[1].url
+    assert run.crashed_url == crashed and at is not None and 2.0 < at < 3.5  # the timer starts before the replay
+    served = np.asarray(real.attrs["served_by"], dtype=object)
+    ok = (real.outcome == "ok").to_numpy()
+    after = (real.arrival_s >= at).to_numpy()
+    # nothing sent after the crash was served by the dead pod; what the crash caught failed at the router (502)
+    # and ended its session (no retries)
+    assert not (served[after] == crashed).any() and (served[ok & after] == survivor).all()
+    assert set(real.attrs["failures"]) <= {"HTTP 502"}
+    # the two sessions that started on the crashed pod went on on the other, prefilling their whole history there
+    # from the store (that pod had never seen them: nothing of it cached)
+    moved, history = moved_turns(real, served, crashed, at, msg, 3)
+    assert moved >= 1
+    out = SessionsSpec().output_tokens
+    want = np.cumsum(msg.reshape(4, 3) + np.c_[np.zeros(4), np.full((4, 2), out)], axis=1).ravel()
+    first_on_crashed = {int(r) // 3 for r, pod in zip(real.request_id, served, strict=True)
+                        if r % 3 == 0 and pod == crashed}
+    moved_rows = real[ok & after & real.session_id.isin(first_on_crashed).to_numpy()
+                      & (real.request_id % 3 == 1).to_numpy()]
+    assert len(moved_rows) == moved
+    assert (moved_rows.cached_tokens == 0).all()
+    assert moved_rows.prompt_tokens.tolist() == want[moved_rows.request_id].tolist()
+    assert history == int((moved_rows.prompt_tokens - msg[moved_rows.request_id]).sum())
+    # the counters keep the crashed pod's up to its crash: at least the survivor's turns' prompts were looked up
+    assert run.counters["vllm:prefix_cache_queries_total"] >= real.prompt_tokens[ok & (served == survivor)].sum()
 
 
 @pytest.mark.slow
@@ -338,6 +441,18 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         assert np.allclose(results[results.policy == policy].sessions_per_s, rate)
         assert np.allclose(runs[runs.policy == policy].sessions_per_s, rate)
     assert json.loads((tmp_path / "provenance.json").read_text())["cached_token_us"] > 0
+    # each policy's last run kills the second pod mid-run (quick: 4 s in), simulated at the calibration and the
+    # fleet probe: its TTFT over the turns sent after the crash, and what the crash cost, real and simulated
+    crash = pd.read_csv(tmp_path / "crash.csv")
+    assert set(crash.policy) == {"round_robin", "session_affinity"}
+    assert set(crash.sim_at) == {"calibration", "fleet probe"}
+    assert {"ttft_p99_s", "hit_rate", "failed_turns", "moved_turns", "reprefill_tokens"} <= set(crash.metric)
+    assert (crash.crashed_at_s > 3).all() and (crash.crashed_at_s < 5).all()
+    counts = crash[crash.metric.isin(["failed_turns", "moved_turns", "reprefill_tokens"])]
+    assert (counts.real >= 0).all() and (counts.sim >= 0).all() and (counts.error == counts.sim - counts.real).all()
+    # under affinity the crashed pod held about half the sessions: some of them went on, on the other pod
+    moved = crash[(crash.metric == "moved_turns") & (crash.policy == "session_affinity")]
+    assert (moved.real > 0).all() and (moved.sim > 0).all()
 
 
 def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:

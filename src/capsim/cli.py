@@ -516,6 +516,9 @@ def validate(
         "and is simulated beside the calibration; 0: none, the rate from the calibration alone [default: 6]. "
         "--mode continuous: seconds of each of the two probes before a run, simulated beside it; 0: none "
         "[default: 2]")] = None,
+    crash_at: Annotated[float | None, typer.Option(
+        min=0.0, help="--mode sessions: seconds into each policy's last run at which its second pod is killed (the "
+        "crash run, crash.csv); 0: no crash run [default: 10; --quick: 4]")] = None,
     ttft_from_receipt: Annotated[bool, typer.Option(
         help="--mode continuous: count the real and simulated TTFT from the pod's receipt, without the way in "
         "(as before stop 30; by default both count from the client's send)")] = False,
@@ -542,7 +545,7 @@ def validate(
     for name, on in (("--noise-block-steps", noise_block_steps is not None), ("--ttft-from-receipt", ttft_from_receipt)):
         if on and mode != "continuous":
             raise CommandLineError(f"{name} applies to --mode continuous only")
-    for name, given in (("--level", level), ("--policies", policies)):
+    for name, given in (("--level", level), ("--policies", policies), ("--crash-at", crash_at)):
         if given is not None and mode != "sessions":
             raise CommandLineError(f"{name} applies to --mode sessions only")
     if probe_s is not None and mode == "static":
@@ -551,7 +554,7 @@ def validate(
         _validate_continuous(quick, out_dir, force, noise_block_steps, probe_s, ttft_from_receipt)
         return
     if mode == "sessions":
-        _validate_sessions(quick, out_dir, force, replications, policies, level, probe_s)
+        _validate_sessions(quick, out_dir, force, replications, policies, level, probe_s, crash_at)
         return
     from capsim.studies.validate import ValidationSpec, run_validation, worst_errors
 
@@ -608,7 +611,8 @@ def _validate_continuous(quick: bool, out_dir: Path | None, force: bool, noise_b
 
 
 def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replications: int | None,
-                       policies: str | None, level: float | None = None, probe_s: float | None = None) -> None:
+                       policies: str | None, level: float | None = None, probe_s: float | None = None,
+                       crash_at: float | None = None) -> None:
     """``capsim validate --mode sessions`` (capsim.studies.validate_sessions)."""
     from dataclasses import replace
 
@@ -628,6 +632,11 @@ def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replicati
         spec = replace(spec, level=level)
     if probe_s is not None:
         spec = replace(spec, probe_s=probe_s)
+    if crash_at is not None:
+        if crash_at >= spec.arrival_s:
+            raise CommandLineError(f"--crash-at must fall while sessions arrive (before {spec.arrival_s:g} s), "
+                                   f"got {crash_at:g}")
+        spec = replace(spec, crash_at_s=crash_at)
 
     folder = _output_dir(out_dir if out_dir is not None else Path("data/validation/sessions"), "--out-dir")
     existing = [p.name for p in (folder / "results.csv", folder / "provenance.json") if p.exists()]
@@ -635,7 +644,8 @@ def _validate_sessions(quick: bool, out_dir: Path | None, force: bool, replicati
         raise CommandLineError(f"{folder} already holds {', '.join(existing)}; pass --force to replace them, "
                                "or --out-dir to write elsewhere")
     run_sessions_validation(spec, out_dir=folder, echo=typer.echo)
-    typer.echo(f"wrote {folder}/results.csv, profile.csv, provenance.json, service.yaml")
+    typer.echo(f"wrote {folder}/results.csv, replications.csv, profile.csv, provenance.json, service.yaml"
+               + (", crash.csv" if spec.crash_at_s > 0 else ""))
 
 
 def _check_validation_lengths(model: str, prompt_tokens: int, output_tokens: int) -> None:

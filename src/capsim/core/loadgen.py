@@ -30,7 +30,7 @@ from capsim.core.http_pools import ConnectionPools, http_clients
 from capsim.errors import CapsimError
 from capsim.model.request import OUTCOMES, requests_frame
 from capsim.policy.retry import retry_delay_s
-from capsim.policy.routing import SESSION_HEADER
+from capsim.policy.routing import SERVED_BY, SESSION_HEADER
 
 Routing = Literal["round_robin", "random", "session_affinity"]
 
@@ -147,6 +147,7 @@ class _Records:
         self.received_s = np.full(n, np.nan)  # when the pod received the last attempt, on its clock less t0
         self.way_in_s = np.full(n, np.nan)  # its send to that receipt, where the row is on the pod's clock
         self.load_s = np.full(n, np.nan)  # the pod's receipt to its engine (the history read; answer's history)
+        self.served_by = [""] * n  # the pod a router says answered (its SERVED_BY header; "" without one)
         self.batch_size = np.zeros(n, dtype=np.int32)
         self.prompt_tokens = prompt[:n].astype(np.int32)
         self.output_tokens = output[:n].astype(np.int32)
@@ -266,9 +267,9 @@ async def run_load(
             client_ttft: float | None = None  # streamed: the client's own, from its send
             if stream:
                 got = await _attempt_stream(http, url, body, policy.timeout_s, headers)
-                if len(got) != 2:
+                if len(got) != 3:
                     return got  # a failure
-                data, client_ttft = got
+                data, client_ttft, rec.served_by[r] = got
             else:
                 try:
                     resp = await asyncio.wait_for(http.post(url, json=body, headers=headers), policy.timeout_s)
@@ -277,6 +278,7 @@ async def run_load(
                 if resp.status_code != 200:
                     return _status(resp.status_code)
                 data = resp.json()
+                rec.served_by[r] = resp.headers.get(SERVED_BY, "")
             # the same answer either way (a stream's done event carries it): its timings, receipt and history
             t = data["timings"]
             if "model_s" in t:  # model_s runs from the request's first step; its first token came ttft_s - queue_s in
@@ -303,6 +305,7 @@ async def run_load(
                 # what the row says if the run's bound cuts this attempt off
                 rec.attempts[r], rec.pod[r], rec.outcome[r] = k + 1, pod, _TIMED_OUT
                 rec.received_s[r] = rec.load_s[r] = np.nan
+                rec.served_by[r] = ""
                 outcome, queue_s, ttft_s, batch, why = await attempt(r, pod)
                 rec.outcome[r] = outcome
                 if why is not None:
@@ -388,6 +391,9 @@ async def run_load(
     frame.attrs["way_in_s"] = rec.way_in_s[sent].tolist()
     # per sent row, the pod's receipt to its engine (reading the session's history; NaN where the answer lacks it)
     frame.attrs["load_s"] = rec.load_s[sent].tolist()
+    # per sent row, the pod that answered it as the router in front says (``SERVED_BY``; "" without a router or
+    # an answer): the sessions validation's crash run tells the turns that moved off the crashed pod by it
+    frame.attrs["served_by"] = [rec.served_by[int(r)] for r in np.flatnonzero(sent)]
     # the generator process's CPU seconds over the run and its busy share per window (generator_saturated)
     points = np.asarray(busy)
     if len(points) > 2 and points[-1, 0] - points[-2, 0] < GENERATOR_WINDOW_S / 2:
@@ -464,9 +470,10 @@ def pod_receipt(received: float, sent: float, answered: float) -> float | None:
 
 async def _attempt_stream(
     http: httpx.AsyncClient, url: str, body: dict[str, Any], timeout_s: float, headers: dict[str, str] | None = None
-) -> _Result | tuple[dict[str, Any], float]:
+) -> _Result | tuple[dict[str, Any], float, str]:
     """A streaming attempt: its done event's answer (the same as an unstreamed answer: timings, receipt,
-    history) and the client's time to first token, when the first token event arrived; or a failure."""
+    history), the client's time to first token, when the first token event arrived, and the pod a router
+    says served it (``SERVED_BY``, "" without one); or a failure."""
     import json
 
     start = time.perf_counter()
@@ -483,7 +490,7 @@ async def _attempt_stream(
                     if event == "token" and np.isnan(ttft):
                         ttft = time.perf_counter() - start
                 elif line.startswith("data: ") and event == "done":
-                    return json.loads(line[6:]), ttft
+                    return json.loads(line[6:]), ttft, resp.headers.get(SERVED_BY, "")
                 elif line.startswith("data: ") and event == "error":
                     return _nothing(_FAILED, f"stream error {json.loads(line[6:]).get('status', '')}".strip())
     except (TimeoutError, httpx.HTTPError) as exc:

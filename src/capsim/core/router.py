@@ -43,7 +43,7 @@ from pydantic import Field, field_validator, model_validator
 
 from capsim.core.http_pools import ConnectionPools, http_clients
 from capsim.model.settings import FrozenModel
-from capsim.policy.routing import Candidate, Weights, scores
+from capsim.policy.routing import SERVED_BY, Candidate, Weights, scores
 
 Policy = Literal["session_affinity", "round_robin", "least_outstanding", "prefix_aware"]
 POLICIES: tuple[Policy, ...] = ("session_affinity", "round_robin", "least_outstanding", "prefix_aware")
@@ -308,11 +308,11 @@ class Router:
                 self.metrics.turns.labels(url, "504").inc()
                 return JSONResponse({"detail": f"pod {url} did not answer within timeout_s="
                                      f"{self.config.timeout_s:g} s; the turn may have been stored (retry with "
-                                     "the same Idempotency-Key)"}, 504, headers={"X-Capsim-Pod": url})
+                                     "the same Idempotency-Key)"}, 504, headers={SERVED_BY: url})
             except httpx.HTTPError as exc:
                 self.metrics.turns.labels(url, "502").inc()
                 return JSONResponse({"detail": f"pod {url} failed: {type(exc).__name__}: {exc}"}, 502,
-                                    headers={"X-Capsim-Pod": url})
+                                    headers={SERVED_BY: url})
             finally:
                 if not stream:
                     self._end(url)
@@ -325,7 +325,7 @@ class Router:
                 with suppress(ValueError):  # a 200 that is not JSON: nothing to remember
                     self.remember(session_id, url, resp.json())
             out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
-            return Response(resp.content, resp.status_code, headers={**out, "X-Capsim-Pod": url})
+            return Response(resp.content, resp.status_code, headers={**out, SERVED_BY: url})
         self.metrics.turns.labels("none", "502").inc()
         detail = (f"no pod reachable (tried {', '.join(order)})" if order else
                   f"no pod known yet (pods_from_dns {self.config.pods_from_dns} gave no address)")
@@ -358,7 +358,7 @@ class Router:
                 self._end(url)
 
         out = {k: v for k, v in resp.headers.items() if k.lower() in _PASSED_HEADERS}
-        return StreamingResponse(relay(), resp.status_code, headers={**out, "X-Capsim-Pod": url})
+        return StreamingResponse(relay(), resp.status_code, headers={**out, SERVED_BY: url})
 
 
 #: The pod's 503s that say it did nothing with the turn (docs/pod.md): safe to place it on another pod.

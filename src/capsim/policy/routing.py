@@ -20,6 +20,8 @@ from dataclasses import dataclass
 #: hash, Istio's ``consistentHash.httpHeaderName``): the load generator sends it, the export's DestinationRule
 #: hashes on it.
 SESSION_HEADER = "x-session-id"
+#: the header ``capsim router`` puts on every answer, naming the pod that served it (its URL)
+SERVED_BY = "X-Capsim-Pod"
 
 
 @dataclass(frozen=True)

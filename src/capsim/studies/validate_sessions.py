@@ -97,11 +97,16 @@ class SessionsSpec:
     # measures them again; every replication is also simulated with them (``sim_at`` "fleet probe"). 0: no
     # probe, the rate from the calibration alone
     probe_s: float = 6.0
+    # a last run per policy (seed + CRASH_SEED, after its replications) in which the second pod is killed this many
+    # seconds in (SIGKILL, not restarted; the simulator crashes its pod 1 then, for good): what a crash costs, the
+    # turns it fails and the histories its sessions prefill again on the other pod, real against simulated
+    # (``crash.csv``); 0: no crash run
+    crash_at_s: float = 10.0
 
     @classmethod
     def quick(cls) -> SessionsSpec:
         return cls(replications=2, arrival_s=8.0, drain_s=10.0, warmup_s=2.0, turns=4, calibration_s=1.5,
-                   step_workloads=1, probe_s=3.0)
+                   step_workloads=1, probe_s=3.0, crash_at_s=4.0)
 
     @property
     def mean_prompt_tokens(self) -> float:
@@ -164,6 +169,47 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
         "router": {"kind": policy, "kv_cache_weight": 0.0},
         "client": {"timeout_s": 600, "max_retries": 0},
     })
+
+
+#: a crash run's own seed, after the replications' and the probes'
+CRASH_SEED = 3000
+#: the crashed pod's start when the kubelet restarts it (s): past any run, as the real pod is not restarted
+NEVER_S = 1e6
+
+
+def crash_scenario(scenario: Scenario, at_s: float, pod: int = 1) -> Scenario:
+    """``scenario`` with pod ``pod`` crashing at ``at_s`` for good, as the real crash run kills its pod: the
+    kubelet's restart never gets ready (``startup_s`` past the run) and the pod leaves the endpoints at once
+    (no PLEG relist, no propagation), as the real router stops sending it turns at its first refused
+    connection and places them on the other pod (a turn the crash caught fails; none is retried)."""
+    return scenario.override({"faults": {"crashes": [{"at_s": at_s, "pod": pod}]}, "pods.startup_s": NEVER_S,
+                              "pods.crash_detection_s": 0.0, "pods.endpoints_propagation_s": 0.0})
+
+
+def moved_turns(frame: Any, served_by: Any, crashed: Any, crashed_at_s: float, message_tokens: Any,
+                turns: int) -> tuple[int, int]:
+    """The answered later turns sent from ``crashed_at_s`` on whose session's last answered turn was served by
+    the pod ``crashed`` (so another pod served them: ``served_by``, per row of ``frame``, who served it), and
+    the history tokens they prefilled there (a turn's prompt, history plus message, less its message: the
+    history the crashed pod held). The same count on a real frame (the router's ``X-Capsim-Pod``) and a
+    simulated one (its ``pod``), where it is the simulator's own ``reprefill_tokens``."""
+    import numpy as np
+
+    served = np.asarray(served_by, dtype=object)
+    ok = (frame["outcome"] == "ok").to_numpy()
+    rid = frame["request_id"].to_numpy()
+    prompt = frame["prompt_tokens"].to_numpy()
+    after = (frame["arrival_s"] >= crashed_at_s).to_numpy()
+    order = np.lexsort((rid % turns, rid // turns))
+    moved = history = 0
+    last: dict[int, Any] = {}  # session -> the pod that served its last answered turn
+    for k in order[ok[order]]:
+        s, pod = int(rid[k]) // turns, served[k]
+        if after[k] and last.get(s) == crashed and pod != crashed:
+            moved += 1
+            history += int(prompt[k]) - int(message_tokens[int(rid[k])])
+        last[s] = pod
+    return moved, history
 
 
 #: each replication is simulated up to three times (``sim_at``): with the calibration alone (the lone pod's step model,
@@ -233,6 +279,20 @@ class _Pool:
     probe: FleetProbe | None = None  # what this pool's simulations took from the fleet probe (None: calibration)
 
 
+def sim_scenario(spec: SessionsSpec, policy: str, cal: Calibrated, rate: float,
+                 probe: FleetProbe | None = None) -> Scenario:
+    """A replication's simulation at ``sim_at`` "calibration" (no ``probe``: the lone pod's step model, time per
+    arrival, answer time and way in) or at a probe's (its speed multiplying the step model and the time per
+    arrival, its answer time, its way in plus history read and their spread)."""
+    if probe is None:
+        return sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale, cal.arrival_overhead_ms,
+                                 cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS, cal.ingress_ms,
+                                 cal.cached_token_us, cal.ingress_noise)
+    return sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
+                             cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms,
+                             NOISE_BLOCK_STEPS, probe.reach_ms, cal.cached_token_us, probe.reach_noise)
+
+
 def fleet_rate(rate: float, probe: FleetProbe | None) -> float:
     """The session rate at ``level`` of the fleet's capacity, from ``rate`` (the same level of the lone
     calibration pod's capacity, two pods' worth) and the first fleet probe: a fleet whose steps run
@@ -270,11 +330,14 @@ class _Sent:
     counters: dict[str, float]
     t0: float
     t1: float
+    crashed_at_s: float | None = None  # with a crash: when it fell, on the run's clock
+    crashed_url: str | None = None
 
 
-def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: int) -> _Sent:
+def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: int, crash: Any = None) -> _Sent:
     """Send ``scenario``'s sessions (seed ``seed``) through the real ``fleet``: each message as the token ids of
-    its session and turn, each think time from the simulator's ``sessions`` stream in answer order."""
+    its session and turn, each think time from the simulator's ``sessions`` stream in answer order; with
+    ``crash`` (``validate_sessions_real.Crash``), one pod killed during it."""
     from capsim.sim.arrivals import make_workload
     from capsim.sim.sessions import ThinkTimes
     from capsim.sim.streams import Streams
@@ -289,8 +352,8 @@ def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: 
 
     think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
     t0 = time.perf_counter()
-    real, counters = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed)
-    return _Sent(workload, real, counters, t0, time.perf_counter())
+    run = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed, crash)
+    return _Sent(workload, run.frame, run.counters, t0, time.perf_counter(), run.crashed_at_s, run.crashed_url)
 
 
 def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float) -> FleetProbe | None:
@@ -333,6 +396,7 @@ class _Policy:
     run_speeds: list[float] = field(default_factory=list)  # the fleet's speed in each replication
     ttft_from: str = TTFT_FROM_SEND  # what the real turns' TTFT counts from (validate_runs.ttft_from)
     generator: list[str] = field(default_factory=list)  # runs whose load generator was short of CPU
+    crash: list[dict[str, Any]] = field(default_factory=list)  # the crash run's rows (crash.csv)
 
 
 def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, rate: float,
@@ -372,9 +436,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
             echo(f"  {policy}: the fleet probe measured nothing (no answered turn or no step); no probe row")
         for rep in range(spec.replications):
             seed = spec.seed + rep
-            scenario = sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale,
-                                         cal.arrival_overhead_ms, cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS,
-                                         cal.ingress_ms, cal.cached_token_us, cal.ingress_noise)
+            scenario = sim_scenario(spec, policy, cal, rate)
             sent = send_sessions(fleet, scenario, seed, spec.turns, vocab)
             workload, real_df, real_c = sent.workload, sent.real, sent.counters
             own = measure_fleet(fleet, real_df, sent.t0, sent.t1, cal, rate)
@@ -392,10 +454,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                 probe = own if sim_at == RUN_SPEED else pool.probe
                 if sim_at == RUN_SPEED and own is None:
                     continue  # nothing measured in this replication: the pool has the others'
-                sc = scenario if probe is None else sessions_scenario(
-                    spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
-                    cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms, NOISE_BLOCK_STEPS,
-                    probe.reach_ms, cal.cached_token_us, probe.reach_noise)
+                sc = scenario if probe is None else sim_scenario(spec, policy, cal, rate, probe)
                 sim = simulate(sc, seed=seed)
                 pool.real.append(real_blocks)
                 pool.sim.append(vs.cut_blocks(sim.requests, w, end))
@@ -415,9 +474,60 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                  f"sim {first.counters[-1][2] / max(first.counters[-1][3], 1):.3f}"
                  + (f"; the fleet's steps {own.speed:.2f} x the calibrated model, answer {own.answer_ms:.1f} ms"
                     if own is not None else ""))
+        crash = (_crash_run(fleet, spec, policy, cal, rate, vocab, pools.get(FLEET_PROBE), echo)
+                 if spec.crash_at_s > 0 else [])
     finally:
         fleet.stop()
-    return _Policy(pools, rate, sizing, own_speeds, ttft_from, generator)
+    return _Policy(pools, rate, sizing, own_speeds, ttft_from, generator, crash)
+
+
+def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rate: float, vocab: int,
+               probed: _Pool | None, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The policy's crash run (its fleet's last: the second pod does not come back) and its rows, simulated at
+    the calibration and at the fleet probe: TTFT and throughput over the turns sent from the crash to the end
+    of arrivals, the hit rate over the run, and the counts of what the crash cost (turns failed, turns moved off
+    the crashed pod and the history they prefilled again)."""
+    from capsim.sim.simulate import simulate
+    from capsim.studies.validate_sessions_real import Crash
+
+    seed = spec.seed + CRASH_SEED
+    sent = send_sessions(fleet, sim_scenario(spec, policy, cal, rate), seed, spec.turns, vocab,
+                         Crash(spec.crash_at_s))
+    at, real = sent.crashed_at_s, sent.real
+    if at is None or sent.crashed_url is None:
+        echo(f"  {policy} crash run: the pod was not killed (the run ended first); no crash rows")
+        return []
+    if at >= spec.arrival_s:
+        echo(f"  {policy} crash run: the crash fell at {at:.1f} s, after the arrivals; no crash rows")
+        return []
+    msg = sent.workload.message_tokens
+    real_moved = moved_turns(real, real.attrs["served_by"], sent.crashed_url, at, msg, spec.turns)
+    real_failed = int((real.outcome != "ok").sum())
+    rows: list[dict[str, Any]] = []
+    for sim_at, probe in ((CALIBRATION, None), (FLEET_PROBE, probed.probe if probed is not None else None)):
+        if sim_at == FLEET_PROBE and probe is None:
+            continue
+        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at), seed=seed)
+        req, ts = sim.requests, sim.timeseries
+        pool = _Pool([vs.cut_blocks(real, at, spec.arrival_s)], [vs.cut_blocks(req, at, spec.arrival_s)],
+                     [(sent.counters["vllm:prefix_cache_hits_total"], sent.counters["vllm:prefix_cache_queries_total"],
+                       float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1]))],
+                     [(sent.counters["vllm:num_preemptions_total"], float(sim.summary.preemptions))],
+                     turns=sent.workload.n_requests)
+        pool.runs.append(_run_row(policy, seed, sent.workload.n_sessions, real, req, pool, spec))
+        sim_moved = moved_turns(req, req["pod"].to_numpy(), 1, at, msg, spec.turns)
+        base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at}
+        counts = {"failed_turns": (real_failed, int((req.outcome != "ok").sum())),
+                  "moved_turns": (real_moved[0], sim_moved[0]), "reprefill_tokens": (real_moved[1], sim_moved[1])}
+        rows += [{**r, "crashed_at_s": at} for r in _rows(policy, rate, pool, sim_at)]
+        rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
+                 for m, (a, b) in counts.items()]
+    c = {r["metric"]: r for r in rows if r["sim_at"] == CALIBRATION}
+    echo(f"  {policy} crash run (seed {seed}): the second pod killed at {at:.2f} s; real / simulated at the "
+         f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed, {real_moved[0]} / "
+         f"{c['moved_turns']['sim']:.0f} moved with {real_moved[1]} / {c['reprefill_tokens']['sim']:.0f} history "
+         f"tokens; TTFT p99 after it {c['ttft_p99_s']['real'] * 1e3:.1f} / {c['ttft_p99_s']['sim'] * 1e3:.1f} ms")
+    return rows
 
 
 def _reasons(frame: Any) -> str:
@@ -530,6 +640,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
          f"turns ({spec.level:.0%})" + (", until a fleet probe sizes it" if spec.probe_s > 0 else ""))
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    crash_rows: list[dict[str, Any]] = []
     probes: dict[str, dict[str, Any]] = {}
     sizing: dict[str, dict[str, Any]] = {}
     rates: dict[str, float] = {}
@@ -546,6 +657,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
             ttft_from_all = done.ttft_from
         if done.sizing is not None:
             sizing[policy] = asdict(done.sizing)
+        crash_rows += done.crash
         for sim_at, pool in done.pools.items():
             rows += _rows(policy, done.rate, pool, sim_at)
             runs += pool.runs
@@ -554,6 +666,9 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
     pd.DataFrame(runs).to_csv(out / "replications.csv", index=False)
+    crashes = pd.DataFrame(crash_rows)
+    if spec.crash_at_s > 0:
+        crashes.to_csv(out / "crash.csv", index=False)
     import torch
 
     provenance = {
@@ -569,6 +684,9 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     echo(format_results(results))
+    if len(crashes):
+        echo("a pod killed mid-run (crash.csv; TTFT and throughput over the turns sent after it):")
+        echo(format_results(crashes))
     echo(f"wall time {time.time() - started:.0f} s; results in {out}")
     return results
 

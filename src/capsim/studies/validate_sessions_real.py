@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,9 +91,9 @@ def start_router(pod_urls: Sequence[str], policy: str | None = None) -> tuple[su
     raise SessionsValidationError("capsim router did not answer /healthz within 60 s")
 
 
-def pod_counters(url: str) -> dict[str, float]:
+def pod_counters(url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """The prefix-cache and preemption counters of a pod's /metrics (summed over labels)."""
-    return metric_totals(url, COUNTERS)
+    return metric_totals(url, COUNTERS, timeout_s)
 
 
 @dataclass
@@ -102,10 +103,6 @@ class Fleet:
     pods: list[PodProcess]
     router_url: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def counters(self) -> dict[str, float]:
-        per_pod = [pod_counters(p.url) for p in self.pods]
-        return {k: sum(c[k] for c in per_pod) for k in COUNTERS}
 
     def stop(self) -> None:
         for p in self.pods:
@@ -138,18 +135,75 @@ def start_fleet(work: Path, policy: str, settings: dict[str, object], cores: Seq
     return fleet
 
 
+@dataclass(frozen=True)
+class Crash:
+    """Kill pod ``pod`` of the fleet (SIGKILL: no drain, as a crashed container) ``at_s`` seconds into a run;
+    it is not restarted (a real pod's start, torch's import first, outlasts the run)."""
+
+    at_s: float
+    pod: int = 1
+
+
+@dataclass
+class RealRun:
+    """What a run through the fleet gave: the requests frame, the pods' counters over it (a crashed pod's up to
+    its crash) and, with a crash, when it fell on the run's clock (seconds from the load generator's zero)
+    and the URL of the pod it took."""
+
+    frame: Any
+    counters: dict[str, float]
+    crashed_at_s: float | None = None
+    crashed_url: str | None = None
+
+
 def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], think: Callable[[], float],
-             max_duration_s: float, seed: int) -> tuple[Any, dict[str, float]]:
-    """Replay ``workload`` through the fleet's router (no retries); the requests frame (with the pods'
-    ``prompt_tokens`` and ``cached_tokens``) and the pods' counters over the run."""
+             max_duration_s: float, seed: int, crash: Crash | None = None) -> RealRun:
+    """Replay ``workload`` through the fleet's router (no retries): the requests frame (with the pods'
+    ``prompt_tokens`` and ``cached_tokens``) and the pods' counters over the run. With ``crash``, a timer
+    scrapes the victim's counters and kills it ``crash.at_s`` after the replay starts; the turns it held fail
+    at the router (502), and the router places the later turns of its sessions on the other pod, which
+    prefills their whole history from the store."""
+    import httpx
+
     from capsim.core.loadgen import ClientPolicy, run_load
 
-    before = fleet.counters()
-    # the pods' timings on this host's clock: a turn's TTFT counts from its send, the way in through the router
-    # included, as the simulator's does (``FleetProbe.way_in_ms``)
-    frame = asyncio.run(run_load([fleet.router_url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
-                                 max_duration_s=max_duration_s, seed=seed, messages=messages, think=think,
-                                 pod_clock=True))
-    after = fleet.counters()
-    return frame, {k: after[k] - before[k] for k in COUNTERS}
+    before = [pod_counters(p.url) for p in fleet.pods]
+    at_crash: dict[str, float] | None = None
+    killed = [float("nan")]
 
+    def kill() -> None:
+        nonlocal at_crash
+        assert crash is not None
+        victim = fleet.pods[crash.pod]
+        try:
+            at_crash = pod_counters(victim.url, timeout_s=1.0)  # the crash waits at most this
+        except (httpx.HTTPError, ValueError):  # a pod too busy to answer: its counters are lost, the crash goes on
+            at_crash = None
+        killed[0] = time.perf_counter()
+        victim.kill()
+
+    timer = threading.Timer(crash.at_s, kill) if crash is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        # the pods' timings on this host's clock: a turn's TTFT counts from its send, the way in through the router
+        # included, as the simulator's does (``FleetProbe.way_in_ms``)
+        frame = asyncio.run(run_load([fleet.router_url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
+                                     max_duration_s=max_duration_s, seed=seed, messages=messages, think=think,
+                                     pod_clock=True))
+    finally:
+        if timer is not None:
+            timer.cancel()
+            timer.join()
+    totals = dict.fromkeys(COUNTERS, 0.0)
+    for i, pod in enumerate(fleet.pods):
+        if crash is not None and i == crash.pod:
+            after = at_crash if at_crash is not None else before[i]
+        else:
+            after = pod_counters(pod.url)
+        for k in COUNTERS:
+            totals[k] += after[k] - before[i][k]
+    if crash is None or not np.isfinite(killed[0]):
+        return RealRun(frame, totals)
+    return RealRun(frame, totals, killed[0] - float(frame.attrs["t0_monotonic"]), fleet.pods[crash.pod].url)
