@@ -329,3 +329,29 @@ def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:
     assert not fired("3") and not fired("2.5")  # ceil(2 x 4 / 2.5) = 4: the same count
     assert not fired("1.5", "2.18")  # 2.18 answers 1.5 x 4 = 6: the HPA proposes 4
     assert "release 2.16" in fired("1.5", "2.16")[0].message
+
+
+def test_an_outage_of_every_triggers_source_is_a_prometheus_outage_to_keda() -> None:
+    from test_autoscaler_validation import GATEWAY, bursts
+
+    def fired(s: Scenario, check: str) -> list[str]:
+        return [f.message for f in run_checks(s) if f.check == check]
+
+    every = {"faults.trigger_outages": [{"at_s": 600, "duration_s": 900, "metrics": ["capsim_gateway_requests_total"]}]}
+    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300, "release": "2.16"}, **every})
+    (msg,) = fired(s, "keda-outage-to-zero")  # the simulator shows it: tests/test_metrics_outage.py
+    assert msg.startswith("none, and faults.trigger_outages lasts up to 900 s, longer than cooldown_period_s (300 s)")
+    assert "while its queries fail" in msg
+    (msg,) = fired(s.override({"autoscaler.keda.release": "2.17"}), "keda-outage-at-zero")
+    assert msg.startswith("0, and every trigger's query fails (faults.trigger_outages, up to 900 s)")
+    assert "stays there until its triggers' queries answer again" in msg
+    # with Prometheus down too, both are named, and the longest counts
+    both = s.override({"faults.metrics_outages": [{"at_s": 3000, "duration_s": 400}]})
+    assert fired(both, "keda-outage-to-zero")[0].startswith(
+        "none, and faults.metrics_outages and faults.trigger_outages lasts up to 900 s")
+    # an outage of one trigger of two leaves the other to find activity: no finding
+    in_flight = {"type": "External", "external": {"metric": {"name": "capsim_requests_in_flight"},
+                                                  "target": {"type": "AverageValue", "averageValue": "8"}}}
+    two = s.override({"autoscaler.metrics": [GATEWAY, in_flight]})
+    assert not fired(two, "keda-outage-to-zero")
+    assert not fired(two.override({"autoscaler.keda.release": "2.17"}), "keda-outage-at-zero")

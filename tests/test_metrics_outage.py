@@ -497,3 +497,36 @@ def test_a_trigger_outage_names_metrics_of_the_autoscaler() -> None:
         keda_plan().override({"faults.trigger_outages": [{"at_s": 10, "duration_s": 5, "metrics": ["nope"]}]})
     with pytest.raises(SettingsError, match=r"faults.trigger_outages.0.metrics"):
         keda_plan().override({"faults.trigger_outages": [{"at_s": 10, "duration_s": 5, "metrics": []}]})
+
+
+def test_simulate_says_what_the_deployment_did_while_a_triggers_source_was_down(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+    from test_keda import yaml_of
+
+    path = tmp_path / "partial.yaml"
+    for release, noted in (("2.17", "noted as no activity: the cooldown counts from before the outage"),
+                           ("2.16", "release 2.16: noted as activity")):
+        path.write_text(yaml_of(two_triggers(release)))
+        code, out, err = run(["simulate", str(path)])
+        assert code == 0, err
+        (note,) = [line for line in out.splitlines() if line.startswith("note: capsim_gateway")]
+        assert note == (f"note: capsim_gateway_requests_total failed from 600 to 1500 s (faults.trigger_outages): "
+                        f"KEDA's polls were in error, active when another trigger was ({noted}), and its HPA scaled "
+                        "on the other metrics, never down while one failed; the Deployment went from 2 to 2 pods "
+                        "meanwhile (scale_events.csv)")
+        assert not [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+    # the only trigger's source down: to the autoscalers, as Prometheus down (2.16 without a fallback: to zero)
+    path.write_text(yaml_of(keda_plan(release="2.16").override({"faults.trigger_outages": [
+        {"at_s": OUT[0], "duration_s": OUT[1] - OUT[0], "metrics": ["capsim_gateway_requests_total"]}]})))
+    code, out, err = run(["simulate", str(path)])
+    assert code == 0, err
+    (note,) = [line for line in out.splitlines() if line.startswith("note: capsim_gateway")]
+    assert note.endswith("KEDA's polls (release 2.16) were in error (no fallback) and its HPA read no metric; the "
+                         "Deployment went from 2 to 0 pods meanwhile (scale_events.csv)")
+    # an HPA without KEDA, one of its two metrics failing
+    plain = two_triggers("2.17").override({"autoscaler.keda": None, "autoscaler.minReplicas": 1})
+    path.write_text(yaml_of(plain))
+    code, out, err = run(["simulate", str(path)])
+    assert code == 0, err
+    (note,) = [line for line in out.splitlines() if line.startswith("note: capsim_gateway")]
+    assert "(faults.trigger_outages): the HPA scaled on the other metrics, and never down while one failed; " in note

@@ -396,6 +396,20 @@ def simulate(
     for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
         typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
                    f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
+    names = {m.name for m in sc.autoscaler.to_hpa().metrics} if sc.autoscaler is not None else set()
+    for o in sc.faults.trigger_outages if sc.faults else ():  # a partial outage: some metrics' own source down
+        lo, hi = o.at_s, o.at_s + o.duration_s
+        if set(o.metrics) >= names:  # every metric failed: as Prometheus down, to the autoscalers
+            did = who
+        elif keda_spec is None:
+            did = "the HPA scaled on the other metrics, and never down while one failed"
+        else:
+            did = ("KEDA's polls were in error, active when another trigger was"
+                   + (" (release 2.16: noted as activity)" if keda_spec.release == "2.16" else
+                      " (noted as no activity: the cooldown counts from before the outage)")
+                   + ", and its HPA scaled on the other metrics, never down while one failed")
+        typer.echo(f"note: {', '.join(o.metrics)} failed from {lo:g} to {hi:g} s (faults.trigger_outages): {did}; the "
+                   f"Deployment went from {count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
     for w in result.wakes.itertuples():  # where a wake's wait went
         if math.isnan(w.first_request_s):
             continue

@@ -66,9 +66,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   under 2.17 and later with a ``fallback`` of ``replicas: 0``, in a scenario whose Prometheus outage
   (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose queries fail finds no trigger
   active, so KEDA takes a serving Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it
-  until Prometheus is back.
+  until Prometheus is back. An outage of every trigger's own source at once (``faults.trigger_outages``
+  naming all the metrics) counts as one of Prometheus, here and below; one of some triggers leaves the others
+  to find activity.
 * ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` (or idle mode) in a scenario
-  with a Prometheus outage: a Deployment at zero when the outage starts stays at zero until it ends, fallback or
+  with a Prometheus outage (or of every trigger's source): a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
 * ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number under KEDA
@@ -560,13 +562,23 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
         return []
     keda, found = auto.keda, []
     fb = keda.fallback
-    outages = scenario.faults.metrics_outages if scenario.faults is not None else ()
-    longest = max((o.duration_s for o in outages), default=0.0)
+    # what KEDA cannot read: Prometheus down, or the sources of all its triggers at once (faults.trigger_outages
+    # naming every metric: to KEDA a Prometheus outage; an outage of some triggers leaves the others' activity)
+    faults = scenario.faults
+    names = {m.name for m in auto.to_hpa().metrics}
+    outages = [(o.duration_s, "faults.metrics_outages") for o in (faults.metrics_outages if faults else ())]
+    outages += [(o.duration_s, "faults.trigger_outages") for o in (faults.trigger_outages if faults else ())
+                if set(o.metrics) >= names]
+    longest = max((d for d, _ in outages), default=0.0)
+    where = " and ".join(sorted({w for _, w in outages}))
+    prometheus = where == "faults.metrics_outages"
+    down, back = (("Prometheus goes down", "Prometheus answers again") if prometheus else
+                  ("every trigger's query fails", "its triggers' queries answer again"))
     field, zero, keep = _to_zero(auto)
     if keda.release != "2.16" and auto.goes_to_zero and outages:
         found.append(Finding(
-            field, f"0, and Prometheus goes down (faults.metrics_outages, up to {longest:g} s): "
-            "if the Deployment is at zero when it does, it stays there until Prometheus answers again, "
+            field, f"0, and {down} ({where}, up to {longest:g} s): "
+            f"if the Deployment is at zero when it does, it stays there until {back}, "
             f"{'its fallback' if fb is not None and fb.replicas else 'a fallback'} or not (KEDA 2.17 and later "
             "change nothing on a poll in error, and the HPA that applies a fallback is disabled at zero: "
             f"kedacore/keda#7239); {keep} where that wait is not acceptable", level="warn",
@@ -576,9 +588,10 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     idle_poll = (fb is None or fb.replicas == 0) if keda.release == "2.16" else (fb is not None and fb.replicas == 0)
     if idle_poll and auto.goes_to_zero and longest > keda.cooldown_period_s:
         found.append(Finding(
-            "autoscaler.keda.fallback", f"{'none' if fb is None else 'replicas 0'}, and faults.metrics_outages lasts "
+            "autoscaler.keda.fallback", f"{'none' if fb is None else 'replicas 0'}, and {where} lasts "
             f"up to {longest:g} s, longer than cooldown_period_s ({keda.cooldown_period_s} s): KEDA finds no trigger "
-            f"active while Prometheus is down and (release {keda.release}, {zero}) takes the Deployment to zero, "
+            f"active while {'Prometheus is down' if prometheus else 'its queries fail'} and (release {keda.release}, "
+            f"{zero}) takes the Deployment to zero, "
             "traffic or not (kedacore/keda#965); "
             f"set fallback.replicas to hold pods, or {keep}", level="warn",
             check="keda-outage-to-zero"))
