@@ -592,6 +592,38 @@ def test_cached_metrics_give_the_hpa_the_value_of_keda_s_last_poll() -> None:
     assert first_up[0] >= first_up[1]
 
 
+IN_FLIGHT = {"type": "External", "external": {"metric": {"name": "capsim_requests_in_flight"},
+                                              "target": {"type": "AverageValue", "averageValue": "8"}}}
+
+
+def test_cached_metrics_are_set_per_trigger() -> None:
+    from capsim.sim import Simulation
+
+    def spells(**keda_settings: Any) -> list[set[float]]:
+        """The values of the first trigger (the gateway's rate) the HPA read at its syncs, grouped by KEDA's poll
+        before them."""
+        scenario = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, IN_FLIGHT], "autoscaler.keda": keda_settings})
+        sim = Simulation(scenario, seed=0)
+        polls = sim.run().keda_polls["time_s"].to_numpy()
+        groups: dict[int, set[float]] = {}
+        for t, _, _, value in sim.autoscaling.syncs:
+            g = int(np.searchsorted(polls, t, side="right"))
+            if g > 0 and not math.isnan(value):
+                groups.setdefault(g, set()).add(round(value, 9))
+        return list(groups.values())
+
+    # only the gateway's trigger cached: the HPA reads its rate once a poll; only the other: afresh each sync
+    assert all(len(v) == 1 for v in spells(use_cached_metrics=["capsim_gateway_requests_total"]))
+    assert sum(len(v) > 1 for v in spells(use_cached_metrics=["capsim_requests_in_flight"])) > 10
+    assert spells(use_cached_metrics=["capsim_gateway_requests_total", "capsim_requests_in_flight"]) == spells(
+        use_cached_metrics=True)
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.use_cached_metrics.0: 'nope' is not a metric"):
+        keda(use_cached_metrics=["nope"])
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.use_cached_metrics: must be true, false or a list of "
+                                            r"metric names, got 'yes'"):
+        keda(use_cached_metrics="yes")
+
+
 def test_cached_metrics_are_exported_on_every_trigger(tmp_path: Any) -> None:
     import jsonschema
     import yaml
@@ -608,6 +640,14 @@ def test_cached_metrics_are_exported_on_every_trigger(tmp_path: Any) -> None:
     export_scenario(keda(), tmp_path / "plain", DeployTarget(name="agent", namespace="agents"))
     plain = yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())
     assert all("useCachedMetrics" not in t for t in plain["spec"]["triggers"])
+    # set on some triggers: on those alone
+    some = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, IN_FLIGHT],
+                                     "autoscaler.keda": {"use_cached_metrics": ["capsim_requests_in_flight"]}})
+    export_scenario(some, tmp_path / "some", DeployTarget(name="agent", namespace="agents"))
+    obj = yaml.safe_load((tmp_path / "some" / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert [t.get("useCachedMetrics") for t in obj["spec"]["triggers"]] == [None, True]
+    assert "| KEDA `useCachedMetrics` (`capsim_requests_in_flight`) | true" in (tmp_path / "some" / "README.md").read_text()
 
 
 # ---- the executor's promises over any run of polls (Hypothesis) --------------------------------------------

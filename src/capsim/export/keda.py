@@ -36,6 +36,7 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     auto = require_autoscaler(scenario)
     keda = auto.keda
     hpa = auto.to_hpa()
+    cached = keda.cached([m.name for m in hpa.metrics]) if keda is not None else frozenset()
     triggers = []
     for metric in hpa.metrics:
         query, window_s, quantile = auto.query_of(metric.name)
@@ -53,7 +54,7 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
             "metricType": "Value" if metric.target_type == "Value" else "AverageValue",
             "metadata": meta,
         }
-        if keda is not None and keda.use_cached_metrics:  # the HPA reads the value of KEDA's last poll
+        if keda is not None and metric.name in cached:  # the HPA reads the value of KEDA's last poll
             trigger["useCachedMetrics"] = True
         triggers.append(trigger)
     ref = scale_target_ref(scenario, target)

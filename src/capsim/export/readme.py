@@ -143,8 +143,11 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
         lines.append(f"| KEDA release simulated | {k.release}"
                      f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")
-        if k.use_cached_metrics:
-            lines.append(f"| KEDA `useCachedMetrics` (every trigger) | true: the HPA reads the value of KEDA's last "
+        names = [m.name for m in auto.to_hpa().metrics]
+        cached = [m for m in names if m in k.cached(names)]
+        if cached:
+            which = "every trigger" if len(cached) == len(names) else ", ".join(f"`{m}`" for m in cached)
+            lines.append(f"| KEDA `useCachedMetrics` ({which}) | true: the HPA reads the value of KEDA's last "
                          f"poll, refreshed every {k.polling_interval_s} s |")
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "

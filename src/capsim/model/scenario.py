@@ -9,7 +9,7 @@ YAML. Where a section mirrors Kubernetes (the autoscaler) the Kubernetes spellin
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -576,9 +576,10 @@ class Keda(_Section):
     fallback: KedaFallback | None = Field(
         None, description="KEDA fallback: the replicas the HPA is given while the triggers' queries fail (None: "
                           "none)")
-    use_cached_metrics: Bool = Field(
-        False, description="every trigger's useCachedMetrics: the HPA that KEDA creates reads each metric as KEDA's "
-                           "last poll found it (every polling_interval_s), not afresh at each of its syncs")
+    use_cached_metrics: Bool | tuple[str, ...] = Field(
+        False, description="the triggers' useCachedMetrics: true for every trigger, or the metric names of those "
+                           "that set it; the HPA that KEDA creates reads such a metric as KEDA's last poll found it "
+                           "(every polling_interval_s), not afresh at each of its syncs")
     idle_replica_count: Int | None = Field(
         None, description="KEDA idleReplicaCount (only 0, the one value KEDA supports): with no trigger active for "
                           "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "
@@ -595,6 +596,19 @@ class Keda(_Section):
     def _release_as_text(cls, v: Any) -> Any:
         # YAML reads an unquoted 2.17 as a number
         return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else v
+
+    @field_validator("use_cached_metrics", mode="before")
+    @classmethod
+    def _cached_as_given(cls, v: Any) -> Any:
+        if isinstance(v, bool) or type(v).__name__ == "bool_" or (
+                isinstance(v, list | tuple) and all(isinstance(n, str) for n in v)):
+            return v
+        raise ValueError(f"must be true, false or a list of metric names, got {v!r}")
+
+    def cached(self, names: Sequence[str]) -> frozenset[str]:
+        """The metrics among ``names`` (the triggers') whose trigger sets ``useCachedMetrics``."""
+        c = self.use_cached_metrics
+        return frozenset(names if c is True else () if c is False else c)
 
     @field_validator("idle_replica_count")
     @classmethod
@@ -667,6 +681,11 @@ class Autoscaler(_Section):
             for name in self.keda.activation:
                 if name not in names:
                     raise ValueError(f"keda.activation.{name}: no metric of this name in metrics (names: {names})")
+            cached = self.keda.use_cached_metrics
+            for i, name in enumerate(cached if isinstance(cached, tuple) else ()):
+                if name not in names:
+                    raise ValueError(f"keda.use_cached_metrics.{i}: {name!r} is not a metric of metrics (names: "
+                                     f"{names})")
             if self.keda.fallback is not None and self.keda.release != "2.18":
                 for i, m in enumerate(hpa.metrics):
                     if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)

@@ -136,9 +136,10 @@ class Autoscaling:
         self._partial = bool(failing)  # a poll reads every trigger: one may err while another is active
         self.keda: ScaleExecutor | None = None
         self.keda_health: FallbackHealth | None = None  # KEDA's metrics server, as the HPA reads it
-        # useCachedMetrics: each trigger's value (None: no value) and whether its query failed, as KEDA's last
-        # poll found them; the HPA reads these (from the first poll on: before it, afresh). None: not cached
+        # useCachedMetrics: each such trigger's value (None: no value) and whether its query failed, as KEDA's last
+        # poll found them; the HPA reads these (from the first poll on: before it, afresh). None: no trigger cached
         self._keda_cache: dict[int, tuple[float | None, bool]] | None = None
+        self._cached: frozenset[int] = frozenset()  # the triggers (metric indices) that set useCachedMetrics
         #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
         self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
         if spec.keda is not None:
@@ -154,7 +155,9 @@ class Autoscaling:
                                               fb.replicas if fb is not None else 0,
                                               fb.behavior if fb is not None else "static", spec.keda.release)
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
-            if spec.keda.use_cached_metrics:
+            cached = spec.keda.cached([m.name for m in self.hpa.metrics])
+            self._cached = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in cached)
+            if self._cached:
                 self._keda_cache = {}
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
@@ -344,24 +347,25 @@ class Autoscaling:
             active = False
             down = self._prometheus_down(now)  # every trigger's query fails: none is active
             error = down
-            cache = self._keda_cache  # useCachedMetrics: every trigger is read, and kept for the HPA
+            cache = self._keda_cache  # useCachedMetrics: every trigger is read, and the cached ones kept for the HPA
+            cached = self._cached
             read_all = cache is not None or self._partial  # else the first active trigger settles the poll
             triggers = () if down else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
                     error = True
-                    if cache is not None:
+                    if cache is not None and k in cached:
                         cache[k] = (None, True)
                     continue
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
-                if cache is not None:
+                if cache is not None and k in cached:
                     cache[k] = (total, False)
                 if total is not None and total > threshold:
                     active = True
                     if not read_all:
                         break
             if cache is not None and down:
-                cache.update(dict.fromkeys(range(len(self.metrics)), (None, True)))
+                cache.update(dict.fromkeys(cached, (None, True)))
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)
             self.keda_polls.append((now, active, error, current, -1 if new is None else new))
