@@ -143,7 +143,7 @@ KEDA_SCALED_OBJECT = {
                 "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
                                    "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
                                                   "name": {"type": "string"}}},
-                "pollingInterval": _INT32, "cooldownPeriod": _INT32,
+                "pollingInterval": _INT32, "cooldownPeriod": _INT32, "initialCooldownPeriod": _INT32,
                 "fallback": {"type": "object", "required": ["failureThreshold", "replicas"],
                              "additionalProperties": False,
                              "properties": {"failureThreshold": _INT32, "replicas": _INT32,

@@ -564,6 +564,50 @@ def test_idle_mode_serves_through_a_crash_at_the_cost_of_scaling_to_zero_on_whol
     assert idle.longest_wake_s == pytest.approx(zero.longest_wake_s, abs=30)  # the same wakes from zero
 
 
+# ---- initialCooldownPeriod: the run starts as the ScaledObject is created --------------------------------------
+def test_never_active_the_initial_cooldown_counts_from_the_creation() -> None:
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, initial_cooldown_period_s=600)
+    assert ex.request_scale(300.0, 1, active=False) is None  # created at 0: still in its initial cooldown
+    assert ex.request_scale(601.0, 1, active=False) == 0
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, initial_cooldown_period_s=600)
+    assert ex.request_scale(100.0, 1, active=True) is None  # once active, the cooldown rules
+    assert ex.request_scale(601.0, 1, active=False) == 0 and ex.last_active_s == 100.0
+    ex = ScaleExecutor(min_replica_count=0, cooldown_period_s=300, initial_cooldown_period_s=600)
+    assert ex.request_scale(200.0, 1, active=True) is None
+    assert ex.request_scale(450.0, 1, active=False) is None  # 250 s after the last activity, though 450 s old
+    assert ScaleExecutor(min_replica_count=0).request_scale(1.0, 1, active=False) == 0  # KEDA's default: at once
+    with pytest.raises(ValueError, match="initial_cooldown_period_s"):
+        ScaleExecutor(initial_cooldown_period_s=-1)
+
+
+def test_a_deploy_without_traffic_goes_to_zero_after_the_initial_cooldown(tmp_path: Any) -> None:
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from capsim.sim import simulate
+
+    quiet_start = {"workload.arrivals.rate_per_s": [[0, 0], [1500, 2]]}  # the first requests 25 minutes in
+
+    def first_to_zero(**keda_settings: Any) -> float:
+        ev = simulate(keda(**keda_settings).override(quiet_start), seed=0).scale_events
+        down = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+        return float(down["time_s"].iloc[0])
+
+    polling = 30
+    # a Deployment serving for long (the default): a full cooldown from the run's start
+    assert 300 < first_to_zero(cooldown_period_s=300) <= 300 + polling
+    # deployed with the run: KEDA's default initial cooldown, 0, takes it to zero at its first idle poll
+    assert first_to_zero(cooldown_period_s=300, initial_cooldown_period_s=0) <= polling
+    assert 900 < first_to_zero(cooldown_period_s=300, initial_cooldown_period_s=900) <= 900 + polling
+    export_scenario(keda(initial_cooldown_period_s=900), tmp_path, DeployTarget(name="agent", namespace="agents"))
+    spec = yaml.safe_load((tmp_path / "keda-scaledobject.yaml").read_text())["spec"]
+    assert spec["initialCooldownPeriod"] == 900
+    assert "| KEDA `initialCooldownPeriod` | 900 s: until a trigger is first active after the deploy" in (
+        tmp_path / "README.md").read_text()
+    export_scenario(keda(), tmp_path / "plain", DeployTarget(name="agent", namespace="agents"))
+    assert "initialCooldownPeriod" not in yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())["spec"]
+
+
 # ---- useCachedMetrics ---------------------------------------------------------------------------------------
 def test_cached_metrics_give_the_hpa_the_value_of_keda_s_last_poll() -> None:
     from capsim.sim import Simulation

@@ -64,6 +64,8 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     }
     if keda is not None:
         spec["cooldownPeriod"] = keda.cooldown_period_s
+        if keda.initial_cooldown_period_s is not None:  # the deploy itself, as simulated
+            spec["initialCooldownPeriod"] = keda.initial_cooldown_period_s
         if keda.fallback is not None:  # the replicas held while Prometheus is down, as simulated
             spec["fallback"] = {"failureThreshold": keda.fallback.failure_threshold,
                                 "replicas": keda.fallback.replicas}

@@ -140,6 +140,9 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         k = auto.keda
         lines += [f"| KEDA `minReplicaCount` / `maxReplicaCount` | {auto.min_replicas} / {auto.max_replicas} |",
                   f"| KEDA `pollingInterval` / `cooldownPeriod` | {k.polling_interval_s} s / {k.cooldown_period_s} s |"]
+        if k.initial_cooldown_period_s is not None:
+            lines.append(f"| KEDA `initialCooldownPeriod` | {k.initial_cooldown_period_s} s: until a trigger is first "
+                         "active after the deploy, the Deployment goes to zero no sooner |")
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
         lines.append(f"| KEDA release simulated | {k.release}"
                      f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")

@@ -580,6 +580,12 @@ class Keda(_Section):
         False, description="the triggers' useCachedMetrics: true for every trigger, or the metric names of those "
                            "that set it; the HPA that KEDA creates reads such a metric as KEDA's last poll found it "
                            "(every polling_interval_s), not afresh at each of its syncs")
+    initial_cooldown_period_s: Int | None = Field(
+        None, ge=0, description="KEDA initialCooldownPeriod, and the run starts as the ScaledObject is created (a "
+                                "deploy): until a poll finds a trigger active, KEDA takes a Deployment that can go "
+                                "to zero there once this long has passed (KEDA's default 0: at the first idle poll); "
+                                "null: the run starts from a Deployment serving for long, as if a trigger was last "
+                                "active at time 0")
     idle_replica_count: Int | None = Field(
         None, description="KEDA idleReplicaCount (only 0, the one value KEDA supports): with no trigger active for "
                           "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "

@@ -11,8 +11,9 @@ fails is not active) and :meth:`ScaleExecutor.request_scale` acts on the answer,
 * zero replicas and a trigger active: scale to ``minReplicaCount`` (1 if it is 0), and note the time as
   the last active one;
 * no trigger active, replicas above zero and ``minReplicaCount`` 0: scale to zero once the last active
-  time is more than ``cooldownPeriod`` ago (at once if there was never one: the Deployment was scaled
-  outside KEDA);
+  time is more than ``cooldownPeriod`` ago; if there was never one (a ScaledObject just created, or a
+  Deployment scaled outside KEDA), once its creation is more than ``initialCooldownPeriod`` ago (0 by
+  default: at once);
 * no trigger active and fewer replicas than ``minReplicaCount``: set ``minReplicaCount``;
 * a trigger active otherwise: only note the time as the last active one.
 
@@ -84,8 +85,9 @@ def hpa_min_replicas(min_replica_count: int) -> int:
 @dataclass
 class ScaleExecutor:
     """One ScaledObject's scale executor: ``minReplicaCount``, ``cooldownPeriod``, ``fallback.replicas``
-    (None: no fallback), its last active time, the KEDA ``release`` whose rules it follows and
-    ``idleReplicaCount`` (None: not set)."""
+    (None: no fallback), its last active time, the KEDA ``release`` whose rules it follows,
+    ``idleReplicaCount`` (None: not set), and ``initialCooldownPeriod`` with the time the ScaledObject was
+    created (they matter only while no poll has found a trigger active)."""
 
     min_replica_count: int = 0
     cooldown_period_s: float = DEFAULT_COOLDOWN_PERIOD_S
@@ -94,10 +96,14 @@ class ScaleExecutor:
     fallback_replicas: int | None = None
     release: Release = "2.18"
     idle_replica_count: int | None = None
+    initial_cooldown_period_s: float = 0.0
+    created_s: float = 0.0  # the ScaledObject's creationTimestamp
 
     def __post_init__(self) -> None:
         check_int("min_replica_count", self.min_replica_count, minimum=0)
         check_number("cooldown_period_s", self.cooldown_period_s, minimum=0.0)
+        check_number("initial_cooldown_period_s", self.initial_cooldown_period_s, minimum=0.0)
+        check_number("created_s", self.created_s)
         if self.fallback_replicas is not None:
             check_int("fallback_replicas", self.fallback_replicas, minimum=0)
         if self.release not in RELEASES:
@@ -129,9 +135,10 @@ class ScaleExecutor:
             # 2.16 without a fallback, or a fallback of 0 replicas: the rules of an idle poll
         if (idle is not None and current_replicas > idle) or (current_replicas > 0 and low == 0):
             last = self.last_active_s
-            if last is None or last + self.cooldown_period_s < now:  # scaleToZeroOrIdle
+            if (last + self.cooldown_period_s < now if last is not None  # scaleToZeroOrIdle
+                    else self.created_s + self.initial_cooldown_period_s < now):
                 return idle if idle is not None else low
-            return None  # cooling down
+            return None  # cooling down (or, never active yet, in the initial cooldown)
         if current_replicas < low and idle is None:
             return low
         return None

@@ -145,12 +145,14 @@ class Autoscaling:
         if spec.keda is not None:
             # a run starts from a Deployment already serving: with pods, as if its triggers were last
             # active at time 0 (else KEDA's first poll, before Prometheus holds two samples of a rate,
-            # would find nothing active and take the Deployment to zero at once)
-            last = 0.0 if sim.scenario.pods.replicas > 0 else None
+            # would find nothing active and take the Deployment to zero at once); with an initial cooldown
+            # the run starts as the ScaledObject is created: never active yet, created at time 0
+            initial = spec.keda.initial_cooldown_period_s
+            last = 0.0 if sim.scenario.pods.replicas > 0 and initial is None else None
             fb = spec.keda.fallback
             self.keda = ScaleExecutor(spec.min_replicas, spec.keda.cooldown_period_s, last,
                                       fb.replicas if fb is not None else None, spec.keda.release,
-                                      spec.keda.idle_replica_count)
+                                      spec.keda.idle_replica_count, float(initial or 0))
             self.keda_health = FallbackHealth(fb.failure_threshold if fb is not None else None,
                                               fb.replicas if fb is not None else 0,
                                               fb.behavior if fb is not None else "static", spec.keda.release)
