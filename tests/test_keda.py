@@ -609,6 +609,17 @@ def test_a_deploy_without_traffic_goes_to_zero_after_the_initial_cooldown(tmp_pa
 
 
 # ---- useCachedMetrics ---------------------------------------------------------------------------------------
+def spells_by_poll(sim: Any, polls: Any) -> list[set[float]]:
+    """The values of the first metric the HPA read at its syncs, grouped by the KEDA poll (of ``polls``, their
+    times) before them, after the first."""
+    groups: dict[int, set[float]] = {}
+    for t, _, _, value in sim.autoscaling.syncs:
+        g = int(np.searchsorted(polls, t, side="right"))
+        if g > 0 and not math.isnan(value):
+            groups.setdefault(g, set()).add(round(value, 9))
+    return list(groups.values())
+
+
 def test_cached_metrics_give_the_hpa_the_value_of_keda_s_last_poll() -> None:
     from capsim.sim import Simulation
 
@@ -619,15 +630,7 @@ def test_cached_metrics_give_the_hpa_the_value_of_keda_s_last_poll() -> None:
     (cached_sim, cached), (fresh_sim, fresh) = run(use_cached_metrics=True), run()
     polls = cached.keda_polls["time_s"].to_numpy()
     assert polls.size > 50
-    def spells(sim: Any) -> list[set[float]]:
-        """The values the HPA read at its syncs, grouped by the KEDA poll before them (after the first)."""
-        groups: dict[int, set[float]] = {}
-        for t, _, _, value in sim.autoscaling.syncs:
-            g = int(np.searchsorted(polls, t, side="right"))
-            if g > 0 and not math.isnan(value):
-                groups.setdefault(g, set()).add(round(value, 9))
-        return list(groups.values())
-    cached_spells, fresh_spells = spells(cached_sim), spells(fresh_sim)
+    cached_spells, fresh_spells = spells_by_poll(cached_sim, polls), spells_by_poll(fresh_sim, polls)
     assert all(len(v) == 1 for v in cached_spells)  # 30 s polls, 15 s syncs: each poll's value read twice
     assert sum(len(v) > 1 for v in fresh_spells) > 10  # afresh, two syncs after one poll read different rates
     # the second burst (1500 s) is seen by the HPA only from the first poll after it: it scales up no sooner
@@ -644,17 +647,10 @@ def test_cached_metrics_are_set_per_trigger() -> None:
     from capsim.sim import Simulation
 
     def spells(**keda_settings: Any) -> list[set[float]]:
-        """The values of the first trigger (the gateway's rate) the HPA read at its syncs, grouped by KEDA's poll
-        before them."""
+        """The values of the first trigger (the gateway's rate) the HPA read, grouped by KEDA's poll before them."""
         scenario = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, IN_FLIGHT], "autoscaler.keda": keda_settings})
         sim = Simulation(scenario, seed=0)
-        polls = sim.run().keda_polls["time_s"].to_numpy()
-        groups: dict[int, set[float]] = {}
-        for t, _, _, value in sim.autoscaling.syncs:
-            g = int(np.searchsorted(polls, t, side="right"))
-            if g > 0 and not math.isnan(value):
-                groups.setdefault(g, set()).add(round(value, 9))
-        return list(groups.values())
+        return spells_by_poll(sim, sim.run().keda_polls["time_s"].to_numpy())
 
     # only the gateway's trigger cached: the HPA reads its rate once a poll; only the other: afresh each sync
     assert all(len(v) == 1 for v in spells(use_cached_metrics=["capsim_gateway_requests_total"]))

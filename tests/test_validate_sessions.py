@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -275,6 +276,23 @@ def test_capsim_validate_sessions_keeps_earlier_results_unless_forced(tmp_path: 
     assert (seen[0].level, seen[0].probe_s, seen[0].replications, seen[0].crash_at_s) == (0.3, 0.0, 2, 0.0)
 
 
+#: two small real continuous pods with prefix caching (``start_fleet``)
+FLEET_SETTINGS: dict[str, object] = {"torch_threads": 1, "batch_mode": "continuous", "enable_prefix_caching": "true",
+                                     "warmup": "false", "max_prompt_tokens": 1024, "max_model_len": 1024}
+
+
+def three_turn_sessions(n: int) -> tuple[Any, np.ndarray]:
+    """The validation's workload cut to its first ``n`` sessions of 3 turns, and their messages' token counts."""
+    from dataclasses import replace
+
+    sc = sessions_scenario(SessionsSpec(turns=3), "round_robin", Path("unused.csv"), 1.0, 1.0)
+    full = make_workload(sc, Streams(0))
+    assert full.message_tokens is not None
+    msg = full.message_tokens[:3 * n]
+    return replace(full, prompt_tokens=full.prompt_tokens[:3 * n], output_tokens=full.output_tokens[:3 * n],
+                   message_tokens=msg), msg
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH")
 @pytest.mark.timeout(300)
 def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path: Path) -> None:
@@ -282,21 +300,15 @@ def test_the_real_fleet_shares_each_sessions_history_through_the_store(tmp_path:
 
     from capsim.studies.validate_sessions_real import run_real, start_fleet
 
-    settings: dict[str, object] = {"torch_threads": 1, "batch_mode": "continuous", "enable_prefix_caching": "true",
-                                   "warmup": "false", "max_prompt_tokens": 1024, "max_model_len": 1024}
-    sc = sessions_scenario(SessionsSpec(turns=3), "round_robin", Path("unused.csv"), 1.0, 1.0)
-    full = make_workload(sc, Streams(0))
-    assert full.message_tokens is not None
-    msg = full.message_tokens[:6]
-    wl = replace(full, session_start_s=full.session_start_s[:2], prompt_tokens=full.prompt_tokens[:6],
-                 output_tokens=full.output_tokens[:6], message_tokens=msg)
+    full, msg = three_turn_sessions(2)
+    wl = replace(full, session_start_s=full.session_start_s[:2])
     calls = []
 
     def think() -> float:
         calls.append(1)
         return 0.01
 
-    fleet = start_fleet(tmp_path, "round_robin", settings, [None, None])
+    fleet = start_fleet(tmp_path, "round_robin", FLEET_SETTINGS, [None, None])
     try:
         run = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), think, 120.0, seed=0)
     finally:
@@ -325,18 +337,12 @@ def test_a_real_pod_killed_mid_run_fails_its_turns_and_its_sessions_prefill_thei
 
     from capsim.studies.validate_sessions_real import Crash, run_real, start_fleet
 
-    settings: dict[str, object] = {"torch_threads": 1, "batch_mode": "continuous", "enable_prefix_caching": "true",
-                                   "warmup": "false", "max_prompt_tokens": 1024, "max_model_len": 1024}
-    sc = sessions_scenario(SessionsSpec(turns=3), "round_robin", Path("unused.csv"), 1.0, 1.0)
-    full = make_workload(sc, Streams(0))
-    assert full.message_tokens is not None
-    msg = full.message_tokens[:12]
     # four sessions at once: round robin puts two first turns on each pod; each session then thinks 6 s (the
     # crash at 3 s falls while they think, unless a first turn takes 3 s), later turns 0.1 s
-    wl = replace(full, session_start_s=np.zeros(4), prompt_tokens=full.prompt_tokens[:12],
-                 output_tokens=full.output_tokens[:12], message_tokens=msg)
+    full, msg = three_turn_sessions(4)
+    wl = replace(full, session_start_s=np.zeros(4))
     thinks = iter([6.0] * 4 + [0.1] * 100)
-    fleet = start_fleet(tmp_path, "round_robin", settings, [None, None])
+    fleet = start_fleet(tmp_path, "round_robin", FLEET_SETTINGS, [None, None])
     try:
         run = run_real(fleet, wl, lambda r: message_ids(0, r // 3, r % 3, int(msg[r]), 512), lambda: next(thinks),
                        120.0, seed=0, crash=Crash(3.0))
