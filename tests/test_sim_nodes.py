@@ -61,6 +61,21 @@ def test_a_node_is_billed_while_it_boots_and_goes_10_minutes_after_it_is_unneede
     assert sim.cluster.nodes.node_gpu_seconds(2000) == pytest.approx(4 * 2000 + 4 * 710)
 
 
+def test_empty_nodes_go_at_most_max_scale_down_parallelism_a_scan() -> None:
+    def removals(**changes: Any) -> list[float]:
+        sim = Simulation(idle(**{"cluster.node_gpus": 1, "cluster.max_gpus": 16,
+                                 "cluster.scale_down_delay_after_add_s": 0, **changes}), seed=0)
+        # 14 one-GPU nodes, then one pod: 13 nodes empty at once, unneeded from the scan of 110 s
+        at(sim, (0.0, lambda: sim.cluster.scale_to(14, 0.0)), (105.0, lambda: sim.cluster.scale_to(1, 105.0)))
+        sim.run()
+        return [t for t, _ in sim.cluster.nodes.removals]
+    # --max-scale-down-parallelism 10 (the default): ten at the scan 600 s later, the other three at the next
+    assert removals() == [710.0] * 10 + [720.0] * 3
+    assert removals(**{"cluster.max_scale_down_parallelism": 3}) == [710.0] * 3 + [720.0] * 3 + [730.0] * 3 + \
+        [740.0] * 3 + [750.0]
+    assert removals(**{"cluster.max_scale_down_parallelism": 20}) == [710.0] * 13
+
+
 def test_unneeded_time_counts_from_when_the_node_became_removable() -> None:
     # node 1 holds one pod of 4 GPUs from 30 s, under the threshold, but node 0 is full until the scale-down
     # at 105 s: no place to move the pod, so cluster-autoscaler's planner keeps node 1 among the unremovable

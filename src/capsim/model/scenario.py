@@ -810,6 +810,10 @@ class ClusterSpec(_Section):
     )
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
+    max_scale_down_parallelism: Int = Field(
+        10, ge=1, description="--max-scale-down-parallelism (and --max-empty-bulk-delete, kept equal): nodes "
+                              "scale-down deletes at once, the empty ones a scan removes and the one draining "
+                              "counted together")
     unremovable_node_recheck_timeout_s: Float = Field(
         300.0, ge=0, description="--unremovable-node-recheck-timeout: a node the removal simulation found "
                                  "unremovable (its pods fit nowhere else, or the PodDisruptionBudget has no "

@@ -24,7 +24,8 @@ pods request less than ``scale_down_utilization_threshold`` of its GPUs
 its pods fit elsewhere and the PodDisruptionBudget has a disruption left: ``NodePool._removable``) is
 unneeded, its unneeded time kept from scan to scan while it stays so; one unneeded for
 ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
-10 min). Empty nodes go at once; a node with pods is removed only if they fit on the other nodes and the
+10 min). Empty nodes go at once, at most ``max_scale_down_parallelism`` (``--max-scale-down-parallelism``, 10)
+deletions at a time, a drain in progress among them; a node with pods is removed only if they fit on the other nodes and the
 Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it
 is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet replaces them
 elsewhere, with a cold start), and it goes when the last one has left. A node is billed
@@ -416,11 +417,16 @@ class NodePool:
                     size[n.zone] -= 1
                     keep.append(n)
             due = keep
+        # at most --max-scale-down-parallelism deletions at once, a drain in progress among them (budgets.go
+        # CropNodes: the empty nodes first, within what the deletions in progress leave)
+        draining = sum(1 for n in self._up if n.cordoned)
+        room = spec.max_scale_down_parallelism - draining
         for n in due:
-            if n.used == 0:
+            if n.used == 0 and room > 0:
                 self._remove(n, now)
-        # a node with pods: only if they fit on the nodes that stay, one drain at a time
-        if any(n.cordoned for n in self._up):
+                room -= 1
+        # a node with pods: only if they fit on the nodes that stay, one drain at a time (--max-drain-parallelism 1)
+        if draining or room <= 0:
             return
         for n in due:
             if n.used == 0:
