@@ -181,6 +181,7 @@ async def run_load(
     think: Callable[[], float] | None = None,
     pod_clock: bool = False,
     pools: ConnectionPools | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Any:
     """Replay ``workload`` against the pods at ``targets``; return the requests DataFrame.
 
@@ -217,6 +218,9 @@ async def run_load(
     the way in, and in ``frame.attrs["send_error_s"]`` when it falls behind its schedule;
     ``["generator_cpu_s"]`` and ``["generator_busy"]`` (the process's share of a core per
     ``GENERATOR_WINDOW_S``) say whether it was, and ``generator_saturated(frame)`` words it.
+
+    ``on_start()`` is called at the schedule's zero (``frame.attrs["t0_monotonic"]``), before the first send: a
+    fault timed from it (the sessions validation's crash) falls on the rows' clock.
     """
     urls = check_targets(targets, allow_remote)
     policy = client or ClientPolicy()
@@ -246,6 +250,8 @@ async def run_load(
         # the schedule's zero once the clients are built, so building them delays no request
         t0 = time.perf_counter()
         deadline = t0 + max_duration_s
+        if on_start is not None:
+            on_start()
 
         def pick(session: int) -> int:
             nonlocal rr

@@ -185,17 +185,17 @@ def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], 
     timer = threading.Timer(crash.at_s, kill) if crash is not None else None
     if timer is not None:
         timer.daemon = True
-        timer.start()
     try:
         # the pods' timings on this host's clock: a turn's TTFT counts from its send, the way in through the router
-        # included, as the simulator's does (``FleetProbe.way_in_ms``)
+        # included, as the simulator's does (``FleetProbe.way_in_ms``); the crash timed from the schedule's zero
         frame = asyncio.run(run_load([fleet.router_url], workload, client=ClientPolicy(timeout_s=60, max_retries=0),
                                      max_duration_s=max_duration_s, seed=seed, messages=messages, think=think,
-                                     pod_clock=True))
+                                     pod_clock=True, on_start=timer.start if timer is not None else None))
     finally:
         if timer is not None:
             timer.cancel()
-            timer.join()
+            if timer.is_alive():
+                timer.join()
     totals = dict.fromkeys(COUNTERS, 0.0)
     for i, pod in enumerate(fleet.pods):
         if crash is not None and i == crash.pod:
