@@ -448,11 +448,12 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         assert np.allclose(results[results.policy == policy].sessions_per_s, rate)
         assert np.allclose(runs[runs.policy == policy].sessions_per_s, rate)
     assert json.loads((tmp_path / "provenance.json").read_text())["cached_token_us"] > 0
-    # each policy's last run kills the second pod mid-run (quick: 4 s in), simulated at the calibration and the
-    # fleet probe: its TTFT over the turns sent after the crash, and what the crash cost, real and simulated
+    # each policy's last run kills the second pod mid-run (quick: 4 s in), simulated at the calibration, the
+    # fleet probe and the surviving pod's own speed: its TTFT over the turns sent after the crash, and what the
+    # crash cost, real and simulated
     crash = pd.read_csv(tmp_path / "crash.csv")
     assert set(crash.policy) == {"round_robin", "session_affinity"}
-    assert set(crash.sim_at) == {"calibration", "fleet probe"}
+    assert set(crash.sim_at) == {"calibration", "fleet probe", "run speed"}
     assert {"ttft_p99_s", "hit_rate", "failed_turns", "moved_turns", "reprefill_tokens"} <= set(crash.metric)
     assert (crash.crashed_at_s >= 4).all() and (crash.crashed_at_s < 5).all()
     counts = crash[crash.metric.isin(["failed_turns", "moved_turns", "reprefill_tokens"])]

@@ -356,9 +356,11 @@ def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: 
     return _Sent(workload, run.frame, run.counters, t0, time.perf_counter(), run.crashed_at_s, run.crashed_url)
 
 
-def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float) -> FleetProbe | None:
+def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float,
+                  pods: Any = None) -> FleetProbe | None:
     """What the fleet's step traces between ``t0`` and ``t1`` (``perf_counter``) and the turns ``real`` that ran
-    then say (:class:`FleetProbe`); ``None`` when there is nothing to measure (no answered turn, no step)."""
+    then say (:class:`FleetProbe`); ``None`` when there is nothing to measure (no answered turn, no step).
+    ``pods``: the pods whose traces are read (default all; a crash run reads the one that lived)."""
     import numpy as np
     import pandas as pd
 
@@ -367,7 +369,7 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
 
     if cal.fit is None or cal.cal is None:
         return None
-    steps = [cycles(fetch_steps(pod.url, t0, t1), cal.cal.model(cal.fit)) for pod in fleet.pods]
+    steps = [cycles(fetch_steps(pod.url, t0, t1), cal.cal.model(cal.fit)) for pod in (pods or fleet.pods)]
     frame = pd.concat([s for s in steps if len(s)], ignore_index=True) if any(len(s) for s in steps) else None
     span = pod_token_span(real)
     ok = (real.outcome == "ok").to_numpy()
@@ -484,9 +486,10 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
 def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rate: float, vocab: int,
                probed: _Pool | None, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """The policy's crash run (its fleet's last: the second pod does not come back) and its rows, simulated at
-    the calibration and at the fleet probe: TTFT and throughput over the turns sent from the crash to the end
-    of arrivals, the hit rate over the run, and the counts of what the crash cost (turns failed, turns moved off
-    the crashed pod and the history they prefilled again)."""
+    the calibration, at the fleet probe and at the run's own speed (the surviving pod's steps): TTFT and
+    throughput over the turns sent from the crash to the end of arrivals, the hit rate over the run, and the
+    counts of what the crash cost (turns failed, turns moved off the crashed pod and the history they prefilled
+    again)."""
     from capsim.sim.simulate import simulate
     from capsim.studies.validate_sessions_real import Crash
 
@@ -504,8 +507,12 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
     real_moved = moved_turns(real, real.attrs["served_by"], sent.crashed_url, at, msg, spec.turns)
     real_failed = int((real.outcome != "ok").sum())
     rows: list[dict[str, Any]] = []
-    for sim_at, probe in ((CALIBRATION, None), (FLEET_PROBE, probed.probe if probed is not None else None)):
-        if sim_at == FLEET_PROBE and probe is None:
+    # at its own speed too (a diagnosis, as the replications' "run speed"): the surviving pod's steps over the run
+    survivors = [p for p in fleet.pods if p.url != sent.crashed_url]
+    own = measure_fleet(fleet, real, sent.t0, sent.t1, cal, rate, survivors)
+    for sim_at, probe in ((CALIBRATION, None), (FLEET_PROBE, probed.probe if probed is not None else None),
+                          (RUN_SPEED, own)):
+        if sim_at != CALIBRATION and probe is None:
             continue
         sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at), seed=seed)
         req, ts = sim.requests, sim.timeseries
