@@ -396,10 +396,10 @@ def simulate(
     for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
         typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
                    f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
-    names = {m.name for m in sc.autoscaler.to_hpa().metrics} if sc.autoscaler is not None else set()
+    total = sc.total_trigger_outages()
     for o in sc.faults.trigger_outages if sc.faults else ():  # a partial outage: some metrics' own source down
         lo, hi = o.at_s, o.at_s + o.duration_s
-        if set(o.metrics) >= names:  # every metric failed: as Prometheus down, to the autoscalers
+        if o in total:  # every metric failed: as Prometheus down, to the autoscalers
             did = who
         elif keda_spec is None:
             did = "the HPA scaled on the other metrics, and never down while one failed"

@@ -1167,6 +1167,14 @@ class Scenario(BaseModel):
         """The YAML file this scenario came from, if any."""
         return self._source
 
+    def total_trigger_outages(self) -> tuple[TriggerOutage, ...]:
+        """The ``faults.trigger_outages`` that name every metric of the autoscaler: to the HPA and KEDA, a
+        Prometheus outage (no metric answers); the others leave some metrics answering."""
+        if self.faults is None or self.autoscaler is None:
+            return ()
+        names = {m.name for m in self.autoscaler.to_hpa().metrics}
+        return tuple(o for o in self.faults.trigger_outages if set(o.metrics) >= names)
+
     def resolve(self, path: Path) -> Path:
         """Resolve a path named in the scenario, never against the working directory first.
 

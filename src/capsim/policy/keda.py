@@ -106,8 +106,7 @@ class ScaleExecutor:
         check_number("created_s", self.created_s)
         if self.fallback_replicas is not None:
             check_int("fallback_replicas", self.fallback_replicas, minimum=0)
-        if self.release not in RELEASES:
-            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {self.release!r}")
+        check_release(self.release)
         if self.idle_replica_count is not None:
             check_idle_replica_count(self.idle_replica_count)
 
@@ -144,6 +143,12 @@ class ScaleExecutor:
         return None
 
 
+def check_release(release: str) -> None:
+    """``release`` is one of :data:`RELEASES`."""
+    if release not in RELEASES:
+        raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {release!r}")
+
+
 def check_idle_replica_count(idle: int) -> None:
     """``idleReplicaCount`` as KEDA takes it: 0, the only value it supports (kedacore/keda#2314: the HPA, whose
     ``minReplicas`` is ``minReplicaCount``, would take any other count straight back up). 0 is below any HPA's
@@ -166,8 +171,7 @@ class FallbackHealth:
         check_int("replicas", replicas, minimum=0)
         if behavior not in FALLBACK_BEHAVIORS:
             raise ValueError(f"behavior must be one of {', '.join(FALLBACK_BEHAVIORS)}, got {behavior!r}")
-        if release not in RELEASES:
-            raise ValueError(f"release must be one of {', '.join(RELEASES)}, got {release!r}")
+        check_release(release)
         self.failure_threshold = failure_threshold
         self.replicas = replicas
         self.behavior: FallbackBehavior = behavior

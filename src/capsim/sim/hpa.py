@@ -137,8 +137,8 @@ class Autoscaling:
         self.keda: ScaleExecutor | None = None
         self.keda_health: FallbackHealth | None = None  # KEDA's metrics server, as the HPA reads it
         # useCachedMetrics: each such trigger's value (None: no value) and whether its query failed, as KEDA's last
-        # poll found them; the HPA reads these (from the first poll on: before it, afresh). None: no trigger cached
-        self._keda_cache: dict[int, tuple[float | None, bool]] | None = None
+        # poll found them; the HPA reads these (from the first poll on: before it, afresh)
+        self._keda_cache: dict[int, tuple[float | None, bool]] = {}
         self._cached: frozenset[int] = frozenset()  # the triggers (metric indices) that set useCachedMetrics
         #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
         self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
@@ -159,8 +159,6 @@ class Autoscaling:
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
             cached = spec.keda.cached([m.name for m in self.hpa.metrics])
             self._cached = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in cached)
-            if self._cached:
-                self._keda_cache = {}
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
 
@@ -296,7 +294,7 @@ class Autoscaling:
                 external, target_type = self._external[k]
                 fails = down or self._query_fails(k, now)  # Prometheus down, or this metric's source
                 if external:
-                    cached = self._keda_cache.get(k) if self._keda_cache is not None else None
+                    cached = self._keda_cache.get(k)
                     if cached is not None:  # useCachedMetrics: what KEDA's last poll found
                         total, failed = cached
                     else:
@@ -351,22 +349,22 @@ class Autoscaling:
             error = down
             cache = self._keda_cache  # useCachedMetrics: every trigger is read, and the cached ones kept for the HPA
             cached = self._cached
-            read_all = cache is not None or self._partial  # else the first active trigger settles the poll
+            read_all = bool(cached) or self._partial  # else the first active trigger settles the poll
             triggers = () if down else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
                     error = True
-                    if cache is not None and k in cached:
+                    if k in cached:
                         cache[k] = (None, True)
                     continue
                 total = self._external_total(pods, metric, now, query, window_s, quantile)
-                if cache is not None and k in cached:
+                if k in cached:
                     cache[k] = (total, False)
                 if total is not None and total > threshold:
                     active = True
                     if not read_all:
                         break
-            if cache is not None and down:
+            if down:
                 cache.update(dict.fromkeys(cached, (None, True)))
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)

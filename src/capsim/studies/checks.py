@@ -565,10 +565,8 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     # what KEDA cannot read: Prometheus down, or the sources of all its triggers at once (faults.trigger_outages
     # naming every metric: to KEDA a Prometheus outage; an outage of some triggers leaves the others' activity)
     faults = scenario.faults
-    names = {m.name for m in auto.to_hpa().metrics}
     outages = [(o.duration_s, "faults.metrics_outages") for o in (faults.metrics_outages if faults else ())]
-    outages += [(o.duration_s, "faults.trigger_outages") for o in (faults.trigger_outages if faults else ())
-                if set(o.metrics) >= names]
+    outages += [(o.duration_s, "faults.trigger_outages") for o in scenario.total_trigger_outages()]
     longest = max((d for d, _ in outages), default=0.0)
     where = " and ".join(sorted({w for _, w in outages}))
     prometheus = where == "faults.metrics_outages"

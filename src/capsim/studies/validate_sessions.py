@@ -278,6 +278,19 @@ class _Pool:
     runs: list[dict[str, Any]] = field(default_factory=list)  # one row per replication (replications.csv)
     probe: FleetProbe | None = None  # what this pool's simulations took from the fleet probe (None: calibration)
 
+    def add(self, real: vs.Blocks, sim_blocks: vs.Blocks, real_counters: dict[str, float], sim: Any,
+            turns: int) -> None:
+        """One run: its real and simulated blocks, the pods' counters over it against the simulator's, and its
+        turns."""
+        ts = sim.timeseries
+        self.real.append(real)
+        self.sim.append(sim_blocks)
+        self.counters.append((real_counters["vllm:prefix_cache_hits_total"],
+                              real_counters["vllm:prefix_cache_queries_total"],
+                              float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
+        self.preemptions.append((real_counters["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
+        self.turns += turns
+
 
 def sim_scenario(spec: SessionsSpec, policy: str, cal: Calibrated, rate: float,
                  probe: FleetProbe | None = None) -> Scenario:
@@ -458,14 +471,7 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
                     continue  # nothing measured in this replication: the pool has the others'
                 sc = scenario if probe is None else sim_scenario(spec, policy, cal, rate, probe)
                 sim = simulate(sc, seed=seed)
-                pool.real.append(real_blocks)
-                pool.sim.append(vs.cut_blocks(sim.requests, w, end))
-                ts = sim.timeseries
-                pool.counters.append((real_c["vllm:prefix_cache_hits_total"],
-                                      real_c["vllm:prefix_cache_queries_total"],
-                                      float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1])))
-                pool.preemptions.append((real_c["vllm:num_preemptions_total"], float(sim.summary.preemptions)))
-                pool.turns += workload.n_requests
+                pool.add(real_blocks, vs.cut_blocks(sim.requests, w, end), real_c, sim, workload.n_requests)
                 pool.runs.append({**_run_row(policy, seed, workload.n_sessions, real_df, sim.requests, pool, spec),
                                   "sim_at": sim_at, "sessions_per_s": rate})
             first = pools[CALIBRATION]
@@ -515,12 +521,10 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
         if sim_at != CALIBRATION and probe is None:
             continue
         sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at), seed=seed)
-        req, ts = sim.requests, sim.timeseries
-        pool = _Pool([vs.cut_blocks(real, at, spec.arrival_s)], [vs.cut_blocks(req, at, spec.arrival_s)],
-                     [(sent.counters["vllm:prefix_cache_hits_total"], sent.counters["vllm:prefix_cache_queries_total"],
-                       float(ts["prefix_cache_hits"].iloc[-1]), float(ts["prefix_cache_queries"].iloc[-1]))],
-                     [(sent.counters["vllm:num_preemptions_total"], float(sim.summary.preemptions))],
-                     turns=sent.workload.n_requests)
+        req = sim.requests
+        pool = _Pool([], [], [], [])
+        pool.add(vs.cut_blocks(real, at, spec.arrival_s), vs.cut_blocks(req, at, spec.arrival_s), sent.counters, sim,
+                 sent.workload.n_requests)
         pool.runs.append(_run_row(policy, seed, sent.workload.n_sessions, real, req, pool, spec))
         sim_moved = moved_turns(req, req["pod"].to_numpy(), 1, at, msg, spec.turns)
         base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at}
