@@ -489,3 +489,27 @@ def test_walked_slow_spells_widen_the_requests_itl_spread_at_the_same_mean() -> 
     # a request's tokens fall in one spell, not across fifty random factors (and more requests are on the
     # pod in a slow spell than in a fast one, so the mean request sees slower steps than the mean step)
     assert b.std() > 2 * a.std() and a.mean() < b.mean() < 1.2 * a.mean()
+
+
+@pytest.mark.parametrize(("after_s", "answer_ms", "outcome"), [
+    (0.09, 0.0, "failed"),   # before its last token: on the engine
+    (0.12, 0.0, "ok"),       # after its last token, nothing on the way out: answered at 0.10
+    (0.12, 50.0, "failed"),  # after its last token, its answer not out yet (the store write, the response)
+    (0.16, 50.0, "ok"),      # after its answer reached the client
+])
+def test_a_crash_on_the_way_out_fails_the_turn(after_s: float, answer_ms: float, outcome: str) -> None:
+    # a lone request: 10 steps of 10 ms, its last token 0.10 s after it arrives, its answer answer_ms later
+    over = {"workload.arrivals.rate_per_s": 0.01, "horizon_s": 2000, "service.answer_ms": answer_ms}
+    first = simulate(scenario(**over), 3).requests.sort_values("arrival_s").iloc[0]
+    assert first["outcome"] == "ok"
+    at = float(first["arrival_s"]) + after_s
+    r = simulate(scenario(**over, **{"faults": {"crashes": [{"at_s": at, "pod": 0}]}}), 3)
+    req = r.requests.set_index("request_id")
+    got = req.loc[first["request_id"]]
+    assert len(r.crashes) == 1 and got["outcome"] == outcome
+    if outcome == "failed":
+        assert got["end_s"] == pytest.approx(at)
+    else:
+        assert got["end_s"] == pytest.approx(float(first["arrival_s"]) + 0.10 + answer_ms / 1000)
+    s = r.summary
+    assert s.arrived == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight

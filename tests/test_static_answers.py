@@ -186,3 +186,26 @@ def test_the_committed_calibrated_pod_simulates() -> None:
     assert sc.service.answer_ms > 0 and sc.service.first_token_scale > 1 and sc.service.cycle_noise
     df = _ok(simulate(sc, seed=0).requests)
     assert len(df) > 500 and (df.end_s - df.start_s > sc.service.answer_ms / 1000).all()
+
+
+@pytest.mark.parametrize(("after_s", "answer_ms", "outcome"), [
+    (0.09, 0.0, "failed"), (0.12, 0.0, "ok"), (0.12, 50.0, "failed"), (0.16, 50.0, "ok")])
+def test_a_crash_before_a_batch_s_answers_are_out_fails_them(after_s: float, answer_ms: float, outcome: str) -> None:
+    # a lone request in a batch of 0.1 s: over 0.1 s after it arrives, answered answer_ms later; the pod holds
+    # it until then (the store write, the response), so a crash in between fails it as one during the batch
+    from capsim.model.scenario import Scenario
+
+    base = Scenario.model_validate({
+        "horizon_s": 2000, "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 0.01}},
+        "service": {"kind": "deterministic", "mean_s": 0.1, "answer_ms": answer_ms},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0}, "pods": {"replicas": 1},
+        "client": {"timeout_s": 30, "max_retries": 0}})
+    first = simulate(base, 3).requests.sort_values("arrival_s").iloc[0]
+    assert first.outcome == "ok" and first.end_s == pytest.approx(first.arrival_s + 0.1 + answer_ms / 1000)
+    at = float(first.arrival_s) + after_s
+    r = simulate(base.override({"faults": {"crashes": [{"at_s": at, "pod": 0}]}}), 3)
+    got = r.requests.set_index("request_id").loc[first.request_id]
+    assert len(r.crashes) == 1 and got.outcome == outcome
+    assert got.end_s == pytest.approx(at if outcome == "failed" else first.end_s)
+    s = r.summary
+    assert s.arrived == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight

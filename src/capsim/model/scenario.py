@@ -215,7 +215,8 @@ class Service(_Section):
     answer_ms: Float = Field(
         0.0, ge=0, le=60_000, description="from a request's last token to its answer at the client (the pod's "
         "answer path: the store write, the response, the way back); the end to end and a session's next turn "
-        "count it, the engine does not wait for it; `capsim validate` measures it (static mode: from the "
+        "count it, the engine does not wait for it, the pod holds the request until then (a crash meanwhile "
+        "fails it); `capsim validate` measures it (static mode: from the "
         "open-loop probe, with `answer_per_request_ms`; continuous mode: from the calibration's requests)"
     )
     answer_per_request_ms: Float = Field(

@@ -664,4 +664,6 @@ class Client:
             else:
                 n += sum(1 for i in pod.queue if i < n_real)
                 n += sum(b.live_size - int((b.idx >= n_real).sum()) for b in pod.running)
+            # answers still on their way out (service.answer_ms): not at their clients yet
+            n += sum(b.live_size - int((b.idx >= n_real).sum()) for b in pod.answering)
         return n

@@ -117,7 +117,8 @@ class ContinuousPod(Pod):
         self._reach: dict[int, float] = {}
         # service.cached_token_us: a step admitting prefix hits copies their cached KV (the real engine's cost)
         self._cached_s = sim.scenario.service.cached_token_us / 1e6
-        # from the last token to the answer at the client (service.answer_ms): the engine does not wait
+        # from the last token to the answer at the client (service.answer_ms): the engine does not wait,
+        # but the pod holds the turn until its answer is out (``Pod.answering``: a crash meanwhile fails it)
         self._answer_s = stats.answer_s
         # the blocks' hashes _feed hands the scheduler: growing sessions hand over plain lists (no array per
         # request), other sources their arrays
@@ -451,12 +452,25 @@ class ContinuousPod(Pod):
             if n > 1:
                 self.itl_sum_s += now - run.first
                 self.itl_count += n - 1
-            client.on_request_done(run, i, answered)
-            run.idx = _NO_REQUESTS
+            if answered > now:  # on its way out: answered then, unless the pod dies first
+                self.answering.add(run)
+                self._wake_at(answered, self._on_answer, (run, i, self.incarnation))
+            else:
+                client.on_request_done(run, i, answered)
+                run.idx = _NO_REQUESTS
         running = self.running
         for run in ended:  # one or two a step: cheaper than rebuilding the list
             running.remove(run)
         sim.router.touch(self)
+
+    def _on_answer(self, value: tuple[Run, int, int]) -> None:
+        """Request ``i``'s answer reached its client (``service.answer_ms`` after its last token)."""
+        run, i, incarnation = value
+        if incarnation != self.incarnation:
+            return  # the pod crashed or was killed on the way out: the turn failed then
+        self.answering.discard(run)
+        self.sim.client.on_request_done(run, i, self._env._now)
+        run.idx = _NO_REQUESTS
 
     # ---- failures and timeouts ------------------------------------------------------------------------
     def drop_head(self) -> int:
@@ -484,6 +498,7 @@ class ContinuousPod(Pod):
             if not run.cancelled:
                 held.extend(run.idx.tolist())
             run.idx = _NO_REQUESTS
+        self.lose_answers(held)
         if self.stepping:
             self.busy_s += now - self._busy_since
         self.sched.clear()

@@ -67,6 +67,19 @@ class Batch:
         return self.size - (len(self.cancelled) if self.cancelled else 0)
 
 
+class _Out(Batch):
+    """The moment a batch's answers reach their clients (``service.answer_ms`` after it ends), on
+    ``Records.ending`` as a batch's end is: ``Client.run`` hands it to ``pod.complete``. Only ``pod`` of
+    ``Batch`` is set (``Client.run`` reads it)."""
+
+    __slots__ = ("batch", "incarnation")
+
+    def __init__(self, pod: Pod, batch: Batch, incarnation: int) -> None:  # no Batch.__init__
+        self.pod = pod
+        self.batch = batch
+        self.incarnation = incarnation
+
+
 class Pod:
     """A pod's state, queue and counters; ``Cluster`` moves it through its lifecycle."""
 
@@ -89,6 +102,9 @@ class Pod:
         self.queue: deque[int] = deque()
         self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
         self.running: list[Batch] = []
+        # batches (a continuous pod's runs) over whose answers are on their way out (service.answer_ms): the
+        # pod holds them until then, so a crash meanwhile fails them; at the run's end they are in flight
+        self.answering: set[Batch] = set()
         self.max_running = sim.batching.max_concurrent_batches
         self._max_batch = sim.batching.max_batch_size
         self._batching = sim.batching
@@ -298,6 +314,9 @@ class Pod:
 
     def complete(self, batch: Batch) -> None:
         """``batch`` ends now (``Client.run`` has set the clock to its end): answer its requests."""
+        if batch.__class__ is _Out:
+            self._answered(batch)
+            return
         if batch.dead or (batch.due is not None and self._env._now != batch.due):
             return  # killed, or an end that arrivals have since pushed later (``_grow``)
         sim = self.sim
@@ -317,15 +336,37 @@ class Pod:
         answered = now + self._rec.way_out(batch.size)
         if answered > now and self._rec.send[batch.idx[0]] + sim.timeout_s < answered:  # FIFO: the head first
             sim.client.time_out_late(batch, now, answered)
-        if batch.size == 1:
-            sim.client.on_request_done(batch, int(batch.idx[0]), answered)
+        if answered > now:  # on their way out: answered then, unless the pod dies first
+            self.answering.add(batch)
+            heappush(self._ending, (answered, next(self._eid), _Out(self, batch, self.incarnation)))
         else:
-            sim.client.on_batch_done(batch, answered)
-        batch.idx = _NO_REQUESTS  # the records keep the batch: let its index array go
+            self._deliver(batch, answered)
         if self.queue:
             self.pump(now)
         elif self.outstanding == 0 and not running and self.state == PodState.TERMINATING:
             sim.cluster.pod_drained(self, now)
+
+    def lose_answers(self, held: list[int]) -> None:
+        """The pod dies: the batches over whose answers are not out yet fail with it (added to ``held``)."""
+        for b in self.answering:
+            b.dead = True
+            b.done = False
+            held.extend(i for i in b.idx.tolist() if not b.cancelled or i not in b.cancelled)
+            b.idx = _NO_REQUESTS
+        self.answering.clear()
+
+    def _answered(self, out: _Out) -> None:
+        """A batch's answers reached their clients (the way out over)."""
+        if out.incarnation == self.incarnation:  # else the pod died on the way out: they failed then
+            self.answering.discard(out.batch)
+            self._deliver(out.batch, self._env._now)
+
+    def _deliver(self, batch: Batch, answered: float) -> None:
+        if batch.size == 1:
+            self.sim.client.on_request_done(batch, int(batch.idx[0]), answered)
+        else:
+            self.sim.client.on_batch_done(batch, answered)
+        batch.idx = _NO_REQUESTS  # the records keep the batch: let its index array go
 
     # ---- metrics and failures ------------------------------------------------------------------------
     def _observe_ttft(self, batch: Batch) -> None:
@@ -374,6 +415,7 @@ class Pod:
             b.dead = True
             held.extend(i for i in b.idx.tolist() if not b.cancelled or i not in b.cancelled)
             b.idx = _NO_REQUESTS
+        self.lose_answers(held)
         if self.running:
             self.busy_s += now - self._busy_since
         self.queue.clear()

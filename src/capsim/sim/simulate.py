@@ -316,6 +316,9 @@ class Simulation:
                 f"arrived {c.n_arrived} != completed {c.n_ok} + failed {c.n_failed} + timed out "
                 f"{c.n_timed_out} + rejected {c.n_rejected} + in flight {in_flight}"
             )
+        for pod in self.cluster.pods:  # answers not at their clients when the run ends: in flight
+            for b in pod.answering:
+                b.done = False
         cols = self.records.columns()
         out = cols["outcome"]
         from_records = (len(out), int((out == 0).sum()), int((out < 0).sum()))
