@@ -74,6 +74,13 @@ def test_empty_nodes_go_at_most_max_scale_down_parallelism_a_scan() -> None:
     assert removals(**{"cluster.max_scale_down_parallelism": 3}) == [710.0] * 3 + [720.0] * 3 + [730.0] * 3 + \
         [740.0] * 3 + [750.0]
     assert removals(**{"cluster.max_scale_down_parallelism": 20}) == [710.0] * 13
+    # --scale-down-delay-after-delete: after the scan that deleted ten, none until 25 s have passed (the scan of
+    # 740 s); 10 s (the scan interval) is the default's next scan, as 0 is
+    assert removals(**{"cluster.scale_down_delay_after_delete_s": 25}) == [710.0] * 10 + [740.0] * 3
+    assert removals(**{"cluster.scale_down_delay_after_delete_s": 10}) == [710.0] * 10 + [720.0] * 3
+    # ... and a scan that removes nothing does not restart it (three at a time: 710, then 740, 770, 800, 830)
+    assert removals(**{"cluster.max_scale_down_parallelism": 3, "cluster.scale_down_delay_after_delete_s": 25}) == \
+        [710.0] * 3 + [740.0] * 3 + [770.0] * 3 + [800.0] * 3 + [830.0]
 
 
 def test_unneeded_time_counts_from_when_the_node_became_removable() -> None:

@@ -329,6 +329,8 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                 f"`--scale-down-unneeded-time={c.scale_down_unneeded_time_s:g}s`, "
                 f"`--scale-down-gpu-utilization-threshold={c.scale_down_utilization_threshold:g}`, "
                 f"`--scale-down-delay-after-add={c.scale_down_delay_after_add_s:g}s`, "
+                f"`--scale-down-delay-after-delete={c.scale_down_delay_after_delete_s:g}s`, "
+                f"`--max-scale-down-parallelism={c.max_scale_down_parallelism}`, "
                 f"`--scan-interval={c.scan_interval_s:g}s`, "
                 f"`--unremovable-node-recheck-timeout={c.unremovable_node_recheck_timeout_s:g}s`")
         else:

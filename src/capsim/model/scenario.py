@@ -810,6 +810,9 @@ class ClusterSpec(_Section):
         0.5, ge=0, le=1, description="--scale-down-gpu-utilization-threshold: GPUs requested / GPUs of the node"
     )
     scale_down_delay_after_add_s: Float = Field(600.0, ge=0, description="--scale-down-delay-after-add")
+    scale_down_delay_after_delete_s: Float = Field(
+        0.0, ge=0, description="--scale-down-delay-after-delete: no scale-down until this long after a scan "
+                               "deleted a node or started a drain (0, the flag's default: the next scan may)")
     scan_interval_s: Float = Field(10.0, gt=0, description="--scan-interval")
     max_scale_down_parallelism: Int = Field(
         10, ge=1, description="--max-scale-down-parallelism (and --max-empty-bulk-delete, kept equal): nodes "

@@ -24,7 +24,8 @@ pods request less than ``scale_down_utilization_threshold`` of its GPUs
 its pods fit elsewhere and the PodDisruptionBudget has a disruption left: ``NodePool._removable``) is
 unneeded, its unneeded time kept from scan to scan while it stays so; one unneeded for
 ``scale_down_unneeded_time_s`` (``--scale-down-unneeded-time``, 10 min) is removed, unless a node was added in the last ``scale_down_delay_after_add_s`` (``--scale-down-delay-after-add``,
-10 min). Empty nodes go at once, at most ``max_scale_down_parallelism`` (``--max-scale-down-parallelism``, 10)
+10 min) or a scan deleted one or started a drain in the last ``scale_down_delay_after_delete_s``
+(``--scale-down-delay-after-delete``, 0). Empty nodes go at once, at most ``max_scale_down_parallelism`` (``--max-scale-down-parallelism``, 10)
 deletions at a time, a drain in progress among them; a node with pods is removed only if they fit on the other nodes and the
 Deployment's PodDisruptionBudget (``pods.disruption_budget``) allows evicting them all, one at a time: it
 is cordoned, its pods are evicted (they drain within their grace period and the ReplicaSet replaces them
@@ -141,6 +142,7 @@ class NodePool:
         self._may_evict = may_evict  # whether k of the Deployment's pods may be evicted now (its PDB)
         self._spec = spec
         self.last_add_s = -math.inf  # the last scale-up (a node added), for the delay after add
+        self.last_delete_s = -math.inf  # the last scan that deleted a node or started a drain, the delay after delete
         self.removals: list[tuple[float, int]] = []  # (time, node id) when a node went
         # the node lifecycle controller: which NotReady nodes are tainted (their pods evicted), and when
         self.lifecycle = NodeLifecycle(self, spec, on_taint) if spec is not None else None
@@ -405,7 +407,9 @@ class NodePool:
                     n.unneeded_since = now
             else:
                 n.unneeded_since = None
-        if now - self.last_add_s < spec.scale_down_delay_after_add_s:
+        # in cooldown (static_autoscaler.go isScaleDownInCooldown): the unneeded times above still run
+        if (now - self.last_add_s < spec.scale_down_delay_after_add_s
+                or now - self.last_delete_s < spec.scale_down_delay_after_delete_s):
             return
         due = [n for n in live if n.unneeded_since is not None
                and now - n.unneeded_since >= spec.scale_down_unneeded_time_s]
@@ -424,6 +428,7 @@ class NodePool:
         for n in due:
             if n.used == 0 and room > 0:
                 self._remove(n, now)
+                self.last_delete_s = now
                 room -= 1
         # a node with pods: only if they fit on the nodes that stay, one drain at a time (--max-drain-parallelism 1)
         if draining or room <= 0:
@@ -436,6 +441,7 @@ class NodePool:
             if self._fit_on(pods, stay) and self._may_evict(pods):
                 n.cordoned = True
                 self._evict(n, now)
+                self.last_delete_s = now
                 return
 
     def _removable(self, candidates: list[Node]) -> set[Node]:
