@@ -243,6 +243,10 @@ def level_scenario(
     })
 
 
+#: the open-loop probe sends at least this many requests per replication (about 30 batches of the five a
+#: batch holds at half the capacity), so a slow host's pod, whose capacity sizes a short probe, still gives
+#: ``probe_answers`` its 20 batches (a pod of 31 requests/s ran 13 batches in a probe of 64)
+PROBE_MIN_REQUESTS = 150
 #: the ablation's entry for the full model without the answers' way out and the first token's place (stop 38)
 NO_ANSWERS = "full fit, no way out, profile's first token"
 #: the ablation's entry for the full model simulated at each run's own measured pod speed
@@ -363,7 +367,8 @@ def run_validation(
             # the send-to-queue delay under the validation's own open-loop generator (a closed loop sends in
             # bursts, whose client-side wait is no part of it): a short Poisson probe at half the capacity,
             # with a seed of its own
-            probe = level_scenario(replace(spec, requests_per_level=spec.replications * max(int(2 * cap), 50)),
+            probe_n = spec.replications * max(int(2 * cap), PROBE_MIN_REQUESTS)
+            probe = level_scenario(replace(spec, requests_per_level=probe_n),
                                    kept_profile, 0.5 * cap, calibration)
             since = time.monotonic()
             probe_df = asyncio.run(run_load([pod.url], make_workload(probe, Streams(spec.seed + 10_000)),
