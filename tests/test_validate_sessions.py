@@ -4,6 +4,7 @@ real fleet (shared store, router, prefix caching) and a short run end to end (sl
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from capsim.studies.validate_sessions import (
     crash_scenario,
     fleet_rate,
     format_results,
+    held_turns,
     hit_rate_row,
     moved_turns,
     reach_factors,
@@ -113,6 +115,39 @@ def test_moved_turns_are_later_turns_that_left_the_crashed_pod_after_the_crash()
     assert moved_turns(frame, served, b, 2.0, msg, 3) == (1, 24 - 5)
     assert moved_turns(frame, served, a, 2.0, msg, 3) == (0, 0)  # the turn that left a did so before the crash
     assert moved_turns(frame, served, a, 0.0, msg, 3) == (1, 17 - 5)
+
+
+def test_held_turns_is_the_mean_count_a_pod_held_from_send_to_answer_over_the_window() -> None:
+    a, b = "http://a", "http://b"
+    frame = pd.DataFrame({"arrival_s": [0.0, 1.0, 3.0, 2.0, 0.5], "end_s": [2.0, 1.5, 6.0, 2.5, 9.0],
+                          "outcome": ["ok", "ok", "ok", "ok", "failed"]})
+    served = [a, a, a, b, a]
+    # over [1, 5): a held turn 0 for 1 s, turn 1 for 0.5 s, turn 2 for 2 s (cut at 5); the failed turn not
+    assert held_turns(frame, served, a, 1.0, 5.0) == pytest.approx(3.5 / 4)
+    assert held_turns(frame, served, b, 1.0, 5.0) == pytest.approx(0.5 / 4)
+    assert held_turns(frame, served, b, 3.0, 5.0) == 0.0
+    assert math.isnan(held_turns(frame, served, a, 5.0, 5.0))
+
+
+def test_a_simulated_crash_fails_the_turns_its_pod_held_the_way_out_included(fitted_profile: Path) -> None:
+    # up to the crash the run is the one without it: the turns the crash fails are those pod 1 held then, from
+    # the send to the answer at the client (service.answer_ms after the last token), as the real pod holds them
+    spec = SessionsSpec()
+    base = sessions_scenario(spec, "round_robin", fitted_profile, 4.0, 1.0).override({"service.answer_ms": 30.0})
+    steady = simulate(base, seed=3000).requests
+    ok1 = steady[(steady.outcome == "ok") & (steady.pod == 1) & (steady.arrival_s > 5.0)]
+    way_out = 0
+    for end in ok1.end_s.iloc[:6]:
+        at = float(end) - 0.01  # its last token came 20 ms ago; its answer is 10 ms from the client
+        req = simulate(crash_scenario(base, at), seed=3000).requests
+        held = steady[(steady.pod == 1) & (steady.arrival_s <= at) & (steady.end_s > at)]
+        failed = req[req.outcome != "ok"]
+        assert sorted(failed.request_id) == sorted(held.request_id)
+        assert np.allclose(failed.end_s, at)
+        last_token = held.end_s - 0.030
+        way_out += int((last_token <= at).sum())
+        assert held_turns(steady, steady.pod.to_numpy(), 1, at - 1e-9, at) == pytest.approx(len(held), abs=1e-6)
+    assert way_out >= 6  # each crash caught at least the turn on its way out
 
 
 def test_messages_are_distinct_per_session_and_turn_and_the_same_in_every_call() -> None:
@@ -454,13 +489,17 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     crash = pd.read_csv(tmp_path / "crash.csv")
     assert set(crash.policy) == {"round_robin", "session_affinity"}
     assert set(crash.sim_at) == {"calibration", "fleet probe", "run speed"}
-    assert {"ttft_p99_s", "hit_rate", "failed_turns", "moved_turns", "reprefill_tokens"} <= set(crash.metric)
+    assert {"ttft_p99_s", "hit_rate", "failed_turns", "held_turns", "moved_turns", "reprefill_tokens"} <= set(crash.metric)
     assert (crash.crashed_at_s >= 4).all() and (crash.crashed_at_s < 5).all()
     counts = crash[crash.metric.isin(["failed_turns", "moved_turns", "reprefill_tokens"])]
     assert (counts.real >= 0).all() and (counts.sim >= 0).all() and (counts.error == counts.sim - counts.real).all()
-    # under affinity the crashed pod held about half the sessions: some of them went on, on the other pod
-    moved = crash[(crash.metric == "moved_turns") & (crash.policy == "session_affinity")]
-    assert (moved.real > 0).all() and (moved.sim > 0).all()
+    # under affinity the crashed pod held about half the sessions: each of them either lost the turn the crash
+    # caught or went on on the other pod (a short run has few: in one, none of the simulated ones moved)
+    aff = crash[crash.policy == "session_affinity"]
+    cost = aff[aff.metric.isin(["moved_turns", "failed_turns"])].groupby("sim_at")[["real", "sim"]].sum()
+    assert (cost.real > 0).all() and (cost.sim > 0).all()
+    held = aff[aff.metric == "held_turns"]
+    assert (held.real >= 0).all() and (held.sim >= 0).all()
 
 
 def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:

@@ -212,6 +212,23 @@ def moved_turns(frame: Any, served_by: Any, crashed: Any, crashed_at_s: float, m
     return moved, history
 
 
+def held_turns(frame: Any, served_by: Any, pod: Any, t0: float, t1: float) -> float:
+    """The mean number of turns ``pod`` held over ``[t0, t1)``: each answered turn it served (``served_by``, per
+    row of ``frame``) from its send to its answer at the client, the way in and out included, as a crash fails
+    it. What a crash at a random moment of that window would fail: a steadier count than the one crash's."""
+    import numpy as np
+
+    if t1 <= t0:
+        return float("nan")
+    mine = (np.asarray(served_by, dtype=object) == pod) & (frame["outcome"] == "ok").to_numpy()
+    start = np.maximum(frame["arrival_s"].to_numpy(dtype=float)[mine], t0)
+    end = np.minimum(frame["end_s"].to_numpy(dtype=float)[mine], t1)
+    return float(np.clip(end - start, 0.0, None).sum() / (t1 - t0))
+
+
+#: the crash run's ``held_turns`` are taken over this many seconds before the crash
+HELD_WINDOW_S = 5.0
+
 #: each replication is simulated up to three times (``sim_at``): with the calibration alone (the lone pod's step model,
 #: per-arrival time and answer time), and with what a probe of the policy's fleet measured just before its
 #: replications (:class:`FleetProbe`; a prediction too: its sessions are not the measured ones)
@@ -512,6 +529,8 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
     msg = sent.workload.message_tokens
     real_moved = moved_turns(real, real.attrs["served_by"], sent.crashed_url, at, msg, spec.turns)
     real_failed = int((real.outcome != "ok").sum())
+    held_from = max(at - HELD_WINDOW_S, 0.0)
+    real_held = held_turns(real, real.attrs["served_by"], sent.crashed_url, held_from, at)
     rows: list[dict[str, Any]] = []
     # at its own speed too (a diagnosis, as the replications' "run speed"): the surviving pod's steps over the run
     survivors = [p for p in fleet.pods if p.url != sent.crashed_url]
@@ -529,13 +548,15 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
         sim_moved = moved_turns(req, req["pod"].to_numpy(), 1, at, msg, spec.turns)
         base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at}
         counts = {"failed_turns": (real_failed, int((req.outcome != "ok").sum())),
+                  "held_turns": (real_held, held_turns(req, req["pod"].to_numpy(), 1, held_from, at)),
                   "moved_turns": (real_moved[0], sim_moved[0]), "reprefill_tokens": (real_moved[1], sim_moved[1])}
         rows += [{**r, "crashed_at_s": at} for r in _rows(policy, rate, pool, sim_at)]
         rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
                  for m, (a, b) in counts.items()]
     c = {r["metric"]: r for r in rows if r["sim_at"] == CALIBRATION}
     echo(f"  {policy} crash run (seed {seed}): the second pod killed at {at:.2f} s; real / simulated at the "
-         f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed, {real_moved[0]} / "
+         f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed (held in the "
+         f"{at - held_from:.0f} s before: {real_held:.2f} / {c['held_turns']['sim']:.2f}), {real_moved[0]} / "
          f"{c['moved_turns']['sim']:.0f} moved with {real_moved[1]} / {c['reprefill_tokens']['sim']:.0f} history "
          f"tokens; TTFT p99 after it {c['ttft_p99_s']['real'] * 1e3:.1f} / {c['ttft_p99_s']['sim'] * 1e3:.1f} ms")
     return rows
