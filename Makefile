@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 # The torch build to install; override it for a GPU machine, e.g. make setup TORCH_SPEC='torch==2.9.1'
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.capsim-installed
+# make test's processes (pytest-xdist) for the tests not marked exclusive; those then run alone
+TEST_WORKERS ?= 2
 # the compiled scheduler and step-time modules (capsim.native): rebuilt when one of their sources changes
 NATIVE := build/native/manifest.json
 NATIVE_SRC := src/capsim/native.py $(addprefix src/capsim/policy/,sched_types.py block_pool.py decode_runs.py scheduling.py least.py) src/capsim/sim/step_time.py
@@ -33,11 +35,12 @@ setup: $(STAMP) $(NATIVE) ## create .venv with a pinned torch (TORCH_SPEC) and c
 
 native: $(NATIVE) ## compile the scheduler and step-time modules with mypyc (about a minute; pure Python if it fails; CAPSIM_NATIVE=0 turns it off)
 
-test: $(NATIVE) ## run the whole test suite (real redis-server tests skip, loudly, if it is missing)
-	$(PY) -m pytest -q
+test: $(NATIVE) ## run the whole test suite: TEST_WORKERS processes, then the tests marked exclusive alone (real redis-server tests skip, loudly, if it is missing)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not exclusive"
+	$(PY) -m pytest -q -m exclusive
 
 test-all: $(NATIVE) ## the whole suite with the real-Redis tests required (fails, not skips, without redis-server)
-	CAPSIM_REQUIRE_REDIS=1 $(PY) -m pytest -q
+	CAPSIM_REQUIRE_REDIS=1 $(MAKE) test
 
 test-fast: $(NATIVE) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"

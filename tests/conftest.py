@@ -56,7 +56,13 @@ def _note_real_redis(request: pytest.FixtureRequest) -> Iterator[None]:
     """Remember which tests asked for a real redis-server (getfixturevalue included)."""
     yield
     if REDIS_FIXTURES & set(request.fixturenames):
-        _redis_items.add(request.node.nodeid)
+        # on the item's reports, so the count below also sees the tests pytest-xdist's workers ran
+        request.node.user_properties.append(("real_redis", True))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown" and ("real_redis", True) in report.user_properties:
+        _redis_items.add(report.nodeid)
 
 
 def _skipped_for_redis(report: pytest.TestReport) -> bool:

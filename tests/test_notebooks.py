@@ -39,9 +39,15 @@ def kernel(tmp_path_factory):
     return prefix / "share" / "jupyter"
 
 
+#: notebooks that time the real kernels and assert on what they measured (01: batching pays on this machine):
+#: ``make test`` runs them alone, after the rest, so no other test shares the cores they time
+EXCLUSIVE = {"01_measure_kernels"}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [pytest.param(p, marks=pytest.mark.exclusive) if p.stem in EXCLUSIVE else p
+                                  for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_runs_in_quick_mode(path, kernel, tmp_path, monkeypatch):
     import papermill
 
