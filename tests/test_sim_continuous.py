@@ -513,3 +513,18 @@ def test_a_crash_on_the_way_out_fails_the_turn(after_s: float, answer_ms: float,
         assert got["end_s"] == pytest.approx(float(first["arrival_s"]) + 0.10 + answer_ms / 1000)
     s = r.summary
     assert s.arrived == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
+
+
+@pytest.mark.parametrize("mode", ["continuous", "static"])
+def test_crashes_on_the_way_out_keep_a_seed_s_run_the_same(mode: str) -> None:
+    # crashes that catch answers on their way out (120 ms of it) and retry them: the same seed still gives the
+    # same frame, run after run
+    over: dict[str, Any] = {"workload.arrivals.rate_per_s": 80, "horizon_s": 120, "pods.replicas": 3,
+                            "faults": {"pod_mtbf_s": 20}, "client.max_retries": 2, "service.answer_ms": 120.0,
+                            "pods.startup_s": 2}
+    if mode == "static":
+        over["batching"] = {"max_batch_size": 8, "max_wait_ms": 5}
+    runs = [simulate(scenario(**over), 11) for _ in range(3)]
+    assert runs[0].summary.crashes > 2 and runs[0].summary.retries > 0
+    for r in runs[1:]:
+        assert r.requests.equals(runs[0].requests) and r.timeseries.equals(runs[0].timeseries)

@@ -453,7 +453,7 @@ class ContinuousPod(Pod):
                 self.itl_sum_s += now - run.first
                 self.itl_count += n - 1
             if answered > now:  # on its way out: answered then, unless the pod dies first
-                self.answering.add(run)
+                self.answering[run] = None
                 self._wake_at(answered, self._on_answer, (run, i, self.incarnation))
             else:
                 client.on_request_done(run, i, answered)
@@ -468,7 +468,7 @@ class ContinuousPod(Pod):
         run, i, incarnation = value
         if incarnation != self.incarnation:
             return  # the pod crashed or was killed on the way out: the turn failed then
-        self.answering.discard(run)
+        del self.answering[run]
         self.sim.client.on_request_done(run, i, self._env._now)
         run.idx = _NO_REQUESTS
 

@@ -103,8 +103,9 @@ class Pod:
         self.outstanding = 0  # queued + in running batches, clients still waiting: the router's number
         self.running: list[Batch] = []
         # batches (a continuous pod's runs) over whose answers are on their way out (service.answer_ms): the
-        # pod holds them until then, so a crash meanwhile fails them; at the run's end they are in flight
-        self.answering: set[Batch] = set()
+        # pod holds them until then, so a crash meanwhile fails them; at the run's end they are in flight.
+        # A dict as an ordered set: a crash fails them in the order they ended, the same on every run
+        self.answering: dict[Batch, None] = {}
         self.max_running = sim.batching.max_concurrent_batches
         self._max_batch = sim.batching.max_batch_size
         self._batching = sim.batching
@@ -337,7 +338,7 @@ class Pod:
         if answered > now and self._rec.send[batch.idx[0]] + sim.timeout_s < answered:  # FIFO: the head first
             sim.client.time_out_late(batch, now, answered)
         if answered > now:  # on their way out: answered then, unless the pod dies first
-            self.answering.add(batch)
+            self.answering[batch] = None
             heappush(self._ending, (answered, next(self._eid), _Out(self, batch, self.incarnation)))
         else:
             self._deliver(batch, answered)
@@ -358,7 +359,7 @@ class Pod:
     def _answered(self, out: _Out) -> None:
         """A batch's answers reached their clients (the way out over)."""
         if out.incarnation == self.incarnation:  # else the pod died on the way out: they failed then
-            self.answering.discard(out.batch)
+            del self.answering[out.batch]
             self._deliver(out.batch, self._env._now)
 
     def _deliver(self, batch: Batch, answered: float) -> None:
