@@ -2,7 +2,7 @@
 
 The pod hands arrivals to ``capsim.policy.scheduling.Scheduler`` -- the scheduler the real engine uses --
 and runs its steps back to back while there is work: each step is one event (on ``Records.ending``, see
-:class:`_Wake`) whose length the step-time model gives from the step's composition
+:class:`capsim.sim.pod._Wake`) whose length the step-time model gives from the step's composition
 (``capsim.sim.step_time``), for all its running requests at once, not one event per token per request.
 A request's stay on the pod is a :class:`Run`, a one-request ``Batch``, so the client, the records,
 timeouts and crashes treat it as they treat a static batch: it starts when the scheduler first admits it, its first token is the end of the step that
@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Callable
 from functools import partial
-from heapq import heappush
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -58,20 +56,6 @@ class Run(Batch):
     @property
     def live_size(self) -> int:
         return 0 if self.cancelled else 1
-
-
-class _Wake(Batch):
-    """The end of a step or run on ``Records.ending``, where the static pod's batches end: ``Client.run``
-    calls ``pod.complete`` with it at its time, in the order of the event id a SimPy ``Timeout`` would have
-    taken, so every frame is as with a ``Timeout``, without the event object and its step. Only ``pod``
-    of ``Batch`` is set (``Client.run`` reads it)."""
-
-    __slots__ = ("handler", "value")
-
-    def __init__(self, pod: Pod, handler: Callable[[Any], None], value: Any) -> None:  # no Batch.__init__
-        self.pod = pod
-        self.handler = handler
-        self.value = value
 
 
 class ContinuousPod(Pod):
@@ -215,17 +199,6 @@ class ContinuousPod(Pod):
         self._step_token += 1
         self._wake_at(self._step_end, self._on_step, (self._cur_step, self._step_end, self.incarnation,
                                                       self._step_token))
-
-    def _wake_at(self, end: float, handler: Callable[[Any], None], value: Any) -> None:
-        """Call ``handler(value)`` at ``end`` (see :class:`_Wake`); the time as SimPy would round it."""
-        t = self._env._now
-        d = end - t
-        heappush(self._ending, (t + (d if d > 0.0 else 0.0), next(self._eid), _Wake(self, handler, value)))
-
-    def complete(self, batch: Batch) -> None:
-        """A step or run ends now (``Client.run`` pops its :class:`_Wake` from ``Records.ending``)."""
-        w = cast(_Wake, batch)
-        w.handler(w.value)
 
     def pump(self, now: float) -> None:
         """A request arrived at ``now``: start the step loop, or end a run of decode steps at the step

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Callable
 from enum import IntEnum
 from heapq import heappush
 from typing import TYPE_CHECKING, Any, cast
@@ -67,17 +68,19 @@ class Batch:
         return self.size - (len(self.cancelled) if self.cancelled else 0)
 
 
-class _Out(Batch):
-    """The moment a batch's answers reach their clients (``service.answer_ms`` after it ends), on
-    ``Records.ending`` as a batch's end is: ``Client.run`` hands it to ``pod.complete``. Only ``pod`` of
-    ``Batch`` is set (``Client.run`` reads it)."""
+class _Wake(Batch):
+    """A moment a pod waits for on ``Records.ending``, where a static batch's end waits: a static batch's
+    answers reaching their clients (``service.answer_ms`` after it ends), a continuous pod's step or run
+    ending. ``Client.run`` hands it to ``pod.complete`` at its time, in the order of the event id a SimPy
+    ``Timeout`` would have taken, so every frame is as with a ``Timeout``, without the event object and its
+    step. Only ``pod`` of ``Batch`` is set (``Client.run`` reads it)."""
 
-    __slots__ = ("batch", "incarnation")
+    __slots__ = ("handler", "value")
 
-    def __init__(self, pod: Pod, batch: Batch, incarnation: int) -> None:  # no Batch.__init__
+    def __init__(self, pod: Pod, handler: Callable[[Any], None], value: Any) -> None:  # no Batch.__init__
         self.pod = pod
-        self.batch = batch
-        self.incarnation = incarnation
+        self.handler = handler
+        self.value = value
 
 
 class Pod:
@@ -315,8 +318,8 @@ class Pod:
 
     def complete(self, batch: Batch) -> None:
         """``batch`` ends now (``Client.run`` has set the clock to its end): answer its requests."""
-        if batch.__class__ is _Out:
-            self._answered(batch)
+        if batch.__class__ is _Wake:
+            batch.handler(batch.value)
             return
         if batch.dead or (batch.due is not None and self._env._now != batch.due):
             return  # killed, or an end that arrivals have since pushed later (``_grow``)
@@ -339,7 +342,7 @@ class Pod:
             sim.client.time_out_late(batch, now, answered)
         if answered > now:  # on their way out: answered then, unless the pod dies first
             self.answering[batch] = None
-            heappush(self._ending, (answered, next(self._eid), _Out(self, batch, self.incarnation)))
+            heappush(self._ending, (answered, next(self._eid), _Wake(self, self._answered, (batch, self.incarnation))))
         else:
             self._deliver(batch, answered)
         if self.queue:
@@ -356,11 +359,18 @@ class Pod:
             b.idx = _NO_REQUESTS
         self.answering.clear()
 
-    def _answered(self, out: _Out) -> None:
+    def _wake_at(self, end: float, handler: Callable[[Any], None], value: Any) -> None:
+        """Call ``handler(value)`` at ``end`` (see :class:`_Wake`); the time as SimPy would round it."""
+        t = self._env._now
+        d = end - t
+        heappush(self._ending, (t + (d if d > 0.0 else 0.0), next(self._eid), _Wake(self, handler, value)))
+
+    def _answered(self, out: tuple[Batch, int]) -> None:
         """A batch's answers reached their clients (the way out over)."""
-        if out.incarnation == self.incarnation:  # else the pod died on the way out: they failed then
-            del self.answering[out.batch]
-            self._deliver(out.batch, self._env._now)
+        batch, incarnation = out
+        if incarnation == self.incarnation:  # else the pod died on the way out: they failed then
+            del self.answering[batch]
+            self._deliver(batch, self._env._now)
 
     def _deliver(self, batch: Batch, answered: float) -> None:
         if batch.size == 1:
