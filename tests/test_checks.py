@@ -349,9 +349,55 @@ def test_an_outage_of_every_triggers_source_is_a_prometheus_outage_to_keda() -> 
     both = s.override({"faults.metrics_outages": [{"at_s": 3000, "duration_s": 400}]})
     assert fired(both, "keda-outage-to-zero")[0].startswith(
         "none, and faults.metrics_outages and faults.trigger_outages lasts up to 900 s")
+    # Prometheus down as the triggers' sources come back: one wait of 1,100 s
+    on = s.override({"faults.metrics_outages": [{"at_s": 1500, "duration_s": 200}]})
+    assert fired(on, "keda-outage-to-zero")[0].startswith(
+        "none, and faults.metrics_outages and faults.trigger_outages lasts up to 1100 s")
     # an outage of one trigger of two leaves the other to find activity: no finding
     in_flight = {"type": "External", "external": {"metric": {"name": "capsim_requests_in_flight"},
                                                   "target": {"type": "AverageValue", "averageValue": "8"}}}
     two = s.override({"autoscaler.metrics": [GATEWAY, in_flight]})
     assert not fired(two, "keda-outage-to-zero")
     assert not fired(two.override({"autoscaler.keda.release": "2.17"}), "keda-outage-at-zero")
+    # two outages that each down one trigger, together both: every query fails where they overlap
+    gateway_down = {"at_s": 600, "duration_s": 900, "metrics": ["capsim_gateway_requests_total"]}
+    overlap = two.override({"faults.trigger_outages": [
+        gateway_down, {"at_s": 1100, "duration_s": 1000, "metrics": ["capsim_requests_in_flight"]}]})
+    (msg,) = fired(overlap, "keda-outage-to-zero")
+    assert msg.startswith("none, and faults.trigger_outages lasts up to 400 s, longer than cooldown_period_s (300 s)")
+    assert fired(overlap.override({"autoscaler.keda.release": "2.17"}), "keda-outage-at-zero")[0].startswith(
+        "0, and every trigger's query fails (faults.trigger_outages, up to 400 s)")
+    # one after the other, touching: some trigger answers at every moment
+    after = two.override({"faults.trigger_outages": [
+        gateway_down, {"at_s": 1500, "duration_s": 1000, "metrics": ["capsim_requests_in_flight"]}]})
+    assert not fired(after, "keda-outage-to-zero")
+    assert not fired(after.override({"autoscaler.keda.release": "2.17"}), "keda-outage-at-zero")
+    # an overlap shorter than the cooldown: KEDA's polls err for 200 s, not long enough to take it to zero
+    short = two.override({"faults.trigger_outages": [
+        gateway_down, {"at_s": 1300, "duration_s": 1000, "metrics": ["capsim_requests_in_flight"]}]})
+    assert not fired(short, "keda-outage-to-zero")
+
+
+def test_the_spans_in_which_the_trigger_outages_together_down_every_metric() -> None:
+    from test_autoscaler_validation import GATEWAY, bursts
+
+    in_flight = {"type": "External", "external": {"metric": {"name": "capsim_requests_in_flight"},
+                                                  "target": {"type": "AverageValue", "averageValue": "8"}}}
+    s = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, in_flight]})
+    gw, fl = ["capsim_gateway_requests_total"], ["capsim_requests_in_flight"]
+
+    def spans(*entries: tuple[float, float, list[str]]) -> list[tuple[float, float]]:
+        sc = s.override({"faults.trigger_outages": [{"at_s": a, "duration_s": d, "metrics": m}
+                                                    for a, d, m in entries]})
+        out = sc.total_trigger_outages()
+        assert all(set(o.metrics) == {*gw, *fl} for o in out)
+        return [(o.at_s, o.at_s + o.duration_s) for o in out]
+
+    assert spans() == []
+    assert spans((600, 900, gw)) == []  # the other trigger answers
+    assert spans((600, 900, [*gw, *fl])) == [(600, 1500)]  # one entry naming both
+    assert spans((600, 900, gw), (1100, 1000, fl)) == [(1100, 1500)]  # the overlap
+    assert spans((600, 900, gw), (1500, 100, fl)) == []  # touching, no overlap
+    assert spans((1100, 1000, fl), (600, 900, gw), (2000, 300, gw)) == [(1100, 1500), (2000, 2100)]  # any order
+    # spans that touch are one: both named to 1500, then the gateway's and the other's together to 1800
+    assert spans((600, 900, [*gw, *fl]), (1500, 300, gw), (1400, 400, fl)) == [(600, 1800)]

@@ -491,6 +491,44 @@ def test_the_hpa_scales_on_the_metrics_that_answer_but_not_down_while_one_fails(
     assert (during["to_replicas"] >= during["from_replicas"]).all()  # upstream: no scale-down with a metric failing
 
 
+def test_two_partial_outages_that_overlap_down_every_trigger_where_they_do() -> None:
+    """The gateway's source down from 600 to 1500 s, the other trigger's from 900 to 1400 s: every poll in the
+    overlap errs and finds nothing active, as in a Prometheus outage (2.16 without a fallback: to zero a cooldown
+    after the last active poll); the simulator needs no rule for it, and `capsim simulate` says it."""
+    plan = two_triggers("2.16").override({"faults.trigger_outages": [
+        {"at_s": OUT[0], "duration_s": OUT[1] - OUT[0], "metrics": ["capsim_gateway_requests_total"]},
+        {"at_s": 900, "duration_s": 500, "metrics": ["capsim_requests_in_flight"]}]})
+    assert [(o.at_s, o.duration_s) for o in plan.total_trigger_outages()] == [(900, 500)]
+    r = simulate(plan, seed=0)
+    polls = r.keda_polls
+    both = polls[polls["time_s"].between(900, 1400, inclusive="left")]
+    assert len(both) >= 16 and both["error"].all() and not both["active"].any()
+    one = polls[polls["time_s"].between(OUT[0], 900, inclusive="left")]
+    assert one["error"].all() and one["active"].mean() > 0.9  # the other trigger answered until 900 s
+    ev = r.scale_events
+    down = ev[(ev["by"] == "keda") & (ev["to_replicas"] == 0)]
+    assert len(down) == 1 and 900 + 300 - 30 < down["time_s"].iloc[0] <= 900 + 300 + 30
+
+
+def test_simulate_notes_when_partial_outages_together_down_every_metric(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+    from test_keda import yaml_of
+
+    path = tmp_path / "overlap.yaml"
+    path.write_text(yaml_of(two_triggers("2.16").override({"faults.trigger_outages": [
+        {"at_s": OUT[0], "duration_s": OUT[1] - OUT[0], "metrics": ["capsim_gateway_requests_total"]},
+        {"at_s": 900, "duration_s": 500, "metrics": ["capsim_requests_in_flight"]}]})))
+    code, out, err = run(["simulate", str(path)])
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if line.startswith("note: ") and "trigger_outages" in line]
+    assert len(notes) == 3  # each entry's, and the overlap's
+    assert notes[0].startswith("note: capsim_gateway_requests_total failed from 600 to 1500 s")
+    assert notes[1].startswith("note: capsim_requests_in_flight failed from 900 to 1400 s")
+    assert notes[2] == ("note: every metric failed from 900 to 1400 s (faults.trigger_outages together): KEDA's polls "
+                        "(release 2.16) were in error (no fallback) and its HPA read no metric; the Deployment went "
+                        "from 2 to 0 pods meanwhile (scale_events.csv)")
+
+
 def test_a_trigger_outage_names_metrics_of_the_autoscaler() -> None:
     with pytest.raises(SettingsError, match=r"faults.trigger_outages.0.metrics: 'nope' is not a metric of "
                                             r"autoscaler.metrics"):

@@ -396,10 +396,11 @@ def simulate(
     for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
         typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
                    f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
-    total = sc.total_trigger_outages()
-    for o in sc.faults.trigger_outages if sc.faults else ():  # a partial outage: some metrics' own source down
+    names = {m.name for m in sc.autoscaler.to_hpa().metrics} if sc.autoscaler is not None else set()
+    entries = sc.faults.trigger_outages if sc.faults else ()
+    for o in entries:  # a partial outage: some metrics' own source down
         lo, hi = o.at_s, o.at_s + o.duration_s
-        if o in total:  # every metric failed: as Prometheus down, to the autoscalers
+        if set(o.metrics) >= names:  # every metric failed: as Prometheus down, to the autoscalers
             did = who
         elif keda_spec is None:
             did = "the HPA scaled on the other metrics, and never down while one failed"
@@ -409,6 +410,12 @@ def simulate(
                       " (noted as no activity: the cooldown counts from before the outage)")
                    + ", and its HPA scaled on the other metrics, never down while one failed")
         typer.echo(f"note: {', '.join(o.metrics)} failed from {lo:g} to {hi:g} s (faults.trigger_outages): {did}; the "
+                   f"Deployment went from {count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
+    for o in sc.total_trigger_outages():  # entries that each name some metrics, together all of them
+        lo, hi = o.at_s, o.at_s + o.duration_s
+        if any(e.at_s == lo and e.at_s + e.duration_s == hi and set(e.metrics) >= names for e in entries):
+            continue  # one entry's outage of every metric: noted above
+        typer.echo(f"note: every metric failed from {lo:g} to {hi:g} s (faults.trigger_outages together): {who}; the "
                    f"Deployment went from {count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
     for w in result.wakes.itertuples():  # where a wake's wait went
         if math.isnan(w.first_request_s):

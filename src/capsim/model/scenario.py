@@ -1172,12 +1172,26 @@ class Scenario(BaseModel):
         return self._source
 
     def total_trigger_outages(self) -> tuple[TriggerOutage, ...]:
-        """The ``faults.trigger_outages`` that name every metric of the autoscaler: to the HPA and KEDA, a
-        Prometheus outage (no metric answers); the others leave some metrics answering."""
-        if self.faults is None or self.autoscaler is None:
+        """The spans in which the ``faults.trigger_outages`` in force together name every metric of the
+        autoscaler, each as one outage of them all: to the HPA and KEDA, a Prometheus outage (no metric
+        answers). One entry naming every metric is such a span; so is the overlap of two that each name some
+        (the gateway's source down from 600 s, the other trigger's from 900 to 1200 s: every query fails from
+        900 to 1200 s). Spans that touch are one. Outside them some metrics answer."""
+        if self.faults is None or self.autoscaler is None or not self.faults.trigger_outages:
             return ()
-        names = {m.name for m in self.autoscaler.to_hpa().metrics}
-        return tuple(o for o in self.faults.trigger_outages if set(o.metrics) >= names)
+        names = frozenset(m.name for m in self.autoscaler.to_hpa().metrics)
+        entries = self.faults.trigger_outages
+        cuts = sorted({t for o in entries for t in (o.at_s, o.at_s + o.duration_s)})
+        spans: list[list[float]] = []
+        for lo, hi in itertools.pairwise(cuts):  # between two cuts the same entries are in force
+            down = {m for o in entries if o.at_s <= lo and hi <= o.at_s + o.duration_s for m in o.metrics}
+            if down >= names:
+                if spans and spans[-1][1] == lo:
+                    spans[-1][1] = hi
+                else:
+                    spans.append([lo, hi])
+        every = tuple(sorted(names))
+        return tuple(TriggerOutage(at_s=lo, duration_s=hi - lo, metrics=every) for lo, hi in spans)
 
     def resolve(self, path: Path) -> Path:
         """Resolve a path named in the scenario, never against the working directory first.

@@ -67,8 +67,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   (``faults.metrics_outages``) outlasts ``cooldown_period_s``: a poll whose queries fail finds no trigger
   active, so KEDA takes a serving Deployment to zero mid-outage (kedacore/keda#965) and nothing wakes it
   until Prometheus is back. An outage of every trigger's own source at once (``faults.trigger_outages``
-  naming all the metrics) counts as one of Prometheus, here and below; one of some triggers leaves the others
-  to find activity.
+  naming all the metrics, in one entry or in several that overlap: the overlap counts) counts as one of
+  Prometheus, here and below; one of some triggers leaves the others to find activity. Outages that touch
+  or overlap are one wait, their spans joined.
 * ``keda-outage-at-zero`` (warn): KEDA 2.17 and later with ``minReplicas: 0`` (or idle mode) in a scenario
   with a Prometheus outage (or of every trigger's source): a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
@@ -105,6 +106,7 @@ from typing import Literal
 from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import POD_METRIC_ALIASES, Autoscaler, Scenario, Tokens
 from capsim.model.scenario_limits import max_pods
+from capsim.sim.faults import merged_spans
 
 Level = Literal["fail", "warn"]
 
@@ -563,12 +565,14 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     keda, found = auto.keda, []
     fb = keda.fallback
     # what KEDA cannot read: Prometheus down, or the sources of all its triggers at once (faults.trigger_outages
-    # naming every metric: to KEDA a Prometheus outage; an outage of some triggers leaves the others' activity)
+    # that together name every metric: to KEDA a Prometheus outage; an outage of some triggers leaves the others'
+    # activity). Spans that overlap or touch are one wait: Prometheus back as every trigger's source goes down
     faults = scenario.faults
-    outages = [(o.duration_s, "faults.metrics_outages") for o in (faults.metrics_outages if faults else ())]
-    outages += [(o.duration_s, "faults.trigger_outages") for o in scenario.total_trigger_outages()]
-    longest = max((d for d, _ in outages), default=0.0)
-    where = " and ".join(sorted({w for _, w in outages}))
+    outages = [(o.at_s, o.at_s + o.duration_s, "faults.metrics_outages")
+               for o in (faults.metrics_outages if faults else ())]
+    outages += [(o.at_s, o.at_s + o.duration_s, "faults.trigger_outages") for o in scenario.total_trigger_outages()]
+    longest = max((hi - lo for lo, hi in merged_spans((lo, hi) for lo, hi, _ in outages)), default=0.0)
+    where = " and ".join(sorted({w for _, _, w in outages}))
     prometheus = where == "faults.metrics_outages"
     down, back = (("Prometheus goes down", "Prometheus answers again") if prometheus else
                   ("every trigger's query fails", "its triggers' queries answer again"))
