@@ -83,6 +83,28 @@ def test_empty_nodes_go_at_most_max_scale_down_parallelism_a_scan() -> None:
         [710.0] * 3 + [740.0] * 3 + [770.0] * 3 + [800.0] * 3 + [830.0]
 
 
+def test_a_drain_starts_the_delay_after_delete_as_a_deletion_does() -> None:
+    # three full nodes; at 105 s seven pods are left (node 2 holds one), at 125 s three (node 0 empties): node 2
+    # is unneeded from the scan of 110 s and drained at 710 s, its pod going to node 0, which is unneeded from
+    # the scan of 130 s and drained in its turn at 730 s. With --scale-down-delay-after-delete 25 s the drain of
+    # 710 s holds the next removal to the scan of 740 s (static_autoscaler.go: a drain started is a deletion)
+    def removals(**changes: Any) -> tuple[list[tuple[float, int]], list[int]]:
+        sim = Simulation(idle(**{"cluster.max_gpus": 12, "cluster.scale_down_delay_after_add_s": 0, **changes}),
+                         seed=0)
+        held: list[int] = []
+        at(sim, (0.0, lambda: sim.cluster.scale_to(12, 0.0)), (105.0, lambda: sim.cluster.scale_to(7, 105.0)),
+           (125.0, lambda: sim.cluster.scale_to(3, 125.0)),
+           (709.0, lambda: held.extend(n.used for n in sim.cluster.nodes.nodes)))
+        sim.run()
+        return sim.cluster.nodes.removals, held
+
+    gone, held = removals()
+    assert held == [0, 2, 1]  # node 2 still held a pod: the scan of 710 s drains it, not an empty node
+    assert gone == [(710.0, 2), (730.0, 0)]
+    assert removals(**{"cluster.scale_down_delay_after_delete_s": 25})[0] == [(710.0, 2), (740.0, 0)]
+    assert removals(**{"cluster.scale_down_delay_after_delete_s": 20})[0] == [(710.0, 2), (730.0, 0)]
+
+
 def test_unneeded_time_counts_from_when_the_node_became_removable() -> None:
     # node 1 holds one pod of 4 GPUs from 30 s, under the threshold, but node 0 is full until the scale-down
     # at 105 s: no place to move the pod, so cluster-autoscaler's planner keeps node 1 among the unremovable
