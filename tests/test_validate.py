@@ -198,6 +198,16 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     assert abs(thr.rel_error) < 0.15
     for name in ("results.csv", "replications.csv", "validation.png", "provenance.json", "profile.csv", "service.yaml"):
         assert (tmp_path / name).exists()
+    # a plan takes the pod this run calibrated, as calibrated_pod.yaml takes the committed one (notebook 04 with rerun)
+    import yaml
+
+    from capsim.model.scenario import Scenario
+    root = Path(__file__).resolve().parents[1]
+    plan = yaml.safe_load((root / "data" / "scenarios" / "calibrated_pod.yaml").read_text())
+    plan["include"] = str(tmp_path / "service.yaml")
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan, sort_keys=False))
+    fresh = yaml.safe_load((tmp_path / "service.yaml").read_text())["service"]
+    assert Scenario.from_yaml(tmp_path / "plan.yaml").service.time_scale == pytest.approx(fresh["time_scale"])
     assert any(line.startswith("calibration:") for line in lines)
     row = results[results.metric == "ttft_p99_s"].iloc[0]
     assert row.real_low <= row.real <= row.real_high and row.err_low <= row.rel_error <= row.err_high
