@@ -63,14 +63,11 @@ def test_the_busy_ratio_is_the_real_pods_gauge(monkeypatch: pytest.MonkeyPatch) 
             real.observe_batch(1, end - start)
         clock[0] = t
         expected = real.registry.get_sample_value("capsim_gpu_busy_ratio")
-        assert expected is not None
-        if math.isnan(expected):
-            assert math.isnan(busy)  # the first scrape has no interval yet, on either pod
-        else:
-            assert busy == pytest.approx(expected, abs=1e-9)
-            compared += 1
+        assert expected is not None and not math.isnan(expected)  # the first scrape reads from the start
+        assert busy == pytest.approx(expected, abs=1e-9)
+        compared += 1
         prev = t
-    assert compared >= 15 and 0.3 < float(np.nanmean([s[3] for s in pod.samples])) < 0.7  # ~ 5/s x 0.1 s
+    assert compared == len(pod.samples) >= 15 and 0.3 < float(np.mean([s[3] for s in pod.samples])) < 0.7
 
 
 def test_ttft_is_observed_when_the_pod_answers() -> None:
@@ -153,3 +150,65 @@ def test_queries_are_checked_against_the_metrics() -> None:
         one_pod(TTFT, queries={TTFT: {"query": "histogram_quantile", "quantile": 1.5}})
     sc = one_pod(TTFT)
     assert sc.autoscaler is not None and sc.autoscaler.query_of(TTFT) == ("rate", 1000.0, 0.99)
+
+
+def _scaling(metric: str, query: str, target: str, rates: list[list[float]], replicas: int,
+             max_replicas: int) -> Scenario:
+    """A Deployment of ``replicas`` pods (at most ``max_replicas``) scaling on ``metric`` read by ``query``
+    over 60 s, under a piecewise load ``rates``."""
+    return Scenario.model_validate({
+        "horizon_s": 1500,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": rates}},
+        "service": {"kind": "deterministic", "mean_s": 0.1},
+        "batching": {"max_batch_size": 1, "max_wait_ms": 0, "queue_capacity": 100000},
+        "pods": {"replicas": replicas, "startup_s": 5},
+        "autoscaler": {
+            "minReplicas": 1, "maxReplicas": max_replicas,
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": metric},
+                                                  "target": {"type": "AverageValue", "averageValue": target}}}],
+            "queries": {metric: {"query": query, "window_s": 60}},
+            "scrape_interval_s": 15, "sync_period_s": 15,
+        },
+        "client": {"timeout_s": 1e6},
+    })
+
+
+@pytest.mark.parametrize("query", ["rate", "histogram_quantile"])
+def test_a_pod_that_observed_nothing_in_the_window_reads_0_as_the_adapter_answers_its_nan(query: str) -> None:
+    """A TTFT mean over a window without a request is 0/0 and a quantile of empty buckets NaN; Prometheus
+    returns the pod's series with NaN and prometheus-adapter answers it as 0 (``metricFor``,
+    kubernetes-sigs/prometheus-adapter#308), so an HPA on TTFT scales an idle Deployment down to its
+    minimum; read as no value (every pod missing: no metric), it would hold four pods for good."""
+    # four pods serving 5 requests/s for 10 minutes (TTFT at least the 0.1 s target: they hold), then none
+    sim = Simulation(_scaling(TTFT, query, "100m", [[0, 5.0], [600, 0.0]], 4, 4), seed=0)
+    r = sim.run()
+    auto = sim.autoscaling
+    assert auto is not None
+    seen = [auto.value(p, "ttft", 1500.0, query, 60.0) for p in sim.cluster.pods if p.samples]
+    assert seen and all(v is not None and math.isnan(v) for v in seen)  # a series each, whose value is NaN
+    later = [(t, cur, v) for t, cur, _, v in auto.syncs if t > 700]
+    assert all(v == 0.0 for _, _, v in later)  # the HPA's read: 0 for every pod
+    downs = r.scale_events[r.scale_events["to_replicas"] < r.scale_events["from_replicas"]]
+    assert not downs.empty and downs["to_replicas"].min() == 1
+    # the first step down waits out the scale-down window (300 s) after the traffic stopped
+    assert 600 + 300 <= downs["time_s"].min() < 600 + 300 + 120
+
+
+def test_a_pods_busy_ratio_reads_from_its_container_start_at_its_first_scrape() -> None:
+    """A pod the HPA adds (and every pod at the start) reports a number at its first scrape, the busy share
+    since its container started, as the real pod's gauge does: a NaN there would make an ``avg_over_time``
+    over the window NaN, which the adapter answers as 0."""
+    sim = Simulation(_scaling(BUSY, "avg_over_time", "500m", [[0, 15.0]], 1, 6), seed=0)
+    r = sim.run()
+    assert (r.scale_events["to_replicas"] > r.scale_events["from_replicas"]).any()  # pods were added
+    added = [p for p in sim.cluster.pods if p.created_s > 0 and p.samples]
+    assert added
+    for pod in sim.cluster.pods:
+        busy = [s[3] for s in pod.samples if len(s) > 1]
+        assert busy and not any(math.isnan(b) for b in busy), pod.id
+    for pod in added:
+        first = next(s for s in pod.samples if len(s) > 1)
+        start, busy0 = pod.counters_from
+        assert start >= pod.created_s and first[0] > start and busy0 == 0.0  # a new pod ran nothing before
+        # nothing ran before the container was ready: the first reading is diluted by the cold start
+        assert 0.0 <= first[3] < 1.0

@@ -100,7 +100,8 @@ class InferenceMetrics:
             "requests_in_flight", "Requests the pod has accepted and not yet answered.", **kw
         )
         self._busy_s = 0.0  # runner seconds so far
-        self._busy_mark: tuple[float, float] | None = None  # (monotonic time, busy seconds) at last scrape
+        # (monotonic time, busy seconds) at the last scrape; the first scrape reads from here, the start
+        self._busy_mark = (time.monotonic(), 0.0)
         self._busy_ratio = Gauge(
             "gpu_busy_ratio",
             "Share of wall time the model ran batches since the previous scrape (the accelerator's duty cycle).",
@@ -156,8 +157,8 @@ class InferenceMetrics:
     def _busy_since_last_scrape(self) -> float:
         now = time.monotonic()
         mark, self._busy_mark = self._busy_mark, (now, self._busy_s)
-        if mark is None or now <= mark[0]:
-            return math.nan  # the first scrape has no interval yet
+        if now <= mark[0]:
+            return math.nan  # no time since the previous scrape
         return min(max((self._busy_s - mark[1]) / (now - mark[0]), 0.0), 1.0)
 
     # -- the pod's own gauges ------------------------------------------------------------------------

@@ -105,6 +105,7 @@ class Cluster:
                 phase = float(self.sim.streams["probe_phases"].random())
                 self._probe_origin[pod.id] = -self._probe_period * phase
                 self._running.add(pod.id)
+                pod.container_started(0.0)
                 self.sim.faults.container_started(pod, 0.0)
                 self._ready(pod, 0.0, join_after_s=0.0)
             else:
@@ -215,6 +216,7 @@ class Cluster:
         pod.state = PodState.STARTING
         pod.probe_failing = False
         self._running.add(pod.id)
+        pod.container_started(now)
         self.sim.faults.container_started(pod, now)
         ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
         ev.callbacks.append(self._started)

@@ -135,6 +135,10 @@ class ContinuousPod(Pod):
     def busy_total_s(self, now: float) -> float:
         return self.busy_s + (now - self._busy_since if self.stepping else 0.0)
 
+    def busy_counted_s(self, now: float) -> float:
+        # its steps are milliseconds long: its busy time so far is what it has counted
+        return self.busy_total_s(now)
+
     # ---- traffic -------------------------------------------------------------------------------------
     def enqueue(self, i: int, now: float) -> None:
         """An arrival: its HTTP parsing (``service.arrival_overhead_ms``) lengthens the step in progress, or

@@ -13,7 +13,8 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
 * At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
   (``Autoscaler.query_of``: instant, avg_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
   over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
-  Prometheus's 5-minute lookback. A pod without a value there (or a NaN) has none.
+  Prometheus's 5-minute lookback. A pod without a sample there has no value (the HPA counts it missing); a
+  NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as 0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
@@ -226,21 +227,26 @@ class Autoscaling:
 
     def _busy_ratio(self, pod: Pod, now: float) -> float:
         """``capsim_gpu_busy_ratio`` as the pod computes it when scraped (``InferenceMetrics``): busy seconds
-        of the batches finished since the previous scrape over the time since it, within [0, 1]; NaN at the
-        first scrape of a container (a restarted container starts its counters afresh)."""
-        # a continuous pod's steps are milliseconds long: its busy time so far is what it has counted
-        busy = pod.busy_total_s(now) if isinstance(pod, ContinuousPod) else pod.busy_observed_s(now)
+        of the batches finished since the previous scrape over the time since it, within [0, 1]; at the first
+        scrape of a container, since the container started (a restarted container starts its counters
+        afresh)."""
+        busy = pod.busy_counted_s(now)
         mark = self._busy_mark.get(pod.id)
         self._busy_mark[pod.id] = (pod.incarnation, now, busy)
-        if mark is None or mark[0] != pod.incarnation or now <= mark[1]:
+        if mark is None or mark[0] != pod.incarnation:
+            mark = (pod.incarnation, *pod.counters_from)
+        if now <= mark[1]:
             return math.nan
         return min(max((busy - mark[2]) / (now - mark[1]), 0.0), 1.0)
 
     # ---- prometheus-adapter -----------------------------------------------------------------------------
     def value(self, pod: Pod, metric: str, now: float, query: str | None = None, window_s: float | None = None,
               quantile: float = 0.99) -> float | None:
-        """The value of ``metric`` (a kind: ``queue_depth``, ``busy``, ``ttft`` ...) for ``pod`` that the
-        adapter reports at ``now`` under ``query`` (default: the metric's default query); ``None``: no value."""
+        """The value of ``metric`` (a kind: ``queue_depth``, ``busy``, ``ttft`` ...) for ``pod`` that Prometheus
+        answers at ``now`` under ``query`` (default: the metric's default query); ``None``: the pod has no series
+        in the result (no sample, a stale marker, a rate with fewer than two samples); NaN: it has one whose value
+        is NaN (a quantile or a mean of a histogram with nothing observed in the window, 0/0; a NaN sample, or
+        an average over a window that holds one)."""
         if query is None or window_s is None:
             query, window_s = _DEFAULT_QUERY.get(METRIC_TYPES.get(metric, "gauge"), "instant"), self.spec.query_window_s
         a = now - self.spec.adapter_lag_s
@@ -250,8 +256,7 @@ class Autoscaling:
                 if s[0] <= a:
                     if len(s) == 1:  # a stale marker: the series ended
                         return None
-                    v = s[_FIELD[metric]] if s[0] > lo else None
-                    return None if v is None or math.isnan(v) else float(v)
+                    return float(s[_FIELD[metric]]) if s[0] > lo else None
             return None
         lo = a - window_s
         sel = [s for s in pod.samples if lo < s[0] <= a and len(s) > 1]  # stale markers skipped
@@ -259,8 +264,7 @@ class Autoscaling:
             return None
         if query == "avg_over_time":
             k = _FIELD[metric]
-            mean = float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample (a busy ratio's first) makes it NaN
-            return None if math.isnan(mean) else mean
+            return float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample makes it NaN
         if len(sel) < 2:  # a rate needs two samples, as rate() does
             return None
         first, last = sel[0], sel[-1]
@@ -268,13 +272,12 @@ class Autoscaling:
             b0, b1 = first[_BUCKETS], last[_BUCKETS]
             if b0 is None or b1 is None:
                 return None
-            v = bucket_quantile(quantile, TTFT_BUCKETS_S, [y - x for x, y in zip(b0, b1, strict=True)])
-            return None if math.isnan(v) else v
+            return bucket_quantile(quantile, TTFT_BUCKETS_S, [y - x for x, y in zip(b0, b1, strict=True)])
         if metric == "preemptions":  # a counter: its increase per second
             return float((last[_PREEMPTIONS] - first[_PREEMPTIONS]) / (last[0] - first[0]))
         s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation in the window
         count = last[c_k] - first[c_k]
-        return float((last[s_k] - first[s_k]) / count) if count > 0 else None
+        return float((last[s_k] - first[s_k]) / count) if count > 0 else math.nan  # 0/0 with nothing observed
 
     # ---- the controller ---------------------------------------------------------------------------------
     def _sync(self, first_s: float) -> Generator[Any, Any, None]:
@@ -397,6 +400,8 @@ class Autoscaling:
         if st == PodState.PENDING or (st == PodState.STARTING and not self.sim.cluster.container_running(pod)):
             return PodSample(None, "Pending", ready=False)
         v = self.value(pod, metric, now, query, window_s, quantile)
+        if v is not None and math.isnan(v):
+            v = 0.0  # prometheus-adapter answers a NaN as 0 (metricFor, kubernetes-sigs/prometheus-adapter#308)
         if st == PodState.TERMINATING:
             return PodSample(v, "Running", ready=False, deleting=True)
         return PodSample(v, "Running", ready=pod.ready_condition)

@@ -92,6 +92,8 @@ class Pod:
         self.state = PodState.PENDING
         self.created_s = created_s
         self.incarnation = 0  # bumped by each crash, so stale timers of a former life are ignored
+        # (time, busy seconds) when its container last started: its /metrics counters start there
+        self.counters_from = (created_s, 0.0)
         # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
@@ -405,6 +407,14 @@ class Pod:
         """The busy seconds the pod's /metrics counts at ``now``: service time of the batches finished so
         far (``InferenceMetrics.observe_batch``); a batch still running counts when it ends."""
         return self.batch_s
+
+    def busy_counted_s(self, now: float) -> float:
+        """The busy seconds ``capsim_gpu_busy_ratio`` is computed from at a scrape at ``now``."""
+        return self.busy_observed_s(now)
+
+    def container_started(self, now: float) -> None:
+        """Its container starts (a first start or a restart): the /metrics counters start afresh."""
+        self.counters_from = (now, self.busy_counted_s(now))
 
     def busy_total_s(self, now: float) -> float:
         """Busy seconds up to ``now`` (the counter a scrape reads)."""
