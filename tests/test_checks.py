@@ -309,6 +309,44 @@ def test_keda_2_17_at_zero_in_a_prometheus_outage_stays_at_zero() -> None:
         "drop idle_replica_count where that wait is not acceptable")
 
 
+def test_keda_reading_the_empty_results_after_an_outage_as_0_warns() -> None:
+    from test_autoscaler_validation import GATEWAY, bursts
+
+    def fired(s: Scenario) -> list[Finding]:
+        return [f for f in run_checks(s) if f.check == "keda-empty-after-outage"]
+
+    # the simulator shows both: tests/test_metrics_outage.py (test_after_an_outage_...)
+    s = bursts(GATEWAY).override({"autoscaler.keda": {"cooldown_period_s": 300},
+                                  "faults.metrics_outages": [{"at_s": 1200, "duration_s": 600}]})
+    (f,) = fired(s)
+    assert f.path == "autoscaler.keda.ignore_null_values" and f.level == "warn"
+    assert f.message.startswith("true (every trigger), and Prometheus is down for up to 600 s")
+    assert "more than cooldown_period_s (300 s) after the last that did, and (minReplicas 0) takes a serving " \
+           "Deployment to zero" in f.message and f.message.endswith("or keep minReplicas above 0")
+    assert not fired(s.override({"autoscaler.keda.ignore_null_values": False}))
+    assert not fired(s.override({"faults.metrics_outages": []}))
+    # the outage itself takes it to zero (2.16 without a fallback: keda-outage-to-zero), after nothing is left
+    assert not fired(s.override({"autoscaler.keda.release": "2.16"}))
+    # down longer than the HPA's scale-down window (60 s here) but not the cooldown: the HPA's step down
+    (f,) = fired(s.override({"faults.metrics_outages": [{"at_s": 1200, "duration_s": 240}]}))
+    assert "scale-down window (60 s, autoscaler.behavior.scaleDown.stabilizationWindowSeconds" in f.message
+    # not down longer than either: nothing
+    assert not fired(s.override({"faults.metrics_outages": [{"at_s": 1200, "duration_s": 50}]}))
+    # one trigger that errs puts the poll in error: nothing changes
+    two = s.override({"autoscaler.metrics": [GATEWAY, GATEWAY | {"external": {
+        "metric": {"name": "capsim_requests_in_flight"}, "target": {"type": "AverageValue", "averageValue": "8"}}}]})
+    assert fired(two) and not fired(two.override({"autoscaler.keda.ignore_null_values": ["capsim_gateway_requests_total"]}))
+    # a floor of pods: the HPA's scale-down to it, where no fallback fills its window
+    (f,) = fired(s.override({"autoscaler.minReplicas": 1}))
+    assert "proposes its minimum for them at its first syncs after" in f.message
+    assert "down to 1 pods" in f.message
+    assert not fired(s.override({"autoscaler.minReplicas": 1, "autoscaler.keda.fallback": {"replicas": 2}}))
+    assert not fired(s.override({"autoscaler.minReplicas": 1, "autoscaler.behavior": {
+        "scaleDown": {"stabilizationWindowSeconds": 900}}}))
+    assert not fired(s.override({"autoscaler.minReplicas": 1, "autoscaler.behavior": {
+        "scaleDown": {"selectPolicy": "Disabled"}}}))
+
+
 def test_a_fallback_on_a_fractional_target_proposes_fewer_pods() -> None:
     from test_autoscaler_validation import bursts
 

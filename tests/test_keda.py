@@ -690,6 +690,71 @@ def test_cached_metrics_are_exported_on_every_trigger(tmp_path: Any) -> None:
     assert "| KEDA `useCachedMetrics` (`capsim_requests_in_flight`) | true" in (tmp_path / "some" / "README.md").read_text()
 
 
+# ---- ignoreNullValues ---------------------------------------------------------------------------------------
+def test_an_empty_result_reads_0_by_default_and_errs_without_ignore_null_values() -> None:
+    """At the start of a run the gateway's rate has fewer than two samples: Prometheus returns nothing, which
+    KEDA's scaler reads as 0 with ``ignoreNullValues`` (its default) and as an error without it
+    (``ExecutePromQuery``): the poll is in error, and the HPA's read fails."""
+    from capsim.sim import Simulation
+
+    def run(**keda_settings: Any) -> Any:
+        sim = Simulation(keda(**keda_settings), seed=0)
+        return sim, sim.run()
+
+    (zero_sim, zero), (err_sim, err) = run(), run(ignore_null_values=False)
+    first_zero, first_err = zero.keda_polls.iloc[0], err.keda_polls.iloc[0]
+    assert first_zero["time_s"] == first_err["time_s"] < 30  # before the second scrape of the gateway
+    assert not first_zero["error"] and first_err["error"]
+    assert not first_zero["active"] and not first_err["active"]
+    early = [(z[3], e[3]) for z, e in zip(zero_sim.autoscaling.syncs, err_sim.autoscaling.syncs, strict=False)
+             if z[0] < 30]
+    assert early and all(z == 0.0 and math.isnan(e) for z, e in early)  # the HPA's read: 0, or a failure
+    assert int(err.keda_polls["error"].sum()) >= 1 and int(zero.keda_polls["error"].sum()) == 0
+
+
+def test_ignore_null_values_is_set_per_trigger_and_checked() -> None:
+    from capsim.sim import Simulation
+
+    def errors_at_zero(**keda_settings: Any) -> int:
+        """Polls in error while the Deployment is at zero (the quiet 20 minutes)."""
+        scenario = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, IN_FLIGHT], "autoscaler.keda": keda_settings})
+        polls = Simulation(scenario, seed=0).run().keda_polls
+        assert (polls["replicas"] == 0).sum() > 10
+        return int((polls["error"] & (polls["replicas"] == 0)).sum())
+
+    # at zero no pod has requests in flight (an empty result), while the gateway's rate is a number
+    assert errors_at_zero(ignore_null_values=["capsim_gateway_requests_total"]) > 10
+    assert errors_at_zero(ignore_null_values=["capsim_requests_in_flight"]) == 0
+    assert errors_at_zero() == 0
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.ignore_null_values.1: 'nope' is not a metric"):
+        keda(ignore_null_values=["capsim_gateway_requests_total", "nope"])
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.ignore_null_values: must be true, false or a list of "
+                                            r"metric names, got 'no'"):
+        keda(ignore_null_values="no")
+
+
+def test_ignore_null_values_is_exported_where_it_is_off(tmp_path: Any) -> None:
+    import jsonschema
+    import yaml
+
+    from capsim.export import DeployTarget, export_scenario
+    from test_export import KEDA_SCALED_OBJECT
+
+    target = DeployTarget(name="agent", namespace="agents")
+    export_scenario(keda(), tmp_path / "plain", target)
+    plain = yaml.safe_load((tmp_path / "plain" / "keda-scaledobject.yaml").read_text())
+    assert all("ignoreNullValues" not in t["metadata"] for t in plain["spec"]["triggers"])  # KEDA's default
+    assert "ignoreNullValues" not in (tmp_path / "plain" / "README.md").read_text()
+    some = bursts(GATEWAY).override({"autoscaler.metrics": [GATEWAY, IN_FLIGHT],
+                                     "autoscaler.keda": {"ignore_null_values": ["capsim_requests_in_flight"]}})
+    export_scenario(some, tmp_path / "some", target)
+    obj = yaml.safe_load((tmp_path / "some" / "keda-scaledobject.yaml").read_text())
+    jsonschema.validate(obj, KEDA_SCALED_OBJECT)
+    assert [t["metadata"].get("ignoreNullValues") for t in obj["spec"]["triggers"]] == ["false", None]
+    assert "| KEDA `ignoreNullValues` (`capsim_gateway_requests_total`) | false: an empty result" in (
+        tmp_path / "some" / "README.md").read_text()
+
+
 # ---- the executor's promises over any run of polls (Hypothesis) --------------------------------------------
 _POLL = st.tuples(st.floats(1.0, 400.0), st.integers(0, 6), st.booleans(), st.booleans())
 

@@ -373,6 +373,47 @@ def test_prometheus_scrapes_nothing_while_down() -> None:
     assert pod_times and max(pod_times) < 2200
 
 
+def _after_outage(**override: Any) -> tuple[Any, Any]:
+    """``keda_plan`` with Prometheus down from 1200 to 1800 s (longer than the cooldown and the HPA's 300 s
+    scale-down window): its scale events and KEDA's polls from the outage's end."""
+    sc = keda_plan().override({"faults.metrics_outages": [{"at_s": 1200, "duration_s": 600}], **override})
+    r = simulate(sc, seed=0)
+    return r.scale_events[r.scale_events["time_s"] >= 1800], r.keda_polls[r.keda_polls["time_s"] >= 1800]
+
+
+def test_after_an_outage_keda_reads_the_empty_rate_as_0_and_takes_a_serving_deployment_to_zero() -> None:
+    """When Prometheus answers again the gateway's rate has fewer than two fresh samples: KEDA's default
+    (``ignoreNullValues``) reads the empty result as 0, its first poll finds no trigger active more than a
+    cooldown after the last that did (before the outage), and it takes the serving Deployment to zero under
+    load, to wake it a poll later; without ``ignoreNullValues`` the poll is in error and nothing changes."""
+    events, polls = _after_outage()
+    first = polls.iloc[0]
+    assert first["time_s"] < 1830 and not first["active"] and not first["error"] and first["set_replicas"] == 0
+    to_zero = events[(events["by"] == "keda") & (events["to_replicas"] == 0)]
+    assert len(to_zero) == 1 and to_zero["time_s"].iloc[0] == first["time_s"]
+    assert ((events["by"] == "keda") & (events["from_replicas"] == 0)).any()  # and back, at a later poll
+    events, polls = _after_outage(**{"autoscaler.keda.ignore_null_values": False})
+    first = polls.iloc[0]
+    assert first["error"] and first["set_replicas"] == -1 and bool(polls["active"].iloc[1])
+    assert not (events["to_replicas"] == 0).any()
+
+
+def test_after_an_outage_without_a_fallback_the_hpa_reads_0_and_scales_to_its_minimum() -> None:
+    """The HPA KEDA created: its reads failed through the outage (no recommendation in its scale-down window),
+    so the 0 it reads after proposes its minimum, and it scales down until the rate is back; a failed read
+    instead (``ignoreNullValues`` false) or a fallback's values in the window hold the count."""
+    floor = {"autoscaler.minReplicas": 1}
+    events, _ = _after_outage(**floor)
+    down = events[(events["by"] == "hpa") & (events["to_replicas"] < events["from_replicas"])]
+    assert not down.empty and down["time_s"].iloc[0] < 1830 and down["to_replicas"].iloc[0] == 1
+    up = events[(events["by"] == "hpa") & (events["to_replicas"] > events["from_replicas"])]
+    assert not up.empty and up["time_s"].iloc[0] < down["time_s"].iloc[0] + 60  # back once the rate is
+    for hold in ({"autoscaler.keda.ignore_null_values": False},
+                 {"autoscaler.keda.fallback": {"failure_threshold": 3, "replicas": 2}}):
+        events, _ = _after_outage(**floor, **hold)
+        assert not ((events["time_s"] < 1900) & (events["to_replicas"] < events["from_replicas"])).any(), hold
+
+
 def test_overlapping_outages_are_one() -> None:
     a = simulate(keda_plan().override({"faults.metrics_outages": [{"at_s": 600, "duration_s": 900},
                                                                   {"at_s": 700, "duration_s": 100}]}), seed=0)

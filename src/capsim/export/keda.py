@@ -36,7 +36,9 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     auto = require_autoscaler(scenario)
     keda = auto.keda
     hpa = auto.to_hpa()
-    cached = keda.cached([m.name for m in hpa.metrics]) if keda is not None else frozenset()
+    names = [m.name for m in hpa.metrics]
+    cached = keda.cached(names) if keda is not None else frozenset()
+    null_zero = keda.null_as_zero(names) if keda is not None else frozenset(names)
     triggers = []
     for metric in hpa.metrics:
         query, window_s, quantile = auto.query_of(metric.name)
@@ -48,6 +50,8 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         meta = {"serverAddress": target.prometheus_url, "query": promql, "threshold": f"{metric.target:g}"}
         if keda is not None and metric.name in keda.activation:
             meta["activationThreshold"] = f"{keda.activation[metric.name]:g}"
+        if metric.name not in null_zero:  # an empty result is an error, as simulated (KEDA's default: 0)
+            meta["ignoreNullValues"] = "false"
         trigger: dict[str, Any] = {
             "type": "prometheus",
             "name": re.sub(r"[^a-z0-9-]", "-", metric.name.lower()),

@@ -90,7 +90,10 @@ class PodQuery:
         """One number for KEDA: the per-pod values of the Deployment's pods, summed."""
         # a Deployment's pods are named <deployment>-<replicaset hash>-<5 characters>
         matchers = f'namespace="{namespace}",pod=~"{deployment}-[a-z0-9]+-[a-z0-9]{{5}}"'
-        return f"sum({self.per_pod(matchers, 'pod')})"
+        # ">= 0" keeps the pods whose value is a number (every metric here is): a NaN (a busy ratio's first
+        # scrape, a TTFT mean over a window with no request, 0/0) would make the sum NaN, which KEDA reads as 0
+        # (ignoreNullValues) or an error whatever the other pods say; prometheus-adapter answers it as 0
+        return f"sum(({self.per_pod(matchers, 'pod')}) >= 0)"
 
 
 def _duration(seconds: float) -> str:

@@ -152,6 +152,11 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
             which = "every trigger" if len(cached) == len(names) else ", ".join(f"`{m}`" for m in cached)
             lines.append(f"| KEDA `useCachedMetrics` ({which}) | true: the HPA reads the value of KEDA's last "
                          f"poll, refreshed every {k.polling_interval_s} s |")
+        errs = [m for m in names if m not in k.null_as_zero(names)]
+        if errs:
+            which = "every trigger" if len(errs) == len(names) else ", ".join(f"`{m}`" for m in errs)
+            lines.append(f"| KEDA `ignoreNullValues` ({which}) | false: an empty result (no pod with a value, a "
+                         "rate without two fresh samples, as after a Prometheus outage) is an error, not 0 |")
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
                          f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")

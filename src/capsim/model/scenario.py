@@ -554,6 +554,11 @@ class KedaFallback(_Section):
                                        "currentReplicas, currentReplicasIfHigher or currentReplicasIfLower")
 
 
+def _named(setting: bool | tuple[str, ...], names: Sequence[str]) -> frozenset[str]:
+    """The names a per-trigger setting covers: every one (true), none (false) or those it lists."""
+    return frozenset(names if setting is True else () if setting is False else setting)
+
+
 class Keda(_Section):
     """KEDA drives the autoscaler (``autoscaler.keda``): a ScaledObject whose triggers are the External metrics.
 
@@ -581,6 +586,11 @@ class Keda(_Section):
         False, description="the triggers' useCachedMetrics: true for every trigger, or the metric names of those "
                            "that set it; the HPA that KEDA creates reads such a metric as KEDA's last poll found it "
                            "(every polling_interval_s), not afresh at each of its syncs")
+    ignore_null_values: Bool | tuple[str, ...] = Field(
+        True, description="the triggers' ignoreNullValues: true for every trigger (KEDA's default), false for none, "
+                          "or the metric names of those that keep it; a trigger that keeps it reads an empty "
+                          "query result (no pod with a value, a rate with fewer than two samples) as 0, one that "
+                          "drops it as an error (its poll in error, a failed read for the HPA and the fallback)")
     initial_cooldown_period_s: Int | None = Field(
         None, ge=0, description="KEDA initialCooldownPeriod, and the run starts as the ScaledObject is created (a "
                                 "deploy): until a poll finds a trigger active, KEDA takes a Deployment that can go "
@@ -604,7 +614,7 @@ class Keda(_Section):
         # YAML reads an unquoted 2.17 as a number
         return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else v
 
-    @field_validator("use_cached_metrics", mode="before")
+    @field_validator("use_cached_metrics", "ignore_null_values", mode="before")
     @classmethod
     def _cached_as_given(cls, v: Any) -> Any:
         if isinstance(v, bool) or type(v).__name__ == "bool_" or (
@@ -614,8 +624,12 @@ class Keda(_Section):
 
     def cached(self, names: Sequence[str]) -> frozenset[str]:
         """The metrics among ``names`` (the triggers') whose trigger sets ``useCachedMetrics``."""
-        c = self.use_cached_metrics
-        return frozenset(names if c is True else () if c is False else c)
+        return _named(self.use_cached_metrics, names)
+
+    def null_as_zero(self, names: Sequence[str]) -> frozenset[str]:
+        """The metrics among ``names`` (the triggers') whose trigger keeps ``ignoreNullValues`` (an empty result
+        reads 0; the others' reads fail)."""
+        return _named(self.ignore_null_values, names)
 
     @field_validator("idle_replica_count")
     @classmethod
@@ -688,11 +702,11 @@ class Autoscaler(_Section):
             for name in self.keda.activation:
                 if name not in names:
                     raise ValueError(f"keda.activation.{name}: no metric of this name in metrics (names: {names})")
-            cached = self.keda.use_cached_metrics
-            for i, name in enumerate(cached if isinstance(cached, tuple) else ()):
-                if name not in names:
-                    raise ValueError(f"keda.use_cached_metrics.{i}: {name!r} is not a metric of metrics (names: "
-                                     f"{names})")
+            for field in ("use_cached_metrics", "ignore_null_values"):
+                given = getattr(self.keda, field)
+                for i, name in enumerate(given if isinstance(given, tuple) else ()):
+                    if name not in names:
+                        raise ValueError(f"keda.{field}.{i}: {name!r} is not a metric of metrics (names: {names})")
             if self.keda.fallback is not None and self.keda.release != "2.18":
                 for i, m in enumerate(hpa.metrics):
                     if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)

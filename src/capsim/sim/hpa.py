@@ -28,9 +28,13 @@ The per-metric proposals come from ``capsim.policy.autoscaling.pods_metric_repli
 ``HorizontalPodAutoscaler``.
 
 External metrics (the way KEDA's ScaledObjects scale): a pod metric named by an External metric is the
-sum of the pods' values (a KEDA prometheus trigger's ``sum(...)``; no pod: 0, as KEDA reads an empty
-result), and ``capsim_gateway_requests_total`` counts every attempt sent to the Service at the gateway
-(scraped every ``scrape_interval_s`` at its own offset), answered or not. An ``AverageValue`` target
+sum of the pods' values that are numbers (the exported trigger's ``sum((...) >= 0)``, ``capsim.export.promql``;
+a NaN would make the whole sum NaN). Where the result is empty (no pod with a value; a rate with fewer than two
+samples, as at the start of a run and after a Prometheus outage) KEDA's Prometheus scaler answers 0 with the
+trigger's ``ignoreNullValues`` (its default; ``keda.ignore_null_values``), an error without it (the HPA's read
+fails and the operator's poll is in error); without KEDA it is no value. ``capsim_gateway_requests_total``
+counts every attempt sent to the Service at the gateway (scraped every ``scrape_interval_s`` at its own
+offset), answered or not. An ``AverageValue`` target
 proposes ``ceil(total / target)``, a ``Value`` target ``ceil(total / target x ready pods)``
 (``average_value_metric_replicas``, ``value_metric_replicas``); with ``minReplicas: 0`` such a metric
 takes the Deployment to zero and back (the ``HPAScaleToZero`` feature gate).
@@ -141,6 +145,7 @@ class Autoscaling:
         # poll found them; the HPA reads these (from the first poll on: before it, afresh)
         self._keda_cache: dict[int, tuple[float | None, bool]] = {}
         self._cached: frozenset[int] = frozenset()  # the triggers (metric indices) that set useCachedMetrics
+        self._null_zero: frozenset[int] = frozenset()  # the triggers that keep ignoreNullValues: empty reads 0
         #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
         self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
         if spec.keda is not None:
@@ -160,6 +165,8 @@ class Autoscaling:
             self._activation = [spec.keda.activation.get(m.name, 0.0) for m in self.hpa.metrics]
             cached = spec.keda.cached([m.name for m in self.hpa.metrics])
             self._cached = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in cached)
+            zero = spec.keda.null_as_zero([m.name for m in self.hpa.metrics])
+            self._null_zero = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in zero)
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
 
@@ -300,9 +307,13 @@ class Autoscaling:
                     cached = self._keda_cache.get(k)
                     if cached is not None:  # useCachedMetrics: what KEDA's last poll found
                         total, failed = cached
+                    elif fails:
+                        total, failed = None, True
                     else:
-                        failed = fails
-                        total = None if fails else self._external_total(pods, metric, now, query, window_s, quantile)
+                        total = self._external_total(pods, metric, now, query, window_s, quantile)
+                        failed = False
+                        if health is not None:  # KEDA's scaler: an empty result is 0, or an error
+                            total, failed = self._keda_result(k, total)
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
                         ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
@@ -334,9 +345,9 @@ class Autoscaling:
 
     def _keda_loop(self, first_s: float) -> Generator[Any, Any, None]:
         """KEDA's operator: every ``polling_interval_s`` (from its own phase) it asks each trigger whether it is
-        active (its value above its activation threshold; a query with no value is not; a failed one, in a
-        Prometheus outage, is not and puts the poll in error) and takes the Deployment to or from zero, or to
-        its fallback (``capsim.policy.keda.ScaleExecutor``); the HPA does the rest."""
+        active (its value above its activation threshold; an empty result reads 0, or with ``ignoreNullValues``
+        false errs; a failed query, in a Prometheus outage, is not active and puts the poll in error) and takes
+        the Deployment to or from zero, or to its fallback (``capsim.policy.keda.ScaleExecutor``); the HPA does the rest."""
         env = self.sim.env
         cluster = self.sim.cluster
         keda = self.keda
@@ -352,7 +363,8 @@ class Autoscaling:
             error = down
             cache = self._keda_cache  # useCachedMetrics: every trigger is read, and the cached ones kept for the HPA
             cached = self._cached
-            read_all = bool(cached) or self._partial  # else the first active trigger settles the poll
+            # else the first active trigger settles the poll
+            read_all = bool(cached) or self._partial or len(self._null_zero) < len(self.metrics)
             triggers = () if down else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
@@ -360,10 +372,13 @@ class Autoscaling:
                     if k in cached:
                         cache[k] = (None, True)
                     continue
-                total = self._external_total(pods, metric, now, query, window_s, quantile)
+                total, failed = self._keda_result(k, self._external_total(pods, metric, now, query, window_s,
+                                                                          quantile))
                 if k in cached:
-                    cache[k] = (total, False)
-                if total is not None and total > threshold:
+                    cache[k] = (total, failed)
+                if failed:  # ignoreNullValues false and nothing in the result: the scaler errs
+                    error = True
+                elif total is not None and total > threshold:
                     active = True
                     if not read_all:
                         break
@@ -379,11 +394,22 @@ class Autoscaling:
 
     def _external_total(self, pods: list[Pod], metric: str, now: float, query: str, window_s: float,
                         quantile: float) -> float | None:
-        """An External metric's value: the gateway's rate, or the sum of the pods' values (0 with none)."""
+        """An External metric's value: the gateway's rate, or the sum of the pods' values; None where
+        Prometheus's result is empty (no pod with a value; a rate with fewer than two samples in its window)."""
         if metric == "gateway":
             return self.gateway_rate(now, window_s)
         values = [self.value(p, metric, now, query, window_s, quantile) for p in pods if p.state in _SERVING]
-        return float(sum(v for v in values if v is not None))
+        # the exported query keeps a pod's value only where it is a number (capsim.export.promql: ``>= 0``)
+        present = [v for v in values if v is not None and not math.isnan(v)]
+        return float(sum(present)) if present else None
+
+    def _keda_result(self, k: int, total: float | None) -> tuple[float | None, bool]:
+        """``(value, failed)``: trigger ``k``'s query result as KEDA's Prometheus scaler returns it
+        (``ExecutePromQuery``): an empty result (``total`` None) is 0 with ``ignoreNullValues`` (KEDA's
+        default), an error without it."""
+        if total is not None:
+            return total, False
+        return (0.0, False) if k in self._null_zero else (None, True)
 
     def _external_replicas(self, pods: list[Pod], current: int, total: float, target: float, value_target: bool,
                            tol: Tolerance) -> int:

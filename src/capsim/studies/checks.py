@@ -74,6 +74,12 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   with a Prometheus outage (or of every trigger's source): a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
+* ``keda-empty-after-outage`` (warn): KEDA whose triggers all keep ``ignoreNullValues`` (``keda.ignore_null_values``,
+  KEDA's default) in a scenario with a Prometheus outage: when Prometheus answers again each trigger's query is
+  empty until it has scraped afresh (a rate twice), which KEDA reads as 0. A Deployment that goes to zero whose
+  outage outlasts ``cooldown_period_s`` (and that the outage itself did not take to zero) is taken to zero at
+  the first poll after, traffic or not; else, without a fallback, an outage longer than the HPA's scale-down
+  window lets the HPA scale down to its minimum for those syncs (its failed reads left nothing in the window).
 * ``keda-fallback-fractional-target`` (warn): a ``fallback`` on a target that is not a whole number under KEDA
   2.17 or 2.16 (``keda.release``): their fallback value is ``int(target) x replicas``, so the HPA proposes
   ``ceil(int(target) x replicas / target)`` pods (none for a target below 1), not ``replicas``; fires when the
@@ -597,6 +603,7 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
             "traffic or not (kedacore/keda#965); "
             f"set fallback.replicas to hold pods, or {keep}", level="warn",
             check="keda-outage-to-zero"))
+    found += _keda_empty_after_outage(auto, scenario, idle_poll)
     if fb is not None and keda.release != "2.18":  # from 2.18 the value is not truncated
         for m in auto.to_hpa().metrics:
             proposal = math.ceil(int(m.target) * fb.replicas / m.target)
@@ -613,18 +620,57 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     return found
 
 
+def _keda_empty_after_outage(auto: Autoscaler, scenario: Scenario, idle_poll: bool) -> list[Finding]:
+    """After a Prometheus outage every trigger's query is empty until Prometheus has scraped afresh (a rate
+    twice), and KEDA reads an empty result as 0 where a trigger keeps ``ignoreNullValues`` (``capsim.sim.hpa``)."""
+    keda, faults = auto.keda, scenario.faults
+    assert keda is not None
+    names = [m.name for m in auto.to_hpa().metrics]
+    if faults is None or not faults.metrics_outages or keda.null_as_zero(names) != frozenset(names):
+        return []  # a trigger that errs on an empty result puts the poll in error: nothing changes
+    longest = max(hi - lo for lo, hi in merged_spans((o.at_s, o.at_s + o.duration_s) for o in faults.metrics_outages))
+    empty = (f"true (every trigger), and Prometheus is down for up to {longest:g} s: when it answers again the "
+             "triggers' queries are empty until it has scraped afresh (a rate twice), and KEDA reads them as 0")
+    instead = "set keda.ignore_null_values false (an error instead: nothing changes until they answer)"
+    _, zero, keep = _to_zero(auto)
+    if auto.goes_to_zero and longest > keda.cooldown_period_s:
+        if idle_poll:
+            return []  # the outage took it to zero already (keda-outage-to-zero)
+        return [Finding(
+            "autoscaler.keda.ignore_null_values", f"{empty}: its first poll after finds no trigger active more than "
+            f"cooldown_period_s ({keda.cooldown_period_s} s) after the last that did, and ({zero}) takes a serving "
+            f"Deployment to zero, traffic or not; {instead}, or {keep}", level="warn",
+            check="keda-empty-after-outage")]
+    window = _downscale_window(auto)
+    if keda.fallback is None and window is not None and longest > window[0]:
+        return [Finding(
+            "autoscaler.keda.ignore_null_values", f"{empty}: the HPA it created proposes its minimum for them at its "
+            f"first syncs after, with nothing else in its scale-down window ({window[0]:g} s, {window[1]}; its "
+            f"failed reads in the outage left no recommendation), and scales down to {max(1, auto.min_replicas)} "
+            f"pods until fresh samples take it back up; {instead}, or add a fallback (its values fill the window)",
+            level="warn", check="keda-empty-after-outage")]
+    return []
+
+
+def _downscale_window(auto: Autoscaler) -> tuple[float, str] | None:
+    """The HPA's scale-down stabilization window and the field that sets it (None: it never scales down)."""
+    hpa = auto.to_hpa()
+    rules = hpa.behavior.scale_down if hpa.behavior is not None else None
+    if rules is not None and rules.select_policy == "Disabled":
+        return None
+    if rules is not None and rules.stabilization_window_seconds is not None:
+        return float(rules.stabilization_window_seconds), "autoscaler.behavior.scaleDown.stabilizationWindowSeconds"
+    return auto.downscale_window_s, "autoscaler.downscale_window_s"
+
+
 def _scale_down_window(scenario: Scenario) -> list[Finding]:
     auto = scenario.autoscaler
     if auto is None:
         return []
-    hpa = auto.to_hpa()
-    rules = hpa.behavior.scale_down if hpa.behavior is not None else None
-    if rules is not None and rules.select_policy == "Disabled":
+    got = _downscale_window(auto)
+    if got is None:
         return []  # it never scales down
-    if rules is not None and rules.stabilization_window_seconds is not None:
-        window, path = float(rules.stabilization_window_seconds), "autoscaler.behavior.scaleDown.stabilizationWindowSeconds"
-    else:
-        window, path = auto.downscale_window_s, "autoscaler.downscale_window_s"
+    window, path = got
     lag = auto.scrape_interval_s + auto.adapter_lag_s
     if window >= lag:
         return []
