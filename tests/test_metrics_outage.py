@@ -398,6 +398,23 @@ def test_after_an_outage_keda_reads_the_empty_rate_as_0_and_takes_a_serving_depl
     assert not (events["to_replicas"] == 0).any()
 
 
+def test_simulate_says_when_keda_took_the_deployment_to_zero_on_the_empty_results(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+    from test_keda import yaml_of
+
+    path = tmp_path / "outage.yaml"
+    plan = keda_plan().override({"faults.metrics_outages": [{"at_s": 1200, "duration_s": 600}]})
+    for ignore, said in ((True, "; at its first poll after, 1801 s, KEDA read the queries, empty until Prometheus "
+                                "scraped afresh, as 0 (ignoreNullValues) and took it to zero (capsim check: "
+                                "keda-empty-after-outage)"),
+                         (False, "")):
+        path.write_text(yaml_of(plan.override({"autoscaler.keda.ignore_null_values": ignore})))
+        code, out, err = run(["simulate", str(path)])
+        assert code == 0, err
+        (note,) = [line for line in out.splitlines() if line.startswith("note: Prometheus")]
+        assert note.endswith("pods meanwhile (scale_events.csv)" + said), note
+
+
 def test_after_an_outage_without_a_fallback_the_hpa_reads_0_and_scales_to_its_minimum() -> None:
     """The HPA KEDA created: its reads failed through the outage (no recommendation in its scale-down window),
     so the 0 it reads after proposes its minimum, and it scales down until the rate is back; a failed read

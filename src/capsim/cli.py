@@ -393,10 +393,19 @@ def simulate(
         before = ev[ev["time_s"] <= t]
         return int(before["to_replicas"].iloc[-1]) if len(before) else sc.pods.replicas
 
-    for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
-        typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
-                   f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
     names = {m.name for m in sc.autoscaler.to_hpa().metrics} if sc.autoscaler is not None else set()
+    null_zero = keda_spec is not None and keda_spec.null_as_zero(sorted(names)) == names
+    for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
+        after = ""
+        if null_zero and keda_spec is not None:  # its first poll after, on the empty results
+            back = keda[(keda["time_s"] > hi) & (keda["time_s"] <= hi + keda_spec.polling_interval_s)
+                        & (keda["to_replicas"] == 0)]
+            if len(back):
+                after = (f"; at its first poll after, {back['time_s'].iloc[0]:.0f} s, KEDA read the queries, empty "
+                         "until Prometheus scraped afresh, as 0 (ignoreNullValues) and took it to zero "
+                         "(capsim check: keda-empty-after-outage)")
+        typer.echo(f"note: Prometheus was down from {lo:g} to {hi:g} s: {who}; the Deployment went from "
+                   f"{count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv){after}")
     entries = sc.faults.trigger_outages if sc.faults else ()
     for o in entries:  # a partial outage: some metrics' own source down
         lo, hi = o.at_s, o.at_s + o.duration_s
