@@ -1,5 +1,8 @@
 # Tables of data/validation/sessions/prefix-aware-2026-12-05/README.md: python summarize.py run1 run2 (from this folder)
-import sys, pandas as pd
+import sys
+
+import pandas as pd
+
 runs = sys.argv[1:]
 for fname in ("results.csv", "crash.csv"):
     frames = {r: pd.read_csv(f"{r}/{fname}") for r in runs}
@@ -15,11 +18,11 @@ for fname in ("results.csv", "crash.csv"):
             f = frames[r]
             x = f[(f.policy == row.policy) & (f.sim_at == row.sim_at) & (f.metric == row.metric)].iloc[0]
             if row.metric.startswith("ttft"):
-                c = f"{x.real*1000:.1f} / {x.sim*1000:.1f} ms ({x.error:+.1%}){' ✓' if x.met == True else ' ✗' if x.met == False else ''}"
+                c = f"{x.real*1000:.1f} / {x.sim*1000:.1f} ms ({x.error:+.1%}){' ✓' if x.met else ' ✗' if not x.met else ''}"
             elif row.metric == "throughput_per_s":
-                c = f"{x.real:.1f} / {x.sim:.1f} ({x.error:+.1%}){' ✓' if x.met == True else ' ✗' if x.met == False else ''}"
+                c = f"{x.real:.1f} / {x.sim:.1f} ({x.error:+.1%}){' ✓' if x.met else ' ✗' if not x.met else ''}"
             elif row.metric == "hit_rate":
-                c = f"{x.real:.4f} / {x.sim:.4f}{' ✓' if x.met == True else ' ✗' if x.met == False else ''}"
+                c = f"{x.real:.4f} / {x.sim:.4f}{' ✓' if x.met else ' ✗' if not x.met else ''}"
             else:
                 c = f"{x.real:g} / {x.sim:g}"
             cells.append(c)
