@@ -394,10 +394,9 @@ def simulate(
         return int(before["to_replicas"].iloc[-1]) if len(before) else sc.pods.replicas
 
     names = {m.name for m in sc.autoscaler.to_hpa().metrics} if sc.autoscaler is not None else set()
-    null_zero = keda_spec is not None and keda_spec.null_as_zero(sorted(names)) == names
     for lo, hi in metrics_down:  # what the autoscalers did while Prometheus was down
         after = ""
-        if null_zero and keda_spec is not None:  # its first poll after, on the empty results
+        if keda_spec is not None and keda_spec.every_null_as_zero(list(names)):  # its first poll after, empty
             back = keda[(keda["time_s"] > hi) & (keda["time_s"] <= hi + keda_spec.polling_interval_s)
                         & (keda["to_replicas"] == 0)]
             if len(back):

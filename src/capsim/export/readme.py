@@ -147,16 +147,17 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         lines.append(f"| KEDA release simulated | {k.release}"
                      f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")
         names = [m.name for m in auto.to_hpa().metrics]
-        cached = [m for m in names if m in k.cached(names)]
-        if cached:
-            which = "every trigger" if len(cached) == len(names) else ", ".join(f"`{m}`" for m in cached)
-            lines.append(f"| KEDA `useCachedMetrics` ({which}) | true: the HPA reads the value of KEDA's last "
-                         f"poll, refreshed every {k.polling_interval_s} s |")
-        errs = [m for m in names if m not in k.null_as_zero(names)]
-        if errs:
-            which = "every trigger" if len(errs) == len(names) else ", ".join(f"`{m}`" for m in errs)
-            lines.append(f"| KEDA `ignoreNullValues` ({which}) | false: an empty result (no pod with a value, a "
-                         "rate without two fresh samples, as after a Prometheus outage) is an error, not 0 |")
+
+        def which(some: frozenset[str]) -> str:
+            """The triggers a per-trigger setting covers, in words (in the metrics' order)."""
+            return "every trigger" if len(some) == len(names) else ", ".join(f"`{m}`" for m in names if m in some)
+
+        if cached := k.cached(names):
+            lines.append(f"| KEDA `useCachedMetrics` ({which(cached)}) | true: the HPA reads the value of KEDA's "
+                         f"last poll, refreshed every {k.polling_interval_s} s |")
+        if errs := frozenset(names) - k.null_as_zero(names):
+            lines.append(f"| KEDA `ignoreNullValues` ({which(errs)}) | false: an empty result (no pod with a value, "
+                         "a rate without two fresh samples, as after a Prometheus outage) is an error, not 0 |")
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
                          f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")

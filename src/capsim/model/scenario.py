@@ -631,6 +631,10 @@ class Keda(_Section):
         reads 0; the others' reads fail)."""
         return _named(self.ignore_null_values, names)
 
+    def every_null_as_zero(self, names: Sequence[str]) -> bool:
+        """Whether every trigger among ``names`` keeps ``ignoreNullValues``: no empty result puts a poll in error."""
+        return self.null_as_zero(names) >= frozenset(names)
+
     @field_validator("idle_replica_count")
     @classmethod
     def _idle_only_zero(cls, v: int | None) -> int | None:

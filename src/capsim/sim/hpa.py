@@ -368,15 +368,13 @@ class Autoscaling:
             triggers = () if down else zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
-                    error = True
-                    if k in cached:
-                        cache[k] = (None, True)
-                    continue
-                total, failed = self._keda_result(k, self._external_total(pods, metric, now, query, window_s,
-                                                                          quantile))
+                    total, failed = None, True
+                else:  # ignoreNullValues false and nothing in the result: the scaler errs too
+                    total, failed = self._keda_result(k, self._external_total(pods, metric, now, query, window_s,
+                                                                              quantile))
                 if k in cached:
                     cache[k] = (total, failed)
-                if failed:  # ignoreNullValues false and nothing in the result: the scaler errs
+                if failed:
                     error = True
                 elif total is not None and total > threshold:
                     active = True
