@@ -67,3 +67,56 @@ def test_the_pod_serves_its_steps_at_debug_batches(engine: ReferenceEngine) -> N
     steps = [dict(zip(body["fields"], b, strict=True)) for b in body["batches"]]
     assert len(steps) == 4 and sum(s["emitted"] for s in steps) == 4 and steps[0]["arrivals"] == 1
     assert steps[0]["prefill_tokens"] == 5 and [s["decodes"] for s in steps[1:]] == [1, 1, 1]
+
+
+def test_the_trace_keeps_its_last_steps_and_says_how_many_it_dropped_and_since_when(engine: ReferenceEngine) -> None:
+    # CAPSIM_TRACE_STEPS bounds the trace; the pod reports the steps that fell off and the oldest it holds, so
+    # a reader whose window began before that knows it lacks the window's start (fetch_steps' "truncated")
+    from fastapi.testclient import TestClient
+
+    from capsim.core.service import PodConfig, create_app
+
+    cfg = PodConfig(device="cpu", warmup=False, batch_mode="continuous", num_blocks=64, max_num_seqs=4,
+                    max_model_len=96, trace_steps=3)
+    with TestClient(create_app(cfg, engine=engine)) as client:
+        for k in range(2):  # 4 steps each (a prefill, then 3 decodes): 8 steps, 3 kept
+            r = client.post(f"/v1/sessions/t-{k}/turns", json={"prompt_tokens": 5, "max_new_tokens": 4})
+            assert r.status_code == 200, r.text
+        body = client.get("/debug/batches").json()
+        steps = [dict(zip(body["fields"], b, strict=True)) for b in body["batches"]]
+        assert len(steps) == 3 and body["dropped"] == 5
+        assert body["oldest_start"] == steps[0]["start"]
+        assert [s["decodes"] for s in steps] == [1, 1, 1]  # the second turn's last three steps
+        later = client.get("/debug/batches", params={"since": steps[0]["end"]}).json()
+        assert [b[1] for b in later["batches"]] == [s["end"] for s in steps[1:]]  # ended after `since`
+        assert later["dropped"] == 5 and later["oldest_start"] == steps[0]["start"]
+
+
+def test_fetch_steps_says_when_the_pods_trace_lacks_the_windows_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from capsim.studies.validate_continuous_calibrate import fetch_steps
+
+    fields = StepRecord.fields()
+    rows = [[10.0 + k, 10.5 + k] + [0] * (len(fields) - 2) for k in range(3)]  # steps at 10, 11, 12 s
+    asked: list[dict[str, float]] = []
+
+    def answer(dropped: int):  # the pod's answer: it filters on `since` itself
+        def get(url: str, params: dict[str, float] | None = None, timeout: float | None = None) -> httpx.Response:
+            assert timeout is not None and url.endswith("/debug/batches")
+            asked.append(dict(params or {}))
+            since = (params or {}).get("since", float("-inf"))
+            return httpx.Response(200, json={"fields": fields, "batches": [r for r in rows if r[1] > since],
+                                             "dropped": dropped, "oldest_start": rows[0][0]},
+                                  request=httpx.Request("GET", url))
+        return get
+
+    monkeypatch.setattr(httpx, "get", answer(dropped=7))
+    early = fetch_steps("http://pod", 9.0, 20.0)  # the window began before the oldest step kept: steps lost
+    assert early.attrs["truncated"] and len(early) == 3 and asked[-1] == {"since": 9.0}
+    late = fetch_steps("http://pod", 10.7, 12.0)  # it began after: nothing of it was dropped
+    assert not late.attrs["truncated"] and list(late.end) == [11.5]
+    whole = fetch_steps("http://pod")  # the whole trace (no `since` sent), which lost 7 steps
+    assert whole.attrs["truncated"] and len(whole) == 3 and asked[-1] == {}
+    monkeypatch.setattr(httpx, "get", answer(dropped=0))
+    assert not fetch_steps("http://pod", 9.0, 20.0).attrs["truncated"]  # nothing dropped: the pod's whole run

@@ -270,6 +270,7 @@ def test_a_levels_steps_are_weighed_against_the_calibrated_model() -> None:
 
 
 def test_a_runs_replay_is_its_speed_in_windows_of_steps_in_order_over_the_calibrated_model() -> None:
+    from capsim.model.scenario import CYCLE_NOISE_MAX
     from capsim.studies.validate_continuous_cycle import REPLAY_STEPS, REPLAY_WINDOW, replay_noise
 
     cal = fit_step_cycles(runs(**TRUE, noise=0.01), FIT)
@@ -295,7 +296,7 @@ def test_a_runs_replay_is_its_speed_in_windows_of_steps_in_order_over_the_calibr
     pause.loc[10:, ["start", "end"]] += 0.02
     bumped = np.asarray(replay_noise(pause, FIT, cal))
     assert bumped[0] / bumped[40] > got[0] / got[40]
-    assert len(replay_noise(run, FIT, cal, n=50)) == 50 and REPLAY_STEPS <= 10_000
+    assert len(replay_noise(run, FIT, cal, n=50)) == 50 and REPLAY_STEPS <= CYCLE_NOISE_MAX
     assert replay_noise(run.iloc[:1], FIT, cal) == ()
 
 

@@ -135,6 +135,7 @@ class DynamicBatcher(Generic[P, R]):
         self.batches_run = 0
         # a ring of the last batches (one tuple per batch, not per request: cheap enough to keep on)
         self.trace: deque[BatchRecord] = deque(maxlen=TRACE_BATCHES)
+        self.trace_total = 0  # batches ever appended to the trace (those it no longer holds included)
         if metrics is not None:
             metrics.bind_queue_depth(self.queue_depth)
 
@@ -408,6 +409,7 @@ class DynamicBatcher(Generic[P, R]):
             engine_start = engine_end = 0.0
         self.trace.append(BatchRecord(started, ended, len(batch), tuple(e.enqueued_at for e in batch),
                                       engine_start, engine_end))
+        self.trace_total += 1
 
     def _fail(
         self,

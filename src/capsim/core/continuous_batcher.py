@@ -15,7 +15,7 @@ from capsim.core.continuous import ContinuousEngine, RequestTooLargeError, StepR
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.policy.scheduling import Scheduler, SchedulerLimits
 
-TRACE_STEPS = 16384  # the last steps kept for ``ContinuousBatcher.trace`` (about a minute at full load)
+TRACE_STEPS = 16384  # the last steps kept for ``ContinuousBatcher.trace`` by default (10 s of 0.6-ms steps)
 
 
 class StepRecord(NamedTuple):
@@ -56,7 +56,7 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: ReferenceEngine, limits: SchedulerLimits, *, queue_capacity: int = 1024,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, trace_steps: int = TRACE_STEPS) -> None:
         self.engine = ContinuousEngine(engine, limits)
         self.queue_capacity = queue_capacity
         self._metrics = metrics
@@ -75,8 +75,9 @@ class ContinuousBatcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        #: the last ``TRACE_STEPS`` steps (``StepRecord``), served by the pod at ``GET /debug/batches``
-        self.trace: deque[StepRecord] = deque(maxlen=TRACE_STEPS)
+        #: the last ``trace_steps`` steps (``StepRecord``), served by the pod at ``GET /debug/batches``
+        self.trace: deque[StepRecord] = deque(maxlen=trace_steps)
+        self.trace_total = 0  # steps ever appended to the trace (those it no longer holds included)
         self._arrivals = 0  # submitted since the last step ended
 
     async def __aenter__(self) -> ContinuousBatcher:
@@ -178,6 +179,7 @@ class ContinuousBatcher:
             self.trace.append(StepRecord(t0, now, report.seconds, cpu_s, plan.prefill_tokens, plan.prefill_context,
                                          plan.decodes, plan.decode_context, self._arrivals, len(report.emitted),
                                          len(report.finished), idle, sum(plan.cached.values())))
+            self.trace_total += 1
             self._arrivals = 0
             idle = False
             for rid in report.plan.started:

@@ -66,7 +66,7 @@ def create_app(
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher
         if cfg.batch_mode == "continuous":
             batcher = ContinuousBatcher(eng, cfg.scheduler_limits(), queue_capacity=cfg.queue_capacity,
-                                        metrics=metrics)
+                                        metrics=metrics, trace_steps=cfg.trace_steps)
         else:
             batcher = DynamicBatcher(eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s)
         pod = PodState(cfg, eng, st, batcher, metrics, loop=asyncio.get_running_loop())
@@ -143,13 +143,21 @@ def create_app(
         return PlainTextResponse(pod.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/debug/batches")
-    async def debug_batches(request: Request) -> JSONResponse:
+    async def debug_batches(request: Request, since: float | None = None) -> JSONResponse:
         """The batcher's last batches (``BatchRecord``), or in continuous mode its last engine steps
-        (``StepRecord``), monotonic clock, with the records' field names; ``capsim validate`` reads them."""
+        (``StepRecord``), monotonic clock, with the records' field names; ``capsim validate`` reads them.
+        ``since``: only the records that ended after it. ``dropped``: the records that fell off the trace's
+        end (the pod ran more than it keeps: ``CAPSIM_TRACE_STEPS``), ``oldest_start``: the start of the oldest
+        record it still holds; a reader whose window begins before it lacks that window's start."""
         pod: PodState = request.app.state.pod
         trace = list(getattr(pod.batcher, "trace", ()))
         fields = list(getattr(trace[0], "_fields", ())) if trace else []
-        return JSONResponse({"clock": "monotonic", "fields": fields, "batches": [list(r) for r in trace]})
+        total = getattr(pod.batcher, "trace_total", len(trace))
+        oldest = trace[0][0] if trace else None
+        if since is not None:
+            trace = [r for r in trace if r[1] > since]
+        return JSONResponse({"clock": "monotonic", "fields": fields, "batches": [list(r) for r in trace],
+                             "dropped": total - len(getattr(pod.batcher, "trace", ())), "oldest_start": oldest})
 
     async def turn(request: Request) -> Response:
         # a plain Starlette route: the body is parsed by msgspec in handle_turn, not by FastAPI's

@@ -87,6 +87,9 @@ ADAPTER_RATE_INTERVAL_S = 300.0
 
 #: Token counts are stored as int32 (``capsim.model.request``): a count must fit.
 TOKENS_MAX = 2**31 - 1
+#: the most factors ``service.cycle_noise`` holds: a replayed run's steps, one each (``capsim validate --mode
+#: continuous``'s run replay: a 20-s run of 0.6-ms steps is about 33,000)
+CYCLE_NOISE_MAX = 100_000
 
 
 class _Section(BaseModel):
@@ -202,12 +205,12 @@ class Service(_Section):
         "`capsim validate --mode sessions` measures it from the pods' steps"
     )
     cycle_noise: list[Annotated[float, Field(gt=0)]] | None = Field(
-        None, min_length=1, max_length=10_000, description="factors (mean 1) one of which, drawn at random, "
+        None, min_length=1, max_length=CYCLE_NOISE_MAX, description="factors (mean 1) one of which, drawn at random, "
         "multiplies each batch's time (continuous mode: each step's) instead of the profile's gamma noise: the "
         "spread of a pod's cycle under load (`capsim validate` measures it from the pod's batch or step trace)"
     )
     cycle_noise_block_steps: Int = Field(
-        1, ge=1, le=10_000, description="1 draws each batch's (continuous mode: each step's) `cycle_noise` "
+        1, ge=1, le=CYCLE_NOISE_MAX, description="1 draws each batch's (continuous mode: each step's) `cycle_noise` "
         "factor at random; more reads `cycle_noise` as a measured sequence and walks it in order this many "
         "batches (steps) at a time from random starts, so slow spells last as long as measured; as many as "
         "`cycle_noise` holds replays it from its start (`capsim validate` sets it)"

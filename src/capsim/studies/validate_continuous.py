@@ -37,6 +37,7 @@ from capsim.studies.pods import PodProcess, metric_totals, scratch_dir
 from capsim.studies.validate import summarize_frame
 from capsim.studies.validate_continuous_calibrate import (
     BASE_PROFILE,
+    VALIDATION_TRACE_STEPS,
     StepCalibration,
     calibrate_steps,
     calibrated_fit,
@@ -126,6 +127,10 @@ class ContinuousSpec:
     # answers' ``history.load_s``; since stop 32: at 60 requests/s a mean of 0.65 ms, p90 1.6 ms, which the
     # simulated TTFT lacked); False: the way in alone (before stop 32)
     history_read: bool = True
+    # each run's real requests, the pod's step trace and every simulation's requests go to ``runs/`` under
+    # the out-dir as compressed CSV (``{cache}-{level}-seed{seed}-{what}.csv.gz``), so a miss can be followed
+    # to the requests and steps that made it; False: not written
+    keep_runs: bool = True
     # the calibration's cycle fitted through its open-loop runs alone (since stop 39; the closed loops are
     # weighed against it in the provenance), as the levels are open loops: their arrivals cost more (0.40 to
     # 0.42 ms within the open runs against 0.29 to 0.31 within the closed ones in stop 39's three runs) and
@@ -286,6 +291,8 @@ class _Pool:
     front_end: list[str] = field(default_factory=list)
     # runs whose load generator was short of CPU (loadgen.generator_saturated)
     generator: list[str] = field(default_factory=list)
+    # runs whose step trace lacked its first steps (fetch_steps' ``truncated``): not replayed
+    trace_short: list[str] = field(default_factory=list)
 
 
 #: end to end to the last token on the pod, like the simulator's: the E2E less the answer's way out
@@ -385,13 +392,15 @@ def probe_speed(url: str, spec: ContinuousSpec, fit: StepTimeFit, cal: StepCalib
 
 def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: float, cal: StepCalibration,
                num_blocks: int, echo: Callable[[str], None], fit: StepTimeFit | None = None,
-               answer: float = 0.0, ingress: tuple[float, tuple[float, ...]] = (0.0, ())
-               ) -> tuple[_Pool, dict[str, _Pool]]:
+               answer: float = 0.0, ingress: tuple[float, tuple[float, ...]] = (0.0, ()),
+               keep: Callable[[int, str, Any], None] | None = None) -> tuple[_Pool, dict[str, _Pool]]:
     """The level's runs, real and simulated at the calibration's speed; with the step fit, also each run
     simulated at the pod's speed in two probes just before it (``spec.probe_s``), at its measured mean speed in
     that run (``spec.run_speed``) and replaying that run's step-by-step speed (``spec.run_replay``), each in
     a pool of its own sharing the real frames. ``ingress``: the simulated way in, ``(ms, factors)``, of the
-    prediction and the probes' simulations; those at the run's speed take the run's own (``own_ingress``)."""
+    prediction and the probes' simulations; those at the run's speed take the run's own (``own_ingress``).
+    ``keep(seed, what, frame)``, if given, receives each run's real requests (``real``), the pod's steps
+    (``steps``) and each simulation's requests (``sim-calibration``, ``sim-run-speed``, ...)."""
     from capsim.core.loadgen import ClientPolicy, run_load
     from capsim.sim.arrivals import make_workload
     from capsim.sim.streams import Streams
@@ -435,6 +444,10 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                      "the simulator has no such queue, docs/continuous.md)")
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
+        if steps is not None and steps.attrs.get("truncated"):
+            pool.trace_short.append(f"{rate:.1f} requests/s, seed {seed}")
+            echo(f"  WARNING: the pod's step trace lacks this run's first steps (more than its CAPSIM_TRACE_STEPS "
+                 f"ran): its speed is that of the {len(steps)} steps it kept, and the run is not replayed")
         if fit is not None:
             pool.cycles.append(level_cycles(steps, fit, cal))
         w, end = scenario.warmup_s, scenario.horizon_s
@@ -444,8 +457,14 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
         if span is not None:
             pool.real_pod_e2e.append(vs.cut_blocks(pod_e2e_frame(real_df, span), w, end))
         sim = _simulate_into(pool, scenario, seed, real_pre, workload.n_requests, answer, span is not None)
+        if keep is not None:
+            keep(seed, "real", real_df)
+            if steps is not None:
+                keep(seed, "steps", steps)
+            keep(seed, "sim-calibration", sim.requests)
         ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
-        replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra else ()
+        replay = replay_noise(steps, fit, cal) \
+            if fit is not None and RUN_REPLAY in extra and steps is not None and not steps.attrs.get("truncated") else ()
         # each variant: the speed it simulates at, the step factors it walks (how many steps at a time), its way in
         how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps, ingress),
                LEVEL_PROBE_SPEED: (level_probed, noise, spec.noise_block_steps, ingress),
@@ -457,7 +476,9 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                 continue
             at = level_scenario(spec, profile_path, rate, cal.time_scale * speed, num_blocks,
                                 cal.arrival_s * 1e3 * speed, factors, answer, block, *way_in)
-            _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
+            other_sim = _simulate_into(other, at, seed, real_pre, workload.n_requests, answer, span is not None)
+            if keep is not None:
+                keep(seed, "sim-" + name.replace(" ", "-"), other_sim.requests)
             if own[1]:
                 other.way_in.append((own[0] / 1e3, way_in[0] / 1e3))
         r, s = summarize_frame(real_df, w, end), summarize_frame(sim.requests, w, end)
@@ -545,8 +566,9 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     off_clock: list[str] = []
     front_end: list[str] = []  # runs whose way in queued (_Pool.front_end)
     generator: list[str] = []  # runs whose load generator was short of CPU (_Pool.generator)
+    trace_short: list[str] = []  # runs whose pod's step trace lacked their first steps (_Pool.trace_short)
     common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
-              "queue_capacity": 4096}
+              "queue_capacity": 4096, "trace_steps": VALIDATION_TRACE_STEPS}
     pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
     profile_path = out / "profile.csv"
     try:
@@ -602,6 +624,13 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
 
         echo(f"the calibrated pod as a scenario fragment: {write_continuous_service(out, spec, profile_path, cal, answer)}")
 
+        def keeper(cache: str, level: float) -> Callable[[int, str, Any], None] | None:
+            if not spec.keep_runs:
+                return None
+            (out / "runs").mkdir(exist_ok=True)
+            return lambda seed, what, frame: frame.to_csv(
+                out / "runs" / f"{cache}-{level * 100:.0f}-seed{seed}-{what}.csv.gz", index=False)
+
         def way_in(level: float) -> tuple[float, tuple[float, ...]]:
             return cal.ingress(open_run_label(level)) if spec.ttft_from_send else (0.0, ())
 
@@ -610,10 +639,11 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         for level in spec.levels:
             echo(f"level {level:.0%}: {level * cap:.1f} requests/s, {spec.replications} runs ...")
             pool, others = _run_level(pod, spec, profile_path, level * cap, cal, spec.num_blocks, echo, fit, answer,
-                                      way_in(level))
+                                      way_in(level), keeper("full", level))
             off_clock += pool.off_clock
             front_end += pool.front_end
             generator += pool.generator
+            trace_short += pool.trace_short
             rows += _rows(level, "full", level * cap, pool)
             for name, other in others.items():
                 rows += _rows(level, "full", level * cap, other, name)
@@ -624,10 +654,11 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         rate = spec.preemption_level * cap
         echo(f"level {spec.preemption_level:.0%} on a {small}-block cache: {rate:.1f} requests/s ...")
         pool, others = _run_level(pod, spec, profile_path, rate, cal, small, echo, fit, answer,
-                                  way_in(spec.preemption_level))
+                                  way_in(spec.preemption_level), keeper("small", spec.preemption_level))
         off_clock += pool.off_clock
         front_end += pool.front_end
         generator += pool.generator
+        trace_short += pool.trace_short
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
         for name, other in others.items():
             rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
@@ -644,6 +675,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         # what the real TTFT counts from (validate_runs.ttft_from's names), and the runs that were not on the clock
         "real_ttft_from": TTFT_FROM_SEND if spec.ttft_from_send and not off_clock else TTFT_FROM_RECEIPT,
         "off_pod_clock": off_clock, "front_end_queued": front_end, "generator_saturated": generator,
+        "trace_short": trace_short,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",

@@ -77,6 +77,7 @@ __all__ = [
     "MIN_RUNS",
     "MIN_STEPS",
     "TERMS",
+    "VALIDATION_TRACE_STEPS",
     "StepCalibration",
     "arrival_within_runs",
     "calibrate_steps",
@@ -104,18 +105,30 @@ __all__ = [
 BASE_PROFILE = Path(__file__).resolve().parents[3] / "data" / "profiles" / "cpu-tiny-float32.csv"
 
 
+#: the engine steps the validations' pods keep for ``GET /debug/batches`` (``CAPSIM_TRACE_STEPS``, about 32 MB):
+#: a run of 20 s at this machine's 0.6-ms steps is 33,000 steps, twice the pod's default (stop 54, 2026-12-05:
+#: the 16,384 it kept held the last 16 to 19 s of the 20-s runs at 30%, 60% and on the small cache)
+VALIDATION_TRACE_STEPS = 65536
+
+
 # ---- the trace ----------------------------------------------------------------------------------------------
 def fetch_steps(url: str, since: float = float("-inf"), until: float = float("inf")) -> Any:
     """The pod's step trace as a frame (``StepRecord``'s fields), steps that ended in ``(since, until]`` on
-    ``time.perf_counter`` (the pod's clock too: both read ``CLOCK_MONOTONIC``)."""
+    ``time.perf_counter`` (the pod's clock too: both read ``CLOCK_MONOTONIC``). ``frame.attrs["truncated"]``
+    is True when the pod's trace had already dropped steps of that window (its oldest kept step began after
+    ``since``: the pod ran more steps than ``CAPSIM_TRACE_STEPS`` since then), so the frame lacks its start."""
     import httpx
     import pandas as pd
 
-    body = httpx.get(f"{url}/debug/batches", timeout=10).json()
+    params = {"since": since} if np.isfinite(since) else {}
+    body = httpx.get(f"{url}/debug/batches", params=params, timeout=30).json()
     frame = pd.DataFrame(body["batches"], columns=body["fields"] or None)
-    if frame.empty:
-        return frame
-    return frame[(frame.end > since) & (frame.end <= until)].reset_index(drop=True)
+    oldest = body.get("oldest_start")
+    truncated = bool(body.get("dropped")) and oldest is not None and oldest > since
+    if not frame.empty:
+        frame = frame[(frame.end > since) & (frame.end <= until)].reset_index(drop=True)
+    frame.attrs["truncated"] = truncated
+    return frame
 
 
 def measure_step_fit(out: Path, core: int | None, *, model: str, threads: int, workloads: int, max_num_seqs: int,

@@ -341,8 +341,10 @@ def step_noise(cycle_s: Any, fitted_s: Any, runs: Any = None, n: int = NOISE_STE
     return tuple(float(v) for v in np.round(seq / seq.mean(), 4))
 
 
-#: the most steps of a run's own trace the replay keeps (``service.cycle_noise_block_steps``' bound)
-REPLAY_STEPS = 10_000
+#: the most steps of a run's own trace the replay keeps (``service.cycle_noise``'s bound, CYCLE_NOISE_MAX): all
+#: of a default run's (until stop 54, 10,000: a third of a 20-s run of 0.6-ms steps, after which the walk
+#: began the sequence again, out of step with the run)
+REPLAY_STEPS = 100_000
 #: steps a replayed speed holds: a spell's speed is its window's summed cycle over its summed fit
 REPLAY_WINDOW = 32
 

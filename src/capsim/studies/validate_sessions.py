@@ -438,10 +438,12 @@ def _run_policy(policy: str, spec: SessionsSpec, work: Path, cal: Calibrated, ra
     and, when that moved it by more than 5%, probed again at the new rate (what the simulation at "fleet
     probe" takes)."""
     from capsim.sim.simulate import simulate
+    from capsim.studies.validate_continuous_calibrate import VALIDATION_TRACE_STEPS
     from capsim.studies.validate_sessions_real import start_fleet
 
     settings: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
                                    "queue_capacity": 4096, "enable_prefix_caching": "true", "warmup": "false",
+                                   "trace_steps": VALIDATION_TRACE_STEPS,
                                    "max_prompt_tokens": spec.max_model_len, **spec.limits()}
     from capsim.core.engine import PRESETS
 

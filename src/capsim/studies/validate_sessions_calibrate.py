@@ -108,7 +108,8 @@ def calibrate(spec: SessionsSpec, work: Path, out: Path, cores: Sequence[int], p
     fit = StepTimeFit.from_dict(measured.metadata["step_model"])
     limits = {**spec.limits(), "max_model_len": max(spec.max_model_len, prompt + output + 1)}
     pod = PodProcess(work, "calibration", core=pod_core, torch_threads=spec.threads, model=spec.model,
-                     batch_mode="continuous", queue_capacity=4096, max_prompt_tokens=prompt, **limits)
+                     batch_mode="continuous", queue_capacity=4096, max_prompt_tokens=prompt,
+                     trace_steps=vcc.VALIDATION_TRACE_STEPS, **limits)
     if len(cores) > 1:
         os.sched_setaffinity(0, {cores[1]})  # the calibration's clients off the pod's core, as in continuous
     try:
