@@ -458,7 +458,9 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             pool.real_pod_e2e.append(vs.cut_blocks(pod_e2e_frame(real_df, span), w, end))
         sim = _simulate_into(pool, scenario, seed, real_pre, workload.n_requests, answer, span is not None)
         if keep is not None:
-            keep(seed, "real", real_df)
+            # with each request's way in and history read (the load generator's attrs), as own_ingress reads them
+            keep(seed, "real", real_df.assign(**{k: real_df.attrs[k] for k in ("way_in_s", "load_s")
+                                                 if len(real_df.attrs.get(k, ())) == len(real_df)}))
             if steps is not None:
                 keep(seed, "steps", steps)
             keep(seed, "sim-calibration", sim.requests)
