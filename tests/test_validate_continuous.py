@@ -188,6 +188,19 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
     way_in = prov["calibration"]["way_in_s"]
     assert set(way_in) == {"open 30%", "open 50%"} and all(len(v) > 0 and min(v) >= 0 for v in way_in.values())
     assert all(0 < sp["way_in_s"] < sp["way_in_and_out_s"] for sp in prov["request_split"].values())
+    assert prov["trace_short"] == []  # the pods' traces held every run from its start
+    # every run's real requests (with their way in), the pod's steps and each simulation's requests are kept
+    import pandas as pd
+
+    kept = {f.name for f in (tmp_path / "runs").iterdir()}
+    for cache in ("full-30", "small-50"):
+        assert {f"{cache}-seed0-{w}.csv.gz" for w in ("real", "steps", "sim-calibration", "sim-run-speed",
+                                                      "sim-run-replay")} <= kept
+    real = pd.read_csv(tmp_path / "runs" / "full-30-seed0-real.csv.gz")
+    sim = pd.read_csv(tmp_path / "runs" / "full-30-seed0-sim-calibration.csv.gz")
+    steps = pd.read_csv(tmp_path / "runs" / "full-30-seed0-steps.csv.gz")
+    assert sorted(real.request_id) == sorted(sim.request_id) and (real.way_in_s >= 0).all()
+    assert int(steps.arrivals.sum()) == int((real.outcome == "ok").sum())  # the run's steps, all of them
 
 
 def test_a_real_frames_itl_is_the_pods_own_token_span_when_the_load_generator_kept_it() -> None:
