@@ -120,3 +120,30 @@ def test_fetch_steps_says_when_the_pods_trace_lacks_the_windows_start(monkeypatc
     assert whole.attrs["truncated"] and len(whole) == 3 and asked[-1] == {}
     monkeypatch.setattr(httpx, "get", answer(dropped=0))
     assert not fetch_steps("http://pod", 9.0, 20.0).attrs["truncated"]  # nothing dropped: the pod's whole run
+
+
+def test_the_static_validations_fetch_trace_warns_when_the_batch_trace_lacks_the_windows_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+
+    from capsim.studies.validate_calibrate import TraceShortWarning, fetch_trace
+
+    rows = [[10.0 + k, 10.5 + k, 1, [10.0 + k], 0.0, 0.0] for k in range(3)]  # batches started at 10, 11, 12 s
+
+    def answer(dropped: int):
+        def get(url: str, timeout: float | None = None, **_: object) -> httpx.Response:
+            assert timeout is not None
+            return httpx.Response(200, json={"batches": rows, "dropped": dropped, "oldest_start": rows[0][0]},
+                                  request=httpx.Request("GET", url))
+        return get
+
+    monkeypatch.setattr(httpx, "get", answer(dropped=4))
+    with pytest.warns(TraceShortWarning, match="1.5 s into it"):
+        assert len(fetch_trace("http://pod", 8.5)) == 3
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(fetch_trace("http://pod", 10.5)) == 2  # began after the oldest batch kept: nothing lost
+        monkeypatch.setattr(httpx, "get", answer(dropped=0))
+        assert len(fetch_trace("http://pod", 8.5)) == 3  # nothing dropped: the pod's whole run

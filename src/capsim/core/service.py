@@ -152,12 +152,11 @@ def create_app(
         pod: PodState = request.app.state.pod
         trace = list(getattr(pod.batcher, "trace", ()))
         fields = list(getattr(trace[0], "_fields", ())) if trace else []
-        total = getattr(pod.batcher, "trace_total", len(trace))
+        dropped = getattr(pod.batcher, "trace_total", len(trace)) - len(trace)
         oldest = trace[0][0] if trace else None
-        if since is not None:
-            trace = [r for r in trace if r[1] > since]
-        return JSONResponse({"clock": "monotonic", "fields": fields, "batches": [list(r) for r in trace],
-                             "dropped": total - len(getattr(pod.batcher, "trace", ())), "oldest_start": oldest})
+        rows = [list(r) for r in trace if since is None or r[1] > since]
+        return JSONResponse({"clock": "monotonic", "fields": fields, "batches": rows, "dropped": dropped,
+                             "oldest_start": oldest})
 
     async def turn(request: Request) -> Response:
         # a plain Starlette route: the body is parsed by msgspec in handle_turn, not by FastAPI's

@@ -222,11 +222,23 @@ def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: A
 
 
 def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
-    """The pod's batch records that started at or after ``since`` (monotonic clock)."""
+    """The pod's batch records that started at or after ``since`` (monotonic clock). Warns (``TraceShortWarning``)
+    when the pod's trace had already dropped batches of that window (it keeps its last ``TRACE_BATCHES``)."""
+    import warnings
+
     import httpx
 
-    batches = httpx.get(f"{url}/debug/batches", timeout=10).json()["batches"]
-    return [r for r in batches if r[0] >= since]
+    body = httpx.get(f"{url}/debug/batches", timeout=30).json()
+    oldest = body.get("oldest_start")
+    if body.get("dropped") and oldest is not None and oldest > since:
+        warnings.warn(TraceShortWarning(f"{url}: the pod's batch trace lacks the window's batches before "
+                                        f"{oldest - since:.1f} s into it (it keeps its last {len(body['batches'])})"),
+                      stacklevel=2)
+    return [r for r in body["batches"] if r[0] >= since]
+
+
+class TraceShortWarning(UserWarning):
+    """A pod's batch or step trace no longer held the start of the window asked for."""
 
 
 def calibrate(url: str, profile: ServiceTimeProfile, prompt_tokens: int, output_tokens: int,
