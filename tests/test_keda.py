@@ -733,6 +733,27 @@ def test_ignore_null_values_is_set_per_trigger_and_checked() -> None:
         keda(ignore_null_values="no")
 
 
+def test_without_ignore_null_values_a_2_16_fallback_wakes_every_idle_spell() -> None:
+    """On 2.16 the operator sets a fallback's pods at a poll in error, also from zero: with ``ignoreNullValues``
+    false every empty answer of an idle spell is one, so the idle Deployment flaps between zero and the
+    fallback's pod, and the plan pays what a warm pod does (the outage space's tune finds it, docs/simulator.md)."""
+    from capsim.sim.simulate import simulate
+
+    plan = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml").override(
+        {"autoscaler.keda.release": "2.16", "autoscaler.minReplicas": 0, "autoscaler.keda.cooldown_period_s": 60,
+         "autoscaler.keda.fallback": {"replicas": 1}})
+    default, strict = (simulate(plan.override({"autoscaler.keda.ignore_null_values": v}), seed=0) for v in (True, False))
+    warm = simulate(plan.override({"autoscaler.minReplicas": 1}), seed=0)
+
+    def wakes(r: Any) -> int:
+        ev = r.scale_events
+        return int(((ev.by == "keda") & (ev.from_replicas == 0) & (ev.to_replicas > 0)).sum())
+
+    assert wakes(strict) > 3 * wakes(default) and wakes(strict) > 20
+    assert default.summary.cost < 0.8 * warm.summary.cost
+    assert strict.summary.cost == pytest.approx(warm.summary.cost, rel=0.01)
+
+
 def test_ignore_null_values_is_exported_where_it_is_off(tmp_path: Any) -> None:
     import jsonschema
     import yaml

@@ -480,7 +480,7 @@ def test_the_shipped_outage_space_keeps_a_pod_on_2_17_and_a_fallback_on_2_16(tmp
     from capsim.studies.tune import tune
 
     space = load_space("data/studies/scale_to_zero_outage_space.yaml")
-    assert "autoscaler.keda.fallback" in {p.path for p in space.params}
+    assert {"autoscaler.keda.fallback", "autoscaler.keda.ignore_null_values"} <= {p.path for p in space.params}
     assert set(space.stresses) == {"quiet-hours", "prometheus-down", "prometheus-down-at-zero"}
     # Prometheus down from the end of the quiet hour (at zero pods) into the second working spell
     base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml").override(
