@@ -129,6 +129,22 @@ def test_held_turns_is_the_mean_count_a_pod_held_from_send_to_answer_over_the_wi
     assert math.isnan(held_turns(frame, served, a, 5.0, 5.0))
 
 
+def test_crash_moments_counts_what_the_crash_fails_at_each_moment_of_the_window_before_it(
+        fitted_profile: Path) -> None:
+    # at each of n moments spread over the window before the crash, the simulated crash fails exactly the turns
+    # its pod held then in the run without it (send to answer), so the range is what one crash could have failed
+    from capsim.studies.validate_sessions import crash_moments
+
+    base = sessions_scenario(SessionsSpec(), "round_robin", fitted_profile, 4.0, 1.0)
+    steady = simulate(base, seed=3000).requests
+    got = crash_moments(base, 10.0, 3000, n=6, window_s=3.0)
+    moments = [7.0 + 3.0 * (k + 0.5) / 6 for k in range(6)]
+    held = [int(((steady.pod == 1) & (steady.arrival_s <= t) & (steady.end_s > t)).sum()) for t in moments]
+    assert got == held and len(set(got)) > 1  # the moment decides the count
+    assert crash_moments(base, 1.0, 3000, n=2, window_s=5.0) == [
+        int(((steady.pod == 1) & (steady.arrival_s <= t) & (steady.end_s > t)).sum()) for t in (0.25, 0.75)]
+
+
 def test_a_simulated_crash_fails_the_turns_its_pod_held_the_way_out_included(fitted_profile: Path) -> None:
     # up to the crash the run is the one without it: the turns the crash fails are those pod 1 held then, from
     # the send to the answer at the client (service.answer_ms after the last token), as the real pod holds them
@@ -503,6 +519,15 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
         assert ((moved[side] > 0) == (refill[side] > 0)).all()
     held = aff[aff.metric == "held_turns"]
     assert (held.real >= 0).all() and (held.sim >= 0).all()
+    # beside the one crash's count, what the simulated crash failed at 12 moments of the 5 s before it
+    moments = crash[crash.metric == "failed_turns_moments"].set_index(["policy", "sim_at"])
+    failed = crash[crash.metric == "failed_turns"].set_index(["policy", "sim_at"])
+    assert len(moments) == len(failed) == 6 and (moments.real == failed.real).all()
+    caught = moments.moments.str.split().map(lambda v: [int(x) for x in v])
+    assert (caught.map(len) == 12).all()
+    assert (moments.error_low == caught.map(min) - moments.real).all()
+    assert (moments.error_high == caught.map(max) - moments.real).all()
+    assert ((moments.error_low <= moments.error) & (moments.error <= moments.error_high)).all()
 
 
 def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:

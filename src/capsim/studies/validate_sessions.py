@@ -228,6 +228,23 @@ def held_turns(frame: Any, served_by: Any, pod: Any, t0: float, t1: float) -> fl
 
 #: the crash run's ``held_turns`` are taken over this many seconds before the crash
 HELD_WINDOW_S = 5.0
+#: the simulated crash is also put at this many moments spread over the ``HELD_WINDOW_S`` before it
+#: (``crash_moments``): what a crash then fails, as a range beside the one real crash's count
+CRASH_MOMENTS = 12
+
+
+def crash_moments(scenario: Scenario, at_s: float, seed: int, n: int = CRASH_MOMENTS,
+                  window_s: float = HELD_WINDOW_S, pod: int = 1) -> list[int]:
+    """The turns a simulated crash of ``pod`` fails (``crash_scenario``) when it falls at each of ``n`` moments
+    spread evenly over the ``window_s`` before ``at_s`` (the midpoints of ``n`` equal slices), the same
+    sessions and seed: one crash's failures are a handful drawn from what its moment caught, so the real
+    crash's count is weighed against this range rather than one simulated count."""
+    from capsim.sim.simulate import simulate
+
+    start = max(at_s - window_s, 0.0)
+    moments = [start + (at_s - start) * (k + 0.5) / n for k in range(n)]
+    return [int((simulate(crash_scenario(scenario, t, pod), seed=seed).requests.outcome != "ok").sum())
+            for t in moments]
 
 #: each replication is simulated up to three times (``sim_at``): with the calibration alone (the lone pod's step model,
 #: per-arrival time and answer time), and with what a probe of the policy's fleet measured just before its
@@ -514,7 +531,10 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
     the calibration, at the fleet probe and at the run's own speed (the surviving pod's steps): TTFT and
     throughput over the turns sent from the crash to the end of arrivals, the hit rate over the run, and the
     counts of what the crash cost (turns failed, turns moved off the crashed pod and the history they prefilled
-    again)."""
+    again), and what the simulated crash fails at ``CRASH_MOMENTS`` moments of the seconds before it
+    (``failed_turns_moments``: their median, and their range as the error's interval)."""
+    import numpy as np
+
     from capsim.sim.simulate import simulate
     from capsim.studies.validate_sessions_real import Crash
 
@@ -555,9 +575,17 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
         rows += [{**r, "crashed_at_s": at} for r in _rows(policy, rate, pool, sim_at)]
         rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
                  for m, (a, b) in counts.items()]
+        # the same crash at CRASH_MOMENTS moments of the seconds before it: the median and the range it failed
+        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed)
+        mid = float(np.median(caught))
+        rows.append({**base, "metric": "failed_turns_moments", "real": float(real_failed), "sim": mid,
+                     "error": mid - real_failed, "error_low": float(min(caught) - real_failed),
+                     "error_high": float(max(caught) - real_failed), "error_kind": "count",
+                     "moments": " ".join(map(str, caught))})
     c = {r["metric"]: r for r in rows if r["sim_at"] == CALIBRATION}
     echo(f"  {policy} crash run (seed {seed}): the second pod killed at {at:.2f} s; real / simulated at the "
-         f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed (held in the "
+         f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed ({c['failed_turns_moments']['moments']} "
+         f"at {CRASH_MOMENTS} moments of the {HELD_WINDOW_S:.0f} s before it; held in the "
          f"{at - held_from:.0f} s before: {real_held:.2f} / {c['held_turns']['sim']:.2f}), {real_moved[0]} / "
          f"{c['moved_turns']['sim']:.0f} moved with {real_moved[1]} / {c['reprefill_tokens']['sim']:.0f} history "
          f"tokens; TTFT p99 after it {c['ttft_p99_s']['real'] * 1e3:.1f} / {c['ttft_p99_s']['sim'] * 1e3:.1f} ms")
@@ -737,8 +765,10 @@ def format_results(results: Any) -> str:
 
         def fmt(v: float, pts: bool = pts) -> str:
             return f"{100 * v:+.1f}pt" if pts else f"{v:+.1%}"
-        err = fmt(r.error) if r.error_kind != "count" else f"{r.error:+.0f}"
-        ci = f"[{fmt(r.error_low)}, {fmt(r.error_high)}]" if np.isfinite(getattr(r, "error_low", np.nan)) else ""
+        count = r.error_kind == "count"
+        err = f"{r.error:+.0f}" if count else fmt(r.error)
+        low, high = getattr(r, "error_low", np.nan), getattr(r, "error_high", np.nan)
+        ci = "" if not np.isfinite(low) else f"[{low:+.0f}, {high:+.0f}]" if count else f"[{fmt(low)}, {fmt(high)}]"
         met = getattr(r, "met", None)
         ok = "" if not isinstance(met, bool | np.bool_) else ("ok" if met else "MISS")
         sim_at = getattr(r, "sim_at", CALIBRATION)
