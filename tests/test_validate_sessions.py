@@ -520,7 +520,7 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     held = aff[aff.metric == "held_turns"]
     assert (held.real >= 0).all() and (held.sim >= 0).all()
     # beside the one crash's count, what the simulated crash failed at 12 moments of the 5 s before it
-    moments = crash[crash.metric == "failed_turns_moments"].set_index(["policy", "sim_at"])
+    moments = crash[crash.metric == "failed_at_moments"].set_index(["policy", "sim_at"])
     failed = crash[crash.metric == "failed_turns"].set_index(["policy", "sim_at"])
     assert len(moments) == len(failed) == 6 and (moments.real == failed.real).all()
     caught = moments.moments.str.split().map(lambda v: [int(x) for x in v])
@@ -528,6 +528,8 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert (moments.error_low == caught.map(min) - moments.real).all()
     assert (moments.error_high == caught.map(max) - moments.real).all()
     assert ((moments.error_low <= moments.error) & (moments.error <= moments.error_high)).all()
+    late = crash[crash.metric == "failed_sent_after"].set_index(["policy", "sim_at"])
+    assert len(late) == 6 and (late.real <= failed.real).all() and (late.sim == 0).all()  # the simulated pod leaves at once
 
 
 def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_profile: Path, tmp_path: Path) -> None:
