@@ -109,6 +109,31 @@ def test_requests_routed_to_a_crashed_pod_meanwhile_are_refused_and_retried() ->
     assert late_failed == instant_failed == 0  # a retry on another pod succeeds
 
 
+def test_a_crashed_container_being_torn_down_accepts_what_it_is_sent_and_fails_it_all_when_the_teardown_ends() -> None:
+    # a SIGKILLed process's kernel still accepts connections while its memory is torn down, then resets them
+    # all (data/validation/sessions/teardown-2026-12-05): pods.crash_teardown_s; refused after it, as before
+    def run(teardown: float) -> Any:
+        sc = _served_scenario(crash_detection_s=1.0, endpoints_propagation_s=0.0, crash_teardown_s=teardown)
+        sc = Scenario.model_validate({**sc.model_dump(), "faults": {"crashes": [{"at_s": 10.0, "pod": 0}]},
+                                      "client": {"max_retries": 0}})
+        return Simulation(sc, seed=0).run().requests
+
+    instant, torn = run(0.0), run(0.5)
+    failed = torn[(torn.outcome == "failed")]
+    assert set(failed.pod) == {0} and len(failed) >= 8  # a quarter of 50/s for the 1 s it stays
+    held = failed[failed.arrival_s < 10.0]  # in the pod at the crash: lost at the teardown's end, not at once
+    accepted = failed[(failed.arrival_s >= 10.0) & (failed.arrival_s < 10.5)]
+    refused = failed[failed.arrival_s >= 10.5]
+    assert len(accepted) >= 3 and len(refused) >= 3
+    assert all(e == pytest.approx(10.5) for e in (*held.end_s, *accepted.end_s))
+    assert (refused.end_s == refused.arrival_s).all() and (refused.arrival_s < 11.0).all()
+    # the same requests go to the same pods: the teardown changes when they fail, not which
+    lost = instant[instant.outcome == "failed"]
+    assert sorted(lost.request_id) == sorted(failed.request_id)
+    assert (lost[lost.arrival_s < 10.0].end_s == 10.0).all()
+    assert (lost[lost.arrival_s >= 10.0].end_s == lost[lost.arrival_s >= 10.0].arrival_s).all()
+
+
 def _burst(cancel: str) -> tuple[Simulation, Any]:
     """One pod serving 1 request/s (batches of one, 1 s each): a burst of 4/s for 10 s, then 0.5/s for
     50 s; clients give up after 5 s, without retrying."""

@@ -457,6 +457,13 @@ class Pods(_Section):
                     "and leaves the endpoints endpoints_propagation_s after that; requests sent to it "
                     "meanwhile are refused",
     )
+    crash_teardown_s: Float = Field(
+        0.0, ge=0, le=600,
+        description="a crashed container's process is torn down this long, its kernel still accepting the "
+                    "connections the router opens: what it held and what it is sent meanwhile fail when the "
+                    "teardown ends (a SIGKILLed CPU pod of capsim's: about 0.04 s, data/validation/sessions/"
+                    "teardown-2026-12-05; a GPU pod's driver teardown is longer); 0: the crash is instant"
+    )
     disruption_budget: DisruptionBudget | None = Field(
         None, description="a PodDisruptionBudget: cluster-autoscaler drains a node only when evicting its pods "
         "keeps it (docs/simulator.md); none: drains evict at will, as without a PDB")

@@ -285,11 +285,16 @@ class Client:
 
     def _not_ready(self, i: int, t: float, pod: Pod) -> None:
         """Attempt ``i`` sent at ``t`` reached ``pod``, still in the endpoints but not ready: refused at once
-        (a draining pod's 503, a dead container's refused connection), or, on a dead node, unanswered."""
+        (a draining pod's 503, a dead container's refused connection), or, on a dead node, unanswered; a
+        crashed container still being torn down (``pods.crash_teardown_s``) accepts it and fails it when its
+        teardown ends."""
         if pod.node_lost:
             self.blackhole(i, t + self.timeout_s, pod)
             return
         self.sim.router.touch(pod)
+        if t < pod.teardown_until:  # a crashed container still being torn down: accepted, lost when it ends
+            pod.dying.append(i)
+            return
         self._attempt_failed(i, t, FAILED, pod.id)
 
     def _local_copy(self, i: int) -> Pod | None:

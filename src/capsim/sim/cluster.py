@@ -355,7 +355,13 @@ class Cluster:
         if not terminating:  # a terminating pod is on its way out already
             self._leave_later(pod, self._crash_leave_s)
         held = self._kill(pod, now)
-        self.sim.client.pod_lost(pod, held, now, crashed=True)
+        teardown = self.sim.scenario.pods.crash_teardown_s
+        if teardown > 0:  # its kernel still accepts until the process is gone; all of it fails then
+            pod.teardown_until = now + teardown
+            pod.dying = held
+            Timeout(self.sim.env, teardown, (pod, held)).callbacks.append(self._torn_down)
+        else:
+            self.sim.client.pod_lost(pod, held, now, crashed=True)
         if terminating:
             self._gone(pod, now)
             return
@@ -370,6 +376,14 @@ class Cluster:
         else:
             ev = Timeout(self.sim.env, delay, (pod, pod.incarnation))
             ev.callbacks.append(self._backoff_over)
+
+    def _torn_down(self, ev: Timeout) -> None:
+        """A crashed container's teardown ended (``pods.crash_teardown_s``): what it held at its crash and what
+        it accepted since fail now (the connections reset), and it refuses from now on."""
+        pod, dying = cast(tuple[Pod, list[int]], ev.value)
+        if pod.dying is dying:
+            pod.dying = []
+        self.sim.client.pod_lost(pod, dying, self.sim.env.now, crashed=True)
 
     def _backoff_over(self, ev: Timeout) -> None:
         pod, incarnation = cast(tuple[Pod, int], ev.value)

@@ -12,6 +12,7 @@ event a pod schedules is placed at an absolute time.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -98,6 +99,10 @@ class Pod:
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
         self.node_lost = False  # its node died (faults.node_failures): what it is sent gets no answer
+        # a crashed container being torn down (pods.crash_teardown_s): until then what it is sent is accepted and
+        # lost with what it held, all failing when the teardown ends (``Cluster.crash``)
+        self.teardown_until = -math.inf
+        self.dying: list[int] = []
         # its node died while it was ready, and the node lifecycle controller has not marked it NotReady yet:
         # the API server still shows it Ready (see ``ready_condition``)
         self.lost_ready = False

@@ -102,6 +102,10 @@ class SessionsSpec:
     # turns it fails and the histories its sessions prefill again on the other pod, real against simulated
     # (``crash.csv``); 0: no crash run
     crash_at_s: float = 10.0
+    # the killed pod's teardown, simulated (``pods.crash_teardown_s``): a SIGKILLed pod's kernel accepts the
+    # turns sent in the first 20 to 45 ms after the kill and resets them (data/validation/sessions/
+    # teardown-2026-12-05, killtest.py); the router's 502 for those. 0: the crash is instant (before stop 54)
+    crash_teardown_s: float = 0.04
 
     @classmethod
     def quick(cls) -> SessionsSpec:
@@ -177,13 +181,16 @@ CRASH_SEED = 3000
 NEVER_S = 1e6
 
 
-def crash_scenario(scenario: Scenario, at_s: float, pod: int = 1) -> Scenario:
+def crash_scenario(scenario: Scenario, at_s: float, pod: int = 1, teardown_s: float = 0.0) -> Scenario:
     """``scenario`` with pod ``pod`` crashing at ``at_s`` for good, as the real crash run kills its pod: the
-    kubelet's restart never gets ready (``startup_s`` past the run) and the pod leaves the endpoints at once
-    (no PLEG relist, no propagation), as the real router stops sending it turns at its first refused
-    connection and places them on the other pod (a turn the crash caught fails; none is retried)."""
+    kubelet's restart never gets ready (``startup_s`` past the run); for ``teardown_s`` the dying pod still
+    accepts what the router sends it and fails it all when its teardown ends (``pods.crash_teardown_s``: the
+    real router's 502s for turns reset after they were sent), and then it leaves the endpoints (no PLEG relist,
+    no propagation), as the real router stops sending it turns at its first refused connection and places them
+    on the other pod (a turn the crash caught fails; none is retried)."""
     return scenario.override({"faults": {"crashes": [{"at_s": at_s, "pod": pod}]}, "pods.startup_s": NEVER_S,
-                              "pods.crash_detection_s": 0.0, "pods.endpoints_propagation_s": 0.0})
+                              "pods.crash_detection_s": teardown_s, "pods.endpoints_propagation_s": 0.0,
+                              "pods.crash_teardown_s": teardown_s})
 
 
 def moved_turns(frame: Any, served_by: Any, crashed: Any, crashed_at_s: float, message_tokens: Any,
@@ -234,7 +241,7 @@ CRASH_MOMENTS = 12
 
 
 def crash_moments(scenario: Scenario, at_s: float, seed: int, n: int = CRASH_MOMENTS,
-                  window_s: float = HELD_WINDOW_S, pod: int = 1) -> list[int]:
+                  window_s: float = HELD_WINDOW_S, pod: int = 1, teardown_s: float = 0.0) -> list[int]:
     """The turns a simulated crash of ``pod`` fails (``crash_scenario``) when it falls at each of ``n`` moments
     spread evenly over the ``window_s`` before ``at_s`` (the midpoints of ``n`` equal slices), the same
     sessions and seed: one crash's failures are a handful drawn from what its moment caught, so the real
@@ -243,7 +250,7 @@ def crash_moments(scenario: Scenario, at_s: float, seed: int, n: int = CRASH_MOM
 
     start = max(at_s - window_s, 0.0)
     moments = [start + (at_s - start) * (k + 0.5) / n for k in range(n)]
-    return [int((simulate(crash_scenario(scenario, t, pod), seed=seed).requests.outcome != "ok").sum())
+    return [int((simulate(crash_scenario(scenario, t, pod, teardown_s), seed=seed).requests.outcome != "ok").sum())
             for t in moments]
 
 #: each replication is simulated up to three times (``sim_at``): with the calibration alone (the lone pod's step model,
@@ -564,7 +571,8 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
                           (RUN_SPEED, own)):
         if sim_at != CALIBRATION and probe is None:
             continue
-        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at), seed=seed)
+        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at, 1, spec.crash_teardown_s),
+                       seed=seed)
         req = sim.requests
         pool = _Pool([], [], [], [])
         pool.add(vs.cut_blocks(real, at, spec.arrival_s), vs.cut_blocks(req, at, spec.arrival_s), sent.counters, sim,
@@ -580,7 +588,8 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
         rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
                  for m, (a, b) in counts.items()]
         # the same crash at CRASH_MOMENTS moments of the seconds before it: the median and the range it failed
-        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed)
+        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed,
+                               teardown_s=spec.crash_teardown_s)
         mid = float(np.median(caught))
         rows.append({**base, "metric": "failed_at_moments", "real": float(real_failed), "sim": mid,
                      "error": mid - real_failed, "error_low": float(min(caught) - real_failed),
