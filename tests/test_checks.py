@@ -327,6 +327,11 @@ def test_keda_reading_the_empty_results_after_an_outage_as_0_warns() -> None:
     assert not fired(s.override({"faults.metrics_outages": []}))
     # the outage itself takes it to zero (2.16 without a fallback: keda-outage-to-zero), after nothing is left
     assert not fired(s.override({"autoscaler.keda.release": "2.16"}))
+    # 2.16 with a fallback: its advice says that false sets the fallback at an idle spell's empty answers too
+    # (tests/test_keda.py, test_without_ignore_null_values_a_2_16_fallback_wakes_every_idle_spell)
+    (f,) = fired(s.override({"autoscaler.keda.release": "2.16", "autoscaler.keda.fallback": {"replicas": 1}}))
+    assert "but on 2.16 each poll in error sets the fallback, also from zero" in f.message
+    assert "on 2.16" not in fired(s)[0].message
     # down longer than the HPA's scale-down window (60 s here) but not the cooldown: the HPA's step down
     (f,) = fired(s.override({"faults.metrics_outages": [{"at_s": 1200, "duration_s": 240}]}))
     assert "scale-down window (60 s, autoscaler.behavior.scaleDown.stabilizationWindowSeconds" in f.message

@@ -632,6 +632,11 @@ def _keda_empty_after_outage(auto: Autoscaler, scenario: Scenario, idle_poll: bo
     empty = (f"true (every trigger), and Prometheus is down for up to {longest:g} s: when it answers again the "
              "triggers' queries are empty until it has scraped afresh (a rate twice), and KEDA reads them as 0")
     instead = "set keda.ignore_null_values false (an error instead: nothing changes until they answer)"
+    if keda.release == "2.16" and keda.fallback is not None:
+        # its operator sets the fallback at each poll in error, also from zero: an idle spell's empty answers too
+        instead = ("set keda.ignore_null_values false (an error instead; but on 2.16 each poll in error sets the "
+                   "fallback, also from zero, so an empty answer in an idle spell then wakes the Deployment: "
+                   "simulate the quiet hours with it)")
     _, zero, keep = _to_zero(auto)
     if auto.goes_to_zero and longest > keda.cooldown_period_s:
         if idle_poll:
