@@ -419,6 +419,8 @@ def test_a_real_pod_killed_mid_run_fails_its_turns_and_its_sessions_prefill_thei
     survivor, crashed = fleet.pods[0].url, fleet.pods[1].url
     # timed from the load generator's zero: on the rows' clock, at 3 s (and the victim's counters read first)
     assert run.crashed_url == crashed and at is not None and 3.0 <= at < 3.5
+    # the SIGKILL to the process reaped: its teardown, in which its kernel still accepted turns (milliseconds)
+    assert run.teardown_s is not None and 0.0 < run.teardown_s < 5.0
     served = np.asarray(real.attrs["served_by"], dtype=object)
     ok = (real.outcome == "ok").to_numpy()
     after = (real.arrival_s >= at).to_numpy()
@@ -543,6 +545,7 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     assert (moments.error_low == caught.map(min) - moments.real).all()
     assert (moments.error_high == caught.map(max) - moments.real).all()
     assert ((moments.error_low <= moments.error) & (moments.error <= moments.error_high)).all()
+    assert ((crash.teardown_s > 0) & (crash.teardown_s < 5)).all()  # each crash run's own, measured
     late = crash[crash.metric == "failed_sent_after"].set_index(["policy", "sim_at"])
     assert len(late) == 6 and (late.real <= failed.real).all() and (late.sim <= failed.sim).all()
 

@@ -104,8 +104,9 @@ class SessionsSpec:
     crash_at_s: float = 10.0
     # the killed pod's teardown, simulated (``pods.crash_teardown_s``): a SIGKILLed pod's kernel accepts the
     # turns sent in the first 20 to 45 ms after the kill and resets them (data/validation/sessions/
-    # teardown-2026-12-05, killtest.py); the router's 502 for those. 0: the crash is instant (before stop 54)
-    crash_teardown_s: float = 0.04
+    # teardown-2026-12-05, killtest.py); the router's 502 for those. None: the crash run's own, from the SIGKILL
+    # until the process was reaped (TEARDOWN_S when not measured); 0: the crash is instant (before stop 54)
+    crash_teardown_s: float | None = None
 
     @classmethod
     def quick(cls) -> SessionsSpec:
@@ -177,6 +178,8 @@ def sessions_scenario(spec: SessionsSpec, policy: str, profile_path: Path, rate:
 
 #: a crash run's own seed, after the replications' and the probes'
 CRASH_SEED = 3000
+#: a killed pod's teardown when the crash run did not measure its own (a lone pod: killtest.py)
+TEARDOWN_S = 0.04
 #: the crashed pod's start when the kubelet restarts it (s): past any run, as the real pod is not restarted
 NEVER_S = 1e6
 
@@ -386,6 +389,7 @@ class _Sent:
     t1: float
     crashed_at_s: float | None = None  # with a crash: when it fell, on the run's clock
     crashed_url: str | None = None
+    teardown_s: float | None = None  # with a crash: the SIGKILL to the process reaped (RealRun.teardown_s)
 
 
 def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: int, crash: Any = None) -> _Sent:
@@ -407,7 +411,8 @@ def send_sessions(fleet: Any, scenario: Scenario, seed: int, turns: int, vocab: 
     think = ThinkTimes(scenario.workload.sessions, Streams(seed)["sessions"])
     t0 = time.perf_counter()
     run = run_real(fleet, workload, messages, think.next, scenario.horizon_s + 60, seed, crash)
-    return _Sent(workload, run.frame, run.counters, t0, time.perf_counter(), run.crashed_at_s, run.crashed_url)
+    return _Sent(workload, run.frame, run.counters, t0, time.perf_counter(), run.crashed_at_s, run.crashed_url,
+                 run.teardown_s)
 
 
 def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, rate: float,
@@ -549,6 +554,8 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
     sent = send_sessions(fleet, sim_scenario(spec, policy, cal, rate), seed, spec.turns, vocab,
                          Crash(spec.crash_at_s))
     at, real = sent.crashed_at_s, sent.real
+    teardown = spec.crash_teardown_s if spec.crash_teardown_s is not None else \
+        sent.teardown_s if sent.teardown_s is not None else TEARDOWN_S
     if at is None or sent.crashed_url is None:
         echo(f"  {policy} crash run: the pod was not killed (the run ended first); no crash rows")
         return []
@@ -571,32 +578,32 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
                           (RUN_SPEED, own)):
         if sim_at != CALIBRATION and probe is None:
             continue
-        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at, 1, spec.crash_teardown_s),
-                       seed=seed)
+        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at, 1, teardown), seed=seed)
         req = sim.requests
         pool = _Pool([], [], [], [])
         pool.add(vs.cut_blocks(real, at, spec.arrival_s), vs.cut_blocks(req, at, spec.arrival_s), sent.counters, sim,
                  sent.workload.n_requests)
         pool.runs.append(_run_row(policy, seed, sent.workload.n_sessions, real, req, pool, spec))
         sim_moved = moved_turns(req, req["pod"].to_numpy(), 1, at, msg, spec.turns)
-        base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at}
+        base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at,
+                "teardown_s": teardown}
         counts = {"failed_turns": (real_failed, int((req.outcome != "ok").sum())),
                   "failed_sent_after": (real_late, int(((req.outcome != "ok") & (req.arrival_s >= at)).sum())),
                   "held_turns": (real_held, held_turns(req, req["pod"].to_numpy(), 1, held_from, at)),
                   "moved_turns": (real_moved[0], sim_moved[0]), "reprefill_tokens": (real_moved[1], sim_moved[1])}
-        rows += [{**r, "crashed_at_s": at} for r in _rows(policy, rate, pool, sim_at)]
+        rows += [{**r, "crashed_at_s": at, "teardown_s": teardown} for r in _rows(policy, rate, pool, sim_at)]
         rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
                  for m, (a, b) in counts.items()]
         # the same crash at CRASH_MOMENTS moments of the seconds before it: the median and the range it failed
-        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed,
-                               teardown_s=spec.crash_teardown_s)
+        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed, teardown_s=teardown)
         mid = float(np.median(caught))
         rows.append({**base, "metric": "failed_at_moments", "real": float(real_failed), "sim": mid,
                      "error": mid - real_failed, "error_low": float(min(caught) - real_failed),
                      "error_high": float(max(caught) - real_failed), "error_kind": "count",
                      "moments": " ".join(map(str, caught))})
     c = {r["metric"]: r for r in rows if r["sim_at"] == CALIBRATION}
-    echo(f"  {policy} crash run (seed {seed}): the second pod killed at {at:.2f} s; real / simulated at the "
+    echo(f"  {policy} crash run (seed {seed}): the second pod killed at {at:.2f} s, torn down in {teardown * 1e3:.0f} ms; "
+         f"real / simulated at the "
          f"calibration: {real_failed} / {c['failed_turns']['sim']:.0f} turns failed ({real_late} / "
          f"{c['failed_sent_after']['sim']:.0f} sent after it{_reasons(real)}; {c['failed_at_moments']['moments']} "
          f"at {CRASH_MOMENTS} moments of the {HELD_WINDOW_S:.0f} s before it; held in the "

@@ -154,6 +154,9 @@ class RealRun:
     counters: dict[str, float]
     crashed_at_s: float | None = None
     crashed_url: str | None = None
+    # from the SIGKILL until the killed process was reaped (its sockets closed: the window in which its kernel
+    # still accepted turns and then reset them; data/validation/sessions/teardown-2026-12-05), s
+    teardown_s: float | None = None
 
 
 def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], think: Callable[[], float],
@@ -169,7 +172,7 @@ def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], 
 
     before = [pod_counters(p.url) for p in fleet.pods]
     at_crash: dict[str, float] | None = None
-    killed = [float("nan")]
+    killed = [float("nan"), float("nan")]  # the SIGKILL, and the victim reaped
 
     def kill() -> None:
         nonlocal at_crash
@@ -180,7 +183,8 @@ def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], 
         except (httpx.HTTPError, ValueError):  # a pod too busy to answer: its counters are lost, the crash goes on
             at_crash = None
         killed[0] = time.perf_counter()
-        victim.kill()
+        victim.kill()  # SIGKILL, then waits until the process is reaped: its memory torn down, its sockets closed
+        killed[1] = time.perf_counter()
 
     timer = threading.Timer(crash.at_s, kill) if crash is not None else None
     if timer is not None:
@@ -206,4 +210,5 @@ def run_real(fleet: Fleet, workload: Any, messages: Callable[[int], list[int]], 
             totals[k] += after[k] - before[i][k]
     if crash is None or not np.isfinite(killed[0]):
         return RealRun(frame, totals)
-    return RealRun(frame, totals, killed[0] - float(frame.attrs["t0_monotonic"]), fleet.pods[crash.pod].url)
+    return RealRun(frame, totals, killed[0] - float(frame.attrs["t0_monotonic"]), fleet.pods[crash.pod].url,
+                   killed[1] - killed[0] if np.isfinite(killed[1]) else None)
