@@ -224,17 +224,21 @@ def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: A
 def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
     """The pod's batch records that started at or after ``since`` (monotonic clock). Warns (``TraceShortWarning``)
     when the pod's trace had already dropped batches of that window (it keeps its last ``TRACE_BATCHES``)."""
-    import warnings
-
     import httpx
 
     body = httpx.get(f"{url}/debug/batches", timeout=30).json()
-    oldest = body.get("oldest_start")
-    if body.get("dropped") and oldest is not None and oldest > since:
+    if lost_window_start(body, since):
         warnings.warn(TraceShortWarning(f"{url}: the pod's batch trace lacks the window's batches before "
-                                        f"{oldest - since:.1f} s into it (it keeps its last {len(body['batches'])})"),
-                      stacklevel=2)
+                                        f"{body['oldest_start'] - since:.1f} s into it (it keeps its last "
+                                        f"{len(body['batches'])})"), stacklevel=2)
     return [r for r in body["batches"] if r[0] >= since]
+
+
+def lost_window_start(body: dict[str, Any], since: float) -> bool:
+    """Whether a ``GET /debug/batches`` answer lacks the start of a window from ``since``: the pod's trace
+    dropped records (``dropped``) and the oldest it still holds began after ``since``."""
+    oldest = body.get("oldest_start")
+    return bool(body.get("dropped")) and oldest is not None and oldest > since
 
 
 class TraceShortWarning(UserWarning):

@@ -444,7 +444,8 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                      "the simulator has no such queue, docs/continuous.md)")
         real_pre = _pod_counters(pod.url)["vllm:num_preemptions_total"] - before["vllm:num_preemptions_total"]
         steps = fetch_steps(pod.url, t0, t1) if fit is not None else None
-        if steps is not None and steps.attrs.get("truncated"):
+        short = steps is not None and bool(steps.attrs.get("truncated"))
+        if short and steps is not None:
             pool.trace_short.append(f"{rate:.1f} requests/s, seed {seed}")
             echo(f"  WARNING: the pod's step trace lacks this run's first steps (more than its CAPSIM_TRACE_STEPS "
                  f"ran): its speed is that of the {len(steps)} steps it kept, and the run is not replayed")
@@ -465,8 +466,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
                 keep(seed, "steps", steps)
             keep(seed, "sim-calibration", sim.requests)
         ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
-        replay = replay_noise(steps, fit, cal) \
-            if fit is not None and RUN_REPLAY in extra and steps is not None and not steps.attrs.get("truncated") else ()
+        replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra and not short else ()
         # each variant: the speed it simulates at, the step factors it walks (how many steps at a time), its way in
         how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps, ingress),
                LEVEL_PROBE_SPEED: (level_probed, noise, spec.noise_block_steps, ingress),

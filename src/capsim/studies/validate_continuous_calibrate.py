@@ -43,6 +43,7 @@ import numpy as np
 
 from capsim.model.step_model import StepTimeFit
 from capsim.studies.pods import pinned
+from capsim.studies.validate_calibrate import lost_window_start
 from capsim.studies.validate_continuous_cycle import (
     ABLATION,
     FIT_TERMS,
@@ -123,11 +124,9 @@ def fetch_steps(url: str, since: float = float("-inf"), until: float = float("in
     params = {"since": since} if np.isfinite(since) else {}
     body = httpx.get(f"{url}/debug/batches", params=params, timeout=30).json()
     frame = pd.DataFrame(body["batches"], columns=body["fields"] or None)
-    oldest = body.get("oldest_start")
-    truncated = bool(body.get("dropped")) and oldest is not None and oldest > since
     if not frame.empty:
         frame = frame[(frame.end > since) & (frame.end <= until)].reset_index(drop=True)
-    frame.attrs["truncated"] = truncated
+    frame.attrs["truncated"] = lost_window_start(body, since)
     return frame
 
 

@@ -578,8 +578,10 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
                           (RUN_SPEED, own)):
         if sim_at != CALIBRATION and probe is None:
             continue
-        sim = simulate(crash_scenario(sim_scenario(spec, policy, cal, rate, probe), at, 1, teardown), seed=seed)
+        scenario = sim_scenario(spec, policy, cal, rate, probe)
+        sim = simulate(crash_scenario(scenario, at, 1, teardown), seed=seed)
         req = sim.requests
+        lost = (req.outcome != "ok").to_numpy()
         pool = _Pool([], [], [], [])
         pool.add(vs.cut_blocks(real, at, spec.arrival_s), vs.cut_blocks(req, at, spec.arrival_s), sent.counters, sim,
                  sent.workload.n_requests)
@@ -587,15 +589,15 @@ def _crash_run(fleet: Any, spec: SessionsSpec, policy: str, cal: Calibrated, rat
         sim_moved = moved_turns(req, req["pod"].to_numpy(), 1, at, msg, spec.turns)
         base = {"policy": policy, "sim_at": sim_at, "sessions_per_s": rate, "turns": pool.turns, "crashed_at_s": at,
                 "teardown_s": teardown}
-        counts = {"failed_turns": (real_failed, int((req.outcome != "ok").sum())),
-                  "failed_sent_after": (real_late, int(((req.outcome != "ok") & (req.arrival_s >= at)).sum())),
+        counts = {"failed_turns": (real_failed, int(lost.sum())),
+                  "failed_sent_after": (real_late, int((lost & (req.arrival_s >= at).to_numpy()).sum())),
                   "held_turns": (real_held, held_turns(req, req["pod"].to_numpy(), 1, held_from, at)),
                   "moved_turns": (real_moved[0], sim_moved[0]), "reprefill_tokens": (real_moved[1], sim_moved[1])}
         rows += [{**r, "crashed_at_s": at, "teardown_s": teardown} for r in _rows(policy, rate, pool, sim_at)]
         rows += [{**base, "metric": m, "real": float(a), "sim": float(b), "error": float(b - a), "error_kind": "count"}
                  for m, (a, b) in counts.items()]
         # the same crash at CRASH_MOMENTS moments of the seconds before it: the median and the range it failed
-        caught = crash_moments(sim_scenario(spec, policy, cal, rate, probe), at, seed, teardown_s=teardown)
+        caught = crash_moments(scenario, at, seed, teardown_s=teardown)
         mid = float(np.median(caught))
         rows.append({**base, "metric": "failed_at_moments", "real": float(real_failed), "sim": mid,
                      "error": mid - real_failed, "error_low": float(min(caught) - real_failed),
