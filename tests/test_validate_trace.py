@@ -124,3 +124,31 @@ def test_requests_waiting_at_a_batch_start_are_those_of_later_batches_queued_bef
     queued = [[*q, float(start[k])] if k % 3 == 0 else q for k, (_, q) in enumerate(batches)]  # exact ties too
     want = [sum(1 for j in range(k + 1, len(queued)) for t in queued[j] if t < start[k]) for k in range(len(queued))]
     assert list(waiting_at_start(start, queued)) == want
+
+
+def test_capsim_trace_steps_bounds_the_static_pods_batch_trace_too() -> None:
+    # CAPSIM_TRACE_STEPS (PodConfig.trace_steps) is the batches a static pod keeps, and the steps a continuous one
+    # keeps; unset, each mode keeps its own default
+    import pytest
+    from fastapi.testclient import TestClient
+
+    from capsim.core.continuous_batcher import TRACE_STEPS
+    from capsim.core.engine import ReferenceEngine
+    from capsim.core.service import PodConfig, create_app
+
+    engine = ReferenceEngine("tiny", device="cpu", dtype="float32", seed=5, threads=1)
+    for mode, default in (("static", TRACE_BATCHES), ("continuous", TRACE_STEPS)):
+        with TestClient(create_app(PodConfig(device="cpu", warmup=False, batch_mode=mode), engine=engine)) as client:
+            assert client.app.state.pod.batcher.trace.maxlen == default
+    with TestClient(create_app(PodConfig(device="cpu", warmup=False, max_wait_ms=0, trace_steps=2),
+                               engine=engine)) as client:
+        for k in range(3):  # one at a time: a batch each, 3 batches, 2 kept
+            r = client.post(f"/v1/sessions/s-{k}/turns", json={"prompt_tokens": 4, "max_new_tokens": 2})
+            assert r.status_code == 200, r.text
+        body = client.get("/debug/batches").json()
+    assert len(body["batches"]) == 2 and body["dropped"] == 1
+    assert body["oldest_start"] == body["batches"][0][0]
+    with pytest.raises(ValueError, match="trace_batches must be a whole number >= 1, got 0"):
+        DynamicBatcher(lambda items: items, trace_batches=0)
+    with pytest.raises(ValueError, match="trace_steps"):
+        PodConfig(trace_steps=0)

@@ -51,7 +51,7 @@ class BatchResultMismatchError(BatcherError):
     """The runner returned a different number of results than the batch had payloads."""
 
 
-TRACE_BATCHES = 8192  # the last batches kept for ``DynamicBatcher.trace`` (about 2 minutes at full load)
+TRACE_BATCHES = 8192  # the last batches kept for ``DynamicBatcher.trace`` by default (about 2 minutes at full load)
 
 
 class BatchRecord(NamedTuple):
@@ -107,7 +107,7 @@ class DynamicBatcher(Generic[P, R]):
     ``async with DynamicBatcher(runner, settings) as batcher: result = await batcher.submit(payload)``
 
     ``close_timeout_s`` bounds how long ``aclose`` drains queued and running work before failing what
-    is left with ``BatcherClosedError``.
+    is left with ``BatcherClosedError``; ``trace_batches`` is how many of the last batches ``trace`` keeps.
     """
 
     def __init__(
@@ -117,9 +117,12 @@ class DynamicBatcher(Generic[P, R]):
         metrics: BatcherMetrics | None = None,
         *,
         close_timeout_s: float = 30.0,
+        trace_batches: int = TRACE_BATCHES,
     ) -> None:
         if close_timeout_s < 0:
             raise ValueError(f"close_timeout_s must be >= 0, got {close_timeout_s}")
+        if isinstance(trace_batches, bool) or not isinstance(trace_batches, int) or trace_batches < 1:
+            raise ValueError(f"trace_batches must be a whole number >= 1, got {trace_batches!r}")
         self._runner = runner
         self.settings = settings or BatchSettings()
         self._metrics = metrics
@@ -134,7 +137,7 @@ class DynamicBatcher(Generic[P, R]):
         self._closed = False
         self.batches_run = 0
         # a ring of the last batches (one tuple per batch, not per request: cheap enough to keep on)
-        self.trace: deque[BatchRecord] = deque(maxlen=TRACE_BATCHES)
+        self.trace: deque[BatchRecord] = deque(maxlen=trace_batches)
         self.trace_total = 0  # batches ever appended to the trace (those it no longer holds included)
         if metrics is not None:
             metrics.bind_queue_depth(self.queue_depth)

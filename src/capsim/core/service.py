@@ -32,8 +32,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from capsim.core import session_history
-from capsim.core.batcher import DynamicBatcher
-from capsim.core.continuous_batcher import ContinuousBatcher
+from capsim.core.batcher import TRACE_BATCHES, DynamicBatcher
+from capsim.core.continuous_batcher import TRACE_STEPS, ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
 from capsim.core.metrics import InferenceMetrics
 from capsim.core.service_config import PodConfig
@@ -66,9 +66,10 @@ def create_app(
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher
         if cfg.batch_mode == "continuous":
             batcher = ContinuousBatcher(eng, cfg.scheduler_limits(), queue_capacity=cfg.queue_capacity,
-                                        metrics=metrics, trace_steps=cfg.trace_steps)
+                                        metrics=metrics, trace_steps=cfg.trace_steps or TRACE_STEPS)
         else:
-            batcher = DynamicBatcher(eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s)
+            batcher = DynamicBatcher(eng.runner(), cfg.batch_settings(), metrics, close_timeout_s=cfg.drain_timeout_s,
+                                     trace_batches=cfg.trace_steps or TRACE_BATCHES)
         pod = PodState(cfg, eng, st, batcher, metrics, loop=asyncio.get_running_loop())
         app.state.pod = pod
         async with batcher:

@@ -51,8 +51,9 @@ class PodConfig(FrozenModel):
     num_blocks: int = Field(4096, ge=1, description="continuous: KV-cache blocks")
     max_model_len: int = Field(4096, ge=2, description="continuous: longest prompt + output")
     long_prefill_token_threshold: int = Field(0, ge=0, description="continuous: largest prefill chunk (0: off)")
-    trace_steps: int = Field(16384, ge=1, description="continuous: the last engine steps kept for GET "
-                             "/debug/batches (about 0.5 kB each; 16,384 are 10 s of 0.6-ms steps)")
+    trace_steps: int | None = Field(None, ge=1, description="the last engine steps (continuous) or batches "
+                                    "(static) kept for GET /debug/batches (None: 16,384 steps, about 0.5 kB each "
+                                    "and 10 s of 0.6-ms steps; 8,192 batches)")
     # off by default for now: a count prompt_tokens is the same synthetic prompt in every request, so every
     # request would hit the cache, unlike the simulator's workloads without a prefix source
     enable_prefix_caching: bool = Field(False, description="continuous: reuse the KV blocks of a cached prefix "

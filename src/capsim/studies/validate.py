@@ -33,6 +33,7 @@ from capsim.model.settings import BatchSettings
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import PodProcess, pinned, remove_scratch, scratch_dir
 from capsim.studies.validate_calibrate import (
+    VALIDATION_TRACE_STEPS,
     Calibration,
     CalibrationError,
     CalibrationWarning,
@@ -345,7 +346,8 @@ def run_validation(
     b = spec.batching
     pod = PodProcess(work, "validate", core=pod_core, torch_threads=spec.threads, model=spec.model,
                      max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, queue_capacity=b.queue_capacity,
-                     overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches)
+                     overflow=b.overflow, max_concurrent_batches=b.max_concurrent_batches,
+                     trace_steps=VALIDATION_TRACE_STEPS)
     calibration: Calibration | None = None
     kept_traces: dict[str, Any] = {}  # the calibration's and the probe's batch traces (``save_traces``)
     try:

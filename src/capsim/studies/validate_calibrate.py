@@ -36,6 +36,11 @@ NOISE_QUANTILES = 400  # quantiles of the single-batch spread kept for the simul
 # during it vary apart (with 32 both are 16)
 CLIENTS: tuple[int, ...] = (1, 3, 6, 12, 20, 24, 32)
 ROUNDS = 3  # each client count runs this many times, the counts shuffled in each round (``calibration_order``)
+#: the engine steps (continuous) or batches (static) the validations' pods keep for ``GET /debug/batches``
+#: (``CAPSIM_TRACE_STEPS``; about 32 MB of steps): a run of 20 s at this machine's 0.6-ms steps is 33,000 steps,
+#: twice the continuous pod's default (stop 54, 2026-12-05: the 16,384 it kept held the last 16 to 19 s of the
+#: 20-s runs at 30%, 60% and on the small cache)
+VALIDATION_TRACE_STEPS = 65536
 
 
 class CalibrationError(CapsimError, ValueError):
@@ -223,7 +228,8 @@ def cycle_noise(trace: Sequence[Sequence[float]], cal: Calibration, profile_s: A
 
 def fetch_trace(url: str, since: float = -np.inf) -> list[list[float]]:
     """The pod's batch records that started at or after ``since`` (monotonic clock). Warns (``TraceShortWarning``)
-    when the pod's trace had already dropped batches of that window (it keeps its last ``TRACE_BATCHES``)."""
+    when the pod's trace had already dropped batches of that window (it keeps its last ``CAPSIM_TRACE_STEPS``,
+    8,192 by default, 65,536 in the validation's pod)."""
     import httpx
 
     body = httpx.get(f"{url}/debug/batches", timeout=30).json()

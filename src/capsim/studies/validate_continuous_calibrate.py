@@ -43,7 +43,7 @@ import numpy as np
 
 from capsim.model.step_model import StepTimeFit
 from capsim.studies.pods import pinned
-from capsim.studies.validate_calibrate import lost_window_start
+from capsim.studies.validate_calibrate import VALIDATION_TRACE_STEPS, lost_window_start
 from capsim.studies.validate_continuous_cycle import (
     ABLATION,
     FIT_TERMS,
@@ -104,12 +104,6 @@ __all__ = [
 
 # the measured static profile the step model is added to (its kernels are not used; its metadata is kept)
 BASE_PROFILE = Path(__file__).resolve().parents[3] / "data" / "profiles" / "cpu-tiny-float32.csv"
-
-
-#: the engine steps the validations' pods keep for ``GET /debug/batches`` (``CAPSIM_TRACE_STEPS``, about 32 MB):
-#: a run of 20 s at this machine's 0.6-ms steps is 33,000 steps, twice the pod's default (stop 54, 2026-12-05:
-#: the 16,384 it kept held the last 16 to 19 s of the 20-s runs at 30%, 60% and on the small cache)
-VALIDATION_TRACE_STEPS = 65536
 
 
 # ---- the trace ----------------------------------------------------------------------------------------------
