@@ -570,3 +570,30 @@ def test_the_calibrated_sessions_pod_is_written_as_a_scenario_fragment(fitted_pr
     assert mine.service == sc.service and mine.batching == sc.batching
     assert "max_model_len" not in fragment["batching"]  # the validation's, left to the plan
     assert fragment["service"]["cached_token_us"] == 0.4 and fragment["batching"]["enable_prefix_caching"] is True
+
+
+def test_the_fleet_speed_weighs_the_cycles_against_the_calibrated_cycle_plus_the_hits_copy(
+        fitted_profile: Path) -> None:
+    # the pods' cycles hold each prefix hit's KV copy, which the simulated pod charges on top of the step model
+    # (service.cached_token_us): the speed is over both, and the simulation at a probe scales both by it
+    from capsim.studies.validate_continuous_cycle import StepCalibration
+    from capsim.studies.validate_sessions import fleet_speed, sim_scenario
+    from capsim.studies.validate_sessions_calibrate import Calibrated
+
+    cal = StepCalibration(1.2, 1e-4, (), arrival_s=5e-4)
+    frame = pd.DataFrame({"model_s": [1e-3, 2e-3, 1.5e-3], "arrivals": [0, 2, 1], "cached_tokens": [0, 320, 160]})
+    copy_us = 0.8
+    charged = cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy()) + copy_us * 1e-6 * frame.cached_tokens
+    frame["cycle_s"] = 1.5 * charged
+    assert fleet_speed(frame, cal, copy_us) == pytest.approx(1.5)
+    assert fleet_speed(frame, cal) > 1.5  # the copy read as a slower step model: counted twice once charged
+    assert fleet_speed(frame.drop(columns="cached_tokens"), cal, copy_us) == pytest.approx(
+        fleet_speed(frame, cal))  # a trace without the column: nothing to take out
+
+    calibrated = Calibrated(fitted_profile, 1.2, 0.5, 100.0, cached_token_us=copy_us)
+    probe = FleetProbe(speed=1.5, answer_ms=10.0, ingress_ms=1.0, turns=100, sessions_per_s=4.0)
+    at_cal, at_probe = (sim_scenario(SPEC, "session_affinity", calibrated, 4.0, p).service for p in (None, probe))
+    assert at_cal.cached_token_us == pytest.approx(copy_us)
+    assert at_probe.cached_token_us == pytest.approx(1.5 * copy_us)
+    assert at_probe.time_scale == pytest.approx(1.5 * at_cal.time_scale)
+    assert at_probe.arrival_overhead_ms == pytest.approx(1.5 * at_cal.arrival_overhead_ms)

@@ -29,7 +29,7 @@ from capsim.model.scenario import Scenario
 from capsim.studies import validate_stats as vs
 from capsim.studies.pods import scratch_dir
 from capsim.studies.validate_continuous import continuous_service
-from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, reach_factors
+from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, StepCalibration, reach_factors
 from capsim.studies.validate_runs import (
     TTFT_FROM_RECEIPT,
     TTFT_FROM_SEND,
@@ -270,9 +270,10 @@ class FleetProbe:
     """What ``probe_s`` seconds of the workload (its own seed) through a policy's fresh fleet measured.
 
     What the simulation at ``sim_at`` "fleet probe" takes from it, on top of the calibration: ``speed``, the
-    pods' summed step cycle over what the calibrated model gives those same steps (the router, the store and
-    the load generator share the pods' cores, which the calibration's lone pod had to itself), multiplying
-    the calibrated step model and per-arrival time as the continuous validation's probes do; ``answer_ms``,
+    pods' summed step cycle over what the calibration charges those same steps, their prefix hits' copy included
+    (:func:`fleet_speed`; the router, the store and the load generator share the pods' cores, which the
+    calibration's lone pod had to itself), multiplying the calibrated step model, per-arrival time and copy as
+    the continuous validation's probes do the first two; ``answer_ms``,
     the mean time from a turn's last token to its answer at the client (the store write, the answer, the
     router's way back; the calibration's lone pod measures only its own); ``ingress_ms``, the mean time a pod
     took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``); and
@@ -339,15 +340,15 @@ class _Pool:
 def sim_scenario(spec: SessionsSpec, policy: str, cal: Calibrated, rate: float,
                  probe: FleetProbe | None = None) -> Scenario:
     """A replication's simulation at ``sim_at`` "calibration" (no ``probe``: the lone pod's step model, time per
-    arrival, answer time and way in) or at a probe's (its speed multiplying the step model and the time per
-    arrival, its answer time, its way in plus history read and their spread)."""
+    arrival, answer time and way in) or at a probe's (its speed multiplying the step model, the time per
+    arrival and a prefix hit's copy, its answer time, its way in plus history read and their spread)."""
     if probe is None:
         return sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale, cal.arrival_overhead_ms,
                                  cal.cycle_noise, cal.answer_ms, NOISE_BLOCK_STEPS, cal.ingress_ms,
                                  cal.cached_token_us, cal.ingress_noise)
     return sessions_scenario(spec, policy, cal.profile_path, rate, cal.time_scale * probe.speed,
                              cal.arrival_overhead_ms * probe.speed, cal.cycle_noise, probe.answer_ms,
-                             NOISE_BLOCK_STEPS, probe.reach_ms, cal.cached_token_us, probe.reach_noise)
+                             NOISE_BLOCK_STEPS, probe.reach_ms, cal.cached_token_us * probe.speed, probe.reach_noise)
 
 
 def fleet_rate(rate: float, probe: FleetProbe | None) -> float:
@@ -434,16 +435,29 @@ def measure_fleet(fleet: Any, real: Any, t0: float, t1: float, cal: Calibrated, 
     ok = (real.outcome == "ok").to_numpy()
     if frame is None or not ok.any() or span is None or "load_s" not in real:
         return None
-    fitted = cal.cal.step_s(frame.model_s.to_numpy(), frame.arrivals.to_numpy())
     # on the pods' clock the first token is the pod's: what follows it is the way out, not the way in too
     answer = (real.end_s - real.first_token_s).to_numpy() - span
     way_in = np.asarray(real.attrs.get("way_in_s", []), dtype=float)
     way_in = way_in[ok] if len(way_in) == len(real) else np.empty(0)
     way_in_ms = float(np.mean(way_in[np.isfinite(way_in)])) * 1e3 if np.isfinite(way_in).any() else 0.0
     load = real.load_s.to_numpy(dtype=float)[ok]
-    return FleetProbe(float(frame.cycle_s.sum() / fitted.sum()), float(np.nanmean(answer[ok])) * 1e3,
+    return FleetProbe(fleet_speed(frame, cal.cal, cal.cached_token_us), float(np.nanmean(answer[ok])) * 1e3,
                       float(np.nanmean(load)) * 1e3, int(ok.sum()), rate, way_in_ms,
                       reach_factors(way_in, load, real.arrival_s.to_numpy(dtype=float)[ok]))
+
+
+def fleet_speed(frame: Any, cal: StepCalibration, cached_token_us: float = 0.0) -> float:
+    """The fleet's speed over the steps of ``frame`` (``cycles`` of the pods' step traces): their summed cycle over
+    what the simulated pod charges the same steps at the calibration, the calibrated cycle (``cal.step_s`` of their
+    model time and arrivals) plus the copy of their prefix hits' cached KV (``cached_token_us`` per cached token,
+    ``service.cached_token_us``). Since stop 55 the copy is in the denominator: the cycles hold it, and a speed
+    over the calibrated cycle alone counted it twice at the fleet's speed (once in the speed, once charged)."""
+    import numpy as np
+
+    fitted = cal.step_s(frame.model_s.to_numpy(dtype=float), frame.arrivals.to_numpy(dtype=float))
+    if cached_token_us and "cached_tokens" in frame:
+        fitted = fitted + cached_token_us * 1e-6 * frame.cached_tokens.to_numpy(dtype=float)
+    return float(frame.cycle_s.sum() / np.sum(fitted))
 
 
 @dataclass
