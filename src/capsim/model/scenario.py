@@ -235,6 +235,26 @@ class Service(_Section):
         "core's profile says; `capsim validate` measures it from the open-loop probe"
     )
 
+    slowdown: Float = Field(
+        1.0, gt=0, le=10, description="a margin (or a stress): the pods' own compute takes this many times as "
+        "long as the rest of this section says, on top of `time_scale`: every batch and step time, the time per "
+        "request and per arrival and a prefix hit's copy (`request_overhead_ms`, `arrival_overhead_ms`, "
+        "`cached_token_us`); the way in and out (`ingress_ms`, `answer_ms`) stay. `capsim validate` found real "
+        "pods running 0.92 to 1.35 times their calibration minutes later (docs/validation.md): plan with "
+        "`service.slowdown: 1.2` as a tuning stress, or sweep it"
+    )
+
+    def effective(self) -> Service:
+        """This section as the simulator runs it: ``slowdown`` multiplied into ``time_scale``,
+        ``request_overhead_ms``, ``arrival_overhead_ms`` and ``cached_token_us`` (itself then 1)."""
+        s = self.slowdown
+        if s == 1.0:
+            return self
+        return self.model_copy(update={"time_scale": self.time_scale * s,
+                                       "request_overhead_ms": self.request_overhead_ms * s,
+                                       "arrival_overhead_ms": self.arrival_overhead_ms * s,
+                                       "cached_token_us": self.cached_token_us * s, "slowdown": 1.0})
+
     @model_validator(mode="after")
     def _needs(self) -> Self:
         if self.kind == "profile" and self.profile is None:

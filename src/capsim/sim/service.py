@@ -216,7 +216,8 @@ class CycleNoiseService:
 
 def calibrated(model: ServiceModel, service: Service) -> ServiceModel:
     """``model`` as a calibrated pod runs it (``service.time_scale``, ``request_overhead_ms``,
-    ``first_token_scale``): the simulator's service and ``capsim check``'s mean batch times."""
+    ``first_token_scale``, with its ``slowdown``): the simulator's service and ``capsim check``'s mean batch times."""
+    service = service.effective()
     overhead_s = service.request_overhead_ms / 1000.0
     if overhead_s > 0 or service.time_scale != 1.0:
         model = OverheadService(model, overhead_s, service.time_scale)

@@ -117,6 +117,9 @@ class Simulation:
                  *, max_events: int | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise SettingsError(f"seed must be an integer >= 0, got {seed!r}")
+        # service.slowdown: the pods' compute as long as the scenario's times its slowdown, read by every part
+        if scenario.service.slowdown != 1.0:
+            scenario = scenario.model_copy(update={"service": scenario.service.effective()})
         self.scenario = scenario
         self.seed = seed
         self.streams = Streams(seed)
