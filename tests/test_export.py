@@ -387,6 +387,10 @@ def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> Non
     export_scenario(rush, tmp_path, TARGET, numbers={"summary": {"slo_met": False, "node_gpu_hours": math.nan}})
     readme = (tmp_path / "README.md").read_text()
     assert "does not meet the SLO" in readme and "GPU hours of the nodes" not in readme  # NaN: no row
+    assert "slower than measured" not in readme
+    # a plan simulated with a margin on the pods' speed says so beside its numbers
+    export_scenario(rush.override({"service.slowdown": 1.2}), tmp_path, TARGET, numbers=numbers)
+    assert "Simulated on pods 1.2 times slower than measured (`service.slowdown`" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize(("kind", "says"), [

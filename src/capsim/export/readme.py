@@ -206,7 +206,10 @@ def _numbers(scenario: Scenario, numbers: Mapping[str, Any] | None) -> list[str]
               f"(first {scenario.warmup_s:g} s not measured). SLO: TTFT p99 <= {slo.ttft_p99_s:g} s"
               + (f" for the requests that found a pod, the first token within {slo.max_wake_s:g} s for those that "
                  "came at zero pods" if slo.max_wake_s is not None else "")
-              + f", error rate <= {slo.max_error_rate:g}.", "", "| metric | simulated |", "|---|---|"]
+              + f", error rate <= {slo.max_error_rate:g}."
+              + (f" Simulated on pods {scenario.service.slowdown:g} times slower than measured (`service.slowdown`: "
+                 "a margin on the pods' speed)." if scenario.service.slowdown != 1.0 else ""),
+              "", "| metric | simulated |", "|---|---|"]
     for key, label in _NUMBERS:
         if key in summary and not (isinstance(summary[key], float) and math.isnan(summary[key])):
             v = summary[key]
