@@ -87,3 +87,16 @@ def test_capsim_checks_mean_batch_times_take_the_slowdown() -> None:
 def test_a_bad_slowdown_names_the_field(value: object) -> None:
     with pytest.raises(SettingsError, match=r"service\.slowdown"):
         Scenario.from_yaml(SCENARIOS / "steady_poisson.yaml").override({"service.slowdown": value})
+
+
+def test_the_shipped_margin_grid_slows_the_calibrated_plan_and_raises_its_floor() -> None:
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    plan = Scenario.from_yaml(SCENARIOS / "calibrated_pod.yaml")
+    settings = expand_grid(load_grid(ROOT / "data" / "studies" / "margin_grid.yaml"))
+    scenarios = [plan.override(s.changes) for s in settings]
+    assert len(scenarios) == 12
+    assert sorted({(sc.service.slowdown, sc.autoscaler.min_replicas) for sc in scenarios if sc.autoscaler}) == [
+        (s, m) for s in (1.0, 1.2, 1.3, 1.4) for m in (3, 4, 5)]
+    # the calibration itself is the included fragment's, whatever the margin
+    assert {sc.service.time_scale for sc in scenarios} == {plan.service.time_scale}
