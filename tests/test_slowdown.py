@@ -100,3 +100,27 @@ def test_the_shipped_margin_grid_slows_the_calibrated_plan_and_raises_its_floor(
         (s, m) for s in (1.0, 1.2, 1.3, 1.4) for m in (3, 4, 5)]
     # the calibration itself is the included fragment's, whatever the margin
     assert {sc.service.time_scale for sc in scenarios} == {plan.service.time_scale}
+
+
+def test_a_validation_says_the_margin_its_runs_ran_at_beside_the_calibrated_pod(tmp_path: Path) -> None:
+    # each validation appends to service.yaml the speeds its runs measured after the calibration and the
+    # service.slowdown that covers them; the fragment still loads as it did
+    import yaml
+
+    from capsim.studies.validate_runs import SERVICE_FILE, note_observed_speed, observed_speed
+
+    assert observed_speed([1.05, float("nan"), None, 0.97, 1.18, -1.0, 0.0]) == {"min": 0.97, "max": 1.18, "runs": 3}
+    assert observed_speed([float("nan"), None]) is None
+    assert note_observed_speed(tmp_path, None, "the pod") is None
+    fragment = {"service": {"kind": "deterministic", "mean_s": 0.05, "time_scale": 1.2}, "batching": {}}
+    path = tmp_path / SERVICE_FILE
+    path.write_text(yaml.safe_dump(fragment))
+    line = note_observed_speed(tmp_path, observed_speed([0.97, 1.18]), "the pod")
+    assert line is not None and "0.97 to 1.18 times this calibration over 2 runs" in line
+    assert "service.slowdown 1.18 or more" in line
+    text = path.read_text()
+    assert text.endswith(f"# After the calibration, {line}.\n") and yaml.safe_load(text) == fragment
+    # a pod that only ran faster than calibrated needs no margin: 1
+    assert "service.slowdown 1.00 or more" in (note_observed_speed(tmp_path, observed_speed([0.9, 0.95]), "x") or "")
+    # no service.yaml (no calibration): the line alone
+    assert note_observed_speed(tmp_path / "none", observed_speed([1.1]), "the pod") is not None

@@ -198,6 +198,13 @@ def test_quick_validation_runs_end_to_end(tmp_path):
     assert abs(thr.rel_error) < 0.15
     for name in ("results.csv", "replications.csv", "validation.png", "provenance.json", "profile.csv", "service.yaml"):
         assert (tmp_path / name).exists()
+    # the pod's speed in each replication after the calibration, and the margin a plan on it needs
+    import json
+
+    observed = json.loads((tmp_path / "provenance.json").read_text())["observed_speed"]
+    assert 1 <= observed["runs"] <= 3 and 0 < observed["min"] <= observed["max"]  # 3 replications of the one level
+    assert "# After the calibration, the pod ran " in (tmp_path / "service.yaml").read_text()
+    assert any(line.startswith("after the calibration, the pod ran ") for line in lines)
     # a plan takes the pod this run calibrated, as calibrated_pod.yaml takes the committed one (notebook 04 with rerun)
     import yaml
 

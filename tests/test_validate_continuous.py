@@ -182,6 +182,10 @@ def test_a_short_continuous_validation_runs_end_to_end(tmp_path: Path) -> None:
 
     prov = json.loads((tmp_path / "provenance.json").read_text())
     assert prov["real_ttft_from"] == "send" and prov["off_pod_clock"] == []
+    # and the speeds its runs measured after the calibration, with the margin a plan on it needs
+    observed = prov["observed_speed"]
+    assert 1 <= observed["runs"] <= 2 and 0 < observed["min"] <= observed["max"]
+    assert "# After the calibration, the pod ran " in (tmp_path / "service.yaml").read_text()
     assert isinstance(prov["front_end_queued"], list)  # runs whose way in queued (none expected at 30%)
     way = results[(results.metric == "reach_mean_s") & (results.sim_at == "calibration")]
     assert len(way) == 2 and (way.real > 0).all() and (way.sim > 0).all()

@@ -461,6 +461,12 @@ def test_a_short_sessions_validation_runs_end_to_end(tmp_path: Path) -> None:
     results = run_sessions_validation(spec, out_dir=tmp_path, echo=lambda _: None)
     for name in ("results.csv", "replications.csv", "provenance.json", "profile.csv", "service.yaml"):
         assert (tmp_path / name).exists()
+    # the fleet's speed in each replication, over the calibrated pod's: the margin a plan on it needs
+    import json
+
+    observed = json.loads((tmp_path / "provenance.json").read_text())["observed_speed"]
+    assert 1 <= observed["runs"] <= 2 and 0 < observed["min"] <= observed["max"]  # one replication per policy
+    assert "# After the calibration, the fleet's pods " in (tmp_path / "service.yaml").read_text()
     hit = results[(results.metric == "hit_rate") & (results.sim_at == "calibration")].set_index("policy")
     # both halves see what affinity buys, and agree on it (latencies depend on the machine's load)
     assert (hit.real > 0).all() and (hit.sim > 0).all()

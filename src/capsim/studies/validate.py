@@ -67,6 +67,8 @@ from capsim.studies.validate_runs import (
     RealRun,
     calibration_fields,
     load_runs,
+    note_observed_speed,
+    observed_speed,
     probe_requests,
     read_provenance,
     run_caveats,
@@ -602,17 +604,23 @@ class _Levels:
             judged[name] = {"met": sum(ok for _, ok in checks), "of": len(checks),
                             "missed": [what for what, ok in checks if not ok]}
         drift = speed_warnings(self.diagnostics)
+        # each replication's batches over the calibrated cycle: the margin a plan on this pod needs
+        observed = observed_speed(d.get("wall_over_fit_mean") for runs in self.diagnostics.values() for d in runs)
         provenance = {**provenance, "diagnostics": self.diagnostics, "ablation": self.ablation,
-                      "targets_by_entry": judged, "speed_warnings": drift}
+                      "targets_by_entry": judged, "speed_warnings": drift, "observed_speed": observed}
         (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
+        margin = None
         if calibration is not None:
             write_service(out, self.spec, self.kept_profile, calibration)
+            margin = note_observed_speed(out, observed, "the pod")
         self.echo(format_results(results))
         if judged:
             self.echo("targets met by the entries that take the pod's speed from its trace: " + "; ".join(
                 f"{name} {v['met']} of {v['of']}" for name, v in judged.items()))
         for line in drift:
             self.echo(f"WARNING (the pod's speed): {line}")
+        if margin is not None:
+            self.echo(f"after the calibration, {margin}")
         return results
 
 

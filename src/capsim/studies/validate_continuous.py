@@ -51,6 +51,8 @@ from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, open_run
 from capsim.studies.validate_runs import (
     TTFT_FROM_RECEIPT,
     TTFT_FROM_SEND,
+    note_observed_speed,
+    observed_speed,
     run_caveats,
     write_service_fragment,
 )
@@ -497,6 +499,11 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
 
+def run_speeds(pool: _Pool) -> list[float]:
+    """Each of ``pool``'s runs' speed: its steps' summed cycle over the calibrated cycle of the same steps."""
+    return [c[0] / c[1] for c in pool.cycles if c[1] > 0]
+
+
 def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
     """The level's rows; ``sim_at`` says which simulation they compare: at the calibration's speed (the
     prediction), at the pod's speed in a probe just before each run (``probe speed``: a closed loop; ``level
@@ -569,6 +576,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
     front_end: list[str] = []  # runs whose way in queued (_Pool.front_end)
     generator: list[str] = []  # runs whose load generator was short of CPU (_Pool.generator)
     trace_short: list[str] = []  # runs whose pod's step trace lacked their first steps (_Pool.trace_short)
+    speeds: list[float] = []  # each run's mean cycle over the calibrated one (run_speeds)
     common: dict[str, object] = {"torch_threads": spec.threads, "model": spec.model, "batch_mode": "continuous",
               "queue_capacity": 4096, "trace_steps": VALIDATION_TRACE_STEPS}
     pod = PodProcess(work, "validate-continuous", core=pod_core, **common, **spec.limits(spec.num_blocks))
@@ -646,6 +654,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
             front_end += pool.front_end
             generator += pool.generator
             trace_short += pool.trace_short
+            speeds += run_speeds(pool)
             rows += _rows(level, "full", level * cap, pool)
             for name, other in others.items():
                 rows += _rows(level, "full", level * cap, other, name)
@@ -661,6 +670,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         front_end += pool.front_end
         generator += pool.generator
         trace_short += pool.trace_short
+        speeds += run_speeds(pool)
         rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, pool)
         for name, other in others.items():
             rows += _rows(spec.preemption_level, f"small ({small} blocks)", rate, other, name)
@@ -668,6 +678,7 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         pod.stop()
     results = pd.DataFrame(rows)
     results.to_csv(out / "results.csv", index=False)
+    observed = observed_speed(speeds)  # the margin a plan on this pod needs (service.yaml says it)
     import torch
 
     provenance = {
@@ -677,13 +688,16 @@ def run_continuous_validation(spec: ContinuousSpec | None = None, *,
         # what the real TTFT counts from (validate_runs.ttft_from's names), and the runs that were not on the clock
         "real_ttft_from": TTFT_FROM_SEND if spec.ttft_from_send and not off_clock else TTFT_FROM_RECEIPT,
         "off_pod_clock": off_clock, "front_end_queued": front_end, "generator_saturated": generator,
-        "trace_short": trace_short,
+        "trace_short": trace_short, "observed_speed": observed,
         "cores": {"pod": pod_core, "loadgen": gen_core}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
         "method": "docs/continuous.md#validation",
     }
     (out / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str))
     echo(format_results(results))
+    margin = note_observed_speed(out, observed, "the pod")
+    if margin is not None:
+        echo(f"after the calibration, {margin}")
     echo(f"wall time {time.time() - started:.0f} s; results in {out}")
     return results
 

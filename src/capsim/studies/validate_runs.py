@@ -100,6 +100,29 @@ def write_service_fragment(out_dir: Path, what: str, service: dict[str, Any], ba
     return path
 
 
+def observed_speed(speeds: Any) -> dict[str, float] | None:
+    """The range of the speeds a validation's runs measured after its calibration (each run's cycle over the
+    calibrated one: 1.1 is 10% slower), ``{"min", "max", "runs"}``; None when none is a positive number."""
+    v = [float(x) for x in speeds if x is not None and np.isfinite(x) and x > 0]
+    return {"min": min(v), "max": max(v), "runs": len(v)} if v else None
+
+
+def note_observed_speed(out_dir: Path, observed: dict[str, float] | None, what: str) -> str | None:
+    """One line on the speed ``what`` (the pod, the fleet) ran at after the calibration (:func:`observed_speed`)
+    and the margin a plan on it needs (``service.slowdown``, docs/studies.md), also appended to
+    ``out_dir/service.yaml`` as a comment when that file is there; None when nothing was measured."""
+    if observed is None:
+        return None
+    line = (f"{what} ran {observed['min']:.2f} to {observed['max']:.2f} times this calibration over "
+            f"{observed['runs']:.0f} runs: to hold at those speeds, plan on it with service.slowdown "
+            f"{max(1.0, observed['max']):.2f} or more (docs/studies.md, \"A margin on the pods' speed\")")
+    path = Path(out_dir) / SERVICE_FILE
+    if path.exists():
+        with path.open("a") as f:
+            f.write(f"# After the calibration, {line}.\n")
+    return line
+
+
 #: the calibration's batch traces beside a validation's results: the closed-loop runs' (``calibration``), the
 #: open-loop probe's (``probe``) and the probe's sends on the monotonic clock (``probe_sends``)
 TRACES_FILE = "calibration_traces.json"

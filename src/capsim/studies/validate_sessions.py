@@ -33,6 +33,8 @@ from capsim.studies.validate_continuous_cycle import NOISE_BLOCK_STEPS, StepCali
 from capsim.studies.validate_runs import (
     TTFT_FROM_RECEIPT,
     TTFT_FROM_SEND,
+    note_observed_speed,
+    observed_speed,
     run_caveats,
     write_service_fragment,
 )
@@ -768,6 +770,8 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     crashes = pd.DataFrame(crash_rows)
     if spec.crash_at_s > 0:
         crashes.to_csv(out / "crash.csv", index=False)
+    # the fleet's speed in each replication: the margin a plan on the calibrated pod needs (service.yaml says it)
+    observed = observed_speed(v for speeds in run_speeds.values() for v in speeds)
     import torch
 
     provenance = {
@@ -776,6 +780,7 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
         "answer_ms": cal.answer_ms, "cached_token_us": cal.cached_token_us, "fleet_probes": probes,
         "ingress_ms": cal.ingress_ms,  # the calibration's simulated way in (its spread: calibration.way_in_s)
         "sizing_probes": sizing, "run_speeds": run_speeds, "capacity_per_pod_turns_per_s": per_pod,
+        "observed_speed": observed,
         "sessions_per_s": rate, "sessions_per_s_by_policy": rates, "real_ttft_from": ttft_from_all,
         "generator_saturated": generator, "cores": {"pods": pod_cores}, "created_unix": time.time(),
         "wall_s": time.time() - started, "load_average": os.getloadavg(), "targets": TARGETS,
@@ -786,6 +791,10 @@ def run_sessions_validation(spec: SessionsSpec | None = None, *, out_dir: str | 
     if len(crashes):
         echo("a pod killed mid-run (crash.csv; TTFT and throughput over the turns sent after it):")
         echo(format_results(crashes))
+    margin = note_observed_speed(out, observed, "the fleet's pods (sharing their cores with the "
+                                 "router, the store and the load generator)")
+    if margin is not None:
+        echo(f"after the calibration, {margin}")
     echo(f"wall time {time.time() - started:.0f} s; results in {out}")
     return results
 
