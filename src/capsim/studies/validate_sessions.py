@@ -274,8 +274,8 @@ class FleetProbe:
     What the simulation at ``sim_at`` "fleet probe" takes from it, on top of the calibration: ``speed``, the
     pods' summed step cycle over what the calibration charges those same steps, their prefix hits' copy included
     (:func:`fleet_speed`; the router, the store and the load generator share the pods' cores, which the
-    calibration's lone pod had to itself), multiplying the calibrated step model, per-arrival time and copy as
-    the continuous validation's probes do the first two; ``answer_ms``,
+    calibration's lone pod had to itself), multiplying the calibrated step model and time per arrival (as the
+    continuous validation's probes do) and a hit's copy; ``answer_ms``,
     the mean time from a turn's last token to its answer at the client (the store write, the answer, the
     router's way back; the calibration's lone pod measures only its own); ``ingress_ms``, the mean time a pod
     took to read a turn's history from the store before its engine saw the turn (the pods' ``load_s``); and
