@@ -467,7 +467,7 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
             if steps is not None:
                 keep(seed, "steps", steps)
             keep(seed, "sim-calibration", sim.requests)
-        ratio = pool.cycles[-1][0] / pool.cycles[-1][1] if pool.cycles and pool.cycles[-1][1] > 0 else None
+        ratio = cycle_speed(pool.cycles[-1]) if pool.cycles else None
         replay = replay_noise(steps, fit, cal) if fit is not None and RUN_REPLAY in extra and not short else ()
         # each variant: the speed it simulates at, the step factors it walks (how many steps at a time), its way in
         how = {PROBE_SPEED: (probed, noise, spec.noise_block_steps, ingress),
@@ -499,9 +499,15 @@ def _run_level(pod: PodProcess, spec: ContinuousSpec, profile_path: Path, rate: 
     return pool, {name: other for name, other in extra.items() if len(other.sim) == len(pool.sim)}
 
 
+def cycle_speed(cycle: tuple[float, float, int]) -> float | None:
+    """A run's speed from its ``_Pool.cycles`` entry: its steps' summed cycle over the calibrated cycle of the same
+    steps (what the simulation at "run speed" takes); None without a calibrated cycle."""
+    return cycle[0] / cycle[1] if cycle[1] > 0 else None
+
+
 def run_speeds(pool: _Pool) -> list[float]:
-    """Each of ``pool``'s runs' speed: its steps' summed cycle over the calibrated cycle of the same steps."""
-    return [c[0] / c[1] for c in pool.cycles if c[1] > 0]
+    """Each of ``pool``'s runs' speed (:func:`cycle_speed`), those that have one."""
+    return [s for s in map(cycle_speed, pool.cycles) if s is not None]
 
 
 def _rows(level: float, cache: str, rate: float, pool: _Pool, sim_at: str = "calibration") -> list[dict[str, Any]]:
