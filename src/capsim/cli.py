@@ -355,6 +355,10 @@ def simulate(
         typer.echo(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     for row in result.skipped_crashes.itertuples():
         typer.echo(f"note: the crash scheduled at {row.time_s:g} s found no pod to crash: {row.why}")
+    for row in result.skipped_slowdowns.itertuples():
+        typer.echo(f"note: the slowdown scheduled at {row.time_s:g} s: {row.why}")
+    for line in _slowdown_notes(result.slowdowns, result.requests):
+        typer.echo(line)
     for row in result.node_events.itertuples():  # when Kubernetes stopped replacing what died
         if row.event == "zone_state" and row.detail == "partial_disruption":
             typer.echo(f"note: at {row.time_s:g} s most of zone {row.zone}'s nodes were NotReady: the node lifecycle "
@@ -448,12 +452,46 @@ def simulate(
         if sc.autoscaler is not None and sc.autoscaler.keda is not None:  # each poll of KEDA's operator
             result.keda_polls.to_csv(out / "keda_polls.csv", index=False)
             written.append("keda_polls.csv")
+        if len(result.slowdowns):  # faults.slow_pods: which pods ran slow, when
+            result.slowdowns.to_csv(out / "slowdowns.csv", index=False)
+            written.append("slowdowns.csv")
         if len(result.wakes):  # each step from zero pods
             result.wakes.to_csv(out / "wakes.csv", index=False)
             written.append("wakes.csv")
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")
+
+
+def _slowdown_notes(slowdowns: Any, requests: Any) -> list[str]:
+    """One line per spell of ``faults.slow_pods``: what the requests sent while it lasted waited for their first
+    token (all of them, those the slow pods answered, those the other pods answered at the first attempt: a
+    retry of a slow pod's timeout lands on another pod), and the slow pods' share of them."""
+    import numpy as np
+
+    def p99(ttft: Any) -> str:
+        return f"{float(np.percentile(ttft, 99)):.3g} s" if len(ttft) else "none"
+
+    lines = []
+    spells = slowdowns.groupby(["start_s", "end_s", "factor"], sort=False)["pod"].apply(list)
+    for (start, end, factor), pods in spells.items():
+        sent = requests[(requests["arrival_s"] >= start) & (requests["arrival_s"] < end)]
+        ok = sent[sent["outcome"] == "ok"]
+        ttft = ok["first_token_s"] - ok["arrival_s"]
+        until = "the end" if end == float("inf") else f"{end:g} s"
+        if pods == [-1]:
+            lines.append(f"note: every pod ran {factor:g}x slow from {start:g} s to {until}: TTFT p99 {p99(ttft)} "
+                         f"over the {len(ok)} requests sent then and answered (slowdowns.csv)")
+            continue
+        on = ok["pod"].isin(pods)
+        first = ~on & (ok["attempts"] == 1)
+        share = float(sent["pod"].isin(pods).mean()) if len(sent) else float("nan")
+        which = f"pod {pods[0]}" if len(pods) == 1 else "pods " + ", ".join(str(p) for p in pods)
+        lines.append(f"note: {which} ran {factor:g}x slow from {start:g} s to {until}, ready throughout; of the "
+                     f"requests sent then (TTFT p99 {p99(ttft)}) {'it' if len(pods) == 1 else 'they'} took "
+                     f"{share:.0%} (last attempts), TTFT p99 {p99(ttft[on])}; the other pods' first attempts "
+                     f"{p99(ttft[first])} (slowdowns.csv)")
+    return lines
 
 
 @app.command()

@@ -981,6 +981,37 @@ class SpotInterruption(_Section):
                                                      "spot node holding pods, drawn by the spot stream")
 
 
+class SlowPod(_Section):
+    """Pods that run slow from ``at_s`` and stay ready (a gray failure: a GPU throttling on heat or power, a
+    degraded link, a noisy neighbour on a shared GPU, a bad driver): their model steps take ``factor`` times
+    as long, their probes pass, and the router and the HPA see only their longer queues
+    (``capsim.sim.faults``)."""
+
+    at_s: Float = Field(ge=0)
+    factor: Float = Field(
+        ge=1, le=100, description="each batch or step on the slow pods takes this many times as long (2: half "
+                                  "speed); the cached-KV copy too, not the pod's HTTP work")
+    duration_s: Float | None = Field(None, gt=0, description="back to full speed this long after; none: for the "
+                                                             "rest of the run")
+    pods: Int | Literal["all"] = Field(
+        1, description="how many ready pods (drawn from the slow_pods stream), or all: every pod, those started "
+                       "during it too (a fleet-wide spell)")
+    pod: Int | None = Field(None, ge=0, description="slow this pod id instead")
+
+    @field_validator("pods")
+    @classmethod
+    def _some(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"pods must be at least 1 or 'all', got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Self:
+        if self.pod is not None and self.pods == "all":
+            raise ValueError(f"pods: all slows every pod; leave it out to slow pod {self.pod}")
+        return self
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -1017,6 +1048,8 @@ class Faults(_Section):
     zone_failures: tuple[ZoneFailure, ...] = ()
     spot_interruptions: tuple[SpotInterruption, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
+    slow_pods: tuple[SlowPod, ...] = Field(
+        (), description="pods that run slow and stay ready (a gray failure), or a spell of the whole fleet")
     metrics_outages: tuple[MetricsOutage, ...] = Field(
         (), description="Prometheus down: no scrape, and every query of the HPA's adapter and KEDA's triggers fails")
     trigger_outages: tuple[TriggerOutage, ...] = Field(
@@ -1176,11 +1209,12 @@ class Scenario(BaseModel):
             return
         most = self.pods.replicas if self.autoscaler is None else max(self.pods.replicas,
                                                                       self.autoscaler.max_replicas)
-        for i, crash in enumerate(self.faults.crashes):
-            if crash.pod is not None and crash.pod >= most:
-                why = (f"the scenario runs pods 0..{most - 1}" if most else "the scenario starts no pod")
-                raise ValueError(f"faults.crashes.{i}.pod must name a pod the scenario can have ({why}), "
-                                 f"got {crash.pod}")
+        why = (f"the scenario runs pods 0..{most - 1}" if most else "the scenario starts no pod")
+        named = [("crashes", i, c.pod) for i, c in enumerate(self.faults.crashes)]
+        named += [("slow_pods", i, s.pod) for i, s in enumerate(self.faults.slow_pods)]
+        for key, i, pod in named:
+            if pod is not None and pod >= most:
+                raise ValueError(f"faults.{key}.{i}.pod must name a pod the scenario can have ({why}), got {pod}")
 
     # ---- loading ---------------------------------------------------------------------------------
     @classmethod

@@ -145,6 +145,7 @@ class Cluster:
         self.pods.append(pod)
         self._alive[pod.id] = pod
         self._uid.append(int(self._uids.integers(0, 2**62)))
+        self.sim.faults.pod_created(pod)
         return pod
 
     def _place(self, now: float) -> None:

@@ -83,6 +83,9 @@ class ContinuousPod(Pod):
         if self._step_ends is None and dstep is not None:
             self._step_ends = partial(step_ends, dstep)
         self._run_ends = getattr(step_time, "decode_run_ends", None)
+        # the step model's functions at full speed, and a slowdown to take at the next step (``set_slow``)
+        self._full_speed = (self._step_s, self._run_s, self._step_ends, self._run_ends)
+        self._slow_next: float | None = None
         self._ends: list[float] | None = None
         self._run: tuple[float, int, int, int, float] | None = None  # (start, decodes, context, steps, end)
         self._run_token = 0
@@ -245,7 +248,31 @@ class ContinuousPod(Pod):
             # the engine's API server checks the length as the request arrives: the answer is at once
             self.sim.client._finish(i, float(rec.send[i]), REJECTED, self.id)
 
+    def set_slow(self, factor: float, now: float) -> None:
+        """Its steps from the next on take ``factor`` times as long (``faults.slow_pods``): the step in
+        progress keeps its end, and a run of decode steps ends at the step in progress."""
+        self.slow = factor
+        self._slow_next = factor
+        if self._run is not None:
+            self._cut_run(now)
+
+    def _take_slow(self, factor: float) -> None:
+        """Bind the step model's functions at ``factor`` times their full-speed times (between steps)."""
+        self._slow_next = None
+        step_s, run_s, step_ends_, run_ends = self._full_speed
+        self._cached_s = self.sim.scenario.service.cached_token_us / 1e6 * factor
+        if factor == 1.0:
+            self._step_s, self._run_s, self._step_ends, self._run_ends = self._full_speed
+            return
+        self._step_s = lambda step: step_s(step) * factor
+        self._run_s = lambda d, c, k: run_s(d, c, k) * factor
+        self._step_ends = (None if step_ends_ is None else
+                           lambda t, d, c, k: [t + (e - t) * factor for e in step_ends_(t, d, c, k)])
+        self._run_ends = None if run_ends is None else (lambda d, c, k: run_ends(d, c, k) * factor)
+
     def _step(self, now: float) -> None:
+        if self._slow_next is not None:
+            self._take_slow(self._slow_next)
         if len(self.queue) > self.fed:
             self._feed(now)
         sched = self.sched

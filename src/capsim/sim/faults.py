@@ -1,5 +1,6 @@
 """Faults injected into a run: random pod crashes (MTBF), scheduled crashes, node and zone failures, spot
-nodes reclaimed, Redis outages, Prometheus outages (what they do to the autoscalers: ``capsim.sim.hpa``).
+nodes reclaimed, slow pods, Redis outages, Prometheus outages (what they do to the autoscalers:
+``capsim.sim.hpa``).
 
 A random crash is drawn per run of a container: when a pod's container starts (a first start or a
 kubelet restart) it draws its time to failure from an exponential of mean ``pod_mtbf_s`` (the
@@ -8,18 +9,26 @@ container can so crash before it is ready, and a flaky pod crash-loops. A schedu
 victims among the ready pods with the same stream (or takes the pod id given). What a crash does to
 requests and sessions is the client's business (``client.py``); what it does to the pod (the kubelet's
 restart) the cluster's.
+
+A slow pod (``faults.slow_pods``, a gray failure) stays ready and passes its probes; its batches or steps
+take ``factor`` times as long from the entry's ``at_s`` (those already on the model keep their end; a
+continuous pod's run of decode steps is cut at the step in progress), until ``duration_s`` after. The factor
+belongs to the pod, as its GPU does: a container restart keeps it, a replacement pod (a new id) runs at
+full speed. ``pods: all`` slows the whole fleet, pods started during the spell too. Entries that overlap on a
+pod multiply.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from simpy.events import Timeout
 
-from capsim.model.scenario import Crash, NodeFailure, SpotInterruption, ZoneFailure
+from capsim.model.scenario import Crash, NodeFailure, SlowPod, SpotInterruption, ZoneFailure
 from capsim.sim.nodes import Node
 from capsim.sim.pod import Pod, PodState
 
@@ -78,11 +87,19 @@ class Faults:
         self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
         # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
         self.skipped: list[tuple[float, int, str]] = []
+        # faults.slow_pods: (start, end (inf: to the end of the run), pod (-1: all), factor), one row per pod
+        # slowed; the slowdowns that found no pod, as ``skipped`` (time, pod or -1, why)
+        self.slow_log: list[tuple[float, float, int, float]] = []
+        self.slow_skipped: list[tuple[float, int, str]] = []
+        self._slow_gen = sim.streams["slow_pods"]
+        self._pod_slow: dict[int, list[float]] = {}  # pod id -> the factors in force on it
+        self._fleet_slow: list[float] = []  # the factors of the fleet-wide spells in force
         if spec:  # each scheduled fault, in this order when two come at the same time
-            scheduled: tuple[tuple[Sequence[Crash | NodeFailure | SpotInterruption | ZoneFailure],
+            scheduled: tuple[tuple[Sequence[Crash | NodeFailure | SpotInterruption | ZoneFailure | SlowPod],
                                    Callable[[Timeout], None]], ...] = (
                 (spec.crashes, self._scheduled), (spec.node_failures, self._node_failure),
-                (spec.spot_interruptions, self._spot_interruption), (spec.zone_failures, self._zone_failure))
+                (spec.spot_interruptions, self._spot_interruption), (spec.zone_failures, self._zone_failure),
+                (spec.slow_pods, self._slow_begins))
             for events, handler in scheduled:
                 for event in events:
                     Timeout(sim.env, event.at_s, event).callbacks.append(handler)
@@ -212,6 +229,66 @@ class Faults:
         now = self.sim.env.now
         self.crash_log.append((now, pod.id, why))
         self.sim.cluster.crash(pod, now)
+
+    # ---- slow pods ---------------------------------------------------------------------------------------
+    def _slow_begins(self, ev: Timeout) -> None:
+        """A ``faults.slow_pods`` entry begins: slow the pod named, ``pods`` ready pods drawn from the
+        ``slow_pods`` stream, or the fleet; its end is scheduled when it has a ``duration_s``."""
+        slow = cast(SlowPod, ev.value)
+        now = self.sim.env.now
+        end = now + slow.duration_s if slow.duration_s is not None else math.inf
+        pods = self.sim.cluster.pods
+        hit: list[Pod] = []
+        if slow.pods == "all":
+            self._fleet_slow.append(slow.factor)
+            self.slow_log.append((now, end, -1, slow.factor))
+            hit = [p for p in pods if p.state != PodState.GONE]
+        elif slow.pod is not None:
+            pod = pods[slow.pod] if slow.pod < len(pods) else None
+            if pod is None or pod.state == PodState.GONE:
+                self.slow_skipped.append(
+                    (now, slow.pod, f"pod {slow.pod} {'gone' if pod is not None else 'not created (yet)'}: nothing slowed"))
+            else:
+                hit = [pod]
+        else:
+            ready = [p for p in self.sim.cluster.endpoints if p.state == PodState.READY]
+            want = slow.pods
+            k = min(want, len(ready))
+            if k:
+                hit = [ready[j] for j in sorted(int(x) for x in self._slow_gen.choice(len(ready), size=k, replace=False))]
+            if k < want:
+                self.slow_skipped.append((now, -1, f"{want} pods asked, {k} ready: those slowed"))
+        if slow.pods != "all":
+            for pod in hit:
+                self._pod_slow.setdefault(pod.id, []).append(slow.factor)
+                self.slow_log.append((now, end, pod.id, slow.factor))
+        for pod in hit:
+            self._refresh(pod, now)
+        if slow.duration_s is not None and hit:
+            Timeout(self.sim.env, slow.duration_s, (slow, hit)).callbacks.append(self._slow_ends)
+
+    def _slow_ends(self, ev: Timeout) -> None:
+        slow, hit = cast(tuple[SlowPod, list[Pod]], ev.value)
+        now = self.sim.env.now
+        if slow.pods == "all":
+            self._fleet_slow.remove(slow.factor)
+            hit = [p for p in self.sim.cluster.pods if p.state != PodState.GONE]
+        else:
+            for pod in hit:
+                self._pod_slow[pod.id].remove(slow.factor)
+        for pod in hit:
+            self._refresh(pod, now)
+
+    def _refresh(self, pod: Pod, now: float) -> None:
+        """Give ``pod`` the product of the slowdowns in force on it, if that changed."""
+        factor = math.prod(self._pod_slow.get(pod.id, ())) * math.prod(self._fleet_slow)
+        if factor != pod.slow:
+            pod.set_slow(factor, now)
+
+    def pod_created(self, pod: Pod) -> None:
+        """A new pod: slowed at once if a fleet-wide spell is in force."""
+        if self._fleet_slow:
+            self._refresh(pod, self.sim.env.now)
 
     def redis_down(self, t: float) -> bool:
         """Whether Redis is unreachable at time ``t`` (s)."""

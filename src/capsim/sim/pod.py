@@ -17,6 +17,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
+from functools import partial
 from heapq import heappush
 from typing import TYPE_CHECKING, Any, cast
 
@@ -84,6 +85,13 @@ class _Wake(Batch):
         self.value = value
 
 
+def _slowed_batch_time(base: Callable[[int, int, int], tuple[float, float]], factor: float, size: int,
+                       prompt_tokens: int, output_tokens: int) -> tuple[float, float]:
+    """``base``'s (first token, whole batch) times, ``factor`` times as long (a slow pod)."""
+    prefill_s, total_s = base(size, prompt_tokens, output_tokens)
+    return prefill_s * factor, total_s * factor
+
+
 class Pod:
     """A pod's state, queue and counters; ``Cluster`` moves it through its lifecycle."""
 
@@ -122,6 +130,7 @@ class Pod:
         self._env = sim.env
         self._rec = sim.records
         self._batch_time = sim.service.batch_time
+        self.slow = 1.0  # faults.slow_pods: its batches take this many times as long (``set_slow``)
         # pod CPU per request that lands on the batch running when the request arrives (HTTP parsing on
         # the model's core): it lengthens that batch, so a batch grows with the arrivals during it
         self._arrival_s = sim.scenario.service.arrival_overhead_ms / 1000.0
@@ -157,6 +166,13 @@ class Pod:
 
     def __repr__(self) -> str:
         return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"
+
+    def set_slow(self, factor: float, now: float) -> None:
+        """Its batches started from ``now`` on take ``factor`` times as long (``faults.slow_pods``); those
+        running keep their end."""
+        self.slow = factor
+        base = self.sim.service.batch_time
+        self._batch_time = base if factor == 1.0 else partial(_slowed_batch_time, base, factor)
 
     # ---- traffic ---------------------------------------------------------------------------------
     def enqueue(self, i: int, now: float) -> None:

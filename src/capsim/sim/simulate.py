@@ -74,6 +74,10 @@ class SimResult:
     keda_polls: Any = None
     # DataFrame, capsim.sim.wakes.WAKE_COLUMNS: each step from zero replicas and where its wait went
     wakes: Any = None
+    # DataFrame: start_s, end_s (inf: to the end of the run), pod (-1: the whole fleet), factor; one row per pod
+    # a faults.slow_pods entry slowed
+    slowdowns: Any = None
+    skipped_slowdowns: Any = None  # DataFrame: time_s, pod (-1: any), why; slowdowns that found no pod
 
 
 _gc_lock = threading.Lock()
@@ -300,6 +304,8 @@ class Simulation:
             keda_polls=pd.DataFrame(self.autoscaling.keda_polls if self.autoscaling else [],
                                     columns=["time_s", "active", "error", "replicas", "set_replicas"]),
             wakes=woke,
+            slowdowns=pd.DataFrame(self.faults.slow_log, columns=["start_s", "end_s", "pod", "factor"]),
+            skipped_slowdowns=pd.DataFrame(self.faults.slow_skipped, columns=["time_s", "pod", "why"]),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,

@@ -31,6 +31,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "node_failures",  # random node failure times (faults.node_mtbf_s) and which node an unnamed failure takes
     "spot",  # random spot interruption times (cluster.spot.mtbf_s) and which node an unnamed one takes
     "keda_phase",  # the phase of KEDA's polling loop within its polling interval (autoscaler.keda)
+    "slow_pods",  # which ready pods an unnamed faults.slow_pods entry slows
 )
 
 
