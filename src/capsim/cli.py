@@ -262,6 +262,9 @@ def serve(
     drain_timeout_s: Annotated[float, typer.Option(envvar="CAPSIM_DRAIN_TIMEOUT_S", help="SIGTERM grace")] = 25.0,
     pod_name: Annotated[str | None, typer.Option(envvar="CAPSIM_POD_NAME", help="name in metrics and records")] = None,
     torch_threads: Annotated[int | None, typer.Option(envvar="CAPSIM_TORCH_THREADS", help="torch intra-op threads")] = None,
+    slowdown: Annotated[float | None, typer.Option(
+        envvar="CAPSIM_SLOWDOWN", help="a gray-failure drill: each batch or step holds the model this many times "
+                                       "as long (faults.slow_pods in the simulator)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run the agent pod: session turns through the batcher on the reference model, with /metrics."""
@@ -275,7 +278,7 @@ def serve(
             model=model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
             queue_capacity=queue_capacity, overflow=overflow, max_concurrent_batches=max_concurrent_batches,
             redis_url=redis_url, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
-            drain_timeout_s=drain_timeout_s, torch_threads=torch_threads,
+            drain_timeout_s=drain_timeout_s, torch_threads=torch_threads, slowdown=slowdown,
             pod_name=pod_name,  # from_env drops None: the default name stands
         )
     except SettingsError as exc:  # checked before the model loads: name the option that was wrong

@@ -126,6 +126,7 @@ class ContinuousEngine:
     def step(self) -> StepReport:
         """Run one engine step: schedule, the forward passes, emit and stream tokens, free finished caches."""
         t0 = self._clock()
+        began = time.perf_counter()
         plan = self.scheduler.step()
         for rid in plan.preempted:  # recompute: the scheduler reset its computed tokens to 0
             a = self.active[rid]
@@ -156,6 +157,7 @@ class ContinuousEngine:
                     if more:
                         ext(rid, more)
         self.engine.synchronize()
+        self.engine.hold(began)  # a slowed engine (ReferenceEngine.slowdown) holds the model longer
         seconds = self._clock() - t0
         for rid, tok in emitted.items():
             req = self.active[rid].request

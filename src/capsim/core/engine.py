@@ -209,7 +209,10 @@ class ReferenceEngine:
 
     ``device`` 'auto' uses CUDA when present; ``dtype`` is 'float32', 'float16' or 'bfloat16'
     (half precision only on CUDA). The same seed gives the same weights. ``threads`` sets torch's
-    intra-op thread count for the whole process (None: torch's default, one per core).
+    intra-op thread count for the whole process (None: torch's default, one per core). ``slowdown`` (a
+    gray-failure drill, the simulator's ``faults.slow_pods``): after each prefill and decode step the engine
+    holds the model ``slowdown - 1`` times that step's time longer, sleeping, as a throttled GPU would take
+    longer; the output is unchanged.
     """
 
     def __init__(
@@ -220,7 +223,11 @@ class ReferenceEngine:
         dtype: str = "float32",
         seed: int = 0,
         threads: int | None = None,
+        slowdown: float = 1.0,
     ) -> None:
+        if not 1.0 <= slowdown <= 100.0:
+            raise ValueError(f"slowdown must be between 1 and 100, got {slowdown}")
+        self.slowdown = float(slowdown)
         if isinstance(config, str):
             if config not in PRESETS:
                 raise ValueError(f"unknown model {config!r}; choose one of {sorted(PRESETS)}")
@@ -249,6 +256,15 @@ class ReferenceEngine:
         if self.device.type == "cuda":
             return torch.cuda.get_device_name(self.device)
         return _cpu_name()
+
+    def hold(self, since: float) -> float:
+        """A slowed engine (``slowdown`` over 1): sleep ``slowdown - 1`` times the time since ``since``
+        (``time.perf_counter``), the step's own; the seconds asked (0 at full speed)."""
+        if self.slowdown == 1.0:
+            return 0.0
+        extra = (self.slowdown - 1.0) * (time.perf_counter() - since)
+        time.sleep(extra)
+        return extra
 
     def synchronize(self) -> None:
         """Wait for queued device work (a no-op on the CPU)."""
@@ -306,12 +322,17 @@ class ReferenceEngine:
         start = time.perf_counter()
         out = [self.prefill(tokens, valid, cache)]
         self.synchronize()
+        self.hold(start)
         times = [time.perf_counter() - start]
         _stream(streaming, 0, out[-1], times[-1])
+        slowed = self.slowdown != 1.0
         for step in range(1, n):
+            began = start + times[-1]
             out.append(self.decode(out[-1], lengths + step - 1, t + step - 1, valid, cache))
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" or slowed:
                 self.synchronize()
+            if slowed:
+                self.hold(began)
             times.append(time.perf_counter() - start)
             _stream(streaming, step, out[-1], times[-1])
         generated = torch.stack(out, dim=1).tolist()

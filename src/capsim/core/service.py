@@ -59,8 +59,11 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine or ReferenceEngine(
-            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads
+            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads,
+            slowdown=cfg.slowdown,
         )
+        if cfg.slowdown != 1.0:  # an injected engine too: the drill is the pod's setting
+            eng.slowdown = cfg.slowdown
         metrics = InferenceMetrics()
         st = store or open_store(cfg.redis_url, metrics=metrics, sliding_ttl_s=cfg.session_ttl_s)
         batcher: DynamicBatcher[GenerationRequest, GenerationResult] | ContinuousBatcher

@@ -43,6 +43,9 @@ class PodConfig(FrozenModel):
     pod_name: str = Field(default_factory=lambda: os.environ.get("HOSTNAME", "capsim-pod"))
     seed: int = 0
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: one per core)")
+    slowdown: float = Field(1.0, ge=1, le=100, description="a gray-failure drill: the engine holds the model this "
+                            "many times each batch's or step's time, sleeping the rest, as a throttled GPU would "
+                            "(the simulator's faults.slow_pods); 1: full speed")
     # continuous batching (docs/continuous.md): CAPSIM_BATCH_MODE=continuous and vLLM's engine limits
     batch_mode: Literal["static", "continuous"] = Field("static", description="static batches or per-step")
     max_num_seqs: int = Field(256, ge=1, description="continuous: requests running at once")
