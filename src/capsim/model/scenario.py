@@ -908,6 +908,25 @@ class ClusterSpec(_Section):
     scale_down_unready_time_s: Float = Field(
         1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "
                                   "no longer billed) this long after it failed, with scale-down enabled")
+    # a node the cloud cannot create (faults.gpu_stockouts): when cluster-autoscaler learns it, and how long it
+    # then leaves the node group (the zone) alone (capsim.policy.node_group_backoff)
+    stockout_error_s: Float | None = Field(
+        60.0, ge=0, description="how long after cluster-autoscaler asks for a node the cloud reports that it could "
+                                "not create it (an out-of-capacity error: AWS's InsufficientInstanceCapacity, "
+                                "GCE's ZONE_RESOURCE_POOL_EXHAUSTED); none: never reported, the scale-up times out "
+                                "after max_node_provision_s")
+    max_node_provision_s: Float = Field(
+        900.0, gt=0, description="cluster-autoscaler --max-node-provision-time: a node not registered this long "
+                                 "after it was asked for is a failed scale-up")
+    initial_node_group_backoff_s: Float = Field(
+        300.0, ge=0, description="cluster-autoscaler --initial-node-group-backoff-duration: a node group (zone) "
+                                 "whose scale-up failed is not scaled up for this long")
+    max_node_group_backoff_s: Float = Field(
+        1800.0, ge=0, description="cluster-autoscaler --max-node-group-backoff-duration: the backoff doubles with "
+                                  "each failure after the last backoff ended, up to this")
+    node_group_backoff_reset_s: Float = Field(
+        10800.0, ge=0, description="cluster-autoscaler --node-group-backoff-reset-timeout: this long after its "
+                                   "last failure a node group's backoff starts over")
 
     def pods_per_node(self, gpus_per_pod: int) -> int:
         """Pods of ``gpus_per_pod`` GPUs one node holds (a pod's GPUs share its node)."""
@@ -928,6 +947,9 @@ class ClusterSpec(_Section):
 
     @model_validator(mode="after")
     def _whole_node(self) -> Self:
+        if self.initial_node_group_backoff_s > self.max_node_group_backoff_s:
+            raise ValueError(f"initial_node_group_backoff_s ({self.initial_node_group_backoff_s}) must not pass "
+                             f"max_node_group_backoff_s ({self.max_node_group_backoff_s})")
         if self.max_gpus < self.node_gpus:
             raise ValueError(f"max_gpus must hold one whole node of node_gpus ({self.node_gpus}) GPUs, got "
                              f"{self.max_gpus}")
@@ -1012,6 +1034,17 @@ class SlowPod(_Section):
         return self
 
 
+class GpuStockout(_Section):
+    """The cloud has no GPU nodes to give from ``at_s`` (a GPU stockout: the zone's capacity for the instance
+    type is exhausted): a node cluster-autoscaler asks for meanwhile is never created; the cloud reports it
+    ``cluster.stockout_error_s`` later and cluster-autoscaler backs the zone's node group off
+    (``capsim.sim.nodes``). Nodes that exist, or were created before, are not touched."""
+
+    at_s: Float = Field(ge=0)
+    duration_s: Float | None = Field(None, gt=0, description="capacity is back this long after; none: not in this run")
+    zone: Int | None = Field(None, ge=0, description="the zone out of capacity; none: every zone")
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -1048,6 +1081,8 @@ class Faults(_Section):
     zone_failures: tuple[ZoneFailure, ...] = ()
     spot_interruptions: tuple[SpotInterruption, ...] = ()
     redis_outages: tuple[RedisOutage, ...] = ()
+    gpu_stockouts: tuple[GpuStockout, ...] = Field(
+        (), description="the cloud cannot create GPU nodes for a while (needs a cluster section)")
     slow_pods: tuple[SlowPod, ...] = Field(
         (), description="pods that run slow and stay ready (a gray failure), or a spell of the whole fleet")
     metrics_outages: tuple[MetricsOutage, ...] = Field(
@@ -1165,11 +1200,11 @@ class Scenario(BaseModel):
             raise ValueError(f"pods.replicas must be >= 1 without an autoscaler, got {self.pods.replicas}")
         self._check_crash_pods()
         if self.faults is not None and self.cluster is None:
-            for key in ("node_failures", "node_mtbf_s", "zone_failures"):
+            for key in ("node_failures", "node_mtbf_s", "zone_failures", "gpu_stockouts"):
                 if getattr(self.faults, key):
-                    raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail "
-                                     "(without one every pod has a node of its own; faults.crashes and "
-                                     "pod_mtbf_s crash pods)")
+                    raise ValueError(f"faults.{key} needs a cluster section: the GPU nodes that can fail or be "
+                                     "out of stock (without one every pod has a node of its own; faults.crashes "
+                                     "and pod_mtbf_s crash pods)")
         if self.faults is not None and self.faults.trigger_outages:
             names = [m.name for m in self.autoscaler.to_hpa().metrics] if self.autoscaler is not None else []
             for i, o in enumerate(self.faults.trigger_outages):
@@ -1178,10 +1213,12 @@ class Scenario(BaseModel):
                         raise ValueError(f"faults.trigger_outages.{i}.metrics: {name!r} is not a metric of "
                                          f"autoscaler.metrics (names: {names})")
         if self.faults is not None and self.cluster is not None:
-            for i, zf in enumerate(self.faults.zone_failures):
-                if zf.zone >= self.cluster.zones:
-                    raise ValueError(f"faults.zone_failures.{i}.zone must name a zone of the cluster (0.."
-                                     f"{self.cluster.zones - 1}, cluster.zones {self.cluster.zones}), got {zf.zone}")
+            zoned = [("zone_failures", i, z.zone) for i, z in enumerate(self.faults.zone_failures)]
+            zoned += [("gpu_stockouts", i, z.zone) for i, z in enumerate(self.faults.gpu_stockouts)]
+            for key, i, zone in zoned:
+                if zone is not None and zone >= self.cluster.zones:
+                    raise ValueError(f"faults.{key}.{i}.zone must name a zone of the cluster (0.."
+                                     f"{self.cluster.zones - 1}, cluster.zones {self.cluster.zones}), got {zone}")
         tp = self.batching.tensor_parallel_size
         if self.cluster is not None and tp > self.cluster.node_gpus:
             raise ValueError(f"batching.tensor_parallel_size must fit on one node: a pod's GPUs share a node "

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
 
+from capsim.policy.node_group_backoff import NodeGroupBackoff
 from capsim.sim.nodelifecycle import NodeLifecycle
 
 if TYPE_CHECKING:
@@ -57,14 +58,14 @@ if TYPE_CHECKING:
 
 
 NODE_COLUMNS = ["node", "zone", "spot", "gpus", "created_s", "ready_s", "removed_s", "failures", "failed_at_end",
-                "interrupted_s", "tainted_s", "gpu_hours"]
+                "interrupted_s", "tainted_s", "gpu_hours", "unfulfilled"]
 
 
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "interrupted_s",
-                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unneeded_since",
+                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
                  "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
@@ -89,6 +90,9 @@ class Node:
         # with the last of them
         self.remove_when_empty = False
         self.tainted_s: float | None = None  # when the node lifecycle controller last tainted it unreachable
+        # asked for during a GPU stockout (faults.gpu_stockouts): never created, never billed; it counts toward
+        # its node group's size and max_gpus until cluster-autoscaler learns of the failure
+        self.unfulfilled = False
 
     @property
     def schedulable(self) -> bool:
@@ -97,7 +101,10 @@ class Node:
         return self.ready_s is not None and not self.cordoned and self.removed_s is None and self.failed_s is None
 
     def gpu_seconds(self, now: float) -> float:
-        """GPU-seconds billed from its creation to its removal (or ``now``, if that comes first)."""
+        """GPU-seconds billed from its creation to its removal (or ``now``, if that comes first); none for a node
+        the cloud never created (``unfulfilled``)."""
+        if self.unfulfilled:
+            return 0.0
         return self.gpus * (min(self.removed_s if self.removed_s is not None else now, now) - self.created_s)
 
     @property
@@ -146,6 +153,14 @@ class NodePool:
         self.removals: list[tuple[float, int]] = []  # (time, node id) when a node went
         # the node lifecycle controller: which NotReady nodes are tainted (their pods evicted), and when
         self.lifecycle = NodeLifecycle(self, spec, on_taint) if spec is not None else None
+        # GPU stockouts (faults.gpu_stockouts): (start, end, zone or None for every zone); a node asked for in one
+        # fails, and cluster-autoscaler backs its zone's node group off
+        faults = sim.scenario.faults
+        self._stockouts = [(o.at_s, o.at_s + o.duration_s if o.duration_s is not None else math.inf, o.zone)
+                           for o in (faults.gpu_stockouts if faults is not None else ())]
+        self.backoff = NodeGroupBackoff(spec.initial_node_group_backoff_s, spec.max_node_group_backoff_s,
+                                        spec.node_group_backoff_reset_s) if spec is not None else None
+        self.failed_scale_ups = 0  # nodes asked for that the cloud did not create
         if spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
 
@@ -179,7 +194,9 @@ class NodePool:
         count = self._nodes_per_zone()
         for z in added:
             count[z] += 1
-        up = [z for z in range(self.zones) if z not in self.zones_down and self._zone_has_room(z, added)]
+        now = self.sim.env.now
+        up = [z for z in range(self.zones) if z not in self.zones_down and self._zone_has_room(z, added)
+              and not (self.backoff is not None and self.backoff.backed_off(z, now))]
         if not up:
             return None
         if pods is None:
@@ -356,8 +373,48 @@ class NodePool:
             if node is None:
                 return
             self.last_add_s = now
+            if self._stocked_out(node.zone, now):  # the cloud cannot create it: the failure comes back later
+                assert self._spec is not None
+                node.unfulfilled = True
+                error_s = self._spec.stockout_error_s
+                after = min(error_s if error_s is not None else math.inf, self._spec.max_node_provision_s)
+                Timeout(self.sim.env, after, node).callbacks.append(self._creation_failed)
+                continue
             ev = Timeout(self.sim.env, self.provision_s, node)
             ev.callbacks.append(self._node_ready)
+
+    def _stocked_out(self, zone: int, now: float) -> bool:
+        """Whether the cloud has no GPU node to give in ``zone`` at ``now`` (``faults.gpu_stockouts``)."""
+        return any(a <= now < b and (z is None or z == zone) for a, b, z in self._stockouts)
+
+    def _creation_failed(self, ev: Timeout) -> None:
+        """cluster-autoscaler learns that a node it asked for was not created (the cloud's out-of-capacity
+        error, or ``max_node_provision_s`` without one): the request is dropped, its zone's node group backed
+        off (``NodeGroupBackoff``), and the pods still pending go where another group can take them, or wait
+        for the backoff's end."""
+        node = cast(Node, ev.value)
+        if node.removed_s is not None:
+            return  # its zone went dark meanwhile, which removed it
+        assert self._spec is not None and self.backoff is not None
+        now = self.sim.env.now
+        self._remove(node, now)
+        self.failed_scale_ups += 1
+        until = self.backoff.backoff(node.zone, now)
+        error_s = self._spec.stockout_error_s
+        how = ("the cloud reported it out of capacity" if error_s is not None
+               and error_s <= self._spec.max_node_provision_s else "timed out (max_node_provision_s)")
+        if self.lifecycle is not None:
+            self.lifecycle.log.append((now, "scale_up_failed", node.zone,
+                                       f"node {node.id}: {how}; node group backed off until {until:g} s"))
+        Timeout(self.sim.env, until - now, node.zone).callbacks.append(self._backoff_over)
+        self._on_node_ready(now)  # the next loop: another zone's group, if one may scale
+
+    def _backoff_over(self, ev: Timeout) -> None:
+        """A node group's backoff may have ended: cluster-autoscaler asks again for the pods still pending."""
+        assert self.backoff is not None
+        now = self.sim.env.now
+        if not self.backoff.backed_off(cast(int, ev.value), now):
+            self._on_node_ready(now)
 
     def _node_ready(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)
@@ -587,20 +644,21 @@ class NodePool:
         """The nodes of the run, one row each (``SimResult.nodes``): when each was created, ready and removed
         (NaN: not in the run), its zone, whether it is spot, its GPUs, failures, interruption notice (spot), when
         the node lifecycle controller last tainted it unreachable (NaN: never; its pods are evicted a toleration
-        later unless it is back first) and GPU-hours to ``horizon_s``."""
+        later unless it is back first), GPU-hours to ``horizon_s`` and whether the cloud never created it (asked
+        for in a GPU stockout: removed when cluster-autoscaler learned it, never billed)."""
         import pandas as pd
 
         nan = math.nan
         rows = [(n.id, n.zone, n.spot, n.gpus, n.created_s, nan if n.ready_s is None else n.ready_s,
                  nan if n.removed_s is None else n.removed_s, n.failures, n.failed_s is not None,
                  nan if n.interrupted_s is None else n.interrupted_s, nan if n.tainted_s is None else n.tainted_s,
-                 n.gpu_seconds(horizon_s) / 3600.0)
+                 n.gpu_seconds(horizon_s) / 3600.0, n.unfulfilled)
                 for n in self.nodes]
         return pd.DataFrame(rows, columns=NODE_COLUMNS)
 
     def gpus_now(self) -> float:
         """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
-        return float(sum(n.gpus for n in self._live())) if self.limited else math.nan
+        return float(sum(n.gpus for n in self._live() if not n.unfulfilled)) if self.limited else math.nan
 
     def node_gpu_seconds(self, now: float, priced: bool = False) -> float:
         """GPU-seconds of the nodes from their creation to their removal (or ``now``); ``priced``: a spot

@@ -1,0 +1,148 @@
+"""GPU stockouts (``faults.gpu_stockouts``): nodes the cloud cannot create, and cluster-autoscaler's backoff of
+the node group (``capsim.policy.node_group_backoff``, upstream's cases ported)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.policy.node_group_backoff import NodeGroupBackoff
+from capsim.sim.simulate import simulate
+
+MIN = 60.0
+
+
+# ---- the rule: cluster-autoscaler's utils/backoff/exponential_backoff_test.go ----------------------------
+def test_backoff_two_keys() -> None:
+    b = NodeGroupBackoff(10 * MIN, 60 * MIN, 180 * MIN)
+    assert not b.backed_off(1, 0) and not b.backed_off(2, 0)
+    b.backoff(1, 1 * MIN)
+    assert b.backed_off(1, 2 * MIN)
+    assert not b.backed_off(2, 0)
+    assert not b.backed_off(1, 11 * MIN)
+
+
+def test_max_backoff() -> None:
+    b = NodeGroupBackoff(1 * MIN, 3 * MIN, 180 * MIN)
+    b.backoff(1, 0)
+    assert b.backed_off(1, 0)
+    assert not b.backed_off(1, 1 * MIN)  # the end itself is free (strictly after)
+    b.backoff(1, 1 * MIN)  # its backoff ends now, not before: the duration stays
+    assert b.backed_off(1, 1 * MIN)
+    assert not b.backed_off(1, 3 * MIN)
+    b.backoff(1, 3 * MIN)  # ended before now: doubled
+    assert b.backed_off(1, 3 * MIN)
+    assert not b.backed_off(1, 6 * MIN)
+    assert b.backoff(1, 7 * MIN) == 7 * MIN + 3 * MIN  # doubled again, capped at the maximum
+
+
+def test_reset_stale_backoff_data() -> None:
+    b = NodeGroupBackoff(1 * MIN, 3 * MIN, 180 * MIN)
+    b.backoff(1, 0)
+    b.backoff(2, 60 * MIN)
+    assert b.entries(60 * MIN) == 2
+    assert b.entries(240 * MIN) == 1
+    assert b.entries(300 * MIN) == 0
+    assert b.backoff(1, 300 * MIN) == 301 * MIN  # a fresh entry: the initial duration
+
+
+def test_concurrent_failures_do_not_double_the_backoff() -> None:
+    b = NodeGroupBackoff()  # cluster-autoscaler's flags' defaults: 5 min, 30 min, 3 h
+    assert b.backoff(0, 100) == 400 and b.backoff(0, 115) == 415  # still backed off: 300 s again
+    assert b.backoff(0, 475) == 1075  # failed after the backoff ended: 600 s
+    assert b.until(0, 500) == 1075 and b.until(0, 1075) is None
+    with pytest.raises(ValueError, match="initial_s <= max_s"):
+        NodeGroupBackoff(600, 300)
+
+
+# ---- in the simulator ------------------------------------------------------------------------------------
+def scenario(**over: Any) -> Scenario:
+    """A load two pods cannot carry: the HPA asks for more, on 4-GPU nodes that take 240 s to come."""
+    sc = Scenario.model_validate({
+        "horizon_s": 2400,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
+        "service": {"kind": "deterministic", "mean_s": 1.0},
+        "batching": {"max_batch_size": 8, "max_wait_ms": 10},
+        "pods": {"replicas": 2, "startup_s": 30},
+        "router": {"kind": "least_outstanding"},
+        "autoscaler": {"minReplicas": 2, "maxReplicas": 16, "metrics": [
+            {"type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                      "target": {"type": "AverageValue", "averageValue": "4"}}}]},
+        "cluster": {"max_gpus": 16, "node_gpus": 4, "node_provision_s": 240},
+        "faults": {"gpu_stockouts": [{"at_s": 0, "duration_s": 1000}]},
+        "client": {"timeout_s": 60, "max_retries": 0},
+    })
+    return sc.override(over) if over else sc
+
+
+def test_nodes_asked_for_in_a_stockout_fail_and_back_the_node_group_off() -> None:
+    r = simulate(scenario(), 1)
+    nodes, events = r.nodes, r.node_events
+    failed = nodes[nodes["unfulfilled"]]
+    assert len(failed) >= 4
+    assert (failed["created_s"] < 1000).all() and failed["ready_s"].isna().all()
+    assert np.allclose(failed["removed_s"] - failed["created_s"], 60.0)  # cluster.stockout_error_s
+    assert (failed["gpu_hours"] == 0).all()  # never created, never billed
+    fails = events[events["event"] == "scale_up_failed"]
+    assert len(fails) == len(failed)
+    first = float(fails["time_s"].iloc[0])
+    # the first failure backs the group off 5 min; the next asks come when the last backoff ends, the one after
+    # that fails after it ended: 10 min
+    after = nodes[(nodes["created_s"] > first)]
+    second = float(after["created_s"].iloc[0])
+    assert f"backed off until {second:g} s" in fails["detail"].iloc[len(fails[fails["time_s"] < second]) - 1]
+    assert second - float(fails["time_s"][fails["time_s"] < second].iloc[-1]) == pytest.approx(300.0)
+    later = fails[fails["time_s"] > second]
+    assert f"until {float(later['time_s'].iloc[0]) + 600:g} s" in later["detail"].iloc[0]
+    # capacity is back at 1,000 s, but the group is backed off until then: the first real node comes after
+    made = nodes[~nodes["unfulfilled"] & (nodes["created_s"] > 0)]
+    assert len(made) > 0 and (made["created_s"] >= 1000).all()
+    assert np.allclose(made["ready_s"] - made["created_s"], 240.0)
+    assert float(made["created_s"].iloc[0]) == pytest.approx(float(later["time_s"].iloc[0]) + 600)
+    plain = simulate(scenario(faults=None), 1)
+    assert plain.summary.ttft_p99_s < r.summary.ttft_p99_s
+    assert not plain.nodes["unfulfilled"].any()
+
+
+def test_another_zones_node_group_takes_the_pods_while_one_is_backed_off() -> None:
+    r = simulate(scenario(**{"cluster.zones": 2, "faults.gpu_stockouts": [{"at_s": 0, "duration_s": 1000,
+                                                                            "zone": 1}]}), 1)
+    nodes = r.nodes
+    failed = nodes[nodes["unfulfilled"]]
+    assert len(failed) > 0 and (failed["zone"] == 1).all()
+    first_fail = float(failed["removed_s"].min())
+    # at the failure zone 1 is backed off: the next node goes to zone 0, at once, and comes up
+    replaced = nodes[(nodes["created_s"] == first_fail) & (nodes["zone"] == 0)]
+    assert len(replaced) == 1 and not replaced["unfulfilled"].iloc[0]
+    assert float(replaced["ready_s"].iloc[0]) == pytest.approx(first_fail + 240)
+    assert not nodes[(nodes["zone"] == 1) & (nodes["created_s"] > first_fail)
+                     & (nodes["created_s"] < first_fail + 300)].shape[0]  # none in zone 1 while backed off
+
+
+def test_a_failure_the_cloud_never_reports_times_out_after_max_node_provision_s() -> None:
+    r = simulate(scenario(**{"cluster.stockout_error_s": None, "cluster.max_node_provision_s": 700}), 1)
+    failed = r.nodes[r.nodes["unfulfilled"]]
+    assert len(failed) > 0 and np.allclose(failed["removed_s"] - failed["created_s"], 700.0)
+    assert r.node_events["detail"].str.contains("timed out").all()
+
+
+def test_a_stockout_that_ends_before_the_ask_changes_nothing() -> None:
+    # the initial nodes exist before it, and the HPA asks for nodes only after it ended
+    a = simulate(scenario(**{"faults.gpu_stockouts": [{"at_s": 0, "duration_s": 1}]}), 2)
+    b = simulate(scenario(faults=None), 2)
+    assert a.requests.equals(b.requests) and a.nodes.equals(b.nodes)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"cluster": None}, "faults.gpu_stockouts needs a cluster section"),
+    ({"faults.gpu_stockouts": [{"at_s": 0, "zone": 3}]}, "faults.gpu_stockouts.0.zone must name a zone"),
+    ({"faults.gpu_stockouts": [{"at_s": 0, "duration_s": 0}]}, "faults.gpu_stockouts.0.duration_s"),
+    ({"cluster.initial_node_group_backoff_s": 3600}, "initial_node_group_backoff_s .* must not pass"),
+])
+def test_bad_stockout_settings_name_their_field(over: dict[str, Any], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        scenario(**over)
