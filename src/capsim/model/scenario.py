@@ -1213,7 +1213,8 @@ class Scenario(BaseModel):
                         raise ValueError(f"faults.trigger_outages.{i}.metrics: {name!r} is not a metric of "
                                          f"autoscaler.metrics (names: {names})")
         if self.faults is not None and self.cluster is not None:
-            zoned = [("zone_failures", i, z.zone) for i, z in enumerate(self.faults.zone_failures)]
+            zoned: list[tuple[str, int, int | None]] = [
+                ("zone_failures", i, z.zone) for i, z in enumerate(self.faults.zone_failures)]
             zoned += [("gpu_stockouts", i, z.zone) for i, z in enumerate(self.faults.gpu_stockouts)]
             for key, i, zone in zoned:
                 if zone is not None and zone >= self.cluster.zones:
