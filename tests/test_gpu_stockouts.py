@@ -146,3 +146,38 @@ def test_a_stockout_that_ends_before_the_ask_changes_nothing() -> None:
 def test_bad_stockout_settings_name_their_field(over: dict[str, Any], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         scenario(**over)
+
+
+def test_capsim_simulate_notes_the_failed_nodes_and_the_shipped_stockout_keeps_its_slo(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    path = Path(__file__).resolve().parent.parent / "data" / "scenarios" / "gpu_stockout.yaml"
+    warm = simulate(Scenario.from_yaml(path), 0).summary
+    assert warm.slo_met  # one warm pod keeps its node: the stockout costs nothing
+    res = CliRunner().invoke(app, ["simulate", str(path), "--set", "autoscaler.minReplicas=0", "--out",
+                                   str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "note: 1 GPU node asked for was not created (faults.gpu_stockouts)" in res.output
+    assert "backed the node groups off, last zone 0 until" in res.output
+    slo = next(line.split() for line in res.output.splitlines() if line.startswith("slo_met "))
+    assert slo == ["slo_met", "False"]  # scaled to zero, its wake waits out the stockout and the backoff
+
+
+def test_the_shipped_stockout_space_keeps_a_warm_pod(tmp_path: Any) -> None:
+    from capsim.studies.space import load_space
+    from capsim.studies.tune import tune
+
+    space = load_space("data/studies/scale_to_zero_stockout_space.yaml")
+    assert set(space.stresses) == {"gpu-stockout", "quiet-hours"}
+    base = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    small = {"params": {"autoscaler.minReplicas": {"choices": [0, 1]}},
+             "stresses": {"gpu-stockout": space.stresses["gpu-stockout"], "quiet-hours": {}}}
+    r = tune(base, small, seeds=1, budget=2, executor="serial", cache=tmp_path, progress=False)
+    assert r.best_params == {"autoscaler.minReplicas": 1}  # zero pods wait out the stockout and the backoff
+    zero = r.trials[r.trials["autoscaler.minReplicas"] == 0]
+    assert len(zero) and (zero["status"] == "rejected").all()
+    assert zero["reason"].str.contains("stress 'gpu-stockout'").all()

@@ -375,9 +375,11 @@ def simulate(
     if len(failed_ups):  # faults.gpu_stockouts: the nodes the cloud did not create, and the backoffs after
         last = failed_ups.groupby("zone")["detail"].last().str.extract(r"until ([0-9.e+]+) s")[0]
         zones = ", ".join(f"zone {z} until {float(t):.0f} s" for z, t in last.items())
-        typer.echo(f"note: {len(failed_ups)} GPU nodes asked for from {failed_ups['time_s'].min():.0f} s on were not "
-                   f"created (faults.gpu_stockouts); cluster-autoscaler backed the node groups off, last {zones} "
-                   "(node_events.csv, nodes.csv: unfulfilled)")
+        n = len(failed_ups)
+        typer.echo(f"note: {n} GPU node{'s' if n > 1 else ''} asked for {'were' if n > 1 else 'was'} not created "
+                   f"(faults.gpu_stockouts), the first failure known at {failed_ups['time_s'].min():.0f} s; "
+                   f"cluster-autoscaler backed the node groups off, last {zones} (node_events.csv, nodes.csv: "
+                   "unfulfilled)")
     ev = result.scale_events
     keda = ev[ev["by"] == "keda"]
     if len(keda):  # KEDA's step to and from zero: when the first requests after a quiet spell waited
