@@ -188,3 +188,18 @@ def test_capsim_simulate_says_what_the_slow_pod_did_and_writes_slowdowns_csv(tmp
     frame = pd.read_csv(out / "slowdowns.csv")
     assert frame.columns.tolist() == ["start_s", "end_s", "pod", "factor"]
     assert len(frame) == 5 and frame["end_s"].tolist() == [float("inf")] * 5
+
+
+def test_a_fleet_spell_that_begins_with_no_pod_still_ends() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # KEDA has the Deployment at zero from about 1,600 s to the wake at 4,800 s: the spell finds no pod
+    sc = Scenario.from_yaml(SCENARIOS / "scale_to_zero.yaml").override(
+        {"horizon_s": 6000, "faults": {"slow_pods": [{"at_s": 2000, "duration_s": 600, "factor": 3, "pods": "all"}]}})
+    sim = Simulation(sc, 0)
+    r = sim.run()
+    assert r.slowdowns.to_dict("records") == [{"start_s": 2000.0, "end_s": 2600.0, "pod": -1, "factor": 3.0}]
+    woke = [p for p in sim.cluster.pods if p.created_s > 2600]
+    assert woke and all(p.slow == 1.0 for p in sim.cluster.pods)  # the pods of the wake run at full speed
+    plain = simulate(sc.override({"faults": None}), 0)
+    pd.testing.assert_frame_equal(r.requests, plain.requests)  # nothing ran during the spell

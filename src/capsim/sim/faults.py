@@ -264,7 +264,7 @@ class Faults:
                 self.slow_log.append((now, end, pod.id, slow.factor))
         for pod in hit:
             self._refresh(pod, now)
-        if slow.duration_s is not None and hit:
+        if slow.duration_s is not None and (hit or slow.pods == "all"):  # a fleet's spell ends, pods or none
             Timeout(self.sim.env, slow.duration_s, (slow, hit)).callbacks.append(self._slow_ends)
 
     def _slow_ends(self, ev: Timeout) -> None:
