@@ -1011,14 +1011,21 @@ class SlowPod(_Section):
 
     at_s: Float = Field(ge=0)
     factor: Float = Field(
-        ge=1, le=100, description="each batch or step on the slow pods takes this many times as long (2: half "
-                                  "speed); the cached-KV copy too, not the pod's HTTP work")
+        le=100, description="each batch or step on the slow pods takes this many times as long (2: half "
+                            "speed); the cached-KV copy too, not the pod's HTTP work")
     duration_s: Float | None = Field(None, gt=0, description="back to full speed this long after; none: for the "
                                                              "rest of the run")
     pods: Int | Literal["all"] = Field(
         1, description="how many ready pods (drawn from the slow_pods stream), or all: every pod, those started "
                        "during it too (a fleet-wide spell)")
     pod: Int | None = Field(None, ge=0, description="slow this pod id instead")
+
+    @field_validator("factor")
+    @classmethod
+    def _a_multiplier(cls, v: float) -> float:
+        if v < 1:
+            raise ValueError(f"must be at least 1: it multiplies the batch and step times (half speed is 2), got {v}")
+        return v
 
     @field_validator("pods")
     @classmethod
