@@ -411,6 +411,22 @@ def test_readme_names_the_router_the_plan_assumed(rush: Scenario, tmp_path: Path
         assert "at random" in line
 
 
+def test_readme_states_the_stockout_backoff_and_what_the_router_does_with_a_slow_pod(rush: Scenario,
+                                                                                     tmp_path: Path) -> None:
+    export_scenario(rush, tmp_path, TARGET)
+    plain = (tmp_path / "README.md").read_text()
+    assert "node-group-backoff" not in plain and "run slow" not in plain  # only a plan that met them says so
+    faults = {"gpu_stockouts": [{"at_s": 1800, "duration_s": 300}], "slow_pods": [{"at_s": 1800, "factor": 2}]}
+    for kind, does in (("least_outstanding", "sends them fewer requests"), ("random", "gives them their share")):
+        export_scenario(rush.override({"faults": faults, "router.kind": kind}), tmp_path, TARGET)
+        readme = (tmp_path / "README.md").read_text()
+        assert ("the cloud reports the failure 60 s after the ask; cluster-autoscaler "
+                "`--max-node-provision-time=900s`, `--initial-node-group-backoff-duration=300s`, "
+                "`--max-node-group-backoff-duration=1800s`, `--node-group-backoff-reset-timeout=10800s`") in readme
+        (line,) = [ln for ln in readme.splitlines() if ln.startswith("- pods that run slow")]
+        assert "up to 2 times slower" in line and f"(`{kind}`) {does}" in line
+
+
 def test_golden_files(tmp_path: Path) -> None:
     """The export of a copy of the rush (kept with the golden files, so editing data/ does not move them),
     pinned; regenerate with CAPSIM_UPDATE_GOLDEN=1 after an intended change."""

@@ -376,6 +376,23 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          + ("no node auto-repair (a cloud's would replace a node NotReady for long)"
                             if c.node_auto_repair_s is None else
                             f"the cloud's node auto-repair deleting a node NotReady for {c.node_auto_repair_s:g} s"))
+        if f is not None and f.gpu_stockouts:
+            lines.append("- GPU nodes the cloud could not create (stockouts): the cloud reports the failure "
+                         + (f"{c.stockout_error_s:g} s after the ask" if c.stockout_error_s is not None else
+                            "never (the scale-up times out)")
+                         + f"; cluster-autoscaler `--max-node-provision-time={c.max_node_provision_s:g}s`, "
+                         f"`--initial-node-group-backoff-duration={c.initial_node_group_backoff_s:g}s`, "
+                         f"`--max-node-group-backoff-duration={c.max_node_group_backoff_s:g}s`, "
+                         f"`--node-group-backoff-reset-timeout={c.node_group_backoff_reset_s:g}s`")
+    f = scenario.faults
+    if f is not None and f.slow_pods:
+        slowest = max(s.factor for s in f.slow_pods)
+        kind = scenario.router.kind
+        does = ("sends them fewer requests as their queues grow" if kind in ("least_outstanding", "prefix_aware")
+                else "gives them their share whatever their queues")
+        lines.append(f"- pods that run slow with their probes passing (a throttled GPU, up to {slowest:g} times "
+                     f"slower): the router (`{kind}`) {does}; change it and the numbers change "
+                     "(docs/studies.md, \"A slow pod\")")
     probe = scenario.pods.readiness_probe
     lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "
