@@ -786,6 +786,21 @@ def capacity(
                  grid=grid)
 
 
+@app.command()
+def headroom(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML: its own traffic, autoscaler, cluster and faults")],
+    seeds: Annotated[int, typer.Option(min=1, help="every seed must meet the SLO at a multiple")] = 1,
+    rel_tol: Annotated[float, typer.Option(help="stop when the bracket is narrower than this fraction")] = 0.02,
+    cache: Annotated[bool, typer.Option(help="reuse results from .capsim/cache/")] = True,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+) -> None:
+    """How many times its own traffic (the rush, the trace) a plan carries within its SLO, by bisection on
+    workload.load_scale."""
+    from capsim.studies.study_cli import load_scenario, run_headroom
+
+    run_headroom(load_scenario(scenario, set_ or ()), seeds, rel_tol, cache, typer.echo)
+
+
 @app.command("pod-shapes")
 def pod_shapes(
     scenario: Annotated[Path, typer.Argument(help="scenario YAML with the rush (its SLO decides)")] = Path(

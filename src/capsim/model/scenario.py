@@ -348,6 +348,10 @@ class Workload(_Section):
     prompt_tokens: Tokens = ConstantTokens(kind="constant", value=256)
     output_tokens: Tokens = ConstantTokens(kind="constant", value=64)
     sessions: Sessions = Sessions()
+    load_scale: Float = Field(
+        1.0, gt=0, le=1000, description="the same traffic, this many times as much: a Poisson or piecewise session "
+        "rate times this (the same seed's arrivals stay, more come between them), a trace replayed this much "
+        "faster (its speedup times this); `capsim headroom` finds the largest a plan carries within its SLO")
 
     @model_validator(mode="after")
     def _trace_is_single_turn(self) -> Self:

@@ -57,15 +57,16 @@ def expected_sessions(scenario: Scenario) -> float | None:
     """Sessions a Poisson or piecewise workload starts in the horizon (mean); None for a trace."""
     arrivals = scenario.workload.arrivals
     horizon = scenario.horizon_s
+    scale = scenario.workload.load_scale
     if arrivals.kind == "poisson":
-        return float(arrivals.rate_per_s) * horizon  # type: ignore[union-attr]
+        return float(arrivals.rate_per_s) * horizon * scale  # type: ignore[union-attr]
     if arrivals.kind == "piecewise":
         steps = list(arrivals.rate_per_s)  # type: ignore[union-attr]
         total = 0.0
         for k, (t, rate) in enumerate(steps):
             end = steps[k + 1][0] if k + 1 < len(steps) else horizon
             total += rate * max(0.0, min(end, horizon) - t)
-        return total
+        return total * scale
     return None
 
 

@@ -74,14 +74,14 @@ def make_workload(scenario: Scenario, streams: Streams) -> Workload:
             from capsim.sim.trace_mooncake import read_mooncake
 
             mc = read_mooncake(path)
-            times = mc.times_s / arrivals.speedup
+            times = mc.times_s / (arrivals.speedup * wl.load_scale)
             keep = times < scenario.horizon_s
             return Workload(times[keep], 1, 0.0, mc.prompt[keep], mc.output[keep], prefix=mc.prefix(keep))
         times, prompt, output = read_trace(path)
-        times = times / arrivals.speedup
+        times = times / (arrivals.speedup * wl.load_scale)
         keep = times < scenario.horizon_s
         return Workload(times[keep], 1, 0.0, prompt[keep], output[keep])
-    starts = session_starts(arrivals, scenario.horizon_s, streams["arrivals"])
+    starts = session_starts(arrivals, scenario.horizon_s, streams["arrivals"], wl.load_scale)
     n = len(starts) * turns
     gen = streams["lengths"]
     # prompts are drawn before outputs, each as one block, so one setting never shifts the other
@@ -98,8 +98,9 @@ def make_workload(scenario: Scenario, streams: Streams) -> Workload:
 
 
 def session_starts(arrivals: PoissonArrivals | PiecewiseArrivals, horizon_s: float,
-                   gen: np.random.Generator) -> np.ndarray:
-    """Start times (s) in [0, horizon) of a (piecewise-constant rate) Poisson process.
+                   gen: np.random.Generator, scale: float = 1.0) -> np.ndarray:
+    """Start times (s) in [0, horizon) of a (piecewise-constant rate) Poisson process, its rates times ``scale``
+    (``workload.load_scale``).
 
     Drawn by time change: the points of a unit-rate process, mapped through the inverse of the
     cumulative rate. A constant rate of 40/s and a step function that starts at 40/s therefore share
@@ -109,6 +110,9 @@ def session_starts(arrivals: PoissonArrivals | PiecewiseArrivals, horizon_s: flo
         steps = np.array([[0.0, arrivals.rate_per_s]])
     else:
         steps = np.array(arrivals.rate_per_s, dtype=float)
+    if scale != 1.0:
+        steps = steps.copy()
+        steps[:, 1] *= scale
     knots_t = np.append(steps[:, 0], horizon_s)
     knots_t = knots_t[knots_t <= horizon_s]
     rates = steps[: len(knots_t) - 1, 1]

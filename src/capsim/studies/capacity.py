@@ -7,12 +7,16 @@ faults and SLO unchanged) and bisects on the session rate, as Vidur's capacity s
 scheduling delay stays under the SLO, by binary search). A rate passes when every seed meets the SLO
 (TTFT p99 and error rate). The search assumes that passing is monotone in the rate: it first doubles an
 upper bound until a rate fails, then halves the bracket until it is narrower than ``rel_tol``.
+
+``headroom(scenario)`` asks the planner's other question with the same search: how many times its own traffic
+(its rush or its trace, ``workload.load_scale``) the plan as it is carries, its autoscaler, cluster and faults
+included.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +25,14 @@ from typing import Any
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.studies.executors import ExecutorSpec, open_executor
-from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, run_one
+from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, run_one, slo_miss
 from capsim.studies.sweep import seed_list
 
 
 @dataclass(frozen=True)
 class Probe:
-    """One rate tried: sessions per second, whether every seed met the SLO, and the worst seed's numbers."""
+    """One rate tried: sessions per second, whether every seed met the SLO, the worst seed's numbers, and why it
+    failed (an error, or the first seed's miss)."""
 
     rate_per_s: float
     passed: bool
@@ -62,41 +67,36 @@ def steady(scenario: Scenario, rate_per_s: float, replicas: int | None = None) -
     })
 
 
-def capacity(scenario: Scenario | str | Path, *, replicas: int | None = None, seeds: int | Iterable[int] = 1,
-             start_rate: float | None = None, rel_tol: float = 0.02, max_probes: int = 30,
-             executor: ExecutorSpec = "serial", cache: bool | str | Path = True) -> CapacityResult:
-    """Bisect on the session rate (see the module docstring). ``replicas`` defaults to the scenario's
-    (its ``minReplicas`` when it has an autoscaler); ``start_rate`` to the fleet's throughput at full
-    batches estimated from the service model; the seeds of one rate run on ``executor``."""
-    base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
-    base = portable(base)
-    if base.workload.arrivals.kind == "trace":
-        raise SettingsError("capacity needs a rate to vary: the scenario replays a trace; use a poisson workload")
-    seeds_ = seed_list(seeds)
+def _bisect(make: Callable[[float], Scenario], start: float, seeds: list[int], rel_tol: float, max_probes: int,
+            executor: ExecutorSpec, cache: bool | str | Path) -> tuple[float, dict[float, list[dict[str, Any]]],
+                                                                        list[tuple[float, bool, float, float, str | None]]]:
+    """The largest ``x`` whose scenario ``make(x)`` meets the SLO under every seed: from ``start``, doubled until
+    an ``x`` fails, then the bracket halved until narrower than ``rel_tol`` (or ``max_probes`` tried). Returns
+    it (0 when none passed), the passing runs' summaries by ``x``, and each probe as ``(x, passed, worst TTFT
+    p99, worst error rate, first error)``."""
     cache_root = None if cache is False else str(DEFAULT_CACHE if cache is True else Path(cache))
-    n = steady(base, 1.0, replicas).pods.replicas
-    turns = base.workload.sessions.turns
-    probes: list[Probe] = []
+    probes: list[tuple[float, bool, float, float, str | None]] = []
     proofs: dict[float, list[dict[str, Any]]] = {}
-
-    with open_executor(executor, tasks=len(seeds_)) as ex:
-        def probe(rate: float) -> bool:
-            sc = steady(base, rate, replicas)
-            futs = [ex.submit(run_one, sc, s, run_key(sc, s), cache_root) for s in seeds_]
+    with open_executor(executor, tasks=len(seeds)) as ex:
+        def probe(x: float) -> bool:
+            sc = make(x)
+            futs = [ex.submit(run_one, sc, s, run_key(sc, s), cache_root) for s in seeds]
             outs = [f.result() for f in futs]
             errors = [o["error"] for o in outs if o["error"]]
             sums = [o["summary"] for o in outs if o["summary"] is not None]
             passed = not errors and all(s["slo_met"] for s in sums)
             worst_t = max((s["ttft_p99_s"] for s in sums), default=math.nan)
             worst_e = max((s["error_rate"] for s in sums), default=math.nan)
-            probes.append(Probe(rate, passed, worst_t, worst_e, errors[0] if errors else None))
+            slo = sc.slo
+            why = next((f"seed {seed}: {m}" for seed, s in zip(seeds, sums, strict=False) if not s["slo_met"]
+                        for m in [slo_miss(s, slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)[0]]), None)
+            probes.append((x, passed, worst_t, worst_e, errors[0] if errors else why))
             if passed:
-                proofs[rate] = sums
+                proofs[x] = sums
             return passed
 
-        hi = start_rate or _throughput_guess(base, n) / turns
-        lo = 0.0
-        while probe(hi):  # grow until a rate fails
+        hi, lo = start, 0.0
+        while probe(hi):  # grow until one fails
             lo, hi = hi, hi * 2
             if len(probes) >= max_probes:
                 break
@@ -108,9 +108,73 @@ def capacity(scenario: Scenario | str | Path, *, replicas: int | None = None, se
                 hi = mid
             if lo == 0 and hi < 1e-6:
                 break
-    rate = lo
+    return lo, proofs, probes
+
+
+def capacity(scenario: Scenario | str | Path, *, replicas: int | None = None, seeds: int | Iterable[int] = 1,
+             start_rate: float | None = None, rel_tol: float = 0.02, max_probes: int = 30,
+             executor: ExecutorSpec = "serial", cache: bool | str | Path = True) -> CapacityResult:
+    """Bisect on the session rate (see the module docstring). ``replicas`` defaults to the scenario's
+    (its ``minReplicas`` when it has an autoscaler); ``start_rate`` to the fleet's throughput at full
+    batches estimated from the service model; the seeds of one rate run on ``executor``."""
+    base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
+    base = portable(base)
+    if base.workload.arrivals.kind == "trace":
+        raise SettingsError("capacity needs a rate to vary: the scenario replays a trace; use a poisson workload")
+    seeds_ = seed_list(seeds)
+    n = steady(base, 1.0, replicas).pods.replicas
+    turns = base.workload.sessions.turns
+    start = start_rate or _throughput_guess(base, n) / turns
+    rate, proofs, tried = _bisect(lambda r: steady(base, r, replicas), start, seeds_, rel_tol, max_probes,
+                                  executor, cache)
     final = steady(base, rate if rate > 0 else 1.0, replicas)
-    return CapacityResult(rate, rate * turns, n, final, proofs.get(rate, []), probes,
+    return CapacityResult(rate, rate * turns, n, final, proofs.get(rate, []), [Probe(*p) for p in tried],
+                          {**provenance(final), "seeds": seeds_, "rel_tol": rel_tol})
+
+
+@dataclass(frozen=True)
+class HeadroomResult:
+    """``scale``: the largest multiple of the scenario's own traffic (``workload.load_scale`` over the one it
+    has) that met the SLO under every seed, 0 when even the smallest tried failed; ``scenario``: the scenario at
+    that traffic, to re-run; ``proof``: its runs' summaries; ``probes``: each multiple tried."""
+
+    scale: float
+    scenario: Scenario
+    proof: list[dict[str, Any]]
+    probes: list[ScaleProbe]
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScaleProbe:
+    """One multiple of the traffic tried: whether every seed met the SLO, the worst seed's numbers, and why it
+    failed (an error, or the first seed's miss)."""
+
+    scale: float
+    passed: bool
+    ttft_p99_s: float
+    error_rate: float
+    error: str | None = None
+
+
+def headroom(scenario: Scenario | str | Path, *, seeds: int | Iterable[int] = 1, rel_tol: float = 0.02,
+             max_probes: int = 30, executor: ExecutorSpec = "serial", cache: bool | str | Path = True) -> HeadroomResult:
+    """How much more of its own traffic a plan carries within its SLO: the scenario as it is (its rush or trace,
+    autoscaler, cluster, faults), its arrivals multiplied (``workload.load_scale``: rates times it, a trace
+    replayed that much faster), bisected as :func:`capacity` bisects the rate, from 1 (today's traffic) up,
+    or down when today's already fails. Passing is assumed monotone in the multiple; the same seed's arrivals
+    stay as more come between them (``capsim.sim.arrivals.session_starts``), which keeps it close to that."""
+    base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
+    base = portable(base)
+    seeds_ = seed_list(seeds)
+    own = base.workload.load_scale
+
+    def at(k: float) -> Scenario:
+        return base.override({"workload.load_scale": own * k})
+
+    k, proofs, tried = _bisect(at, 1.0, seeds_, rel_tol, max_probes, executor, cache)
+    final = at(k if k > 0 else 1.0)
+    return HeadroomResult(k, final, proofs.get(k, []), [ScaleProbe(*p) for p in tried],
                           {**provenance(final), "seeds": seeds_, "rel_tol": rel_tol})
 
 

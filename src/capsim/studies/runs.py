@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,29 @@ def run_one(scenario: Scenario, seed: int, key: str, cache_root: str | None) -> 
 def empty_summary() -> dict[str, Any]:
     """A summary row of NaNs for a run that did not happen (its error says why)."""
     return {name: math.nan for name in SUMMARY_FIELDS}
+
+
+def slo_miss(s: Mapping[str, Any], ttft_slo: float, max_err: float,
+          max_wake: float | None = None) -> tuple[str, float]:
+    """Why a run misses (empty when it passes) and by how much (relative, > 0 when it misses). With
+    ``max_wake`` (``slo.max_wake_s``) the TTFT p99 is that of the requests that did not come during a wake
+    from zero pods, and the longest of those that did must stay within ``max_wake``."""
+    t = s["ttft_p99_s"] if max_wake is None else s.get("ttft_p99_warm_s", math.nan)
+    if t is None or (isinstance(t, float) and math.isnan(t)):
+        return "no request completed", 2.0
+    if t > ttft_slo:
+        return (f"TTFT p99 {t:.3g} s > SLO {ttft_slo:g} s" if max_wake is None else
+                f"TTFT p99 outside wakes {t:.3g} s > SLO {ttft_slo:g} s"), t / ttft_slo - 1.0
+    wake = s.get("longest_wake_s", math.nan)
+    if max_wake is not None and isinstance(wake, float) and wake > max_wake:
+        return f"a wake from zero pods kept a request {wake:.3g} s > max_wake_s {max_wake:g} s", wake / max_wake - 1.0
+    if s["error_rate"] > max_err:
+        return (f"error rate {s['error_rate']:.3%} > {max_err:.3%}",
+                s["error_rate"] / max_err - 1.0 if max_err > 0 else 1.0)
+    if s["lost_sessions"] > 0:
+        return f"{s['lost_sessions']} sessions lost", float(s["lost_sessions"])
+    if not s.get("slo_met", True):  # any further SLO the summary judges (the session failure rate)
+        rate = s.get("session_failure_rate")
+        return (f"session failure rate {rate:.3%} over the SLO" if isinstance(rate, float) and rate == rate
+                else "the run's summary says the SLO was not met"), 1.0
+    return "", 0.0

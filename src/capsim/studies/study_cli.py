@@ -142,7 +142,7 @@ def run_capacity(scenario: Path | Scenario, replicas: int | None, seeds: int, ho
         return
     result = capacity(sc, replicas=replicas, seeds=seeds, rel_tol=rel_tol, cache=cache)
     for p in result.probes:
-        verdict = "meets the SLO" if p.passed else ("fails: " + (p.error or "misses the SLO"))
+        verdict = "meets the SLO" if p.passed else ("misses the SLO: " + (p.error or "?"))
         echo(f"  {p.rate_per_s:10.3f} sessions/s  worst p99 TTFT {p.ttft_p99_s:8.4f} s  "
              f"error rate {p.error_rate:.3%}  {verdict}")
     turns = sc.workload.sessions.turns
@@ -152,6 +152,31 @@ def run_capacity(scenario: Path | Scenario, replicas: int | None, seeds: int, ho
     for seed, s in zip(result.provenance["seeds"], result.proof, strict=False):
         echo(f"  proof, seed {seed}: {s['arrived']} requests, p99 TTFT {s['ttft_p99_s']:.4f} s, "
              f"error rate {s['error_rate']:.3%}, mean batch {s['mean_batch_size']:.2f}")
+
+
+def run_headroom(scenario: Scenario, seeds: int, rel_tol: float, cache: bool, echo: Echo) -> None:
+    """Bisect on the traffic's multiple, then print it with the runs that prove it."""
+    from capsim.studies.capacity import headroom
+
+    result = headroom(scenario, seeds=seeds, rel_tol=rel_tol, cache=cache, executor=None)  # seeds in parallel
+    for p in result.probes:
+        verdict = "meets the SLO" if p.passed else ("misses the SLO: " + (p.error or "?"))
+        echo(f"  {p.scale:8.3f}x  worst p99 TTFT {p.ttft_p99_s:8.4f} s  error rate {p.error_rate:.3%}  {verdict}")
+    sc = scenario
+    today = next((p for p in result.probes if p.scale == 1.0), None)
+    if result.scale >= 1.0:
+        head = f"{result.scale:.3g} times its traffic ({result.scale - 1:+.0%})"
+    elif result.scale > 0:
+        head = f"only {result.scale:.3g} times its traffic: today's misses the SLO"
+    else:
+        head = "no multiple of its traffic tried: even the smallest misses the SLO"
+    echo(f"headroom: the plan carries {head} within its SLO (p99 TTFT {sc.slo.ttft_p99_s:g} s, error rate <= "
+         f"{sc.slo.max_error_rate:.3%}) under seeds {', '.join(map(str, result.provenance['seeds']))}"
+         + ("" if today is None or not today.passed else
+            f"; today's worst p99 TTFT {today.ttft_p99_s:.4g} s"))
+    for seed, s in zip(result.provenance["seeds"], result.proof, strict=False):
+        echo(f"  proof, seed {seed}: {s['arrived']} requests, p99 TTFT {s['ttft_p99_s']:.4f} s, error rate "
+             f"{s['error_rate']:.3%}, most pods {s['max_replicas']}, cost {s['cost']:.2f}")
 
 
 def run_tune(scenario: Path | None, space: Path, out: Path, *, seeds: int | None, budget: int | None,
