@@ -3,6 +3,7 @@ the node group (``capsim.policy.node_group_backoff``, upstream's cases ported)."
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -94,8 +95,10 @@ def test_nodes_asked_for_in_a_stockout_fail_and_back_the_node_group_off() -> Non
     # that fails after it ended: 10 min
     after = nodes[(nodes["created_s"] > first)]
     second = float(after["created_s"].iloc[0])
-    assert f"backed off until {second:g} s" in fails["detail"].iloc[len(fails[fails["time_s"] < second]) - 1]
-    assert second - float(fails["time_s"][fails["time_s"] < second].iloc[-1]) == pytest.approx(300.0)
+    before = fails[fails["time_s"] < second]
+    until = float(before["detail"].iloc[-1].split("until ")[1].split(" s")[0])
+    assert until == pytest.approx(float(before["time_s"].iloc[-1]) + 300.0, abs=0.01)  # printed to 6 digits
+    assert second == math.ceil((float(before["time_s"].iloc[-1]) + 300.0) / 10) * 10  # cluster-autoscaler's first loop (every 10 s) once it may
     later = fails[fails["time_s"] > second]
     assert f"until {float(later['time_s'].iloc[0]) + 600:g} s" in later["detail"].iloc[0]
     # capacity is back at 1,000 s, but the group is backed off until then: the first real node comes after
@@ -115,10 +118,11 @@ def test_another_zones_node_group_takes_the_pods_while_one_is_backed_off() -> No
     failed = nodes[nodes["unfulfilled"]]
     assert len(failed) > 0 and (failed["zone"] == 1).all()
     first_fail = float(failed["removed_s"].min())
-    # at the failure zone 1 is backed off: the next node goes to zone 0, at once, and comes up
-    replaced = nodes[(nodes["created_s"] == first_fail) & (nodes["zone"] == 0)]
+    # at the failure zone 1 is backed off: at cluster-autoscaler's next loop (every 10 s) the node goes to zone 0
+    loop = (first_fail // 10 + 1) * 10
+    replaced = nodes[(nodes["created_s"] == loop) & (nodes["zone"] == 0)]
     assert len(replaced) == 1 and not replaced["unfulfilled"].iloc[0]
-    assert float(replaced["ready_s"].iloc[0]) == pytest.approx(first_fail + 240)
+    assert float(replaced["ready_s"].iloc[0]) == pytest.approx(loop + 240)
     assert not nodes[(nodes["zone"] == 1) & (nodes["created_s"] > first_fail)
                      & (nodes["created_s"] < first_fail + 300)].shape[0]  # none in zone 1 while backed off
 
@@ -128,6 +132,18 @@ def test_a_failure_the_cloud_never_reports_times_out_after_max_node_provision_s(
     failed = r.nodes[r.nodes["unfulfilled"]]
     assert len(failed) > 0 and np.allclose(failed["removed_s"] - failed["created_s"], 700.0)
     assert r.node_events["detail"].str.contains("timed out").all()
+
+
+def test_a_failure_known_at_once_with_no_backoff_asks_again_one_loop_later() -> None:
+    # the cloud says no at once and the group is never backed off: cluster-autoscaler asks again at each loop
+    # (scan_interval_s), not in a loop of its own at one instant
+    r = simulate(scenario(**{"cluster.stockout_error_s": 0, "cluster.initial_node_group_backoff_s": 0,
+                             "cluster.max_node_group_backoff_s": 0, "horizon_s": 300}), 1)
+    failed = r.nodes[r.nodes["unfulfilled"]]
+    asks = [a for a in sorted(set(failed["created_s"])) if a > 60]  # once the HPA's own asks are past
+    assert len(asks) > 5 and np.allclose(np.diff(asks), 10.0)  # each loop, on its 10-s grid
+    assert all(a % 10 == 0 for a in asks)
+    assert np.allclose(failed["removed_s"], failed["created_s"])
 
 
 def test_a_stockout_that_ends_before_the_ask_changes_nothing() -> None:

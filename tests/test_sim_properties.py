@@ -30,6 +30,11 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     }
     if draw(st.booleans()):
         faults["pod_mtbf_s"] = draw(st.floats(20, 200))
+    # pods that run slow, their probes passing: drawn ones, pod 0, or the fleet for a spell
+    faults["slow_pods"] = [{"at_s": draw(st.floats(0, HORIZON)), "factor": draw(st.floats(1, 5)),
+                            "duration_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
+                            **draw(st.sampled_from([{}, {"pods": 2}, {"pods": "all"}, {"pod": 0}]))}
+                           for _ in range(draw(st.integers(0, 2)))]
     data: dict[str, Any] = {
         "horizon_s": HORIZON,
         "workload": {
@@ -97,6 +102,16 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         faults["zone_failures"] = [{"at_s": draw(st.floats(0, HORIZON)), "zone": draw(st.integers(0, zones - 1)),
                                     "duration_s": draw(st.one_of(st.none(), st.floats(1, 40)))}
                                    for _ in range(draw(st.integers(0, 2)))]
+        # no GPU node to be had for a while, and cluster-autoscaler's backoff of the groups that failed
+        faults["gpu_stockouts"] = [{"at_s": draw(st.floats(0, HORIZON)),
+                                    "duration_s": draw(st.one_of(st.none(), st.floats(1, 40))),
+                                    "zone": draw(st.one_of(st.none(), st.integers(0, zones - 1)))}
+                                   for _ in range(draw(st.integers(0, 2)))]
+        backoff = draw(st.floats(0, 20))
+        data["cluster"].update({"stockout_error_s": draw(st.one_of(st.none(), st.floats(0, 20))),
+                                "max_node_provision_s": draw(st.floats(1, 40)),
+                                "initial_node_group_backoff_s": backoff,
+                                "max_node_group_backoff_s": backoff * draw(st.floats(1, 4))})
     if draw(st.booleans()):
         data["autoscaler"] = {
             "minReplicas": 1, "maxReplicas": draw(st.integers(1, 6)), "sync_period_s": 5,
@@ -151,3 +166,9 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     if scenario.state.store == "redis":
         assert s.lost_sessions == 0
     assert s.lost_sessions <= df["session_id"].nunique()
+    # a node the cloud never created is never billed, nor ready; a slowdown slows
+    nodes = r.nodes
+    if len(nodes):
+        never = nodes[nodes["unfulfilled"]]
+        assert (never["gpu_hours"] == 0).all() and never["ready_s"].isna().all()
+    assert (r.slowdowns["factor"] >= 1).all() and (r.slowdowns["end_s"] > r.slowdowns["start_s"]).all()

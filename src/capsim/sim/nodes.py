@@ -161,6 +161,7 @@ class NodePool:
         self.backoff = NodeGroupBackoff(spec.initial_node_group_backoff_s, spec.max_node_group_backoff_s,
                                         spec.node_group_backoff_reset_s) if spec is not None else None
         self.failed_scale_ups = 0  # nodes asked for that the cloud did not create
+        self._loops: set[float] = set()  # cluster-autoscaler loops at which pending pods are asked for again
         if spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
 
@@ -390,8 +391,8 @@ class NodePool:
     def _creation_failed(self, ev: Timeout) -> None:
         """cluster-autoscaler learns that a node it asked for was not created (the cloud's out-of-capacity
         error, or ``max_node_provision_s`` without one): the request is dropped, its zone's node group backed
-        off (``NodeGroupBackoff``), and the pods still pending go where another group can take them, or wait
-        for the backoff's end."""
+        off (``NodeGroupBackoff``), and at its next loop (``scan_interval_s`` on) the pods still pending go
+        where another group can take them, or wait for the backoff's end."""
         node = cast(Node, ev.value)
         if node.removed_s is not None:
             return  # its zone went dark meanwhile, which removed it
@@ -406,15 +407,22 @@ class NodePool:
         if self.lifecycle is not None:
             self.lifecycle.log.append((now, "scale_up_failed", node.zone,
                                        f"node {node.id}: {how}; node group backed off until {until:g} s"))
-        Timeout(self.sim.env, until - now, node.zone).callbacks.append(self._backoff_over)
-        self._on_node_ready(now)  # the next loop: another zone's group, if one may scale
+        # cluster-autoscaler's loops run every scan_interval_s (from 0 here): at the next one another zone's group
+        # takes the pods, if one may scale, and at the first one the backoff allows this group is asked again
+        scan = self._spec.scan_interval_s
+        self._at_loop(math.floor(now / scan + 1) * scan)
+        self._at_loop(max(math.ceil(until / scan) * scan, math.floor(now / scan + 1) * scan))
 
-    def _backoff_over(self, ev: Timeout) -> None:
-        """A node group's backoff may have ended: cluster-autoscaler asks again for the pods still pending."""
-        assert self.backoff is not None
-        now = self.sim.env.now
-        if not self.backoff.backed_off(cast(int, ev.value), now):
-            self._on_node_ready(now)
+    def _at_loop(self, t: float) -> None:
+        """Ask for nodes for the pods still pending at cluster-autoscaler's loop at ``t`` (one wake-up per loop)."""
+        if t not in self._loops:
+            self._loops.add(t)
+            Timeout(self.sim.env, t - self.sim.env.now, t).callbacks.append(self._loop)
+
+    def _loop(self, ev: Timeout) -> None:
+        self._loops.discard(cast(float, ev.value))
+        self._on_node_ready(self.sim.env.now)
+
 
     def _node_ready(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)
