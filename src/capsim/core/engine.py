@@ -327,7 +327,7 @@ class ReferenceEngine:
         _stream(streaming, 0, out[-1], times[-1])
         slowed = self.slowdown != 1.0
         for step in range(1, n):
-            began = start + times[-1]
+            began = time.perf_counter()
             out.append(self.decode(out[-1], lengths + step - 1, t + step - 1, valid, cache))
             if self.device.type == "cuda" or slowed:
                 self.synchronize()

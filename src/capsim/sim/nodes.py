@@ -423,7 +423,6 @@ class NodePool:
         self._loops.discard(cast(float, ev.value))
         self._on_node_ready(self.sim.env.now)
 
-
     def _node_ready(self, ev: Timeout) -> None:
         node = cast(Node, ev.value)
         if node.removed_s is not None:
