@@ -197,3 +197,20 @@ def test_the_shipped_stockout_space_keeps_a_warm_pod(tmp_path: Any) -> None:
     zero = r.trials[r.trials["autoscaler.minReplicas"] == 0]
     assert len(zero) and (zero["status"] == "rejected").all()
     assert zero["reason"].str.contains("stress 'gpu-stockout'").all()
+
+
+def test_capsim_check_warns_a_plan_that_scales_to_zero_into_a_stockout() -> None:
+    from pathlib import Path
+
+    from capsim.studies.checks import run_checks
+
+    path = Path(__file__).resolve().parent.parent / "data" / "scenarios" / "gpu_stockout.yaml"
+    warm = Scenario.from_yaml(path)
+    assert not [f for f in run_checks(warm) if f.check == "stockout-at-wake"]  # a warm pod keeps its node
+    zero = warm.override({"autoscaler.minReplicas": 0})
+    (f,) = [f for f in run_checks(zero) if f.check == "stockout-at-wake"]
+    assert f.level == "warn" and f.path == "autoscaler.minReplicas"
+    assert "waits at least 600 s" in f.message and "over slo.max_wake_s (420 s)" in f.message
+    # the simulated wake is that long at least: 609 s to a node for the request at 4,804 s (docs/studies.md)
+    assert not [f for f in run_checks(zero.override({"slo.max_wake_s": 900})) if f.check == "stockout-at-wake"]
+    assert not [f for f in run_checks(zero.override({"faults.gpu_stockouts": []})) if f.check == "stockout-at-wake"]

@@ -74,6 +74,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   with a Prometheus outage (or of every trigger's source): a Deployment at zero when the outage starts stays at zero until it ends, fallback or
   not (the operator changes nothing on a poll in error, and the HPA that applies the fallback is disabled
   at zero: kedacore/keda#7239), so requests that come meanwhile find no pod.
+* ``stockout-at-wake`` (warn): a Deployment that goes to zero on nodes cluster-autoscaler removes when empty, in
+  a scenario with GPU stockouts (``faults.gpu_stockouts``) and a wake budget (``slo.max_wake_s``) shorter than a
+  wake that meets one takes at least: the failed ask (``cluster.stockout_error_s``, or ``max_node_provision_s``
+  when never reported), the node group's first backoff (``initial_node_group_backoff_s``) and a new node's
+  provisioning (``node_provision_s``).
 * ``keda-empty-after-outage`` (warn): KEDA whose triggers all keep ``ignoreNullValues`` (``keda.ignore_null_values``,
   KEDA's default) in a scenario with a Prometheus outage: when Prometheus answers again each trigger's query is
   empty until it has scraped afresh (a rate twice), which KEDA reads as 0. A Deployment that goes to zero whose
@@ -161,6 +166,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _scale_down_window(scenario)
     findings += _scale_to_zero(scenario)
     findings += _keda_fallback(scenario)
+    findings += _stockout_at_wake(scenario)
     return findings
 
 
@@ -545,6 +551,30 @@ def _to_zero(auto: Autoscaler) -> tuple[str, str, str]:
     if auto.min_replicas == 0:
         return "autoscaler.minReplicas", "minReplicas 0", "keep minReplicas above 0"
     return "autoscaler.keda.idle_replica_count", "idle_replica_count 0", "drop idle_replica_count"
+
+
+def _stockout_at_wake(scenario: Scenario) -> list[Finding]:
+    """A warning when a Deployment that goes to zero, on nodes cluster-autoscaler removes when empty, meets GPU
+    stockouts (``faults.gpu_stockouts``) and has a wake budget (``slo.max_wake_s``) shorter than a wake that
+    meets one takes at least: the failed ask (known ``stockout_error_s`` later, or ``max_node_provision_s``),
+    the node group's first backoff and a new node's provisioning."""
+    auto, cluster, faults = scenario.autoscaler, scenario.cluster, scenario.faults
+    budget = scenario.slo.max_wake_s
+    if (auto is None or not auto.goes_to_zero or cluster is None or not cluster.scale_down_enabled
+            or faults is None or not faults.gpu_stockouts or budget is None):
+        return []
+    error_s = cluster.stockout_error_s if cluster.stockout_error_s is not None else cluster.max_node_provision_s
+    error_s = min(error_s, cluster.max_node_provision_s)
+    least = error_s + cluster.initial_node_group_backoff_s + cluster.node_provision_s
+    if least <= budget:
+        return []
+    field, _, keep = _to_zero(auto)
+    return [Finding(
+        field, f"0 on nodes cluster-autoscaler removes when empty, and the cloud may have no GPU node "
+        f"(faults.gpu_stockouts): a wake that meets a stockout waits at least {least:g} s (the failed ask known "
+        f"{error_s:g} s on, the node group's backoff of {cluster.initial_node_group_backoff_s:g} s, a node's "
+        f"{cluster.node_provision_s:g} s), over slo.max_wake_s ({budget:g} s); {keep}, which keeps a node "
+        "(docs/studies.md, \"When the cloud has no GPUs\")", level="warn", check="stockout-at-wake")]
 
 
 def _scale_to_zero(scenario: Scenario) -> list[Finding]:
