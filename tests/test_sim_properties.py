@@ -35,6 +35,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                             "duration_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
                             **draw(st.sampled_from([{}, {"pods": 2}, {"pods": "all"}, {"pod": 0}]))}
                            for _ in range(draw(st.integers(0, 2)))]
+    if draw(st.booleans()):  # and at random, spell after spell
+        faults["random_slowdowns"] = {"mtbf_s": draw(st.floats(5, 100)), "duration_s": draw(st.floats(0.5, 30)),
+                                      "factor": draw(st.floats(1, 5))}
     data: dict[str, Any] = {
         "horizon_s": HORIZON,
         "workload": {

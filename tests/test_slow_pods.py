@@ -205,3 +205,52 @@ def test_a_fleet_spell_that_begins_with_no_pod_still_ends() -> None:
     assert woke and all(p.slow == 1.0 for p in sim.cluster.pods)  # the pods of the wake run at full speed
     plain = simulate(sc.override({"faults": None}), 0)
     pd.testing.assert_frame_equal(r.requests, plain.requests)  # nothing ran during the spell
+
+
+# ---- faults.random_slowdowns ---------------------------------------------------------------------------------
+def test_random_spells_slow_a_third_of_the_pod_time_when_a_spell_lasts_half_the_time_between() -> None:
+    # each pod alternates an exponential wait of mean 100 s and a 50-s spell: slow 50 / 150 of the time
+    horizon = 20_000.0
+    sc = static(**{"horizon_s": horizon, "pods.replicas": 4, "workload.arrivals.rate_per_s": 0.5,
+                   "faults": {"random_slowdowns": {"mtbf_s": 100, "duration_s": 50, "factor": 2}}})
+    r = simulate(sc, 3)
+    spells = r.slowdowns
+    assert set(spells["pod"]) == {0, 1, 2, 3} and (spells["factor"] == 2).all()
+    assert np.allclose(spells["end_s"] - spells["start_s"], 50.0)
+    slowed = float((spells["end_s"].clip(upper=horizon) - spells["start_s"]).sum()) / (4 * horizon)
+    assert slowed == pytest.approx(1 / 3, abs=0.04)  # the renewal process's share (about 530 spells)
+    # and every batch took what its pod's speed was when it started
+    for pod in range(4):
+        b = batch_s(r, pod)
+        mine = spells[spells["pod"] == pod]
+        starts = b["start_s"].to_numpy()
+        inside = np.zeros(len(b), dtype=bool)
+        for row in mine.itertuples():
+            inside |= (starts >= row.start_s) & (starts < row.end_s)
+        assert np.allclose(b["took"].to_numpy()[inside], 2.0) and np.allclose(b["took"].to_numpy()[~inside], 1.0)
+    again = simulate(sc, 3)
+    assert again.slowdowns.equals(spells)  # the slow_spells stream: the same seed, the same spells
+
+
+def test_random_spells_leave_the_scheduled_slowdowns_draws_alone() -> None:
+    scheduled = {"slow_pods": [{"at_s": 30, "factor": 3, "pods": 2}]}
+    alone = simulate(static(**{"pods.replicas": 5, "faults": scheduled}), 4).slowdowns
+    both = simulate(static(**{"pods.replicas": 5, "faults": {**scheduled, "random_slowdowns": {"mtbf_s": 60}}}),
+                    4).slowdowns
+    assert both[both["factor"] == 3].reset_index(drop=True).equals(alone)  # other streams
+    assert (both["factor"] == 2).any()
+    with pytest.raises(SettingsError, match=re.escape("faults.random_slowdowns.factor: must be at least 1")):
+        static(**{"faults": {"random_slowdowns": {"mtbf_s": 60, "factor": 0.5}}})
+
+
+def test_capsim_simulate_sums_many_spells_up_in_one_note() -> None:
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    res = CliRunner().invoke(app, [
+        "simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=1200", "--set",
+        "faults={random_slowdowns: {mtbf_s: 300, duration_s: 100, factor: 3}}"])
+    assert res.exit_code == 0, res.output
+    (note,) = [ln for ln in res.output.splitlines() if "slow spells on" in ln]
+    assert note.startswith("note: ") and "on 4 pods" in note and "of the requests answered started in one" in note

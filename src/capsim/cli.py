@@ -486,6 +486,16 @@ def _slowdown_notes(slowdowns: Any, requests: Any) -> list[str]:
 
     lines = []
     spells = slowdowns.groupby(["start_s", "end_s", "factor"], sort=False)["pod"].apply(list)
+    if len(spells) > 4 and (slowdowns["pod"] >= 0).all():  # many spells (faults.random_slowdowns): one line
+        ok = requests[requests["outcome"] == "ok"]
+        slow = np.zeros(len(ok), dtype=bool)
+        pod, start = ok["pod"].to_numpy(), ok["start_s"].to_numpy()
+        for row in slowdowns.itertuples():
+            slow |= (pod == row.pod) & (start >= row.start_s) & (start < row.end_s)
+        ttft = (ok["first_token_s"] - ok["arrival_s"]).to_numpy()
+        return [f"note: {len(slowdowns)} slow spells on {slowdowns['pod'].nunique()} pods: {slow.mean():.1%} of the "
+                f"requests answered started in one, TTFT p99 {p99(ttft[slow])} there, {p99(ttft[~slow])} elsewhere "
+                "(slowdowns.csv)"]
     for (start, end, factor), pods in spells.items():
         sent = requests[(requests["arrival_s"] >= start) & (requests["arrival_s"] < end)]
         ok = sent[sent["outcome"] == "ok"]

@@ -385,8 +385,9 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          f"`--max-node-group-backoff-duration={c.max_node_group_backoff_s:g}s`, "
                          f"`--node-group-backoff-reset-timeout={c.node_group_backoff_reset_s:g}s`")
     f = scenario.faults
-    if f is not None and f.slow_pods:
-        slowest = max(s.factor for s in f.slow_pods)
+    if f is not None and (f.slow_pods or f.random_slowdowns is not None):
+        slowest = max([s.factor for s in f.slow_pods]
+                      + ([f.random_slowdowns.factor] if f.random_slowdowns is not None else []))
         kind = scenario.router.kind
         does = ("sends them fewer requests as their queues grow" if kind in ("least_outstanding", "prefix_aware")
                 else "gives them their share whatever their queues")

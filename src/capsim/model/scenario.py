@@ -1056,6 +1056,23 @@ class GpuStockout(_Section):
     zone: Int | None = Field(None, ge=0, description="the zone out of capacity; none: every zone")
 
 
+class RandomSlowdowns(_Section):
+    """Pods that run slow at random (a fleet's gray failures over time): each pod, from its creation, runs
+    ``factor`` times slower for ``duration_s`` after an exponential time of mean ``mtbf_s``, again and again; a
+    spell is a ``faults.slow_pods`` entry's, drawn (``capsim.sim.faults``)."""
+
+    mtbf_s: Float = Field(gt=0, description="mean time between slow spells of one pod, from its creation or its "
+                                            "last spell's end")
+    duration_s: Duration = Field(ConstantDuration(kind="constant", value_s=600.0),
+                                 description="how long a spell lasts: a number, or a distribution")
+    factor: Float = Field(2.0, le=100, description="each batch or step takes this many times as long in a spell")
+
+    @field_validator("factor")
+    @classmethod
+    def _a_multiplier(cls, v: float) -> float:
+        return SlowPod._a_multiplier(v)
+
+
 class RedisOutage(_Section):
     at_s: Float = Field(ge=0)
     duration_s: Float = Field(gt=0)
@@ -1096,6 +1113,9 @@ class Faults(_Section):
         (), description="the cloud cannot create GPU nodes for a while (needs a cluster section)")
     slow_pods: tuple[SlowPod, ...] = Field(
         (), description="pods that run slow and stay ready (a gray failure), or a spell of the whole fleet")
+    random_slowdowns: RandomSlowdowns | None = Field(
+        None, description="pods that run slow at random, spell after spell (mean time between them, duration, "
+                          "factor)")
     metrics_outages: tuple[MetricsOutage, ...] = Field(
         (), description="Prometheus down: no scrape, and every query of the HPA's adapter and KEDA's triggers fails")
     trigger_outages: tuple[TriggerOutage, ...] = Field(

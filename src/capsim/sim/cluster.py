@@ -38,6 +38,7 @@ import math
 from collections import Counter
 from typing import TYPE_CHECKING, cast
 
+import numpy as np
 from simpy.events import Timeout
 
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, UniformDuration
@@ -56,6 +57,17 @@ _DRAINED = (PodState.STARTING, PodState.READY, PodState.CRASHED)
 #: kubectl drain asks again for an eviction the PodDisruptionBudget refused after this long
 #: (``k8s.io/kubectl/pkg/drain``: the 429 retry of ``evictPods``)
 EVICTION_RETRY_S = 5.0
+
+
+def draw_duration(d: Duration, gen: np.random.Generator) -> float:
+    """One draw of a duration setting (s): its constant, or from ``gen``."""
+    if isinstance(d, ConstantDuration):
+        return d.value_s
+    if isinstance(d, UniformDuration):
+        return float(gen.uniform(d.low_s, d.high_s))
+    assert isinstance(d, LognormalDuration)
+    mu = math.log(d.mean_s) - d.sigma**2 / 2.0
+    return float(gen.lognormal(mu, d.sigma))
 
 
 class Cluster:
@@ -223,14 +235,7 @@ class Cluster:
         ev.callbacks.append(self._started)
 
     def _draw(self, d: Duration, stream: str) -> float:
-        gen = self.sim.streams[stream]
-        if isinstance(d, ConstantDuration):
-            return d.value_s
-        if isinstance(d, UniformDuration):
-            return float(gen.uniform(d.low_s, d.high_s))
-        assert isinstance(d, LognormalDuration)
-        mu = math.log(d.mean_s) - d.sigma**2 / 2.0
-        return float(gen.lognormal(mu, d.sigma))
+        return draw_duration(d, self.sim.streams[stream])
 
     def _started(self, ev: Timeout) -> None:
         """The model is loaded: the pod is ready at its first passing readiness probe from now."""

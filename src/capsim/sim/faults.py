@@ -15,7 +15,8 @@ take ``factor`` times as long from the entry's ``at_s`` (those already on the mo
 continuous pod's run of decode steps is cut at the step in progress), until ``duration_s`` after. The factor
 belongs to the pod, as its GPU does: a container restart keeps it, a replacement pod (a new id) runs at
 full speed. ``pods: all`` slows the whole fleet, pods started during the spell too. Entries that overlap on a
-pod multiply.
+pod multiply. ``faults.random_slowdowns`` draws such spells for every pod, one after the other from its creation:
+an exponential time of mean ``mtbf_s``, then ``duration_s`` at ``factor`` (the ``slow_spells`` stream).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 from simpy.events import Timeout
 
 from capsim.model.scenario import Crash, NodeFailure, SlowPod, SpotInterruption, ZoneFailure
+from capsim.sim.cluster import draw_duration
 from capsim.sim.nodes import Node
 from capsim.sim.pod import Pod, PodState
 
@@ -94,6 +96,8 @@ class Faults:
         self._slow_gen = sim.streams["slow_pods"]
         self._pod_slow: dict[int, list[float]] = {}  # pod id -> the factors in force on it
         self._fleet_slow: list[float] = []  # the factors of the fleet-wide spells in force
+        self._spells = spec.random_slowdowns if spec else None  # faults.random_slowdowns: each pod's spells
+        self._spell_gen = sim.streams["slow_spells"]
         if spec:  # each scheduled fault, in this order when two come at the same time
             scheduled: tuple[tuple[Sequence[Crash | NodeFailure | SpotInterruption | ZoneFailure | SlowPod],
                                    Callable[[Timeout], None]], ...] = (
@@ -286,9 +290,39 @@ class Faults:
             pod.set_slow(factor, now)
 
     def pod_created(self, pod: Pod) -> None:
-        """A new pod: slowed at once if a fleet-wide spell is in force."""
+        """A new pod: slowed at once if a fleet-wide spell is in force; its first random spell drawn
+        (``faults.random_slowdowns``)."""
         if self._fleet_slow:
             self._refresh(pod, self.sim.env.now)
+        if self._spells is not None:
+            self._next_spell(pod)
+
+    def _next_spell(self, pod: Pod) -> None:
+        assert self._spells is not None
+        Timeout(self.sim.env, float(self._spell_gen.exponential(self._spells.mtbf_s)), pod).callbacks.append(
+            self._spell_begins)
+
+    def _spell_begins(self, ev: Timeout) -> None:
+        """A pod's random slow spell begins (``faults.random_slowdowns``): as a ``slow_pods`` entry on it alone."""
+        pod = cast(Pod, ev.value)
+        if pod.state == PodState.GONE:
+            return
+        spells = self._spells
+        assert spells is not None
+        now = self.sim.env.now
+        duration = draw_duration(spells.duration_s, self._spell_gen)
+        self._pod_slow.setdefault(pod.id, []).append(spells.factor)
+        self.slow_log.append((now, now + duration, pod.id, spells.factor))
+        self._refresh(pod, now)
+        Timeout(self.sim.env, duration, pod).callbacks.append(self._spell_ends)
+
+    def _spell_ends(self, ev: Timeout) -> None:
+        pod = cast(Pod, ev.value)
+        assert self._spells is not None
+        self._pod_slow[pod.id].remove(self._spells.factor)
+        self._refresh(pod, self.sim.env.now)
+        if pod.state != PodState.GONE:
+            self._next_spell(pod)
 
     def redis_down(self, t: float) -> bool:
         """Whether Redis is unreachable at time ``t`` (s)."""

@@ -32,6 +32,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "spot",  # random spot interruption times (cluster.spot.mtbf_s) and which node an unnamed one takes
     "keda_phase",  # the phase of KEDA's polling loop within its polling interval (autoscaler.keda)
     "slow_pods",  # which ready pods an unnamed faults.slow_pods entry slows
+    "slow_spells",  # faults.random_slowdowns: each pod's times between slow spells and the spells' lengths
 )
 
 
