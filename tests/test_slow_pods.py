@@ -254,3 +254,30 @@ def test_capsim_simulate_sums_many_spells_up_in_one_note() -> None:
     assert res.exit_code == 0, res.output
     (note,) = [ln for ln in res.output.splitlines() if "slow spells on" in ln]
     assert note.startswith("note: ") and "on 4 pods" in note and "of the requests answered started in one" in note
+
+
+def test_the_simulator_gives_the_slowed_pod_the_share_the_real_drill_measured() -> None:
+    # tests/test_engine_slowdown.py's drill, simulated: two pods of the tiny CPU model (its profile), the second
+    # 5x slow, six closed-loop sessions of 10 turns (16 prompt tokens, 48 new); the real router gave the slow
+    # pod 50% under round robin and 15 to 25% under least outstanding (docs/pod.md)
+    base = Scenario.model_validate({
+        "horizon_s": 60,
+        "workload": {"arrivals": {"kind": "piecewise", "rate_per_s": [[0, 600], [0.01, 0]]},
+                     "prompt_tokens": {"kind": "constant", "value": 16},
+                     "output_tokens": {"kind": "constant", "value": 48},
+                     "sessions": {"turns": 10, "think_time_s": 0}},
+        "service": {"kind": "profile", "profile": str(ROOT / "data" / "profiles" / "cpu-tiny-float32.csv"),
+                    "extrapolate": True},
+        "batching": {"max_batch_size": 32, "max_wait_ms": 0},
+        "pods": {"replicas": 2},
+        "faults": {"slow_pods": [{"at_s": 0, "factor": 5, "pod": 1}]},
+        "client": {"timeout_s": 60, "max_retries": 0},
+    })
+    share = {}
+    for kind in ("round_robin", "least_outstanding"):
+        ok = simulate(base.override({"router.kind": kind}), 1).requests  # seed 1: six sessions, as the drill
+        ok = ok[ok["outcome"] == "ok"]
+        assert ok["session_id"].nunique() == 6 and len(ok) == 60
+        share[kind] = float((ok["pod"] == 1).mean())
+    assert share["round_robin"] == 0.5
+    assert 0.15 <= share["least_outstanding"] <= 0.25  # 0.20 here
