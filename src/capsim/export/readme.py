@@ -378,8 +378,8 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                             f"the cloud's node auto-repair deleting a node NotReady for {c.node_auto_repair_s:g} s"))
         if f is not None and f.gpu_stockouts:
             lines.append("- GPU nodes the cloud could not create (stockouts): the cloud reports the failure "
-                         + (f"{c.stockout_error_s:g} s after the ask" if c.stockout_error_s is not None else
-                            "never (the scale-up times out)")
+                         + (f"{c.stockout_known_s:g} s after the ask" if c.stockout_reported else
+                            "never before the scale-up times out")
                          + f"; cluster-autoscaler `--max-node-provision-time={c.max_node_provision_s:g}s`, "
                          f"`--initial-node-group-backoff-duration={c.initial_node_group_backoff_s:g}s`, "
                          f"`--max-node-group-backoff-duration={c.max_node_group_backoff_s:g}s`, "

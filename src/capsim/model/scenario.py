@@ -9,6 +9,7 @@ YAML. Where a section mirrors Kubernetes (the autoscaler) the Kubernetes spellin
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
@@ -931,6 +932,18 @@ class ClusterSpec(_Section):
     node_group_backoff_reset_s: Float = Field(
         10800.0, ge=0, description="cluster-autoscaler --node-group-backoff-reset-timeout: this long after its "
                                    "last failure a node group's backoff starts over")
+
+    @property
+    def stockout_known_s(self) -> float:
+        """How long after a node is asked for in a GPU stockout cluster-autoscaler knows it was not created: the
+        cloud's error (``stockout_error_s``), or the scale-up's timeout (``max_node_provision_s``) if sooner."""
+        error_s = self.stockout_error_s if self.stockout_error_s is not None else math.inf
+        return min(error_s, self.max_node_provision_s)
+
+    @property
+    def stockout_reported(self) -> bool:
+        """Whether the cloud's out-of-capacity error reaches cluster-autoscaler before the scale-up times out."""
+        return self.stockout_known_s == self.stockout_error_s
 
     def pods_per_node(self, gpus_per_pod: int) -> int:
         """Pods of ``gpus_per_pod`` GPUs one node holds (a pod's GPUs share its node)."""

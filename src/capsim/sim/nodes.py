@@ -377,9 +377,7 @@ class NodePool:
             if self._stocked_out(node.zone, now):  # the cloud cannot create it: the failure comes back later
                 assert self._spec is not None
                 node.unfulfilled = True
-                error_s = self._spec.stockout_error_s
-                after = min(error_s if error_s is not None else math.inf, self._spec.max_node_provision_s)
-                Timeout(self.sim.env, after, node).callbacks.append(self._creation_failed)
+                Timeout(self.sim.env, self._spec.stockout_known_s, node).callbacks.append(self._creation_failed)
                 continue
             ev = Timeout(self.sim.env, self.provision_s, node)
             ev.callbacks.append(self._node_ready)
@@ -401,17 +399,17 @@ class NodePool:
         self._remove(node, now)
         self.failed_scale_ups += 1
         until = self.backoff.backoff(node.zone, now)
-        error_s = self._spec.stockout_error_s
-        how = ("the cloud reported it out of capacity" if error_s is not None
-               and error_s <= self._spec.max_node_provision_s else "timed out (max_node_provision_s)")
+        how = ("the cloud reported it out of capacity" if self._spec.stockout_reported
+               else "timed out (max_node_provision_s)")
         if self.lifecycle is not None:
             self.lifecycle.log.append((now, "scale_up_failed", node.zone,
                                        f"node {node.id}: {how}; node group backed off until {until:g} s"))
         # cluster-autoscaler's loops run every scan_interval_s (from 0 here): at the next one another zone's group
         # takes the pods, if one may scale, and at the first one the backoff allows this group is asked again
         scan = self._spec.scan_interval_s
-        self._at_loop(math.floor(now / scan + 1) * scan)
-        self._at_loop(max(math.ceil(until / scan) * scan, math.floor(now / scan + 1) * scan))
+        next_loop = math.floor(now / scan + 1) * scan
+        self._at_loop(next_loop)
+        self._at_loop(max(math.ceil(until / scan) * scan, next_loop))
 
     def _at_loop(self, t: float) -> None:
         """Ask for nodes for the pods still pending at cluster-autoscaler's loop at ``t`` (one wake-up per loop)."""

@@ -563,8 +563,7 @@ def _stockout_at_wake(scenario: Scenario) -> list[Finding]:
     if (auto is None or not auto.goes_to_zero or cluster is None or not cluster.scale_down_enabled
             or faults is None or not faults.gpu_stockouts or budget is None):
         return []
-    error_s = cluster.stockout_error_s if cluster.stockout_error_s is not None else cluster.max_node_provision_s
-    error_s = min(error_s, cluster.max_node_provision_s)
+    error_s = cluster.stockout_known_s
     least = error_s + cluster.initial_node_group_backoff_s + cluster.node_provision_s
     if least <= budget:
         return []
