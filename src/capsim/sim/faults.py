@@ -241,47 +241,63 @@ class Faults:
         slow = cast(SlowPod, ev.value)
         now = self.sim.env.now
         end = now + slow.duration_s if slow.duration_s is not None else math.inf
-        pods = self.sim.cluster.pods
-        hit: list[Pod] = []
         if slow.pods == "all":
             self._fleet_slow.append(slow.factor)
             self.slow_log.append((now, end, -1, slow.factor))
-            hit = [p for p in pods if p.state != PodState.GONE]
-        elif slow.pod is not None:
-            pod = pods[slow.pod] if slow.pod < len(pods) else None
-            if pod is None or pod.state == PodState.GONE:
-                self.slow_skipped.append(
-                    (now, slow.pod, f"pod {slow.pod} {'gone' if pod is not None else 'not created (yet)'}: nothing slowed"))
-            else:
-                hit = [pod]
-        else:
-            ready = [p for p in self.sim.cluster.endpoints if p.state == PodState.READY]
-            want = slow.pods
-            k = min(want, len(ready))
-            if k:
-                hit = [ready[j] for j in sorted(int(x) for x in self._slow_gen.choice(len(ready), size=k, replace=False))]
-            if k < want:
-                self.slow_skipped.append((now, -1, f"{want} pods asked, {k} ready: those slowed"))
-        if slow.pods != "all":
+            hit = self._live_pods()
             for pod in hit:
-                self._pod_slow.setdefault(pod.id, []).append(slow.factor)
-                self.slow_log.append((now, end, pod.id, slow.factor))
-        for pod in hit:
-            self._refresh(pod, now)
+                self._refresh(pod, now)
+        else:
+            hit = self._slow_targets(slow, now)
+            for pod in hit:
+                self._slow(pod, slow.factor, now, end)
         if slow.duration_s is not None and (hit or slow.pods == "all"):  # a fleet's spell ends, pods or none
             Timeout(self.sim.env, slow.duration_s, (slow, hit)).callbacks.append(self._slow_ends)
+
+    def _slow_targets(self, slow: SlowPod, now: float) -> list[Pod]:
+        """The pods a ``faults.slow_pods`` entry that is not the fleet's slows: the one named, or ``pods`` ready
+        ones drawn from the ``slow_pods`` stream; what it could not slow goes to ``slow_skipped``."""
+        pods = self.sim.cluster.pods
+        if slow.pod is not None:
+            pod = pods[slow.pod] if slow.pod < len(pods) else None
+            if pod is not None and pod.state != PodState.GONE:
+                return [pod]
+            self.slow_skipped.append(
+                (now, slow.pod, f"pod {slow.pod} {'gone' if pod is not None else 'not created (yet)'}: nothing slowed"))
+            return []
+        ready = [p for p in self.sim.cluster.endpoints if p.state == PodState.READY]
+        want = cast(int, slow.pods)
+        k = min(want, len(ready))
+        if k < want:
+            self.slow_skipped.append((now, -1, f"{want} pods asked, {k} ready: those slowed"))
+        if not k:
+            return []
+        return [ready[j] for j in sorted(int(x) for x in self._slow_gen.choice(len(ready), size=k, replace=False))]
 
     def _slow_ends(self, ev: Timeout) -> None:
         slow, hit = cast(tuple[SlowPod, list[Pod]], ev.value)
         now = self.sim.env.now
         if slow.pods == "all":
             self._fleet_slow.remove(slow.factor)
-            hit = [p for p in self.sim.cluster.pods if p.state != PodState.GONE]
+            for pod in self._live_pods():
+                self._refresh(pod, now)
         else:
             for pod in hit:
-                self._pod_slow[pod.id].remove(slow.factor)
-        for pod in hit:
-            self._refresh(pod, now)
+                self._unslow(pod, slow.factor, now)
+
+    def _live_pods(self) -> list[Pod]:
+        return [p for p in self.sim.cluster.pods if p.state != PodState.GONE]
+
+    def _slow(self, pod: Pod, factor: float, now: float, end: float) -> None:
+        """``pod`` runs ``factor`` times slower from ``now`` to ``end`` (a scheduled entry's, or a random spell)."""
+        self._pod_slow.setdefault(pod.id, []).append(factor)
+        self.slow_log.append((now, end, pod.id, factor))
+        self._refresh(pod, now)
+
+    def _unslow(self, pod: Pod, factor: float, now: float) -> None:
+        """The slowdown ``factor`` on ``pod`` ends at ``now`` (others in force stay)."""
+        self._pod_slow[pod.id].remove(factor)
+        self._refresh(pod, now)
 
     def _refresh(self, pod: Pod, now: float) -> None:
         """Give ``pod`` the product of the slowdowns in force on it, if that changed."""
@@ -311,16 +327,13 @@ class Faults:
         assert spells is not None
         now = self.sim.env.now
         duration = draw_duration(spells.duration_s, self._spell_gen)
-        self._pod_slow.setdefault(pod.id, []).append(spells.factor)
-        self.slow_log.append((now, now + duration, pod.id, spells.factor))
-        self._refresh(pod, now)
+        self._slow(pod, spells.factor, now, now + duration)
         Timeout(self.sim.env, duration, pod).callbacks.append(self._spell_ends)
 
     def _spell_ends(self, ev: Timeout) -> None:
         pod = cast(Pod, ev.value)
         assert self._spells is not None
-        self._pod_slow[pod.id].remove(self._spells.factor)
-        self._refresh(pod, self.sim.env.now)
+        self._unslow(pod, self._spells.factor, self.sim.env.now)
         if pod.state != PodState.GONE:
             self._next_spell(pod)
 
