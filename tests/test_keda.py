@@ -518,7 +518,7 @@ def test_a_wake_budget_judges_the_wakes_apart_from_the_warm_requests() -> None:
 
 
 def test_tune_judges_a_wake_budget_by_the_warm_p99_and_the_longest_wake() -> None:
-    from capsim.studies.tune import _miss
+    from capsim.studies.runs import slo_miss as _miss
 
     s = {"ttft_p99_s": 240.0, "ttft_p99_warm_s": 0.2, "longest_wake_s": 360.0, "error_rate": 0.0,
          "lost_sessions": 0, "slo_met": True}

@@ -67,15 +67,19 @@ def steady(scenario: Scenario, rate_per_s: float, replicas: int | None = None) -
     })
 
 
+#: one probe of ``_bisect``: the value tried, whether every seed passed, the worst TTFT p99 and error rate, why not
+_Tried = tuple[float, bool, float, float, str | None]
+
+
 def _bisect(make: Callable[[float], Scenario], start: float, seeds: list[int], rel_tol: float, max_probes: int,
             executor: ExecutorSpec, cache: bool | str | Path) -> tuple[float, dict[float, list[dict[str, Any]]],
-                                                                        list[tuple[float, bool, float, float, str | None]]]:
+                                                                        list[_Tried]]:
     """The largest ``x`` whose scenario ``make(x)`` meets the SLO under every seed: from ``start``, doubled until
     an ``x`` fails, then the bracket halved until narrower than ``rel_tol`` (or ``max_probes`` tried). Returns
     it (0 when none passed), the passing runs' summaries by ``x``, and each probe as ``(x, passed, worst TTFT
     p99, worst error rate, first error)``."""
     cache_root = None if cache is False else str(DEFAULT_CACHE if cache is True else Path(cache))
-    probes: list[tuple[float, bool, float, float, str | None]] = []
+    probes: list[_Tried] = []
     proofs: dict[float, list[dict[str, Any]]] = {}
     with open_executor(executor, tasks=len(seeds)) as ex:
         def probe(x: float) -> bool:
@@ -88,8 +92,10 @@ def _bisect(make: Callable[[float], Scenario], start: float, seeds: list[int], r
             worst_t = max((s["ttft_p99_s"] for s in sums), default=math.nan)
             worst_e = max((s["error_rate"] for s in sums), default=math.nan)
             slo = sc.slo
-            why = next((f"seed {seed}: {m}" for seed, s in zip(seeds, sums, strict=False) if not s["slo_met"]
-                        for m in [slo_miss(s, slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)[0]]), None)
+            missed = next(((seed, o["summary"]) for seed, o in zip(seeds, outs, strict=True)
+                           if o["summary"] is not None and not o["summary"]["slo_met"]), None)
+            why = None if missed is None else (
+                f"seed {missed[0]}: {slo_miss(missed[1], slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)[0]}")
             probes.append((x, passed, worst_t, worst_e, errors[0] if errors else why))
             if passed:
                 proofs[x] = sums

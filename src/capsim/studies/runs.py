@@ -168,7 +168,7 @@ def empty_summary() -> dict[str, Any]:
 
 
 def slo_miss(s: Mapping[str, Any], ttft_slo: float, max_err: float,
-          max_wake: float | None = None) -> tuple[str, float]:
+             max_wake: float | None = None) -> tuple[str, float]:
     """Why a run misses (empty when it passes) and by how much (relative, > 0 when it misses). With
     ``max_wake`` (``slo.max_wake_s``) the TTFT p99 is that of the requests that did not come during a wake
     from zero pods, and the longest of those that did must stay within ``max_wake``."""

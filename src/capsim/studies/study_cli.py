@@ -162,7 +162,6 @@ def run_headroom(scenario: Scenario, seeds: int, rel_tol: float, cache: bool, ec
     for p in result.probes:
         verdict = "meets the SLO" if p.passed else ("misses the SLO: " + (p.error or "?"))
         echo(f"  {p.scale:8.3f}x  worst p99 TTFT {p.ttft_p99_s:8.4f} s  error rate {p.error_rate:.3%}  {verdict}")
-    sc = scenario
     today = next((p for p in result.probes if p.scale == 1.0), None)
     if result.scale >= 1.0:
         head = f"{result.scale:.3g} times its traffic ({result.scale - 1:+.0%})"
@@ -170,8 +169,8 @@ def run_headroom(scenario: Scenario, seeds: int, rel_tol: float, cache: bool, ec
         head = f"only {result.scale:.3g} times its traffic: today's misses the SLO"
     else:
         head = "no multiple of its traffic tried: even the smallest misses the SLO"
-    echo(f"headroom: the plan carries {head} within its SLO (p99 TTFT {sc.slo.ttft_p99_s:g} s, error rate <= "
-         f"{sc.slo.max_error_rate:.3%}) under seeds {', '.join(map(str, result.provenance['seeds']))}"
+    echo(f"headroom: the plan carries {head} within its SLO (p99 TTFT {scenario.slo.ttft_p99_s:g} s, error rate "
+         f"<= {scenario.slo.max_error_rate:.3%}) under seeds {', '.join(map(str, result.provenance['seeds']))}"
          + ("" if today is None or not today.passed else
             f"; today's worst p99 TTFT {today.ttft_p99_s:.4g} s"))
     for seed, s in zip(result.provenance["seeds"], result.proof, strict=False):

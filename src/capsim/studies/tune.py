@@ -24,8 +24,7 @@ import capsim
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.studies.executors import ExecutorSpec, open_executor, workers_of
-from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, run_one
-from capsim.studies.runs import slo_miss as _miss
+from capsim.studies.runs import DEFAULT_CACHE, portable, provenance, run_key, run_one, slo_miss
 from capsim.studies.space import OBJECTIVES, Param, Space, as_quantity, load_space, parse_space, value_at
 from capsim.studies.sweep import is_bundle, seed_list
 
@@ -155,7 +154,7 @@ def evaluate(base: Scenario, changes: dict[str, Any], stresses: dict[str, dict[s
             if slo.max_wake_s is not None:  # the front and the ranking read the p99 the SLO judges
                 row["ttft_p99_s"] = s.get("ttft_p99_warm_s", math.nan)
             runs.append({"stress": name, "seed": seed, **row})
-            why, violation = _miss(s, slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)
+            why, violation = slo_miss(s, slo.ttft_p99_s, slo.max_error_rate, slo.max_wake_s)
             if why:
                 return _verdict(runs, "rejected", f"stress {name!r} seed {seed}: {why}", violation)
         if seed != seeds[-1] and front:
