@@ -325,14 +325,12 @@ class ReferenceEngine:
         self.hold(start)
         times = [time.perf_counter() - start]
         _stream(streaming, 0, out[-1], times[-1])
-        slowed = self.slowdown != 1.0
         for step in range(1, n):
             began = time.perf_counter()
             out.append(self.decode(out[-1], lengths + step - 1, t + step - 1, valid, cache))
-            if self.device.type == "cuda" or slowed:
+            if self.device.type == "cuda":
                 self.synchronize()
-            if slowed:
-                self.hold(began)
+            self.hold(began)
             times.append(time.perf_counter() - start)
             _stream(streaming, step, out[-1], times[-1])
         generated = torch.stack(out, dim=1).tolist()

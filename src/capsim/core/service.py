@@ -59,10 +59,9 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         eng = engine or ReferenceEngine(
-            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads,
-            slowdown=cfg.slowdown,
+            cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed, threads=cfg.torch_threads
         )
-        if cfg.slowdown != 1.0:  # an injected engine too: the drill is the pod's setting
+        if cfg.slowdown != 1.0:  # the drill is the pod's setting, an injected engine's too
             eng.slowdown = cfg.slowdown
         metrics = InferenceMetrics()
         st = store or open_store(cfg.redis_url, metrics=metrics, sliding_ttl_s=cfg.session_ttl_s)
