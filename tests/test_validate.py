@@ -244,6 +244,8 @@ def test_quick_validation_runs_end_to_end(tmp_path):
 
     traces = load_traces(tmp_path)
     assert traces["calibration"] and traces["probe"] and len(traces["probe_sends"]) > 0
+    # the probe ran long enough for the fits below (stop 56's CI: fewer than 20 batches, and none was made)
+    assert len(traces["probe"]) >= 20
     # and the probe's requests on the pod's clock, from which the way out and the first token's place come;
     # the calibration carries them, at the probe's speed (stop 38), into the simulated pod
     from dataclasses import replace
@@ -483,3 +485,19 @@ def test_the_open_loop_probe_gives_the_spread_and_its_speed_but_keeps_the_closed
     assert 0.75 < cal.cycle_noise[0] < 0.85 and 1.15 < cal.cycle_noise[-1] < 1.25  # the +-20% of single batches
     same, nan = open_loop_noise(closed, np.column_stack([size, prof, wall, arrivals])[:10])  # too few
     assert same is closed and np.isnan(nan)
+
+
+@pytest.mark.parametrize(("cap", "full_s"), [(126.0, 0.123), (90.0, 0.16), (31.0, 0.5), (400.0, 0.02), (5.0, 2.0)])
+def test_the_open_loop_probe_lasts_sixty_full_batches_whatever_the_hosts_speed(cap, full_s):
+    from capsim.studies.validate import PROBE_MIN_BATCHES, PROBE_MIN_REQUESTS, probe_requests_per_run
+
+    n = probe_requests_per_run(cap, full_s)
+    # sent at half the capacity, it lasts long enough for 60 batches even were every one full (a batch
+    # takes no longer than a full one), three times the 20 the probe's fits need, and never fewer requests
+    # than before (4 s of them, or 150)
+    assert n / (0.5 * cap) >= PROBE_MIN_BATCHES * full_s
+    assert n >= max(int(2 * cap), PROBE_MIN_REQUESTS)
+    # the CI host of stop 56 (time scale 1.31; a full batch of 16 about 0.16 s, 90 requests/s or so): the
+    # 4-s probe the request count alone gave held too few batches; this one lasts over twice as long
+    if cap == 90.0:
+        assert n / (0.5 * cap) > 2 * 4.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -250,6 +251,18 @@ def level_scenario(
 #: batch holds at half the capacity), so a slow host's pod, whose capacity sizes a short probe, still gives
 #: ``probe_answers`` its 20 batches (a pod of 31 requests/s ran 13 batches in a probe of 64)
 PROBE_MIN_REQUESTS = 150
+#: and lasts at least this many full batches of the calibrated pod: a batch takes no longer than a full one
+#: (but for noise), so the probe holds this many batches whatever the host's speed, three times the 20 that
+#: ``open_loop_noise`` and ``probe_answers`` need (a CI host 1.4 x slower than this one ran fewer than 20 in
+#: the 4-s probe the request count alone gave, and the probe's fit was skipped)
+PROBE_MIN_BATCHES = 60
+
+
+def probe_requests_per_run(cap: float, full_batch_s: float) -> int:
+    """Requests a replication of the open-loop probe sends at half the capacity ``cap`` (per second): at
+    least ``2 x cap`` (4 s), ``PROBE_MIN_REQUESTS``, and enough for ``PROBE_MIN_BATCHES`` batches of
+    ``full_batch_s`` (the calibrated pod's full batch)."""
+    return max(int(2 * cap), PROBE_MIN_REQUESTS, math.ceil(0.5 * cap * PROBE_MIN_BATCHES * full_batch_s))
 #: the ablation's entry for the full model without the answers' way out and the first token's place (stop 38)
 NO_ANSWERS = "full fit, no way out, profile's first token"
 #: the ablation's entry for the full model simulated at each run's own measured pod speed
@@ -371,7 +384,10 @@ def run_validation(
             # the send-to-queue delay under the validation's own open-loop generator (a closed loop sends in
             # bursts, whose client-side wait is no part of it): a short Poisson probe at half the capacity,
             # with a seed of its own
-            probe_n = spec.replications * max(int(2 * cap), PROBE_MIN_REQUESTS)
+            full = min(spec.batching.max_batch_size, profile.batch_sizes("decode")[-1])
+            full_s = (calibration.time_scale * profile.batch_timing(full, spec.prompt_tokens, spec.output_tokens).total_s
+                      + full * calibration.overhead_s)
+            probe_n = spec.replications * probe_requests_per_run(cap, full_s)
             probe = level_scenario(replace(spec, requests_per_level=probe_n),
                                    kept_profile, 0.5 * cap, calibration)
             since = time.monotonic()
