@@ -72,12 +72,14 @@ _Tried = tuple[float, bool, float, float, str | None]
 
 
 def _bisect(make: Callable[[float], Scenario], start: float, seeds: list[int], rel_tol: float, max_probes: int,
-            executor: ExecutorSpec, cache: bool | str | Path) -> tuple[float, dict[float, list[dict[str, Any]]],
-                                                                        list[_Tried]]:
+            executor: ExecutorSpec, cache: bool | str | Path, check_below: Sequence[float] = ()
+            ) -> tuple[float, dict[float, list[dict[str, Any]]], list[_Tried]]:
     """The largest ``x`` whose scenario ``make(x)`` meets the SLO under every seed: from ``start``, doubled until
     an ``x`` fails, then the bracket halved until narrower than ``rel_tol`` (or ``max_probes`` tried). Returns
     it (0 when none passed), the passing runs' summaries by ``x``, and each probe as ``(x, passed, worst TTFT
-    p99, worst error rate, first error)``."""
+    p99, worst error rate, first error)``; then, when one passed, ``x`` times each of ``check_below`` (fractions
+    under 1) is tried as well, after the search's probes: the search never tries below a value that passed, so
+    only these can show that passing is not monotone."""
     cache_root = None if cache is False else str(DEFAULT_CACHE if cache is True else Path(cache))
     probes: list[_Tried] = []
     proofs: dict[float, list[dict[str, Any]]] = {}
@@ -114,6 +116,10 @@ def _bisect(make: Callable[[float], Scenario], start: float, seeds: list[int], r
                 hi = mid
             if lo == 0 and hi < 1e-6:
                 break
+        tried = {p[0] for p in probes}
+        for f in check_below if lo > 0 else ():
+            if lo * f not in tried:
+                probe(lo * f)
     return lo, proofs, probes
 
 
@@ -142,13 +148,29 @@ def capacity(scenario: Scenario | str | Path, *, replicas: int | None = None, se
 class HeadroomResult:
     """``scale``: the largest multiple of the scenario's own traffic (``workload.load_scale`` over the one it
     has) that met the SLO under every seed, 0 when even the smallest tried failed; ``scenario``: the scenario at
-    that traffic, to re-run; ``proof``: its runs' summaries; ``probes``: each multiple tried."""
+    that traffic, to re-run; ``proof``: its runs' summaries; ``probes``: each multiple tried, the checks below
+    ``scale`` last."""
 
     scale: float
     scenario: Scenario
     proof: list[dict[str, Any]]
     probes: list[ScaleProbe]
     provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failing_below(self) -> list[ScaleProbe]:
+        """The multiples under ``scale`` that missed the SLO, lowest first: the checks below it (``headroom``'s
+        ``check_below``) that show passing is not monotone in the traffic here."""
+        return sorted((p for p in self.probes if not p.passed and p.scale < self.scale), key=lambda p: p.scale)
+
+    @property
+    def safe_scale(self) -> float:
+        """``scale`` when nothing under it failed; otherwise the largest multiple that passed below the lowest one
+        that failed (0 when none did): every multiple tried up to it met the SLO."""
+        below = self.failing_below
+        if not below:
+            return self.scale
+        return max((p.scale for p in self.probes if p.passed and p.scale < below[0].scale), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -163,13 +185,24 @@ class ScaleProbe:
     error: str | None = None
 
 
+#: the fractions of the headroom ``headroom`` tries after its search, to see that the plan passes below it too
+CHECK_BELOW = (0.5, 0.75, 0.9)
+
+
 def headroom(scenario: Scenario | str | Path, *, seeds: int | Iterable[int] = 1, rel_tol: float = 0.02,
-             max_probes: int = 30, executor: ExecutorSpec = "serial", cache: bool | str | Path = True) -> HeadroomResult:
+             max_probes: int = 30, executor: ExecutorSpec = "serial", cache: bool | str | Path = True,
+             check_below: Sequence[float] = CHECK_BELOW) -> HeadroomResult:
     """How much more of its own traffic a plan carries within its SLO: the scenario as it is (its rush or trace,
     autoscaler, cluster, faults), its arrivals multiplied (``workload.load_scale``: rates times it, a trace
     replayed that much faster), bisected as :func:`capacity` bisects the rate, from 1 (today's traffic) up,
-    or down when today's already fails. Passing is assumed monotone in the multiple; the same seed's arrivals
-    stay as more come between them (``capsim.sim.arrivals.session_starts``), which keeps it close to that."""
+    or down when today's already fails. The search assumes passing is monotone in the multiple; the same
+    seed's arrivals stay as more come between them (``capsim.sim.arrivals.session_starts``), which keeps it
+    close to that, but an autoscaler's step or a retry storm can make a smaller multiple miss where a larger
+    one met the SLO. So the headroom times each of ``check_below`` is tried too (``()``: none):
+    ``HeadroomResult.failing_below`` lists the ones that missed, ``safe_scale`` the largest multiple every probe
+    up to which passed."""
+    if any(not 0 < f < 1 for f in check_below):
+        raise SettingsError(f"headroom check_below: fractions between 0 and 1, not {list(check_below)}")
     base = scenario if isinstance(scenario, Scenario) else Scenario.from_yaml(scenario)
     base = portable(base)
     seeds_ = seed_list(seeds)
@@ -178,10 +211,10 @@ def headroom(scenario: Scenario | str | Path, *, seeds: int | Iterable[int] = 1,
     def at(k: float) -> Scenario:
         return base.override({"workload.load_scale": own * k})
 
-    k, proofs, tried = _bisect(at, 1.0, seeds_, rel_tol, max_probes, executor, cache)
+    k, proofs, tried = _bisect(at, 1.0, seeds_, rel_tol, max_probes, executor, cache, check_below)
     final = at(k if k > 0 else 1.0)
     return HeadroomResult(k, final, proofs.get(k, []), [ScaleProbe(*p) for p in tried],
-                          {**provenance(final), "seeds": seeds_, "rel_tol": rel_tol})
+                          {**provenance(final), "seeds": seeds_, "rel_tol": rel_tol, "check_below": list(check_below)})
 
 
 def capacity_per_setting(scenario: Scenario | str | Path, grid: Mapping[str, Sequence[Any]], *,

@@ -176,6 +176,17 @@ def run_headroom(scenario: Scenario, seeds: int, rel_tol: float, cache: bool, ec
     for seed, s in zip(result.provenance["seeds"], result.proof, strict=False):
         echo(f"  proof, seed {seed}: {s['arrived']} requests, p99 TTFT {s['ttft_p99_s']:.4f} s, error rate "
              f"{s['error_rate']:.3%}, most pods {s['max_replicas']}, cost {s['cost']:.2f}")
+    checks = result.provenance.get("check_below") or []
+    if result.scale > 0 and checks:
+        at = ", ".join(f"{f:g}" for f in checks)
+        below = result.failing_below
+        if not below:
+            echo(f"checked below it: {at} x the headroom met the SLO too")
+        else:
+            fails = ", ".join(f"{p.scale:.3g} ({p.error or '?'})" for p in below)
+            echo(f"WARNING: passing is not monotone in the traffic here: the plan misses its SLO at {fails} times its "
+                 f"traffic, below the {result.scale:.3g} the search found (an autoscaler's step, a retry storm); "
+                 f"every multiple tried up to {result.safe_scale:.3g} met it: plan on that")
 
 
 def run_tune(scenario: Path | None, space: Path, out: Path, *, seeds: int | None, budget: int | None,
