@@ -501,3 +501,14 @@ def test_the_open_loop_probe_lasts_sixty_full_batches_whatever_the_hosts_speed(c
     # 4-s probe the request count alone gave held too few batches; this one lasts over twice as long
     if cap == 90.0:
         assert n / (0.5 * cap) > 2 * 4.0
+
+
+def test_a_request_parsed_at_its_wake_up_is_seen_then_whatever_the_rounding() -> None:
+    # the calibrated pod (service.ingress_ms) at 0.914 times its traffic, seed 0: at 1.00078 s a request's wake-up
+    # came at send + ingress, where send <= now - ingress rounded false; the pod set the same wake-up again and
+    # looped at it until the event budget stopped the run (found by capsim headroom's checks below the headroom)
+    sc = Scenario.from_yaml(Path(__file__).resolve().parents[1] / "data" / "scenarios" / "calibrated_pod.yaml")
+    sc = sc.override({"workload.load_scale": 0.9140625, "horizon_s": 3.0, "warmup_s": 0.0})
+    assert sc.service.ingress_ms > 0
+    r = simulate(sc, seed=0, max_events=200_000)
+    assert r.summary.arrived > 0 and r.summary.in_flight + r.summary.completed == r.summary.arrived

@@ -231,7 +231,9 @@ class Pod:
             seen = 0
             for j in q:
                 s = send[j]
-                if s <= now - lag or (not running and s >= self._idle_since):
+                # ``s + lag``, as the wake-up below is computed: ``s <= now - lag`` can round the other way at
+                # the wake-up's own time, find the request unparsed, set the same wake-up again and loop at it
+                if s + lag <= now or (not running and s >= self._idle_since):
                     seen += 1
                     if seen >= max_batch:
                         break
