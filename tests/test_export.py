@@ -305,6 +305,17 @@ def test_deployment_patch_writes_the_node_failure_tolerations(rush: Scenario) ->
         {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 30}]
 
 
+def test_deployment_patch_writes_the_rolling_update_simulated(rush: Scenario) -> None:
+    assert "strategy" not in build_all(rush, TARGET)["deployment-patch.yaml"]["spec"]  # Kubernetes' 25%, 25%
+    tuned = rush.override({"pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}})
+    patch = yaml.safe_load(dump_yaml(build_all(tuned, TARGET)["deployment-patch.yaml"]))
+    assert patch["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    kubernetes_validate.validate(_merge(_user_deployment(TARGET), patch), K8S_VERSIONS[-1], strict=True)
+    pct = rush.override({"pods.rolling_update": {"max_surge": "50%", "max_unavailable": "0%"}})
+    strategy = yaml.safe_load(dump_yaml(build_all(pct, TARGET)["deployment-patch.yaml"]))["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": "50%", "maxUnavailable": "0%"}
+
+
 def test_adapter_rules_serve_the_hpa_metric_names(variants: dict[str, Scenario]) -> None:
     for scenario in variants.values():
         objects = build_all(scenario, TARGET)

@@ -52,7 +52,12 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                      "overflow": draw(st.sampled_from(["reject", "wait"])),
                      "max_concurrent_batches": draw(st.integers(1, 3))},
         "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
-                 "termination_grace_s": draw(st.floats(0, 10))},
+                 "termination_grace_s": draw(st.floats(0, 10)),
+                 # deploys: rolling updates, one on top of another at times, under any strategy
+                 "rollouts": [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))],
+                 "rolling_update": draw(st.sampled_from([{}, {"max_surge": 1, "max_unavailable": 0},
+                                                         {"max_surge": 0, "max_unavailable": 1},
+                                                         {"max_surge": "100%", "max_unavailable": "50%"}]))},
         "router": {"kind": router},
         "faults": faults,
         "state": {"store": store},
@@ -175,3 +180,6 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
         never = nodes[nodes["unfulfilled"]]
         assert (never["gpu_hours"] == 0).all() and never["ready_s"].isna().all()
     assert (r.slowdowns["factor"] >= 1).all() and (r.slowdowns["end_s"] > r.slowdowns["start_s"]).all()
+    # one row per rollout, each done (if at all) after it began
+    ro = r.rollouts
+    assert len(ro) == len(scenario.pods.rollouts) and (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()

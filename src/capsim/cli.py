@@ -362,6 +362,8 @@ def simulate(
         typer.echo(f"note: the slowdown scheduled at {row.time_s:g} s: {row.why}")
     for line in _slowdown_notes(result.slowdowns, result.requests):
         typer.echo(line)
+    for line in _rollout_notes(result.rollouts, sc):
+        typer.echo(line)
     for row in result.node_events.itertuples():  # when Kubernetes stopped replacing what died
         if row.event == "zone_state" and row.detail == "partial_disruption":
             typer.echo(f"note: at {row.time_s:g} s most of zone {row.zone}'s nodes were NotReady: the node lifecycle "
@@ -467,12 +469,36 @@ def simulate(
         if len(result.slowdowns):  # faults.slow_pods: which pods ran slow, when
             result.slowdowns.to_csv(out / "slowdowns.csv", index=False)
             written.append("slowdowns.csv")
+        if len(result.rollouts):  # pods.rollouts: when each was done, the fewest ready and most pods meanwhile
+            result.rollouts.to_csv(out / "rollouts.csv", index=False)
+            written.append("rollouts.csv")
         if len(result.wakes):  # each step from zero pods
             result.wakes.to_csv(out / "wakes.csv", index=False)
             written.append("wakes.csv")
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")
+
+
+def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
+    """One line per rolling update (``pods.rollouts``): how long it took, or that it never finished, and the
+    fewest pods ready and the most alive (each holding its GPUs) while it ran."""
+    import math
+
+    ru = sc.pods.rolling_update
+    out = []
+    for r in rollouts.itertuples():
+        head = (f"note: the rollout at {r.at_s:g} s (maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}, "
+                f"{r.pods:.0f} pods then)")
+        if math.isnan(r.done_s):
+            out.append(f"{head} was not done by the end of the run, {sc.horizon_s - r.at_s:g} s after it began: new "
+                       f"pods still starting, or a surge pod with no GPU to take (Pending) while maxUnavailable keeps "
+                       f"every old one (docs/simulator.md, \"Rolling updates\"); {r.min_ready:.0f} pods ready at the "
+                       f"fewest, {r.most_pods:.0f} alive at the most (rollouts.csv)")
+        else:
+            out.append(f"{head} took {r.done_s - r.at_s:g} s: {r.min_ready:.0f} pods ready at the fewest, "
+                       f"{r.most_pods:.0f} alive at the most (rollouts.csv)")
+    return out
 
 
 def _slowdown_notes(slowdowns: Any, requests: Any) -> list[str]:

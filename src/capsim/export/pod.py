@@ -109,8 +109,9 @@ def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
 
 def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
-    (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period and,
-    with ``pods.unreachable_toleration_s``, the node-failure tolerations."""
+    (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period,
+    with ``pods.unreachable_toleration_s`` the node-failure tolerations, and with a ``pods.rolling_update`` other
+    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {
@@ -158,10 +159,15 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
             constraints.append(constraint)
     if constraints:
         pod_spec["topologySpreadConstraints"] = constraints
+    spec: dict[str, Any] = {"template": {"metadata": template_meta, "spec": pod_spec}}
+    ru = scenario.pods.rolling_update
+    if (ru.max_surge, ru.max_unavailable) != ("25%", "25%"):  # the rolling update simulated (Kubernetes' default not)
+        spec["strategy"] = {"type": "RollingUpdate",
+                            "rollingUpdate": {"maxSurge": ru.max_surge, "maxUnavailable": ru.max_unavailable}}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},
-        "spec": {"template": {"metadata": template_meta, "spec": pod_spec}},
+        "spec": spec,
     }
 
 

@@ -415,6 +415,49 @@ class DisruptionBudget(_Section):
         return self.min_available if self.min_available is not None else desired - (self.max_unavailable or 0)
 
 
+def _int_or_percent(v: Any, field: str) -> int | str:
+    """An intstr of the Kubernetes API: a whole number >= 0, or a whole percentage ``"N%"``."""
+    if isinstance(v, bool):
+        raise ValueError(f"{field}: a whole number or a percentage such as \"25%\", got {v!r}")
+    if isinstance(v, int):
+        if v < 0:
+            raise ValueError(f"{field} must be at least 0, got {v}")
+        return v
+    if isinstance(v, str) and v.endswith("%") and v[:-1].isdigit():
+        return v
+    raise ValueError(f"{field}: a whole number or a percentage such as \"25%\", got {v!r}")
+
+
+class RollingUpdateStrategy(_Section):
+    """The Deployment's ``strategy.rollingUpdate`` (``capsim.policy.rollout``): during a rollout at most
+    ``max_surge`` pods over the desired replicas (percentages of them rounded up) and at most ``max_unavailable``
+    under them unavailable (rounded down); Kubernetes' defaults, 25% each."""
+
+    max_surge: Int | str = Field("25%", description="maxSurge: a number of pods, or a percentage of the replicas")
+    max_unavailable: Int | str = Field("25%", description="maxUnavailable: a number of pods, or a percentage")
+
+    @field_validator("max_surge", "max_unavailable", mode="before")
+    @classmethod
+    def _intstr(cls, v: Any, info: Any) -> int | str:
+        return _int_or_percent(v, info.field_name)
+
+    @model_validator(mode="after")
+    def _moves(self) -> Self:
+        zero = {0, "0%"}
+        if self.max_surge in zero and self.max_unavailable in zero:  # upstream's validation refuses it too
+            raise ValueError("max_unavailable may not be 0 when max_surge is 0: the rollout could never move")
+        if isinstance(self.max_unavailable, str) and int(self.max_unavailable[:-1]) > 100:
+            raise ValueError(f"max_unavailable may not be over 100%, got {self.max_unavailable}")
+        return self
+
+
+class Rollout(_Section):
+    """A new pod template is applied at ``at_s`` (a new image or engine flags): the Deployment rolls its pods over
+    to it within ``pods.rolling_update`` (``capsim.sim.cluster``)."""
+
+    at_s: Float = Field(ge=0)
+
+
 class _TopologySpread(_Section):
     """What the two spreads share: ``maxSkew`` and ``whenUnsatisfiable`` (``minDomains``, named per topology
     by ``_min_key``, only with DoNotSchedule, as the Kubernetes API asks)."""
@@ -511,6 +554,11 @@ class Pods(_Section):
                     "(tolerationSeconds): how long after its node is NotReady a pod is evicted and replaced; "
                     "none: the cluster's default (cluster.unreachable_toleration_s). The export writes them",
     )
+    rolling_update: RollingUpdateStrategy = Field(
+        RollingUpdateStrategy(), description="the Deployment's rolling update: maxSurge and maxUnavailable (25% each, "
+        "Kubernetes' defaults); the export writes them")
+    rollouts: tuple[Rollout, ...] = Field(
+        (), description="times a new pod template is applied (a deploy): each rolls every pod over to a new one")
 
     @property
     def spread_min_nodes(self) -> int:

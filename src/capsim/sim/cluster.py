@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
 from simpy.events import Timeout
 
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, UniformDuration
+from capsim.policy.rollout import ReplicaSetState, RollingUpdate, complete
+from capsim.policy.rollout import sync as sync_deployment
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
 from capsim.sim.nodes import Node, NodePool
@@ -103,6 +106,19 @@ class Cluster:
         for a, b in self._outages:
             Timeout(sim.env, a, (a, b)).callbacks.append(self._outage_begins)
         self.scale_events: list[tuple[float, int, int, str]] = []  # (time, from, to, by: hpa or keda)
+        # rolling updates (pods.rollouts): the template's revision new pods get, and while a rollout runs its
+        # ReplicaSets (revision -> the controller's view: spec replicas and annotations); None between rollouts,
+        # when the one ReplicaSet's replicas are ``desired``
+        ru = sim.scenario.pods.rolling_update
+        self._strategy = RollingUpdate(ru.max_surge, ru.max_unavailable)
+        self.revision = 0
+        self._rs: dict[int, ReplicaSetState] | None = None
+        self._syncing = False
+        self._sync_again = False
+        # at_s, revision, pods then, done_s (None: not done), the fewest ready and most alive pods at its syncs
+        self.rollouts: list[dict[str, float | int | None]] = []
+        for r in sim.scenario.pods.rollouts:
+            Timeout(sim.env, r.at_s, r.at_s).callbacks.append(self._rollout_begins)
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -128,10 +144,87 @@ class Cluster:
         if n != self.desired:
             self.scale_events.append((now, self.desired, n, by))
         self.desired = n
+        if self._rs is not None:  # mid-rollout: the Deployment controller shares them out among its ReplicaSets
+            self._sync_deployment(now)
+            return
         live = [p for p in self._alive.values() if p.state in _LIVE]
         if len(live) < n:
             for _ in range(n - len(live)):
                 self._pending.append(self._new_pod(now))
+            self._place(now)
+        elif len(live) > n:
+            on_node = Counter(id(self._node.get(p.id)) for p in live if p.state != PodState.PENDING)
+            for victim in pods_to_delete([self._ranked(p, on_node) for p in live], len(live) - n, now):
+                self.terminate(self.pods[victim.key], now)
+
+    # ---- rolling updates (capsim.policy.rollout) ---------------------------------------------------------
+    def _rollout_begins(self, ev: Timeout) -> None:
+        """A new pod template (``pods.rollouts``): a new ReplicaSet, to which the controller moves the pods."""
+        now = self.sim.env.now
+        d = self.desired
+        if self._rs is None:  # the one ReplicaSet, annotated with the replicas the last scale gave it
+            self._rs = {self.revision: ReplicaSetState(self.revision, d, 0, d, d + self._strategy.surge(d))}
+        self.revision += 1
+        self._rs[self.revision] = ReplicaSetState(self.revision, 0, 0, d, d + self._strategy.surge(d))
+        self.rollouts.append({"at_s": now, "revision": self.revision, "pods": d, "done_s": None,
+                              "min_ready": self.ready_count(), "most_pods": len(self._alive)})
+        self._sync_deployment(now)
+        Timeout(self.sim.env, 1.0, self.revision).callbacks.append(self._resync)
+
+    def _resync(self, ev: Timeout) -> None:
+        """The controller's requeue while a rollout runs: every second, as pods become available or fail."""
+        if self._rs is not None:
+            self._sync_deployment(self.sim.env.now)
+            if self._rs is not None:
+                Timeout(self.sim.env, 1.0, ev.value).callbacks.append(self._resync)
+
+    def _members(self, revision: int) -> list[Pod]:
+        """The ReplicaSet's active pods: its live pods of ``revision`` not terminating."""
+        return [p for p in self._alive.values() if p.revision == revision and p.state in _LIVE]
+
+    def _sync_deployment(self, now: float) -> None:
+        """The Deployment controller syncs (``capsim.policy.rollout.sync``) until nothing changes; the ReplicaSet
+        controller creates and deletes each ReplicaSet's pods to its replicas (its victims ranked as ``scale_to``)."""
+        if self._syncing:
+            self._sync_again = True
+            return
+        assert self._rs is not None
+        self._syncing = True
+        try:
+            for _ in range(64):
+                self._sync_again = False
+                rss = self._replicasets()
+                after = sync_deployment(rss, self.desired, self._strategy)
+                self._rs = {rs.revision: rs for rs in after}
+                for rs in after:
+                    self._replicaset_to(rs.revision, rs.replicas, now)
+                if after == rss and not self._sync_again:
+                    break
+            ready, pods = self.ready_count(), len(self._alive)
+            for r in self.rollouts:
+                if r["done_s"] is None:  # the fewest pods ready and the most alive (GPUs held) meanwhile
+                    r["min_ready"] = min(cast(int, r["min_ready"]), ready)
+                    r["most_pods"] = max(cast(int, r["most_pods"]), pods)
+            if complete(self._replicasets(), self.desired):
+                for r in self.rollouts:
+                    if r["done_s"] is None:
+                        r["done_s"] = now
+                self._rs = None
+        finally:
+            self._syncing = False
+
+    def _replicasets(self) -> list[ReplicaSetState]:
+        """The rollout's ReplicaSets, oldest first, each with its available pods (ready, not terminating)."""
+        assert self._rs is not None
+        return [replace(self._rs[r], available=sum(1 for p in self._members(r) if p.ready_condition))
+                for r in sorted(self._rs)]
+
+    def _replicaset_to(self, revision: int, n: int, now: float) -> None:
+        """The ReplicaSet of ``revision`` runs ``n`` pods: new ones Pending, or victims in upstream's order."""
+        live = self._members(revision)
+        if len(live) < n:
+            for _ in range(n - len(live)):
+                self._pending.append(self._new_pod(now, revision))
             self._place(now)
         elif len(live) > n:
             on_node = Counter(id(self._node.get(p.id)) for p in live if p.state != PodState.PENDING)
@@ -151,9 +244,10 @@ class Cluster:
             created_s=pod.created_s, uid=self._uid[pod.id],
         )
 
-    def _new_pod(self, now: float) -> Pod:
+    def _new_pod(self, now: float, revision: int | None = None) -> Pod:
         cls = ContinuousPod if self.sim.continuous is not None else Pod
         pod = cls(self.sim, len(self.pods), now)
+        pod.revision = self.revision if revision is None else revision
         self.pods.append(pod)
         self._alive[pod.id] = pod
         self._uid.append(int(self._uids.integers(0, 2**62)))
@@ -276,6 +370,8 @@ class Cluster:
             pod.first_ready_s = now
         pod.probe_failing = False
         self._join_later(pod, self._propagation_s if join_after_s is None else join_after_s)
+        if self._rs is not None:  # one more available pod: the rollout may move on
+            self._sync_deployment(now)
 
     def _join_later(self, pod: Pod, after_s: float) -> None:
         if after_s <= 0.0:

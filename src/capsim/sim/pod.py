@@ -101,6 +101,7 @@ class Pod:
         self.state = PodState.PENDING
         self.created_s = created_s
         self.incarnation = 0  # bumped by each crash, so stale timers of a former life are ignored
+        self.revision = 0  # the Deployment's pod template it runs (pods.rollouts: a rolling update's new one)
         # (time, busy seconds) when its container last started: its /metrics counters start there
         self.counters_from = (created_s, 0.0)
         # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe

@@ -78,6 +78,13 @@ class SimResult:
     # a faults.slow_pods entry slowed
     slowdowns: Any = None
     skipped_slowdowns: Any = None  # DataFrame: time_s, pod (-1: any), why; slowdowns that found no pod
+    # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
+    # and the fewest pods ready and the most alive (GPUs held) while it ran
+    rollouts: Any = None
+
+
+#: the columns of ``SimResult.rollouts``
+ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods"]
 
 
 _gc_lock = threading.Lock()
@@ -306,6 +313,8 @@ class Simulation:
             wakes=woke,
             slowdowns=pd.DataFrame(self.faults.slow_log, columns=["start_s", "end_s", "pod", "factor"]),
             skipped_slowdowns=pd.DataFrame(self.faults.slow_skipped, columns=["time_s", "pod", "why"]),
+            rollouts=pd.DataFrame([[r[c] for c in ROLLOUT_COLUMNS] for r in self.cluster.rollouts],
+                                  columns=ROLLOUT_COLUMNS, dtype=float),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,

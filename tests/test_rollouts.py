@@ -1,0 +1,184 @@
+"""Rolling updates (``pods.rollouts``, ``pods.rolling_update``): the Deployment controller's rules
+(``capsim.policy.rollout``, checked against upstream's own test tables) and what a rollout does to a run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capsim.cli import app
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.policy.rollout import (
+    ReplicaSetState,
+    RollingUpdate,
+    new_rs_new_replicas,
+    resolve_fenceposts,
+    rollout_rolling,
+    scale,
+    sync,
+)
+from capsim.sim.simulate import simulate
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "data" / "scenarios"
+
+
+# ---- the rules, against upstream's tables (pkg/controller/deployment/rolling_test.go, sync_test.go) ----------
+@pytest.mark.parametrize(("replicas", "surge", "old", "new", "expected"), [
+    (10, 0, 10, 0, 0),  # should not scale up
+    (10, 2, 10, 0, 2),
+    (10, 2, 5, 0, 7),
+    (10, 2, 10, 2, 2),
+    (10, 2, 2, 11, 10),  # should scale down
+])
+def test_the_new_replicaset_grows_within_the_surge(replicas, surge, old, new, expected) -> None:
+    # TestDeploymentController_reconcileNewReplicaSet (maxUnavailable 0)
+    st = RollingUpdate(surge, 0)
+    rss = [ReplicaSetState(0, old, old, replicas), ReplicaSetState(1, new, new, replicas)]
+    assert rollout_rolling(rss, replicas, st)[-1].replicas == expected
+    if new <= replicas:
+        assert new_rs_new_replicas(rss, replicas, st) == max(expected, new)
+
+
+@pytest.mark.parametrize(("unavailable", "old", "new", "ready_old", "ready_new", "expected_old"), [
+    (0, 10, 0, 10, 0, 9),
+    (2, 10, 0, 10, 0, 8),
+    (2, 10, 0, 8, 0, 8),  # the unhealthy old pods are cleaned up first
+    (2, 10, 0, 9, 0, 8),  # one unhealthy cleaned up, one ready scaled down
+    (2, 8, 2, 8, 0, 8),  # the new ReplicaSet's unavailable pods keep the old from going further
+])
+def test_the_old_replicasets_shrink_within_the_unavailability(unavailable, old, new, ready_old, ready_new,
+                                                              expected_old) -> None:
+    # TestDeploymentController_reconcileOldReplicaSets (10 replicas, maxSurge 0); the new ReplicaSet is not
+    # scaled first: it already holds what the surge allows, or (the last row) the rule's new-ReplicaSet step is
+    # at its size
+    st = RollingUpdate(0, unavailable)
+    rss = [ReplicaSetState(0, old, ready_old, 10), ReplicaSetState(1, new, ready_new, 10)]
+    if new + old < 10:
+        pytest.skip("the new ReplicaSet would grow first")
+    out = rollout_rolling(rss, 10, st)
+    assert out[-1].replicas == new and out[0].replicas == expected_old
+
+
+@pytest.mark.parametrize(("name", "was", "now", "surge_was", "surge_now", "sizes", "expected"), [
+    ("normal scaling event: 10 -> 12", 10, 12, 0, 0, [10], [12]),
+    ("normal scaling event: 10 -> 5", 10, 5, 0, 0, [10], [5]),
+    ("proportional scaling: 5 -> 10", 5, 10, 0, 0, [3, 2], [6, 4]),
+    ("proportional scaling: 5 -> 3", 5, 3, 0, 0, [3, 2], [2, 1]),
+    ("proportional scaling: 9 -> 4", 9, 4, 0, 0, [1, 8], [0, 4]),
+    ("proportional scaling: 7 -> 10", 7, 10, 0, 0, [2, 3, 2], [3, 4, 3]),
+    ("proportional scaling: 13 -> 8", 13, 8, 0, 0, [3, 8, 2], [2, 5, 1]),
+    ("leftover distribution: 3 -> 4", 3, 4, 0, 0, [1, 1, 1], [1, 1, 2]),
+    ("leftover distribution: 3 -> 2", 3, 2, 0, 0, [1, 1, 1], [0, 1, 1]),
+    ("proportional scaling: 6 -> 0", 6, 0, 0, 0, [1, 2, 3], [0, 0, 0]),
+    ("proportional scaling: 0 -> 6", 6, 6, 0, 0, [0, 0, 0], [0, 0, 6]),
+    ("deployment with surge pods", 10, 20, 2, 2, [6, 6], [11, 11]),
+    ("change both surge and size", 10, 50, 3, 6, [8, 5], [34, 22]),
+])
+def test_a_scaling_event_mid_rollout_is_shared_out_in_proportion(name, was, now, surge_was, surge_now, sizes,
+                                                                 expected) -> None:
+    # TestScale: the ReplicaSets oldest first; each annotated with the Deployment it was last scaled for
+    before = RollingUpdate(surge_was, 0)
+    rss = [ReplicaSetState(k, n, n, was, was + before.surge(was)) for k, n in enumerate(sizes)]
+    out = scale(rss, now, RollingUpdate(surge_now, 0))
+    assert [rs.replicas for rs in out] == expected, name
+    # and sync takes it for a scaling event (the annotations differ) unless nothing changed size
+    if was != now:
+        assert [rs.replicas for rs in sync(rss, now, RollingUpdate(surge_now, 0))] == expected
+
+
+def test_a_saturated_but_broken_new_replicaset_leaves_the_old_pods() -> None:
+    st = RollingUpdate(1, 1)
+    rss = [ReplicaSetState(0, 1, 1, 2, 3), ReplicaSetState(1, 2, 0, 2, 3)]
+    assert [rs.replicas for rs in scale(rss, 2, st)] == [1, 2]
+
+
+def test_percentages_round_the_surge_up_and_the_unavailable_down() -> None:
+    assert resolve_fenceposts("25%", "25%", 4) == (1, 1)
+    assert resolve_fenceposts("25%", "25%", 10) == (3, 2)
+    assert resolve_fenceposts("25%", "25%", 3) == (1, 0)
+    assert resolve_fenceposts(0, 0, 10) == (0, 1)  # never both 0: the rollout could not move
+    assert RollingUpdate("25%", "100%").unavailable(0) == 0
+
+
+# ---- in a run --------------------------------------------------------------------------------------------
+def _fleet(**extra) -> Scenario:
+    """Four warm pods, no autoscaler, a steady load they carry, pods ready 60 s after they start."""
+    base = {"horizon_s": 900, "warmup_s": 10, "pods.replicas": 4, "pods.startup_s": 60,
+            "pods.rollouts": [{"at_s": 200}]}
+    return Scenario.from_yaml(SCENARIOS / "steady_poisson.yaml").override({**base, **extra})
+
+
+def test_a_rollout_replaces_every_pod_within_its_surge_and_unavailability() -> None:
+    r = simulate(_fleet(), 0)
+    (ro,) = r.rollouts.to_dict("records")
+    # 25% of 4: one over, one under. First the new ReplicaSet takes one and the old gives one up (3 ready);
+    # the next sync adds a second new pod (5 in the ReplicaSets); when both are ready, 60 s later, the old
+    # gives two and the new takes the last two; 60 s after, the last old pod goes: two waves of 60 s
+    assert ro["done_s"] == pytest.approx(200 + 2 * 60)
+    assert ro["min_ready"] == 3 and ro["pods"] == 4
+    ts = r.timeseries
+    during = ts[(ts.time_s > 200) & (ts.time_s < ro["done_s"])]
+    assert during.ready_replicas.min() >= 3
+    assert (during.ready_replicas + during.starting_replicas + during.pending_replicas).max() <= 5
+    # four pods more were made (ids 4 to 7), all of which served, and the load was carried throughout
+    served = set(r.requests.pod[r.requests.pod >= 0].unique())
+    assert served == set(range(8)) and r.summary.error_rate == 0.0
+    late = r.requests[r.requests.arrival_s > ro["done_s"] + 30]
+    assert set(late.pod.unique()) == {4, 5, 6, 7}  # after it, only the new template's pods
+    # the same seed, the same run
+    again = simulate(_fleet(), 0)
+    assert again.rollouts.equals(r.rollouts) and again.requests.equals(r.requests)
+
+
+def test_surge_only_never_drops_a_ready_pod_and_unavailable_only_never_adds_one() -> None:
+    cluster = {"max_gpus": 8, "node_gpus": 4, "node_provision_s": 240}
+    surge = simulate(_fleet(autoscaler=None, cluster=cluster, **{"pods.rolling_update": {
+        "max_surge": 1, "max_unavailable": 0}}), 0).rollouts.iloc[0]
+    assert surge.min_ready == 4  # never under the replicas
+    # the surge pod waits for a node (240 s), then each of the four waves takes 60 s
+    assert surge.done_s == pytest.approx(200 + 240 + 4 * 60)
+    down = simulate(_fleet(autoscaler=None, cluster=cluster, **{"pods.rolling_update": {
+        "max_surge": 0, "max_unavailable": 1}}), 0).rollouts.iloc[0]
+    assert down.min_ready == 3 and down.most_pods <= 5  # four, and the one draining as its successor starts
+    assert 200 + 4 * 60 <= down.done_s < 200 + 4 * 60 + 5  # each new pod waits for its predecessor's GPU
+
+
+def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so() -> None:
+    full = {"autoscaler": None, "cluster": {"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240},
+            "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}}
+    ro = simulate(_fleet(**full), 0).rollouts.iloc[0]
+    assert math.isnan(ro.done_s) and ro.min_ready == 4 and ro.most_pods == 5  # the fifth Pending for good
+    res = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
+                                   "--set", "pods.replicas=4", "--set", "pods.rollouts=[{at_s: 200}]",
+                                   "--set", "autoscaler=null", "--set",
+                                   "cluster={max_gpus: 4, node_gpus: 4, node_provision_s: 240}",
+                                   "--set", "pods.rolling_update={max_surge: 1, max_unavailable: 0}"])
+    assert res.exit_code == 0, res.output
+    assert ("note: the rollout at 200 s (maxSurge 1, maxUnavailable 0, 4 pods then) was not done by the end of "
+            "the run, 700 s after it began") in res.output
+
+
+def test_a_rollout_mid_rush_under_the_hpa_finishes_on_the_new_template() -> None:
+    rush = Scenario.from_yaml(SCENARIOS / "friday_rush.yaml").override({"pods.rollouts": [{"at_s": 2000}]})
+    r = simulate(rush, 0)
+    ro = r.rollouts.iloc[0]
+    # 8 pods when it began, the HPA scaling meanwhile; every pod on the new template before the rush ends
+    assert ro.pods >= 8 and 2000 < ro.done_s < 2700 and ro.most_pods > ro.pods
+    assert r.summary.error_rate < 0.001
+    plain = simulate(Scenario.from_yaml(SCENARIOS / "friday_rush.yaml"), 0)
+    assert plain.rollouts.empty and r.summary.ttft_p99_s > plain.summary.ttft_p99_s  # the rollout costs the tail
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ({"max_surge": "abc"}, "pods.rolling_update.max_surge"),
+    ({"max_surge": -1}, "max_surge must be at least 0"),
+    ({"max_surge": 0, "max_unavailable": "0%"}, "max_unavailable may not be 0 when max_surge is 0"),
+    ({"max_unavailable": "150%"}, "over 100%"),
+])
+def test_a_bad_strategy_is_refused_naming_the_field(setting, match) -> None:
+    with pytest.raises(SettingsError, match=match):
+        _fleet(**{"pods.rolling_update": setting})
