@@ -182,3 +182,21 @@ def test_a_rollout_mid_rush_under_the_hpa_finishes_on_the_new_template() -> None
 def test_a_bad_strategy_is_refused_naming_the_field(setting, match) -> None:
     with pytest.raises(SettingsError, match=match):
         _fleet(**{"pods.rolling_update": setting})
+
+
+def test_capsim_check_warns_of_a_rollout_with_no_room_to_surge() -> None:
+    from capsim.studies.checks import run_checks
+
+    full = _fleet(autoscaler=None, cluster={"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240},
+                  **{"pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}})
+    (f,) = [f for f in run_checks(full) if f.check == "rollout-no-room"]
+    assert f.level == "warn" and f.path == "pods.rolling_update.max_unavailable" and "never ends" in f.message
+    # the run agrees: the stalled rollout above; room for one more pod, or a pod allowed down, and it is quiet
+    for ok in (full.override({"cluster.max_gpus": 8}),
+               full.override({"pods.rolling_update": {"max_surge": 1, "max_unavailable": 1}}),
+               full.override({"pods.rollouts": []})):
+        assert not [f for f in run_checks(ok) if f.check == "rollout-no-room"]
+    # the shipped plan surges onto a node of its own at six pods, but its HPA may run 32, all its GPUs: a deploy
+    # then would stall, and the check says so
+    (f,) = [f for f in run_checks(Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")) if f.check == "rollout-no-room"]
+    assert "at the plan's most, 32 pods, and the cluster holds 32" in f.message

@@ -482,7 +482,7 @@ def simulate(
 
 def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     """One line per rolling update (``pods.rollouts``): how long it took, or that it never finished, and the
-    fewest pods ready and the most alive (each holding its GPUs) while it ran."""
+    fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran."""
     import math
 
     ru = sc.pods.rolling_update

@@ -172,8 +172,9 @@ class Cluster:
         Timeout(self.sim.env, 1.0, self.revision).callbacks.append(self._resync)
 
     def _resync(self, ev: Timeout) -> None:
-        """The controller's requeue while a rollout runs: every second, as pods become available or fail."""
-        if self._rs is not None:
+        """The controller's requeue while a rollout runs: every second, as pods become available or fail (one
+        ticker: a rollout begun over another takes it over)."""
+        if self._rs is not None and ev.value == self.revision:
             self._sync_deployment(self.sim.env.now)
             if self._rs is not None:
                 Timeout(self.sim.env, 1.0, ev.value).callbacks.append(self._resync)
@@ -202,7 +203,7 @@ class Cluster:
                     break
             ready, pods = self.ready_count(), len(self._alive)
             for r in self.rollouts:
-                if r["done_s"] is None:  # the fewest pods ready and the most alive (GPUs held) meanwhile
+                if r["done_s"] is None:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
                     r["min_ready"] = min(cast(int, r["min_ready"]), ready)
                     r["most_pods"] = max(cast(int, r["most_pods"]), pods)
             if complete(self._replicasets(), self.desired):

@@ -79,7 +79,7 @@ class SimResult:
     slowdowns: Any = None
     skipped_slowdowns: Any = None  # DataFrame: time_s, pod (-1: any), why; slowdowns that found no pod
     # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
-    # and the fewest pods ready and the most alive (GPUs held) while it ran
+    # and the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran
     rollouts: Any = None
 
 

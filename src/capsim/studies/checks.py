@@ -98,6 +98,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the simulator ignores it (``service.answer_ms`` applies to both modes since stop 38).
 * ``static-only-setting`` (warn): ``service.answer_per_request_ms`` or ``service.first_token_scale`` set in
   a continuous-batching scenario, where the simulator ignores it.
+* ``rollout-no-room`` (warn): ``pods.rollouts`` under a ``pods.rolling_update`` whose ``max_unavailable`` resolves to
+  0 at the plan's most pods, on node groups (``cluster.max_gpus``) that hold no pod more: a rollout that starts
+  there never ends (its first surge pod stays Pending and no old pod leaves for it).
 * ``estimated-profile`` (warn): the service profile was estimated (``capsim estimate-profile``, a roofline
   of the GPU's datasheet), not measured: its efficiencies and step overhead are assumptions.
 
@@ -117,6 +120,7 @@ from typing import Literal
 from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import POD_METRIC_ALIASES, Autoscaler, Scenario, Tokens
 from capsim.model.scenario_limits import max_pods
+from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
 
 Level = Literal["fail", "warn"]
@@ -167,6 +171,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _scale_to_zero(scenario)
     findings += _keda_fallback(scenario)
     findings += _stockout_at_wake(scenario)
+    findings += _rollout_room(scenario)
     return findings
 
 
@@ -376,6 +381,24 @@ def _gpus(scenario: Scenario) -> list[Finding]:
         + (f", at most {cluster.max_gpus_per_zone} in each of {cluster.zones} zones"
            if cluster.max_gpus_per_zone is not None else "") + "): the rest stay Pending",
         check="max-replicas-over-gpus")]
+
+
+def _rollout_room(scenario: Scenario) -> list[Finding]:
+    """A rolling update that may take no pod down (maxUnavailable 0 at the plan's most pods) where the node groups
+    hold no pod more: its first surge pod stays Pending, no old pod leaves for it, and the rollout never ends."""
+    cluster, ru = scenario.cluster, scenario.pods.rolling_update
+    if cluster is None or not scenario.pods.rollouts:
+        return []
+    peak = max_pods(scenario)
+    held = cluster.pods_held(scenario.batching.tensor_parallel_size)
+    if RollingUpdate(ru.max_surge, ru.max_unavailable).unavailable(peak) > 0 or peak < held:
+        return []
+    return [Finding(
+        "pods.rolling_update.max_unavailable", f"{ru.max_unavailable} takes no pod down at the plan's most, {peak} pods, "
+        f"and the cluster holds {held} (cluster.max_gpus {cluster.max_gpus}): a rollout (pods.rollouts) then finds no "
+        "GPU for its first surge pod, no old pod leaves for it, and it never ends; allow one pod down "
+        "(max_unavailable 1) or leave room for the surge (docs/simulator.md, \"Rolling updates\")",
+        level="warn", check="rollout-no-room")]
 
 
 def _floor(scenario: Scenario) -> int:
