@@ -200,3 +200,24 @@ def test_capsim_check_warns_of_a_rollout_with_no_room_to_surge() -> None:
     # then would stall, and the check says so
     (f,) = [f for f in run_checks(Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")) if f.check == "rollout-no-room"]
     assert "at the plan's most, 32 pods, and the cluster holds 32" in f.message
+
+
+def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
+    from capsim.studies.space import load_space
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    root = SCENARIOS.parent / "studies"
+    base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
+    settings = expand_grid(load_grid(root / "rollout_grid.yaml"))
+    assert len(settings) == 8
+    seen = {(base.override(st.changes).pods.rolling_update.max_surge,
+             base.override(st.changes).pods.rollouts[0].at_s) for st in settings}
+    assert seen == {(s, at) for s in ("25%", 1, 0, "100%") for at in (1900, 3000)}
+    sp = load_space(root / "rollout_space.yaml")
+    assert sp.scenario is not None and sp.scenario.resolve() == SCENARIOS / "rollout_rush.yaml"
+    (strategy,) = [p for p in sp.params if p.path == "strategy"]
+    assert strategy.choices is not None
+    for bundle in strategy.choices:
+        plan = base.override(bundle["set"])
+        for changes in sp.stresses.values():
+            assert len(plan.override(changes).pods.rollouts) in (0, 1)
