@@ -23,6 +23,10 @@ propagation later; it is ready again at its first probe after the outage. Upstre
 
 A failed node (``faults.node_failures``) takes its pods down without a word: see ``node_failed``.
 
+A rolling update (``pods.rollouts``) gives the pod template a new revision: while it runs the Deployment has a
+ReplicaSet per revision, the Deployment controller's rules (``capsim.policy.rollout``) size them and each runs
+its own pods (``_sync_deployment``); between rollouts there is one, and ``scale_to`` sizes it directly.
+
 A crashed or deleted pod leaves the endpoints late too. A deleted pod is marked terminating at once and
 leaves the endpoints ``endpoints_propagation_s`` later; a crashed container is seen by the kubelet at
 its next PLEG relist (``pods.crash_detection_s``, ``plegRelistPeriod`` 1 s in ``pkg/kubelet/kubelet.go``),
