@@ -129,6 +129,11 @@ def test_a_rollout_replaces_every_pod_within_its_surge_and_unavailability() -> N
     assert served == set(range(8)) and r.summary.error_rate == 0.0
     late = r.requests[r.requests.arrival_s > ro["done_s"] + 30]
     assert set(late.pod.unique()) == {4, 5, 6, 7}  # after it, only the new template's pods
+    # the summary has them too (so do sweeps and tunes), and a run without a rollout has none
+    s = r.summary
+    assert (s.longest_rollout_s, s.rollouts_unfinished, s.rollout_fewest_ready) == (120.0, 0, 3.0)
+    plain = simulate(_fleet(**{"pods.rollouts": []}), 0).summary
+    assert math.isnan(plain.longest_rollout_s) and plain.rollouts_unfinished == 0 and math.isnan(plain.rollout_fewest_ready)
     # the same seed, the same run
     again = simulate(_fleet(), 0)
     assert again.rollouts.equals(r.rollouts) and again.requests.equals(r.requests)
@@ -150,8 +155,10 @@ def test_surge_only_never_drops_a_ready_pod_and_unavailable_only_never_adds_one(
 def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so() -> None:
     full = {"autoscaler": None, "cluster": {"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240},
             "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}}
-    ro = simulate(_fleet(**full), 0).rollouts.iloc[0]
+    stalled = simulate(_fleet(**full), 0)
+    ro = stalled.rollouts.iloc[0]
     assert math.isnan(ro.done_s) and ro.min_ready == 4 and ro.most_pods == 5  # the fifth Pending for good
+    assert stalled.summary.rollouts_unfinished == 1 and stalled.summary.longest_rollout_s == 900 - 200  # to the end
     res = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
                                    "--set", "pods.replicas=4", "--set", "pods.rollouts=[{at_s: 200}]",
                                    "--set", "autoscaler=null", "--set",

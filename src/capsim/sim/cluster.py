@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -75,6 +75,19 @@ def draw_duration(d: Duration, gen: np.random.Generator) -> float:
     assert isinstance(d, LognormalDuration)
     mu = math.log(d.mean_s) - d.sigma**2 / 2.0
     return float(gen.lognormal(mu, d.sigma))
+
+
+@dataclass
+class RolloutRecord:
+    """One rolling update (``pods.rollouts``): when it began, its revision, the Deployment's replicas then, when it
+    was done (None: not yet), and the fewest pods ready and the most alive (Pending to draining) at its syncs."""
+
+    at_s: float
+    revision: int
+    pods: int
+    min_ready: int
+    most_pods: int
+    done_s: float | None = None
 
 
 class Cluster:
@@ -119,8 +132,7 @@ class Cluster:
         self._rs: dict[int, ReplicaSetState] | None = None
         self._syncing = False
         self._sync_again = False
-        # at_s, revision, pods then, done_s (None: not done), the fewest ready and most alive pods at its syncs
-        self.rollouts: list[dict[str, float | int | None]] = []
+        self.rollouts: list[RolloutRecord] = []
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r.at_s).callbacks.append(self._rollout_begins)
 
@@ -170,8 +182,7 @@ class Cluster:
             self._rs = {self.revision: ReplicaSetState(self.revision, d, 0, d, d + self._strategy.surge(d))}
         self.revision += 1
         self._rs[self.revision] = ReplicaSetState(self.revision, 0, 0, d, d + self._strategy.surge(d))
-        self.rollouts.append({"at_s": now, "revision": self.revision, "pods": d, "done_s": None,
-                              "min_ready": self.ready_count(), "most_pods": len(self._alive)})
+        self.rollouts.append(RolloutRecord(now, self.revision, d, self.ready_count(), len(self._alive)))
         self._sync_deployment(now)
         Timeout(self.sim.env, 1.0, self.revision).callbacks.append(self._resync)
 
@@ -207,13 +218,13 @@ class Cluster:
                     break
             ready, pods = self.ready_count(), len(self._alive)
             for r in self.rollouts:
-                if r["done_s"] is None:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
-                    r["min_ready"] = min(cast(int, r["min_ready"]), ready)
-                    r["most_pods"] = max(cast(int, r["most_pods"]), pods)
+                if r.done_s is None:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
+                    r.min_ready = min(r.min_ready, ready)
+                    r.most_pods = max(r.most_pods, pods)
             if complete(self._replicasets(), self.desired):
                 for r in self.rollouts:
-                    if r["done_s"] is None:
-                        r["done_s"] = now
+                    if r.done_s is None:
+                        r.done_s = now
                 self._rs = None
         finally:
             self._syncing = False

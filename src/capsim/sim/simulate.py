@@ -296,6 +296,12 @@ class Simulation:
         woke = wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests)
         if len(woke) or sc.slo.max_wake_s is not None:
             summary = wake_results(summary, requests, woke, sc.slo, sc.warmup_s)
+        if self.cluster.rollouts:  # pods.rollouts: the longest (one not done counted to the horizon), the fewest ready
+            ro = self.cluster.rollouts
+            took = [(r.done_s if r.done_s is not None else sc.horizon_s) - r.at_s for r in ro]
+            summary = replace(summary, longest_rollout_s=float(max(took)),
+                              rollouts_unfinished=sum(r.done_s is None for r in ro),
+                              rollout_fewest_ready=float(min(r.min_ready for r in ro)))
         return SimResult(
             requests=requests,
             timeseries=self.timeseries.frame(),
@@ -313,7 +319,7 @@ class Simulation:
             wakes=woke,
             slowdowns=pd.DataFrame(self.faults.slow_log, columns=["start_s", "end_s", "pod", "factor"]),
             skipped_slowdowns=pd.DataFrame(self.faults.slow_skipped, columns=["time_s", "pod", "why"]),
-            rollouts=pd.DataFrame([[r[c] for c in ROLLOUT_COLUMNS] for r in self.cluster.rollouts],
+            rollouts=pd.DataFrame([[getattr(r, c) for c in ROLLOUT_COLUMNS] for r in self.cluster.rollouts],
                                   columns=ROLLOUT_COLUMNS, dtype=float),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),

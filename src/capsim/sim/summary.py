@@ -93,6 +93,11 @@ class Summary:
     ttft_p99_warm_s: float = math.nan
     longest_wake_s: float = math.nan
     wake_slo_met: bool = True
+    # rolling updates (pods.rollouts): the longest one's time (one not done by the horizon counted to it), how
+    # many were not done, and the fewest pods ready while any ran (NaN, 0, NaN without rollouts)
+    longest_rollout_s: float = math.nan
+    rollouts_unfinished: int = 0
+    rollout_fewest_ready: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
