@@ -139,6 +139,16 @@ def test_a_rollout_replaces_every_pod_within_its_surge_and_unavailability() -> N
     assert again.rollouts.equals(r.rollouts) and again.requests.equals(r.requests)
 
 
+def test_min_ready_seconds_hold_each_wave_until_its_pods_have_been_ready_that_long() -> None:
+    # pods.min_ready_s (minReadySeconds): a new pod counts as available 30 s after it is ready, so each of the two
+    # waves takes 60 + 30 s; the controller's ticker sees it within its second
+    ro = simulate(_fleet(**{"pods.min_ready_s": 30}), 0).rollouts.iloc[0]
+    assert 200 + 2 * 90 <= ro.done_s <= 200 + 2 * 90 + 2
+    # the warm pods of time 0 count as available from the start: a rollout at 5 s moves at once
+    early = simulate(_fleet(**{"pods.min_ready_s": 30, "pods.rollouts": [{"at_s": 5}]}), 0).rollouts.iloc[0]
+    assert early.min_ready == 3 and 5 + 2 * 90 <= early.done_s <= 5 + 2 * 90 + 2
+
+
 def test_surge_only_never_drops_a_ready_pod_and_unavailable_only_never_adds_one() -> None:
     cluster = {"max_gpus": 8, "node_gpus": 4, "node_provision_s": 240}
     surge = simulate(_fleet(autoscaler=None, cluster=cluster, **{"pods.rolling_update": {

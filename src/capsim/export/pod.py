@@ -111,7 +111,7 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
     (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period,
     with ``pods.unreachable_toleration_s`` the node-failure tolerations, and with a ``pods.rolling_update`` other
-    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy."""
+    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its ``minReadySeconds``."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {
@@ -164,6 +164,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     if (ru.max_surge, ru.max_unavailable) != ("25%", "25%"):  # the rolling update simulated (Kubernetes' default not)
         spec["strategy"] = {"type": "RollingUpdate",
                             "rollingUpdate": {"maxSurge": ru.max_surge, "maxUnavailable": ru.max_unavailable}}
+    if scenario.pods.min_ready_s:
+        spec["minReadySeconds"] = scenario.pods.min_ready_s
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},

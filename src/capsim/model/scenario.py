@@ -559,6 +559,9 @@ class Pods(_Section):
         "Kubernetes' defaults); the export writes them")
     rollouts: tuple[Rollout, ...] = Field(
         (), description="times a new pod template is applied (a deploy): each rolls every pod over to a new one")
+    min_ready_s: Int = Field(
+        0, ge=0, le=3600, description="the Deployment's minReadySeconds: a pod counts as available to a rollout this "
+        "long after it turns ready (a rollout waits for it); 0, Kubernetes' default: at once. The export writes it")
 
     @property
     def spread_min_nodes(self) -> int:

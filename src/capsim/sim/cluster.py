@@ -230,10 +230,19 @@ class Cluster:
             self._syncing = False
 
     def _replicasets(self) -> list[ReplicaSetState]:
-        """The rollout's ReplicaSets, oldest first, each with its available pods (ready, not terminating)."""
+        """The rollout's ReplicaSets, oldest first, each with its available pods: ready, not terminating, for at
+        least ``pods.min_ready_s`` (the Deployment's minReadySeconds)."""
         assert self._rs is not None
-        return [replace(self._rs[r], available=sum(1 for p in self._members(r) if p.ready_condition))
+        return [replace(self._rs[r], available=sum(1 for p in self._members(r) if self._available(p)))
                 for r in sorted(self._rs)]
+
+    def _available(self, pod: Pod) -> bool:
+        """Whether ``pod`` is available: ready for ``pods.min_ready_s`` by now (``podutil.IsPodAvailable``)."""
+        if not pod.ready_condition:
+            return False
+        wait = self.sim.scenario.pods.min_ready_s
+        # the warm pods of time 0 were ready before the run began (``start``)
+        return wait == 0 or (pod.ready_s is not None and (pod.ready_s <= 0.0 or self.sim.env.now - pod.ready_s >= wait))
 
     def _replicaset_to(self, revision: int, n: int, now: float) -> None:
         """The ReplicaSet of ``revision`` runs ``n`` pods: new ones Pending, or victims in upstream's order."""
