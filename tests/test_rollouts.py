@@ -238,3 +238,22 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
         plan = base.override(bundle["set"])
         for changes in sp.stresses.values():
             assert len(plan.override(changes).pods.rollouts) in (0, 1)
+
+
+def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> None:
+    from capsim.studies.runs import slo_miss
+
+    # two waves of 60 s: 120 s
+    slow = simulate(_fleet(**{"slo.max_rollout_s": 100}), 0).summary
+    assert not slow.rollout_slo_met and not slow.slo_met and slow.error_rate == 0.0
+    why, by = slo_miss(slow.to_dict(), 1.0, 0.001)
+    assert why == "a rollout took 120 s, over slo.max_rollout_s" and by > 0
+    fast = simulate(_fleet(**{"slo.max_rollout_s": 150}), 0).summary
+    assert fast.rollout_slo_met and fast.slo_met
+    # a stalled rollout misses it; no rollout, nothing to judge
+    full = {"autoscaler": None, "cluster": {"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240},
+            "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}, "slo.max_rollout_s": 3600}
+    stalled = simulate(_fleet(**full), 0).summary
+    assert not stalled.slo_met and "(not done by the end of the run)" in slo_miss(stalled.to_dict(), 1.0, 0.001)[0]
+    none = simulate(_fleet(**{"slo.max_rollout_s": 1, "pods.rollouts": []}), 0).summary
+    assert none.rollout_slo_met and none.slo_met

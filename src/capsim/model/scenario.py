@@ -1248,6 +1248,9 @@ class Slo(_Section):
     max_session_failure_rate: Float = Field(
         0.001, ge=0, le=1, description="sessions that failed a request or were lost in a crash, per session"
     )
+    max_rollout_s: Float | None = Field(
+        None, gt=0, description="the longest a rolling update (pods.rollouts) may take, from its start until every "
+        "pod runs the new template and is available; one not done by the end of the run misses it. null: not judged")
 
 
 class Scenario(BaseModel):

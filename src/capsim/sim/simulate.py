@@ -302,6 +302,9 @@ class Simulation:
             summary = replace(summary, longest_rollout_s=float(max(took)),
                               rollouts_unfinished=sum(r.done_s is None for r in ro),
                               rollout_fewest_ready=float(min(r.min_ready for r in ro)))
+            if sc.slo.max_rollout_s is not None:  # every rollout done within it, or the SLO is missed
+                ok = summary.rollouts_unfinished == 0 and summary.longest_rollout_s <= sc.slo.max_rollout_s
+                summary = replace(summary, rollout_slo_met=ok, slo_met=summary.slo_met and ok)
         return SimResult(
             requests=requests,
             timeseries=self.timeseries.frame(),

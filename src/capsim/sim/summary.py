@@ -98,6 +98,8 @@ class Summary:
     longest_rollout_s: float = math.nan
     rollouts_unfinished: int = 0
     rollout_fewest_ready: float = math.nan
+    # slo.max_rollout_s met (True without it): every rollout done within it; slo_met needs it
+    rollout_slo_met: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -186,6 +186,9 @@ def slo_miss(s: Mapping[str, Any], ttft_slo: float, max_err: float,
                 s["error_rate"] / max_err - 1.0 if max_err > 0 else 1.0)
     if s["lost_sessions"] > 0:
         return f"{s['lost_sessions']} sessions lost", float(s["lost_sessions"])
+    if not s.get("rollout_slo_met", True):  # slo.max_rollout_s
+        late = " (not done by the end of the run)" if s.get("rollouts_unfinished") else ""
+        return f"a rollout took {s['longest_rollout_s']:.4g} s{late}, over slo.max_rollout_s", 1.0
     if not s.get("slo_met", True):  # any further SLO the summary judges (the session failure rate)
         rate = s.get("session_failure_rate")
         return (f"session failure rate {rate:.3%} over the SLO" if isinstance(rate, float) and rate == rate
