@@ -162,7 +162,7 @@ def test_surge_only_never_drops_a_ready_pod_and_unavailable_only_never_adds_one(
     assert 200 + 4 * 60 <= down.done_s < 200 + 4 * 60 + 5  # each new pod waits for its predecessor's GPU
 
 
-def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so() -> None:
+def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_path: Path) -> None:
     full = {"autoscaler": None, "cluster": {"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240},
             "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}}
     stalled = simulate(_fleet(**full), 0)
@@ -173,8 +173,15 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so() ->
                                    "--set", "pods.replicas=4", "--set", "pods.rollouts=[{at_s: 200}]",
                                    "--set", "autoscaler=null", "--set",
                                    "cluster={max_gpus: 4, node_gpus: 4, node_provision_s: 240}",
-                                   "--set", "pods.rolling_update={max_surge: 1, max_unavailable: 0}"])
+                                   "--set", "pods.rolling_update={max_surge: 1, max_unavailable: 0}",
+                                   "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
+    assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods"]
+    assert written.drop(columns="done_s").values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0]]
+    assert written.done_s.isna().all()
     assert ("note: the rollout at 200 s (maxSurge 1, maxUnavailable 0, 4 pods then) was not done by the end of "
             "the run, 700 s after it began") in res.output
 
