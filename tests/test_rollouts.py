@@ -264,3 +264,21 @@ def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> 
     assert not stalled.slo_met and "(not done by the end of the run)" in slo_miss(stalled.to_dict(), 1.0, 0.001)[0]
     none = simulate(_fleet(**{"slo.max_rollout_s": 1, "pods.rollouts": []}), 0).summary
     assert none.rollout_slo_met and none.slo_met
+
+
+def test_capsim_check_warns_of_a_deploy_budget_no_rollout_can_meet() -> None:
+    from capsim.studies.checks import run_checks
+
+    # four pods at 25%/25% move two at a time: two waves of at least 60 s, 120 s (the run's own time, above)
+    short = _fleet(**{"slo.max_rollout_s": 100})
+    (f,) = [f for f in run_checks(short) if f.check == "rollout-budget-short"]
+    assert f.path == "slo.max_rollout_s" and "2 waves of at least 60 s" in f.message and "120 s" in f.message
+    assert not [f for f in run_checks(_fleet(**{"slo.max_rollout_s": 120})) if f.check == "rollout-budget-short"]
+    # minReadySeconds adds to each wave; a lognormal cold start has no floor to count on
+    held = _fleet(**{"slo.max_rollout_s": 150, "pods.min_ready_s": 30})
+    assert [f.check for f in run_checks(held) if f.check == "rollout-budget-short"] == ["rollout-budget-short"]
+    logn = _fleet(**{"slo.max_rollout_s": 1, "pods.startup_s": {"kind": "lognormal", "mean_s": 60, "sigma": 0.5}})
+    assert not [f for f in run_checks(logn) if f.check == "rollout-budget-short"]
+    # the simulator agrees with the bound: 150 s meets it without minReadySeconds, misses it with 30
+    assert simulate(_fleet(**{"slo.max_rollout_s": 150}), 0).summary.rollout_slo_met
+    assert not simulate(held, 0).summary.rollout_slo_met

@@ -101,6 +101,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``rollout-no-room`` (warn): ``pods.rollouts`` under a ``pods.rolling_update`` whose ``max_unavailable`` resolves to
   0 at the plan's most pods, on node groups (``cluster.max_gpus``) that hold no pod more: a rollout that starts
   there never ends (its first surge pod stays Pending and no old pod leaves for it).
+* ``rollout-budget-short`` (warn): a deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the
+  plan's floor takes: waves of maxSurge + maxUnavailable pods, each at least the shortest cold start (a constant,
+  a uniform's bottom) plus ``pods.min_ready_s``.
 * ``estimated-profile`` (warn): the service profile was estimated (``capsim estimate-profile``, a roofline
   of the GPU's datasheet), not measured: its efficiencies and step overhead are assumptions.
 
@@ -118,7 +121,14 @@ from pathlib import Path
 from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
-from capsim.model.scenario import POD_METRIC_ALIASES, Autoscaler, Scenario, Tokens
+from capsim.model.scenario import (
+    POD_METRIC_ALIASES,
+    Autoscaler,
+    ConstantDuration,
+    Scenario,
+    Tokens,
+    UniformDuration,
+)
 from capsim.model.scenario_limits import max_pods
 from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
@@ -172,6 +182,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _keda_fallback(scenario)
     findings += _stockout_at_wake(scenario)
     findings += _rollout_room(scenario)
+    findings += _rollout_budget(scenario)
     return findings
 
 
@@ -399,6 +410,30 @@ def _rollout_room(scenario: Scenario) -> list[Finding]:
         "GPU for its first surge pod, no old pod leaves for it, and it never ends; allow one pod down "
         "(max_unavailable 1) or leave room for the surge (docs/simulator.md, \"Rolling updates\")",
         level="warn", check="rollout-no-room")]
+
+
+def _rollout_budget(scenario: Scenario) -> list[Finding]:
+    """A deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the plan's floor can take: its
+    pods move in waves of maxSurge + maxUnavailable, each at least the shortest cold start (``pods.startup_s``:
+    a constant, or a uniform's bottom; a lognormal has none) plus ``pods.min_ready_s``."""
+    budget, pods = scenario.slo.max_rollout_s, scenario.pods
+    start = pods.startup_s
+    low = start.value_s if isinstance(start, ConstantDuration) else start.low_s if isinstance(
+        start, UniformDuration) else 0.0
+    n = _floor(scenario)
+    if budget is None or not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
+        return []
+    ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
+    waves = -(-n // (ru.surge(n) + ru.unavailable(n)))
+    least = waves * (low + pods.min_ready_s)
+    if least <= budget:
+        return []
+    return [Finding(
+        "slo.max_rollout_s", f"{budget:g} s, but a rollout of the floor's {n} pods moves {ru.surge(n) + ru.unavailable(n)} "
+        f"at a time (maxSurge {pods.rolling_update.max_surge}, maxUnavailable {pods.rolling_update.max_unavailable}): "
+        f"{waves} waves of at least {low + pods.min_ready_s:g} s (the shortest cold start"
+        + (" and minReadySeconds" if pods.min_ready_s else "") + f"), {least:g} s: every deploy misses the SLO; "
+        "surge more pods or allow more down", level="warn", check="rollout-budget-short")]
 
 
 def _floor(scenario: Scenario) -> int:
