@@ -313,7 +313,9 @@ def test_deployment_patch_writes_the_rolling_update_simulated(rush: Scenario) ->
     kubernetes_validate.validate(_merge(_user_deployment(TARGET), patch), K8S_VERSIONS[-1], strict=True)
     assert "minReadySeconds" not in patch["spec"]
     held = yaml.safe_load(dump_yaml(build_all(tuned.override({"pods.min_ready_s": 30}), TARGET)["deployment-patch.yaml"]))
-    assert held["spec"]["minReadySeconds"] == 30
+    assert held["spec"]["minReadySeconds"] == 30 and "progressDeadlineSeconds" not in held["spec"]
+    short = build_all(tuned.override({"pods.progress_deadline_s": 900}), TARGET)["deployment-patch.yaml"]
+    assert short["spec"]["progressDeadlineSeconds"] == 900
     kubernetes_validate.validate(_merge(_user_deployment(TARGET), held), K8S_VERSIONS[-1], strict=True)
     pct = rush.override({"pods.rolling_update": {"max_surge": "50%", "max_unavailable": "0%"}})
     strategy = yaml.safe_load(dump_yaml(build_all(pct, TARGET)["deployment-patch.yaml"]))["spec"]["strategy"]

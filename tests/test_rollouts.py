@@ -179,9 +179,13 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
     import pandas as pd
 
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
-    assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods"]
-    assert written.drop(columns="done_s").values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0]]
+    assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
+                                     "deadline_exceeded_s"]
+    assert written.drop(columns="done_s").values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
     assert written.done_s.isna().all()
+    # no progress after its first step at 200 s: Kubernetes' 600-s progress deadline passes at 800 s
+    assert "reports it stalled (ProgressDeadlineExceeded, 600 s without progress" in res.output
+    assert "at 800 s (rollouts.csv)" in res.output
     assert ("note: the rollout at 200 s (maxSurge 1, maxUnavailable 0, 4 pods then) was not done by the end of "
             "the run, 700 s after it began") in res.output
 
@@ -282,3 +286,13 @@ def test_capsim_check_warns_of_a_deploy_budget_no_rollout_can_meet() -> None:
     # the simulator agrees with the bound: 150 s meets it without minReadySeconds, misses it with 30
     assert simulate(_fleet(**{"slo.max_rollout_s": 150}), 0).summary.rollout_slo_met
     assert not simulate(held, 0).summary.rollout_slo_met
+
+
+def test_the_progress_deadline_counts_from_the_last_progress_and_a_done_rollout_keeps_its_stall() -> None:
+    # one pod at a time (0/1) with cold starts of 60 s makes progress every 60 s: a deadline of 50 s passes 50 s
+    # after the first step, the rollout goes on and is done; with the default 600 s it never passes
+    tight = simulate(_fleet(**{"pods.rolling_update": {"max_surge": 0, "max_unavailable": 1},
+                               "pods.progress_deadline_s": 50}), 0).rollouts.iloc[0]
+    assert tight.deadline_exceeded_s == pytest.approx(250.0, abs=1.0) and tight.done_s > 400
+    relaxed = simulate(_fleet(**{"pods.rolling_update": {"max_surge": 0, "max_unavailable": 1}}), 0).rollouts.iloc[0]
+    assert math.isnan(relaxed.deadline_exceeded_s) and relaxed.done_s == tight.done_s

@@ -111,7 +111,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
     (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period,
     with ``pods.unreachable_toleration_s`` the node-failure tolerations, and with a ``pods.rolling_update`` other
-    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its ``minReadySeconds``."""
+    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its ``minReadySeconds`` and a
+    ``progressDeadlineSeconds`` other than 600 as simulated."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {
@@ -166,6 +167,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
                             "rollingUpdate": {"maxSurge": ru.max_surge, "maxUnavailable": ru.max_unavailable}}
     if scenario.pods.min_ready_s:
         spec["minReadySeconds"] = scenario.pods.min_ready_s
+    if scenario.pods.progress_deadline_s != 600:
+        spec["progressDeadlineSeconds"] = scenario.pods.progress_deadline_s
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},

@@ -562,6 +562,10 @@ class Pods(_Section):
     min_ready_s: Int = Field(
         0, ge=0, le=3600, description="the Deployment's minReadySeconds: a pod counts as available to a rollout this "
         "long after it turns ready (a rollout waits for it); 0, Kubernetes' default: at once. The export writes it")
+    progress_deadline_s: Int = Field(
+        600, ge=1, description="the Deployment's progressDeadlineSeconds: a rollout with no progress this long is "
+        "reported stalled (ProgressDeadlineExceeded; `kubectl rollout status` exits with an error then), as Kubernetes "
+        "reports it: the rollout goes on. The export writes it when not 600")
 
     @property
     def spread_min_nodes(self) -> int:

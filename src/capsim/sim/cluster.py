@@ -80,7 +80,9 @@ def draw_duration(d: Duration, gen: np.random.Generator) -> float:
 @dataclass
 class RolloutRecord:
     """One rolling update (``pods.rollouts``): when it began, its revision, the Deployment's replicas then, when it
-    was done (None: not yet), and the fewest pods ready and the most alive (Pending to draining) at its syncs."""
+    was done (None: not yet), the fewest pods ready and the most alive (Pending to draining) at its syncs, and when
+    it last made progress (a ReplicaSet resized, or more of the new pods available: what resets the Deployment's
+    ``progressDeadlineSeconds``)."""
 
     at_s: float
     revision: int
@@ -88,6 +90,8 @@ class RolloutRecord:
     min_ready: int
     most_pods: int
     done_s: float | None = None
+    progress_s: float = 0.0
+    deadline_exceeded_s: float | None = None  # progressDeadlineSeconds after a progress, with none since
 
 
 class Cluster:
@@ -132,6 +136,8 @@ class Cluster:
         self._rs: dict[int, ReplicaSetState] | None = None
         self._syncing = False
         self._sync_again = False
+        self._new_available = 0  # the new ReplicaSet's available pods at the last sync (progress when it grows)
+        self._deadline_s = float(sim.scenario.pods.progress_deadline_s)
         self.rollouts: list[RolloutRecord] = []
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r.at_s).callbacks.append(self._rollout_begins)
@@ -182,7 +188,8 @@ class Cluster:
             self._rs = {self.revision: ReplicaSetState(self.revision, d, 0, d, d + self._strategy.surge(d))}
         self.revision += 1
         self._rs[self.revision] = ReplicaSetState(self.revision, 0, 0, d, d + self._strategy.surge(d))
-        self.rollouts.append(RolloutRecord(now, self.revision, d, self.ready_count(), len(self._alive)))
+        self._new_available = 0
+        self.rollouts.append(RolloutRecord(now, self.revision, d, self.ready_count(), len(self._alive), progress_s=now))
         self._sync_deployment(now)
         Timeout(self.sim.env, 1.0, self.revision).callbacks.append(self._resync)
 
@@ -207,20 +214,29 @@ class Cluster:
         assert self._rs is not None
         self._syncing = True
         try:
+            moved = False
             for _ in range(64):
                 self._sync_again = False
                 rss = self._replicasets()
                 after = sync_deployment(rss, self.desired, self._strategy)
+                moved |= [rs.replicas for rs in after] != [rs.replicas for rs in rss]
                 self._rs = {rs.revision: rs for rs in after}
                 for rs in after:
                     self._replicaset_to(rs.revision, rs.replicas, now)
                 if after == rss and not self._sync_again:
                     break
             ready, pods = self.ready_count(), len(self._alive)
+            available = self._replicasets()[-1].available  # more new pods available than at the last sync
+            moved |= available > self._new_available
+            self._new_available = available
             for r in self.rollouts:
                 if r.done_s is None:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
                     r.min_ready = min(r.min_ready, ready)
                     r.most_pods = max(r.most_pods, pods)
+                    if moved:
+                        r.progress_s = now
+                    elif r.deadline_exceeded_s is None and now - r.progress_s >= self._deadline_s:
+                        r.deadline_exceeded_s = r.progress_s + self._deadline_s
             if complete(self._replicasets(), self.desired):
                 for r in self.rollouts:
                     if r.done_s is None:

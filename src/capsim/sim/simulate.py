@@ -79,12 +79,13 @@ class SimResult:
     slowdowns: Any = None
     skipped_slowdowns: Any = None  # DataFrame: time_s, pod (-1: any), why; slowdowns that found no pod
     # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
-    # and the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran
+    # the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran, and when
+    # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never)
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
-ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods"]
+ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s"]
 
 
 _gc_lock = threading.Lock()
@@ -253,6 +254,19 @@ class Simulation:
             self.timeseries.add(row)
             last = (client.n_arrived, client.n_ok, errors, busy)
 
+    def _rollouts_frame(self) -> Any:
+        """``SimResult.rollouts``: a row per rollout, its deadline also passed when the run ended first."""
+        horizon, deadline = self.scenario.horizon_s, float(self.scenario.pods.progress_deadline_s)
+        rows = []
+        for r in self.cluster.rollouts:
+            exceeded = r.deadline_exceeded_s
+            if exceeded is None and r.done_s is None and horizon - r.progress_s >= deadline:
+                exceeded = r.progress_s + deadline
+            rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded])
+        import pandas as pd
+
+        return pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
+
     def run(self) -> SimResult:
         """Run to the horizon and return the result."""
         if self._ran:
@@ -322,8 +336,7 @@ class Simulation:
             wakes=woke,
             slowdowns=pd.DataFrame(self.faults.slow_log, columns=["start_s", "end_s", "pod", "factor"]),
             skipped_slowdowns=pd.DataFrame(self.faults.slow_skipped, columns=["time_s", "pod", "why"]),
-            rollouts=pd.DataFrame([[getattr(r, c) for c in ROLLOUT_COLUMNS] for r in self.cluster.rollouts],
-                                  columns=ROLLOUT_COLUMNS, dtype=float),
+            rollouts=self._rollouts_frame(),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
