@@ -58,7 +58,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                  "rolling_update": draw(st.sampled_from([{}, {"max_surge": 1, "max_unavailable": 0},
                                                          {"max_surge": 0, "max_unavailable": 1},
                                                          {"max_surge": "100%", "max_unavailable": "50%"}])),
-                 "min_ready_s": draw(st.sampled_from([0, 5]))},
+                 "min_ready_s": draw(st.sampled_from([0, 5])),
+                 "progress_deadline_s": draw(st.sampled_from([600, 5]))},
         "router": {"kind": router},
         "faults": faults,
         "state": {"store": store},
@@ -184,3 +185,5 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     # one row per rollout, each done (if at all) after it began
     ro = r.rollouts
     assert len(ro) == len(scenario.pods.rollouts) and (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
+    stalled = ro["deadline_exceeded_s"].notna()  # reported no sooner than the deadline after the rollout began
+    assert (ro["deadline_exceeded_s"][stalled] >= ro["at_s"][stalled] + scenario.pods.progress_deadline_s - 1e-9).all()
