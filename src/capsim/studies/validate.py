@@ -385,8 +385,7 @@ def run_validation(
             # bursts, whose client-side wait is no part of it): a short Poisson probe at half the capacity,
             # with a seed of its own
             full = min(spec.batching.max_batch_size, profile.batch_sizes("decode")[-1])
-            full_s = (calibration.time_scale * profile.batch_timing(full, spec.prompt_tokens, spec.output_tokens).total_s
-                      + full * calibration.overhead_s)
+            full_s = calibration.cycle_s(full, profile.batch_timing(full, spec.prompt_tokens, spec.output_tokens).total_s)
             probe_n = spec.replications * probe_requests_per_run(cap, full_s)
             probe = level_scenario(replace(spec, requests_per_level=probe_n),
                                    kept_profile, 0.5 * cap, calibration)
