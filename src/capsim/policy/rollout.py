@@ -58,18 +58,6 @@ def resolve_fenceposts(max_surge: int | str, max_unavailable: int | str, desired
     return surge, unavailable
 
 
-def max_unavailable(max_surge: int | str, max_unavail: int | str, desired: int) -> int:
-    """``MaxUnavailable``: the resolved unavailable, never over ``desired`` (0 for a Deployment of 0)."""
-    if desired == 0:
-        return 0
-    return min(resolve_fenceposts(max_surge, max_unavail, desired)[1], desired)
-
-
-def max_surge(max_surge_: int | str, max_unavail: int | str, desired: int) -> int:
-    """``MaxSurge``: the resolved surge."""
-    return resolve_fenceposts(max_surge_, max_unavail, desired)[0]
-
-
 @dataclass(frozen=True)
 class RollingUpdate:
     """A Deployment's ``strategy.rollingUpdate``: ``max_surge`` and ``max_unavailable`` as integers or ``"N%"``."""
@@ -78,10 +66,14 @@ class RollingUpdate:
     max_unavailable: int | str = "25%"
 
     def surge(self, desired: int) -> int:
-        return max_surge(self.max_surge, self.max_unavailable, desired)
+        """``MaxSurge``: the resolved surge."""
+        return resolve_fenceposts(self.max_surge, self.max_unavailable, desired)[0]
 
     def unavailable(self, desired: int) -> int:
-        return max_unavailable(self.max_surge, self.max_unavailable, desired)
+        """``MaxUnavailable``: the resolved unavailable, never over ``desired`` (0 for a Deployment of 0)."""
+        if desired == 0:
+            return 0
+        return min(resolve_fenceposts(self.max_surge, self.max_unavailable, desired)[1], desired)
 
 
 def _scaled(rs: ReplicaSetState, size: int, desired: int, strategy: RollingUpdate,

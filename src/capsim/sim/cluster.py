@@ -138,6 +138,7 @@ class Cluster:
         self._sync_again = False
         self._new_available = 0  # the new ReplicaSet's available pods at the last sync (progress when it grows)
         self._deadline_s = float(sim.scenario.pods.progress_deadline_s)
+        self._min_ready_s = sim.scenario.pods.min_ready_s
         self.rollouts: list[RolloutRecord] = []
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r.at_s).callbacks.append(self._rollout_begins)
@@ -169,15 +170,8 @@ class Cluster:
         if self._rs is not None:  # mid-rollout: the Deployment controller shares them out among its ReplicaSets
             self._sync_deployment(now)
             return
-        live = [p for p in self._alive.values() if p.state in _LIVE]
-        if len(live) < n:
-            for _ in range(n - len(live)):
-                self._pending.append(self._new_pod(now))
-            self._place(now)
-        elif len(live) > n:
-            on_node = Counter(id(self._node.get(p.id)) for p in live if p.state != PodState.PENDING)
-            for victim in pods_to_delete([self._ranked(p, on_node) for p in live], len(live) - n, now):
-                self.terminate(self.pods[victim.key], now)
+        # between rollouts every live pod runs the current template: its one ReplicaSet takes the count
+        self._replicaset_to(self.revision, n, now)
 
     # ---- rolling updates (capsim.policy.rollout) ---------------------------------------------------------
     def _rollout_begins(self, ev: Timeout) -> None:
@@ -225,8 +219,8 @@ class Cluster:
                     self._replicaset_to(rs.revision, rs.replicas, now)
                 if after == rss and not self._sync_again:
                     break
-            ready, pods = self.ready_count(), len(self._alive)
-            available = self._replicasets()[-1].available  # more new pods available than at the last sync
+            ready, pods, final = self.ready_count(), len(self._alive), self._replicasets()
+            available = final[-1].available  # more new pods available than at the last sync
             moved |= available > self._new_available
             self._new_available = available
             for r in self.rollouts:
@@ -237,7 +231,7 @@ class Cluster:
                         r.progress_s = now
                     elif r.deadline_exceeded_s is None and now - r.progress_s >= self._deadline_s:
                         r.deadline_exceeded_s = r.progress_s + self._deadline_s
-            if complete(self._replicasets(), self.desired):
+            if complete(final, self.desired):
                 for r in self.rollouts:
                     if r.done_s is None:
                         r.done_s = now
@@ -256,7 +250,7 @@ class Cluster:
         """Whether ``pod`` is available: ready for ``pods.min_ready_s`` by now (``podutil.IsPodAvailable``)."""
         if not pod.ready_condition:
             return False
-        wait = self.sim.scenario.pods.min_ready_s
+        wait = self._min_ready_s
         # the warm pods of time 0 were ready before the run began (``start``)
         return wait == 0 or (pod.ready_s is not None and (pod.ready_s <= 0.0 or self.sim.env.now - pod.ready_s >= wait))
 

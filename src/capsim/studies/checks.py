@@ -424,12 +424,13 @@ def _rollout_budget(scenario: Scenario) -> list[Finding]:
     if budget is None or not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
         return []
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
-    waves = -(-n // (ru.surge(n) + ru.unavailable(n)))
+    step = ru.surge(n) + ru.unavailable(n)
+    waves = -(-n // step)
     least = waves * (low + pods.min_ready_s)
     if least <= budget:
         return []
     return [Finding(
-        "slo.max_rollout_s", f"{budget:g} s, but a rollout of the floor's {n} pods moves {ru.surge(n) + ru.unavailable(n)} "
+        "slo.max_rollout_s", f"{budget:g} s, but a rollout of the floor's {n} pods moves {step} "
         f"at a time (maxSurge {pods.rolling_update.max_surge}, maxUnavailable {pods.rolling_update.max_unavailable}): "
         f"{waves} waves of at least {low + pods.min_ready_s:g} s (the shortest cold start"
         + (" and minReadySeconds" if pods.min_ready_s else "") + f"), {least:g} s: every deploy misses the SLO; "
