@@ -69,11 +69,14 @@ def variants(rush: Scenario) -> dict[str, Scenario]:
 
 # ---- schemas -----------------------------------------------------------------------------------------------
 def _merge(base: Any, patch: Any) -> Any:
-    """Strategic merge for the fields the patch sets: maps merge, lists of named items merge by ``name``
+    """Strategic merge for the fields the patch sets: maps merge (a null deletes), lists of named items merge by ``name``
     (``containers``, ``ports``), other lists are replaced (as ``envFrom``, which has no merge key)."""
     if isinstance(base, dict) and isinstance(patch, dict):
         out = dict(base)
         for k, v in patch.items():
+            if v is None:  # null deletes the key
+                out.pop(k, None)
+                continue
             out[k] = _merge(base[k], v) if k in base else copy.deepcopy(v)
         return out
     if (isinstance(base, list) and isinstance(patch, list) and patch
@@ -320,6 +323,18 @@ def test_deployment_patch_writes_the_rolling_update_simulated(rush: Scenario) ->
     pct = rush.override({"pods.rolling_update": {"max_surge": "50%", "max_unavailable": "0%"}})
     strategy = yaml.safe_load(dump_yaml(build_all(pct, TARGET)["deployment-patch.yaml"]))["spec"]["strategy"]
     assert strategy["rollingUpdate"] == {"maxSurge": "50%", "maxUnavailable": "0%"}
+
+
+def test_deployment_patch_writes_recreate_and_deletes_the_rolling_update(rush: Scenario) -> None:
+    recreate = rush.override({"pods.strategy": "Recreate"})
+    patch = yaml.safe_load(dump_yaml(build_all(recreate, TARGET)["deployment-patch.yaml"]))
+    assert patch["spec"]["strategy"] == {"type": "Recreate", "rollingUpdate": None}
+    # merged into a Deployment that had a rolling update: the API refuses Recreate beside one, so the null matters
+    user = _user_deployment(TARGET)
+    user["spec"]["strategy"] = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    merged = _merge(user, patch)
+    assert merged["spec"]["strategy"] == {"type": "Recreate"}
+    kubernetes_validate.validate(merged, K8S_VERSIONS[-1], strict=True)
 
 
 def test_adapter_rules_serve_the_hpa_metric_names(variants: dict[str, Scenario]) -> None:

@@ -13,10 +13,12 @@ from capsim.cli import app
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.rollout import (
+    Recreate,
     ReplicaSetState,
     RollingUpdate,
     new_rs_new_replicas,
     resolve_fenceposts,
+    rollout_recreate,
     rollout_rolling,
     scale,
     sync,
@@ -237,10 +239,12 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
     root = SCENARIOS.parent / "studies"
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     settings = expand_grid(load_grid(root / "rollout_grid.yaml"))
-    assert len(settings) == 8
-    seen = {(base.override(st.changes).pods.rolling_update.max_surge,
-             base.override(st.changes).pods.rollouts[0].at_s) for st in settings}
-    assert seen == {(s, at) for s in ("25%", 1, 0, "100%") for at in (1900, 3000)}
+    assert len(settings) == 10
+    plans = [base.override(st.changes) for st in settings]
+    seen = {(p.pods.strategy, p.pods.rolling_update.max_surge, p.pods.rollouts[0].at_s) for p in plans}
+    assert seen == {(kind, s, at) for kind, s in (("RollingUpdate", "25%"), ("RollingUpdate", 1), ("RollingUpdate", 0),
+                                                  ("RollingUpdate", "100%"), ("Recreate", "25%"))
+                    for at in (1900, 3000)}
     sp = load_space(root / "rollout_space.yaml")
     assert sp.scenario is not None and sp.scenario.resolve() == SCENARIOS / "rollout_rush.yaml"
     (strategy,) = [p for p in sp.params if p.path == "strategy"]
@@ -296,3 +300,104 @@ def test_the_progress_deadline_counts_from_the_last_progress_and_a_done_rollout_
     assert tight.deadline_exceeded_s == pytest.approx(250.0, abs=1.0) and tight.done_s > 400
     relaxed = simulate(_fleet(**{"pods.rolling_update": {"max_surge": 0, "max_unavailable": 1}}), 0).rollouts.iloc[0]
     assert math.isnan(relaxed.deadline_exceeded_s) and relaxed.done_s == tight.done_s
+
+
+# ---- Recreate (recreate.go) ------------------------------------------------------------------------------
+def test_recreate_takes_the_old_replicasets_to_zero_then_waits_for_their_pods() -> None:
+    # TestScaleDownOldReplicaSets: an old ReplicaSet of 3 goes to 0 in one sync, and the new one stays at 0
+    rss = [ReplicaSetState(0, 3, 3, 3), ReplicaSetState(1, 0, 0, 3)]
+    out = sync(rss, 3, Recreate())
+    assert [rs.replicas for rs in out] == [0, 0]
+    # while a pod of an old ReplicaSet is still there (terminating too: oldPodsRunning), the new one waits
+    assert [rs.replicas for rs in sync(out, 3, Recreate(), old_pods_running=True)] == [0, 0]
+    # once none is, it takes every replica at once (no surge, no waves) and is annotated for them
+    (old, new) = sync(out, 3, Recreate(), old_pods_running=False)
+    assert (old.replicas, new.replicas, new.desired, new.max) == (0, 3, 3, 3)
+    assert rollout_recreate(out, 3, old_pods_running=False) == [old, new]
+    # several old ReplicaSets (a rollout over a rollout) all go in the same sync
+    three = [ReplicaSetState(0, 2, 2, 4), ReplicaSetState(1, 2, 1, 4), ReplicaSetState(2, 0, 0, 4)]
+    assert [rs.replicas for rs in sync(three, 4, Recreate(), old_pods_running=False)] == [0, 0, 0]
+    # a scaling event is upstream's scale() whatever the strategy: the one active ReplicaSet takes it; with two
+    # active, only a rolling update shares it out in proportion (sync.go: IsRollingUpdate)
+    done = [ReplicaSetState(0, 0, 0, 3), ReplicaSetState(1, 3, 3, 3, 3)]
+    assert [rs.replicas for rs in sync(done, 5, Recreate())] == [0, 5]
+    both = [ReplicaSetState(0, 2, 2, 4, 4), ReplicaSetState(1, 2, 2, 4, 4)]
+    assert [rs.replicas for rs in scale(both, 8, Recreate())] == [2, 2]
+    assert [rs.replicas for rs in scale(both, 8, RollingUpdate(0, 1))] == [4, 4]
+    assert (Recreate().surge(10), Recreate().unavailable(10)) == (0, 0)
+
+
+def test_a_recreate_rollout_creates_the_new_pods_only_once_every_old_one_is_gone() -> None:
+    from capsim.sim.simulate import Simulation
+
+    sim = Simulation(_fleet(**{"pods.strategy": "Recreate"}), 0)
+    gone: dict[int, float] = {}
+    forget = sim.cluster._forget
+
+    def recorded(pod, now: float) -> None:
+        gone.setdefault(pod.id, now)
+        forget(pod, now)
+
+    sim.cluster._forget = recorded  # type: ignore[method-assign]
+    r = sim.run()
+    (ro,) = r.rollouts.to_dict("records")
+    new = [p for p in sim.cluster.pods if p.revision == 1]
+    assert [p.id for p in new] == [4, 5, 6, 7] and all(p.revision == 0 for p in sim.cluster.pods[:4])
+    # the four old pods drained (their batches in flight) and went; only then were the four new ones created
+    assert max(gone[i] for i in range(4)) <= min(p.created_s for p in new)
+    assert 200 < min(p.created_s for p in new) < 201
+    # one wave: the whole fleet's cold start (60 s), no pod ready meanwhile and never more than four pods
+    assert 260 <= ro["done_s"] < 262 and ro["min_ready"] == 0 and ro["most_pods"] == 4
+    ts = r.timeseries
+    during = ts[(ts.time_s > 200) & (ts.time_s < ro["done_s"])]
+    assert (during.ready_replicas == 0).all()
+    assert (during.ready_replicas + during.starting_replicas + during.pending_replicas).max() <= 4
+    # what was sent meanwhile failed; the rolling update of the same fleet failed nothing
+    req = r.requests
+    lost = req[(req.arrival_s > 201) & (req.arrival_s < 255)]
+    assert len(lost) > 1000 and (lost.outcome != "ok").all()
+    assert r.summary.error_rate > 0.05
+    assert simulate(_fleet(), 0).summary.error_rate == 0.0
+
+
+def test_recreate_needs_no_gpu_to_spare_where_a_surge_stalls() -> None:
+    full = {"autoscaler": None, "cluster": {"max_gpus": 4, "node_gpus": 4, "node_provision_s": 240}}
+    ro = simulate(_fleet(**full, **{"pods.strategy": "Recreate"}), 0).rollouts.iloc[0]
+    assert 260 <= ro.done_s < 262 and ro.most_pods == 4  # each new pod takes a GPU its predecessor gave back
+    stalled = simulate(_fleet(**full, **{"pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}}), 0)
+    assert math.isnan(stalled.rollouts.iloc[0].done_s)
+
+
+def test_a_recreate_rollout_mid_rush_under_the_hpa_finishes_and_costs_an_outage(tmp_path: Path) -> None:
+    rush = Scenario.from_yaml(SCENARIOS / "friday_rush.yaml")
+    recreate = simulate(rush.override({"pods.rollouts": [{"at_s": 2000}], "pods.strategy": "Recreate"}), 0)
+    rolling = simulate(rush.override({"pods.rollouts": [{"at_s": 2000}]}), 0)
+    ro = recreate.rollouts.iloc[0]
+    assert ro.pods >= 8 and 2000 < ro.done_s < 2700 and ro.min_ready == 0
+    assert ro.most_pods <= max(ro.pods, recreate.scale_events.to_replicas.max())  # never a pod over the replicas
+    assert recreate.summary.error_rate > 10 * max(rolling.summary.error_rate, 1e-4)
+    res = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
+                                   "--set", "pods.replicas=4", "--set", "pods.rollouts=[{at_s: 200}]",
+                                   "--set", "pods.strategy=Recreate", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "note: the rollout at 200 s (Recreate, 4 pods then) took 60" in res.output
+    assert "0 pods ready at the fewest, 4 alive at the most" in res.output
+
+
+def test_recreate_refuses_a_rolling_update_and_capsim_check_names_its_outage() -> None:
+    from capsim.studies.checks import run_checks
+
+    with pytest.raises(SettingsError, match="pods.rolling_update may not be set with strategy Recreate"):
+        _fleet(**{"pods.strategy": "Recreate", "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}})
+    with pytest.raises(SettingsError, match="pods.strategy"):
+        _fleet(**{"pods.strategy": "BlueGreen"})
+    plan = _fleet(**{"pods.strategy": "Recreate", "cluster": {"max_gpus": 4, "node_gpus": 4}, "autoscaler": None})
+    found = {f.check: f for f in run_checks(plan)}
+    assert "rollout-no-room" not in found  # Recreate needs no GPU to spare
+    f = found["recreate-outage"]
+    assert f.level == "warn" and f.path == "pods.strategy" and "no pod serving for at least 60 s" in f.message
+    assert "recreate-outage" not in {f.check for f in run_checks(plan.override({"pods.rollouts": []}))}
+    # its deploy budget is one wave of the whole fleet: 60 s
+    assert "rollout-budget-short" not in {f.check for f in run_checks(plan.override({"slo.max_rollout_s": 60}))}
+    (short,) = [f for f in run_checks(plan.override({"slo.max_rollout_s": 50})) if f.check == "rollout-budget-short"]
+    assert "moves 4 at a time (Recreate): 1 wave of at least 60 s" in short.message

@@ -53,11 +53,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                      "max_concurrent_batches": draw(st.integers(1, 3))},
         "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
                  "termination_grace_s": draw(st.floats(0, 10)),
-                 # deploys: rolling updates, one on top of another at times, under any strategy
+                 # deploys: rolling updates, one on top of another at times, under any strategy, or Recreate
                  "rollouts": [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))],
-                 "rolling_update": draw(st.sampled_from([{}, {"max_surge": 1, "max_unavailable": 0},
-                                                         {"max_surge": 0, "max_unavailable": 1},
-                                                         {"max_surge": "100%", "max_unavailable": "50%"}])),
+                 **draw(st.sampled_from([{"rolling_update": {}},
+                                         {"rolling_update": {"max_surge": 1, "max_unavailable": 0}},
+                                         {"rolling_update": {"max_surge": 0, "max_unavailable": 1}},
+                                         {"rolling_update": {"max_surge": "100%", "max_unavailable": "50%"}},
+                                         {"strategy": "Recreate"}])),
                  "min_ready_s": draw(st.sampled_from([0, 5])),
                  "progress_deadline_s": draw(st.sampled_from([600, 5]))},
         "router": {"kind": router},
@@ -187,3 +189,5 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     assert len(ro) == len(scenario.pods.rollouts) and (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
     stalled = ro["deadline_exceeded_s"].notna()  # reported no sooner than the deadline after the rollout began
     assert (ro["deadline_exceeded_s"][stalled] >= ro["at_s"][stalled] + scenario.pods.progress_deadline_s - 1e-9).all()
+    if scenario.pods.strategy == "Recreate":  # every old pod goes first: no pod ready during any of its rollouts
+        assert (ro["min_ready"] == 0).all()

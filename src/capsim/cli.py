@@ -486,17 +486,20 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     import math
 
     ru = sc.pods.rolling_update
+    how = ("Recreate" if sc.pods.strategy == "Recreate"
+           else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
     out = []
     for r in rollouts.itertuples():
-        head = (f"note: the rollout at {r.at_s:g} s (maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}, "
-                f"{r.pods:.0f} pods then)")
+        head = f"note: the rollout at {r.at_s:g} s ({how}, {r.pods:.0f} pods then)"
         stalled = ("" if math.isnan(r.deadline_exceeded_s) else
                    f"; Kubernetes reports it stalled (ProgressDeadlineExceeded, {sc.pods.progress_deadline_s} s without "
                    f"progress: `kubectl rollout status` fails) at {r.deadline_exceeded_s:g} s")
         if math.isnan(r.done_s):
-            out.append(f"{head} was not done by the end of the run, {sc.horizon_s - r.at_s:g} s after it began: new "
-                       f"pods still starting, or a surge pod with no GPU to take (Pending) while maxUnavailable keeps "
-                       f"every old one (docs/simulator.md, \"Rolling updates\"); {r.min_ready:.0f} pods ready at the "
+            why = ("old pods still draining, or new ones still starting or Pending" if sc.pods.strategy == "Recreate"
+                   else "new pods still starting, or a surge pod with no GPU to take (Pending) while maxUnavailable "
+                   "keeps every old one")
+            out.append(f"{head} was not done by the end of the run, {sc.horizon_s - r.at_s:g} s after it began: "
+                       f"{why} (docs/simulator.md, \"Rolling updates\"); {r.min_ready:.0f} pods ready at the "
                        f"fewest, {r.most_pods:.0f} alive at the most{stalled} (rollouts.csv)")
         else:
             out.append(f"{head} took {r.done_s - r.at_s:g} s: {r.min_ready:.0f} pods ready at the fewest, "

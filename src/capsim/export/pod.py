@@ -110,8 +110,10 @@ def build_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
 def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """A strategic-merge patch for the Deployment: ``envFrom`` the ConfigMap, the port, the probes
     (startup and liveness on /healthz, readiness on /readyz), the GPUs, the termination grace period,
-    with ``pods.unreachable_toleration_s`` the node-failure tolerations, and with a ``pods.rolling_update`` other
-    than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its ``minReadySeconds`` and a
+    with ``pods.unreachable_toleration_s`` the node-failure tolerations, with ``pods.strategy: Recreate`` that
+    strategy (and ``rollingUpdate: null``, deleting the one the Deployment has: the API refuses both together), with a
+    ``pods.rolling_update`` other than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its
+    ``minReadySeconds`` and a
     ``progressDeadlineSeconds`` other than 600 as simulated."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
@@ -162,7 +164,9 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
         pod_spec["topologySpreadConstraints"] = constraints
     spec: dict[str, Any] = {"template": {"metadata": template_meta, "spec": pod_spec}}
     ru = scenario.pods.rolling_update
-    if (ru.max_surge, ru.max_unavailable) != ("25%", "25%"):  # the rolling update simulated (Kubernetes' default not)
+    if scenario.pods.strategy == "Recreate":  # null deletes the Deployment's rollingUpdate, which the API refuses then
+        spec["strategy"] = {"type": "Recreate", "rollingUpdate": None}
+    elif (ru.max_surge, ru.max_unavailable) != ("25%", "25%"):  # the rolling update simulated (Kubernetes' default not)
         spec["strategy"] = {"type": "RollingUpdate",
                             "rollingUpdate": {"maxSurge": ru.max_surge, "maxUnavailable": ru.max_unavailable}}
     if scenario.pods.min_ready_s:

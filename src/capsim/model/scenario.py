@@ -554,9 +554,13 @@ class Pods(_Section):
                     "(tolerationSeconds): how long after its node is NotReady a pod is evicted and replaced; "
                     "none: the cluster's default (cluster.unreachable_toleration_s). The export writes them",
     )
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        "RollingUpdate", description="the Deployment's strategy.type: RollingUpdate (Kubernetes' default) moves the "
+        "pods within pods.rolling_update; Recreate takes every old pod down, waits until all are gone, then creates "
+        "the new ones (no surge GPU, a whole outage per rollout). The export writes Recreate")
     rolling_update: RollingUpdateStrategy = Field(
         RollingUpdateStrategy(), description="the Deployment's rolling update: maxSurge and maxUnavailable (25% each, "
-        "Kubernetes' defaults); the export writes them")
+        "Kubernetes' defaults); the export writes them. Not with strategy Recreate")
     rollouts: tuple[Rollout, ...] = Field(
         (), description="times a new pod template is applied (a deploy): each rolls every pod over to a new one")
     min_ready_s: Int = Field(
@@ -566,6 +570,15 @@ class Pods(_Section):
         600, ge=1, description="the Deployment's progressDeadlineSeconds: a rollout with no progress this long is "
         "reported stalled (ProgressDeadlineExceeded; `kubectl rollout status` exits with an error then), as Kubernetes "
         "reports it: the rollout goes on. The export writes it when not 600")
+
+    @model_validator(mode="after")
+    def _strategy_fields(self) -> Self:
+        if self.strategy == "Recreate" and self.rolling_update != RollingUpdateStrategy():
+            # upstream's validation: "may not be specified when strategy `type` is 'Recreate'" (Kubernetes' defaults,
+            # 25% and 25%, are taken as unset: a scenario read back from its dump carries them)
+            raise ValueError("rolling_update may not be set with strategy Recreate (it has no surge and no "
+                             "unavailability to set): drop one of them")
+        return self
 
     @property
     def spread_min_nodes(self) -> int:

@@ -10,10 +10,14 @@ Kubernetes' ``pkg/controller/deployment`` (``rolling.go``: ``rolloutRolling``, `
 ``MaxSurge``, ``GetProportion``, ``IsSaturated``, ``FindActiveOrLatest``). Kubernetes is Apache-2.0 (c)
 The Kubernetes Authors; the rules are re-implemented from its source, no code is copied.
 
-One call of :func:`sync` is one ``syncDeployment`` of a RollingUpdate Deployment that is not paused: a
+The ``Recreate`` strategy (``recreate.go``: ``rolloutRecreate``, ``scaleDownOldReplicaSetsForRecreate``,
+``oldPodsRunning``, ``scaleUpNewReplicaSetForRecreate``) takes every old pod down first and scales the new
+ReplicaSet up only once none of them runs any more, terminating ones included: no surge, a whole outage.
+
+One call of :func:`sync` is one ``syncDeployment`` of a Deployment that is not paused: a
 scaling event (an active ReplicaSet whose ``deployment.kubernetes.io/desired-replicas`` annotation is not
 the Deployment's replicas: the HPA changed them) is handled by ``scale``, anything else by
-``rolloutRolling``. The caller applies the ReplicaSets' new sizes (the ReplicaSet controller creates or
+``rolloutRolling`` or ``rolloutRecreate``. The caller applies the ReplicaSets' new sizes (the ReplicaSet controller creates or
 deletes pods) and calls again when something changed, as the controller is requeued by the ReplicaSets'
 and pods' updates. Available means ready (``minReadySeconds`` 0, the default).
 """
@@ -76,7 +80,22 @@ class RollingUpdate:
         return min(resolve_fenceposts(self.max_surge, self.max_unavailable, desired)[1], desired)
 
 
-def _scaled(rs: ReplicaSetState, size: int, desired: int, strategy: RollingUpdate,
+@dataclass(frozen=True)
+class Recreate:
+    """A Deployment's ``strategy.type: Recreate``: no surge and no unavailability to resolve (``MaxSurge`` and
+    ``MaxUnavailable`` are 0 for it); every old pod goes before a new one is created."""
+
+    def surge(self, desired: int) -> int:
+        return 0
+
+    def unavailable(self, desired: int) -> int:
+        return 0
+
+
+Strategy = RollingUpdate | Recreate
+
+
+def _scaled(rs: ReplicaSetState, size: int, desired: int, strategy: Strategy,
             always_annotate: bool = False) -> ReplicaSetState:
     """``rs`` scaled to ``size`` by the controller (``scaleReplicaSet``): the annotations take the Deployment's
     replicas and replicas + surge. ``scaleReplicaSetAndRecordEvent`` (the rollout's path) does nothing when
@@ -91,7 +110,7 @@ def is_scaling_event(rss: Sequence[ReplicaSetState], desired: int) -> bool:
     return any(rs.replicas > 0 and rs.desired is not None and rs.desired != desired for rs in rss)
 
 
-def _proportion(rs: ReplicaSetState, desired: int, strategy: RollingUpdate, to_add: int, added: int,
+def _proportion(rs: ReplicaSetState, desired: int, strategy: Strategy, to_add: int, added: int,
                 status_replicas: int) -> int:
     """``GetProportion``: how many of ``to_add`` go to ``rs`` (``getReplicaSetFraction``: its size scaled by the
     Deployment's new size + surge over its max-replicas annotation, rounded half away from zero)."""
@@ -107,11 +126,11 @@ def _proportion(rs: ReplicaSetState, desired: int, strategy: RollingUpdate, to_a
     return min(fraction, allowed) if to_add > 0 else max(fraction, allowed)
 
 
-def scale(rss: Sequence[ReplicaSetState], desired: int, strategy: RollingUpdate) -> list[ReplicaSetState]:
+def scale(rss: Sequence[ReplicaSetState], desired: int, strategy: Strategy) -> list[ReplicaSetState]:
     """``scale`` (``sync.go``): the ReplicaSets after a scaling event. One active ReplicaSet (or none: the newest)
     takes ``desired``; a saturated new one takes everything from the old; otherwise the change is shared in
     proportion to their sizes, the larger first (newer first among equals scaling up, older first scaling
-    down), what rounding leaves going to the first."""
+    down), what rounding leaves going to the first; under ``Recreate`` nothing more."""
     out = list(rss)
     new = out[-1]
     active = [i for i, rs in enumerate(out) if rs.replicas > 0]
@@ -123,6 +142,8 @@ def scale(rss: Sequence[ReplicaSetState], desired: int, strategy: RollingUpdate)
     if new.desired == desired and new.replicas == desired and new.available == desired:  # IsSaturated
         return [_scaled(rs, 0, desired, strategy) if k in active and k != len(out) - 1 else rs
                 for k, rs in enumerate(out)]
+    if isinstance(strategy, Recreate):  # proportional scaling is a rolling update's only
+        return out
     total = sum(out[i].replicas for i in active)
     allowed = desired + strategy.surge(desired) if desired > 0 else 0
     to_add = allowed - total
@@ -205,13 +226,35 @@ def rollout_rolling(rss: Sequence[ReplicaSetState], desired: int, strategy: Roll
     return out
 
 
-def sync(rss: Sequence[ReplicaSetState], desired: int, strategy: RollingUpdate) -> list[ReplicaSetState]:
-    """One ``syncDeployment`` of a RollingUpdate Deployment: its ReplicaSets (oldest first, the new one last)
-    after it. A scaling event goes to :func:`scale`, anything else to :func:`rollout_rolling`."""
+def rollout_recreate(rss: Sequence[ReplicaSetState], desired: int, old_pods_running: bool) -> list[ReplicaSetState]:
+    """``rolloutRecreate``: scale every active old ReplicaSet to 0 and stop there if any was; while an old pod still
+    runs (``old_pods_running``: any pod of an old ReplicaSet not yet gone, a terminating one too, which
+    ``oldPodsRunning`` reads from the pods), wait; then scale the new ReplicaSet to ``desired``."""
+    out = list(rss)
+    recreate = Recreate()
+    scaled_down = False
+    for i in range(len(out) - 1):  # scaleDownOldReplicaSetsForRecreate
+        if out[i].replicas > 0:
+            out[i] = _scaled(out[i], 0, desired, recreate)
+            scaled_down = True
+    if scaled_down or old_pods_running:
+        return out
+    out[-1] = _scaled(out[-1], desired, desired, recreate)  # scaleUpNewReplicaSetForRecreate
+    return out
+
+
+def sync(rss: Sequence[ReplicaSetState], desired: int, strategy: Strategy,
+         old_pods_running: bool = False) -> list[ReplicaSetState]:
+    """One ``syncDeployment``: its ReplicaSets (oldest first, the new one last) after it. A scaling event goes to
+    :func:`scale` (whatever the strategy, as upstream checks for one first), anything else to
+    :func:`rollout_rolling` or, for ``Recreate``, :func:`rollout_recreate` (``old_pods_running``: whether a pod
+    of an old ReplicaSet is still there, read by the caller from its pods)."""
     if not rss:
         return []
     if is_scaling_event(rss, desired):
         return scale(rss, desired, strategy)
+    if isinstance(strategy, Recreate):
+        return rollout_recreate(rss, desired, old_pods_running)
     return rollout_rolling(rss, desired, strategy)
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from simpy.events import Timeout
 
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, UniformDuration
-from capsim.policy.rollout import ReplicaSetState, RollingUpdate, complete
+from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete
 from capsim.policy.rollout import sync as sync_deployment
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
@@ -131,7 +131,8 @@ class Cluster:
         # ReplicaSets (revision -> the controller's view: spec replicas and annotations); None between rollouts,
         # when the one ReplicaSet's replicas are ``desired``
         ru = sim.scenario.pods.rolling_update
-        self._strategy = RollingUpdate(ru.max_surge, ru.max_unavailable)
+        self._strategy: Strategy = (Recreate() if sim.scenario.pods.strategy == "Recreate"
+                                    else RollingUpdate(ru.max_surge, ru.max_unavailable))
         self.revision = 0
         self._rs: dict[int, ReplicaSetState] | None = None
         self._syncing = False
@@ -212,7 +213,7 @@ class Cluster:
             for _ in range(64):
                 self._sync_again = False
                 rss = self._replicasets()
-                after = sync_deployment(rss, self.desired, self._strategy)
+                after = sync_deployment(rss, self.desired, self._strategy, self._old_pods_running())
                 moved |= [rs.replicas for rs in after] != [rs.replicas for rs in rss]
                 self._rs = {rs.revision: rs for rs in after}
                 for rs in after:
@@ -238,6 +239,10 @@ class Cluster:
                 self._rs = None
         finally:
             self._syncing = False
+
+    def _old_pods_running(self) -> bool:
+        """``oldPodsRunning``: a pod of an older template is still there (Pending to terminating, not yet gone)."""
+        return any(p.revision != self.revision for p in self._alive.values())
 
     def _replicasets(self) -> list[ReplicaSetState]:
         """The rollout's ReplicaSets, oldest first, each with its available pods: ready, not terminating, for at
@@ -751,6 +756,9 @@ class Cluster:
         self._running.discard(pod.id)
         self._release_gpu(pod, now)
         self.sim.client.pod_gone(pod, now)
+        if self._rs is not None and isinstance(self._strategy, Recreate) and not self._alive:
+            # the Deployment controller's deletePod: a Recreate Deployment left with no pod syncs at once
+            self._sync_deployment(now)
 
     # ---- accounting ---------------------------------------------------------------------------------
     @property

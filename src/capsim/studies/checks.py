@@ -103,7 +103,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   there never ends (its first surge pod stays Pending and no old pod leaves for it).
 * ``rollout-budget-short`` (warn): a deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the
   plan's floor takes: waves of maxSurge + maxUnavailable pods, each at least the shortest cold start (a constant,
-  a uniform's bottom) plus ``pods.min_ready_s``.
+  a uniform's bottom) plus ``pods.min_ready_s`` (under ``pods.strategy: Recreate``, one wave of every pod).
+* ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
+  down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
+  waits for the client's timeout and fails (the run counts it).
 * ``estimated-profile`` (warn): the service profile was estimated (``capsim estimate-profile``, a roofline
   of the GPU's datasheet), not measured: its efficiencies and step overhead are assumptions.
 
@@ -183,6 +186,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _stockout_at_wake(scenario)
     findings += _rollout_room(scenario)
     findings += _rollout_budget(scenario)
+    findings += _recreate_outage(scenario)
     return findings
 
 
@@ -398,7 +402,7 @@ def _rollout_room(scenario: Scenario) -> list[Finding]:
     """A rolling update that may take no pod down (maxUnavailable 0 at the plan's most pods) where the node groups
     hold no pod more: its first surge pod stays Pending, no old pod leaves for it, and the rollout never ends."""
     cluster, ru = scenario.cluster, scenario.pods.rolling_update
-    if cluster is None or not scenario.pods.rollouts:
+    if cluster is None or not scenario.pods.rollouts or scenario.pods.strategy == "Recreate":
         return []
     peak = max_pods(scenario)
     held = cluster.pods_held(scenario.batching.tensor_parallel_size)
@@ -417,24 +421,49 @@ def _rollout_budget(scenario: Scenario) -> list[Finding]:
     pods move in waves of maxSurge + maxUnavailable, each at least the shortest cold start (``pods.startup_s``:
     a constant, or a uniform's bottom; a lognormal has none) plus ``pods.min_ready_s``."""
     budget, pods = scenario.slo.max_rollout_s, scenario.pods
-    start = pods.startup_s
-    low = start.value_s if isinstance(start, ConstantDuration) else start.low_s if isinstance(
-        start, UniformDuration) else 0.0
+    low = _shortest_start(scenario)
     n = _floor(scenario)
     if budget is None or not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
         return []
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
-    step = ru.surge(n) + ru.unavailable(n)
+    recreate = pods.strategy == "Recreate"
+    step = n if recreate else ru.surge(n) + ru.unavailable(n)
     waves = -(-n // step)
     least = waves * (low + pods.min_ready_s)
     if least <= budget:
         return []
+    how = ("Recreate" if recreate
+           else f"maxSurge {pods.rolling_update.max_surge}, maxUnavailable {pods.rolling_update.max_unavailable}")
     return [Finding(
         "slo.max_rollout_s", f"{budget:g} s, but a rollout of the floor's {n} pods moves {step} "
-        f"at a time (maxSurge {pods.rolling_update.max_surge}, maxUnavailable {pods.rolling_update.max_unavailable}): "
-        f"{waves} waves of at least {low + pods.min_ready_s:g} s (the shortest cold start"
+        f"at a time ({how}): "
+        f"{waves} wave{'s' if waves > 1 else ''} of at least {low + pods.min_ready_s:g} s (the shortest cold start"
         + (" and minReadySeconds" if pods.min_ready_s else "") + f"), {least:g} s: every deploy misses the SLO; "
-        "surge more pods or allow more down", level="warn", check="rollout-budget-short")]
+        + ("a Recreate rollout is one wave: only a faster cold start shortens it" if recreate
+           else "surge more pods or allow more down"), level="warn", check="rollout-budget-short")]
+
+
+def _shortest_start(scenario: Scenario) -> float:
+    """The shortest cold start ``pods.startup_s`` allows: a constant, a uniform's bottom; a lognormal has none (0)."""
+    start = scenario.pods.startup_s
+    return start.value_s if isinstance(start, ConstantDuration) else start.low_s if isinstance(
+        start, UniformDuration) else 0.0
+
+
+def _recreate_outage(scenario: Scenario) -> list[Finding]:
+    """Rollouts under ``Recreate``: each leaves the Deployment with no pod from the old pods' going to the first new
+    pod's ready, at least the shortest cold start (the old pods' drain and the image pull come on top)."""
+    pods = scenario.pods
+    if pods.strategy != "Recreate" or not pods.rollouts:
+        return []
+    low = _shortest_start(scenario)
+    least = f"at least {low:g} s, the shortest cold start," if low > 0 else "a cold start"
+    n = len(pods.rollouts)
+    return [Finding(
+        "pods.strategy", f"Recreate takes every pod down before it starts a new one: every rollout ({n} in "
+        f"pods.rollouts) leaves no pod serving for {least} and what is sent then fails "
+        "or waits for the client's timeout; RollingUpdate with a surge keeps serving (docs/simulator.md, "
+        "\"Rolling updates\")", level="warn", check="recreate-outage")]
 
 
 def _floor(scenario: Scenario) -> int:
