@@ -400,6 +400,38 @@ def test_a_gateway_that_holds_requests_at_zero_pods_ends_the_retry_storm() -> No
     assert wake + 20 <= held["first_token_s"] <= wake + 20 + 10 + 1
 
 
+def test_a_held_request_sent_late_still_times_out_when_its_client_does() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # every pod crashes four times; the gateway holds what comes meanwhile and sends it when a pod is back, with its
+    # client's send time, so it is due sooner than anything the timeout watcher has seen (until stop 58 it noticed
+    # such a timeout up to a second late, and the retry went out in the past)
+    sc = Scenario.model_validate(dict(
+        horizon_s=120.0, warmup_s=0.0,
+        workload={"arrivals": {"kind": "poisson", "rate_per_s": 4.0}, "prompt_tokens": {"kind": "constant", "value": 256},
+                  "output_tokens": {"kind": "constant", "value": 20}},
+        service={"kind": "exponential", "mean_s": 0.75},
+        batching={"max_batch_size": 2, "max_wait_ms": 30, "queue_capacity": 4, "overflow": "wait"},
+        pods={"replicas": 2, "startup_s": 1.0, "termination_grace_s": 0.0, "crash_loop_backoff": {"initial_s": 1.0}},
+        router={"kind": "random", "hold_when_no_pod_s": 5.0}, autoscaler=None, cluster=None,
+        faults={"crashes": [{"at_s": a, "pods": 2} for a in (10, 40, 70, 100)]}, state={"store": "redis"},
+        client={"timeout_s": 3.0, "max_retries": 1, "backoff_s": 0.0}))
+    for seed in range(3):
+        sim = Simulation(sc, seed)
+        failed = sim.client._attempt_failed
+        late: list[float] = []
+
+        def noted(i: int, t: float, outcome: int, pod: int, failed: Any = failed, sim: Any = sim,
+                  late: list[float] = late) -> None:
+            late.append(sim.env.now - t)  # how long after the attempt failed the simulator handled it
+            failed(i, t, outcome, pod)
+
+        sim.client._attempt_failed = noted  # type: ignore[method-assign]
+        r = sim.run()
+        assert r.summary.held_at_gateway > 50 and r.summary.timed_out + r.summary.retries > 0
+        assert max(late) <= 1e-9, seed
+
+
 @pytest.mark.parametrize("router", ["session_affinity", "prefix_aware", "round_robin"])
 def test_every_router_behind_the_gateway_is_held_for(router: str) -> None:
     from capsim.sim import simulate

@@ -139,6 +139,8 @@ class Client:
         self.held: deque[tuple[int, float]] = deque()
         self.n_held = 0  # attempts held at some time
         self._hold_armed = False
+        self._watch_at = 0.0  # when the timeout watcher wakes next
+        self._early_at = math.inf  # an extra wake-up of it set for a held request released (``_watch_by``)
         self.env.process(self._watch_timeouts())
 
     # ---- the arrival process ----------------------------------------------------------------------
@@ -386,9 +388,14 @@ class Client:
     def release_held(self, now: float) -> None:
         """A pod joined the Service's endpoints at ``now``: the gateway sends what it held, in order."""
         held = self.held
+        first = None
         while held and self.sim.cluster.endpoints:
             i, _ = held.popleft()
+            if first is None:
+                first = i
             self._send(i, now)  # its send time stays the client's: the timeout counts from there
+        if first is not None:  # held in send order: the first released is due first
+            self._watch_by(float(self.rec.send[first]) + self.timeout_s)
 
     def _attempt_failed(self, i: int, t: float, outcome: int, pod_id: int) -> None:
         """An attempt ended badly at ``t``: retry after backoff, or give up."""
@@ -576,48 +583,71 @@ class Client:
     # ---- timeouts ---------------------------------------------------------------------------------------
     def _watch_timeouts(self) -> Generator[Any, Any, None]:
         env = self.env
+        while True:
+            now = env.now
+            nxt = self._timeouts_due(now)
+            if nxt >= self.until:
+                self._watch_at = self.until
+                yield env.timeout(self.until - now)
+                return
+            self._watch_at = nxt
+            yield env.timeout(nxt - now)
+
+    def _watch_by(self, due: float) -> None:
+        """Something is due at ``due``, maybe before the watcher wakes (it wakes when what it saw is due, or a
+        timeout after, which covers whatever is sent later, but not a request the gateway held and sends
+        now with its client's send time): wake it then too."""
+        if due < self._watch_at and due < self._early_at:
+            self._early_at = due
+            Timeout(self.env, max(due - self.env.now, 0.0), due).callbacks.append(self._early_watch)
+
+    def _early_watch(self, ev: Timeout) -> None:
+        if ev.value != self._early_at:  # superseded by an earlier wake-up
+            return
+        self._early_at = math.inf
+        nxt = self._timeouts_due(self.env.now)
+        if nxt < self.until:
+            self._watch_by(nxt)
+
+    def _timeouts_due(self, now: float) -> float:
+        """Fail the attempts whose client timed out by ``now``; return when the next one may be due."""
         rec = self.rec
         timeout = self.timeout_s
         due_heap = self._inflight_due
-        while True:
-            now = env.now
-            while due_heap and due_heap[0][0] <= now:
-                due, _, i, batch = heapq.heappop(due_heap)
-                if batch.dead or batch.done or rec.bid[i] != batch.bid or i >= self._n_real:
-                    continue
-                if batch.cancelled is None:
-                    batch.cancelled = set()
-                batch.cancelled.add(i)
-                batch.pod.outstanding -= 1
-                batch.pod.cancel(batch, i)
-                self.sim.router.touch(batch.pod)
-                self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
-            # entries of runs that ended (nearly all of a continuous pod's: each request is watched) are
-            # dropped now, so the next wake-up is for one that may still be due, not one per request
-            while due_heap:
-                _, _, i, batch = due_heap[0]
-                if not (batch.dead or batch.done or rec.bid[i] != batch.bid):
-                    break
-                heapq.heappop(due_heap)
-            nxt = now + timeout  # anything sent from now on is due later than this
-            for pod in self.sim.cluster.live_pods:
-                q = pod.queue
-                if not self._cancel_queued:
-                    nxt = min(nxt, self._orphan_due(pod, now))
-                    continue
-                while q and rec.send[q[0]] + timeout <= now:
-                    i = pod.drop_head()
-                    self._attempt_failed(i, float(rec.send[i]) + timeout, TIMED_OUT, pod.id)
-                    if pod.state == PodState.TERMINATING and pod.outstanding == 0 and not pod.running:
-                        self.sim.cluster.pod_drained(pod, now)
-                if q:
-                    nxt = min(nxt, float(rec.send[q[0]]) + timeout)
-            if due_heap:
-                nxt = min(nxt, due_heap[0][0])
-            if nxt >= self.until:
-                yield env.timeout(self.until - now)
-                return
-            yield env.timeout(nxt - now)
+        while due_heap and due_heap[0][0] <= now:
+            due, _, i, batch = heapq.heappop(due_heap)
+            if batch.dead or batch.done or rec.bid[i] != batch.bid or i >= self._n_real:
+                continue
+            if batch.cancelled is None:
+                batch.cancelled = set()
+            batch.cancelled.add(i)
+            batch.pod.outstanding -= 1
+            batch.pod.cancel(batch, i)
+            self.sim.router.touch(batch.pod)
+            self._attempt_failed(i, due, TIMED_OUT, batch.pod.id)
+        # entries of runs that ended (nearly all of a continuous pod's: each request is watched) are
+        # dropped now, so the next wake-up is for one that may still be due, not one per request
+        while due_heap:
+            _, _, i, batch = due_heap[0]
+            if not (batch.dead or batch.done or rec.bid[i] != batch.bid):
+                break
+            heapq.heappop(due_heap)
+        nxt = now + timeout  # anything sent from now on is due later than this
+        for pod in self.sim.cluster.live_pods:
+            q = pod.queue
+            if not self._cancel_queued:
+                nxt = min(nxt, self._orphan_due(pod, now))
+                continue
+            while q and rec.send[q[0]] + timeout <= now:
+                i = pod.drop_head()
+                self._attempt_failed(i, float(rec.send[i]) + timeout, TIMED_OUT, pod.id)
+                if pod.state == PodState.TERMINATING and pod.outstanding == 0 and not pod.running:
+                    self.sim.cluster.pod_drained(pod, now)
+            if q:
+                nxt = min(nxt, float(rec.send[q[0]]) + timeout)
+        if due_heap:
+            nxt = min(nxt, due_heap[0][0])
+        return nxt
 
     def _orphan_due(self, pod: Pod, now: float) -> float:
         """``cancel_on_timeout: none``: the queued requests of ``pod`` whose client gave up by ``now`` become
