@@ -182,9 +182,9 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
 
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
-                                     "deadline_exceeded_s"]
-    assert written.drop(columns="done_s").values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
-    assert written.done_s.isna().all()
+                                     "deadline_exceeded_s", "undo", "undone_s"]
+    assert written.drop(columns=["done_s", "undo", "undone_s"]).values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
+    assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     # no progress after its first step at 200 s: Kubernetes' 600-s progress deadline passes at 800 s
     assert "reports it stalled (ProgressDeadlineExceeded, 600 s without progress" in res.output
     assert "at 800 s (rollouts.csv)" in res.output
@@ -253,6 +253,26 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
         plan = base.override(bundle["set"])
         for changes in sp.stresses.values():
             assert len(plan.override(changes).pods.rollouts) in (0, 1)
+
+
+def test_the_shipped_bad_deploy_grid_breaks_the_rush_deploy_and_undoes_it_at_the_deadline() -> None:
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
+    plans = [base.override(st.changes) for st in expand_grid(load_grid(SCENARIOS.parent / "studies" /
+                                                                        "bad_deploy_grid.yaml"))]
+    assert len(plans) == 10
+    for p in plans:
+        (ro,) = p.pods.rollouts
+        assert ro.at_s == 1900 and ro.crash_after_s == 30 and p.pods.undo_on_deadline
+    assert {(p.pods.strategy, p.pods.progress_deadline_s) for p in plans} == {
+        (k, d) for k in ("RollingUpdate", "Recreate") for d in (120, 600)}
+    # the shipped scenario's own strategy, surge only, loses nothing to the broken deploy: undone at the deadline
+    r = simulate(base.override({"pods.rollouts.0.crash_after_s": 30, "pods.undo_on_deadline": True,
+                                "pods.progress_deadline_s": 120}), 0)
+    bad, undo = r.rollouts.itertuples()
+    assert bad.undone_s == pytest.approx(2020, abs=1) and undo.undo and bad.min_ready == 6
+    assert r.summary.error_rate == 0.0 and r.summary.rollouts_undone == 1
 
 
 def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> None:
@@ -401,3 +421,108 @@ def test_recreate_refuses_a_rolling_update_and_capsim_check_names_its_outage() -
     assert "rollout-budget-short" not in {f.check for f in run_checks(plan.override({"slo.max_rollout_s": 60}))}
     (short,) = [f for f in run_checks(plan.override({"slo.max_rollout_s": 50})) if f.check == "rollout-budget-short"]
     assert "moves 4 at a time (Recreate): 1 wave of at least 60 s" in short.message
+
+
+# ---- a broken template, and kubectl rollout undo --------------------------------------------------------------
+def _bad(**extra) -> Scenario:
+    """The four-pod fleet deployed at 200 s onto a template whose containers exit 30 s after they start (under the
+    60-s cold start: never ready), undone at 500 s."""
+    return _fleet(**{"pods.rollouts": [{"at_s": 200, "crash_after_s": 30}, {"at_s": 500, "undo": True}], **extra})
+
+
+def _served_by(r, t0: float, t1: float) -> set[int]:
+    req = r.requests
+    return set(req.pod[(req.arrival_s > t0) & (req.arrival_s < t1) & (req.pod >= 0)].unique())
+
+
+def test_a_broken_template_crash_loops_and_an_undo_brings_the_old_one_back() -> None:
+    from capsim.sim.simulate import Simulation
+
+    sim = Simulation(_bad(), 0)
+    r = sim.run()
+    bad, undo = r.rollouts.to_dict("records")
+    # 25%/25% of 4: two new pods and one old taken down; the new ones never ready, so nothing more moves
+    assert math.isnan(bad["done_s"]) and bad["undone_s"] == 500 and not bad["undo"] and bad["min_ready"] == 3
+    assert undo["undo"] and undo["revision"] == 2 and math.isnan(undo["undone_s"])
+    # the undo makes the first template's ReplicaSet (its three pods) the new one: it adds the pod it lacks (a 60-s
+    # cold start) and the broken pods go
+    assert undo["done_s"] == pytest.approx(560, abs=1) and undo["min_ready"] == 3
+    new = [p for p in sim.cluster.pods if p.revision == 1]
+    assert len(new) == 2 and all(p.first_ready_s is None for p in new)  # never ready
+    crashes = r.crashes
+    assert set(crashes.kind) == {"rollout"} and set(crashes.pod) == {p.id for p in new}
+    assert crashes.time_s.min() == pytest.approx(230, abs=1)  # the first exits 30 s after its start
+    late = [p for p in sim.cluster.pods if p.created_s > 499]
+    assert len(late) == 1 and late[0].revision == 0  # the replacement runs the template undone to
+    assert all(p.revision == 0 for p in sim.cluster.live_pods)
+    # three pods carried the load throughout: nothing lost, and the run says how it went
+    assert r.summary.error_rate == 0.0
+    s = r.summary
+    assert (s.rollouts_undone, s.rollouts_unfinished, s.longest_rollout_s, s.rollout_fewest_ready) == (1, 1, 300.0, 3.0)
+
+
+def test_a_broken_template_costs_what_the_strategy_lets_it_take_down() -> None:
+    # one pod over and none under: the broken surge pod takes no old pod down, nothing is lost, the undo is instant
+    surge = simulate(_bad(**{"pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}}), 0)
+    bad, undo = surge.rollouts.itertuples()
+    assert bad.min_ready == 4 and undo.done_s == 500 and surge.summary.error_rate == 0.0
+    assert _served_by(surge, 210, 500) == {0, 1, 2, 3}
+    # Recreate: every old pod went first, so nothing serves from the deploy until the undo's pods are ready
+    recreate = simulate(_bad(**{"pods.strategy": "Recreate"}), 0)
+    bad, undo = recreate.rollouts.itertuples()
+    assert bad.min_ready == 0 and 560 <= undo.done_s < 562
+    assert _served_by(recreate, 205, 555) == set()
+    assert recreate.summary.error_rate > 0.35  # 360 of the run's 890 measured seconds without a pod
+
+
+def test_the_pipeline_undoes_a_rollout_at_its_progress_deadline() -> None:
+    one = {"pods.rollouts": [{"at_s": 200, "crash_after_s": 30}], "pods.progress_deadline_s": 120}
+    left = simulate(_fleet(**one), 0).rollouts.iloc[0]  # Kubernetes reports it, the broken rollout stays
+    assert left.deadline_exceeded_s == pytest.approx(320, abs=1) and math.isnan(left.undone_s)
+    assert math.isnan(left.done_s)
+    r = simulate(_fleet(**one, **{"pods.undo_on_deadline": True}), 0)
+    bad, undo = r.rollouts.itertuples()
+    assert bad.undone_s == bad.deadline_exceeded_s == pytest.approx(320, abs=1)
+    assert undo.undo and undo.at_s == bad.undone_s and undo.done_s == pytest.approx(undo.at_s + 60, abs=1)
+    # a working rollout makes progress every wave: the pipeline has nothing to undo
+    fine = simulate(_fleet(**{"pods.progress_deadline_s": 120, "pods.undo_on_deadline": True}), 0).rollouts
+    assert len(fine) == 1 and fine.done_s.iloc[0] == pytest.approx(320)
+
+
+def test_undo_goes_back_one_template_and_a_second_undo_goes_forward_again() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # a working deploy, done at 320 s, undone at 400 s: the first template's pods come back, in waves again
+    sim = Simulation(_fleet(**{"pods.rollouts": [{"at_s": 200}, {"at_s": 400, "undo": True}]}), 0)
+    r = sim.run()
+    first, undo = r.rollouts.itertuples()
+    assert first.done_s == pytest.approx(320) and first.undone_s == 400 and r.summary.rollouts_undone == 0
+    assert undo.done_s == pytest.approx(520) and {p.revision for p in sim.cluster.live_pods} == {0}
+    # kubectl rollout undo twice: back to the template the first undo left
+    sim = Simulation(_fleet(**{"pods.rollouts": [{"at_s": 200}, {"at_s": 400, "undo": True},
+                                                 {"at_s": 600, "undo": True}]}), 0)
+    r = sim.run()
+    assert list(r.rollouts.revision) == [1, 2, 3] and {p.revision for p in sim.cluster.live_pods} == {1}
+    assert r.rollouts.done_s.iloc[-1] == pytest.approx(720) and r.summary.error_rate == 0.0
+
+
+def test_a_bad_undo_or_template_is_refused_and_the_cli_tells_an_undone_rollout(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"pods.rollouts.1.undo: the undo at 100 s comes before any deploy"):
+        _fleet(**{"pods.rollouts": [{"at_s": 300}, {"at_s": 100, "undo": True}]})
+    with pytest.raises(SettingsError, match="crash_after_s: an undo goes back to an earlier template"):
+        _fleet(**{"pods.rollouts": [{"at_s": 100}, {"at_s": 300, "undo": True, "crash_after_s": 5}]})
+    with pytest.raises(SettingsError, match="crash_after_s"):
+        _fleet(**{"pods.rollouts": [{"at_s": 100, "crash_after_s": 0}]})
+    res = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
+                                   "--set", "pods.replicas=4", "--set",
+                                   "pods.rollouts=[{at_s: 200, crash_after_s: 30}, {at_s: 500, undo: true}]",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert ("note: the rollout at 200 s (maxSurge 25%, maxUnavailable 25%, 4 pods then) was undone at 500 s, 300 s "
+            "after it began, before it was done") in res.output
+    assert "note: the undo (kubectl rollout undo) at 500 s (maxSurge 25%, maxUnavailable 25%, 4 pods then) took 60" \
+        in res.output
+    import pandas as pd
+
+    crashes = pd.read_csv(tmp_path / "run" / "crashes.csv")
+    assert list(crashes.columns) == ["time_s", "pod", "kind"] and set(crashes.kind) == {"rollout"}

@@ -14,6 +14,19 @@ from capsim.sim import simulate
 HORIZON = 60.0
 
 
+def _rollouts(draw: Any) -> list[dict[str, Any]]:
+    """Deploys in time order, some of broken templates (containers that exit within or past the cold start), and
+    undos after the first."""
+    times = sorted(draw(st.lists(st.floats(0, HORIZON), max_size=3)))
+    out: list[dict[str, Any]] = []
+    for k, t in enumerate(times):
+        if k and draw(st.booleans()):
+            out.append({"at_s": t, "undo": True})
+        else:
+            out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30)))})
+    return out
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     turns = draw(st.integers(1, 3))
@@ -54,14 +67,15 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
                  "termination_grace_s": draw(st.floats(0, 10)),
                  # deploys: rolling updates, one on top of another at times, under any strategy, or Recreate
-                 "rollouts": [{"at_s": draw(st.floats(0, HORIZON))} for _ in range(draw(st.integers(0, 2)))],
+                 "rollouts": _rollouts(draw),
                  **draw(st.sampled_from([{"rolling_update": {}},
                                          {"rolling_update": {"max_surge": 1, "max_unavailable": 0}},
                                          {"rolling_update": {"max_surge": 0, "max_unavailable": 1}},
                                          {"rolling_update": {"max_surge": "100%", "max_unavailable": "50%"}},
                                          {"strategy": "Recreate"}])),
                  "min_ready_s": draw(st.sampled_from([0, 5])),
-                 "progress_deadline_s": draw(st.sampled_from([600, 5]))},
+                 "progress_deadline_s": draw(st.sampled_from([600, 5])),
+                 "undo_on_deadline": draw(st.booleans())},
         "router": {"kind": router},
         "faults": faults,
         "state": {"store": store},
@@ -184,9 +198,15 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
         never = nodes[nodes["unfulfilled"]]
         assert (never["gpu_hours"] == 0).all() and never["ready_s"].isna().all()
     assert (r.slowdowns["factor"] >= 1).all() and (r.slowdowns["end_s"] > r.slowdowns["start_s"]).all()
-    # one row per rollout, each done (if at all) after it began
+    # one row per rollout (and per undo the pipeline made at a progress deadline), each done or undone (if at all)
+    # after it began
     ro = r.rollouts
-    assert len(ro) == len(scenario.pods.rollouts) and (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
+    auto = len(ro) - len(scenario.pods.rollouts)
+    assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline)
+    assert int((~ro["undo"]).sum()) == sum(not x.undo for x in scenario.pods.rollouts)
+    assert (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
+    assert (ro["undone_s"].dropna() >= ro["at_s"][ro["undone_s"].notna()]).all()
+    assert set(ro["at_s"][ro["undo"]]) <= {x.at_s for x in scenario.pods.rollouts if x.undo} | set(ro["undone_s"])
     stalled = ro["deadline_exceeded_s"].notna()  # reported no sooner than the deadline after the rollout began
     assert (ro["deadline_exceeded_s"][stalled] >= ro["at_s"][stalled] + scenario.pods.progress_deadline_s - 1e-9).all()
     if scenario.pods.strategy == "Recreate":  # every old pod goes first: no pod ready during any of its rollouts

@@ -469,6 +469,9 @@ def simulate(
         if len(result.slowdowns):  # faults.slow_pods: which pods ran slow, when
             result.slowdowns.to_csv(out / "slowdowns.csv", index=False)
             written.append("slowdowns.csv")
+        if len(result.crashes):  # each container crash: when, which pod, what kind (random, scheduled, rollout...)
+            result.crashes.to_csv(out / "crashes.csv", index=False)
+            written.append("crashes.csv")
         if len(result.rollouts):  # pods.rollouts: when each was done, the fewest ready and most pods meanwhile
             result.rollouts.to_csv(out / "rollouts.csv", index=False)
             written.append("rollouts.csv")
@@ -481,8 +484,9 @@ def simulate(
 
 
 def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
-    """One line per rolling update (``pods.rollouts``): how long it took, or that it never finished, and the
-    fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran."""
+    """One line per rolling update (``pods.rollouts``, undos too): how long it took, that it was undone first, or
+    that it never finished, and the fewest pods ready and the most alive (Pending, starting, ready or draining)
+    while it ran."""
     import math
 
     ru = sc.pods.rolling_update
@@ -490,11 +494,16 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
            else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
     out = []
     for r in rollouts.itertuples():
-        head = f"note: the rollout at {r.at_s:g} s ({how}, {r.pods:.0f} pods then)"
+        what = "the undo (kubectl rollout undo)" if r.undo else "the rollout"
+        head = f"note: {what} at {r.at_s:g} s ({how}, {r.pods:.0f} pods then)"
         stalled = ("" if math.isnan(r.deadline_exceeded_s) else
                    f"; Kubernetes reports it stalled (ProgressDeadlineExceeded, {sc.pods.progress_deadline_s} s without "
                    f"progress: `kubectl rollout status` fails) at {r.deadline_exceeded_s:g} s")
-        if math.isnan(r.done_s):
+        if math.isnan(r.done_s) and not math.isnan(r.undone_s):
+            out.append(f"{head} was undone at {r.undone_s:g} s, {r.undone_s - r.at_s:g} s after it began, before it was "
+                       f"done: {r.min_ready:.0f} pods ready at the fewest, {r.most_pods:.0f} alive at the most{stalled} "
+                       "(rollouts.csv; a broken template's crashes are crashes.csv's kind rollout)")
+        elif math.isnan(r.done_s):
             why = ("old pods still draining, or new ones still starting or Pending" if sc.pods.strategy == "Recreate"
                    else "new pods still starting, or a surge pod with no GPU to take (Pending) while maxUnavailable "
                    "keeps every old one")

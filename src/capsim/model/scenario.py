@@ -453,9 +453,22 @@ class RollingUpdateStrategy(_Section):
 
 class Rollout(_Section):
     """A new pod template is applied at ``at_s`` (a new image or engine flags): the Deployment rolls its pods over
-    to it within ``pods.rolling_update`` (``capsim.sim.cluster``)."""
+    to it within ``pods.rolling_update`` (``capsim.sim.cluster``). ``crash_after_s`` makes the new template a bad
+    one; ``undo`` is ``kubectl rollout undo`` instead: back to the template before the current one."""
 
     at_s: Float = Field(ge=0)
+    crash_after_s: Float | None = Field(
+        None, gt=0, description="the new template is broken: each of its containers exits this long after it starts "
+        "(a bad image, an engine flag that runs out of GPU memory as the model loads), and the kubelet restarts it in "
+        "CrashLoopBackOff; under the cold start (pods.startup_s) its pods are never ready. None: it works")
+    undo: bool = Field(False, description="kubectl rollout undo: the template goes back to the one before the "
+                                          "current (its ReplicaSet, with the pods it still has, becomes the new one)")
+
+    @model_validator(mode="after")
+    def _undo_is_no_template(self) -> Self:
+        if self.undo and self.crash_after_s is not None:
+            raise ValueError("crash_after_s: an undo goes back to an earlier template, it brings none of its own")
+        return self
 
 
 class _TopologySpread(_Section):
@@ -570,6 +583,18 @@ class Pods(_Section):
         600, ge=1, description="the Deployment's progressDeadlineSeconds: a rollout with no progress this long is "
         "reported stalled (ProgressDeadlineExceeded; `kubectl rollout status` exits with an error then), as Kubernetes "
         "reports it: the rollout goes on. The export writes it when not 600")
+    undo_on_deadline: bool = Field(
+        False, description="the deploy pipeline undoes a rollout once Kubernetes reports it stalled (`kubectl rollout "
+        "status` failing at progress_deadline_s, then `kubectl rollout undo`); false: it goes on until an undo in "
+        "pods.rollouts")
+
+    @model_validator(mode="after")
+    def _undo_after_a_deploy(self) -> Self:
+        first = min(range(len(self.rollouts)), key=lambda i: (self.rollouts[i].at_s, i), default=None)
+        if first is not None and self.rollouts[first].undo:
+            raise ValueError(f"rollouts.{first}.undo: the undo at {self.rollouts[first].at_s:g} s comes before any "
+                             "deploy, so there is no earlier template to go back to (kubectl: no rollout history)")
+        return self
 
     @model_validator(mode="after")
     def _strategy_fields(self) -> Self:

@@ -262,3 +262,12 @@ def complete(rss: Sequence[ReplicaSetState], desired: int) -> bool:
     """``DeploymentComplete``-like: every pod on the new ReplicaSet, all of them available, none left on an old one."""
     new = rss[-1]
     return new.replicas == desired and new.available >= desired and all(rs.replicas == 0 for rs in rss[:-1])
+
+
+def progressing(before: tuple[int, int, int, int], after: tuple[int, int, int, int]) -> bool:
+    """``DeploymentProgressing``: between two syncs' statuses (updated, old, ready, available pods), more pods on the
+    new template, fewer on the old ones, more ready or more available is progress (what resets
+    ``progressDeadlineSeconds``); an HPA adding pods mid-rollout is progress too."""
+    updated, old, ready, available = before
+    u, o, r, a = after
+    return u > updated or o < old or r > ready or a > available

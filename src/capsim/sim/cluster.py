@@ -46,8 +46,8 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from simpy.events import Timeout
 
-from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, UniformDuration
-from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete
+from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, Rollout, UniformDuration
+from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete, progressing
 from capsim.policy.rollout import sync as sync_deployment
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
@@ -79,10 +79,11 @@ def draw_duration(d: Duration, gen: np.random.Generator) -> float:
 
 @dataclass
 class RolloutRecord:
-    """One rolling update (``pods.rollouts``): when it began, its revision, the Deployment's replicas then, when it
-    was done (None: not yet), the fewest pods ready and the most alive (Pending to draining) at its syncs, and when
-    it last made progress (a ReplicaSet resized, or more of the new pods available: what resets the Deployment's
-    ``progressDeadlineSeconds``)."""
+    """One rolling update (``pods.rollouts``, an undo too): when it began, its revision, the Deployment's replicas
+    then, when it was done (None: not yet), the fewest pods ready and the most alive (Pending to draining) at its
+    syncs, when it last made progress (``DeploymentProgressing``: more pods on its template, fewer on the others, or
+    more pods ready or available than at the sync before: what resets the Deployment's ``progressDeadlineSeconds``),
+    and when an undo left its template."""
 
     at_s: float
     revision: int
@@ -92,6 +93,14 @@ class RolloutRecord:
     done_s: float | None = None
     progress_s: float = 0.0
     deadline_exceeded_s: float | None = None  # progressDeadlineSeconds after a progress, with none since
+    undo: bool = False  # kubectl rollout undo: back to the template before
+    template: int = 0  # the template (its ReplicaSet) it rolls the pods to
+    undone_s: float | None = None  # when an undo left its template (before it was done, or after)
+
+    @property
+    def open(self) -> bool:
+        """Still running: neither done nor left by an undo."""
+        return self.done_s is None and self.undone_s is None
 
 
 class Cluster:
@@ -127,22 +136,28 @@ class Cluster:
         for a, b in self._outages:
             Timeout(sim.env, a, (a, b)).callbacks.append(self._outage_begins)
         self.scale_events: list[tuple[float, int, int, str]] = []  # (time, from, to, by: hpa or keda)
-        # rolling updates (pods.rollouts): the template's revision new pods get, and while a rollout runs its
-        # ReplicaSets (revision -> the controller's view: spec replicas and annotations); None between rollouts,
-        # when the one ReplicaSet's replicas are ``desired``
+        # rolling updates (pods.rollouts): the template new pods get (``revision``: a pod template, and its ReplicaSet,
+        # numbered as created), each template's revision number (Kubernetes' revision annotation: the higher the
+        # newer; an undo gives an old template the next one), and while a rollout runs its ReplicaSets (template ->
+        # the controller's view: spec replicas and annotations); None between rollouts, when the one ReplicaSet's
+        # replicas are ``desired``
         ru = sim.scenario.pods.rolling_update
         self._strategy: Strategy = (Recreate() if sim.scenario.pods.strategy == "Recreate"
                                     else RollingUpdate(ru.max_surge, ru.max_unavailable))
         self.revision = 0
+        self._templates: list[Rollout | None] = [None]  # per template: the rollout that made it (None: the first)
+        self._order: dict[int, int] = {0: 0}  # template -> its revision number (the first template's 0)
+        self._ticker = 0  # the controller's resync ticker in force (one at a time)
         self._rs: dict[int, ReplicaSetState] | None = None
         self._syncing = False
         self._sync_again = False
-        self._new_available = 0  # the new ReplicaSet's available pods at the last sync (progress when it grows)
+        self._status = (0, 0, 0, 0)  # the Deployment's status at the last sync (``_deployment_status``)
         self._deadline_s = float(sim.scenario.pods.progress_deadline_s)
         self._min_ready_s = sim.scenario.pods.min_ready_s
         self.rollouts: list[RolloutRecord] = []
+        self._undo_on_deadline = sim.scenario.pods.undo_on_deadline
         for r in sim.scenario.pods.rollouts:
-            Timeout(sim.env, r.at_s, r.at_s).callbacks.append(self._rollout_begins)
+            Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -176,22 +191,38 @@ class Cluster:
 
     # ---- rolling updates (capsim.policy.rollout) ---------------------------------------------------------
     def _rollout_begins(self, ev: Timeout) -> None:
-        """A new pod template (``pods.rollouts``): a new ReplicaSet, to which the controller moves the pods."""
+        """A new pod template (``pods.rollouts``): a new ReplicaSet, to which the controller moves the pods; or an
+        undo: the template before the current one, whose ReplicaSet becomes the new one with the pods it has."""
+        ro = cast(Rollout, ev.value)
         now = self.sim.env.now
         d = self.desired
         if self._rs is None:  # the one ReplicaSet, annotated with the replicas the last scale gave it
-            self._rs = {self.revision: ReplicaSetState(self.revision, d, 0, d, d + self._strategy.surge(d))}
-        self.revision += 1
-        self._rs[self.revision] = ReplicaSetState(self.revision, 0, 0, d, d + self._strategy.surge(d))
-        self._new_available = 0
-        self.rollouts.append(RolloutRecord(now, self.revision, d, self.ready_count(), len(self._alive), progress_s=now))
+            self._rs = {self.revision: ReplicaSetState(self._order[self.revision], d, 0, d, d + self._strategy.surge(d))}
+        newest = max(self._order.values())
+        if ro.undo:
+            # kubectl rollout undo: the template of the revision before the current one (the second newest)
+            target = sorted(self._order, key=self._order.__getitem__)[-2]
+            for r in self.rollouts:
+                if r.template == self.revision and r.undone_s is None:
+                    r.undone_s = now
+        else:
+            target = len(self._templates)
+            self._templates.append(ro)
+        self._order[target] = newest + 1
+        self.revision = target
+        if target not in self._rs:
+            self._rs[target] = ReplicaSetState(newest + 1, 0, 0, d, d + self._strategy.surge(d))
+        self._status = self._deployment_status()
+        self.rollouts.append(RolloutRecord(now, newest + 1, d, self.ready_count(), len(self._alive), progress_s=now,
+                                           undo=ro.undo, template=target))
         self._sync_deployment(now)
-        Timeout(self.sim.env, 1.0, self.revision).callbacks.append(self._resync)
+        self._ticker += 1
+        Timeout(self.sim.env, 1.0, self._ticker).callbacks.append(self._resync)
 
     def _resync(self, ev: Timeout) -> None:
         """The controller's requeue while a rollout runs: every second, as pods become available or fail (one
         ticker: a rollout begun over another takes it over)."""
-        if self._rs is not None and ev.value == self.revision:
+        if self._rs is not None and ev.value == self._ticker:
             self._sync_deployment(self.sim.env.now)
             if self._rs is not None:
                 Timeout(self.sim.env, 1.0, ev.value).callbacks.append(self._resync)
@@ -209,47 +240,63 @@ class Cluster:
         assert self._rs is not None
         self._syncing = True
         try:
-            moved = False
             for _ in range(64):
                 self._sync_again = False
-                rss = self._replicasets()
+                templates = self._by_revision()
+                rss = self._replicasets(templates)
                 after = sync_deployment(rss, self.desired, self._strategy, self._old_pods_running())
-                moved |= [rs.replicas for rs in after] != [rs.replicas for rs in rss]
-                self._rs = {rs.revision: rs for rs in after}
-                for rs in after:
-                    self._replicaset_to(rs.revision, rs.replicas, now)
+                self._rs = dict(zip(templates, after, strict=True))
+                for t, rs in zip(templates, after, strict=True):
+                    self._replicaset_to(t, rs.replicas, now)
                 if after == rss and not self._sync_again:
                     break
-            ready, pods, final = self.ready_count(), len(self._alive), self._replicasets()
-            available = final[-1].available  # more new pods available than at the last sync
-            moved |= available > self._new_available
-            self._new_available = available
+            ready, pods, final = self.ready_count(), len(self._alive), self._replicasets(self._by_revision())
+            status = self._deployment_status()
+            moved = progressing(self._status, status)
+            self._status = status
+            stalled = False
             for r in self.rollouts:
-                if r.done_s is None:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
+                if r.open:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
                     r.min_ready = min(r.min_ready, ready)
                     r.most_pods = max(r.most_pods, pods)
                     if moved:
                         r.progress_s = now
                     elif r.deadline_exceeded_s is None and now - r.progress_s >= self._deadline_s:
                         r.deadline_exceeded_s = r.progress_s + self._deadline_s
+                        stalled |= not r.undo and r.template == self.revision
             if complete(final, self.desired):
                 for r in self.rollouts:
-                    if r.done_s is None:
+                    if r.open:
                         r.done_s = now
                 self._rs = None
+            elif stalled and self._undo_on_deadline:  # the pipeline's `kubectl rollout status || kubectl rollout undo`
+                Timeout(self.sim.env, 0.0, Rollout(at_s=now, undo=True)).callbacks.append(self._rollout_begins)
         finally:
             self._syncing = False
+
+    def _deployment_status(self) -> tuple[int, int, int, int]:
+        """The Deployment's status as ``DeploymentProgressing`` compares it from one sync to the next: its pods of the
+        current template (updated), its other pods, and its ready and available pods, none terminating."""
+        live = [p for p in self._alive.values() if p.state in _LIVE]
+        updated = sum(1 for p in live if p.revision == self.revision)
+        ready = sum(1 for p in live if p.ready_condition)
+        return updated, len(live) - updated, ready, sum(1 for p in live if self._available(p))
+
+    def _by_revision(self) -> list[int]:
+        """The rollout's templates (ReplicaSets), oldest revision first: the current one last."""
+        assert self._rs is not None
+        return sorted(self._rs, key=self._order.__getitem__)
 
     def _old_pods_running(self) -> bool:
         """``oldPodsRunning``: a pod of an older template is still there (Pending to terminating, not yet gone)."""
         return any(p.revision != self.revision for p in self._alive.values())
 
-    def _replicasets(self) -> list[ReplicaSetState]:
-        """The rollout's ReplicaSets, oldest first, each with its available pods: ready, not terminating, for at
-        least ``pods.min_ready_s`` (the Deployment's minReadySeconds)."""
+    def _replicasets(self, templates: list[int]) -> list[ReplicaSetState]:
+        """The ReplicaSets of ``templates`` (in that order) with their revisions and their available pods: ready, not
+        terminating, for at least ``pods.min_ready_s`` (the Deployment's minReadySeconds)."""
         assert self._rs is not None
-        return [replace(self._rs[r], available=sum(1 for p in self._members(r) if self._available(p)))
-                for r in sorted(self._rs)]
+        return [replace(self._rs[t], revision=self._order[t],
+                        available=sum(1 for p in self._members(t) if self._available(p))) for t in templates]
 
     def _available(self, pod: Pod) -> bool:
         """Whether ``pod`` is available: ready for ``pods.min_ready_s`` by now (``podutil.IsPodAvailable``)."""
@@ -365,8 +412,17 @@ class Cluster:
         self._running.add(pod.id)
         pod.container_started(now)
         self.sim.faults.container_started(pod, now)
+        template = self._templates[pod.revision]
+        if template is not None and template.crash_after_s is not None:  # a bad template's container exits
+            Timeout(self.sim.env, template.crash_after_s, (pod, pod.incarnation)).callbacks.append(self._template_exits)
         ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
         ev.callbacks.append(self._started)
+
+    def _template_exits(self, ev: Timeout) -> None:
+        """A container of a broken template (``pods.rollouts[].crash_after_s``) exits: a crash of kind ``rollout``."""
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.incarnation == incarnation and pod.state in (PodState.STARTING, PodState.READY, PodState.TERMINATING):
+            self.sim.faults.crash_pod(pod, "rollout")
 
     def _draw(self, d: Duration, stream: str) -> float:
         return draw_duration(d, self.sim.streams[stream])

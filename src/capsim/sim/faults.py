@@ -86,7 +86,7 @@ class Faults:
                               for name, m in ((n, merged_spans(v)) for n, v in spans.items())}
         #: the metrics whose own source can fail (faults.trigger_outages)
         self.trigger_outage_metrics = frozenset(self._trigger_down)
-        self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, "random" | "scheduled")
+        self.crash_log: list[tuple[float, int, str]] = []  # (time, pod, kind: random, scheduled, node, spot, rollout)
         # scheduled crashes that found no pod to crash: (time, pod or -1, why); reported, never dropped
         self.skipped: list[tuple[float, int, str]] = []
         # faults.slow_pods: (start, end (inf: to the end of the run), pod (-1: all), factor), one row per pod
@@ -233,6 +233,10 @@ class Faults:
         now = self.sim.env.now
         self.crash_log.append((now, pod.id, why))
         self.sim.cluster.crash(pod, now)
+
+    def crash_pod(self, pod: Pod, why: str) -> None:
+        """Crash ``pod``'s container now, logged with ``why`` (the cluster's: ``rollout``, a bad template's exit)."""
+        self._crash(pod, why)
 
     # ---- slow pods ---------------------------------------------------------------------------------------
     def _slow_begins(self, ev: Timeout) -> None:

@@ -85,7 +85,8 @@ class SimResult:
 
 
 #: the columns of ``SimResult.rollouts``
-ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s"]
+ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
+                   "undone_s"]
 
 
 _gc_lock = threading.Lock()
@@ -260,12 +261,14 @@ class Simulation:
         rows = []
         for r in self.cluster.rollouts:
             exceeded = r.deadline_exceeded_s
-            if exceeded is None and r.done_s is None and horizon - r.progress_s >= deadline:
+            if exceeded is None and r.open and horizon - r.progress_s >= deadline:
                 exceeded = r.progress_s + deadline
-            rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded])
+            rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s])
         import pandas as pd
 
-        return pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
+        frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
+        frame["undo"] = frame["undo"].astype(bool)
+        return frame
 
     def run(self) -> SimResult:
         """Run to the horizon and return the result."""
@@ -310,12 +313,14 @@ class Simulation:
         woke = wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests)
         if len(woke) or sc.slo.max_wake_s is not None:
             summary = wake_results(summary, requests, woke, sc.slo, sc.warmup_s)
-        if self.cluster.rollouts:  # pods.rollouts: the longest (one not done counted to the horizon), the fewest ready
-            ro = self.cluster.rollouts
-            took = [(r.done_s if r.done_s is not None else sc.horizon_s) - r.at_s for r in ro]
+        if self.cluster.rollouts:  # pods.rollouts: the longest (one not done counted to its undo or the horizon), the
+            ro = self.cluster.rollouts  # fewest ready
+            took = [(r.done_s if r.done_s is not None else r.undone_s if r.undone_s is not None else sc.horizon_s)
+                    - r.at_s for r in ro]
             summary = replace(summary, longest_rollout_s=float(max(took)),
                               rollouts_unfinished=sum(r.done_s is None for r in ro),
-                              rollout_fewest_ready=float(min(r.min_ready for r in ro)))
+                              rollout_fewest_ready=float(min(r.min_ready for r in ro)),
+                              rollouts_undone=sum(r.done_s is None and r.undone_s is not None for r in ro))
             if sc.slo.max_rollout_s is not None:  # every rollout done within it, or the SLO is missed
                 ok = summary.rollouts_unfinished == 0 and summary.longest_rollout_s <= sc.slo.max_rollout_s
                 summary = replace(summary, rollout_slo_met=ok, slo_met=summary.slo_met and ok)

@@ -93,11 +93,13 @@ class Summary:
     ttft_p99_warm_s: float = math.nan
     longest_wake_s: float = math.nan
     wake_slo_met: bool = True
-    # rolling updates (pods.rollouts): the longest one's time (one not done by the horizon counted to it), how
-    # many were not done, and the fewest pods ready while any ran (NaN, 0, NaN without rollouts)
+    # rolling updates (pods.rollouts): the longest one's time (to its undo for one undone first; one not done by the
+    # horizon counted to it), how many were not done (undone ones too), the fewest pods ready while any ran, and
+    # how many were undone before they were done (NaN, 0, NaN, 0 without rollouts)
     longest_rollout_s: float = math.nan
     rollouts_unfinished: int = 0
     rollout_fewest_ready: float = math.nan
+    rollouts_undone: int = 0
     # slo.max_rollout_s met (True without it): every rollout done within it; slo_met needs it
     rollout_slo_met: bool = True
 
