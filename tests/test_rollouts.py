@@ -526,3 +526,22 @@ def test_a_bad_undo_or_template_is_refused_and_the_cli_tells_an_undone_rollout(t
 
     crashes = pd.read_csv(tmp_path / "run" / "crashes.csv")
     assert list(crashes.columns) == ["time_s", "pod", "kind"] and set(crashes.kind) == {"rollout"}
+
+
+def test_a_slower_template_slows_its_pods_and_an_undo_brings_the_old_speed_back() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # one request per batch at 4 requests a second: a request's time on the model is its batch's
+    sc = _fleet(**{"pods.rollouts": [{"at_s": 200, "slowdown": 2.0}, {"at_s": 600, "undo": True}],
+                   "workload.arrivals.rate_per_s": 4, "batching.max_batch_size": 1, "horizon_s": 1000})
+    sim = Simulation(sc, 0)
+    r = sim.run()
+    req = r.requests[r.requests.outcome == "ok"]
+    on_model = (req.end_s - req.start_s).groupby(req.pod.map(lambda i: sim.cluster.pods[i].revision)).median()
+    assert on_model[1] / on_model[0] == pytest.approx(2.0, rel=0.05)  # the new template's pods: twice as long
+    late = req[req.arrival_s > 800]
+    assert set(sim.cluster.pods[i].revision for i in late.pod) == {0}  # undone: the old template, its old speed
+    assert (late.end_s - late.start_s).median() == pytest.approx(on_model[0], rel=0.05)
+    assert r.slowdowns.empty  # a template's speed is no fault: faults.slow_pods' table stays empty
+    with pytest.raises(SettingsError, match="slowdown: an undo goes back to an earlier template"):
+        _fleet(**{"pods.rollouts": [{"at_s": 100}, {"at_s": 300, "undo": True, "slowdown": 1.5}]})

@@ -15,15 +15,16 @@ HORIZON = 60.0
 
 
 def _rollouts(draw: Any) -> list[dict[str, Any]]:
-    """Deploys in time order, some of broken templates (containers that exit within or past the cold start), and
-    undos after the first."""
+    """Deploys in time order, some of broken templates (containers that exit within or past the cold start) or of
+    slower or faster ones, and undos after the first."""
     times = sorted(draw(st.lists(st.floats(0, HORIZON), max_size=3)))
     out: list[dict[str, Any]] = []
     for k, t in enumerate(times):
         if k and draw(st.booleans()):
             out.append({"at_s": t, "undo": True})
         else:
-            out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30)))})
+            out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
+                        "slowdown": draw(st.sampled_from([1.0, 0.5, 3.0]))})
     return out
 
 

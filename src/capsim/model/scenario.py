@@ -454,20 +454,25 @@ class RollingUpdateStrategy(_Section):
 class Rollout(_Section):
     """A new pod template is applied at ``at_s`` (a new image or engine flags): the Deployment rolls its pods over
     to it within ``pods.rolling_update`` (``capsim.sim.cluster``). ``crash_after_s`` makes the new template a bad
-    one; ``undo`` is ``kubectl rollout undo`` instead: back to the template before the current one."""
+    one and ``slowdown`` a slower (or faster) one; ``undo`` is ``kubectl rollout undo`` instead: back to the template
+    before the current one."""
 
     at_s: Float = Field(ge=0)
     crash_after_s: Float | None = Field(
         None, gt=0, description="the new template is broken: each of its containers exits this long after it starts "
         "(a bad image, an engine flag that runs out of GPU memory as the model loads), and the kubelet restarts it in "
         "CrashLoopBackOff; under the cold start (pods.startup_s) its pods are never ready. None: it works")
+    slowdown: Float = Field(
+        1.0, gt=0, le=10, description="the new template's model steps take this many times as long as the "
+        "scenario's (a slower engine version: 1.2; a faster one: 0.8), on top of service.slowdown and faults.slow_pods")
     undo: bool = Field(False, description="kubectl rollout undo: the template goes back to the one before the "
                                           "current (its ReplicaSet, with the pods it still has, becomes the new one)")
 
     @model_validator(mode="after")
     def _undo_is_no_template(self) -> Self:
-        if self.undo and self.crash_after_s is not None:
-            raise ValueError("crash_after_s: an undo goes back to an earlier template, it brings none of its own")
+        for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0)):
+            if self.undo and value != plain:
+                raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
         return self
 
 

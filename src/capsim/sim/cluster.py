@@ -418,6 +418,11 @@ class Cluster:
         ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
         ev.callbacks.append(self._started)
 
+    def template_slowdown(self, pod: Pod) -> float:
+        """How many times as long ``pod``'s model steps take for its template (``pods.rollouts[].slowdown``)."""
+        template = self._templates[pod.revision]
+        return 1.0 if template is None else template.slowdown
+
     def _template_exits(self, ev: Timeout) -> None:
         """A container of a broken template (``pods.rollouts[].crash_after_s``) exits: a crash of kind ``rollout``."""
         pod, incarnation = cast(tuple[Pod, int], ev.value)

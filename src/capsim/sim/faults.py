@@ -305,14 +305,15 @@ class Faults:
 
     def _refresh(self, pod: Pod, now: float) -> None:
         """Give ``pod`` the product of the slowdowns in force on it, if that changed."""
-        factor = math.prod(self._pod_slow.get(pod.id, ())) * math.prod(self._fleet_slow)
+        factor = (math.prod(self._pod_slow.get(pod.id, ())) * math.prod(self._fleet_slow)
+                  * self.sim.cluster.template_slowdown(pod))
         if factor != pod.slow:
             pod.set_slow(factor, now)
 
     def pod_created(self, pod: Pod) -> None:
-        """A new pod: slowed at once if a fleet-wide spell is in force; its first random spell drawn
-        (``faults.random_slowdowns``)."""
-        if self._fleet_slow:
+        """A new pod: slowed at once if a fleet-wide spell is in force or its template is slower
+        (``pods.rollouts[].slowdown``); its first random spell drawn (``faults.random_slowdowns``)."""
+        if self._fleet_slow or self.sim.cluster.template_slowdown(pod) != 1.0:  # a spell, or its template's speed
             self._refresh(pod, self.sim.env.now)
         if self._spells is not None:
             self._next_spell(pod)
