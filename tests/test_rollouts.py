@@ -545,3 +545,23 @@ def test_a_slower_template_slows_its_pods_and_an_undo_brings_the_old_speed_back(
     assert r.slowdowns.empty  # a template's speed is no fault: faults.slow_pods' table stays empty
     with pytest.raises(SettingsError, match="slowdown: an undo goes back to an earlier template"):
         _fleet(**{"pods.rollouts": [{"at_s": 100}, {"at_s": 300, "undo": True, "slowdown": 1.5}]})
+
+
+def test_a_new_image_is_pulled_on_each_node_and_an_undo_finds_the_old_one_there() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # four pods on one 8-GPU node that has the image; a 100-s pull of the new one, once for the node, before the
+    # first new pod starts (those placed meanwhile wait for the same pull)
+    cluster = {"max_gpus": 8, "node_gpus": 8, "node_provision_s": 240}
+    base = {"autoscaler": None, "cluster": cluster, "pods.image_pull_s": 100}
+    new = simulate(_fleet(**base), 0).rollouts.iloc[0]
+    assert new.done_s == pytest.approx(200 + 100 + 2 * 60)  # the pull, then two waves of cold starts
+    same = simulate(_fleet(**base, **{"pods.rollouts": [{"at_s": 200, "new_image": False}]}), 0).rollouts.iloc[0]
+    assert same.done_s == pytest.approx(200 + 2 * 60)  # engine flags only: the node has the image
+    # back to the first template: its image is still on the node, no pull
+    sim = Simulation(_fleet(**base, **{"pods.rollouts": [{"at_s": 200}, {"at_s": 500, "undo": True}]}), 0)
+    r = sim.run()
+    undo = r.rollouts.iloc[1]
+    assert undo.undo and undo.done_s == pytest.approx(500 + 2 * 60)
+    (node,) = sim.cluster.nodes.nodes
+    assert node.images == {0: 0.0, 1: 300.0}

@@ -16,7 +16,7 @@ HORIZON = 60.0
 
 def _rollouts(draw: Any) -> list[dict[str, Any]]:
     """Deploys in time order, some of broken templates (containers that exit within or past the cold start) or of
-    slower or faster ones, and undos after the first."""
+    slower or faster ones, of new images or not, and undos after the first."""
     times = sorted(draw(st.lists(st.floats(0, HORIZON), max_size=3)))
     out: list[dict[str, Any]] = []
     for k, t in enumerate(times):
@@ -24,7 +24,7 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
             out.append({"at_s": t, "undo": True})
         else:
             out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
-                        "slowdown": draw(st.sampled_from([1.0, 0.5, 3.0]))})
+                        "slowdown": draw(st.sampled_from([1.0, 0.5, 3.0])), "new_image": draw(st.booleans())})
     return out
 
 
@@ -66,6 +66,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                      "overflow": draw(st.sampled_from(["reject", "wait"])),
                      "max_concurrent_batches": draw(st.integers(1, 3))},
         "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
+                 "image_pull_s": draw(st.sampled_from([0.0, 3.0])),
                  "termination_grace_s": draw(st.floats(0, 10)),
                  # deploys: rolling updates, one on top of another at times, under any strategy, or Recreate
                  "rollouts": _rollouts(draw),

@@ -462,6 +462,10 @@ class Rollout(_Section):
         None, gt=0, description="the new template is broken: each of its containers exits this long after it starts "
         "(a bad image, an engine flag that runs out of GPU memory as the model loads), and the kubelet restarts it in "
         "CrashLoopBackOff; under the cold start (pods.startup_s) its pods are never ready. None: it works")
+    new_image: bool = Field(
+        True, description="the new template has a new image: each node pulls it (pods.image_pull_s) before the "
+        "template's first pod there starts; false: engine flags only, the image the nodes have (an undo's image is "
+        "the template's it goes back to, on the nodes that pulled it)")
     slowdown: Float = Field(
         1.0, gt=0, le=10, description="the new template's model steps take this many times as long as the "
         "scenario's (a slower engine version: 1.2; a faster one: 0.8), on top of service.slowdown and faults.slow_pods")

@@ -146,6 +146,7 @@ class Cluster:
                                     else RollingUpdate(ru.max_surge, ru.max_unavailable))
         self.revision = 0
         self._templates: list[Rollout | None] = [None]  # per template: the rollout that made it (None: the first)
+        self._image: list[int] = [0]  # per template: its image (a new one is numbered as the template)
         self._order: dict[int, int] = {0: 0}  # template -> its revision number (the first template's 0)
         self._ticker = 0  # the controller's resync ticker in force (one at a time)
         self._rs: dict[int, ReplicaSetState] | None = None
@@ -208,6 +209,7 @@ class Cluster:
         else:
             target = len(self._templates)
             self._templates.append(ro)
+            self._image.append(target if ro.new_image else self._image[self.revision])
         self._order[target] = newest + 1
         self.revision = target
         if target not in self._rs:
@@ -389,10 +391,11 @@ class Cluster:
 
     # ---- a pod's life -------------------------------------------------------------------------------
     def _cold_start(self, pod: Pod, now: float) -> None:
-        """A placed pod: it pulls the image unless its node has it, then its container starts."""
+        """A placed pod: it pulls its template's image unless its node has it, then its container starts."""
         pod.state = PodState.STARTING
         wait = self.nodes.image_wait_s(self._node.get(pod.id), now,
-                                       lambda: self._draw(self.sim.scenario.pods.image_pull_s, "image_pull"))
+                                       lambda: self._draw(self.sim.scenario.pods.image_pull_s, "image_pull"),
+                                       self._image[pod.revision])
         if wait > 0.0:
             ev = Timeout(self.sim.env, wait, (pod, pod.incarnation))
             ev.callbacks.append(self._pulled)

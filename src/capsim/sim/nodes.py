@@ -64,7 +64,7 @@ NODE_COLUMNS = ["node", "zone", "spot", "gpus", "created_s", "ready_s", "removed
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
-    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "image_at_s", "interrupted_s",
+    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "images", "interrupted_s",
                  "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
                  "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
@@ -78,7 +78,7 @@ class Node:
         self.created_s = created_s  # billed from here
         self.ready_s = ready_s  # None while it is provisioned
         self.removed_s: float | None = None  # billed until here
-        self.image_at_s: float | None = None  # when the image is (or will be) on the node
+        self.images: dict[int, float] = {}  # image (0: the first template's) -> when it is (or will be) on the node
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
         # cluster-autoscaler's removal simulation found it unremovable: no scale-down candidate before this
@@ -240,7 +240,7 @@ class NodePool:
             node = self._add(0.0, ready=True, zone=zone)
             if node is None:
                 break
-            node.image_at_s = 0.0
+            node.images[0] = 0.0
             self.sim.faults.node_ready(node)
 
     def take(self) -> Node | None:
@@ -636,13 +636,14 @@ class NodePool:
             self.lifecycle.nodes_changed(node, now)
 
     # ---- the image -------------------------------------------------------------------------------
-    def image_wait_s(self, node: Node | None, now: float, pull_s: Callable[[], float]) -> float:
-        """How long a pod placed on ``node`` at ``now`` waits for the image (pulls it if nobody has)."""
+    def image_wait_s(self, node: Node | None, now: float, pull_s: Callable[[], float], image: int = 0) -> float:
+        """How long a pod placed on ``node`` at ``now`` waits for ``image`` (pulls it if nobody has)."""
         if node is None:
             return pull_s()
-        if node.image_at_s is None:
-            node.image_at_s = now + pull_s()
-        return max(node.image_at_s - now, 0.0)
+        at = node.images.get(image)
+        if at is None:
+            at = node.images[image] = now + pull_s()
+        return max(at - now, 0.0)
 
     # ---- accounting ------------------------------------------------------------------------------
     def frame(self, horizon_s: float) -> Any:
