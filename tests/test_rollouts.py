@@ -255,18 +255,18 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
             assert len(plan.override(changes).pods.rollouts) in (0, 1)
 
 
-def test_the_shipped_bad_deploy_grid_breaks_the_rush_deploy_and_undoes_it_at_the_deadline() -> None:
+def test_the_shipped_bad_deploy_grid_deploys_broken_and_good_templates_undone_at_the_deadline() -> None:
     from capsim.studies.sweep import expand_grid, load_grid
 
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     plans = [base.override(st.changes) for st in expand_grid(load_grid(SCENARIOS.parent / "studies" /
                                                                         "bad_deploy_grid.yaml"))]
-    assert len(plans) == 10
+    assert len(plans) == 20
     for p in plans:
         (ro,) = p.pods.rollouts
-        assert ro.at_s == 1900 and ro.crash_after_s == 30 and p.pods.undo_on_deadline
-    assert {(p.pods.strategy, p.pods.progress_deadline_s) for p in plans} == {
-        (k, d) for k in ("RollingUpdate", "Recreate") for d in (120, 600)}
+        assert ro.at_s == 1900 and p.pods.undo_on_deadline
+    assert {(p.pods.strategy, p.pods.progress_deadline_s, p.pods.rollouts[0].crash_after_s) for p in plans} == {
+        (k, d, c) for k in ("RollingUpdate", "Recreate") for d in (120, 600) for c in (30, None)}
     # the shipped scenario's own strategy, surge only, loses nothing to the broken deploy: undone at the deadline
     r = simulate(base.override({"pods.rollouts.0.crash_after_s": 30, "pods.undo_on_deadline": True,
                                 "pods.progress_deadline_s": 120}), 0)
@@ -565,3 +565,27 @@ def test_a_new_image_is_pulled_on_each_node_and_an_undo_finds_the_old_one_there(
     assert undo.undo and undo.done_s == pytest.approx(500 + 2 * 60)
     (node,) = sim.cluster.nodes.nodes
     assert node.images == {0: 0.0, 1: 300.0}
+
+
+def test_capsim_check_warns_of_a_deadline_that_undoes_a_good_deploy() -> None:
+    from capsim.studies.checks import run_checks
+
+    # 60-s cold starts and 10-s probes: a new pod is available up to 70 s after its creation, with no progress
+    # meanwhile; a 50-s deadline reports every wave stalled, and the pipeline undoes a deploy that works
+    short = _fleet(**{"pods.progress_deadline_s": 50, "pods.undo_on_deadline": True})
+    (f,) = [f for f in run_checks(short) if f.check == "rollout-deadline-short"]
+    assert f.level == "warn" and f.path == "pods.progress_deadline_s"
+    assert "may take 70 s from its creation to available (a cold start 60 s, a readiness probe period 10 s" in f.message
+    assert "the pipeline undoes it" in f.message
+    r = simulate(short, 0)
+    assert r.summary.rollouts_undone == 1 and r.rollouts.undo.iloc[-1]  # the simulator agrees: a good deploy undone
+    # a new image's pull and minReadySeconds count; 70 s is enough without them, and no rollout, nothing to warn of
+    assert not [f for f in run_checks(short.override({"pods.progress_deadline_s": 70}))
+                if f.check == "rollout-deadline-short"]
+    (pull,) = [f for f in run_checks(short.override({"pods.progress_deadline_s": 70, "pods.image_pull_s": 30,
+                                                     "pods.min_ready_s": 5})) if f.check == "rollout-deadline-short"]
+    assert "may take 105 s" in pull.message and "the new image's pull 30 s" in pull.message
+    flags = short.override({"pods.progress_deadline_s": 70, "pods.image_pull_s": 30,
+                            "pods.rollouts": [{"at_s": 200, "new_image": False}]})
+    assert not [f for f in run_checks(flags) if f.check == "rollout-deadline-short"]
+    assert not [f for f in run_checks(short.override({"pods.rollouts": []})) if f.check == "rollout-deadline-short"]

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from capsim.export.target import DeployTarget
-from capsim.model.scenario import ConstantDuration, LognormalDuration, Scenario, UniformDuration
+from capsim.model.scenario import Scenario
 
 #: The batcher settings the pod reads, by ``BatchSettings`` field (same names in ``PodConfig``).
 POD_BATCH_FIELDS: tuple[str, ...] = (
@@ -72,14 +72,7 @@ def termination_grace_s(scenario: Scenario) -> int:
 
 def startup_bound_s(scenario: Scenario) -> float:
     """A cold start's upper bound (s): the constant, the uniform's top, a lognormal's 99.9th percentile."""
-    d = scenario.pods.startup_s
-    if isinstance(d, ConstantDuration):
-        return d.value_s
-    if isinstance(d, UniformDuration):
-        return d.high_s
-    assert isinstance(d, LognormalDuration)
-    median = d.mean_s * math.exp(-d.sigma**2 / 2)
-    return median * math.exp(3.09 * d.sigma)  # z(0.999) = 3.09
+    return scenario.pods.startup_s.range_s[1]
 
 
 def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:

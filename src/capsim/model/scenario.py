@@ -269,6 +269,11 @@ class ConstantDuration(_Section):
     kind: Literal["constant"]
     value_s: Float = Field(ge=0)
 
+    @property
+    def range_s(self) -> tuple[float, float]:
+        """The least and the most it takes (a lognormal's: 0 and its 99.9th percentile)."""
+        return self.value_s, self.value_s
+
 
 class UniformDuration(_Section):
     kind: Literal["uniform"]
@@ -281,11 +286,22 @@ class UniformDuration(_Section):
             raise ValueError(f"high_s must be >= low_s ({self.low_s}), got {self.high_s}")
         return self
 
+    @property
+    def range_s(self) -> tuple[float, float]:
+        """The least and the most it takes: its ends."""
+        return self.low_s, self.high_s
+
 
 class LognormalDuration(_Section):
     kind: Literal["lognormal"]
     mean_s: Float = Field(gt=0)
     sigma: Float = Field(0.3, ge=0, le=5)
+
+    @property
+    def range_s(self) -> tuple[float, float]:
+        """The least and the most it takes: no floor (0) and its 99.9th percentile (z = 3.09) as the most."""
+        median = self.mean_s * math.exp(-self.sigma**2 / 2)
+        return 0.0, median * math.exp(3.09 * self.sigma)
 
 
 def _number_as_constant(v: Any) -> Any:

@@ -104,6 +104,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``rollout-budget-short`` (warn): a deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the
   plan's floor takes: waves of maxSurge + maxUnavailable pods, each at least the shortest cold start (a constant,
   a uniform's bottom) plus ``pods.min_ready_s`` (under ``pods.strategy: Recreate``, one wave of every pod).
+* ``rollout-deadline-short`` (warn): ``pods.rollouts`` with a ``pods.progress_deadline_s`` shorter than a good
+  rollout's longest step without progress, a new pod's creation to its being available: the image pull (a new image),
+  the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a readiness probe period and
+  ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -127,10 +131,8 @@ from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import (
     POD_METRIC_ALIASES,
     Autoscaler,
-    ConstantDuration,
     Scenario,
     Tokens,
-    UniformDuration,
 )
 from capsim.model.scenario_limits import max_pods
 from capsim.policy.rollout import RollingUpdate
@@ -187,6 +189,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_room(scenario)
     findings += _rollout_budget(scenario)
     findings += _recreate_outage(scenario)
+    findings += _rollout_deadline(scenario)
     return findings
 
 
@@ -445,9 +448,32 @@ def _rollout_budget(scenario: Scenario) -> list[Finding]:
 
 def _shortest_start(scenario: Scenario) -> float:
     """The shortest cold start ``pods.startup_s`` allows: a constant, a uniform's bottom; a lognormal has none (0)."""
-    start = scenario.pods.startup_s
-    return start.value_s if isinstance(start, ConstantDuration) else start.low_s if isinstance(
-        start, UniformDuration) else 0.0
+    return scenario.pods.startup_s.range_s[0]
+
+
+def _rollout_deadline(scenario: Scenario) -> list[Finding]:
+    """A progress deadline shorter than a good rollout's longest step: between a new pod's creation and its being
+    available nothing progresses (``DeploymentProgressing``), and that takes up to the image pull (a new image),
+    the longest cold start, a readiness probe period and ``min_ready_s``."""
+    pods = scenario.pods
+    if not pods.rollouts:
+        return []
+    pull = pods.image_pull_s.range_s[1] if any(r.new_image and not r.undo for r in pods.rollouts) else 0.0
+    start, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
+    step = pull + start + probe + pods.min_ready_s
+    if pods.progress_deadline_s >= step:
+        return []
+    parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start:g} s",
+                                                                       f"a readiness probe period {probe:g} s"]
+    if pods.min_ready_s:
+        parts.append(f"minReadySeconds {pods.min_ready_s} s")
+    then = ("; with pods.undo_on_deadline the pipeline undoes it: every deploy is rolled back" if pods.undo_on_deadline
+            else "; `kubectl rollout status` fails though the rollout is fine")
+    return [Finding(
+        "pods.progress_deadline_s", f"{pods.progress_deadline_s} s, but a good rollout's new pod may take {step:g} s "
+        f"from its creation to available ({', '.join(parts)}; a node to provision comes on top), with no progress "
+        f"meanwhile: Kubernetes reports the rollout stalled (ProgressDeadlineExceeded){then}", level="warn",
+        check="rollout-deadline-short")]
 
 
 def _recreate_outage(scenario: Scenario) -> list[Finding]:
