@@ -261,12 +261,14 @@ def test_the_shipped_bad_deploy_grid_deploys_broken_and_good_templates_undone_at
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     plans = [base.override(st.changes) for st in expand_grid(load_grid(SCENARIOS.parent / "studies" /
                                                                         "bad_deploy_grid.yaml"))]
-    assert len(plans) == 20
+    assert len(plans) == 30
     for p in plans:
         (ro,) = p.pods.rollouts
-        assert ro.at_s == 1900 and p.pods.undo_on_deadline
-    assert {(p.pods.strategy, p.pods.progress_deadline_s, p.pods.rollouts[0].crash_after_s) for p in plans} == {
-        (k, d, c) for k in ("RollingUpdate", "Recreate") for d in (120, 600) for c in (30, None)}
+        assert ro.at_s == 1900 and (p.pods.undo_on_deadline or p.pods.undo_after_s == 1200)
+    gates = {(p.pods.undo_on_deadline, p.pods.progress_deadline_s, p.pods.undo_after_s) for p in plans}
+    assert gates == {(True, 120, None), (True, 600, None), (False, 600, 1200)}
+    assert {(p.pods.strategy, p.pods.rollouts[0].crash_after_s) for p in plans} == {
+        (k, c) for k in ("RollingUpdate", "Recreate") for c in (30, None)}
     # the shipped scenario's own strategy, surge only, loses nothing to the broken deploy: undone at the deadline
     r = simulate(base.override({"pods.rollouts.0.crash_after_s": 30, "pods.undo_on_deadline": True,
                                 "pods.progress_deadline_s": 120}), 0)
@@ -589,3 +591,29 @@ def test_capsim_check_warns_of_a_deadline_that_undoes_a_good_deploy() -> None:
                             "pods.rollouts": [{"at_s": 200, "new_image": False}]})
     assert not [f for f in run_checks(flags) if f.check == "rollout-deadline-short"]
     assert not [f for f in run_checks(short.override({"pods.rollouts": []})) if f.check == "rollout-deadline-short"]
+
+
+def test_the_pipeline_timeout_undoes_a_rollout_on_a_clock_of_its_own() -> None:
+    # kubectl rollout status --timeout=250s || kubectl rollout undo: the broken deploy at 200 s is undone at 450 s
+    bad = {"pods.rollouts": [{"at_s": 200, "crash_after_s": 30}], "pods.undo_after_s": 250}
+    r = simulate(_fleet(**bad), 0)
+    first, undo = r.rollouts.itertuples()
+    assert first.undone_s == pytest.approx(450) and undo.undo and undo.at_s == pytest.approx(450)
+    assert r.summary.rollouts_undone == 1
+    # a good one done within it (120 s) is left alone; one slower than it (0/1: four waves, 240 s) is undone too
+    assert simulate(_fleet(**{"pods.undo_after_s": 250}), 0).summary.rollouts_undone == 0
+    slow = simulate(_fleet(**{"pods.undo_after_s": 200, "pods.rolling_update": {"max_surge": 0,
+                                                                                 "max_unavailable": 1}}), 0)
+    assert slow.summary.rollouts_undone == 1 and slow.rollouts.undone_s.iloc[0] == pytest.approx(400)
+    # a deploy overtaken by the next one is not undone by its own timeout; the next one's timeout still runs
+    two = simulate(_fleet(**{"pods.rollouts": [{"at_s": 200, "crash_after_s": 30}, {"at_s": 300}],
+                             "pods.undo_after_s": 250}), 0)
+    assert list(two.rollouts.undo) == [False, False] and two.summary.rollouts_undone == 0
+    from capsim.studies.checks import run_checks
+
+    # capsim check: four pods at 25%/25% take two waves of at least 60 s; a 100-s timeout undoes every deploy
+    (f,) = [f for f in run_checks(_fleet(**{"pods.undo_after_s": 100})) if f.check == "rollout-timeout-short"]
+    assert f.path == "pods.undo_after_s" and "2 waves of at least 60 s" in f.message and "undoes every deploy" in f.message
+    assert not [f for f in run_checks(_fleet(**{"pods.undo_after_s": 120})) if f.check == "rollout-timeout-short"]
+    assert simulate(_fleet(**{"pods.undo_after_s": 100}), 0).summary.rollouts_undone == 1  # and it does
+

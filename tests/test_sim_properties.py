@@ -77,7 +77,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                                          {"strategy": "Recreate"}])),
                  "min_ready_s": draw(st.sampled_from([0, 5])),
                  "progress_deadline_s": draw(st.sampled_from([600, 5])),
-                 "undo_on_deadline": draw(st.booleans())},
+                 "undo_on_deadline": draw(st.booleans()),
+                 "undo_after_s": draw(st.one_of(st.none(), st.floats(1, 60)))},
         "router": {"kind": router},
         "faults": faults,
         "state": {"store": store},
@@ -204,7 +205,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     # after it began
     ro = r.rollouts
     auto = len(ro) - len(scenario.pods.rollouts)
-    assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline)
+    assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline or scenario.pods.undo_after_s is not None)
     assert int((~ro["undo"]).sum()) == sum(not x.undo for x in scenario.pods.rollouts)
     assert (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
     assert (ro["undone_s"].dropna() >= ro["at_s"][ro["undone_s"].notna()]).all()

@@ -612,6 +612,10 @@ class Pods(_Section):
         False, description="the deploy pipeline undoes a rollout once Kubernetes reports it stalled (`kubectl rollout "
         "status` failing at progress_deadline_s, then `kubectl rollout undo`); false: it goes on until an undo in "
         "pods.rollouts")
+    undo_after_s: Float | None = Field(
+        None, gt=0, description="the deploy pipeline undoes a rollout not done this long after it began (`kubectl "
+        "rollout status --timeout`, then `kubectl rollout undo`): a clock of its own, which an HPA scaling the "
+        "Deployment does not reset as it resets the progress deadline; none: no such timeout")
 
     @model_validator(mode="after")
     def _undo_after_a_deploy(self) -> Self:

@@ -157,6 +157,7 @@ class Cluster:
         self._min_ready_s = sim.scenario.pods.min_ready_s
         self.rollouts: list[RolloutRecord] = []
         self._undo_on_deadline = sim.scenario.pods.undo_on_deadline
+        self._undo_after_s = sim.scenario.pods.undo_after_s
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
 
@@ -192,9 +193,11 @@ class Cluster:
 
     # ---- rolling updates (capsim.policy.rollout) ---------------------------------------------------------
     def _rollout_begins(self, ev: Timeout) -> None:
+        self._begin(cast(Rollout, ev.value))
+
+    def _begin(self, ro: Rollout) -> None:
         """A new pod template (``pods.rollouts``): a new ReplicaSet, to which the controller moves the pods; or an
         undo: the template before the current one, whose ReplicaSet becomes the new one with the pods it has."""
-        ro = cast(Rollout, ev.value)
         now = self.sim.env.now
         d = self.desired
         if self._rs is None:  # the one ReplicaSet, annotated with the replicas the last scale gave it
@@ -220,6 +223,15 @@ class Cluster:
         self._sync_deployment(now)
         self._ticker += 1
         Timeout(self.sim.env, 1.0, self._ticker).callbacks.append(self._resync)
+        if self._undo_after_s is not None and not ro.undo:  # the pipeline's `kubectl rollout status --timeout`
+            Timeout(self.sim.env, self._undo_after_s, self.rollouts[-1]).callbacks.append(self._timed_out)
+
+    def _timed_out(self, ev: Timeout) -> None:
+        """The pipeline's timeout (``pods.undo_after_s``) for a rollout: undone if it is still running on the current
+        template (not done, not undone, not overtaken by a later deploy)."""
+        r = cast(RolloutRecord, ev.value)
+        if r.open and r.template == self.revision:
+            self._begin(Rollout(at_s=self.sim.env.now, undo=True))
 
     def _resync(self, ev: Timeout) -> None:
         """The controller's requeue while a rollout runs: every second, as pods become available or fail (one

@@ -104,6 +104,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``rollout-budget-short`` (warn): a deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the
   plan's floor takes: waves of maxSurge + maxUnavailable pods, each at least the shortest cold start (a constant,
   a uniform's bottom) plus ``pods.min_ready_s`` (under ``pods.strategy: Recreate``, one wave of every pod).
+* ``rollout-timeout-short`` (warn): a pipeline timeout (``pods.undo_after_s``) shorter than the least a rollout of
+  the plan's floor takes (as ``rollout-budget-short`` counts it): every deploy, good or not, is undone.
 * ``rollout-deadline-short`` (warn): ``pods.rollouts`` with a ``pods.progress_deadline_s`` shorter than a good
   rollout's longest step without progress, a new pod's creation to its being available: the image pull (a new image),
   the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a readiness probe period and
@@ -420,30 +422,37 @@ def _rollout_room(scenario: Scenario) -> list[Finding]:
 
 
 def _rollout_budget(scenario: Scenario) -> list[Finding]:
-    """A deploy budget (``slo.max_rollout_s``) shorter than the least a rollout of the plan's floor can take: its
-    pods move in waves of maxSurge + maxUnavailable, each at least the shortest cold start (``pods.startup_s``:
-    a constant, or a uniform's bottom; a lognormal has none) plus ``pods.min_ready_s``."""
-    budget, pods = scenario.slo.max_rollout_s, scenario.pods
+    """A deploy budget (``slo.max_rollout_s``) or a pipeline timeout (``pods.undo_after_s``) shorter than the least a
+    rollout of the plan's floor can take: its pods move in waves of maxSurge + maxUnavailable, each at least the
+    shortest cold start (``pods.startup_s``: a constant, or a uniform's bottom; a lognormal has none) plus
+    ``pods.min_ready_s``."""
+    pods = scenario.pods
     low = _shortest_start(scenario)
     n = _floor(scenario)
-    if budget is None or not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
+    if not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
         return []
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
     recreate = pods.strategy == "Recreate"
     step = n if recreate else ru.surge(n) + ru.unavailable(n)
     waves = -(-n // step)
     least = waves * (low + pods.min_ready_s)
-    if least <= budget:
-        return []
     how = ("Recreate" if recreate
            else f"maxSurge {pods.rolling_update.max_surge}, maxUnavailable {pods.rolling_update.max_unavailable}")
-    return [Finding(
-        "slo.max_rollout_s", f"{budget:g} s, but a rollout of the floor's {n} pods moves {step} "
-        f"at a time ({how}): "
-        f"{waves} wave{'s' if waves > 1 else ''} of at least {low + pods.min_ready_s:g} s (the shortest cold start"
-        + (" and minReadySeconds" if pods.min_ready_s else "") + f"), {least:g} s: every deploy misses the SLO; "
-        + ("a Recreate rollout is one wave: only a faster cold start shortens it" if recreate
-           else "surge more pods or allow more down"), level="warn", check="rollout-budget-short")]
+    why = (f"a rollout of the floor's {n} pods moves {step} at a time ({how}): {waves} wave{'s' if waves > 1 else ''} "
+           f"of at least {low + pods.min_ready_s:g} s (the shortest cold start"
+           + (" and minReadySeconds" if pods.min_ready_s else "") + f"), {least:g} s")
+    fix = ("a Recreate rollout is one wave: only a faster cold start shortens it" if recreate
+           else "surge more pods or allow more down")
+    out = []
+    budget = scenario.slo.max_rollout_s
+    if budget is not None and least > budget:
+        out.append(Finding("slo.max_rollout_s", f"{budget:g} s, but {why}: every deploy misses the SLO; {fix}",
+                           level="warn", check="rollout-budget-short"))
+    timeout = pods.undo_after_s
+    if timeout is not None and least > timeout:
+        out.append(Finding("pods.undo_after_s", f"{timeout:g} s, but {why}: the pipeline undoes every deploy, good "
+                           f"or not; give it longer, or {fix}", level="warn", check="rollout-timeout-short"))
+    return out
 
 
 def _shortest_start(scenario: Scenario) -> float:
