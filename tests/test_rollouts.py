@@ -17,6 +17,7 @@ from capsim.policy.rollout import (
     ReplicaSetState,
     RollingUpdate,
     new_rs_new_replicas,
+    progressing,
     resolve_fenceposts,
     rollout_recreate,
     rollout_rolling,
@@ -324,6 +325,18 @@ def test_the_progress_deadline_counts_from_the_last_progress_and_a_done_rollout_
     assert math.isnan(relaxed.deadline_exceeded_s) and relaxed.done_s == tight.done_s
 
 
+@pytest.mark.parametrize(("before", "after", "expected"), [
+    ((2, 4, 5, 5), (3, 4, 5, 5), True),  # one more pod on the new template
+    ((2, 4, 5, 5), (2, 3, 5, 5), True),  # one fewer on the old
+    ((2, 4, 5, 5), (2, 4, 6, 5), True),  # one more ready
+    ((2, 4, 5, 5), (2, 4, 5, 6), True),  # one more available
+    ((2, 4, 5, 5), (2, 4, 5, 5), False),  # nothing moved
+    ((2, 4, 5, 5), (1, 5, 4, 4), False),  # only backwards: the new pods shrank, the old grew (a scale-down)
+])
+def test_progress_is_what_deployment_progressing_counts(before, after, expected) -> None:
+    assert progressing(before, after) is expected
+
+
 # ---- Recreate (recreate.go) ------------------------------------------------------------------------------
 def test_recreate_takes_the_old_replicasets_to_zero_then_waits_for_their_pods() -> None:
     # TestScaleDownOldReplicaSets: an old ReplicaSet of 3 goes to 0 in one sync, and the new one stays at 0
@@ -615,5 +628,10 @@ def test_the_pipeline_timeout_undoes_a_rollout_on_a_clock_of_its_own() -> None:
     (f,) = [f for f in run_checks(_fleet(**{"pods.undo_after_s": 100})) if f.check == "rollout-timeout-short"]
     assert f.path == "pods.undo_after_s" and "2 waves of at least 60 s" in f.message and "undoes every deploy" in f.message
     assert not [f for f in run_checks(_fleet(**{"pods.undo_after_s": 120})) if f.check == "rollout-timeout-short"]
-    assert simulate(_fleet(**{"pods.undo_after_s": 100}), 0).summary.rollouts_undone == 1  # and it does
+    undone = simulate(_fleet(**{"pods.undo_after_s": 100, "slo.max_rollout_s": 600}), 0).summary
+    assert undone.rollouts_undone == 1 and not undone.rollout_slo_met  # and it does: the deploy budget is missed
+    from capsim.studies.runs import slo_miss
+
+    assert slo_miss(undone.to_dict(), 1.0, 0.001)[0] == (
+        "a rollout was undone before it was done (slo.max_rollout_s needs every deploy done within it)")
 

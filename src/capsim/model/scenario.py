@@ -271,7 +271,7 @@ class ConstantDuration(_Section):
 
     @property
     def range_s(self) -> tuple[float, float]:
-        """The least and the most it takes (a lognormal's: 0 and its 99.9th percentile)."""
+        """The least and the most it takes: its value, both."""
         return self.value_s, self.value_s
 
 

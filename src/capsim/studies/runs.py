@@ -187,9 +187,11 @@ def slo_miss(s: Mapping[str, Any], ttft_slo: float, max_err: float,
     if s["lost_sessions"] > 0:
         return f"{s['lost_sessions']} sessions lost", float(s["lost_sessions"])
     if not s.get("rollout_slo_met", True):  # slo.max_rollout_s
-        undone = s.get("rollouts_undone") or 0
-        late = (" (undone before it was done)" if undone and undone >= (s.get("rollouts_unfinished") or 0)
-                else " (not done by the end of the run)" if s.get("rollouts_unfinished") else "")
+        undone, unfinished = s.get("rollouts_undone") or 0, s.get("rollouts_unfinished") or 0
+        if undone and undone >= unfinished:
+            return ("a rollout was undone before it was done (slo.max_rollout_s needs every deploy done within it)",
+                    1.0)
+        late = " (not done by the end of the run)" if unfinished else ""
         return f"a rollout took {s['longest_rollout_s']:.4g} s{late}, over slo.max_rollout_s", 1.0
     if not s.get("slo_met", True):  # any further SLO the summary judges (the session failure rate)
         rate = s.get("session_failure_rate")
