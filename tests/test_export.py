@@ -397,6 +397,28 @@ def test_failed_check_stops_the_export(rush: Scenario, tmp_path: Path) -> None:
     assert "--force" in readme and "autoscaler.maxReplicas" in readme
 
 
+def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_path: Path) -> None:
+    export_scenario(rush, tmp_path, TARGET)
+    assert "## Deploying a new version" not in (tmp_path / "README.md").read_text()  # no deploy simulated
+    gated = rush.override({"pods.rollouts": [{"at_s": 100}], "pods.undo_after_s": 1200,
+                           "pods.rolling_update": {"max_surge": 1, "max_unavailable": 0}})
+    export_scenario(gated, tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert "simulated as a rolling update of maxSurge 1, maxUnavailable 0" in readme
+    assert ("kubectl rollout status -n agents deployment/agent --timeout=1200s || kubectl rollout undo -n agents "
+            "deployment/agent") in readme
+    export_scenario(gated.override({"pods.undo_after_s": None, "pods.undo_on_deadline": True,
+                                    "pods.progress_deadline_s": 900}), tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert "undo a rollout reported stalled (900 s without progress)" in readme
+    assert "kubectl rollout status -n agents deployment/agent || kubectl rollout undo" in readme
+    export_scenario(gated.override({"pods.undo_after_s": None, "pods.strategy": "Recreate",
+                                    "pods.rolling_update": {"max_surge": "25%", "max_unavailable": "25%"}}),
+                    tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert "simulated as `Recreate`" in readme and "No automatic undo was simulated" in readme
+
+
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:
     numbers = {"summary": {"ttft_p99_s": 0.8125, "error_rate": 0.0004, "cost": 12.5, "slo_met": True,
                            "gpu_hours": 5.0, "node_gpu_hours": 13.5},

@@ -109,6 +109,7 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
               *(["# the router the plan assumed (what it needs in the cluster: below, under the router)",
                  f"kubectl apply -f {routing_name}"] if routing_name is not None else []),
               "```", ""]
+    lines += _deploys(scenario, target)
     lines += _settings(scenario, auto)
     lines += _numbers(scenario, numbers)
     lines += _assumptions(scenario, auto, target)
@@ -120,6 +121,33 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     else:
         lines.append("`capsim check` found no problems.")
     return "\n".join(lines) + "\n"
+
+
+def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
+    """How the plan's deploys were simulated (``pods.rollouts``) and the deploy pipeline's undo it assumed
+    (``pods.undo_after_s``: ``kubectl rollout status --timeout``; ``pods.undo_on_deadline``: at
+    progressDeadlineSeconds), as the commands a pipeline runs."""
+    pods = scenario.pods
+    if not pods.rollouts and pods.undo_after_s is None and not pods.undo_on_deadline:
+        return []
+    ru = pods.rolling_update
+    how = ("`Recreate` (every old pod goes before a new one starts: no pod serves meanwhile)"
+           if pods.strategy == "Recreate" else f"a rolling update of maxSurge {ru.max_surge}, maxUnavailable "
+           f"{ru.max_unavailable}")
+    ref = f"-n {target.namespace} deployment/{target.name}"
+    lines = ["## Deploying a new version", "", f"The plan's deploys were simulated as {how}, with "
+             f"`progressDeadlineSeconds: {pods.progress_deadline_s}`"
+             + (f" and `minReadySeconds: {pods.min_ready_s}`" if pods.min_ready_s else "") + " (the patch sets them)."]
+    if pods.undo_after_s is not None or pods.undo_on_deadline:
+        timeout = f" --timeout={pods.undo_after_s:g}s" if pods.undo_after_s is not None else ""
+        when = ([f"not done {pods.undo_after_s:g} s after it began"] if pods.undo_after_s is not None else []) + (
+            [f"reported stalled ({pods.progress_deadline_s} s without progress)"] if pods.undo_on_deadline else [])
+        lines += ["The deploy pipeline was assumed to undo a rollout " + " or ".join(when) + ":", "", "```sh",
+                  f"kubectl set image {ref} ...   # or apply the new template",
+                  f"kubectl rollout status {ref}{timeout} || kubectl rollout undo {ref}", "```"]
+    else:
+        lines.append("No automatic undo was simulated: a broken deploy stays until `kubectl rollout undo`.")
+    return [*lines, ""]
 
 
 def _settings(scenario: Scenario, auto: Any) -> list[str]:
