@@ -635,3 +635,23 @@ def test_the_pipeline_timeout_undoes_a_rollout_on_a_clock_of_its_own() -> None:
     assert slo_miss(undone.to_dict(), 1.0, 0.001)[0] == (
         "a rollout was undone before it was done (slo.max_rollout_s needs every deploy done within it)")
 
+
+def test_capsim_check_warns_that_an_autoscaler_can_keep_a_broken_rollout_from_its_deadline() -> None:
+    from capsim.studies.checks import run_checks
+
+    # the study's case: 25%/25% in the H100 rush, undone at the 600-s deadline alone; seed 2's HPA kept it progressing
+    rush = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml").override({
+        "pods.rolling_update": {"max_surge": "25%", "max_unavailable": "25%"}, "pods.undo_on_deadline": True,
+        "pods.rollouts.0.crash_after_s": 30})
+    (f,) = [f for f in run_checks(rush) if f.check == "deadline-under-autoscaler"]
+    assert f.level == "warn" and f.path == "pods.undo_on_deadline" and "pods.undo_after_s" in f.message
+    r = simulate(rush, 2)
+    assert r.summary.rollouts_undone == 0 and math.isnan(r.rollouts.done_s.iloc[0])  # never undone, never done
+    assert len(r.scale_events) >= 2  # the HPA scaled meanwhile
+    # with a timeout of the pipeline's own it is quiet (and the rollout is undone); without an autoscaler too
+    timed = rush.override({"pods.undo_after_s": 1200})
+    assert not [f for f in run_checks(timed) if f.check == "deadline-under-autoscaler"]
+    assert simulate(timed, 2).summary.rollouts_undone == 1
+    fixed = _fleet(**{"pods.undo_on_deadline": True})
+    assert fixed.autoscaler is None and not [f for f in run_checks(fixed) if f.check == "deadline-under-autoscaler"]
+

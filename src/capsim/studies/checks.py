@@ -110,6 +110,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   rollout's longest step without progress, a new pod's creation to its being available: the image pull (a new image),
   the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a readiness probe period and
   ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
+* ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
+  each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -192,6 +194,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_budget(scenario)
     findings += _recreate_outage(scenario)
     findings += _rollout_deadline(scenario)
+    findings += _deadline_under_autoscaler(scenario)
     return findings
 
 
@@ -499,6 +502,21 @@ def _recreate_outage(scenario: Scenario) -> list[Finding]:
         f"pods.rollouts) leaves no pod serving for {least} and what is sent then fails "
         "or waits for the client's timeout; RollingUpdate with a surge keeps serving (docs/simulator.md, "
         "\"Rolling updates\")", level="warn", check="recreate-outage")]
+
+
+def _deadline_under_autoscaler(scenario: Scenario) -> list[Finding]:
+    """The pipeline undoes at the progress deadline alone (``pods.undo_on_deadline``, no ``pods.undo_after_s``) under
+    an autoscaler: each scale mid-rollout is progress (``DeploymentProgressing``), so a broken rollout under a busy
+    HPA may never reach its deadline and never be undone."""
+    pods = scenario.pods
+    if not (pods.rollouts and pods.undo_on_deadline and pods.undo_after_s is None and scenario.autoscaler):
+        return []
+    return [Finding(
+        "pods.undo_on_deadline", "the pipeline undoes a rollout only at its progress deadline, and the autoscaler's "
+        "scales mid-rollout count as progress (more pods on the new template, fewer on the old), each starting the "
+        f"{pods.progress_deadline_s} s again: a broken deploy under a busy autoscaler may never be undone; add a "
+        "timeout of the pipeline's own (pods.undo_after_s, above the slowest good rollout; docs/studies.md, \"A bad "
+        "deploy\")", level="warn", check="deadline-under-autoscaler")]
 
 
 def _floor(scenario: Scenario) -> int:
