@@ -106,8 +106,7 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     with ``pods.unreachable_toleration_s`` the node-failure tolerations, with ``pods.strategy: Recreate`` that
     strategy (and ``rollingUpdate: null``, deleting the one the Deployment has: the API refuses both together), with a
     ``pods.rolling_update`` other than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its
-    ``minReadySeconds`` and a
-    ``progressDeadlineSeconds`` other than 600 as simulated."""
+    ``minReadySeconds`` and a ``progressDeadlineSeconds`` other than 600 as simulated."""
     http = {"port": "http"}
     startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
     container = {

@@ -264,6 +264,7 @@ class Cluster:
                     self._replicaset_to(t, rs.replicas, now)
                 if after == rss and not self._sync_again:
                     break
+            # read again: the last pass may still have created or deleted pods to match sizes that did not change
             ready, pods, final = self.ready_count(), len(self._alive), self._replicasets(self._by_revision())
             status = self._deployment_status()
             moved = progressing(self._status, status)

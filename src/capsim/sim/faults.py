@@ -120,14 +120,14 @@ class Faults:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
         if pod.incarnation == incarnation and pod.state in (PodState.STARTING, PodState.READY,
                                                             PodState.TERMINATING):
-            self._crash(pod, "random")
+            self.crash_pod(pod, "random")
 
     def _scheduled(self, ev: Timeout) -> None:
         crash = cast(Crash, ev.value)
         cluster = self.sim.cluster
         if crash.pod is not None:
             if crash.pod < len(cluster.pods):
-                self._crash(cluster.pods[crash.pod], "scheduled")
+                self.crash_pod(cluster.pods[crash.pod], "scheduled")
             else:
                 self.skipped.append((self.sim.env.now, crash.pod, f"pod {crash.pod} not created (yet)"))
             return
@@ -136,7 +136,7 @@ class Faults:
         if k:
             picks = self._gen.choice(len(ready), size=k, replace=False)
             for j in sorted(int(x) for x in picks):
-                self._crash(ready[j], "scheduled")
+                self.crash_pod(ready[j], "scheduled")
         if k < crash.pods:
             self.skipped.append((self.sim.env.now, -1, f"{crash.pods} pods asked, {k} ready"))
 
@@ -229,14 +229,12 @@ class Faults:
         for node in hit:
             self._fail_node(node, failure.duration_s)
 
-    def _crash(self, pod: Pod, why: str) -> None:
+    def crash_pod(self, pod: Pod, why: str) -> None:
+        """Crash ``pod``'s container now, logged with ``why`` (``random``, ``scheduled``; the cluster's ``rollout``,
+        a bad template's exit)."""
         now = self.sim.env.now
         self.crash_log.append((now, pod.id, why))
         self.sim.cluster.crash(pod, now)
-
-    def crash_pod(self, pod: Pod, why: str) -> None:
-        """Crash ``pod``'s container now, logged with ``why`` (the cluster's: ``rollout``, a bad template's exit)."""
-        self._crash(pod, why)
 
     # ---- slow pods ---------------------------------------------------------------------------------------
     def _slow_begins(self, ev: Timeout) -> None:
