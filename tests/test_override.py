@@ -66,3 +66,21 @@ def test_bad_paths_name_the_path(rush: Scenario, path: str, words: str) -> None:
 def test_a_bad_value_still_names_the_field(rush: Scenario) -> None:
     with pytest.raises(SettingsError, match="max_batch_size"):
         rush.override({"batching.max_batch_size": 0})
+
+
+def test_a_path_into_a_value_set_before_leaves_the_callers_object_alone(rush: Scenario) -> None:
+    # a sweep's bundle sets a list and a later axis a field of its first entry: the bundle, shared by every
+    # setting of the grid, must come out as it went in (it did not: the second setting saw the first's field)
+    entries = [{"at_s": 100}, {"at_s": 200, "undo": True}]
+    broken = rush.override({"pods.rollouts": entries, "pods.rollouts.0.crash_after_s": 30})
+    assert entries == [{"at_s": 100}, {"at_s": 200, "undo": True}]
+    assert broken.pods.rollouts[0].crash_after_s == 30
+    good = rush.override({"pods.rollouts": entries, "pods.rollouts.0.slowdown": 1.3})
+    assert good.pods.rollouts[0].crash_after_s is None and good.pods.rollouts[0].slowdown == 1.3
+    from capsim.studies.sweep import expand_grid
+
+    grid = {"rollouts": [{"name": "canary", "set": {"pods.rollouts": entries}}],
+            "version": [{"name": "broken", "set": {"pods.rollouts.0.crash_after_s": 30}},
+                        {"name": "slower", "set": {"pods.rollouts.0.slowdown": 1.3}}]}
+    made = [rush.override(s.changes).pods.rollouts[0] for s in expand_grid(grid)]
+    assert [(r.crash_after_s, r.slowdown) for r in made] == [(30, 1.0), (None, 1.3)]

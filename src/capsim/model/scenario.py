@@ -8,6 +8,7 @@ YAML. Where a section mirrors Kubernetes (the autoscaler) the Kubernetes spellin
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -1519,7 +1520,9 @@ class Scenario(BaseModel):
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``dotted`` (keys and list indices) in the nested ``data`` to ``value``, in place."""
+    """Set ``dotted`` (keys and list indices) in the nested ``data`` to a copy of ``value``, in place (a copy: a later
+    path into it must not change the caller's object, a grid's bundle shared by every setting of a sweep)."""
+    value = copy.deepcopy(value)
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
         raise SettingsError(f"override path {dotted!r}: empty part")
