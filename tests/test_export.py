@@ -417,6 +417,19 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
                     tmp_path, TARGET)
     readme = (tmp_path / "README.md").read_text()
     assert "simulated as `Recreate`" in readme and "No automatic undo was simulated" in readme
+    # a canary by pause: the steps as the plan ran them, in time order, as kubectl commands
+    export_scenario(gated.override({"pods.rollouts": [{"at_s": 100}, {"at_s": 100, "pause": True},
+                                                      {"at_s": 700, "resume": True, "undo_if_restarted": True}]}),
+                    tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert "kubectl refuses `kubectl rollout undo`: resume first" in readme
+    block = readme.split("The steps as simulated, in order:")[1].split("```")[1].splitlines()
+    assert block[1:] == [
+        "# at 100 s: the new template", "kubectl set image -n agents deployment/agent ...",
+        "# at 100 s", "kubectl rollout pause -n agents deployment/agent",
+        "# at 700 s: the canary check; undo if a container of the new ReplicaSet's pods exited (RESTARTS above 0, or "
+        "CrashLoopBackOff)", "kubectl rollout resume -n agents deployment/agent",
+        "kubectl rollout undo -n agents deployment/agent   # only if the check failed"]
 
 
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:

@@ -183,9 +183,11 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
 
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
-                                     "deadline_exceeded_s", "undo", "undone_s"]
-    assert written.drop(columns=["done_s", "undo", "undone_s"]).values.tolist() == [[200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
+                                     "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s"]
+    assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s"]).values.tolist() == [
+        [200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
+    assert written.undo_refused_s.isna().all()
     # no progress after its first step at 200 s: Kubernetes' 600-s progress deadline passes at 800 s
     assert "reports it stalled (ProgressDeadlineExceeded, 600 s without progress" in res.output
     assert "at 800 s (rollouts.csv)" in res.output
@@ -276,6 +278,25 @@ def test_the_shipped_bad_deploy_grid_deploys_broken_and_good_templates_undone_at
     bad, undo = r.rollouts.itertuples()
     assert bad.undone_s == pytest.approx(2020, abs=1) and undo.undo and bad.min_ready == 6
     assert r.summary.error_rate == 0.0 and r.summary.rollouts_undone == 1
+
+
+def test_the_shipped_canary_grid_pauses_the_deploy_and_checks_each_version() -> None:
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
+    settings = expand_grid(load_grid(SCENARIOS.parent / "studies" / "canary_grid.yaml"))
+    plans = {tuple(st.values.values()): base.override(st.changes) for st in settings}
+    assert len(plans) == 18
+    versions = {(p.pods.rollouts[0].crash_after_s, p.pods.rollouts[0].slowdown) for p in plans.values()}
+    assert versions == {(30, 1.0), (None, 1.0), (None, 1.3)}  # each setting its own version (no bundle shared)
+    canary = plans[("default 25%/25%", "canary 5 min", "broken", 1200)]
+    assert canary.pods.pauses() == [(1900.0, 2200.0)] and canary.pods.rollouts[2].undo_if_restarted
+    # the broken canary is undone at the check, five minutes in, nothing lost; unpaused the timeout undoes it
+    r = simulate(canary, 0)
+    bad, undo = r.rollouts.itertuples()
+    assert bad.undone_s == 2200 and undo.undo and r.summary.error_rate == 0.0
+    plain = simulate(plans[("default 25%/25%", "no pause", "broken", 1200)], 0).rollouts
+    assert plain.undone_s.iloc[0] == pytest.approx(3100)
 
 
 def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> None:
@@ -655,3 +676,152 @@ def test_capsim_check_warns_that_an_autoscaler_can_keep_a_broken_rollout_from_it
     fixed = _fleet(**{"pods.undo_on_deadline": True})
     assert fixed.autoscaler is None and not [f for f in run_checks(fixed) if f.check == "deadline-under-autoscaler"]
 
+
+
+# ---- kubectl rollout pause / resume (spec.paused) ---------------------------------------------------------------
+def _paused(*entries: dict, **extra) -> Scenario:
+    """The four-pod fleet deployed at 200 s and paused at once (a canary of the first wave), then ``entries``."""
+    return _fleet(**{"pods.rollouts": [{"at_s": 200}, {"at_s": 200, "pause": True}, *entries], **extra})
+
+
+def test_a_pause_holds_a_rollout_at_its_first_wave_and_the_resume_finishes_it() -> None:
+    from capsim.sim.simulate import Simulation
+
+    sim = Simulation(_paused({"at_s": 500, "resume": True}), 0)
+    r = sim.run()
+    (ro,) = r.rollouts.itertuples()
+    # 25%/25% of 4: the deploy's sync takes the new ReplicaSet to two and the old to three; paused, the controller
+    # only scales, and two new pods serve beside three old ones for five minutes (nothing moves when they turn
+    # ready at 260 s); the resume goes on: the last two new pods (a 60-s cold start) and the old ones go
+    new = sorted(p.created_s for p in sim.cluster.pods if p.revision == 1)
+    assert new == [200, 200, 500, 500]
+    assert _served_by(r, 270, 500) == {1, 2, 3, 4, 5}  # pod 0 went at the deploy
+    assert ro.done_s == pytest.approx(560, abs=1) and ro.min_ready == 3 and r.summary.error_rate == 0.0
+    assert r.summary.longest_rollout_s == pytest.approx(360, abs=1)  # the pause is part of the deploy's time
+    # never resumed, it stays a canary to the end of the run
+    left = simulate(_paused(), 0)
+    assert math.isnan(left.rollouts.done_s.iloc[0]) and left.summary.rollouts_unfinished == 1
+    assert _served_by(left, 300, 900) == {1, 2, 3, 4, 5}
+
+
+def test_a_deploy_while_paused_waits_for_the_resume_and_rolls_out_the_newest_template() -> None:
+    from capsim.sim.simulate import Simulation
+
+    # `kubectl rollout pause; kubectl set image ...` twice; the resume rolls out the last template only
+    sc = _fleet(**{"pods.rollouts": [{"at_s": 100, "pause": True}, {"at_s": 200, "slowdown": 2.0},
+                                     {"at_s": 300, "crash_after_s": 30}, {"at_s": 400, "resume": True}]})
+    sim = Simulation(sc, 0)
+    r = sim.run()
+    (ro,) = r.rollouts.itertuples()
+    assert ro.at_s == 400 and ro.revision == 1 and not ro.undo  # one ReplicaSet made, at the resume
+    assert min(p.created_s for p in sim.cluster.pods if p.revision != 0) == 400
+    assert r.crashes.time_s.min() >= 430  # the broken template's: nothing crashed before its pods started
+    assert _served_by(r, 10, 400) == {0, 1, 2, 3}
+
+
+def test_a_paused_rollout_is_never_stalled_and_its_deadline_counts_from_the_resume() -> None:
+    # a broken deploy with a 120-s deadline, undone at it by the pipeline: paused 600 s, Kubernetes checks no
+    # progress meanwhile (the Progressing condition is DeploymentPaused), and the resume starts its clock afresh
+    sc = _paused({"at_s": 800, "resume": True}, **{"pods.rollouts.0.crash_after_s": 30, "horizon_s": 1200,
+                                                   "pods.progress_deadline_s": 120, "pods.undo_on_deadline": True})
+    r = simulate(sc, 0)
+    bad, undo = r.rollouts.itertuples()
+    assert bad.deadline_exceeded_s == pytest.approx(920, abs=1) and bad.undone_s == pytest.approx(920, abs=1)
+    assert undo.undo and undo.done_s == pytest.approx(980, abs=1)
+    # the pause cost nothing: the old ReplicaSet kept its three pods while the two broken ones crash-looped
+    assert r.summary.error_rate == 0.0 and bad.min_ready == 3
+
+
+def test_the_pipelines_undo_of_a_paused_rollout_is_refused_as_kubectl_refuses_it(tmp_path: Path) -> None:
+    # kubectl rollout status --timeout=250s times out on the paused Deployment, and its undo fails ("you cannot
+    # rollback a paused deployment"): the broken canary stays until the resume, and nothing undoes it after
+    sc = _paused({"at_s": 600, "resume": True}, **{"pods.rollouts.0.crash_after_s": 30, "pods.undo_after_s": 250})
+    r = simulate(sc, 0)
+    (bad,) = r.rollouts.itertuples()
+    assert bad.undo_refused_s == pytest.approx(450) and math.isnan(bad.undone_s) and math.isnan(bad.done_s)
+    assert r.summary.rollout_undos_refused == 1 and r.summary.rollouts_undone == 0
+    # a resume before the timeout: the pipeline's undo goes through
+    ok = simulate(_paused({"at_s": 400, "resume": True}, **{"pods.rollouts.0.crash_after_s": 30,
+                                                           "pods.undo_after_s": 250}), 0)
+    assert ok.summary.rollouts_undone == 1 and ok.summary.rollout_undos_refused == 0
+    # the CLI says so, and capsim check saw it coming
+    out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
+                                   "--set", "pods.replicas=4", "--set", "pods.startup_s=60", "--set",
+                                   "pods.rollouts=[{at_s: 200, crash_after_s: 30}, {at_s: 200, pause: true}, "
+                                   "{at_s: 600, resume: true}]", "--set", "pods.undo_after_s=250",
+                                   "--out", str(tmp_path / "run")])
+    assert out.exit_code == 0, out.output
+    assert "the deploy pipeline's undo at 450 s was refused: the Deployment was paused" in out.output
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "run" / "rollouts.csv").undo_refused_s.iloc[0] == pytest.approx(450)
+    from capsim.studies.checks import run_checks
+
+    (f,) = [f for f in run_checks(sc) if f.check == "undo-while-paused"]
+    assert f.path == "pods.undo_after_s" and "450 s" in f.message and "paused from 200 s" in f.message
+    early = sc.override({"pods.rollouts.2.at_s": 400})
+    assert early.pods.pauses() == [(200.0, 400.0)]
+    assert not [f for f in run_checks(early) if f.check == "undo-while-paused"]
+
+
+def test_a_paused_deployment_still_scales_in_proportion() -> None:
+    # upstream's own example (kubernetes/kubernetes#28105): 40 replicas, maxSurge 3, maxUnavailable 2, paused with
+    # 38 old and 5 new; scaled to 30 the two ReplicaSets get 29 and 4
+    st = RollingUpdate(3, 2)
+    rss = [ReplicaSetState(0, 38, 38, 40, 43), ReplicaSetState(1, 5, 5, 40, 43)]
+    assert [rs.replicas for rs in scale(rss, 30, st)] == [29, 4]
+    # in a run: a paused canary's two pods and three old ones; the HPA's step to eight shares the pods out
+    from capsim.sim.simulate import Simulation
+
+    sim = Simulation(_paused(), 0)
+    sim.env.run(until=300)
+    sim.cluster.scale_to(8, 300.0)
+    by = {t: sum(1 for p in sim.cluster.live_pods if p.revision == t) for t in (0, 1)}
+    assert by == {0: 6, 1: 4}  # 3 x 10/5 and 2 x 10/5: the old share grows as the new one does
+
+
+def test_a_saturated_new_replicaset_finishes_its_rollout_even_while_paused() -> None:
+    # maxSurge 100%: the deploy's sync gives the new ReplicaSet every replica; paused, the controller's scale()
+    # still takes the old ReplicaSets to zero once the new one is saturated (IsSaturated), as upstream's does
+    r = simulate(_paused(**{"pods.rolling_update": {"max_surge": "100%", "max_unavailable": 0}}), 0)
+    assert r.rollouts.done_s.iloc[0] == pytest.approx(260, abs=1)
+
+
+def test_a_pause_or_resume_out_of_turn_is_refused_naming_the_entry() -> None:
+    with pytest.raises(SettingsError, match=r"rollouts.3.undo: the undo at 300 s comes while rollouts.1 has paused "
+                                            r"the Deployment.*resume it first"):
+        _paused({"at_s": 250}, {"at_s": 300, "undo": True})
+    with pytest.raises(SettingsError, match=r"rollouts.2.pause: the Deployment is already paused at 300 s \(since "
+                                            r"rollouts.1\)"):
+        _paused({"at_s": 300, "pause": True})
+    with pytest.raises(SettingsError, match=r"rollouts.1.resume: the Deployment is not paused at 300 s"):
+        _fleet(**{"pods.rollouts": [{"at_s": 200}, {"at_s": 300, "resume": True}]})
+    with pytest.raises(SettingsError, match=r"crash_after_s: a pause changes no template"):
+        _fleet(**{"pods.rollouts": [{"at_s": 200}, {"at_s": 300, "pause": True, "crash_after_s": 5}]})
+    with pytest.raises(SettingsError, match=r"resume: an entry is one action.*sets pause and resume"):
+        _fleet(**{"pods.rollouts": [{"at_s": 200, "pause": True, "resume": True}]})
+    # a resume and an undo at one time, in that order, is the pipeline's `kubectl rollout resume; kubectl rollout
+    # undo`; entries keep their order through a dump (sweeps and --set re-validate one)
+    sc = _paused({"at_s": 400, "resume": True}, {"at_s": 400, "undo": True})
+    assert sc.override({"horizon_s": 800}).pods.pauses() == [(200.0, 400.0)]
+    assert [ro.action for ro in sc.pods.rollouts] == ["deploy", "pause", "resume", "undo"]
+
+
+def test_a_canary_check_at_the_resume_undoes_a_crashing_template_and_passes_a_good_one() -> None:
+    gate = {"at_s": 500, "resume": True, "undo_if_restarted": True}
+    # the broken canary's two pods crash-looped during the pause: resumed and undone at once; the old ReplicaSet
+    # kept its three pods throughout, so nothing was lost and the undo only adds the pod it lacks
+    r = simulate(_paused(gate, **{"pods.rollouts.0.crash_after_s": 30}), 0)
+    bad, undo = r.rollouts.itertuples()
+    assert bad.undone_s == 500 and undo.undo and undo.done_s == pytest.approx(560, abs=1)
+    assert r.summary.error_rate == 0.0 and r.summary.rollouts_undone == 1 and bad.min_ready == 3
+    # a good template passes and the rollout finishes as with a plain resume; so does a slower one (nothing exits)
+    good = simulate(_paused(gate), 0)
+    assert good.summary.rollouts_undone == 0 and good.rollouts.done_s.iloc[0] == pytest.approx(560, abs=1)
+    slow = simulate(_paused(gate, **{"pods.rollouts.0.slowdown": 2.0}), 0)
+    assert slow.summary.rollouts_undone == 0
+    # a template that turns ready and dies later (past the 60-s cold start) is caught as well
+    late = simulate(_paused(gate, **{"pods.rollouts.0.crash_after_s": 120}), 0)
+    assert late.summary.rollouts_undone == 1
+    with pytest.raises(SettingsError, match="undo_if_restarted: the canary check comes with a resume"):
+        _paused({"at_s": 500, "undo_if_restarted": True})

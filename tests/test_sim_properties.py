@@ -25,6 +25,15 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
         else:
             out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
                         "slowdown": draw(st.sampled_from([1.0, 0.5, 3.0])), "new_image": draw(st.booleans())})
+    if out and draw(st.booleans()):  # kubectl rollout pause, resumed (with the canary check or not) or never
+        a = draw(st.floats(0, HORIZON))
+        b = draw(st.one_of(st.none(), st.floats(a, HORIZON)))
+        end = HORIZON if b is None else b
+        out = [x for x in out if not (x.get("undo") and a <= x["at_s"] <= end)]  # kubectl refuses those
+        out.append({"at_s": a, "pause": True})
+        if b is not None:
+            out.append({"at_s": b, "resume": True, "undo_if_restarted": draw(st.booleans())})
+        out.sort(key=lambda x: x["at_s"])
     return out
 
 
@@ -204,9 +213,19 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     # one row per rollout (and per undo the pipeline made at a progress deadline), each done or undone (if at all)
     # after it began
     ro = r.rollouts
-    auto = len(ro) - len(scenario.pods.rollouts)
-    assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline or scenario.pods.undo_after_s is not None)
-    assert int((~ro["undo"]).sum()) == sum(not x.undo for x in scenario.pods.rollouts)
+    entries = scenario.pods.rollouts
+    pauses = scenario.pods.pauses()
+    auto = int(ro["undo"].sum()) - sum(x.undo for x in entries)  # the pipeline's undos
+    assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline or scenario.pods.undo_after_s is not None
+                          or any(x.undo_if_restarted for x in entries))
+    deploys = sum(x.action == "deploy" for x in entries)  # paused, a deploy waits (a later one replaces it)
+    assert int((~ro["undo"]).sum()) == deploys if not pauses else int((~ro["undo"]).sum()) <= deploys
+    for a, b in pauses:  # nothing undone inside a pause, and only there is an undo refused
+        assert not ((ro["at_s"][ro["undo"]] > a) & (ro["at_s"][ro["undo"]] < b)).any()
+        assert not ((ro["at_s"][~ro["undo"]] > a) & (ro["at_s"][~ro["undo"]] < b)).any()  # nor anything begun
+    refused = ro["undo_refused_s"].dropna()
+    assert all(any(a <= t <= b for a, b in pauses) for t in refused)
+    assert s.rollout_undos_refused >= len(refused)
     assert (ro["done_s"].dropna() >= ro["at_s"][ro["done_s"].notna()]).all()
     assert (ro["undone_s"].dropna() >= ro["at_s"][ro["undone_s"].notna()]).all()
     assert set(ro["at_s"][ro["undo"]]) <= {x.at_s for x in scenario.pods.rollouts if x.undo} | set(ro["undone_s"])

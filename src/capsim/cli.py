@@ -513,6 +513,10 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
         else:
             out.append(f"{head} took {r.done_s - r.at_s:g} s: {r.min_ready:.0f} pods ready at the fewest, "
                        f"{r.most_pods:.0f} alive at the most{stalled} (rollouts.csv)")
+        if not math.isnan(r.undo_refused_s):
+            out.append(f"note: the deploy pipeline's undo at {r.undo_refused_s:g} s was refused: the Deployment was "
+                       "paused (kubectl: \"you cannot rollback a paused deployment; resume it first\"), and the "
+                       f"rollout at {r.at_s:g} s stayed as it was (pods.rollouts' pause)")
     return out
 
 

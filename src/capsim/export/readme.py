@@ -128,7 +128,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
     (``pods.undo_after_s``: ``kubectl rollout status --timeout``; ``pods.undo_on_deadline``: at
     progressDeadlineSeconds), as the commands a pipeline runs."""
     pods = scenario.pods
-    if not pods.rollouts and pods.undo_after_s is None and not pods.undo_on_deadline:
+    if not pods.template_changes and pods.undo_after_s is None and not pods.undo_on_deadline:
         return []
     ru = pods.rolling_update
     how = ("`Recreate` (every old pod goes before a new one starts: no pod serves meanwhile)"
@@ -147,6 +147,20 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                   f"kubectl rollout status {ref}{timeout} || kubectl rollout undo {ref}", "```"]
     else:
         lines.append("No automatic undo was simulated: a broken deploy stays until `kubectl rollout undo`.")
+    if pods.pauses():  # a canary by pause: the steps as simulated, in order
+        steps = ["", "The plan paused its rollouts (`kubectl rollout pause`: a canary of the pods the rollout had "
+                 "made by then, beside the old ones). Paused, Kubernetes checks no progress deadline and kubectl "
+                 "refuses `kubectl rollout undo`: resume first. The steps as simulated, in order:", "", "```sh"]
+        for ro in sorted(pods.rollouts, key=lambda ro: ro.at_s):
+            if ro.action == "deploy":
+                steps += [f"# at {ro.at_s:g} s: the new template", f"kubectl set image {ref} ..."]
+            elif ro.undo_if_restarted:
+                steps += [f"# at {ro.at_s:g} s: the canary check; undo if a container of the new ReplicaSet's pods "
+                          "exited (RESTARTS above 0, or CrashLoopBackOff)", f"kubectl rollout resume {ref}",
+                          f"kubectl rollout undo {ref}   # only if the check failed"]
+            else:
+                steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
+        lines += [*steps, "```"]
     return [*lines, ""]
 
 

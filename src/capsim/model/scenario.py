@@ -488,12 +488,40 @@ class Rollout(_Section):
         "scenario's (a slower engine version: 1.2; a faster one: 0.8), on top of service.slowdown and faults.slow_pods")
     undo: bool = Field(False, description="kubectl rollout undo: the template goes back to the one before the "
                                           "current (its ReplicaSet, with the pods it still has, becomes the new one)")
+    pause: bool = Field(False, description="kubectl rollout pause: the Deployment's spec.paused. A rollout under way "
+                        "stops where it is (a canary: the new pods it has serve beside the old ones), its progress "
+                        "deadline is not checked, a deploy meanwhile waits, and scaling still shares the replicas "
+                        "out; an undo is refused until a resume, as kubectl refuses it")
+    resume: bool = Field(False, description="kubectl rollout resume: the rollout goes on (its progress deadline "
+                         "counts afresh from here), or the deploy made while paused begins")
+    undo_if_restarted: bool = Field(
+        False, description="with resume: the pipeline's canary check first. If a container of the new template's "
+        "pods exited (kubectl get pods: RESTARTS above 0, or CrashLoopBackOff now), it resumes and undoes "
+        "(`kubectl rollout resume && kubectl rollout undo`), else it resumes. A slower version restarts nothing and "
+        "passes")
+
+    @property
+    def action(self) -> str:
+        """What the entry does: ``deploy`` (a new template), ``undo``, ``pause`` or ``resume``."""
+        return "undo" if self.undo else "pause" if self.pause else "resume" if self.resume else "deploy"
 
     @model_validator(mode="after")
     def _undo_is_no_template(self) -> Self:
+        kinds = [k for k in ("undo", "pause", "resume") if getattr(self, k)]
+        if len(kinds) > 1:
+            raise ValueError(f"{kinds[1]}: an entry is one action (a deploy, an undo, a pause or a resume), but "
+                             f"this one sets {' and '.join(kinds)}: give each its own entry")
         for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0)):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
+        if self.undo_if_restarted and not self.resume:
+            raise ValueError("undo_if_restarted: the canary check comes with a resume (resume: true), the end of the "
+                             "pause in which the canary ran")
+        if self.pause or self.resume:  # (compared with the defaults, not the fields given: a dump carries them all)
+            for name in ("crash_after_s", "slowdown", "new_image"):
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise ValueError(f"{name}: a {kinds[0]} changes no template; put the template's settings on a "
+                                     "deploy entry of their own")
         return self
 
 
@@ -620,11 +648,47 @@ class Pods(_Section):
 
     @model_validator(mode="after")
     def _undo_after_a_deploy(self) -> Self:
-        first = min(range(len(self.rollouts)), key=lambda i: (self.rollouts[i].at_s, i), default=None)
-        if first is not None and self.rollouts[first].undo:
-            raise ValueError(f"rollouts.{first}.undo: the undo at {self.rollouts[first].at_s:g} s comes before any "
-                             "deploy, so there is no earlier template to go back to (kubectl: no rollout history)")
+        deployed = False
+        paused: int | None = None  # the entry that paused the Deployment, while it is paused
+        for i in sorted(range(len(self.rollouts)), key=lambda i: (self.rollouts[i].at_s, i)):
+            ro = self.rollouts[i]
+            at = f"at {ro.at_s:g} s"
+            if ro.undo and not deployed:
+                raise ValueError(f"rollouts.{i}.undo: the undo {at} comes before any deploy, so there is no earlier "
+                                 "template to go back to (kubectl: no rollout history)")
+            if ro.undo and paused is not None:
+                raise ValueError(f"rollouts.{i}.undo: the undo {at} comes while rollouts.{paused} has paused the "
+                                 "Deployment, and kubectl refuses it (\"you cannot rollback a paused deployment; "
+                                 "resume it first\"): add a resume entry before it")
+            if ro.pause and paused is not None:
+                raise ValueError(f"rollouts.{i}.pause: the Deployment is already paused {at} (since rollouts.{paused}); "
+                                 "add a resume entry between them")
+            if ro.resume and paused is None:
+                raise ValueError(f"rollouts.{i}.resume: the Deployment is not paused {at} (kubectl: \"is not "
+                                 "paused\"); add a pause entry before it")
+            deployed |= ro.action == "deploy"
+            paused = i if ro.pause else None if ro.resume else paused
         return self
+
+    @property
+    def template_changes(self) -> tuple[Rollout, ...]:
+        """The ``rollouts`` entries that roll the pods to another template: deploys and undos (no pause or resume)."""
+        return tuple(ro for ro in self.rollouts if ro.action in ("deploy", "undo"))
+
+    def pauses(self) -> list[tuple[float, float]]:
+        """The spans in which ``rollouts`` keep the Deployment paused, each ``(pause, resume)`` (``inf``: never
+        resumed)."""
+        out: list[tuple[float, float]] = []
+        began: float | None = None
+        for ro in sorted(self.rollouts, key=lambda r: r.at_s):  # stable: entries at one time in their order
+            if ro.pause:
+                began = ro.at_s
+            elif ro.resume and began is not None:
+                out.append((began, ro.at_s))
+                began = None
+        if began is not None:
+            out.append((began, math.inf))
+        return out
 
     @model_validator(mode="after")
     def _strategy_fields(self) -> Self:

@@ -48,6 +48,7 @@ from simpy.events import Timeout
 
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, Rollout, UniformDuration
 from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete, progressing
+from capsim.policy.rollout import scale as scale_deployment
 from capsim.policy.rollout import sync as sync_deployment
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
@@ -96,6 +97,7 @@ class RolloutRecord:
     undo: bool = False  # kubectl rollout undo: back to the template before
     template: int = 0  # the template (its ReplicaSet) it rolls the pods to
     undone_s: float | None = None  # when an undo left its template (before it was done, or after)
+    undo_refused_s: float | None = None  # when the pipeline's undo of it was refused: the Deployment was paused
 
     @property
     def open(self) -> bool:
@@ -158,6 +160,13 @@ class Cluster:
         self.rollouts: list[RolloutRecord] = []
         self._undo_on_deadline = sim.scenario.pods.undo_on_deadline
         self._undo_after_s = sim.scenario.pods.undo_after_s
+        # kubectl rollout pause (spec.paused): the controller only scales, a deploy meanwhile waits for the resume
+        # (its ReplicaSet is not created: getAllReplicaSetsAndSyncRevision(createIfNotExisted=false)), and kubectl
+        # refuses an undo
+        self.paused = False
+        self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
+        self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
+        self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
 
@@ -193,7 +202,59 @@ class Cluster:
 
     # ---- rolling updates (capsim.policy.rollout) ---------------------------------------------------------
     def _rollout_begins(self, ev: Timeout) -> None:
-        self._begin(cast(Rollout, ev.value))
+        """An entry of ``pods.rollouts``: a deploy (waiting for the resume while paused), an undo, a pause or a
+        resume (the scenario refuses an undo while paused, as kubectl does)."""
+        ro = cast(Rollout, ev.value)
+        now = self.sim.env.now
+        if ro.pause:  # the update syncs the Deployment: scale only, from now on (a rollout's total may move to
+            self.paused = True  # replicas + maxSurge, as upstream's proportional scaling takes it)
+            if self._rs is not None:
+                self._sync_deployment(now)
+            return
+        if ro.resume:
+            self._resume(now)
+            if ro.undo_if_restarted:  # the pipeline's canary check: `kubectl rollout resume && kubectl rollout undo`
+                bad = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision
+                       and self._restarted(r.template)]
+                if bad:
+                    self._pipeline_undo(now, bad[-1])
+            return
+        if not ro.undo and self._undo_after_s is not None:  # the pipeline's `kubectl rollout status --timeout`
+            Timeout(self.sim.env, self._undo_after_s, ro).callbacks.append(self._timed_out)
+        if self.paused and not ro.undo:
+            self._waiting = ro  # a later deploy while paused replaces it: the resume rolls out the newest template
+            return
+        self._begin(ro)
+
+    def _resume(self, now: float) -> None:
+        """kubectl rollout resume: the deploy that waited begins; else the rollout under way goes on, its progress
+        deadline counted afresh (the Progressing condition's DeploymentResumed, updated now)."""
+        self.paused = False
+        if self._waiting is not None:
+            ro, self._waiting = self._waiting, None
+            self._begin(ro)
+            return
+        if self._rs is not None:
+            for r in self.rollouts:
+                if r.open:
+                    r.progress_s = now
+            self._status = self._deployment_status()
+            self._sync_deployment(now)
+
+    def _restarted(self, template: int) -> bool:
+        """Whether a container of ``template``'s pods has exited: restarted (their RESTARTS column above 0) or down
+        now, waiting for its restart (CrashLoopBackOff)."""
+        return any(self._restarts_of.get(p.id, 0) > 0 or p.state == PodState.CRASHED
+                   for p in self.pods if p.revision == template)
+
+    def _pipeline_undo(self, now: float, record: RolloutRecord) -> None:
+        """The deploy pipeline's ``kubectl rollout undo`` of ``record``'s rollout: refused while the Deployment is
+        paused (kubectl: "you cannot rollback a paused deployment; resume it first"), the rollout left as it is."""
+        if self.paused:
+            record.undo_refused_s = now
+            self.undos_refused.append(now)
+            return
+        self._begin(Rollout(at_s=now, undo=True))
 
     def _begin(self, ro: Rollout) -> None:
         """A new pod template (``pods.rollouts``): a new ReplicaSet, to which the controller moves the pods; or an
@@ -220,18 +281,31 @@ class Cluster:
         self._status = self._deployment_status()
         self.rollouts.append(RolloutRecord(now, newest + 1, d, self.ready_count(), len(self._alive), progress_s=now,
                                            undo=ro.undo, template=target))
+        if not ro.undo:
+            self._record_of[id(ro)] = self.rollouts[-1]
         self._sync_deployment(now)
         self._ticker += 1
         Timeout(self.sim.env, 1.0, self._ticker).callbacks.append(self._resync)
-        if self._undo_after_s is not None and not ro.undo:  # the pipeline's `kubectl rollout status --timeout`
-            Timeout(self.sim.env, self._undo_after_s, self.rollouts[-1]).callbacks.append(self._timed_out)
 
-    def _timed_out(self, ev: Timeout) -> None:
-        """The pipeline's timeout (``pods.undo_after_s``) for a rollout: undone if it is still running on the current
-        template (not done, not undone, not overtaken by a later deploy)."""
+    def _stalled(self, ev: Timeout) -> None:
+        """``pods.undo_on_deadline``: the pipeline undoes the rollout Kubernetes reported stalled, if it still runs."""
         r = cast(RolloutRecord, ev.value)
         if r.open and r.template == self.revision:
-            self._begin(Rollout(at_s=self.sim.env.now, undo=True))
+            self._pipeline_undo(self.sim.env.now, r)
+
+    def _timed_out(self, ev: Timeout) -> None:
+        """The pipeline's timeout (``pods.undo_after_s``) for a deploy: undone if its rollout is still running on the
+        current template (not done, not undone, not overtaken by a later deploy); refused while paused (a deploy
+        that still waits for the resume too: ``kubectl rollout status`` times out on a paused Deployment)."""
+        ro = cast(Rollout, ev.value)
+        now = self.sim.env.now
+        r = self._record_of.get(id(ro))
+        if r is None:  # never began: it waits for the resume (or a later deploy replaced it while paused)
+            if self._waiting is ro:
+                self.undos_refused.append(now)  # refused; no record to note it on: the rollout has not begun
+            return
+        if r.open and r.template == self.revision:
+            self._pipeline_undo(now, r)
 
     def _resync(self, ev: Timeout) -> None:
         """The controller's requeue while a rollout runs: every second, as pods become available or fail (one
@@ -258,7 +332,8 @@ class Cluster:
                 self._sync_again = False
                 templates = self._by_revision()
                 rss = self._replicasets(templates)
-                after = sync_deployment(rss, self.desired, self._strategy, self._old_pods_running())
+                after = (scale_deployment(rss, self.desired, self._strategy) if self.paused  # sync(): scale only
+                         else sync_deployment(rss, self.desired, self._strategy, self._old_pods_running()))
                 self._rs = dict(zip(templates, after, strict=True))
                 for t, rs in zip(templates, after, strict=True):
                     self._replicaset_to(t, rs.replicas, now)
@@ -267,25 +342,30 @@ class Cluster:
             # read again: the last pass may still have created or deleted pods to match sizes that did not change
             ready, pods, final = self.ready_count(), len(self._alive), self._replicasets(self._by_revision())
             status = self._deployment_status()
-            moved = progressing(self._status, status)
+            # paused, the controller does not check progress (checkPausedConditions; syncRolloutStatus is the
+            # rollout's path only): neither progress nor the deadline until the resume, which counts afresh
+            moved = not self.paused and progressing(self._status, status)
             self._status = status
-            stalled = False
+            stalled: RolloutRecord | None = None
             for r in self.rollouts:
                 if r.open:  # the fewest pods ready and the most alive (Pending to draining) meanwhile
                     r.min_ready = min(r.min_ready, ready)
                     r.most_pods = max(r.most_pods, pods)
+                    if self.paused:
+                        continue
                     if moved:
                         r.progress_s = now
                     elif r.deadline_exceeded_s is None and now - r.progress_s >= self._deadline_s:
                         r.deadline_exceeded_s = r.progress_s + self._deadline_s
-                        stalled |= not r.undo and r.template == self.revision
+                        if not r.undo and r.template == self.revision:
+                            stalled = r
             if complete(final, self.desired):
                 for r in self.rollouts:
                     if r.open:
                         r.done_s = now
                 self._rs = None
-            elif stalled and self._undo_on_deadline:  # the pipeline's `kubectl rollout status || kubectl rollout undo`
-                Timeout(self.sim.env, 0.0, Rollout(at_s=now, undo=True)).callbacks.append(self._rollout_begins)
+            elif stalled is not None and self._undo_on_deadline:  # `kubectl rollout status || kubectl rollout undo`
+                Timeout(self.sim.env, 0.0, stalled).callbacks.append(self._stalled)
         finally:
             self._syncing = False
 

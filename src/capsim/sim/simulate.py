@@ -80,13 +80,14 @@ class SimResult:
     skipped_slowdowns: Any = None  # DataFrame: time_s, pod (-1: any), why; slowdowns that found no pod
     # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
     # the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran, and when
-    # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never)
+    # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never), and
+    # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never)
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
-                   "undone_s"]
+                   "undone_s", "undo_refused_s"]
 
 
 _gc_lock = threading.Lock()
@@ -263,7 +264,8 @@ class Simulation:
             exceeded = r.deadline_exceeded_s
             if exceeded is None and r.open and horizon - r.progress_s >= deadline:
                 exceeded = r.progress_s + deadline
-            rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s])
+            rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
+                         r.undo_refused_s])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
@@ -320,7 +322,8 @@ class Simulation:
             summary = replace(summary, longest_rollout_s=float(max(took)),
                               rollouts_unfinished=sum(r.done_s is None for r in ro),
                               rollout_fewest_ready=float(min(r.min_ready for r in ro)),
-                              rollouts_undone=sum(r.done_s is None and r.undone_s is not None for r in ro))
+                              rollouts_undone=sum(r.done_s is None and r.undone_s is not None for r in ro),
+                              rollout_undos_refused=len(self.cluster.undos_refused))
             if sc.slo.max_rollout_s is not None:  # every rollout done within it, or the SLO is missed
                 ok = summary.rollouts_unfinished == 0 and summary.longest_rollout_s <= sc.slo.max_rollout_s
                 summary = replace(summary, rollout_slo_met=ok, slo_met=summary.slo_met and ok)

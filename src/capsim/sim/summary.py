@@ -95,11 +95,13 @@ class Summary:
     wake_slo_met: bool = True
     # rolling updates (pods.rollouts): the longest one's time (to its undo for one undone first; one not done by the
     # horizon counted to it), how many were not done (undone ones too), the fewest pods ready while any ran, and
-    # how many were undone before they were done (NaN, 0, NaN, 0 without rollouts)
+    # how many were undone before they were done (NaN, 0, NaN, 0 without rollouts), and how many of the deploy
+    # pipeline's undos kubectl refused because the Deployment was paused (pods.rollouts' pause)
     longest_rollout_s: float = math.nan
     rollouts_unfinished: int = 0
     rollout_fewest_ready: float = math.nan
     rollouts_undone: int = 0
+    rollout_undos_refused: int = 0
     # slo.max_rollout_s met (True without it): every rollout done within it; slo_met needs it
     rollout_slo_met: bool = True
 

@@ -112,6 +112,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
+* ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
+  the Deployment paused: kubectl refuses to undo a paused Deployment, so a broken canary stays.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -194,6 +196,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_budget(scenario)
     findings += _recreate_outage(scenario)
     findings += _rollout_deadline(scenario)
+    findings += _undo_while_paused(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -410,7 +413,7 @@ def _rollout_room(scenario: Scenario) -> list[Finding]:
     """A rolling update that may take no pod down (maxUnavailable 0 at the plan's most pods) where the node groups
     hold no pod more: its first surge pod stays Pending, no old pod leaves for it, and the rollout never ends."""
     cluster, ru = scenario.cluster, scenario.pods.rolling_update
-    if cluster is None or not scenario.pods.rollouts or scenario.pods.strategy == "Recreate":
+    if cluster is None or not scenario.pods.template_changes or scenario.pods.strategy == "Recreate":
         return []
     peak = max_pods(scenario)
     held = cluster.pods_held(scenario.batching.tensor_parallel_size)
@@ -432,7 +435,7 @@ def _rollout_budget(scenario: Scenario) -> list[Finding]:
     pods = scenario.pods
     low = _shortest_start(scenario)
     n = _floor(scenario)
-    if not pods.rollouts or n == 0 or low + pods.min_ready_s == 0:
+    if not pods.template_changes or n == 0 or low + pods.min_ready_s == 0:
         return []
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
     recreate = pods.strategy == "Recreate"
@@ -468,9 +471,9 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
     available nothing progresses (``DeploymentProgressing``), and that takes up to the image pull (a new image),
     the longest cold start, a readiness probe period and ``min_ready_s``."""
     pods = scenario.pods
-    if not pods.rollouts:
+    if not pods.template_changes:
         return []
-    pull = pods.image_pull_s.range_s[1] if any(r.new_image and not r.undo for r in pods.rollouts) else 0.0
+    pull = pods.image_pull_s.range_s[1] if any(r.new_image and r.action == "deploy" for r in pods.rollouts) else 0.0
     start, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
     step = pull + start + probe + pods.min_ready_s
     if pods.progress_deadline_s >= step:
@@ -488,15 +491,42 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
         check="rollout-deadline-short")]
 
 
+def _undo_while_paused(scenario: Scenario) -> list[Finding]:
+    """The pipeline's timeout (``pods.undo_after_s``) of a deploy falls while ``pods.rollouts`` keep the Deployment
+    paused: kubectl refuses the undo of a paused Deployment, so a broken canary stays where the pipeline meant to
+    undo it (the rollout is still under way there: paused, it cannot finish unless its new ReplicaSet holds every
+    replica)."""
+    pods = scenario.pods
+    timeout, spans = pods.undo_after_s, pods.pauses()
+    if timeout is None or not spans:
+        return []
+    out = []
+    for i, ro in enumerate(pods.rollouts):
+        at = ro.at_s + timeout
+        if ro.action != "deploy" or at >= scenario.horizon_s:
+            continue
+        for a, b in spans:
+            if a <= at < b and ro.at_s < b:
+                until = "the end of the run" if math.isinf(b) else f"{b:g} s"
+                out.append(Finding(
+                    "pods.undo_after_s", f"{timeout:g} s: the pipeline's undo of the deploy at {ro.at_s:g} s "
+                    f"(pods.rollouts.{i}) comes at {at:g} s, while the Deployment is paused from {a:g} s to {until}, "
+                    "and kubectl refuses to undo a paused Deployment (\"resume it first\"): a broken canary stays. "
+                    "Resume before the timeout, or have the pipeline resume and then undo", level="warn",
+                    check="undo-while-paused"))
+                break
+    return out
+
+
 def _recreate_outage(scenario: Scenario) -> list[Finding]:
     """Rollouts under ``Recreate``: each leaves the Deployment with no pod from the old pods' going to the first new
     pod's ready, at least the shortest cold start (the old pods' drain and the image pull come on top)."""
     pods = scenario.pods
-    if pods.strategy != "Recreate" or not pods.rollouts:
+    if pods.strategy != "Recreate" or not pods.template_changes:
         return []
     low = _shortest_start(scenario)
     least = f"at least {low:g} s, the shortest cold start," if low > 0 else "a cold start"
-    n = len(pods.rollouts)
+    n = len(pods.template_changes)
     return [Finding(
         "pods.strategy", f"Recreate takes every pod down before it starts a new one: every rollout ({n} in "
         f"pods.rollouts) leaves no pod serving for {least} and what is sent then fails "
@@ -509,7 +539,7 @@ def _deadline_under_autoscaler(scenario: Scenario) -> list[Finding]:
     an autoscaler: each scale mid-rollout is progress (``DeploymentProgressing``), so a broken rollout under a busy
     HPA may never reach its deadline and never be undone."""
     pods = scenario.pods
-    if not (pods.rollouts and pods.undo_on_deadline and pods.undo_after_s is None and scenario.autoscaler):
+    if not (pods.template_changes and pods.undo_on_deadline and pods.undo_after_s is None and scenario.autoscaler):
         return []
     return [Finding(
         "pods.undo_on_deadline", "the pipeline undoes a rollout only at its progress deadline, and the autoscaler's "
