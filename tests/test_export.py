@@ -418,9 +418,9 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
     readme = (tmp_path / "README.md").read_text()
     assert "simulated as `Recreate`" in readme and "No automatic undo was simulated" in readme
     # a canary by pause: the steps as the plan ran them, in time order, as kubectl commands
-    export_scenario(gated.override({"pods.rollouts": [{"at_s": 100}, {"at_s": 100, "pause": True},
-                                                      {"at_s": 700, "resume": True, "undo_if_restarted": True}]}),
-                    tmp_path, TARGET)
+    canary = gated.override({"pods.rollouts": [{"at_s": 100}, {"at_s": 100, "pause": True},
+                                               {"at_s": 700, "resume": True, "undo_if_restarted": True}]})
+    export_scenario(canary, tmp_path, TARGET)
     readme = (tmp_path / "README.md").read_text()
     assert "kubectl refuses `kubectl rollout undo`: resume first" in readme
     block = readme.split("The steps as simulated, in order:")[1].split("```")[1].splitlines()
@@ -430,6 +430,12 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
         "# at 700 s: the canary check; undo if a container of the new ReplicaSet's pods exited (RESTARTS above 0, or "
         "CrashLoopBackOff)", "kubectl rollout resume -n agents deployment/agent",
         "kubectl rollout undo -n agents deployment/agent   # only if the check failed"]
+    export_scenario(canary.override({"pods.undo_after_s": None, "pods.rollouts.2.undo_if_ttft_p99_over_baseline": 1.2}),
+                    tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert "undo a rollout only at its canary check" in readme
+    assert "or their p99 TTFT over the last 300 s is over 1.2 times the old pods', or they answered nothing" in readme
+    assert "increase(vllm:time_to_first_token_seconds_bucket" in readme
 
 
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:

@@ -183,8 +183,10 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
 
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
-                                     "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s"]
-    assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s"]).values.tolist() == [
+                                     "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_ttft_p99_s",
+                                     "baseline_ttft_p99_s"]
+    assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_ttft_p99_s",
+                                 "baseline_ttft_p99_s"]).values.tolist() == [
         [200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
@@ -286,10 +288,10 @@ def test_the_shipped_canary_grid_pauses_the_deploy_and_checks_each_version() -> 
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     settings = expand_grid(load_grid(SCENARIOS.parent / "studies" / "canary_grid.yaml"))
     plans = {tuple(st.values.values()): base.override(st.changes) for st in settings}
-    assert len(plans) == 18
+    assert len(plans) == 30
     versions = {(p.pods.rollouts[0].crash_after_s, p.pods.rollouts[0].slowdown) for p in plans.values()}
     assert versions == {(30, 1.0), (None, 1.0), (None, 1.3)}  # each setting its own version (no bundle shared)
-    canary = plans[("default 25%/25%", "canary 5 min", "broken", 1200)]
+    canary = plans[("default 25%/25%", "canary 5 min, restarts", "broken", 1200)]
     assert canary.pods.pauses() == [(1900.0, 2200.0)] and canary.pods.rollouts[2].undo_if_restarted
     # the broken canary is undone at the check, five minutes in, nothing lost; unpaused the timeout undoes it
     r = simulate(canary, 0)
@@ -825,3 +827,29 @@ def test_a_canary_check_at_the_resume_undoes_a_crashing_template_and_passes_a_go
     assert late.summary.rollouts_undone == 1
     with pytest.raises(SettingsError, match="undo_if_restarted: the canary check comes with a resume"):
         _paused({"at_s": 500, "undo_if_restarted": True})
+
+
+def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slower_one() -> None:
+    check = {"at_s": 500, "resume": True, "undo_if_ttft_p99_over_baseline": 1.5, "check_window_s": 200}
+    # the p99 TTFT of what the canary's two pods answered from 300 to 500 s, histogram_quantile over vLLM's buckets,
+    # against the three old pods' over the same window: a good version reads the same and passes
+    good = simulate(_paused(check), 0)
+    row = good.rollouts.iloc[0]
+    assert good.summary.rollouts_undone == 0 and row.canary_ttft_p99_s == pytest.approx(row.baseline_ttft_p99_s, rel=0.05)
+    assert 0.01 < row.canary_ttft_p99_s < 0.05
+    # a version twice as slow reads about 1.7 times theirs: resumed and undone at the check
+    slower = {"pods.rollouts.0.slowdown": 2.0}
+    slow = simulate(_paused(check, **slower), 0)
+    bad, undo = slow.rollouts.itertuples()
+    assert bad.undone_s == 500 and undo.undo and bad.canary_ttft_p99_s > 1.5 * bad.baseline_ttft_p99_s
+    # against a number instead of the old pods
+    limit = {**check, "undo_if_ttft_p99_over_baseline": None, "undo_if_ttft_p99_over_s": 0.03}
+    assert simulate(_paused(limit, **slower), 0).summary.rollouts_undone == 1
+    assert simulate(_paused(limit), 0).summary.rollouts_undone == 0
+    # a canary that answered nothing in the window (never ready) fails it, restart check or not
+    broken = simulate(_paused(check, **{"pods.rollouts.0.crash_after_s": 30}), 0)
+    assert math.isnan(broken.rollouts.canary_ttft_p99_s.iloc[0]) and broken.summary.rollouts_undone == 1
+    with pytest.raises(SettingsError, match="check_window_s: the window of the latency checks"):
+        _paused({"at_s": 500, "resume": True, "check_window_s": 60})
+    with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
+        _paused({"at_s": 500, "undo_if_ttft_p99_over_baseline": 1.2})

@@ -32,7 +32,8 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
         out = [x for x in out if not (x.get("undo") and a <= x["at_s"] <= end)]  # kubectl refuses those
         out.append({"at_s": a, "pause": True})
         if b is not None:
-            out.append({"at_s": b, "resume": True, "undo_if_restarted": draw(st.booleans())})
+            out.append({"at_s": b, "resume": True, "undo_if_restarted": draw(st.booleans()),
+                        "undo_if_ttft_p99_over_baseline": draw(st.one_of(st.none(), st.floats(0.5, 3)))})
         out.sort(key=lambda x: x["at_s"])
     return out
 
@@ -217,7 +218,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     pauses = scenario.pods.pauses()
     auto = int(ro["undo"].sum()) - sum(x.undo for x in entries)  # the pipeline's undos
     assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline or scenario.pods.undo_after_s is not None
-                          or any(x.undo_if_restarted for x in entries))
+                          or any(x.undo_if_restarted or x.latency_checked for x in entries))
     deploys = sum(x.action == "deploy" for x in entries)  # paused, a deploy waits (a later one replaces it)
     assert int((~ro["undo"]).sum()) == deploys if not pauses else int((~ro["undo"]).sum()) <= deploys
     for a, b in pauses:  # nothing undone inside a pause, and only there is an undo refused

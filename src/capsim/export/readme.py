@@ -145,6 +145,8 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
         lines += ["The deploy pipeline was assumed to undo a rollout " + " or ".join(when) + ":", "", "```sh",
                   f"kubectl set image {ref} ...   # or apply the new template",
                   f"kubectl rollout status {ref}{timeout} || kubectl rollout undo {ref}", "```"]
+    elif any(ro.undo_if_restarted or ro.latency_checked for ro in pods.rollouts):
+        lines.append("The deploy pipeline was assumed to undo a rollout only at its canary check (below).")
     else:
         lines.append("No automatic undo was simulated: a broken deploy stays until `kubectl rollout undo`.")
     if pods.pauses():  # a canary by pause: the steps as simulated, in order
@@ -154,10 +156,22 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
         for ro in sorted(pods.rollouts, key=lambda ro: ro.at_s):
             if ro.action == "deploy":
                 steps += [f"# at {ro.at_s:g} s: the new template", f"kubectl set image {ref} ..."]
-            elif ro.undo_if_restarted:
-                steps += [f"# at {ro.at_s:g} s: the canary check; undo if a container of the new ReplicaSet's pods "
-                          "exited (RESTARTS above 0, or CrashLoopBackOff)", f"kubectl rollout resume {ref}",
-                          f"kubectl rollout undo {ref}   # only if the check failed"]
+            elif ro.undo_if_restarted or ro.latency_checked:
+                why = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
+                       if ro.undo_if_restarted else [])
+                window = f"over the last {ro.check_window_s:g} s"
+                if ro.undo_if_ttft_p99_over_s is not None:
+                    why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_s:g} s")
+                if ro.undo_if_ttft_p99_over_baseline is not None:
+                    why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_baseline:g} times the "
+                               "old pods'")
+                if ro.latency_checked:
+                    why.append("they answered nothing then")
+                steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),
+                          f"kubectl rollout resume {ref}", f"kubectl rollout undo {ref}   # only if the check failed"]
+                if ro.latency_checked:
+                    steps += ["# the p99: histogram_quantile(0.99, sum by (le) (increase("
+                              f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{ro.check_window_s:g}s])))"]
             else:
                 steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
         lines += [*steps, "```"]

@@ -499,6 +499,21 @@ class Rollout(_Section):
         "pods exited (kubectl get pods: RESTARTS above 0, or CrashLoopBackOff now), it resumes and undoes "
         "(`kubectl rollout resume && kubectl rollout undo`), else it resumes. A slower version restarts nothing and "
         "passes")
+    undo_if_ttft_p99_over_s: Float | None = Field(
+        None, gt=0, description="with resume: the pipeline's latency check of the canary first. If the p99 TTFT of "
+        "what the new template's pods answered in the last check_window_s (histogram_quantile(0.99) of the increase of "
+        "vLLM's TTFT histogram, summed over those pods) is over this, or they answered nothing then, it resumes and "
+        "undoes, else it resumes (with the other checks: any failing undoes)")
+    undo_if_ttft_p99_over_baseline: Float | None = Field(
+        None, gt=0, description="with resume: the same p99 against the old pods' over the same window (a baseline, "
+        "as Kayenta or an Argo Rollouts analysis compares): over this many times theirs, or nothing answered by the "
+        "canary, it resumes and undoes; with no answer from the old pods it passes")
+    check_window_s: Float = Field(300.0, gt=0, description="the latency checks' window (the query's [5m])")
+
+    @property
+    def latency_checked(self) -> bool:
+        """Whether the resume checks the canary's p99 TTFT (against a limit or the old pods')."""
+        return self.undo_if_ttft_p99_over_s is not None or self.undo_if_ttft_p99_over_baseline is not None
 
     @property
     def action(self) -> str:
@@ -514,9 +529,13 @@ class Rollout(_Section):
         for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0)):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
-        if self.undo_if_restarted and not self.resume:
-            raise ValueError("undo_if_restarted: the canary check comes with a resume (resume: true), the end of the "
-                             "pause in which the canary ran")
+        for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline"):
+            if getattr(self, name) not in (False, None) and not self.resume:
+                raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
+                                 "pause in which the canary ran")
+        if self.check_window_s != 300.0 and not self.latency_checked:
+            raise ValueError("check_window_s: the window of the latency checks, which needs undo_if_ttft_p99_over_s or "
+                             "undo_if_ttft_p99_over_baseline")
         if self.pause or self.resume:  # (compared with the defaults, not the fields given: a dump carries them all)
             for name in ("crash_after_s", "slowdown", "new_image"):
                 if getattr(self, name) != type(self).model_fields[name].default:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from simpy.events import Timeout
 
+from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, Rollout, UniformDuration
 from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete, progressing
 from capsim.policy.rollout import scale as scale_deployment
@@ -98,6 +99,8 @@ class RolloutRecord:
     template: int = 0  # the template (its ReplicaSet) it rolls the pods to
     undone_s: float | None = None  # when an undo left its template (before it was done, or after)
     undo_refused_s: float | None = None  # when the pipeline's undo of it was refused: the Deployment was paused
+    canary_ttft_p99_s: float | None = None  # the canary latency check's p99 at the resume (NaN: nothing answered)
+    baseline_ttft_p99_s: float | None = None  # the same over the other templates' pods, for comparison
 
     @property
     def open(self) -> bool:
@@ -167,8 +170,12 @@ class Cluster:
         self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
         self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
+        # the latency check's window start: every pod's TTFT histogram then, to take the increase from
+        self._window_start: dict[int, dict[int, tuple[int, ...]]] = {}
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
+            if r.latency_checked:
+                Timeout(sim.env, max(0.0, r.at_s - r.check_window_s), r).callbacks.append(self._check_window_opens)
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -211,13 +218,13 @@ class Cluster:
             if self._rs is not None:
                 self._sync_deployment(now)
             return
-        if ro.resume:
+        if ro.resume:  # with a canary check first (on the rollout the pause held, not a deploy that waited)
+            checked = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
+            failed = (bool(checked) and self._waiting is None and (ro.undo_if_restarted or ro.latency_checked)
+                      and self._canary_fails(ro, checked[-1]))
             self._resume(now)
-            if ro.undo_if_restarted:  # the pipeline's canary check: `kubectl rollout resume && kubectl rollout undo`
-                bad = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision
-                       and self._restarted(r.template)]
-                if bad:
-                    self._pipeline_undo(now, bad[-1])
+            if failed and checked[-1].open:  # `kubectl rollout resume && kubectl rollout undo`
+                self._pipeline_undo(now, checked[-1])
             return
         if not ro.undo and self._undo_after_s is not None:  # the pipeline's `kubectl rollout status --timeout`
             Timeout(self.sim.env, self._undo_after_s, ro).callbacks.append(self._timed_out)
@@ -240,6 +247,37 @@ class Cluster:
                     r.progress_s = now
             self._status = self._deployment_status()
             self._sync_deployment(now)
+
+    def _check_window_opens(self, ev: Timeout) -> None:
+        """The latency check's window opens: every pod's TTFT histogram now, to take its increase from."""
+        self._window_start[id(ev.value)] = {p.id: tuple(p.ttft_buckets or ()) for p in self.pods}
+
+    def _canary_fails(self, ro: Rollout, record: RolloutRecord) -> bool:
+        """The pipeline's checks of ``record``'s canary at the resume ``ro``: a container of its pods exited
+        (``undo_if_restarted``), or the p99 TTFT its pods answered over the check's window is unknown (nothing
+        answered: ``histogram_quantile`` of an empty histogram), over ``undo_if_ttft_p99_over_s`` or over
+        ``undo_if_ttft_p99_over_baseline`` times the old pods' (which passes when they answered nothing)."""
+        restarted = ro.undo_if_restarted and self._restarted(record.template)
+        if not ro.latency_checked:
+            return restarted
+        p99 = record.canary_ttft_p99_s = self._window_p99(ro, record.template, canary=True)
+        base = record.baseline_ttft_p99_s = self._window_p99(ro, record.template, canary=False)
+        limit, ratio = ro.undo_if_ttft_p99_over_s, ro.undo_if_ttft_p99_over_baseline
+        return (restarted or math.isnan(p99) or (limit is not None and p99 > limit)
+                or (ratio is not None and not math.isnan(base) and p99 > ratio * base))
+
+    def _window_p99(self, ro: Rollout, template: int, canary: bool) -> float:
+        """``histogram_quantile(0.99, ...)`` of the increase, over the check's window, of the TTFT histograms of
+        ``template``'s pods (``canary``) or of the other pods (the baseline), gone ones too: Prometheus keeps their
+        series."""
+        before = self._window_start.get(id(ro), {})
+        counts = [0] * (len(TTFT_BUCKETS_S) + 1)
+        for p in self.pods:
+            if (p.revision == template) == canary and p.ttft_buckets is not None:
+                old = before.get(p.id) or (0,) * len(counts)
+                for k, (a, b) in enumerate(zip(old, p.ttft_buckets, strict=True)):
+                    counts[k] += b - a
+        return bucket_quantile(0.99, TTFT_BUCKETS_S, counts)
 
     def _restarted(self, template: int) -> bool:
         """Whether a container of ``template``'s pods has exited: restarted (their RESTARTS column above 0) or down

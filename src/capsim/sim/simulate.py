@@ -81,13 +81,14 @@ class SimResult:
     # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
     # the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran, and when
     # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never), and
-    # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never)
+    # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), and the p99 TTFT the
+    # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered)
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
-                   "undone_s", "undo_refused_s"]
+                   "undone_s", "undo_refused_s", "canary_ttft_p99_s", "baseline_ttft_p99_s"]
 
 
 _gc_lock = threading.Lock()
@@ -188,15 +189,16 @@ class Simulation:
                 f = np.asarray(noise, dtype=float)
                 self.continuous.ingress = FactorWalk(f / f.mean(), scenario.service.ingress_noise_block,
                                                      BufferedDraws(self.streams["ingress"]))
-        self.track_ttft = scenario.autoscaler is not None and any(
+        canary = any(ro.latency_checked for ro in scenario.pods.rollouts)  # a canary's latency check
+        self.track_ttft = canary or (scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics
-        )
+        ))
         # a histogram_quantile query needs the TTFT observations per bucket, not only their sum and count
-        self.track_ttft_buckets = scenario.autoscaler is not None and any(
+        self.track_ttft_buckets = canary or (scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft" and scenario.autoscaler.query_of(m.name)[0] == "histogram_quantile"
             for m in scenario.autoscaler.to_hpa().metrics
-        )
+        ))
         self.profile_path = None
         if scenario.service.kind == "profile":
             self.profile_path = str(profile.source if profile is not None else scenario.service.profile)
@@ -265,7 +267,7 @@ class Simulation:
             if exceeded is None and r.open and horizon - r.progress_s >= deadline:
                 exceeded = r.progress_s + deadline
             rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
-                         r.undo_refused_s])
+                         r.undo_refused_s, r.canary_ttft_p99_s, r.baseline_ttft_p99_s])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
