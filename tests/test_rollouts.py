@@ -853,3 +853,27 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
         _paused({"at_s": 500, "undo_if_ttft_p99_over_baseline": 1.2})
+
+
+def test_capsim_check_warns_of_a_pause_that_holds_no_canary() -> None:
+    from capsim.studies.checks import run_checks
+
+    def found(sc: Scenario) -> list:
+        return [f for f in run_checks(sc) if f.check == "pause-holds-no-canary"]
+
+    # maxSurge 100%: the new ReplicaSet takes every replica at once, and a working version finishes paused
+    double = _paused({"at_s": 500, "resume": True}, **{"pods.rolling_update": {"max_surge": "100%", "max_unavailable": 0}})
+    (f,) = found(double)
+    assert f.path == "pods.rollouts" and "maxSurge 100% gives the new ReplicaSet all 4 replicas" in f.message
+    assert simulate(double, 0).rollouts.done_s.iloc[0] < 500  # as it says: done inside the pause
+    recreate = _paused(**{"pods.strategy": "Recreate", "pods.rolling_update": {"max_surge": "25%",
+                                                                              "max_unavailable": "25%"}})
+    (f,) = found(recreate)
+    assert "Recreate takes the old ReplicaSets to zero" in f.message
+    r = simulate(recreate, 0)  # paused, the newest ReplicaSet takes every replica: done one cold start later
+    assert r.rollouts.done_s.iloc[0] == pytest.approx(260, abs=1)
+    # the default 25% / 25% holds its first wave; a pause before any deploy holds nothing to warn of
+    assert not found(_paused({"at_s": 500, "resume": True}))
+    assert not found(_fleet(**{"pods.rollouts": [{"at_s": 100, "pause": True}, {"at_s": 200},
+                                                 {"at_s": 300, "resume": True}],
+                               "pods.rolling_update": {"max_surge": "100%", "max_unavailable": 0}}))

@@ -114,6 +114,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
   the Deployment paused: kubectl refuses to undo a paused Deployment, so a broken canary stays.
+* ``pause-holds-no-canary`` (warn): ``pods.rollouts`` pause a deploy under ``Recreate`` or a maxSurge of the whole
+  fleet: the first sync gives the new ReplicaSet every replica, and a working version finishes inside the pause.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -197,6 +199,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _recreate_outage(scenario)
     findings += _rollout_deadline(scenario)
     findings += _undo_while_paused(scenario)
+    findings += _pause_holds_no_canary(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -516,6 +519,39 @@ def _undo_while_paused(scenario: Scenario) -> list[Finding]:
                     check="undo-while-paused"))
                 break
     return out
+
+
+def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
+    """A pause meant to hold a canary (``pods.rollouts``: a pause while a deploy rolls out) under a strategy whose
+    first sync gives the new ReplicaSet every replica: ``Recreate`` (the old ReplicaSets go to zero, and the paused
+    controller's ``scale`` gives the newest every replica) or a maxSurge of the whole fleet (once the new pods are
+    available the paused controller takes the old ones to zero): a working version's rollout finishes paused."""
+    pods = scenario.pods
+    last = None  # the last template change before each pause, in the order the run takes the entries
+    held = False
+    for ro in sorted(pods.rollouts, key=lambda r: r.at_s):  # stable: entries at one time in their order
+        if ro.action in ("deploy", "undo"):
+            last = ro.action
+        elif ro.pause:
+            held |= last == "deploy"
+    n = _floor(scenario)
+    ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
+    if not held or n == 0:
+        return []
+    if pods.strategy == "Recreate":
+        why = ("Recreate takes the old ReplicaSets to zero in its first sync, and paused, the controller's scale gives "
+               "the new one every replica (no ReplicaSet active: the newest takes them)")
+    elif ru.surge(n) >= n:
+        why = (f"maxSurge {pods.rolling_update.max_surge} gives the new ReplicaSet all {n} replicas of the floor in "
+               "its first sync, and once they are available the paused controller takes the old ones to zero "
+               "(a saturated new ReplicaSet)")
+    else:
+        return []
+    return [Finding(
+        "pods.rollouts", f"a pause after a deploy holds no canary here: {why}, so a working version's rollout "
+        "finishes inside the pause and a check at the resume finds nothing to check (a broken one never turns "
+        "available and is held). Use a rolling update with a surge under the replicas (docs/studies.md, \"A canary "
+        "by pause\")", level="warn", check="pause-holds-no-canary")]
 
 
 def _recreate_outage(scenario: Scenario) -> list[Finding]:
