@@ -192,6 +192,7 @@ def test_the_llama70b_agents_space_tries_three_routers_under_the_same_stresses()
     ({"params": {"pods.replicas": {"choices": []}}}, "choices must be a non-empty list"),
     ({"params": {}, "stresses": {"x": 3}}, "stresses.x must be a mapping"),
     ({"params": {}, "objective": "speed"}, "objective must be one of"),
+    ({"params": {}, "objective": {"x": 1}}, r"objective must be one of .*got \{'x': 1\}"),  # not a TypeError
     # a path that names no setting: refused before any trial, with the setting closest to it
     ({"params": {"batching.max_wait": {"low": 1, "high": 5}}},
      r"space.params.batching.max_wait: batching.max_wait is not a known setting \(did you mean max_wait_ms\?\)"),

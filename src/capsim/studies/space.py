@@ -120,7 +120,7 @@ def parse_space(data: Mapping[str, Any], where: str = "space", base_dir: Path | 
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise SettingsError(f"{where}.{key} must be an integer >= 1, got {v!r}")
     objective = data.get("objective")
-    if objective is not None and objective not in OBJECTIVES:
+    if objective is not None and (not isinstance(objective, str) or objective not in OBJECTIVES):
         raise SettingsError(f"{where}.objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     return Space(params, stresses, scenario_path, data.get("seeds"), data.get("budget"), objective)
 
