@@ -105,6 +105,8 @@ def test_a_scenario_reads_the_trace_with_its_prefix(tmp_path: Path) -> None:
     ('{"timestamp": 5, "input_length": 0, "output_length": 1, "hash_ids": []}', r"line 2: input_length must be"),
     ('{"timestamp": 5, "input_length": 10, "output_length": true, "hash_ids": [1]}', r"line 2: output_length"),
     ('{"timestamp": 5, "input_length": 10, "output_length": 1, "hash_ids": [-1]}', r"line 2: hash_ids must be"),
+    ('{"timestamp": 5, "input_length": 10, "output_length": 1, "hash_ids": [99999999999999999999]}',
+     r"line 2: hash_ids must be a list of integers in \[0, 2\^63 - 1\]"),  # not numpy's OverflowError
     ('{"timestamp": 5, "input_length": 600, "output_length": 1, "hash_ids": [1]}', r"line 2: hash_ids has 1 ids"),
     ('{"timestamp": 1, "input_length": 10, "output_length": 1, "hash_ids": [1]}', r"line 2: timestamp goes back"),
 ])

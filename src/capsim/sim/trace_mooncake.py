@@ -20,6 +20,7 @@ from capsim.sim.prefix import TracePrefix
 #: Tokens per ``hash_ids`` block in Mooncake's traces.
 MOONCAKE_BLOCK = 512
 _INT32_MAX = int(np.iinfo(np.int32).max)
+_INT64_MAX = 2**63 - 1  # a block hash id as numpy's int64 holds it
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ def read_mooncake(path: Path) -> MooncakeTrace:
             for name, v in (("input_length", p), ("output_length", o)):
                 if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= _INT32_MAX:
                     raise bad(f"{name} must be an integer in [1, {_INT32_MAX}], got {v!r}")
-            if not isinstance(h, list) or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in h):
-                raise bad(f"hash_ids must be a list of integers >= 0, got {str(h)[:60]}")
+            if not isinstance(h, list) or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x <= _INT64_MAX
+                                              for x in h):
+                raise bad(f"hash_ids must be a list of integers in [0, 2^63 - 1], got {str(h)[:60]}")
             blocks = -(-p // MOONCAKE_BLOCK)
             if len(h) != blocks:
                 raise bad(f"hash_ids has {len(h)} ids for input_length {p} ({blocks} blocks of {MOONCAKE_BLOCK})")
