@@ -183,10 +183,10 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
 
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
-                                     "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_ttft_p99_s",
-                                     "baseline_ttft_p99_s"]
-    assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_ttft_p99_s",
-                                 "baseline_ttft_p99_s"]).values.tolist() == [
+                                     "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s",
+                                     "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s"]
+    assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed",
+                                 "canary_ttft_p99_s", "baseline_ttft_p99_s"]).values.tolist() == [
         [200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
@@ -816,10 +816,12 @@ def test_a_canary_check_at_the_resume_undoes_a_crashing_template_and_passes_a_go
     r = simulate(_paused(gate, **{"pods.rollouts.0.crash_after_s": 30}), 0)
     bad, undo = r.rollouts.itertuples()
     assert bad.undone_s == 500 and undo.undo and undo.done_s == pytest.approx(560, abs=1)
+    assert bad.canary_checked_s == 500 and bad.canary_failed and not undo.canary_failed
     assert r.summary.error_rate == 0.0 and r.summary.rollouts_undone == 1 and bad.min_ready == 3
     # a good template passes and the rollout finishes as with a plain resume; so does a slower one (nothing exits)
     good = simulate(_paused(gate), 0)
     assert good.summary.rollouts_undone == 0 and good.rollouts.done_s.iloc[0] == pytest.approx(560, abs=1)
+    assert good.rollouts.canary_checked_s.iloc[0] == 500 and not good.rollouts.canary_failed.iloc[0]
     slow = simulate(_paused(gate, **{"pods.rollouts.0.slowdown": 2.0}), 0)
     assert slow.summary.rollouts_undone == 0
     # a template that turns ready and dies later (past the 60-s cold start) is caught as well
@@ -849,6 +851,14 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
     # a canary that answered nothing in the window (never ready) fails it, restart check or not
     broken = simulate(_paused(check, **{"pods.rollouts.0.crash_after_s": 30}), 0)
     assert math.isnan(broken.rollouts.canary_ttft_p99_s.iloc[0]) and broken.summary.rollouts_undone == 1
+    # the CLI says what the check read and what the pipeline did
+    out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "steady_poisson.yaml"), "--set", "horizon_s=900",
+                                   "--set", "pods.replicas=4", "--set", "pods.startup_s=60", "--set",
+                                   "pods.rollouts=[{at_s: 200, slowdown: 2.0}, {at_s: 200, pause: true}, {at_s: 500, "
+                                   "resume: true, undo_if_ttft_p99_over_baseline: 1.5, check_window_s: 200}]"])
+    assert out.exit_code == 0, out.output
+    assert "note: the canary check of the rollout at 200 s, at 500 s, failed: resumed and undone: its pods' p99 TTFT" \
+        in out.output
     with pytest.raises(SettingsError, match="check_window_s: the window of the latency checks"):
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):

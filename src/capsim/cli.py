@@ -513,6 +513,13 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
         else:
             out.append(f"{head} took {r.done_s - r.at_s:g} s: {r.min_ready:.0f} pods ready at the fewest, "
                        f"{r.most_pods:.0f} alive at the most{stalled} (rollouts.csv)")
+        if not math.isnan(r.canary_checked_s):
+            read = ("" if math.isnan(r.canary_ttft_p99_s) and math.isnan(r.baseline_ttft_p99_s) else
+                    f": its pods' p99 TTFT {r.canary_ttft_p99_s:.3g} s against the old pods' "
+                    f"{r.baseline_ttft_p99_s:.3g} s over the check's window")
+            verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
+            out.append(f"note: the canary check of the rollout at {r.at_s:g} s, at {r.canary_checked_s:g} s, "
+                       f"{verdict}{read} (rollouts.csv)")
         if not math.isnan(r.undo_refused_s):
             out.append(f"note: the deploy pipeline's undo at {r.undo_refused_s:g} s was refused: the Deployment was "
                        "paused (kubectl: \"you cannot rollback a paused deployment; resume it first\"), and the "

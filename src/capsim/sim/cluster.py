@@ -101,6 +101,8 @@ class RolloutRecord:
     undo_refused_s: float | None = None  # when the pipeline's undo of it was refused: the Deployment was paused
     canary_ttft_p99_s: float | None = None  # the canary latency check's p99 at the resume (NaN: nothing answered)
     baseline_ttft_p99_s: float | None = None  # the same over the other templates' pods, for comparison
+    canary_checked_s: float | None = None  # when the pipeline checked it as a canary (at a resume)
+    canary_failed: bool = False  # and whether the check failed (it was undone then)
 
     @property
     def open(self) -> bool:
@@ -220,8 +222,10 @@ class Cluster:
             return
         if ro.resume:  # with a canary check first (on the rollout the pause held, not a deploy that waited)
             checked = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
-            failed = (bool(checked) and self._waiting is None and (ro.undo_if_restarted or ro.latency_checked)
-                      and self._canary_fails(ro, checked[-1]))
+            failed = False
+            if checked and self._waiting is None and (ro.undo_if_restarted or ro.latency_checked):
+                failed = checked[-1].canary_failed = self._canary_fails(ro, checked[-1])
+                checked[-1].canary_checked_s = now
             self._resume(now)
             if failed and checked[-1].open:  # `kubectl rollout resume && kubectl rollout undo`
                 self._pipeline_undo(now, checked[-1])

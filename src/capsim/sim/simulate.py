@@ -81,14 +81,16 @@ class SimResult:
     # DataFrame, ROLLOUT_COLUMNS: each pods.rollouts entry, when it was done (NaN: not by the end of the run),
     # the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran, and when
     # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never), and
-    # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), and the p99 TTFT the
+    # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), when the pipeline checked
+    # it as a canary at a resume (NaN: never) and whether the check failed, and the p99 TTFT the
     # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered)
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
-                   "undone_s", "undo_refused_s", "canary_ttft_p99_s", "baseline_ttft_p99_s"]
+                   "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed", "canary_ttft_p99_s",
+                   "baseline_ttft_p99_s"]
 
 
 _gc_lock = threading.Lock()
@@ -267,11 +269,13 @@ class Simulation:
             if exceeded is None and r.open and horizon - r.progress_s >= deadline:
                 exceeded = r.progress_s + deadline
             rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
-                         r.undo_refused_s, r.canary_ttft_p99_s, r.baseline_ttft_p99_s])
+                         r.undo_refused_s, r.canary_checked_s, r.canary_failed, r.canary_ttft_p99_s,
+                         r.baseline_ttft_p99_s])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
         frame["undo"] = frame["undo"].astype(bool)
+        frame["canary_failed"] = frame["canary_failed"].astype(bool)
         return frame
 
     def run(self) -> SimResult:
