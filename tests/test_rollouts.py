@@ -301,6 +301,17 @@ def test_the_shipped_canary_grid_pauses_the_deploy_and_checks_each_version() -> 
     assert plain.undone_s.iloc[0] == pytest.approx(3100)
 
 
+def test_the_shipped_canary_scenario_catches_the_slower_version_after_the_peak() -> None:
+    sc = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml")
+    r = simulate(sc, 0)
+    slow, undo = r.rollouts.itertuples()
+    assert slow.canary_checked_s == 2500 and slow.canary_failed and slow.undone_s == 2500 and undo.undo
+    assert slow.canary_ttft_p99_s > 1.2 * slow.baseline_ttft_p99_s and r.summary.slo_met
+    good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0)
+    assert good.summary.rollouts_undone == 0 and not good.rollouts.canary_failed.iloc[0]
+    assert good.rollouts.done_s.iloc[0] > 2500  # held by the pause, then rolled out
+
+
 def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> None:
     from capsim.studies.runs import slo_miss
 
