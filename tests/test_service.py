@@ -104,7 +104,7 @@ def test_queue_full_gives_429_with_retry_after(tmp_path):
         async def burst() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=60) as c:
                 return await asyncio.gather(*[
-                    c.post(f"{p.url}/v1/sessions/b{i}/turns", json={"prompt_tokens": 64, "max_new_tokens": 128})
+                    c.post(f"{p.url}/v1/sessions/b{i}/turns", json={"prompt_tokens": 64, "max_new_tokens": 512})
                     for i in range(12)
                 ])
 
