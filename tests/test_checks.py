@@ -444,3 +444,17 @@ def test_the_spans_in_which_the_trigger_outages_together_down_every_metric() -> 
     assert spans((1100, 1000, fl), (600, 900, gw), (2000, 300, gw)) == [(1100, 1500), (2000, 2100)]  # any order
     # spans that touch are one: both named to 1500, then the gateway's and the other's together to 1800
     assert spans((600, 900, [*gw, *fl]), (1500, 300, gw), (1400, 400, fl)) == [(600, 1800)]
+
+
+def test_every_check_is_documented_in_the_module_and_in_docs_export() -> None:
+    """A check a user meets in `capsim check`'s output is listed, by name, in the module's docstring and in
+    docs/export.md's table (a new check added to one and not the other failed silently before)."""
+    import re
+
+    import capsim.studies.checks as checks
+
+    names = set(re.findall(r'check="([a-z0-9-]+)"', Path(checks.__file__).read_text()))
+    assert len(names) >= 40
+    table = (Path(__file__).parent.parent / "docs" / "export.md").read_text()
+    assert not [n for n in names if f"``{n}``" not in (checks.__doc__ or "")]
+    assert not [n for n in names if f"| `{n}`" not in table]
