@@ -288,7 +288,7 @@ def test_the_shipped_canary_grid_pauses_the_deploy_and_checks_each_version() -> 
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     settings = expand_grid(load_grid(SCENARIOS.parent / "studies" / "canary_grid.yaml"))
     plans = {tuple(st.values.values()): base.override(st.changes) for st in settings}
-    assert len(plans) == 30
+    assert len(plans) == 36
     versions = {(p.pods.rollouts[0].crash_after_s, p.pods.rollouts[0].slowdown) for p in plans.values()}
     assert versions == {(30, 1.0), (None, 1.0), (None, 1.3)}  # each setting its own version (no bundle shared)
     canary = plans[("default 25%/25%", "canary 5 min, restarts", "broken", 1200)]
@@ -310,6 +310,47 @@ def test_the_shipped_canary_scenario_catches_the_slower_version_after_the_peak()
     good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0)
     assert good.summary.rollouts_undone == 0 and not good.rollouts.canary_failed.iloc[0]
     assert good.rollouts.done_s.iloc[0] > 2500  # held by the pause, then rolled out
+
+
+def test_capsim_check_warns_of_a_canary_window_that_starts_before_its_pods_are_ready() -> None:
+    """The shipped canary is checked after the peak over 5 minutes (from 2,200 s; its pods ready by 2,030 s: the
+    pause at 1,900 s, a 120-s cold start at most, a 10-s probe period): no warning. Checked in the peak at 2,200 s
+    over 5 minutes, the window reaches back to the deploy and holds the new pods' first requests, which least
+    outstanding sends in a burst: a good version is undone (seed 0 reads about 3 times the old pods' p99). Over 2
+    minutes (from 2,080 s) the same check passes it and still undoes the slower version."""
+    from capsim.studies.checks import run_checks
+
+    def found(sc: Scenario) -> list:
+        return [f for f in run_checks(sc) if f.check == "canary-window-before-ready"]
+
+    shipped = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml")
+    assert not found(shipped)
+    good = shipped.override({"pods.rollouts.0.slowdown": 1.0})
+    early = good.override({"pods.rollouts.2.at_s": 2200})
+    (f,) = found(early)
+    assert f.path == "pods.rollouts.2.check_window_s" and f.level == "warn"
+    assert "looks back to 1900 s, before the canary's pods can all be ready" in f.message
+    assert "until 2030 s" in f.message and "check_window_s 170 s or less" in f.message
+    ro = simulate(early, 0).rollouts.iloc[0]
+    assert ro.canary_failed and ro.canary_ttft_p99_s > 2 * ro.baseline_ttft_p99_s  # the burst, not the version
+    short = early.override({"pods.rollouts.2.check_window_s": 120})
+    assert not found(short)
+    ro = simulate(short, 0).rollouts.iloc[0]
+    assert not ro.canary_failed and ro.canary_ttft_p99_s < 1.1 * ro.baseline_ttft_p99_s
+    slower = simulate(short.override({"pods.rollouts.0.slowdown": 1.3}), 0).rollouts.iloc[0]
+    assert slower.canary_failed and slower.canary_ttft_p99_s > 1.2 * slower.baseline_ttft_p99_s
+    # a resume before the pods can be ready: the path is its time
+    (f,) = found(good.override({"pods.rollouts.2.at_s": 2000, "pods.rollouts.2.check_window_s": 60}))
+    assert f.path == "pods.rollouts.2.at_s" and "may come before the canary's pods are ready" in f.message
+    # the new image's pull and minReadySeconds count; a restart check alone reads no window; nor a pause with no deploy
+    slow_start = good.override({"pods.image_pull_s": {"kind": "constant", "value_s": 90}, "pods.min_ready_s": 30,
+                                "pods.rollouts.2.check_window_s": 400})  # from 2,100 s
+    (f,) = found(slow_start)
+    assert "the new image's pull 90 s" in f.message and "minReadySeconds 30 s" in f.message and "until 2150 s" in f.message
+    assert not found(slow_start.override({"pods.rollouts.0.new_image": False}))  # ready by 2,060 s
+    assert not found(early.override({"pods.rollouts.2": {"at_s": 2200, "resume": True, "undo_if_restarted": True}}))
+    assert not found(_fleet(**{"pods.rollouts": [{"at_s": 100, "pause": True}, {"at_s": 200, "resume": True,
+                                                                                 "undo_if_ttft_p99_over_s": 1.0}]}))
 
 
 def test_a_rollout_budget_in_the_slo_fails_a_run_whose_deploy_takes_longer() -> None:

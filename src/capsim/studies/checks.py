@@ -116,6 +116,13 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the Deployment paused: kubectl refuses to undo a paused Deployment, so a broken canary stays.
 * ``pause-holds-no-canary`` (warn): ``pods.rollouts`` pause a deploy under ``Recreate`` or a maxSurge of the whole
   fleet: the first sync gives the new ReplicaSet every replica, and a working version finishes inside the pause.
+* ``canary-window-before-ready`` (warn): a resume whose latency check (``undo_if_ttft_p99_over_s``,
+  ``undo_if_ttft_p99_over_baseline``) looks back ``check_window_s`` to before the canary's pods can all be ready
+  (the pause plus a new pod's longest way to ready: the new image's pull, the longest cold start, a readiness
+  probe period, ``pods.min_ready_s``): the window holds their first requests, which the router treats unlike a warm
+  pod's (least outstanding sends a burst to a new pod: the canary reads slow; round robin gives it no backlog: it
+  reads fast), so the check judges the router, not the version; a check before they can be ready may find no
+  answer, and fails.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -139,6 +146,7 @@ from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import (
     POD_METRIC_ALIASES,
     Autoscaler,
+    Rollout,
     Scenario,
     Tokens,
 )
@@ -200,6 +208,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_deadline(scenario)
     findings += _undo_while_paused(scenario)
     findings += _pause_holds_no_canary(scenario)
+    findings += _canary_window_before_ready(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -552,6 +561,65 @@ def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
         "finishes inside the pause and a check at the resume finds nothing to check (a broken one never turns "
         "available and is held). Use a rolling update with a surge under the replicas (docs/studies.md, \"A canary "
         "by pause\")", level="warn", check="pause-holds-no-canary")]
+
+
+def _canary_window_before_ready(scenario: Scenario) -> list[Finding]:
+    """A canary's latency check whose window reaches back before its pods can all be ready. The canary's pods are
+    made by the deploy's syncs up to the pause, and each takes up to the new image's pull, the longest cold start, a
+    readiness probe period and ``min_ready_s`` to be available (``_rollout_deadline``'s step; a node to provision
+    comes on top). A window that starts earlier holds the pods' first requests, which the router treats unlike a
+    warm pod's: least outstanding sends a new pod the gateway's requests until it holds as many as the others (a
+    burst: the canary reads slow), round robin gives it none of the others' backlog (it reads fast). In the H100
+    rush (docs/studies.md, "A canary by pause") a good version checked at 2,200 s over 300 s read 0.71 to 3.01 times
+    the old pods' p99 and was undone in 4 seeds of 5; over 120 s (its pods ready by 2,030 s) 0.93 to 0.99."""
+    pods = scenario.pods
+    out = []
+    last: Rollout | None = None  # the last template change, in the order the run takes the entries
+    paused: tuple[float, bool] | None = None  # the pause under way: its time, and whether it holds a deploy
+    for i, ro in sorted(enumerate(pods.rollouts), key=lambda e: e[1].at_s):  # stable: one time's in their order
+        if ro.action in ("deploy", "undo"):
+            last = ro
+        elif ro.pause:
+            paused = (ro.at_s, last is not None and last.action == "deploy")
+        elif ro.resume and paused is not None:
+            began, held = paused
+            paused = None
+            if held and ro.latency_checked and last is not None:
+                out += _canary_window(scenario, i, ro, began, last.new_image)
+    return out
+
+
+def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool) -> list[Finding]:
+    """``_canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy."""
+    pods = scenario.pods
+    pull = pods.image_pull_s.range_s[1] if new_image else 0.0
+    start_s, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
+    step = pull + start_s + probe + pods.min_ready_s
+    ready = began + step
+    window_start = resume.at_s - resume.check_window_s
+    if window_start >= ready:
+        return []
+    parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start_s:g} s",
+                                                                       f"a readiness probe period {probe:g} s"]
+    if pods.min_ready_s:
+        parts.append(f"minReadySeconds {pods.min_ready_s:g} s")
+    why = (f"the pause at {began:g} s holds the pods the deploy made by then, and a new pod may take {step:g} s to be "
+           f"available ({', '.join(parts)}; a node to provision comes on top)")
+    router = ("The window holds the new pods' first requests, which the router treats unlike a warm pod's (least "
+              "outstanding sends a new pod a burst: a good canary reads slow; round robin gives it no backlog: a "
+              "slower one reads fast), so the check judges the router, not the version")
+    if resume.at_s < ready:
+        return [Finding(
+            f"pods.rollouts.{i}.at_s", f"{resume.at_s:g} s: the latency check at this resume may come before the "
+            f"canary's pods are ready ({why}: until {ready:g} s); a canary that answered nothing fails the check, and "
+            f"one that just began is judged on its first requests. {router}. Resume after {ready:g} s plus the "
+            "window (docs/studies.md, \"A canary by pause\")", level="warn", check="canary-window-before-ready")]
+    return [Finding(
+        f"pods.rollouts.{i}.check_window_s", f"{resume.check_window_s:g} s: the latency check at the resume "
+        f"({resume.at_s:g} s) looks back to {window_start:g} s, before the canary's pods can all be ready ({why}: "
+        f"until {ready:g} s). {router}. Start the window after {ready:g} s (check_window_s "
+        f"{resume.at_s - ready:g} s or less), or resume later (docs/studies.md, \"A canary by pause\")",
+        level="warn", check="canary-window-before-ready")]
 
 
 def _recreate_outage(scenario: Scenario) -> list[Finding]:
