@@ -41,18 +41,21 @@ class Attempt:
     tokens: list[int] = field(default_factory=list)
 
 
-async def drive(pods: list[PodProcess], kill_at: float, restart_at: float) -> tuple[list[Attempt], float]:
-    """Run the sessions; kill pod 0 at ``kill_at`` s and restart it at ``restart_at`` s."""
+async def drive(pods: list[PodProcess], kill_after: int, restart_after_s: float) -> tuple[list[Attempt], float]:
+    """Run the sessions; kill pod 0 once ``kill_after`` turns are acknowledged (mid-load on a machine of any
+    speed: a fixed time, 1 s, was a third of the way through the load on 2026-12-06 and half of it on a machine
+    twice as fast), and restart it ``restart_after_s`` later."""
     attempts: list[Attempt] = []
     t0 = time.perf_counter()
     killed_at = float("nan")
 
     async def chaos() -> None:
         nonlocal killed_at
-        await asyncio.sleep(kill_at)
+        while sum(a.ok for a in attempts) < kill_after:
+            await asyncio.sleep(0.005)
         pods[0].signal(signal.SIGKILL)
         killed_at = time.perf_counter() - t0
-        await asyncio.sleep(restart_at - kill_at)
+        await asyncio.sleep(restart_after_s)
         await asyncio.to_thread(pods[0].start)
 
     async def session(c: httpx.AsyncClient, s: int) -> None:
@@ -90,7 +93,8 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
                        torch_threads=1, max_prompt_tokens=128).start()
             for i in range(2)]
     try:
-        attempts, killed_at = asyncio.run(drive(pods, kill_at=1.0, restart_at=1.5))
+        # a quarter of the turns acknowledged: each pod's sessions are all mid-load
+        attempts, killed_at = asyncio.run(drive(pods, kill_after=SESSIONS * TURNS // 4, restart_after_s=0.5))
         # the restarted pod resumes a session that lived on it: the next turn number follows on
         resumed = httpx.post(f"{pods[0].url}/v1/sessions/crash-0/turns", json={"prompt_tokens": 4}, timeout=30)
     finally:
@@ -139,7 +143,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
         extra = 1 if s == 0 else 0  # the turn sent to the restarted pod
         assert len(replies) - TURNS - extra <= sum(1 for f in failed if f.session == s)
 
-    # the same crash in the simulator: two pods, the same sessions, a crash of one pod at 1.5 s
+    # the same crash in the simulator: two pods, the same sessions, a crash of one pod at 1.0 s (mid-load)
     from capsim.model.scenario import Scenario
     from capsim.sim.simulate import simulate
 
@@ -165,7 +169,7 @@ def test_sigkill_mid_load_loses_no_acknowledged_turn(tmp_path, redis_server_fact
     sim_failed_attempts = int(sim.summary.retries)
     print(f"\nfailed requests at the crash: real {len(failed)} ({len(in_flight)} sent before the kill), "
           f"simulated {sim_failed_attempts} "
-          f"(sessions {SESSIONS} x {TURNS} turns, 2 pods, one killed at 1.0 s)")
+          f"(sessions {SESSIONS} x {TURNS} turns, 2 pods, one killed: real at {killed_at:.2f} s, simulated at 1.0 s)")
     assert sim.summary.crashes == 1
     done = sim.requests[sim.requests.outcome.notna()]
     assert (done.outcome == "ok").all()  # with retries and Redis state, nobody loses a turn
