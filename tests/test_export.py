@@ -434,8 +434,10 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
                     tmp_path, TARGET)
     readme = (tmp_path / "README.md").read_text()
     assert "undo a rollout only at its canary check" in readme
-    assert "or their p99 TTFT over the last 300 s is over 1.2 times the old pods', or they answered nothing" in readme
+    assert ("or their p99 TTFT over the last 300 s (from 400 s) is over 1.2 times the old pods', or they answered "
+            "nothing") in readme
     assert "increase(vllm:time_to_first_token_seconds_bucket" in readme
+    assert "Start a latency check's window once the canary's pods are ready" in readme
 
 
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:

@@ -339,6 +339,12 @@ def test_capsim_check_warns_of_a_canary_window_that_starts_before_its_pods_are_r
     assert not ro.canary_failed and ro.canary_ttft_p99_s < 1.1 * ro.baseline_ttft_p99_s
     slower = simulate(short.override({"pods.rollouts.0.slowdown": 1.3}), 0).rollouts.iloc[0]
     assert slower.canary_failed and slower.canary_ttft_p99_s > 1.2 * slower.baseline_ttft_p99_s
+    # capsim simulate's note on the check says so too
+    out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "canary_rush.yaml"), "--set", "pods.rollouts.2.at_s=2200",
+                                   "--set", "pods.rollouts.0.slowdown=1.0"])
+    assert out.exit_code == 0, out.output
+    note = next(line for line in out.output.splitlines() if line.startswith("note: the canary check"))
+    assert "at 2200 s, failed" in note and "(capsim check: canary-window-before-ready)" in note
     # a resume before the pods can be ready: the path is its time
     (f,) = found(good.override({"pods.rollouts.2.at_s": 2000, "pods.rollouts.2.check_window_s": 60}))
     assert f.path == "pods.rollouts.2.at_s" and "may come before the canary's pods are ready" in f.message

@@ -492,6 +492,11 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     ru = sc.pods.rolling_update
     how = ("Recreate" if sc.pods.strategy == "Recreate"
            else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
+    from capsim.studies.checks import run_checks
+
+    # the resumes whose latency check looks back before the canary's pods could be ready (their entry's time)
+    early = {sc.pods.rollouts[int(f.path.split(".")[2])].at_s for f in run_checks(sc)
+             if f.check == "canary-window-before-ready"}
     out = []
     for r in rollouts.itertuples():
         what = "the undo (kubectl rollout undo)" if r.undo else "the rollout"
@@ -518,8 +523,11 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
                     f": its pods' p99 TTFT {r.canary_ttft_p99_s:.3g} s against the old pods' "
                     f"{r.baseline_ttft_p99_s:.3g} s over the check's window")
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
+            caveat = ("; its latency check's window began before the canary's pods could all be ready, so it read "
+                      "their first requests, the router's treatment of new pods as much as the version (capsim check: "
+                      "canary-window-before-ready)" if r.canary_checked_s in early else "")
             out.append(f"note: the canary check of the rollout at {r.at_s:g} s, at {r.canary_checked_s:g} s, "
-                       f"{verdict}{read} (rollouts.csv)")
+                       f"{verdict}{read}{caveat} (rollouts.csv)")
         if not math.isnan(r.undo_refused_s):
             out.append(f"note: the deploy pipeline's undo at {r.undo_refused_s:g} s was refused: the Deployment was "
                        "paused (kubectl: \"you cannot rollback a paused deployment; resume it first\"), and the "

@@ -159,7 +159,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             elif ro.undo_if_restarted or ro.latency_checked:
                 why = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
                        if ro.undo_if_restarted else [])
-                window = f"over the last {ro.check_window_s:g} s"
+                window = f"over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"
                 if ro.undo_if_ttft_p99_over_s is not None:
                     why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_s:g} s")
                 if ro.undo_if_ttft_p99_over_baseline is not None:
@@ -175,6 +175,10 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             else:
                 steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
         lines += [*steps, "```"]
+        if any(ro.latency_checked for ro in pods.rollouts):
+            lines += ["", "Start a latency check's window once the canary's pods are ready (the pause, plus a new pod's "
+                      "image pull, cold start and readiness probe): a window over their first requests reads how the "
+                      "router treats new pods, not the version (`capsim check`: canary-window-before-ready)."]
     return [*lines, ""]
 
 
