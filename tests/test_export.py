@@ -438,6 +438,12 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
             "nothing") in readme
     assert "increase(vllm:time_to_first_token_seconds_bucket" in readme
     assert "Start a latency check's window once the canary's pods are ready" in readme
+    # a restart poll during the pause: the loop, before the check at the resume
+    export_scenario(canary.override({"pods.rollouts.2.restart_poll_s": 30}), tmp_path, TARGET)
+    block = (tmp_path / "README.md").read_text().split("The steps as simulated, in order:")[1].split("```")[1]
+    assert ("# meanwhile, every 30 s of the pause: at a restart of the new ReplicaSet's pods (RESTARTS above 0, or "
+            "CrashLoopBackOff), resume and undo at once\nkubectl get pods -n agents -l pod-template-hash=<the new "
+            "ReplicaSet's>\n# at 700 s: the canary check") in block
 
 
 def test_readme_reports_the_given_numbers(rush: Scenario, tmp_path: Path) -> None:

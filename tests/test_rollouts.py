@@ -288,7 +288,7 @@ def test_the_shipped_canary_grid_pauses_the_deploy_and_checks_each_version() -> 
     base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
     settings = expand_grid(load_grid(SCENARIOS.parent / "studies" / "canary_grid.yaml"))
     plans = {tuple(st.values.values()): base.override(st.changes) for st in settings}
-    assert len(plans) == 36
+    assert len(plans) == 42
     versions = {(p.pods.rollouts[0].crash_after_s, p.pods.rollouts[0].slowdown) for p in plans.values()}
     assert versions == {(30, 1.0), (None, 1.0), (None, 1.3)}  # each setting its own version (no bundle shared)
     canary = plans[("default 25%/25%", "canary 5 min, restarts", "broken", 1200)]
@@ -921,6 +921,37 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
         _paused({"at_s": 500, "undo_if_ttft_p99_over_baseline": 1.2})
+
+
+def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:
+    """A broken canary (its containers exit 30 s after they start, inside the 60-s cold start) deployed and paused at
+    200 s: checked only at the resume (500 s) it crash-loops for five minutes; with the pipeline looking every 20 s
+    of the pause it is undone at 240 s, the first look after the first exits (230 s), and the resume entry then does
+    nothing (one undo, not two)."""
+    check = {"at_s": 500, "resume": True, "undo_if_restarted": True}
+    broken = {"pods.rollouts.0.crash_after_s": 30}
+    at_resume = simulate(_paused(check).override(broken), 0)
+    polled = simulate(_paused({**check, "restart_poll_s": 20}).override(broken), 0)
+    bad, undo = at_resume.rollouts.itertuples()
+    assert bad.undone_s == 500 and bad.canary_checked_s == 500 and undo.at_s == 500
+    bad, undo = polled.rollouts.itertuples()
+    assert bad.undone_s == 240 and bad.canary_checked_s == 240 and bad.canary_failed
+    assert undo.undo and undo.at_s == 240 and undo.done_s == pytest.approx(300)  # the old pod taken down, replaced
+    assert polled.summary.rollouts_undone == 1 and polled.summary.rollout_undos_refused == 0
+    assert polled.summary.crashes < at_resume.summary.crashes  # 2 against 10
+    assert (polled.crashes.time_s <= 240).all() and len(polled.crashes) == polled.summary.crashes
+    # a working version, and a slower one, restart nothing: the poll passes them and the resume finishes the rollout
+    for version in ({}, {"pods.rollouts.0.slowdown": 1.5}):
+        (ro,) = simulate(_paused({**check, "restart_poll_s": 20}).override(version), 0).rollouts.itertuples()
+        assert ro.canary_checked_s == 500 and not ro.canary_failed and ro.done_s == pytest.approx(560)
+    # the CLI says which look undid it
+    path = SCENARIOS / "canary_rush.yaml"
+    out = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.0.crash_after_s=30",
+                                   "--set", "pods.rollouts.2.restart_poll_s=30"])
+    assert out.exit_code == 0, out.output
+    assert "failed: resumed and undone by the pipeline's restart poll during the pause" in out.output
+    with pytest.raises(SettingsError, match="restart_poll_s: how often the pipeline looks for a restart"):
+        _paused({"at_s": 500, "resume": True, "restart_poll_s": 20})
 
 
 def test_capsim_check_warns_of_a_pause_that_holds_no_canary() -> None:

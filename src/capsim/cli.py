@@ -523,6 +523,8 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
                     f": its pods' p99 TTFT {r.canary_ttft_p99_s:.3g} s against the old pods' "
                     f"{r.baseline_ttft_p99_s:.3g} s over the check's window")
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
+            if r.canary_checked_s not in {ro.at_s for ro in sc.pods.rollouts if ro.resume}:
+                verdict += " by the pipeline's restart poll during the pause (a restart of its pods)"
             caveat = ("; its latency check's window began before the canary's pods could all be ready, so it read "
                       "their first requests, the router's treatment of new pods as much as the version (capsim check: "
                       "canary-window-before-ready)" if r.canary_checked_s in early else "")

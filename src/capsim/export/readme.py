@@ -167,6 +167,10 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                                "old pods'")
                 if ro.latency_checked:
                     why.append("they answered nothing then")
+                if ro.restart_poll_s is not None:
+                    steps += [f"# meanwhile, every {ro.restart_poll_s:g} s of the pause: at a restart of the new "
+                              "ReplicaSet's pods (RESTARTS above 0, or CrashLoopBackOff), resume and undo at once",
+                              f"kubectl get pods -n {target.namespace} -l pod-template-hash=<the new ReplicaSet's>"]
                 steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),
                           f"kubectl rollout resume {ref}", f"kubectl rollout undo {ref}   # only if the check failed"]
                 if ro.latency_checked:

@@ -499,6 +499,10 @@ class Rollout(_Section):
         "pods exited (kubectl get pods: RESTARTS above 0, or CrashLoopBackOff now), it resumes and undoes "
         "(`kubectl rollout resume && kubectl rollout undo`), else it resumes. A slower version restarts nothing and "
         "passes")
+    restart_poll_s: Float | None = Field(
+        None, gt=0, description="with undo_if_restarted: the pipeline also looks at the canary's pods every this many "
+        "seconds of the pause (a `kubectl get pods` loop, from the pause on), and at the first restart it resumes and "
+        "undoes at once, not at this resume (which then does nothing)")
     undo_if_ttft_p99_over_s: Float | None = Field(
         None, gt=0, description="with resume: the pipeline's latency check of the canary first. If the p99 TTFT of "
         "what the new template's pods answered in the last check_window_s (histogram_quantile(0.99) of the increase of "
@@ -533,6 +537,9 @@ class Rollout(_Section):
             if getattr(self, name) not in (False, None) and not self.resume:
                 raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
                                  "pause in which the canary ran")
+        if self.restart_poll_s is not None and not self.undo_if_restarted:
+            raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
+                             "pause, which needs undo_if_restarted: true")
         if self.check_window_s != 300.0 and not self.latency_checked:
             raise ValueError("check_window_s: the window of the latency checks, which needs undo_if_ttft_p99_over_s or "
                              "undo_if_ttft_p99_over_baseline")

@@ -174,10 +174,21 @@ class Cluster:
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
         # the latency check's window start: every pod's TTFT histogram then, to take the increase from
         self._window_start: dict[int, dict[int, tuple[int, ...]]] = {}
+        self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
             if r.latency_checked:
                 Timeout(sim.env, max(0.0, r.at_s - r.check_window_s), r).callbacks.append(self._check_window_opens)
+        began: float | None = None  # the restart polls: every restart_poll_s of the pause, up to its resume
+        for r in sorted(sim.scenario.pods.rollouts, key=lambda r: r.at_s):  # stable: one time's in their order
+            if r.pause:
+                began = r.at_s
+            elif r.resume and began is not None:
+                if r.restart_poll_s is not None:
+                    n = math.ceil((r.at_s - began) / r.restart_poll_s)  # the ticks before the resume
+                    for k in range(1, n):
+                        Timeout(sim.env, began + k * r.restart_poll_s, r).callbacks.append(self._restart_poll)
+                began = None
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -220,6 +231,8 @@ class Cluster:
             if self._rs is not None:
                 self._sync_deployment(now)
             return
+        if ro.resume and id(ro) in self._resumed_early:  # its restart poll resumed (and undid) already
+            return
         if ro.resume:  # with a canary check first (on the rollout the pause held, not a deploy that waited)
             checked = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
             failed = False
@@ -251,6 +264,24 @@ class Cluster:
                     r.progress_s = now
             self._status = self._deployment_status()
             self._sync_deployment(now)
+
+    def _restart_poll(self, ev: Timeout) -> None:
+        """The pipeline's look at the canary during the pause (``restart_poll_s``: a ``kubectl get pods`` loop): at
+        the first restart of a pod of the rollout the pause holds, ``kubectl rollout resume && kubectl rollout undo``
+        at once; the resume entry then does nothing."""
+        ro = cast(Rollout, ev.value)
+        if id(ro) in self._resumed_early or not self.paused or self._waiting is not None:
+            return
+        held = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
+        if not held or not self._restarted(held[-1].template):
+            return
+        now = self.sim.env.now
+        record = held[-1]
+        record.canary_checked_s, record.canary_failed = now, True
+        self._resumed_early.add(id(ro))
+        self._resume(now)
+        if record.open:
+            self._pipeline_undo(now, record)
 
     def _check_window_opens(self, ev: Timeout) -> None:
         """The latency check's window opens: every pod's TTFT histogram now, to take its increase from."""
