@@ -310,6 +310,9 @@ def test_the_shipped_canary_scenario_catches_the_slower_version_after_the_peak()
     good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0)
     assert good.summary.rollouts_undone == 0 and not good.rollouts.canary_failed.iloc[0]
     assert good.rollouts.done_s.iloc[0] > 2500  # held by the pause, then rolled out
+    broken = simulate(sc.override({"pods.rollouts.0.crash_after_s": 30}), 0)  # its restart poll, every 30 s
+    bad, undo = broken.rollouts.itertuples()
+    assert bad.canary_checked_s == bad.undone_s == undo.at_s == 1960 and bad.canary_failed and broken.summary.crashes == 3
 
 
 def test_capsim_check_warns_of_a_canary_window_that_starts_before_its_pods_are_ready() -> None:
