@@ -953,6 +953,17 @@ def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:
                                    "--set", "pods.rollouts.2.restart_poll_s=30"])
     assert out.exit_code == 0, out.output
     assert "failed: resumed and undone by the pipeline's restart poll during the pause" in out.output
+    # capsim check: a poll as long as the pause never looks
+    from capsim.studies.checks import run_checks
+
+    def never(sc: Scenario) -> list:
+        return [f for f in run_checks(sc) if f.check == "restart-poll-never-looks"]
+
+    (f,) = never(_paused({**check, "restart_poll_s": 300}))
+    assert f.path == "pods.rollouts.2.restart_poll_s" and "the pause it looks through lasts 300 s" in f.message
+    late = simulate(_paused({**check, "restart_poll_s": 300}).override(broken), 0).rollouts
+    assert late.undone_s.iloc[0] == 500  # as it says: the resume's check, not the poll
+    assert not never(_paused({**check, "restart_poll_s": 299})) and not never(_paused(check))
     with pytest.raises(SettingsError, match="restart_poll_s: how often the pipeline looks for a restart"):
         _paused({"at_s": 500, "resume": True, "restart_poll_s": 20})
 

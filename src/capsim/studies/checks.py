@@ -123,6 +123,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   pod's (least outstanding sends a burst to a new pod: the canary reads slow; round robin gives it no backlog: it
   reads fast), so the check judges the router, not the version; a check before they can be ready may find no
   answer, and fails.
+* ``restart-poll-never-looks`` (warn): a resume's ``restart_poll_s`` as long as its pause or longer: the pipeline's
+  first look would come at or after the resume, so the poll never looks and a broken canary waits for the resume.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -209,6 +211,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _undo_while_paused(scenario)
     findings += _pause_holds_no_canary(scenario)
     findings += _canary_window_before_ready(scenario)
+    findings += _restart_poll_never_looks(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -620,6 +623,25 @@ def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, ne
         f"until {ready:g} s). {router}. Start the window after {ready:g} s (check_window_s "
         f"{resume.at_s - ready:g} s or less), or resume later (docs/studies.md, \"A canary by pause\")",
         level="warn", check="canary-window-before-ready")]
+
+
+def _restart_poll_never_looks(scenario: Scenario) -> list[Finding]:
+    """A restart poll (``restart_poll_s``) no shorter than the pause it runs in: its first look is due at or after
+    the resume, so it never looks (the resume's own restart check still runs)."""
+    out = []
+    began: float | None = None
+    for i, ro in sorted(enumerate(scenario.pods.rollouts), key=lambda e: e[1].at_s):  # stable: one time's in order
+        if ro.pause:
+            began = ro.at_s
+        elif ro.resume and began is not None:
+            if ro.restart_poll_s is not None and ro.restart_poll_s >= ro.at_s - began:
+                out.append(Finding(
+                    f"pods.rollouts.{i}.restart_poll_s", f"{ro.restart_poll_s:g} s, but the pause it looks through lasts "
+                    f"{ro.at_s - began:g} s (from {began:g} s to this resume at {ro.at_s:g} s): its first look would come "
+                    "at or after the resume, so it never looks and a broken canary crash-loops until the resume's own "
+                    "check; look more often than the pause is long", level="warn", check="restart-poll-never-looks"))
+            began = None
+    return out
 
 
 def _recreate_outage(scenario: Scenario) -> list[Finding]:
