@@ -438,6 +438,16 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
             "nothing") in readme
     assert "increase(vllm:time_to_first_token_seconds_bucket" in readme
     assert "Start a latency check's window once the canary's pods are ready" in readme
+    # a canary's inter-token latency check: its condition and its query
+    itl = Scenario.from_yaml(Path(__file__).parent.parent / "data" / "scenarios" / "canary_rush.yaml").override(
+        {"pods.rollouts": [{"at_s": 100}, {"at_s": 100, "pause": True},
+                           {"at_s": 700, "resume": True, "undo_if_itl_mean_over_baseline": 1.1, "check_window_s": 120}]})
+    export_scenario(itl, tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("undo if their mean inter-token latency over the last 120 s (from 580 s) is over 1.1 times the old pods', "
+            "or they answered nothing then") in readme
+    assert ("# the mean inter-token latency: sum(increase(vllm:inter_token_latency_seconds_sum{pod=~\"<the pods>\"}"
+            "[120s])) / sum(increase(vllm:inter_token_latency_seconds_count{pod=~\"<the pods>\"}[120s]))") in readme
     # a restart poll during the pause: the loop, before the check at the resume
     export_scenario(canary.override({"pods.rollouts.2.restart_poll_s": 30}), tmp_path, TARGET)
     block = (tmp_path / "README.md").read_text().split("The steps as simulated, in order:")[1].split("```")[1]

@@ -184,9 +184,11 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
     written = pd.read_csv(tmp_path / "run" / "rollouts.csv")  # one row: begun at 200 s, never done
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
                                      "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s",
-                                     "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s"]
+                                     "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s",
+                                     "canary_itl_mean_s", "baseline_itl_mean_s"]
     assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed",
-                                 "canary_ttft_p99_s", "baseline_ttft_p99_s"]).values.tolist() == [
+                                 "canary_ttft_p99_s", "baseline_ttft_p99_s", "canary_itl_mean_s",
+                                 "baseline_itl_mean_s"]).values.tolist() == [
         [200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
@@ -924,6 +926,44 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
         _paused({"at_s": 500, "undo_if_ttft_p99_over_baseline": 1.2})
+
+
+def test_the_inter_token_latency_check_reads_the_slowdown_itself() -> None:
+    """The canary's mean inter-token latency over a window after its pods are ready, against the old pods': in the
+    H100 rush (least outstanding, checked at 2,500 s over 5 minutes) a good version reads 1.000 to 1.006 times theirs
+    and a version 30% slower 1.285 to 1.303 (seeds 0 to 4, docs/studies.md), the slowdown itself, where the p99 TTFT
+    reads 1.24 to 1.48. Seed 0 here; over a window from the deploy it reads light (an emptier batch), and the warning
+    says so."""
+    from capsim.studies.checks import run_checks
+
+    itl = {"at_s": 2500, "resume": True, "undo_if_itl_mean_over_baseline": 1.2}
+    sc = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override({"pods.rollouts.2": itl})
+    slower = simulate(sc, 0).rollouts.iloc[0]
+    assert slower.canary_failed and slower.undone_s == 2500
+    assert 1.25 < slower.canary_itl_mean_s / slower.baseline_itl_mean_s < 1.35
+    assert 0.005 < slower.baseline_itl_mean_s < 0.05 and math.isnan(slower.canary_ttft_p99_s)  # seconds; no TTFT check
+    good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0).rollouts.iloc[0]
+    assert not good.canary_failed and 0.97 < good.canary_itl_mean_s / good.baseline_itl_mean_s < 1.03
+    # an absolute limit between the two: the slower one over it, the good one under
+    limit = (good.canary_itl_mean_s + slower.canary_itl_mean_s) / 2
+    absolute = sc.override({"pods.rollouts.2": {"at_s": 2500, "resume": True, "undo_if_itl_mean_over_s": limit}})
+    assert simulate(absolute, 0).rollouts.canary_failed.iloc[0]
+    assert not simulate(absolute.override({"pods.rollouts.0.slowdown": 1.0}), 0).rollouts.canary_failed.iloc[0]
+    # a window from the deploy reads the new pods' emptier first batches: light, and the slower version passes
+    early = sc.override({"pods.rollouts.2.at_s": 2200})
+    (f,) = [f for f in run_checks(early) if f.check == "canary-window-before-ready"]
+    assert "inter-token latency read fast" in f.message
+    missed = simulate(early, 0).rollouts.iloc[0]
+    assert not missed.canary_failed and missed.canary_itl_mean_s < 1.1 * missed.baseline_itl_mean_s
+    # the CLI note and the export's README say what it read and the query
+    out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "canary_rush.yaml"), "--set",
+                                   "pods.rollouts.2={at_s: 2500, resume: true, undo_if_itl_mean_over_baseline: 1.2}"])
+    assert out.exit_code == 0, out.output
+    assert "failed: resumed and undone: its pods' mean inter-token latency" in out.output
+    # static batching has no inter-token latency to check
+    with pytest.raises(SettingsError, match=r"pods.rollouts.2: the inter-token latency check .* needs batching.mode: "
+                                            "continuous"):
+        _paused({"at_s": 500, "resume": True, "undo_if_itl_mean_over_baseline": 1.2})
 
 
 def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:

@@ -519,9 +519,15 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
             out.append(f"{head} took {r.done_s - r.at_s:g} s: {r.min_ready:.0f} pods ready at the fewest, "
                        f"{r.most_pods:.0f} alive at the most{stalled} (rollouts.csv)")
         if not math.isnan(r.canary_checked_s):
-            read = ("" if math.isnan(r.canary_ttft_p99_s) and math.isnan(r.baseline_ttft_p99_s) else
-                    f": its pods' p99 TTFT {r.canary_ttft_p99_s:.3g} s against the old pods' "
-                    f"{r.baseline_ttft_p99_s:.3g} s over the check's window")
+            reads = []
+            if not (math.isnan(r.canary_ttft_p99_s) and math.isnan(r.baseline_ttft_p99_s)):
+                reads.append(f"its pods' p99 TTFT {r.canary_ttft_p99_s:.3g} s against the old pods' "
+                             f"{r.baseline_ttft_p99_s:.3g} s")
+            if not (math.isnan(r.canary_itl_mean_s) and math.isnan(r.baseline_itl_mean_s)):
+                whose = "their" if reads else "its pods'"
+                reads.append(f"{whose} mean inter-token latency {r.canary_itl_mean_s * 1e3:.3g} ms against the old "
+                             f"pods' {r.baseline_itl_mean_s * 1e3:.3g} ms")
+            read = f": {' and '.join(reads)} over the check's window" if reads else ""
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
             if r.canary_checked_s not in {ro.at_s for ro in sc.pods.rollouts if ro.resume}:
                 verdict += " by the pipeline's restart poll during the pause (a restart of its pods)"

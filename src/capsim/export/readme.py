@@ -165,6 +165,11 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.undo_if_ttft_p99_over_baseline is not None:
                     why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_baseline:g} times the "
                                "old pods'")
+                if ro.undo_if_itl_mean_over_s is not None:
+                    why.append(f"their mean inter-token latency {window} is over {ro.undo_if_itl_mean_over_s:g} s")
+                if ro.undo_if_itl_mean_over_baseline is not None:
+                    why.append(f"their mean inter-token latency {window} is over {ro.undo_if_itl_mean_over_baseline:g} "
+                               "times the old pods'")
                 if ro.latency_checked:
                     why.append("they answered nothing then")
                 if ro.restart_poll_s is not None:
@@ -173,9 +178,14 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                               f"kubectl get pods -n {target.namespace} -l pod-template-hash=<the new ReplicaSet's>"]
                 steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),
                           f"kubectl rollout resume {ref}", f"kubectl rollout undo {ref}   # only if the check failed"]
-                if ro.latency_checked:
+                if ro.ttft_checked:
                     steps += ["# the p99: histogram_quantile(0.99, sum by (le) (increase("
                               f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{ro.check_window_s:g}s])))"]
+                if ro.itl_checked:
+                    w = f"{ro.check_window_s:g}s"
+                    steps += ["# the mean inter-token latency: sum(increase(vllm:inter_token_latency_seconds_sum"
+                              f"{{pod=~\"<the pods>\"}}[{w}])) / sum(increase(vllm:inter_token_latency_seconds_count"
+                              f"{{pod=~\"<the pods>\"}}[{w}]))"]
             else:
                 steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
         lines += [*steps, "```"]

@@ -512,12 +512,31 @@ class Rollout(_Section):
         None, gt=0, description="with resume: the same p99 against the old pods' over the same window (a baseline, "
         "as Kayenta or an Argo Rollouts analysis compares): over this many times theirs, or nothing answered by the "
         "canary, it resumes and undoes; with no answer from the old pods it passes")
+    undo_if_itl_mean_over_s: Float | None = Field(
+        None, gt=0, description="with resume (continuous batching): the canary's mean inter-token latency over the "
+        "last check_window_s (the increase of vLLM's ITL histogram's sum over its count's, summed over the new "
+        "template's pods) over this, or nothing answered then: it resumes and undoes")
+    undo_if_itl_mean_over_baseline: Float | None = Field(
+        None, gt=0, description="with resume (continuous batching): the same mean against the old pods' over the same "
+        "window: over this many times theirs, or nothing answered by the canary, it resumes and undoes; with no answer "
+        "from the old pods it passes")
     check_window_s: Float = Field(300.0, gt=0, description="the latency checks' window (the query's [5m])")
 
     @property
     def latency_checked(self) -> bool:
-        """Whether the resume checks the canary's p99 TTFT (against a limit or the old pods')."""
+        """Whether the resume checks the canary's latency: its p99 TTFT or its mean inter-token latency (against a
+        limit or the old pods')."""
+        return self.ttft_checked or self.itl_checked
+
+    @property
+    def ttft_checked(self) -> bool:
+        """Whether the resume checks the canary's p99 TTFT."""
         return self.undo_if_ttft_p99_over_s is not None or self.undo_if_ttft_p99_over_baseline is not None
+
+    @property
+    def itl_checked(self) -> bool:
+        """Whether the resume checks the canary's mean inter-token latency."""
+        return self.undo_if_itl_mean_over_s is not None or self.undo_if_itl_mean_over_baseline is not None
 
     @property
     def action(self) -> str:
@@ -533,7 +552,8 @@ class Rollout(_Section):
         for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0)):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
-        for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline"):
+        for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline",
+                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline"):
             if getattr(self, name) not in (False, None) and not self.resume:
                 raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
                                  "pause in which the canary ran")
@@ -541,8 +561,8 @@ class Rollout(_Section):
             raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
                              "pause, which needs undo_if_restarted: true")
         if self.check_window_s != 300.0 and not self.latency_checked:
-            raise ValueError("check_window_s: the window of the latency checks, which needs undo_if_ttft_p99_over_s or "
-                             "undo_if_ttft_p99_over_baseline")
+            raise ValueError("check_window_s: the window of the latency checks, which needs undo_if_ttft_p99_over_s, "
+                             "undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s or undo_if_itl_mean_over_baseline")
         if self.pause or self.resume:  # (compared with the defaults, not the fields given: a dump carries them all)
             for name in ("crash_after_s", "slowdown", "new_image"):
                 if getattr(self, name) != type(self).model_fields[name].default:
@@ -1489,6 +1509,12 @@ class Scenario(BaseModel):
                              "is the constant service.ingress_ms)")
         if self.service.ingress_noise is not None and not sum(self.service.ingress_noise) > 0:
             raise ValueError("service.ingress_noise must have a positive factor (they are scaled to mean 1)")
+        if self.batching.mode != "continuous":
+            for i, ro in enumerate(self.pods.rollouts):
+                if ro.itl_checked:
+                    raise ValueError(f"pods.rollouts.{i}: the inter-token latency check (undo_if_itl_mean_over_s, "
+                                     "undo_if_itl_mean_over_baseline) needs batching.mode: continuous (a static pod "
+                                     "answers a batch at once and exports no inter-token latency)")
         if self.autoscaler is not None and self.batching.mode != "continuous":
             for i, m in enumerate(self.autoscaler.to_hpa().metrics):
                 if POD_METRIC_ALIASES.get(m.name) in CONTINUOUS_METRIC_KINDS:

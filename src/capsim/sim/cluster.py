@@ -101,6 +101,8 @@ class RolloutRecord:
     undo_refused_s: float | None = None  # when the pipeline's undo of it was refused: the Deployment was paused
     canary_ttft_p99_s: float | None = None  # the canary latency check's p99 at the resume (NaN: nothing answered)
     baseline_ttft_p99_s: float | None = None  # the same over the other templates' pods, for comparison
+    canary_itl_mean_s: float | None = None  # the canary ITL check's mean at the resume (NaN: nothing answered)
+    baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
     canary_checked_s: float | None = None  # when the pipeline checked it as a canary (at a resume)
     canary_failed: bool = False  # and whether the check failed (it was undone then)
 
@@ -172,8 +174,10 @@ class Cluster:
         self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
         self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
-        # the latency check's window start: every pod's TTFT histogram then, to take the increase from
+        # the latency check's window start: every pod's TTFT histogram then, to take the increase from, and its ITL
+        # histogram's sum and count (continuous pods)
         self._window_start: dict[int, dict[int, tuple[int, ...]]] = {}
+        self._itl_start: dict[int, dict[int, tuple[float, int]]] = {}
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
         for r in sim.scenario.pods.rollouts:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
@@ -286,20 +290,36 @@ class Cluster:
     def _check_window_opens(self, ev: Timeout) -> None:
         """The latency check's window opens: every pod's TTFT histogram now, to take its increase from."""
         self._window_start[id(ev.value)] = {p.id: tuple(p.ttft_buckets or ()) for p in self.pods}
+        self._itl_start[id(ev.value)] = {p.id: _itl_counters(p) for p in self.pods}
 
     def _canary_fails(self, ro: Rollout, record: RolloutRecord) -> bool:
         """The pipeline's checks of ``record``'s canary at the resume ``ro``: a container of its pods exited
         (``undo_if_restarted``), or the p99 TTFT its pods answered over the check's window is unknown (nothing
         answered: ``histogram_quantile`` of an empty histogram), over ``undo_if_ttft_p99_over_s`` or over
         ``undo_if_ttft_p99_over_baseline`` times the old pods' (which passes when they answered nothing)."""
-        restarted = ro.undo_if_restarted and self._restarted(record.template)
-        if not ro.latency_checked:
-            return restarted
-        p99 = record.canary_ttft_p99_s = self._window_p99(ro, record.template, canary=True)
-        base = record.baseline_ttft_p99_s = self._window_p99(ro, record.template, canary=False)
-        limit, ratio = ro.undo_if_ttft_p99_over_s, ro.undo_if_ttft_p99_over_baseline
-        return (restarted or math.isnan(p99) or (limit is not None and p99 > limit)
-                or (ratio is not None and not math.isnan(base) and p99 > ratio * base))
+        failed = ro.undo_if_restarted and self._restarted(record.template)
+        if ro.ttft_checked:
+            p99 = record.canary_ttft_p99_s = self._window_p99(ro, record.template, canary=True)
+            base = record.baseline_ttft_p99_s = self._window_p99(ro, record.template, canary=False)
+            failed |= _over(p99, base, ro.undo_if_ttft_p99_over_s, ro.undo_if_ttft_p99_over_baseline)
+        if ro.itl_checked:
+            mean = record.canary_itl_mean_s = self._window_itl(ro, record.template, canary=True)
+            base = record.baseline_itl_mean_s = self._window_itl(ro, record.template, canary=False)
+            failed |= _over(mean, base, ro.undo_if_itl_mean_over_s, ro.undo_if_itl_mean_over_baseline)
+        return failed
+
+    def _window_itl(self, ro: Rollout, template: int, canary: bool) -> float:
+        """The mean inter-token latency over the check's window of ``template``'s pods (``canary``) or of the others:
+        ``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])`` summed over them, gone ones
+        too (NaN: no token gap observed). A request's gaps count when it ends (the simulated pod's counters)."""
+        before = self._itl_start.get(id(ro), {})
+        total, count = 0.0, 0
+        for p in self.pods:
+            if (p.revision == template) == canary:
+                s0, c0 = before.get(p.id, (0.0, 0))
+                s1, c1 = _itl_counters(p)
+                total, count = total + s1 - s0, count + c1 - c0
+        return total / count if count else math.nan
 
     def _window_p99(self, ro: Rollout, template: int, canary: bool) -> float:
         """``histogram_quantile(0.99, ...)`` of the increase, over the check's window, of the TTFT histograms of
@@ -1017,3 +1037,15 @@ class Cluster:
         """GPU-seconds held by all pods up to ``now`` (each holds ``tensor_parallel_size`` GPUs)."""
         held = sum(p.gpu_s + (now - p.gpu_since if p.gpu_since is not None else 0.0) for p in self.pods)
         return held * self.nodes.pod_gpus
+
+
+def _itl_counters(pod: Pod) -> tuple[float, int]:
+    """A pod's inter-token latency histogram's sum and count now (0, 0 for a static pod, which has none)."""
+    return float(getattr(pod, "itl_sum_s", 0.0)), int(getattr(pod, "itl_count", 0))
+
+
+def _over(value: float, base: float, limit: float | None, ratio: float | None) -> bool:
+    """A canary latency check fails: nothing answered (``value`` NaN), over ``limit``, or over ``ratio`` times the
+    old pods' ``base`` (which passes when they answered nothing)."""
+    return (math.isnan(value) or (limit is not None and value > limit)
+            or (ratio is not None and not math.isnan(base) and value > ratio * base))

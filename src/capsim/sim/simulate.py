@@ -83,14 +83,15 @@ class SimResult:
     # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never), and
     # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), when the pipeline checked
     # it as a canary at a resume (NaN: never) and whether the check failed, and the p99 TTFT the
-    # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered)
+    # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered),
+    # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs)
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
                    "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed", "canary_ttft_p99_s",
-                   "baseline_ttft_p99_s"]
+                   "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s"]
 
 
 _gc_lock = threading.Lock()
@@ -191,7 +192,7 @@ class Simulation:
                 f = np.asarray(noise, dtype=float)
                 self.continuous.ingress = FactorWalk(f / f.mean(), scenario.service.ingress_noise_block,
                                                      BufferedDraws(self.streams["ingress"]))
-        canary = any(ro.latency_checked for ro in scenario.pods.rollouts)  # a canary's latency check
+        canary = any(ro.ttft_checked for ro in scenario.pods.rollouts)  # a canary's TTFT check
         self.track_ttft = canary or (scenario.autoscaler is not None and any(
             POD_METRIC_ALIASES.get(m.name) == "ttft"
             for m in scenario.autoscaler.to_hpa().metrics
@@ -270,7 +271,7 @@ class Simulation:
                 exceeded = r.progress_s + deadline
             rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
                          r.undo_refused_s, r.canary_checked_s, r.canary_failed, r.canary_ttft_p99_s,
-                         r.baseline_ttft_p99_s])
+                         r.baseline_ttft_p99_s, r.canary_itl_mean_s, r.baseline_itl_mean_s])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)

@@ -120,9 +120,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``undo_if_ttft_p99_over_baseline``) looks back ``check_window_s`` to before the canary's pods can all be ready
   (the pause plus a new pod's longest way to ready: the new image's pull, the longest cold start, a readiness
   probe period, ``pods.min_ready_s``): the window holds their first requests, which the router treats unlike a warm
-  pod's (least outstanding sends a burst to a new pod: the canary reads slow; round robin gives it no backlog: it
-  reads fast), so the check judges the router, not the version; a check before they can be ready may find no
-  answer, and fails.
+  pod's (least outstanding sends a burst to a new pod: the canary's TTFT reads slow; round robin gives it no
+  backlog: it reads fast; an emptier batch makes its inter-token latency read fast), so the check judges the
+  router, not the version; a check before they can be ready may find no answer, and fails.
 * ``restart-poll-never-looks`` (warn): a resume's ``restart_poll_s`` as long as its pause or longer: the pipeline's
   first look would come at or after the resume, so the poll never looks and a broken canary waits for the resume.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
@@ -609,8 +609,9 @@ def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, ne
     why = (f"the pause at {began:g} s holds the pods the deploy made by then, and a new pod may take {step:g} s to be "
            f"available ({', '.join(parts)}; a node to provision comes on top)")
     router = ("The window holds the new pods' first requests, which the router treats unlike a warm pod's (least "
-              "outstanding sends a new pod a burst: a good canary reads slow; round robin gives it no backlog: a "
-              "slower one reads fast), so the check judges the router, not the version")
+              "outstanding sends a new pod a burst: a good canary's TTFT reads slow; round robin gives it no backlog: "
+              "a slower one's reads fast; an emptier batch makes the inter-token latency read fast under either), so "
+              "the check judges the router, not the version")
     if resume.at_s < ready:
         return [Finding(
             f"pods.rollouts.{i}.at_s", f"{resume.at_s:g} s: the latency check at this resume may come before the "
