@@ -492,11 +492,10 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     ru = sc.pods.rolling_update
     how = ("Recreate" if sc.pods.strategy == "Recreate"
            else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
-    from capsim.studies.checks import run_checks
+    from capsim.studies.checks import canary_window_before_ready
 
     # the resumes whose latency check looks back before the canary's pods could be ready (their entry's time)
-    early = {sc.pods.rollouts[int(f.path.split(".")[2])].at_s for f in run_checks(sc)
-             if f.check == "canary-window-before-ready"}
+    early = {sc.pods.rollouts[int(f.path.split(".")[2])].at_s for f in canary_window_before_ready(sc)}
     out = []
     for r in rollouts.itertuples():
         what = "the undo (kubectl rollout undo)" if r.undo else "the rollout"

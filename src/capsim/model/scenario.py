@@ -721,20 +721,30 @@ class Pods(_Section):
         """The ``rollouts`` entries that roll the pods to another template: deploys and undos (no pause or resume)."""
         return tuple(ro for ro in self.rollouts if ro.action in ("deploy", "undo"))
 
+    def pause_pairs(self) -> list[tuple[int, int | None, Rollout | None]]:
+        """Each pause of ``rollouts`` in the order the run takes the entries: the index of its pause entry, of the
+        resume entry that ends it (``None``: never resumed), and the last template change (deploy or undo) before
+        it (``None``: none)."""
+        out: list[tuple[int, int | None, Rollout | None]] = []
+        began: int | None = None
+        last: Rollout | None = None
+        for i, ro in sorted(enumerate(self.rollouts), key=lambda e: e[1].at_s):  # stable: one time's in their order
+            if ro.action in ("deploy", "undo"):
+                last = ro
+            elif ro.pause:
+                began, before = i, last
+            elif ro.resume and began is not None:
+                out.append((began, i, before))
+                began = None
+        if began is not None:
+            out.append((began, None, before))
+        return out
+
     def pauses(self) -> list[tuple[float, float]]:
         """The spans in which ``rollouts`` keep the Deployment paused, each ``(pause, resume)`` (``inf``: never
         resumed)."""
-        out: list[tuple[float, float]] = []
-        began: float | None = None
-        for ro in sorted(self.rollouts, key=lambda r: r.at_s):  # stable: entries at one time in their order
-            if ro.pause:
-                began = ro.at_s
-            elif ro.resume and began is not None:
-                out.append((began, ro.at_s))
-                began = None
-        if began is not None:
-            out.append((began, math.inf))
-        return out
+        return [(self.rollouts[a].at_s, math.inf if b is None else self.rollouts[b].at_s)
+                for a, b, _ in self.pause_pairs()]
 
     @model_validator(mode="after")
     def _strategy_fields(self) -> Self:

@@ -183,16 +183,14 @@ class Cluster:
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
             if r.latency_checked:
                 Timeout(sim.env, max(0.0, r.at_s - r.check_window_s), r).callbacks.append(self._check_window_opens)
-        began: float | None = None  # the restart polls: every restart_poll_s of the pause, up to its resume
-        for r in sorted(sim.scenario.pods.rollouts, key=lambda r: r.at_s):  # stable: one time's in their order
-            if r.pause:
-                began = r.at_s
-            elif r.resume and began is not None:
-                if r.restart_poll_s is not None:
-                    n = math.ceil((r.at_s - began) / r.restart_poll_s)  # the ticks before the resume
-                    for k in range(1, n):
-                        Timeout(sim.env, began + k * r.restart_poll_s, r).callbacks.append(self._restart_poll)
-                began = None
+        rollouts = sim.scenario.pods.rollouts
+        for pause, resume, _ in sim.scenario.pods.pause_pairs():  # the restart polls: every restart_poll_s of a pause
+            poll = None if resume is None else rollouts[resume].restart_poll_s
+            if resume is not None and poll is not None:
+                began = rollouts[pause].at_s
+                n = math.ceil((rollouts[resume].at_s - began) / poll)  # the ticks before the resume
+                for k in range(1, n):
+                    Timeout(sim.env, began + k * poll, rollouts[resume]).callbacks.append(self._restart_poll)
 
     # ---- the Deployment ---------------------------------------------------------------------------
     def start(self, replicas: int) -> None:
@@ -238,14 +236,14 @@ class Cluster:
         if ro.resume and id(ro) in self._resumed_early:  # its restart poll resumed (and undid) already
             return
         if ro.resume:  # with a canary check first (on the rollout the pause held, not a deploy that waited)
-            checked = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
+            held = self._held_canary()
             failed = False
-            if checked and self._waiting is None and (ro.undo_if_restarted or ro.latency_checked):
-                failed = checked[-1].canary_failed = self._canary_fails(ro, checked[-1])
-                checked[-1].canary_checked_s = now
+            if held is not None and (ro.undo_if_restarted or ro.latency_checked):
+                failed = held.canary_failed = self._canary_fails(ro, held)
+                held.canary_checked_s = now
             self._resume(now)
-            if failed and checked[-1].open:  # `kubectl rollout resume && kubectl rollout undo`
-                self._pipeline_undo(now, checked[-1])
+            if held is not None and failed and held.open:  # `kubectl rollout resume && kubectl rollout undo`
+                self._pipeline_undo(now, held)
             return
         if not ro.undo and self._undo_after_s is not None:  # the pipeline's `kubectl rollout status --timeout`
             Timeout(self.sim.env, self._undo_after_s, ro).callbacks.append(self._timed_out)
@@ -274,18 +272,23 @@ class Cluster:
         the first restart of a pod of the rollout the pause holds, ``kubectl rollout resume && kubectl rollout undo``
         at once; the resume entry then does nothing."""
         ro = cast(Rollout, ev.value)
-        if id(ro) in self._resumed_early or not self.paused or self._waiting is not None:
-            return
-        held = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
-        if not held or not self._restarted(held[-1].template):
+        record = self._held_canary()
+        if id(ro) in self._resumed_early or not self.paused or record is None or not self._restarted(record.template):
             return
         now = self.sim.env.now
-        record = held[-1]
         record.canary_checked_s, record.canary_failed = now, True
         self._resumed_early.add(id(ro))
         self._resume(now)
         if record.open:
             self._pipeline_undo(now, record)
+
+    def _held_canary(self) -> RolloutRecord | None:
+        """The rollout a pause holds as a canary: the last one still running on the current template, unless a deploy
+        made while paused waits for the resume (then nothing of it runs to check)."""
+        if self._waiting is not None:
+            return None
+        held = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
+        return held[-1] if held else None
 
     def _check_window_opens(self, ev: Timeout) -> None:
         """The latency check's window opens: every pod's TTFT histogram now, to take its increase from."""

@@ -210,7 +210,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_deadline(scenario)
     findings += _undo_while_paused(scenario)
     findings += _pause_holds_no_canary(scenario)
-    findings += _canary_window_before_ready(scenario)
+    findings += canary_window_before_ready(scenario)
     findings += _restart_poll_never_looks(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
@@ -488,15 +488,9 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
     pods = scenario.pods
     if not pods.template_changes:
         return []
-    pull = pods.image_pull_s.range_s[1] if any(r.new_image and r.action == "deploy" for r in pods.rollouts) else 0.0
-    start, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
-    step = pull + start + probe + pods.min_ready_s
+    step, parts = _to_available(scenario, any(r.new_image and r.action == "deploy" for r in pods.rollouts))
     if pods.progress_deadline_s >= step:
         return []
-    parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start:g} s",
-                                                                       f"a readiness probe period {probe:g} s"]
-    if pods.min_ready_s:
-        parts.append(f"minReadySeconds {pods.min_ready_s} s")
     then = ("; with pods.undo_on_deadline the pipeline undoes it: every deploy is rolled back" if pods.undo_on_deadline
             else "; `kubectl rollout status` fails though the rollout is fine")
     return [Finding(
@@ -504,6 +498,19 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
         f"from its creation to available ({', '.join(parts)}; a node to provision comes on top), with no progress "
         f"meanwhile: Kubernetes reports the rollout stalled (ProgressDeadlineExceeded){then}", level="warn",
         check="rollout-deadline-short")]
+
+
+def _to_available(scenario: Scenario, new_image: bool) -> tuple[float, list[str]]:
+    """The longest a new pod of a rollout takes from its creation to available, and its parts as words: the image
+    pull (``new_image``), the longest cold start, a readiness probe period and ``pods.min_ready_s``."""
+    pods = scenario.pods
+    pull = pods.image_pull_s.range_s[1] if new_image else 0.0
+    start, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
+    parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start:g} s",
+                                                                       f"a readiness probe period {probe:g} s"]
+    if pods.min_ready_s:
+        parts.append(f"minReadySeconds {pods.min_ready_s} s")
+    return pull + start + probe + pods.min_ready_s, parts
 
 
 def _undo_while_paused(scenario: Scenario) -> list[Finding]:
@@ -539,13 +546,7 @@ def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
     controller's ``scale`` gives the newest every replica) or a maxSurge of the whole fleet (once the new pods are
     available the paused controller takes the old ones to zero): a working version's rollout finishes paused."""
     pods = scenario.pods
-    last = None  # the last template change before each pause, in the order the run takes the entries
-    held = False
-    for ro in sorted(pods.rollouts, key=lambda r: r.at_s):  # stable: entries at one time in their order
-        if ro.action in ("deploy", "undo"):
-            last = ro.action
-        elif ro.pause:
-            held |= last == "deploy"
+    held = any(last is not None and last.action == "deploy" for _, _, last in pods.pause_pairs())
     n = _floor(scenario)
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
     if not held or n == 0:
@@ -566,7 +567,7 @@ def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
         "by pause\")", level="warn", check="pause-holds-no-canary")]
 
 
-def _canary_window_before_ready(scenario: Scenario) -> list[Finding]:
+def canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     """A canary's latency check whose window reaches back before its pods can all be ready. The canary's pods are
     made by the deploy's syncs up to the pause, and each takes up to the new image's pull, the longest cold start, a
     readiness probe period and ``min_ready_s`` to be available (``_rollout_deadline``'s step; a node to provision
@@ -575,37 +576,21 @@ def _canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     burst: the canary reads slow), round robin gives it none of the others' backlog (it reads fast). In the H100
     rush (docs/studies.md, "A canary by pause") a good version checked at 2,200 s over 300 s read 0.71 to 3.01 times
     the old pods' p99 and was undone in 4 seeds of 5; over 120 s (its pods ready by 2,030 s) 0.93 to 0.99."""
-    pods = scenario.pods
+    rollouts = scenario.pods.rollouts
     out = []
-    last: Rollout | None = None  # the last template change, in the order the run takes the entries
-    paused: tuple[float, bool] | None = None  # the pause under way: its time, and whether it holds a deploy
-    for i, ro in sorted(enumerate(pods.rollouts), key=lambda e: e[1].at_s):  # stable: one time's in their order
-        if ro.action in ("deploy", "undo"):
-            last = ro
-        elif ro.pause:
-            paused = (ro.at_s, last is not None and last.action == "deploy")
-        elif ro.resume and paused is not None:
-            began, held = paused
-            paused = None
-            if held and ro.latency_checked and last is not None:
-                out += _canary_window(scenario, i, ro, began, last.new_image)
+    for a, b, last in scenario.pods.pause_pairs():
+        if b is not None and rollouts[b].latency_checked and last is not None and last.action == "deploy":
+            out += _canary_window(scenario, b, rollouts[b], rollouts[a].at_s, last.new_image)
     return out
 
 
 def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool) -> list[Finding]:
-    """``_canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy."""
-    pods = scenario.pods
-    pull = pods.image_pull_s.range_s[1] if new_image else 0.0
-    start_s, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
-    step = pull + start_s + probe + pods.min_ready_s
+    """``canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy."""
+    step, parts = _to_available(scenario, new_image)
     ready = began + step
     window_start = resume.at_s - resume.check_window_s
     if window_start >= ready:
         return []
-    parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start_s:g} s",
-                                                                       f"a readiness probe period {probe:g} s"]
-    if pods.min_ready_s:
-        parts.append(f"minReadySeconds {pods.min_ready_s:g} s")
     why = (f"the pause at {began:g} s holds the pods the deploy made by then, and a new pod may take {step:g} s to be "
            f"available ({', '.join(parts)}; a node to provision comes on top)")
     router = ("The window holds the new pods' first requests, which the router treats unlike a warm pod's (least "
@@ -629,19 +614,18 @@ def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, ne
 def _restart_poll_never_looks(scenario: Scenario) -> list[Finding]:
     """A restart poll (``restart_poll_s``) no shorter than the pause it runs in: its first look is due at or after
     the resume, so it never looks (the resume's own restart check still runs)."""
+    rollouts = scenario.pods.rollouts
     out = []
-    began: float | None = None
-    for i, ro in sorted(enumerate(scenario.pods.rollouts), key=lambda e: e[1].at_s):  # stable: one time's in order
-        if ro.pause:
-            began = ro.at_s
-        elif ro.resume and began is not None:
-            if ro.restart_poll_s is not None and ro.restart_poll_s >= ro.at_s - began:
-                out.append(Finding(
-                    f"pods.rollouts.{i}.restart_poll_s", f"{ro.restart_poll_s:g} s, but the pause it looks through lasts "
-                    f"{ro.at_s - began:g} s (from {began:g} s to this resume at {ro.at_s:g} s): its first look would come "
-                    "at or after the resume, so it never looks and a broken canary crash-loops until the resume's own "
-                    "check; look more often than the pause is long", level="warn", check="restart-poll-never-looks"))
-            began = None
+    for a, i, _ in scenario.pods.pause_pairs():
+        if i is None or rollouts[i].restart_poll_s is None:
+            continue
+        ro, began = rollouts[i], rollouts[a].at_s
+        if ro.restart_poll_s is not None and ro.restart_poll_s >= ro.at_s - began:
+            out.append(Finding(
+                f"pods.rollouts.{i}.restart_poll_s", f"{ro.restart_poll_s:g} s, but the pause it looks through lasts "
+                f"{ro.at_s - began:g} s (from {began:g} s to this resume at {ro.at_s:g} s): its first look would come "
+                "at or after the resume, so it never looks and a broken canary crash-loops until the resume's own "
+                "check; look more often than the pause is long", level="warn", check="restart-poll-never-looks"))
     return out
 
 
