@@ -185,11 +185,12 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
                                      "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s",
                                      "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s",
-                                     "canary_itl_mean_s", "baseline_itl_mean_s"]
+                                     "canary_itl_mean_s", "baseline_itl_mean_s", "canary_measurements",
+                                     "canary_failures"]
     assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed",
                                  "canary_ttft_p99_s", "baseline_ttft_p99_s", "canary_itl_mean_s",
                                  "baseline_itl_mean_s"]).values.tolist() == [
-        [200.0, 1.0, 4.0, 4.0, 5.0, 800.0]]
+        [200.0, 1.0, 4.0, 4.0, 5.0, 800.0, 0, 0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
     # no progress after its first step at 200 s: Kubernetes' 600-s progress deadline passes at 800 s
@@ -981,6 +982,9 @@ def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:
     assert bad.undone_s == 240 and bad.canary_checked_s == 240 and bad.canary_failed
     assert undo.undo and undo.at_s == 240 and undo.done_s == pytest.approx(300)  # the old pod taken down, replaced
     assert polled.summary.rollouts_undone == 1 and polled.summary.rollout_undos_refused == 0
+    # undone 40 s after the deploy; the longest rollout is the undo's own (the old pod it brings back, 60 s)
+    assert polled.summary.undone_after_s == 40 and polled.summary.longest_rollout_s == pytest.approx(60)
+    assert at_resume.summary.undone_after_s == 300
     assert polled.summary.crashes < at_resume.summary.crashes  # 2 against 10
     assert (polled.crashes.time_s <= 240).all() and len(polled.crashes) == polled.summary.crashes
     # a working version, and a slower one, restart nothing: the poll passes them and the resume finishes the rollout
@@ -1030,3 +1034,96 @@ def test_capsim_check_warns_of_a_pause_that_holds_no_canary() -> None:
     assert not found(_fleet(**{"pods.rollouts": [{"at_s": 100, "pause": True}, {"at_s": 200},
                                                  {"at_s": 300, "resume": True}],
                                "pods.rolling_update": {"max_surge": "100%", "max_unavailable": 0}}))
+
+
+def test_an_analysis_through_the_pause_undoes_at_the_measurement_over_its_failure_limit() -> None:
+    """The pipeline measures the canary's p99 TTFT against the old pods' every 50 s of the pause (an Argo Rollouts
+    analysis' interval), the first 170 s after the pause at 200 s (at 370 s: its 100-s window starts at 270 s, when
+    the canary's pods are ready), then at 420 and 470 s, and the resume at 500 s measures last. A version twice as
+    slow reads about twice the old pods' p99: undone at the measurement that makes the failures more than the
+    failure limit (370 s with 0, 420 s with 1); a good one passes all four. A broken one answers nothing, which fails
+    a measurement too."""
+    from capsim.studies.checks import run_checks
+
+    check = {"at_s": 500, "resume": True, "undo_if_ttft_p99_over_baseline": 1.5, "check_window_s": 100,
+             "check_interval_s": 50, "check_initial_delay_s": 170}
+    assert _paused(check).pods.analysis_times() == {2: [370.0, 420.0, 470.0]}
+    slower, broken = {"pods.rollouts.0.slowdown": 2.0}, {"pods.rollouts.0.crash_after_s": 30}
+    for limit, at in ((0, 370), (1, 420)):
+        for version in (slower, broken):
+            r = simulate(_paused({**check, "check_failure_limit": limit}, **version), 0)
+            bad, undo = r.rollouts.itertuples()
+            assert bad.undone_s == at and bad.canary_checked_s == at and bad.canary_failed
+            assert bad.canary_measurements == bad.canary_failures == limit + 1
+            assert undo.undo and undo.at_s == at and r.summary.rollouts_undone == 1  # one undo: the resume does nothing
+            assert r.summary.undone_after_s == at - 200  # from the deploy to the undo
+            assert math.isnan(bad.canary_ttft_p99_s) == (version is broken)  # nothing answered
+        passed = simulate(_paused({**check, "check_failure_limit": limit}), 0)
+        (good,) = passed.rollouts.itertuples()
+        assert math.isnan(passed.summary.undone_after_s)
+        assert good.canary_checked_s == 500 and not good.canary_failed and good.done_s == pytest.approx(560)
+        assert good.canary_measurements == 4 and good.canary_failures == 0
+    # a measurement fails when it reads over the limit, not the version: the slower canary's last two (at 470 and
+    # 500 s) read under 1.5 times the old pods', so with a limit of 3 it passes with 2 of 4 failed; a broken one
+    # fails all four and is undone at the resume, and with a limit of 4 passes even so (the limit is the user's)
+    (slow,) = simulate(_paused({**check, "check_failure_limit": 3}, **slower), 0).rollouts.itertuples()
+    assert not slow.canary_failed and (slow.canary_measurements, slow.canary_failures) == (4, 2)
+    assert slow.canary_ttft_p99_s < 1.5 * slow.baseline_ttft_p99_s
+    for limit, undone in ((3, True), (4, False)):
+        r = simulate(_paused({**check, "check_failure_limit": limit}, **broken), 0).rollouts.iloc[0]
+        assert r.canary_failed == undone and (r.canary_measurements, r.canary_failures) == (4, 4)
+    # without the delay the first measurement comes with the pause, before the canary has answered anything: it fails,
+    # and the deploy is undone at once. capsim check says so, and how long to wait
+    hasty = _paused({**check, "check_initial_delay_s": 0})
+    r = simulate(hasty, 0).rollouts.iloc[0]
+    assert r.undone_s == 200 and math.isnan(r.canary_ttft_p99_s)
+    (f,) = [f for f in run_checks(hasty) if f.check == "canary-window-before-ready"]
+    assert f.path == "pods.rollouts.2.check_initial_delay_s" and "Wait 170 s or more" in f.message
+    assert not [f for f in run_checks(_paused(check)) if f.check == "canary-window-before-ready"]
+    assert [f for f in run_checks(_paused({**check, "check_initial_delay_s": 169}))
+            if f.check == "canary-window-before-ready"]
+    # a first measurement at or after the resume never comes: only the resume measures, and a failure limit above 0
+    # can never be passed
+    late = _paused({**check, "check_initial_delay_s": 300, "check_failure_limit": 1})
+    assert late.pods.analysis_times() == {2: []}
+    (f,) = [f for f in run_checks(late) if f.check == "analysis-never-measures"]
+    assert f.path == "pods.rollouts.2.check_initial_delay_s" and "never undone for its latency" in f.message
+    r = simulate(late.override(broken), 0).rollouts.iloc[0]  # even a broken canary fails the resume's, and passes
+    assert not r.canary_failed and (r.canary_measurements, r.canary_failures) == (1, 1)
+    assert not [f for f in run_checks(_paused(check)) if f.check == "analysis-never-measures"]
+    # the CLI says which measurement undid it and how many failed
+    out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "canary_rush.yaml"), "--set",
+                                   "pods.rollouts.2={at_s: 2500, resume: true, undo_if_ttft_p99_over_baseline: 1.2, "
+                                   "check_window_s: 120, check_interval_s: 60, check_initial_delay_s: 250, "
+                                   "check_failure_limit: 1}"])
+    assert out.exit_code == 0, out.output
+    assert ("failed: resumed and undone by the pipeline's analysis during the pause (2 of 2 latency measurements "
+            "failed, its failure limit 1)") in out.output
+    for bad_entry, match in (
+            ({"check_interval_s": 50, "undo_if_ttft_p99_over_baseline": None, "check_window_s": 300},
+             "check_interval_s: how often the pipeline measures the canary's latency during the pause, which needs a "
+             "latency check"),
+            ({"check_interval_s": None, "check_initial_delay_s": 0, "check_failure_limit": 1},
+             "check_failure_limit: a setting of the "
+             "measurements during the pause, which needs check_interval_s"),
+            ({"check_interval_s": None, "check_initial_delay_s": 10}, "check_initial_delay_s: a setting of the"),
+            ({"check_failure_limit": -1}, "check_failure_limit"),
+            ({"check_interval_s": 0}, "check_interval_s")):
+        with pytest.raises(SettingsError, match=match):
+            _paused({**check, **bad_entry})
+
+
+def test_the_inter_token_latency_analysis_catches_the_slower_canary_at_its_first_measurement() -> None:
+    """In the H100 rush (docs/studies.md, "Measuring through the pause") the canary's mean inter-token latency
+    measured every 60 s over 2 minutes from 2,150 s reads the slowdown itself at the first measurement: a version 30%
+    slower is undone then, 350 s before the resume, a good one passes every measurement (seed 0 here)."""
+    itl = {"at_s": 2500, "resume": True, "undo_if_itl_mean_over_baseline": 1.2, "check_window_s": 120,
+           "check_interval_s": 60, "check_initial_delay_s": 250}
+    sc = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override({"pods.rollouts.2": itl})
+    assert sc.pods.analysis_times() == {2: [2150.0, 2210.0, 2270.0, 2330.0, 2390.0, 2450.0]}
+    slower = simulate(sc, 0).rollouts.iloc[0]
+    assert slower.undone_s == slower.canary_checked_s == 2150 and slower.canary_measurements == 1
+    assert 1.25 < slower.canary_itl_mean_s / slower.baseline_itl_mean_s < 1.35
+    good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0).rollouts.iloc[0]
+    assert not good.canary_failed and (good.canary_measurements, good.canary_failures) == (7, 0)
+    assert 0.95 < good.canary_itl_mean_s / good.baseline_itl_mean_s < 1.05

@@ -33,9 +33,14 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
         out.append({"at_s": a, "pause": True})
         if b is not None:
             restarted = draw(st.booleans())
+            p99 = draw(st.one_of(st.none(), st.floats(0.5, 3)))
+            analysis = p99 is not None and draw(st.booleans())  # measured through the pause too
             out.append({"at_s": b, "resume": True, "undo_if_restarted": restarted,
                         "restart_poll_s": draw(st.one_of(st.none(), st.floats(1, 120))) if restarted else None,
-                        "undo_if_ttft_p99_over_baseline": draw(st.one_of(st.none(), st.floats(0.5, 3)))})
+                        "undo_if_ttft_p99_over_baseline": p99,
+                        "check_interval_s": draw(st.floats(1, 120)) if analysis else None,
+                        "check_initial_delay_s": draw(st.floats(0, 60)) if analysis else 0.0,
+                        "check_failure_limit": draw(st.integers(0, 3)) if analysis else 0})
         out.sort(key=lambda x: x["at_s"])
     return out
 
@@ -223,8 +228,13 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
                           or any(x.undo_if_restarted or x.latency_checked for x in entries))
     deploys = sum(x.action == "deploy" for x in entries)  # paused, a deploy waits (a later one replaces it)
     assert int((~ro["undo"]).sum()) == deploys if not pauses else int((~ro["undo"]).sum()) <= deploys
-    # a restart poll that found a restart resumed (and undid) early: the pause ended there
+    # a restart poll that found a restart, or an analysis over its failure limit, resumed (and undid) early: the
+    # pause ended there; no more measurements failed than were made, nor made than the pipeline's times
     early = ro["canary_checked_s"][ro["canary_failed"]]
+    assert (ro["canary_failures"] <= ro["canary_measurements"]).all()
+    times = scenario.pods.analysis_times()
+    assert ro["canary_measurements"].sum() <= sum(len(times.get(i, [])) + 1 for i, x in enumerate(entries)
+                                                  if x.latency_checked)
     pauses = [(a, min([b, *(t for t in early if a < t < b)])) for a, b in pauses]
     for a, b in pauses:  # nothing undone inside a pause, and only there is an undo refused
         assert not ((ro["at_s"][ro["undo"]] > a) & (ro["at_s"][ro["undo"]] < b)).any()

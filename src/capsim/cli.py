@@ -492,10 +492,10 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     ru = sc.pods.rolling_update
     how = ("Recreate" if sc.pods.strategy == "Recreate"
            else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
-    from capsim.studies.checks import canary_window_before_ready
+    from capsim.studies.checks import canary_ready_s
 
-    # the resumes whose latency check looks back before the canary's pods could be ready (their entry's time)
-    early = {sc.pods.rollouts[int(f.path.split(".")[2])].at_s for f in canary_window_before_ready(sc)}
+    ready = canary_ready_s(sc)  # resume entry -> when the canary's pods it checks can all be ready
+    resumes = sorted((ro.at_s, i) for i, ro in enumerate(sc.pods.rollouts) if ro.resume)
     out = []
     for r in rollouts.itertuples():
         what = "the undo (kubectl rollout undo)" if r.undo else "the rollout"
@@ -526,13 +526,27 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
                 whose = "their" if reads else "its pods'"
                 reads.append(f"{whose} mean inter-token latency {r.canary_itl_mean_s * 1e3:.3g} ms against the old "
                              f"pods' {r.baseline_itl_mean_s * 1e3:.3g} ms")
-            read = f": {' and '.join(reads)} over the check's window" if reads else ""
+            # the resume whose check it was: the first at or after the check (a check during the pause comes before)
+            i = next((i for at, i in resumes if at >= r.canary_checked_s), None)
+            ro = None if i is None else sc.pods.rollouts[i]
+            many = ro is not None and ro.check_interval_s is not None
+            read = (f": {' and '.join(reads)} over the {'last measurement' if many else 'check'}'s window"
+                    if reads else "")
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
-            if r.canary_checked_s not in {ro.at_s for ro in sc.pods.rollouts if ro.resume}:
-                verdict += " by the pipeline's restart poll during the pause (a restart of its pods)"
-            caveat = ("; its latency check's window began before the canary's pods could all be ready, so it read "
-                      "their first requests, the router's treatment of new pods as much as the version (capsim check: "
-                      "canary-window-before-ready)" if r.canary_checked_s in early else "")
+            limit = f"{r.canary_failures} of {r.canary_measurements} latency measurements failed, " + (
+                f"its failure limit {ro.check_failure_limit}" if ro is not None else "")
+            if ro is not None and r.canary_checked_s != ro.at_s:
+                verdict += (f" by the pipeline's analysis during the pause ({limit})"
+                            if many and r.canary_failures > ro.check_failure_limit
+                            else " by the pipeline's restart poll during the pause (a restart of its pods)")
+            elif many:
+                verdict += f" ({limit})"
+            first = r.canary_checked_s if ro is None or not many else min(
+                [*sc.pods.analysis_times().get(i, []), r.canary_checked_s])
+            early = ro is not None and i in ready and first - ro.check_window_s < ready[i]
+            caveat = (f"; its latency {'measurements' if many else 'check'}' window began before the canary's pods "
+                      "could all be ready, so it read their first requests, the router's treatment of new pods as much "
+                      "as the version (capsim check: canary-window-before-ready)" if early else "")
             out.append(f"note: the canary check of the rollout at {r.at_s:g} s, at {r.canary_checked_s:g} s, "
                        f"{verdict}{read}{caveat} (rollouts.csv)")
         if not math.isnan(r.undo_refused_s):

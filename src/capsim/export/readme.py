@@ -157,25 +157,39 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             if ro.action == "deploy":
                 steps += [f"# at {ro.at_s:g} s: the new template", f"kubectl set image {ref} ..."]
             elif ro.undo_if_restarted or ro.latency_checked:
-                why = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
-                       if ro.undo_if_restarted else [])
-                window = f"over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"
+                restart = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
+                           if ro.undo_if_restarted else [])
+                slow = []  # what fails a latency measurement ({w}: where its window is said)
                 if ro.undo_if_ttft_p99_over_s is not None:
-                    why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_s:g} s")
+                    slow.append(f"their p99 TTFT{{w}} is over {ro.undo_if_ttft_p99_over_s:g} s")
                 if ro.undo_if_ttft_p99_over_baseline is not None:
-                    why.append(f"their p99 TTFT {window} is over {ro.undo_if_ttft_p99_over_baseline:g} times the "
-                               "old pods'")
+                    slow.append(f"their p99 TTFT{{w}} is over {ro.undo_if_ttft_p99_over_baseline:g} times the old "
+                                "pods'")
                 if ro.undo_if_itl_mean_over_s is not None:
-                    why.append(f"their mean inter-token latency {window} is over {ro.undo_if_itl_mean_over_s:g} s")
+                    slow.append(f"their mean inter-token latency{{w}} is over {ro.undo_if_itl_mean_over_s:g} s")
                 if ro.undo_if_itl_mean_over_baseline is not None:
-                    why.append(f"their mean inter-token latency {window} is over {ro.undo_if_itl_mean_over_baseline:g} "
-                               "times the old pods'")
+                    slow.append(f"their mean inter-token latency{{w}} is over {ro.undo_if_itl_mean_over_baseline:g} "
+                                "times the old pods'")
                 if ro.latency_checked:
-                    why.append("they answered nothing then")
+                    slow.append("they answered nothing then")
+                window = f" over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"
                 if ro.restart_poll_s is not None:
                     steps += [f"# meanwhile, every {ro.restart_poll_s:g} s of the pause: at a restart of the new "
                               "ReplicaSet's pods (RESTARTS above 0, or CrashLoopBackOff), resume and undo at once",
                               f"kubectl get pods -n {target.namespace} -l pod-template-hash=<the new ReplicaSet's>"]
+                if ro.check_interval_s is not None:  # an Argo Rollouts analysis' interval, initialDelay, failureLimit
+                    began = next(a for a, b in pods.pauses() if b == ro.at_s)
+                    steps += [f"# meanwhile, from {began + ro.check_initial_delay_s:g} s, every {ro.check_interval_s:g} "
+                              f"s of the pause: a latency measurement over the last {ro.check_window_s:g} s (the "
+                              "queries below), which fails if " + ", or ".join(x.format(w="") for x in slow)
+                              + f"; at the measurement that makes more than {ro.check_failure_limit} failed, resume "
+                              "and undo at once (an Argo Rollouts analysis: interval "
+                              f"{ro.check_interval_s:g}s, initialDelay {ro.check_initial_delay_s:g}s, failureLimit "
+                              f"{ro.check_failure_limit})"]
+                    why = [*restart, f"the last latency measurement,{window}, makes more than "
+                           f"{ro.check_failure_limit} failed"]
+                else:
+                    why = [*restart, *(x.format(w=window) for x in slow)]
                 steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),
                           f"kubectl rollout resume {ref}", f"kubectl rollout undo {ref}   # only if the check failed"]
                 if ro.ttft_checked:

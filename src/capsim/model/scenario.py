@@ -521,6 +521,20 @@ class Rollout(_Section):
         "window: over this many times theirs, or nothing answered by the canary, it resumes and undoes; with no answer "
         "from the old pods it passes")
     check_window_s: Float = Field(300.0, gt=0, description="the latency checks' window (the query's [5m])")
+    check_interval_s: Float | None = Field(
+        None, gt=0, description="with a latency check: the pipeline also measures the canary every this many seconds "
+        "of the pause (an Argo Rollouts analysis' interval), the first check_initial_delay_s after the pause, each over "
+        "the last check_window_s and with the resume's limits; the resume measures last. A measurement fails as the "
+        "resume's check does (over a limit, or nothing answered), and once more than check_failure_limit have failed "
+        "the pipeline resumes and undoes at once. None: one measurement, at the resume")
+    check_initial_delay_s: Float = Field(
+        0.0, ge=0, description="with check_interval_s: the wait from the pause to the first measurement (an Argo "
+        "Rollouts analysis' initialDelay): for the canary's pods to be ready and the window to hold only their "
+        "requests since")
+    check_failure_limit: Int = Field(
+        0, ge=0, description="with check_interval_s: how many latency measurements may fail before the pipeline "
+        "undoes (an Argo Rollouts analysis' failureLimit): it undoes at the measurement that makes the failures more "
+        "than this, the resume's included. A restart found (undo_if_restarted) undoes at once, whatever this is")
 
     @property
     def latency_checked(self) -> bool:
@@ -560,9 +574,18 @@ class Rollout(_Section):
         if self.restart_poll_s is not None and not self.undo_if_restarted:
             raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
                              "pause, which needs undo_if_restarted: true")
+        latency = ("undo_if_ttft_p99_over_s, undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s or "
+                   "undo_if_itl_mean_over_baseline")
         if self.check_window_s != 300.0 and not self.latency_checked:
-            raise ValueError("check_window_s: the window of the latency checks, which needs undo_if_ttft_p99_over_s, "
-                             "undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s or undo_if_itl_mean_over_baseline")
+            raise ValueError(f"check_window_s: the window of the latency checks, which needs {latency}")
+        if self.check_interval_s is not None and not self.latency_checked:
+            raise ValueError(f"check_interval_s: how often the pipeline measures the canary's latency during the pause, "
+                             f"which needs a latency check: {latency}")
+        for name, default in (("check_initial_delay_s", 0.0), ("check_failure_limit", 0)):
+            if getattr(self, name) != default and self.check_interval_s is None:
+                raise ValueError(f"{name}: a setting of the measurements during the pause, which needs "
+                                 "check_interval_s (with one measurement, at the resume, there is no delay to wait "
+                                 "and a failure limit above 0 would never undo)")
         if self.pause or self.resume:  # (compared with the defaults, not the fields given: a dump carries them all)
             for name in ("crash_after_s", "slowdown", "new_image"):
                 if getattr(self, name) != type(self).model_fields[name].default:
@@ -738,6 +761,21 @@ class Pods(_Section):
                 began = None
         if began is not None:
             out.append((began, None, before))
+        return out
+
+    def analysis_times(self) -> dict[int, list[float]]:
+        """Per resume entry (its index) whose pipeline measures the canary during the pause (``check_interval_s``):
+        the times of those measurements, from the pause plus ``check_initial_delay_s``, every ``check_interval_s``,
+        before the resume (which measures last, at its own time)."""
+        out: dict[int, list[float]] = {}
+        for a, b, _ in self.pause_pairs():
+            ro = None if b is None else self.rollouts[b]
+            if b is None or ro is None or ro.check_interval_s is None:
+                continue
+            first, times = self.rollouts[a].at_s + ro.check_initial_delay_s, list[float]()
+            while (t := first + len(times) * ro.check_interval_s) < ro.at_s:
+                times.append(t)
+            out[b] = times
         return out
 
     def pauses(self) -> list[tuple[float, float]]:

@@ -105,6 +105,8 @@ class RolloutRecord:
     baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
     canary_checked_s: float | None = None  # when the pipeline checked it as a canary (at a resume)
     canary_failed: bool = False  # and whether the check failed (it was undone then)
+    canary_measurements: int = 0  # the latency measurements of it (the resume's, and check_interval_s' in the pause)
+    canary_failures: int = 0  # how many of them failed
 
     @property
     def open(self) -> bool:
@@ -174,16 +176,21 @@ class Cluster:
         self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
         self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
-        # the latency check's window start: every pod's TTFT histogram then, to take the increase from, and its ITL
-        # histogram's sum and count (continuous pods)
-        self._window_start: dict[int, dict[int, tuple[int, ...]]] = {}
-        self._itl_start: dict[int, dict[int, tuple[float, int]]] = {}
+        # each latency measurement's window start, by (id of the resume entry, the measurement's time): every pod's
+        # TTFT histogram then, to take the increase from, and its ITL histogram's sum and count (continuous pods)
+        self._window_start: dict[tuple[int, float], dict[int, tuple[int, ...]]] = {}
+        self._itl_start: dict[tuple[int, float], dict[int, tuple[float, int]]] = {}
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
-        for r in sim.scenario.pods.rollouts:
+        self._failures: dict[int, int] = {}  # id of a resume entry -> its latency measurements failed so far
+        rollouts = sim.scenario.pods.rollouts
+        analysis = sim.scenario.pods.analysis_times()
+        for i, r in enumerate(rollouts):
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
             if r.latency_checked:
-                Timeout(sim.env, max(0.0, r.at_s - r.check_window_s), r).callbacks.append(self._check_window_opens)
-        rollouts = sim.scenario.pods.rollouts
+                for t in [*analysis.get(i, []), r.at_s]:  # the measurements during the pause, then the resume's
+                    Timeout(sim.env, max(0.0, t - r.check_window_s), (r, t)).callbacks.append(self._check_window_opens)
+                    if t != r.at_s:
+                        Timeout(sim.env, t, (r, t)).callbacks.append(self._analysis_measures)
         for pause, resume, _ in sim.scenario.pods.pause_pairs():  # the restart polls: every restart_poll_s of a pause
             poll = None if resume is None else rollouts[resume].restart_poll_s
             if resume is not None and poll is not None:
@@ -239,7 +246,11 @@ class Cluster:
             held = self._held_canary()
             failed = False
             if held is not None and (ro.undo_if_restarted or ro.latency_checked):
-                failed = held.canary_failed = self._canary_fails(ro, held)
+                failed = ro.undo_if_restarted and self._restarted(held.template)
+                if ro.latency_checked:
+                    self._measure(ro, held, now)
+                    failed |= self._failures.get(id(ro), 0) > ro.check_failure_limit
+                held.canary_failed = failed
                 held.canary_checked_s = now
             self._resume(now)
             if held is not None and failed and held.open:  # `kubectl rollout resume && kubectl rollout undo`
@@ -275,6 +286,22 @@ class Cluster:
         record = self._held_canary()
         if id(ro) in self._resumed_early or not self.paused or record is None or not self._restarted(record.template):
             return
+        self._undo_early(ro, record)
+
+    def _analysis_measures(self, ev: Timeout) -> None:
+        """A latency measurement of the canary during the pause (``check_interval_s``: an Argo Rollouts analysis'
+        interval): once more than ``check_failure_limit`` measurements have failed, ``kubectl rollout resume &&
+        kubectl rollout undo`` at once; the resume entry then does nothing."""
+        ro, at = cast(tuple[Rollout, float], ev.value)
+        record = self._held_canary()
+        if id(ro) in self._resumed_early or not self.paused or record is None:
+            return
+        if self._measure(ro, record, at) and self._failures[id(ro)] > ro.check_failure_limit:
+            self._undo_early(ro, record)
+
+    def _undo_early(self, ro: Rollout, record: RolloutRecord) -> None:
+        """The pipeline's check during the pause failed: resume and undo now, and the resume entry ``ro`` does
+        nothing when it comes."""
         now = self.sim.env.now
         record.canary_checked_s, record.canary_failed = now, True
         self._resumed_early.add(id(ro))
@@ -291,31 +318,37 @@ class Cluster:
         return held[-1] if held else None
 
     def _check_window_opens(self, ev: Timeout) -> None:
-        """The latency check's window opens: every pod's TTFT histogram now, to take its increase from."""
-        self._window_start[id(ev.value)] = {p.id: tuple(p.ttft_buckets or ()) for p in self.pods}
-        self._itl_start[id(ev.value)] = {p.id: _itl_counters(p) for p in self.pods}
+        """A latency measurement's window opens: every pod's TTFT histogram now, to take its increase from."""
+        ro, at = cast(tuple[Rollout, float], ev.value)
+        self._window_start[id(ro), at] = {p.id: tuple(p.ttft_buckets or ()) for p in self.pods}
+        self._itl_start[id(ro), at] = {p.id: _itl_counters(p) for p in self.pods}
 
-    def _canary_fails(self, ro: Rollout, record: RolloutRecord) -> bool:
-        """The pipeline's checks of ``record``'s canary at the resume ``ro``: a container of its pods exited
-        (``undo_if_restarted``), or the p99 TTFT its pods answered over the check's window is unknown (nothing
-        answered: ``histogram_quantile`` of an empty histogram), over ``undo_if_ttft_p99_over_s`` or over
-        ``undo_if_ttft_p99_over_baseline`` times the old pods' (which passes when they answered nothing)."""
-        failed = ro.undo_if_restarted and self._restarted(record.template)
+    def _measure(self, ro: Rollout, record: RolloutRecord, at: float) -> bool:
+        """One latency measurement of ``record``'s canary for the resume ``ro``, over the window that ends at ``at``
+        (now), counted on the record and, when it fails, among ``ro``'s failures; whether it failed. It fails when the
+        p99 TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
+        histogram), over ``undo_if_ttft_p99_over_s`` or over ``undo_if_ttft_p99_over_baseline`` times the old pods'
+        (which passes when they answered nothing), and likewise for the mean inter-token latency."""
+        failed = False
         if ro.ttft_checked:
-            p99 = record.canary_ttft_p99_s = self._window_p99(ro, record.template, canary=True)
-            base = record.baseline_ttft_p99_s = self._window_p99(ro, record.template, canary=False)
+            p99 = record.canary_ttft_p99_s = self._window_p99(ro, at, record.template, canary=True)
+            base = record.baseline_ttft_p99_s = self._window_p99(ro, at, record.template, canary=False)
             failed |= _over(p99, base, ro.undo_if_ttft_p99_over_s, ro.undo_if_ttft_p99_over_baseline)
         if ro.itl_checked:
-            mean = record.canary_itl_mean_s = self._window_itl(ro, record.template, canary=True)
-            base = record.baseline_itl_mean_s = self._window_itl(ro, record.template, canary=False)
+            mean = record.canary_itl_mean_s = self._window_itl(ro, at, record.template, canary=True)
+            base = record.baseline_itl_mean_s = self._window_itl(ro, at, record.template, canary=False)
             failed |= _over(mean, base, ro.undo_if_itl_mean_over_s, ro.undo_if_itl_mean_over_baseline)
+        record.canary_measurements += 1
+        if failed:
+            record.canary_failures += 1
+            self._failures[id(ro)] = self._failures.get(id(ro), 0) + 1
         return failed
 
-    def _window_itl(self, ro: Rollout, template: int, canary: bool) -> float:
+    def _window_itl(self, ro: Rollout, at: float, template: int, canary: bool) -> float:
         """The mean inter-token latency over the check's window of ``template``'s pods (``canary``) or of the others:
         ``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])`` summed over them, gone ones
         too (NaN: no token gap observed). A request's gaps count when it ends (the simulated pod's counters)."""
-        before = self._itl_start.get(id(ro), {})
+        before = self._itl_start.get((id(ro), at), {})
         total, count = 0.0, 0
         for p in self.pods:
             if (p.revision == template) == canary:
@@ -324,11 +357,11 @@ class Cluster:
                 total, count = total + s1 - s0, count + c1 - c0
         return total / count if count else math.nan
 
-    def _window_p99(self, ro: Rollout, template: int, canary: bool) -> float:
+    def _window_p99(self, ro: Rollout, at: float, template: int, canary: bool) -> float:
         """``histogram_quantile(0.99, ...)`` of the increase, over the check's window, of the TTFT histograms of
         ``template``'s pods (``canary``) or of the other pods (the baseline), gone ones too: Prometheus keeps their
         series."""
-        before = self._window_start.get(id(ro), {})
+        before = self._window_start.get((id(ro), at), {})
         counts = [0] * (len(TTFT_BUCKETS_S) + 1)
         for p in self.pods:
             if (p.revision == template) == canary and p.ttft_buckets is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
@@ -82,16 +83,19 @@ class SimResult:
     # the fewest pods ready and the most alive (Pending, starting, ready or draining) while it ran, and when
     # Kubernetes would have reported it stalled (progressDeadlineSeconds after its last progress; NaN: never), and
     # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), when the pipeline checked
-    # it as a canary at a resume (NaN: never) and whether the check failed, and the p99 TTFT the
+    # it as a canary (at a resume, or earlier by a check during the pause; NaN: never) and whether the check failed, and the p99 TTFT the
     # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered),
-    # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs)
+    # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs), all at the last
+    # measurement, and how many latency measurements of it were made (the resume's, and check_interval_s' in the
+    # pause) and failed
     rollouts: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
                    "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed", "canary_ttft_p99_s",
-                   "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s"]
+                   "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s", "canary_measurements",
+                   "canary_failures"]
 
 
 _gc_lock = threading.Lock()
@@ -271,12 +275,14 @@ class Simulation:
                 exceeded = r.progress_s + deadline
             rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
                          r.undo_refused_s, r.canary_checked_s, r.canary_failed, r.canary_ttft_p99_s,
-                         r.baseline_ttft_p99_s, r.canary_itl_mean_s, r.baseline_itl_mean_s])
+                         r.baseline_ttft_p99_s, r.canary_itl_mean_s, r.baseline_itl_mean_s, r.canary_measurements,
+                         r.canary_failures])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
         frame["undo"] = frame["undo"].astype(bool)
         frame["canary_failed"] = frame["canary_failed"].astype(bool)
+        frame[["canary_measurements", "canary_failures"]] = frame[["canary_measurements", "canary_failures"]].astype(int)
         return frame
 
     def run(self) -> SimResult:
@@ -330,7 +336,9 @@ class Simulation:
                               rollouts_unfinished=sum(r.done_s is None for r in ro),
                               rollout_fewest_ready=float(min(r.min_ready for r in ro)),
                               rollouts_undone=sum(r.done_s is None and r.undone_s is not None for r in ro),
-                              rollout_undos_refused=len(self.cluster.undos_refused))
+                              rollout_undos_refused=len(self.cluster.undos_refused),
+                              undone_after_s=max((r.undone_s - r.at_s for r in ro
+                                                  if r.done_s is None and r.undone_s is not None), default=math.nan))
             if sc.slo.max_rollout_s is not None:  # every rollout done within it, or the SLO is missed
                 ok = summary.rollouts_unfinished == 0 and summary.longest_rollout_s <= sc.slo.max_rollout_s
                 summary = replace(summary, rollout_slo_met=ok, slo_met=summary.slo_met and ok)

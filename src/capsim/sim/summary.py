@@ -102,6 +102,10 @@ class Summary:
     rollout_fewest_ready: float = math.nan
     rollouts_undone: int = 0
     rollout_undos_refused: int = 0
+    # the longest a rollout undone before it was done ran before its undo (a canary's exposure: from its deploy to the
+    # pipeline's undo; NaN: none undone). longest_rollout_s may be the undo's own rollout instead, which brings the old
+    # template's pods back through their cold starts
+    undone_after_s: float = math.nan
     # slo.max_rollout_s met (True without it): every rollout done within it; slo_met needs it
     rollout_slo_met: bool = True
 

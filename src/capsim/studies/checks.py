@@ -117,7 +117,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``pause-holds-no-canary`` (warn): ``pods.rollouts`` pause a deploy under ``Recreate`` or a maxSurge of the whole
   fleet: the first sync gives the new ReplicaSet every replica, and a working version finishes inside the pause.
 * ``canary-window-before-ready`` (warn): a resume whose latency check (``undo_if_ttft_p99_over_s``,
-  ``undo_if_ttft_p99_over_baseline``) looks back ``check_window_s`` to before the canary's pods can all be ready
+  ``undo_if_ttft_p99_over_baseline``, the ITL's; with ``check_interval_s``, its first measurement of the pause)
+  looks back ``check_window_s`` to before the canary's pods can all be ready
   (the pause plus a new pod's longest way to ready: the new image's pull, the longest cold start, a readiness
   probe period, ``pods.min_ready_s``): the window holds their first requests, which the router treats unlike a warm
   pod's (least outstanding sends a burst to a new pod: the canary's TTFT reads slow; round robin gives it no
@@ -125,6 +126,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   router, not the version; a check before they can be ready may find no answer, and fails.
 * ``restart-poll-never-looks`` (warn): a resume's ``restart_poll_s`` as long as its pause or longer: the pipeline's
   first look would come at or after the resume, so the poll never looks and a broken canary waits for the resume.
+* ``analysis-never-measures`` (warn): a resume's ``check_interval_s`` whose first measurement (the pause plus
+  ``check_initial_delay_s``) comes at or after the resume: the latency is measured once, at the resume, and
+  ``check_failure_limit`` above 0 can never be passed, so the canary is never undone for its latency.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -212,6 +216,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _pause_holds_no_canary(scenario)
     findings += canary_window_before_ready(scenario)
     findings += _restart_poll_never_looks(scenario)
+    findings += _analysis_never_measures(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -578,17 +583,31 @@ def canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     the old pods' p99 and was undone in 4 seeds of 5; over 120 s (its pods ready by 2,030 s) 0.93 to 0.99."""
     rollouts = scenario.pods.rollouts
     out = []
+    analysis = scenario.pods.analysis_times()
     for a, b, last in scenario.pods.pause_pairs():
         if b is not None and rollouts[b].latency_checked and last is not None and last.action == "deploy":
-            out += _canary_window(scenario, b, rollouts[b], rollouts[a].at_s, last.new_image)
+            out += _canary_window(scenario, b, rollouts[b], rollouts[a].at_s, last.new_image, analysis.get(b, []))
     return out
 
 
-def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool) -> list[Finding]:
-    """``canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy."""
+def canary_ready_s(scenario: Scenario) -> dict[int, float]:
+    """Per resume entry (its index) with a latency check of a pause that holds a deploy: the time by which the
+    canary's pods can all be available (the pause plus ``_to_available``'s step; a node to provision comes on top).
+    A measurement whose window starts earlier reads the pods' first requests (``canary_window_before_ready``)."""
+    rollouts = scenario.pods.rollouts
+    return {b: rollouts[a].at_s + _to_available(scenario, last.new_image)[0]
+            for a, b, last in scenario.pods.pause_pairs()
+            if b is not None and rollouts[b].latency_checked and last is not None and last.action == "deploy"}
+
+
+def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool,
+                   during: list[float]) -> list[Finding]:
+    """``canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy, whose
+    pipeline also measures at the times ``during`` of the pause (``check_interval_s``)."""
     step, parts = _to_available(scenario, new_image)
     ready = began + step
-    window_start = resume.at_s - resume.check_window_s
+    first = during[0] if during else resume.at_s
+    window_start = first - resume.check_window_s
     if window_start >= ready:
         return []
     why = (f"the pause at {began:g} s holds the pods the deploy made by then, and a new pod may take {step:g} s to be "
@@ -597,6 +616,15 @@ def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, ne
               "outstanding sends a new pod a burst: a good canary's TTFT reads slow; round robin gives it no backlog: "
               "a slower one's reads fast; an emptier batch makes the inter-token latency read fast under either), so "
               "the check judges the router, not the version")
+    if during:  # the first measurement of the pause is the earliest
+        delay = ready + resume.check_window_s - began
+        return [Finding(
+            f"pods.rollouts.{i}.check_initial_delay_s", f"{resume.check_initial_delay_s:g} s: the first latency "
+            f"measurement of the pause, at {first:g} s, looks back to {window_start:g} s, before the canary's pods can "
+            f"all be ready ({why}: until {ready:g} s); a canary that answered nothing fails a measurement, and one that "
+            f"just began is judged on its first requests. {router}. Wait {delay:g} s or more (the readiness plus the "
+            "window), so every measurement's window starts after it (docs/studies.md, \"A canary by pause\")",
+            level="warn", check="canary-window-before-ready")]
     if resume.at_s < ready:
         return [Finding(
             f"pods.rollouts.{i}.at_s", f"{resume.at_s:g} s: the latency check at this resume may come before the "
@@ -626,6 +654,25 @@ def _restart_poll_never_looks(scenario: Scenario) -> list[Finding]:
                 f"{ro.at_s - began:g} s (from {began:g} s to this resume at {ro.at_s:g} s): its first look would come "
                 "at or after the resume, so it never looks and a broken canary crash-loops until the resume's own "
                 "check; look more often than the pause is long", level="warn", check="restart-poll-never-looks"))
+    return out
+
+
+def _analysis_never_measures(scenario: Scenario) -> list[Finding]:
+    """A latency analysis (``check_interval_s``) whose first measurement, the pause plus ``check_initial_delay_s``,
+    comes at or after the resume: only the resume measures."""
+    rollouts = scenario.pods.rollouts
+    out = []
+    for i, times in scenario.pods.analysis_times().items():
+        if times:
+            continue
+        ro = rollouts[i]
+        began = next(rollouts[a].at_s for a, b, _ in scenario.pods.pause_pairs() if b == i)
+        never = (f"so only the resume measures, and with a failure limit of {ro.check_failure_limit} the canary is "
+                 "never undone for its latency" if ro.check_failure_limit else "so only the resume measures")
+        out.append(Finding(
+            f"pods.rollouts.{i}.check_initial_delay_s", f"{ro.check_initial_delay_s:g} s: the first measurement of the "
+            f"pause from {began:g} s would come at {began + ro.check_initial_delay_s:g} s, at or after this resume "
+            f"({ro.at_s:g} s), {never}; wait less, or resume later", level="warn", check="analysis-never-measures"))
     return out
 
 
