@@ -454,6 +454,15 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
     assert ("# meanwhile, every 30 s of the pause: at a restart of the new ReplicaSet's pods (RESTARTS above 0, or "
             "CrashLoopBackOff), resume and undo at once\nkubectl get pods -n agents -l pod-template-hash=<the new "
             "ReplicaSet's>\n# at 700 s: the canary check") in block
+    # a deploy of engine flags: the arguments its template changes, with vLLM's names
+    flagged = Scenario.from_yaml(Path(__file__).parent.parent / "data" / "scenarios" / "canary_rush.yaml").override(
+        {"pods.rollouts.0.batching": {"max_num_seqs": 64, "num_blocks": 2_000_000, "gpu_memory_utilization": None}})
+    export_scenario(flagged, tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("The deploy at 1900 s changes the engine's arguments to `--max-num-seqs 64 --num-gpu-blocks-override "
+            "2000000`, the others as in `vllm-args.yaml`.") in readme
+    assert "# at 1900 s: the new template (vLLM arguments: --max-num-seqs 64 --num-gpu-blocks-override 2000000)" \
+        in readme
     # measured through the pause (an Argo Rollouts analysis): the loop with its interval, delay and failure limit, and
     # the resume's check as the last measurement
     export_scenario(canary.override({"pods.rollouts.2": {

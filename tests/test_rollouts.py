@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -1127,3 +1128,79 @@ def test_the_inter_token_latency_analysis_catches_the_slower_canary_at_its_first
     good = simulate(sc.override({"pods.rollouts.0.slowdown": 1.0}), 0).rollouts.iloc[0]
     assert not good.canary_failed and (good.canary_measurements, good.canary_failures) == (7, 0)
     assert 0.95 < good.canary_itl_mean_s / good.baseline_itl_mean_s < 1.05
+
+
+def _continuous_fleet(**extra: Any) -> Scenario:
+    """Two continuous-batching pods, each step 10 ms, up to 16 requests running and 1,000 KV blocks a pod, ready 20 s
+    after they start; a load that keeps several running on each."""
+    base = {"horizon_s": 400, "warmup_s": 0,
+            "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40},
+                         "prompt_tokens": {"kind": "constant", "value": 100},
+                         "output_tokens": {"kind": "constant", "value": 20}},
+            "service": {"kind": "deterministic", "mean_s": 0.01},
+            "batching": {"mode": "continuous", "num_blocks": 1000, "max_num_seqs": 16, "max_num_batched_tokens": 512},
+            "pods": {"replicas": 2, "startup_s": 20}, "client": {"timeout_s": 30, "max_retries": 0}}
+    return Scenario.model_validate(base).override(extra)
+
+
+def test_a_deploy_of_engine_flags_gives_the_new_pods_their_limits_and_an_undo_takes_them_back() -> None:
+    """``pods.rollouts[].batching``: a new template's vLLM arguments (here ``--max-num-seqs 1`` and a KV cache of 14
+    blocks, room for two requests of 120 tokens). The new pods run one request at a time and preempt none (one
+    fits); an undo brings back pods with the scenario's limits: several running at once, as before."""
+    from capsim.sim.simulate import Simulation
+
+    flags = {"max_num_seqs": 1}
+    sim = Simulation(_continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "batching": flags},
+                                                            {"at_s": 250, "undo": True}]}), 0)
+    r = sim.run()
+    revision = {p.id: p.revision for p in sim.cluster.pods}
+    req = r.requests[r.requests.outcome == "ok"]
+    by_template = req.assign(template=req["pod"].map(revision)).groupby("template")["batch_size"].max()
+    assert by_template[1] == 1 and by_template[0] > 2  # the old pods (and the undo's) batch; the new ones do not
+    undo_pods = {p.id for p in sim.cluster.pods if p.revision == 0 and p.created_s >= 250}
+    assert undo_pods and req[req["pod"].isin(undo_pods)].batch_size.max() > 2
+    # a KV cache too small for the load: only the new template's pods preempt
+    small = Simulation(_continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "batching": {"num_blocks": 14}}]}), 0)
+    r = small.run()
+    revision = {p.id: p.revision for p in small.cluster.pods}
+    pre = r.requests.assign(template=r.requests["pod"].map(revision)).groupby("template")["preemptions"].sum()
+    assert pre.get(0, 0) == 0 and pre[1] > 0
+    # the flags are checked as the scenario's batching section is, with the entry's path; static pods have none
+    with pytest.raises(SettingsError, match=r"pods.rollouts.0.batching.block_size is not a known setting"):
+        _continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "batching": {"block_size": 32}}]})
+    with pytest.raises(SettingsError, match=r"pods.rollouts.0.batching.max_num_seqs must be >= 1"):
+        _continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "batching": {"max_num_seqs": 0}}]})
+    with pytest.raises(SettingsError, match=r"pods.rollouts.0.batching: gpu_memory_utilization sizes the KV cache "
+                                            r"from batching.gpu_memory_gb"):
+        _continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "batching": {"gpu_memory_utilization": 0.5}}]})
+    with pytest.raises(SettingsError, match=r"pods.rollouts.0.batching: a template's engine flags need "
+                                            r"batching.mode: continuous"):
+        _fleet(**{"pods.rollouts": [{"at_s": 100, "batching": {"max_num_seqs": 4}}]})
+    with pytest.raises(SettingsError, match=r"batching: an undo goes back to an earlier template"):
+        _continuous_fleet(**{"pods.rollouts": [{"at_s": 100}, {"at_s": 200, "undo": True,
+                                                               "batching": {"max_num_seqs": 4}}]})
+    # on an H100 (blocks from the GPU's memory) a lower --gpu-memory-utilization leaves fewer blocks
+    rush = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml")
+    lower = rush.override({"pods.rollouts.0.batching": {"gpu_memory_utilization": 0.5}}).pods.rollouts[0].batching
+    assert lower is not None and lower.apply(rush.batching).kv_cache_blocks() < rush.batching.kv_cache_blocks() / 2
+
+
+def test_a_canary_of_capping_engine_flags_reads_fast_between_tokens_and_slow_to_its_first() -> None:
+    """In the H100 rush (docs/studies.md, "A canary of engine flags") a deploy of ``--max-num-seqs 32`` (from 1,024)
+    caps each new pod's batch: its requests wait for a slot, so the canary's p99 TTFT reads over 1.2 times the old
+    pods' (undone at the second failed measurement, 310 s after the deploy, with a failure limit of 1), while its
+    mean inter-token latency reads *under* theirs (fewer requests share each step) and an ITL gate passes it. Seed
+    0 here."""
+    def canary(check: dict) -> Scenario:
+        gate = {"at_s": 2500, "resume": True, "check_window_s": 120, "check_interval_s": 60,
+                "check_initial_delay_s": 250, **check}
+        return Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override(
+            {"pods.rollouts": [{"at_s": 1900, "batching": {"max_num_seqs": 32}}, {"at_s": 1900, "pause": True}, gate]})
+
+    p99 = simulate(canary({"undo_if_ttft_p99_over_baseline": 1.2, "check_failure_limit": 1}), 0)
+    row = p99.rollouts.iloc[0]
+    assert p99.summary.undone_after_s == 310 and row.canary_ttft_p99_s > 1.2 * row.baseline_ttft_p99_s
+    itl = simulate(canary({"undo_if_itl_mean_over_baseline": 1.2}), 0)
+    row = itl.rollouts.iloc[0]
+    assert itl.summary.rollouts_undone == 0 and row.canary_measurements == 7 and row.canary_failures == 0
+    assert row.canary_itl_mean_s < row.baseline_itl_mean_s

@@ -10,7 +10,7 @@ from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
 from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
-from capsim.model.scenario import Scenario
+from capsim.model.scenario import Scenario, TemplateBatching
 from capsim.studies.checks import Finding
 
 #: Each file of the folder and what it is, in the order to apply them.
@@ -123,6 +123,17 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
     return "\n".join(lines) + "\n"
 
 
+#: a template's engine flags (``pods.rollouts[].batching``) as ``vllm serve`` arguments
+TEMPLATE_FLAGS = {"max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "--max-num-batched-tokens",
+                  "gpu_memory_utilization": "--gpu-memory-utilization", "num_blocks": "--num-gpu-blocks-override",
+                  "max_model_len": "--max-model-len", "long_prefill_token_threshold": "--long-prefill-token-threshold"}
+
+
+def template_vllm_args(flags: TemplateBatching) -> list[str]:
+    """The arguments a deploy's new template changes (``pods.rollouts[].batching``), vLLM's names, in its order."""
+    return [x for k, v in flags.model_dump(exclude_none=True).items() for x in (TEMPLATE_FLAGS[k], str(v) if isinstance(v, int) else f"{v:g}")]
+
+
 def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
     """How the plan's deploys were simulated (``pods.rollouts``) and the deploy pipeline's undo it assumed
     (``pods.undo_after_s``: ``kubectl rollout status --timeout``; ``pods.undo_on_deadline``: at
@@ -138,6 +149,10 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
     lines = ["## Deploying a new version", "", f"The plan's deploys were simulated as {how}, with "
              f"`progressDeadlineSeconds: {pods.progress_deadline_s}`"
              + (f" and `minReadySeconds: {pods.min_ready_s}`" if pods.min_ready_s else "") + " (the patch sets them)."]
+    for ro in pods.rollouts:  # a deploy of engine flags: the arguments its template changes
+        if ro.batching is not None:
+            lines.append(f"The deploy at {ro.at_s:g} s changes the engine's arguments to `"
+                         f"{' '.join(template_vllm_args(ro.batching))}`, the others as in `vllm-args.yaml`.")
     if pods.undo_after_s is not None or pods.undo_on_deadline:
         timeout = f" --timeout={pods.undo_after_s:g}s" if pods.undo_after_s is not None else ""
         when = ([f"not done {pods.undo_after_s:g} s after it began"] if pods.undo_after_s is not None else []) + (
@@ -155,7 +170,8 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                  "refuses `kubectl rollout undo`: resume first. The steps as simulated, in order:", "", "```sh"]
         for ro in sorted(pods.rollouts, key=lambda ro: ro.at_s):
             if ro.action == "deploy":
-                steps += [f"# at {ro.at_s:g} s: the new template", f"kubectl set image {ref} ..."]
+                flags = "" if ro.batching is None else f" (vLLM arguments: {' '.join(template_vllm_args(ro.batching))})"
+                steps += [f"# at {ro.at_s:g} s: the new template{flags}", f"kubectl set image {ref} ..."]
             elif ro.undo_if_restarted or ro.latency_checked:
                 restart = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
                            if ro.undo_if_restarted else [])

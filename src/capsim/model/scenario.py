@@ -468,6 +468,37 @@ class RollingUpdateStrategy(_Section):
         return self
 
 
+class TemplateBatching(_Section):
+    """A new pod template's engine flags (``pods.rollouts[].batching``, continuous batching): the ``batching``
+    settings a deploy may change, vLLM's ``--max-num-seqs``, ``--max-num-batched-tokens``,
+    ``--gpu-memory-utilization`` (or the KV blocks), ``--max-model-len`` and ``--long-prefill-token-threshold``;
+    each left out is the scenario's. The block size, the model and the GPU are the pod's, not a flag's."""
+
+    max_num_seqs: Int | None = Field(None, ge=1, le=65536)
+    max_num_batched_tokens: Int | None = Field(None, ge=1)
+    gpu_memory_utilization: Float | None = Field(None, gt=0, le=1)
+    num_blocks: Int | None = Field(None, ge=1)
+    max_model_len: Int | None = Field(None, ge=2)
+    long_prefill_token_threshold: Int | None = Field(None, ge=0)
+
+    def apply(self, base: BatchSettings) -> BatchSettings:
+        """``base`` with these flags, validated as a whole (``ValueError`` naming the flag). ``num_blocks`` replaces
+        blocks sized from ``gpu_memory_gb``; ``gpu_memory_utilization`` needs the memory to size them from."""
+        given = self.model_dump(exclude_none=True)
+        merged = {**base.model_dump(), **given}
+        if "num_blocks" in given:
+            merged["gpu_memory_gb"] = None
+        elif "gpu_memory_utilization" in given and base.gpu_memory_gb is None:
+            raise ValueError("gpu_memory_utilization sizes the KV cache from batching.gpu_memory_gb, which the "
+                             f"scenario does not give (it gives num_blocks {base.num_blocks}): give num_blocks")
+        try:
+            return BatchSettings.model_validate(merged)
+        except ValidationError as e:
+            raise ValueError(format_error(e.errors()[0]).strip()) from None
+        except SettingsError as e:
+            raise ValueError(str(e)) from None
+
+
 class Rollout(_Section):
     """A new pod template is applied at ``at_s`` (a new image or engine flags): the Deployment rolls its pods over
     to it within ``pods.rolling_update`` (``capsim.sim.cluster``). ``crash_after_s`` makes the new template a bad
@@ -486,6 +517,10 @@ class Rollout(_Section):
     slowdown: Float = Field(
         1.0, gt=0, le=10, description="the new template's model steps take this many times as long as the "
         "scenario's (a slower engine version: 1.2; a faster one: 0.8), on top of service.slowdown and faults.slow_pods")
+    batching: TemplateBatching | None = Field(
+        None, description="the new template's engine flags (continuous batching): some of max_num_seqs, "
+        "max_num_batched_tokens, gpu_memory_utilization, num_blocks, max_model_len, long_prefill_token_threshold, "
+        "the rest as the scenario's batching section (a deploy of tuned vLLM arguments); None: the scenario's")
     undo: bool = Field(False, description="kubectl rollout undo: the template goes back to the one before the "
                                           "current (its ReplicaSet, with the pods it still has, becomes the new one)")
     pause: bool = Field(False, description="kubectl rollout pause: the Deployment's spec.paused. A rollout under way "
@@ -563,7 +598,8 @@ class Rollout(_Section):
         if len(kinds) > 1:
             raise ValueError(f"{kinds[1]}: an entry is one action (a deploy, an undo, a pause or a resume), but "
                              f"this one sets {' and '.join(kinds)}: give each its own entry")
-        for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0)):
+        for name, value, plain in (("crash_after_s", self.crash_after_s, None), ("slowdown", self.slowdown, 1.0),
+                                   ("batching", self.batching, None)):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
         for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline",
@@ -587,7 +623,7 @@ class Rollout(_Section):
                                  "check_interval_s (with one measurement, at the resume, there is no delay to wait "
                                  "and a failure limit above 0 would never undo)")
         if self.pause or self.resume:  # (compared with the defaults, not the fields given: a dump carries them all)
-            for name in ("crash_after_s", "slowdown", "new_image"):
+            for name in ("crash_after_s", "slowdown", "new_image", "batching"):
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(f"{name}: a {kinds[0]} changes no template; put the template's settings on a "
                                      "deploy entry of their own")
@@ -1557,6 +1593,16 @@ class Scenario(BaseModel):
                              "is the constant service.ingress_ms)")
         if self.service.ingress_noise is not None and not sum(self.service.ingress_noise) > 0:
             raise ValueError("service.ingress_noise must have a positive factor (they are scaled to mean 1)")
+        for i, ro in enumerate(self.pods.rollouts):
+            if ro.batching is None:
+                continue
+            if self.batching.mode != "continuous":
+                raise ValueError(f"pods.rollouts.{i}.batching: a template's engine flags need batching.mode: "
+                                 "continuous (a static pod's batches are the scenario's)")
+            try:
+                ro.batching.apply(self.batching)
+            except ValueError as e:
+                raise ValueError(f"pods.rollouts.{i}.batching: {e}") from None
         if self.batching.mode != "continuous":
             for i, ro in enumerate(self.pods.rollouts):
                 if ro.itl_checked:

@@ -51,6 +51,7 @@ from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration,
 from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete, progressing
 from capsim.policy.rollout import scale as scale_deployment
 from capsim.policy.rollout import sync as sync_deployment
+from capsim.policy.sched_types import SchedulerLimits
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
 from capsim.sim.nodes import Node, NodePool
@@ -157,6 +158,7 @@ class Cluster:
                                     else RollingUpdate(ru.max_surge, ru.max_unavailable))
         self.revision = 0
         self._templates: list[Rollout | None] = [None]  # per template: the rollout that made it (None: the first)
+        self._limits: dict[int, SchedulerLimits] = {}  # per template with engine flags: its scheduler's limits
         self._image: list[int] = [0]  # per template: its image (a new one is numbered as the template)
         self._order: dict[int, int] = {0: 0}  # template -> its revision number (the first template's 0)
         self._ticker = 0  # the controller's resync ticker in force (one at a time)
@@ -559,6 +561,9 @@ class Cluster:
         cls = ContinuousPod if self.sim.continuous is not None else Pod
         pod = cls(self.sim, len(self.pods), now)
         pod.revision = self.revision if revision is None else revision
+        template = self._templates[pod.revision]
+        if template is not None and template.batching is not None:  # its engine flags: the scheduler's limits
+            cast(ContinuousPod, pod).use_limits(self._template_limits(pod.revision, template))
         self.pods.append(pod)
         self._alive[pod.id] = pod
         self._uid.append(int(self._uids.integers(0, 2**62)))
@@ -642,6 +647,15 @@ class Cluster:
             Timeout(self.sim.env, template.crash_after_s, (pod, pod.incarnation)).callbacks.append(self._template_exits)
         ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
         ev.callbacks.append(self._started)
+
+    def _template_limits(self, revision: int, template: Rollout) -> SchedulerLimits:
+        """The scheduler's limits of a template with engine flags (``pods.rollouts[].batching``), made once."""
+        limits = self._limits.get(revision)
+        if limits is None:
+            assert template.batching is not None
+            limits = self._limits[revision] = SchedulerLimits.from_settings(
+                template.batching.apply(self.sim.scenario.batching))
+        return limits
 
     def template_slowdown(self, pod: Pod) -> float:
         """How many times as long ``pod``'s model steps take for its template (``pods.rollouts[].slowdown``)."""

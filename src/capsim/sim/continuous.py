@@ -42,6 +42,7 @@ from capsim.sim.recorder import REJECTED
 from capsim.sim.step_time import step_ends
 
 if TYPE_CHECKING:
+    from capsim.policy.sched_types import SchedulerLimits
     from capsim.sim.simulate import Simulation
 
 _NO_REQUESTS = np.empty(0, dtype=np.int64)
@@ -114,6 +115,11 @@ class ContinuousPod(Pod):
         # vLLM-style counters for the /metrics a scrape reads
         self.itl_sum_s = 0.0
         self.itl_count = 0
+
+    def use_limits(self, limits: SchedulerLimits) -> None:
+        """Schedule with ``limits`` (its template's engine flags, ``pods.rollouts[].batching``), before it serves."""
+        assert not self.sched.requests and not self.queue, "a pod's limits are set before it serves"
+        self.sched = Scheduler(limits, detail=False)
 
     def __repr__(self) -> str:
         return (f"ContinuousPod({self.id}, {self.state.name}, queued={len(self.queue)}, "
