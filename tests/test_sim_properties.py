@@ -14,9 +14,10 @@ from capsim.sim import simulate
 HORIZON = 60.0
 
 
-def _rollouts(draw: Any) -> list[dict[str, Any]]:
+def _rollouts(draw: Any, continuous: bool = False) -> list[dict[str, Any]]:
     """Deploys in time order, some of broken templates (containers that exit within or past the cold start) or of
-    slower or faster ones, of new images or not, and undos after the first."""
+    slower or faster ones, of new images or not, with engine flags of their own (continuous batching), and undos
+    after the first."""
     times = sorted(draw(st.lists(st.floats(0, HORIZON), max_size=3)))
     out: list[dict[str, Any]] = []
     for k, t in enumerate(times):
@@ -25,6 +26,9 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
         else:
             out.append({"at_s": t, "crash_after_s": draw(st.one_of(st.none(), st.floats(0.5, 30))),
                         "slowdown": draw(st.sampled_from([1.0, 0.5, 3.0])), "new_image": draw(st.booleans())})
+            if continuous and draw(st.booleans()):  # its vLLM arguments: a cap on the batch, a smaller KV cache
+                out[-1]["batching"] = {"max_num_seqs": draw(st.integers(1, 16)),
+                                       "num_blocks": draw(st.one_of(st.none(), st.integers(8, 400)))}
     if out and draw(st.booleans()):  # kubectl rollout pause, resumed (with the canary check or not) or never
         a = draw(st.floats(0, HORIZON))
         b = draw(st.one_of(st.none(), st.floats(a, HORIZON)))
@@ -34,10 +38,11 @@ def _rollouts(draw: Any) -> list[dict[str, Any]]:
         if b is not None:
             restarted = draw(st.booleans())
             p99 = draw(st.one_of(st.none(), st.floats(0.5, 3)))
-            analysis = p99 is not None and draw(st.booleans())  # measured through the pause too
+            itl = draw(st.one_of(st.none(), st.floats(0.5, 3))) if continuous else None
+            analysis = (p99 is not None or itl is not None) and draw(st.booleans())  # measured through the pause too
             out.append({"at_s": b, "resume": True, "undo_if_restarted": restarted,
                         "restart_poll_s": draw(st.one_of(st.none(), st.floats(1, 120))) if restarted else None,
-                        "undo_if_ttft_p99_over_baseline": p99,
+                        "undo_if_ttft_p99_over_baseline": p99, "undo_if_itl_mean_over_baseline": itl,
                         "check_interval_s": draw(st.floats(1, 120)) if analysis else None,
                         "check_initial_delay_s": draw(st.floats(0, 60)) if analysis else 0.0,
                         "check_failure_limit": draw(st.integers(0, 3)) if analysis else 0})
@@ -69,6 +74,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     if draw(st.booleans()):  # and at random, spell after spell
         faults["random_slowdowns"] = {"mtbf_s": draw(st.floats(5, 100)), "duration_s": draw(st.floats(0.5, 30)),
                                       "factor": draw(st.floats(1, 5))}
+    continuous = draw(st.booleans())  # the pods batch per step (vLLM's scheduler), or batch by batch
     data: dict[str, Any] = {
         "horizon_s": HORIZON,
         "workload": {
@@ -78,15 +84,19 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         },
         "service": {"kind": draw(st.sampled_from(["exponential", "deterministic"])),
                     "mean_s": draw(st.floats(0.01, 1.0))},
-        "batching": {"max_batch_size": draw(st.integers(1, 16)), "max_wait_ms": draw(st.floats(0, 200)),
-                     "queue_capacity": draw(st.integers(1, 50)),
-                     "overflow": draw(st.sampled_from(["reject", "wait"])),
-                     "max_concurrent_batches": draw(st.integers(1, 3))},
+        "batching": ({"mode": "continuous", "max_num_seqs": draw(st.integers(1, 16)),
+                      "max_num_batched_tokens": draw(st.integers(64, 512)), "num_blocks": draw(st.integers(8, 400)),
+                      "queue_capacity": draw(st.integers(1, 50)), "overflow": draw(st.sampled_from(["reject", "wait"]))}
+                     if continuous else
+                     {"max_batch_size": draw(st.integers(1, 16)), "max_wait_ms": draw(st.floats(0, 200)),
+                      "queue_capacity": draw(st.integers(1, 50)),
+                      "overflow": draw(st.sampled_from(["reject", "wait"])),
+                      "max_concurrent_batches": draw(st.integers(1, 3))}),
         "pods": {"replicas": draw(st.integers(1, 4)), "startup_s": draw(st.floats(0, 20)),
                  "image_pull_s": draw(st.sampled_from([0.0, 3.0])),
                  "termination_grace_s": draw(st.floats(0, 10)),
                  # deploys: rolling updates, one on top of another at times, under any strategy, or Recreate
-                 "rollouts": _rollouts(draw),
+                 "rollouts": _rollouts(draw, continuous),
                  **draw(st.sampled_from([{"rolling_update": {}},
                                          {"rolling_update": {"max_surge": 1, "max_unavailable": 0}},
                                          {"rolling_update": {"max_surge": 0, "max_unavailable": 1}},
