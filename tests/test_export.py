@@ -454,6 +454,13 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
     assert ("# meanwhile, every 30 s of the pause: at a restart of the new ReplicaSet's pods (RESTARTS above 0, or "
             "CrashLoopBackOff), resume and undo at once\nkubectl get pods -n agents -l pod-template-hash=<the new "
             "ReplicaSet's>\n# at 700 s: the canary check") in block
+    # an error-rate check: its condition and its query
+    export_scenario(canary.override({"pods.rollouts.2.undo_if_error_rate_over": 0.02}), tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("or the share of their requests ended with an error over the last 300 s (from 400 s) is over 0.02, or they "
+            "answered nothing then") in readme
+    assert ("# the error rate: sum(increase(capsim_requests_total{outcome=~\"failed|rejected\",pod=~\"<the pods>\"}"
+            "[300s])) / sum(increase(capsim_requests_total{pod=~\"<the pods>\"}[300s]))") in readme
     # a deploy of engine flags: the arguments its template changes, with vLLM's names
     flagged = Scenario.from_yaml(Path(__file__).parent.parent / "data" / "scenarios" / "canary_rush.yaml").override(
         {"pods.rollouts.0.batching": {"max_num_seqs": 64, "num_blocks": 2_000_000, "gpu_memory_utilization": None}})

@@ -186,11 +186,12 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
     assert list(written.columns) == ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods",
                                      "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s",
                                      "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s",
-                                     "canary_itl_mean_s", "baseline_itl_mean_s", "canary_measurements",
-                                     "canary_failures"]
+                                     "canary_itl_mean_s", "baseline_itl_mean_s", "canary_error_rate",
+                                     "baseline_error_rate", "canary_measurements", "canary_failures"]
     assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed",
                                  "canary_ttft_p99_s", "baseline_ttft_p99_s", "canary_itl_mean_s",
-                                 "baseline_itl_mean_s"]).values.tolist() == [
+                                 "baseline_itl_mean_s", "canary_error_rate",
+                                 "baseline_error_rate"]).values.tolist() == [
         [200.0, 1.0, 4.0, 4.0, 5.0, 800.0, 0, 0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
@@ -924,7 +925,7 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
     assert out.exit_code == 0, out.output
     assert "note: the canary check of the rollout at 200 s, at 500 s, failed: resumed and undone: its pods' p99 TTFT" \
         in out.output
-    with pytest.raises(SettingsError, match="check_window_s: the window of the latency checks"):
+    with pytest.raises(SettingsError, match="check_window_s: the window of the metric checks"):
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
         _paused({"at_s": 500, "undo_if_ttft_p99_over_baseline": 1.2})
@@ -1098,12 +1099,12 @@ def test_an_analysis_through_the_pause_undoes_at_the_measurement_over_its_failur
                                    "check_window_s: 120, check_interval_s: 60, check_initial_delay_s: 250, "
                                    "check_failure_limit: 1}"])
     assert out.exit_code == 0, out.output
-    assert ("failed: resumed and undone by the pipeline's analysis during the pause (2 of 2 latency measurements "
+    assert ("failed: resumed and undone by the pipeline's analysis during the pause (2 of 2 measurements "
             "failed, its failure limit 1)") in out.output
     for bad_entry, match in (
             ({"check_interval_s": 50, "undo_if_ttft_p99_over_baseline": None, "check_window_s": 300},
-             "check_interval_s: how often the pipeline measures the canary's latency during the pause, which needs a "
-             "latency check"),
+             "check_interval_s: how often the pipeline measures the canary during the pause, which needs a metric "
+             "check"),
             ({"check_interval_s": None, "check_initial_delay_s": 0, "check_failure_limit": 1},
              "check_failure_limit: a setting of the "
              "measurements during the pause, which needs check_interval_s"),
@@ -1204,3 +1205,51 @@ def test_a_canary_of_capping_engine_flags_reads_fast_between_tokens_and_slow_to_
     row = itl.rollouts.iloc[0]
     assert itl.summary.rollouts_undone == 0 and row.canary_measurements == 7 and row.canary_failures == 0
     assert row.canary_itl_mean_s < row.baseline_itl_mean_s
+
+
+def test_an_error_rate_check_undoes_a_canary_that_turns_requests_away() -> None:
+    """``undo_if_error_rate_over``: the share of the attempts the canary's pods ended with an error over the window
+    (an Argo Rollouts success-rate analysis). A new template with ``--max-model-len 110`` turns away every request of
+    120 tokens (vLLM's 400, unservable): its two pods' error rate reads 1 against the old pods' 0, and the check at
+    the resume undoes it; with the scenario's flags the canary answers everything and passes."""
+    from capsim.sim.simulate import Simulation
+
+    check = {"at_s": 300, "resume": True, "undo_if_error_rate_over": 0.05, "check_window_s": 100}
+    steps = [{"at_s": 100, "batching": {"max_model_len": 110}}, {"at_s": 100, "pause": True}, check]
+    sim = Simulation(_continuous_fleet(**{"pods.rollouts": steps}), 0)
+    r = sim.run()
+    bad = r.rollouts.iloc[0]
+    assert bad.canary_failed and bad.undone_s == 300
+    assert bad.canary_error_rate == 1.0 and bad.baseline_error_rate == 0.0
+    canary = [p for p in sim.cluster.pods if p.revision == 1]  # the pause's one, and the resume's, undone at once
+    assert sum(p.answered for p in canary) == 0 and canary[0].errors > 1000
+    turned_away = r.requests[r.requests.unservable]
+    assert set(turned_away["pod"]) == {canary[0].id} and len(turned_away) <= canary[0].errors
+    assert sum(p.answered for p in sim.cluster.pods) == r.summary.completed
+    good = simulate(_continuous_fleet(**{"pods.rollouts": [{"at_s": 100}, *steps[1:]]}), 0).rollouts.iloc[0]
+    assert not good.canary_failed and good.canary_error_rate == 0.0
+    with pytest.raises(SettingsError, match="undo_if_error_rate_over: the canary check comes with a resume"):
+        _continuous_fleet(**{"pods.rollouts": [{"at_s": 100, "undo_if_error_rate_over": 0.1}]})
+    with pytest.raises(SettingsError, match="undo_if_error_rate_over"):
+        _continuous_fleet(**{"pods.rollouts": [steps[0], steps[1], {**check, "undo_if_error_rate_over": 1.5}]})
+
+
+def test_a_canary_that_rejects_long_prompts_reads_fast_and_only_its_error_rate_catches_it() -> None:
+    """In the H100 rush (docs/studies.md, "A canary of engine flags") ``--max-model-len 4096`` (from 8,192) turns
+    away the agents' longest turns: the canary answers the rest faster than the old pods (its p99 TTFT reads under
+    theirs, and the p99 gate passes it in every measurement) while 2.5% of its attempts fail, and an error-rate gate
+    of 1% undoes it at its first measurement. Seed 0 here."""
+    def canary(check: dict) -> Scenario:
+        gate = {"at_s": 2500, "resume": True, "check_window_s": 120, "check_interval_s": 60,
+                "check_initial_delay_s": 250, **check}
+        return Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override(
+            {"pods.rollouts": [{"at_s": 1900, "batching": {"max_model_len": 4096}}, {"at_s": 1900, "pause": True},
+                               gate]})
+
+    p99 = simulate(canary({"undo_if_ttft_p99_over_baseline": 1.2}), 0).rollouts.iloc[0]
+    assert not p99.canary_failed and (p99.canary_measurements, p99.canary_failures) == (7, 0)
+    assert p99.canary_ttft_p99_s < p99.baseline_ttft_p99_s
+    errors = simulate(canary({"undo_if_error_rate_over": 0.01}), 0)
+    row = errors.rollouts.iloc[0]
+    assert errors.summary.undone_after_s == 250 and 0.01 < row.canary_error_rate < 0.05
+    assert row.baseline_error_rate == 0.0

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
-from capsim.sim import simulate
+from capsim.sim.simulate import Simulation
 
 HORIZON = 60.0
 
@@ -39,10 +39,12 @@ def _rollouts(draw: Any, continuous: bool = False) -> list[dict[str, Any]]:
             restarted = draw(st.booleans())
             p99 = draw(st.one_of(st.none(), st.floats(0.5, 3)))
             itl = draw(st.one_of(st.none(), st.floats(0.5, 3))) if continuous else None
-            analysis = (p99 is not None or itl is not None) and draw(st.booleans())  # measured through the pause too
-            out.append({"at_s": b, "resume": True, "undo_if_restarted": restarted,
+            errors = draw(st.one_of(st.none(), st.floats(0.01, 1)))
+            analysis = (p99 is not None or itl is not None or errors is not None) and draw(st.booleans())
+            out.append({"at_s": b, "resume": True, "undo_if_restarted": restarted,  # measured through the pause too
                         "restart_poll_s": draw(st.one_of(st.none(), st.floats(1, 120))) if restarted else None,
                         "undo_if_ttft_p99_over_baseline": p99, "undo_if_itl_mean_over_baseline": itl,
+                        "undo_if_error_rate_over": errors,
                         "check_interval_s": draw(st.floats(1, 120)) if analysis else None,
                         "check_initial_delay_s": draw(st.floats(0, 60)) if analysis else 0.0,
                         "check_failure_limit": draw(st.integers(0, 3)) if analysis else 0})
@@ -197,8 +199,13 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios(), seed=st.integers(0, 2**16))
 def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
-    r = simulate(scenario, seed=seed)  # raises InvariantError if the books do not balance
+    sim = Simulation(scenario, seed=seed)
+    r = sim.run()  # raises InvariantError if the books do not balance
     df, s = r.requests, r.summary
+    # the pods' own counts (a canary's error rate): every answer on one pod, every error at most once
+    pods = sim.cluster.pods
+    assert sum(p.answered for p in pods) == s.completed
+    assert sum(p.errors for p in pods) <= int(df["attempts"].sum()) - s.completed
     # every request that arrived has exactly one row
     assert df["request_id"].is_unique
     assert s.arrived == len(df) == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight
@@ -235,7 +242,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     pauses = scenario.pods.pauses()
     auto = int(ro["undo"].sum()) - sum(x.undo for x in entries)  # the pipeline's undos
     assert auto >= 0 and (auto == 0 or scenario.pods.undo_on_deadline or scenario.pods.undo_after_s is not None
-                          or any(x.undo_if_restarted or x.latency_checked for x in entries))
+                          or any(x.undo_if_restarted or x.metrics_checked for x in entries))
     deploys = sum(x.action == "deploy" for x in entries)  # paused, a deploy waits (a later one replaces it)
     assert int((~ro["undo"]).sum()) == deploys if not pauses else int((~ro["undo"]).sum()) <= deploys
     # a restart poll that found a restart, or an analysis over its failure limit, resumed (and undid) early: the
@@ -244,7 +251,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     assert (ro["canary_failures"] <= ro["canary_measurements"]).all()
     times = scenario.pods.analysis_times()
     assert ro["canary_measurements"].sum() <= sum(len(times.get(i, [])) + 1 for i, x in enumerate(entries)
-                                                  if x.latency_checked)
+                                                  if x.metrics_checked)
     pauses = [(a, min([b, *(t for t in early if a < t < b)])) for a, b in pauses]
     for a, b in pauses:  # nothing undone inside a pause, and only there is an undo refused
         assert not ((ro["at_s"][ro["undo"]] > a) & (ro["at_s"][ro["undo"]] < b)).any()

@@ -526,6 +526,10 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
                 whose = "their" if reads else "its pods'"
                 reads.append(f"{whose} mean inter-token latency {r.canary_itl_mean_s * 1e3:.3g} ms against the old "
                              f"pods' {r.baseline_itl_mean_s * 1e3:.3g} ms")
+            if not (math.isnan(r.canary_error_rate) and math.isnan(r.baseline_error_rate)):
+                whose = "their" if reads else "its pods'"
+                reads.append(f"{whose} error rate {r.canary_error_rate:.2%} against the old pods' "
+                             f"{r.baseline_error_rate:.2%}")
             # the resume whose check it was: the first at or after the check (a check during the pause comes before)
             i = next((i for at, i in resumes if at >= r.canary_checked_s), None)
             ro = None if i is None else sc.pods.rollouts[i]
@@ -533,7 +537,7 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
             read = (f": {' and '.join(reads)} over the {'last measurement' if many else 'check'}'s window"
                     if reads else "")
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
-            limit = f"{r.canary_failures} of {r.canary_measurements} latency measurements failed, " + (
+            limit = f"{r.canary_failures} of {r.canary_measurements} measurements failed, " + (
                 f"its failure limit {ro.check_failure_limit}" if ro is not None else "")
             if ro is not None and r.canary_checked_s != ro.at_s:
                 verdict += (f" by the pipeline's analysis during the pause ({limit})"

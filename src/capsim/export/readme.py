@@ -160,7 +160,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
         lines += ["The deploy pipeline was assumed to undo a rollout " + " or ".join(when) + ":", "", "```sh",
                   f"kubectl set image {ref} ...   # or apply the new template",
                   f"kubectl rollout status {ref}{timeout} || kubectl rollout undo {ref}", "```"]
-    elif any(ro.undo_if_restarted or ro.latency_checked for ro in pods.rollouts):
+    elif any(ro.undo_if_restarted or ro.metrics_checked for ro in pods.rollouts):
         lines.append("The deploy pipeline was assumed to undo a rollout only at its canary check (below).")
     else:
         lines.append("No automatic undo was simulated: a broken deploy stays until `kubectl rollout undo`.")
@@ -172,7 +172,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             if ro.action == "deploy":
                 flags = "" if ro.batching is None else f" (vLLM arguments: {' '.join(template_vllm_args(ro.batching))})"
                 steps += [f"# at {ro.at_s:g} s: the new template{flags}", f"kubectl set image {ref} ..."]
-            elif ro.undo_if_restarted or ro.latency_checked:
+            elif ro.undo_if_restarted or ro.metrics_checked:
                 restart = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
                            if ro.undo_if_restarted else [])
                 slow = []  # what fails a latency measurement ({w}: where its window is said)
@@ -186,7 +186,10 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.undo_if_itl_mean_over_baseline is not None:
                     slow.append(f"their mean inter-token latency{{w}} is over {ro.undo_if_itl_mean_over_baseline:g} "
                                 "times the old pods'")
-                if ro.latency_checked:
+                if ro.undo_if_error_rate_over is not None:
+                    slow.append(f"the share of their requests ended with an error{{w}} is over "
+                                f"{ro.undo_if_error_rate_over:g}")
+                if ro.metrics_checked:
                     slow.append("they answered nothing then")
                 window = f" over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"
                 if ro.restart_poll_s is not None:
@@ -211,6 +214,12 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.ttft_checked:
                     steps += ["# the p99: histogram_quantile(0.99, sum by (le) (increase("
                               f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{ro.check_window_s:g}s])))"]
+                if ro.error_checked:
+                    w = f"{ro.check_window_s:g}s"
+                    steps += ["# the error rate: sum(increase(capsim_requests_total{outcome=~\"failed|rejected\",pod=~"
+                              f"\"<the pods>\"}}[{w}])) / sum(increase(capsim_requests_total{{pod=~\"<the pods>\"}}"
+                              f"[{w}])) (or the gateway's responses by code: 4xx and 5xx over all; refusals and "
+                              "resets of a dead pod are the gateway's)"]
                 if ro.itl_checked:
                     w = f"{ro.check_window_s:g}s"
                     steps += ["# the mean inter-token latency: sum(increase(vllm:inter_token_latency_seconds_sum"
@@ -219,7 +228,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             else:
                 steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
         lines += [*steps, "```"]
-        if any(ro.latency_checked for ro in pods.rollouts):
+        if any(ro.metrics_checked for ro in pods.rollouts):
             lines += ["", "Start a latency check's window once the canary's pods are ready (the pause, plus a new pod's "
                       "image pull, cold start and readiness probe): a window over their first requests reads how the "
                       "router treats new pods, not the version (`capsim check`: canary-window-before-ready)."]

@@ -555,7 +555,12 @@ class Rollout(_Section):
         None, gt=0, description="with resume (continuous batching): the same mean against the old pods' over the same "
         "window: over this many times theirs, or nothing answered by the canary, it resumes and undoes; with no answer "
         "from the old pods it passes")
-    check_window_s: Float = Field(300.0, gt=0, description="the latency checks' window (the query's [5m])")
+    undo_if_error_rate_over: Float | None = Field(
+        None, gt=0, le=1, description="with resume: the share of the attempts the new template's pods ended with an "
+        "error over the last check_window_s (a full queue's 429, an unservable request's 400, a refusal, a crash's "
+        "reset, a store write's 503; a client's timeout is not the pod's) over this, or none reached them then: it "
+        "resumes and undoes (an Argo Rollouts success-rate analysis: success below 1 minus this)")
+    check_window_s: Float = Field(300.0, gt=0, description="the metric checks' window (the query's [5m])")
     check_interval_s: Float | None = Field(
         None, gt=0, description="with a latency check: the pipeline also measures the canary every this many seconds "
         "of the pause (an Argo Rollouts analysis' interval), the first check_initial_delay_s after the pause, each over "
@@ -572,10 +577,15 @@ class Rollout(_Section):
         "than this, the resume's included. A restart found (undo_if_restarted) undoes at once, whatever this is")
 
     @property
-    def latency_checked(self) -> bool:
-        """Whether the resume checks the canary's latency: its p99 TTFT or its mean inter-token latency (against a
-        limit or the old pods')."""
-        return self.ttft_checked or self.itl_checked
+    def metrics_checked(self) -> bool:
+        """Whether the resume checks the canary's metrics over a window: its p99 TTFT or its mean inter-token latency
+        (against a limit or the old pods'), or its error rate."""
+        return self.ttft_checked or self.itl_checked or self.error_checked
+
+    @property
+    def error_checked(self) -> bool:
+        """Whether the resume checks the canary's error rate."""
+        return self.undo_if_error_rate_over is not None
 
     @property
     def ttft_checked(self) -> bool:
@@ -603,20 +613,20 @@ class Rollout(_Section):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
         for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline",
-                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline"):
+                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline", "undo_if_error_rate_over"):
             if getattr(self, name) not in (False, None) and not self.resume:
                 raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
                                  "pause in which the canary ran")
         if self.restart_poll_s is not None and not self.undo_if_restarted:
             raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
                              "pause, which needs undo_if_restarted: true")
-        latency = ("undo_if_ttft_p99_over_s, undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s or "
-                   "undo_if_itl_mean_over_baseline")
-        if self.check_window_s != 300.0 and not self.latency_checked:
-            raise ValueError(f"check_window_s: the window of the latency checks, which needs {latency}")
-        if self.check_interval_s is not None and not self.latency_checked:
-            raise ValueError(f"check_interval_s: how often the pipeline measures the canary's latency during the pause, "
-                             f"which needs a latency check: {latency}")
+        metrics = ("undo_if_ttft_p99_over_s, undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s, "
+                   "undo_if_itl_mean_over_baseline or undo_if_error_rate_over")
+        if self.check_window_s != 300.0 and not self.metrics_checked:
+            raise ValueError(f"check_window_s: the window of the metric checks, which needs {metrics}")
+        if self.check_interval_s is not None and not self.metrics_checked:
+            raise ValueError(f"check_interval_s: how often the pipeline measures the canary during the pause, which "
+                             f"needs a metric check: {metrics}")
         for name, default in (("check_initial_delay_s", 0.0), ("check_failure_limit", 0)):
             if getattr(self, name) != default and self.check_interval_s is None:
                 raise ValueError(f"{name}: a setting of the measurements during the pause, which needs "

@@ -398,7 +398,10 @@ class Client:
             self._watch_by(float(self.rec.send[first]) + self.timeout_s)
 
     def _attempt_failed(self, i: int, t: float, outcome: int, pod_id: int) -> None:
-        """An attempt ended badly at ``t``: retry after backoff, or give up."""
+        """An attempt ended badly at ``t``: retry after backoff, or give up. A pod that ended it with an error
+        (``pod_id``; not a client's timeout) counts it (``Pod.errors``)."""
+        if pod_id >= 0 and outcome != TIMED_OUT:
+            self.sim.cluster.pods[pod_id].errors += 1
         k = int(self.rec.attempts[i])
         if k <= self.max_retries:
             self.rec.bid[i] = -1
@@ -431,6 +434,7 @@ class Client:
             self._store_write_failed(batch, batch.idx.tolist(), now)
             return
         self.n_ok += batch.live_size
+        batch.pod.answered += batch.live_size
         if not self.track_sessions:
             return
         idx = batch.idx
@@ -464,6 +468,7 @@ class Client:
             self._store_write_failed(batch, [i], now)
             return
         self.n_ok += 1
+        batch.pod.answered += 1
         if not self.track_sessions:
             return
         turns = self.turns
@@ -519,6 +524,7 @@ class Client:
             if i >= self._n_real:  # an orphan: nobody waits for it
                 self._free_orphans.append(i)
             elif self.pod_local and self.session[i // self.turns] == _LOST:
+                pod.errors += 1
                 self._finish(i, now, FAILED, pod.id)
             else:
                 self._attempt_failed(i, now, FAILED, pod.id)

@@ -106,6 +106,8 @@ class RolloutRecord:
     baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
     canary_checked_s: float | None = None  # when the pipeline checked it as a canary (at a resume)
     canary_failed: bool = False  # and whether the check failed (it was undone then)
+    canary_error_rate: float | None = None  # the error-rate check's share of the canary's attempts ended in error
+    baseline_error_rate: float | None = None  # the same over the other templates' pods
     canary_measurements: int = 0  # the latency measurements of it (the resume's, and check_interval_s' in the pause)
     canary_failures: int = 0  # how many of them failed
 
@@ -178,17 +180,16 @@ class Cluster:
         self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
         self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
-        # each latency measurement's window start, by (id of the resume entry, the measurement's time): every pod's
-        # TTFT histogram then, to take the increase from, and its ITL histogram's sum and count (continuous pods)
-        self._window_start: dict[tuple[int, float], dict[int, tuple[int, ...]]] = {}
-        self._itl_start: dict[tuple[int, float], dict[int, tuple[float, int]]] = {}
+        # each measurement's window start, by (id of the resume entry, the measurement's time): every pod's counters
+        # then (``_counters``), to take their increase from
+        self._window_start: dict[tuple[int, float], dict[int, _Counts]] = {}
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
-        self._failures: dict[int, int] = {}  # id of a resume entry -> its latency measurements failed so far
+        self._failures: dict[int, int] = {}  # id of a resume entry -> its measurements failed so far
         rollouts = sim.scenario.pods.rollouts
         analysis = sim.scenario.pods.analysis_times()
         for i, r in enumerate(rollouts):
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
-            if r.latency_checked:
+            if r.metrics_checked:
                 for t in [*analysis.get(i, []), r.at_s]:  # the measurements during the pause, then the resume's
                     Timeout(sim.env, max(0.0, t - r.check_window_s), (r, t)).callbacks.append(self._check_window_opens)
                     if t != r.at_s:
@@ -247,9 +248,9 @@ class Cluster:
         if ro.resume:  # with a canary check first (on the rollout the pause held, not a deploy that waited)
             held = self._held_canary()
             failed = False
-            if held is not None and (ro.undo_if_restarted or ro.latency_checked):
+            if held is not None and (ro.undo_if_restarted or ro.metrics_checked):
                 failed = ro.undo_if_restarted and self._restarted(held.template)
-                if ro.latency_checked:
+                if ro.metrics_checked:
                     self._measure(ro, held, now)
                     failed |= self._failures.get(id(ro), 0) > ro.check_failure_limit
                 held.canary_failed = failed
@@ -320,57 +321,59 @@ class Cluster:
         return held[-1] if held else None
 
     def _check_window_opens(self, ev: Timeout) -> None:
-        """A latency measurement's window opens: every pod's TTFT histogram now, to take its increase from."""
+        """A measurement's window opens: every pod's counters now (``_counters``), to take their increase from."""
         ro, at = cast(tuple[Rollout, float], ev.value)
-        self._window_start[id(ro), at] = {p.id: tuple(p.ttft_buckets or ()) for p in self.pods}
-        self._itl_start[id(ro), at] = {p.id: _itl_counters(p) for p in self.pods}
+        self._window_start[id(ro), at] = {p.id: _counters(p) for p in self.pods}
 
     def _measure(self, ro: Rollout, record: RolloutRecord, at: float) -> bool:
-        """One latency measurement of ``record``'s canary for the resume ``ro``, over the window that ends at ``at``
-        (now), counted on the record and, when it fails, among ``ro``'s failures; whether it failed. It fails when the
-        p99 TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
+        """One measurement of ``record``'s canary for the resume ``ro``, over the window that ends at ``at`` (now),
+        counted on the record and, when it fails, among ``ro``'s failures; whether it failed. It fails when the p99
+        TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
         histogram), over ``undo_if_ttft_p99_over_s`` or over ``undo_if_ttft_p99_over_baseline`` times the old pods'
-        (which passes when they answered nothing), and likewise for the mean inter-token latency."""
+        (which passes when they answered nothing), likewise for the mean inter-token latency, and when the share of
+        their attempts ended with an error is unknown (none) or over ``undo_if_error_rate_over``."""
+        before = self._window_start.pop((id(ro), at), {})  # measured: its window's start is no longer needed
+        canary = self._window(before, record.template, canary=True)
+        base = self._window(before, record.template, canary=False)
         failed = False
         if ro.ttft_checked:
-            p99 = record.canary_ttft_p99_s = self._window_p99(ro, at, record.template, canary=True)
-            base = record.baseline_ttft_p99_s = self._window_p99(ro, at, record.template, canary=False)
-            failed |= _over(p99, base, ro.undo_if_ttft_p99_over_s, ro.undo_if_ttft_p99_over_baseline)
+            record.canary_ttft_p99_s, record.baseline_ttft_p99_s = canary.ttft_p99_s, base.ttft_p99_s
+            failed |= _over(canary.ttft_p99_s, base.ttft_p99_s, ro.undo_if_ttft_p99_over_s,
+                            ro.undo_if_ttft_p99_over_baseline)
         if ro.itl_checked:
-            mean = record.canary_itl_mean_s = self._window_itl(ro, at, record.template, canary=True)
-            base = record.baseline_itl_mean_s = self._window_itl(ro, at, record.template, canary=False)
-            failed |= _over(mean, base, ro.undo_if_itl_mean_over_s, ro.undo_if_itl_mean_over_baseline)
+            record.canary_itl_mean_s, record.baseline_itl_mean_s = canary.itl_mean_s, base.itl_mean_s
+            failed |= _over(canary.itl_mean_s, base.itl_mean_s, ro.undo_if_itl_mean_over_s,
+                            ro.undo_if_itl_mean_over_baseline)
+        if ro.error_checked:
+            record.canary_error_rate, record.baseline_error_rate = canary.error_rate, base.error_rate
+            failed |= _over(canary.error_rate, base.error_rate, ro.undo_if_error_rate_over, None)
         record.canary_measurements += 1
         if failed:
             record.canary_failures += 1
             self._failures[id(ro)] = self._failures.get(id(ro), 0) + 1
         return failed
 
-    def _window_itl(self, ro: Rollout, at: float, template: int, canary: bool) -> float:
-        """The mean inter-token latency over the check's window of ``template``'s pods (``canary``) or of the others:
-        ``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])`` summed over them, gone ones
-        too (NaN: no token gap observed). A request's gaps count when it ends (the simulated pod's counters)."""
-        before = self._itl_start.get((id(ro), at), {})
-        total, count = 0.0, 0
+    def _window(self, before: dict[int, _Counts], template: int, canary: bool) -> _Window:
+        """What ``template``'s pods (``canary``) or the others did since ``before`` (the window's start), gone ones too
+        (Prometheus keeps their series): ``histogram_quantile(0.99, ...)`` of their TTFT histograms' increase, their
+        mean inter-token latency (``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])``; a
+        request's gaps count when it ends), and the share of their attempts ended with an error (NaN each: nothing
+        observed)."""
+        buckets = [0] * (len(TTFT_BUCKETS_S) + 1)
+        itl_s = itl_n = answered = errors = 0.0
         for p in self.pods:
-            if (p.revision == template) == canary:
-                s0, c0 = before.get(p.id, (0.0, 0))
-                s1, c1 = _itl_counters(p)
-                total, count = total + s1 - s0, count + c1 - c0
-        return total / count if count else math.nan
-
-    def _window_p99(self, ro: Rollout, at: float, template: int, canary: bool) -> float:
-        """``histogram_quantile(0.99, ...)`` of the increase, over the check's window, of the TTFT histograms of
-        ``template``'s pods (``canary``) or of the other pods (the baseline), gone ones too: Prometheus keeps their
-        series."""
-        before = self._window_start.get((id(ro), at), {})
-        counts = [0] * (len(TTFT_BUCKETS_S) + 1)
-        for p in self.pods:
-            if (p.revision == template) == canary and p.ttft_buckets is not None:
-                old = before.get(p.id) or (0,) * len(counts)
-                for k, (a, b) in enumerate(zip(old, p.ttft_buckets, strict=True)):
-                    counts[k] += b - a
-        return bucket_quantile(0.99, TTFT_BUCKETS_S, counts)
+            if (p.revision == template) != canary:
+                continue
+            now = _counters(p)
+            old = before.get(p.id, _ZERO)
+            if p.ttft_buckets is not None:
+                for k, (a, b) in enumerate(zip(old[0] or (0,) * len(buckets), now[0], strict=True)):
+                    buckets[k] += b - a
+            itl_s, itl_n = itl_s + now[1] - old[1], itl_n + now[2] - old[2]
+            answered, errors = answered + now[3] - old[3], errors + now[4] - old[4]
+        attempts = answered + errors
+        return _Window(bucket_quantile(0.99, TTFT_BUCKETS_S, buckets), itl_s / itl_n if itl_n else math.nan,
+                       errors / attempts if attempts else math.nan)
 
     def _restarted(self, template: int) -> bool:
         """Whether a container of ``template``'s pods has exited: restarted (their RESTARTS column above 0) or down
@@ -1089,9 +1092,26 @@ class Cluster:
         return held * self.nodes.pod_gpus
 
 
-def _itl_counters(pod: Pod) -> tuple[float, int]:
-    """A pod's inter-token latency histogram's sum and count now (0, 0 for a static pod, which has none)."""
-    return float(getattr(pod, "itl_sum_s", 0.0)), int(getattr(pod, "itl_count", 0))
+#: a pod's counters a canary's measurement takes the increase of: its TTFT histogram's buckets (empty when not
+#: tracked), its inter-token latency histogram's sum and count (0 for a static pod, which has none), the attempts it
+#: answered and those it ended with an error
+_Counts = tuple[tuple[int, ...], float, int, int, int]
+_ZERO: _Counts = ((), 0.0, 0, 0, 0)
+
+
+def _counters(pod: Pod) -> _Counts:
+    """``pod``'s counters now (``_Counts``)."""
+    return (tuple(pod.ttft_buckets or ()), float(getattr(pod, "itl_sum_s", 0.0)), int(getattr(pod, "itl_count", 0)),
+            pod.answered, pod.errors)
+
+
+@dataclass(frozen=True)
+class _Window:
+    """What a canary's pods (or the old ones) did over a measurement's window (NaN: nothing observed)."""
+
+    ttft_p99_s: float
+    itl_mean_s: float
+    error_rate: float
 
 
 def _over(value: float, base: float, limit: float | None, ratio: float | None) -> bool:

@@ -252,6 +252,7 @@ class ContinuousPod(Pod):
             self.sim.router.touch(self)
             self.stats.unservable[i] = True
             # the engine's API server checks the length as the request arrives: the answer is at once
+            self.errors += 1  # vLLM's 400: longer than max_model_len, or more blocks than the cache holds
             self.sim.client._finish(i, float(rec.send[i]), REJECTED, self.id)
 
     def set_slow(self, factor: float, now: float) -> None:

@@ -85,7 +85,8 @@ class SimResult:
     # when the deploy pipeline's undo of it was refused (the Deployment paused; NaN: never), when the pipeline checked
     # it as a canary (at a resume, or earlier by a check during the pause; NaN: never) and whether the check failed, and the p99 TTFT the
     # canary's latency check read at the resume and the same over the old pods (NaN: no such check, or nothing answered),
-    # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs), all at the last
+    # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs), and the share of their
+    # attempts ended with an error its error-rate check read (the same NaNs), all at the last
     # measurement, and how many latency measurements of it were made (the resume's, and check_interval_s' in the
     # pause) and failed
     rollouts: Any = None
@@ -94,8 +95,8 @@ class SimResult:
 #: the columns of ``SimResult.rollouts``
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
                    "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed", "canary_ttft_p99_s",
-                   "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s", "canary_measurements",
-                   "canary_failures"]
+                   "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s", "canary_error_rate",
+                   "baseline_error_rate", "canary_measurements", "canary_failures"]
 
 
 _gc_lock = threading.Lock()
@@ -275,8 +276,8 @@ class Simulation:
                 exceeded = r.progress_s + deadline
             rows.append([r.at_s, r.revision, r.pods, r.done_s, r.min_ready, r.most_pods, exceeded, r.undo, r.undone_s,
                          r.undo_refused_s, r.canary_checked_s, r.canary_failed, r.canary_ttft_p99_s,
-                         r.baseline_ttft_p99_s, r.canary_itl_mean_s, r.baseline_itl_mean_s, r.canary_measurements,
-                         r.canary_failures])
+                         r.baseline_ttft_p99_s, r.canary_itl_mean_s, r.baseline_itl_mean_s, r.canary_error_rate,
+                         r.baseline_error_rate, r.canary_measurements, r.canary_failures])
         import pandas as pd
 
         frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)

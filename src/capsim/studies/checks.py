@@ -585,7 +585,7 @@ def canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     out = []
     analysis = scenario.pods.analysis_times()
     for a, b, last in scenario.pods.pause_pairs():
-        if b is not None and rollouts[b].latency_checked and last is not None and last.action == "deploy":
+        if b is not None and rollouts[b].metrics_checked and last is not None and last.action == "deploy":
             out += _canary_window(scenario, b, rollouts[b], rollouts[a].at_s, last.new_image, analysis.get(b, []))
     return out
 
@@ -597,7 +597,7 @@ def canary_ready_s(scenario: Scenario) -> dict[int, float]:
     rollouts = scenario.pods.rollouts
     return {b: rollouts[a].at_s + _to_available(scenario, last.new_image)[0]
             for a, b, last in scenario.pods.pause_pairs()
-            if b is not None and rollouts[b].latency_checked and last is not None and last.action == "deploy"}
+            if b is not None and rollouts[b].metrics_checked and last is not None and last.action == "deploy"}
 
 
 def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool,
