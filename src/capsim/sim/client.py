@@ -109,6 +109,9 @@ class Client:
         self._main_sent = 0  # first turns sent (the arrival process updates it before it sleeps)
         self._later_sent = 0  # later turns sent
         self.n_ok = 0
+        # each pod counts what it answered (``Pod.answered``) when a canary's error rate is checked: off the hot
+        # path otherwise (a simulation may set it before it runs)
+        self.count_answers = any(ro.error_checked for ro in sim.scenario.pods.rollouts)
         self.n_failed = 0
         self.n_timed_out = 0
         self.n_rejected = 0
@@ -434,7 +437,8 @@ class Client:
             self._store_write_failed(batch, batch.idx.tolist(), now)
             return
         self.n_ok += batch.live_size
-        batch.pod.answered += batch.live_size
+        if self.count_answers:
+            batch.pod.answered += batch.live_size
         if not self.track_sessions:
             return
         idx = batch.idx
@@ -468,7 +472,8 @@ class Client:
             self._store_write_failed(batch, [i], now)
             return
         self.n_ok += 1
-        batch.pod.answered += 1
+        if self.count_answers:
+            batch.pod.answered += 1
         if not self.track_sessions:
             return
         turns = self.turns

@@ -155,7 +155,8 @@ class Pod:
         self.ttft_buckets: list[int] | None = [0] * (len(TTFT_BUCKETS_S) + 1) if sim.track_ttft_buckets else None
         # what the pod answered (a gateway's 2xx) and the attempts it ended with an error: a full queue's 429, an
         # unservable request's 400, a refusal while not ready or draining, a crash's reset, a store write's 503
-        # (a client's timeout is the client's, not counted): a canary's error rate (undo_if_error_rate_over)
+        # (a client's timeout is the client's, not counted): a canary's error rate (undo_if_error_rate_over; the
+        # answers are counted only when one is checked, ``Client.count_answers``)
         self.answered = 0
         self.errors = 0
         # GPU holding time, for cost
