@@ -1089,7 +1089,7 @@ def test_an_analysis_through_the_pause_undoes_at_the_measurement_over_its_failur
     late = _paused({**check, "check_initial_delay_s": 300, "check_failure_limit": 1})
     assert late.pods.analysis_times() == {2: []}
     (f,) = [f for f in run_checks(late) if f.check == "analysis-never-measures"]
-    assert f.path == "pods.rollouts.2.check_initial_delay_s" and "never undone for its latency" in f.message
+    assert f.path == "pods.rollouts.2.check_initial_delay_s" and "never undone by a measurement" in f.message
     r = simulate(late.override(broken), 0).rollouts.iloc[0]  # even a broken canary fails the resume's, and passes
     assert not r.canary_failed and (r.canary_measurements, r.canary_failures) == (1, 1)
     assert not [f for f in run_checks(_paused(check)) if f.check == "analysis-never-measures"]

@@ -131,7 +131,8 @@ TEMPLATE_FLAGS = {"max_num_seqs": "--max-num-seqs", "max_num_batched_tokens": "-
 
 def template_vllm_args(flags: TemplateBatching) -> list[str]:
     """The arguments a deploy's new template changes (``pods.rollouts[].batching``), vLLM's names, in its order."""
-    return [x for k, v in flags.model_dump(exclude_none=True).items() for x in (TEMPLATE_FLAGS[k], str(v) if isinstance(v, int) else f"{v:g}")]
+    given = flags.model_dump(exclude_none=True).items()
+    return [x for k, v in given for x in (TEMPLATE_FLAGS[k], str(v) if isinstance(v, int) else f"{v:g}")]
 
 
 def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
@@ -175,7 +176,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             elif ro.undo_if_restarted or ro.metrics_checked:
                 restart = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
                            if ro.undo_if_restarted else [])
-                slow = []  # what fails a latency measurement ({w}: where its window is said)
+                slow = []  # what fails a measurement ({w}: where its window is said)
                 if ro.undo_if_ttft_p99_over_s is not None:
                     slow.append(f"their p99 TTFT{{w}} is over {ro.undo_if_ttft_p99_over_s:g} s")
                 if ro.undo_if_ttft_p99_over_baseline is not None:
@@ -199,13 +200,13 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.check_interval_s is not None:  # an Argo Rollouts analysis' interval, initialDelay, failureLimit
                     began = next(a for a, b in pods.pauses() if b == ro.at_s)
                     steps += [f"# meanwhile, from {began + ro.check_initial_delay_s:g} s, every {ro.check_interval_s:g} "
-                              f"s of the pause: a latency measurement over the last {ro.check_window_s:g} s (the "
+                              f"s of the pause: a measurement over the last {ro.check_window_s:g} s (the "
                               "queries below), which fails if " + ", or ".join(x.format(w="") for x in slow)
                               + f"; at the measurement that makes more than {ro.check_failure_limit} failed, resume "
                               "and undo at once (an Argo Rollouts analysis: interval "
                               f"{ro.check_interval_s:g}s, initialDelay {ro.check_initial_delay_s:g}s, failureLimit "
                               f"{ro.check_failure_limit})"]
-                    why = [*restart, f"the last latency measurement,{window}, makes more than "
+                    why = [*restart, f"the last measurement,{window}, makes more than "
                            f"{ro.check_failure_limit} failed"]
                 else:
                     why = [*restart, *(x.format(w=window) for x in slow)]

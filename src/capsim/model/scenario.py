@@ -572,7 +572,7 @@ class Rollout(_Section):
         "Rollouts analysis' initialDelay): for the canary's pods to be ready and the window to hold only their "
         "requests since")
     check_failure_limit: Int = Field(
-        0, ge=0, description="with check_interval_s: how many latency measurements may fail before the pipeline "
+        0, ge=0, description="with check_interval_s: how many measurements may fail before the pipeline "
         "undoes (an Argo Rollouts analysis' failureLimit): it undoes at the measurement that makes the failures more "
         "than this, the resume's included. A restart found (undo_if_restarted) undoes at once, whatever this is")
 

@@ -108,7 +108,7 @@ class RolloutRecord:
     canary_failed: bool = False  # and whether the check failed (it was undone then)
     canary_error_rate: float | None = None  # the error-rate check's share of the canary's attempts ended in error
     baseline_error_rate: float | None = None  # the same over the other templates' pods
-    canary_measurements: int = 0  # the latency measurements of it (the resume's, and check_interval_s' in the pause)
+    canary_measurements: int = 0  # the measurements of it (the resume's, and check_interval_s' in the pause)
     canary_failures: int = 0  # how many of them failed
 
     @property
@@ -292,7 +292,7 @@ class Cluster:
         self._undo_early(ro, record)
 
     def _analysis_measures(self, ev: Timeout) -> None:
-        """A latency measurement of the canary during the pause (``check_interval_s``: an Argo Rollouts analysis'
+        """A measurement of the canary during the pause (``check_interval_s``: an Argo Rollouts analysis'
         interval): once more than ``check_failure_limit`` measurements have failed, ``kubectl rollout resume &&
         kubectl rollout undo`` at once; the resume entry then does nothing."""
         ro, at = cast(tuple[Rollout, float], ev.value)

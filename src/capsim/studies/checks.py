@@ -128,7 +128,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   first look would come at or after the resume, so the poll never looks and a broken canary waits for the resume.
 * ``analysis-never-measures`` (warn): a resume's ``check_interval_s`` whose first measurement (the pause plus
   ``check_initial_delay_s``) comes at or after the resume: the latency is measured once, at the resume, and
-  ``check_failure_limit`` above 0 can never be passed, so the canary is never undone for its latency.
+  ``check_failure_limit`` above 0 can never be passed, so the canary is never undone by a measurement.
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -619,7 +619,7 @@ def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, ne
     if during:  # the first measurement of the pause is the earliest
         delay = ready + resume.check_window_s - began
         return [Finding(
-            f"pods.rollouts.{i}.check_initial_delay_s", f"{resume.check_initial_delay_s:g} s: the first latency "
+            f"pods.rollouts.{i}.check_initial_delay_s", f"{resume.check_initial_delay_s:g} s: the first "
             f"measurement of the pause, at {first:g} s, looks back to {window_start:g} s, before the canary's pods can "
             f"all be ready ({why}: until {ready:g} s); a canary that answered nothing fails a measurement, and one that "
             f"just began is judged on its first requests. {router}. Wait {delay:g} s or more (the readiness plus the "
@@ -668,7 +668,7 @@ def _analysis_never_measures(scenario: Scenario) -> list[Finding]:
         ro = rollouts[i]
         began = next(rollouts[a].at_s for a, b, _ in scenario.pods.pause_pairs() if b == i)
         never = (f"so only the resume measures, and with a failure limit of {ro.check_failure_limit} the canary is "
-                 "never undone for its latency" if ro.check_failure_limit else "so only the resume measures")
+                 "never undone by a measurement" if ro.check_failure_limit else "so only the resume measures")
         out.append(Finding(
             f"pods.rollouts.{i}.check_initial_delay_s", f"{ro.check_initial_delay_s:g} s: the first measurement of the "
             f"pause from {began:g} s would come at {began + ro.check_initial_delay_s:g} s, at or after this resume "
