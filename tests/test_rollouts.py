@@ -1253,3 +1253,28 @@ def test_a_canary_that_rejects_long_prompts_reads_fast_and_only_its_error_rate_c
     row = errors.rollouts.iloc[0]
     assert errors.summary.undone_after_s == 250 and 0.01 < row.canary_error_rate < 0.05
     assert row.baseline_error_rate == 0.0
+
+
+def test_capsim_check_estimates_the_share_of_requests_a_setting_turns_away() -> None:
+    """``requests-unservable``: the share of the workload's requests longer than ``max_model_len`` (or needing more KV
+    blocks than the cache), estimated from the token distributions, for the scenario's settings and each deploy's
+    flags; it agrees with what the simulated pods with those flags turned away."""
+    from capsim.sim.simulate import Simulation
+    from capsim.studies.checks import requests_unservable, run_checks
+
+    rush = Scenario.from_yaml(SCENARIOS / "canary_rush.yaml")
+    assert not [f for f in run_checks(rush) if f.check == "requests-unservable"]
+    short = rush.override({"pods.rollouts": [{"at_s": 1900, "batching": {"max_model_len": 4096}}]})
+    (f,) = requests_unservable(short)
+    assert f.path == "pods.rollouts.0.batching.max_model_len" and f.level == "warn"
+    estimated = float(f.message.split("%")[0]) / 100
+    sim = Simulation(short, 0)
+    req = sim.run().requests
+    revision = {p.id: p.revision for p in sim.cluster.pods}
+    on_new = req[req["pod"].map(revision) == 1]
+    assert len(on_new) > 10_000 and abs(on_new.unservable.mean() - estimated) < 0.01  # 3.0% against ~3%
+    (f,) = requests_unservable(rush.override({"pods.rollouts.0.batching": {"num_blocks": 300}}))
+    assert f.path == "pods.rollouts.0.batching.num_blocks" and "300 blocks of 16 tokens" in f.message
+    (f,) = requests_unservable(rush.override({"batching.max_model_len": 4096}))
+    assert f.path == "batching.max_model_len"
+    assert not requests_unservable(_fleet())  # static pods turn nothing away by length

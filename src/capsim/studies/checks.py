@@ -129,6 +129,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``analysis-never-measures`` (warn): a resume's ``check_interval_s`` whose first measurement (the pause plus
   ``check_initial_delay_s``) comes at or after the resume: the latency is measured once, at the resume, and
   ``check_failure_limit`` above 0 can never be passed, so the canary is never undone by a measurement.
+* ``requests-unservable`` (warn): continuous batching whose ``max_model_len``, or KV cache, turns away a share of
+  the workload's requests (prompt plus answer, drawn from ``workload.prompt_tokens`` and ``output_tokens``; one in a
+  thousand or more): the scenario's own settings, or a deploy's engine flags (``pods.rollouts[].batching``). The pod
+  rejects them as unservable (vLLM's 400), an error every latency reads fast. Not for traces or growing sessions
+  (their contexts follow ``sessions.on_context_overflow``).
 * ``recreate-outage`` (warn): ``pods.rollouts`` under ``pods.strategy: Recreate``: every rollout takes all the old pods
   down before it creates a new one, so no pod serves for at least the shortest cold start; what is sent then
   waits for the client's timeout and fails (the run counts it).
@@ -155,6 +160,7 @@ from capsim.model.scenario import (
     Rollout,
     Scenario,
     Tokens,
+    TraceArrivals,
 )
 from capsim.model.scenario_limits import max_pods
 from capsim.policy.rollout import RollingUpdate
@@ -217,6 +223,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += canary_window_before_ready(scenario)
     findings += _restart_poll_never_looks(scenario)
     findings += _analysis_never_measures(scenario)
+    findings += requests_unservable(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
 
@@ -673,6 +680,56 @@ def _analysis_never_measures(scenario: Scenario) -> list[Finding]:
             f"pods.rollouts.{i}.check_initial_delay_s", f"{ro.check_initial_delay_s:g} s: the first measurement of the "
             f"pause from {began:g} s would come at {began + ro.check_initial_delay_s:g} s, at or after this resume "
             f"({ro.at_s:g} s), {never}; wait less, or resume later", level="warn", check="analysis-never-measures"))
+    return out
+
+
+#: requests drawn to estimate the share a setting turns away, and the least share worth a warning
+UNSERVABLE_DRAWS = 100_000
+UNSERVABLE_SHARE = 0.001
+
+
+def requests_unservable(scenario: Scenario) -> list[Finding]:
+    """Continuous batching that turns away a share of the workload's requests: longer than ``max_model_len``, or more
+    KV blocks than the pod's cache (``SchedulerLimits.rejection``), for the scenario's settings and each deploy's
+    engine flags. The share is estimated from ``UNSERVABLE_DRAWS`` requests of the workload's token distributions (a
+    fixed seed: the same answer every time)."""
+    import numpy as np
+
+    from capsim.policy.sched_types import SchedulerLimits
+    from capsim.sim.arrivals import draw_tokens
+
+    w = scenario.workload
+    if (scenario.batching.mode != "continuous" or isinstance(w.arrivals, TraceArrivals)
+            or w.sessions.new_tokens is not None):
+        return []
+    gen = np.random.default_rng(0)
+    prompt = draw_tokens(w.prompt_tokens, UNSERVABLE_DRAWS, gen).astype(np.int64)
+    output = draw_tokens(w.output_tokens, UNSERVABLE_DRAWS, gen).astype(np.int64)
+    total = prompt + output
+    longest = int(total.max())
+    settings = [("batching", "", scenario.batching)]
+    settings += [(f"pods.rollouts.{i}.batching", f"the engine flags deployed at {ro.at_s:g} s",
+                  ro.batching.apply(scenario.batching))
+                 for i, ro in enumerate(scenario.pods.rollouts) if ro.batching is not None]
+    out = []
+    for path, whose, b in settings:
+        limits = SchedulerLimits.from_settings(b)
+        too_long = total > limits.max_model_len
+        too_big = -(-(total - 1) // limits.block_size) > limits.num_blocks  # the last token's KV is never stored
+        share = float(np.mean(too_long | too_big))
+        if share < UNSERVABLE_SHARE:
+            continue
+        field, why = ((f"{path}.max_model_len", f"longer than max_model_len {limits.max_model_len}"
+                       + (f" ({whose})" if whose else ""))
+                      if too_long.mean() >= too_big.mean() else
+                      (f"{path}.num_blocks", "in need of more KV blocks than the pod's cache holds ("
+                       f"{limits.num_blocks} blocks of {limits.block_size} tokens" + (f", {whose}" if whose else "")
+                       + ")"))
+        out.append(Finding(
+            field, f"{share:.1%} of the workload's requests (prompt plus answer, up to {longest:,} tokens here) are "
+            f"{why}: the pod turns them away (vLLM's 400), errors that every latency reads fast (what it answers is "
+            "shorter); raise it, or cap the workload (docs/studies.md, \"A canary of engine flags\")",
+            level="warn", check="requests-unservable"))
     return out
 
 
