@@ -999,6 +999,15 @@ def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:
                                    "--set", "pods.rollouts.2.restart_poll_s=30"])
     assert out.exit_code == 0, out.output
     assert "failed: resumed and undone by the pipeline's restart poll during the pause" in out.output
+    # a poll that undid the canary before any latency measurement: no caveat about a window nothing read, though the
+    # resume's window (at 2,200 s, over 300 s) would have begun before the canary's pods were ready
+    early = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.0.crash_after_s=30",
+                                     "--set", "pods.rollouts.2.at_s=2200"])
+    assert early.exit_code == 0, early.output
+    assert "at 1960 s, failed: resumed and undone by the pipeline's restart poll" in early.output
+    assert "window began before the canary's pods" not in early.output
+    measured = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.2.at_s=2200"])
+    assert "its check's window began before the canary's pods could all be ready" in measured.output
     # capsim check: a poll as long as the pause never looks
     from capsim.studies.checks import run_checks
 

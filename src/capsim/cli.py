@@ -492,9 +492,9 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
     ru = sc.pods.rolling_update
     how = ("Recreate" if sc.pods.strategy == "Recreate"
            else f"maxSurge {ru.max_surge}, maxUnavailable {ru.max_unavailable}")
-    from capsim.studies.checks import canary_ready_s
+    from capsim.studies.checks import early_canary_checks
 
-    ready = canary_ready_s(sc)  # resume entry -> when the canary's pods it checks can all be ready
+    early = early_canary_checks(sc)  # the resumes whose first measurement reads the canary's first requests
     resumes = sorted((ro.at_s, i) for i, ro in enumerate(sc.pods.rollouts) if ro.resume)
     out = []
     for r in rollouts.itertuples():
@@ -545,12 +545,11 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
                             else " by the pipeline's restart poll during the pause (a restart of its pods)")
             elif many:
                 verdict += f" ({limit})"
-            first = r.canary_checked_s if ro is None or not many else min(
-                [*sc.pods.analysis_times().get(i, []), r.canary_checked_s])
-            early = ro is not None and i in ready and first - ro.check_window_s < ready[i]
-            caveat = (f"; its latency {'measurements' if many else 'check'}' window began before the canary's pods "
+            whose = "measurements'" if many else "check's"
+            caveat = (f"; its {whose} window began before the canary's pods "
                       "could all be ready, so it read their first requests, the router's treatment of new pods as much "
-                      "as the version (capsim check: canary-window-before-ready)" if early else "")
+                      "as the version (capsim check: canary-window-before-ready)"
+                      if i in early and r.canary_measurements else "")
             out.append(f"note: the canary check of the rollout at {r.at_s:g} s, at {r.canary_checked_s:g} s, "
                        f"{verdict}{read}{caveat} (rollouts.csv)")
         if not math.isnan(r.undo_refused_s):

@@ -588,37 +588,65 @@ def canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     burst: the canary reads slow), round robin gives it none of the others' backlog (it reads fast). In the H100
     rush (docs/studies.md, "A canary by pause") a good version checked at 2,200 s over 300 s read 0.71 to 3.01 times
     the old pods' p99 and was undone in 4 seeds of 5; over 120 s (its pods ready by 2,030 s) 0.93 to 0.99."""
-    rollouts = scenario.pods.rollouts
     out = []
-    analysis = scenario.pods.analysis_times()
-    for a, b, last in scenario.pods.pause_pairs():
-        if b is not None and rollouts[b].metrics_checked and last is not None and last.action == "deploy":
-            out += _canary_window(scenario, b, rollouts[b], rollouts[a].at_s, last.new_image, analysis.get(b, []))
+    for w in _canary_windows(scenario):
+        if w.early:
+            out += _canary_window(scenario, w)
     return out
 
 
-def canary_ready_s(scenario: Scenario) -> dict[int, float]:
-    """Per resume entry (its index) with a latency check of a pause that holds a deploy: the time by which the
-    canary's pods can all be available (the pause plus ``_to_available``'s step; a node to provision comes on top).
-    A measurement whose window starts earlier reads the pods' first requests (``canary_window_before_ready``)."""
+@dataclass(frozen=True)
+class CanaryWindow:
+    """A resume entry (``index``) whose pipeline measures the canary a pause holds (a deploy): when the pause began,
+    when a new pod can be available (``ready_s``: the pause plus ``_to_available``'s step, with its ``parts``; a node
+    to provision comes on top), the measurements during the pause (``check_interval_s``) and the first of all."""
+
+    index: int
+    resume: Rollout
+    began: float
+    step: float
+    parts: tuple[str, ...]
+    during: tuple[float, ...]
+
+    @property
+    def ready_s(self) -> float:
+        return self.began + self.step
+
+    @property
+    def first_s(self) -> float:
+        """The first measurement: the pause's first, or the resume's."""
+        return self.during[0] if self.during else self.resume.at_s
+
+    @property
+    def early(self) -> bool:
+        """Whether the first measurement's window starts before the canary's pods can all be ready."""
+        return self.first_s - self.resume.check_window_s < self.ready_s
+
+
+def _canary_windows(scenario: Scenario) -> list[CanaryWindow]:
+    """Each resume with a metric check of a pause that holds a deploy (``CanaryWindow``)."""
     rollouts = scenario.pods.rollouts
-    return {b: rollouts[a].at_s + _to_available(scenario, last.new_image)[0]
-            for a, b, last in scenario.pods.pause_pairs()
-            if b is not None and rollouts[b].metrics_checked and last is not None and last.action == "deploy"}
+    analysis = scenario.pods.analysis_times()
+    out = []
+    for a, b, last in scenario.pods.pause_pairs():
+        if b is not None and rollouts[b].metrics_checked and last is not None and last.action == "deploy":
+            step, parts = _to_available(scenario, last.new_image)
+            out.append(CanaryWindow(b, rollouts[b], rollouts[a].at_s, step, tuple(parts), tuple(analysis.get(b, []))))
+    return out
 
 
-def _canary_window(scenario: Scenario, i: int, resume: Rollout, began: float, new_image: bool,
-                   during: list[float]) -> list[Finding]:
-    """``canary_window_before_ready`` for one resume (entry ``i``) of a pause at ``began`` that holds a deploy, whose
-    pipeline also measures at the times ``during`` of the pause (``check_interval_s``)."""
-    step, parts = _to_available(scenario, new_image)
-    ready = began + step
-    first = during[0] if during else resume.at_s
+def early_canary_checks(scenario: Scenario) -> set[int]:
+    """The resume entries whose first measurement looks back before the canary's pods can all be ready
+    (``canary_window_before_ready`` warns of each): what they read is the pods' first requests."""
+    return {w.index for w in _canary_windows(scenario) if w.early}
+
+
+def _canary_window(scenario: Scenario, w: CanaryWindow) -> list[Finding]:
+    """``canary_window_before_ready``'s finding for one early resume ``w``."""
+    i, resume, began, step, ready, first, during = w.index, w.resume, w.began, w.step, w.ready_s, w.first_s, w.during
     window_start = first - resume.check_window_s
-    if window_start >= ready:
-        return []
     why = (f"the pause at {began:g} s holds the pods the deploy made by then, and a new pod may take {step:g} s to be "
-           f"available ({', '.join(parts)}; a node to provision comes on top)")
+           f"available ({', '.join(w.parts)}; a node to provision comes on top)")
     router = ("The window holds the new pods' first requests, which the router treats unlike a warm pod's (least "
               "outstanding sends a new pod a burst: a good canary's TTFT reads slow; round robin gives it no backlog: "
               "a slower one's reads fast; an emptier batch makes the inter-token latency read fast under either), so "
