@@ -723,7 +723,7 @@ def requests_unservable(scenario: Scenario) -> list[Finding]:
     fixed seed: the same answer every time)."""
     import numpy as np
 
-    from capsim.policy.sched_types import SchedulerLimits
+    from capsim.policy.sched_types import Rejection, SchedulerLimits
     from capsim.sim.arrivals import draw_tokens
 
     w = scenario.workload
@@ -733,8 +733,10 @@ def requests_unservable(scenario: Scenario) -> list[Finding]:
     gen = np.random.default_rng(0)
     prompt = draw_tokens(w.prompt_tokens, UNSERVABLE_DRAWS, gen).astype(np.int64)
     output = draw_tokens(w.output_tokens, UNSERVABLE_DRAWS, gen).astype(np.int64)
-    total = prompt + output
-    longest = int(total.max())
+    # the scheduler's own rule decides (SchedulerLimits.rejection), which reads the prompt plus the answer only: once
+    # for each length drawn
+    lengths, counts = np.unique(prompt + output, return_counts=True)
+    longest = int(lengths[-1])
     settings = [("batching", "", scenario.batching)]
     settings += [(f"pods.rollouts.{i}.batching", f"the engine flags deployed at {ro.at_s:g} s",
                   ro.batching.apply(scenario.batching))
@@ -742,14 +744,17 @@ def requests_unservable(scenario: Scenario) -> list[Finding]:
     out = []
     for path, whose, b in settings:
         limits = SchedulerLimits.from_settings(b)
-        too_long = total > limits.max_model_len
-        too_big = -(-(total - 1) // limits.block_size) > limits.num_blocks  # the last token's KV is never stored
-        share = float(np.mean(too_long | too_big))
+        turned = {Rejection.TOO_LONG: 0, Rejection.EXCEEDS_CACHE: 0}
+        for n, k in zip(lengths.tolist(), counts.tolist(), strict=True):
+            reason = limits.rejection(n, 0)
+            if reason is not None:
+                turned[reason] += k
+        share = sum(turned.values()) / UNSERVABLE_DRAWS
         if share < UNSERVABLE_SHARE:
             continue
         field, why = ((f"{path}.max_model_len", f"longer than max_model_len {limits.max_model_len}"
                        + (f" ({whose})" if whose else ""))
-                      if too_long.mean() >= too_big.mean() else
+                      if turned[Rejection.TOO_LONG] >= turned[Rejection.EXCEEDS_CACHE] else
                       (f"{path}.num_blocks", "in need of more KV blocks than the pod's cache holds ("
                        f"{limits.num_blocks} blocks of {limits.block_size} tokens" + (f", {whose}" if whose else "")
                        + ")"))
