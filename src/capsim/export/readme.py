@@ -212,17 +212,16 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                     why = [*restart, *(x.format(w=window) for x in slow)]
                 steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),
                           f"kubectl rollout resume {ref}", f"kubectl rollout undo {ref}   # only if the check failed"]
+                w = f"{ro.check_window_s:g}s"  # the queries' range
                 if ro.ttft_checked:
                     steps += ["# the p99: histogram_quantile(0.99, sum by (le) (increase("
-                              f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{ro.check_window_s:g}s])))"]
+                              f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{w}])))"]
                 if ro.error_checked:
-                    w = f"{ro.check_window_s:g}s"
                     steps += ["# the error rate: sum(increase(capsim_requests_total{outcome=~\"failed|rejected\",pod=~"
                               f"\"<the pods>\"}}[{w}])) / sum(increase(capsim_requests_total{{pod=~\"<the pods>\"}}"
                               f"[{w}])) (or the gateway's responses by code: 4xx and 5xx over all; refusals and "
                               "resets of a dead pod are the gateway's)"]
                 if ro.itl_checked:
-                    w = f"{ro.check_window_s:g}s"
                     steps += ["# the mean inter-token latency: sum(increase(vllm:inter_token_latency_seconds_sum"
                               f"{{pod=~\"<the pods>\"}}[{w}])) / sum(increase(vllm:inter_token_latency_seconds_count"
                               f"{{pod=~\"<the pods>\"}}[{w}]))"]

@@ -100,11 +100,11 @@ class RolloutRecord:
     template: int = 0  # the template (its ReplicaSet) it rolls the pods to
     undone_s: float | None = None  # when an undo left its template (before it was done, or after)
     undo_refused_s: float | None = None  # when the pipeline's undo of it was refused: the Deployment was paused
-    canary_ttft_p99_s: float | None = None  # the canary latency check's p99 at the resume (NaN: nothing answered)
+    canary_ttft_p99_s: float | None = None  # the canary's p99 TTFT at its last measurement (NaN: nothing answered)
     baseline_ttft_p99_s: float | None = None  # the same over the other templates' pods, for comparison
-    canary_itl_mean_s: float | None = None  # the canary ITL check's mean at the resume (NaN: nothing answered)
+    canary_itl_mean_s: float | None = None  # the canary's mean ITL at its last measurement (NaN: nothing answered)
     baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
-    canary_checked_s: float | None = None  # when the pipeline checked it as a canary (at a resume)
+    canary_checked_s: float | None = None  # when the pipeline's check of it as a canary decided (resume or earlier)
     canary_failed: bool = False  # and whether the check failed (it was undone then)
     canary_error_rate: float | None = None  # the error-rate check's share of the canary's attempts ended in error
     baseline_error_rate: float | None = None  # the same over the other templates' pods
