@@ -459,8 +459,26 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
     readme = (tmp_path / "README.md").read_text()
     assert ("or the share of their requests ended with an error over the last 300 s (from 400 s) is over 0.02, or they "
             "answered nothing then") in readme
-    assert ("# the error rate: sum(increase(capsim_requests_total{outcome=~\"failed|rejected\",pod=~\"<the pods>\"}"
-            "[300s])) / sum(increase(capsim_requests_total{pod=~\"<the pods>\"}[300s]))") in readme
+    assert ("the error rate as the gateway counts it (a draining pod's refusals and a crash's resets included; the "
+            "template's pods labelled with their version): sum(increase(istio_requests_total{reporter=\"source\","
+            "destination_version=\"<the new template's>\",response_code=~\"4..|5..\"}[300s])) / sum(increase("
+            "istio_requests_total{reporter=\"source\",destination_version=\"<the new template's>\"}[300s]))") in readme
+    # counted by the pods' own servers: vLLM's counter by status
+    export_scenario(canary.override({"pods.rollouts.2.undo_if_error_rate_over": 0.02,
+                                     "pods.rollouts.2.error_rate_source": "pod"}), tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("# the error rate as the pods' own servers count it (without a draining pod's refusals and a crash's "
+            "resets): sum(increase(http_requests_total{status=~\"4xx|5xx\",pod=~\"<the pods>\"}[300s])) / "
+            "sum(increase(http_requests_total{pod=~\"<the pods>\"}[300s]))") in readme
+    assert "istio_requests_total{reporter" not in readme
+    # against the old pods': the condition, and the subtraction an analysis runs
+    export_scenario(canary.override({"pods.rollouts.2.undo_if_error_rate_over_baseline_by": 0.01,
+                                     "pods.rollouts.2.error_rate_source": "pod"}), tmp_path, TARGET)
+    readme = (tmp_path / "README.md").read_text()
+    assert ("the share of their requests ended with an error over the last 300 s (from 400 s) is more than 0.01 above "
+            "the old pods'") in readme
+    assert ("# against the old pods': the same share over the old template's pods, subtracted from the canary's (an "
+            "Argo Rollouts analysis: successCondition result[0] <= 0.01)") in readme
     # a deploy of engine flags: the arguments its template changes, with vLLM's names
     flagged = Scenario.from_yaml(Path(__file__).parent.parent / "data" / "scenarios" / "canary_rush.yaml").override(
         {"pods.rollouts.0.batching": {"max_num_seqs": 64, "num_blocks": 2_000_000, "gpu_memory_utilization": None}})

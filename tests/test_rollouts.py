@@ -265,6 +265,28 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
             assert len(plan.override(changes).pods.rollouts) in (0, 1)
 
 
+def test_the_shipped_canary_error_grids_apply_to_the_rollout_scenario() -> None:
+    """The error gates of docs/studies.md ("A canary of engine flags", "A store outage during a canary"): the flags
+    grid's fifth gate counts the pods' own errors; the outage grid crosses three error gates, three Redis outages
+    (none, 30 s, 2 minutes from 2,300 s) and two versions."""
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    root = SCENARIOS.parent / "studies"
+    base = Scenario.from_yaml(SCENARIOS / "rollout_rush.yaml")
+    flags = [base.override(st.changes) for st in expand_grid(load_grid(root / "canary_flags_grid.yaml"))]
+    assert len(flags) == 25
+    assert sorted({p.pods.rollouts[-1].error_rate_source for p in flags if p.pods.rollouts[-1].error_checked}) == [
+        "gateway", "pod"]
+    plans = [base.override(st.changes) for st in expand_grid(load_grid(root / "canary_outage_grid.yaml"))]
+    assert len(plans) == 18
+    seen = {(p.pods.rollouts[2].undo_if_error_rate_over, p.pods.rollouts[2].undo_if_error_rate_over_baseline_by,
+             p.pods.rollouts[2].error_rate_source, tuple(o.duration_s for o in p.faults.redis_outages),
+             p.pods.rollouts[0].batching is not None) for p in plans if p.faults is not None}
+    assert seen == {(fixed, by, source, outage, short)
+                    for fixed, by, source in ((0.01, None, "pod"), (None, 0.01, "pod"), (0.01, None, "gateway"))
+                    for outage in ((), (30.0,), (120.0,)) for short in (False, True)}
+
+
 def test_the_shipped_bad_deploy_grid_deploys_broken_and_good_templates_undone_at_the_deadline() -> None:
     from capsim.studies.sweep import expand_grid, load_grid
 
@@ -1262,6 +1284,86 @@ def test_a_canary_that_rejects_long_prompts_reads_fast_and_only_its_error_rate_c
     row = errors.rollouts.iloc[0]
     assert errors.summary.undone_after_s == 250 and 0.01 < row.canary_error_rate < 0.05
     assert row.baseline_error_rate == 0.0
+
+
+def test_an_error_rate_from_the_pods_own_count_leaves_a_scale_downs_refusals_out() -> None:
+    """``error_rate_source``: in the H100 rush (docs/studies.md, "A canary of engine flags") the HPA scales down
+    after the peak while a good canary is paused, the ReplicaSets' shares take a canary pod each time, and in the
+    moment before it leaves the endpoints it refuses what it is sent (503, retried elsewhere). As the gateway
+    counts them (the default) those refusals make 1.9% of the canary's attempts in the window and the three gates
+    (failure limit 1) undo the good canary at 2,450 s, 550 s after its deploy; as the pods' own servers count them
+    (``pod``: a draining server takes no more requests and counts none) the canary reads no error and rolls out.
+    Every error of that run is a refusal (``Pod.refused``), the old pods' too. A canary that turns requests away
+    (``--max-model-len 4096``) answers its 400s itself: the pods' own count catches it as the gateway's does. Seed 1
+    here (seed 0 for the short context)."""
+    from capsim.sim.simulate import Simulation
+
+    def canary(version: dict, source: str) -> Scenario:
+        gate = {"at_s": 2500, "resume": True, "check_window_s": 120, "check_interval_s": 60,
+                "check_initial_delay_s": 250, "check_failure_limit": 1, "undo_if_ttft_p99_over_baseline": 1.2,
+                "undo_if_itl_mean_over_baseline": 1.2, "undo_if_error_rate_over": 0.01, "error_rate_source": source}
+        return Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override(
+            {"pods.rollouts": [{"at_s": 1900, **version}, {"at_s": 1900, "pause": True}, gate]})
+
+    gateway = Simulation(canary({}, "gateway"), 1)
+    r = gateway.run()
+    row = r.rollouts.iloc[0]
+    assert row.canary_failed and r.summary.undone_after_s == 550 and row.canary_failures == 2
+    assert row.canary_error_rate > 0.01 > row.baseline_error_rate > 0
+    refusals = [p.refused for p in gateway.cluster.pods if p.revision == 1]
+    assert sum(refusals) > 50 and all(p.refused == p.errors for p in gateway.cluster.pods)
+    pod = simulate(canary({}, "pod"), 1)
+    row = pod.rollouts.iloc[0]
+    assert not row.canary_failed and pod.summary.rollouts_undone == 0 and row.canary_measurements == 7
+    assert row.canary_error_rate == 0.0 and row.baseline_error_rate == 0.0
+    short = simulate(canary({"batching": {"max_model_len": 4096}}, "pod"), 0)
+    row = short.rollouts.iloc[0]
+    assert short.summary.undone_after_s == 310 and 0.01 < row.canary_error_rate < 0.05
+    with pytest.raises(SettingsError, match="error_rate_source: whose errors the error-rate check counts, which "
+                                            "needs undo_if_error_rate_over"):
+        canary({}, "pod").override({"pods.rollouts.2.undo_if_error_rate_over": None})
+    with pytest.raises(SettingsError, match="error_rate_source"):
+        canary({}, "engine")
+
+
+def test_an_error_rate_against_the_old_pods_reads_no_store_outage_as_the_canarys() -> None:
+    """``undo_if_error_rate_over_baseline_by``: in the H100 rush (docs/studies.md, "A store outage during a canary")
+    Redis is out for 30 s during a good canary's pause. Every pod's store writes fail then, the old pods' as the
+    canary's: the canary's error rate reads about 3% in two windows, over a fixed 1% (undone 490 s after the deploy,
+    at the second failed measurement), but within a point of the old pods' (it rolls out). The same gate still undoes
+    a canary that turns requests away (``--max-model-len 4096``) at 310 s through the outage, and ``capsim check``
+    warns of the fixed limit over the outage. Seed 0 here."""
+    from capsim.studies.checks import run_checks
+
+    def canary(version: dict, gate: dict) -> Scenario:
+        resume = {"at_s": 2500, "resume": True, "check_window_s": 120, "check_interval_s": 60,
+                  "check_initial_delay_s": 250, "check_failure_limit": 1, "error_rate_source": "pod", **gate}
+        return Scenario.from_yaml(SCENARIOS / "canary_rush.yaml").override(
+            {"pods.rollouts": [{"at_s": 1900, **version}, {"at_s": 1900, "pause": True}, resume],
+             "faults.redis_outages": [{"at_s": 2300, "duration_s": 30}]})
+
+    fixed = canary({}, {"undo_if_error_rate_over": 0.01})
+    r = simulate(fixed, 0)
+    row = r.rollouts.iloc[0]
+    assert r.summary.undone_after_s == 490 and row.canary_error_rate > 0.01 and row.baseline_error_rate > 0.01
+    against = canary({}, {"undo_if_error_rate_over_baseline_by": 0.01})
+    r = simulate(against, 0)
+    row = r.rollouts.iloc[0]
+    assert r.summary.rollouts_undone == 0 and row.canary_measurements == 7
+    short = simulate(canary({"batching": {"max_model_len": 4096}}, {"undo_if_error_rate_over_baseline_by": 0.01}), 0)
+    row = short.rollouts.iloc[0]
+    assert short.summary.undone_after_s == 310 and row.canary_error_rate > row.baseline_error_rate + 0.01
+    (f,) = [f for f in run_checks(fixed) if f.check == "error-gate-in-store-outage"]
+    assert f.path == "pods.rollouts.2.undo_if_error_rate_over" and f.level == "warn"
+    assert "out from 2300 to 2330 s, inside the window of the canary's measurements at 2330 and 2390 s" in f.message
+    assert not [f for f in run_checks(against) if f.check == "error-gate-in-store-outage"]
+    assert not [f for f in run_checks(fixed.override({"faults.redis_outages": [{"at_s": 2600, "duration_s": 30}]}))
+                if f.check == "error-gate-in-store-outage"]  # after the resume: no window holds it
+    with pytest.raises(SettingsError, match="undo_if_error_rate_over_baseline_by: the canary check comes with a "
+                                            "resume"):
+        fixed.override({"pods.rollouts.0.undo_if_error_rate_over_baseline_by": 0.01})
+    with pytest.raises(SettingsError, match="undo_if_error_rate_over_baseline_by"):
+        fixed.override({"pods.rollouts.2.undo_if_error_rate_over_baseline_by": 0})
 
 
 def test_capsim_check_estimates_the_share_of_requests_a_setting_turns_away() -> None:

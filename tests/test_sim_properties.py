@@ -40,11 +40,15 @@ def _rollouts(draw: Any, continuous: bool = False) -> list[dict[str, Any]]:
             p99 = draw(st.one_of(st.none(), st.floats(0.5, 3)))
             itl = draw(st.one_of(st.none(), st.floats(0.5, 3))) if continuous else None
             errors = draw(st.one_of(st.none(), st.floats(0.01, 1)))
-            analysis = (p99 is not None or itl is not None or errors is not None) and draw(st.booleans())
+            by = draw(st.one_of(st.none(), st.floats(0.01, 1)))  # points above the old pods' error rate
+            counted = errors is not None or by is not None
+            analysis = (p99 is not None or itl is not None or counted) and draw(st.booleans())
             out.append({"at_s": b, "resume": True, "undo_if_restarted": restarted,  # measured through the pause too
                         "restart_poll_s": draw(st.one_of(st.none(), st.floats(1, 120))) if restarted else None,
                         "undo_if_ttft_p99_over_baseline": p99, "undo_if_itl_mean_over_baseline": itl,
-                        "undo_if_error_rate_over": errors,
+                        "undo_if_error_rate_over": errors, "undo_if_error_rate_over_baseline_by": by,
+                        # the gateway's codes, or the pods' own servers' count (without refusals and resets)
+                        "error_rate_source": draw(st.sampled_from(["gateway", "pod"])) if counted else "gateway",
                         "check_interval_s": draw(st.floats(1, 120)) if analysis else None,
                         "check_initial_delay_s": draw(st.floats(0, 60)) if analysis else 0.0,
                         "check_failure_limit": draw(st.integers(0, 3)) if analysis else 0})
@@ -210,6 +214,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     pods = sim.cluster.pods
     assert sum(p.answered for p in pods) == s.completed
     assert sum(p.errors for p in pods) <= int(df["attempts"].sum()) - s.completed
+    assert all(0 <= p.refused <= p.errors for p in pods)  # the refusals and resets are among a pod's errors
     # every request that arrived has exactly one row
     assert df["request_id"].is_unique
     assert s.arrived == len(df) == s.completed + s.failed + s.timed_out + s.rejected + s.in_flight

@@ -190,6 +190,9 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.undo_if_error_rate_over is not None:
                     slow.append(f"the share of their requests ended with an error{{w}} is over "
                                 f"{ro.undo_if_error_rate_over:g}")
+                if ro.undo_if_error_rate_over_baseline_by is not None:
+                    slow.append(f"the share of their requests ended with an error{{w}} is more than "
+                                f"{ro.undo_if_error_rate_over_baseline_by:g} above the old pods'")
                 if ro.metrics_checked:
                     slow.append("they answered nothing then")
                 window = f" over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"
@@ -216,11 +219,21 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 if ro.ttft_checked:
                     steps += ["# the p99: histogram_quantile(0.99, sum by (le) (increase("
                               f"vllm:time_to_first_token_seconds_bucket{{pod=~\"<the pods>\"}}[{w}])))"]
-                if ro.error_checked:
-                    steps += ["# the error rate: sum(increase(capsim_requests_total{outcome=~\"failed|rejected\",pod=~"
-                              f"\"<the pods>\"}}[{w}])) / sum(increase(capsim_requests_total{{pod=~\"<the pods>\"}}"
-                              f"[{w}])) (or the gateway's responses by code: 4xx and 5xx over all; refusals and "
-                              "resets of a dead pod are the gateway's)"]
+                if ro.error_checked and ro.error_rate_source == "gateway":
+                    sel = 'reporter="source",destination_version="<the new template\'s>"'
+                    steps += ["# the error rate as the gateway counts it (a draining pod's refusals and a crash's "
+                              "resets included; the template's pods labelled with their version): sum(increase("
+                              f"istio_requests_total{{{sel},response_code=~\"4..|5..\"}}[{w}])) / sum(increase("
+                              f"istio_requests_total{{{sel}}}[{w}]))"]
+                elif ro.error_checked:
+                    steps += ["# the error rate as the pods' own servers count it (without a draining pod's refusals "
+                              "and a crash's resets): sum(increase(http_requests_total{status=~\"4xx|5xx\",pod=~"
+                              f"\"<the pods>\"}}[{w}])) / sum(increase(http_requests_total{{pod=~\"<the pods>\"}}"
+                              f"[{w}])) (vLLM's server; capsim serve counts capsim_requests_total by outcome)"]
+                if ro.undo_if_error_rate_over_baseline_by is not None:
+                    steps += ["# against the old pods': the same share over the old template's pods, subtracted from "
+                              f"the canary's (an Argo Rollouts analysis: successCondition result[0] <= "
+                              f"{ro.undo_if_error_rate_over_baseline_by:g})"]
                 if ro.itl_checked:
                     steps += ["# the mean inter-token latency: sum(increase(vllm:inter_token_latency_seconds_sum"
                               f"{{pod=~\"<the pods>\"}}[{w}])) / sum(increase(vllm:inter_token_latency_seconds_count"

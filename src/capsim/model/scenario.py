@@ -558,8 +558,20 @@ class Rollout(_Section):
     undo_if_error_rate_over: Float | None = Field(
         None, gt=0, le=1, description="with resume: the share of the attempts the new template's pods ended with an "
         "error over the last check_window_s (a full queue's 429, an unservable request's 400, a refusal, a crash's "
-        "reset, a store write's 503; a client's timeout is not the pod's) over this, or none reached them then: it "
+        "reset, a store write's 503, as error_rate_source counts them; a client's timeout is not the pod's) over this, or none reached them then: it "
         "resumes and undoes (an Argo Rollouts success-rate analysis: success below 1 minus this)")
+    undo_if_error_rate_over_baseline_by: Float | None = Field(
+        None, gt=0, le=1, description="with resume: the canary's error rate (as undo_if_error_rate_over measures it) "
+        "against the old pods' over the same window: more than this above theirs (0.01: a point of the share), or none "
+        "reached the canary then, it resumes and undoes; with none reaching the old pods it passes. A cause the "
+        "canary shares with the old pods (a session store's outage, a failing upstream) fails their requests as "
+        "much, and this check, unlike undo_if_error_rate_over, does not read it as the canary's")
+    error_rate_source: Literal["gateway", "pod"] = Field(
+        "gateway", description="with an error-rate check: whose count of errors the check reads. gateway: the "
+        "gateway's responses by code (4xx and 5xx over all), so every attempt the canary's pods ended with an error, "
+        "a draining or not-ready pod's refusal and a crash's reset included; pod: the pods' own servers' count (vLLM's "
+        "http_requests_total by status), which leaves those out (a server that takes no more requests, or whose "
+        "process is gone, counts nothing), so a scale-down's refusals read no error")
     check_window_s: Float = Field(300.0, gt=0, description="the metric checks' window (the query's [5m])")
     check_interval_s: Float | None = Field(
         None, gt=0, description="with a latency check: the pipeline also measures the canary every this many seconds "
@@ -585,7 +597,7 @@ class Rollout(_Section):
     @property
     def error_checked(self) -> bool:
         """Whether the resume checks the canary's error rate."""
-        return self.undo_if_error_rate_over is not None
+        return self.undo_if_error_rate_over is not None or self.undo_if_error_rate_over_baseline_by is not None
 
     @property
     def ttft_checked(self) -> bool:
@@ -613,7 +625,8 @@ class Rollout(_Section):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
         for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline",
-                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline", "undo_if_error_rate_over"):
+                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline", "undo_if_error_rate_over",
+                     "undo_if_error_rate_over_baseline_by"):
             if getattr(self, name) not in (False, None) and not self.resume:
                 raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
                                  "pause in which the canary ran")
@@ -621,7 +634,10 @@ class Rollout(_Section):
             raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
                              "pause, which needs undo_if_restarted: true")
         metrics = ("undo_if_ttft_p99_over_s, undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s, "
-                   "undo_if_itl_mean_over_baseline or undo_if_error_rate_over")
+                   "undo_if_itl_mean_over_baseline, undo_if_error_rate_over or undo_if_error_rate_over_baseline_by")
+        if self.error_rate_source != "gateway" and not self.error_checked:
+            raise ValueError("error_rate_source: whose errors the error-rate check counts, which needs "
+                             "undo_if_error_rate_over or undo_if_error_rate_over_baseline_by")
         if self.check_window_s != 300.0 and not self.metrics_checked:
             raise ValueError(f"check_window_s: the window of the metric checks, which needs {metrics}")
         if self.check_interval_s is not None and not self.metrics_checked:

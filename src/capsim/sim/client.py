@@ -300,6 +300,7 @@ class Client:
         if t < pod.teardown_until:  # a crashed container still being torn down: accepted, lost when it ends
             pod.dying.append(i)
             return
+        pod.refused += 1
         self._attempt_failed(i, t, FAILED, pod.id)
 
     def _local_copy(self, i: int) -> Pod | None:
@@ -530,8 +531,10 @@ class Client:
                 self._free_orphans.append(i)
             elif self.pod_local and self.session[i // self.turns] == _LOST:
                 pod.errors += 1
+                pod.refused += 1
                 self._finish(i, now, FAILED, pod.id)
             else:
+                pod.refused += 1  # a reset: the gateway's error, not the pod's own count
                 self._attempt_failed(i, now, FAILED, pod.id)
 
     def node_lost(self, pod: Pod, held: list[int], now: float) -> None:

@@ -106,7 +106,7 @@ class RolloutRecord:
     baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
     canary_checked_s: float | None = None  # when the pipeline's check of it as a canary decided (resume or earlier)
     canary_failed: bool = False  # and whether the check failed (it was undone then)
-    canary_error_rate: float | None = None  # the error-rate check's share of the canary's attempts ended in error
+    canary_error_rate: float | None = None  # its attempts ended in error, a share (as error_rate_source counts)
     baseline_error_rate: float | None = None  # the same over the other templates' pods
     canary_measurements: int = 0  # the measurements of it (the resume's, and check_interval_s' in the pause)
     canary_failures: int = 0  # how many of them failed
@@ -331,10 +331,11 @@ class Cluster:
         TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
         histogram), over ``undo_if_ttft_p99_over_s`` or over ``undo_if_ttft_p99_over_baseline`` times the old pods'
         (which passes when they answered nothing), likewise for the mean inter-token latency, and when the share of
-        their attempts ended with an error is unknown (none) or over ``undo_if_error_rate_over``."""
+        their attempts ended with an error is unknown (none), over ``undo_if_error_rate_over`` or more than
+        ``undo_if_error_rate_over_baseline_by`` above the old pods' (NaN, none reached them: it passes)."""
         before = self._window_start.pop((id(ro), at), {})  # measured: its window's start is no longer needed
-        canary = self._window(before, record.template, canary=True)
-        base = self._window(before, record.template, canary=False)
+        canary = self._window(before, record.template, True, ro.error_rate_source)
+        base = self._window(before, record.template, False, ro.error_rate_source)
         failed = False
         if ro.ttft_checked:
             record.canary_ttft_p99_s, record.baseline_ttft_p99_s = canary.ttft_p99_s, base.ttft_p99_s
@@ -347,18 +348,21 @@ class Cluster:
         if ro.error_checked:
             record.canary_error_rate, record.baseline_error_rate = canary.error_rate, base.error_rate
             failed |= _over(canary.error_rate, base.error_rate, ro.undo_if_error_rate_over, None)
+            by = ro.undo_if_error_rate_over_baseline_by  # points above the old pods' (none reached them: it passes)
+            failed |= by is not None and canary.error_rate > base.error_rate + by
         record.canary_measurements += 1
         if failed:
             record.canary_failures += 1
             self._failures[id(ro)] = self._failures.get(id(ro), 0) + 1
         return failed
 
-    def _window(self, before: dict[int, _Counts], template: int, canary: bool) -> _Window:
+    def _window(self, before: dict[int, _Counts], template: int, canary: bool, source: str) -> _Window:
         """What ``template``'s pods (``canary``) or the others did since ``before`` (the window's start), gone ones too
         (Prometheus keeps their series): ``histogram_quantile(0.99, ...)`` of their TTFT histograms' increase, their
         mean inter-token latency (``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])``; a
         request's gaps count when it ends), and the share of their attempts ended with an error (NaN each: nothing
-        observed)."""
+        observed), as the gateway counts them or, ``source`` ``pod``, as their own servers do (without the
+        refusals and resets, ``Pod.refused``)."""
         buckets = [0] * (len(TTFT_BUCKETS_S) + 1)
         itl_s = itl_n = answered = errors = 0.0
         for p in self.pods:
@@ -371,6 +375,8 @@ class Cluster:
                     buckets[k] += b - a
             itl_s, itl_n = itl_s + now[1] - old[1], itl_n + now[2] - old[2]
             answered, errors = answered + now[3] - old[3], errors + now[4] - old[4]
+            if source == "pod":
+                errors -= now[5] - old[5]
         attempts = answered + errors
         return _Window(bucket_quantile(0.99, TTFT_BUCKETS_S, buckets), itl_s / itl_n if itl_n else math.nan,
                        errors / attempts if attempts else math.nan)
@@ -1094,15 +1100,15 @@ class Cluster:
 
 #: a pod's counters a canary's measurement takes the increase of: its TTFT histogram's buckets (empty when not
 #: tracked), its inter-token latency histogram's sum and count (0 for a static pod, which has none), the attempts it
-#: answered and those it ended with an error
-_Counts = tuple[tuple[int, ...], float, int, int, int]
-_ZERO: _Counts = ((), 0.0, 0, 0, 0)
+#: answered, those it ended with an error and, of those, the refusals and resets its own server never counted
+_Counts = tuple[tuple[int, ...], float, int, int, int, int]
+_ZERO: _Counts = ((), 0.0, 0, 0, 0, 0)
 
 
 def _counters(pod: Pod) -> _Counts:
     """``pod``'s counters now (``_Counts``)."""
     return (tuple(pod.ttft_buckets or ()), float(getattr(pod, "itl_sum_s", 0.0)), int(getattr(pod, "itl_count", 0)),
-            pod.answered, pod.errors)
+            pod.answered, pod.errors, pod.refused)
 
 
 @dataclass(frozen=True)

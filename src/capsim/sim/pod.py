@@ -159,6 +159,10 @@ class Pod:
         # answers are counted only when one is checked, ``Client.count_answers``)
         self.answered = 0
         self.errors = 0
+        # of those errors, the ones the pod's own server never counted: a refusal while not ready or draining (its
+        # server takes no more requests) and a crash's or a kill's reset (its process is gone): the error rate of
+        # ``Rollout.error_rate_source: pod`` leaves them out
+        self.refused = 0
         # GPU holding time, for cost
         self.gpu_since: float | None = None
         self.gpu_s = 0.0

@@ -129,6 +129,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``analysis-never-measures`` (warn): a resume's ``check_interval_s`` whose first measurement (the pause plus
   ``check_initial_delay_s``) comes at or after the resume: the latency is measured once, at the resume, and
   ``check_failure_limit`` above 0 can never be passed, so the canary is never undone by a measurement.
+* ``error-gate-in-store-outage`` (warn): a resume's error-rate check against a fixed limit
+  (``undo_if_error_rate_over``) with a measurement whose window (``check_window_s`` back from it) holds a session
+  store's outage (``faults.redis_outages``, with ``state.store: redis``): every pod's store writes fail then, the old
+  pods' as the canary's, so the check reads the outage as the canary's errors; one against the old pods'
+  (``undo_if_error_rate_over_baseline_by``) does not.
 * ``requests-unservable`` (warn): continuous batching whose ``max_model_len``, or KV cache, turns away a share of
   the workload's requests (prompt plus answer, drawn from ``workload.prompt_tokens`` and ``output_tokens``; one in a
   thousand or more): the scenario's own settings, or a deploy's engine flags (``pods.rollouts[].batching``). The pod
@@ -223,6 +228,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += canary_window_before_ready(scenario)
     findings += _restart_poll_never_looks(scenario)
     findings += _analysis_never_measures(scenario)
+    findings += _error_gate_in_store_outage(scenario)
     findings += requests_unservable(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
@@ -708,6 +714,35 @@ def _analysis_never_measures(scenario: Scenario) -> list[Finding]:
             f"pods.rollouts.{i}.check_initial_delay_s", f"{ro.check_initial_delay_s:g} s: the first measurement of the "
             f"pause from {began:g} s would come at {began + ro.check_initial_delay_s:g} s, at or after this resume "
             f"({ro.at_s:g} s), {never}; wait less, or resume later", level="warn", check="analysis-never-measures"))
+    return out
+
+
+def _error_gate_in_store_outage(scenario: Scenario) -> list[Finding]:
+    """An error-rate check against a fixed limit (``undo_if_error_rate_over``) with a measurement whose window holds
+    a session store's outage (``faults.redis_outages``): every pod's store writes fail then, the old pods' as the
+    canary's, so the check reads the outage as the canary's errors."""
+    faults = scenario.faults
+    outages = [] if faults is None else [(o.at_s, o.at_s + o.duration_s) for o in faults.redis_outages]
+    if not outages or scenario.state.store != "redis":
+        return []
+    out = []
+    for w in _canary_windows(scenario):
+        ro = w.resume
+        if ro.undo_if_error_rate_over is None:
+            continue
+        hit = [(m, a, b) for m in (*w.during, ro.at_s) for a, b in outages if a < m and b > m - ro.check_window_s]
+        if not hit:
+            continue
+        _, a, b = hit[0]
+        times = sorted({m for m, _, _ in hit})
+        at = f"{times[0]:g}" if len(times) == 1 else f"{', '.join(f'{m:g}' for m in times[:-1])} and {times[-1]:g}"
+        out.append(Finding(
+            f"pods.rollouts.{w.index}.undo_if_error_rate_over", f"{ro.undo_if_error_rate_over:g}: the session store is "
+            f"out from {a:g} to {b:g} s, inside the window of the canary's measurement{'s' if len(times) > 1 else ''} "
+            f"at {at} s: every pod's store writes fail then, the old pods' as the "
+            "canary's, and a fixed limit reads the outage as the canary's errors (a good canary is undone). "
+            "Compare with the old pods' instead (undo_if_error_rate_over_baseline_by) (docs/studies.md, \"A store "
+            "outage during a canary\")", level="warn", check="error-gate-in-store-outage"))
     return out
 
 
