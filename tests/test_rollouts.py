@@ -265,6 +265,36 @@ def test_the_shipped_grid_and_space_apply_to_the_rollout_scenario() -> None:
             assert len(plan.override(changes).pods.rollouts) in (0, 1)
 
 
+def test_each_limit_of_an_analysis_counts_its_own_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As each metric of an Argo Rollouts analysis counts its failed measurements against its own failureLimit, each
+    limit of the pipeline's analysis does: with a failure limit of 1 a canary whose p99 fails one measurement and
+    whose error rate fails the next is not undone (each limit failed once), and one whose p99 fails two is. The
+    canary's readings are scripted per measurement (at 370, 420, 470 s and the resume at 500 s) over the simulated
+    old pods'."""
+    from capsim.sim import cluster
+
+    check = {"at_s": 500, "resume": True, "undo_if_ttft_p99_over_s": 1.0, "undo_if_error_rate_over": 0.05,
+             "check_window_s": 100, "check_interval_s": 50, "check_initial_delay_s": 170, "check_failure_limit": 1}
+    real = cluster.Cluster._window
+
+    def run(script: dict[float, tuple[float, float]]) -> Any:
+        def window(self: cluster.Cluster, before: dict, template: int, canary: bool, source: str) -> Any:
+            w = real(self, before, template, canary, source)
+            p99, errors = script[self.sim.env.now] if canary else (w.ttft_p99_s, w.error_rate)
+            return cluster._Window(p99, w.itl_mean_s, errors)
+
+        monkeypatch.setattr(cluster.Cluster, "_window", window)
+        return simulate(_paused(check), 0).rollouts.iloc[0]
+
+    ok, slow, erring = (0.2, 0.0), (2.0, 0.0), (0.2, 0.1)
+    split = run({370: slow, 420: erring, 470: ok, 500: ok})
+    assert not split.canary_failed and (split.canary_measurements, split.canary_failures) == (4, 2)
+    twice = run({370: slow, 420: slow, 470: ok, 500: ok})
+    assert twice.canary_failed and twice.undone_s == 420 and twice.canary_failures == 2
+    both = run({370: (2.0, 0.1), 420: ok, 470: erring, 500: ok})  # one measurement failing both counts for each
+    assert both.canary_failed and both.undone_s == 470 and both.canary_failures == 2
+
+
 def test_the_shipped_canary_error_grids_apply_to_the_rollout_scenario() -> None:
     """The error gates of docs/studies.md ("A canary of engine flags", "A store outage during a canary"): the flags
     grid's fifth gate counts the pods' own errors; the outage grid crosses three error gates, three Redis outages
@@ -1131,7 +1161,7 @@ def test_an_analysis_through_the_pause_undoes_at_the_measurement_over_its_failur
                                    "check_failure_limit: 1}"])
     assert out.exit_code == 0, out.output
     assert ("failed: resumed and undone by the pipeline's analysis during the pause (2 of 2 measurements "
-            "failed, its failure limit 1)") in out.output
+            "failed a limit, each limit's failure limit 1)") in out.output
     for bad_entry, match in (
             ({"check_interval_s": 50, "undo_if_ttft_p99_over_baseline": None, "check_window_s": 300},
              "check_interval_s: how often the pipeline measures the canary during the pause, which needs a metric "

@@ -537,8 +537,8 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
             read = (f": {' and '.join(reads)} over the {'last measurement' if many else 'check'}'s window"
                     if reads else "")
             verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
-            limit = f"{r.canary_failures} of {r.canary_measurements} measurements failed, " + (
-                f"its failure limit {ro.check_failure_limit}" if ro is not None else "")
+            limit = f"{r.canary_failures} of {r.canary_measurements} measurements failed a limit, " + (
+                f"each limit's failure limit {ro.check_failure_limit}" if ro is not None else "")
             if ro is not None and r.canary_checked_s != ro.at_s:
                 verdict += (f" by the pipeline's analysis during the pause ({limit})"
                             if many and r.canary_failures > ro.check_failure_limit

@@ -205,12 +205,13 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                     steps += [f"# meanwhile, from {began + ro.check_initial_delay_s:g} s, every {ro.check_interval_s:g} "
                               f"s of the pause: a measurement over the last {ro.check_window_s:g} s (the "
                               "queries below), which fails if " + ", or ".join(x.format(w="") for x in slow)
-                              + f"; at the measurement that makes more than {ro.check_failure_limit} failed, resume "
-                              "and undo at once (an Argo Rollouts analysis: interval "
+                              + "; each limit counts its own failures (a metric of an Argo Rollouts analysis each); at "
+                              f"the measurement that makes one limit's failures more than {ro.check_failure_limit}, "
+                              "resume and undo at once (an Argo Rollouts analysis: interval "
                               f"{ro.check_interval_s:g}s, initialDelay {ro.check_initial_delay_s:g}s, failureLimit "
                               f"{ro.check_failure_limit})"]
-                    why = [*restart, f"the last measurement,{window}, makes more than "
-                           f"{ro.check_failure_limit} failed"]
+                    why = [*restart, f"the last measurement,{window}, makes one limit's failures more than "
+                           f"{ro.check_failure_limit}"]
                 else:
                     why = [*restart, *(x.format(w=window) for x in slow)]
                 steps += [f"# at {ro.at_s:g} s: the canary check; undo if " + ", or ".join(why),

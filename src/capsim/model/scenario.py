@@ -576,17 +576,18 @@ class Rollout(_Section):
     check_interval_s: Float | None = Field(
         None, gt=0, description="with a latency check: the pipeline also measures the canary every this many seconds "
         "of the pause (an Argo Rollouts analysis' interval), the first check_initial_delay_s after the pause, each over "
-        "the last check_window_s and with the resume's limits; the resume measures last. A measurement fails as the "
-        "resume's check does (over a limit, or nothing answered), and once more than check_failure_limit have failed "
-        "the pipeline resumes and undoes at once. None: one measurement, at the resume")
+        "the last check_window_s and with the resume's limits; the resume measures last. Each limit fails as at the "
+        "resume (over it, or nothing answered), and once one limit has failed more than check_failure_limit "
+        "measurements the pipeline resumes and undoes at once. None: one measurement, at the resume")
     check_initial_delay_s: Float = Field(
         0.0, ge=0, description="with check_interval_s: the wait from the pause to the first measurement (an Argo "
         "Rollouts analysis' initialDelay): for the canary's pods to be ready and the window to hold only their "
         "requests since")
     check_failure_limit: Int = Field(
-        0, ge=0, description="with check_interval_s: how many measurements may fail before the pipeline "
-        "undoes (an Argo Rollouts analysis' failureLimit): it undoes at the measurement that makes the failures more "
-        "than this, the resume's included. A restart found (undo_if_restarted) undoes at once, whatever this is")
+        0, ge=0, description="with check_interval_s: how many measurements each limit may fail before the "
+        "pipeline undoes (an Argo Rollouts analysis' failureLimit, which each of its metrics counts for itself): it "
+        "undoes at the measurement that makes one limit's failures more than this, the resume's included. A restart "
+        "found (undo_if_restarted) undoes at once, whatever this is")
 
     @property
     def metrics_checked(self) -> bool:

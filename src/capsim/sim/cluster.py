@@ -184,7 +184,7 @@ class Cluster:
         # then (``_counters``), to take their increase from
         self._window_start: dict[tuple[int, float], dict[int, _Counts]] = {}
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
-        self._failures: dict[int, int] = {}  # id of a resume entry -> its measurements failed so far
+        self._failures: dict[tuple[int, str], int] = {}  # (a resume's id, a limit) -> measurements it failed
         rollouts = sim.scenario.pods.rollouts
         analysis = sim.scenario.pods.analysis_times()
         for i, r in enumerate(rollouts):
@@ -251,8 +251,7 @@ class Cluster:
             if held is not None and (ro.undo_if_restarted or ro.metrics_checked):
                 failed = ro.undo_if_restarted and self._restarted(held.template)
                 if ro.metrics_checked:
-                    self._measure(ro, held, now)
-                    failed |= self._failures.get(id(ro), 0) > ro.check_failure_limit
+                    failed |= self._measure(ro, held, now)
                 held.canary_failed = failed
                 held.canary_checked_s = now
             self._resume(now)
@@ -299,7 +298,7 @@ class Cluster:
         record = self._held_canary()
         if id(ro) in self._resumed_early or not self.paused or record is None:
             return
-        if self._measure(ro, record, at) and self._failures[id(ro)] > ro.check_failure_limit:
+        if self._measure(ro, record, at):
             self._undo_early(ro, record)
 
     def _undo_early(self, ro: Rollout, record: RolloutRecord) -> None:
@@ -327,7 +326,9 @@ class Cluster:
 
     def _measure(self, ro: Rollout, record: RolloutRecord, at: float) -> bool:
         """One measurement of ``record``'s canary for the resume ``ro``, over the window that ends at ``at`` (now),
-        counted on the record and, when it fails, among ``ro``'s failures; whether it failed. It fails when the p99
+        counted on the record and, for each limit it fails, among that limit's failures (each limit counts its own,
+        as each metric of an Argo Rollouts analysis has its own failureLimit); whether one limit has now failed more
+        than ``check_failure_limit`` times (the pipeline undoes). A limit fails when the p99
         TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
         histogram), over ``undo_if_ttft_p99_over_s`` or over ``undo_if_ttft_p99_over_baseline`` times the old pods'
         (which passes when they answered nothing), likewise for the mean inter-token latency, and when the share of
@@ -336,25 +337,28 @@ class Cluster:
         before = self._window_start.pop((id(ro), at), {})  # measured: its window's start is no longer needed
         canary = self._window(before, record.template, True, ro.error_rate_source)
         base = self._window(before, record.template, False, ro.error_rate_source)
-        failed = False
         if ro.ttft_checked:
             record.canary_ttft_p99_s, record.baseline_ttft_p99_s = canary.ttft_p99_s, base.ttft_p99_s
-            failed |= _over(canary.ttft_p99_s, base.ttft_p99_s, ro.undo_if_ttft_p99_over_s,
-                            ro.undo_if_ttft_p99_over_baseline)
         if ro.itl_checked:
             record.canary_itl_mean_s, record.baseline_itl_mean_s = canary.itl_mean_s, base.itl_mean_s
-            failed |= _over(canary.itl_mean_s, base.itl_mean_s, ro.undo_if_itl_mean_over_s,
-                            ro.undo_if_itl_mean_over_baseline)
         if ro.error_checked:
             record.canary_error_rate, record.baseline_error_rate = canary.error_rate, base.error_rate
-            failed |= _over(canary.error_rate, base.error_rate, ro.undo_if_error_rate_over, None)
-            by = ro.undo_if_error_rate_over_baseline_by  # points above the old pods' (none reached them: it passes)
-            failed |= by is not None and canary.error_rate > base.error_rate + by
+        failed = [name for name, value, old, kind in (
+            ("undo_if_ttft_p99_over_s", canary.ttft_p99_s, base.ttft_p99_s, "limit"),
+            ("undo_if_ttft_p99_over_baseline", canary.ttft_p99_s, base.ttft_p99_s, "times"),
+            ("undo_if_itl_mean_over_s", canary.itl_mean_s, base.itl_mean_s, "limit"),
+            ("undo_if_itl_mean_over_baseline", canary.itl_mean_s, base.itl_mean_s, "times"),
+            ("undo_if_error_rate_over", canary.error_rate, base.error_rate, "limit"),
+            ("undo_if_error_rate_over_baseline_by", canary.error_rate, base.error_rate, "plus"),
+        ) if _fails(value, old, getattr(ro, name), kind)]
         record.canary_measurements += 1
         if failed:
             record.canary_failures += 1
-            self._failures[id(ro)] = self._failures.get(id(ro), 0) + 1
-        return failed
+        over = False
+        for name in failed:  # each limit counts its own failures, as each metric of an Argo Rollouts analysis does
+            n = self._failures[id(ro), name] = self._failures.get((id(ro), name), 0) + 1
+            over |= n > ro.check_failure_limit
+        return over
 
     def _window(self, before: dict[int, _Counts], template: int, canary: bool, source: str) -> _Window:
         """What ``template``'s pods (``canary``) or the others did since ``before`` (the window's start), gone ones too
@@ -1120,8 +1124,14 @@ class _Window:
     error_rate: float
 
 
-def _over(value: float, base: float, limit: float | None, ratio: float | None) -> bool:
-    """A canary latency check fails: nothing answered (``value`` NaN), over ``limit``, or over ``ratio`` times the
-    old pods' ``base`` (which passes when they answered nothing)."""
-    return (math.isnan(value) or (limit is not None and value > limit)
-            or (ratio is not None and not math.isnan(base) and value > ratio * base))
+def _fails(value: float, old: float, limit: float | None, kind: str) -> bool:
+    """One limit of a canary's measurement fails: set, and the canary observed nothing (``value`` NaN), or it is over
+    ``limit`` (``kind`` ``limit``), over ``limit`` times the old pods' ``old`` (``times``) or more than ``limit``
+    above it (``plus``); against the old pods it passes when they observed nothing (``old`` NaN)."""
+    if limit is None:
+        return False
+    if math.isnan(value):
+        return True
+    if kind == "limit":
+        return value > limit
+    return not math.isnan(old) and value > (limit * old if kind == "times" else old + limit)
