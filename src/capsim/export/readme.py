@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from capsim.export.analysis import ANALYSIS_FILE
 from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
 from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
@@ -42,6 +43,10 @@ ROUTING_FILES = {
     "inferencepool.yaml": "ConfigMap `{epp}-config` (the endpoint picker's scorers at the plan's weights) and the "
                           "Gateway API Inference Extension's InferencePool `{name}` over the pods",
 }
+#: written when a resume of pods.rollouts checks the canary's metrics (capsim.export.analysis)
+ANALYSIS_FILE_TEXT = ("Argo Rollouts AnalysisTemplate `{name}-canary` (one per checked resume: `-canary-N` when "
+                      "several): the canary checks as simulated, one metric per limit (interval, initialDelay, count, "
+                      "failureLimit, the queries); its header says what differs from the simulation")
 #: the continuous engine's limits, as the pod reads them and the plan simulated them
 CONTINUOUS_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len",
                      "long_prefill_token_threshold", "enable_prefix_caching")
@@ -87,6 +92,8 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
     if scenario.pods.disruption_budget is not None:
         files[PDB_FILE[0]] = PDB_FILE[1]
+    if any(ro.resume and ro.metrics_checked for ro in scenario.pods.rollouts):
+        files[ANALYSIS_FILE] = ANALYSIS_FILE_TEXT
     routing_name = routing_file(scenario)
     if routing_name is not None:
         files[routing_name] = ROUTING_FILES[routing_name]
@@ -243,6 +250,10 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                 steps += [f"# at {ro.at_s:g} s", f"kubectl rollout {ro.action} {ref}"]
         lines += [*steps, "```"]
         if any(ro.metrics_checked for ro in pods.rollouts):
+            lines += ["", f"`{ANALYSIS_FILE}` holds the same checks as Argo Rollouts AnalysisTemplates, one metric per "
+                      "limit, for a pipeline that runs them as an AnalysisRun (or a Rollout's canary analysis) with "
+                      "the new and the old ReplicaSet's pod-template-hash as args; its header says when the "
+                      "simulation measured and what Argo does otherwise."]
             lines += ["", "Start a latency check's window once the canary's pods are ready (the pause, plus a new pod's "
                       "image pull, cold start and readiness probe): a window over their first requests reads how the "
                       "router treats new pods, not the version (`capsim check`: canary-window-before-ready)."]

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from capsim.export.adapter import build_adapter_configmap
+from capsim.export.analysis import ANALYSIS_FILE, analysis_header, build_analysis_templates
 from capsim.export.hpa import build_hpa, require_autoscaler
 from capsim.export.keda import NOT_WITH_KEDA, build_scaled_object
 from capsim.export.pod import build_configmap, build_deployment_patch, build_pdb
@@ -132,6 +133,12 @@ def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | 
         routing = out / routing_name
         routing.write_text("---\n".join(dump_yaml(obj) for obj in build_routing(scenario, target)), encoding="utf-8")
         files.append(routing)
+    templates = build_analysis_templates(scenario, target)
+    if templates:  # the canary checks the plan simulated, as Argo Rollouts analyses
+        analysis = out / ANALYSIS_FILE
+        analysis.write_text(analysis_header(scenario, target) + "---\n".join(dump_yaml(t) for t in templates),
+                            encoding="utf-8")
+        files.append(analysis)
     readme = out / "README.md"
     readme.write_text(render_readme(scenario, target, numbers=numbers, findings=findings,
                                     forced=force and failed(findings)), encoding="utf-8")

@@ -1,0 +1,145 @@
+"""The canary checks the plan simulated, as Argo Rollouts AnalysisTemplates (``analysis-template.yaml``).
+
+Each resume of ``pods.rollouts`` with a metric check (``undo_if_ttft_p99_over_s``, ``..._over_baseline``, the
+ITL's, the error rate's) becomes one ``argoproj.io/v1alpha1`` AnalysisTemplate with one metric per limit, as the
+simulator counts them: each limit's failed measurements against ``check_failure_limit`` (Argo's per-metric
+``failureLimit``), every ``check_interval_s`` from ``check_initial_delay_s`` (``interval``, ``initialDelay``), as
+many measurements (``count``) as the simulated pause made plus the resume's. The queries read the window
+``check_window_s`` of the canary's pods against the old ones, picked by their ``pod-template-hash`` (args
+``canary-hash`` and ``stable-hash``: the new and the old ReplicaSet's; an Argo Rollout passes them with
+``valueFrom.podTemplateHashValue: Latest`` and ``Stable``), or for a gateway's error count by the version label
+Istio reports (args ``canary-version`` and ``stable-version``).
+
+Conditions are written for Argo's evaluator (``utils/evaluate``: ``result`` is the query's vector, ``isNaN``
+available): a NaN (nothing answered) fails a limit, as the simulator fails it. Two differences stay, which the file's
+header says: a query that returns no series at all is an Error in Argo (``consecutiveErrorLimit``, 4 by default),
+not a failed measurement, so the error rates' numerators carry ``or vector(0)``; and a limit against the old pods
+is one ratio (or difference), NaN when either side answered nothing, where the simulator passes a canary whose old
+pods answered nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from capsim.export.target import DeployTarget
+from capsim.model.scenario import Rollout, Scenario
+
+__all__ = ["ANALYSIS_FILE", "analysis_header", "build_analysis_templates"]
+
+ANALYSIS_FILE = "analysis-template.yaml"
+
+
+def _sel(target: DeployTarget, arg: str) -> str:
+    return f'namespace="{target.namespace}",pod_template_hash="{{{{args.{arg}}}}}"'
+
+
+def _p99(target: DeployTarget, arg: str, w: str) -> str:
+    return (f"histogram_quantile(0.99, sum by (le) (increase(vllm:time_to_first_token_seconds_bucket"
+            f"{{{_sel(target, arg)}}}[{w}])))")
+
+
+def _itl(target: DeployTarget, arg: str, w: str) -> str:
+    return (f"sum(increase(vllm:inter_token_latency_seconds_sum{{{_sel(target, arg)}}}[{w}])) / "
+            f"sum(increase(vllm:inter_token_latency_seconds_count{{{_sel(target, arg)}}}[{w}]))")
+
+
+def _errors(target: DeployTarget, ro: Rollout, which: str, w: str) -> str:
+    """The share of ``which`` pods' attempts ended with an error, as ``ro.error_rate_source`` counts them: the pods'
+    own servers (vLLM's ``http_requests_total`` by status) or the gateway's codes (Istio, by version label)."""
+    if ro.error_rate_source == "pod":
+        sel = _sel(target, f"{which}-hash")
+        return (f'(sum(increase(http_requests_total{{{sel},status=~"4xx|5xx"}}[{w}])) or vector(0)) / '
+                f"sum(increase(http_requests_total{{{sel}}}[{w}]))")
+    sel = f'reporter="source",destination_version="{{{{args.{which}-version}}}}"'
+    return (f'(sum(increase(istio_requests_total{{{sel},response_code=~"4..|5.."}}[{w}])) or vector(0)) / '
+            f"sum(increase(istio_requests_total{{{sel}}}[{w}]))")
+
+
+def _metrics(ro: Rollout, target: DeployTarget) -> list[tuple[str, str, str]]:
+    """(name, query, successCondition) of each limit ``ro`` sets."""
+    w = f"{ro.check_window_s:g}s"
+    ok = "len(result) > 0 && !isNaN(result[0]) && result[0] <= "
+    out = []
+    if ro.undo_if_ttft_p99_over_s is not None:
+        out.append(("ttft-p99", _p99(target, "canary-hash", w), f"{ok}{ro.undo_if_ttft_p99_over_s:g}"))
+    if ro.undo_if_ttft_p99_over_baseline is not None:
+        out.append(("ttft-p99-vs-stable", f"({_p99(target, 'canary-hash', w)}) / ({_p99(target, 'stable-hash', w)})",
+                    f"{ok}{ro.undo_if_ttft_p99_over_baseline:g}"))
+    if ro.undo_if_itl_mean_over_s is not None:
+        out.append(("itl-mean", _itl(target, "canary-hash", w), f"{ok}{ro.undo_if_itl_mean_over_s:g}"))
+    if ro.undo_if_itl_mean_over_baseline is not None:
+        out.append(("itl-mean-vs-stable", f"({_itl(target, 'canary-hash', w)}) / ({_itl(target, 'stable-hash', w)})",
+                    f"{ok}{ro.undo_if_itl_mean_over_baseline:g}"))
+    if ro.undo_if_error_rate_over is not None:
+        out.append(("error-rate", _errors(target, ro, "canary", w), f"{ok}{ro.undo_if_error_rate_over:g}"))
+    if ro.undo_if_error_rate_over_baseline_by is not None:
+        out.append(("error-rate-vs-stable",
+                    f"({_errors(target, ro, 'canary', w)}) - ({_errors(target, ro, 'stable', w)})",
+                    f"{ok}{ro.undo_if_error_rate_over_baseline_by:g}"))
+    return out
+
+
+def _checked(scenario: Scenario) -> list[int]:
+    """The resume entries with a metric check."""
+    return [i for i, ro in enumerate(scenario.pods.rollouts) if ro.resume and ro.metrics_checked]
+
+
+def _name(scenario: Scenario, target: DeployTarget, i: int) -> str:
+    return f"{target.name}-canary" if len(_checked(scenario)) == 1 else f"{target.name}-canary-{i}"
+
+
+def build_analysis_templates(scenario: Scenario, target: DeployTarget) -> list[dict[str, Any]]:
+    """One AnalysisTemplate per resume with a metric check (none: an empty list)."""
+    pods = scenario.pods
+    times = pods.analysis_times()
+    out = []
+    for i in _checked(scenario):
+        ro = pods.rollouts[i]
+        metrics = _metrics(ro, target)
+        args = sorted({a for _, q, _ in metrics for a in ("canary-hash", "stable-hash", "canary-version",
+                                                           "stable-version") if f"args.{a}" in q})
+        spec_metrics = []
+        for name, query, condition in metrics:
+            m: dict[str, Any] = {"name": name}
+            if ro.check_interval_s is not None:
+                m["interval"] = f"{ro.check_interval_s:g}s"
+                if ro.check_initial_delay_s:
+                    m["initialDelay"] = f"{ro.check_initial_delay_s:g}s"
+            m["count"] = len(times.get(i, [])) + 1  # the pause's measurements and the resume's
+            m["failureLimit"] = ro.check_failure_limit
+            m["successCondition"] = condition
+            m["provider"] = {"prometheus": {"address": target.prometheus_url, "query": query}}
+            spec_metrics.append(m)
+        out.append({"apiVersion": "argoproj.io/v1alpha1", "kind": "AnalysisTemplate",
+                    "metadata": {"name": _name(scenario, target, i), "namespace": target.namespace},
+                    "spec": {"args": [{"name": a} for a in args], "metrics": spec_metrics}})
+    return out
+
+
+def analysis_header(scenario: Scenario, target: DeployTarget) -> str:
+    """The file's opening comment: when each template's measurements were simulated, and what differs in Argo."""
+    pods = scenario.pods
+    times = pods.analysis_times()
+    lines = ["# The canary checks the plan simulated, as Argo Rollouts AnalysisTemplates (capsim export)."]
+    for i in _checked(scenario):
+        ro = pods.rollouts[i]
+        at = [*times.get(i, []), ro.at_s]
+        when = (f"at {', '.join(f'{t:g}' for t in at)} s of the run (the last at the resume, pods.rollouts.{i})"
+                if len(at) > 1 else f"once, at the resume (pods.rollouts.{i}, {ro.at_s:g} s of the run)")
+        lines.append(f"# {_name(scenario, target, i)}: measured {when}, each over the last {ro.check_window_s:g} "
+                     f"s; undone when one metric failed more than {ro.check_failure_limit} of them.")
+        if ro.undo_if_restarted:
+            lines.append(f"# pods.rollouts.{i} also undoes at a restart of the canary's pods (undo_if_restarted), "
+                         "which is no metric here: the README's kubectl steps.")
+    lines += [
+        "# Args: canary-hash / stable-hash, the new and the old ReplicaSet's pod-template-hash (an Argo Rollout:",
+        "# valueFrom.podTemplateHashValue Latest / Stable); the series need it as a label, pod_template_hash (a",
+        "# PodMonitor relabeling from __meta_kubernetes_pod_label_pod_template_hash, or",
+        "# __meta_kubernetes_pod_label_rollouts_pod_template_hash under Argo). canary-version / stable-version, the",
+        "# version label Istio reports (destination_version), for a gateway's error count.",
+        "# As simulated, a NaN (nothing answered) fails a measurement. Unlike the simulation: a query with no series",
+        "# at all is an Error in Argo (consecutiveErrorLimit), and a limit against the stable pods fails when they",
+        "# answered nothing in the window (the simulation passes it).",
+    ]
+    return "\n".join(lines) + "\n"
