@@ -98,6 +98,27 @@ def test_health_readiness_and_metrics(pod):
     assert ok and float(ok[0].split()[-1]) >= 1
 
 
+def _http(url: str) -> dict[str, float]:
+    """The pod's http_requests_total of the turn route, by status class."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith('http_requests_total{handler="/v1/sessions/{session_id}/turns",method="POST",status="'):
+            out[line.split('status="')[1][:3]] = float(line.split()[-1])
+    return out
+
+
+def test_http_requests_total_counts_each_answer_by_status_class(pod):
+    """vLLM's server counter (prometheus-fastapi-instrumentator's, status grouped), which a canary's error rate
+    from the pods' own count reads (error_rate_source: pod; capsim export's analysis-template.yaml)."""
+    before = _http(pod.url)
+    assert set(before) == {"2xx", "4xx", "5xx"}  # published at zero before the first answer of each
+    assert post(pod.url, "http-1", {"prompt_tokens": 3, "max_new_tokens": 2}).status_code == 200
+    assert post(pod.url, "http-1", {"prompt_tokens": 10_000}).status_code == 413
+    assert post(pod.url, "http-2", {"prompt_tokens": "many"}).status_code == 422
+    after = _http(pod.url)
+    assert {k: after[k] - before[k] for k in after} == {"2xx": 1, "4xx": 2, "5xx": 0}
+
+
 def test_queue_full_gives_429_with_retry_after(tmp_path):
     p = PodProcess(tmp_path, max_batch_size=1, max_wait_ms=0, queue_capacity=1, overflow="reject").start()
     try:
@@ -149,6 +170,7 @@ def test_store_outage_gives_503_fast_and_readiness_false(tmp_path, redis_server_
         resp = post(p.url, "r1", {"prompt_tokens": 4, "max_new_tokens": 2})
         elapsed = time.monotonic() - t0
         assert resp.status_code == 503
+        assert _http(p.url)["5xx"] == 1  # the pod answered it: in its own error count
         assert "session store unavailable" in resp.json()["detail"]
         assert int(resp.headers["retry-after"]) >= 1
         assert elapsed < 5.0

@@ -22,6 +22,9 @@ CONTENT_TYPE: Final[str] = _CONTENT_TYPE
 """The HTTP Content-Type of ``render()``'s text."""
 
 REQUEST_OUTCOMES: Final = ("ok", "failed", "rejected", "cancelled", "closed")
+#: the turn route, as http_requests_total's handler label names it, and the status classes published at zero
+TURN_HANDLER: Final = "/v1/sessions/{session_id}/turns"
+HTTP_STATUS_CLASSES: Final = ("2xx", "4xx", "5xx")
 STORE_OPS: Final = ("get", "put", "update", "delete", "ping")
 STORE_OUTCOMES: Final = (
     "ok",
@@ -124,7 +127,17 @@ class InferenceMetrics:
             buckets=STORE_OP_BUCKETS_S,
             **kw,
         )
+        # What the pod's HTTP server answered, by handler, method and status class: the counter vLLM's server
+        # exports (prometheus-fastapi-instrumentator's http_requests_total, status grouped as "2xx"), which a
+        # canary's error rate reads from the pods themselves (capsim export's analysis-template.yaml). A request
+        # the server never took (a refused connection while it shuts down) is not in it.
+        self._http = Counter(
+            "http_requests", "Requests the pod's HTTP server answered, by handler, method and status class.",
+            labelnames=("handler", "method", "status"), registry=self.registry,
+        )
         # Publish every known series at zero, so rates and absent() work before the first event.
+        for status in HTTP_STATUS_CLASSES:
+            self._http.labels(handler=TURN_HANDLER, method="POST", status=status)
         for outcome in REQUEST_OUTCOMES:
             self._requests.labels(outcome=outcome)
         for op in STORE_OPS:
@@ -188,6 +201,10 @@ class InferenceMetrics:
             self._ttft.observe(ttft_s)
         if latency_s is not None and outcome == "ok":
             self._latency.observe(latency_s)
+
+    def observe_http(self, handler: str, method: str, status_code: int) -> None:
+        """One answer of the pod's HTTP server (``http_requests_total``, its status as its class: ``4xx``)."""
+        self._http.labels(handler=handler, method=method, status=f"{status_code // 100}xx").inc()
 
     # -- the session store's protocol (capsim.core.state.StoreMetrics) -----------------------------
 

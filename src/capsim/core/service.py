@@ -35,7 +35,7 @@ from capsim.core import session_history
 from capsim.core.batcher import TRACE_BATCHES, DynamicBatcher
 from capsim.core.continuous_batcher import TRACE_STEPS, ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
-from capsim.core.metrics import InferenceMetrics
+from capsim.core.metrics import TURN_HANDLER, InferenceMetrics
 from capsim.core.service_config import PodConfig
 from capsim.core.service_pod import RETRY_AFTER, HTTPError, PodState
 from capsim.core.service_turns import TURN_SCHEMA, TurnRequest, handle_turn
@@ -43,7 +43,7 @@ from capsim.core.state import SessionStore, StateStoreError, open_store
 
 __all__ = ["DRAIN_MARGIN_S", "RETRY_AFTER", "PodConfig", "PodState", "TurnRequest", "create_app", "make_server", "serve"]
 
-TURN_PATH = "/v1/sessions/{session_id}/turns"
+TURN_PATH = TURN_HANDLER
 
 
 def create_app(
@@ -164,10 +164,19 @@ def create_app(
     async def turn(request: Request) -> Response:
         # a plain Starlette route: the body is parsed by msgspec in handle_turn, not by FastAPI's
         # dependency solving and pydantic (the per-request CPU of the pod's hot path, issue 11)
-        return await handle_turn(
-            request.app.state.pod, request.path_params["session_id"], await request.body(),
-            request.headers.get("idempotency-key"),
-        )
+        pod: PodState = request.app.state.pod
+        try:
+            response = await handle_turn(
+                pod, request.path_params["session_id"], await request.body(), request.headers.get("idempotency-key"),
+            )
+        except HTTPError as exc:  # every answer of the route counts by its status class (http_requests_total)
+            pod.metrics.observe_http(TURN_PATH, "POST", exc.status)
+            raise
+        except Exception:  # the handler above answers 500
+            pod.metrics.observe_http(TURN_PATH, "POST", 500)
+            raise
+        pod.metrics.observe_http(TURN_PATH, "POST", response.status_code)  # a stream's: its first line's
+        return response
 
     app.router.add_route(TURN_PATH, turn, methods=["POST"], include_in_schema=False)
     _document_turn_route(app)

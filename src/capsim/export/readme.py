@@ -237,7 +237,7 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
                     steps += ["# the error rate as the pods' own servers count it (without a draining pod's refusals "
                               "and a crash's resets): sum(increase(http_requests_total{status=~\"4xx|5xx\",pod=~"
                               f"\"<the pods>\"}}[{w}])) / sum(increase(http_requests_total{{pod=~\"<the pods>\"}}"
-                              f"[{w}])) (vLLM's server; capsim serve counts capsim_requests_total by outcome)"]
+                              f"[{w}])) (vLLM's server and capsim serve export it)"]
                 if ro.undo_if_error_rate_over_baseline_by is not None:
                     steps += ["# against the old pods': the same share over the old template's pods, subtracted from "
                               f"the canary's (an Argo Rollouts analysis: successCondition result[0] <= "
