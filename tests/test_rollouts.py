@@ -187,11 +187,13 @@ def test_a_surge_with_no_gpu_to_take_stalls_the_rollout_and_the_cli_says_so(tmp_
                                      "deadline_exceeded_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s",
                                      "canary_failed", "canary_ttft_p99_s", "baseline_ttft_p99_s",
                                      "canary_itl_mean_s", "baseline_itl_mean_s", "canary_error_rate",
-                                     "baseline_error_rate", "canary_measurements", "canary_failures"]
+                                     "baseline_error_rate", "canary_measurements", "canary_failures",
+                                     "canary_failed_by"]
+    assert written.canary_failed_by.isna().all()  # nothing undid it (an empty string in the file)
     assert written.drop(columns=["done_s", "undo", "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed",
                                  "canary_ttft_p99_s", "baseline_ttft_p99_s", "canary_itl_mean_s",
                                  "baseline_itl_mean_s", "canary_error_rate",
-                                 "baseline_error_rate"]).values.tolist() == [
+                                 "baseline_error_rate", "canary_failed_by"]).values.tolist() == [
         [200.0, 1.0, 4.0, 4.0, 5.0, 800.0, 0, 0]]
     assert written.done_s.isna().all() and written.undone_s.isna().all() and not written.undo.any()
     assert written.undo_refused_s.isna().all()
@@ -289,10 +291,15 @@ def test_each_limit_of_an_analysis_counts_its_own_failures(monkeypatch: pytest.M
     ok, slow, erring = (0.2, 0.0), (2.0, 0.0), (0.2, 0.1)
     split = run({370: slow, 420: erring, 470: ok, 500: ok})
     assert not split.canary_failed and (split.canary_measurements, split.canary_failures) == (4, 2)
+    assert split.canary_failed_by == ""
     twice = run({370: slow, 420: slow, 470: ok, 500: ok})
     assert twice.canary_failed and twice.undone_s == 420 and twice.canary_failures == 2
+    assert twice.canary_failed_by == "undo_if_ttft_p99_over_s"  # rollouts.csv says which limit undid it
     both = run({370: (2.0, 0.1), 420: ok, 470: erring, 500: ok})  # one measurement failing both counts for each
     assert both.canary_failed and both.undone_s == 470 and both.canary_failures == 2
+    assert both.canary_failed_by == "undo_if_error_rate_over"
+    all_of_it = run({370: (2.0, 0.1), 420: (2.0, 0.1), 470: ok, 500: ok})
+    assert all_of_it.canary_failed_by == "undo_if_ttft_p99_over_s and undo_if_error_rate_over"
 
 
 def test_the_shipped_canary_error_grids_apply_to_the_rollout_scenario() -> None:
@@ -975,8 +982,8 @@ def test_a_latency_check_compares_the_canary_with_the_old_pods_and_undoes_a_slow
                                    "pods.rollouts=[{at_s: 200, slowdown: 2.0}, {at_s: 200, pause: true}, {at_s: 500, "
                                    "resume: true, undo_if_ttft_p99_over_baseline: 1.5, check_window_s: 200}]"])
     assert out.exit_code == 0, out.output
-    assert "note: the canary check of the rollout at 200 s, at 500 s, failed: resumed and undone: its pods' p99 TTFT" \
-        in out.output
+    assert ("note: the canary check of the rollout at 200 s, at 500 s, failed on undo_if_ttft_p99_over_baseline: "
+            "resumed and undone: its pods' p99 TTFT") in out.output
     with pytest.raises(SettingsError, match="check_window_s: the window of the metric checks"):
         _paused({"at_s": 500, "resume": True, "check_window_s": 60})
     with pytest.raises(SettingsError, match="undo_if_ttft_p99_over_baseline: the canary check comes with a resume"):
@@ -1014,7 +1021,8 @@ def test_the_inter_token_latency_check_reads_the_slowdown_itself() -> None:
     out = CliRunner().invoke(app, ["simulate", str(SCENARIOS / "canary_rush.yaml"), "--set",
                                    "pods.rollouts.2={at_s: 2500, resume: true, undo_if_itl_mean_over_baseline: 1.2}"])
     assert out.exit_code == 0, out.output
-    assert "failed: resumed and undone: its pods' mean inter-token latency" in out.output
+    assert "failed on undo_if_itl_mean_over_baseline: resumed and undone: its pods' mean inter-token latency" \
+        in out.output
     # static batching has no inter-token latency to check
     with pytest.raises(SettingsError, match=r"pods.rollouts.2: the inter-token latency check .* needs batching.mode: "
                                             "continuous"):
@@ -1050,13 +1058,14 @@ def test_a_restart_poll_undoes_a_broken_canary_at_its_first_restart() -> None:
     out = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.0.crash_after_s=30",
                                    "--set", "pods.rollouts.2.restart_poll_s=30"])
     assert out.exit_code == 0, out.output
-    assert "failed: resumed and undone by the pipeline's restart poll during the pause" in out.output
+    assert ("failed on undo_if_restarted: resumed and undone by the pipeline's restart poll during the pause"
+            in out.output)
     # a poll that undid the canary before any latency measurement: no caveat about a window nothing read, though the
     # resume's window (at 2,200 s, over 300 s) would have begun before the canary's pods were ready
     early = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.0.crash_after_s=30",
                                      "--set", "pods.rollouts.2.at_s=2200"])
     assert early.exit_code == 0, early.output
-    assert "at 1960 s, failed: resumed and undone by the pipeline's restart poll" in early.output
+    assert "at 1960 s, failed on undo_if_restarted: resumed and undone by the pipeline's restart poll" in early.output
     assert "window began before the canary's pods" not in early.output
     measured = CliRunner().invoke(app, ["simulate", str(path), "--set", "pods.rollouts.2.at_s=2200"])
     assert "its check's window began before the canary's pods could all be ready" in measured.output
@@ -1160,8 +1169,8 @@ def test_an_analysis_through_the_pause_undoes_at_the_measurement_over_its_failur
                                    "check_window_s: 120, check_interval_s: 60, check_initial_delay_s: 250, "
                                    "check_failure_limit: 1}"])
     assert out.exit_code == 0, out.output
-    assert ("failed: resumed and undone by the pipeline's analysis during the pause (2 of 2 measurements "
-            "failed a limit, each limit's failure limit 1)") in out.output
+    assert ("failed on undo_if_ttft_p99_over_baseline: resumed and undone by the pipeline's analysis during the "
+            "pause (2 of 2 measurements failed a limit, each limit's failure limit 1)") in out.output
     for bad_entry, match in (
             ({"check_interval_s": 50, "undo_if_ttft_p99_over_baseline": None, "check_window_s": 300},
              "check_interval_s: how often the pipeline measures the canary during the pause, which needs a metric "

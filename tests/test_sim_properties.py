@@ -259,6 +259,7 @@ def test_nothing_lost_nothing_duplicated(scenario: Scenario, seed: int) -> None:
     # no more measurements failed than were made, nor made than the pipeline's times
     early = ro["canary_checked_s"][ro["canary_failed"]]
     assert (ro["canary_failures"] <= ro["canary_measurements"]).all()
+    assert ((ro["canary_failed_by"] != "") == ro["canary_failed"]).all()  # a failed check says what failed it
     times = scenario.pods.analysis_times()
     assert ro["canary_measurements"].sum() <= sum(len(times.get(i, [])) + 1 for i, x in enumerate(entries)
                                                   if x.metrics_checked)

@@ -536,13 +536,13 @@ def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:
             many = ro is not None and ro.check_interval_s is not None
             read = (f": {' and '.join(reads)} over the {'last measurement' if many else 'check'}'s window"
                     if reads else "")
-            verdict = "failed: resumed and undone" if r.canary_failed else "passed: resumed"
+            verdict = f"failed on {r.canary_failed_by}: resumed and undone" if r.canary_failed else "passed: resumed"
             limit = f"{r.canary_failures} of {r.canary_measurements} measurements failed a limit, " + (
                 f"each limit's failure limit {ro.check_failure_limit}" if ro is not None else "")
             if ro is not None and r.canary_checked_s != ro.at_s:
-                verdict += (f" by the pipeline's analysis during the pause ({limit})"
-                            if many and r.canary_failures > ro.check_failure_limit
-                            else " by the pipeline's restart poll during the pause (a restart of its pods)")
+                verdict += (" by the pipeline's restart poll during the pause (a restart of its pods)"
+                            if r.canary_failed_by == "undo_if_restarted"
+                            else f" by the pipeline's analysis during the pause ({limit})")
             elif many:
                 verdict += f" ({limit})"
             whose = "measurements'" if many else "check's"

@@ -110,6 +110,7 @@ class RolloutRecord:
     baseline_error_rate: float | None = None  # the same over the other templates' pods
     canary_measurements: int = 0  # the measurements of it (the resume's, and check_interval_s' in the pause)
     canary_failures: int = 0  # how many of them failed
+    canary_failed_by: str = ""  # what undid it: undo_if_restarted, or the limits whose failures passed the limit
 
     @property
     def open(self) -> bool:
@@ -250,6 +251,8 @@ class Cluster:
             failed = False
             if held is not None and (ro.undo_if_restarted or ro.metrics_checked):
                 failed = ro.undo_if_restarted and self._restarted(held.template)
+                if failed:
+                    held.canary_failed_by = "undo_if_restarted"
                 if ro.metrics_checked:
                     failed |= self._measure(ro, held, now)
                 held.canary_failed = failed
@@ -288,6 +291,7 @@ class Cluster:
         record = self._held_canary()
         if id(ro) in self._resumed_early or not self.paused or record is None or not self._restarted(record.template):
             return
+        record.canary_failed_by = "undo_if_restarted"
         self._undo_early(ro, record)
 
     def _analysis_measures(self, ev: Timeout) -> None:
@@ -354,11 +358,14 @@ class Cluster:
         record.canary_measurements += 1
         if failed:
             record.canary_failures += 1
-        over = False
+        over = []
         for name in failed:  # each limit counts its own failures, as each metric of an Argo Rollouts analysis does
             n = self._failures[id(ro), name] = self._failures.get((id(ro), name), 0) + 1
-            over |= n > ro.check_failure_limit
-        return over
+            if n > ro.check_failure_limit:
+                over.append(name)
+        if over:
+            record.canary_failed_by = " and ".join(filter(None, [record.canary_failed_by, *over]))
+        return bool(over)
 
     def _window(self, before: dict[int, _Counts], template: int, canary: bool, source: str) -> _Window:
         """What ``template``'s pods (``canary``) or the others did since ``before`` (the window's start), gone ones too

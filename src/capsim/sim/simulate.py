@@ -88,7 +88,8 @@ class SimResult:
     # and the mean inter-token latency its ITL check read and the old pods' (the same NaNs), and the share of their
     # attempts ended with an error its error-rate check read (the same NaNs), all at the last
     # measurement, and how many latency measurements of it were made (the resume's, and check_interval_s' in the
-    # pause) and failed
+    # pause) and failed, and what undid it (canary_failed_by: undo_if_restarted, or the limits whose failures passed
+    # check_failure_limit, their field names joined by " and "; empty: nothing)
     rollouts: Any = None
 
 
@@ -96,7 +97,7 @@ class SimResult:
 ROLLOUT_COLUMNS = ["at_s", "revision", "pods", "done_s", "min_ready", "most_pods", "deadline_exceeded_s", "undo",
                    "undone_s", "undo_refused_s", "canary_checked_s", "canary_failed", "canary_ttft_p99_s",
                    "baseline_ttft_p99_s", "canary_itl_mean_s", "baseline_itl_mean_s", "canary_error_rate",
-                   "baseline_error_rate", "canary_measurements", "canary_failures"]
+                   "baseline_error_rate", "canary_measurements", "canary_failures", "canary_failed_by"]
 
 
 _gc_lock = threading.Lock()
@@ -280,7 +281,8 @@ class Simulation:
                          r.baseline_error_rate, r.canary_measurements, r.canary_failures])
         import pandas as pd
 
-        frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS, dtype=float)
+        frame = pd.DataFrame(rows, columns=ROLLOUT_COLUMNS[:-1], dtype=float)
+        frame["canary_failed_by"] = pd.Series([r.canary_failed_by for r in self.cluster.rollouts], dtype=object)
         frame["undo"] = frame["undo"].astype(bool)
         frame["canary_failed"] = frame["canary_failed"].astype(bool)
         frame[["canary_measurements", "canary_failures"]] = frame[["canary_measurements", "canary_failures"]].astype(int)
