@@ -135,9 +135,10 @@ class InferenceMetrics:
             "http_requests", "Requests the pod's HTTP server answered, by handler, method and status class.",
             labelnames=("handler", "method", "status"), registry=self.registry,
         )
-        # Publish every known series at zero, so rates and absent() work before the first event.
-        for status in HTTP_STATUS_CLASSES:
-            self._http.labels(handler=TURN_HANDLER, method="POST", status=status)
+        # Publish every known series at zero, so rates and absent() work before the first event (the turn route's
+        # children bound once: a label lookup per turn is the pod's hot path, issue 11).
+        self._turn_http = {s: self._http.labels(handler=TURN_HANDLER, method="POST", status=s)
+                           for s in HTTP_STATUS_CLASSES}
         for outcome in REQUEST_OUTCOMES:
             self._requests.labels(outcome=outcome)
         for op in STORE_OPS:
@@ -202,9 +203,13 @@ class InferenceMetrics:
         if latency_s is not None and outcome == "ok":
             self._latency.observe(latency_s)
 
-    def observe_http(self, handler: str, method: str, status_code: int) -> None:
-        """One answer of the pod's HTTP server (``http_requests_total``, its status as its class: ``4xx``)."""
-        self._http.labels(handler=handler, method=method, status=f"{status_code // 100}xx").inc()
+    def observe_turn(self, status_code: int) -> None:
+        """One answer of the turn route (``http_requests_total``, its status as its class: ``4xx``)."""
+        status = f"{status_code // 100}xx"
+        child = self._turn_http.get(status)
+        if child is None:  # a 1xx or 3xx: the route answers none, but a count must not be lost
+            child = self._turn_http[status] = self._http.labels(handler=TURN_HANDLER, method="POST", status=status)
+        child.inc()
 
     # -- the session store's protocol (capsim.core.state.StoreMetrics) -----------------------------
 

@@ -170,12 +170,12 @@ def create_app(
                 pod, request.path_params["session_id"], await request.body(), request.headers.get("idempotency-key"),
             )
         except HTTPError as exc:  # every answer of the route counts by its status class (http_requests_total)
-            pod.metrics.observe_http(TURN_PATH, "POST", exc.status)
+            pod.metrics.observe_turn(exc.status)
             raise
         except Exception:  # the handler above answers 500
-            pod.metrics.observe_http(TURN_PATH, "POST", 500)
+            pod.metrics.observe_turn(500)
             raise
-        pod.metrics.observe_http(TURN_PATH, "POST", response.status_code)  # a stream's: its first line's
+        pod.metrics.observe_turn(response.status_code)  # a stream's: its first line's
         return response
 
     app.router.add_route(TURN_PATH, turn, methods=["POST"], include_in_schema=False)
