@@ -1358,6 +1358,14 @@ def test_an_error_rate_from_the_pods_own_count_leaves_a_scale_downs_refusals_out
     short = simulate(canary({"batching": {"max_model_len": 4096}}, "pod"), 0)
     row = short.rollouts.iloc[0]
     assert short.summary.undone_after_s == 310 and 0.01 < row.canary_error_rate < 0.05
+    # capsim check warns of the gateway's count under an autoscaler that may scale the paused canary down
+    from capsim.studies.checks import run_checks
+
+    (f,) = [f for f in run_checks(canary({}, "gateway")) if f.check == "gateway-errors-under-autoscaler"]
+    assert f.path == "pods.rollouts.2.error_rate_source" and "(from 1900 s; replicas 6 to 32)" in f.message
+    assert not [f for f in run_checks(canary({}, "pod")) if f.check == "gateway-errors-under-autoscaler"]
+    fixed = canary({}, "gateway").override({"autoscaler.maxReplicas": 6})  # nothing to scale: no warning
+    assert not [f for f in run_checks(fixed) if f.check == "gateway-errors-under-autoscaler"]
     with pytest.raises(SettingsError, match="error_rate_source: whose errors the error-rate check counts, which "
                                             "needs undo_if_error_rate_over"):
         canary({}, "pod").override({"pods.rollouts.2.undo_if_error_rate_over": None})

@@ -134,6 +134,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   store's outage (``faults.redis_outages``, with ``state.store: redis``): every pod's store writes fail then, the old
   pods' as the canary's, so the check reads the outage as the canary's errors; one against the old pods'
   (``undo_if_error_rate_over_baseline_by``) does not.
+* ``gateway-errors-under-autoscaler`` (warn): a resume's error-rate check that counts the gateway's codes
+  (``error_rate_source: gateway``, the default) on a canary whose pause an autoscaler may scale down through
+  (``minReplicas`` below ``maxReplicas``): the ReplicaSets' shares take canary pods too, and a pod on its way out of
+  the endpoints refuses what it is sent, which the gateway counts as the canary's errors; the pods' own count
+  (``error_rate_source: pod``) leaves the refusals out.
 * ``requests-unservable`` (warn): continuous batching whose ``max_model_len``, or KV cache, turns away a share of
   the workload's requests (prompt plus answer, drawn from ``workload.prompt_tokens`` and ``output_tokens``; one in a
   thousand or more): the scenario's own settings, or a deploy's engine flags (``pods.rollouts[].batching``). The pod
@@ -229,6 +234,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _restart_poll_never_looks(scenario)
     findings += _analysis_never_measures(scenario)
     findings += _error_gate_in_store_outage(scenario)
+    findings += _gateway_errors_under_autoscaler(scenario)
     findings += requests_unservable(scenario)
     findings += _deadline_under_autoscaler(scenario)
     return findings
@@ -744,6 +750,24 @@ def _error_gate_in_store_outage(scenario: Scenario) -> list[Finding]:
             "Compare with the old pods' instead (undo_if_error_rate_over_baseline_by) (docs/studies.md, \"A store "
             "outage during a canary\")", level="warn", check="error-gate-in-store-outage"))
     return out
+
+
+def _gateway_errors_under_autoscaler(scenario: Scenario) -> list[Finding]:
+    """An error-rate check that counts the gateway's codes (``error_rate_source: gateway``) on a canary whose pause
+    an autoscaler may scale down through: the ReplicaSets' shares take canary pods too, and a pod on its way out of
+    the endpoints refuses what it is sent (503), which the gateway counts as the canary's errors."""
+    auto = scenario.autoscaler
+    if auto is None or auto.min_replicas >= auto.max_replicas:
+        return []
+    return [Finding(
+        f"pods.rollouts.{w.index}.error_rate_source", f"gateway: the canary's error rate counts the gateway's codes, "
+        f"and the autoscaler may scale the Deployment down during the pause (from {w.began:g} s; replicas "
+        f"{auto.min_replicas} to {auto.max_replicas}): the ReplicaSets' shares take canary pods too, and a pod on its "
+        "way out of the endpoints refuses what it is sent (503), which the gateway counts as the canary's errors (a "
+        "good canary undone in one seed of five, docs/studies.md, \"A canary of engine flags\"). Count them from "
+        "the pods' own servers (error_rate_source: pod), which leave a refusal out", level="warn",
+        check="gateway-errors-under-autoscaler")
+        for w in _canary_windows(scenario) if w.resume.error_checked and w.resume.error_rate_source == "gateway"]
 
 
 #: requests drawn to estimate the share a setting turns away, and the least share worth a warning
