@@ -886,6 +886,16 @@ def test_the_pipelines_undo_of_a_paused_rollout_is_refused_as_kubectl_refuses_it
 
     (f,) = [f for f in run_checks(sc) if f.check == "undo-while-paused"]
     assert f.path == "pods.undo_after_s" and "450 s" in f.message and "paused from 200 s" in f.message
+    assert "unless the pipeline's look" not in f.message
+    # a pipeline that looks at the canary during the pause may resume and undo it first: the warning says so, and
+    # the run shows it (the restart poll undoes the broken canary, nothing is refused)
+    polled = sc.override({"pods.rollouts.2": {"at_s": 600, "resume": True, "undo_if_restarted": True,
+                                              "restart_poll_s": 30}})
+    (f,) = [f for f in run_checks(polled) if f.check == "undo-while-paused"]
+    assert "unless the pipeline's look at the canary during the pause, restart_poll_s or check_interval_s, resumes " \
+           "it first" in f.message
+    r = simulate(polled, 0)
+    assert r.summary.rollouts_undone == 1 and r.summary.rollout_undos_refused == 0
     early = sc.override({"pods.rollouts.2.at_s": 400})
     assert early.pods.pauses() == [(200.0, 400.0)]
     assert not [f for f in run_checks(early) if f.check == "undo-while-paused"]

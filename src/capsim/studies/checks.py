@@ -113,7 +113,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
-  the Deployment paused: kubectl refuses to undo a paused Deployment, so a broken canary stays.
+  the Deployment paused: kubectl refuses to undo a paused Deployment, so a broken canary stays (unless a look at the
+  canary during the pause, ``restart_poll_s`` or ``check_interval_s``, resumes and undoes it first: said so).
 * ``pause-holds-no-canary`` (warn): ``pods.rollouts`` pause a deploy under ``Recreate`` or a maxSurge of the whole
   fleet: the first sync gives the new ReplicaSet every replica, and a working version finishes inside the pause.
 * ``canary-window-before-ready`` (warn): a resume whose latency check (``undo_if_ttft_p99_over_s``,
@@ -546,6 +547,10 @@ def _undo_while_paused(scenario: Scenario) -> list[Finding]:
     timeout, spans = pods.undo_after_s, pods.pauses()
     if timeout is None or not spans:
         return []
+    # the pauses whose pipeline looks at the canary before the resume, and may resume (and undo) it earlier
+    early = {pods.rollouts[a].at_s for a, r, _ in pods.pause_pairs()
+             if r is not None and (pods.rollouts[r].restart_poll_s is not None
+                                   or pods.rollouts[r].check_interval_s is not None)}
     out = []
     for i, ro in enumerate(pods.rollouts):
         at = ro.at_s + timeout
@@ -554,11 +559,13 @@ def _undo_while_paused(scenario: Scenario) -> list[Finding]:
         for a, b in spans:
             if a <= at < b and ro.at_s < b:
                 until = "the end of the run" if math.isinf(b) else f"{b:g} s"
+                unless = (" (unless the pipeline's look at the canary during the pause, restart_poll_s or "
+                          "check_interval_s, resumes it first)" if a in early else "")
                 out.append(Finding(
                     "pods.undo_after_s", f"{timeout:g} s: the pipeline's undo of the deploy at {ro.at_s:g} s "
                     f"(pods.rollouts.{i}) comes at {at:g} s, while the Deployment is paused from {a:g} s to {until}, "
-                    "and kubectl refuses to undo a paused Deployment (\"resume it first\"): a broken canary stays. "
-                    "Resume before the timeout, or have the pipeline resume and then undo", level="warn",
+                    "and kubectl refuses to undo a paused Deployment (\"resume it first\"): a broken canary stays"
+                    f"{unless}. Resume before the timeout, or have the pipeline resume and then undo", level="warn",
                     check="undo-while-paused"))
                 break
     return out
