@@ -495,9 +495,9 @@ def test_readme_gives_the_deploy_pipeline_the_plan_assumed(rush: Scenario, tmp_p
         "check_initial_delay_s": 200, "check_failure_limit": 2}}), tmp_path, TARGET)
     block = (tmp_path / "README.md").read_text().split("The steps as simulated, in order:")[1].split("```")[1]
     assert ("# meanwhile, from 300 s, every 60 s of the pause: a measurement over the last 120 s (the queries "
-            "below), which fails if their p99 TTFT is over 2 s, or they answered nothing then; each limit counts its own "
-            "failures (a metric of an Argo Rollouts analysis each); at the measurement that makes one limit's failures "
-            "more than 2, resume and undo at once (an Argo Rollouts analysis: interval 60s, initialDelay 200s, "
+            "below), which fails if their p99 TTFT is over 2 s, or they answered nothing then; each limit counts its "
+            "own failures (a metric of an Argo Rollouts analysis each); at the measurement that makes one limit's "
+            "failures more than 2, resume and undo at once (an Argo Rollouts analysis: interval 60s, initialDelay 200s, "
             "failureLimit 2)\n# at 700 s: the canary check; undo if the last measurement, over the last 120 s (from "
             "580 s), makes one limit's failures more than 2\n") in block
 

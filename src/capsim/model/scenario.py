@@ -558,8 +558,9 @@ class Rollout(_Section):
     undo_if_error_rate_over: Float | None = Field(
         None, gt=0, le=1, description="with resume: the share of the attempts the new template's pods ended with an "
         "error over the last check_window_s (a full queue's 429, an unservable request's 400, a refusal, a crash's "
-        "reset, a store write's 503, as error_rate_source counts them; a client's timeout is not the pod's) over this, or none reached them then: it "
-        "resumes and undoes (an Argo Rollouts success-rate analysis: success below 1 minus this)")
+        "reset, a store write's 503, as error_rate_source counts them; a client's timeout is not the pod's) over "
+        "this, or none reached them then: it resumes and undoes (an Argo Rollouts success-rate analysis: success "
+        "below 1 minus this)")
     undo_if_error_rate_over_baseline_by: Float | None = Field(
         None, gt=0, le=1, description="with resume: the canary's error rate (as undo_if_error_rate_over measures it) "
         "against the old pods' over the same window: more than this above theirs (0.01: a point of the share), or none "
