@@ -65,7 +65,8 @@ def _templates(out: Path) -> tuple[str, list[dict]]:
 
 def _condition(condition: str, result: list[float]) -> bool:
     """A successCondition as capsim writes them (``len(result) > 0 && !isNaN(result[0]) && result[0] <= X``),
-    evaluated as Argo's expr evaluator would, for the tests."""
+    evaluated as expr-lang does, ``&&`` short-circuiting (an empty result is false here; Argo's newer evaluator
+    refuses an indexed condition on an empty result before it runs it: an Error, not a failed measurement)."""
     first, nan, limit = condition.split(" && ")
     assert first == "len(result) > 0" and nan == "!isNaN(result[0])" and limit.startswith("result[0] <= ")
     return len(result) > 0 and not math.isnan(result[0]) and result[0] <= float(limit.split("<= ")[1])
@@ -98,7 +99,8 @@ def test_each_limit_becomes_a_metric_with_the_simulated_schedule(tmp_path: Path)
                       'status=~"4xx|5xx"}[120s])) or vector(0)) / sum(increase(http_requests_total{namespace="agents",'
                       'pod_template_hash="{{args.canary-hash}}"}[120s]))')
     assert metrics["error-rate-vs-stable"]["provider"]["prometheus"]["query"].count(" - ") == 1
-    # the conditions fail what the simulation fails: over the limit, and nothing answered (NaN, or no series)
+    # the conditions fail what the simulation fails: over the limit, and nothing answered (NaN; no series at all is
+    # an Error in Argo, the file's header says)
     condition = metrics["error-rate"]["successCondition"]
     assert _condition(condition, [0.004]) and not _condition(condition, [0.02])
     assert not _condition(condition, [math.nan]) and not _condition(condition, [])
