@@ -20,6 +20,7 @@ pods answered nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from capsim.export.target import DeployTarget
@@ -34,14 +35,17 @@ def _sel(target: DeployTarget, arg: str) -> str:
     return f'namespace="{target.namespace}",pod_template_hash="{{{{args.{arg}}}}}"'
 
 
-def _p99(target: DeployTarget, arg: str, w: str) -> str:
+def _p99(target: DeployTarget, ro: Rollout, which: str, w: str) -> str:
+    """The p99 TTFT of ``which`` pods (``canary``, ``stable``) over the window ``w``."""
     return (f"histogram_quantile(0.99, sum by (le) (increase(vllm:time_to_first_token_seconds_bucket"
-            f"{{{_sel(target, arg)}}}[{w}])))")
+            f"{{{_sel(target, f'{which}-hash')}}}[{w}])))")
 
 
-def _itl(target: DeployTarget, arg: str, w: str) -> str:
-    return (f"sum(increase(vllm:inter_token_latency_seconds_sum{{{_sel(target, arg)}}}[{w}])) / "
-            f"sum(increase(vllm:inter_token_latency_seconds_count{{{_sel(target, arg)}}}[{w}]))")
+def _itl(target: DeployTarget, ro: Rollout, which: str, w: str) -> str:
+    """The mean inter-token latency of ``which`` pods over the window ``w``."""
+    sel = _sel(target, f"{which}-hash")
+    return (f"sum(increase(vllm:inter_token_latency_seconds_sum{{{sel}}}[{w}])) / "
+            f"sum(increase(vllm:inter_token_latency_seconds_count{{{sel}}}[{w}]))")
 
 
 def _errors(target: DeployTarget, ro: Rollout, which: str, w: str) -> str:
@@ -56,45 +60,37 @@ def _errors(target: DeployTarget, ro: Rollout, which: str, w: str) -> str:
             f"sum(increase(istio_requests_total{{{sel}}}[{w}]))")
 
 
+#: each quantity a limit reads (``CANARY_LIMITS``): its metric's name and its query
+_QUERIES: dict[str, tuple[str, Callable[[DeployTarget, Rollout, str, str], str]]] = {
+    "ttft_p99_s": ("ttft-p99", _p99), "itl_mean_s": ("itl-mean", _itl), "error_rate": ("error-rate", _errors)}
+
+
 def _metrics(ro: Rollout, target: DeployTarget) -> list[tuple[str, str, str]]:
-    """(name, query, successCondition) of each limit ``ro`` sets."""
+    """(name, query, successCondition) of each limit ``ro`` sets: the canary's value against a limit, or its ratio to
+    (``times``) or difference from (``plus``) the stable pods' (``-vs-stable``)."""
     w = f"{ro.check_window_s:g}s"
-    ok = "len(result) > 0 && !isNaN(result[0]) && result[0] <= "
     out = []
-    if ro.undo_if_ttft_p99_over_s is not None:
-        out.append(("ttft-p99", _p99(target, "canary-hash", w), f"{ok}{ro.undo_if_ttft_p99_over_s:g}"))
-    if ro.undo_if_ttft_p99_over_baseline is not None:
-        out.append(("ttft-p99-vs-stable", f"({_p99(target, 'canary-hash', w)}) / ({_p99(target, 'stable-hash', w)})",
-                    f"{ok}{ro.undo_if_ttft_p99_over_baseline:g}"))
-    if ro.undo_if_itl_mean_over_s is not None:
-        out.append(("itl-mean", _itl(target, "canary-hash", w), f"{ok}{ro.undo_if_itl_mean_over_s:g}"))
-    if ro.undo_if_itl_mean_over_baseline is not None:
-        out.append(("itl-mean-vs-stable", f"({_itl(target, 'canary-hash', w)}) / ({_itl(target, 'stable-hash', w)})",
-                    f"{ok}{ro.undo_if_itl_mean_over_baseline:g}"))
-    if ro.undo_if_error_rate_over is not None:
-        out.append(("error-rate", _errors(target, ro, "canary", w), f"{ok}{ro.undo_if_error_rate_over:g}"))
-    if ro.undo_if_error_rate_over_baseline_by is not None:
-        out.append(("error-rate-vs-stable",
-                    f"({_errors(target, ro, 'canary', w)}) - ({_errors(target, ro, 'stable', w)})",
-                    f"{ok}{ro.undo_if_error_rate_over_baseline_by:g}"))
+    for _, quantity, kind, limit in ro.limits():
+        name, query = _QUERIES[quantity]
+        canary = query(target, ro, "canary", w)
+        if kind != "limit":
+            name, op = f"{name}-vs-stable", " / " if kind == "times" else " - "
+            canary = f"({canary}){op}({query(target, ro, 'stable', w)})"
+        out.append((name, canary, f"len(result) > 0 && !isNaN(result[0]) && result[0] <= {limit:g}"))
     return out
 
 
-def _checked(scenario: Scenario) -> list[int]:
-    """The resume entries with a metric check."""
-    return [i for i, ro in enumerate(scenario.pods.rollouts) if ro.resume and ro.metrics_checked]
-
-
-def _name(scenario: Scenario, target: DeployTarget, i: int) -> str:
-    return f"{target.name}-canary" if len(_checked(scenario)) == 1 else f"{target.name}-canary-{i}"
+def _name(target: DeployTarget, i: int, checked: int) -> str:
+    """Resume ``i``'s template, one of ``checked``."""
+    return f"{target.name}-canary" if checked == 1 else f"{target.name}-canary-{i}"
 
 
 def build_analysis_templates(scenario: Scenario, target: DeployTarget) -> list[dict[str, Any]]:
     """One AnalysisTemplate per resume with a metric check (none: an empty list)."""
     pods = scenario.pods
-    times = pods.analysis_times()
+    checks = pods.check_times()
     out = []
-    for i in _checked(scenario):
+    for i, times in checks.items():
         ro = pods.rollouts[i]
         metrics = _metrics(ro, target)
         args = sorted({a for _, q, _ in metrics for a in ("canary-hash", "stable-hash", "canary-version",
@@ -106,13 +102,13 @@ def build_analysis_templates(scenario: Scenario, target: DeployTarget) -> list[d
                 m["interval"] = f"{ro.check_interval_s:g}s"
                 if ro.check_initial_delay_s:
                     m["initialDelay"] = f"{ro.check_initial_delay_s:g}s"
-            m["count"] = len(times.get(i, [])) + 1  # the pause's measurements and the resume's
+            m["count"] = len(times)  # the pause's measurements and the resume's
             m["failureLimit"] = ro.check_failure_limit
             m["successCondition"] = condition
             m["provider"] = {"prometheus": {"address": target.prometheus_url, "query": query}}
             spec_metrics.append(m)
         out.append({"apiVersion": "argoproj.io/v1alpha1", "kind": "AnalysisTemplate",
-                    "metadata": {"name": _name(scenario, target, i), "namespace": target.namespace},
+                    "metadata": {"name": _name(target, i, len(checks)), "namespace": target.namespace},
                     "spec": {"args": [{"name": a} for a in args], "metrics": spec_metrics}})
     return out
 
@@ -120,14 +116,13 @@ def build_analysis_templates(scenario: Scenario, target: DeployTarget) -> list[d
 def analysis_header(scenario: Scenario, target: DeployTarget) -> str:
     """The file's opening comment: when each template's measurements were simulated, and what differs in Argo."""
     pods = scenario.pods
-    times = pods.analysis_times()
+    checks = pods.check_times()
     lines = ["# The canary checks the plan simulated, as Argo Rollouts AnalysisTemplates (capsim export)."]
-    for i in _checked(scenario):
+    for i, at in checks.items():
         ro = pods.rollouts[i]
-        at = [*times.get(i, []), ro.at_s]
         when = (f"at {', '.join(f'{t:g}' for t in at)} s of the run (the last at the resume, pods.rollouts.{i})"
                 if len(at) > 1 else f"once, at the resume (pods.rollouts.{i}, {ro.at_s:g} s of the run)")
-        lines.append(f"# {_name(scenario, target, i)}: measured {when}, each over the last {ro.check_window_s:g} "
+        lines.append(f"# {_name(target, i, len(checks))}: measured {when}, each over the last {ro.check_window_s:g} "
                      f"s; undone when one metric failed more than {ro.check_failure_limit} of them.")
         if ro.undo_if_restarted:
             lines.append(f"# pods.rollouts.{i} also undoes at a restart of the canary's pods (undo_if_restarted), "

@@ -47,6 +47,9 @@ ROUTING_FILES = {
 ANALYSIS_FILE_TEXT = ("Argo Rollouts AnalysisTemplate `{name}-canary` (one per checked resume: `-canary-N` when "
                       "several): the canary checks as simulated, one metric per limit (interval, initialDelay, count, "
                       "failureLimit, the queries); its header says what differs from the simulation")
+#: how the README's steps name each quantity a canary's limit reads (``CANARY_LIMITS``), and its unit
+_QUANTITY_WORDS = {"ttft_p99_s": ("their p99 TTFT", " s"), "itl_mean_s": ("their mean inter-token latency", " s"),
+                   "error_rate": ("the share of their requests ended with an error", "")}
 #: the continuous engine's limits, as the pod reads them and the plan simulated them
 CONTINUOUS_FIELDS = ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len",
                      "long_prefill_token_threshold", "enable_prefix_caching")
@@ -92,7 +95,7 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
         files[VLLM_ARGS_FILE[0]] = VLLM_ARGS_FILE[1]
     if scenario.pods.disruption_budget is not None:
         files[PDB_FILE[0]] = PDB_FILE[1]
-    if any(ro.resume and ro.metrics_checked for ro in scenario.pods.rollouts):
+    if scenario.pods.check_times():  # a resume with a metric check: its AnalysisTemplate
         files[ANALYSIS_FILE] = ANALYSIS_FILE_TEXT
     routing_name = routing_file(scenario)
     if routing_name is not None:
@@ -183,23 +186,12 @@ def _deploys(scenario: Scenario, target: DeployTarget) -> list[str]:
             elif ro.undo_if_restarted or ro.metrics_checked:
                 restart = (["a container of the new ReplicaSet's pods exited (RESTARTS above 0, or CrashLoopBackOff)"]
                            if ro.undo_if_restarted else [])
-                slow = []  # what fails a measurement ({w}: where its window is said)
-                if ro.undo_if_ttft_p99_over_s is not None:
-                    slow.append(f"their p99 TTFT{{w}} is over {ro.undo_if_ttft_p99_over_s:g} s")
-                if ro.undo_if_ttft_p99_over_baseline is not None:
-                    slow.append(f"their p99 TTFT{{w}} is over {ro.undo_if_ttft_p99_over_baseline:g} times the old "
-                                "pods'")
-                if ro.undo_if_itl_mean_over_s is not None:
-                    slow.append(f"their mean inter-token latency{{w}} is over {ro.undo_if_itl_mean_over_s:g} s")
-                if ro.undo_if_itl_mean_over_baseline is not None:
-                    slow.append(f"their mean inter-token latency{{w}} is over {ro.undo_if_itl_mean_over_baseline:g} "
-                                "times the old pods'")
-                if ro.undo_if_error_rate_over is not None:
-                    slow.append(f"the share of their requests ended with an error{{w}} is over "
-                                f"{ro.undo_if_error_rate_over:g}")
-                if ro.undo_if_error_rate_over_baseline_by is not None:
-                    slow.append(f"the share of their requests ended with an error{{w}} is more than "
-                                f"{ro.undo_if_error_rate_over_baseline_by:g} above the old pods'")
+                slow = []  # what fails a measurement ({w}: where its window is said), one per limit
+                for _, quantity, kind, x in ro.limits():
+                    what, unit = _QUANTITY_WORDS[quantity]
+                    slow.append(f"{what}{{w}} is " + (f"over {x:g}{unit}" if kind == "limit" else
+                                                      f"over {x:g} times the old pods'" if kind == "times" else
+                                                      f"more than {x:g} above the old pods'"))
                 if ro.metrics_checked:
                     slow.append("they answered nothing then")
                 window = f" over the last {ro.check_window_s:g} s (from {max(ro.at_s - ro.check_window_s, 0):g} s)"

@@ -499,6 +499,20 @@ class TemplateBatching(_Section):
             raise ValueError(str(e)) from None
 
 
+#: the limits a canary check can set: each limit's field on ``Rollout``, the quantity it reads over the window
+#: (``ttft_p99_s``, ``itl_mean_s``, ``error_rate``) and how it compares: ``limit``, over the value; ``times``, over
+#: that many times the old pods'; ``plus``, more than that above the old pods'. The simulator's measurement, the
+#: export's AnalysisTemplate and its README's steps all walk this one list.
+CANARY_LIMITS: tuple[tuple[str, str, str], ...] = (
+    ("undo_if_ttft_p99_over_s", "ttft_p99_s", "limit"),
+    ("undo_if_ttft_p99_over_baseline", "ttft_p99_s", "times"),
+    ("undo_if_itl_mean_over_s", "itl_mean_s", "limit"),
+    ("undo_if_itl_mean_over_baseline", "itl_mean_s", "times"),
+    ("undo_if_error_rate_over", "error_rate", "limit"),
+    ("undo_if_error_rate_over_baseline_by", "error_rate", "plus"),
+)
+
+
 class Rollout(_Section):
     """A new pod template is applied at ``at_s`` (a new image or engine flags): the Deployment rolls its pods over
     to it within ``pods.rolling_update`` (``capsim.sim.cluster``). ``crash_after_s`` makes the new template a bad
@@ -590,26 +604,31 @@ class Rollout(_Section):
         "undoes at the measurement that makes one limit's failures more than this, the resume's included. A restart "
         "found (undo_if_restarted) undoes at once, whatever this is")
 
+    def limits(self) -> list[tuple[str, str, str, float]]:
+        """The limits this resume's canary check sets, in ``CANARY_LIMITS``' order: (field, quantity, comparison,
+        value)."""
+        return [(f, q, kind, v) for f, q, kind in CANARY_LIMITS if (v := getattr(self, f)) is not None]
+
     @property
     def metrics_checked(self) -> bool:
         """Whether the resume checks the canary's metrics over a window: its p99 TTFT or its mean inter-token latency
         (against a limit or the old pods'), or its error rate."""
-        return self.ttft_checked or self.itl_checked or self.error_checked
+        return bool(self.limits())
 
     @property
     def error_checked(self) -> bool:
         """Whether the resume checks the canary's error rate."""
-        return self.undo_if_error_rate_over is not None or self.undo_if_error_rate_over_baseline_by is not None
+        return any(q == "error_rate" for _, q, _, _ in self.limits())
 
     @property
     def ttft_checked(self) -> bool:
         """Whether the resume checks the canary's p99 TTFT."""
-        return self.undo_if_ttft_p99_over_s is not None or self.undo_if_ttft_p99_over_baseline is not None
+        return any(q == "ttft_p99_s" for _, q, _, _ in self.limits())
 
     @property
     def itl_checked(self) -> bool:
         """Whether the resume checks the canary's mean inter-token latency."""
-        return self.undo_if_itl_mean_over_s is not None or self.undo_if_itl_mean_over_baseline is not None
+        return any(q == "itl_mean_s" for _, q, _, _ in self.limits())
 
     @property
     def action(self) -> str:
@@ -626,17 +645,15 @@ class Rollout(_Section):
                                    ("batching", self.batching, None)):
             if self.undo and value != plain:
                 raise ValueError(f"{name}: an undo goes back to an earlier template, it brings none of its own")
-        for name in ("undo_if_restarted", "undo_if_ttft_p99_over_s", "undo_if_ttft_p99_over_baseline",
-                     "undo_if_itl_mean_over_s", "undo_if_itl_mean_over_baseline", "undo_if_error_rate_over",
-                     "undo_if_error_rate_over_baseline_by"):
+        for name in ("undo_if_restarted", *(f for f, _, _ in CANARY_LIMITS)):
             if getattr(self, name) not in (False, None) and not self.resume:
                 raise ValueError(f"{name}: the canary check comes with a resume (resume: true), the end of the "
                                  "pause in which the canary ran")
         if self.restart_poll_s is not None and not self.undo_if_restarted:
             raise ValueError("restart_poll_s: how often the pipeline looks for a restart of the canary's pods during the "
                              "pause, which needs undo_if_restarted: true")
-        metrics = ("undo_if_ttft_p99_over_s, undo_if_ttft_p99_over_baseline, undo_if_itl_mean_over_s, "
-                   "undo_if_itl_mean_over_baseline, undo_if_error_rate_over or undo_if_error_rate_over_baseline_by")
+        fields = [f for f, _, _ in CANARY_LIMITS]
+        metrics = f"{', '.join(fields[:-1])} or {fields[-1]}"
         if self.error_rate_source != "gateway" and not self.error_checked:
             raise ValueError("error_rate_source: whose errors the error-rate check counts, which needs "
                              "undo_if_error_rate_over or undo_if_error_rate_over_baseline_by")
@@ -841,6 +858,12 @@ class Pods(_Section):
                 times.append(t)
             out[b] = times
         return out
+
+    def check_times(self) -> dict[int, list[float]]:
+        """Per resume entry (its index) with a metric check: the times of its measurements, those of the pause
+        (``analysis_times``) and then its own."""
+        during = self.analysis_times()
+        return {i: [*during.get(i, []), ro.at_s] for i, ro in enumerate(self.rollouts) if ro.metrics_checked}
 
     def pauses(self) -> list[tuple[float, float]]:
         """The spans in which ``rollouts`` keep the Deployment paused, each ``(pause, resume)`` (``inf``: never

@@ -105,12 +105,16 @@ class RolloutRecord:
     canary_itl_mean_s: float | None = None  # the canary's mean ITL at its last measurement (NaN: nothing answered)
     baseline_itl_mean_s: float | None = None  # the same over the other templates' pods
     canary_checked_s: float | None = None  # when the pipeline's check of it as a canary decided (resume or earlier)
-    canary_failed: bool = False  # and whether the check failed (it was undone then)
     canary_error_rate: float | None = None  # its attempts ended in error, a share (as error_rate_source counts)
     baseline_error_rate: float | None = None  # the same over the other templates' pods
     canary_measurements: int = 0  # the measurements of it (the resume's, and check_interval_s' in the pause)
     canary_failures: int = 0  # how many of them failed
     canary_failed_by: str = ""  # what undid it: undo_if_restarted, or the limits whose failures passed the limit
+
+    @property
+    def canary_failed(self) -> bool:
+        """Whether the pipeline's check of it as a canary failed (it was undone then): something undid it."""
+        return bool(self.canary_failed_by)
 
     @property
     def open(self) -> bool:
@@ -187,14 +191,13 @@ class Cluster:
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
         self._failures: dict[tuple[int, str], int] = {}  # (a resume's id, a limit) -> measurements it failed
         rollouts = sim.scenario.pods.rollouts
-        analysis = sim.scenario.pods.analysis_times()
+        checks = sim.scenario.pods.check_times()
         for i, r in enumerate(rollouts):
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
-            if r.metrics_checked:
-                for t in [*analysis.get(i, []), r.at_s]:  # the measurements during the pause, then the resume's
-                    Timeout(sim.env, max(0.0, t - r.check_window_s), (r, t)).callbacks.append(self._check_window_opens)
-                    if t != r.at_s:
-                        Timeout(sim.env, t, (r, t)).callbacks.append(self._analysis_measures)
+            for t in checks.get(i, ()):  # the measurements during the pause, then the resume's
+                Timeout(sim.env, max(0.0, t - r.check_window_s), (r, t)).callbacks.append(self._check_window_opens)
+                if t != r.at_s:
+                    Timeout(sim.env, t, (r, t)).callbacks.append(self._analysis_measures)
         for pause, resume, _ in sim.scenario.pods.pause_pairs():  # the restart polls: every restart_poll_s of a pause
             poll = None if resume is None else rollouts[resume].restart_poll_s
             if resume is not None and poll is not None:
@@ -255,7 +258,6 @@ class Cluster:
                     held.canary_failed_by = "undo_if_restarted"
                 if ro.metrics_checked:
                     failed |= self._measure(ro, held, now)
-                held.canary_failed = failed
                 held.canary_checked_s = now
             self._resume(now)
             if held is not None and failed and held.open:  # `kubectl rollout resume && kubectl rollout undo`
@@ -296,8 +298,8 @@ class Cluster:
 
     def _analysis_measures(self, ev: Timeout) -> None:
         """A measurement of the canary during the pause (``check_interval_s``: an Argo Rollouts analysis'
-        interval): once more than ``check_failure_limit`` measurements have failed, ``kubectl rollout resume &&
-        kubectl rollout undo`` at once; the resume entry then does nothing."""
+        interval): once one limit has failed more than ``check_failure_limit`` measurements, ``kubectl rollout resume
+        && kubectl rollout undo`` at once; the resume entry then does nothing."""
         ro, at = cast(tuple[Rollout, float], ev.value)
         record = self._held_canary()
         if id(ro) in self._resumed_early or not self.paused or record is None:
@@ -309,7 +311,7 @@ class Cluster:
         """The pipeline's check during the pause failed: resume and undo now, and the resume entry ``ro`` does
         nothing when it comes."""
         now = self.sim.env.now
-        record.canary_checked_s, record.canary_failed = now, True
+        record.canary_checked_s = now
         self._resumed_early.add(id(ro))
         self._resume(now)
         if record.open:
@@ -347,14 +349,8 @@ class Cluster:
             record.canary_itl_mean_s, record.baseline_itl_mean_s = canary.itl_mean_s, base.itl_mean_s
         if ro.error_checked:
             record.canary_error_rate, record.baseline_error_rate = canary.error_rate, base.error_rate
-        failed = [name for name, value, old, kind in (
-            ("undo_if_ttft_p99_over_s", canary.ttft_p99_s, base.ttft_p99_s, "limit"),
-            ("undo_if_ttft_p99_over_baseline", canary.ttft_p99_s, base.ttft_p99_s, "times"),
-            ("undo_if_itl_mean_over_s", canary.itl_mean_s, base.itl_mean_s, "limit"),
-            ("undo_if_itl_mean_over_baseline", canary.itl_mean_s, base.itl_mean_s, "times"),
-            ("undo_if_error_rate_over", canary.error_rate, base.error_rate, "limit"),
-            ("undo_if_error_rate_over_baseline_by", canary.error_rate, base.error_rate, "plus"),
-        ) if _fails(value, old, getattr(ro, name), kind)]
+        failed = [name for name, quantity, kind, limit in ro.limits()
+                  if _fails(getattr(canary, quantity), getattr(base, quantity), limit, kind)]
         record.canary_measurements += 1
         if failed:
             record.canary_failures += 1
@@ -1131,12 +1127,10 @@ class _Window:
     error_rate: float
 
 
-def _fails(value: float, old: float, limit: float | None, kind: str) -> bool:
-    """One limit of a canary's measurement fails: set, and the canary observed nothing (``value`` NaN), or it is over
-    ``limit`` (``kind`` ``limit``), over ``limit`` times the old pods' ``old`` (``times``) or more than ``limit``
-    above it (``plus``); against the old pods it passes when they observed nothing (``old`` NaN)."""
-    if limit is None:
-        return False
+def _fails(value: float, old: float, limit: float, kind: str) -> bool:
+    """One limit of a canary's measurement (``CANARY_LIMITS``) fails: the canary observed nothing (``value`` NaN), or
+    it is over ``limit`` (``kind`` ``limit``), over ``limit`` times the old pods' ``old`` (``times``) or more than
+    ``limit`` above it (``plus``); against the old pods it passes when they observed nothing (``old`` NaN)."""
     if math.isnan(value):
         return True
     if kind == "limit":

@@ -743,7 +743,8 @@ def _error_gate_in_store_outage(scenario: Scenario) -> list[Finding]:
         ro = w.resume
         if ro.undo_if_error_rate_over is None:
             continue
-        hit = [(m, a, b) for m in (*w.during, ro.at_s) for a, b in outages if a < m and b > m - ro.check_window_s]
+        measured = scenario.pods.check_times()[w.index]
+        hit = [(m, a, b) for m in measured for a, b in outages if a < m and b > m - ro.check_window_s]
         if not hit:
             continue
         _, a, b = hit[0]
