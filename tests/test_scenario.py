@@ -151,6 +151,19 @@ def test_override_revalidates_and_keeps_the_source() -> None:
     assert s.horizon_s != 60  # frozen original unchanged
 
 
+def test_override_takes_a_field_by_its_python_name_or_its_yaml_name() -> None:
+    # the autoscaler spells Kubernetes' names (minReplicas); a dump holds those, and a path by the Python name
+    # (min_replicas) once landed beside it as an unknown key ("not a known setting (did you mean min_replicas?)")
+    s = Scenario.from_yaml(ROOT / "data" / "scenarios" / "friday_rush.yaml")
+    assert s.autoscaler is not None and s.autoscaler.min_replicas != 2
+    for path in ("autoscaler.min_replicas", "autoscaler.minReplicas"):
+        changed = s.override({path: 2, "autoscaler.metrics.0.pods.target.averageValue": "6"})
+        assert changed.autoscaler is not None and changed.autoscaler.min_replicas == 2
+        assert changed.autoscaler.to_hpa().metrics[0].target == 6
+    with pytest.raises(SettingsError, match="autoscaler.min_replica is not a known setting"):
+        s.override({"autoscaler.min_replica": 2})
+
+
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_shipped_scenarios_load(path: Path) -> None:
     s = Scenario.from_yaml(path)

@@ -27,7 +27,16 @@ from pydantic import (
 )
 
 from capsim.errors import did_you_mean as suggest
-from capsim.model.settings import BatchSettings, Bool, Float, Int, SettingsError, did_you_mean, format_error
+from capsim.model.settings import (
+    BatchSettings,
+    Bool,
+    Float,
+    Int,
+    SettingsError,
+    aliased_path,
+    did_you_mean,
+    format_error,
+)
 from capsim.policy.keda import FallbackBehavior, Release
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
@@ -1774,7 +1783,7 @@ class Scenario(BaseModel):
         """
         data = self.model_dump(mode="python", by_alias=True, exclude_none=False)
         for dotted, value in changes.items():
-            _set_path(data, dotted, value)
+            _set_path(data, aliased_path(type(self), dotted), value)
         new = type(self).model_validate(data)
         new._source = self._source
         return new

@@ -225,6 +225,27 @@ def unknown_path(root: type[BaseModel], dotted: str) -> str | None:
     return None
 
 
+def aliased_path(root: type[BaseModel], dotted: str) -> str:
+    """``dotted`` with each part that names a field by its Python name spelled as the YAML spells it (its alias:
+    ``autoscaler.min_replicas`` -> ``autoscaler.minReplicas``), so an override lands on the key a dump by alias
+    holds; parts that name no field, and what follows them, stay as written."""
+    parts = dotted.split(".")
+    models: list[type[BaseModel]] = [root]
+    for depth, part in enumerate(parts):
+        if part.isdigit():
+            continue
+        fields = [(name, f) for m in models for name, f in m.model_fields.items() if part in (name, f.alias)]
+        if not fields:
+            break
+        alias = next((f.alias for name, f in fields if name == part and f.alias), None)
+        if alias is not None:
+            parts[depth] = alias
+        models = [m for _, f in fields for m in _models_in(f.annotation)]
+        if not models:
+            break
+    return ".".join(parts)
+
+
 def _known(models: list[type[BaseModel]]) -> list[str]:
     return sorted({n for m in models for name, f in m.model_fields.items() for n in (name, f.alias) if n})
 
