@@ -998,6 +998,10 @@ def export(
         help="PromQL of the requests sent to the Deployment's Service, answered or not, for a KEDA trigger on "
              "capsim_gateway_requests_total ($name, $namespace, $service, $window are filled in; default: "
              "Istio's istio_requests_total as the clients' sidecars report it)")] = None,
+    dcgm_honor_labels: Annotated[bool, typer.Option(
+        help="Prometheus scrapes dcgm-exporter with honorLabels: true, so its DCGM_FI_* series name the GPU's pod "
+             "in namespace and pod (default: exported_namespace and exported_pod, as with its Helm chart's "
+             "default)")] = False,
     seed: Annotated[int, typer.Option(help="seed of the simulation whose numbers the README reports")] = 0,
     simulate: Annotated[bool, typer.Option(help="simulate the scenario for the README's numbers")] = True,
     summary: Annotated[Path | None, typer.Option(
@@ -1018,6 +1022,7 @@ def export(
     # bad options, a bad scenario or an unreadable --summary: the error policy's one line, exit 2
     target = DeployTarget(name=name, namespace=namespace, container=container, port=port, redis_url=redis_url,
                           prometheus_url=prometheus_url, adapter_namespace=adapter_namespace,
+                          dcgm_honor_labels=dcgm_honor_labels,
                           **({"gateway_query": gateway_query} if gateway_query is not None else {}))
     scen = load_scenario(scenario, set_ or ())
     _output_dir(out, "--out")

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from capsim.export.hpa import require_autoscaler
-from capsim.export.promql import PodQuery
+from capsim.export.promql import DCGM_KINDS, PodQuery
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Scenario
 
@@ -33,13 +33,17 @@ def hpa_queries(scenario: Scenario) -> list[PodQuery]:
     return queries
 
 
-def adapter_rules(scenario: Scenario) -> dict[str, Any]:
-    """The adapter configuration: ``{"rules": [...]}``, one rule per HPA metric."""
+def adapter_rules(scenario: Scenario, target: DeployTarget | None = None) -> dict[str, Any]:
+    """The adapter configuration: ``{"rules": [...]}``, one rule per HPA metric. dcgm-exporter's series name
+    the GPU's pod in the labels ``target.dcgm_labels`` says (``exported_namespace``, ``exported_pod`` by
+    default), which the rule maps to the namespace and pod resources."""
+    dcgm = (target or DeployTarget()).dcgm_labels
     rules = []
     for q in hpa_queries(scenario):
+        ns, pod = dcgm if q.kind in DCGM_KINDS else ("namespace", "pod")
         rules.append({
-            "seriesQuery": f'{q.series}{{namespace!="",pod!=""}}',
-            "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+            "seriesQuery": f'{q.series}{{{ns}!="",{pod}!=""}}',
+            "resources": {"overrides": {ns: {"resource": "namespace"}, pod: {"resource": "pod"}}},
             "name": {"matches": f"^{re.escape(q.series)}$", "as": q.metric},
             "metricsQuery": q.adapter_query(),
         })
@@ -48,7 +52,7 @@ def adapter_rules(scenario: Scenario) -> dict[str, Any]:
 
 def build_adapter_configmap(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """The ConfigMap with the adapter configuration, in the adapter's namespace."""
-    config = yaml.safe_dump(adapter_rules(scenario), sort_keys=False)
+    config = yaml.safe_dump(adapter_rules(scenario, target), sort_keys=False)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": target.metadata(ADAPTER_CONFIGMAP, target.adapter_namespace),
             "data": {CONFIG_KEY: config}}

@@ -45,8 +45,8 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         if EXTERNAL_METRICS.get(metric.name) == "gateway":
             promql = target.gateway_requests(PodQuery.duration(window_s))
         else:
-            promql = PodQuery.of(metric.name, window_s, query, quantile).deployment_total(target.namespace,
-                                                                                          target.name)
+            promql = PodQuery.of(metric.name, window_s, query, quantile).deployment_total(
+                target.namespace, target.name, target.dcgm_labels)
         meta = {"serverAddress": target.prometheus_url, "query": promql, "threshold": f"{metric.target:g}"}
         if keda is not None and metric.name in keda.activation:
             meta["activationThreshold"] = f"{keda.activation[metric.name]:g}"

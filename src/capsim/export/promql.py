@@ -29,7 +29,12 @@ SERIES: dict[str, str] = {
     "kv_cache": "vllm:kv_cache_usage_perc",
     "itl": "vllm:inter_token_latency_seconds_count",
     "preemptions": "vllm:num_preemptions_total",
+    # dcgm-exporter's, one series per GPU, labelled with the pod that holds it
+    "gpu_util": "DCGM_FI_DEV_GPU_UTIL",
+    "gr_active": "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
 }
+#: The kinds dcgm-exporter reports per GPU: a pod's value is the mean over its GPUs (tensor parallelism).
+DCGM_KINDS = frozenset({"gpu_util", "gr_active"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +42,7 @@ class PodQuery:
     """How one HPA metric name is computed from the pods' series over a window of ``window_s``."""
 
     metric: str  # the name the HPA asks for (as written in the scenario)
-    kind: str  # queue_depth, in_flight, busy, ttft
+    kind: str  # queue_depth, in_flight, busy, ttft, ... (POD_METRICS' kinds)
     window_s: float
     query: str = ""  # instant, avg_over_time, rate, histogram_quantile ("": the kind's default)
     quantile: float = 0.99
@@ -64,6 +69,10 @@ class PodQuery:
     def per_pod(self, matchers: str, by: str) -> str:
         """The value per ``by`` group (pods) over the series selected by ``matchers``."""
         w = self.window
+        if self.kind in DCGM_KINDS:  # per GPU: the mean over the pod's GPUs, as every one of them runs its steps
+            if self.query == "instant":
+                return f"avg({self.series}{{{matchers}}}) by ({by})"
+            return f"avg(avg_over_time({self.series}{{{matchers}}}[{w}])) by ({by})"
         if self.query == "instant":  # prometheus-adapter's default rule for a series not named *_total
             return f"sum({self.series}{{{matchers}}}) by ({by})"
         if self.query == "histogram_quantile":
@@ -86,14 +95,17 @@ class PodQuery:
         """prometheus-adapter's ``metricsQuery`` for this metric."""
         return self.per_pod("<<.LabelMatchers>>", "<<.GroupBy>>")
 
-    def deployment_total(self, namespace: str, deployment: str) -> str:
-        """One number for KEDA: the per-pod values of the Deployment's pods, summed."""
+    def deployment_total(self, namespace: str, deployment: str,
+                         labels: tuple[str, str] = ("namespace", "pod")) -> str:
+        """One number for KEDA: the per-pod values of the Deployment's pods, summed (``labels``: those naming
+        the namespace and the pod in the series; dcgm-exporter's, ``DeployTarget.dcgm_labels``)."""
+        ns, pod = labels if self.kind in DCGM_KINDS else ("namespace", "pod")
         # a Deployment's pods are named <deployment>-<replicaset hash>-<5 characters>
-        matchers = f'namespace="{namespace}",pod=~"{deployment}-[a-z0-9]+-[a-z0-9]{{5}}"'
+        matchers = f'{ns}="{namespace}",{pod}=~"{deployment}-[a-z0-9]+-[a-z0-9]{{5}}"'
         # ">= 0" keeps the pods whose value is a number (every metric here is): a NaN (a busy ratio's first
         # scrape, a TTFT mean over a window with no request, 0/0) would make the sum NaN, which KEDA reads as 0
         # (ignoreNullValues) or an error whatever the other pods say; prometheus-adapter answers it as 0
-        return f"sum(({self.per_pod(matchers, 'pod')}) >= 0)"
+        return f"sum(({self.per_pod(matchers, pod)}) >= 0)"
 
 
 def _duration(seconds: float) -> str:

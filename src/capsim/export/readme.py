@@ -11,7 +11,7 @@ from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
 from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
-from capsim.model.scenario import Scenario, TemplateBatching
+from capsim.model.scenario import DCGM_METRIC_KINDS, POD_METRIC_ALIASES, Scenario, TemplateBatching
 from capsim.studies.checks import Finding
 
 #: Each file of the folder and what it is, in the order to apply them.
@@ -359,6 +359,24 @@ def _query(auto: Any, name: str) -> str:
     return f"`{name}` {query} over {window_s:g} s"
 
 
+def _dcgm_assumptions(auto: Any, target: DeployTarget) -> list[str]:
+    """What a plan on dcgm-exporter's GPU series assumed of the exporter (none without such a metric)."""
+    names = [m.name for m in auto.to_hpa().metrics if POD_METRIC_ALIASES.get(m.name) in DCGM_METRIC_KINDS]
+    if not names:
+        return []
+    ns, pod = target.dcgm_labels
+    return [f"- NVIDIA's dcgm-exporter runs on the GPU nodes with its Kubernetes mapping "
+            f"(`DCGM_EXPORTER_KUBERNETES=true`), collects every {auto.dcgm_collect_interval_s:g} s "
+            f"(`DCGM_EXPORTER_INTERVAL={auto.dcgm_collect_interval_s * 1000:g}`) and exports "
+            + ", ".join(f"`{n}`" for n in names)
+            + f" (in its collectors' CSV); Prometheus scrapes it every {auto.scrape_interval_s:g} s and its series "
+            f"name the GPU's pod in `{ns}` and `{pod}`"
+            + (" (a scrape with `honorLabels: true`)" if target.dcgm_honor_labels else
+               " (the exporter's Helm chart's default, `serviceMonitor.honorLabels: false`; `capsim export "
+               "--dcgm-honor-labels` for `true`)")
+            + f"; the GPU utilisation is NVML's over its last {auto.dcgm_util_period_s:g} s before a collection"]
+
+
 def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> list[str]:
     """What a plan simulated with KEDA assumed of the cluster (none without ``autoscaler.keda``)."""
     if auto.keda is None:
@@ -454,6 +472,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              + ("KEDA's" if auto.keda is not None else "the adapter's")
              + f" answers lag {auto.adapter_lag_s:g} s; its queries: "
              + "; ".join(_query(auto, m.name) for m in auto.to_hpa().metrics),
+             *_dcgm_assumptions(auto, target),
              *_keda_assumptions(auto, target, scenario.router.hold_when_no_pod_s),
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
              f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "

@@ -29,7 +29,9 @@ class DeployTarget:
     store the pods use when the scenario's ``state.store`` is ``redis``; ``prometheus_url`` the server
     KEDA queries; ``adapter_namespace`` where prometheus-adapter runs; ``gateway_query`` the PromQL of the
     requests sent to the Deployment's Service (:data:`GATEWAY_QUERY`), which a KEDA trigger on the
-    simulated gateway counter runs.
+    simulated gateway counter runs; ``dcgm_honor_labels`` whether Prometheus scrapes dcgm-exporter with
+    ``honorLabels: true``, so its series name the GPU's pod in ``namespace`` and ``pod`` (false, its Helm
+    chart's default: in ``exported_namespace`` and ``exported_pod``, the exporter's own pod holding ``pod``).
     """
 
     name: str = "capsim-agent"
@@ -40,6 +42,7 @@ class DeployTarget:
     prometheus_url: str = "http://prometheus-operated.monitoring.svc:9090"
     adapter_namespace: str = "monitoring"
     gateway_query: str = GATEWAY_QUERY
+    dcgm_honor_labels: bool = False
 
     def __post_init__(self) -> None:
         for field in ("name", "namespace", "adapter_namespace"):
@@ -68,6 +71,11 @@ class DeployTarget:
                                 f"{', '.join('$' + k for k in _GATEWAY_KEYS)}), got {self.gateway_query!r}") from None
         except ValueError as exc:
             raise SettingsError(f"gateway_query: {exc} (a literal $ is written $$), got {self.gateway_query!r}") from None
+
+    @property
+    def dcgm_labels(self) -> tuple[str, str]:
+        """The labels that name the namespace and the pod of a GPU in dcgm-exporter's series, as scraped."""
+        return ("namespace", "pod") if self.dcgm_honor_labels else ("exported_namespace", "exported_pod")
 
     @property
     def container_name(self) -> str:

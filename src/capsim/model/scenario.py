@@ -53,7 +53,13 @@ POD_METRICS: dict[str, str] = {
     "vllm:time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
     "vllm:inter_token_latency_seconds": "itl",  # histogram: mean over the query window (continuous mode)
     "vllm:num_preemptions_total": "preemptions",  # counter: rate over the query window (continuous mode)
+    # NVIDIA dcgm-exporter's series of the GPUs a pod holds (labelled with the pod by its Kubernetes mapping), as
+    # collected every autoscaler.dcgm_collect_interval_s (capsim.sim.hpa; docs/metrics.md, "GPU utilisation")
+    "DCGM_FI_DEV_GPU_UTIL": "gpu_util",  # gauge, 0-100: % of NVML's sample period a kernel ran, at a collection
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": "gr_active",  # gauge, 0-1: the engine's active share between collections
 }
+#: Metric kinds dcgm-exporter reports (per GPU; a pod's value is the mean over its GPUs).
+DCGM_METRIC_KINDS = frozenset({"gpu_util", "gr_active"})
 #: Metric kinds only a continuous-batching pod has.
 CONTINUOUS_METRIC_KINDS = frozenset({"kv_cache", "itl", "preemptions"})
 POD_METRIC_ALIASES: dict[str, str] = {
@@ -80,7 +86,7 @@ EXTERNAL_METRICS: dict[str, str] = {"capsim_gateway_requests_total": "gateway"}
 METRIC_TYPES: dict[str, Literal["gauge", "counter", "histogram"]] = {
     "queue_depth": "gauge", "in_flight": "gauge", "busy": "gauge", "ttft": "histogram",
     "waiting": "gauge", "running": "gauge", "kv_cache": "gauge", "itl": "histogram", "preemptions": "counter",
-    "gateway": "counter",
+    "gateway": "counter", "gpu_util": "gauge", "gr_active": "gauge",
 }
 #: The queries that fit each kind of series, the first the default. prometheus-adapter's default rules
 #: (kubernetes-sigs/prometheus-adapter, pkg/config/default.go, Apache-2.0) read a series whose name does not
@@ -1083,6 +1089,13 @@ class Autoscaler(_Section):
     scrape_interval_s: Float = Field(15.0, gt=0)
     query_window_s: Float = Field(60.0, gt=0)
     adapter_lag_s: Float = Field(0.0, ge=0)
+    dcgm_collect_interval_s: Float = Field(
+        30.0, gt=0, description="dcgm-exporter --collect-interval (its default 30000 ms): how often the exporter reads "
+                                "the GPUs' fields, which Prometheus scrapes from it every scrape_interval_s (metrics "
+                                "DCGM_FI_DEV_GPU_UTIL and DCGM_FI_PROF_GR_ENGINE_ACTIVE)")
+    dcgm_util_period_s: Float = Field(
+        1.0, gt=0, description="NVML's sample period behind DCGM_FI_DEV_GPU_UTIL: the percent of this last stretch "
+                               "before a collection in which a kernel ran (NVML: between 1/6 s and 1 s by product)")
     queries: dict[str, MetricQuery] = Field(
         default_factory=dict, description="metric name (as in metrics) -> its query; the adapter's default otherwise"
     )
@@ -1094,6 +1107,9 @@ class Autoscaler(_Section):
     def _k8s(self) -> Self:
         if self.max_replicas < self.min_replicas:
             raise ValueError(f"maxReplicas must be >= minReplicas ({self.min_replicas}), got {self.max_replicas}")
+        if self.dcgm_util_period_s > self.dcgm_collect_interval_s:
+            raise ValueError(f"dcgm_util_period_s ({self.dcgm_util_period_s:g}) must not pass dcgm_collect_interval_s "
+                             f"({self.dcgm_collect_interval_s:g}): NVML's sample period ends at each collection")
         hpa = self.to_hpa()  # validates metrics and behavior with the policy's own messages
         for i, m in enumerate(hpa.metrics):
             if m.type == "External":

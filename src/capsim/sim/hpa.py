@@ -10,6 +10,10 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   it, NaN at a container's first scrape, as ``capsim.core.metrics``), the TTFT histogram's sum and count
   (observed when the pod answers a request, as the real batcher does) and vLLM's series of a
   continuous-batching pod.
+* dcgm-exporter's GPU series (``DCGM_FI_DEV_GPU_UTIL``, ``DCGM_FI_PROF_GR_ENGINE_ACTIVE``) are not the pod's: the
+  exporter collects them every ``dcgm_collect_interval_s`` at the pod's own phase (the ``dcgm_phase`` stream) from
+  when the pod holds its GPU (the busy share of NVML's last ``dcgm_util_period_s``, and of the time since the
+  previous collection), and Prometheus scrapes what it last collected every ``scrape_interval_s``.
 * At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
   (``Autoscaler.query_of``: instant, avg_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
   over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
@@ -69,7 +73,7 @@ from typing import TYPE_CHECKING, Any, cast
 from simpy.events import Timeout
 
 from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
-from capsim.model.scenario import METRIC_TYPES, QUERIES, metric_kind
+from capsim.model.scenario import DCGM_METRIC_KINDS, METRIC_TYPES, QUERIES, metric_kind
 from capsim.policy.autoscaling import (
     PodSample,
     Tolerance,
@@ -94,6 +98,8 @@ _HISTOGRAM = {"ttft": (4, 5), "itl": (9, 10)}
 _PREEMPTIONS = 11
 _BUCKETS = 12
 _DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
+#: Fields of a dcgm-exporter sample: time, GPU utilisation (%), graphics engine active (ratio).
+_DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
 
 _SERVING = (PodState.READY, PodState.TERMINATING)
 
@@ -125,6 +131,16 @@ class Autoscaling:
         self._keep_s = max(longest, LOOKBACK_S) + spec.adapter_lag_s + spec.scrape_interval_s
         self._offsets = sim.streams["scrape_offsets"]
         self.scrape_offset_s: list[float] = []  # per pod id: its scrape offset within the interval
+        # dcgm-exporter (DCGM_FI_* metrics): per pod id its samples as Prometheus scraped them from the exporter,
+        # and the exporter's last collection: (time, busy s) there and its values (None: no series)
+        self._dcgm = any(kind in DCGM_METRIC_KINDS for kind, *_ in self.metrics)
+        self._dcgm_phases = sim.streams["dcgm_phase"]
+        self._dcgm_seen = 0  # pods given their collection phase so far
+        self.dcgm_samples: dict[int, deque[tuple[float, float, float]]] = {}
+        self._dcgm_last: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
+        self._dcgm_value: dict[int, tuple[float, float]] = {}  # pod id -> (GPU util %, engine active) collected
+        #: (time, pod id, GPU util %, engine active) per collection of a pod that holds a GPU
+        self.dcgm_collections: list[tuple[float, int, float, float]] = []
         self._busy_mark: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
         self.discover(sim.env.now)
         first_sync = spec.sync_period_s * (1.0 - float(sim.streams["hpa_phase"].random()))
@@ -194,6 +210,8 @@ class Autoscaling:
             at = offset + max(0.0, math.ceil((now - offset) / every)) * every
             ev = Timeout(env, at - env.now, (pod, at))
             ev.callbacks.append(self._scrape)
+        if self._dcgm:
+            self._discover_dcgm(now)
 
     def _scrape(self, ev: Timeout) -> None:
         pod, at = cast(tuple[Pod, float], ev.value)
@@ -214,6 +232,80 @@ class Autoscaling:
             samples.popleft()
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
+
+    # ---- dcgm-exporter ------------------------------------------------------------------------------------
+    def _discover_dcgm(self, now: float) -> None:
+        """Give every new pod its dcgm-exporter phases: when the exporter collects its GPUs' fields (every
+        ``dcgm_collect_interval_s``) and when Prometheus scrapes the exporter (every ``scrape_interval_s``)."""
+        spec = self.spec
+        every, scrape = spec.dcgm_collect_interval_s, spec.scrape_interval_s
+        period = spec.dcgm_util_period_s
+        env = self.sim.env
+        draws = self._dcgm_phases
+        for pod in self.sim.cluster.pods[self._dcgm_seen:]:
+            phase, offset = every * float(draws.random()), scrape * float(draws.random())
+            # the first collection whose sample period starts at or after now
+            k = max(0.0, math.ceil((now + period - phase) / every))
+            collect = phase + k * every
+            Timeout(env, collect - period - env.now, (pod, collect)).callbacks.append(self._dcgm_mark)
+            at = offset + max(0.0, math.ceil((now - offset) / scrape)) * scrape
+            Timeout(env, at - env.now, pod).callbacks.append(self._dcgm_scrape)
+            self.dcgm_samples[pod.id] = deque()
+        self._dcgm_seen = len(self.sim.cluster.pods)
+
+    def _dcgm_mark(self, ev: Timeout) -> None:
+        """NVML's sample period before a collection starts: note the pod's busy seconds."""
+        pod, collect = cast(tuple[Pod, float], ev.value)
+        if pod.state == PodState.GONE:
+            return
+        now = self.sim.env.now
+        start = (pod.incarnation, pod.busy_total_s(now)) if pod.gpu_since is not None else None
+        Timeout(self.sim.env, collect - now, (pod, collect, start)).callbacks.append(self._dcgm_collect)
+
+    def _dcgm_collect(self, ev: Timeout) -> None:
+        """dcgm-exporter reads the pod's GPUs: ``DCGM_FI_DEV_GPU_UTIL``, the percent of NVML's last sample period
+        (``dcgm_util_period_s``) in which the pod's engine ran, and ``DCGM_FI_PROF_GR_ENGINE_ACTIVE``, its active
+        share since the previous collection (or since the sample period's start at a first). A pod that holds no
+        GPU (Pending) has no series."""
+        pod, collect, start = cast(tuple[Pod, float, tuple[int, float] | None], ev.value)
+        if pod.state == PodState.GONE:
+            self._dcgm_value.pop(pod.id, None)
+            self._dcgm_last.pop(pod.id, None)
+            return
+        spec = self.spec
+        now = self.sim.env.now
+        if pod.gpu_since is None or start is None:
+            self._dcgm_value.pop(pod.id, None)
+            self._dcgm_last.pop(pod.id, None)
+        else:
+            busy = pod.busy_total_s(now)
+            period = spec.dcgm_util_period_s
+            # a container restarted in the period: its busy seconds start afresh (no share below 0 or above 1)
+            util = min(max((busy - start[1]) / period, 0.0), 1.0) if start[0] == pod.incarnation else 0.0
+            last = self._dcgm_last.get(pod.id)
+            if last is None or last[0] != pod.incarnation:
+                last = (pod.incarnation, now - period, start[1]) if start[0] == pod.incarnation else None
+            active = 0.0 if last is None else min(max((busy - last[2]) / (now - last[1]), 0.0), 1.0)
+            self._dcgm_last[pod.id] = (pod.incarnation, now, busy)
+            self._dcgm_value[pod.id] = (100.0 * util, active)
+            self.dcgm_collections.append((now, pod.id, 100.0 * util, active))
+        nxt = collect + spec.dcgm_collect_interval_s
+        Timeout(self.sim.env, nxt - spec.dcgm_util_period_s - now, (pod, nxt)).callbacks.append(self._dcgm_mark)
+
+    def _dcgm_scrape(self, ev: Timeout) -> None:
+        """Prometheus scrapes dcgm-exporter: the pod's series hold what the exporter last collected."""
+        pod = cast(Pod, ev.value)
+        samples = self.dcgm_samples[pod.id]
+        if pod.state == PodState.GONE:
+            samples.clear()
+            return
+        now = self.sim.env.now
+        value = self._dcgm_value.get(pod.id)
+        if value is not None and not self._prometheus_down(now):
+            samples.append((now, *value))
+        while samples and samples[0][0] < now - self._keep_s:
+            samples.popleft()
+        Timeout(self.sim.env, self.spec.scrape_interval_s, pod).callbacks.append(self._dcgm_scrape)
 
     def _scrape_gateway(self, ev: Timeout) -> None:
         now = self.sim.env.now
@@ -257,6 +349,8 @@ class Autoscaling:
         if query is None or window_s is None:
             query, window_s = _DEFAULT_QUERY.get(METRIC_TYPES.get(metric, "gauge"), "instant"), self.spec.query_window_s
         a = now - self.spec.adapter_lag_s
+        if metric in _DCGM_FIELD:
+            return self._dcgm_value_at(pod, metric, a, query, window_s)
         if query == "instant":
             lo = a - LOOKBACK_S
             for s in reversed(pod.samples):
@@ -285,6 +379,22 @@ class Autoscaling:
         s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation in the window
         count = last[c_k] - first[c_k]
         return float((last[s_k] - first[s_k]) / count) if count > 0 else math.nan  # 0/0 with nothing observed
+
+    def _dcgm_value_at(self, pod: Pod, metric: str, a: float, query: str, window_s: float) -> float | None:
+        """A DCGM gauge of ``pod`` as Prometheus answers at ``a``: the newest exporter sample (instant, within the
+        lookback) or the mean of those in the window (``avg_over_time``); None: no series (no GPU yet, not yet
+        collected, or nothing scraped in the window)."""
+        samples = self.dcgm_samples.get(pod.id)
+        if not samples:
+            return None
+        k = _DCGM_FIELD[metric]
+        if query == "instant":
+            for s in reversed(samples):
+                if s[0] <= a:
+                    return s[k] if s[0] > a - LOOKBACK_S else None
+            return None
+        sel = [s[k] for s in samples if a - window_s < s[0] <= a]
+        return sum(sel) / len(sel) if sel else None
 
     # ---- the controller ---------------------------------------------------------------------------------
     def _sync(self, first_s: float) -> Generator[Any, Any, None]:

@@ -33,6 +33,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "keda_phase",  # the phase of KEDA's polling loop within its polling interval (autoscaler.keda)
     "slow_pods",  # which ready pods an unnamed faults.slow_pods entry slows
     "slow_spells",  # faults.random_slowdowns: each pod's times between slow spells and the spells' lengths
+    "dcgm_phase",  # each pod's dcgm-exporter collection phase and exporter scrape offset, by pod id (DCGM metrics)
 )
 
 

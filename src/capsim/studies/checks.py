@@ -376,8 +376,10 @@ def _hpa_targets(scenario: Scenario) -> list[Finding]:
         path = f"autoscaler.metrics.{i}.pods.target.averageValue"
         if kind == "queue_depth":
             bound, what = float(batching.queue_capacity), f"batching.queue_capacity ({batching.queue_capacity})"
-        elif kind == "busy":
+        elif kind in ("busy", "gr_active"):
             bound, what = 1.0, "1 (the share of time the model runs)"
+        elif kind == "gpu_util":
+            bound, what = 100.0, "100 (percent of the time a kernel runs)"
         else:
             if kind == "ttft" and metric.target > scenario.slo.ttft_p99_s:
                 out.append(Finding(
