@@ -11,7 +11,7 @@ scenario with it was simulated as KEDA runs (``capsim.policy.keda``): each Exter
 (a pod metric summed over the Deployment's pods, or the gateway's counter as ``DeployTarget.gateway_query``
 asks Prometheus for it), with its ``metricType`` (``AverageValue`` or ``Value``), ``activationThreshold``,
 ``pollingInterval``, ``cooldownPeriod``, ``minReplicaCount`` (0 scales to zero), ``idleReplicaCount`` and
-``fallback`` as simulated.
+``fallback`` as simulated, and a ``cron`` trigger per ``autoscaler.keda.cron``.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
@@ -61,6 +61,9 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
         if keda is not None and metric.name in cached:  # the HPA reads the value of KEDA's last poll
             trigger["useCachedMetrics"] = True
         triggers.append(trigger)
+    for i, c in enumerate(keda.cron if keda is not None else ()):  # answered by KEDA itself, as simulated
+        triggers.append({"type": "cron", "name": f"cron-{i}", "metadata": {
+            "timezone": c.timezone, "start": c.start, "end": c.end, "desiredReplicas": str(c.desired_replicas)}})
     ref = scale_target_ref(scenario, target)
     spec: dict[str, Any] = {
         "scaleTargetRef": {k: ref[k] for k in ("apiVersion", "kind", "name") if k in ref},

@@ -387,6 +387,13 @@ def _keda_assumptions(auto: Any, target: DeployTarget, hold_s: float | None) -> 
                 + (" (`idleReplicaCount: 0`, whatever `minReplicaCount` is)" if auto.min_replicas > 0 else "")
                 if auto.goes_to_zero else "")
              + "; between those the HPA it creates scales as simulated"]
+    if auto.keda.cron:
+        assert auto.keda.clock_start is not None
+        lines.append(f"- the run started at {auto.keda.clock_start.isoformat()}, the wall-clock time its `cron` "
+                     "triggers were read at: " + "; ".join(
+                         f"`{c.desired_replicas}` replicas from `{c.start}` to `{c.end}` ({c.timezone})"
+                         for c in auto.keda.cron)
+                     + " (KEDA answers them itself: they hold through a Prometheus outage)")
     if auto.can_wake_from_zero:
         lines.append("- the trigger on `capsim_gateway_requests_total` (every request sent to the Service, answered "
                      f"or not) runs `{target.gateway_requests('<window>')}`: it must count requests that find no "

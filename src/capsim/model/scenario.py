@@ -12,6 +12,7 @@ import copy
 import itertools
 import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 
@@ -38,6 +39,7 @@ from capsim.model.settings import (
     format_error,
 )
 from capsim.policy.keda import FallbackBehavior, Release
+from capsim.policy.keda_cron import CronWindow, valid_schedule
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -972,6 +974,46 @@ class KedaFallback(_Section):
                                        "currentReplicas, currentReplicasIfHigher or currentReplicasIfLower")
 
 
+class CronTrigger(_Section):
+    """A KEDA ``cron`` trigger (``autoscaler.keda.cron``): ``desired_replicas`` between the wall-clock times its
+    ``start`` and ``end`` schedules fire, in ``timezone`` (``capsim.policy.keda_cron``, as KEDA's cron scaler)."""
+
+    timezone: str = Field("UTC", description="the schedules' IANA time zone (KEDA's timezone)")
+    start: str = Field(description="five-field cron schedule at which the window opens (KEDA's start)")
+    end: str = Field(description="five-field cron schedule at which it closes (KEDA's end)")
+    desired_replicas: Int = Field(ge=0, description="replicas the trigger asks for in the window (KEDA's "
+                                                    "desiredReplicas); 1 outside it")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"must be an IANA time zone (Europe/Berlin, UTC), got {v!r}") from None
+        return v
+
+    @field_validator("start", "end")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not valid_schedule(v):
+            raise ValueError(f"must be a five-field cron schedule (minute hour day-of-month month day-of-week, "
+                             f"as KEDA takes it: '0 18 * * 5'), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _not_the_same(self) -> Self:
+        if self.start.split() == self.end.split():
+            raise ValueError(f"start and end must differ (KEDA refuses the same schedule), got {self.start!r} for both")
+        return self
+
+    def window(self, clock_start: datetime) -> CronWindow:
+        """The trigger read at simulated times, time 0 being ``clock_start``."""
+        return CronWindow(self.timezone, self.start, self.end, self.desired_replicas, clock_start)
+
+
 def _named(setting: bool | tuple[str, ...], names: Sequence[str]) -> frozenset[str]:
     """The names a per-trigger setting covers: every one (true), none (false) or those it lists."""
     return frozenset(names if setting is True else () if setting is False else setting)
@@ -1025,6 +1067,32 @@ class Keda(_Section):
                             "at zero; 2.16 (and earlier) sets fallback.replicas, or without a fallback takes a "
                             "minReplicas-0 Deployment to zero a cooldown into the outage; from 2.18 a fallback also "
                             "covers Value targets and answers the target times its count unrounded")
+
+    cron: tuple[CronTrigger, ...] = Field(
+        (), description="KEDA cron triggers besides the metrics' (each asks for its desired_replicas in its window; "
+                        "KEDA answers them itself, not Prometheus); they need clock_start")
+    clock_start: datetime | None = Field(
+        None, description="the wall-clock time of the run's start, for the cron triggers' schedules (ISO 8601, "
+                          "'2026-12-04T17:00:00+01:00'; without an offset, UTC)")
+
+    @field_validator("clock_start")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
+
+    @model_validator(mode="after")
+    def _cron_needs_a_clock(self) -> Self:
+        if self.cron and self.clock_start is None:
+            raise ValueError("cron triggers need clock_start: the wall-clock time of the run's start, at which "
+                             "their schedules are read (clock_start: '2026-12-04T17:00:00+01:00')")
+        return self
+
+    def cron_windows(self) -> list[CronWindow]:
+        """The cron triggers, read at simulated times."""
+        if not self.cron:
+            return []
+        assert self.clock_start is not None
+        return [c.window(self.clock_start) for c in self.cron]
 
     @field_validator("release", mode="before")
     @classmethod
@@ -1174,6 +1242,14 @@ class Autoscaler(_Section):
         return spec
 
     @property
+    def cron_metric_names(self) -> list[str]:
+        """The External metric of each ``keda.cron`` trigger, as KEDA names them (``s<trigger index>-cron-...``)."""
+        if self.keda is None:
+            return []
+        n = len(self.metrics)
+        return [f"s{n + i}-cron-{c.timezone.lower().replace('/', '-')}" for i, c in enumerate(self.keda.cron)]
+
+    @property
     def goes_to_zero(self) -> bool:
         """Whether the Deployment can be taken to zero pods: ``minReplicas: 0``, or KEDA's idle mode
         (``keda.idle_replica_count``)."""
@@ -1184,15 +1260,21 @@ class Autoscaler(_Section):
         """Whether a metric has a value when no pod runs: the gateway's counter (the pods' own series are 0)."""
         return any(EXTERNAL_METRICS.get(m.name) == "gateway" for m in self.to_hpa().metrics)
 
-    def to_hpa(self) -> Any:
+    def to_hpa(self, with_cron: bool = False) -> Any:
         """A fresh ``capsim.policy.autoscaling.HorizontalPodAutoscaler`` for this spec: with ``keda``, the
-        HPA that KEDA creates (``minReplicas`` at least 1; the step to and from zero is KEDA's own)."""
+        HPA that KEDA creates (``minReplicas`` at least 1; the step to and from zero is KEDA's own); ``with_cron``:
+        with an External metric per cron trigger after the scenario's (``cron_metric_names``), each with an
+        ``AverageValue`` target of 1, as KEDA's cron scaler gives it to the HPA."""
         from capsim.policy.autoscaling import HorizontalPodAutoscaler, Tolerance
         from capsim.policy.keda import hpa_min_replicas
 
         spec = self.k8s_spec()
         if self.keda is not None:
             spec["minReplicas"] = hpa_min_replicas(self.min_replicas)
+        if with_cron:
+            spec["metrics"] += [{"type": "External", "external": {
+                "metric": {"name": name}, "target": {"type": "AverageValue", "averageValue": "1"}}}
+                for name in self.cron_metric_names]
         return HorizontalPodAutoscaler.from_k8s(
             spec,
             downscale_window_seconds=self.downscale_window_s,

@@ -121,9 +121,13 @@ class Autoscaling:
         assert spec is not None
         self.sim = sim
         self.spec = spec
-        self.hpa = spec.to_hpa()
+        self.hpa = spec.to_hpa(with_cron=True)
+        # KEDA's cron triggers (autoscaler.keda.cron): External metrics after the scenario's, answered by KEDA
+        self._cron = spec.keda.cron_windows() if spec.keda is not None else []
+        self._n_prom = len(self.hpa.metrics) - len(self._cron)  # the metrics Prometheus answers
         #: (kind, target, query, window_s, quantile) per HPA metric
-        self.metrics = [(metric_kind(m.name), m.target, *spec.query_of(m.name)) for m in self.hpa.metrics]
+        self.metrics = [(metric_kind(m.name), m.target, *spec.query_of(m.name)) for m in self.hpa.metrics[:self._n_prom]]
+        self.metrics += [("cron", 1.0, "instant", spec.query_window_s, 0.99)] * len(self._cron)
         self._external = [(m.type == "External", m.target_type) for m in self.hpa.metrics]
         self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
         self.syncs: list[tuple[float, int, int, float]] = []  # (time, current, desired, first metric)
@@ -415,7 +419,10 @@ class Autoscaling:
                 fails = down or self._query_fails(k, now)  # Prometheus down, or this metric's source
                 if external:
                     cached = self._keda_cache.get(k)
-                    if cached is not None:  # useCachedMetrics: what KEDA's last poll found
+                    total: float | None
+                    if metric == "cron":  # KEDA's cron scaler answers it from the clock, Prometheus or not
+                        total, failed = self._cron[k - self._n_prom].value(now), False
+                    elif cached is not None:  # useCachedMetrics: what KEDA's last poll found
                         total, failed = cached
                     elif fails:
                         total, failed = None, True
@@ -474,9 +481,17 @@ class Autoscaling:
             cache = self._keda_cache  # useCachedMetrics: every trigger is read, and the cached ones kept for the HPA
             cached = self._cached
             # else the first active trigger settles the poll
-            read_all = bool(cached) or self._partial or len(self._null_zero) < len(self.metrics)
-            triggers = () if down else zip(self.metrics, self._activation, strict=True)
+            read_all = bool(cached) or self._partial or len(self._null_zero) < self._n_prom
+            triggers = zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
+                if metric == "cron":  # active in its window, whatever Prometheus does
+                    if self._cron[k - self._n_prom].active(now):
+                        active = True
+                        if not read_all:
+                            break
+                    continue
+                if down:
+                    continue  # Prometheus answers no trigger: the poll is in error
                 if self._query_fails(k, now):  # faults.trigger_outages: this trigger errs, the others answer
                     total, failed = None, True
                 else:  # ignoreNullValues false and nothing in the result: the scaler errs too

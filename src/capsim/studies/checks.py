@@ -79,6 +79,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   wake that meets one takes at least: the failed ask (``cluster.stockout_error_s``, or ``max_node_provision_s``
   when never reported), the node group's first backoff (``initial_node_group_backoff_s``) and a new node's
   provisioning (``node_provision_s``).
+* ``cron-never-opens`` (warn): a KEDA cron trigger (``autoscaler.keda.cron``) whose window is never open in the run
+  (from ``clock_start`` for ``horizon_s``): a schedule, a time zone or a clock that does not meet the load.
+* ``cron-outside-bounds`` (warn): a cron trigger's ``desired_replicas`` above ``maxReplicas`` (the HPA holds the
+  maximum) or not above the HPA's floor (it raises nothing; it only wakes a Deployment at zero).
 * ``keda-empty-after-outage`` (warn): KEDA whose triggers all keep ``ignoreNullValues`` (``keda.ignore_null_values``,
   KEDA's default) in a scenario with a Prometheus outage: when Prometheus answers again each trigger's query is
   empty until it has scraped afresh (a rate twice), which KEDA reads as 0. A Deployment that goes to zero whose
@@ -224,6 +228,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _scale_down_window(scenario)
     findings += _scale_to_zero(scenario)
     findings += _keda_fallback(scenario)
+    findings += _keda_cron(scenario)
     findings += _stockout_at_wake(scenario)
     findings += _rollout_room(scenario)
     findings += _rollout_budget(scenario)
@@ -1075,8 +1080,34 @@ def _scale_to_zero(scenario: Scenario) -> list[Finding]:
     return [Finding(
         field, f"{value}, but {who} ({', '.join(names)}) are the pods' own series, summed to 0 "
         "when no pod runs: once at zero the Deployment never comes back and every later request fails; add "
-        "the gateway's counter (an External metric capsim_gateway_requests_total) or keep a pod",
+        "the gateway's counter (an External metric capsim_gateway_requests_total) or keep a pod"
+        + (" (the cron triggers wake it only in their windows)" if auto.keda is not None and auto.keda.cron else ""),
         check="scale-to-zero-cannot-wake")]
+
+
+def _keda_cron(scenario: Scenario) -> list[Finding]:
+    auto = scenario.autoscaler
+    if auto is None or auto.keda is None or not auto.keda.cron:
+        return []
+    out = []
+    floor = max(auto.min_replicas, 1)
+    for i, (c, w) in enumerate(zip(auto.keda.cron, auto.keda.cron_windows(), strict=True)):
+        path = f"autoscaler.keda.cron.{i}"
+        if not w.opens_within(scenario.horizon_s):
+            out.append(Finding(
+                path, f"its window ({c.start!r} to {c.end!r}, {c.timezone}) never opens in the run: "
+                f"{auto.keda.clock_start} plus horizon_s ({scenario.horizon_s:g} s); check the schedules, the time "
+                "zone and clock_start", level="warn", check="cron-never-opens"))
+        if c.desired_replicas > auto.max_replicas:
+            out.append(Finding(
+                f"{path}.desired_replicas", f"{c.desired_replicas} is above maxReplicas ({auto.max_replicas}): the "
+                f"HPA KEDA creates holds {auto.max_replicas} in the window", level="warn", check="cron-outside-bounds"))
+        elif c.desired_replicas <= floor:
+            out.append(Finding(
+                f"{path}.desired_replicas", f"{c.desired_replicas} is not above the HPA's floor ({floor}): in its "
+                "window it only wakes a Deployment at zero, and raises nothing", level="warn",
+                check="cron-outside-bounds"))
+    return out
 
 
 def _keda_fallback(scenario: Scenario) -> list[Finding]:
