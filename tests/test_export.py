@@ -157,7 +157,7 @@ KEDA_SCALED_OBJECT = {
                 "advanced": {"type": "object", "additionalProperties": False, "properties": {
                     "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
                                                       "properties": {"behavior": {"type": "object"}}}}},
-                "triggers": {"type": "array", "minItems": 1, "items": {
+                "triggers": {"type": "array", "minItems": 1, "items": {"anyOf": [{
                     "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
                     "properties": {
                         "type": {"const": "prometheus"},
@@ -167,7 +167,17 @@ KEDA_SCALED_OBJECT = {
                         # the Prometheus scaler's required metadata (keda.sh/docs/latest/scalers/prometheus)
                         "metadata": {"type": "object", "required": ["serverAddress", "query", "threshold"],
                                      "additionalProperties": {"type": "string"}},
-                    }}},
+                    }}, {
+                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                    "properties": {
+                        "type": {"const": "cron"},
+                        "name": {"type": "string"},
+                        # the cron scaler's metadata, every field required (keda.sh/docs/latest/scalers/cron)
+                        "metadata": {"type": "object", "additionalProperties": False,
+                                     "required": ["timezone", "start", "end", "desiredReplicas"],
+                                     "properties": {k: {"type": "string"}
+                                                    for k in ("timezone", "start", "end", "desiredReplicas")}},
+                    }}]}},
             },
         },
     },

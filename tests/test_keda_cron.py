@@ -11,7 +11,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 
 from capsim.export import DeployTarget
 from capsim.export.keda import build_scaled_object
@@ -19,6 +21,7 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.keda_cron import CronWindow
 from capsim.sim import Simulation
+from test_export import KEDA_SCALED_OBJECT
 
 H100 = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "h100_llama3_8b_rush.yaml"
 FRIDAY_5PM = datetime(2026, 12, 4, 17, 0, tzinfo=UTC)  # a Friday
@@ -117,6 +120,7 @@ def test_cron_triggers_need_the_runs_clock_and_a_bare_time_is_utc() -> None:
 
 def test_the_scaled_object_carries_the_cron_triggers() -> None:
     obj = build_scaled_object(rush_on_keda(**CRON), DeployTarget())
+    jsonschema.validate(yaml.safe_load(yaml.safe_dump(obj)), KEDA_SCALED_OBJECT)
     triggers = obj["spec"]["triggers"]
     assert [t["type"] for t in triggers] == ["prometheus", "cron"]
     assert triggers[1] == {"type": "cron", "name": "cron-0", "metadata": {
@@ -144,7 +148,6 @@ def test_checks_catch_a_window_that_never_opens_and_one_that_raises_nothing() ->
 
 
 def test_export_writes_the_trigger_and_the_clock_it_was_read_at(tmp_path: Path) -> None:
-    import yaml
     from typer.testing import CliRunner
 
     from capsim.cli import app
