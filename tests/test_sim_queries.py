@@ -98,6 +98,7 @@ def test_a_gauge_is_read_as_an_instant_value_by_default() -> None:
     assert auto.value(pod, "queue_depth", now, "instant", 60.0) == visible[-1][1]
     in_window = [s[1] for s in visible if s[0] > now - 7.0 - 60.0]
     assert auto.value(pod, "queue_depth", now, "avg_over_time", 60.0) == pytest.approx(np.mean(in_window))
+    assert auto.value(pod, "queue_depth", now, "max_over_time", 60.0) == max(in_window)
     assert len(in_window) == 4
     # with the default query the syncs read the instant value: the run differs from an averaged one
     avg = Simulation(one_pod("capsim_queue_depth", rate=12.0, adapter_lag_s=7.0,
@@ -142,7 +143,7 @@ def test_a_ttft_quantile_query_reads_the_pods_buckets() -> None:
 
 def test_queries_are_checked_against_the_metrics() -> None:
     with pytest.raises(SettingsError, match=r"autoscaler.*queries\.capsim_queue_depth\.query must be one of "
-                                            r"\['instant', 'avg_over_time'\] for a gauge, got 'rate'"):
+                                            r"\['instant', 'avg_over_time', 'max_over_time'\] for a gauge, got 'rate'"):
         one_pod("capsim_queue_depth", queries={"capsim_queue_depth": {"query": "rate"}})
     with pytest.raises(SettingsError, match=r"queries\.ttft: no metric of this name"):
         one_pod("capsim_queue_depth", queries={"ttft": {"query": "rate"}})
@@ -212,3 +213,17 @@ def test_a_pods_busy_ratio_reads_from_its_container_start_at_its_first_scrape() 
         assert start >= pod.created_s and first[0] > start and busy0 == 0.0  # a new pod ran nothing before
         # nothing ran before the container was ready: the first reading is diluted by the cold start
         assert 0.0 <= first[3] < 1.0
+
+
+def test_max_over_time_is_prometheus_s_a_nan_gives_way_to_a_number() -> None:
+    from capsim.sim.hpa import _max_over_time
+
+    assert _max_over_time([1.0, 3.0, 2.0]) == 3.0
+    assert _max_over_time([math.nan, 1.0, 0.5]) == 1.0  # a busy ratio's NaN first scrape, then numbers
+    assert _max_over_time([2.0, math.nan, 1.0]) == 2.0
+    assert math.isnan(_max_over_time([math.nan, math.nan]))
+    sc = one_pod("vllm:num_requests_waiting", queries={"vllm:num_requests_waiting": {
+        "query": "max_over_time", "window_s": 60}})
+    (rule,) = adapter_rules(sc)["rules"]
+    assert rule["metricsQuery"] == ("sum(max_over_time(vllm:num_requests_waiting{<<.LabelMatchers>>}[60s])) "
+                                    "by (<<.GroupBy>>)")

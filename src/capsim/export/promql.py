@@ -44,7 +44,7 @@ class PodQuery:
     metric: str  # the name the HPA asks for (as written in the scenario)
     kind: str  # queue_depth, in_flight, busy, ttft, ... (POD_METRICS' kinds)
     window_s: float
-    query: str = ""  # instant, avg_over_time, rate, histogram_quantile ("": the kind's default)
+    query: str = ""  # instant, avg_over_time, max_over_time, rate, histogram_quantile ("": the kind's default)
     quantile: float = 0.99
 
     @classmethod
@@ -72,7 +72,7 @@ class PodQuery:
         if self.kind in DCGM_KINDS:  # per GPU: the mean over the pod's GPUs, as every one of them runs its steps
             if self.query == "instant":
                 return f"avg({self.series}{{{matchers}}}) by ({by})"
-            return f"avg(avg_over_time({self.series}{{{matchers}}}[{w}])) by ({by})"
+            return f"avg({self.query}({self.series}{{{matchers}}}[{w}])) by ({by})"
         if self.query == "instant":  # prometheus-adapter's default rule for a series not named *_total
             return f"sum({self.series}{{{matchers}}}) by ({by})"
         if self.query == "histogram_quantile":
@@ -88,8 +88,8 @@ class PodQuery:
                     f"sum(rate({itl}_count{{{matchers}}}[{w}])) by ({by})")
         if self.kind == "preemptions":  # a counter: its rate over the window
             return f"sum(rate({self.series}{{{matchers}}}[{w}])) by ({by})"
-        # gauges: the mean of the scrapes in the window, as the simulated adapter's avg_over_time
-        return f"sum(avg_over_time({self.series}{{{matchers}}}[{w}])) by ({by})"
+        # gauges: the mean (or the highest) of the scrapes in the window, as the simulated adapter's
+        return f"sum({self.query}({self.series}{{{matchers}}}[{w}])) by ({by})"
 
     def adapter_query(self) -> str:
         """prometheus-adapter's ``metricsQuery`` for this metric."""

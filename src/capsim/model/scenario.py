@@ -96,7 +96,7 @@ METRIC_TYPES: dict[str, Literal["gauge", "counter", "histogram"]] = {
 #: ``rate(...[5m])`` (the ``--rate-interval``); a histogram has no default rule, and capsim's export writes
 #: the mean over the window (``rate`` of ``_sum`` over ``rate`` of ``_count``) unless a quantile is asked.
 QUERIES: dict[str, tuple[str, ...]] = {
-    "gauge": ("instant", "avg_over_time"),
+    "gauge": ("instant", "avg_over_time", "max_over_time"),
     "counter": ("rate",),
     "histogram": ("rate", "histogram_quantile"),
 }
@@ -949,13 +949,13 @@ class MetricQuery(_Section):
     """How the adapter computes one metric from the scraped series (``autoscaler.queries``).
 
     ``instant``: the newest sample (a gauge); ``avg_over_time``: the mean of the samples in the window (a
-    gauge); ``rate``: a counter's increase per second over the window, or for a histogram the increase of
+    gauge); ``max_over_time``: their highest (a gauge; as llm-d's variant autoscaler reads saturation); ``rate``: a counter's increase per second over the window, or for a histogram the increase of
     its sum over the increase of its count (the mean observation); ``histogram_quantile``: the
     ``quantile`` of a histogram's observations in the window. ``window_s`` defaults to ``query_window_s``
     (``rate`` of a counter: the adapter's 5 minutes).
     """
 
-    query: Literal["instant", "avg_over_time", "rate", "histogram_quantile"]
+    query: Literal["instant", "avg_over_time", "max_over_time", "rate", "histogram_quantile"]
     window_s: Float | None = Field(None, gt=0)
     quantile: Float = Field(0.99, gt=0, lt=1)
 

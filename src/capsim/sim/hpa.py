@@ -15,14 +15,14 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   when the pod holds its GPU (the busy share of NVML's last ``dcgm_util_period_s``, and of the time since the
   previous collection), and Prometheus scrapes what it last collected every ``scrape_interval_s``.
 * At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
-  (``Autoscaler.query_of``: instant, avg_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
+  (``Autoscaler.query_of``: instant, avg_over_time, max_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
   over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
   Prometheus's 5-minute lookback. A pod without a sample there has no value (the HPA counts it missing); a
   NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as 0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
-  (``avg_over_time``, ``rate``, ``histogram_quantile``) still uses the real samples in its window
+  (``avg_over_time``, ``max_over_time``, ``rate``, ``histogram_quantile``) still uses the real samples in its window
   (markers are skipped). Prometheus is Apache-2.0 (c) The Prometheus Authors; the rule is re-implemented.
 * The controller syncs every ``sync_period_s`` from its own phase (the first sync a uniform draw in
   ``(0, sync_period_s]`` from the ``hpa_phase`` stream): the kube-controller-manager's resync period runs
@@ -102,6 +102,16 @@ _DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
 _DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
 
 _SERVING = (PodState.READY, PodState.TERMINATING)
+
+
+def _max_over_time(values: list[float]) -> float:
+    """Prometheus's ``max_over_time`` (``promql/functions.go``): the highest value; a NaN gives way to any number
+    that follows it, and is the answer only when every value is one."""
+    top = values[0]
+    for v in values:
+        if v > top or math.isnan(top):
+            top = v
+    return top
 
 
 def _engine_gauges(pod: Pod) -> tuple[float, float, float, float, float, float]:
@@ -370,6 +380,8 @@ class Autoscaling:
         if query == "avg_over_time":
             k = _FIELD[metric]
             return float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample makes it NaN
+        if query == "max_over_time":
+            return _max_over_time([float(s[_FIELD[metric]]) for s in sel])
         if len(sel) < 2:  # a rate needs two samples, as rate() does
             return None
         first, last = sel[0], sel[-1]
@@ -386,7 +398,7 @@ class Autoscaling:
 
     def _dcgm_value_at(self, pod: Pod, metric: str, a: float, query: str, window_s: float) -> float | None:
         """A DCGM gauge of ``pod`` as Prometheus answers at ``a``: the newest exporter sample (instant, within the
-        lookback) or the mean of those in the window (``avg_over_time``); None: no series (no GPU yet, not yet
+        lookback) or the mean (``avg_over_time``) or highest (``max_over_time``) of those in the window; None: no series (no GPU yet, not yet
         collected, or nothing scraped in the window)."""
         samples = self.dcgm_samples.get(pod.id)
         if not samples:
@@ -398,7 +410,9 @@ class Autoscaling:
                     return s[k] if s[0] > a - LOOKBACK_S else None
             return None
         sel = [s[k] for s in samples if a - window_s < s[0] <= a]
-        return sum(sel) / len(sel) if sel else None
+        if not sel:
+            return None
+        return _max_over_time(sel) if query == "max_over_time" else sum(sel) / len(sel)
 
     # ---- the controller ---------------------------------------------------------------------------------
     def _sync(self, first_s: float) -> Generator[Any, Any, None]:
