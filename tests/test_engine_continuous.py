@@ -128,6 +128,9 @@ def test_a_pod_with_capsim_batch_mode_continuous_serves_turns_and_streams(tmp_pa
         ttft = [ln for ln in text.splitlines() if ln.startswith("vllm:time_to_first_token_seconds_count{")]
         itl = [ln for ln in text.splitlines() if ln.startswith("vllm:inter_token_latency_seconds_count{")]
         assert float(ttft[0].split()[-1]) == 2 and float(itl[0].split()[-1]) == 4 + 3  # 2 answers: 5 and 4 tokens
+        tokens = {ln.split("{")[0]: float(ln.split()[-1]) for ln in text.splitlines()
+                  if ln.startswith(("vllm:prompt_tokens_total{", "vllm:generation_tokens_total{"))}
+        assert tokens == {"vllm:prompt_tokens_total": 12 + 8, "vllm:generation_tokens_total": 5 + 4}
         assert 'model_name="tiny"' in ttft[0]
     finally:
         pod.stop()

@@ -39,6 +39,7 @@ def rush(metric: str, value: str, mode: str = "continuous", **over: Any) -> Scen
     ("vllm:kv_cache_usage_perc", "500m"),
     ("vllm:time_to_first_token_seconds", "100m"),
     ("vllm:inter_token_latency_seconds", "9m"),  # steps of 10 ms: always above target
+    ("vllm:generation_tokens_total", "1000"),  # a pod makes up to 32 tokens a 10-ms step: 60 requests/s need 6,000
 ])
 def test_an_hpa_on_a_vllm_metric_scales_the_continuous_pods_up_under_a_rush(metric: str, value: str) -> None:
     # the ITL equals the step time only without preemptions (a preempted request recomputes): room for all
@@ -64,7 +65,7 @@ def test_queue_metrics_work_for_static_pods_and_engine_metrics_need_continuous_m
     r = simulate(rush("vllm:num_requests_waiting", "5", mode="static", **{"service.mean_s": 1.0}), 0)
     assert r.summary.max_replicas > 1
     for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "vllm:inter_token_latency_seconds",
-                 "vllm:num_preemptions_total"):
+                 "vllm:num_preemptions_total", "vllm:generation_tokens_total", "vllm:prompt_tokens_total"):
         with pytest.raises(SettingsError, match=rf"autoscaler.metrics\[0\].pods.metric.name '{name}' needs "
                                                 r"batching.mode: continuous"):
             rush(name, "1", mode="static")
@@ -75,3 +76,34 @@ def test_the_exported_queries_read_vllm_series() -> None:
     itl = PodQuery.of("vllm:inter_token_latency_seconds", 60).adapter_query()
     assert "rate(vllm:inter_token_latency_seconds_sum" in itl and "_count" in itl
     assert "rate(vllm:num_preemptions_total" in PodQuery.of("vllm:num_preemptions", 30).adapter_query()
+
+
+def test_the_token_counters_follow_the_requests_records() -> None:
+    """``vllm:prompt_tokens_total`` counts a request's prompt at its first token (exactly what the records say);
+    ``vllm:generation_tokens_total`` lies between the tokens of the requests ended by a scrape plus one for each
+    started one, and every token of the started ones (a run of decode steps counts its tokens when it ends)."""
+    from capsim.sim import Simulation
+
+    sim = Simulation(rush("vllm:generation_tokens_total", "2000", **{"autoscaler.maxReplicas": 1}), seed=4)
+    r = sim.run()
+    req = r.requests[r.requests["pod"] == 0]
+    first, end = req["first_token_s"].to_numpy(), req["end_s"].to_numpy()
+    out, prompt = req["output_tokens"].to_numpy(), req["prompt_tokens"].to_numpy()
+    ok = (req["outcome"] == "ok").to_numpy()
+    assert 0 < ok.sum() < len(req)  # the rush outruns the one pod: clients time out, their requests are aborted
+    samples = list(sim.cluster.pods[0].samples)
+    assert len(samples) > 40
+    gen = [s[13] for s in samples]
+    assert gen == sorted(gen) and gen[-1] > 0
+    for s in samples:
+        t = s[0]
+        started = first <= t
+        assert s[12] == prompt[started].sum()
+        ended = ok & (end <= t)  # an aborted request made some of its tokens: at least its first
+        assert out[ended].sum() + (started & ~ended).sum() <= s[13] <= out[started].sum()
+    assert sim.autoscaling is not None
+    t = samples[-1][0]
+    window = [s for s in samples if t - 60 < s[0] <= t]
+    rate = (window[-1][13] - window[0][13]) / (window[-1][0] - window[0][0])
+    assert sim.autoscaling.value(sim.cluster.pods[0], "generation_tokens", t, "rate", 60.0) == pytest.approx(rate)
+    assert "rate(vllm:generation_tokens_total{" in PodQuery.of("vllm:generation_tokens", 60).adapter_query()

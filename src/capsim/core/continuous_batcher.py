@@ -191,8 +191,11 @@ class ContinuousBatcher:
                         self.vllm.itl.observe(now - times[-1])
                     elif rid in self._futures:
                         self.vllm.ttft.observe(now - self._futures[rid][1])
+                        self.vllm.prompt_tokens.inc(self._prompt_len[rid])  # as vLLM: at the first token
                 times.append(now)
             if self.vllm is not None:
+                if report.emitted:
+                    self.vllm.generation_tokens.inc(len(report.emitted))
                 if report.preempted:
                     self.vllm.preemptions.inc(len(report.preempted))
                 self.vllm.sync_prefix(ce.scheduler)
@@ -241,6 +244,9 @@ class VllmMetrics:
                               buckets=VLLM_TTFT_BUCKETS_S, **kw).labels(**lab)
         self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between a request's successive tokens.",
                              buckets=ITL_BUCKETS_S, **kw).labels(**lab)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens, a request's counted at its first token.",
+                                     **kw).labels(**lab)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated.", **kw).labels(**lab)
         self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                                       **kw).labels(**lab)
         self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.",

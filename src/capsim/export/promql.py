@@ -29,6 +29,8 @@ SERIES: dict[str, str] = {
     "kv_cache": "vllm:kv_cache_usage_perc",
     "itl": "vllm:inter_token_latency_seconds_count",
     "preemptions": "vllm:num_preemptions_total",
+    "prompt_tokens": "vllm:prompt_tokens_total",
+    "generation_tokens": "vllm:generation_tokens_total",
     # dcgm-exporter's, one series per GPU, labelled with the pod that holds it
     "gpu_util": "DCGM_FI_DEV_GPU_UTIL",
     "gr_active": "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
@@ -86,7 +88,7 @@ class PodQuery:
             itl = "vllm:inter_token_latency_seconds"
             return (f"sum(rate({itl}_sum{{{matchers}}}[{w}])) by ({by}) / "
                     f"sum(rate({itl}_count{{{matchers}}}[{w}])) by ({by})")
-        if self.kind == "preemptions":  # a counter: its rate over the window
+        if METRIC_TYPES.get(self.kind) == "counter":  # preemptions, tokens: a counter's rate over the window
             return f"sum(rate({self.series}{{{matchers}}}[{w}])) by ({by})"
         # gauges: the mean (or the highest) of the scrapes in the window, as the simulated adapter's
         return f"sum({self.query}({self.series}{{{matchers}}}[{w}])) by ({by})"

@@ -55,6 +55,8 @@ POD_METRICS: dict[str, str] = {
     "vllm:time_to_first_token_seconds": "ttft",  # histogram: mean over the query window
     "vllm:inter_token_latency_seconds": "itl",  # histogram: mean over the query window (continuous mode)
     "vllm:num_preemptions_total": "preemptions",  # counter: rate over the query window (continuous mode)
+    "vllm:prompt_tokens_total": "prompt_tokens",  # counter: prompt tokens, a request's at its first token
+    "vllm:generation_tokens_total": "generation_tokens",  # counter: tokens generated (continuous mode)
     # NVIDIA dcgm-exporter's series of the GPUs a pod holds (labelled with the pod by its Kubernetes mapping), as
     # collected every autoscaler.dcgm_collect_interval_s (capsim.sim.hpa; docs/metrics.md, "GPU utilisation")
     "DCGM_FI_DEV_GPU_UTIL": "gpu_util",  # gauge, 0-100: % of NVML's sample period a kernel ran, at a collection
@@ -63,7 +65,7 @@ POD_METRICS: dict[str, str] = {
 #: Metric kinds dcgm-exporter reports (per GPU; a pod's value is the mean over its GPUs).
 DCGM_METRIC_KINDS = frozenset({"gpu_util", "gr_active"})
 #: Metric kinds only a continuous-batching pod has.
-CONTINUOUS_METRIC_KINDS = frozenset({"kv_cache", "itl", "preemptions"})
+CONTINUOUS_METRIC_KINDS = frozenset({"kv_cache", "itl", "preemptions", "prompt_tokens", "generation_tokens"})
 POD_METRIC_ALIASES: dict[str, str] = {
     "queue_depth": "queue_depth",
     "requests_in_flight": "in_flight",
@@ -75,6 +77,8 @@ POD_METRIC_ALIASES: dict[str, str] = {
     "vllm:gpu_cache_usage_perc": "kv_cache",  # vLLM's names before V1
     "vllm:time_per_output_token_seconds": "itl",
     "vllm:num_preemptions": "preemptions",
+    "vllm:prompt_tokens": "prompt_tokens",  # the counters' names as prometheus_client declares them
+    "vllm:generation_tokens": "generation_tokens",
     **POD_METRICS,
 }
 
@@ -88,6 +92,7 @@ EXTERNAL_METRICS: dict[str, str] = {"capsim_gateway_requests_total": "gateway"}
 METRIC_TYPES: dict[str, Literal["gauge", "counter", "histogram"]] = {
     "queue_depth": "gauge", "in_flight": "gauge", "busy": "gauge", "ttft": "histogram",
     "waiting": "gauge", "running": "gauge", "kv_cache": "gauge", "itl": "histogram", "preemptions": "counter",
+    "prompt_tokens": "counter", "generation_tokens": "counter",
     "gateway": "counter", "gpu_util": "gauge", "gr_active": "gauge",
 }
 #: The queries that fit each kind of series, the first the default. prometheus-adapter's default rules

@@ -92,11 +92,12 @@ if TYPE_CHECKING:
 #: sample at most this old.
 LOOKBACK_S = 300.0
 #: Fields of a sample: time, queue depth, in flight, busy ratio, TTFT sum and count, then vLLM's waiting,
-#: running, KV-cache use, ITL sum and count, preemptions, then the TTFT bucket counts (or None).
+#: running, KV-cache use, ITL sum and count, preemptions, prompt and generation tokens, then the TTFT bucket
+#: counts (or None).
 _FIELD = {"queue_depth": 1, "in_flight": 2, "busy": 3, "waiting": 6, "running": 7, "kv_cache": 8}
 _HISTOGRAM = {"ttft": (4, 5), "itl": (9, 10)}
-_PREEMPTIONS = 11
-_BUCKETS = 12
+_COUNTER = {"preemptions": 11, "prompt_tokens": 12, "generation_tokens": 13}
+_BUCKETS = 14
 _DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
 #: Fields of a dcgm-exporter sample: time, GPU utilisation (%), graphics engine active (ratio).
 _DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
@@ -114,13 +115,14 @@ def _max_over_time(values: list[float]) -> float:
     return top
 
 
-def _engine_gauges(pod: Pod) -> tuple[float, float, float, float, float, float]:
-    """vLLM's view of a pod: waiting, running, KV-cache use, ITL sum (s) and count, preemptions."""
+def _engine_gauges(pod: Pod) -> tuple[float, ...]:
+    """vLLM's view of a pod: waiting, running, KV-cache use, ITL sum (s) and count, preemptions, prompt and
+    generation tokens."""
     if isinstance(pod, ContinuousPod):
         return (pod.num_waiting, pod.num_running, pod.kv_cache_usage, pod.itl_sum_s, pod.itl_count,
-                pod.sched.num_preemptions)
+                pod.sched.num_preemptions, pod.prompt_tokens, pod.generation_tokens)
     running = sum(b.live_size for b in pod.running)  # a static pod: its batches are what runs
-    return (len(pod.queue), running, math.nan, 0.0, 0, 0)
+    return (len(pod.queue), running, math.nan, 0.0, 0, 0, 0, 0)
 
 
 class Autoscaling:
@@ -390,8 +392,9 @@ class Autoscaling:
             if b0 is None or b1 is None:
                 return None
             return bucket_quantile(quantile, TTFT_BUCKETS_S, [y - x for x, y in zip(b0, b1, strict=True)])
-        if metric == "preemptions":  # a counter: its increase per second
-            return float((last[_PREEMPTIONS] - first[_PREEMPTIONS]) / (last[0] - first[0]))
+        if metric in _COUNTER:  # a counter: its increase per second
+            k = _COUNTER[metric]
+            return float((last[k] - first[k]) / (last[0] - first[0]))
         s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation in the window
         count = last[c_k] - first[c_k]
         return float((last[s_k] - first[s_k]) / count) if count > 0 else math.nan  # 0/0 with nothing observed
