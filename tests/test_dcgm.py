@@ -28,6 +28,7 @@ from capsim.studies.checks import run_checks
 UTIL = "DCGM_FI_DEV_GPU_UTIL"
 ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
 H100 = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "h100_llama3_8b_rush.yaml"
+ON_UTIL = {"type": "Pods", "pods": {"metric": {"name": UTIL}, "target": {"type": "AverageValue", "averageValue": "80"}}}
 
 
 def one_pod(metric: str = UTIL, target: str = "80", **autoscaler: Any) -> Scenario:
@@ -96,8 +97,7 @@ def test_prometheus_holds_what_the_exporter_last_collected() -> None:
 
 def test_a_pod_has_a_series_only_while_it_holds_a_gpu() -> None:
     # the GPU pods' rush, scaled on GPU utilisation: pods wait Pending for the nodes the rush adds
-    scen = Scenario.from_yaml(H100).override({"horizon_s": 2700, "autoscaler.metrics": [
-        {"type": "Pods", "pods": {"metric": {"name": UTIL}, "target": {"type": "AverageValue", "averageValue": "80"}}}]})
+    scen = Scenario.from_yaml(H100).override({"horizon_s": 2700, "autoscaler.metrics": [ON_UTIL]})
     sim = Simulation(scen, seed=0)
     sim.run()
     assert sim.autoscaling is not None
@@ -117,9 +117,7 @@ def test_gpu_utilisation_keeps_scaling_a_continuous_pod_that_is_far_from_full() 
     # GPU reads busy at a fraction of its capacity, and an HPA on it scales out where waiting requests do not
     scen = Scenario.from_yaml(H100).override({"horizon_s": 1500})
     base = Simulation(scen, seed=0).run()
-    on_util = Simulation(scen.override({"autoscaler.metrics": [
-        {"type": "Pods", "pods": {"metric": {"name": UTIL}, "target": {"type": "AverageValue", "averageValue": "80"}}}]}),
-        seed=0).run()
+    on_util = Simulation(scen.override({"autoscaler.metrics": [ON_UTIL]}), seed=0).run()
     assert base.summary.max_replicas == 6  # waiting requests: the floor holds the load before the rush
     assert on_util.summary.max_replicas >= 10
     # about twice the GPU-hours for the same traffic (3.9 against 2.0 in seeds 0 to 2) and no better p99 TTFT
@@ -169,4 +167,5 @@ def test_export_writes_the_rule_with_the_labels_asked_for(tmp_path: Path) -> Non
         config = yaml.safe_load(yaml.safe_load((out / "prometheus-adapter.yaml").read_text())["data"]["config.yaml"])
         assert list(config["rules"][0]["resources"]["overrides"])[1] == label
         readme = (out / "README.md").read_text()
-        assert "`DCGM_EXPORTER_INTERVAL=10000`" in readme and f"in `{'exported_' if not flag else ''}namespace` and `{label}`" in readme
+        ns = "namespace" if flag else "exported_namespace"
+        assert "`DCGM_EXPORTER_INTERVAL=10000`" in readme and f"in `{ns}` and `{label}`" in readme

@@ -954,9 +954,10 @@ class MetricQuery(_Section):
     """How the adapter computes one metric from the scraped series (``autoscaler.queries``).
 
     ``instant``: the newest sample (a gauge); ``avg_over_time``: the mean of the samples in the window (a
-    gauge); ``max_over_time``: their highest (a gauge; as llm-d's variant autoscaler reads saturation); ``rate``: a counter's increase per second over the window, or for a histogram the increase of
-    its sum over the increase of its count (the mean observation); ``histogram_quantile``: the
-    ``quantile`` of a histogram's observations in the window. ``window_s`` defaults to ``query_window_s``
+    gauge); ``max_over_time``: their highest (a gauge; as llm-d's variant autoscaler reads saturation);
+    ``rate``: a counter's increase per second over the window, or for a histogram the increase of its sum
+    over the increase of its count (the mean observation); ``histogram_quantile``: the ``quantile`` of a
+    histogram's observations in the window. ``window_s`` defaults to ``query_window_s``
     (``rate`` of a counter: the adapter's 5 minutes).
     """
 

@@ -15,10 +15,11 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   when the pod holds its GPU (the busy share of NVML's last ``dcgm_util_period_s``, and of the time since the
   previous collection), and Prometheus scrapes what it last collected every ``scrape_interval_s``.
 * At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
-  (``Autoscaler.query_of``: instant, avg_over_time, max_over_time, rate, histogram_quantile) at ``a = now - adapter_lag_s``
-  over the samples with time in ``(a - window, a]``; an instant query takes the newest sample within
-  Prometheus's 5-minute lookback. A pod without a sample there has no value (the HPA counts it missing); a
-  NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as 0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
+  (``Autoscaler.query_of``: instant, avg_over_time, max_over_time, rate, histogram_quantile) at
+  ``a = now - adapter_lag_s`` over the samples with time in ``(a - window, a]``; an instant query takes the newest
+  sample within Prometheus's 5-minute lookback. A pod without a sample there has no value (the HPA counts it
+  missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
+  0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
@@ -138,7 +139,8 @@ class Autoscaling:
         self._cron = spec.keda.cron_windows() if spec.keda is not None else []
         self._n_prom = len(self.hpa.metrics) - len(self._cron)  # the metrics Prometheus answers
         #: (kind, target, query, window_s, quantile) per HPA metric
-        self.metrics = [(metric_kind(m.name), m.target, *spec.query_of(m.name)) for m in self.hpa.metrics[:self._n_prom]]
+        self.metrics = [(metric_kind(m.name), m.target, *spec.query_of(m.name))
+                        for m in self.hpa.metrics[:self._n_prom]]
         self.metrics += [("cron", 1.0, "instant", spec.query_window_s, 0.99)] * len(self._cron)
         self._external = [(m.type == "External", m.target_type) for m in self.hpa.metrics]
         self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
@@ -401,8 +403,8 @@ class Autoscaling:
 
     def _dcgm_value_at(self, pod: Pod, metric: str, a: float, query: str, window_s: float) -> float | None:
         """A DCGM gauge of ``pod`` as Prometheus answers at ``a``: the newest exporter sample (instant, within the
-        lookback) or the mean (``avg_over_time``) or highest (``max_over_time``) of those in the window; None: no series (no GPU yet, not yet
-        collected, or nothing scraped in the window)."""
+        lookback) or the mean (``avg_over_time``) or highest (``max_over_time``) of those in the window; None: no
+        series (no GPU yet, not yet collected, or nothing scraped in the window)."""
         samples = self.dcgm_samples.get(pod.id)
         if not samples:
             return None
