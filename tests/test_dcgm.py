@@ -169,3 +169,13 @@ def test_export_writes_the_rule_with_the_labels_asked_for(tmp_path: Path) -> Non
         readme = (out / "README.md").read_text()
         ns = "namespace" if flag else "exported_namespace"
         assert "`DCGM_EXPORTER_INTERVAL=10000`" in readme and f"in `{ns}` and `{label}`" in readme
+
+
+def test_check_warns_of_gpu_utilisation_on_continuous_pods() -> None:
+    def fired(scen: Scenario) -> list[str]:
+        return [f.path for f in run_checks(scen) if f.check == "gpu-util-signal"]
+
+    h100 = Scenario.from_yaml(H100)
+    assert fired(h100) == []  # vLLM's waiting requests
+    assert fired(h100.override({"autoscaler.metrics": [ON_UTIL]})) == ["autoscaler.metrics.0"]
+    assert fired(one_pod()) == []  # a static pod's batches: busy while a batch runs, whatever its size

@@ -79,6 +79,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   wake that meets one takes at least: the failed ask (``cluster.stockout_error_s``, or ``max_node_provision_s``
   when never reported), the node group's first backoff (``initial_node_group_backoff_s``) and a new node's
   provisioning (``node_provision_s``).
+* ``gpu-util-signal`` (warn): an HPA or KEDA trigger on a GPU's busy share (dcgm-exporter's ``DCGM_FI_DEV_GPU_UTIL``
+  or ``DCGM_FI_PROF_GR_ENGINE_ACTIVE``, or ``capsim_gpu_busy_ratio``) on continuous-batching pods, which read busy
+  whenever one request runs.
 * ``cron-never-opens`` (warn): a KEDA cron trigger (``autoscaler.keda.cron``) whose window is never open in the run
   (from ``clock_start`` for ``horizon_s``): a schedule, a time zone or a clock that does not meet the load.
 * ``cron-outside-bounds`` (warn): a cron trigger's ``desired_replicas`` above ``maxReplicas`` (the HPA holds the
@@ -206,6 +209,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     """Every check on ``scenario``; an empty list means none fired."""
     findings: list[Finding] = []
     findings += _hpa_targets(scenario)
+    findings += _gpu_util_signal(scenario)
     # max wait, batch size and a batch's time are static batching's; continuous batching schedules per step
     if scenario.batching.mode == "static":
         findings += _queue_capacity(scenario)
@@ -366,6 +370,22 @@ def _mean_tokens(tokens: Tokens) -> int:
 
 
 # ---- the checks ---------------------------------------------------------------------------------------
+def _gpu_util_signal(scenario: Scenario) -> list[Finding]:
+    auto = scenario.autoscaler
+    if auto is None or scenario.batching.mode != "continuous":
+        return []
+    out = []
+    for i, m in enumerate(auto.to_hpa().metrics):
+        if POD_METRIC_ALIASES.get(m.name) in ("gpu_util", "gr_active", "busy"):
+            out.append(Finding(
+                f"autoscaler.metrics.{i}", f"{m.name} on continuous-batching pods: the engine steps whenever one "
+                "request runs, so the GPU reads busy at a fraction of what it can serve, and the HPA holds pods for "
+                "it (on the H100 rush, 2 to 3 times the cost of one on vLLM's waiting requests: docs/studies.md, "
+                "\"Scaling on GPU utilisation\"); scale on vllm:num_requests_waiting, vllm:num_requests_running or "
+                "vllm:kv_cache_usage_perc, with a floor for a known rush", level="warn", check="gpu-util-signal"))
+    return out
+
+
 def _hpa_targets(scenario: Scenario) -> list[Finding]:
     auto = scenario.autoscaler
     if auto is None:
