@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from capsim.export.hpa import require_autoscaler
-from capsim.export.promql import DCGM_KINDS, PodQuery
+from capsim.export.promql import PodQuery
 from capsim.export.target import DeployTarget
-from capsim.model.scenario import Scenario
+from capsim.model.scenario import DCGM_METRIC_KINDS, Scenario
 
 ADAPTER_CONFIGMAP = "prometheus-adapter"
 CONFIG_KEY = "config.yaml"
@@ -40,7 +40,7 @@ def adapter_rules(scenario: Scenario, target: DeployTarget | None = None) -> dic
     dcgm = (target or DeployTarget()).dcgm_labels
     rules = []
     for q in hpa_queries(scenario):
-        ns, pod = dcgm if q.kind in DCGM_KINDS else ("namespace", "pod")
+        ns, pod = dcgm if q.kind in DCGM_METRIC_KINDS else ("namespace", "pod")
         rules.append({
             "seriesQuery": f'{q.series}{{{ns}!="",{pod}!=""}}',
             "resources": {"overrides": {ns: {"resource": "namespace"}, pod: {"resource": "pod"}}},

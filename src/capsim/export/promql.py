@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from capsim.model.scenario import METRIC_TYPES, POD_METRIC_ALIASES, QUERIES
+from capsim.model.scenario import DCGM_METRIC_KINDS, METRIC_TYPES, POD_METRIC_ALIASES, QUERIES
 
 _TTFT = "capsim_time_to_first_token_seconds"
 #: The histograms a quantile can be taken of.
@@ -35,8 +35,6 @@ SERIES: dict[str, str] = {
     "gpu_util": "DCGM_FI_DEV_GPU_UTIL",
     "gr_active": "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
 }
-#: The kinds dcgm-exporter reports per GPU: a pod's value is the mean over its GPUs (tensor parallelism).
-DCGM_KINDS = frozenset({"gpu_util", "gr_active"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +69,7 @@ class PodQuery:
     def per_pod(self, matchers: str, by: str) -> str:
         """The value per ``by`` group (pods) over the series selected by ``matchers``."""
         w = self.window
-        if self.kind in DCGM_KINDS:  # per GPU: the mean over the pod's GPUs, as every one of them runs its steps
+        if self.kind in DCGM_METRIC_KINDS:  # per GPU: the mean over a pod's GPUs (tensor parallelism), which run its steps
             if self.query == "instant":
                 return f"avg({self.series}{{{matchers}}}) by ({by})"
             return f"avg({self.query}({self.series}{{{matchers}}}[{w}])) by ({by})"
@@ -101,7 +99,7 @@ class PodQuery:
                          labels: tuple[str, str] = ("namespace", "pod")) -> str:
         """One number for KEDA: the per-pod values of the Deployment's pods, summed (``labels``: those naming
         the namespace and the pod in the series; dcgm-exporter's, ``DeployTarget.dcgm_labels``)."""
-        ns, pod = labels if self.kind in DCGM_KINDS else ("namespace", "pod")
+        ns, pod = labels if self.kind in DCGM_METRIC_KINDS else ("namespace", "pod")
         # a Deployment's pods are named <deployment>-<replicaset hash>-<5 characters>
         matchers = f'{ns}="{namespace}",{pod}=~"{deployment}-[a-z0-9]+-[a-z0-9]{{5}}"'
         # ">= 0" keeps the pods whose value is a number (every metric here is): a NaN (a busy ratio's first

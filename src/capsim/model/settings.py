@@ -17,6 +17,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from capsim.errors import CapsimError
@@ -234,7 +235,7 @@ def aliased_path(root: type[BaseModel], dotted: str) -> str:
     for depth, part in enumerate(parts):
         if part.isdigit():
             continue
-        fields = [(name, f) for m in models for name, f in m.model_fields.items() if part in (name, f.alias)]
+        fields = [found for m in models if (found := _field(m, part)) is not None]
         if not fields:
             break
         alias = next((f.alias for name, f in fields if name == part and f.alias), None)
@@ -266,11 +267,17 @@ def _closest(wrote: str, known: list[str]) -> str | None:
     return close[0] if close else None
 
 
-def _field_annotation(model: type[BaseModel], part: object) -> Any:
+def _field(model: type[BaseModel], part: object) -> tuple[str, FieldInfo] | None:
+    """The field of ``model`` that ``part`` names, by its Python name or its alias: (name, field)."""
     for name, f in model.model_fields.items():
         if part in (name, f.alias):
-            return f.annotation
+            return name, f
     return None
+
+
+def _field_annotation(model: type[BaseModel], part: object) -> Any:
+    found = _field(model, part)
+    return found[1].annotation if found is not None else None
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

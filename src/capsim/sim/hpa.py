@@ -286,15 +286,14 @@ class Autoscaling:
         share since the previous collection (or since the sample period's start at a first). A pod that holds no
         GPU (Pending) has no series."""
         pod, collect, start = cast(tuple[Pod, float, tuple[int, float] | None], ev.value)
-        if pod.state == PodState.GONE:
-            self._dcgm_value.pop(pod.id, None)
-            self._dcgm_last.pop(pod.id, None)
-            return
         spec = self.spec
         now = self.sim.env.now
-        if pod.gpu_since is None or start is None:
+        gone = pod.state == PodState.GONE
+        if gone or pod.gpu_since is None or start is None:  # no GPU (Pending), or deleted: no series
             self._dcgm_value.pop(pod.id, None)
             self._dcgm_last.pop(pod.id, None)
+            if gone:
+                return
         else:
             busy = pod.busy_total_s(now)
             period = spec.dcgm_util_period_s

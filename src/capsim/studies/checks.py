@@ -173,6 +173,7 @@ from typing import Literal
 
 from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import (
+    DCGM_METRIC_KINDS,
     POD_METRIC_ALIASES,
     Autoscaler,
     Rollout,
@@ -376,7 +377,7 @@ def _gpu_util_signal(scenario: Scenario) -> list[Finding]:
         return []
     out = []
     for i, m in enumerate(auto.to_hpa().metrics):
-        if POD_METRIC_ALIASES.get(m.name) in ("gpu_util", "gr_active", "busy"):
+        if POD_METRIC_ALIASES.get(m.name) in DCGM_METRIC_KINDS | {"busy"}:
             out.append(Finding(
                 f"autoscaler.metrics.{i}", f"{m.name} on continuous-batching pods: the engine steps whenever one "
                 "request runs, so the GPU reads busy at a fraction of what it can serve, and the HPA holds pods for "
