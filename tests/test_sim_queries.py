@@ -216,7 +216,7 @@ def test_a_pods_busy_ratio_reads_from_its_container_start_at_its_first_scrape() 
 
 
 def test_max_over_time_is_prometheus_s_a_nan_gives_way_to_a_number() -> None:
-    from capsim.sim.hpa import _max_over_time
+    from capsim.sim.promql_eval import max_over_time as _max_over_time
 
     assert _max_over_time([1.0, 3.0, 2.0]) == 3.0
     assert _max_over_time([math.nan, 1.0, 0.5]) == 1.0  # a busy ratio's NaN first scrape, then numbers

@@ -1226,6 +1226,11 @@ class Autoscaler(_Section):
             if q.query not in QUERIES[kind]:
                 raise ValueError(f"queries.{name}.query must be one of {list(QUERIES[kind])} for a {kind}, "
                                  f"got {q.query!r}")
+            if q.query == "histogram_quantile" and metric_kind(name) != "ttft":
+                # the simulated pod counts its TTFT observations per bucket, its inter-token gaps only as a sum
+                # and a count: a quantile of them would read nothing the simulator has
+                raise ValueError(f"queries.{name}.query: histogram_quantile is simulated for the TTFT histogram "
+                                 f"only; the inter-token latency is read as its mean over the window (query: rate)")
         return self
 
     def query_of(self, name: str) -> tuple[str, float, float]:

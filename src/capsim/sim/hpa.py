@@ -17,7 +17,10 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
 * At each sync the HPA asks the adapter for each pod's value. The adapter evaluates the metric's query
   (``Autoscaler.query_of``: instant, avg_over_time, max_over_time, rate, histogram_quantile) at
   ``a = now - adapter_lag_s`` over the samples with time in ``(a - window, a]``; an instant query takes the newest
-  sample within Prometheus's 5-minute lookback. A pod without a sample there has no value (the HPA counts it
+  sample within Prometheus's 5-minute lookback. A rate (a counter's, and the rates a histogram's mean and quantile
+  are made of) is Prometheus's: the increase extrapolated to the window's edges, by half a scrape interval where
+  the series starts or ends inside the window, never below the counter's zero (``capsim.sim.promql_eval``), so a
+  pod that became ready inside the window reads less than it serves. A pod without a sample there has no value (the HPA counts it
   missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
   0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
@@ -34,7 +37,9 @@ The per-metric proposals come from ``capsim.policy.autoscaling.pods_metric_repli
 
 External metrics (the way KEDA's ScaledObjects scale): a pod metric named by an External metric is the
 sum of the pods' values that are numbers (the exported trigger's ``sum((...) >= 0)``, ``capsim.export.promql``;
-a NaN would make the whole sum NaN). Where the result is empty (no pod with a value; a rate with fewer than two
+a NaN would make the whole sum NaN), over every series its selector matches: a crashed pod's, and a deleted one's
+(Prometheus ends its series with a stale marker when it leaves the targets) count in a range query while its
+window holds their samples, not in an instant query. Where the result is empty (no pod with a value; a rate with fewer than two
 samples, as at the start of a run and after a Prometheus outage) KEDA's Prometheus scaler answers 0 with the
 trigger's ``ignoreNullValues`` (its default; ``keda.ignore_null_values``), an error without it (the HPA's read
 fails and the operator's poll is in error); without KEDA it is no value. ``capsim_gateway_requests_total``
@@ -73,7 +78,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
 
-from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
+from capsim.model.buckets import TTFT_BUCKETS_S
 from capsim.model.scenario import DCGM_METRIC_KINDS, METRIC_TYPES, QUERIES, metric_kind
 from capsim.policy.autoscaling import (
     PodSample,
@@ -85,6 +90,7 @@ from capsim.policy.autoscaling import (
 from capsim.policy.keda import FallbackHealth, ScaleExecutor
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import Pod, PodState
+from capsim.sim.promql_eval import extrapolated_rate, max_over_time, rate_quantile
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
@@ -104,16 +110,6 @@ _DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
 _DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
 
 _SERVING = (PodState.READY, PodState.TERMINATING)
-
-
-def _max_over_time(values: list[float]) -> float:
-    """Prometheus's ``max_over_time`` (``promql/functions.go``): the highest value; a NaN gives way to any number
-    that follows it, and is the answer only when every value is one."""
-    top = values[0]
-    for v in values:
-        if v > top or math.isnan(top):
-            top = v
-    return top
 
 
 def _engine_gauges(pod: Pod) -> tuple[float, ...]:
@@ -154,12 +150,14 @@ class Autoscaling:
         self._dcgm = any(kind in DCGM_METRIC_KINDS for kind, *_ in self.metrics)
         self._dcgm_phases = sim.streams["dcgm_phase"]
         self._dcgm_seen = 0  # pods given their collection phase so far
-        self.dcgm_samples: dict[int, deque[tuple[float, float, float]]] = {}
+        self.dcgm_samples: dict[int, deque[tuple[float, ...]]] = {}  # a 1-tuple: a stale marker
         self._dcgm_last: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
         self._dcgm_value: dict[int, tuple[float, float]] = {}  # pod id -> (GPU util %, engine active) collected
         #: (time, pod id, GPU util %, engine active) per collection of a pod that holds a GPU
         self.dcgm_collections: list[tuple[float, int, float, float]] = []
         self._busy_mark: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
+        # deleted pods whose series still hold samples a range query may read (Prometheus keeps them), by id
+        self._retired: dict[int, Pod] = {}
         self.discover(sim.env.now)
         first_sync = spec.sync_period_s * (1.0 - float(sim.streams["hpa_phase"].random()))
         self.gateway_samples: deque[tuple[float, int]] = deque()  # (time, attempts sent so far)
@@ -217,7 +215,10 @@ class Autoscaling:
     def discover(self, now: float) -> None:
         """Give every pod created since the last call its scrape offset and schedule its first scrape.
 
-        Called at the start, after each scale, and at each sync (pods a node's eviction replaced)."""
+        Called at the start, after each scale, and at each sync (pods a node's eviction replaced); drops the
+        samples of deleted pods that no query's window holds any longer."""
+        if self._retired:
+            self._forget_retired(now)
         pods = self.sim.cluster.pods
         every = self.spec.scrape_interval_s
         env = self.sim.env
@@ -233,11 +234,15 @@ class Autoscaling:
 
     def _scrape(self, ev: Timeout) -> None:
         pod, at = cast(tuple[Pod, float], ev.value)
-        if pod.state == PodState.GONE:
-            pod.samples.clear()
-            self._busy_mark.pop(pod.id, None)
-            return  # a deleted pod leaves Prometheus's targets
         samples = pod.samples
+        if pod.state == PodState.GONE:
+            # a deleted pod leaves Prometheus's targets: a stale marker ends its series (an instant query finds it
+            # no more), while its samples stay for a range query whose window holds them (a KEDA trigger's sum)
+            if samples and len(samples[-1]) > 1:
+                samples.append((at,))
+            self._busy_mark.pop(pod.id, None)
+            self._retired[pod.id] = pod
+            return
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
         elif pod.state in _SERVING:
@@ -250,6 +255,17 @@ class Autoscaling:
             samples.popleft()
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
+
+    def _forget_retired(self, now: float) -> None:
+        old = now - self._keep_s
+        for pid, pod in list(self._retired.items()):
+            dcgm = self.dcgm_samples.get(pid)
+            for samples in (pod.samples, dcgm):
+                while samples and samples[0][0] < old:
+                    samples.popleft()
+            if not pod.samples and not dcgm:
+                del self._retired[pid]
+                self.dcgm_samples.pop(pid, None)
 
     # ---- dcgm-exporter ------------------------------------------------------------------------------------
     def _discover_dcgm(self, now: float) -> None:
@@ -312,9 +328,13 @@ class Autoscaling:
     def _dcgm_scrape(self, ev: Timeout) -> None:
         """Prometheus scrapes dcgm-exporter: the pod's series hold what the exporter last collected."""
         pod = cast(Pod, ev.value)
-        samples = self.dcgm_samples[pod.id]
-        if pod.state == PodState.GONE:
-            samples.clear()
+        samples = self.dcgm_samples.get(pod.id)
+        if samples is None:  # deleted, and its samples forgotten
+            return
+        if pod.state == PodState.GONE:  # the exporter no longer labels a series with the pod: it goes stale
+            if samples and len(samples[-1]) > 1:
+                samples.append((self.sim.env.now,))
+            self._retired[pod.id] = pod
             return
         now = self.sim.env.now
         value = self._dcgm_value.get(pod.id)
@@ -337,9 +357,7 @@ class Autoscaling:
         """``rate(capsim_gateway_requests_total[window])`` as the adapter answers at ``now`` (attempts/s)."""
         a = now - self.spec.adapter_lag_s
         sel = [s for s in self.gateway_samples if a - window_s < s[0] <= a]
-        if len(sel) < 2:
-            return None
-        return (sel[-1][1] - sel[0][1]) / (sel[-1][0] - sel[0][0])
+        return extrapolated_rate([s[0] for s in sel], [s[1] for s in sel], a - window_s, a)
 
     def _busy_ratio(self, pod: Pod, now: float) -> float:
         """``capsim_gpu_busy_ratio`` as the pod computes it when scraped (``InferenceMetrics``): busy seconds
@@ -384,21 +402,23 @@ class Autoscaling:
             k = _FIELD[metric]
             return float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample makes it NaN
         if query == "max_over_time":
-            return _max_over_time([float(s[_FIELD[metric]]) for s in sel])
-        if len(sel) < 2:  # a rate needs two samples, as rate() does
-            return None
-        first, last = sel[0], sel[-1]
+            return max_over_time([float(s[_FIELD[metric]]) for s in sel])
+        # rate() and what is built on it: Prometheus's extrapolated rate (capsim.sim.promql_eval)
+        times = [s[0] for s in sel]
         if query == "histogram_quantile":
-            b0, b1 = first[_BUCKETS], last[_BUCKETS]
-            if b0 is None or b1 is None:
+            if any(s[_BUCKETS] is None for s in sel):
                 return None
-            return bucket_quantile(quantile, TTFT_BUCKETS_S, [y - x for x, y in zip(b0, b1, strict=True)])
+            return rate_quantile(quantile, TTFT_BUCKETS_S, times, [s[_BUCKETS] for s in sel], lo, a)
         if metric in _COUNTER:  # a counter: its increase per second
             k = _COUNTER[metric]
-            return float((last[k] - first[k]) / (last[0] - first[0]))
-        s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation in the window
-        count = last[c_k] - first[c_k]
-        return float((last[s_k] - first[s_k]) / count) if count > 0 else math.nan  # 0/0 with nothing observed
+            return extrapolated_rate(times, [s[k] for s in sel], lo, a)
+        s_k, c_k = _HISTOGRAM[metric]  # a histogram: the mean observation, rate of the sum over rate of the count
+        count = extrapolated_rate(times, [s[c_k] for s in sel], lo, a)
+        if count is None:  # fewer than two samples
+            return None
+        total = extrapolated_rate(times, [s[s_k] for s in sel], lo, a)
+        assert total is not None
+        return total / count if count > 0 else math.nan  # 0/0 with nothing observed
 
     def _dcgm_value_at(self, pod: Pod, metric: str, a: float, query: str, window_s: float) -> float | None:
         """A DCGM gauge of ``pod`` as Prometheus answers at ``a``: the newest exporter sample (instant, within the
@@ -410,13 +430,13 @@ class Autoscaling:
         k = _DCGM_FIELD[metric]
         if query == "instant":
             for s in reversed(samples):
-                if s[0] <= a:
-                    return s[k] if s[0] > a - LOOKBACK_S else None
+                if s[0] <= a:  # a stale marker (the pod deleted): no series
+                    return s[k] if s[0] > a - LOOKBACK_S and len(s) > 1 else None
             return None
-        sel = [s[k] for s in samples if a - window_s < s[0] <= a]
+        sel = [s[k] for s in samples if a - window_s < s[0] <= a and len(s) > 1]
         if not sel:
             return None
-        return _max_over_time(sel) if query == "max_over_time" else sum(sel) / len(sel)
+        return max_over_time(sel) if query == "max_over_time" else sum(sel) / len(sel)
 
     # ---- the controller ---------------------------------------------------------------------------------
     def _sync(self, first_s: float) -> Generator[Any, Any, None]:
@@ -539,7 +559,9 @@ class Autoscaling:
         Prometheus's result is empty (no pod with a value; a rate with fewer than two samples in its window)."""
         if metric == "gateway":
             return self.gateway_rate(now, window_s)
-        values = [self.value(p, metric, now, query, window_s, quantile) for p in pods if p.state in _SERVING]
+        # every series the selector matches: a crashed or deleted pod's too, whose range queries still read the
+        # samples in their window (an instant query finds its stale marker)
+        values = [self.value(p, metric, now, query, window_s, quantile) for p in (*pods, *self._retired.values())]
         # the exported query keeps a pod's value only where it is a number (capsim.export.promql: ``>= 0``)
         present = [v for v in values if v is not None and not math.isnan(v)]
         return float(sum(present)) if present else None

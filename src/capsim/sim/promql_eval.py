@@ -1,0 +1,89 @@
+"""Prometheus's range functions, as the simulated adapter evaluates its queries over the scraped samples.
+
+``rate()`` is not the slope between a window's first and last sample: Prometheus extrapolates that increase to
+the window's edges, all the way where the samples come close to an edge (within 1.1 average scrape intervals),
+by half an interval where they do not (the series starts or ends inside the window: a new pod, a crashed one,
+a Prometheus outage), never below a counter's zero, and divides by the window's length. A pod that became
+ready 20 s before the HPA's read of a 60-s rate of its token counter reads about half of what it serves.
+``histogram_quantile`` takes its quantile of each bucket's own extrapolated rate, made monotonic.
+
+Re-implemented from prometheus/prometheus ``promql/functions.go`` (``extrapolatedRate``, ``funcMaxOverTime``)
+and ``promql/quantile.go`` (``ensureMonotonic``), Apache-2.0, (c) The Prometheus Authors, as of 3.x; a test
+(``tests/test_prometheus_parity.py``) runs the same samples through a real Prometheus server. Prometheus 2.x
+differed in one corner: it capped the extrapolation at a counter's zero before testing the threshold, so a
+series that starts inside the window with its zero between half and 1.1 intervals before its first sample
+extrapolated to the zero rather than half an interval.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from capsim.model.buckets import bucket_quantile
+
+
+def extrapolated_rate(times: Sequence[float], values: Sequence[float], start: float, end: float) -> float | None:
+    """``rate(counter[end - start])`` evaluated at ``end`` over a counter's samples (``times`` ascending, all in
+    ``(start, end]``): the increase, counter resets included (a value below the one before it: the counter
+    restarted from 0), extrapolated to the window's edges as Prometheus does, per second of the window.
+    None with fewer than two samples (Prometheus's result holds no series)."""
+    n = len(times)
+    if n < 2:
+        return None
+    first = float(values[0])
+    increase = float(values[-1]) - first
+    prev = first
+    for v in values[1:]:
+        if v < prev:  # a reset: the counter restarted; what it held before counts as increase
+            increase += prev
+        prev = v
+    sampled = times[-1] - times[0]
+    average = sampled / (n - 1)
+    threshold = 1.1 * average
+    to_start = times[0] - start
+    to_end = end - times[-1]
+    if to_start >= threshold:  # the series starts inside the window: half an interval before its first sample
+        to_start = average / 2
+    if increase > 0 and first >= 0:  # not before the counter's zero
+        to_start = min(to_start, sampled * first / increase)
+    if to_end >= threshold:  # the series ends inside the window
+        to_end = average / 2
+    return increase * (sampled + to_start + to_end) / sampled / (end - start)
+
+
+def max_over_time(values: Sequence[float]) -> float:
+    """``max_over_time``: the highest value; a NaN gives way to any number that follows it, and is the answer
+    only when every value is one."""
+    top = values[0]
+    for v in values:
+        if v > top or math.isnan(top):
+            top = v
+    return top
+
+
+def rate_quantile(q: float, bounds: Sequence[float], times: Sequence[float],
+                  counts: Sequence[Sequence[int]], start: float, end: float) -> float | None:
+    """``histogram_quantile(q, sum(rate(x_bucket[end - start])) by (le))`` over one histogram's samples:
+    ``counts[i][k]``, the observations in bucket ``k`` (not cumulative, the last +Inf) at ``times[i]``. Each
+    ``le`` series (the cumulative count) gets its own extrapolated rate; their quantile is taken after making
+    them monotonic in ``le``, as Prometheus's ``ensureMonotonic`` does. None with fewer than two samples; NaN
+    where nothing was observed in the window."""
+    if len(times) < 2:
+        return None
+    n_buckets = len(bounds) + 1
+    cumulative = []
+    for row in counts:
+        run, acc = 0, []
+        for c in row:
+            run += c
+            acc.append(run)
+        cumulative.append(acc)
+    per_bucket, top = [], 0.0
+    for k in range(n_buckets):
+        r = extrapolated_rate(times, [acc[k] for acc in cumulative], start, end)
+        assert r is not None
+        r = max(r, top)  # monotonic in le
+        per_bucket.append(r - top)
+        top = r
+    return bucket_quantile(q, bounds, per_bucket)
