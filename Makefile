@@ -39,8 +39,8 @@ test: $(NATIVE) ## run the whole test suite: TEST_WORKERS processes, then the te
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not exclusive"
 	$(PY) -m pytest -q -m exclusive
 
-test-all: $(NATIVE) ## the whole suite with the real-Redis tests required (fails, not skips, without redis-server)
-	CAPSIM_REQUIRE_REDIS=1 $(MAKE) test
+test-all: $(NATIVE) ## the whole suite with the real-Redis and real-Prometheus tests required (fails, not skips, without redis-server or prometheus)
+	CAPSIM_REQUIRE_REDIS=1 CAPSIM_REQUIRE_PROMETHEUS=1 $(MAKE) test
 
 test-fast: $(NATIVE) ## the tests without those marked slow
 	$(PY) -m pytest -q -m "not slow"

@@ -219,6 +219,19 @@ def redis_binary() -> str:
 
 
 @pytest.fixture(scope="session")
+def prometheus_binaries() -> tuple[str, str]:
+    """Paths of ``prometheus`` and ``promtool`` (the parity tests' real Prometheus); skips the test without them, or
+    fails it when CAPSIM_REQUIRE_PROMETHEUS=1 (.ci/run installs Debian's prometheus package)."""
+    found = shutil.which("prometheus"), shutil.which("promtool")
+    if found[0] is None or found[1] is None:
+        msg = "prometheus and promtool are not installed (apt-get install prometheus)"
+        if os.environ.get("CAPSIM_REQUIRE_PROMETHEUS") == "1":
+            pytest.fail(f"{msg}, and CAPSIM_REQUIRE_PROMETHEUS=1 requires them")
+        pytest.skip(msg)
+    return found[0], found[1]
+
+
+@pytest.fixture(scope="session")
 def redis_server(redis_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server shared by the session (no persistence); tests isolate themselves by key prefix.
 

@@ -1,0 +1,365 @@
+"""The simulated adapter's PromQL against a real Prometheus server, on the same samples.
+
+The simulator evaluates each autoscaler query itself (``capsim.sim.hpa``, ``capsim.sim.promql_eval``); these tests
+backfill a real Prometheus (``tests/promserver.py``) with series and compare what each answers: first on series
+drawn to hit every branch of ``rate()`` (a series that starts, stops or pauses inside the window, a counter from
+zero, a reset), histograms and NaN gauges; then on a whole simulated rush, every exported query of every metric
+kind, per pod (prometheus-adapter's rule) and per Deployment (KEDA's trigger), at the HPA's read times.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from capsim.export import DeployTarget
+from capsim.export.analysis import build_analysis_templates
+from capsim.export.promql import SERIES, PodQuery
+from capsim.export.writer import build_all
+from capsim.model.buckets import TTFT_BUCKETS_S
+from capsim.model.scenario import METRIC_TYPES, QUERIES, Scenario
+from capsim.sim import Simulation
+from capsim.sim.hpa import _BUCKETS, _COUNTER, _FIELD, _HISTOGRAM
+from capsim.sim.pod import Pod
+from capsim.sim.promql_eval import extrapolated_rate, max_over_time, rate_quantile
+from promserver import PrometheusServer, Series, major_version, ms
+
+WINDOWS_S = (30, 60, 120)
+EVAL_TIMES = [ms(37.1234 + 13.7 * k) for k in range(46)]  # 37 s to 654 s, off the scrape grids
+
+
+def _counter_series(rng: np.random.Generator, n: int) -> list[list[tuple[float, float]]]:
+    """Counters as Prometheus scrapes them: every 10, 15 or 30 s from a random offset, starting and ending at
+    random (a pod made or deleted mid-run), some pausing (a Prometheus outage), from zero (a new container) or from
+    far above it, some resetting (a restart)."""
+    out = []
+    for i in range(n):
+        every = float(rng.choice([10.0, 15.0, 30.0]))
+        t0 = float(rng.uniform(0, every)) + (float(rng.uniform(0, 300)) if i % 2 else 0.0)
+        end = 660.0 - (float(rng.uniform(0, 300)) if i % 3 == 0 else 0.0)
+        gap = (float(rng.uniform(100, 500)), float(rng.uniform(30, 90))) if i % 4 == 1 else None
+        value = 0.0 if i % 5 < 3 else float(rng.uniform(0, 1e4))
+        reset_at = float(rng.uniform(t0, end)) if i % 7 == 3 else None
+        samples, t = [], t0
+        while t < end:
+            value += float(rng.integers(0, 60)) if rng.random() > 0.2 else 0.0
+            if reset_at is not None and t >= reset_at:
+                value, reset_at = float(rng.integers(0, 20)), None
+            if gap is None or not gap[0] <= t < gap[0] + gap[1]:
+                samples.append((ms(t), value))
+            t += every
+        out.append(samples)
+    return out
+
+
+def _window(samples: list[tuple[float, float]], a: float, w: float) -> list[tuple[float, float]]:
+    return [(t, v) for t, v in samples if a - w < t <= a]
+
+
+def _differs_in_v2(sel: list[tuple[float, float]], start: float) -> bool:
+    """Whether Prometheus 2.x's rate() answers otherwise than 3.x's here: 2.x capped the start's extrapolation at
+    the counter's zero before testing the threshold (capsim.sim.promql_eval)."""
+    times, values = [t for t, _ in sel], [v for _, v in sel]
+    increase = values[-1] - values[0] + sum(p for p, q in itertools.pairwise(values) if q < p)
+    sampled = times[-1] - times[0]
+    average = sampled / (len(times) - 1)
+    if increase <= 0 or times[0] - start < 1.1 * average:
+        return False
+    to_zero = sampled * values[0] / increase
+    return average / 2 < to_zero < 1.1 * average
+
+
+def _on_left_edge(samples: list[tuple[float, float]], start: float) -> bool:
+    """Prometheus 2.x's range includes its left edge, 3.x's (and capsim's) does not."""
+    return any(round(t * 1000) == round(start * 1000) for t, _ in samples)
+
+
+@pytest.fixture(scope="module")
+def version(prometheus_binaries: tuple[str, str]) -> int:
+    return major_version(prometheus_binaries[0])
+
+
+def test_rate_is_prometheus_s_on_series_that_start_stop_pause_and_reset(
+        prometheus_binaries: tuple[str, str], version: int, tmp_path: Path) -> None:
+    series = _counter_series(np.random.default_rng(7), 60)
+    data: list[Series] = [("c_total", {"s": str(i)}, s) for i, s in enumerate(series)]
+    compared = inside = naive_off = 0
+    with PrometheusServer(prometheus_binaries, tmp_path, data) as prom:
+        for w in WINDOWS_S:
+            for a in EVAL_TIMES:
+                got = {dict(k)["s"]: v for k, v in prom.query(f"rate(c_total[{w}s])", a).items()}
+                for i, samples in enumerate(series):
+                    sel = _window(samples, a, w)
+                    ours = extrapolated_rate([t for t, _ in sel], [v for _, v in sel], a - w, a)
+                    if _on_left_edge(samples, a - w) or (version < 3 and len(sel) > 1 and _differs_in_v2(sel, a - w)):
+                        continue
+                    theirs = got.get(str(i))
+                    assert (ours is None) == (theirs is None), (i, w, a, ours, theirs)
+                    if ours is None or theirs is None:
+                        continue
+                    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12), (i, w, a, sel)
+                    compared += 1
+                    average = (sel[-1][0] - sel[0][0]) / (len(sel) - 1)
+                    inside += sel[0][0] - (a - w) >= 1.1 * average or a - sel[-1][0] >= 1.1 * average
+                    naive = (sel[-1][1] - sel[0][1]) / (sel[-1][0] - sel[0][0])  # the slope, which it is not
+                    naive_off += not math.isclose(naive, theirs, rel_tol=1e-6, abs_tol=1e-9)
+    # every branch was exercised, and the slope between the window's first and last sample would have failed
+    assert compared > 5000 and inside > 500 and naive_off > 500, (compared, inside, naive_off)
+
+
+def _histogram_series(rng: np.random.Generator, n: int) -> list[list[tuple[float, list[int], float]]]:
+    """TTFT histograms of pods scraped every 15 s: (time, observations per bucket so far, sum so far), some pods
+    starting inside the run, some idle for a while (nothing observed in a window)."""
+    out = []
+    for i in range(n):
+        t = float(rng.uniform(0, 15)) + (float(rng.uniform(0, 200)) if i % 2 else 0.0)
+        counts, total, samples = [0] * (len(TTFT_BUCKETS_S) + 1), 0.0, []
+        idle = (float(rng.uniform(100, 400)), float(rng.uniform(60, 200)))
+        scale = float(rng.choice([0.05, 0.3, 2.0]))
+        while t < 660.0:
+            if not idle[0] <= t < idle[0] + idle[1]:
+                for x in rng.exponential(scale, size=int(rng.integers(0, 40))):
+                    counts[int(np.searchsorted(TTFT_BUCKETS_S, x))] += 1
+                    total += float(x)
+            samples.append((ms(t), list(counts), total))
+            t += 15.0
+        out.append(samples)
+    return out
+
+
+def test_histogram_quantile_and_mean_are_prometheus_s(prometheus_binaries: tuple[str, str], version: int,
+                                                      tmp_path: Path) -> None:
+    hists = _histogram_series(np.random.default_rng(11), 16)
+    bounds = [*(repr(b) for b in TTFT_BUCKETS_S), "+Inf"]
+    data: list[Series] = []
+    for i, samples in enumerate(hists):
+        for k, le in enumerate(bounds):
+            data.append(("h_bucket", {"s": str(i), "le": le}, [(t, float(sum(c[:k + 1]))) for t, c, _ in samples]))
+        data.append(("h_count", {"s": str(i)}, [(t, float(sum(c))) for t, c, _ in samples]))
+        data.append(("h_sum", {"s": str(i)}, [(t, s) for t, _, s in samples]))
+    compared = nan = 0
+    with PrometheusServer(prometheus_binaries, tmp_path, data) as prom:
+        for w in (30, 60):
+            for a in EVAL_TIMES[::2]:
+                quantiles = {q: {dict(k)["s"]: v for k, v in prom.query(
+                    f"histogram_quantile({q}, sum(rate(h_bucket[{w}s])) by (le, s))", a).items()}
+                    for q in (0.5, 0.9, 0.99)}
+                means = {dict(k)["s"]: v for k, v in prom.query(
+                    f"sum(rate(h_sum[{w}s])) by (s) / sum(rate(h_count[{w}s])) by (s)", a).items()}
+                for i, samples in enumerate(hists):
+                    sel = [s for s in samples if a - w < s[0] <= a]
+                    times = [t for t, _, _ in sel]
+                    if _on_left_edge([(t, 0.0) for t, _, _ in samples], a - w):
+                        continue
+                    if version < 3 and len(sel) > 1 and any(  # the 2.x corner, in any le series or the count
+                            _differs_in_v2([(t, float(sum(c[:k + 1]))) for t, c, _ in sel], a - w)
+                            for k in range(len(bounds))):
+                        continue
+                    for q, got in quantiles.items():
+                        ours = rate_quantile(q, TTFT_BUCKETS_S, times, [c for _, c, _ in sel], a - w, a)
+                        theirs = got.get(str(i))
+                        assert (ours is None) == (theirs is None), (i, q, w, a)
+                        if ours is not None and theirs is not None:
+                            if math.isnan(theirs):
+                                assert math.isnan(ours), (i, q, w, a, ours)
+                                nan += 1
+                            else:
+                                assert ours == pytest.approx(theirs, rel=1e-9), (i, q, w, a)
+                                compared += 1
+                    if len(sel) > 1:
+                        count = extrapolated_rate(times, [float(sum(c)) for _, c, _ in sel], a - w, a)
+                        total = extrapolated_rate(times, [s for _, _, s in sel], a - w, a)
+                        assert count is not None and total is not None
+                        theirs = means[str(i)]
+                        if count > 0:
+                            assert total / count == pytest.approx(theirs, rel=1e-9), (i, w, a)
+                        else:
+                            assert math.isnan(theirs)
+    assert compared > 500 and nan > 10, (compared, nan)
+
+
+def test_max_over_time_gives_way_to_numbers_as_prometheus_does(prometheus_binaries: tuple[str, str],
+                                                               tmp_path: Path) -> None:
+    rows = [[math.nan, 1.0, 0.5], [2.0, math.nan, 1.0], [math.nan, math.nan], [0.2, 3.0, math.nan], [1.0]]
+    data: list[Series] = [("g", {"s": str(i)}, [(10.0 + 15 * k, v) for k, v in enumerate(r)])
+                          for i, r in enumerate(rows)]
+    with PrometheusServer(prometheus_binaries, tmp_path, data) as prom:
+        got = {dict(k)["s"]: v for k, v in prom.query("max_over_time(g[120s])", 100.0).items()}
+        avg = {dict(k)["s"]: v for k, v in prom.query("avg_over_time(g[120s])", 100.0).items()}
+    for i, r in enumerate(rows):
+        ours, theirs = max_over_time(r), got[str(i)]
+        assert (math.isnan(ours) and math.isnan(theirs)) or ours == theirs, (r, ours, theirs)
+        assert math.isnan(avg[str(i)]) == any(math.isnan(v) for v in r)  # a NaN makes the mean NaN
+
+
+# ---- a simulated rush, every exported query ------------------------------------------------------------------------
+H100 = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "h100_llama3_8b_rush.yaml"
+POD = "capsim-agent-7d9f8b6c5-{:05d}"  # a Deployment's pod: <deployment>-<replicaset hash>-<5 characters>
+#: every kind of the pods' own series, with each query that fits it (capsim.model.scenario.QUERIES)
+KIND_QUERIES = [(kind, q, 0.99) for kind in ("queue_depth", "in_flight", "busy", "waiting", "running", "kv_cache")
+                for q in ("instant", "avg_over_time", "max_over_time")]
+KIND_QUERIES += [(kind, "rate", 0.99) for kind in ("preemptions", "prompt_tokens", "generation_tokens", "ttft", "itl")]
+KIND_QUERIES += [("ttft", "histogram_quantile", 0.5), ("ttft", "histogram_quantile", 0.99)]
+
+
+def _rush() -> Simulation:
+    """The H100 rush, shortened: 2 -> 14 -> 2 sessions a second from a floor of 2 pods, scaled up on waiting
+    requests and down after a minute's stabilisation, so pods start and are deleted inside the run."""
+    sc = Scenario.from_yaml(H100).override({
+        "horizon_s": 1500, "warmup_s": 0,
+        "workload.arrivals.rate_per_s": [[0, 2], [300, 14], [700, 2]],
+        "autoscaler.min_replicas": 2, "pods.replicas": 2,
+        "autoscaler.behavior.scaleDown.stabilizationWindowSeconds": 60,
+        "autoscaler.behavior.scaleDown.policies": [{"type": "Percent", "value": 50, "periodSeconds": 15}],
+        # a second metric, so the pods count their TTFT per bucket (a quantile needs the buckets)
+        "autoscaler.metrics": [
+            {"type": "Pods", "pods": {"metric": {"name": "vllm:num_requests_waiting"},
+                                      "target": {"type": "AverageValue", "averageValue": "4"}}},
+            {"type": "Pods", "pods": {"metric": {"name": "capsim_time_to_first_token_seconds"},
+                                      "target": {"type": "AverageValue", "averageValue": "30"}}}],
+        "autoscaler.queries": {"capsim_time_to_first_token_seconds": {"query": "histogram_quantile"}},
+    })
+    sim = Simulation(sc, seed=2)
+    assert sim.autoscaling is not None
+    sim.autoscaling._keep_s = 1e9  # keep every sample, a deleted pod's too, to read any time afterwards
+    sim.run()
+    return sim
+
+
+def _pod_series(pod: Pod) -> list[Series]:
+    """A simulated pod's scrapes as the series Prometheus holds (its stale markers left out: a backfill cannot
+    write them, and the comparisons that would read one are skipped)."""
+    labels = {"namespace": "default", "pod": POD.format(pod.id)}
+    rows = [s for s in pod.samples if len(s) > 1]
+    if not rows:
+        return []
+    out: list[Series] = []
+    for kind, k in {**_FIELD, **_COUNTER}.items():
+        out.append((SERIES[kind], labels, [(s[0], float(s[k])) for s in rows]))
+    for kind, (s_k, c_k) in _HISTOGRAM.items():
+        base = SERIES[kind].removesuffix("_count")
+        out.append((f"{base}_sum", labels, [(s[0], float(s[s_k])) for s in rows]))
+        out.append((f"{base}_count", labels, [(s[0], float(s[c_k])) for s in rows]))
+    bounds = [*(repr(b) for b in TTFT_BUCKETS_S), "+Inf"]
+    for k, le in enumerate(bounds):
+        out.append((f"{SERIES['ttft'].removesuffix('_count')}_bucket", {**labels, "le": le},
+                    [(s[0], float(sum(s[_BUCKETS][:k + 1]))) for s in rows]))
+    return out
+
+
+def _rate_inputs(kind: str, query: str, sel: list[tuple[Any, ...]]) -> list[list[tuple[float, float]]]:
+    """The counters a rate-based query of ``kind`` reads, as (time, value) series."""
+    if query == "histogram_quantile":
+        return [[(s[0], float(sum(s[_BUCKETS][:k + 1]))) for s in sel] for k in range(len(TTFT_BUCKETS_S) + 1)]
+    if kind in _COUNTER:
+        return [[(s[0], float(s[_COUNTER[kind]])) for s in sel]]
+    return [[(s[0], float(s[k])) for s in sel] for k in _HISTOGRAM[kind]]
+
+
+@pytest.mark.slow
+def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_read(
+        prometheus_binaries: tuple[str, str], version: int, tmp_path: Path) -> None:
+    sim = _rush()
+    auto = sim.autoscaling
+    assert auto is not None
+    pods = sim.cluster.pods
+    for p in pods:  # Prometheus keeps a sample's time to the millisecond
+        p.samples = deque((ms(s[0]), *s[1:]) for s in p.samples)
+    gone_at = {p.id: next((s[0] for s in p.samples if len(s) == 1), math.inf) for p in pods}
+    assert len(pods) >= 8 and sum(t < math.inf for t in gone_at.values()) >= 3  # pods came and went
+    lag = auto.spec.adapter_lag_s
+    reads = [ms(now - lag) for now, *_ in auto.syncs[4::4]]
+    series = [s for p in pods for s in _pod_series(p)]
+    per_pod_checked = totals_checked = 0
+    with PrometheusServer(prometheus_binaries, tmp_path, series) as prom:
+        for a in reads:
+            for kind, query, q in KIND_QUERIES:
+                w = 60.0 if query != "instant" else auto.spec.query_window_s
+                pq = PodQuery(metric=kind, kind=kind, window_s=w, query=query, quantile=q)
+                rule = pq.adapter_query().replace("<<.LabelMatchers>>", 'namespace="default",pod=~"capsim-agent-.*"')
+                got = {dict(k)["pod"]: v for k, v in prom.query(rule.replace("<<.GroupBy>>", "pod"), a).items()}
+                skip_total = False
+                for p in pods:
+                    name = POD.format(p.id)
+                    sel = [s for s in p.samples if a - w < s[0] <= a and len(s) > 1]
+                    skip = (query == "instant" and gone_at[p.id] <= a) or _on_left_edge(
+                        [(s[0], 0.0) for s in p.samples], a - w)
+                    if query in ("rate", "histogram_quantile") and version < 3 and len(sel) > 1:
+                        skip = skip or any(_differs_in_v2(x, a - w) for x in _rate_inputs(kind, query, sel))
+                    if skip:
+                        skip_total = skip_total or gone_at[p.id] > a - 300  # the total holds what we skipped
+                        continue
+                    ours = auto.value(p, kind, a + lag, query, w, q)
+                    theirs = got.get(name)
+                    assert (ours is None) == (theirs is None), (kind, query, a, p.id, ours, theirs)
+                    if ours is not None and theirs is not None:
+                        assert (math.isnan(ours) and math.isnan(theirs)) or ours == pytest.approx(
+                            theirs, rel=1e-9, abs=1e-12), (kind, query, q, a, p.id, ours, theirs)
+                        per_pod_checked += 1
+                if skip_total:
+                    continue
+                # KEDA's trigger: one number for the Deployment, every series its selector matches
+                total = prom.query(pq.deployment_total("default", "capsim-agent"), a)
+                ours = auto._external_total(sim.cluster.live_pods, kind, a + lag, query, w, q)
+                theirs = next(iter(total.values()), None)
+                assert (ours is None) == (theirs is None), (kind, query, a, ours, theirs)
+                if ours is not None and theirs is not None:
+                    assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12), (kind, query, q, a, ours, theirs)
+                    totals_checked += 1
+    assert per_pod_checked > 2500 and totals_checked > 400, (per_pod_checked, totals_checked)
+
+
+# ---- every exported query parses ---------------------------------------------------------------------------------
+SCENARIOS = sorted((Path(__file__).resolve().parents[1] / "data" / "scenarios").glob("*.yaml"))
+
+
+def _queries_in(obj: Any) -> list[str]:
+    """Every PromQL string in an exported object: adapter rules' ``metricsQuery``, triggers' and templates' ``query``."""
+    if isinstance(obj, dict):
+        found = [v for k, v in obj.items() if k in ("metricsQuery", "query") and isinstance(v, str)]
+        return found + [q for v in obj.values() for q in _queries_in(v)]
+    if isinstance(obj, list):
+        return [q for v in obj for q in _queries_in(v)]
+    return []
+
+
+def _filled(query: str) -> str:
+    """The query as prometheus-adapter and Argo Rollouts send it: their placeholders filled in."""
+    return (query.replace("<<.LabelMatchers>>", 'namespace="default",pod=~"capsim-agent-.*"')
+            .replace("<<.GroupBy>>", "pod").replace("{{args.", "{{").replace("{{", "x-").replace("}}", ""))
+
+
+def test_every_query_the_export_writes_parses_in_prometheus(prometheus_binaries: tuple[str, str],
+                                                            tmp_path: Path) -> None:
+    target = DeployTarget()
+    queries: set[str] = set()
+    for path in SCENARIOS:
+        sc = Scenario.from_yaml(path)
+        if sc.autoscaler is None:
+            continue
+        for obj in build_all(sc, target).values():  # the adapter's config.yaml is a string: its rules, parsed
+            queries.update(_queries_in(yaml.safe_load(obj["data"]["config.yaml"]) if obj.get("kind") == "ConfigMap"
+                                       and "config.yaml" in obj.get("data", {}) else obj))
+        queries.update(_queries_in(build_analysis_templates(sc, target)))
+    # and every kind with every query that fits it, both spellings, dcgm-exporter's labels either way
+    for kind, kind_type in METRIC_TYPES.items():
+        if kind == "gateway":  # the gateway's query is the target's, filled in by the KEDA trigger (scale_to_zero)
+            continue
+        for query in QUERIES[kind_type]:
+            if query == "histogram_quantile" and kind != "ttft":
+                continue
+            pq = PodQuery(metric=kind, kind=kind, window_s=90.0, query=query, quantile=0.95)
+            queries.add(pq.adapter_query())
+            queries.add(pq.deployment_total("default", "capsim-agent"))
+            queries.add(pq.deployment_total("default", "capsim-agent", ("exported_namespace", "exported_pod")))
+    assert len(queries) > 60 and any("istio_requests_total" in q for q in queries)
+    with PrometheusServer(prometheus_binaries, tmp_path, [("up", {}, [(0.0, 1.0)])]) as prom:
+        refused = {q: err for q in sorted(queries) if (err := prom.check(_filled(q))) is not None}
+    assert not refused, refused
