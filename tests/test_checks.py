@@ -458,3 +458,26 @@ def test_every_check_is_documented_in_the_module_and_in_docs_export() -> None:
     table = (Path(__file__).parent.parent / "docs" / "export.md").read_text()
     assert not [n for n in names if f"``{n}``" not in (checks.__doc__ or "")]
     assert not [n for n in names if f"| `{n}`" not in table]
+
+
+# ---- a rate over fewer than two scrape intervals -----------------------------------------------------------------
+def _on_ttft(rush: Scenario, window_s: float) -> Scenario:
+    return rush.override({
+        "autoscaler.metrics": _metric("capsim_time_to_first_token_seconds", "1"),
+        "autoscaler.queries": {"capsim_time_to_first_token_seconds": {"query": "histogram_quantile",
+                                                                        "window_s": window_s}}})
+
+
+def test_rate_window_short_fires_below_two_scrapes(rush: Scenario) -> None:
+    (f,) = _fired(_on_ttft(rush, 20), "rate-window-short")  # scraped every 15 s
+    assert f.path == "autoscaler.queries.capsim_time_to_first_token_seconds.window_s" and f.level == "warn"
+    assert "holds at most one at 67% of the reads" in f.message and "at least 30 s" in f.message
+    (f,) = _fired(_on_ttft(rush, 15), "rate-window-short")
+    assert "at most one at every read" in f.message
+    assert not _fired(_on_ttft(rush, 30), "rate-window-short")
+    # a histogram's mean over the default query window
+    s = rush.override({"autoscaler.metrics": _metric("capsim_time_to_first_token_seconds", "1"),
+                       "autoscaler.query_window_s": 25})
+    (f,) = _fired(s, "rate-window-short")
+    assert f.path == "autoscaler.query_window_s"
+    assert not _fired(s.override({"autoscaler.query_window_s": 30}), "rate-window-short")

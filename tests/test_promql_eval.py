@@ -125,3 +125,17 @@ def test_a_deleted_pod_counts_in_a_range_query_of_the_deployment_while_its_windo
         assert 0.2 < seen["theirs"] < 0.8 and seen["total"] == pytest.approx(seen["own"] + seen["theirs"])
     gone = seen["gone"]
     assert gone.id not in auto._retired and not gone.samples  # forgotten once no window can hold them
+
+
+@pytest.mark.parametrize(("window_s", "missing"), [(20.0, True), (30.0, False)])
+def test_a_rate_over_fewer_than_two_scrapes_leaves_reads_empty(window_s: float, missing: bool) -> None:
+    """What the ``rate-window-short`` check warns of: with samples 15 s apart, a 20-s window holds one of them at a
+    read unless the newer sample is under 5 s old: two reads in three have no value; a 30-s window always holds two."""
+    sim = Simulation(_two_pods("avg_over_time"), seed=1)
+    sim.run()
+    auto = sim.autoscaling
+    assert auto is not None
+    (pod,) = sim.cluster.live_pods  # serving to the end (the HPA took the other away)
+    reads = [auto.value(pod, "ttft", t, "rate", window_s) for t in range(420, 600)]  # its samples kept to the end
+    empty = sum(v is None for v in reads) / len(reads)
+    assert (empty == pytest.approx(2 / 3, abs=0.02)) if missing else empty == 0.0

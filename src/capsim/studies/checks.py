@@ -98,6 +98,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   two differ.
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
+* ``rate-window-short`` (warn): a query built on ``rate()`` (a counter's, a histogram's mean or quantile) over a
+  window shorter than two scrape intervals: some reads hold one sample, so a pod has no value (a rate needs two).
 * ``ttft-target-over-slo`` (warn): an HPA that targets a mean TTFT above the p99 SLO scales only once
   the SLO is already broken.
 * ``service-model`` (fail): the service model cannot give a batch time (profile missing or out of range).
@@ -231,6 +233,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _zones(scenario)
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
+    findings += _rate_window(scenario)
     findings += _scale_to_zero(scenario)
     findings += _keda_fallback(scenario)
     findings += _keda_cron(scenario)
@@ -1252,6 +1255,33 @@ def _scale_down_window(scenario: Scenario) -> list[Finding]:
         path, f"a scale-down window of {window:g} s is shorter than the age of the data the HPA reads: "
         f"autoscaler.scrape_interval_s + adapter_lag_s = {lag:g} s; it scales down on numbers older than "
         "the window", check="scale-down-window-below-lag")]
+
+
+def _rate_window(scenario: Scenario) -> list[Finding]:
+    """A rate over fewer than two scrape intervals: Prometheus's ``rate()`` needs two samples in its window, and
+    with samples ``scrape_interval_s`` apart a shorter window holds one at some reads (a window of exactly one
+    interval, at every read)."""
+    auto = scenario.autoscaler
+    if auto is None:
+        return []
+    every = auto.scrape_interval_s
+    out = []
+    for i, m in enumerate(auto.to_hpa().metrics):
+        query, window, _ = auto.query_of(m.name)
+        if query not in ("rate", "histogram_quantile") or window >= 2 * every:
+            continue
+        q = auto.queries.get(m.name)
+        path = (f"autoscaler.queries.{m.name}.window_s" if q is not None and q.window_s is not None
+                else "autoscaler.query_window_s")
+        out.append(Finding(
+            path, f"metrics.{i} ({m.name}) reads a {query} over {window:g} s of samples scraped every {every:g} s "
+            f"(autoscaler.scrape_interval_s): a rate needs two samples in its window, and this one holds at most "
+            f"one at {'every read' if window <= every else f'{(2 * every - window) / every:.0%} of the reads'}, "
+            f"when a pod has no value (the HPA counts it "
+            f"missing; a KEDA trigger on it reads nothing); take at least {2 * every:g} s (Prometheus's advice is "
+            f"four intervals, {4 * every:g} s, so a missed scrape does not do the same)",
+            level="warn", check="rate-window-short"))
+    return out
 
 
 def format_findings(findings: Sequence[Finding]) -> str:
