@@ -203,15 +203,18 @@ def test_max_over_time_gives_way_to_numbers_as_prometheus_does(prometheus_binari
 H100 = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "h100_llama3_8b_rush.yaml"
 POD = "capsim-agent-7d9f8b6c5-{:05d}"  # a Deployment's pod: <deployment>-<replicaset hash>-<5 characters>
 #: every kind of the pods' own series, with each query that fits it (capsim.model.scenario.QUERIES)
-KIND_QUERIES = [(kind, q, 0.99) for kind in ("queue_depth", "in_flight", "busy", "waiting", "running", "kv_cache")
-                for q in ("instant", "avg_over_time", "max_over_time")]
-KIND_QUERIES += [(kind, "rate", 0.99) for kind in ("preemptions", "prompt_tokens", "generation_tokens", "ttft", "itl")]
-KIND_QUERIES += [("ttft", "histogram_quantile", 0.5), ("ttft", "histogram_quantile", 0.99)]
+KIND_QUERIES = [(kind, q, 0.99, 60.0) for kind in ("queue_depth", "in_flight", "busy", "waiting", "running",
+                                                   "kv_cache") for q in ("instant", "avg_over_time", "max_over_time")]
+# rates over a minute, and over the adapter's default 5 minutes, which spans a crashed pod's restart (a reset)
+KIND_QUERIES += [(kind, "rate", 0.99, w) for kind in ("preemptions", "prompt_tokens", "generation_tokens", "ttft", "itl")
+                 for w in (60.0, 300.0)]
+KIND_QUERIES += [("ttft", "histogram_quantile", 0.5, 60.0), ("ttft", "histogram_quantile", 0.99, 300.0)]
 
 
 def _rush() -> Simulation:
     """The H100 rush, shortened: 2 -> 14 -> 2 sessions a second from a floor of 2 pods, scaled up on waiting
-    requests and down after a minute's stabilisation, so pods start and are deleted inside the run."""
+    requests and down after a minute's stabilisation, so pods start and are deleted inside the run; two pods crash
+    (their containers restart, counters from 0)."""
     sc = Scenario.from_yaml(H100).override({
         "horizon_s": 1500, "warmup_s": 0,
         "workload.arrivals.rate_per_s": [[0, 2], [300, 14], [700, 2]],
@@ -225,6 +228,8 @@ def _rush() -> Simulation:
             {"type": "Pods", "pods": {"metric": {"name": "capsim_time_to_first_token_seconds"},
                                       "target": {"type": "AverageValue", "averageValue": "30"}}}],
         "autoscaler.queries": {"capsim_time_to_first_token_seconds": {"query": "histogram_quantile"}},
+        "faults": {"crashes": [{"at_s": 450, "pods": 1}, {"at_s": 900, "pods": 1}]},
+        "pods.startup_s": {"kind": "uniform", "low_s": 20, "high_s": 40},
     })
     sim = Simulation(sc, seed=2)
     assert sim.autoscaling is not None
@@ -272,16 +277,16 @@ def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_rea
     pods = sim.cluster.pods
     for p in pods:  # Prometheus keeps a sample's time to the millisecond
         p.samples = deque((ms(s[0]), *s[1:]) for s in p.samples)
-    gone_at = {p.id: next((s[0] for s in p.samples if len(s) == 1), math.inf) for p in pods}
+    gone_at = {p.id: next((s[0] for s in p.samples if len(s) == 1), math.inf) for p in pods}  # its first marker
     assert len(pods) >= 8 and sum(t < math.inf for t in gone_at.values()) >= 3  # pods came and went
+    assert len(sim.faults.crash_log) == 2
     lag = auto.spec.adapter_lag_s
     reads = [ms(now - lag) for now, *_ in auto.syncs[4::4]]
     series = [s for p in pods for s in _pod_series(p)]
-    per_pod_checked = totals_checked = 0
+    per_pod_checked = totals_checked = resets = 0
     with PrometheusServer(prometheus_binaries, tmp_path, series) as prom:
         for a in reads:
-            for kind, query, q in KIND_QUERIES:
-                w = 60.0 if query != "instant" else auto.spec.query_window_s
+            for kind, query, q, w in KIND_QUERIES:
                 pq = PodQuery(metric=kind, kind=kind, window_s=w, query=query, quantile=q)
                 rule = pq.adapter_query().replace("<<.LabelMatchers>>", 'namespace="default",pod=~"capsim-agent-.*"')
                 got = {dict(k)["pod"]: v for k, v in prom.query(rule.replace("<<.GroupBy>>", "pod"), a).items()}
@@ -303,6 +308,9 @@ def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_rea
                         assert (math.isnan(ours) and math.isnan(theirs)) or ours == pytest.approx(
                             theirs, rel=1e-9, abs=1e-12), (kind, query, q, a, p.id, ours, theirs)
                         per_pod_checked += 1
+                        if query == "rate" and kind in _COUNTER:
+                            values = [s[_COUNTER[kind]] for s in sel]
+                            resets += any(y < x for x, y in itertools.pairwise(values))
                 if skip_total:
                     continue
                 # KEDA's trigger: one number for the Deployment, every series its selector matches
@@ -313,7 +321,7 @@ def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_rea
                 if ours is not None and theirs is not None:
                     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12), (kind, query, q, a, ours, theirs)
                     totals_checked += 1
-    assert per_pod_checked > 2500 and totals_checked > 400, (per_pod_checked, totals_checked)
+    assert per_pod_checked > 2500 and totals_checked > 400 and resets > 5, (per_pod_checked, totals_checked, resets)
 
 
 # ---- every exported query parses ---------------------------------------------------------------------------------

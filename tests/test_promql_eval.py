@@ -139,3 +139,32 @@ def test_a_rate_over_fewer_than_two_scrapes_leaves_reads_empty(window_s: float, 
     reads = [auto.value(pod, "ttft", t, "rate", window_s) for t in range(420, 600)]  # its samples kept to the end
     empty = sum(v is None for v in reads) / len(reads)
     assert (empty == pytest.approx(2 / 3, abs=0.02)) if missing else empty == 0.0
+
+
+def test_a_restarted_container_s_counters_start_from_zero_and_a_rate_counts_through_the_reset() -> None:
+    sc = _two_pods("avg_over_time").override({
+        "autoscaler.minReplicas": 2, "autoscaler.metrics": [{"type": "Pods", "pods": {
+            "metric": {"name": "capsim_time_to_first_token_seconds"},
+            "target": {"type": "AverageValue", "averageValue": "1000"}}}],
+        "autoscaler.queries": {}, "faults": {"crashes": [{"at_s": 450, "pod": 0}]}})
+    sim = Simulation(sc, seed=1)
+    sim.run()
+    auto = sim.autoscaling
+    assert auto is not None
+    pod = sim.cluster.pods[0]
+    rows = list(pod.samples)
+    k = next(i for i, s in enumerate(rows) if len(s) == 1)  # the stale marker of the crash
+    before, first, after = rows[k - 1], rows[k + 1], rows[k + 2]  # the last scrape before, the first two after
+    assert first[5] <= after[5] < before[5] < pod.ttft_count  # /metrics restarted from 0; the pod's tally did not
+    # a rate over a window holding those three: Prometheus's increase through the reset is what came after it (the
+    # slope from the first to the last would be below 0); the mean TTFT is the rate of its sum over its count's
+    a, w = after[0], after[0] - before[0] + 1.0
+    got = auto.value(pod, "ttft", a, "rate", w)
+    sel = [before, first, after]
+    sum_rate = extrapolated_rate([x[0] for x in sel], [x[4] for x in sel], a - w, a)
+    count_rate = extrapolated_rate([x[0] for x in sel], [x[5] for x in sel], a - w, a)
+    assert sum_rate is not None and count_rate is not None and count_rate > 0
+    assert got == pytest.approx(sum_rate / count_rate) and 0 < got < 1
+    # the increase: the reset adds what the counter held before it, so it is the count after the restart
+    sampled = after[0] - before[0]
+    assert count_rate == pytest.approx(after[5] * (sampled + 1.0) / sampled / w)

@@ -143,6 +143,10 @@ class ContinuousPod(Pod):
         """One minus free over total KV blocks (vllm:kv_cache_usage_perc, 0-1)."""
         return self.sched.kv_cache_usage
 
+    def scrape_counters(self) -> tuple[float, ...]:
+        return (self.ttft_sum_s, self.ttft_count, self.itl_sum_s, self.itl_count, self.sched.num_preemptions,
+                self.prompt_tokens, self.generation_tokens)
+
     @property
     def generation_tokens(self) -> int:
         """Tokens generated so far (vllm:generation_tokens_total): those of the requests gone from the engine and

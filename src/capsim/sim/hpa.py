@@ -9,7 +9,8 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   busy ratio (a gauge: busy seconds of the batches finished since the previous scrape over the time since
   it, NaN at a container's first scrape, as ``capsim.core.metrics``), the TTFT histogram's sum and count
   (observed when the pod answers a request, as the real batcher does) and vLLM's series of a
-  continuous-batching pod.
+  continuous-batching pod. Its counters are those since its container started (``Pod.counters_base``): a restarted
+  container's start from 0, as a new process's do.
 * dcgm-exporter's GPU series (``DCGM_FI_DEV_GPU_UTIL``, ``DCGM_FI_PROF_GR_ENGINE_ACTIVE``) are not the pod's: the
   exporter collects them every ``dcgm_collect_interval_s`` at the pod's own phase (the ``dcgm_phase`` stream) from
   when the pod holds its GPU (the busy share of NVML's last ``dcgm_util_period_s``, and of the time since the
@@ -113,13 +114,22 @@ _SERVING = (PodState.READY, PodState.TERMINATING)
 
 
 def _engine_gauges(pod: Pod) -> tuple[float, ...]:
-    """vLLM's view of a pod: waiting, running, KV-cache use, ITL sum (s) and count, preemptions, prompt and
-    generation tokens."""
+    """vLLM's gauges of a pod: waiting, running, KV-cache use."""
     if isinstance(pod, ContinuousPod):
-        return (pod.num_waiting, pod.num_running, pod.kv_cache_usage, pod.itl_sum_s, pod.itl_count,
-                pod.sched.num_preemptions, pod.prompt_tokens, pod.generation_tokens)
+        return (pod.num_waiting, pod.num_running, pod.kv_cache_usage)
     running = sum(b.live_size for b in pod.running)  # a static pod: its batches are what runs
-    return (len(pod.queue), running, math.nan, 0.0, 0, 0, 0, 0)
+    return (len(pod.queue), running, math.nan)
+
+
+def _sample(pod: Pod, at: float, busy: float) -> tuple[Any, ...]:
+    """What a scrape of ``pod``'s /metrics at ``at`` reads (the fields above): its counters since its container
+    started (``Pod.counters_base``), as a restarted process's start from 0."""
+    c, b = pod.scrape_counters(), pod.counters_base
+    buckets, base = pod.ttft_buckets, pod.buckets_base
+    return (at, len(pod.queue), pod.outstanding, busy, c[0] - b[0], c[1] - b[1], *_engine_gauges(pod),
+            *(x - y for x, y in zip(c[2:], b[2:], strict=True)),
+            None if buckets is None else tuple(buckets) if base is None else tuple(
+                x - y for x, y in zip(buckets, base, strict=True)))
 
 
 class Autoscaling:
@@ -246,9 +256,7 @@ class Autoscaling:
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
         elif pod.state in _SERVING:
-            samples.append((at, len(pod.queue), pod.outstanding, self._busy_ratio(pod, at),
-                            pod.ttft_sum_s, pod.ttft_count, *_engine_gauges(pod),
-                            tuple(pod.ttft_buckets) if pod.ttft_buckets is not None else None))
+            samples.append(_sample(pod, at, self._busy_ratio(pod, at)))
         elif samples and len(samples[-1]) > 1:  # the scrape fails: one stale marker, as Prometheus writes
             samples.append((at,))
         while samples and samples[0][0] < at - self._keep_s:

@@ -104,6 +104,10 @@ class Pod:
         self.revision = 0  # the Deployment's pod template it runs (pods.rollouts: a rolling update's new one)
         # (time, busy seconds) when its container last started: its /metrics counters start there
         self.counters_from = (created_s, 0.0)
+        # its counters (``scrape_counters``) when its container last started: /metrics shows them less these, so
+        # a restarted container's counters start from 0, as a new process's do (Prometheus's rate() sees a reset)
+        self.counters_base: tuple[float, ...] = (0.0,) * 7
+        self.buckets_base: tuple[int, ...] | None = None
         # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
@@ -449,6 +453,13 @@ class Pod:
     def container_started(self, now: float) -> None:
         """Its container starts (a first start or a restart): the /metrics counters start afresh."""
         self.counters_from = (now, self.busy_counted_s(now))
+        self.counters_base = self.scrape_counters()
+        self.buckets_base = tuple(self.ttft_buckets) if self.ttft_buckets is not None else None
+
+    def scrape_counters(self) -> tuple[float, ...]:
+        """Its counters since it was created: TTFT sum (s) and count, then vLLM's ITL sum (s) and count,
+        preemptions, prompt and generation tokens (none for a static pod)."""
+        return (self.ttft_sum_s, self.ttft_count, 0.0, 0, 0, 0, 0)
 
     def busy_total_s(self, now: float) -> float:
         """Busy seconds up to ``now`` (the counter a scrape reads)."""
