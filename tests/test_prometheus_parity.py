@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from capsim.export.writer import build_all
 from capsim.model.buckets import TTFT_BUCKETS_S
 from capsim.model.scenario import METRIC_TYPES, QUERIES, Scenario
 from capsim.sim import Simulation
-from capsim.sim.hpa import _BUCKETS, _COUNTER, _FIELD, _HISTOGRAM
+from capsim.sim.hpa import _BUCKETS, _COUNTER, _DCGM_FIELD, _FIELD, _HISTOGRAM
 from capsim.sim.pod import Pod
 from capsim.sim.promql_eval import extrapolated_rate, max_over_time, rate_quantile
 from promserver import PrometheusServer, Series, major_version, ms
@@ -209,6 +210,10 @@ KIND_QUERIES = [(kind, q, 0.99, 60.0) for kind in ("queue_depth", "in_flight", "
 KIND_QUERIES += [(kind, "rate", 0.99, w) for kind in ("preemptions", "prompt_tokens", "generation_tokens", "ttft", "itl")
                  for w in (60.0, 300.0)]
 KIND_QUERIES += [("ttft", "histogram_quantile", 0.5, 60.0), ("ttft", "histogram_quantile", 0.99, 300.0)]
+# dcgm-exporter's gauges, one series per GPU labelled with the pod that holds it (exported_pod: the Helm chart's way)
+KIND_QUERIES += [(kind, q, 0.99, 60.0) for kind in ("gpu_util", "gr_active")
+                 for q in ("instant", "avg_over_time", "max_over_time")]
+DCGM_LABELS = ("exported_namespace", "exported_pod")
 
 
 def _rush() -> Simulation:
@@ -221,12 +226,16 @@ def _rush() -> Simulation:
         "autoscaler.min_replicas": 2, "pods.replicas": 2,
         "autoscaler.behavior.scaleDown.stabilizationWindowSeconds": 60,
         "autoscaler.behavior.scaleDown.policies": [{"type": "Percent", "value": 50, "periodSeconds": 15}],
-        # a second metric, so the pods count their TTFT per bucket (a quantile needs the buckets)
+        # more metrics, so the pods count their TTFT per bucket (a quantile needs the buckets) and dcgm-exporter
+        # collects their GPUs (neither target is ever reached)
         "autoscaler.metrics": [
             {"type": "Pods", "pods": {"metric": {"name": "vllm:num_requests_waiting"},
                                       "target": {"type": "AverageValue", "averageValue": "4"}}},
             {"type": "Pods", "pods": {"metric": {"name": "capsim_time_to_first_token_seconds"},
-                                      "target": {"type": "AverageValue", "averageValue": "30"}}}],
+                                      "target": {"type": "AverageValue", "averageValue": "30"}}},
+            {"type": "Pods", "pods": {"metric": {"name": "DCGM_FI_DEV_GPU_UTIL"},
+                                      "target": {"type": "AverageValue", "averageValue": "1000"}}}],
+        "autoscaler.dcgm_collect_interval_s": 10,
         "autoscaler.queries": {"capsim_time_to_first_token_seconds": {"query": "histogram_quantile"}},
         "faults": {"crashes": [{"at_s": 450, "pods": 1}, {"at_s": 900, "pods": 1}]},
         "pods.startup_s": {"kind": "uniform", "low_s": 20, "high_s": 40},
@@ -259,6 +268,14 @@ def _pod_series(pod: Pod) -> list[Series]:
     return out
 
 
+def _dcgm_series(pid: int, samples: Sequence[tuple[float, ...]]) -> list[Series]:
+    """A pod's GPU as dcgm-exporter's series hold it: labelled with the exporter's own pod and the GPU's pod."""
+    labels = {"namespace": "gpu-operator", "pod": "nvidia-dcgm-exporter-x7k2q", "gpu": "0",
+              "exported_namespace": "default", "exported_pod": POD.format(pid)}
+    rows = [s for s in samples if len(s) > 1]
+    return [(SERIES[kind], labels, [(s[0], float(s[k])) for s in rows]) for kind, k in _DCGM_FIELD.items() if rows]
+
+
 def _rate_inputs(kind: str, query: str, sel: list[tuple[Any, ...]]) -> list[list[tuple[float, float]]]:
     """The counters a rate-based query of ``kind`` reads, as (time, value) series."""
     if query == "histogram_quantile":
@@ -275,31 +292,40 @@ def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_rea
     auto = sim.autoscaling
     assert auto is not None
     pods = sim.cluster.pods
+    dcgm = auto.dcgm_samples
     for p in pods:  # Prometheus keeps a sample's time to the millisecond
         p.samples = deque((ms(s[0]), *s[1:]) for s in p.samples)
-    gone_at = {p.id: next((s[0] for s in p.samples if len(s) == 1), math.inf) for p in pods}  # its first marker
+        dcgm[p.id] = deque((ms(s[0]), *s[1:]) for s in dcgm.get(p.id, ()))
+
+    def first_marker(samples: Sequence[tuple[float, ...]]) -> float:
+        return next((s[0] for s in samples if len(s) == 1), math.inf)
+
+    gone_at = {p.id: first_marker(p.samples) for p in pods}
+    dcgm_gone_at = {p.id: first_marker(dcgm[p.id]) for p in pods}
     assert len(pods) >= 8 and sum(t < math.inf for t in gone_at.values()) >= 3  # pods came and went
     assert len(sim.faults.crash_log) == 2
     lag = auto.spec.adapter_lag_s
     reads = [ms(now - lag) for now, *_ in auto.syncs[4::4]]
-    series = [s for p in pods for s in _pod_series(p)]
-    per_pod_checked = totals_checked = resets = 0
+    series = [s for p in pods for s in (*_pod_series(p), *_dcgm_series(p.id, dcgm[p.id]))]
+    per_pod_checked = totals_checked = resets = gpu_checked = 0
     with PrometheusServer(prometheus_binaries, tmp_path, series) as prom:
         for a in reads:
             for kind, query, q, w in KIND_QUERIES:
+                gpu = kind in _DCGM_FIELD
+                ns, by = DCGM_LABELS if gpu else ("namespace", "pod")
                 pq = PodQuery(metric=kind, kind=kind, window_s=w, query=query, quantile=q)
-                rule = pq.adapter_query().replace("<<.LabelMatchers>>", 'namespace="default",pod=~"capsim-agent-.*"')
-                got = {dict(k)["pod"]: v for k, v in prom.query(rule.replace("<<.GroupBy>>", "pod"), a).items()}
+                rule = pq.adapter_query().replace("<<.LabelMatchers>>", f'{ns}="default",{by}=~"capsim-agent-.*"')
+                got = {dict(k)[by]: v for k, v in prom.query(rule.replace("<<.GroupBy>>", by), a).items()}
                 skip_total = False
                 for p in pods:
                     name = POD.format(p.id)
-                    sel = [s for s in p.samples if a - w < s[0] <= a and len(s) > 1]
-                    skip = (query == "instant" and gone_at[p.id] <= a) or _on_left_edge(
-                        [(s[0], 0.0) for s in p.samples], a - w)
+                    rows, ended = (dcgm[p.id], dcgm_gone_at[p.id]) if gpu else (p.samples, gone_at[p.id])
+                    sel = [s for s in rows if a - w < s[0] <= a and len(s) > 1]
+                    skip = (query == "instant" and ended <= a) or _on_left_edge([(s[0], 0.0) for s in rows], a - w)
                     if query in ("rate", "histogram_quantile") and version < 3 and len(sel) > 1:
                         skip = skip or any(_differs_in_v2(x, a - w) for x in _rate_inputs(kind, query, sel))
                     if skip:
-                        skip_total = skip_total or gone_at[p.id] > a - 300  # the total holds what we skipped
+                        skip_total = skip_total or ended > a - 300  # the total holds what we skipped
                         continue
                     ours = auto.value(p, kind, a + lag, query, w, q)
                     theirs = got.get(name)
@@ -314,14 +340,16 @@ def test_every_exported_query_reads_in_prometheus_what_the_simulated_adapter_rea
                 if skip_total:
                     continue
                 # KEDA's trigger: one number for the Deployment, every series its selector matches
-                total = prom.query(pq.deployment_total("default", "capsim-agent"), a)
+                total = prom.query(pq.deployment_total("default", "capsim-agent", DCGM_LABELS), a)
                 ours = auto._external_total(sim.cluster.live_pods, kind, a + lag, query, w, q)
                 theirs = next(iter(total.values()), None)
                 assert (ours is None) == (theirs is None), (kind, query, a, ours, theirs)
                 if ours is not None and theirs is not None:
                     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12), (kind, query, q, a, ours, theirs)
                     totals_checked += 1
+                    gpu_checked += gpu
     assert per_pod_checked > 2500 and totals_checked > 400 and resets > 5, (per_pod_checked, totals_checked, resets)
+    assert gpu_checked > 60, gpu_checked
 
 
 # ---- every exported query parses ---------------------------------------------------------------------------------
