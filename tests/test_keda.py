@@ -361,6 +361,8 @@ def test_simulate_says_when_keda_went_to_zero_and_writes_its_polls(tmp_path: Any
     polls = (tmp_path / "run" / "keda_polls.csv").read_text().splitlines()
     assert polls[0] == "time_s,active,error,replicas,set_replicas" and len(polls) == 1 + 2400 // 30
     assert (tmp_path / "run" / "scale_events.csv").read_text().startswith("time_s,from_replicas,to_replicas,by\n")
+    syncs = (tmp_path / "run" / "hpa_syncs.csv").read_text().splitlines()  # the HPA KEDA made: each sync's reads
+    assert syncs[0].startswith("time_s,current,desired,") and syncs[0].endswith(" proposal") and len(syncs) > 100
     (wake,) = [line for line in out.splitlines() if line.startswith("note: a request at")]
     assert wake.startswith("note: a request at 1500 s found no pod: keda woke the Deployment 31 s later"), wake
     assert "its pod was ready 20 s after that; first token 53 s after the request" in wake

@@ -173,3 +173,34 @@ def test_every_decision_matches_the_policy_replayed_on_the_same_samples(
         assert replay.reconcile(t, current, [proposal]) == desired, f"decision at {t} s"
     changes = sum(1 for _, c, d, _ in syncs if c != d)
     assert (changes == 0) == (written >= 0.05), (written, changes)  # only a tight band makes it act
+
+
+def test_each_sync_s_reads_and_proposals_say_which_metric_drove_it() -> None:
+    """``SimResult.hpa_syncs``: per sync, each metric's value and proposal. The busy ratio drives the step; queue
+    depth, at a target it never reaches, proposes fewer; the count set is the larger proposal within the bounds,
+    the rate limits and (down) the stabilization window."""
+    sc = step_scenario()
+    metrics = [*sc.autoscaler.metrics, {  # type: ignore[union-attr]
+        "type": "Pods", "pods": {"metric": {"name": "capsim_queue_depth"},
+                                 "target": {"type": "AverageValue", "averageValue": "1000"}}}]
+    sim = Simulation(sc.override({"autoscaler.metrics": metrics}), seed=0)
+    r = sim.run()
+    f = r.hpa_syncs
+    assert sim.autoscaling is not None
+    busy, queue = "capsim_gpu_busy_ratio", "capsim_queue_depth"
+    assert list(f.columns) == ["time_s", "current", "desired", busy, queue, f"{busy} proposal", f"{queue} proposal"]
+    assert len(f) == len(sim.autoscaling.syncs) > 100
+    assert f[["time_s", "current", "desired"]].to_numpy().tolist() == [list(s[:3]) for s in sim.autoscaling.syncs]
+    same = [(v == s[3]) or (math.isnan(v) and math.isnan(s[3])) for v, s in zip(f[busy], sim.autoscaling.syncs,
+                                                                              strict=True)]
+    assert all(same)  # the first metric's value is what the time series has as hpa_metric
+    ups = f[f["desired"] > f["current"]]
+    assert not ups.empty
+    # a scale-up goes no further than the largest proposal, and is the busy ratio's: the queue, 1000 a pod, proposes
+    # fewer (at most 5, in the step's backlog)
+    assert (ups["desired"] <= ups[[f"{busy} proposal", f"{queue} proposal"]].max(axis=1)).all()
+    assert (ups[f"{busy} proposal"] > ups[f"{queue} proposal"]).all()
+    assert f[f"{queue} proposal"].max() < f[f"{busy} proposal"].max()
+    first = f.iloc[0]  # before Prometheus holds a sample: both reads failed, neither proposed
+    assert math.isnan(first[busy]) and first[f"{busy} proposal"] == -1 == first[f"{queue} proposal"]
+    assert f[busy].dropna().between(0, 1).all() and (f[queue].dropna() >= 0).all()

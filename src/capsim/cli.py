@@ -463,6 +463,9 @@ def simulate(
             result.placements.to_csv(out / "placements.csv", index=False)
             result.node_events.to_csv(out / "node_events.csv", index=False)
             written += ["nodes.csv", "placements.csv", "node_events.csv"]
+        if sc.autoscaler is not None:  # each sync of the HPA: what each metric read and proposed
+            result.hpa_syncs.to_csv(out / "hpa_syncs.csv", index=False)
+            written.append("hpa_syncs.csv")
         if sc.autoscaler is not None and sc.autoscaler.keda is not None:  # each poll of KEDA's operator
             result.keda_polls.to_csv(out / "keda_polls.csv", index=False)
             written.append("keda_polls.csv")

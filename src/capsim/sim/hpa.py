@@ -151,6 +151,9 @@ class Autoscaling:
         self._external = [(m.type == "External", m.target_type) for m in self.hpa.metrics]
         self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
         self.syncs: list[tuple[float, int, int, float]] = []  # (time, current, desired, first metric)
+        #: per sync, each metric's value as the HPA read it (NaN: it failed) and the replicas it proposed (-1: none);
+        #: ``SimResult.hpa_syncs``
+        self.metric_reads: list[tuple[float, ...]] = []
         longest = max([spec.query_window_s] + [w for _, _, _, w, _ in self.metrics])
         self._keep_s = max(longest, LOOKBACK_S) + spec.adapter_lag_s + spec.scrape_interval_s
         self._offsets = sim.streams["scrape_offsets"]
@@ -446,6 +449,17 @@ class Autoscaling:
             return None
         return max_over_time(sel) if query == "max_over_time" else sum(sel) / len(sel)
 
+    def syncs_frame(self) -> Any:
+        """``SimResult.hpa_syncs``: a row per sync of the HPA controller: its time, the Deployment's count, the count
+        it set, and per metric (by name) the value it read (a Pods metric's mean over the pods with a value, an
+        External metric's total; NaN where the read failed) and the count that metric proposed (-1: none)."""
+        import pandas as pd
+
+        names = [m.name for m in self.hpa.metrics]
+        columns = ["time_s", "current", "desired", *names, *(f"{n} proposal" for n in names)]
+        frame = pd.DataFrame(self.metric_reads, columns=columns)
+        return frame.astype({c: int for c in ("current", "desired", *columns[3 + len(names):])})
+
     # ---- the controller ---------------------------------------------------------------------------------
     def _sync(self, first_s: float) -> Generator[Any, Any, None]:
         env = self.sim.env
@@ -458,6 +472,7 @@ class Autoscaling:
             current = cluster.desired
             pods = cluster.live_pods
             proposals: list[int | None] = []
+            read: list[float] = []  # each metric's value, as the HPA's status would show it
             down = self._prometheus_down(now)  # every query fails
             health = self.keda_health
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
@@ -481,26 +496,25 @@ class Autoscaling:
                         value_target = target_type == "Value"
                         ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
                         total = health.read(k, total, failed, target, current, value_target, ready)
-                    if k == 0:
-                        self.last_value = math.nan if total is None else total
+                    read.append(math.nan if total is None else total)
                     proposals.append(None if total is None else self._external_replicas(
                         pods, current, total, target, target_type == "Value", tol))
                     continue
                 if fails:
-                    if k == 0:
-                        self.last_value = math.nan
+                    read.append(math.nan)
                     proposals.append(None)
                     continue
                 samples = [self._sample(p, metric, now, query, window_s, quantile) for p in pods]
-                if k == 0:
-                    vals = [s.value for s in samples if s.value is not None]
-                    self.last_value = sum(vals) / len(vals) if vals else math.nan
+                vals = [s.value for s in samples if s.value is not None]
+                read.append(sum(vals) / len(vals) if vals else math.nan)  # the mean over the pods with a value
                 try:
                     proposals.append(pods_metric_replicas(current, samples, target, tol))
                 except ValueError:  # no pods or no samples: the metric failed this sync
                     proposals.append(None)
             desired = self.hpa.reconcile(now, current, proposals)
+            self.last_value = read[0]
             self.syncs.append((now, current, desired, self.last_value))
+            self.metric_reads.append((now, current, desired, *read, *(-1 if p is None else p for p in proposals)))
             if desired != current:
                 cluster.scale_to(desired, now)
                 self.discover(now)

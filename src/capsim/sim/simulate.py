@@ -91,6 +91,9 @@ class SimResult:
     # pause) and failed, and what undid it (canary_failed_by: undo_if_restarted, or the limits whose failures passed
     # check_failure_limit, their field names joined by " and "; empty: nothing)
     rollouts: Any = None
+    # DataFrame: time_s, current, desired, then per HPA metric (by name) the value it read and ``<name> proposal``, the
+    # count it proposed (-1: none); a row per sync (``Autoscaling.syncs_frame``; empty without an autoscaler)
+    hpa_syncs: Any = None
 
 
 #: the columns of ``SimResult.rollouts``
@@ -363,6 +366,7 @@ class Simulation:
             slowdowns=pd.DataFrame(self.faults.slow_log, columns=["start_s", "end_s", "pod", "factor"]),
             skipped_slowdowns=pd.DataFrame(self.faults.slow_skipped, columns=["time_s", "pod", "why"]),
             rollouts=self._rollouts_frame(),
+            hpa_syncs=self.autoscaling.syncs_frame() if self.autoscaling else pd.DataFrame(),
             provenance={
                 "scenario": sc.model_dump(mode="json", by_alias=True),
                 "scenario_file": str(sc.source) if sc.source else None,
