@@ -79,6 +79,8 @@ def test_an_inter_token_latency_quantile_is_refused_by_name() -> None:
 
 
 def _two_pods(query: str) -> Scenario:
+    """Two static pods, a KEDA-style External metric on their busy ratio read by ``query`` over 120 s (its target
+    never reached: the count moves only as a test moves it), scraped every 15 s with no adapter lag."""
     spec: dict[str, Any] = {
         "horizon_s": 600,
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 4.0}},
@@ -107,7 +109,16 @@ def test_a_deleted_pod_counts_in_a_range_query_of_the_deployment_while_its_windo
     def scale_down_then_read() -> Generator[Any, Any, None]:
         yield sim.env.timeout(200.0)
         sim.cluster.scale_to(1, 200.0)  # the HPA's way: one of the two goes
-        yield sim.env.timeout(60.0)
+        while not any(p.state == PodState.GONE for p in sim.cluster.pods):
+            yield sim.env.timeout(0.25)
+        (gone,) = [p for p in sim.cluster.pods if p.state == PodState.GONE]
+        now = sim.env.now  # deleted, not yet scraped again: no stale marker yet, its samples in the sum already
+        seen.update(unmarked=len(gone.samples[-1]) > 1, at_once=auto._external_total(
+            sim.cluster.live_pods, "busy", now, query, 120.0, 0.99), theirs_at_once=auto.value(
+            gone, "busy", now, query, 120.0), own_at_once=sum(
+            v for v in (auto.value(p, "busy", now, query, 120.0) for p in sim.cluster.live_pods)
+            if v is not None and not math.isnan(v)))
+        yield sim.env.timeout(260.0 - now)
         (gone,) = [p for p in sim.cluster.pods if p.state == PodState.GONE]
         live = sim.cluster.live_pods  # the other, and the one the HPA made to get back to its stabilised 2
         values = [auto.value(p, "busy", 260.0, query, 120.0) for p in live]
@@ -119,7 +130,10 @@ def test_a_deleted_pod_counts_in_a_range_query_of_the_deployment_while_its_windo
     sim.env.process(scale_down_then_read())
     sim.run()
     assert seen["marker"] and seen["live"] == 2  # the deleted pod's series ended with a stale marker
-    if query == "instant":  # which an instant query stops at: it is no longer in the result
+    assert seen["unmarked"] and seen["theirs_at_once"] is not None and seen["theirs_at_once"] > 0
+    # at once, as in Prometheus until the deleted pod's next scrape, its newest sample counts, even in an instant query
+    assert seen["at_once"] == pytest.approx(seen["own_at_once"] + seen["theirs_at_once"])
+    if query == "instant":  # after its marker an instant query no longer finds it
         assert seen["theirs"] is None and seen["total"] == seen["own"]
     else:  # its samples before the marker still count, as they do in Prometheus's sum
         assert 0.2 < seen["theirs"] < 0.8 and seen["total"] == pytest.approx(seen["own"] + seen["theirs"])

@@ -1087,6 +1087,8 @@ class Cluster:
         """``pod`` is gone at ``now``: off the live pods, its busy seconds kept in ``gone_busy_s``."""
         if self._alive.pop(pod.id, None) is not None:
             self.gone_busy_s += pod.busy_total_s(now)
+            if self.sim.autoscaling is not None:  # Prometheus keeps its series: range queries still read them
+                self.sim.autoscaling.retire(pod)
 
     def container_running(self, pod: Pod) -> bool:
         """Whether ``pod``'s container runs: started, not crashed (the pod's phase is Running, not Pending)."""

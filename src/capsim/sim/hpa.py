@@ -267,6 +267,11 @@ class Autoscaling:
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
 
+    def retire(self, pod: Pod) -> None:
+        """``pod`` is deleted: a KEDA trigger's sum still reads its samples in a range query's window (its next scrape
+        writes the stale marker, when Prometheus finds it gone)."""
+        self._retired[pod.id] = pod
+
     def _forget_retired(self, now: float) -> None:
         old = now - self._keep_s
         for pid, pod in list(self._retired.items()):

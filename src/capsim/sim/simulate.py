@@ -215,6 +215,7 @@ class Simulation:
         if scenario.service.kind == "profile":
             self.profile_path = str(profile.source if profile is not None else scenario.service.profile)
         self.faults = Faults(self)
+        self.autoscaling: Autoscaling | None = None  # made once the pods are (below)
         self.cluster = Cluster(self)
         rs = scenario.router
         self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
@@ -223,7 +224,8 @@ class Simulation:
                              outlier_settings(rs.outlier_ejection))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
-        self.autoscaling = Autoscaling(self) if scenario.autoscaler is not None else None
+        if scenario.autoscaler is not None:
+            self.autoscaling = Autoscaling(self)
         self.timeseries = Timeseries(CONTINUOUS_COLUMNS if self.continuous is not None else ())
         self.env.process(self._sample())
         # cost is measured over the window the latencies are: from warmup_s to the horizon
