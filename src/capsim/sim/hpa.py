@@ -112,6 +112,38 @@ _DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
 
 _SERVING = (PodState.READY, PodState.TERMINATING)
 
+Samples = deque[tuple[Any, ...]]  # a series as Prometheus holds it, oldest first; a 1-tuple (time,): a stale marker
+
+
+def _mark_stale(samples: Samples, at: float) -> None:
+    """The series ends at ``at`` (its target failed or left): one stale marker, as Prometheus writes."""
+    if samples and len(samples[-1]) > 1:
+        samples.append((at,))
+
+
+def _trim(samples: Samples, old: float) -> None:
+    """Drop the samples from before ``old``, which no query reads any longer."""
+    while samples and samples[0][0] < old:
+        samples.popleft()
+
+
+def _instant(samples: Samples, k: int, a: float) -> float | None:
+    """Field ``k`` of the newest sample at or before ``a``, within the lookback; None after a stale marker."""
+    for s in reversed(samples):
+        if s[0] <= a:
+            return float(s[k]) if len(s) > 1 and s[0] > a - LOOKBACK_S else None
+    return None
+
+
+def _in_window(samples: Samples, a: float, window_s: float) -> list[tuple[Any, ...]]:
+    """The samples a range query at ``a`` over ``window_s`` reads: those in ``(a - window_s, a]``, markers skipped."""
+    return [s for s in samples if a - window_s < s[0] <= a and len(s) > 1]
+
+
+def _over_time(query: str, values: list[float]) -> float:
+    """``avg_over_time`` (a NaN makes it NaN) or ``max_over_time`` of a window's values."""
+    return max_over_time(values) if query == "max_over_time" else sum(values) / len(values)
+
 
 def _engine_gauges(pod: Pod) -> tuple[float, ...]:
     """vLLM's gauges of a pod: waiting, running, KV-cache use."""
@@ -149,10 +181,8 @@ class Autoscaling:
                         for m in self.hpa.metrics[:self._n_prom]]
         self.metrics += [("cron", 1.0, "instant", spec.query_window_s, 0.99)] * len(self._cron)
         self._external = [(m.type == "External", m.target_type) for m in self.hpa.metrics]
-        self.last_value = math.nan  # the first metric's mean over pods with a value, as the HPA last saw it
-        self.syncs: list[tuple[float, int, int, float]] = []  # (time, current, desired, first metric)
-        #: per sync, each metric's value as the HPA read it (NaN: it failed) and the replicas it proposed (-1: none);
-        #: ``SimResult.hpa_syncs``
+        #: per sync: time, current and desired replicas, each metric's value as the HPA read it (NaN: it failed),
+        #: then the replicas each proposed (-1: none); ``SimResult.hpa_syncs``
         self.metric_reads: list[tuple[float, ...]] = []
         longest = max([spec.query_window_s] + [w for _, _, _, w, _ in self.metrics])
         self._keep_s = max(longest, LOOKBACK_S) + spec.adapter_lag_s + spec.scrape_interval_s
@@ -163,7 +193,7 @@ class Autoscaling:
         self._dcgm = any(kind in DCGM_METRIC_KINDS for kind, *_ in self.metrics)
         self._dcgm_phases = sim.streams["dcgm_phase"]
         self._dcgm_seen = 0  # pods given their collection phase so far
-        self.dcgm_samples: dict[int, deque[tuple[float, ...]]] = {}  # a 1-tuple: a stale marker
+        self.dcgm_samples: dict[int, Samples] = {}
         self._dcgm_last: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
         self._dcgm_value: dict[int, tuple[float, float]] = {}  # pod id -> (GPU util %, engine active) collected
         #: (time, pod id, GPU util %, engine active) per collection of a pod that holds a GPU
@@ -250,22 +280,30 @@ class Autoscaling:
         samples = pod.samples
         if pod.state == PodState.GONE:
             # a deleted pod leaves Prometheus's targets: a stale marker ends its series (an instant query finds it
-            # no more), while its samples stay for a range query whose window holds them (a KEDA trigger's sum)
-            if samples and len(samples[-1]) > 1:
-                samples.append((at,))
+            # no more), while its samples stay for a range query whose window holds them (a KEDA trigger's sum;
+            # ``retire``)
+            _mark_stale(samples, at)
             self._busy_mark.pop(pod.id, None)
-            self._retired[pod.id] = pod
             return
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
         elif pod.state in _SERVING:
             samples.append(_sample(pod, at, self._busy_ratio(pod, at)))
-        elif samples and len(samples[-1]) > 1:  # the scrape fails: one stale marker, as Prometheus writes
-            samples.append((at,))
-        while samples and samples[0][0] < at - self._keep_s:
-            samples.popleft()
+        else:  # the scrape fails: the series ends
+            _mark_stale(samples, at)
+        _trim(samples, at - self._keep_s)
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
+
+    @property
+    def syncs(self) -> list[tuple[float, int, int, float]]:
+        """(time, current, desired, the first metric's value) per sync."""
+        return [(r[0], int(r[1]), int(r[2]), r[3]) for r in self.metric_reads]
+
+    @property
+    def last_value(self) -> float:
+        """The first metric's value at the last sync (a Pods metric's mean over the pods with a value; NaN: none)."""
+        return self.metric_reads[-1][3] if self.metric_reads else math.nan
 
     def retire(self, pod: Pod) -> None:
         """``pod`` is deleted: a KEDA trigger's sum still reads its samples in a range query's window (its next scrape
@@ -276,9 +314,9 @@ class Autoscaling:
         old = now - self._keep_s
         for pid, pod in list(self._retired.items()):
             dcgm = self.dcgm_samples.get(pid)
-            for samples in (pod.samples, dcgm):
-                while samples and samples[0][0] < old:
-                    samples.popleft()
+            _trim(pod.samples, old)
+            if dcgm:
+                _trim(dcgm, old)
             if not pod.samples and not dcgm:
                 del self._retired[pid]
                 self.dcgm_samples.pop(pid, None)
@@ -348,16 +386,13 @@ class Autoscaling:
         if samples is None:  # deleted, and its samples forgotten
             return
         if pod.state == PodState.GONE:  # the exporter no longer labels a series with the pod: it goes stale
-            if samples and len(samples[-1]) > 1:
-                samples.append((self.sim.env.now,))
-            self._retired[pod.id] = pod
+            _mark_stale(samples, self.sim.env.now)
             return
         now = self.sim.env.now
         value = self._dcgm_value.get(pod.id)
         if value is not None and not self._prometheus_down(now):
             samples.append((now, *value))
-        while samples and samples[0][0] < now - self._keep_s:
-            samples.popleft()
+        _trim(samples, now - self._keep_s)
         Timeout(self.sim.env, self.spec.scrape_interval_s, pod).callbacks.append(self._dcgm_scrape)
 
     def _scrape_gateway(self, ev: Timeout) -> None:
@@ -365,14 +400,13 @@ class Autoscaling:
         client = self.sim.client
         if not self._prometheus_down(now):
             self.gateway_samples.append((now, client.n_arrived + client.n_retries))
-        while self.gateway_samples and self.gateway_samples[0][0] < now - self._keep_s:
-            self.gateway_samples.popleft()
+        _trim(self.gateway_samples, now - self._keep_s)
         Timeout(self.sim.env, self.spec.scrape_interval_s).callbacks.append(self._scrape_gateway)
 
     def gateway_rate(self, now: float, window_s: float) -> float | None:
         """``rate(capsim_gateway_requests_total[window])`` as the adapter answers at ``now`` (attempts/s)."""
         a = now - self.spec.adapter_lag_s
-        sel = [s for s in self.gateway_samples if a - window_s < s[0] <= a]
+        sel = _in_window(self.gateway_samples, a, window_s)
         return extrapolated_rate([s[0] for s in sel], [s[1] for s in sel], a - window_s, a)
 
     def _busy_ratio(self, pod: Pod, now: float) -> float:
@@ -403,22 +437,14 @@ class Autoscaling:
         if metric in _DCGM_FIELD:
             return self._dcgm_value_at(pod, metric, a, query, window_s)
         if query == "instant":
-            lo = a - LOOKBACK_S
-            for s in reversed(pod.samples):
-                if s[0] <= a:
-                    if len(s) == 1:  # a stale marker: the series ended
-                        return None
-                    return float(s[_FIELD[metric]]) if s[0] > lo else None
-            return None
+            return _instant(pod.samples, _FIELD[metric], a)
         lo = a - window_s
-        sel = [s for s in pod.samples if lo < s[0] <= a and len(s) > 1]  # stale markers skipped
+        sel = _in_window(pod.samples, a, window_s)
         if not sel:
             return None
-        if query == "avg_over_time":
+        if query in ("avg_over_time", "max_over_time"):
             k = _FIELD[metric]
-            return float(sum(s[k] for s in sel)) / len(sel)  # a NaN sample makes it NaN
-        if query == "max_over_time":
-            return max_over_time([float(s[_FIELD[metric]]) for s in sel])
+            return _over_time(query, [float(s[k]) for s in sel])
         # rate() and what is built on it: Prometheus's extrapolated rate (capsim.sim.promql_eval)
         times = [s[0] for s in sel]
         if query == "histogram_quantile":
@@ -445,14 +471,9 @@ class Autoscaling:
             return None
         k = _DCGM_FIELD[metric]
         if query == "instant":
-            for s in reversed(samples):
-                if s[0] <= a:  # a stale marker (the pod deleted): no series
-                    return s[k] if s[0] > a - LOOKBACK_S and len(s) > 1 else None
-            return None
-        sel = [s[k] for s in samples if a - window_s < s[0] <= a and len(s) > 1]
-        if not sel:
-            return None
-        return max_over_time(sel) if query == "max_over_time" else sum(sel) / len(sel)
+            return _instant(samples, k, a)
+        sel = [s[k] for s in _in_window(samples, a, window_s)]
+        return _over_time(query, sel) if sel else None
 
     def syncs_frame(self) -> Any:
         """``SimResult.hpa_syncs``: a row per sync of the HPA controller: its time, the Deployment's count, the count
@@ -517,8 +538,6 @@ class Autoscaling:
                 except ValueError:  # no pods or no samples: the metric failed this sync
                     proposals.append(None)
             desired = self.hpa.reconcile(now, current, proposals)
-            self.last_value = read[0]
-            self.syncs.append((now, current, desired, self.last_value))
             self.metric_reads.append((now, current, desired, *read, *(-1 if p is None else p for p in proposals)))
             if desired != current:
                 cluster.scale_to(desired, now)
