@@ -481,3 +481,9 @@ def test_rate_window_short_fires_below_two_scrapes(rush: Scenario) -> None:
     (f,) = _fired(s, "rate-window-short")
     assert f.path == "autoscaler.query_window_s"
     assert not _fired(s.override({"autoscaler.query_window_s": 30}), "rate-window-short")
+    # a counter's default window is the adapter's rate interval (300 s), which only its query sets
+    gw = rush.override({"autoscaler.metrics": [{"type": "External", "external": {
+        "metric": {"name": "capsim_gateway_requests_total"}, "target": {"type": "AverageValue", "averageValue": "5"}}}],
+        "autoscaler.scrape_interval_s": 200})
+    (f,) = _fired(gw, "rate-window-short")
+    assert f.path == "autoscaler.queries.capsim_gateway_requests_total.window_s" and "rate over 300 s" in f.message

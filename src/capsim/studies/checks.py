@@ -176,12 +176,14 @@ from typing import Literal
 from capsim.model.profile import ProfileError, ServiceTimeProfile
 from capsim.model.scenario import (
     DCGM_METRIC_KINDS,
+    METRIC_TYPES,
     POD_METRIC_ALIASES,
     Autoscaler,
     Rollout,
     Scenario,
     Tokens,
     TraceArrivals,
+    metric_kind,
 )
 from capsim.model.scenario_limits import max_pods
 from capsim.policy.rollout import RollingUpdate
@@ -1271,8 +1273,11 @@ def _rate_window(scenario: Scenario) -> list[Finding]:
         if query not in ("rate", "histogram_quantile") or window >= 2 * every:
             continue
         q = auto.queries.get(m.name)
-        path = (f"autoscaler.queries.{m.name}.window_s" if q is not None and q.window_s is not None
-                else "autoscaler.query_window_s")
+        # a histogram's window is query_window_s unless its query sets one; a counter's is the adapter's rate
+        # interval, which only its query can change
+        own = q is not None and q.window_s is not None
+        counter = METRIC_TYPES.get(metric_kind(m.name)) == "counter"
+        path = f"autoscaler.queries.{m.name}.window_s" if own or counter else "autoscaler.query_window_s"
         out.append(Finding(
             path, f"metrics.{i} ({m.name}) reads a {query} over {window:g} s of samples scraped every {every:g} s "
             f"(autoscaler.scrape_interval_s): a rate needs two samples in its window, and this one holds at most "
