@@ -27,6 +27,7 @@ from capsim.export.writer import build_all
 from capsim.model.buckets import TTFT_BUCKETS_S
 from capsim.model.scenario import METRIC_TYPES, QUERIES, Scenario
 from capsim.sim import Simulation
+from capsim.sim.analysis import _increase
 from capsim.sim.hpa import _BUCKETS, _COUNTER, _DCGM_FIELD, _FIELD, _HISTOGRAM
 from capsim.sim.pod import Pod
 from capsim.sim.promql_eval import extrapolated_rate, max_over_time, rate_quantile
@@ -399,3 +400,135 @@ def test_every_query_the_export_writes_parses_in_prometheus(prometheus_binaries:
     with PrometheusServer(prometheus_binaries, tmp_path, [("up", {}, [(0.0, 1.0)])]) as prom:
         refused = {q: err for q in sorted(queries) if (err := prom.check(_filled(q))) is not None}
     assert not refused, refused
+
+
+# ---- the canary analysis: the exported AnalysisTemplate's queries over the simulated scrapes -------------------
+CANARY = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "canary_rush.yaml"
+
+
+def _canary_run() -> Simulation:
+    """The canary of the rush with the engine flag ``--max-model-len 4096`` (its pods turn the longest turns away:
+    errors only they make), measured through the pause every 30 s over a minute from the deploy, so that windows
+    hold the canary's pods starting; two pods crash in the pause (their containers restart, counters from 0) and
+    Redis is out for 20 s (every pod answers 503 to the turns it cannot read: error series that appear inside a
+    window). Every limit is set so that none undoes it (the first measurements, before its pods answer, fail): the
+    canary stays to be read."""
+    sc = Scenario.from_yaml(CANARY).override({
+        "horizon_s": 2700,
+        "pods.rollouts": [
+            {"at_s": 1900, "batching": {"max_model_len": 4096}}, {"at_s": 1900, "pause": True},
+            {"at_s": 2600, "resume": True, "undo_if_ttft_p99_over_baseline": 100, "undo_if_itl_mean_over_baseline": 100,
+             "undo_if_error_rate_over": 0.99, "check_window_s": 60, "check_interval_s": 30,
+             "check_failure_limit": 30, "error_rate_source": "gateway"}],
+        "faults.crashes": [{"at_s": 2250, "pods": 2}],
+        "faults.redis_outages": [{"at_s": 2400, "duration_s": 20}],
+    })
+    sim = Simulation(sc, seed=1)
+    analysis = sim.cluster.analysis
+    assert analysis is not None
+    analysis._keep_s = 1e9  # keep every scrape, to read any time afterwards
+    sim.run()
+    for rows in analysis.scrapes.values():  # Prometheus keeps a sample's time to the millisecond
+        rows_ms = deque((ms(s[0]), *s[1:]) for s in rows)
+        rows.clear()
+        rows.extend(rows_ms)
+    gateway = deque((ms(t), c) for t, c in analysis.gateway)
+    analysis.gateway.clear()
+    analysis.gateway.extend(gateway)
+    return sim
+
+
+def _analysis_series(sim: Simulation) -> list[Series]:
+    """The canary run's scrapes as the series Prometheus holds: each pod's TTFT buckets, ITL sum and count and its
+    requests by status class (``http_requests_total``, labelled with its ReplicaSet's ``pod_template_hash``), and
+    the gateway's attempts by version and response code (``istio_requests_total``)."""
+    analysis = sim.cluster.analysis
+    assert analysis is not None
+    out: list[Series] = []
+    bounds = [*(repr(b) for b in TTFT_BUCKETS_S), "+Inf"]
+    for p in sim.cluster.pods:
+        labels = {"namespace": "default", "pod": POD.format(p.id), "pod_template_hash": f"h{p.revision}"}
+        rows = [s for s in analysis.scrapes[p.id] if len(s) > 1]
+        if not rows:
+            continue
+        for k, le in enumerate(bounds):
+            out.append(("vllm:time_to_first_token_seconds_bucket", {**labels, "le": le},
+                        [(s[0], float(s[1][k])) for s in rows]))
+        out.append(("vllm:inter_token_latency_seconds_sum", labels, [(s[0], float(s[2])) for s in rows]))
+        out.append(("vllm:inter_token_latency_seconds_count", labels, [(s[0], float(s[3])) for s in rows]))
+        for status, k in (("2xx", 4), ("5xx", 5)):
+            out.append(("http_requests_total", {**labels, "status": status},
+                        [(s[0], float(s[k])) for s in rows if s[k] > 0]))
+    for v in sorted({v for _, counts in analysis.gateway for v in counts}):
+        labels = {"reporter": "source", "destination_version": f"v{v}"}
+        for code, k in (("200", 0), ("503", 1)):
+            out.append(("istio_requests_total", {**labels, "response_code": code},
+                        [(t, float(c[v][k])) for t, c in analysis.gateway if v in c and c[v][k] > 0]))
+    return [s for s in out if s[2]]
+
+
+@pytest.mark.slow
+def test_the_canary_analysis_reads_what_the_exported_template_s_queries_answer(
+        prometheus_binaries: tuple[str, str], version: int, tmp_path: Path) -> None:
+    """Each exported AnalysisTemplate query (p99 TTFT, mean ITL, error share by the pods' own count and by the
+    gateway's), evaluated by a real Prometheus over the simulated scrapes, answers what the simulated analysis
+    read, for the canary's pods and the old ones, at every measurement of the run and every 13.7 s besides, over 60
+    and 120 s."""
+    from capsim.export.analysis import _QUERIES
+
+    sim = _canary_run()
+    analysis = sim.cluster.analysis
+    assert analysis is not None
+    resume = sim.scenario.pods.rollouts[2]
+    assert len(analysis.reads) == 25 and not any(r.undone_s for r in sim.cluster.rollouts)  # measured through the pause, never undone
+    assert len(sim.faults.crash_log) == 2
+    target = DeployTarget()
+    args = {"canary-hash": "h1", "stable-hash": "h0", "canary-version": "v1", "stable-version": "v0"}
+    times = sorted({ms(t) for t, *_ in analysis.reads} | {ms(1860.1234 + 13.7 * k) for k in range(54)})
+    checked = {"ttft_p99_s": 0, "itl_mean_s": 0, "error_rate": 0}
+    numbers = errors_seen = 0
+    with PrometheusServer(prometheus_binaries, tmp_path, _analysis_series(sim)) as prom:
+        for a in times:
+            for w in (60.0, 120.0):
+                for source in ("pod", "gateway"):
+                    ro = resume.model_copy(update={"error_rate_source": source})
+                    for which, canary in (("canary", True), ("stable", False)):
+                        ours = dict(zip(checked, analysis._side(1, canary, a, w, source), strict=True))
+                        rows = analysis.series(1, canary, a, w, source)
+                        for quantity in checked:
+                            if source == "gateway" and quantity != "error_rate":
+                                continue  # the same pods' series as the pod source's
+                            names = ({"ttft_p99_s": [k for k in rows if k.startswith("le")],
+                                      "itl_mean_s": ["itl_sum", "itl_count"]}.get(quantity, ["errors", "ok"]))
+                            series = [r for name in names for r in rows[name]]
+                            if any(_on_left_edge(r, a - w) for r in series) or (version < 3 and any(
+                                    len(r) > 1 and _differs_in_v2(r, a - w) for r in series)):
+                                continue
+                            query = _QUERIES[quantity][1](target, ro, which, f"{w:g}s")
+                            for arg, value in args.items():
+                                query = query.replace(f"{{{{args.{arg}}}}}", value)
+                            got = prom.query(query, a)
+                            theirs = next(iter(got.values()), math.nan)
+                            mine = ours[quantity]
+                            assert (math.isnan(mine) and math.isnan(theirs)) or mine == pytest.approx(
+                                theirs, rel=1e-9, abs=1e-12), (quantity, source, which, a, w, mine, theirs, query)
+                            checked[quantity] += 1
+                            numbers += not math.isnan(mine)
+                            # the canary's 400s, read once its error series holds two samples in a window
+                            errors_seen += quantity == "error_rate" and canary and mine > 0
+    assert min(checked.values()) > 150 and numbers > 500 and errors_seen > 50, (checked, numbers, errors_seen)
+    # Redis was out from 2,400 to 2,420 s: the old pods answered 503 to the turns they could not read, and their
+    # first created their servers' 5xx series, whose increase() counts nothing of what a series held at its first
+    # scrape; the gateway's error series of the old version, created by the crash's resets at 2,250 s, counts it all
+    counted = read = 0.0
+    born = 0
+    for p in sim.cluster.pods:
+        errors = [(s[0], float(s[5])) for s in analysis.scrapes[p.id] if len(s) > 1 and s[5] > 0]
+        if p.revision == 0 and errors and 2400 < errors[0][0] <= 2440:
+            sel = [e for e in errors if e[0] <= 2440]
+            born += 1
+            counted += sel[-1][1]  # all of its errors came in the window
+            read += _increase(sel, 2380.0, 2440.0) or 0.0
+    assert born >= 4 and read < counted / 5, (born, read, counted)
+    own, gateway = (analysis._side(1, False, 2440.0, 60.0, source)[2] for source in ("pod", "gateway"))
+    assert own < gateway / 3, (own, gateway)

@@ -273,19 +273,20 @@ def test_each_limit_of_an_analysis_counts_its_own_failures(monkeypatch: pytest.M
     whose error rate fails the next is not undone (each limit failed once), and one whose p99 fails two is. The
     canary's readings are scripted per measurement (at 370, 420, 470 s and the resume at 500 s) over the simulated
     old pods'."""
-    from capsim.sim import cluster
+    from capsim.sim.analysis import AnalysisProm
 
     check = {"at_s": 500, "resume": True, "undo_if_ttft_p99_over_s": 1.0, "undo_if_error_rate_over": 0.05,
              "check_window_s": 100, "check_interval_s": 50, "check_initial_delay_s": 170, "check_failure_limit": 1}
-    real = cluster.Cluster._window
+    real = AnalysisProm._side
 
     def run(script: dict[float, tuple[float, float]]) -> Any:
-        def window(self: cluster.Cluster, before: dict, template: int, canary: bool, source: str) -> Any:
-            w = real(self, before, template, canary, source)
-            p99, errors = script[self.sim.env.now] if canary else (w.ttft_p99_s, w.error_rate)
-            return cluster._Window(p99, w.itl_mean_s, errors)
+        def side(self: AnalysisProm, template: int, canary: bool, at: float, w: float, source: str) -> Any:
+            p99, itl, errors = real(self, template, canary, at, w, source)
+            if canary:
+                p99, errors = script[self.sim.env.now]
+            return p99, itl, errors
 
-        monkeypatch.setattr(cluster.Cluster, "_window", window)
+        monkeypatch.setattr(AnalysisProm, "_side", side)
         return simulate(_paused(check), 0).rollouts.iloc[0]
 
     ok, slow, erring = (0.2, 0.0), (2.0, 0.0), (0.2, 0.1)
@@ -1385,9 +1386,10 @@ def test_an_error_rate_from_the_pods_own_count_leaves_a_scale_downs_refusals_out
 
 def test_an_error_rate_against_the_old_pods_reads_no_store_outage_as_the_canarys() -> None:
     """``undo_if_error_rate_over_baseline_by``: in the H100 rush (docs/studies.md, "A store outage during a canary")
-    Redis is out for 30 s during a good canary's pause. Every pod's store writes fail then, the old pods' as the
-    canary's: the canary's error rate reads about 3% in two windows, over a fixed 1% (undone 490 s after the deploy,
-    at the second failed measurement), but within a point of the old pods' (it rolls out). The same gate still undoes
+    Redis is out for 30 s during a good canary's pause. Every pod answers 503 to the turns it cannot read then (and
+    its store writes fail), the old pods' as the canary's: the canary's error rate reads over a fixed 1% in two
+    windows (undone 490 s after the deploy, at the second failed measurement), but within a point of the old pods'
+    (it rolls out). The same gate still undoes
     a canary that turns requests away (``--max-model-len 4096``) at 310 s through the outage, and ``capsim check``
     warns of the fixed limit over the outage. Seed 0 here."""
     from capsim.studies.checks import run_checks

@@ -133,8 +133,9 @@ def analysis_header(scenario: Scenario, target: DeployTarget) -> str:
         "# PodMonitor relabeling from __meta_kubernetes_pod_label_pod_template_hash, or",
         "# __meta_kubernetes_pod_label_rollouts_pod_template_hash under Argo). canary-version / stable-version, the",
         "# version label Istio reports (destination_version), for a gateway's error count.",
-        "# As simulated, a NaN (nothing answered) fails a measurement. Unlike the simulation: a query with no series",
-        "# at all is an Error in Argo (consecutiveErrorLimit), and a limit against the stable pods fails when they",
-        "# answered nothing in the window (the simulation passes it).",
+        "# The simulation evaluated these queries over its scrapes of the pods (every scrape interval, at each pod's",
+        "# phase) as Prometheus does. As simulated, a NaN (nothing answered) fails a measurement. Unlike the",
+        "# simulation: a query with no series at all is an Error in Argo (consecutiveErrorLimit), and a limit",
+        "# against the stable pods fails when they answered nothing in the window (the simulation passes it).",
     ]
     return "\n".join(lines) + "\n"

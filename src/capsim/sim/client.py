@@ -19,7 +19,8 @@ Sessions: with ``state: pod_local`` (and with session affinity) a session's turn
 the pod of its first turn. When that pod crashes or goes away, the sessions living on it (started, not
 finished) are lost: their requests fail without retry and their later turns are never sent.
 
-Redis outages: a request sent while Redis is out fails when the pod reads its session (503), and an
+Redis outages: a request sent while Redis is out is routed as any, and the pod it reaches fails it when it reads
+its session (503, counted by that pod: ``Pod.errors``), and an
 answer that ends while Redis is out fails at the pod's final store write, after its batch used the GPU
 (503); both are retried. With ``state.on_unavailable: serve_local`` a pod that served the session's last
 turn (and has lived since) serves it from its own copy instead, and the session is marked at risk.
@@ -257,26 +258,24 @@ class Client:
         """Send attempt of request ``i`` at ``t``: route, admit or reject, enqueue."""
         sim = self.sim
         book = self.book
+        unreadable = False  # Redis is out: the pod it reaches cannot read the session
         if sim.faults.has_redis_outages and sim.faults.redis_down(t):
             pod = self._local_copy(i) if self.serve_local else None
             if pod is None:
-                self._attempt_failed(i, t, FAILED, -1)  # the pod cannot read the session: 503
-                return
-        elif self.sticky:
-            pod = self._home_pod(i)
-        elif self.scored and book is not None and i % self.turns:
-            s = i // self.turns
-            hist = book.history_tokens(i)
-            hit = hist / max(int(self.rec.prompt[i]), 1)
-            pod = sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit, t)
+                unreadable = True
+                pod = self._route(i, t)
         else:
-            pod = sim.router.pick(t)
+            pod = self._route(i, t)
         if pod is None:
             if not (self.pod_local and self.session[i // self.turns] == _LOST):  # else failed with its session
                 self._no_pod(i, t)
             return
         if pod.state is not _READY:  # crashed, deleted or on a dead node, not out of the endpoints yet
             self._not_ready(i, t, pod)
+            return
+        if unreadable:  # its server answers 503 and counts it (core.service: the session's read failed)
+            sim.router.touch(pod)
+            self._attempt_failed(i, t, FAILED, pod.id)
             return
         if len(pod.queue) >= self._cap:
             sim.router.touch(pod)  # picked, but its count did not change
@@ -287,6 +286,17 @@ class Client:
             sim.router.touch(pod)  # a home pod was not picked by the router
         if book is not None and i % self.turns:
             book.placed(i, pod, sim.cluster.pods)
+
+    def _route(self, i: int, t: float) -> Pod | None:
+        """The pod attempt ``i`` sent at ``t`` reaches: its session's home, the scorer's pick or the router's."""
+        book = self.book
+        if self.sticky:
+            return self._home_pod(i)
+        if self.scored and book is not None and i % self.turns:
+            s = i // self.turns
+            hit = book.history_tokens(i) / max(int(self.rec.prompt[i]), 1)
+            return self.sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit, t)
+        return self.sim.router.pick(t)
 
     def _not_ready(self, i: int, t: float, pod: Pod) -> None:
         """Attempt ``i`` sent at ``t`` reached ``pod``, still in the endpoints but not ready: refused at once

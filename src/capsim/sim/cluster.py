@@ -46,12 +46,12 @@ from typing import TYPE_CHECKING, cast
 import numpy as np
 from simpy.events import Timeout
 
-from capsim.model.buckets import TTFT_BUCKETS_S, bucket_quantile
 from capsim.model.scenario import ConstantDuration, Duration, LognormalDuration, Rollout, UniformDuration
 from capsim.policy.rollout import Recreate, ReplicaSetState, RollingUpdate, Strategy, complete, progressing
 from capsim.policy.rollout import scale as scale_deployment
 from capsim.policy.rollout import sync as sync_deployment
 from capsim.policy.sched_types import SchedulerLimits
+from capsim.sim.analysis import AnalysisProm
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.kubelet import ContainerBackOff
 from capsim.sim.nodes import Node, NodePool
@@ -185,9 +185,8 @@ class Cluster:
         self._waiting: Rollout | None = None  # the deploy made while paused: it begins at the resume
         self._record_of: dict[int, RolloutRecord] = {}  # id of a deploy entry -> its record, once it began
         self.undos_refused: list[float] = []  # when the pipeline's undo was refused (the Deployment paused)
-        # each measurement's window start, by (id of the resume entry, the measurement's time): every pod's counters
-        # then (``_counters``), to take their increase from
-        self._window_start: dict[tuple[int, float], dict[int, _Counts]] = {}
+        # the canary analysis's Prometheus (a metric check's measurements read its scrapes), when one is checked
+        self.analysis = AnalysisProm(sim) if any(ro.metrics_checked for ro in sim.scenario.pods.rollouts) else None
         self._resumed_early: set[int] = set()  # ids of resume entries whose restart poll already resumed and undid
         self._failures: dict[tuple[int, str], int] = {}  # (a resume's id, a limit) -> measurements it failed
         rollouts = sim.scenario.pods.rollouts
@@ -195,7 +194,6 @@ class Cluster:
         for i, r in enumerate(rollouts):
             Timeout(sim.env, r.at_s, r).callbacks.append(self._rollout_begins)
             for t in checks.get(i, ()):  # the measurements during the pause, then the resume's
-                Timeout(sim.env, max(0.0, t - r.check_window_s), (r, t)).callbacks.append(self._check_window_opens)
                 if t != r.at_s:
                     Timeout(sim.env, t, (r, t)).callbacks.append(self._analysis_measures)
         for pause, resume, _ in sim.scenario.pods.pause_pairs():  # the restart polls: every restart_poll_s of a pause
@@ -325,24 +323,20 @@ class Cluster:
         held = [r for r in self.rollouts if r.open and not r.undo and r.template == self.revision]
         return held[-1] if held else None
 
-    def _check_window_opens(self, ev: Timeout) -> None:
-        """A measurement's window opens: every pod's counters now (``_counters``), to take their increase from."""
-        ro, at = cast(tuple[Rollout, float], ev.value)
-        self._window_start[id(ro), at] = {p.id: _counters(p) for p in self.pods}
-
     def _measure(self, ro: Rollout, record: RolloutRecord, at: float) -> bool:
         """One measurement of ``record``'s canary for the resume ``ro``, over the window that ends at ``at`` (now),
         counted on the record and, for each limit it fails, among that limit's failures (each limit counts its own,
         as each metric of an Argo Rollouts analysis has its own failureLimit); whether one limit has now failed more
-        than ``check_failure_limit`` times (the pipeline undoes). A limit fails when the p99
-        TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
+        than ``check_failure_limit`` times (the pipeline undoes). Each side's values are what the exported
+        AnalysisTemplate's queries answer over Prometheus's scrapes (``capsim.sim.analysis``). A limit fails when the
+        p99 TTFT its pods answered over the window is unknown (nothing answered: ``histogram_quantile`` of an empty
         histogram), over ``undo_if_ttft_p99_over_s`` or over ``undo_if_ttft_p99_over_baseline`` times the old pods'
         (which passes when they answered nothing), likewise for the mean inter-token latency, and when the share of
         their attempts ended with an error is unknown (none), over ``undo_if_error_rate_over`` or more than
         ``undo_if_error_rate_over_baseline_by`` above the old pods' (NaN, none reached them: it passes)."""
-        before = self._window_start.pop((id(ro), at), {})  # measured: its window's start is no longer needed
-        canary = self._window(before, record.template, True, ro.error_rate_source)
-        base = self._window(before, record.template, False, ro.error_rate_source)
+        assert self.analysis is not None
+        canary, base = (_Window(*r) for r in self.analysis.measure(record.template, at, ro.check_window_s,
+                                                                     ro.error_rate_source))
         if ro.ttft_checked:
             record.canary_ttft_p99_s, record.baseline_ttft_p99_s = canary.ttft_p99_s, base.ttft_p99_s
         if ro.itl_checked:
@@ -362,31 +356,6 @@ class Cluster:
         if over:
             record.canary_failed_by = " and ".join(filter(None, [record.canary_failed_by, *over]))
         return bool(over)
-
-    def _window(self, before: dict[int, _Counts], template: int, canary: bool, source: str) -> _Window:
-        """What ``template``'s pods (``canary``) or the others did since ``before`` (the window's start), gone ones too
-        (Prometheus keeps their series): ``histogram_quantile(0.99, ...)`` of their TTFT histograms' increase, their
-        mean inter-token latency (``increase(vllm:inter_token_latency_seconds_sum[w]) / increase(..._count[w])``; a
-        request's gaps count when it ends), and the share of their attempts ended with an error (NaN each: nothing
-        observed), as the gateway counts them or, ``source`` ``pod``, as their own servers do (without the
-        refusals and resets, ``Pod.refused``)."""
-        buckets = [0] * (len(TTFT_BUCKETS_S) + 1)
-        itl_s = itl_n = answered = errors = 0.0
-        for p in self.pods:
-            if (p.revision == template) != canary:
-                continue
-            now = _counters(p)
-            old = before.get(p.id, _ZERO)
-            if p.ttft_buckets is not None:
-                for k, (a, b) in enumerate(zip(old[0] or (0,) * len(buckets), now[0], strict=True)):
-                    buckets[k] += b - a
-            itl_s, itl_n = itl_s + now[1] - old[1], itl_n + now[2] - old[2]
-            answered, errors = answered + now[3] - old[3], errors + now[4] - old[4]
-            if source == "pod":
-                errors -= now[5] - old[5]
-        attempts = answered + errors
-        return _Window(bucket_quantile(0.99, TTFT_BUCKETS_S, buckets), itl_s / itl_n if itl_n else math.nan,
-                       errors / attempts if attempts else math.nan)
 
     def _restarted(self, template: int) -> bool:
         """Whether a container of ``template``'s pods has exited: restarted (their RESTARTS column above 0) or down
@@ -584,6 +553,8 @@ class Cluster:
         self._alive[pod.id] = pod
         self._uid.append(int(self._uids.integers(0, 2**62)))
         self.sim.faults.pod_created(pod)
+        if self.analysis is not None:
+            self.analysis.pod_created(pod, now)
         return pod
 
     def _place(self, now: float) -> None:
@@ -655,6 +626,7 @@ class Cluster:
         and may crash from now on."""
         pod.state = PodState.STARTING
         pod.probe_failing = False
+        pod.server_up = False
         self._running.add(pod.id)
         pod.container_started(now)
         self.sim.faults.container_started(pod, now)
@@ -692,6 +664,7 @@ class Cluster:
         pod, incarnation = cast(tuple[Pod, int], ev.value)
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             now = self.sim.env.now
+            pod.server_up = True  # its server answers (/metrics too) before its readiness probe passes
             at = self._passing_probe(pod, now)
             if at <= now:
                 self._ready(pod, now)
@@ -721,6 +694,7 @@ class Cluster:
     def _ready(self, pod: Pod, now: float, join_after_s: float | None = None) -> None:
         """The Ready condition turns true at ``now``; the pod joins the endpoints after the propagation."""
         pod.state = PodState.READY
+        pod.server_up = True
         pod.ready_s = now
         if pod.first_ready_s is None:
             pod.first_ready_s = now
@@ -1105,19 +1079,6 @@ class Cluster:
         """GPU-seconds held by all pods up to ``now`` (each holds ``tensor_parallel_size`` GPUs)."""
         held = sum(p.gpu_s + (now - p.gpu_since if p.gpu_since is not None else 0.0) for p in self.pods)
         return held * self.nodes.pod_gpus
-
-
-#: a pod's counters a canary's measurement takes the increase of: its TTFT histogram's buckets (empty when not
-#: tracked), its inter-token latency histogram's sum and count (0 for a static pod, which has none), the attempts it
-#: answered, those it ended with an error and, of those, the refusals and resets its own server never counted
-_Counts = tuple[tuple[int, ...], float, int, int, int, int]
-_ZERO: _Counts = ((), 0.0, 0, 0, 0, 0)
-
-
-def _counters(pod: Pod) -> _Counts:
-    """``pod``'s counters now (``_Counts``)."""
-    return (tuple(pod.ttft_buckets or ()), float(getattr(pod, "itl_sum_s", 0.0)), int(getattr(pod, "itl_count", 0)),
-            pod.answered, pod.errors, pod.refused)
 
 
 @dataclass(frozen=True)

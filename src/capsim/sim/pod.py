@@ -111,6 +111,7 @@ class Pod:
         # readiness (cluster.py): in the Service's endpoints (the router sees it); failing its readiness probe
         # (Ready condition false while READY); when it last became ready (the ReplicaSet's ranking)
         self.routable = False
+        self.server_up = False  # its container's server is up: from the model loaded (before ready) to its exit
         self.node_lost = False  # its node died (faults.node_failures): what it is sent gets no answer
         # a crashed container being torn down (pods.crash_teardown_s): until then what it is sent is accepted and
         # lost with what it held, all failing when the teardown ends (``Cluster.crash``)
@@ -167,6 +168,9 @@ class Pod:
         # server takes no more requests) and a crash's or a kill's reset (its process is gone): the error rate of
         # ``Rollout.error_rate_source: pod`` leaves them out
         self.refused = 0
+        # what its own server had counted when its container started (answered, errors less refused): its
+        # http_requests_total counts from there (``capsim.sim.analysis``)
+        self.http_base = (0, 0)
         # GPU holding time, for cost
         self.gpu_since: float | None = None
         self.gpu_s = 0.0
@@ -455,6 +459,7 @@ class Pod:
         self.counters_from = (now, self.busy_counted_s(now))
         self.counters_base = self.scrape_counters()
         self.buckets_base = tuple(self.ttft_buckets) if self.ttft_buckets is not None else None
+        self.http_base = (self.answered, self.errors - self.refused)
 
     def scrape_counters(self) -> tuple[float, ...]:
         """Its counters since it was created: TTFT sum (s) and count, then vLLM's ITL sum (s) and count,

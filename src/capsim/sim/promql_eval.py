@@ -79,11 +79,21 @@ def rate_quantile(q: float, bounds: Sequence[float], times: Sequence[float],
             run += c
             acc.append(run)
         cumulative.append(acc)
-    per_bucket, top = [], 0.0
+    per_le = []
     for k in range(n_buckets):
         r = extrapolated_rate(times, [acc[k] for acc in cumulative], start, end)
         assert r is not None
-        r = max(r, top)  # monotonic in le
-        per_bucket.append(r - top)
-        top = r
+        per_le.append(r)
+    return summed_quantile(q, bounds, per_le)
+
+
+def summed_quantile(q: float, bounds: Sequence[float], per_le: Sequence[float]) -> float:
+    """``histogram_quantile(q, ...)`` of one ``le`` series per bucket, their values ``per_le`` (cumulative, the last
+    +Inf; a ``sum by (le)`` of rates or increases): made monotonic in ``le`` as Prometheus's ``ensureMonotonic``
+    does, then the quantile. NaN where the +Inf bucket holds nothing."""
+    per_bucket, top = [], 0.0
+    for v in per_le:
+        v = max(v, top)  # monotonic in le
+        per_bucket.append(v - top)
+        top = v
     return bucket_quantile(q, bounds, per_bucket)

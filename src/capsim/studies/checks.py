@@ -786,7 +786,7 @@ def _error_gate_in_store_outage(scenario: Scenario) -> list[Finding]:
         out.append(Finding(
             f"pods.rollouts.{w.index}.undo_if_error_rate_over", f"{ro.undo_if_error_rate_over:g}: the session store is "
             f"out from {a:g} to {b:g} s, inside the window of the canary's measurement{'s' if len(times) > 1 else ''} "
-            f"at {at} s: every pod's store writes fail then, the old pods' as the "
+            f"at {at} s: every pod's session reads and store writes fail then, the old pods' as the "
             "canary's, and a fixed limit reads the outage as the canary's errors (a good canary is undone). "
             "Compare with the old pods' instead (undo_if_error_rate_over_baseline_by) (docs/studies.md, \"A store "
             "outage during a canary\")", level="warn", check="error-gate-in-store-outage"))
