@@ -31,27 +31,33 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, cast
+from itertools import accumulate
+from typing import TYPE_CHECKING, cast
 
 from simpy.events import Timeout
 
 from capsim.model.buckets import TTFT_BUCKETS_S
-from capsim.sim.pod import Pod, PodState
-from capsim.sim.promql_eval import extrapolated_rate, summed_quantile
+from capsim.sim.pod import SERVING, Pod, PodState
+from capsim.sim.promql_eval import (
+    Samples,
+    extrapolated_rate,
+    first_scrape,
+    in_window,
+    mark_stale,
+    summed_quantile,
+    trim,
+)
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
 
-__all__ = ["DEFAULT_SCRAPE_INTERVAL_S", "AnalysisProm", "PodScrape", "Reading", "Rows"]
+__all__ = ["DEFAULT_SCRAPE_INTERVAL_S", "AnalysisProm", "Reading", "Rows"]
 
 #: Prometheus's scrape interval for the analysis without an autoscaler section (with one: its scrape_interval_s)
 DEFAULT_SCRAPE_INTERVAL_S = 15.0
 
-_SERVING = (PodState.READY, PodState.TERMINATING)
-
-#: One scrape of a pod (time, its TTFT buckets' cumulative counts or None, ITL sum (s), ITL count, answered,
-#: errors its server counted), all since its container started; a 1-tuple (time,): a stale marker.
-PodScrape = tuple[Any, ...]
+#: A pod's scrapes (``Samples``) hold: time, its TTFT buckets' cumulative counts (None: not tracked), ITL sum (s),
+#: ITL count, what it answered and the errors its server counted, all since its container started.
 
 #: One series' samples in a window: (time, value), oldest first.
 Rows = list[tuple[float, float]]
@@ -97,7 +103,7 @@ class AnalysisProm:
         checked = [ro for ro in sc.pods.rollouts if ro.metrics_checked]
         self._keep_s = max(ro.check_window_s for ro in checked) + self.interval_s
         self._offsets = sim.streams["analysis_scrape"]
-        self.scrapes: dict[int, deque[PodScrape]] = {}  # pod id -> its scrapes, oldest first
+        self.scrapes: dict[int, Samples] = {}  # pod id -> its scrapes, oldest first
         #: the gateway's scrapes: (time, {template: (attempts answered, attempts ended in error)}) since time 0
         self.gateway: deque[tuple[float, dict[int, tuple[int, int]]]] = deque()
         if any(ro.error_checked and ro.error_rate_source == "gateway" for ro in checked):
@@ -110,8 +116,7 @@ class AnalysisProm:
     def pod_created(self, pod: Pod, now: float) -> None:
         """A new pod becomes a target: its first scrape at the first time on its grid at or after ``now``."""
         every = self.interval_s
-        offset = every * float(self._offsets.random())
-        at = offset + max(0.0, math.ceil((now - offset) / every)) * every
+        at = first_scrape(every * float(self._offsets.random()), every, now)
         self.scrapes[pod.id] = deque()
         Timeout(self.sim.env, at - self.sim.env.now, (pod, at)).callbacks.append(self._scrape)
 
@@ -119,31 +124,25 @@ class AnalysisProm:
         pod, at = cast(tuple[Pod, float], ev.value)
         rows = self.scrapes[pod.id]
         down = self.sim.faults.has_metrics_outages and self.sim.faults.metrics_down(at)
-        up = pod.state in _SERVING or (pod.state == PodState.STARTING and pod.server_up)
+        up = pod.state in SERVING or (pod.state == PodState.STARTING and pod.server_up)
         if pod.state == PodState.GONE or (not up and not down):
-            if rows and len(rows[-1]) > 1:  # the target left, or its scrape failed: the series end
-                rows.append((at,))
+            mark_stale(rows, at)  # the target left, or its scrape failed: the series end
         elif not down:
             rows.append(self._sample(pod, at))
-        while rows and rows[0][0] < at - self._keep_s:
-            rows.popleft()
+        trim(rows, at - self._keep_s)
         if pod.state != PodState.GONE:
             nxt = at + self.interval_s
             Timeout(self.sim.env, self.interval_s, (pod, nxt)).callbacks.append(self._scrape)
 
     @staticmethod
-    def _sample(pod: Pod, at: float) -> PodScrape:
+    def _sample(pod: Pod, at: float) -> tuple[object, ...]:
         c, b = pod.scrape_counters(), pod.counters_base
         cumulative = None
         if pod.ttft_buckets is not None:
             base = pod.buckets_base or (0,) * len(pod.ttft_buckets)
-            run, cumulative = 0, []
-            for x, y in zip(pod.ttft_buckets, base, strict=True):
-                run += x - y
-                cumulative.append(run)
+            cumulative = tuple(accumulate(x - y for x, y in zip(pod.ttft_buckets, base, strict=True)))
         ok0, err0 = pod.http_base
-        return (at, None if cumulative is None else tuple(cumulative), c[2] - b[2], c[3] - b[3],
-                pod.answered - ok0, pod.errors - pod.refused - err0)
+        return (at, cumulative, c[2] - b[2], c[3] - b[3], pod.answered - ok0, pod.errors - pod.refused - err0)
 
     def _scrape_gateway(self, ev: Timeout) -> None:
         at = cast(float, ev.value)
@@ -153,8 +152,7 @@ class AnalysisProm:
                 ok, err = counts.get(p.revision, (0, 0))
                 counts[p.revision] = (ok + p.answered, err + p.errors)
             self.gateway.append((at, counts))
-        while self.gateway and self.gateway[0][0] < at - self._keep_s:
-            self.gateway.popleft()
+        trim(self.gateway, at - self._keep_s)
         Timeout(self.sim.env, self.interval_s, at + self.interval_s).callbacks.append(self._scrape_gateway)
 
     # ---- a measurement ------------------------------------------------------------------------------------------
@@ -170,12 +168,11 @@ class AnalysisProm:
         """The samples each query of a side reads at ``at`` over ``w``: per counter (``le0``, ``le1``, ... for the
         TTFT buckets, ``itl_sum``, ``itl_count``, ``errors`` and ``ok`` for the attempts by status), one list of
         (time, value) per series, its samples in ``(at - w, at]``."""
-        lo = at - w
         out: dict[str, list[Rows]] = {name: [] for name in (*_LE, "itl_sum", "itl_count", "errors", "ok")}
         for p in self.sim.cluster.pods:
             if (p.revision == template) != canary:
                 continue
-            sel = [s for s in self.scrapes.get(p.id, ()) if lo < s[0] <= at and len(s) > 1]
+            sel = in_window(self.scrapes[p.id], at, w)
             if sel and sel[0][1] is not None:
                 for k, name in enumerate(_LE):
                     out[name].append([(s[0], s[1][k]) for s in sel])
@@ -187,7 +184,7 @@ class AnalysisProm:
         if source != "pod":  # the gateway's series of each version on this side
             versions = {v for _, counts in self.gateway for v in counts if (v == template) == canary}
             for v in sorted(versions):
-                sel_g = [(t, counts[v]) for t, counts in self.gateway if lo < t <= at and v in counts]
+                sel_g = [(t, counts[v]) for t, counts in in_window(self.gateway, at, w) if v in counts]
                 out["ok"].append([(t, c[0]) for t, c in sel_g if c[0] > 0])
                 out["errors"].append([(t, c[1]) for t, c in sel_g if c[1] > 0])
         return out

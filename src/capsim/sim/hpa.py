@@ -90,8 +90,17 @@ from capsim.policy.autoscaling import (
 )
 from capsim.policy.keda import FallbackHealth, ScaleExecutor
 from capsim.sim.continuous import ContinuousPod
-from capsim.sim.pod import Pod, PodState
-from capsim.sim.promql_eval import extrapolated_rate, max_over_time, rate_quantile
+from capsim.sim.pod import SERVING, Pod, PodState
+from capsim.sim.promql_eval import (
+    Samples,
+    extrapolated_rate,
+    first_scrape,
+    in_window,
+    mark_stale,
+    max_over_time,
+    rate_quantile,
+    trim,
+)
 
 if TYPE_CHECKING:
     from capsim.sim.simulate import Simulation
@@ -110,34 +119,12 @@ _DEFAULT_QUERY = {kind: queries[0] for kind, queries in QUERIES.items()}
 #: Fields of a dcgm-exporter sample: time, GPU utilisation (%), graphics engine active (ratio).
 _DCGM_FIELD = {"gpu_util": 1, "gr_active": 2}
 
-_SERVING = (PodState.READY, PodState.TERMINATING)
-
-Samples = deque[tuple[Any, ...]]  # a series as Prometheus holds it, oldest first; a 1-tuple (time,): a stale marker
-
-
-def _mark_stale(samples: Samples, at: float) -> None:
-    """The series ends at ``at`` (its target failed or left): one stale marker, as Prometheus writes."""
-    if samples and len(samples[-1]) > 1:
-        samples.append((at,))
-
-
-def _trim(samples: Samples, old: float) -> None:
-    """Drop the samples from before ``old``, which no query reads any longer."""
-    while samples and samples[0][0] < old:
-        samples.popleft()
-
-
 def _instant(samples: Samples, k: int, a: float) -> float | None:
     """Field ``k`` of the newest sample at or before ``a``, within the lookback; None after a stale marker."""
     for s in reversed(samples):
         if s[0] <= a:
             return float(s[k]) if len(s) > 1 and s[0] > a - LOOKBACK_S else None
     return None
-
-
-def _in_window(samples: Samples, a: float, window_s: float) -> list[tuple[Any, ...]]:
-    """The samples a range query at ``a`` over ``window_s`` reads: those in ``(a - window_s, a]``, markers skipped."""
-    return [s for s in samples if a - window_s < s[0] <= a and len(s) > 1]
 
 
 def _over_time(query: str, values: list[float]) -> float:
@@ -269,7 +256,7 @@ class Autoscaling:
             offset = every * float(self._offsets.random())
             self.scrape_offset_s.append(offset)
             # the first time on the pod's grid (offset + k x interval) at or after now
-            at = offset + max(0.0, math.ceil((now - offset) / every)) * every
+            at = first_scrape(offset, every, now)
             ev = Timeout(env, at - env.now, (pod, at))
             ev.callbacks.append(self._scrape)
         if self._dcgm:
@@ -282,16 +269,16 @@ class Autoscaling:
             # a deleted pod leaves Prometheus's targets: a stale marker ends its series (an instant query finds it
             # no more), while its samples stay for a range query whose window holds them (a KEDA trigger's sum;
             # ``retire``)
-            _mark_stale(samples, at)
+            mark_stale(samples, at)
             self._busy_mark.pop(pod.id, None)
             return
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
-        elif pod.state in _SERVING:
+        elif pod.state in SERVING:
             samples.append(_sample(pod, at, self._busy_ratio(pod, at)))
         else:  # the scrape fails: the series ends
-            _mark_stale(samples, at)
-        _trim(samples, at - self._keep_s)
+            mark_stale(samples, at)
+        trim(samples, at - self._keep_s)
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
 
@@ -314,9 +301,9 @@ class Autoscaling:
         old = now - self._keep_s
         for pid, pod in list(self._retired.items()):
             dcgm = self.dcgm_samples.get(pid)
-            _trim(pod.samples, old)
+            trim(pod.samples, old)
             if dcgm:
-                _trim(dcgm, old)
+                trim(dcgm, old)
             if not pod.samples and not dcgm:
                 del self._retired[pid]
                 self.dcgm_samples.pop(pid, None)
@@ -336,7 +323,7 @@ class Autoscaling:
             k = max(0.0, math.ceil((now + period - phase) / every))
             collect = phase + k * every
             Timeout(env, collect - period - env.now, (pod, collect)).callbacks.append(self._dcgm_mark)
-            at = offset + max(0.0, math.ceil((now - offset) / scrape)) * scrape
+            at = first_scrape(offset, scrape, now)
             Timeout(env, at - env.now, pod).callbacks.append(self._dcgm_scrape)
             self.dcgm_samples[pod.id] = deque()
         self._dcgm_seen = len(self.sim.cluster.pods)
@@ -386,13 +373,13 @@ class Autoscaling:
         if samples is None:  # deleted, and its samples forgotten
             return
         if pod.state == PodState.GONE:  # the exporter no longer labels a series with the pod: it goes stale
-            _mark_stale(samples, self.sim.env.now)
+            mark_stale(samples, self.sim.env.now)
             return
         now = self.sim.env.now
         value = self._dcgm_value.get(pod.id)
         if value is not None and not self._prometheus_down(now):
             samples.append((now, *value))
-        _trim(samples, now - self._keep_s)
+        trim(samples, now - self._keep_s)
         Timeout(self.sim.env, self.spec.scrape_interval_s, pod).callbacks.append(self._dcgm_scrape)
 
     def _scrape_gateway(self, ev: Timeout) -> None:
@@ -400,13 +387,13 @@ class Autoscaling:
         client = self.sim.client
         if not self._prometheus_down(now):
             self.gateway_samples.append((now, client.n_arrived + client.n_retries))
-        _trim(self.gateway_samples, now - self._keep_s)
+        trim(self.gateway_samples, now - self._keep_s)
         Timeout(self.sim.env, self.spec.scrape_interval_s).callbacks.append(self._scrape_gateway)
 
     def gateway_rate(self, now: float, window_s: float) -> float | None:
         """``rate(capsim_gateway_requests_total[window])`` as the adapter answers at ``now`` (attempts/s)."""
         a = now - self.spec.adapter_lag_s
-        sel = _in_window(self.gateway_samples, a, window_s)
+        sel = in_window(self.gateway_samples, a, window_s)
         return extrapolated_rate([s[0] for s in sel], [s[1] for s in sel], a - window_s, a)
 
     def _busy_ratio(self, pod: Pod, now: float) -> float:
@@ -439,7 +426,7 @@ class Autoscaling:
         if query == "instant":
             return _instant(pod.samples, _FIELD[metric], a)
         lo = a - window_s
-        sel = _in_window(pod.samples, a, window_s)
+        sel = in_window(pod.samples, a, window_s)
         if not sel:
             return None
         if query in ("avg_over_time", "max_over_time"):
@@ -472,7 +459,7 @@ class Autoscaling:
         k = _DCGM_FIELD[metric]
         if query == "instant":
             return _instant(samples, k, a)
-        sel = [s[k] for s in _in_window(samples, a, window_s)]
+        sel = [s[k] for s in in_window(samples, a, window_s)]
         return _over_time(query, sel) if sel else None
 
     def syncs_frame(self) -> Any:

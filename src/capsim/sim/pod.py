@@ -45,6 +45,10 @@ class PodState(IntEnum):
     GONE = 5
 
 
+#: the states in which a pod's server answers what it was sent before (its /metrics too): ready, or draining
+SERVING = (PodState.READY, PodState.TERMINATING)
+
+
 class Batch:
     """One batch on the model: its requests (in queue order) and its times (s)."""
 

@@ -13,14 +13,45 @@ and ``promql/quantile.go`` (``ensureMonotonic``), Apache-2.0, (c) The Prometheus
 differed in one corner: it capped the extrapolation at a counter's zero before testing the threshold, so a
 series that starts inside the window with its zero between half and 1.1 intervals before its first sample
 extrapolated to the zero rather than half an interval.
+
+The series these functions read are kept as Prometheus holds them (``Samples``): scraped on a grid
+(``first_scrape``), ended by a stale marker (``mark_stale``), read by a range query's window (``in_window``) and
+dropped once no window holds them (``trim``); the autoscaler's adapter (``capsim.sim.hpa``) and the canary's
+analysis (``capsim.sim.analysis``) keep theirs so.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Sequence
+from typing import Any
 
 from capsim.model.buckets import bucket_quantile
+
+Samples = deque[tuple[Any, ...]]  # a series as Prometheus holds it, oldest first; a 1-tuple (time,): a stale marker
+
+
+def first_scrape(offset: float, every: float, now: float) -> float:
+    """The first time on a target's scrape grid (``offset + k * every``) at or after ``now``."""
+    return offset + max(0.0, math.ceil((now - offset) / every)) * every
+
+
+def mark_stale(samples: Samples, at: float) -> None:
+    """The series ends at ``at`` (its target failed or left): one stale marker, as Prometheus writes."""
+    if samples and len(samples[-1]) > 1:
+        samples.append((at,))
+
+
+def trim(samples: Samples, old: float) -> None:
+    """Drop the samples from before ``old``, which no query reads any longer."""
+    while samples and samples[0][0] < old:
+        samples.popleft()
+
+
+def in_window(samples: Samples, a: float, window_s: float) -> list[tuple[Any, ...]]:
+    """The samples a range query at ``a`` over ``window_s`` reads: those in ``(a - window_s, a]``, markers skipped."""
+    return [s for s in samples if a - window_s < s[0] <= a and len(s) > 1]
 
 
 def extrapolated_rate(times: Sequence[float], values: Sequence[float], start: float, end: float) -> float | None:

@@ -39,7 +39,7 @@ from capsim.sim.continuous_results import (
 )
 from capsim.sim.faults import Faults
 from capsim.sim.hpa import Autoscaling
-from capsim.sim.pod import PodState
+from capsim.sim.pod import SERVING, PodState
 from capsim.sim.recorder import Records, Timeseries
 from capsim.sim.router import Router, outlier_settings
 from capsim.sim.service import make_service
@@ -253,7 +253,7 @@ class Simulation:
             now = env.now
             pods = self.cluster.live_pods
             states = [p.state for p in pods]
-            serving = [p for p in pods if p.state in (PodState.READY, PodState.TERMINATING)]
+            serving = [p for p in pods if p.state in SERVING]
             busy = self.cluster.gone_busy_s + sum(p.busy_total_s(now) for p in pods)
             errors = client.n_failed + client.n_timed_out + client.n_rejected
             n_ready = self.cluster.ready_count()
