@@ -16,7 +16,7 @@ import pytest
 from hypothesis import Phase
 from hypothesis import settings as hypothesis_settings
 
-from capsim.studies.pods import free_port
+from capsim.studies.pods import free_port, stop_process
 
 # Mutation testing (scripts/mutate.py) only needs a failing example, not the smallest one: its profile
 # skips shrinking, so a mutant that breaks a property is reported in seconds.
@@ -189,12 +189,7 @@ class RedisServer:
             return
         if self.frozen:
             self.thaw()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_process(self.proc, 5.0)
 
 
 def _answers_ping(port: int) -> bool:

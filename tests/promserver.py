@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from capsim.studies.pods import free_port
+from capsim.studies.pods import free_port, stop_process
 
 BASE_S = 1_700_000_000  # 2023-11-14: the series' time 0
 START_TIMEOUT_S = 30.0
@@ -110,14 +110,7 @@ class PrometheusServer:
         raise RuntimeError(f"prometheus on port {self.port} was not ready within {START_TIMEOUT_S} s")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        stop_process(self.proc, 10.0)
 
     def query(self, expr: str, t: float) -> dict[tuple[tuple[str, str], ...], float]:
         """The instant vector ``expr`` evaluates to at ``t`` (s from BASE_S): its series' labels to values."""

@@ -120,6 +120,19 @@ def free_port() -> int:
     raise OSError("no loopback port left that this process was not given before (64 tries)")
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout_s: float) -> None:
+    """SIGTERM ``proc`` and wait up to ``timeout_s``; SIGKILL it (and reap it) if it outlasts that. Nothing for a
+    process that is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
 def pinned(cmd: list[str], core: int | None) -> list[str]:
     """``cmd`` run under ``taskset -c core`` when a core is given and taskset exists."""
     return ["taskset", "-c", str(core), *cmd] if core is not None and shutil.which("taskset") else cmd

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from capsim.errors import CapsimError
-from capsim.studies.pods import PodProcess, free_port, metric_totals
+from capsim.studies.pods import PodProcess, free_port, metric_totals, stop_process
 
 START_S = 180.0  # a pod's start on a busy machine (torch's import alone can take tens of seconds)
 COUNTERS = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total")
@@ -108,12 +108,7 @@ class Fleet:
         for p in self.pods:
             p.stop()
         for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc, 10.0)
 
 
 def start_fleet(work: Path, policy: str, settings: dict[str, object], cores: Sequence[int | None]) -> Fleet:
