@@ -428,13 +428,9 @@ def _canary_run() -> Simulation:
     assert analysis is not None
     analysis._keep_s = 1e9  # keep every scrape, to read any time afterwards
     sim.run()
-    for rows in analysis.scrapes.values():  # Prometheus keeps a sample's time to the millisecond
-        rows_ms = deque((ms(s[0]), *s[1:]) for s in rows)
-        rows.clear()
-        rows.extend(rows_ms)
-    gateway = deque((ms(t), c) for t, c in analysis.gateway)
-    analysis.gateway.clear()
-    analysis.gateway.extend(gateway)
+    for pid, rows in analysis.scrapes.items():  # Prometheus keeps a sample's time to the millisecond
+        analysis.scrapes[pid] = deque((ms(s[0]), *s[1:]) for s in rows)
+    analysis.gateway = deque((ms(t), c) for t, c in analysis.gateway)
     return sim
 
 
