@@ -55,6 +55,8 @@ DESTINATION_RULE = {
                 ]},
                 "outlierDetection": {"type": "object", "additionalProperties": False, "properties": {
                     "consecutive5xxErrors": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+                    "consecutiveLocalOriginFailures": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+                    "splitExternalLocalOriginErrors": {"type": "boolean"},
                     "interval": _DURATION, "baseEjectionTime": _DURATION,
                     "maxEjectionPercent": _PERCENT, "minHealthPercent": _PERCENT}},
             }},
@@ -142,6 +144,15 @@ def test_outlier_detection_carries_the_plans_ejection(agents: Scenario) -> None:
                            "router.outlier_ejection": {**e, "max_ejection_percent": 12.5, "max_ejection_s": 60}})
     notes = " ".join(routing_notes(odd, TARGET))
     assert "12.5 is written as 12" in notes and "capped an ejection at 60 s" in notes
+    # only the proxy's own failures (the pods' 503s in a Redis outage do not eject them): Istio's split counters,
+    # with consecutive_5xx off
+    split = agents.override({"router.kind": "least_outstanding",
+                             "router.outlier_ejection": {**e, "count_answered_5xx": False}})
+    (rule,) = build_routing(split, TARGET)
+    jsonschema.validate(rule, DESTINATION_RULE)
+    assert rule["spec"]["trafficPolicy"]["outlierDetection"] == {
+        "consecutive5xxErrors": 0, "splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailures": 3,
+        "interval": "10s", "baseEjectionTime": "2500ms", "maxEjectionPercent": 34, "minHealthPercent": 50}
     # no ejection in the plan: none in the rule
     none = agents.override({"router.kind": "least_outstanding", "router.outlier_ejection": None})
     (rule,) = build_routing(none, TARGET)

@@ -10,7 +10,7 @@ import pytest
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.outlier import OutlierDetector, OutlierSettings
-from capsim.sim import simulate
+from capsim.sim import Simulation, simulate
 
 
 def test_ejects_after_the_consecutive_failures_and_a_success_restarts_the_count() -> None:
@@ -96,3 +96,54 @@ def test_the_setting_validates_and_can_be_switched_off() -> None:
     assert off.router.outlier_ejection is None
     with pytest.raises(SettingsError, match="consecutive_failures"):
         sc.override({"router.outlier_ejection.consecutive_failures": 0})
+
+
+def outage_run(ejection: dict[str, Any] | None) -> Any:
+    # 4 pods at light load; Redis is out from 20 to 30 s: every pod answers each turn 503 (it cannot read the
+    # session), as fast as it is asked, and the client retries
+    sc = Scenario.model_validate({
+        "horizon_s": 90, "warmup_s": 0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
+        "service": {"kind": "exponential", "mean_s": 0.05},
+        "batching": {"max_batch_size": 4, "max_wait_ms": 0},
+        "pods": {"replicas": 4},
+        "router": {"kind": "least_outstanding", "outlier_ejection": ejection},
+        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
+        "faults": {"redis_outages": [{"at_s": 20.0, "duration_s": 10.0}]},
+    })
+    sim = Simulation(sc, seed=0)
+    return sim, sim.run()
+
+
+def test_a_redis_outage_s_503s_eject_one_pod_which_stays_out_after_redis_is_back() -> None:
+    # Envoy's consecutive_5xx counts the pod's own 503s as it counts refusals: the first pod to answer five in
+    # a row is ejected for 30 s, and the cap (10 % of 4 pods, at least one) keeps the others in. Ejection
+    # cannot help here (every pod fails alike) and costs a quarter of the fleet for 20 s after the outage
+    off_sim, off = outage_run(None)
+    on_sim, on = outage_run({})
+    assert on_sim.router.outliers is not None and on_sim.router.outliers.ejections == 1
+    errors = sorted(p.errors for p in on_sim.cluster.pods)
+    assert errors[0] == 5 and errors[1] > 100  # the ejected pod failed five turns, then got none
+    out = next(p.id for p in on_sim.cluster.pods if p.errors == 5)
+    assert min(p.errors for p in off_sim.cluster.pods) > 100  # without ejection all four keep failing
+    assert (on.summary.failed, on.summary.retries) == (off.summary.failed, off.summary.retries)
+
+    def served(r: Any, pod: int, start: float, stop: float) -> int:
+        df = r.requests
+        return int(((df.pod == pod) & (df.start_s >= start) & (df.start_s < stop)).sum())
+
+    assert served(on, out, 30.0, 45.0) == 0  # ejected after 20 s for 30 s: still out
+    assert all(served(on, p, 30.0, 45.0) > 100 for p in range(4) if p != out)
+    assert served(on, out, 60.0, 90.0) > 100  # back once the ejection is over
+    assert served(off, out, 30.0, 45.0) > 100
+
+
+def test_counting_only_the_proxy_s_own_failures_ejects_no_pod_in_a_redis_outage_but_still_a_crashed_one() -> None:
+    # Istio's splitExternalLocalOriginErrors with consecutive5xxErrors 0: the pods' 503s do not count,
+    # refusals still do
+    split = {"count_answered_5xx": False}
+    sim, _ = outage_run(split)
+    assert sim.router.outliers is not None and sim.router.outliers.ejections == 0
+    assert min(p.errors for p in sim.cluster.pods) > 100
+    crash = crash_run(split).summary
+    assert crash.retries == 5 and crash.failed == 0

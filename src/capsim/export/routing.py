@@ -14,7 +14,8 @@ does not hold behind another (docs/export.md). ``router.kind`` maps to:
 - ``random``: nothing to write; a ClusterIP Service (kube-proxy) picks pods at random.
 
 Field names and defaults are from the upstream definitions: Istio's ``networking/v1alpha3/destination_rule.proto``
-(``consecutive5xxErrors``, ``interval`` 10 s, ``baseEjectionTime``, ``maxEjectionPercent`` as an int32,
+(``consecutive5xxErrors``, or with ``count_answered_5xx: false`` ``splitExternalLocalOriginErrors`` and
+``consecutiveLocalOriginFailures``, as Istio's ``applyOutlierDetection`` passes them to Envoy; ``interval`` 10 s, ``baseEjectionTime``, ``maxEjectionPercent`` as an int32,
 ``minHealthPercent``, default 0, which Istio passes to Envoy as ``healthy_panic_threshold``), and
 gateway-api-inference-extension's ``api/v1/inferencepool_types.go`` and its Helm chart's EPP config (scorer
 names ``prefix-cache-scorer``, ``queue-scorer``, ``kv-cache-utilization-scorer``, ``max-score-picker``).
@@ -80,7 +81,12 @@ def outlier_detection(router: Router) -> dict[str, Any]:
     300 s applies)."""
     e = router.outlier_ejection
     assert e is not None
-    return {"consecutive5xxErrors": e.consecutive_failures, "interval": "10s",
+    if e.count_answered_5xx:
+        counts: dict[str, Any] = {"consecutive5xxErrors": e.consecutive_failures}
+    else:  # only the proxy's own failures: Istio enforces consecutive_5xx only when it is above 0
+        counts = {"consecutive5xxErrors": 0, "splitExternalLocalOriginErrors": True,
+                  "consecutiveLocalOriginFailures": e.consecutive_failures}
+    return {**counts, "interval": "10s",
             "baseEjectionTime": _seconds(e.base_ejection_s), "maxEjectionPercent": round(e.max_ejection_percent),
             "minHealthPercent": PANIC_PERCENT}
 

@@ -915,14 +915,20 @@ class Pods(_Section):
 
 class OutlierEjection(_Section):
     """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults: a pod that fails
-    ``consecutive_failures`` requests in a row (refused: crashed, or draining) is ejected for
-    ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
-    ``max_ejection_percent`` of the endpoints at once (but at least one)."""
+    ``consecutive_failures`` requests in a row (refused: crashed; a draining pod's 503; the pod's own 503 in a
+    Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
+    ``max_ejection_percent`` of the endpoints at once (but at least one). ``count_answered_5xx: false`` counts
+    only the proxy's own failures (refused, reset, timed out), not the 5xx a pod answers."""
 
     consecutive_failures: Int = Field(5, ge=1, description="Envoy's consecutive_5xx")
     base_ejection_s: Float = Field(30.0, ge=0, description="Envoy's base_ejection_time")
     max_ejection_s: Float = Field(300.0, ge=0, description="Envoy's max_ejection_time")
     max_ejection_percent: Float = Field(10.0, ge=0, le=100, description="Envoy's max_ejection_percent")
+    count_answered_5xx: bool = Field(
+        True, description="count the 5xx a pod answers (a draining pod's, a Redis outage's), as Envoy's "
+        "consecutive_5xx does; false: only refused, reset and timed-out requests, as Istio's "
+        "splitExternalLocalOriginErrors with consecutiveLocalOriginFailures (consecutive5xxErrors 0)",
+    )
 
 
 class Router(_Section):

@@ -7,6 +7,11 @@ set after ``consecutive_5xx`` failures in a row (default 5; a refused connection
 (default 10 %, but at least one host). When fewer than ``healthy_panic_threshold`` (50 %) of the hosts
 are left, Envoy is in panic mode and balances over all of them, ejected or not (``panic``).
 
+What fails: every 5xx the proxy sees, answered by the pod or made by the proxy for a refused connection, a
+reset or a timeout (``consecutive_5xx`` counts both kinds unless ``split_external_local_origin_errors``); any other
+answer ends the run. With ``count_answered_5xx`` off only the proxy's own failures count (Istio's
+``splitExternalLocalOriginErrors: true``, ``consecutiveLocalOriginFailures`` and ``consecutive5xxErrors: 0``).
+
 Differences, on purpose: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s), so a
 host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly.
 Envoy lowers the ejection multiplier again while a host stays healthy; here a success after its return
@@ -29,6 +34,9 @@ class OutlierSettings:
     base_ejection_s: float = 30.0
     max_ejection_s: float = 300.0
     max_ejection_percent: float = 10.0
+    #: count the pods' own 5xx answers (Envoy's default); False: only what the proxy itself saw fail (a refused
+    #: connection, a reset, a timeout), as ``split_external_local_origin_errors`` with ``consecutive_5xx`` off
+    count_answered_5xx: bool = True
 
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:

@@ -263,7 +263,7 @@ class Client:
             pod = self._local_copy(i) if self.serve_local else None
             if pod is None:
                 unreadable = True
-                pod = self._route(i, t)
+                pod = self._route(i, t, answers=False)
         else:
             pod = self._route(i, t)
         if pod is None:
@@ -287,16 +287,17 @@ class Client:
         if book is not None and i % self.turns:
             book.placed(i, pod, sim.cluster.pods)
 
-    def _route(self, i: int, t: float) -> Pod | None:
-        """The pod attempt ``i`` sent at ``t`` reaches: its session's home, the scorer's pick or the router's."""
+    def _route(self, i: int, t: float, answers: bool = True) -> Pod | None:
+        """The pod attempt ``i`` sent at ``t`` reaches: its session's home, the scorer's pick or the router's
+        (``answers`` false: a ready pod answers it 503, which the router's outlier detection counts)."""
         book = self.book
         if self.sticky:
             return self._home_pod(i)
         if self.scored and book is not None and i % self.turns:
             s = i // self.turns
             hit = book.history_tokens(i) / max(int(self.rec.prompt[i]), 1)
-            return self.sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit, t)
-        return self.sim.router.pick(t)
+            return self.sim.router.pick_scored(int(book.last_pod[s]), int(book.last_life[s]), hit, t, answers)
+        return self.sim.router.pick(t, answers)
 
     def _not_ready(self, i: int, t: float, pod: Pod) -> None:
         """Attempt ``i`` sent at ``t`` reached ``pod``, still in the endpoints but not ready: refused at once
@@ -518,6 +519,7 @@ class Client:
         request of ``batch`` gets a 503 after having used the GPU (``_save_turn`` in ``capsim.core.service``)."""
         for i in idx:
             if not batch.cancelled or i not in batch.cancelled:
+                self.sim.router.failed(batch.pod, now)  # a 5xx to the proxy: outlier detection counts it
                 self._attempt_failed(i, now, FAILED, batch.pod.id)
 
     def watch_request(self, batch: Batch, i: int, due: float) -> None:

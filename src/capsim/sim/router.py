@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from capsim.sim.pod import Pod
 
 _READY = PodState.READY
+_TERMINATING = PodState.TERMINATING
 RouterKind = Literal["random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware"]
 KINDS = ("random", "round_robin", "least_outstanding", "session_affinity", "prefix_aware")
 
@@ -71,16 +72,19 @@ class Router:
         self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
         proxied = self.least or self.prefix_aware
         self.outliers = OutlierDetector(outlier) if outlier is not None and proxied else None
+        self._count_answered = outlier is None or outlier.count_answered_5xx
 
     def touch(self, pod: Pod) -> None:
         """A pod's outstanding count changed, or it became an endpoint."""
         if self.least:
             self._by_count.set(pod.id, pod.outstanding)
 
-    def pick(self, now: float) -> Pod | None:
+    def pick(self, now: float, answers: bool = True) -> Pod | None:
         """A pod for a request sent at ``now`` without a home pod; ``None`` when there is no endpoint.
 
-        With least outstanding the caller must enqueue on the pod, or ``touch`` it if it does not.
+        With least outstanding the caller must enqueue on the pod, or ``touch`` it if it does not. Outlier
+        detection counts the attempt's outcome as the request is sent: a failure if the pod is not ready
+        (refused) or if ``answers`` is false (a ready pod that answers it 503: Redis is out), else a success.
         """
         eps = self.endpoints
         if not eps:
@@ -98,14 +102,16 @@ class Router:
             pod = self._least(ejected)
             # outlier detection sees the attempt the caller makes: refused unless the pod is ready (a pod on a
             # dead node refuses nothing: its attempt fails when it times out, ``timed_out``)
-            if pod.state is not _READY:
-                if not pod.node_lost:
-                    out.failed(pod.id, now, len(eps))
-            elif pod.id in out.failures:
+            if pod.state is _READY and answers:  # the common case first
+                if pod.id in out.failures:
+                    out.succeeded(pod.id)
+            elif self._fails(pod, answers):
+                out.failed(pod.id, now, len(eps))
+            elif pod.id in out.failures and not pod.node_lost:
                 out.succeeded(pod.id)
             return pod
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
-            return self.pick_scored(-1, 0, 0.0, now)
+            return self.pick_scored(-1, 0, 0.0, now, answers)
         if self.least_fallback:  # a session placed anew, rarely: a scan, no buckets to keep
             return eps[among_best([-p.outstanding for p in eps], self._draws.next())]
         if self.kind == "round_robin":
@@ -146,16 +152,35 @@ class Router:
                     self.touch(self._pods[pid])
         return out.ejected_ids
 
-    def _observe(self, pod: Pod | None, now: float) -> Pod | None:
-        """Outlier detection sees the attempt the caller makes on ``pod``: refused unless it is ready."""
+    def _observe(self, pod: Pod | None, now: float, answers: bool) -> Pod | None:
+        """Outlier detection sees the attempt the caller makes on ``pod``: refused unless it is ready, and a
+        503 from a ready pod unless it ``answers``."""
         out = self.outliers
         if out is None or pod is None:
             return pod
-        if pod.state is _READY:
-            out.succeeded(pod.id)
-        elif not pod.node_lost:
+        if self._fails(pod, answers):
             out.failed(pod.id, now, len(self.endpoints))
+        elif not pod.node_lost:
+            out.succeeded(pod.id)
         return pod
+
+    def _fails(self, pod: Pod, answers: bool) -> bool:
+        """Whether outlier detection counts an attempt on ``pod`` sent now as failed: refused (not ready; a pod
+        on a dead node refuses nothing, its attempt fails when it times out), or answered 503 (a draining pod,
+        or a ready one that does not ``answers``) where the pods' own 5xx count."""
+        if pod.state is _READY:
+            return not answers and self._count_answered
+        if pod.node_lost:
+            return False
+        return pod.state is not _TERMINATING or self._count_answered
+
+    def failed(self, pod: Pod, now: float) -> None:
+        """A ready pod answered an attempt 503 at ``now`` after it was picked (its final store write failed:
+        Redis went out while it ran): outlier detection counts it, as Envoy's ``consecutive_5xx`` counts every
+        5xx."""
+        out = self.outliers
+        if out is not None and self._count_answered and pod.routable:
+            out.failed(pod.id, now, len(self.endpoints))
 
     def timed_out(self, pod: Pod, now: float) -> None:
         """An attempt sent to ``pod`` on a dead node timed out at ``now``: outlier detection counts the failure
@@ -164,10 +189,10 @@ class Router:
         if out is not None and pod.routable:
             out.failed(pod.id, now, len(self.endpoints))
 
-    def pick_scored(self, home: int, home_life: int, hit: float, now: float) -> Pod | None:
+    def pick_scored(self, home: int, home_life: int, hit: float, now: float, answers: bool = True) -> Pod | None:
         """Prefix-aware, at ``now``: the best-scored endpoint, where pod ``home`` in incarnation ``home_life`` is
         expected to hold a share ``hit`` of the prompt (``home`` -1: no pod holds any); at random among
-        equal scores. Ejected pods are left out (all of them in Envoy's panic mode)."""
+        equal scores. Ejected pods are left out (all of them in Envoy's panic mode). ``answers``: as ``pick``."""
         eps = self.endpoints
         if not eps:
             return None
@@ -179,7 +204,7 @@ class Router:
                     eps = kept
         cands = [Candidate(p.outstanding, _kv_use(p), hit if p.id == home and p.incarnation == home_life else 0.0)
                  for p in eps]
-        return self._observe(eps[pick(cands, self.weights, self._draws.next())], now)
+        return self._observe(eps[pick(cands, self.weights, self._draws.next())], now, answers)
 
 
 def _kv_use(pod: Pod) -> float:
@@ -192,4 +217,4 @@ def outlier_settings(section: OutlierEjection | None) -> OutlierSettings | None:
     if section is None:
         return None
     return OutlierSettings(section.consecutive_failures, section.base_ejection_s, section.max_ejection_s,
-                           section.max_ejection_percent)
+                           section.max_ejection_percent, section.count_answered_5xx)
