@@ -25,6 +25,7 @@ from capsim.core.router import (
     resolve_pods,
 )
 from capsim.model.settings import SettingsError
+from capsim.studies.pods import stop_process
 from podproc import PodProcess, Served, free_port
 
 
@@ -290,5 +291,4 @@ def test_capsim_router_command_serves(tmp_path: Any) -> None:
         assert resp.status_code == 200
         assert post(f"http://127.0.0.1:{port}", "c1", {"prompt_tokens": 4}).status_code == 502
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)  # SIGTERM, then SIGKILL if it outlasts the wait: never a router left behind
