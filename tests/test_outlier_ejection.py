@@ -11,6 +11,7 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.outlier import OutlierDetector, OutlierSettings
 from capsim.sim import Simulation, simulate
+from capsim.studies.checks import run_checks
 
 
 def test_ejects_after_the_consecutive_failures_and_a_success_restarts_the_count() -> None:
@@ -147,3 +148,24 @@ def test_counting_only_the_proxy_s_own_failures_ejects_no_pod_in_a_redis_outage_
     assert min(p.errors for p in sim.cluster.pods) > 100
     crash = crash_run(split).summary
     assert crash.retries == 5 and crash.failed == 0
+
+
+def test_capsim_check_warns_of_ejection_counting_the_pods_503s_in_a_store_outage() -> None:
+    sc = Scenario.model_validate({
+        "horizon_s": 60, "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 4}},
+        "service": {"kind": "exponential", "mean_s": 0.05},
+        "router": {"kind": "least_outstanding"},
+        "faults": {"redis_outages": [{"at_s": 20.0, "duration_s": 2.0}]},
+    })
+
+    def fired(s: Scenario) -> list[Any]:
+        return [f for f in run_checks(s) if f.check == "ejection-in-store-outage"]
+
+    (f,) = fired(sc)
+    assert f.level == "warn" and f.path == "router.outlier_ejection.count_answered_5xx"
+    assert "from 20 s" in f.message and "30 s" in f.message and "10%" in f.message
+    assert not fired(sc.override({"router.outlier_ejection.count_answered_5xx": False}))
+    assert not fired(sc.override({"router.outlier_ejection": None}))
+    assert not fired(sc.override({"router.kind": "round_robin"}))  # a plain Service ejects nothing
+    assert not fired(sc.override({"state.store": "pod_local"}))  # no store to read
+    assert not fired(sc.override({"faults.redis_outages": []}))

@@ -144,6 +144,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   store's outage (``faults.redis_outages``, with ``state.store: redis``): every pod's store writes fail then, the old
   pods' as the canary's, so the check reads the outage as the canary's errors; one against the old pods'
   (``undo_if_error_rate_over_baseline_by``) does not.
+* ``ejection-in-store-outage`` (warn): a session store's outage (``faults.redis_outages``, ``state.store: redis``)
+  behind a router whose outlier ejection counts the pods' own 5xx (least outstanding or prefix-aware,
+  ``router.outlier_ejection.count_answered_5xx``, Envoy's default): every pod answers 503 to each turn it cannot
+  read, so the first pods to fail five in a row are ejected for ``base_ejection_s`` and stay out after the store is
+  back; counting only the proxy's own failures ejects a crashed pod as before and none in the outage.
 * ``gateway-errors-under-autoscaler`` (warn): a resume's error-rate check that counts the gateway's codes
   (``error_rate_source: gateway``, the default) on a canary whose pause an autoscaler may scale down through
   (``minReplicas`` below ``maxReplicas``): the ReplicaSets' shares take canary pods too, and a pod on its way out of
@@ -250,6 +255,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _restart_poll_never_looks(scenario)
     findings += _analysis_never_measures(scenario)
     findings += _error_gate_in_store_outage(scenario)
+    findings += _ejection_in_store_outage(scenario)
     findings += _gateway_errors_under_autoscaler(scenario)
     findings += requests_unservable(scenario)
     findings += _deadline_under_autoscaler(scenario)
@@ -791,6 +797,27 @@ def _error_gate_in_store_outage(scenario: Scenario) -> list[Finding]:
             "Compare with the old pods' instead (undo_if_error_rate_over_baseline_by) (docs/studies.md, \"A store "
             "outage during a canary\")", level="warn", check="error-gate-in-store-outage"))
     return out
+
+
+def _ejection_in_store_outage(scenario: Scenario) -> list[Finding]:
+    """A session store's outage behind a router whose outlier ejection counts the pods' own 5xx: every pod answers
+    503 to each turn it cannot read, the first to fail five in a row is ejected, and it stays out after the store is
+    back."""
+    faults, router = scenario.faults, scenario.router
+    e = router.outlier_ejection
+    if (faults is None or not faults.redis_outages or scenario.state.store != "redis" or e is None
+            or not e.count_answered_5xx or router.kind not in ("least_outstanding", "prefix_aware")):
+        return []
+    o = faults.redis_outages[0]
+    return [Finding(
+        "router.outlier_ejection.count_answered_5xx", f"true: the session store is out from {o.at_s:g} s "
+        f"(faults.redis_outages) and every pod answers 503 to each turn it cannot read; outlier detection counts those "
+        f"as Envoy's consecutive_5xx does, so the first pods to fail {e.consecutive_failures} in a row (up to "
+        f"{e.max_ejection_percent:g}% of them, at least one) are ejected for {e.base_ejection_s:g} s and stay out after "
+        "the store is back, which mends nothing (every pod fails alike) and costs their capacity (docs/studies.md, "
+        "\"Tuning\": a 2-s outage in the Friday rush raised its p99 TTFT from 0.07 to 0.36 s). Count only the proxy's "
+        "own failures (count_answered_5xx: false), which still ejects a crashed pod", level="warn",
+        check="ejection-in-store-outage")]
 
 
 def _gateway_errors_under_autoscaler(scenario: Scenario) -> list[Finding]:
