@@ -153,6 +153,11 @@ def test_outlier_detection_carries_the_plans_ejection(agents: Scenario) -> None:
     assert rule["spec"]["trafficPolicy"]["outlierDetection"] == {
         "consecutive5xxErrors": 0, "splitExternalLocalOriginErrors": True, "consecutiveLocalOriginFailures": 3,
         "interval": "10s", "baseEjectionTime": "2500ms", "maxEjectionPercent": 34, "minHealthPercent": 50}
+    # the pods' own 503s in a Redis outage eject them under the default, and the README says so; not with the split
+    assert any("session store (Redis) is out" in n for n in routing_notes(scenario, TARGET))
+    assert not any("session store (Redis) is out" in n for n in routing_notes(split, TARGET))
+    gateway = agents.override({"router.kind": "prefix_aware", "router.outlier_ejection": {**e, "count_answered_5xx": False}})
+    assert any("`consecutive_local_origin_failure: 3`" in n for n in routing_notes(gateway, TARGET))
     # no ejection in the plan: none in the rule
     none = agents.override({"router.kind": "least_outstanding", "router.outlier_ejection": None})
     (rule,) = build_routing(none, TARGET)

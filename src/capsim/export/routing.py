@@ -169,10 +169,13 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
         e = r.outlier_ejection
         assert e is not None
         if r.kind == "prefix_aware":
+            counts = (f"`consecutive_5xx: {e.consecutive_failures}`" if e.count_answered_5xx else
+                      f"`split_external_local_origin_errors: true`, `consecutive_local_origin_failure: "
+                      f"{e.consecutive_failures}`, `enforcing_consecutive_5xx: 0`")
             notes.append("the plan ejected failing pods as Envoy's outlier detection does; the InferencePool has no "
-                         "such field, so set it on the gateway (its backend traffic policy) to "
-                         f"`consecutive_5xx: {e.consecutive_failures}`, `base_ejection_time: "
-                         f"{e.base_ejection_s:g}s`, `max_ejection_percent: {e.max_ejection_percent:g}`")
+                         f"such field, so set it on the gateway (its backend traffic policy) to {counts}, "
+                         f"`base_ejection_time: {e.base_ejection_s:g}s`, `max_ejection_percent: "
+                         f"{e.max_ejection_percent:g}`")
         else:  # the DestinationRule's outlierDetection, where Istio cannot say what the plan assumed
             if round(e.max_ejection_percent) != e.max_ejection_percent:
                 notes.append(f"Istio takes `maxEjectionPercent` as a whole number: the plan's "
@@ -180,6 +183,12 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
             if e.max_ejection_s != ENVOY_MAX_EJECTION_S:
                 notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
                              f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
+        if e.count_answered_5xx and scenario.state.store == "redis":
+            notes.append("the pods answer 503 to every turn while the session store (Redis) is out, and outlier "
+                         "detection counts each as a failure: an outage ejects the first pods to fail "
+                         f"{e.consecutive_failures} in a row (up to {e.max_ejection_percent:g}% of them) for "
+                         f"{e.base_ejection_s:g} s, past its end. `router.outlier_ejection.count_answered_5xx: false` "
+                         "counts only refused, reset and timed-out requests (docs/studies.md, \"Tuning\")")
     if r.hold_when_no_pod_s is not None:  # nothing here writes the gateway that holds requests
         notes.append(f"the plan's gateway held a request up to {r.hold_when_no_pod_s:g} s while the Service had no "
                      "ready pod and sent it on when one was: KEDA's HTTP add-on interceptor (Helm "
