@@ -1,5 +1,6 @@
 """Outlier ejection (Envoy's passive outlier detection): a pod refusing requests in a row is ejected for a
-while, so least outstanding stops sending a crashed pod, still in the endpoints, most of the traffic."""
+while, so least outstanding stops sending a crashed pod, still in the endpoints, most of the traffic; and a pod
+answering 503 in a Redis outage is ejected too, unless only the proxy's own failures count."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
 from capsim.policy.outlier import OutlierDetector, OutlierSettings
 from capsim.sim import Simulation, simulate
+from capsim.sim.pod import Pod
 from capsim.studies.checks import run_checks
 
 
@@ -169,3 +171,42 @@ def test_capsim_check_warns_of_ejection_counting_the_pods_503s_in_a_store_outage
     assert not fired(sc.override({"router.kind": "round_robin"}))  # a plain Service ejects nothing
     assert not fired(sc.override({"state.store": "pod_local"}))  # no store to read
     assert not fired(sc.override({"faults.redis_outages": []}))
+
+
+def test_an_ejected_pod_takes_no_turn_in_a_store_outage_even_one_whose_only_copy_it_holds(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # serve_local: a pod serves a turn from its own copy of the session while Redis is out; the proxy still keeps an
+    # ejected pod out of its set, so a turn whose copy is there fails over to another pod (503) instead
+    sc = Scenario.model_validate({
+        "horizon_s": 120, "warmup_s": 0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 4},
+                     "sessions": {"turns": 6, "think_time_s": {"kind": "exponential", "mean_s": 2}}},
+        "service": {"kind": "exponential", "mean_s": 0.05},
+        "batching": {"max_batch_size": 4, "max_wait_ms": 0},
+        "pods": {"replicas": 4},
+        "router": {"kind": "least_outstanding"},
+        "state": {"on_unavailable": "serve_local"},
+        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
+        "faults": {"redis_outages": [{"at_s": 40.0, "duration_s": 10.0}]},
+    })
+    sends: list[tuple[int, float]] = []
+    ejections: list[tuple[int, float, float]] = []
+    enqueue, failed = Pod.enqueue, OutlierDetector.failed
+
+    def recording_enqueue(self: Pod, i: int, now: float) -> None:
+        sends.append((self.id, now))
+        enqueue(self, i, now)
+
+    def recording_failed(self: OutlierDetector, endpoint: int, now: float, n: int) -> bool:
+        out = failed(self, endpoint, now, n)
+        if out:
+            ejections.append((endpoint, now, self.ejected_ids[endpoint]))
+        return out
+
+    monkeypatch.setattr(Pod, "enqueue", recording_enqueue)
+    monkeypatch.setattr(OutlierDetector, "failed", recording_failed)
+    Simulation(sc, seed=0).run()
+    assert ejections and all(40.0 <= t < 50.0 for _, t, _ in ejections)  # the outage's 503s eject
+    for pod, start, end in ejections:
+        assert not [t for p, t in sends if p == pod and start <= t < end]
+        assert [t for p, t in sends if p == pod and t >= end]  # and it takes turns again once back

@@ -264,6 +264,8 @@ class Client:
             if pod is None:
                 unreadable = True
                 pod = self._route(i, t, answers=False)
+            elif pod.state is _READY:
+                sim.router.served(pod)  # it answers from its copy: a success to the proxy's outlier detection
         else:
             pod = self._route(i, t)
         if pod is None:
@@ -316,8 +318,8 @@ class Client:
 
     def _local_copy(self, i: int) -> Pod | None:
         """``serve_local`` in a Redis outage: the pod that served the session's last turn, if it still holds
-        the session (same life, in the endpoints); it serves the turn (its answer is kept there alone, and
-        the session is at risk: ``SessionBook.answered``)."""
+        the session (same life, in the endpoints, not ejected by the proxy's outlier detection); it serves the
+        turn (its answer is kept there alone, and the session is at risk: ``SessionBook.answered``)."""
         book = self.book
         if book is None or not i % self.turns:
             return None
@@ -326,7 +328,7 @@ class Client:
         if p < 0:
             return None
         pod = self.sim.cluster.pods[p]
-        if not (pod.routable and book.cached_on(s, pod)):
+        if not (pod.routable and book.cached_on(s, pod)) or self.sim.router.ejected(pod, float(self.rec.send[i])):
             return None
         return pod
 

@@ -174,6 +174,24 @@ class Router:
             return False
         return pod.state is not _TERMINATING or self._count_answered
 
+    def ejected(self, pod: Pod, now: float) -> bool:
+        """Whether outlier detection keeps ``pod`` out of the balancing set at ``now`` (not in Envoy's panic mode)."""
+        out = self.outliers
+        if out is None or not out.ejected_ids:
+            return False
+        ejected = self._ejected(now)
+        if pod.id not in ejected:
+            return False
+        eps = self.endpoints
+        return not out.panic(sum(1 for p in eps if p.id in ejected), len(eps))
+
+    def served(self, pod: Pod) -> None:
+        """A ready pod took an attempt the router did not pick (the pod holding the session's only copy in a Redis
+        outage, ``state.on_unavailable: serve_local``): it answers, which ends its run of failures."""
+        out = self.outliers
+        if out is not None and pod.id in out.failures:
+            out.succeeded(pod.id)
+
     def failed(self, pod: Pod, now: float) -> None:
         """A ready pod answered an attempt 503 at ``now`` after it was picked (its final store write failed:
         Redis went out while it ran): outlier detection counts it, as Envoy's ``consecutive_5xx`` counts every
