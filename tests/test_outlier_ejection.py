@@ -101,7 +101,7 @@ def test_the_setting_validates_and_can_be_switched_off() -> None:
         sc.override({"router.outlier_ejection.consecutive_failures": 0})
 
 
-def outage_run(ejection: dict[str, Any] | None) -> Any:
+def outage_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:
     # 4 pods at light load; Redis is out from 20 to 30 s: every pod answers each turn 503 (it cannot read the
     # session), as fast as it is asked, and the client retries
     sc = Scenario.model_validate({
@@ -110,7 +110,7 @@ def outage_run(ejection: dict[str, Any] | None) -> Any:
         "service": {"kind": "exponential", "mean_s": 0.05},
         "batching": {"max_batch_size": 4, "max_wait_ms": 0},
         "pods": {"replicas": 4},
-        "router": {"kind": "least_outstanding", "outlier_ejection": ejection},
+        "router": {"kind": kind, "outlier_ejection": ejection},
         "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
         "faults": {"redis_outages": [{"at_s": 20.0, "duration_s": 10.0}]},
     })
@@ -118,12 +118,13 @@ def outage_run(ejection: dict[str, Any] | None) -> Any:
     return sim, sim.run()
 
 
-def test_a_redis_outage_s_503s_eject_one_pod_which_stays_out_after_redis_is_back() -> None:
+@pytest.mark.parametrize("kind", ["least_outstanding", "prefix_aware"])
+def test_a_redis_outage_s_503s_eject_one_pod_which_stays_out_after_redis_is_back(kind: str) -> None:
     # Envoy's consecutive_5xx counts the pod's own 503s as it counts refusals: the first pod to answer five in
     # a row is ejected for 30 s, and the cap (10 % of 4 pods, at least one) keeps the others in. Ejection
     # cannot help here (every pod fails alike) and costs a quarter of the fleet for 20 s after the outage
-    off_sim, off = outage_run(None)
-    on_sim, on = outage_run({})
+    off_sim, off = outage_run(None, kind)
+    on_sim, on = outage_run({}, kind)
     assert on_sim.router.outliers is not None and on_sim.router.outliers.ejections == 1
     errors = sorted(p.errors for p in on_sim.cluster.pods)
     assert errors[0] == 5 and errors[1] > 100  # the ejected pod failed five turns, then got none
