@@ -211,3 +211,32 @@ def test_an_ejected_pod_takes_no_turn_in_a_store_outage_even_one_whose_only_copy
     for pod, start, end in ejections:
         assert not [t for p, t in sends if p == pod and start <= t < end]
         assert [t for p, t in sends if p == pod and t >= end]  # and it takes turns again once back
+
+
+def test_a_pod_that_dies_holding_requests_is_ejected_at_once_by_their_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Envoy counts an upstream reset as a failure (a local-origin one, in either counting mode): a pod that crashes
+    # holding a batch of 32 two-second requests fails them all at the crash, and is ejected then, before a single
+    # new request is refused by it (until stop 65 it took five refusals, 0.11 s later)
+    sc = Scenario.model_validate({
+        "horizon_s": 40, "warmup_s": 0,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
+        "service": {"kind": "deterministic", "mean_s": 2.0},
+        "batching": {"max_batch_size": 32, "max_wait_ms": 0},
+        "pods": {"replicas": 4, "endpoints_propagation_s": 5.0, "startup_s": 30},
+        "router": {"kind": "least_outstanding", "outlier_ejection": {"count_answered_5xx": False}},
+        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
+        "faults": {"crashes": [{"at_s": 20.0, "pod": 0}]},
+    })
+    ejections: list[tuple[int, float]] = []
+    failed = OutlierDetector.failed
+
+    def recording_failed(self: OutlierDetector, endpoint: int, now: float, n: int) -> bool:
+        out = failed(self, endpoint, now, n)
+        if out:
+            ejections.append((endpoint, now))
+        return out
+
+    monkeypatch.setattr(OutlierDetector, "failed", recording_failed)
+    r = Simulation(sc, seed=0).run()
+    assert ejections == [(0, 20.0)]
+    assert r.summary.failed == 0  # each reset retried elsewhere

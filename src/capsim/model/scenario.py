@@ -915,8 +915,8 @@ class Pods(_Section):
 
 class OutlierEjection(_Section):
     """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults: a pod that fails
-    ``consecutive_failures`` requests in a row (refused: crashed; a draining pod's 503; the pod's own 503 in a
-    Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
+    ``consecutive_failures`` requests in a row (refused or reset: crashed; a draining pod's 503; the pod's own 503 in
+    a Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
     ``max_ejection_percent`` of the endpoints at once (but at least one). ``count_answered_5xx: false`` counts
     only the proxy's own failures (refused, reset, timed out), not the 5xx a pod answers."""
 

@@ -546,9 +546,11 @@ class Client:
             elif self.pod_local and self.session[i // self.turns] == _LOST:
                 pod.errors += 1
                 pod.refused += 1
+                self.sim.router.lost(pod, now)
                 self._finish(i, now, FAILED, pod.id)
             else:
                 pod.refused += 1  # a reset: the gateway's error, not the pod's own count
+                self.sim.router.lost(pod, now)
                 self._attempt_failed(i, now, FAILED, pod.id)
 
     def node_lost(self, pod: Pod, held: list[int], now: float) -> None:
@@ -583,7 +585,7 @@ class Client:
             pod.outstanding -= 1
             if pod.routable:
                 self.sim.router.touch(pod)
-        self.sim.router.timed_out(pod, now)
+        self.sim.router.lost(pod, now)
         if self.pod_local and self.session[i // self.turns] == _LOST:
             self._finish(i, now, TIMED_OUT, pod.id)
         else:

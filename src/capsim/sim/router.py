@@ -200,9 +200,10 @@ class Router:
         if out is not None and self._count_answered and pod.routable:
             out.failed(pod.id, now, len(self.endpoints))
 
-    def timed_out(self, pod: Pod, now: float) -> None:
-        """An attempt sent to ``pod`` on a dead node timed out at ``now``: outlier detection counts the failure
-        now (Envoy's 504 at the route's timeout), not when it was sent."""
+    def lost(self, pod: Pod, now: float) -> None:
+        """An attempt on ``pod`` failed at ``now`` as the proxy itself saw it, after it was sent: reset (the pod
+        died holding it) or timed out (a pod on a dead node: Envoy's 504 at the route's timeout). Outlier detection
+        counts it then, whichever failures count (a local-origin failure)."""
         out = self.outliers
         if out is not None and pod.routable:
             out.failed(pod.id, now, len(self.endpoints))
