@@ -9,7 +9,7 @@ from typing import Any
 from capsim.export.analysis import ANALYSIS_FILE
 from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
-from capsim.export.routing import SESSION_HEADER, ejects, epp_name, routing_file, routing_notes
+from capsim.export.routing import SESSION_HEADER, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import DCGM_METRIC_KINDS, POD_METRIC_ALIASES, Scenario, TemplateBatching
 from capsim.studies.checks import Finding
@@ -104,7 +104,7 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
         fmt.update(epp=epp_name(target),
                    balancer={"round_robin": "`ROUND_ROBIN`", "least_outstanding": "`LEAST_REQUEST`",
                              "session_affinity": f"a consistent hash of the `{SESSION_HEADER}` header"}.get(r.kind, ""),
-                   ejection=", with its outlier detection" if ejects(r) else "")
+                   ejection=", with its outlier detection" if r.ejects else "")
     lines += [f"| `{f}` | {text.format(**fmt)} |" for f, text in files.items()]
     lines += ["", "## Apply", "", "```sh",
               "kubectl apply -f configmap.yaml" + (" -f pdb.yaml" if scenario.pods.disruption_budget else ""),

@@ -69,12 +69,6 @@ def _seconds(value: float) -> str:
     return f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms"
 
 
-def ejects(router: Router) -> bool:
-    """Whether the plan's router ejects failing pods (a proxy's outlier detection: least outstanding and
-    prefix-aware, as the simulator's router; capsim.sim.router)."""
-    return router.outlier_ejection is not None and router.kind in ("least_outstanding", "prefix_aware")
-
-
 def outlier_detection(router: Router) -> dict[str, Any]:
     """The plan's outlier ejection as Istio's ``outlierDetection``. Its percent is an int32 in Istio (rounded
     here; :func:`routing_notes` says when that changed it) and its ``max_ejection_s`` cannot be set (Envoy's
@@ -101,7 +95,7 @@ def build_destination_rule(scenario: Scenario, target: DeployTarget) -> dict[str
     else:
         raise ValueError(f"router.kind {r.kind!r} has no DestinationRule (see routing_file)")
     policy: dict[str, Any] = {"loadBalancer": balancer}
-    if ejects(r):
+    if r.ejects:
         policy["outlierDetection"] = outlier_detection(r)
     return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": target.metadata(),
             "spec": {"host": service_host(target), "trafficPolicy": policy}}
@@ -165,7 +159,7 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
                      f"from the ConfigMap `{epp_name(target)}-config` (the extension's Helm chart runs it so); the "
                      "picker reads `vllm:num_requests_waiting` and `vllm:kv_cache_usage_perc` from the pods, which "
                      "capsim's pod exports in continuous mode")
-    if ejects(r):
+    if r.ejects:
         e = r.outlier_ejection
         assert e is not None
         if r.kind == "prefix_aware":

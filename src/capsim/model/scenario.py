@@ -931,6 +931,10 @@ class OutlierEjection(_Section):
     )
 
 
+#: the routers that stand for a proxy (Envoy, a gateway) and so eject failing pods (``router.outlier_ejection``)
+PROXY_ROUTERS = ("least_outstanding", "prefix_aware")
+
+
 class Router(_Section):
     """Which pod gets a request (docs/sessions.md): ``prefix_aware`` scores pods as the Kubernetes inference
     gateway's endpoint picker does, by the expected prefix-cache hit, the queue and the KV-cache use.
@@ -953,6 +957,11 @@ class Router(_Section):
         None, gt=0, description="a gateway that holds a request while the Service has no ready pod, up to this "
         "long, and sends it on when one is (Knative's activator, KEDA's HTTP add-on interceptor); null: a 503 at "
         "once, which the client retries")
+
+    @property
+    def ejects(self) -> bool:
+        """Whether this router ejects failing pods: a proxy's (``PROXY_ROUTERS``) with ``outlier_ejection``."""
+        return self.outlier_ejection is not None and self.kind in PROXY_ROUTERS
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------

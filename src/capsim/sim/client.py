@@ -265,7 +265,7 @@ class Client:
                 unreadable = True
                 pod = self._route(i, t, answers=False)
             elif pod.state is _READY:
-                sim.router.served(pod)  # it answers from its copy: a success to the proxy's outlier detection
+                sim.router.served(pod, t)  # it answers from its copy: a success to the proxy's outlier detection
         else:
             pod = self._route(i, t)
         if pod is None:

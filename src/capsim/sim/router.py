@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import TYPE_CHECKING, Literal
 
+from capsim.model.scenario import PROXY_ROUTERS
 from capsim.policy.least import LeastBuckets
 from capsim.policy.outlier import OutlierDetector, OutlierSettings
 from capsim.policy.routing import Candidate, Weights, among_best, pick
@@ -70,7 +71,7 @@ class Router:
         self._next = 0
         self.least = kind == "least_outstanding"
         self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
-        proxied = self.least or self.prefix_aware
+        proxied = kind in PROXY_ROUTERS
         self.outliers = OutlierDetector(outlier) if outlier is not None and proxied else None
         self._count_answered = outlier is None or outlier.count_answered_5xx
 
@@ -94,22 +95,12 @@ class Router:
             if out is None:
                 return self._least(())
             ejected = self._ejected(now) if out.ejected_ids else out.ejected_ids
-            if ejected and out.panic(sum(1 for p in eps if p.id in ejected), len(eps)):
+            if ejected and self._panic(ejected):
                 for p in eps:  # Envoy's panic mode: too few left, balance over all (rare: a scan)
                     if self._by_count.count_of(p.id) is None:
                         self._by_count.set(p.id, p.outstanding)
                 ejected = {}
-            pod = self._least(ejected)
-            # outlier detection sees the attempt the caller makes: refused unless the pod is ready (a pod on a
-            # dead node refuses nothing: its attempt fails when it times out, ``timed_out``)
-            if pod.state is _READY and answers:  # the common case first
-                if pod.id in out.failures:
-                    out.succeeded(pod.id)
-            elif self._fails(pod, answers):
-                out.failed(pod.id, now, len(eps))
-            elif pod.id in out.failures and not pod.node_lost:
-                out.succeeded(pod.id)
-            return pod
+            return self._observe(self._least(ejected), now, answers)
         if self.prefix_aware:  # a turn with no session history: the queue and KV scorers decide
             return self.pick_scored(-1, 0, 0.0, now, answers)
         if self.least_fallback:  # a session placed anew, rarely: a scan, no buckets to keep
@@ -154,15 +145,25 @@ class Router:
 
     def _observe(self, pod: Pod | None, now: float, answers: bool) -> Pod | None:
         """Outlier detection sees the attempt the caller makes on ``pod``: refused unless it is ready, and a
-        503 from a ready pod unless it ``answers``."""
+        503 from a ready pod unless it ``answers`` (a pod on a dead node refuses nothing: its attempt fails when
+        it times out, ``lost``)."""
         out = self.outliers
         if out is None or pod is None:
             return pod
-        if self._fails(pod, answers):
+        if pod.state is _READY and answers:  # the common case first
+            if pod.id in out.failures:
+                out.succeeded(pod.id)
+        elif self._fails(pod, answers):
             out.failed(pod.id, now, len(self.endpoints))
         elif not pod.node_lost:
             out.succeeded(pod.id)
         return pod
+
+    def _panic(self, ejected: Container[int]) -> bool:
+        """Envoy's panic mode with ``ejected`` out: too few endpoints left, so it balances over all of them."""
+        assert self.outliers is not None
+        eps = self.endpoints
+        return self.outliers.panic(sum(1 for p in eps if p.id in ejected), len(eps))
 
     def _fails(self, pod: Pod, answers: bool) -> bool:
         """Whether outlier detection counts an attempt on ``pod`` sent now as failed: refused (not ready; a pod
@@ -180,25 +181,19 @@ class Router:
         if out is None or not out.ejected_ids:
             return False
         ejected = self._ejected(now)
-        if pod.id not in ejected:
-            return False
-        eps = self.endpoints
-        return not out.panic(sum(1 for p in eps if p.id in ejected), len(eps))
+        return pod.id in ejected and not self._panic(ejected)
 
-    def served(self, pod: Pod) -> None:
+    def served(self, pod: Pod, now: float) -> None:
         """A ready pod took an attempt the router did not pick (the pod holding the session's only copy in a Redis
         outage, ``state.on_unavailable: serve_local``): it answers, which ends its run of failures."""
-        out = self.outliers
-        if out is not None and pod.id in out.failures:
-            out.succeeded(pod.id)
+        self._observe(pod, now, True)
 
     def failed(self, pod: Pod, now: float) -> None:
         """A ready pod answered an attempt 503 at ``now`` after it was picked (its final store write failed:
         Redis went out while it ran): outlier detection counts it, as Envoy's ``consecutive_5xx`` counts every
         5xx."""
-        out = self.outliers
-        if out is not None and self._count_answered and pod.routable:
-            out.failed(pod.id, now, len(self.endpoints))
+        if self._count_answered:
+            self.lost(pod, now)
 
     def lost(self, pod: Pod, now: float) -> None:
         """An attempt on ``pod`` failed at ``now`` as the proxy itself saw it, after it was sent: reset (the pod

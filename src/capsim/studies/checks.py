@@ -805,8 +805,8 @@ def _ejection_in_store_outage(scenario: Scenario) -> list[Finding]:
     back."""
     faults, router = scenario.faults, scenario.router
     e = router.outlier_ejection
-    if (faults is None or not faults.redis_outages or scenario.state.store != "redis" or e is None
-            or not e.count_answered_5xx or router.kind not in ("least_outstanding", "prefix_aware")):
+    if (faults is None or not faults.redis_outages or scenario.state.store != "redis" or not router.ejects
+            or e is None or not e.count_answered_5xx):
         return []
     o = faults.redis_outages[0]
     return [Finding(
