@@ -51,20 +51,44 @@ def test_at_most_the_percentage_but_at_least_one_is_ejected() -> None:
         OutlierSettings(consecutive_failures=0)
 
 
-def crash_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:
-    # 4 pods at light load; pod 0 crashes at 20 s and stays in the endpoints for 6 s (1 s until the kubelet
-    # sees it, 5 s until the endpoints do): with 0 requests outstanding, least outstanding favours it
-    sc = Scenario.model_validate({
-        "horizon_s": 60, "warmup_s": 0,
+def four_pods(ejection: dict[str, Any] | None, kind: str, horizon_s: float, faults: dict[str, Any],
+              pods: dict[str, Any] | None = None) -> Scenario:
+    """4 pods at 40 requests/s of 50 ms (light load), the client retrying twice, with ``faults``."""
+    return Scenario.model_validate({
+        "horizon_s": horizon_s, "warmup_s": 0,
         "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
         "service": {"kind": "exponential", "mean_s": 0.05},
         "batching": {"max_batch_size": 4, "max_wait_ms": 0},
-        "pods": {"replicas": 4, "endpoints_propagation_s": 5.0, "startup_s": 30},
+        "pods": {"replicas": 4, **(pods or {})},
         "router": {"kind": kind, "outlier_ejection": ejection},
         "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
-        "faults": {"crashes": [{"at_s": 20.0, "pod": 0}]},
+        "faults": faults,
     })
-    return simulate(sc, seed=0)
+
+
+#: pod 0 crashes at 20 s and stays in the endpoints for 6 s (1 s until the kubelet sees it, 5 s until the endpoints do)
+CRASH = {"faults": {"crashes": [{"at_s": 20.0, "pod": 0}]}, "pods": {"endpoints_propagation_s": 5.0, "startup_s": 30}}
+
+
+def crash_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:
+    # with 0 requests outstanding, least outstanding favours the crashed pod
+    return simulate(four_pods(ejection, kind, 60, **CRASH), seed=0)
+
+
+@pytest.fixture
+def ejections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float, float]]:
+    """Every ejection of the runs in the test, as (pod, when, until)."""
+    out: list[tuple[int, float, float]] = []
+    failed = OutlierDetector.failed
+
+    def recording_failed(self: OutlierDetector, endpoint: int, now: float, n: int) -> bool:
+        ejected = failed(self, endpoint, now, n)
+        if ejected:
+            out.append((endpoint, now, self.ejected_ids[endpoint]))
+        return ejected
+
+    monkeypatch.setattr(OutlierDetector, "failed", recording_failed)
+    return out
 
 
 def test_a_crashed_pod_in_the_endpoints_is_ejected_after_five_refusals() -> None:
@@ -102,19 +126,9 @@ def test_the_setting_validates_and_can_be_switched_off() -> None:
 
 
 def outage_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:
-    # 4 pods at light load; Redis is out from 20 to 30 s: every pod answers each turn 503 (it cannot read the
-    # session), as fast as it is asked, and the client retries
-    sc = Scenario.model_validate({
-        "horizon_s": 90, "warmup_s": 0,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
-        "service": {"kind": "exponential", "mean_s": 0.05},
-        "batching": {"max_batch_size": 4, "max_wait_ms": 0},
-        "pods": {"replicas": 4},
-        "router": {"kind": kind, "outlier_ejection": ejection},
-        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
-        "faults": {"redis_outages": [{"at_s": 20.0, "duration_s": 10.0}]},
-    })
-    sim = Simulation(sc, seed=0)
+    # Redis is out from 20 to 30 s: every pod answers each turn 503 (it cannot read the session), as fast as it is
+    # asked, and the client retries
+    sim = Simulation(four_pods(ejection, kind, 90, {"redis_outages": [{"at_s": 20.0, "duration_s": 10.0}]}), seed=0)
     return sim, sim.run()
 
 
@@ -175,37 +189,20 @@ def test_capsim_check_warns_of_ejection_counting_the_pods_503s_in_a_store_outage
 
 
 def test_an_ejected_pod_takes_no_turn_in_a_store_outage_even_one_whose_only_copy_it_holds(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, ejections: list[tuple[int, float, float]]) -> None:
     # serve_local: a pod serves a turn from its own copy of the session while Redis is out; the proxy still keeps an
     # ejected pod out of its set, so a turn whose copy is there fails over to another pod (503) instead
-    sc = Scenario.model_validate({
-        "horizon_s": 120, "warmup_s": 0,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 4},
-                     "sessions": {"turns": 6, "think_time_s": {"kind": "exponential", "mean_s": 2}}},
-        "service": {"kind": "exponential", "mean_s": 0.05},
-        "batching": {"max_batch_size": 4, "max_wait_ms": 0},
-        "pods": {"replicas": 4},
-        "router": {"kind": "least_outstanding"},
-        "state": {"on_unavailable": "serve_local"},
-        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
-        "faults": {"redis_outages": [{"at_s": 40.0, "duration_s": 10.0}]},
-    })
+    sc = four_pods({}, "least_outstanding", 120, {"redis_outages": [{"at_s": 40.0, "duration_s": 10.0}]}).override({
+        "workload.arrivals.rate_per_s": 4, "state.on_unavailable": "serve_local",
+        "workload.sessions": {"turns": 6, "think_time_s": {"kind": "exponential", "mean_s": 2}}})
     sends: list[tuple[int, float]] = []
-    ejections: list[tuple[int, float, float]] = []
-    enqueue, failed = Pod.enqueue, OutlierDetector.failed
+    enqueue = Pod.enqueue
 
     def recording_enqueue(self: Pod, i: int, now: float) -> None:
         sends.append((self.id, now))
         enqueue(self, i, now)
 
-    def recording_failed(self: OutlierDetector, endpoint: int, now: float, n: int) -> bool:
-        out = failed(self, endpoint, now, n)
-        if out:
-            ejections.append((endpoint, now, self.ejected_ids[endpoint]))
-        return out
-
     monkeypatch.setattr(Pod, "enqueue", recording_enqueue)
-    monkeypatch.setattr(OutlierDetector, "failed", recording_failed)
     Simulation(sc, seed=0).run()
     assert ejections and all(40.0 <= t < 50.0 for _, t, _ in ejections)  # the outage's 503s eject
     for pod, start, end in ejections:
@@ -213,30 +210,13 @@ def test_an_ejected_pod_takes_no_turn_in_a_store_outage_even_one_whose_only_copy
         assert [t for p, t in sends if p == pod and t >= end]  # and it takes turns again once back
 
 
-def test_a_pod_that_dies_holding_requests_is_ejected_at_once_by_their_resets(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pod_that_dies_holding_requests_is_ejected_at_once_by_their_resets(
+        ejections: list[tuple[int, float, float]]) -> None:
     # Envoy counts an upstream reset as a failure (a local-origin one, in either counting mode): a pod that crashes
     # holding a batch of 32 two-second requests fails them all at the crash, and is ejected then, before a single
     # new request is refused by it (until stop 65 it took five refusals, 0.11 s later)
-    sc = Scenario.model_validate({
-        "horizon_s": 40, "warmup_s": 0,
-        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 40}},
-        "service": {"kind": "deterministic", "mean_s": 2.0},
-        "batching": {"max_batch_size": 32, "max_wait_ms": 0},
-        "pods": {"replicas": 4, "endpoints_propagation_s": 5.0, "startup_s": 30},
-        "router": {"kind": "least_outstanding", "outlier_ejection": {"count_answered_5xx": False}},
-        "client": {"timeout_s": 30, "max_retries": 2, "backoff_s": 0.5},
-        "faults": {"crashes": [{"at_s": 20.0, "pod": 0}]},
-    })
-    ejections: list[tuple[int, float]] = []
-    failed = OutlierDetector.failed
-
-    def recording_failed(self: OutlierDetector, endpoint: int, now: float, n: int) -> bool:
-        out = failed(self, endpoint, now, n)
-        if out:
-            ejections.append((endpoint, now))
-        return out
-
-    monkeypatch.setattr(OutlierDetector, "failed", recording_failed)
+    sc = four_pods({"count_answered_5xx": False}, "least_outstanding", 40, **CRASH).override(
+        {"service": {"kind": "deterministic", "mean_s": 2.0}, "batching.max_batch_size": 32})
     r = Simulation(sc, seed=0).run()
-    assert ejections == [(0, 20.0)]
+    assert [(pod, at) for pod, at, _ in ejections] == [(0, 20.0)]
     assert r.summary.failed == 0  # each reset retried elsewhere
