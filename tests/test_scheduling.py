@@ -221,6 +221,8 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
         if step.preempted:
             assert not step.started  # admission only in a step without preemption
         oracle.apply(step)
+        # the tokens emitted, counted as each step is scheduled (vllm:generation_tokens_total)
+        assert s.emitted == lean.emitted == sum(oracle.emitted.values())
         started += step.started
         if s.has_work:
             assert not step.empty, "work queued but nothing scheduled"
@@ -323,6 +325,7 @@ def test_a_decode_run_equals_that_many_steps(limits: SchedulerLimits, workload: 
             finished_fast += fast.step().finished
             finished_slow += slow.step().finished
         assert state(fast) == state(slow)
+        assert fast.emitted == slow.emitted  # a run counts its steps' tokens as the steps would
         assert finished_fast == finished_slow
         t += n if n else 1
         if k == len(arrivals) and not fast.has_work:

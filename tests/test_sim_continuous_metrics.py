@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
+import numpy as np
 import pytest
 
 from capsim.export.promql import PodQuery
@@ -81,7 +83,7 @@ def test_the_exported_queries_read_vllm_series() -> None:
 def test_the_token_counters_follow_the_requests_records() -> None:
     """``vllm:prompt_tokens_total`` counts a request's prompt at its first token (exactly what the records say);
     ``vllm:generation_tokens_total`` lies between the tokens of the requests ended by a scrape plus one for each
-    started one, and every token of the started ones (a run of decode steps counts its tokens when it ends)."""
+    started one, and every token of the started ones (each token is counted as its step ends: exactly, below)."""
     from capsim.sim import Simulation
 
     sim = Simulation(rush("vllm:generation_tokens_total", "2000", **{"autoscaler.maxReplicas": 1}), seed=4)
@@ -107,3 +109,80 @@ def test_the_token_counters_follow_the_requests_records() -> None:
     rate = (window[-1][13] - window[0][13]) / (window[-1][0] - window[0][0])
     assert sim.autoscaling.value(sim.cluster.pods[0], "generation_tokens", t, "rate", 60.0) == pytest.approx(rate)
     assert "rate(vllm:generation_tokens_total{" in PodQuery.of("vllm:generation_tokens", 60).adapter_query()
+
+
+def _steady(**over: Any) -> Scenario:
+    """One pod of 10-ms steps (every step, whatever it holds) well within its capacity, scraped every 5 s."""
+    return rush("vllm:generation_tokens_total", "100000", **{
+        "autoscaler.maxReplicas": 1, "workload.arrivals": {"kind": "poisson", "rate_per_s": 8.0},
+        "batching.num_blocks": 4000, "horizon_s": 120, **over})
+
+
+def test_a_scrape_counts_each_token_and_gap_as_its_step_ends_inside_runs_of_decode_steps_too() -> None:
+    """vLLM counts a token (``vllm:generation_tokens_total``) and the gap it closes (the ITL histogram) when the
+    step that emits it ends. With every step 10 ms long, request i's k-th token comes 10k ms after its first:
+    each scrape must read exactly the tokens and gaps out by then, though most steps here run inside runs of
+    decode steps (one event each), which scrapes fall into."""
+    from capsim.sim import Simulation
+
+    sim = Simulation(_steady(), seed=2)
+    r = sim.run()
+    assert sim.continuous is not None and sim.continuous.steps > 1000
+    assert sim.continuous.max_run_steps > 1, "decode runs are on: the scrapes must look inside them"
+    req = r.requests
+    assert ((req["outcome"] == "ok") | req["outcome"].isna()).all()  # answered, or still in flight at the end
+    first = req["first_token_s"].to_numpy()
+    out = req["output_tokens"].to_numpy()
+    samples = list(sim.cluster.pods[0].samples)
+    inside = 0
+    for s in samples:
+        t = s[0]
+        on = first <= t
+        gaps = np.minimum(out[on] - 1, np.floor((t - first[on]) / 0.01 + 1e-6))
+        assert s[13] == on.sum() + gaps.sum(), t  # tokens: each started request's first and the gaps closed
+        assert s[10] == gaps.sum(), t  # the ITL histogram's count
+        assert s[9] == pytest.approx(0.01 * gaps.sum(), abs=1e-6), t  # its sum: every gap 10 ms
+        inside += bool(((gaps > 0) & (gaps < out[on] - 1)).any())
+    assert inside > 10  # scrapes while requests were mid-answer
+
+
+def test_the_token_and_gap_counters_never_fall_through_preemptions_aborts_and_a_crash() -> None:
+    """Preempted requests (a small KV cache), aborted ones (clients that give up in the rush) and a crash: every
+    counter a scrape reads only grows within a container, and the ITL count stays the tokens less the first
+    tokens."""
+    from capsim.sim import Simulation
+
+    sc = rush("vllm:generation_tokens_total", "100000", **{
+        "autoscaler.maxReplicas": 1, "batching.num_blocks": 200, "client.timeout_s": 20,
+        "faults.crashes": [{"at_s": 150, "pod": 0}]})
+    sim = Simulation(sc, seed=1)
+    r = sim.run()
+    assert r.summary.preemptions > 0 and (r.requests["outcome"] != "ok").any()
+    pod = sim.cluster.pods[0]
+    samples = [s for s in pod.samples if len(s) > 1]  # not the stale markers of failed scrapes
+    assert sum(1 for s in samples if s[0] > 150) > 5
+    for field in (9, 10, 12, 13):
+        for before, after in pairwise(samples):
+            assert after[field] >= before[field] - 1e-9 or (before[0] < 150 < after[0]), (field, before[0])
+
+
+def test_a_preempted_requests_gap_spans_its_preemption_and_the_totals_match_the_records() -> None:
+    """With a KV cache small enough to preempt, once every request has ended the ITL sum is each request's last
+    token less its first (its gaps, the one across its preemption included) and the count its tokens less one;
+    at every scrape the count is the tokens less the first tokens out by then."""
+    from capsim.sim import Simulation
+
+    sim = Simulation(_steady(**{"batching.num_blocks": 120, "horizon_s": 150,
+                                "workload.arrivals": {"kind": "piecewise", "rate_per_s": [[0, 12], [60, 0]]}}),
+                     seed=3)
+    r = sim.run()
+    req = r.requests
+    assert r.summary.preemptions > 20 and (req["outcome"] == "ok").all()
+    first, end, out = (req[c].to_numpy() for c in ("first_token_s", "end_s", "output_tokens"))
+    samples = [s for s in sim.cluster.pods[0].samples if len(s) > 1]
+    for s in samples:
+        assert s[10] == s[13] - (first <= s[0]).sum(), s[0]
+    last = samples[-1]
+    assert last[0] > end.max()
+    assert last[10] == (out - 1).sum() and last[13] == out.sum()
+    assert last[9] == pytest.approx((end - first).sum(), rel=1e-9)

@@ -23,6 +23,7 @@ class DecodeRuns:
     requests: dict[int, Request]
     free_blocks: int
     steps: int
+    emitted: int
     pool: BlockPool | None
     # what the last step or run left: the running requests' contexts summed, the fewest tokens one has
     # left to emit (0: not known, recompute), whether all are plain decodes
@@ -89,6 +90,7 @@ class DecodeRuns:
         free = self.free_blocks
         pool = self.pool
         running = self.running
+        self.emitted += steps * len(running)
         finished = []
         done = []
         regs = []  # requests with blocks to register, in running order (registered after the loop)

@@ -56,6 +56,9 @@ class Scheduler(DecodeRuns):
         self.requests: dict[int, Request] = {}
         self.free_blocks = limits.num_blocks
         self.num_preemptions = 0  # counter, as vllm:num_preemptions
+        #: tokens emitted, counted as each step (or run of decode steps) is scheduled: vllm:generation_tokens
+        #: counts them as the step ends, which a shell timing the steps does (the simulated pod)
+        self.emitted = 0
         self.steps = 0
         #: the prefix cache (``None`` with caching off); a shell keeping KV by hash calls ``pool.log_evictions()``
         self.pool: BlockPool | None = BlockPool() if limits.enable_prefix_caching else None
@@ -177,6 +180,7 @@ class Scheduler(DecodeRuns):
         done: list[Request] = []  # finished requests, released after registration
         freed = 0
         decodes = decode_ctx = prefills = pre_tokens = pre_max = pre_ctx = 0
+        completed = 0  # prefill chunks that completed their request's tokens (each emits one)
         ctx = 0  # contexts of the requests still running after the step
         left = 1 << 62  # fewest tokens one of them has left to emit
         ready = True  # all of them are plain decodes now
@@ -257,6 +261,7 @@ class Scheduler(DecodeRuns):
                 pending.append(r)
             if c == r.num_tokens:
                 g = r.generated = r.generated + 1
+                completed += 1  # a prompt (or a recompute) done: it emits
                 r.num_tokens = c + 1
                 if g == 1:
                     first.append(r.request_id)
@@ -335,6 +340,7 @@ class Scheduler(DecodeRuns):
                     pending.append(r)
                 if c == r.num_tokens:
                     g = r.generated = r.generated + 1
+                    completed += 1  # a prompt (or a recompute) done: it emits
                     r.num_tokens = c + 1
                     if g == 1:
                         first.append(r.request_id)
@@ -370,5 +376,6 @@ class Scheduler(DecodeRuns):
             self.running = [r for r in running if r.generated < r.max_tokens]
         self.free_blocks = free + freed
         self.steps += 1
+        self.emitted += decodes + completed
         self._ctx, self._left, self._ready = ctx, left, ready
         return out

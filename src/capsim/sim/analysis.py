@@ -136,7 +136,7 @@ class AnalysisProm:
 
     @staticmethod
     def _sample(pod: Pod, at: float) -> tuple[object, ...]:
-        c, b = pod.scrape_counters(), pod.counters_base
+        c, b = pod.scrape_counters(at), pod.counters_base
         cumulative = None
         if pod.ttft_buckets is not None:
             base = pod.buckets_base or (0,) * len(pod.ttft_buckets)

@@ -143,7 +143,7 @@ def _engine_gauges(pod: Pod) -> tuple[float, ...]:
 def _sample(pod: Pod, at: float, busy: float) -> tuple[Any, ...]:
     """What a scrape of ``pod``'s /metrics at ``at`` reads (the fields above): its counters since its container
     started (``Pod.counters_base``), as a restarted process's start from 0."""
-    c, b = pod.scrape_counters(), pod.counters_base
+    c, b = pod.scrape_counters(at), pod.counters_base
     buckets, base = pod.ttft_buckets, pod.buckets_base
     return (at, len(pod.queue), pod.outstanding, busy, c[0] - b[0], c[1] - b[1], *_engine_gauges(pod),
             *(x - y for x, y in zip(c[2:], b[2:], strict=True)),

@@ -461,13 +461,13 @@ class Pod:
     def container_started(self, now: float) -> None:
         """Its container starts (a first start or a restart): the /metrics counters start afresh."""
         self.counters_from = (now, self.busy_counted_s(now))
-        self.counters_base = self.scrape_counters()
+        self.counters_base = self.scrape_counters(now)
         self.buckets_base = tuple(self.ttft_buckets) if self.ttft_buckets is not None else None
         self.http_base = (self.answered, self.errors - self.refused)
 
-    def scrape_counters(self) -> tuple[float, ...]:
-        """Its counters since it was created: TTFT sum (s) and count, then vLLM's ITL sum (s) and count,
-        preemptions, prompt and generation tokens (none for a static pod)."""
+    def scrape_counters(self, now: float) -> tuple[float, ...]:
+        """Its counters since it was created, as a scrape at ``now`` reads them: TTFT sum (s) and count, then
+        vLLM's ITL sum (s) and count, preemptions, prompt and generation tokens (none for a static pod)."""
         return (self.ttft_sum_s, self.ttft_count, 0.0, 0, 0, 0, 0)
 
     def busy_total_s(self, now: float) -> float:
