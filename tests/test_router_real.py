@@ -83,7 +83,7 @@ def test_a_lookup_gives_each_address_as_a_pod_and_an_unknown_name_fails() -> Non
 def test_a_new_pod_list_keeps_what_the_router_knew_of_the_pods_that_stay() -> None:
     a, b, c = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
     r = Router(RouterConfig(pods_from_dns="pods:8000", policy="session_affinity"))
-    assert r.order("s", 4) == ([], False)  # no pod known yet: nothing to try
+    assert r.order("s", 4) == ([], None)  # no pod known yet: nothing to try
     r.set_pods([a, b])
     sids = [f"s{k}" for k in range(200)]
     first = {s: r.order(s, 4)[0][0] for s in sids}
@@ -100,6 +100,22 @@ def test_a_new_pod_list_keeps_what_the_router_knew_of_the_pods_that_stay() -> No
     assert all(first[s] == b or r.order(s, 4)[0][0] == c for s in moved)
     assert {s for s in sids if first[s] == b} <= moved and len(moved) < len(sids)
     assert r.sessions["s0"] == (first["s0"], 12)  # sessions are kept by pod URL
+
+
+def test_an_ejected_pod_is_left_out_of_the_order_and_one_that_left_and_came_back_starts_afresh() -> None:
+    a, b = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    r = Router(RouterConfig(pods=(a, b), policy="least_outstanding",
+                            outlier_ejection={"consecutive_failures": 2, "base_ejection_s": 60.0}))
+    r.observe(a, failed=True)
+    assert sorted(r.order("s", 4)[0]) == [a, b]  # one failure: still balanced over
+    r.observe(a, failed=True)
+    for k in range(20):
+        assert r.order(f"s{k}", 4)[0] == [b]
+    r.set_pods([b])
+    r.set_pods([a, b])  # it left the Service and came back: Envoy forgets a removed host
+    assert sorted(r.order("s", 4)[0]) == [a, b]
+    r.observe(a, failed=True)
+    assert sorted(r.order("s", 4)[0]) == [a, b]  # its run starts again from none
 
 
 # ---- real servers ---------------------------------------------------------------------------------------
@@ -169,6 +185,66 @@ def test_a_draining_pods_503_goes_to_the_next_pod_but_a_store_503_does_not() -> 
             resp = post(r.url, "ns", {"prompt_tokens": 4})
             assert resp.status_code == 503 and resp.headers["Retry-After"] == "1"  # passed through
             assert metric(r.url, "capsim_router_fallbacks_total") == 0
+
+
+def turns_until_ejected(r: Served, n: int) -> list[tuple[str, int]]:
+    """Send turns one after another (at most ``n``) until the router has ejected a pod: (pod, status) of each."""
+    seen = []
+    for k in range(n):
+        resp = post(r.url, f"e{k}", {"prompt_tokens": 4})
+        seen.append((resp.headers.get("X-Capsim-Pod", ""), resp.status_code))
+        if metric(r.url, "capsim_router_ejections_total") >= 1:
+            break
+    return seen
+
+
+def test_a_pod_answering_5xx_is_ejected_after_its_failures_in_a_row_as_envoy_ejects_it() -> None:
+    """Least outstanding is a proxy's policy: the simulator's outlier detection (``capsim.policy.outlier``)
+    ejects the pod whose own 503s (a Redis outage) come ``consecutive_failures`` times in a row; the other pod's
+    answers in between do not end that pod's run. Ejected, it takes no turn; after the ejection it does again."""
+    with Served(fake_pod(503, "session store unavailable: down")) as bad, Served(fake_pod(200, "")) as ok:
+        with router([bad.url, ok.url], policy="least_outstanding",
+                    outlier_ejection={"consecutive_failures": 3, "base_ejection_s": 30.0}) as r:
+            seen = turns_until_ejected(r, 200)
+            assert [s for p, s in seen if p == bad.url] == [503, 503, 503]  # its three failures, passed through
+            assert metric(r.url, "capsim_router_ejected") == 1
+            later = [post(r.url, f"l{k}", {"prompt_tokens": 4}) for k in range(30)]
+            assert {(x.status_code, x.headers["X-Capsim-Pod"]) for x in later} == {(200, ok.url)}
+            assert metric(r.url, f'capsim_router_ejections_total{{pod="{bad.url}"}}') == 1
+        with router([bad.url, ok.url], policy="least_outstanding",
+                    outlier_ejection={"consecutive_failures": 3, "base_ejection_s": 0.2}) as r:
+            turns_until_ejected(r, 200)
+            time.sleep(0.3)  # the ejection is over: the pod is balanced over again
+            back = [post(r.url, f"b{k}", {"prompt_tokens": 4}).headers["X-Capsim-Pod"] for k in range(60)]
+            assert bad.url in back
+
+
+def test_only_the_proxys_own_failures_eject_when_answered_5xx_do_not_count() -> None:
+    """``count_answered_5xx: false`` (Istio's split local-origin errors): a pod's 503 is an answer, never a
+    failure, while refused connections still eject; and a policy that is not a proxy's never ejects."""
+    with Served(fake_pod(503, "session store unavailable: down")) as bad, Served(fake_pod(200, "")) as ok:
+        with router([bad.url, ok.url], policy="least_outstanding",
+                    outlier_ejection={"consecutive_failures": 3, "count_answered_5xx": False}) as r:
+            seen = [post(r.url, f"n{k}", {"prompt_tokens": 4}).headers["X-Capsim-Pod"] for k in range(60)]
+            assert seen.count(bad.url) > 10 and metric(r.url, "capsim_router_ejections_total") == 0
+        with router([bad.url, ok.url], policy="round_robin",
+                    outlier_ejection={"consecutive_failures": 3}) as r:
+            seen = [post(r.url, f"n{k}", {"prompt_tokens": 4}).headers["X-Capsim-Pod"] for k in range(20)]
+            assert seen.count(bad.url) == 10 and metric(r.url, "capsim_router_ejections_total") == 0
+    dead = f"http://127.0.0.1:{free_port()}"
+    with Served(fake_pod(200, "")) as ok:
+        with router([dead, ok.url], policy="least_outstanding", down_s=0.0,
+                    outlier_ejection={"consecutive_failures": 3, "count_answered_5xx": False}) as r:
+            seen = turns_until_ejected(r, 200)
+            assert {s for _, s in seen} == {200}  # each refused turn went on to the other pod
+            assert metric(r.url, 'capsim_router_fallbacks_total{reason="refused"}') == 3
+            for k in range(30):  # ejected: not even tried
+                assert post(r.url, f"d{k}", {"prompt_tokens": 4}).status_code == 200
+            assert metric(r.url, 'capsim_router_fallbacks_total{reason="refused"}') == 3
+        with router([dead, ok.url], policy="least_outstanding", down_s=0.0, outlier_ejection=None) as r:
+            for k in range(40):
+                assert post(r.url, f"d{k}", {"prompt_tokens": 4}).status_code == 200
+            assert metric(r.url, 'capsim_router_fallbacks_total{reason="refused"}') > 5  # tried again and again
 
 
 @pytest.fixture(scope="module")

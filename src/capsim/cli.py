@@ -301,6 +301,16 @@ def router(
     timeout_s: Annotated[float, typer.Option(help="a turn's deadline at a pod (then 504)")] = 60.0,
     connect_timeout_s: Annotated[float, typer.Option(help="a pod not accepting by then is skipped")] = 1.0,
     down_s: Annotated[float, typer.Option(help="a pod that refused a connection is skipped this long")] = 5.0,
+    outlier_ejection: Annotated[bool, typer.Option(
+        help="least_outstanding and prefix_aware: eject a pod after consecutive failures, as Envoy's outlier "
+             "detection (the simulator's router.outlier_ejection)")] = True,
+    consecutive_failures: Annotated[int, typer.Option(help="failures in a row that eject a pod (Envoy's "
+                                                           "consecutive_5xx)")] = 5,
+    base_ejection_s: Annotated[float, typer.Option(help="an ejection lasts this long times the pod's "
+                                                        "ejections")] = 30.0,
+    count_answered_5xx: Annotated[bool, typer.Option(
+        help="count the 5xx a pod answers (Envoy's default); --no-count-answered-5xx: only refused, reset and "
+             "timed-out turns")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run a router in front of real pods: places each session turn by a policy, fails over a dead pod."""
@@ -308,11 +318,16 @@ def router(
     from capsim.model.settings import SettingsError
 
     try:
+        ejection = {"consecutive_failures": consecutive_failures, "base_ejection_s": base_ejection_s,
+                    "count_answered_5xx": count_answered_5xx} if outlier_ejection else None
         config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
                               policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
-                              connect_timeout_s=connect_timeout_s, down_s=down_s)
+                              connect_timeout_s=connect_timeout_s, down_s=down_s,
+                              outlier_ejection=ejection)  # type: ignore[arg-type]
     except SettingsError as exc:
         field = str(exc).removeprefix("router.").split(" ", 1)[0].split(".", 1)[0]
+        if field == "outlier_ejection":  # router.outlier_ejection.NAME: the option is NAME's
+            field = str(exc).removeprefix("router.outlier_ejection.").split(" ", 1)[0]
         hint = "--pod / --pods-from-dns" if field in ("", "router", "pods") else f"--{field.replace('_', '-')}"
         raise typer.BadParameter(str(exc), param_hint=hint) from None
     serve_router(config, host=host, port=port, log_level=log_level)

@@ -16,6 +16,15 @@ a deadline: a pod that accepted the turn but does not answer within ``timeout_s`
 may retry it safely). No pod reachable: **502**. Answers are passed through with the pod's status and
 the header ``X-Capsim-Pod`` naming the pod.
 
+Under ``least_outstanding`` and ``prefix_aware`` (a proxy's policies: Envoy, the inference gateway) the router
+also ejects a failing pod as Envoy's outlier detection does, with the simulator's policy and settings
+(``capsim.policy.outlier``, ``outlier_ejection``: the scenario's ``router.outlier_ejection``): after
+``consecutive_failures`` failures in a row (a refused connection, a timeout, a reset, and unless
+``count_answered_5xx`` is off every 5xx a pod answers, a draining pod's included; a streamed answer's status
+counts with its headers) the pod is left out of the order for ``base_ejection_s`` x its ejections, never more
+than ``max_ejection_percent`` of the pods at once (at least one), and all of them are balanced over again when
+fewer than half would be left (Envoy's panic mode).
+
 The pods are a fixed list (``pods``) or, in a cluster whose HPA adds and removes them, the addresses of a
 headless Service (``pods_from_dns: "NAME.NS.svc.cluster.local:PORT"``), looked up again every ``refresh_s``
 (each lookup bounded by ``connect_timeout_s``; a failed or empty one keeps the last list). The router's
@@ -42,7 +51,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import Field, field_validator, model_validator
 
 from capsim.core.http_pools import ConnectionPools, http_clients
+from capsim.model.scenario import PROXY_ROUTERS, OutlierEjection
 from capsim.model.settings import FrozenModel
+from capsim.policy.outlier import OutlierDetector
 from capsim.policy.routing import SERVED_BY, Candidate, Weights, scores
 
 Policy = Literal["session_affinity", "round_robin", "least_outstanding", "prefix_aware"]
@@ -66,6 +77,14 @@ class RouterConfig(FrozenModel):
     sessions: int = Field(100_000, ge=1, description="sessions whose last pod and length the router keeps")
     prefix_weight: float = Field(3.0, ge=0, description="prefix_aware: weight of the expected prefix hit")
     queue_weight: float = Field(1.0, ge=0, description="prefix_aware: weight of a short queue")
+    outlier_ejection: OutlierEjection | None = Field(
+        OutlierEjection(), description="least_outstanding and prefix_aware (a proxy's policies): eject a pod after "
+        "consecutive failures, as Envoy's outlier detection and the simulator's router.outlier_ejection; null: never")
+
+    @property
+    def ejects(self) -> bool:
+        """Whether the router ejects failing pods: a proxy's policy with ``outlier_ejection`` (as the simulator's)."""
+        return self.outlier_ejection is not None and self.policy in PROXY_ROUTERS
 
     @field_validator("pods")
     @classmethod
@@ -177,7 +196,7 @@ class RouterMetrics:
         kw: dict[str, Any] = {"namespace": "capsim_router", "registry": self.registry}
         self.turns = Counter("turns", "Turns answered, by pod and HTTP status.", ("pod", "status"), **kw)
         self.fallbacks = Counter("fallbacks", "Turns sent to a pod other than the policy's first choice because "
-                                 "that pod refused the connection or was down.", ("reason",), **kw)
+                                 "that pod refused the connection, was down or was ejected.", ("reason",), **kw)
         self.timeouts = Counter("timeouts", "Turns a pod did not answer within timeout_s (504).", ("pod",), **kw)
         self.moved = Counter("session_moves", "Turns of a known session placed on another pod than its last "
                              "turn's (its prefix cache there is lost).", **kw)
@@ -185,6 +204,9 @@ class RouterMetrics:
         self.pods = Gauge("pods", "Pods the router places turns on (the list, or the last lookup's).", **kw)
         self.lookups = Counter("pod_lookups", "Lookups of pods_from_dns, by result (ok, failed, empty: the "
                                "last list is kept).", ("result",), **kw)
+        self.ejections = Counter("ejections", "Pods ejected by outlier detection (Envoy's "
+                                 "ejections_enforced_total), by pod.", ("pod",), **kw)
+        self.ejected = Gauge("ejected", "Pods ejected by outlier detection now.", **kw)
         for p in pods:
             self.outstanding.labels(p).set(0)
         self.pods.set(len(pods))
@@ -209,6 +231,11 @@ class Router:
         # since httpcore walks every connection of a pool on each request
         self.clients: list[httpx.AsyncClient] = []
         self._next_client = 0
+        # Envoy's outlier detection, the simulator's policy (``capsim.policy.outlier``), on pod ids by URL
+        self.outliers = OutlierDetector(config.outlier_ejection.settings()) \
+            if config.ejects and config.outlier_ejection is not None else None
+        self._ids: dict[str, int] = {}
+        self._next_id = 0
 
     def next_client(self) -> httpx.AsyncClient:
         """The client for the next forward, in turn over ``clients`` (each call moves on to the next)."""
@@ -229,6 +256,8 @@ class Router:
         self.urls = new
         for url in gone:
             self.down_until.pop(url, None)
+            if self.outliers is not None and url in self._ids:
+                self.outliers.forget(self._ids.pop(url))  # a pod that comes back starts afresh, as in Envoy
             self._forget_if_idle(url)
         self.metrics.pods.set(len(new))
 
@@ -242,12 +271,46 @@ class Router:
     def is_up(self, url: str, now: float) -> bool:
         return self.down_until.get(url, 0.0) <= now
 
-    def order(self, session_id: str, new_tokens: int) -> tuple[list[str], bool]:
-        """The pods to try, up ones first; and whether the policy's first choice is down."""
+    def _id(self, url: str) -> int:
+        """The pod's id for outlier detection (by URL: a pod that stays keeps its record)."""
+        i = self._ids.get(url)
+        if i is None:
+            self._ids[url] = i = self._next_id  # never reused: a pod that left and came back is new
+            self._next_id += 1
+        return i
+
+    def ejected(self, now: float) -> set[str]:
+        """The pods outlier detection keeps out of the balancing set now (none in Envoy's panic mode)."""
+        out = self.outliers
+        if out is None or not out.ejected_ids:
+            return set()
+        out.expire(now)
+        ids = out.ejected_ids
+        gone = {u for u in self.urls if self._ids.get(u, -1) in ids}
+        self.metrics.ejected.set(len(gone))
+        return set() if out.panic(len(gone), len(self.urls)) else gone
+
+    def observe(self, url: str, failed: bool, local: bool = False) -> None:
+        """Outlier detection sees an attempt on ``url`` end: ``failed`` (a 5xx, or, ``local``, the router's own:
+        refused, reset, timed out) or not. A streamed answer's status is known with its headers, as Envoy's."""
+        out = self.outliers
+        if out is None:
+            return
+        if not (failed and (local or out.settings.count_answered_5xx)):
+            # an answer: with count_answered_5xx off a 5xx answered is a connection that worked (Envoy's
+            # local-origin success), and ends the run as the simulator's router has it
+            out.succeeded(self._id(url))
+        elif out.failed(self._id(url), time.monotonic(), len(self.urls)):
+            self.metrics.ejections.labels(url).inc()
+            self.metrics.ejected.set(len(out.ejected_ids))
+
+    def order(self, session_id: str, new_tokens: int) -> tuple[list[str], str | None]:
+        """The pods to try, up ones first, ejected ones left out; and why the policy's first choice is not first
+        (``down``, ``ejected``; None: it is)."""
         now = time.monotonic()
         urls = self.urls
         if not urls:
-            return [], False
+            return [], None
         views = [PodView(self.outstanding[u], self.is_up(u, now)) for u in urls]
         last = self.sessions.get(session_id)
         session = None
@@ -256,8 +319,11 @@ class Router:
         self.turns += 1
         order = preference(self.config.policy, session_id, urls, views, session,
                            new_tokens, self.turns - 1, self.weights, [self._rng.random() for _ in urls])
-        tried = [urls[i] for i in order if views[i].up] + [urls[i] for i in order if not views[i].up]
-        return tried, not views[order[0]].up
+        out = self.ejected(now)
+        tried = [urls[i] for i in order if views[i].up and urls[i] not in out]
+        tried += [urls[i] for i in order if not views[i].up and urls[i] not in out]
+        first = urls[order[0]]
+        return tried, "ejected" if first in out else None if views[order[0]].up else "down"
 
     def remember(self, session_id: str, pod: str, answer: Any) -> None:
         history = answer.get("history") if isinstance(answer, dict) else None
@@ -285,8 +351,7 @@ class Router:
         new = payload.get("prompt_tokens") if isinstance(payload, dict) else None
         new_tokens = new if isinstance(new, int) else len(new) if isinstance(new, list) else 0
         stream = isinstance(payload, dict) and payload.get("stream") is True
-        order, first_down = self.order(session_id, new_tokens)
-        reason = "down" if first_down else None
+        order, reason = self.order(session_id, new_tokens)
         path = f"/v1/sessions/{session_id}/turns"
         http = self.next_client()
         for url in order:
@@ -301,15 +366,18 @@ class Router:
             except (httpx.ConnectError, httpx.ConnectTimeout):
                 # nothing reached the pod: safe to place the turn on the next pod
                 self.down_until[url] = time.monotonic() + self.config.down_s
+                self.observe(url, failed=True, local=True)
                 reason = "refused"
                 continue
             except (TimeoutError, httpx.TimeoutException):
+                self.observe(url, failed=True, local=True)
                 self.metrics.timeouts.labels(url).inc()
                 self.metrics.turns.labels(url, "504").inc()
                 return JSONResponse({"detail": f"pod {url} did not answer within timeout_s="
                                      f"{self.config.timeout_s:g} s; the turn may have been stored (retry with "
                                      "the same Idempotency-Key)"}, 504, headers={SERVED_BY: url})
             except httpx.HTTPError as exc:
+                self.observe(url, failed=True, local=True)  # reset, or a broken answer
                 self.metrics.turns.labels(url, "502").inc()
                 return JSONResponse({"detail": f"pod {url} failed: {type(exc).__name__}: {exc}"}, 502,
                                     headers={SERVED_BY: url})
@@ -317,6 +385,7 @@ class Router:
                 if not stream:
                     self._end(url)
             self.metrics.turns.labels(url, str(resp.status_code)).inc()
+            self.observe(url, failed=resp.status_code >= 500)
             if resp.status_code == 503 and _refused_unseen(resp):
                 reason = "draining"  # the pod turned it away before any work: the next choice takes it
                 self.down_until[url] = time.monotonic() + self.config.down_s
@@ -342,6 +411,7 @@ class Router:
             self._end(url)
             raise
         self.metrics.turns.labels(url, str(resp.status_code)).inc()
+        self.observe(url, failed=resp.status_code >= 500)  # its status, with its headers
         if resp.status_code == 200:  # the answer's length is in its last event: counted as the message's
             last = self.sessions.get(session_id)
             self.remember(session_id, url, {"history": {"prompt_tokens": (last[1] if last else 0) + new_tokens}})

@@ -40,6 +40,7 @@ from capsim.model.settings import (
 )
 from capsim.policy.keda import FallbackBehavior, Release
 from capsim.policy.keda_cron import CronWindow, valid_schedule
+from capsim.policy.outlier import OutlierSettings
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
 #: The short names are accepted as aliases.
@@ -929,6 +930,11 @@ class OutlierEjection(_Section):
         "consecutive_5xx does; false: only refused, reset and timed-out requests, as Istio's "
         "splitExternalLocalOriginErrors with consecutiveLocalOriginFailures (consecutive5xxErrors 0)",
     )
+
+    def settings(self) -> OutlierSettings:
+        """The shared policy's settings (``capsim.policy.outlier``), for the simulated router and the real one."""
+        return OutlierSettings(self.consecutive_failures, self.base_ejection_s, self.max_ejection_s,
+                               self.max_ejection_percent, self.count_answered_5xx)
 
 
 #: the routers that stand for a proxy (Envoy, a gateway) and so eject failing pods (``router.outlier_ejection``)

@@ -15,7 +15,8 @@ answer ends the run. With ``count_answered_5xx`` off only the proxy's own failur
 Differences, on purpose: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s), so a
 host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly.
 Envoy lowers the ejection multiplier again while a host stays healthy; here a success after its return
-resets it. Pure: times are passed in, nothing here reads a clock.
+resets it. Pure: times are passed in, nothing here reads a clock. The simulated router (``capsim.sim.router``)
+and the real one (``capsim.core.router``) both decide with it.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ class OutlierDetector:
         if endpoint in self.failures:
             del self.failures[endpoint]
             self._times.pop(endpoint, None)
+
+    def forget(self, endpoint: int) -> None:
+        """``endpoint`` left the cluster: Envoy drops what it knew of the host (a returning one starts afresh)."""
+        self.failures.pop(endpoint, None)
+        self._until.pop(endpoint, None)
+        self._times.pop(endpoint, None)
 
     def expire(self, now: float) -> list[int]:
         """Return the endpoints whose ejection is over by ``now`` to the set, and list them."""

@@ -228,7 +228,4 @@ def _kv_use(pod: Pod) -> float:
 
 def outlier_settings(section: OutlierEjection | None) -> OutlierSettings | None:
     """The policy's settings from the scenario's ``router.outlier_ejection`` (None: no ejection)."""
-    if section is None:
-        return None
-    return OutlierSettings(section.consecutive_failures, section.base_ejection_s, section.max_ejection_s,
-                           section.max_ejection_percent, section.count_answered_5xx)
+    return None if section is None else section.settings()
