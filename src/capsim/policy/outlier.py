@@ -12,10 +12,15 @@ reset or a timeout (``consecutive_5xx`` counts both kinds unless ``split_externa
 answer ends the run. With ``count_answered_5xx`` off only the proxy's own failures count (Istio's
 ``splitExternalLocalOriginErrors: true``, ``consecutiveLocalOriginFailures`` and ``consecutive5xxErrors: 0``).
 
-Differences, on purpose: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s), so a
-host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly.
-Envoy lowers the ejection multiplier again while a host stays healthy; here a success after its return
-resets it. Pure: times are passed in, nothing here reads a clock. The simulated router (``capsim.sim.router``)
+Differences from Envoy's ``outlier_detection_impl.cc`` (``checkHostForUneject``, ``ejectHost``), known and not
+modelled: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s, from the cluster's start), so a
+host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly. Envoy
+lowers the ejection multiplier (``ejectTimeBackoff``) by one at each sweep that finds the host healthy; here a
+success after its return resets it. Envoy ejects while ``100 x ejected / hosts`` is under
+``max_ejection_percent`` (so 2 of 12 hosts at 10 %, and none at 0 %); here ``floor(hosts x percent / 100)``, at
+least one. A host whose failures reach the threshold while the cap holds restarts its count in Envoy (the
+counter is reset after the overflow); here it keeps counting and is ejected at its next failure once there is
+room. Pure: times are passed in, nothing here reads a clock. The simulated router (``capsim.sim.router``)
 and the real one (``capsim.core.router``) both decide with it.
 """
 
