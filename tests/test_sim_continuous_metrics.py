@@ -186,3 +186,20 @@ def test_a_preempted_requests_gap_spans_its_preemption_and_the_totals_match_the_
     assert last[0] > end.max()
     assert last[10] == (out - 1).sum() and last[13] == out.sum()
     assert last[9] == pytest.approx((end - first).sum(), rel=1e-9)
+
+
+def test_an_hpa_on_the_itl_reads_answers_longer_than_its_window_while_they_run() -> None:
+    """Answers of 4,000 tokens take 40 s at 10 ms a step; the query's window is 15 s. vLLM's histogram has their
+    gaps as they come, so the HPA reads the step time from its first window on. (Counting a request's gaps when it
+    ended, the simulated pod showed no gap in any window until the first answer ended: an empty mean, which the
+    adapter answers as 0, for the first 45 s.)"""
+    sc = rush("vllm:inter_token_latency_seconds", "9m", **{
+        "batching.num_blocks": 4000, "workload.output_tokens": {"kind": "constant", "value": 4000},
+        "workload.arrivals": {"kind": "poisson", "rate_per_s": 0.5}, "autoscaler.maxReplicas": 1, "horizon_s": 120,
+        "autoscaler.query_window_s": 15})
+    r = simulate(sc, 0)
+    first_end = r.requests["end_s"].min()
+    assert first_end > 40.0
+    reads = r.hpa_syncs.set_index("time_s")["vllm:inter_token_latency_seconds"]
+    during = reads[(reads.index > 10.0) & (reads.index < first_end)]
+    assert len(during) >= 6 and during.to_numpy() == pytest.approx(0.01)
