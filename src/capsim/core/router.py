@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import Field, field_validator, model_validator
 
 from capsim.core.http_pools import ConnectionPools, http_clients
-from capsim.model.scenario import PROXY_ROUTERS, OutlierEjection
+from capsim.model.scenario import OutlierEjection, router_ejects
 from capsim.model.settings import FrozenModel
 from capsim.policy.outlier import OutlierDetector
 from capsim.policy.routing import SERVED_BY, Candidate, Weights, scores
@@ -84,7 +84,7 @@ class RouterConfig(FrozenModel):
     @property
     def ejects(self) -> bool:
         """Whether the router ejects failing pods: a proxy's policy with ``outlier_ejection`` (as the simulator's)."""
-        return self.outlier_ejection is not None and self.policy in PROXY_ROUTERS
+        return router_ejects(self.policy, self.outlier_ejection)
 
     @field_validator("pods")
     @classmethod

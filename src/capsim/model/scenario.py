@@ -941,6 +941,12 @@ class OutlierEjection(_Section):
 PROXY_ROUTERS = ("least_outstanding", "prefix_aware")
 
 
+def router_ejects(kind: str, ejection: OutlierEjection | OutlierSettings | None) -> bool:
+    """Whether a router of ``kind`` with ``ejection`` ejects failing pods: a proxy's (``PROXY_ROUTERS``) with it
+    set. The scenario (``Router.ejects``), the simulated router and the real one (``RouterConfig.ejects``) ask this."""
+    return ejection is not None and kind in PROXY_ROUTERS
+
+
 class Router(_Section):
     """Which pod gets a request (docs/sessions.md): ``prefix_aware`` scores pods as the Kubernetes inference
     gateway's endpoint picker does, by the expected prefix-cache hit, the queue and the KV-cache use.
@@ -967,7 +973,7 @@ class Router(_Section):
     @property
     def ejects(self) -> bool:
         """Whether this router ejects failing pods: a proxy's (``PROXY_ROUTERS``) with ``outlier_ejection``."""
-        return self.outlier_ejection is not None and self.kind in PROXY_ROUTERS
+        return router_ejects(self.kind, self.outlier_ejection)
 
 
 # ---- autoscaler ---------------------------------------------------------------------------------------

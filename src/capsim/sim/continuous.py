@@ -156,37 +156,49 @@ class ContinuousPod(Pod):
     def scrape_counters(self, now: float) -> tuple[float, ...]:
         """Its counters at ``now`` as vLLM's /metrics shows them: every step that ended by then counted (in a
         run of decode steps, each of its steps that ended), the step in progress not yet."""
-        gen, t = self._gen_done, self._tok_s
-        if self._run is not None:
-            steps, end = self._run_progress(now)
-            if steps:
-                gen += steps * len(self.sched.running)
-                t = end
+        steps, t = self._out_by(now)
+        gen = self._gen_done + steps * len(self.sched.running)
         itl = self.itl_sum_s
         for base in self._live.values():
             itl += t - base
         return (self.ttft_sum_s, self.ttft_count, itl, gen - self._firsts, self.sched.num_preemptions,
                 self.prompt_tokens, gen)
 
-    def _run_progress(self, now: float) -> tuple[int, float]:
-        """How many steps of the run of decode steps in progress have ended by ``now``, and when the last of them
-        did (the run's start if none)."""
+    def _out_by(self, now: float) -> tuple[int, float]:
+        """The steps of a run of decode steps in progress that ended by ``now`` (0 with no run), and when the last
+        tokens out by then came (the last of those steps', else ``_tok_s``)."""
+        if self._run is None:
+            return 0, self._tok_s
+        steps, t, _ = self._run_progress(now)
+        return (steps, t) if steps else (0, self._tok_s)
+
+    def _run_progress(self, now: float) -> tuple[int, float, float]:
+        """For the run of decode steps in progress: how many of its steps have ended by ``now`` (``j``), when the
+        last of them did (``T(j)``; the run's start for none) and when the step in progress ends (``T(j + 1)``;
+        the run's end if it is due). ``T(k)`` is the run's end."""
         assert self._run is not None
         start, d, c, k, end = self._run
         if end <= now:
-            return k, end
+            return k, end, end
         ends = self._ends
-        if ends is not None:
+        if ends is not None:  # the steps' ends
             j = bisect_right(ends, now, 0, k)
-            return j, ends[j - 1] if j else start
+            return j, ends[j - 1] if j else start, ends[j] if j + 1 < k else end
         run_s = self._run_s
+
+        def at(i: int) -> float:
+            return start if i == 0 else end if i >= k else start + run_s(d, c, i)
+
         # the steps of a run take about as long each: guess, then walk to T(j) <= now < T(j + 1)
         j = min(max(int((now - start) / (end - start) * k), 0), k - 1)
-        while j and start + run_s(d, c, j) > now:
+        lo, hi = at(j), at(j + 1)
+        while lo > now:  # only while j > 0: T(0) is the start
             j -= 1
-        while j + 1 < k and start + run_s(d, c, j + 1) <= now:
+            lo, hi = at(j), lo
+        while hi <= now:  # only while j + 1 < k: T(k) = end > now
             j += 1
-        return j, start + run_s(d, c, j) if j else start
+            lo, hi = hi, at(j + 1)
+        return j, lo, hi
 
     def busy_total_s(self, now: float) -> float:
         return self.busy_s + (now - self._busy_since if self.stepping else 0.0)
@@ -396,36 +408,11 @@ class ContinuousPod(Pod):
     def _cut_run(self, now: float) -> None:
         """End the run at the end of the step in progress at ``now`` (the first to end after it)."""
         assert self._run is not None
-        start, d, c, k, end = self._run
-        if end <= now:
-            return  # the run's end event is due now; it has not been processed yet
-        ends = self._ends
-        if ends is not None:  # the steps' ends: the first after now ends the step in progress
-            hi = bisect_right(ends, now, 0, k) + 1
-            if hi < k:
-                t = ends[hi - 1]
-                self._run = (start, d, c, hi, t)
-                self._schedule_run(t)
-            return
-        run_s = self._run_s
-        # the steps of a run take about as long each: guess the step in progress, then walk to it
-        hi = min(max(int((now - start) / (end - start) * k) + 1, 1), k)  # want: T(hi - 1) <= now < T(hi)
-        t_hi = start + run_s(d, c, hi) if hi < k else end
-        walked = False
-        while t_hi <= now:  # only while hi < k: T(k) = end > now
-            hi += 1
-            t_hi = start + run_s(d, c, hi) if hi < k else end
-            walked = True
-        if not walked:  # else T(hi - 1) <= now is known
-            while hi > 1:
-                t_lo = start + run_s(d, c, hi - 1)
-                if t_lo <= now:
-                    break
-                hi -= 1
-                t_hi = t_lo
-        if hi < k:
-            self._run = (start, d, c, hi, t_hi)
-            self._schedule_run(t_hi)
+        start, d, c, k, _ = self._run
+        j, _, t = self._run_progress(now)
+        if j + 1 < k:  # else the run ends with that step anyway (or its end event is due now, not yet processed)
+            self._run = (start, d, c, j + 1, t)
+            self._schedule_run(t)
 
     def _on_run(self, value: tuple[int, float, int]) -> None:
         token, now, incarnation = value
@@ -480,10 +467,7 @@ class ContinuousPod(Pod):
             return  # the pod crashed or was killed under this step, or an arrival lengthened it
         runs = self.runs
         sim = self.sim
-        emitted = self.sched.emitted  # the step's tokens are out (``_tokens_out``, inline: once a step)
-        self._gen_done += emitted - self._gen_seen
-        self._gen_seen = emitted
-        self._tok_s = now
+        self._tokens_out(now)
         if step.first_token:
             send = self._rec.send
             prompt = self._rec.prompt
@@ -578,7 +562,7 @@ class ContinuousPod(Pod):
         """The client of request ``i`` gave up while it was admitted: the engine aborts it."""
         if self.runs.pop(i, None) is not None:
             now = self._env.now
-            steps, t = self._run_progress(now) if self._run is not None else (0, self._tok_s)
+            steps, t = self._out_by(now)
             if self._run is not None:
                 self._cut_run(now)  # the run's request count changes after the step in progress
             if i in self.sched.requests:  # else its last step is running: the engine lets it end
@@ -586,7 +570,7 @@ class ContinuousPod(Pod):
                 self._gen_done += steps  # what it emitted in the run's steps that ended (they count it no more)
                 base = self._live.pop(i, None)
                 if base is not None:
-                    self.itl_sum_s += (t if steps else self._tok_s) - base
+                    self.itl_sum_s += t - base
                 self._paused.pop(i, None)
             self.running.remove(cast(Run, batch))
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import TYPE_CHECKING, Literal
 
-from capsim.model.scenario import PROXY_ROUTERS
+from capsim.model.scenario import router_ejects
 from capsim.policy.least import LeastBuckets
 from capsim.policy.outlier import OutlierDetector, OutlierSettings
 from capsim.policy.routing import Candidate, Weights, among_best, pick
@@ -71,8 +71,7 @@ class Router:
         self._next = 0
         self.least = kind == "least_outstanding"
         self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
-        proxied = kind in PROXY_ROUTERS
-        self.outliers = OutlierDetector(outlier) if outlier is not None and proxied else None
+        self.outliers = OutlierDetector(outlier) if outlier is not None and router_ejects(kind, outlier) else None
         self._count_answered = outlier is None or outlier.count_answered_5xx
 
     def touch(self, pod: Pod) -> None:
