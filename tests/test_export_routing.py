@@ -164,6 +164,28 @@ def test_outlier_detection_carries_the_plans_ejection(agents: Scenario) -> None:
     assert "outlierDetection" not in rule["spec"]["trafficPolicy"]
 
 
+def test_the_readme_says_where_istio_cannot_eject_the_one_pod_the_plan_ejected(agents: Scenario) -> None:
+    """capsim ejects one pod while none is out whatever the percentage (Envoy's ``always_eject_one_host``); a
+    DestinationRule cannot set that, and Envoy since 1.27 ejects none of fewer than 100 / maxEjectionPercent pods.
+    The README says so, with the percentage that ejects one at the plan's fewest pods; not where the percentage
+    ejects one anyway, nor where the plan did not assume the option."""
+    def notes(**e: Any) -> str:
+        s = agents.override({"router.kind": "least_outstanding", "router.outlier_ejection": e})
+        return " ".join(n for n in routing_notes(s, TARGET) if "always_eject_one_host" in n)
+    floor3 = notes()  # the agents' HPA, 3 to 16 pods, at Envoy's 10 %
+    assert "fewer than 10 pods" in floor3 and "the plan ran 3 to 16 pods" in floor3
+    assert "`max_ejection_percent: 34`" in floor3 and "Envoy since 1.27" in floor3
+    assert notes(max_ejection_percent=34) == ""  # one of 3 is 33.3 %: Envoy ejects it
+    assert "fewer than 4 pods" in notes(max_ejection_percent=33)
+    assert "never, at 0 %" in notes(max_ejection_percent=0)
+    assert notes(always_eject_one_host=False) == ""  # the plan ran what the DestinationRule does
+    two = " ".join(routing_notes(agents.override({"router.kind": "least_outstanding", "autoscaler.min_replicas": 2}),
+                                 TARGET))
+    assert "the plan ran 2 to 16 pods" in two and "`max_ejection_percent: 50`" in two
+    gateway = agents.override({"router.kind": "prefix_aware"})
+    assert any("`always_eject_one_host: true` (Envoy 1.31" in n for n in routing_notes(gateway, TARGET))
+
+
 @pytest.mark.parametrize("version", ["1.30.0", "1.34.0"])
 def test_inference_pool_selects_the_patched_pods_and_scores_as_the_plan(agents: Scenario, tmp_path: Path,
                                                                         version: str) -> None:

@@ -4,9 +4,13 @@ answering 503 in a Redis outage is ejected too, unless only the proxy's own fail
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
@@ -41,14 +45,45 @@ def test_the_ejection_grows_with_each_ejection_up_to_the_cap() -> None:
     assert d.failed(1, now, 10) and d.ejected_ids[1] - now == 30.0
 
 
-def test_at_most_the_percentage_but_at_least_one_is_ejected() -> None:
+def test_at_most_the_percentage_and_one_while_none_is_out() -> None:
     d = OutlierDetector(OutlierSettings(consecutive_failures=1, max_ejection_percent=10.0))
-    assert d.max_ejected(4) == 1 and d.max_ejected(25) == 2
+    assert d.room(0, 4) and not d.room(1, 4)  # one of 4 while none is out (always_eject_one_host), not two
+    assert d.room(1, 20) and not d.room(2, 20)  # 2 of 20 is 10 %
     assert d.failed(0, 0.0, 4)
-    assert not d.failed(1, 0.0, 4)  # the cap: 10 % of 4 pods, at least one
+    assert not d.failed(1, 0.0, 4)  # no room: 2 of 4 would be 50 %
     assert d.panic(1, 1) and not d.panic(1, 2) and d.panic(2, 3)
     with pytest.raises(ValueError):
         OutlierSettings(consecutive_failures=0)
+
+
+def test_envoys_own_default_ejects_no_host_of_fewer_than_ten_at_ten_percent() -> None:
+    """Envoy's ``ejectHost`` since 1.27 (envoyproxy/envoy#27909): ``100 x (ejected + 1) / hosts`` at most the
+    percentage, with no host always allowed. The cases of its issues: 3 hosts at 50 % eject one, not two
+    (#26877); one host at under 100 % none; 2 to 9 hosts at the default 10 % none (envoyproxy/gateway#8140)."""
+    def envoy(percent: float) -> OutlierDetector:
+        return OutlierDetector(OutlierSettings(consecutive_failures=1, max_ejection_percent=percent,
+                                               always_eject_one_host=False))
+    assert envoy(50).room(0, 3) and not envoy(50).room(1, 3)
+    assert not envoy(99).room(0, 1) and envoy(100).room(0, 1)
+    assert not any(envoy(10).room(0, n) for n in range(1, 10)) and envoy(10).room(0, 10)
+    assert not envoy(0).room(0, 100)
+    d = envoy(10)
+    assert not d.failed(0, 0.0, 4) and not d.failed(0, 1.0, 4) and not d.ejected_ids and d.ejections == 0
+    assert OutlierDetector(OutlierSettings(max_ejection_percent=0.0)).room(0, 100)  # capsim's default: one
+
+
+@settings(max_examples=400, deadline=None)
+@given(n=st.integers(1, 300), ejected=st.integers(0, 300), percent=st.one_of(
+    st.integers(0, 100).map(float), st.fractions(0, 100).map(float)), always=st.booleans())
+def test_room_is_envoys_rule_in_exact_arithmetic(n: int, ejected: int, percent: float, always: bool) -> None:
+    """``room`` against Envoy's ``ejectHost`` worked in exact fractions; with ``always_eject_one_host`` it is
+    also the rule capsim had before (``floor(hosts x percent / 100)`` out at most, at least one)."""
+    ejected = min(ejected, n)
+    d = OutlierDetector(OutlierSettings(max_ejection_percent=percent, always_eject_one_host=always))
+    exact = Fraction(100 * (ejected + 1), n) <= Fraction(percent) or (always and ejected == 0)
+    assert d.room(ejected, n) == exact
+    if always:
+        assert d.room(ejected, n) == (ejected < max(1, math.floor(Fraction(n) * Fraction(percent) / 100)))
 
 
 def four_pods(ejection: dict[str, Any] | None, kind: str, horizon_s: float, faults: dict[str, Any],
@@ -220,3 +255,15 @@ def test_a_pod_that_dies_holding_requests_is_ejected_at_once_by_their_resets(
     r = Simulation(sc, seed=0).run()
     assert [(pod, at) for pod, at, _ in ejections] == [(0, 20.0)]
     assert r.summary.failed == 0  # each reset retried elsewhere
+
+
+def test_envoys_own_default_leaves_the_crashed_pod_of_four_in_the_endpoints() -> None:
+    """Without ``always_eject_one_host`` (Envoy's default, all an Istio DestinationRule can say) 10 % of 4 pods is
+    under one: the crashed pod is never ejected and the run is the run without ejection; at 25 % it is ejected
+    after its five refusals, as with the option."""
+    off = crash_run(None).summary
+    envoy = crash_run({"always_eject_one_host": False}).summary
+    quarter = crash_run({"always_eject_one_host": False, "max_ejection_percent": 25}).summary
+    assert (envoy.retries, envoy.failed, envoy.completed) == (off.retries, off.failed, off.completed)
+    assert off.retries > 100 and off.failed > 0
+    assert quarter.retries == 5 and quarter.failed == 0

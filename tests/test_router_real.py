@@ -247,6 +247,21 @@ def test_only_the_proxys_own_failures_eject_when_answered_5xx_do_not_count() -> 
             assert metric(r.url, 'capsim_router_fallbacks_total{reason="refused"}') > 5  # tried again and again
 
 
+def test_without_always_eject_one_host_ten_percent_of_two_pods_ejects_neither() -> None:
+    """Envoy's own default (no ``always_eject_one_host``, all an Istio DestinationRule can say): 10 % of 2 pods
+    is under one, so the pod answering 503 keeps its share; at 50 % it is ejected after its failures."""
+    with Served(fake_pod(503, "session store unavailable: down")) as bad, Served(fake_pod(200, "")) as ok:
+        with router([bad.url, ok.url], policy="least_outstanding",
+                    outlier_ejection={"consecutive_failures": 3, "always_eject_one_host": False}) as r:
+            seen = [post(r.url, f"n{k}", {"prompt_tokens": 4}).headers["X-Capsim-Pod"] for k in range(40)]
+            assert seen.count(bad.url) > 10 and metric(r.url, "capsim_router_ejections_total") == 0
+        with router([bad.url, ok.url], policy="least_outstanding", outlier_ejection={
+                "consecutive_failures": 3, "always_eject_one_host": False, "max_ejection_percent": 50}) as r:
+            seen = turns_until_ejected(r, 200)
+            assert [s for p, s in seen if p == bad.url] == [503, 503, 503]
+            assert metric(r.url, "capsim_router_ejected") == 1
+
+
 @pytest.fixture(scope="module")
 def pods(tmp_path_factory: pytest.TempPathFactory, redis_server: Any) -> Iterator[list[PodProcess]]:
     """Two real pods of the tiny model sharing one real Redis (the seed's design)."""

@@ -311,6 +311,12 @@ def router(
     count_answered_5xx: Annotated[bool, typer.Option(
         help="count the 5xx a pod answers (Envoy's default); --no-count-answered-5xx: only refused, reset and "
              "timed-out turns")] = True,
+    max_ejection_percent: Annotated[float, typer.Option(
+        help="eject a pod only if then at most this % of the pods are out (Envoy's max_ejection_percent)")] = 10.0,
+    always_eject_one_host: Annotated[bool, typer.Option(
+        help="eject one pod while none is out, whatever --max-ejection-percent allows (Envoy 1.31+'s option, "
+             "capsim's default); --no-always-eject-one-host: Envoy's default, which at 10 % ejects no pod of "
+             "fewer than 10")] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run a router in front of real pods: places each session turn by a policy, fails over a dead pod."""
@@ -319,7 +325,8 @@ def router(
 
     try:
         ejection = {"consecutive_failures": consecutive_failures, "base_ejection_s": base_ejection_s,
-                    "count_answered_5xx": count_answered_5xx} if outlier_ejection else None
+                    "count_answered_5xx": count_answered_5xx, "max_ejection_percent": max_ejection_percent,
+                    "always_eject_one_host": always_eject_one_host} if outlier_ejection else None
         config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
                               policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
                               connect_timeout_s=connect_timeout_s, down_s=down_s,

@@ -21,9 +21,9 @@ also ejects a failing pod as Envoy's outlier detection does, with the simulator'
 (``capsim.policy.outlier``, ``outlier_ejection``: the scenario's ``router.outlier_ejection``): after
 ``consecutive_failures`` failures in a row (a refused connection, a timeout, a reset, and unless
 ``count_answered_5xx`` is off every 5xx a pod answers, a draining pod's included; a streamed answer's status
-counts with its headers) the pod is left out of the order for ``base_ejection_s`` x its ejections, never more
-than ``max_ejection_percent`` of the pods at once (at least one), and all of them are balanced over again when
-fewer than half would be left (Envoy's panic mode).
+counts with its headers) the pod is left out of the order for ``base_ejection_s`` x its ejections, if then at
+most ``max_ejection_percent`` of the pods are out, or none is and ``always_eject_one_host`` is on (the default),
+and all of them are balanced over again when fewer than half would be left (Envoy's panic mode).
 
 The pods are a fixed list (``pods``) or, in a cluster whose HPA adds and removes them, the addresses of a
 headless Service (``pods_from_dns: "NAME.NS.svc.cluster.local:PORT"``), looked up again every ``refresh_s``

@@ -23,11 +23,13 @@ names ``prefix-cache-scorer``, ``queue-scorer``, ``kv-cache-utilization-scorer``
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from capsim.export.pod import pod_labels
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Router, Scenario
+from capsim.model.scenario_limits import max_pods
 from capsim.policy.routing import SESSION_HEADER
 
 __all__ = ["SESSION_HEADER", "build_routing", "routing_file", "routing_notes"]
@@ -83,6 +85,41 @@ def outlier_detection(router: Router) -> dict[str, Any]:
     return {**counts, "interval": "10s",
             "baseEjectionTime": _seconds(e.base_ejection_s), "maxEjectionPercent": round(e.max_ejection_percent),
             "minHealthPercent": PANIC_PERCENT}
+
+
+def fewest_ejecting(percent: float) -> int | None:
+    """The fewest endpoints of which Envoy (1.27 or later, without ``always_eject_one_host``) ejects one at
+    ``percent``: ``100 x 1 / n`` at most the percentage; ``None`` at 0 (it never ejects)."""
+    return None if percent <= 0 else math.ceil(100.0 / percent - 1e-9)
+
+
+def _one_host_note(scenario: Scenario) -> str | None:
+    """Where the plan's ``always_eject_one_host`` ejected a pod that the DestinationRule's percentage would not:
+    Istio cannot set the option, so a Service with fewer pods than :func:`fewest_ejecting` ejects none."""
+    e = scenario.router.outlier_ejection
+    assert e is not None
+    written = round(e.max_ejection_percent)
+    floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+    floor = max(floor, 1)
+    least = fewest_ejecting(written)
+    if not e.always_eject_one_host or (least is not None and floor >= least):
+        return None
+    most = max_pods(scenario)
+    fleet = f"{floor} pods" if most == floor else f"{floor} to {most} pods"
+    below = ("never, at 0 %" if least is None else
+             f"none while the Service has fewer than {least} pods (one failing pod of {least - 1} is "
+             f"{100.0 / (least - 1):.3g} % of them)")
+    return (f"the plan ejected a failing pod even where `maxEjectionPercent: {written}` allows none "
+            "(`router.outlier_ejection.always_eject_one_host`, on by default in capsim). Istio's DestinationRule "
+            "cannot set that Envoy option, and Envoy since 1.27 ejects a pod only if, with it, at most "
+            f"{written} % of the pods are out: {below}; the plan ran {fleet}. To eject one pod at {floor}, plan "
+            f"and write `max_ejection_percent: {fewest_percent(floor)}`, or plan with `always_eject_one_host: "
+            "false` to see the Service without ejection (docs/studies.md, \"Envoy's own default\")")
+
+
+def fewest_percent(pods: int) -> int:
+    """The smallest whole ``maxEjectionPercent`` at which Envoy ejects one of ``pods``."""
+    return min(100, math.ceil(100.0 / max(pods, 1) - 1e-9))
 
 
 def build_destination_rule(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
@@ -166,11 +203,16 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
             counts = (f"`consecutive_5xx: {e.consecutive_failures}`" if e.count_answered_5xx else
                       f"`split_external_local_origin_errors: true`, `consecutive_local_origin_failure: "
                       f"{e.consecutive_failures}`, `enforcing_consecutive_5xx: 0`")
+            one = (", `always_eject_one_host: true` (Envoy 1.31 or later; without it Envoy ejects no pod while "
+                   "that percentage of the pods is under one)") if e.always_eject_one_host else ""
             notes.append("the plan ejected failing pods as Envoy's outlier detection does; the InferencePool has no "
                          f"such field, so set it on the gateway (its backend traffic policy) to {counts}, "
                          f"`base_ejection_time: {e.base_ejection_s:g}s`, `max_ejection_percent: "
-                         f"{e.max_ejection_percent:g}`")
+                         f"{e.max_ejection_percent:g}`{one}")
         else:  # the DestinationRule's outlierDetection, where Istio cannot say what the plan assumed
+            note = _one_host_note(scenario)
+            if note:
+                notes.append(note)
             if round(e.max_ejection_percent) != e.max_ejection_percent:
                 notes.append(f"Istio takes `maxEjectionPercent` as a whole number: the plan's "
                              f"{e.max_ejection_percent:g} is written as {round(e.max_ejection_percent)}")

@@ -915,11 +915,13 @@ class Pods(_Section):
 
 
 class OutlierEjection(_Section):
-    """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults: a pod that fails
+    """Envoy's passive outlier detection (``capsim.policy.outlier``), with Envoy's defaults but one: a pod that fails
     ``consecutive_failures`` requests in a row (refused or reset: crashed; a draining pod's 503; the pod's own 503 in
-    a Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), never more than
-    ``max_ejection_percent`` of the endpoints at once (but at least one). ``count_answered_5xx: false`` counts
-    only the proxy's own failures (refused, reset, timed out), not the 5xx a pod answers."""
+    a Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), if with it at
+    most ``max_ejection_percent`` of the endpoints are out, or none is and ``always_eject_one_host`` is on. That
+    option is on here and off in Envoy: since Envoy 1.27 its 10 % ejects no pod of a fleet under 10, and an Istio
+    DestinationRule cannot turn it on (docs/reliability.md). ``count_answered_5xx: false`` counts only the proxy's
+    own failures (refused, reset, timed out), not the 5xx a pod answers."""
 
     consecutive_failures: Int = Field(5, ge=1, description="Envoy's consecutive_5xx")
     base_ejection_s: Float = Field(30.0, ge=0, description="Envoy's base_ejection_time")
@@ -930,11 +932,16 @@ class OutlierEjection(_Section):
         "consecutive_5xx does; false: only refused, reset and timed-out requests, as Istio's "
         "splitExternalLocalOriginErrors with consecutiveLocalOriginFailures (consecutive5xxErrors 0)",
     )
+    always_eject_one_host: bool = Field(
+        True, description="Envoy's always_eject_one_host (1.31+): eject one pod while none is out, whatever "
+        "max_ejection_percent allows (as every Envoy before 1.27 did); false: Envoy's default and what an Istio "
+        "DestinationRule gets, which at 10 % ejects no pod of a fleet under 10",
+    )
 
     def settings(self) -> OutlierSettings:
         """The shared policy's settings (``capsim.policy.outlier``), for the simulated router and the real one."""
         return OutlierSettings(self.consecutive_failures, self.base_ejection_s, self.max_ejection_s,
-                               self.max_ejection_percent, self.count_answered_5xx)
+                               self.max_ejection_percent, self.count_answered_5xx, self.always_eject_one_host)
 
 
 #: the routers that stand for a proxy (Envoy, a gateway) and so eject failing pods (``router.outlier_ejection``)

@@ -3,9 +3,17 @@
 Envoy's ``outlier_detection`` (``config.cluster.v3.OutlierDetection``) ejects a host from the load-balancing
 set after ``consecutive_5xx`` failures in a row (default 5; a refused connection counts as one) for
 ``base_ejection_time`` x the number of times it has been ejected (default 30 s), capped by
-``max_ejection_time`` (default 300 s), and never ejects more than ``max_ejection_percent`` of the hosts
-(default 10 %, but at least one host). When fewer than ``healthy_panic_threshold`` (50 %) of the hosts
+``max_ejection_time`` (default 300 s). When fewer than ``healthy_panic_threshold`` (50 %) of the hosts
 are left, Envoy is in panic mode and balances over all of them, ejected or not (``panic``).
+
+How many may be out at once (``room``) is Envoy's ``ejectHost`` since 1.27 (envoyproxy/envoy#27624 and #27909,
+2023): a host is ejected only if ``100 x (ejected + 1) / hosts`` is at most ``max_ejection_percent`` (default
+10 %), so with fewer than 10 hosts the default ejects none; since 1.31 ``always_eject_one_host``
+(envoyproxy/envoy#34796) also ejects one while none is out. capsim turns that option on by default
+(``OutlierSettings.always_eject_one_host``): a crashed pod of a small fleet is ejected, as every Envoy before
+1.27 did (it ejected while ``100 x ejected / hosts`` was under the percentage, so always one unless 0 %). Envoy's
+own default is off, and Istio's ``DestinationRule`` cannot turn it on (``capsim.export.routing`` says so where
+the plan depends on it); ``always_eject_one_host: false`` plans with what such a mesh does.
 
 What fails: every 5xx the proxy sees, answered by the pod or made by the proxy for a refused connection, a
 reset or a timeout (``consecutive_5xx`` counts both kinds unless ``split_external_local_origin_errors``); any other
@@ -16,25 +24,24 @@ Differences from Envoy's ``outlier_detection_impl.cc`` (``checkHostForUneject``,
 modelled: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s, from the cluster's start), so a
 host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly. Envoy
 lowers the ejection multiplier (``ejectTimeBackoff``) by one at each sweep that finds the host healthy; here a
-success after its return resets it. Envoy ejects while ``100 x ejected / hosts`` is under
-``max_ejection_percent`` (so 2 of 12 hosts at 10 %, and none at 0 %); here ``floor(hosts x percent / 100)``, at
-least one. A host whose failures reach the threshold while the cap holds restarts its count in Envoy (the
-counter is reset after the overflow); here it keeps counting and is ejected at its next failure once there is
-room. Pure: times are passed in, nothing here reads a clock. The simulated router (``capsim.sim.router``)
-and the real one (``capsim.core.router``) both decide with it.
+success after its return resets it. A host whose failures reach the threshold while there is no room restarts its
+count in Envoy (the counter is reset after the overflow); here it keeps counting and is ejected at its next
+failure once there is room. ``max_ejection_time_jitter`` (default 0) is not modelled. Pure: times are passed in,
+nothing here reads a clock. The simulated router (``capsim.sim.router``) and the real one (``capsim.core.router``)
+both decide with it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 PANIC_THRESHOLD = 0.5  # Envoy's healthy_panic_threshold default (50 %)
 
 
 @dataclass(frozen=True)
 class OutlierSettings:
-    """Envoy's defaults; ``consecutive_failures`` is its ``consecutive_5xx``."""
+    """Envoy's defaults but ``always_eject_one_host``; ``consecutive_failures`` is its ``consecutive_5xx``."""
 
     consecutive_failures: int = 5
     base_ejection_s: float = 30.0
@@ -43,6 +50,9 @@ class OutlierSettings:
     #: count the pods' own 5xx answers (Envoy's default); False: only what the proxy itself saw fail (a refused
     #: connection, a reset, a timeout), as ``split_external_local_origin_errors`` with ``consecutive_5xx`` off
     count_answered_5xx: bool = True
+    #: Envoy's ``always_eject_one_host`` (1.31+): eject one host while none is out, whatever the percentage.
+    #: On here (capsim's default, Envoy before 1.27 did so); Envoy's default is off
+    always_eject_one_host: bool = True
 
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:
@@ -68,9 +78,15 @@ class OutlierDetector:
         """The endpoints ejected now (call ``expire`` first), with when each returns."""
         return self._until
 
-    def max_ejected(self, n_endpoints: int) -> int:
-        """How many of ``n_endpoints`` may be out at once: the percentage, but at least one."""
-        return max(1, math.floor(n_endpoints * self.settings.max_ejection_percent / 100.0))
+    def room(self, ejected: int, n_endpoints: int) -> bool:
+        """Whether one more of ``n_endpoints`` may be ejected while ``ejected`` are out (Envoy's ``ejectHost``):
+        ``100 x (ejected + 1) / n_endpoints`` at most ``max_ejection_percent``, or none out with
+        ``always_eject_one_host``."""
+        st = self.settings
+        if st.always_eject_one_host and ejected == 0:
+            return True
+        # in exact arithmetic (Envoy's percentage is a whole number, for which its double division is exact)
+        return n_endpoints > 0 and 100 * (ejected + 1) <= Fraction(st.max_ejection_percent) * n_endpoints
 
     def failed(self, endpoint: int, now: float, n_endpoints: int) -> bool:
         """A request to ``endpoint`` failed at ``now`` (refused, 5xx). True when this ejects it."""
@@ -78,8 +94,8 @@ class OutlierDetector:
             return False
         k = self.failures.get(endpoint, 0) + 1
         self.failures[endpoint] = k
-        if k < self.settings.consecutive_failures or len(self._until) >= self.max_ejected(n_endpoints):
-            return False  # at the cap Envoy keeps counting and ejects once there is room
+        if k < self.settings.consecutive_failures or not self.room(len(self._until), n_endpoints):
+            return False  # with no room this keeps counting and ejects once there is (Envoy restarts the count)
         times = self._times.get(endpoint, 0) + 1
         self._times[endpoint] = times
         self._until[endpoint] = now + min(self.settings.base_ejection_s * times, self.settings.max_ejection_s)

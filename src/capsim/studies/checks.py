@@ -813,7 +813,7 @@ def _ejection_in_store_outage(scenario: Scenario) -> list[Finding]:
         "router.outlier_ejection.count_answered_5xx", f"true: the session store is out from {o.at_s:g} s "
         f"(faults.redis_outages) and every pod answers 503 to each turn it cannot read; outlier detection counts those "
         f"as Envoy's consecutive_5xx does, so the first pods to fail {e.consecutive_failures} in a row (up to "
-        f"{e.max_ejection_percent:g}% of them, at least one) are ejected for {e.base_ejection_s:g} s and stay out after "
+        f"{e.max_ejection_percent:g}% of them{', at least one' if e.always_eject_one_host else ''}) are ejected for {e.base_ejection_s:g} s and stay out after "
         "the store is back, which mends nothing (every pod fails alike) and costs their capacity (docs/studies.md, "
         "\"Tuning\": a 2-s outage in the Friday rush raised its p99 TTFT from 0.07 to 0.36 s). Count only the proxy's "
         "own failures (count_answered_5xx: false), which still ejects a crashed pod", level="warn",
