@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.policy.outlier import OutlierDetector, OutlierSettings
+from capsim.policy.outlier import OutlierDetector, OutlierSettings, fewest_ejecting, fewest_percent
 from capsim.sim import Simulation, simulate
 from capsim.sim.pod import Pod
 from capsim.studies.checks import run_checks
@@ -138,6 +138,7 @@ def test_a_crashed_pod_in_the_endpoints_is_ejected_after_five_refusals() -> None
     # some three times (failed); with Envoy's defaults it is out after 5 refusals, each retried elsewhere
     assert refused["none"] > 0.3 and runs["none"].summary.failed > 0
     assert runs["envoy"].summary.retries == 5 and runs["envoy"].summary.failed == 0
+    assert (runs["none"].summary.ejections, runs["envoy"].summary.ejections) == (0, 1)  # the summary counts them
     assert refused["envoy"] < 0.05
 
 
@@ -267,3 +268,40 @@ def test_envoys_own_default_leaves_the_crashed_pod_of_four_in_the_endpoints() ->
     assert (envoy.retries, envoy.failed, envoy.completed) == (off.retries, off.failed, off.completed)
     assert off.retries > 100 and off.failed > 0
     assert quarter.retries == 5 and quarter.failed == 0
+    assert (envoy.ejections, quarter.ejections) == (0, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(percent=st.one_of(st.integers(0, 100).map(float), st.fractions(0, 100).map(float)), pods=st.integers(1, 500))
+def test_the_fewest_pods_ejected_from_and_the_percentage_that_ejects_one_are_envoys_rule(percent: float,
+                                                                                        pods: int) -> None:
+    """``fewest_ejecting`` is where Envoy's own rule first has room for one pod, and ``fewest_percent`` the least
+    whole percentage with room for one of ``pods`` (what the export's README and ``capsim check`` name)."""
+    def room(p: float, n: int) -> bool:
+        return OutlierDetector(OutlierSettings(max_ejection_percent=p, always_eject_one_host=False)).room(0, n)
+    least = fewest_ejecting(percent)
+    if least is None:
+        assert percent == 0 and not room(percent, pods)
+    else:
+        assert room(percent, least) and (least == 1 or not room(percent, least - 1))
+        assert room(percent, pods) == (pods >= least)
+    q = fewest_percent(pods)
+    assert room(q, pods) and (q == 1 or not room(q - 1, pods))
+
+
+def test_capsim_check_warns_when_envoys_own_rule_ejects_no_pod_at_the_floor() -> None:
+    sc = four_pods({"always_eject_one_host": False}, "least_outstanding", 60, {})
+
+    def fired(s: Scenario) -> list[Any]:
+        return [f for f in run_checks(s) if f.check == "ejection-inert-at-floor"]
+
+    (f,) = fired(sc)
+    assert f.level == "warn" and f.path == "router.outlier_ejection.always_eject_one_host"
+    assert "none of fewer than 10" in f.message and "4 pods at its floor" in f.message
+    assert "max_ejection_percent to 25 (one of 4)" in f.message
+    assert "never ejects a pod (0 %)" in fired(sc.override({"router.outlier_ejection.max_ejection_percent": 0}))[0].message
+    assert not fired(sc.override({"router.outlier_ejection.max_ejection_percent": 25}))  # one of 4 is 25 %
+    assert not fired(sc.override({"router.outlier_ejection.always_eject_one_host": True}))
+    assert not fired(sc.override({"router.outlier_ejection": None}))
+    assert not fired(sc.override({"router.kind": "round_robin"}))  # a plain Service ejects nothing
+    assert not fired(four_pods({}, "least_outstanding", 60, {}))  # capsim's default ejects one

@@ -23,13 +23,13 @@ names ``prefix-cache-scorer``, ``queue-scorer``, ``kv-cache-utilization-scorer``
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from capsim.export.pod import pod_labels
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Router, Scenario
 from capsim.model.scenario_limits import max_pods
+from capsim.policy.outlier import fewest_ejecting, fewest_percent
 from capsim.policy.routing import SESSION_HEADER
 
 __all__ = ["SESSION_HEADER", "build_routing", "routing_file", "routing_notes"]
@@ -87,12 +87,6 @@ def outlier_detection(router: Router) -> dict[str, Any]:
             "minHealthPercent": PANIC_PERCENT}
 
 
-def fewest_ejecting(percent: float) -> int | None:
-    """The fewest endpoints of which Envoy (1.27 or later, without ``always_eject_one_host``) ejects one at
-    ``percent``: ``100 x 1 / n`` at most the percentage; ``None`` at 0 (it never ejects)."""
-    return None if percent <= 0 else math.ceil(100.0 / percent - 1e-9)
-
-
 def _one_host_note(scenario: Scenario) -> str | None:
     """Where the plan's ``always_eject_one_host`` ejected a pod that the DestinationRule's percentage would not:
     Istio cannot set the option, so a Service with fewer pods than :func:`fewest_ejecting` ejects none."""
@@ -115,11 +109,6 @@ def _one_host_note(scenario: Scenario) -> str | None:
             f"{written} % of the pods are out: {below}; the plan ran {fleet}. To eject one pod at {floor}, plan "
             f"and write `max_ejection_percent: {fewest_percent(floor)}`, or plan with `always_eject_one_host: "
             "false` to see the Service without ejection (docs/studies.md, \"Envoy's own default\")")
-
-
-def fewest_percent(pods: int) -> int:
-    """The smallest whole ``maxEjectionPercent`` at which Envoy ejects one of ``pods``."""
-    return min(100, math.ceil(100.0 / max(pods, 1) - 1e-9))
 
 
 def build_destination_rule(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:

@@ -33,10 +33,23 @@ both decide with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 PANIC_THRESHOLD = 0.5  # Envoy's healthy_panic_threshold default (50 %)
+
+
+def fewest_ejecting(percent: float) -> int | None:
+    """The fewest endpoints of which Envoy's own rule (``always_eject_one_host`` off) ejects one at ``percent``:
+    ``100 x 1 / n`` at most the percentage; ``None`` at 0 (it never ejects)."""
+    return None if percent <= 0 else math.ceil(100 / Fraction(percent))
+
+
+def fewest_percent(endpoints: int) -> int:
+    """The smallest whole ``max_ejection_percent`` (Istio's is an int32) at which Envoy ejects one of
+    ``endpoints``."""
+    return min(100, math.ceil(Fraction(100, max(endpoints, 1))))
 
 
 @dataclass(frozen=True)

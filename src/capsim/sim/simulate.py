@@ -333,6 +333,8 @@ class Simulation:
         summary = session_results(summary, requests, self.client.book, sc.warmup_s)
         if self.client.n_held:
             summary = replace(summary, held_at_gateway=self.client.n_held)
+        if self.router.outliers is not None and self.router.outliers.ejections:
+            summary = replace(summary, ejections=self.router.outliers.ejections)
         woke = wakes(self.cluster.scale_events, self.cluster.pods, self.cluster.placements, requests)
         if len(woke) or sc.slo.max_wake_s is not None:
             summary = wake_results(summary, requests, woke, sc.slo, sc.warmup_s)

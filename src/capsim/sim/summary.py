@@ -88,6 +88,8 @@ class Summary:
     local_turns_lost: int = 0
     # router.hold_when_no_pod_s: attempts the gateway held while the Service had no ready pod
     held_at_gateway: int = 0
+    # router.outlier_ejection: the pods the router ejected over the run (Envoy's ejections_enforced_total)
+    ejections: int = 0
     # scaling to zero (capsim.sim.wakes): the TTFT p99 of the measured requests that did not come while the
     # Deployment was at zero or waking, the longest TTFT of those that did, and slo.max_wake_s met
     ttft_p99_warm_s: float = math.nan

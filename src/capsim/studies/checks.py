@@ -149,6 +149,10 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   ``router.outlier_ejection.count_answered_5xx``, Envoy's default): every pod answers 503 to each turn it cannot
   read, so the first pods to fail five in a row are ejected for ``base_ejection_s`` and stay out after the store is
   back; counting only the proxy's own failures ejects a crashed pod as before and none in the outage.
+* ``ejection-inert-at-floor`` (warn): outlier ejection by Envoy's own rule (``always_eject_one_host: false``, all an
+  Istio DestinationRule can say) at a ``max_ejection_percent`` under one pod of the plan's floor: Envoy since 1.27
+  ejects a pod only if, with it, at most that share of the pods are out, so a failing pod of that fleet is never
+  ejected; the finding names the whole percentage that ejects one at the floor.
 * ``gateway-errors-under-autoscaler`` (warn): a resume's error-rate check that counts the gateway's codes
   (``error_rate_source: gateway``, the default) on a canary whose pause an autoscaler may scale down through
   (``minReplicas`` below ``maxReplicas``): the ReplicaSets' shares take canary pods too, and a pod on its way out of
@@ -191,6 +195,7 @@ from capsim.model.scenario import (
     metric_kind,
 )
 from capsim.model.scenario_limits import max_pods
+from capsim.policy.outlier import fewest_ejecting, fewest_percent
 from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
 
@@ -256,6 +261,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _analysis_never_measures(scenario)
     findings += _error_gate_in_store_outage(scenario)
     findings += _ejection_in_store_outage(scenario)
+    findings += _ejection_inert_at_floor(scenario)
     findings += _gateway_errors_under_autoscaler(scenario)
     findings += requests_unservable(scenario)
     findings += _deadline_under_autoscaler(scenario)
@@ -818,6 +824,27 @@ def _ejection_in_store_outage(scenario: Scenario) -> list[Finding]:
         "\"Tuning\": a 2-s outage in the Friday rush raised its p99 TTFT from 0.07 to 0.36 s). Count only the proxy's "
         "own failures (count_answered_5xx: false), which still ejects a crashed pod", level="warn",
         check="ejection-in-store-outage")]
+
+
+def _ejection_inert_at_floor(scenario: Scenario) -> list[Finding]:
+    """Envoy's own rule (``always_eject_one_host: false``) at a percentage under one pod of the plan's floor: a
+    failing pod of that fleet is never ejected."""
+    router, e = scenario.router, scenario.router.outlier_ejection
+    if not router.ejects or e is None or e.always_eject_one_host:
+        return []
+    floor = max(_floor(scenario), 1)
+    least = fewest_ejecting(e.max_ejection_percent)
+    if least is not None and floor >= least:
+        return []
+    under = "never ejects a pod (0 %)" if least is None else (
+        f"ejects a pod only if, with it, at most {e.max_ejection_percent:g}% of the pods are out: none of fewer than "
+        f"{least}")
+    return [Finding(
+        "router.outlier_ejection.always_eject_one_host", f"false (Envoy's own rule, as an Istio DestinationRule "
+        f"leaves it): the router {under}, and the plan runs {floor} pods at its floor, where a crashed or failing pod "
+        f"stays in the endpoints until Kubernetes removes it. If the plan counts on ejecting it, set "
+        f"max_ejection_percent to {fewest_percent(floor)} (one of {floor}) or always_eject_one_host to true "
+        "(docs/studies.md, \"Envoy's own default\")", level="warn", check="ejection-inert-at-floor")]
 
 
 def _gateway_errors_under_autoscaler(scenario: Scenario) -> list[Finding]:
