@@ -28,7 +28,7 @@ from typing import Any
 from capsim.export.pod import pod_labels
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Router, Scenario
-from capsim.model.scenario_limits import max_pods
+from capsim.model.scenario_limits import max_pods, min_pods
 from capsim.policy.outlier import fewest_ejecting, fewest_percent
 from capsim.policy.routing import SESSION_HEADER
 
@@ -93,8 +93,7 @@ def _one_host_note(scenario: Scenario) -> str | None:
     e = scenario.router.outlier_ejection
     assert e is not None
     written = round(e.max_ejection_percent)
-    floor = scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
-    floor = max(floor, 1)
+    floor = max(min_pods(scenario), 1)
     least = fewest_ejecting(written)
     if not e.always_eject_one_host or (least is not None and floor >= least):
         return None

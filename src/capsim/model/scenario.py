@@ -920,7 +920,7 @@ class OutlierEjection(_Section):
     a Redis outage) is ejected for ``base_ejection_s`` x its ejections (at most ``max_ejection_s``), if with it at
     most ``max_ejection_percent`` of the endpoints are out, or none is and ``always_eject_one_host`` is on. That
     option is on here and off in Envoy: since Envoy 1.27 its 10 % ejects no pod of a fleet under 10, and an Istio
-    DestinationRule cannot turn it on (docs/reliability.md). ``count_answered_5xx: false`` counts only the proxy's
+    DestinationRule cannot turn it on (docs/studies.md, "Envoy's own default"). ``count_answered_5xx: false`` counts only the proxy's
     own failures (refused, reset, timed out), not the 5xx a pod answers."""
 
     consecutive_failures: Int = Field(5, ge=1, description="Envoy's consecutive_5xx")

@@ -70,6 +70,11 @@ def expected_sessions(scenario: Scenario) -> float | None:
     return None
 
 
+def min_pods(scenario: Scenario) -> int:
+    """The fewest pods the scenario runs: the HPA's minReplicas, or the fixed replicas."""
+    return scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
+
+
 def max_pods(scenario: Scenario) -> int:
     """The most replicas the scenario can run at once."""
     n = scenario.pods.replicas

@@ -194,7 +194,7 @@ from capsim.model.scenario import (
     TraceArrivals,
     metric_kind,
 )
-from capsim.model.scenario_limits import max_pods
+from capsim.model.scenario_limits import max_pods, min_pods
 from capsim.policy.outlier import fewest_ejecting, fewest_percent
 from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
@@ -519,7 +519,7 @@ def _rollout_budget(scenario: Scenario) -> list[Finding]:
     ``pods.min_ready_s``."""
     pods = scenario.pods
     low = _shortest_start(scenario)
-    n = _floor(scenario)
+    n = min_pods(scenario)
     if not pods.template_changes or n == 0 or low + pods.min_ready_s == 0:
         return []
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
@@ -623,7 +623,7 @@ def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
     available the paused controller takes the old ones to zero): a working version's rollout finishes paused."""
     pods = scenario.pods
     held = any(last is not None and last.action == "deploy" for _, _, last in pods.pause_pairs())
-    n = _floor(scenario)
+    n = min_pods(scenario)
     ru = RollingUpdate(pods.rolling_update.max_surge, pods.rolling_update.max_unavailable)
     if not held or n == 0:
         return []
@@ -832,7 +832,7 @@ def _ejection_inert_at_floor(scenario: Scenario) -> list[Finding]:
     router, e = scenario.router, scenario.router.outlier_ejection
     if not router.ejects or e is None or e.always_eject_one_host:
         return []
-    floor = max(_floor(scenario), 1)
+    floor = max(min_pods(scenario), 1)
     least = fewest_ejecting(e.max_ejection_percent)
     if least is not None and floor >= least:
         return []
@@ -951,18 +951,13 @@ def _deadline_under_autoscaler(scenario: Scenario) -> list[Finding]:
         "deploy\")", level="warn", check="deadline-under-autoscaler")]
 
 
-def _floor(scenario: Scenario) -> int:
-    """The fewest pods the scenario runs: the HPA's minReplicas, or the fixed replicas."""
-    return scenario.autoscaler.min_replicas if scenario.autoscaler is not None else scenario.pods.replicas
-
-
 def _disruption_budget(scenario: Scenario) -> list[Finding]:
     """A PodDisruptionBudget that never allows an eviction at the HPA's floor keeps every node that holds a
     pod: cluster-autoscaler cannot drain one, and the nodes stay billed."""
     budget, cluster = scenario.pods.disruption_budget, scenario.cluster
     if budget is None or cluster is None or not cluster.scale_down_enabled:
         return []
-    floor = _floor(scenario)
+    floor = min_pods(scenario)
     if budget.disruptions_allowed(floor, floor) > 0:
         return []
     return [Finding(
@@ -1105,7 +1100,7 @@ def _spot(scenario: Scenario) -> list[Finding]:
             level="warn", check="spot-notice-below-grace"))
     budget = scenario.pods.disruption_budget
     if cluster.spot.drain == "eviction" and budget is not None:
-        floor = _floor(scenario)
+        floor = min_pods(scenario)
         per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
         allowed = budget.disruptions_allowed(floor, floor)
         if allowed < min(per_node, floor):
