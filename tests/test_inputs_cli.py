@@ -225,3 +225,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> Non
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 141, err
     assert err.decode().strip() == ""
+
+
+def test_a_bad_ejection_setting_of_the_router_names_its_option() -> None:
+    """``capsim router``'s outlier-ejection options are the scenario's ``router.outlier_ejection``: a value it
+    refuses names the option, before anything serves."""
+    pod = ["router", "--pod", "http://127.0.0.1:9", "--policy", "least_outstanding"]
+    one_line_error([*pod, "--max-ejection-percent", "150"], "--max-ejection-percent", "must be <= 100")
+    one_line_error([*pod, "--consecutive-failures", "0"], "--consecutive-failures", "must be >= 1")
+    one_line_error([*pod, "--max-ejection-s", "-1"], "--max-ejection-s", "must be >= 0")

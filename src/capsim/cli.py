@@ -308,6 +308,8 @@ def router(
                                                            "consecutive_5xx)")] = 5,
     base_ejection_s: Annotated[float, typer.Option(help="an ejection lasts this long times the pod's "
                                                         "ejections")] = 30.0,
+    max_ejection_s: Annotated[float, typer.Option(help="an ejection lasts at most this long (Envoy's "
+                                                       "max_ejection_time)")] = 300.0,
     count_answered_5xx: Annotated[bool, typer.Option(
         help="count the 5xx a pod answers (Envoy's default); --no-count-answered-5xx: only refused, reset and "
              "timed-out turns")] = True,
@@ -325,6 +327,7 @@ def router(
 
     try:
         ejection = {"consecutive_failures": consecutive_failures, "base_ejection_s": base_ejection_s,
+                    "max_ejection_s": max_ejection_s,
                     "count_answered_5xx": count_answered_5xx, "max_ejection_percent": max_ejection_percent,
                     "always_eject_one_host": always_eject_one_host} if outlier_ejection else None
         config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
