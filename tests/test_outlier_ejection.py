@@ -14,7 +14,13 @@ from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.policy.outlier import OutlierDetector, OutlierSettings, fewest_ejecting, fewest_percent
+from capsim.policy.outlier import (
+    OutlierDetector,
+    OutlierSettings,
+    ejects_one_of,
+    fewest_ejecting,
+    fewest_percent,
+)
 from capsim.sim import Simulation, simulate
 from capsim.sim.pod import Pod
 from capsim.studies.checks import run_checks
@@ -285,6 +291,7 @@ def test_the_fewest_pods_ejected_from_and_the_percentage_that_ejects_one_are_env
     else:
         assert room(percent, least) and (least == 1 or not room(percent, least - 1))
         assert room(percent, pods) == (pods >= least)
+    assert ejects_one_of(percent, pods) == room(percent, pods)
     q = fewest_percent(pods)
     assert room(q, pods) and (q == 1 or not room(q - 1, pods))
 

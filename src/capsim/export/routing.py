@@ -29,7 +29,7 @@ from capsim.export.pod import pod_labels
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import Router, Scenario
 from capsim.model.scenario_limits import max_pods, min_pods
-from capsim.policy.outlier import fewest_ejecting, fewest_percent
+from capsim.policy.outlier import ejects_one_of, fewest_ejecting, fewest_percent
 from capsim.policy.routing import SESSION_HEADER
 
 __all__ = ["SESSION_HEADER", "build_routing", "routing_file", "routing_notes"]
@@ -94,9 +94,9 @@ def _one_host_note(scenario: Scenario) -> str | None:
     assert e is not None
     written = round(e.max_ejection_percent)
     floor = max(min_pods(scenario), 1)
-    least = fewest_ejecting(written)
-    if not e.always_eject_one_host or (least is not None and floor >= least):
+    if not e.always_eject_one_host or ejects_one_of(written, floor):
         return None
+    least = fewest_ejecting(written)
     most = max_pods(scenario)
     fleet = f"{floor} pods" if most == floor else f"{floor} to {most} pods"
     below = ("never, at 0 %" if least is None else

@@ -46,6 +46,13 @@ def fewest_ejecting(percent: float) -> int | None:
     return None if percent <= 0 else math.ceil(100 / Fraction(percent))
 
 
+def ejects_one_of(percent: float, endpoints: int) -> bool:
+    """Whether Envoy's own rule (``always_eject_one_host`` off) at ``percent`` ejects one of ``endpoints``: the
+    decision the export's README and ``capsim check`` both make about a plan's floor."""
+    least = fewest_ejecting(percent)
+    return least is not None and endpoints >= least
+
+
 def fewest_percent(endpoints: int) -> int:
     """The smallest whole ``max_ejection_percent`` (Istio's is an int32) at which Envoy ejects one of
     ``endpoints``."""

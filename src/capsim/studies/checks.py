@@ -195,7 +195,7 @@ from capsim.model.scenario import (
     metric_kind,
 )
 from capsim.model.scenario_limits import max_pods, min_pods
-from capsim.policy.outlier import fewest_ejecting, fewest_percent
+from capsim.policy.outlier import ejects_one_of, fewest_ejecting, fewest_percent
 from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
 
@@ -833,9 +833,9 @@ def _ejection_inert_at_floor(scenario: Scenario) -> list[Finding]:
     if not router.ejects or e is None or e.always_eject_one_host:
         return []
     floor = max(min_pods(scenario), 1)
-    least = fewest_ejecting(e.max_ejection_percent)
-    if least is not None and floor >= least:
+    if ejects_one_of(e.max_ejection_percent, floor):
         return []
+    least = fewest_ejecting(e.max_ejection_percent)
     under = "never ejects a pod (0 %)" if least is None else (
         f"ejects a pod only if, with it, at most {e.max_ejection_percent:g}% of the pods are out: none of fewer than "
         f"{least}")
