@@ -4,6 +4,7 @@ answering 503 in a Redis outage is ejected too, unless only the proxy's own fail
 
 from __future__ import annotations
 
+import copy
 import math
 from fractions import Fraction
 from typing import Any
@@ -90,6 +91,143 @@ def test_room_is_envoys_rule_in_exact_arithmetic(n: int, ejected: int, percent: 
     assert d.room(ejected, n) == exact
     if always:
         assert d.room(ejected, n) == (ejected < max(1, math.floor(Fraction(n) * Fraction(percent) / 100)))
+
+
+def sweeping(**kw: Any) -> OutlierDetector:
+    """A detector with Envoy's sweeps every 10 s from 0 (``interval_s``)."""
+    return OutlierDetector(OutlierSettings(**{"consecutive_failures": 1, "interval_s": 10.0, **kw}))
+
+
+def test_with_sweeps_a_pod_returns_at_the_first_sweep_after_its_ejection_time() -> None:
+    """Envoy's ``checkHostForUneject`` runs at each sweep: a host ejected at 12.3 s for 30 s is out until the
+    sweep at 50 s, not 42.3 s; one ejected on a sweep's own time returns at a later sweep."""
+    d = sweeping()
+    assert d.failed(1, 12.3, 10) and d.ejected_ids == {1: 50.0}
+    assert d.expire(49.9) == [] and d.expire(50.0) == [1]
+    e = sweeping(base_ejection_s=0.0)
+    assert e.failed(2, 20.0, 10) and e.ejected_ids == {2: 30.0}  # the sweep at 20 s has run
+    later = OutlierDetector(OutlierSettings(consecutive_failures=1, interval_s=10.0), origin=1000.0)
+    assert later.failed(3, 1012.3, 10) and later.ejected_ids == {3: 1050.0}  # sweeps from the cluster's start
+
+
+def test_with_sweeps_the_backoff_comes_down_one_per_sweep_after_the_return_and_not_with_a_success() -> None:
+    """Envoy's ``onIntervalTimer`` lowers ``ejectTimeBackoff`` by one at each sweep at least one interval after
+    the host's return; a success does not touch it (without sweeps, a success resets it)."""
+    def second_ejection(at: float, success: bool) -> float:
+        d = sweeping()
+        assert d.failed(1, 12.3, 10) and d.expire(50.0) == [1]  # back at the sweep at 50 s, backoff 1
+        if success:
+            d.succeeded(1)
+        assert d.failed(1, at, 10)
+        return d.ejected_ids[1] - at
+    assert second_ejection(55.0, success=True) == 65.0  # backoff 2: 60 s from 55, to the sweep at 120
+    assert second_ejection(59.9, success=False) == pytest.approx(60.1)  # 60 s, to 120
+    assert second_ejection(60.0, success=False) == 30.0  # the sweep at 60 brought it to 0: 30 s, to 90
+    d = sweeping(max_ejection_s=90.0)  # backoff goes up while backoff x 30 < 90 + 30: to 4, not on
+    now = 0.0
+    outs = []
+    for _ in range(6):
+        d.failed(1, now, 10)
+        until = d.ejected_ids[1]
+        outs.append(until - now)
+        d.expire(until)
+        now = until
+    assert outs == [30.0, 60.0, 90.0, 90.0, 90.0, 90.0]
+    # the backoff stopped at 4: three sweeps after its return bring it to 1 (then 2: 60 s), four to 0 (30 s)
+    three, four = copy.deepcopy(d), copy.deepcopy(d)
+    three.failed(1, now + 39.0, 10)
+    four.failed(1, now + 40.0, 10)
+    assert three.ejected_ids[1] - now == 100.0 and four.ejected_ids[1] - now == 70.0
+
+
+def test_with_sweeps_an_overflow_restarts_the_count() -> None:
+    """Envoy resets a host's count after the threshold even where ``ejectHost`` had no room (an overflow): once
+    there is room it takes the threshold again. Without sweeps capsim ejected at the next failure."""
+    for interval, again in ((10.0, 3), (None, 1)):
+        d = OutlierDetector(OutlierSettings(consecutive_failures=3, always_eject_one_host=False,
+                                            max_ejection_percent=10.0, interval_s=interval))
+        for t in (0.0, 0.1, 0.2):
+            assert not d.failed(1, t, 9)  # one of 9 is over 10 %: no room
+        n = 0
+        while not d.failed(1, 1.0 + n, 10):  # a tenth pod: one of 10 is 10 %
+            n += 1
+        assert n + 1 == again
+
+
+class EnvoyTimerLoop:
+    """Envoy's outlier detector for ``consecutive_5xx`` as its code runs it, written here from
+    ``outlier_detection_impl.cc``: a sweep every interval from 0 (``onIntervalTimer``: ``checkHostForUneject`` on
+    every host, then the backoff of every host in the set one interval after its return comes down by one);
+    ``putResult`` counts a 5xx, resets on another answer, and at the threshold ``onConsecutiveErrorWorker``
+    calls ``ejectHost`` and resets the count whatever it did."""
+
+    def __init__(self, s: OutlierSettings) -> None:
+        assert s.interval_s is not None
+        self.s, self.interval, self.next_sweep = s, s.interval_s, s.interval_s
+        self.count: dict[int, int] = {}
+        self.backoff: dict[int, int] = {}
+        self.out: dict[int, float] = {}  # ejected: when
+        self.returned: dict[int, float] = {}
+        self.ejections = 0
+
+    def advance(self, now: float) -> None:
+        s = self.s
+        while self.next_sweep <= now:
+            t = self.next_sweep
+            for h, at in list(self.out.items()):
+                if min(s.base_ejection_s * self.backoff[h], s.max_ejection_s) <= t - at:
+                    del self.out[h]
+                    self.count[h] = 0
+                    self.returned[h] = t
+            for h, back in self.returned.items():
+                if h not in self.out and t - back >= self.interval and self.backoff[h]:
+                    self.backoff[h] -= 1
+            self.next_sweep += self.interval
+
+    def result(self, h: int, now: float, failed: bool, hosts: int) -> None:
+        self.advance(now)
+        if h in self.out:
+            return
+        if not failed:
+            self.count[h] = 0
+            return
+        self.count[h] = self.count.get(h, 0) + 1
+        if self.count[h] == self.s.consecutive_failures:
+            s = self.s
+            room = 100.0 * (len(self.out) + 1) / hosts <= s.max_ejection_percent
+            if room or (s.always_eject_one_host and not self.out):
+                self.out[h] = now
+                self.ejections += 1
+                b = self.backoff.get(h, 0)
+                if b * s.base_ejection_s < s.max_ejection_s + s.base_ejection_s:
+                    self.backoff[h] = b + 1
+            self.count[h] = 0
+
+
+@settings(max_examples=1000, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 2), st.booleans()), min_size=10,
+                                  max_size=120),
+       failures=st.integers(1, 3), base=st.sampled_from([5.0, 10.0, 30.0]), most=st.sampled_from([20.0, 300.0]),
+       percent=st.sampled_from([10.0, 30.0, 50.0]), always=st.booleans())
+def test_the_detector_with_sweeps_is_envoys_timer_loop(events: list[tuple[int, int, bool]], failures: int,
+                                                        base: float, most: float, percent: float,
+                                                        always: bool) -> None:
+    """The lazily counted sweeps give what Envoy's timer loop gives, event by event: the same hosts out, the same
+    ejections. Times in quarter seconds (exact in floats), some on a sweep's own time."""
+    s = OutlierSettings(consecutive_failures=failures, base_ejection_s=base, max_ejection_s=max(most, base),
+                        max_ejection_percent=percent, always_eject_one_host=always, interval_s=10.0)
+    d, envoy = OutlierDetector(s), EnvoyTimerLoop(s)
+    now = 0.0
+    for step, host, failed in events:
+        now += step * 2.5
+        d.expire(now)
+        if failed:
+            d.failed(host, now, 4)
+        else:
+            d.succeeded(host)
+        envoy.result(host, now, failed, 4)
+        assert set(d.ejected_ids) == set(envoy.out), now
+    assert d.ejections == envoy.ejections
 
 
 def four_pods(ejection: dict[str, Any] | None, kind: str, horizon_s: float, faults: dict[str, Any],
@@ -196,6 +334,22 @@ def test_a_redis_outage_s_503s_eject_one_pod_which_stays_out_after_redis_is_back
     assert all(served(on, p, 30.0, 45.0) > 100 for p in range(4) if p != out)
     assert served(on, out, 60.0, 90.0) > 100  # back once the ejection is over
     assert served(off, out, 30.0, 45.0) > 100
+
+
+def test_with_envoys_sweeps_the_outage_s_ejected_pod_comes_back_at_the_sweep_after_its_30_s(
+        ejections: list[tuple[int, float, float]]) -> None:
+    # the same outage with interval_s 10: the pod ejected a moment after 20 s is out until the sweep at 60 s, not
+    # 30 s after it went out; it takes no turn before that sweep and many after it
+    _, r = outage_run({"interval_s": 10.0})
+    ((out, went, back),) = ejections
+    assert 20.0 < went < 20.5 and back == 60.0
+    df = r.requests
+    mine = df[df.pod == out]
+    assert not ((mine.start_s >= went + 0.01) & (mine.start_s < 60.0)).any()
+    assert int(((mine.start_s >= 60.0) & (mine.start_s < 90.0)).sum()) > 100
+    _, plain = outage_run({})  # without sweeps: back at its ejection's end, half a sweep or so earlier
+    plain_mine = plain.requests[plain.requests.pod == out]
+    assert int(((plain_mine.start_s >= went + 30.5) & (plain_mine.start_s < 60.0)).sum()) > 10
 
 
 def test_counting_only_the_proxy_s_own_failures_ejects_no_pod_in_a_redis_outage_but_still_a_crashed_one() -> None:

@@ -118,6 +118,20 @@ def test_an_ejected_pod_is_left_out_of_the_order_and_one_that_left_and_came_back
     assert sorted(r.order("s", 4)[0]) == [a, b]  # its run starts again from none
 
 
+def test_with_envoys_sweeps_an_ejected_pod_returns_at_the_first_sweep_after_its_ejection_time() -> None:
+    """``interval_s``: the router counts sweeps from its start, as Envoy from the cluster's; a pod ejected for
+    30 s comes back at the first sweep at least 30 s after it went out, not before (the simulator's rule)."""
+    a, b = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    r = Router(RouterConfig(pods=(a, b), policy="least_outstanding",
+                            outlier_ejection={"consecutive_failures": 1, "base_ejection_s": 30.0, "interval_s": 10.0}))
+    assert r.outliers is not None
+    start = r.outliers.origin
+    r.observe(a, failed=True)  # out from a moment after the start, at most one sweep later (asserted)
+    assert time.monotonic() - start < 10.0 and r.outliers.ejected_ids == {0: start + 40.0}
+    assert r.ejected(start + 39.999) == {a}  # over 30 s out, and still out until the sweep
+    assert r.ejected(start + 40.0) == set()
+
+
 # ---- real servers ---------------------------------------------------------------------------------------
 def router(pods: list[str], **kw: Any) -> Served:
     return Served(create_router_app(RouterConfig(pods=tuple(pods), **kw)))

@@ -319,6 +319,10 @@ def router(
         help="eject one pod while none is out, whatever --max-ejection-percent allows (Envoy 1.31+'s option, "
              "capsim's default); --no-always-eject-one-host: Envoy's default, which at 10 % ejects no pod of "
              "fewer than 10")] = True,
+    ejection_interval_s: Annotated[float | None, typer.Option(
+        help="Envoy's interval: an ejected pod returns at the first sweep (every this many seconds) after its "
+             "ejection time, and sweeps lower its backoff, as Envoy's (10 there); unset: back at its ejection time, "
+             "its backoff reset by a success (the simulator's router.outlier_ejection.interval_s)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run a router in front of real pods: places each session turn by a policy, fails over a dead pod."""
@@ -329,7 +333,8 @@ def router(
         ejection = {"consecutive_failures": consecutive_failures, "base_ejection_s": base_ejection_s,
                     "max_ejection_s": max_ejection_s,
                     "count_answered_5xx": count_answered_5xx, "max_ejection_percent": max_ejection_percent,
-                    "always_eject_one_host": always_eject_one_host} if outlier_ejection else None
+                    "always_eject_one_host": always_eject_one_host,
+                    "interval_s": ejection_interval_s} if outlier_ejection else None
         config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
                               policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
                               connect_timeout_s=connect_timeout_s, down_s=down_s,
@@ -338,6 +343,7 @@ def router(
         field = str(exc).removeprefix("router.").split(" ", 1)[0].split(".", 1)[0]
         if field == "outlier_ejection":  # router.outlier_ejection.NAME: the option is NAME's
             field = str(exc).removeprefix("router.outlier_ejection.").split(" ", 1)[0]
+            field = "ejection_interval_s" if field == "interval_s" else field
         hint = "--pod / --pods-from-dns" if field in ("", "router", "pods") else f"--{field.replace('_', '-')}"
         raise typer.BadParameter(str(exc), param_hint=hint) from None
     serve_router(config, host=host, port=port, log_level=log_level)

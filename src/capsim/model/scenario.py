@@ -921,7 +921,8 @@ class OutlierEjection(_Section):
     most ``max_ejection_percent`` of the endpoints are out, or none is and ``always_eject_one_host`` is on. That
     option is on here and off in Envoy: since Envoy 1.27 its 10 % ejects no pod of a fleet under 10, and an Istio
     DestinationRule cannot turn it on (docs/studies.md, "Envoy's own default"). ``count_answered_5xx: false`` counts only the proxy's
-    own failures (refused, reset, timed out), not the 5xx a pod answers."""
+    own failures (refused, reset, timed out), not the 5xx a pod answers. ``interval_s`` adds Envoy's analysis sweeps
+    (a pod returns at the first after its ejection time; docs/studies.md, "Envoy's sweeps")."""
 
     consecutive_failures: Int = Field(5, ge=1, description="Envoy's consecutive_5xx")
     base_ejection_s: Float = Field(30.0, ge=0, description="Envoy's base_ejection_time")
@@ -937,11 +938,19 @@ class OutlierEjection(_Section):
         "max_ejection_percent allows (as every Envoy before 1.27 did); false: Envoy's default and what an Istio "
         "DestinationRule gets, which at 10 % ejects no pod of a fleet under 10",
     )
+    interval_s: Float | None = Field(
+        None, gt=0, description="Envoy's interval: a pod returns at the first analysis sweep (every interval_s "
+        "from the start) after its ejection time, and each sweep one interval after its return lowers its "
+        "backoff by one, as Envoy's (10 there, and in the export's DestinationRule); null: capsim's older "
+        "simplification, a pod back at its ejection time exactly and its backoff reset by a success "
+        "(docs/studies.md, \"Envoy's sweeps\")",
+    )
 
     def settings(self) -> OutlierSettings:
         """The shared policy's settings (``capsim.policy.outlier``), for the simulated router and the real one."""
         return OutlierSettings(self.consecutive_failures, self.base_ejection_s, self.max_ejection_s,
-                               self.max_ejection_percent, self.count_answered_5xx, self.always_eject_one_host)
+                               self.max_ejection_percent, self.count_answered_5xx, self.always_eject_one_host,
+                               self.interval_s)
 
 
 #: the routers that stand for a proxy (Envoy, a gateway) and so eject failing pods (``router.outlier_ejection``)

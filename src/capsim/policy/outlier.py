@@ -20,15 +20,22 @@ reset or a timeout (``consecutive_5xx`` counts both kinds unless ``split_externa
 answer ends the run. With ``count_answered_5xx`` off only the proxy's own failures count (Istio's
 ``splitExternalLocalOriginErrors: true``, ``consecutiveLocalOriginFailures`` and ``consecutive5xxErrors: 0``).
 
-Differences from Envoy's ``outlier_detection_impl.cc`` (``checkHostForUneject``, ``ejectHost``), known and not
-modelled: Envoy returns hosts at its next analysis sweep (every ``interval``, 10 s, from the cluster's start), so a
-host is out between the ejection time and that plus 10 s; here it returns at the ejection time exactly. Envoy
-lowers the ejection multiplier (``ejectTimeBackoff``) by one at each sweep that finds the host healthy; here a
-success after its return resets it. A host whose failures reach the threshold while there is no room restarts its
-count in Envoy (the counter is reset after the overflow); here it keeps counting and is ejected at its next
-failure once there is room. ``max_ejection_time_jitter`` (default 0) is not modelled. Pure: times are passed in,
-nothing here reads a clock. The simulated router (``capsim.sim.router``) and the real one (``capsim.core.router``)
-both decide with it.
+With ``interval_s`` set (Envoy's ``interval``, 10 s by default in Envoy) the detector is Envoy's
+``outlier_detection_impl.cc`` for ``consecutive_5xx`` (``onIntervalTimer``, ``checkHostForUneject``, ``ejectHost``,
+``onConsecutiveErrorWorker``): an ejected host returns at the first analysis sweep (every ``interval_s`` from the
+cluster's start, ``origin``) at least its ejection time after it went out, so it is out between that time and that
+plus one interval; each ejection raises the host's backoff by one while ``backoff x base`` is under
+``max + base``, and each sweep that finds the host in the set at least one interval after its return lowers it by
+one (a success does not); and a host whose failures reach the threshold while there is no room restarts its count
+(Envoy resets the counter after the overflow). The sweeps are counted, not run: the times follow from the origin
+and the interval, so nothing here needs a timer.
+
+With ``interval_s`` unset (``None``, the default, which every study shipped up to stop 68 used) the detector is
+capsim's older simplification: a host returns at its ejection time exactly, a success after its return resets the
+backoff, and a host that reaches the threshold while there is no room keeps counting and is ejected at its next
+failure once there is room. docs/studies.md, "Envoy's sweeps", measures the difference. ``max_ejection_time_jitter``
+(default 0) is not modelled. Pure: times are passed in, nothing here reads a clock. The simulated router
+(``capsim.sim.router``) and the real one (``capsim.core.router``) both decide with it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 PANIC_THRESHOLD = 0.5  # Envoy's healthy_panic_threshold default (50 %)
+_EPS = 1e-9  # times a float's rounding from a sweep are that sweep's
 
 
 def fewest_ejecting(percent: float) -> int | None:
@@ -73,6 +81,9 @@ class OutlierSettings:
     #: Envoy's ``always_eject_one_host`` (1.31+): eject one host while none is out, whatever the percentage.
     #: On here (capsim's default, Envoy before 1.27 did so); Envoy's default is off
     always_eject_one_host: bool = True
+    #: Envoy's ``interval``: sweeps this far apart return ejected hosts and lower their backoff, as Envoy's;
+    #: None: capsim's older simplification (the module's docstring)
+    interval_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:
@@ -81,16 +92,21 @@ class OutlierSettings:
             raise ValueError("ejection times must not be negative")
         if not 0 <= self.max_ejection_percent <= 100:
             raise ValueError(f"max_ejection_percent must be in [0, 100], got {self.max_ejection_percent}")
+        if self.interval_s is not None and not self.interval_s > 0:
+            raise ValueError(f"interval_s must be above 0, got {self.interval_s}")
 
 
 @dataclass
 class OutlierDetector:
-    """Per endpoint id: failures in a row, when its ejection ends, and how many times it was ejected."""
+    """Per endpoint id: failures in a row, when its ejection ends, and its backoff (how many times it was ejected,
+    less the sweeps since). ``origin``: when the cluster started, from which the sweeps are counted (``interval_s``)."""
 
     settings: OutlierSettings = field(default_factory=OutlierSettings)
+    origin: float = 0.0
     failures: dict[int, int] = field(default_factory=dict)  # endpoints with failures in a run: how many
     _until: dict[int, float] = field(default_factory=dict)  # ejected endpoints only
-    _times: dict[int, int] = field(default_factory=dict)
+    _times: dict[int, int] = field(default_factory=dict)  # the backoff (Envoy's ejectTimeBackoff)
+    _back: dict[int, float] = field(default_factory=dict)  # with sweeps: when a returned endpoint returned
     ejections: int = 0  # ejections so far (Envoy's ejections_enforced_total)
 
     @property
@@ -114,32 +130,70 @@ class OutlierDetector:
             return False
         k = self.failures.get(endpoint, 0) + 1
         self.failures[endpoint] = k
-        if k < self.settings.consecutive_failures or not self.room(len(self._until), n_endpoints):
-            return False  # with no room this keeps counting and ejects once there is (Envoy restarts the count)
-        times = self._times.get(endpoint, 0) + 1
-        self._times[endpoint] = times
-        self._until[endpoint] = now + min(self.settings.base_ejection_s * times, self.settings.max_ejection_s)
-        self.failures[endpoint] = 0
+        st = self.settings
+        if k < st.consecutive_failures:
+            return False
+        if not self.room(len(self._until), n_endpoints):
+            if st.interval_s is not None:  # Envoy resets the counter after the overflow too
+                del self.failures[endpoint]
+            return False  # without sweeps this keeps counting and ejects once there is room
+        base, most = st.base_ejection_s, st.max_ejection_s
+        if st.interval_s is None:
+            times = self._times.get(endpoint, 0) + 1
+            self._times[endpoint] = times
+            self._until[endpoint] = now + min(base * times, most)
+            self.failures[endpoint] = 0
+        else:
+            times = self._backoff(endpoint, now, st.interval_s)
+            if times * base < most + base:  # ejectHost's cap on ejectTimeBackoff
+                times += 1
+            self._times[endpoint] = times
+            self._until[endpoint] = self.sweep_at(now, now + min(base * times, most))
+            del self.failures[endpoint]
         self.ejections += 1
         return True
 
+    def sweep_at(self, now: float, t: float) -> float:
+        """The first analysis sweep after ``now`` and at or after ``t`` (sweeps every ``interval_s`` from
+        ``origin``, the first one interval after it; one at ``now`` itself has run): when Envoy's
+        ``checkHostForUneject`` returns a host ejected at ``now`` whose ejection ends at ``t``."""
+        step = self.settings.interval_s
+        assert step is not None
+        after = math.floor((now - self.origin) / step + _EPS) + 1
+        k = max(1, after, math.ceil((t - self.origin) / step - _EPS))
+        return self.origin + k * step
+
+    def _backoff(self, endpoint: int, now: float, step: float) -> int:
+        """``endpoint``'s backoff at ``now``: less one for each sweep since its return that found it in the set at
+        least one interval after it (Envoy's ``onIntervalTimer``; it returned at a sweep, so every later one)."""
+        times = self._times.get(endpoint, 0)
+        back = self._back.pop(endpoint, None)
+        if back is None or not times:
+            return times
+        return max(0, times - math.floor((now - back) / step + _EPS))
+
     def succeeded(self, endpoint: int) -> None:
-        """A request to ``endpoint`` got through: the run of failures (and the ejection multiplier) restarts."""
+        """A request to ``endpoint`` got through: the run of failures restarts (without sweeps, the backoff too)."""
         if endpoint in self.failures:
             del self.failures[endpoint]
-            self._times.pop(endpoint, None)
+            if self.settings.interval_s is None:
+                self._times.pop(endpoint, None)
 
     def forget(self, endpoint: int) -> None:
         """``endpoint`` left the cluster: Envoy drops what it knew of the host (a returning one starts afresh)."""
         self.failures.pop(endpoint, None)
         self._until.pop(endpoint, None)
         self._times.pop(endpoint, None)
+        self._back.pop(endpoint, None)
 
     def expire(self, now: float) -> list[int]:
         """Return the endpoints whose ejection is over by ``now`` to the set, and list them."""
         back = [e for e, t in self._until.items() if t <= now]
+        sweeps = self.settings.interval_s is not None
         for e in back:
-            del self._until[e]
+            t = self._until.pop(e)
+            if sweeps:
+                self._back[e] = t  # the sweep it returned at, from which its backoff comes down
         return back
 
     def panic(self, ejected_endpoints: int, n_endpoints: int) -> bool:
