@@ -158,6 +158,14 @@ def test_outlier_detection_carries_the_plans_ejection(agents: Scenario) -> None:
     assert not any("session store (Redis) is out" in n for n in routing_notes(split, TARGET))
     gateway = agents.override({"router.kind": "prefix_aware", "router.outlier_ejection": {**e, "count_answered_5xx": False}})
     assert any("`consecutive_local_origin_failure: 3`" in n for n in routing_notes(gateway, TARGET))
+    assert not any("`interval:" in n for n in routing_notes(gateway, TARGET))
+    # a plan with Envoy's sweeps writes its interval (Envoy's 10 s without one: the DestinationRule's default)
+    swept = agents.override({"router.kind": "least_outstanding", "router.outlier_ejection": {**e, "interval_s": 2.5}})
+    (rule,) = build_routing(swept, TARGET)
+    jsonschema.validate(rule, DESTINATION_RULE)
+    assert rule["spec"]["trafficPolicy"]["outlierDetection"]["interval"] == "2500ms"
+    gateway = gateway.override({"router.outlier_ejection.interval_s": 10})
+    assert any("`interval: 10s`" in n for n in routing_notes(gateway, TARGET))
     # no ejection in the plan: none in the rule
     none = agents.override({"router.kind": "least_outstanding", "router.outlier_ejection": None})
     (rule,) = build_routing(none, TARGET)

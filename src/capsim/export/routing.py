@@ -15,7 +15,8 @@ does not hold behind another (docs/export.md). ``router.kind`` maps to:
 
 Field names and defaults are from the upstream definitions: Istio's ``networking/v1alpha3/destination_rule.proto``
 (``consecutive5xxErrors``, or with ``count_answered_5xx: false`` ``splitExternalLocalOriginErrors`` and
-``consecutiveLocalOriginFailures``, as Istio's ``applyOutlierDetection`` passes them to Envoy; ``interval`` 10 s, ``baseEjectionTime``, ``maxEjectionPercent`` as an int32,
+``consecutiveLocalOriginFailures``, as Istio's ``applyOutlierDetection`` passes them to Envoy; ``interval``, the
+plan's ``interval_s`` or Envoy's 10 s, ``baseEjectionTime``, ``maxEjectionPercent`` as an int32,
 ``minHealthPercent``, default 0, which Istio passes to Envoy as ``healthy_panic_threshold``), and
 gateway-api-inference-extension's ``api/v1/inferencepool_types.go`` and its Helm chart's EPP config (scorer
 names ``prefix-cache-scorer``, ``queue-scorer``, ``kv-cache-utilization-scorer``, ``max-score-picker``).
@@ -38,6 +39,8 @@ __all__ = ["SESSION_HEADER", "build_routing", "routing_file", "routing_notes"]
 PANIC_PERCENT = 50
 #: Envoy's ``max_ejection_time`` default; Istio's DestinationRule cannot set another one.
 ENVOY_MAX_EJECTION_S = 300.0
+#: Envoy's outlier detection ``interval`` default (Istio's DestinationRule's too).
+ENVOY_INTERVAL_S = 10.0
 #: The endpoint picker's ext-proc port (the InferencePool's default, 9002).
 EPP_PORT = 9002
 #: The file inside the EPP ConfigMap.
@@ -82,7 +85,8 @@ def outlier_detection(router: Router) -> dict[str, Any]:
     else:  # only the proxy's own failures: Istio enforces consecutive_5xx only when it is above 0
         counts = {"consecutive5xxErrors": 0, "splitExternalLocalOriginErrors": True,
                   "consecutiveLocalOriginFailures": e.consecutive_failures}
-    return {**counts, "interval": "10s",
+    interval = ENVOY_INTERVAL_S if e.interval_s is None else e.interval_s  # Envoy's sweeps; the plan's if it set them
+    return {**counts, "interval": _seconds(interval),
             "baseEjectionTime": _seconds(e.base_ejection_s), "maxEjectionPercent": round(e.max_ejection_percent),
             "minHealthPercent": PANIC_PERCENT}
 
@@ -193,10 +197,11 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
                       f"{e.consecutive_failures}`, `enforcing_consecutive_5xx: 0`")
             one = (", `always_eject_one_host: true` (Envoy 1.31 or later; without it Envoy ejects no pod while "
                    "that percentage of the pods is under one)") if e.always_eject_one_host else ""
+            sweeps = "" if e.interval_s is None else f", `interval: {_seconds(e.interval_s)}`"
             notes.append("the plan ejected failing pods as Envoy's outlier detection does; the InferencePool has no "
                          f"such field, so set it on the gateway (its backend traffic policy) to {counts}, "
                          f"`base_ejection_time: {e.base_ejection_s:g}s`, `max_ejection_percent: "
-                         f"{e.max_ejection_percent:g}`{one}")
+                         f"{e.max_ejection_percent:g}`{sweeps}{one}")
         else:  # the DestinationRule's outlierDetection, where Istio cannot say what the plan assumed
             note = _one_host_note(scenario)
             if note:
