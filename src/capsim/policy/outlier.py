@@ -142,7 +142,7 @@ class OutlierDetector:
             times = self._times.get(endpoint, 0) + 1
             self._times[endpoint] = times
             self._until[endpoint] = now + min(base * times, most)
-            self.failures[endpoint] = 0
+            self.failures[endpoint] = 0  # kept, so that the first success after its return resets the backoff
         else:
             times = self._backoff(endpoint, now, st.interval_s)
             if times * base < most + base:  # ejectHost's cap on ejectTimeBackoff
@@ -159,8 +159,8 @@ class OutlierDetector:
         ``checkHostForUneject`` returns a host ejected at ``now`` whose ejection ends at ``t``."""
         step = self.settings.interval_s
         assert step is not None
-        after = math.floor((now - self.origin) / step + _EPS) + 1
-        k = max(1, after, math.ceil((t - self.origin) / step - _EPS))
+        after = math.floor((now - self.origin) / step + _EPS) + 1  # the next sweep; 1 at the origin
+        k = max(after, math.ceil((t - self.origin) / step - _EPS))
         return self.origin + k * step
 
     def _backoff(self, endpoint: int, now: float, step: float) -> int:
