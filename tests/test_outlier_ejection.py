@@ -9,6 +9,7 @@ import math
 from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,9 @@ from capsim.policy.outlier import (
     fewest_percent,
 )
 from capsim.sim import Simulation, simulate
-from capsim.sim.pod import Pod
+from capsim.sim.pod import Pod, PodState
+from capsim.sim.router import Router as SimRouter
+from capsim.sim.streams import BufferedDraws
 from capsim.studies.checks import run_checks
 
 
@@ -466,3 +469,42 @@ def test_capsim_check_warns_when_envoys_own_rule_ejects_no_pod_at_the_floor() ->
     assert not fired(sc.override({"router.outlier_ejection": None}))
     assert not fired(sc.override({"router.kind": "round_robin"}))  # a plain Service ejects nothing
     assert not fired(four_pods({}, "least_outstanding", 60, {}))  # capsim's default ejects one
+
+
+class _StubPod:
+    """What the simulated router reads of a pod: a ready endpoint holding nothing."""
+
+    def __init__(self, pod_id: int) -> None:
+        self.id = pod_id
+        self.state = PodState.READY
+        self.routable = True
+        self.node_lost = False
+        self.outstanding = 0
+        self.incarnation = 0
+
+
+@pytest.mark.parametrize("kind", ["least_outstanding", "prefix_aware"])
+@pytest.mark.parametrize("interval_s", [None, 10.0])
+def test_a_failure_reported_after_a_pods_ejection_ended_counts_though_no_pick_came_between(
+        kind: str, interval_s: float | None) -> None:
+    # a failure the client reports (a reset, a timeout, a 503 after the pick) comes with no pick before it to return
+    # pods whose ejection is over; the router returns them first, so the failure counts and the pod is ejected
+    # again (until stop 69 it was dropped: the detector still held the pod as ejected)
+    pods = [_StubPod(i) for i in range(4)]
+    router = SimRouter(kind, list(pods), list(pods), BufferedDraws(np.random.default_rng(0)),
+                       outlier=OutlierSettings(consecutive_failures=1, interval_s=interval_s))
+    out = router.outliers
+    assert out is not None
+    router.lost(pods[0], 1.0)
+    assert 0 in out.ejected_ids  # out until 31 (sweeps: the one at 40)
+    back = 31.0 if interval_s is None else 40.0
+    assert router.ejected(pods[0], back - 0.5)
+    router.lost(pods[0], back)  # over now: it is back, and this failure ejects it again, for twice as long
+    assert out.ejections == 2
+    again = back + 60.0 if interval_s is None else 100.0
+    assert out.ejected_ids[0] == pytest.approx(again)
+    router.lost(pods[1], back)  # and a second pod's failure finds no stale ejection taking the room
+    assert out.ejections == 2  # one of four out, 10 %: none more (always_eject_one_host ejects only the first)
+    assert pods[0] not in [router.pick(back + 1.0) for _ in range(50)]
+    assert pods[0] in [router.pick(again) for _ in range(50)]
+

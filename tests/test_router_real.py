@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -131,6 +132,26 @@ def test_with_envoys_sweeps_an_ejected_pod_returns_at_the_first_sweep_after_its_
     assert r.ejected(start + 39.999) == {a}  # over 30 s out, and still out until the sweep
     assert r.ejected(start + 40.0) == set()
 
+
+
+def test_a_failure_seen_after_a_pods_ejection_ended_counts_though_no_order_came_between(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An attempt that fails after the pod's ejection ended (it ran across the end, or the router sent it in panic
+    mode) counts: the pods whose ejection is over return before the failure is seen, as in the simulator."""
+    import capsim.core.router as router_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    a, b = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
+    r = Router(RouterConfig(pods=(a, b), policy="least_outstanding",
+                            outlier_ejection={"consecutive_failures": 1, "base_ejection_s": 30.0}))
+    assert r.outliers is not None
+    r.observe(a, failed=True)
+    assert r.outliers.ejected_ids == {0: 1030.0}
+    clock[0] = 1031.0
+    r.observe(a, failed=True)  # no order between: back, and out again for twice as long
+    assert r.outliers.ejections == 2 and r.outliers.ejected_ids == {0: 1091.0}
+    assert r.order("s", 4)[0] == [b]
 
 # ---- real servers ---------------------------------------------------------------------------------------
 def router(pods: list[str], **kw: Any) -> Served:

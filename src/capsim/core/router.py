@@ -301,7 +301,11 @@ class Router:
             # an answer: with count_answered_5xx off a 5xx answered is a connection that worked (Envoy's
             # local-origin success), and ends the run as the simulator's router has it
             out.succeeded(self._id(url))
-        elif out.failed(self._id(url), time.monotonic(), len(self.urls)):
+            return
+        now = time.monotonic()
+        if out.ejected_ids:
+            self.ejected(now)  # those whose ejection ended while the attempt ran return first
+        if out.failed(self._id(url), now, len(self.urls)):
             self.metrics.ejections.labels(url).inc()
             self.metrics.ejected.set(len(out.ejected_ids))
 

@@ -125,7 +125,9 @@ class OutlierDetector:
         return n_endpoints > 0 and 100 * (ejected + 1) <= Fraction(st.max_ejection_percent) * n_endpoints
 
     def failed(self, endpoint: int, now: float, n_endpoints: int) -> bool:
-        """A request to ``endpoint`` failed at ``now`` (refused, 5xx). True when this ejects it."""
+        """A request to ``endpoint`` failed at ``now`` (refused, 5xx). True when this ejects it. Call ``expire(now)``
+        first: a host still listed as ejected ignores the failure (Envoy counts none on an ejected host), and each
+        listed host takes room."""
         if endpoint in self._until:
             return False
         k = self.failures.get(endpoint, 0) + 1

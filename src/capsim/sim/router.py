@@ -197,9 +197,12 @@ class Router:
     def lost(self, pod: Pod, now: float) -> None:
         """An attempt on ``pod`` failed at ``now`` as the proxy itself saw it, after it was sent: reset (the pod
         died holding it) or timed out (a pod on a dead node: Envoy's 504 at the route's timeout). Outlier detection
-        counts it then, whichever failures count (a local-origin failure)."""
+        counts it then, whichever failures count (a local-origin failure). No pick may have come since a pod's
+        ejection ended: those pods return first, so the failure counts and no stale ejection takes the room."""
         out = self.outliers
         if out is not None and pod.routable:
+            if out.ejected_ids:
+                self._ejected(now)
             out.failed(pod.id, now, len(self.endpoints))
 
     def pick_scored(self, home: int, home_life: int, hit: float, now: float, answers: bool = True) -> Pod | None:
