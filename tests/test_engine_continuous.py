@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,3 +181,52 @@ def test_steps_that_mix_a_chunk_with_decodes_still_equal_each_alone(engine: Refe
         mixed += 1 in counts and max(counts) > 1
     assert mixed >= 3  # the case the split step exists for was exercised
     assert [ce.results[i] for i in range(len(reqs))] == [alone(engine, r) for r in reqs]
+
+
+def test_a_token_made_in_the_step_its_client_left_in_counts_in_no_vllm_metric(engine: ReferenceEngine) -> None:
+    """vLLM's output processor drops the output of a request aborted while a step ran: the token that step made
+    for it counts in no token counter, gap or first token. Request b's client leaves as the step making its third
+    token runs (the cancel is queued from the engine's thread before the step's end is), and a second client as
+    the step making its first token runs."""
+    import asyncio
+
+    from capsim.core.continuous_batcher import ContinuousBatcher
+    from capsim.core.metrics import InferenceMetrics
+
+    limits = SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=64,
+                             max_model_len=128)
+    metrics = InferenceMetrics()
+
+    def counter(name: str) -> float:
+        value = metrics.registry.get_sample_value(name, {"model_name": "tiny"})
+        return 0.0 if value is None else value
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: dict[str, asyncio.Task[Any]] = {}
+
+        def leave_at(name: str, index: int) -> Callable[[int, int, float], None]:
+            def on_token(i: int, tok: int, s: float) -> None:
+                if i == index:
+                    loop.call_soon_threadsafe(tasks[name].cancel)
+            return on_token
+
+        a = engine.request(8, 5, salt=1)
+        b = engine.request(12, 6, salt=2)
+        c = engine.request(6, 4, salt=3)
+        b = GenerationRequest(b.prompt, b.max_new_tokens, on_token=leave_at("b", 2))
+        c = GenerationRequest(c.prompt, c.max_new_tokens, on_token=leave_at("c", 0))
+        async with ContinuousBatcher(engine, limits, queue_capacity=8, metrics=metrics) as batcher:
+            tasks["a"] = asyncio.create_task(batcher.submit(a))
+            tasks["b"] = asyncio.create_task(batcher.submit(b))
+            tasks["c"] = asyncio.create_task(batcher.submit(c))
+            done = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert len(done[0].tokens) == 5
+        assert isinstance(done[1], asyncio.CancelledError) and isinstance(done[2], asyncio.CancelledError)
+
+    asyncio.run(main())
+    # a: 5 tokens; b: its first two (the third's step ran as it left); c: none
+    assert counter("vllm:generation_tokens_total") == 5 + 2
+    assert counter("vllm:prompt_tokens_total") == 8 + 12
+    assert counter("vllm:time_to_first_token_seconds_count") == 2
+    assert counter("vllm:inter_token_latency_seconds_count") == 4 + 1

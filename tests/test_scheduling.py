@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capsim.model.settings import BatchSettings
-from capsim.policy.scheduling import Rejection, Scheduler, SchedulerError, SchedulerLimits
+from capsim.policy.scheduling import Rejection, Request, Scheduler, SchedulerError, SchedulerLimits
 
 
 def lim(**kw: int) -> SchedulerLimits:
@@ -186,6 +186,7 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
     arrivals = sorted(enumerate(workload), key=lambda x: x[1][0])
     added: list[int] = []
     rejected: list[int] = []
+    objs: dict[int, Request] = {}  # every request added, finished ones too
     started: list[int] = []
     last_arrival = max((a[1][0] for a in arrivals), default=0)
     # every request ends: a bound on the steps far above what any schedule needs
@@ -201,6 +202,7 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
             assert (why is not None) == expect_reject
             if why is None:
                 added.append(i)
+                objs[i] = s.requests[i]
                 oracle.add(i, p, o)
             else:
                 rejected.append(i)
@@ -220,9 +222,13 @@ def run_property(limits: SchedulerLimits, workload: list[tuple[int, int, int]]) 
             assert r.blocks == -(-r.computed // limits.block_size)
         if step.preempted:
             assert not step.started  # admission only in a step without preemption
+        before = dict(oracle.emitted)
         oracle.apply(step)
         # the tokens emitted, counted as each step is scheduled (vllm:generation_tokens_total)
         assert s.emitted == lean.emitted == sum(oracle.emitted.values())
+        # and each request knows whether this step emitted its token (what an abort in the step drops)
+        assert {i for i, r in objs.items() if r.emitted_step == s.steps} == {
+            i for i, n in oracle.emitted.items() if n > before.get(i, 0)}
         started += step.started
         if s.has_work:
             assert not step.empty, "work queued but nothing scheduled"

@@ -203,3 +203,33 @@ def test_an_hpa_on_the_itl_reads_answers_longer_than_its_window_while_they_run()
     reads = r.hpa_syncs.set_index("time_s")["vllm:inter_token_latency_seconds"]
     during = reads[(reads.index > 10.0) & (reads.index < first_end)]
     assert len(during) >= 6 and during.to_numpy() == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("timeout_s", [0.005, 0.015])
+def test_a_token_made_in_the_step_its_client_left_in_counts_in_no_counter(timeout_s: float) -> None:
+    """vLLM's output processor drops the output of a request aborted while a step ran. Every step here is 10 ms and
+    the pod is idle when each request comes: with a 5-ms timeout each client leaves as its first token's step runs,
+    so no token, first token, gap or prompt is counted; with 15 ms each leaves as its second token's (in a run of
+    decode steps, or a single step where an arrival cut the run), so only the first tokens count, and no gap (the few that came while another's step ran and had
+    theirs admitted at its end, after they left, count nothing). (Until
+    stop 69 the first case counted each request's token and prompt and left it emitting for ever: the ITL sum grew
+    by the run's length each scrape, with a count of 0.)"""
+    from capsim.sim import Simulation
+
+    sim = Simulation(rush("vllm:time_to_first_token_seconds", "100", **{  # an HPA on the TTFT: the pod counts it
+        "autoscaler.maxReplicas": 1, "client.timeout_s": timeout_s, "horizon_s": 120,
+        "workload.arrivals": {"kind": "poisson", "rate_per_s": 2.0}}), seed=0)
+    r = sim.run()
+    req = r.requests
+    assert len(req) > 200 and (req["outcome"] == "timed_out").all()
+    first = req["first_token_s"].to_numpy()
+    # with 15 ms, all but the few that came while another request's step ran (admitted at its end) got one
+    assert np.isnan(first).all() if timeout_s < 0.01 else np.isnan(first).mean() < 0.05
+    pod = sim.cluster.pods[0]
+    assert not pod._live and not pod._voided
+    samples = [s for s in pod.samples if len(s) > 1]
+    assert len(samples) > 20
+    for s in samples:
+        got = (first <= s[0]).sum()  # first tokens out by the scrape (none with the 5-ms timeout)
+        assert (s[5], s[13], s[12]) == (got, got, 200 * got), s[0]  # first tokens, all tokens, prompts
+        assert s[9] == s[10] == 0, s[0]  # no gap closed: the ITL sum and count

@@ -184,18 +184,24 @@ class ContinuousBatcher:
             idle = False
             for rid in report.plan.started:
                 self._started[rid] = (t0, len(ce.scheduler.running))
+            dropped = 0
             for rid in report.emitted:
                 times = self._times.setdefault(rid, [])
                 if self.vllm is not None:
-                    if times:
+                    entry = self._futures.get(rid)
+                    if entry is not None and entry[0].cancelled():
+                        # its client left while the step ran: vLLM's output processor drops an aborted
+                        # request's output, so this token counts nowhere (no gap, first token or prompt)
+                        dropped += 1
+                    elif times:
                         self.vllm.itl.observe(now - times[-1])
-                    elif rid in self._futures:
-                        self.vllm.ttft.observe(now - self._futures[rid][1])
+                    elif entry is not None:
+                        self.vllm.ttft.observe(now - entry[1])
                         self.vllm.prompt_tokens.inc(self._prompt_len[rid])  # as vLLM: at the first token
                 times.append(now)
             if self.vllm is not None:
-                if report.emitted:
-                    self.vllm.generation_tokens.inc(len(report.emitted))
+                if len(report.emitted) > dropped:
+                    self.vllm.generation_tokens.inc(len(report.emitted) - dropped)
                 if report.preempted:
                     self.vllm.preemptions.inc(len(report.preempted))
                 self.vllm.sync_prefix(ce.scheduler)

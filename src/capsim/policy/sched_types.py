@@ -63,8 +63,8 @@ class SchedulerLimits:
 class Request:
     """One request's scheduling state (``num_tokens`` = prompt + generated so far)."""
 
-    __slots__ = ("blocks", "cached", "computed", "generated", "hashes", "max_tokens", "num_tokens", "preemptions",
-                 "prompt", "refs", "reg", "request_id", "started", "tail")
+    __slots__ = ("blocks", "cached", "computed", "emitted_step", "generated", "hashes", "max_tokens", "num_tokens",
+                 "preemptions", "prompt", "refs", "reg", "request_id", "started", "tail")
 
     def __init__(self, request_id: int, prompt_tokens: int, max_tokens: int, hashes: list[int] | None = None) -> None:
         self.request_id = request_id
@@ -81,6 +81,9 @@ class Request:
         self.tail: Run | None = None  # the cache's run holding its last referenced block
         self.reg = 0  # blocks looked at for registration
         self.cached = 0  # tokens served from the prefix cache at its first admission
+        #: the step (the scheduler's ``steps`` after it) of ``Scheduler.step`` in which it last emitted a token; a run
+        #: of decode steps (``advance_decodes``) leaves it as it was. 0: none yet
+        self.emitted_step = 0
 
     def __repr__(self) -> str:
         return (f"Request({self.request_id}, computed={self.computed}/{self.num_tokens}, "

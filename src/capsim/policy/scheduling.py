@@ -184,6 +184,7 @@ class Scheduler(DecodeRuns):
         ctx = 0  # contexts of the requests still running after the step
         left = 1 << 62  # fewest tokens one of them has left to emit
         ready = True  # all of them are plain decodes now
+        this_step = self.steps + 1  # what ``steps`` will be after this one
         # phase 1: running requests, in order
         i = 0
         while i < len(running) and budget > 0:
@@ -236,6 +237,7 @@ class Scheduler(DecodeRuns):
                     pending.append(r)
                 g = r.generated = r.generated + 1
                 r.num_tokens = c + 1
+                r.emitted_step = this_step
                 if g == r.max_tokens:
                     if pool is None:
                         freed += r.blocks
@@ -263,6 +265,7 @@ class Scheduler(DecodeRuns):
                 g = r.generated = r.generated + 1
                 completed += 1  # a prompt (or a recompute) done: it emits
                 r.num_tokens = c + 1
+                r.emitted_step = this_step
                 if g == 1:
                     first.append(r.request_id)
                 if g == r.max_tokens:
@@ -342,6 +345,7 @@ class Scheduler(DecodeRuns):
                     g = r.generated = r.generated + 1
                     completed += 1  # a prompt (or a recompute) done: it emits
                     r.num_tokens = c + 1
+                    r.emitted_step = this_step
                     if g == 1:
                         first.append(r.request_id)
                     if g == r.max_tokens:

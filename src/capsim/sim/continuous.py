@@ -127,6 +127,9 @@ class ContinuousPod(Pod):
         # preempted requests that had emitted, by id: their last token's time and their tokens then; one rejoins
         # ``_live`` from that time when a step emits its next token (its gap spans the preemption)
         self._paused: dict[int, tuple[float, int]] = {}
+        # requests whose client left while the single step in progress ran, and whose token in it vLLM drops
+        # (its output processor ignores an aborted request's output): not counted when the step ends
+        self._voided: set[int] = set()
 
     def use_limits(self, limits: SchedulerLimits) -> None:
         """Schedule with ``limits`` (its template's engine flags, ``pods.rollouts[].batching``), before it serves."""
@@ -468,12 +471,15 @@ class ContinuousPod(Pod):
         runs = self.runs
         sim = self.sim
         self._tokens_out(now)
+        voided = self._voided
         if step.first_token:
             send = self._rec.send
             prompt = self._rec.prompt
             live = self._live
-            self._firsts += len(step.first_token)
             for i in step.first_token:
+                if voided and i in voided:
+                    continue  # its client left as the step ran: no first token, gap or prompt counted
+                self._firsts += 1
                 live[i] = now
                 self.prompt_tokens += int(prompt[i])
                 run = runs.get(i)
@@ -481,6 +487,8 @@ class ContinuousPod(Pod):
                     run.first = now
                     if sim.track_ttft:
                         self.observe_ttft(now - float(send[i]))
+        if voided:
+            voided.clear()
         if self._paused:
             self._resume(now)
         if step.finished:
@@ -490,7 +498,7 @@ class ContinuousPod(Pod):
     def _tokens_out(self, now: float) -> None:
         """A step (or a run of decode steps) ended at ``now``: its tokens are out."""
         emitted = self.sched.emitted
-        self._gen_done += emitted - self._gen_seen
+        self._gen_done += emitted - self._gen_seen - len(self._voided)
         self._gen_seen = emitted
         self._tok_s = now
 
@@ -563,15 +571,22 @@ class ContinuousPod(Pod):
         if self.runs.pop(i, None) is not None:
             now = self._env.now
             steps, t = self._out_by(now)
+            single = self._run is None and self.stepping  # a single step in progress: its tokens are not out
             if self._run is not None:
                 self._cut_run(now)  # the run's request count changes after the step in progress
-            if i in self.sched.requests:  # else its last step is running: the engine lets it end
-                self.sched.remove(i)
+            sched = self.sched
+            r = sched.requests.get(i)
+            if r is not None:
+                sched.remove(i)
                 self._gen_done += steps  # what it emitted in the run's steps that ended (they count it no more)
-                base = self._live.pop(i, None)
-                if base is not None:
-                    self.itl_sum_s += t - base
-                self._paused.pop(i, None)
+                if single and r.emitted_step == sched.steps:
+                    self._voided.add(i)  # the step in progress emits a token for it, which vLLM drops
+            elif single:  # its last token is in the step in progress: the engine lets it end, and vLLM drops it
+                self._voided.add(i)
+            base = self._live.pop(i, None)  # its gaps end with the last token out before it left
+            if base is not None:
+                self.itl_sum_s += t - base
+            self._paused.pop(i, None)
             self.running.remove(cast(Run, batch))
 
     def kill(self, now: float) -> list[int]:
@@ -591,6 +606,7 @@ class ContinuousPod(Pod):
         self._gen_seen = self.sched.emitted
         self._live.clear()
         self._paused.clear()
+        self._voided.clear()
         self.sched.clear()
         self.queue.clear()
         self._reach.clear()
