@@ -230,3 +230,124 @@ def test_a_token_made_in_the_step_its_client_left_in_counts_in_no_vllm_metric(en
     assert counter("vllm:prompt_tokens_total") == 8 + 12
     assert counter("vllm:time_to_first_token_seconds_count") == 2
     assert counter("vllm:inter_token_latency_seconds_count") == 4 + 1
+
+
+def _outcomes(metrics: Any) -> dict[str, float]:
+    from capsim.core.metrics import REQUEST_OUTCOMES
+
+    return {o: metrics.registry.get_sample_value("capsim_requests_total", {"outcome": o}) or 0.0
+            for o in REQUEST_OUTCOMES}
+
+
+def test_a_failed_step_fails_the_requests_it_held_and_the_batcher_serves_on(engine: ReferenceEngine) -> None:
+    """A step that raises (out of memory, a driver error) fails every request the engine held with that error, at
+    once, not at their clients' timeouts (until stop 69 the step loop died with it: every request then and after
+    waited for ever); the engine starts again empty and answers the next request as if alone."""
+    import asyncio
+
+    from capsim.core.continuous_batcher import ContinuousBatcher
+    from capsim.core.metrics import InferenceMetrics
+
+    limits = SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=64,
+                             max_model_len=128, enable_prefix_caching=True)
+    metrics = InferenceMetrics()
+    reqs = make(engine)[:3]
+
+    async def main() -> None:
+        async with ContinuousBatcher(engine, limits, queue_capacity=8, metrics=metrics) as batcher:
+            step = batcher.engine.step
+            calls = 0
+
+            def fails_third() -> Any:
+                nonlocal calls
+                calls += 1
+                if calls == 3:
+                    raise RuntimeError("CUDA error: out of memory")
+                return step()
+
+            batcher.engine.step = fails_third  # type: ignore[method-assign]
+            got = await asyncio.wait_for(asyncio.gather(batcher.submit(reqs[0]), batcher.submit(reqs[1]),
+                                                        return_exceptions=True), 60)
+            assert [str(g) for g in got] == ["CUDA error: out of memory"] * 2
+            assert not batcher.engine.scheduler.requests and not batcher.engine.kv_blocks
+            again = await asyncio.wait_for(batcher.submit(reqs[2]), 60)
+            assert again.tokens == alone(engine, reqs[2])
+
+    asyncio.run(main())
+    assert _outcomes(metrics) == {"ok": 1, "failed": 2, "rejected": 0, "cancelled": 0, "closed": 0}
+
+
+def test_the_continuous_batcher_reports_each_requests_one_outcome(engine: ReferenceEngine) -> None:
+    """``capsim_requests_total{outcome}`` as the static batcher counts it: a full queue's refusal is rejected, a
+    client that leaves is cancelled wherever its request is (not yet handed to the engine, running, or finishing in
+    the step it left in), and a request the pod shuts down under is closed. (Until stop 69 the continuous batcher
+    counted its answers only.) A step is held open with a gate in a token callback, so nothing here races."""
+    import asyncio
+    import threading
+
+    from capsim.core.batcher import BatcherClosedError, QueueFullError
+    from capsim.core.continuous_batcher import ContinuousBatcher
+    from capsim.core.metrics import InferenceMetrics
+
+    limits = SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=64,
+                             max_model_len=128)
+    metrics = InferenceMetrics()
+    shut = InferenceMetrics()  # a second pod's (each registers vLLM's names once)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate = threading.Event()
+        held = threading.Event()
+        tasks: dict[str, asyncio.Task[Any]] = {}
+
+        def hold(i: int, tok: int, s: float) -> None:  # the engine's thread: hold the step open
+            if i == 0:
+                held.set()
+                gate.wait(60)
+
+        def leave(name: str, index: int) -> Callable[[int, int, float], None]:
+            def on_token(i: int, tok: int, s: float) -> None:
+                if i == index:
+                    loop.call_soon_threadsafe(tasks[name].cancel)
+            return on_token
+
+        def req(salt: int, n: int, on_token: Callable[[int, int, float], None] | None = None) -> GenerationRequest:
+            r = engine.request(6, n, salt=salt)
+            return GenerationRequest(r.prompt, n, on_token=on_token)
+
+        async with ContinuousBatcher(engine, limits, queue_capacity=1, metrics=metrics) as batcher:
+            ok, full = await asyncio.gather(batcher.submit(req(1, 3)), batcher.submit(req(2, 3)),
+                                            return_exceptions=True)
+            assert not isinstance(ok, BaseException) and isinstance(full, QueueFullError)
+            batcher.queue_capacity = 8
+            tasks["run"] = asyncio.create_task(batcher.submit(req(3, 4, leave("run", 1))))  # aborted running
+            tasks["end"] = asyncio.create_task(batcher.submit(req(4, 1, leave("end", 0))))  # left in its last step
+            for name in ("run", "end"):
+                with pytest.raises(asyncio.CancelledError):
+                    await tasks[name]
+            gate.clear()
+            held.clear()
+            slow = asyncio.create_task(batcher.submit(req(5, 2, hold)))
+            await asyncio.to_thread(held.wait, 60)  # its first step runs, held open
+            queued = asyncio.create_task(batcher.submit(req(6, 2)))
+            await asyncio.sleep(0.05)  # it is handed over at the next step: cancel it before
+            queued.cancel()
+            gate.set()
+            assert len((await slow).tokens) == 2
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+
+        closing = ContinuousBatcher(engine, limits, queue_capacity=4, metrics=shut)
+        closing.start()
+        gate.clear()
+        held.clear()
+        cut = asyncio.create_task(closing.submit(req(7, 2, hold)))
+        await asyncio.to_thread(held.wait, 60)
+        await closing.aclose(timeout_s=0.1)  # the step outlasts the grace: the request is closed
+        gate.set()
+        with pytest.raises(BatcherClosedError):
+            await cut
+
+    asyncio.run(main())
+    assert _outcomes(metrics) == {"ok": 2, "failed": 0, "rejected": 1, "cancelled": 3, "closed": 0}
+    assert _outcomes(shut) == {"ok": 0, "failed": 0, "rejected": 0, "cancelled": 0, "closed": 1}

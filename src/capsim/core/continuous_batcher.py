@@ -113,6 +113,7 @@ class ContinuousBatcher:
             raise RequestTooLargeError(f"request can never run on this engine: {why.value} "
                                        f"({len(request.prompt)} prompt + {request.max_new_tokens} new tokens)")
         if self.queue_depth() >= self.queue_capacity:
+            self._observe("rejected", None)
             raise QueueFullError(f"queue full ({self.queue_capacity} waiting)")
         fut: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()
         rid = self._next_id
@@ -136,10 +137,51 @@ class ContinuousBatcher:
             await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
         except TimeoutError:
             self._task.cancel()
-        for fut, _ in self._futures.values():
-            if not fut.done():
+        held = [(rid, fut) for rid, (fut, _) in self._futures.items()]
+        held += [(rid, fut) for rid, _, fut, _ in self._incoming]
+        for rid, fut in held:
+            if fut.cancelled():
+                self._observe("cancelled", self._wait_of(rid))
+            elif not fut.done():
                 fut.set_exception(BatcherClosedError("the pod shut down before the answer"))
+                self._observe("closed", self._wait_of(rid))
         self._futures.clear()
+        self._incoming.clear()
+
+    def _observe(self, outcome: str, wait_s: float | None) -> None:
+        """A request's one outcome to the pod's metrics (``capsim_requests_total``), with its queue wait if it
+        started; the latency is observed for ``ok`` answers only (``_answer``)."""
+        if self._metrics is not None:
+            self._metrics.observe_request(outcome, wait_s, None, None)
+
+    def _wait_of(self, rid: int) -> float | None:
+        """Request ``rid``'s queue wait (received to its first step), or None if it never started."""
+        started = self._started.get(rid)
+        entry = self._futures.get(rid)
+        return None if started is None or entry is None else started[0] - entry[1]
+
+    def _forget(self, rid: int) -> None:
+        del self._futures[rid]
+        self._started.pop(rid, None)
+        self._times.pop(rid, None)
+        self._prompt_len.pop(rid, None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        """A step raised ``exc``: the engine's state is not to be trusted, so every request it holds fails with
+        it (the pod answers 500) and the engine starts again empty, as vLLM's requests fail when its engine
+        dies (there the pod then restarts; here it serves on)."""
+        self.engine.reset()
+        self.engine.results.clear()
+        self.engine.cached_tokens.clear()
+        for rid in list(self._futures):
+            fut = self._futures[rid][0]
+            wait = self._wait_of(rid)
+            if fut.cancelled():
+                self._observe("cancelled", wait)
+            elif not fut.done():
+                fut.set_exception(exc)
+                self._observe("failed", wait)
+            self._forget(rid)
 
     def _timed_step(self) -> tuple[StepReport, float]:
         """One engine step, in the worker thread, and that thread's CPU seconds for it."""
@@ -154,6 +196,7 @@ class ContinuousBatcher:
         while True:
             for rid, req, fut, received in self._incoming:
                 if fut.cancelled():
+                    self._observe("cancelled", None)
                     continue
                 ce.add(rid, req)  # submit checked that it fits
                 self._futures[rid] = (fut, received)
@@ -161,10 +204,8 @@ class ContinuousBatcher:
             self._incoming.clear()
             for rid in [r for r, (f, _) in self._futures.items() if f.cancelled()]:  # clients gone
                 ce.abort(rid)
-                del self._futures[rid]
-                self._started.pop(rid, None)
-                self._times.pop(rid, None)
-                self._prompt_len.pop(rid, None)
+                self._observe("cancelled", self._wait_of(rid))
+                self._forget(rid)
             if not ce.has_work:
                 if self._closed:
                     return
@@ -173,7 +214,12 @@ class ContinuousBatcher:
                 idle = True
                 continue
             t0 = time.perf_counter()
-            report, cpu_s = await asyncio.to_thread(self._timed_step)
+            try:
+                report, cpu_s = await asyncio.to_thread(self._timed_step)
+            except Exception as exc:  # a failed forward pass (out of memory, a driver error): no hang
+                self._fail_all(exc)
+                idle = True
+                continue
             now = time.perf_counter()
             plan = report.plan
             self.trace.append(StepRecord(t0, now, report.seconds, cpu_s, plan.prefill_tokens, plan.prefill_context,
@@ -216,6 +262,9 @@ class ContinuousBatcher:
         result = GenerationResult(tokens=tokens, first_token_s=times[0] - start, total_s=now - start,
                                   batch_size=running, prompt_tokens=self._prompt_len.pop(rid), token_times_s=[t - start for t in times],
                                   started_at=start, cached_tokens=self.engine.cached_tokens.pop(rid, 0))
+        if fut.cancelled():  # its client left while the step that finished it ran
+            self._observe("cancelled", start - received)
+            return
         if self._metrics is not None:
             self._metrics.observe_request("ok", start - received, times[0] - received, now - received)
         if not fut.done():
