@@ -183,6 +183,17 @@ def test_steps_that_mix_a_chunk_with_decodes_still_equal_each_alone(engine: Refe
     assert [ce.results[i] for i in range(len(reqs))] == [alone(engine, r) for r in reqs]
 
 
+def _leaver(loop: Any, tasks: dict[str, Any]) -> Callable[[str, int], Callable[[int, int, float], None]]:
+    """``leave(name, index)``: a token callback that cancels task ``name`` as the step making its token ``index``
+    runs (queued from the engine's thread, so it lands before the loop sees the step end)."""
+    def leave(name: str, index: int) -> Callable[[int, int, float], None]:
+        def on_token(i: int, tok: int, s: float) -> None:
+            if i == index:
+                loop.call_soon_threadsafe(tasks[name].cancel)
+        return on_token
+    return leave
+
+
 def test_a_token_made_in_the_step_its_client_left_in_counts_in_no_vllm_metric(engine: ReferenceEngine) -> None:
     """vLLM's output processor drops the output of a request aborted while a step ran: the token that step made
     for it counts in no token counter, gap or first token. Request b's client leaves as the step making its third
@@ -202,14 +213,8 @@ def test_a_token_made_in_the_step_its_client_left_in_counts_in_no_vllm_metric(en
         return 0.0 if value is None else value
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         tasks: dict[str, asyncio.Task[Any]] = {}
-
-        def leave_at(name: str, index: int) -> Callable[[int, int, float], None]:
-            def on_token(i: int, tok: int, s: float) -> None:
-                if i == index:
-                    loop.call_soon_threadsafe(tasks[name].cancel)
-            return on_token
+        leave_at = _leaver(asyncio.get_running_loop(), tasks)
 
         a = engine.request(8, 5, salt=1)
         b = engine.request(12, 6, salt=2)
@@ -295,21 +300,15 @@ def test_the_continuous_batcher_reports_each_requests_one_outcome(engine: Refere
     shut = InferenceMetrics()  # a second pod's (each registers vLLM's names once)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         gate = threading.Event()
         held = threading.Event()
         tasks: dict[str, asyncio.Task[Any]] = {}
+        leave = _leaver(asyncio.get_running_loop(), tasks)
 
         def hold(i: int, tok: int, s: float) -> None:  # the engine's thread: hold the step open
             if i == 0:
                 held.set()
                 gate.wait(60)
-
-        def leave(name: str, index: int) -> Callable[[int, int, float], None]:
-            def on_token(i: int, tok: int, s: float) -> None:
-                if i == index:
-                    loop.call_soon_threadsafe(tasks[name].cancel)
-            return on_token
 
         def req(salt: int, n: int, on_token: Callable[[int, int, float], None] | None = None) -> GenerationRequest:
             r = engine.request(6, n, salt=salt)

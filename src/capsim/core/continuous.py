@@ -117,15 +117,16 @@ class ContinuousEngine:
         self.scheduler.remove(request_id)
         del self.active[request_id]
 
-    def reset(self) -> list[int]:
-        """Drop every request and all cached KV (a step failed part-way: nothing it held can be trusted); return
-        the requests dropped. The engine then serves new requests from an empty cache."""
-        dropped = self.scheduler.clear()
+    def reset(self) -> None:
+        """Drop every request, finished outputs not yet collected and all cached KV (a step failed part-way: nothing
+        it held can be trusted). The engine then serves new requests from an empty cache."""
+        self.scheduler.clear()
         self.active.clear()
+        self.results.clear()
+        self.cached_tokens.clear()
         self.kv_blocks.clear()
         if self._pool is not None and self._pool.evicted is not None:
             self._pool.evicted.clear()  # the blocks ``clear`` evicted: their KV is gone with ``kv_blocks``
-        return dropped
 
     @property
     def has_work(self) -> bool:

@@ -140,11 +140,7 @@ class ContinuousBatcher:
         held = [(rid, fut) for rid, (fut, _) in self._futures.items()]
         held += [(rid, fut) for rid, _, fut, _ in self._incoming]
         for rid, fut in held:
-            if fut.cancelled():
-                self._observe("cancelled", self._wait_of(rid))
-            elif not fut.done():
-                fut.set_exception(BatcherClosedError("the pod shut down before the answer"))
-                self._observe("closed", self._wait_of(rid))
+            self._end(rid, fut, BatcherClosedError("the pod shut down before the answer"), "closed")
         self._futures.clear()
         self._incoming.clear()
 
@@ -160,6 +156,16 @@ class ContinuousBatcher:
         entry = self._futures.get(rid)
         return None if started is None or entry is None else started[0] - entry[1]
 
+    def _end(self, rid: int, fut: asyncio.Future[GenerationResult], exc: Exception, outcome: str) -> None:
+        """Request ``rid`` ends unanswered: its caller gets ``exc`` and the metrics ``outcome``, unless the caller
+        has left already (then it was cancelled)."""
+        wait = self._wait_of(rid)
+        if fut.cancelled():
+            self._observe("cancelled", wait)
+        elif not fut.done():
+            fut.set_exception(exc)
+            self._observe(outcome, wait)
+
     def _forget(self, rid: int) -> None:
         del self._futures[rid]
         self._started.pop(rid, None)
@@ -171,16 +177,8 @@ class ContinuousBatcher:
         it (the pod answers 500) and the engine starts again empty, as vLLM's requests fail when its engine
         dies (there the pod then restarts; here it serves on)."""
         self.engine.reset()
-        self.engine.results.clear()
-        self.engine.cached_tokens.clear()
         for rid in list(self._futures):
-            fut = self._futures[rid][0]
-            wait = self._wait_of(rid)
-            if fut.cancelled():
-                self._observe("cancelled", wait)
-            elif not fut.done():
-                fut.set_exception(exc)
-                self._observe("failed", wait)
+            self._end(rid, self._futures[rid][0], exc, "failed")
             self._forget(rid)
 
     def _timed_step(self) -> tuple[StepReport, float]:

@@ -303,8 +303,7 @@ class Router:
             out.succeeded(self._id(url))
             return
         now = time.monotonic()
-        if out.ejected_ids:
-            self.ejected(now)  # those whose ejection ended while the attempt ran return first
+        self.ejected(now)  # those whose ejection ended while the attempt ran return first
         if out.failed(self._id(url), now, len(self.urls)):
             self.metrics.ejections.labels(url).inc()
             self.metrics.ejected.set(len(out.ejected_ids))

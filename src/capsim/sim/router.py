@@ -201,8 +201,7 @@ class Router:
         ejection ended: those pods return first, so the failure counts and no stale ejection takes the room."""
         out = self.outliers
         if out is not None and pod.routable:
-            if out.ejected_ids:
-                self._ejected(now)
+            self._ejected(now)
             out.failed(pod.id, now, len(self.endpoints))
 
     def pick_scored(self, home: int, home_life: int, hit: float, now: float, answers: bool = True) -> Pod | None:
