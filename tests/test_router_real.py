@@ -153,6 +153,33 @@ def test_a_failure_seen_after_a_pods_ejection_ended_counts_though_no_order_came_
     assert r.outliers.ejections == 2 and r.outliers.ejected_ids == {0: 1091.0}
     assert r.order("s", 4)[0] == [b]
 
+
+def test_the_ejected_gauge_reads_the_ejections_at_the_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``capsim_router_ejected`` counts the pods out when it is scraped: an ejection that ended shows as over though
+    no turn came since (it changed only at a pick or a failure), and a pod that left the list is not counted."""
+    import capsim.core.router as router_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    a, b, c = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
+    r = Router(RouterConfig(pods=(a, b, c), policy="least_outstanding",
+                            outlier_ejection={"consecutive_failures": 1, "max_ejection_percent": 100.0}))
+
+    def gauge() -> float | None:
+        return r.metrics.registry.get_sample_value("capsim_router_ejected")
+
+    assert gauge() == 0
+    r.observe(a, failed=True)
+    clock[0] = 1010.0
+    r.observe(b, failed=True)
+    assert gauge() == 2
+    clock[0] = 1030.0  # a's 30 s are over, b's are not
+    assert gauge() == 1
+    r.set_pods([a, c])  # b left the Service
+    assert gauge() == 0
+    assert Router(RouterConfig(pods=(a,), policy="round_robin")).metrics.registry.get_sample_value(
+        "capsim_router_ejected") == 0  # no ejection: always none
+
 # ---- real servers ---------------------------------------------------------------------------------------
 def router(pods: list[str], **kw: Any) -> Served:
     return Served(create_router_app(RouterConfig(pods=tuple(pods), **kw)))

@@ -237,6 +237,8 @@ class Router:
             if config.ejects and config.outlier_ejection is not None else None
         self._ids: dict[str, int] = {}
         self._next_id = 0
+        if self.outliers is not None:  # read at each scrape: an ejection that ended shows as over at once
+            self.metrics.ejected.set_function(self._ejected_now)
 
     def next_client(self) -> httpx.AsyncClient:
         """The client for the next forward, in turn over ``clients`` (each call moves on to the next)."""
@@ -288,8 +290,16 @@ class Router:
         out.expire(now)
         ids = out.ejected_ids
         gone = {u for u in self.urls if self._ids.get(u, -1) in ids}
-        self.metrics.ejected.set(len(gone))
         return set() if out.panic(len(gone), len(self.urls)) else gone
+
+    def _ejected_now(self) -> int:
+        """The pods ejected now, for the ``capsim_router_ejected`` gauge: those of the list whose ejection has not
+        ended (the detector refiles the others at the next pick or failure; a scrape does not wait for one)."""
+        out = self.outliers
+        assert out is not None
+        now = time.monotonic()
+        ids = out.ejected_ids
+        return sum(1 for u in self.urls if ids.get(self._ids.get(u, -1), now) > now)
 
     def observe(self, url: str, failed: bool, local: bool = False) -> None:
         """Outlier detection sees an attempt on ``url`` end: ``failed`` (a 5xx, or, ``local``, the router's own:
@@ -306,7 +316,6 @@ class Router:
         self.ejected(now)  # those whose ejection ended while the attempt ran return first
         if out.failed(self._id(url), now, len(self.urls)):
             self.metrics.ejections.labels(url).inc()
-            self.metrics.ejected.set(len(out.ejected_ids))
 
     def order(self, session_id: str, new_tokens: int) -> tuple[list[str], str | None]:
         """The pods to try, up ones first, ejected ones left out; and why the policy's first choice is not first
