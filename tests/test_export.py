@@ -552,6 +552,11 @@ def test_readme_names_the_router_the_plan_assumed(rush: Scenario, tmp_path: Path
     assert f"`router.kind: {kind}`" in line and says in line
     # outlier ejection travels with the proxies that have it, as the plan's settings
     assert ("`consecutive_5xx: 5`" in line) == (kind in ("least_outstanding", "prefix_aware"))
+    assert "max_ejection_time_jitter" not in line  # Envoy's default, 0, is not named
+    if kind == "least_outstanding":
+        export_scenario(rush.override({"router.kind": kind, "router.outlier_ejection.max_ejection_time_jitter_s": 2}),
+                        tmp_path, TARGET, force=True)
+        assert "`max_ejection_time_jitter: 2s`" in (tmp_path / "README.md").read_text()
     if kind == "prefix_aware":
         assert "(weights 3, 1, 1)" in line
     if kind == "session_affinity":

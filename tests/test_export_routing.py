@@ -144,6 +144,14 @@ def test_outlier_detection_carries_the_plans_ejection(agents: Scenario) -> None:
                            "router.outlier_ejection": {**e, "max_ejection_percent": 12.5, "max_ejection_s": 60}})
     notes = " ".join(routing_notes(odd, TARGET))
     assert "12.5 is written as 12" in notes and "capped an ejection at 60 s" in notes
+    assert "max_ejection_time_jitter" not in notes
+    jittered = agents.override({"router.kind": "least_outstanding",
+                                "router.outlier_ejection": {**e, "max_ejection_time_jitter_s": 2.5}})
+    (rule,) = build_routing(jittered, TARGET)
+    jsonschema.validate(rule, DESTINATION_RULE)  # nothing to write it in: the README says so
+    assert "up to 2.5 s of jitter" in " ".join(routing_notes(jittered, TARGET))
+    gateway = jittered.override({"router.kind": "prefix_aware"})
+    assert any("`max_ejection_time_jitter: 2500ms`" in n for n in routing_notes(gateway, TARGET))
     # only the proxy's own failures (the pods' 503s in a Redis outage do not eject them): Istio's split counters,
     # with consecutive_5xx off
     split = agents.override({"router.kind": "least_outstanding",

@@ -235,3 +235,4 @@ def test_a_bad_ejection_setting_of_the_router_names_its_option() -> None:
     one_line_error([*pod, "--consecutive-failures", "0"], "--consecutive-failures", "must be >= 1")
     one_line_error([*pod, "--max-ejection-s", "-1"], "--max-ejection-s", "must be >= 0")
     one_line_error([*pod, "--ejection-interval-s", "0"], "--ejection-interval-s", "must be > 0")
+    one_line_error([*pod, "--max-ejection-time-jitter-s", "-1"], "--max-ejection-time-jitter-s", "must be >= 0")

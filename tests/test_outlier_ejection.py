@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
@@ -157,28 +159,57 @@ def test_with_sweeps_an_overflow_restarts_the_count() -> None:
         assert n + 1 == again
 
 
+def test_jitter_adds_a_whole_millisecond_draw_to_each_ejection_as_envoys_eject_host() -> None:
+    """Envoy's ``max_ejection_time_jitter``: ``ejectHost`` draws ``random() % (jitter_ms + 1)`` milliseconds for each
+    ejection and the host stays out that much longer, from none to the whole jitter; without a jitter nothing is
+    drawn. With sweeps the host returns at the first sweep after its ejection time plus its jitter."""
+    us = iter([0.0, 0.5, 1 - 1e-12])
+    d = OutlierDetector(OutlierSettings(consecutive_failures=1, max_ejection_percent=100.0,
+                                        max_ejection_time_jitter_s=2.0), draw=lambda: next(us))
+    for pod in (1, 2, 3):
+        assert d.failed(pod, 0.0, 10)
+    assert d.ejected_ids == {1: 30.0, 2: 31.0, 3: 32.0}  # 0, 1000 and 2000 of 2001 equally likely ms
+    us = iter([0.0, 0.5])
+    swept = OutlierDetector(OutlierSettings(consecutive_failures=1, max_ejection_percent=100.0, interval_s=10.0,
+                                            max_ejection_time_jitter_s=5.0),
+                            draw=lambda: next(us))
+    assert swept.failed(1, 18.0, 10) and swept.failed(2, 18.0, 10)
+    assert swept.ejected_ids == {1: 50.0, 2: 60.0}  # 48 s, and 50.5 s: one sweep later
+
+    def never() -> float:
+        raise AssertionError("no jitter, no draw")
+    assert OutlierDetector(OutlierSettings(consecutive_failures=1), draw=never).failed(1, 0.0, 10)
+    with pytest.raises(ValueError, match="max_ejection_time_jitter_s needs a draw"):
+        OutlierDetector(OutlierSettings(max_ejection_time_jitter_s=1.0))
+    with pytest.raises(ValueError, match="max_ejection_time_jitter_s must not be negative"):
+        OutlierSettings(max_ejection_time_jitter_s=-1.0)
+
+
 class EnvoyTimerLoop:
     """Envoy's outlier detector for ``consecutive_5xx`` as its code runs it, written here from
-    ``outlier_detection_impl.cc``: a sweep every interval from 0 (``onIntervalTimer``: ``checkHostForUneject`` on
-    every host, then the backoff of every host in the set one interval after its return comes down by one);
-    ``putResult`` counts a 5xx, resets on another answer, and at the threshold ``onConsecutiveErrorWorker``
-    calls ``ejectHost`` and resets the count whatever it did."""
+    ``outlier_detection_impl.cc``, in whole milliseconds as Envoy's: a sweep every interval from 0
+    (``onIntervalTimer``: ``checkHostForUneject`` on every host, then the backoff of every host in the set one
+    interval after its return comes down by one); ``putResult`` counts a 5xx, resets on another answer, and at
+    the threshold ``onConsecutiveErrorWorker`` calls ``ejectHost`` (which draws the host's jitter) and resets the
+    count whatever it did. ``draw``: uniform on [0, 1), one per ejection, as the detector's."""
 
-    def __init__(self, s: OutlierSettings) -> None:
+    def __init__(self, s: OutlierSettings, draw: Callable[[], float] | None = None) -> None:
         assert s.interval_s is not None
-        self.s, self.interval, self.next_sweep = s, s.interval_s, s.interval_s
+        self.s, self.draw = s, draw
+        self.interval = self.next_sweep = ms(s.interval_s)
+        self.base, self.most, self.jitter_ms = ms(s.base_ejection_s), ms(s.max_ejection_s), ms(s.max_ejection_time_jitter_s)
         self.count: dict[int, int] = {}
         self.backoff: dict[int, int] = {}
-        self.out: dict[int, float] = {}  # ejected: when
-        self.returned: dict[int, float] = {}
+        self.out: dict[int, int] = {}  # ejected: when
+        self.jitter: dict[int, int] = {}  # the last ejection's
+        self.returned: dict[int, int] = {}
         self.ejections = 0
 
-    def advance(self, now: float) -> None:
-        s = self.s
+    def advance(self, now: int) -> None:
         while self.next_sweep <= now:
             t = self.next_sweep
             for h, at in list(self.out.items()):
-                if min(s.base_ejection_s * self.backoff[h], s.max_ejection_s) <= t - at:
+                if min(self.base * self.backoff[h], self.most) + self.jitter[h] <= t - at:
                     del self.out[h]
                     self.count[h] = 0
                     self.returned[h] = t
@@ -187,7 +218,8 @@ class EnvoyTimerLoop:
                     self.backoff[h] -= 1
             self.next_sweep += self.interval
 
-    def result(self, h: int, now: float, failed: bool, hosts: int) -> None:
+    def result(self, h: int, now_s: float, failed: bool, hosts: int) -> None:
+        now = ms(now_s)
         self.advance(now)
         if h in self.out:
             return
@@ -201,25 +233,35 @@ class EnvoyTimerLoop:
             if room or (s.always_eject_one_host and not self.out):
                 self.out[h] = now
                 self.ejections += 1
+                # random() % (jitter + 1), with a uniform draw in place of Envoy's 64-bit integer
+                self.jitter[h] = math.floor(self.draw() * (self.jitter_ms + 1)) if self.draw else 0
                 b = self.backoff.get(h, 0)
-                if b * s.base_ejection_s < s.max_ejection_s + s.base_ejection_s:
+                if b * self.base < self.most + self.base:
                     self.backoff[h] = b + 1
             self.count[h] = 0
+
+
+def ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
 @settings(max_examples=1000, deadline=None)
 @given(events=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 2), st.booleans()), min_size=10,
                                   max_size=120),
        failures=st.integers(1, 3), base=st.sampled_from([5.0, 10.0, 30.0]), most=st.sampled_from([20.0, 300.0]),
-       percent=st.sampled_from([10.0, 30.0, 50.0]), always=st.booleans())
+       percent=st.sampled_from([10.0, 30.0, 50.0]), always=st.booleans(),
+       jitter=st.sampled_from([0.0, 0.001, 2.5, 7.777, 15.0]), seed=st.integers(0, 2**32))
 def test_the_detector_with_sweeps_is_envoys_timer_loop(events: list[tuple[int, int, bool]], failures: int,
                                                         base: float, most: float, percent: float,
-                                                        always: bool) -> None:
+                                                        always: bool, jitter: float, seed: int) -> None:
     """The lazily counted sweeps give what Envoy's timer loop gives, event by event: the same hosts out, the same
-    ejections. Times in quarter seconds (exact in floats), some on a sweep's own time."""
+    ejections, with or without jitter (both take the same draws). Times in quarter seconds, some on a sweep's own
+    time, and with jitter some a millisecond either side of one."""
     s = OutlierSettings(consecutive_failures=failures, base_ejection_s=base, max_ejection_s=max(most, base),
-                        max_ejection_percent=percent, always_eject_one_host=always, interval_s=10.0)
-    d, envoy = OutlierDetector(s), EnvoyTimerLoop(s)
+                        max_ejection_percent=percent, always_eject_one_host=always, interval_s=10.0,
+                        max_ejection_time_jitter_s=jitter)
+    d = OutlierDetector(s, draw=random.Random(seed).random)
+    envoy = EnvoyTimerLoop(s, random.Random(seed).random)
     now = 0.0
     for step, host, failed in events:
         now += step * 2.5
@@ -289,6 +331,27 @@ def test_a_crashed_pod_in_the_endpoints_is_ejected_after_five_refusals() -> None
     assert refused["envoy"] < 0.05
 
 
+def test_with_jitter_the_crashed_pod_stays_out_up_to_the_jitter_longer_drawn_from_a_stream_of_its_own(
+        ejections: list[tuple[int, float, float]]) -> None:
+    """``max_ejection_time_jitter_s``: the ejection that ends at 30 s without it ends up to 5 s later with it,
+    at a whole millisecond; the draw comes from the ``ejection_jitter`` stream, so the arrivals, and every pick
+    up to the ejection, are those of the run without jitter, and a seed gives the same run again."""
+    plain = crash_run({})
+    ((pod, went, back),) = ejections
+    assert back == went + 30.0
+    ejections.clear()
+    jittered = crash_run({"max_ejection_time_jitter_s": 5.0})
+    ((pod2, went2, back2),) = ejections
+    assert (pod2, went2) == (pod, went) and went + 30.0 < back2 <= went + 35.0
+    assert (back2 - went - 30.0) * 1000 == pytest.approx(round((back2 - went - 30.0) * 1000))
+    assert plain.requests.arrival_s.tolist() == jittered.requests.arrival_s.tolist()
+    before = plain.requests.start_s < went
+    assert plain.requests.pod[before].tolist() == jittered.requests.pod[before].tolist()
+    ejections.clear()
+    again = crash_run({"max_ejection_time_jitter_s": 5.0})
+    assert ejections == [(pod2, went2, back2)] and again.summary == jittered.summary
+
+
 def test_prefix_aware_ejects_the_crashed_pod_too() -> None:
     # no session history here: the queue scorer favours the empty (dead) pod as least outstanding does
     off, on = crash_run(None, "prefix_aware").summary, crash_run({}, "prefix_aware").summary
@@ -306,6 +369,9 @@ def test_the_setting_validates_and_can_be_switched_off() -> None:
     assert off.router.outlier_ejection is None
     with pytest.raises(SettingsError, match="consecutive_failures"):
         sc.override({"router.outlier_ejection.consecutive_failures": 0})
+    with pytest.raises(SettingsError, match="max_ejection_time_jitter_s"):
+        sc.override({"router.outlier_ejection.max_ejection_time_jitter_s": -0.5})
+    assert sc.router.outlier_ejection.settings().max_ejection_time_jitter_s == 0.0  # Envoy's default: none
 
 
 def outage_run(ejection: dict[str, Any] | None, kind: str = "least_outstanding") -> Any:

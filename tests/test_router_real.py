@@ -180,6 +180,25 @@ def test_the_ejected_gauge_reads_the_ejections_at_the_scrape(monkeypatch: pytest
     assert Router(RouterConfig(pods=(a,), policy="round_robin")).metrics.registry.get_sample_value(
         "capsim_router_ejected") == 0  # no ejection: always none
 
+
+def test_with_jitter_each_ejection_lasts_up_to_the_jitter_longer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_ejection_time_jitter_s`` (Envoy's ``max_ejection_time_jitter``): the real router draws each ejection's
+    jitter at random, whole milliseconds from 0 to the jitter, as the simulator's router does from its stream."""
+    import capsim.core.router as router_module
+
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    a = "http://10.0.0.1:8000"
+    ends = set()
+    for _ in range(20):
+        r = Router(RouterConfig(pods=(a, "http://10.0.0.2:8000"), policy="least_outstanding",
+                                outlier_ejection={"consecutive_failures": 1, "max_ejection_time_jitter_s": 2.0}))
+        r.observe(a, failed=True)
+        assert r.outliers is not None
+        (until,) = r.outliers.ejected_ids.values()
+        assert 1030.0 <= until <= 1032.0 and (until - 1030.0) * 1000 == pytest.approx(round((until - 1030.0) * 1000))
+        ends.add(until)
+    assert len(ends) > 10  # drawn, not fixed
+
 # ---- real servers ---------------------------------------------------------------------------------------
 def router(pods: list[str], **kw: Any) -> Served:
     return Served(create_router_app(RouterConfig(pods=tuple(pods), **kw)))

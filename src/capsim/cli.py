@@ -323,6 +323,9 @@ def router(
         help="Envoy's interval: an ejected pod returns at the first sweep (every this many seconds) after its "
              "ejection time, and sweeps lower its backoff, as Envoy's (10 there); unset: back at its ejection time, "
              "its backoff reset by a success (the simulator's router.outlier_ejection.interval_s)")] = None,
+    max_ejection_time_jitter_s: Annotated[float, typer.Option(
+        help="each ejection lasts up to this much longer, a whole number of milliseconds drawn at random (Envoy's "
+             "max_ejection_time_jitter)")] = 0.0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Run a router in front of real pods: places each session turn by a policy, fails over a dead pod."""
@@ -334,7 +337,8 @@ def router(
                     "max_ejection_s": max_ejection_s,
                     "count_answered_5xx": count_answered_5xx, "max_ejection_percent": max_ejection_percent,
                     "always_eject_one_host": always_eject_one_host,
-                    "interval_s": ejection_interval_s} if outlier_ejection else None
+                    "interval_s": ejection_interval_s,
+                    "max_ejection_time_jitter_s": max_ejection_time_jitter_s} if outlier_ejection else None
         config = RouterConfig(pods=tuple(pod or ()), pods_from_dns=pods_from_dns, refresh_s=refresh_s,
                               policy=policy, timeout_s=timeout_s,  # type: ignore[arg-type]
                               connect_timeout_s=connect_timeout_s, down_s=down_s,

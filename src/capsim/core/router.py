@@ -233,7 +233,8 @@ class Router:
         self._next_client = 0
         # Envoy's outlier detection, the simulator's policy (``capsim.policy.outlier``), on pod ids by URL
         # (its sweeps, with ``interval_s``, counted from now, as Envoy's from the cluster's start)
-        self.outliers = OutlierDetector(config.outlier_ejection.settings(), origin=time.monotonic()) \
+        self.outliers = OutlierDetector(config.outlier_ejection.settings(), origin=time.monotonic(),
+                                        draw=random.Random().random) \
             if config.ejects and config.outlier_ejection is not None else None
         self._ids: dict[str, int] = {}
         self._next_id = 0

@@ -449,7 +449,10 @@ def routing(scenario: Scenario) -> str:
     eject = ("" if ejection is None else
              f", with outlier detection as the plan's (`consecutive_5xx: {ejection.consecutive_failures}`, "
              f"`base_ejection_time: {ejection.base_ejection_s:g}s`, `max_ejection_percent: "
-             f"{ejection.max_ejection_percent:g}`{', `always_eject_one_host: true`' if ejection.always_eject_one_host else ''})")
+             f"{ejection.max_ejection_percent:g}`"
+             + (f", `max_ejection_time_jitter: {ejection.max_ejection_time_jitter_s:g}s`"
+                if ejection.max_ejection_time_jitter_s else "")
+             + f"{', `always_eject_one_host: true`' if ejection.always_eject_one_host else ''})")
     how = {
         "random": "each request to a pod at random: a ClusterIP Service (kube-proxy) in front of the pods",
         "round_robin": "requests to the pods in turn: Envoy's `ROUND_ROBIN` load balancer (Istio "

@@ -198,10 +198,12 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
             one = (", `always_eject_one_host: true` (Envoy 1.31 or later; without it Envoy ejects no pod while "
                    "that percentage of the pods is under one)") if e.always_eject_one_host else ""
             sweeps = "" if e.interval_s is None else f", `interval: {_seconds(e.interval_s)}`"
+            jitter = "" if not e.max_ejection_time_jitter_s else \
+                f", `max_ejection_time_jitter: {_seconds(e.max_ejection_time_jitter_s)}`"
             notes.append("the plan ejected failing pods as Envoy's outlier detection does; the InferencePool has no "
                          f"such field, so set it on the gateway (its backend traffic policy) to {counts}, "
                          f"`base_ejection_time: {e.base_ejection_s:g}s`, `max_ejection_percent: "
-                         f"{e.max_ejection_percent:g}`{sweeps}{one}")
+                         f"{e.max_ejection_percent:g}`{sweeps}{jitter}{one}")
         else:  # the DestinationRule's outlierDetection, where Istio cannot say what the plan assumed
             note = _one_host_note(scenario)
             if note:
@@ -212,6 +214,10 @@ def routing_notes(scenario: Scenario, target: DeployTarget) -> list[str]:
             if e.max_ejection_s != ENVOY_MAX_EJECTION_S:
                 notes.append(f"the plan capped an ejection at {e.max_ejection_s:g} s; Istio cannot set Envoy's "
                              f"`max_ejection_time`, which stays {ENVOY_MAX_EJECTION_S:g} s")
+            if e.max_ejection_time_jitter_s:
+                notes.append(f"the plan drew up to {e.max_ejection_time_jitter_s:g} s of jitter for each ejection; "
+                             "Istio cannot set Envoy's `max_ejection_time_jitter`, which stays 0: pods ejected "
+                             "together return together")
         if e.count_answered_5xx and scenario.state.store == "redis":
             notes.append("the pods answer 503 to every turn while the session store (Redis) is out, and outlier "
                          "detection counts each as a failure: an outage ejects the first pods to fail "

@@ -945,12 +945,17 @@ class OutlierEjection(_Section):
         "simplification, a pod back at its ejection time exactly and its backoff reset by a success "
         "(docs/studies.md, \"Envoy's sweeps\")",
     )
+    max_ejection_time_jitter_s: Float = Field(
+        0.0, ge=0, description="Envoy's max_ejection_time_jitter: each ejection lasts a further whole number of "
+        "milliseconds drawn uniformly from 0 to this, so pods ejected together do not all return at once "
+        "(the simulator draws it from the seed's ejection_jitter stream); 0: none, Envoy's default",
+    )
 
     def settings(self) -> OutlierSettings:
         """The shared policy's settings (``capsim.policy.outlier``), for the simulated router and the real one."""
         return OutlierSettings(self.consecutive_failures, self.base_ejection_s, self.max_ejection_s,
                                self.max_ejection_percent, self.count_answered_5xx, self.always_eject_one_host,
-                               self.interval_s)
+                               self.interval_s, self.max_ejection_time_jitter_s)
 
 
 #: the routers that stand for a proxy (Envoy, a gateway) and so eject failing pods (``router.outlier_ejection``)

@@ -33,14 +33,22 @@ and the interval, so nothing here needs a timer.
 With ``interval_s`` unset (``None``, the default, which every study shipped up to stop 68 used) the detector is
 capsim's older simplification: a host returns at its ejection time exactly, a success after its return resets the
 backoff, and a host that reaches the threshold while there is no room keeps counting and is ejected at its next
-failure once there is room. docs/studies.md, "Envoy's sweeps", measures the difference. ``max_ejection_time_jitter``
-(default 0) is not modelled. Pure: times are passed in, nothing here reads a clock. The simulated router
-(``capsim.sim.router``) and the real one (``capsim.core.router``) both decide with it.
+failure once there is room. docs/studies.md, "Envoy's sweeps", measures the difference.
+
+``max_ejection_time_jitter_s`` is Envoy's ``max_ejection_time_jitter`` (default 0): ``ejectHost`` draws
+``random() % (jitter_ms + 1)`` whole milliseconds for each ejection and the host stays out that much longer (with
+sweeps: it returns at the first sweep after its ejection time plus its jitter), so hosts ejected together do not
+all return on the same sweep. The draws are passed in (``OutlierDetector.draw``, uniform on [0, 1)), so the
+simulator takes them from a seeded stream of their own; without a jitter nothing is drawn.
+
+Pure: times and draws are passed in, nothing here reads a clock. The simulated router (``capsim.sim.router``) and
+the real one (``capsim.core.router``) both decide with it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -84,12 +92,17 @@ class OutlierSettings:
     #: Envoy's ``interval``: sweeps this far apart return ejected hosts and lower their backoff, as Envoy's;
     #: None: capsim's older simplification (the module's docstring)
     interval_s: float | None = None
+    #: Envoy's ``max_ejection_time_jitter``: each ejection lasts a further whole number of milliseconds drawn
+    #: uniformly from 0 to this (0: none, Envoy's default)
+    max_ejection_time_jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.consecutive_failures < 1:
             raise ValueError(f"consecutive_failures must be at least 1, got {self.consecutive_failures}")
         if self.base_ejection_s < 0 or self.max_ejection_s < 0:
             raise ValueError("ejection times must not be negative")
+        if self.max_ejection_time_jitter_s < 0:
+            raise ValueError(f"max_ejection_time_jitter_s must not be negative, got {self.max_ejection_time_jitter_s}")
         if not 0 <= self.max_ejection_percent <= 100:
             raise ValueError(f"max_ejection_percent must be in [0, 100], got {self.max_ejection_percent}")
         if self.interval_s is not None and not self.interval_s > 0:
@@ -99,15 +112,21 @@ class OutlierSettings:
 @dataclass
 class OutlierDetector:
     """Per endpoint id: failures in a row, when its ejection ends, and its backoff (how many times it was ejected,
-    less the sweeps since). ``origin``: when the cluster started, from which the sweeps are counted (``interval_s``)."""
+    less the sweeps since). ``origin``: when the cluster started, from which the sweeps are counted (``interval_s``).
+    ``draw``: uniform draws on [0, 1), one per ejection, for ``max_ejection_time_jitter_s`` (needed only with it)."""
 
     settings: OutlierSettings = field(default_factory=OutlierSettings)
     origin: float = 0.0
+    draw: Callable[[], float] | None = None
     failures: dict[int, int] = field(default_factory=dict)  # endpoints with failures in a run: how many
     _until: dict[int, float] = field(default_factory=dict)  # ejected endpoints only
     _times: dict[int, int] = field(default_factory=dict)  # the backoff (Envoy's ejectTimeBackoff)
     _back: dict[int, float] = field(default_factory=dict)  # with sweeps: when a returned endpoint returned
     ejections: int = 0  # ejections so far (Envoy's ejections_enforced_total)
+
+    def __post_init__(self) -> None:
+        if self.settings.max_ejection_time_jitter_s > 0 and self.draw is None:
+            raise ValueError("max_ejection_time_jitter_s needs a draw: OutlierDetector(settings, draw=...)")
 
     @property
     def ejected_ids(self) -> dict[int, float]:
@@ -143,17 +162,26 @@ class OutlierDetector:
         if st.interval_s is None:
             times = self._times.get(endpoint, 0) + 1
             self._times[endpoint] = times
-            self._until[endpoint] = now + min(base * times, most)
+            self._until[endpoint] = now + min(base * times, most) + self._jitter()
             self.failures[endpoint] = 0  # kept, so that the first success after its return resets the backoff
         else:
             times = self._backoff(endpoint, now, st.interval_s)
             if times * base < most + base:  # ejectHost's cap on ejectTimeBackoff
                 times += 1
             self._times[endpoint] = times
-            self._until[endpoint] = self.sweep_at(now, now + min(base * times, most))
+            self._until[endpoint] = self.sweep_at(now, now + min(base * times, most) + self._jitter())
             del self.failures[endpoint]
         self.ejections += 1
         return True
+
+    def _jitter(self) -> float:
+        """One ejection's jitter in seconds: ``random() % (jitter_ms + 1)`` milliseconds, as Envoy's ``ejectHost``
+        draws it; 0, drawing nothing, without a jitter."""
+        most = round(self.settings.max_ejection_time_jitter_s * 1000)
+        if not most:
+            return 0.0
+        assert self.draw is not None
+        return math.floor(self.draw() * (most + 1)) / 1000
 
     def sweep_at(self, now: float, t: float) -> float:
         """The first analysis sweep after ``now`` and at or after ``t`` (sweeps every ``interval_s`` from

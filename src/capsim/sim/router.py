@@ -58,7 +58,7 @@ class Router:
 
     def __init__(self, kind: RouterKind, endpoints: list[Pod], pods: list[Pod], draws: BufferedDraws,
                  weights: Weights | None = None, fallback: str = "random",
-                 outlier: OutlierSettings | None = None) -> None:
+                 outlier: OutlierSettings | None = None, jitter: BufferedDraws | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"router.kind must be one of {', '.join(KINDS)}, got {kind!r}")
         self.weights = weights if weights is not None else Weights()
@@ -71,7 +71,9 @@ class Router:
         self._next = 0
         self.least = kind == "least_outstanding"
         self._by_count = LeastBuckets()  # least outstanding: pod ids by their count
-        self.outliers = OutlierDetector(outlier) if outlier is not None and router_ejects(kind, outlier) else None
+        # an ejection's jitter from its own stream (``jitter``), so turning it on moves no other draw
+        self.outliers = OutlierDetector(outlier, draw=jitter.next if jitter is not None else None) \
+            if outlier is not None and router_ejects(kind, outlier) else None
         self._count_answered = outlier is None or outlier.count_answered_5xx
 
     def touch(self, pod: Pod) -> None:

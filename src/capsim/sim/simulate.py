@@ -221,7 +221,7 @@ class Simulation:
         self.router = Router(rs.kind, self.cluster.endpoints, self.cluster.pods,
                              BufferedDraws(self.streams["routing"]),
                              Weights(rs.prefix_weight, rs.queue_weight, rs.kv_cache_weight), rs.fallback,
-                             outlier_settings(rs.outlier_ejection))
+                             outlier_settings(rs.outlier_ejection), BufferedDraws(self.streams["ejection_jitter"]))
         self.client = Client(self, workload)
         self.cluster.start(scenario.pods.replicas)
         if scenario.autoscaler is not None:

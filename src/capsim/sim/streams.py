@@ -35,6 +35,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "slow_spells",  # faults.random_slowdowns: each pod's times between slow spells and the spells' lengths
     "dcgm_phase",  # each pod's dcgm-exporter collection phase and exporter scrape offset, by pod id (DCGM metrics)
     "analysis_scrape",  # the canary analysis's scrape offsets: each pod's, by pod id, and the gateway's first
+    "ejection_jitter",  # each outlier ejection's jitter (router.outlier_ejection.max_ejection_time_jitter_s)
 )
 
 
