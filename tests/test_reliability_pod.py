@@ -23,7 +23,10 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from capsim.cli import app as cli_app
-from capsim.core.service import DRAIN_MARGIN_S, PodConfig, create_app, make_server
+from capsim.core import service
+from capsim.core.continuous import ContinuousEngine
+from capsim.core.engine import ReferenceEngine
+from capsim.core.service import DRAIN_MARGIN_S, ENGINE_DIED_EXIT, PodConfig, create_app, make_server
 from capsim.core.state import open_store
 from podproc import PodProcess, free_port
 
@@ -227,6 +230,95 @@ def test_a_draining_pod_refuses_turns_and_is_not_ready() -> None:
         r = client.post("/v1/sessions/d/turns", json={"prompt_tokens": 4})
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert client.get("/readyz").json() == {"ready": False, "reason": "draining"}
+
+
+def fail_first_pass(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """The engine's first forward pass (static: a batch's generate; continuous: a step) raises, as a GPU out of
+    memory would; the passes after it run."""
+    cls: Any = ReferenceEngine if mode == "static" else ContinuousEngine
+    name = "generate" if mode == "static" else "step"
+    real = getattr(cls, name)
+    calls = []
+
+    def fails_first(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(self, *args)
+
+    monkeypatch.setattr(cls, name, fails_first)
+
+
+TURN = {"prompt_tokens": 4, "max_new_tokens": 2}
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_a_failed_forward_pass_kills_the_pod_as_vllms_engine_death_does(monkeypatch: pytest.MonkeyPatch,
+                                                                          mode: str) -> None:
+    """vLLM's server dies with its engine: the requests it held fail (500), and the API server shuts down
+    (``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH`` off). So does the pod: the turn the pass held is 500 naming the error,
+    then the pod is unhealthy (the liveness probe restarts it) and unready, and refuses new turns with 503, though
+    the engine would run again."""
+    fail_first_pass(monkeypatch, mode)
+    app = create_app(PodConfig(device="cpu", warmup=False, torch_threads=1, batch_mode=mode))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.get("/healthz").json() == {"status": "alive"}
+        r = client.post("/v1/sessions/x/turns", json=TURN)
+        assert r.status_code == 500 and "CUDA error: out of memory" in r.json()["detail"], r.text
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json() == {"status": "dead", "reason": "engine died: RuntimeError: CUDA error: out of memory"}
+        assert client.get("/readyz").json() == {"ready": False,
+                                                 "reason": "engine died: RuntimeError: CUDA error: out of memory"}
+        again = client.post("/v1/sessions/y/turns", json=TURN)
+        assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
+        assert "engine died" in again.json()["detail"]
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_kept_alive_the_pod_serves_on_after_a_failed_forward_pass(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """``CAPSIM_KEEP_ALIVE_ON_ENGINE_DEATH=true`` (vLLM's ``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH``): the turn the pass
+    held still fails, and the next one is answered."""
+    fail_first_pass(monkeypatch, mode)
+    config = PodConfig.from_env({"CAPSIM_KEEP_ALIVE_ON_ENGINE_DEATH": "true"}, device="cpu", warmup=False,
+                                torch_threads=1, batch_mode=mode)
+    assert config.keep_alive_on_engine_death
+    app = create_app(config)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/sessions/x/turns", json=TURN).status_code == 500
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        assert client.post("/v1/sessions/y/turns", json=TURN).status_code == 200
+
+
+def test_a_served_pod_whose_engine_died_shuts_down_and_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` on uvicorn in this process: the failed step's turn gets its 500, the server shuts itself down
+    with no signal, and ``serve`` ends the process with ``ENGINE_DIED_EXIT`` (1) for the kubelet to restart it."""
+    fail_first_pass(monkeypatch, "continuous")
+    exits: list[int] = []
+    monkeypatch.setattr(service, "_exit_now", exits.append)  # not os._exit: this is the test's process
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep the test's handlers (serve and uvicorn set them)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    answers: list[httpx.Response] = []
+
+    def client() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.05)
+        answers.append(httpx.post(turn_url(base, "x"), json=TURN, timeout=30))
+
+    sender = threading.Thread(target=client, daemon=True)
+    sender.start()
+    began = time.monotonic()
+    service.serve(PodConfig(device="cpu", batch_mode="continuous", warmup=False, torch_threads=1,
+                            drain_timeout_s=5), port=port, log_level="warning")  # returns once the server is down
+    sender.join(timeout=30)
+    assert answers and answers[0].status_code == 500, answers
+    assert exits == [ENGINE_DIED_EXIT] == [1]
+    assert time.monotonic() - began < 60
 
 
 @pytest.mark.parametrize(

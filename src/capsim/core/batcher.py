@@ -139,6 +139,9 @@ class DynamicBatcher(Generic[P, R]):
         # a ring of the last batches (one tuple per batch, not per request: cheap enough to keep on)
         self.trace: deque[BatchRecord] = deque(maxlen=trace_batches)
         self.trace_total = 0  # batches ever appended to the trace (those it no longer holds included)
+        #: called with the error after a runner call raised and its batch failed with it (the pod: its engine
+        #: died, as vLLM's, and it exits unless kept alive); None: serve on
+        self.on_failure: Callable[[Exception], None] | None = None
         if metrics is not None:
             metrics.bind_queue_depth(self.queue_depth)
 
@@ -373,6 +376,8 @@ class DynamicBatcher(Generic[P, R]):
             self._observe_batch(len(batch), ended - started)
             for entry in batch:
                 self._fail(entry, exc, "failed", started - entry.enqueued_at, ended - entry.enqueued_at)
+            if self.on_failure is not None:
+                self.on_failure(exc)
             return
         self.batches_run += 1
         self._release_slot()

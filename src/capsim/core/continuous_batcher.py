@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from capsim.core.continuous import ContinuousEngine, RequestTooLargeError, StepReport
@@ -59,6 +60,9 @@ class ContinuousBatcher:
                  metrics: Any = None, trace_steps: int = TRACE_STEPS) -> None:
         self.engine = ContinuousEngine(engine, limits)
         self.queue_capacity = queue_capacity
+        #: called with the error after a failed step has failed every request the engine held (the pod: its
+        #: engine died, as vLLM's, and it exits unless kept alive); None: serve on
+        self.on_failure: Callable[[Exception], None] | None = None
         self._metrics = metrics
         if metrics is not None and hasattr(metrics, "bind_queue_depth"):
             metrics.bind_queue_depth(self.queue_depth)
@@ -175,11 +179,13 @@ class ContinuousBatcher:
     def _fail_all(self, exc: Exception) -> None:
         """A step raised ``exc``: the engine's state is not to be trusted, so every request it holds fails with
         it (the pod answers 500) and the engine starts again empty, as vLLM's requests fail when its engine
-        dies (there the pod then restarts; here it serves on)."""
+        dies; then ``on_failure`` hears of it (the pod exits, as vLLM's server does, unless kept alive)."""
         self.engine.reset()
         for rid in list(self._futures):
             self._end(rid, self._futures[rid][0], exc, "failed")
             self._forget(rid)
+        if self.on_failure is not None:
+            self.on_failure(exc)
 
     def _timed_step(self) -> tuple[StepReport, float]:
         """One engine step, in the worker thread, and that thread's CPU seconds for it."""

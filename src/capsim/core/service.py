@@ -9,7 +9,10 @@ while draining). Configuration comes from ``PodConfig``: flags or the
 
 Failure answers are JSON ``{"detail": ...}``, and every 503 carries ``Retry-After``. A turn with an
 ``Idempotency-Key`` header is stored once however often it is retried; a retry gets the first answer.
-On SIGTERM every turn in flight is bounded by ``drain_timeout_s``: it finishes, or answers 503.
+On SIGTERM every turn in flight is bounded by ``drain_timeout_s``: it finishes, or answers 503. A forward pass
+or step that raises fails the turns it held (500) and kills the pod, as vLLM's server dies with its engine:
+``/healthz`` and ``/readyz`` answer 503, new turns 503, and ``serve`` exits ``ENGINE_DIED_EXIT`` (1) for the
+kubelet to restart the container; ``CAPSIM_KEEP_ALIVE_ON_ENGINE_DEATH=true`` serves on instead.
 
 This module builds the app and runs it; the parts live in ``service_config`` (``PodConfig``),
 ``service_pod`` (``PodState``, the drain) and ``service_turns`` (the turn route, the hot path).
@@ -41,7 +44,7 @@ from capsim.core.service_pod import RETRY_AFTER, HTTPError, PodState
 from capsim.core.service_turns import TURN_SCHEMA, TurnRequest, handle_turn
 from capsim.core.state import SessionStore, StateStoreError, open_store
 
-__all__ = ["DRAIN_MARGIN_S", "RETRY_AFTER", "PodConfig", "PodState", "TurnRequest", "create_app", "make_server", "serve"]
+__all__ = ["DRAIN_MARGIN_S", "ENGINE_DIED_EXIT", "RETRY_AFTER", "PodConfig", "PodState", "TurnRequest", "create_app", "make_server", "serve"]
 
 TURN_PATH = TURN_HANDLER
 
@@ -74,6 +77,13 @@ def create_app(
                                      trace_batches=cfg.trace_steps or TRACE_BATCHES)
         pod = PodState(cfg, eng, st, batcher, metrics, loop=asyncio.get_running_loop())
         app.state.pod = pod
+        if not cfg.keep_alive_on_engine_death:
+            def engine_died(exc: Exception) -> None:  # as vLLM's server: its engine is dead, so is the pod
+                pod.engine_died(exc)
+                stop = getattr(app.state, "stop_server", None)  # the server running the app (make_server)
+                if stop is not None:
+                    stop()
+            batcher.on_failure = engine_died
         async with batcher:
             if cfg.warmup:
                 await asyncio.to_thread(eng.generate, [eng.request(8, 2)])
@@ -121,14 +131,18 @@ def create_app(
         return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
+    async def healthz(request: Request) -> JSONResponse:
+        pod: PodState | None = getattr(request.app.state, "pod", None)
+        if pod is not None and pod.dead is not None:  # the liveness probe fails while the server shuts down
+            return JSONResponse({"status": "dead", "reason": f"engine died: {pod.dead}"}, 503)
+        return JSONResponse({"status": "alive"})
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
         pod: PodState = request.app.state.pod
         if not pod.ready or pod.draining:
-            return JSONResponse({"ready": False, "reason": "draining" if pod.draining else "warming up"}, 503)
+            reason = "warming up" if not pod.draining else "draining" if pod.dead is None else f"engine died: {pod.dead}"
+            return JSONResponse({"ready": False, "reason": reason}, 503)
         now = time.monotonic()
         if now >= pod.store_ok_until:
             try:
@@ -227,6 +241,7 @@ async def _ping(store: SessionStore) -> None:
 
 
 DRAIN_MARGIN_S = 3.0  # SIGTERM to exit takes at most drain_timeout_s plus this (uvicorn's steps, close)
+ENGINE_DIED_EXIT = 1  # serve's exit status once a step or forward pass raised (PodConfig.keep_alive_on_engine_death)
 
 
 def make_server(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
@@ -246,7 +261,7 @@ def make_server(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, lo
                 pod.begin_drain()
             super().handle_exit(sig, frame)
 
-    return PodServer(
+    server = PodServer(
         uvicorn.Config(
             app,
             host=host,
@@ -257,12 +272,15 @@ def make_server(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, lo
             access_log=False,
         )
     )
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)  # the engine died (PodState.dead)
+    return server
 
 
 def serve(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the pod on uvicorn until SIGTERM/SIGINT: readiness goes false at once, intake stops, turns in
     flight finish or answer 503 within ``config.drain_timeout_s``, and the process exits 0 within
-    ``drain_timeout_s + DRAIN_MARGIN_S``."""
+    ``drain_timeout_s + DRAIN_MARGIN_S``. Or until its engine dies (``PodState.engine_died``): then it shuts
+    down the same way and exits ``ENGINE_DIED_EXIT``."""
     import signal
 
     server = make_server(config, host, port, log_level)
@@ -272,6 +290,11 @@ def serve(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, log_leve
     # whose callers have all been answered.
     signal.signal(signal.SIGTERM, lambda *_: _exit_now(0))
     server.run()
+    pod: PodState | None = getattr(server.config.app.state, "pod", None)
+    if pod is not None and pod.dead is not None:  # as vLLM's server once its engine died: out, to be restarted
+        print(f"capsim pod: the engine died ({pod.dead}); exiting {ENGINE_DIED_EXIT} for the kubelet to restart "
+              "the container", file=sys.stderr)
+        _exit_now(ENGINE_DIED_EXIT)
 
 
 def _exit_now(code: int) -> None:

@@ -46,6 +46,10 @@ class PodConfig(FrozenModel):
     slowdown: float = Field(1.0, ge=1, le=100, description="a gray-failure drill: the engine holds the model this "
                             "many times each batch's or step's time, sleeping the rest, as a throttled GPU would "
                             "(the simulator's faults.slow_pods); 1: full speed")
+    keep_alive_on_engine_death: bool = Field(
+        False, description="after a forward pass or step that raises (out of memory, a driver error), fail the "
+        "requests it held and serve on; false: fail them, go unhealthy and exit 1 for the kubelet to restart the "
+        "container, as vLLM's server does (VLLM_KEEP_ALIVE_ON_ENGINE_DEATH, off by default)")
     # continuous batching (docs/continuous.md): CAPSIM_BATCH_MODE=continuous and vLLM's engine limits
     batch_mode: Literal["static", "continuous"] = Field("static", description="static batches or per-step")
     max_num_seqs: int = Field(256, ge=1, description="continuous: requests running at once")

@@ -45,6 +45,7 @@ class PodState:
     started: float = field(default_factory=time.monotonic)
     loop: asyncio.AbstractEventLoop | None = None
     drain_deadline: float | None = None  # loop time at which turns still running answer 503
+    dead: str | None = None  # why the engine died (a step or forward pass raised): the pod refuses turns and exits
     bounds: set[asyncio.Timeout] = field(default_factory=set)  # one per turn in flight
 
     def begin_drain(self) -> None:
@@ -56,6 +57,13 @@ class PodState:
         self.draining = True
         if self.loop is not None:
             self.loop.call_soon_threadsafe(self._bound_in_flight)
+
+    def engine_died(self, exc: Exception) -> None:
+        """A step or forward pass raised ``exc`` and the requests it held failed with it: the pod is dead, as
+        vLLM's server is once its engine dies. Unready, unhealthy, new turns refused with 503; the server (when
+        one runs the app) shuts down and ``serve`` exits 1."""
+        self.dead = f"{type(exc).__name__}: {exc}"
+        self.begin_drain()
 
     def _bound_in_flight(self) -> None:
         if self.drain_deadline is None:

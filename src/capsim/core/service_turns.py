@@ -69,7 +69,8 @@ async def handle_turn(pod: PodState, session_id: str, raw: bytes, idempotency_ke
     """``POST /v1/sessions/{session_id}/turns``: checks in the documented order, then the turn."""
     body = parse_turn(raw)
     if pod.draining:
-        raise HTTPError(503, "pod is draining; retry on another pod", RETRY_AFTER)
+        raise HTTPError(503, "pod is draining; retry on another pod" if pod.dead is None else
+                        f"the pod's engine died ({pod.dead}); retry on another pod", RETRY_AFTER)
     try:
         validate_session_id(session_id)
     except InvalidSessionIdError as exc:
