@@ -223,6 +223,40 @@ def test_a_connection_layout_below_one_names_the_field(field):
         ConnectionPools(**{field: 0})
 
 
+def test_a_client_drops_an_idle_connection_before_the_server_would_close_it() -> None:
+    """capsim's clients (``http_clients``: the load generator, the router's forwarding) reuse an idle connection
+    for ``KEEPALIVE_EXPIRY_S`` only, under the servers' keep-alive (``SERVER_KEEP_ALIVE_S``, the pod's and the
+    router's uvicorn): a request after 4.3 s idle goes out on a new connection, where the server would still have
+    kept the old one for 0.7 s more. With both at 5 s a request could meet the server closing its connection
+    (``RemoteProtocolError``, the router's 502)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from capsim.core.http_pools import KEEPALIVE_EXPIRY_S, SERVER_KEEP_ALIVE_S, http_clients
+    from capsim.core.service import PodConfig, make_server
+
+    assert KEEPALIVE_EXPIRY_S < SERVER_KEEP_ALIVE_S
+    assert make_server(PodConfig(device="cpu"), port=0).config.timeout_keep_alive == SERVER_KEEP_ALIVE_S
+
+    async def port(request: Request) -> JSONResponse:
+        assert request.client is not None
+        return JSONResponse({"port": request.client.port})
+
+    async def ports(url: str) -> list[int]:
+        async with http_clients(ConnectionPools(shards=1)) as (client,):
+            first = (await client.get(url)).json()["port"]
+            again = (await client.get(url)).json()["port"]  # at once: the same connection
+            await asyncio.sleep(KEEPALIVE_EXPIRY_S + 0.3)
+            later = (await client.get(url)).json()["port"]
+            return [first, again, later]
+
+    with Served(Starlette(routes=[Route("/", port)])) as server:
+        first, again, later = asyncio.run(ports(server.url + "/"))
+    assert again == first and later != first
+
+
 def test_bounds_are_respected(pod):
     df = asyncio.run(run_load([pod.url], plan(50), max_requests=7))
     assert len(df) == 7

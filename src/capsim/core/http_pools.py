@@ -3,6 +3,13 @@
 httpcore 1.0.9 (the newest release) walks every connection of a pool on each request's enqueue and release,
 so one big pool's CPU per request grows with the connections it holds; several small pools keep each walk
 short (``ConnectionPools``, ``benchmarks/bench_loadgen.py``).
+
+A client drops an idle connection after ``KEEPALIVE_EXPIRY_S``, a second before capsim's servers (the pod, the
+router) close one (``SERVER_KEEP_ALIVE_S``, uvicorn's default and vLLM's ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``). With
+both at 5 s (httpx's and uvicorn's defaults, until stop 70) a request could go out on a connection the server was
+closing at that instant: the client read ``RemoteProtocolError`` ("Server disconnected without sending a
+response"), the router answered 502, and a validation lost a turn (a CI run at stop 70). Istio's "503 UC" between
+Envoy and an application is the same race; its remedy is the same, the client's idle timeout under the server's.
 """
 
 from __future__ import annotations
@@ -15,7 +22,13 @@ import httpx
 
 from capsim.errors import CapsimError
 
-__all__ = ["ONE_POOL", "ConnectionPools", "HttpPoolsError", "http_clients"]
+__all__ = ["KEEPALIVE_EXPIRY_S", "ONE_POOL", "SERVER_KEEP_ALIVE_S", "ConnectionPools", "HttpPoolsError",
+           "http_clients"]
+
+#: how long capsim's servers (the pod, the router) keep an idle connection open (uvicorn's timeout_keep_alive)
+SERVER_KEEP_ALIVE_S = 5
+#: how long capsim's clients keep an idle connection for reuse (httpx's keepalive_expiry): under the servers'
+KEEPALIVE_EXPIRY_S = 4.0
 
 
 class HttpPoolsError(CapsimError, ValueError):
@@ -57,7 +70,8 @@ async def http_clients(pools: ConnectionPools | None = None,
     ``clients[k % len(clients)]``. What every driver of load uses (``loadgen.run_load``, the validations'
     calibration loops) and the router's forwarding."""
     layout = pools or ConnectionPools()
-    limits = httpx.Limits(max_connections=layout.connections, max_keepalive_connections=layout.keepalive)
+    limits = httpx.Limits(max_connections=layout.connections, max_keepalive_connections=layout.keepalive,
+                          keepalive_expiry=KEEPALIVE_EXPIRY_S)
     verify = httpx.create_ssl_context()
     async with contextlib.AsyncExitStack() as stack:
         yield [await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=timeout, verify=verify))

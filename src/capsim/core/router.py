@@ -50,7 +50,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import Field, field_validator, model_validator
 
-from capsim.core.http_pools import ConnectionPools, http_clients
+from capsim.core.http_pools import SERVER_KEEP_ALIVE_S, ConnectionPools, http_clients
 from capsim.model.scenario import OutlierEjection, router_ejects
 from capsim.model.settings import FrozenModel
 from capsim.policy.outlier import OutlierDetector
@@ -546,4 +546,5 @@ def serve_router(config: RouterConfig, host: str = "127.0.0.1", port: int = 8080
     """Run the router on uvicorn until SIGTERM/SIGINT."""
     import uvicorn
 
-    uvicorn.run(create_router_app(config), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_router_app(config), host=host, port=port, log_level=log_level, access_log=False,
+                timeout_keep_alive=SERVER_KEEP_ALIVE_S)  # over the clients' keepalive_expiry (http_pools)

@@ -38,6 +38,7 @@ from capsim.core import session_history
 from capsim.core.batcher import TRACE_BATCHES, DynamicBatcher
 from capsim.core.continuous_batcher import TRACE_STEPS, ContinuousBatcher
 from capsim.core.engine import GenerationRequest, GenerationResult, ReferenceEngine
+from capsim.core.http_pools import SERVER_KEEP_ALIVE_S
 from capsim.core.metrics import TURN_HANDLER, InferenceMetrics
 from capsim.core.service_config import PodConfig
 from capsim.core.service_pod import RETRY_AFTER, HTTPError, PodState
@@ -269,6 +270,7 @@ def make_server(config: PodConfig, host: str = "127.0.0.1", port: int = 8000, lo
             log_level=log_level,
             lifespan="on",
             timeout_graceful_shutdown=math.ceil(config.drain_timeout_s) + 1,
+            timeout_keep_alive=SERVER_KEEP_ALIVE_S,  # over the clients' keepalive_expiry (http_pools)
             access_log=False,
         )
     )
