@@ -134,14 +134,19 @@ def test_with_envoys_sweeps_an_ejected_pod_returns_at_the_first_sweep_after_its_
 
 
 
-def test_a_failure_seen_after_a_pods_ejection_ended_counts_though_no_order_came_between(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """An attempt that fails after the pod's ejection ended (it ran across the end, or the router sent it in panic
-    mode) counts: the pods whose ejection is over return before the failure is seen, as in the simulator."""
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The router's monotonic clock, at 1000 s until a test sets ``clock[0]``."""
     import capsim.core.router as router_module
 
-    clock = [1000.0]
-    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    now = [1000.0]
+    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
+def test_a_failure_seen_after_a_pods_ejection_ended_counts_though_no_order_came_between(clock: list[float]) -> None:
+    """An attempt that fails after the pod's ejection ended (it ran across the end, or the router sent it in panic
+    mode) counts: the pods whose ejection is over return before the failure is seen, as in the simulator."""
     a, b = "http://10.0.0.1:8000", "http://10.0.0.2:8000"
     r = Router(RouterConfig(pods=(a, b), policy="least_outstanding",
                             outlier_ejection={"consecutive_failures": 1, "base_ejection_s": 30.0}))
@@ -154,13 +159,9 @@ def test_a_failure_seen_after_a_pods_ejection_ended_counts_though_no_order_came_
     assert r.order("s", 4)[0] == [b]
 
 
-def test_the_ejected_gauge_reads_the_ejections_at_the_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_ejected_gauge_reads_the_ejections_at_the_scrape(clock: list[float]) -> None:
     """``capsim_router_ejected`` counts the pods out when it is scraped: an ejection that ended shows as over though
     no turn came since (it changed only at a pick or a failure), and a pod that left the list is not counted."""
-    import capsim.core.router as router_module
-
-    clock = [1000.0]
-    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     a, b, c = "http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"
     r = Router(RouterConfig(pods=(a, b, c), policy="least_outstanding",
                             outlier_ejection={"consecutive_failures": 1, "max_ejection_percent": 100.0}))
@@ -181,12 +182,9 @@ def test_the_ejected_gauge_reads_the_ejections_at_the_scrape(monkeypatch: pytest
         "capsim_router_ejected") == 0  # no ejection: always none
 
 
-def test_with_jitter_each_ejection_lasts_up_to_the_jitter_longer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_with_jitter_each_ejection_lasts_up_to_the_jitter_longer(clock: list[float]) -> None:
     """``max_ejection_time_jitter_s`` (Envoy's ``max_ejection_time_jitter``): the real router draws each ejection's
     jitter at random, whole milliseconds from 0 to the jitter, as the simulator's router does from its stream."""
-    import capsim.core.router as router_module
-
-    monkeypatch.setattr(router_module, "time", SimpleNamespace(monotonic=lambda: 1000.0))
     a = "http://10.0.0.1:8000"
     ends = set()
     for _ in range(20):
