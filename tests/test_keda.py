@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from capsim.model.scenario import Scenario
 from capsim.model.settings import SettingsError
-from capsim.policy.keda import ScaleExecutor, hpa_min_replicas
+from capsim.policy.keda import ScaleExecutor, hpa_min_replicas, metric_value
 from test_autoscaler_validation import GATEWAY, bursts
 
 
@@ -115,6 +115,19 @@ def test_keda_needs_external_metrics_and_names_the_metric() -> None:
         keda(activation={"nope": 1})
     with pytest.raises(SettingsError, match=r"autoscaler.keda.polling_interval_s"):
         keda(polling_interval_s=0)
+
+
+def test_keda_hands_the_hpa_each_trigger_s_value_in_whole_thousandths_truncated() -> None:
+    # GenerateMetricInMili: NewMilliQuantity(int64(value x 1000)); the HPA's own rounding of a fraction of a milli-unit
+    # up (Quantity.MilliValue) never sees one
+    assert [metric_value(v) for v in (2.0009, 1.5333333, -0.0005, 7.0)] == [2.0, 1.533, 0.0, 7.0]
+    from capsim.sim import simulate
+
+    r = simulate(keda(cooldown_period_s=300), seed=0)
+    rates = r.hpa_syncs["capsim_gateway_requests_total"].dropna()
+    assert len(rates) > 50 and (rates * 1000 % 1 != 0).sum() == 0
+    # the gateway's 30 s rate of 2 requests/s with its extrapolation: thirds and such, truncated, not rounded
+    assert (rates.round(6) != rates.round(3)).sum() == 0 and rates.nunique() > 10
 
 
 def test_the_hpa_keda_creates_keeps_one_pod() -> None:

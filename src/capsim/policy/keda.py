@@ -60,6 +60,7 @@ HPA's behavior (its policies and windows).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -75,6 +76,13 @@ FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = get_args(FallbackBehavior)
 
 #: KEDA's default ``cooldownPeriod`` (seconds).
 DEFAULT_COOLDOWN_PERIOD_S = 300.0
+
+
+def metric_value(value: float) -> float:
+    """A trigger's value as KEDA hands it to the HPA: in whole thousandths, truncated towards zero
+    (``GenerateMetricInMili``: ``NewMilliQuantity(int64(value x 1000))``). KEDA decides a trigger's activity on
+    the value before this (``value > activationThreshold``)."""
+    return math.trunc(value * 1000) / 1000
 
 
 def hpa_min_replicas(min_replica_count: int) -> int:

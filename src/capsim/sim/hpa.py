@@ -88,7 +88,7 @@ from capsim.policy.autoscaling import (
     pods_metric_replicas,
     value_metric_replicas,
 )
-from capsim.policy.keda import FallbackHealth, ScaleExecutor
+from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import SERVING, Pod, PodState
 from capsim.sim.promql_eval import (
@@ -505,6 +505,8 @@ class Autoscaling:
                         failed = False
                         if health is not None:  # KEDA's scaler: an empty result is 0, or an error
                             total, failed = self._keda_result(k, total)
+                            if total is not None:
+                                total = metric_value(total)  # in whole thousandths, as KEDA answers
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
                         ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
@@ -568,8 +570,8 @@ class Autoscaling:
                 else:  # ignoreNullValues false and nothing in the result: the scaler errs too
                     total, failed = self._keda_result(k, self._external_total(pods, metric, now, query, window_s,
                                                                               quantile))
-                if k in cached:
-                    cache[k] = (total, failed)
+                if k in cached:  # what the HPA reads: in whole thousandths (activity is on the value itself)
+                    cache[k] = (None if total is None else metric_value(total), failed)
                 if failed:
                     error = True
                 elif total is not None and total > threshold:
