@@ -156,7 +156,13 @@ KEDA_SCALED_OBJECT = {
                 "minReplicaCount": _INT32, "maxReplicaCount": _INT32, "idleReplicaCount": _INT32,
                 "advanced": {"type": "object", "additionalProperties": False, "properties": {
                     "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
-                                                      "properties": {"behavior": {"type": "object"}}}}},
+                                                      "properties": {"behavior": {"type": "object"}}},
+                    # keda.sh_scaledobjects.yaml: every field a string, formula and target required by the webhook
+                    "scalingModifiers": {"type": "object", "additionalProperties": False,
+                                         "required": ["formula", "target"],
+                                         "properties": {"formula": {"type": "string"}, "target": {"type": "string"},
+                                                        "activationTarget": {"type": "string"},
+                                                        "metricType": {"enum": ["AverageValue", "Value"]}}}}},
                 "triggers": {"type": "array", "minItems": 1, "items": {"anyOf": [{
                     "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
                     "properties": {

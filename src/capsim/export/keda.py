@@ -11,7 +11,10 @@ scenario with it was simulated as KEDA runs (``capsim.policy.keda``): each Exter
 (a pod metric summed over the Deployment's pods, or the gateway's counter as ``DeployTarget.gateway_query``
 asks Prometheus for it), with its ``metricType`` (``AverageValue`` or ``Value``), ``activationThreshold``,
 ``pollingInterval``, ``cooldownPeriod``, ``minReplicaCount`` (0 scales to zero), ``idleReplicaCount`` and
-``fallback`` as simulated, and a ``cron`` trigger per ``autoscaler.keda.cron``.
+``fallback`` as simulated, and a ``cron`` trigger per ``autoscaler.keda.cron``. With
+``autoscaler.keda.scaling_modifiers`` the triggers are named as its formula names them (``vllm_num_requests_waiting``,
+``cron_0``: ``Autoscaler.trigger_names``) and ``advanced.scalingModifiers`` carries the formula, its target, activation
+target and metric type.
 Fields as KEDA's CRD (kedacore/keda ``config/crd/bases/keda.sh_scaledobjects.yaml``) defines them.
 """
 
@@ -39,8 +42,13 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     names = [m.name for m in hpa.metrics]
     cached = keda.cached(names) if keda is not None else frozenset()
     null_zero = keda.null_as_zero(names) if keda is not None else frozenset(names)
+    modifiers = keda.scaling_modifiers if keda is not None else None
+    # with scalingModifiers a formula names the triggers: identifiers of expr (capsim.policy.keda_formula)
+    names = auto.trigger_names if modifiers is not None else [
+        re.sub(r"[^a-z0-9-]", "-", m.name.lower()) for m in hpa.metrics] + [
+        f"cron-{i}" for i in range(len(keda.cron) if keda is not None else 0)]
     triggers = []
-    for metric in hpa.metrics:
+    for metric, trigger_name in zip(hpa.metrics, names, strict=False):
         query, window_s, quantile = auto.query_of(metric.name)
         if EXTERNAL_METRICS.get(metric.name) == "gateway":
             promql = target.gateway_requests(PodQuery.duration(window_s))
@@ -54,7 +62,7 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
             meta["ignoreNullValues"] = "false"
         trigger: dict[str, Any] = {
             "type": "prometheus",
-            "name": re.sub(r"[^a-z0-9-]", "-", metric.name.lower()),
+            "name": trigger_name,
             "metricType": "Value" if metric.target_type == "Value" else "AverageValue",
             "metadata": meta,
         }
@@ -62,7 +70,7 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
             trigger["useCachedMetrics"] = True
         triggers.append(trigger)
     for i, c in enumerate(keda.cron if keda is not None else ()):  # answered by KEDA itself, as simulated
-        triggers.append({"type": "cron", "name": f"cron-{i}", "metadata": {
+        triggers.append({"type": "cron", "name": names[len(hpa.metrics) + i], "metadata": {
             "timezone": c.timezone, "start": c.start, "end": c.end, "desiredReplicas": str(c.desired_replicas)}})
     ref = scale_target_ref(scenario, target)
     spec: dict[str, Any] = {
@@ -81,7 +89,14 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     if keda is not None and keda.idle_replica_count is not None:  # idle mode: to zero whatever the minimum
         spec["idleReplicaCount"] = keda.idle_replica_count
     spec.update({"minReplicaCount": auto.min_replicas, "maxReplicaCount": auto.max_replicas, "triggers": triggers})
+    advanced: dict[str, Any] = {}
     if auto.behavior is not None:
-        spec["advanced"] = {"horizontalPodAutoscalerConfig": {"behavior": auto.behavior}}
+        advanced["horizontalPodAutoscalerConfig"] = {"behavior": auto.behavior}
+    if modifiers is not None:  # one composite metric for the HPA and for activation, as simulated
+        advanced["scalingModifiers"] = {"formula": modifiers.formula, "target": f"{modifiers.target:g}",
+                                        "activationTarget": f"{modifiers.activation_target:g}",
+                                        "metricType": modifiers.metric_type}
+    if advanced:
+        spec["advanced"] = advanced
     return {"apiVersion": API_VERSION, "kind": "ScaledObject",
             "metadata": target.metadata(f"{target.name}"), "spec": spec}

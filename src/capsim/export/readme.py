@@ -291,6 +291,10 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
         if k.fallback is not None:
             lines.append(f"| KEDA `fallback` (`failureThreshold` / `replicas` / `behavior`) | "
                          f"{k.fallback.failure_threshold} / {k.fallback.replicas} / {k.fallback.behavior} |")
+        if (sm := k.scaling_modifiers) is not None:
+            lines.append(f"| KEDA `scalingModifiers` | `{sm.formula}`, {sm.metric_type} {sm.target:g}, activation "
+                         f"above {sm.activation_target:g}: the HPA scales on this composite alone (the metrics' own "
+                         f"targets above are each trigger's threshold, unused by it) |")
     else:
         lines.append(f"| `minReplicas` / `maxReplicas` | {auto.min_replicas} / {auto.max_replicas} |")
     lines += [

@@ -40,6 +40,7 @@ from capsim.model.settings import (
 )
 from capsim.policy.keda import FallbackBehavior, Release
 from capsim.policy.keda_cron import CronWindow, valid_schedule
+from capsim.policy.keda_formula import Formula, FormulaError, compile_formula, trigger_name
 from capsim.policy.outlier import OutlierSettings
 
 #: The Prometheus metrics a pod exports that a Pods-type HPA metric may name, and what each measures.
@@ -1068,6 +1069,27 @@ class CronTrigger(_Section):
         return CronWindow(self.timezone, self.start, self.end, self.desired_replicas, clock_start)
 
 
+class ScalingModifiers(_Section):
+    """KEDA's ``advanced.scalingModifiers`` (``autoscaler.keda.scaling_modifiers``): one composite metric, the
+    ``formula`` over the triggers' values (``capsim.policy.keda_formula``), takes the place of the triggers' own
+    metrics for the HPA KEDA creates and for KEDA's step to and from zero. A formula names a trigger by its metric's
+    name with every character other than a letter, digit or underscore as ``_`` (``vllm:num_requests_waiting`` is
+    ``vllm_num_requests_waiting``) and a cron trigger as ``cron_0``, ``cron_1`` ... in the order of ``cron``.
+    The HPA scales on the composite against ``target`` (``metric_type``: ``AverageValue`` divides it by the pods,
+    ``Value`` compares it whole); KEDA's operator finds the ScaledObject active when the composite is above
+    ``activation_target``, and not active when any trigger's query failed (``pkg/scaling/scale_handler.go``)."""
+
+    formula: str = Field(description="KEDA scalingModifiers.formula: an expression over the triggers' names "
+                                     "(expr's language: + - * / ** %, comparisons, c ? x : y, max(), min(), "
+                                     "count([...], {# > 1}) ...)")
+    target: Float = Field(gt=0, description="KEDA scalingModifiers.target: the composite's target for the HPA")
+    activation_target: Float = Field(0.0, description="KEDA scalingModifiers.activationTarget: the ScaledObject "
+                                                      "is active while the composite is above it")
+    metric_type: Literal["AverageValue", "Value"] = Field(
+        "AverageValue", description="KEDA scalingModifiers.metricType: AverageValue (the composite over the pods) "
+                                    "or Value")
+
+
 def _named(setting: bool | tuple[str, ...], names: Sequence[str]) -> frozenset[str]:
     """The names a per-trigger setting covers: every one (true), none (false) or those it lists."""
     return frozenset(names if setting is True else () if setting is False else setting)
@@ -1122,6 +1144,9 @@ class Keda(_Section):
                             "minReplicas-0 Deployment to zero a cooldown into the outage; from 2.18 a fallback also "
                             "covers Value targets and answers the target times its count unrounded")
 
+    scaling_modifiers: ScalingModifiers | None = Field(
+        None, description="KEDA advanced.scalingModifiers: the HPA and KEDA's activation take one composite metric, "
+                          "a formula over the triggers, instead of each trigger's (null: none)")
     cron: tuple[CronTrigger, ...] = Field(
         (), description="KEDA cron triggers besides the metrics' (each asks for its desired_replicas in its window; "
                         "KEDA answers them itself, not Prometheus); they need clock_start")
@@ -1261,7 +1286,9 @@ class Autoscaler(_Section):
                 for i, name in enumerate(given if isinstance(given, tuple) else ()):
                     if name not in names:
                         raise ValueError(f"keda.{field}.{i}: {name!r} is not a metric of metrics (names: {names})")
-            if self.keda.fallback is not None and self.keda.release != "2.18":
+            if self.keda.scaling_modifiers is not None:
+                self._check_scaling_modifiers(hpa.metrics)
+            elif self.keda.fallback is not None and self.keda.release != "2.18":
                 for i, m in enumerate(hpa.metrics):
                     if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)
                         raise ValueError(f"keda.fallback needs every trigger's metric type AverageValue before release "
@@ -1280,6 +1307,56 @@ class Autoscaler(_Section):
                 raise ValueError(f"queries.{name}.query: histogram_quantile is simulated for the TTFT histogram "
                                  f"only; the inter-token latency is read as its mean over the window (query: rate)")
         return self
+
+    def _check_scaling_modifiers(self, metrics: Sequence[Any]) -> None:
+        """KEDA's admission of ``keda.scaling_modifiers`` (``ValidateAndCompileScalingModifiers``,
+        ``CheckFallbackValid``), and what capsim does not model with it."""
+        keda = self.keda
+        assert keda is not None and keda.scaling_modifiers is not None
+        sm = keda.scaling_modifiers
+        names = self.trigger_names
+        seen: dict[str, str] = {}
+        for metric, name in zip([m.name for m in metrics] + [f"cron[{i}]" for i in range(len(keda.cron))], names,
+                                strict=True):
+            if name in seen:
+                raise ValueError(f"keda.scaling_modifiers: metrics {seen[name]!r} and {metric!r} both make the "
+                                 f"trigger name {name!r}, so a formula could not tell them apart")
+            seen[name] = metric
+        try:
+            self.formula()
+        except FormulaError as e:
+            raise ValueError(f"keda.scaling_modifiers.formula: {e}") from None
+        if keda.activation:
+            raise ValueError("keda.activation: with scaling_modifiers KEDA decides activity on the composite "
+                             "(scaling_modifiers.activation_target), not on each trigger's activationThreshold; "
+                             "drop keda.activation")
+        fb = keda.fallback
+        if fb is not None:
+            if keda.release == "2.16":
+                raise ValueError("keda.fallback with scaling_modifiers is simulated from release 2.17 (KEDA 2.17 "
+                                 "made the fallback follow scalingModifiers.metricType, kedacore/keda#6521); set "
+                                 "keda.release to 2.17 or 2.18")
+            if sm.target != int(sm.target):
+                raise ValueError(f"keda.fallback with scaling_modifiers needs a whole-number "
+                                 f"scaling_modifiers.target (KEDA parses it as an integer and otherwise ignores the "
+                                 f"fallback, HasValidFallback), got {sm.target:g}")
+            if keda.release != "2.18" and sm.metric_type != "AverageValue":
+                raise ValueError(f"keda.fallback needs scaling_modifiers.metric_type AverageValue before release "
+                                 f"2.18 (KEDA {keda.release} has no fallback for a Value composite), got "
+                                 f"{sm.metric_type}")
+
+    @property
+    def trigger_names(self) -> list[str]:
+        """KEDA's trigger names as a ``keda.scaling_modifiers`` formula calls them: each metric's
+        (``capsim.policy.keda_formula.trigger_name``), then ``cron_0``, ``cron_1`` ... for ``keda.cron``."""
+        cron = self.keda.cron if self.keda is not None else ()
+        return [trigger_name(m.name) for m in self.to_hpa().metrics] + [f"cron_{i}" for i in range(len(cron))]
+
+    def formula(self) -> Formula | None:
+        """The compiled ``keda.scaling_modifiers`` formula (None: none)."""
+        if self.keda is None or self.keda.scaling_modifiers is None:
+            return None
+        return compile_formula(self.keda.scaling_modifiers.formula, self.trigger_names)
 
     def query_of(self, name: str) -> tuple[str, float, float]:
         """The query of metric ``name``: (query, window in seconds, quantile), defaults filled in."""

@@ -89,6 +89,7 @@ from capsim.policy.autoscaling import (
     value_metric_replicas,
 )
 from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value
+from capsim.policy.keda_formula import COMPOSITE_METRIC, Formula, FormulaError
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import SERVING, Pod, PodState
 from capsim.sim.promql_eval import (
@@ -103,6 +104,7 @@ from capsim.sim.promql_eval import (
 )
 
 if TYPE_CHECKING:
+    from capsim.model.scenario import ScalingModifiers
     from capsim.sim.simulate import Simulation
 
 #: Prometheus's lookback delta (``--query.lookback-delta``, 5 minutes): an instant query returns the newest
@@ -210,6 +212,9 @@ class Autoscaling:
         self._null_zero: frozenset[int] = frozenset()  # the triggers that keep ignoreNullValues: empty reads 0
         #: (time, active, error, replicas before, replicas KEDA set or -1) per poll of KEDA's operator
         self.keda_polls: list[tuple[float, bool, bool, int, int]] = []
+        self._formula: Formula | None = None
+        self._modifiers: ScalingModifiers | None = None
+        self._trigger_names: list[str] = []
         if spec.keda is not None:
             # a run starts from a Deployment already serving: with pods, as if its triggers were last
             # active at time 0 (else KEDA's first poll, before Prometheus holds two samples of a rate,
@@ -229,6 +234,10 @@ class Autoscaling:
             self._cached = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in cached)
             zero = spec.keda.null_as_zero([m.name for m in self.hpa.metrics])
             self._null_zero = frozenset(k for k, m in enumerate(self.hpa.metrics) if m.name in zero)
+            # scalingModifiers: one composite metric, the formula over the triggers (by their names)
+            self._formula = spec.formula()
+            self._modifiers = spec.keda.scaling_modifiers
+            self._trigger_names = spec.trigger_names
             first_poll = spec.keda.polling_interval_s * (1.0 - float(sim.streams["keda_phase"].random()))
             sim.env.process(self._keda_loop(first_poll))
 
@@ -465,10 +474,14 @@ class Autoscaling:
     def syncs_frame(self) -> Any:
         """``SimResult.hpa_syncs``: a row per sync of the HPA controller: its time, the Deployment's count, the count
         it set, and per metric (by name) the value it read (a Pods metric's mean over the pods with a value, an
-        External metric's total; NaN where the read failed) and the count that metric proposed (-1: none)."""
+        External metric's total; NaN where the read failed) and the count that metric proposed (-1: none). With
+        ``keda.scaling_modifiers`` the triggers' values are followed by ``composite-metric``, the one metric the HPA
+        scales on, and only it proposes."""
         import pandas as pd
 
         names = [m.name for m in self.hpa.metrics]
+        if self._formula is not None:  # scalingModifiers: the HPA's one metric, after the triggers' values
+            names.append(COMPOSITE_METRIC)
         columns = ["time_s", "current", "desired", *names, *(f"{n} proposal" for n in names)]
         frame = pd.DataFrame(self.metric_reads, columns=columns)
         return frame.astype({c: int for c in ("current", "desired", *columns[3 + len(names):])})
@@ -486,6 +499,7 @@ class Autoscaling:
             pods = cluster.live_pods
             proposals: list[int | None] = []
             read: list[float] = []  # each metric's value, as the HPA's status would show it
+            raw: list[tuple[float | None, bool]] = []  # scalingModifiers: each trigger's value and failure
             down = self._prometheus_down(now)  # every query fails
             health = self.keda_health
             for k, (metric, target, query, window_s, quantile) in enumerate(self.metrics):
@@ -507,6 +521,10 @@ class Autoscaling:
                             total, failed = self._keda_result(k, total)
                             if total is not None:
                                 total = metric_value(total)  # in whole thousandths, as KEDA answers
+                    if self._formula is not None:  # scalingModifiers: the composite, from every trigger, below
+                        raw.append((total, failed))
+                        read.append(math.nan if total is None else total)
+                        continue
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
                         ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
@@ -526,7 +544,18 @@ class Autoscaling:
                     proposals.append(pods_metric_replicas(current, samples, target, tol))
                 except ValueError:  # no pods or no samples: the metric failed this sync
                     proposals.append(None)
-            desired = self.hpa.reconcile(now, current, proposals)
+            if self._formula is not None:  # the HPA KEDA creates has one metric, the composite
+                composite = self._composite_read(raw, current, pods)
+                read.append(math.nan if composite is None else composite)
+                sm = self._modifiers
+                assert sm is not None
+                proposals = [None if composite is None else self._external_replicas(
+                    pods, current, composite, sm.target, sm.metric_type == "Value", tol)]
+                desired = self.hpa.reconcile(now, current, proposals)
+                none: list[int | None] = [None] * len(raw)  # the triggers propose nothing
+                proposals = none + proposals
+            else:
+                desired = self.hpa.reconcile(now, current, proposals)
             self.metric_reads.append((now, current, desired, *read, *(-1 if p is None else p for p in proposals)))
             if desired != current:
                 cluster.scale_to(desired, now)
@@ -555,10 +584,16 @@ class Autoscaling:
             cached = self._cached
             # else the first active trigger settles the poll
             read_all = bool(cached) or self._partial or len(self._null_zero) < self._n_prom
+            formula = self._formula
+            values: dict[str, float] = {}  # scalingModifiers: each trigger's metric, by name
+            if formula is not None:
+                read_all = True
             triggers = zip(self.metrics, self._activation, strict=True)
             for k, ((metric, _, query, window_s, quantile), threshold) in enumerate(triggers):
                 if metric == "cron":  # active in its window, whatever Prometheus does
-                    if self._cron[k - self._n_prom].active(now):
+                    if formula is not None:
+                        values[self._trigger_names[k]] = self._cron[k - self._n_prom].value(now)
+                    elif self._cron[k - self._n_prom].active(now):
                         active = True
                         if not read_all:
                             break
@@ -574,12 +609,16 @@ class Autoscaling:
                     cache[k] = (None if total is None else metric_value(total), failed)
                 if failed:
                     error = True
+                elif formula is not None:
+                    values[self._trigger_names[k]] = metric_value(total if total is not None else 0.0)
                 elif total is not None and total > threshold:
                     active = True
                     if not read_all:
                         break
             if down:
                 cache.update(dict.fromkeys(cached, (None, True)))
+            if formula is not None:  # active on the composite alone, and never while a trigger errs
+                active = not error and self._composite_active(formula, values)
             current = cluster.desired
             new = keda.request_scale(now, current, active, error)
             self.keda_polls.append((now, active, error, current, -1 if new is None else new))
@@ -600,6 +639,57 @@ class Autoscaling:
         # the exported query keeps a pod's value only where it is a number (capsim.export.promql: ``>= 0``)
         present = [v for v in values if v is not None and not math.isnan(v)]
         return float(sum(present)) if present else None
+
+    def _composite_active(self, formula: Formula, values: dict[str, float]) -> bool:
+        """KEDA's operator with scalingModifiers: active when the composite (in whole thousandths) is above
+        ``activation_target``; a formula whose run fails, or whose value is no finite number, is not active
+        (KEDA's composite is then none, or Go's int64 of it the lowest int64)."""
+        sm = self._modifiers
+        assert sm is not None
+        try:
+            out = formula.evaluate(values)
+        except FormulaError:
+            return False
+        return math.isfinite(out) and metric_value(out) > sm.activation_target
+
+    def _composite_read(self, raw: list[tuple[float | None, bool]], current: int, pods: list[Pod]) -> float | None:
+        """What KEDA's metrics server answers the HPA for ``composite-metric`` (``GetScaledObjectMetrics``, releases
+        2.17 and 2.18), from each trigger's (value, failed) this sync; None: the read fails.
+
+        Each trigger's failures are counted as without modifiers (``FallbackHealth``). Past
+        ``fallback.failure_threshold`` a failed trigger answers the fallback's value for the composite's target and
+        type; then the formula is skipped, and the HPA sums every value KEDA answers: the fallback's of each such
+        trigger and the healthy triggers' own (kedacore/keda#5371, #5409; later releases answer the first fallback
+        value alone, #7790). Otherwise a failed trigger fails the read, as does a formula whose run fails or whose
+        value is no finite number; else the composite, in whole thousandths."""
+        health = self.keda_health
+        sm = self._modifiers
+        formula = self._formula
+        assert health is not None and sm is not None and formula is not None
+        value_target = sm.metric_type == "Value"
+        values: dict[str, float] = {}
+        fallbacks: list[float] = []
+        error = False
+        for k, (total, failed) in enumerate(raw):
+            if failed:
+                ready = sum(1 for p in pods if p.ready_condition) if value_target else 0
+                answer = health.read(k, None, True, sm.target, current, value_target, ready)
+                if answer is None:
+                    error = True
+                else:
+                    fallbacks.append(answer)
+            else:
+                health.read(k, total, False, sm.target)
+                values[self._trigger_names[k]] = total if total is not None else 0.0
+        if fallbacks:
+            return sum(fallbacks) + sum(values.values())
+        if error:
+            return None
+        try:
+            out = formula.evaluate(values)
+        except FormulaError:
+            return None
+        return metric_value(out) if math.isfinite(out) else None
 
     def _keda_result(self, k: int, total: float | None) -> tuple[float | None, bool]:
         """``(value, failed)``: trigger ``k``'s query result as KEDA's Prometheus scaler returns it

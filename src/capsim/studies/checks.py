@@ -96,6 +96,13 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   2.17 or 2.16 (``keda.release``): their fallback value is ``int(target) x replicas``, so the HPA proposes
   ``ceil(int(target) x replicas / target)`` pods (none for a target below 1), not ``replicas``; fires when the
   two differ.
+* ``keda-formula-idle`` (warn): a ``keda.scaling_modifiers`` formula whose run fails, or gives no finite number,
+  with every trigger at 0 (a division by a trigger, ``%`` by one): each HPA read of the composite fails while
+  there is no traffic, so the HPA holds its count (no scale-down) and KEDA finds the ScaledObject not active.
+* ``keda-fallback-sum`` (warn): a ``keda.fallback`` with ``keda.scaling_modifiers`` and more than one Prometheus
+  trigger: in an outage (or past ``failure_threshold`` failed reads of several triggers) KEDA 2.17 and 2.18 skip
+  the formula and answer each failed trigger's fallback value, which the HPA sums: it proposes the triggers times
+  ``fallback.replicas`` (kedacore/keda#5371; later releases answer one).
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``rate-window-short`` (warn): a query built on ``rate()`` (a counter's, a histogram's mean or quantile) over a
@@ -195,6 +202,7 @@ from capsim.model.scenario import (
     metric_kind,
 )
 from capsim.model.scenario_limits import max_pods, min_pods
+from capsim.policy.keda_formula import FormulaError
 from capsim.policy.outlier import ejects_one_of, fewest_ejecting, fewest_percent
 from capsim.policy.rollout import RollingUpdate
 from capsim.sim.faults import merged_spans
@@ -1227,7 +1235,9 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
             f"set fallback.replicas to hold pods, or {keep}", level="warn",
             check="keda-outage-to-zero"))
     found += _keda_empty_after_outage(auto, scenario, idle_poll)
-    if fb is not None and keda.release != "2.18":  # from 2.18 the value is not truncated
+    found += _keda_modifiers(auto)
+    # with scaling_modifiers the fallback's value is made from the composite's whole-number target
+    if fb is not None and keda.release != "2.18" and keda.scaling_modifiers is None:
         for m in auto.to_hpa().metrics:
             proposal = math.ceil(int(m.target) * fb.replicas / m.target)
             if proposal != fb.replicas:
@@ -1240,6 +1250,41 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
                     + f"; use a whole-number target (release {keda.release}; 2.18 and later do not "
                       "truncate it)",
                     level="warn", check="keda-fallback-fractional-target"))
+    return found
+
+
+def _keda_modifiers(auto: Autoscaler) -> list[Finding]:
+    """A scalingModifiers formula that fails at no traffic, and a fallback the HPA sums over the triggers."""
+    keda = auto.keda
+    formula = auto.formula()
+    if keda is None or keda.scaling_modifiers is None or formula is None:
+        return []
+    found = []
+    idle = dict.fromkeys(auto.trigger_names, 0.0)
+    for i in range(len(keda.cron)):
+        idle[f"cron_{i}"] = 1.0  # a cron trigger outside its window
+    try:
+        value: float | str = formula.evaluate(idle)
+    except FormulaError as e:
+        value = f"fails ({e})"
+    if isinstance(value, str) or not math.isfinite(value):
+        found.append(Finding(
+            "autoscaler.keda.scaling_modifiers.formula",
+            f"{keda.scaling_modifiers.formula!r} with every trigger at 0 (no traffic) "
+            f"{value if isinstance(value, str) else f'is {value}'}: while there is no traffic each HPA read of the "
+            "composite fails (KEDA answers an error for a failed run and an undefined quantity, Go's int64 of it, "
+            "for a value that is not finite; capsim counts both failed), so the HPA holds its count, no "
+            "scale-down, and KEDA finds the ScaledObject not active; guard the divisor (max(x, 1), x > 0 ? ... : 0)",
+            level="warn", check="keda-formula-idle"))
+    triggers = len(auto.to_hpa().metrics)
+    fb = keda.fallback
+    if fb is not None and fb.replicas > 0 and triggers > 1:
+        found.append(Finding(
+            "autoscaler.keda.fallback", f"replicas {fb.replicas} with scaling_modifiers and {triggers} Prometheus "
+            f"triggers: once they all fail past failure_threshold (a Prometheus outage) KEDA {keda.release} skips the "
+            f"formula and answers each trigger's fallback value, which the HPA sums, so it proposes "
+            f"{min(triggers * fb.replicas, auto.max_replicas)} pods, not {fb.replicas} (kedacore/keda#5371; a "
+            f"release that answers one value is not modelled)", level="warn", check="keda-fallback-sum"))
     return found
 
 
