@@ -114,6 +114,29 @@ def test_past_the_failure_threshold_2_18_answers_each_failed_trigger_s_fallback_
     assert early["composite-metric"].isna().all()  # within the threshold: an error
 
 
+def test_keda_2_20_answers_one_fallback_value_however_many_triggers_failed() -> None:
+    """kedacore/keda#7790 (KEDA 2.20): while a fallback is on, the composite is the first fallback value alone."""
+    s = plan("capsim_gateway_requests_total", release="2.20", fallback={"failure_threshold": 3, "replicas": 2}).override(
+        {"faults.metrics_outages": [{"at_s": 600, "duration_s": 900}], "horizon_s": 1500})
+    syncs = simulate(s, seed=0).hpa_syncs.set_index("time_s")
+    late = syncs.loc[600 + 4 * 15:1499]
+    assert len(late) > 40 and (late["composite-metric"] == 2.0).all() and (late["composite-metric proposal"] == 2).all()
+    from capsim.studies.checks import run_checks
+
+    assert not [f for f in run_checks(s) if f.check == "keda-fallback-sum"]
+    assert [f for f in run_checks(s.override({"autoscaler.keda.release": "2.18"})) if f.check == "keda-fallback-sum"]
+
+
+def test_an_unquoted_release_reads_as_written() -> None:
+    import yaml
+
+    for text, want in (("2.20", "2.20"), ("2.18", "2.18"), ("2.17", "2.17"), ("2.16", "2.16")):
+        s = plan().override({"autoscaler.keda.release": yaml.safe_load(text)})
+        assert s.autoscaler is not None and s.autoscaler.keda is not None and s.autoscaler.keda.release == want
+    with pytest.raises(SettingsError, match=r"autoscaler.keda.release"):
+        plan().override({"autoscaler.keda.release": 2.19})
+
+
 def test_a_formula_whose_run_fails_fails_the_read() -> None:
     """``int(gateway) % int(queue)`` runs at KEDA's admission (1 % 1) but divides by zero whenever the pods' queues
     are empty: those reads fail, and the HPA holds."""

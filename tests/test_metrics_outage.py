@@ -53,7 +53,7 @@ def test_from_2_17_a_fallback_of_zero_replicas_makes_a_poll_in_error_an_idle_one
 
 
 def test_a_release_is_one_keda_has() -> None:
-    with pytest.raises(ValueError, match=r"release must be one of 2.18, 2.17, 2.16, got '2.15'"):
+    with pytest.raises(ValueError, match=r"release must be one of 2.20, 2.18, 2.17, 2.16, got '2.15'"):
         ScaleExecutor(release="2.15")  # type: ignore[arg-type]
 
 

@@ -275,7 +275,7 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
                          "active after the deploy, the Deployment goes to zero no sooner |")
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
         lines.append(f"| KEDA release simulated | {k.release}"
-                     f"{' and later' if k.release == '2.18' else ' and earlier' if k.release == '2.16' else ''} |")
+                     f"{' and later' if k.release in ('2.18', '2.20') else ' and earlier' if k.release == '2.16' else ''} |")
         names = [m.name for m in auto.to_hpa().metrics]
 
         def which(some: frozenset[str]) -> str:

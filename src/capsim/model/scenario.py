@@ -38,7 +38,7 @@ from capsim.model.settings import (
     did_you_mean,
     format_error,
 )
-from capsim.policy.keda import FallbackBehavior, Release
+from capsim.policy.keda import RELEASES, FallbackBehavior, Release, release_at_least
 from capsim.policy.keda_cron import CronWindow, valid_schedule
 from capsim.policy.keda_formula import Formula, FormulaError, compile_formula, trigger_name
 from capsim.policy.outlier import OutlierSettings
@@ -1138,11 +1138,13 @@ class Keda(_Section):
                           "cooldown_period_s the Deployment goes to zero whatever minReplicas is, and an active "
                           "trigger takes it back to minReplicas (null: not set)")
     release: Release = Field(
-        "2.18", description="the KEDA release simulated: 2.18 (and later) and 2.17 change nothing on a poll in "
+        "2.18", description="the KEDA release simulated: 2.20, 2.18 (and later) and 2.17 change nothing on a poll in "
                             "error, so a Prometheus outage keeps a serving Deployment's pods and a Deployment at zero "
                             "at zero; 2.16 (and earlier) sets fallback.replicas, or without a fallback takes a "
                             "minReplicas-0 Deployment to zero a cooldown into the outage; from 2.18 a fallback also "
-                            "covers Value targets and answers the target times its count unrounded")
+                            "covers Value targets and answers the target times its count unrounded; with "
+                            "scaling_modifiers and a fallback, 2.17 to 2.19 answer each failed trigger's fallback "
+                            "value, summed by the HPA, and 2.20 one")
 
     scaling_modifiers: ScalingModifiers | None = Field(
         None, description="KEDA advanced.scalingModifiers: the HPA and KEDA's activation take one composite metric, "
@@ -1176,8 +1178,10 @@ class Keda(_Section):
     @field_validator("release", mode="before")
     @classmethod
     def _release_as_text(cls, v: Any) -> Any:
-        # YAML reads an unquoted 2.17 as a number
-        return f"{v:g}" if isinstance(v, float) and not isinstance(v, bool) else v
+        # YAML reads an unquoted 2.17 as a number, and 2.20 as 2.2
+        if isinstance(v, float) and not isinstance(v, bool):
+            return f"{v:.2f}" if f"{v:.2f}" in RELEASES else f"{v:g}"
+        return v
 
     @field_validator("use_cached_metrics", "ignore_null_values", mode="before")
     @classmethod
@@ -1288,7 +1292,7 @@ class Autoscaler(_Section):
                         raise ValueError(f"keda.{field}.{i}: {name!r} is not a metric of metrics (names: {names})")
             if self.keda.scaling_modifiers is not None:
                 self._check_scaling_modifiers(hpa.metrics)
-            elif self.keda.fallback is not None and self.keda.release != "2.18":
+            elif self.keda.fallback is not None and not release_at_least(self.keda.release, "2.18"):
                 for i, m in enumerate(hpa.metrics):
                     if m.target_type != "AverageValue":  # KEDA's admission webhook refuses it (CheckFallbackValid)
                         raise ValueError(f"keda.fallback needs every trigger's metric type AverageValue before release "
@@ -1340,7 +1344,7 @@ class Autoscaler(_Section):
                 raise ValueError(f"keda.fallback with scaling_modifiers needs a whole-number "
                                  f"scaling_modifiers.target (KEDA parses it as an integer and otherwise ignores the "
                                  f"fallback, HasValidFallback), got {sm.target:g}")
-            if keda.release != "2.18" and sm.metric_type != "AverageValue":
+            if not release_at_least(keda.release, "2.18") and sm.metric_type != "AverageValue":
                 raise ValueError(f"keda.fallback needs scaling_modifiers.metric_type AverageValue before release "
                                  f"2.18 (KEDA {keda.release} has no fallback for a Value composite), got "
                                  f"{sm.metric_type}")

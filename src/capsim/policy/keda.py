@@ -30,7 +30,7 @@ A trigger whose query fails (Prometheus down) is not active, and the poll is *in
 does then changed in KEDA 2.17 (kedacore/keda#6659, commit 914163cb), and what the fallback answers the HPA
 in 2.18, so the executor and :class:`FallbackHealth` take a ``release``:
 
-* ``"2.18"`` (2.18 and later, the default) and ``"2.17"``: a poll in error with no trigger active changes
+* ``"2.20"``, ``"2.18"`` (2.18 and later, the default) and ``"2.17"``: a poll in error with no trigger active changes
   nothing, with no fallback or one whose ``replicas`` is not 0 (``RequestScale``'s ``isError`` cases only log and set the
   Ready condition). A Deployment serving when Prometheus goes down keeps its pods; one at zero stays at
   zero, fallback or not (kedacore/keda#7239, open: the HPA, which applies the fallback, is disabled at zero
@@ -55,7 +55,9 @@ a ``Value`` target has one too, ``target x n / readyReplicas`` (none while no po
 ``fallback.behavior`` (``doFallback``, 2.17 on): ``static`` (the default) ``fallback.replicas``;
 ``currentReplicas`` the Deployment's count; ``currentReplicasIfHigher`` the higher of the two;
 ``currentReplicasIfLower`` the lower. In 2.17 and later this is the only way a fallback acts, through the
-HPA's behavior (its policies and windows).
+HPA's behavior (its policies and windows). ``"2.20"`` differs from ``"2.18"`` only with scalingModifiers and a fallback
+(``capsim.sim.hpa``: the composite while a fallback is on is one fallback value, kedacore/keda#7790, not every
+trigger's summed); capsim knows no other change of 2.19 or 2.20 to the rules modelled here.
 """
 
 from __future__ import annotations
@@ -66,10 +68,18 @@ from typing import Literal, get_args
 
 from capsim.policy.hpa_types import check_int, check_number
 
-#: KEDA releases whose operator (2.16 against later) or fallback (2.18 against earlier) differ (see the module
-#: docstring)
-Release = Literal["2.18", "2.17", "2.16"]
+#: KEDA releases whose operator (2.16 against later), fallback (2.18 against earlier) or fallback with
+#: scalingModifiers (2.20 against earlier) differ (see the module docstring)
+Release = Literal["2.20", "2.18", "2.17", "2.16"]
 RELEASES: tuple[Release, ...] = get_args(Release)
+
+
+def release_at_least(release: str, floor: str) -> bool:
+    """Whether KEDA ``release`` is ``floor`` or later (``"2.20"`` is after ``"2.18"``)."""
+    def key(r: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in r.split("."))
+
+    return key(release) >= key(floor)
 #: ``fallback.behavior`` (KEDA 2.17 on)
 FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
 FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = get_args(FallbackBehavior)
@@ -220,7 +230,7 @@ class FallbackHealth:
         if self.failure_threshold is None or target is None or n <= self.failure_threshold:
             return None
         replicas: float = self.fallback_replicas(current_replicas)
-        if self.release != "2.18":
+        if not release_at_least(self.release, "2.18"):
             if value_target:
                 return None  # no fallback for a Value target before 2.18
             self.fallbacks += 1

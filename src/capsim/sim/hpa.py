@@ -88,7 +88,7 @@ from capsim.policy.autoscaling import (
     pods_metric_replicas,
     value_metric_replicas,
 )
-from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value
+from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value, release_at_least
 from capsim.policy.keda_formula import COMPOSITE_METRIC, Formula, FormulaError
 from capsim.sim.continuous import ContinuousPod
 from capsim.sim.pod import SERVING, Pod, PodState
@@ -659,8 +659,8 @@ class Autoscaling:
         Each trigger's failures are counted as without modifiers (``FallbackHealth``). Past
         ``fallback.failure_threshold`` a failed trigger answers the fallback's value for the composite's target and
         type; then the formula is skipped, and the HPA sums every value KEDA answers: the fallback's of each such
-        trigger and the healthy triggers' own (kedacore/keda#5371, #5409; later releases answer the first fallback
-        value alone, #7790). Otherwise a failed trigger fails the read, as does a formula whose run fails or whose
+        trigger and the healthy triggers' own (kedacore/keda#5371, #5409); 2.20 answers the first fallback value
+        alone (kedacore/keda#7790). Otherwise a failed trigger fails the read, as does a formula whose run fails or whose
         value is no finite number; else the composite, in whole thousandths."""
         health = self.keda_health
         sm = self._modifiers
@@ -681,8 +681,8 @@ class Autoscaling:
             else:
                 health.read(k, total, False, sm.target)
                 values[self._trigger_names[k]] = total if total is not None else 0.0
-        if fallbacks:
-            return sum(fallbacks) + sum(values.values())
+        if fallbacks:  # 2.20 collapses them to one composite, the first fallback value (they are all the same)
+            return fallbacks[0] if release_at_least(health.release, "2.20") else sum(fallbacks) + sum(values.values())
         if error:
             return None
         try:

@@ -102,7 +102,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``keda-fallback-sum`` (warn): a ``keda.fallback`` with ``keda.scaling_modifiers`` and more than one Prometheus
   trigger: in an outage (or past ``failure_threshold`` failed reads of several triggers) KEDA 2.17 and 2.18 skip
   the formula and answer each failed trigger's fallback value, which the HPA sums: it proposes the triggers times
-  ``fallback.replicas`` (kedacore/keda#5371; later releases answer one).
+  ``fallback.replicas`` (kedacore/keda#5371; 2.20 answers one, ``keda.release: "2.20"``).
 * ``scale-down-window-below-lag``: a scale-down stabilization window shorter than the age of the data
   the HPA reads (one scrape interval plus the adapter lag) scales down on stale numbers.
 * ``rate-window-short`` (warn): a query built on ``rate()`` (a counter's, a histogram's mean or quantile) over a
@@ -202,6 +202,7 @@ from capsim.model.scenario import (
     metric_kind,
 )
 from capsim.model.scenario_limits import max_pods, min_pods
+from capsim.policy.keda import release_at_least
 from capsim.policy.keda_formula import FormulaError
 from capsim.policy.outlier import ejects_one_of, fewest_ejecting, fewest_percent
 from capsim.policy.rollout import RollingUpdate
@@ -1237,7 +1238,7 @@ def _keda_fallback(scenario: Scenario) -> list[Finding]:
     found += _keda_empty_after_outage(auto, scenario, idle_poll)
     found += _keda_modifiers(auto)
     # with scaling_modifiers the fallback's value is made from the composite's whole-number target
-    if fb is not None and keda.release != "2.18" and keda.scaling_modifiers is None:
+    if fb is not None and not release_at_least(keda.release, "2.18") and keda.scaling_modifiers is None:
         for m in auto.to_hpa().metrics:
             proposal = math.ceil(int(m.target) * fb.replicas / m.target)
             if proposal != fb.replicas:
@@ -1278,13 +1279,13 @@ def _keda_modifiers(auto: Autoscaler) -> list[Finding]:
             level="warn", check="keda-formula-idle"))
     triggers = len(auto.to_hpa().metrics)
     fb = keda.fallback
-    if fb is not None and fb.replicas > 0 and triggers > 1:
+    if fb is not None and fb.replicas > 0 and triggers > 1 and not release_at_least(keda.release, "2.20"):
         found.append(Finding(
             "autoscaler.keda.fallback", f"replicas {fb.replicas} with scaling_modifiers and {triggers} Prometheus "
             f"triggers: once they all fail past failure_threshold (a Prometheus outage) KEDA {keda.release} skips the "
             f"formula and answers each trigger's fallback value, which the HPA sums, so it proposes "
-            f"{min(triggers * fb.replicas, auto.max_replicas)} pods, not {fb.replicas} (kedacore/keda#5371; a "
-            f"release that answers one value is not modelled)", level="warn", check="keda-fallback-sum"))
+            f"{min(triggers * fb.replicas, auto.max_replicas)} pods, not {fb.replicas} (kedacore/keda#5371; KEDA "
+            f"2.20 answers one: keda.release 2.20)", level="warn", check="keda-fallback-sum"))
     return found
 
 
