@@ -28,7 +28,11 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
   (``avg_over_time``, ``max_over_time``, ``rate``, ``histogram_quantile``) still uses the real samples in its window
-  (markers are skipped). Prometheus is Apache-2.0 (c) The Prometheus Authors; the rule is re-implemented.
+  (markers are skipped). A deleted pod's scrape loop stops once discovery passes the deletion on (its send ticker,
+  then the scrape manager's reload ticker, 5 s each: ``sd_removal``); a slot before that fails and writes the
+  marker, and after it the loop's end-of-run staleness stamps the marker at its next slot and writes it 1.1
+  intervals later (``endOfRunStaleness``). Prometheus is Apache-2.0 (c) The Prometheus Authors; the rule is
+  re-implemented.
 * The controller syncs every ``sync_period_s`` from its own phase (the first sync a uniform draw in
   ``(0, sync_period_s]`` from the ``hpa_phase`` stream): the kube-controller-manager's resync period runs
   from when it picked the HPA up, not from when Prometheus scraped.
@@ -106,6 +110,9 @@ from capsim.sim.promql_eval import (
 if TYPE_CHECKING:
     from capsim.model.scenario import ScalingModifiers
     from capsim.sim.simulate import Simulation
+
+#: the period of Prometheus's discovery send ticker and of its scrape manager's reload ticker (s)
+SD_TICK_S = 5.0
 
 #: Prometheus's lookback delta (``--query.lookback-delta``, 5 minutes): an instant query returns the newest
 #: sample at most this old.
@@ -190,6 +197,9 @@ class Autoscaling:
         self._busy_mark: dict[int, tuple[int, float, float]] = {}  # pod id -> (incarnation, time, busy s)
         # deleted pods whose series still hold samples a range query may read (Prometheus keeps them), by id
         self._retired: dict[int, Pod] = {}
+        self._gone_at: dict[int, float] = {}  # pod id -> when it was deleted, until its next scrape slot
+        sd = sim.streams["prometheus_sd"]
+        self._sd_phases = (SD_TICK_S * float(sd.random()), SD_TICK_S * float(sd.random()))
         self.discover(sim.env.now)
         first_sync = spec.sync_period_s * (1.0 - float(sim.streams["hpa_phase"].random()))
         self.gateway_samples: deque[tuple[float, int]] = deque()  # (time, attempts sent so far)
@@ -277,8 +287,16 @@ class Autoscaling:
         if pod.state == PodState.GONE:
             # a deleted pod leaves Prometheus's targets: a stale marker ends its series (an instant query finds it
             # no more), while its samples stay for a range query whose window holds them (a KEDA trigger's sum;
-            # ``retire``)
-            mark_stale(samples, at)
+            # ``retire``). Its scrape loop stops once discovery has passed the deletion on (``sd_removal``): a
+            # scrape before that fails (the marker at once); after, the loop's end-of-run staleness stamps the
+            # marker at this slot but writes it only a scrape interval and a tenth later (``endOfRunStaleness``),
+            # and until then an instant query still finds the pod's last sample
+            gone = self._gone_at.pop(pod.id, at)
+            if at < self.sd_removal(gone):
+                mark_stale(samples, at)
+            else:
+                late = Timeout(self.sim.env, 1.1 * self.spec.scrape_interval_s, (samples, at))
+                late.callbacks.append(self._end_of_run_stale)
             self._busy_mark.pop(pod.id, None)
             return
         if self._prometheus_down(at):
@@ -290,6 +308,20 @@ class Autoscaling:
         trim(samples, at - self._keep_s)
         nxt = Timeout(self.sim.env, self.spec.scrape_interval_s, (pod, at + self.spec.scrape_interval_s))
         nxt.callbacks.append(self._scrape)
+
+    @staticmethod
+    def _end_of_run_stale(ev: Timeout) -> None:
+        samples, at = cast(tuple[Samples, float], ev.value)
+        mark_stale(samples, at)
+
+    def sd_removal(self, t: float) -> float:
+        """When Prometheus stops scraping a target whose pod was deleted at ``t``: its discovery manager passes
+        changes on at the next tick of a 5-s ticker (``updatert``, ``sender``), and its scrape manager applies
+        them at the next tick of its own 5-s reload ticker (``reloader``; ``--scrape.discovery-reload-interval``,
+        5 s at the least). The tickers' phases are drawn once a run (the ``prometheus_sd`` stream)."""
+        sd, reload = self._sd_phases
+        after_sd = sd + SD_TICK_S * (math.floor((t - sd) / SD_TICK_S) + 1)
+        return reload + SD_TICK_S * (math.floor((after_sd - reload) / SD_TICK_S) + 1)
 
     @property
     def syncs(self) -> list[tuple[float, int, int, float]]:
@@ -303,8 +335,9 @@ class Autoscaling:
 
     def retire(self, pod: Pod) -> None:
         """``pod`` is deleted: a KEDA trigger's sum still reads its samples in a range query's window (its next scrape
-        writes the stale marker, when Prometheus finds it gone)."""
+        slot ends the series with a stale marker, at once or a little later: ``_scrape``)."""
         self._retired[pod.id] = pod
+        self._gone_at[pod.id] = self.sim.env.now
 
     def _forget_retired(self, now: float) -> None:
         old = now - self._keep_s

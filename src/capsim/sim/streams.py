@@ -36,6 +36,7 @@ STREAM_NAMES: Final[tuple[str, ...]] = (
     "dcgm_phase",  # each pod's dcgm-exporter collection phase and exporter scrape offset, by pod id (DCGM metrics)
     "analysis_scrape",  # the canary analysis's scrape offsets: each pod's, by pod id, and the gateway's first
     "ejection_jitter",  # each outlier ejection's jitter (router.outlier_ejection.max_ejection_time_jitter_s)
+    "prometheus_sd",  # the phases of Prometheus's discovery send ticker and scrape-manager reload ticker
 )
 
 
