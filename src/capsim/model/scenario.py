@@ -1339,7 +1339,7 @@ class Autoscaler(_Section):
             if keda.release == "2.16":
                 raise ValueError("keda.fallback with scaling_modifiers is simulated from release 2.17 (KEDA 2.17 "
                                  "made the fallback follow scalingModifiers.metricType, kedacore/keda#6521); set "
-                                 "keda.release to 2.17 or 2.18")
+                                 "keda.release to 2.17, 2.18 or 2.20")
             if sm.target != int(sm.target):
                 raise ValueError(f"keda.fallback with scaling_modifiers needs a whole-number "
                                  f"scaling_modifiers.target (KEDA parses it as an integer and otherwise ignores the "

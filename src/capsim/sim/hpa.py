@@ -687,14 +687,14 @@ class Autoscaling:
 
     def _composite_read(self, raw: list[tuple[float | None, bool]], current: int, pods: list[Pod]) -> float | None:
         """What KEDA's metrics server answers the HPA for ``composite-metric`` (``GetScaledObjectMetrics``, releases
-        2.17 and 2.18), from each trigger's (value, failed) this sync; None: the read fails.
+        2.17 to 2.20), from each trigger's (value, failed) this sync; None: the read fails.
 
         Each trigger's failures are counted as without modifiers (``FallbackHealth``). Past
         ``fallback.failure_threshold`` a failed trigger answers the fallback's value for the composite's target and
         type; then the formula is skipped, and the HPA sums every value KEDA answers: the fallback's of each such
         trigger and the healthy triggers' own (kedacore/keda#5371, #5409); 2.20 answers the first fallback value
-        alone (kedacore/keda#7790). Otherwise a failed trigger fails the read, as does a formula whose run fails or whose
-        value is no finite number; else the composite, in whole thousandths."""
+        alone (kedacore/keda#7790). Otherwise a failed trigger fails the read, as does a formula whose run fails or
+        whose value is no finite number; else the composite, in whole thousandths."""
         health = self.keda_health
         sm = self._modifiers
         formula = self._formula
