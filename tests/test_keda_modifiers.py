@@ -277,3 +277,22 @@ def test_the_shipped_composite_grid_runs_its_max_composite_as_its_two_triggers()
     composite = simulate(plans["composite max(w/4, kv/0.8)"], seed=0)
     assert apart.scale_events.equals(composite.scale_events) and len(apart.scale_events) > 5
     assert apart.summary.ttft_p99_s == composite.summary.ttft_p99_s
+
+
+# ---- capsim simulate's notes -----------------------------------------------------------------------------------------
+def test_simulate_notes_the_reads_a_formula_lost_and_a_trigger_outage_under_a_composite(tmp_path: Any) -> None:
+    from test_inputs_cli import run
+    from test_keda import yaml_of
+
+    idle = plan("capsim_gateway_requests_total / capsim_queue_depth").override(
+        {"workload.arrivals.rate_per_s": [[0, 1.5], [300, 0]], "faults.trigger_outages": [
+            {"at_s": 100, "duration_s": 60, "metrics": ["capsim_queue_depth"]}]})
+    path = tmp_path / "idle.yaml"
+    path.write_text(yaml_of(idle))
+    code, out, err = run(["simulate", str(path)])
+    assert code == 0, err
+    (lost,) = [line for line in out.splitlines() if "scaling_modifiers formula gave no number" in line]
+    assert lost.startswith("note: in ") and "HPA syncs every trigger answered" in lost
+    (outage,) = [line for line in out.splitlines() if "failed from 100 to 160 s" in line]
+    assert "KEDA's polls were in error and not active (scaling_modifiers: activity is the composite's), and its " \
+           "HPA read no composite metric;" in outage

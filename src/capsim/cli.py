@@ -465,6 +465,12 @@ def simulate(
             did = who
         elif keda_spec is None:
             did = "the HPA scaled on the other metrics, and never down while one failed"
+        elif keda_spec.scaling_modifiers is not None:  # one composite: a failed trigger fails it
+            fallen = (f", or past {fb.failure_threshold} failed reads the fallback's value"
+                      + (" summed with the other triggers' (KEDA before 2.20)" if keda_spec.release != "2.20" else "")
+                      if fb is not None else "")
+            did = ("KEDA's polls were in error and not active (scaling_modifiers: activity is the composite's), and "
+                   f"its HPA read no composite metric{fallen}")
         else:
             did = ("KEDA's polls were in error, active when another trigger was"
                    + (" (release 2.16: noted as activity)" if keda_spec.release == "2.16" else
@@ -472,6 +478,16 @@ def simulate(
                    + ", and its HPA scaled on the other metrics, never down while one failed")
         typer.echo(f"note: {', '.join(o.metrics)} failed from {lo:g} to {hi:g} s (faults.trigger_outages): {did}; the "
                    f"Deployment went from {count_at(lo)} to {count_at(hi)} pods meanwhile (scale_events.csv)")
+    syncs = result.hpa_syncs
+    if keda_spec is not None and keda_spec.scaling_modifiers is not None and "composite-metric" in syncs:
+        # reads whose triggers all answered but whose formula gave nothing (a failed run, a value not finite)
+        triggers = [c for c in syncs.columns[3:] if not c.endswith(" proposal") and c != "composite-metric"]
+        lost = syncs["composite-metric"].isna() & syncs[triggers].notna().all(axis=1)
+        if lost.any():
+            typer.echo(f"note: in {int(lost.sum())} of {len(syncs)} HPA syncs every trigger answered but the "
+                       "scaling_modifiers formula gave no number (a failed run, or a value that is not finite): the "
+                       "HPA read no composite metric and held its count (hpa_syncs.csv; capsim check: "
+                       "keda-formula-idle)")
     for o in sc.total_trigger_outages():  # entries that each name some metrics, together all of them
         lo, hi = o.at_s, o.at_s + o.duration_s
         if any(e.at_s == lo and e.at_s + e.duration_s == hi and set(e.metrics) >= names for e in entries):
