@@ -376,6 +376,7 @@ def simulate(
     import json
     import math
 
+    from capsim.policy.keda import release_at_least
     from capsim.sim import simulate as run_simulation
     from capsim.sim.faults import merged_spans
     from capsim.studies.study_cli import load_scenario, run_seeds
@@ -467,7 +468,7 @@ def simulate(
             did = "the HPA scaled on the other metrics, and never down while one failed"
         elif keda_spec.scaling_modifiers is not None:  # one composite: a failed trigger fails it
             fallen = (f", or past {fb.failure_threshold} failed reads the fallback's value"
-                      + (" summed with the other triggers' (KEDA before 2.20)" if keda_spec.release != "2.20" else "")
+                      + (" summed with the other triggers' (KEDA before 2.20)" if not release_at_least(keda_spec.release, "2.20") else "")
                       if fb is not None else "")
             did = ("KEDA's polls were in error and not active (scaling_modifiers: activity is the composite's), and "
                    f"its HPA read no composite metric{fallen}")

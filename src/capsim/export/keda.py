@@ -44,11 +44,11 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
     null_zero = keda.null_as_zero(names) if keda is not None else frozenset(names)
     modifiers = keda.scaling_modifiers if keda is not None else None
     # with scalingModifiers a formula names the triggers: identifiers of expr (capsim.policy.keda_formula)
-    names = auto.trigger_names if modifiers is not None else [
+    trigger_names = auto.trigger_names if modifiers is not None else [
         re.sub(r"[^a-z0-9-]", "-", m.name.lower()) for m in hpa.metrics] + [
         f"cron-{i}" for i in range(len(keda.cron) if keda is not None else 0)]
     triggers = []
-    for metric, trigger_name in zip(hpa.metrics, names, strict=False):
+    for metric, trigger_name in zip(hpa.metrics, trigger_names, strict=False):
         query, window_s, quantile = auto.query_of(metric.name)
         if EXTERNAL_METRICS.get(metric.name) == "gateway":
             promql = target.gateway_requests(PodQuery.duration(window_s))
@@ -70,7 +70,7 @@ def build_scaled_object(scenario: Scenario, target: DeployTarget) -> dict[str, A
             trigger["useCachedMetrics"] = True
         triggers.append(trigger)
     for i, c in enumerate(keda.cron if keda is not None else ()):  # answered by KEDA itself, as simulated
-        triggers.append({"type": "cron", "name": names[len(hpa.metrics) + i], "metadata": {
+        triggers.append({"type": "cron", "name": trigger_names[len(hpa.metrics) + i], "metadata": {
             "timezone": c.timezone, "start": c.start, "end": c.end, "desiredReplicas": str(c.desired_replicas)}})
     ref = scale_target_ref(scenario, target)
     spec: dict[str, Any] = {

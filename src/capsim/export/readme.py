@@ -12,6 +12,7 @@ from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grac
 from capsim.export.routing import SESSION_HEADER, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import DCGM_METRIC_KINDS, POD_METRIC_ALIASES, Scenario, TemplateBatching
+from capsim.policy.keda import release_at_least
 from capsim.studies.checks import Finding
 
 #: Each file of the folder and what it is, in the order to apply them.
@@ -275,7 +276,8 @@ def _settings(scenario: Scenario, auto: Any) -> list[str]:
                          "active after the deploy, the Deployment goes to zero no sooner |")
         lines += [f"| KEDA `activationThreshold` of `{m}` | {v:g} |" for m, v in k.activation.items()]
         lines.append(f"| KEDA release simulated | {k.release}"
-                     f"{' and later' if k.release in ('2.18', '2.20') else ' and earlier' if k.release == '2.16' else ''} |")
+                     f"{' and later' if release_at_least(k.release, '2.18') else ' and earlier' if k.release == '2.16' else ''}"
+                     " |")
         names = [m.name for m in auto.to_hpa().metrics]
 
         def which(some: frozenset[str]) -> str:

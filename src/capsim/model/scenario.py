@@ -1327,7 +1327,7 @@ class Autoscaler(_Section):
                                  f"trigger name {name!r}, so a formula could not tell them apart")
             seen[name] = metric
         try:
-            self.formula()
+            compile_formula(sm.formula, names)
         except FormulaError as e:
             raise ValueError(f"keda.scaling_modifiers.formula: {e}") from None
         if keda.activation:

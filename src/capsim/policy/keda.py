@@ -73,6 +73,13 @@ from capsim.policy.hpa_types import check_int, check_number
 Release = Literal["2.20", "2.18", "2.17", "2.16"]
 RELEASES: tuple[Release, ...] = get_args(Release)
 
+#: ``fallback.behavior`` (KEDA 2.17 on)
+FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
+FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = get_args(FallbackBehavior)
+
+#: KEDA's default ``cooldownPeriod`` (seconds).
+DEFAULT_COOLDOWN_PERIOD_S = 300.0
+
 
 def release_at_least(release: str, floor: str) -> bool:
     """Whether KEDA ``release`` is ``floor`` or later (``"2.20"`` is after ``"2.18"``)."""
@@ -80,12 +87,6 @@ def release_at_least(release: str, floor: str) -> bool:
         return tuple(int(x) for x in r.split("."))
 
     return key(release) >= key(floor)
-#: ``fallback.behavior`` (KEDA 2.17 on)
-FallbackBehavior = Literal["static", "currentReplicas", "currentReplicasIfHigher", "currentReplicasIfLower"]
-FALLBACK_BEHAVIORS: tuple[FallbackBehavior, ...] = get_args(FallbackBehavior)
-
-#: KEDA's default ``cooldownPeriod`` (seconds).
-DEFAULT_COOLDOWN_PERIOD_S = 300.0
 
 
 def metric_value(value: float) -> float:

@@ -129,14 +129,31 @@ class _Parser:
         self.i += 1
         return tok
 
+    def at(self, text: str) -> bool:
+        """Whether the current token is the operator or bracket ``text``."""
+        return self.cur.kind in ("op", "bracket") and self.cur.text == text
+
+    def items(self, close: str) -> list[_Node]:
+        """Expressions separated by commas up to the bracket ``close`` (consumed), a trailing comma allowed: an
+        array's elements (``parseArrayExpression``), a call's arguments (``parseArguments``)."""
+        out: list[_Node] = []
+        while not self.at(close):
+            if out:
+                self.expect(",")
+                if self.at(close):
+                    break
+            out.append(self.expression(0))
+        self.expect(close)
+        return out
+
     def expect(self, text: str) -> None:
-        if self.cur.text != text or self.cur.kind not in ("op", "bracket"):
+        if not self.at(text):
             what = "the end of the formula" if self.cur.kind == "end" else repr(self.cur.text)
             raise FormulaError(f"expected {text!r}, found {what}", self.cur.col)
         self.i += 1
 
     def expression(self, precedence: int = 0) -> _Node:
-        if precedence == 0 and self.cur.text == "let" and self.cur.kind == "op":
+        if precedence == 0 and self.at("let"):
             raise FormulaError("let is not supported by capsim's formula evaluator", self.cur.col)
         left = self.primary()
         prev = ""
@@ -174,9 +191,9 @@ class _Parser:
             self.next()
 
     def conditional(self, node: _Node) -> _Node:
-        while self.cur.kind == "op" and self.cur.text == "?":
+        while self.at("?"):
             col = self.next().col
-            if self.cur.kind == "op" and self.cur.text == ":":  # c ?: y
+            if self.at(":"):  # c ?: y
                 self.next()
                 node = _Node("cond", col, None, (node, node, self.expression(0)))
                 continue
@@ -212,21 +229,13 @@ class _Parser:
                 return _Node("bool", tok.col, tok.text == "true")
             if tok.text == "nil":
                 return _Node("nil", tok.col)
-            if self.cur.kind == "bracket" and self.cur.text == "(":
+            if self.at("("):
                 return self.postfix(self.call(tok))
             return self.postfix(_Node("name", tok.col, tok.text))
         if tok.kind == "number":
             return self.postfix(_Node("num", tok.col, _number(tok)))
         if tok.kind == "bracket" and tok.text == "[":
-            items: list[_Node] = []
-            while not (self.cur.kind == "bracket" and self.cur.text == "]"):
-                if items:
-                    self.expect(",")
-                    if self.cur.kind == "bracket" and self.cur.text == "]":
-                        break
-                items.append(self.expression(0))
-            self.expect("]")
-            return self.postfix(_Node("array", tok.col, None, tuple(items)))
+            return self.postfix(_Node("array", tok.col, None, tuple(self.items("]"))))
         what = "the end of the formula" if tok.kind == "end" else repr(tok.text)
         raise FormulaError(f"unexpected {what}", tok.col)
 
@@ -242,26 +251,19 @@ class _Parser:
             raise FormulaError(f"function {fn}() is not supported by capsim's formula evaluator (it has "
                                f"{', '.join(sorted(_FUNCS | set(_PREDICATE_FUNCS)))})", name.col)
         self.expect("(")
-        args: list[_Node] = []
-        if fn in _PREDICATE_FUNCS:
-            args.append(self.expression(0))
-            if not (self.cur.kind == "bracket" and self.cur.text == ")") or not _PREDICATE_FUNCS[fn]:
-                self.expect(",")
-                args.append(self.predicate())
-            if self.cur.kind == "op" and self.cur.text == ",":
-                self.next()
-        else:
-            while not (self.cur.kind == "bracket" and self.cur.text == ")"):
-                if args:
-                    self.expect(",")
-                    if self.cur.kind == "bracket" and self.cur.text == ")":
-                        break
-                args.append(self.expression(0))
+        if fn not in _PREDICATE_FUNCS:
+            return _Node("call", name.col, fn, tuple(self.items(")")))
+        args = [self.expression(0)]
+        if not self.at(")") or not _PREDICATE_FUNCS[fn]:
+            self.expect(",")
+            args.append(self.predicate())
+        if self.at(","):
+            self.next()
         self.expect(")")
         return _Node("call", name.col, fn, tuple(args))
 
     def predicate(self) -> _Node:
-        braces = self.cur.kind == "bracket" and self.cur.text == "{"
+        braces = self.at("{")
         if braces:
             self.next()
         self.depth += 1

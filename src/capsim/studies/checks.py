@@ -1261,9 +1261,9 @@ def _keda_modifiers(auto: Autoscaler) -> list[Finding]:
     if keda is None or keda.scaling_modifiers is None or formula is None:
         return []
     found = []
-    idle = dict.fromkeys(auto.trigger_names, 0.0)
-    for i in range(len(keda.cron)):
-        idle[f"cron_{i}"] = 1.0  # a cron trigger outside its window
+    triggers = len(auto.to_hpa().metrics)  # the Prometheus triggers; the cron triggers' names follow theirs
+    # no traffic: every Prometheus trigger at 0, every cron trigger outside its window (1)
+    idle = {name: 0.0 if k < triggers else 1.0 for k, name in enumerate(auto.trigger_names)}
     try:
         value: float | str = formula.evaluate(idle)
     except FormulaError as e:
@@ -1277,7 +1277,6 @@ def _keda_modifiers(auto: Autoscaler) -> list[Finding]:
             "for a value that is not finite; capsim counts both failed), so the HPA holds its count, no "
             "scale-down, and KEDA finds the ScaledObject not active; guard the divisor (max(x, 1), x > 0 ? ... : 0)",
             level="warn", check="keda-formula-idle"))
-    triggers = len(auto.to_hpa().metrics)
     fb = keda.fallback
     if fb is not None and fb.replicas > 0 and triggers > 1 and not release_at_least(keda.release, "2.20"):
         found.append(Finding(
