@@ -11,11 +11,14 @@ many measurements (``count``) as the simulated pause made plus the resume's. The
 Istio reports (args ``canary-version`` and ``stable-version``).
 
 Conditions are written for Argo's evaluator (``utils/evaluate``: ``result`` is the query's vector, ``isNaN``
-available): a NaN (nothing answered) fails a limit, as the simulator fails it. Two differences stay, which the file's
-header says: a query that returns no series at all is an Error in Argo (``consecutiveErrorLimit``, 4 by default),
-not a failed measurement, so the error rates' numerators carry ``or vector(0)``; and a limit against the old pods
-is one ratio (or difference), NaN when either side answered nothing, where the simulator passes a canary whose old
-pods answered nothing.
+available): a NaN (nothing answered) fails a limit, as the simulator fails it, and so does a query that returns no
+series at all: Argo's Prometheus provider hands the evaluator an empty vector (``processResponse``), and the
+condition's ``len(result) > 0`` makes that a failed measurement (without the guard, ``result[0]`` on it would be an
+evaluation error, a measurement in phase Error counted against ``consecutiveErrorLimit`` instead). The error rates'
+numerators carry ``or vector(0)``: a canary that made no error has no error series, and reads 0 there, as simulated,
+instead of nothing. One difference stays, which the file's header says: a limit against the old pods is one ratio (or
+difference), NaN when either side answered nothing, where the simulator passes a canary whose old pods answered
+nothing.
 """
 
 from __future__ import annotations
@@ -134,8 +137,8 @@ def analysis_header(scenario: Scenario, target: DeployTarget) -> str:
         "# __meta_kubernetes_pod_label_rollouts_pod_template_hash under Argo). canary-version / stable-version, the",
         "# version label Istio reports (destination_version), for a gateway's error count.",
         "# The simulation evaluated these queries over its scrapes of the pods (every scrape interval, at each pod's",
-        "# phase) as Prometheus does. As simulated, a NaN (nothing answered) fails a measurement. Unlike the",
-        "# simulation: a query with no series at all is an Error in Argo (consecutiveErrorLimit), and a limit",
-        "# against the stable pods fails when they answered nothing in the window (the simulation passes it).",
+        "# phase) as Prometheus does. As simulated, nothing answered fails a measurement: a NaN, and an empty",
+        "# result (the conditions' len(result) > 0). Unlike the simulation: a limit against the stable pods",
+        "# fails when they answered nothing in the window (the simulation passes it).",
     ]
     return "\n".join(lines) + "\n"
