@@ -306,9 +306,14 @@ def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> Non
         probe.period_s, probe.failure_threshold)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert pod["terminationGracePeriodSeconds"] >= rush.pods.termination_grace_s
-    # the startup probe outlasts the slowest cold start (uniform 45..90 s)
+    # the startup probe outlasts the slowest cold start (uniform 45..90 s), at the simulated period (unset: the
+    # readiness probe's); a period set is the one written
     startup = container["startupProbe"]
+    assert startup["periodSeconds"] == probe.period_s and startup["failureThreshold"] == 10
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 90
+    fast = build_all(rush.override({"pods.startup_probe.period_s": 2}), TARGET)["deployment-patch.yaml"]
+    fstartup = fast["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (fstartup["periodSeconds"], fstartup["failureThreshold"]) == (2, 46)
     legacy = build_all(variants["legacy"], TARGET)["deployment-patch.yaml"]
     lstartup = legacy["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
     assert lstartup["periodSeconds"] * lstartup["failureThreshold"] >= 60  # above a lognormal's mean

@@ -739,7 +739,7 @@ def test_capsim_check_warns_of_a_deadline_that_undoes_a_good_deploy() -> None:
     short = _fleet(**{"pods.progress_deadline_s": 50, "pods.undo_on_deadline": True})
     (f,) = [f for f in run_checks(short) if f.check == "rollout-deadline-short"]
     assert f.level == "warn" and f.path == "pods.progress_deadline_s"
-    assert "may take 70 s from its creation to available (a cold start 60 s, a readiness probe period 10 s" in f.message
+    assert "may take 70 s from its creation to available (a cold start 60 s, a startup probe period 10 s" in f.message
     assert "the pipeline undoes it" in f.message
     r = simulate(short, 0)
     assert r.summary.rollouts_undone == 1 and r.rollouts.undo.iloc[-1]  # the simulator agrees: a good deploy undone

@@ -103,8 +103,37 @@ def test_probe_settings_move_readiness() -> None:
     s = probe_scenario().override({"pods.readiness_probe.period_s": 4, "pods.endpoints_propagation_s": 0.0})
     sim = Simulation(s, seed=0)
     sim.cluster.scale_to(3, 0.0)
-    sim.env.run(until=28.5)  # probes at 24 (fails), 28 (passes)
+    sim.env.run(until=28.5)  # the startup probe (the readiness probe's period, unset) at 24 fails, 28 passes
     assert sim.cluster.pods[2].ready_s == 28.0 and sim.cluster.pods[2] in sim.cluster.endpoints
+
+
+def _ready_s(**changes: Any) -> float | None:
+    sim = Simulation(probe_scenario(**{"pods.endpoints_propagation_s": 0.0, **changes}), seed=0)
+    sim.cluster.scale_to(3, 0.0)
+    sim.env.run(until=80.0)
+    return sim.cluster.pods[2].ready_s
+
+
+def test_the_pod_is_ready_at_the_first_startup_probe_that_finds_the_model_loaded() -> None:
+    # upstream: the readiness probe is skipped until the startup probe passes, and then the kubelet runs it at once
+    # (prober_manager.go, UpdatePodStatus), so readiness follows the startup probe's ticks, not its own. Placed at 0,
+    # the model loaded at 25: a startup probe every 5 s passes at 25 (a tick at the load itself counts), every 3 s at
+    # 27, every 20 s at 40, whatever the readiness probe's period
+    assert _ready_s(**{"pods.startup_probe.period_s": 5}) == 25.0
+    assert _ready_s(**{"pods.startup_probe.period_s": 3}) == 27.0
+    assert _ready_s(**{"pods.startup_probe.period_s": 20}) == 40.0
+    assert _ready_s(**{"pods.startup_probe.period_s": 3, "pods.readiness_probe.period_s": 7}) == 27.0
+    assert _ready_s() == _ready_s(**{"pods.startup_probe.period_s": 10}) == 30.0  # unset: the readiness probe's
+
+
+def test_a_startup_probe_passing_in_a_redis_outage_leaves_the_pod_to_its_readiness_probes() -> None:
+    # the store is out from 20 to 33: the startup probe (every 5 s, /healthz) passes at 25, the readiness probe run
+    # at once then fails (/readyz pings the store), so the pod waits for its own readiness ticks (0, 10, 20, 30 out;
+    # 40 passes); an outage over by the startup probe's pass changes nothing
+    outage = {"faults.redis_outages": [{"at_s": 20, "duration_s": 13}], "pods.replicas": 1}
+    assert _ready_s(**{"pods.startup_probe.period_s": 5, **outage}) == 40.0
+    over = {"faults.redis_outages": [{"at_s": 10, "duration_s": 14}], "pods.replicas": 1}
+    assert _ready_s(**{"pods.startup_probe.period_s": 5, **over}) == 25.0
 
 
 def _endpoints_at(sim: Simulation, times: list[float]) -> list[int]:

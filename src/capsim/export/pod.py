@@ -23,7 +23,6 @@ ENV_PREFIX = "CAPSIM_"
 #: The extended resource NVIDIA's device plugin advertises (a container's GPUs come from its node).
 GPU_RESOURCE = "nvidia.com/gpu"
 #: Probe timings (s). The readiness probe's timeout is above the pod's 2 s store ping.
-PROBE_PERIOD_S = 5
 READINESS_TIMEOUT_S = 3
 LIVENESS_PERIOD_S = 10
 LIVENESS_FAILURES = 3
@@ -108,13 +107,16 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     ``pods.rolling_update`` other than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its
     ``minReadySeconds`` and a ``progressDeadlineSeconds`` other than 600 as simulated."""
     http = {"port": "http"}
-    startup_failures = math.ceil(startup_bound_s(scenario) / PROBE_PERIOD_S) + 1
+    startup_every = scenario.pods.startup_probe.period(scenario.pods.readiness_probe)
+    startup_failures = math.ceil(startup_bound_s(scenario) / startup_every) + 1
     container = {
         "name": target.container_name,
         "envFrom": [{"configMapRef": {"name": target.configmap_name}}],
         "ports": [{"name": "http", "containerPort": target.port, "protocol": "TCP"}],
-        # /healthz answers once the model is loaded and warmed up: give the cold start its time
-        "startupProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": PROBE_PERIOD_S,
+        # /healthz answers once the model is loaded and warmed up: give the cold start its time. The simulated
+        # period (pods.startup_probe): the pod is ready at the first that passes (the kubelet then runs the
+        # readiness probe at once)
+        "startupProbe": {"httpGet": {**http, "path": "/healthz"}, "periodSeconds": startup_every,
                          "failureThreshold": startup_failures},
         # /readyz is false while warming up, while the session store does not answer, and while draining
         # the simulated probe's period and threshold (pods.readiness_probe; Kubernetes defaults 10 s, 3)

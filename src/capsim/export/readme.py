@@ -560,8 +560,10 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                      f"slower): the router (`{kind}`) {does}; change it and the numbers change "
                      "(docs/studies.md, \"A slow pod\")")
     probe = scenario.pods.readiness_probe
-    lines.append(f"- the readiness probe runs every {probe.period_s} s and fails a pod after "
-                 f"{probe.failure_threshold} failures (the Deployment patch sets both); the endpoints follow "
+    lines.append(f"- a starting pod is ready at its first startup probe that finds the model loaded (every "
+                 f"{scenario.pods.startup_probe.period(probe)} s; the kubelet runs the readiness probe as it passes); "
+                 f"the readiness probe runs every {probe.period_s} s and fails a pod after "
+                 f"{probe.failure_threshold} failures (the Deployment patch sets all three); the endpoints follow "
                  f"a change of readiness within {scenario.pods.endpoints_propagation_s:g} s")
     lines.append(routing(scenario))
     lines += [f"  - {note}" for note in routing_notes(scenario, target)]

@@ -425,6 +425,20 @@ class ReadinessProbe(_Section):
                                                          "make a ready pod not ready")
 
 
+class StartupProbe(_Section):
+    """The kubelet's startup probe on ``/healthz``, which the exported Deployment gives the container so that its
+    liveness probe leaves a loading model alone. The readiness probe waits for it: the pod is ready at the first
+    startup probe that finds the model loaded, when the kubelet runs the readiness probe at once (``capsim.sim.cluster``).
+    Its ``failureThreshold`` (not set here) the export makes outlast the slowest cold start."""
+
+    period_s: Int | None = Field(None, ge=1, description="periodSeconds: a probe every this many seconds from the "
+                                                          "pod's start on its node; none: the readiness probe's")
+
+    def period(self, readiness: ReadinessProbe) -> int:
+        """The period in seconds, ``readiness``'s where none is set."""
+        return readiness.period_s if self.period_s is None else self.period_s
+
+
 class DisruptionBudget(_Section):
     """A PodDisruptionBudget on the Deployment's pods (policy/v1; integers, not percentages): evictions,
     cluster-autoscaler's drains among them, may take a node's pods only while at least ``min_available``
@@ -755,6 +769,7 @@ class Pods(_Section):
     )
     crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
     readiness_probe: ReadinessProbe = ReadinessProbe()
+    startup_probe: StartupProbe = StartupProbe()
     endpoints_propagation_s: Float = Field(
         1.0, ge=0,
         description="a change of readiness reaches the Service's endpoints (EndpointSlice controller, "

@@ -8,17 +8,22 @@ can crash while it starts or serves; the kubelet restarts it in place (same node
 after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``startup_s``). A pod holds its
 GPUs (``batching.tensor_parallel_size``, all on its node) from its placement until it is gone.
 
-Readiness, as the kubelet and the endpoints controller run it: the readiness probe (``/readyz``) runs every
-``pods.readiness_probe.period_s`` from the pod's admission on its node (the prober worker's ticker starts
-with the pod and probes at once; initialDelaySeconds 0; the pods already running at time 0 probe at
-random phases). A started container is ready at the first probe
-after its ``startup_s`` (its Ready condition: ``READY``) and receives traffic ``pods.endpoints_propagation_s``
-later (EndpointSlice controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
+Readiness, as the kubelet and the endpoints controller run it: the startup probe (``/healthz``) and the readiness
+probe (``/readyz``) run every ``pods.startup_probe.period_s`` and ``pods.readiness_probe.period_s`` from the pod's
+admission on its node (each prober worker's ticker starts with the pod and probes at once; initialDelaySeconds 0;
+the pods already running at time 0 probe at random phases). The readiness probe is skipped until the startup
+probe passes; then the kubelet runs it at once (``prober_manager.go``, ``UpdatePodStatus``: a started container
+without a passing readiness result triggers a manual run). So a started container is ready at the first startup
+probe after its ``startup_s`` (its Ready condition: ``READY``; with the two periods equal, the default, that is the
+first readiness probe's time) and receives traffic ``pods.endpoints_propagation_s`` later (EndpointSlice
+controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
 does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes (not
 with ``state.on_unavailable: serve_local``: such a pod still serves, and stays ready); after
 ``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
-propagation later; it is ready again at its first probe after the outage. Upstream:
-``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1),
+propagation later; it is ready again at its first probe after the outage (a pod whose startup probe passes in
+the outage fails that first readiness probe, and is ready at its first readiness probe after). Upstream:
+``pkg/kubelet/prober/worker.go`` (``run``, ``doProbe``: failureThreshold / successThreshold 1; readiness skipped
+until started), ``pkg/kubelet/prober/prober_manager.go`` (``UpdatePodStatus``),
 ``pkg/apis/core/v1/defaults.go`` (periodSeconds 10, failureThreshold 3).
 
 A failed node (``faults.node_failures``) takes its pods down without a word: see ``node_failed``.
@@ -145,6 +150,7 @@ class Cluster:
         self._uid: list[int] = []  # per pod id: its random UID (a 62-bit integer)
         probe = sim.scenario.pods.readiness_probe
         self._probe_period = float(probe.period_s)
+        self._startup_period = float(sim.scenario.pods.startup_probe.period(probe))
         self._probe_failures = probe.failure_threshold
         self._propagation_s = sim.scenario.pods.endpoints_propagation_s
         self._crash_leave_s = sim.scenario.pods.crash_detection_s + self._propagation_s
@@ -665,7 +671,7 @@ class Cluster:
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             now = self.sim.env.now
             pod.server_up = True  # its server answers (/metrics too) before its readiness probe passes
-            at = self._passing_probe(pod, now)
+            at = self._ready_at(pod, now)
             if at <= now:
                 self._ready(pod, now)
             else:
@@ -677,11 +683,20 @@ class Cluster:
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             self._ready(pod, self.sim.env.now)
 
-    def _next_probe(self, pod: Pod, t: float) -> float:
-        """The time of ``pod``'s first readiness probe at or after ``t``."""
+    def _next_probe(self, pod: Pod, t: float, period: float | None = None) -> float:
+        """The time of ``pod``'s first readiness probe (or probe every ``period`` s) at or after ``t``."""
+        every = self._probe_period if period is None else period
         origin = self._probe_origin.get(pod.id, 0.0)
-        k = math.ceil((t - origin) / self._probe_period - 1e-9)
-        return origin + max(k, 0) * self._probe_period
+        k = math.ceil((t - origin) / every - 1e-9)
+        return origin + max(k, 0) * every
+
+    def _ready_at(self, pod: Pod, t: float) -> float:
+        """When a pod whose model loaded at ``t`` is ready: at its first startup probe from ``t``, where the kubelet
+        runs the readiness probe at once; if the session store is out then, at its first passing readiness probe."""
+        started = self._next_probe(pod, t, self._startup_period)
+        if any(a <= started < b for a, b in self._outages):
+            return self._passing_probe(pod, started)
+        return started
 
     def _passing_probe(self, pod: Pod, t: float) -> float:
         """The first probe at or after ``t`` that finds the session store up (``/readyz`` pings it)."""

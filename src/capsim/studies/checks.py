@@ -124,7 +124,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the plan's floor takes (as ``rollout-budget-short`` counts it): every deploy, good or not, is undone.
 * ``rollout-deadline-short`` (warn): ``pods.rollouts`` with a ``pods.progress_deadline_s`` shorter than a good
   rollout's longest step without progress, a new pod's creation to its being available: the image pull (a new image),
-  the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a readiness probe period and
+  the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a startup probe period and
   ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
@@ -136,7 +136,7 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``canary-window-before-ready`` (warn): a resume whose latency check (``undo_if_ttft_p99_over_s``,
   ``undo_if_ttft_p99_over_baseline``, the ITL's; with ``check_interval_s``, its first measurement of the pause)
   looks back ``check_window_s`` to before the canary's pods can all be ready
-  (the pause plus a new pod's longest way to ready: the new image's pull, the longest cold start, a readiness
+  (the pause plus a new pod's longest way to ready: the new image's pull, the longest cold start, a startup
   probe period, ``pods.min_ready_s``): the window holds their first requests, which the router treats unlike a warm
   pod's (least outstanding sends a burst to a new pod: the canary's TTFT reads slow; round robin gives it no
   backlog: it reads fast; an emptier batch makes its inter-token latency read fast), so the check judges the
@@ -563,7 +563,7 @@ def _shortest_start(scenario: Scenario) -> float:
 def _rollout_deadline(scenario: Scenario) -> list[Finding]:
     """A progress deadline shorter than a good rollout's longest step: between a new pod's creation and its being
     available nothing progresses (``DeploymentProgressing``), and that takes up to the image pull (a new image),
-    the longest cold start, a readiness probe period and ``min_ready_s``."""
+    the longest cold start, a startup probe period and ``min_ready_s``."""
     pods = scenario.pods
     if not pods.template_changes:
         return []
@@ -581,12 +581,13 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
 
 def _to_available(scenario: Scenario, new_image: bool) -> tuple[float, list[str]]:
     """The longest a new pod of a rollout takes from its creation to available, and its parts as words: the image
-    pull (``new_image``), the longest cold start, a readiness probe period and ``pods.min_ready_s``."""
+    pull (``new_image``), the longest cold start, a startup probe period (the readiness probe runs as it passes)
+    and ``pods.min_ready_s``."""
     pods = scenario.pods
     pull = pods.image_pull_s.range_s[1] if new_image else 0.0
-    start, probe = pods.startup_s.range_s[1], float(pods.readiness_probe.period_s)
+    start, probe = pods.startup_s.range_s[1], float(pods.startup_probe.period(pods.readiness_probe))
     parts = ([f"the new image's pull {pull:g} s"] if pull else []) + [f"a cold start {start:g} s",
-                                                                       f"a readiness probe period {probe:g} s"]
+                                                                       f"a startup probe period {probe:g} s"]
     if pods.min_ready_s:
         parts.append(f"minReadySeconds {pods.min_ready_s} s")
     return pull + start + probe + pods.min_ready_s, parts
@@ -655,7 +656,7 @@ def _pause_holds_no_canary(scenario: Scenario) -> list[Finding]:
 def canary_window_before_ready(scenario: Scenario) -> list[Finding]:
     """A canary's latency check whose window reaches back before its pods can all be ready. The canary's pods are
     made by the deploy's syncs up to the pause, and each takes up to the new image's pull, the longest cold start, a
-    readiness probe period and ``min_ready_s`` to be available (``_rollout_deadline``'s step; a node to provision
+    startup probe period and ``min_ready_s`` to be available (``_rollout_deadline``'s step; a node to provision
     comes on top). A window that starts earlier holds the pods' first requests, which the router treats unlike a
     warm pod's: least outstanding sends a new pod the gateway's requests until it holds as many as the others (a
     burst: the canary reads slow), round robin gives it none of the others' backlog (it reads fast). In the H100
