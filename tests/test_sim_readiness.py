@@ -264,3 +264,33 @@ def test_a_scale_down_takes_a_pod_from_the_most_crowded_node() -> None:
     sim.cluster.scale_to(4, 1000.0)
     gone = [p.id for p in sim.cluster.pods if p.state != PodState.READY]
     assert len(gone) == 1 and gone[0] in (0, 1, 2, 3)
+
+
+def test_the_shipped_startup_probe_grid_on_the_keda_rush() -> None:
+    """data/studies/startup_probe_grid.yaml (docs/studies.md, "The startup probe") on the H100 rush under KEDA on the
+    waiting requests, seed 2: every new pod is ready on its own startup probe's grid (from its placement), and the
+    2-s probe drains the backlog sooner: a lower p99 and none of the 10-s probe's refusals at full queues."""
+    from capsim.sim import simulate
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    periods = [s.changes["pods.startup_probe.period_s"]
+               for s in expand_grid(load_grid("data/studies/startup_probe_grid.yaml"))]
+    assert periods == [10, 5, 2]
+    rush = Scenario.from_yaml("data/scenarios/h100_llama3_8b_rush.yaml").override({
+        "autoscaler.minReplicas": 2, "cluster.billing": "pod", "autoscaler.keda": {"polling_interval_s": 15},
+        "autoscaler.metrics": [{"type": "External", "external": {"metric": {"name": "vllm:num_requests_waiting"},
+                                                                 "target": {"type": "AverageValue", "averageValue": "4"}}}]})
+    runs = {}
+    for period in (10, 2):
+        sim = Simulation(rush.override({"pods.startup_probe.period_s": period}), seed=2)
+        runs[period] = sim.run()
+        placed = {pod_id: t for t, pod_id, _, _ in sim.cluster.placements}
+        new = [p for p in sim.cluster.pods if p.first_ready_s is not None and p.first_ready_s > 0]
+        assert len(new) > 20
+        for p in new:
+            ticks = (p.first_ready_s - placed[p.id]) / period
+            assert abs(ticks - round(ticks)) < 1e-6, (p.id, p.first_ready_s, placed[p.id])
+    slow, fast = runs[10].summary, runs[2].summary
+    assert fast.ttft_p99_s < slow.ttft_p99_s
+    assert (slow.failed, fast.failed) == (209, 0)
+    assert simulate(rush, seed=2).summary == slow  # unset, the readiness probe's period: 10 s
