@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, cast
 from simpy.events import Timeout
 
 from capsim.model.buckets import TTFT_BUCKETS_S
-from capsim.sim.pod import SERVING, Pod, PodState
+from capsim.sim.pod import Pod, PodState
 from capsim.sim.promql_eval import (
     Samples,
     extrapolated_rate,
@@ -124,8 +124,7 @@ class AnalysisProm:
         pod, at = cast(tuple[Pod, float], ev.value)
         rows = self.scrapes[pod.id]
         down = self.sim.faults.has_metrics_outages and self.sim.faults.metrics_down(at)
-        up = pod.state in SERVING or (pod.state == PodState.STARTING and pod.server_up)
-        if pod.state == PodState.GONE or (not up and not down):
+        if pod.state == PodState.GONE or (not pod.metrics_up and not down):
             mark_stale(rows, at)  # the target left, or its scrape failed: the series end
         elif not down:
             rows.append(self._sample(pod, at))

@@ -24,6 +24,9 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   pod that became ready inside the window reads less than it serves. A pod without a sample there has no value (the HPA counts it
   missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
   0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
+* A pod's scrapes succeed from when its server is up (its model loaded), before its readiness probe passes:
+  Prometheus scrapes every Running pod its discovery finds, and the HPA counts a Running pod's value whether it
+  is ready or not (``groupPods`` leaves unready pods out for CPU only), so a new pod reads an empty queue there.
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
@@ -95,7 +98,7 @@ from capsim.policy.autoscaling import (
 from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value, release_at_least
 from capsim.policy.keda_formula import COMPOSITE_METRIC, Formula, FormulaError
 from capsim.sim.continuous import ContinuousPod
-from capsim.sim.pod import SERVING, Pod, PodState
+from capsim.sim.pod import Pod, PodState
 from capsim.sim.promql_eval import (
     Samples,
     extrapolated_rate,
@@ -301,7 +304,7 @@ class Autoscaling:
             return
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
-        elif pod.state in SERVING:
+        elif pod.metrics_up:  # ready or not: a pod whose server answers is scraped (its queue empty until ready)
             samples.append(_sample(pod, at, self._busy_ratio(pod, at)))
         else:  # the scrape fails: the series ends
             mark_stale(samples, at)

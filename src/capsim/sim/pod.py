@@ -187,6 +187,12 @@ class Pod:
         probes, or lost with a dead node its kubelet can no longer report (``lost_ready``)."""
         return (self.state == PodState.READY and not self.probe_failing) or self.lost_ready
 
+    @property
+    def metrics_up(self) -> bool:
+        """Its ``/metrics`` answers a scrape: serving or draining, or started with its server up and its readiness
+        not passed yet (Prometheus scrapes every Running pod of its targets, ready or not)."""
+        return self.state in SERVING or (self.state == PodState.STARTING and self.server_up)
+
     def __repr__(self) -> str:
         return f"Pod({self.id}, {self.state.name}, queued={len(self.queue)}, running={len(self.running)})"
 
