@@ -564,7 +564,7 @@ class Autoscaling:
                         continue
                     if health is not None:  # KEDA's metrics server answers: the value, an error or the fallback's
                         value_target = target_type == "Value"
-                        ready = sum(1 for p in pods if p.ready_condition) if value_target and failed else 0
+                        ready = self.sim.cluster.ready_count() if value_target and failed else 0
                         total = health.read(k, total, failed, target, current, value_target, ready)
                     read.append(math.nan if total is None else total)
                     proposals.append(None if total is None else self._external_replicas(
@@ -582,7 +582,7 @@ class Autoscaling:
                 except ValueError:  # no pods or no samples: the metric failed this sync
                     proposals.append(None)
             if self._formula is not None:  # the HPA KEDA creates has one metric, the composite
-                composite = self._composite_read(raw, current, pods)
+                composite = self._composite_read(raw, current)
                 read.append(math.nan if composite is None else composite)
                 sm = self._modifiers
                 assert sm is not None
@@ -689,7 +689,7 @@ class Autoscaling:
             return False
         return math.isfinite(out) and metric_value(out) > sm.activation_target
 
-    def _composite_read(self, raw: list[tuple[float | None, bool]], current: int, pods: list[Pod]) -> float | None:
+    def _composite_read(self, raw: list[tuple[float | None, bool]], current: int) -> float | None:
         """What KEDA's metrics server answers the HPA for ``composite-metric`` (``GetScaledObjectMetrics``, releases
         2.17 to 2.20), from each trigger's (value, failed) this sync; None: the read fails.
 
@@ -709,7 +709,7 @@ class Autoscaling:
         error = False
         for k, (total, failed) in enumerate(raw):
             if failed:
-                ready = sum(1 for p in pods if p.ready_condition) if value_target else 0
+                ready = self.sim.cluster.ready_count() if value_target else 0
                 answer = health.read(k, None, True, sm.target, current, value_target, ready)
                 if answer is None:
                     error = True
@@ -739,7 +739,7 @@ class Autoscaling:
     def _external_replicas(self, pods: list[Pod], current: int, total: float, target: float, value_target: bool,
                            tol: Tolerance) -> int:
         if value_target:
-            ready = sum(1 for p in pods if p.ready_condition)
+            ready = self.sim.cluster.ready_count()
             return value_metric_replicas(current, total, target, ready, tol)
         existing = sum(1 for p in pods if p.state != PodState.TERMINATING)  # the scale's status.replicas
         return average_value_metric_replicas(existing, total, target, tol)
