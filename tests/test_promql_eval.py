@@ -166,15 +166,19 @@ def test_a_restarted_container_s_counters_start_from_zero_and_a_rate_counts_thro
     auto = sim.autoscaling
     assert auto is not None
     pod = sim.cluster.pods[0]
-    rows = list(pod.samples)
-    k = next(i for i, s in enumerate(rows) if len(s) == 1)  # the stale marker of the crash
-    before, first, after = rows[k - 1], rows[k + 1], rows[k + 2]  # the last scrape before, the first two after
+    # the container restarts at once and its server is up 5 s later, inside one scrape interval, so a scrape may find
+    # it down (a stale marker) or not, and it is scraped before it is ready (its counters at 0 until it serves)
+    rows = [s for s in pod.samples if len(s) > 1]  # the scrapes, stale markers left out
+    k = next(i for i, s in enumerate(rows) if s[0] > 450.0)
+    m = next(i for i in range(k, len(rows)) if rows[i][5] > 0)
+    # the last scrape before the crash, the first after it, and the first after it to count a request
+    before, first, after = rows[k - 1], rows[k], rows[m]
+    sel = rows[k - 1:m + 1]  # those and the scrapes between them
     assert first[5] <= after[5] < before[5] < pod.ttft_count  # /metrics restarted from 0; the pod's tally did not
-    # a rate over a window holding those three: Prometheus's increase through the reset is what came after it (the
+    # a rate over a window holding them: Prometheus's increase through the reset is what came after it (the
     # slope from the first to the last would be below 0); the mean TTFT is the rate of its sum over its count's
     a, w = after[0], after[0] - before[0] + 1.0
     got = auto.value(pod, "ttft", a, "rate", w)
-    sel = [before, first, after]
     sum_rate = extrapolated_rate([x[0] for x in sel], [x[4] for x in sel], a - w, a)
     count_rate = extrapolated_rate([x[0] for x in sel], [x[5] for x in sel], a - w, a)
     assert sum_rate is not None and count_rate is not None and count_rate > 0

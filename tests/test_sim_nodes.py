@@ -215,9 +215,10 @@ def test_a_disruption_budget_lets_a_drain_take_only_what_it_allows() -> None:
 
 
 def test_a_budget_waits_for_the_pods_to_be_ready_again() -> None:
-    # the rush: without a budget cluster-autoscaler drains two nodes 10 s apart and 2 of the 3 pods are down
-    # at once; with maxUnavailable 1 the planner finds only one of them removable at a time (the budget
-    # covers one pod), so one node goes and ready pods never fall below 2
+    # the rush: without a budget cluster-autoscaler drains two nodes within a cold start of each other (60 s apart
+    # in seed 0; 10 s until stop 73, when the HPA began to read starting pods and its scale-downs moved) and 2 of
+    # the 3 pods are down at once; with maxUnavailable 1 the planner finds only one of them removable at a time (the
+    # budget covers one pod), so one node goes and ready pods never fall below 2
     rush = Scenario.from_yaml("data/scenarios/friday_rush.yaml").override({"autoscaler.minReplicas": 3})
     runs = {}
     for name, budget in (("none", None), ("one", {"max_unavailable": 1})):
@@ -225,7 +226,7 @@ def test_a_budget_waits_for_the_pods_to_be_ready_again() -> None:
         ts = sim.run().timeseries
         runs[name] = (sim.cluster.nodes.removals, int(ts[ts.time_s >= 3000].ready_replicas.min()))
     (first, second), least = runs["none"]
-    assert second[0] - first[0] == 10.0 and least == 1
+    assert 0 < second[0] - first[0] <= 60.0 and least == 1
     removals_b, least_b = runs["one"]
     assert removals_b and least_b == 2
     assert all(b[0] - a[0] > 10.0 for a, b in itertools.pairwise(removals_b))

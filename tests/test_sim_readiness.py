@@ -71,6 +71,31 @@ def test_pods_loading_the_model_are_running_without_metrics_as_upstream_counts_t
     assert pods_metric_replicas(8, samples, 2.0) == 6
 
 
+def test_a_pod_whose_model_loaded_is_scraped_before_its_readiness_and_counted_with_its_empty_queue() -> None:
+    # the model loads at 55, the probe (every 10 s from 0) passes at 60: from 55 the pod's server answers /metrics,
+    # Prometheus scrapes it (every 1 s here), and groupPods counts a Running pod's custom metric ready or not. Its
+    # empty queue enters the average: (4 x 1 + 4 x 0) / 8 = 0.5 of a target 2 -> 2 pods, where a pod without a
+    # value counts as the target on a scale-down (6, the test above)
+    sim = Simulation(hpa_scenario(image_pull_s=0, startup_s=55).override({"autoscaler.scrape_interval_s": 1.0}),
+                     seed=0)
+    auto = sim.autoscaling
+    assert auto is not None
+    sim.cluster.scale_to(8, 0.0)
+    pods_ = [p for p in sim.cluster.pods if p.state != PodState.GONE]
+    new = pods_[4:]
+    sim.env.run(until=54.5)
+    assert [auto._sample(p, "queue_depth", 54.5, "instant", 60.0, 0.99).value for p in new] == [None] * 4
+    sim.env.run(until=59.5)
+    assert all(p.state == PodState.STARTING and not p.ready_condition for p in new)
+    for p in pods_[:4]:
+        p.samples.append(_gauge_sample(59.5, 1))
+    samples = [auto._sample(p, "queue_depth", 59.5, "instant", 60.0, 0.99) for p in pods_]
+    assert [(s.value, s.phase, s.ready) for s in samples[4:]] == [(0.0, "Running", False)] * 4
+    assert pods_metric_replicas(8, samples, 2.0) == 2
+    sim.env.run(until=60.5)
+    assert all(p.ready_s == 60.0 for p in new)
+
+
 # ---- the readiness probe and the endpoints ----------------------------------------------------------------
 def probe_scenario(**changes: Any) -> Scenario:
     s = Scenario.model_validate({

@@ -21,13 +21,12 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   sample within Prometheus's 5-minute lookback. A rate (a counter's, and the rates a histogram's mean and quantile
   are made of) is Prometheus's: the increase extrapolated to the window's edges, by half a scrape interval where
   the series starts or ends inside the window, never below the counter's zero (``capsim.sim.promql_eval``), so a
-  pod that became ready inside the window reads less than it serves. A pod without a sample there has no value (the HPA counts it
-  missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
+  pod whose server came up inside the window reads less than it serves. A pod without a sample there has no value (the
+  HPA counts it missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
   0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
-* A pod's scrapes succeed from its readiness on. (Prometheus scrapes a pod from when its server answers, up to a
-  startup probe period before, and the HPA counts a Running pod's value ready or not: ``groupPods`` leaves unready
-  pods out for CPU only. The canary's analysis, ``capsim.sim.analysis``, scrapes so; here it is not modelled yet:
-  it moves 124 of the 1,241 study runs docs/studies.md quotes, in 8 of 15 grids, which need regenerating with it.)
+* A pod's scrapes succeed from when its server is up (its model loaded), before its readiness probe passes:
+  Prometheus scrapes every Running pod its discovery finds, and the HPA counts a Running pod's value whether it
+  is ready or not (``groupPods`` leaves unready pods out for CPU only), so a new pod reads an empty queue there.
 * Staleness: a scrape that finds a pod's container not serving (crashed, restarting) fails, and
   Prometheus writes a stale marker on the pod's series (``scrape/scrape.go``, ``StaleNaN``); an instant
   query at or after the marker returns nothing for the pod until it is scraped again, while a range query
@@ -99,7 +98,7 @@ from capsim.policy.autoscaling import (
 from capsim.policy.keda import FallbackHealth, ScaleExecutor, metric_value, release_at_least
 from capsim.policy.keda_formula import COMPOSITE_METRIC, Formula, FormulaError
 from capsim.sim.continuous import ContinuousPod
-from capsim.sim.pod import SERVING, Pod, PodState
+from capsim.sim.pod import Pod, PodState
 from capsim.sim.promql_eval import (
     Samples,
     extrapolated_rate,
@@ -305,7 +304,7 @@ class Autoscaling:
             return
         if self._prometheus_down(at):
             pass  # Prometheus is down: no scrape
-        elif pod.state in SERVING:
+        elif pod.metrics_up:  # ready or not: a pod whose server answers is scraped (its queue empty until ready)
             samples.append(_sample(pod, at, self._busy_ratio(pod, at)))
         else:  # the scrape fails: the series ends
             mark_stale(samples, at)
