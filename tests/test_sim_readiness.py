@@ -37,17 +37,24 @@ def _gauge_sample(t: float, queue_depth: int) -> tuple[Any, ...]:
     return (t, queue_depth, queue_depth, math.nan, 0.0, 0, 0, 0, math.nan, 0.0, 0, 0, None)
 
 
-def _half_target_plus_four_new(**pods: Any) -> tuple[list[PodSample], list[Pod]]:
-    """4 ready pods at half the target (queue depth 1 of 2), and 4 pods just created by a scale to 8."""
-    sim = Simulation(hpa_scenario(**pods), seed=0)
+def _half_target_plus_four_new(at: float = 0.0, scrape_every_s: float | None = None,
+                               **pods: Any) -> tuple[list[PodSample], list[Pod]]:
+    """4 ready pods at half the target (queue depth 1 of 2), and 4 pods created by a scale to 8 at 0, as the HPA
+    reads them at ``at`` (Prometheus scraping every ``scrape_every_s``, else the scenario's 15 s)."""
+    scenario = hpa_scenario(**pods)
+    if scrape_every_s is not None:
+        scenario = scenario.override({"autoscaler.scrape_interval_s": scrape_every_s})
+    sim = Simulation(scenario, seed=0)
     auto = sim.autoscaling
     assert auto is not None
     sim.cluster.scale_to(8, 0.0)
+    if at > 0.0:
+        sim.env.run(until=at)
     pods_ = [p for p in sim.cluster.pods if p.state != PodState.GONE]
     for p in pods_[:4]:
         assert p.state == PodState.READY
-        p.samples.append(_gauge_sample(0.0, 1))
-    return [auto._sample(p, "queue_depth", 0.0, "instant", 60.0, 0.99) for p in pods_], pods_[4:]
+        p.samples.append(_gauge_sample(at, 1))
+    return [auto._sample(p, "queue_depth", at, "instant", 60.0, 0.99) for p in pods_], pods_[4:]
 
 
 def test_pods_pulling_their_image_are_pending_and_left_out_of_a_scale_down() -> None:
@@ -76,23 +83,13 @@ def test_a_pod_whose_model_loaded_is_scraped_before_its_readiness_and_counted_wi
     # Prometheus scrapes it (every 1 s here), and groupPods counts a Running pod's custom metric ready or not. Its
     # empty queue enters the average: (4 x 1 + 4 x 0) / 8 = 0.5 of a target 2 -> 2 pods, where a pod without a
     # value counts as the target on a scale-down (6, the test above)
-    sim = Simulation(hpa_scenario(image_pull_s=0, startup_s=55).override({"autoscaler.scrape_interval_s": 1.0}),
-                     seed=0)
-    auto = sim.autoscaling
-    assert auto is not None
-    sim.cluster.scale_to(8, 0.0)
-    pods_ = [p for p in sim.cluster.pods if p.state != PodState.GONE]
-    new = pods_[4:]
-    sim.env.run(until=54.5)
-    assert [auto._sample(p, "queue_depth", 54.5, "instant", 60.0, 0.99).value for p in new] == [None] * 4
-    sim.env.run(until=59.5)
+    early, _ = _half_target_plus_four_new(54.5, 1.0, image_pull_s=0, startup_s=55)
+    assert [s.value for s in early[4:]] == [None] * 4
+    samples, new = _half_target_plus_four_new(59.5, 1.0, image_pull_s=0, startup_s=55)
     assert all(p.state == PodState.STARTING and not p.ready_condition for p in new)
-    for p in pods_[:4]:
-        p.samples.append(_gauge_sample(59.5, 1))
-    samples = [auto._sample(p, "queue_depth", 59.5, "instant", 60.0, 0.99) for p in pods_]
     assert [(s.value, s.phase, s.ready) for s in samples[4:]] == [(0.0, "Running", False)] * 4
     assert pods_metric_replicas(8, samples, 2.0) == 2
-    sim.env.run(until=60.5)
+    new[0].sim.env.run(until=60.5)
     assert all(p.ready_s == 60.0 for p in new)
 
 

@@ -22,8 +22,8 @@ Pipeline, as in a cluster with Prometheus and prometheus-adapter, with its phase
   are made of) is Prometheus's: the increase extrapolated to the window's edges, by half a scrape interval where
   the series starts or ends inside the window, never below the counter's zero (``capsim.sim.promql_eval``), so a
   pod whose server came up inside the window reads less than it serves. A pod without a sample there has no value (the
-  HPA counts it missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the adapter answers as
-  0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
+  HPA counts it missing); a NaN (a histogram's mean or quantile over a window that observed nothing, 0/0) the
+  adapter answers as 0 (prometheus-adapter ``metricFor``, kubernetes-sigs/prometheus-adapter#308).
 * A pod's scrapes succeed from when its server is up (its model loaded), before its readiness probe passes:
   Prometheus scrapes every Running pod its discovery finds, and the HPA counts a Running pod's value whether it
   is ready or not (``groupPods`` leaves unready pods out for CPU only), so a new pod reads an empty queue there.
