@@ -319,6 +319,25 @@ def test_deployment_patch_probes_and_grace(variants: dict[str, Scenario]) -> Non
     assert lstartup["periodSeconds"] * lstartup["failureThreshold"] >= 60  # above a lognormal's mean
 
 
+def test_a_startup_threshold_set_is_the_one_written_and_a_killing_one_is_refused(rush: Scenario,
+                                                                                 tmp_path: Path) -> None:
+    # pods.startup_probe.failure_threshold set: simulated as set (the kubelet kills slower starts), written as set
+    set_ = rush.override({"pods.startup_probe.failure_threshold": 12})
+    patch = build_all(set_, TARGET)["deployment-patch.yaml"]
+    assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 12
+    export_scenario(set_, tmp_path / "set")
+    assert "failureThreshold` is the one set (12)" in (tmp_path / "set" / "README.md").read_text()
+    # a cold start of 45 to 90 s: 9 probes every 10 s may kill the slowest (a warning, written), 4 kill every one,
+    # a fail that stops the export and names the setting
+    slow = rush.override({"pods.startup_probe.failure_threshold": 9})
+    assert [f.level for f in export_scenario(slow, tmp_path / "slow").findings
+            if f.check == "startup-probe-short"] == ["warn"]
+    with pytest.raises(ChecksFailedError, match="pods.startup_probe.failure_threshold") as info:
+        export_scenario(rush.override({"pods.startup_probe.failure_threshold": 4}), tmp_path / "never")
+    assert [f.check for f in info.value.findings] == ["startup-probe-short"]
+    assert "kills every start" in str(info.value.findings[0])
+
+
 def test_deployment_patch_writes_the_node_failure_tolerations(rush: Scenario) -> None:
     spec = build_all(rush, TARGET)["deployment-patch.yaml"]["spec"]["template"]["spec"]
     assert "tolerations" not in spec  # unset: the cluster's default (DefaultTolerationSeconds) applies

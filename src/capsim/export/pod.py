@@ -74,6 +74,16 @@ def startup_bound_s(scenario: Scenario) -> float:
     return scenario.pods.startup_s.range_s[1]
 
 
+def startup_failure_threshold(scenario: Scenario) -> int:
+    """The startup probe's ``failureThreshold``: the one set (``pods.startup_probe.failure_threshold``, simulated
+    as set), else enough probes that the slowest cold start passes whatever the probe's phase: a container started
+    just after a tick is probed first a period later, so it has (threshold - 1) periods to load."""
+    probe = scenario.pods.startup_probe
+    if probe.failure_threshold is not None:
+        return probe.failure_threshold
+    return math.ceil(startup_bound_s(scenario) / probe.period(scenario.pods.readiness_probe)) + 1
+
+
 def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
     """The scenario's PodDisruptionBudget (policy/v1) on the Deployment's pods, which the Deployment patch
     labels ``app.kubernetes.io/name: NAME`` so that its selector finds them."""
@@ -108,7 +118,7 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     ``minReadySeconds`` and a ``progressDeadlineSeconds`` other than 600 as simulated."""
     http = {"port": "http"}
     startup_every = scenario.pods.startup_probe.period(scenario.pods.readiness_probe)
-    startup_failures = math.ceil(startup_bound_s(scenario) / startup_every) + 1
+    startup_failures = startup_failure_threshold(scenario)
     container = {
         "name": target.container_name,
         "envFrom": [{"configMapRef": {"name": target.configmap_name}}],

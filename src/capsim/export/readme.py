@@ -565,6 +565,12 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                  f"the readiness probe runs every {probe.period_s} s and fails a pod after "
                  f"{probe.failure_threshold} failures (the Deployment patch sets all three); the endpoints follow "
                  f"a change of readiness within {scenario.pods.endpoints_propagation_s:g} s")
+    killed = scenario.pods.startup_probe.failure_threshold
+    if killed is not None:
+        lines.append(f"- the startup probe's `failureThreshold` is the one set ({killed}): the kubelet kills a container "
+                     f"whose model has not loaded after {killed} failed probes and restarts it under CrashLoopBackOff, as "
+                     "simulated (crashes of kind `startup_probe`); unset, the export writes one that outlasts the "
+                     "slowest cold start")
     lines.append(routing(scenario))
     lines += [f"  - {note}" for note in routing_notes(scenario, target)]
     if scenario.state.store == "redis":

@@ -16,8 +16,10 @@ probe passes; then the kubelet runs it at once (``prober_manager.go``, ``UpdateP
 without a passing readiness result triggers a manual run). So a started container is ready at the first startup
 probe after its ``startup_s`` (its Ready condition: ``READY``; with the two periods equal, the default, that is the
 first readiness probe's time) and receives traffic ``pods.endpoints_propagation_s`` later (EndpointSlice
-controller and kube-proxy). The real pod's ``/readyz`` fails while the session store
-does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes (not
+controller and kube-proxy). With ``pods.startup_probe.failure_threshold`` set, a container whose model has not
+loaded by that many startup probes of it (from the first tick after its start) is killed by the kubelet, a crash of
+kind ``startup_probe``, and restarted under CrashLoopBackOff (``_startup_kill_at``). The real pod's ``/readyz``
+fails while the session store does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes (not
 with ``state.on_unavailable: serve_local``: such a pod still serves, and stays ready); after
 ``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
 propagation later; it is ready again at its first probe after the outage (a pod whose startup probe passes in
@@ -152,6 +154,7 @@ class Cluster:
         self._probe_period = float(probe.period_s)
         self._startup_period = float(sim.scenario.pods.startup_probe.period(probe))
         self._probe_failures = probe.failure_threshold
+        self._startup_failures = sim.scenario.pods.startup_probe.failure_threshold  # None: no start is killed
         self._propagation_s = sim.scenario.pods.endpoints_propagation_s
         self._crash_leave_s = sim.scenario.pods.crash_detection_s + self._propagation_s
         self._probe_origin: dict[int, float] = {}  # pod id -> when its prober started (its placement)
@@ -639,8 +642,35 @@ class Cluster:
         template = self._templates[pod.revision]
         if template is not None and template.crash_after_s is not None:  # a bad template's container exits
             Timeout(self.sim.env, template.crash_after_s, (pod, pod.incarnation)).callbacks.append(self._template_exits)
-        ev = Timeout(self.sim.env, self._draw(self.sim.scenario.pods.startup_s, "startup"), (pod, pod.incarnation))
+        load = self._draw(self.sim.scenario.pods.startup_s, "startup")
+        killed = self._startup_kill_at(pod, now, load)
+        if killed is not None:
+            Timeout(self.sim.env, killed - now, (pod, pod.incarnation)).callbacks.append(self._startup_probe_failed)
+            return
+        ev = Timeout(self.sim.env, load, (pod, pod.incarnation))
         ev.callbacks.append(self._started)
+
+    def _startup_kill_at(self, pod: Pod, now: float, load: float) -> float | None:
+        """When the kubelet kills a container started at ``now`` whose model loads ``load`` s later: at its
+        ``pods.startup_probe.failure_threshold``-th startup probe, if the model has not loaded by then (a probe at
+        the load itself passes); None when a probe passes first, or no threshold is set. The prober's ticker runs
+        from the pod's placement, across restarts, and probes a new container from the first tick after its start
+        (a tick at the start itself found no container running yet, or was the probe that killed the last one;
+        ``worker.go``, ``doProbe``: on hold until a new container ID, ``resultRun`` counting its failures)."""
+        if self._startup_failures is None:
+            return None
+        first = self._next_probe(pod, now, self._startup_period)
+        if first <= now + 1e-9:  # that tick's probe found no container yet (or was the one that killed the last)
+            first += self._startup_period
+        last = first + (self._startup_failures - 1) * self._startup_period
+        return last if now + load > last + 1e-9 else None
+
+    def _startup_probe_failed(self, ev: Timeout) -> None:
+        """The container failed ``failure_threshold`` startup probes in a row: the kubelet kills it ("failed startup
+        probe, will be restarted"), a crash of kind ``startup_probe``, restarted under CrashLoopBackOff."""
+        pod, incarnation = cast(tuple[Pod, int], ev.value)
+        if pod.state == PodState.STARTING and pod.incarnation == incarnation:
+            self.sim.faults.crash_pod(pod, "startup_probe")
 
     def _template_limits(self, revision: int, template: Rollout) -> SchedulerLimits:
         """The scheduler's limits of a template with engine flags (``pods.rollouts[].batching``), made once."""

@@ -126,6 +126,13 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   rollout's longest step without progress, a new pod's creation to its being available: the image pull (a new image),
   the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a startup probe period and
   ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
+* ``startup-probe-short`` (fail or warn): a startup probe ``failure_threshold`` set (``pods.startup_probe``) that
+  kills slow starts. A container's probes run on the pod's ticker, the first at or after its start, so its model
+  has between (threshold - 1) and threshold periods to load: a cold start longer than that is killed by the
+  kubelet and restarted under CrashLoopBackOff. ``fail`` when the shortest cold start (a constant, a uniform's
+  bottom) is longer than threshold periods (a uniform's bottom equal to it too): every start is killed and no pod
+  ever serves; ``warn`` when the
+  longest (a uniform's top, a lognormal's 99.9th percentile) is longer than threshold - 1 periods.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
@@ -263,6 +270,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _rollout_budget(scenario)
     findings += _recreate_outage(scenario)
     findings += _rollout_deadline(scenario)
+    findings += _startup_probe_short(scenario)
     findings += _undo_while_paused(scenario)
     findings += _pause_holds_no_canary(scenario)
     findings += canary_window_before_ready(scenario)
@@ -577,6 +585,31 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
         f"from its creation to available ({', '.join(parts)}; a node to provision comes on top), with no progress "
         f"meanwhile: Kubernetes reports the rollout stalled (ProgressDeadlineExceeded){then}", level="warn",
         check="rollout-deadline-short")]
+
+
+def _startup_probe_short(scenario: Scenario) -> list[Finding]:
+    """A startup probe ``failure_threshold`` too short for the cold start: the kubelet kills a container whose model
+    has not loaded after threshold failed probes, which is (threshold - 1) to threshold periods from its start."""
+    probe = scenario.pods.startup_probe
+    n = probe.failure_threshold
+    if n is None:
+        return []
+    period = float(probe.period(scenario.pods.readiness_probe))
+    low, high = scenario.pods.startup_s.range_s
+    safe, doomed = (n - 1) * period, n * period
+    window = f"{n} probes every {period:g} s give a model {safe:g} to {doomed:g} s to load (by the probe's phase)"
+    fix = f"set it to at least {math.ceil(high / period) + 1} (or unset, and the export writes that)"
+    if low > doomed or (low == doomed and high > low):  # a spread of starts from the last probe's instant: all later
+        return [Finding("pods.startup_probe.failure_threshold",
+                        f"{n}, but {window}, and the shortest cold start (pods.startup_s) is {low:g} s: the kubelet "
+                        f"kills every start, and no new or restarted pod ever serves; {fix}", check="startup-probe-short")]
+    if high > safe:
+        return [Finding("pods.startup_probe.failure_threshold",
+                        f"{n}, but {window}, and a cold start (pods.startup_s) may take {high:g} s: the kubelet kills "
+                        "the slower starts and restarts them under CrashLoopBackOff (10, 20, 40 ... 300 s between "
+                        f"tries, each a new cold start) until one loads in time; {fix}", level="warn",
+                        check="startup-probe-short")]
+    return []
 
 
 def _to_available(scenario: Scenario, new_image: bool) -> tuple[float, list[str]]:
