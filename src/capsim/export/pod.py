@@ -76,12 +76,11 @@ def startup_bound_s(scenario: Scenario) -> float:
 
 def startup_failure_threshold(scenario: Scenario) -> int:
     """The startup probe's ``failureThreshold``: the one set (``pods.startup_probe.failure_threshold``, simulated
-    as set), else enough probes that the slowest cold start passes whatever the probe's phase: a container started
-    just after a tick is probed first a period later, so it has (threshold - 1) periods to load."""
+    as set), else enough probes that the slowest cold start passes whatever the probe's phase."""
     probe = scenario.pods.startup_probe
     if probe.failure_threshold is not None:
         return probe.failure_threshold
-    return math.ceil(startup_bound_s(scenario) / probe.period(scenario.pods.readiness_probe)) + 1
+    return probe.outlasting(scenario.pods.readiness_probe, startup_bound_s(scenario))
 
 
 def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:

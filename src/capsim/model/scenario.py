@@ -444,6 +444,11 @@ class StartupProbe(_Section):
         """The period in seconds, ``readiness``'s where none is set."""
         return readiness.period_s if self.period_s is None else self.period_s
 
+    def outlasting(self, readiness: ReadinessProbe, slowest_s: float) -> int:
+        """The fewest probes that let a start of ``slowest_s`` pass whatever the probe's phase: a container started
+        just after a tick is probed first a period later, so N probes give its model N - 1 periods to load."""
+        return math.ceil(slowest_s / self.period(readiness)) + 1
+
 
 class DisruptionBudget(_Section):
     """A PodDisruptionBudget on the Deployment's pods (policy/v1; integers, not percentages): evictions,

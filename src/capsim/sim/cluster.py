@@ -19,8 +19,8 @@ first readiness probe's time) and receives traffic ``pods.endpoints_propagation_
 controller and kube-proxy). With ``pods.startup_probe.failure_threshold`` set, a container whose model has not
 loaded by that many startup probes of it (from the first tick after its start) is killed by the kubelet, a crash of
 kind ``startup_probe``, and restarted under CrashLoopBackOff (``_startup_kill_at``). The real pod's ``/readyz``
-fails while the session store does not answer (``capsim.core.service``), so during a Redis outage a ready pod fails its probes (not
-with ``state.on_unavailable: serve_local``: such a pod still serves, and stays ready); after
+fails while the session store does not answer (``capsim.core.service``), so during a Redis outage a ready pod
+fails its probes (not with ``state.on_unavailable: serve_local``: such a pod still serves, and stays ready); after
 ``failure_threshold`` failures in a row it is not ready (``probe_failing``) and leaves the endpoints one
 propagation later; it is ready again at its first probe after the outage (a pod whose startup probe passes in
 the outage fails that first readiness probe, and is ready at its first readiness probe after). Upstream:

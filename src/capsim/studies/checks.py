@@ -127,12 +127,12 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   the longest cold start (a uniform's top, a lognormal's 99.9th percentile), a startup probe period and
   ``pods.min_ready_s``; Kubernetes reports such a rollout stalled, and ``pods.undo_on_deadline`` undoes it.
 * ``startup-probe-short`` (fail or warn): a startup probe ``failure_threshold`` set (``pods.startup_probe``) that
-  kills slow starts. A container's probes run on the pod's ticker, the first at or after its start, so its model
-  has between (threshold - 1) and threshold periods to load: a cold start longer than that is killed by the
-  kubelet and restarted under CrashLoopBackOff. ``fail`` when the shortest cold start (a constant, a uniform's
-  bottom) is longer than threshold periods (a uniform's bottom equal to it too): every start is killed and no pod
-  ever serves; ``warn`` when the
-  longest (a uniform's top, a lognormal's 99.9th percentile) is longer than threshold - 1 periods.
+  kills slow starts. A container's probes run on the pod's ticker, the first after its start, so its model has
+  between (threshold - 1) and threshold periods to load: a cold start longer than that is killed by the kubelet and
+  restarted under CrashLoopBackOff. ``fail`` when the shortest cold start (a constant, a uniform's bottom) is longer
+  than threshold periods (a uniform's bottom equal to it too): every start is killed and no new or restarted pod
+  ever serves; ``warn`` when the longest (a uniform's top, a lognormal's 99.9th percentile) is longer than
+  threshold - 1 periods.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
@@ -590,15 +590,17 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
 def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     """A startup probe ``failure_threshold`` too short for the cold start: the kubelet kills a container whose model
     has not loaded after threshold failed probes, which is (threshold - 1) to threshold periods from its start."""
-    probe = scenario.pods.startup_probe
+    pods = scenario.pods
+    probe = pods.startup_probe
     n = probe.failure_threshold
     if n is None:
         return []
-    period = float(probe.period(scenario.pods.readiness_probe))
-    low, high = scenario.pods.startup_s.range_s
+    period = float(probe.period(pods.readiness_probe))
+    low, high = pods.startup_s.range_s
     safe, doomed = (n - 1) * period, n * period
     window = f"{n} probes every {period:g} s give a model {safe:g} to {doomed:g} s to load (by the probe's phase)"
-    fix = f"set it to at least {math.ceil(high / period) + 1} (or unset, and the export writes that)"
+    fix = f"set it to at least {probe.outlasting(pods.readiness_probe, high)} (or unset, and the export writes that)"
+    backoff = pods.crash_loop_backoff
     if low > doomed or (low == doomed and high > low):  # a spread of starts from the last probe's instant: all later
         return [Finding("pods.startup_probe.failure_threshold",
                         f"{n}, but {window}, and the shortest cold start (pods.startup_s) is {low:g} s: the kubelet "
@@ -606,8 +608,9 @@ def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     if high > safe:
         return [Finding("pods.startup_probe.failure_threshold",
                         f"{n}, but {window}, and a cold start (pods.startup_s) may take {high:g} s: the kubelet kills "
-                        "the slower starts and restarts them under CrashLoopBackOff (10, 20, 40 ... 300 s between "
-                        f"tries, each a new cold start) until one loads in time; {fix}", level="warn",
+                        f"the slower starts and restarts them under CrashLoopBackOff (at once, then {backoff.initial_s:g}, "
+                        f"{2 * backoff.initial_s:g} ... {backoff.max_s:g} s after, each try a new cold start) "
+                        f"until one loads in time; {fix}", level="warn",
                         check="startup-probe-short")]
     return []
 
