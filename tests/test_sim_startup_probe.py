@@ -83,7 +83,7 @@ def test_a_killed_pod_loads_again_with_a_new_draw_and_is_ready_when_one_is_fast_
     kills = Counter(pod for _, pod, kind in sim.faults.crash_log if kind == "startup_probe")
     assert sum(kills.values()) > len(pods) and max(kills.values()) >= 3
     for p in pods:
-        restarts = sim.cluster._restarts_of.get(p.id, 0)
+        restarts = sim.cluster.restart_count(p)
         if p.state == PodState.READY:  # every kill restarted, and the last start loaded in time
             assert restarts == kills[p.id] and p.first_ready_s is not None
         else:  # still trying: killed (in backoff) or loading again

@@ -369,7 +369,7 @@ class Cluster:
     def _restarted(self, template: int) -> bool:
         """Whether a container of ``template``'s pods has exited: restarted (their RESTARTS column above 0) or down
         now, waiting for its restart (CrashLoopBackOff)."""
-        return any(self._restarts_of.get(p.id, 0) > 0 or p.state == PodState.CRASHED
+        return any(self.restart_count(p) > 0 or p.state == PodState.CRASHED
                    for p in self.pods if p.revision == template)
 
     def _pipeline_undo(self, now: float, record: RolloutRecord) -> None:
@@ -547,7 +547,7 @@ class Cluster:
         return RankedPod(
             key=pod.id, assigned=assigned, phase="Running" if assigned and not pulling else "Pending",
             ready=ready, rank=on_node[id(node)] if assigned else 0,
-            ready_s=pod.ready_s if ready else None, restarts=self._restarts_of.get(pod.id, 0),
+            ready_s=pod.ready_s if ready else None, restarts=self.restart_count(pod),
             created_s=pod.created_s, uid=self._uid[pod.id],
         )
 
@@ -595,6 +595,10 @@ class Cluster:
         if budget is None:
             return True
         return budget.disruptions_allowed(self.ready_count(), self.desired) >= pods
+
+    def restart_count(self, pod: Pod) -> int:
+        """How many times the kubelet has restarted ``pod``'s container (its ``restartCount``, kubectl's RESTARTS)."""
+        return self._restarts_of.get(pod.id, 0)
 
     def ready_count(self) -> int:
         """Pods whose Ready condition holds (``Pod.ready_condition``): ready and not failing their probes, or
