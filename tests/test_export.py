@@ -768,3 +768,21 @@ def test_a_disruption_budget_is_exported_and_selects_the_patched_pods(rush: Scen
     assert not (tmp_path / "none" / "pdb.yaml").exists()
     assert "labels" not in yaml.safe_load((tmp_path / "none" / "deployment-patch.yaml").read_text())[
         "spec"]["template"]["metadata"]
+
+
+def test_a_restarts_own_start_is_allowed_for_and_its_volume_asked_for(rush: Scenario, tmp_path: Path) -> None:
+    # pods.restart_startup_s: the derived threshold outlasts the slower of a first start (uniform 45..90 s) and a
+    # restart; the README says a restart that fast needs the caches on a volume that outlives the container
+    warm = rush.override({"pods.restart_startup_s": {"kind": "uniform", "low_s": 15, "high_s": 30}})
+    patch = build_all(warm, TARGET)["deployment-patch.yaml"]
+    assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 10
+    export_scenario(warm, tmp_path / "warm")
+    readme = (tmp_path / "warm" / "README.md").read_text()
+    assert "a container's restart on its node at most 30 s" in readme and "`VLLM_CACHE_ROOT` on a volume" in readme
+    slower = rush.override({"pods.restart_startup_s": 150})  # odd, but allowed for: 150 s under 16 probes
+    patch = build_all(slower, TARGET)["deployment-patch.yaml"]
+    assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 16
+    # 4 probes kill every first start (45 s or more), but a restart of 15 to 30 s passes: a warning, not a fail
+    short = warm.override({"pods.startup_probe.failure_threshold": 4})
+    (finding,) = [f for f in export_scenario(short, tmp_path / "short").findings if f.check == "startup-probe-short"]
+    assert finding.level == "warn" and "a new pod serves only from a restart" in finding.message

@@ -95,26 +95,70 @@ def test_a_killed_pod_loads_again_with_a_new_draw_and_is_ready_when_one_is_fast_
     assert _kills(sim) == [] and max(p.first_ready_s for p in pods) <= 120.0
 
 
+def test_a_restart_loads_in_its_own_time_and_a_first_start_in_the_cold_starts() -> None:
+    # pods.restart_startup_s: the kubelet's restart in place loads in 15 s (caches warm), a first start in 60 s.
+    # A pod placed at 0 (probes every 10 s from 0) is ready at 60; it crashes at 100 and is restarted at once (its
+    # first exit): the model loads at 115 and the probe at 120 passes. Unset, the restart takes 60 s again: 160.
+    for restart, ready in ((15, 120.0), (None, 160.0)):
+        s = scenario(startup_s=60, restart_startup_s=restart, startup_probe={"period_s": 10})
+        sim, (pod,) = _new_pods(s, 1, 100.0)
+        sim.faults.crash_pod(pod, "scheduled")
+        sim.env.run(until=200.0)
+        assert sim.cluster.restart_count(pod) == 1 and pod.first_ready_s == 60.0 and pod.ready_s == ready
+
+
+def test_a_restart_faster_than_the_threshold_serves_after_one_killed_first_start() -> None:
+    # 4 probes every 5 s kill the 25-s first start at 20 (as above); the restart at once loads in 12 s, at 32, and
+    # the probe at 35 passes: one kill, then ready, where a cold restart loops (killed at 40, 70, 110 ...)
+    s = scenario(restart_startup_s=12, startup_probe={"period_s": 5, "failure_threshold": 4})
+    sim, (pod,) = _new_pods(s, 1, 185.0)
+    assert _kills(sim) == [20.0] and pod.first_ready_s == 35.0 and sim.cluster.restart_count(pod) == 1
+    (finding,) = [f for f in run_checks(s) if f.check == "startup-probe-short"]
+    assert finding.level == "warn" and "kills every first start" in finding.message
+    assert "pods.restart_startup_s" in finding.message
+
+
+def test_an_explicit_restart_as_slow_as_the_first_start_is_the_default_run() -> None:
+    # the restart's draw comes from the same stream as the first start's: the same seed gives the same run
+    crash = Scenario.from_yaml("data/scenarios/crash_study.yaml").override({"horizon_s": 1800})
+    same = crash.override({"pods.restart_startup_s": crash.pods.startup_s.model_dump()})
+    assert Simulation(same, seed=1).run().summary == Simulation(crash, seed=1).run().summary
+
+
 @settings(max_examples=40, deadline=None)
-@given(low=st.integers(1, 120), spread=st.integers(0, 120), period=st.integers(1, 20), threshold=st.integers(1, 20))
+@given(low=st.integers(1, 120), spread=st.integers(0, 120), period=st.integers(1, 20), threshold=st.integers(1, 20),
+       restart=st.none() | st.tuples(st.integers(1, 120), st.integers(0, 60)))
 def test_the_check_and_the_export_agree_with_the_simulated_kubelet(low: int, spread: int, period: int,
-                                                                   threshold: int) -> None:
-    # capsim check's startup-probe-short: nothing -> no start is killed; fail -> every start is; and the export's
-    # own threshold (unset) never kills one. 12 pods placed at 0, run past the first start's last probe
+                                                                   threshold: int,
+                                                                   restart: tuple[int, int] | None) -> None:
+    # capsim check's startup-probe-short: nothing -> no start is killed; fail -> every start is, first and restart;
+    # a warning that every first start is killed -> it is, and where no restart can be killed each pod is ready
+    # after one kill; and the export's own threshold (unset) never kills one. 12 pods placed at 0, run past the
+    # first start's last probe (and a restart's)
     high = low + spread
-    s = scenario(startup_s={"kind": "uniform", "low_s": low, "high_s": high},
+    again = None if restart is None else {"kind": "uniform", "low_s": restart[0], "high_s": sum(restart)}
+    s = scenario(startup_s={"kind": "uniform", "low_s": low, "high_s": high}, restart_startup_s=again,
                  startup_probe={"period_s": period, "failure_threshold": threshold})
     (finding,) = [f for f in run_checks(s) if f.check == "startup-probe-short"] or [None]
-    until = high + threshold * period + 1.0
+    until = high + threshold * period + 1.0 + (0.0 if restart is None else sum(restart) + period)
     sim, pods = _new_pods(s, 12, until)
     first_kills = [t for t in _kills(sim) if t <= threshold * period + 1e-9]
     if finding is None:
         assert first_kills == [] and all(p.first_ready_s is not None for p in pods)
     elif finding.level == "fail":
         assert len(first_kills) == 12 and all(p.first_ready_s is None for p in pods)
+    elif "kills every first start" in finding.message:
+        assert restart is not None and len(first_kills) == 12
+        if sum(restart) <= (threshold - 1) * period:  # no restart can be killed: one kill each, then ready
+            assert len(_kills(sim)) == 12 and all(p.first_ready_s is not None for p in pods)
     derived = startup_failure_threshold(s.override({"pods.startup_probe.failure_threshold": None}))
     sim, pods = _new_pods(s.override({"pods.startup_probe.failure_threshold": derived}), 12, until + period)
     assert _kills(sim) == [] and all(p.first_ready_s is not None for p in pods)
+    if restart is not None:  # and its restarts pass too, however slow: crash every pod once, when all are ready
+        for p in pods:
+            sim.faults.crash_pod(p, "scheduled")
+        sim.env.run(until=sim.env.now + sum(restart) + period + 1.0)
+        assert _kills(sim) == [] and all(p.state == PodState.READY and p.ready_s > until for p in pods)
 
 
 def test_the_shipped_threshold_grid_on_the_h100_rush() -> None:
@@ -137,3 +181,22 @@ def test_the_shipped_threshold_grid_on_the_h100_rush() -> None:
     assert set(looped.crashes["kind"]) == {"startup_probe"} and set(looped.crashes["pod"]) == {p.id for p in added}
     assert looped.summary.error_rate > 0.2 > unset.summary.error_rate
     assert looped.summary.cost > unset.summary.cost  # the pods that never serve are billed
+
+
+def test_the_shipped_restart_grid_on_the_h100_rush() -> None:
+    """data/studies/restart_grid.yaml (docs/studies.md, "A restart that keeps its caches") on the H100 rush from a
+    floor of 5, seed 0, crashes every 30 min on average and 8 startup probes every 10 s: cold restarts (60 to 120 s)
+    are killed two in three, the crashes turn into crash loops, the HPA adds pods to its 32 that loop too, and the
+    rush fails; warm restarts (20 to 40 s) pass, and it meets its SLO."""
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    settings_ = expand_grid(load_grid("data/studies/restart_grid.yaml"))
+    assert len(settings_) == 12
+    changes = {s.values["restart"]: s.changes for s in settings_
+               if s.values["pods.startup_probe.failure_threshold"] == 8 and s.values["faults.pod_mtbf_s"] == 1800}
+    rush = Scenario.from_yaml("data/scenarios/h100_llama3_8b_rush.yaml").override({"autoscaler.minReplicas": 5})
+    cold, warm = (Simulation(rush.override(changes[k]), seed=0).run() for k in ("cold", "warm"))
+    assert cold.summary.error_rate > 0.01 and not cold.summary.slo_met and cold.summary.max_replicas == 32
+    assert warm.summary.error_rate < 0.001 and warm.summary.slo_met and warm.summary.max_replicas < 32
+    assert (cold.crashes.kind == "startup_probe").sum() > 5 * (warm.crashes.kind == "startup_probe").sum()
+    assert warm.summary.cost < cold.summary.cost

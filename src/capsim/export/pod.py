@@ -74,13 +74,19 @@ def startup_bound_s(scenario: Scenario) -> float:
     return scenario.pods.startup_s.range_s[1]
 
 
+def restart_bound_s(scenario: Scenario) -> float:
+    """A container restart's upper bound (s), as ``startup_bound_s`` of ``pods.restart_startup_s`` (unset: a
+    cold start's)."""
+    return scenario.pods.restart_start.range_s[1]
+
+
 def startup_failure_threshold(scenario: Scenario) -> int:
     """The startup probe's ``failureThreshold``: the one set (``pods.startup_probe.failure_threshold``, simulated
-    as set), else enough probes that the slowest cold start passes whatever the probe's phase."""
+    as set), else enough probes that the slowest start, first or restart, passes whatever the probe's phase."""
     probe = scenario.pods.startup_probe
     if probe.failure_threshold is not None:
         return probe.failure_threshold
-    return probe.outlasting(scenario.pods.readiness_probe, startup_bound_s(scenario))
+    return probe.outlasting(scenario.pods.readiness_probe, max(startup_bound_s(scenario), restart_bound_s(scenario)))
 
 
 def build_pdb(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:

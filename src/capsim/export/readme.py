@@ -8,7 +8,7 @@ from typing import Any
 
 from capsim.export.analysis import ANALYSIS_FILE
 from capsim.export.keda import NOT_WITH_KEDA
-from capsim.export.pod import drain_timeout_s, startup_bound_s, termination_grace_s
+from capsim.export.pod import drain_timeout_s, restart_bound_s, startup_bound_s, termination_grace_s
 from capsim.export.routing import SESSION_HEADER, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import DCGM_METRIC_KINDS, POD_METRIC_ALIASES, Scenario, TemplateBatching
@@ -492,7 +492,10 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              *_keda_assumptions(auto, target, scenario.router.hold_when_no_pod_s),
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
              f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
-             "(the startup probe allows that)"]
+             + ("(the startup probe allows that)" if scenario.pods.restart_startup_s is None else
+                f"and a container's restart on its node at most {restart_bound_s(scenario):g} s (the startup probe "
+                "allows both): that needs the weights and compile caches to outlive the container (`HF_HOME` and "
+                "`VLLM_CACHE_ROOT` on a volume, an emptyDir at least), or a restart is a whole cold start")]
     if scenario.cluster is not None:
         c = scenario.cluster
         lines.append(f"- at most {c.max_gpus} GPUs (cluster-autoscaler's `--gpu-total` maximum), in whole nodes of "

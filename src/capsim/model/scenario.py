@@ -776,7 +776,15 @@ class Pods(_Section):
     )
     startup_s: Duration = Field(
         ConstantDuration(kind="constant", value_s=60.0),
-        description="container start to ready: model load and warm-up, paid by every start including restarts",
+        description="container start to ready: model load and warm-up, paid by every first start (and by "
+                    "restarts unless restart_startup_s is set)",
+    )
+    restart_startup_s: Duration | None = Field(
+        None,
+        description="a restarted container's start to ready (the kubelet's restart in place, after a crash or a "
+                    "startup probe's kill): shorter than startup_s where the weights and compile caches outlive "
+                    "the container (the node's page cache; a volume at HF_HOME and VLLM_CACHE_ROOT); none: "
+                    "startup_s, a restart as slow as a first start",
     )
     crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
     readiness_probe: ReadinessProbe = ReadinessProbe()
@@ -869,6 +877,11 @@ class Pods(_Section):
             deployed |= ro.action == "deploy"
             paused = i if ro.pause else None if ro.resume else paused
         return self
+
+    @property
+    def restart_start(self) -> Duration:
+        """A restarted container's start to ready: ``restart_startup_s``, else ``startup_s``."""
+        return self.startup_s if self.restart_startup_s is None else self.restart_startup_s
 
     @property
     def template_changes(self) -> tuple[Rollout, ...]:

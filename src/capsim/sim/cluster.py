@@ -5,7 +5,8 @@ free) or removes them in the ReplicaSet's order (``replicaset.py``: unassigned, 
 ready pods by the log2 bucket of their time since ready, ties at random). Where GPUs come from is ``nodes.py``. A placed pod pulls its image unless its node has
 it (``pods.image_pull_s``), then its container starts and is ready ``pods.startup_s`` later. A container
 can crash while it starts or serves; the kubelet restarts it in place (same node, image already there)
-after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``startup_s``). A pod holds its
+after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``pods.restart_startup_s``, which a
+volume or the node's page cache may make shorter than a first start; unset, ``startup_s``). A pod holds its
 GPUs (``batching.tensor_parallel_size``, all on its node) from its placement until it is gone.
 
 Readiness, as the kubelet and the endpoints controller run it: the startup probe (``/healthz``) and the readiness
@@ -634,9 +635,10 @@ class Cluster:
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             self._start_container(pod, self.sim.env.now)
 
-    def _start_container(self, pod: Pod, now: float) -> None:
-        """The container starts (a first start or a kubelet restart): it is ready ``startup_s`` later,
-        and may crash from now on."""
+    def _start_container(self, pod: Pod, now: float, restart: bool = False) -> None:
+        """The container starts: its model loads ``pods.startup_s`` later (a kubelet ``restart`` in place:
+        ``pods.restart_startup_s`` where set, the caches that outlive the container warm), and it may crash from
+        now on."""
         pod.state = PodState.STARTING
         pod.probe_failing = False
         pod.server_up = False
@@ -646,7 +648,8 @@ class Cluster:
         template = self._templates[pod.revision]
         if template is not None and template.crash_after_s is not None:  # a bad template's container exits
             Timeout(self.sim.env, template.crash_after_s, (pod, pod.incarnation)).callbacks.append(self._template_exits)
-        load = self._draw(self.sim.scenario.pods.startup_s, "startup")
+        pods = self.sim.scenario.pods
+        load = self._draw(pods.restart_start if restart else pods.startup_s, "startup")
         killed = self._startup_kill_at(pod, now, load)
         if killed is not None:
             Timeout(self.sim.env, killed - now, (pod, pod.incarnation)).callbacks.append(self._startup_probe_failed)
@@ -874,7 +877,7 @@ class Cluster:
     def _restart(self, pod: Pod, now: float) -> None:
         self.restarts += 1
         self._restarts_of[pod.id] = self._restarts_of.get(pod.id, 0) + 1
-        self._start_container(pod, now)
+        self._start_container(pod, now, restart=True)
 
     # ---- a node that dies --------------------------------------------------------------------------
     def node_failed(self, node: Node, now: float, duration_s: float | None = None) -> list[Pod]:

@@ -589,27 +589,46 @@ def _rollout_deadline(scenario: Scenario) -> list[Finding]:
 
 def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     """A startup probe ``failure_threshold`` too short for the cold start: the kubelet kills a container whose model
-    has not loaded after threshold failed probes, which is (threshold - 1) to threshold periods from its start."""
+    has not loaded after threshold failed probes, which is (threshold - 1) to threshold periods from its start. A
+    restart in place takes ``pods.restart_startup_s`` where set, so a pod whose first start is always killed may
+    still serve from its restart."""
     pods = scenario.pods
     probe = pods.startup_probe
     n = probe.failure_threshold
     if n is None:
         return []
     period = float(probe.period(pods.readiness_probe))
-    low, high = pods.startup_s.range_s
+    (low, high), (again_low, again_high) = pods.startup_s.range_s, pods.restart_start.range_s
+    warm = pods.restart_startup_s is not None
     safe, doomed = (n - 1) * period, n * period
     window = f"{n} probes every {period:g} s give a model {safe:g} to {doomed:g} s to load (by the probe's phase)"
-    fix = f"set it to at least {probe.outlasting(pods.readiness_probe, high)} (or unset, and the export writes that)"
+    least = probe.outlasting(pods.readiness_probe, max(high, again_high))
+    fix = f"set it to at least {least} (or unset, and the export writes that)"
     backoff = pods.crash_loop_backoff
-    if low > doomed or (low == doomed and high > low):  # a spread of starts from the last probe's instant: all later
+
+    def all_killed(least: float, most: float) -> bool:  # a spread from the last probe's instant: all later
+        return least > doomed or (least == doomed and most > least)
+
+    if all_killed(low, high) and all_killed(again_low, again_high):
+        shortest = f"the shortest cold start (pods.startup_s) is {low:g} s" + (
+            f" and the shortest restart (pods.restart_startup_s) {again_low:g} s" if warm else "")
+        return [Finding("pods.startup_probe.failure_threshold",
+                        f"{n}, but {window}, and {shortest}: the kubelet "
+                        f"kills every start, and no new or restarted pod ever serves; {fix}", check="startup-probe-short")]
+    retry = (f"each try a restart of {again_low:g} to {again_high:g} s (pods.restart_startup_s)" if warm
+             else "each try a new cold start")
+    if all_killed(low, high):
         return [Finding("pods.startup_probe.failure_threshold",
                         f"{n}, but {window}, and the shortest cold start (pods.startup_s) is {low:g} s: the kubelet "
-                        f"kills every start, and no new or restarted pod ever serves; {fix}", check="startup-probe-short")]
-    if high > safe:
+                        f"kills every first start, {safe:g} to {doomed:g} s in, so a new pod serves only from a "
+                        f"restart ({retry}); {fix}", level="warn", check="startup-probe-short")]
+    if max(high, again_high) > safe:
+        slow = (f"a cold start (pods.startup_s) may take {high:g} s" if high > safe
+                else f"a restart (pods.restart_startup_s) may take {again_high:g} s")
         return [Finding("pods.startup_probe.failure_threshold",
-                        f"{n}, but {window}, and a cold start (pods.startup_s) may take {high:g} s: the kubelet kills "
+                        f"{n}, but {window}, and {slow}: the kubelet kills "
                         f"the slower starts and restarts them under CrashLoopBackOff (at once, then {backoff.initial_s:g}, "
-                        f"{2 * backoff.initial_s:g} ... {backoff.max_s:g} s after, each try a new cold start) "
+                        f"{2 * backoff.initial_s:g} ... {backoff.max_s:g} s after, {retry}) "
                         f"until one loads in time; {fix}", level="warn",
                         check="startup-probe-short")]
     return []

@@ -194,6 +194,7 @@ def crash_scenario(scenario: Scenario, at_s: float, pod: int = 1, teardown_s: fl
     no propagation), as the real router stops sending it turns at its first refused connection and places them
     on the other pod (a turn the crash caught fails; none is retried)."""
     return scenario.override({"faults": {"crashes": [{"at_s": at_s, "pod": pod}]}, "pods.startup_s": NEVER_S,
+                              "pods.restart_startup_s": None,
                               "pods.crash_detection_s": teardown_s, "pods.endpoints_propagation_s": 0.0,
                               "pods.crash_teardown_s": teardown_s})
 
