@@ -429,7 +429,7 @@ class StartupProbe(_Section):
     """The kubelet's startup probe on ``/healthz``, which the exported Deployment gives the container so that its
     liveness probe leaves a loading model alone. The readiness probe waits for it: the pod is ready at the first
     startup probe that finds the model loaded, when the kubelet runs the readiness probe at once (``capsim.sim.cluster``).
-    Its ``failureThreshold``, unset, the export makes outlast the slowest cold start; set (a Deployment's own, to
+    Its ``failureThreshold``, unset, the export makes outlast the slowest cold start and restart; set (a Deployment's own, to
     check), the kubelet kills a container whose model has not loaded by its ``failure_threshold``-th probe and restarts
     it under CrashLoopBackOff (a crash of kind ``startup_probe``)."""
 
@@ -438,7 +438,8 @@ class StartupProbe(_Section):
     failure_threshold: Int | None = Field(
         None, ge=1, description="failureThreshold: the kubelet kills a container whose model has not loaded by this "
                                 "many startup probes of it, and restarts it (CrashLoopBackOff); none: the export "
-                                "writes one that outlasts the slowest cold start, and no start is killed")
+                                "writes one that outlasts the slowest cold start and restart, and no start is "
+                                "killed")
 
     def period(self, readiness: ReadinessProbe) -> int:
         """The period in seconds, ``readiness``'s where none is set."""
