@@ -429,9 +429,9 @@ class StartupProbe(_Section):
     """The kubelet's startup probe on ``/healthz``, which the exported Deployment gives the container so that its
     liveness probe leaves a loading model alone. The readiness probe waits for it: the pod is ready at the first
     startup probe that finds the model loaded, when the kubelet runs the readiness probe at once (``capsim.sim.cluster``).
-    Its ``failureThreshold``, unset, the export makes outlast the slowest cold start and restart; set (a Deployment's own, to
-    check), the kubelet kills a container whose model has not loaded by its ``failure_threshold``-th probe and restarts
-    it under CrashLoopBackOff (a crash of kind ``startup_probe``)."""
+    Its ``failureThreshold``, unset, the export makes outlast the slowest cold start and restart; set (a Deployment's
+    own, to check), the kubelet kills a container whose model has not loaded by its ``failure_threshold``-th probe and
+    restarts it under CrashLoopBackOff (a crash of kind ``startup_probe``)."""
 
     period_s: Int | None = Field(None, ge=1, description="periodSeconds: a probe every this many seconds from the "
                                                           "pod's start on its node; none: the readiness probe's")

@@ -606,8 +606,8 @@ def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     fix = f"set it to at least {least} (or unset, and the export writes that)"
     backoff = pods.crash_loop_backoff
 
-    def all_killed(least: float, most: float) -> bool:  # a spread from the last probe's instant: all later
-        return least > doomed or (least == doomed and most > least)
+    def all_killed(lo: float, hi: float) -> bool:  # a spread from the last probe's instant: all later
+        return lo > doomed or (lo == doomed and hi > lo)
 
     if all_killed(low, high) and all_killed(again_low, again_high):
         shortest = f"the shortest cold start (pods.startup_s) is {low:g} s" + (

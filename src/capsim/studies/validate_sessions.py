@@ -188,11 +188,11 @@ NEVER_S = 1e6
 
 def crash_scenario(scenario: Scenario, at_s: float, pod: int = 1, teardown_s: float = 0.0) -> Scenario:
     """``scenario`` with pod ``pod`` crashing at ``at_s`` for good, as the real crash run kills its pod: the
-    kubelet's restart never gets ready (``startup_s`` past the run); for ``teardown_s`` the dying pod still
-    accepts what the router sends it and fails it all when its teardown ends (``pods.crash_teardown_s``: the
-    real router's 502s for turns reset after they were sent), and then it leaves the endpoints (no PLEG relist,
-    no propagation), as the real router stops sending it turns at its first refused connection and places them
-    on the other pod (a turn the crash caught fails; none is retried)."""
+    kubelet's restart never gets ready (``startup_s`` past the run, no faster ``restart_startup_s``); for
+    ``teardown_s`` the dying pod still accepts what the router sends it and fails it all when its teardown ends
+    (``pods.crash_teardown_s``: the real router's 502s for turns reset after they were sent), and then it leaves
+    the endpoints (no PLEG relist, no propagation), as the real router stops sending it turns at its first refused
+    connection and places them on the other pod (a turn the crash caught fails; none is retried)."""
     return scenario.override({"faults": {"crashes": [{"at_s": at_s, "pod": pod}]}, "pods.startup_s": NEVER_S,
                               "pods.restart_startup_s": None,
                               "pods.crash_detection_s": teardown_s, "pods.endpoints_propagation_s": 0.0,
