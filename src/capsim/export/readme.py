@@ -573,7 +573,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
         lines.append(f"- the startup probe's `failureThreshold` is the one set ({killed}): the kubelet kills a container "
                      f"whose model has not loaded after {killed} failed probes and restarts it under CrashLoopBackOff, as "
                      "simulated (crashes of kind `startup_probe`); unset, the export writes one that outlasts the "
-                     "slowest cold start")
+                     "slowest cold start and restart")
     lines.append(routing(scenario))
     lines += [f"  - {note}" for note in routing_notes(scenario, target)]
     if scenario.state.store == "redis":

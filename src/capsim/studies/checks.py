@@ -129,10 +129,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
 * ``startup-probe-short`` (fail or warn): a startup probe ``failure_threshold`` set (``pods.startup_probe``) that
   kills slow starts. A container's probes run on the pod's ticker, the first after its start, so its model has
   between (threshold - 1) and threshold periods to load: a cold start longer than that is killed by the kubelet and
-  restarted under CrashLoopBackOff. ``fail`` when the shortest cold start (a constant, a uniform's bottom) is longer
-  than threshold periods (a uniform's bottom equal to it too): every start is killed and no new or restarted pod
-  ever serves; ``warn`` when the longest (a uniform's top, a lognormal's 99.9th percentile) is longer than
-  threshold - 1 periods.
+  restarted under CrashLoopBackOff, its restart taking ``pods.restart_startup_s`` where set. ``fail`` when the
+  shortest cold start (a constant, a uniform's bottom) is longer than threshold periods (a uniform's bottom equal to
+  it too), and so is the shortest restart: every start is killed and no new or restarted pod ever serves; ``warn``
+  when every first start is killed but a restart may pass (a new pod serves only from its restart), or when the
+  longest start or restart (a uniform's top, a lognormal's 99.9th percentile) is longer than threshold - 1 periods.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
 * ``undo-while-paused`` (warn): a pipeline timeout (``pods.undo_after_s``) that falls while ``pods.rollouts`` keep
@@ -602,8 +603,8 @@ def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     warm = pods.restart_startup_s is not None
     safe, doomed = (n - 1) * period, n * period
     window = f"{n} probes every {period:g} s give a model {safe:g} to {doomed:g} s to load (by the probe's phase)"
-    least = probe.outlasting(pods.readiness_probe, max(high, again_high))
-    fix = f"set it to at least {least} (or unset, and the export writes that)"
+    slowest = max(high, again_high)
+    fix = f"set it to at least {probe.outlasting(pods.readiness_probe, slowest)} (or unset, and the export writes that)"
     backoff = pods.crash_loop_backoff
 
     def all_killed(lo: float, hi: float) -> bool:  # a spread from the last probe's instant: all later
@@ -622,7 +623,7 @@ def _startup_probe_short(scenario: Scenario) -> list[Finding]:
                         f"{n}, but {window}, and the shortest cold start (pods.startup_s) is {low:g} s: the kubelet "
                         f"kills every first start, {safe:g} to {doomed:g} s in, so a new pod serves only from a "
                         f"restart ({retry}); {fix}", level="warn", check="startup-probe-short")]
-    if max(high, again_high) > safe:
+    if slowest > safe:
         slow = (f"a cold start (pods.startup_s) may take {high:g} s" if high > safe
                 else f"a restart (pods.restart_startup_s) may take {again_high:g} s")
         return [Finding("pods.startup_probe.failure_threshold",
