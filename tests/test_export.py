@@ -778,7 +778,8 @@ def test_a_restarts_own_start_is_allowed_for_and_its_volume_asked_for(rush: Scen
     assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 10
     export_scenario(warm, tmp_path / "warm")
     readme = (tmp_path / "warm" / "README.md").read_text()
-    assert "a container's restart on its node at most 30 s" in readme and "`VLLM_CACHE_ROOT` on a volume" in readme
+    assert "a container's restart on its node at most 30 s" in readme
+    assert "mounts an emptyDir at `/model-cache` and sets `HF_HOME=/model-cache/huggingface`" in readme
     slower = rush.override({"pods.restart_startup_s": 150})  # odd, but allowed for: 150 s under 16 probes
     patch = build_all(slower, TARGET)["deployment-patch.yaml"]
     assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 16

@@ -28,6 +28,13 @@ LIVENESS_PERIOD_S = 10
 LIVENESS_FAILURES = 3
 #: Seconds on top of the worst-case drain before the kubelet's SIGKILL.
 GRACE_MARGIN_S = 5
+#: Where the pod's model caches live when the plan keeps them past a container (``pods.restart_startup_s``) or a pod
+#: (``pods.node_model_cache``): the volume, its mount, and the variables Hugging Face and vLLM read their caches from.
+CACHE_VOLUME = "model-cache"
+CACHE_MOUNT = "/model-cache"
+CACHE_ENV = {"HF_HOME": f"{CACHE_MOUNT}/huggingface", "VLLM_CACHE_ROOT": f"{CACHE_MOUNT}/vllm"}
+#: The node directory under which ``pods.node_model_cache`` keeps each Deployment's caches (namespace/name below it).
+NODE_CACHE_ROOT = "/var/cache/capsim"
 
 
 def _value(v: object) -> str:
@@ -120,7 +127,8 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
     with ``pods.unreachable_toleration_s`` the node-failure tolerations, with ``pods.strategy: Recreate`` that
     strategy (and ``rollingUpdate: null``, deleting the one the Deployment has: the API refuses both together), with a
     ``pods.rolling_update`` other than Kubernetes' 25% and 25% the Deployment's rolling-update strategy, and its
-    ``minReadySeconds`` and a ``progressDeadlineSeconds`` other than 600 as simulated."""
+    ``minReadySeconds`` and a ``progressDeadlineSeconds`` other than 600 as simulated, and the volume of the model's
+    caches that its warm starts assume (``cache_volume``)."""
     http = {"port": "http"}
     startup_every = scenario.pods.startup_probe.period(scenario.pods.readiness_probe)
     startup_failures = startup_failure_threshold(scenario)
@@ -182,11 +190,33 @@ def build_deployment_patch(scenario: Scenario, target: DeployTarget) -> dict[str
         spec["minReadySeconds"] = scenario.pods.min_ready_s
     if scenario.pods.progress_deadline_s != 600:
         spec["progressDeadlineSeconds"] = scenario.pods.progress_deadline_s
+    volume = cache_volume(scenario, target)
+    if volume is not None:  # the caches the simulated warm starts assumed, where they outlive what the plan says
+        pod_spec["volumes"] = [volume]
+        container["volumeMounts"] = [{"name": CACHE_VOLUME, "mountPath": CACHE_MOUNT}]
+        container["env"] = [{"name": k, "value": v} for k, v in CACHE_ENV.items()]
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": target.name, "namespace": target.namespace},
         "spec": spec,
     }
+
+
+def cache_volume(scenario: Scenario, target: DeployTarget) -> dict[str, Any] | None:
+    """The volume of the model's caches that the plan's warm starts need: with ``pods.node_model_cache`` a hostPath
+    (``NODE_CACHE_ROOT``/namespace/name) that outlives the pod, so a new pod on a node that ran the model finds them;
+    else with ``pods.restart_startup_s`` an emptyDir, which outlives a container restart in place; else none (every
+    start is cold, as planned)."""
+    if scenario.pods.node_model_cache:
+        return {"name": CACHE_VOLUME, "hostPath": {"path": node_cache_path(target), "type": "DirectoryOrCreate"}}
+    if scenario.pods.restart_startup_s is not None:
+        return {"name": CACHE_VOLUME, "emptyDir": {}}
+    return None
+
+
+def node_cache_path(target: DeployTarget) -> str:
+    """The node directory of the Deployment's caches (``pods.node_model_cache``)."""
+    return f"{NODE_CACHE_ROOT}/{target.namespace}/{target.name}"
 
 
 def node_failure_tolerations(scenario: Scenario) -> list[dict[str, Any]]:

@@ -8,7 +8,15 @@ from typing import Any
 
 from capsim.export.analysis import ANALYSIS_FILE
 from capsim.export.keda import NOT_WITH_KEDA
-from capsim.export.pod import drain_timeout_s, restart_bound_s, startup_bound_s, termination_grace_s
+from capsim.export.pod import (
+    CACHE_ENV,
+    CACHE_MOUNT,
+    drain_timeout_s,
+    node_cache_path,
+    restart_bound_s,
+    startup_bound_s,
+    termination_grace_s,
+)
 from capsim.export.routing import SESSION_HEADER, epp_name, routing_file, routing_notes
 from capsim.export.target import DeployTarget
 from capsim.model.scenario import DCGM_METRIC_KINDS, POD_METRIC_ALIASES, Scenario, TemplateBatching
@@ -478,6 +486,23 @@ def routing(scenario: Scenario) -> str:
     return f"- the router (`router.kind: {r.kind}`): {how}"
 
 
+def _warm_start(scenario: Scenario) -> str:
+    return ("container's restart on its node, or a new pod's start on a node that ran the model," if
+            scenario.pods.node_model_cache else "container's restart on its node")
+
+
+def _cache_volume_line(scenario: Scenario, target: DeployTarget) -> str:
+    """What the plan's warm starts need of the model's caches, and the volume the Deployment patch gives them."""
+    env = ", ".join(f"`{k}={v}`" for k, v in CACHE_ENV.items())
+    if scenario.pods.node_model_cache:
+        return (f"outlive the pod on its node: the Deployment patch mounts the node's `{node_cache_path(target)}` (a "
+                f"hostPath, created as root) at `{CACHE_MOUNT}` and sets {env}. Pod Security's baseline and restricted "
+                "levels refuse a hostPath: there, or for a container that runs as another user, give the node a local "
+                "PersistentVolume instead; a node whose disk is wiped (a new node, or a reimage) starts cold")
+    return (f"outlive the container: the Deployment patch mounts an emptyDir at `{CACHE_MOUNT}` and sets {env} "
+            "(if your image reads its caches elsewhere, point them there), or a restart is a whole cold start")
+
+
 def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
     lines = ["## What the cluster must match for the numbers to hold", "",
              f"- kube-controller-manager: `--horizontal-pod-autoscaler-sync-period={auto.sync_period_s:g}s`, "
@@ -493,9 +518,8 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
              f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
              + ("(the startup probe allows that)" if scenario.pods.restart_startup_s is None else
-                f"and a container's restart on its node at most {restart_bound_s(scenario):g} s (the startup probe "
-                "allows both): that needs the weights and compile caches to outlive the container (`HF_HOME` and "
-                "`VLLM_CACHE_ROOT` on a volume, an emptyDir at least), or a restart is a whole cold start")]
+                f"and a {_warm_start(scenario)} at most {restart_bound_s(scenario):g} s (the startup probe "
+                f"allows both): that needs the weights and compile caches to {_cache_volume_line(scenario, target)}")]
     if scenario.cluster is not None:
         c = scenario.cluster
         lines.append(f"- at most {c.max_gpus} GPUs (cluster-autoscaler's `--gpu-total` maximum), in whole nodes of "

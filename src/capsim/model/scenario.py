@@ -787,6 +787,13 @@ class Pods(_Section):
                     "the container (the node's page cache; a volume at HF_HOME and VLLM_CACHE_ROOT); none: "
                     "startup_s, a restart as slow as a first start",
     )
+    node_model_cache: bool = Field(
+        False,
+        description="the weights and compile caches sit on a volume of the node (a hostPath, a local PV) that "
+                    "outlives the pod: a new pod placed on a node where a container of its image has loaded the "
+                    "model starts in restart_startup_s (which it needs), as a restart does; false: only a restart "
+                    "in place finds them (an emptyDir)",
+    )
     crash_loop_backoff: CrashLoopBackOff = CrashLoopBackOff()
     readiness_probe: ReadinessProbe = ReadinessProbe()
     startup_probe: StartupProbe = StartupProbe()
@@ -854,6 +861,14 @@ class Pods(_Section):
         None, gt=0, description="the deploy pipeline undoes a rollout not done this long after it began (`kubectl "
         "rollout status --timeout`, then `kubectl rollout undo`): a clock of its own, which an HPA scaling the "
         "Deployment does not reset as it resets the progress deadline; none: no such timeout")
+
+    @model_validator(mode="after")
+    def _node_cache_has_its_start(self) -> Self:
+        if self.node_model_cache and self.restart_startup_s is None:
+            raise ValueError("node_model_cache: a pod on a node that holds the model's files starts in "
+                             "restart_startup_s, which is not set; set it (what a start with those caches warm "
+                             "takes) or leave node_model_cache false")
+        return self
 
     @model_validator(mode="after")
     def _undo_after_a_deploy(self) -> Self:

@@ -6,7 +6,9 @@ ready pods by the log2 bucket of their time since ready, ties at random). Where 
 it (``pods.image_pull_s``), then its container starts and is ready ``pods.startup_s`` later. A container
 can crash while it starts or serves; the kubelet restarts it in place (same node, image already there)
 after the CrashLoopBackOff delay of ``kubelet.py``, and it starts again (``pods.restart_startup_s``, which a
-volume or the node's page cache may make shorter than a first start; unset, ``startup_s``). A pod holds its
+volume or the node's page cache may make shorter than a first start; unset, ``startup_s``); with
+``pods.node_model_cache`` a new pod placed on a node where a container of its image has loaded the model starts so
+too. A pod holds its
 GPUs (``batching.tensor_parallel_size``, all on its node) from its placement until it is gone.
 
 Readiness, as the kubelet and the endpoints controller run it: the startup probe (``/healthz``) and the readiness
@@ -229,6 +231,7 @@ class Cluster:
                 self._running.add(pod.id)
                 pod.container_started(0.0)
                 self.sim.faults.container_started(pod, 0.0)
+                self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision], 0.0)
                 self._ready(pod, 0.0, join_after_s=0.0)
             else:
                 self._pending.append(pod)
@@ -636,7 +639,8 @@ class Cluster:
             self._start_container(pod, self.sim.env.now)
 
     def _start_container(self, pod: Pod, now: float, restart: bool = False) -> None:
-        """The container starts: its model loads ``pods.startup_s`` later (a kubelet ``restart`` in place:
+        """The container starts: its model loads ``pods.startup_s`` later (a kubelet ``restart`` in place, or with
+        ``pods.node_model_cache`` a first start on a node where its image's model has loaded before:
         ``pods.restart_startup_s`` where set, the caches that outlive the container warm), and it may crash from
         now on."""
         pod.state = PodState.STARTING
@@ -649,7 +653,9 @@ class Cluster:
         if template is not None and template.crash_after_s is not None:  # a bad template's container exits
             Timeout(self.sim.env, template.crash_after_s, (pod, pod.incarnation)).callbacks.append(self._template_exits)
         pods = self.sim.scenario.pods
-        load = self._draw(pods.restart_start if restart else pods.startup_s, "startup")
+        warm = restart or (pods.node_model_cache
+                           and self.nodes.holds_model(self._node.get(pod.id), self._image[pod.revision]))
+        load = self._draw(pods.restart_start if warm else pods.startup_s, "startup")
         killed = self._startup_kill_at(pod, now, load)
         if killed is not None:
             Timeout(self.sim.env, killed - now, (pod, pod.incarnation)).callbacks.append(self._startup_probe_failed)
@@ -708,6 +714,7 @@ class Cluster:
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             now = self.sim.env.now
             pod.server_up = True  # its server answers (/metrics too) before its readiness probe passes
+            self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision], now)
             at = self._ready_at(pod, now)
             if at <= now:
                 self._ready(pod, now)

@@ -13,8 +13,11 @@ provisioned, ``node_provision_s`` later, as cluster-autoscaler scales a node gro
 as the waiting pods need, while their GPUs stay within ``max_gpus`` (its ``--gpu-total`` maximum; a node
 that would pass it is not added, so ``max_gpus`` not a multiple of ``node_gpus`` leaves the rest unused). A
 new node has no image: the first pod placed on it pulls it (``pods.image_pull_s``), and pods placed while the
-pull runs wait for the same pull. Without a ``cluster``
-section a GPU is always free and every new pod pulls its image once (it lands on a node of its own).
+pull runs wait for the same pull. With ``pods.node_model_cache`` the node also keeps the model's files once a
+container of an image has loaded it there: a later pod of that image placed on it starts in
+``pods.restart_startup_s``. Without a ``cluster``
+section a GPU is always free and every new pod pulls its image once and loads its model cold (it lands on a node of
+its own).
 
 Scale-down follows cluster-autoscaler (``cluster-autoscaler/FAQ.md``, "How does scale-down work?", and its
 flags; ``core/scaledown/planner/planner.go`` ``categorizeNodes``; Apache-2.0 (c) The Kubernetes Authors, the
@@ -64,7 +67,7 @@ NODE_COLUMNS = ["node", "zone", "spot", "gpus", "created_s", "ready_s", "removed
 class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
-    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "images", "interrupted_s",
+    __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "images", "interrupted_s", "models",
                  "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
                  "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
@@ -79,6 +82,8 @@ class Node:
         self.ready_s = ready_s  # None while it is provisioned
         self.removed_s: float | None = None  # billed until here
         self.images: dict[int, float] = {}  # image (0: the first template's) -> when it is (or will be) on the node
+        # image -> when a container of it first loaded its model here (pods.node_model_cache: its files stay)
+        self.models: dict[int, float] = {}
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
         # cluster-autoscaler's removal simulation found it unremovable: no scale-down candidate before this
@@ -644,6 +649,18 @@ class NodePool:
         if at is None:
             at = node.images[image] = now + pull_s()
         return max(at - now, 0.0)
+
+    # ---- the model's files (pods.node_model_cache) -----------------------------------------------------
+    @staticmethod
+    def model_loaded(node: Node | None, image: int, now: float) -> None:
+        """A container of ``image`` has loaded its model on ``node``: the files stay on the node's volume."""
+        if node is not None:
+            node.models.setdefault(image, now)
+
+    @staticmethod
+    def holds_model(node: Node | None, image: int) -> bool:
+        """Whether a container of ``image`` has loaded its model on ``node`` before (never without a node)."""
+        return node is not None and image in node.models
 
     # ---- accounting ------------------------------------------------------------------------------
     def frame(self, horizon_s: float) -> Any:

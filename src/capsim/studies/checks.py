@@ -36,6 +36,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   takes at most ``max_skew`` pods and the rest of the peak stays Pending.
 * ``spread-without-cluster`` (warn): ``pods.spread`` or ``pods.zone_spread`` without a ``cluster`` section,
   where every simulated pod has a node of its own and the spread changes nothing (the export still writes it).
+* ``node-cache-without-cluster`` (warn): ``pods.node_model_cache`` without a ``cluster`` section: every simulated
+  pod has a node of its own, so no new pod finds the model's files on its node (the export still mounts the hostPath).
 * ``spread-over-zones`` (fail): ``pods.zone_spread.min_zones`` more zones than ``cluster.zones``: each zone
   then takes at most ``max_skew`` pods and the rest of the peak stays Pending.
 * ``zone-spread-one-zone`` (warn): ``pods.zone_spread`` in a cluster of one zone, where it changes nothing.
@@ -132,7 +134,8 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   restarted under CrashLoopBackOff, its restart taking ``pods.restart_startup_s`` where set. ``fail`` when the
   shortest cold start (a constant, a uniform's bottom) is longer than threshold periods (a uniform's bottom equal to
   it too), and so is the shortest restart: every start is killed and no new or restarted pod ever serves; ``warn``
-  when every first start is killed but a restart may pass (a new pod serves only from its restart), or when the
+  when every first start is killed but a restart may pass (a new pod serves only from its restart, or with
+  ``pods.node_model_cache`` from a warm start on a node that ran the model), or when the
   longest start or restart (a uniform's top, a lognormal's 99.9th percentile) is longer than threshold - 1 periods.
 * ``deadline-under-autoscaler`` (warn): ``pods.undo_on_deadline`` without ``pods.undo_after_s`` under an autoscaler:
   each scale mid-rollout is progress, so a broken rollout under a busy HPA may never reach its deadline.
@@ -259,6 +262,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _disruption_budget(scenario)
     findings += _node_failure_room(scenario)
     findings += _spread_over_gpus(scenario)
+    findings += _node_cache_without_cluster(scenario)
     findings += _zones(scenario)
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
@@ -619,10 +623,12 @@ def _startup_probe_short(scenario: Scenario) -> list[Finding]:
     retry = (f"each try a restart of {again_low:g} to {again_high:g} s (pods.restart_startup_s)" if warm
              else "each try a new cold start")
     if all_killed(low, high):
+        node = (", or from a warm start on a node that ran the model (pods.node_model_cache)" if pods.node_model_cache
+                else "")
         return [Finding("pods.startup_probe.failure_threshold",
                         f"{n}, but {window}, and the shortest cold start (pods.startup_s) is {low:g} s: the kubelet "
                         f"kills every first start, {safe:g} to {doomed:g} s in, so a new pod serves only from a "
-                        f"restart ({retry}); {fix}", level="warn", check="startup-probe-short")]
+                        f"restart ({retry}){node}; {fix}", level="warn", check="startup-probe-short")]
     if slowest > safe:
         slow = (f"a cold start (pods.startup_s) may take {high:g} s" if high > safe
                 else f"a restart (pods.restart_startup_s) may take {again_high:g} s")
@@ -1056,6 +1062,15 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
     return [Finding(
         "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and {why}, "
         f"{gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
+
+
+def _node_cache_without_cluster(scenario: Scenario) -> list[Finding]:
+    if not scenario.pods.node_model_cache or scenario.cluster is not None:
+        return []
+    return [Finding(
+        "pods.node_model_cache", "set without a cluster section: every simulated pod has a node of its own, so no "
+        "new pod finds the model's files on its node and only restarts start warm here (the export still mounts "
+        "the hostPath); add a cluster section to plan it", level="warn", check="node-cache-without-cluster")]
 
 
 def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
