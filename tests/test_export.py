@@ -779,7 +779,7 @@ def test_a_restarts_own_start_is_allowed_for_and_its_volume_asked_for(rush: Scen
     export_scenario(warm, tmp_path / "warm")
     readme = (tmp_path / "warm" / "README.md").read_text()
     assert "a container's restart on its node at most 30 s" in readme
-    assert "mounts an emptyDir at `/model-cache` and sets `HF_HOME=/model-cache/huggingface`" in readme
+    assert "mounts an emptyDir at `/model-cache` and sets `HF_HUB_CACHE=/model-cache/huggingface/hub`" in readme
     slower = rush.override({"pods.restart_startup_s": 150})  # odd, but allowed for: 150 s under 16 probes
     patch = build_all(slower, TARGET)["deployment-patch.yaml"]
     assert patch["spec"]["template"]["spec"]["containers"][0]["startupProbe"]["failureThreshold"] == 16

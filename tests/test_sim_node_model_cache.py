@@ -125,7 +125,7 @@ def test_the_export_puts_the_caches_on_the_volume_the_run_assumed() -> None:
     vols, mounts, env = volumes(scenario())
     assert vols == [{"name": "model-cache", "hostPath": {"path": "/var/cache/capsim/default/agents", "type": "DirectoryOrCreate"}}]
     assert mounts == [{"name": "model-cache", "mountPath": "/model-cache"}]
-    assert {e["name"]: e["value"] for e in env} == {"HF_HOME": "/model-cache/huggingface",
+    assert {e["name"]: e["value"] for e in env} == {"HF_HUB_CACHE": "/model-cache/huggingface/hub",
                                                      "VLLM_CACHE_ROOT": "/model-cache/vllm"}
     # a restart's warm start alone: an emptyDir, which lives as long as the pod (a restart in place keeps it)
     vols, mounts, env = volumes(scenario(cache=False))

@@ -29,10 +29,11 @@ LIVENESS_FAILURES = 3
 #: Seconds on top of the worst-case drain before the kubelet's SIGKILL.
 GRACE_MARGIN_S = 5
 #: Where the pod's model caches live when the plan keeps them past a container (``pods.restart_startup_s``) or a pod
-#: (``pods.node_model_cache``): the volume, its mount, and the variables Hugging Face and vLLM read their caches from.
+#: (``pods.node_model_cache``): the volume, its mount, and the variables Hugging Face and vLLM read their caches from
+#: (``HF_HUB_CACHE``, the downloaded models, not ``HF_HOME``, which also holds the token file: that stays where it is).
 CACHE_VOLUME = "model-cache"
 CACHE_MOUNT = "/model-cache"
-CACHE_ENV = {"HF_HOME": f"{CACHE_MOUNT}/huggingface", "VLLM_CACHE_ROOT": f"{CACHE_MOUNT}/vllm"}
+CACHE_ENV = {"HF_HUB_CACHE": f"{CACHE_MOUNT}/huggingface/hub", "VLLM_CACHE_ROOT": f"{CACHE_MOUNT}/vllm"}
 #: The node directory under which ``pods.node_model_cache`` keeps each Deployment's caches (namespace/name below it).
 NODE_CACHE_ROOT = "/var/cache/capsim"
 

@@ -784,7 +784,7 @@ class Pods(_Section):
         None,
         description="a restarted container's start to ready (the kubelet's restart in place, after a crash or a "
                     "startup probe's kill): shorter than startup_s where the weights and compile caches outlive "
-                    "the container (the node's page cache; a volume at HF_HOME and VLLM_CACHE_ROOT); none: "
+                    "the container (the node's page cache; a volume at HF_HUB_CACHE and VLLM_CACHE_ROOT); none: "
                     "startup_s, a restart as slow as a first start",
     )
     node_model_cache: bool = Field(
