@@ -209,15 +209,11 @@ def cache_volume(scenario: Scenario, target: DeployTarget) -> dict[str, Any] | N
     else with ``pods.restart_startup_s`` an emptyDir, which outlives a container restart in place; else none (every
     start is cold, as planned)."""
     if scenario.pods.node_model_cache:
-        return {"name": CACHE_VOLUME, "hostPath": {"path": node_cache_path(target), "type": "DirectoryOrCreate"}}
+        path = f"{NODE_CACHE_ROOT}/{target.namespace}/{target.name}"
+        return {"name": CACHE_VOLUME, "hostPath": {"path": path, "type": "DirectoryOrCreate"}}
     if scenario.pods.restart_startup_s is not None:
         return {"name": CACHE_VOLUME, "emptyDir": {}}
     return None
-
-
-def node_cache_path(target: DeployTarget) -> str:
-    """The node directory of the Deployment's caches (``pods.node_model_cache``)."""
-    return f"{NODE_CACHE_ROOT}/{target.namespace}/{target.name}"
 
 
 def node_failure_tolerations(scenario: Scenario) -> list[dict[str, Any]]:

@@ -11,8 +11,8 @@ from capsim.export.keda import NOT_WITH_KEDA
 from capsim.export.pod import (
     CACHE_ENV,
     CACHE_MOUNT,
+    cache_volume,
     drain_timeout_s,
-    node_cache_path,
     restart_bound_s,
     startup_bound_s,
     termination_grace_s,
@@ -486,21 +486,26 @@ def routing(scenario: Scenario) -> str:
     return f"- the router (`router.kind: {r.kind}`): {how}"
 
 
-def _warm_start(scenario: Scenario) -> str:
-    return ("container's restart on its node, or a new pod's start on a node that ran the model," if
-            scenario.pods.node_model_cache else "container's restart on its node")
-
-
-def _cache_volume_line(scenario: Scenario, target: DeployTarget) -> str:
-    """What the plan's warm starts need of the model's caches, and the volume the Deployment patch gives them."""
+def _warm_starts(scenario: Scenario, target: DeployTarget) -> str:
+    """The cold start's bound, and the warm starts' with what they need of the model's caches: the volume the
+    Deployment patch mounts for them (``cache_volume``; none: every start cold, the probe allowing the cold one)."""
+    cold = f"a cold start takes at most {startup_bound_s(scenario):g} s"
+    volume = cache_volume(scenario, target)
+    if volume is None:
+        return f"{cold} (the startup probe allows that)"
     env = ", ".join(f"`{k}={v}`" for k, v in CACHE_ENV.items())
-    if scenario.pods.node_model_cache:
-        return (f"outlive the pod on its node: the Deployment patch mounts the node's `{node_cache_path(target)}` (a "
-                f"hostPath, created as root) at `{CACHE_MOUNT}` and sets {env}. Pod Security's baseline and restricted "
-                "levels refuse a hostPath: there, or for a container that runs as another user, give the node a local "
-                "PersistentVolume instead; a node whose disk is wiped (a new node, or a reimage) starts cold")
-    return (f"outlive the container: the Deployment patch mounts an emptyDir at `{CACHE_MOUNT}` and sets {env} "
-            "(if your image reads its caches elsewhere, point them there), or a restart is a whole cold start")
+    if "hostPath" in volume:
+        which = "container's restart on its node, or a new pod's start on a node that ran the model,"
+        keep = (f"outlive the pod on its node: the Deployment patch mounts the node's `{volume['hostPath']['path']}` "
+                f"(a hostPath, created as root) at `{CACHE_MOUNT}` and sets {env}. Pod Security's baseline and "
+                "restricted levels refuse a hostPath: there, or for a container that runs as another user, give the node "
+                "a local PersistentVolume instead; a node whose disk is wiped (a new node, or a reimage) starts cold")
+    else:
+        which = "container's restart on its node"
+        keep = (f"outlive the container: the Deployment patch mounts an emptyDir at `{CACHE_MOUNT}` and sets {env} "
+                "(if your image reads its caches elsewhere, point them there), or a restart is a whole cold start")
+    return (f"{cold} and a {which} at most {restart_bound_s(scenario):g} s (the startup probe allows both): that needs "
+            f"the weights and compile caches to {keep}")
 
 
 def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[str]:
@@ -516,10 +521,7 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              *_dcgm_assumptions(auto, target),
              *_keda_assumptions(auto, target, scenario.router.hold_when_no_pod_s),
              f"- {_gpus_per_pod(scenario)} per pod (the Deployment patch requests `nvidia.com/gpu: "
-             f"{scenario.batching.tensor_parallel_size}`); a cold start takes at most {startup_bound_s(scenario):g} s "
-             + ("(the startup probe allows that)" if scenario.pods.restart_startup_s is None else
-                f"and a {_warm_start(scenario)} at most {restart_bound_s(scenario):g} s (the startup probe "
-                f"allows both): that needs the weights and compile caches to {_cache_volume_line(scenario, target)}")]
+             f"{scenario.batching.tensor_parallel_size}`); {_warm_starts(scenario, target)}"]
     if scenario.cluster is not None:
         c = scenario.cluster
         lines.append(f"- at most {c.max_gpus} GPUs (cluster-autoscaler's `--gpu-total` maximum), in whole nodes of "

@@ -231,7 +231,7 @@ class Cluster:
                 self._running.add(pod.id)
                 pod.container_started(0.0)
                 self.sim.faults.container_started(pod, 0.0)
-                self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision], 0.0)
+                self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision])
                 self._ready(pod, 0.0, join_after_s=0.0)
             else:
                 self._pending.append(pod)
@@ -714,7 +714,7 @@ class Cluster:
         if pod.state == PodState.STARTING and pod.incarnation == incarnation:
             now = self.sim.env.now
             pod.server_up = True  # its server answers (/metrics too) before its readiness probe passes
-            self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision], now)
+            self.nodes.model_loaded(self._node.get(pod.id), self._image[pod.revision])
             at = self._ready_at(pod, now)
             if at <= now:
                 self._ready(pod, now)

@@ -82,8 +82,8 @@ class Node:
         self.ready_s = ready_s  # None while it is provisioned
         self.removed_s: float | None = None  # billed until here
         self.images: dict[int, float] = {}  # image (0: the first template's) -> when it is (or will be) on the node
-        # image -> when a container of it first loaded its model here (pods.node_model_cache: its files stay)
-        self.models: dict[int, float] = {}
+        # images whose model a container has loaded here (pods.node_model_cache: its files stay)
+        self.models: set[int] = set()
         self.cordoned = False  # being drained by the cluster-autoscaler: takes no new pod
         self.unneeded_since: float | None = None
         # cluster-autoscaler's removal simulation found it unremovable: no scale-down candidate before this
@@ -652,10 +652,10 @@ class NodePool:
 
     # ---- the model's files (pods.node_model_cache) -----------------------------------------------------
     @staticmethod
-    def model_loaded(node: Node | None, image: int, now: float) -> None:
+    def model_loaded(node: Node | None, image: int) -> None:
         """A container of ``image`` has loaded its model on ``node``: the files stay on the node's volume."""
         if node is not None:
-            node.models.setdefault(image, now)
+            node.models.add(image)
 
     @staticmethod
     def holds_model(node: Node | None, image: int) -> bool:
