@@ -8,6 +8,7 @@ from typing import Any
 
 from capsim.export.analysis import ANALYSIS_FILE
 from capsim.export.keda import NOT_WITH_KEDA
+from capsim.export.nodepool import NODEPOOL_FILE
 from capsim.export.pod import (
     CACHE_ENV,
     CACHE_MOUNT,
@@ -106,6 +107,10 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
         files[PDB_FILE[0]] = PDB_FILE[1]
     if scenario.pods.check_times():  # a resume with a metric check: its AnalysisTemplate
         files[ANALYSIS_FILE] = ANALYSIS_FILE_TEXT
+    karpenter = scenario.cluster is not None and scenario.cluster.karpenter is not None
+    if karpenter:
+        files[NODEPOOL_FILE] = ("a `karpenter.sh/v1` NodePool: the GPU limit and the disruption settings the plan "
+                                "simulated (set its node class for your cloud)")
     routing_name = routing_file(scenario)
     if routing_name is not None:
         files[routing_name] = ROUTING_FILES[routing_name]
@@ -125,6 +130,8 @@ def render_readme(scenario: Scenario, target: DeployTarget, *, numbers: Mapping[
                  "kubectl apply -f prometheus-adapter.yaml -f hpa.yaml",
                  "# or KEDA instead (never both: two controllers would fight over the replica count):",
                  "# kubectl apply -f keda-scaledobject.yaml"]),
+              *(["# the nodes' NodePool (Karpenter installed; set its nodeClassRef first)",
+                 f"kubectl apply -f {NODEPOOL_FILE}"] if karpenter else []),
               *(["# the router the plan assumed (what it needs in the cluster: below, under the router)",
                  f"kubectl apply -f {routing_name}"] if routing_name is not None else []),
               "```", ""]
@@ -524,9 +531,20 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
              f"{scenario.batching.tensor_parallel_size}`); {_warm_starts(scenario, target)}"]
     if scenario.cluster is not None:
         c = scenario.cluster
-        lines.append(f"- at most {c.max_gpus} GPUs (cluster-autoscaler's `--gpu-total` maximum), in whole nodes of "
-                     f"{c.node_gpus}, a new node ready in {c.node_provision_s:g} s")
-        if c.scale_down_enabled:
+        k = c.karpenter
+        lines.append(f"- at most {c.max_gpus} GPUs ("
+                     + ("the Karpenter NodePool's `limits`" if k is not None else "cluster-autoscaler's `--gpu-total` maximum")
+                     + f"), in whole nodes of {c.node_gpus}, a new node ready in {c.node_provision_s:g} s")
+        if k is not None:
+            after = "Never" if k.consolidate_after_s is None else f"{k.consolidate_after_s:g}s"
+            lines.append(
+                f"- Karpenter removes the nodes, not cluster-autoscaler: `{NODEPOOL_FILE}`, with `consolidationPolicy: "
+                f"{k.consolidation_policy}`, `consolidateAfter: {after}` and a budget of `nodes: \"{k.budget_nodes}\"` "
+                "(its disruption controller polls every 10 s and validates a command 15 s later, as simulated)"
+                + ("; consolidation evicts serving pods from a node whose pods fit elsewhere, and they start again "
+                   "there" if k.consolidation_policy == "WhenEmptyOrUnderutilized" else "")
+                + ". Set its `nodeClassRef` and GPU-count requirement for your cloud (the file's header)")
+        elif c.scale_down_enabled:
             lines.append(
                 "- cluster-autoscaler: `--scale-down-enabled=true`, "
                 f"`--scale-down-unneeded-time={c.scale_down_unneeded_time_s:g}s`, "

@@ -13,6 +13,7 @@ from capsim.export.adapter import build_adapter_configmap
 from capsim.export.analysis import ANALYSIS_FILE, analysis_header, build_analysis_templates
 from capsim.export.hpa import build_hpa, require_autoscaler
 from capsim.export.keda import NOT_WITH_KEDA, build_scaled_object
+from capsim.export.nodepool import NODEPOOL_FILE, build_nodepool, nodepool_header
 from capsim.export.pod import build_configmap, build_deployment_patch, build_pdb
 from capsim.export.readme import render_readme
 from capsim.export.routing import build_routing, routing_file
@@ -133,6 +134,10 @@ def export_scenario(scenario: Scenario, out: str | Path, target: DeployTarget | 
         routing = out / routing_name
         routing.write_text("---\n".join(dump_yaml(obj) for obj in build_routing(scenario, target)), encoding="utf-8")
         files.append(routing)
+    if scenario.cluster is not None and scenario.cluster.karpenter is not None:  # the node autoscaler simulated
+        nodepool = out / NODEPOOL_FILE
+        nodepool.write_text(nodepool_header(scenario) + dump_yaml(build_nodepool(scenario, target)), encoding="utf-8")
+        files.append(nodepool)
     templates = build_analysis_templates(scenario, target)
     if templates:  # the canary checks the plan simulated, as Argo Rollouts analyses
         analysis = out / ANALYSIS_FILE

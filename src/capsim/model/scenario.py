@@ -1505,6 +1505,56 @@ class Spot(_Section):
                              "node at the notice's end")
 
 
+#: cluster-autoscaler's scale-down flags: Karpenter removes nodes by its own consolidation (``cluster.karpenter``)
+CLUSTER_AUTOSCALER_SCALE_DOWN = ("scale_down_enabled", "scale_down_unneeded_time_s", "scale_down_utilization_threshold",
+                                 "scale_down_delay_after_add_s", "scale_down_delay_after_delete_s",
+                                 "max_scale_down_parallelism", "unremovable_node_recheck_timeout_s",
+                                 "scale_down_unready_time_s")
+
+
+class Karpenter(_Section):
+    """Karpenter's NodePool disruption settings (``karpenter.sh/v1``): Karpenter, not cluster-autoscaler, removes
+    the GPU nodes, by consolidation (``capsim.sim.karpenter``). Defaults are the NodePool's own."""
+
+    consolidation_policy: Literal["WhenEmpty", "WhenEmptyOrUnderutilized"] = Field(
+        "WhenEmptyOrUnderutilized", description="spec.disruption.consolidationPolicy: WhenEmpty removes nodes "
+                                                "with no pod; WhenEmptyOrUnderutilized also a node whose pods fit "
+                                                "on the other nodes (they are evicted and start again there)")
+    consolidate_after_s: Float | None = Field(
+        0.0, ge=0, description="spec.disruption.consolidateAfter: a node is a candidate this long after a pod was "
+                               "last placed on it or began terminating there (after it was ready, if none); none: "
+                               "Never, no consolidation")
+    budget_nodes: Int | str = Field(
+        "10%", description="spec.disruption.budgets[0].nodes: nodes Karpenter may be disrupting at once, a count "
+                           "or a percentage of the NodePool's ready nodes (rounded up)")
+
+    @model_validator(mode="after")
+    def _budget(self) -> Self:
+        after = self.consolidate_after_s
+        if after is not None and after != round(after):
+            raise ValueError(f"consolidate_after_s must be whole seconds (a NodePool duration), got {after:g}")
+        b = self.budget_nodes
+        if isinstance(b, str):
+            text = b.strip()
+            digits = text[:-1] if text.endswith("%") else text
+            if not digits.isdigit() or (text.endswith("%") and int(digits) > 100):
+                raise ValueError(f"budget_nodes must be a count of nodes or a percentage from 0% to 100%, got {b!r}")
+        elif b < 0:
+            raise ValueError(f"budget_nodes must not be negative, got {b}")
+        return self
+
+    def allowed(self, nodes: int) -> int:
+        """Nodes the budget lets be disrupted at once out of ``nodes`` ready ones (Karpenter's
+        ``GetAllowedDisruptionsByReason``: a percentage scaled and rounded up)."""
+        b = self.budget_nodes
+        if isinstance(b, int):
+            return b
+        text = b.strip()
+        if text.endswith("%"):
+            return math.ceil(int(text[:-1]) * nodes / 100)
+        return int(text)
+
+
 class ClusterSpec(_Section):
     """GPU nodes: pods wait Pending for free GPUs on one node; missing nodes are provisioned, whole, up to
     ``max_gpus``, and cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
@@ -1580,6 +1630,9 @@ class ClusterSpec(_Section):
                                 "pods still on it, which the ReplicaSet replaces, evicted or not (GKE and AKS "
                                 "document about 600 s); none: off, as on a self-managed cluster")
     spot: Spot | None = Field(None, description="spot GPU nodes (billing: node); none: every node on-demand")
+    karpenter: Karpenter | None = Field(
+        None, description="Karpenter's NodePool removes the nodes (its consolidation) instead of cluster-autoscaler's "
+                          "scale-down; none: cluster-autoscaler")
     scale_down_unready_time_s: Float = Field(
         1200.0, ge=0, description="cluster-autoscaler --scale-down-unready-time: a failed node is removed (and "
                                   "no longer billed) this long after it failed, with scale-down enabled")
@@ -1643,6 +1696,19 @@ class ClusterSpec(_Section):
         if self.max_gpus_per_zone is not None and self.max_gpus_per_zone < max(self.min_nodes_per_zone, 1) * self.node_gpus:
             raise ValueError(f"max_gpus_per_zone must hold max(min_nodes_per_zone, 1) ({max(self.min_nodes_per_zone, 1)}) "
                              f"whole nodes of node_gpus ({self.node_gpus}) GPUs, got {self.max_gpus_per_zone}")
+        if self.karpenter is not None:
+            # set away from its default (a scenario's overrides write back every field, so not model_fields_set)
+            ca = [f for f in CLUSTER_AUTOSCALER_SCALE_DOWN if getattr(self, f) != type(self).model_fields[f].default]
+            if ca:
+                raise ValueError(f"karpenter: Karpenter removes the nodes by its consolidation, so {ca[0]} "
+                                 "(cluster-autoscaler's scale-down) does not apply; drop it, or drop karpenter "
+                                 "(consolidate_after_s: null turns consolidation off)")
+            if self.min_nodes_per_zone:
+                raise ValueError("karpenter: a Karpenter NodePool keeps no minimum of nodes, so min_nodes_per_zone "
+                                 f"({self.min_nodes_per_zone}) does not apply; set it to 0, or drop karpenter")
+            if self.spot is not None:
+                raise ValueError("karpenter: spot nodes under Karpenter (its own choice of capacity type, spot "
+                                 "consolidation) are not modelled; drop spot, or drop karpenter")
         if self.spot is not None and self.billing != "node":
             raise ValueError("spot needs billing: node (a spot price is the node's, whatever its pods hold)")
         if self.min_nodes_per_zone * self.zones * self.node_gpus > self.max_gpus:

@@ -142,7 +142,9 @@ class Cluster:
         self.gone_busy_s = 0.0  # busy seconds of the pods gone (theirs no longer change)
         self.endpoints: list[Pod] = []  # ready, receiving traffic, sorted by id
         self.desired = 0
-        self.nodes = NodePool(sim, self._place, self._evict, self._may_evict, self._node_tainted)
+        self.nodes = NodePool(sim, self._place, self._evict, self._may_evict, self._node_tainted,
+                              drain=self._karpenter_drain,
+                              reschedulable=lambda node: len(self._pods_on(node, _DRAINED)))
         self._lost: dict[int, tuple[Node, float, list[Pod]]] = {}  # node id -> (node, failed at, its pods then)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
@@ -582,6 +584,7 @@ class Cluster:
         node = self._node[pod.id] = self.nodes.take()
         if node is not None:
             self.placements.append((now, pod.id, node.id, node.zone))
+        self.nodes.pod_event(node, now)
         pod.gpu_since = now
         self._probe_origin[pod.id] = now
 
@@ -943,6 +946,14 @@ class Cluster:
         else:
             self._evict(node, now)
 
+    def _karpenter_drain(self, node: Node, now: float) -> None:
+        """Karpenter's termination controller drains a node it deletes through the eviction API (the
+        PodDisruptionBudget's refusals asked again), or, without a budget, evicts every pod at once."""
+        if self.sim.scenario.pods.disruption_budget is not None:
+            self._evict_allowed(node, now)
+        else:
+            self._evict(node, now)
+
     def _evict_allowed(self, node: Node, now: float) -> None:
         """kubectl drain's eviction loop (what AWS's Node Termination Handler and Karpenter run): each pod on
         ``node`` is evicted through the eviction API, which the PodDisruptionBudget refuses (429) while it
@@ -1062,6 +1073,7 @@ class Cluster:
             pod.state = PodState.GONE
             self._forget(pod, now)
             return
+        self.nodes.pod_event(self._node.get(pod.id), now)  # it begins terminating there
         if pod.state != PodState.READY:  # starting or crashed: nothing to drain
             self._kill(pod, now)
             self._gone(pod, now)

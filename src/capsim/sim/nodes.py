@@ -35,6 +35,9 @@ is cordoned, its pods are evicted (they drain within their grace period and the 
 elsewhere, with a cold start), and it goes when the last one has left. A node is billed
 from its creation (booting included) to its removal. A later burst waits for new nodes again.
 
+With ``cluster.karpenter`` a Karpenter NodePool removes the nodes instead, by consolidation
+(``capsim.sim.karpenter``): cluster-autoscaler's scans do not run, nor does its halt on NotReady nodes.
+
 Zones (``cluster.zones``): one node group per zone, kept balanced (``--balance-similar-node-groups``): a
 new node goes to the zone with the fewest nodes (``_balanced_zone``), within each group's minimum
 (``min_nodes_per_zone``, never scaled below) and maximum (``max_gpus_per_zone``). ``pods.zone_spread`` is
@@ -54,6 +57,7 @@ from typing import TYPE_CHECKING, Any, cast
 from simpy.events import Timeout
 
 from capsim.policy.node_group_backoff import NodeGroupBackoff
+from capsim.sim.karpenter import Disruption
 from capsim.sim.nodelifecycle import NodeLifecycle
 
 if TYPE_CHECKING:
@@ -68,7 +72,7 @@ class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "images", "interrupted_s", "models",
-                 "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
+                 "pod_event_s", "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
                  "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
@@ -95,6 +99,8 @@ class Node:
         # with the last of them
         self.remove_when_empty = False
         self.tainted_s: float | None = None  # when the node lifecycle controller last tainted it unreachable
+        # the last time a pod was placed on it or began terminating there (Karpenter's lastPodEventTime)
+        self.pod_event_s: float | None = None
         # asked for during a GPU stockout (faults.gpu_stockouts): never created, never billed; it counts toward
         # its node group's size and max_gpus until cluster-autoscaler learns of the failure
         self.unfulfilled = False
@@ -125,7 +131,9 @@ class NodePool:
 
     def __init__(self, sim: Simulation, on_node_ready: Callable[[float], None],
                  evict: Callable[[Node, float], None], may_evict: Callable[[int], bool] = lambda _: True,
-                 on_taint: Callable[[Node, float], None] = lambda node, now: None) -> None:
+                 on_taint: Callable[[Node, float], None] = lambda node, now: None,
+                 drain: Callable[[Node, float], None] | None = None,
+                 reschedulable: Callable[[Node], int] = lambda node: 0) -> None:
         self.sim = sim
         spec = sim.scenario.cluster
         self.limited = spec is not None
@@ -167,12 +175,38 @@ class NodePool:
                                         spec.node_group_backoff_reset_s) if spec is not None else None
         self.failed_scale_ups = 0  # nodes asked for that the cloud did not create
         self._loops: set[float] = set()  # cluster-autoscaler loops at which pending pods are asked for again
-        if spec is not None and spec.scale_down_enabled:
+        self.karpenter: Disruption | None = None
+        if spec is not None and spec.karpenter is not None:  # Karpenter removes the nodes
+            self.karpenter = Disruption(self, spec.karpenter, drain or evict, reschedulable)
+            if spec.karpenter.consolidate_after_s is not None:
+                sim.env.process(self.karpenter.run())
+        elif spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
 
     # ---- capacity --------------------------------------------------------------------------------
     def _live(self) -> list[Node]:
         return self._up
+
+    @property
+    def up(self) -> list[Node]:
+        """The nodes not removed, oldest first."""
+        return self._up
+
+    def may_evict(self, pods: int) -> bool:
+        """Whether the PodDisruptionBudget lets ``pods`` of the Deployment's pods be evicted now."""
+        return self._may_evict(pods)
+
+    def fit_on(self, pods: int, nodes: list[Node]) -> bool:
+        """Whether ``pods`` pods fit on ``nodes`` (``_fit_on``)."""
+        return self._fit_on(pods, nodes)
+
+    def remove(self, node: Node, now: float) -> None:
+        """Delete ``node`` now (it holds no pod): no longer billed."""
+        self._remove(node, now)
+
+    def room_again(self, now: float) -> None:
+        """Nodes went: pods waiting for one may get it within max_gpus."""
+        self._on_node_ready(now)
 
     def _add(self, now: float, ready: bool, zone: int | None = None) -> Node | None:
         """A new node (in ``zone``, or the zone with the fewest nodes), or ``None`` when a whole node more
@@ -355,6 +389,12 @@ class NodePool:
         """``[pods on n, free pod slots on n, its zone]``, for ``_new_nodes_for``."""
         pg = self.pod_gpus
         return [n.used // pg, (n.gpus - n.used) // pg, n.zone]
+
+    @staticmethod
+    def pod_event(node: Node | None, now: float) -> None:
+        """A pod was placed on ``node``, or began terminating there, at ``now`` (Karpenter's lastPodEventTime)."""
+        if node is not None:
+            node.pod_event_s = now
 
     def release(self, node: Node | None, now: float) -> None:
         """A pod on ``node`` gave its GPUs back at ``now``; a drained node goes with its last pod."""
@@ -544,12 +584,13 @@ class NodePool:
         """``node`` dies at ``now``: it takes no pod from now on; with scale-down enabled cluster-autoscaler
         removes it (and its billing ends) ``scale_down_unready_time_s`` later, or when its last pod goes if
         some are still there then (never evicted: their GPU requests keep it over the utilization threshold);
-        without, it stays, billed. Until it goes it counts toward ``max_gpus``, as the node group's size does."""
+        without, or under Karpenter, it stays, billed, unless ``node_auto_repair_s`` deletes it. Until it goes it
+        counts toward ``max_gpus``, as the node group's size does."""
         spec = self._spec
         assert spec is not None
         node.failed_s = now
         node.failures += 1
-        if spec.scale_down_enabled:
+        if spec.scale_down_enabled and spec.karpenter is None:
             ev = Timeout(self.sim.env, spec.scale_down_unready_time_s, (node, now))
             ev.callbacks.append(self._unready_gone)
 
@@ -570,8 +611,8 @@ class NodePool:
 
     @property
     def _autoscaler_halted(self) -> bool:
-        """cluster-autoscaler halts on too many NotReady nodes (``NodeLifecycle.unhealthy``)."""
-        return self.lifecycle is not None and self.lifecycle.autoscaler_halted
+        """cluster-autoscaler halts on too many NotReady nodes (``NodeLifecycle.unhealthy``); Karpenter does not."""
+        return self.karpenter is None and self.lifecycle is not None and self.lifecycle.autoscaler_halted
 
     def resume(self, now: float) -> None:
         """cluster-autoscaler works again: pods waiting for a node get one."""

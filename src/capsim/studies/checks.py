@@ -38,6 +38,9 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   where every simulated pod has a node of its own and the spread changes nothing (the export still writes it).
 * ``node-cache-without-cluster`` (warn): ``pods.node_model_cache`` without a ``cluster`` section: every simulated
   pod has a node of its own, so no new pod finds the model's files on its node (the export still mounts the hostPath).
+* ``karpenter-evicts-all-at-once`` (warn): ``cluster.karpenter`` consolidating under ``WhenEmptyOrUnderutilized``
+  without ``pods.disruption_budget``: a node whose pods fit elsewhere has all its serving pods evicted at once,
+  and they start again cold.
 * ``spread-over-zones`` (fail): ``pods.zone_spread.min_zones`` more zones than ``cluster.zones``: each zone
   then takes at most ``max_skew`` pods and the rest of the peak stays Pending.
 * ``zone-spread-one-zone`` (warn): ``pods.zone_spread`` in a cluster of one zone, where it changes nothing.
@@ -263,6 +266,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _node_failure_room(scenario)
     findings += _spread_over_gpus(scenario)
     findings += _node_cache_without_cluster(scenario)
+    findings += _karpenter_evicts_all_at_once(scenario)
     findings += _zones(scenario)
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
@@ -1071,6 +1075,18 @@ def _node_cache_without_cluster(scenario: Scenario) -> list[Finding]:
         "pods.node_model_cache", "set without a cluster section: every simulated pod has a node of its own, so no "
         "new pod finds the model's files on its node and only restarts start warm here (the export still mounts "
         "the hostPath); add a cluster section to plan it", level="warn", check="node-cache-without-cluster")]
+
+
+def _karpenter_evicts_all_at_once(scenario: Scenario) -> list[Finding]:
+    k = scenario.cluster.karpenter if scenario.cluster is not None else None
+    if (k is None or k.consolidation_policy != "WhenEmptyOrUnderutilized" or k.consolidate_after_s is None
+            or scenario.pods.disruption_budget is not None):
+        return []
+    return [Finding(
+        "cluster.karpenter.consolidation_policy", "WhenEmptyOrUnderutilized without a PodDisruptionBudget: "
+        "consolidation evicts every serving pod of a node whose pods fit elsewhere at once, and they start again "
+        "cold; set pods.disruption_budget (max_unavailable: 1) to take them one at a time, or WhenEmpty",
+        level="warn", check="karpenter-evicts-all-at-once")]
 
 
 def _spread_over_gpus(scenario: Scenario) -> list[Finding]:

@@ -1,0 +1,199 @@
+"""Karpenter removes the GPU nodes (``cluster.karpenter``): emptiness and consolidation after ``consolidateAfter``,
+a 10-s poll and a 15-s validation, within the NodePool's disruption budget (``capsim.sim.karpenter``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from capsim.export.writer import export_scenario
+from capsim.model.scenario import Scenario
+from capsim.model.settings import SettingsError
+from capsim.sim.simulate import Simulation
+from capsim.studies.checks import run_checks
+from test_sim_nodes import at
+
+
+def idle(karpenter: dict[str, Any] | None = None, **changes: Any) -> Scenario:
+    """No traffic to speak of (a pod deleted goes at once); pods start in 10 s; nodes of 2 GPUs, provisioned in 30 s,
+    removed by Karpenter with ``karpenter`` (its defaults: WhenEmptyOrUnderutilized, consolidateAfter 0, 10%)."""
+    s = Scenario.model_validate({
+        "horizon_s": 1000,
+        "workload": {"arrivals": {"kind": "poisson", "rate_per_s": 0.001}},
+        "service": {"kind": "deterministic", "mean_s": 0.1},
+        "pods": {"replicas": 4, "startup_s": 10, "gpu_cost_per_hour": 2.0, "endpoints_propagation_s": 0.0},
+        "cluster": {"max_gpus": 20, "node_gpus": 2, "node_provision_s": 30, "karpenter": karpenter or {}},
+        "timeseries_interval_s": 1,
+    })
+    return s.override(changes) if changes else s
+
+
+def scaled(s: Scenario, *steps: tuple[float, int]) -> Simulation:
+    """Run ``s`` with the Deployment scaled to each count at its time: the finished simulation."""
+    sim = Simulation(s, seed=0)
+    at(sim, *((t, lambda t=t, n=n: sim.cluster.scale_to(n, t)) for t, n in steps))
+    sim.run()
+    return sim
+
+
+def events(sim: Simulation, kind: str) -> list[tuple[float, str]]:
+    log = sim.cluster.nodes.lifecycle.log  # type: ignore[union-attr]
+    return [(t, detail) for t, event, _, detail in log if event == kind]
+
+
+def test_an_empty_node_goes_at_the_poll_after_consolidate_after_and_a_validation() -> None:
+    # 4 pods on nodes 0 and 1; down to 2 at 95 s: the ReplicaSet deletes node 0's pods, which go at once (nothing to
+    # drain). The poll of 100 s finds node 0 empty; validated 15 s later, it goes at 115 s
+    sim = scaled(idle(), (95.0, 2))
+    assert sim.cluster.nodes.removals == [(115.0, 0)]
+    assert events(sim, "consolidation") == [(115.0, "node 0: empty")]
+    # consolidateAfter 60 s: a candidate from 155 s, found at the poll of 160 s, gone at 175 s
+    late = idle({"consolidation_policy": "WhenEmpty", "consolidate_after_s": 60})
+    assert scaled(late, (95.0, 2)).cluster.nodes.removals == [(175.0, 0)]
+    # cluster-autoscaler: unneeded from its scan of 100 s, removed 10 minutes later
+    assert scaled(idle(**{"cluster.karpenter": None}), (95.0, 2)).cluster.nodes.removals == [(700.0, 0)]
+    # consolidateAfter Never: it stays
+    assert scaled(idle({"consolidate_after_s": None}), (95.0, 2)).cluster.nodes.removals == []
+
+
+def test_a_pod_placed_on_the_node_restarts_its_timer() -> None:
+    # as above, but a third pod is placed on node 0 at 120 s and deleted at 121 s (the ReplicaSet deletes the
+    # starting one first): the node's last pod event is 121 s, a candidate from 181 s, gone at the poll of 190 + 15
+    s = idle({"consolidation_policy": "WhenEmpty", "consolidate_after_s": 60})
+    assert scaled(s, (95.0, 2), (120.0, 3), (121.0, 2)).cluster.nodes.removals == [(205.0, 0)]
+
+
+def test_a_command_is_dropped_when_a_pod_lands_on_the_node_before_it_is_validated() -> None:
+    # node 0 found empty at 100 s; a pod placed on it at 105 s: at 115 s the command is dropped and node 0 stays
+    # (its pod cannot move: node 1 is full)
+    sim = scaled(idle(), (95.0, 2), (105.0, 3))
+    assert events(sim, "consolidation_dropped") == [(115.0, "nodes 0: a candidate is no longer empty")]
+    assert sim.cluster.nodes.removals == []
+
+
+def test_consolidation_moves_running_pods_onto_a_node_that_is_not_yet_a_candidate() -> None:
+    # consolidateAfter 60 s, node 0 emptied at 95 s: at the poll of 100 s it is no candidate yet, but node 1 is (its
+    # last pod event at 0 s), and its two pods fit on node 0. WhenEmptyOrUnderutilized deletes node 1 at 115 s: its
+    # serving pods are evicted and start again, cold, on node 0. WhenEmpty waits and removes node 0 at 175 s.
+    sim = scaled(idle({"consolidate_after_s": 60}), (95.0, 2))
+    assert sim.cluster.nodes.removals == [(115.0, 1)]
+    assert events(sim, "consolidation") == [(115.0, "node 1: underutilized, 2 pod(s) evicted")]
+    replacements = [p for p in sim.cluster.pods if p.created_s == 115.0]
+    assert len(replacements) == 2 and all(p.first_ready_s == 125.0 for p in replacements)
+    assert {sim.cluster._node[p.id].id for p in replacements} == {0}  # type: ignore[union-attr]
+    when_empty = scaled(idle({"consolidation_policy": "WhenEmpty", "consolidate_after_s": 60}), (95.0, 2))
+    assert when_empty.cluster.nodes.removals == [(175.0, 0)]
+    # a PodDisruptionBudget that allows no disruption keeps node 1's pods where they are (no candidate)
+    pdb = idle({"consolidate_after_s": 60}, **{"pods.disruption_budget": {"max_unavailable": 0}})
+    assert scaled(pdb, (95.0, 2)).cluster.nodes.removals == [(175.0, 0)]
+
+
+def test_the_budget_lets_one_node_in_ten_go_at_a_time() -> None:
+    # 10 nodes of 2 pods; down to 2 at 95 s: the ReplicaSet keeps one pod on node 1 and one on node 3, so eight
+    # nodes are empty. 10% of the ready nodes, rounded up, is 1: one node a command, each command 15 s after the last
+    # (the controller looks again at once after one ran); last, node 1's pod moves to node 3's free GPU
+    s = idle(**{"pods.replicas": 20})
+    empty = [0, 2, 4, 5, 6, 7, 8, 9]
+    assert scaled(s, (95.0, 2)).cluster.nodes.removals == [(115.0 + 15.0 * k, n) for k, n in enumerate([*empty, 1])]
+    everything = scaled(s.override({"cluster.karpenter.budget_nodes": "100%"}), (95.0, 2)).cluster.nodes.removals
+    assert everything == [(115.0, n) for n in empty] + [(130.0, 1)]
+    three = scaled(s.override({"cluster.karpenter.budget_nodes": 3}), (95.0, 2)).cluster.nodes.removals
+    assert [t for t, _ in three] == [115.0] * 3 + [130.0] * 3 + [145.0] * 2 + [160.0]
+
+
+def test_settings_name_the_field() -> None:
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter\.budget_nodes must be a count of nodes or a "
+                                            r"percentage from 0% to 100%, got 'ten'"):
+        idle({"budget_nodes": "ten"})
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter: Karpenter removes the nodes by its consolidation, "
+                                            r"so scale_down_unneeded_time_s \(cluster-autoscaler's scale-down\)"):
+        idle(**{"cluster.scale_down_unneeded_time_s": 60})
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter: a Karpenter NodePool keeps no minimum of nodes"):
+        idle(**{"cluster.min_nodes_per_zone": 1})
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter: spot nodes under Karpenter"):
+        idle(**{"cluster.spot": {"price_ratio": 0.4}})
+    assert idle({"budget_nodes": "0%"}).cluster.karpenter.allowed(7) == 0  # type: ignore[union-attr]
+    assert idle({"budget_nodes": "15%"}).cluster.karpenter.allowed(7) == 2  # type: ignore[union-attr]
+
+
+# The NodePool fields capsim writes, as Karpenter's v1 CRD defines them (kubernetes-sigs/karpenter,
+# pkg/apis/crds/karpenter.sh_nodepools.yaml, Apache-2.0): nodeClassRef needs group, kind and name; requirements'
+# operators are an enum; consolidationPolicy WhenEmpty or WhenEmptyOrUnderutilized; consolidateAfter a duration of
+# whole units or Never; a budget's nodes a count or a percentage up to 100%; limits are quantities. Strict about
+# the fields capsim writes (additionalProperties false), as the KEDA schema in test_export.py is.
+_QUANTITY = {"type": "string", "pattern": r"^[0-9]+$"}
+NODEPOOL = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "karpenter.sh/v1"}, "kind": {"const": "NodePool"},
+        "metadata": {"type": "object", "required": ["name"], "not": {"required": ["namespace"]}},  # cluster-scoped
+        "spec": {"type": "object", "required": ["template", "disruption"], "additionalProperties": False, "properties": {
+            "template": {"type": "object", "required": ["spec"], "properties": {"spec": {
+                "type": "object", "required": ["nodeClassRef", "requirements"], "additionalProperties": False,
+                "properties": {
+                    "nodeClassRef": {"type": "object", "required": ["group", "kind", "name"],
+                                     "additionalProperties": False,
+                                     "properties": {k: {"type": "string"} for k in ("group", "kind", "name")}},
+                    "requirements": {"type": "array", "items": {
+                        "type": "object", "required": ["key", "operator"], "additionalProperties": False,
+                        "properties": {"key": {"type": "string"},
+                                       "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]},
+                                       "values": {"type": "array", "items": {"type": "string"}}}}}}}}},
+            "limits": {"type": "object", "additionalProperties": _QUANTITY},
+            "disruption": {"type": "object", "required": ["consolidateAfter"], "additionalProperties": False,
+                           "properties": {
+                               "consolidationPolicy": {"enum": ["WhenEmpty", "WhenEmptyOrUnderutilized"]},
+                               "consolidateAfter": {"type": "string", "pattern": r"^(([0-9]+(s|m|h))+|Never)$"},
+                               "budgets": {"type": "array", "maxItems": 50, "items": {
+                                   "type": "object", "required": ["nodes"], "additionalProperties": False,
+                                   "properties": {"nodes": {"type": "string",
+                                                            "pattern": r"^((100|[0-9]{1,2})%|[0-9]+)$"}}}}}},
+        }},
+    },
+}
+
+
+@pytest.mark.parametrize(("karpenter", "policy", "after", "nodes"), [
+    ({}, "WhenEmptyOrUnderutilized", "0s", "10%"),
+    ({"consolidation_policy": "WhenEmpty", "consolidate_after_s": 300, "budget_nodes": 2}, "WhenEmpty", "300s", "2"),
+    ({"consolidate_after_s": None}, "WhenEmptyOrUnderutilized", "Never", "10%"),
+])
+def test_the_export_writes_the_nodepool_the_plan_simulated(tmp_path: Path, karpenter: dict[str, Any], policy: str,
+                                                           after: str, nodes: str) -> None:
+    s = Scenario.from_yaml("data/scenarios/h100_llama3_8b_rush.yaml").override({"cluster.karpenter": karpenter})
+    export_scenario(s, tmp_path, force=True)
+    pool = yaml.safe_load((tmp_path / "karpenter-nodepool.yaml").read_text())
+    jsonschema.validate(pool, NODEPOOL)
+    with pytest.raises(jsonschema.ValidationError):  # the schema tells a wrong duration
+        jsonschema.validate({**pool, "spec": {**pool["spec"], "disruption": {"consolidateAfter": "1.5s"}}}, NODEPOOL)
+    assert pool["spec"]["disruption"] == {"consolidationPolicy": policy, "consolidateAfter": after,
+                                          "budgets": [{"nodes": nodes}]}
+    assert pool["spec"]["limits"] == {"nvidia.com/gpu": "32"}
+    assert {"key": "karpenter.k8s.aws/instance-gpu-count", "operator": "In", "values": ["8"]} in \
+        pool["spec"]["template"]["spec"]["requirements"]
+    readme = (tmp_path / "README.md").read_text()
+    assert f"Karpenter removes the nodes, not cluster-autoscaler: `karpenter-nodepool.yaml`, with `consolidationPolicy: " \
+           f"{policy}`" in readme
+    assert "kubectl apply -f karpenter-nodepool.yaml" in readme and "--scale-down-unneeded-time" not in readme
+    # a NodePool duration is whole seconds: the scenario refuses a fraction
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter\.consolidate_after_s must be whole seconds"):
+        s.override({"cluster.karpenter.consolidate_after_s": 1.5})
+
+
+def test_without_karpenter_the_export_writes_no_nodepool(tmp_path: Path) -> None:
+    export_scenario(Scenario.from_yaml("data/scenarios/h100_llama3_8b_rush.yaml"), tmp_path, force=True)
+    assert not (tmp_path / "karpenter-nodepool.yaml").exists()
+    assert "--scale-down-unneeded-time=600s" in (tmp_path / "README.md").read_text()
+
+
+def test_the_check_warns_of_consolidation_without_a_disruption_budget() -> None:
+    found = [f for f in run_checks(idle()) if f.check == "karpenter-evicts-all-at-once"]
+    assert [(f.path, f.level) for f in found] == [("cluster.karpenter.consolidation_policy", "warn")]
+    assert "evicts every serving pod of a node whose pods fit elsewhere at once" in found[0].message
+    for quiet in (idle({"consolidation_policy": "WhenEmpty"}), idle({"consolidate_after_s": None}),
+                  idle(**{"pods.disruption_budget": {"max_unavailable": 1}}), idle(**{"cluster.karpenter": None})):
+        assert not [f for f in run_checks(quiet) if f.check == "karpenter-evicts-all-at-once"]
