@@ -197,3 +197,16 @@ def test_the_check_warns_of_consolidation_without_a_disruption_budget() -> None:
     for quiet in (idle({"consolidation_policy": "WhenEmpty"}), idle({"consolidate_after_s": None}),
                   idle(**{"pods.disruption_budget": {"max_unavailable": 1}}), idle(**{"cluster.karpenter": None})):
         assert not [f for f in run_checks(quiet) if f.check == "karpenter-evicts-all-at-once"]
+
+
+def test_the_export_readme_speaks_of_karpenter_where_the_plan_did(tmp_path: Path) -> None:
+    # zones, dying nodes and stockouts under Karpenter: no node groups, no halt on NotReady nodes, and the stockout
+    # backoff said to be cluster-autoscaler's as simulated
+    zones = Scenario.from_yaml("data/scenarios/zone_outage.yaml").override(
+        {"cluster.min_nodes_per_zone": 0, "cluster.karpenter": {}, "faults.gpu_stockouts": [{"at_s": 100}]})
+    export_scenario(zones, tmp_path, force=True)
+    readme = (tmp_path / "README.md").read_text()
+    assert "Karpenter picks a node's zone by the pending pods' topology spread" in readme
+    assert "Karpenter, which does not halt on NotReady nodes" in readme
+    assert "(simulated so under Karpenter too: its own retry in another zone or instance type is not)" in readme
+    assert "--balance-similar-node-groups" not in readme and "--max-total-unready-percentage" not in readme

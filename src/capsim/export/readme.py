@@ -567,7 +567,11 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                             "every pod deleted at once, whatever the PodDisruptionBudget, as GKE's graceful node "
                             "shutdown does (the plan assumed it: a handler that evicts, as AWS Node Termination "
                             "Handler and Karpenter do, is `cluster.spot.drain: eviction`)"))
-        if c.zones > 1:
+        if c.zones > 1 and k is not None:
+            lines.append(f"- the GPU nodes in {c.zones} availability zones, a new node in the zone with the fewest, as "
+                         "simulated: Karpenter picks a node's zone by the pending pods' topology spread and the price, "
+                         "so give the pods a zone spread (`pods.zone_spread`) for the same")
+        elif c.zones > 1:
             cap = (f" and maximum {c.max_gpus_per_zone // c.node_gpus}" if c.max_gpus_per_zone is not None else "")
             lines.append(f"- the GPU nodes in {c.zones} availability zones, one node group per zone of minimum size "
                          f"{c.min_nodes_per_zone}{cap}, kept balanced (cluster-autoscaler "
@@ -583,8 +587,9 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          f"the defaults), counting {c.other_nodes_per_zone} node(s) outside the GPU node group in "
                          f"each zone; kube-apiserver "
                          f"`--default-unreachable-toleration-seconds={c.unreachable_toleration_s:g}`; "
-                         f"cluster-autoscaler `--max-total-unready-percentage={c.max_total_unready_percentage:g}`, "
-                         f"`--ok-total-unready-count={c.ok_total_unready_count}`; "
+                         + ("Karpenter, which does not halt on NotReady nodes; " if k is not None else
+                            f"cluster-autoscaler `--max-total-unready-percentage={c.max_total_unready_percentage:g}`, "
+                            f"`--ok-total-unready-count={c.ok_total_unready_count}`; ")
                          + ("no node auto-repair (a cloud's would replace a node NotReady for long)"
                             if c.node_auto_repair_s is None else
                             f"the cloud's node auto-repair deleting a node NotReady for {c.node_auto_repair_s:g} s"))
@@ -595,7 +600,9 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                          + f"; cluster-autoscaler `--max-node-provision-time={c.max_node_provision_s:g}s`, "
                          f"`--initial-node-group-backoff-duration={c.initial_node_group_backoff_s:g}s`, "
                          f"`--max-node-group-backoff-duration={c.max_node_group_backoff_s:g}s`, "
-                         f"`--node-group-backoff-reset-timeout={c.node_group_backoff_reset_s:g}s`")
+                         f"`--node-group-backoff-reset-timeout={c.node_group_backoff_reset_s:g}s`"
+                         + (" (simulated so under Karpenter too: its own retry in another zone or instance type is "
+                            "not)" if k is not None else ""))
     f = scenario.faults
     if f is not None and (f.slow_pods or f.random_slowdowns is not None):
         slowest = max([s.factor for s in f.slow_pods]
