@@ -67,7 +67,8 @@ class SimResult:
     nodes: Any = None  # DataFrame, capsim.sim.nodes.NODE_COLUMNS: the GPU nodes (empty without a cluster section)
     placements: Any = None  # DataFrame: time_s, pod, node, zone; where each pod was placed (with a cluster section)
     # DataFrame: time_s, event, zone (-1: the cluster), detail; what the node lifecycle controller and
-    # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts)
+    # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts), and Karpenter's
+    # consolidations (cluster.karpenter: consolidation, consolidation_dropped)
     node_events: Any = None
     # DataFrame: time_s, active, error (a Prometheus outage), replicas, set_replicas (-1: left alone); each
     # poll of KEDA's operator
