@@ -45,6 +45,10 @@ def test_a_fleet_that_must_survive_a_node_failure_keeps_its_nodes_and_needs_more
     fleet = fixed_fleet(failing, 5)
     assert fleet.cluster is not None and fleet.autoscaler is None
     assert (fleet.cluster.max_gpus, fleet.cluster.scale_down_enabled) == ((3 + 1) * 2, False)
+    # under Karpenter the same fleet keeps its nodes by consolidateAfter Never
+    karpenter = fixed_fleet(failing.override({"cluster.karpenter": {}}), 5).cluster
+    assert karpenter is not None and karpenter.karpenter is not None
+    assert (karpenter.max_gpus, karpenter.scale_down_enabled, karpenter.karpenter.consolidate_after_s) == (8, True, None)
     spread = fixed_fleet(failing.override({"pods.spread": {"min_nodes": 5}}), 5)
     assert spread.cluster is not None and spread.cluster.max_gpus == (5 + 1) * 2
     plain, survive = pods_needed(tp_nodes, max_replicas=8), pods_needed(failing, max_replicas=8)

@@ -52,7 +52,11 @@ def fixed_fleet(scenario: Scenario, replicas: int) -> Scenario:
             fills = zones * -(-share // per_node)
         fills = max(fills, scenario.pods.spread_min_nodes, zones * cluster.min_nodes_per_zone)
         spare = max(1 if node_fails or reclaims else 0, -(-fills // zones) if zone_fails else 0)
-        changes.update({"cluster.max_gpus": (fills + spare) * cluster.node_gpus, "cluster.scale_down_enabled": False})
+        changes["cluster.max_gpus"] = (fills + spare) * cluster.node_gpus
+        if cluster.karpenter is not None:  # none drained: Karpenter's consolidateAfter Never
+            changes["cluster.karpenter.consolidate_after_s"] = None
+        else:
+            changes["cluster.scale_down_enabled"] = False
     else:
         changes["cluster"] = None
     return scenario.override(changes)
