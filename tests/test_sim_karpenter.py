@@ -210,3 +210,19 @@ def test_the_export_readme_speaks_of_karpenter_where_the_plan_did(tmp_path: Path
     assert "Karpenter, which does not halt on NotReady nodes" in readme
     assert "(simulated so under Karpenter too: its own retry in another zone or instance type is not)" in readme
     assert "--balance-similar-node-groups" not in readme and "--max-total-unready-percentage" not in readme
+
+
+def test_the_node_checks_name_karpenter_where_it_removes_the_nodes() -> None:
+    # a budget that allows no eviction: consolidation can never drain a node with a pod (WhenEmpty never tries)
+    blocked = idle(**{"pods.disruption_budget": {"max_unavailable": 0}})
+    found = [f.message for f in run_checks(blocked) if f.check == "pdb-blocks-drains"]
+    assert len(found) == 1 and "Karpenter's consolidation can never drain a node that holds a pod" in found[0]
+    when_empty = blocked.override({"cluster.karpenter.consolidation_policy": "WhenEmpty"})
+    assert not [f for f in run_checks(when_empty) if f.check == "pdb-blocks-drains"]
+    # a node failure with no room for another node: under Karpenter the dead node goes only by a node repair
+    full = idle(**{"cluster.max_gpus": 4, "faults": {"node_failures": [{"at_s": 50}]}})
+    found = [f.message for f in run_checks(full) if f.check == "node-failure-no-room"]
+    assert len(found) == 1 and "never under Karpenter without a node repair (cluster.node_auto_repair_s)" in found[0]
+    repaired = full.override({"cluster.node_auto_repair_s": 600})
+    found = [f.message for f in run_checks(repaired) if f.check == "node-failure-no-room"]
+    assert len(found) == 1 and "600 s after it is NotReady (cluster.node_auto_repair_s)" in found[0]

@@ -1557,7 +1557,8 @@ class Karpenter(_Section):
 
 class ClusterSpec(_Section):
     """GPU nodes: pods wait Pending for free GPUs on one node; missing nodes are provisioned, whole, up to
-    ``max_gpus``, and cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``)."""
+    ``max_gpus``, and cluster-autoscaler removes unneeded ones (its flags' defaults; see ``capsim.sim.nodes``), or
+    with ``karpenter`` a Karpenter NodePool's consolidation does (``capsim.sim.karpenter``)."""
 
     max_gpus: Int = Field(ge=1, description="GPUs the node group may have (cluster-autoscaler's --gpu-total "
                                             "maximum): whole nodes of node_gpus within it")

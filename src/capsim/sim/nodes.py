@@ -72,8 +72,8 @@ class Node:
     """One GPU node: its size, the GPUs its pods hold, whether it has the image, and its life times (s)."""
 
     __slots__ = ("cordoned", "created_s", "failed_s", "failures", "gpus", "id", "images", "interrupted_s", "models",
-                 "pod_event_s", "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled", "unneeded_since",
-                 "unremovable_until", "used", "zone")  # used: GPUs its pods hold
+                 "pod_event_s", "ready_s", "remove_when_empty", "removed_s", "spot", "tainted_s", "unfulfilled",
+                 "unneeded_since", "unremovable_until", "used", "zone")  # used: GPUs its pods hold
 
     def __init__(self, node_id: int, gpus: int, created_s: float, ready_s: float | None, zone: int = 0,
                  spot: bool = False) -> None:

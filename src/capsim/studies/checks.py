@@ -209,6 +209,7 @@ from capsim.model.scenario import (
     METRIC_TYPES,
     POD_METRIC_ALIASES,
     Autoscaler,
+    ClusterSpec,
     Rollout,
     Scenario,
     Tokens,
@@ -1031,15 +1032,28 @@ def _disruption_budget(scenario: Scenario) -> list[Finding]:
     """A PodDisruptionBudget that never allows an eviction at the HPA's floor keeps every node that holds a
     pod: cluster-autoscaler cannot drain one, and the nodes stay billed."""
     budget, cluster = scenario.pods.disruption_budget, scenario.cluster
-    if budget is None or cluster is None or not cluster.scale_down_enabled:
+    if budget is None or cluster is None or not _removes_nodes(cluster, drains=True):
         return []
     floor = min_pods(scenario)
     if budget.disruptions_allowed(floor, floor) > 0:
         return []
     return [Finding(
         "pods.disruption_budget", f"{budget.model_dump(exclude_none=True)} allows no eviction with all {floor} pods "
-        "of the floor ready: cluster-autoscaler can never drain a node that holds a pod, so partly used nodes "
+        f"of the floor ready: {_remover(cluster)} can never drain a node that holds a pod, so partly used nodes "
         "stay billed", level="warn", check="pdb-blocks-drains")]
+
+
+def _removes_nodes(cluster: ClusterSpec, drains: bool = False) -> bool:
+    """Whether the cluster's node autoscaler removes nodes at all (``drains``: nodes that hold pods too)."""
+    k = cluster.karpenter
+    if k is None:
+        return bool(cluster.scale_down_enabled)
+    return k.consolidate_after_s is not None and (not drains or k.consolidation_policy == "WhenEmptyOrUnderutilized")
+
+
+def _remover(cluster: ClusterSpec) -> str:
+    """Who removes the nodes, for a finding's words."""
+    return "Karpenter's consolidation" if cluster.karpenter is not None else "cluster-autoscaler"
 
 
 def _node_failure_room(scenario: Scenario) -> list[Finding]:
@@ -1055,14 +1069,19 @@ def _node_failure_room(scenario: Scenario) -> list[Finding]:
     nodes = cluster.max_nodes
     if nodes > max(needed, min_nodes):
         return []
-    gone = (f"{cluster.scale_down_unready_time_s:g} s after it fails (cluster.scale_down_unready_time_s)"
-            if cluster.scale_down_enabled else "never (cluster.scale_down_enabled is off)")
+    if cluster.karpenter is not None:  # Karpenter removes no failed node; only a node repair deletes it
+        gone = (f"{cluster.node_auto_repair_s:g} s after it is NotReady (cluster.node_auto_repair_s)"
+                if cluster.node_auto_repair_s is not None else
+                "never under Karpenter without a node repair (cluster.node_auto_repair_s)")
+    else:
+        gone = (f"{cluster.scale_down_unready_time_s:g} s after it fails (cluster.scale_down_unready_time_s)"
+                if cluster.scale_down_enabled else "never (cluster.scale_down_enabled is off)")
     if min_nodes >= nodes and min_nodes > needed:
         why = (f"pods.spread.min_nodes {min_nodes} takes every node it allows: when a node fails fewer than "
                f"min_nodes are left, the spread counts the fewest pods as 0 and no node with a pod takes another")
     else:
         why = (f"the peak of {peak} pods fills {needed}: when a node fails, its evicted pods are replaced only "
-               "once cluster-autoscaler removes the dead node")
+               "once the dead node is removed")
     return [Finding(
         "cluster.max_gpus", f"{cluster.max_gpus} GPUs hold {nodes} node(s) of {cluster.node_gpus}, and {why}, "
         f"{gone}; leave room for one more node", level="warn", check="node-failure-no-room")]
@@ -1225,7 +1244,7 @@ def _stockout_at_wake(scenario: Scenario) -> list[Finding]:
     the node group's first backoff and a new node's provisioning."""
     auto, cluster, faults = scenario.autoscaler, scenario.cluster, scenario.faults
     budget = scenario.slo.max_wake_s
-    if (auto is None or not auto.goes_to_zero or cluster is None or not cluster.scale_down_enabled
+    if (auto is None or not auto.goes_to_zero or cluster is None or not _removes_nodes(cluster)
             or faults is None or not faults.gpu_stockouts or budget is None):
         return []
     error_s = cluster.stockout_known_s
@@ -1234,7 +1253,7 @@ def _stockout_at_wake(scenario: Scenario) -> list[Finding]:
         return []
     field, _, keep = _to_zero(auto)
     return [Finding(
-        field, f"0 on nodes cluster-autoscaler removes when empty, and the cloud may have no GPU node "
+        field, f"0 on nodes {_remover(cluster)} removes when empty, and the cloud may have no GPU node "
         f"(faults.gpu_stockouts): a wake that meets a stockout waits at least {least:g} s (the failed ask known "
         f"{error_s:g} s on, the node group's backoff of {cluster.initial_node_group_backoff_s:g} s, a node's "
         f"{cluster.node_provision_s:g} s), over slo.max_wake_s ({budget:g} s); {keep}, which keeps a node "
