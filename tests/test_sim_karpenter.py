@@ -226,3 +226,24 @@ def test_the_node_checks_name_karpenter_where_it_removes_the_nodes() -> None:
     repaired = full.override({"cluster.node_auto_repair_s": 600})
     found = [f.message for f in run_checks(repaired) if f.check == "node-failure-no-room"]
     assert len(found) == 1 and "600 s after it is NotReady (cluster.node_auto_repair_s)" in found[0]
+
+
+def test_the_shipped_grid_on_scaling_to_zero() -> None:
+    """data/studies/node_autoscaler_grid.yaml (docs/studies.md, "Who removes the nodes") on scale_to_zero.yaml, seed
+    0, no budget: with one pod there is only the empty node to remove, so the two policies give the same run;
+    consolidateAfter 0s is the cheapest and makes every wake wait for a new node, 5m is cheaper than
+    cluster-autoscaler and keeps its wakes."""
+    from capsim.studies.sweep import expand_grid, load_grid
+
+    settings_ = expand_grid(load_grid("data/studies/node_autoscaler_grid.yaml"))
+    assert len(settings_) == 10
+    zero = Scenario.from_yaml("data/scenarios/scale_to_zero.yaml")
+    runs = {s.values["nodes"]: Simulation(zero.override(s.changes), seed=0).run() for s in settings_
+            if s.values["pods.disruption_budget"] is None}
+    ca, e0, e5, u0, u5 = (runs[k] for k in ("cluster-autoscaler", "karpenter WhenEmpty 0s", "karpenter WhenEmpty 5m",
+                                             "karpenter Underutilized 0s", "karpenter Underutilized 5m"))
+    assert e0.summary.cost == u0.summary.cost and e5.summary.cost == u5.summary.cost
+    assert u0.summary.cost < u5.summary.cost < ca.summary.cost
+    waited = {k: int((r.wakes.placed_s > r.wakes.woke_s).sum()) for k, r in (("ca", ca), ("0s", u0), ("5m", u5))}
+    assert waited["0s"] == len(u0.wakes) > waited["5m"] == waited["ca"] == 1
+    assert all(r.summary.slo_met for r in runs.values())
