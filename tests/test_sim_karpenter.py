@@ -247,3 +247,15 @@ def test_the_shipped_grid_on_scaling_to_zero() -> None:
     waited = {k: int((r.wakes.placed_s > r.wakes.woke_s).sum()) for k, r in (("ca", ca), ("0s", u0), ("5m", u5))}
     assert waited["0s"] == len(u0.wakes) > waited["5m"] == waited["ca"] == 1
     assert all(r.summary.slo_met for r in runs.values())
+
+
+def test_multi_node_consolidation_deletes_two_nodes_in_one_command() -> None:
+    # nodes of 4 GPUs, 12 pods; down to 4 at 95 s leaves one pod on node 0, two on node 1 and one on node 2: the pods
+    # of nodes 0 and 2 fit in node 1's two free GPUs, so one command (100% budget) taints both, evicts their two pods,
+    # whose replacements start on node 1, and deletes both nodes at 115 s
+    sim = scaled(idle({"budget_nodes": "100%"}, **{"pods.replicas": 12, "cluster.node_gpus": 4}), (95.0, 4))
+    assert sim.cluster.nodes.removals == [(115.0, 0), (115.0, 2)]
+    assert events(sim, "consolidation") == [(115.0, "node 0: underutilized, 1 pod(s) evicted"),
+                                            (115.0, "node 2: underutilized, 1 pod(s) evicted")]
+    replacements = [p for p in sim.cluster.pods if p.created_s == 115.0]
+    assert len(replacements) == 2 and {sim.cluster._node[p.id].id for p in replacements} == {1}  # type: ignore[union-attr]

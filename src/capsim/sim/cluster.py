@@ -144,7 +144,7 @@ class Cluster:
         self.desired = 0
         self.nodes = NodePool(sim, self._place, self._evict, self._may_evict, self._node_tainted,
                               drain=self._karpenter_drain,
-                              reschedulable=lambda node: len(self._pods_on(node, _DRAINED)))
+                              pods_by_node=self._pods_by_node)
         self._lost: dict[int, tuple[Node, float, list[Pod]]] = {}  # node id -> (node, failed at, its pods then)
         self._pending: list[Pod] = []
         self._node: dict[int, Node | None] = {}  # pod id -> the node it runs on
@@ -618,6 +618,11 @@ class Cluster:
         for pod in self._pods_on(node, _DRAINED):
             self.terminate(pod, now)
         self.scale_to(self.desired, now)
+
+    def _pods_by_node(self) -> Counter[Node]:
+        """Each node's pods that are not terminating (starting, ready or crashed), in one pass over the pods."""
+        return Counter(node for p in self._alive.values() if p.state in _DRAINED
+                       and (node := self._node.get(p.id)) is not None)
 
     def _pods_on(self, node: Node, states: tuple[PodState, ...]) -> list[Pod]:
         """The pods on ``node`` in one of ``states``, by id."""

@@ -51,7 +51,7 @@ or at the notice's end (``reclaim``; the cluster drains its pods).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from simpy.events import Timeout
@@ -133,7 +133,7 @@ class NodePool:
                  evict: Callable[[Node, float], None], may_evict: Callable[[int], bool] = lambda _: True,
                  on_taint: Callable[[Node, float], None] = lambda node, now: None,
                  drain: Callable[[Node, float], None] | None = None,
-                 reschedulable: Callable[[Node], int] = lambda node: 0) -> None:
+                 pods_by_node: Callable[[], Mapping[Node, int]] = dict) -> None:
         self.sim = sim
         spec = sim.scenario.cluster
         self.limited = spec is not None
@@ -159,7 +159,7 @@ class NodePool:
         self._up: list[Node] = []  # those not removed, oldest first: what placement and scans look at
         self._on_node_ready = on_node_ready
         self._evict = evict
-        self._may_evict = may_evict  # whether k of the Deployment's pods may be evicted now (its PDB)
+        self.may_evict = may_evict  # whether k of the Deployment's pods may be evicted now (its PDB)
         self._spec = spec
         self.last_add_s = -math.inf  # the last scale-up (a node added), for the delay after add
         self.last_delete_s = -math.inf  # the last scan that deleted a node or started a drain, the delay after delete
@@ -177,41 +177,22 @@ class NodePool:
         self._loops: set[float] = set()  # cluster-autoscaler loops at which pending pods are asked for again
         self.karpenter: Disruption | None = None
         if spec is not None and spec.karpenter is not None:  # Karpenter removes the nodes
-            self.karpenter = Disruption(self, spec.karpenter, drain or evict, reschedulable)
+            self.karpenter = Disruption(self, spec.karpenter, drain or evict, pods_by_node)
             if spec.karpenter.consolidate_after_s is not None:
                 sim.env.process(self.karpenter.run())
         elif spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
 
     # ---- capacity --------------------------------------------------------------------------------
-    def _live(self) -> list[Node]:
-        return self._up
-
     @property
     def up(self) -> list[Node]:
         """The nodes not removed, oldest first."""
         return self._up
 
-    def may_evict(self, pods: int) -> bool:
-        """Whether the PodDisruptionBudget lets ``pods`` of the Deployment's pods be evicted now."""
-        return self._may_evict(pods)
-
-    def fit_on(self, pods: int, nodes: list[Node]) -> bool:
-        """Whether ``pods`` pods fit on ``nodes`` (``_fit_on``)."""
-        return self._fit_on(pods, nodes)
-
-    def remove(self, node: Node, now: float) -> None:
-        """Delete ``node`` now (it holds no pod): no longer billed."""
-        self._remove(node, now)
-
-    def room_again(self, now: float) -> None:
-        """Nodes went: pods waiting for one may get it within max_gpus."""
-        self._on_node_ready(now)
-
     def _add(self, now: float, ready: bool, zone: int | None = None) -> Node | None:
         """A new node (in ``zone``, or the zone with the fewest nodes), or ``None`` when a whole node more
         would pass ``max_gpus`` or every zone is down."""
-        if sum(n.gpus for n in self._live()) + self.node_gpus > self.max_gpus:
+        if sum(n.gpus for n in self.up) + self.node_gpus > self.max_gpus:
             return None  # a whole node more would pass max_gpus
         if zone is None:
             zone = self._balanced_zone([])
@@ -401,7 +382,7 @@ class NodePool:
         if node is not None:
             node.used -= self.pod_gpus
             if (node.cordoned or node.remove_when_empty) and node.used == 0 and node.removed_s is None:
-                self._remove(node, now)
+                self.remove(node, now)
 
     def provision_for(self, waiting: int, now: float) -> None:
         """Provision nodes for ``waiting`` pods beyond what nodes being provisioned will hold (none while
@@ -441,7 +422,7 @@ class NodePool:
             return  # its zone went dark meanwhile, which removed it
         assert self._spec is not None and self.backoff is not None
         now = self.sim.env.now
-        self._remove(node, now)
+        self.remove(node, now)
         self.failed_scale_ups += 1
         until = self.backoff.backoff(node.zone, now)
         how = ("the cloud reported it out of capacity" if self._spec.stockout_reported
@@ -534,7 +515,7 @@ class NodePool:
         room = spec.max_scale_down_parallelism - draining
         for n in due:
             if n.used == 0 and room > 0:
-                self._remove(n, now)
+                self.remove(n, now)
                 self.last_delete_s = now
                 room -= 1
         # a node with pods: only if they fit on the nodes that stay, one drain at a time (--max-drain-parallelism 1)
@@ -545,7 +526,7 @@ class NodePool:
                 continue
             pods = n.used // self.pod_gpus
             stay = [m for m in self._up if m is not n and not (m in due and m.used == 0)]
-            if self._fit_on(pods, stay) and self._may_evict(pods):
+            if self.fit_on(pods, stay) and self.may_evict(pods):
                 n.cordoned = True
                 self._evict(n, now)
                 self.last_delete_s = now
@@ -567,12 +548,12 @@ class NodePool:
                 continue
             pods = n.used // self.pod_gpus
             others = [m for m in self._up if m is not n and m not in found]
-            if self._fit_on(pods, others) and self._may_evict(evicting + 1):  # a disruption left (CanRemovePods)
+            if self.fit_on(pods, others) and self.may_evict(evicting + 1):  # a disruption left (CanRemovePods)
                 found.add(n)
                 evicting += pods  # RemovePods: what the next candidates have left
         return found
 
-    def _fit_on(self, pods: int, nodes: list[Node]) -> bool:
+    def fit_on(self, pods: int, nodes: list[Node]) -> bool:
         """Whether ``pods`` pods fit on ``nodes`` (their free GPUs, under the spreads when there are any)."""
         if self._spreading:
             new, unplaced = self._new_nodes_for(pods, [self._slot(m) for m in nodes if m.schedulable])
@@ -606,7 +587,7 @@ class NodePool:
             if node.used:
                 node.remove_when_empty = True
                 return
-            self._remove(node, self.sim.env.now)
+            self.remove(node, self.sim.env.now)
             self._on_node_ready(self.sim.env.now)  # max_gpus has room again: waiting pods may get a node
 
     @property
@@ -615,14 +596,15 @@ class NodePool:
         return self.karpenter is None and self.lifecycle is not None and self.lifecycle.autoscaler_halted
 
     def resume(self, now: float) -> None:
-        """cluster-autoscaler works again: pods waiting for a node get one."""
+        """Pods waiting for a node may get one now: cluster-autoscaler works again, or nodes went (room in
+        max_gpus)."""
         self._on_node_ready(now)
 
     def repaired(self, node: Node, now: float) -> None:
         """The cloud's node auto-repair deleted the failed ``node`` (its pods are gone): it is no longer billed
         and leaves room in ``max_gpus`` for a new one."""
         if node.removed_s is None:
-            self._remove(node, now)
+            self.remove(node, now)
             if self.lifecycle is not None:
                 self.lifecycle.log.append((now, "auto_repair", node.zone, f"node {node.id}"))
             self._on_node_ready(now)
@@ -641,7 +623,7 @@ class NodePool:
             Timeout(self.sim.env, grace, (zone, back)).callbacks.append(self._zone_not_ready)
         booting = [n for n in self._up if n.zone == zone and n.ready_s is None]
         for n in booting:
-            self._remove(n, now)
+            self.remove(n, now)
         if booting:
             self._on_node_ready(now)  # their pods wait for nodes elsewhere
 
@@ -673,7 +655,8 @@ class NodePool:
         return [n for n in self._up if n.ready_s is not None and n.failed_s is None
                 and n.used > 0]
 
-    def _remove(self, node: Node, now: float) -> None:
+    def remove(self, node: Node, now: float) -> None:
+        """Delete ``node`` now (no pod holds its GPUs): no longer billed, and off the nodes up."""
         node.removed_s = now
         node.cordoned = True
         self._up.remove(node)
@@ -722,7 +705,7 @@ class NodePool:
 
     def gpus_now(self) -> float:
         """GPUs of the nodes that exist now, booting included (billed); NaN without a cluster section."""
-        return float(sum(n.gpus for n in self._live() if not n.unfulfilled)) if self.limited else math.nan
+        return float(sum(n.gpus for n in self.up if not n.unfulfilled)) if self.limited else math.nan
 
     def node_gpu_seconds(self, now: float, priced: bool = False) -> float:
         """GPU-seconds of the nodes from their creation to their removal (or ``now``); ``priced``: a spot
@@ -737,7 +720,7 @@ class NodePool:
         node.cordoned = True
         node.unneeded_since = None
         if node.used == 0:
-            self._remove(node, now)
+            self.remove(node, now)
         else:
             Timeout(self.sim.env, self._spec.spot.notice_s, node).callbacks.append(self._reclaimed)
 
@@ -747,5 +730,5 @@ class NodePool:
             now = self.sim.env.now
             self.sim.cluster.node_gone(node, now)  # what still runs there dies with it
             if node.removed_s is None:
-                self._remove(node, now)
+                self.remove(node, now)
             self._on_node_ready(now)  # max_gpus has room again
