@@ -151,7 +151,9 @@ NODEPOOL = {
                                "budgets": {"type": "array", "maxItems": 50, "items": {
                                    "type": "object", "required": ["nodes"], "additionalProperties": False,
                                    "properties": {"nodes": {"type": "string",
-                                                            "pattern": r"^((100|[0-9]{1,2})%|[0-9]+)$"}}}}}},
+                                                            "pattern": r"^((100|[0-9]{1,2})%|[0-9]+)$"},
+                                                  "reasons": {"type": "array", "items": {
+                                                      "enum": ["Underutilized", "Empty", "Drifted"]}}}}}}},
         }},
     },
 }
@@ -259,3 +261,148 @@ def test_multi_node_consolidation_deletes_two_nodes_in_one_command() -> None:
                                             (115.0, "node 2: underutilized, 1 pod(s) evicted")]
     replacements = [p for p in sim.cluster.pods if p.created_s == 115.0]
     assert len(replacements) == 2 and {sim.cluster._node[p.id].id for p in replacements} == {1}  # type: ignore[union-attr]
+
+
+# ---- drift (cluster.karpenter.drift_at_s) -----------------------------------------------------------------------
+def nodes_of(sim: Simulation) -> list[tuple[int, float, float | None, float | None]]:
+    return [(n.id, n.created_s, n.ready_s, n.removed_s) for n in sim.cluster.nodes.nodes]
+
+
+@pytest.mark.parametrize("after", [0, None])
+def test_drift_replaces_each_node_after_its_replacement_is_ready(after: int | None) -> None:
+    # 4 pods on nodes 0 and 1 (2 GPUs each); the template changes at 100 s. The budget (10% of 2, rounded up) lets one
+    # node be disrupted: node 0 is tainted and node 2 launched at 100 s; at 130 s node 2 is ready, node 0's pods are
+    # evicted (they start on node 2) and node 0 goes. Then node 1, the same way; nodes 2 and 3 came after the change
+    # and are not drifted. consolidateAfter: Never changes nothing (drift is not consolidation)
+    sim = Simulation(idle({"drift_at_s": [100], "consolidate_after_s": after}), seed=0)
+    result = sim.run()
+    assert events(sim, "drift") == [(100.0, "node 0: drifted, 2 pod(s); replacement node(s) 2 launched"),
+                                    (130.0, "node 1: drifted, 2 pod(s); replacement node(s) 3 launched")]
+    assert nodes_of(sim) == [(0, 0.0, 0.0, 130.0), (1, 0.0, 0.0, 160.0), (2, 100.0, 130.0, None),
+                             (3, 130.0, 160.0, None)]
+    moved = [(t, pod, node) for t, pod, node, _ in sim.cluster.placements if t > 0]
+    assert moved == [(130.0, 4, 2), (130.0, 5, 2), (160.0, 6, 3), (160.0, 7, 3)]
+    # the replacement was up before the pods were evicted: two of the four pods start again (10 s) at a time
+    ready = result.timeseries.set_index("time_s").ready_replicas
+    assert ready.min() == 2 and list(ready[ready < 4].index) == [*range(130, 140), *range(160, 170)]
+
+
+def test_drift_takes_as_many_nodes_at_once_as_the_budgets_allow() -> None:
+    # 10 nodes of 2 pods, drifted at 100 s. 10%: one node a command, each 30 s (a replacement's provisioning) after
+    # the last. budget_nodes 3: three at once. A drift budget of 2 beside 100%: two at once (the least of the
+    # budgets that apply to drift)
+    s = idle(**{"pods.replicas": 20, "cluster.max_gpus": 40})
+
+    def drifted(karpenter: dict[str, Any]) -> list[float]:
+        sim = Simulation(s.override({"cluster.karpenter": {"drift_at_s": [100], **karpenter}}), seed=0)
+        sim.run()
+        return [t for t, _ in events(sim, "drift")]
+
+    assert drifted({}) == [100.0 + 30.0 * k for k in range(10)]
+    assert drifted({"budget_nodes": 3}) == [100.0] * 3 + [130.0] * 3 + [160.0] * 3 + [190.0]
+    assert drifted({"budget_nodes": "100%", "drift_budget_nodes": 2}) == [100.0 + 30.0 * (k // 2) for k in range(10)]
+
+
+def test_a_disruption_budget_takes_the_pods_one_at_a_time_and_one_that_allows_none_blocks_drift() -> None:
+    # maxUnavailable 1: at 130 s one of node 0's pods is evicted; the other is refused until the first one's
+    # replacement is ready on node 2 (10 s start, at 140 s), asked again every 5 s, and node 0 goes with it at 140 s
+    one = Simulation(idle({"drift_at_s": [100]}, **{"pods.disruption_budget": {"max_unavailable": 1}}), seed=0)
+    one.run()
+    assert [t for t, pod, node, _ in one.cluster.placements if node == 2] == [130.0, 140.0]
+    assert one.cluster.nodes.removals[0] == (140.0, 0)
+    # maxUnavailable 0: no drifted node is a candidate (no terminationGracePeriod to force it), nothing moves
+    none = Simulation(idle({"drift_at_s": [100]}, **{"pods.disruption_budget": {"max_unavailable": 0}}), seed=0)
+    none.run()
+    assert events(none, "drift") == [] and none.cluster.nodes.removals == [] and len(none.cluster.nodes.nodes) == 2
+
+
+def test_at_the_gpu_limit_drift_waits_for_room_for_a_replacement() -> None:
+    # max_gpus 4 holds the two nodes: no replacement fits the NodePool's limit, so drift is blocked (logged once per
+    # node). Down to 2 pods at 150 s empties node 0, which emptiness removes at 165 s (found at the poll of 150 s,
+    # validated 15 s later); then node 1's replacement fits: launched at once, ready at 195 s, node 1 gone then
+    s = idle({"drift_at_s": [100]}, **{"cluster.max_gpus": 4})
+    sim = scaled(s, (150.0, 2))
+    assert [(t, d.split(":")[0]) for t, d in events(sim, "drift_blocked")] == [(100.0, "node 0"), (100.0, "node 1")]
+    assert events(sim, "drift") == [(165.0, "node 1: drifted, 2 pod(s); replacement node(s) 2 launched")]
+    assert sim.cluster.nodes.removals == [(165.0, 0), (195.0, 1)]
+    found = [f for f in run_checks(s) if f.check == "karpenter-drift-no-room"]
+    assert [(f.path, f.level) for f in found] == [("cluster.max_gpus", "warn")]
+    assert "the peak of 4 pods fills 2: drift launches a replacement before it deletes" in found[0].message
+    assert not [f for f in run_checks(idle({"drift_at_s": [100]})) if f.check == "karpenter-drift-no-room"]
+
+
+def test_a_replacement_the_cloud_cannot_create_fails_the_command_and_untaints_the_node() -> None:
+    # a GPU stockout from 90 s to 300 s: node 0's replacement (node 2) is never created; the cloud says so at 160 s
+    # (stockout_error_s 60 s), the queue sees it gone and untaints node 0, whose pods never moved. The zone is backed
+    # off for 300 s (cluster-autoscaler's backoff, kept under Karpenter), so drift is blocked until 460 s, when node 3
+    # is launched, and node 0 goes at 490 s
+    s = idle({"drift_at_s": [100]}, **{"faults": {"gpu_stockouts": [{"at_s": 90, "duration_s": 210}]}})
+    sim = Simulation(s, seed=0)
+    sim.run()
+    assert events(sim, "drift")[0] == (100.0, "node 0: drifted, 2 pod(s); replacement node(s) 2 launched")
+    assert events(sim, "drift_failed") == [
+        (160.0, "node 0: a replacement was not created or not ready in time; untainted")]
+    assert not [p for p in sim.cluster.pods if 0 < p.created_s < 460.0]  # no pod moved meanwhile
+    assert [t for t, _ in events(sim, "drift_blocked")] == [170.0, 170.0]
+    assert events(sim, "drift")[1] == (460.0, "node 0: drifted, 2 pod(s); replacement node(s) 3 launched")
+    assert sim.cluster.nodes.removals == [(160.0, 2), (490.0, 0), (520.0, 1)]  # node 2: the cloud's failure
+
+
+def test_an_empty_drifted_node_is_left_to_emptiness_and_counts_as_room() -> None:
+    # down to 2 pods at 95 s empties node 0. With consolidateAfter 0, emptiness (first in the controller's order)
+    # removes it at 115 s, and drift then replaces node 1 (ready at 145 s). Under Never drift skips the empty node 0,
+    # but its scheduling simulation counts it as room: node 1's pods move onto it at 100 s with no replacement, and
+    # node 0, drifted too, is replaced at the next poll (the pods move twice, as in Karpenter)
+    s = idle({"drift_at_s": [100]})
+    assert scaled(s, (95.0, 2)).cluster.nodes.removals == [(115.0, 0), (145.0, 1)]
+    never = scaled(s.override({"cluster.karpenter.consolidate_after_s": None}), (95.0, 2))
+    assert events(never, "drift") == [(100.0, "node 1: drifted, 2 pod(s); its pods fit on the other nodes"),
+                                      (110.0, "node 0: drifted, 2 pod(s); replacement node(s) 2 launched")]
+    assert never.cluster.nodes.removals == [(100.0, 1), (140.0, 0)]
+
+
+def test_drift_settings_name_the_field() -> None:
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter\.drift_budget_nodes must be a count of nodes or a "
+                                            r"percentage from 0% to 100%, got '101%'"):
+        idle({"drift_budget_nodes": "101%"})
+    with pytest.raises(SettingsError, match=r"cluster\.karpenter\.drift_at_s\[1\] must not be negative, got -5"):
+        idle({"drift_at_s": [100, -5]})
+    k = idle({"budget_nodes": "50%", "drift_budget_nodes": 1}).cluster.karpenter
+    assert k is not None and (k.allowed(10), k.allowed(10, drift=True)) == (5, 1)
+    assert (k.drifted_s(0.0), idle({"drift_at_s": [300, 100]}).cluster.karpenter.drifted_s(150.0)) == (None, 300.0)  # type: ignore[union-attr]
+
+
+def test_the_export_writes_the_drift_budget_and_the_check_warns_of_drift_without_a_disruption_budget(
+        tmp_path: Path) -> None:
+    s = Scenario.from_yaml("data/scenarios/h100_llama3_8b_rush.yaml").override(
+        {"cluster.karpenter": {"drift_budget_nodes": 1, "drift_at_s": [1800]}})
+    export_scenario(s, tmp_path, force=True)
+    pool = yaml.safe_load((tmp_path / "karpenter-nodepool.yaml").read_text())
+    jsonschema.validate(pool, NODEPOOL)
+    assert pool["spec"]["disruption"]["budgets"] == [{"nodes": "10%"}, {"nodes": "1", "reasons": ["Drifted"]}]
+    readme = (tmp_path / "README.md").read_text()
+    assert 'drift has its own budget, `nodes: "1"` for `reasons: [Drifted]`' in readme
+    assert "the plan simulated it at 1800 s, each node replaced by a new one launched first" in readme
+    found = [f for f in run_checks(idle({"drift_at_s": [100], "consolidation_policy": "WhenEmpty"}))
+             if f.check == "karpenter-evicts-all-at-once"]
+    assert [(f.path, f.level) for f in found] == [("cluster.karpenter.drift_at_s", "warn")]
+    assert "every serving pod on the node is evicted at once" in found[0].message
+    guarded = idle({"drift_at_s": [100]}, **{"pods.disruption_budget": {"max_unavailable": 1}})
+    assert not [f for f in run_checks(guarded) if f.check == "karpenter-evicts-all-at-once"]
+
+
+def test_capsim_simulate_notes_what_drift_did(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from capsim.cli import app
+
+    path = tmp_path / "drift.yaml"
+    s = idle({"drift_at_s": [100]}, **{"faults": {"gpu_stockouts": [{"at_s": 90, "duration_s": 210}]}})
+    path.write_text(yaml.safe_dump(s.model_dump(mode="json", exclude_none=True)))
+    res = CliRunner().invoke(app, ["simulate", str(path)])
+    assert res.exit_code == 0, res.output
+    note = next(line for line in res.output.splitlines() if "cluster.karpenter.drift_at_s" in line)
+    assert note == ("note: the node template changed at 100 s (cluster.karpenter.drift_at_s): Karpenter replaced 2 of "
+                    "2 drifted node(s), the last gone at 520 s; 1 command(s) failed, a replacement not created or not "
+                    "ready in time; 2 node(s) could not be replaced for a while (drift_blocked: the GPU limit, or no "
+                    "zone could take a new node) (node_events.csv: drift, drift_blocked, drift_failed)")

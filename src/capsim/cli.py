@@ -409,6 +409,8 @@ def simulate(
                        "eviction until one is")
         elif row.event == "autoscaler_halted":
             typer.echo(f"note: at {row.time_s:g} s cluster-autoscaler halted ({row.detail}): no node added or removed")
+    for line in _drift_notes(result, sc):
+        typer.echo(line)
     failed_ups = result.node_events[result.node_events["event"] == "scale_up_failed"]
     if len(failed_ups):  # faults.gpu_stockouts: the nodes the cloud did not create, and the backoffs after
         last = failed_ups.groupby("zone")["detail"].last().str.extract(r"until ([0-9.e+]+) s")[0]
@@ -536,6 +538,33 @@ def simulate(
         (out / "summary.json").write_text(json.dumps(
             {"summary": summary, "provenance": result.provenance}, indent=2, default=str))
         typer.echo(f"wrote {out}/{', '.join(written)}, summary.json")
+
+
+def _drift_notes(result: Any, sc: Any) -> list[str]:
+    """What Karpenter's drift did (``cluster.karpenter.drift_at_s``): the drifted nodes replaced by the end, the
+    last one's removal, and the commands that failed or were blocked."""
+    k = sc.cluster.karpenter if sc.cluster is not None else None
+    if k is None or not k.drift_at_s:
+        return []
+    nodes = result.nodes[~result.nodes["unfulfilled"]]
+    drifted = [row for row in nodes.itertuples()
+               if (t := k.drifted_s(row.created_s)) is not None and t <= sc.horizon_s]
+    if not drifted:
+        return []
+    gone = [row.removed_s for row in drifted if row.removed_s == row.removed_s]  # not NaN
+    ev = result.node_events
+    failed = int((ev["event"] == "drift_failed").sum())
+    blocked = ev.loc[ev["event"] == "drift_blocked", "detail"].str.extract(r"^node (\d+)")[0].nunique()
+    when = ", ".join(f"{t:g}" for t in k.drift_at_s)
+    line = (f"note: the node template changed at {when} s (cluster.karpenter.drift_at_s): Karpenter replaced "
+            f"{len(gone)} of {len(drifted)} drifted node(s)"
+            + (f", the last gone at {max(gone):.0f} s" if gone else ""))
+    if failed:
+        line += f"; {failed} command(s) failed, a replacement not created or not ready in time"
+    if blocked:
+        line += (f"; {blocked} node(s) could not be replaced for a while (drift_blocked: the GPU limit, or no zone "
+                 "could take a new node)")
+    return [line + " (node_events.csv: drift, drift_blocked, drift_failed)"]
 
 
 def _rollout_notes(rollouts: Any, sc: Any) -> list[str]:

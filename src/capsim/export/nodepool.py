@@ -1,7 +1,8 @@
 """The Karpenter NodePool the plan simulated (``karpenter-nodepool.yaml``, with ``cluster.karpenter``).
 
 A ``karpenter.sh/v1`` NodePool: the GPU limit (``cluster.max_gpus``) and the disruption settings the simulator ran
-(``consolidationPolicy``, ``consolidateAfter``, one budget of ``nodes``). The node class and the requirement that
+(``consolidationPolicy``, ``consolidateAfter``, a budget of ``nodes``, and with ``drift_budget_nodes`` a second one
+for ``reasons: [Drifted]``). The node class and the requirement that
 picks a node of ``cluster.node_gpus`` GPUs are the cloud provider's: the file names AWS's (an ``EC2NodeClass`` called
 ``default``, ``karpenter.k8s.aws/instance-gpu-count``) and its header says what to change elsewhere.
 """
@@ -45,7 +46,9 @@ def build_nodepool(scenario: Scenario, target: DeployTarget) -> dict[str, Any]:
             "disruption": {
                 "consolidationPolicy": k.consolidation_policy,
                 "consolidateAfter": _duration(k.consolidate_after_s),
-                "budgets": [{"nodes": str(k.budget_nodes)}],
+                "budgets": [{"nodes": str(k.budget_nodes)}] + (
+                    [{"nodes": str(k.drift_budget_nodes), "reasons": ["Drifted"]}]
+                    if k.drift_budget_nodes is not None else []),
             },
         },
     }

@@ -543,6 +543,12 @@ def _assumptions(scenario: Scenario, auto: Any, target: DeployTarget) -> list[st
                 "(its disruption controller polls every 10 s and validates a command 15 s later, as simulated)"
                 + ("; consolidation evicts serving pods from a node whose pods fit elsewhere, and they start again "
                    "there" if k.consolidation_policy == "WhenEmptyOrUnderutilized" else "")
+                + (f"; drift has its own budget, `nodes: \"{k.drift_budget_nodes}\"` for `reasons: [Drifted]`"
+                   if k.drift_budget_nodes is not None else "")
+                + (". A changed node template (a new AMI, an edited node class) drifts every node: the plan simulated "
+                   "it at " + ", ".join(f"{t:g} s" for t in k.drift_at_s) + ", each node replaced by a new one "
+                   "launched first and its pods evicted once that was ready (as many nodes at once as the budget "
+                   "allows; the pods start cold on the new node)" if k.drift_at_s else "")
                 + ". Set its `nodeClassRef` and GPU-count requirement for your cloud (the file's header)")
         elif c.scale_down_enabled:
             lines.append(

@@ -1527,32 +1527,60 @@ class Karpenter(_Section):
     budget_nodes: Int | str = Field(
         "10%", description="spec.disruption.budgets[0].nodes: nodes Karpenter may be disrupting at once, a count "
                            "or a percentage of the NodePool's ready nodes (rounded up)")
+    drift_budget_nodes: Int | str | None = Field(
+        None, description="spec.disruption.budgets[1] with reasons: [Drifted]: nodes drift may be disrupting at "
+                          "once (a count or a percentage, as budget_nodes; the smaller of the two applies to drift); "
+                          "none: budget_nodes alone")
+    drift_at_s: list[Float] = Field(
+        default_factory=list, description="moments the NodePool's node template changes (a new AMI or EC2NodeClass "
+                                          "edit): every node created before one is drifted from then, and Karpenter "
+                                          "replaces it, launching a replacement node first and deleting the old one "
+                                          "(its pods evicted) once that is ready; empty: no drift")
 
     @model_validator(mode="after")
     def _budget(self) -> Self:
         after = self.consolidate_after_s
         if after is not None and after != round(after):
             raise ValueError(f"consolidate_after_s must be whole seconds (a NodePool duration), got {after:g}")
-        b = self.budget_nodes
-        if isinstance(b, str):
-            text = b.strip()
-            digits = text[:-1] if text.endswith("%") else text
-            if not digits.isdigit() or (text.endswith("%") and int(digits) > 100):
-                raise ValueError(f"budget_nodes must be a count of nodes or a percentage from 0% to 100%, got {b!r}")
-        elif b < 0:
-            raise ValueError(f"budget_nodes must not be negative, got {b}")
+        for name in ("budget_nodes", "drift_budget_nodes"):
+            b = getattr(self, name)
+            if isinstance(b, str):
+                text = b.strip()
+                digits = text[:-1] if text.endswith("%") else text
+                if not digits.isdigit() or (text.endswith("%") and int(digits) > 100):
+                    raise ValueError(f"{name} must be a count of nodes or a percentage from 0% to 100%, got {b!r}")
+            elif b is not None and b < 0:
+                raise ValueError(f"{name} must not be negative, got {b}")
+        for i, t in enumerate(self.drift_at_s):
+            if t < 0:
+                raise ValueError(f"drift_at_s[{i}] must not be negative, got {t:g}")
         return self
 
-    def allowed(self, nodes: int) -> int:
-        """Nodes the budget lets be disrupted at once out of ``nodes`` ready ones (Karpenter's
-        ``GetAllowedDisruptionsByReason``: a percentage scaled and rounded up)."""
-        b = self.budget_nodes
-        if isinstance(b, int):
-            return b
-        text = b.strip()
+    @staticmethod
+    def _nodes(budget: int | str, nodes: int) -> int:
+        """A budget's ``nodes`` out of ``nodes`` ready ones (Karpenter's ``GetAllowedDisruptionsByReason``: a
+        percentage scaled and rounded up)."""
+        if isinstance(budget, int):
+            return budget
+        text = budget.strip()
         if text.endswith("%"):
             return math.ceil(int(text[:-1]) * nodes / 100)
         return int(text)
+
+    def allowed(self, nodes: int, drift: bool = False) -> int:
+        """Nodes the budgets let be disrupted at once out of ``nodes`` ready ones; for drift (``drift``) the
+        smaller of ``budget_nodes`` and ``drift_budget_nodes``, as Karpenter takes the least of the budgets that
+        apply to a reason."""
+        allowed = self._nodes(self.budget_nodes, nodes)
+        if drift and self.drift_budget_nodes is not None:
+            allowed = min(allowed, self._nodes(self.drift_budget_nodes, nodes))
+        return allowed
+
+    def drifted_s(self, created_s: float) -> float | None:
+        """When a node created at ``created_s`` drifts: the first ``drift_at_s`` after its creation (``None``: it
+        never does)."""
+        later = [t for t in self.drift_at_s if t > created_s]
+        return min(later) if later else None
 
 
 class ClusterSpec(_Section):

@@ -25,9 +25,24 @@ condition (``pkg/controllers/nodeclaim/disruption/consolidation.go``):
   PodDisruptionBudget holds some back, asked again every 5 s) and replaced on the other nodes by the
   ReplicaSet, and the instance goes, no longer billed, when its last pod has left.
 
-Not modelled: drift, expiration (``expireAfter``, 720 h by default, passes no run) and Karpenter's choice of
-instance types; provisioning, zones and a GPU stockout's backoff stay as ``capsim.sim.nodes`` models them
-(``node_provision_s`` includes Karpenter's 1 to 10 s batching of pending pods).
+Drift (``drift_at_s``: the NodePool's node template changed, a new AMI say), from ``drift.go`` and the orchestration
+queue (``queue.go``):
+
+* A node created before a template change is drifted from that moment. Between emptiness and consolidation, the
+  controller takes the drifted node with pods that drifted first (the oldest of those), if the budget allows one
+  more disruption (the least of the budgets that apply to drift) and no PodDisruptionBudget blocks its pods (there
+  is no ``terminationGracePeriod`` here). Its pods are simulated onto the other nodes; the new nodes they need
+  beyond those are its replacements, and if even they cannot take the pods (the NodePool's GPU limit, no zone) it
+  is skipped (a ``drift_blocked`` row, once). A drifted node with no pods is left to emptiness (under
+  ``consolidateAfter: Never`` it stays). No validation wait: the command starts at once, one node per command.
+* The node is tainted and its replacements launched; the queue checks every second (``queueBaseDelay``) and, when
+  every replacement is ready, deletes the node: its pods are evicted as consolidation's are, and it goes with its
+  last. A replacement that fails (a GPU stockout, its zone lost) or is not ready within 10 minutes
+  (``minRetryDuration``) fails the command: the node is untainted and a later pass tries again.
+
+Not modelled: expiration (``expireAfter``, 720 h by default, passes no run), ``terminationGracePeriod`` and
+Karpenter's choice of instance types; provisioning, zones and a GPU stockout's backoff stay as ``capsim.sim.nodes``
+models them (``node_provision_s`` includes Karpenter's 1 to 10 s batching of pending pods).
 """
 
 from __future__ import annotations
@@ -45,6 +60,10 @@ POLL_S = 10.0
 VALIDATION_S = 15.0
 #: candidates multi-node consolidation considers at once (``MaxParallel``)
 MAX_PARALLEL = 100
+#: how often the orchestration queue looks whether a command's replacements are ready (``queueBaseDelay``, s)
+QUEUE_RETRY_S = 1.0
+#: a command whose replacements are not ready this long after it started fails (``minRetryDuration``, s)
+QUEUE_TIMEOUT_S = 600.0
 
 
 class Disruption:
@@ -59,6 +78,7 @@ class Disruption:
         self._drain = drain
         self._pods_by_node = pods_by_node
         self.log = pool.lifecycle.log if pool.lifecycle is not None else []
+        self._blocked: dict[int, str] = {}  # node id -> why drift could not replace it, as last logged
 
     def run(self) -> Generator[Any, Any, None]:
         env = self.pool.sim.env
@@ -69,18 +89,28 @@ class Disruption:
 
     # ---- one pass of the methods --------------------------------------------------------------------------
     def _disrupt(self) -> Generator[Any, Any, bool]:
+        """The methods in Karpenter's order (emptiness, drift, multi- and single-node consolidation): whether one
+        acted."""
         env = self.pool.sim.env
-        methods: list[tuple[str, Callable[[float, Mapping[Node, int]], list[Node]]]] = [("empty", self._empty_command)]
+        if (yield from self._consolidate("empty", self._empty_command)):
+            return True
+        if self._drift(env.now, self._pods_by_node()):
+            return True
         if self.spec.consolidation_policy == "WhenEmptyOrUnderutilized":
-            methods.append(("underutilized", self._consolidation_command))
-        for reason, compute in methods:
-            command = compute(env.now, self._pods_by_node())
-            if command:
-                yield env.timeout(VALIDATION_S)
-                pods = self._pods_by_node()
-                if self._valid(command, env.now, pods, empty=reason == "empty"):
-                    self._execute(command, env.now, pods, reason)
-                    return True
+            return (yield from self._consolidate("underutilized", self._consolidation_command))
+        return False
+
+    def _consolidate(self, reason: str, compute: Callable[[float, Mapping[Node, int]], list[Node]]
+                     ) -> Generator[Any, Any, bool]:
+        """A consolidation method: its command, validated ``VALIDATION_S`` later and then executed."""
+        env = self.pool.sim.env
+        command = compute(env.now, self._pods_by_node())
+        if command:
+            yield env.timeout(VALIDATION_S)
+            pods = self._pods_by_node()
+            if self._valid(command, env.now, pods, empty=reason == "empty"):
+                self._execute(command, env.now, pods, reason)
+                return True
         return False
 
     def consolidatable(self, node: Node, now: float) -> bool:
@@ -96,12 +126,12 @@ class Disruption:
         return [n for n in self.pool.up if n.schedulable and not n.remove_when_empty and self.consolidatable(n, now)
                 and (not pods.get(n, 0) or self.pool.may_evict(1))]
 
-    def allowed(self) -> int:
-        """Disruptions the budget allows now: of the ready nodes, the budget's count or rounded-up share, less
-        those NotReady (failed) or being deleted."""
+    def allowed(self, drift: bool = False) -> int:
+        """Disruptions the budget allows now (``drift``: the budgets that apply to drift): of the ready nodes, the
+        budget's count or rounded-up share, less those NotReady (failed) or being disrupted."""
         ready = [n for n in self.pool.up if n.ready_s is not None and not n.unfulfilled]
         disrupting = sum(1 for n in ready if n.cordoned or n.remove_when_empty or n.failed_s is not None)
-        return max(self.spec.allowed(len(ready)) - disrupting, 0)
+        return max(self.spec.allowed(len(ready), drift) - disrupting, 0)
 
     def _empty_command(self, now: float, pods: Mapping[Node, int]) -> list[Node]:
         """Emptiness: the consolidatable nodes with no pod (terminating ones aside), as many as the budget allows."""
@@ -159,3 +189,67 @@ class Disruption:
             elif n:
                 self._drain(node, now)  # the node goes with its last pod (NodePool.release)
         self.pool.resume(now)
+
+    # ---- drift ------------------------------------------------------------------------------------------------
+    def _drift(self, now: float, pods: Mapping[Node, int]) -> bool:
+        """Drift's command (``drift.go``): the first drifted node with pods (drifted first, then the oldest) that
+        the budget allows and whose pods' PodDisruptionBudget allows a disruption, if its pods fit on the other
+        nodes with the replacements it needs; started at once. Whether one started."""
+        if not self.spec.drift_at_s or self.allowed(drift=True) < 1:
+            return False
+        drifted = []
+        for n in self.pool.up:
+            since = self.spec.drifted_s(n.created_s)
+            if (since is not None and since <= now and n.schedulable and not n.remove_when_empty and pods.get(n, 0)
+                    and self.pool.may_evict(1)):
+                drifted.append((since, n.id, n))
+        for _, _, node in sorted(drifted):
+            zones = self.pool.nodes_needed(pods[node], [m for m in self.pool.up if m is not node])
+            if zones is None:
+                why = "its pods fit nowhere, even on new nodes (the NodePool's GPU limit, or no zone can take one)"
+                if self._blocked.get(node.id) != why:
+                    self._blocked[node.id] = why
+                    self.log.append((now, "drift_blocked", node.zone, f"node {node.id}: {why}"))
+                continue
+            self._blocked.pop(node.id, None)
+            self._replace(node, zones, now, pods[node])
+            return True
+        return False
+
+    def _replace(self, node: Node, zones: list[int], now: float, pods: int) -> None:
+        """Taint ``node`` and launch its replacements in ``zones``; the queue deletes it once they are ready."""
+        node.cordoned = True
+        new = [self.pool.launch(now, z) for z in zones]
+        launched = [n for n in new if n is not None]
+        what = (f"replacement node(s) {', '.join(str(n.id) for n in launched)} launched" if zones
+                else "its pods fit on the other nodes")
+        self.log.append((now, "drift", node.zone, f"node {node.id}: drifted, {pods} pod(s); {what}"))
+        self.pool.sim.env.process(self._orchestrate(node, launched, now, failed=len(launched) < len(zones)))
+
+    def _orchestrate(self, node: Node, new: list[Node], started: float, failed: bool) -> Generator[Any, Any, None]:
+        """The orchestration queue's command: every ``QUEUE_RETRY_S`` it looks whether the replacements are ready;
+        then it deletes ``node`` (its pods evicted, and it goes with its last). A replacement gone, or none ready
+        within ``QUEUE_TIMEOUT_S``, fails the command: ``node`` is untainted."""
+        env = self.pool.sim.env
+        if new:
+            yield env.timeout(self.pool.provision_s)
+        while node.removed_s is None:
+            if failed or any(n.removed_s is not None for n in new) or env.now - started >= QUEUE_TIMEOUT_S:
+                node.cordoned = False
+                self.log.append((env.now, "drift_failed", node.zone,
+                                 f"node {node.id}: a replacement was not created or not ready in time; untainted"))
+                self.pool.resume(env.now)
+                return
+            if all(n.ready_s is not None for n in new):
+                break
+            yield env.timeout(QUEUE_RETRY_S)
+        if node.removed_s is not None:
+            return  # it went meanwhile, its pods gone
+        if node.failed_s is not None:  # it died: the node lifecycle's path takes it, and if it comes back it is
+            node.cordoned = False      # a drifted node like any other
+            return
+        if node.used == 0:
+            self.pool.remove(node, env.now)
+        else:
+            self._drain(node, env.now)  # the node goes with its last pod (NodePool.release)
+        self.pool.resume(env.now)

@@ -178,7 +178,7 @@ class NodePool:
         self.karpenter: Disruption | None = None
         if spec is not None and spec.karpenter is not None:  # Karpenter removes the nodes
             self.karpenter = Disruption(self, spec.karpenter, drain or evict, pods_by_node)
-            if spec.karpenter.consolidate_after_s is not None:
+            if spec.karpenter.consolidate_after_s is not None or spec.karpenter.drift_at_s:
                 sim.env.process(self.karpenter.run())
         elif spec is not None and spec.scale_down_enabled:
             sim.env.process(self._scan())
@@ -396,17 +396,43 @@ class NodePool:
                                               and n.zone not in self.zones_down)
             zones = [None] * math.ceil(max(waiting - coming, 0) / self.pods_per_node)
         for zone in zones:
-            node = self._add(now, ready=False, zone=zone)
-            if node is None:
+            if self.launch(now, zone) is None:
                 return
             self.last_add_s = now
-            if self._stocked_out(node.zone, now):  # the cloud cannot create it: the failure comes back later
-                assert self._spec is not None
-                node.unfulfilled = True
-                Timeout(self.sim.env, self._spec.stockout_known_s, node).callbacks.append(self._creation_failed)
-                continue
-            ev = Timeout(self.sim.env, self.provision_s, node)
-            ev.callbacks.append(self._node_ready)
+
+    def launch(self, now: float, zone: int | None) -> Node | None:
+        """Ask the cloud for a node in ``zone`` (``None``: balanced) at ``now``: ready ``node_provision_s`` later,
+        or, in a GPU stockout, never created and known as failed later (``_creation_failed``). ``None`` when a
+        whole node more would pass ``max_gpus`` or no zone can take it."""
+        node = self._add(now, ready=False, zone=zone)
+        if node is None:
+            return None
+        if self._stocked_out(node.zone, now):  # the cloud cannot create it: the failure comes back later
+            assert self._spec is not None
+            node.unfulfilled = True
+            Timeout(self.sim.env, self._spec.stockout_known_s, node).callbacks.append(self._creation_failed)
+        else:
+            Timeout(self.sim.env, self.provision_s, node).callbacks.append(self._node_ready)
+        return node
+
+    def nodes_needed(self, pods: int, nodes: list[Node]) -> list[int] | None:
+        """The zones of the new nodes ``pods`` pods need beyond the free GPUs of ``nodes`` (under the spreads when
+        there are any; a new node goes where cluster-autoscaler's would), or ``None`` when they cannot all be
+        placed: the spreads allow none, no zone can take a node, or the nodes would pass ``max_gpus``."""
+        if self._spreading:
+            new, unplaced = self._new_nodes_for(pods, [self._slot(m) for m in nodes if m.schedulable])
+            if unplaced:
+                return None
+        else:
+            new = []
+            for _ in range(math.ceil(max(pods - sum(m.free // self.pod_gpus for m in nodes), 0) / self.pods_per_node)):
+                zone = self._balanced_zone(new)
+                if zone is None:
+                    return None
+                new.append(zone)
+        if sum(n.gpus for n in self._up) + len(new) * self.node_gpus > self.max_gpus:
+            return None
+        return new
 
     def _stocked_out(self, zone: int, now: float) -> bool:
         """Whether the cloud has no GPU node to give in ``zone`` at ``now`` (``faults.gpu_stockouts``)."""

@@ -68,7 +68,8 @@ class SimResult:
     placements: Any = None  # DataFrame: time_s, pod, node, zone; where each pod was placed (with a cluster section)
     # DataFrame: time_s, event, zone (-1: the cluster), detail; what the node lifecycle controller and
     # cluster-autoscaler did about NotReady nodes (zone states, taints, auto-repairs, halts), and Karpenter's
-    # consolidations (cluster.karpenter: consolidation, consolidation_dropped)
+    # consolidations and drift (cluster.karpenter: consolidation, consolidation_dropped, drift, drift_blocked,
+    # drift_failed)
     node_events: Any = None
     # DataFrame: time_s, active, error (a Prometheus outage), replicas, set_replicas (-1: left alone); each
     # poll of KEDA's operator

@@ -40,7 +40,11 @@ setting cannot work; a ``fail`` finding is a setting that cannot work, a ``warn`
   pod has a node of its own, so no new pod finds the model's files on its node (the export still mounts the hostPath).
 * ``karpenter-evicts-all-at-once`` (warn): ``cluster.karpenter`` consolidating under ``WhenEmptyOrUnderutilized``
   without ``pods.disruption_budget``: a node whose pods fit elsewhere has all its serving pods evicted at once,
-  and they start again cold.
+  and they start again cold; likewise a drifted node's (``cluster.karpenter.drift_at_s``) once its replacement is
+  ready.
+* ``karpenter-drift-no-room`` (warn): ``cluster.karpenter.drift_at_s`` with a ``cluster.max_gpus`` that holds no
+  node beyond those the peak of pods fills: drift launches a replacement before it deletes a drifted node, so at
+  the peak no full node can be replaced.
 * ``spread-over-zones`` (fail): ``pods.zone_spread.min_zones`` more zones than ``cluster.zones``: each zone
   then takes at most ``max_skew`` pods and the rest of the peak stays Pending.
 * ``zone-spread-one-zone`` (warn): ``pods.zone_spread`` in a cluster of one zone, where it changes nothing.
@@ -268,6 +272,7 @@ def run_checks(scenario: Scenario) -> list[Finding]:
     findings += _spread_over_gpus(scenario)
     findings += _node_cache_without_cluster(scenario)
     findings += _karpenter_evicts_all_at_once(scenario)
+    findings += _karpenter_drift_no_room(scenario)
     findings += _zones(scenario)
     findings += _spot(scenario)
     findings += _scale_down_window(scenario)
@@ -1098,14 +1103,39 @@ def _node_cache_without_cluster(scenario: Scenario) -> list[Finding]:
 
 def _karpenter_evicts_all_at_once(scenario: Scenario) -> list[Finding]:
     k = scenario.cluster.karpenter if scenario.cluster is not None else None
-    if (k is None or k.consolidation_policy != "WhenEmptyOrUnderutilized" or k.consolidate_after_s is None
-            or scenario.pods.disruption_budget is not None):
+    if k is None or scenario.pods.disruption_budget is not None:
+        return []
+    found = []
+    if k.consolidation_policy == "WhenEmptyOrUnderutilized" and k.consolidate_after_s is not None:
+        found.append(Finding(
+            "cluster.karpenter.consolidation_policy", "WhenEmptyOrUnderutilized without a PodDisruptionBudget: "
+            "consolidation evicts every serving pod of a node whose pods fit elsewhere at once, and they start again "
+            "cold; set pods.disruption_budget (max_unavailable: 1) to take them one at a time, or WhenEmpty",
+            level="warn", check="karpenter-evicts-all-at-once"))
+    if k.drift_at_s:
+        found.append(Finding(
+            "cluster.karpenter.drift_at_s", "drift without a PodDisruptionBudget: once a drifted node's replacement "
+            "is ready, every serving pod on the node is evicted at once and they start again cold on the new node; "
+            "set pods.disruption_budget (max_unavailable: 1) to take them one at a time",
+            level="warn", check="karpenter-evicts-all-at-once"))
+    return found
+
+
+def _karpenter_drift_no_room(scenario: Scenario) -> list[Finding]:
+    """Drift launches a node before it deletes one: at the NodePool's GPU limit a full node cannot be replaced."""
+    cluster = scenario.cluster
+    k = cluster.karpenter if cluster is not None else None
+    if cluster is None or k is None or not k.drift_at_s:
+        return []
+    peak = max_pods(scenario)
+    needed = -(-peak // cluster.pods_per_node(scenario.batching.tensor_parallel_size))
+    if cluster.max_nodes > needed:
         return []
     return [Finding(
-        "cluster.karpenter.consolidation_policy", "WhenEmptyOrUnderutilized without a PodDisruptionBudget: "
-        "consolidation evicts every serving pod of a node whose pods fit elsewhere at once, and they start again "
-        "cold; set pods.disruption_budget (max_unavailable: 1) to take them one at a time, or WhenEmpty",
-        level="warn", check="karpenter-evicts-all-at-once")]
+        "cluster.max_gpus", f"{cluster.max_gpus} GPUs (the NodePool's limits) hold {cluster.max_nodes} node(s) of "
+        f"{cluster.node_gpus}, and the peak of {peak} pods fills {needed}: drift launches a replacement before it "
+        "deletes a drifted node, so at the peak no full node can be replaced and drift waits for the fleet to "
+        "shrink (drift_blocked); leave room for one more node", level="warn", check="karpenter-drift-no-room")]
 
 
 def _spread_over_gpus(scenario: Scenario) -> list[Finding]:
