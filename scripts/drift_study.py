@@ -26,6 +26,7 @@ import pandas as pd
 
 from capsim.model.scenario import Scenario
 from capsim.sim import simulate
+from capsim.studies.report import median_range as cell
 
 SCENARIO = "data/scenarios/friday_rush.yaml"
 WINDOW_S = 900.0
@@ -66,12 +67,6 @@ def main() -> None:
         df = pd.DataFrame(list(pool.map(run, jobs)))
     if args.out:
         df.to_csv(args.out, index=False)
-
-    def cell(x: pd.Series, digits: int, scale: float = 1.0) -> str:
-        x = x * scale
-        if x.isna().all():
-            return "-"
-        return f"{x.median():.{digits}f} ({x.min():.{digits}f} to {x.max():.{digits}f})"
 
     print("| template change | setting | p99 TTFT, 15 min from it (s) | worst minute (s) | failed (%) | "
           "last drifted node gone after (s) | node GPU-hours | cost ($) |")

@@ -25,6 +25,7 @@ import pandas as pd
 
 from capsim.model.scenario import Scenario
 from capsim.sim import simulate
+from capsim.studies.report import median_range as cell
 
 SCENARIO = "data/scenarios/friday_rush.yaml"
 RUSH_ENDS_S = 2400.0
@@ -83,9 +84,6 @@ def main() -> None:
         zero = pd.DataFrame(list(pool.map(run_zero, [(n, seed) for n in ZERO_NODES for seed in range(args.seeds)])))
     if args.out:
         df.to_csv(args.out, index=False)
-
-    def cell(x: pd.Series, digits: int) -> str:
-        return f"{x.median():.{digits}f} ({x.min():.{digits}f} to {x.max():.{digits}f})"
 
     print("| nodes | PDB | p99 TTFT after the rush (s) | worst minute (s) | pods evicted | node GPU-hours | cost ($) |")
     print("|---|---|---|---|---|---|---|")

@@ -100,3 +100,12 @@ def _slo(result: TuneResult) -> float | None:
         return float(sc["slo"]["ttft_p99_s"])
     except (TypeError, KeyError):
         return None
+
+
+def median_range(values: Any, digits: int, scale: float = 1.0) -> str:
+    """Runs' values over the seeds as the study tables in docs/ quote them: ``median (min to max)``, each times
+    ``scale`` to ``digits`` decimals; ``-`` when none is a number."""
+    x = values * scale
+    if x.isna().all():
+        return "-"
+    return f"{x.median():.{digits}f} ({x.min():.{digits}f} to {x.max():.{digits}f})"
