@@ -120,11 +120,15 @@ class Disruption:
         since = node.pod_event_s if node.pod_event_s is not None else node.ready_s
         return after is not None and since is not None and now - since >= after
 
+    def _disruptable(self, node: Node, pods: Mapping[Node, int]) -> bool:
+        """A ready node taking pods (not tainted, failed or being deleted) whose pods are evictable: one with pods
+        needs the PodDisruptionBudget to allow a disruption (``NewCandidate``)."""
+        return (node.schedulable and not node.remove_when_empty
+                and (not pods.get(node, 0) or self.pool.may_evict(1)))
+
     def _candidates(self, now: float, pods: Mapping[Node, int]) -> list[Node]:
-        """Ready nodes taking pods (not tainted, failed or being deleted) that are consolidatable, their pods
-        evictable (a node with pods needs the PodDisruptionBudget to allow a disruption)."""
-        return [n for n in self.pool.up if n.schedulable and not n.remove_when_empty and self.consolidatable(n, now)
-                and (not pods.get(n, 0) or self.pool.may_evict(1))]
+        """Consolidation's candidates: the disruptable nodes that are consolidatable."""
+        return [n for n in self.pool.up if self.consolidatable(n, now) and self._disruptable(n, pods)]
 
     def allowed(self, drift: bool = False) -> int:
         """Disruptions the budget allows now (``drift``: the budgets that apply to drift): of the ready nodes, the
@@ -200,8 +204,7 @@ class Disruption:
         drifted = []
         for n in self.pool.up:
             since = self.spec.drifted_s(n.created_s)
-            if (since is not None and since <= now and n.schedulable and not n.remove_when_empty and pods.get(n, 0)
-                    and self.pool.may_evict(1)):
+            if since is not None and since <= now and pods.get(n, 0) and self._disruptable(n, pods):
                 drifted.append((since, n.id, n))
         for _, _, node in sorted(drifted):
             zones = self.pool.nodes_needed(pods[node], [m for m in self.pool.up if m is not node])
@@ -219,22 +222,25 @@ class Disruption:
     def _replace(self, node: Node, zones: list[int], now: float, pods: int) -> None:
         """Taint ``node`` and launch its replacements in ``zones``; the queue deletes it once they are ready."""
         node.cordoned = True
-        new = [self.pool.launch(now, z) for z in zones]
-        launched = [n for n in new if n is not None]
-        what = (f"replacement node(s) {', '.join(str(n.id) for n in launched)} launched" if zones
+        new = []
+        for zone in zones:
+            launched = self.pool.launch(now, zone)
+            assert launched is not None, "nodes_needed checked max_gpus and the zones"
+            new.append(launched)
+        what = (f"replacement node(s) {', '.join(str(n.id) for n in new)} launched" if new
                 else "its pods fit on the other nodes")
         self.log.append((now, "drift", node.zone, f"node {node.id}: drifted, {pods} pod(s); {what}"))
-        self.pool.sim.env.process(self._orchestrate(node, launched, now, failed=len(launched) < len(zones)))
+        self.pool.sim.env.process(self._orchestrate(node, new, now))
 
-    def _orchestrate(self, node: Node, new: list[Node], started: float, failed: bool) -> Generator[Any, Any, None]:
+    def _orchestrate(self, node: Node, new: list[Node], started: float) -> Generator[Any, Any, None]:
         """The orchestration queue's command: every ``QUEUE_RETRY_S`` it looks whether the replacements are ready;
-        then it deletes ``node`` (its pods evicted, and it goes with its last). A replacement gone, or none ready
-        within ``QUEUE_TIMEOUT_S``, fails the command: ``node`` is untainted."""
+        then it deletes ``node`` (its pods evicted, and it goes with its last). A replacement gone, or not all of
+        them ready within ``QUEUE_TIMEOUT_S``, fails the command: ``node`` is untainted."""
         env = self.pool.sim.env
         if new:
             yield env.timeout(self.pool.provision_s)
         while node.removed_s is None:
-            if failed or any(n.removed_s is not None for n in new) or env.now - started >= QUEUE_TIMEOUT_S:
+            if any(n.removed_s is not None for n in new) or env.now - started >= QUEUE_TIMEOUT_S:
                 node.cordoned = False
                 self.log.append((env.now, "drift_failed", node.zone,
                                  f"node {node.id}: a replacement was not created or not ready in time; untainted"))

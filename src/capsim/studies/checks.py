@@ -1061,15 +1061,19 @@ def _remover(cluster: ClusterSpec) -> str:
     return "Karpenter's consolidation" if cluster.karpenter is not None else "cluster-autoscaler"
 
 
+def _peak_nodes(scenario: Scenario, cluster: ClusterSpec) -> tuple[int, int]:
+    """The plan's peak of pods and the whole nodes it fills."""
+    peak = max_pods(scenario)
+    return peak, -(-peak // cluster.pods_per_node(scenario.batching.tensor_parallel_size))
+
+
 def _node_failure_room(scenario: Scenario) -> list[Finding]:
     """Nodes that can fail with no room for a replacement node: the dead one counts toward ``max_gpus`` until
     cluster-autoscaler removes it, and the evicted pods wait for that."""
     faults, cluster = scenario.faults, scenario.cluster
     if cluster is None or faults is None or not (faults.node_failures or faults.node_mtbf_s):
         return []
-    peak = max_pods(scenario)
-    per_node = cluster.pods_per_node(scenario.batching.tensor_parallel_size)
-    needed = -(-peak // per_node)
+    peak, needed = _peak_nodes(scenario, cluster)
     min_nodes = scenario.pods.spread_min_nodes
     nodes = cluster.max_nodes
     if nodes > max(needed, min_nodes):
@@ -1127,8 +1131,7 @@ def _karpenter_drift_no_room(scenario: Scenario) -> list[Finding]:
     k = cluster.karpenter if cluster is not None else None
     if cluster is None or k is None or not k.drift_at_s:
         return []
-    peak = max_pods(scenario)
-    needed = -(-peak // cluster.pods_per_node(scenario.batching.tensor_parallel_size))
+    peak, needed = _peak_nodes(scenario, cluster)
     if cluster.max_nodes > needed:
         return []
     return [Finding(
