@@ -52,7 +52,7 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     done = float(drifted.removed_s.max() - at) if len(drifted) and drifted.removed_s.notna().all() else np.nan
     return {"when": when, "setting": setting, "seed": seed,
             "ttft_p99_s": float(np.nanquantile(ttft, 0.99)),
-            "worst_minute_p99_s": worst_minute_p99(r.requests, at, at + WINDOW_S),
+            "worst_minute_p99_s": worst_minute_p99(window),
             "failed": float((window.outcome != "ok").mean()), "drift_done_s": done,
             "node_gpu_hours": r.summary.node_gpu_hours, "cost": r.summary.cost}
 

@@ -59,7 +59,7 @@ def run(job: tuple[str, str, int]) -> dict[str, Any]:
     evicted = sum(int(m.group(1)) for d in drains if (m := re.search(r"(\d+) pod\(s\) evicted", d)))
     return {"nodes": nodes, "budget": budget, "seed": seed,
             "ttft_p99_after_s": float(np.nanquantile(ttft, 0.99)),
-            "worst_minute_p99_s": worst_minute_p99(r.requests, RUSH_ENDS_S),
+            "worst_minute_p99_s": worst_minute_p99(after),
             "evicted": evicted, "node_gpu_hours": r.summary.node_gpu_hours, "cost": r.summary.cost,
             "failed_after": float((after.outcome != "ok").mean())}
 

@@ -111,11 +111,11 @@ def median_range(values: Any, digits: int, scale: float = 1.0) -> str:
     return f"{x.median():.{digits}f} ({x.min():.{digits}f} to {x.max():.{digits}f})"
 
 
-def worst_minute_p99(requests: Any, start_s: float = 0.0, end_s: float = float("inf"), bin_s: float = 60.0) -> float:
-    """The highest p99 time to first token (s) of any ``bin_s`` bin of arrivals (bins counted from time 0) among
-    the requests that arrived in ``[start_s, end_s)``: the studies' "worst minute". Only requests that saw a first
-    token count (a failed one has none), so a study quotes the window's failed share beside it; NaN when none did.
-    (``capsim.plots.ttft_p99_over_time`` draws failures as ``inf`` instead, so a failing minute leaves the chart.)"""
-    window = requests[(requests.arrival_s >= start_s) & (requests.arrival_s < end_s)]
-    ttft = window.first_token_s - window.arrival_s
-    return float(ttft.groupby((window.arrival_s // bin_s).astype(int)).quantile(0.99).max())
+def worst_minute_p99(requests: Any, bin_s: float = 60.0) -> float:
+    """The highest p99 time to first token (s) of any ``bin_s`` bin of arrivals (bins counted from time 0, not from
+    the first request's) among ``requests``, the frame of a study's window: the studies' "worst minute". Only
+    requests that saw a first token count (a failed one has none), so a study quotes the window's failed share beside
+    it; NaN when none did. (``capsim.plots.ttft_p99_over_time`` draws failures as ``inf`` instead, so a failing
+    minute leaves the chart.)"""
+    ttft = requests.first_token_s - requests.arrival_s
+    return float(ttft.groupby((requests.arrival_s // bin_s).astype(int)).quantile(0.99).max())
